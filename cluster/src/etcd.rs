@@ -1,0 +1,298 @@
+//! etcd-backed registry. Worker records live under a lease kept alive at TTL/3; the membership
+//! watch lists the prefix, then watches from the next revision, and starts over (keeping its
+//! last view) whenever etcd fails or compacts past it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchResponse,
+};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::membership::{Membership, MembershipView, publish};
+use crate::registry::{Command, Registration, Registry, RegistryError};
+use crate::schema::{WORKERS_PREFIX, WorkerRecord, parse_worker_key};
+
+/// Pause before retrying after etcd failed.
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Registry stored in etcd.
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    client: Client,
+}
+
+impl std::fmt::Debug for EtcdRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdRegistry").finish_non_exhaustive()
+    }
+}
+
+impl EtcdRegistry {
+    /// Connects to the etcd cluster at `endpoints` (e.g. `http://127.0.0.1:2379`).
+    pub async fn connect(endpoints: &[String]) -> Result<Self, RegistryError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true);
+        let client = Client::connect(endpoints, Some(options)).await?;
+        Ok(Self { client })
+    }
+
+    /// The underlying client, for components that own other keys of the schema.
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Registry for EtcdRegistry {
+    async fn register(
+        &self,
+        record: WorkerRecord,
+        ttl: Duration,
+    ) -> Result<Registration, RegistryError> {
+        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        if ttl_secs < 1 {
+            return Err(RegistryError::InvalidTtl(ttl));
+        }
+        let mut client = self.client.clone();
+        // The first lease is granted here so that a worker that cannot register fails to start.
+        let lease = Lease::establish(&mut client, &record, ttl_secs).await?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(keep_registered(client, record, ttl_secs, lease, rx));
+        Ok(Registration::new(tx))
+    }
+
+    async fn list_workers(&self) -> Result<Vec<WorkerRecord>, RegistryError> {
+        let (records, _) = list(&mut self.client.clone()).await?;
+        Ok(records)
+    }
+
+    async fn watch_workers(&self) -> Result<Membership, RegistryError> {
+        let mut client = self.client.clone();
+        let (records, revision) = list(&mut client).await?;
+        let (tx, rx) = watch::channel(Arc::new(MembershipView::from_records(records)));
+        tokio::spawn(watch_loop(client, tx, revision));
+        Ok(Membership::new(rx))
+    }
+}
+
+struct Lease {
+    id: i64,
+    keeper: etcd_client::LeaseKeeper,
+    responses: etcd_client::LeaseKeepAliveStream,
+}
+
+impl Lease {
+    async fn establish(
+        client: &mut Client,
+        record: &WorkerRecord,
+        ttl_secs: i64,
+    ) -> Result<Self, RegistryError> {
+        let id = client.lease_grant(ttl_secs, None).await?.id();
+        put_record(client, record, id).await?;
+        let (keeper, responses) = client.lease_keep_alive(id).await?;
+        info!(worker_id = %record.id, lease = id, ttl_secs, "registered in etcd");
+        Ok(Self { id, keeper, responses })
+    }
+}
+
+async fn put_record(
+    client: &mut Client,
+    record: &WorkerRecord,
+    lease: i64,
+) -> Result<(), RegistryError> {
+    let value = serde_json::to_vec(record).expect("worker records always serialise");
+    client.put(record.key(), value, Some(PutOptions::new().with_lease(lease))).await?;
+    Ok(())
+}
+
+/// Owns the lease: keeps it alive, re-establishes it after etcd trouble (a lease that expired
+/// while etcd was unreachable is granted anew and the record re-put), and serves commands.
+async fn keep_registered(
+    mut client: Client,
+    mut record: WorkerRecord,
+    ttl_secs: i64,
+    first: Lease,
+    mut commands: mpsc::Receiver<Command>,
+) {
+    let period = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(100));
+    let mut lease = Some(first);
+    loop {
+        let Some(current) = lease.as_mut() else {
+            match Lease::establish(&mut client, &record, ttl_secs).await {
+                Ok(l) => lease = Some(l),
+                Err(error) => {
+                    warn!(worker_id = %record.id, %error, "re-registration failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(RETRY_BACKOFF) => {}
+                        command = commands.recv() => {
+                            if !serve_command_unregistered(command, &mut record) { return; }
+                        }
+                    }
+                }
+            }
+            continue;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {
+                if let Err(error) = current.keeper.keep_alive().await {
+                    warn!(worker_id = %record.id, %error, "lease keepalive failed");
+                    lease = None;
+                }
+            }
+            response = current.responses.message() => match response {
+                Ok(Some(r)) if r.ttl() > 0 => debug!(lease = r.id(), ttl = r.ttl(), "lease renewed"),
+                Ok(_) => {
+                    warn!(worker_id = %record.id, "lease expired; registering again");
+                    lease = None;
+                }
+                Err(error) => {
+                    warn!(worker_id = %record.id, %error, "lease keepalive stream failed");
+                    lease = None;
+                }
+            },
+            command = commands.recv() => match command {
+                Some(Command::Update(new_record, reply)) => {
+                    let result = put_record(&mut client, &new_record, current.id).await;
+                    if result.is_ok() {
+                        record = new_record;
+                    }
+                    let _ = reply.send(result);
+                }
+                Some(Command::Deregister(reply)) => {
+                    let result = client.lease_revoke(current.id).await.map(drop).map_err(Into::into);
+                    info!(worker_id = %record.id, "deregistered from etcd");
+                    let _ = reply.send(result);
+                    return;
+                }
+                None => {
+                    // Registration handle dropped: withdraw the record rather than wait for the TTL.
+                    let _ = client.lease_revoke(current.id).await;
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// Serves a command while no lease is held. Returns `false` when the task should end.
+fn serve_command_unregistered(command: Option<Command>, record: &mut WorkerRecord) -> bool {
+    match command {
+        Some(Command::Update(new_record, reply)) => {
+            // Takes effect when the lease is re-established.
+            *record = new_record;
+            let _ = reply.send(Ok(()));
+            true
+        }
+        Some(Command::Deregister(reply)) => {
+            let _ = reply.send(Ok(()));
+            false
+        }
+        None => false,
+    }
+}
+
+async fn list(client: &mut Client) -> Result<(Vec<WorkerRecord>, i64), RegistryError> {
+    let response = client.get(WORKERS_PREFIX, Some(GetOptions::new().with_prefix())).await?;
+    let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+    let records = response
+        .kvs()
+        .iter()
+        .filter_map(|kv| decode_record(kv.key(), kv.value()))
+        .collect();
+    Ok((records, revision))
+}
+
+fn decode_record(key: &[u8], value: &[u8]) -> Option<WorkerRecord> {
+    let key = std::str::from_utf8(key).ok()?;
+    let (pool, id) = parse_worker_key(key)?;
+    match serde_json::from_slice::<WorkerRecord>(value) {
+        Ok(record) if record.id == id && record.pool == pool => Some(record),
+        Ok(_) => {
+            warn!(key, "worker record does not match its key; ignored");
+            None
+        }
+        Err(error) => {
+            warn!(key, %error, "undecodable worker record; ignored");
+            None
+        }
+    }
+}
+
+async fn watch_loop(
+    mut client: Client,
+    tx: watch::Sender<Arc<MembershipView>>,
+    mut revision: i64,
+) {
+    loop {
+        if let Err(error) = watch_from(&mut client, &tx, &mut revision).await {
+            warn!(%error, "membership watch failed; keeping the last view and retrying");
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(RETRY_BACKOFF).await;
+        // Re-list: events may have been missed or compacted away while disconnected.
+        match list(&mut client).await {
+            Ok((records, rev)) => {
+                publish(&tx, MembershipView::from_records(records));
+                revision = rev;
+            }
+            Err(error) => debug!(%error, "membership re-list failed"),
+        }
+    }
+}
+
+async fn watch_from(
+    client: &mut Client,
+    tx: &watch::Sender<Arc<MembershipView>>,
+    revision: &mut i64,
+) -> Result<(), RegistryError> {
+    let options = WatchOptions::new().with_prefix().with_start_revision(*revision + 1);
+    let mut stream = client.watch(WORKERS_PREFIX, Some(options)).await?;
+    while let Some(response) = stream.message().await? {
+        if response.canceled() || response.compact_revision() > 0 {
+            warn!(reason = response.cancel_reason(), "membership watch cancelled by etcd");
+            return Ok(());
+        }
+        apply(tx, &response, revision);
+        if tx.is_closed() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+fn apply(tx: &watch::Sender<Arc<MembershipView>>, response: &WatchResponse, revision: &mut i64) {
+    if let Some(header) = response.header() {
+        *revision = (*revision).max(header.revision());
+    }
+    if response.events().is_empty() {
+        return;
+    }
+    let mut view = MembershipView::clone(&tx.borrow());
+    for event in response.events() {
+        let Some(kv) = event.kv() else { continue };
+        let Some((_, id)) = std::str::from_utf8(kv.key()).ok().and_then(parse_worker_key) else {
+            continue;
+        };
+        match event.event_type() {
+            EventType::Put => {
+                if let Some(record) = decode_record(kv.key(), kv.value()) {
+                    view.upsert(record);
+                }
+            }
+            EventType::Delete => {
+                if view.remove(id).is_some() {
+                    info!(worker_id = id, "worker left the membership");
+                }
+            }
+        }
+    }
+    publish(tx, view);
+}

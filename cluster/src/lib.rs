@@ -1,0 +1,16 @@
+//! Cluster membership for Switchyard: the etcd key schema, worker records, registration under
+//! a lease with keepalive, the live membership view routers consume, an in-memory registry for
+//! single-process mode, and tracing initialisation shared by every binary.
+
+pub mod etcd;
+pub mod membership;
+pub mod memory;
+pub mod registry;
+pub mod schema;
+pub mod telemetry;
+
+pub use etcd::EtcdRegistry;
+pub use membership::{Membership, MembershipView};
+pub use memory::MemoryRegistry;
+pub use registry::{Registration, Registry, RegistryError};
+pub use schema::{Capacity, Pool, WorkerRecord, WorkerState};

@@ -1,0 +1,136 @@
+//! In-memory registry for single-process mode (`switchyard up` without etcd): the same
+//! contract as etcd, without leases — a record lives until deregistered or its handle dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use crate::membership::{Membership, MembershipView, publish};
+use crate::registry::{Command, Registration, Registry, RegistryError};
+use crate::schema::WorkerRecord;
+
+#[derive(Debug, Clone)]
+pub struct MemoryRegistry {
+    view: Arc<watch::Sender<Arc<MembershipView>>>,
+}
+
+impl Default for MemoryRegistry {
+    fn default() -> Self {
+        let (tx, _) = watch::channel(Arc::new(MembershipView::default()));
+        Self { view: Arc::new(tx) }
+    }
+}
+
+impl MemoryRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn modify(&self, change: impl FnOnce(&mut MembershipView)) {
+        let mut view = MembershipView::clone(&self.view.borrow());
+        change(&mut view);
+        publish(&self.view, view);
+    }
+}
+
+#[async_trait::async_trait]
+impl Registry for MemoryRegistry {
+    async fn register(
+        &self,
+        record: WorkerRecord,
+        ttl: Duration,
+    ) -> Result<Registration, RegistryError> {
+        if ttl < Duration::from_secs(1) {
+            return Err(RegistryError::InvalidTtl(ttl));
+        }
+        self.modify(|v| v.upsert(record.clone()));
+        let (tx, mut rx) = mpsc::channel(8);
+        let registry = self.clone();
+        tokio::spawn(async move {
+            let id = record.id.clone();
+            loop {
+                match rx.recv().await {
+                    Some(Command::Update(new_record, reply)) => {
+                        registry.modify(|v| v.upsert(new_record));
+                        let _ = reply.send(Ok(()));
+                    }
+                    Some(Command::Deregister(reply)) => {
+                        registry.modify(|v| drop(v.remove(&id)));
+                        let _ = reply.send(Ok(()));
+                        return;
+                    }
+                    None => {
+                        registry.modify(|v| drop(v.remove(&id)));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Registration::new(tx))
+    }
+
+    async fn list_workers(&self) -> Result<Vec<WorkerRecord>, RegistryError> {
+        Ok(self.view.borrow().iter().cloned().collect())
+    }
+
+    async fn watch_workers(&self) -> Result<Membership, RegistryError> {
+        Ok(Membership::new(self.view.subscribe()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{Capacity, Pool, WorkerState};
+
+    fn record(id: &str) -> WorkerRecord {
+        WorkerRecord {
+            id: id.into(),
+            pool: Pool::Gpu,
+            address: "127.0.0.1:1".into(),
+            models: vec!["m".into()],
+            capacity: Capacity { max_concurrent: 1, tokens_per_s: 1.0, cost_per_mtok: 1.0 },
+            hardware: String::new(),
+            engine: "synthetic".into(),
+            version: String::new(),
+            state: WorkerState::Ready,
+        }
+    }
+
+    #[tokio::test]
+    async fn register_update_deregister_are_seen_by_watchers() {
+        let registry = MemoryRegistry::new();
+        let mut membership = registry.watch_workers().await.unwrap();
+        let registration = registry.register(record("a"), Duration::from_secs(5)).await.unwrap();
+        assert!(membership.current().get("a").is_some());
+
+        let mut draining = record("a");
+        draining.state = WorkerState::Draining;
+        registration.update(draining).await.unwrap();
+        assert!(membership.changed().await);
+        assert_eq!(membership.current().get("a").unwrap().state, WorkerState::Draining);
+
+        registration.deregister().await.unwrap();
+        assert!(registry.list_workers().await.unwrap().is_empty());
+        assert!(membership.current().workers.is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_handle_withdraws_the_record() {
+        let registry = MemoryRegistry::new();
+        let mut membership = registry.watch_workers().await.unwrap();
+        let registration = registry.register(record("a"), Duration::from_secs(5)).await.unwrap();
+        drop(registration);
+        while membership.current().get("a").is_some() {
+            assert!(membership.changed().await);
+        }
+    }
+
+    #[tokio::test]
+    async fn sub_second_ttl_is_refused() {
+        let registry = MemoryRegistry::new();
+        let err = registry.register(record("a"), Duration::from_millis(10)).await.unwrap_err();
+        assert!(matches!(err, RegistryError::InvalidTtl(_)));
+    }
+}

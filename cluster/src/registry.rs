@@ -1,0 +1,76 @@
+//! The registry abstraction: workers publish their record under a lease, routers and the
+//! control plane read and watch the membership. Implemented by etcd and by an in-memory store.
+
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::membership::Membership;
+use crate::schema::WorkerRecord;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("registration task has stopped")]
+    Stopped,
+    #[error("invalid lease ttl {0:?}: must be at least 1 s")]
+    InvalidTtl(Duration),
+}
+
+/// A membership store.
+#[async_trait::async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Publishes `record` under a lease of `ttl`, kept alive in the background until the
+    /// returned registration is deregistered or dropped.
+    async fn register(
+        &self,
+        record: WorkerRecord,
+        ttl: Duration,
+    ) -> Result<Registration, RegistryError>;
+
+    /// The workers registered now.
+    async fn list_workers(&self) -> Result<Vec<WorkerRecord>, RegistryError>;
+
+    /// A live view of the workers, kept current by a background watch. When the store becomes
+    /// unreachable the view keeps its last contents (static stability).
+    async fn watch_workers(&self) -> Result<Membership, RegistryError>;
+}
+
+pub(crate) enum Command {
+    Update(WorkerRecord, oneshot::Sender<Result<(), RegistryError>>),
+    Deregister(oneshot::Sender<Result<(), RegistryError>>),
+}
+
+/// Handle on a live registration. Dropping it without [`Registration::deregister`] also
+/// withdraws the record, as soon as its background task notices.
+#[derive(Debug)]
+pub struct Registration {
+    commands: mpsc::Sender<Command>,
+}
+
+impl Registration {
+    pub(crate) fn new(commands: mpsc::Sender<Command>) -> Self {
+        Self { commands }
+    }
+
+    /// Replaces the published record (same key), e.g. to advertise `draining`.
+    pub async fn update(&self, record: WorkerRecord) -> Result<(), RegistryError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Update(record, tx))
+            .await
+            .map_err(|_| RegistryError::Stopped)?;
+        rx.await.map_err(|_| RegistryError::Stopped)?
+    }
+
+    /// Withdraws the record now (revokes the lease).
+    pub async fn deregister(self) -> Result<(), RegistryError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Deregister(tx))
+            .await
+            .map_err(|_| RegistryError::Stopped)?;
+        rx.await.map_err(|_| RegistryError::Stopped)?
+    }
+}

@@ -1,0 +1,161 @@
+//! The etcd key schema (prefix `/switchyard/v1/`) and the records stored under it.
+
+use serde::{Deserialize, Serialize};
+
+/// Root of every key Switchyard writes.
+pub const PREFIX: &str = "/switchyard/v1/";
+/// Prefix of worker records: `workers/<pool>/<worker_id>`.
+pub const WORKERS_PREFIX: &str = "/switchyard/v1/workers/";
+
+/// The key a worker's record lives under.
+pub fn worker_key(pool: Pool, worker_id: &str) -> String {
+    format!("{WORKERS_PREFIX}{}/{worker_id}", pool.as_str())
+}
+
+/// Splits a worker key into `(pool, worker_id)`; `None` for keys outside the schema.
+pub fn parse_worker_key(key: &str) -> Option<(Pool, &str)> {
+    let rest = key.strip_prefix(WORKERS_PREFIX)?;
+    let (pool, id) = rest.split_once('/')?;
+    if id.is_empty() || id.contains('/') {
+        return None;
+    }
+    Some((pool.parse().ok()?, id))
+}
+
+/// Hardware pool a worker belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pool {
+    /// GPU (or CPU-fallback) workers running the native engine: cheap, high throughput.
+    Gpu,
+    /// Gateways to a wafer-scale engine: very low latency, scarce.
+    Wse,
+}
+
+impl Pool {
+    pub const ALL: [Pool; 2] = [Pool::Gpu, Pool::Wse];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pool::Gpu => "gpu",
+            Pool::Wse => "wse",
+        }
+    }
+}
+
+impl std::fmt::Display for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Pool {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "gpu" => Ok(Pool::Gpu),
+            "wse" => Ok(Pool::Wse),
+            other => Err(format!("unknown pool {other:?}, expected gpu or wse")),
+        }
+    }
+}
+
+/// Lifecycle state a worker advertises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    /// Takes new work.
+    Ready,
+    /// Finishes in-flight work, takes none new.
+    Draining,
+}
+
+impl WorkerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkerState::Ready => "ready",
+            WorkerState::Draining => "draining",
+        }
+    }
+}
+
+/// What a worker can take on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capacity {
+    /// Sequences served at once.
+    pub max_concurrent: u32,
+    /// Expected decode rate of one stream.
+    pub tokens_per_s: f64,
+    /// Price of a million generated tokens, in the operator's currency.
+    pub cost_per_mtok: f64,
+}
+
+/// A worker's entry in `workers/<pool>/<id>`, bound to its lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub pool: Pool,
+    /// `host:port` of the worker's gRPC server.
+    pub address: String,
+    pub models: Vec<String>,
+    pub capacity: Capacity,
+    /// Human-readable hardware description (CPU model and threads, GPU name and memory).
+    pub hardware: String,
+    /// Engine kind, e.g. `synthetic` (load-test backend) or `candle`.
+    pub engine: String,
+    pub version: String,
+    pub state: WorkerState,
+}
+
+impl WorkerRecord {
+    pub fn key(&self) -> String {
+        worker_key(self.pool, &self.id)
+    }
+
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.iter().any(|m| m == model)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.state == WorkerState::Ready
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_keys_round_trip() {
+        let key = worker_key(Pool::Wse, "wse-1");
+        assert_eq!(key, "/switchyard/v1/workers/wse/wse-1");
+        assert_eq!(parse_worker_key(&key), Some((Pool::Wse, "wse-1")));
+    }
+
+    #[test]
+    fn foreign_keys_are_rejected() {
+        assert_eq!(parse_worker_key("/switchyard/v1/policy"), None);
+        assert_eq!(parse_worker_key("/switchyard/v1/workers/tpu/x"), None);
+        assert_eq!(parse_worker_key("/switchyard/v1/workers/gpu/"), None);
+        assert_eq!(parse_worker_key("/switchyard/v1/workers/gpu/a/b"), None);
+    }
+
+    #[test]
+    fn records_serialise_with_lowercase_enums() {
+        let record = WorkerRecord {
+            id: "g1".into(),
+            pool: Pool::Gpu,
+            address: "127.0.0.1:1".into(),
+            models: vec!["m".into()],
+            capacity: Capacity { max_concurrent: 4, tokens_per_s: 50.0, cost_per_mtok: 0.2 },
+            hardware: "cpu".into(),
+            engine: "synthetic".into(),
+            version: "0.1.0".into(),
+            state: WorkerState::Draining,
+        };
+        let json = serde_json::to_string(&record).unwrap();
+        assert!(json.contains(r#""pool":"gpu""#) && json.contains(r#""state":"draining""#));
+        assert_eq!(serde_json::from_str::<WorkerRecord>(&json).unwrap(), record);
+    }
+}

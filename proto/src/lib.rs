@@ -1,0 +1,54 @@
+//! The Switchyard wire contract (`switchyard.v1`): generated prost/tonic code, the encoded
+//! descriptor set for gRPC reflection, and validation of requests as they arrive on the wire.
+
+pub mod introspection;
+pub mod validate;
+
+/// Generated code for package `switchyard.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod v1 {
+    tonic::include_proto!("switchyard.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every Switchyard proto, for `tonic-reflection`.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/switchyard_descriptor.bin"));
+
+pub use validate::{FieldViolation, RequestLimits, validate_generate_request};
+
+impl v1::Lane {
+    /// The lane's name as used in config, logs and metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            v1::Lane::LatencyCritical => "latency-critical",
+            v1::Lane::CostSensitive => "cost-sensitive",
+            v1::Lane::Unspecified => "unspecified",
+        }
+    }
+}
+
+impl v1::FinishReason {
+    /// Short lowercase name, as OpenAI-style clients expect it.
+    pub fn label(self) -> &'static str {
+        match self {
+            v1::FinishReason::Stop => "stop",
+            v1::FinishReason::Length => "length",
+            v1::FinishReason::Cancelled => "cancelled",
+            v1::FinishReason::Interrupted => "interrupted",
+            v1::FinishReason::Unspecified => "unspecified",
+        }
+    }
+}
+
+impl v1::ServerFrame {
+    /// The request this frame belongs to.
+    pub fn request_id(&self) -> Option<&str> {
+        use v1::server_frame::Frame;
+        Some(match self.frame.as_ref()? {
+            Frame::Accepted(f) => &f.request_id,
+            Frame::Tokens(f) => &f.request_id,
+            Frame::Finished(f) => &f.request_id,
+            Frame::Failed(f) => &f.request_id,
+        })
+    }
+}

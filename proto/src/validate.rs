@@ -1,0 +1,234 @@
+//! Validation of client requests at the wire boundary. Every rule names the offending field so
+//! the caller can fix its request; the router maps a violation to `INVALID_ARGUMENT`.
+
+use crate::v1::{ChatMessage, GenerateRequest, Interrupt};
+
+/// Size limits a router enforces on incoming requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Largest `sampling.max_tokens` accepted.
+    pub max_tokens_cap: u32,
+    /// Largest single message (or prompt) in bytes.
+    pub max_message_bytes: usize,
+    /// Most messages in one request.
+    pub max_messages: usize,
+    /// Largest request id in bytes.
+    pub max_request_id_bytes: usize,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_tokens_cap: 4096,
+            max_message_bytes: 256 * 1024,
+            max_messages: 512,
+            max_request_id_bytes: 128,
+        }
+    }
+}
+
+/// A request field that breaks a rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldViolation {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self { field: field.into(), message: message.into() }
+    }
+}
+
+const ROLES: [&str; 3] = ["system", "user", "assistant"];
+
+/// Checks a `GenerateRequest` against the wire rules and `limits`. Does not check that the
+/// model exists: that needs the cluster's membership view.
+pub fn validate_generate_request(
+    request: &GenerateRequest,
+    limits: &RequestLimits,
+) -> Result<(), FieldViolation> {
+    validate_request_id(&request.request_id, limits)?;
+    if request.model.trim().is_empty() {
+        return Err(FieldViolation::new("model", "must not be empty"));
+    }
+    match (request.messages.is_empty(), request.prompt.is_empty()) {
+        (true, true) => {
+            return Err(FieldViolation::new("messages", "give either messages or prompt"));
+        }
+        (false, false) => {
+            return Err(FieldViolation::new(
+                "prompt",
+                "give either messages or prompt, not both",
+            ));
+        }
+        _ => {}
+    }
+    if request.prompt.len() > limits.max_message_bytes {
+        return Err(FieldViolation::new(
+            "prompt",
+            format!(
+                "is {} bytes, the limit is {} bytes",
+                request.prompt.len(),
+                limits.max_message_bytes
+            ),
+        ));
+    }
+    validate_messages("messages", &request.messages, limits)?;
+    let sampling = request.sampling.clone().unwrap_or_default();
+    if sampling.max_tokens == 0 {
+        return Err(FieldViolation::new("sampling.max_tokens", "must be at least 1"));
+    }
+    if sampling.max_tokens > limits.max_tokens_cap {
+        return Err(FieldViolation::new(
+            "sampling.max_tokens",
+            format!(
+                "is {}, the limit is {}",
+                sampling.max_tokens, limits.max_tokens_cap
+            ),
+        ));
+    }
+    if let Some(t) = sampling.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(FieldViolation::new(
+                "sampling.temperature",
+                format!("is {t}, must be between 0 and 2"),
+            ));
+        }
+    }
+    if let Some(p) = sampling.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(FieldViolation::new(
+                "sampling.top_p",
+                format!("is {p}, must be in (0, 1]"),
+            ));
+        }
+    }
+    if sampling.stop.len() > 16 {
+        return Err(FieldViolation::new("sampling.stop", "at most 16 stop sequences"));
+    }
+    if let Some(i) = sampling.stop.iter().position(|s| s.is_empty() || s.len() > 256) {
+        return Err(FieldViolation::new(
+            format!("sampling.stop[{i}]"),
+            "must be 1 to 256 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an `Interrupt` frame.
+pub fn validate_interrupt(
+    interrupt: &Interrupt,
+    limits: &RequestLimits,
+) -> Result<(), FieldViolation> {
+    validate_request_id(&interrupt.request_id, limits)?;
+    if interrupt.messages.is_empty() {
+        return Err(FieldViolation::new(
+            "interrupt.messages",
+            "must hold the new instructions",
+        ));
+    }
+    validate_messages("interrupt.messages", &interrupt.messages, limits)
+}
+
+fn validate_request_id(id: &str, limits: &RequestLimits) -> Result<(), FieldViolation> {
+    if id.is_empty() {
+        return Err(FieldViolation::new("request_id", "must not be empty"));
+    }
+    if id.len() > limits.max_request_id_bytes {
+        return Err(FieldViolation::new(
+            "request_id",
+            format!("is {} bytes, the limit is {}", id.len(), limits.max_request_id_bytes),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_messages(
+    field: &str,
+    messages: &[ChatMessage],
+    limits: &RequestLimits,
+) -> Result<(), FieldViolation> {
+    if messages.len() > limits.max_messages {
+        return Err(FieldViolation::new(
+            field,
+            format!("has {} messages, the limit is {}", messages.len(), limits.max_messages),
+        ));
+    }
+    for (i, message) in messages.iter().enumerate() {
+        if !ROLES.contains(&message.role.as_str()) {
+            return Err(FieldViolation::new(
+                format!("{field}[{i}].role"),
+                format!("is {:?}, must be one of system, user, assistant", message.role),
+            ));
+        }
+        if message.content.len() > limits.max_message_bytes {
+            return Err(FieldViolation::new(
+                format!("{field}[{i}].content"),
+                format!(
+                    "is {} bytes, the limit is {} bytes",
+                    message.content.len(),
+                    limits.max_message_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::v1::SamplingParams;
+
+    fn valid() -> GenerateRequest {
+        GenerateRequest {
+            request_id: "r1".into(),
+            model: "m".into(),
+            messages: vec![ChatMessage { role: "user".into(), content: "hi".into() }],
+            sampling: Some(SamplingParams { max_tokens: 8, ..Default::default() }),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(request: GenerateRequest) -> String {
+        validate_generate_request(&request, &RequestLimits::default())
+            .unwrap_err()
+            .field
+    }
+
+    #[test]
+    fn accepts_a_valid_request() {
+        assert_eq!(validate_generate_request(&valid(), &RequestLimits::default()), Ok(()));
+    }
+
+    #[test]
+    fn names_the_field_at_fault() {
+        assert_eq!(field_of(GenerateRequest { model: " ".into(), ..valid() }), "model");
+        assert_eq!(field_of(GenerateRequest { request_id: "".into(), ..valid() }), "request_id");
+        let mut r = valid();
+        r.sampling.as_mut().unwrap().max_tokens = 0;
+        assert_eq!(field_of(r), "sampling.max_tokens");
+        let mut r = valid();
+        r.sampling.as_mut().unwrap().max_tokens = 1_000_000;
+        assert_eq!(field_of(r), "sampling.max_tokens");
+        let mut r = valid();
+        r.messages[0].content = "x".repeat(RequestLimits::default().max_message_bytes + 1);
+        assert_eq!(field_of(r), "messages[0].content");
+        let mut r = valid();
+        r.messages[0].role = "robot".into();
+        assert_eq!(field_of(r), "messages[0].role");
+        let mut r = valid();
+        r.messages.clear();
+        assert_eq!(field_of(r), "messages");
+        let mut r = valid();
+        r.sampling.as_mut().unwrap().top_p = Some(0.0);
+        assert_eq!(field_of(r), "sampling.top_p");
+    }
+
+    #[test]
+    fn missing_sampling_means_zero_max_tokens() {
+        assert_eq!(field_of(GenerateRequest { sampling: None, ..valid() }), "sampling.max_tokens");
+    }
+}

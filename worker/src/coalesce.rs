@@ -1,0 +1,221 @@
+//! Token coalescing: engine tokens are batched into `Tokens` frames so a fast engine does not
+//! cost one gRPC message per token. The first token is always sent at once (time to first token
+//! is what interactive users feel); later tokens are flushed when a chunk is full or the oldest
+//! unsent token has waited `flush_interval`.
+
+use std::time::Duration;
+
+use switchyard_proto::v1::{self, worker_frame::Frame};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::engine::{EngineError, EngineEvent, EngineStream, StopReason};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoalesceConfig {
+    /// Longest a generated token waits before it is sent.
+    pub flush_interval: Duration,
+    /// Most tokens in one chunk.
+    pub max_chunk_tokens: usize,
+}
+
+impl Default for CoalesceConfig {
+    fn default() -> Self {
+        Self { flush_interval: Duration::from_millis(5), max_chunk_tokens: 16 }
+    }
+}
+
+/// Outcome of forwarding one generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forwarded {
+    pub tokens: u32,
+}
+
+/// Forwards one generation's events to `out` as coalesced `Tokens` frames followed by exactly
+/// one `Finished` or `Failed` frame. `cancel_reason` is reported when the engine stopped because
+/// it was cancelled (CANCELLED, or INTERRUPTED when the router is redirecting the request).
+pub async fn forward_generation(
+    request_id: &str,
+    mut events: EngineStream,
+    config: CoalesceConfig,
+    cancel_reason: impl Fn() -> v1::FinishReason,
+    out: &mpsc::Sender<v1::WorkerFrame>,
+) -> Forwarded {
+    let started = Instant::now();
+    let mut first_token_at = None;
+    let mut chunk = Chunk::default();
+    let mut seq = 0u64;
+    let mut forwarded = Forwarded { tokens: 0 };
+    let mut deadline: Option<Instant> = None;
+    let send = |frame: Frame| async move { out.send(v1::WorkerFrame { frame: Some(frame) }).await };
+
+    let last = loop {
+        let event = match deadline {
+            Some(at) => tokio::select! {
+                event = events.recv() => event,
+                _ = tokio::time::sleep_until(at) => {
+                    deadline = None;
+                    let _ = send(chunk.take(request_id, &mut seq)).await;
+                    continue;
+                }
+            },
+            None => events.recv().await,
+        };
+        match event {
+            Some(Ok(EngineEvent::Token { id, text })) => {
+                forwarded.tokens += 1;
+                chunk.push(id, text);
+                let first = first_token_at.is_none();
+                first_token_at.get_or_insert_with(Instant::now);
+                if first || chunk.ids.len() >= config.max_chunk_tokens {
+                    deadline = None;
+                    if send(chunk.take(request_id, &mut seq)).await.is_err() {
+                        return forwarded;
+                    }
+                } else if deadline.is_none() {
+                    deadline = Some(Instant::now() + config.flush_interval);
+                }
+            }
+            Some(Ok(EngineEvent::Done { reason, prompt_tokens, completion_tokens })) => {
+                let reason = match reason {
+                    StopReason::Stop => v1::FinishReason::Stop,
+                    StopReason::Length => v1::FinishReason::Length,
+                    StopReason::Cancelled => cancel_reason(),
+                };
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                break Frame::Finished(v1::Finished {
+                    request_id: request_id.to_string(),
+                    reason: reason as i32,
+                    usage: Some(v1::Usage { prompt_tokens, completion_tokens }),
+                    timings: Some(v1::Timings {
+                        ttft_ms: first_token_at.map(|t| ms(t - started)).unwrap_or_default(),
+                        total_ms: ms(started.elapsed()),
+                        queue_ms: 0.0,
+                    }),
+                });
+            }
+            Some(Err(error)) => break failed(request_id, &error),
+            None => {
+                break failed(
+                    request_id,
+                    &EngineError::Internal("engine ended the generation without a result".into()),
+                );
+            }
+        }
+    };
+    if !chunk.ids.is_empty() {
+        let _ = send(chunk.take(request_id, &mut seq)).await;
+    }
+    let _ = send(last).await;
+    forwarded
+}
+
+/// A `Failed` frame for `error`.
+pub fn failed(request_id: &str, error: &EngineError) -> Frame {
+    Frame::Failed(v1::Failed {
+        request_id: request_id.to_string(),
+        code: error.code() as i32,
+        message: error.to_string(),
+    })
+}
+
+#[derive(Default)]
+struct Chunk {
+    ids: Vec<u32>,
+    text: String,
+}
+
+impl Chunk {
+    fn push(&mut self, id: u32, text: String) {
+        self.ids.push(id);
+        self.text.push_str(&text);
+    }
+
+    fn take(&mut self, request_id: &str, seq: &mut u64) -> Frame {
+        let frame = Frame::Tokens(v1::Tokens {
+            request_id: request_id.to_string(),
+            seq: *seq,
+            text: std::mem::take(&mut self.text),
+            token_ids: std::mem::take(&mut self.ids),
+        });
+        *seq += 1;
+        frame
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(events: Vec<EngineEvent>, config: CoalesceConfig) -> Vec<Frame> {
+        let (etx, erx) = mpsc::channel(events.len() + 1);
+        for e in events {
+            etx.send(Ok(e)).await.unwrap();
+        }
+        drop(etx);
+        let (otx, mut orx) = mpsc::channel(64);
+        forward_generation("r", erx, config, || v1::FinishReason::Cancelled, &otx).await;
+        drop(otx);
+        let mut frames = vec![];
+        while let Some(f) = orx.recv().await {
+            frames.push(f.frame.unwrap());
+        }
+        frames
+    }
+
+    fn token(i: u32) -> EngineEvent {
+        EngineEvent::Token { id: i, text: format!("t{i}") }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_token_alone_then_full_chunks_then_finished() {
+        let mut events: Vec<_> = (0..6).map(token).collect();
+        events.push(EngineEvent::Done { reason: StopReason::Length, prompt_tokens: 3, completion_tokens: 6 });
+        let frames = run(events, CoalesceConfig { flush_interval: Duration::from_secs(1), max_chunk_tokens: 2 }).await;
+        let chunks: Vec<(u64, Vec<u32>)> = frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Tokens(t) => Some((t.seq, t.token_ids.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(chunks, vec![(0, vec![0]), (1, vec![1, 2]), (2, vec![3, 4]), (3, vec![5])]);
+        let Some(Frame::Finished(finished)) = frames.last() else { panic!("no Finished frame") };
+        assert_eq!(finished.reason, v1::FinishReason::Length as i32);
+        assert_eq!(finished.usage.unwrap().completion_tokens, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_chunk_is_flushed_after_the_interval() {
+        let (etx, erx) = mpsc::channel(8);
+        let (otx, mut orx) = mpsc::channel(8);
+        let config = CoalesceConfig { flush_interval: Duration::from_millis(5), max_chunk_tokens: 16 };
+        let task = tokio::spawn(async move {
+            forward_generation("r", erx, config, || v1::FinishReason::Cancelled, &otx).await
+        });
+        for i in 0..3 {
+            etx.send(Ok(token(i))).await.unwrap();
+        }
+        let first = orx.recv().await.unwrap().frame.unwrap();
+        assert!(matches!(first, Frame::Tokens(ref t) if t.token_ids == vec![0]));
+        // Nothing else arrives: the two buffered tokens must still be flushed by the timer.
+        let second = orx.recv().await.unwrap().frame.unwrap();
+        assert!(matches!(second, Frame::Tokens(ref t) if t.token_ids == vec![1, 2] && t.text == "t1t2"));
+        drop(etx);
+        assert_eq!(task.await.unwrap().tokens, 3);
+    }
+
+    #[tokio::test]
+    async fn engine_errors_become_failed_frames() {
+        let (etx, erx) = mpsc::channel(2);
+        etx.send(Ok(token(0))).await.unwrap();
+        etx.send(Err(EngineError::ResourceExhausted("kv full".into()))).await.unwrap();
+        drop(etx);
+        let (otx, mut orx) = mpsc::channel(8);
+        forward_generation("r", erx, CoalesceConfig::default(), || v1::FinishReason::Cancelled, &otx).await;
+        orx.recv().await.unwrap();
+        let Some(Frame::Failed(f)) = orx.recv().await.unwrap().frame else { panic!("expected Failed") };
+        assert_eq!(f.code, tonic::Code::ResourceExhausted as i32);
+        assert_eq!(f.message, "kv full");
+    }
+}

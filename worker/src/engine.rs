@@ -1,0 +1,132 @@
+//! The contract between the worker runtime and a model backend. Engines see plain Rust types,
+//! never protobuf: the service translates.
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// What the model is asked to continue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prompt {
+    Chat(Vec<Message>),
+    Text(String),
+}
+
+impl Prompt {
+    /// The text that states the current instructions: the last user message, or the raw prompt.
+    pub fn instructions(&self) -> &str {
+        match self {
+            Prompt::Text(text) => text,
+            Prompt::Chat(messages) => messages
+                .iter()
+                .rev()
+                .find(|m| m.role == "user")
+                .or(messages.last())
+                .map(|m| m.content.as_str())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Sampling parameters, validated by the router before they get here.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Sampling {
+    pub max_tokens: u32,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<u32>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineRequest {
+    pub request_id: String,
+    pub model: String,
+    pub prompt: Prompt,
+    pub sampling: Sampling,
+    /// Tokens a previous worker already delivered; generation continues after them and
+    /// `max_tokens` counts them.
+    pub resume_tokens: Vec<u32>,
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// End of sequence or a stop sequence.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The cancellation token fired.
+    Cancelled,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    /// One generated token and the text it completes (may be empty while a multi-byte
+    /// character is still incomplete).
+    Token { id: u32, text: String },
+    /// The last event of a generation.
+    Done { reason: StopReason, prompt_tokens: u32, completion_tokens: u32 },
+}
+
+/// Events of one generation; ends after `Done` or an error.
+pub type EngineStream = mpsc::Receiver<Result<EngineEvent, EngineError>>;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            EngineError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            EngineError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            EngineError::Unavailable(_) => tonic::Code::Unavailable,
+            EngineError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+}
+
+/// Queue and memory state an engine reports for load frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EngineLoad {
+    /// Requests admitted but not yet generating.
+    pub queued: u32,
+    pub kv_used_bytes: u64,
+}
+
+/// A model backend. `submit` must return quickly: generation runs on the engine's own tasks
+/// and reports through the returned stream; firing `cancel` ends it with
+/// `Done { reason: Cancelled }` within one step.
+pub trait Engine: Send + Sync + 'static {
+    /// Engine kind as advertised in the registry (`synthetic`, `candle`, `wse-gateway`).
+    fn kind(&self) -> &'static str;
+    fn models(&self) -> Vec<String>;
+    /// Sequences generated at once.
+    fn max_concurrent(&self) -> u32;
+    /// Expected decode rate of one stream, advertised for placement.
+    fn tokens_per_s(&self) -> f64;
+    /// A description of the hardware the engine runs on.
+    fn hardware(&self) -> String;
+    fn load(&self) -> EngineLoad;
+    fn submit(
+        &self,
+        request: EngineRequest,
+        cancel: CancellationToken,
+    ) -> Result<EngineStream, EngineError>;
+}

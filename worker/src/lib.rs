@@ -1,0 +1,19 @@
+//! The worker runtime shared by both pools: the [`Engine`] trait every backend implements, the
+//! `Worker.Serve` gRPC service (one persistent multiplexed stream per router), per-request
+//! cancellation, token coalescing, load reports, registration and graceful drain, and the
+//! synthetic load-test engine.
+
+pub mod coalesce;
+pub mod engine;
+pub mod load;
+pub mod server;
+pub mod service;
+pub mod synthetic;
+
+pub use coalesce::CoalesceConfig;
+pub use engine::{
+    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, Prompt, Sampling,
+    StopReason,
+};
+pub use server::{WorkerConfig, run_worker};
+pub use synthetic::{SyntheticConfig, SyntheticEngine};

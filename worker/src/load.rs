@@ -1,0 +1,103 @@
+//! The worker's live load: requests in flight (across all router streams), engine queue, decode
+//! rate, drain state. Every router stream subscribes and forwards each change as a `Load` frame.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use switchyard_proto::v1;
+use tokio::sync::watch;
+
+use crate::engine::Engine;
+
+pub struct LoadTracker {
+    engine: Arc<dyn Engine>,
+    in_flight: AtomicU32,
+    tokens: AtomicU64,
+    tokens_per_s_bits: AtomicU64,
+    draining: AtomicBool,
+    changes: watch::Sender<v1::Load>,
+}
+
+impl LoadTracker {
+    pub fn new(engine: Arc<dyn Engine>) -> Arc<Self> {
+        let (changes, _) = watch::channel(v1::Load::default());
+        let tracker = Arc::new(Self {
+            engine,
+            in_flight: AtomicU32::new(0),
+            tokens: AtomicU64::new(0),
+            tokens_per_s_bits: AtomicU64::new(0f64.to_bits()),
+            draining: AtomicBool::new(false),
+            changes,
+        });
+        tracker.publish();
+        tracker
+    }
+
+    pub fn snapshot(&self) -> v1::Load {
+        let queued = self.engine.load().queued;
+        let in_flight = self.in_flight.load(Ordering::Relaxed);
+        v1::Load {
+            active: in_flight.saturating_sub(queued),
+            queued,
+            max_concurrent: self.engine.max_concurrent(),
+            kv_used_bytes: self.engine.load().kv_used_bytes,
+            tokens_per_s: f64::from_bits(self.tokens_per_s_bits.load(Ordering::Relaxed)),
+            draining: self.draining.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<v1::Load> {
+        self.changes.subscribe()
+    }
+
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.publish();
+    }
+
+    pub fn finished(&self, tokens: u32) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.tokens.fetch_add(u64::from(tokens), Ordering::Relaxed);
+        self.publish();
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let snapshot = self.snapshot();
+        self.changes.send_if_modified(|current| {
+            let changed = *current != snapshot;
+            *current = snapshot;
+            changed
+        });
+    }
+
+    /// Keeps `tokens_per_s` current and republishes queue changes the engine made on its own.
+    pub async fn run_sampler(self: Arc<Self>, period: Duration) {
+        let mut ticks = tokio::time::interval(period);
+        let mut last = self.tokens.load(Ordering::Relaxed);
+        loop {
+            ticks.tick().await;
+            let now = self.tokens.load(Ordering::Relaxed);
+            let rate = (now - last) as f64 / period.as_secs_f64();
+            last = now;
+            self.tokens_per_s_bits.store(rate.to_bits(), Ordering::Relaxed);
+            self.publish();
+            if self.changes.is_closed() && Arc::strong_count(&self) == 1 {
+                return;
+            }
+        }
+    }
+}

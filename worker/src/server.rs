@@ -1,0 +1,160 @@
+//! Running a worker: bind, serve `Worker` + health + reflection, register once ready, and on
+//! shutdown drain — advertise `draining`, let in-flight generations finish, revoke the lease,
+//! close router streams.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_cluster::{Capacity, Pool, Registry, RegistryError, WorkerRecord, WorkerState};
+use switchyard_proto::v1::worker_server::WorkerServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::coalesce::CoalesceConfig;
+use crate::engine::Engine;
+use crate::load::LoadTracker;
+use crate::service::WorkerService;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Unique worker id (the etcd key's last segment).
+    pub id: String,
+    pub pool: Pool,
+    pub listen: SocketAddr,
+    /// Address published for routers; defaults to the bound address.
+    pub advertise: Option<String>,
+    pub lease_ttl: Duration,
+    pub coalesce: CoalesceConfig,
+    pub cost_per_mtok: f64,
+    /// Longest a drain waits for in-flight generations.
+    pub drain_timeout: Duration,
+}
+
+impl WorkerConfig {
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        if self.id.is_empty() || self.id.contains('/') {
+            return Err(WorkerError::Config(format!("worker id {:?}: must be non-empty without '/'", self.id)));
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            return Err(WorkerError::Config("lease ttl: must be at least 1s".into()));
+        }
+        if self.coalesce.max_chunk_tokens == 0 {
+            return Err(WorkerError::Config("coalesce max chunk tokens: must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid config: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves `engine` until `shutdown` fires, then drains. `on_ready` gets the bound address once
+/// the worker is registered and serving.
+pub async fn run_worker(
+    config: WorkerConfig,
+    engine: Arc<dyn Engine>,
+    registry: Arc<dyn Registry>,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), WorkerError> {
+    config.validate()?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| WorkerError::Bind { addr: config.listen, source })?;
+    let bound = listener.local_addr().map_err(|source| WorkerError::Bind { addr: config.listen, source })?;
+
+    let load = LoadTracker::new(engine.clone());
+    let sampler = tokio::spawn(load.clone().run_sampler(Duration::from_secs(1)));
+    let closing = CancellationToken::new();
+    let service = WorkerService::new(engine.clone(), load.clone(), config.coalesce, closing.clone());
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<WorkerServer<WorkerService>>().await;
+    let (reflection_v1, reflection_v1alpha) = switchyard_proto::introspection::reflection_services();
+
+    let server_stop = closing.clone();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(WorkerServer::new(service))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_stop.cancelled_owned()),
+    );
+
+    let mut record = WorkerRecord {
+        id: config.id.clone(),
+        pool: config.pool,
+        address: config.advertise.clone().unwrap_or_else(|| bound.to_string()),
+        models: engine.models(),
+        capacity: Capacity {
+            max_concurrent: engine.max_concurrent(),
+            tokens_per_s: engine.tokens_per_s(),
+            cost_per_mtok: config.cost_per_mtok,
+        },
+        hardware: engine.hardware(),
+        engine: engine.kind().to_string(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        state: WorkerState::Ready,
+    };
+    let registration = registry.register(record.clone(), config.lease_ttl).await?;
+    health.set_serving::<WorkerServer<WorkerService>>().await;
+    info!(worker_id = %config.id, pool = %config.pool, address = %record.address, engine = engine.kind(), "worker ready");
+    on_ready(bound);
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        result = &mut server => {
+            // The server stopped on its own: report why.
+            sampler.abort();
+            return match result {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(error.into()),
+                Err(join) => Err(WorkerError::Config(format!("server task failed: {join}"))),
+            };
+        }
+    }
+
+    info!(worker_id = %config.id, in_flight = load.in_flight(), "draining");
+    load.set_draining();
+    health.set_not_serving::<WorkerServer<WorkerService>>().await;
+    record.state = WorkerState::Draining;
+    if let Err(error) = registration.update(record).await {
+        warn!(%error, "could not advertise draining state");
+    }
+    let mut changes = load.subscribe();
+    let drained = tokio::time::timeout(config.drain_timeout, async {
+        while load.in_flight() > 0 {
+            if changes.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        warn!(in_flight = load.in_flight(), "drain timeout; stopping with generations in flight");
+    }
+    if let Err(error) = registration.deregister().await {
+        warn!(%error, "deregistration failed; the lease will expire on its own");
+    }
+    closing.cancel();
+    sampler.abort();
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(result)) => result?,
+        Ok(Err(join)) => warn!(%join, "server task failed"),
+        Err(_) => warn!("server did not stop within 5s"),
+    }
+    info!(worker_id = %config.id, "stopped");
+    Ok(())
+}

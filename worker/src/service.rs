@@ -1,0 +1,213 @@
+//! The `Worker.Serve` service: one persistent stream per router, carrying many requests.
+//! Each `Start` becomes an engine generation forwarded by its own task; `Cancel` fires that
+//! generation's token; the worker's load rides along as `Load` frames.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+use futures::Stream;
+use switchyard_proto::v1::{self, router_frame, worker_frame::Frame};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::coalesce::{CoalesceConfig, failed, forward_generation};
+use crate::engine::{Engine, EngineError, EngineRequest, Message, Prompt, Sampling};
+use crate::load::LoadTracker;
+
+/// Frames buffered per router stream before the worker waits for the router to read.
+const STREAM_BUFFER: usize = 512;
+
+#[derive(Clone)]
+pub struct WorkerService {
+    engine: Arc<dyn Engine>,
+    load: Arc<LoadTracker>,
+    coalesce: CoalesceConfig,
+    /// Fired at the end of a drain: every router stream is closed.
+    closing: CancellationToken,
+}
+
+impl WorkerService {
+    pub fn new(
+        engine: Arc<dyn Engine>,
+        load: Arc<LoadTracker>,
+        coalesce: CoalesceConfig,
+        closing: CancellationToken,
+    ) -> Self {
+        Self { engine, load, coalesce, closing }
+    }
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<v1::WorkerFrame, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::worker_server::Worker for WorkerService {
+    type ServeStream = FrameStream;
+
+    async fn serve(
+        &self,
+        request: Request<Streaming<v1::RouterFrame>>,
+    ) -> Result<Response<Self::ServeStream>, Status> {
+        let peer = request.remote_addr();
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        info!(?peer, "router stream opened");
+        tokio::spawn(self.clone().run_stream(inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A generation running on behalf of one router stream.
+struct Running {
+    cancel: CancellationToken,
+    reason: Arc<Mutex<v1::FinishReason>>,
+}
+
+impl WorkerService {
+    async fn run_stream(
+        self,
+        mut inbound: Streaming<v1::RouterFrame>,
+        tx: mpsc::Sender<Result<v1::WorkerFrame, Status>>,
+    ) {
+        let (frames_tx, mut frames_rx) = mpsc::channel::<v1::WorkerFrame>(STREAM_BUFFER);
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        let mut running: HashMap<String, Running> = HashMap::new();
+        let mut load = self.load.subscribe();
+        load.mark_changed();
+
+        loop {
+            tokio::select! {
+                frame = inbound.message() => match frame {
+                    Ok(Some(v1::RouterFrame { frame: Some(frame) })) => {
+                        self.handle(frame, &mut running, &frames_tx, &done_tx).await;
+                    }
+                    Ok(Some(_)) => debug!("empty router frame ignored"),
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(%status, "router stream failed");
+                        break;
+                    }
+                },
+                Some(frame) = frames_rx.recv() => {
+                    if tx.send(Ok(frame)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(request_id) = done_rx.recv() => {
+                    running.remove(&request_id);
+                }
+                Ok(()) = load.changed() => {
+                    let snapshot = *load.borrow_and_update();
+                    let frame = v1::WorkerFrame { frame: Some(Frame::Load(snapshot)) };
+                    if tx.send(Ok(frame)).await.is_err() {
+                        break;
+                    }
+                }
+                _ = self.closing.cancelled() => break,
+            }
+        }
+        // The router is gone (or we are shutting down): nobody will read these generations.
+        for (request_id, generation) in running {
+            debug!(%request_id, "cancelling generation of a closed router stream");
+            generation.cancel.cancel();
+        }
+        info!("router stream closed");
+    }
+
+    async fn handle(
+        &self,
+        frame: router_frame::Frame,
+        running: &mut HashMap<String, Running>,
+        frames: &mpsc::Sender<v1::WorkerFrame>,
+        done: &mpsc::UnboundedSender<String>,
+    ) {
+        match frame {
+            router_frame::Frame::Start(start) => {
+                let request_id = start.request_id.clone();
+                if let Err(error) = self.start(start, running, frames, done) {
+                    let frame = v1::WorkerFrame { frame: Some(failed(&request_id, &error)) };
+                    let _ = frames.send(frame).await;
+                }
+            }
+            router_frame::Frame::Cancel(cancel) => match running.get(&cancel.request_id) {
+                Some(generation) => {
+                    let reason = match v1::FinishReason::try_from(cancel.reason) {
+                        Ok(v1::FinishReason::Interrupted) => v1::FinishReason::Interrupted,
+                        _ => v1::FinishReason::Cancelled,
+                    };
+                    *generation.reason.lock().expect("reason lock") = reason;
+                    generation.cancel.cancel();
+                }
+                None => debug!(request_id = %cancel.request_id, "cancel for an unknown or finished request"),
+            },
+        }
+    }
+
+    fn start(
+        &self,
+        start: v1::WorkerStart,
+        running: &mut HashMap<String, Running>,
+        frames: &mpsc::Sender<v1::WorkerFrame>,
+        done: &mpsc::UnboundedSender<String>,
+    ) -> Result<(), EngineError> {
+        if self.load.is_draining() {
+            return Err(EngineError::Unavailable("worker is draining; place the request elsewhere".into()));
+        }
+        if running.contains_key(&start.request_id) {
+            return Err(EngineError::InvalidArgument(format!(
+                "request_id {:?} is already running on this stream",
+                start.request_id
+            )));
+        }
+        let request = engine_request(start)?;
+        let request_id = request.request_id.clone();
+        let cancel = CancellationToken::new();
+        let events = self.engine.submit(request, cancel.clone())?;
+        let reason = Arc::new(Mutex::new(v1::FinishReason::Cancelled));
+        running.insert(request_id.clone(), Running { cancel, reason: reason.clone() });
+        self.load.started();
+
+        let (frames, done, load, coalesce) = (frames.clone(), done.clone(), self.load.clone(), self.coalesce);
+        tokio::spawn(async move {
+            let cancel_reason = move || *reason.lock().expect("reason lock");
+            let forwarded = forward_generation(&request_id, events, coalesce, cancel_reason, &frames).await;
+            load.finished(forwarded.tokens);
+            let _ = done.send(request_id);
+        });
+        Ok(())
+    }
+}
+
+fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> {
+    let prompt = if start.messages.is_empty() {
+        Prompt::Text(start.prompt)
+    } else {
+        Prompt::Chat(
+            start.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
+        )
+    };
+    let sampling = start.sampling.unwrap_or_default();
+    if sampling.max_tokens == 0 {
+        return Err(EngineError::InvalidArgument("sampling.max_tokens: must be at least 1".into()));
+    }
+    if start.resume_tokens.len() >= sampling.max_tokens as usize {
+        warn!(request_id = %start.request_id, "resume_tokens already reach max_tokens");
+    }
+    Ok(EngineRequest {
+        request_id: start.request_id,
+        model: start.model,
+        prompt,
+        sampling: Sampling {
+            max_tokens: sampling.max_tokens,
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            top_k: sampling.top_k,
+            seed: sampling.seed,
+            stop: sampling.stop,
+        },
+        resume_tokens: start.resume_tokens,
+    })
+}

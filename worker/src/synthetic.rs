@@ -1,0 +1,288 @@
+//! The **synthetic load-test engine**: no model, deterministic text at a configured
+//! time-to-first-token and decode rate. It exists to load-test and exercise the cluster
+//! (routing, streaming, cancellation, failover) without model cost; it is never a stand-in for
+//! the real engines and always advertises itself as `synthetic`.
+//!
+//! Output is a pure function of the request's instructions (the last user message): token `i`
+//! is word `i mod n` of those instructions. Tests predict it with [`synthetic_text`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{
+    Engine, EngineError, EngineEvent, EngineLoad, EngineRequest, EngineStream, StopReason,
+};
+
+/// Vocabulary size the synthetic token ids are drawn from (SmolLM2's, for realism in benches).
+const VOCAB: u32 = 49_152;
+
+#[derive(Debug, Clone)]
+pub struct SyntheticConfig {
+    pub models: Vec<String>,
+    /// Delay before the first token (models prefill).
+    pub ttft: Duration,
+    /// Decode rate of each stream.
+    pub tokens_per_s: f64,
+    pub max_concurrent: u32,
+    /// Requests waiting for a slot beyond which new ones are refused.
+    pub max_queue: u32,
+}
+
+impl Default for SyntheticConfig {
+    fn default() -> Self {
+        Self {
+            models: vec!["synthetic".into()],
+            ttft: Duration::from_millis(50),
+            tokens_per_s: 100.0,
+            max_concurrent: 16,
+            max_queue: 64,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct SyntheticEngine {
+    config: SyntheticConfig,
+    slots: Arc<Semaphore>,
+    queued: Arc<AtomicU32>,
+}
+
+impl SyntheticEngine {
+    pub fn new(config: SyntheticConfig) -> Self {
+        let slots = Arc::new(Semaphore::new(config.max_concurrent as usize));
+        Self { config, slots, queued: Arc::new(AtomicU32::new(0)) }
+    }
+}
+
+/// Token `index` of the synthetic output for `instructions`: `(id, text)`.
+pub fn synthetic_token(instructions: &str, index: usize) -> (u32, String) {
+    let words: Vec<&str> = instructions.split_whitespace().collect();
+    let word = if words.is_empty() { "synthetic" } else { words[index % words.len()] };
+    let id = word.bytes().fold(2_166_136_261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16_777_619));
+    let text = if index == 0 { word.to_string() } else { format!(" {word}") };
+    (id % VOCAB, text)
+}
+
+/// Text of synthetic tokens `start..start + count` for `instructions`.
+pub fn synthetic_text(instructions: &str, start: usize, count: usize) -> String {
+    (start..start + count).map(|i| synthetic_token(instructions, i).1).collect()
+}
+
+impl Engine for SyntheticEngine {
+    fn kind(&self) -> &'static str {
+        "synthetic"
+    }
+
+    fn models(&self) -> Vec<String> {
+        self.config.models.clone()
+    }
+
+    fn max_concurrent(&self) -> u32 {
+        self.config.max_concurrent
+    }
+
+    fn tokens_per_s(&self) -> f64 {
+        self.config.tokens_per_s
+    }
+
+    fn hardware(&self) -> String {
+        "synthetic load-test engine (no model)".into()
+    }
+
+    fn load(&self) -> EngineLoad {
+        EngineLoad { queued: self.queued.load(Ordering::Relaxed), kv_used_bytes: 0 }
+    }
+
+    fn submit(
+        &self,
+        request: EngineRequest,
+        cancel: CancellationToken,
+    ) -> Result<EngineStream, EngineError> {
+        if !self.config.models.contains(&request.model) {
+            return Err(EngineError::InvalidArgument(format!(
+                "model {:?} is not served here (serving {:?})",
+                request.model, self.config.models
+            )));
+        }
+        if self.queued.load(Ordering::Relaxed) >= self.config.max_queue {
+            return Err(EngineError::ResourceExhausted(format!(
+                "queue full ({} waiting)",
+                self.config.max_queue
+            )));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let generation = Generation {
+            instructions: request.prompt.instructions().to_string(),
+            prompt_tokens: prompt_tokens(&request),
+            start: request.resume_tokens.len(),
+            max_tokens: request.sampling.max_tokens as usize,
+            ttft: self.config.ttft,
+            interval: Duration::from_secs_f64(1.0 / self.config.tokens_per_s.max(1e-3)),
+        };
+        self.queued.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(generation.run(self.slots.clone(), self.queued.clone(), cancel, tx));
+        Ok(rx)
+    }
+}
+
+fn prompt_tokens(request: &EngineRequest) -> u32 {
+    let words = match &request.prompt {
+        crate::Prompt::Text(text) => text.split_whitespace().count(),
+        crate::Prompt::Chat(messages) => {
+            messages.iter().map(|m| m.content.split_whitespace().count() + 4).sum()
+        }
+    };
+    (words + request.resume_tokens.len()) as u32
+}
+
+struct Generation {
+    instructions: String,
+    prompt_tokens: u32,
+    start: usize,
+    max_tokens: usize,
+    ttft: Duration,
+    interval: Duration,
+}
+
+impl Generation {
+    async fn run(
+        self,
+        slots: Arc<Semaphore>,
+        queued: Arc<AtomicU32>,
+        cancel: CancellationToken,
+        tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
+    ) {
+        let permit = tokio::select! {
+            permit = slots.acquire_owned() => permit,
+            _ = cancel.cancelled() => {
+                queued.fetch_sub(1, Ordering::Relaxed);
+                let _ = tx.send(Ok(self.done(StopReason::Cancelled, 0))).await;
+                return;
+            }
+        };
+        queued.fetch_sub(1, Ordering::Relaxed);
+        let _permit = permit.expect("the semaphore is never closed");
+
+        let mut produced = 0;
+        let reason = 'generate: {
+            tokio::select! {
+                _ = tokio::time::sleep(self.ttft) => {}
+                _ = cancel.cancelled() => break 'generate StopReason::Cancelled,
+            }
+            let mut ticks = tokio::time::interval(self.interval);
+            ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
+            for index in self.start..self.max_tokens {
+                if index > self.start {
+                    tokio::select! {
+                        _ = ticks.tick() => {}
+                        _ = cancel.cancelled() => break 'generate StopReason::Cancelled,
+                    }
+                } else {
+                    ticks.reset();
+                }
+                if cancel.is_cancelled() {
+                    break 'generate StopReason::Cancelled;
+                }
+                let (id, text) = synthetic_token(&self.instructions, index);
+                if tx.send(Ok(EngineEvent::Token { id, text })).await.is_err() {
+                    return;
+                }
+                produced += 1;
+            }
+            StopReason::Length
+        };
+        let _ = tx.send(Ok(self.done(reason, produced))).await;
+    }
+
+    fn done(&self, reason: StopReason, produced: u32) -> EngineEvent {
+        EngineEvent::Done {
+            reason,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.start as u32 + produced,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{Message, Prompt, Sampling};
+
+    fn request(max_tokens: u32, resume: usize) -> EngineRequest {
+        EngineRequest {
+            request_id: "r".into(),
+            model: "synthetic".into(),
+            prompt: Prompt::Chat(vec![Message { role: "user".into(), content: "a b c".into() }]),
+            sampling: Sampling { max_tokens, ..Default::default() },
+            resume_tokens: vec![0; resume],
+        }
+    }
+
+    async fn collect(mut rx: EngineStream) -> (String, EngineEvent) {
+        let mut text = String::new();
+        loop {
+            match rx.recv().await.unwrap().unwrap() {
+                EngineEvent::Token { text: t, .. } => text.push_str(&t),
+                done => return (text, done),
+            }
+        }
+    }
+
+    #[test]
+    fn output_is_a_function_of_the_instructions() {
+        assert_eq!(synthetic_text("a b c", 0, 5), "a b c a b");
+        assert_eq!(synthetic_text("a b c", 3, 2), " a b");
+        assert_eq!(synthetic_token("x", 0).0, synthetic_token("x", 7).0);
+        assert_eq!(synthetic_text("", 0, 2), "synthetic synthetic");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn generates_max_tokens_then_stops() {
+        let engine = SyntheticEngine::new(SyntheticConfig::default());
+        let rx = engine.submit(request(5, 0), CancellationToken::new()).unwrap();
+        let (text, done) = collect(rx).await;
+        assert_eq!(text, "a b c a b");
+        assert!(matches!(done, EngineEvent::Done { reason: StopReason::Length, completion_tokens: 5, .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resumes_after_the_delivered_tokens() {
+        let engine = SyntheticEngine::new(SyntheticConfig::default());
+        let rx = engine.submit(request(5, 3), CancellationToken::new()).unwrap();
+        let (text, _) = collect(rx).await;
+        assert_eq!(text, " a b");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_within_one_step() {
+        let engine = SyntheticEngine::new(SyntheticConfig { tokens_per_s: 10.0, ..Default::default() });
+        let cancel = CancellationToken::new();
+        let mut rx = engine.submit(request(1000, 0), cancel.clone()).unwrap();
+        assert!(matches!(rx.recv().await, Some(Ok(EngineEvent::Token { .. }))));
+        cancel.cancel();
+        let started = tokio::time::Instant::now();
+        let (_, done) = collect(rx).await;
+        assert!(matches!(done, EngineEvent::Done { reason: StopReason::Cancelled, completion_tokens: 1, .. }));
+        assert!(started.elapsed() < Duration::from_millis(50));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refuses_unknown_models_and_full_queues() {
+        let engine = SyntheticEngine::new(SyntheticConfig { max_concurrent: 1, max_queue: 1, ..Default::default() });
+        let mut bad = request(1, 0);
+        bad.model = "other".into();
+        assert!(matches!(engine.submit(bad, CancellationToken::new()), Err(EngineError::InvalidArgument(_))));
+        let _first = engine.submit(request(100, 0), CancellationToken::new()).unwrap();
+        tokio::task::yield_now().await;
+        let _second = engine.submit(request(100, 0), CancellationToken::new()).unwrap();
+        assert!(matches!(
+            engine.submit(request(1, 0), CancellationToken::new()),
+            Err(EngineError::ResourceExhausted(_))
+        ));
+    }
+}
