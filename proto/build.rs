@@ -17,7 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let fds = protox::compile(protos, ["."])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     // The encoded descriptor set feeds gRPC server reflection.
-    std::fs::write(out_dir.join("switchyard_descriptor.bin"), fds.encode_to_vec())?;
+    std::fs::write(
+        out_dir.join("switchyard_descriptor.bin"),
+        fds.encode_to_vec(),
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

@@ -1,1 +1,62 @@
-fn main(){}
+//! `switchyard`: every Switchyard component, the local cluster and the chat client in one binary.
+
+use clap::{Parser, Subcommand};
+use switchyard::{chat, components, up};
+use switchyard_cluster::Pool;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Distributed LLM inference across GPU and wafer-scale pools"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a whole local cluster (router, control plane, 2 GPU workers, 1 wafer-scale worker).
+    Up(up::UpArgs),
+    /// Interactive chat over one persistent session.
+    Chat(chat::ChatArgs),
+    /// Run the router.
+    Router(components::RouterArgs),
+    /// Run a GPU-pool worker.
+    WorkerGpu {
+        #[command(flatten)]
+        worker: components::WorkerArgs,
+        #[command(flatten)]
+        engine: switchyard_worker_gpu::GpuEngineArgs,
+    },
+    /// Run a wafer-scale-pool worker.
+    WorkerWse {
+        #[command(flatten)]
+        worker: components::WorkerArgs,
+        #[command(flatten)]
+        engine: switchyard_worker_wse::WseEngineArgs,
+    },
+    /// Run the control plane (admin API).
+    ControlPlane(components::ControlPlaneArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    switchyard_cluster::telemetry::init_tracing();
+    match cli.command {
+        Command::Up(args) => up::up(args).await,
+        Command::Chat(args) => chat::chat(args).await,
+        Command::Router(args) => components::router(args).await,
+        Command::WorkerGpu { worker, engine } => {
+            let engine = switchyard_worker_gpu::build_engine(&engine)?;
+            components::worker("worker-gpu", Pool::Gpu, worker, engine).await
+        }
+        Command::WorkerWse { worker, engine } => {
+            let engine = switchyard_worker_wse::build_engine(&engine)?;
+            components::worker("worker-wse", Pool::Wse, worker, engine).await
+        }
+        Command::ControlPlane(args) => components::control_plane(args).await,
+    }
+}

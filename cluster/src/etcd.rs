@@ -97,7 +97,11 @@ impl Lease {
         put_record(client, record, id).await?;
         let (keeper, responses) = client.lease_keep_alive(id).await?;
         info!(worker_id = %record.id, lease = id, ttl_secs, "registered in etcd");
-        Ok(Self { id, keeper, responses })
+        Ok(Self {
+            id,
+            keeper,
+            responses,
+        })
     }
 }
 
@@ -107,7 +111,13 @@ async fn put_record(
     lease: i64,
 ) -> Result<(), RegistryError> {
     let value = serde_json::to_vec(record).expect("worker records always serialise");
-    client.put(record.key(), value, Some(PutOptions::new().with_lease(lease))).await?;
+    client
+        .put(
+            record.key(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await?;
     Ok(())
 }
 
@@ -198,7 +208,9 @@ fn serve_command_unregistered(command: Option<Command>, record: &mut WorkerRecor
 }
 
 async fn list(client: &mut Client) -> Result<(Vec<WorkerRecord>, i64), RegistryError> {
-    let response = client.get(WORKERS_PREFIX, Some(GetOptions::new().with_prefix())).await?;
+    let response = client
+        .get(WORKERS_PREFIX, Some(GetOptions::new().with_prefix()))
+        .await?;
     let revision = response.header().map(|h| h.revision()).unwrap_or_default();
     let records = response
         .kvs()
@@ -224,11 +236,7 @@ fn decode_record(key: &[u8], value: &[u8]) -> Option<WorkerRecord> {
     }
 }
 
-async fn watch_loop(
-    mut client: Client,
-    tx: watch::Sender<Arc<MembershipView>>,
-    mut revision: i64,
-) {
+async fn watch_loop(mut client: Client, tx: watch::Sender<Arc<MembershipView>>, mut revision: i64) {
     loop {
         if let Err(error) = watch_from(&mut client, &tx, &mut revision).await {
             warn!(%error, "membership watch failed; keeping the last view and retrying");
@@ -253,11 +261,16 @@ async fn watch_from(
     tx: &watch::Sender<Arc<MembershipView>>,
     revision: &mut i64,
 ) -> Result<(), RegistryError> {
-    let options = WatchOptions::new().with_prefix().with_start_revision(*revision + 1);
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(*revision + 1);
     let mut stream = client.watch(WORKERS_PREFIX, Some(options)).await?;
     while let Some(response) = stream.message().await? {
         if response.canceled() || response.compact_revision() > 0 {
-            warn!(reason = response.cancel_reason(), "membership watch cancelled by etcd");
+            warn!(
+                reason = response.cancel_reason(),
+                "membership watch cancelled by etcd"
+            );
             return Ok(());
         }
         apply(tx, &response, revision);
@@ -278,7 +291,10 @@ fn apply(tx: &watch::Sender<Arc<MembershipView>>, response: &WatchResponse, revi
     let mut view = MembershipView::clone(&tx.borrow());
     for event in response.events() {
         let Some(kv) = event.kv() else { continue };
-        let Some((_, id)) = std::str::from_utf8(kv.key()).ok().and_then(parse_worker_key) else {
+        let Some((_, id)) = std::str::from_utf8(kv.key())
+            .ok()
+            .and_then(parse_worker_key)
+        else {
             continue;
         };
         match event.event_type() {

@@ -16,7 +16,9 @@ pub struct MembershipView {
 
 impl MembershipView {
     pub fn from_records(records: impl IntoIterator<Item = WorkerRecord>) -> Self {
-        Self { workers: records.into_iter().map(|r| (r.id.clone(), r)).collect() }
+        Self {
+            workers: records.into_iter().map(|r| (r.id.clone(), r)).collect(),
+        }
     }
 
     /// Applies a put (new or changed record).
@@ -99,7 +101,11 @@ mod tests {
             pool,
             address: "127.0.0.1:1".into(),
             models: models.iter().map(|m| m.to_string()).collect(),
-            capacity: Capacity { max_concurrent: 1, tokens_per_s: 1.0, cost_per_mtok: 1.0 },
+            capacity: Capacity {
+                max_concurrent: 1,
+                tokens_per_s: 1.0,
+                cost_per_mtok: 1.0,
+            },
             hardware: String::new(),
             engine: "synthetic".into(),
             version: String::new(),
@@ -128,7 +134,10 @@ mod tests {
         let mut membership = Membership::new(rx);
         publish(&tx, MembershipView::default());
         assert!(!membership.rx.has_changed().unwrap());
-        publish(&tx, MembershipView::from_records([record("a", Pool::Gpu, &["m"])]));
+        publish(
+            &tx,
+            MembershipView::from_records([record("a", Pool::Gpu, &["m"])]),
+        );
         assert!(membership.changed().await);
         assert_eq!(membership.current().workers.len(), 1);
     }

@@ -90,7 +90,11 @@ mod tests {
             pool: Pool::Gpu,
             address: "127.0.0.1:1".into(),
             models: vec!["m".into()],
-            capacity: Capacity { max_concurrent: 1, tokens_per_s: 1.0, cost_per_mtok: 1.0 },
+            capacity: Capacity {
+                max_concurrent: 1,
+                tokens_per_s: 1.0,
+                cost_per_mtok: 1.0,
+            },
             hardware: String::new(),
             engine: "synthetic".into(),
             version: String::new(),
@@ -102,14 +106,20 @@ mod tests {
     async fn register_update_deregister_are_seen_by_watchers() {
         let registry = MemoryRegistry::new();
         let mut membership = registry.watch_workers().await.unwrap();
-        let registration = registry.register(record("a"), Duration::from_secs(5)).await.unwrap();
+        let registration = registry
+            .register(record("a"), Duration::from_secs(5))
+            .await
+            .unwrap();
         assert!(membership.current().get("a").is_some());
 
         let mut draining = record("a");
         draining.state = WorkerState::Draining;
         registration.update(draining).await.unwrap();
         assert!(membership.changed().await);
-        assert_eq!(membership.current().get("a").unwrap().state, WorkerState::Draining);
+        assert_eq!(
+            membership.current().get("a").unwrap().state,
+            WorkerState::Draining
+        );
 
         registration.deregister().await.unwrap();
         assert!(registry.list_workers().await.unwrap().is_empty());
@@ -120,7 +130,10 @@ mod tests {
     async fn dropping_the_handle_withdraws_the_record() {
         let registry = MemoryRegistry::new();
         let mut membership = registry.watch_workers().await.unwrap();
-        let registration = registry.register(record("a"), Duration::from_secs(5)).await.unwrap();
+        let registration = registry
+            .register(record("a"), Duration::from_secs(5))
+            .await
+            .unwrap();
         drop(registration);
         while membership.current().get("a").is_some() {
             assert!(membership.changed().await);
@@ -130,7 +143,10 @@ mod tests {
     #[tokio::test]
     async fn sub_second_ttl_is_refused() {
         let registry = MemoryRegistry::new();
-        let err = registry.register(record("a"), Duration::from_millis(10)).await.unwrap_err();
+        let err = registry
+            .register(record("a"), Duration::from_millis(10))
+            .await
+            .unwrap_err();
         assert!(matches!(err, RegistryError::InvalidTtl(_)));
     }
 }

@@ -148,7 +148,11 @@ mod tests {
             pool: Pool::Gpu,
             address: "127.0.0.1:1".into(),
             models: vec!["m".into()],
-            capacity: Capacity { max_concurrent: 4, tokens_per_s: 50.0, cost_per_mtok: 0.2 },
+            capacity: Capacity {
+                max_concurrent: 4,
+                tokens_per_s: 50.0,
+                cost_per_mtok: 0.2,
+            },
             hardware: "cpu".into(),
             engine: "synthetic".into(),
             version: "0.1.0".into(),

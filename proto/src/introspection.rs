@@ -14,8 +14,12 @@ pub fn reflection_services() -> (
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     // The descriptor sets are compiled in and checked by the test below, so building cannot fail.
-    let v1 = builder().build_v1().expect("embedded descriptor sets are valid");
-    let v1alpha = builder().build_v1alpha().expect("embedded descriptor sets are valid");
+    let v1 = builder()
+        .build_v1()
+        .expect("embedded descriptor sets are valid");
+    let v1alpha = builder()
+        .build_v1alpha()
+        .expect("embedded descriptor sets are valid");
     (v1, v1alpha)
 }
 

@@ -37,7 +37,10 @@ pub struct FieldViolation {
 
 impl FieldViolation {
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { field: field.into(), message: message.into() }
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }
 
@@ -55,7 +58,10 @@ pub fn validate_generate_request(
     }
     match (request.messages.is_empty(), request.prompt.is_empty()) {
         (true, true) => {
-            return Err(FieldViolation::new("messages", "give either messages or prompt"));
+            return Err(FieldViolation::new(
+                "messages",
+                "give either messages or prompt",
+            ));
         }
         (false, false) => {
             return Err(FieldViolation::new(
@@ -78,7 +84,10 @@ pub fn validate_generate_request(
     validate_messages("messages", &request.messages, limits)?;
     let sampling = request.sampling.clone().unwrap_or_default();
     if sampling.max_tokens == 0 {
-        return Err(FieldViolation::new("sampling.max_tokens", "must be at least 1"));
+        return Err(FieldViolation::new(
+            "sampling.max_tokens",
+            "must be at least 1",
+        ));
     }
     if sampling.max_tokens > limits.max_tokens_cap {
         return Err(FieldViolation::new(
@@ -106,9 +115,16 @@ pub fn validate_generate_request(
         }
     }
     if sampling.stop.len() > 16 {
-        return Err(FieldViolation::new("sampling.stop", "at most 16 stop sequences"));
+        return Err(FieldViolation::new(
+            "sampling.stop",
+            "at most 16 stop sequences",
+        ));
     }
-    if let Some(i) = sampling.stop.iter().position(|s| s.is_empty() || s.len() > 256) {
+    if let Some(i) = sampling
+        .stop
+        .iter()
+        .position(|s| s.is_empty() || s.len() > 256)
+    {
         return Err(FieldViolation::new(
             format!("sampling.stop[{i}]"),
             "must be 1 to 256 bytes",
@@ -139,7 +155,11 @@ fn validate_request_id(id: &str, limits: &RequestLimits) -> Result<(), FieldViol
     if id.len() > limits.max_request_id_bytes {
         return Err(FieldViolation::new(
             "request_id",
-            format!("is {} bytes, the limit is {}", id.len(), limits.max_request_id_bytes),
+            format!(
+                "is {} bytes, the limit is {}",
+                id.len(),
+                limits.max_request_id_bytes
+            ),
         ));
     }
     Ok(())
@@ -153,14 +173,21 @@ fn validate_messages(
     if messages.len() > limits.max_messages {
         return Err(FieldViolation::new(
             field,
-            format!("has {} messages, the limit is {}", messages.len(), limits.max_messages),
+            format!(
+                "has {} messages, the limit is {}",
+                messages.len(),
+                limits.max_messages
+            ),
         ));
     }
     for (i, message) in messages.iter().enumerate() {
         if !ROLES.contains(&message.role.as_str()) {
             return Err(FieldViolation::new(
                 format!("{field}[{i}].role"),
-                format!("is {:?}, must be one of system, user, assistant", message.role),
+                format!(
+                    "is {:?}, must be one of system, user, assistant",
+                    message.role
+                ),
             ));
         }
         if message.content.len() > limits.max_message_bytes {
@@ -186,8 +213,14 @@ mod tests {
         GenerateRequest {
             request_id: "r1".into(),
             model: "m".into(),
-            messages: vec![ChatMessage { role: "user".into(), content: "hi".into() }],
-            sampling: Some(SamplingParams { max_tokens: 8, ..Default::default() }),
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: "hi".into(),
+            }],
+            sampling: Some(SamplingParams {
+                max_tokens: 8,
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -200,13 +233,28 @@ mod tests {
 
     #[test]
     fn accepts_a_valid_request() {
-        assert_eq!(validate_generate_request(&valid(), &RequestLimits::default()), Ok(()));
+        assert_eq!(
+            validate_generate_request(&valid(), &RequestLimits::default()),
+            Ok(())
+        );
     }
 
     #[test]
     fn names_the_field_at_fault() {
-        assert_eq!(field_of(GenerateRequest { model: " ".into(), ..valid() }), "model");
-        assert_eq!(field_of(GenerateRequest { request_id: "".into(), ..valid() }), "request_id");
+        assert_eq!(
+            field_of(GenerateRequest {
+                model: " ".into(),
+                ..valid()
+            }),
+            "model"
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                request_id: "".into(),
+                ..valid()
+            }),
+            "request_id"
+        );
         let mut r = valid();
         r.sampling.as_mut().unwrap().max_tokens = 0;
         assert_eq!(field_of(r), "sampling.max_tokens");
@@ -229,6 +277,12 @@ mod tests {
 
     #[test]
     fn missing_sampling_means_zero_max_tokens() {
-        assert_eq!(field_of(GenerateRequest { sampling: None, ..valid() }), "sampling.max_tokens");
+        assert_eq!(
+            field_of(GenerateRequest {
+                sampling: None,
+                ..valid()
+            }),
+            "sampling.max_tokens"
+        );
     }
 }

@@ -1,1 +1,14 @@
+//! The Switchyard router: the client-facing `Inference` API, request classification, the pure
+//! placement policy, persistent multiplexed links to workers, and the per-request dispatcher
+//! (cancel, interrupt-and-redirect, failover with token resume).
 
+pub mod classify;
+pub mod config;
+pub mod dispatch;
+pub mod links;
+pub mod policy;
+pub mod server;
+pub mod service;
+
+pub use config::RouterConfig;
+pub use server::run_router;

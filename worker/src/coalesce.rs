@@ -21,7 +21,10 @@ pub struct CoalesceConfig {
 
 impl Default for CoalesceConfig {
     fn default() -> Self {
-        Self { flush_interval: Duration::from_millis(5), max_chunk_tokens: 16 }
+        Self {
+            flush_interval: Duration::from_millis(5),
+            max_chunk_tokens: 16,
+        }
     }
 }
 
@@ -76,7 +79,11 @@ pub async fn forward_generation(
                     deadline = Some(Instant::now() + config.flush_interval);
                 }
             }
-            Some(Ok(EngineEvent::Done { reason, prompt_tokens, completion_tokens })) => {
+            Some(Ok(EngineEvent::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            })) => {
                 let reason = match reason {
                     StopReason::Stop => v1::FinishReason::Stop,
                     StopReason::Length => v1::FinishReason::Length,
@@ -86,7 +93,10 @@ pub async fn forward_generation(
                 break Frame::Finished(v1::Finished {
                     request_id: request_id.to_string(),
                     reason: reason as i32,
-                    usage: Some(v1::Usage { prompt_tokens, completion_tokens }),
+                    usage: Some(v1::Usage {
+                        prompt_tokens,
+                        completion_tokens,
+                    }),
                     timings: Some(v1::Timings {
                         ttft_ms: first_token_at.map(|t| ms(t - started)).unwrap_or_default(),
                         total_ms: ms(started.elapsed()),
@@ -164,14 +174,28 @@ mod tests {
     }
 
     fn token(i: u32) -> EngineEvent {
-        EngineEvent::Token { id: i, text: format!("t{i}") }
+        EngineEvent::Token {
+            id: i,
+            text: format!("t{i}"),
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn first_token_alone_then_full_chunks_then_finished() {
         let mut events: Vec<_> = (0..6).map(token).collect();
-        events.push(EngineEvent::Done { reason: StopReason::Length, prompt_tokens: 3, completion_tokens: 6 });
-        let frames = run(events, CoalesceConfig { flush_interval: Duration::from_secs(1), max_chunk_tokens: 2 }).await;
+        events.push(EngineEvent::Done {
+            reason: StopReason::Length,
+            prompt_tokens: 3,
+            completion_tokens: 6,
+        });
+        let frames = run(
+            events,
+            CoalesceConfig {
+                flush_interval: Duration::from_secs(1),
+                max_chunk_tokens: 2,
+            },
+        )
+        .await;
         let chunks: Vec<(u64, Vec<u32>)> = frames
             .iter()
             .filter_map(|f| match f {
@@ -179,8 +203,13 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(chunks, vec![(0, vec![0]), (1, vec![1, 2]), (2, vec![3, 4]), (3, vec![5])]);
-        let Some(Frame::Finished(finished)) = frames.last() else { panic!("no Finished frame") };
+        assert_eq!(
+            chunks,
+            vec![(0, vec![0]), (1, vec![1, 2]), (2, vec![3, 4]), (3, vec![5])]
+        );
+        let Some(Frame::Finished(finished)) = frames.last() else {
+            panic!("no Finished frame")
+        };
         assert_eq!(finished.reason, v1::FinishReason::Length as i32);
         assert_eq!(finished.usage.unwrap().completion_tokens, 6);
     }
@@ -189,7 +218,10 @@ mod tests {
     async fn a_partial_chunk_is_flushed_after_the_interval() {
         let (etx, erx) = mpsc::channel(8);
         let (otx, mut orx) = mpsc::channel(8);
-        let config = CoalesceConfig { flush_interval: Duration::from_millis(5), max_chunk_tokens: 16 };
+        let config = CoalesceConfig {
+            flush_interval: Duration::from_millis(5),
+            max_chunk_tokens: 16,
+        };
         let task = tokio::spawn(async move {
             forward_generation("r", erx, config, || v1::FinishReason::Cancelled, &otx).await
         });
@@ -200,7 +232,9 @@ mod tests {
         assert!(matches!(first, Frame::Tokens(ref t) if t.token_ids == vec![0]));
         // Nothing else arrives: the two buffered tokens must still be flushed by the timer.
         let second = orx.recv().await.unwrap().frame.unwrap();
-        assert!(matches!(second, Frame::Tokens(ref t) if t.token_ids == vec![1, 2] && t.text == "t1t2"));
+        assert!(
+            matches!(second, Frame::Tokens(ref t) if t.token_ids == vec![1, 2] && t.text == "t1t2")
+        );
         drop(etx);
         assert_eq!(task.await.unwrap().tokens, 3);
     }
@@ -209,12 +243,23 @@ mod tests {
     async fn engine_errors_become_failed_frames() {
         let (etx, erx) = mpsc::channel(2);
         etx.send(Ok(token(0))).await.unwrap();
-        etx.send(Err(EngineError::ResourceExhausted("kv full".into()))).await.unwrap();
+        etx.send(Err(EngineError::ResourceExhausted("kv full".into())))
+            .await
+            .unwrap();
         drop(etx);
         let (otx, mut orx) = mpsc::channel(8);
-        forward_generation("r", erx, CoalesceConfig::default(), || v1::FinishReason::Cancelled, &otx).await;
+        forward_generation(
+            "r",
+            erx,
+            CoalesceConfig::default(),
+            || v1::FinishReason::Cancelled,
+            &otx,
+        )
+        .await;
         orx.recv().await.unwrap();
-        let Some(Frame::Failed(f)) = orx.recv().await.unwrap().frame else { panic!("expected Failed") };
+        let Some(Frame::Failed(f)) = orx.recv().await.unwrap().frame else {
+            panic!("expected Failed")
+        };
         assert_eq!(f.code, tonic::Code::ResourceExhausted as i32);
         assert_eq!(f.message, "kv full");
     }

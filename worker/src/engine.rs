@@ -73,7 +73,11 @@ pub enum EngineEvent {
     /// character is still incomplete).
     Token { id: u32, text: String },
     /// The last event of a generation.
-    Done { reason: StopReason, prompt_tokens: u32, completion_tokens: u32 },
+    Done {
+        reason: StopReason,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
 }
 
 /// Events of one generation; ends after `Done` or an error.

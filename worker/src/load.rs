@@ -93,7 +93,8 @@ impl LoadTracker {
             let now = self.tokens.load(Ordering::Relaxed);
             let rate = (now - last) as f64 / period.as_secs_f64();
             last = now;
-            self.tokens_per_s_bits.store(rate.to_bits(), Ordering::Relaxed);
+            self.tokens_per_s_bits
+                .store(rate.to_bits(), Ordering::Relaxed);
             self.publish();
             if self.changes.is_closed() && Arc::strong_count(&self) == 1 {
                 return;

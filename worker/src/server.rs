@@ -36,13 +36,18 @@ pub struct WorkerConfig {
 impl WorkerConfig {
     pub fn validate(&self) -> Result<(), WorkerError> {
         if self.id.is_empty() || self.id.contains('/') {
-            return Err(WorkerError::Config(format!("worker id {:?}: must be non-empty without '/'", self.id)));
+            return Err(WorkerError::Config(format!(
+                "worker id {:?}: must be non-empty without '/'",
+                self.id
+            )));
         }
         if self.lease_ttl < Duration::from_secs(1) {
             return Err(WorkerError::Config("lease ttl: must be at least 1s".into()));
         }
         if self.coalesce.max_chunk_tokens == 0 {
-            return Err(WorkerError::Config("coalesce max chunk tokens: must be at least 1".into()));
+            return Err(WorkerError::Config(
+                "coalesce max chunk tokens: must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -53,7 +58,10 @@ pub enum WorkerError {
     #[error("invalid config: {0}")]
     Config(String),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
     #[error("grpc server: {0}")]
@@ -72,16 +80,30 @@ pub async fn run_worker(
     config.validate()?;
     let listener = TcpListener::bind(config.listen)
         .await
-        .map_err(|source| WorkerError::Bind { addr: config.listen, source })?;
-    let bound = listener.local_addr().map_err(|source| WorkerError::Bind { addr: config.listen, source })?;
+        .map_err(|source| WorkerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| WorkerError::Bind {
+        addr: config.listen,
+        source,
+    })?;
 
     let load = LoadTracker::new(engine.clone());
     let sampler = tokio::spawn(load.clone().run_sampler(Duration::from_secs(1)));
     let closing = CancellationToken::new();
-    let service = WorkerService::new(engine.clone(), load.clone(), config.coalesce, closing.clone());
+    let service = WorkerService::new(
+        engine.clone(),
+        load.clone(),
+        config.coalesce,
+        closing.clone(),
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_not_serving::<WorkerServer<WorkerService>>().await;
-    let (reflection_v1, reflection_v1alpha) = switchyard_proto::introspection::reflection_services();
+    health
+        .set_not_serving::<WorkerServer<WorkerService>>()
+        .await;
+    let (reflection_v1, reflection_v1alpha) =
+        switchyard_proto::introspection::reflection_services();
 
     let server_stop = closing.clone();
     let mut server = tokio::spawn(
@@ -90,13 +112,19 @@ pub async fn run_worker(
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(WorkerServer::new(service))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), server_stop.cancelled_owned()),
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                server_stop.cancelled_owned(),
+            ),
     );
 
     let mut record = WorkerRecord {
         id: config.id.clone(),
         pool: config.pool,
-        address: config.advertise.clone().unwrap_or_else(|| bound.to_string()),
+        address: config
+            .advertise
+            .clone()
+            .unwrap_or_else(|| bound.to_string()),
         models: engine.models(),
         capacity: Capacity {
             max_concurrent: engine.max_concurrent(),
@@ -128,7 +156,9 @@ pub async fn run_worker(
 
     info!(worker_id = %config.id, in_flight = load.in_flight(), "draining");
     load.set_draining();
-    health.set_not_serving::<WorkerServer<WorkerService>>().await;
+    health
+        .set_not_serving::<WorkerServer<WorkerService>>()
+        .await;
     record.state = WorkerState::Draining;
     if let Err(error) = registration.update(record).await {
         warn!(%error, "could not advertise draining state");
@@ -143,7 +173,10 @@ pub async fn run_worker(
     })
     .await;
     if drained.is_err() {
-        warn!(in_flight = load.in_flight(), "drain timeout; stopping with generations in flight");
+        warn!(
+            in_flight = load.in_flight(),
+            "drain timeout; stopping with generations in flight"
+        );
     }
     if let Err(error) = registration.deregister().await {
         warn!(%error, "deregistration failed; the lease will expire on its own");

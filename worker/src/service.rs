@@ -37,7 +37,12 @@ impl WorkerService {
         coalesce: CoalesceConfig,
         closing: CancellationToken,
     ) -> Self {
-        Self { engine, load, coalesce, closing }
+        Self {
+            engine,
+            load,
+            coalesce,
+            closing,
+        }
     }
 }
 
@@ -128,7 +133,9 @@ impl WorkerService {
             router_frame::Frame::Start(start) => {
                 let request_id = start.request_id.clone();
                 if let Err(error) = self.start(start, running, frames, done) {
-                    let frame = v1::WorkerFrame { frame: Some(failed(&request_id, &error)) };
+                    let frame = v1::WorkerFrame {
+                        frame: Some(failed(&request_id, &error)),
+                    };
                     let _ = frames.send(frame).await;
                 }
             }
@@ -141,7 +148,9 @@ impl WorkerService {
                     *generation.reason.lock().expect("reason lock") = reason;
                     generation.cancel.cancel();
                 }
-                None => debug!(request_id = %cancel.request_id, "cancel for an unknown or finished request"),
+                None => {
+                    debug!(request_id = %cancel.request_id, "cancel for an unknown or finished request")
+                }
             },
         }
     }
@@ -154,7 +163,9 @@ impl WorkerService {
         done: &mpsc::UnboundedSender<String>,
     ) -> Result<(), EngineError> {
         if self.load.is_draining() {
-            return Err(EngineError::Unavailable("worker is draining; place the request elsewhere".into()));
+            return Err(EngineError::Unavailable(
+                "worker is draining; place the request elsewhere".into(),
+            ));
         }
         if running.contains_key(&start.request_id) {
             return Err(EngineError::InvalidArgument(format!(
@@ -167,13 +178,25 @@ impl WorkerService {
         let cancel = CancellationToken::new();
         let events = self.engine.submit(request, cancel.clone())?;
         let reason = Arc::new(Mutex::new(v1::FinishReason::Cancelled));
-        running.insert(request_id.clone(), Running { cancel, reason: reason.clone() });
+        running.insert(
+            request_id.clone(),
+            Running {
+                cancel,
+                reason: reason.clone(),
+            },
+        );
         self.load.started();
 
-        let (frames, done, load, coalesce) = (frames.clone(), done.clone(), self.load.clone(), self.coalesce);
+        let (frames, done, load, coalesce) = (
+            frames.clone(),
+            done.clone(),
+            self.load.clone(),
+            self.coalesce,
+        );
         tokio::spawn(async move {
             let cancel_reason = move || *reason.lock().expect("reason lock");
-            let forwarded = forward_generation(&request_id, events, coalesce, cancel_reason, &frames).await;
+            let forwarded =
+                forward_generation(&request_id, events, coalesce, cancel_reason, &frames).await;
             load.finished(forwarded.tokens);
             let _ = done.send(request_id);
         });
@@ -186,12 +209,21 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
         Prompt::Text(start.prompt)
     } else {
         Prompt::Chat(
-            start.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
+            start
+                .messages
+                .into_iter()
+                .map(|m| Message {
+                    role: m.role,
+                    content: m.content,
+                })
+                .collect(),
         )
     };
     let sampling = start.sampling.unwrap_or_default();
     if sampling.max_tokens == 0 {
-        return Err(EngineError::InvalidArgument("sampling.max_tokens: must be at least 1".into()));
+        return Err(EngineError::InvalidArgument(
+            "sampling.max_tokens: must be at least 1".into(),
+        ));
     }
     if start.resume_tokens.len() >= sampling.max_tokens as usize {
         warn!(request_id = %start.request_id, "resume_tokens already reach max_tokens");

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
@@ -55,22 +55,38 @@ pub struct SyntheticEngine {
 impl SyntheticEngine {
     pub fn new(config: SyntheticConfig) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_concurrent as usize));
-        Self { config, slots, queued: Arc::new(AtomicU32::new(0)) }
+        Self {
+            config,
+            slots,
+            queued: Arc::new(AtomicU32::new(0)),
+        }
     }
 }
 
 /// Token `index` of the synthetic output for `instructions`: `(id, text)`.
 pub fn synthetic_token(instructions: &str, index: usize) -> (u32, String) {
     let words: Vec<&str> = instructions.split_whitespace().collect();
-    let word = if words.is_empty() { "synthetic" } else { words[index % words.len()] };
-    let id = word.bytes().fold(2_166_136_261u32, |h, b| (h ^ u32::from(b)).wrapping_mul(16_777_619));
-    let text = if index == 0 { word.to_string() } else { format!(" {word}") };
+    let word = if words.is_empty() {
+        "synthetic"
+    } else {
+        words[index % words.len()]
+    };
+    let id = word.bytes().fold(2_166_136_261u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16_777_619)
+    });
+    let text = if index == 0 {
+        word.to_string()
+    } else {
+        format!(" {word}")
+    };
     (id % VOCAB, text)
 }
 
 /// Text of synthetic tokens `start..start + count` for `instructions`.
 pub fn synthetic_text(instructions: &str, start: usize, count: usize) -> String {
-    (start..start + count).map(|i| synthetic_token(instructions, i).1).collect()
+    (start..start + count)
+        .map(|i| synthetic_token(instructions, i).1)
+        .collect()
 }
 
 impl Engine for SyntheticEngine {
@@ -95,7 +111,10 @@ impl Engine for SyntheticEngine {
     }
 
     fn load(&self) -> EngineLoad {
-        EngineLoad { queued: self.queued.load(Ordering::Relaxed), kv_used_bytes: 0 }
+        EngineLoad {
+            queued: self.queued.load(Ordering::Relaxed),
+            kv_used_bytes: 0,
+        }
     }
 
     fn submit(
@@ -109,11 +128,16 @@ impl Engine for SyntheticEngine {
                 request.model, self.config.models
             )));
         }
-        if self.queued.load(Ordering::Relaxed) >= self.config.max_queue {
-            return Err(EngineError::ResourceExhausted(format!(
-                "queue full ({} waiting)",
-                self.config.max_queue
-            )));
+        // Take a free slot now if there is one, so concurrent submits cannot overbook.
+        let permit = self.slots.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            if self.queued.load(Ordering::Relaxed) >= self.config.max_queue {
+                return Err(EngineError::ResourceExhausted(format!(
+                    "all {} slots busy and {} requests queued",
+                    self.config.max_concurrent, self.config.max_queue
+                )));
+            }
+            self.queued.fetch_add(1, Ordering::Relaxed);
         }
         let (tx, rx) = mpsc::channel(64);
         let generation = Generation {
@@ -124,8 +148,7 @@ impl Engine for SyntheticEngine {
             ttft: self.config.ttft,
             interval: Duration::from_secs_f64(1.0 / self.config.tokens_per_s.max(1e-3)),
         };
-        self.queued.fetch_add(1, Ordering::Relaxed);
-        tokio::spawn(generation.run(self.slots.clone(), self.queued.clone(), cancel, tx));
+        tokio::spawn(generation.run(permit, self.slots.clone(), self.queued.clone(), cancel, tx));
         Ok(rx)
     }
 }
@@ -133,9 +156,10 @@ impl Engine for SyntheticEngine {
 fn prompt_tokens(request: &EngineRequest) -> u32 {
     let words = match &request.prompt {
         crate::Prompt::Text(text) => text.split_whitespace().count(),
-        crate::Prompt::Chat(messages) => {
-            messages.iter().map(|m| m.content.split_whitespace().count() + 4).sum()
-        }
+        crate::Prompt::Chat(messages) => messages
+            .iter()
+            .map(|m| m.content.split_whitespace().count() + 4)
+            .sum(),
     };
     (words + request.resume_tokens.len()) as u32
 }
@@ -152,21 +176,27 @@ struct Generation {
 impl Generation {
     async fn run(
         self,
+        permit: Option<OwnedSemaphorePermit>,
         slots: Arc<Semaphore>,
         queued: Arc<AtomicU32>,
         cancel: CancellationToken,
         tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     ) {
-        let permit = tokio::select! {
-            permit = slots.acquire_owned() => permit,
-            _ = cancel.cancelled() => {
+        let _permit = match permit {
+            Some(permit) => permit,
+            None => {
+                let permit = tokio::select! {
+                    permit = slots.acquire_owned() => permit,
+                    _ = cancel.cancelled() => {
+                        queued.fetch_sub(1, Ordering::Relaxed);
+                        let _ = tx.send(Ok(self.done(StopReason::Cancelled, 0))).await;
+                        return;
+                    }
+                };
                 queued.fetch_sub(1, Ordering::Relaxed);
-                let _ = tx.send(Ok(self.done(StopReason::Cancelled, 0))).await;
-                return;
+                permit.expect("the semaphore is never closed")
             }
         };
-        queued.fetch_sub(1, Ordering::Relaxed);
-        let _permit = permit.expect("the semaphore is never closed");
 
         let mut produced = 0;
         let reason = 'generate: {
@@ -217,8 +247,14 @@ mod tests {
         EngineRequest {
             request_id: "r".into(),
             model: "synthetic".into(),
-            prompt: Prompt::Chat(vec![Message { role: "user".into(), content: "a b c".into() }]),
-            sampling: Sampling { max_tokens, ..Default::default() },
+            prompt: Prompt::Chat(vec![Message {
+                role: "user".into(),
+                content: "a b c".into(),
+            }]),
+            sampling: Sampling {
+                max_tokens,
+                ..Default::default()
+            },
             resume_tokens: vec![0; resume],
         }
     }
@@ -244,42 +280,95 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn generates_max_tokens_then_stops() {
         let engine = SyntheticEngine::new(SyntheticConfig::default());
-        let rx = engine.submit(request(5, 0), CancellationToken::new()).unwrap();
+        let rx = engine
+            .submit(request(5, 0), CancellationToken::new())
+            .unwrap();
         let (text, done) = collect(rx).await;
         assert_eq!(text, "a b c a b");
-        assert!(matches!(done, EngineEvent::Done { reason: StopReason::Length, completion_tokens: 5, .. }));
+        assert!(matches!(
+            done,
+            EngineEvent::Done {
+                reason: StopReason::Length,
+                completion_tokens: 5,
+                ..
+            }
+        ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn resumes_after_the_delivered_tokens() {
         let engine = SyntheticEngine::new(SyntheticConfig::default());
-        let rx = engine.submit(request(5, 3), CancellationToken::new()).unwrap();
+        let rx = engine
+            .submit(request(5, 3), CancellationToken::new())
+            .unwrap();
         let (text, _) = collect(rx).await;
         assert_eq!(text, " a b");
     }
 
     #[tokio::test(start_paused = true)]
     async fn cancel_stops_within_one_step() {
-        let engine = SyntheticEngine::new(SyntheticConfig { tokens_per_s: 10.0, ..Default::default() });
+        let engine = SyntheticEngine::new(SyntheticConfig {
+            tokens_per_s: 10.0,
+            ..Default::default()
+        });
         let cancel = CancellationToken::new();
         let mut rx = engine.submit(request(1000, 0), cancel.clone()).unwrap();
-        assert!(matches!(rx.recv().await, Some(Ok(EngineEvent::Token { .. }))));
+        assert!(matches!(
+            rx.recv().await,
+            Some(Ok(EngineEvent::Token { .. }))
+        ));
         cancel.cancel();
         let started = tokio::time::Instant::now();
         let (_, done) = collect(rx).await;
-        assert!(matches!(done, EngineEvent::Done { reason: StopReason::Cancelled, completion_tokens: 1, .. }));
+        assert!(matches!(
+            done,
+            EngineEvent::Done {
+                reason: StopReason::Cancelled,
+                completion_tokens: 1,
+                ..
+            }
+        ));
         assert!(started.elapsed() < Duration::from_millis(50));
     }
 
     #[tokio::test(start_paused = true)]
+    async fn slots_without_a_queue_refuse_the_excess() {
+        let engine = SyntheticEngine::new(SyntheticConfig {
+            max_concurrent: 2,
+            max_queue: 0,
+            ..Default::default()
+        });
+        let _a = engine
+            .submit(request(100, 0), CancellationToken::new())
+            .unwrap();
+        let _b = engine
+            .submit(request(100, 0), CancellationToken::new())
+            .unwrap();
+        assert!(matches!(
+            engine.submit(request(1, 0), CancellationToken::new()),
+            Err(EngineError::ResourceExhausted(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn refuses_unknown_models_and_full_queues() {
-        let engine = SyntheticEngine::new(SyntheticConfig { max_concurrent: 1, max_queue: 1, ..Default::default() });
+        let engine = SyntheticEngine::new(SyntheticConfig {
+            max_concurrent: 1,
+            max_queue: 1,
+            ..Default::default()
+        });
         let mut bad = request(1, 0);
         bad.model = "other".into();
-        assert!(matches!(engine.submit(bad, CancellationToken::new()), Err(EngineError::InvalidArgument(_))));
-        let _first = engine.submit(request(100, 0), CancellationToken::new()).unwrap();
-        tokio::task::yield_now().await;
-        let _second = engine.submit(request(100, 0), CancellationToken::new()).unwrap();
+        assert!(matches!(
+            engine.submit(bad, CancellationToken::new()),
+            Err(EngineError::InvalidArgument(_))
+        ));
+        let _first = engine
+            .submit(request(100, 0), CancellationToken::new())
+            .unwrap();
+        let _second = engine
+            .submit(request(100, 0), CancellationToken::new())
+            .unwrap();
         assert!(matches!(
             engine.submit(request(1, 0), CancellationToken::new()),
             Err(EngineError::ResourceExhausted(_))

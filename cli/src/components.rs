@@ -1,0 +1,200 @@
+//! The component subcommands (`router`, `worker-gpu`, `worker-wse`, `control-plane`): each
+//! parses its flags (every flag also reads a `SWITCHYARD_*` environment variable), connects to
+//! etcd, runs until SIGINT/SIGTERM, and prints `<component> <protocol> <address>` on stdout
+//! once it serves, so scripts and tests can find it.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use switchyard_cluster::{EtcdRegistry, Pool, Registry};
+use switchyard_proto::RequestLimits;
+use switchyard_router::RouterConfig;
+use switchyard_router::config::parse_lane;
+use switchyard_worker::{CoalesceConfig, Engine, WorkerConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Options shared by every component.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// etcd endpoint(s), comma-separated.
+    #[arg(
+        long,
+        env = "SWITCHYARD_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub etcd: Vec<String>,
+}
+
+impl ClusterArgs {
+    pub async fn registry(&self) -> anyhow::Result<Arc<dyn Registry>> {
+        let registry = EtcdRegistry::connect(&self.etcd)
+            .await
+            .with_context(|| format!("connecting to etcd at {}", self.etcd.join(",")))?;
+        Ok(Arc::new(registry))
+    }
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RouterArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// gRPC listen address (port 0 picks a free port).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Lane of requests that say REQUEST_CLASS_AUTO.
+    #[arg(long, env = "SWITCHYARD_DEFAULT_LANE", value_parser = parse_lane, default_value = "cost-sensitive")]
+    pub default_lane: switchyard_proto::v1::Lane,
+    /// Largest max_tokens a request may ask for.
+    #[arg(long, env = "SWITCHYARD_MAX_TOKENS_CAP", default_value_t = 4096)]
+    pub max_tokens_cap: u32,
+    /// Largest message (or prompt) in bytes.
+    #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
+    pub max_message_bytes: usize,
+}
+
+impl RouterArgs {
+    pub fn config(&self) -> RouterConfig {
+        RouterConfig {
+            listen: self.listen,
+            default_lane: self.default_lane,
+            limits: RequestLimits {
+                max_tokens_cap: self.max_tokens_cap,
+                max_message_bytes: self.max_message_bytes,
+                ..RequestLimits::default()
+            },
+            ..RouterConfig::default()
+        }
+    }
+}
+
+/// Options of both worker kinds.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// gRPC listen address (port 0 picks a free port).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Address routers dial (default: the bound listen address).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Worker id (default: pool name and a random suffix).
+    #[arg(long, env = "SWITCHYARD_WORKER_ID")]
+    pub id: Option<String>,
+    /// etcd lease TTL; a killed worker leaves the membership this long after its last keepalive.
+    #[arg(long, env = "SWITCHYARD_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub lease_ttl: Duration,
+    /// Longest a generated token waits before it is sent (token coalescing).
+    #[arg(long, env = "SWITCHYARD_FLUSH_INTERVAL", value_parser = humantime::parse_duration, default_value = "5ms")]
+    pub flush_interval: Duration,
+    /// Most tokens per streamed chunk.
+    #[arg(long, env = "SWITCHYARD_MAX_CHUNK_TOKENS", default_value_t = 16)]
+    pub max_chunk_tokens: usize,
+    /// Advertised price per million generated tokens (default: 0.10 for gpu, 0.60 for wse).
+    #[arg(long, env = "SWITCHYARD_COST_PER_MTOK")]
+    pub cost_per_mtok: Option<f64>,
+    /// Longest a SIGTERM drain waits for in-flight generations.
+    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
+}
+
+impl WorkerArgs {
+    pub fn config(&self, pool: Pool) -> WorkerConfig {
+        let default_cost = match pool {
+            Pool::Gpu => 0.10,
+            Pool::Wse => 0.60,
+        };
+        WorkerConfig {
+            id: self.id.clone().unwrap_or_else(|| default_worker_id(pool)),
+            pool,
+            listen: self.listen,
+            advertise: self.advertise.clone(),
+            lease_ttl: self.lease_ttl,
+            coalesce: CoalesceConfig {
+                flush_interval: self.flush_interval,
+                max_chunk_tokens: self.max_chunk_tokens,
+            },
+            cost_per_mtok: self.cost_per_mtok.unwrap_or(default_cost),
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
+pub fn default_worker_id(pool: Pool) -> String {
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{pool}-{}", &suffix[..8])
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControlPlaneArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// gRPC listen address (port 0 picks a free port).
+    #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50052")]
+    pub listen: SocketAddr,
+}
+
+/// A token fired by the first SIGINT or SIGTERM.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let fire = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
+        fire.cancel();
+    });
+    token
+}
+
+/// Prints the line scripts wait for: `<component> <protocol> <address>`.
+pub fn announce(component: &str, protocol: &str, address: SocketAddr) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "{component} {protocol} {address}");
+    let _ = stdout.flush();
+}
+
+pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
+    let registry = args.cluster.registry().await?;
+    let shutdown = shutdown_on_signal();
+    switchyard_router::run_router(args.config(), registry, shutdown, |addr| {
+        announce("router", "grpc", addr)
+    })
+    .await?;
+    Ok(())
+}
+
+pub async fn worker(
+    component: &'static str,
+    pool: Pool,
+    args: WorkerArgs,
+    engine: Arc<dyn Engine>,
+) -> anyhow::Result<()> {
+    let registry = args.cluster.registry().await?;
+    let shutdown = shutdown_on_signal();
+    switchyard_worker::run_worker(args.config(pool), engine, registry, shutdown, |addr| {
+        announce(component, "grpc", addr)
+    })
+    .await?;
+    Ok(())
+}
+
+pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    let registry = args.cluster.registry().await?;
+    let shutdown = shutdown_on_signal();
+    let config = switchyard_control_plane::ControlPlaneConfig {
+        listen: args.listen,
+    };
+    switchyard_control_plane::run_control_plane(config, registry, shutdown, |addr| {
+        announce("control-plane", "grpc", addr)
+    })
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! `switchyard up`: a whole local cluster in one process — router, control plane, two GPU
+//! workers and one wafer-scale worker — on the in-memory registry, or on a given etcd.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use switchyard_cluster::{EtcdRegistry, MemoryRegistry, Pool, Registry};
+use switchyard_worker::{CoalesceConfig, WorkerConfig};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+
+use crate::components::{announce, default_worker_id, shutdown_on_signal};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Use this etcd instead of the in-memory registry.
+    #[arg(long, env = "SWITCHYARD_ETCD")]
+    pub etcd: Option<String>,
+    /// Router gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub router_listen: SocketAddr,
+    /// Control-plane gRPC address.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    pub control_plane_listen: SocketAddr,
+    #[command(flatten)]
+    pub gpu: switchyard_worker_gpu::GpuEngineArgs,
+    /// Number of GPU workers.
+    #[arg(long, default_value_t = 2)]
+    pub gpu_workers: usize,
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let registry: Arc<dyn Registry> = match &args.etcd {
+        Some(url) => Arc::new(
+            EtcdRegistry::connect(std::slice::from_ref(url))
+                .await
+                .with_context(|| format!("connecting to etcd at {url}"))?,
+        ),
+        None => Arc::new(MemoryRegistry::new()),
+    };
+    let shutdown = shutdown_on_signal();
+    let mut tasks = JoinSet::new();
+    let mut ready = Vec::new();
+
+    let wse_args = switchyard_worker_wse::WseEngineArgs {
+        engine: switchyard_worker_wse::WseEngineKind::Synthetic,
+        models: args.gpu.models.clone(),
+        max_concurrent: 8,
+        synthetic_ttft: Duration::from_millis(20),
+        synthetic_tokens_per_s: 1000.0,
+    };
+    let mut workers = Vec::new();
+    for _ in 0..args.gpu_workers {
+        workers.push((
+            "worker-gpu",
+            Pool::Gpu,
+            switchyard_worker_gpu::build_engine(&args.gpu)?,
+        ));
+    }
+    workers.push((
+        "worker-wse",
+        Pool::Wse,
+        switchyard_worker_wse::build_engine(&wse_args)?,
+    ));
+    for (component, pool, engine) in workers {
+        let config = WorkerConfig {
+            id: default_worker_id(pool),
+            pool,
+            listen: "127.0.0.1:0".parse()?,
+            advertise: None,
+            lease_ttl: Duration::from_secs(5),
+            coalesce: CoalesceConfig::default(),
+            cost_per_mtok: if pool == Pool::Gpu { 0.10 } else { 0.60 },
+            drain_timeout: Duration::from_secs(30),
+        };
+        let (tx, rx) = oneshot::channel();
+        ready.push((component, rx));
+        let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            switchyard_worker::run_worker(config, engine, registry, shutdown, |a| {
+                let _ = tx.send(a);
+            })
+            .await
+            .map_err(anyhow::Error::from)
+        });
+    }
+
+    let (tx, rx) = oneshot::channel();
+    ready.insert(0, ("control-plane", rx));
+    let config = switchyard_control_plane::ControlPlaneConfig {
+        listen: args.control_plane_listen,
+    };
+    let (r, s) = (registry.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        switchyard_control_plane::run_control_plane(config, r, s, |a| {
+            let _ = tx.send(a);
+        })
+        .await
+        .map_err(anyhow::Error::from)
+    });
+
+    let (tx, rx) = oneshot::channel();
+    ready.insert(0, ("router", rx));
+    let config = switchyard_router::RouterConfig {
+        listen: args.router_listen,
+        ..Default::default()
+    };
+    let (r, s) = (registry.clone(), shutdown.clone());
+    tasks.spawn(async move {
+        switchyard_router::run_router(config, r, s, |a| {
+            let _ = tx.send(a);
+        })
+        .await
+        .map_err(anyhow::Error::from)
+    });
+
+    let mut endpoints = Vec::new();
+    for (component, rx) in ready {
+        match rx.await {
+            Ok(address) => endpoints.push((component, address)),
+            Err(_) => {
+                // The component's task ended before it was ready: surface its error.
+                while let Some(result) = tasks.join_next().await {
+                    result??;
+                }
+                anyhow::bail!("{component} stopped before it was ready");
+            }
+        }
+    }
+    let router = endpoints[0].1;
+    let workers = args.gpu_workers + 1;
+    tokio::time::timeout(Duration::from_secs(10), wait_for_workers(router, workers))
+        .await
+        .context("the router did not connect to every worker within 10s")??;
+    for (component, address) in endpoints {
+        announce(component, "grpc", address);
+    }
+    eprintln!("switchyard: local cluster up; Ctrl-C stops it");
+    while let Some(result) = tasks.join_next().await {
+        result??;
+    }
+    Ok(())
+}
+
+/// Waits until the router has a live link to `count` workers.
+async fn wait_for_workers(router: SocketAddr, count: usize) -> anyhow::Result<()> {
+    let channel = crate::client::connect_channel(&router.to_string()).await?;
+    let mut client = switchyard_proto::v1::inference_client::InferenceClient::new(channel);
+    let mut ticks = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        ticks.tick().await;
+        let models = client
+            .list_models(switchyard_proto::v1::ListModelsRequest {})
+            .await?
+            .into_inner();
+        let mut ids: Vec<_> = models
+            .models
+            .iter()
+            .flat_map(|m| m.workers.iter().map(|w| w.id.clone()))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        if ids.len() >= count {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Router configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use switchyard_proto::RequestLimits;
+use switchyard_proto::v1::Lane;
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Lane for `REQUEST_CLASS_AUTO` requests until the classifier's rules say otherwise.
+    pub default_lane: Lane,
+    pub limits: RequestLimits,
+    /// Timeout for connecting to a worker.
+    pub connect_timeout: Duration,
+    /// How long a cancelled generation may take to confirm before the router reports it
+    /// finished anyway.
+    pub cancel_grace: Duration,
+    /// Placement attempts per request (first placement, retries and failovers together).
+    pub max_attempts: u32,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".parse().expect("valid literal address"),
+            default_lane: Lane::CostSensitive,
+            limits: RequestLimits::default(),
+            connect_timeout: Duration::from_secs(2),
+            cancel_grace: Duration::from_secs(2),
+            max_attempts: 3,
+        }
+    }
+}
+
+impl RouterConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.default_lane == Lane::Unspecified {
+            return Err("default lane: must be latency-critical or cost-sensitive".into());
+        }
+        if self.limits.max_tokens_cap == 0 {
+            return Err("max tokens cap: must be at least 1".into());
+        }
+        if self.max_attempts == 0 {
+            return Err("max attempts: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses a lane name as used on the command line and in headers.
+pub fn parse_lane(name: &str) -> Result<Lane, String> {
+    match name {
+        "latency-critical" => Ok(Lane::LatencyCritical),
+        "cost-sensitive" => Ok(Lane::CostSensitive),
+        other => Err(format!(
+            "unknown lane {other:?}, expected latency-critical or cost-sensitive"
+        )),
+    }
+}

@@ -1,0 +1,339 @@
+//! Persistent links to workers: one multiplexed `Worker.Serve` stream per worker, opened when
+//! the worker appears in the membership view and closed when it leaves. Frames coming back are
+//! demultiplexed by request id to each request's dispatcher; `Load` frames update the worker's
+//! load as seen by the placement policy.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use switchyard_cluster::{Membership, MembershipView, WorkerRecord};
+use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, worker_frame};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use crate::policy::WorkerState;
+
+/// What a request's dispatcher hears from its worker.
+#[derive(Debug)]
+pub enum LinkEvent {
+    Frame(worker_frame::Frame),
+    /// The stream to the worker broke; the generation's fate is unknown.
+    Lost(String),
+}
+
+/// Pause between reconnection attempts to a worker that is still registered.
+const RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
+
+/// One worker's link.
+pub struct Link {
+    record: RwLock<WorkerRecord>,
+    outbound: Mutex<Option<mpsc::UnboundedSender<v1::RouterFrame>>>,
+    // Unbounded per request: a slow client must not stall the link reader (and with it every
+    // other request on this worker); each request's backlog is bounded by its max_tokens.
+    requests: Mutex<HashMap<String, mpsc::UnboundedSender<LinkEvent>>>,
+    load: Mutex<Option<v1::Load>>,
+    /// Starts sent since the worker's last load report.
+    pending: AtomicU32,
+    connected: AtomicBool,
+    closed: CancellationToken,
+}
+
+impl Link {
+    fn new(record: WorkerRecord) -> Arc<Self> {
+        Arc::new(Self {
+            record: RwLock::new(record),
+            outbound: Mutex::new(None),
+            requests: Mutex::new(HashMap::new()),
+            load: Mutex::new(None),
+            pending: AtomicU32::new(0),
+            connected: AtomicBool::new(false),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    pub fn record(&self) -> WorkerRecord {
+        self.record.read().expect("record lock").clone()
+    }
+
+    pub fn id(&self) -> String {
+        self.record.read().expect("record lock").id.clone()
+    }
+
+    /// Starts a generation on this worker; its frames arrive on the returned channel.
+    pub fn start(
+        &self,
+        start: v1::WorkerStart,
+    ) -> Result<mpsc::UnboundedReceiver<LinkEvent>, String> {
+        let outbound = self.outbound.lock().expect("outbound lock").clone();
+        let Some(outbound) = outbound.filter(|_| self.connected.load(Ordering::Acquire)) else {
+            return Err(format!("worker {} is not connected", self.id()));
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.requests
+            .lock()
+            .expect("requests lock")
+            .insert(start.request_id.clone(), tx);
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let frame = v1::RouterFrame {
+            frame: Some(router_frame::Frame::Start(start.clone())),
+        };
+        if outbound.send(frame).is_err() {
+            self.requests
+                .lock()
+                .expect("requests lock")
+                .remove(&start.request_id);
+            return Err(format!("worker {} link just closed", self.id()));
+        }
+        Ok(rx)
+    }
+
+    /// Asks the worker to stop a generation (`Cancelled` or `Interrupted`).
+    pub fn cancel(&self, request_id: &str, reason: v1::FinishReason) {
+        let outbound = self.outbound.lock().expect("outbound lock").clone();
+        if let Some(outbound) = outbound {
+            let cancel = v1::WorkerCancel {
+                request_id: request_id.to_string(),
+                reason: reason as i32,
+            };
+            let _ = outbound.send(v1::RouterFrame {
+                frame: Some(router_frame::Frame::Cancel(cancel)),
+            });
+        }
+    }
+
+    /// Stops routing frames of `request_id` to its dispatcher.
+    pub fn forget(&self, request_id: &str) {
+        self.requests
+            .lock()
+            .expect("requests lock")
+            .remove(request_id);
+    }
+
+    pub fn state(&self) -> WorkerState {
+        let record = self.record();
+        let load = *self.load.lock().expect("load lock");
+        let reported = load.map(|l| l.active + l.queued).unwrap_or(0);
+        let draining = load.is_some_and(|l| l.draining);
+        WorkerState {
+            available: record.is_ready() && !draining && self.connected.load(Ordering::Acquire),
+            outstanding: reported + self.pending.load(Ordering::Relaxed),
+            max_concurrent: load
+                .map(|l| l.max_concurrent)
+                .filter(|m| *m > 0)
+                .unwrap_or(record.capacity.max_concurrent),
+            id: record.id,
+            pool: record.pool,
+            models: record.models,
+        }
+    }
+
+    fn dispatch(&self, frame: worker_frame::Frame) {
+        let (request_id, last) = match &frame {
+            worker_frame::Frame::Load(load) => {
+                *self.load.lock().expect("load lock") = Some(*load);
+                self.pending.store(0, Ordering::Relaxed);
+                return;
+            }
+            worker_frame::Frame::Tokens(t) => (t.request_id.clone(), false),
+            worker_frame::Frame::Finished(f) => (f.request_id.clone(), true),
+            worker_frame::Frame::Failed(f) => (f.request_id.clone(), true),
+        };
+        let mut requests = self.requests.lock().expect("requests lock");
+        let delivered = match requests.get(&request_id) {
+            Some(tx) => tx.send(LinkEvent::Frame(frame)).is_ok(),
+            None => {
+                debug!(%request_id, "frame for a request nobody waits for");
+                false
+            }
+        };
+        if last || !delivered {
+            requests.remove(&request_id);
+        }
+    }
+
+    /// The stream broke: every request on it learns so and is forgotten.
+    fn lose_all(&self, why: &str) {
+        self.connected.store(false, Ordering::Release);
+        *self.outbound.lock().expect("outbound lock") = None;
+        *self.load.lock().expect("load lock") = None;
+        self.pending.store(0, Ordering::Relaxed);
+        for (_, tx) in self.requests.lock().expect("requests lock").drain() {
+            let _ = tx.send(LinkEvent::Lost(why.to_string()));
+        }
+    }
+
+    /// Keeps a stream open to the worker until the link is closed.
+    async fn run(self: Arc<Self>, connect_timeout: Duration) {
+        loop {
+            let address = self.record().address;
+            match self.clone().serve_once(&address, connect_timeout).await {
+                Ok(()) => info!(worker = %self.id(), "worker stream ended"),
+                Err(error) => warn!(worker = %self.id(), %address, %error, "worker link failed"),
+            }
+            self.lose_all("connection to the worker was lost");
+            tokio::select! {
+                _ = self.closed.cancelled() => return,
+                _ = tokio::time::sleep(RECONNECT_BACKOFF) => {}
+            }
+        }
+    }
+
+    async fn serve_once(
+        self: Arc<Self>,
+        address: &str,
+        connect_timeout: Duration,
+    ) -> Result<(), String> {
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(connect_timeout)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
+        let channel = tokio::select! {
+            channel = endpoint.connect() => channel.map_err(|e| e.to_string())?,
+            _ = self.closed.cancelled() => return Ok(()),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut inbound = WorkerClient::new(channel)
+            .serve(ReceiverStream::new(unbounded_to_bounded(rx)))
+            .await
+            .map_err(|status| status.to_string())?
+            .into_inner();
+        *self.outbound.lock().expect("outbound lock") = Some(tx);
+        self.connected.store(true, Ordering::Release);
+        info!(worker = %self.id(), %address, "worker link up");
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(v1::WorkerFrame { frame: Some(frame) })) => self.dispatch(frame),
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(()),
+                    Err(status) => return Err(status.to_string()),
+                },
+                _ = self.closed.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Adapts an unbounded receiver to the bounded one `ReceiverStream` wraps, by a relay task.
+fn unbounded_to_bounded(
+    mut rx: mpsc::UnboundedReceiver<v1::RouterFrame>,
+) -> mpsc::Receiver<v1::RouterFrame> {
+    let (tx, bounded) = mpsc::channel(256);
+    tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if tx.send(frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    bounded
+}
+
+/// All worker links, following the membership view.
+pub struct Links {
+    links: RwLock<HashMap<String, Arc<Link>>>,
+    next_id: AtomicU64,
+    connect_timeout: Duration,
+}
+
+impl Links {
+    /// Creates the link set and a task that keeps it in step with `membership`.
+    pub fn spawn(
+        mut membership: Membership,
+        connect_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let links = Arc::new(Self {
+            links: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            connect_timeout,
+        });
+        links.sync(&membership.current());
+        let this = links.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    changed = membership.changed() => {
+                        if !changed { break; }
+                        this.sync(&membership.current());
+                    }
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+            for link in this
+                .links
+                .write()
+                .expect("links lock")
+                .drain()
+                .map(|(_, l)| l)
+            {
+                link.closed.cancel();
+            }
+        });
+        links
+    }
+
+    fn sync(&self, view: &MembershipView) {
+        let mut links = self.links.write().expect("links lock");
+        links.retain(|id, link| {
+            let keep = view.get(id).is_some();
+            if !keep {
+                info!(worker = %id, "worker left the membership; closing its link");
+                link.closed.cancel();
+            }
+            keep
+        });
+        for record in view.iter() {
+            match links.get(&record.id) {
+                Some(link) => {
+                    let address_changed =
+                        link.record.read().expect("record lock").address != record.address;
+                    *link.record.write().expect("record lock") = record.clone();
+                    if address_changed {
+                        // Reconnect to the new address: the old stream ends, `run` dials again.
+                        let fresh = Link::new(record.clone());
+                        link.closed.cancel();
+                        tokio::spawn(fresh.clone().run(self.connect_timeout));
+                        links.insert(record.id.clone(), fresh);
+                    }
+                }
+                None => {
+                    let link = Link::new(record.clone());
+                    tokio::spawn(link.clone().run(self.connect_timeout));
+                    links.insert(record.id.clone(), link);
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, worker_id: &str) -> Option<Arc<Link>> {
+        self.links
+            .read()
+            .expect("links lock")
+            .get(worker_id)
+            .cloned()
+    }
+
+    /// Every worker's state, for the placement policy.
+    pub fn states(&self) -> Vec<WorkerState> {
+        self.links
+            .read()
+            .expect("links lock")
+            .values()
+            .map(|l| l.state())
+            .collect()
+    }
+
+    /// A router-wide unique id for a generation on a worker stream.
+    pub fn next_generation_id(&self) -> String {
+        format!("g{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+}

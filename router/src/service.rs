@@ -1,0 +1,194 @@
+//! The client-facing `Inference` service: persistent multiplexed sessions, single-request
+//! `Generate`, and `ListModels`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use switchyard_proto::v1::{self, client_frame};
+use switchyard_proto::validate::validate_interrupt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info};
+
+use crate::dispatch::{Control, Dispatcher, FrameSink, failed_frame};
+
+/// Frames buffered towards one client before dispatchers wait for it to read.
+const CLIENT_BUFFER: usize = 1024;
+
+#[derive(Clone)]
+pub struct InferenceService {
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl InferenceService {
+    pub fn new(dispatcher: Arc<Dispatcher>) -> Self {
+        Self { dispatcher }
+    }
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<v1::ServerFrame, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::inference_server::Inference for InferenceService {
+    type SessionStream = FrameStream;
+    type GenerateStream = FrameStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::ClientFrame>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+        tokio::spawn(run_session(self.dispatcher.clone(), inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn generate(
+        &self,
+        request: Request<v1::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let mut request = request.into_inner();
+        if request.request_id.is_empty() {
+            request.request_id = uuid::Uuid::new_v4().to_string();
+        }
+        let prepared = self.dispatcher.prepare(request)?;
+        let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+        let dispatcher = self.dispatcher.clone();
+        tokio::spawn(async move {
+            // Generate has no control frames: the sender lives as long as the request.
+            let (_controls_tx, controls) = mpsc::unbounded_channel();
+            dispatcher.run(prepared, controls, tx).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<v1::ListModelsRequest>,
+    ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        let mut models: BTreeMap<String, Vec<v1::WorkerRef>> = BTreeMap::new();
+        for worker in self.dispatcher.links.states() {
+            for model in &worker.models {
+                let workers = models.entry(model.clone()).or_default();
+                if worker.available {
+                    workers.push(v1::WorkerRef {
+                        id: worker.id.clone(),
+                        pool: worker.pool.to_string(),
+                    });
+                }
+            }
+        }
+        let models = models
+            .into_iter()
+            .map(|(id, mut workers)| {
+                workers.sort_by(|a, b| a.id.cmp(&b.id));
+                v1::ModelInfo { id, workers }
+            })
+            .collect();
+        Ok(Response::new(v1::ListModelsResponse { models }))
+    }
+}
+
+/// Reads a session's client frames until the client half-closes or fails. Requests already
+/// running when the client half-closes finish normally; the response stream ends after them.
+async fn run_session(
+    dispatcher: Arc<Dispatcher>,
+    mut inbound: Streaming<v1::ClientFrame>,
+    out: FrameSink,
+) {
+    let mut running: HashMap<String, mpsc::UnboundedSender<Control>> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    info!("session opened");
+    loop {
+        tokio::select! {
+            frame = inbound.message() => match frame {
+                Ok(Some(v1::ClientFrame { frame: Some(frame) })) => {
+                    handle_frame(&dispatcher, frame, &mut running, &done_tx, &out).await;
+                }
+                Ok(Some(_)) => {
+                    let status = Status::invalid_argument("frame: empty ClientFrame (set start, cancel or interrupt)");
+                    let _ = out.send(Ok(failed_frame("", &status))).await;
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(%status, "session stream failed; cancelling its requests");
+                    for control in running.values() {
+                        let _ = control.send(Control::Cancel);
+                    }
+                    break;
+                }
+            },
+            Some(request_id) = done_rx.recv() => {
+                running.remove(&request_id);
+            }
+        }
+    }
+    info!(running = running.len(), "session input closed");
+}
+
+async fn handle_frame(
+    dispatcher: &Arc<Dispatcher>,
+    frame: client_frame::Frame,
+    running: &mut HashMap<String, mpsc::UnboundedSender<Control>>,
+    done: &mpsc::UnboundedSender<String>,
+    out: &FrameSink,
+) {
+    match frame {
+        client_frame::Frame::Start(request) => {
+            let request_id = request.request_id.clone();
+            if running.contains_key(&request_id) {
+                let status = Status::invalid_argument(format!(
+                    "request_id: {request_id:?} is already in use by a running request in this session"
+                ));
+                let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+                return;
+            }
+            match dispatcher.prepare(request) {
+                Ok(prepared) => {
+                    let (control_tx, control_rx) = mpsc::unbounded_channel();
+                    running.insert(request_id.clone(), control_tx);
+                    let (dispatcher, out, done) = (dispatcher.clone(), out.clone(), done.clone());
+                    tokio::spawn(async move {
+                        dispatcher.run(prepared, control_rx, out).await;
+                        let _ = done.send(request_id);
+                    });
+                }
+                Err(status) => {
+                    let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+                }
+            }
+        }
+        client_frame::Frame::Cancel(cancel) => {
+            if let Some(control) = running.get(&cancel.request_id) {
+                let _ = control.send(Control::Cancel);
+            } else {
+                let status = Status::not_found(format!(
+                    "request_id: no running request {:?} in this session",
+                    cancel.request_id
+                ));
+                let _ = out
+                    .send(Ok(failed_frame(&cancel.request_id, &status)))
+                    .await;
+            }
+        }
+        client_frame::Frame::Interrupt(interrupt) => {
+            let request_id = interrupt.request_id.clone();
+            if let Err(violation) = validate_interrupt(&interrupt, dispatcher.limits()) {
+                let status = Status::invalid_argument(violation.to_string());
+                let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+                return;
+            }
+            if let Some(control) = running.get(&request_id) {
+                let _ = control.send(Control::Interrupt(interrupt));
+            } else {
+                let status = Status::not_found(format!(
+                    "request_id: no running request {request_id:?} in this session"
+                ));
+                let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+            }
+        }
+    }
+}

