@@ -165,6 +165,7 @@ fn failed(request_id: &str, status: &tonic::Status) -> v1::ServerFrame {
             request_id: request_id.to_string(),
             code: status.code() as i32,
             message: status.message().to_string(),
+            ..Default::default()
         })),
     }
 }

@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::membership::{Membership, MembershipView, publish};
 use crate::registry::{Command, Registration, Registry, RegistryError};
-use crate::schema::{WORKERS_PREFIX, WorkerRecord, parse_worker_key};
+use crate::schema::{POLICY_KEY, WORKERS_PREFIX, WorkerRecord, parse_worker_key};
 
 /// Pause before retrying after etcd failed.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
@@ -79,6 +79,97 @@ impl Registry for EtcdRegistry {
         tokio::spawn(watch_loop(client, tx, revision));
         Ok(Membership::new(rx))
     }
+
+    async fn get_policy(&self) -> Result<Option<Vec<u8>>, RegistryError> {
+        Ok(get_key(&mut self.client.clone(), POLICY_KEY).await?.0)
+    }
+
+    async fn put_policy(&self, document: Vec<u8>) -> Result<(), RegistryError> {
+        self.client.clone().put(POLICY_KEY, document, None).await?;
+        Ok(())
+    }
+
+    async fn watch_policy(&self) -> Result<watch::Receiver<Option<Vec<u8>>>, RegistryError> {
+        let mut client = self.client.clone();
+        let (value, revision) = get_key(&mut client, POLICY_KEY).await?;
+        let (tx, rx) = watch::channel(value);
+        tokio::spawn(watch_key_loop(client, POLICY_KEY, tx, revision));
+        Ok(rx)
+    }
+}
+
+/// The value of one key and the store's revision at the time of reading.
+async fn get_key(client: &mut Client, key: &str) -> Result<(Option<Vec<u8>>, i64), RegistryError> {
+    let response = client.get(key, None).await?;
+    let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+    Ok((
+        response.kvs().first().map(|kv| kv.value().to_vec()),
+        revision,
+    ))
+}
+
+/// Follows one key: watches from the revision after the last one seen, and after a failure
+/// or compaction reads the key again (keeping the last value meanwhile) and resumes.
+async fn watch_key_loop(
+    mut client: Client,
+    key: &'static str,
+    tx: watch::Sender<Option<Vec<u8>>>,
+    mut revision: i64,
+) {
+    loop {
+        if let Err(error) = watch_key_from(&mut client, key, &tx, &mut revision).await {
+            warn!(key, %error, "key watch failed; keeping the last value and retrying");
+        }
+        if tx.is_closed() {
+            return;
+        }
+        tokio::time::sleep(RETRY_BACKOFF).await;
+        match get_key(&mut client, key).await {
+            Ok((value, rev)) => {
+                tx.send_if_modified(|current| {
+                    let changed = *current != value;
+                    *current = value;
+                    changed
+                });
+                revision = rev;
+            }
+            Err(error) => debug!(key, %error, "key re-read failed"),
+        }
+    }
+}
+
+async fn watch_key_from(
+    client: &mut Client,
+    key: &'static str,
+    tx: &watch::Sender<Option<Vec<u8>>>,
+    revision: &mut i64,
+) -> Result<(), RegistryError> {
+    let options = WatchOptions::new().with_start_revision(*revision + 1);
+    let mut stream = client.watch(key, Some(options)).await?;
+    while let Some(response) = stream.message().await? {
+        if response.canceled() || response.compact_revision() > 0 {
+            warn!(
+                key,
+                reason = response.cancel_reason(),
+                "key watch cancelled by etcd"
+            );
+            return Ok(());
+        }
+        if let Some(header) = response.header() {
+            *revision = (*revision).max(header.revision());
+        }
+        for event in response.events() {
+            let value = match event.event_type() {
+                EventType::Put => event.kv().map(|kv| kv.value().to_vec()),
+                EventType::Delete => None,
+            };
+            tx.send_replace(value);
+        }
+        if tx.is_closed() {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 struct Lease {

@@ -13,12 +13,17 @@ use crate::schema::WorkerRecord;
 #[derive(Debug, Clone)]
 pub struct MemoryRegistry {
     view: Arc<watch::Sender<Arc<MembershipView>>>,
+    policy: Arc<watch::Sender<Option<Vec<u8>>>>,
 }
 
 impl Default for MemoryRegistry {
     fn default() -> Self {
         let (tx, _) = watch::channel(Arc::new(MembershipView::default()));
-        Self { view: Arc::new(tx) }
+        let (policy, _) = watch::channel(None);
+        Self {
+            view: Arc::new(tx),
+            policy: Arc::new(policy),
+        }
     }
 }
 
@@ -76,6 +81,19 @@ impl Registry for MemoryRegistry {
 
     async fn watch_workers(&self) -> Result<Membership, RegistryError> {
         Ok(Membership::new(self.view.subscribe()))
+    }
+
+    async fn get_policy(&self) -> Result<Option<Vec<u8>>, RegistryError> {
+        Ok(self.policy.borrow().clone())
+    }
+
+    async fn put_policy(&self, document: Vec<u8>) -> Result<(), RegistryError> {
+        self.policy.send_replace(Some(document));
+        Ok(())
+    }
+
+    async fn watch_policy(&self) -> Result<watch::Receiver<Option<Vec<u8>>>, RegistryError> {
+        Ok(self.policy.subscribe())
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::membership::Membership;
 use crate::schema::WorkerRecord;
@@ -35,6 +35,17 @@ pub trait Registry: Send + Sync + 'static {
     /// A live view of the workers, kept current by a background watch. When the store becomes
     /// unreachable the view keeps its last contents (static stability).
     async fn watch_workers(&self) -> Result<Membership, RegistryError>;
+
+    /// The stored routing policy document (`policy` key), `None` when none was ever set.
+    async fn get_policy(&self) -> Result<Option<Vec<u8>>, RegistryError>;
+
+    /// Stores the routing policy document. Callers validate it first: the store keeps bytes.
+    async fn put_policy(&self, document: Vec<u8>) -> Result<(), RegistryError>;
+
+    /// The policy document as it changes, starting with the current one (`None` = unset or
+    /// deleted). Kept current by a background watch that resumes from its last revision; when
+    /// the store is unreachable the last value stays.
+    async fn watch_policy(&self) -> Result<watch::Receiver<Option<Vec<u8>>>, RegistryError>;
 }
 
 pub(crate) enum Command {

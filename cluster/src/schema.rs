@@ -7,6 +7,9 @@ pub const PREFIX: &str = "/switchyard/v1/";
 /// Prefix of worker records: `workers/<pool>/<worker_id>`.
 pub const WORKERS_PREFIX: &str = "/switchyard/v1/workers/";
 
+/// The routing policy document (JSON), watched by every router.
+pub const POLICY_KEY: &str = "/switchyard/v1/policy";
+
 /// The key a worker's record lives under.
 pub fn worker_key(pool: Pool, worker_id: &str) -> String {
     format!("{WORKERS_PREFIX}{}/{worker_id}", pool.as_str())

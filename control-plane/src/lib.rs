@@ -1,10 +1,13 @@
-//! The Switchyard control plane: the `Admin` gRPC API over the cluster's registry.
+//! The Switchyard control plane: the `Admin` gRPC API over the cluster's registry, including
+//! the routing policy store (`GetPolicy`/`SetPolicy` on `/switchyard/v1/policy`, validated
+//! with the router's own policy code before it is stored).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use switchyard_cluster::{Pool, Registry, RegistryError, WorkerRecord};
 use switchyard_proto::v1::{self, admin_server::AdminServer};
+use switchyard_router::policy::document::PolicyDocument;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -86,6 +89,42 @@ impl v1::admin_server::Admin for AdminService {
             workers: workers.into_iter().map(worker_info).collect(),
         }))
     }
+
+    async fn get_policy(
+        &self,
+        _request: Request<v1::GetPolicyRequest>,
+    ) -> Result<Response<v1::GetPolicyResponse>, Status> {
+        let stored = self.registry.get_policy().await.map_err(registry_status)?;
+        let response = match stored {
+            Some(bytes) => v1::GetPolicyResponse {
+                document: String::from_utf8_lossy(&bytes).into_owned(),
+                is_default: false,
+            },
+            None => v1::GetPolicyResponse {
+                document: PolicyDocument::default().to_json(),
+                is_default: true,
+            },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<v1::SetPolicyRequest>,
+    ) -> Result<Response<v1::SetPolicyResponse>, Status> {
+        let document = request.into_inner().document;
+        let policy = PolicyDocument::from_json(document.as_bytes())
+            .map_err(|e| Status::invalid_argument(format!("document: {e}")))?;
+        let normalised = policy.to_json();
+        self.registry
+            .put_policy(normalised.clone().into_bytes())
+            .await
+            .map_err(registry_status)?;
+        info!(rules = policy.rules.len(), "routing policy stored");
+        Ok(Response::new(v1::SetPolicyResponse {
+            document: normalised,
+        }))
+    }
 }
 
 /// Serves the control plane until `shutdown` fires; `on_ready` gets the bound gRPC address.
@@ -122,4 +161,54 @@ pub async fn run_control_plane(
     on_ready(bound);
     server.await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_cluster::MemoryRegistry;
+    use v1::admin_server::Admin as _;
+
+    #[tokio::test]
+    async fn set_policy_validates_stores_and_get_returns_it() {
+        let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
+        let admin = AdminService::new(registry.clone());
+        let got = admin
+            .get_policy(Request::new(v1::GetPolicyRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(got.is_default);
+
+        let err = admin
+            .set_policy(Request::new(v1::SetPolicyRequest {
+                document: r#"{"placement": {"choices": 0}}"#.into(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("placement.choices"),
+            "{}",
+            err.message()
+        );
+        assert_eq!(registry.get_policy().await.unwrap(), None);
+
+        admin
+            .set_policy(Request::new(v1::SetPolicyRequest {
+                document: r#"{"default_lane": "latency-critical"}"#.into(),
+            }))
+            .await
+            .unwrap();
+        let got = admin
+            .get_policy(Request::new(v1::GetPolicyRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!got.is_default);
+        assert!(
+            got.document
+                .contains(r#""default_lane": "latency-critical""#)
+        );
+    }
 }

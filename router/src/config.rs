@@ -36,6 +36,16 @@ impl Default for RouterConfig {
 }
 
 impl RouterConfig {
+    /// The routing policy in force while none is stored in the cluster: the built-in default
+    /// with this router's default lane.
+    pub fn default_policy(&self) -> crate::policy::document::PolicyDocument {
+        let mut policy = crate::policy::document::PolicyDocument::default();
+        if let Some(lane) = crate::policy::document::LaneName::from_lane(self.default_lane) {
+            policy.default_lane = lane;
+        }
+        policy
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.default_lane == Lane::Unspecified {
             return Err("default lane: must be latency-critical or cost-sensitive".into());

@@ -3,20 +3,32 @@
 //! (stop, then continue the same request with new instructions, on the same worker when
 //! possible) and failover (another worker resumes after the tokens the client already has).
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_proto::v1::{self, server_frame::Frame, worker_frame};
 use switchyard_proto::{RequestLimits, validate_generate_request};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::{Code, Status};
 use tracing::{debug, info, warn};
 
-use crate::classify::classify;
+use crate::classify::{Classification, RequestFeatures, classify};
 use crate::config::RouterConfig;
 use crate::links::{Link, LinkEvent, Links};
-use crate::policy::{PlacementError, place};
+use crate::policy::document::{LaneName, PolicyDocument};
+use crate::policy::{
+    Admission, ClusterView, Decision, PlacementError, RequestInfo, admit, fallback, place,
+    stable_hash,
+};
+use crate::policy_watch::PolicyHandle;
+
+/// gRPC metadata of a shed response: seconds before retrying (as HTTP `Retry-After`).
+pub const RETRY_AFTER: &str = "retry-after";
+/// The same in milliseconds.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
 /// A client's instruction about a running request.
 #[derive(Debug)]
@@ -29,14 +41,46 @@ pub enum Control {
 pub struct Dispatcher {
     pub links: Arc<Links>,
     pub config: RouterConfig,
+    pub policy: PolicyHandle,
+    waiting: Arc<Mutex<Waiting>>,
+    next_seed: AtomicU64,
 }
 
-/// A validated, placed request, ready to run.
+/// Requests waiting at the router for a slot, per lane (bounded by the policy's admission).
+#[derive(Default)]
+struct Waiting {
+    lanes: [VecDeque<(u64, oneshot::Sender<()>)>; 2],
+    next_ticket: u64,
+}
+
+/// A place in a lane's router queue. Dropping it leaves the queue.
+pub struct Ticket {
+    waiting: Arc<Mutex<Waiting>>,
+    id: u64,
+    lane: LaneName,
+    evicted: oneshot::Receiver<()>,
+    deadline: Instant,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut waiting = self.waiting.lock().expect("waiting lock");
+        waiting.lanes[self.lane.index()].retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// Where a prepared request will run.
+enum Target {
+    Placed(Arc<Link>, String),
+    /// No slot now: it waits at the router (admitted by the policy).
+    Queued(Ticket),
+}
+
+/// A validated, classified request, placed or admitted to wait, ready to run.
 pub struct Prepared {
     request: v1::GenerateRequest,
-    lane: v1::Lane,
-    reason: String,
-    link: Arc<Link>,
+    class: Classification,
+    target: Target,
     arrived: Instant,
 }
 
@@ -47,24 +91,142 @@ impl Dispatcher {
         &self.config.limits
     }
 
-    /// Validates, classifies and places `request`. Errors carry the status the client gets.
+    /// A dispatcher over `links`, routing by the policy `policy` follows.
+    pub fn new(links: Arc<Links>, config: RouterConfig, policy: PolicyHandle) -> Self {
+        Self {
+            links,
+            config,
+            policy,
+            waiting: Arc::new(Mutex::new(Waiting::default())),
+            next_seed: AtomicU64::new(0),
+        }
+    }
+
+    /// Validates, classifies and places `request`, or admits it to wait at the router for a
+    /// slot. Errors carry the status the client gets (`RESOURCE_EXHAUSTED` with `retry-after`
+    /// metadata when shed).
     pub fn prepare(&self, request: v1::GenerateRequest) -> Result<Prepared, Status> {
         let arrived = Instant::now();
         validate_generate_request(&request, &self.config.limits)
             .map_err(|violation| Status::invalid_argument(violation.to_string()))?;
-        let class = classify(&request, self.config.default_lane);
-        let placement = place(&self.links.states(), class.lane, &request.model, &[])
-            .map_err(placement_status)?;
-        let link = self.links.get(&placement.worker_id).ok_or_else(|| {
-            Status::unavailable(format!("worker {} just left", placement.worker_id))
-        })?;
+        let policy = self.policy.current();
+        let class = classify(&RequestFeatures::of(&request), &policy);
+        let target = match self.try_place(&request, &class, &policy, &[])? {
+            Some((link, reason)) => Target::Placed(link, reason),
+            None => Target::Queued(self.admit(class.lane, &policy)?),
+        };
         Ok(Prepared {
-            lane: class.lane,
-            reason: format!("{}; {}", class.reason, placement.reason),
             request,
-            link,
+            class,
+            target,
             arrived,
         })
+    }
+
+    /// One placement attempt: `Ok(None)` when the request must wait for a slot.
+    fn try_place(
+        &self,
+        request: &v1::GenerateRequest,
+        class: &Classification,
+        policy: &PolicyDocument,
+        excluded: &[String],
+    ) -> Result<Option<(Arc<Link>, String)>, Status> {
+        let view = self.links.view();
+        let info = self.request_info(request);
+        let exclude = excluded_indices(&view, excluded);
+        match place(&view, class, &info, policy, &exclude) {
+            Decision::Place(placement) => {
+                let id = &view.worker(placement.worker).id;
+                let link = self
+                    .links
+                    .get(id)
+                    .ok_or_else(|| Status::unavailable(format!("worker {id} just left")))?;
+                Ok(Some((link, placement.reason())))
+            }
+            Decision::Queue => Ok(None),
+            Decision::Reject(error) => Err(placement_status(error)),
+        }
+    }
+
+    fn request_info<'r>(&self, request: &'r v1::GenerateRequest) -> RequestInfo<'r> {
+        let features = RequestFeatures::of(request);
+        RequestInfo {
+            model: &request.model,
+            prompt_tokens: features.prompt_tokens,
+            affinity: (!request.affinity_key.is_empty())
+                .then(|| stable_hash(&request.affinity_key)),
+            seed: stable_hash(&request.request_id) ^ self.next_seed.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Lets a request of `lane` wait at the router (shedding a queued cost-sensitive request
+    /// in its place if the policy says so), or sheds it.
+    fn admit(&self, lane: LaneName, policy: &PolicyDocument) -> Result<Ticket, Status> {
+        let mut waiting = self.waiting.lock().expect("waiting lock");
+        let depths = [waiting.lanes[0].len() as u32, waiting.lanes[1].len() as u32];
+        match admit(lane, depths, policy) {
+            Admission::Queue => {}
+            Admission::QueueEvicting(victim) => {
+                if let Some((_, evict)) = waiting.lanes[victim.index()].pop_back() {
+                    let _ = evict.send(());
+                }
+            }
+            Admission::Shed { retry_after_ms } => {
+                return Err(shed_status(
+                    format!("{} queue is full; request shed", lane.as_str()),
+                    retry_after_ms,
+                ));
+            }
+        }
+        let (tx, evicted) = oneshot::channel();
+        waiting.next_ticket += 1;
+        let id = waiting.next_ticket;
+        waiting.lanes[lane.index()].push_back((id, tx));
+        let wait = Duration::from_secs_f64(policy.lane(lane).max_queue_wait_ms / 1e3);
+        Ok(Ticket {
+            waiting: self.waiting.clone(),
+            id,
+            lane,
+            evicted,
+            deadline: Instant::now() + wait,
+        })
+    }
+
+    /// Waits at the router until the policy places the request, it is evicted by a
+    /// latency-critical request, or its lane's queue wait runs out.
+    async fn wait_for_slot(
+        &self,
+        request: &v1::GenerateRequest,
+        class: &Classification,
+        ticket: &mut Ticket,
+    ) -> Result<(Arc<Link>, String), Status> {
+        let policy = self.policy.current();
+        let retry_after_ms = policy.lane(class.lane).retry_after_ms;
+        loop {
+            let notified = self.links.changed().notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Latency-critical work waiting at the router goes first.
+            let ahead = class.lane == LaneName::CostSensitive
+                && !self.waiting.lock().expect("waiting lock").lanes[0].is_empty();
+            if !ahead
+                && let Some(placed) = self.try_place(request, class, &self.policy.current(), &[])?
+            {
+                return Ok(placed);
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = &mut ticket.evicted => {
+                    return Err(shed_status("shed to make room for latency-critical work".into(), retry_after_ms));
+                }
+                _ = tokio::time::sleep_until(ticket.deadline) => {
+                    return Err(shed_status(format!(
+                        "no slot within the {} lane's queue wait of {} ms; request shed",
+                        class.lane.as_str(), policy.lane(class.lane).max_queue_wait_ms
+                    ), retry_after_ms));
+                }
+            }
+        }
     }
 
     /// Runs a prepared request to its end, writing its frames to `out`. `controls` carries the
@@ -76,8 +238,35 @@ impl Dispatcher {
         mut controls: mpsc::UnboundedReceiver<Control>,
         out: FrameSink,
     ) {
-        let link = prepared.link.clone();
-        let mut run = Run::new(prepared, self);
+        let Prepared {
+            request,
+            class,
+            target,
+            arrived,
+        } = prepared;
+        let placed = match target {
+            Target::Placed(link, reason) => Ok((link, reason)),
+            Target::Queued(mut ticket) => {
+                let placed = tokio::select! {
+                    placed = self.wait_for_slot(&request, &class, &mut ticket) => placed,
+                    _ = out.closed() => return,
+                };
+                // Leave the router queue before running.
+                drop(ticket);
+                placed
+            }
+        };
+        let (link, reason) = match placed {
+            Ok(placed) => placed,
+            Err(status) => {
+                info!(request_id = %request.request_id, lane = class.lane.as_str(), %status, "not placed");
+                let _ = out
+                    .send(Ok(failed_frame(&request.request_id, &status)))
+                    .await;
+                return;
+            }
+        };
+        let mut run = Run::new(request, class, arrived, reason, self);
         let result = run.drive(link, &mut controls, &out).await;
         if let Err(status) = result {
             let _ = out
@@ -87,6 +276,10 @@ impl Dispatcher {
     }
 }
 
+fn excluded_indices(view: &ClusterView, excluded: &[String]) -> Vec<usize> {
+    excluded.iter().filter_map(|id| view.index_of(id)).collect()
+}
+
 fn placement_status(error: PlacementError) -> Status {
     match error {
         PlacementError::UnknownModel(_) => Status::not_found(format!("model: {error}")),
@@ -94,13 +287,43 @@ fn placement_status(error: PlacementError) -> Status {
     }
 }
 
-/// A `Failed` frame carrying `status`.
+/// `RESOURCE_EXHAUSTED` with `retry-after` (seconds) and `retry-after-ms` metadata.
+pub fn shed_status(message: String, retry_after_ms: u64) -> Status {
+    let mut status = Status::resource_exhausted(message);
+    let metadata = status.metadata_mut();
+    metadata.insert(
+        RETRY_AFTER,
+        retry_after_ms
+            .div_ceil(1000)
+            .max(1)
+            .to_string()
+            .parse()
+            .expect("digits are ascii"),
+    );
+    metadata.insert(
+        RETRY_AFTER_MS,
+        retry_after_ms
+            .to_string()
+            .parse()
+            .expect("digits are ascii"),
+    );
+    status
+}
+
+/// A `Failed` frame carrying `status` (and its `retry-after-ms`, when shed).
 pub fn failed_frame(request_id: &str, status: &Status) -> v1::ServerFrame {
+    let retry_after_ms = status
+        .metadata()
+        .get(RETRY_AFTER_MS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(0);
     v1::ServerFrame {
         frame: Some(Frame::Failed(v1::Failed {
             request_id: request_id.to_string(),
             code: status.code() as i32,
             message: status.message().to_string(),
+            retry_after_ms,
         })),
     }
 }
@@ -109,6 +332,7 @@ pub fn failed_frame(request_id: &str, status: &Status) -> v1::ServerFrame {
 struct Run<'d> {
     dispatcher: &'d Dispatcher,
     request: v1::GenerateRequest,
+    class: Classification,
     lane: v1::Lane,
     reason: String,
     arrived: Instant,
@@ -134,13 +358,20 @@ enum SegmentEnd {
 }
 
 impl<'d> Run<'d> {
-    fn new(prepared: Prepared, dispatcher: &'d Dispatcher) -> Self {
+    fn new(
+        request: v1::GenerateRequest,
+        class: Classification,
+        arrived: Instant,
+        placement_reason: String,
+        dispatcher: &'d Dispatcher,
+    ) -> Self {
         Self {
             dispatcher,
-            request: prepared.request,
-            lane: prepared.lane,
-            reason: prepared.reason,
-            arrived: prepared.arrived,
+            lane: class.wire_lane(),
+            reason: format!("{}; {placement_reason}", class.reason),
+            class,
+            request,
+            arrived,
             first_token: None,
             seq: 0,
             segment_ids: Vec::new(),
@@ -225,17 +456,26 @@ impl<'d> Run<'d> {
             )));
         }
         excluded.push(failed.id());
-        let placement = place(
-            &self.dispatcher.links.states(),
-            self.lane,
-            &self.request.model,
-            excluded,
-        )
-        .map_err(placement_status)?;
+        let policy = self.dispatcher.policy.current();
+        if let Some((link, reason)) =
+            self.dispatcher
+                .try_place(&self.request, &self.class, &policy, excluded)?
+        {
+            debug!(request_id = %self.request.request_id, worker = %link.id(), %reason, "replacement placed");
+            return Ok(link);
+        }
+        // Every other worker is at capacity: a started request is not shed, it goes to the
+        // least utilised worker that can take it (the worker queues it).
+        let view = self.dispatcher.links.view();
+        let exclude = excluded_indices(&view, excluded);
+        let index = fallback(&view, &self.request.model, &exclude).ok_or_else(|| {
+            placement_status(PlacementError::NoWorker(self.request.model.clone()))
+        })?;
+        let id = &view.worker(index).id;
         self.dispatcher
             .links
-            .get(&placement.worker_id)
-            .ok_or_else(|| Status::unavailable(format!("worker {} just left", placement.worker_id)))
+            .get(id)
+            .ok_or_else(|| Status::unavailable(format!("worker {id} just left")))
     }
 
     /// Runs one generation on `link` until it ends one way or another.

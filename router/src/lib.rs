@@ -7,6 +7,7 @@ pub mod config;
 pub mod dispatch;
 pub mod links;
 pub mod policy;
+pub mod policy_watch;
 pub mod server;
 pub mod service;
 

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use switchyard_cluster::{Membership, MembershipView, WorkerRecord};
 use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, worker_frame};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use crate::policy::WorkerState;
+use crate::policy::{ClusterView, WorkerState};
 
 /// What a request's dispatcher hears from its worker.
 #[derive(Debug)]
@@ -41,10 +41,13 @@ pub struct Link {
     pending: AtomicU32,
     connected: AtomicBool,
     closed: CancellationToken,
+    /// Shared by every link: fired when a worker's load or reachability changes, so requests
+    /// waiting at the router for a slot try again.
+    changed: Arc<Notify>,
 }
 
 impl Link {
-    fn new(record: WorkerRecord) -> Arc<Self> {
+    fn new(record: WorkerRecord, changed: Arc<Notify>) -> Arc<Self> {
         Arc::new(Self {
             record: RwLock::new(record),
             outbound: Mutex::new(None),
@@ -53,6 +56,7 @@ impl Link {
             pending: AtomicU32::new(0),
             connected: AtomicBool::new(false),
             closed: CancellationToken::new(),
+            changed,
         })
     }
 
@@ -119,6 +123,11 @@ impl Link {
         let load = *self.load.lock().expect("load lock");
         let reported = load.map(|l| l.active + l.queued).unwrap_or(0);
         let draining = load.is_some_and(|l| l.draining);
+        // Per-stream decode rate: measured total over active streams, else the advertised one.
+        let decode = load
+            .filter(|l| l.active > 0 && l.tokens_per_s > 0.0)
+            .map(|l| l.tokens_per_s / f64::from(l.active))
+            .unwrap_or(record.capacity.tokens_per_s);
         WorkerState {
             available: record.is_ready() && !draining && self.connected.load(Ordering::Acquire),
             outstanding: reported + self.pending.load(Ordering::Relaxed),
@@ -126,6 +135,11 @@ impl Link {
                 .map(|l| l.max_concurrent)
                 .filter(|m| *m > 0)
                 .unwrap_or(record.capacity.max_concurrent),
+            queued_prompt_tokens: load.map_or(0, |l| l.queued_prompt_tokens),
+            prefill_tokens_per_s: load.map_or(0.0, |l| l.prefill_tokens_per_s),
+            decode_tokens_per_s: decode,
+            ttft_overhead_ms: 0.0,
+            cost_per_mtok: record.capacity.cost_per_mtok,
             id: record.id,
             pool: record.pool,
             models: record.models,
@@ -137,6 +151,7 @@ impl Link {
             worker_frame::Frame::Load(load) => {
                 *self.load.lock().expect("load lock") = Some(*load);
                 self.pending.store(0, Ordering::Relaxed);
+                self.changed.notify_waiters();
                 return;
             }
             worker_frame::Frame::Tokens(t) => (t.request_id.clone(), false),
@@ -154,6 +169,9 @@ impl Link {
         if last || !delivered {
             requests.remove(&request_id);
         }
+        if last {
+            self.changed.notify_waiters();
+        }
     }
 
     /// The stream broke: every request on it learns so and is forgotten.
@@ -165,6 +183,7 @@ impl Link {
         for (_, tx) in self.requests.lock().expect("requests lock").drain() {
             let _ = tx.send(LinkEvent::Lost(why.to_string()));
         }
+        self.changed.notify_waiters();
     }
 
     /// Keeps a stream open to the worker until the link is closed.
@@ -207,6 +226,7 @@ impl Link {
             .into_inner();
         *self.outbound.lock().expect("outbound lock") = Some(tx);
         self.connected.store(true, Ordering::Release);
+        self.changed.notify_waiters();
         info!(worker = %self.id(), %address, "worker link up");
         loop {
             tokio::select! {
@@ -242,6 +262,7 @@ pub struct Links {
     links: RwLock<HashMap<String, Arc<Link>>>,
     next_id: AtomicU64,
     connect_timeout: Duration,
+    changed: Arc<Notify>,
 }
 
 impl Links {
@@ -255,6 +276,7 @@ impl Links {
             links: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             connect_timeout,
+            changed: Arc::new(Notify::new()),
         });
         links.sync(&membership.current());
         let this = links.clone();
@@ -299,19 +321,21 @@ impl Links {
                     *link.record.write().expect("record lock") = record.clone();
                     if address_changed {
                         // Reconnect to the new address: the old stream ends, `run` dials again.
-                        let fresh = Link::new(record.clone());
+                        let fresh = Link::new(record.clone(), self.changed.clone());
                         link.closed.cancel();
                         tokio::spawn(fresh.clone().run(self.connect_timeout));
                         links.insert(record.id.clone(), fresh);
                     }
                 }
                 None => {
-                    let link = Link::new(record.clone());
+                    let link = Link::new(record.clone(), self.changed.clone());
                     tokio::spawn(link.clone().run(self.connect_timeout));
                     links.insert(record.id.clone(), link);
                 }
             }
         }
+        drop(links);
+        self.changed.notify_waiters();
     }
 
     pub fn get(&self, worker_id: &str) -> Option<Arc<Link>> {
@@ -330,6 +354,19 @@ impl Links {
             .values()
             .map(|l| l.state())
             .collect()
+    }
+
+    /// The policy's view of every worker.
+    pub fn view(&self) -> ClusterView {
+        let mut states = self.states();
+        // Deterministic order: the view's indices and tie-breaks do not depend on hashing.
+        states.sort_by(|a, b| a.id.cmp(&b.id));
+        ClusterView::new(states)
+    }
+
+    /// Fired whenever a worker's load or reachability changes (see [`Link`]).
+    pub fn changed(&self) -> &Notify {
+        &self.changed
     }
 
     /// A router-wide unique id for a generation on a worker stream.

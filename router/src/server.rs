@@ -52,7 +52,9 @@ pub async fn run_router(
 
     let membership = registry.watch_workers().await?;
     let links = Links::spawn(membership, config.connect_timeout, shutdown.clone());
-    let dispatcher = Arc::new(Dispatcher { links, config });
+    let policy =
+        crate::policy_watch::follow(&registry, config.default_policy(), shutdown.clone()).await?;
+    let dispatcher = Arc::new(Dispatcher::new(links, config, policy));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

@@ -126,6 +126,7 @@ pub fn failed(request_id: &str, error: &EngineError) -> Frame {
         request_id: request_id.to_string(),
         code: error.code() as i32,
         message: error.to_string(),
+        ..Default::default()
     })
 }
 

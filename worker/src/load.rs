@@ -44,6 +44,8 @@ impl LoadTracker {
             kv_used_bytes: self.engine.load().kv_used_bytes,
             tokens_per_s: f64::from_bits(self.tokens_per_s_bits.load(Ordering::Relaxed)),
             draining: self.draining.load(Ordering::Relaxed),
+            // Engines do not report prefill figures yet; routers then assume their default.
+            ..Default::default()
         }
     }
 

@@ -1,0 +1,45 @@
+//! `switchyard-bench`: benchmark and simulation tools (one subcommand per module of the library).
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard-bench",
+    version,
+    about = "Switchyard benchmarks and cluster simulator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay request traces against a simulated cluster under every routing policy.
+    Simulate(switchyard_bench::simulate::SimulateArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Simulate(args) => {
+            let report = switchyard_bench::simulate::run(&args)?;
+            for (name, policy) in &report.policies {
+                let lc = &policy.lanes["latency_critical"];
+                let cs = &policy.lanes["cost_sensitive"];
+                println!(
+                    "{name:>13}: lc slo {:>6.2}% ttft p99 {:>8.0} ms shed {:>6} | cs slo {:>6.2}% ttft p99 {:>8.0} ms shed {:>6} | ${:.3}/Mtok | {:.2} s",
+                    lc.slo_attainment * 100.0,
+                    lc.ttft_p99_ms,
+                    lc.shed,
+                    cs.slo_attainment * 100.0,
+                    cs.ttft_p99_ms,
+                    cs.shed,
+                    policy.cost_per_mtok,
+                    policy.wall_time_s,
+                );
+            }
+            println!("wrote {}", args.json.display());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! The discrete-event cluster simulator. Requests arrive from traces, a placer (the router's
+//! own policy code, or a baseline) puts each on a modelled worker or queues it at the router
+//! under the policy's admission limits, and workers advance in simulated time:
+//!
+//! - GPU nodes batch continuously: a step prefills the prompts admitted since the last step
+//!   (less their cached prefix) and decodes one token for every running sequence; its length
+//!   is `step_base_ms + step_per_seq_ms × batch + prefill_tokens / prefill_rate`.
+//! - WSE gateways have fixed slots; a request's first token comes after a fixed overhead plus
+//!   its prefill, then tokens stream at the profile's per-stream rate.
+//!
+//! Worker load is mirrored into a [`ClusterView`] exactly as live `Load` frames feed the router.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+
+use switchyard_cluster::Pool;
+use switchyard_router::classify::Classification;
+use switchyard_router::policy::document::{LaneName, PolicyDocument};
+use switchyard_router::policy::{Admission, ClusterView, Decision, WorkerState, admit};
+
+use super::profile::Profiles;
+use super::trace::BLOCK_TOKENS;
+
+/// A request as the simulator replays it, already classified.
+#[derive(Debug, Clone)]
+pub struct SimRequest {
+    pub arrival_ms: f64,
+    pub prompt_tokens: u32,
+    pub output_tokens: u32,
+    pub hash_ids: Arc<[u64]>,
+    /// Hash of the affinity key (the conversation's first prompt blocks), if any.
+    pub affinity: Option<u64>,
+    pub lane: LaneName,
+    pub ttft_slo_ms: f64,
+    pub min_tokens_per_s: f64,
+}
+
+impl SimRequest {
+    pub fn classification(&self) -> Classification {
+        Classification {
+            lane: self.lane,
+            ttft_slo_ms: self.ttft_slo_ms,
+            min_tokens_per_s: self.min_tokens_per_s,
+            reason: String::new(),
+        }
+    }
+}
+
+/// A routing policy under test.
+pub trait Placer {
+    fn place(
+        &mut self,
+        view: &ClusterView,
+        request: &SimRequest,
+        index: u32,
+        policy: &PolicyDocument,
+    ) -> Decision;
+}
+
+/// What happened to one request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Outcome {
+    pub first_token_ms: f64,
+    pub finish_ms: f64,
+    pub worker: u32,
+    pub served: bool,
+    pub shed: bool,
+    pub spilled: bool,
+}
+
+/// FIFO-evicting prefix cache of prompt block hashes.
+#[derive(Debug, Default)]
+struct PrefixCache {
+    capacity: usize,
+    blocks: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl PrefixCache {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            ..Self::default()
+        }
+    }
+
+    /// Prompt tokens already cached for `request`; caches its blocks.
+    fn lookup_and_insert(&mut self, request: &SimRequest) -> u32 {
+        if self.capacity == 0 || request.hash_ids.is_empty() {
+            return 0;
+        }
+        let hits = request
+            .hash_ids
+            .iter()
+            .take_while(|h| self.blocks.contains(h))
+            .count() as u32;
+        for &h in request.hash_ids.iter() {
+            if self.blocks.insert(h) {
+                self.order.push_back(h);
+                if self.order.len() > self.capacity
+                    && let Some(old) = self.order.pop_front()
+                {
+                    self.blocks.remove(&old);
+                }
+            }
+        }
+        // The last token is always computed.
+        (hits * BLOCK_TOKENS).min(request.prompt_tokens.saturating_sub(1))
+    }
+}
+
+struct Seq {
+    request: u32,
+    remaining: u32,
+    prefilled: bool,
+}
+
+#[derive(Default)]
+struct Gpu {
+    running: Vec<Seq>,
+    pending: Vec<u32>,
+    pending_prompt: u64,
+    stepping: bool,
+    /// Moving average of step times (ms): the per-stream decode rate the worker reports.
+    step_ewma_ms: f64,
+}
+
+enum Kind {
+    Gpu(Gpu),
+    Wse { active: u32 },
+}
+
+struct SimWorker {
+    kind: Kind,
+    cache: PrefixCache,
+}
+
+const EV_GPU_STEP: u8 = 0;
+const EV_WSE_DONE: u8 = 1;
+
+/// Totals of one run.
+pub struct RunResult {
+    pub outcomes: Vec<Outcome>,
+    /// Price per million tokens of the worker each request was served on.
+    pub price: Vec<f64>,
+    pub wall_time_s: f64,
+    pub events: u64,
+}
+
+/// Simulates `requests` (sorted by arrival) on the cluster of `profiles` with `placer`.
+pub fn simulate(
+    profiles: &Profiles,
+    policy: &PolicyDocument,
+    requests: &[SimRequest],
+    placer: &mut dyn Placer,
+) -> RunResult {
+    let started = std::time::Instant::now();
+    let (gpu, wse) = (&profiles.gpu, &profiles.wse);
+    let mut states = Vec::new();
+    let mut workers = Vec::new();
+    let mut price = Vec::new();
+    for i in 0..profiles.cluster.gpu_workers {
+        let mut w = WorkerState::new(
+            format!("gpu-{i}"),
+            Pool::Gpu,
+            vec![profiles.model.clone()],
+            gpu.max_concurrent,
+        );
+        w.prefill_tokens_per_s = gpu.prefill_tokens_per_s;
+        w.decode_tokens_per_s = 1000.0 / (gpu.step_base_ms + gpu.step_per_seq_ms);
+        w.ttft_overhead_ms = gpu.step_base_ms;
+        w.cost_per_mtok = gpu.cost_per_mtok;
+        states.push(w);
+        workers.push(SimWorker {
+            kind: Kind::Gpu(Gpu::default()),
+            cache: PrefixCache::new(gpu.prefix_cache_blocks),
+        });
+        price.push(gpu.cost_per_mtok);
+    }
+    for i in 0..profiles.cluster.wse_workers {
+        let mut w = WorkerState::new(
+            format!("wse-{i}"),
+            Pool::Wse,
+            vec![profiles.model.clone()],
+            wse.slots,
+        );
+        w.prefill_tokens_per_s = wse.prefill_tokens_per_s;
+        w.decode_tokens_per_s = wse.decode_tokens_per_s;
+        w.ttft_overhead_ms = wse.ttft_overhead_ms;
+        w.cost_per_mtok = wse.cost_per_mtok;
+        states.push(w);
+        workers.push(SimWorker {
+            kind: Kind::Wse { active: 0 },
+            cache: PrefixCache::new(wse.prefix_cache_blocks),
+        });
+        price.push(wse.cost_per_mtok);
+    }
+    let mut sim = Sim {
+        profiles,
+        policy,
+        requests,
+        view: ClusterView::new(states),
+        workers,
+        outcomes: vec![Outcome::default(); requests.len()],
+        heap: BinaryHeap::new(),
+        seq: 0,
+        queues: [VecDeque::new(), VecDeque::new()],
+        events: 0,
+    };
+    let mut next_arrival = 0usize;
+    loop {
+        let heap_next = sim.heap.peek().map(|Reverse(e)| f64::from_bits(e.0));
+        let arrival_next = requests.get(next_arrival).map(|r| r.arrival_ms);
+        sim.events += 1;
+        match (arrival_next, heap_next) {
+            (Some(a), h) if h.is_none_or(|h| a <= h) => {
+                sim.arrive(next_arrival as u32, a, placer);
+                next_arrival += 1;
+            }
+            (_, Some(_)) => {
+                let Reverse((t, _, kind, a, b)) = sim.heap.pop().expect("peeked");
+                let now = f64::from_bits(t);
+                match kind {
+                    EV_GPU_STEP => sim.gpu_step_end(a as usize, now),
+                    _ => sim.wse_done(a as usize, b, now),
+                }
+                sim.drain(now, placer);
+            }
+            (None, None) => break,
+            (Some(_), None) => unreachable!("handled by the first arm"),
+        }
+    }
+    // Whatever still waits at the router was never served.
+    for q in &sim.queues {
+        for &(r, _) in q {
+            sim.outcomes[r as usize].shed = true;
+        }
+    }
+    RunResult {
+        outcomes: sim.outcomes,
+        price,
+        wall_time_s: started.elapsed().as_secs_f64(),
+        events: sim.events,
+    }
+}
+
+type Event = (u64, u64, u8, u32, u32);
+
+struct Sim<'a> {
+    profiles: &'a Profiles,
+    policy: &'a PolicyDocument,
+    requests: &'a [SimRequest],
+    view: ClusterView,
+    workers: Vec<SimWorker>,
+    outcomes: Vec<Outcome>,
+    heap: BinaryHeap<Reverse<Event>>,
+    seq: u64,
+    queues: [VecDeque<(u32, f64)>; 2],
+    events: u64,
+}
+
+impl Sim<'_> {
+    fn push(&mut self, at_ms: f64, kind: u8, a: u32, b: u32) {
+        self.seq += 1;
+        // Non-negative f64s order like their bit patterns.
+        self.heap
+            .push(Reverse((at_ms.max(0.0).to_bits(), self.seq, kind, a, b)));
+    }
+
+    fn arrive(&mut self, r: u32, now: f64, placer: &mut dyn Placer) {
+        let request = &self.requests[r as usize];
+        let lane = request.lane.index();
+        if self.queues[lane].is_empty() {
+            match placer.place(&self.view, request, r, self.policy) {
+                Decision::Place(p) => {
+                    let spilled = p.pool != switchyard_router::policy::home_pool(request.lane);
+                    self.dispatch(r, p.worker, spilled, now);
+                    return;
+                }
+                Decision::Reject(_) => {
+                    self.outcomes[r as usize].shed = true;
+                    return;
+                }
+                Decision::Queue => {}
+            }
+        }
+        let depths = [self.queues[0].len() as u32, self.queues[1].len() as u32];
+        match admit(request.lane, depths, self.policy) {
+            Admission::Queue => {}
+            Admission::QueueEvicting(victim) => {
+                if let Some((v, _)) = self.queues[victim.index()].pop_back() {
+                    self.outcomes[v as usize].shed = true;
+                }
+            }
+            Admission::Shed { .. } => {
+                self.outcomes[r as usize].shed = true;
+                return;
+            }
+        }
+        let deadline = switchyard_router::policy::queue_deadline_ms(now, request.lane, self.policy);
+        self.queues[lane].push_back((r, deadline));
+    }
+
+    /// Places queued requests, latency-critical first, while the placer finds slots.
+    fn drain(&mut self, now: f64, placer: &mut dyn Placer) {
+        for lane in 0..2 {
+            while let Some(&(r, deadline)) = self.queues[lane].front() {
+                if deadline < now {
+                    self.queues[lane].pop_front();
+                    self.outcomes[r as usize].shed = true;
+                    continue;
+                }
+                let request = &self.requests[r as usize];
+                match placer.place(&self.view, request, r, self.policy) {
+                    Decision::Place(p) => {
+                        self.queues[lane].pop_front();
+                        let spilled = p.pool != switchyard_router::policy::home_pool(request.lane);
+                        self.dispatch(r, p.worker, spilled, now);
+                    }
+                    Decision::Reject(_) => {
+                        self.queues[lane].pop_front();
+                        self.outcomes[r as usize].shed = true;
+                    }
+                    Decision::Queue => break,
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, r: u32, w: usize, spilled: bool, now: f64) {
+        let request = &self.requests[r as usize];
+        let outcome = &mut self.outcomes[r as usize];
+        outcome.worker = w as u32;
+        outcome.served = true;
+        outcome.spilled = spilled;
+        let cached = self.workers[w].cache.lookup_and_insert(request);
+        let uncached = request.prompt_tokens - cached;
+        match &mut self.workers[w].kind {
+            Kind::Gpu(g) => {
+                g.pending.push(r);
+                g.pending_prompt += u64::from(uncached);
+                let (outstanding, queued) =
+                    ((g.running.len() + g.pending.len()) as u32, g.pending_prompt);
+                let stepping = g.stepping;
+                self.view.update(w, |s| {
+                    s.outstanding = outstanding;
+                    s.queued_prompt_tokens = queued;
+                });
+                if !stepping {
+                    self.gpu_step_start(w, now);
+                }
+            }
+            Kind::Wse { active } => {
+                *active += 1;
+                let active = *active;
+                let wse = &self.profiles.wse;
+                let first = now
+                    + wse.ttft_overhead_ms
+                    + 1000.0 * f64::from(uncached) / wse.prefill_tokens_per_s;
+                let finish =
+                    first + 1000.0 * f64::from(request.output_tokens - 1) / wse.decode_tokens_per_s;
+                outcome.first_token_ms = first;
+                outcome.finish_ms = finish;
+                self.view.update(w, |s| s.outstanding = active);
+                self.push(finish, EV_WSE_DONE, w as u32, r);
+            }
+        }
+    }
+
+    fn gpu_step_start(&mut self, w: usize, now: f64) {
+        let gpu = &self.profiles.gpu;
+        let Kind::Gpu(g) = &mut self.workers[w].kind else {
+            unreachable!("gpu step on a wse worker")
+        };
+        for r in g.pending.drain(..) {
+            g.running.push(Seq {
+                request: r,
+                remaining: 0,
+                prefilled: false,
+            });
+        }
+        let prefill = std::mem::take(&mut g.pending_prompt);
+        let batch = g.running.len() as f64;
+        let step = gpu.step_base_ms
+            + gpu.step_per_seq_ms * batch
+            + 1000.0 * prefill as f64 / gpu.prefill_tokens_per_s;
+        g.stepping = true;
+        // Prefill steps slow every running stream down: the reported decode rate is measured
+        // over recent steps, prefills included (a live worker's tokens/s over active streams).
+        g.step_ewma_ms = if g.step_ewma_ms > 0.0 {
+            0.7 * g.step_ewma_ms + 0.3 * step
+        } else {
+            step
+        };
+        let decode = 1000.0 / g.step_ewma_ms;
+        // The step in flight delays any new prompt's first token: a worker reports it as its
+        // time-to-first-token overhead (as a live worker's load report would).
+        let outstanding = g.running.len() as u32;
+        self.view.update(w, |s| {
+            s.outstanding = outstanding;
+            s.queued_prompt_tokens = 0;
+            s.decode_tokens_per_s = decode;
+            s.ttft_overhead_ms = step;
+        });
+        self.push(now + step, EV_GPU_STEP, w as u32, 0);
+    }
+
+    fn gpu_step_end(&mut self, w: usize, now: f64) {
+        let Kind::Gpu(g) = &mut self.workers[w].kind else {
+            unreachable!("gpu step on a wse worker")
+        };
+        let mut i = 0;
+        while i < g.running.len() {
+            let seq = &mut g.running[i];
+            let outcome = &mut self.outcomes[seq.request as usize];
+            if seq.prefilled {
+                seq.remaining -= 1;
+            } else {
+                seq.prefilled = true;
+                outcome.first_token_ms = now;
+                seq.remaining = self.requests[seq.request as usize].output_tokens - 1;
+            }
+            if seq.remaining == 0 {
+                outcome.finish_ms = now;
+                g.running.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        g.stepping = false;
+        let outstanding = (g.running.len() + g.pending.len()) as u32;
+        if outstanding > 0 {
+            // One view update for the finished and the next step together.
+            self.gpu_step_start(w, now);
+        } else {
+            let idle_overhead = self.profiles.gpu.step_base_ms;
+            self.view.update(w, |s| {
+                s.outstanding = 0;
+                s.ttft_overhead_ms = idle_overhead;
+            });
+        }
+    }
+
+    fn wse_done(&mut self, w: usize, _r: u32, _now: f64) {
+        let Kind::Wse { active } = &mut self.workers[w].kind else {
+            unreachable!("wse completion on a gpu worker")
+        };
+        *active -= 1;
+        let active = *active;
+        self.view.update(w, |s| s.outstanding = active);
+    }
+}
+
+/// Hashes of affinity keys: a conversation is named by its first two prompt blocks (the first
+/// is often a system prompt shared by everyone).
+pub fn affinity_of(hash_ids: &[u64]) -> Option<u64> {
+    match hash_ids {
+        [] => None,
+        [a] => Some(switchyard_router::policy::mix(*a)),
+        [a, b, ..] => Some(switchyard_router::policy::mix(
+            *a ^ switchyard_router::policy::mix(*b),
+        )),
+    }
+}
+
+/// Keeps the prefix map of the prefix-aware baseline: block hash → last worker sent it.
+#[derive(Debug, Default)]
+pub struct PrefixTree {
+    owner: HashMap<u64, u32>,
+}
+
+impl PrefixTree {
+    /// The worker holding the longest cached prefix of `hash_ids`, and its length in blocks.
+    pub fn longest_match(&self, hash_ids: &[u64]) -> Option<(u32, usize)> {
+        let mut best = None;
+        for (k, h) in hash_ids.iter().enumerate() {
+            match self.owner.get(h) {
+                Some(&w) => best = Some((w, k + 1)),
+                None => break,
+            }
+        }
+        best
+    }
+
+    pub fn record(&mut self, hash_ids: &[u64], worker: u32) {
+        for &h in hash_ids {
+            self.owner.insert(h, worker);
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! `switchyard-bench simulate`: replays request traces against a modelled cluster of GPU and
+//! wafer-scale workers, once per routing policy — the router's own policy code and the
+//! baselines — and reports per-lane TTFT, decode rate, SLO attainment, shed requests and cost
+//! per million tokens as JSON, plus an SVG plot of SLO attainment against load.
+//!
+//! Contract: `switchyard-bench simulate --trace <path> [--trace <path> …] [--load-scale <x>]
+//! --json <out.json>`; a trace may carry a role (`--trace latency-critical=<path>`), otherwise
+//! the router's classifier classes its requests with the profile's policy document.
+
+pub mod engine;
+pub mod placers;
+pub mod plot;
+pub mod profile;
+pub mod trace;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use switchyard_proto::v1::RequestClass;
+use switchyard_router::classify::{RequestFeatures, classify};
+use switchyard_router::policy::document::{LaneName, PolicyDocument};
+
+use engine::{SimRequest, affinity_of, simulate};
+use profile::Profiles;
+use trace::{TraceRequest, TraceSpec};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulateArgs {
+    /// A trace file (Azure CSV or Mooncake JSONL), optionally with a role:
+    /// `latency-critical=<path>` or `cost-sensitive=<path>`. Repeat to replay several together.
+    #[arg(long = "trace", required = true)]
+    pub traces: Vec<TraceSpec>,
+    /// Arrival-rate multiplier (2 = arrivals twice as dense).
+    #[arg(long, default_value_t = 1.0)]
+    pub load_scale: f64,
+    /// Where to write the JSON results.
+    #[arg(long)]
+    pub json: PathBuf,
+    /// Worker profiles, cluster shape and policy document.
+    #[arg(long, default_value = "bench/profiles/default.json")]
+    pub profiles: PathBuf,
+    /// Override the profile's number of GPU workers.
+    #[arg(long)]
+    pub gpu_workers: Option<u32>,
+    /// Override the profile's number of WSE workers.
+    #[arg(long)]
+    pub wse_workers: Option<u32>,
+    /// Replay this many requests: the traces are cut, or repeated back to back.
+    #[arg(long)]
+    pub requests: Option<usize>,
+    /// Policies to run (comma-separated); default all.
+    #[arg(long, value_delimiter = ',')]
+    pub policies: Vec<String>,
+    /// Also run these load scales and plot SLO attainment against load (SVG).
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Vec<f64>,
+    /// Where to write the SVG plot (needs --sweep).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error(transparent)]
+    Trace(#[from] trace::TraceError),
+    #[error(transparent)]
+    Profile(#[from] profile::ProfileError),
+    #[error("--load-scale: {0} must be a positive number")]
+    LoadScale(f64),
+    #[error("--policies: unknown policy {0:?} (known: {known})", known = placers::POLICY_NAMES.join(", "))]
+    Policy(String),
+    #[error("--requests: must be at least 1")]
+    Requests,
+    #[error("--plot needs --sweep with at least one load scale")]
+    PlotWithoutSweep,
+    #[error("writing {path}: {reason}")]
+    Write { path: PathBuf, reason: String },
+}
+
+/// Per-lane figures of one policy.
+#[derive(Debug, Clone, Serialize)]
+pub struct LaneReport {
+    pub requests: u64,
+    pub served: u64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p90_ms: f64,
+    pub ttft_p99_ms: f64,
+    /// Median decode rate of one stream (requests with more than one output token).
+    pub tokens_per_s_p50: f64,
+    /// Share of the lane's requests served within their TTFT SLO and minimum decode rate
+    /// (shed requests count as misses).
+    pub slo_attainment: f64,
+    pub shed: u64,
+    /// Requests served outside the lane's home pool.
+    pub spilled: u64,
+    pub cost_per_mtok: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyReport {
+    pub lanes: BTreeMap<&'static str, LaneReport>,
+    /// Price per million generated tokens, averaged over all served tokens.
+    pub cost_per_mtok: f64,
+    pub wall_time_s: f64,
+    pub events: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SweepPoint {
+    pub load_scale: f64,
+    pub policies: BTreeMap<String, PolicyReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub traces: Vec<String>,
+    pub load_scale: f64,
+    pub requests: usize,
+    pub gpu_workers: u32,
+    pub wse_workers: u32,
+    pub model: String,
+    pub policies: BTreeMap<String, PolicyReport>,
+    pub sweep: Vec<SweepPoint>,
+    pub attribution: Vec<&'static str>,
+}
+
+/// Attribution of the public traces, kept with every published result.
+pub const ATTRIBUTION: [&str; 2] = [
+    "Azure LLM inference traces 2023 (Azure Public Dataset), CC-BY-4.0; Patel et al., \"Splitwise: Efficient Generative LLM Inference Using Phase Splitting\", ISCA 2024",
+    "Mooncake conversation trace (kvcache-ai), Apache-2.0; Qin et al., \"Mooncake: Trading More Storage for Less Computation\", FAST 2025",
+];
+
+/// Runs the command.
+pub fn run(args: &SimulateArgs) -> Result<Report, SimulateError> {
+    if !(args.load_scale.is_finite() && args.load_scale > 0.0) {
+        return Err(SimulateError::LoadScale(args.load_scale));
+    }
+    if let Some(bad) = args.sweep.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+        return Err(SimulateError::LoadScale(*bad));
+    }
+    if args.requests == Some(0) {
+        return Err(SimulateError::Requests);
+    }
+    if args.plot.is_some() && args.sweep.is_empty() {
+        return Err(SimulateError::PlotWithoutSweep);
+    }
+    let mut profiles = Profiles::load(&args.profiles)?;
+    if let Some(n) = args.gpu_workers {
+        profiles.cluster.gpu_workers = n;
+    }
+    if let Some(n) = args.wse_workers {
+        profiles.cluster.wse_workers = n;
+    }
+    profiles.validate()?;
+    let names: Vec<String> = if args.policies.is_empty() {
+        placers::POLICY_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        args.policies.clone()
+    };
+    for name in &names {
+        if placers::placer(name, &profiles.policy).is_none() {
+            return Err(SimulateError::Policy(name.clone()));
+        }
+    }
+    let mut loaded = Vec::new();
+    for spec in &args.traces {
+        loaded.push((spec.role, trace::load(&spec.path)?));
+    }
+    let base = classify_all(&loaded, &profiles);
+    let base = match args.requests {
+        Some(n) => tile(&base, n),
+        None => base,
+    };
+
+    let run_all = |scale: f64| -> BTreeMap<String, PolicyReport> {
+        let requests = scaled(&base, scale);
+        names
+            .iter()
+            .map(|name| {
+                let mut placer = placers::placer(name, &profiles.policy).expect("checked above");
+                let result = simulate(&profiles, &profiles.policy, &requests, placer.as_mut());
+                (name.clone(), summarise(&requests, &result))
+            })
+            .collect()
+    };
+    let policies = run_all(args.load_scale);
+    let sweep: Vec<SweepPoint> = args
+        .sweep
+        .iter()
+        .map(|&load_scale| SweepPoint {
+            load_scale,
+            policies: run_all(load_scale),
+        })
+        .collect();
+    let report = Report {
+        traces: args
+            .traces
+            .iter()
+            .map(|t| t.path.display().to_string())
+            .collect(),
+        load_scale: args.load_scale,
+        requests: base.len(),
+        gpu_workers: profiles.cluster.gpu_workers,
+        wse_workers: profiles.cluster.wse_workers,
+        model: profiles.model.clone(),
+        policies,
+        sweep,
+        attribution: ATTRIBUTION.to_vec(),
+    };
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).map_err(|e| SimulateError::Write {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+    };
+    write(
+        &args.json,
+        serde_json::to_string_pretty(&report).expect("reports serialise"),
+    )?;
+    if let Some(path) = &args.plot {
+        let svg = plot::slo_attainment_svg(&report).map_err(|reason| SimulateError::Write {
+            path: path.clone(),
+            reason,
+        })?;
+        write(path, svg)?;
+    }
+    Ok(report)
+}
+
+/// Merges the traces in arrival order and classes every request: by the trace's role when it
+/// has one, else by the router's classifier under the profile's policy document.
+pub fn classify_all(
+    traces: &[(Option<LaneName>, Vec<TraceRequest>)],
+    profiles: &Profiles,
+) -> Vec<SimRequest> {
+    let policy: &PolicyDocument = &profiles.policy;
+    let mut out = Vec::with_capacity(traces.iter().map(|t| t.1.len()).sum());
+    for (role, rows) in traces {
+        for row in rows {
+            let class = match role {
+                Some(LaneName::LatencyCritical) => RequestClass::LatencyCritical,
+                Some(LaneName::CostSensitive) => RequestClass::CostSensitive,
+                None => RequestClass::Auto,
+            };
+            let features = RequestFeatures {
+                class,
+                model: &profiles.model,
+                max_tokens: row.output_tokens,
+                prompt_tokens: row.prompt_tokens,
+                streaming: true,
+                ttft_slo_ms: 0,
+                metadata: None,
+            };
+            let c = classify(&features, policy);
+            out.push(SimRequest {
+                arrival_ms: row.arrival_ms,
+                prompt_tokens: row.prompt_tokens,
+                output_tokens: row.output_tokens,
+                hash_ids: row.hash_ids.clone(),
+                affinity: affinity_of(&row.hash_ids),
+                lane: c.lane,
+                ttft_slo_ms: c.ttft_slo_ms,
+                min_tokens_per_s: c.min_tokens_per_s,
+            });
+        }
+    }
+    out.sort_by(|a, b| a.arrival_ms.total_cmp(&b.arrival_ms));
+    out
+}
+
+/// Exactly `n` requests: the first `n`, or the whole set repeated back to back.
+pub fn tile(requests: &[SimRequest], n: usize) -> Vec<SimRequest> {
+    if requests.is_empty() {
+        return Vec::new();
+    }
+    let span = requests.last().map_or(0.0, |r| r.arrival_ms) + 1.0;
+    (0..n)
+        .map(|i| {
+            let mut r = requests[i % requests.len()].clone();
+            r.arrival_ms += span * (i / requests.len()) as f64;
+            r
+        })
+        .collect()
+}
+
+fn scaled(requests: &[SimRequest], scale: f64) -> Vec<SimRequest> {
+    requests
+        .iter()
+        .map(|r| SimRequest {
+            arrival_ms: r.arrival_ms / scale,
+            ..r.clone()
+        })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Per-lane and overall figures of one run.
+pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyReport {
+    let mut lanes = BTreeMap::new();
+    let (mut all_cost, mut all_tokens) = (0.0, 0.0);
+    for lane in LaneName::ALL {
+        let mut ttft = Vec::new();
+        let mut tps = Vec::new();
+        let (mut n, mut served, mut attained, mut shed, mut spilled) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut cost, mut tokens) = (0.0, 0.0);
+        for (r, o) in requests.iter().zip(&result.outcomes) {
+            if r.lane != lane {
+                continue;
+            }
+            n += 1;
+            if o.shed || !o.served {
+                shed += 1;
+                continue;
+            }
+            served += 1;
+            spilled += u64::from(o.spilled);
+            let t = o.first_token_ms - r.arrival_ms;
+            ttft.push(t);
+            let rate = (r.output_tokens > 1).then(|| {
+                f64::from(r.output_tokens - 1)
+                    / ((o.finish_ms - o.first_token_ms).max(1e-9) / 1000.0)
+            });
+            if let Some(rate) = rate {
+                tps.push(rate);
+            }
+            if t <= r.ttft_slo_ms && rate.is_none_or(|rate| rate >= r.min_tokens_per_s) {
+                attained += 1;
+            }
+            let out = f64::from(r.output_tokens);
+            cost += out * result.price[o.worker as usize];
+            tokens += out;
+        }
+        ttft.sort_by(f64::total_cmp);
+        tps.sort_by(f64::total_cmp);
+        all_cost += cost;
+        all_tokens += tokens;
+        lanes.insert(
+            match lane {
+                LaneName::LatencyCritical => "latency_critical",
+                LaneName::CostSensitive => "cost_sensitive",
+            },
+            LaneReport {
+                requests: n,
+                served,
+                ttft_p50_ms: percentile(&ttft, 50.0),
+                ttft_p90_ms: percentile(&ttft, 90.0),
+                ttft_p99_ms: percentile(&ttft, 99.0),
+                tokens_per_s_p50: percentile(&tps, 50.0),
+                slo_attainment: if n == 0 {
+                    1.0
+                } else {
+                    attained as f64 / n as f64
+                },
+                shed,
+                spilled,
+                cost_per_mtok: if tokens > 0.0 { cost / tokens } else { 0.0 },
+            },
+        );
+    }
+    PolicyReport {
+        lanes,
+        cost_per_mtok: if all_tokens > 0.0 {
+            all_cost / all_tokens
+        } else {
+            0.0
+        },
+        wall_time_s: result.wall_time_s,
+        events: result.events,
+    }
+}

@@ -1,0 +1,188 @@
+//! The policies the simulator compares: `switchyard` (the router's own `policy::place`, with
+//! the policy document of the profile) and the baselines — `static` (lane → home pool, no
+//! spill, no affinity), `round_robin` and `least_loaded` over every worker ignoring lanes,
+//! `all_wse`, and `prefix_aware`, a cache-aware router in the style of SGLang's (longest
+//! prefix match when load is balanced, else the least-loaded worker). Baselines queue and shed
+//! at the router under the same admission limits as Switchyard.
+
+use switchyard_cluster::Pool;
+use switchyard_router::policy::document::PolicyDocument;
+use switchyard_router::policy::{
+    ClusterView, Decision, Placement, RequestInfo, Route, WorkerState, place,
+};
+
+use super::engine::{Placer, PrefixTree, SimRequest};
+
+pub const POLICY_NAMES: [&str; 6] = [
+    "switchyard",
+    "static",
+    "round_robin",
+    "least_loaded",
+    "all_wse",
+    "prefix_aware",
+];
+
+/// A placer by name.
+pub fn placer(name: &str, policy: &PolicyDocument) -> Option<Box<dyn Placer>> {
+    Some(match name {
+        "switchyard" => Box::new(Switchyard {
+            policy: policy.clone(),
+            affinity: true,
+        }),
+        "static" => {
+            let mut fixed = policy.clone();
+            fixed.latency_critical.spill = false;
+            fixed.cost_sensitive.spill = false;
+            fixed.placement.gpu_reserve_for_latency = 0.0;
+            Box::new(Switchyard {
+                policy: fixed,
+                affinity: false,
+            })
+        }
+        "round_robin" => Box::new(RoundRobin { next: 0 }),
+        "least_loaded" => Box::new(LeastLoaded { pool: None }),
+        "all_wse" => Box::new(LeastLoaded {
+            pool: Some(Pool::Wse),
+        }),
+        "prefix_aware" => Box::new(PrefixAware::default()),
+        _ => return None,
+    })
+}
+
+fn placed(view: &ClusterView, worker: usize) -> Decision {
+    Decision::Place(Placement {
+        worker,
+        pool: view.worker(worker).pool,
+        route: Route::Home,
+        affinity: false,
+        predicted_ttft_ms: 0.0,
+    })
+}
+
+fn utilisation(w: &WorkerState) -> f64 {
+    f64::from(w.outstanding) / f64::from(w.max_concurrent.max(1))
+}
+
+/// The router's policy code, unchanged.
+struct Switchyard {
+    policy: PolicyDocument,
+    affinity: bool,
+}
+
+impl Placer for Switchyard {
+    fn place(
+        &mut self,
+        view: &ClusterView,
+        r: &SimRequest,
+        index: u32,
+        _: &PolicyDocument,
+    ) -> Decision {
+        let info = RequestInfo {
+            model: view.worker(0).models[0].as_str(),
+            prompt_tokens: r.prompt_tokens,
+            affinity: if self.affinity { r.affinity } else { None },
+            seed: u64::from(index),
+        };
+        place(view, &r.classification(), &info, &self.policy, &[])
+    }
+}
+
+struct RoundRobin {
+    next: usize,
+}
+
+impl Placer for RoundRobin {
+    fn place(
+        &mut self,
+        view: &ClusterView,
+        _: &SimRequest,
+        _: u32,
+        _: &PolicyDocument,
+    ) -> Decision {
+        let n = view.len();
+        for k in 0..n {
+            let w = (self.next + k) % n;
+            if view.worker(w).has_free_slot() {
+                self.next = w + 1;
+                return placed(view, w);
+            }
+        }
+        Decision::Queue
+    }
+}
+
+struct LeastLoaded {
+    pool: Option<Pool>,
+}
+
+impl Placer for LeastLoaded {
+    fn place(
+        &mut self,
+        view: &ClusterView,
+        _: &SimRequest,
+        _: u32,
+        _: &PolicyDocument,
+    ) -> Decision {
+        let model = view.worker(0).models[0].clone();
+        let pools: &[Pool] = match &self.pool {
+            Some(p) => std::slice::from_ref(p),
+            None => &Pool::ALL,
+        };
+        let best = pools
+            .iter()
+            .flat_map(|&p| view.free_workers(&model, p).iter().map(|&w| w as usize))
+            .min_by(|&a, &b| {
+                utilisation(view.worker(a))
+                    .total_cmp(&utilisation(view.worker(b)))
+                    .then(a.cmp(&b))
+            });
+        match best {
+            Some(w) => placed(view, w),
+            None => Decision::Queue,
+        }
+    }
+}
+
+/// SGLang-router-style cache-aware routing (its defaults: cache threshold 0.5, balance
+/// thresholds 32 absolute and 1.0001 relative), over all workers.
+#[derive(Default)]
+struct PrefixAware {
+    tree: PrefixTree,
+}
+
+impl Placer for PrefixAware {
+    fn place(
+        &mut self,
+        view: &ClusterView,
+        r: &SimRequest,
+        _: u32,
+        _: &PolicyDocument,
+    ) -> Decision {
+        let (mut min_load, mut max_load) = (u32::MAX, 0);
+        let mut least: Option<usize> = None;
+        for (i, w) in view.workers().iter().enumerate() {
+            min_load = min_load.min(w.outstanding);
+            max_load = max_load.max(w.outstanding);
+            if w.has_free_slot()
+                && least.is_none_or(|l| utilisation(w) < utilisation(view.worker(l)))
+            {
+                least = Some(i);
+            }
+        }
+        let Some(least) = least else {
+            return Decision::Queue;
+        };
+        let imbalanced =
+            max_load - min_load > 32 && f64::from(max_load) > 1.0001 * f64::from(min_load);
+        let mut chosen = least;
+        if !imbalanced
+            && let Some((w, blocks)) = self.tree.longest_match(&r.hash_ids)
+            && blocks as f64 / r.hash_ids.len() as f64 > 0.5
+            && view.worker(w as usize).has_free_slot()
+        {
+            chosen = w as usize;
+        }
+        self.tree.record(&r.hash_ids, chosen as u32);
+        placed(view, chosen)
+    }
+}

@@ -1,0 +1,408 @@
+//! The routing policy document stored at `/switchyard/v1/policy` (JSON): lanes and their SLOs,
+//! tenant defaults, ordered classification rules, spill and admission limits, placement knobs.
+//! Parsed and validated here, before any router uses it; an invalid document is rejected with
+//! an error naming the field, and the caller keeps the policy it had.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use switchyard_proto::v1::Lane;
+
+/// A lane as written in the document: `latency-critical` or `cost-sensitive`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LaneName {
+    LatencyCritical,
+    CostSensitive,
+}
+
+impl LaneName {
+    pub fn lane(self) -> Lane {
+        match self {
+            LaneName::LatencyCritical => Lane::LatencyCritical,
+            LaneName::CostSensitive => Lane::CostSensitive,
+        }
+    }
+
+    /// Index used for per-lane arrays: 0 latency-critical, 1 cost-sensitive.
+    pub fn index(self) -> usize {
+        match self {
+            LaneName::LatencyCritical => 0,
+            LaneName::CostSensitive => 1,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LaneName::LatencyCritical => "latency-critical",
+            LaneName::CostSensitive => "cost-sensitive",
+        }
+    }
+
+    /// The lane of a wire `Lane`; `None` for `LANE_UNSPECIFIED`.
+    pub fn from_lane(lane: Lane) -> Option<Self> {
+        match lane {
+            Lane::LatencyCritical => Some(LaneName::LatencyCritical),
+            Lane::CostSensitive => Some(LaneName::CostSensitive),
+            Lane::Unspecified => None,
+        }
+    }
+
+    pub const ALL: [LaneName; 2] = [LaneName::LatencyCritical, LaneName::CostSensitive];
+}
+
+/// Service objective and limits of one lane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LanePolicy {
+    /// Time-to-first-token target, milliseconds.
+    pub ttft_slo_ms: f64,
+    /// Minimum decode rate of one stream, tokens per second (0 = none).
+    pub min_tokens_per_s: f64,
+    /// Requests of this lane waiting at the router for a slot, at most.
+    pub max_queue: u32,
+    /// A queued request waits this long at most, then is shed.
+    pub max_queue_wait_ms: f64,
+    /// Latency-critical: may spill to the GPU pool when no WSE slot can meet the SLO.
+    /// Cost-sensitive: may borrow idle WSE slots.
+    pub spill: bool,
+    /// Cost-sensitive only: borrow WSE slots only while WSE utilisation is below this (0..=1).
+    pub spill_max_utilisation: f64,
+    /// `retry-after` told to a shed client, milliseconds.
+    pub retry_after_ms: u64,
+}
+
+impl LanePolicy {
+    fn latency_critical() -> Self {
+        Self {
+            ttft_slo_ms: 1000.0,
+            min_tokens_per_s: 20.0,
+            max_queue: 1024,
+            max_queue_wait_ms: 5_000.0,
+            spill: true,
+            spill_max_utilisation: 1.0,
+            retry_after_ms: 500,
+        }
+    }
+
+    fn cost_sensitive() -> Self {
+        Self {
+            ttft_slo_ms: 10_000.0,
+            min_tokens_per_s: 5.0,
+            max_queue: 4096,
+            max_queue_wait_ms: 30_000.0,
+            spill: true,
+            spill_max_utilisation: 0.5,
+            retry_after_ms: 2_000,
+        }
+    }
+}
+
+impl Default for LanePolicy {
+    fn default() -> Self {
+        Self::cost_sensitive()
+    }
+}
+
+/// What a classification rule matches on; every present condition must hold.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Match {
+    /// Exact model name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens_at_most: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens_at_least: Option<u32>,
+    /// Estimated prompt tokens (the router estimates 4 bytes per token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_at_most: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_at_least: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub streaming: Option<bool>,
+    /// The request's own `ttft_slo_ms` is set and at most this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ttft_slo_ms_at_most: Option<u32>,
+    /// Request metadata (and headers the front door copies into it) equal to these values.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// An ordered classification rule: the first matching rule decides the lane.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub when: Match,
+    pub lane: LaneName,
+    /// Overrides the lane's TTFT target for requests this rule matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_slo_ms: Option<f64>,
+}
+
+/// Knobs of worker choice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlacementPolicy {
+    /// Random candidates sampled per decision (power of d choices) when a pool is large.
+    pub choices: u32,
+    /// Pools with at most this many free workers are scanned in full instead of sampled.
+    pub scan_below: u32,
+    /// Fraction of the prompt assumed cached on the affinity worker (0..=1).
+    pub affinity_prefill_discount: f64,
+    /// Keep the affinity worker if its predicted TTFT exceeds the best by at most this.
+    pub affinity_slack_ms: f64,
+    /// Fraction of GPU slots kept free of cost-sensitive work, for latency-critical spill.
+    pub gpu_reserve_for_latency: f64,
+    /// Prefill rate assumed for a worker that reports none, tokens per second.
+    pub default_prefill_tokens_per_s: f64,
+    /// Decode rate per stream assumed for a worker that reports none, tokens per second.
+    pub default_decode_tokens_per_s: f64,
+}
+
+impl Default for PlacementPolicy {
+    fn default() -> Self {
+        Self {
+            choices: 4,
+            scan_below: 32,
+            affinity_prefill_discount: 0.5,
+            affinity_slack_ms: 200.0,
+            gpu_reserve_for_latency: 0.15,
+            default_prefill_tokens_per_s: 5_000.0,
+            default_decode_tokens_per_s: 50.0,
+        }
+    }
+}
+
+/// The whole routing policy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyDocument {
+    /// Lane of requests no explicit class, tenant or rule decides.
+    pub default_lane: LaneName,
+    pub latency_critical: LanePolicy,
+    pub cost_sensitive: LanePolicy,
+    /// Default lane per tenant, keyed by the request metadata `tenant` (until API keys exist,
+    /// the tenant is whatever the client puts there).
+    pub tenants: BTreeMap<String, LaneName>,
+    pub rules: Vec<Rule>,
+    pub placement: PlacementPolicy,
+    /// Requests waiting at the router across both lanes, at most.
+    pub max_queued: u32,
+}
+
+impl Default for PolicyDocument {
+    fn default() -> Self {
+        Self {
+            default_lane: LaneName::CostSensitive,
+            latency_critical: LanePolicy::latency_critical(),
+            cost_sensitive: LanePolicy::cost_sensitive(),
+            tenants: BTreeMap::new(),
+            // No rules by default: AUTO requests take the default lane until an operator
+            // stores rules (bench/profiles/policy.json is an example).
+            rules: Vec::new(),
+            placement: PlacementPolicy::default(),
+            max_queued: 4096,
+        }
+    }
+}
+
+/// Why a policy document was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy document is not valid JSON: {0}")]
+    Parse(String),
+    #[error("policy document: {field}: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
+    PolicyError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl PolicyDocument {
+    /// Parses and validates a JSON document.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, PolicyError> {
+        let doc: Self =
+            serde_json::from_slice(bytes).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        doc.validate()?;
+        Ok(doc)
+    }
+
+    /// The document as pretty JSON, as stored in etcd.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("policy documents always serialise")
+    }
+
+    pub fn lane(&self, lane: LaneName) -> &LanePolicy {
+        match lane {
+            LaneName::LatencyCritical => &self.latency_critical,
+            LaneName::CostSensitive => &self.cost_sensitive,
+        }
+    }
+
+    /// Checks every field; the error names the first one at fault.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        for lane in LaneName::ALL {
+            let field = match lane {
+                LaneName::LatencyCritical => "latency_critical",
+                LaneName::CostSensitive => "cost_sensitive",
+            };
+            let p = self.lane(lane);
+            positive(&format!("{field}.ttft_slo_ms"), p.ttft_slo_ms)?;
+            non_negative(&format!("{field}.min_tokens_per_s"), p.min_tokens_per_s)?;
+            non_negative(&format!("{field}.max_queue_wait_ms"), p.max_queue_wait_ms)?;
+            fraction(
+                &format!("{field}.spill_max_utilisation"),
+                p.spill_max_utilisation,
+            )?;
+        }
+        for (tenant, _) in &self.tenants {
+            if tenant.trim().is_empty() {
+                return Err(invalid("tenants", "tenant names must not be empty"));
+            }
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            let field = format!("rules[{i}]");
+            if rule.name.trim().is_empty() {
+                return Err(invalid(format!("{field}.name"), "must not be empty"));
+            }
+            if !names.insert(rule.name.as_str()) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("{:?} is used by an earlier rule", rule.name),
+                ));
+            }
+            if let Some(slo) = rule.ttft_slo_ms {
+                positive(&format!("{field}.ttft_slo_ms"), slo)?;
+            }
+            let m = &rule.when;
+            if let (Some(lo), Some(hi)) = (m.max_tokens_at_least, m.max_tokens_at_most)
+                && lo > hi
+            {
+                return Err(invalid(
+                    format!("{field}.match.max_tokens_at_least"),
+                    format!("{lo} is above max_tokens_at_most {hi}: the rule can never match"),
+                ));
+            }
+            if let (Some(lo), Some(hi)) = (m.prompt_tokens_at_least, m.prompt_tokens_at_most)
+                && lo > hi
+            {
+                return Err(invalid(
+                    format!("{field}.match.prompt_tokens_at_least"),
+                    format!("{lo} is above prompt_tokens_at_most {hi}: the rule can never match"),
+                ));
+            }
+            if m.model.as_ref().is_some_and(|s| s.trim().is_empty()) {
+                return Err(invalid(format!("{field}.match.model"), "must not be empty"));
+            }
+            if m.metadata.keys().any(|k| k.is_empty()) {
+                return Err(invalid(
+                    format!("{field}.match.metadata"),
+                    "keys must not be empty",
+                ));
+            }
+        }
+        if self.max_queued == 0 {
+            return Err(invalid("max_queued", "must be at least 1"));
+        }
+        let p = &self.placement;
+        if p.choices == 0 || p.choices > 64 {
+            return Err(invalid("placement.choices", "must be between 1 and 64"));
+        }
+        fraction(
+            "placement.affinity_prefill_discount",
+            p.affinity_prefill_discount,
+        )?;
+        non_negative("placement.affinity_slack_ms", p.affinity_slack_ms)?;
+        if !(0.0..1.0).contains(&p.gpu_reserve_for_latency) {
+            return Err(invalid(
+                "placement.gpu_reserve_for_latency",
+                format!("{} is not in [0, 1)", p.gpu_reserve_for_latency),
+            ));
+        }
+        positive(
+            "placement.default_prefill_tokens_per_s",
+            p.default_prefill_tokens_per_s,
+        )?;
+        positive(
+            "placement.default_decode_tokens_per_s",
+            p.default_decode_tokens_per_s,
+        )?;
+        Ok(())
+    }
+}
+
+fn positive(field: &str, value: f64) -> Result<(), PolicyError> {
+    if value.is_finite() && value > 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{value} must be a positive number")))
+    }
+}
+
+fn non_negative(field: &str, value: f64) -> Result<(), PolicyError> {
+    if value.is_finite() && value >= 0.0 {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{value} must be zero or more")))
+    }
+}
+
+fn fraction(field: &str, value: f64) -> Result<(), PolicyError> {
+    if (0.0..=1.0).contains(&value) {
+        Ok(())
+    } else {
+        Err(invalid(field, format!("{value} is not in [0, 1]")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_document_is_valid_and_round_trips() {
+        let doc = PolicyDocument::default();
+        doc.validate().unwrap();
+        assert_eq!(PolicyDocument::from_json(doc.to_json().as_bytes()), Ok(doc));
+    }
+
+    #[test]
+    fn partial_documents_take_defaults() {
+        let doc = PolicyDocument::from_json(br#"{"default_lane": "latency-critical"}"#).unwrap();
+        assert_eq!(doc.default_lane, LaneName::LatencyCritical);
+        assert_eq!(doc.placement, PlacementPolicy::default());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err =
+            PolicyDocument::from_json(br#"{"latency_critical": {"ttft_slo_ms": -1}}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("latency_critical.ttft_slo_ms"),
+            "{err}"
+        );
+        let err = PolicyDocument::from_json(
+            br#"{"rules": [{"name": "a", "lane": "cost-sensitive"}, {"name": "a", "lane": "cost-sensitive"}]}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("rules[1].name"), "{err}");
+        let err = PolicyDocument::from_json(br#"{"placement": {"choices": 0}}"#).unwrap_err();
+        assert!(err.to_string().contains("placement.choices"), "{err}");
+        let err = PolicyDocument::from_json(br#"{"bogus": 1}"#).unwrap_err();
+        assert!(
+            matches!(err, PolicyError::Parse(ref m) if m.contains("bogus")),
+            "{err}"
+        );
+        let err = PolicyDocument::from_json(br#"{"default_lane": "fast"}"#).unwrap_err();
+        assert!(matches!(err, PolicyError::Parse(_)), "{err}");
+    }
+}

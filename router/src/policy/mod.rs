@@ -1,0 +1,392 @@
+//! The routing policy (DESIGN §5): sans-IO, plain functions over plain data, so the live router
+//! and the simulator (`switchyard-bench simulate`) run exactly the same code. No clock is read
+//! here: callers pass `now`.
+//!
+//! - [`document`]: the policy document (lanes, SLOs, tenants, rules, limits) and its validation.
+//! - [`view`]: the cluster as the policy sees it, indexed for cheap decisions at 10 000 workers.
+//! - [`place`]: SLO-predictive worker choice with rendezvous affinity and spill.
+//! - [`admit`]: bounded per-lane router queues; cost-sensitive work is shed first.
+
+pub mod document;
+pub mod view;
+
+use switchyard_cluster::Pool;
+
+use crate::classify::Classification;
+use document::{LaneName, PolicyDocument};
+use view::{AFFINITY_GROUPS, pool_index};
+pub use view::{ClusterView, WorkerState, mix, stable_hash};
+
+/// The pool a lane prefers.
+pub fn home_pool(lane: LaneName) -> Pool {
+    match lane {
+        LaneName::LatencyCritical => Pool::Wse,
+        LaneName::CostSensitive => Pool::Gpu,
+    }
+}
+
+/// What placement needs to know of a request beyond its classification.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub model: &'a str,
+    pub prompt_tokens: u32,
+    /// Hash of the affinity key (see [`stable_hash`]); `None` = no affinity.
+    pub affinity: Option<u64>,
+    /// Randomness for candidate sampling (e.g. a hash of the request id): the policy stays a
+    /// pure function of its inputs.
+    pub seed: u64,
+}
+
+/// How a placement came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// The lane's home pool.
+    Home,
+    /// Latency-critical on a GPU: no WSE slot could meet the SLO.
+    SpillToGpu,
+    /// Cost-sensitive on an idle WSE slot.
+    BorrowWse,
+}
+
+/// A chosen worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Placement {
+    /// Index in the [`ClusterView`].
+    pub worker: usize,
+    pub pool: Pool,
+    pub route: Route,
+    /// The worker is the rendezvous owner of the request's affinity key.
+    pub affinity: bool,
+    pub predicted_ttft_ms: f64,
+}
+
+impl Placement {
+    /// A short reason for `Accepted.reason`, logs and metric labels.
+    pub fn reason(&self) -> String {
+        let route = match self.route {
+            Route::Home => format!("pool={}", self.pool),
+            Route::SpillToGpu => "spill=gpu (no wse slot meets the slo)".to_string(),
+            Route::BorrowWse => "borrow=wse (gpu busy, wse idle)".to_string(),
+        };
+        let affinity = if self.affinity { " affinity" } else { "" };
+        format!(
+            "{route}{affinity} predicted_ttft_ms={:.0}",
+            self.predicted_ttft_ms
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlacementError {
+    #[error("model {0:?} is not served by any worker")]
+    UnknownModel(String),
+    #[error("no worker serving model {0:?} is available")]
+    NoWorker(String),
+}
+
+/// The outcome of one placement attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Place(Placement),
+    /// Workers exist but none may take the request now: it waits at the router (if
+    /// [`admit`] lets it) and is placed again when a slot frees.
+    Queue,
+    Reject(PlacementError),
+}
+
+fn prefill_rate(w: &WorkerState, policy: &PolicyDocument) -> f64 {
+    if w.prefill_tokens_per_s > 0.0 {
+        w.prefill_tokens_per_s
+    } else {
+        policy.placement.default_prefill_tokens_per_s
+    }
+}
+
+/// Per-stream decode rate of `w`.
+pub fn decode_rate(w: &WorkerState, policy: &PolicyDocument) -> f64 {
+    if w.decode_tokens_per_s > 0.0 {
+        w.decode_tokens_per_s
+    } else {
+        policy.placement.default_decode_tokens_per_s
+    }
+}
+
+/// Predicted time to first token of a `prompt_tokens` request on `w`: fixed overhead, the
+/// prompt tokens queued ahead plus its own (less the cached share on its affinity worker) at
+/// the worker's prefill rate, and one decode step.
+pub fn predicted_ttft_ms(
+    w: &WorkerState,
+    prompt_tokens: u32,
+    affinity: bool,
+    policy: &PolicyDocument,
+) -> f64 {
+    let own = if affinity {
+        f64::from(prompt_tokens) * (1.0 - policy.placement.affinity_prefill_discount)
+    } else {
+        f64::from(prompt_tokens)
+    };
+    w.ttft_overhead_ms
+        + 1000.0 * (w.queued_prompt_tokens as f64 + own) / prefill_rate(w, policy)
+        + 1000.0 / decode_rate(w, policy)
+}
+
+/// The rendezvous owner of `key` among the available, non-excluded workers of `pool` serving
+/// `model`: a worker joining or leaving moves only the keys it wins or owned.
+pub fn affinity_owner(
+    view: &ClusterView,
+    model: &str,
+    pool: Pool,
+    key: u64,
+    exclude: &[usize],
+) -> Option<usize> {
+    let m = view.model_index(model)?;
+    owner_in(view, m, pool, key, exclude)
+}
+
+fn owner_in(
+    view: &ClusterView,
+    m: usize,
+    pool: Pool,
+    key: u64,
+    exclude: &[usize],
+) -> Option<usize> {
+    let index = &view.pools[m][pool_index(pool)];
+    if index.available == 0 {
+        return None;
+    }
+    let best_in_group = |g: usize| {
+        index.groups[g]
+            .iter()
+            .filter(|&&w| view.worker(w as usize).available && !exclude.contains(&(w as usize)))
+            .max_by_key(|&&w| (mix(key ^ view.id_hash(w)), std::cmp::Reverse(w)))
+            .map(|&w| w as usize)
+    };
+    let mut order = [(0u64, 0u8); AFFINITY_GROUPS];
+    for (g, slot) in order.iter_mut().enumerate() {
+        *slot = (mix(key ^ mix(g as u64 + 1)), g as u8);
+    }
+    // Usually the top group has an owner: find it without sorting.
+    let top = order.iter().max().expect("groups are never empty").1 as usize;
+    if let Some(w) = best_in_group(top) {
+        return Some(w);
+    }
+    order.sort_unstable_by(|a, b| b.cmp(a));
+    order[1..]
+        .iter()
+        .find_map(|&(_, g)| best_in_group(g as usize))
+}
+
+/// The best worker with a free slot in `pool`: the lowest predicted TTFT among a sample of
+/// `placement.choices` free workers (all of them when few), the affinity owner preferred while
+/// within `affinity_slack_ms` of the best. `None` when the pool has no free worker.
+fn best_in_pool(
+    view: &ClusterView,
+    m: usize,
+    pool: Pool,
+    request: &RequestInfo<'_>,
+    policy: &PolicyDocument,
+    exclude: &[usize],
+    accept: impl Fn(usize) -> bool,
+) -> Option<(usize, bool, f64)> {
+    let free = &view.pools[m][pool_index(pool)].free;
+    if free.is_empty() {
+        return None;
+    }
+    let ok = |w: usize| !exclude.contains(&w) && accept(w);
+    let score = |w: usize| predicted_ttft_ms(view.worker(w), request.prompt_tokens, false, policy);
+    let better = |a: (usize, f64), b: (usize, f64)| {
+        a.1.total_cmp(&b.1)
+            .then_with(|| {
+                let (wa, wb) = (view.worker(a.0), view.worker(b.0));
+                (u64::from(wa.outstanding) * u64::from(wb.max_concurrent))
+                    .cmp(&(u64::from(wb.outstanding) * u64::from(wa.max_concurrent)))
+            })
+            .then(a.0.cmp(&b.0))
+            .is_lt()
+    };
+    let mut best: Option<(usize, f64)> = None;
+    let mut consider = |w: usize| {
+        if ok(w) {
+            let candidate = (w, score(w));
+            if best.is_none_or(|b| better(candidate, b)) {
+                best = Some(candidate);
+            }
+        }
+    };
+    if free.len() <= policy.placement.scan_below as usize {
+        free.iter().for_each(|&w| consider(w as usize));
+    } else {
+        let mut seed = request.seed;
+        let mut found = false;
+        for _ in 0..policy.placement.choices {
+            seed = mix(seed);
+            let w = free[(seed % free.len() as u64) as usize] as usize;
+            found |= ok(w);
+            consider(w);
+        }
+        if !found {
+            // Every sample was excluded or unacceptable: fall back to a scan.
+            free.iter().for_each(|&w| consider(w as usize));
+        }
+    }
+    let owner = request
+        .affinity
+        .and_then(|key| owner_in(view, m, pool, key, exclude))
+        .filter(|&w| view.worker(w).has_free_slot() && ok(w));
+    if let Some(owner) = owner {
+        let predicted = predicted_ttft_ms(view.worker(owner), request.prompt_tokens, true, policy);
+        if best.is_none_or(|(_, b)| predicted <= b + policy.placement.affinity_slack_ms) {
+            return Some((owner, true, predicted));
+        }
+    }
+    best.map(|(w, predicted)| (w, false, predicted))
+}
+
+/// Chooses a worker for a classified request, never one in `exclude` (view indices), never one
+/// that is unavailable (draining, dead, link down) or at capacity.
+///
+/// Latency-critical: the WSE pool while a slot there meets the SLO; else (spill allowed) the
+/// best GPU meeting the SLO and the lane's minimum decode rate; else the better of the two.
+/// Cost-sensitive: the GPU pool outside its latency reserve (`gpu_reserve_for_latency` of its
+/// workers, see [`ClusterView::in_reserve`]), kept idle for latency-critical spill; else (spill allowed, WSE utilisation under the lane's threshold) an
+/// idle WSE slot. Nothing free: [`Decision::Queue`].
+pub fn place(
+    view: &ClusterView,
+    class: &Classification,
+    request: &RequestInfo<'_>,
+    policy: &PolicyDocument,
+    exclude: &[usize],
+) -> Decision {
+    let Some(m) = view.model_index(request.model) else {
+        return Decision::Reject(PlacementError::UnknownModel(request.model.to_string()));
+    };
+    let reachable = Pool::ALL.iter().any(|&p| {
+        let index = &view.pools[m][pool_index(p)];
+        index.available as usize > exclude.len()
+            || index
+                .groups
+                .iter()
+                .flatten()
+                .any(|&w| view.worker(w as usize).available && !exclude.contains(&(w as usize)))
+    });
+    if !reachable {
+        return Decision::Reject(PlacementError::NoWorker(request.model.to_string()));
+    }
+    let lane_policy = policy.lane(class.lane);
+    let placed = |(worker, affinity, predicted_ttft_ms): (usize, bool, f64), route| {
+        Decision::Place(Placement {
+            worker,
+            pool: view.worker(worker).pool,
+            route,
+            affinity,
+            predicted_ttft_ms,
+        })
+    };
+    match class.lane {
+        LaneName::LatencyCritical => {
+            let wse = best_in_pool(view, m, Pool::Wse, request, policy, exclude, |_| true);
+            if let Some(best) = wse.filter(|b| b.2 <= class.ttft_slo_ms) {
+                return placed(best, Route::Home);
+            }
+            if lane_policy.spill {
+                let min_rate = class.min_tokens_per_s;
+                let gpu = best_in_pool(view, m, Pool::Gpu, request, policy, exclude, |w| {
+                    decode_rate(view.worker(w), policy) >= min_rate
+                });
+                match (gpu, wse) {
+                    (Some(g), _) if g.2 <= class.ttft_slo_ms => {
+                        return placed(g, Route::SpillToGpu);
+                    }
+                    (Some(g), Some(w)) if g.2 < w.2 => return placed(g, Route::SpillToGpu),
+                    (Some(g), None) => return placed(g, Route::SpillToGpu),
+                    _ => {}
+                }
+            }
+            match wse {
+                Some(best) => placed(best, Route::Home),
+                None => Decision::Queue,
+            }
+        }
+        LaneName::CostSensitive => {
+            // The reserve is kept idle for latency-critical spill: a GPU busy with long
+            // prefills cannot give a spilled request its first token in time.
+            let reserve = policy.placement.gpu_reserve_for_latency;
+            let gpu = best_in_pool(view, m, Pool::Gpu, request, policy, exclude, |w| {
+                !view.in_reserve_of(m, w, reserve)
+            });
+            if let Some(best) = gpu {
+                return placed(best, Route::Home);
+            }
+            if lane_policy.spill
+                && view.utilisation(Pool::Wse) < lane_policy.spill_max_utilisation
+                && let Some(best) =
+                    best_in_pool(view, m, Pool::Wse, request, policy, exclude, |_| true)
+            {
+                return placed(best, Route::BorrowWse);
+            }
+            Decision::Queue
+        }
+    }
+}
+
+/// Failover placement for a request that already started (it must not be shed): the least
+/// utilised available worker serving `model` outside `exclude`, capacity permitting or not —
+/// the worker queues it.
+pub fn fallback(view: &ClusterView, model: &str, exclude: &[usize]) -> Option<usize> {
+    (0..view.len())
+        .filter(|&i| {
+            let w = view.worker(i);
+            w.available && !exclude.contains(&i) && w.models.iter().any(|m| m == model)
+        })
+        .min_by(|&a, &b| {
+            let util = |i: usize| {
+                f64::from(view.worker(i).outstanding)
+                    / f64::from(view.worker(i).max_concurrent.max(1))
+            };
+            util(a).total_cmp(&util(b)).then(a.cmp(&b))
+        })
+}
+
+/// What happens to a request that must wait at the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Queue,
+    /// Queue it, shedding the newest queued request of that lane to make room.
+    QueueEvicting(LaneName),
+    /// Refuse it: `RESOURCE_EXHAUSTED` with `retry-after`.
+    Shed {
+        retry_after_ms: u64,
+    },
+}
+
+/// Admission of a request of `lane` given the router's queue depths (indexed by
+/// [`LaneName::index`]). Each lane is bounded by its `max_queue`, both together by
+/// `max_queued`. When the shared bound is hit, a latency-critical request displaces a queued
+/// cost-sensitive one; a cost-sensitive request is shed.
+pub fn admit(lane: LaneName, depths: [u32; 2], policy: &PolicyDocument) -> Admission {
+    let lane_policy = policy.lane(lane);
+    let shed = Admission::Shed {
+        retry_after_ms: lane_policy.retry_after_ms,
+    };
+    if depths[lane.index()] >= lane_policy.max_queue {
+        return shed;
+    }
+    let total = depths[0] + depths[1];
+    if total < policy.max_queued {
+        return Admission::Queue;
+    }
+    match lane {
+        LaneName::LatencyCritical if depths[LaneName::CostSensitive.index()] > 0 => {
+            Admission::QueueEvicting(LaneName::CostSensitive)
+        }
+        _ => shed,
+    }
+}
+
+/// When a request queued at `now_ms` gives up and is shed.
+pub fn queue_deadline_ms(now_ms: f64, lane: LaneName, policy: &PolicyDocument) -> f64 {
+    now_ms + policy.lane(lane).max_queue_wait_ms
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,386 @@
+//! Unit and property tests of placement, affinity and admission.
+
+use proptest::prelude::*;
+use switchyard_cluster::Pool;
+
+use super::document::{LaneName, PolicyDocument};
+use super::*;
+use crate::classify::Classification;
+
+fn worker(id: &str, pool: Pool, outstanding: u32, max: u32) -> WorkerState {
+    let mut w = WorkerState::new(id, pool, vec!["m".into()], max);
+    w.outstanding = outstanding;
+    w.prefill_tokens_per_s = if pool == Pool::Wse {
+        50_000.0
+    } else {
+        10_000.0
+    };
+    w.decode_tokens_per_s = if pool == Pool::Wse { 1500.0 } else { 40.0 };
+    w
+}
+
+fn class(lane: LaneName, policy: &PolicyDocument) -> Classification {
+    Classification {
+        lane,
+        ttft_slo_ms: policy.lane(lane).ttft_slo_ms,
+        min_tokens_per_s: policy.lane(lane).min_tokens_per_s,
+        reason: String::new(),
+    }
+}
+
+fn request(prompt_tokens: u32, affinity: Option<u64>, seed: u64) -> RequestInfo<'static> {
+    RequestInfo {
+        model: "m",
+        prompt_tokens,
+        affinity,
+        seed,
+    }
+}
+
+fn placed(d: &Decision) -> Placement {
+    match d {
+        Decision::Place(p) => *p,
+        other => panic!("expected a placement, got {other:?}"),
+    }
+}
+
+#[test]
+fn lanes_go_to_their_home_pools() {
+    let policy = PolicyDocument::default();
+    let view = ClusterView::new(vec![
+        worker("g1", Pool::Gpu, 3, 4),
+        worker("g2", Pool::Gpu, 4, 16),
+        worker("w1", Pool::Wse, 0, 4),
+    ]);
+    let d = place(
+        &view,
+        &class(LaneName::CostSensitive, &policy),
+        &request(100, None, 1),
+        &policy,
+        &[],
+    );
+    let p = placed(&d);
+    assert_eq!(
+        (view.worker(p.worker).id.as_str(), p.route),
+        ("g2", Route::Home)
+    );
+    let d = place(
+        &view,
+        &class(LaneName::LatencyCritical, &policy),
+        &request(100, None, 1),
+        &policy,
+        &[],
+    );
+    let p = placed(&d);
+    assert_eq!(
+        (view.worker(p.worker).id.as_str(), p.route),
+        ("w1", Route::Home)
+    );
+    assert!(p.reason().starts_with("pool=wse"), "{}", p.reason());
+}
+
+#[test]
+fn latency_critical_spills_to_gpu_when_wse_is_full_and_queues_when_all_are() {
+    let policy = PolicyDocument::default();
+    let mut view = ClusterView::new(vec![
+        worker("g1", Pool::Gpu, 0, 4),
+        worker("w1", Pool::Wse, 4, 4),
+    ]);
+    let lc = class(LaneName::LatencyCritical, &policy);
+    let p = placed(&place(&view, &lc, &request(100, None, 1), &policy, &[]));
+    assert_eq!((p.worker, p.route), (0, Route::SpillToGpu));
+    view.update(0, |w| w.outstanding = 4);
+    assert_eq!(
+        place(&view, &lc, &request(100, None, 1), &policy, &[]),
+        Decision::Queue
+    );
+    // Without spill, latency-critical work waits for the WSE.
+    let mut no_spill = policy.clone();
+    no_spill.latency_critical.spill = false;
+    view.update(0, |w| w.outstanding = 0);
+    assert_eq!(
+        place(&view, &lc, &request(100, None, 1), &no_spill, &[]),
+        Decision::Queue
+    );
+}
+
+#[test]
+fn cost_sensitive_keeps_the_gpu_reserve_and_borrows_idle_wse() {
+    let mut policy = PolicyDocument::default();
+    policy.placement.gpu_reserve_for_latency = 0.25;
+    // 4 GPU workers, 25 % reserved: one of them never takes cost-sensitive work.
+    let mut workers: Vec<_> = (0..4)
+        .map(|i| worker(&format!("g{i}"), Pool::Gpu, 0, 1))
+        .collect();
+    workers.push(worker("w1", Pool::Wse, 0, 8));
+    let mut view = ClusterView::new(workers);
+    let reserved: Vec<usize> = (0..4).filter(|&i| view.in_reserve("m", i, 0.25)).collect();
+    assert_eq!(reserved.len(), 1);
+    let cs = class(LaneName::CostSensitive, &policy);
+    for _ in 0..3 {
+        let p = placed(&place(&view, &cs, &request(10, None, 1), &policy, &[]));
+        assert_eq!(p.route, Route::Home);
+        assert!(!reserved.contains(&p.worker));
+        view.update(p.worker, |w| w.outstanding = 1);
+    }
+    let p = placed(&place(&view, &cs, &request(10, None, 1), &policy, &[]));
+    assert_eq!((p.pool, p.route), (Pool::Wse, Route::BorrowWse));
+    // WSE above the borrowing threshold: queue.
+    view.update(4, |w| w.outstanding = 4);
+    assert_eq!(
+        place(&view, &cs, &request(10, None, 1), &policy, &[]),
+        Decision::Queue
+    );
+    // The reserve is there for latency-critical spill.
+    view.update(4, |w| w.outstanding = 8);
+    let lc = class(LaneName::LatencyCritical, &policy);
+    let p = placed(&place(&view, &lc, &request(10, None, 1), &policy, &[]));
+    assert_eq!((p.worker, p.route), (reserved[0], Route::SpillToGpu));
+    // Small pools have no reserve.
+    assert!(!view.in_reserve("m", reserved[0], 0.2));
+}
+
+#[test]
+fn distinguishes_unknown_models_from_unavailable_ones() {
+    let policy = PolicyDocument::default();
+    let cs = class(LaneName::CostSensitive, &policy);
+    let mut view = ClusterView::new(vec![worker("g1", Pool::Gpu, 0, 4)]);
+    let mut r = request(1, None, 1);
+    r.model = "x";
+    assert_eq!(
+        place(&view, &cs, &r, &policy, &[]),
+        Decision::Reject(PlacementError::UnknownModel("x".into()))
+    );
+    assert_eq!(
+        place(&view, &cs, &request(1, None, 1), &policy, &[0]),
+        Decision::Reject(PlacementError::NoWorker("m".into()))
+    );
+    view.update(0, |w| w.available = false);
+    assert_eq!(
+        place(&view, &cs, &request(1, None, 1), &policy, &[]),
+        Decision::Reject(PlacementError::NoWorker("m".into()))
+    );
+}
+
+#[test]
+fn prefers_the_shorter_predicted_ttft_and_the_affinity_owner_within_slack() {
+    let policy = PolicyDocument::default();
+    let mut workers: Vec<_> = (0..8)
+        .map(|i| worker(&format!("g{i}"), Pool::Gpu, 0, 64))
+        .collect();
+    for (i, w) in workers.iter_mut().enumerate() {
+        w.queued_prompt_tokens = 1000 * i as u64;
+    }
+    let view = ClusterView::new(workers);
+    let cs = class(LaneName::CostSensitive, &policy);
+    assert_eq!(
+        placed(&place(&view, &cs, &request(100, None, 1), &policy, &[])).worker,
+        0
+    );
+    let key = stable_hash("conversation-7");
+    let owner = affinity_owner(&view, "m", Pool::Gpu, key, &[]).unwrap();
+    let p = placed(&place(
+        &view,
+        &cs,
+        &request(100, Some(key), 1),
+        &policy,
+        &[],
+    ));
+    // Within 200 ms slack (1000 queued tokens = 100 ms at 10k tok/s per step of the index).
+    if owner <= 2 {
+        assert_eq!((p.worker, p.affinity), (owner, true));
+    } else {
+        assert_eq!((p.worker, p.affinity), (0, false));
+    }
+}
+
+#[test]
+fn admission_sheds_cost_sensitive_first() {
+    let mut policy = PolicyDocument::default();
+    policy.max_queued = 10;
+    policy.latency_critical.max_queue = 8;
+    policy.cost_sensitive.max_queue = 8;
+    assert_eq!(
+        admit(LaneName::CostSensitive, [2, 7], &policy),
+        Admission::Queue
+    );
+    assert!(matches!(
+        admit(LaneName::CostSensitive, [2, 8], &policy),
+        Admission::Shed { .. }
+    ));
+    assert!(matches!(
+        admit(LaneName::CostSensitive, [5, 5], &policy),
+        Admission::Shed { .. }
+    ));
+    assert_eq!(
+        admit(LaneName::LatencyCritical, [5, 5], &policy),
+        Admission::QueueEvicting(LaneName::CostSensitive)
+    );
+    assert!(matches!(
+        admit(LaneName::LatencyCritical, [8, 0], &policy),
+        Admission::Shed { .. }
+    ));
+    assert_eq!(
+        queue_deadline_ms(100.0, LaneName::LatencyCritical, &policy),
+        100.0 + policy.latency_critical.max_queue_wait_ms
+    );
+}
+
+fn arb_worker() -> impl Strategy<Value = WorkerState> {
+    (
+        0u8..40,
+        any::<bool>(),
+        any::<bool>(),
+        0u32..20,
+        1u32..16,
+        any::<bool>(),
+        0u64..20_000,
+    )
+        .prop_map(|(id, wse, available, outstanding, max, serves, queued)| {
+            let pool = if wse { Pool::Wse } else { Pool::Gpu };
+            let mut w = worker(&format!("w{id}"), pool, outstanding, max);
+            w.available = available;
+            w.queued_prompt_tokens = queued;
+            if !serves {
+                w.models = vec!["other".into()];
+            }
+            w
+        })
+}
+
+fn unique(workers: Vec<WorkerState>) -> Vec<WorkerState> {
+    let mut seen = std::collections::HashSet::new();
+    workers
+        .into_iter()
+        .filter(|w| seen.insert(w.id.clone()))
+        .collect()
+}
+
+proptest! {
+    #[test]
+    fn never_places_on_an_unavailable_full_excluded_or_wrong_model_worker(
+        workers in proptest::collection::vec(arb_worker(), 0..60),
+        exclude in proptest::collection::vec(0usize..60, 0..4),
+        latency in any::<bool>(),
+        affinity in proptest::option::of(any::<u64>()),
+        seed in any::<u64>(),
+        choices in 1u32..6,
+        scan_below in 0u32..8,
+    ) {
+        let workers = unique(workers);
+        let mut policy = PolicyDocument::default();
+        policy.placement.choices = choices;
+        policy.placement.scan_below = scan_below;
+        let view = ClusterView::new(workers);
+        let lane = if latency { LaneName::LatencyCritical } else { LaneName::CostSensitive };
+        let decision = place(&view, &class(lane, &policy), &request(500, affinity, seed), &policy, &exclude);
+        let eligible = |i: usize| {
+            let w = view.worker(i);
+            w.has_free_slot() && w.models.iter().any(|m| m == "m") && !exclude.contains(&i)
+        };
+        match decision {
+            Decision::Place(p) => {
+                prop_assert!(eligible(p.worker), "placed on {:?}", view.worker(p.worker));
+                prop_assert_eq!(p.pool, view.worker(p.worker).pool);
+                if !latency && p.pool == Pool::Gpu {
+                    prop_assert!(!view.in_reserve("m", p.worker, policy.placement.gpu_reserve_for_latency));
+                }
+            }
+            Decision::Queue => {
+                // Queueing a latency-critical request means no worker of either pool was free.
+                if latency {
+                    prop_assert!(!(0..view.len()).any(eligible));
+                }
+            }
+            Decision::Reject(PlacementError::NoWorker(_)) => {
+                let reachable = (0..view.len()).any(|i| {
+                    let w = view.worker(i);
+                    w.available && w.models.iter().any(|m| m == "m") && !exclude.contains(&i)
+                });
+                prop_assert!(!reachable);
+            }
+            Decision::Reject(PlacementError::UnknownModel(_)) => {
+                prop_assert!(!view.workers().iter().any(|w| w.models.iter().any(|m| m == "m")));
+            }
+        }
+    }
+
+    #[test]
+    fn latency_critical_stays_on_wse_while_a_wse_slot_meets_the_slo(
+        workers in proptest::collection::vec(arb_worker(), 1..40),
+        seed in any::<u64>(),
+    ) {
+        let view = ClusterView::new(unique(workers));
+        let policy = PolicyDocument::default();
+        let lc = class(LaneName::LatencyCritical, &policy);
+        let wse_ok = (0..view.len()).any(|i| {
+            let w = view.worker(i);
+            w.pool == Pool::Wse && w.has_free_slot() && w.models.iter().any(|m| m == "m")
+                && predicted_ttft_ms(w, 500, false, &policy) <= lc.ttft_slo_ms
+        });
+        if wse_ok
+            && let Decision::Place(p) = place(&view, &lc, &request(500, None, seed), &policy, &[])
+        {
+            prop_assert_eq!(p.pool, Pool::Wse);
+        }
+    }
+
+    #[test]
+    fn affinity_is_stable_when_unrelated_workers_join_or_leave(
+        n in 2usize..300,
+        key in any::<u64>(),
+        joiner in 1000u32..2000,
+        leaver in any::<prop::sample::Index>(),
+    ) {
+        let workers: Vec<_> = (0..n).map(|i| worker(&format!("w{i}"), Pool::Gpu, 0, 4)).collect();
+        let view = ClusterView::new(workers.clone());
+        let owner = view.worker(affinity_owner(&view, "m", Pool::Gpu, key, &[]).unwrap()).id.clone();
+
+        // A worker joins: the key stays, or moves to the newcomer.
+        let mut grown = workers.clone();
+        grown.push(worker(&format!("w{joiner}"), Pool::Gpu, 0, 4));
+        let grown = ClusterView::new(grown);
+        let after = grown.worker(affinity_owner(&grown, "m", Pool::Gpu, key, &[]).unwrap()).id.clone();
+        let newcomer = format!("w{joiner}");
+        prop_assert!(after == owner || after == newcomer);
+
+        // A worker other than the owner leaves, or becomes unavailable: the key stays.
+        let leave = leaver.index(n);
+        if workers[leave].id != owner {
+            let mut shrunk = workers.clone();
+            shrunk.remove(leave);
+            let shrunk = ClusterView::new(shrunk);
+            let after = shrunk.worker(affinity_owner(&shrunk, "m", Pool::Gpu, key, &[]).unwrap()).id.clone();
+            prop_assert_eq!(&after, &owner);
+            let mut drained = view.clone();
+            drained.update(leave, |w| w.available = false);
+            let after = drained.worker(affinity_owner(&drained, "m", Pool::Gpu, key, &[]).unwrap()).id.clone();
+            prop_assert_eq!(&after, &owner);
+        }
+    }
+
+    #[test]
+    fn shedding_order_holds(lc in 0u32..20, cs in 0u32..20, max_queued in 1u32..30, lane_max in 1u32..20) {
+        let mut policy = PolicyDocument::default();
+        policy.max_queued = max_queued;
+        policy.latency_critical.max_queue = lane_max;
+        policy.cost_sensitive.max_queue = lane_max;
+        let depths = [lc, cs];
+        let for_lc = admit(LaneName::LatencyCritical, depths, &policy);
+        let for_cs = admit(LaneName::CostSensitive, depths, &policy);
+        // Whenever a cost-sensitive request is admitted, so is a latency-critical one.
+        if matches!(for_cs, Admission::Queue) && lc < lane_max {
+            prop_assert_eq!(for_lc, Admission::Queue);
+        }
+        // Latency-critical work is shed only at its own bound or when nothing cost-sensitive
+        // is left to shed instead.
+        if matches!(for_lc, Admission::Shed { .. }) {
+            prop_assert!(lc >= lane_max || cs == 0);
+        }
+        // Only cost-sensitive requests are ever evicted.
+        prop_assert!(!matches!(for_cs, Admission::QueueEvicting(_)));
+        if let Admission::QueueEvicting(lane) = for_lc {
+            prop_assert_eq!(lane, LaneName::CostSensitive);
+        }
+    }
+}
