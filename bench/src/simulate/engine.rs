@@ -124,6 +124,14 @@ struct Gpu {
     stepping: bool,
     /// Moving average of step times (ms): the per-stream decode rate the worker reports.
     step_ewma_ms: f64,
+    /// The steps in flight: decode-only steps are identical, so a run of them is one event
+    /// (fast-forward), cut short when a new request arrives.
+    seg_start: f64,
+    seg_step_ms: f64,
+    seg_steps: u32,
+    decode_only: bool,
+    /// Only the event carrying the current version is live; older ones are stale.
+    version: u32,
 }
 
 enum Kind {
@@ -222,7 +230,7 @@ pub fn simulate(
                 let Reverse((t, _, kind, a, b)) = sim.heap.pop().expect("peeked");
                 let now = f64::from_bits(t);
                 match kind {
-                    EV_GPU_STEP => sim.gpu_step_end(a as usize, now),
+                    EV_GPU_STEP => sim.gpu_step_end(a as usize, b, now),
                     _ => sim.wse_done(a as usize, b, now),
                 }
                 sim.drain(now, placer);
@@ -349,6 +357,8 @@ impl Sim<'_> {
                 });
                 if !stepping {
                     self.gpu_step_start(w, now);
+                } else {
+                    self.gpu_cut_segment(w, now);
                 }
             }
             Kind::Wse { active } => {
@@ -386,10 +396,28 @@ impl Sim<'_> {
             + gpu.step_per_seq_ms * batch
             + 1000.0 * prefill as f64 / gpu.prefill_tokens_per_s;
         g.stepping = true;
+        g.decode_only = g.running.iter().all(|s| s.prefilled);
+        g.seg_start = now;
+        g.seg_step_ms = step;
+        // Decode-only: run until the first sequence finishes (or a request arrives).
+        g.seg_steps = if g.decode_only {
+            g.running
+                .iter()
+                .map(|s| s.remaining)
+                .min()
+                .unwrap_or(1)
+                .max(1)
+        } else {
+            1
+        };
+        g.version = g.version.wrapping_add(1);
+        let (steps, version) = (g.seg_steps, g.version);
         // Prefill steps slow every running stream down: the reported decode rate is measured
         // over recent steps, prefills included (a live worker's tokens/s over active streams).
+        // A run of `steps` equal steps weighs as that many samples.
+        let keep = 0.7f64.powi(steps as i32);
         g.step_ewma_ms = if g.step_ewma_ms > 0.0 {
-            0.7 * g.step_ewma_ms + 0.3 * step
+            keep * g.step_ewma_ms + (1.0 - keep) * step
         } else {
             step
         };
@@ -403,19 +431,48 @@ impl Sim<'_> {
             s.decode_tokens_per_s = decode;
             s.ttft_overhead_ms = step;
         });
-        self.push(now + step, EV_GPU_STEP, w as u32, 0);
+        self.push(
+            now + step * f64::from(steps),
+            EV_GPU_STEP,
+            w as u32,
+            version,
+        );
     }
 
-    fn gpu_step_end(&mut self, w: usize, now: f64) {
+    /// A request arrived during a run of decode-only steps: end the run at the boundary of
+    /// the step in progress, so the request joins the next step.
+    fn gpu_cut_segment(&mut self, w: usize, now: f64) {
         let Kind::Gpu(g) = &mut self.workers[w].kind else {
             unreachable!("gpu step on a wse worker")
         };
+        if !g.decode_only || g.seg_steps <= 1 {
+            return;
+        }
+        let done = ((now - g.seg_start) / g.seg_step_ms).floor().max(0.0) as u32;
+        let steps = (done + 1).min(g.seg_steps);
+        if steps == g.seg_steps {
+            return;
+        }
+        g.seg_steps = steps;
+        g.version = g.version.wrapping_add(1);
+        let (at, version) = (g.seg_start + g.seg_step_ms * f64::from(steps), g.version);
+        self.push(at, EV_GPU_STEP, w as u32, version);
+    }
+
+    fn gpu_step_end(&mut self, w: usize, version: u32, now: f64) {
+        let Kind::Gpu(g) = &mut self.workers[w].kind else {
+            unreachable!("gpu step on a wse worker")
+        };
+        if version != g.version {
+            return; // superseded by a cut segment
+        }
+        let steps = g.seg_steps;
         let mut i = 0;
         while i < g.running.len() {
             let seq = &mut g.running[i];
             let outcome = &mut self.outcomes[seq.request as usize];
             if seq.prefilled {
-                seq.remaining -= 1;
+                seq.remaining -= steps;
             } else {
                 seq.prefilled = true;
                 outcome.first_token_ms = now;
