@@ -263,7 +263,7 @@ impl PolicyDocument {
                 p.spill_max_utilisation,
             )?;
         }
-        for (tenant, _) in &self.tenants {
+        for tenant in self.tenants.keys() {
             if tenant.trim().is_empty() {
                 return Err(invalid("tenants", "tenant names must not be empty"));
             }

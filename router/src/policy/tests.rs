@@ -196,8 +196,10 @@ fn prefers_the_shorter_predicted_ttft_and_the_affinity_owner_within_slack() {
 
 #[test]
 fn admission_sheds_cost_sensitive_first() {
-    let mut policy = PolicyDocument::default();
-    policy.max_queued = 10;
+    let mut policy = PolicyDocument {
+        max_queued: 10,
+        ..PolicyDocument::default()
+    };
     policy.latency_critical.max_queue = 8;
     policy.cost_sensitive.max_queue = 8;
     assert_eq!(
@@ -361,8 +363,7 @@ proptest! {
 
     #[test]
     fn shedding_order_holds(lc in 0u32..20, cs in 0u32..20, max_queued in 1u32..30, lane_max in 1u32..20) {
-        let mut policy = PolicyDocument::default();
-        policy.max_queued = max_queued;
+        let mut policy = PolicyDocument { max_queued, ..PolicyDocument::default() };
         policy.latency_critical.max_queue = lane_max;
         policy.cost_sensitive.max_queue = lane_max;
         let depths = [lc, cs];
