@@ -380,3 +380,100 @@ pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyR
         events: result.events,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn profiles() -> Profiles {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles/default.json");
+        let mut p =
+            Profiles::load(std::path::Path::new(path)).expect("the shipped profile is valid");
+        p.cluster.gpu_workers = 4;
+        p.cluster.wse_workers = 1;
+        p.wse.slots = 2;
+        p
+    }
+
+    /// A burst of latency-critical requests, more than the WSE has slots for.
+    fn burst(n: usize, profiles: &Profiles) -> Vec<SimRequest> {
+        let row = TraceRequest {
+            arrival_ms: 0.0,
+            prompt_tokens: 500,
+            output_tokens: 10,
+            hash_ids: Arc::from(Vec::new()),
+        };
+        let rows = (0..n)
+            .map(|i| TraceRequest {
+                arrival_ms: i as f64,
+                ..row.clone()
+            })
+            .collect();
+        classify_all(&[(Some(LaneName::LatencyCritical), rows)], profiles)
+    }
+
+    #[test]
+    fn switchyard_spills_a_latency_burst_that_static_makes_wait() {
+        let profiles = profiles();
+        let requests = burst(40, &profiles);
+        let run = |name: &str| {
+            let mut placer = placers::placer(name, &profiles.policy).unwrap();
+            summarise(
+                &requests,
+                &simulate(&profiles, &profiles.policy, &requests, placer.as_mut()),
+            )
+        };
+        let switchyard = run("switchyard");
+        let fixed = run("static");
+        let (s, f) = (
+            &switchyard.lanes["latency_critical"],
+            &fixed.lanes["latency_critical"],
+        );
+        assert_eq!((s.requests, s.served), (40, 40));
+        assert!(s.spilled > 0 && f.spilled == 0, "{s:?} {f:?}");
+        assert!(s.ttft_p99_ms < f.ttft_p99_ms, "{s:?} {f:?}");
+        assert!(s.slo_attainment >= f.slo_attainment);
+        // Spilled tokens are cheaper.
+        assert!(switchyard.cost_per_mtok < fixed.cost_per_mtok);
+    }
+
+    #[test]
+    fn every_request_is_served_or_shed_and_the_json_has_the_contract_keys() {
+        let profiles = profiles();
+        let requests = burst(200, &profiles);
+        for name in placers::POLICY_NAMES {
+            let mut placer = placers::placer(name, &profiles.policy).unwrap();
+            let result = simulate(&profiles, &profiles.policy, &requests, placer.as_mut());
+            for (r, o) in requests.iter().zip(&result.outcomes) {
+                assert!(o.served != o.shed, "{name}: {o:?}");
+                if o.served {
+                    assert!(
+                        o.first_token_ms >= r.arrival_ms && o.finish_ms >= o.first_token_ms,
+                        "{name}: {o:?}"
+                    );
+                }
+            }
+            let json = serde_json::to_value(summarise(&requests, &result)).unwrap();
+            for lane in ["latency_critical", "cost_sensitive"] {
+                for key in ["ttft_p50_ms", "ttft_p99_ms", "slo_attainment", "shed"] {
+                    assert!(
+                        json["lanes"][lane].get(key).is_some(),
+                        "{name}: {lane}.{key}"
+                    );
+                }
+            }
+            assert!(json["cost_per_mtok"].is_number(), "{name}");
+        }
+    }
+
+    #[test]
+    fn tiling_repeats_the_traces_back_to_back() {
+        let profiles = profiles();
+        let base = burst(3, &profiles);
+        let tiled = tile(&base, 7);
+        assert_eq!(tiled.len(), 7);
+        assert!(tiled.windows(2).all(|w| w[0].arrival_ms <= w[1].arrival_ms));
+        assert_eq!(tile(&base, 2).len(), 2);
+    }
+}
