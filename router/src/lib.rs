@@ -1,4 +1,4 @@
-//! The Switchyard router: the client-facing `Inference` API, request classification, the pure
+//! The Switchyard router: the client-facing `Inference` API (gRPC, and OpenAI-compatible HTTP), request classification, the pure
 //! placement policy, persistent multiplexed links to workers, and the per-request dispatcher
 //! (cancel, interrupt-and-redirect, failover with token resume).
 
@@ -6,9 +6,10 @@ pub mod classify;
 pub mod config;
 pub mod dispatch;
 pub mod links;
+pub mod openai;
 pub mod policy;
 pub mod server;
 pub mod service;
 
 pub use config::RouterConfig;
-pub use server::run_router;
+pub use server::{RouterEndpoints, run_router, run_router_with_endpoints};
