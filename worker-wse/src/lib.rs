@@ -175,7 +175,7 @@ pub fn build_engine(args: &WseEngineArgs) -> Result<Arc<dyn Engine>, WseEngineEr
     match args.engine {
         WseEngineKind::Gateway => Ok(Arc::new(GatewayEngine::new(gateway_config(args)?)?)),
         WseEngineKind::Synthetic => {
-            if !(args.synthetic_tokens_per_s > 0.0) {
+            if args.synthetic_tokens_per_s.is_nan() || args.synthetic_tokens_per_s <= 0.0 {
                 return Err(WseEngineError::Config(
                     "--synthetic-tokens-per-s: must be positive".into(),
                 ));
