@@ -301,9 +301,18 @@ impl Cluster {
             ]));
             wse.push(Component::start(&format!("wse-{i}"), &args, 1).await?);
         }
-        let mut args = strings(&["router", "--etcd", &etcd.url, "--listen", "127.0.0.1:0"]);
+        let mut args = strings(&[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]);
         args.extend(spec.router_flags.iter().cloned());
-        let router = Component::start("router", &args, 1).await?;
+        // The router announces its gRPC and its OpenAI-compatible HTTP address.
+        let router = Component::start("router", &args, 2).await?;
         let control_plane = Component::start(
             "control-plane",
             &strings(&[
@@ -341,6 +350,11 @@ impl Cluster {
 
     pub fn router_addr(&self) -> String {
         self.router.addr("grpc").to_string()
+    }
+
+    /// Base URL of the router's OpenAI-compatible API, e.g. `http://127.0.0.1:41651/v1`.
+    pub fn router_openai_url(&self) -> String {
+        format!("http://{}/v1", self.router.addr("http"))
     }
 
     /// Worker ids the router currently routes to (from `ListModels`).

@@ -62,6 +62,8 @@ impl ApiError {
 
     /// The HTTP form of a gRPC status from the dispatcher (or of a worker's `Failed` frame).
     pub fn from_code(code: Code, message: &str) -> Self {
+        // Speak OpenAI's field names: `sampling.max_tokens` is `max_tokens` to this client.
+        let message = message.strip_prefix("sampling.").unwrap_or(message);
         // The dispatcher's messages name the field first ("field: problem").
         let field = message
             .split_once(": ")
@@ -164,6 +166,7 @@ mod tests {
         );
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        assert_eq!(e.message, "max_tokens: is 9000, the limit is 4096");
         let e = ApiError::from_code(Code::NotFound, "model: unknown model \"x\"");
         assert_eq!(e.status, StatusCode::NOT_FOUND);
         assert_eq!(e.code, Some("model_not_found"));
