@@ -387,11 +387,9 @@ async fn wse_gateway_against_a_real_upstream() -> anyhow::Result<()> {
 
     // 4. Upstream killed mid-stream: a clean Failed frame, no hang.
     worker.start("doomed", "keep talking", 2000).await?;
-    loop {
-        match worker.next(Duration::from_secs(10)).await? {
-            worker_frame::Frame::Tokens(t) if t.request_id == "doomed" => break,
-            other => panic!("expected tokens, got {other:?}"),
-        }
+    match worker.next(Duration::from_secs(10)).await? {
+        worker_frame::Frame::Tokens(t) => assert_eq!(t.request_id, "doomed"),
+        other => panic!("expected tokens, got {other:?}"),
     }
     upstream.router.kill().await?;
     let failed = loop {

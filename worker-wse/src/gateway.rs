@@ -167,7 +167,7 @@ impl GatewayConfig {
         if self.chunk_timeout.is_zero() {
             return Err(config_error("--gateway-chunk-timeout", "must be positive"));
         }
-        if !(self.tokens_per_s > 0.0) {
+        if self.tokens_per_s.is_nan() || self.tokens_per_s <= 0.0 {
             return Err(config_error("--gateway-tokens-per-s", "must be positive"));
         }
         Ok(())

@@ -92,13 +92,13 @@ fn sampling(
     fields: &SamplingFields,
     cap: u32,
 ) -> Result<(v1::SamplingParams, StreamMode), ApiError> {
-    if let Some(n) = fields.n {
-        if n != 1 {
-            return Err(ApiError::invalid(
-                "n",
-                format!("is {n}; only n=1 is supported"),
-            ));
-        }
+    if let Some(n) = fields.n
+        && n != 1
+    {
+        return Err(ApiError::invalid(
+            "n",
+            format!("is {n}; only n=1 is supported"),
+        ));
     }
     let max_tokens = match fields.max_completion_tokens.or(fields.max_tokens) {
         None => DEFAULT_MAX_TOKENS.min(cap),
@@ -125,11 +125,8 @@ fn sampling(
         }
         Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
     };
-    let seed = match fields.seed {
-        None => None,
-        // OpenAI seeds are signed 64-bit; reinterpret the bits.
-        Some(s) => Some(s as u64),
-    };
+    // OpenAI seeds are signed 64-bit; reinterpret the bits.
+    let seed = fields.seed.map(|s| s as u64);
     let stop = fields.stop.clone().map(Stop::into_vec).unwrap_or_default();
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid(
