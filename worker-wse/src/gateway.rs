@@ -14,6 +14,7 @@
 //! - **Faults** (connection refused, timeouts, HTTP errors, malformed SSE, a stream cut off
 //!   before `[DONE]`) end the generation with a clear error: `Unavailable` while nothing was
 //!   streamed (the router may retry elsewhere), `Internal` after (a retry would repeat text).
+//!   An upstream `429` is `ResourceExhausted`, like a full local slot.
 //! - **Usage** reported by the upstream is passed to `Done`.
 //!
 //! The API key is sent as a bearer token and never logged (its `Debug` is redacted).
@@ -357,6 +358,8 @@ enum End {
     /// The worker's reader is gone: nobody to tell.
     ReaderGone,
     Fault(String),
+    /// The endpoint is at capacity (HTTP 429): the router should place the request elsewhere.
+    Busy(String),
 }
 
 #[derive(Default)]
@@ -397,6 +400,10 @@ impl Generation {
                 completion_tokens,
             }),
             End::ReaderGone => return,
+            End::Busy(message) => {
+                debug!(request_id = %self.request_id, %message, "upstream busy");
+                Err(EngineError::ResourceExhausted(message))
+            }
             End::Fault(message) => {
                 warn!(request_id = %self.request_id, streamed = self.streamed, %message, "upstream fault");
                 Err(if self.streamed == 0 {
@@ -422,7 +429,12 @@ impl Generation {
         };
         let status = response.status();
         if !status.is_success() {
-            return End::Fault(self.http_error(response).await);
+            let message = self.http_error(response).await;
+            return if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                End::Busy(message)
+            } else {
+                End::Fault(message)
+            };
         }
         debug!(request_id = %self.request_id, version = ?response.version(), "upstream stream open");
         let mut body = response.bytes_stream();
