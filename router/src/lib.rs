@@ -1,6 +1,7 @@
-//! The Switchyard router: the client-facing `Inference` API (gRPC, and OpenAI-compatible HTTP), request classification, the pure
-//! placement policy, persistent multiplexed links to workers, and the per-request dispatcher
-//! (cancel, interrupt-and-redirect, failover with token resume).
+//! The Switchyard router: the client-facing `Inference` API (gRPC, and OpenAI-compatible HTTP
+//! in [`openai`]), request classification, the pure placement policy, persistent multiplexed
+//! links to workers, and the per-request dispatcher (cancel, interrupt-and-redirect, failover
+//! with token resume).
 
 pub mod classify;
 pub mod config;
