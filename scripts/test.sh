@@ -6,11 +6,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+. scripts/protoc.sh
+ensure_protoc
+
 need_apt=()
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v curl >/dev/null || need_apt+=(curl)
-command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
-[ -e /usr/include/google/protobuf/timestamp.proto ] || need_apt+=(libprotobuf-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} from Debian"
   sudo_cmd=""
@@ -23,4 +24,9 @@ fi
 python3 -m pip install -q --disable-pip-version-check -r scripts/test-requirements.txt
 
 cargo build --workspace --bins
-cargo test --workspace --no-fail-fast "$@"
+if cargo nextest --version >/dev/null 2>&1; then
+  # nextest ends with one summary line for the whole run.
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
