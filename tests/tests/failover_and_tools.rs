@@ -131,7 +131,7 @@ async fn etcd_registry_keeps_a_live_lease_and_expires_a_dead_one() -> anyhow::Re
     let etcd = Etcd::start().await?;
     let registry = etcd.registry().await?;
     let live = registry
-        .register(record("live"), Duration::from_secs(1))
+        .register(record("live"), Duration::from_secs(3))
         .await?;
     // A second client registers, then its keepalive task is stopped by aborting the runtime it
     // runs on: the lease must expire on its own.
@@ -146,7 +146,7 @@ async fn etcd_registry_keeps_a_live_lease_and_expires_a_dead_one() -> anyhow::Re
                 .await
                 .unwrap();
             let registration = other
-                .register(record("dead"), Duration::from_secs(1))
+                .register(record("dead"), Duration::from_secs(3))
                 .await
                 .unwrap();
             std::mem::forget(registration);
