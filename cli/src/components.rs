@@ -44,6 +44,9 @@ pub struct RouterArgs {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// OpenAI-compatible HTTP listen address (port 0 picks a free port).
+    #[arg(long, env = "SWITCHYARD_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
     /// Lane of requests that say REQUEST_CLASS_AUTO.
     #[arg(long, env = "SWITCHYARD_DEFAULT_LANE", value_parser = parse_lane, default_value = "cost-sensitive")]
     pub default_lane: switchyard_proto::v1::Lane,
@@ -59,6 +62,7 @@ impl RouterArgs {
     pub fn config(&self) -> RouterConfig {
         RouterConfig {
             listen: self.listen,
+            http_listen: Some(self.http_listen),
             default_lane: self.default_lane,
             limits: RequestLimits {
                 max_tokens_cap: self.max_tokens_cap,
@@ -164,8 +168,11 @@ pub fn announce(component: &str, protocol: &str, address: SocketAddr) {
 pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
-    switchyard_router::run_router(args.config(), registry, shutdown, |addr| {
-        announce("router", "grpc", addr)
+    switchyard_router::run_router_with_endpoints(args.config(), registry, shutdown, |endpoints| {
+        announce("router", "grpc", endpoints.grpc);
+        if let Some(http) = endpoints.http {
+            announce("router", "http", http);
+        }
     })
     .await?;
     Ok(())

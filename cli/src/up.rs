@@ -21,6 +21,9 @@ pub struct UpArgs {
     /// Router gRPC address.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub router_listen: SocketAddr,
+    /// Router OpenAI-compatible HTTP address (port 0 picks a free port).
+    #[arg(long, env = "SWITCHYARD_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
     /// Control-plane gRPC address.
     #[arg(long, default_value = "127.0.0.1:50052")]
     pub control_plane_listen: SocketAddr,
@@ -50,6 +53,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         max_concurrent: 8,
         synthetic_ttft: Duration::from_millis(20),
         synthetic_tokens_per_s: 1000.0,
+        gateway: Default::default(),
     };
     let mut workers = Vec::new();
     for _ in 0..args.gpu_workers {
@@ -103,14 +107,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     let (tx, rx) = oneshot::channel();
     ready.insert(0, ("router", rx));
+    let (http_tx, http_rx) = oneshot::channel();
     let config = switchyard_router::RouterConfig {
         listen: args.router_listen,
+        http_listen: Some(args.http_listen),
         ..Default::default()
     };
     let (r, s) = (registry.clone(), shutdown.clone());
     tasks.spawn(async move {
-        switchyard_router::run_router(config, r, s, |a| {
-            let _ = tx.send(a);
+        switchyard_router::run_router_with_endpoints(config, r, s, |e| {
+            let _ = tx.send(e.grpc);
+            let _ = http_tx.send(e.http);
         })
         .await
         .map_err(anyhow::Error::from)
@@ -134,8 +141,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     tokio::time::timeout(Duration::from_secs(10), wait_for_workers(router, workers))
         .await
         .context("the router did not connect to every worker within 10s")??;
+    let router_http = http_rx.await.ok().flatten();
     for (component, address) in endpoints {
         announce(component, "grpc", address);
+        if let (Some(http), "router") = (router_http, component) {
+            announce(component, "http", http);
+        }
     }
     eprintln!("switchyard: local cluster up; Ctrl-C stops it");
     while let Some(result) = tasks.join_next().await {

@@ -98,21 +98,17 @@ pub fn validate_generate_request(
             ),
         ));
     }
-    if let Some(t) = sampling.temperature {
-        if !(0.0..=2.0).contains(&t) {
-            return Err(FieldViolation::new(
-                "sampling.temperature",
-                format!("is {t}, must be between 0 and 2"),
-            ));
-        }
+    if let Some(t) = sampling.temperature.filter(|t| !(0.0..=2.0).contains(t)) {
+        return Err(FieldViolation::new(
+            "sampling.temperature",
+            format!("is {t}, must be between 0 and 2"),
+        ));
     }
-    if let Some(p) = sampling.top_p {
-        if !(p > 0.0 && p <= 1.0) {
-            return Err(FieldViolation::new(
-                "sampling.top_p",
-                format!("is {p}, must be in (0, 1]"),
-            ));
-        }
+    if let Some(p) = sampling.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+        return Err(FieldViolation::new(
+            "sampling.top_p",
+            format!("is {p}, must be in (0, 1]"),
+        ));
     }
     if sampling.stop.len() > 16 {
         return Err(FieldViolation::new(

@@ -10,6 +10,8 @@ use switchyard_proto::v1::Lane;
 pub struct RouterConfig {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// OpenAI-compatible HTTP listen address; `None` serves gRPC only.
+    pub http_listen: Option<SocketAddr>,
     /// Lane for `REQUEST_CLASS_AUTO` requests until the classifier's rules say otherwise.
     pub default_lane: Lane,
     pub limits: RequestLimits,
@@ -26,6 +28,7 @@ impl Default for RouterConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:50051".parse().expect("valid literal address"),
+            http_listen: None,
             default_lane: Lane::CostSensitive,
             limits: RequestLimits::default(),
             connect_timeout: Duration::from_secs(2),

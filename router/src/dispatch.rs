@@ -418,6 +418,10 @@ impl<'d> Run<'d> {
                     return self.finish(reason, out).await;
                 }
                 SegmentEnd::Interrupted(interrupt) => {
+                    if self.delivered >= self.max_tokens() {
+                        // The budget ran out before the redirect could take effect.
+                        return self.finish(v1::FinishReason::Length as i32, out).await;
+                    }
                     self.redirect(interrupt);
                     // Prefer the same worker: its KV cache holds this conversation.
                     if !link.state().available {
@@ -549,6 +553,14 @@ impl<'d> Run<'d> {
             });
         }
         Ok(end)
+    }
+
+    fn max_tokens(&self) -> u32 {
+        self.request
+            .sampling
+            .as_ref()
+            .map(|s| s.max_tokens)
+            .unwrap_or_default()
     }
 
     fn worker_start(&self, generation_id: &str) -> v1::WorkerStart {

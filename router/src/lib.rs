@@ -1,15 +1,17 @@
-//! The Switchyard router: the client-facing `Inference` API, request classification, the pure
-//! placement policy, persistent multiplexed links to workers, and the per-request dispatcher
-//! (cancel, interrupt-and-redirect, failover with token resume).
+//! The Switchyard router: the client-facing `Inference` API (gRPC, and OpenAI-compatible HTTP
+//! in [`openai`]), request classification, the pure placement policy, persistent multiplexed
+//! links to workers, and the per-request dispatcher (cancel, interrupt-and-redirect, failover
+//! with token resume).
 
 pub mod classify;
 pub mod config;
 pub mod dispatch;
 pub mod links;
+pub mod openai;
 pub mod policy;
 pub mod policy_watch;
 pub mod server;
 pub mod service;
 
 pub use config::RouterConfig;
-pub use server::run_router;
+pub use server::{RouterEndpoints, run_router, run_router_with_endpoints};

@@ -214,16 +214,22 @@ impl Link {
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
-        let channel = tokio::select! {
-            channel = endpoint.connect() => channel.map_err(|e| e.to_string())?,
+        let (tx, rx) = mpsc::unbounded_channel();
+        // Bound the whole establishment (TCP, HTTP/2 handshake, response headers): a worker
+        // that accepts but never answers must not leave the link stuck; it is retried instead.
+        let establish = async {
+            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            WorkerClient::new(channel)
+                .serve(ReceiverStream::new(unbounded_to_bounded(rx)))
+                .await
+                .map_err(|status| status.to_string())
+        };
+        let mut inbound = tokio::select! {
+            established = tokio::time::timeout(connect_timeout, establish) => established
+                .map_err(|_| format!("no answer within {connect_timeout:?}"))??
+                .into_inner(),
             _ = self.closed.cancelled() => return Ok(()),
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut inbound = WorkerClient::new(channel)
-            .serve(ReceiverStream::new(unbounded_to_bounded(rx)))
-            .await
-            .map_err(|status| status.to_string())?
-            .into_inner();
         *self.outbound.lock().expect("outbound lock") = Some(tx);
         self.connected.store(true, Ordering::Release);
         self.changed.notify_waiters();

@@ -1,5 +1,6 @@
-//! Running the router: membership watch, worker links, and the gRPC server (Inference, health,
-//! reflection).
+//! Running the router: membership watch, worker links, the gRPC server (Inference, health,
+//! reflection) and, when configured, the OpenAI-compatible HTTP server on its own port, both
+//! sharing one dispatcher.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +30,16 @@ pub enum RouterError {
     Registry(#[from] RegistryError),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("http server: {0}")]
+    Http(std::io::Error),
+}
+
+/// The addresses a running router serves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouterEndpoints {
+    pub grpc: SocketAddr,
+    /// The OpenAI-compatible HTTP API, when `http_listen` is set.
+    pub http: Option<SocketAddr>,
 }
 
 /// Serves until `shutdown` fires. `on_ready` gets the bound gRPC address once serving.
@@ -37,6 +48,19 @@ pub async fn run_router(
     registry: Arc<dyn Registry>,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), RouterError> {
+    run_router_with_endpoints(config, registry, shutdown, |endpoints| {
+        on_ready(endpoints.grpc)
+    })
+    .await
+}
+
+/// Like [`run_router`], and `on_ready` gets every bound address (gRPC and HTTP).
+pub async fn run_router_with_endpoints(
+    config: RouterConfig,
+    registry: Arc<dyn Registry>,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(RouterEndpoints),
 ) -> Result<(), RouterError> {
     config.validate().map_err(RouterError::Config)?;
     let listener = TcpListener::bind(config.listen)
@@ -49,6 +73,19 @@ pub async fn run_router(
         addr: config.listen,
         source,
     })?;
+
+    let http_listener = match config.http_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| RouterError::Bind { addr, source })?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| RouterError::Bind { addr, source })?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
 
     let membership = registry.watch_workers().await?;
     let links = Links::spawn(membership, config.connect_timeout, shutdown.clone());
@@ -67,11 +104,34 @@ pub async fn run_router(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InferenceServer::new(InferenceService::new(dispatcher)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned());
+        .add_service(InferenceServer::new(InferenceService::new(
+            dispatcher.clone(),
+        )))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let (http_server, http_bound) = match http_listener {
+        Some((listener, bound)) => {
+            info!(address = %bound, "router http (OpenAI-compatible) ready");
+            let server = crate::openai::serve(listener, dispatcher, shutdown.clone());
+            (Some(server), Some(bound))
+        }
+        None => (None, None),
+    };
     info!(address = %bound, "router ready");
-    on_ready(bound);
-    server.await?;
+    on_ready(RouterEndpoints {
+        grpc: bound,
+        http: http_bound,
+    });
+    match http_server {
+        Some(http) => {
+            let (grpc, http) = tokio::join!(server, http);
+            grpc?;
+            http.map_err(RouterError::Http)?;
+        }
+        None => server.await?,
+    }
     info!("router stopped");
     Ok(())
 }

@@ -1,1 +1,382 @@
+//! Test harness for end-to-end tests: a real `etcd` process and real `switchyard` component
+//! processes on free loopback ports, torn down (SIGKILL) when dropped. Components announce
+//! `<component> <protocol> <address>` on stdout when ready; the harness waits for that line
+//! instead of sleeping. Logs of every process go to `target/e2e-logs/`.
 
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use switchyard_cluster::{EtcdRegistry, Registry};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::time::Instant;
+
+/// How long a process may take to announce readiness.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding a free port")
+}
+
+/// The `switchyard` binary built by `cargo build --bins` (or `$SWITCHYARD_BIN`).
+pub fn switchyard_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("SWITCHYARD_BIN") {
+        return PathBuf::from(path);
+    }
+    // Test binaries live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("current test executable");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    let bin = profile_dir.join("switchyard");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+fn log_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current test executable");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>")
+        .join("e2e-logs");
+    std::fs::create_dir_all(&dir).expect("creating the e2e log dir");
+    dir
+}
+
+fn log_file(name: &str) -> std::fs::File {
+    let path = log_dir().join(format!("{name}-{}.log", free_port()));
+    std::fs::File::create(&path).expect("creating a log file")
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+pub async fn wait_until<F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut condition: F,
+) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(20));
+    loop {
+        ticks.tick().await;
+        if condition().await {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+    }
+}
+
+/// A real etcd server on free loopback ports with its data in a temporary directory.
+pub struct Etcd {
+    child: Child,
+    _data: tempfile::TempDir,
+    pub url: String,
+}
+
+impl Etcd {
+    pub async fn start() -> anyhow::Result<Self> {
+        let data = tempfile::tempdir()?;
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "e2e", "--data-dir"])
+            .arg(data.path())
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-cluster", &format!("e2e={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(log_file("etcd"))
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting etcd (install Debian's etcd-server; scripts/test.sh does)")?;
+        let etcd = Self {
+            child,
+            _data: data,
+            url,
+        };
+        wait_until(Duration::from_secs(20), "etcd to answer", || async {
+            match EtcdRegistry::connect(std::slice::from_ref(&etcd.url)).await {
+                Ok(registry) => registry.list_workers().await.is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await?;
+        Ok(etcd)
+    }
+
+    pub async fn registry(&self) -> anyhow::Result<EtcdRegistry> {
+        Ok(EtcdRegistry::connect(std::slice::from_ref(&self.url)).await?)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+/// A running `switchyard <subcommand>` process.
+pub struct Component {
+    child: Child,
+    pub name: String,
+    /// Endpoints announced on stdout, `(protocol, address)`.
+    pub endpoints: Vec<(String, String, SocketAddr)>,
+}
+
+impl Component {
+    /// Starts `switchyard <args>` and waits until it announced `expected_lines` endpoints.
+    pub async fn start(name: &str, args: &[String], expected_lines: usize) -> anyhow::Result<Self> {
+        let mut child = Command::new(switchyard_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_file(name))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting switchyard {name}"))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut endpoints = Vec::new();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while endpoints.len() < expected_lines {
+            let line = tokio::time::timeout_at(deadline, lines.next_line())
+                .await
+                .with_context(|| {
+                    format!("{name} did not announce readiness within {READY_TIMEOUT:?}")
+                })??
+                .with_context(|| {
+                    format!("{name} exited before announcing readiness (see target/*/e2e-logs)")
+                })?;
+            let parts: Vec<&str> = line.split_whitespace().collect();
+            if let [component, protocol, address] = parts[..] {
+                endpoints.push((
+                    component.to_string(),
+                    protocol.to_string(),
+                    address.parse()?,
+                ));
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Ok(Self {
+            child,
+            name: name.to_string(),
+            endpoints,
+        })
+    }
+
+    /// The first announced address of `protocol`.
+    pub fn addr(&self, protocol: &str) -> SocketAddr {
+        self.endpoints
+            .iter()
+            .find(|(_, p, _)| p == protocol)
+            .map(|(_, _, a)| *a)
+            .expect("announced endpoint")
+    }
+
+    /// The announced address of `component` (for `switchyard up`).
+    pub fn addr_of(&self, component: &str, protocol: &str) -> SocketAddr {
+        self.endpoints
+            .iter()
+            .find(|(c, p, _)| c == component && p == protocol)
+            .map(|(_, _, a)| *a)
+            .expect("announced endpoint")
+    }
+
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("process already reaped")?;
+        kill(Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
+    /// SIGKILL: the process dies without any chance to deregister.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGKILL)?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for the process to exit; returns its exit status.
+    pub async fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        self.signal(Signal::SIGTERM)?;
+        Ok(tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .context("process did not exit after SIGTERM")??)
+    }
+}
+
+/// Options of a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub gpu_workers: usize,
+    pub wse_workers: usize,
+    pub lease_ttl: &'static str,
+    /// Extra flags for every GPU worker.
+    pub gpu_flags: Vec<String>,
+    pub router_flags: Vec<String>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        Self {
+            gpu_workers: 2,
+            wse_workers: 1,
+            lease_ttl: "2s",
+            gpu_flags: vec![],
+            router_flags: vec![],
+        }
+    }
+}
+
+/// etcd plus Switchyard components, each a separate process.
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub router: Component,
+    pub control_plane: Component,
+    pub gpu: Vec<Component>,
+    pub wse: Vec<Component>,
+}
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+impl Cluster {
+    pub async fn start(spec: ClusterSpec) -> anyhow::Result<Self> {
+        let etcd = Etcd::start().await?;
+        let mut gpu = Vec::new();
+        for i in 0..spec.gpu_workers {
+            let mut args = strings(&["worker-gpu", "--etcd", &etcd.url, "--listen", "127.0.0.1:0"]);
+            args.extend(strings(&[
+                "--id",
+                &format!("gpu-{i}"),
+                "--lease-ttl",
+                spec.lease_ttl,
+            ]));
+            args.extend(spec.gpu_flags.iter().cloned());
+            gpu.push(Component::start(&format!("gpu-{i}"), &args, 1).await?);
+        }
+        let mut wse = Vec::new();
+        for i in 0..spec.wse_workers {
+            let mut args = strings(&["worker-wse", "--etcd", &etcd.url, "--listen", "127.0.0.1:0"]);
+            args.extend(strings(&[
+                "--id",
+                &format!("wse-{i}"),
+                "--lease-ttl",
+                spec.lease_ttl,
+            ]));
+            wse.push(Component::start(&format!("wse-{i}"), &args, 1).await?);
+        }
+        let mut args = strings(&[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]);
+        args.extend(spec.router_flags.iter().cloned());
+        // The router announces its gRPC and its OpenAI-compatible HTTP address.
+        let router = Component::start("router", &args, 2).await?;
+        let control_plane = Component::start(
+            "control-plane",
+            &strings(&[
+                "control-plane",
+                "--etcd",
+                &etcd.url,
+                "--listen",
+                "127.0.0.1:0",
+            ]),
+            1,
+        )
+        .await?;
+        let cluster = Self {
+            etcd,
+            router,
+            control_plane,
+            gpu,
+            wse,
+        };
+        let expected = spec.gpu_workers + spec.wse_workers;
+        wait_until(
+            Duration::from_secs(20),
+            "the router to link every worker",
+            || async {
+                cluster
+                    .router_worker_ids()
+                    .await
+                    .map(|ids| ids.len() == expected)
+                    .unwrap_or(false)
+            },
+        )
+        .await?;
+        Ok(cluster)
+    }
+
+    pub fn router_addr(&self) -> String {
+        self.router.addr("grpc").to_string()
+    }
+
+    /// Base URL of the router's OpenAI-compatible API, e.g. `http://127.0.0.1:41651/v1`.
+    pub fn router_openai_url(&self) -> String {
+        format!("http://{}/v1", self.router.addr("http"))
+    }
+
+    /// Worker ids the router currently routes to (from `ListModels`).
+    pub async fn router_worker_ids(&self) -> anyhow::Result<Vec<String>> {
+        list_router_workers(&self.router_addr()).await
+    }
+}
+
+/// Worker ids a router currently routes to, sorted.
+pub async fn list_router_workers(router: &str) -> anyhow::Result<Vec<String>> {
+    let channel = switchyard::client::connect_channel(router).await?;
+    let mut client = switchyard_proto::v1::inference_client::InferenceClient::new(channel);
+    let models = client
+        .list_models(switchyard_proto::v1::ListModelsRequest {})
+        .await?
+        .into_inner();
+    let mut ids: Vec<String> = models
+        .models
+        .iter()
+        .flat_map(|m| m.workers.iter().map(|w| w.id.clone()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    Ok(ids)
+}

@@ -1,0 +1,322 @@
+//! The HTTP handlers: parse and validate the OpenAI request, translate it to a
+//! `GenerateRequest`, run it through the dispatcher, and answer as JSON or as an SSE stream.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use switchyard_proto::v1::{self, server_frame::Frame};
+use tokio::sync::mpsc;
+use tonic::Code;
+
+use super::error::ApiError;
+use super::stream;
+use super::wire::{self, ChatCompletionRequest, CompletionRequest};
+use crate::dispatch::Dispatcher;
+
+/// Frames buffered towards one HTTP client before the dispatcher waits for it to read.
+const CLIENT_BUFFER: usize = 1024;
+/// Request header choosing the lane.
+pub const CLASS_HEADER: &str = "x-switchyard-class";
+
+/// Which OpenAI endpoint a generation came through; decides the response shapes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+/// What the response of one generation says about it besides the text.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub endpoint: Endpoint,
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    pub lane: String,
+    pub pool: String,
+    pub worker: String,
+}
+
+impl Meta {
+    /// Adds the `x-switchyard-*` headers to `response`.
+    pub fn decorate(&self, response: &mut Response) {
+        let headers = response.headers_mut();
+        for (name, value) in [
+            ("x-switchyard-lane", &self.lane),
+            ("x-switchyard-pool", &self.pool),
+            ("x-switchyard-worker", &self.worker),
+            ("x-request-id", &self.id),
+        ] {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                headers.insert(HeaderName::from_static(name), value);
+            }
+        }
+    }
+}
+
+pub async fn chat_completions(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generate(dispatcher, headers, body, Endpoint::Chat)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn completions(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    generate(dispatcher, headers, body, Endpoint::Completion)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(|rejection| {
+        let mut error = ApiError::bad_body(rejection.body_text());
+        error.status = rejection.status();
+        error
+    })?;
+    if body.is_empty() {
+        return Err(ApiError::bad_body("is empty; send a JSON object"));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_body(format!("not valid JSON for this endpoint: {e}")))
+}
+
+/// The request class from `x-switchyard-class`, AUTO when absent.
+fn class_from_headers(headers: &HeaderMap) -> Result<v1::RequestClass, ApiError> {
+    let Some(value) = headers.get(CLASS_HEADER) else {
+        return Ok(v1::RequestClass::Auto);
+    };
+    match value.to_str().map(str::trim) {
+        Ok("latency-critical") => Ok(v1::RequestClass::LatencyCritical),
+        Ok("cost-sensitive") => Ok(v1::RequestClass::CostSensitive),
+        Ok("auto") => Ok(v1::RequestClass::Auto),
+        _ => Err(ApiError::invalid(
+            CLASS_HEADER,
+            format!("header value {value:?} is not one of latency-critical, cost-sensitive, auto"),
+        )),
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The next frame from the dispatcher.
+async fn next_frame(
+    rx: &mut mpsc::Receiver<Result<v1::ServerFrame, tonic::Status>>,
+) -> Result<Frame, ApiError> {
+    match rx.recv().await {
+        Some(Ok(v1::ServerFrame { frame: Some(frame) })) => Ok(frame),
+        Some(Ok(v1::ServerFrame { frame: None })) => Err(ApiError::from_code(
+            Code::Internal,
+            "dispatcher sent an empty frame",
+        )),
+        Some(Err(status)) => Err(ApiError::from_status(&status)),
+        None => Err(ApiError::from_code(
+            Code::Internal,
+            "the request ended without a result",
+        )),
+    }
+}
+
+fn failed(failed: &v1::Failed) -> ApiError {
+    ApiError::from_code(Code::from_i32(failed.code), &failed.message)
+}
+
+async fn generate(
+    dispatcher: Arc<Dispatcher>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Result<Response, ApiError> {
+    let cap = dispatcher.limits().max_tokens_cap;
+    let (mut request, mode) = match endpoint {
+        Endpoint::Chat => parse::<ChatCompletionRequest>(body)?.into_proto(cap)?,
+        Endpoint::Completion => parse::<CompletionRequest>(body)?.into_proto(cap)?,
+    };
+    request.class = class_from_headers(&headers)? as i32;
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completion => "cmpl",
+    };
+    let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+    request.request_id = id.clone();
+
+    // The same path as gRPC: classify, place, run.
+    let prepared = dispatcher
+        .prepare(request)
+        .map_err(|status| ApiError::from_status(&status))?;
+    let (tx, mut rx) = mpsc::channel(CLIENT_BUFFER);
+    let runner = dispatcher.clone();
+    tokio::spawn(async move {
+        // HTTP has no control frames: the sender lives as long as the request. Cancellation
+        // comes from `rx` being dropped (client gone).
+        let (_controls_tx, controls) = mpsc::unbounded_channel();
+        runner.run(prepared, controls, tx).await;
+    });
+
+    let accepted = match next_frame(&mut rx).await? {
+        Frame::Accepted(accepted) => accepted,
+        Frame::Failed(f) => return Err(failed(&f)),
+        _ => {
+            return Err(ApiError::from_code(
+                Code::Internal,
+                "dispatcher did not accept the request first",
+            ));
+        }
+    };
+    let lane = v1::Lane::try_from(accepted.lane)
+        .unwrap_or(v1::Lane::Unspecified)
+        .label()
+        .to_string();
+    let meta = Meta {
+        endpoint,
+        id,
+        created: unix_now(),
+        model: accepted.model,
+        lane,
+        pool: accepted.pool,
+        worker: accepted.worker_id,
+    };
+
+    if mode.stream {
+        // Hold the headers until the first token (or the end): a request that fails before
+        // producing anything — every worker full, say — still gets its proper HTTP status.
+        let first = next_frame(&mut rx).await?;
+        if let Frame::Failed(f) = &first {
+            return Err(failed(f));
+        }
+        Ok(stream::sse_response(meta, mode, first, rx))
+    } else {
+        complete(meta, rx).await
+    }
+}
+
+/// Collects a whole generation into one JSON response.
+async fn complete(
+    meta: Meta,
+    mut rx: mpsc::Receiver<Result<v1::ServerFrame, tonic::Status>>,
+) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    let finished = loop {
+        match next_frame(&mut rx).await? {
+            Frame::Tokens(tokens) => text.push_str(&tokens.text),
+            Frame::Finished(finished) => break finished,
+            Frame::Failed(f) => return Err(failed(&f)),
+            Frame::Accepted(_) => {}
+        }
+    };
+    let usage = wire::Usage::from(finished.usage);
+    let finish_reason = wire::finish_reason(finished.reason);
+    let body = match meta.endpoint {
+        Endpoint::Chat => json!({
+            "id": meta.id,
+            "object": "chat.completion",
+            "created": meta.created,
+            "model": meta.model,
+            "system_fingerprint": Value::Null,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": Value::Null},
+                "logprobs": Value::Null,
+                "finish_reason": finish_reason,
+            }],
+            "usage": usage,
+        }),
+        Endpoint::Completion => json!({
+            "id": meta.id,
+            "object": "text_completion",
+            "created": meta.created,
+            "model": meta.model,
+            "system_fingerprint": Value::Null,
+            "choices": [{
+                "index": 0,
+                "text": text,
+                "logprobs": Value::Null,
+                "finish_reason": finish_reason,
+            }],
+            "usage": usage,
+        }),
+    };
+    let mut response = Json(body).into_response();
+    meta.decorate(&mut response);
+    Ok(response)
+}
+
+/// Model ids and whether a ready worker serves each.
+fn models(dispatcher: &Dispatcher) -> BTreeMap<String, usize> {
+    let mut models = BTreeMap::new();
+    for worker in dispatcher.links.states() {
+        for model in &worker.models {
+            *models.entry(model.clone()).or_default() += usize::from(worker.available);
+        }
+    }
+    models
+}
+
+fn model_object(id: &str, ready_workers: usize) -> Value {
+    json!({
+        "id": id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "switchyard",
+        "ready_workers": ready_workers,
+    })
+}
+
+pub async fn list_models(State(dispatcher): State<Arc<Dispatcher>>) -> Response {
+    let data: Vec<Value> = models(&dispatcher)
+        .iter()
+        .map(|(id, ready)| model_object(id, *ready))
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+pub async fn get_model(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    Path(model): Path<String>,
+) -> Response {
+    match models(&dispatcher).get(&model) {
+        Some(ready) => Json(model_object(&model, *ready)).into_response(),
+        None => ApiError::not_found(
+            Some("model"),
+            format!("model: {model:?} is not served by any worker"),
+        )
+        .into_response(),
+    }
+}
+
+pub async fn health(State(dispatcher): State<Arc<Dispatcher>>) -> Response {
+    let states = dispatcher.links.states();
+    let ready = states.iter().filter(|w| w.available).count();
+    (
+        StatusCode::OK,
+        Json(json!({"status": "ok", "workers": {"ready": ready, "known": states.len()}})),
+    )
+        .into_response()
+}
+
+pub async fn unknown_route(uri: axum::http::Uri) -> Response {
+    ApiError::not_found(None, format!("no such endpoint: {}", uri.path())).into_response()
+}
+
+/// Re-exported for the SSE module's signature.
+pub type FrameReceiver = mpsc::Receiver<Result<v1::ServerFrame, tonic::Status>>;

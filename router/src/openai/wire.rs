@@ -1,0 +1,396 @@
+//! OpenAI wire types (the subset Switchyard speaks) and their translation to and from
+//! `switchyard.v1` messages. Nothing outside `openai/` sees these types.
+//!
+//! Requests are parsed leniently (unknown fields are ignored, as OpenAI clients send many) but
+//! validated strictly: every rejection names the OpenAI field at fault.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use switchyard_proto::v1;
+
+use super::error::ApiError;
+
+/// `max_tokens` when the request gives none (OpenAI's default is "as many as fit"; a router
+/// needs a bound). Lowered to the router's cap when that is smaller.
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+
+/// `stop` as OpenAI accepts it: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Stop {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s],
+            Stop::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    pub max_tokens: Option<i64>,
+    /// Newer name of `max_tokens` (chat only, but harmless on completions).
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    /// Not in OpenAI's API; accepted as vLLM and others do.
+    pub top_k: Option<i64>,
+    pub seed: Option<i64>,
+    pub stop: Option<Stop>,
+    pub n: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    /// End-user id; used as the affinity key.
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Option<Vec<Value>>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct CompletionRequest {
+    pub model: Option<String>,
+    pub prompt: Option<Value>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// What a handler needs besides the proto request.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamMode {
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+fn required_model(model: Option<String>) -> Result<String, ApiError> {
+    match model {
+        Some(m) if !m.trim().is_empty() => Ok(m),
+        Some(_) => Err(ApiError::invalid("model", "must not be empty")),
+        None => Err(ApiError::invalid("model", "is required")),
+    }
+}
+
+fn sampling(
+    fields: &SamplingFields,
+    cap: u32,
+) -> Result<(v1::SamplingParams, StreamMode), ApiError> {
+    if let Some(n) = fields.n
+        && n != 1
+    {
+        return Err(ApiError::invalid(
+            "n",
+            format!("is {n}; only n=1 is supported"),
+        ));
+    }
+    let max_tokens = match fields.max_completion_tokens.or(fields.max_tokens) {
+        None => DEFAULT_MAX_TOKENS.min(cap),
+        Some(m) if m < 1 => {
+            let field = if fields.max_completion_tokens.is_some() {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            return Err(ApiError::invalid(
+                field,
+                format!("is {m}, must be at least 1"),
+            ));
+        }
+        Some(m) => u32::try_from(m).unwrap_or(u32::MAX),
+    };
+    let top_k = match fields.top_k {
+        None => None,
+        Some(k) if k < 0 => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("is {k}, must not be negative"),
+            ));
+        }
+        Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
+    };
+    // OpenAI seeds are signed 64-bit; reinterpret the bits.
+    let seed = fields.seed.map(|s| s as u64);
+    let stop = fields.stop.clone().map(Stop::into_vec).unwrap_or_default();
+    if stop.iter().any(String::is_empty) {
+        return Err(ApiError::invalid(
+            "stop",
+            "stop sequences must not be empty",
+        ));
+    }
+    let params = v1::SamplingParams {
+        max_tokens,
+        temperature: fields.temperature.map(|t| t as f32),
+        top_p: fields.top_p.map(|p| p as f32),
+        top_k,
+        seed,
+        stop,
+    };
+    let mode = StreamMode {
+        stream: fields.stream,
+        include_usage: fields.stream
+            && fields
+                .stream_options
+                .as_ref()
+                .is_some_and(|o| o.include_usage),
+    };
+    if !fields.stream && fields.stream_options.is_some() {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "is only allowed when stream is true",
+        ));
+    }
+    Ok((params, mode))
+}
+
+/// The text of a message's `content`: a string, or an array of `{"type":"text","text":..}` parts.
+fn message_content(index: usize, content: Option<&Value>) -> Result<String, ApiError> {
+    let field = format!("messages[{index}].content");
+    match content {
+        None | Some(Value::Null) => Err(ApiError::invalid(field, "is required")),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for (p, part) in parts.iter().enumerate() {
+                match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    (Some(other), _) if other != "text" => {
+                        return Err(ApiError::invalid(
+                            format!("{field}[{p}].type"),
+                            format!("content part type {other:?} is not supported (only \"text\")"),
+                        ));
+                    }
+                    _ => {
+                        return Err(ApiError::invalid(
+                            format!("{field}[{p}]"),
+                            "must be {\"type\": \"text\", \"text\": \"...\"}",
+                        ));
+                    }
+                }
+            }
+            Ok(text)
+        }
+        Some(_) => Err(ApiError::invalid(
+            field,
+            "must be a string or an array of text parts",
+        )),
+    }
+}
+
+fn chat_messages(messages: Option<Vec<Value>>) -> Result<Vec<v1::ChatMessage>, ApiError> {
+    let messages = messages.ok_or_else(|| ApiError::invalid("messages", "is required"))?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "must contain at least one message",
+        ));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !m.is_object() {
+                return Err(ApiError::invalid(
+                    format!("messages[{i}]"),
+                    "must be an object",
+                ));
+            }
+            let role = match m.get("role").and_then(Value::as_str) {
+                Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
+                // OpenAI's newer name for system instructions.
+                Some("developer") => "system".to_string(),
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].role"),
+                        format!(
+                            "role {other:?} is not supported (system, developer, user, assistant)"
+                        ),
+                    ));
+                }
+                None => {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].role"),
+                        "is required",
+                    ));
+                }
+            };
+            Ok(v1::ChatMessage {
+                role,
+                content: message_content(i, m.get("content"))?,
+            })
+        })
+        .collect()
+}
+
+impl ChatCompletionRequest {
+    /// Translates to a `GenerateRequest` (request id and class are filled in by the caller).
+    pub fn into_proto(self, cap: u32) -> Result<(v1::GenerateRequest, StreamMode), ApiError> {
+        let model = required_model(self.model)?;
+        let messages = chat_messages(self.messages)?;
+        let (sampling, mode) = sampling(&self.sampling, cap)?;
+        Ok((
+            v1::GenerateRequest {
+                model,
+                messages,
+                sampling: Some(sampling),
+                affinity_key: self.sampling.user.unwrap_or_default(),
+                ..Default::default()
+            },
+            mode,
+        ))
+    }
+}
+
+impl CompletionRequest {
+    pub fn into_proto(self, cap: u32) -> Result<(v1::GenerateRequest, StreamMode), ApiError> {
+        let model = required_model(self.model)?;
+        let prompt = match self.prompt {
+            None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "is required")),
+            Some(Value::String(s)) => s,
+            Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
+                items[0].as_str().unwrap_or_default().to_string()
+            }
+            Some(Value::Array(_)) => {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "only a single string prompt is supported (no batches or token arrays)",
+                ));
+            }
+            Some(_) => return Err(ApiError::invalid("prompt", "must be a string")),
+        };
+        if prompt.is_empty() {
+            return Err(ApiError::invalid("prompt", "must not be empty"));
+        }
+        let (sampling, mode) = sampling(&self.sampling, cap)?;
+        Ok((
+            v1::GenerateRequest {
+                model,
+                prompt,
+                sampling: Some(sampling),
+                affinity_key: self.sampling.user.unwrap_or_default(),
+                ..Default::default()
+            },
+            mode,
+        ))
+    }
+}
+
+/// OpenAI's `finish_reason` for a Switchyard one. A cancelled generation reports "stop"
+/// (OpenAI has no "cancelled"), and only a client that is gone can cancel over HTTP.
+pub fn finish_reason(reason: i32) -> &'static str {
+    match v1::FinishReason::try_from(reason).unwrap_or(v1::FinishReason::Unspecified) {
+        v1::FinishReason::Length => "length",
+        _ => "stop",
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl From<Option<v1::Usage>> for Usage {
+    fn from(usage: Option<v1::Usage>) -> Self {
+        let u = usage.unwrap_or_default();
+        Usage {
+            prompt_tokens: u.prompt_tokens,
+            completion_tokens: u.completion_tokens,
+            total_tokens: u.prompt_tokens + u.completion_tokens,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(body: &str) -> Result<(v1::GenerateRequest, StreamMode), ApiError> {
+        serde_json::from_str::<ChatCompletionRequest>(body)
+            .expect("parses")
+            .into_proto(4096)
+    }
+
+    #[test]
+    fn chat_request_translates_with_defaults() {
+        let (request, mode) = chat(
+            r#"{"model":"m","messages":[{"role":"developer","content":"be brief"},
+                {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
+                "stream":true,"stream_options":{"include_usage":true},"seed":-1,"stop":"END",
+                "logprobs":false,"user":"u1"}"#,
+        )
+        .expect("valid");
+        assert_eq!(request.model, "m");
+        assert_eq!(request.messages[0].role, "system");
+        assert_eq!(request.messages[1].content, "hi there");
+        let sampling = request.sampling.expect("sampling");
+        assert_eq!(sampling.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(sampling.seed, Some(u64::MAX));
+        assert_eq!(sampling.stop, vec!["END".to_string()]);
+        assert_eq!(request.affinity_key, "u1");
+        assert!(mode.stream && mode.include_usage);
+    }
+
+    #[test]
+    fn chat_request_errors_name_the_field() {
+        let param = |body: &str| chat(body).expect_err("invalid").param;
+        assert_eq!(param(r#"{"messages":[]}"#).as_deref(), Some("model"));
+        assert_eq!(param(r#"{"model":"m"}"#).as_deref(), Some("messages"));
+        assert_eq!(
+            param(r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#).as_deref(),
+            Some("messages[0].role")
+        );
+        assert_eq!(
+            param(r#"{"model":"m","messages":[{"role":"user"}]}"#).as_deref(),
+            Some("messages[0].content")
+        );
+        assert_eq!(
+            param(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":0}"#)
+                .as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            param(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#).as_deref(),
+            Some("n")
+        );
+        assert_eq!(
+            param(
+                r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#
+            )
+            .as_deref(),
+            Some("stream_options")
+        );
+    }
+
+    #[test]
+    fn completion_prompt_forms() {
+        let parse = |body: &str| {
+            serde_json::from_str::<CompletionRequest>(body)
+                .expect("parses")
+                .into_proto(8)
+        };
+        let (request, _) = parse(r#"{"model":"m","prompt":["once"]}"#).expect("valid");
+        assert_eq!(request.prompt, "once");
+        // The default max_tokens is lowered to the router's cap.
+        assert_eq!(request.sampling.expect("sampling").max_tokens, 8);
+        let error = parse(r#"{"model":"m","prompt":[1,2]}"#).expect_err("token arrays");
+        assert_eq!(error.param.as_deref(), Some("prompt"));
+    }
+}

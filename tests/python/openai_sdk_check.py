@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Drives a Switchyard router's OpenAI-compatible HTTP API with the official `openai` SDK.
+
+Usage: openai_sdk_check.py BASE_URL MODEL
+(BASE_URL like http://127.0.0.1:8080/v1). Prints one line per check and, at the end,
+"openai-sdk: N passed, M failed"; exits non-zero when a check failed.
+The end-to-end test `tests/tests/openai.rs` runs it against real router and worker processes.
+"""
+
+import sys
+import traceback
+
+import openai
+from openai import OpenAI
+
+BASE_URL, MODEL = sys.argv[1], sys.argv[2]
+# No retries: a 429/503 must surface, not be retried away.
+client = OpenAI(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=30)
+MESSAGES = [{"role": "user", "content": "the quick brown fox jumps"}]
+results = []
+
+
+def check(fn):
+    try:
+        fn()
+        results.append(True)
+        print(f"PASS {fn.__name__}", flush=True)
+    except Exception:  # noqa: BLE001 - report every failure and go on
+        results.append(False)
+        print(f"FAIL {fn.__name__}", flush=True)
+        traceback.print_exc(file=sys.stdout)
+    return fn
+
+
+@check
+def chat_non_streaming():
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=7, seed=42)
+    assert r.object == "chat.completion", r
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content, r
+    assert r.choices[0].finish_reason == "length", r.choices[0].finish_reason
+    assert r.usage.completion_tokens == 7, r.usage
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+
+
+@check
+def chat_streaming_equals_non_streaming():
+    whole = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=9, seed=7
+    ).choices[0].message.content
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=9,
+        seed=7,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, finish, usage, chunks = [], None, None, 0
+    for chunk in stream:
+        chunks += 1
+        assert chunk.object == "chat.completion.chunk", chunk
+        if chunk.choices:
+            delta = chunk.choices[0].delta
+            if delta.content:
+                parts.append(delta.content)
+            if chunk.choices[0].finish_reason:
+                finish = chunk.choices[0].finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage
+    streamed = "".join(parts)
+    assert streamed == whole, (streamed, whole)
+    assert finish == "length", finish
+    assert usage is not None and usage.completion_tokens == 9, usage
+    assert chunks >= 3, chunks
+
+
+@check
+def chat_raw_response_headers():
+    raw = client.chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=2,
+        extra_headers={"x-switchyard-class": "latency-critical"},
+    )
+    assert raw.headers["x-switchyard-lane"] == "latency-critical", dict(raw.headers)
+    assert raw.headers["x-switchyard-worker"], dict(raw.headers)
+    assert raw.parse().choices[0].message.content
+
+
+@check
+def completions_both_ways():
+    whole = client.completions.create(model=MODEL, prompt="one two three", max_tokens=5)
+    assert whole.object == "text_completion", whole
+    assert whole.choices[0].text == "one two three one two", whole.choices[0].text
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="one two three", max_tokens=5, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == whole.choices[0].text, (streamed, whole.choices[0].text)
+
+
+@check
+def models_list():
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids, ids
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+@check
+def unknown_model_is_404():
+    try:
+        client.chat.completions.create(model="no-such-model", messages=MESSAGES, max_tokens=2)
+    except openai.NotFoundError as e:
+        assert e.status_code == 404
+        assert e.body["code"] == "model_not_found", e.body
+        assert e.body["param"] == "model", e.body
+        return
+    raise AssertionError("expected NotFoundError")
+
+
+@check
+def bad_request_is_400():
+    try:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=0)
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+        assert e.body["param"] == "max_tokens", e.body
+        return
+    raise AssertionError("expected BadRequestError")
+
+
+@check
+def bad_lane_header_is_400():
+    try:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_tokens=2,
+            extra_headers={"x-switchyard-class": "fastest"},
+        )
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "x-switchyard-class", e.body
+        return
+    raise AssertionError("expected BadRequestError")
+
+
+passed = sum(results)
+failed = len(results) - passed
+print(f"openai-sdk: {passed} passed, {failed} failed", flush=True)
+sys.exit(1 if failed else 0)

@@ -1,0 +1,465 @@
+//! End-to-end behaviour of the foundation: real etcd, two GPU workers, one wafer-scale worker,
+//! a router and a control plane, each its own process, all on the synthetic load-test engine.
+
+use std::time::Duration;
+
+use switchyard::client::{Completion, SessionClient};
+use switchyard_proto::v1::{
+    self, ChatMessage, FinishReason, GenerateRequest, Lane, RequestClass, SamplingParams,
+    client_frame, server_frame::Frame,
+};
+use switchyard_tests::{Cluster, ClusterSpec, wait_until};
+use switchyard_worker::synthetic::{synthetic_text, synthetic_token};
+use tonic::Code;
+
+fn request(id: &str, class: RequestClass, content: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: id.into(),
+        model: "synthetic".into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        sampling: Some(SamplingParams {
+            max_tokens,
+            ..Default::default()
+        }),
+        class: class as i32,
+        ..Default::default()
+    }
+}
+
+fn assert_gap_free(completion: &Completion) {
+    let expected: Vec<u64> = (0..completion.seqs.len() as u64).collect();
+    assert_eq!(
+        completion.seqs, expected,
+        "chunk sequence numbers must start at 0 without gaps"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_serves_both_lanes_concurrently() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec::default()).await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+
+    let fast = session.start(request(
+        "fast",
+        RequestClass::LatencyCritical,
+        "quick answer please",
+        40,
+    ))?;
+    let cheap = session.start(request(
+        "cheap",
+        RequestClass::CostSensitive,
+        "long batch job",
+        20,
+    ))?;
+    let (fast, cheap) = tokio::join!(fast.collect(), cheap.collect());
+
+    let accepted = fast.accepted.as_ref().expect("fast request accepted");
+    assert_eq!(
+        (accepted.pool.as_str(), accepted.lane),
+        ("wse", Lane::LatencyCritical as i32)
+    );
+    assert!(accepted.worker_id.starts_with("wse-"));
+    let accepted = cheap.accepted.as_ref().expect("cheap request accepted");
+    assert_eq!(
+        (accepted.pool.as_str(), accepted.lane),
+        ("gpu", Lane::CostSensitive as i32)
+    );
+
+    assert_eq!(fast.text, synthetic_text("quick answer please", 0, 40));
+    assert_eq!(cheap.text, synthetic_text("long batch job", 0, 20));
+    for completion in [&fast, &cheap] {
+        assert_gap_free(completion);
+        let finished = completion.finished.as_ref().expect("finished");
+        assert_eq!(finished.reason, FinishReason::Length as i32);
+        assert_eq!(
+            finished.usage.unwrap().completion_tokens as usize,
+            completion.token_ids.len()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_stream_stops_the_generation() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        ..Default::default()
+    })
+    .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let mut stream = session.start(request(
+        "long",
+        RequestClass::CostSensitive,
+        "one two three",
+        4000,
+    ))?;
+    let mut completion = Completion::default();
+    while completion.token_ids.len() < 3 {
+        completion.absorb(stream.next().await.expect("stream open"));
+    }
+    session.cancel("long")?;
+    while let Some(frame) = stream.next().await {
+        completion.absorb(frame);
+    }
+    let finished = completion.finished.expect("a Finished frame after cancel");
+    assert_eq!(finished.reason, FinishReason::Cancelled as i32);
+    let produced = finished.usage.unwrap().completion_tokens;
+    assert!(
+        produced < 4000,
+        "generation stopped early, produced {produced}"
+    );
+    assert_eq!(
+        produced as usize,
+        completion.token_ids.len(),
+        "every produced token reached the client"
+    );
+
+    // The worker freed the sequence: its load report drops back to zero active requests.
+    let worker = cluster.gpu[0].addr("grpc");
+    wait_until(
+        Duration::from_secs(5),
+        "the worker to report no active request",
+        || async { worker_active(&worker.to_string()).await == Some(0) },
+    )
+    .await?;
+    // The session still works.
+    let again = session
+        .start(request(
+            "after",
+            RequestClass::CostSensitive,
+            "still here",
+            3,
+        ))?
+        .collect()
+        .await;
+    assert_eq!(again.text, "still here still");
+    Ok(())
+}
+
+/// Opens a Worker.Serve stream directly and reads the worker's first load report.
+async fn worker_active(address: &str) -> Option<u32> {
+    let channel = switchyard::client::connect_channel(address).await.ok()?;
+    let mut client = v1::worker_client::WorkerClient::new(channel);
+    let (_tx, rx) = tokio::sync::mpsc::channel::<v1::RouterFrame>(1);
+    let mut frames = client.serve(tokio_stream_from(rx)).await.ok()?.into_inner();
+    while let Ok(Some(frame)) = frames.message().await {
+        if let Some(v1::worker_frame::Frame::Load(load)) = frame.frame {
+            return Some(load.active + load.queued);
+        }
+    }
+    None
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<v1::RouterFrame>,
+) -> impl futures::Stream<Item = v1::RouterFrame> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_leaves_the_view_within_its_ttl_and_traffic_moves_on() -> anyhow::Result<()>
+{
+    let mut cluster = Cluster::start(ClusterSpec::default()).await?; // lease TTL 2 s
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let victim = cluster.gpu.remove(0);
+    let victim_id = "gpu-0".to_string();
+    let survivor_id = "gpu-1";
+    let mut victim = victim;
+
+    victim.kill().await?;
+    let etcd = cluster.etcd.registry().await?;
+    let gone_after = wait_until(
+        Duration::from_secs(10),
+        "the killed worker to leave the router's view",
+        || async {
+            !cluster
+                .router_worker_ids()
+                .await
+                .unwrap_or_default()
+                .contains(&victim_id)
+                && !switchyard_cluster::Registry::list_workers(&etcd)
+                    .await
+                    .map(|ws| ws.iter().any(|w| w.id == victim_id))
+                    .unwrap_or(true)
+        },
+    )
+    .await?;
+    assert!(
+        gone_after <= Duration::from_secs(3),
+        "left the view after {gone_after:?}, TTL is 2 s"
+    );
+
+    for i in 0..4 {
+        let done = session
+            .start(request(
+                &format!("r{i}"),
+                RequestClass::CostSensitive,
+                "after the crash",
+                2,
+            ))?
+            .collect()
+            .await;
+        assert_eq!(done.accepted.expect("accepted").worker_id, survivor_id);
+        assert!(done.finished.is_some());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_then_deregisters_at_once() -> anyhow::Result<()> {
+    // A long TTL: the record must vanish because the lease is revoked, not because it expired.
+    let mut cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        lease_ttl: "60s",
+        ..Default::default()
+    })
+    .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let mut stream = session.start(request(
+        "inflight",
+        RequestClass::CostSensitive,
+        "finish me please",
+        30,
+    ))?;
+    let mut completion = Completion::default();
+    while completion.token_ids.is_empty() {
+        completion.absorb(stream.next().await.expect("stream open"));
+    }
+    let mut worker = cluster.gpu.remove(0);
+    let terminating = tokio::spawn(async move { worker.terminate(Duration::from_secs(30)).await });
+    while let Some(frame) = stream.next().await {
+        completion.absorb(frame);
+    }
+    assert_eq!(
+        completion
+            .finished
+            .expect("in-flight request finished")
+            .reason,
+        FinishReason::Length as i32
+    );
+    assert_eq!(completion.text, synthetic_text("finish me please", 0, 30));
+    let status = terminating.await??;
+    assert!(status.success(), "worker exited with {status}");
+    let etcd = cluster.etcd.registry().await?;
+    let workers = switchyard_cluster::Registry::list_workers(&etcd).await?;
+    assert!(
+        workers.iter().all(|w| w.id != "gpu-0"),
+        "record still in etcd after a clean exit: {workers:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_status_naming_the_field_and_the_session_survives() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+
+    let mut cases: Vec<(GenerateRequest, Code, &str)> = Vec::new();
+    let valid = request("x", RequestClass::CostSensitive, "hello", 4);
+    cases.push((
+        GenerateRequest {
+            request_id: "empty-model".into(),
+            model: "".into(),
+            ..valid.clone()
+        },
+        Code::InvalidArgument,
+        "model",
+    ));
+    cases.push((
+        GenerateRequest {
+            request_id: "unknown-model".into(),
+            model: "gpt-17".into(),
+            ..valid.clone()
+        },
+        Code::NotFound,
+        "gpt-17",
+    ));
+    let mut zero = GenerateRequest {
+        request_id: "zero".into(),
+        ..valid.clone()
+    };
+    zero.sampling.as_mut().unwrap().max_tokens = 0;
+    cases.push((zero, Code::InvalidArgument, "sampling.max_tokens"));
+    let mut huge = GenerateRequest {
+        request_id: "huge".into(),
+        ..valid.clone()
+    };
+    huge.sampling.as_mut().unwrap().max_tokens = 1_000_000;
+    cases.push((huge, Code::InvalidArgument, "sampling.max_tokens"));
+    let mut oversized = GenerateRequest {
+        request_id: "oversized".into(),
+        ..valid.clone()
+    };
+    oversized.messages[0].content = "x".repeat(300 * 1024);
+    cases.push((oversized, Code::InvalidArgument, "messages[0].content"));
+
+    for (bad, code, field) in cases {
+        let id = bad.request_id.clone();
+        let done = session.start(bad)?.collect().await;
+        let failed = done
+            .failed
+            .unwrap_or_else(|| panic!("{id}: expected Failed"));
+        assert_eq!(
+            Code::from_i32(failed.code),
+            code,
+            "{id}: {}",
+            failed.message
+        );
+        assert!(
+            failed.message.contains(field),
+            "{id}: message {:?} should name {field}",
+            failed.message
+        );
+    }
+
+    // A duplicate request_id while the first is still running.
+    let mut running = session.start(request(
+        "dup",
+        RequestClass::CostSensitive,
+        "slow one",
+        1000,
+    ))?;
+    assert!(matches!(running.next().await, Some(Frame::Accepted(_))));
+    session.send(client_frame::Frame::Start(request(
+        "dup",
+        RequestClass::CostSensitive,
+        "again",
+        2,
+    )))?;
+    let mut saw_duplicate_error = false;
+    while let Some(frame) = running.next().await {
+        if let Frame::Failed(failed) = &frame {
+            assert_eq!(Code::from_i32(failed.code), Code::InvalidArgument);
+            assert!(failed.message.contains("request_id"), "{}", failed.message);
+            saw_duplicate_error = true;
+            break;
+        }
+    }
+    assert!(saw_duplicate_error, "duplicate request_id was not refused");
+
+    // Generate (single request) answers bad input with a plain gRPC status.
+    let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let mut client = v1::inference_client::InferenceClient::new(channel);
+    let status = client
+        .generate(GenerateRequest {
+            model: "".into(),
+            ..valid.clone()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("model"));
+
+    // The session and the cluster are still healthy.
+    let ok = session
+        .start(request("ok", RequestClass::CostSensitive, "still fine", 3))?
+        .collect()
+        .await;
+    assert_eq!(ok.text, "still fine still");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupt_redirects_the_same_stream_to_new_instructions() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let (before, after, max_tokens) = ("alpha beta gamma", "delta epsilon", 60);
+    let mut stream = session.start(request(
+        "steer",
+        RequestClass::CostSensitive,
+        before,
+        max_tokens,
+    ))?;
+    let mut completion = Completion::default();
+    while completion.token_ids.len() < 4 {
+        completion.absorb(stream.next().await.expect("stream open"));
+    }
+    let user = ChatMessage {
+        role: "user".into(),
+        content: after.into(),
+    };
+    session.interrupt("steer", vec![user], true)?;
+    while let Some(frame) = stream.next().await {
+        completion.absorb(frame);
+    }
+    let finished = completion
+        .finished
+        .as_ref()
+        .expect("finished after the redirect");
+    assert_eq!(finished.reason, FinishReason::Length as i32);
+    assert_gap_free(&completion);
+
+    // The stream is the old instructions' output up to the interrupt, then the new ones'.
+    let ids = &completion.token_ids;
+    let switch = (0..ids.len())
+        .find(|&i| ids[i] != synthetic_token(before, i).0)
+        .expect("output changed after the interrupt");
+    assert!(
+        switch >= 4,
+        "tokens delivered before the interrupt are kept"
+    );
+    let expected = format!(
+        "{}{}",
+        synthetic_text(before, 0, switch),
+        synthetic_text(after, 0, ids.len() - switch)
+    );
+    assert_eq!(completion.text, expected);
+    // max_tokens bounds the whole request, across the redirect.
+    assert_eq!(ids.len(), max_tokens as usize);
+    assert_eq!(finished.usage.unwrap().completion_tokens, max_tokens);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_lists_workers_of_both_pools_from_etcd() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec::default()).await?;
+    let channel =
+        switchyard::client::connect_channel(&cluster.control_plane.addr("grpc").to_string())
+            .await?;
+    let mut admin = v1::admin_client::AdminClient::new(channel);
+    let all = admin
+        .list_workers(v1::ListWorkersRequest {
+            pool: String::new(),
+        })
+        .await?
+        .into_inner()
+        .workers;
+    let ids: Vec<_> = all
+        .iter()
+        .map(|w| (w.pool.as_str(), w.id.as_str(), w.engine.as_str()))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            ("gpu", "gpu-0", "synthetic"),
+            ("gpu", "gpu-1", "synthetic"),
+            ("wse", "wse-0", "synthetic")
+        ]
+    );
+    let wse = admin
+        .list_workers(v1::ListWorkersRequest { pool: "wse".into() })
+        .await?
+        .into_inner()
+        .workers;
+    assert_eq!(wse.len(), 1);
+    let err = admin
+        .list_workers(v1::ListWorkersRequest { pool: "tpu".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    Ok(())
+}

