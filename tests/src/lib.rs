@@ -58,9 +58,11 @@ fn log_dir() -> PathBuf {
     dir
 }
 
-fn log_file(name: &str) -> std::fs::File {
+/// A fresh log file for process `name`: its path and the open file.
+fn log_file(name: &str) -> (PathBuf, std::fs::File) {
     let path = log_dir().join(format!("{name}-{}.log", free_port()));
-    std::fs::File::create(&path).expect("creating a log file")
+    let file = std::fs::File::create(&path).expect("creating a log file");
+    (path, file)
 }
 
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.
@@ -116,7 +118,7 @@ impl Etcd {
             ])
             .args(["--initial-cluster", &format!("e2e={peer_url}")])
             .stdout(Stdio::null())
-            .stderr(log_file("etcd"))
+            .stderr(log_file("etcd").1)
             .kill_on_drop(true)
             .spawn()
             .context("starting etcd (install Debian's etcd-server; scripts/test.sh does)")?;
@@ -148,6 +150,8 @@ impl Etcd {
 pub struct Component {
     child: Child,
     pub name: String,
+    /// Where the process's stderr (its log) goes.
+    pub log: PathBuf,
     /// Endpoints announced on stdout, `(protocol, address)`.
     pub endpoints: Vec<(String, String, SocketAddr)>,
 }
@@ -155,13 +159,15 @@ pub struct Component {
 impl Component {
     /// Starts `switchyard <args>` and waits until it announced `expected_lines` endpoints.
     pub async fn start(name: &str, args: &[String], expected_lines: usize) -> anyhow::Result<Self> {
+        let (log, log_file) = log_file(name);
         let mut child = Command::new(switchyard_bin())
             .args(args)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(log_file(name))
+            .env("NO_COLOR", "1")
+            .stderr(log_file)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting switchyard {name}"))?;
@@ -192,8 +198,22 @@ impl Component {
         Ok(Self {
             child,
             name: name.to_string(),
+            log,
             endpoints,
         })
+    }
+
+    /// Waits until the process has logged a line containing `needle`; returns that line.
+    pub async fn wait_for_log(&self, needle: &str, timeout: Duration) -> anyhow::Result<String> {
+        let mut found = None;
+        wait_until(timeout, &format!("{} to log {needle:?}", self.name), || {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            found = log.lines().find(|l| l.contains(needle)).map(str::to_string);
+            let hit = found.is_some();
+            async move { hit }
+        })
+        .await?;
+        Ok(found.expect("found when wait_until succeeds"))
     }
 
     /// The first announced address of `protocol`.
@@ -379,4 +399,28 @@ pub async fn list_router_workers(router: &str) -> anyhow::Result<Vec<String>> {
     ids.sort();
     ids.dedup();
     Ok(ids)
+}
+
+/// A chat request for the synthetic model: one user message, `max_tokens`, the given class.
+pub fn synthetic_request(
+    id: &str,
+    class: switchyard_proto::v1::RequestClass,
+    content: &str,
+    max_tokens: u32,
+) -> switchyard_proto::v1::GenerateRequest {
+    use switchyard_proto::v1::{ChatMessage, GenerateRequest, SamplingParams};
+    GenerateRequest {
+        request_id: id.into(),
+        model: "synthetic".into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+        }],
+        sampling: Some(SamplingParams {
+            max_tokens,
+            ..Default::default()
+        }),
+        class: class as i32,
+        ..Default::default()
+    }
 }

@@ -5,28 +5,15 @@ use std::time::Duration;
 
 use switchyard::client::{Completion, SessionClient};
 use switchyard_proto::v1::{
-    self, ChatMessage, FinishReason, GenerateRequest, Lane, RequestClass, SamplingParams,
-    client_frame, server_frame::Frame,
+    self, ChatMessage, FinishReason, GenerateRequest, Lane, RequestClass, client_frame,
+    server_frame::Frame,
 };
 use switchyard_tests::{Cluster, ClusterSpec, wait_until};
 use switchyard_worker::synthetic::{synthetic_text, synthetic_token};
 use tonic::Code;
 
 fn request(id: &str, class: RequestClass, content: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        request_id: id.into(),
-        model: "synthetic".into(),
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-        }],
-        sampling: Some(SamplingParams {
-            max_tokens,
-            ..Default::default()
-        }),
-        class: class as i32,
-        ..Default::default()
-    }
+    switchyard_tests::synthetic_request(id, class, content, max_tokens)
 }
 
 fn assert_gap_free(completion: &Completion) {

@@ -6,27 +6,12 @@ use std::time::Duration;
 
 use switchyard::client::{Completion, SessionClient};
 use switchyard_cluster::{Capacity, Pool, Registry, WorkerRecord, WorkerState};
-use switchyard_proto::v1::{
-    ChatMessage, FinishReason, GenerateRequest, RequestClass, SamplingParams,
-};
+use switchyard_proto::v1::{FinishReason, GenerateRequest, RequestClass};
 use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd};
 use switchyard_worker::synthetic::synthetic_text;
 
 fn request(id: &str, content: &str, max_tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        request_id: id.into(),
-        model: "synthetic".into(),
-        messages: vec![ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-        }],
-        sampling: Some(SamplingParams {
-            max_tokens,
-            ..Default::default()
-        }),
-        class: RequestClass::CostSensitive as i32,
-        ..Default::default()
-    }
+    switchyard_tests::synthetic_request(id, RequestClass::CostSensitive, content, max_tokens)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
