@@ -1,8 +1,11 @@
 //! Device selection and hardware facts.
 //!
-//! `auto` uses a CUDA GPU when the binary was built with the `cuda` feature *and* a driver is
-//! present, otherwise the CPU. The driver check comes first because cudarc's context creation
-//! panics when `libcuda` cannot be loaded; the fallback is logged once and never panics.
+//! `auto` uses a CUDA GPU when the binary was built with the `cuda` feature *and* a driver and
+//! device are usable, otherwise the CPU; the fallback is logged once and never panics.
+//!
+//! Building `--features cuda` needs a CUDA toolkit with `nvcc` (candle-kernels compiles its
+//! kernels at build time) and `CUDA_COMPUTE_CAP` when no GPU is visible; see
+//! `scripts/check-cuda-build.sh` for what was tried here and what a build image needs.
 
 use candle_core::Device;
 
@@ -50,8 +53,13 @@ fn select_cuda(choice: DeviceChoice) -> Result<SelectedDevice, DeviceError> {
 
 #[cfg(feature = "cuda")]
 fn select_cuda(_choice: DeviceChoice) -> Result<SelectedDevice, DeviceError> {
-    if !cudarc::driver::sys::is_culib_present() {
-        tracing::warn!("no CUDA driver (libcuda) found: serving on the CPU");
+    // candle 0.11's CUDA backend builds cudarc with `dynamic-linking`, so a `cuda` binary is
+    // linked against libcuda and `cudarc::driver::sys::is_culib_present()` (a `dynamic-loading`
+    // only, `unsafe` function — our crates forbid unsafe code) is unavailable. A host without
+    // the driver library cannot start such a binary at all; a host with the library but no
+    // usable GPU gets an error from device creation here, never a panic, and falls back.
+    if !driver_library_present() {
+        tracing::warn!("no CUDA driver (libcuda.so.1) found: serving on the CPU");
         return Ok(cpu());
     }
     let device = match Device::new_cuda(0) {
@@ -61,27 +69,45 @@ fn select_cuda(_choice: DeviceChoice) -> Result<SelectedDevice, DeviceError> {
             return Ok(cpu());
         }
     };
-    let hardware = gpu_description().unwrap_or_else(|e| format!("cuda:0 ({e})"));
+    let hardware = gpu_description(&device).unwrap_or_else(|e| format!("cuda:0 ({e})"));
     Ok(SelectedDevice { device, hardware })
 }
 
-/// GPU name and memory through the driver API (only called once the driver is known present).
+/// Whether the dynamic linker can find libcuda (checked by file, without loading it).
 #[cfg(feature = "cuda")]
-fn gpu_description() -> Result<String, DeviceError> {
-    use cudarc::driver::result;
-    let err = |e: result::DriverError| DeviceError::Cuda(e.to_string());
-    result::init().map_err(err)?;
-    let dev = result::device::get(0).map_err(err)?;
-    let name = result::device::get_name(dev).map_err(err)?;
-    let bytes = unsafe_free_total_mem(dev).map_err(err)?;
-    Ok(format!("{name}, {} MiB", bytes / (1024 * 1024)))
+fn driver_library_present() -> bool {
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var("LD_LIBRARY_PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(Into::into)
+        .collect();
+    for d in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+        "/usr/local/cuda/lib64",
+        "/usr/local/cuda/lib64/stubs",
+        "/usr/lib/wsl/lib",
+    ] {
+        dirs.push(d.into());
+    }
+    dirs.iter()
+        .any(|d| d.join("libcuda.so.1").exists() || d.join("libcuda.so").exists())
 }
 
+/// GPU name and memory, from the driver through cudarc's safe API.
 #[cfg(feature = "cuda")]
-fn unsafe_free_total_mem(
-    dev: cudarc::driver::sys::CUdevice,
-) -> Result<usize, cudarc::driver::result::DriverError> {
-    cudarc::driver::result::device::total_mem(dev)
+fn gpu_description(device: &Device) -> Result<String, DeviceError> {
+    let cuda = device
+        .as_cuda_device()
+        .map_err(|e| DeviceError::Cuda(e.to_string()))?;
+    let ctx = cuda.cuda_stream().context().clone();
+    let name = ctx.name().map_err(|e| DeviceError::Cuda(e.to_string()))?;
+    let bytes = ctx
+        .total_mem()
+        .map_err(|e| DeviceError::Cuda(e.to_string()))?;
+    Ok(format!("gpu: {name}, {} MiB", bytes / (1024 * 1024)))
 }
 
 fn cpu() -> SelectedDevice {

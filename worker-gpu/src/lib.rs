@@ -136,7 +136,7 @@ pub fn build_engine(args: &GpuEngineArgs) -> Result<Arc<dyn Engine>, GpuEngineEr
     }
     match args.engine {
         GpuEngineKind::Synthetic => {
-            if !(args.synthetic_tokens_per_s > 0.0) {
+            if args.synthetic_tokens_per_s.is_nan() || args.synthetic_tokens_per_s <= 0.0 {
                 return Err(GpuEngineError::Config(
                     "--synthetic-tokens-per-s: must be positive".into(),
                 ));

@@ -33,7 +33,7 @@ impl SamplingParams {
                 self.temperature
             ));
         }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+        if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
             return Err(format!("sampling.top_p: {} must be in (0, 1]", self.top_p));
         }
         Ok(())

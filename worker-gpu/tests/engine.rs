@@ -2,7 +2,7 @@
 //! batched decode == each sequence alone, KV freed on cancel, admission limits, sampling
 //! determinism, resume.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use candle_core::Device;
@@ -22,7 +22,7 @@ fn tiny_file(dir: &tempfile::TempDir) -> PathBuf {
     path
 }
 
-fn load(path: &PathBuf, repack: Repack) -> (Llama, GgufTokenizer) {
+fn load(path: &Path, repack: Repack) -> (Llama, GgufTokenizer) {
     let mut file = GgufFile::open(path).unwrap();
     let tok = GgufTokenizer::from_gguf(&file.content).unwrap();
     (Llama::load(&mut file, &Device::Cpu, repack).unwrap(), tok)
@@ -116,7 +116,7 @@ fn chunked_prefill_equals_whole_prefill() {
     assert_eq!(chunked.len(), 30);
 }
 
-fn engine(path: &PathBuf, limits: SchedulerLimits) -> CandleEngine {
+fn engine(path: &Path, limits: SchedulerLimits) -> CandleEngine {
     let (model, tok) = load(path, Repack::Q8_0);
     CandleEngine::start(model, tok, vec!["tiny".into()], limits, "cpu: test".into()).unwrap()
 }

@@ -7,7 +7,7 @@
 //! - golden: greedy ids for three prompts equal llama.cpp's (fixture recorded by
 //!   `tests/fixtures/record_golden.py`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use switchyard_worker_gpu::gguf::{GgufFile, Repack};
@@ -28,7 +28,7 @@ fn model_path() -> Option<PathBuf> {
     }
 }
 
-fn tokenizer(path: &PathBuf) -> GgufTokenizer {
+fn tokenizer(path: &Path) -> GgufTokenizer {
     let file = GgufFile::open(path).unwrap();
     GgufTokenizer::from_gguf(&file.content).unwrap()
 }
