@@ -25,10 +25,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VER="${CUDA_WHEEL_VERSION:-13.0.*}"
 ROOT="${CUDA_PYPI_ROOT:-/tmp/cuda-pypi}"
-if [ ! -x "$ROOT/nvidia/cu13/bin/nvcc" ]; then
-  python3 -m pip install -q --disable-pip-version-check --no-deps --target "$ROOT" \
-    "nvidia-cuda-nvcc==$VER" "nvidia-cuda-crt==$VER" "nvidia-cuda-runtime==$VER" \
-    "nvidia-cuda-cccl==$VER" "nvidia-cuda-nvrtc==$VER" "nvidia-cublas" "nvidia-curand"
+if [ ! -x "$ROOT/nvidia/cu13/nvvm/bin/cicc" ]; then
+  # The wheels share the nvidia/cu13 tree; `pip install --target` will not merge them, so
+  # download and unpack each one. nvcc needs cicc from nvidia-nvvm.
+  dl="$(mktemp -d)"
+  python3 -m pip download -q --disable-pip-version-check --no-deps -d "$dl" \
+    "nvidia-cuda-nvcc==$VER" "nvidia-nvvm==$VER" "nvidia-cuda-crt==$VER" \
+    "nvidia-cuda-runtime==$VER" "nvidia-cuda-cccl==$VER"
+  python3 - "$dl" "$ROOT" <<'PY'
+import glob, sys, zipfile
+for w in glob.glob(sys.argv[1] + "/*.whl"):
+    zipfile.ZipFile(w).extractall(sys.argv[2])
+PY
+  chmod +x "$ROOT"/nvidia/cu13/bin/* "$ROOT"/nvidia/cu13/nvvm/bin/*
 fi
 CUDA="$ROOT/nvidia/cu13"
 export CUDA_ROOT="$CUDA" CUDA_PATH="$CUDA" CUDA_TOOLKIT_ROOT_DIR="$CUDA"
@@ -36,4 +45,6 @@ export PATH="$CUDA/bin:$PATH"
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
 export LIBRARY_PATH="$CUDA/lib:$CUDA/lib64:${LIBRARY_PATH:-}"
 nvcc --version
-time cargo check -p switchyard-worker-gpu --features cuda
+# A separate target dir: the cuda build shares nothing with the CPU build.
+CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-target/cuda-check}" \
+  time cargo check -p switchyard-worker-gpu --features cuda
