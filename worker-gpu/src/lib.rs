@@ -1,18 +1,38 @@
 //! The GPU pool worker. Selects and builds the engine the worker serves; the worker runtime
 //! (`switchyard-worker`) does the rest.
 //!
-//! Engines: `synthetic` (the load-test backend: no model, deterministic text).
+//! Engines: `synthetic` (the load-test backend: no model, deterministic text) and `candle`
+//! (the native engine: a llama-architecture GGUF model run by our own forward pass over candle
+//! quantized tensors, with continuous batching — see [`scheduler`]).
+//!
+//! Readiness: [`build_engine`] returns only after the weights are loaded and a warm-up step
+//! ran, and the worker runtime registers the worker only after it returns.
 
+pub mod device;
+pub mod fetch;
+pub mod gguf;
+pub mod model;
+pub mod sampling;
+pub mod scheduler;
+pub mod testing;
+pub mod tokenizer;
+
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_worker::{Engine, SyntheticConfig, SyntheticEngine};
+
+pub use device::DeviceChoice;
+pub use scheduler::{CandleEngine, SchedulerLimits};
 
 /// Which engine a GPU worker runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum GpuEngineKind {
     /// Load-test backend: deterministic text at a configured rate, no model.
     Synthetic,
+    /// Native engine: a GGUF llama model (`--model-path`) on CUDA or the CPU.
+    Candle,
 }
 
 /// Engine options of `switchyard worker-gpu`.
@@ -26,7 +46,8 @@ pub struct GpuEngineArgs {
         default_value = "synthetic"
     )]
     pub engine: GpuEngineKind,
-    /// Model name(s) the synthetic engine answers to.
+    /// Model name(s) the engine answers to. For `candle`, the default `synthetic` is replaced
+    /// by the model file's stem (e.g. `SmolLM2-135M-Instruct.Q4_1`).
     #[arg(
         long = "model",
         env = "SWITCHYARD_MODELS",
@@ -47,15 +68,66 @@ pub struct GpuEngineArgs {
         default_value_t = 60.0
     )]
     pub synthetic_tokens_per_s: f64,
+    /// Candle engine: the GGUF model file.
+    #[arg(long, env = "SWITCHYARD_MODEL_PATH", default_value = fetch::DEFAULT_MODEL_PATH)]
+    pub model_path: PathBuf,
+    /// Candle engine: bytes of KV cache all sequences together may hold.
+    #[arg(long, env = "SWITCHYARD_KV_BUDGET_BYTES", default_value_t = 512 * 1024 * 1024)]
+    pub kv_budget_bytes: u64,
+    /// Candle engine: requests waiting for admission beyond which new ones are refused.
+    #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: u32,
+    /// Candle engine: where the model runs.
+    #[arg(long, env = "SWITCHYARD_DEVICE", value_enum, default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Candle engine: prompt tokens prefilled per scheduler step (bounds how long one joining
+    /// prompt delays the running streams).
+    #[arg(long, env = "SWITCHYARD_PREFILL_CHUNK", default_value_t = 512)]
+    pub prefill_chunk: u32,
+    /// Candle engine: keep Q4_1/Q5_x weights as stored instead of repacking them to Q8_0
+    /// (slower on CPU; exact llama.cpp numerics).
+    #[arg(long, env = "SWITCHYARD_NO_REPACK", default_value_t = false)]
+    pub no_repack: bool,
+}
+
+impl Default for GpuEngineArgs {
+    fn default() -> Self {
+        Self {
+            engine: GpuEngineKind::Synthetic,
+            models: vec!["synthetic".into()],
+            max_concurrent: 16,
+            synthetic_ttft: Duration::from_millis(150),
+            synthetic_tokens_per_s: 60.0,
+            model_path: PathBuf::from(fetch::DEFAULT_MODEL_PATH),
+            kv_budget_bytes: 512 * 1024 * 1024,
+            max_queue: 64,
+            device: DeviceChoice::Auto,
+            prefill_chunk: 512,
+            no_repack: false,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GpuEngineError {
     #[error("invalid engine options: {0}")]
     Config(String),
+    #[error(transparent)]
+    Device(#[from] device::DeviceError),
+    #[error(transparent)]
+    Model(#[from] model::ModelError),
+    #[error(transparent)]
+    Gguf(#[from] gguf::GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizer::TokenizerError),
+    #[error(transparent)]
+    Fetch(#[from] fetch::FetchError),
+    #[error("starting the engine: {0}")]
+    Engine(#[from] switchyard_worker::EngineError),
 }
 
-/// Builds the configured engine (loading weights where the engine has any).
+/// Builds the configured engine. For `candle` this loads the weights and runs a warm-up step
+/// before returning, so a worker built from it is ready when it registers.
 pub fn build_engine(args: &GpuEngineArgs) -> Result<Arc<dyn Engine>, GpuEngineError> {
     if args.max_concurrent == 0 {
         return Err(GpuEngineError::Config(
@@ -80,5 +152,93 @@ pub fn build_engine(args: &GpuEngineArgs) -> Result<Arc<dyn Engine>, GpuEngineEr
                 max_queue: args.max_concurrent * 4,
             })))
         }
+        GpuEngineKind::Candle => Ok(Arc::new(build_candle(args)?)),
     }
+}
+
+/// Model ids a candle engine answers to: `--model` unless left at its synthetic default, else
+/// the model file's stem.
+pub fn candle_model_ids(args: &GpuEngineArgs) -> Vec<String> {
+    let defaulted = args.models.len() == 1 && args.models[0] == "synthetic";
+    if !defaulted && !args.models.is_empty() {
+        return args.models.clone();
+    }
+    vec![
+        args.model_path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("model")
+            .to_string(),
+    ]
+}
+
+/// Loads the model and starts the candle engine (weights loaded, warm-up done).
+pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError> {
+    if args.prefill_chunk == 0 {
+        return Err(GpuEngineError::Config(
+            "--prefill-chunk: must be at least 1".into(),
+        ));
+    }
+    if args.kv_budget_bytes == 0 {
+        return Err(GpuEngineError::Config(
+            "--kv-budget-bytes: must be positive".into(),
+        ));
+    }
+    if !args.model_path.is_file() {
+        return Err(GpuEngineError::Config(format!(
+            "--model-path {}: no such file (run scripts/fetch-model.sh for the default model)",
+            args.model_path.display()
+        )));
+    }
+    let selected = device::select(args.device)?;
+    let repack = if args.no_repack || !selected.device.is_cpu() {
+        gguf::Repack::None
+    } else {
+        gguf::Repack::Q8_0
+    };
+    let started = std::time::Instant::now();
+    let (model, tokenizer) = load_model(&args.model_path, &selected.device, repack)?;
+    let ids = candle_model_ids(args);
+    tracing::info!(
+        path = %args.model_path.display(),
+        models = ?ids,
+        hardware = %selected.hardware,
+        weight_bytes = model.weight_bytes,
+        context_length = model.config.context_length,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    let engine = CandleEngine::start(
+        model,
+        tokenizer,
+        ids,
+        SchedulerLimits {
+            kv_budget_bytes: args.kv_budget_bytes,
+            max_seqs: args.max_concurrent as usize,
+            max_queue: args.max_queue as usize,
+            prefill_chunk: args.prefill_chunk as usize,
+        },
+        selected.hardware,
+    )?;
+    Ok(engine)
+}
+
+/// Reads model and tokenizer from a GGUF file.
+pub fn load_model(
+    path: &Path,
+    device: &candle_core::Device,
+    repack: gguf::Repack,
+) -> Result<(model::Llama, tokenizer::GgufTokenizer), GpuEngineError> {
+    let mut file = gguf::GgufFile::open(path)?;
+    let tokenizer = tokenizer::GgufTokenizer::from_gguf(&file.content)?;
+    let model = model::Llama::load(&mut file, device, repack)?;
+    if tokenizer.vocab_size() != model.config.vocab_size {
+        return Err(GpuEngineError::Config(format!(
+            "--model-path {}: tokenizer has {} tokens but the model's vocab is {}",
+            path.display(),
+            tokenizer.vocab_size(),
+            model.config.vocab_size
+        )));
+    }
+    Ok((model, tokenizer))
 }

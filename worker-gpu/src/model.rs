@@ -1,0 +1,403 @@
+//! Our own llama forward pass over candle quantized weights (`QMatMul`), written for serving:
+//! the KV cache is a separate [`SeqCache`] per sequence owned by the engine (not by the model
+//! object), so sequences join and leave independently, and [`Llama::decode`] runs one batched
+//! forward over every active sequence (one matmul per weight per step; only attention, which
+//! reads each sequence's own cache, is per sequence).
+//!
+//! Rotary embedding is the interleaved ("normal", `rope_i`) variant, because GGUF llama files
+//! store Q/K rows permuted for it (llama.cpp's convert script does this).
+
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{D, DType, Device, Module, Tensor};
+
+use crate::gguf::{GgufError, GgufFile, LlamaConfig, Repack};
+
+/// Errors of a forward pass.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("forward pass: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// A loaded llama model: weights and rotary tables; no per-sequence state.
+pub struct Llama {
+    pub config: LlamaConfig,
+    device: Device,
+    embed: Arc<QTensor>,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: QMatMul,
+    cos: Tensor,
+    sin: Tensor,
+    /// Bytes of weights as held in memory (after any repack).
+    pub weight_bytes: u64,
+}
+
+impl std::fmt::Debug for Llama {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Llama")
+            .field("config", &self.config)
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+/// One sequence's KV cache: per layer, keys and values `(n_head_kv, capacity, head_dim)`,
+/// allocated once at admission for the sequence's whole budget (prompt + max_tokens), so a
+/// decode step never allocates cache memory and the admission budget is exact.
+pub struct SeqCache {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+    len: usize,
+    capacity: usize,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for SeqCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SeqCache")
+            .field("len", &self.len)
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl SeqCache {
+    /// Tokens already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Bytes this cache holds.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+fn qmatmul(
+    file: &mut GgufFile,
+    name: &str,
+    dev: &Device,
+    repack: Repack,
+) -> Result<QMatMul, ModelError> {
+    let t = file.tensor(name, dev, repack)?;
+    Ok(QMatMul::from_qtensor(t)?)
+}
+
+fn dense(file: &mut GgufFile, name: &str, dev: &Device) -> Result<Tensor, ModelError> {
+    let t = file.tensor(name, dev, Repack::None)?;
+    Ok(t.dequantize(dev)?)
+}
+
+impl Llama {
+    /// Loads every weight of `file` onto `device`.
+    pub fn load(file: &mut GgufFile, device: &Device, repack: Repack) -> Result<Self, ModelError> {
+        let config = file.llama_config()?;
+        let embed = Arc::new(file.tensor("token_embd.weight", device, Repack::None)?);
+        let (rows, cols) = embed.shape().dims2()?;
+        if rows != config.vocab_size || cols != config.n_embd {
+            return Err(ModelError::Invalid(format!(
+                "gguf tensor `token_embd.weight`: shape ({rows}, {cols}) does not match vocab {} × embedding {}",
+                config.vocab_size, config.n_embd
+            )));
+        }
+        let mut weight_bytes = embed.storage_size_in_bytes() as u64;
+        let mut layers = Vec::with_capacity(config.n_layer);
+        for i in 0..config.n_layer {
+            let p = format!("blk.{i}");
+            let layer = Layer {
+                attn_norm: dense(file, &format!("{p}.attn_norm.weight"), device)?,
+                wq: qmatmul(file, &format!("{p}.attn_q.weight"), device, repack)?,
+                wk: qmatmul(file, &format!("{p}.attn_k.weight"), device, repack)?,
+                wv: qmatmul(file, &format!("{p}.attn_v.weight"), device, repack)?,
+                wo: qmatmul(file, &format!("{p}.attn_output.weight"), device, repack)?,
+                ffn_norm: dense(file, &format!("{p}.ffn_norm.weight"), device)?,
+                w_gate: qmatmul(file, &format!("{p}.ffn_gate.weight"), device, repack)?,
+                w_up: qmatmul(file, &format!("{p}.ffn_up.weight"), device, repack)?,
+                w_down: qmatmul(file, &format!("{p}.ffn_down.weight"), device, repack)?,
+            };
+            layers.push(layer);
+        }
+        let norm = dense(file, "output_norm.weight", device)?;
+        // Tied embeddings (SmolLM2 has no `output.weight`): the head reuses the embedding.
+        let lm_head = if file.has_tensor("output.weight") {
+            qmatmul(file, "output.weight", device, repack)?
+        } else {
+            QMatMul::from_arc(embed.clone())?
+        };
+        for l in &layers {
+            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
+                weight_bytes += match m {
+                    QMatMul::QTensor(t) => t.storage_size_in_bytes() as u64,
+                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
+                        (t.elem_count() * t.dtype().size_in_bytes()) as u64
+                    }
+                };
+            }
+        }
+
+        // Rotary tables for every position the model was trained on.
+        let half = config.head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half)
+            .map(|i| {
+                1.0 / config
+                    .rope_freq_base
+                    .powf(2.0 * i as f32 / config.head_dim as f32)
+            })
+            .collect();
+        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+        let pos = Tensor::arange(0u32, config.context_length as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((config.context_length, 1))?;
+        let freqs = pos.broadcast_mul(&inv_freq)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+            config,
+            device: device.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            weight_bytes,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A zeroed cache for up to `capacity` tokens.
+    pub fn new_cache(&self, capacity: usize) -> Result<SeqCache, ModelError> {
+        if capacity == 0 || capacity > self.config.context_length {
+            return Err(ModelError::Invalid(format!(
+                "kv capacity {capacity} outside 1..={} (context length)",
+                self.config.context_length
+            )));
+        }
+        let c = &self.config;
+        let shape = (c.n_head_kv, capacity, c.head_dim);
+        let mut k = Vec::with_capacity(c.n_layer);
+        let mut v = Vec::with_capacity(c.n_layer);
+        for _ in 0..c.n_layer {
+            k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
+            v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
+        }
+        Ok(SeqCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+            bytes: c.kv_bytes_per_token() * capacity as u64,
+        })
+    }
+
+    /// Runs `tokens` of one sequence (a prompt or a chunk of it) through the model, appending
+    /// them to `cache`; returns the logits of the last token, `(vocab,)`.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor, ModelError> {
+        let t = tokens.len();
+        if t == 0 {
+            return Err(ModelError::Invalid("prefill: no tokens".into()));
+        }
+        if cache.len + t > cache.capacity {
+            return Err(ModelError::Invalid(format!(
+                "prefill: {} tokens exceed the sequence's kv capacity {}",
+                cache.len + t,
+                cache.capacity
+            )));
+        }
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim);
+        let g = nh / nkv;
+        let pos0 = cache.len;
+        let total = pos0 + t;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.embedding(&ids)?;
+        let cos = self.cos.narrow(0, pos0, t)?;
+        let sin = self.sin.narrow(0, pos0, t)?;
+        // Causal mask over (new token i, cached position j): j may not exceed pos0 + i.
+        let mask = if t > 1 {
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..total).map(move |j| if j > pos0 + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            Some(Tensor::from_vec(m, (t, total), &self.device)?)
+        } else {
+            None
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
+            let q = layer
+                .wq
+                .forward(&h)?
+                .reshape((1, t, nh, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let k = layer
+                .wk
+                .forward(&h)?
+                .reshape((1, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let v = layer
+                .wv
+                .forward(&h)?
+                .reshape((1, t, nkv, hd))?
+                .transpose(1, 2)?
+                .contiguous()?;
+            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+            cache.k[l].slice_set(&k.squeeze(0)?, 1, pos0)?;
+            cache.v[l].slice_set(&v.squeeze(0)?, 1, pos0)?;
+            let keys = cache.k[l].narrow(1, 0, total)?;
+            let values = cache.v[l].narrow(1, 0, total)?;
+            // Grouped-query attention without repeating KV: the g query heads of one KV head
+            // form one (g·t)-row matmul against that head's keys.
+            let q = q.reshape((nkv, g * t, hd))?;
+            let att = (q.matmul(&keys.t()?)? * scale)?;
+            let att = match &mask {
+                Some(m) => att.reshape((nkv, g, t, total))?.broadcast_add(m)?,
+                None => att,
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((nkv, g * t, total))?;
+            let o = att
+                .matmul(&values)?
+                .reshape((nh, t, hd))?
+                .transpose(0, 1)?
+                .reshape((t, nh * hd))?;
+            x = (x + layer.wo.forward(&o)?)?;
+            x = self.ffn(layer, x)?;
+        }
+        cache.len = total;
+        let last = x.narrow(0, t - 1, 1)?;
+        let last = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps as f32)?;
+        Ok(self.lm_head.forward(&last)?.squeeze(0)?)
+    }
+
+    fn ffn(&self, layer: &Layer, x: Tensor) -> Result<Tensor, ModelError> {
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
+        let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
+        let up = layer.w_up.forward(&h)?;
+        Ok((x + layer.w_down.forward(&(gate * up)?)?)?)
+    }
+
+    /// One decode step for several sequences at once: `tokens[i]` is the next input of the
+    /// sequence whose cache is `caches[i]`. Returns logits `(batch, vocab)`.
+    pub fn decode(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut SeqCache],
+    ) -> Result<Tensor, ModelError> {
+        let b = tokens.len();
+        if b == 0 || b != caches.len() {
+            return Err(ModelError::Invalid(format!(
+                "decode: {b} tokens for {} caches",
+                caches.len()
+            )));
+        }
+        for cache in caches.iter() {
+            if cache.len >= cache.capacity {
+                return Err(ModelError::Invalid(format!(
+                    "decode: sequence kv cache full at {} tokens",
+                    cache.capacity
+                )));
+            }
+        }
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim);
+        let g = nh / nkv;
+        let ids = Tensor::new(tokens, &self.device)?;
+        let mut x = self.embed.embedding(&ids)?;
+        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+        let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        let cos = self
+            .cos
+            .index_select(&positions, 0)?
+            .reshape((b, 1, hd / 2))?;
+        let sin = self
+            .sin
+            .index_select(&positions, 0)?
+            .reshape((b, 1, hd / 2))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut outs = Vec::with_capacity(b);
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
+            let q = layer.wq.forward(&h)?.reshape((b, nh, 1, hd))?;
+            let k = layer.wk.forward(&h)?.reshape((b, nkv, 1, hd))?;
+            let v = layer.wv.forward(&h)?.reshape((b, nkv, 1, hd))?;
+            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+            outs.clear();
+            for (i, cache) in caches.iter_mut().enumerate() {
+                let pos = cache.len;
+                let total = pos + 1;
+                cache.k[l].slice_set(&k.get(i)?, 1, pos)?;
+                cache.v[l].slice_set(&v.get(i)?, 1, pos)?;
+                let keys = cache.k[l].narrow(1, 0, total)?;
+                let values = cache.v[l].narrow(1, 0, total)?;
+                let qi = q.get(i)?.reshape((nkv, g, hd))?;
+                let att = (qi.matmul(&keys.t()?)? * scale)?;
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                outs.push(att.matmul(&values)?.reshape((1, nh * hd))?);
+            }
+            let o = Tensor::cat(&outs, 0)?;
+            x = (x + layer.wo.forward(&o)?)?;
+            x = self.ffn(layer, x)?;
+        }
+        for cache in caches.iter_mut() {
+            cache.len += 1;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
+        Ok(self.lm_head.forward(&x)?)
+    }
+}
+
+/// Argmax of a logits row.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    let mut best_v = f32::NEG_INFINITY;
+    for (i, v) in logits.iter().enumerate() {
+        if *v > best_v {
+            best_v = *v;
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Convenience for tests and tools: logits tensor → `Vec<f32>` rows.
+pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+    let logits = logits.to_dtype(DType::F32)?;
+    Ok(match logits.rank() {
+        1 => vec![logits.to_vec1()?],
+        _ => logits.flatten_to(D::Minus2)?.to_vec2()?,
+    })
+}

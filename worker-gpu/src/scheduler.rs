@@ -1,0 +1,601 @@
+//! The candle engine: admission, one scheduler thread with continuous batching, sampling and
+//! streaming. Implements [`switchyard_worker::Engine`].
+//!
+//! Each scheduler iteration: take new requests, drop cancelled ones (their KV is freed at once),
+//! admit queued requests while the KV budget and the sequence limit allow, run one prefill
+//! chunk of one joining sequence, then one batched decode step over every decoding sequence.
+//! Chunked prefill keeps a long prompt from stalling the streams already running.
+//!
+//! KV memory is reserved at admission for prompt + remaining max_tokens, so a sequence can never
+//! run out mid-generation and the budget is never exceeded.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::Instant;
+
+use switchyard_worker::engine::EngineLoad;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use switchyard_worker::{
+    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Prompt, StopReason,
+};
+
+use crate::model::{Llama, SeqCache};
+use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
+use crate::tokenizer::{ChatMessage, Detokenizer, GgufTokenizer};
+
+/// Limits of one engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchedulerLimits {
+    /// Bytes of KV cache all sequences together may hold.
+    pub kv_budget_bytes: u64,
+    /// Sequences generating at once.
+    pub max_seqs: usize,
+    /// Requests waiting for admission beyond which new ones are refused.
+    pub max_queue: usize,
+    /// Prompt tokens processed per scheduler iteration for a joining sequence.
+    pub prefill_chunk: usize,
+}
+
+impl SchedulerLimits {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.kv_budget_bytes == 0 {
+            return Err("kv_budget_bytes: must be positive".into());
+        }
+        if self.max_seqs == 0 {
+            return Err("max_seqs: must be at least 1".into());
+        }
+        if self.prefill_chunk == 0 {
+            return Err("prefill_chunk: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A request that passed validation, waiting for admission.
+struct Job {
+    request_id: String,
+    /// Prompt ids followed by any `resume_tokens`.
+    context: Vec<u32>,
+    prompt_tokens: u32,
+    resumed: usize,
+    /// Tokens the sequence may still generate.
+    remaining: usize,
+    sampler: Sampler,
+    stops: Vec<String>,
+    tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
+    cancel: CancellationToken,
+    kv_bytes: u64,
+}
+
+struct Seq {
+    job: Job,
+    cache: SeqCache,
+    /// Context tokens already in the cache (prefill progress).
+    prefilled: usize,
+    /// Next decode input, once prefill is done.
+    next: Option<u32>,
+    generated: usize,
+    detok: Detokenizer,
+    stop: StopMatcher,
+}
+
+/// Load counters shared between the engine handle and its scheduler thread.
+#[derive(Debug, Default)]
+struct Counters {
+    queued: AtomicU32,
+    active: AtomicU32,
+    kv_used: AtomicU64,
+    steps: AtomicU64,
+}
+
+/// The native model engine.
+pub struct CandleEngine {
+    model_ids: Vec<String>,
+    tokenizer: Arc<GgufTokenizer>,
+    context_length: usize,
+    kv_bytes_per_token: u64,
+    limits: SchedulerLimits,
+    hardware: String,
+    tokens_per_s: f64,
+    counters: Arc<Counters>,
+    jobs: std_mpsc::Sender<Job>,
+    seed_counter: AtomicU64,
+}
+
+impl std::fmt::Debug for CandleEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CandleEngine")
+            .field("model_ids", &self.model_ids)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl CandleEngine {
+    /// Starts the scheduler thread over a loaded model. Runs one warm-up step first (a short
+    /// prefill and a decode) so the first request does not pay for lazy initialisation, and
+    /// measures the single-stream decode rate it advertises.
+    pub fn start(
+        model: Llama,
+        tokenizer: GgufTokenizer,
+        model_ids: Vec<String>,
+        limits: SchedulerLimits,
+        hardware: String,
+    ) -> Result<Self, EngineError> {
+        limits.validate().map_err(EngineError::InvalidArgument)?;
+        if model_ids.is_empty() {
+            return Err(EngineError::InvalidArgument(
+                "models: at least one model id to serve is required".into(),
+            ));
+        }
+        let warm = |e: crate::model::ModelError| EngineError::Internal(format!("warm-up: {e}"));
+        let mut cache = model
+            .new_cache(8.min(model.config.context_length))
+            .map_err(warm)?;
+        model.prefill(&[0, 1, 2], &mut cache).map_err(warm)?;
+        let t0 = Instant::now();
+        model.decode(&[3], &mut [&mut cache]).map_err(warm)?;
+        let step = t0.elapsed().as_secs_f64().max(1e-6);
+        drop(cache);
+
+        let counters = Arc::new(Counters::default());
+        let (tx, rx) = std_mpsc::channel();
+        let tokenizer = Arc::new(tokenizer);
+        let engine = Self {
+            model_ids,
+            tokenizer: tokenizer.clone(),
+            context_length: model.config.context_length,
+            kv_bytes_per_token: model.config.kv_bytes_per_token(),
+            limits: limits.clone(),
+            hardware,
+            tokens_per_s: 1.0 / step,
+            counters: counters.clone(),
+            jobs: tx,
+            seed_counter: AtomicU64::new(0x5EED),
+        };
+        let scheduler = Scheduler {
+            model,
+            tokenizer,
+            limits,
+            counters,
+            rx,
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("candle-scheduler".into())
+            .spawn(move || scheduler.run())
+            .map_err(|e| EngineError::Internal(format!("spawning the scheduler thread: {e}")))?;
+        Ok(engine)
+    }
+
+    pub fn tokenizer(&self) -> &GgufTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.context_length
+    }
+
+    /// Decode steps run so far (for tests that wait on progress without sleeping).
+    pub fn steps(&self) -> u64 {
+        self.counters.steps.load(Ordering::Relaxed)
+    }
+
+    /// Sequences currently holding KV.
+    pub fn active(&self) -> u32 {
+        self.counters.active.load(Ordering::Relaxed)
+    }
+
+    /// Prompt ids for `prompt` (chat template applied to chat prompts).
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        let text = match prompt {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Chat(messages) => {
+                let msgs: Vec<ChatMessage> = messages
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect();
+                self.tokenizer
+                    .render_chat(&msgs)
+                    .map_err(|e| EngineError::InvalidArgument(format!("messages: {e}")))?
+            }
+        };
+        self.tokenizer
+            .encode(&text)
+            .map_err(|e| EngineError::Internal(e.to_string()))
+    }
+}
+
+impl Engine for CandleEngine {
+    fn kind(&self) -> &'static str {
+        "candle"
+    }
+
+    fn models(&self) -> Vec<String> {
+        self.model_ids.clone()
+    }
+
+    fn max_concurrent(&self) -> u32 {
+        self.limits.max_seqs as u32
+    }
+
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens_per_s
+    }
+
+    fn hardware(&self) -> String {
+        self.hardware.clone()
+    }
+
+    fn load(&self) -> EngineLoad {
+        EngineLoad {
+            queued: self.counters.queued.load(Ordering::Relaxed),
+            kv_used_bytes: self.counters.kv_used.load(Ordering::Relaxed),
+        }
+    }
+
+    fn submit(
+        &self,
+        request: EngineRequest,
+        cancel: CancellationToken,
+    ) -> Result<EngineStream, EngineError> {
+        if !self.model_ids.contains(&request.model) {
+            return Err(EngineError::InvalidArgument(format!(
+                "model: `{}` is not served here (this worker serves {:?})",
+                request.model, self.model_ids
+            )));
+        }
+        let s = &request.sampling;
+        if s.max_tokens == 0 {
+            return Err(EngineError::InvalidArgument(
+                "sampling.max_tokens: must be at least 1".into(),
+            ));
+        }
+        let resumed = request.resume_tokens.len();
+        if resumed >= s.max_tokens as usize {
+            return Err(EngineError::InvalidArgument(format!(
+                "resume_tokens: {resumed} tokens already reach sampling.max_tokens {}",
+                s.max_tokens
+            )));
+        }
+        let vocab = self.tokenizer.vocab_size() as u32;
+        if let Some(bad) = request.resume_tokens.iter().find(|id| **id >= vocab) {
+            return Err(EngineError::InvalidArgument(format!(
+                "resume_tokens: id {bad} outside the vocabulary of {vocab}"
+            )));
+        }
+        let params = SamplingParams {
+            temperature: s.temperature.unwrap_or(0.0),
+            top_p: s.top_p.unwrap_or(1.0),
+            top_k: s.top_k.unwrap_or(0) as usize,
+            seed: s.seed.unwrap_or_else(|| {
+                // No seed: a distinct stream per request.
+                self.seed_counter
+                    .fetch_add(0x9E37_79B9, Ordering::Relaxed)
+                    .wrapping_mul(0x2545_F491_4F6C_DD1D)
+                    ^ std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_nanos() as u64)
+                        .unwrap_or(0)
+            }),
+        };
+        params.validate().map_err(EngineError::InvalidArgument)?;
+
+        let mut context = self.prompt_ids(&request.prompt)?;
+        if context.is_empty() {
+            return Err(EngineError::InvalidArgument(
+                "prompt: tokenizes to no tokens".into(),
+            ));
+        }
+        let prompt_tokens = context.len() as u32;
+        context.extend_from_slice(&request.resume_tokens);
+        let remaining = s.max_tokens as usize - resumed;
+        let needed = context.len() + remaining;
+        if needed > self.context_length {
+            return Err(EngineError::InvalidArgument(format!(
+                "prompt ({} tokens) + sampling.max_tokens ({}) = {needed} exceeds the model's context length of {} tokens",
+                prompt_tokens, s.max_tokens, self.context_length
+            )));
+        }
+        let kv_bytes = needed as u64 * self.kv_bytes_per_token;
+        if kv_bytes > self.limits.kv_budget_bytes {
+            return Err(EngineError::InvalidArgument(format!(
+                "prompt + sampling.max_tokens need {kv_bytes} bytes of KV cache, more than this worker's kv_budget_bytes {}",
+                self.limits.kv_budget_bytes
+            )));
+        }
+        // Bounded queue: count optimistically, undo when over the limit.
+        let before = self.counters.queued.fetch_add(1, Ordering::AcqRel);
+        if before as usize >= self.limits.max_queue {
+            self.counters.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::ResourceExhausted(format!(
+                "queue full: {} requests already wait (max_queue {})",
+                before, self.limits.max_queue
+            )));
+        }
+        // Room for every event the sequence can produce, so the scheduler never blocks on a
+        // slow reader.
+        let (tx, rx) = mpsc::channel(remaining + 4);
+        let job = Job {
+            request_id: request.request_id,
+            context,
+            prompt_tokens,
+            resumed,
+            remaining,
+            sampler: Sampler::new(params),
+            stops: s.stop.clone(),
+            tx,
+            cancel,
+            kv_bytes,
+        };
+        if self.jobs.send(job).is_err() {
+            self.counters.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Unavailable(
+                "engine scheduler has stopped".into(),
+            ));
+        }
+        Ok(rx)
+    }
+}
+
+struct Scheduler {
+    model: Llama,
+    tokenizer: Arc<GgufTokenizer>,
+    limits: SchedulerLimits,
+    counters: Arc<Counters>,
+    rx: std_mpsc::Receiver<Job>,
+    waiting: VecDeque<Job>,
+    active: Vec<Seq>,
+}
+
+fn done(job: &Job, reason: StopReason, completion: usize) {
+    let _ = job.tx.try_send(Ok(EngineEvent::Done {
+        reason,
+        prompt_tokens: job.prompt_tokens,
+        completion_tokens: (job.resumed + completion) as u32,
+    }));
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            // Idle: block until work arrives (or the engine is dropped).
+            if self.active.is_empty() && self.waiting.is_empty() {
+                match self.rx.recv() {
+                    Ok(job) => self.waiting.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = self.rx.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.reap_cancelled();
+            self.admit();
+            self.prefill_one();
+            self.decode_step();
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        self.counters
+            .queued
+            .store(self.waiting.len() as u32, Ordering::Relaxed);
+        self.counters
+            .active
+            .store(self.active.len() as u32, Ordering::Relaxed);
+        let kv: u64 = self.active.iter().map(|s| s.cache.bytes()).sum();
+        self.counters.kv_used.store(kv, Ordering::Relaxed);
+    }
+
+    /// Cancelled or abandoned (receiver dropped) sequences end now; dropping their cache frees
+    /// the KV memory before the next step.
+    fn reap_cancelled(&mut self) {
+        let gone = |job: &Job| job.cancel.is_cancelled() || job.tx.is_closed();
+        self.waiting.retain(|job| {
+            if gone(job) {
+                done(job, StopReason::Cancelled, 0);
+                false
+            } else {
+                true
+            }
+        });
+        self.active.retain(|seq| {
+            if gone(&seq.job) {
+                done(&seq.job, StopReason::Cancelled, seq.generated);
+                false
+            } else {
+                true
+            }
+        });
+        self.publish();
+    }
+
+    fn admit(&mut self) {
+        let mut used: u64 = self.active.iter().map(|s| s.cache.bytes()).sum();
+        // FIFO: the head waits for room rather than being overtaken by smaller requests.
+        while self.active.len() < self.limits.max_seqs {
+            let Some(job) = self.waiting.front() else {
+                break;
+            };
+            if used + job.kv_bytes > self.limits.kv_budget_bytes {
+                break;
+            }
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
+            let capacity = job.context.len() + job.remaining;
+            match self.model.new_cache(capacity) {
+                Ok(cache) => {
+                    used += cache.bytes();
+                    let stop = StopMatcher::new(job.stops.clone());
+                    let mut detok = Detokenizer::default();
+                    // Prime with the resumed ids so a character split across the failover
+                    // boundary is completed, not lost (its first bytes were never emitted).
+                    for id in &job.context[job.prompt_tokens as usize..] {
+                        detok.push(&self.tokenizer, *id);
+                    }
+                    self.active.push(Seq {
+                        job,
+                        cache,
+                        prefilled: 0,
+                        next: None,
+                        generated: 0,
+                        detok,
+                        stop,
+                    });
+                }
+                Err(e) => {
+                    let _ = job.tx.try_send(Err(EngineError::Internal(format!(
+                        "allocating kv cache: {e}"
+                    ))));
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn prefill_one(&mut self) {
+        let Some(i) = self.active.iter().position(|s| s.next.is_none()) else {
+            return;
+        };
+        let chunk = self.limits.prefill_chunk;
+        let seq = &mut self.active[i];
+        let end = (seq.prefilled + chunk).min(seq.job.context.len());
+        let started = Instant::now();
+        let result = self
+            .model
+            .prefill(&seq.job.context[seq.prefilled..end], &mut seq.cache);
+        tracing::debug!(
+            request_id = %seq.job.request_id,
+            tokens = end - seq.prefilled,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "prefill chunk"
+        );
+        match result.and_then(|l| crate::model::logits_rows(&l)) {
+            Ok(rows) => {
+                seq.prefilled = end;
+                if end == seq.job.context.len() {
+                    let id = seq.job.sampler.sample(&rows[0]);
+                    if !self.emit(i, id) {
+                        self.active.remove(i);
+                    }
+                }
+            }
+            Err(e) => {
+                let seq = self.active.remove(i);
+                let _ = seq
+                    .job
+                    .tx
+                    .try_send(Err(EngineError::Internal(format!("prefill: {e}"))));
+            }
+        }
+    }
+
+    fn decode_step(&mut self) {
+        let mut idx = Vec::with_capacity(self.active.len());
+        let mut tokens = Vec::with_capacity(self.active.len());
+        for (i, s) in self.active.iter().enumerate() {
+            if let Some(t) = s.next {
+                idx.push(i);
+                tokens.push(t);
+            }
+        }
+        if tokens.is_empty() {
+            return;
+        }
+        let result = {
+            let mut caches: Vec<&mut SeqCache> = self
+                .active
+                .iter_mut()
+                .filter(|s| s.next.is_some())
+                .map(|s| &mut s.cache)
+                .collect();
+            self.model
+                .decode(&tokens, &mut caches)
+                .and_then(|l| crate::model::logits_rows(&l))
+        };
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(rows) => {
+                let mut finished = Vec::new();
+                for (row, i) in rows.iter().zip(&idx) {
+                    let id = self.active[*i].job.sampler.sample(row);
+                    if !self.emit(*i, id) {
+                        finished.push(*i);
+                    }
+                }
+                for i in finished.into_iter().rev() {
+                    self.active.remove(i);
+                }
+            }
+            Err(e) => {
+                for seq in self.active.drain(..) {
+                    let _ = seq
+                        .job
+                        .tx
+                        .try_send(Err(EngineError::Internal(format!("decode step: {e}"))));
+                }
+            }
+        }
+    }
+
+    /// Delivers sampled token `id` of sequence `i`; false when the sequence has ended.
+    fn emit(&mut self, i: usize, id: u32) -> bool {
+        let tokenizer = self.tokenizer.clone();
+        let seq = &mut self.active[i];
+        if tokenizer.stop_ids().contains(&id) {
+            let held = seq.stop.finish() + &seq.detok.finish();
+            if !held.is_empty() {
+                let _ = seq
+                    .job
+                    .tx
+                    .try_send(Ok(EngineEvent::Token { id, text: held }));
+            }
+            done(&seq.job, StopReason::Stop, seq.generated);
+            return false;
+        }
+        seq.generated += 1;
+        let text = seq.detok.push(&tokenizer, id);
+        let last = seq.generated >= seq.job.remaining;
+        match seq.stop.push(&text) {
+            StopOutcome::Stopped(before) => {
+                let _ = seq
+                    .job
+                    .tx
+                    .try_send(Ok(EngineEvent::Token { id, text: before }));
+                done(&seq.job, StopReason::Stop, seq.generated);
+                false
+            }
+            StopOutcome::Emit(mut out) => {
+                if last {
+                    out.push_str(&seq.stop.finish());
+                    out.push_str(&seq.detok.finish());
+                }
+                if seq
+                    .job
+                    .tx
+                    .try_send(Ok(EngineEvent::Token { id, text: out }))
+                    .is_err()
+                {
+                    // Receiver gone: nobody wants the rest.
+                    return false;
+                }
+                if last {
+                    done(&seq.job, StopReason::Length, seq.generated);
+                    return false;
+                }
+                seq.next = Some(id);
+                true
+            }
+        }
+    }
+}
