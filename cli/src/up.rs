@@ -24,6 +24,10 @@ pub struct UpArgs {
     /// Router OpenAI-compatible HTTP address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
+    /// JSON file of API keys and their tenants; when set, the router requires
+    /// `authorization: Bearer <key>`.
+    #[arg(long, env = "SWITCHYARD_API_KEYS_FILE")]
+    pub api_keys_file: Option<std::path::PathBuf>,
     /// Control-plane gRPC address.
     #[arg(long, default_value = "127.0.0.1:50052")]
     pub control_plane_listen: SocketAddr,
@@ -115,6 +119,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let config = switchyard_router::RouterConfig {
         listen: args.router_listen,
         http_listen: Some(args.http_listen),
+        api_keys_file: args.api_keys_file.clone(),
         ..Default::default()
     };
     let (r, s) = (registry.clone(), shutdown.clone());
@@ -142,9 +147,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     let router = endpoints[0].1;
     let workers = args.gpu_workers + 1;
-    tokio::time::timeout(Duration::from_secs(10), wait_for_workers(router, workers))
-        .await
-        .context("the router did not connect to every worker within 10s")??;
+    let probe_key = probe_key(args.api_keys_file.as_deref())?;
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        wait_for_workers(router, workers, probe_key),
+    )
+    .await
+    .context("the router did not connect to every worker within 10s")??;
     let router_http = http_rx.await.ok().flatten();
     for (component, address) in endpoints {
         announce(component, "grpc", address);
@@ -159,10 +168,42 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A key from the router's key file (already validated by the router), for `up`'s own
+/// readiness probe when authentication is on.
+fn probe_key(path: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    let Some(path) = path else { return Ok(None) };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading api keys file {}", path.display()))?;
+    let document: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("parsing api keys file {}", path.display()))?;
+    let key = document["keys"][0]["key"]
+        .as_str()
+        .with_context(|| format!("api keys file {}: keys[0].key is missing", path.display()))?;
+    Ok(Some(key.to_string()))
+}
+
 /// Waits until the router has a live link to `count` workers.
-async fn wait_for_workers(router: SocketAddr, count: usize) -> anyhow::Result<()> {
+async fn wait_for_workers(
+    router: SocketAddr,
+    count: usize,
+    key: Option<String>,
+) -> anyhow::Result<()> {
     let channel = crate::client::connect_channel(&router.to_string()).await?;
-    let mut client = switchyard_proto::v1::inference_client::InferenceClient::new(channel);
+    let authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = key
+        .map(|key| format!("Bearer {key}").parse())
+        .transpose()
+        .context("api keys file: keys[0].key is not a valid header value")?;
+    let mut client = switchyard_proto::v1::inference_client::InferenceClient::with_interceptor(
+        channel,
+        move |mut request: tonic::Request<()>| {
+            if let Some(value) = &authorization {
+                request
+                    .metadata_mut()
+                    .insert("authorization", value.clone());
+            }
+            Ok(request)
+        },
+    );
     let mut ticks = tokio::time::interval(Duration::from_millis(20));
     loop {
         ticks.tick().await;

@@ -2,7 +2,8 @@
 //! function classifies live requests and simulated trace rows.
 //!
 //! Order (DESIGN §5): explicit `class` → tenant default (request metadata `tenant`, mapped by
-//! the policy document; API keys will feed it once auth exists) → the document's ordered rules
+//! the policy document; with API keys configured the front doors write the key's tenant there,
+//! see [`crate::auth`]) → the document's ordered rules
 //! (first match wins) → the document's default lane.
 
 use std::collections::HashMap;

@@ -1,6 +1,7 @@
 //! Router configuration.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use switchyard_proto::RequestLimits;
@@ -22,6 +23,11 @@ pub struct RouterConfig {
     pub cancel_grace: Duration,
     /// Placement attempts per request (first placement, retries and failovers together).
     pub max_attempts: u32,
+    /// JSON file of API keys and their tenants (see [`crate::auth`]). When set, every
+    /// `Inference` call and every `/v1` HTTP request must carry `authorization: Bearer <key>`,
+    /// and the key's tenant replaces the request metadata `tenant`. `None`: no
+    /// authentication, and the client's own metadata `tenant` is honoured.
+    pub api_keys_file: Option<PathBuf>,
 }
 
 impl Default for RouterConfig {
@@ -34,6 +40,7 @@ impl Default for RouterConfig {
             connect_timeout: Duration::from_secs(2),
             cancel_grace: Duration::from_secs(2),
             max_attempts: 3,
+            api_keys_file: None,
         }
     }
 }

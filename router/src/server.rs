@@ -12,10 +12,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+use crate::auth::{ApiKeys, ApiKeysError};
 use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::links::Links;
-use crate::service::InferenceService;
+use crate::service::{AuthInterceptor, InferenceService};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {
@@ -26,6 +27,8 @@ pub enum RouterError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    ApiKeys(#[from] ApiKeysError),
     #[error("registry: {0}")]
     Registry(#[from] RegistryError),
     #[error("grpc server: {0}")]
@@ -63,6 +66,14 @@ pub async fn run_router_with_endpoints(
     on_ready: impl FnOnce(RouterEndpoints),
 ) -> Result<(), RouterError> {
     config.validate().map_err(RouterError::Config)?;
+    let api_keys = match &config.api_keys_file {
+        Some(path) => {
+            let keys = ApiKeys::load(path)?;
+            info!(keys = keys.len(), "api key authentication on");
+            Some(Arc::new(keys))
+        }
+        None => None,
+    };
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RouterError::Bind {
@@ -104,9 +115,11 @@ pub async fn run_router_with_endpoints(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(InferenceServer::new(InferenceService::new(
-            dispatcher.clone(),
-        )))
+        // Only Inference is authenticated: health and reflection stay open to probes and tools.
+        .add_service(InferenceServer::with_interceptor(
+            InferenceService::new(dispatcher.clone()),
+            AuthInterceptor::new(api_keys.clone()),
+        ))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             shutdown.clone().cancelled_owned(),
@@ -114,7 +127,7 @@ pub async fn run_router_with_endpoints(
     let (http_server, http_bound) = match http_listener {
         Some((listener, bound)) => {
             info!(address = %bound, "router http (OpenAI-compatible) ready");
-            let server = crate::openai::serve(listener, dispatcher, shutdown.clone());
+            let server = crate::openai::serve(listener, dispatcher, api_keys, shutdown.clone());
             (Some(server), Some(bound))
         }
         None => (None, None),

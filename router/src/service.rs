@@ -13,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
+use crate::auth::{AUTHORIZATION, ApiKeys, Tenant};
 use crate::dispatch::{Control, Dispatcher, FrameSink, failed_frame};
 
 /// Frames buffered towards one client before dispatchers wait for it to read.
@@ -40,9 +41,10 @@ impl v1::inference_server::Inference for InferenceService {
         &self,
         request: Request<Streaming<v1::ClientFrame>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        let tenant = request.extensions().get::<Tenant>().cloned();
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
-        tokio::spawn(run_session(self.dispatcher.clone(), inbound, tx));
+        tokio::spawn(run_session(self.dispatcher.clone(), tenant, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -50,7 +52,11 @@ impl v1::inference_server::Inference for InferenceService {
         &self,
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let tenant = request.extensions().get::<Tenant>().cloned();
         let mut request = request.into_inner();
+        if let Some(tenant) = &tenant {
+            tenant.apply(&mut request);
+        }
         if request.request_id.is_empty() {
             request.request_id = uuid::Uuid::new_v4().to_string();
         }
@@ -96,6 +102,7 @@ impl v1::inference_server::Inference for InferenceService {
 /// running when the client half-closes finish normally; the response stream ends after them.
 async fn run_session(
     dispatcher: Arc<Dispatcher>,
+    tenant: Option<Tenant>,
     mut inbound: Streaming<v1::ClientFrame>,
     out: FrameSink,
 ) {
@@ -106,7 +113,7 @@ async fn run_session(
         tokio::select! {
             frame = inbound.message() => match frame {
                 Ok(Some(v1::ClientFrame { frame: Some(frame) })) => {
-                    handle_frame(&dispatcher, frame, &mut running, &done_tx, &out).await;
+                    handle_frame(&dispatcher, tenant.as_ref(), frame, &mut running, &done_tx, &out).await;
                 }
                 Ok(Some(_)) => {
                     let status = Status::invalid_argument("frame: empty ClientFrame (set start, cancel or interrupt)");
@@ -131,13 +138,17 @@ async fn run_session(
 
 async fn handle_frame(
     dispatcher: &Arc<Dispatcher>,
+    tenant: Option<&Tenant>,
     frame: client_frame::Frame,
     running: &mut HashMap<String, mpsc::UnboundedSender<Control>>,
     done: &mpsc::UnboundedSender<String>,
     out: &FrameSink,
 ) {
     match frame {
-        client_frame::Frame::Start(request) => {
+        client_frame::Frame::Start(mut request) => {
+            if let Some(tenant) = tenant {
+                tenant.apply(&mut request);
+            }
             let request_id = request.request_id.clone();
             if running.contains_key(&request_id) {
                 let status = Status::invalid_argument(format!(
@@ -190,5 +201,39 @@ async fn handle_frame(
                 let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
             }
         }
+    }
+}
+
+/// Authenticates `Inference` calls when API keys are configured: the call's `authorization:
+/// Bearer <key>` metadata must name a known key, whose [`Tenant`] is attached to the request
+/// for the service to write into every `GenerateRequest`. Without keys every call passes and
+/// no tenant is attached (the client's metadata `tenant` stands).
+#[derive(Clone)]
+pub struct AuthInterceptor {
+    keys: Option<Arc<ApiKeys>>,
+}
+
+impl AuthInterceptor {
+    pub fn new(keys: Option<Arc<ApiKeys>>) -> Self {
+        Self { keys }
+    }
+}
+
+impl tonic::service::Interceptor for AuthInterceptor {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(keys) = &self.keys else {
+            return Ok(request);
+        };
+        let header = request.metadata().get(AUTHORIZATION);
+        let value = match header.map(|v| v.to_str()) {
+            None => None,
+            Some(Ok(value)) => Some(value),
+            Some(Err(_)) => return Err(crate::auth::AuthError::Malformed.into()),
+        };
+        let tenant = keys.authenticate(value).inspect_err(|error| {
+            debug!(%error, "inference call refused");
+        })?;
+        request.extensions_mut().insert(tenant);
+        Ok(request)
     }
 }

@@ -268,6 +268,9 @@ pub struct ClusterSpec {
     /// Extra flags for every GPU worker.
     pub gpu_flags: Vec<String>,
     pub router_flags: Vec<String>,
+    /// An API key the harness itself sends (for its readiness probe) when `router_flags`
+    /// turn authentication on.
+    pub api_key: Option<String>,
 }
 
 impl Default for ClusterSpec {
@@ -278,6 +281,7 @@ impl Default for ClusterSpec {
             lease_ttl: "2s",
             gpu_flags: vec![],
             router_flags: vec![],
+            api_key: None,
         }
     }
 }
@@ -289,6 +293,7 @@ pub struct Cluster {
     pub control_plane: Component,
     pub gpu: Vec<Component>,
     pub wse: Vec<Component>,
+    api_key: Option<String>,
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -351,6 +356,7 @@ impl Cluster {
             control_plane,
             gpu,
             wse,
+            api_key: spec.api_key.clone(),
         };
         let expected = spec.gpu_workers + spec.wse_workers;
         wait_until(
@@ -379,18 +385,29 @@ impl Cluster {
 
     /// Worker ids the router currently routes to (from `ListModels`).
     pub async fn router_worker_ids(&self) -> anyhow::Result<Vec<String>> {
-        list_router_workers(&self.router_addr()).await
+        list_router_workers_with_key(&self.router_addr(), self.api_key.as_deref()).await
     }
 }
 
 /// Worker ids a router currently routes to, sorted.
 pub async fn list_router_workers(router: &str) -> anyhow::Result<Vec<String>> {
+    list_router_workers_with_key(router, None).await
+}
+
+/// Like [`list_router_workers`], sending `authorization: Bearer <key>` when `key` is set.
+pub async fn list_router_workers_with_key(
+    router: &str,
+    key: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
     let channel = switchyard::client::connect_channel(router).await?;
     let mut client = switchyard_proto::v1::inference_client::InferenceClient::new(channel);
-    let models = client
-        .list_models(switchyard_proto::v1::ListModelsRequest {})
-        .await?
-        .into_inner();
+    let mut request = tonic::Request::new(switchyard_proto::v1::ListModelsRequest {});
+    if let Some(key) = key {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {key}").parse()?);
+    }
+    let models = client.list_models(request).await?.into_inner();
     let mut ids: Vec<String> = models
         .models
         .iter()

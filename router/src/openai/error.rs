@@ -60,6 +60,11 @@ impl ApiError {
         }
     }
 
+    /// 401 for a missing, malformed or unknown API key.
+    pub fn unauthenticated(error: crate::auth::AuthError) -> Self {
+        Self::from_code(Code::Unauthenticated, &error.to_string())
+    }
+
     /// The HTTP form of a gRPC status from the dispatcher (or of a worker's `Failed` frame).
     pub fn from_code(code: Code, message: &str) -> Self {
         // Speak OpenAI's field names: `sampling.max_tokens` is `max_tokens` to this client.

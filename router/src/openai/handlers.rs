@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Json};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use switchyard_proto::v1::{self, server_frame::Frame};
@@ -20,6 +20,7 @@ use tonic::Code;
 use super::error::ApiError;
 use super::stream;
 use super::wire::{self, ChatCompletionRequest, CompletionRequest};
+use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 
 /// Frames buffered towards one HTTP client before the dispatcher waits for it to read.
@@ -65,22 +66,36 @@ impl Meta {
 
 pub async fn chat_completions(
     State(dispatcher): State<Arc<Dispatcher>>,
+    tenant: Option<Extension<Tenant>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    generate(dispatcher, headers, body, Endpoint::Chat)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    generate(
+        dispatcher,
+        tenant.map(|t| t.0),
+        headers,
+        body,
+        Endpoint::Chat,
+    )
+    .await
+    .unwrap_or_else(IntoResponse::into_response)
 }
 
 pub async fn completions(
     State(dispatcher): State<Arc<Dispatcher>>,
+    tenant: Option<Extension<Tenant>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    generate(dispatcher, headers, body, Endpoint::Completion)
-        .await
-        .unwrap_or_else(IntoResponse::into_response)
+    generate(
+        dispatcher,
+        tenant.map(|t| t.0),
+        headers,
+        body,
+        Endpoint::Completion,
+    )
+    .await
+    .unwrap_or_else(IntoResponse::into_response)
 }
 
 fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
@@ -143,6 +158,7 @@ fn failed(failed: &v1::Failed) -> ApiError {
 
 async fn generate(
     dispatcher: Arc<Dispatcher>,
+    tenant: Option<Tenant>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
@@ -153,6 +169,9 @@ async fn generate(
         Endpoint::Completion => parse::<CompletionRequest>(body)?.into_proto(cap)?,
     };
     request.class = class_from_headers(&headers)? as i32;
+    if let Some(tenant) = &tenant {
+        tenant.apply(&mut request);
+    }
     let prefix = match endpoint {
         Endpoint::Chat => "chatcmpl",
         Endpoint::Completion => "cmpl",

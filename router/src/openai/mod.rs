@@ -4,7 +4,9 @@
 //!
 //! Every generation goes through the same [`Dispatcher::prepare`] and [`Dispatcher::run`] as
 //! the gRPC API: this module only translates HTTP ↔ `switchyard.v1`. The lane can be chosen
-//! with the `x-switchyard-class` header; responses carry `x-switchyard-lane`,
+//! with the `x-switchyard-class` header, or by the tenant of the API key in `Authorization:
+//! Bearer <key>` when keys are configured (then every `/v1` route needs a key; `/health` stays
+//! open); responses carry `x-switchyard-lane`,
 //! `x-switchyard-pool` and `x-switchyard-worker`. Dropping a response body (the client went
 //! away) drops the dispatcher's output channel, which cancels the generation on the worker.
 
@@ -16,22 +18,31 @@ mod wire;
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::{Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::{AUTHORIZATION, ApiKeys, AuthError};
 use crate::dispatch::Dispatcher;
 
 pub use error::ApiError;
 
-/// The HTTP routes, sharing the gRPC server's dispatcher.
-pub fn routes(dispatcher: Arc<Dispatcher>) -> Router {
-    Router::new()
+/// The HTTP routes, sharing the gRPC server's dispatcher. With `keys`, the `/v1` routes
+/// authenticate first (401 in OpenAI's shape) and hand the key's tenant to the handlers.
+pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router {
+    let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::list_models))
-        .route("/v1/models/{model}", get(handlers::get_model))
-        .route("/health", get(handlers::health))
+        .route("/v1/models/{model}", get(handlers::get_model));
+    let api = match keys {
+        Some(keys) => api.route_layer(middleware::from_fn_with_state(keys, authenticate)),
+        None => api,
+    };
+    api.route("/health", get(handlers::health))
         .fallback(handlers::unknown_route)
         .with_state(dispatcher)
 }
@@ -40,6 +51,7 @@ pub fn routes(dispatcher: Arc<Dispatcher>) -> Router {
 pub async fn serve(
     listener: TcpListener,
     dispatcher: Arc<Dispatcher>,
+    keys: Option<Arc<ApiKeys>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt as _;
@@ -47,7 +59,30 @@ pub async fn serve(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, routes(dispatcher))
+    axum::serve(listener, routes(dispatcher, keys))
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await
+}
+
+/// Checks `Authorization: Bearer <key>` and attaches the key's tenant to the request.
+async fn authenticate(
+    State(keys): State<Arc<ApiKeys>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let value = match request.headers().get(AUTHORIZATION).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(value)) => Some(value),
+        Some(Err(_)) => return ApiError::unauthenticated(AuthError::Malformed).into_response(),
+    };
+    match keys.authenticate(value) {
+        Ok(tenant) => {
+            request.extensions_mut().insert(tenant);
+            next.run(request).await
+        }
+        Err(error) => {
+            tracing::debug!(%error, path = request.uri().path(), "http request refused");
+            ApiError::unauthenticated(error).into_response()
+        }
+    }
 }

@@ -185,8 +185,8 @@ pub struct PolicyDocument {
     pub default_lane: LaneName,
     pub latency_critical: LanePolicy,
     pub cost_sensitive: LanePolicy,
-    /// Default lane per tenant, keyed by the request metadata `tenant` (until API keys exist,
-    /// the tenant is whatever the client puts there).
+    /// Default lane per tenant, keyed by the request metadata `tenant` (the API key's tenant
+    /// when the router has keys; otherwise whatever the client puts there).
     pub tenants: BTreeMap<String, LaneName>,
     pub rules: Vec<Rule>,
     pub placement: PlacementPolicy,
