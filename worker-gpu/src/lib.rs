@@ -135,23 +135,16 @@ pub fn build_engine(args: &GpuEngineArgs) -> Result<Arc<dyn Engine>, GpuEngineEr
         ));
     }
     match args.engine {
-        GpuEngineKind::Synthetic => {
-            if args.synthetic_tokens_per_s.is_nan() || args.synthetic_tokens_per_s <= 0.0 {
-                return Err(GpuEngineError::Config(
-                    "--synthetic-tokens-per-s: must be positive".into(),
-                ));
-            }
-            tracing::warn!(
-                "serving with the SYNTHETIC load-test engine: output is not from a model"
-            );
-            Ok(Arc::new(SyntheticEngine::new(SyntheticConfig {
+        GpuEngineKind::Synthetic => Ok(Arc::new(
+            SyntheticEngine::checked(SyntheticConfig {
                 models: args.models.clone(),
                 ttft: args.synthetic_ttft,
                 tokens_per_s: args.synthetic_tokens_per_s,
                 max_concurrent: args.max_concurrent,
                 max_queue: args.max_concurrent * 4,
-            })))
-        }
+            })
+            .map_err(GpuEngineError::Config)?,
+        )),
         GpuEngineKind::Candle => Ok(Arc::new(build_candle(args)?)),
     }
 }

@@ -174,23 +174,16 @@ pub fn build_engine(args: &WseEngineArgs) -> Result<Arc<dyn Engine>, WseEngineEr
     }
     match args.engine {
         WseEngineKind::Gateway => Ok(Arc::new(GatewayEngine::new(gateway_config(args)?)?)),
-        WseEngineKind::Synthetic => {
-            if args.synthetic_tokens_per_s.is_nan() || args.synthetic_tokens_per_s <= 0.0 {
-                return Err(WseEngineError::Config(
-                    "--synthetic-tokens-per-s: must be positive".into(),
-                ));
-            }
-            tracing::warn!(
-                "serving with the SYNTHETIC load-test engine: output is not from a wafer"
-            );
-            Ok(Arc::new(SyntheticEngine::new(SyntheticConfig {
+        WseEngineKind::Synthetic => Ok(Arc::new(
+            SyntheticEngine::checked(SyntheticConfig {
                 models: args.models.clone(),
                 ttft: args.synthetic_ttft,
                 tokens_per_s: args.synthetic_tokens_per_s,
                 max_concurrent: args.max_concurrent,
                 // A wafer has fixed slots: no queue beyond them.
                 max_queue: 0,
-            })))
-        }
+            })
+            .map_err(WseEngineError::Config)?,
+        )),
     }
 }

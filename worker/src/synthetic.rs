@@ -53,6 +53,22 @@ pub struct SyntheticEngine {
 }
 
 impl SyntheticEngine {
+    /// Validates `config` (errors name the command-line flag) and builds the engine, logging
+    /// loudly that this worker's output does not come from a model.
+    pub fn checked(config: SyntheticConfig) -> Result<Self, String> {
+        if config.max_concurrent == 0 {
+            return Err("--max-concurrent: must be at least 1".into());
+        }
+        if config.tokens_per_s.is_nan() || config.tokens_per_s <= 0.0 {
+            return Err("--synthetic-tokens-per-s: must be positive".into());
+        }
+        if config.models.iter().any(|m| m.trim().is_empty()) || config.models.is_empty() {
+            return Err("--model: give at least one non-empty model name".into());
+        }
+        tracing::warn!(models = ?config.models, "serving with the SYNTHETIC load-test engine: output is not from a model");
+        Ok(Self::new(config))
+    }
+
     pub fn new(config: SyntheticConfig) -> Self {
         let slots = Arc::new(Semaphore::new(config.max_concurrent as usize));
         Self {
