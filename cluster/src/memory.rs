@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::membership::{Membership, MembershipView, publish};
+use crate::membership::{Membership, MembershipView};
 use crate::registry::{Command, Registration, Registry, RegistryError};
 use crate::schema::WorkerRecord;
 
@@ -32,10 +32,18 @@ impl MemoryRegistry {
         Self::default()
     }
 
+    /// Applies `change` under the channel's write lock: concurrent registrations must not
+    /// read the same snapshot and overwrite each other's update.
     fn modify(&self, change: impl FnOnce(&mut MembershipView)) {
-        let mut view = MembershipView::clone(&self.view.borrow());
-        change(&mut view);
-        publish(&self.view, view);
+        self.view.send_if_modified(|current| {
+            let mut view = MembershipView::clone(current);
+            change(&mut view);
+            let changed = view != **current;
+            if changed {
+                *current = Arc::new(view);
+            }
+            changed
+        });
     }
 }
 
@@ -142,6 +150,27 @@ mod tests {
         registration.deregister().await.unwrap();
         assert!(registry.list_workers().await.unwrap().is_empty());
         assert!(membership.current().workers.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_registrations_are_all_kept() {
+        let registry = MemoryRegistry::new();
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let registry = registry.clone();
+                tokio::spawn(async move {
+                    registry
+                        .register(record(&format!("w{i}")), Duration::from_secs(5))
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut registrations = Vec::new();
+        for task in tasks {
+            registrations.push(task.await.unwrap());
+        }
+        assert_eq!(registry.list_workers().await.unwrap().len(), 64);
     }
 
     #[tokio::test]
