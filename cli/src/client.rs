@@ -228,3 +228,15 @@ impl Completion {
         }
     }
 }
+
+/// Ids of the workers a `ListModels` answer says the router can route to, sorted, unique.
+pub fn routable_worker_ids(models: &v1::ListModelsResponse) -> Vec<String> {
+    let mut ids: Vec<String> = models
+        .models
+        .iter()
+        .flat_map(|m| m.workers.iter().map(|w| w.id.clone()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}

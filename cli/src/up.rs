@@ -211,14 +211,7 @@ async fn wait_for_workers(
             .list_models(switchyard_proto::v1::ListModelsRequest {})
             .await?
             .into_inner();
-        let mut ids: Vec<_> = models
-            .models
-            .iter()
-            .flat_map(|m| m.workers.iter().map(|w| w.id.clone()))
-            .collect();
-        ids.sort();
-        ids.dedup();
-        if ids.len() >= count {
+        if crate::client::routable_worker_ids(&models).len() >= count {
             return Ok(());
         }
     }

@@ -408,14 +408,7 @@ pub async fn list_router_workers_with_key(
             .insert("authorization", format!("Bearer {key}").parse()?);
     }
     let models = client.list_models(request).await?.into_inner();
-    let mut ids: Vec<String> = models
-        .models
-        .iter()
-        .flat_map(|m| m.workers.iter().map(|w| w.id.clone()))
-        .collect();
-    ids.sort();
-    ids.dedup();
-    Ok(ids)
+    Ok(switchyard::client::routable_worker_ids(&models))
 }
 
 /// A chat request for the synthetic model: one user message, `max_tokens`, the given class.
