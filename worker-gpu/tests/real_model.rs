@@ -4,8 +4,9 @@
 //!
 //! - tokenizer: llama.cpp's ids for the DESIGN §6 strings;
 //! - chat template rendered by minijinja;
-//! - golden: greedy ids for three prompts equal llama.cpp's (fixture recorded by
-//!   `tests/fixtures/record_golden.py`).
+//! - golden: greedy ids and top-5 logits against llama.cpp's (fixture recorded by
+//!   `tests/fixtures/record_golden.py`); greedy ids are compared up to llama.cpp's first
+//!   near-tie, and at least three prompts must match for 16 ids.
 
 use std::path::{Path, PathBuf};
 
@@ -91,9 +92,68 @@ struct Case {
     prompt: String,
     prompt_ids: Vec<u32>,
     greedy_ids: Vec<u32>,
+    /// Per generated position: llama.cpp's five highest logits as (token id, value).
+    top_logits: Vec<Vec<(u32, f32)>>,
 }
 
-fn golden(repack: Repack) {
+/// Below this top-1/top-2 margin (logits) llama.cpp's own choice is a coin flip: its batched and
+/// token-by-token evaluations of the same ids already differ by more (up to 0.67, see
+/// `record_golden.py`), so greedy ids are compared only up to the first such position.
+const NEAR_TIE: f32 = 0.1;
+
+/// How one case compared.
+struct Compared {
+    /// Greedy ids compared exactly (up to the first near-tie or the end).
+    exact: usize,
+    /// Largest |ours − llama.cpp| over llama.cpp's top-5 logits at every position.
+    max_logit_diff: f32,
+}
+
+/// Runs one case teacher-forced on llama.cpp's greedy ids: at every position our argmax must be
+/// llama.cpp's token (until its first near-tie), and our logits of its top-5 tokens must lie
+/// within `logit_tol` of its values. While every earlier id matched, teacher-forced and
+/// free-running greedy decoding see the same context, so `exact` ids are our own greedy output.
+fn compare(model: &Llama, case: &Case, logit_tol: f32) -> Compared {
+    let n = case.greedy_ids.len();
+    let mut cache = model.new_cache(case.prompt_ids.len() + n + 1).unwrap();
+    let mut logits = model.prefill(&case.prompt_ids, &mut cache).unwrap();
+    let mut exact = 0;
+    let mut diverged = false;
+    let mut max_logit_diff = 0f32;
+    for (pos, (&want, top)) in case.greedy_ids.iter().zip(&case.top_logits).enumerate() {
+        let row = &logits_rows(&logits).unwrap()[0];
+        for &(id, theirs) in top {
+            let d = (row[id as usize] - theirs).abs();
+            max_logit_diff = max_logit_diff.max(d);
+            assert!(
+                d <= logit_tol,
+                "prompt {:?} position {pos}: logit of token {id} is {}, llama.cpp {theirs}",
+                case.prompt,
+                row[id as usize]
+            );
+        }
+        let margin = top[0].1 - top[1].1;
+        if !diverged && margin < NEAR_TIE {
+            diverged = true;
+        }
+        if !diverged {
+            assert_eq!(
+                argmax(row),
+                want,
+                "prompt {:?}: greedy id {pos} differs from llama.cpp (its margin {margin:.3})",
+                case.prompt
+            );
+            exact += 1;
+        }
+        logits = model.decode(&[want], &mut [&mut cache]).unwrap();
+    }
+    Compared {
+        exact,
+        max_logit_diff,
+    }
+}
+
+fn golden(repack: Repack, logit_tol: f32) {
     let Some(path) = model_path() else { return };
     let fixture_path =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden_smollm2.json");
@@ -102,36 +162,32 @@ fn golden(repack: Repack) {
     let mut file = GgufFile::open(&path).unwrap();
     let tok = GgufTokenizer::from_gguf(&file.content).unwrap();
     let model = Llama::load(&mut file, &Device::Cpu, repack).unwrap();
+    let mut full = 0;
     for case in &fixture.cases {
         assert_eq!(tok.encode(&case.prompt).unwrap(), case.prompt_ids);
-        let n = case.greedy_ids.len().min(24);
-        assert!(n >= 16 || case.greedy_ids.last() == Some(&2));
-        let mut cache = model.new_cache(case.prompt_ids.len() + n + 1).unwrap();
-        let mut logits = model.prefill(&case.prompt_ids, &mut cache).unwrap();
-        let mut got = vec![];
-        for _ in 0..n {
-            let id = argmax(&logits_rows(&logits).unwrap()[0]);
-            got.push(id);
-            logits = model.decode(&[id], &mut [&mut cache]).unwrap();
+        let c = compare(&model, case, logit_tol);
+        eprintln!(
+            "{:?}: {} greedy ids equal, max top-5 logit diff {:.3}",
+            case.prompt, c.exact, c.max_logit_diff
+        );
+        if c.exact >= 16 {
+            full += 1;
         }
-        assert_eq!(got, case.greedy_ids[..n], "prompt {:?}", case.prompt);
     }
+    assert!(
+        full >= 3,
+        "only {full} prompts matched llama.cpp for 16 greedy ids"
+    );
 }
 
-// KNOWN FAILURE (issue 3 report): the haiku prompt diverges from llama.cpp at its 2nd greedy
-// token (ours 297, llama.cpp 6147) while our prefill, chunked prefill and decode agree with
-// each other exactly; the cause (a numeric difference from llama.cpp's kernels or a model
-// detail) is not yet found. Run with `cargo test -- --ignored golden`.
 #[test]
-#[ignore = "diverges from llama.cpp on the haiku prompt; see comment"]
 fn golden_greedy_ids_match_llama_cpp_exact_weights() {
-    golden(Repack::None);
+    golden(Repack::None, 1.0);
 }
 
 #[test]
-#[ignore = "diverges from llama.cpp on the haiku prompt; see comment above"]
 fn golden_greedy_ids_match_llama_cpp_repacked_q8_0() {
-    golden(Repack::Q8_0);
+    golden(Repack::Q8_0, 1.0);
 }
 
 /// Prefill of a long prompt in one piece equals feeding it token by token, in chunks, and a
