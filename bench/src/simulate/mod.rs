@@ -581,4 +581,57 @@ mod tests {
         assert!(tiled.windows(2).all(|w| w[0].arrival_ms <= w[1].arrival_ms));
         assert_eq!(tile(&base, 2).len(), 2);
     }
+
+    #[test]
+    fn a_gpu_prefills_latency_critical_prompts_first_in_chunks() {
+        let mut profiles = profiles();
+        profiles.cluster.gpu_workers = 1;
+        profiles.cluster.wse_workers = 0;
+        profiles.gpu.prefill_chunk_tokens = 512;
+        let row = |arrival_ms: f64, prompt_tokens: u32| TraceRequest {
+            arrival_ms,
+            prompt_tokens,
+            output_tokens: 4,
+            hash_ids: Arc::from(Vec::new()),
+        };
+        // Four long cost-sensitive prompts, then a latency-critical one just after.
+        let cheap: Vec<TraceRequest> = (0..4).map(|i| row(f64::from(i), 2_000)).collect();
+        let requests = classify_all(
+            &[
+                (Some(LaneName::CostSensitive), cheap),
+                (Some(LaneName::LatencyCritical), vec![row(5.0, 500)]),
+            ],
+            &profiles,
+        );
+        let mut placer = placers::placer("round_robin", &profiles.policy).unwrap();
+        let result = simulate(&profiles, &profiles.policy, &requests, placer.as_mut());
+        let first_token = |lane: LaneName| {
+            requests
+                .iter()
+                .zip(&result.outcomes)
+                .filter(|(r, _)| r.lane == lane)
+                .map(|(_, o)| o.first_token_ms)
+                .collect::<Vec<_>>()
+        };
+        let urgent = first_token(LaneName::LatencyCritical)[0];
+        let cheap = first_token(LaneName::CostSensitive);
+        assert!(
+            cheap.iter().all(|&t| urgent < t),
+            "latency-critical {urgent} ms, cost-sensitive {cheap:?}"
+        );
+        // 500 prompt tokens fit one chunk: the first token comes after the step in flight
+        // (the first cheap prompt's chunk) and its own.
+        assert!(urgent < 200.0, "{urgent}");
+        // Every request still completes.
+        assert!(
+            result
+                .outcomes
+                .iter()
+                .all(|o| o.served && o.finish_ms > 0.0)
+        );
+        // Misses are attributed: nothing here misses.
+        let report = summarise(&requests, &result);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["lanes"]["latency_critical"]["misses"]["gpu_ttft"], 0);
+    }
 }

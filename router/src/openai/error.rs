@@ -223,7 +223,10 @@ mod tests {
     fn a_shed_request_is_told_the_policys_retry_after() {
         // The dispatcher's shed status (gRPC door: `retry-after` metadata)...
         let status = crate::dispatch::shed_status("queue full".into(), 2_500);
-        let grpc_secs = status.metadata()[crate::dispatch::RETRY_AFTER]
+        let grpc_secs = status
+            .metadata()
+            .get(crate::dispatch::RETRY_AFTER)
+            .unwrap()
             .to_str()
             .unwrap()
             .to_string();
