@@ -57,6 +57,7 @@ async fn run_one(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> anyh
             ..Default::default()
         },
         resume_tokens: vec![],
+        latency_critical: false,
     };
     let mut rx = engine.submit(request, CancellationToken::new())?;
     let mut ttft = None;

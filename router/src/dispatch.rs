@@ -13,7 +13,8 @@ use switchyard_proto::{RequestLimits, validate_generate_request};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::{Code, Status};
-use tracing::{debug, info, warn};
+use tracing::field::Empty;
+use tracing::{Instrument, Span, debug, info, info_span, warn};
 
 use crate::classify::{Classification, RequestFeatures, classify};
 use crate::config::RouterConfig;
@@ -82,6 +83,31 @@ pub struct Prepared {
     class: Classification,
     target: Target,
     arrived: Instant,
+    /// The request's span, carrying the routing decision.
+    span: Span,
+}
+
+/// The router's span of one request. The routing decision is recorded on it — `lane` (and the
+/// classifier's reason) when classified, `pool`, `worker` and the full `reason` when placed —
+/// so a trace shows where a request ran and why.
+pub fn request_span(request_id: &str, model: &str) -> Span {
+    info_span!(
+        "request",
+        request_id,
+        model,
+        lane = Empty,
+        pool = Empty,
+        worker = Empty,
+        reason = Empty
+    )
+}
+
+/// Records a placement on a request span (see [`request_span`]).
+pub fn record_decision(span: &Span, lane: &str, pool: &str, worker: &str, reason: &str) {
+    span.record("lane", lane);
+    span.record("pool", pool);
+    span.record("worker", worker);
+    span.record("reason", reason);
 }
 
 pub type FrameSink = mpsc::Sender<Result<v1::ServerFrame, Status>>;
@@ -107,19 +133,30 @@ impl Dispatcher {
     /// metadata when shed).
     pub fn prepare(&self, request: v1::GenerateRequest) -> Result<Prepared, Status> {
         let arrived = Instant::now();
+        let span = request_span(&request.request_id, &request.model);
+        let _entered = span.enter();
         validate_generate_request(&request, &self.config.limits)
             .map_err(|violation| Status::invalid_argument(violation.to_string()))?;
         let policy = self.policy.current();
         let class = classify(&RequestFeatures::of(&request), &policy);
+        span.record("lane", class.lane.as_str());
+        span.record("reason", class.reason.as_str());
         let target = match self.try_place(&request, &class, &policy, &[])? {
             Some((link, reason)) => Target::Placed(link, reason),
-            None => Target::Queued(self.admit(class.lane, &policy)?),
+            None => Target::Queued(self.admit(class.lane, &policy).inspect_err(|status| {
+                span.record(
+                    "reason",
+                    format!("{}; shed: {}", class.reason, status.message()),
+                );
+            })?),
         };
+        drop(_entered);
         Ok(Prepared {
             request,
             class,
             target,
             arrived,
+            span,
         })
     }
 
@@ -235,6 +272,18 @@ impl Dispatcher {
     pub async fn run(
         &self,
         prepared: Prepared,
+        controls: mpsc::UnboundedReceiver<Control>,
+        out: FrameSink,
+    ) {
+        let span = prepared.span.clone();
+        self.run_in_span(prepared, controls, out)
+            .instrument(span)
+            .await;
+    }
+
+    async fn run_in_span(
+        &self,
+        prepared: Prepared,
         mut controls: mpsc::UnboundedReceiver<Control>,
         out: FrameSink,
     ) {
@@ -243,6 +292,7 @@ impl Dispatcher {
             class,
             target,
             arrived,
+            span,
         } = prepared;
         let placed = match target {
             Target::Placed(link, reason) => Ok((link, reason)),
@@ -259,6 +309,10 @@ impl Dispatcher {
         let (link, reason) = match placed {
             Ok(placed) => placed,
             Err(status) => {
+                span.record(
+                    "reason",
+                    format!("{}; shed: {}", class.reason, status.message()),
+                );
                 info!(request_id = %request.request_id, lane = class.lane.as_str(), %status, "not placed");
                 let _ = out
                     .send(Ok(failed_frame(&request.request_id, &status)))
@@ -287,15 +341,18 @@ fn placement_status(error: PlacementError) -> Status {
     }
 }
 
+/// Whole seconds of `Retry-After` for a policy's `retry_after_ms`: rounded up, at least 1.
+pub fn retry_after_secs(retry_after_ms: u64) -> u64 {
+    retry_after_ms.div_ceil(1000).max(1)
+}
+
 /// `RESOURCE_EXHAUSTED` with `retry-after` (seconds) and `retry-after-ms` metadata.
 pub fn shed_status(message: String, retry_after_ms: u64) -> Status {
     let mut status = Status::resource_exhausted(message);
     let metadata = status.metadata_mut();
     metadata.insert(
         RETRY_AFTER,
-        retry_after_ms
-            .div_ceil(1000)
-            .max(1)
+        retry_after_secs(retry_after_ms)
             .to_string()
             .parse()
             .expect("digits are ascii"),
@@ -399,6 +456,13 @@ impl<'d> Run<'d> {
             reason: self.reason.clone(),
         });
         send(out, accepted).await?;
+        record_decision(
+            &Span::current(),
+            self.class.lane.as_str(),
+            record.pool.as_str(),
+            &record.id,
+            &self.reason,
+        );
         info!(request_id = %self.request.request_id, lane = self.lane.label(), worker = %record.id, reason = %self.reason, "accepted");
 
         let mut excluded = Vec::new();
@@ -466,6 +530,15 @@ impl<'d> Run<'d> {
                 .try_place(&self.request, &self.class, &policy, excluded)?
         {
             debug!(request_id = %self.request.request_id, worker = %link.id(), %reason, "replacement placed");
+            // The span names the worker that finishes the request.
+            let record = link.record();
+            record_decision(
+                &Span::current(),
+                self.class.lane.as_str(),
+                record.pool.as_str(),
+                &record.id,
+                &format!("{}; failover: {reason}", self.class.reason),
+            );
             return Ok(link);
         }
         // Every other worker is at capacity: a started request is not shed, it goes to the
@@ -575,6 +648,7 @@ impl<'d> Run<'d> {
             prompt: self.request.prompt.clone(),
             sampling: Some(sampling),
             resume_tokens: self.segment_ids.clone(),
+            lane: self.lane as i32,
         }
     }
 
@@ -644,4 +718,58 @@ async fn send(out: &FrameSink, frame: Frame) -> Result<(), Status> {
     out.send(Ok(v1::ServerFrame { frame: Some(frame) }))
         .await
         .map_err(|_| Status::cancelled("client went away"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Collects what a `fmt` subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("capture lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_routing_decision_is_recorded_on_the_request_span() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = request_span("r-1", "m");
+            record_decision(
+                &span,
+                LaneName::LatencyCritical.as_str(),
+                "gpu",
+                "gpu-7",
+                "spill=gpu (no wse slot meets the slo)",
+            );
+            // An event inside the span carries its fields too.
+            span.in_scope(|| info!("accepted"));
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        for field in [
+            "request_id=\"r-1\"",
+            "lane=\"latency-critical\"",
+            "pool=\"gpu\"",
+            "worker=\"gpu-7\"",
+            "reason=\"spill=gpu (no wse slot meets the slo)\"",
+        ] {
+            assert!(text.contains(field), "{field} missing from {text}");
+        }
+        assert!(text.contains("close"), "the span closed: {text}");
+    }
 }

@@ -39,6 +39,9 @@ pub struct Link {
     load: Mutex<Option<v1::Load>>,
     /// Starts sent since the worker's last load report.
     pending: AtomicU32,
+    /// Their prompt tokens (estimated at 4 bytes per token, as the classifier does): they
+    /// queue ahead of the next request as much as the ones the worker reported.
+    pending_prompt_tokens: AtomicU64,
     connected: AtomicBool,
     closed: CancellationToken,
     /// Shared by every link: fired when a worker's load or reachability changes, so requests
@@ -54,6 +57,7 @@ impl Link {
             requests: Mutex::new(HashMap::new()),
             load: Mutex::new(None),
             pending: AtomicU32::new(0),
+            pending_prompt_tokens: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             closed: CancellationToken::new(),
             changed,
@@ -83,6 +87,14 @@ impl Link {
             .expect("requests lock")
             .insert(start.request_id.clone(), tx);
         self.pending.fetch_add(1, Ordering::Relaxed);
+        let prompt_bytes = start.prompt.len()
+            + start
+                .messages
+                .iter()
+                .map(|m| m.content.len())
+                .sum::<usize>();
+        self.pending_prompt_tokens
+            .fetch_add(prompt_bytes.div_ceil(4) as u64, Ordering::Relaxed);
         let frame = v1::RouterFrame {
             frame: Some(router_frame::Frame::Start(start.clone())),
         };
@@ -135,8 +147,14 @@ impl Link {
                 .map(|l| l.max_concurrent)
                 .filter(|m| *m > 0)
                 .unwrap_or(record.capacity.max_concurrent),
-            queued_prompt_tokens: load.map_or(0, |l| l.queued_prompt_tokens),
-            prefill_tokens_per_s: load.map_or(0.0, |l| l.prefill_tokens_per_s),
+            // Reported by the worker (0 = not reported) plus what was sent since; a rate of 0
+            // makes the policy assume its default.
+            queued_prompt_tokens: load.map_or(0, |l| l.queued_prompt_tokens)
+                + self.pending_prompt_tokens.load(Ordering::Relaxed),
+            prefill_tokens_per_s: load
+                .map(|l| l.prefill_tokens_per_s)
+                .filter(|r| r.is_finite() && *r > 0.0)
+                .unwrap_or(0.0),
             decode_tokens_per_s: decode,
             ttft_overhead_ms: 0.0,
             cost_per_mtok: record.capacity.cost_per_mtok,
@@ -151,6 +169,7 @@ impl Link {
             worker_frame::Frame::Load(load) => {
                 *self.load.lock().expect("load lock") = Some(*load);
                 self.pending.store(0, Ordering::Relaxed);
+                self.pending_prompt_tokens.store(0, Ordering::Relaxed);
                 self.changed.notify_waiters();
                 return;
             }
@@ -180,6 +199,7 @@ impl Link {
         *self.outbound.lock().expect("outbound lock") = None;
         *self.load.lock().expect("load lock") = None;
         self.pending.store(0, Ordering::Relaxed);
+        self.pending_prompt_tokens.store(0, Ordering::Relaxed);
         for (_, tx) in self.requests.lock().expect("requests lock").drain() {
             let _ = tx.send(LinkEvent::Lost(why.to_string()));
         }
@@ -378,5 +398,81 @@ impl Links {
     /// A router-wide unique id for a generation on a worker stream.
     pub fn next_generation_id(&self) -> String {
         format!("g{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_cluster::{Capacity, Pool, WorkerState as RecordState};
+
+    fn record() -> WorkerRecord {
+        WorkerRecord {
+            id: "gpu-1".into(),
+            pool: Pool::Gpu,
+            address: "127.0.0.1:1".into(),
+            models: vec!["m".into()],
+            capacity: Capacity {
+                max_concurrent: 8,
+                tokens_per_s: 40.0,
+                cost_per_mtok: 0.35,
+            },
+            hardware: String::new(),
+            engine: "synthetic".into(),
+            version: String::new(),
+            state: RecordState::Ready,
+        }
+    }
+
+    #[test]
+    fn the_policy_sees_the_prefill_figures_a_worker_reports() {
+        let link = Link::new(record(), Arc::new(Notify::new()));
+        // Nothing reported: 0 = unknown, the policy assumes its defaults.
+        let state = link.state();
+        assert_eq!(
+            (state.queued_prompt_tokens, state.prefill_tokens_per_s),
+            (0, 0.0)
+        );
+        link.dispatch(worker_frame::Frame::Load(v1::Load {
+            active: 2,
+            max_concurrent: 8,
+            queued_prompt_tokens: 3_000,
+            prefill_tokens_per_s: 12_000.0,
+            ..Default::default()
+        }));
+        let state = link.state();
+        assert_eq!(state.queued_prompt_tokens, 3_000);
+        assert_eq!(state.prefill_tokens_per_s, 12_000.0);
+        // A nonsense rate is treated as not reported.
+        link.dispatch(worker_frame::Frame::Load(v1::Load {
+            prefill_tokens_per_s: f64::NAN,
+            ..Default::default()
+        }));
+        assert_eq!(link.state().prefill_tokens_per_s, 0.0);
+    }
+
+    #[test]
+    fn prompts_sent_since_the_last_report_count_as_queued() {
+        let link = Link::new(record(), Arc::new(Notify::new()));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        *link.outbound.lock().unwrap() = Some(tx);
+        link.connected.store(true, Ordering::Release);
+        link.dispatch(worker_frame::Frame::Load(v1::Load {
+            queued_prompt_tokens: 100,
+            ..Default::default()
+        }));
+        let start = v1::WorkerStart {
+            request_id: "g1".into(),
+            prompt: "x".repeat(400),
+            ..Default::default()
+        };
+        link.start(start).unwrap();
+        assert_eq!(link.state().queued_prompt_tokens, 100 + 100);
+        // The worker's next report includes it.
+        link.dispatch(worker_frame::Frame::Load(v1::Load {
+            queued_prompt_tokens: 200,
+            ..Default::default()
+        }));
+        assert_eq!(link.state().queued_prompt_tokens, 200);
     }
 }

@@ -142,6 +142,7 @@ pub fn build_engine(args: &GpuEngineArgs) -> Result<Arc<dyn Engine>, GpuEngineEr
                 tokens_per_s: args.synthetic_tokens_per_s,
                 max_concurrent: args.max_concurrent,
                 max_queue: args.max_concurrent * 4,
+                prefill_tokens_per_s: switchyard_worker::synthetic::DEFAULT_PREFILL_TOKENS_PER_S,
             })
             .map_err(GpuEngineError::Config)?,
         )),

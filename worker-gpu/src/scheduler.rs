@@ -5,6 +5,11 @@
 //! admit queued requests while the KV budget and the sequence limit allow, run one prefill
 //! chunk of one joining sequence, then one batched decode step over every decoding sequence.
 //! Chunked prefill keeps a long prompt from stalling the streams already running.
+//! Latency-critical requests (the router's lane) are admitted before queued cost-sensitive
+//! ones and their prompts are prefilled first.
+//!
+//! Load reports carry the prompt tokens not yet prefilled (waiting requests plus the unfinished
+//! prompts of admitted ones) and a moving average of the measured prefill rate.
 //!
 //! KV memory is reserved at admission for prompt + remaining max_tokens, so a sequence can never
 //! run out mid-generation and the budget is never exceeded.
@@ -69,6 +74,7 @@ struct Job {
     tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     cancel: CancellationToken,
     kv_bytes: u64,
+    latency_critical: bool,
 }
 
 struct Seq {
@@ -90,7 +96,14 @@ struct Counters {
     active: AtomicU32,
     kv_used: AtomicU64,
     steps: AtomicU64,
+    /// Prompt tokens admitted but not yet prefilled.
+    unprefilled: AtomicU64,
+    /// Moving average of measured prefill chunks, tokens per second (`f64` bits; 0 = none yet).
+    prefill_rate_bits: AtomicU64,
 }
+
+/// Weight of the newest prefill chunk in the moving average of the prefill rate.
+const PREFILL_RATE_WEIGHT: f64 = 0.2;
 
 /// The native model engine.
 pub struct CandleEngine {
@@ -239,6 +252,10 @@ impl Engine for CandleEngine {
         EngineLoad {
             queued: self.counters.queued.load(Ordering::Relaxed),
             kv_used_bytes: self.counters.kv_used.load(Ordering::Relaxed),
+            queued_prompt_tokens: self.counters.unprefilled.load(Ordering::Relaxed),
+            prefill_tokens_per_s: f64::from_bits(
+                self.counters.prefill_rate_bits.load(Ordering::Relaxed),
+            ),
         }
     }
 
@@ -335,6 +352,7 @@ impl Engine for CandleEngine {
             tx,
             cancel,
             kv_bytes,
+            latency_critical: request.latency_critical,
         };
         if self.jobs.send(job).is_err() {
             self.counters.queued.fetch_sub(1, Ordering::AcqRel);
@@ -370,12 +388,12 @@ impl Scheduler {
             // Idle: block until work arrives (or the engine is dropped).
             if self.active.is_empty() && self.waiting.is_empty() {
                 match self.rx.recv() {
-                    Ok(job) => self.waiting.push_back(job),
+                    Ok(job) => self.enqueue(job),
                     Err(_) => return,
                 }
             }
             while let Ok(job) = self.rx.try_recv() {
-                self.waiting.push_back(job);
+                self.enqueue(job);
             }
             self.reap_cancelled();
             self.admit();
@@ -385,7 +403,32 @@ impl Scheduler {
         }
     }
 
+    /// Queues a job: latency-critical ones go after the latency-critical jobs already waiting
+    /// (which form the queue's head) and before every cost-sensitive one.
+    fn enqueue(&mut self, job: Job) {
+        if job.latency_critical {
+            let at = self
+                .waiting
+                .iter()
+                .position(|j| !j.latency_critical)
+                .unwrap_or(self.waiting.len());
+            self.waiting.insert(at, job);
+        } else {
+            self.waiting.push_back(job);
+        }
+    }
+
     fn publish(&self) {
+        let unprefilled: usize = self.waiting.iter().map(|j| j.context.len()).sum::<usize>()
+            + self
+                .active
+                .iter()
+                .filter(|s| s.next.is_none())
+                .map(|s| s.job.context.len() - s.prefilled)
+                .sum::<usize>();
+        self.counters
+            .unprefilled
+            .store(unprefilled as u64, Ordering::Relaxed);
         self.counters
             .queued
             .store(self.waiting.len() as u32, Ordering::Relaxed);
@@ -464,7 +507,14 @@ impl Scheduler {
     }
 
     fn prefill_one(&mut self) {
-        let Some(i) = self.active.iter().position(|s| s.next.is_none()) else {
+        // A latency-critical prompt is prefilled before cost-sensitive ones admitted earlier.
+        let joining = |s: &Seq| s.next.is_none();
+        let Some(i) = self
+            .active
+            .iter()
+            .position(|s| joining(s) && s.job.latency_critical)
+            .or_else(|| self.active.iter().position(joining))
+        else {
             return;
         };
         let chunk = self.limits.prefill_chunk;
@@ -474,12 +524,24 @@ impl Scheduler {
         let result = self
             .model
             .prefill(&seq.job.context[seq.prefilled..end], &mut seq.cache);
+        let elapsed = started.elapsed().as_secs_f64();
         tracing::debug!(
             request_id = %seq.job.request_id,
             tokens = end - seq.prefilled,
-            elapsed_ms = started.elapsed().as_millis() as u64,
+            elapsed_ms = (elapsed * 1e3) as u64,
             "prefill chunk"
         );
+        if result.is_ok() && elapsed > 0.0 {
+            let rate = (end - seq.prefilled) as f64 / elapsed;
+            let bits = &self.counters.prefill_rate_bits;
+            let old = f64::from_bits(bits.load(Ordering::Relaxed));
+            let new = if old > 0.0 {
+                old + PREFILL_RATE_WEIGHT * (rate - old)
+            } else {
+                rate
+            };
+            bits.store(new.to_bits(), Ordering::Relaxed);
+        }
         match result.and_then(|l| crate::model::logits_rows(&l)) {
             Ok(rows) => {
                 seq.prefilled = end;

@@ -140,6 +140,7 @@ fn request(text: &str, max_tokens: u32) -> EngineRequest {
             ..Default::default()
         },
         resume_tokens: vec![],
+        latency_critical: false,
     }
 }
 
@@ -385,4 +386,62 @@ fn rejects_unknown_model_and_bad_sampling() {
     assert!(
         matches!(e.submit(r, CancellationToken::new()), Err(EngineError::InvalidArgument(m)) if m.contains("top_p"))
     );
+}
+
+#[tokio::test]
+async fn latency_critical_work_jumps_the_queue_and_load_reports_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let one_at_a_time = SchedulerLimits {
+        max_seqs: 1,
+        ..limits()
+    };
+    let e = engine(&tiny_file(&dir), one_at_a_time);
+    let c1 = CancellationToken::new();
+    let mut first = e.submit(request("hi there", 200), c1.clone()).unwrap();
+    assert!(matches!(
+        first.recv().await.unwrap().unwrap(),
+        EngineEvent::Token { .. }
+    ));
+    // Its prompt was prefilled and measured.
+    assert!(e.load().prefill_tokens_per_s > 0.0, "{:?}", e.load());
+    // Two wait behind it: a cost-sensitive one, then a latency-critical one.
+    let cheap = e
+        .submit(request("cheap work", 3), CancellationToken::new())
+        .unwrap();
+    let urgent = EngineRequest {
+        latency_critical: true,
+        ..request("urgent work", 3)
+    };
+    let urgent = e.submit(urgent, CancellationToken::new()).unwrap();
+    assert!(wait_until(|| e.load().queued == 2).await, "{:?}", e.load());
+    let expected = e
+        .prompt_ids(&Prompt::Text("cheap work".into()))
+        .unwrap()
+        .len()
+        + e.prompt_ids(&Prompt::Text("urgent work".into()))
+            .unwrap()
+            .len();
+    // (`queued` counts a request at submit; its prompt once the scheduler took it in.)
+    assert!(
+        wait_until(|| e.load().queued_prompt_tokens == expected as u64).await,
+        "expected {expected}: {:?}",
+        e.load()
+    );
+    // The running one ends: the latency-critical request runs first although it came later.
+    c1.cancel();
+    let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+    let (a, b) = (order_tx.clone(), order_tx);
+    tokio::join!(
+        async move {
+            collect(cheap).await;
+            a.send("cheap").unwrap();
+        },
+        async move {
+            collect(urgent).await;
+            b.send("urgent").unwrap();
+        }
+    );
+    assert_eq!(order.recv().await, Some("urgent"));
+    assert_eq!(order.recv().await, Some("cheap"));
+    assert!(wait_until(|| e.load().queued_prompt_tokens == 0).await);
 }

@@ -20,7 +20,8 @@
 //! The API key is sent as a bearer token and never logged (its `Debug` is redacted).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
@@ -193,6 +194,73 @@ pub struct GatewayEngine {
     client: reqwest::Client,
     slots: Arc<Semaphore>,
     base: String,
+    prefill: Arc<PrefillMeter>,
+}
+
+/// The gateway's own prefill estimate for load reports: the endpoint reports no queue, so the
+/// gateway counts the prompt tokens (estimated at 4 bytes per token, as the router does) of
+/// generations still waiting for their first token, and measures a moving average of prompt
+/// tokens over time to first token (endpoint overhead included, so it errs slow).
+#[derive(Debug, Default)]
+struct PrefillMeter {
+    unprefilled: AtomicU64,
+    /// Tokens per second as `f64` bits; 0 = nothing measured yet.
+    rate_bits: AtomicU64,
+}
+
+/// Weight of the newest measurement in the moving average of the prefill rate.
+const PREFILL_RATE_WEIGHT: f64 = 0.2;
+
+/// One generation's prompt, counted as not prefilled until its first token or its end.
+#[derive(Debug)]
+struct PendingPrompt {
+    meter: Arc<PrefillMeter>,
+    tokens: u64,
+    started: Instant,
+}
+
+impl PendingPrompt {
+    fn new(meter: Arc<PrefillMeter>, tokens: u64) -> Self {
+        meter.unprefilled.fetch_add(tokens, Ordering::Relaxed);
+        Self {
+            meter,
+            tokens,
+            started: Instant::now(),
+        }
+    }
+
+    /// The first token arrived: fold this prompt's rate into the average.
+    fn first_token(self) {
+        let elapsed = self.started.elapsed().as_secs_f64();
+        if elapsed > 0.0 {
+            let rate = self.tokens as f64 / elapsed;
+            let bits = &self.meter.rate_bits;
+            let old = f64::from_bits(bits.load(Ordering::Relaxed));
+            let new = if old > 0.0 {
+                old + PREFILL_RATE_WEIGHT * (rate - old)
+            } else {
+                rate
+            };
+            bits.store(new.to_bits(), Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for PendingPrompt {
+    fn drop(&mut self) {
+        self.meter
+            .unprefilled
+            .fetch_sub(self.tokens, Ordering::Relaxed);
+    }
+}
+
+/// Prompt tokens of `prompt`, estimated at 4 bytes per token (the router's estimate).
+fn estimated_prompt_tokens(prompt: &Prompt) -> u64 {
+    let bytes = match prompt {
+        Prompt::Text(text) => text.len(),
+        Prompt::Chat(messages) => messages.iter().map(|m| m.content.len() + 4).sum(),
+    };
+    (bytes as u64).div_ceil(4).max(1)
 }
 
 impl GatewayEngine {
@@ -215,6 +283,7 @@ impl GatewayEngine {
             client,
             slots,
             base,
+            prefill: Arc::default(),
         })
     }
 
@@ -255,7 +324,11 @@ impl Engine for GatewayEngine {
 
     fn load(&self) -> EngineLoad {
         // No queue: a start beyond the slots is refused.
-        EngineLoad::default()
+        EngineLoad {
+            queued_prompt_tokens: self.prefill.unprefilled.load(Ordering::Relaxed),
+            prefill_tokens_per_s: f64::from_bits(self.prefill.rate_bits.load(Ordering::Relaxed)),
+            ..EngineLoad::default()
+        }
     }
 
     fn submit(
@@ -327,6 +400,10 @@ impl Engine for GatewayEngine {
         }
         let (tx, rx) = mpsc::channel(64);
         let generation = Generation {
+            pending: Some(PendingPrompt::new(
+                self.prefill.clone(),
+                estimated_prompt_tokens(&request.prompt),
+            )),
             request_id: request.request_id,
             chat,
             chunk_timeout: self.config.chunk_timeout,
@@ -340,6 +417,9 @@ impl Engine for GatewayEngine {
 
 /// One upstream generation.
 struct Generation {
+    /// The prompt, until the first token (declared first: dropped before `tx`, so whoever sees
+    /// the stream end sees the load without it).
+    pending: Option<PendingPrompt>,
     request_id: String,
     chat: bool,
     chunk_timeout: Duration,
@@ -550,6 +630,9 @@ impl Generation {
         }
         match text {
             Some(text) if !text.is_empty() => {
+                if let Some(pending) = self.pending.take() {
+                    pending.first_token();
+                }
                 let event = EngineEvent::Token {
                     id: self.streamed,
                     text: text.to_string(),
@@ -690,6 +773,7 @@ mod tests {
                 ..Default::default()
             },
             resume_tokens: vec![],
+            latency_critical: false,
         };
         let mut events = engine
             .submit(request.clone(), CancellationToken::new())

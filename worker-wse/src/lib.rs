@@ -182,6 +182,7 @@ pub fn build_engine(args: &WseEngineArgs) -> Result<Arc<dyn Engine>, WseEngineEr
                 max_concurrent: args.max_concurrent,
                 // A wafer has fixed slots: no queue beyond them.
                 max_queue: 0,
+                prefill_tokens_per_s: switchyard_worker::synthetic::DEFAULT_PREFILL_TOKENS_PER_S,
             })
             .map_err(WseEngineError::Config)?,
         )),

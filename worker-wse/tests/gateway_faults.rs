@@ -103,6 +103,7 @@ fn chat_request() -> EngineRequest {
             ..Default::default()
         },
         resume_tokens: vec![],
+        latency_critical: false,
     }
 }
 
@@ -290,4 +291,42 @@ async fn cancel_ends_at_once_and_frees_the_slot() {
         "{last:?}"
     );
     assert_eq!(engine.active(), 0);
+}
+
+#[tokio::test]
+async fn load_counts_prompts_until_their_first_token_and_measures_the_prefill_rate() {
+    // An upstream that answers the head and then thinks forever: the prompt stays unprefilled.
+    let (addr, _seen) = upstream(Script::SendAndHang(vec![sse_head()])).await;
+    let slow = engine(addr, Duration::from_secs(30));
+    assert_eq!(slow.load().queued_prompt_tokens, 0);
+    let cancel = CancellationToken::new();
+    let mut rx = slow
+        .submit(chat_request(), cancel.clone())
+        .expect("admitted");
+    // "hello wafer" (11 bytes) + 4 bytes of message framing, at 4 bytes a token.
+    assert_eq!(slow.load().queued_prompt_tokens, 4);
+    assert_eq!(
+        slow.load().prefill_tokens_per_s,
+        0.0,
+        "nothing measured yet"
+    );
+    cancel.cancel();
+    while rx.recv().await.is_some() {}
+    assert_eq!(
+        slow.load().queued_prompt_tokens,
+        0,
+        "a cancelled prompt is not counted"
+    );
+
+    // A first token arrives: counted out, and its rate measured.
+    let body = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n",
+        "data: [DONE]\n\n"
+    );
+    let (addr, _seen) = upstream(Script::Send(vec![sse_head(), body.as_bytes().to_vec()])).await;
+    let fast = engine(addr, Duration::from_secs(5));
+    let events = events(&fast).await;
+    assert_eq!(texts(&events), "hi");
+    assert_eq!(fast.load().queued_prompt_tokens, 0);
+    assert!(fast.load().prefill_tokens_per_s > 0.0, "{:?}", fast.load());
 }

@@ -54,6 +54,9 @@ pub struct EngineRequest {
     /// Tokens a previous worker already delivered; generation continues after them and
     /// `max_tokens` counts them.
     pub resume_tokens: Vec<u32>,
+    /// The router classed it latency-critical: engines admit and prefill it ahead of queued
+    /// cost-sensitive work (the router's lane, carried by `WorkerStart.lane`).
+    pub latency_critical: bool,
 }
 
 /// Why a generation ended.
@@ -112,6 +115,11 @@ pub struct EngineLoad {
     /// Requests admitted but not yet generating.
     pub queued: u32,
     pub kv_used_bytes: u64,
+    /// Prompt tokens admitted but not yet prefilled (0 = unknown): with the prefill rate, the
+    /// router predicts how long a new prompt waits for its first token.
+    pub queued_prompt_tokens: u64,
+    /// Prefill rate, tokens per second (0 = unknown: routers assume their policy's default).
+    pub prefill_tokens_per_s: f64,
 }
 
 /// A model backend. `submit` must return quickly: generation runs on the engine's own tasks

@@ -35,17 +35,23 @@ impl LoadTracker {
     }
 
     pub fn snapshot(&self) -> v1::Load {
-        let queued = self.engine.load().queued;
+        let engine = self.engine.load();
         let in_flight = self.in_flight.load(Ordering::Relaxed);
+        let prefill_rate = engine.prefill_tokens_per_s;
         v1::Load {
-            active: in_flight.saturating_sub(queued),
-            queued,
+            active: in_flight.saturating_sub(engine.queued),
+            queued: engine.queued,
             max_concurrent: self.engine.max_concurrent(),
-            kv_used_bytes: self.engine.load().kv_used_bytes,
+            kv_used_bytes: engine.kv_used_bytes,
             tokens_per_s: f64::from_bits(self.tokens_per_s_bits.load(Ordering::Relaxed)),
             draining: self.draining.load(Ordering::Relaxed),
-            // Engines do not report prefill figures yet; routers then assume their default.
-            ..Default::default()
+            queued_prompt_tokens: engine.queued_prompt_tokens,
+            // A rate that is not a positive number is "not reported" on the wire.
+            prefill_tokens_per_s: if prefill_rate.is_finite() && prefill_rate > 0.0 {
+                prefill_rate
+            } else {
+                0.0
+            },
         }
     }
 

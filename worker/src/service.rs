@@ -241,5 +241,6 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
             stop: sampling.stop,
         },
         resume_tokens: start.resume_tokens,
+        latency_critical: start.lane == v1::Lane::LatencyCritical as i32,
     })
 }

@@ -5,12 +5,18 @@
 //!
 //! Output is a pure function of the request's instructions (the last user message): token `i`
 //! is word `i mod n` of those instructions. Tests predict it with [`synthetic_text`].
+//!
+//! Like the real engines it serves latency-critical requests first: one waiting for a slot is
+//! admitted before every waiting cost-sensitive request. Its first token comes after `ttft`
+//! plus the prompt at `prefill_tokens_per_s`, the rate it reports in load frames together with
+//! the prompt tokens not yet "prefilled".
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +37,12 @@ pub struct SyntheticConfig {
     pub max_concurrent: u32,
     /// Requests waiting for a slot beyond which new ones are refused.
     pub max_queue: u32,
+    /// Prompt tokens "prefilled" per second, added to `ttft` and reported in load frames.
+    pub prefill_tokens_per_s: f64,
 }
+
+/// Prefill rate of a synthetic engine built without one (see [`SyntheticConfig`]).
+pub const DEFAULT_PREFILL_TOKENS_PER_S: f64 = 10_000.0;
 
 impl Default for SyntheticConfig {
     fn default() -> Self {
@@ -41,6 +52,7 @@ impl Default for SyntheticConfig {
             tokens_per_s: 100.0,
             max_concurrent: 16,
             max_queue: 64,
+            prefill_tokens_per_s: DEFAULT_PREFILL_TOKENS_PER_S,
         }
     }
 }
@@ -48,8 +60,98 @@ impl Default for SyntheticConfig {
 #[derive(Debug)]
 pub struct SyntheticEngine {
     config: SyntheticConfig,
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
     queued: Arc<AtomicU32>,
+    /// Prompt tokens of requests that have not produced their first token.
+    unprefilled: Arc<AtomicU64>,
+}
+
+/// Generation slots with a two-class wait queue: a latency-critical request waiting for a slot
+/// is admitted before every waiting cost-sensitive one (FIFO within a class).
+#[derive(Debug)]
+struct Slots {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Debug)]
+struct SlotState {
+    free: u32,
+    /// Waiters: latency-critical, then cost-sensitive.
+    waiting: [VecDeque<oneshot::Sender<Slot>>; 2],
+}
+
+/// A held slot; dropping it hands the slot to the next waiter.
+#[derive(Debug)]
+struct Slot {
+    slots: Option<Arc<Slots>>,
+}
+
+impl Slots {
+    fn new(n: u32) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(SlotState {
+                free: n,
+                waiting: [VecDeque::new(), VecDeque::new()],
+            }),
+        })
+    }
+
+    /// A free slot now, or `None` (nothing queued).
+    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
+        let mut state = self.state.lock().expect("slots lock");
+        (state.free > 0).then(|| {
+            state.free -= 1;
+            Slot {
+                slots: Some(self.clone()),
+            }
+        })
+    }
+
+    /// Queues for a slot (checking for a free one under the same lock, so a release cannot
+    /// slip between the check and the queueing).
+    fn acquire(self: &Arc<Self>, latency_critical: bool) -> oneshot::Receiver<Slot> {
+        let (tx, rx) = oneshot::channel();
+        let mut state = self.state.lock().expect("slots lock");
+        if state.free > 0 {
+            state.free -= 1;
+            let _ = tx.send(Slot {
+                slots: Some(self.clone()),
+            });
+        } else {
+            state.waiting[usize::from(!latency_critical)].push_back(tx);
+        }
+        rx
+    }
+
+    fn release(self: &Arc<Self>) {
+        let mut state = self.state.lock().expect("slots lock");
+        loop {
+            let next = match state.waiting[0].pop_front() {
+                Some(tx) => Some(tx),
+                None => state.waiting[1].pop_front(),
+            };
+            let Some(tx) = next else {
+                state.free += 1;
+                return;
+            };
+            let slot = Slot {
+                slots: Some(self.clone()),
+            };
+            match tx.send(slot) {
+                Ok(()) => return,
+                // That waiter gave up (cancelled): disarm the returned slot, try the next.
+                Err(mut slot) => slot.slots = None,
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(slots) = self.slots.take() {
+            slots.release();
+        }
+    }
 }
 
 impl SyntheticEngine {
@@ -62,6 +164,9 @@ impl SyntheticEngine {
         if config.tokens_per_s.is_nan() || config.tokens_per_s <= 0.0 {
             return Err("--synthetic-tokens-per-s: must be positive".into());
         }
+        if !(config.prefill_tokens_per_s.is_finite() && config.prefill_tokens_per_s > 0.0) {
+            return Err("synthetic prefill_tokens_per_s: must be positive".into());
+        }
         if config.models.iter().any(|m| m.trim().is_empty()) || config.models.is_empty() {
             return Err("--model: give at least one non-empty model name".into());
         }
@@ -70,11 +175,12 @@ impl SyntheticEngine {
     }
 
     pub fn new(config: SyntheticConfig) -> Self {
-        let slots = Arc::new(Semaphore::new(config.max_concurrent as usize));
+        let slots = Slots::new(config.max_concurrent);
         Self {
             config,
             slots,
             queued: Arc::new(AtomicU32::new(0)),
+            unprefilled: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -130,6 +236,8 @@ impl Engine for SyntheticEngine {
         EngineLoad {
             queued: self.queued.load(Ordering::Relaxed),
             kv_used_bytes: 0,
+            queued_prompt_tokens: self.unprefilled.load(Ordering::Relaxed),
+            prefill_tokens_per_s: self.config.prefill_tokens_per_s,
         }
     }
 
@@ -145,7 +253,7 @@ impl Engine for SyntheticEngine {
             )));
         }
         // Take a free slot now if there is one, so concurrent submits cannot overbook.
-        let permit = self.slots.clone().try_acquire_owned().ok();
+        let permit = self.slots.try_acquire();
         if permit.is_none() {
             if self.queued.load(Ordering::Relaxed) >= self.config.max_queue {
                 return Err(EngineError::ResourceExhausted(format!(
@@ -156,15 +264,23 @@ impl Engine for SyntheticEngine {
             self.queued.fetch_add(1, Ordering::Relaxed);
         }
         let (tx, rx) = mpsc::channel(64);
+        let prompt_tokens = prompt_tokens(&request);
+        let prefill = f64::from(prompt_tokens) / self.config.prefill_tokens_per_s;
+        let unprefilled = Unprefilled::new(self.unprefilled.clone(), prompt_tokens);
         let generation = Generation {
             instructions: request.prompt.instructions().to_string(),
-            prompt_tokens: prompt_tokens(&request),
+            prompt_tokens,
             start: request.resume_tokens.len(),
             max_tokens: request.sampling.max_tokens as usize,
-            ttft: self.config.ttft,
+            ttft: self.config.ttft + Duration::from_secs_f64(prefill),
             interval: Duration::from_secs_f64(1.0 / self.config.tokens_per_s.max(1e-3)),
+            latency_critical: request.latency_critical,
         };
-        tokio::spawn(generation.run(permit, self.slots.clone(), self.queued.clone(), cancel, tx));
+        let wait = match permit {
+            Some(slot) => Ok(slot),
+            None => Err(self.slots.acquire(request.latency_critical)),
+        };
+        tokio::spawn(generation.run(wait, self.queued.clone(), unprefilled, cancel, tx));
         Ok(rx)
     }
 }
@@ -180,39 +296,79 @@ fn prompt_tokens(request: &EngineRequest) -> u32 {
     (words + request.resume_tokens.len()) as u32
 }
 
+/// Prompt tokens of one request counted in the engine's not-yet-prefilled total until its first
+/// token (or its end).
+struct Unprefilled {
+    total: Arc<AtomicU64>,
+    tokens: u64,
+}
+
+impl Unprefilled {
+    fn new(total: Arc<AtomicU64>, tokens: u32) -> Self {
+        total.fetch_add(u64::from(tokens), Ordering::Relaxed);
+        Self {
+            total,
+            tokens: u64::from(tokens),
+        }
+    }
+}
+
+impl Drop for Unprefilled {
+    fn drop(&mut self) {
+        self.total.fetch_sub(self.tokens, Ordering::Relaxed);
+    }
+}
+
 struct Generation {
     instructions: String,
     prompt_tokens: u32,
     start: usize,
     max_tokens: usize,
+    /// Delay before the first token: the configured TTFT plus this prompt's prefill.
     ttft: Duration,
     interval: Duration,
+    latency_critical: bool,
 }
 
 impl Generation {
     async fn run(
         self,
-        permit: Option<OwnedSemaphorePermit>,
-        slots: Arc<Semaphore>,
+        slot: Result<Slot, oneshot::Receiver<Slot>>,
         queued: Arc<AtomicU32>,
+        unprefilled: Unprefilled,
         cancel: CancellationToken,
         tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     ) {
-        let _permit = match permit {
-            Some(permit) => permit,
-            None => {
-                let permit = tokio::select! {
-                    permit = slots.acquire_owned() => permit,
+        let _slot = match slot {
+            Ok(slot) => slot,
+            Err(wait) => {
+                let slot = tokio::select! {
+                    slot = wait => slot,
                     _ = cancel.cancelled() => {
                         queued.fetch_sub(1, Ordering::Relaxed);
+                        drop(unprefilled);
                         let _ = tx.send(Ok(self.done(StopReason::Cancelled, 0))).await;
                         return;
                     }
                 };
                 queued.fetch_sub(1, Ordering::Relaxed);
-                permit.expect("the semaphore is never closed")
+                match slot {
+                    Ok(slot) => slot,
+                    Err(_) => {
+                        let _ = tx
+                            .send(Err(EngineError::Unavailable(
+                                "the engine has stopped".into(),
+                            )))
+                            .await;
+                        return;
+                    }
+                }
             }
         };
+        tracing::trace!(
+            latency_critical = self.latency_critical,
+            "synthetic generation admitted"
+        );
 
         let mut produced = 0;
         let reason = 'generate: {
@@ -220,6 +376,7 @@ impl Generation {
                 _ = tokio::time::sleep(self.ttft) => {}
                 _ = cancel.cancelled() => break 'generate StopReason::Cancelled,
             }
+            drop(unprefilled);
             let mut ticks = tokio::time::interval(self.interval);
             ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
             for index in self.start..self.max_tokens {
@@ -272,6 +429,7 @@ mod tests {
                 ..Default::default()
             },
             resume_tokens: vec![0; resume],
+            latency_critical: false,
         }
     }
 
@@ -389,5 +547,67 @@ mod tests {
             engine.submit(request(1, 0), CancellationToken::new()),
             Err(EngineError::ResourceExhausted(_))
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_critical_requests_take_the_next_free_slot_first() {
+        let engine = SyntheticEngine::new(SyntheticConfig {
+            max_concurrent: 1,
+            ..Default::default()
+        });
+        let running = CancellationToken::new();
+        let _first = engine.submit(request(1000, 0), running.clone()).unwrap();
+        let cheap = engine
+            .submit(request(2, 0), CancellationToken::new())
+            .unwrap();
+        let urgent = EngineRequest {
+            latency_critical: true,
+            ..request(2, 0)
+        };
+        let urgent = engine.submit(urgent, CancellationToken::new()).unwrap();
+        assert_eq!(engine.load().queued, 2);
+        running.cancel();
+        let (order_tx, mut order) = mpsc::unbounded_channel();
+        let (a, b) = (order_tx.clone(), order_tx);
+        tokio::join!(
+            async move {
+                collect(cheap).await;
+                a.send("cheap").unwrap();
+            },
+            async move {
+                collect(urgent).await;
+                b.send("urgent").unwrap();
+            }
+        );
+        assert_eq!(order.recv().await, Some("urgent"));
+        assert_eq!(order.recv().await, Some("cheap"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn load_reports_unprefilled_prompt_tokens_and_the_prefill_rate() {
+        let engine = SyntheticEngine::new(SyntheticConfig {
+            max_concurrent: 1,
+            prefill_tokens_per_s: 1_000.0,
+            ..Default::default()
+        });
+        assert_eq!(engine.load().prefill_tokens_per_s, 1_000.0);
+        assert_eq!(engine.load().queued_prompt_tokens, 0);
+        // "a b c" as one chat message: 3 words + 4 for the message framing.
+        let mut first = engine
+            .submit(request(3, 0), CancellationToken::new())
+            .unwrap();
+        let second = engine
+            .submit(request(3, 0), CancellationToken::new())
+            .unwrap();
+        assert_eq!(engine.load().queued_prompt_tokens, 14);
+        // The first token ends the first one's prefill.
+        assert!(matches!(
+            first.recv().await,
+            Some(Ok(EngineEvent::Token { .. }))
+        ));
+        assert_eq!(engine.load().queued_prompt_tokens, 7);
+        collect(first).await;
+        collect(second).await;
+        assert_eq!(engine.load().queued_prompt_tokens, 0);
     }
 }

@@ -4,7 +4,9 @@
 //!
 //! - GPU nodes batch continuously: a step prefills the prompts admitted since the last step
 //!   (less their cached prefix) and decodes one token for every running sequence; its length
-//!   is `step_base_ms + step_per_seq_ms × batch + prefill_tokens / prefill_rate`.
+//!   is `step_base_ms + step_per_seq_ms × batch + prefill_tokens / prefill_rate`. With chunked
+//!   prefill (`prefill_chunk_tokens`) a step prefills at most that many prompt tokens,
+//!   latency-critical prompts first, as the real engines order their work.
 //! - WSE gateways have fixed slots; a request's first token comes after a fixed overhead plus
 //!   its prefill, then tokens stream at the profile's per-stream rate.
 //!
@@ -61,6 +63,8 @@ pub trait Placer {
 /// What happened to one request.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Outcome {
+    /// When the router sent it to a worker (after any wait in the router queue).
+    pub dispatched_ms: f64,
     pub first_token_ms: f64,
     pub finish_ms: f64,
     pub worker: u32,
@@ -114,13 +118,18 @@ struct Seq {
     request: u32,
     remaining: u32,
     prefilled: bool,
+    /// Prompt tokens still to prefill after the step in flight.
+    prefill_left: u32,
+    latency_critical: bool,
 }
 
 #[derive(Default)]
 struct Gpu {
     running: Vec<Seq>,
-    pending: Vec<u32>,
-    pending_prompt: u64,
+    /// Dispatched since the step in flight began: (request, uncached prompt tokens).
+    pending: Vec<(u32, u32)>,
+    /// Prompt tokens not yet prefilled (pending and running), as the worker reports them.
+    unprefilled: u64,
     stepping: bool,
     /// Moving average of step times (ms): the per-stream decode rate the worker reports.
     step_ewma_ms: f64,
@@ -152,6 +161,8 @@ pub struct RunResult {
     pub outcomes: Vec<Outcome>,
     /// Price per million tokens of the worker each request was served on.
     pub price: Vec<f64>,
+    /// Pool of each worker.
+    pub pool: Vec<Pool>,
     pub wall_time_s: f64,
     pub events: u64,
 }
@@ -168,6 +179,7 @@ pub fn simulate(
     let mut states = Vec::new();
     let mut workers = Vec::new();
     let mut price = Vec::new();
+    let mut pool = Vec::new();
     for i in 0..profiles.cluster.gpu_workers {
         let mut w = WorkerState::new(
             format!("gpu-{i}"),
@@ -185,6 +197,7 @@ pub fn simulate(
             cache: PrefixCache::new(gpu.prefix_cache_blocks),
         });
         price.push(gpu.cost_per_mtok);
+        pool.push(Pool::Gpu);
     }
     for i in 0..profiles.cluster.wse_workers {
         let mut w = WorkerState::new(
@@ -203,6 +216,7 @@ pub fn simulate(
             cache: PrefixCache::new(wse.prefix_cache_blocks),
         });
         price.push(wse.cost_per_mtok);
+        pool.push(Pool::Wse);
     }
     let mut sim = Sim {
         profiles,
@@ -248,6 +262,7 @@ pub fn simulate(
     RunResult {
         outcomes: sim.outcomes,
         price,
+        pool,
         wall_time_s: started.elapsed().as_secs_f64(),
         events: sim.events,
     }
@@ -340,16 +355,17 @@ impl Sim<'_> {
         let request = &self.requests[r as usize];
         let outcome = &mut self.outcomes[r as usize];
         outcome.worker = w as u32;
+        outcome.dispatched_ms = now;
         outcome.served = true;
         outcome.spilled = spilled;
         let cached = self.workers[w].cache.lookup_and_insert(request);
         let uncached = request.prompt_tokens - cached;
         match &mut self.workers[w].kind {
             Kind::Gpu(g) => {
-                g.pending.push(r);
-                g.pending_prompt += u64::from(uncached);
+                g.pending.push((r, uncached));
+                g.unprefilled += u64::from(uncached);
                 let (outstanding, queued) =
-                    ((g.running.len() + g.pending.len()) as u32, g.pending_prompt);
+                    ((g.running.len() + g.pending.len()) as u32, g.unprefilled);
                 let stepping = g.stepping;
                 self.view.update(w, |s| {
                     s.outstanding = outstanding;
@@ -383,14 +399,35 @@ impl Sim<'_> {
         let Kind::Gpu(g) = &mut self.workers[w].kind else {
             unreachable!("gpu step on a wse worker")
         };
-        for r in g.pending.drain(..) {
+        for (r, uncached) in g.pending.drain(..) {
             g.running.push(Seq {
                 request: r,
                 remaining: 0,
                 prefilled: false,
+                prefill_left: uncached,
+                latency_critical: self.requests[r as usize].lane == LaneName::LatencyCritical,
             });
         }
-        let prefill = std::mem::take(&mut g.pending_prompt);
+        // This step's prefill: everything waiting, or one chunk, latency-critical prompts
+        // first (each class in admission order).
+        let mut budget = if gpu.prefill_chunk_tokens == 0 {
+            u64::MAX
+        } else {
+            u64::from(gpu.prefill_chunk_tokens)
+        };
+        let mut prefill = 0u64;
+        for latency_critical in [true, false] {
+            for s in g.running.iter_mut() {
+                if s.prefilled || s.latency_critical != latency_critical || budget == 0 {
+                    continue;
+                }
+                let take = u64::from(s.prefill_left).min(budget);
+                s.prefill_left -= take as u32;
+                budget -= take;
+                prefill += take;
+            }
+        }
+        g.unprefilled -= prefill;
         let batch = g.running.len() as f64;
         let step = gpu.step_base_ms
             + gpu.step_per_seq_ms * batch
@@ -424,10 +461,10 @@ impl Sim<'_> {
         let decode = 1000.0 / g.step_ewma_ms;
         // The step in flight delays any new prompt's first token: a worker reports it as its
         // time-to-first-token overhead (as a live worker's load report would).
-        let outstanding = g.running.len() as u32;
+        let (outstanding, unprefilled) = (g.running.len() as u32, g.unprefilled);
         self.view.update(w, |s| {
             s.outstanding = outstanding;
-            s.queued_prompt_tokens = 0;
+            s.queued_prompt_tokens = unprefilled;
             s.decode_tokens_per_s = decode;
             s.ttft_overhead_ms = step;
         });
@@ -473,6 +510,10 @@ impl Sim<'_> {
             let outcome = &mut self.outcomes[seq.request as usize];
             if seq.prefilled {
                 seq.remaining -= steps;
+            } else if seq.prefill_left > 0 {
+                // Its prompt needs more chunks.
+                i += 1;
+                continue;
             } else {
                 seq.prefilled = true;
                 outcome.first_token_ms = now;

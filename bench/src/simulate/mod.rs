@@ -58,6 +58,10 @@ pub struct SimulateArgs {
     /// Where to write the SVG plot (needs --sweep).
     #[arg(long)]
     pub plot: Option<PathBuf>,
+    /// Also write every SLO miss at `--load-scale` as CSV (policy, lane, cause, request and
+    /// where it ran), to see why a policy loses.
+    #[arg(long)]
+    pub misses: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +99,39 @@ pub struct LaneReport {
     /// Requests served outside the lane's home pool.
     pub spilled: u64,
     pub cost_per_mtok: f64,
+    /// Why requests missed their SLO (each miss counted once, first cause in this order).
+    pub misses: Misses,
+}
+
+/// SLO misses of one lane by cause: the simulator's evidence of where a policy loses.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Misses {
+    /// Shed, or never placed.
+    pub shed: u64,
+    /// Waited at the router past the TTFT SLO before being placed.
+    pub router_queue: u64,
+    /// First token late on a WSE worker.
+    pub wse_ttft: u64,
+    /// First token late on a GPU worker.
+    pub gpu_ttft: u64,
+    /// First token in time, decode slower than the lane's minimum, on a WSE worker.
+    pub wse_decode: u64,
+    /// The same on a GPU worker (other prompts' prefill in the same engine steps).
+    pub gpu_decode: u64,
+}
+
+impl Misses {
+    fn count(&mut self, cause: &str) {
+        let slot = match cause {
+            "shed" => &mut self.shed,
+            "router_queue" => &mut self.router_queue,
+            "wse_ttft" => &mut self.wse_ttft,
+            "gpu_ttft" => &mut self.gpu_ttft,
+            "wse_decode" => &mut self.wse_decode,
+            _ => &mut self.gpu_decode,
+        };
+        *slot += 1;
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -176,24 +213,28 @@ pub fn run(args: &SimulateArgs) -> Result<Report, SimulateError> {
         None => base,
     };
 
-    let run_all = |scale: f64| -> BTreeMap<String, PolicyReport> {
+    let mut miss_csv = String::from(MISS_HEADER);
+    let mut run_all = |scale: f64, record_misses: bool| -> BTreeMap<String, PolicyReport> {
         let requests = scaled(&base, scale);
         names
             .iter()
             .map(|name| {
                 let mut placer = placers::placer(name, &profiles.policy).expect("checked above");
                 let result = simulate(&profiles, &profiles.policy, &requests, placer.as_mut());
+                if record_misses {
+                    miss_rows(name, &requests, &result, &mut miss_csv);
+                }
                 (name.clone(), summarise(&requests, &result))
             })
             .collect()
     };
-    let policies = run_all(args.load_scale);
+    let policies = run_all(args.load_scale, args.misses.is_some());
     let sweep: Vec<SweepPoint> = args
         .sweep
         .iter()
         .map(|&load_scale| SweepPoint {
             load_scale,
-            policies: run_all(load_scale),
+            policies: run_all(load_scale, false),
         })
         .collect();
     let report = Report {
@@ -221,6 +262,9 @@ pub fn run(args: &SimulateArgs) -> Result<Report, SimulateError> {
         &args.json,
         serde_json::to_string_pretty(&report).expect("reports serialise"),
     )?;
+    if let Some(path) = &args.misses {
+        write(path, miss_csv)?;
+    }
     if let Some(path) = &args.plot {
         let svg = plot::slo_attainment_svg(&report).map_err(|reason| SimulateError::Write {
             path: path.clone(),
@@ -297,6 +341,67 @@ fn scaled(requests: &[SimRequest], scale: f64) -> Vec<SimRequest> {
         .collect()
 }
 
+const MISS_HEADER: &str = "policy,lane,cause,arrival_ms,prompt_tokens,output_tokens,pool,router_wait_ms,ttft_ms,tokens_per_s\n";
+
+/// Appends one CSV row per request of `result` that missed its SLO.
+fn miss_rows(name: &str, requests: &[SimRequest], result: &engine::RunResult, out: &mut String) {
+    use std::fmt::Write;
+    for (r, o) in requests.iter().zip(&result.outcomes) {
+        let cause = miss_cause(r, o, result);
+        let Some(cause) = cause else { continue };
+        let pool = if o.served {
+            result.pool[o.worker as usize].as_str()
+        } else {
+            "-"
+        };
+        let rate = rate_of(r, o).unwrap_or(f64::NAN);
+        let _ = writeln!(
+            out,
+            "{name},{},{cause},{:.1},{},{},{pool},{:.1},{:.1},{:.1}",
+            r.lane.as_str(),
+            r.arrival_ms,
+            r.prompt_tokens,
+            r.output_tokens,
+            o.dispatched_ms - r.arrival_ms,
+            o.first_token_ms - r.arrival_ms,
+            rate,
+        );
+    }
+}
+
+/// Decode rate of one served stream (requests with more than one output token).
+fn rate_of(r: &SimRequest, o: &engine::Outcome) -> Option<f64> {
+    (r.output_tokens > 1).then(|| {
+        f64::from(r.output_tokens - 1) / ((o.finish_ms - o.first_token_ms).max(1e-9) / 1000.0)
+    })
+}
+
+/// Why `o` missed `r`'s SLO (`None`: it did not): the first of shed, router queue, late first
+/// token, slow decode.
+fn miss_cause(
+    r: &SimRequest,
+    o: &engine::Outcome,
+    result: &engine::RunResult,
+) -> Option<&'static str> {
+    if o.shed || !o.served {
+        return Some("shed");
+    }
+    let t = o.first_token_ms - r.arrival_ms;
+    if t <= r.ttft_slo_ms && rate_of(r, o).is_none_or(|rate| rate >= r.min_tokens_per_s) {
+        return None;
+    }
+    let on_gpu = result.pool[o.worker as usize] == switchyard_cluster::Pool::Gpu;
+    Some(if o.dispatched_ms - r.arrival_ms > r.ttft_slo_ms {
+        "router_queue"
+    } else if t > r.ttft_slo_ms {
+        if on_gpu { "gpu_ttft" } else { "wse_ttft" }
+    } else if on_gpu {
+        "gpu_decode"
+    } else {
+        "wse_decode"
+    })
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -315,6 +420,7 @@ pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyR
         let (mut n, mut served, mut attained, mut shed, mut spilled) =
             (0u64, 0u64, 0u64, 0u64, 0u64);
         let (mut cost, mut tokens) = (0.0, 0.0);
+        let mut misses = Misses::default();
         for (r, o) in requests.iter().zip(&result.outcomes) {
             if r.lane != lane {
                 continue;
@@ -322,21 +428,19 @@ pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyR
             n += 1;
             if o.shed || !o.served {
                 shed += 1;
+                misses.count("shed");
                 continue;
             }
             served += 1;
             spilled += u64::from(o.spilled);
             let t = o.first_token_ms - r.arrival_ms;
             ttft.push(t);
-            let rate = (r.output_tokens > 1).then(|| {
-                f64::from(r.output_tokens - 1)
-                    / ((o.finish_ms - o.first_token_ms).max(1e-9) / 1000.0)
-            });
-            if let Some(rate) = rate {
+            if let Some(rate) = rate_of(r, o) {
                 tps.push(rate);
             }
-            if t <= r.ttft_slo_ms && rate.is_none_or(|rate| rate >= r.min_tokens_per_s) {
-                attained += 1;
+            match miss_cause(r, o, result) {
+                None => attained += 1,
+                Some(cause) => misses.count(cause),
             }
             let out = f64::from(r.output_tokens);
             cost += out * result.price[o.worker as usize];
@@ -366,6 +470,7 @@ pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyR
                 shed,
                 spilled,
                 cost_per_mtok: if tokens > 0.0 { cost / tokens } else { 0.0 },
+                misses,
             },
         );
     }
@@ -475,5 +580,58 @@ mod tests {
         assert_eq!(tiled.len(), 7);
         assert!(tiled.windows(2).all(|w| w[0].arrival_ms <= w[1].arrival_ms));
         assert_eq!(tile(&base, 2).len(), 2);
+    }
+
+    #[test]
+    fn a_gpu_prefills_latency_critical_prompts_first_in_chunks() {
+        let mut profiles = profiles();
+        profiles.cluster.gpu_workers = 1;
+        profiles.cluster.wse_workers = 0;
+        profiles.gpu.prefill_chunk_tokens = 512;
+        let row = |arrival_ms: f64, prompt_tokens: u32| TraceRequest {
+            arrival_ms,
+            prompt_tokens,
+            output_tokens: 4,
+            hash_ids: Arc::from(Vec::new()),
+        };
+        // Four long cost-sensitive prompts, then a latency-critical one just after.
+        let cheap: Vec<TraceRequest> = (0..4).map(|i| row(f64::from(i), 2_000)).collect();
+        let requests = classify_all(
+            &[
+                (Some(LaneName::CostSensitive), cheap),
+                (Some(LaneName::LatencyCritical), vec![row(5.0, 500)]),
+            ],
+            &profiles,
+        );
+        let mut placer = placers::placer("round_robin", &profiles.policy).unwrap();
+        let result = simulate(&profiles, &profiles.policy, &requests, placer.as_mut());
+        let first_token = |lane: LaneName| {
+            requests
+                .iter()
+                .zip(&result.outcomes)
+                .filter(|(r, _)| r.lane == lane)
+                .map(|(_, o)| o.first_token_ms)
+                .collect::<Vec<_>>()
+        };
+        let urgent = first_token(LaneName::LatencyCritical)[0];
+        let cheap = first_token(LaneName::CostSensitive);
+        assert!(
+            cheap.iter().all(|&t| urgent < t),
+            "latency-critical {urgent} ms, cost-sensitive {cheap:?}"
+        );
+        // 500 prompt tokens fit one chunk: the first token comes after the step in flight
+        // (the first cheap prompt's chunk) and its own.
+        assert!(urgent < 200.0, "{urgent}");
+        // Every request still completes.
+        assert!(
+            result
+                .outcomes
+                .iter()
+                .all(|o| o.served && o.finish_ms > 0.0)
+        );
+        // Misses are attributed: nothing here misses.
+        let report = summarise(&requests, &result);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["lanes"]["latency_critical"]["misses"]["gpu_ttft"], 0);
     }
 }

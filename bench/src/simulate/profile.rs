@@ -20,6 +20,10 @@ pub struct GpuProfile {
     pub step_per_seq_ms: f64,
     /// Prefill throughput, prompt tokens per second.
     pub prefill_tokens_per_s: f64,
+    /// Chunked prefill: prompt tokens prefilled per step at most, latency-critical prompts
+    /// first (as the candle engine does); 0 = every waiting prompt whole in the next step.
+    #[serde(default)]
+    pub prefill_chunk_tokens: u32,
     /// Prompt blocks (512 tokens) kept in the prefix cache (0 = none).
     pub prefix_cache_blocks: usize,
     /// Price per million generated tokens.

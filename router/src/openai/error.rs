@@ -6,8 +6,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tonic::Code;
 
-/// Seconds a shed client is told to wait before retrying.
-const RETRY_AFTER_SECS: u32 = 1;
+/// Seconds a client is told to wait before retrying when the router gave no figure (a worker
+/// or the cluster refused, not the policy's shedding).
+const DEFAULT_RETRY_AFTER_SECS: u64 = 1;
 
 /// An error as an OpenAI client receives it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -20,6 +21,9 @@ pub struct ApiError {
     /// The request field at fault, in OpenAI's naming.
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// `Retry-After` seconds decided by the routing policy when it shed the request (the value
+    /// the gRPC `retry-after` metadata carries); `None` = the default.
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -32,6 +36,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: Some(param),
             code: Some("invalid_value"),
+            retry_after_secs: None,
         }
     }
 
@@ -43,6 +48,7 @@ impl ApiError {
             kind: "invalid_request_error",
             param: None,
             code: None,
+            retry_after_secs: None,
         }
     }
 
@@ -57,6 +63,7 @@ impl ApiError {
             } else {
                 None
             },
+            retry_after_secs: None,
         }
     }
 
@@ -120,11 +127,32 @@ impl ApiError {
                 None
             },
             code: code_name,
+            retry_after_secs: None,
         }
     }
 
+    /// The HTTP form of a dispatcher status; a shed status keeps the policy's `retry-after`.
     pub fn from_status(status: &tonic::Status) -> Self {
-        Self::from_code(status.code(), status.message())
+        let retry_after_ms = status
+            .metadata()
+            .get(crate::dispatch::RETRY_AFTER_MS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        Self::from_code(status.code(), status.message()).with_retry_after_ms(retry_after_ms)
+    }
+
+    /// The HTTP form of a `Failed` frame (its `retry_after_ms` is set when the router shed it).
+    pub fn from_failed(failed: &switchyard_proto::v1::Failed) -> Self {
+        Self::from_code(Code::from_i32(failed.code), &failed.message).with_retry_after_ms(
+            (failed.retry_after_ms > 0).then_some(u64::from(failed.retry_after_ms)),
+        )
+    }
+
+    /// Sets `Retry-After` from a policy figure in milliseconds, rounded up to whole seconds as
+    /// the gRPC `retry-after` metadata is (see [`crate::dispatch::shed_status`]).
+    fn with_retry_after_ms(mut self, retry_after_ms: Option<u64>) -> Self {
+        self.retry_after_secs = retry_after_ms.map(crate::dispatch::retry_after_secs);
+        self
     }
 
     /// The JSON body, also sent as an SSE `data:` event when a stream fails midway.
@@ -151,9 +179,10 @@ impl IntoResponse for ApiError {
         if self.status == StatusCode::TOO_MANY_REQUESTS
             || self.status == StatusCode::SERVICE_UNAVAILABLE
         {
+            let secs = self.retry_after_secs.unwrap_or(DEFAULT_RETRY_AFTER_SECS);
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }
@@ -180,9 +209,43 @@ mod tests {
         let response = e.into_response();
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
         let e = ApiError::from_code(Code::Unavailable, "no worker serves model x");
+        assert_eq!(
+            e.clone().into_response().headers()[header::RETRY_AFTER],
+            "1"
+        );
         assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(e.param, None);
         let e = ApiError::from_code(Code::Unauthenticated, "missing api key");
         assert_eq!(e.status, StatusCode::UNAUTHORIZED);
+    }
+
+    #[test]
+    fn a_shed_request_is_told_the_policys_retry_after() {
+        // The dispatcher's shed status (gRPC door: `retry-after` metadata)...
+        let status = crate::dispatch::shed_status("queue full".into(), 2_500);
+        let grpc_secs = status
+            .metadata()
+            .get(crate::dispatch::RETRY_AFTER)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(grpc_secs, "3");
+        // ...gives the HTTP door the same `Retry-After`.
+        let e = ApiError::from_status(&status);
+        assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            e.into_response().headers()[header::RETRY_AFTER],
+            grpc_secs.as_str()
+        );
+        // The session form: a `Failed` frame carrying the policy's figure.
+        let failed =
+            crate::dispatch::failed_frame("r", &crate::dispatch::shed_status("x".into(), 7_000));
+        let Some(switchyard_proto::v1::server_frame::Frame::Failed(failed)) = failed.frame else {
+            panic!("a failed frame")
+        };
+        let response = ApiError::from_failed(&failed).into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "7");
     }
 }

@@ -153,7 +153,7 @@ async fn next_frame(
 }
 
 fn failed(failed: &v1::Failed) -> ApiError {
-    ApiError::from_code(Code::from_i32(failed.code), &failed.message)
+    ApiError::from_failed(failed)
 }
 
 async fn generate(
