@@ -52,7 +52,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 client: etcd.client(),
                 ttl: Duration::from_secs(5),
             };
-            (Arc::new(etcd), election)
+            (Arc::new(etcd) as Arc<dyn Registry>, election)
         }
         None => (
             Arc::new(MemoryRegistry::new()),

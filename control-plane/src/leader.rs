@@ -107,6 +107,20 @@ impl Leadership {
     pub async fn changed(&mut self) -> bool {
         self.role.changed().await.is_ok()
     }
+
+    /// After shutdown: waits (at most `timeout`) until a leader has resigned, so the process
+    /// does not exit before its lease is revoked and the next replica must wait out the TTL.
+    pub async fn wait_resigned(&self, timeout: Duration) {
+        let mut this = self.clone();
+        let _ = tokio::time::timeout(timeout, async move {
+            while this.is_leader() {
+                if !this.changed().await {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
 }
 
 fn seconds(ttl: Duration) -> i64 {
@@ -164,12 +178,13 @@ async fn campaign_once(
         info!(replica = %me.id, lease, "became the control-plane leader");
         tx.send_replace(Role::Leader);
         let result = lead(client, me, lease, ttl, revision, shutdown).await;
-        tx.send_replace(Role::Follower { leader: None });
         if shutdown.is_cancelled() {
             // Resign: followers take over now instead of after the TTL.
             let _ = client.lease_revoke(lease).await;
             info!(replica = %me.id, "resigned leadership");
         }
+        // Announced after resigning, so a caller waiting for the step-down knows it is done.
+        tx.send_replace(Role::Follower { leader: None });
         return result;
     }
     // Not ours: the lease is not needed while following.

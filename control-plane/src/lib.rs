@@ -12,6 +12,7 @@ pub mod plane;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use switchyard_cluster::{Registry, RegistryError};
 use switchyard_proto::v1::admin_server::AdminServer;
@@ -57,6 +58,12 @@ pub enum ControlPlaneError {
     Http(std::io::Error),
 }
 
+/// Which election runs (a standalone replica never resigns).
+enum ElectionKind {
+    Standalone,
+    Etcd,
+}
+
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ControlPlaneError> {
     let listener = TcpListener::bind(addr)
         .await
@@ -95,8 +102,12 @@ pub async fn run_control_plane(
         grpc: grpc.to_string(),
         http: endpoints.http.map(|a| a.to_string()),
     };
+    let election_kind = match config.election {
+        ElectionConfig::Standalone => ElectionKind::Standalone,
+        ElectionConfig::Etcd { .. } => ElectionKind::Etcd,
+    };
     let leadership = Leadership::start(config.election, me, background.clone());
-    let plane = ControlPlane::new(registry, loads, events, leadership);
+    let plane = ControlPlane::new(registry, loads, events, leadership.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<AdminService>>().await;
@@ -124,6 +135,9 @@ pub async fn run_control_plane(
     on_ready(endpoints);
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     background.cancel();
+    if matches!(election_kind, ElectionKind::Etcd) {
+        leadership.wait_resigned(Duration::from_secs(3)).await;
+    }
     grpc_result?;
     http_result?;
     Ok(())

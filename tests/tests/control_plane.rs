@@ -23,8 +23,9 @@ async fn admin(addr: std::net::SocketAddr) -> anyhow::Result<AdminClient<Channel
     Ok(AdminClient::new(channel))
 }
 
-async fn worker_state(admin: &mut AdminClient<Channel>, id: &str) -> Option<String> {
+async fn worker_state(admin: &AdminClient<Channel>, id: &str) -> Option<String> {
     let workers = admin
+        .clone()
         .list_workers(v1::ListWorkersRequest::default())
         .await
         .ok()?
@@ -45,15 +46,20 @@ async fn next_event(
     kind: Kind,
     worker: &str,
 ) -> anyhow::Result<v1::ClusterEvent> {
-    tokio::time::timeout(PATIENCE, async {
-        while let Some(event) = events.message().await? {
-            if event.kind() == kind && event.worker_id == worker {
-                return Ok(event);
-            }
+    tokio::time::timeout(PATIENCE, first_event(events, kind, worker)).await?
+}
+
+async fn first_event(
+    events: &mut tonic::Streaming<v1::ClusterEvent>,
+    kind: Kind,
+    worker: &str,
+) -> anyhow::Result<v1::ClusterEvent> {
+    while let Some(event) = events.message().await? {
+        if event.kind() == kind && event.worker_id == worker {
+            return Ok(event);
         }
-        anyhow::bail!("event stream ended before {kind:?} for {worker}")
-    })
-    .await?
+    }
+    anyhow::bail!("event stream ended before {kind:?} for {worker}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -109,7 +115,7 @@ async fn drain_stops_new_placements_lets_in_flight_work_finish_and_undrain_resto
     );
     assert_eq!(event.pool, "gpu");
     assert_eq!(
-        worker_state(&mut admin, &busy).await.as_deref(),
+        worker_state(&admin, &busy).await.as_deref(),
         Some("draining")
     );
     wait_until(
@@ -179,10 +185,7 @@ async fn drain_stops_new_placements_lets_in_flight_work_finish_and_undrain_resto
         },
     )
     .await?;
-    assert_eq!(
-        worker_state(&mut admin, &busy).await.as_deref(),
-        Some("ready")
-    );
+    assert_eq!(worker_state(&admin, &busy).await.as_deref(), Some("ready"));
     let err = admin
         .undrain(v1::UndrainRequest {
             worker_id: "gpu-9".into(),
@@ -265,7 +268,7 @@ async fn leadership_moves_to_the_other_replica_when_the_leader_dies() -> anyhow:
         .into_inner();
     assert_eq!(stats.leader, "control-plane-1");
     wait_until(PATIENCE, "gpu-0 to advertise draining", || async {
-        worker_state(&mut follower_admin, "gpu-0").await.as_deref() == Some("draining")
+        worker_state(&follower_admin, "gpu-0").await.as_deref() == Some("draining")
     })
     .await?;
     Ok(())
@@ -286,7 +289,7 @@ async fn page_worker_ids(browser: &Browser) -> anyhow::Result<Vec<String>> {
 async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterSpec::default()).await?;
     let http = cluster.control_plane.addr("http");
-    let mut admin = admin(cluster.control_plane.addr("grpc")).await?;
+    let admin = admin(cluster.control_plane.addr("grpc")).await?;
 
     // The JSON API answers with clear codes.
     let client = reqwest::Client::new();
@@ -337,7 +340,7 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         .click("tr[data-worker-id='gpu-1'] button.drain")
         .await?;
     wait_until(PATIENCE, "gpu-1 to advertise draining", || async {
-        worker_state(&mut admin, "gpu-1").await.as_deref() == Some("draining")
+        worker_state(&admin, "gpu-1").await.as_deref() == Some("draining")
     })
     .await?;
     wait_until(PATIENCE, "the page to show gpu-1 draining", || async {
@@ -391,7 +394,7 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     )
     .await?;
     assert_eq!(
-        worker_state(&mut admin, "gpu-0").await.as_deref(),
+        worker_state(&admin, "gpu-0").await.as_deref(),
         Some("ready")
     );
     browser.close().await?;
