@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 use crate::{free_port, log_file, wait_until};
 
 /// The key W3C WebDriver uses for element references.
-const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4a2b1f7fa4a2";
+const ELEMENT_KEY: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// Chromium flags that work in this sandbox (no GPU, no network beyond loopback).
 const CHROMIUM_ARGS: &[&str] = &[

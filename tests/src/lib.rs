@@ -341,6 +341,10 @@ impl Cluster {
         // The router announces its gRPC and its OpenAI-compatible HTTP address.
         let router = Component::start("router", &args, 2).await?;
         let control_plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+        // The only replica: it leads (and accepts writes) once its campaign has won.
+        control_plane
+            .wait_for_log("became the control-plane leader", READY_TIMEOUT)
+            .await?;
         let cluster = Self {
             etcd,
             router,
