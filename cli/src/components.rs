@@ -226,7 +226,7 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("connecting to etcd at {}", args.cluster.etcd.join(",")))?;
     let election = switchyard_control_plane::ElectionConfig::Etcd {
-        client: etcd.client(),
+        client: Box::new(etcd.client()),
         ttl: args.leader_ttl,
     };
     let shutdown = shutdown_on_signal();

@@ -49,7 +49,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to etcd at {url}"))?;
             // Other control-plane replicas may share this etcd: take part in the election.
             let election = switchyard_control_plane::ElectionConfig::Etcd {
-                client: etcd.client(),
+                client: Box::new(etcd.client()),
                 ttl: Duration::from_secs(5),
             };
             (Arc::new(etcd) as Arc<dyn Registry>, election)

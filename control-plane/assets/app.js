@@ -76,9 +76,9 @@ function renderTotals(stats) {
     tr.append(
       cell(name),
       cell(num(p.workers), "num"),
-      cell(p.ready === undefined ? "" : num(p.ready), "num"),
-      cell(p.draining === undefined ? "" : num(p.draining), "num"),
-      cell(p.ready_slots === undefined ? "" : `${num(p.ready_slots)} / ${num(p.total_slots)}`, "num"),
+      cell(num(p.ready), "num"),
+      cell(num(p.draining), "num"),
+      cell(`${num(p.ready_slots)} / ${num(p.total_slots)}`, "num"),
       cell(num(p.active), "num"),
       cell(num(p.queued), "num"),
       cell(num(p.tokens_per_s, 1), "num"),
@@ -86,7 +86,17 @@ function renderTotals(stats) {
     body.appendChild(tr);
   };
   for (const p of stats.pools) row(p.pool, p, false);
-  row("all", stats, true);
+  const sum = (key) => stats.pools.reduce((total, p) => total + p[key], 0);
+  row("all", {
+    workers: stats.workers,
+    ready: sum("ready"),
+    draining: sum("draining"),
+    ready_slots: sum("ready_slots"),
+    total_slots: sum("total_slots"),
+    active: stats.active,
+    queued: stats.queued,
+    tokens_per_s: stats.tokens_per_s,
+  }, true);
 }
 
 function workerRow(id) {
@@ -229,7 +239,7 @@ async function toggleDrain(id, action) {
     });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {
-      let message = `${action === "drain" ? "Drain" : "Undrain"} of ${id} failed (HTTP ${response.status}): ${body.error || "no reason given"}`;
+      const message = `${action === "drain" ? "Drain" : "Undrain"} of ${id} failed (HTTP ${response.status}): ${body.error || "no reason given"}`;
       showError(message);
       $("error").dataset.source = "action";
       return;

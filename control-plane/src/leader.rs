@@ -46,7 +46,7 @@ pub enum ElectionConfig {
     /// A single replica (in-memory registry): always the leader.
     Standalone,
     /// Election on etcd with a lease of `ttl`: leadership moves at most `ttl` after the leader dies.
-    Etcd { client: Client, ttl: Duration },
+    Etcd { client: Box<Client>, ttl: Duration },
 }
 
 impl std::fmt::Debug for ElectionConfig {
@@ -77,7 +77,7 @@ impl Leadership {
             }
             ElectionConfig::Etcd { client, ttl } => {
                 let (tx, role) = watch::channel(Role::Follower { leader: None });
-                tokio::spawn(campaign(client, me.clone(), ttl, tx, shutdown));
+                tokio::spawn(campaign(*client, me.clone(), ttl, tx, shutdown));
                 Self { me, role }
             }
         }

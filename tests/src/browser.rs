@@ -31,6 +31,7 @@ const CHROMIUM_ARGS: &[&str] = &[
 /// A chromedriver process with one browser session, both ended when dropped.
 pub struct Browser {
     _driver: Child,
+    closed: bool,
     _profile: tempfile::TempDir,
     http: reqwest::Client,
     session: String,
@@ -82,6 +83,7 @@ impl Browser {
             .to_string();
         Ok(Self {
             _driver: driver,
+            closed: false,
             _profile: profile,
             http,
             session,
@@ -159,9 +161,34 @@ impl Browser {
 impl Browser {
     /// Ends the session: chromedriver closes the browser (dropping the `Browser` kills only
     /// chromedriver).
-    pub async fn close(self) -> anyhow::Result<()> {
+    pub async fn close(mut self) -> anyhow::Result<()> {
         self.http.delete(self.url("")).send().await?;
+        self.closed = true;
         Ok(())
+    }
+}
+
+impl Drop for Browser {
+    /// A test that failed before `close` still ends the browser: chromedriver would otherwise
+    /// be killed and leave Chromium running. Plain blocking HTTP, as no runtime may be left.
+    fn drop(&mut self) {
+        use std::io::{Read as _, Write as _};
+        if self.closed {
+            return;
+        }
+        let Some(addr) = self.base.strip_prefix("http://") else {
+            return;
+        };
+        if let Ok(mut stream) = std::net::TcpStream::connect(addr) {
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+            let request = format!(
+                "DELETE /session/{} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                self.session
+            );
+            if stream.write_all(request.as_bytes()).is_ok() {
+                let _ = stream.read_to_end(&mut Vec::new());
+            }
+        }
     }
 }
 
