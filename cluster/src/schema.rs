@@ -10,6 +10,24 @@ pub const WORKERS_PREFIX: &str = "/switchyard/v1/workers/";
 /// The routing policy document (JSON), watched by every router.
 pub const POLICY_KEY: &str = "/switchyard/v1/policy";
 
+/// Prefix of drain requests: `drain/<worker_id>`, written by the control plane.
+pub const DRAIN_PREFIX: &str = "/switchyard/v1/drain/";
+
+/// Held by the control-plane leader (bound to its lease); the value names the leader.
+pub const LEADER_KEY: &str = "/switchyard/v1/leader/control-plane";
+
+/// The key that asks worker `worker_id` to drain. Its presence is the request; the value is
+/// informational (who asked, when).
+pub fn drain_key(worker_id: &str) -> String {
+    format!("{DRAIN_PREFIX}{worker_id}")
+}
+
+/// The worker id of a drain key; `None` for keys outside the schema.
+pub fn parse_drain_key(key: &str) -> Option<&str> {
+    let id = key.strip_prefix(DRAIN_PREFIX)?;
+    (!id.is_empty() && !id.contains('/')).then_some(id)
+}
+
 /// The key a worker's record lives under.
 pub fn worker_key(pool: Pool, worker_id: &str) -> String {
     format!("{WORKERS_PREFIX}{}/{worker_id}", pool.as_str())
@@ -134,6 +152,16 @@ mod tests {
         let key = worker_key(Pool::Wse, "wse-1");
         assert_eq!(key, "/switchyard/v1/workers/wse/wse-1");
         assert_eq!(parse_worker_key(&key), Some((Pool::Wse, "wse-1")));
+    }
+
+    #[test]
+    fn drain_keys_round_trip() {
+        let key = drain_key("gpu-0");
+        assert_eq!(key, "/switchyard/v1/drain/gpu-0");
+        assert_eq!(parse_drain_key(&key), Some("gpu-0"));
+        assert_eq!(parse_drain_key("/switchyard/v1/drain/"), None);
+        assert_eq!(parse_drain_key("/switchyard/v1/drain/a/b"), None);
+        assert_eq!(parse_drain_key("/switchyard/v1/policy"), None);
     }
 
     #[test]

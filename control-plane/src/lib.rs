@@ -1,22 +1,46 @@
-//! The Switchyard control plane: the `Admin` gRPC API over the cluster's registry, including
-//! the routing policy store (`GetPolicy`/`SetPolicy` on `/switchyard/v1/policy`, validated
-//! with the router's own policy code before it is stored).
+//! The Switchyard control plane: the `Admin` gRPC API and the ops dashboard over the cluster's
+//! registry — workers with live load, the routing policy store (validated with the router's own
+//! policy code before it is stored), drains (`drain/<worker_id>`), cluster stats and events —
+//! and leader election among replicas (`leader/control-plane`): only the leader writes.
+
+pub mod admin;
+pub mod dashboard;
+pub mod events;
+pub mod leader;
+pub mod loads;
+pub mod plane;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
-use switchyard_cluster::{Pool, Registry, RegistryError, WorkerRecord};
-use switchyard_proto::v1::{self, admin_server::AdminServer};
-use switchyard_router::policy::document::PolicyDocument;
+use switchyard_cluster::{Registry, RegistryError};
+use switchyard_proto::v1::admin_server::AdminServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
 use tracing::info;
+
+pub use admin::AdminService;
+pub use leader::{ElectionConfig, Leadership, ReplicaInfo, Role};
+pub use plane::{ControlPlane, OpError};
 
 #[derive(Debug, Clone)]
 pub struct ControlPlaneConfig {
+    /// This replica's id (in the leader key and logs).
+    pub id: String,
+    /// Admin gRPC listen address.
     pub listen: SocketAddr,
+    /// Dashboard listen address; `None` serves no dashboard.
+    pub http_listen: Option<SocketAddr>,
+    pub election: ElectionConfig,
+}
+
+/// Where a running control plane serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoints {
+    pub grpc: SocketAddr,
+    pub http: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -26,153 +50,211 @@ pub enum ControlPlaneError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("dashboard server: {0}")]
+    Http(std::io::Error),
 }
 
-/// The `Admin` service.
-pub struct AdminService {
-    registry: Arc<dyn Registry>,
+/// Which election runs (a standalone replica never resigns).
+enum ElectionKind {
+    Standalone,
+    Etcd,
 }
 
-impl AdminService {
-    pub fn new(registry: Arc<dyn Registry>) -> Self {
-        Self { registry }
-    }
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ControlPlaneError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ControlPlaneError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ControlPlaneError::Bind { addr, source })?;
+    Ok((listener, bound))
 }
 
-fn registry_status(error: RegistryError) -> Status {
-    Status::unavailable(format!("cluster registry unreachable: {error}"))
-}
-
-fn worker_info(record: WorkerRecord) -> v1::WorkerInfo {
-    v1::WorkerInfo {
-        id: record.id,
-        pool: record.pool.to_string(),
-        address: record.address,
-        models: record.models,
-        max_concurrent: record.capacity.max_concurrent,
-        tokens_per_s: record.capacity.tokens_per_s,
-        cost_per_mtok: record.capacity.cost_per_mtok,
-        hardware: record.hardware,
-        version: record.version,
-        state: record.state.as_str().to_string(),
-        engine: record.engine,
-    }
-}
-
-#[tonic::async_trait]
-impl v1::admin_server::Admin for AdminService {
-    async fn list_workers(
-        &self,
-        request: Request<v1::ListWorkersRequest>,
-    ) -> Result<Response<v1::ListWorkersResponse>, Status> {
-        let pool = request.into_inner().pool;
-        let pool: Option<Pool> = if pool.is_empty() {
-            None
-        } else {
-            Some(
-                pool.parse()
-                    .map_err(|e: String| Status::invalid_argument(format!("pool: {e}")))?,
-            )
-        };
-        let mut workers: Vec<_> = self
-            .registry
-            .list_workers()
-            .await
-            .map_err(registry_status)?
-            .into_iter()
-            .filter(|w| pool.is_none_or(|p| w.pool == p))
-            .collect();
-        workers.sort_by(|a, b| (a.pool, &a.id).cmp(&(b.pool, &b.id)));
-        Ok(Response::new(v1::ListWorkersResponse {
-            workers: workers.into_iter().map(worker_info).collect(),
-        }))
-    }
-
-    async fn get_policy(
-        &self,
-        _request: Request<v1::GetPolicyRequest>,
-    ) -> Result<Response<v1::GetPolicyResponse>, Status> {
-        let stored = self.registry.get_policy().await.map_err(registry_status)?;
-        let response = match stored {
-            Some(bytes) => v1::GetPolicyResponse {
-                document: String::from_utf8_lossy(&bytes).into_owned(),
-                is_default: false,
-            },
-            None => v1::GetPolicyResponse {
-                document: PolicyDocument::default().to_json(),
-                is_default: true,
-            },
-        };
-        Ok(Response::new(response))
-    }
-
-    async fn set_policy(
-        &self,
-        request: Request<v1::SetPolicyRequest>,
-    ) -> Result<Response<v1::SetPolicyResponse>, Status> {
-        let document = request.into_inner().document;
-        let policy = PolicyDocument::from_json(document.as_bytes())
-            .map_err(|e| Status::invalid_argument(format!("document: {e}")))?;
-        let normalised = policy.to_json();
-        self.registry
-            .put_policy(normalised.clone().into_bytes())
-            .await
-            .map_err(registry_status)?;
-        info!(rules = policy.rules.len(), "routing policy stored");
-        Ok(Response::new(v1::SetPolicyResponse {
-            document: normalised,
-        }))
-    }
-}
-
-/// Serves the control plane until `shutdown` fires; `on_ready` gets the bound gRPC address.
+/// Serves the control plane until `shutdown` fires; `on_ready` gets the bound addresses.
 pub async fn run_control_plane(
     config: ControlPlaneConfig,
     registry: Arc<dyn Registry>,
     shutdown: CancellationToken,
-    on_ready: impl FnOnce(SocketAddr),
+    on_ready: impl FnOnce(Endpoints),
 ) -> Result<(), ControlPlaneError> {
-    let listener =
-        TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ControlPlaneError::Bind {
-                addr: config.listen,
-                source,
-            })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| ControlPlaneError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+    let (grpc_listener, grpc) = bind(config.listen).await?;
+    let http = match config.http_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let endpoints = Endpoints {
+        grpc,
+        http: http.as_ref().map(|(_, a)| *a),
+    };
+
+    let membership = registry.watch_workers().await?;
+    let policy = registry.watch_policy().await?;
+    // Background tasks stop with the servers.
+    let background = shutdown.child_token();
+    let loads = loads::Loads::spawn(membership.clone(), background.clone());
+    let events = events::Events::spawn(membership.clone(), policy, background.clone());
+    let me = ReplicaInfo {
+        id: config.id.clone(),
+        grpc: grpc.to_string(),
+        http: endpoints.http.map(|a| a.to_string()),
+    };
+    let election_kind = match config.election {
+        ElectionConfig::Standalone => ElectionKind::Standalone,
+        ElectionConfig::Etcd { .. } => ElectionKind::Etcd,
+    };
+    let leadership = Leadership::start(config.election, me, background.clone());
+    let plane = ControlPlane::new(registry, loads, events, leadership.clone());
+
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<AdminService>>().await;
     let (reflection_v1, reflection_v1alpha) =
         switchyard_proto::introspection::reflection_services();
-    let server = tonic::transport::Server::builder()
+    let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AdminServer::new(AdminService::new(registry)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned());
-    info!(address = %bound, "control plane ready");
-    on_ready(bound);
-    server.await?;
+        .add_service(AdminServer::new(AdminService::new(plane.clone())))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            shutdown.clone().cancelled_owned(),
+        );
+    let http_server = async {
+        match http {
+            Some((listener, _)) => axum::serve(listener, dashboard::router(plane.clone()))
+                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+                .await
+                .map_err(ControlPlaneError::Http),
+            None => Ok(()),
+        }
+    };
+    info!(id = %config.id, grpc = %grpc, http = ?endpoints.http, "control plane ready");
+    on_ready(endpoints);
+    let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
+    background.cancel();
+    if matches!(election_kind, ElectionKind::Etcd) {
+        leadership.wait_resigned(Duration::from_secs(3)).await;
+    }
+    grpc_result?;
+    http_result?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_cluster::MemoryRegistry;
+    use std::time::Duration;
+    use switchyard_cluster::{Capacity, MemoryRegistry, Pool, WorkerRecord, WorkerState};
+    use switchyard_proto::v1;
+    use tonic::Request;
     use v1::admin_server::Admin as _;
+
+    async fn plane(registry: Arc<dyn Registry>, election: ElectionConfig) -> ControlPlane {
+        let membership = registry.watch_workers().await.unwrap();
+        let policy = registry.watch_policy().await.unwrap();
+        let token = CancellationToken::new();
+        let events = events::Events::spawn(membership.clone(), policy, token.clone());
+        let me = ReplicaInfo {
+            id: "cp-test".into(),
+            grpc: "127.0.0.1:1".into(),
+            http: None,
+        };
+        let leadership = Leadership::start(election, me, token);
+        ControlPlane::new(registry, loads::Loads::default(), events, leadership)
+    }
+
+    fn record(id: &str) -> WorkerRecord {
+        WorkerRecord {
+            id: id.into(),
+            pool: Pool::Gpu,
+            address: "127.0.0.1:1".into(),
+            models: vec!["m".into()],
+            capacity: Capacity {
+                max_concurrent: 4,
+                tokens_per_s: 10.0,
+                cost_per_mtok: 0.1,
+            },
+            hardware: "cpu".into(),
+            engine: "synthetic".into(),
+            version: "0".into(),
+            state: WorkerState::Ready,
+        }
+    }
+
+    #[tokio::test]
+    async fn drain_validates_the_worker_id_and_stores_the_request() {
+        let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
+        let _registration = registry
+            .register(record("gpu-0"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let admin = AdminService::new(plane(registry.clone(), ElectionConfig::Standalone).await);
+        let drain = |id: &str| {
+            Request::new(v1::DrainRequest {
+                worker_id: id.into(),
+            })
+        };
+        let err = admin.drain(drain("")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("worker_id"), "{}", err.message());
+        let err = admin.drain(drain("nope")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert!(err.message().contains("nope"), "{}", err.message());
+
+        let done = admin.drain(drain("gpu-0")).await.unwrap().into_inner();
+        assert!(!done.already_draining);
+        assert_eq!(registry.list_drains().await.unwrap(), vec!["gpu-0"]);
+        assert!(
+            admin
+                .drain(drain("gpu-0"))
+                .await
+                .unwrap()
+                .into_inner()
+                .already_draining
+        );
+
+        let stats = admin
+            .get_cluster_stats(Request::new(v1::GetClusterStatsRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.workers, 1);
+        assert_eq!(stats.drains, vec!["gpu-0"]);
+        assert_eq!(stats.leader, "cp-test");
+
+        let undrain = |id: &str| {
+            Request::new(v1::UndrainRequest {
+                worker_id: id.into(),
+            })
+        };
+        assert!(
+            admin
+                .undrain(undrain("gpu-0"))
+                .await
+                .unwrap()
+                .into_inner()
+                .was_draining
+        );
+        assert!(
+            !admin
+                .undrain(undrain("gpu-0"))
+                .await
+                .unwrap()
+                .into_inner()
+                .was_draining
+        );
+        let err = admin.undrain(undrain("nope")).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert!(registry.list_drains().await.unwrap().is_empty());
+    }
 
     #[tokio::test]
     async fn set_policy_validates_stores_and_get_returns_it() {
         let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
-        let admin = AdminService::new(registry.clone());
+        let admin = AdminService::new(plane(registry.clone(), ElectionConfig::Standalone).await);
         let got = admin
             .get_policy(Request::new(v1::GetPolicyRequest {}))
             .await

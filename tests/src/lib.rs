@@ -3,6 +3,8 @@
 //! `<component> <protocol> <address>` on stdout when ready; the harness waits for that line
 //! instead of sleeping. Logs of every process go to `target/e2e-logs/`.
 
+pub mod browser;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -49,7 +51,7 @@ pub fn switchyard_bin() -> PathBuf {
     bin
 }
 
-fn log_dir() -> PathBuf {
+pub fn log_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
     let dir = exe
         .parent()
@@ -61,7 +63,7 @@ fn log_dir() -> PathBuf {
 }
 
 /// A fresh log file for process `name`: its path and the open file.
-fn log_file(name: &str) -> (PathBuf, std::fs::File) {
+pub(crate) fn log_file(name: &str) -> (PathBuf, std::fs::File) {
     let path = log_dir().join(format!("{name}-{}.log", free_port()));
     let file = std::fs::File::create(&path).expect("creating a log file");
     (path, file)
@@ -340,18 +342,11 @@ impl Cluster {
         args.extend(spec.router_flags.iter().cloned());
         // The router announces its gRPC and its OpenAI-compatible HTTP address.
         let router = Component::start("router", &args, 2).await?;
-        let control_plane = Component::start(
-            "control-plane",
-            &strings(&[
-                "control-plane",
-                "--etcd",
-                &etcd.url,
-                "--listen",
-                "127.0.0.1:0",
-            ]),
-            1,
-        )
-        .await?;
+        let control_plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+        // The only replica: it leads (and accepts writes) once its campaign has won.
+        control_plane
+            .wait_for_log("became the control-plane leader", READY_TIMEOUT)
+            .await?;
         let cluster = Self {
             etcd,
             router,
@@ -389,6 +384,28 @@ impl Cluster {
     pub async fn router_worker_ids(&self) -> anyhow::Result<Vec<String>> {
         list_router_workers_with_key(&self.router_addr(), self.api_key.as_deref()).await
     }
+}
+
+/// Starts a control-plane replica `id` on free ports; it announces its gRPC and dashboard
+/// (HTTP) addresses.
+pub async fn start_control_plane(
+    etcd: &str,
+    id: &str,
+    extra: &[&str],
+) -> anyhow::Result<Component> {
+    let mut args = strings(&[
+        "control-plane",
+        "--etcd",
+        etcd,
+        "--id",
+        id,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]);
+    args.extend(strings(extra));
+    Component::start(id, &args, 2).await
 }
 
 /// Worker ids a router currently routes to, sorted.

@@ -169,17 +169,20 @@ async fn switchyard_up_runs_a_whole_cluster_in_one_command() -> anyhow::Result<(
         "127.0.0.1:0",
         "--http-listen",
         "127.0.0.1:0",
+        "--dashboard-listen",
+        "127.0.0.1:0",
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let up = Component::start("up", &args, 6).await?;
+    let up = Component::start("up", &args, 7).await?;
     let components: Vec<&str> = up.endpoints.iter().map(|(c, _, _)| c.as_str()).collect();
     assert_eq!(
         components,
         vec![
             "router",
             "router",
+            "control-plane",
             "control-plane",
             "worker-gpu",
             "worker-gpu",

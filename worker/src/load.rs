@@ -78,8 +78,9 @@ impl LoadTracker {
         self.publish();
     }
 
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Relaxed);
+    /// Stops (`true`) or resumes (`false`) taking new requests; in-flight ones continue.
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
         self.publish();
     }
 

@@ -1,6 +1,11 @@
 //! Running a worker: bind, serve `Worker` + health + reflection, register once ready, and on
 //! shutdown drain — advertise `draining`, let in-flight generations finish, revoke the lease,
 //! close router streams.
+//!
+//! The control plane can also drain a worker without stopping it: the worker watches its own
+//! `drain/<worker_id>` key; while that key exists it takes no new requests (in-flight ones
+//! finish) and advertises `draining` so routers place nothing on it; when the key is deleted
+//! it advertises `ready` again. A drain request outlives a restart of the worker.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -118,6 +123,9 @@ pub async fn run_worker(
             ),
     );
 
+    // Read before registering, so a worker restarted while drained never advertises `ready`.
+    let mut drain_requests = registry.watch_drain(&config.id).await?;
+    let mut drain_requested = *drain_requests.borrow_and_update();
     let mut record = WorkerRecord {
         id: config.id.clone(),
         pool: config.pool,
@@ -134,28 +142,76 @@ pub async fn run_worker(
         hardware: engine.hardware(),
         engine: engine.kind().to_string(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        state: WorkerState::Ready,
+        state: if drain_requested {
+            WorkerState::Draining
+        } else {
+            WorkerState::Ready
+        },
     };
+    load.set_draining(drain_requested);
     let registration = registry.register(record.clone(), config.lease_ttl).await?;
-    health.set_serving::<WorkerServer<WorkerService>>().await;
-    info!(worker_id = %config.id, pool = %config.pool, address = %record.address, engine = engine.kind(), "worker ready");
+    if !drain_requested {
+        health.set_serving::<WorkerServer<WorkerService>>().await;
+    }
+    info!(worker_id = %config.id, pool = %config.pool, address = %record.address, engine = engine.kind(), state = record.state.as_str(), "worker ready");
     on_ready(bound);
 
-    tokio::select! {
-        _ = shutdown.cancelled() => {}
-        result = &mut server => {
-            // The server stopped on its own: report why.
-            sampler.abort();
-            return match result {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(error.into()),
-                Err(join) => Err(WorkerError::Config(format!("server task failed: {join}"))),
-            };
+    let mut load_changes = load.subscribe();
+    // Whether "drained" was logged for the current drain request (once per request).
+    let mut drained_logged = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            result = &mut server => {
+                // The server stopped on its own: report why.
+                sampler.abort();
+                return match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(error)) => Err(error.into()),
+                    Err(join) => Err(WorkerError::Config(format!("server task failed: {join}"))),
+                };
+            }
+            changed = drain_requests.changed() => {
+                if changed.is_err() {
+                    // The watch ended (registry gone): keep the current state.
+                    drain_requests = watch_forever();
+                    continue;
+                }
+                let requested = *drain_requests.borrow_and_update();
+                if requested == drain_requested {
+                    continue;
+                }
+                drain_requested = requested;
+                load.set_draining(requested);
+                record.state = if requested { WorkerState::Draining } else { WorkerState::Ready };
+                if requested {
+                    health.set_not_serving::<WorkerServer<WorkerService>>().await;
+                    info!(worker_id = %config.id, in_flight = load.in_flight(), "drain requested by the control plane: taking no new requests");
+                } else {
+                    health.set_serving::<WorkerServer<WorkerService>>().await;
+                    info!(worker_id = %config.id, "drain lifted by the control plane: ready");
+                }
+                if let Err(error) = registration.update(record.clone()).await {
+                    warn!(%error, state = record.state.as_str(), "could not advertise the new state");
+                }
+                drained_logged = false;
+                if requested && load.in_flight() == 0 {
+                    info!(worker_id = %config.id, "drained: no generations in flight");
+                    drained_logged = true;
+                }
+            }
+            Ok(()) = load_changes.changed(), if drain_requested && !drained_logged => {
+                load_changes.borrow_and_update();
+                if load.in_flight() == 0 {
+                    info!(worker_id = %config.id, "drained: no generations in flight");
+                    drained_logged = true;
+                }
+            }
         }
     }
 
     info!(worker_id = %config.id, in_flight = load.in_flight(), "draining");
-    load.set_draining();
+    load.set_draining(true);
     health
         .set_not_serving::<WorkerServer<WorkerService>>()
         .await;
@@ -190,4 +246,12 @@ pub async fn run_worker(
     }
     info!(worker_id = %config.id, "stopped");
     Ok(())
+}
+
+/// A drain watch that never changes, replacing one whose source ended.
+fn watch_forever() -> tokio::sync::watch::Receiver<bool> {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    // Keep the sender alive so `changed` waits forever instead of failing.
+    std::mem::forget(tx);
+    rx
 }

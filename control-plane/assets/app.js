@@ -1,0 +1,260 @@
+// Switchyard ops dashboard: polls the control plane's JSON API and renders it. No framework
+// and no build step; rows are updated in place so buttons stay put while the page refreshes.
+"use strict";
+
+const POLL_MS = 1000;
+const POLICY_POLL_MS = 5000;
+// Past this without a successful poll, the page says its data is stale.
+const STALE_MS = 5000;
+
+const $ = (id) => document.getElementById(id);
+let lastOk = 0;
+let lastPolicy = 0;
+const pending = new Set(); // worker ids with a drain/undrain request in flight
+
+function cell(text, className) {
+  const td = document.createElement("td");
+  if (className) td.className = className;
+  td.textContent = text;
+  return td;
+}
+
+function num(value, digits = 0) {
+  return Number(value).toLocaleString(undefined, {
+    minimumFractionDigits: digits,
+    maximumFractionDigits: digits,
+  });
+}
+
+async function getJson(path) {
+  const response = await fetch(path, { cache: "no-store" });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    throw new Error(body.error || `${path}: HTTP ${response.status}`);
+  }
+  return body;
+}
+
+function showError(message) {
+  const banner = $("error");
+  banner.textContent = message;
+  banner.hidden = false;
+}
+
+function showNotice(message) {
+  $("error").hidden = true;
+  const banner = $("notice");
+  banner.textContent = message;
+  banner.hidden = false;
+}
+
+function renderReplica(stats) {
+  const el = $("replica");
+  const me = stats.replica;
+  el.className = `replica ${stats.role}`;
+  if (stats.role === "leader") {
+    el.textContent = `${me.id}: leader (drains and policy changes are made here)`;
+    return;
+  }
+  el.textContent = `${me.id}: follower (read-only) — leader: `;
+  if (stats.leader) {
+    const link = document.createElement("a");
+    link.textContent = `${stats.leader.id}`;
+    if (stats.leader.http) link.href = `http://${stats.leader.http}/`;
+    el.appendChild(link);
+  } else {
+    el.appendChild(document.createTextNode("none elected yet"));
+  }
+}
+
+function renderTotals(stats) {
+  const body = $("totals").querySelector("tbody");
+  body.replaceChildren();
+  const row = (name, p, total) => {
+    const tr = document.createElement("tr");
+    if (total) tr.className = "total";
+    tr.append(
+      cell(name),
+      cell(num(p.workers), "num"),
+      cell(num(p.ready), "num"),
+      cell(num(p.draining), "num"),
+      cell(`${num(p.ready_slots)} / ${num(p.total_slots)}`, "num"),
+      cell(num(p.active), "num"),
+      cell(num(p.queued), "num"),
+      cell(num(p.tokens_per_s, 1), "num"),
+    );
+    body.appendChild(tr);
+  };
+  for (const p of stats.pools) row(p.pool, p, false);
+  const sum = (key) => stats.pools.reduce((total, p) => total + p[key], 0);
+  row("all", {
+    workers: stats.workers,
+    ready: sum("ready"),
+    draining: sum("draining"),
+    ready_slots: sum("ready_slots"),
+    total_slots: sum("total_slots"),
+    active: stats.active,
+    queued: stats.queued,
+    tokens_per_s: stats.tokens_per_s,
+  }, true);
+}
+
+function workerRow(id) {
+  const tr = document.createElement("tr");
+  tr.dataset.workerId = id;
+  for (let i = 0; i < 12; i++) tr.appendChild(document.createElement("td"));
+  const action = document.createElement("td");
+  const button = document.createElement("button");
+  button.type = "button";
+  button.addEventListener("click", () => toggleDrain(id, button.dataset.action));
+  action.appendChild(button);
+  tr.appendChild(action);
+  return tr;
+}
+
+function renderWorkers(workers) {
+  const body = $("workers").querySelector("tbody");
+  const rows = new Map([...body.children].map((tr) => [tr.dataset.workerId, tr]));
+  const seen = new Set();
+  for (const w of workers) {
+    seen.add(w.id);
+    let tr = rows.get(w.id);
+    if (!tr) {
+      tr = workerRow(w.id);
+    }
+    body.appendChild(tr); // keeps the API's order (pool, id)
+    const c = tr.children;
+    const set = (i, text, className = "") => {
+      if (c[i].textContent !== text) c[i].textContent = text;
+      c[i].className = className;
+    };
+    set(0, w.pool);
+    set(1, w.id, "mono");
+    set(2, w.address, "mono");
+    set(3, w.models.join(", "));
+    c[4].className = `state state-${w.state}`;
+    c[4].textContent = w.state;
+    if (w.drain_requested && w.state !== "draining") {
+      const note = document.createElement("span");
+      note.className = "pending";
+      note.textContent = "drain requested";
+      c[4].appendChild(note);
+    } else if (!w.drain_requested && w.state === "draining") {
+      const note = document.createElement("span");
+      note.className = "pending";
+      note.textContent = "shutting down or resuming";
+      c[4].appendChild(note);
+    }
+    set(5, num(w.capacity.max_concurrent), "num");
+    set(6, num(w.capacity.tokens_per_s, 1), "num");
+    set(7, num(w.capacity.cost_per_mtok, 2), "num");
+    set(8, `${w.engine} ${w.version}`);
+    set(9, w.hardware);
+    set(10, w.load ? `${num(w.load.active)} / ${num(w.load.queued)}` : "no stream", "num");
+    set(11, w.load ? num(w.load.tokens_per_s, 1) : "–", "num");
+    const button = c[12].firstChild;
+    const action = w.drain_requested ? "undrain" : "drain";
+    button.dataset.action = action;
+    button.className = action;
+    button.textContent = action === "drain" ? "Drain" : "Undrain";
+    button.title = action === "drain"
+      ? `Stop placing new requests on ${w.id}; in-flight requests finish`
+      : `Let ${w.id} take new requests again`;
+    button.disabled = pending.has(w.id);
+  }
+  for (const [id, tr] of rows) {
+    if (!seen.has(id)) tr.remove();
+  }
+  $("worker-count").textContent = `(${workers.length})`;
+  $("no-workers").hidden = workers.length > 0;
+}
+
+function renderEvents(events) {
+  const list = $("events");
+  list.replaceChildren();
+  for (const e of events.slice().reverse()) {
+    const li = document.createElement("li");
+    li.dataset.kind = e.kind;
+    const time = document.createElement("time");
+    const at = new Date(e.at_unix_ms);
+    time.dateTime = at.toISOString();
+    time.textContent = at.toLocaleTimeString();
+    li.append(time, document.createTextNode(e.message));
+    list.appendChild(li);
+  }
+  $("no-events").hidden = events.length > 0;
+}
+
+async function refreshPolicy() {
+  const policy = await getJson("/api/policy");
+  $("policy").textContent = typeof policy.document === "string"
+    ? policy.document
+    : JSON.stringify(policy.document, null, 2);
+  $("policy-source").textContent = policy.is_default
+    ? "(built-in default: none stored in etcd)"
+    : "(stored in etcd)";
+  lastPolicy = Date.now();
+}
+
+async function refresh() {
+  try {
+    const [workers, stats, events] = await Promise.all([
+      getJson("/api/workers"),
+      getJson("/api/stats"),
+      getJson("/api/events"),
+    ]);
+    renderWorkers(workers.workers);
+    renderTotals(stats);
+    renderReplica(stats);
+    renderEvents(events.events);
+    if (Date.now() - lastPolicy > POLICY_POLL_MS) await refreshPolicy();
+    lastOk = Date.now();
+    if ($("error").dataset.source === "poll") $("error").hidden = true;
+  } catch (error) {
+    showError(`Cannot read the cluster state: ${error.message}`);
+    $("error").dataset.source = "poll";
+  }
+  renderFreshness();
+}
+
+function renderFreshness() {
+  const el = $("freshness");
+  if (!lastOk) {
+    el.textContent = "no data yet";
+    el.className = "freshness stale";
+    return;
+  }
+  const age = Date.now() - lastOk;
+  el.textContent = `updated ${new Date(lastOk).toLocaleTimeString()}`;
+  el.className = age > STALE_MS ? "freshness stale" : "freshness";
+}
+
+async function toggleDrain(id, action) {
+  pending.add(id);
+  document.querySelectorAll(`tr[data-worker-id="${CSS.escape(id)}"] button`)
+    .forEach((b) => { b.disabled = true; });
+  try {
+    const response = await fetch(`/api/workers/${encodeURIComponent(id)}/${action}`, {
+      method: "POST",
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const message = `${action === "drain" ? "Drain" : "Undrain"} of ${id} failed (HTTP ${response.status}): ${body.error || "no reason given"}`;
+      showError(message);
+      $("error").dataset.source = "action";
+      return;
+    }
+    showNotice(action === "drain"
+      ? `Drain of ${id} requested: it finishes in-flight requests and takes no new ones.`
+      : `Drain of ${id} lifted: it takes new requests again.`);
+  } catch (error) {
+    showError(`${action} of ${id} failed: ${error.message}`);
+    $("error").dataset.source = "action";
+  } finally {
+    pending.delete(id);
+    await refresh();
+  }
+}
+
+refresh();
+setInterval(refresh, POLL_MS);

@@ -1,0 +1,122 @@
+//! The `Admin` gRPC service: translates between protobuf and [`ControlPlane`] operations.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use switchyard_proto::v1;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::BroadcastStream;
+use tonic::{Request, Response, Status};
+use tracing::warn;
+
+use crate::plane::{ControlPlane, WorkerView};
+
+pub struct AdminService {
+    plane: ControlPlane,
+}
+
+impl AdminService {
+    pub fn new(plane: ControlPlane) -> Self {
+        Self { plane }
+    }
+}
+
+fn worker_info(worker: WorkerView) -> v1::WorkerInfo {
+    let record = worker.record;
+    v1::WorkerInfo {
+        id: record.id,
+        pool: record.pool.to_string(),
+        address: record.address,
+        models: record.models,
+        max_concurrent: record.capacity.max_concurrent,
+        tokens_per_s: record.capacity.tokens_per_s,
+        cost_per_mtok: record.capacity.cost_per_mtok,
+        hardware: record.hardware,
+        version: record.version,
+        state: record.state.as_str().to_string(),
+        engine: record.engine,
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::ClusterEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl v1::admin_server::Admin for AdminService {
+    async fn list_workers(
+        &self,
+        request: Request<v1::ListWorkersRequest>,
+    ) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        let workers = self.plane.workers(&request.into_inner().pool).await?;
+        Ok(Response::new(v1::ListWorkersResponse {
+            workers: workers.into_iter().map(worker_info).collect(),
+        }))
+    }
+
+    async fn get_policy(
+        &self,
+        _request: Request<v1::GetPolicyRequest>,
+    ) -> Result<Response<v1::GetPolicyResponse>, Status> {
+        Ok(Response::new(self.plane.policy().await?))
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<v1::SetPolicyRequest>,
+    ) -> Result<Response<v1::SetPolicyResponse>, Status> {
+        let document = self
+            .plane
+            .set_policy(&request.into_inner().document)
+            .await?;
+        Ok(Response::new(v1::SetPolicyResponse { document }))
+    }
+
+    async fn drain(
+        &self,
+        request: Request<v1::DrainRequest>,
+    ) -> Result<Response<v1::DrainResponse>, Status> {
+        let worker_id = request.into_inner().worker_id;
+        let already_draining = self.plane.drain(&worker_id).await?;
+        Ok(Response::new(v1::DrainResponse {
+            worker_id,
+            already_draining,
+        }))
+    }
+
+    async fn undrain(
+        &self,
+        request: Request<v1::UndrainRequest>,
+    ) -> Result<Response<v1::UndrainResponse>, Status> {
+        let worker_id = request.into_inner().worker_id;
+        let was_draining = self.plane.undrain(&worker_id).await?;
+        Ok(Response::new(v1::UndrainResponse {
+            worker_id,
+            was_draining,
+        }))
+    }
+
+    async fn get_cluster_stats(
+        &self,
+        _request: Request<v1::GetClusterStatsRequest>,
+    ) -> Result<Response<v1::GetClusterStatsResponse>, Status> {
+        Ok(Response::new(self.plane.stats().await?))
+    }
+
+    type WatchEventsStream = EventStream;
+
+    async fn watch_events(
+        &self,
+        _request: Request<v1::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let events = BroadcastStream::new(self.plane.events().subscribe()).filter_map(|item| {
+            match item {
+                Ok(event) => Some(Ok(event)),
+                Err(lagged) => {
+                    // A watcher too slow to keep up loses events rather than stalling others.
+                    warn!(%lagged, "event watcher lagged; events skipped");
+                    None
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(events)))
+    }
+}

@@ -1,0 +1,191 @@
+//! The ops dashboard: a plain HTML/JS/CSS page embedded in the binary plus the JSON API it
+//! polls. The API is usable on its own (curl):
+//!
+//! | method | path | answer |
+//! |---|---|---|
+//! | GET | `/api/workers` | workers with state, capacity, hardware, drain request, live load |
+//! | GET | `/api/stats` | totals by pool, drains, leader, this replica's role |
+//! | GET | `/api/policy` | the routing policy document routers apply |
+//! | GET | `/api/events` | the last cluster events (joined/left/draining/ready/policy) |
+//! | POST | `/api/workers/{id}/drain` | request a drain (leader only) |
+//! | POST | `/api/workers/{id}/undrain` | lift it (leader only) |
+//!
+//! Errors are `{"error": "..."}` with 400 (bad id), 404 (unknown worker), 409 (this replica is
+//! not the leader; `leader` names it) or 503 (etcd unreachable).
+
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::leader::Role;
+use crate::plane::{ControlPlane, OpError};
+
+const INDEX_HTML: &str = include_str!("../assets/index.html");
+const APP_JS: &str = include_str!("../assets/app.js");
+const STYLE_CSS: &str = include_str!("../assets/style.css");
+
+pub fn router(plane: ControlPlane) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/assets/app.js", get(app_js))
+        .route("/assets/style.css", get(style_css))
+        .route("/api/workers", get(workers))
+        .route("/api/stats", get(stats))
+        .route("/api/policy", get(policy))
+        .route("/api/events", get(events))
+        .route("/api/workers/{id}/drain", post(drain))
+        .route("/api/workers/{id}/undrain", post(undrain))
+        .fallback(not_found)
+        .with_state(plane)
+}
+
+/// An operation's refusal as an HTTP answer.
+struct ApiError(OpError, Option<Value>);
+
+impl From<OpError> for ApiError {
+    fn from(error: OpError) -> Self {
+        Self(error, None)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = match self.0 {
+            OpError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            OpError::NotFound(_) => StatusCode::NOT_FOUND,
+            OpError::NotLeader(_) => StatusCode::CONFLICT,
+            OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        let mut body = json!({ "error": self.0.to_string() });
+        if let Some(leader) = self.1 {
+            body["leader"] = leader;
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            // Assets change with the binary; a stale cached copy would confuse on-call.
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn index() -> Response {
+    asset("text/html; charset=utf-8", INDEX_HTML)
+}
+
+async fn app_js() -> Response {
+    asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+async fn style_css() -> Response {
+    asset("text/css; charset=utf-8", STYLE_CSS)
+}
+
+async fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(json!({ "error": "no such page or API route" })),
+    )
+        .into_response()
+}
+
+async fn workers(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiError> {
+    let workers = plane.workers("").await?;
+    Ok(Json(json!({ "workers": workers })))
+}
+
+async fn stats(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiError> {
+    let stats = plane.stats().await?;
+    let pools: Vec<Value> = stats
+        .pools
+        .iter()
+        .map(|p| {
+            json!({
+                "pool": p.pool, "workers": p.workers, "ready": p.ready, "draining": p.draining,
+                "ready_slots": p.ready_slots, "total_slots": p.total_slots,
+                "active": p.active, "queued": p.queued, "tokens_per_s": p.tokens_per_s,
+            })
+        })
+        .collect();
+    let leadership = plane.leadership();
+    let role = match leadership.role() {
+        Role::Leader => "leader",
+        Role::Follower { .. } => "follower",
+    };
+    Ok(Json(json!({
+        "workers": stats.workers,
+        "active": stats.active,
+        "queued": stats.queued,
+        "tokens_per_s": stats.tokens_per_s,
+        "pools": pools,
+        "drains": stats.drains,
+        "replica": leadership.me(),
+        "role": role,
+        "leader": leadership.leader(),
+    })))
+}
+
+async fn policy(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiError> {
+    let policy = plane.policy().await?;
+    // Stored documents were validated as JSON; show them as such, or as text if not.
+    let document =
+        serde_json::from_str::<Value>(&policy.document).unwrap_or(Value::String(policy.document));
+    Ok(Json(
+        json!({ "document": document, "is_default": policy.is_default }),
+    ))
+}
+
+async fn events(State(plane): State<ControlPlane>) -> Json<Value> {
+    let events: Vec<Value> = plane
+        .events()
+        .recent()
+        .into_iter()
+        .map(|e| {
+            json!({
+                "kind": e.kind().as_str_name().trim_start_matches("KIND_").to_ascii_lowercase(),
+                "worker_id": e.worker_id, "pool": e.pool,
+                "at_unix_ms": e.at_unix_ms, "message": e.message,
+            })
+        })
+        .collect();
+    Json(json!({ "events": events }))
+}
+
+fn leader_json(plane: &ControlPlane) -> Option<Value> {
+    plane
+        .leadership()
+        .leader()
+        .and_then(|l| serde_json::to_value(l).ok())
+}
+
+async fn drain(
+    State(plane): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match plane.drain(&id).await {
+        Ok(already) => Ok(Json(
+            json!({ "worker_id": id, "already_draining": already }),
+        )),
+        Err(error) => Err(ApiError(error, leader_json(&plane))),
+    }
+}
+
+async fn undrain(
+    State(plane): State<ControlPlane>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match plane.undrain(&id).await {
+        Ok(was) => Ok(Json(json!({ "worker_id": id, "was_draining": was }))),
+        Err(error) => Err(ApiError(error, leader_json(&plane))),
+    }
+}

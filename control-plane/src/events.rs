@@ -1,0 +1,223 @@
+//! Cluster events (worker joined/left/draining/ready, policy changed), derived by comparing
+//! successive membership views and policy values from the etcd watches. Subscribers get them
+//! live (`Admin.WatchEvents`); the most recent ones are kept for the dashboard.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use switchyard_cluster::{Membership, MembershipView, WorkerRecord, WorkerState};
+use switchyard_proto::v1::{ClusterEvent, cluster_event::Kind};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Events kept for the dashboard.
+const RECENT: usize = 200;
+/// Events buffered per live subscriber before it lags.
+const CHANNEL: usize = 1024;
+
+/// The event feed: live subscription plus the most recent events.
+#[derive(Debug, Clone)]
+pub struct Events {
+    live: broadcast::Sender<ClusterEvent>,
+    recent: Arc<Mutex<VecDeque<ClusterEvent>>>,
+}
+
+impl Events {
+    pub fn subscribe(&self) -> broadcast::Receiver<ClusterEvent> {
+        self.live.subscribe()
+    }
+
+    /// The last events, oldest first.
+    pub fn recent(&self) -> Vec<ClusterEvent> {
+        self.recent
+            .lock()
+            .expect("events lock")
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    fn emit(&self, event: ClusterEvent) {
+        {
+            let mut recent = self.recent.lock().expect("events lock");
+            if recent.len() == RECENT {
+                recent.pop_front();
+            }
+            recent.push_back(event.clone());
+        }
+        // No subscriber is fine.
+        let _ = self.live.send(event);
+    }
+
+    /// Follows `membership` and `policy` until `shutdown`.
+    pub fn spawn(
+        mut membership: Membership,
+        mut policy: watch::Receiver<Option<Vec<u8>>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (live, _) = broadcast::channel(CHANNEL);
+        let events = Self {
+            live,
+            recent: Arc::default(),
+        };
+        let this = events.clone();
+        tokio::spawn(async move {
+            let mut last = membership.current();
+            policy.borrow_and_update();
+            let mut policy_alive = true;
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    alive = membership.changed() => {
+                        if !alive { return }
+                        let now = membership.current();
+                        for event in diff(&last, &now, now_unix_ms()) {
+                            this.emit(event);
+                        }
+                        last = now;
+                    }
+                    changed = policy.changed(), if policy_alive => {
+                        if changed.is_err() {
+                            policy_alive = false;
+                            continue;
+                        }
+                        let message = if policy.borrow_and_update().is_some() {
+                            "routing policy updated"
+                        } else {
+                            "routing policy deleted; routers use the built-in default"
+                        };
+                        this.emit(ClusterEvent {
+                            kind: Kind::PolicyChanged as i32,
+                            at_unix_ms: now_unix_ms(),
+                            message: message.into(),
+                            ..Default::default()
+                        });
+                    }
+                }
+            }
+        });
+        events
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+fn event(kind: Kind, worker: &WorkerRecord, at_unix_ms: i64, message: String) -> ClusterEvent {
+    ClusterEvent {
+        kind: kind as i32,
+        worker_id: worker.id.clone(),
+        pool: worker.pool.to_string(),
+        at_unix_ms,
+        message,
+    }
+}
+
+/// The events that turn `old` into `new`.
+pub fn diff(old: &MembershipView, new: &MembershipView, at_unix_ms: i64) -> Vec<ClusterEvent> {
+    let mut events = Vec::new();
+    for worker in new.iter() {
+        match old.get(&worker.id) {
+            None => {
+                events.push(event(
+                    Kind::WorkerJoined,
+                    worker,
+                    at_unix_ms,
+                    format!(
+                        "{} ({}) joined at {}, state {}",
+                        worker.id,
+                        worker.pool,
+                        worker.address,
+                        worker.state.as_str()
+                    ),
+                ));
+            }
+            Some(before) if before.state != worker.state => {
+                let kind = match worker.state {
+                    WorkerState::Draining => Kind::WorkerDraining,
+                    WorkerState::Ready => Kind::WorkerReady,
+                };
+                events.push(event(
+                    kind,
+                    worker,
+                    at_unix_ms,
+                    format!(
+                        "{} ({}) is {}",
+                        worker.id,
+                        worker.pool,
+                        worker.state.as_str()
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    for worker in old.iter() {
+        if new.get(&worker.id).is_none() {
+            events.push(event(
+                Kind::WorkerLeft,
+                worker,
+                at_unix_ms,
+                format!("{} ({}) left the cluster", worker.id, worker.pool),
+            ));
+        }
+    }
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_cluster::{Capacity, Pool};
+
+    fn record(id: &str, state: WorkerState) -> WorkerRecord {
+        WorkerRecord {
+            id: id.into(),
+            pool: Pool::Gpu,
+            address: "127.0.0.1:1".into(),
+            models: vec!["m".into()],
+            capacity: Capacity {
+                max_concurrent: 1,
+                tokens_per_s: 1.0,
+                cost_per_mtok: 1.0,
+            },
+            hardware: String::new(),
+            engine: "synthetic".into(),
+            version: String::new(),
+            state,
+        }
+    }
+
+    fn kinds(events: &[ClusterEvent]) -> Vec<(Kind, &str)> {
+        events
+            .iter()
+            .map(|e| (e.kind(), e.worker_id.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn joins_state_changes_and_departures_become_events() {
+        let a = MembershipView::from_records([record("a", WorkerState::Ready)]);
+        let b = MembershipView::from_records([
+            record("a", WorkerState::Draining),
+            record("b", WorkerState::Ready),
+        ]);
+        assert_eq!(
+            kinds(&diff(&a, &b, 1)),
+            vec![(Kind::WorkerDraining, "a"), (Kind::WorkerJoined, "b")]
+        );
+        let c = MembershipView::from_records([record("b", WorkerState::Ready)]);
+        assert_eq!(kinds(&diff(&b, &c, 2)), vec![(Kind::WorkerLeft, "a")]);
+        let d = MembershipView::from_records([record("b", WorkerState::Ready)]);
+        assert!(diff(&c, &d, 3).is_empty());
+        let back = MembershipView::from_records([
+            record("a", WorkerState::Ready),
+            record("b", WorkerState::Ready),
+        ]);
+        assert_eq!(kinds(&diff(&b, &back, 4)), vec![(Kind::WorkerReady, "a")]);
+    }
+}

@@ -1,0 +1,285 @@
+//! Leader election among control-plane replicas on the etcd key `leader/control-plane`.
+//!
+//! A replica wins by creating the key (transaction: create revision = 0) bound to its own lease,
+//! then keeps the lease alive at TTL/3. The others watch the key and try again when it is
+//! deleted — the leader resigned (lease revoked on shutdown) or died (lease expired after the
+//! TTL). A leader that cannot renew its lease, or sees its key deleted, steps down at once.
+//! Only the leader writes (drains, policy); followers serve reads and name the leader.
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use switchyard_cluster::schema::LEADER_KEY;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Pause before campaigning again after etcd failed.
+const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Who a replica is, as stored in the leader key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub id: String,
+    /// Admin gRPC address.
+    pub grpc: String,
+    /// Dashboard address, when served.
+    pub http: Option<String>,
+}
+
+/// This replica's part in the election.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    Leader,
+    /// `leader` is the current holder when known.
+    Follower {
+        leader: Option<ReplicaInfo>,
+    },
+}
+
+/// How replicas elect their leader.
+#[derive(Clone)]
+pub enum ElectionConfig {
+    /// A single replica (in-memory registry): always the leader.
+    Standalone,
+    /// Election on etcd with a lease of `ttl`: leadership moves at most `ttl` after the leader dies.
+    Etcd { client: Box<Client>, ttl: Duration },
+}
+
+impl std::fmt::Debug for ElectionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Standalone => f.write_str("Standalone"),
+            Self::Etcd { ttl, .. } => f.debug_struct("Etcd").field("ttl", ttl).finish(),
+        }
+    }
+}
+
+/// The live role of this replica.
+#[derive(Debug, Clone)]
+pub struct Leadership {
+    me: ReplicaInfo,
+    role: watch::Receiver<Role>,
+}
+
+impl Leadership {
+    /// Starts campaigning (etcd) until `shutdown`; a leader resigns on shutdown.
+    pub fn start(config: ElectionConfig, me: ReplicaInfo, shutdown: CancellationToken) -> Self {
+        match config {
+            ElectionConfig::Standalone => {
+                let (tx, role) = watch::channel(Role::Leader);
+                // The role never changes: keep the sender so readers never see a closed channel.
+                std::mem::forget(tx);
+                Self { me, role }
+            }
+            ElectionConfig::Etcd { client, ttl } => {
+                let (tx, role) = watch::channel(Role::Follower { leader: None });
+                tokio::spawn(campaign(*client, me.clone(), ttl, tx, shutdown));
+                Self { me, role }
+            }
+        }
+    }
+
+    pub fn me(&self) -> &ReplicaInfo {
+        &self.me
+    }
+
+    pub fn role(&self) -> Role {
+        self.role.borrow().clone()
+    }
+
+    pub fn is_leader(&self) -> bool {
+        matches!(*self.role.borrow(), Role::Leader)
+    }
+
+    /// The current leader as far as this replica knows.
+    pub fn leader(&self) -> Option<ReplicaInfo> {
+        match self.role() {
+            Role::Leader => Some(self.me.clone()),
+            Role::Follower { leader } => leader,
+        }
+    }
+
+    /// Waits for the next role change.
+    pub async fn changed(&mut self) -> bool {
+        self.role.changed().await.is_ok()
+    }
+
+    /// After shutdown: waits (at most `timeout`) until a leader has resigned, so the process
+    /// does not exit before its lease is revoked and the next replica must wait out the TTL.
+    pub async fn wait_resigned(&self, timeout: Duration) {
+        let mut this = self.clone();
+        let _ = tokio::time::timeout(timeout, async move {
+            while this.is_leader() {
+                if !this.changed().await {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+fn seconds(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1)
+}
+
+async fn campaign(
+    mut client: Client,
+    me: ReplicaInfo,
+    ttl: Duration,
+    tx: watch::Sender<Role>,
+    shutdown: CancellationToken,
+) {
+    let value = serde_json::to_vec(&me).expect("replica info serialises");
+    while !shutdown.is_cancelled() {
+        if let Err(error) = campaign_once(&mut client, &me, &value, ttl, &tx, &shutdown).await {
+            warn!(%error, "leader election: etcd failed; campaigning again");
+            tx.send_if_modified(|role| {
+                let was_leader = *role == Role::Leader;
+                if was_leader {
+                    *role = Role::Follower { leader: None };
+                }
+                was_leader
+            });
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(RETRY_BACKOFF) => {}
+            }
+        }
+    }
+}
+
+/// One round: try to take the key; lead while the lease lives, or follow until the key is
+/// deleted. Returns `Ok` to campaign again at once.
+async fn campaign_once(
+    client: &mut Client,
+    me: &ReplicaInfo,
+    value: &[u8],
+    ttl: Duration,
+    tx: &watch::Sender<Role>,
+    shutdown: &CancellationToken,
+) -> Result<(), etcd_client::Error> {
+    let lease = client.lease_grant(seconds(ttl), None).await?.id();
+    let txn = Txn::new()
+        .when([Compare::create_revision(LEADER_KEY, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            LEADER_KEY,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(LEADER_KEY, None)]);
+    let response = client.txn(txn).await?;
+    let revision = response.header().map(|h| h.revision()).unwrap_or_default();
+    if response.succeeded() {
+        info!(replica = %me.id, lease, "became the control-plane leader");
+        tx.send_replace(Role::Leader);
+        let result = lead(client, me, lease, ttl, revision, shutdown).await;
+        if shutdown.is_cancelled() {
+            // Resign: followers take over now instead of after the TTL.
+            let _ = client.lease_revoke(lease).await;
+            info!(replica = %me.id, "resigned leadership");
+        }
+        // Announced after resigning, so a caller waiting for the step-down knows it is done.
+        tx.send_replace(Role::Follower { leader: None });
+        return result;
+    }
+    // Not ours: the lease is not needed while following.
+    let _ = client.lease_revoke(lease).await;
+    let leader = response.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<ReplicaInfo>(kv.value()).ok()),
+        _ => None,
+    });
+    if let Some(leader) = &leader {
+        info!(replica = %me.id, leader = %leader.id, leader_grpc = %leader.grpc, "following the control-plane leader");
+    }
+    tx.send_replace(Role::Follower { leader });
+    follow(client, revision, tx, shutdown).await
+}
+
+/// Keeps the lease alive until it is lost, the key is deleted, or shutdown.
+async fn lead(
+    client: &mut Client,
+    me: &ReplicaInfo,
+    lease: i64,
+    ttl: Duration,
+    revision: i64,
+    shutdown: &CancellationToken,
+) -> Result<(), etcd_client::Error> {
+    let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
+    let mut key_events = client
+        .watch(
+            LEADER_KEY,
+            Some(WatchOptions::new().with_start_revision(revision + 1)),
+        )
+        .await?;
+    let mut ticks = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = ticks.tick() => keeper.keep_alive().await?,
+            response = responses.message() => match response? {
+                Some(r) if r.ttl() > 0 => {}
+                _ => {
+                    warn!(replica = %me.id, "leader lease lost; stepping down");
+                    return Ok(());
+                }
+            },
+            message = key_events.message() => match message? {
+                Some(events) if events.events().iter().any(|e| e.event_type() == EventType::Delete) => {
+                    warn!(replica = %me.id, "leader key deleted; stepping down");
+                    return Ok(());
+                }
+                Some(_) => {}
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+/// Watches the key until it is deleted (then the caller campaigns), tracking leader changes.
+async fn follow(
+    client: &mut Client,
+    revision: i64,
+    tx: &watch::Sender<Role>,
+    shutdown: &CancellationToken,
+) -> Result<(), etcd_client::Error> {
+    let mut stream = client
+        .watch(
+            LEADER_KEY,
+            Some(WatchOptions::new().with_start_revision(revision + 1)),
+        )
+        .await?;
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            message = stream.message() => message?,
+        };
+        let Some(response) = message else {
+            return Ok(());
+        };
+        if response.canceled() {
+            return Ok(());
+        }
+        for event in response.events() {
+            match event.event_type() {
+                EventType::Delete => {
+                    info!("control-plane leader key deleted; campaigning");
+                    return Ok(());
+                }
+                EventType::Put => {
+                    let leader = event
+                        .kv()
+                        .and_then(|kv| serde_json::from_slice::<ReplicaInfo>(kv.value()).ok());
+                    tx.send_replace(Role::Follower { leader });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,112 @@
+//! Live load of every worker, for stats and the dashboard. Load never goes through etcd (it
+//! changes too fast): like a router, the control plane opens a `Worker.Serve` stream to each
+//! registered worker — it sends no requests on it — and keeps the `Load` frames the worker
+//! piggy-backs (its total load across all routers).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use switchyard_cluster::Membership;
+use switchyard_proto::v1::{self, worker_client::WorkerClient, worker_frame::Frame};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+/// Pause before reconnecting to a worker whose stream failed.
+const RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Last load reported by each connected worker, by worker id.
+#[derive(Debug, Clone, Default)]
+pub struct Loads {
+    by_worker: Arc<Mutex<HashMap<String, v1::Load>>>,
+}
+
+impl Loads {
+    /// The worker's last report; `None` while no stream to it is up.
+    pub fn get(&self, worker_id: &str) -> Option<v1::Load> {
+        self.by_worker
+            .lock()
+            .expect("loads lock")
+            .get(worker_id)
+            .copied()
+    }
+
+    fn set(&self, worker_id: &str, load: Option<v1::Load>) {
+        let mut map = self.by_worker.lock().expect("loads lock");
+        match load {
+            Some(load) => map.insert(worker_id.to_string(), load),
+            None => map.remove(worker_id),
+        };
+    }
+
+    /// Follows the membership: one load stream per registered worker, until `shutdown`.
+    pub fn spawn(mut membership: Membership, shutdown: CancellationToken) -> Self {
+        let loads = Self::default();
+        let this = loads.clone();
+        tokio::spawn(async move {
+            // Worker id → (address followed, task).
+            let mut followed: HashMap<String, (String, JoinHandle<()>)> = HashMap::new();
+            loop {
+                let view = membership.current();
+                followed.retain(|id, (address, task)| {
+                    let keep = view.get(id).is_some_and(|w| &w.address == address);
+                    if !keep {
+                        task.abort();
+                        this.set(id, None);
+                    }
+                    keep
+                });
+                for worker in view.iter() {
+                    if !followed.contains_key(&worker.id) {
+                        let task = tokio::spawn(follow(
+                            this.clone(),
+                            worker.id.clone(),
+                            worker.address.clone(),
+                        ));
+                        followed.insert(worker.id.clone(), (worker.address.clone(), task));
+                    }
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    alive = membership.changed() => if !alive { break },
+                }
+            }
+            for (_, (_, task)) in followed {
+                task.abort();
+            }
+        });
+        loads
+    }
+}
+
+async fn follow(loads: Loads, worker_id: String, address: String) {
+    loop {
+        if let Err(error) = stream_loads(&loads, &worker_id, &address).await {
+            debug!(%worker_id, %address, %error, "load stream failed; reconnecting");
+        }
+        loads.set(&worker_id, None);
+        tokio::time::sleep(RECONNECT_BACKOFF).await;
+    }
+}
+
+async fn stream_loads(
+    loads: &Loads,
+    worker_id: &str,
+    address: &str,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let mut client = WorkerClient::new(endpoint.connect().await?);
+    // The outbound half stays open and empty: this stream only listens.
+    let outbound = futures::stream::pending::<v1::RouterFrame>();
+    let mut inbound = client.serve(outbound).await?.into_inner();
+    while let Some(frame) = inbound.message().await? {
+        if let Some(Frame::Load(load)) = frame.frame {
+            loads.set(worker_id, Some(load));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,280 @@
+//! The control plane's operations, shared by the `Admin` gRPC service and the dashboard's JSON
+//! API so that both validate and answer alike: list workers with their live load, stats,
+//! policy, drain/undrain (leader only).
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use switchyard_cluster::{Pool, Registry, RegistryError, WorkerRecord, WorkerState};
+use switchyard_proto::v1;
+use switchyard_router::policy::document::PolicyDocument;
+use tracing::info;
+
+use crate::events::Events;
+use crate::leader::{Leadership, ReplicaInfo};
+use crate::loads::Loads;
+
+/// Why an operation was refused; mapped to a gRPC status or an HTTP code by each front door.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// This replica is not the leader; the message names the leader when known.
+    #[error("{0}")]
+    NotLeader(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<OpError> for tonic::Status {
+    fn from(error: OpError) -> Self {
+        match error {
+            OpError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            OpError::NotFound(m) => tonic::Status::not_found(m),
+            OpError::NotLeader(m) => tonic::Status::failed_precondition(m),
+            OpError::Unavailable(m) => tonic::Status::unavailable(m),
+        }
+    }
+}
+
+fn registry_error(error: RegistryError) -> OpError {
+    OpError::Unavailable(format!("cluster registry unreachable: {error}"))
+}
+
+/// A worker as the dashboard shows it: its record, live load, and whether a drain is requested.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerView {
+    #[serde(flatten)]
+    pub record: WorkerRecord,
+    /// A drain key exists for this worker (the worker then advertises `draining`).
+    pub drain_requested: bool,
+    /// Live load; `None` while the control plane has no stream to the worker.
+    pub load: Option<LoadView>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LoadView {
+    pub active: u32,
+    pub queued: u32,
+    pub tokens_per_s: f64,
+}
+
+impl From<v1::Load> for LoadView {
+    fn from(load: v1::Load) -> Self {
+        Self {
+            active: load.active,
+            queued: load.queued,
+            tokens_per_s: load.tokens_per_s,
+        }
+    }
+}
+
+/// Everything the front doors need.
+#[derive(Clone)]
+pub struct ControlPlane {
+    registry: Arc<dyn Registry>,
+    loads: Loads,
+    events: Events,
+    leadership: Leadership,
+}
+
+impl ControlPlane {
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        loads: Loads,
+        events: Events,
+        leadership: Leadership,
+    ) -> Self {
+        Self {
+            registry,
+            loads,
+            events,
+            leadership,
+        }
+    }
+
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    pub fn leadership(&self) -> &Leadership {
+        &self.leadership
+    }
+
+    /// Registered workers (optionally of one pool), sorted by pool then id, from etcd itself
+    /// (not the watch cache) so that an answer right after a change reflects it.
+    pub async fn workers(&self, pool: &str) -> Result<Vec<WorkerView>, OpError> {
+        let pool: Option<Pool> = if pool.is_empty() {
+            None
+        } else {
+            Some(
+                pool.parse()
+                    .map_err(|e: String| OpError::InvalidArgument(format!("pool: {e}")))?,
+            )
+        };
+        let records = self.registry.list_workers().await.map_err(registry_error)?;
+        let drains = self.registry.list_drains().await.map_err(registry_error)?;
+        let mut workers: Vec<WorkerView> = records
+            .into_iter()
+            .filter(|w| pool.is_none_or(|p| w.pool == p))
+            .map(|record| WorkerView {
+                drain_requested: drains.binary_search(&record.id).is_ok(),
+                load: self.loads.get(&record.id).map(LoadView::from),
+                record,
+            })
+            .collect();
+        workers.sort_by(|a, b| (a.record.pool, &a.record.id).cmp(&(b.record.pool, &b.record.id)));
+        Ok(workers)
+    }
+
+    pub async fn stats(&self) -> Result<v1::GetClusterStatsResponse, OpError> {
+        let workers = self.workers("").await?;
+        let drains = self.registry.list_drains().await.map_err(registry_error)?;
+        let mut response = v1::GetClusterStatsResponse {
+            drains,
+            leader: self.leadership.leader().map(|l| l.id).unwrap_or_default(),
+            ..Default::default()
+        };
+        for pool in Pool::ALL {
+            let mut stats = v1::PoolStats {
+                pool: pool.to_string(),
+                ..Default::default()
+            };
+            for worker in workers.iter().filter(|w| w.record.pool == pool) {
+                let slots = worker.record.capacity.max_concurrent;
+                stats.workers += 1;
+                stats.total_slots += slots;
+                match worker.record.state {
+                    WorkerState::Ready => {
+                        stats.ready += 1;
+                        stats.ready_slots += slots;
+                    }
+                    WorkerState::Draining => stats.draining += 1,
+                }
+                if let Some(load) = worker.load {
+                    stats.active += load.active;
+                    stats.queued += load.queued;
+                    stats.tokens_per_s += load.tokens_per_s;
+                }
+            }
+            response.workers += stats.workers;
+            response.active += stats.active;
+            response.queued += stats.queued;
+            response.tokens_per_s += stats.tokens_per_s;
+            response.pools.push(stats);
+        }
+        Ok(response)
+    }
+
+    pub async fn policy(&self) -> Result<v1::GetPolicyResponse, OpError> {
+        let stored = self.registry.get_policy().await.map_err(registry_error)?;
+        Ok(match stored {
+            Some(bytes) => v1::GetPolicyResponse {
+                document: String::from_utf8_lossy(&bytes).into_owned(),
+                is_default: false,
+            },
+            None => v1::GetPolicyResponse {
+                document: PolicyDocument::default().to_json(),
+                is_default: true,
+            },
+        })
+    }
+
+    /// Validates and stores a policy document; returns it normalised. Leader only.
+    pub async fn set_policy(&self, document: &str) -> Result<String, OpError> {
+        let policy = PolicyDocument::from_json(document.as_bytes())
+            .map_err(|e| OpError::InvalidArgument(format!("document: {e}")))?;
+        self.require_leader()?;
+        let normalised = policy.to_json();
+        self.registry
+            .put_policy(normalised.clone().into_bytes())
+            .await
+            .map_err(registry_error)?;
+        info!(rules = policy.rules.len(), "routing policy stored");
+        Ok(normalised)
+    }
+
+    /// Requests a drain of a registered worker. Returns whether one was requested already.
+    pub async fn drain(&self, worker_id: &str) -> Result<bool, OpError> {
+        validate_worker_id(worker_id)?;
+        self.require_leader()?;
+        let registered = self.registry.list_workers().await.map_err(registry_error)?;
+        if !registered.iter().any(|w| w.id == worker_id) {
+            return Err(OpError::NotFound(format!(
+                "worker_id: no registered worker {worker_id:?}"
+            )));
+        }
+        let already = self
+            .registry
+            .set_drain(worker_id, true)
+            .await
+            .map_err(registry_error)?;
+        info!(%worker_id, already, "drain requested");
+        Ok(already)
+    }
+
+    /// Lifts a drain request. A worker that is neither registered nor drained is unknown;
+    /// the drain of a worker that is down can be lifted (it would apply on its restart).
+    pub async fn undrain(&self, worker_id: &str) -> Result<bool, OpError> {
+        validate_worker_id(worker_id)?;
+        self.require_leader()?;
+        let registered = self.registry.list_workers().await.map_err(registry_error)?;
+        let was_draining = self
+            .registry
+            .set_drain(worker_id, false)
+            .await
+            .map_err(registry_error)?;
+        if !was_draining && !registered.iter().any(|w| w.id == worker_id) {
+            return Err(OpError::NotFound(format!(
+                "worker_id: no registered worker {worker_id:?} and no drain request for it"
+            )));
+        }
+        info!(%worker_id, was_draining, "drain lifted");
+        Ok(was_draining)
+    }
+
+    fn require_leader(&self) -> Result<(), OpError> {
+        if self.leadership.is_leader() {
+            return Ok(());
+        }
+        Err(OpError::NotLeader(not_leader_message(
+            self.leadership.leader().as_ref(),
+        )))
+    }
+}
+
+fn not_leader_message(leader: Option<&ReplicaInfo>) -> String {
+    match leader {
+        Some(l) => {
+            let http = l
+                .http
+                .as_deref()
+                .map(|h| format!(", dashboard http://{h}/"))
+                .unwrap_or_default();
+            format!(
+                "this control-plane replica is a follower; send writes to the leader {} (gRPC {}{http})",
+                l.id, l.grpc
+            )
+        }
+        None => {
+            "this control-plane replica is a follower and no leader is elected yet; retry shortly"
+                .into()
+        }
+    }
+}
+
+fn validate_worker_id(worker_id: &str) -> Result<(), OpError> {
+    if worker_id.is_empty() {
+        return Err(OpError::InvalidArgument(
+            "worker_id: must not be empty".into(),
+        ));
+    }
+    if worker_id.contains('/') {
+        return Err(OpError::InvalidArgument(format!(
+            "worker_id: {worker_id:?} must not contain '/'"
+        )));
+    }
+    Ok(())
+}
