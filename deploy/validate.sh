@@ -68,6 +68,16 @@ for dir in deploy/k8s/base deploy/k8s/overlays/*/; do
   "$KUBECTL" kustomize "$dir" >"$out/$name.yaml"
   rendered+=("$out/$name.yaml")
 done
+# The same objects as JSON for tests/tests/deploy_manifests.rs, which runs the dev overlay's
+# containers as local processes with the manifests' settings.
+python3 - "${rendered[@]}" <<'PY'
+import json, sys
+from pathlib import Path
+import kubernetes_validate.utils
+for path in map(Path, sys.argv[1:]):
+    objects = kubernetes_validate.utils.resources_from_file(str(path))
+    path.with_suffix(".json").write_text(json.dumps(objects, indent=1))
+PY
 
 RENDERED_BASE="$out/base.yaml" SWITCHYARD_BIN="$SWITCHYARD_BIN" \
   python3 deploy/test_validate.py 2>&1 | tail -n 3
