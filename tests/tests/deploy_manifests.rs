@@ -65,7 +65,11 @@ impl Rendered {
             return Ok(None);
         };
         Ok(Some(if kind == "Secret" {
-            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(value)?)?
+            {
+                // kustomize wraps long base64 values over lines.
+                let compact: String = value.split_whitespace().collect();
+                String::from_utf8(base64::engine::general_purpose::STANDARD.decode(compact)?)?
+            }
         } else {
             value.to_string()
         }))
@@ -225,10 +229,14 @@ fn localise(
                 .with_context(|| format!("advertised port {port} is not a listen port"))?;
             *value = format!("{host}:{local}");
         }
-        for (mount, dir) in &mounts {
-            if let Some(rest) = value.strip_prefix(&format!("{mount}/")) {
-                *value = dir.join(rest).display().to_string();
-            }
+        // Rewritten once: the local directories themselves lie under /tmp, a mount path too.
+        let local = mounts.iter().find_map(|(mount, dir)| {
+            value
+                .strip_prefix(&format!("{mount}/"))
+                .map(|rest| dir.join(rest).display().to_string())
+        });
+        if let Some(local) = local {
+            *value = local;
         }
     }
     let args = container["args"]
