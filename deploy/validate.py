@@ -1,0 +1,431 @@
+#!/usr/bin/env python3
+"""Checks rendered Kubernetes manifests (one multi-document YAML file per overlay).
+
+1. Schema: every object against the Kubernetes OpenAPI schemas bundled in the PyPI package
+   `kubernetes-validate`, strict (unknown fields are errors), for the oldest and the newest
+   Kubernetes version the manifests support.
+2. Switchyard's own rules, which the schemas cannot see: every `switchyard` container runs a
+   real subcommand and uses only flags and SWITCHYARD_* variables that `switchyard <cmd> --help`
+   lists; `$(VAR)` references resolve; ConfigMap/Secret references resolve; Services, PDBs,
+   NetworkPolicies and the HPA select something; probes hit declared ports; every container is
+   hardened and has requests/limits; the SIGTERM drain fits in the grace period; the etcd member
+   list matches the StatefulSet; a CUDA worker asks for a GPU.
+
+Usage: validate.py --switchyard target/debug/switchyard RENDERED.yaml...
+Exit status 1 with one line per problem when anything fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import functools
+
+import kubernetes_validate
+import kubernetes_validate.utils
+
+# kubernetes-validate re-reads the (multi-megabyte) schema definitions for every object it
+# validates; they never change during a run, so read each file once.
+kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(
+    kubernetes_validate.utils.schema_contents
+)
+
+
+# Oldest: native `preStop.sleep` (beta, on by default) and gRPC probes (GA 1.27) need 1.30.
+KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]
+SUBCOMMANDS = {"router", "worker-gpu", "worker-wse", "control-plane"}
+# Secrets the operator creates (deploy/README.md); overlays may generate them instead.
+OPERATOR_SECRETS = {"switchyard-api-keys", "switchyard-wse"}
+# Environment variables a switchyard container may set besides its own SWITCHYARD_* flags.
+EXTRA_ENV = {"RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT"}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
+VAR_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+
+
+class Report:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def error(self, where: str, message: str) -> None:
+        self.problems.append(f"{where}: {message}")
+
+
+def name_of(obj: dict) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def pod_spec(obj: dict) -> dict | None:
+    if obj["kind"] in WORKLOAD_KINDS:
+        return obj["spec"]["template"]["spec"]
+    return None
+
+
+def pod_labels(obj: dict) -> dict:
+    return obj["spec"]["template"]["metadata"].get("labels", {})
+
+
+def selector_matches(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels + matchExpressions) against a label set."""
+    for key, value in (selector.get("matchLabels") or {}).items():
+        if labels.get(key) != value:
+            return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def parse_seconds(text: str) -> float:
+    """The humantime durations the manifests use: 500ms, 30s, 2m, 1h."""
+    match = re.fullmatch(r"(\d+)(ms|s|m|h)", text.strip())
+    if not match:
+        raise ValueError(f"unsupported duration {text!r}")
+    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[match.group(2)]
+    return int(match.group(1)) * scale
+
+
+class Cli:
+    """Flags and environment variables each `switchyard` subcommand accepts (from --help)."""
+
+    def __init__(self, binary: str) -> None:
+        self.binary = binary
+        self.cache: dict[str, tuple[set[str], set[str]]] = {}
+
+    def accepted(self, subcommand: str) -> tuple[set[str], set[str]]:
+        if subcommand not in self.cache:
+            out = subprocess.run(
+                [self.binary, subcommand, "--help"],
+                check=True,
+                capture_output=True,
+                text=True,
+                # A SWITCHYARD_* variable in this environment would only change the defaults shown.
+                env={"PATH": "/usr/bin:/bin"},
+            ).stdout
+            flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", out, re.M))
+            env = set(re.findall(r"\[env: ([A-Z0-9_]+)=", out))
+            if not flags or not env:
+                raise RuntimeError(f"could not read `{subcommand} --help`:\n{out}")
+            self.cache[subcommand] = (flags, env)
+        return self.cache[subcommand]
+
+
+@functools.lru_cache(maxsize=None)
+def schema_problems(document: str) -> tuple[str, ...]:
+    """Schema errors of one object (as canonical JSON: overlays and tests repeat objects)."""
+    obj = json.loads(document)
+    problems = []
+    for version in KUBERNETES_VERSIONS:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = "/".join(str(p) for p in error.path)
+            problems.append(f"k8s {version} schema: {path}: {error.message}")
+        except kubernetes_validate.SchemaNotFoundError as error:
+            problems.append(f"k8s {version}: no schema: {error.message}")
+    return tuple(problems)
+
+
+def check_schema(objects: list[dict], where: str, report: Report) -> None:
+    for obj in objects:
+        for problem in schema_problems(json.dumps(obj, sort_keys=True)):
+            report.error(f"{where} {name_of(obj)}", problem)
+
+
+def container_env(container: dict, where: str, report: Report) -> dict[str, dict]:
+    """Env entries by name, checking each $(VAR) refers to a variable defined before it."""
+    defined: dict[str, dict] = {}
+    for entry in container.get("env", []):
+        for ref in VAR_REF.findall(entry.get("value", "")):
+            if ref not in defined:
+                report.error(where, f"env {entry['name']} uses $({ref}), not defined before it")
+        defined[entry["name"]] = entry
+    for field in ("command", "args"):
+        for arg in container.get(field, []):
+            for ref in VAR_REF.findall(arg):
+                if ref not in defined:
+                    report.error(where, f"{field} uses $({ref}), not a variable of the container")
+    return defined
+
+
+def check_hardening(obj: dict, spec: dict, where: str, report: Report) -> None:
+    pod_sc = spec.get("securityContext", {})
+    if pod_sc.get("runAsNonRoot") is not True:
+        report.error(where, "pod securityContext.runAsNonRoot must be true")
+    if pod_sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        report.error(where, "pod securityContext.seccompProfile must be RuntimeDefault")
+    if spec.get("automountServiceAccountToken") is not False:
+        report.error(where, "automountServiceAccountToken must be false (no component uses the API)")
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        cwhere = f"{where} container {container['name']}"
+        sc = container.get("securityContext", {})
+        if sc.get("allowPrivilegeEscalation") is not False:
+            report.error(cwhere, "allowPrivilegeEscalation must be false")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            report.error(cwhere, "readOnlyRootFilesystem must be true")
+        if "ALL" not in sc.get("capabilities", {}).get("drop", []):
+            report.error(cwhere, "capabilities.drop must include ALL")
+        resources = container.get("resources", {})
+        for kind in ("cpu", "memory"):
+            if kind not in resources.get("requests", {}):
+                report.error(cwhere, f"resources.requests.{kind} missing")
+        if "memory" not in resources.get("limits", {}):
+            report.error(cwhere, "resources.limits.memory missing")
+
+
+def check_probes(container: dict, where: str, report: Report) -> None:
+    ports = {p["containerPort"] for p in container.get("ports", [])}
+    names = {p["name"] for p in container.get("ports", []) if "name" in p}
+    for probe_name in ("startupProbe", "livenessProbe", "readinessProbe"):
+        probe = container.get(probe_name)
+        if not probe:
+            continue
+        for action in ("grpc", "httpGet", "tcpSocket"):
+            if action in probe:
+                port = probe[action]["port"]
+                if port not in ports and port not in names:
+                    report.error(where, f"{probe_name} port {port} is not a container port")
+    if container.get("ports") and "readinessProbe" not in container:
+        report.error(where, "serves ports but has no readinessProbe")
+
+
+def check_switchyard(container: dict, spec: dict, env: dict[str, dict], cli: Cli, where: str,
+                     report: Report) -> None:
+    args = container.get("args", [])
+    if container.get("command") or not args or args[0] not in SUBCOMMANDS:
+        report.error(where, f"must run one of {sorted(SUBCOMMANDS)} as args[0], got {args[:1]}")
+        return
+    subcommand = args[0]
+    flags, env_names = cli.accepted(subcommand)
+    for arg in args[1:]:
+        if arg.startswith("--") and arg.split("=", 1)[0] not in flags:
+            report.error(where, f"`switchyard {subcommand}` has no flag {arg.split('=', 1)[0]}")
+    referenced = {ref for e in env.values() for ref in VAR_REF.findall(e.get("value", ""))}
+    for name in env:
+        if name.startswith("SWITCHYARD_"):
+            if name not in env_names:
+                report.error(where, f"`switchyard {subcommand}` reads no variable {name}")
+        elif name not in EXTRA_ENV and name not in referenced:
+            report.error(where, f"env {name} is neither a switchyard setting nor used by one")
+    if subcommand.startswith("worker-"):
+        drain = parse_seconds(env.get("SWITCHYARD_DRAIN_TIMEOUT", {}).get("value", "30s"))
+        grace = spec.get("terminationGracePeriodSeconds", 30)
+        # The drain, then deregistration and up to 5 s for the server to stop.
+        if grace < drain + 10:
+            report.error(where, f"terminationGracePeriodSeconds {grace} does not cover the "
+                                f"{drain:g} s drain + 10 s")
+        for required in ("SWITCHYARD_ADVERTISE", "SWITCHYARD_LISTEN", "SWITCHYARD_WORKER_ID"):
+            if required not in env:
+                report.error(where, f"workers need {required} (routers dial the advertised address)")
+        advertise = env.get("SWITCHYARD_ADVERTISE", {}).get("value", "")
+        listen = env.get("SWITCHYARD_LISTEN", {}).get("value", "")
+        if advertise.rsplit(":", 1)[-1] != listen.rsplit(":", 1)[-1]:
+            report.error(where, f"advertised port ({advertise}) differs from the listen port ({listen})")
+        pod_ip = env.get(VAR_REF.findall(advertise)[0], {}) if VAR_REF.search(advertise) else {}
+        if pod_ip.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "status.podIP":
+            report.error(where, "SWITCHYARD_ADVERTISE must be built from the pod IP (downward API)")
+    if subcommand == "worker-gpu":
+        device = env.get("SWITCHYARD_DEVICE", {}).get("value")
+        gpus = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+        if device == "cuda" and (not gpus or "cuda" not in container["image"]):
+            report.error(where, "SWITCHYARD_DEVICE=cuda needs the CUDA image and an nvidia.com/gpu limit")
+        if gpus and device != "cuda":
+            report.error(where, "has an nvidia.com/gpu limit but does not run on cuda")
+        check_model_volume(container, spec, env, where, report)
+
+
+def check_model_volume(container: dict, spec: dict, env: dict[str, dict], where: str,
+                       report: Report) -> None:
+    """The candle engine's model file lies on a volume the fetch init container fills."""
+    if env.get("SWITCHYARD_ENGINE", {}).get("value") != "candle":
+        return
+    model_dir = str(Path(env.get("SWITCHYARD_MODEL_PATH", {}).get("value", "models/x")).parent)
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volume = mounts.get(model_dir)
+    if volume is None:
+        report.error(where, f"the model directory {model_dir} is not a volume mount")
+        return
+    for init in spec.get("initContainers", []):
+        init_env = {e["name"]: e.get("value") for e in init.get("env", [])}
+        init_mounts = {m["name"]: m["mountPath"] for m in init.get("volumeMounts", [])}
+        if init_env.get("SWITCHYARD_MODEL_DIR") and volume in init_mounts:
+            if init_mounts[volume] != init_env["SWITCHYARD_MODEL_DIR"]:
+                report.error(where, "the model init container writes outside the model volume")
+            return
+    report.error(where, f"no init container fetches the model into volume {volume}")
+
+
+def check_references(obj: dict, objects: list[dict], where: str, report: Report) -> None:
+    spec = pod_spec(obj)
+    config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+
+    def check(kind: str, name: str, key: str | None, optional: bool) -> None:
+        pool = config_maps if kind == "ConfigMap" else secrets
+        if name not in pool:
+            if kind == "Secret" and name in OPERATOR_SECRETS:
+                return
+            report.error(where, f"{kind} {name} does not exist")
+            return
+        data = {**pool[name].get("data", {}), **pool[name].get("stringData", {})}
+        if key is not None and key not in data and not optional:
+            report.error(where, f"{kind} {name} has no key {key}")
+
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        for entry in container.get("env", []):
+            source = entry.get("valueFrom", {})
+            for ref_kind, kind in (("configMapKeyRef", "ConfigMap"), ("secretKeyRef", "Secret")):
+                if ref_kind in source:
+                    ref = source[ref_kind]
+                    check(kind, ref["name"], ref["key"], ref.get("optional", False))
+        mounted = {m["name"] for m in container.get("volumeMounts", [])}
+        declared = {v["name"] for v in spec.get("volumes", [])} | {
+            claim["metadata"]["name"] for claim in obj["spec"].get("volumeClaimTemplates", [])
+        }
+        for missing in mounted - declared:
+            report.error(where, f"container {container['name']} mounts undeclared volume {missing}")
+    for volume in spec.get("volumes", []):
+        if "configMap" in volume:
+            for item in volume["configMap"].get("items", [{"key": None}]):
+                check("ConfigMap", volume["configMap"]["name"], item["key"], False)
+        if "secret" in volume:
+            for item in volume["secret"].get("items", [{"key": None}]):
+                check("Secret", volume["secret"]["secretName"], item["key"], False)
+
+
+def check_selectors(objects: list[dict], where: str, report: Report) -> None:
+    workloads = [o for o in objects if o["kind"] in WORKLOAD_KINDS]
+    by_name = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+    def selected(selector: dict) -> list[dict]:
+        return [w for w in workloads if selector_matches(selector, pod_labels(w))]
+
+    for obj in objects:
+        owhere = f"{where} {name_of(obj)}"
+        kind = obj["kind"]
+        if kind == "Service":
+            targets = selected({"matchLabels": obj["spec"]["selector"]})
+            if not targets:
+                report.error(owhere, "selects no pod")
+            for port in obj["spec"]["ports"]:
+                target = port.get("targetPort", port["port"])
+                for workload in targets:
+                    declared = {
+                        value
+                        for c in pod_spec(workload)["containers"]
+                        for p in c.get("ports", [])
+                        for value in (p["containerPort"], p.get("name"))
+                    }
+                    if target not in declared:
+                        report.error(owhere, f"targetPort {target} is not a port of {name_of(workload)}")
+        elif kind == "PodDisruptionBudget":
+            if not selected(obj["spec"]["selector"]):
+                report.error(owhere, "selects no pod")
+        elif kind == "NetworkPolicy":
+            pod_selector = obj["spec"]["podSelector"]
+            if pod_selector and not selected(pod_selector):
+                report.error(owhere, "selects no pod")
+            for rule in obj["spec"].get("ingress", []) + obj["spec"].get("egress", []):
+                for peer in rule.get("from", []) + rule.get("to", []):
+                    if peer.get("podSelector") and "namespaceSelector" not in peer:
+                        if not selected(peer["podSelector"]):
+                            report.error(owhere, f"peer {peer['podSelector']} selects no pod")
+        elif kind == "HorizontalPodAutoscaler":
+            target = obj["spec"]["scaleTargetRef"]
+            scaled = by_name.get((target["kind"], target["name"]))
+            if scaled is None:
+                report.error(owhere, f"scales missing {target['kind']}/{target['name']}")
+            elif "replicas" in scaled["spec"]:
+                report.error(owhere, f"{name_of(scaled)} sets replicas, which fights the HPA")
+        elif kind == "StatefulSet":
+            headless = by_name.get(("Service", obj["spec"]["serviceName"]))
+            if headless is None or headless["spec"].get("clusterIP") != "None":
+                report.error(owhere, f"serviceName {obj['spec']['serviceName']} is not a headless Service")
+
+
+def check_etcd(objects: list[dict], where: str, report: Report) -> None:
+    """The initial member list, the StatefulSet size and the endpoints clients use agree."""
+    for obj in objects:
+        if obj["kind"] != "StatefulSet" or obj["metadata"]["name"] != "etcd":
+            continue
+        replicas = obj["spec"].get("replicas", 1)
+        service = obj["spec"]["serviceName"]
+        expected = [f"etcd-{i}" for i in range(replicas)]
+        env = {e["name"]: e.get("value", "") for e in pod_spec(obj)["containers"][0]["env"]}
+        members = [m.split("=", 1) for m in env["ETCD_INITIAL_CLUSTER"].split(",")]
+        if [name for name, _ in members] != expected:
+            report.error(f"{where} {name_of(obj)}", f"ETCD_INITIAL_CLUSTER lists {members}, "
+                                                    f"replicas are {expected}")
+        for name, url in members:
+            if url != f"http://{name}.{service}:2380":
+                report.error(f"{where} {name_of(obj)}", f"peer URL {url} is not {name}.{service}")
+        clients = [f"http://{name}.{service}:2379" for name in expected]
+        for cm in objects:
+            if cm["kind"] == "ConfigMap" and "etcd-endpoints" in cm.get("data", {}):
+                listed = cm["data"]["etcd-endpoints"].split(",")
+                if listed != clients:
+                    report.error(f"{where} {name_of(cm)}", f"etcd-endpoints {listed} != members {clients}")
+
+
+def check_objects(objects: list[dict], where: str, cli: Cli, report: Report) -> None:
+    """Every check, on the objects of one rendered overlay."""
+    check_schema(objects, where, report)
+    for obj in objects:
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].startswith("switchyard-policy"):
+            for key, value in obj.get("data", {}).items():
+                try:
+                    json.loads(value)
+                except json.JSONDecodeError as error:
+                    report.error(f"{where} {name_of(obj)}", f"{key} is not JSON: {error}")
+        spec = pod_spec(obj)
+        if spec is None:
+            continue
+        owhere = f"{where} {name_of(obj)}"
+        check_hardening(obj, spec, owhere, report)
+        check_references(obj, objects, owhere, report)
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            cwhere = f"{owhere} container {container['name']}"
+            env = container_env(container, cwhere, report)
+            check_probes(container, cwhere, report)
+            image = container["image"].rsplit("/", 1)[-1].split(":", 1)[0]
+            if image in ("switchyard", "switchyard-cuda"):
+                check_switchyard(container, spec, env, cli, cwhere, report)
+    check_selectors(objects, where, report)
+    check_etcd(objects, where, report)
+
+
+def load(path: Path) -> list[dict]:
+    # kubernetes-validate's own loader (it copes with PyYAML's "=" scalar quirk).
+    return kubernetes_validate.utils.resources_from_file(str(path))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--switchyard", required=True, help="the built switchyard binary")
+    parser.add_argument("rendered", nargs="+", type=Path)
+    args = parser.parse_args()
+    cli = Cli(args.switchyard)
+    report = Report()
+    for path in args.rendered:
+        objects = load(path)
+        check_objects(objects, path.stem, cli, report)
+        print(f"{path.stem}: {len(objects)} objects checked against Kubernetes "
+              f"{' and '.join(KUBERNETES_VERSIONS)} schemas and Switchyard's rules")
+    for problem in report.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if report.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
