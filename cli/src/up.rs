@@ -86,6 +86,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             coalesce: CoalesceConfig::default(),
             cost_per_mtok: if pool == Pool::Gpu { 0.10 } else { 0.60 },
             drain_timeout: Duration::from_secs(30),
+            // In-process workers' metrics are not served: the router's are, on its HTTP port.
+            metrics: Default::default(),
         };
         let (tx, rx) = oneshot::channel();
         ready.push((component, rx));
@@ -103,6 +105,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     ready.insert(0, ("control-plane", rx));
     let config = switchyard_control_plane::ControlPlaneConfig {
         listen: args.control_plane_listen,
+        metrics: Default::default(),
     };
     let (r, s) = (registry.clone(), shutdown.clone());
     tasks.spawn(async move {

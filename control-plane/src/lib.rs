@@ -2,6 +2,8 @@
 //! the routing policy store (`GetPolicy`/`SetPolicy` on `/switchyard/v1/policy`, validated
 //! with the router's own policy code before it is stored).
 
+pub mod metrics;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -17,6 +19,8 @@ use tracing::info;
 #[derive(Debug, Clone)]
 pub struct ControlPlaneConfig {
     pub listen: SocketAddr,
+    /// Where the control plane registers its Prometheus metrics (the caller serves them).
+    pub metrics: switchyard_cluster::telemetry::metrics::Metrics,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +32,8 @@ pub enum ControlPlaneError {
     },
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("registry: {0}")]
+    Registry(#[from] RegistryError),
 }
 
 /// The `Admin` service.
@@ -147,6 +153,9 @@ pub async fn run_control_plane(
             addr: config.listen,
             source,
         })?;
+    let membership = registry.watch_workers().await?;
+    let gauges = metrics::ControlPlaneMetrics::register(&config.metrics);
+    tokio::spawn(gauges.follow(membership, shutdown.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<AdminService>>().await;
     let (reflection_v1, reflection_v1alpha) =

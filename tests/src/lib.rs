@@ -159,9 +159,20 @@ pub struct Component {
 impl Component {
     /// Starts `switchyard <args>` and waits until it announced `expected_lines` endpoints.
     pub async fn start(name: &str, args: &[String], expected_lines: usize) -> anyhow::Result<Self> {
+        Self::start_with_env(name, args, expected_lines, &[]).await
+    }
+
+    /// Like [`Component::start`], with extra environment variables for the process.
+    pub async fn start_with_env(
+        name: &str,
+        args: &[String],
+        expected_lines: usize,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let (log, log_file) = log_file(name);
         let mut child = Command::new(switchyard_bin())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -225,6 +236,11 @@ impl Component {
             .expect("announced endpoint")
     }
 
+    /// `http://<address>/metrics` of the `--metrics-addr` listener.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.addr("metrics"))
+    }
+
     /// The announced address of `component` (for `switchyard up`).
     pub fn addr_of(&self, component: &str, protocol: &str) -> SocketAddr {
         self.endpoints
@@ -271,6 +287,10 @@ pub struct ClusterSpec {
     /// An API key the harness itself sends (for its readiness probe) when `router_flags`
     /// turn authentication on.
     pub api_key: Option<String>,
+    /// Every component serves Prometheus metrics on a `--metrics-addr` of its own.
+    pub metrics: bool,
+    /// Environment variables of every component (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterSpec {
@@ -282,6 +302,8 @@ impl Default for ClusterSpec {
             gpu_flags: vec![],
             router_flags: vec![],
             api_key: None,
+            metrics: false,
+            env: vec![],
         }
     }
 }
@@ -303,6 +325,17 @@ fn strings(args: &[&str]) -> Vec<String> {
 impl Cluster {
     pub async fn start(spec: ClusterSpec) -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
+        // With metrics, each component announces its metrics listener as one more line.
+        let (metrics_flags, metrics_lines) = if spec.metrics {
+            (strings(&["--metrics-addr", "127.0.0.1:0"]), 1)
+        } else {
+            (vec![], 0)
+        };
+        let start = |name: String, mut args: Vec<String>, lines: usize| {
+            args.extend(metrics_flags.iter().cloned());
+            let env = spec.env.clone();
+            async move { Component::start_with_env(&name, &args, lines + metrics_lines, &env).await }
+        };
         let mut gpu = Vec::new();
         for i in 0..spec.gpu_workers {
             let mut args = strings(&["worker-gpu", "--etcd", &etcd.url, "--listen", "127.0.0.1:0"]);
@@ -313,7 +346,7 @@ impl Cluster {
                 spec.lease_ttl,
             ]));
             args.extend(spec.gpu_flags.iter().cloned());
-            gpu.push(Component::start(&format!("gpu-{i}"), &args, 1).await?);
+            gpu.push(start(format!("gpu-{i}"), args, 1).await?);
         }
         let mut wse = Vec::new();
         for i in 0..spec.wse_workers {
@@ -324,7 +357,7 @@ impl Cluster {
                 "--lease-ttl",
                 spec.lease_ttl,
             ]));
-            wse.push(Component::start(&format!("wse-{i}"), &args, 1).await?);
+            wse.push(start(format!("wse-{i}"), args, 1).await?);
         }
         let mut args = strings(&[
             "router",
@@ -337,10 +370,10 @@ impl Cluster {
         ]);
         args.extend(spec.router_flags.iter().cloned());
         // The router announces its gRPC and its OpenAI-compatible HTTP address.
-        let router = Component::start("router", &args, 2).await?;
-        let control_plane = Component::start(
-            "control-plane",
-            &strings(&[
+        let router = start("router".into(), args, 2).await?;
+        let control_plane = start(
+            "control-plane".into(),
+            strings(&[
                 "control-plane",
                 "--etcd",
                 &etcd.url,

@@ -1,6 +1,7 @@
 //! The HTTP handlers: parse and validate the OpenAI request, translate it to a
 //! `GenerateRequest`, run it through the dispatcher, and answer as JSON or as an SSE stream.
 
+use switchyard_cluster::telemetry::propagation::RemoteContext;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -181,7 +182,7 @@ async fn generate(
 
     // The same path as gRPC: classify, place, run.
     let prepared = dispatcher
-        .prepare(request)
+        .prepare(request, RemoteContext::from_headers(&headers))
         .map_err(|status| ApiError::from_status(&status))?;
     let (tx, mut rx) = mpsc::channel(CLIENT_BUFFER);
     let runner = dispatcher.clone();
