@@ -31,7 +31,8 @@ pub struct ControlPlaneMetrics {
 
 impl std::fmt::Debug for ControlPlaneMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlPlaneMetrics").finish_non_exhaustive()
+        f.debug_struct("ControlPlaneMetrics")
+            .finish_non_exhaustive()
     }
 }
 

@@ -8,13 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use switchyard_cluster::Pool;
+use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use switchyard_proto::v1::{self, server_frame::Frame, worker_frame};
 use switchyard_proto::{RequestLimits, validate_generate_request};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::{Code, Status};
-use switchyard_cluster::Pool;
-use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use tracing::{Instrument as _, debug, info, warn};
 
 use crate::classify::{Classification, RequestFeatures, classify};
@@ -158,7 +158,9 @@ impl Dispatcher {
             }),
             Err(status) => {
                 self.count_unplaced(class.lane, &request.model, &status);
-                span.in_scope(|| info!(request_id = %request.request_id, code = ?status.code(), "refused"));
+                span.in_scope(
+                    || info!(request_id = %request.request_id, code = ?status.code(), "refused"),
+                );
                 Err(status)
             }
         }
@@ -355,12 +357,8 @@ impl Dispatcher {
             Err(status) if status.code() == Code::Cancelled => "cancelled",
             Err(_) => "failed",
         };
-        self.metrics.request(
-            run.class.lane,
-            Some(run.pool),
-            &run.request.model,
-            outcome,
-        );
+        self.metrics
+            .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
         if let Err(status) = result {
             let _ = out
                 .send(Ok(failed_frame(&run.request.request_id, &status)))

@@ -188,7 +188,9 @@ impl RouterMetrics {
         if tokens == 0 {
             return;
         }
-        self.tokens_out.get_or_create(labels).inc_by(u64::from(tokens));
+        self.tokens_out
+            .get_or_create(labels)
+            .inc_by(u64::from(tokens));
         if first {
             self.ttft.get_or_create(labels).observe(gap.as_secs_f64());
             return;
@@ -253,10 +255,18 @@ mod tests {
         router.tokens(&labels, 0, Duration::from_millis(8), false);
         let text = metrics.encode();
         let series = "{lane=\"cost_sensitive\",pool=\"gpu\",model=\"m\"}";
-        assert!(text.contains(&format!("switchyard_router_tokens_out_total{series} 5")), "{text}");
-        assert!(text.contains(&format!("switchyard_router_ttft_seconds_count{series} 1")), "{text}");
         assert!(
-            text.contains(&format!("switchyard_router_inter_token_seconds_count{series} 4")),
+            text.contains(&format!("switchyard_router_tokens_out_total{series} 5")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("switchyard_router_ttft_seconds_count{series} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "switchyard_router_inter_token_seconds_count{series} 4"
+            )),
             "{text}"
         );
         // 2 ms per token falls in the 2.5 ms bucket, not the 1 ms one.

@@ -117,11 +117,7 @@ struct Session {
     trace: RemoteContext,
 }
 
-async fn run_session(
-    session: Session,
-    mut inbound: Streaming<v1::ClientFrame>,
-    out: FrameSink,
-) {
+async fn run_session(session: Session, mut inbound: Streaming<v1::ClientFrame>, out: FrameSink) {
     let mut running: HashMap<String, mpsc::UnboundedSender<Control>> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let _open = SessionGuard::open(&session.dispatcher.metrics);

@@ -101,8 +101,14 @@ async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyh
 
     // Before any traffic: families are declared, no request counted.
     let before = scrape(&router_metrics).await?;
-    assert!(before.contains("# TYPE switchyard_router_requests counter"), "{before}");
-    assert_eq!(sample(&before, "switchyard_router_requests_total", &[]), 0.0);
+    assert!(
+        before.contains("# TYPE switchyard_router_requests counter"),
+        "{before}"
+    );
+    assert_eq!(
+        sample(&before, "switchyard_router_requests_total", &[]),
+        0.0
+    );
 
     let cheap = synthetic_request("m-cheap", RequestClass::CostSensitive, "hello there", 12);
     let (cheap_accepted, cheap_tokens) = generate(&router, cheap, None).await?;
@@ -124,13 +130,25 @@ async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyh
             ("model", "synthetic"),
         ];
         let completed = [series.as_slice(), &[("outcome", "completed")]].concat();
-        assert_eq!(sample(&text, "switchyard_router_requests_total", &completed), 1.0, "{text}");
         assert_eq!(
-            sample(&text, "switchyard_router_route_decisions_total", &series[..2]),
+            sample(&text, "switchyard_router_requests_total", &completed),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "switchyard_router_route_decisions_total",
+                &series[..2]
+            ),
             1.0,
             "one placement for {lane}:\n{text}"
         );
-        assert_eq!(sample(&text, "switchyard_router_ttft_seconds_count", &series), 1.0, "{text}");
+        assert_eq!(
+            sample(&text, "switchyard_router_ttft_seconds_count", &series),
+            1.0,
+            "{text}"
+        );
         assert_eq!(
             sample(&text, "switchyard_router_tokens_out_total", &series),
             f64::from(tokens),
@@ -138,7 +156,11 @@ async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyh
         );
         // The first token is a chunk of its own (TTFT); every later token has a gap.
         assert_eq!(
-            sample(&text, "switchyard_router_inter_token_seconds_count", &series),
+            sample(
+                &text,
+                "switchyard_router_inter_token_seconds_count",
+                &series
+            ),
             f64::from(tokens - 1),
             "{text}"
         );
@@ -146,7 +168,13 @@ async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyh
     // The placement reasons are the policy's own names.
     let placed: f64 = ["home", "home_affinity", "spill_to_gpu", "borrow_wse"]
         .iter()
-        .map(|r| sample(&text, "switchyard_router_route_decisions_total", &[("reason", r)]))
+        .map(|r| {
+            sample(
+                &text,
+                "switchyard_router_route_decisions_total",
+                &[("reason", r)],
+            )
+        })
         .sum();
     assert_eq!(placed, 2.0, "{text}");
     assert_eq!(
@@ -195,14 +223,28 @@ async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyh
             f64::from(tokens),
             "{text}"
         );
-        assert_eq!(sample(&text, "switchyard_worker_ttft_seconds_count", &series), 1.0, "{text}");
         assert_eq!(
-            sample(&text, "switchyard_worker_inter_token_seconds_count", &series),
+            sample(&text, "switchyard_worker_ttft_seconds_count", &series),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "switchyard_worker_inter_token_seconds_count",
+                &series
+            ),
             f64::from(tokens - 1),
             "{text}"
         );
-        assert!(text.contains("switchyard_worker_queue_depth{pool="), "{text}");
-        assert!(text.contains("switchyard_worker_kv_used_bytes{pool="), "{text}");
+        assert!(
+            text.contains("switchyard_worker_queue_depth{pool="),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchyard_worker_kv_used_bytes{pool="),
+            "{text}"
+        );
     }
 
     // Active sequences rise while a long generation runs and fall back after it.
@@ -218,9 +260,15 @@ async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyh
             .map(|t| sample(&t, "switchyard_worker_active_sequences", &[("pool", pool)]) == want)
             .unwrap_or(false)
     };
-    wait_until(TIMEOUT, "gpu active_sequences 1", || active("gpu", gpu.metrics_url(), 1.0)).await?;
+    wait_until(TIMEOUT, "gpu active_sequences 1", || {
+        active("gpu", gpu.metrics_url(), 1.0)
+    })
+    .await?;
     running.await??;
-    wait_until(TIMEOUT, "gpu active_sequences 0", || active("gpu", gpu.metrics_url(), 0.0)).await?;
+    wait_until(TIMEOUT, "gpu active_sequences 0", || {
+        active("gpu", gpu.metrics_url(), 0.0)
+    })
+    .await?;
 
     // An open session is counted until it closes.
     let session_gauge = |want: f64| {
@@ -246,9 +294,17 @@ async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyh
     let cp = scrape(&cluster.control_plane.metrics_url()).await?;
     for pool in ["gpu", "wse"] {
         let ready = [("pool", pool), ("state", "ready")];
-        assert_eq!(sample(&cp, "switchyard_control_plane_workers", &ready), 1.0, "{cp}");
+        assert_eq!(
+            sample(&cp, "switchyard_control_plane_workers", &ready),
+            1.0,
+            "{cp}"
+        );
         let draining = [("pool", pool), ("state", "draining")];
-        assert_eq!(sample(&cp, "switchyard_control_plane_workers", &draining), 0.0, "{cp}");
+        assert_eq!(
+            sample(&cp, "switchyard_control_plane_workers", &draining),
+            0.0,
+            "{cp}"
+        );
     }
     Ok(())
 }
@@ -365,8 +421,14 @@ async fn client_trace_context_reaches_the_worker_through_the_router() -> anyhow:
     })
     .await?;
     let (router, worker) = found.expect("found when wait_until succeeds");
-    assert_eq!(router.parent_span_id, client_span, "router span is the client's child");
-    assert_eq!(worker.parent_span_id, router.span_id, "worker span is the router's child");
+    assert_eq!(
+        router.parent_span_id, client_span,
+        "router span is the client's child"
+    );
+    assert_eq!(
+        worker.parent_span_id, router.span_id,
+        "worker span is the router's child"
+    );
     assert_ne!(worker.span_id, router.span_id);
 
     // A request without trace context starts a trace of its own at the router.

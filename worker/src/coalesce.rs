@@ -168,7 +168,15 @@ mod tests {
         }
         drop(etx);
         let (otx, mut orx) = mpsc::channel(64);
-        forward_generation("r", erx, config, || v1::FinishReason::Cancelled, &otx, &mut TokenClock::unrecorded()).await;
+        forward_generation(
+            "r",
+            erx,
+            config,
+            || v1::FinishReason::Cancelled,
+            &otx,
+            &mut TokenClock::unrecorded(),
+        )
+        .await;
         drop(otx);
         let mut frames = vec![];
         while let Some(f) = orx.recv().await {
@@ -227,7 +235,15 @@ mod tests {
             max_chunk_tokens: 16,
         };
         let task = tokio::spawn(async move {
-            forward_generation("r", erx, config, || v1::FinishReason::Cancelled, &otx, &mut TokenClock::unrecorded()).await
+            forward_generation(
+                "r",
+                erx,
+                config,
+                || v1::FinishReason::Cancelled,
+                &otx,
+                &mut TokenClock::unrecorded(),
+            )
+            .await
         });
         for i in 0..3 {
             etx.send(Ok(token(i))).await.unwrap();

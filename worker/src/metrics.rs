@@ -122,8 +122,12 @@ impl WorkerMetrics {
     /// Sets the load gauges from a load snapshot.
     pub fn observe_load(&self, load: &v1::Load) {
         let labels = PoolLabels { pool: self.pool };
-        self.active.get_or_create(&labels).set(i64::from(load.active));
-        self.queued.get_or_create(&labels).set(i64::from(load.queued));
+        self.active
+            .get_or_create(&labels)
+            .set(i64::from(load.active));
+        self.queued
+            .get_or_create(&labels)
+            .set(i64::from(load.queued));
         self.kv_used_bytes
             .get_or_create(&labels)
             .set(i64::try_from(load.kv_used_bytes).unwrap_or(i64::MAX));

@@ -17,8 +17,8 @@ use crate::coalesce::CoalesceConfig;
 use crate::engine::Engine;
 use crate::load::LoadTracker;
 use crate::metrics::WorkerMetrics;
-use switchyard_cluster::telemetry::metrics::Metrics;
 use crate::service::WorkerService;
+use switchyard_cluster::telemetry::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {

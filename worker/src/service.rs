@@ -7,12 +7,12 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures::Stream;
+use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use switchyard_proto::v1::{self, router_frame, worker_frame::Frame};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use tracing::{Instrument as _, debug, info, warn};
 
 use crate::coalesce::{CoalesceConfig, failed, forward_generation};

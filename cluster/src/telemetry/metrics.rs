@@ -170,7 +170,10 @@ mod tests {
                 .contains("content-type: application/openmetrics-text; version=1.0.0"),
             "{response}"
         );
-        assert!(response.contains("switchyard_test_hits_total 1"), "{response}");
+        assert!(
+            response.contains("switchyard_test_hits_total 1"),
+            "{response}"
+        );
         shutdown.cancel();
     }
 }

@@ -85,8 +85,14 @@ pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
             .with_target("tonic", tracing::level_filters::LevelFilter::OFF)
             .with_target("tower", tracing::level_filters::LevelFilter::OFF)
             .with_target("opentelemetry", tracing::level_filters::LevelFilter::OFF)
-            .with_target("opentelemetry_sdk", tracing::level_filters::LevelFilter::OFF)
-            .with_target("opentelemetry_otlp", tracing::level_filters::LevelFilter::OFF);
+            .with_target(
+                "opentelemetry_sdk",
+                tracing::level_filters::LevelFilter::OFF,
+            )
+            .with_target(
+                "opentelemetry_otlp",
+                tracing::level_filters::LevelFilter::OFF,
+            );
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer(service_name.to_string()))
             .with_filter(quiet)
@@ -103,7 +109,10 @@ pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
     Ok(Telemetry { provider })
 }
 
-fn tracer_provider(service_name: &str, endpoint: &str) -> Result<SdkTracerProvider, TelemetryError> {
+fn tracer_provider(
+    service_name: &str,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, TelemetryError> {
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint)

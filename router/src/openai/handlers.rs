@@ -1,10 +1,10 @@
 //! The HTTP handlers: parse and validate the OpenAI request, translate it to a
 //! `GenerateRequest`, run it through the dispatcher, and answer as JSON or as an SSE stream.
 
-use switchyard_cluster::telemetry::propagation::RemoteContext;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use switchyard_cluster::telemetry::propagation::RemoteContext;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
