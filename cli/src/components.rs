@@ -1,13 +1,15 @@
 //! The component subcommands (`router`, `worker-gpu`, `worker-wse`, `control-plane`): each
 //! parses its flags (every flag also reads a `SWITCHYARD_*` environment variable), connects to
 //! etcd, runs until SIGINT/SIGTERM, and prints `<component> <protocol> <address>` on stdout
-//! once it serves, so scripts and tests can find it.
+//! once it serves, so scripts and tests can find it (`<component> metrics <address>` for the
+//! Prometheus listener of `--metrics-addr`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use switchyard_cluster::telemetry::metrics::Metrics;
 use switchyard_cluster::{EtcdRegistry, Pool, Registry};
 use switchyard_proto::RequestLimits;
 use switchyard_router::RouterConfig;
@@ -37,10 +39,37 @@ impl ClusterArgs {
     }
 }
 
+/// Where a component serves Prometheus `/metrics`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus `/metrics` on this address (port 0 picks a free port). Unset: no
+    /// separate metrics listener (the router still serves `/metrics` on its HTTP port).
+    #[arg(long, env = "SWITCHYARD_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+}
+
+impl MetricsArgs {
+    /// Starts the metrics listener, when configured, and announces `<component> metrics <addr>`.
+    pub async fn serve(
+        &self,
+        component: &str,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        if let Some(addr) = self.metrics_addr {
+            let bound = metrics.serve(addr, shutdown.clone()).await?;
+            announce(component, "metrics", bound);
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct RouterArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -84,6 +113,8 @@ impl RouterArgs {
 pub struct WorkerArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
@@ -128,6 +159,7 @@ impl WorkerArgs {
             },
             cost_per_mtok: self.cost_per_mtok.unwrap_or(default_cost),
             drain_timeout: self.drain_timeout,
+            metrics: Metrics::new(),
         }
     }
 }
@@ -141,6 +173,8 @@ pub fn default_worker_id(pool: Pool) -> String {
 pub struct ControlPlaneArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
@@ -186,7 +220,11 @@ pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
     }
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
-    switchyard_router::run_router_with_endpoints(args.config(), registry, shutdown, |endpoints| {
+    let config = args.config();
+    args.metrics
+        .serve("router", &config.metrics, &shutdown)
+        .await?;
+    switchyard_router::run_router_with_endpoints(config, registry, shutdown, |endpoints| {
         announce("router", "grpc", endpoints.grpc);
         if let Some(http) = endpoints.http {
             announce("router", "http", http);
@@ -204,7 +242,11 @@ pub async fn worker(
 ) -> anyhow::Result<()> {
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
-    switchyard_worker::run_worker(args.config(pool), engine, registry, shutdown, |addr| {
+    let config = args.config(pool);
+    args.metrics
+        .serve(component, &config.metrics, &shutdown)
+        .await?;
+    switchyard_worker::run_worker(config, engine, registry, shutdown, |addr| {
         announce(component, "grpc", addr)
     })
     .await?;
@@ -235,7 +277,11 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         listen: args.listen,
         http_listen: Some(args.http_addr),
         election,
+        metrics: Metrics::new(),
     };
+    args.metrics
+        .serve("control-plane", &config.metrics, &shutdown)
+        .await?;
     switchyard_control_plane::run_control_plane(config, Arc::new(etcd), shutdown, |endpoints| {
         announce("control-plane", "grpc", endpoints.grpc);
         if let Some(http) = endpoints.http {

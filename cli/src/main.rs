@@ -44,8 +44,29 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    switchyard_cluster::telemetry::init_tracing();
-    match cli.command {
+    let telemetry = switchyard_cluster::telemetry::init(cli.command.service_name())?;
+    let result = run(cli.command).await;
+    // Export the spans of the last requests before exiting.
+    telemetry.shutdown().await;
+    result
+}
+
+impl Command {
+    /// OpenTelemetry `service.name` of the process.
+    fn service_name(&self) -> &'static str {
+        match self {
+            Command::Up(_) => "switchyard",
+            Command::Chat(_) => "switchyard-chat",
+            Command::Router(_) => "switchyard-router",
+            Command::WorkerGpu { .. } => "switchyard-worker-gpu",
+            Command::WorkerWse { .. } => "switchyard-worker-wse",
+            Command::ControlPlane(_) => "switchyard-control-plane",
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Up(args) => up::up(args).await,
         Command::Chat(args) => chat::chat(args).await,
         Command::Router(args) => components::router(args).await,

@@ -98,6 +98,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             coalesce: CoalesceConfig::default(),
             cost_per_mtok: if pool == Pool::Gpu { 0.10 } else { 0.60 },
             drain_timeout: Duration::from_secs(30),
+            // In-process workers' metrics are not served: the router's are, on its HTTP port.
+            metrics: Default::default(),
         };
         let (tx, rx) = oneshot::channel();
         ready.push((component, rx));
@@ -119,6 +121,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         listen: args.control_plane_listen,
         http_listen: Some(args.dashboard_listen),
         election,
+        metrics: Default::default(),
     };
     let (r, s) = (registry.clone(), shutdown.clone());
     tasks.spawn(async move {

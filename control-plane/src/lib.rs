@@ -10,6 +10,8 @@ pub mod leader;
 pub mod loads;
 pub mod plane;
 
+pub mod metrics;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +36,8 @@ pub struct ControlPlaneConfig {
     /// Dashboard listen address; `None` serves no dashboard.
     pub http_listen: Option<SocketAddr>,
     pub election: ElectionConfig,
+    /// Where the control plane registers its Prometheus metrics (the caller serves them).
+    pub metrics: switchyard_cluster::telemetry::metrics::Metrics,
 }
 
 /// Where a running control plane serves.
@@ -92,6 +96,8 @@ pub async fn run_control_plane(
     };
 
     let membership = registry.watch_workers().await?;
+    let gauges = metrics::ControlPlaneMetrics::register(&config.metrics);
+    tokio::spawn(gauges.follow(membership.clone(), shutdown.clone()));
     let policy = registry.watch_policy().await?;
     // Background tasks stop with the servers.
     let background = shutdown.child_token();

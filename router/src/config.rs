@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use switchyard_cluster::telemetry::metrics::Metrics;
 use switchyard_proto::RequestLimits;
 use switchyard_proto::v1::Lane;
 
@@ -28,6 +29,9 @@ pub struct RouterConfig {
     /// and the key's tenant replaces the request metadata `tenant`. `None`: no
     /// authentication, and the client's own metadata `tenant` is honoured.
     pub api_keys_file: Option<PathBuf>,
+    /// Where the router registers its Prometheus metrics; served at `/metrics` on the HTTP
+    /// port (and wherever the caller serves it).
+    pub metrics: Metrics,
 }
 
 impl Default for RouterConfig {
@@ -41,6 +45,7 @@ impl Default for RouterConfig {
             cancel_grace: Duration::from_secs(2),
             max_attempts: 3,
             api_keys_file: None,
+            metrics: Metrics::new(),
         }
     }
 }

@@ -8,17 +8,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use switchyard_cluster::Pool;
+use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use switchyard_proto::v1::{self, server_frame::Frame, worker_frame};
 use switchyard_proto::{RequestLimits, validate_generate_request};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tonic::{Code, Status};
 use tracing::field::Empty;
-use tracing::{Instrument, Span, debug, info, info_span, warn};
+use tracing::{Instrument as _, Span, debug, info, info_span, warn};
 
 use crate::classify::{Classification, RequestFeatures, classify};
 use crate::config::RouterConfig;
 use crate::links::{Link, LinkEvent, Links};
+use crate::metrics::{RouterMetrics, StreamLabels, lane_label, pool_label};
 use crate::policy::document::{LaneName, PolicyDocument};
 use crate::policy::{
     Admission, ClusterView, Decision, PlacementError, RequestInfo, admit, fallback, place,
@@ -43,6 +46,7 @@ pub struct Dispatcher {
     pub links: Arc<Links>,
     pub config: RouterConfig,
     pub policy: PolicyHandle,
+    pub metrics: RouterMetrics,
     waiting: Arc<Mutex<Waiting>>,
     next_seed: AtomicU64,
 }
@@ -92,7 +96,8 @@ pub struct Prepared {
 /// so a trace shows where a request ran and why.
 pub fn request_span(request_id: &str, model: &str) -> Span {
     info_span!(
-        "request",
+        "router.request",
+        otel.kind = "server",
         request_id,
         model,
         lane = Empty,
@@ -118,11 +123,17 @@ impl Dispatcher {
     }
 
     /// A dispatcher over `links`, routing by the policy `policy` follows.
-    pub fn new(links: Arc<Links>, config: RouterConfig, policy: PolicyHandle) -> Self {
+    pub fn new(
+        links: Arc<Links>,
+        config: RouterConfig,
+        policy: PolicyHandle,
+        metrics: RouterMetrics,
+    ) -> Self {
         Self {
             links,
             config,
             policy,
+            metrics,
             waiting: Arc::new(Mutex::new(Waiting::default())),
             next_seed: AtomicU64::new(0),
         }
@@ -130,34 +141,71 @@ impl Dispatcher {
 
     /// Validates, classifies and places `request`, or admits it to wait at the router for a
     /// slot. Errors carry the status the client gets (`RESOURCE_EXHAUSTED` with `retry-after`
-    /// metadata when shed).
-    pub fn prepare(&self, request: v1::GenerateRequest) -> Result<Prepared, Status> {
+    /// metadata when shed). The request's span continues the trace in `parent` (the call's
+    /// headers), or in the request's own `traceparent` metadata entry, which wins: one
+    /// session carries requests of many traces.
+    pub fn prepare(
+        &self,
+        request: v1::GenerateRequest,
+        parent: RemoteContext,
+    ) -> Result<Prepared, Status> {
         let arrived = Instant::now();
         let span = request_span(&request.request_id, &request.model);
-        let _entered = span.enter();
-        validate_generate_request(&request, &self.config.limits)
-            .map_err(|violation| Status::invalid_argument(violation.to_string()))?;
+        let parent = match RemoteContext::from_map(&request.metadata) {
+            own if own.is_valid() => own,
+            _ => parent,
+        };
+        propagation::set_parent(&span, parent);
         let policy = self.policy.current();
         let class = classify(&RequestFeatures::of(&request), &policy);
         span.record("lane", class.lane.as_str());
         span.record("reason", class.reason.as_str());
-        let target = match self.try_place(&request, &class, &policy, &[])? {
-            Some((link, reason)) => Target::Placed(link, reason),
-            None => Target::Queued(self.admit(class.lane, &policy).inspect_err(|status| {
-                span.record(
-                    "reason",
-                    format!("{}; shed: {}", class.reason, status.message()),
+        let prepared = validate_generate_request(&request, &self.config.limits)
+            .map_err(|violation| Status::invalid_argument(violation.to_string()))
+            .and_then(|()| match self.try_place(&request, &class, &policy, &[])? {
+                Some((link, reason)) => Ok(Target::Placed(link, reason)),
+                None => Ok(Target::Queued(
+                    self.admit(class.lane, &policy).inspect_err(|status| {
+                        span.record(
+                            "reason",
+                            format!("{}; shed: {}", class.reason, status.message()),
+                        );
+                    })?,
+                )),
+            });
+        match prepared {
+            Ok(target) => Ok(Prepared {
+                request,
+                class,
+                target,
+                arrived,
+                span,
+            }),
+            Err(status) => {
+                self.count_unplaced(class.lane, &request.model, &status);
+                span.in_scope(
+                    || info!(request_id = %request.request_id, code = ?status.code(), "refused"),
                 );
-            })?),
+                Err(status)
+            }
+        }
+    }
+
+    /// Counts a request that never reached a worker.
+    fn count_unplaced(&self, lane: LaneName, model: &str, status: &Status) {
+        let outcome = if status.code() == Code::ResourceExhausted {
+            self.metrics.shed(lane);
+            "shed"
+        } else {
+            "rejected"
         };
-        drop(_entered);
-        Ok(Prepared {
-            request,
-            class,
-            target,
-            arrived,
-            span,
-        })
+        // An unknown model is the client's word, not ours: keep it out of the label values.
+        let model = if status.code() == Code::NotFound || status.code() == Code::InvalidArgument {
+            ""
+        } else {
+            model
+        };
+        self.metrics.request(lane, None, model, outcome);
     }
 
     /// One placement attempt: `Ok(None)` when the request must wait for a slot.
@@ -171,7 +219,15 @@ impl Dispatcher {
         let view = self.links.view();
         let info = self.request_info(request);
         let exclude = excluded_indices(&view, excluded);
-        match place(&view, class, &info, policy, &exclude) {
+        let decision = place(&view, class, &info, policy, &exclude);
+        let (pool, reason) = match &decision {
+            Decision::Place(placement) => (Some(placement.pool), placement.reason_label()),
+            Decision::Queue => (None, "queue"),
+            Decision::Reject(PlacementError::UnknownModel(_)) => (None, "unknown_model"),
+            Decision::Reject(PlacementError::NoWorker(_)) => (None, "no_worker"),
+        };
+        self.metrics.decision(class.lane, pool, reason);
+        match decision {
             Decision::Place(placement) => {
                 let id = &view.worker(placement.worker).id;
                 let link = self
@@ -278,7 +334,7 @@ impl Dispatcher {
         let span = prepared.span.clone();
         self.run_in_span(prepared, controls, out)
             .instrument(span)
-            .await;
+            .await
     }
 
     async fn run_in_span(
@@ -314,14 +370,24 @@ impl Dispatcher {
                     format!("{}; shed: {}", class.reason, status.message()),
                 );
                 info!(request_id = %request.request_id, lane = class.lane.as_str(), %status, "not placed");
+                self.count_unplaced(class.lane, &request.model, &status);
                 let _ = out
                     .send(Ok(failed_frame(&request.request_id, &status)))
                     .await;
                 return;
             }
         };
-        let mut run = Run::new(request, class, arrived, reason, self);
+        let mut run = Run::new(request, class, arrived, reason, span, self);
+        run.on_worker(&link.id(), link.record().pool);
         let result = run.drive(link, &mut controls, &out).await;
+        let outcome = match &result {
+            Ok(()) if run.cancelled => "cancelled",
+            Ok(()) => "completed",
+            Err(status) if status.code() == Code::Cancelled => "cancelled",
+            Err(_) => "failed",
+        };
+        self.metrics
+            .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
         if let Err(status) = result {
             let _ = out
                 .send(Ok(failed_frame(&run.request.request_id, &status)))
@@ -394,6 +460,11 @@ struct Run<'d> {
     reason: String,
     arrived: Instant,
     first_token: Option<Instant>,
+    /// When the last chunk reached the client (inter-token latency).
+    last_token: Option<Instant>,
+    /// Pool of the worker running the current segment.
+    pool: Pool,
+    span: tracing::Span,
     /// Next client chunk sequence number.
     seq: u64,
     /// Token ids and text of the current segment already sent to the client.
@@ -420,9 +491,13 @@ impl<'d> Run<'d> {
         class: Classification,
         arrived: Instant,
         placement_reason: String,
+        span: tracing::Span,
         dispatcher: &'d Dispatcher,
     ) -> Self {
         Self {
+            last_token: None,
+            pool: Pool::Gpu,
+            span,
             dispatcher,
             lane: class.wire_lane(),
             reason: format!("{}; {placement_reason}", class.reason),
@@ -494,6 +569,7 @@ impl<'d> Run<'d> {
                 }
                 SegmentEnd::Lost(why) => {
                     warn!(request_id = %self.request.request_id, worker = %link.id(), %why, delivered = self.segment_ids.len(), "worker lost mid-request; failing over");
+                    self.dispatcher.metrics.failover(self.class.lane, self.pool);
                     link = self.replace(&link, &mut excluded)?;
                 }
                 SegmentEnd::Failed(failed) => {
@@ -503,6 +579,7 @@ impl<'d> Run<'d> {
                         return Err(Status::new(code, failed.message));
                     }
                     debug!(request_id = %self.request.request_id, worker = %link.id(), message = %failed.message, "worker refused; placing elsewhere");
+                    self.dispatcher.metrics.failover(self.class.lane, self.pool);
                     link = self.replace(&link, &mut excluded)?;
                 }
             }
@@ -555,6 +632,13 @@ impl<'d> Run<'d> {
             .ok_or_else(|| Status::unavailable(format!("worker {id} just left")))
     }
 
+    /// Notes the worker now running the request (metrics labels, span fields).
+    fn on_worker(&mut self, id: &str, pool: Pool) {
+        self.pool = pool;
+        self.span.record("pool", pool_label(Some(pool)));
+        self.span.record("worker", id);
+    }
+
     /// Runs one generation on `link` until it ends one way or another.
     async fn segment(
         &mut self,
@@ -562,6 +646,8 @@ impl<'d> Run<'d> {
         controls: &mut mpsc::UnboundedReceiver<Control>,
         out: &FrameSink,
     ) -> Result<SegmentEnd, Status> {
+        let record = link.record();
+        self.on_worker(&record.id, record.pool);
         let generation_id = self.dispatcher.links.next_generation_id();
         let mut events = match link.start(self.worker_start(&generation_id)) {
             Ok(events) => events,
@@ -648,6 +734,7 @@ impl<'d> Run<'d> {
             prompt: self.request.prompt.clone(),
             sampling: Some(sampling),
             resume_tokens: self.segment_ids.clone(),
+            trace_context: propagation::span_to_map(&self.span),
             lane: self.lane as i32,
         }
     }
@@ -656,7 +743,20 @@ impl<'d> Run<'d> {
         if tokens.token_ids.is_empty() && tokens.text.is_empty() {
             return Ok(());
         }
-        self.first_token.get_or_insert_with(Instant::now);
+        let now = Instant::now();
+        self.first_token.get_or_insert(now);
+        let (gap, first) = match self.last_token.replace(now) {
+            Some(previous) => (now - previous, false),
+            None => (now - self.arrived, true),
+        };
+        let labels = StreamLabels {
+            lane: lane_label(self.class.lane),
+            pool: pool_label(Some(self.pool)),
+            model: self.request.model.clone(),
+        };
+        self.dispatcher
+            .metrics
+            .tokens(&labels, tokens.token_ids.len() as u32, gap, first);
         self.delivered += tokens.token_ids.len() as u32;
         self.segment_ids.extend_from_slice(&tokens.token_ids);
         self.segment_text.push_str(&tokens.text);

@@ -8,6 +8,7 @@ pub mod classify;
 pub mod config;
 pub mod dispatch;
 pub mod links;
+pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod policy_watch;

@@ -102,7 +102,8 @@ pub async fn run_router_with_endpoints(
     let links = Links::spawn(membership, config.connect_timeout, shutdown.clone());
     let policy =
         crate::policy_watch::follow(&registry, config.default_policy(), shutdown.clone()).await?;
-    let dispatcher = Arc::new(Dispatcher::new(links, config, policy));
+    let metrics = crate::metrics::RouterMetrics::register(&config.metrics);
+    let dispatcher = Arc::new(Dispatcher::new(links, config, policy, metrics));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

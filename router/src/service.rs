@@ -15,6 +15,8 @@ use tracing::{debug, info};
 
 use crate::auth::{AUTHORIZATION, ApiKeys, Tenant};
 use crate::dispatch::{Control, Dispatcher, FrameSink, failed_frame};
+use crate::metrics::SessionGuard;
+use switchyard_cluster::telemetry::propagation::RemoteContext;
 
 /// Frames buffered towards one client before dispatchers wait for it to read.
 const CLIENT_BUFFER: usize = 1024;
@@ -42,9 +44,16 @@ impl v1::inference_server::Inference for InferenceService {
         request: Request<Streaming<v1::ClientFrame>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let tenant = request.extensions().get::<Tenant>().cloned();
+        // The session's trace context parents every request in it that brings none of its own.
+        let trace = RemoteContext::from_headers(request.metadata().as_ref());
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
-        tokio::spawn(run_session(self.dispatcher.clone(), tenant, inbound, tx));
+        let session = Session {
+            dispatcher: self.dispatcher.clone(),
+            tenant,
+            trace,
+        };
+        tokio::spawn(run_session(session, inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -53,6 +62,7 @@ impl v1::inference_server::Inference for InferenceService {
         request: Request<v1::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let tenant = request.extensions().get::<Tenant>().cloned();
+        let trace = RemoteContext::from_headers(request.metadata().as_ref());
         let mut request = request.into_inner();
         if let Some(tenant) = &tenant {
             tenant.apply(&mut request);
@@ -60,7 +70,7 @@ impl v1::inference_server::Inference for InferenceService {
         if request.request_id.is_empty() {
             request.request_id = uuid::Uuid::new_v4().to_string();
         }
-        let prepared = self.dispatcher.prepare(request)?;
+        let prepared = self.dispatcher.prepare(request, trace)?;
         let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
         let dispatcher = self.dispatcher.clone();
         tokio::spawn(async move {
@@ -100,20 +110,23 @@ impl v1::inference_server::Inference for InferenceService {
 
 /// Reads a session's client frames until the client half-closes or fails. Requests already
 /// running when the client half-closes finish normally; the response stream ends after them.
-async fn run_session(
+/// What every request of one session shares.
+struct Session {
     dispatcher: Arc<Dispatcher>,
     tenant: Option<Tenant>,
-    mut inbound: Streaming<v1::ClientFrame>,
-    out: FrameSink,
-) {
+    trace: RemoteContext,
+}
+
+async fn run_session(session: Session, mut inbound: Streaming<v1::ClientFrame>, out: FrameSink) {
     let mut running: HashMap<String, mpsc::UnboundedSender<Control>> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    let _open = SessionGuard::open(&session.dispatcher.metrics);
     info!("session opened");
     loop {
         tokio::select! {
             frame = inbound.message() => match frame {
                 Ok(Some(v1::ClientFrame { frame: Some(frame) })) => {
-                    handle_frame(&dispatcher, tenant.as_ref(), frame, &mut running, &done_tx, &out).await;
+                    handle_frame(&session, frame, &mut running, &done_tx, &out).await;
                 }
                 Ok(Some(_)) => {
                     let status = Status::invalid_argument("frame: empty ClientFrame (set start, cancel or interrupt)");
@@ -137,16 +150,16 @@ async fn run_session(
 }
 
 async fn handle_frame(
-    dispatcher: &Arc<Dispatcher>,
-    tenant: Option<&Tenant>,
+    session: &Session,
     frame: client_frame::Frame,
     running: &mut HashMap<String, mpsc::UnboundedSender<Control>>,
     done: &mpsc::UnboundedSender<String>,
     out: &FrameSink,
 ) {
+    let dispatcher = &session.dispatcher;
     match frame {
         client_frame::Frame::Start(mut request) => {
-            if let Some(tenant) = tenant {
+            if let Some(tenant) = &session.tenant {
                 tenant.apply(&mut request);
             }
             let request_id = request.request_id.clone();
@@ -157,7 +170,7 @@ async fn handle_frame(
                 let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
                 return;
             }
-            match dispatcher.prepare(request) {
+            match dispatcher.prepare(request, session.trace.clone()) {
                 Ok(prepared) => {
                     let (control_tx, control_rx) = mpsc::unbounded_channel();
                     running.insert(request_id.clone(), control_tx);

@@ -177,6 +177,7 @@ impl Component {
         let (log, log_file) = log_file(name);
         let mut child = Command::new(switchyard_bin())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "1")
             .envs(env.iter().map(|(k, v)| (k, v)))
@@ -241,6 +242,11 @@ impl Component {
             .expect("announced endpoint")
     }
 
+    /// `http://<address>/metrics` of the `--metrics-addr` listener.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.addr("metrics"))
+    }
+
     /// The announced address of `component` (for `switchyard up`).
     pub fn addr_of(&self, component: &str, protocol: &str) -> SocketAddr {
         self.endpoints
@@ -287,6 +293,10 @@ pub struct ClusterSpec {
     /// An API key the harness itself sends (for its readiness probe) when `router_flags`
     /// turn authentication on.
     pub api_key: Option<String>,
+    /// Every component serves Prometheus metrics on a `--metrics-addr` of its own.
+    pub metrics: bool,
+    /// Environment variables of every component (e.g. `OTEL_EXPORTER_OTLP_ENDPOINT`).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for ClusterSpec {
@@ -298,6 +308,8 @@ impl Default for ClusterSpec {
             gpu_flags: vec![],
             router_flags: vec![],
             api_key: None,
+            metrics: false,
+            env: vec![],
         }
     }
 }
@@ -319,6 +331,17 @@ fn strings(args: &[&str]) -> Vec<String> {
 impl Cluster {
     pub async fn start(spec: ClusterSpec) -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
+        // With metrics, each component announces its metrics listener as one more line.
+        let (metrics_flags, metrics_lines) = if spec.metrics {
+            (strings(&["--metrics-addr", "127.0.0.1:0"]), 1)
+        } else {
+            (vec![], 0)
+        };
+        let start = |name: String, mut args: Vec<String>, lines: usize| {
+            args.extend(metrics_flags.iter().cloned());
+            let env = spec.env.clone();
+            async move { Component::start_with_env(&name, &args, &env, lines + metrics_lines).await }
+        };
         let mut gpu = Vec::new();
         for i in 0..spec.gpu_workers {
             let mut args = strings(&["worker-gpu", "--etcd", &etcd.url, "--listen", "127.0.0.1:0"]);
@@ -329,7 +352,7 @@ impl Cluster {
                 spec.lease_ttl,
             ]));
             args.extend(spec.gpu_flags.iter().cloned());
-            gpu.push(Component::start(&format!("gpu-{i}"), &args, 1).await?);
+            gpu.push(start(format!("gpu-{i}"), args, 1).await?);
         }
         let mut wse = Vec::new();
         for i in 0..spec.wse_workers {
@@ -340,7 +363,7 @@ impl Cluster {
                 "--lease-ttl",
                 spec.lease_ttl,
             ]));
-            wse.push(Component::start(&format!("wse-{i}"), &args, 1).await?);
+            wse.push(start(format!("wse-{i}"), args, 1).await?);
         }
         let mut args = strings(&[
             "router",
@@ -353,8 +376,13 @@ impl Cluster {
         ]);
         args.extend(spec.router_flags.iter().cloned());
         // The router announces its gRPC and its OpenAI-compatible HTTP address.
-        let router = Component::start("router", &args, 2).await?;
-        let control_plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+        let router = start("router".into(), args, 2).await?;
+        let cp_extra: &[&str] = if spec.metrics {
+            &["--metrics-addr", "127.0.0.1:0"]
+        } else {
+            &[]
+        };
+        let control_plane = start_control_plane(&etcd.url, "control-plane-0", cp_extra).await?;
         // The only replica: it leads (and accepts writes) once its campaign has won.
         control_plane
             .wait_for_log("became the control-plane leader", READY_TIMEOUT)
@@ -417,7 +445,9 @@ pub async fn start_control_plane(
         "127.0.0.1:0",
     ]);
     args.extend(strings(extra));
-    Component::start(id, &args, 2).await
+    // gRPC and dashboard addresses, plus the metrics listener when asked for.
+    let lines = 2 + usize::from(extra.contains(&"--metrics-addr"));
+    Component::start(id, &args, lines).await
 }
 
 /// Worker ids a router currently routes to, sorted.

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::engine::{EngineError, EngineEvent, EngineStream, StopReason};
+use crate::metrics::TokenClock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CoalesceConfig {
@@ -43,6 +44,7 @@ pub async fn forward_generation(
     config: CoalesceConfig,
     cancel_reason: impl Fn() -> v1::FinishReason,
     out: &mpsc::Sender<v1::WorkerFrame>,
+    clock: &mut TokenClock,
 ) -> Forwarded {
     let started = Instant::now();
     let mut first_token_at = None;
@@ -66,6 +68,7 @@ pub async fn forward_generation(
         };
         match event {
             Some(Ok(EngineEvent::Token { id, text })) => {
+                clock.token();
                 forwarded.tokens += 1;
                 chunk.push(id, text);
                 let first = first_token_at.is_none();
@@ -165,7 +168,15 @@ mod tests {
         }
         drop(etx);
         let (otx, mut orx) = mpsc::channel(64);
-        forward_generation("r", erx, config, || v1::FinishReason::Cancelled, &otx).await;
+        forward_generation(
+            "r",
+            erx,
+            config,
+            || v1::FinishReason::Cancelled,
+            &otx,
+            &mut TokenClock::unrecorded(),
+        )
+        .await;
         drop(otx);
         let mut frames = vec![];
         while let Some(f) = orx.recv().await {
@@ -224,7 +235,15 @@ mod tests {
             max_chunk_tokens: 16,
         };
         let task = tokio::spawn(async move {
-            forward_generation("r", erx, config, || v1::FinishReason::Cancelled, &otx).await
+            forward_generation(
+                "r",
+                erx,
+                config,
+                || v1::FinishReason::Cancelled,
+                &otx,
+                &mut TokenClock::unrecorded(),
+            )
+            .await
         });
         for i in 0..3 {
             etx.send(Ok(token(i))).await.unwrap();
@@ -255,6 +274,7 @@ mod tests {
             CoalesceConfig::default(),
             || v1::FinishReason::Cancelled,
             &otx,
+            &mut TokenClock::unrecorded(),
         )
         .await;
         orx.recv().await.unwrap();

@@ -1,11 +1,13 @@
 //! The worker runtime shared by both pools: the [`Engine`] trait every backend implements, the
 //! `Worker.Serve` gRPC service (one persistent multiplexed stream per router), per-request
-//! cancellation, token coalescing, load reports, registration and graceful drain, and the
+//! cancellation, token coalescing, load reports, registration and graceful drain, metrics and
+//! trace spans, and the
 //! synthetic load-test engine.
 
 pub mod coalesce;
 pub mod engine;
 pub mod load;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod synthetic;

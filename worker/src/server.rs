@@ -21,7 +21,9 @@ use tracing::{info, warn};
 use crate::coalesce::CoalesceConfig;
 use crate::engine::Engine;
 use crate::load::LoadTracker;
+use crate::metrics::WorkerMetrics;
 use crate::service::WorkerService;
+use switchyard_cluster::telemetry::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -36,6 +38,8 @@ pub struct WorkerConfig {
     pub cost_per_mtok: f64,
     /// Longest a drain waits for in-flight generations.
     pub drain_timeout: Duration,
+    /// Where the worker registers its Prometheus metrics (the caller serves them).
+    pub metrics: Metrics,
 }
 
 impl WorkerConfig {
@@ -96,11 +100,14 @@ pub async fn run_worker(
 
     let load = LoadTracker::new(engine.clone());
     let sampler = tokio::spawn(load.clone().run_sampler(Duration::from_secs(1)));
+    let metrics = WorkerMetrics::register(&config.metrics, config.pool);
+    let gauges = tokio::spawn(follow_load(load.clone(), metrics.clone()));
     let closing = CancellationToken::new();
     let service = WorkerService::new(
         engine.clone(),
         load.clone(),
         config.coalesce,
+        metrics,
         closing.clone(),
     );
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -165,6 +172,7 @@ pub async fn run_worker(
             result = &mut server => {
                 // The server stopped on its own: report why.
                 sampler.abort();
+                gauges.abort();
                 return match result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(error)) => Err(error.into()),
@@ -239,6 +247,7 @@ pub async fn run_worker(
     }
     closing.cancel();
     sampler.abort();
+    gauges.abort();
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(result)) => result?,
         Ok(Err(join)) => warn!(%join, "server task failed"),
@@ -254,4 +263,15 @@ fn watch_forever() -> tokio::sync::watch::Receiver<bool> {
     // Keep the sender alive so `changed` waits forever instead of failing.
     std::mem::forget(tx);
     rx
+}
+
+/// Keeps the load gauges equal to the load the worker reports to routers.
+async fn follow_load(load: Arc<LoadTracker>, metrics: WorkerMetrics) {
+    let mut changes = load.subscribe();
+    loop {
+        metrics.observe_load(&changes.borrow_and_update());
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
 }

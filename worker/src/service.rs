@@ -7,16 +7,18 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use futures::Stream;
+use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use switchyard_proto::v1::{self, router_frame, worker_frame::Frame};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{Instrument as _, debug, info, warn};
 
 use crate::coalesce::{CoalesceConfig, failed, forward_generation};
 use crate::engine::{Engine, EngineError, EngineRequest, Message, Prompt, Sampling};
 use crate::load::LoadTracker;
+use crate::metrics::WorkerMetrics;
 
 /// Frames buffered per router stream before the worker waits for the router to read.
 const STREAM_BUFFER: usize = 512;
@@ -26,6 +28,7 @@ pub struct WorkerService {
     engine: Arc<dyn Engine>,
     load: Arc<LoadTracker>,
     coalesce: CoalesceConfig,
+    metrics: WorkerMetrics,
     /// Fired at the end of a drain: every router stream is closed.
     closing: CancellationToken,
 }
@@ -35,12 +38,14 @@ impl WorkerService {
         engine: Arc<dyn Engine>,
         load: Arc<LoadTracker>,
         coalesce: CoalesceConfig,
+        metrics: WorkerMetrics,
         closing: CancellationToken,
     ) -> Self {
         Self {
             engine,
             load,
             coalesce,
+            metrics,
             closing,
         }
     }
@@ -173,10 +178,20 @@ impl WorkerService {
                 start.request_id
             )));
         }
+        // The generation's span continues the router's trace for this request.
+        let span = tracing::info_span!(
+            "worker.generate",
+            otel.kind = "server",
+            request_id = %start.request_id,
+            model = %start.model,
+            lane = crate::metrics::lane_label(start.lane),
+        );
+        propagation::set_parent(&span, RemoteContext::from_map(&start.trace_context));
+        let mut clock = self.metrics.generation(start.lane, &start.model);
         let request = engine_request(start)?;
         let request_id = request.request_id.clone();
         let cancel = CancellationToken::new();
-        let events = self.engine.submit(request, cancel.clone())?;
+        let events = span.in_scope(|| self.engine.submit(request, cancel.clone()))?;
         let reason = Arc::new(Mutex::new(v1::FinishReason::Cancelled));
         running.insert(
             request_id.clone(),
@@ -193,13 +208,24 @@ impl WorkerService {
             self.load.clone(),
             self.coalesce,
         );
-        tokio::spawn(async move {
-            let cancel_reason = move || *reason.lock().expect("reason lock");
-            let forwarded =
-                forward_generation(&request_id, events, coalesce, cancel_reason, &frames).await;
-            load.finished(forwarded.tokens);
-            let _ = done.send(request_id);
-        });
+        tokio::spawn(
+            async move {
+                let cancel_reason = move || *reason.lock().expect("reason lock");
+                let forwarded = forward_generation(
+                    &request_id,
+                    events,
+                    coalesce,
+                    cancel_reason,
+                    &frames,
+                    &mut clock,
+                )
+                .await;
+                info!(tokens = forwarded.tokens, "generation ended");
+                load.finished(forwarded.tokens);
+                let _ = done.send(request_id);
+            }
+            .instrument(span),
+        );
         Ok(())
     }
 }

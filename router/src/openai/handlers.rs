@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
+use switchyard_cluster::telemetry::propagation::RemoteContext;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -181,7 +182,7 @@ async fn generate(
 
     // The same path as gRPC: classify, place, run.
     let prepared = dispatcher
-        .prepare(request)
+        .prepare(request, RemoteContext::from_headers(&headers))
         .map_err(|status| ApiError::from_status(&status))?;
     let (tx, mut rx) = mpsc::channel(CLIENT_BUFFER);
     let runner = dispatcher.clone();

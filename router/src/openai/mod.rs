@@ -1,6 +1,6 @@
 //! The OpenAI-compatible HTTP front door: `POST /v1/chat/completions`, `POST /v1/completions`
 //! (both streaming as Server-Sent Events or not), `GET /v1/models`, `GET /v1/models/{model}`
-//! and `GET /health`.
+//! `GET /health` and `GET /metrics` (Prometheus, see [`crate::metrics`]).
 //!
 //! Every generation goes through the same [`Dispatcher::prepare`] and [`Dispatcher::run`] as
 //! the gRPC API: this module only translates HTTP ↔ `switchyard.v1`. The lane can be chosen
@@ -42,9 +42,12 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         Some(keys) => api.route_layer(middleware::from_fn_with_state(keys, authenticate)),
         None => api,
     };
+    let metrics = dispatcher.config.metrics.router();
     api.route("/health", get(handlers::health))
         .fallback(handlers::unknown_route)
         .with_state(dispatcher)
+        // Prometheus scrapes without an API key, like `/health`.
+        .merge(metrics)
 }
 
 /// Serves the HTTP API on `listener` until `shutdown` fires.

@@ -61,7 +61,18 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// A short reason for `Accepted.reason`, logs and metric labels.
+    /// The reason as a closed set of names, for metric labels: `home`, `home_affinity`,
+    /// `spill_to_gpu`, `borrow_wse`.
+    pub fn reason_label(&self) -> &'static str {
+        match (self.route, self.affinity) {
+            (Route::Home, false) => "home",
+            (Route::Home, true) => "home_affinity",
+            (Route::SpillToGpu, _) => "spill_to_gpu",
+            (Route::BorrowWse, _) => "borrow_wse",
+        }
+    }
+
+    /// A short reason for `Accepted.reason` and logs.
     pub fn reason(&self) -> String {
         let route = match self.route {
             Route::Home => format!("pool={}", self.pool),

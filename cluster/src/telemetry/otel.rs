@@ -1,0 +1,134 @@
+//! The global `tracing` subscriber with an optional OpenTelemetry layer. The OTLP exporter is
+//! configured by the standard `OTEL_*` environment variables (`OTEL_EXPORTER_OTLP_ENDPOINT`,
+//! `OTEL_BSP_SCHEDULE_DELAY`, …); `service.name` is the component's name unless
+//! `OTEL_SERVICE_NAME` says otherwise.
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
+
+/// The variable that switches OTLP export on.
+pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("{OTLP_ENDPOINT_ENV}={endpoint:?}: {message}")]
+    Exporter { endpoint: String, message: String },
+    #[error("a global tracing subscriber is already installed")]
+    AlreadyInstalled,
+}
+
+/// Keeps the trace pipeline alive; [`Telemetry::shutdown`] flushes spans not yet exported.
+#[must_use = "dropping the handle without shutdown loses the last batch of spans"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry")
+            .field("otlp", &self.provider.is_some())
+            .finish()
+    }
+}
+
+impl Telemetry {
+    /// Whether spans are exported by OTLP.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports the spans still buffered and stops the exporter. Blocks while flushing, so it
+    /// runs on a blocking thread (the tonic exporter needs the runtime's reactor meanwhile).
+    pub async fn shutdown(self) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        let result = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("telemetry: flushing spans failed: {error}"),
+            Err(join) => eprintln!("telemetry: flushing spans failed: {join}"),
+        }
+    }
+}
+
+/// `RUST_LOG`, or `info`.
+pub fn env_filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
+/// Installs the global subscriber for component `service_name`: logs to stderr, plus OTLP/gRPC
+/// span export when [`OTLP_ENDPOINT_ENV`] is set (non-empty). Must run inside a Tokio runtime
+/// (the tonic exporter spawns its connection there).
+pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
+    let endpoint = std::env::var(OTLP_ENDPOINT_ENV)
+        .ok()
+        .filter(|e| !e.trim().is_empty());
+    let provider = match &endpoint {
+        Some(endpoint) => Some(tracer_provider(service_name, endpoint)?),
+        None => None,
+    };
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // The exporter's own transport must not be traced: its spans would feed the exporter.
+    let otel = provider.as_ref().map(|provider| {
+        let quiet = Targets::new()
+            .with_default(tracing::Level::TRACE)
+            .with_target("h2", tracing::level_filters::LevelFilter::OFF)
+            .with_target("hyper", tracing::level_filters::LevelFilter::OFF)
+            .with_target("hyper_util", tracing::level_filters::LevelFilter::OFF)
+            .with_target("tonic", tracing::level_filters::LevelFilter::OFF)
+            .with_target("tower", tracing::level_filters::LevelFilter::OFF)
+            .with_target("opentelemetry", tracing::level_filters::LevelFilter::OFF)
+            .with_target(
+                "opentelemetry_sdk",
+                tracing::level_filters::LevelFilter::OFF,
+            )
+            .with_target(
+                "opentelemetry_otlp",
+                tracing::level_filters::LevelFilter::OFF,
+            );
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service_name.to_string()))
+            .with_filter(quiet)
+    });
+    tracing_subscriber::registry()
+        .with(env_filter())
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    if let Some(endpoint) = endpoint {
+        tracing::info!(%endpoint, service = service_name, "exporting spans by otlp/grpc");
+    }
+    Ok(Telemetry { provider })
+}
+
+fn tracer_provider(
+    service_name: &str,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, TelemetryError> {
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|error| TelemetryError::Exporter {
+            endpoint: endpoint.to_string(),
+            message: error.to_string(),
+        })?;
+    // OTEL_SERVICE_NAME (read by the default resource detectors) wins over our default.
+    let service_name = std::env::var("OTEL_SERVICE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| service_name.to_string());
+    let resource = Resource::builder().with_service_name(service_name).build();
+    Ok(SdkTracerProvider::builder()
+        .with_resource(resource)
+        .with_batch_exporter(exporter)
+        .build())
+}

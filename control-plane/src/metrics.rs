@@ -1,0 +1,82 @@
+//! The control plane's Prometheus metrics: the cluster's workers by pool and state, as the
+//! registry's membership watch sees them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use switchyard_cluster::telemetry::metrics::Metrics;
+use switchyard_cluster::{Membership, MembershipView, Pool, WorkerState};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub pool: &'static str,
+    pub state: &'static str,
+}
+
+const POOLS: [Pool; 2] = [Pool::Gpu, Pool::Wse];
+const STATES: [WorkerState; 2] = [WorkerState::Ready, WorkerState::Draining];
+
+fn pool_label(pool: Pool) -> &'static str {
+    match pool {
+        Pool::Gpu => "gpu",
+        Pool::Wse => "wse",
+    }
+}
+
+#[derive(Clone)]
+pub struct ControlPlaneMetrics {
+    pub workers: Family<WorkerLabels, Gauge>,
+}
+
+impl std::fmt::Debug for ControlPlaneMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlaneMetrics")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ControlPlaneMetrics {
+    pub fn register(metrics: &Metrics) -> Self {
+        let this = Self {
+            workers: Family::default(),
+        };
+        metrics.register(|r| {
+            r.register(
+                "switchyard_control_plane_workers",
+                "Registered workers, by pool and state",
+                this.workers.clone(),
+            )
+        });
+        this
+    }
+
+    /// Sets every (pool, state) series, zeros included, from `view`.
+    pub fn observe(&self, view: &MembershipView) {
+        for pool in POOLS {
+            for state in STATES {
+                let count = view
+                    .iter()
+                    .filter(|w| w.pool == pool && w.state == state)
+                    .count();
+                self.workers
+                    .get_or_create(&WorkerLabels {
+                        pool: pool_label(pool),
+                        state: state.as_str(),
+                    })
+                    .set(count as i64);
+            }
+        }
+    }
+
+    /// Follows `membership` until `shutdown` fires or the watch ends.
+    pub async fn follow(self, mut membership: Membership, shutdown: CancellationToken) {
+        loop {
+            self.observe(&membership.current());
+            tokio::select! {
+                alive = membership.changed() => if !alive { return },
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The router's Prometheus metrics (DESIGN §7). Label values are small closed sets: `lane` ∈
+//! {latency_critical, cost_sensitive}, `pool` ∈ {gpu, wse, none} (`none`: the request never
+//! reached a worker), `model` as requested (validated against the served models before a
+//! request is counted with it), `outcome` and `reason` as documented on each metric.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use switchyard_cluster::Pool;
+use switchyard_cluster::telemetry::metrics::{ITL_BUCKETS, Metrics, TTFT_BUCKETS};
+
+use crate::policy::document::LaneName;
+
+/// The `lane` label value of `lane`.
+pub fn lane_label(lane: LaneName) -> &'static str {
+    match lane {
+        LaneName::LatencyCritical => "latency_critical",
+        LaneName::CostSensitive => "cost_sensitive",
+    }
+}
+
+/// The `pool` label value of `pool` (`none` when there is no worker).
+pub fn pool_label(pool: Option<Pool>) -> &'static str {
+    match pool {
+        Some(Pool::Gpu) => "gpu",
+        Some(Pool::Wse) => "wse",
+        None => "none",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub lane: &'static str,
+    pub pool: &'static str,
+    pub model: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub lane: &'static str,
+    pub pool: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    pub lane: &'static str,
+    pub pool: &'static str,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    pub lane: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LanePoolLabels {
+    pub lane: &'static str,
+    pub pool: &'static str,
+}
+
+fn ttft_histogram() -> Histogram {
+    Histogram::new(TTFT_BUCKETS)
+}
+
+fn itl_histogram() -> Histogram {
+    Histogram::new(ITL_BUCKETS)
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Every router metric, registered in the router's [`Metrics`].
+#[derive(Clone)]
+pub struct RouterMetrics {
+    /// Requests ended, by `outcome`: `completed`, `cancelled`, `failed` (after placement),
+    /// `shed` (`RESOURCE_EXHAUSTED`), `rejected` (invalid, unknown model, no worker).
+    pub requests: Family<RequestLabels, Counter>,
+    /// Placement decisions by `reason`: `home`, `home_affinity`, `spill_to_gpu`, `borrow_wse`
+    /// (placed), `queue` (no slot now: wait at the router), `unknown_model`, `no_worker`.
+    pub route_decisions: Family<DecisionLabels, Counter>,
+    pub ttft: Histograms<StreamLabels>,
+    pub inter_token: Histograms<StreamLabels>,
+    pub tokens_out: Family<StreamLabels, Counter>,
+    pub shed: Family<LaneLabels, Counter>,
+    pub active_sessions: Gauge,
+    /// Requests moved to another worker after theirs failed or left (`pool`: the lost worker's).
+    pub failovers: Family<LanePoolLabels, Counter>,
+}
+
+impl std::fmt::Debug for RouterMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterMetrics").finish_non_exhaustive()
+    }
+}
+
+impl RouterMetrics {
+    pub fn register(metrics: &Metrics) -> Self {
+        let this = Self {
+            requests: Family::default(),
+            route_decisions: Family::default(),
+            ttft: Family::new_with_constructor(ttft_histogram),
+            inter_token: Family::new_with_constructor(itl_histogram),
+            tokens_out: Family::default(),
+            shed: Family::default(),
+            active_sessions: Gauge::default(),
+            failovers: Family::default(),
+        };
+        metrics.register(|r| {
+            r.register(
+                "switchyard_router_requests",
+                "Client requests ended, by lane, pool, model and outcome",
+                this.requests.clone(),
+            );
+            r.register(
+                "switchyard_router_route_decisions",
+                "Routing policy decisions, by lane, pool and reason",
+                this.route_decisions.clone(),
+            );
+            r.register(
+                "switchyard_router_ttft_seconds",
+                "Time from a request's arrival at the router to its first token",
+                this.ttft.clone(),
+            );
+            r.register(
+                "switchyard_router_inter_token_seconds",
+                "Gap between consecutive tokens forwarded to the client",
+                this.inter_token.clone(),
+            );
+            r.register(
+                "switchyard_router_tokens_out",
+                "Tokens forwarded to clients",
+                this.tokens_out.clone(),
+            );
+            r.register(
+                "switchyard_router_shed",
+                "Requests shed with RESOURCE_EXHAUSTED, by lane",
+                this.shed.clone(),
+            );
+            r.register(
+                "switchyard_router_active_sessions",
+                "Open gRPC Session streams",
+                this.active_sessions.clone(),
+            );
+            r.register(
+                "switchyard_router_failovers",
+                "Requests moved to another worker, by lane and the lost worker's pool",
+                this.failovers.clone(),
+            );
+        });
+        this
+    }
+
+    /// A throwaway set (tests, tools that run a dispatcher without serving metrics).
+    pub fn unregistered() -> Self {
+        Self::register(&Metrics::new())
+    }
+
+    pub fn request(&self, lane: LaneName, pool: Option<Pool>, model: &str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                lane: lane_label(lane),
+                pool: pool_label(pool),
+                model: model.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn decision(&self, lane: LaneName, pool: Option<Pool>, reason: &'static str) {
+        self.route_decisions
+            .get_or_create(&DecisionLabels {
+                lane: lane_label(lane),
+                pool: pool_label(pool),
+                reason,
+            })
+            .inc();
+    }
+
+    /// `tokens` arrived `gap` after the previous chunk (or after the request arrived, for the
+    /// first chunk: then `first` is set and `gap` is the TTFT).
+    pub fn tokens(&self, labels: &StreamLabels, tokens: u32, gap: Duration, first: bool) {
+        if tokens == 0 {
+            return;
+        }
+        self.tokens_out
+            .get_or_create(labels)
+            .inc_by(u64::from(tokens));
+        if first {
+            self.ttft.get_or_create(labels).observe(gap.as_secs_f64());
+            return;
+        }
+        // A coalesced chunk of n tokens took `gap`: n gaps of gap/n each.
+        let per_token = gap.as_secs_f64() / f64::from(tokens);
+        let histogram = self.inter_token.get_or_create(labels);
+        for _ in 0..tokens {
+            histogram.observe(per_token);
+        }
+    }
+
+    pub fn shed(&self, lane: LaneName) {
+        self.shed
+            .get_or_create(&LaneLabels {
+                lane: lane_label(lane),
+            })
+            .inc();
+    }
+
+    pub fn failover(&self, lane: LaneName, pool: Pool) {
+        self.failovers
+            .get_or_create(&LanePoolLabels {
+                lane: lane_label(lane),
+                pool: pool_label(Some(pool)),
+            })
+            .inc();
+    }
+}
+
+/// Decrements the active-session gauge when the session ends, however it ends.
+pub struct SessionGuard(Gauge);
+
+impl SessionGuard {
+    pub fn open(metrics: &RouterMetrics) -> Self {
+        metrics.active_sessions.inc();
+        Self(metrics.active_sessions.clone())
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_count_tokens_and_split_gaps() {
+        let metrics = Metrics::new();
+        let router = RouterMetrics::register(&metrics);
+        let labels = StreamLabels {
+            lane: "cost_sensitive",
+            pool: "gpu",
+            model: "m".into(),
+        };
+        router.tokens(&labels, 1, Duration::from_millis(30), true);
+        router.tokens(&labels, 4, Duration::from_millis(8), false);
+        router.tokens(&labels, 0, Duration::from_millis(8), false);
+        let text = metrics.encode();
+        let series = "{lane=\"cost_sensitive\",pool=\"gpu\",model=\"m\"}";
+        assert!(
+            text.contains(&format!("switchyard_router_tokens_out_total{series} 5")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("switchyard_router_ttft_seconds_count{series} 1")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(
+                "switchyard_router_inter_token_seconds_count{series} 4"
+            )),
+            "{text}"
+        );
+        // 2 ms per token falls in the 2.5 ms bucket, not the 1 ms one.
+        assert!(
+            text.contains(
+                "switchyard_router_inter_token_seconds_bucket{le=\"0.001\",lane=\"cost_sensitive\",pool=\"gpu\",model=\"m\"} 0"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn session_gauge_follows_guards() {
+        let router = RouterMetrics::unregistered();
+        let a = SessionGuard::open(&router);
+        let b = SessionGuard::open(&router);
+        assert_eq!(router.active_sessions.get(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(router.active_sessions.get(), 0);
+    }
+}

@@ -1,0 +1,456 @@
+//! DESIGN §7 end to end: Prometheus `/metrics` of the router, the workers and the control plane
+//! scraped with a real HTTP client after real requests; and OpenTelemetry spans exported by the
+//! router and a worker to a real OTLP/gRPC collector running in this test, continuing the
+//! client's W3C `traceparent` across the router–worker stream.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+use switchyard_proto::v1::{self, RequestClass, inference_client::InferenceClient, server_frame};
+use switchyard_tests::{Cluster, ClusterSpec, synthetic_request, wait_until};
+use tokio_stream::wrappers::TcpListenerStream;
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Sum of the samples of metric `name` whose labels include every pair of `labels`.
+fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((metric, rest)) => (metric, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            (metric == name).then_some((label_text, value))
+        })
+        .filter(|(label_text, _)| {
+            labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, value)| value.parse::<f64>().expect("sample value"))
+        .sum()
+}
+
+async fn scrape(url: &str) -> anyhow::Result<String> {
+    let response = reqwest::get(url).await?;
+    anyhow::ensure!(response.status() == 200, "{url}: {}", response.status());
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    anyhow::ensure!(
+        content_type.starts_with("application/openmetrics-text"),
+        "{url}: content-type {content_type:?}"
+    );
+    Ok(response.text().await?)
+}
+
+/// Runs one `Generate` call to its end: the `Accepted` frame and the completion token count.
+async fn generate(
+    router: &str,
+    request: v1::GenerateRequest,
+    traceparent: Option<&str>,
+) -> anyhow::Result<(v1::Accepted, u32)> {
+    let channel = switchyard::client::connect_channel(router).await?;
+    let mut client = InferenceClient::new(channel);
+    let mut call = tonic::Request::new(request);
+    if let Some(traceparent) = traceparent {
+        call.metadata_mut()
+            .insert("traceparent", traceparent.parse()?);
+    }
+    let mut frames = client.generate(call).await?.into_inner();
+    let mut accepted = None;
+    while let Some(frame) = frames.message().await? {
+        match frame.frame {
+            Some(server_frame::Frame::Accepted(a)) => accepted = Some(a),
+            Some(server_frame::Frame::Finished(f)) => {
+                let tokens = f.usage.map(|u| u.completion_tokens).unwrap_or_default();
+                return Ok((accepted.expect("accepted before finished"), tokens));
+            }
+            Some(server_frame::Frame::Failed(f)) => anyhow::bail!("request failed: {f:?}"),
+            _ => {}
+        }
+    }
+    anyhow::bail!("stream ended without Finished")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 1,
+        metrics: true,
+        ..Default::default()
+    })
+    .await?;
+    let router = cluster.router_addr();
+    let router_metrics = cluster.router.metrics_url();
+
+    // Before any traffic: families are declared, no request counted.
+    let before = scrape(&router_metrics).await?;
+    assert!(
+        before.contains("# TYPE switchyard_router_requests counter"),
+        "{before}"
+    );
+    assert_eq!(
+        sample(&before, "switchyard_router_requests_total", &[]),
+        0.0
+    );
+
+    let cheap = synthetic_request("m-cheap", RequestClass::CostSensitive, "hello there", 12);
+    let (cheap_accepted, cheap_tokens) = generate(&router, cheap, None).await?;
+    let fast = synthetic_request("m-fast", RequestClass::LatencyCritical, "quick one", 8);
+    let (fast_accepted, fast_tokens) = generate(&router, fast, None).await?;
+    assert!(cheap_tokens > 1 && fast_tokens > 1);
+    let mut unknown = synthetic_request("m-unknown", RequestClass::CostSensitive, "x", 4);
+    unknown.model = "no-such-model".into();
+    assert!(generate(&router, unknown, None).await.is_err());
+
+    let text = scrape(&router_metrics).await?;
+    for (accepted, lane, tokens) in [
+        (&cheap_accepted, "cost_sensitive", cheap_tokens),
+        (&fast_accepted, "latency_critical", fast_tokens),
+    ] {
+        let series = [
+            ("lane", lane),
+            ("pool", accepted.pool.as_str()),
+            ("model", "synthetic"),
+        ];
+        let completed = [series.as_slice(), &[("outcome", "completed")]].concat();
+        assert_eq!(
+            sample(&text, "switchyard_router_requests_total", &completed),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "switchyard_router_route_decisions_total",
+                &series[..2]
+            ),
+            1.0,
+            "one placement for {lane}:\n{text}"
+        );
+        assert_eq!(
+            sample(&text, "switchyard_router_ttft_seconds_count", &series),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "switchyard_router_tokens_out_total", &series),
+            f64::from(tokens),
+            "{text}"
+        );
+        // The first token is a chunk of its own (TTFT); every later token has a gap.
+        assert_eq!(
+            sample(
+                &text,
+                "switchyard_router_inter_token_seconds_count",
+                &series
+            ),
+            f64::from(tokens - 1),
+            "{text}"
+        );
+    }
+    // The placement reasons are the policy's own names.
+    let placed: f64 = ["home", "home_affinity", "spill_to_gpu", "borrow_wse"]
+        .iter()
+        .map(|r| {
+            sample(
+                &text,
+                "switchyard_router_route_decisions_total",
+                &[("reason", r)],
+            )
+        })
+        .sum();
+    assert_eq!(placed, 2.0, "{text}");
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_router_route_decisions_total",
+            &[("reason", "unknown_model"), ("pool", "none")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "switchyard_router_requests_total",
+            &[("outcome", "rejected"), ("pool", "none")]
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "switchyard_router_shed_total", &[]), 0.0);
+
+    // The router serves the same registry on its OpenAI HTTP port.
+    let http = scrape(&format!("http://{}/metrics", cluster.router.addr("http"))).await?;
+    assert!(http.contains("switchyard_router_requests_total"), "{http}");
+
+    // Each worker counted the generation it ran, labelled with the lane the router chose.
+    for (accepted, lane, tokens) in [
+        (&cheap_accepted, "cost_sensitive", cheap_tokens),
+        (&fast_accepted, "latency_critical", fast_tokens),
+    ] {
+        let worker = cluster
+            .gpu
+            .iter()
+            .chain(&cluster.wse)
+            .find(|w| w.name == accepted.worker_id)
+            .expect("the accepting worker is in the cluster");
+        let text = scrape(&worker.metrics_url()).await?;
+        let series = [
+            ("pool", accepted.pool.as_str()),
+            ("lane", lane),
+            ("model", "synthetic"),
+        ];
+        assert_eq!(
+            sample(&text, "switchyard_worker_tokens_generated_total", &series),
+            f64::from(tokens),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "switchyard_worker_ttft_seconds_count", &series),
+            1.0,
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "switchyard_worker_inter_token_seconds_count",
+                &series
+            ),
+            f64::from(tokens - 1),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchyard_worker_queue_depth{pool="),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchyard_worker_kv_used_bytes{pool="),
+            "{text}"
+        );
+    }
+
+    // Active sequences rise while a long generation runs and fall back after it.
+    let gpu = &cluster.gpu[0];
+    let long = synthetic_request("m-long", RequestClass::CostSensitive, "long", 150);
+    let running = tokio::spawn({
+        let router = router.clone();
+        async move { generate(&router, long, None).await }
+    });
+    let active = |pool: &'static str, url: String, want: f64| async move {
+        scrape(&url)
+            .await
+            .map(|t| sample(&t, "switchyard_worker_active_sequences", &[("pool", pool)]) == want)
+            .unwrap_or(false)
+    };
+    wait_until(TIMEOUT, "gpu active_sequences 1", || {
+        active("gpu", gpu.metrics_url(), 1.0)
+    })
+    .await?;
+    running.await??;
+    wait_until(TIMEOUT, "gpu active_sequences 0", || {
+        active("gpu", gpu.metrics_url(), 0.0)
+    })
+    .await?;
+
+    // An open session is counted until it closes.
+    let session_gauge = |want: f64| {
+        let url = router_metrics.clone();
+        async move {
+            scrape(&url)
+                .await
+                .map(|t| sample(&t, "switchyard_router_active_sessions", &[]) == want)
+                .unwrap_or(false)
+        }
+    };
+    let mut client = InferenceClient::new(switchyard::client::connect_channel(&router).await?);
+    let (tx, rx) = tokio::sync::mpsc::channel::<v1::ClientFrame>(1);
+    let session = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?;
+    wait_until(TIMEOUT, "active_sessions 1", || session_gauge(1.0)).await?;
+    drop(tx);
+    drop(session);
+    wait_until(TIMEOUT, "active_sessions 0", || session_gauge(0.0)).await?;
+
+    // The control plane sees both workers ready.
+    let cp = scrape(&cluster.control_plane.metrics_url()).await?;
+    for pool in ["gpu", "wse"] {
+        let ready = [("pool", pool), ("state", "ready")];
+        assert_eq!(
+            sample(&cp, "switchyard_control_plane_workers", &ready),
+            1.0,
+            "{cp}"
+        );
+        let draining = [("pool", pool), ("state", "draining")];
+        assert_eq!(
+            sample(&cp, "switchyard_control_plane_workers", &draining),
+            0.0,
+            "{cp}"
+        );
+    }
+    Ok(())
+}
+
+/// One exported span, reduced to what the test checks.
+#[derive(Debug, Clone)]
+struct ExportedSpan {
+    service: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+}
+
+/// A real OTLP/gRPC trace collector keeping every span it receives.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<ExportedSpan>>>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.spans.lock().expect("collector lock");
+        for resource_spans in request.into_inner().resource_spans {
+            let service = resource_spans
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                    AnyValue::StringValue(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .unwrap_or_default();
+            for scope in resource_spans.scope_spans {
+                for span in scope.spans {
+                    spans.push(ExportedSpan {
+                        service: service.clone(),
+                        name: span.name,
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    async fn start(self) -> anyhow::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TraceServiceServer::new(self))
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        Ok(addr)
+    }
+
+    fn find(&self, service: &str, name: &str, trace_id: &str) -> Option<ExportedSpan> {
+        self.spans
+            .lock()
+            .expect("collector lock")
+            .iter()
+            .find(|s| s.service == service && s.name == name && s.trace_id == trace_id)
+            .cloned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_trace_context_reaches_the_worker_through_the_router() -> anyhow::Result<()> {
+    let collector = Collector::default();
+    let endpoint = collector.clone().start().await?;
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        env: vec![
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                format!("http://{endpoint}"),
+            ),
+            // Export within 100 ms instead of the default 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ],
+        ..Default::default()
+    })
+    .await?;
+
+    // The client's own span: trace id T, span id P.
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let client_span = "b7ad6b7169203331";
+    let traceparent = format!("00-{trace_id}-{client_span}-01");
+    let request = synthetic_request("traced", RequestClass::CostSensitive, "trace me", 6);
+    generate(&cluster.router_addr(), request, Some(&traceparent)).await?;
+
+    let mut found = None;
+    wait_until(TIMEOUT, "router and worker spans at the collector", || {
+        let router = collector.find("switchyard-router", "router.request", trace_id);
+        let worker = collector.find("switchyard-worker-gpu", "worker.generate", trace_id);
+        found = router.zip(worker);
+        let hit = found.is_some();
+        async move { hit }
+    })
+    .await?;
+    let (router, worker) = found.expect("found when wait_until succeeds");
+    assert_eq!(
+        router.parent_span_id, client_span,
+        "router span is the client's child"
+    );
+    assert_eq!(
+        worker.parent_span_id, router.span_id,
+        "worker span is the router's child"
+    );
+    assert_ne!(worker.span_id, router.span_id);
+
+    // A request without trace context starts a trace of its own at the router.
+    let request = synthetic_request("untraced", RequestClass::CostSensitive, "no parent", 4);
+    generate(&cluster.router_addr(), request, None).await?;
+    let mut own: Option<(ExportedSpan, ExportedSpan)> = None;
+    wait_until(TIMEOUT, "a root router span and its worker child", || {
+        let spans = collector.spans.lock().expect("collector lock").clone();
+        let by_id: HashMap<&str, &ExportedSpan> =
+            spans.iter().map(|s| (s.span_id.as_str(), s)).collect();
+        own = spans
+            .iter()
+            .filter(|s| s.name == "worker.generate" && s.trace_id != trace_id)
+            .find_map(|w| {
+                let parent = by_id.get(w.parent_span_id.as_str())?;
+                (parent.name == "router.request").then(|| ((*parent).clone(), w.clone()))
+            });
+        let hit = own.is_some();
+        async move { hit }
+    })
+    .await?;
+    let (root, _) = own.expect("found when wait_until succeeds");
+    assert!(root.parent_span_id.is_empty(), "{root:?}");
+    Ok(())
+}

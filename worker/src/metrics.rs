@@ -1,0 +1,222 @@
+//! The worker's Prometheus metrics (DESIGN §7), shared by both pools: per-generation TTFT,
+//! inter-token latency and tokens (labels `pool`, `lane` as the router classified the request,
+//! `model`), and the load gauges (active sequences, queue depth, KV bytes) from the same
+//! snapshot the worker streams to routers.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use switchyard_cluster::Pool;
+use switchyard_cluster::telemetry::metrics::{ITL_BUCKETS, Metrics, TTFT_BUCKETS};
+use switchyard_proto::v1;
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GenerationLabels {
+    pub pool: &'static str,
+    pub lane: &'static str,
+    pub model: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: &'static str,
+}
+
+fn ttft_histogram() -> Histogram {
+    Histogram::new(TTFT_BUCKETS)
+}
+
+fn itl_histogram() -> Histogram {
+    Histogram::new(ITL_BUCKETS)
+}
+
+type Histograms = Family<GenerationLabels, Histogram, fn() -> Histogram>;
+
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    pool: &'static str,
+    pub ttft: Histograms,
+    pub inter_token: Histograms,
+    pub tokens: Family<GenerationLabels, Counter>,
+    pub active: Family<PoolLabels, Gauge>,
+    pub queued: Family<PoolLabels, Gauge>,
+    pub kv_used_bytes: Family<PoolLabels, Gauge>,
+}
+
+impl std::fmt::Debug for WorkerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerMetrics")
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `pool` label value.
+fn pool_label(pool: Pool) -> &'static str {
+    match pool {
+        Pool::Gpu => "gpu",
+        Pool::Wse => "wse",
+    }
+}
+
+/// The `lane` label value of a `Start` frame's lane (`unspecified` from older routers).
+pub fn lane_label(lane: i32) -> &'static str {
+    match v1::Lane::try_from(lane) {
+        Ok(v1::Lane::LatencyCritical) => "latency_critical",
+        Ok(v1::Lane::CostSensitive) => "cost_sensitive",
+        _ => "unspecified",
+    }
+}
+
+impl WorkerMetrics {
+    pub fn register(metrics: &Metrics, pool: Pool) -> Self {
+        let this = Self {
+            pool: pool_label(pool),
+            ttft: Family::new_with_constructor(ttft_histogram),
+            inter_token: Family::new_with_constructor(itl_histogram),
+            tokens: Family::default(),
+            active: Family::default(),
+            queued: Family::default(),
+            kv_used_bytes: Family::default(),
+        };
+        metrics.register(|r| {
+            r.register(
+                "switchyard_worker_ttft_seconds",
+                "Time from a Start frame to the generation's first token",
+                this.ttft.clone(),
+            );
+            r.register(
+                "switchyard_worker_inter_token_seconds",
+                "Gap between consecutive generated tokens",
+                this.inter_token.clone(),
+            );
+            r.register(
+                "switchyard_worker_tokens_generated",
+                "Tokens generated",
+                this.tokens.clone(),
+            );
+            r.register(
+                "switchyard_worker_active_sequences",
+                "Generations running in the engine",
+                this.active.clone(),
+            );
+            r.register(
+                "switchyard_worker_queue_depth",
+                "Generations admitted but waiting for an engine slot",
+                this.queued.clone(),
+            );
+            r.register(
+                "switchyard_worker_kv_used_bytes",
+                "KV cache bytes in use",
+                this.kv_used_bytes.clone(),
+            );
+        });
+        // Show the gauges at zero before the first load report.
+        this.observe_load(&v1::Load::default());
+        this
+    }
+
+    /// Sets the load gauges from a load snapshot.
+    pub fn observe_load(&self, load: &v1::Load) {
+        let labels = PoolLabels { pool: self.pool };
+        self.active
+            .get_or_create(&labels)
+            .set(i64::from(load.active));
+        self.queued
+            .get_or_create(&labels)
+            .set(i64::from(load.queued));
+        self.kv_used_bytes
+            .get_or_create(&labels)
+            .set(i64::try_from(load.kv_used_bytes).unwrap_or(i64::MAX));
+    }
+
+    /// A clock for one generation's tokens.
+    pub fn generation(&self, lane: i32, model: &str) -> TokenClock {
+        TokenClock {
+            metrics: Some((
+                self.clone(),
+                GenerationLabels {
+                    pool: self.pool,
+                    lane: lane_label(lane),
+                    model: model.to_string(),
+                },
+            )),
+            started: Instant::now(),
+            last: None,
+        }
+    }
+}
+
+/// Times one generation's tokens as the engine emits them.
+pub struct TokenClock {
+    metrics: Option<(WorkerMetrics, GenerationLabels)>,
+    started: Instant,
+    last: Option<Instant>,
+}
+
+impl TokenClock {
+    /// A clock that records nothing (tests of the forwarding alone).
+    pub fn unrecorded() -> Self {
+        Self {
+            metrics: None,
+            started: Instant::now(),
+            last: None,
+        }
+    }
+
+    /// One token came out of the engine now.
+    pub fn token(&mut self) {
+        let now = Instant::now();
+        let previous = self.last.replace(now);
+        let Some((metrics, labels)) = &self.metrics else {
+            return;
+        };
+        metrics.tokens.get_or_create(labels).inc();
+        match previous {
+            None => metrics
+                .ttft
+                .get_or_create(labels)
+                .observe((now - self.started).as_secs_f64()),
+            Some(previous) => metrics
+                .inter_token
+                .get_or_create(labels)
+                .observe((now - previous).as_secs_f64()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_feed_ttft_then_inter_token_latency() {
+        let metrics = Metrics::new();
+        let worker = WorkerMetrics::register(&metrics, Pool::Wse);
+        let mut clock = worker.generation(v1::Lane::LatencyCritical as i32, "m");
+        for _ in 0..3 {
+            clock.token();
+        }
+        worker.observe_load(&v1::Load {
+            active: 2,
+            queued: 1,
+            kv_used_bytes: 4096,
+            ..Default::default()
+        });
+        let text = metrics.encode();
+        let series = "{pool=\"wse\",lane=\"latency_critical\",model=\"m\"}";
+        for expected in [
+            format!("switchyard_worker_tokens_generated_total{series} 3"),
+            format!("switchyard_worker_ttft_seconds_count{series} 1"),
+            format!("switchyard_worker_inter_token_seconds_count{series} 2"),
+            "switchyard_worker_active_sequences{pool=\"wse\"} 2".into(),
+            "switchyard_worker_queue_depth{pool=\"wse\"} 1".into(),
+            "switchyard_worker_kv_used_bytes{pool=\"wse\"} 4096".into(),
+        ] {
+            assert!(text.contains(&expected), "missing {expected} in\n{text}");
+        }
+    }
+}
