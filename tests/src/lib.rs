@@ -396,17 +396,13 @@ impl Cluster {
             api_key: spec.api_key.clone(),
         };
         let expected = spec.gpu_workers + spec.wse_workers;
-        wait_until(
-            READY_TIMEOUT,
-            "the router to link every worker",
-            || async {
-                cluster
-                    .router_worker_ids()
-                    .await
-                    .map(|ids| ids.len() == expected)
-                    .unwrap_or(false)
-            },
-        )
+        wait_until(READY_TIMEOUT, "the router to link every worker", || async {
+            cluster
+                .router_worker_ids()
+                .await
+                .map(|ids| ids.len() == expected)
+                .unwrap_or(false)
+        })
         .await?;
         Ok(cluster)
     }

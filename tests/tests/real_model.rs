@@ -79,14 +79,15 @@ async fn chat_through_the_router_gets_a_sensible_answer_from_the_real_model() ->
         .unwrap_or_default();
     assert!(answer.contains("Paris"), "answer {answer:?} in {body}");
     assert_eq!(body["choices"][0]["finish_reason"], "stop", "{body}");
-    assert!(body["usage"]["prompt_tokens"].as_u64().unwrap_or(0) > 10, "{body}");
+    assert!(
+        body["usage"]["prompt_tokens"].as_u64().unwrap_or(0) > 10,
+        "{body}"
+    );
 
     // The same question over gRPC streams the same greedy text in sequenced chunks.
-    let mut grpc = v1::inference_client::InferenceClient::connect(format!(
-        "http://{}",
-        cluster.router_addr()
-    ))
-    .await?;
+    let mut grpc =
+        v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))
+            .await?;
     let mut stream = grpc
         .generate(v1::GenerateRequest {
             request_id: "real-model-1".into(),
