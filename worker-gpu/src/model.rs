@@ -49,6 +49,7 @@ pub struct Llama {
     sin: Tensor,
     /// Bytes of weights as held in memory (after any repack).
     pub weight_bytes: u64,
+    dense_from_rows: usize,
 }
 
 impl std::fmt::Debug for Llama {
@@ -97,6 +98,26 @@ impl SeqCache {
     /// Bytes this cache holds.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+/// Rows (tokens) from which a weight multiplies as dequantized f32 instead of quantized.
+/// candle's quantized CPU matmul computes every (row, column) dot product on its own, so its
+/// cost grows linearly with the rows — a 512-token prompt chunk costs 512 single-token steps.
+/// Dequantizing the matrix (one pass over the weights, freed right after) and running candle's
+/// cache-blocked f32 GEMM is cheaper from a few rows on: prompt chunks and large decode
+/// batches. Measured with `switchyard-bench engine` (see worker-gpu/README.md).
+const DENSE_FROM_ROWS: usize = 8;
+
+/// `x · wᵀ` for `x` of shape `(rows, in)`; dense from `dense_from_rows` rows on.
+fn linear(w: &QMatMul, x: &Tensor, dense_from_rows: usize) -> Result<Tensor, ModelError> {
+    let rows = x.dims().iter().rev().skip(1).product::<usize>();
+    match w {
+        QMatMul::QTensor(q) if rows >= dense_from_rows && x.device().is_cpu() => {
+            let dense = q.dequantize(x.device())?;
+            Ok(x.matmul(&dense.t()?)?)
+        }
+        _ => Ok(w.forward(x)?),
     }
 }
 
@@ -186,7 +207,16 @@ impl Llama {
             norm,
             lm_head,
             weight_bytes,
+            dense_from_rows: DENSE_FROM_ROWS,
         })
+    }
+
+    /// Keeps every matmul quantized (`usize::MAX`) or moves the dense threshold: the two paths
+    /// round differently (dense skips quantizing the activations), so tests that compare
+    /// prefill with decode bit for bit pin one path.
+    pub fn with_dense_from_rows(mut self, rows: usize) -> Self {
+        self.dense_from_rows = rows.max(1);
+        self
     }
 
     pub fn device(&self) -> &Device {
@@ -255,21 +285,15 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let q = layer
-                .wq
-                .forward(&h)?
+            let q = linear(&layer.wq, &h, self.dense_from_rows)?
                 .reshape((1, t, nh, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let k = layer
-                .wk
-                .forward(&h)?
+            let k = linear(&layer.wk, &h, self.dense_from_rows)?
                 .reshape((1, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let v = layer
-                .wv
-                .forward(&h)?
+            let v = linear(&layer.wv, &h, self.dense_from_rows)?
                 .reshape((1, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
@@ -293,7 +317,7 @@ impl Llama {
                 .reshape((nh, t, hd))?
                 .transpose(0, 1)?
                 .reshape((t, nh * hd))?;
-            x = (x + layer.wo.forward(&o)?)?;
+            x = (x + linear(&layer.wo, &o, self.dense_from_rows)?)?;
             x = self.ffn(layer, x)?;
         }
         cache.len = total;
@@ -304,9 +328,9 @@ impl Llama {
 
     fn ffn(&self, layer: &Layer, x: Tensor) -> Result<Tensor, ModelError> {
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
-        let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h)?)?;
-        let up = layer.w_up.forward(&h)?;
-        Ok((x + layer.w_down.forward(&(gate * up)?)?)?)
+        let gate = candle_nn::ops::silu(&linear(&layer.w_gate, &h, self.dense_from_rows)?)?;
+        let up = linear(&layer.w_up, &h, self.dense_from_rows)?;
+        Ok((x + linear(&layer.w_down, &(gate * up)?, self.dense_from_rows)?)?)
     }
 
     /// One decode step for several sequences at once: `tokens[i]` is the next input of the
@@ -350,9 +374,9 @@ impl Llama {
         let mut outs = Vec::with_capacity(b);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let q = layer.wq.forward(&h)?.reshape((b, nh, 1, hd))?;
-            let k = layer.wk.forward(&h)?.reshape((b, nkv, 1, hd))?;
-            let v = layer.wv.forward(&h)?.reshape((b, nkv, 1, hd))?;
+            let q = linear(&layer.wq, &h, self.dense_from_rows)?.reshape((b, nh, 1, hd))?;
+            let k = linear(&layer.wk, &h, self.dense_from_rows)?.reshape((b, nkv, 1, hd))?;
+            let v = linear(&layer.wv, &h, self.dense_from_rows)?.reshape((b, nkv, 1, hd))?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
             outs.clear();
@@ -369,7 +393,7 @@ impl Llama {
                 outs.push(att.matmul(&values)?.reshape((1, nh * hd))?);
             }
             let o = Tensor::cat(&outs, 0)?;
-            x = (x + layer.wo.forward(&o)?)?;
+            x = (x + linear(&layer.wo, &o, self.dense_from_rows)?)?;
             x = self.ffn(layer, x)?;
         }
         for cache in caches.iter_mut() {

@@ -10,7 +10,7 @@ use switchyard_worker::{
     Engine, EngineError, EngineEvent, EngineRequest, Prompt, Sampling, StopReason,
 };
 use switchyard_worker_gpu::gguf::{GgufFile, Repack};
-use switchyard_worker_gpu::model::{Llama, logits_rows};
+use switchyard_worker_gpu::model::{Llama, argmax, logits_rows};
 use switchyard_worker_gpu::testing::{TinySpec, write_tiny_llama};
 use switchyard_worker_gpu::tokenizer::GgufTokenizer;
 use switchyard_worker_gpu::{CandleEngine, SchedulerLimits};
@@ -105,6 +105,8 @@ fn batched_decode_equals_each_sequence_alone() {
 fn chunked_prefill_equals_whole_prefill() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = load(&tiny_file(&dir), Repack::None);
+    // One matmul path throughout, so the chunks must agree bit for bit.
+    let model = model.with_dense_from_rows(usize::MAX);
     let prompt: Vec<u32> = (10..40).collect();
     let mut whole = model.new_cache(64).unwrap();
     let a = logits_rows(&model.prefill(&prompt, &mut whole).unwrap()).unwrap();
@@ -114,6 +116,24 @@ fn chunked_prefill_equals_whole_prefill() {
     let b = logits_rows(&model.prefill(&prompt[20..], &mut chunked).unwrap()).unwrap();
     assert!(max_abs_diff(&a[0], &b[0]) < 1e-3);
     assert_eq!(chunked.len(), 30);
+}
+
+/// Long prompt chunks multiply against dequantized weights; they must agree with the quantized
+/// path up to activation rounding, on the same prediction.
+#[test]
+fn dense_prefill_agrees_with_quantized_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = load(&tiny_file(&dir), Repack::Q8_0);
+    let prompt: Vec<u32> = (10..40).collect();
+    let mut cache = model.new_cache(64).unwrap();
+    let dense = logits_rows(&model.prefill(&prompt, &mut cache).unwrap()).unwrap();
+    let model = model.with_dense_from_rows(usize::MAX);
+    let mut cache = model.new_cache(64).unwrap();
+    let quantized = logits_rows(&model.prefill(&prompt, &mut cache).unwrap()).unwrap();
+    let diff = max_abs_diff(&dense[0], &quantized[0]);
+    assert!(diff > 0.0, "the dense path was not taken");
+    assert!(diff < 0.5, "dense and quantized prefill differ by {diff}");
+    assert_eq!(argmax(&dense[0]), argmax(&quantized[0]));
 }
 
 fn engine(path: &Path, limits: SchedulerLimits) -> CandleEngine {
