@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
+use switchyard_worker::RateMeter;
 use switchyard_worker::engine::EngineLoad;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -98,12 +99,9 @@ struct Counters {
     steps: AtomicU64,
     /// Prompt tokens admitted but not yet prefilled.
     unprefilled: AtomicU64,
-    /// Moving average of measured prefill chunks, tokens per second (`f64` bits; 0 = none yet).
-    prefill_rate_bits: AtomicU64,
+    /// Moving average of measured prefill chunks, tokens per second.
+    prefill_rate: RateMeter,
 }
-
-/// Weight of the newest prefill chunk in the moving average of the prefill rate.
-const PREFILL_RATE_WEIGHT: f64 = 0.2;
 
 /// The native model engine.
 pub struct CandleEngine {
@@ -253,9 +251,7 @@ impl Engine for CandleEngine {
             queued: self.counters.queued.load(Ordering::Relaxed),
             kv_used_bytes: self.counters.kv_used.load(Ordering::Relaxed),
             queued_prompt_tokens: self.counters.unprefilled.load(Ordering::Relaxed),
-            prefill_tokens_per_s: f64::from_bits(
-                self.counters.prefill_rate_bits.load(Ordering::Relaxed),
-            ),
+            prefill_tokens_per_s: self.counters.prefill_rate.get(),
         }
     }
 
@@ -531,16 +527,10 @@ impl Scheduler {
             elapsed_ms = (elapsed * 1e3) as u64,
             "prefill chunk"
         );
-        if result.is_ok() && elapsed > 0.0 {
-            let rate = (end - seq.prefilled) as f64 / elapsed;
-            let bits = &self.counters.prefill_rate_bits;
-            let old = f64::from_bits(bits.load(Ordering::Relaxed));
-            let new = if old > 0.0 {
-                old + PREFILL_RATE_WEIGHT * (rate - old)
-            } else {
-                rate
-            };
-            bits.store(new.to_bits(), Ordering::Relaxed);
+        if result.is_ok() {
+            self.counters
+                .prefill_rate
+                .record((end - seq.prefilled) as f64, elapsed);
         }
         match result.and_then(|l| crate::model::logits_rows(&l)) {
             Ok(rows) => {

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use switchyard_worker::RateMeter;
 use switchyard_worker::engine::EngineLoad;
 use switchyard_worker::{
     Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Prompt, StopReason,
@@ -204,12 +205,9 @@ pub struct GatewayEngine {
 #[derive(Debug, Default)]
 struct PrefillMeter {
     unprefilled: AtomicU64,
-    /// Tokens per second as `f64` bits; 0 = nothing measured yet.
-    rate_bits: AtomicU64,
+    /// Prompt tokens per second to the first token.
+    rate: RateMeter,
 }
-
-/// Weight of the newest measurement in the moving average of the prefill rate.
-const PREFILL_RATE_WEIGHT: f64 = 0.2;
 
 /// One generation's prompt, counted as not prefilled until its first token or its end.
 #[derive(Debug)]
@@ -231,18 +229,9 @@ impl PendingPrompt {
 
     /// The first token arrived: fold this prompt's rate into the average.
     fn first_token(self) {
-        let elapsed = self.started.elapsed().as_secs_f64();
-        if elapsed > 0.0 {
-            let rate = self.tokens as f64 / elapsed;
-            let bits = &self.meter.rate_bits;
-            let old = f64::from_bits(bits.load(Ordering::Relaxed));
-            let new = if old > 0.0 {
-                old + PREFILL_RATE_WEIGHT * (rate - old)
-            } else {
-                rate
-            };
-            bits.store(new.to_bits(), Ordering::Relaxed);
-        }
+        self.meter
+            .rate
+            .record(self.tokens as f64, self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -326,7 +315,7 @@ impl Engine for GatewayEngine {
         // No queue: a start beyond the slots is refused.
         EngineLoad {
             queued_prompt_tokens: self.prefill.unprefilled.load(Ordering::Relaxed),
-            prefill_tokens_per_s: f64::from_bits(self.prefill.rate_bits.load(Ordering::Relaxed)),
+            prefill_tokens_per_s: self.prefill.rate.get(),
             ..EngineLoad::default()
         }
     }

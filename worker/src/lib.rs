@@ -17,5 +17,6 @@ pub use engine::{
     Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, Prompt, Sampling,
     StopReason,
 };
+pub use load::RateMeter;
 pub use server::{WorkerConfig, run_worker};
 pub use synthetic::{SyntheticConfig, SyntheticEngine};

@@ -111,3 +111,54 @@ impl LoadTracker {
         }
     }
 }
+
+/// A rate (e.g. prompt tokens per second) averaged over recent samples, shared lock-free
+/// between the engine thread that measures it and the load reports that read it. Zero until
+/// the first sample.
+#[derive(Debug, Default)]
+pub struct RateMeter {
+    bits: std::sync::atomic::AtomicU64,
+}
+
+impl RateMeter {
+    /// Weight of the newest sample in the exponential moving average.
+    const WEIGHT: f64 = 0.2;
+
+    /// Folds in `units` done in `seconds` (ignored when no time passed).
+    pub fn record(&self, units: f64, seconds: f64) {
+        if seconds <= 0.0 {
+            return;
+        }
+        let rate = units / seconds;
+        let old = self.get();
+        let new = if old > 0.0 {
+            old + Self::WEIGHT * (rate - old)
+        } else {
+            rate
+        };
+        self.bits
+            .store(new.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The current average; 0 before any sample.
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.bits.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod rate_meter_tests {
+    use super::RateMeter;
+
+    #[test]
+    fn first_sample_sets_the_rate_then_later_ones_move_it_a_fifth_of_the_way() {
+        let m = RateMeter::default();
+        assert_eq!(m.get(), 0.0);
+        m.record(100.0, 0.0);
+        assert_eq!(m.get(), 0.0);
+        m.record(100.0, 1.0);
+        assert_eq!(m.get(), 100.0);
+        m.record(200.0, 1.0);
+        assert!((m.get() - 120.0).abs() < 1e-9);
+    }
+}
