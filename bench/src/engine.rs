@@ -32,7 +32,7 @@ pub struct EngineBenchArgs {
     /// KV budget of the engine.
     #[arg(long, default_value_t = 512 * 1024 * 1024)]
     pub kv_budget_bytes: u64,
-    /// Keep Q4_1 weights as stored (no Q8_0 repack).
+    /// Keep Q5_0/Q5_1 weights as stored (no Q8_0 repack).
     #[arg(long)]
     pub no_repack: bool,
     /// Print one JSON object instead of a table.

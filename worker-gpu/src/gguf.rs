@@ -1,10 +1,9 @@
 //! Reading llama-architecture GGUF files: hyper-parameters from the metadata (validated, with
 //! the key at fault named) and weights as candle quantized tensors.
 //!
-//! Load-time repacking: candle 0.11 has no SIMD dot product for Q4_1 (it falls back to scalar
-//! code, DESIGN §6 speed gap) but has AVX2/NEON kernels for Q8_0. Re-quantizing Q4_1 blocks to
-//! Q8_0 keeps essentially all precision (8-bit codes for values that had 4-bit codes plus an
-//! offset) at 1.7× the bytes, and makes every matmul take the vectorised path.
+//! Load-time repacking: Q8_0, Q4_0 and Q4_1 run on our own CPU kernel ([`crate::qmatrix`]);
+//! Q5_0/Q5_1 would fall back to candle's scalar code, so they are re-quantized to Q8_0, which
+//! keeps essentially all precision (8-bit codes for 5-bit ones) at 1.3× the bytes.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -59,7 +58,7 @@ impl LlamaConfig {
 pub enum Repack {
     /// As stored in the file.
     None,
-    /// Formats without a vectorised CPU kernel (Q4_1, Q5_0, Q5_1) become Q8_0.
+    /// Formats without a vectorised CPU kernel (Q5_0, Q5_1) become Q8_0.
     Q8_0,
 }
 
@@ -223,7 +222,7 @@ impl GgufFile {
             .tensor(&mut self.reader, name, &Device::Cpu)
             .map_err(|e| err(e.to_string()))?;
         let t = match (repack, t.dtype()) {
-            (Repack::Q8_0, GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1)
+            (Repack::Q8_0, GgmlDType::Q5_0 | GgmlDType::Q5_1)
                 if t.shape().dims().last().is_some_and(|k| k % 32 == 0) =>
             {
                 let f = t.dequantize(&Device::Cpu).map_err(|e| err(e.to_string()))?;

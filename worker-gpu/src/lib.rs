@@ -12,6 +12,7 @@ pub mod device;
 pub mod fetch;
 pub mod gguf;
 pub mod model;
+pub mod qmatrix;
 pub mod sampling;
 pub mod scheduler;
 pub mod testing;
@@ -84,8 +85,8 @@ pub struct GpuEngineArgs {
     /// prompt delays the running streams).
     #[arg(long, env = "SWITCHYARD_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: u32,
-    /// Candle engine: keep Q4_1/Q5_x weights as stored instead of repacking them to Q8_0
-    /// (slower on CPU; exact llama.cpp numerics).
+    /// Candle engine: keep Q5_0/Q5_1 weights as stored instead of repacking them to Q8_0
+    /// (slower on CPU). Q4_0, Q4_1 and Q8_0 always run as stored.
     #[arg(long, env = "SWITCHYARD_NO_REPACK", default_value_t = false)]
     pub no_repack: bool,
 }

@@ -1,4 +1,5 @@
-//! Our own llama forward pass over candle quantized weights (`QMatMul`), written for serving:
+//! Our own llama forward pass over quantized weights (our CPU kernel, [`crate::qmatrix`], for
+//! Q8_0/Q4_0/Q4_1 on the CPU; candle's `QMatMul` otherwise), written for serving:
 //! the KV cache is a separate [`SeqCache`] per sequence owned by the engine (not by the model
 //! object), so sequences join and leave independently, and [`Llama::decode`] runs one batched
 //! forward over every active sequence (one matmul per weight per step; only attention, which
@@ -13,6 +14,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::gguf::{GgufError, GgufFile, LlamaConfig, Repack};
+use crate::qmatrix::{QMatrix, QMatrixError};
 
 /// Errors of a forward pass.
 #[derive(Debug, thiserror::Error)]
@@ -27,24 +29,112 @@ pub enum ModelError {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+/// A weight matrix: our own CPU kernel for the formats it covers ([`QMatrix`]), candle's
+/// quantized matmul otherwise (other formats, and GPU devices).
+enum Linear {
+    Cpu(Arc<QMatrix>),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    fn new(t: QTensor) -> Result<Self, ModelError> {
+        Ok(match cpu_matrix(&t)? {
+            Some(m) => Self::Cpu(Arc::new(m)),
+            None => Self::Candle(QMatMul::from_qtensor(t)?),
+        })
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Self::Cpu(m) => m.bytes(),
+            Self::Candle(QMatMul::QTensor(t)) => t.storage_size_in_bytes() as u64,
+            Self::Candle(QMatMul::Tensor(t) | QMatMul::TensorF16(t)) => {
+                (t.elem_count() * t.dtype().size_in_bytes()) as u64
+            }
+        }
+    }
+
+    /// `x · wᵀ` for `x` of shape `(…, in)`. From `dense_from_rows` rows on, the weight is
+    /// dequantized for this call and multiplied with candle's f32 GEMM: the quantized kernels
+    /// do every multiply-add in integers and their cost grows with the rows, while for a long
+    /// prompt chunk the GEMM's cache blocking repays the one pass of dequantizing.
+    fn forward(&self, x: &Tensor, dense_from_rows: usize) -> Result<Tensor, ModelError> {
+        let rows = x.dims().iter().rev().skip(1).product::<usize>();
+        match self {
+            Self::Cpu(w) if rows >= dense_from_rows => {
+                let dense = Tensor::from_vec(w.dequantize(), (w.rows(), w.cols()), x.device())?;
+                Ok(x.broadcast_matmul(&dense.t()?)?)
+            }
+            Self::Cpu(w) => {
+                let mut dims = x.dims().to_vec();
+                let input = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let out = w.matmul(&input, rows);
+                if let Some(last) = dims.last_mut() {
+                    *last = w.rows();
+                }
+                Ok(Tensor::from_vec(out, dims, x.device())?)
+            }
+            Self::Candle(QMatMul::QTensor(q)) if rows >= dense_from_rows && x.device().is_cpu() => {
+                let dense = q.dequantize(x.device())?;
+                Ok(x.broadcast_matmul(&dense.t()?)?)
+            }
+            Self::Candle(w) => Ok(w.forward(x)?),
+        }
+    }
+}
+
+/// `t` in our CPU kernel's layout, when it is on the CPU in a format the kernel covers.
+fn cpu_matrix(t: &QTensor) -> Result<Option<QMatrix>, ModelError> {
+    if !t.device().is_cpu() {
+        return Ok(None);
+    }
+    match QMatrix::from_qtensor(t) {
+        Ok(m) => Ok(Some(m)),
+        Err(QMatrixError::Unsupported(_)) => Ok(None),
+        Err(e) => Err(ModelError::Invalid(e.to_string())),
+    }
+}
+
+/// The token embedding table (also the output head when the model ties them).
+enum Embedding {
+    Cpu(Arc<QMatrix>),
+    Candle(Arc<QTensor>),
+}
+
+impl Embedding {
+    fn lookup(&self, ids: &[u32], device: &Device) -> Result<Tensor, ModelError> {
+        match self {
+            Self::Cpu(m) => {
+                let width = m.cols();
+                let mut out = vec![0f32; ids.len() * width];
+                for (&id, row) in ids.iter().zip(out.chunks_exact_mut(width)) {
+                    m.dequantize_row(id as usize, row);
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), width), device)?)
+            }
+            Self::Candle(t) => Ok(t.embedding(&Tensor::new(ids, device)?)?),
+        }
+    }
 }
 
 /// A loaded llama model: weights and rotary tables; no per-sequence state.
 pub struct Llama {
     pub config: LlamaConfig,
     device: Device,
-    embed: Arc<QTensor>,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: QMatMul,
+    lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     /// Bytes of weights as held in memory (after any repack).
@@ -101,34 +191,18 @@ impl SeqCache {
     }
 }
 
-/// Rows (tokens) from which a weight multiplies as dequantized f32 instead of quantized.
-/// candle's quantized CPU matmul computes every (row, column) dot product on its own, so its
-/// cost grows linearly with the rows — a 512-token prompt chunk costs 512 single-token steps.
-/// Dequantizing the matrix (one pass over the weights, freed right after) and running candle's
-/// cache-blocked f32 GEMM is cheaper from a few rows on: prompt chunks and large decode
-/// batches. Measured with `switchyard-bench engine` (see worker-gpu/README.md).
-const DENSE_FROM_ROWS: usize = 8;
+/// Rows (tokens) from which a weight multiplies as dequantized f32 (see [`Linear::forward`]).
+/// Measured on SmolLM2 (2 threads): a 128-token chunk costs 0.8-0.9 s quantized and 1.0 s
+/// dense, a 512-token chunk 3.1-3.5 s quantized and 2.5 s dense.
+const DENSE_FROM_ROWS: usize = 256;
 
-/// `x · wᵀ` for `x` of shape `(rows, in)`; dense from `dense_from_rows` rows on.
-fn linear(w: &QMatMul, x: &Tensor, dense_from_rows: usize) -> Result<Tensor, ModelError> {
-    let rows = x.dims().iter().rev().skip(1).product::<usize>();
-    match w {
-        QMatMul::QTensor(q) if rows >= dense_from_rows && x.device().is_cpu() => {
-            let dense = q.dequantize(x.device())?;
-            Ok(x.matmul(&dense.t()?)?)
-        }
-        _ => Ok(w.forward(x)?),
-    }
-}
-
-fn qmatmul(
+fn linear(
     file: &mut GgufFile,
     name: &str,
     dev: &Device,
     repack: Repack,
-) -> Result<QMatMul, ModelError> {
-    let t = file.tensor(name, dev, repack)?;
-    Ok(QMatMul::from_qtensor(t)?)
+) -> Result<Linear, ModelError> {
+    Linear::new(file.tensor(name, dev, repack)?)
 }
 
 fn dense(file: &mut GgufFile, name: &str, dev: &Device) -> Result<Tensor, ModelError> {
@@ -140,7 +214,7 @@ impl Llama {
     /// Loads every weight of `file` onto `device`.
     pub fn load(file: &mut GgufFile, device: &Device, repack: Repack) -> Result<Self, ModelError> {
         let config = file.llama_config()?;
-        let embed = Arc::new(file.tensor("token_embd.weight", device, Repack::None)?);
+        let embed = file.tensor("token_embd.weight", device, Repack::None)?;
         let (rows, cols) = embed.shape().dims2()?;
         if rows != config.vocab_size || cols != config.n_embd {
             return Err(ModelError::Invalid(format!(
@@ -148,38 +222,46 @@ impl Llama {
                 config.vocab_size, config.n_embd
             )));
         }
-        let mut weight_bytes = embed.storage_size_in_bytes() as u64;
+        let embed = match cpu_matrix(&embed)? {
+            Some(m) => Embedding::Cpu(Arc::new(m)),
+            None => Embedding::Candle(Arc::new(embed)),
+        };
+        let mut weight_bytes = 0;
         let mut layers = Vec::with_capacity(config.n_layer);
         for i in 0..config.n_layer {
             let p = format!("blk.{i}");
             let layer = Layer {
                 attn_norm: dense(file, &format!("{p}.attn_norm.weight"), device)?,
-                wq: qmatmul(file, &format!("{p}.attn_q.weight"), device, repack)?,
-                wk: qmatmul(file, &format!("{p}.attn_k.weight"), device, repack)?,
-                wv: qmatmul(file, &format!("{p}.attn_v.weight"), device, repack)?,
-                wo: qmatmul(file, &format!("{p}.attn_output.weight"), device, repack)?,
+                wq: linear(file, &format!("{p}.attn_q.weight"), device, repack)?,
+                wk: linear(file, &format!("{p}.attn_k.weight"), device, repack)?,
+                wv: linear(file, &format!("{p}.attn_v.weight"), device, repack)?,
+                wo: linear(file, &format!("{p}.attn_output.weight"), device, repack)?,
                 ffn_norm: dense(file, &format!("{p}.ffn_norm.weight"), device)?,
-                w_gate: qmatmul(file, &format!("{p}.ffn_gate.weight"), device, repack)?,
-                w_up: qmatmul(file, &format!("{p}.ffn_up.weight"), device, repack)?,
-                w_down: qmatmul(file, &format!("{p}.ffn_down.weight"), device, repack)?,
+                w_gate: linear(file, &format!("{p}.ffn_gate.weight"), device, repack)?,
+                w_up: linear(file, &format!("{p}.ffn_up.weight"), device, repack)?,
+                w_down: linear(file, &format!("{p}.ffn_down.weight"), device, repack)?,
             };
             layers.push(layer);
         }
         let norm = dense(file, "output_norm.weight", device)?;
         // Tied embeddings (SmolLM2 has no `output.weight`): the head reuses the embedding.
         let lm_head = if file.has_tensor("output.weight") {
-            qmatmul(file, "output.weight", device, repack)?
+            let head = linear(file, "output.weight", device, repack)?;
+            weight_bytes += head.bytes();
+            head
         } else {
-            QMatMul::from_arc(embed.clone())?
+            match &embed {
+                Embedding::Cpu(m) => Linear::Cpu(m.clone()),
+                Embedding::Candle(t) => Linear::Candle(QMatMul::from_arc(t.clone())?),
+            }
+        };
+        weight_bytes += match &embed {
+            Embedding::Cpu(m) => m.bytes(),
+            Embedding::Candle(t) => t.storage_size_in_bytes() as u64,
         };
         for l in &layers {
             for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                weight_bytes += match m {
-                    QMatMul::QTensor(t) => t.storage_size_in_bytes() as u64,
-                    QMatMul::Tensor(t) | QMatMul::TensorF16(t) => {
-                        (t.elem_count() * t.dtype().size_in_bytes()) as u64
-                    }
-                };
+                weight_bytes += m.bytes();
             }
         }
 
@@ -267,8 +349,7 @@ impl Llama {
         let g = nh / nkv;
         let pos0 = cache.len;
         let total = pos0 + t;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.embedding(&ids)?;
+        let mut x = self.embed.lookup(tokens, &self.device)?;
         let cos = self.cos.narrow(0, pos0, t)?;
         let sin = self.sin.narrow(0, pos0, t)?;
         // Causal mask over (new token i, cached position j): j may not exceed pos0 + i.
@@ -285,15 +366,21 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let q = linear(&layer.wq, &h, self.dense_from_rows)?
+            let q = layer
+                .wq
+                .forward(&h, self.dense_from_rows)?
                 .reshape((1, t, nh, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let k = linear(&layer.wk, &h, self.dense_from_rows)?
+            let k = layer
+                .wk
+                .forward(&h, self.dense_from_rows)?
                 .reshape((1, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
-            let v = linear(&layer.wv, &h, self.dense_from_rows)?
+            let v = layer
+                .wv
+                .forward(&h, self.dense_from_rows)?
                 .reshape((1, t, nkv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
@@ -317,20 +404,20 @@ impl Llama {
                 .reshape((nh, t, hd))?
                 .transpose(0, 1)?
                 .reshape((t, nh * hd))?;
-            x = (x + linear(&layer.wo, &o, self.dense_from_rows)?)?;
+            x = (x + layer.wo.forward(&o, self.dense_from_rows)?)?;
             x = self.ffn(layer, x)?;
         }
         cache.len = total;
         let last = x.narrow(0, t - 1, 1)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps as f32)?;
-        Ok(self.lm_head.forward(&last)?.squeeze(0)?)
+        Ok(self.lm_head.forward(&last, usize::MAX)?.squeeze(0)?)
     }
 
     fn ffn(&self, layer: &Layer, x: Tensor) -> Result<Tensor, ModelError> {
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
-        let gate = candle_nn::ops::silu(&linear(&layer.w_gate, &h, self.dense_from_rows)?)?;
-        let up = linear(&layer.w_up, &h, self.dense_from_rows)?;
-        Ok((x + linear(&layer.w_down, &(gate * up)?, self.dense_from_rows)?)?)
+        let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h, self.dense_from_rows)?)?;
+        let up = layer.w_up.forward(&h, self.dense_from_rows)?;
+        Ok((x + layer.w_down.forward(&(gate * up)?, self.dense_from_rows)?)?)
     }
 
     /// One decode step for several sequences at once: `tokens[i]` is the next input of the
@@ -358,8 +445,7 @@ impl Llama {
         let c = &self.config;
         let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim);
         let g = nh / nkv;
-        let ids = Tensor::new(tokens, &self.device)?;
-        let mut x = self.embed.embedding(&ids)?;
+        let mut x = self.embed.lookup(tokens, &self.device)?;
         let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
         let cos = self
@@ -374,9 +460,18 @@ impl Llama {
         let mut outs = Vec::with_capacity(b);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let q = linear(&layer.wq, &h, self.dense_from_rows)?.reshape((b, nh, 1, hd))?;
-            let k = linear(&layer.wk, &h, self.dense_from_rows)?.reshape((b, nkv, 1, hd))?;
-            let v = linear(&layer.wv, &h, self.dense_from_rows)?.reshape((b, nkv, 1, hd))?;
+            let q = layer
+                .wq
+                .forward(&h, self.dense_from_rows)?
+                .reshape((b, nh, 1, hd))?;
+            let k = layer
+                .wk
+                .forward(&h, self.dense_from_rows)?
+                .reshape((b, nkv, 1, hd))?;
+            let v = layer
+                .wv
+                .forward(&h, self.dense_from_rows)?
+                .reshape((b, nkv, 1, hd))?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
             outs.clear();
@@ -393,14 +488,14 @@ impl Llama {
                 outs.push(att.matmul(&values)?.reshape((1, nh * hd))?);
             }
             let o = Tensor::cat(&outs, 0)?;
-            x = (x + linear(&layer.wo, &o, self.dense_from_rows)?)?;
+            x = (x + layer.wo.forward(&o, self.dense_from_rows)?)?;
             x = self.ffn(layer, x)?;
         }
         for cache in caches.iter_mut() {
             cache.len += 1;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
-        Ok(self.lm_head.forward(&x)?)
+        self.lm_head.forward(&x, usize::MAX)
     }
 }
 

@@ -1,6 +1,6 @@
 //! A tiny random-weight llama GGUF of the same architecture as the real models, written with
 //! candle's `gguf_file::write`. Tests and benches use it so they run in milliseconds without
-//! the real model file. Weights mix Q8_0, Q4_0 and Q4_1 (repacked at load) and F32 norms.
+//! the real model file. Weights mix Q8_0, Q4_0 and Q4_1 (every format of the CPU kernel) and F32 norms.
 
 use std::path::Path;
 

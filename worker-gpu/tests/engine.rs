@@ -124,6 +124,7 @@ fn chunked_prefill_equals_whole_prefill() {
 fn dense_prefill_agrees_with_quantized_prefill() {
     let dir = tempfile::tempdir().unwrap();
     let (model, _) = load(&tiny_file(&dir), Repack::Q8_0);
+    let model = model.with_dense_from_rows(8);
     let prompt: Vec<u32> = (10..40).collect();
     let mut cache = model.new_cache(64).unwrap();
     let dense = logits_rows(&model.prefill(&prompt, &mut cache).unwrap()).unwrap();

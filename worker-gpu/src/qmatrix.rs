@@ -1,0 +1,547 @@
+//! Block-quantized weight matrices and the CPU matrix multiply over them.
+//!
+//! candle's CPU quantized matmul converts two f16 block scales through a function call for
+//! every 32-value block and runs each (row, column) dot product as its own call: measured on
+//! SmolLM2, a 16-row decode batch cost 12× one row, so batching bought nothing. Here the
+//! scales are f32 from load on, the activation rows are quantized once per call, and each
+//! parallel task keeps a few weight rows in L1 while it goes over every activation row: a
+//! batch reads the weights once and pays only for its arithmetic. Q4_0/Q4_1 stay 4-bit —
+//! half the memory traffic of Q8_0, which is what bounds a single-stream decode.
+//!
+//! Results do not depend on the batch: every output element is computed in the same order
+//! whatever the number of rows, so a sequence decoded in a batch gets bit-identical logits.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use half::f16;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use rayon::prelude::*;
+
+/// Values per quantization block (all formats handled here).
+pub const BLOCK: usize = 32;
+
+/// Output columns per parallel task: enough work to amortise scheduling, small enough that
+/// the task's weight rows stay in L1 while every activation row passes over them.
+const COLS_PER_TASK: usize = 16;
+
+/// Why a tensor cannot become a [`QMatrix`].
+#[derive(Debug, thiserror::Error)]
+pub enum QMatrixError {
+    #[error("format {0:?} has no CPU kernel here")]
+    Unsupported(GgmlDType),
+    #[error("shape {0:?} is not a matrix with rows a multiple of {BLOCK} wide")]
+    Shape(Vec<usize>),
+    #[error("reading the tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+enum Blocks {
+    /// `value = d · q`.
+    Q8 { q: Vec<[i8; BLOCK]>, d: Vec<f32> },
+    /// `value = d · q + m`, `q` in 0..16; byte `j` holds element `j` in its low nibble and
+    /// element `j + 16` in its high nibble (GGUF's Q4_0/Q4_1 layout).
+    Q4 {
+        q: Vec<[u8; BLOCK / 2]>,
+        d: Vec<f32>,
+        m: Vec<f32>,
+    },
+}
+
+/// A weight matrix of `rows × cols` (output features × input features), quantized in blocks
+/// of 32 along each row.
+pub struct QMatrix {
+    rows: usize,
+    cols: usize,
+    blocks: Blocks,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match self.blocks {
+            Blocks::Q8 { .. } => "q8",
+            Blocks::Q4 { .. } => "q4",
+        };
+        f.debug_struct("QMatrix")
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("kind", &kind)
+            .finish()
+    }
+}
+
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+impl QMatrix {
+    /// Takes over a Q8_0, Q4_0 or Q4_1 tensor of shape `(rows, cols)` from candle's raw
+    /// GGML blocks.
+    pub fn from_qtensor(t: &QTensor) -> Result<Self, QMatrixError> {
+        let dims = t.shape().dims().to_vec();
+        let [rows, cols] = dims[..] else {
+            return Err(QMatrixError::Shape(dims));
+        };
+        if cols % BLOCK != 0 {
+            return Err(QMatrixError::Shape(dims));
+        }
+        let data = t.data()?;
+        let blocks = match t.dtype() {
+            GgmlDType::Q8_0 => {
+                let (q, d) = data
+                    .chunks_exact(2 + BLOCK)
+                    .map(|b| {
+                        let q: [i8; BLOCK] = std::array::from_fn(|i| b[2 + i] as i8);
+                        (q, f16_at(b, 0))
+                    })
+                    .unzip();
+                Blocks::Q8 { q, d }
+            }
+            GgmlDType::Q4_0 => {
+                // Q4_0 stores q - 8: as Q4_1 with m = -8·d.
+                let mut q = Vec::new();
+                let mut d = Vec::new();
+                let mut m = Vec::new();
+                for b in data.chunks_exact(2 + BLOCK / 2) {
+                    let scale = f16_at(b, 0);
+                    q.push(std::array::from_fn(|i| b[2 + i]));
+                    d.push(scale);
+                    m.push(-8.0 * scale);
+                }
+                Blocks::Q4 { q, d, m }
+            }
+            GgmlDType::Q4_1 => {
+                let mut q = Vec::new();
+                let mut d = Vec::new();
+                let mut m = Vec::new();
+                for b in data.chunks_exact(4 + BLOCK / 2) {
+                    q.push(std::array::from_fn(|i| b[4 + i]));
+                    d.push(f16_at(b, 0));
+                    m.push(f16_at(b, 2));
+                }
+                Blocks::Q4 { q, d, m }
+            }
+            other => return Err(QMatrixError::Unsupported(other)),
+        };
+        let matrix = Self { rows, cols, blocks };
+        if matrix.block_count() != rows * cols / BLOCK {
+            return Err(QMatrixError::Shape(dims));
+        }
+        Ok(matrix)
+    }
+
+    fn block_count(&self) -> usize {
+        match &self.blocks {
+            Blocks::Q8 { d, .. } | Blocks::Q4 { d, .. } => d.len(),
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> u64 {
+        let per_block = match self.blocks {
+            Blocks::Q8 { .. } => BLOCK + 4,
+            Blocks::Q4 { .. } => BLOCK / 2 + 8,
+        };
+        (self.block_count() * per_block) as u64
+    }
+
+    /// Row `r` as f32, written into `out` (`cols` long): an embedding lookup.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let kb = self.cols / BLOCK;
+        for (b, out) in (r * kb..(r + 1) * kb).zip(out.chunks_exact_mut(BLOCK)) {
+            match &self.blocks {
+                Blocks::Q8 { q, d } => {
+                    for (o, &v) in out.iter_mut().zip(&q[b]) {
+                        *o = d[b] * f32::from(v);
+                    }
+                }
+                Blocks::Q4 { q, d, m } => {
+                    let (lo, hi) = out.split_at_mut(BLOCK / 2);
+                    for (j, &byte) in q[b].iter().enumerate() {
+                        lo[j] = d[b] * f32::from(byte & 0x0f) + m[b];
+                        hi[j] = d[b] * f32::from(byte >> 4) + m[b];
+                    }
+                }
+            }
+        }
+    }
+
+    /// The whole matrix as f32, `rows × cols` row-major (for the dense prompt path).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        out.par_chunks_mut(self.cols)
+            .enumerate()
+            .for_each(|(r, row)| self.dequantize_row(r, row));
+        out
+    }
+
+    /// `x · selfᵀ` for `x` of `m` rows of `cols` values (row-major); returns `m × rows`.
+    pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        assert_eq!(
+            x.len(),
+            m * self.cols,
+            "matmul: x is not {m} × {}",
+            self.cols
+        );
+        let xq = QuantizedRows::new(x, self.cols);
+        // candle's barrier pool, not rayon: its workers spin between the ~200 small matmuls
+        // of a decode step instead of sleeping, and candle's own ops run on it too. Tasks own
+        // disjoint column ranges and publish them through atomics (the pool takes `Fn`).
+        let tasks = self.rows.div_ceil(COLS_PER_TASK);
+        let shared: Vec<AtomicU32> = (0..self.rows * m).map(|_| AtomicU32::new(0)).collect();
+        candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
+            let mut out = vec![0f32; COLS_PER_TASK * m];
+            for task in range {
+                let c0 = task * COLS_PER_TASK;
+                let cols = COLS_PER_TASK.min(self.rows - c0);
+                let out = &mut out[..cols * m];
+                columns(&self.blocks, c0, out, &xq, m);
+                for (slot, v) in shared[c0 * m..(c0 + cols) * m].iter().zip(out.iter()) {
+                    slot.store(v.to_bits(), Ordering::Relaxed);
+                }
+            }
+        });
+        // The pool returns after every task finished (its barrier orders the stores).
+        let by_column: Vec<f32> = shared
+            .into_iter()
+            .map(|v| f32::from_bits(v.into_inner()))
+            .collect();
+        if m == 1 {
+            return by_column;
+        }
+        let mut out = vec![0f32; m * self.rows];
+        for (c, col) in by_column.chunks_exact(m).enumerate() {
+            for (r, &v) in col.iter().enumerate() {
+                out[r * self.rows + c] = v;
+            }
+        }
+        out
+    }
+}
+
+/// Activation rows quantized to 8 bits per 32-value block (llama.cpp's Q8_1): `x ≈ d · q`,
+/// and `s = d · Σq` for the offset term of 4-bit weights.
+struct QuantizedRows {
+    q: Vec<[i8; BLOCK]>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    blocks_per_row: usize,
+}
+
+impl QuantizedRows {
+    fn new(x: &[f32], cols: usize) -> Self {
+        let n = x.len() / BLOCK;
+        let (mut q, mut d, mut s) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
+        s.reserve(n);
+        for block in x.chunks_exact(BLOCK) {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+            let qs: [i8; BLOCK] = std::array::from_fn(|i| (block[i] * inv).round() as i8);
+            let sum: i32 = qs.iter().map(|&v| i32::from(v)).sum();
+            q.push(qs);
+            d.push(scale);
+            s.push(scale * sum as f32);
+        }
+        Self {
+            q,
+            d,
+            s,
+            blocks_per_row: cols / BLOCK,
+        }
+    }
+}
+
+#[inline(always)]
+fn dot_q8(w: &[i8; BLOCK], x: &[i8; BLOCK]) -> i32 {
+    let mut sum = 0i32;
+    for i in 0..BLOCK {
+        sum += i32::from(w[i]) * i32::from(x[i]);
+    }
+    sum
+}
+
+/// A 4-bit block as 8-bit values (0..16), in element order.
+#[inline(always)]
+fn unpack_q4(w: &[u8; BLOCK / 2]) -> [i8; BLOCK] {
+    std::array::from_fn(|i| {
+        let byte = w[i % (BLOCK / 2)];
+        (if i < BLOCK / 2 {
+            byte & 0x0f
+        } else {
+            byte >> 4
+        }) as i8
+    })
+}
+
+/// Rows handled together per weight block: independent accumulation chains for the CPU to
+/// overlap, and one unpacking of a 4-bit block for all of them.
+const ROW_GROUP: usize = 4;
+
+/// Output columns `c0..` for every activation row; `out` is column-major (`m` per column).
+fn columns(w: &Blocks, c0: usize, out: &mut [f32], x: &QuantizedRows, m: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma() {
+        // SAFETY: `avx2::columns` only requires the CPU features just checked at run time.
+        #[allow(unsafe_code)]
+        unsafe {
+            return avx2::columns(w, c0, out, x, m);
+        }
+    }
+    columns_generic(w, c0, out, x, m)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_fma() -> bool {
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    })
+}
+
+/// Portable version of the kernel (and the definition the AVX2 one must agree with).
+fn columns_generic(w: &Blocks, c0: usize, out: &mut [f32], x: &QuantizedRows, m: usize) {
+    let kb = x.blocks_per_row;
+    for (j, col) in out.chunks_exact_mut(m).enumerate() {
+        let wb = (c0 + j) * kb..(c0 + j + 1) * kb;
+        for (r, o) in col.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for (b, wblock) in wb.clone().enumerate() {
+                let xb = r * kb + b;
+                acc += match w {
+                    Blocks::Q8 { q, d } => {
+                        dot_q8(&q[wblock], &x.q[xb]) as f32 * d[wblock] * x.d[xb]
+                    }
+                    Blocks::Q4 { q, d, m } => {
+                        dot_q8(&unpack_q4(&q[wblock]), &x.q[xb]) as f32 * d[wblock] * x.d[xb]
+                            + m[wblock] * x.s[xb]
+                    }
+                };
+            }
+            *o = acc;
+        }
+    }
+}
+
+/// The kernel with AVX2 integer multiply-adds, the way llama.cpp's x86 kernels do it: per
+/// block, 32 byte products summed into eight i32 lanes, scaled and accumulated in eight f32
+/// lanes; one horizontal sum per output. Up to [`ROW_GROUP`] activation rows share each
+/// loaded (and, for 4-bit, unpacked) weight block.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BLOCK, Blocks, QuantizedRows, ROW_GROUP};
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+    }
+
+    /// 32 unsigned bytes times 32 signed bytes, summed pairwise into eight i32 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn dot_u8_i8(w: __m256i, x: __m256i) -> __m256 {
+        let pairs = _mm256_maddubs_epi16(w, x);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn unpack_q4(w: &[u8; BLOCK / 2]) -> __m256i {
+        let bytes: __m128i = bytemuck::cast(*w);
+        let low = _mm_set1_epi8(0x0f);
+        let lo = _mm_and_si128(bytes, low);
+        let hi = _mm_and_si128(_mm_srli_epi16::<4>(bytes), low);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn columns(w: &Blocks, c0: usize, out: &mut [f32], x: &QuantizedRows, m: usize) {
+        let kb = x.blocks_per_row;
+        for (j, col) in out.chunks_exact_mut(m).enumerate() {
+            let wb = (c0 + j) * kb..(c0 + j + 1) * kb;
+            let mut r0 = 0;
+            // Full groups, then the rest one row at a time: a row's arithmetic is the same
+            // either way.
+            while r0 + ROW_GROUP <= m {
+                let group = &mut col[r0..r0 + ROW_GROUP];
+                match w {
+                    Blocks::Q8 { q, d } => {
+                        q8_rows::<ROW_GROUP>(&q[wb.clone()], &d[wb.clone()], x, r0, group)
+                    }
+                    Blocks::Q4 { q, d, m } => q4_rows::<ROW_GROUP>(
+                        &q[wb.clone()],
+                        &d[wb.clone()],
+                        &m[wb.clone()],
+                        x,
+                        r0,
+                        group,
+                    ),
+                }
+                r0 += ROW_GROUP;
+            }
+            for r in r0..m {
+                let one = &mut col[r..r + 1];
+                match w {
+                    Blocks::Q8 { q, d } => q8_rows::<1>(&q[wb.clone()], &d[wb.clone()], x, r, one),
+                    Blocks::Q4 { q, d, m } => {
+                        q4_rows::<1>(&q[wb.clone()], &d[wb.clone()], &m[wb.clone()], x, r, one)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Activation rows `r0..r0 + N` as slices of their blocks' codes, scales and sums.
+    struct RowBlocks<'a, const N: usize> {
+        q: [&'a [[i8; BLOCK]]; N],
+        d: [&'a [f32]; N],
+        s: [&'a [f32]; N],
+    }
+
+    #[inline(always)]
+    fn row_blocks<const N: usize>(x: &QuantizedRows, r0: usize) -> RowBlocks<'_, N> {
+        let kb = x.blocks_per_row;
+        let span = |i: usize| (r0 + i) * kb..(r0 + i + 1) * kb;
+        RowBlocks {
+            q: std::array::from_fn(|i| &x.q[span(i)]),
+            d: std::array::from_fn(|i| &x.d[span(i)]),
+            s: std::array::from_fn(|i| &x.s[span(i)]),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn q8_rows<const N: usize>(
+        wq: &[[i8; BLOCK]],
+        wd: &[f32],
+        x: &QuantizedRows,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let RowBlocks { q: xq, d: xd, .. } = row_blocks::<N>(x, r0);
+        let mut acc = [_mm256_setzero_ps(); N];
+        for (b, (wblock, &wscale)) in wq.iter().zip(wd).enumerate() {
+            let wv: __m256i = bytemuck::cast(*wblock);
+            // maddubs multiplies unsigned by signed: move w's sign onto x.
+            let wabs = _mm256_sign_epi8(wv, wv);
+            for i in 0..N {
+                let xs = _mm256_sign_epi8(bytemuck::cast(xq[i][b]), wv);
+                let scale = _mm256_set1_ps(wscale * xd[i][b]);
+                acc[i] = _mm256_fmadd_ps(dot_u8_i8(wabs, xs), scale, acc[i]);
+            }
+        }
+        for i in 0..N {
+            out[i] = hsum(acc[i]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn q4_rows<const N: usize>(
+        wq: &[[u8; BLOCK / 2]],
+        wd: &[f32],
+        wm: &[f32],
+        x: &QuantizedRows,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let RowBlocks {
+            q: xq,
+            d: xd,
+            s: xs,
+        } = row_blocks::<N>(x, r0);
+        let mut acc = [_mm256_setzero_ps(); N];
+        let mut offset = [0f32; N];
+        for (b, ((wblock, &wscale), &wmin)) in wq.iter().zip(wd).zip(wm).enumerate() {
+            let wv = unpack_q4(wblock);
+            for i in 0..N {
+                let scale = _mm256_set1_ps(wscale * xd[i][b]);
+                acc[i] = _mm256_fmadd_ps(dot_u8_i8(wv, bytemuck::cast(xq[i][b])), scale, acc[i]);
+                offset[i] += wmin * xs[i][b];
+            }
+        }
+        for i in 0..N {
+            out[i] = hsum(acc[i]) + offset[i];
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn matrix(dtype: GgmlDType, rows: usize, cols: usize) -> (QMatrix, Vec<f32>) {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
+        let t = Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let exact = q.dequantize(&Device::Cpu).unwrap();
+        let exact = exact.flatten_all().unwrap().to_vec1().unwrap();
+        (QMatrix::from_qtensor(&q).unwrap(), exact)
+    }
+
+    #[test]
+    fn dequantize_matches_candle_for_every_format() {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+            let (m, exact) = matrix(dtype, 5, 64);
+            assert_eq!(m.dequantize(), exact, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_f32_reference_within_activation_rounding() {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+            let (w, dense) = matrix(dtype, 37, 96);
+            let x: Vec<f32> = (0..3 * 96).map(|i| ((i % 13) as f32 - 6.0) / 7.0).collect();
+            let got = w.matmul(&x, 3);
+            for r in 0..3 {
+                for c in 0..37 {
+                    let want: f32 = (0..96).map(|k| x[r * 96 + k] * dense[c * 96 + k]).sum();
+                    let diff = (got[r * 37 + c] - want).abs();
+                    assert!(
+                        diff < 0.02 * (1.0 + want.abs()),
+                        "{dtype:?} ({r},{c}): {diff}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_result_alone_and_in_a_batch() {
+        for (dtype, n, k, m) in [(GgmlDType::Q4_1, 40, 64, 4), (GgmlDType::Q8_0, 200, 96, 38)] {
+            let (w, _) = matrix(dtype, n, k);
+            let x: Vec<f32> = (0..m * k).map(|i| (i as f32 * 0.37).sin()).collect();
+            let batch = w.matmul(&x, m);
+            for r in 0..m {
+                let alone = w.matmul(&x[r * k..(r + 1) * k], 1);
+                assert_eq!(alone, batch[r * n..(r + 1) * n], "{dtype:?} row {r} of {m}");
+            }
+        }
+    }
+
+    #[test]
+    fn unsupported_formats_and_shapes_are_refused() {
+        let t = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let f32_tensor = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+        assert!(matches!(
+            QMatrix::from_qtensor(&f32_tensor),
+            Err(QMatrixError::Unsupported(GgmlDType::F32))
+        ));
+        let v = Tensor::zeros(128, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let vector = QTensor::quantize(&v, GgmlDType::Q8_0).unwrap();
+        assert!(matches!(
+            QMatrix::from_qtensor(&vector),
+            Err(QMatrixError::Shape(_))
+        ));
+    }
+}
