@@ -11,6 +11,7 @@
 pub mod device;
 pub mod fetch;
 pub mod gguf;
+mod host_attention;
 pub mod model;
 pub mod qmatrix;
 pub mod sampling;

@@ -14,6 +14,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::gguf::{GgufError, GgufFile, LlamaConfig, Repack};
+use crate::host_attention::{HostKv, decode_attention};
 use crate::qmatrix::{QMatrix, QMatrixError};
 
 /// Errors of a forward pass.
@@ -29,13 +30,12 @@ pub enum ModelError {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// Query, key and value projections.
+    qkv: Projection,
     wo: Linear,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    /// Gate and up projections.
+    gate_up: Projection,
     w_down: Linear,
 }
 
@@ -90,6 +90,67 @@ impl Linear {
             }
             Self::Candle(w) => Ok(w.forward(x)?),
         }
+    }
+}
+
+/// Linear maps of the same input: on the CPU kernel one stacked matrix (one pass over the
+/// input, one dispatch), otherwise one matmul each.
+enum Projection {
+    Stacked { w: Linear, widths: Vec<usize> },
+    Separate(Vec<Linear>),
+}
+
+impl Projection {
+    fn new(parts: Vec<Linear>) -> Self {
+        let cpu: Option<Vec<&QMatrix>> = parts
+            .iter()
+            .map(|p| match p {
+                Linear::Cpu(m) => Some(&**m),
+                Linear::Candle(_) => None,
+            })
+            .collect();
+        if let Some(stacked) = cpu.as_deref().and_then(QMatrix::concat) {
+            let widths = cpu.iter().flatten().map(|m| m.rows()).collect();
+            return Self::Stacked {
+                w: Linear::Cpu(Arc::new(stacked)),
+                widths,
+            };
+        }
+        Self::Separate(parts)
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Self::Stacked { w, .. } => w.bytes(),
+            Self::Separate(parts) => parts.iter().map(Linear::bytes).sum(),
+        }
+    }
+
+    /// The `N` outputs for `x` of shape `(rows, in)`, each `(rows, out_i)`.
+    fn forward<const N: usize>(
+        &self,
+        x: &Tensor,
+        dense_from_rows: usize,
+    ) -> Result<[Tensor; N], ModelError> {
+        let outs: Vec<Tensor> = match self {
+            Self::Stacked { w, widths } => {
+                let all = w.forward(x, dense_from_rows)?;
+                let mut at = 0;
+                let mut outs = Vec::with_capacity(widths.len());
+                for &n in widths {
+                    outs.push(all.narrow(D::Minus1, at, n)?.contiguous()?);
+                    at += n;
+                }
+                outs
+            }
+            Self::Separate(parts) => parts
+                .iter()
+                .map(|w| w.forward(x, dense_from_rows))
+                .collect::<Result<_, _>>()?,
+        };
+        let got = outs.len();
+        outs.try_into()
+            .map_err(|_| ModelError::Invalid(format!("projection has {got} outputs, expected {N}")))
     }
 }
 
@@ -155,8 +216,7 @@ impl std::fmt::Debug for Llama {
 /// allocated once at admission for the sequence's whole budget (prompt + max_tokens), so a
 /// decode step never allocates cache memory and the admission budget is exact.
 pub struct SeqCache {
-    k: Vec<Tensor>,
-    v: Vec<Tensor>,
+    kv: KvStore,
     len: usize,
     capacity: usize,
     bytes: u64,
@@ -169,6 +229,14 @@ impl std::fmt::Debug for SeqCache {
             .field("capacity", &self.capacity)
             .finish()
     }
+}
+
+/// Where a sequence's keys and values live.
+enum KvStore {
+    /// Per layer `(n_head_kv, capacity, head_dim)` tensors on the model's (GPU) device.
+    Device { k: Vec<Tensor>, v: Vec<Tensor> },
+    /// Plain host memory, read directly by the CPU decode attention.
+    Host(HostKv),
 }
 
 impl SeqCache {
@@ -232,13 +300,17 @@ impl Llama {
             let p = format!("blk.{i}");
             let layer = Layer {
                 attn_norm: dense(file, &format!("{p}.attn_norm.weight"), device)?,
-                wq: linear(file, &format!("{p}.attn_q.weight"), device, repack)?,
-                wk: linear(file, &format!("{p}.attn_k.weight"), device, repack)?,
-                wv: linear(file, &format!("{p}.attn_v.weight"), device, repack)?,
+                qkv: Projection::new(vec![
+                    linear(file, &format!("{p}.attn_q.weight"), device, repack)?,
+                    linear(file, &format!("{p}.attn_k.weight"), device, repack)?,
+                    linear(file, &format!("{p}.attn_v.weight"), device, repack)?,
+                ]),
                 wo: linear(file, &format!("{p}.attn_output.weight"), device, repack)?,
                 ffn_norm: dense(file, &format!("{p}.ffn_norm.weight"), device)?,
-                w_gate: linear(file, &format!("{p}.ffn_gate.weight"), device, repack)?,
-                w_up: linear(file, &format!("{p}.ffn_up.weight"), device, repack)?,
+                gate_up: Projection::new(vec![
+                    linear(file, &format!("{p}.ffn_gate.weight"), device, repack)?,
+                    linear(file, &format!("{p}.ffn_up.weight"), device, repack)?,
+                ]),
                 w_down: linear(file, &format!("{p}.ffn_down.weight"), device, repack)?,
             };
             layers.push(layer);
@@ -260,9 +332,7 @@ impl Llama {
             Embedding::Candle(t) => t.storage_size_in_bytes() as u64,
         };
         for l in &layers {
-            for m in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
-                weight_bytes += m.bytes();
-            }
+            weight_bytes += l.qkv.bytes() + l.gate_up.bytes() + l.wo.bytes() + l.w_down.bytes();
         }
 
         // Rotary tables for every position the model was trained on.
@@ -314,16 +384,20 @@ impl Llama {
             )));
         }
         let c = &self.config;
-        let shape = (c.n_head_kv, capacity, c.head_dim);
-        let mut k = Vec::with_capacity(c.n_layer);
-        let mut v = Vec::with_capacity(c.n_layer);
-        for _ in 0..c.n_layer {
-            k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-            v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-        }
+        let kv = if self.device.is_cpu() {
+            KvStore::Host(HostKv::new(c.n_layer, c.n_head_kv, capacity, c.head_dim))
+        } else {
+            let shape = (c.n_head_kv, capacity, c.head_dim);
+            let mut k = Vec::with_capacity(c.n_layer);
+            let mut v = Vec::with_capacity(c.n_layer);
+            for _ in 0..c.n_layer {
+                k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
+                v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
+            }
+            KvStore::Device { k, v }
+        };
         Ok(SeqCache {
-            k,
-            v,
+            kv,
             len: 0,
             capacity,
             bytes: c.kv_bytes_per_token() * capacity as u64,
@@ -366,30 +440,36 @@ impl Llama {
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let q = layer
-                .wq
-                .forward(&h, self.dense_from_rows)?
-                .reshape((1, t, nh, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let k = layer
-                .wk
-                .forward(&h, self.dense_from_rows)?
-                .reshape((1, t, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
-            let v = layer
-                .wv
-                .forward(&h, self.dense_from_rows)?
-                .reshape((1, t, nkv, hd))?
-                .transpose(1, 2)?
-                .contiguous()?;
+            let [q, k, v] = layer.qkv.forward(&h, self.dense_from_rows)?;
+            let heads = |x: Tensor, n: usize| -> Result<Tensor, ModelError> {
+                Ok(x.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            cache.k[l].slice_set(&k.squeeze(0)?, 1, pos0)?;
-            cache.v[l].slice_set(&v.squeeze(0)?, 1, pos0)?;
-            let keys = cache.k[l].narrow(1, 0, total)?;
-            let values = cache.v[l].narrow(1, 0, total)?;
+            if t == 1 && matches!(cache.kv, KvStore::Host(_)) {
+                // Exactly the decode step's arithmetic, so a decode equals a 1-token prefill.
+                let o = self.host_decode_attention(l, &q, &k, &v, &mut [&mut *cache])?;
+                x = (x + layer.wo.forward(&o, self.dense_from_rows)?)?;
+                x = self.ffn(layer, x)?;
+                continue;
+            }
+            let (keys, values) = match &mut cache.kv {
+                KvStore::Device { k: ck, v: cv } => {
+                    ck[l].slice_set(&k.squeeze(0)?, 1, pos0)?;
+                    cv[l].slice_set(&v.squeeze(0)?, 1, pos0)?;
+                    (ck[l].narrow(1, 0, total)?, cv[l].narrow(1, 0, total)?)
+                }
+                KvStore::Host(kv) => {
+                    kv.write(l, pos0, t, &host(&k)?, &host(&v)?);
+                    let (keys, values) = kv.read(l, total);
+                    let shape = (nkv, total, hd);
+                    (
+                        Tensor::from_vec(keys, shape, &self.device)?,
+                        Tensor::from_vec(values, shape, &self.device)?,
+                    )
+                }
+            };
             // Grouped-query attention without repeating KV: the g query heads of one KV head
             // form one (g·t)-row matmul against that head's keys.
             let q = q.reshape((nkv, g * t, hd))?;
@@ -413,10 +493,48 @@ impl Llama {
         Ok(self.lm_head.forward(&last, usize::MAX)?.squeeze(0)?)
     }
 
+    /// Writes each sequence's new key and value (`k`, `v`: `(batch, n_kv, 1, head_dim)`) to
+    /// its host cache and attends query heads `q` (`(batch, n_head, 1, head_dim)`) over it.
+    fn host_decode_attention(
+        &self,
+        layer: usize,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        caches: &mut [&mut SeqCache],
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let (q, k, v) = (host(q)?, host(k)?, host(v)?);
+        let step = c.n_head_kv * c.head_dim;
+        let mut lens = Vec::with_capacity(caches.len());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            let KvStore::Host(kv) = &mut cache.kv else {
+                return Err(mixed_caches());
+            };
+            let row = i * step..(i + 1) * step;
+            kv.write(layer, cache.len, 1, &k[row.clone()], &v[row]);
+            lens.push(cache.len + 1);
+        }
+        let mut refs = Vec::with_capacity(caches.len());
+        for cache in caches.iter() {
+            let KvStore::Host(kv) = &cache.kv else {
+                return Err(mixed_caches());
+            };
+            refs.push(kv);
+        }
+        let scale = 1.0 / (c.head_dim as f32).sqrt();
+        let out = decode_attention(&refs, layer, &q, &lens, c.n_head, scale);
+        Ok(Tensor::from_vec(
+            out,
+            (caches.len(), c.n_head * c.head_dim),
+            &self.device,
+        )?)
+    }
+
     fn ffn(&self, layer: &Layer, x: Tensor) -> Result<Tensor, ModelError> {
         let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
-        let gate = candle_nn::ops::silu(&layer.w_gate.forward(&h, self.dense_from_rows)?)?;
-        let up = layer.w_up.forward(&h, self.dense_from_rows)?;
+        let [gate, up] = layer.gate_up.forward(&h, self.dense_from_rows)?;
+        let gate = candle_nn::ops::silu(&gate)?;
         Ok((x + layer.w_down.forward(&(gate * up)?, self.dense_from_rows)?)?)
     }
 
@@ -457,37 +575,37 @@ impl Llama {
             .index_select(&positions, 0)?
             .reshape((b, 1, hd / 2))?;
         let scale = 1.0 / (hd as f64).sqrt();
+        let host_caches = matches!(caches[0].kv, KvStore::Host(_));
         let mut outs = Vec::with_capacity(b);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let q = layer
-                .wq
-                .forward(&h, self.dense_from_rows)?
-                .reshape((b, nh, 1, hd))?;
-            let k = layer
-                .wk
-                .forward(&h, self.dense_from_rows)?
-                .reshape((b, nkv, 1, hd))?;
-            let v = layer
-                .wv
-                .forward(&h, self.dense_from_rows)?
-                .reshape((b, nkv, 1, hd))?;
+            let [q, k, v] = layer.qkv.forward(&h, self.dense_from_rows)?;
+            let q = q.reshape((b, nh, 1, hd))?;
+            let k = k.reshape((b, nkv, 1, hd))?;
+            let v = v.reshape((b, nkv, 1, hd))?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            outs.clear();
-            for (i, cache) in caches.iter_mut().enumerate() {
-                let pos = cache.len;
-                let total = pos + 1;
-                cache.k[l].slice_set(&k.get(i)?, 1, pos)?;
-                cache.v[l].slice_set(&v.get(i)?, 1, pos)?;
-                let keys = cache.k[l].narrow(1, 0, total)?;
-                let values = cache.v[l].narrow(1, 0, total)?;
-                let qi = q.get(i)?.reshape((nkv, g, hd))?;
-                let att = (qi.matmul(&keys.t()?)? * scale)?;
-                let att = candle_nn::ops::softmax_last_dim(&att)?;
-                outs.push(att.matmul(&values)?.reshape((1, nh * hd))?);
-            }
-            let o = Tensor::cat(&outs, 0)?;
+            let o = if host_caches {
+                self.host_decode_attention(l, &q, &k, &v, caches)?
+            } else {
+                outs.clear();
+                for (i, cache) in caches.iter_mut().enumerate() {
+                    let KvStore::Device { k: ck, v: cv } = &mut cache.kv else {
+                        return Err(mixed_caches());
+                    };
+                    let pos = cache.len;
+                    let total = pos + 1;
+                    ck[l].slice_set(&k.get(i)?, 1, pos)?;
+                    cv[l].slice_set(&v.get(i)?, 1, pos)?;
+                    let keys = ck[l].narrow(1, 0, total)?;
+                    let values = cv[l].narrow(1, 0, total)?;
+                    let qi = q.get(i)?.reshape((nkv, g, hd))?;
+                    let att = (qi.matmul(&keys.t()?)? * scale)?;
+                    let att = candle_nn::ops::softmax_last_dim(&att)?;
+                    outs.push(att.matmul(&values)?.reshape((1, nh * hd))?);
+                }
+                Tensor::cat(&outs, 0)?
+            };
             x = (x + layer.wo.forward(&o, self.dense_from_rows)?)?;
             x = self.ffn(layer, x)?;
         }
@@ -497,6 +615,15 @@ impl Llama {
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
         self.lm_head.forward(&x, usize::MAX)
     }
+}
+
+fn mixed_caches() -> ModelError {
+    ModelError::Invalid("decode: caches from different devices in one batch".into())
+}
+
+/// A tensor's values, row-major.
+fn host(t: &Tensor) -> Result<Vec<f32>, ModelError> {
+    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
 }
 
 /// Argmax of a logits row.

@@ -35,16 +35,26 @@ pub enum QMatrixError {
     Candle(#[from] candle_core::Error),
 }
 
+/// An 8-bit block: `value = d · q`.
+#[derive(Clone, Copy)]
+struct Q8Block {
+    d: f32,
+    q: [i8; BLOCK],
+}
+
+/// A 4-bit block: `value = d · q + m`, `q` in 0..16; byte `j` holds element `j` in its low
+/// nibble and element `j + 16` in its high nibble (GGUF's Q4_0/Q4_1 layout).
+#[derive(Clone, Copy)]
+struct Q4Block {
+    d: f32,
+    m: f32,
+    q: [u8; BLOCK / 2],
+}
+
+/// Blocks row after row, each block's scales next to its codes: a matmul streams one array.
 enum Blocks {
-    /// `value = d · q`.
-    Q8 { q: Vec<[i8; BLOCK]>, d: Vec<f32> },
-    /// `value = d · q + m`, `q` in 0..16; byte `j` holds element `j` in its low nibble and
-    /// element `j + 16` in its high nibble (GGUF's Q4_0/Q4_1 layout).
-    Q4 {
-        q: Vec<[u8; BLOCK / 2]>,
-        d: Vec<f32>,
-        m: Vec<f32>,
-    },
+    Q8(Vec<Q8Block>),
+    Q4(Vec<Q4Block>),
 }
 
 /// A weight matrix of `rows × cols` (output features × input features), quantized in blocks
@@ -58,8 +68,8 @@ pub struct QMatrix {
 impl std::fmt::Debug for QMatrix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.blocks {
-            Blocks::Q8 { .. } => "q8",
-            Blocks::Q4 { .. } => "q4",
+            Blocks::Q8(_) => "q8",
+            Blocks::Q4(_) => "q4",
         };
         f.debug_struct("QMatrix")
             .field("rows", &self.rows)
@@ -86,40 +96,33 @@ impl QMatrix {
         }
         let data = t.data()?;
         let blocks = match t.dtype() {
-            GgmlDType::Q8_0 => {
-                let (q, d) = data
-                    .chunks_exact(2 + BLOCK)
-                    .map(|b| {
-                        let q: [i8; BLOCK] = std::array::from_fn(|i| b[2 + i] as i8);
-                        (q, f16_at(b, 0))
+            GgmlDType::Q8_0 => Blocks::Q8(
+                data.chunks_exact(2 + BLOCK)
+                    .map(|b| Q8Block {
+                        d: f16_at(b, 0),
+                        q: std::array::from_fn(|i| b[2 + i] as i8),
                     })
-                    .unzip();
-                Blocks::Q8 { q, d }
-            }
-            GgmlDType::Q4_0 => {
-                // Q4_0 stores q - 8: as Q4_1 with m = -8·d.
-                let mut q = Vec::new();
-                let mut d = Vec::new();
-                let mut m = Vec::new();
-                for b in data.chunks_exact(2 + BLOCK / 2) {
-                    let scale = f16_at(b, 0);
-                    q.push(std::array::from_fn(|i| b[2 + i]));
-                    d.push(scale);
-                    m.push(-8.0 * scale);
-                }
-                Blocks::Q4 { q, d, m }
-            }
-            GgmlDType::Q4_1 => {
-                let mut q = Vec::new();
-                let mut d = Vec::new();
-                let mut m = Vec::new();
-                for b in data.chunks_exact(4 + BLOCK / 2) {
-                    q.push(std::array::from_fn(|i| b[4 + i]));
-                    d.push(f16_at(b, 0));
-                    m.push(f16_at(b, 2));
-                }
-                Blocks::Q4 { q, d, m }
-            }
+                    .collect(),
+            ),
+            // Q4_0 stores q - 8: as Q4_1 with m = -8·d.
+            GgmlDType::Q4_0 => Blocks::Q4(
+                data.chunks_exact(2 + BLOCK / 2)
+                    .map(|b| Q4Block {
+                        d: f16_at(b, 0),
+                        m: -8.0 * f16_at(b, 0),
+                        q: std::array::from_fn(|i| b[2 + i]),
+                    })
+                    .collect(),
+            ),
+            GgmlDType::Q4_1 => Blocks::Q4(
+                data.chunks_exact(4 + BLOCK / 2)
+                    .map(|b| Q4Block {
+                        d: f16_at(b, 0),
+                        m: f16_at(b, 2),
+                        q: std::array::from_fn(|i| b[4 + i]),
+                    })
+                    .collect(),
+            ),
             other => return Err(QMatrixError::Unsupported(other)),
         };
         let matrix = Self { rows, cols, blocks };
@@ -129,9 +132,46 @@ impl QMatrix {
         Ok(matrix)
     }
 
+    /// The matrices stacked row-wise (one matmul computes all their outputs), when they
+    /// share the input width and the block format.
+    pub fn concat(parts: &[&QMatrix]) -> Option<QMatrix> {
+        let first = parts.first()?;
+        if parts.iter().any(|p| p.cols != first.cols) {
+            return None;
+        }
+        let blocks = match first.blocks {
+            Blocks::Q8(_) => Blocks::Q8(
+                parts
+                    .iter()
+                    .map(|p| match &p.blocks {
+                        Blocks::Q8(b) => Some(b.as_slice()),
+                        Blocks::Q4(_) => None,
+                    })
+                    .collect::<Option<Vec<_>>>()?
+                    .concat(),
+            ),
+            Blocks::Q4(_) => Blocks::Q4(
+                parts
+                    .iter()
+                    .map(|p| match &p.blocks {
+                        Blocks::Q4(b) => Some(b.as_slice()),
+                        Blocks::Q8(_) => None,
+                    })
+                    .collect::<Option<Vec<_>>>()?
+                    .concat(),
+            ),
+        };
+        Some(QMatrix {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols: first.cols,
+            blocks,
+        })
+    }
+
     fn block_count(&self) -> usize {
         match &self.blocks {
-            Blocks::Q8 { d, .. } | Blocks::Q4 { d, .. } => d.len(),
+            Blocks::Q8(b) => b.len(),
+            Blocks::Q4(b) => b.len(),
         }
     }
 
@@ -146,8 +186,8 @@ impl QMatrix {
     /// Bytes held in memory.
     pub fn bytes(&self) -> u64 {
         let per_block = match self.blocks {
-            Blocks::Q8 { .. } => BLOCK + 4,
-            Blocks::Q4 { .. } => BLOCK / 2 + 8,
+            Blocks::Q8(_) => std::mem::size_of::<Q8Block>(),
+            Blocks::Q4(_) => std::mem::size_of::<Q4Block>(),
         };
         (self.block_count() * per_block) as u64
     }
@@ -157,16 +197,18 @@ impl QMatrix {
         let kb = self.cols / BLOCK;
         for (b, out) in (r * kb..(r + 1) * kb).zip(out.chunks_exact_mut(BLOCK)) {
             match &self.blocks {
-                Blocks::Q8 { q, d } => {
-                    for (o, &v) in out.iter_mut().zip(&q[b]) {
-                        *o = d[b] * f32::from(v);
+                Blocks::Q8(blocks) => {
+                    let block = &blocks[b];
+                    for (o, &v) in out.iter_mut().zip(&block.q) {
+                        *o = block.d * f32::from(v);
                     }
                 }
-                Blocks::Q4 { q, d, m } => {
+                Blocks::Q4(blocks) => {
+                    let block = &blocks[b];
                     let (lo, hi) = out.split_at_mut(BLOCK / 2);
-                    for (j, &byte) in q[b].iter().enumerate() {
-                        lo[j] = d[b] * f32::from(byte & 0x0f) + m[b];
-                        hi[j] = d[b] * f32::from(byte >> 4) + m[b];
+                    for (j, &byte) in block.q.iter().enumerate() {
+                        lo[j] = block.d * f32::from(byte & 0x0f) + block.m;
+                        hi[j] = block.d * f32::from(byte >> 4) + block.m;
                     }
                 }
             }
@@ -316,12 +358,14 @@ fn columns_generic(w: &Blocks, c0: usize, out: &mut [f32], x: &QuantizedRows, m:
             for (b, wblock) in wb.clone().enumerate() {
                 let xb = r * kb + b;
                 acc += match w {
-                    Blocks::Q8 { q, d } => {
-                        dot_q8(&q[wblock], &x.q[xb]) as f32 * d[wblock] * x.d[xb]
+                    Blocks::Q8(blocks) => {
+                        let block = &blocks[wblock];
+                        dot_q8(&block.q, &x.q[xb]) as f32 * block.d * x.d[xb]
                     }
-                    Blocks::Q4 { q, d, m } => {
-                        dot_q8(&unpack_q4(&q[wblock]), &x.q[xb]) as f32 * d[wblock] * x.d[xb]
-                            + m[wblock] * x.s[xb]
+                    Blocks::Q4(blocks) => {
+                        let block = &blocks[wblock];
+                        dot_q8(&unpack_q4(&block.q), &x.q[xb]) as f32 * block.d * x.d[xb]
+                            + block.m * x.s[xb]
                     }
                 };
             }
@@ -338,7 +382,7 @@ fn columns_generic(w: &Blocks, c0: usize, out: &mut [f32], x: &QuantizedRows, m:
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{BLOCK, Blocks, QuantizedRows, ROW_GROUP};
+    use super::{BLOCK, Blocks, Q4Block, Q8Block, QuantizedRows, ROW_GROUP};
 
     #[target_feature(enable = "avx2,fma")]
     fn hsum(v: __m256) -> f32 {
@@ -374,27 +418,16 @@ mod avx2 {
             while r0 + ROW_GROUP <= m {
                 let group = &mut col[r0..r0 + ROW_GROUP];
                 match w {
-                    Blocks::Q8 { q, d } => {
-                        q8_rows::<ROW_GROUP>(&q[wb.clone()], &d[wb.clone()], x, r0, group)
-                    }
-                    Blocks::Q4 { q, d, m } => q4_rows::<ROW_GROUP>(
-                        &q[wb.clone()],
-                        &d[wb.clone()],
-                        &m[wb.clone()],
-                        x,
-                        r0,
-                        group,
-                    ),
+                    Blocks::Q8(blocks) => q8_rows::<ROW_GROUP>(&blocks[wb.clone()], x, r0, group),
+                    Blocks::Q4(blocks) => q4_rows::<ROW_GROUP>(&blocks[wb.clone()], x, r0, group),
                 }
                 r0 += ROW_GROUP;
             }
             for r in r0..m {
                 let one = &mut col[r..r + 1];
                 match w {
-                    Blocks::Q8 { q, d } => q8_rows::<1>(&q[wb.clone()], &d[wb.clone()], x, r, one),
-                    Blocks::Q4 { q, d, m } => {
-                        q4_rows::<1>(&q[wb.clone()], &d[wb.clone()], &m[wb.clone()], x, r, one)
-                    }
+                    Blocks::Q8(blocks) => q8_rows::<1>(&blocks[wb.clone()], x, r, one),
+                    Blocks::Q4(blocks) => q4_rows::<1>(&blocks[wb.clone()], x, r, one),
                 }
             }
         }
@@ -419,22 +452,16 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn q8_rows<const N: usize>(
-        wq: &[[i8; BLOCK]],
-        wd: &[f32],
-        x: &QuantizedRows,
-        r0: usize,
-        out: &mut [f32],
-    ) {
+    fn q8_rows<const N: usize>(w: &[Q8Block], x: &QuantizedRows, r0: usize, out: &mut [f32]) {
         let RowBlocks { q: xq, d: xd, .. } = row_blocks::<N>(x, r0);
         let mut acc = [_mm256_setzero_ps(); N];
-        for (b, (wblock, &wscale)) in wq.iter().zip(wd).enumerate() {
-            let wv: __m256i = bytemuck::cast(*wblock);
+        for (b, block) in w.iter().enumerate() {
+            let wv: __m256i = bytemuck::cast(block.q);
             // maddubs multiplies unsigned by signed: move w's sign onto x.
             let wabs = _mm256_sign_epi8(wv, wv);
             for i in 0..N {
                 let xs = _mm256_sign_epi8(bytemuck::cast(xq[i][b]), wv);
-                let scale = _mm256_set1_ps(wscale * xd[i][b]);
+                let scale = _mm256_set1_ps(block.d * xd[i][b]);
                 acc[i] = _mm256_fmadd_ps(dot_u8_i8(wabs, xs), scale, acc[i]);
             }
         }
@@ -444,31 +471,27 @@ mod avx2 {
     }
 
     #[target_feature(enable = "avx2,fma")]
-    fn q4_rows<const N: usize>(
-        wq: &[[u8; BLOCK / 2]],
-        wd: &[f32],
-        wm: &[f32],
-        x: &QuantizedRows,
-        r0: usize,
-        out: &mut [f32],
-    ) {
+    fn q4_rows<const N: usize>(w: &[Q4Block], x: &QuantizedRows, r0: usize, out: &mut [f32]) {
         let RowBlocks {
             q: xq,
             d: xd,
             s: xs,
         } = row_blocks::<N>(x, r0);
         let mut acc = [_mm256_setzero_ps(); N];
-        let mut offset = [0f32; N];
-        for (b, ((wblock, &wscale), &wmin)) in wq.iter().zip(wd).zip(wm).enumerate() {
-            let wv = unpack_q4(wblock);
+        // The offset terms Σ m·s in eight lanes of their own (a chain of scalar adds would
+        // hold back the block loop).
+        let mut offset_lanes = [[0f32; 8]; N];
+        for (b, block) in w.iter().enumerate() {
+            let wv = unpack_q4(&block.q);
+            let lane = b % 8;
             for i in 0..N {
-                let scale = _mm256_set1_ps(wscale * xd[i][b]);
+                let scale = _mm256_set1_ps(block.d * xd[i][b]);
                 acc[i] = _mm256_fmadd_ps(dot_u8_i8(wv, bytemuck::cast(xq[i][b])), scale, acc[i]);
-                offset[i] += wmin * xs[i][b];
+                offset_lanes[i][lane] += block.m * xs[i][b];
             }
         }
         for i in 0..N {
-            out[i] = hsum(acc[i]) + offset[i];
+            out[i] = hsum(acc[i]) + offset_lanes[i].iter().sum::<f32>();
         }
     }
 }
@@ -527,6 +550,21 @@ mod tests {
                 assert_eq!(alone, batch[r * n..(r + 1) * n], "{dtype:?} row {r} of {m}");
             }
         }
+    }
+
+    #[test]
+    fn concat_stacks_outputs_and_refuses_mixed_formats() {
+        let (a, _) = matrix(GgmlDType::Q4_1, 48, 64);
+        let (b, _) = matrix(GgmlDType::Q4_0, 16, 64);
+        let (c, _) = matrix(GgmlDType::Q8_0, 16, 64);
+        let both = QMatrix::concat(&[&a, &b]).unwrap();
+        let x: Vec<f32> = (0..2 * 64).map(|i| (i as f32 * 0.11).cos()).collect();
+        let (ya, yb, y) = (a.matmul(&x, 2), b.matmul(&x, 2), both.matmul(&x, 2));
+        for r in 0..2 {
+            assert_eq!(y[r * 64..r * 64 + 48], ya[r * 48..(r + 1) * 48]);
+            assert_eq!(y[r * 64 + 48..(r + 1) * 64], yb[r * 16..(r + 1) * 16]);
+        }
+        assert!(QMatrix::concat(&[&a, &c]).is_none());
     }
 
     #[test]
