@@ -104,6 +104,44 @@ impl Default for LanePolicy {
     }
 }
 
+/// A lane object as an operator writes it: fields left out keep *that lane's* defaults (a
+/// partial `latency_critical` object must not pick up cost-sensitive limits).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LanePolicyPatch {
+    ttft_slo_ms: Option<f64>,
+    min_tokens_per_s: Option<f64>,
+    max_queue: Option<u32>,
+    max_queue_wait_ms: Option<f64>,
+    spill: Option<bool>,
+    spill_max_utilisation: Option<f64>,
+    retry_after_ms: Option<u64>,
+}
+
+impl LanePolicyPatch {
+    fn over(self, base: LanePolicy) -> LanePolicy {
+        LanePolicy {
+            ttft_slo_ms: self.ttft_slo_ms.unwrap_or(base.ttft_slo_ms),
+            min_tokens_per_s: self.min_tokens_per_s.unwrap_or(base.min_tokens_per_s),
+            max_queue: self.max_queue.unwrap_or(base.max_queue),
+            max_queue_wait_ms: self.max_queue_wait_ms.unwrap_or(base.max_queue_wait_ms),
+            spill: self.spill.unwrap_or(base.spill),
+            spill_max_utilisation: self
+                .spill_max_utilisation
+                .unwrap_or(base.spill_max_utilisation),
+            retry_after_ms: self.retry_after_ms.unwrap_or(base.retry_after_ms),
+        }
+    }
+}
+
+fn latency_critical_lane<'de, D: serde::Deserializer<'de>>(d: D) -> Result<LanePolicy, D::Error> {
+    Ok(LanePolicyPatch::deserialize(d)?.over(LanePolicy::latency_critical()))
+}
+
+fn cost_sensitive_lane<'de, D: serde::Deserializer<'de>>(d: D) -> Result<LanePolicy, D::Error> {
+    Ok(LanePolicyPatch::deserialize(d)?.over(LanePolicy::cost_sensitive()))
+}
+
 /// What a classification rule matches on; every present condition must hold.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -183,7 +221,9 @@ impl Default for PlacementPolicy {
 pub struct PolicyDocument {
     /// Lane of requests no explicit class, tenant or rule decides.
     pub default_lane: LaneName,
+    #[serde(deserialize_with = "latency_critical_lane")]
     pub latency_critical: LanePolicy,
+    #[serde(deserialize_with = "cost_sensitive_lane")]
     pub cost_sensitive: LanePolicy,
     /// Default lane per tenant, keyed by the request metadata `tenant` (the API key's tenant
     /// when the router has keys; otherwise whatever the client puts there).
@@ -383,9 +423,30 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_lane_keeps_its_own_lanes_defaults() {
+        let doc = PolicyDocument::from_json(
+            br#"{"latency_critical": {"max_queue": 10}, "cost_sensitive": {"spill": false}}"#,
+        )
+        .unwrap();
+        let lc = LanePolicy {
+            max_queue: 10,
+            ..LanePolicy::latency_critical()
+        };
+        let cs = LanePolicy {
+            spill: false,
+            ..LanePolicy::cost_sensitive()
+        };
+        assert_eq!((doc.latency_critical, doc.cost_sensitive), (lc, cs));
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let err =
             PolicyDocument::from_json(br#"{"latency_critical": {"ttft_slo_ms": -1}}"#).unwrap_err();
+        assert!(
+            PolicyDocument::from_json(br#"{"latency_critical": {"ttft_slo": 5}}"#).is_err(),
+            "unknown lane fields are refused"
+        );
         assert!(
             err.to_string().contains("latency_critical.ttft_slo_ms"),
             "{err}"
