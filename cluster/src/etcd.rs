@@ -6,18 +6,41 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, WatchOptions,
-    WatchResponse,
+    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
 };
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::membership::{Membership, MembershipView, publish};
-use crate::registry::{Command, Registration, Registry, RegistryError};
+use crate::registry::{Command, Fence, Registration, Registry, RegistryError};
 use crate::schema::{
     DRAIN_PREFIX, POLICY_KEY, WORKERS_PREFIX, WorkerRecord, drain_key, parse_drain_key,
     parse_worker_key,
 };
+
+/// Runs `op`, under `fence` when given (one transaction: compare the fence's lease, then
+/// the write).
+async fn fenced(
+    client: &mut Client,
+    fence: Option<&Fence>,
+    op: TxnOp,
+) -> Result<TxnOpResponse, RegistryError> {
+    let txn = match fence {
+        Some(f) => Txn::new()
+            .when([Compare::lease(f.key.as_str(), CompareOp::Equal, f.lease)])
+            .and_then([op]),
+        None => Txn::new().and_then([op]),
+    };
+    let response = client.txn(txn).await?;
+    if !response.succeeded() {
+        let key = fence.map(|f| f.key.clone()).unwrap_or_default();
+        return Err(RegistryError::Fenced(key));
+    }
+    response.op_responses().into_iter().next().ok_or_else(|| {
+        RegistryError::Etcd(etcd_client::Error::InvalidArgs("empty txn response".into()))
+    })
+}
 
 /// Pause before retrying after etcd failed.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
@@ -88,8 +111,17 @@ impl Registry for EtcdRegistry {
         Ok(get_key(&mut self.client.clone(), POLICY_KEY).await?.0)
     }
 
-    async fn put_policy(&self, document: Vec<u8>) -> Result<(), RegistryError> {
-        self.client.clone().put(POLICY_KEY, document, None).await?;
+    async fn put_policy(
+        &self,
+        document: Vec<u8>,
+        fence: Option<&Fence>,
+    ) -> Result<(), RegistryError> {
+        fenced(
+            &mut self.client.clone(),
+            fence,
+            TxnOp::put(POLICY_KEY, document, None),
+        )
+        .await?;
         Ok(())
     }
 
@@ -107,10 +139,14 @@ impl Registry for EtcdRegistry {
         Ok(rx)
     }
 
-    async fn set_drain(&self, worker_id: &str, drain: bool) -> Result<bool, RegistryError> {
-        let mut client = self.client.clone();
+    async fn set_drain(
+        &self,
+        worker_id: &str,
+        drain: bool,
+        fence: Option<&Fence>,
+    ) -> Result<bool, RegistryError> {
         let key = drain_key(worker_id);
-        if drain {
+        let op = if drain {
             // The value is for people reading etcd; the key's presence is the request.
             let value = format!(
                 r#"{{"requested_at_unix_ms":{}}}"#,
@@ -119,14 +155,15 @@ impl Registry for EtcdRegistry {
                     .unwrap_or_default()
                     .as_millis()
             );
-            let response = client
-                .put(key, value, Some(PutOptions::new().with_prev_key()))
-                .await?;
-            Ok(response.prev_key().is_some())
+            TxnOp::put(key, value, Some(PutOptions::new().with_prev_key()))
         } else {
-            let response = client.delete(key, Some(DeleteOptions::new())).await?;
-            Ok(response.deleted() > 0)
-        }
+            TxnOp::delete(key, Some(DeleteOptions::new()))
+        };
+        Ok(match fenced(&mut self.client.clone(), fence, op).await? {
+            TxnOpResponse::Put(put) => put.prev_key().is_some(),
+            TxnOpResponse::Delete(delete) => delete.deleted() > 0,
+            _ => false,
+        })
     }
 
     async fn list_drains(&self) -> Result<Vec<String>, RegistryError> {

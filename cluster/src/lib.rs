@@ -12,5 +12,5 @@ pub mod telemetry;
 pub use etcd::EtcdRegistry;
 pub use membership::{Membership, MembershipView};
 pub use memory::MemoryRegistry;
-pub use registry::{Registration, Registry, RegistryError};
+pub use registry::{Fence, Registration, Registry, RegistryError};
 pub use schema::{Capacity, Pool, WorkerRecord, WorkerState};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::membership::{Membership, MembershipView};
-use crate::registry::{Command, Registration, Registry, RegistryError};
+use crate::registry::{Command, Fence, Registration, Registry, RegistryError};
 use crate::schema::WorkerRecord;
 
 #[derive(Debug, Clone)]
@@ -99,7 +99,12 @@ impl Registry for MemoryRegistry {
         Ok(self.policy.borrow().clone())
     }
 
-    async fn put_policy(&self, document: Vec<u8>) -> Result<(), RegistryError> {
+    /// One process, no election: fences always hold.
+    async fn put_policy(
+        &self,
+        document: Vec<u8>,
+        _fence: Option<&Fence>,
+    ) -> Result<(), RegistryError> {
         self.policy.send_replace(Some(document));
         Ok(())
     }
@@ -108,7 +113,12 @@ impl Registry for MemoryRegistry {
         Ok(self.policy.subscribe())
     }
 
-    async fn set_drain(&self, worker_id: &str, drain: bool) -> Result<bool, RegistryError> {
+    async fn set_drain(
+        &self,
+        worker_id: &str,
+        drain: bool,
+        _fence: Option<&Fence>,
+    ) -> Result<bool, RegistryError> {
         let mut drains = self.drains.lock().expect("drains lock");
         let sender = drains
             .entry(worker_id.to_string())
@@ -221,11 +231,11 @@ mod tests {
         let registry = MemoryRegistry::new();
         let mut drain = registry.watch_drain("a").await.unwrap();
         assert!(!*drain.borrow());
-        assert!(!registry.set_drain("a", true).await.unwrap());
+        assert!(!registry.set_drain("a", true, None).await.unwrap());
         assert!(drain.changed().await.is_ok() && *drain.borrow_and_update());
-        assert!(registry.set_drain("a", true).await.unwrap());
+        assert!(registry.set_drain("a", true, None).await.unwrap());
         assert_eq!(registry.list_drains().await.unwrap(), vec!["a"]);
-        assert!(registry.set_drain("a", false).await.unwrap());
+        assert!(registry.set_drain("a", false, None).await.unwrap());
         assert!(drain.changed().await.is_ok() && !*drain.borrow());
         assert!(registry.list_drains().await.unwrap().is_empty());
     }

@@ -16,6 +16,17 @@ pub enum RegistryError {
     Stopped,
     #[error("invalid lease ttl {0:?}: must be at least 1 s")]
     InvalidTtl(Duration),
+    #[error("write refused: this replica no longer holds `{0}` (leadership moved)")]
+    Fenced(String),
+}
+
+/// A condition on a write: it happens only while `key` is still attached to `lease`, i.e.
+/// while the writer still holds the leadership it checked. A leader cut off from etcd for a
+/// lease TTL can otherwise make one last write after another replica took over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: String,
+    pub lease: i64,
 }
 
 /// A membership store.
@@ -40,7 +51,12 @@ pub trait Registry: Send + Sync + 'static {
     async fn get_policy(&self) -> Result<Option<Vec<u8>>, RegistryError>;
 
     /// Stores the routing policy document. Callers validate it first: the store keeps bytes.
-    async fn put_policy(&self, document: Vec<u8>) -> Result<(), RegistryError>;
+    /// With a `fence`, the write happens only while the fence holds ([`RegistryError::Fenced`]).
+    async fn put_policy(
+        &self,
+        document: Vec<u8>,
+        fence: Option<&Fence>,
+    ) -> Result<(), RegistryError>;
 
     /// The policy document as it changes, starting with the current one (`None` = unset or
     /// deleted). Kept current by a background watch that resumes from its last revision; when
@@ -49,7 +65,13 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Stores (`drain = true`) or deletes the drain request of `worker_id` (`drain/<id>`).
     /// Returns whether a request was stored before the call.
-    async fn set_drain(&self, worker_id: &str, drain: bool) -> Result<bool, RegistryError>;
+    /// With a `fence`, only while the fence holds ([`RegistryError::Fenced`]).
+    async fn set_drain(
+        &self,
+        worker_id: &str,
+        drain: bool,
+        fence: Option<&Fence>,
+    ) -> Result<bool, RegistryError>;
 
     /// Worker ids with a drain request stored, sorted.
     async fn list_drains(&self) -> Result<Vec<String>, RegistryError>;

@@ -6,12 +6,14 @@
 //! TTL). A leader that cannot renew its lease, or sees its key deleted, steps down at once.
 //! Only the leader writes (drains, policy); followers serve reads and name the leader.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use etcd_client::{
     Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use serde::{Deserialize, Serialize};
+use switchyard_cluster::Fence;
 use switchyard_cluster::schema::LEADER_KEY;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +65,10 @@ impl std::fmt::Debug for ElectionConfig {
 pub struct Leadership {
     me: ReplicaInfo,
     role: watch::Receiver<Role>,
+    /// The leader key's lease while this replica leads an etcd election; `None` otherwise.
+    /// Set before the role turns to leader and cleared before it turns back.
+    lease: Arc<Mutex<Option<i64>>>,
+    elected: bool,
 }
 
 impl Leadership {
@@ -73,12 +79,30 @@ impl Leadership {
                 let (tx, role) = watch::channel(Role::Leader);
                 // The role never changes: keep the sender so readers never see a closed channel.
                 std::mem::forget(tx);
-                Self { me, role }
+                Self {
+                    me,
+                    role,
+                    lease: Arc::default(),
+                    elected: false,
+                }
             }
             ElectionConfig::Etcd { client, ttl } => {
                 let (tx, role) = watch::channel(Role::Follower { leader: None });
-                tokio::spawn(campaign(*client, me.clone(), ttl, tx, shutdown));
-                Self { me, role }
+                let lease = Arc::new(Mutex::new(None));
+                tokio::spawn(campaign(
+                    *client,
+                    me.clone(),
+                    ttl,
+                    tx,
+                    lease.clone(),
+                    shutdown,
+                ));
+                Self {
+                    me,
+                    role,
+                    lease,
+                    elected: true,
+                }
             }
         }
     }
@@ -93,6 +117,22 @@ impl Leadership {
 
     pub fn is_leader(&self) -> bool {
         matches!(*self.role.borrow(), Role::Leader)
+    }
+
+    /// When this replica leads: the fence its writes must carry (`None` standalone, where
+    /// there is no election). `None` (outer) when it does not lead.
+    pub fn write_fence(&self) -> Option<Option<Fence>> {
+        if !self.is_leader() {
+            return None;
+        }
+        if !self.elected {
+            return Some(None);
+        }
+        let lease = (*self.lease.lock().expect("lease lock"))?;
+        Some(Some(Fence {
+            key: LEADER_KEY.to_string(),
+            lease,
+        }))
     }
 
     /// The current leader as far as this replica knows.
@@ -132,11 +172,14 @@ async fn campaign(
     me: ReplicaInfo,
     ttl: Duration,
     tx: watch::Sender<Role>,
+    held: Arc<Mutex<Option<i64>>>,
     shutdown: CancellationToken,
 ) {
     let value = serde_json::to_vec(&me).expect("replica info serialises");
     while !shutdown.is_cancelled() {
-        if let Err(error) = campaign_once(&mut client, &me, &value, ttl, &tx, &shutdown).await {
+        if let Err(error) =
+            campaign_once(&mut client, &me, &value, ttl, &tx, &held, &shutdown).await
+        {
             warn!(%error, "leader election: etcd failed; campaigning again");
             tx.send_if_modified(|role| {
                 let was_leader = *role == Role::Leader;
@@ -161,6 +204,7 @@ async fn campaign_once(
     value: &[u8],
     ttl: Duration,
     tx: &watch::Sender<Role>,
+    held: &Mutex<Option<i64>>,
     shutdown: &CancellationToken,
 ) -> Result<(), etcd_client::Error> {
     let lease = client.lease_grant(seconds(ttl), None).await?.id();
@@ -176,6 +220,7 @@ async fn campaign_once(
     let revision = response.header().map(|h| h.revision()).unwrap_or_default();
     if response.succeeded() {
         info!(replica = %me.id, lease, "became the control-plane leader");
+        *held.lock().expect("lease lock") = Some(lease);
         tx.send_replace(Role::Leader);
         let result = lead(client, me, lease, ttl, revision, shutdown).await;
         if shutdown.is_cancelled() {
@@ -184,6 +229,7 @@ async fn campaign_once(
             info!(replica = %me.id, "resigned leadership");
         }
         // Announced after resigning, so a caller waiting for the step-down knows it is done.
+        *held.lock().expect("lease lock") = None;
         tx.send_replace(Role::Follower { leader: None });
         return result;
     }

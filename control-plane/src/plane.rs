@@ -13,6 +13,7 @@ use tracing::info;
 use crate::events::Events;
 use crate::leader::{Leadership, ReplicaInfo};
 use crate::loads::Loads;
+use switchyard_cluster::Fence;
 
 /// Why an operation was refused; mapped to a gRPC status or an HTTP code by each front door.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -40,7 +41,12 @@ impl From<OpError> for tonic::Status {
 }
 
 fn registry_error(error: RegistryError) -> OpError {
-    OpError::Unavailable(format!("cluster registry unreachable: {error}"))
+    match error {
+        RegistryError::Fenced(_) => OpError::NotLeader(format!(
+            "{error}; the write was not applied — send it to the current leader"
+        )),
+        _ => OpError::Unavailable(format!("cluster registry unreachable: {error}")),
+    }
 }
 
 /// A worker as the dashboard shows it: its record, live load, and whether a drain is requested.
@@ -186,10 +192,10 @@ impl ControlPlane {
     pub async fn set_policy(&self, document: &str) -> Result<String, OpError> {
         let policy = PolicyDocument::from_json(document.as_bytes())
             .map_err(|e| OpError::InvalidArgument(format!("document: {e}")))?;
-        self.require_leader()?;
+        let fence = self.require_leader()?;
         let normalised = policy.to_json();
         self.registry
-            .put_policy(normalised.clone().into_bytes())
+            .put_policy(normalised.clone().into_bytes(), fence.as_ref())
             .await
             .map_err(registry_error)?;
         info!(rules = policy.rules.len(), "routing policy stored");
@@ -199,7 +205,7 @@ impl ControlPlane {
     /// Requests a drain of a registered worker. Returns whether one was requested already.
     pub async fn drain(&self, worker_id: &str) -> Result<bool, OpError> {
         validate_worker_id(worker_id)?;
-        self.require_leader()?;
+        let fence = self.require_leader()?;
         let registered = self.registry.list_workers().await.map_err(registry_error)?;
         if !registered.iter().any(|w| w.id == worker_id) {
             return Err(OpError::NotFound(format!(
@@ -208,7 +214,7 @@ impl ControlPlane {
         }
         let already = self
             .registry
-            .set_drain(worker_id, true)
+            .set_drain(worker_id, true, fence.as_ref())
             .await
             .map_err(registry_error)?;
         info!(%worker_id, already, "drain requested");
@@ -219,11 +225,11 @@ impl ControlPlane {
     /// the drain of a worker that is down can be lifted (it would apply on its restart).
     pub async fn undrain(&self, worker_id: &str) -> Result<bool, OpError> {
         validate_worker_id(worker_id)?;
-        self.require_leader()?;
+        let fence = self.require_leader()?;
         let registered = self.registry.list_workers().await.map_err(registry_error)?;
         let was_draining = self
             .registry
-            .set_drain(worker_id, false)
+            .set_drain(worker_id, false, fence.as_ref())
             .await
             .map_err(registry_error)?;
         if !was_draining && !registered.iter().any(|w| w.id == worker_id) {
@@ -235,9 +241,11 @@ impl ControlPlane {
         Ok(was_draining)
     }
 
-    fn require_leader(&self) -> Result<(), OpError> {
-        if self.leadership.is_leader() {
-            return Ok(());
+    /// The fence this leader's writes go under (`None` for a standalone replica), or
+    /// NotLeader.
+    fn require_leader(&self) -> Result<Option<Fence>, OpError> {
+        if let Some(fence) = self.leadership.write_fence() {
+            return Ok(fence);
         }
         Err(OpError::NotLeader(not_leader_message(
             self.leadership.leader().as_ref(),

@@ -115,7 +115,7 @@ mod tests {
         assert_eq!(handle.current().default_lane, LaneName::CostSensitive);
 
         registry
-            .put_policy(br#"{"default_lane": "latency-critical"}"#.to_vec())
+            .put_policy(br#"{"default_lane": "latency-critical"}"#.to_vec(), None)
             .await
             .unwrap();
         assert!(handle.changed().await);
@@ -123,11 +123,14 @@ mod tests {
 
         // Invalid, then valid: only the valid one is applied.
         registry
-            .put_policy(br#"{"placement": {"choices": 0}}"#.to_vec())
+            .put_policy(br#"{"placement": {"choices": 0}}"#.to_vec(), None)
             .await
             .unwrap();
         registry
-            .put_policy(br#"{"default_lane": "cost-sensitive", "max_queued": 7}"#.to_vec())
+            .put_policy(
+                br#"{"default_lane": "cost-sensitive", "max_queued": 7}"#.to_vec(),
+                None,
+            )
             .await
             .unwrap();
         assert!(handle.changed().await);

@@ -351,12 +351,14 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     })
     .await?;
     assert!(browser.text("#notice").await?.contains("gpu-1"));
-    assert!(
+    // The events list is fed by its own stream; it may show the change a poll later.
+    wait_until(PATIENCE, "the events list to show the drain", || async {
         browser
             .text("#events")
-            .await?
-            .contains("gpu-1 (gpu) is draining")
-    );
+            .await
+            .is_ok_and(|t| t.contains("gpu-1 (gpu) is draining"))
+    })
+    .await?;
     std::fs::write(
         switchyard_tests::log_dir().join("dashboard.png"),
         browser.screenshot().await?,

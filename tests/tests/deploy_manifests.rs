@@ -284,7 +284,7 @@ async fn run_policy_job(rendered: &Rendered, etcd: &Etcd) -> anyhow::Result<()> 
     assert_eq!(key, POLICY_KEY, "the Job writes the key routers watch");
     etcd.registry()
         .await?
-        .put_policy(document.clone().into_bytes())
+        .put_policy(document.clone().into_bytes(), None)
         .await?;
     Ok(())
 }

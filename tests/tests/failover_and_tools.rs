@@ -111,6 +111,49 @@ async fn etcd_registry_watch_sees_register_update_deregister() -> anyhow::Result
     .map_err(|_| anyhow::anyhow!("watch missed an event"))?
 }
 
+/// A leader's writes carry its leader-key lease: once the key belongs to another lease (the
+/// old leader was cut off and another replica took over), its writes are refused and nothing
+/// is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fenced_writes_apply_only_while_the_fence_holds() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let registry = etcd.registry().await?;
+    let mut client = etcd_client::Client::connect([etcd.url.as_str()], None).await?;
+    let key = switchyard_cluster::schema::LEADER_KEY;
+    let ours = client.lease_grant(30, None).await?.id();
+    let theirs = client.lease_grant(30, None).await?.id();
+    let put_with = |lease| Some(etcd_client::PutOptions::new().with_lease(lease));
+    client.put(key, "old leader", put_with(ours)).await?;
+    let fence = switchyard_cluster::Fence {
+        key: key.to_string(),
+        lease: ours,
+    };
+    assert!(!registry.set_drain("w1", true, Some(&fence)).await?);
+    registry
+        .put_policy(br#"{"max_queued": 5}"#.to_vec(), Some(&fence))
+        .await?;
+
+    client.put(key, "new leader", put_with(theirs)).await?;
+    let refused = registry.set_drain("w2", true, Some(&fence)).await;
+    assert!(
+        matches!(refused, Err(switchyard_cluster::RegistryError::Fenced(_))),
+        "{refused:?}"
+    );
+    let refused = registry
+        .put_policy(br#"{"max_queued": 6}"#.to_vec(), Some(&fence))
+        .await;
+    assert!(matches!(
+        refused,
+        Err(switchyard_cluster::RegistryError::Fenced(_))
+    ));
+    assert_eq!(registry.list_drains().await?, vec!["w1"]);
+    assert_eq!(
+        registry.get_policy().await?.as_deref(),
+        Some(&br#"{"max_queued": 5}"#[..])
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_registry_keeps_a_live_lease_and_expires_a_dead_one() -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
