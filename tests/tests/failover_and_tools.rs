@@ -7,7 +7,7 @@ use std::time::Duration;
 use switchyard::client::{Completion, SessionClient};
 use switchyard_cluster::{Capacity, Pool, Registry, WorkerRecord, WorkerState};
 use switchyard_proto::v1::{FinishReason, GenerateRequest, RequestClass};
-use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd};
+use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd, wait_until};
 use switchyard_worker::synthetic::synthetic_text;
 
 fn request(id: &str, content: &str, max_tokens: u32) -> GenerateRequest {
@@ -59,6 +59,79 @@ async fn a_worker_dying_mid_stream_loses_and_repeats_no_token() -> anyhow::Resul
         (0..completion.seqs.len() as u64).collect::<Vec<_>>()
     );
     assert_eq!(finished.usage.unwrap().completion_tokens, 80);
+    Ok(())
+}
+
+/// Static stability: with etcd frozen (SIGSTOP: connections stay open, nothing answers) the
+/// router keeps routing to the workers it knows and the workers keep serving; once etcd
+/// answers again every worker is registered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_flow_while_etcd_is_down_and_workers_register_again_after() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 2,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let pid = cluster.etcd.pid().expect("etcd runs").to_string();
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+    };
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let served = |id: String| {
+        let stream = session.start(request(&id, "etcd is down", 12));
+        async move {
+            let completion = stream?.collect().await;
+            anyhow::ensure!(
+                completion.finished.is_some(),
+                "{id} failed: {:?}",
+                completion.failed
+            );
+            anyhow::ensure!(completion.text == synthetic_text("etcd is down", 0, 12));
+            anyhow::Ok(())
+        }
+    };
+
+    assert!(signal("-STOP")?.success());
+    // Both workers notice: their lease keepalives fail against the frozen etcd.
+    for worker in &cluster.gpu {
+        worker
+            .wait_for_log("lease keepalive", Duration::from_secs(60))
+            .await?;
+    }
+    for i in 0..6 {
+        served(format!("during-outage-{i}")).await?;
+    }
+
+    assert!(signal("-CONT")?.success());
+    let registry = cluster.etcd.registry().await?;
+    wait_until(
+        Duration::from_secs(60),
+        "both workers registered in etcd again",
+        || async {
+            registry
+                .list_workers()
+                .await
+                .is_ok_and(|workers| workers.len() == 2)
+        },
+    )
+    .await?;
+    // The leases expired while etcd was frozen, so the router saw the workers leave and must
+    // see them come back.
+    wait_until(
+        Duration::from_secs(60),
+        "the router to route to both again",
+        || async {
+            cluster
+                .router_worker_ids()
+                .await
+                .is_ok_and(|ids| ids.len() == 2)
+        },
+    )
+    .await?;
+    served("after-outage".into()).await?;
     Ok(())
 }
 
