@@ -6,7 +6,7 @@
 //! 160 ms step at 16 streams. Here it is one pass per (sequence, KV head) over the cached rows,
 //! spread over candle's CPU thread pool.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use crate::qmatrix::SharedOutput;
 
 /// One sequence's keys and values for every layer: per layer `(n_kv, capacity, head_dim)`,
 /// row-major, so one head's cached rows are contiguous.
@@ -133,11 +133,8 @@ pub(crate) fn decode_attention(
     let (n_kv, hd) = (first.n_kv, first.head_dim);
     let group = n_head / n_kv;
     let width = group * hd;
-    // Work items are (sequence, KV head) pairs; each owns its slice of the output, published
-    // through atomics because the pool takes `Fn` closures.
-    let out: Vec<AtomicU32> = (0..caches.len() * n_head * hd)
-        .map(|_| AtomicU32::new(0))
-        .collect();
+    // Work items are (sequence, KV head) pairs; each owns its slice of the output.
+    let out = SharedOutput::zeros(caches.len() * n_head * hd);
     candle_core::utils::barrier_pool().execute_chunked(caches.len() * n_kv, |items| {
         let mut buf = vec![0f32; width];
         for item in items {
@@ -145,14 +142,10 @@ pub(crate) fn decode_attention(
             let (keys, values) = caches[i].head(layer, h, lens[i]);
             let at = i * n_head * hd + h * width;
             attend_head(&q[at..at + width], keys, values, hd, scale, &mut buf);
-            for (slot, v) in out[at..at + width].iter().zip(&buf) {
-                slot.store(v.to_bits(), Ordering::Relaxed);
-            }
+            out.write(at, &buf);
         }
     });
-    out.into_iter()
-        .map(|v| f32::from_bits(v.into_inner()))
-        .collect()
+    out.into_vec()
 }
 
 #[cfg(test)]

@@ -233,11 +233,11 @@ impl QMatrix {
             self.cols
         );
         let xq = QuantizedRows::new(x, self.cols);
-        // candle's barrier pool, not rayon: its workers spin between the ~200 small matmuls
+        // candle's barrier pool, not rayon: its workers spin between the ~120 small matmuls
         // of a decode step instead of sleeping, and candle's own ops run on it too. Tasks own
-        // disjoint column ranges and publish them through atomics (the pool takes `Fn`).
+        // disjoint column ranges of a column-major result.
         let tasks = self.rows.div_ceil(COLS_PER_TASK);
-        let shared: Vec<AtomicU32> = (0..self.rows * m).map(|_| AtomicU32::new(0)).collect();
+        let shared = SharedOutput::zeros(self.rows * m);
         candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
             let mut out = vec![0f32; COLS_PER_TASK * m];
             for task in range {
@@ -245,16 +245,10 @@ impl QMatrix {
                 let cols = COLS_PER_TASK.min(self.rows - c0);
                 let out = &mut out[..cols * m];
                 columns(&self.blocks, c0, out, &xq, m);
-                for (slot, v) in shared[c0 * m..(c0 + cols) * m].iter().zip(out.iter()) {
-                    slot.store(v.to_bits(), Ordering::Relaxed);
-                }
+                shared.write(c0 * m, out);
             }
         });
-        // The pool returns after every task finished (its barrier orders the stores).
-        let by_column: Vec<f32> = shared
-            .into_iter()
-            .map(|v| f32::from_bits(v.into_inner()))
-            .collect();
+        let by_column = shared.into_vec();
         if m == 1 {
             return by_column;
         }
@@ -265,6 +259,30 @@ impl QMatrix {
             }
         }
         out
+    }
+}
+
+/// An f32 buffer that work items on candle's CPU pool fill in disjoint parts: the pool takes
+/// `Fn` closures, so each part is published through atomics (relaxed: the pool's barrier
+/// orders them before the caller reads).
+pub(crate) struct SharedOutput(Vec<AtomicU32>);
+
+impl SharedOutput {
+    pub(crate) fn zeros(len: usize) -> Self {
+        Self((0..len).map(|_| AtomicU32::new(0)).collect())
+    }
+
+    pub(crate) fn write(&self, at: usize, values: &[f32]) {
+        for (slot, v) in self.0[at..at + values.len()].iter().zip(values) {
+            slot.store(v.to_bits(), Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<f32> {
+        self.0
+            .into_iter()
+            .map(|v| f32::from_bits(v.into_inner()))
+            .collect()
     }
 }
 
