@@ -55,7 +55,7 @@ fn select_cuda(choice: DeviceChoice) -> Result<SelectedDevice, DeviceError> {
 fn select_cuda(_choice: DeviceChoice) -> Result<SelectedDevice, DeviceError> {
     // candle 0.11's CUDA backend builds cudarc with `dynamic-linking`, so a `cuda` binary is
     // linked against libcuda and `cudarc::driver::sys::is_culib_present()` (a `dynamic-loading`
-    // only, `unsafe` function — our crates forbid unsafe code) is unavailable. A host without
+    // only, `unsafe` function) is unavailable. A host without
     // the driver library cannot start such a binary at all; a host with the library but no
     // usable GPU gets an error from device creation here, never a panic, and falls back.
     if !driver_library_present() {
