@@ -395,15 +395,9 @@ impl Cluster {
             wse,
             api_key: spec.api_key.clone(),
         };
-        let expected = spec.gpu_workers + spec.wse_workers;
-        wait_until(READY_TIMEOUT, "the router to link every worker", || async {
-            cluster
-                .router_worker_ids()
-                .await
-                .map(|ids| ids.len() == expected)
-                .unwrap_or(false)
-        })
-        .await?;
+        cluster
+            .wait_for_router_workers(spec.gpu_workers + spec.wse_workers, READY_TIMEOUT)
+            .await?;
         Ok(cluster)
     }
 
@@ -414,6 +408,21 @@ impl Cluster {
     /// Base URL of the router's OpenAI-compatible API, e.g. `http://127.0.0.1:41651/v1`.
     pub fn router_openai_url(&self) -> String {
         format!("http://{}/v1", self.router.addr("http"))
+    }
+
+    /// Waits until the router routes to exactly `count` workers.
+    pub async fn wait_for_router_workers(
+        &self,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        wait_until(timeout, "the router to route to every worker", || async {
+            self.router_worker_ids()
+                .await
+                .is_ok_and(|ids| ids.len() == count)
+        })
+        .await?;
+        Ok(())
     }
 
     /// Worker ids the router currently routes to (from `ListModels`).

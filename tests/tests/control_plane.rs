@@ -174,17 +174,8 @@ async fn drain_stops_new_placements_lets_in_flight_work_finish_and_undrain_resto
         .into_inner();
     assert!(undrained.was_draining);
     next_event(&mut events, Kind::WorkerReady, &busy).await?;
-    wait_until(
-        PATIENCE,
-        "the router to route to the undrained worker",
-        || async {
-            cluster
-                .router_worker_ids()
-                .await
-                .is_ok_and(|ids| ids.len() == 2)
-        },
-    )
-    .await?;
+    // The undrained worker is routed to again.
+    cluster.wait_for_router_workers(2, PATIENCE).await?;
     assert_eq!(worker_state(&admin, &busy).await.as_deref(), Some("ready"));
     let err = admin
         .undrain(v1::UndrainRequest {

@@ -120,17 +120,9 @@ async fn requests_flow_while_etcd_is_down_and_workers_register_again_after() -> 
     .await?;
     // The leases expired while etcd was frozen, so the router saw the workers leave and must
     // see them come back.
-    wait_until(
-        Duration::from_secs(60),
-        "the router to route to both again",
-        || async {
-            cluster
-                .router_worker_ids()
-                .await
-                .is_ok_and(|ids| ids.len() == 2)
-        },
-    )
-    .await?;
+    cluster
+        .wait_for_router_workers(2, Duration::from_secs(60))
+        .await?;
     served("after-outage".into()).await?;
     Ok(())
 }
