@@ -557,6 +557,27 @@ mod tests {
         }
     }
 
+    /// On an AVX2 machine the dispatching kernel and the portable one are different code;
+    /// both must compute the same products (up to float summation order).
+    #[test]
+    fn the_portable_kernel_agrees_with_the_dispatched_one() {
+        for dtype in [GgmlDType::Q8_0, GgmlDType::Q4_0, GgmlDType::Q4_1] {
+            let (w, _) = matrix(dtype, 32, 96);
+            let m = 5;
+            let x: Vec<f32> = (0..m * 96).map(|i| (i as f32 * 0.23).sin()).collect();
+            let xq = QuantizedRows::new(&x, 96);
+            let (mut fast, mut portable) = (vec![0f32; 32 * m], vec![0f32; 32 * m]);
+            columns(&w.blocks, 0, &mut fast, &xq, m);
+            columns_generic(&w.blocks, 0, &mut portable, &xq, m);
+            for (a, b) in fast.iter().zip(&portable) {
+                assert!(
+                    (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                    "{dtype:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_row_gets_the_same_result_alone_and_in_a_batch() {
         for (dtype, n, k, m) in [(GgmlDType::Q4_1, 40, 64, 4), (GgmlDType::Q8_0, 200, 96, 38)] {
