@@ -330,9 +330,20 @@ async fn admission_limits() {
         matches!(&err, EngineError::InvalidArgument(m) if m.contains("kv_budget_bytes")),
         "{err:?}"
     );
-    // One running (max_seqs 1), one queued (max_queue 1), the third is shed.
+    // One running (max_seqs 1), one queued (max_queue 1), the third is shed. The first asks
+    // for most of the context so that it is still running when the others arrive (a tiny-model
+    // step takes microseconds; it is cancelled below).
+    let e = engine(
+        &path,
+        SchedulerLimits {
+            kv_budget_bytes: per_token * 256,
+            max_seqs: 1,
+            max_queue: 1,
+            prefill_chunk: 16,
+        },
+    );
     let c1 = CancellationToken::new();
-    let mut first = e.submit(request("hi", 30), c1.clone()).unwrap();
+    let mut first = e.submit(request("hi", 240), c1.clone()).unwrap();
     assert!(matches!(
         first.recv().await.unwrap().unwrap(),
         EngineEvent::Token { .. }
