@@ -19,6 +19,8 @@ enum Command {
     Simulate(switchyard_bench::simulate::SimulateArgs),
     /// The native model engine in-process: decode tok/s, aggregate tok/s, TTFT, peak RSS.
     Engine(switchyard_bench::engine::EngineBenchArgs),
+    /// The router's cost: the same load straight to a worker and through the router.
+    Router(switchyard_bench::router::RouterBenchArgs),
 }
 
 #[tokio::main]
@@ -31,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Engine(args) => switchyard_bench::engine::run(args).await,
+        Command::Router(args) => switchyard_bench::router::run(args).await,
         Command::Simulate(args) => {
             let report = switchyard_bench::simulate::run(&args)?;
             for (name, policy) in &report.policies {

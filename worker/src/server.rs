@@ -14,7 +14,6 @@ use std::time::Duration;
 use switchyard_cluster::{Capacity, Pool, Registry, RegistryError, WorkerRecord, WorkerState};
 use switchyard_proto::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -125,7 +124,10 @@ pub async fn run_worker(
             .add_service(reflection_v1alpha)
             .add_service(WorkerServer::new(service))
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                // Streams carry small frames: Nagle's algorithm would hold them back
+                // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not reach
+                // a listener of our own.
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                 server_stop.cancelled_owned(),
             ),
     );

@@ -1,0 +1,630 @@
+//! `switchyard-bench router`: what the router costs on top of talking to a worker directly.
+//!
+//! One worker serving the synthetic load-test engine (no model: its tokens come as fast as they
+//! are read, so the figures are the serving path's, not a model's) and one router run in this
+//! process on loopback ports, over an in-memory registry. The same workload — `requests`
+//! requests of `max_tokens` tokens, `concurrency` of them in flight — runs three ways, round by
+//! round in turn so machine drift hits all three alike:
+//!
+//! * `direct`: straight on the worker's multiplexed `Worker.Serve` stream (the router's own
+//!   path to a worker, without the router);
+//! * `session`: through the router on one persistent `Inference.Session` stream;
+//! * `generate`: through the router, one `Inference.Generate` call per request.
+//!
+//! Reported per path: requests/s, tokens/s, time to first token and to the last one (p50 and
+//! p99 over every round), and the router paths' throughput as a ratio of `direct`. Every
+//! request must deliver exactly `max_tokens` tokens, or the run fails.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use switchyard_cluster::{MemoryRegistry, Pool};
+use switchyard_proto::v1::{
+    self, ChatMessage, ClientFrame, GenerateRequest, Lane, RequestClass, RouterFrame,
+    SamplingParams, WorkerStart, client_frame, inference_client::InferenceClient, router_frame,
+    server_frame, worker_client::WorkerClient, worker_frame,
+};
+use switchyard_router::RouterConfig;
+use switchyard_worker::{CoalesceConfig, SyntheticConfig, SyntheticEngine, WorkerConfig};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+const MODEL: &str = "synthetic";
+
+/// Options of `switchyard-bench router`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RouterBenchArgs {
+    /// Requests per path and round.
+    #[arg(long, default_value_t = 2000)]
+    pub requests: usize,
+    /// Requests in flight at once (one run per level).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub concurrency: Vec<usize>,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: u32,
+    /// Rounds per concurrency level; each round runs every path once.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Path {
+    Direct,
+    Session,
+    Generate,
+}
+
+const PATHS: [Path; 3] = [Path::Direct, Path::Session, Path::Generate];
+
+impl Path {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Session => "session",
+            Self::Generate => "generate",
+        }
+    }
+}
+
+/// One request's milestones, measured from when it was sent.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    ttft: Duration,
+    total: Duration,
+}
+
+/// Latencies (µs) and throughput of one path at one concurrency, over every round.
+struct PathResult {
+    ttft: Histogram<u64>,
+    total: Histogram<u64>,
+    requests: usize,
+    tokens: u64,
+    busy: Duration,
+}
+
+impl PathResult {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            ttft: Histogram::new(3)?,
+            total: Histogram::new(3)?,
+            requests: 0,
+            tokens: 0,
+            busy: Duration::ZERO,
+        })
+    }
+
+    fn add(&mut self, samples: &[Sample], tokens: u64, elapsed: Duration) -> anyhow::Result<()> {
+        for s in samples {
+            self.ttft.record(s.ttft.as_micros() as u64)?;
+            self.total.record(s.total.as_micros() as u64)?;
+        }
+        self.requests += samples.len();
+        self.tokens += tokens;
+        self.busy += elapsed;
+        Ok(())
+    }
+
+    fn figures(&self) -> PathFigures {
+        let secs = self.busy.as_secs_f64().max(f64::EPSILON);
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        PathFigures {
+            requests_per_s: self.requests as f64 / secs,
+            tokens_per_s: self.tokens as f64 / secs,
+            ttft_p50_ms: ms(&self.ttft, 0.5),
+            ttft_p99_ms: ms(&self.ttft, 0.99),
+            total_p50_ms: ms(&self.total, 0.5),
+            total_p99_ms: ms(&self.total, 0.99),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct PathFigures {
+    requests_per_s: f64,
+    tokens_per_s: f64,
+    ttft_p50_ms: f64,
+    ttft_p99_ms: f64,
+    total_p50_ms: f64,
+    total_p99_ms: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct LevelReport {
+    concurrency: usize,
+    paths: HashMap<Path, PathFigures>,
+    /// Requests/s through the router as a fraction of direct, per router path.
+    throughput_vs_direct: HashMap<Path, f64>,
+    /// Median time to first token the router adds, per router path, in ms.
+    added_ttft_p50_ms: HashMap<Path, f64>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    requests: usize,
+    max_tokens: u32,
+    rounds: usize,
+    levels: Vec<LevelReport>,
+}
+
+/// A worker and a router in this process, stopped on drop.
+struct Cluster {
+    worker: Channel,
+    router: Channel,
+    shutdown: CancellationToken,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+async fn start_cluster(max_concurrent: u32) -> anyhow::Result<Cluster> {
+    let registry = Arc::new(MemoryRegistry::new());
+    let shutdown = CancellationToken::new();
+    let engine = SyntheticEngine::checked(SyntheticConfig {
+        models: vec![MODEL.into()],
+        ttft: Duration::ZERO,
+        // Far beyond what the serving path can carry: the engine never holds tokens back.
+        tokens_per_s: 1e9,
+        max_concurrent,
+        max_queue: max_concurrent,
+        prefill_tokens_per_s: f64::MAX,
+    })
+    .map_err(anyhow::Error::msg)?;
+    let worker_config = WorkerConfig {
+        id: "bench-worker".into(),
+        pool: Pool::Gpu,
+        listen: "127.0.0.1:0".parse()?,
+        advertise: None,
+        lease_ttl: Duration::from_secs(10),
+        coalesce: CoalesceConfig::default(),
+        cost_per_mtok: 0.1,
+        drain_timeout: Duration::from_secs(1),
+        metrics: Default::default(),
+    };
+    let (worker_tx, worker_rx) = oneshot::channel();
+    tokio::spawn(switchyard_worker::run_worker(
+        worker_config,
+        Arc::new(engine),
+        registry.clone(),
+        shutdown.clone(),
+        |addr| {
+            let _ = worker_tx.send(addr);
+        },
+    ));
+    let worker_addr = worker_rx
+        .await
+        .context("the worker stopped before serving")?;
+
+    let router_config = RouterConfig {
+        listen: "127.0.0.1:0".parse()?,
+        ..Default::default()
+    };
+    let (router_tx, router_rx) = oneshot::channel();
+    tokio::spawn(switchyard_router::run_router(
+        router_config,
+        registry,
+        shutdown.clone(),
+        |addr| {
+            let _ = router_tx.send(addr);
+        },
+    ));
+    let router_addr = router_rx
+        .await
+        .context("the router stopped before serving")?;
+
+    async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?)
+    }
+    let cluster = Cluster {
+        worker: connect(worker_addr).await?,
+        router: connect(router_addr).await?,
+        shutdown,
+    };
+    wait_until_routable(cluster.router.clone()).await?;
+    Ok(cluster)
+}
+
+/// Waits until the router lists the worker's model (it learns of workers from the registry).
+async fn wait_until_routable(router: Channel) -> anyhow::Result<()> {
+    let mut client = InferenceClient::new(router);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let models = client
+            .list_models(v1::ListModelsRequest {})
+            .await?
+            .into_inner()
+            .models;
+        if models
+            .iter()
+            .any(|m| m.id == MODEL && !m.workers.is_empty())
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the router did not see the worker within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn messages(index: usize) -> Vec<ChatMessage> {
+    vec![ChatMessage {
+        role: "user".into(),
+        content: format!("measure the router overhead request {index}"),
+    }]
+}
+
+fn sampling(max_tokens: u32) -> Option<SamplingParams> {
+    Some(SamplingParams {
+        max_tokens,
+        ..Default::default()
+    })
+}
+
+fn generate_request(index: usize, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        request_id: format!("r{index}"),
+        model: MODEL.into(),
+        messages: messages(index),
+        sampling: sampling(max_tokens),
+        class: RequestClass::CostSensitive as i32,
+        ..Default::default()
+    }
+}
+
+/// What a response frame means to the load loop.
+enum Event {
+    Tokens { id: String, count: usize },
+    Finished { id: String },
+    Failed { id: String, message: String },
+    Other,
+}
+
+/// The outcome of one path's run.
+struct RunOutcome {
+    samples: Vec<Sample>,
+    tokens: u64,
+    elapsed: Duration,
+}
+
+fn closed() -> anyhow::Error {
+    anyhow::anyhow!("the call's request stream closed")
+}
+
+/// Runs `requests` requests over one multiplexed stream, `concurrency` in flight: a new one
+/// is sent as each finishes.
+async fn multiplexed<Out, In>(
+    requests: usize,
+    concurrency: usize,
+    start: impl Fn(usize) -> Out,
+    open: impl std::future::Future<
+        Output = Result<tonic::Response<tonic::Streaming<In>>, tonic::Status>,
+    >,
+    outbound: mpsc::Sender<Out>,
+    classify: impl Fn(In) -> Event,
+) -> anyhow::Result<RunOutcome> {
+    let started = Instant::now();
+    let mut sent = 0;
+    let mut in_flight: HashMap<String, (Instant, Option<Duration>)> = HashMap::new();
+    let send_next = |sent: &mut usize, in_flight: &mut HashMap<_, _>| {
+        let frame = start(*sent);
+        in_flight.insert(format!("r{sent}"), (Instant::now(), None));
+        *sent += 1;
+        frame
+    };
+    // The first frames go out before the call is answered (the server reads them as it can).
+    for _ in 0..concurrency.min(requests) {
+        let frame = send_next(&mut sent, &mut in_flight);
+        outbound.send(frame).await.map_err(|_| closed())?;
+    }
+    let mut inbound = open.await?.into_inner();
+    let mut samples = Vec::with_capacity(requests);
+    let mut tokens = 0u64;
+    while samples.len() < requests {
+        let frame = inbound
+            .message()
+            .await?
+            .context("the stream ended with requests in flight")?;
+        match classify(frame) {
+            Event::Tokens { id, count } => {
+                let entry = in_flight
+                    .get_mut(&id)
+                    .with_context(|| format!("tokens for unknown request {id}"))?;
+                entry.1.get_or_insert_with(|| entry.0.elapsed());
+                tokens += count as u64;
+            }
+            Event::Finished { id } => {
+                let (sent_at, ttft) = in_flight
+                    .remove(&id)
+                    .with_context(|| format!("finish of unknown request {id}"))?;
+                samples.push(Sample {
+                    ttft: ttft.with_context(|| format!("request {id} finished without tokens"))?,
+                    total: sent_at.elapsed(),
+                });
+                if sent < requests {
+                    let frame = send_next(&mut sent, &mut in_flight);
+                    outbound.send(frame).await.map_err(|_| closed())?;
+                }
+            }
+            Event::Failed { id, message } => bail!("request {id} failed: {message}"),
+            Event::Other => {}
+        }
+    }
+    Ok(RunOutcome {
+        samples,
+        tokens,
+        elapsed: started.elapsed(),
+    })
+}
+
+async fn run_direct(
+    worker: Channel,
+    requests: usize,
+    concurrency: usize,
+    max_tokens: u32,
+) -> anyhow::Result<RunOutcome> {
+    let (tx, rx) = mpsc::channel(concurrency.max(1) * 2);
+    let mut client = WorkerClient::new(worker);
+    let start = |i: usize| RouterFrame {
+        frame: Some(router_frame::Frame::Start(WorkerStart {
+            request_id: format!("r{i}"),
+            model: MODEL.into(),
+            messages: messages(i),
+            sampling: sampling(max_tokens),
+            lane: Lane::CostSensitive as i32,
+            ..Default::default()
+        })),
+    };
+    let classify = |frame: v1::WorkerFrame| match frame.frame {
+        Some(worker_frame::Frame::Tokens(t)) => Event::Tokens {
+            count: t.token_ids.len(),
+            id: t.request_id,
+        },
+        Some(worker_frame::Frame::Finished(f)) => Event::Finished { id: f.request_id },
+        Some(worker_frame::Frame::Failed(f)) => Event::Failed {
+            id: f.request_id,
+            message: f.message,
+        },
+        _ => Event::Other,
+    };
+    let open = client.serve(ReceiverStream::new(rx));
+    multiplexed(requests, concurrency, start, open, tx, classify).await
+}
+
+fn classify_server_frame(frame: v1::ServerFrame) -> Event {
+    match frame.frame {
+        Some(server_frame::Frame::Tokens(t)) => Event::Tokens {
+            count: t.token_ids.len(),
+            id: t.request_id,
+        },
+        Some(server_frame::Frame::Finished(f)) => Event::Finished { id: f.request_id },
+        Some(server_frame::Frame::Failed(f)) => Event::Failed {
+            id: f.request_id,
+            message: f.message,
+        },
+        _ => Event::Other,
+    }
+}
+
+async fn run_session(
+    router: Channel,
+    requests: usize,
+    concurrency: usize,
+    max_tokens: u32,
+) -> anyhow::Result<RunOutcome> {
+    let (tx, rx) = mpsc::channel(concurrency.max(1) * 2);
+    let mut client = InferenceClient::new(router);
+    let start = |i: usize| ClientFrame {
+        frame: Some(client_frame::Frame::Start(generate_request(i, max_tokens))),
+    };
+    let open = client.session(ReceiverStream::new(rx));
+    multiplexed(
+        requests,
+        concurrency,
+        start,
+        open,
+        tx,
+        classify_server_frame,
+    )
+    .await
+}
+
+/// `concurrency` callers, each making one `Generate` call at a time until `requests` are done.
+async fn run_generate(
+    router: Channel,
+    requests: usize,
+    concurrency: usize,
+    max_tokens: u32,
+) -> anyhow::Result<RunOutcome> {
+    let started = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let callers = (0..concurrency.min(requests)).map(|_| {
+        let (router, next) = (router.clone(), next.clone());
+        tokio::spawn(async move {
+            let mut client = InferenceClient::new(router);
+            let mut samples = Vec::new();
+            let mut tokens = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= requests {
+                    return anyhow::Ok((samples, tokens));
+                }
+                let sent_at = Instant::now();
+                let mut stream = client
+                    .generate(generate_request(i, max_tokens))
+                    .await?
+                    .into_inner();
+                let mut ttft = None;
+                loop {
+                    let frame = stream
+                        .message()
+                        .await?
+                        .with_context(|| format!("request {i}: stream ended unfinished"))?;
+                    match classify_server_frame(frame) {
+                        Event::Tokens { count, .. } => {
+                            ttft.get_or_insert_with(|| sent_at.elapsed());
+                            tokens += count as u64;
+                        }
+                        Event::Finished { .. } => break,
+                        Event::Failed { id, message } => bail!("request {id} failed: {message}"),
+                        Event::Other => {}
+                    }
+                }
+                samples.push(Sample {
+                    ttft: ttft.with_context(|| format!("request {i} finished without tokens"))?,
+                    total: sent_at.elapsed(),
+                });
+            }
+        })
+    });
+    let mut samples = Vec::with_capacity(requests);
+    let mut tokens = 0;
+    for caller in futures::future::join_all(callers).await {
+        let (s, t) = caller??;
+        samples.extend(s);
+        tokens += t;
+    }
+    Ok(RunOutcome {
+        samples,
+        tokens,
+        elapsed: started.elapsed(),
+    })
+}
+
+pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
+    if args.requests == 0 || args.rounds == 0 || args.max_tokens == 0 {
+        bail!("--requests, --rounds and --max-tokens must be at least 1");
+    }
+    if args.concurrency.is_empty() || args.concurrency.contains(&0) {
+        bail!("--concurrency: give levels of at least 1");
+    }
+    let max_level = *args.concurrency.iter().max().expect("checked non-empty");
+    let cluster = start_cluster(u32::try_from(max_level)?).await?;
+    let mut levels = Vec::new();
+    for &concurrency in &args.concurrency {
+        let mut results = PATHS
+            .iter()
+            .map(|p| Ok((*p, PathResult::new()?)))
+            .collect::<anyhow::Result<HashMap<Path, PathResult>>>()?;
+        // One short unmeasured pass per path: connections, buffers and caches warm up.
+        for path in PATHS {
+            run_path(&cluster, path, concurrency.min(64), concurrency, &args).await?;
+        }
+        for _ in 0..args.rounds {
+            for path in PATHS {
+                let outcome = run_path(&cluster, path, args.requests, concurrency, &args).await?;
+                let expected = args.requests as u64 * u64::from(args.max_tokens);
+                if outcome.tokens != expected {
+                    bail!(
+                        "{}: {} tokens delivered, expected {expected}",
+                        path.name(),
+                        outcome.tokens
+                    );
+                }
+                results.get_mut(&path).expect("a result per path").add(
+                    &outcome.samples,
+                    outcome.tokens,
+                    outcome.elapsed,
+                )?;
+            }
+        }
+        let paths: HashMap<Path, PathFigures> =
+            results.iter().map(|(p, r)| (*p, r.figures())).collect();
+        let direct = &paths[&Path::Direct];
+        let mut throughput_vs_direct = HashMap::new();
+        let mut added_ttft_p50_ms = HashMap::new();
+        for path in [Path::Session, Path::Generate] {
+            throughput_vs_direct.insert(
+                path,
+                paths[&path].requests_per_s / direct.requests_per_s.max(f64::EPSILON),
+            );
+            added_ttft_p50_ms.insert(path, paths[&path].ttft_p50_ms - direct.ttft_p50_ms);
+        }
+        levels.push(LevelReport {
+            concurrency,
+            paths,
+            throughput_vs_direct,
+            added_ttft_p50_ms,
+        });
+    }
+    let report = Report {
+        requests: args.requests,
+        max_tokens: args.max_tokens,
+        rounds: args.rounds,
+        levels,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+async fn run_path(
+    cluster: &Cluster,
+    path: Path,
+    requests: usize,
+    concurrency: usize,
+    args: &RouterBenchArgs,
+) -> anyhow::Result<RunOutcome> {
+    let max_tokens = args.max_tokens;
+    match path {
+        Path::Direct => run_direct(cluster.worker.clone(), requests, concurrency, max_tokens).await,
+        Path::Session => {
+            run_session(cluster.router.clone(), requests, concurrency, max_tokens).await
+        }
+        Path::Generate => {
+            run_generate(cluster.router.clone(), requests, concurrency, max_tokens).await
+        }
+    }
+    .with_context(|| format!("{} path at concurrency {concurrency}", path.name()))
+}
+
+fn print_table(report: &Report) {
+    println!(
+        "router overhead: {} requests × {} tokens per path and round, {} rounds (synthetic engine, loopback)",
+        report.requests, report.max_tokens, report.rounds
+    );
+    println!(
+        "{:>5} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8}",
+        "conc", "path", "req/s", "tok/s", "ttft p50", "ttft p99", "end p50", "end p99", "vs dir"
+    );
+    for level in &report.levels {
+        for path in PATHS {
+            let f = &level.paths[&path];
+            let ratio = level
+                .throughput_vs_direct
+                .get(&path)
+                .map_or("-".to_string(), |r| format!("{r:.2}×"));
+            println!(
+                "{:>5} {:>9} {:>9.0} {:>10.0} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>8}",
+                level.concurrency,
+                path.name(),
+                f.requests_per_s,
+                f.tokens_per_s,
+                f.ttft_p50_ms,
+                f.ttft_p99_ms,
+                f.total_p50_ms,
+                f.total_p99_ms,
+                ratio
+            );
+        }
+    }
+}
