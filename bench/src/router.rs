@@ -120,6 +120,8 @@ impl PathResult {
         let secs = self.busy.as_secs_f64().max(f64::EPSILON);
         let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
         PathFigures {
+            requests: self.requests,
+            tokens: self.tokens,
             requests_per_s: self.requests as f64 / secs,
             tokens_per_s: self.tokens as f64 / secs,
             ttft_p50_ms: ms(&self.ttft, 0.5),
@@ -132,6 +134,9 @@ impl PathResult {
 
 #[derive(Debug, Serialize)]
 struct PathFigures {
+    /// Requests completed over every round.
+    requests: usize,
+    tokens: u64,
     requests_per_s: f64,
     tokens_per_s: f64,
     ttft_p50_ms: f64,
@@ -508,6 +513,16 @@ async fn run_generate(
 }
 
 pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
+    let report = measure(&args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
     if args.requests == 0 || args.rounds == 0 || args.max_tokens == 0 {
         bail!("--requests, --rounds and --max-tokens must be at least 1");
     }
@@ -524,11 +539,11 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
             .collect::<anyhow::Result<HashMap<Path, PathResult>>>()?;
         // One short unmeasured pass per path: connections, buffers and caches warm up.
         for path in PATHS {
-            run_path(&cluster, path, concurrency.min(64), concurrency, &args).await?;
+            run_path(&cluster, path, concurrency.min(64), concurrency, args).await?;
         }
         for _ in 0..args.rounds {
             for path in PATHS {
-                let outcome = run_path(&cluster, path, args.requests, concurrency, &args).await?;
+                let outcome = run_path(&cluster, path, args.requests, concurrency, args).await?;
                 let expected = args.requests as u64 * u64::from(args.max_tokens);
                 if outcome.tokens != expected {
                     bail!(
@@ -563,18 +578,12 @@ pub async fn run(args: RouterBenchArgs) -> anyhow::Result<()> {
             added_ttft_p50_ms,
         });
     }
-    let report = Report {
+    Ok(Report {
         requests: args.requests,
         max_tokens: args.max_tokens,
         rounds: args.rounds,
         levels,
-    };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        print_table(&report);
-    }
-    Ok(())
+    })
 }
 
 async fn run_path(
@@ -625,6 +634,33 @@ fn print_table(report: &Report) {
                 f.total_p99_ms,
                 ratio
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_path_completes_every_request_with_all_its_tokens() {
+        let args = RouterBenchArgs {
+            requests: 40,
+            concurrency: vec![1, 8],
+            max_tokens: 5,
+            rounds: 2,
+            json: true,
+        };
+        let report = measure(&args).await.expect("the benchmark runs");
+        assert_eq!(report.levels.len(), 2);
+        for level in &report.levels {
+            for path in PATHS {
+                let figures = &level.paths[&path];
+                assert_eq!(figures.requests, 80, "{path:?} at {}", level.concurrency);
+                assert_eq!(figures.tokens, 400, "{path:?} at {}", level.concurrency);
+                assert!(figures.ttft_p50_ms <= figures.total_p50_ms);
+            }
+            assert_eq!(level.throughput_vs_direct.len(), 2);
         }
     }
 }

@@ -14,7 +14,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::gguf::{GgufError, GgufFile, LlamaConfig, Repack};
-use crate::host_attention::{HostKv, decode_attention};
+use crate::host_attention::{HostKv, decode_attention, prompt_attention};
 use crate::qmatrix::{QMatrix, QMatrixError};
 
 /// Errors of a forward pass.
@@ -426,8 +426,9 @@ impl Llama {
         let mut x = self.embed.lookup(tokens, &self.device)?;
         let cos = self.cos.narrow(0, pos0, t)?;
         let sin = self.sin.narrow(0, pos0, t)?;
-        // Causal mask over (new token i, cached position j): j may not exceed pos0 + i.
-        let mask = if t > 1 {
+        // Causal mask over (new token i, cached position j) for the device cache: j may not
+        // exceed pos0 + i. (Host attention applies causality itself.)
+        let mask = if t > 1 && matches!(cache.kv, KvStore::Device { .. }) {
             let m: Vec<f32> = (0..t)
                 .flat_map(|i| {
                     (0..total).map(move |j| if j > pos0 + i { f32::NEG_INFINITY } else { 0.0 })
@@ -454,36 +455,32 @@ impl Llama {
                 x = self.ffn(layer, x)?;
                 continue;
             }
-            let (keys, values) = match &mut cache.kv {
+            let o = match &mut cache.kv {
                 KvStore::Device { k: ck, v: cv } => {
                     ck[l].slice_set(&k.squeeze(0)?, 1, pos0)?;
                     cv[l].slice_set(&v.squeeze(0)?, 1, pos0)?;
-                    (ck[l].narrow(1, 0, total)?, cv[l].narrow(1, 0, total)?)
+                    let (keys, values) = (ck[l].narrow(1, 0, total)?, cv[l].narrow(1, 0, total)?);
+                    // Grouped-query attention without repeating KV: the g query heads of one
+                    // KV head form one (g·t)-row matmul against that head's keys.
+                    let q = q.reshape((nkv, g * t, hd))?;
+                    let att = (q.matmul(&keys.t()?)? * scale)?;
+                    let att = match &mask {
+                        Some(m) => att.reshape((nkv, g, t, total))?.broadcast_add(m)?,
+                        None => att,
+                    };
+                    let att =
+                        candle_nn::ops::softmax_last_dim(&att)?.reshape((nkv, g * t, total))?;
+                    att.matmul(&values)?
+                        .reshape((nh, t, hd))?
+                        .transpose(0, 1)?
+                        .reshape((t, nh * hd))?
                 }
                 KvStore::Host(kv) => {
                     kv.write(l, pos0, t, &host(&k)?, &host(&v)?);
-                    let (keys, values) = kv.read(l, total);
-                    let shape = (nkv, total, hd);
-                    (
-                        Tensor::from_vec(keys, shape, &self.device)?,
-                        Tensor::from_vec(values, shape, &self.device)?,
-                    )
+                    let o = prompt_attention(kv, l, &host(&q)?, pos0, t, nh, scale as f32);
+                    Tensor::from_vec(o, (t, nh * hd), &self.device)?
                 }
             };
-            // Grouped-query attention without repeating KV: the g query heads of one KV head
-            // form one (g·t)-row matmul against that head's keys.
-            let q = q.reshape((nkv, g * t, hd))?;
-            let att = (q.matmul(&keys.t()?)? * scale)?;
-            let att = match &mask {
-                Some(m) => att.reshape((nkv, g, t, total))?.broadcast_add(m)?,
-                None => att,
-            };
-            let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((nkv, g * t, total))?;
-            let o = att
-                .matmul(&values)?
-                .reshape((nh, t, hd))?
-                .transpose(0, 1)?
-                .reshape((t, nh * hd))?;
             x = (x + layer.wo.forward(&o, self.dense_from_rows)?)?;
             x = self.ffn(layer, x)?;
         }

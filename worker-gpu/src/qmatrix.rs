@@ -359,7 +359,7 @@ fn columns(w: &Blocks, c0: usize, out: &mut [f32], x: &QuantizedRows, m: usize) 
 }
 
 #[cfg(target_arch = "x86_64")]
-fn avx2_fma() -> bool {
+pub(crate) fn avx2_fma() -> bool {
     static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *DETECTED.get_or_init(|| {
         std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
