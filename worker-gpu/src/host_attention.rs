@@ -254,7 +254,7 @@ mod avx2 {
             }
         }
         softmax_rows(scores, len);
-        if hd % 32 == 0 {
+        if hd.is_multiple_of(32) {
             for (weights, oh) in scores.chunks_exact(len).zip(out.chunks_exact_mut(hd)) {
                 head_values(head, weights, oh);
             }
