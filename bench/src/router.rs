@@ -495,6 +495,12 @@ async fn run_generate(
                     ttft: ttft.with_context(|| format!("request {i} finished without tokens"))?,
                     total: sent_at.elapsed(),
                 });
+                // Read the call to its end (trailers): a call dropped before that is reset by
+                // the client's HTTP/2 library, and after 1 024 such resets it closes the
+                // connection (h2's guard against reset floods).
+                if let Some(frame) = stream.message().await? {
+                    bail!("request {i}: a frame after `finished`: {frame:?}");
+                }
             }
         })
     });
