@@ -235,7 +235,7 @@ impl std::fmt::Debug for SeqCache {
 enum KvStore {
     /// Per layer `(n_head_kv, capacity, head_dim)` tensors on the model's (GPU) device.
     Device { k: Vec<Tensor>, v: Vec<Tensor> },
-    /// Plain host memory, read directly by the CPU decode attention.
+    /// Plain host memory, read directly by the CPU attention (decode and prompt).
     Host(HostKv),
 }
 
