@@ -580,7 +580,26 @@ impl<'d> Run<'d> {
                     }
                     debug!(request_id = %self.request.request_id, worker = %link.id(), message = %failed.message, "worker refused; placing elsewhere");
                     self.dispatcher.metrics.failover(self.class.lane, self.pool);
-                    link = self.replace(&link, &mut excluded)?;
+                    link = match self.replace(&link, &mut excluded) {
+                        Ok(next) => next,
+                        // A full worker and nowhere else to go is overload, not an outage:
+                        // the client is told when to retry, as if shed at the door.
+                        Err(status)
+                            if code == Code::ResourceExhausted
+                                && status.code() == Code::Unavailable =>
+                        {
+                            self.dispatcher.metrics.shed(self.class.lane);
+                            let policy = self.dispatcher.policy.current();
+                            return Err(shed_status(
+                                format!(
+                                    "every worker serving {:?} is full ({}); request shed",
+                                    self.request.model, failed.message
+                                ),
+                                policy.lane(self.class.lane).retry_after_ms,
+                            ));
+                        }
+                        Err(status) => return Err(status),
+                    };
                 }
             }
         }

@@ -132,3 +132,110 @@ async fn a_policy_set_through_etcd_is_applied_by_a_live_router() -> anyhow::Resu
     assert!(!stored.is_default);
     Ok(())
 }
+
+/// Overload: with the only worker busy and the lane's router queue full, further requests are
+/// shed at once with `RESOURCE_EXHAUSTED` and the policy's `retry-after`; every request ends
+/// exactly once (served in full, or shed), and the cluster serves again once the load is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_sheds_with_retry_after_and_every_request_ends_once() -> anyhow::Result<()> {
+    use std::collections::HashMap;
+    use switchyard_proto::v1::{ClientFrame, client_frame};
+
+    const REQUESTS: usize = 6;
+    const MAX_TOKENS: u32 = 10;
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        // One slot at 20 tokens/s: a request holds the worker for half a second.
+        gpu_flags: ["--max-concurrent", "1", "--synthetic-tokens-per-s", "20"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    let control = cluster.control_plane.addr("grpc");
+    let mut admin = AdminClient::connect(format!("http://{control}")).await?;
+    admin
+        .set_policy(v1::SetPolicyRequest {
+            document: r#"{"cost_sensitive": {"max_queue": 1, "max_queue_wait_ms": 30000,
+                          "retry_after_ms": 1500}}"#
+                .into(),
+        })
+        .await?;
+    cluster
+        .router
+        .wait_for_log("routing policy applied", PATIENCE)
+        .await?;
+    cluster.wait_for_router_workers(1, PATIENCE).await?;
+
+    // All requests at once on one session.
+    let mut client = InferenceClient::connect(format!("http://{}", cluster.router_addr())).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(REQUESTS);
+    for i in 0..REQUESTS {
+        tx.send(ClientFrame {
+            frame: Some(client_frame::Frame::Start(GenerateRequest {
+                request_id: format!("r{i}"),
+                model: "synthetic".into(),
+                prompt: "one two three".into(),
+                sampling: Some(SamplingParams {
+                    max_tokens: MAX_TOKENS,
+                    ..Default::default()
+                }),
+                class: v1::RequestClass::CostSensitive as i32,
+                ..Default::default()
+            })),
+        })
+        .await?;
+    }
+    let mut frames = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut tokens: HashMap<String, usize> = HashMap::new();
+    let mut ended: HashMap<String, Result<(), v1::Failed>> = HashMap::new();
+    while ended.len() < REQUESTS {
+        let frame = tokio::time::timeout(PATIENCE, frames.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("session ended with requests open: {ended:?}"))?;
+        let (id, end) = match frame.frame {
+            Some(Frame::Tokens(t)) => {
+                *tokens.entry(t.request_id).or_default() += t.token_ids.len();
+                continue;
+            }
+            Some(Frame::Finished(f)) => (f.request_id, Ok(())),
+            Some(Frame::Failed(f)) => (f.request_id.clone(), Err(f)),
+            _ => continue,
+        };
+        assert!(ended.insert(id.clone(), end).is_none(), "{id} ended twice");
+    }
+    let served: Vec<_> = ended.iter().filter(|(_, e)| e.is_ok()).collect();
+    let shed: Vec<_> = ended
+        .iter()
+        .filter_map(|(id, e)| e.as_ref().err().map(|f| (id, f)))
+        .collect();
+    // One running and one queued at the router are served; the rest cannot be.
+    assert!(served.len() >= 2, "served {served:?}");
+    assert!(!shed.is_empty(), "nothing was shed: {ended:?}");
+    for (id, _) in &served {
+        assert_eq!(tokens.get(*id), Some(&(MAX_TOKENS as usize)), "{id}");
+    }
+    for (id, failed) in &shed {
+        assert_eq!(
+            failed.code,
+            tonic::Code::ResourceExhausted as i32,
+            "{id}: {failed:?}"
+        );
+        assert_eq!(failed.retry_after_ms, 1500, "{id}: {failed:?}");
+        assert!(failed.message.contains("shed"), "{id}: {}", failed.message);
+        assert_eq!(
+            tokens.get(*id),
+            None,
+            "{id} was shed after streaming tokens"
+        );
+    }
+
+    // The load is gone: a new request is served.
+    let after = accepted(&mut client, None).await?;
+    assert_eq!(after.lane, Lane::CostSensitive as i32, "{after:?}");
+    Ok(())
+}
