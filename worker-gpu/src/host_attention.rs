@@ -116,12 +116,8 @@ fn attend_group_generic(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let hd = head.head_dim;
-    let len = head.len;
-    scores.clear();
-    scores.resize(q.len() / hd * len, 0.0);
-    for (qh, row) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(len.max(1))) {
-        row.fill(0.0);
+    let (hd, len) = (head.head_dim, head.len);
+    for (qh, row) in score_rows(q, head, scores) {
         for (j, s) in row.iter_mut().enumerate() {
             for (d, &qd) in qh.iter().enumerate() {
                 *s += qd * head.keys_t[key_index(hd, d, j)];
@@ -131,6 +127,19 @@ fn attend_group_generic(
     }
     softmax_rows(scores, len);
     weighted_values::<false>(head, scores, out);
+}
+
+/// Sizes `scores` to one zeroed row of `head.len` per query head in `q` (`g × head_dim`) and
+/// pairs each query head with its row.
+fn score_rows<'a>(
+    q: &'a [f32],
+    head: CachedHead<'_>,
+    scores: &'a mut Vec<f32>,
+) -> impl Iterator<Item = (&'a [f32], &'a mut [f32])> + use<'a> {
+    scores.clear();
+    scores.resize(q.len() / head.head_dim * head.len, 0.0);
+    q.chunks_exact(head.head_dim)
+        .zip(scores.chunks_exact_mut(head.len))
 }
 
 /// `a · b + c`, fused where the CPU has FMA (the portable build must not call the slow
@@ -175,7 +184,7 @@ fn weighted_values<const FMA: bool>(head: CachedHead<'_>, scores: &[f32], out: &
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{CachedHead, TILE, softmax_rows, weighted_values};
+    use super::{CachedHead, TILE, score_rows, softmax_rows, weighted_values};
 
     #[target_feature(enable = "avx2,fma")]
     fn load(s: &[f32]) -> __m256 {
@@ -234,11 +243,8 @@ mod avx2 {
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
-        let hd = head.head_dim;
-        let len = head.len;
-        scores.clear();
-        scores.resize(q.len() / hd * len, 0.0);
-        for (qh, row) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(len)) {
+        let (hd, len) = (head.head_dim, head.len);
+        for (qh, row) in score_rows(q, head, scores) {
             // Blocks of tiles give independent accumulators to cover the FMA latency; then
             // tile by tile, the last one possibly partly past `len`.
             for (block, chunk) in row.chunks_mut(BLOCK_TILES * TILE).enumerate() {
