@@ -58,6 +58,7 @@ async fn run_one(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> anyh
         },
         resume_tokens: vec![],
         latency_critical: false,
+        prompt_ids: None,
     };
     let mut rx = engine.submit(request, CancellationToken::new())?;
     let mut ttft = None;

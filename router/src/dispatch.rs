@@ -473,6 +473,8 @@ struct Run<'d> {
     /// Tokens sent to the client across all segments.
     delivered: u32,
     prompt_tokens: u32,
+    /// Prompt tokens the worker reused from its prefix cache (from its `Finished` usage).
+    cached_prompt_tokens: u32,
     attempts: u32,
     cancelled: bool,
 }
@@ -510,6 +512,7 @@ impl<'d> Run<'d> {
             segment_text: String::new(),
             delivered: 0,
             prompt_tokens: 0,
+            cached_prompt_tokens: 0,
             attempts: 1,
             cancelled: false,
         }
@@ -550,10 +553,10 @@ impl<'d> Run<'d> {
                     } else {
                         finished.reason
                     };
-                    self.prompt_tokens = finished
-                        .usage
-                        .map(|u| u.prompt_tokens)
-                        .unwrap_or(self.prompt_tokens);
+                    if let Some(usage) = finished.usage {
+                        self.prompt_tokens = usage.prompt_tokens;
+                        self.cached_prompt_tokens = usage.cached_prompt_tokens;
+                    }
                     return self.finish(reason, out).await;
                 }
                 SegmentEnd::Interrupted(interrupt) => {
@@ -819,6 +822,7 @@ impl<'d> Run<'d> {
             usage: Some(v1::Usage {
                 prompt_tokens: self.prompt_tokens,
                 completion_tokens: self.delivered,
+                cached_prompt_tokens: self.cached_prompt_tokens,
             }),
             timings: Some(v1::Timings {
                 ttft_ms: self

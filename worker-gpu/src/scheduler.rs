@@ -375,6 +375,7 @@ fn done(job: &Job, reason: StopReason, completion: usize) {
         reason,
         prompt_tokens: job.prompt_tokens,
         completion_tokens: (job.resumed + completion) as u32,
+        cached_prompt_tokens: 0,
     }));
 }
 

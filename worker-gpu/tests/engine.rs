@@ -162,6 +162,7 @@ fn request(text: &str, max_tokens: u32) -> EngineRequest {
         },
         resume_tokens: vec![],
         latency_critical: false,
+        prompt_ids: None,
     }
 }
 

@@ -467,6 +467,7 @@ impl Generation {
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_prompt_tokens: 0,
             }),
             End::ReaderGone => return,
             End::Busy(message) => {
@@ -763,6 +764,7 @@ mod tests {
             },
             resume_tokens: vec![],
             latency_critical: false,
+            prompt_ids: None,
         };
         let mut events = engine
             .submit(request.clone(), CancellationToken::new())

@@ -104,6 +104,7 @@ fn chat_request() -> EngineRequest {
         },
         resume_tokens: vec![],
         latency_critical: false,
+        prompt_ids: None,
     }
 }
 
@@ -162,6 +163,7 @@ async fn a_good_stream_split_anywhere_becomes_tokens_and_usage() {
             reason: StopReason::Length,
             prompt_tokens: 11,
             completion_tokens: 2,
+            cached_prompt_tokens: 0,
         }))
     );
     let request = seen.await.expect("request seen");

@@ -86,6 +86,7 @@ pub async fn forward_generation(
                 reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_prompt_tokens,
             })) => {
                 let reason = match reason {
                     StopReason::Stop => v1::FinishReason::Stop,
@@ -99,6 +100,7 @@ pub async fn forward_generation(
                     usage: Some(v1::Usage {
                         prompt_tokens,
                         completion_tokens,
+                        cached_prompt_tokens,
                     }),
                     timings: Some(v1::Timings {
                         ttft_ms: first_token_at.map(|t| ms(t - started)).unwrap_or_default(),
@@ -199,6 +201,7 @@ mod tests {
             reason: StopReason::Length,
             prompt_tokens: 3,
             completion_tokens: 6,
+            cached_prompt_tokens: 0,
         });
         let frames = run(
             events,

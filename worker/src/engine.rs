@@ -57,6 +57,9 @@ pub struct EngineRequest {
     /// The router classed it latency-critical: engines admit and prefill it ahead of queued
     /// cost-sensitive work (the router's lane, carried by `WorkerStart.lane`).
     pub latency_critical: bool,
+    /// The prompt as token ids, chat template applied, when the router already tokenized it
+    /// (`WorkerStart.prompt_token_ids`): engines that tokenize use these instead of `prompt`.
+    pub prompt_ids: Option<Vec<u32>>,
 }
 
 /// Why a generation ended.
@@ -80,6 +83,8 @@ pub enum EngineEvent {
         reason: StopReason,
         prompt_tokens: u32,
         completion_tokens: u32,
+        /// Prompt tokens whose KV came from the prefix cache instead of being computed.
+        cached_prompt_tokens: u32,
     },
 }
 
@@ -141,4 +146,15 @@ pub trait Engine: Send + Sync + 'static {
         request: EngineRequest,
         cancel: CancellationToken,
     ) -> Result<EngineStream, EngineError>;
+    /// The engine's prefix cache as the blocks it holds, for `KvEvents` frames; `None` for
+    /// engines that keep no KV of their own (or cannot see their upstream's).
+    fn prefix_cache(&self) -> Option<std::sync::Arc<crate::kv_events::KvPublisher>> {
+        None
+    }
+    /// The tokenizer of `model` (format and bytes, see `TokenizerSpec`) for routers to tokenize
+    /// with; `None` for engines that work on text.
+    fn tokenizer_spec(&self, model: &str) -> Option<(String, Vec<u8>)> {
+        let _ = model;
+        None
+    }
 }

@@ -6,6 +6,7 @@
 
 pub mod coalesce;
 pub mod engine;
+pub mod kv_events;
 pub mod load;
 pub mod metrics;
 pub mod server;
@@ -17,6 +18,7 @@ pub use engine::{
     Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, Prompt, Sampling,
     StopReason,
 };
+pub use kv_events::{KvBatch, KvPublisher};
 pub use load::RateMeter;
 pub use server::{WorkerConfig, run_worker};
 pub use synthetic::{SyntheticConfig, SyntheticEngine};

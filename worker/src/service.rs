@@ -68,6 +68,30 @@ impl v1::worker_server::Worker for WorkerService {
         tokio::spawn(self.clone().run_stream(inbound, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn get_tokenizer(
+        &self,
+        request: Request<v1::TokenizerRequest>,
+    ) -> Result<Response<v1::TokenizerSpec>, Status> {
+        let model = request.into_inner().model;
+        if !self.engine.models().contains(&model) {
+            return Err(Status::not_found(format!(
+                "model {model:?} is not served by this worker (it serves {:?})",
+                self.engine.models()
+            )));
+        }
+        let (format, spec) = self.engine.tokenizer_spec(&model).ok_or_else(|| {
+            Status::not_found(format!(
+                "this worker's {} engine does not tokenize: it publishes no tokenizer",
+                self.engine.kind()
+            ))
+        })?;
+        Ok(Response::new(v1::TokenizerSpec {
+            model,
+            format,
+            spec,
+        }))
+    }
 }
 
 /// A generation running on behalf of one router stream.
@@ -268,5 +292,6 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
         },
         resume_tokens: start.resume_tokens,
         latency_critical: start.lane == v1::Lane::LatencyCritical as i32,
+        prompt_ids: (!start.prompt_token_ids.is_empty()).then_some(start.prompt_token_ids),
     })
 }

@@ -407,6 +407,7 @@ impl Generation {
             reason,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.start as u32 + produced,
+            cached_prompt_tokens: 0,
         }
     }
 }
@@ -430,6 +431,7 @@ mod tests {
             },
             resume_tokens: vec![0; resume],
             latency_critical: false,
+            prompt_ids: None,
         }
     }
 
