@@ -127,6 +127,27 @@ pub struct EngineLoad {
     pub prefill_tokens_per_s: f64,
 }
 
+/// Counters and gauges of an engine's prefix cache, exported as worker metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixCacheStats {
+    /// Tokens per KV block.
+    pub block_tokens: u32,
+    /// Prompts looked up in the cache (one per admitted request).
+    pub lookups: u64,
+    /// Prompt tokens looked up.
+    pub lookup_tokens: u64,
+    /// Prompt tokens found cached (not computed).
+    pub hit_tokens: u64,
+    /// Full blocks kept for reuse with no sequence using them (evictable).
+    pub cached_blocks: u64,
+    /// Blocks held by running sequences.
+    pub active_blocks: u64,
+    /// Blocks never used or released empty.
+    pub free_blocks: u64,
+    /// Cached blocks dropped to make room.
+    pub evictions: u64,
+}
+
 /// A model backend. `submit` must return quickly: generation runs on the engine's own tasks
 /// and reports through the returned stream; firing `cancel` ends it with
 /// `Done { reason: Cancelled }` within one step.
@@ -149,6 +170,10 @@ pub trait Engine: Send + Sync + 'static {
     /// The engine's prefix cache as the blocks it holds, for `KvEvents` frames; `None` for
     /// engines that keep no KV of their own (or cannot see their upstream's).
     fn prefix_cache(&self) -> Option<std::sync::Arc<crate::kv_events::KvPublisher>> {
+        None
+    }
+    /// The prefix cache's counters; `None` for engines without one.
+    fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
         None
     }
     /// The tokenizer of `model` (format and bytes, see `TokenizerSpec`) for routers to tokenize

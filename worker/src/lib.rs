@@ -15,8 +15,8 @@ pub mod synthetic;
 
 pub use coalesce::CoalesceConfig;
 pub use engine::{
-    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, Prompt, Sampling,
-    StopReason,
+    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, PrefixCacheStats, Prompt,
+    Sampling, StopReason,
 };
 pub use kv_events::{KvBatch, KvPublisher};
 pub use load::RateMeter;
