@@ -697,7 +697,9 @@ impl<'d> Run<'d> {
                         };
                     }
                     Some(LinkEvent::Frame(worker_frame::Frame::Failed(failed))) => break SegmentEnd::Failed(failed),
-                    Some(LinkEvent::Frame(worker_frame::Frame::Load(_))) => {}
+                    Some(LinkEvent::Frame(
+                        worker_frame::Frame::Load(_) | worker_frame::Frame::KvEvents(_),
+                    )) => {}
                     Some(LinkEvent::Lost(why)) => break SegmentEnd::Lost(why),
                     None => break SegmentEnd::Lost("link closed".into()),
                 },
@@ -758,6 +760,7 @@ impl<'d> Run<'d> {
             resume_tokens: self.segment_ids.clone(),
             trace_context: propagation::span_to_map(&self.span),
             lane: self.lane as i32,
+            prompt_token_ids: Vec::new(),
         }
     }
 

@@ -173,6 +173,8 @@ impl Link {
                 self.changed.notify_waiters();
                 return;
             }
+            // The router keeps no prefix index yet: the worker's cache contents are not used.
+            worker_frame::Frame::KvEvents(_) => return,
             worker_frame::Frame::Tokens(t) => (t.request_id.clone(), false),
             worker_frame::Frame::Finished(f) => (f.request_id.clone(), true),
             worker_frame::Frame::Failed(f) => (f.request_id.clone(), true),
