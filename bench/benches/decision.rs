@@ -65,6 +65,7 @@ fn decisions(c: &mut Criterion) {
                     prompt_tokens: 1500,
                     affinity: affinity.then(|| mix(seed)),
                     seed,
+                    prefix: None,
                 };
                 black_box(place(&view, &class, &info, &policy, &[]))
             })
@@ -77,6 +78,7 @@ fn decisions(c: &mut Criterion) {
                     prompt_tokens: 1500,
                     affinity: affinity.then(|| mix(s)),
                     seed: s,
+                    prefix: None,
                 };
                 let start = std::time::Instant::now();
                 black_box(place(&view, &class, &info, &policy, &[]));

@@ -74,9 +74,18 @@ impl Drop for Ticket {
     }
 }
 
+/// A worker chosen for a request.
+struct Chosen {
+    link: Arc<Link>,
+    /// The placement's reason (`Accepted.reason`).
+    reason: String,
+    /// Prompt tokens the prefix index expects the worker to reuse.
+    cached_tokens: u32,
+}
+
 /// Where a prepared request will run.
 enum Target {
-    Placed(Arc<Link>, String),
+    Placed(Chosen),
     /// No slot now: it waits at the router (admitted by the policy).
     Queued(Ticket),
 }
@@ -84,6 +93,10 @@ enum Target {
 /// A validated, classified request, placed or admitted to wait, ready to run.
 pub struct Prepared {
     request: v1::GenerateRequest,
+    /// The prompt as the workers' token ids (chat template applied); empty when the router
+    /// could not tokenize it. Sent in `WorkerStart.prompt_token_ids` and looked up in the
+    /// prefix index.
+    prompt_ids: Vec<u32>,
     class: Classification,
     target: Target,
     arrived: Instant,
@@ -103,7 +116,9 @@ pub fn request_span(request_id: &str, model: &str) -> Span {
         lane = Empty,
         pool = Empty,
         worker = Empty,
-        reason = Empty
+        reason = Empty,
+        predicted_cached_tokens = Empty,
+        cached_tokens = Empty
     )
 }
 
@@ -160,22 +175,26 @@ impl Dispatcher {
         let class = classify(&RequestFeatures::of(&request), &policy);
         span.record("lane", class.lane.as_str());
         span.record("reason", class.reason.as_str());
+        let prompt_ids: Vec<u32> = Vec::new();
         let prepared = validate_generate_request(&request, &self.config.limits)
             .map_err(|violation| Status::invalid_argument(violation.to_string()))
-            .and_then(|()| match self.try_place(&request, &class, &policy, &[])? {
-                Some((link, reason)) => Ok(Target::Placed(link, reason)),
-                None => Ok(Target::Queued(
-                    self.admit(class.lane, &policy).inspect_err(|status| {
-                        span.record(
-                            "reason",
-                            format!("{}; shed: {}", class.reason, status.message()),
-                        );
-                    })?,
-                )),
-            });
+            .and_then(
+                |()| match self.try_place(&request, &prompt_ids, &class, &policy, &[])? {
+                    Some(chosen) => Ok(Target::Placed(chosen)),
+                    None => Ok(Target::Queued(
+                        self.admit(class.lane, &policy).inspect_err(|status| {
+                            span.record(
+                                "reason",
+                                format!("{}; shed: {}", class.reason, status.message()),
+                            );
+                        })?,
+                    )),
+                },
+            );
         match prepared {
             Ok(target) => Ok(Prepared {
                 request,
+                prompt_ids,
                 class,
                 target,
                 arrived,
@@ -209,15 +228,22 @@ impl Dispatcher {
     }
 
     /// One placement attempt: `Ok(None)` when the request must wait for a slot.
+    /// `prompt_ids` (empty = unknown) are looked up in the prefix index.
     fn try_place(
         &self,
         request: &v1::GenerateRequest,
+        prompt_ids: &[u32],
         class: &Classification,
         policy: &PolicyDocument,
         excluded: &[String],
-    ) -> Result<Option<(Arc<Link>, String)>, Status> {
+    ) -> Result<Option<Chosen>, Status> {
         let view = self.links.view();
-        let info = self.request_info(request);
+        let prefix = (!prompt_ids.is_empty()).then(|| self.prefix_hits(&view, prompt_ids));
+        let mut info = self.request_info(request);
+        if let Some(hits) = &prefix {
+            info.prompt_tokens = prompt_ids.len() as u32;
+            info.prefix = Some(hits);
+        }
         let exclude = excluded_indices(&view, excluded);
         let decision = place(&view, class, &info, policy, &exclude);
         let (pool, reason) = match &decision {
@@ -234,7 +260,11 @@ impl Dispatcher {
                     .links
                     .get(id)
                     .ok_or_else(|| Status::unavailable(format!("worker {id} just left")))?;
-                Ok(Some((link, placement.reason())))
+                Ok(Some(Chosen {
+                    link,
+                    reason: placement.reason(),
+                    cached_tokens: placement.cached_tokens,
+                }))
             }
             Decision::Queue => Ok(None),
             Decision::Reject(error) => Err(placement_status(error)),
@@ -249,7 +279,17 @@ impl Dispatcher {
             affinity: (!request.affinity_key.is_empty())
                 .then(|| stable_hash(&request.affinity_key)),
             seed: stable_hash(&request.request_id) ^ self.next_seed.fetch_add(1, Ordering::Relaxed),
+            prefix: None,
         }
+    }
+
+    /// The workers of `view` holding a prefix of the prompt, as (view index, cached tokens).
+    fn prefix_hits(&self, view: &ClusterView, prompt_ids: &[u32]) -> Vec<(usize, u32)> {
+        self.links
+            .prefix_lookup(prompt_ids)
+            .into_iter()
+            .filter_map(|hit| Some((view.index_of(&hit.worker)?, hit.cached_tokens)))
+            .collect()
     }
 
     /// Lets a request of `lane` wait at the router (shedding a queued cost-sensitive request
@@ -290,9 +330,10 @@ impl Dispatcher {
     async fn wait_for_slot(
         &self,
         request: &v1::GenerateRequest,
+        prompt_ids: &[u32],
         class: &Classification,
         ticket: &mut Ticket,
-    ) -> Result<(Arc<Link>, String), Status> {
+    ) -> Result<Chosen, Status> {
         let policy = self.policy.current();
         let retry_after_ms = policy.lane(class.lane).retry_after_ms;
         loop {
@@ -303,7 +344,8 @@ impl Dispatcher {
             let ahead = class.lane == LaneName::CostSensitive
                 && !self.waiting.lock().expect("waiting lock").lanes[0].is_empty();
             if !ahead
-                && let Some(placed) = self.try_place(request, class, &self.policy.current(), &[])?
+                && let Some(placed) =
+                    self.try_place(request, prompt_ids, class, &self.policy.current(), &[])?
             {
                 return Ok(placed);
             }
@@ -345,16 +387,17 @@ impl Dispatcher {
     ) {
         let Prepared {
             request,
+            prompt_ids,
             class,
             target,
             arrived,
             span,
         } = prepared;
         let placed = match target {
-            Target::Placed(link, reason) => Ok((link, reason)),
+            Target::Placed(chosen) => Ok(chosen),
             Target::Queued(mut ticket) => {
                 let placed = tokio::select! {
-                    placed = self.wait_for_slot(&request, &class, &mut ticket) => placed,
+                    placed = self.wait_for_slot(&request, &prompt_ids, &class, &mut ticket) => placed,
                     _ = out.closed() => return,
                 };
                 // Leave the router queue before running.
@@ -362,8 +405,8 @@ impl Dispatcher {
                 placed
             }
         };
-        let (link, reason) = match placed {
-            Ok(placed) => placed,
+        let chosen = match placed {
+            Ok(chosen) => chosen,
             Err(status) => {
                 span.record(
                     "reason",
@@ -377,7 +420,8 @@ impl Dispatcher {
                 return;
             }
         };
-        let mut run = Run::new(request, class, arrived, reason, span, self);
+        let link = chosen.link.clone();
+        let mut run = Run::new(request, prompt_ids, class, arrived, &chosen, span, self);
         run.on_worker(&link.id(), link.record().pool);
         let result = run.drive(link, &mut controls, &out).await;
         let outcome = match &result {
@@ -455,6 +499,8 @@ pub fn failed_frame(request_id: &str, status: &Status) -> v1::ServerFrame {
 struct Run<'d> {
     dispatcher: &'d Dispatcher,
     request: v1::GenerateRequest,
+    /// See [`Prepared`]; emptied when an interrupt rewrites the conversation.
+    prompt_ids: Vec<u32>,
     class: Classification,
     lane: v1::Lane,
     reason: String,
@@ -475,6 +521,8 @@ struct Run<'d> {
     prompt_tokens: u32,
     /// Prompt tokens the worker reused from its prefix cache (from its `Finished` usage).
     cached_prompt_tokens: u32,
+    /// Prompt tokens placement expected the current worker to reuse.
+    predicted_cached_tokens: u32,
     attempts: u32,
     cancelled: bool,
 }
@@ -490,13 +538,18 @@ enum SegmentEnd {
 impl<'d> Run<'d> {
     fn new(
         request: v1::GenerateRequest,
+        prompt_ids: Vec<u32>,
         class: Classification,
         arrived: Instant,
-        placement_reason: String,
+        chosen: &Chosen,
         span: tracing::Span,
         dispatcher: &'d Dispatcher,
     ) -> Self {
+        let placement_reason = &chosen.reason;
+        span.record("predicted_cached_tokens", chosen.cached_tokens);
         Self {
+            prompt_ids,
+            predicted_cached_tokens: chosen.cached_tokens,
             last_token: None,
             pool: Pool::Gpu,
             span,
@@ -557,6 +610,12 @@ impl<'d> Run<'d> {
                         self.prompt_tokens = usage.prompt_tokens;
                         self.cached_prompt_tokens = usage.cached_prompt_tokens;
                     }
+                    self.span.record("cached_tokens", self.cached_prompt_tokens);
+                    self.dispatcher.metrics.prefix_reuse(
+                        self.pool,
+                        self.predicted_cached_tokens,
+                        self.cached_prompt_tokens,
+                    );
                     return self.finish(reason, out).await;
                 }
                 SegmentEnd::Interrupted(interrupt) => {
@@ -624,10 +683,19 @@ impl<'d> Run<'d> {
         }
         excluded.push(failed.id());
         let policy = self.dispatcher.policy.current();
-        if let Some((link, reason)) =
-            self.dispatcher
-                .try_place(&self.request, &self.class, &policy, excluded)?
-        {
+        if let Some(Chosen {
+            link,
+            reason,
+            cached_tokens,
+        }) = self.dispatcher.try_place(
+            &self.request,
+            &self.prompt_ids,
+            &self.class,
+            &policy,
+            excluded,
+        )? {
+            self.predicted_cached_tokens = cached_tokens;
+            self.span.record("predicted_cached_tokens", cached_tokens);
             debug!(request_id = %self.request.request_id, worker = %link.id(), %reason, "replacement placed");
             // The span names the worker that finishes the request.
             let record = link.record();
@@ -648,6 +716,7 @@ impl<'d> Run<'d> {
             placement_status(PlacementError::NoWorker(self.request.model.clone()))
         })?;
         let id = &view.worker(index).id;
+        self.predicted_cached_tokens = 0;
         self.dispatcher
             .links
             .get(id)
@@ -697,9 +766,7 @@ impl<'d> Run<'d> {
                         };
                     }
                     Some(LinkEvent::Frame(worker_frame::Frame::Failed(failed))) => break SegmentEnd::Failed(failed),
-                    Some(LinkEvent::Frame(
-                        worker_frame::Frame::Load(_) | worker_frame::Frame::KvEvents(_),
-                    )) => {}
+                    Some(LinkEvent::Frame(worker_frame::Frame::Load(_) | worker_frame::Frame::KvEvents(_))) => {}
                     Some(LinkEvent::Lost(why)) => break SegmentEnd::Lost(why),
                     None => break SegmentEnd::Lost("link closed".into()),
                 },
@@ -760,7 +827,7 @@ impl<'d> Run<'d> {
             resume_tokens: self.segment_ids.clone(),
             trace_context: propagation::span_to_map(&self.span),
             lane: self.lane as i32,
-            prompt_token_ids: Vec::new(),
+            prompt_token_ids: self.prompt_ids.clone(),
         }
     }
 
@@ -814,6 +881,8 @@ impl<'d> Run<'d> {
         }
         self.request.messages.extend(interrupt.messages);
         self.segment_ids.clear();
+        // The ids were of the old conversation.
+        self.prompt_ids.clear();
         info!(request_id = %self.request.request_id, keep_generated = interrupt.keep_generated, "interrupted; continuing with new instructions");
     }
 

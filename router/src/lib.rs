@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod openai;
 pub mod policy;
 pub mod policy_watch;
+pub mod prefix_index;
 pub mod server;
 pub mod service;
 

@@ -1,7 +1,9 @@
 //! Persistent links to workers: one multiplexed `Worker.Serve` stream per worker, opened when
 //! the worker appears in the membership view and closed when it leaves. Frames coming back are
 //! demultiplexed by request id to each request's dispatcher; `Load` frames update the worker's
-//! load as seen by the placement policy.
+//! load as seen by the placement policy; `KvEvents` frames update the prefix index (what each
+//! worker's KV cache holds), which a stream's end clears for that worker until its next
+//! stream's snapshot.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -17,6 +19,14 @@ use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use crate::policy::{ClusterView, WorkerState};
+use crate::prefix_index::{PrefixHit, PrefixIndex, PrefixIndexConfig, PrefixIndexStats};
+
+/// The prefix index shared by every link (written by their readers, read by placement).
+pub type SharedPrefixIndex = Arc<RwLock<PrefixIndex>>;
+
+/// Names each worker stream, so the prefix index ignores a closed stream's late frames and
+/// forgets a worker only on behalf of the stream that published its blocks.
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 
 /// What a request's dispatcher hears from its worker.
 #[derive(Debug)]
@@ -47,10 +57,17 @@ pub struct Link {
     /// Shared by every link: fired when a worker's load or reachability changes, so requests
     /// waiting at the router for a slot try again.
     changed: Arc<Notify>,
+    prefix: SharedPrefixIndex,
+    /// The current stream (see [`NEXT_STREAM`]); 0 while none is open.
+    stream: AtomicU64,
+    /// The current stream sent a KV snapshot: the worker publishes its cache.
+    publishes_kv: AtomicBool,
+    /// A frame in an unknown hash scheme was logged (once per link).
+    warned_scheme: AtomicBool,
 }
 
 impl Link {
-    fn new(record: WorkerRecord, changed: Arc<Notify>) -> Arc<Self> {
+    fn new(record: WorkerRecord, changed: Arc<Notify>, prefix: SharedPrefixIndex) -> Arc<Self> {
         Arc::new(Self {
             record: RwLock::new(record),
             outbound: Mutex::new(None),
@@ -61,6 +78,10 @@ impl Link {
             connected: AtomicBool::new(false),
             closed: CancellationToken::new(),
             changed,
+            prefix,
+            stream: AtomicU64::new(0),
+            publishes_kv: AtomicBool::new(false),
+            warned_scheme: AtomicBool::new(false),
         })
     }
 
@@ -158,6 +179,7 @@ impl Link {
             decode_tokens_per_s: decode,
             ttft_overhead_ms: 0.0,
             cost_per_mtok: record.capacity.cost_per_mtok,
+            prefix_cache: self.publishes_kv.load(Ordering::Acquire),
             id: record.id,
             pool: record.pool,
             models: record.models,
@@ -173,8 +195,10 @@ impl Link {
                 self.changed.notify_waiters();
                 return;
             }
-            // The router keeps no prefix index yet: the worker's cache contents are not used.
-            worker_frame::Frame::KvEvents(_) => return,
+            worker_frame::Frame::KvEvents(events) => {
+                self.apply_kv_events(events);
+                return;
+            }
             worker_frame::Frame::Tokens(t) => (t.request_id.clone(), false),
             worker_frame::Frame::Finished(f) => (f.request_id.clone(), true),
             worker_frame::Frame::Failed(f) => (f.request_id.clone(), true),
@@ -195,9 +219,38 @@ impl Link {
         }
     }
 
+    /// Updates the prefix index from the worker's `KvEvents` frame.
+    fn apply_kv_events(&self, events: &v1::KvEvents) {
+        let id = self.id();
+        let stream = self.stream.load(Ordering::Acquire);
+        let applied = self
+            .prefix
+            .write()
+            .expect("prefix index lock")
+            .apply(&id, stream, events);
+        match applied {
+            Ok(()) => {
+                if events.snapshot {
+                    self.publishes_kv.store(true, Ordering::Release);
+                }
+            }
+            Err(error) => {
+                if !self.warned_scheme.swap(true, Ordering::Relaxed) {
+                    warn!(worker = %id, %error, "KvEvents ignored: the worker's cache will not guide placement");
+                }
+            }
+        }
+    }
+
     /// The stream broke: every request on it learns so and is forgotten.
     fn lose_all(&self, why: &str) {
         self.connected.store(false, Ordering::Release);
+        self.publishes_kv.store(false, Ordering::Release);
+        let stream = self.stream.swap(0, Ordering::AcqRel);
+        self.prefix
+            .write()
+            .expect("prefix index lock")
+            .remove_worker(&self.id(), stream);
         *self.outbound.lock().expect("outbound lock") = None;
         *self.load.lock().expect("load lock") = None;
         self.pending.store(0, Ordering::Relaxed);
@@ -253,6 +306,10 @@ impl Link {
             _ = self.closed.cancelled() => return Ok(()),
         };
         *self.outbound.lock().expect("outbound lock") = Some(tx);
+        self.stream.store(
+            NEXT_STREAM.fetch_add(1, Ordering::Relaxed),
+            Ordering::Release,
+        );
         self.connected.store(true, Ordering::Release);
         self.changed.notify_waiters();
         info!(worker = %self.id(), %address, "worker link up");
@@ -291,6 +348,7 @@ pub struct Links {
     next_id: AtomicU64,
     connect_timeout: Duration,
     changed: Arc<Notify>,
+    prefix: SharedPrefixIndex,
 }
 
 impl Links {
@@ -305,6 +363,7 @@ impl Links {
             next_id: AtomicU64::new(0),
             connect_timeout,
             changed: Arc::new(Notify::new()),
+            prefix: Arc::new(RwLock::new(PrefixIndex::new(PrefixIndexConfig::default()))),
         });
         links.sync(&membership.current());
         let this = links.clone();
@@ -349,14 +408,15 @@ impl Links {
                     *link.record.write().expect("record lock") = record.clone();
                     if address_changed {
                         // Reconnect to the new address: the old stream ends, `run` dials again.
-                        let fresh = Link::new(record.clone(), self.changed.clone());
+                        let fresh =
+                            Link::new(record.clone(), self.changed.clone(), self.prefix.clone());
                         link.closed.cancel();
                         tokio::spawn(fresh.clone().run(self.connect_timeout));
                         links.insert(record.id.clone(), fresh);
                     }
                 }
                 None => {
-                    let link = Link::new(record.clone(), self.changed.clone());
+                    let link = Link::new(record.clone(), self.changed.clone(), self.prefix.clone());
                     tokio::spawn(link.clone().run(self.connect_timeout));
                     links.insert(record.id.clone(), link);
                 }
@@ -390,6 +450,19 @@ impl Links {
         // Deterministic order: the view's indices and tie-breaks do not depend on hashing.
         states.sort_by(|a, b| a.id.cmp(&b.id));
         ClusterView::new(states)
+    }
+
+    /// Workers holding a prefix of `prompt` (token ids, chat template applied), longest first.
+    pub fn prefix_lookup(&self, prompt: &[u32]) -> Vec<PrefixHit> {
+        self.prefix
+            .read()
+            .expect("prefix index lock")
+            .lookup(prompt)
+    }
+
+    /// Sizes of the prefix index.
+    pub fn prefix_stats(&self) -> PrefixIndexStats {
+        self.prefix.read().expect("prefix index lock").stats()
     }
 
     /// Fired whenever a worker's load or reachability changes (see [`Link`]).
@@ -428,7 +501,7 @@ mod tests {
 
     #[test]
     fn the_policy_sees_the_prefill_figures_a_worker_reports() {
-        let link = Link::new(record(), Arc::new(Notify::new()));
+        let link = Link::new(record(), Arc::new(Notify::new()), Arc::default());
         // Nothing reported: 0 = unknown, the policy assumes its defaults.
         let state = link.state();
         assert_eq!(
@@ -455,7 +528,7 @@ mod tests {
 
     #[test]
     fn prompts_sent_since_the_last_report_count_as_queued() {
-        let link = Link::new(record(), Arc::new(Notify::new()));
+        let link = Link::new(record(), Arc::new(Notify::new()), Arc::default());
         let (tx, _rx) = mpsc::unbounded_channel();
         *link.outbound.lock().unwrap() = Some(tx);
         link.connected.store(true, Ordering::Release);

@@ -65,6 +65,21 @@ pub struct LanePoolLabels {
     pub pool: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub pool: &'static str,
+}
+
+/// Reused minus predicted cached prompt tokens: negative = the router expected more than the
+/// worker reused (evicted since its last report, or still being prefilled for another request).
+const PREFIX_ERROR_BUCKETS: [f64; 11] = [
+    -4096.0, -1024.0, -256.0, -64.0, -1.0, 0.0, 63.0, 255.0, 1023.0, 4095.0, 16383.0,
+];
+
+fn prefix_error_histogram() -> Histogram {
+    Histogram::new(PREFIX_ERROR_BUCKETS)
+}
+
 fn ttft_histogram() -> Histogram {
     Histogram::new(TTFT_BUCKETS)
 }
@@ -91,6 +106,12 @@ pub struct RouterMetrics {
     pub active_sessions: Gauge,
     /// Requests moved to another worker after theirs failed or left (`pool`: the lost worker's).
     pub failovers: Family<LanePoolLabels, Counter>,
+    /// Prompt tokens placement expected the worker to find in its prefix cache.
+    pub prefix_predicted: Family<PoolLabels, Counter>,
+    /// Prompt tokens the worker reported reusing (`Usage.cached_prompt_tokens`).
+    pub prefix_reused: Family<PoolLabels, Counter>,
+    /// Per request: reused minus predicted.
+    pub prefix_error: Family<PoolLabels, Histogram, fn() -> Histogram>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -110,6 +131,9 @@ impl RouterMetrics {
             shed: Family::default(),
             active_sessions: Gauge::default(),
             failovers: Family::default(),
+            prefix_predicted: Family::default(),
+            prefix_reused: Family::default(),
+            prefix_error: Family::new_with_constructor(prefix_error_histogram),
         };
         metrics.register(|r| {
             r.register(
@@ -151,6 +175,21 @@ impl RouterMetrics {
                 "switchyard_router_failovers",
                 "Requests moved to another worker, by lane and the lost worker's pool",
                 this.failovers.clone(),
+            );
+            r.register(
+                "switchyard_router_prefix_predicted_tokens",
+                "Prompt tokens placement predicted the chosen worker holds in its prefix cache",
+                this.prefix_predicted.clone(),
+            );
+            r.register(
+                "switchyard_router_prefix_reused_tokens",
+                "Prompt tokens workers reported reusing from their prefix cache",
+                this.prefix_reused.clone(),
+            );
+            r.register(
+                "switchyard_router_prefix_prediction_error_tokens",
+                "Per request, prompt tokens reused minus predicted",
+                this.prefix_error.clone(),
             );
         });
         this
@@ -209,6 +248,27 @@ impl RouterMetrics {
                 lane: lane_label(lane),
             })
             .inc();
+    }
+
+    /// A request finished on a `pool` worker that was predicted to hold `predicted` of its
+    /// prompt tokens and reported reusing `reused`. Requests where both are 0 (no cache in
+    /// play) are not counted, so the error histogram describes cache-guided placements.
+    pub fn prefix_reuse(&self, pool: Pool, predicted: u32, reused: u32) {
+        if predicted == 0 && reused == 0 {
+            return;
+        }
+        let labels = PoolLabels {
+            pool: pool_label(Some(pool)),
+        };
+        self.prefix_predicted
+            .get_or_create(&labels)
+            .inc_by(u64::from(predicted));
+        self.prefix_reused
+            .get_or_create(&labels)
+            .inc_by(u64::from(reused));
+        self.prefix_error
+            .get_or_create(&labels)
+            .observe(f64::from(reused) - f64::from(predicted));
     }
 
     pub fn failover(&self, lane: LaneName, pool: Pool) {
@@ -276,6 +336,24 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn prefix_reuse_counts_predicted_reused_and_the_error() {
+        let metrics = Metrics::new();
+        let router = RouterMetrics::register(&metrics);
+        router.prefix_reuse(Pool::Gpu, 480, 448);
+        router.prefix_reuse(Pool::Gpu, 0, 0);
+        router.prefix_reuse(Pool::Gpu, 0, 64);
+        let text = metrics.encode();
+        for expected in [
+            "switchyard_router_prefix_predicted_tokens_total{pool=\"gpu\"} 480",
+            "switchyard_router_prefix_reused_tokens_total{pool=\"gpu\"} 512",
+            "switchyard_router_prefix_prediction_error_tokens_count{pool=\"gpu\"} 2",
+            "switchyard_router_prefix_prediction_error_tokens_bucket{le=\"-1.0\",pool=\"gpu\"} 1",
+        ] {
+            assert!(text.contains(expected), "missing {expected} in\n{text}");
+        }
     }
 
     #[test]

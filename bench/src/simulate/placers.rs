@@ -56,6 +56,8 @@ fn placed(view: &ClusterView, worker: usize) -> Decision {
         route: Route::Home,
         affinity: false,
         predicted_ttft_ms: 0.0,
+        cached_tokens: 0,
+        prompt_tokens: 0,
     })
 }
 
@@ -82,6 +84,7 @@ impl Placer for Switchyard {
             prompt_tokens: r.prompt_tokens,
             affinity: if self.affinity { r.affinity } else { None },
             seed: u64::from(index),
+            prefix: None,
         };
         place(view, &r.classification(), &info, &self.policy, &[])
     }

@@ -199,6 +199,10 @@ pub struct PlacementPolicy {
     pub default_prefill_tokens_per_s: f64,
     /// Decode rate per stream assumed for a worker that reports none, tokens per second.
     pub default_decode_tokens_per_s: f64,
+    /// Placement score: milliseconds added for a fully busy worker (scaled by utilisation).
+    pub load_weight_ms: f64,
+    /// Placement score: milliseconds added per unit of a worker's `cost_per_mtok`.
+    pub cost_weight_ms: f64,
 }
 
 impl Default for PlacementPolicy {
@@ -211,6 +215,8 @@ impl Default for PlacementPolicy {
             gpu_reserve_for_latency: 0.15,
             default_prefill_tokens_per_s: 5_000.0,
             default_decode_tokens_per_s: 50.0,
+            load_weight_ms: 50.0,
+            cost_weight_ms: 100.0,
         }
     }
 }
@@ -376,6 +382,8 @@ impl PolicyDocument {
             "placement.default_decode_tokens_per_s",
             p.default_decode_tokens_per_s,
         )?;
+        non_negative("placement.load_weight_ms", p.load_weight_ms)?;
+        non_negative("placement.cost_weight_ms", p.cost_weight_ms)?;
         Ok(())
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! - [`document`]: the policy document (lanes, SLOs, tenants, rules, limits) and its validation.
 //! - [`view`]: the cluster as the policy sees it, indexed for cheap decisions at 10 000 workers.
-//! - [`place`]: SLO-predictive worker choice with rendezvous affinity and spill.
+//! - [`place`]: SLO-predictive worker choice with cached prefixes, rendezvous affinity and
+//!   spill.
 //! - [`admit`]: bounded per-lane router queues; cost-sensitive work is shed first.
 
 pub mod document;
@@ -35,6 +36,20 @@ pub struct RequestInfo<'a> {
     /// Randomness for candidate sampling (e.g. a hash of the request id): the policy stays a
     /// pure function of its inputs.
     pub seed: u64,
+    /// The prompt's cached prefix per worker, as (view index, cached prompt tokens), for the
+    /// workers the router's prefix index names (sparse: every other worker holds none).
+    /// `None`: the router could not look the prompt up (no token ids); then every worker is
+    /// treated as one that publishes no KV (rendezvous affinity only).
+    pub prefix: Option<&'a [(usize, u32)]>,
+}
+
+impl RequestInfo<'_> {
+    /// Prompt tokens worker `w` holds, per the prefix index (at most the prompt).
+    pub fn cached_tokens(&self, w: usize) -> u32 {
+        self.prefix
+            .and_then(|hits| hits.iter().find(|(i, _)| *i == w))
+            .map_or(0, |&(_, tokens)| tokens.min(self.prompt_tokens))
+    }
 }
 
 /// How a placement came about.
@@ -58,6 +73,10 @@ pub struct Placement {
     /// The worker is the rendezvous owner of the request's affinity key.
     pub affinity: bool,
     pub predicted_ttft_ms: f64,
+    /// Prompt tokens the prefix index says the worker holds (what it should reuse).
+    pub cached_tokens: u32,
+    /// The request's prompt tokens, for the reason.
+    pub prompt_tokens: u32,
 }
 
 impl Placement {
@@ -80,8 +99,13 @@ impl Placement {
             Route::BorrowWse => "borrow=wse (gpu busy, wse idle)".to_string(),
         };
         let affinity = if self.affinity { " affinity" } else { "" };
+        let cached = if self.cached_tokens > 0 {
+            format!(" cached={}/{}", self.cached_tokens, self.prompt_tokens)
+        } else {
+            String::new()
+        };
         format!(
-            "{route}{affinity} predicted_ttft_ms={:.0}",
+            "{route}{affinity}{cached} predicted_ttft_ms={:.0}",
             self.predicted_ttft_ms
         )
     }
@@ -136,9 +160,57 @@ pub fn predicted_ttft_ms(
     } else {
         f64::from(prompt_tokens)
     };
+    ttft_with_own_prefill(w, own, policy)
+}
+
+/// Predicted time to first token on `w` when `cached_tokens` of the prompt's `prompt_tokens`
+/// are in its prefix cache: only the rest is prefilled.
+pub fn predicted_ttft_cached_ms(
+    w: &WorkerState,
+    prompt_tokens: u32,
+    cached_tokens: u32,
+    policy: &PolicyDocument,
+) -> f64 {
+    ttft_with_own_prefill(
+        w,
+        f64::from(prompt_tokens.saturating_sub(cached_tokens)),
+        policy,
+    )
+}
+
+fn ttft_with_own_prefill(w: &WorkerState, own: f64, policy: &PolicyDocument) -> f64 {
     w.ttft_overhead_ms
         + 1000.0 * (w.queued_prompt_tokens as f64 + own) / prefill_rate(w, policy)
         + 1000.0 / decode_rate(w, policy)
+}
+
+/// Busy share of `w`'s slots.
+fn utilisation(w: &WorkerState) -> f64 {
+    f64::from(w.outstanding.min(w.max_concurrent)) / f64::from(w.max_concurrent.max(1))
+}
+
+/// A candidate worker, scored.
+#[derive(Debug, Clone, Copy)]
+struct Scored {
+    worker: usize,
+    affinity: bool,
+    cached_tokens: u32,
+    predicted_ttft_ms: f64,
+    /// See [`score`].
+    score: f64,
+}
+
+/// The placement score of a candidate, lower is better (milliseconds):
+///
+/// `predicted TTFT with only the uncached prompt prefilled` (cache hit and queued load)
+/// `+ load_weight_ms × utilisation` (a busier worker decodes slower and has less headroom)
+/// `+ cost_weight_ms × cost_per_mtok` (price differences inside a pool).
+///
+/// Candidates that meet the lane's TTFT SLO always rank before those that do not.
+fn score(w: &WorkerState, predicted_ttft_ms: f64, policy: &PolicyDocument) -> f64 {
+    predicted_ttft_ms
+        + policy.placement.load_weight_ms * utilisation(w)
+        + policy.placement.cost_weight_ms * w.cost_per_mtok
 }
 
 /// The rendezvous owner of `key` among the available, non-excluded workers of `pool` serving
@@ -187,39 +259,62 @@ fn owner_in(
         .find_map(|&(_, g)| best_in_group(g as usize))
 }
 
-/// The best worker with a free slot in `pool`: the lowest predicted TTFT among a sample of
-/// `placement.choices` free workers (all of them when few), the affinity owner preferred while
-/// within `affinity_slack_ms` of the best. `None` when the pool has no free worker.
+/// The best worker with a free slot in `pool`: the lowest [`score`] (SLO-meeting first) among
+/// a sample of `placement.choices` free workers (all of them when few) and every free worker
+/// the prefix index says holds a prefix of the prompt; the affinity owner preferred while
+/// within `affinity_slack_ms` of the best — for workers that publish no KV (or when the prompt
+/// could not be looked up), whose cache the router can only assume. `None` when the pool has
+/// no free worker.
+#[allow(clippy::too_many_arguments)]
 fn best_in_pool(
     view: &ClusterView,
     m: usize,
     pool: Pool,
     request: &RequestInfo<'_>,
     policy: &PolicyDocument,
+    slo_ms: f64,
     exclude: &[usize],
     accept: impl Fn(usize) -> bool,
-) -> Option<(usize, bool, f64)> {
+) -> Option<Scored> {
     let free = &view.pools[m][pool_index(pool)].free;
     if free.is_empty() {
         return None;
     }
     let ok = |w: usize| !exclude.contains(&w) && accept(w);
-    let score = |w: usize| predicted_ttft_ms(view.worker(w), request.prompt_tokens, false, policy);
-    let better = |a: (usize, f64), b: (usize, f64)| {
-        a.1.total_cmp(&b.1)
+    let evaluate = |w: usize, affinity: bool| {
+        let worker = view.worker(w);
+        let cached_tokens = request.cached_tokens(w);
+        let predicted_ttft_ms = if affinity && cached_tokens == 0 {
+            predicted_ttft_ms(worker, request.prompt_tokens, true, policy)
+        } else {
+            predicted_ttft_cached_ms(worker, request.prompt_tokens, cached_tokens, policy)
+        };
+        Scored {
+            worker: w,
+            affinity,
+            cached_tokens,
+            predicted_ttft_ms,
+            score: score(worker, predicted_ttft_ms, policy),
+        }
+    };
+    let misses = |s: &Scored| s.predicted_ttft_ms > slo_ms;
+    let better = |a: &Scored, b: &Scored| {
+        misses(a)
+            .cmp(&misses(b))
+            .then(a.score.total_cmp(&b.score))
             .then_with(|| {
-                let (wa, wb) = (view.worker(a.0), view.worker(b.0));
+                let (wa, wb) = (view.worker(a.worker), view.worker(b.worker));
                 (u64::from(wa.outstanding) * u64::from(wb.max_concurrent))
                     .cmp(&(u64::from(wb.outstanding) * u64::from(wa.max_concurrent)))
             })
-            .then(a.0.cmp(&b.0))
+            .then(a.worker.cmp(&b.worker))
             .is_lt()
     };
-    let mut best: Option<(usize, f64)> = None;
+    let mut best: Option<Scored> = None;
     let mut consider = |w: usize| {
         if ok(w) {
-            let candidate = (w, score(w));
-            if best.is_none_or(|b| better(candidate, b)) {
+            let candidate = evaluate(w, false);
+            if best.is_none_or(|b| better(&candidate, &b)) {
                 best = Some(candidate);
             }
         }
@@ -239,18 +334,35 @@ fn best_in_pool(
             // Every sample was excluded or unacceptable: fall back to a scan.
             free.iter().for_each(|&w| consider(w as usize));
         }
+        // Workers holding a prefix of the prompt compete too.
+        for &(w, _) in request.prefix.unwrap_or_default() {
+            if w < view.len()
+                && view.worker(w).pool == pool
+                && view.worker(w).has_free_slot()
+                && view.serves(w, m)
+            {
+                consider(w);
+            }
+        }
     }
     let owner = request
         .affinity
         .and_then(|key| owner_in(view, m, pool, key, exclude))
-        .filter(|&w| view.worker(w).has_free_slot() && ok(w));
+        .filter(|&w| {
+            let worker = view.worker(w);
+            worker.has_free_slot() && ok(w) && !(worker.prefix_cache && request.prefix.is_some())
+        });
     if let Some(owner) = owner {
-        let predicted = predicted_ttft_ms(view.worker(owner), request.prompt_tokens, true, policy);
-        if best.is_none_or(|(_, b)| predicted <= b + policy.placement.affinity_slack_ms) {
-            return Some((owner, true, predicted));
+        let candidate = evaluate(owner, true);
+        let preferred = best.is_none_or(|b| {
+            misses(&candidate) <= misses(&b)
+                && candidate.score <= b.score + policy.placement.affinity_slack_ms
+        });
+        if preferred {
+            return Some(candidate);
         }
     }
-    best.map(|(w, predicted)| (w, false, predicted))
+    best
 }
 
 /// Chooses a worker for a classified request, never one in `exclude` (view indices), never one
@@ -284,31 +396,36 @@ pub fn place(
         return Decision::Reject(PlacementError::NoWorker(request.model.to_string()));
     }
     let lane_policy = policy.lane(class.lane);
-    let placed = |(worker, affinity, predicted_ttft_ms): (usize, bool, f64), route| {
+    let slo = class.ttft_slo_ms;
+    let placed = |s: Scored, route| {
         Decision::Place(Placement {
-            worker,
-            pool: view.worker(worker).pool,
+            worker: s.worker,
+            pool: view.worker(s.worker).pool,
             route,
-            affinity,
-            predicted_ttft_ms,
+            affinity: s.affinity,
+            predicted_ttft_ms: s.predicted_ttft_ms,
+            cached_tokens: s.cached_tokens,
+            prompt_tokens: request.prompt_tokens,
         })
     };
     match class.lane {
         LaneName::LatencyCritical => {
-            let wse = best_in_pool(view, m, Pool::Wse, request, policy, exclude, |_| true);
-            if let Some(best) = wse.filter(|b| b.2 <= class.ttft_slo_ms) {
+            let wse = best_in_pool(view, m, Pool::Wse, request, policy, slo, exclude, |_| true);
+            if let Some(best) = wse.filter(|b| b.predicted_ttft_ms <= slo) {
                 return placed(best, Route::Home);
             }
             if lane_policy.spill {
                 let min_rate = class.min_tokens_per_s;
-                let gpu = best_in_pool(view, m, Pool::Gpu, request, policy, exclude, |w| {
+                let gpu = best_in_pool(view, m, Pool::Gpu, request, policy, slo, exclude, |w| {
                     decode_rate(view.worker(w), policy) >= min_rate
                 });
                 match (gpu, wse) {
-                    (Some(g), _) if g.2 <= class.ttft_slo_ms => {
+                    (Some(g), _) if g.predicted_ttft_ms <= slo => {
                         return placed(g, Route::SpillToGpu);
                     }
-                    (Some(g), Some(w)) if g.2 < w.2 => return placed(g, Route::SpillToGpu),
+                    (Some(g), Some(w)) if g.predicted_ttft_ms < w.predicted_ttft_ms => {
+                        return placed(g, Route::SpillToGpu);
+                    }
                     (Some(g), None) => return placed(g, Route::SpillToGpu),
                     _ => {}
                 }
@@ -322,7 +439,7 @@ pub fn place(
             // The reserve is kept idle for latency-critical spill: a GPU busy with long
             // prefills cannot give a spilled request its first token in time.
             let reserve = policy.placement.gpu_reserve_for_latency;
-            let gpu = best_in_pool(view, m, Pool::Gpu, request, policy, exclude, |w| {
+            let gpu = best_in_pool(view, m, Pool::Gpu, request, policy, slo, exclude, |w| {
                 !view.in_reserve_of(m, w, reserve)
             });
             if let Some(best) = gpu {
@@ -331,7 +448,7 @@ pub fn place(
             if lane_policy.spill
                 && view.utilisation(Pool::Wse) < lane_policy.spill_max_utilisation
                 && let Some(best) =
-                    best_in_pool(view, m, Pool::Wse, request, policy, exclude, |_| true)
+                    best_in_pool(view, m, Pool::Wse, request, policy, slo, exclude, |_| true)
             {
                 return placed(best, Route::BorrowWse);
             }

@@ -34,6 +34,7 @@ fn request(prompt_tokens: u32, affinity: Option<u64>, seed: u64) -> RequestInfo<
         prompt_tokens,
         affinity,
         seed,
+        prefix: None,
     }
 }
 
@@ -226,6 +227,147 @@ fn admission_sheds_cost_sensitive_first() {
         queue_deadline_ms(100.0, LaneName::LatencyCritical, &policy),
         100.0 + policy.latency_critical.max_queue_wait_ms
     );
+}
+
+/// Two GPU workers publishing their KV: `cold` holds nothing of the prompt, `hot` holds
+/// `cached` tokens of it; each has `queued` prompt tokens waiting and `outstanding` requests.
+fn hot_and_cold(cold: (u64, u32), hot: (u64, u32)) -> ClusterView {
+    let mut workers = Vec::new();
+    for (id, (queued, outstanding)) in [("cold", cold), ("hot", hot)] {
+        let mut w = worker(id, Pool::Gpu, outstanding, 16);
+        w.queued_prompt_tokens = queued;
+        w.prefix_cache = true;
+        workers.push(w);
+    }
+    ClusterView::new(workers)
+}
+
+fn with_prefix<'a>(prompt_tokens: u32, prefix: &'a [(usize, u32)]) -> RequestInfo<'a> {
+    RequestInfo {
+        prefix: Some(prefix),
+        ..request(prompt_tokens, None, 1)
+    }
+}
+
+#[test]
+fn a_cache_hit_wins_over_a_slightly_less_loaded_cold_worker() {
+    let policy = PolicyDocument::default();
+    let cs = class(LaneName::CostSensitive, &policy);
+    // hot has more queued and one more request, but holds 1 600 of the 2 000 prompt tokens.
+    let view = hot_and_cold((200, 1), (400, 2));
+    let hits = [(1, 1600)];
+    let p = placed(&place(&view, &cs, &with_prefix(2000, &hits), &policy, &[]));
+    assert_eq!(view.worker(p.worker).id, "hot");
+    assert_eq!(p.cached_tokens, 1600);
+    // 400 queued + 400 uncached at 10k tok/s, one decode step at 40 tok/s.
+    assert!((p.predicted_ttft_ms - (80.0 + 25.0)).abs() < 1e-6, "{p:?}");
+    assert!(p.reason().contains("cached=1600/2000"), "{}", p.reason());
+    // Without the lookup the less loaded worker wins, and nothing is said to be cached.
+    let p = placed(&place(&view, &cs, &request(2000, None, 1), &policy, &[]));
+    assert_eq!(
+        (view.worker(p.worker).id.as_str(), p.cached_tokens),
+        ("cold", 0)
+    );
+    assert!(!p.reason().contains("cached="), "{}", p.reason());
+}
+
+#[test]
+fn a_cache_hit_on_an_overloaded_worker_loses() {
+    let policy = PolicyDocument::default();
+    let cs = class(LaneName::CostSensitive, &policy);
+    // hot holds most of the prompt but 20 000 prompt tokens queue ahead of it (2 s).
+    let view = hot_and_cold((200, 1), (20_000, 2));
+    let hits = [(1, 1600)];
+    let p = placed(&place(&view, &cs, &with_prefix(2000, &hits), &policy, &[]));
+    assert_eq!(
+        (view.worker(p.worker).id.as_str(), p.cached_tokens),
+        ("cold", 0)
+    );
+    // Busy slots weigh too: a full-minus-one worker's small hit does not beat an idle one.
+    let view = hot_and_cold((0, 0), (0, 15));
+    let hits = [(1, 64)];
+    let p = placed(&place(&view, &cs, &with_prefix(2000, &hits), &policy, &[]));
+    assert_eq!(view.worker(p.worker).id, "cold");
+    // A full worker is never a candidate, however much it holds.
+    let view = hot_and_cold((0, 15), (0, 16));
+    let hits = [(1, 2000)];
+    let p = placed(&place(&view, &cs, &with_prefix(2000, &hits), &policy, &[]));
+    assert_eq!(view.worker(p.worker).id, "cold");
+}
+
+#[test]
+fn the_slo_still_comes_first() {
+    let mut policy = PolicyDocument::default();
+    policy.cost_sensitive.ttft_slo_ms = 1000.0;
+    let cs = class(LaneName::CostSensitive, &policy);
+    // cold meets the SLO but is busy and pricey; hot scores lower yet misses the SLO.
+    let mut view = hot_and_cold((8_500, 15), (9_600, 0));
+    view.update(0, |w| w.cost_per_mtok = 1.0);
+    let hits = [(1, 500)];
+    let info = with_prefix(1000, &hits);
+    let cold = predicted_ttft_cached_ms(view.worker(0), 1000, 0, &policy);
+    let hot = predicted_ttft_cached_ms(view.worker(1), 1000, 500, &policy);
+    assert!(cold <= 1000.0 && hot > 1000.0, "{cold} {hot}");
+    let p = placed(&place(&view, &cs, &info, &policy, &[]));
+    assert_eq!(view.worker(p.worker).id, "cold");
+    // Latency-critical work stays on a WSE slot that meets its SLO, however much a GPU holds.
+    let mut workers = vec![
+        worker("g1", Pool::Gpu, 0, 16),
+        worker("w1", Pool::Wse, 0, 4),
+    ];
+    workers[0].prefix_cache = true;
+    let view = ClusterView::new(workers);
+    let hits = [(0, 2000)];
+    let lc = class(LaneName::LatencyCritical, &policy);
+    let p = placed(&place(&view, &lc, &with_prefix(2000, &hits), &policy, &[]));
+    assert_eq!((p.pool, p.route), (Pool::Wse, Route::Home));
+}
+
+#[test]
+fn hits_join_the_sampled_candidates_and_affinity_stays_for_workers_without_kv() {
+    let mut policy = PolicyDocument::default();
+    policy.placement.scan_below = 0;
+    policy.placement.choices = 1;
+    let cs = class(LaneName::CostSensitive, &policy);
+    let workers: Vec<_> = (0..200)
+        .map(|i| {
+            let mut w = worker(&format!("g{i}"), Pool::Gpu, 0, 16);
+            w.prefix_cache = true;
+            w
+        })
+        .collect();
+    let view = ClusterView::new(workers);
+    // One sample, but the worker holding the prompt is found through the index.
+    for seed in 0..20 {
+        let hits = [(137, 1024)];
+        let info = RequestInfo {
+            seed,
+            ..with_prefix(1100, &hits)
+        };
+        let p = placed(&place(&view, &cs, &info, &policy, &[]));
+        assert_eq!((p.worker, p.cached_tokens), (137, 1024));
+        // ...unless it is excluded (e.g. it just failed).
+        assert_ne!(
+            placed(&place(&view, &cs, &info, &policy, &[137])).worker,
+            137
+        );
+    }
+    // A looked-up prompt with no hit: KV-publishing workers get no affinity bonus...
+    let key = stable_hash("conversation-9");
+    let owner = affinity_owner(&view, "m", Pool::Gpu, key, &[]).unwrap();
+    let info = RequestInfo {
+        affinity: Some(key),
+        ..with_prefix(1100, &[])
+    };
+    let p = placed(&place(&view, &cs, &info, &policy, &[]));
+    assert!(!p.affinity, "{p:?}");
+    // ...workers that publish none (a wafer-scale gateway) keep it.
+    let mut plain = view.clone();
+    for i in 0..plain.len() {
+        plain.update(i, |w| w.prefix_cache = false);
+    }
+    let p = placed(&place(&plain, &cs, &info, &policy, &[]));
+    assert_eq!((p.worker, p.affinity), (owner, true));
 }
 
 fn arb_worker() -> impl Strategy<Value = WorkerState> {

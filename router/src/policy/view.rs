@@ -30,6 +30,9 @@ pub struct WorkerState {
     pub ttft_overhead_ms: f64,
     /// Price of a million tokens on this worker.
     pub cost_per_mtok: f64,
+    /// The worker publishes the KV blocks it holds (`KvEvents`): its cached prefix of a
+    /// prompt is known from the router's prefix index, not assumed from affinity.
+    pub prefix_cache: bool,
 }
 
 impl WorkerState {
@@ -52,6 +55,7 @@ impl WorkerState {
             decode_tokens_per_s: 0.0,
             ttft_overhead_ms: 0.0,
             cost_per_mtok: 0.0,
+            prefix_cache: false,
         }
     }
 
@@ -268,6 +272,11 @@ impl ClusterView {
 
     pub(crate) fn model_index(&self, model: &str) -> Option<usize> {
         self.model_ids.get(model).map(|m| *m as usize)
+    }
+
+    /// Whether worker `i` serves model index `m`.
+    pub(crate) fn serves(&self, i: usize, m: usize) -> bool {
+        self.worker_models[i].contains(&(m as u32))
     }
 
     pub(crate) fn id_hash(&self, i: u32) -> u64 {
