@@ -7,6 +7,7 @@
 pub mod coalesce;
 pub mod engine;
 pub mod kv_events;
+pub mod kv_feed;
 pub mod load;
 pub mod metrics;
 pub mod server;
@@ -15,8 +16,8 @@ pub mod synthetic;
 
 pub use coalesce::CoalesceConfig;
 pub use engine::{
-    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, PrefixCacheStats, Prompt,
-    Sampling, StopReason,
+    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, PrefixCacheStats,
+    Prompt, Sampling, StopReason,
 };
 pub use kv_events::{KvBatch, KvPublisher};
 pub use load::RateMeter;

@@ -1,7 +1,7 @@
 //! The worker's Prometheus metrics (DESIGN §7), shared by both pools: per-generation TTFT,
 //! inter-token latency and tokens (labels `pool`, `lane` as the router classified the request,
-//! `model`), and the load gauges (active sequences, queue depth, KV bytes) from the same
-//! snapshot the worker streams to routers.
+//! `model`), the load gauges (active sequences, queue depth, KV bytes) from the same
+//! snapshot the worker streams to routers, and the engine's prefix-cache counters.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -25,6 +25,13 @@ pub struct PoolLabels {
     pub pool: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BlockLabels {
+    pub pool: &'static str,
+    /// `cached` (reusable, no sequence uses it), `active` (held by sequences), `free`.
+    pub state: &'static str,
+}
+
 fn ttft_histogram() -> Histogram {
     Histogram::new(TTFT_BUCKETS)
 }
@@ -44,6 +51,11 @@ pub struct WorkerMetrics {
     pub active: Family<PoolLabels, Gauge>,
     pub queued: Family<PoolLabels, Gauge>,
     pub kv_used_bytes: Family<PoolLabels, Gauge>,
+    pub prefix_lookups: Family<PoolLabels, Counter>,
+    pub prefix_lookup_tokens: Family<PoolLabels, Counter>,
+    pub prefix_hit_tokens: Family<PoolLabels, Counter>,
+    pub kv_blocks: Family<BlockLabels, Gauge>,
+    pub kv_evictions: Family<PoolLabels, Counter>,
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -81,6 +93,11 @@ impl WorkerMetrics {
             active: Family::default(),
             queued: Family::default(),
             kv_used_bytes: Family::default(),
+            prefix_lookups: Family::default(),
+            prefix_lookup_tokens: Family::default(),
+            prefix_hit_tokens: Family::default(),
+            kv_blocks: Family::default(),
+            kv_evictions: Family::default(),
         };
         metrics.register(|r| {
             r.register(
@@ -113,6 +130,31 @@ impl WorkerMetrics {
                 "KV cache bytes in use",
                 this.kv_used_bytes.clone(),
             );
+            r.register(
+                "switchyard_engine_prefix_lookups",
+                "Prompts looked up in the engine's prefix cache",
+                this.prefix_lookups.clone(),
+            );
+            r.register(
+                "switchyard_engine_prefix_lookup_tokens",
+                "Prompt tokens looked up in the engine's prefix cache",
+                this.prefix_lookup_tokens.clone(),
+            );
+            r.register(
+                "switchyard_engine_prefix_hit_tokens",
+                "Prompt tokens found in the engine's prefix cache (reused, not computed)",
+                this.prefix_hit_tokens.clone(),
+            );
+            r.register(
+                "switchyard_engine_kv_blocks",
+                "KV blocks by state: cached (reusable), active (held by sequences), free",
+                this.kv_blocks.clone(),
+            );
+            r.register(
+                "switchyard_engine_kv_evictions",
+                "Cached KV blocks dropped to make room",
+                this.kv_evictions.clone(),
+            );
         });
         // Show the gauges at zero before the first load report.
         this.observe_load(&v1::Load::default());
@@ -131,6 +173,32 @@ impl WorkerMetrics {
         self.kv_used_bytes
             .get_or_create(&labels)
             .set(i64::try_from(load.kv_used_bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the prefix-cache metrics from the engine's counters (monotonic: each counter
+    /// advances by what the engine's grew since the last call).
+    pub fn observe_prefix_cache(&self, stats: &crate::engine::PrefixCacheStats) {
+        let labels = PoolLabels { pool: self.pool };
+        let advance = |family: &Family<PoolLabels, Counter>, total: u64| {
+            let counter = family.get_or_create(&labels);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        };
+        advance(&self.prefix_lookups, stats.lookups);
+        advance(&self.prefix_lookup_tokens, stats.lookup_tokens);
+        advance(&self.prefix_hit_tokens, stats.hit_tokens);
+        advance(&self.kv_evictions, stats.evictions);
+        for (state, blocks) in [
+            ("cached", stats.cached_blocks),
+            ("active", stats.active_blocks),
+            ("free", stats.free_blocks),
+        ] {
+            self.kv_blocks
+                .get_or_create(&BlockLabels {
+                    pool: self.pool,
+                    state,
+                })
+                .set(i64::try_from(blocks).unwrap_or(i64::MAX));
+        }
     }
 
     /// A clock for one generation's tokens.
@@ -206,8 +274,39 @@ mod tests {
             kv_used_bytes: 4096,
             ..Default::default()
         });
-        let text = metrics.encode();
         let series = "{pool=\"wse\",lane=\"latency_critical\",model=\"m\"}";
+        worker.observe_prefix_cache(&crate::engine::PrefixCacheStats {
+            block_tokens: 32,
+            lookups: 2,
+            lookup_tokens: 700,
+            hit_tokens: 480,
+            cached_blocks: 15,
+            active_blocks: 7,
+            free_blocks: 100,
+            evictions: 3,
+        });
+        worker.observe_prefix_cache(&crate::engine::PrefixCacheStats {
+            lookups: 3,
+            lookup_tokens: 900,
+            hit_tokens: 480,
+            cached_blocks: 15,
+            active_blocks: 7,
+            free_blocks: 100,
+            evictions: 3,
+            ..Default::default()
+        });
+        let text = metrics.encode();
+        for expected in [
+            "switchyard_engine_prefix_lookups_total{pool=\"wse\"} 3",
+            "switchyard_engine_prefix_lookup_tokens_total{pool=\"wse\"} 900",
+            "switchyard_engine_prefix_hit_tokens_total{pool=\"wse\"} 480",
+            "switchyard_engine_kv_evictions_total{pool=\"wse\"} 3",
+            "switchyard_engine_kv_blocks{pool=\"wse\",state=\"cached\"} 15",
+            "switchyard_engine_kv_blocks{pool=\"wse\",state=\"active\"} 7",
+            "switchyard_engine_kv_blocks{pool=\"wse\",state=\"free\"} 100",
+        ] {
+            assert!(text.contains(expected), "missing {expected} in\n{text}");
+        }
         for expected in [
             format!("switchyard_worker_tokens_generated_total{series} 3"),
             format!("switchyard_worker_ttft_seconds_count{series} 1"),

@@ -100,7 +100,7 @@ pub async fn run_worker(
     let load = LoadTracker::new(engine.clone());
     let sampler = tokio::spawn(load.clone().run_sampler(Duration::from_secs(1)));
     let metrics = WorkerMetrics::register(&config.metrics, config.pool);
-    let gauges = tokio::spawn(follow_load(load.clone(), metrics.clone()));
+    let gauges = tokio::spawn(follow_load(load.clone(), engine.clone(), metrics.clone()));
     let closing = CancellationToken::new();
     let service = WorkerService::new(
         engine.clone(),
@@ -267,11 +267,15 @@ fn watch_forever() -> tokio::sync::watch::Receiver<bool> {
     rx
 }
 
-/// Keeps the load gauges equal to the load the worker reports to routers.
-async fn follow_load(load: Arc<LoadTracker>, metrics: WorkerMetrics) {
+/// Keeps the load gauges equal to the load the worker reports to routers, and the prefix-cache
+/// metrics up to date (at every load change and every sampler tick, once a second).
+async fn follow_load(load: Arc<LoadTracker>, engine: Arc<dyn Engine>, metrics: WorkerMetrics) {
     let mut changes = load.subscribe();
     loop {
         metrics.observe_load(&changes.borrow_and_update());
+        if let Some(stats) = engine.prefix_cache_stats() {
+            metrics.observe_prefix_cache(&stats);
+        }
         if changes.changed().await.is_err() {
             return;
         }

@@ -1,6 +1,7 @@
 //! The `Worker.Serve` service: one persistent stream per router, carrying many requests.
 //! Each `Start` becomes an engine generation forwarded by its own task; `Cancel` fires that
-//! generation's token; the worker's load rides along as `Load` frames.
+//! generation's token; the worker's load rides along as `Load` frames, and an engine with a
+//! prefix cache publishes what it holds as `KvEvents` frames (a snapshot first).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -17,6 +18,7 @@ use tracing::{Instrument as _, debug, info, warn};
 
 use crate::coalesce::{CoalesceConfig, failed, forward_generation};
 use crate::engine::{Engine, EngineError, EngineRequest, Message, Prompt, Sampling};
+use crate::kv_feed::KvFeed;
 use crate::load::LoadTracker;
 use crate::metrics::WorkerMetrics;
 
@@ -111,6 +113,17 @@ impl WorkerService {
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut load = self.load.subscribe();
         load.mark_changed();
+        let mut kv = self.engine.prefix_cache().map(KvFeed::new);
+        // The snapshot goes before anything else, so the router knows the cache before it
+        // places on this worker.
+        if let Some(feed) = kv.as_mut() {
+            let frame = v1::WorkerFrame {
+                frame: Some(Frame::KvEvents(feed.next().await)),
+            };
+            if tx.send(Ok(frame)).await.is_err() {
+                return;
+            }
+        }
 
         loop {
             tokio::select! {
@@ -132,6 +145,12 @@ impl WorkerService {
                 }
                 Some(request_id) = done_rx.recv() => {
                     running.remove(&request_id);
+                }
+                events = next_kv(&mut kv) => {
+                    let frame = v1::WorkerFrame { frame: Some(Frame::KvEvents(events)) };
+                    if tx.send(Ok(frame)).await.is_err() {
+                        break;
+                    }
                 }
                 Ok(()) = load.changed() => {
                     let snapshot = *load.borrow_and_update();
@@ -251,6 +270,14 @@ impl WorkerService {
             .instrument(span),
         );
         Ok(())
+    }
+}
+
+/// The next `KvEvents` frame of a stream's feed; never, for engines without a prefix cache.
+async fn next_kv(feed: &mut Option<KvFeed>) -> v1::KvEvents {
+    match feed {
+        Some(feed) => feed.next().await,
+        None => std::future::pending().await,
     }
 }
 

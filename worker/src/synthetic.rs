@@ -10,8 +10,12 @@
 //! admitted before every waiting cost-sensitive request. Its first token comes after `ttft`
 //! plus the prompt at `prefill_tokens_per_s`, the rate it reports in load frames together with
 //! the prompt tokens not yet "prefilled".
+//!
+//! Optionally ([`SyntheticEngine::with_simulated_cache`], off by default) it *simulates* a
+//! prefix cache, so cache-aware routing can be exercised and load-tested across processes
+//! without a model — see [`SimulatedCacheConfig`].
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,9 +24,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
+use switchyard_proto::kv_blocks;
+
 use crate::engine::{
-    Engine, EngineError, EngineEvent, EngineLoad, EngineRequest, EngineStream, StopReason,
+    Engine, EngineError, EngineEvent, EngineLoad, EngineRequest, EngineStream, PrefixCacheStats,
+    Prompt, StopReason,
 };
+use crate::kv_events::{KvBatch, KvPublisher};
 
 /// Vocabulary size the synthetic token ids are drawn from (SmolLM2's, for realism in benches).
 const VOCAB: u32 = 49_152;
@@ -57,9 +65,152 @@ impl Default for SyntheticConfig {
     }
 }
 
+/// The synthetic engine's **simulated prefix cache** — a load-test model, not a KV cache (the
+/// synthetic engine computes nothing). It reproduces what routers and metrics see of a real
+/// engine's prefix cache:
+///
+/// - the prompt's token ids are the router's (`prompt_ids`) when given, else one id per word
+///   of each message plus four framing ids per message (the same count as the engine's
+///   `prompt_tokens`), so a conversation's later turns share its earlier turns' ids;
+/// - their full blocks of `block_tokens` are named with the shared chained hash
+///   (`switchyard_proto::kv_blocks`), looked up (the leading blocks found are the request's
+///   `cached_prompt_tokens`) and then held, least recently used evicted beyond
+///   `capacity_blocks`, from the moment the request is admitted;
+/// - every change is published through a [`KvPublisher`] (so workers send `KvEvents`), the
+///   counters through [`Engine::prefix_cache_stats`];
+/// - cached tokens are not "prefilled": the first token comes that much sooner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimulatedCacheConfig {
+    /// Blocks held at most.
+    pub capacity_blocks: usize,
+    /// Tokens per block.
+    pub block_tokens: u32,
+}
+
+impl SimulatedCacheConfig {
+    /// Checks the sizes (errors name the command-line flags).
+    pub fn validate(&self) -> Result<(), String> {
+        if self.capacity_blocks == 0 {
+            return Err("--synthetic-prefix-cache-blocks: must be at least 1".into());
+        }
+        if self.block_tokens == 0 {
+            return Err("--synthetic-block-tokens: must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// See [`SimulatedCacheConfig`].
+#[derive(Debug)]
+struct SimulatedCache {
+    config: SimulatedCacheConfig,
+    publisher: Arc<KvPublisher>,
+    state: Mutex<CacheState>,
+}
+
+#[derive(Debug, Default)]
+struct CacheState {
+    /// Block → its last use.
+    last_use: HashMap<u64, u64>,
+    /// Last use → block (oldest first).
+    by_age: BTreeMap<u64, u64>,
+    clock: u64,
+    stats: PrefixCacheStats,
+}
+
+impl SimulatedCache {
+    fn new(config: SimulatedCacheConfig) -> Self {
+        Self {
+            config,
+            publisher: Arc::new(KvPublisher::new(config.block_tokens)),
+            state: Mutex::new(CacheState::default()),
+        }
+    }
+
+    /// Looks `ids` up and holds their full blocks; returns the leading tokens that were held.
+    fn admit(&self, ids: &[u32]) -> u32 {
+        let blocks = kv_blocks::block_hashes(ids, self.config.block_tokens as usize);
+        let mut state = self.state.lock().expect("cache lock");
+        let state = &mut *state;
+        let hit_blocks = blocks
+            .iter()
+            .take_while(|h| state.last_use.contains_key(h))
+            .count();
+        let cached = (hit_blocks * self.config.block_tokens as usize).min(ids.len()) as u32;
+        state.stats.lookups += 1;
+        state.stats.lookup_tokens += ids.len() as u64;
+        state.stats.hit_tokens += u64::from(cached);
+        let mut batch = KvBatch::default();
+        for &hash in &blocks {
+            state.clock += 1;
+            match state.last_use.insert(hash, state.clock) {
+                Some(previous) => {
+                    state.by_age.remove(&previous);
+                }
+                None => batch.stored.push(hash),
+            }
+            state.by_age.insert(state.clock, hash);
+        }
+        while state.last_use.len() > self.config.capacity_blocks {
+            let Some((_, oldest)) = state.by_age.pop_first() else {
+                break;
+            };
+            state.last_use.remove(&oldest);
+            state.stats.evictions += 1;
+            // Stored and evicted within this batch: it never needs to be announced.
+            match batch.stored.iter().position(|&h| h == oldest) {
+                Some(at) => {
+                    batch.stored.swap_remove(at);
+                }
+                None => batch.removed.push(oldest),
+            }
+        }
+        // Published under the lock: the batches reach subscribers in the order they happened.
+        self.publisher.publish(batch);
+        cached
+    }
+
+    fn stats(&self) -> PrefixCacheStats {
+        let state = self.state.lock().expect("cache lock");
+        let held = state.last_use.len() as u64;
+        PrefixCacheStats {
+            block_tokens: self.config.block_tokens,
+            cached_blocks: held,
+            active_blocks: 0,
+            free_blocks: (self.config.capacity_blocks as u64).saturating_sub(held),
+            ..state.stats
+        }
+    }
+}
+
+/// The synthetic prompt's token ids (see [`SimulatedCacheConfig`]).
+fn synthetic_prompt_ids(request: &EngineRequest) -> Vec<u32> {
+    const MESSAGE_START: u32 = VOCAB;
+    const MESSAGE_BODY: u32 = VOCAB + 1;
+    const MESSAGE_END: u32 = VOCAB + 2;
+    let mut ids = match &request.prompt_ids {
+        Some(ids) => ids.clone(),
+        None => match &request.prompt {
+            Prompt::Text(text) => text.split_whitespace().map(word_id).collect(),
+            Prompt::Chat(messages) => messages
+                .iter()
+                .flat_map(|m| {
+                    [MESSAGE_START, word_id(&m.role), MESSAGE_BODY]
+                        .into_iter()
+                        .chain(m.content.split_whitespace().map(word_id))
+                        .chain([MESSAGE_END])
+                })
+                .collect(),
+        },
+    };
+    ids.extend_from_slice(&request.resume_tokens);
+    ids
+}
+
 #[derive(Debug)]
 pub struct SyntheticEngine {
     config: SyntheticConfig,
+    cache: Option<SimulatedCache>,
     slots: Arc<Slots>,
     queued: Arc<AtomicU32>,
     /// Prompt tokens of requests that have not produced their first token.
@@ -178,11 +329,32 @@ impl SyntheticEngine {
         let slots = Slots::new(config.max_concurrent);
         Self {
             config,
+            cache: None,
             slots,
             queued: Arc::new(AtomicU32::new(0)),
             unprefilled: Arc::new(AtomicU64::new(0)),
         }
     }
+
+    /// The engine with a simulated prefix cache (see [`SimulatedCacheConfig`]).
+    pub fn with_simulated_cache(mut self, cache: SimulatedCacheConfig) -> Result<Self, String> {
+        cache.validate()?;
+        tracing::info!(
+            capacity_blocks = cache.capacity_blocks,
+            block_tokens = cache.block_tokens,
+            "synthetic engine simulates a prefix cache"
+        );
+        self.cache = Some(SimulatedCache::new(cache));
+        Ok(self)
+    }
+}
+
+/// The synthetic id of a word.
+fn word_id(word: &str) -> u32 {
+    let id = word.bytes().fold(2_166_136_261u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(16_777_619)
+    });
+    id % VOCAB
 }
 
 /// Token `index` of the synthetic output for `instructions`: `(id, text)`.
@@ -193,15 +365,12 @@ pub fn synthetic_token(instructions: &str, index: usize) -> (u32, String) {
     } else {
         words[index % words.len()]
     };
-    let id = word.bytes().fold(2_166_136_261u32, |h, b| {
-        (h ^ u32::from(b)).wrapping_mul(16_777_619)
-    });
     let text = if index == 0 {
         word.to_string()
     } else {
         format!(" {word}")
     };
-    (id % VOCAB, text)
+    (word_id(word), text)
 }
 
 /// Text of synthetic tokens `start..start + count` for `instructions`.
@@ -230,6 +399,14 @@ impl Engine for SyntheticEngine {
 
     fn hardware(&self) -> String {
         "synthetic load-test engine (no model)".into()
+    }
+
+    fn prefix_cache(&self) -> Option<Arc<KvPublisher>> {
+        self.cache.as_ref().map(|c| c.publisher.clone())
+    }
+
+    fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
+        self.cache.as_ref().map(SimulatedCache::stats)
     }
 
     fn load(&self) -> EngineLoad {
@@ -264,12 +441,20 @@ impl Engine for SyntheticEngine {
             self.queued.fetch_add(1, Ordering::Relaxed);
         }
         let (tx, rx) = mpsc::channel(64);
-        let prompt_tokens = prompt_tokens(&request);
-        let prefill = f64::from(prompt_tokens) / self.config.prefill_tokens_per_s;
-        let unprefilled = Unprefilled::new(self.unprefilled.clone(), prompt_tokens);
+        let (prompt_tokens, cached_prompt_tokens) = match &self.cache {
+            Some(cache) => {
+                let ids = synthetic_prompt_ids(&request);
+                (ids.len() as u32, cache.admit(&ids))
+            }
+            None => (prompt_tokens(&request), 0),
+        };
+        let computed = prompt_tokens - cached_prompt_tokens;
+        let prefill = f64::from(computed) / self.config.prefill_tokens_per_s;
+        let unprefilled = Unprefilled::new(self.unprefilled.clone(), computed);
         let generation = Generation {
             instructions: request.prompt.instructions().to_string(),
             prompt_tokens,
+            cached_prompt_tokens,
             start: request.resume_tokens.len(),
             max_tokens: request.sampling.max_tokens as usize,
             ttft: self.config.ttft + Duration::from_secs_f64(prefill),
@@ -322,6 +507,8 @@ impl Drop for Unprefilled {
 struct Generation {
     instructions: String,
     prompt_tokens: u32,
+    /// Prompt tokens the simulated cache held.
+    cached_prompt_tokens: u32,
     start: usize,
     max_tokens: usize,
     /// Delay before the first token: the configured TTFT plus this prompt's prefill.
@@ -407,7 +594,7 @@ impl Generation {
             reason,
             prompt_tokens: self.prompt_tokens,
             completion_tokens: self.start as u32 + produced,
-            cached_prompt_tokens: 0,
+            cached_prompt_tokens: self.cached_prompt_tokens,
         }
     }
 }
@@ -583,6 +770,169 @@ mod tests {
         );
         assert_eq!(order.recv().await, Some("urgent"));
         assert_eq!(order.recv().await, Some("cheap"));
+    }
+
+    fn chat(turns: &[(&str, &str)]) -> EngineRequest {
+        EngineRequest {
+            prompt: Prompt::Chat(
+                turns
+                    .iter()
+                    .map(|(role, content)| Message {
+                        role: role.to_string(),
+                        content: content.to_string(),
+                    })
+                    .collect(),
+            ),
+            ..request(2, 0)
+        }
+    }
+
+    /// Time to the first token and the `Done` event.
+    async fn first_token_after(
+        engine: &SyntheticEngine,
+        r: EngineRequest,
+    ) -> (Duration, EngineEvent) {
+        let started = tokio::time::Instant::now();
+        let mut rx = engine.submit(r, CancellationToken::new()).unwrap();
+        assert!(matches!(
+            rx.recv().await,
+            Some(Ok(EngineEvent::Token { .. }))
+        ));
+        let ttft = started.elapsed();
+        let (_, done) = collect(rx).await;
+        (ttft, done)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_simulated_cache_serves_a_conversation_s_next_turn_sooner() {
+        let engine = SyntheticEngine::new(SyntheticConfig {
+            ttft: Duration::from_millis(10),
+            prefill_tokens_per_s: 1_000.0,
+            ..Default::default()
+        })
+        .with_simulated_cache(SimulatedCacheConfig {
+            capacity_blocks: 64,
+            block_tokens: 8,
+        })
+        .unwrap();
+        let publisher = engine.prefix_cache().expect("the cache is published");
+        let (_, mut changes) = publisher.subscribe();
+        let question = "one two three four five six seven eight nine ten eleven twelve";
+        // 12 words + 4 framing ids = 16 tokens: two blocks.
+        let turn1 = chat(&[("user", question)]);
+        let (cold, done) = first_token_after(&engine, turn1).await;
+        assert!(matches!(
+            done,
+            EngineEvent::Done {
+                prompt_tokens: 16,
+                cached_prompt_tokens: 0,
+                ..
+            }
+        ));
+        // 10 ms plus 16 tokens at 1 000 tokens/s (the timer rounds to whole milliseconds).
+        let near = |d: Duration, ms: u64| {
+            d.abs_diff(Duration::from_millis(ms)) <= Duration::from_millis(1)
+        };
+        assert!(near(cold, 10 + 16), "{cold:?}");
+        let stored = changes
+            .try_recv()
+            .expect("the first turn's blocks are published");
+        assert_eq!(stored.stored.len(), 2);
+        // Turn 2 repeats turn 1 and adds to it: its first 16 tokens are cached.
+        let turn2 = chat(&[
+            ("user", question),
+            ("assistant", "one two"),
+            ("user", "more please"),
+        ]);
+        let (warm, done) = first_token_after(&engine, turn2).await;
+        assert!(matches!(
+            done,
+            EngineEvent::Done {
+                prompt_tokens: 28,
+                cached_prompt_tokens: 16,
+                ..
+            }
+        ));
+        // Only the 12 uncached tokens are prefilled.
+        assert!(near(warm, 10 + 12), "{warm:?}");
+        let stats = engine.prefix_cache_stats().unwrap();
+        assert_eq!(
+            (
+                stats.lookups,
+                stats.lookup_tokens,
+                stats.hit_tokens,
+                stats.cached_blocks
+            ),
+            (2, 44, 16, 3)
+        );
+        // Router-supplied ids are used as they are.
+        let ids = EngineRequest {
+            prompt_ids: Some((0..24).collect()),
+            ..request(2, 0)
+        };
+        let (_, done) = first_token_after(&engine, ids.clone()).await;
+        assert!(matches!(
+            done,
+            EngineEvent::Done {
+                prompt_tokens: 24,
+                cached_prompt_tokens: 0,
+                ..
+            }
+        ));
+        let (_, done) = first_token_after(&engine, ids).await;
+        assert!(matches!(
+            done,
+            EngineEvent::Done {
+                cached_prompt_tokens: 24,
+                ..
+            }
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_simulated_cache_evicts_least_recently_used_blocks_and_says_so() {
+        let engine = SyntheticEngine::new(SyntheticConfig::default())
+            .with_simulated_cache(SimulatedCacheConfig {
+                capacity_blocks: 3,
+                block_tokens: 4,
+            })
+            .unwrap();
+        let publisher = engine.prefix_cache().unwrap();
+        let (_, mut changes) = publisher.subscribe();
+        let ids = |base: u32| EngineRequest {
+            prompt_ids: Some((base..base + 8).collect()),
+            ..request(1, 0)
+        };
+        first_token_after(&engine, ids(0)).await; // blocks A0 A1
+        first_token_after(&engine, ids(100)).await; // B0 B1: A0 is the oldest, evicted
+        let _ = changes.try_recv().unwrap();
+        let second = changes.try_recv().unwrap();
+        assert_eq!((second.stored.len(), second.removed.len()), (2, 1));
+        assert_eq!(publisher.len(), 3);
+        // A's first block is gone: no prefix of A is cached any more.
+        let (_, done) = first_token_after(&engine, ids(0)).await;
+        assert!(matches!(
+            done,
+            EngineEvent::Done {
+                cached_prompt_tokens: 0,
+                ..
+            }
+        ));
+        assert!(engine.prefix_cache_stats().unwrap().evictions >= 1);
+        assert!(
+            SimulatedCacheConfig {
+                capacity_blocks: 0,
+                block_tokens: 4
+            }
+            .validate()
+            .is_err()
+        );
+        // Off by default.
+        assert!(
+            SyntheticEngine::new(SyntheticConfig::default())
+                .prefix_cache()
+                .is_none()
+        );
     }
 
     #[tokio::test(start_paused = true)]
