@@ -24,7 +24,9 @@ fn mix(mut z: u64) -> u64 {
 pub fn chain(parent: u64, tokens: &[u32]) -> u64 {
     let mut h = mix(parent ^ (tokens.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     for &t in tokens {
-        h = mix(h.wrapping_add(u64::from(t)).wrapping_add(0x9E37_79B9_7F4A_7C15));
+        h = mix(h
+            .wrapping_add(u64::from(t))
+            .wrapping_add(0x9E37_79B9_7F4A_7C15));
     }
     h
 }
