@@ -164,6 +164,61 @@ impl WorkerArgs {
     }
 }
 
+/// The synthetic engine's simulated prefix cache, for exercising and load-testing cache-aware
+/// routing without a model (`switchyard_worker::synthetic::SimulatedCacheConfig`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SimulatedCacheArgs {
+    /// Synthetic engine: simulate a prefix cache of this many KV blocks, published to routers
+    /// (0 = no cache).
+    #[arg(
+        long,
+        env = "SWITCHYARD_SYNTHETIC_PREFIX_CACHE_BLOCKS",
+        default_value_t = 0
+    )]
+    pub synthetic_prefix_cache_blocks: usize,
+    /// Synthetic engine: tokens per simulated KV block.
+    #[arg(long, env = "SWITCHYARD_SYNTHETIC_BLOCK_TOKENS", default_value_t = 32)]
+    pub synthetic_block_tokens: u32,
+}
+
+impl SimulatedCacheArgs {
+    pub fn config(&self) -> Option<switchyard_worker::synthetic::SimulatedCacheConfig> {
+        (self.synthetic_prefix_cache_blocks > 0).then_some(
+            switchyard_worker::synthetic::SimulatedCacheConfig {
+                capacity_blocks: self.synthetic_prefix_cache_blocks,
+                block_tokens: self.synthetic_block_tokens,
+            },
+        )
+    }
+}
+
+/// A GPU worker's engine: the configured one, or the synthetic engine with a simulated prefix
+/// cache when `cache` asks for one.
+pub fn gpu_engine(
+    args: &switchyard_worker_gpu::GpuEngineArgs,
+    cache: &SimulatedCacheArgs,
+) -> anyhow::Result<Arc<dyn Engine>> {
+    let Some(config) = cache.config() else {
+        return Ok(switchyard_worker_gpu::build_engine(args)?);
+    };
+    anyhow::ensure!(
+        args.engine == switchyard_worker_gpu::GpuEngineKind::Synthetic,
+        "--synthetic-prefix-cache-blocks: only the synthetic engine simulates a prefix cache"
+    );
+    // The synthetic engine as `build_engine` configures it, plus the cache.
+    let engine = switchyard_worker::SyntheticEngine::checked(switchyard_worker::SyntheticConfig {
+        models: args.models.clone(),
+        ttft: args.synthetic_ttft,
+        tokens_per_s: args.synthetic_tokens_per_s,
+        max_concurrent: args.max_concurrent,
+        max_queue: args.max_concurrent * 4,
+        prefill_tokens_per_s: switchyard_worker::synthetic::DEFAULT_PREFILL_TOKENS_PER_S,
+    })
+    .and_then(|engine| engine.with_simulated_cache(config))
+    .map_err(anyhow::Error::msg)?;
+    Ok(Arc::new(engine))
+}
+
 pub fn default_worker_id(pool: Pool) -> String {
     let suffix = uuid::Uuid::new_v4().simple().to_string();
     format!("{pool}-{}", &suffix[..8])

@@ -29,6 +29,8 @@ enum Command {
         worker: components::WorkerArgs,
         #[command(flatten)]
         engine: switchyard_worker_gpu::GpuEngineArgs,
+        #[command(flatten)]
+        cache: components::SimulatedCacheArgs,
     },
     /// Run a wafer-scale-pool worker.
     WorkerWse {
@@ -70,8 +72,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Up(args) => up::up(args).await,
         Command::Chat(args) => chat::chat(args).await,
         Command::Router(args) => components::router(args).await,
-        Command::WorkerGpu { worker, engine } => {
-            let engine = switchyard_worker_gpu::build_engine(&engine)?;
+        Command::WorkerGpu {
+            worker,
+            engine,
+            cache,
+        } => {
+            let engine = components::gpu_engine(&engine, &cache)?;
             components::worker("worker-gpu", Pool::Gpu, worker, engine).await
         }
         Command::WorkerWse { worker, engine } => {
