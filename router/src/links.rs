@@ -232,6 +232,7 @@ impl Link {
             Ok(()) => {
                 if events.snapshot {
                     self.publishes_kv.store(true, Ordering::Release);
+                    info!(worker = %id, blocks = events.stored.len(), block_tokens = events.block_tokens, "KV snapshot received: placing by this worker's cached prefixes");
                 }
             }
             Err(error) => {
