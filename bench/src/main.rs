@@ -21,6 +21,9 @@ enum Command {
     Engine(switchyard_bench::engine::EngineBenchArgs),
     /// The router's cost: the same load straight to a worker and through the router.
     Router(switchyard_bench::router::RouterBenchArgs),
+    /// Multi-turn conversations over any OpenAI-compatible HTTP endpoint: TTFT per turn,
+    /// tokens/s, prefix hit rate.
+    Multiturn(switchyard_bench::multiturn::MultiturnArgs),
 }
 
 #[tokio::main]
@@ -34,6 +37,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Engine(args) => switchyard_bench::engine::run(args).await,
         Command::Router(args) => switchyard_bench::router::run(args).await,
+        Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,
         Command::Simulate(args) => {
             let report = switchyard_bench::simulate::run(&args)?;
             for (name, policy) in &report.policies {
