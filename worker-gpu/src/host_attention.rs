@@ -1,4 +1,4 @@
-//! The CPU engine's KV cache in plain host memory, and attention over it.
+//! The CPU engine's KV cache in plain host memory, in fixed-size blocks, and attention over it.
 //!
 //! A decode step attends one new token per sequence. Done with candle ops that is about a
 //! dozen small tensor operations per sequence and layer, each with its own allocation and
@@ -6,85 +6,143 @@
 //! 160 ms step at 16 streams. Here it is one pass per (sequence, KV head) over the cached rows,
 //! spread over candle's CPU thread pool; prompts attend the same way, token by token.
 //!
-//! Keys are stored transposed in tiles of [`TILE`] positions (`head_dim × TILE` per tile) so
-//! that the scores of consecutive positions are computed side by side in vector lanes, with no
-//! horizontal sum per position (with row-major keys, the per-position reductions cost more
-//! than the multiply-adds), while each tile stays contiguous (one transposed matrix with
-//! `capacity` columns put every dimension's row a multiple of 4 KiB apart: cache conflicts).
+//! KV lives in blocks of [`BLOCK_TOKENS`] positions shared by all sequences (see
+//! `crate::kv_cache`): a sequence reads its positions through its block table, so sequences
+//! with a common prompt prefix read the same blocks. Within a block, keys are stored transposed
+//! in tiles of [`TILE`] positions (`head_dim × TILE` per tile) so that the scores of consecutive
+//! positions are computed side by side in vector lanes, with no horizontal sum per position
+//! (with row-major keys, the per-position reductions cost more than the multiply-adds), while
+//! each tile stays contiguous.
 
 use crate::qmatrix::SharedOutput;
 
 /// Positions per key tile: one AVX vector.
 const TILE: usize = 8;
 
-/// Where dimension `d` of the key at position `j` lives within a KV head's tiled keys.
+/// Positions per KV block: a whole number of tiles, small enough that a prompt shares most of
+/// a cached prefix, large enough that a block table stays short.
+pub const BLOCK_TOKENS: usize = 32;
+
+const _: () = assert!(BLOCK_TOKENS.is_multiple_of(TILE));
+
+/// Where dimension `d` of the key at position `j` of a block lives within its tiled keys.
 fn key_index(head_dim: usize, d: usize, j: usize) -> usize {
     (j / TILE) * head_dim * TILE + d * TILE + j % TILE
 }
 
-/// One sequence's keys and values for every layer. Per layer and KV head, keys are tiles of
-/// `(head_dim, TILE)` (see [`key_index`]) and values `(capacity, head_dim)`.
-pub(crate) struct HostKv {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+/// Every KV block in host memory. Block `b` holds, per layer and KV head, one segment of
+/// `2 × BLOCK_TOKENS × head_dim` values: the keys in tiles (see [`key_index`]), then the values
+/// row-major. Blocks are allocated on first write and kept for reuse.
+pub(crate) struct HostBlocks {
+    blocks: Vec<Option<Box<[f32]>>>,
+    layers: usize,
     n_kv: usize,
-    capacity: usize,
     head_dim: usize,
 }
 
-/// The first `len` cached positions of one KV head.
+/// The first `len` cached positions of one KV head of one sequence: its block segments in
+/// order (see [`HostBlocks`]).
 #[derive(Clone, Copy)]
 struct CachedHead<'a> {
-    /// Tiled keys: see [`key_index`].
-    keys_t: &'a [f32],
-    /// `len × head_dim`, row-major.
-    values: &'a [f32],
+    segments: &'a [&'a [f32]],
     len: usize,
     head_dim: usize,
 }
 
-impl HostKv {
-    pub(crate) fn new(layers: usize, n_kv: usize, capacity: usize, head_dim: usize) -> Self {
-        // Whole tiles, so the last one never reaches into the next head's keys.
-        let capacity = capacity.div_ceil(TILE) * TILE;
-        let zeroed = || {
-            (0..layers)
-                .map(|_| vec![0f32; n_kv * capacity * head_dim])
-                .collect()
-        };
+impl CachedHead<'_> {
+    /// Tiled keys of tile `j` (positions `j·TILE ..`): `head_dim × TILE` values.
+    #[inline(always)]
+    fn tile(&self, j: usize) -> &[f32] {
+        const TILES_PER_BLOCK: usize = BLOCK_TOKENS / TILE;
+        let at = (j % TILES_PER_BLOCK) * self.head_dim * TILE;
+        &self.segments[j / TILES_PER_BLOCK][at..at + self.head_dim * TILE]
+    }
+
+    #[inline(always)]
+    fn key(&self, d: usize, j: usize) -> f32 {
+        self.segments[j / BLOCK_TOKENS][key_index(self.head_dim, d, j % BLOCK_TOKENS)]
+    }
+
+    /// The value rows of positions `0..len`, in order.
+    #[inline(always)]
+    fn value_rows(&self) -> impl Iterator<Item = &[f32]> {
+        let hd = self.head_dim;
+        self.segments.iter().enumerate().flat_map(move |(b, seg)| {
+            let rows = BLOCK_TOKENS.min(self.len.saturating_sub(b * BLOCK_TOKENS));
+            seg[BLOCK_TOKENS * hd..][..rows * hd].chunks_exact(hd)
+        })
+    }
+}
+
+impl HostBlocks {
+    pub(crate) fn new(layers: usize, n_kv: usize, head_dim: usize, blocks: usize) -> Self {
         Self {
-            k: zeroed(),
-            v: zeroed(),
+            blocks: (0..blocks).map(|_| None).collect(),
+            layers,
             n_kv,
-            capacity,
             head_dim,
         }
     }
 
-    /// Stores `t` positions from `pos0` on; `k` and `v` are `(n_kv, t, head_dim)`.
-    pub(crate) fn write(&mut self, layer: usize, pos0: usize, t: usize, k: &[f32], v: &[f32]) {
-        let (hd, cap) = (self.head_dim, self.capacity);
+    fn segment_len(&self) -> usize {
+        2 * BLOCK_TOKENS * self.head_dim
+    }
+
+    fn segment(&self, block: u32, layer: usize, h: usize) -> &[f32] {
+        let seg = self.segment_len();
+        let at = (layer * self.n_kv + h) * seg;
+        let data = self.blocks[block as usize]
+            .as_deref()
+            .expect("a kv block is written before it is read");
+        &data[at..at + seg]
+    }
+
+    fn segment_mut(&mut self, block: u32, layer: usize, h: usize) -> &mut [f32] {
+        let seg = self.segment_len();
+        let size = self.layers * self.n_kv * seg;
+        let at = (layer * self.n_kv + h) * seg;
+        let data = self.blocks[block as usize].get_or_insert_with(|| vec![0f32; size].into());
+        &mut data[at..at + seg]
+    }
+
+    /// Bytes of the blocks allocated so far.
+    pub(crate) fn allocated_bytes(&self) -> u64 {
+        let per_block = self.layers * self.n_kv * self.segment_len() * std::mem::size_of::<f32>();
+        (self.blocks.iter().filter(|b| b.is_some()).count() * per_block) as u64
+    }
+
+    /// Stores `t` positions from `pos0` on of the sequence whose blocks are `table`; `k` and
+    /// `v` are `(n_kv, t, head_dim)`.
+    pub(crate) fn write(
+        &mut self,
+        table: &[u32],
+        layer: usize,
+        pos0: usize,
+        t: usize,
+        k: &[f32],
+        v: &[f32],
+    ) {
+        let hd = self.head_dim;
         for h in 0..self.n_kv {
-            let src = h * t * hd..(h + 1) * t * hd;
-            let keys_t = &mut self.k[layer][h * hd * cap..(h + 1) * hd * cap];
-            for (i, key) in k[src.clone()].chunks_exact(hd).enumerate() {
-                for (d, &x) in key.iter().enumerate() {
-                    keys_t[key_index(hd, d, pos0 + i)] = x;
+            for i in 0..t {
+                let p = pos0 + i;
+                let (block, off) = (table[p / BLOCK_TOKENS], p % BLOCK_TOKENS);
+                let seg = self.segment_mut(block, layer, h);
+                let src = (h * t + i) * hd;
+                for (d, &x) in k[src..src + hd].iter().enumerate() {
+                    seg[key_index(hd, d, off)] = x;
                 }
+                seg[(BLOCK_TOKENS + off) * hd..][..hd].copy_from_slice(&v[src..src + hd]);
             }
-            let dst = (h * cap + pos0) * hd..(h * cap + pos0 + t) * hd;
-            self.v[layer][dst].copy_from_slice(&v[src]);
         }
     }
 
-    fn head(&self, layer: usize, h: usize, len: usize) -> CachedHead<'_> {
-        let (hd, cap) = (self.head_dim, self.capacity);
-        CachedHead {
-            keys_t: &self.k[layer][h * hd * cap..(h + 1) * hd * cap],
-            values: &self.v[layer][h * cap * hd..(h * cap + len) * hd],
-            len,
-            head_dim: hd,
-        }
+    /// The segments holding the first `len` positions of KV head `h` at `layer`.
+    fn segments(&self, table: &[u32], layer: usize, h: usize, len: usize) -> Vec<&[f32]> {
+        table[..len.div_ceil(BLOCK_TOKENS)]
+            .iter()
+            .map(|&b| self.segment(b, layer, h))
+            .collect()
     }
 }
 
@@ -116,11 +174,11 @@ fn attend_group_generic(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let (hd, len) = (head.head_dim, head.len);
+    let len = head.len;
     for (qh, row) in score_rows(q, head, scores) {
         for (j, s) in row.iter_mut().enumerate() {
             for (d, &qd) in qh.iter().enumerate() {
-                *s += qd * head.keys_t[key_index(hd, d, j)];
+                *s += qd * head.key(d, j);
             }
         }
         row.iter_mut().for_each(|s| *s *= scale);
@@ -170,7 +228,7 @@ fn softmax_rows(scores: &mut [f32], len: usize) {
 fn weighted_values<const FMA: bool>(head: CachedHead<'_>, scores: &[f32], out: &mut [f32]) {
     let (hd, len) = (head.head_dim, head.len);
     out.fill(0.0);
-    for (j, v) in head.values.chunks_exact(hd).enumerate() {
+    for (j, v) in head.value_rows().enumerate() {
         for (qi, oh) in out.chunks_exact_mut(hd).enumerate() {
             let p = scores[qi * len + j];
             for (o, x) in oh.iter_mut().zip(v) {
@@ -200,13 +258,13 @@ mod avx2 {
         tile: usize,
         scale: f32,
     ) -> [[f32; TILE]; LANES] {
-        let hd = head.head_dim;
-        let keys = &head.keys_t[tile * hd * TILE..][..LANES * hd * TILE];
+        // Tiles of one scoring pass may lie in different blocks.
+        let keys: [&[f32]; LANES] = std::array::from_fn(|i| head.tile(tile + i));
         let mut acc = [_mm256_setzero_ps(); LANES];
         for (d, &qd) in q.iter().enumerate() {
             let qv = _mm256_set1_ps(qd);
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(qv, load(&keys[(i * hd + d) * TILE..]), *a);
+            for (a, k) in acc.iter_mut().zip(&keys) {
+                *a = _mm256_fmadd_ps(qv, load(&k[d * TILE..]), *a);
             }
         }
         let scale = _mm256_set1_ps(scale);
@@ -220,10 +278,9 @@ mod avx2 {
     /// registers over all positions (`head_dim` a multiple of 32).
     #[target_feature(enable = "avx2,fma")]
     fn head_values(head: CachedHead<'_>, weights: &[f32], out: &mut [f32]) {
-        let hd = head.head_dim;
         for (c, part) in out.chunks_exact_mut(32).enumerate() {
             let mut acc = [_mm256_setzero_ps(); 4];
-            for (row, &p) in head.values.chunks_exact(hd).zip(weights) {
+            for (row, &p) in head.value_rows().zip(weights) {
                 let (pv, row) = (_mm256_set1_ps(p), &row[c * 32..c * 32 + 32]);
                 for (i, a) in acc.iter_mut().enumerate() {
                     *a = _mm256_fmadd_ps(pv, load(&row[i * 8..]), *a);
@@ -271,29 +328,38 @@ mod avx2 {
 }
 
 /// Decode attention for a batch: sequence `i` has query heads `q[i]` (`n_head × head_dim`,
-/// heads sharing a KV head adjacent) and attends over the first `lens[i]` positions of
-/// `caches[i]` at `layer` (its new token already written). Returns `(batch, n_head × head_dim)`.
+/// heads sharing a KV head adjacent) and attends over the first `lens[i]` positions of its
+/// blocks `tables[i]` at `layer` (its new token already written). Returns
+/// `(batch, n_head × head_dim)`.
 pub(crate) fn decode_attention(
-    caches: &[&HostKv],
+    store: &HostBlocks,
+    tables: &[&[u32]],
     layer: usize,
     q: &[f32],
     lens: &[usize],
     n_head: usize,
     scale: f32,
 ) -> Vec<f32> {
-    let Some(first) = caches.first() else {
-        return Vec::new();
-    };
-    let (n_kv, hd) = (first.n_kv, first.head_dim);
+    let (n_kv, hd) = (store.n_kv, store.head_dim);
     let group = n_head / n_kv;
     let width = group * hd;
     // Work items are (sequence, KV head) pairs; each owns its slice of the output.
-    let out = SharedOutput::zeros(caches.len() * n_head * hd);
-    candle_core::utils::barrier_pool().execute_chunked(caches.len() * n_kv, |items| {
+    let segments: Vec<Vec<&[f32]>> = (0..tables.len() * n_kv)
+        .map(|item| {
+            let (i, h) = (item / n_kv, item % n_kv);
+            store.segments(tables[i], layer, h, lens[i])
+        })
+        .collect();
+    let out = SharedOutput::zeros(tables.len() * n_head * hd);
+    candle_core::utils::barrier_pool().execute_chunked(segments.len(), |items| {
         let (mut scores, mut buf) = (Vec::new(), vec![0f32; width]);
         for item in items {
             let (i, h) = (item / n_kv, item % n_kv);
-            let head = caches[i].head(layer, h, lens[i]);
+            let head = CachedHead {
+                segments: &segments[item],
+                len: lens[i],
+                head_dim: hd,
+            };
             let at = i * n_head * hd + h * width;
             attend_group(&q[at..at + width], head, scale, &mut scores, &mut buf);
             out.write(at, &buf);
@@ -303,14 +369,17 @@ pub(crate) fn decode_attention(
 }
 
 /// Causal attention for `t` new tokens of one sequence at positions `pos0..pos0 + t`, whose
-/// keys and values are already in `cache`: token `r` attends to positions `0..=pos0 + r`.
-/// `q` is `(n_head, t, head_dim)`; returns `(t, n_head × head_dim)`.
+/// keys and values are already in its blocks `table`: token `r` attends to positions
+/// `0..=pos0 + r` (a cached prefix included). `q` is `(n_head, t, head_dim)`; returns
+/// `(t, n_head × head_dim)`.
 ///
 /// Fused per (KV head, token): no `t × len` score matrix, no mask, and the masked half of a
 /// causal prompt is never computed (with candle ops a 2 048-token prompt spent a quarter of
 /// its prefill allocating, masking and exponentiating that matrix).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn prompt_attention(
-    cache: &HostKv,
+    store: &HostBlocks,
+    table: &[u32],
     layer: usize,
     q: &[f32],
     pos0: usize,
@@ -318,8 +387,11 @@ pub(crate) fn prompt_attention(
     n_head: usize,
     scale: f32,
 ) -> Vec<f32> {
-    let (n_kv, hd) = (cache.n_kv, cache.head_dim);
+    let (n_kv, hd) = (store.n_kv, store.head_dim);
     let group = n_head / n_kv;
+    let segments: Vec<Vec<&[f32]>> = (0..n_kv)
+        .map(|h| store.segments(table, layer, h, pos0 + t))
+        .collect();
     let out = SharedOutput::zeros(t * n_head * hd);
     // Items run token by token within a KV head, so neighbouring items share cached rows.
     candle_core::utils::barrier_pool().execute_chunked(n_kv * t, |items| {
@@ -327,7 +399,11 @@ pub(crate) fn prompt_attention(
         let (mut scores, mut heads, mut buf) = (Vec::new(), vec![0f32; width], vec![0f32; width]);
         for item in items {
             let (h, r) = (item / t, item % t);
-            let head = cache.head(layer, h, pos0 + r + 1);
+            let head = CachedHead {
+                segments: &segments[h],
+                len: pos0 + r + 1,
+                head_dim: hd,
+            };
             // This token's query heads of KV head `h`, side by side.
             for (i, qh) in (h * group..(h + 1) * group).enumerate() {
                 heads[i * hd..(i + 1) * hd].copy_from_slice(&q[(qh * t + r) * hd..][..hd]);
@@ -361,70 +437,94 @@ mod tests {
         out
     }
 
+    fn val(s: usize) -> f32 {
+        ((s * 2654435761) % 1000) as f32 / 500.0 - 1.0
+    }
+
+    /// Positions `0..n` of KV head `h` from a `(n_kv, n, head_dim)` buffer, one row each.
+    fn rows_of(flat: &[f32], h: usize, n: usize, hd: usize) -> Vec<Vec<f32>> {
+        flat[h * n * hd..][..n * hd]
+            .chunks(hd)
+            .map(<[f32]>::to_vec)
+            .collect()
+    }
+
     #[test]
-    fn decode_attention_matches_reference_per_head_and_sequence() {
-        let (layers, n_kv, n_head, hd, cap) = (2, 2, 4, 16, 8);
-        let val = |s: usize| ((s * 2654435761) % 1000) as f32 / 500.0 - 1.0;
-        let mut caches = [
-            HostKv::new(layers, n_kv, cap, hd),
-            HostKv::new(layers, n_kv, cap, hd),
-        ];
-        let lens = [5, 3];
-        let mut rows: Vec<Vec<(Vec<f32>, Vec<f32>)>> = Vec::new();
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let t = lens[i];
-            let k: Vec<f32> = (0..n_kv * t * hd).map(|j| val(j + 31 * i)).collect();
+    fn decode_attention_reads_each_sequence_through_its_block_table() {
+        // Two sequences sharing their first block (a common prefix), each with its own tail,
+        // the tails deliberately out of order in the store.
+        let (layers, n_kv, n_head, hd) = (2, 2, 4, 16);
+        let mut store = HostBlocks::new(layers, n_kv, hd, 4);
+        let prefix = BLOCK_TOKENS;
+        let lens = [prefix + 5, prefix + 3];
+        let tables: [&[u32]; 2] = [&[2, 0], &[2, 3]];
+        let k_prefix: Vec<f32> = (0..n_kv * prefix * hd).map(|j| val(j + 1)).collect();
+        let v_prefix: Vec<f32> = (0..n_kv * prefix * hd).map(|j| val(j + 77)).collect();
+        store.write(tables[0], 1, 0, prefix, &k_prefix, &v_prefix);
+        let mut want_rows = Vec::new();
+        for (i, table) in tables.iter().enumerate() {
+            let t = lens[i] - prefix;
+            let k: Vec<f32> = (0..n_kv * t * hd).map(|j| val(j + 31 * i + 500)).collect();
             let v: Vec<f32> = (0..n_kv * t * hd).map(|j| val(j + 977 + 17 * i)).collect();
-            cache.write(1, 0, t, &k, &v);
-            rows.push(
-                (0..n_kv)
-                    .map(|h| {
-                        (
-                            k[h * t * hd..][..t * hd].to_vec(),
-                            v[h * t * hd..][..t * hd].to_vec(),
-                        )
-                    })
-                    .collect(),
-            );
+            store.write(table, 1, prefix, t, &k, &v);
+            let per_head: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)> = (0..n_kv)
+                .map(|h| {
+                    let mut keys = rows_of(&k_prefix, h, prefix, hd);
+                    keys.extend(rows_of(&k, h, t, hd));
+                    let mut values = rows_of(&v_prefix, h, prefix, hd);
+                    values.extend(rows_of(&v, h, t, hd));
+                    (keys, values)
+                })
+                .collect();
+            want_rows.push(per_head);
         }
         let q: Vec<f32> = (0..2 * n_head * hd).map(|j| val(j + 5003)).collect();
-        let refs: Vec<&HostKv> = caches.iter().collect();
-        let got = decode_attention(&refs, 1, &q, &lens, n_head, 0.25);
-        for (i, seq_rows) in rows.iter().enumerate() {
+        let got = decode_attention(&store, &tables, 1, &q, &lens, n_head, 0.25);
+        for (i, per_head) in want_rows.iter().enumerate() {
             for head in 0..n_head {
-                let (k, v) = &seq_rows[head / (n_head / n_kv)];
-                let split =
-                    |flat: &Vec<f32>| flat.chunks(hd).map(<[f32]>::to_vec).collect::<Vec<_>>();
+                let (keys, values) = &per_head[head / (n_head / n_kv)];
                 let at = (i * n_head + head) * hd;
-                let want = reference(&q[at..at + hd], &split(k), &split(v), 0.25);
+                let want = reference(&q[at..at + hd], keys, values, 0.25);
                 for (a, b) in got[at..at + hd].iter().zip(&want) {
                     assert!((a - b).abs() < 1e-5, "seq {i} head {head}: {a} vs {b}");
                 }
             }
         }
-        // The other layer was never written: zeros attend to zeros.
-        let zero = decode_attention(&refs, 0, &q, &lens, n_head, 0.25);
+        // Layer 0 was never written: zeros attend to zeros.
+        let zero = decode_attention(&store, &tables, 0, &q, &lens, n_head, 0.25);
         assert!(zero.iter().all(|&x| x == 0.0));
     }
 
     #[test]
     fn portable_and_simd_attention_agree_for_every_length_and_head_size() {
-        let val = |s: usize| ((s * 2654435761) % 1000) as f32 / 500.0 - 1.0;
-        // Head sizes with and without the 32-wide value path; lengths around tile and block
-        // boundaries.
+        // Head sizes with and without the 32-wide value path; lengths around tile, block and
+        // scoring-pass boundaries; blocks in reverse order.
         for (hd, g) in [(64, 3), (48, 2)] {
-            for len in [1, 7, 8, 9, 63, 64, 65, 130] {
-                let mut cache = HostKv::new(1, 1, len, hd);
+            for len in [1usize, 7, 8, 9, 31, 32, 33, 63, 64, 65, 130] {
+                let blocks = len.div_ceil(BLOCK_TOKENS);
+                let mut store = HostBlocks::new(1, 1, hd, blocks);
+                let table: Vec<u32> = (0..blocks as u32).rev().collect();
                 let k: Vec<f32> = (0..len * hd).map(|j| val(j + 7)).collect();
                 let v: Vec<f32> = (0..len * hd).map(|j| val(j + 999)).collect();
-                cache.write(0, 0, len, &k, &v);
+                store.write(&table, 0, 0, len, &k, &v);
                 let q: Vec<f32> = (0..g * hd).map(|j| val(j + 31)).collect();
-                let head = cache.head(0, 0, len);
+                let segments = store.segments(&table, 0, 0, len);
+                let head = CachedHead {
+                    segments: &segments,
+                    len,
+                    head_dim: hd,
+                };
                 let (mut a, mut b) = (vec![0f32; g * hd], vec![0f32; g * hd]);
                 attend_group(&q, head, 0.2, &mut Vec::new(), &mut a);
                 attend_group_generic(&q, head, 0.2, &mut Vec::new(), &mut b);
-                for (x, y) in a.iter().zip(&b) {
-                    assert!((x - y).abs() < 1e-5, "hd {hd} len {len}: {x} vs {y}");
+                let keys = rows_of(&k, 0, len, hd);
+                let values = rows_of(&v, 0, len, hd);
+                for (qi, qh) in q.chunks(hd).enumerate() {
+                    let want = reference(qh, &keys, &values, 0.2);
+                    for ((x, y), w) in a[qi * hd..].iter().zip(&b[qi * hd..]).zip(&want) {
+                        assert!((x - y).abs() < 1e-5, "hd {hd} len {len}: {x} vs {y}");
+                        assert!((x - w).abs() < 1e-5, "hd {hd} len {len}: {x} vs {w}");
+                    }
                 }
             }
         }
@@ -432,34 +532,26 @@ mod tests {
 
     #[test]
     fn prompt_attention_is_causal_over_cached_and_new_positions() {
-        let (n_kv, n_head, hd, cap) = (2, 6, 8, 10);
-        let (pos0, t) = (3, 4);
-        let val = |s: usize| ((s * 2654435761) % 1000) as f32 / 500.0 - 1.0;
-        let mut cache = HostKv::new(1, n_kv, cap, hd);
-        // An earlier chunk of 3 positions, then this chunk's 4.
+        let (n_kv, n_head, hd) = (2, 6, 8);
+        // An earlier chunk filling more than a block, then this chunk's 4 tokens.
+        let (pos0, t) = (BLOCK_TOKENS + 3, 4);
+        let mut store = HostBlocks::new(1, n_kv, hd, 3);
+        let table = [1u32, 0];
         let rows = |n: usize, seed: usize| (0..n_kv * n * hd).map(|j| val(j + seed)).collect();
         let (k0, v0): (Vec<f32>, Vec<f32>) = (rows(pos0, 11), rows(pos0, 23));
         let (k1, v1): (Vec<f32>, Vec<f32>) = (rows(t, 37), rows(t, 41));
-        cache.write(0, 0, pos0, &k0, &v0);
-        cache.write(0, pos0, t, &k1, &v1);
-        // Position p of KV head h, as the written chunks laid it out.
-        let at = |chunk0: &[f32], chunk1: &[f32], h: usize, p: usize| -> Vec<f32> {
-            let (chunk, n, i) = if p < pos0 {
-                (chunk0, pos0, p)
-            } else {
-                (chunk1, t, p - pos0)
-            };
-            chunk[(h * n + i) * hd..][..hd].to_vec()
-        };
+        store.write(&table, 0, 0, pos0, &k0, &v0);
+        store.write(&table, 0, pos0, t, &k1, &v1);
         let q: Vec<f32> = (0..n_head * t * hd).map(|j| val(j + 5003)).collect();
-        let got = prompt_attention(&cache, 0, &q, pos0, t, n_head, 0.3);
+        let got = prompt_attention(&store, &table, 0, &q, pos0, t, n_head, 0.3);
         assert_eq!(got.len(), t * n_head * hd);
         for r in 0..t {
             for qh in 0..n_head {
                 let h = qh / (n_head / n_kv);
-                let visible = 0..=pos0 + r;
-                let keys: Vec<_> = visible.clone().map(|p| at(&k0, &k1, h, p)).collect();
-                let values: Vec<_> = visible.map(|p| at(&v0, &v1, h, p)).collect();
+                let mut keys = rows_of(&k0, h, pos0, hd);
+                keys.extend(rows_of(&k1, h, t, hd).into_iter().take(r + 1));
+                let mut values = rows_of(&v0, h, pos0, hd);
+                values.extend(rows_of(&v1, h, t, hd).into_iter().take(r + 1));
                 let want = reference(&q[(qh * t + r) * hd..][..hd], &keys, &values, 0.3);
                 let got = &got[(r * n_head + qh) * hd..][..hd];
                 for (a, b) in got.iter().zip(&want) {

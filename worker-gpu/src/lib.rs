@@ -12,6 +12,7 @@ pub mod device;
 pub mod fetch;
 pub mod gguf;
 mod host_attention;
+pub mod kv_cache;
 pub mod model;
 pub mod qmatrix;
 pub mod sampling;
@@ -90,6 +91,23 @@ pub struct GpuEngineArgs {
     /// (slower on CPU). Q4_0, Q4_1 and Q8_0 always run as stored.
     #[arg(long, env = "SWITCHYARD_NO_REPACK", default_value_t = false)]
     pub no_repack: bool,
+    /// Candle engine: keep the KV blocks of finished requests and reuse them for later prompts
+    /// that start the same way (multi-turn chat, shared system prompts), and publish what is
+    /// cached to routers for cache-aware placement.
+    #[arg(
+        long,
+        env = "SWITCHYARD_PREFIX_CACHE",
+        value_enum,
+        default_value = "on"
+    )]
+    pub prefix_cache: Toggle,
+}
+
+/// A feature switch as written on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    On,
+    Off,
 }
 
 impl Default for GpuEngineArgs {
@@ -106,6 +124,7 @@ impl Default for GpuEngineArgs {
             device: DeviceChoice::Auto,
             prefill_chunk: 512,
             no_repack: false,
+            prefix_cache: Toggle::On,
         }
     }
 }
@@ -213,6 +232,7 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
             max_seqs: args.max_concurrent as usize,
             max_queue: args.max_queue as usize,
             prefill_chunk: args.prefill_chunk as usize,
+            prefix_cache: args.prefix_cache == Toggle::On,
         },
         selected.hardware,
     )?;

@@ -1,9 +1,11 @@
 //! Our own llama forward pass over quantized weights (our CPU kernel, [`crate::qmatrix`], for
 //! Q8_0/Q4_0/Q4_1 on the CPU; candle's `QMatMul` otherwise), written for serving:
-//! the KV cache is a separate [`SeqCache`] per sequence owned by the engine (not by the model
-//! object), so sequences join and leave independently, and [`Llama::decode`] runs one batched
-//! forward over every active sequence (one matmul per weight per step; only attention, which
-//! reads each sequence's own cache, is per sequence).
+//! KV lives in fixed-size blocks of one [`KvStore`] owned by the engine (not by the model
+//! object); each sequence is a [`SeqCache`], a table of the blocks holding its positions, so
+//! sequences join and leave independently and sequences with a common prefix can share its
+//! blocks. [`Llama::decode`] runs one batched forward over every active sequence (one matmul
+//! per weight per step; only attention, which reads each sequence's own blocks, is per
+//! sequence).
 //!
 //! Rotary embedding is the interleaved ("normal", `rope_i`) variant, because GGUF llama files
 //! store Q/K rows permuted for it (llama.cpp's convert script does this).
@@ -14,7 +16,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::gguf::{GgufError, GgufFile, LlamaConfig, Repack};
-use crate::host_attention::{HostKv, decode_attention, prompt_attention};
+use crate::host_attention::{BLOCK_TOKENS, HostBlocks, decode_attention, prompt_attention};
 use crate::qmatrix::{QMatrix, QMatrixError};
 
 /// Errors of a forward pass.
@@ -212,34 +214,174 @@ impl std::fmt::Debug for Llama {
     }
 }
 
-/// One sequence's KV cache: per layer, keys and values `(n_head_kv, capacity, head_dim)`,
-/// allocated once at admission for the sequence's whole budget (prompt + max_tokens), so a
-/// decode step never allocates cache memory and the admission budget is exact.
-pub struct SeqCache {
-    kv: KvStore,
-    len: usize,
-    capacity: usize,
-    bytes: u64,
+/// Where KV blocks live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvMemory {
+    /// Plain host memory, read directly by the CPU attention kernels (the CPU default).
+    Host,
+    /// Tensors on the model's device, attended with candle ops (the GPU default; on the CPU
+    /// only for testing that path).
+    Device,
 }
 
-impl std::fmt::Debug for SeqCache {
+/// Every KV block of an engine: `blocks` blocks of [`BLOCK_TOKENS`] positions for all layers.
+pub struct KvStore {
+    memory: BlockMemory,
+    blocks: usize,
+    bytes_per_block: u64,
+}
+
+enum BlockMemory {
+    Host(HostBlocks),
+    /// Per block, per layer keys and values `(n_head_kv, BLOCK_TOKENS, head_dim)`; allocated
+    /// on first write.
+    Device {
+        blocks: Vec<Option<DeviceBlock>>,
+        device: Device,
+        shape: (usize, usize, usize),
+    },
+}
+
+struct DeviceBlock {
+    k: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl std::fmt::Debug for KvStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SeqCache")
-            .field("len", &self.len)
-            .field("capacity", &self.capacity)
+        f.debug_struct("KvStore")
+            .field("blocks", &self.blocks)
+            .field("bytes_per_block", &self.bytes_per_block)
             .finish()
     }
 }
 
-/// Where a sequence's keys and values live.
-enum KvStore {
-    /// Per layer `(n_head_kv, capacity, head_dim)` tensors on the model's (GPU) device.
-    Device { k: Vec<Tensor>, v: Vec<Tensor> },
-    /// Plain host memory, read directly by the CPU attention (decode and prompt).
-    Host(HostKv),
+impl KvStore {
+    /// Blocks the store can hold.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Positions per block.
+    pub fn block_tokens(&self) -> usize {
+        BLOCK_TOKENS
+    }
+
+    pub fn bytes_per_block(&self) -> u64 {
+        self.bytes_per_block
+    }
+
+    fn device_block(&mut self, block: u32, n_layer: usize) -> Result<&mut DeviceBlock, ModelError> {
+        let BlockMemory::Device {
+            blocks,
+            device,
+            shape,
+        } = &mut self.memory
+        else {
+            return Err(ModelError::Invalid("kv store: not a device store".into()));
+        };
+        let slot = blocks
+            .get_mut(block as usize)
+            .ok_or_else(|| ModelError::Invalid(format!("kv block {block} outside the store")))?;
+        if slot.is_none() {
+            let mut k = Vec::with_capacity(n_layer);
+            let mut v = Vec::with_capacity(n_layer);
+            for _ in 0..n_layer {
+                k.push(Tensor::zeros(*shape, DType::F32, device)?);
+                v.push(Tensor::zeros(*shape, DType::F32, device)?);
+            }
+            *slot = Some(DeviceBlock { k, v });
+        }
+        Ok(slot.as_mut().expect("just filled"))
+    }
+
+    /// Writes `k`, `v` (`(n_kv, t, head_dim)`) of positions `pos0..pos0 + t` of the sequence
+    /// whose blocks are `table` into their device blocks.
+    fn device_write(
+        &mut self,
+        table: &[u32],
+        layer: usize,
+        n_layer: usize,
+        pos0: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(), ModelError> {
+        let t = k.dim(1)?;
+        let mut p = pos0;
+        while p < pos0 + t {
+            let off = p % BLOCK_TOKENS;
+            let n = (BLOCK_TOKENS - off).min(pos0 + t - p);
+            let block = self.device_block(table[p / BLOCK_TOKENS], n_layer)?;
+            block.k[layer].slice_set(&k.narrow(1, p - pos0, n)?.contiguous()?, 1, off)?;
+            block.v[layer].slice_set(&v.narrow(1, p - pos0, n)?.contiguous()?, 1, off)?;
+            p += n;
+        }
+        Ok(())
+    }
+
+    /// Keys and values `(n_kv, len, head_dim)` of the first `len` positions at `layer`.
+    fn device_read(
+        &self,
+        table: &[u32],
+        layer: usize,
+        len: usize,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let BlockMemory::Device { blocks, .. } = &self.memory else {
+            return Err(ModelError::Invalid("kv store: not a device store".into()));
+        };
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for &b in &table[..len.div_ceil(BLOCK_TOKENS)] {
+            let block = blocks[b as usize]
+                .as_ref()
+                .ok_or_else(|| ModelError::Invalid(format!("kv block {b} read before written")))?;
+            ks.push(&block.k[layer]);
+            vs.push(&block.v[layer]);
+        }
+        let k = Tensor::cat(&ks, 1)?.narrow(1, 0, len)?;
+        let v = Tensor::cat(&vs, 1)?.narrow(1, 0, len)?;
+        Ok((k, v))
+    }
+
+    fn host(&self) -> Option<&HostBlocks> {
+        match &self.memory {
+            BlockMemory::Host(h) => Some(h),
+            BlockMemory::Device { .. } => None,
+        }
+    }
+
+    fn is_host(&self) -> bool {
+        self.host().is_some()
+    }
+
+    /// Bytes of block memory allocated so far (blocks are allocated on first write).
+    pub fn allocated_bytes(&self) -> u64 {
+        match &self.memory {
+            BlockMemory::Host(h) => h.allocated_bytes(),
+            BlockMemory::Device { blocks, .. } => {
+                blocks.iter().filter(|b| b.is_some()).count() as u64 * self.bytes_per_block
+            }
+        }
+    }
+}
+
+/// One sequence's view of the KV store: the blocks holding its positions, in order, and how
+/// many positions are filled. The table covers the sequence's whole budget (prompt +
+/// max_tokens), reserved at admission, so a decode step never allocates and the budget is
+/// exact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqCache {
+    table: Vec<u32>,
+    len: usize,
 }
 
 impl SeqCache {
+    /// A sequence over `table` whose first `len` positions are already in those blocks (a
+    /// cached prefix), `len` a multiple of [`BLOCK_TOKENS`] unless 0.
+    pub fn new(table: Vec<u32>, len: usize) -> Self {
+        Self { table, len }
+    }
+
     /// Tokens already in the cache.
     pub fn len(&self) -> usize {
         self.len
@@ -249,13 +391,14 @@ impl SeqCache {
         self.len == 0
     }
 
+    /// Positions the sequence's blocks hold.
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.table.len() * BLOCK_TOKENS
     }
 
-    /// Bytes this cache holds.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
+    /// The blocks, in position order.
+    pub fn table(&self) -> &[u32] {
+        &self.table
     }
 }
 
@@ -375,47 +518,72 @@ impl Llama {
         &self.device
     }
 
-    /// A zeroed cache for up to `capacity` tokens.
-    pub fn new_cache(&self, capacity: usize) -> Result<SeqCache, ModelError> {
+    /// Bytes of KV one block holds (all layers).
+    pub fn kv_bytes_per_block(&self) -> u64 {
+        self.config.kv_bytes_per_token() * BLOCK_TOKENS as u64
+    }
+
+    /// A store of `blocks` KV blocks in the device's natural memory (host memory on the CPU).
+    pub fn kv_store(&self, blocks: usize) -> KvStore {
+        let memory = if self.device.is_cpu() {
+            KvMemory::Host
+        } else {
+            KvMemory::Device
+        };
+        self.kv_store_in(blocks, memory)
+    }
+
+    /// A store of `blocks` KV blocks in `memory`.
+    pub fn kv_store_in(&self, blocks: usize, memory: KvMemory) -> KvStore {
+        let c = &self.config;
+        let memory = match memory {
+            KvMemory::Host => {
+                BlockMemory::Host(HostBlocks::new(c.n_layer, c.n_head_kv, c.head_dim, blocks))
+            }
+            KvMemory::Device => BlockMemory::Device {
+                blocks: (0..blocks).map(|_| None).collect(),
+                device: self.device.clone(),
+                shape: (c.n_head_kv, BLOCK_TOKENS, c.head_dim),
+            },
+        };
+        KvStore {
+            memory,
+            blocks,
+            bytes_per_block: self.kv_bytes_per_block(),
+        }
+    }
+
+    /// A store holding exactly one empty sequence of up to `capacity` tokens (tools, tests and
+    /// warm-up; the engine shares one store among all its sequences).
+    pub fn single_sequence(&self, capacity: usize) -> Result<(KvStore, SeqCache), ModelError> {
         if capacity == 0 || capacity > self.config.context_length {
             return Err(ModelError::Invalid(format!(
                 "kv capacity {capacity} outside 1..={} (context length)",
                 self.config.context_length
             )));
         }
-        let c = &self.config;
-        let kv = if self.device.is_cpu() {
-            KvStore::Host(HostKv::new(c.n_layer, c.n_head_kv, capacity, c.head_dim))
-        } else {
-            let shape = (c.n_head_kv, capacity, c.head_dim);
-            let mut k = Vec::with_capacity(c.n_layer);
-            let mut v = Vec::with_capacity(c.n_layer);
-            for _ in 0..c.n_layer {
-                k.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-                v.push(Tensor::zeros(shape, DType::F32, &self.device)?);
-            }
-            KvStore::Device { k, v }
-        };
-        Ok(SeqCache {
-            kv,
-            len: 0,
-            capacity,
-            bytes: c.kv_bytes_per_token() * capacity as u64,
-        })
+        let blocks = capacity.div_ceil(BLOCK_TOKENS);
+        let store = self.kv_store(blocks);
+        Ok((store, SeqCache::new((0..blocks as u32).collect(), 0)))
     }
 
     /// Runs `tokens` of one sequence (a prompt or a chunk of it) through the model, appending
     /// them to `cache`; returns the logits of the last token, `(vocab,)`.
-    pub fn prefill(&self, tokens: &[u32], cache: &mut SeqCache) -> Result<Tensor, ModelError> {
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        cache: &mut SeqCache,
+        store: &mut KvStore,
+    ) -> Result<Tensor, ModelError> {
         let t = tokens.len();
         if t == 0 {
             return Err(ModelError::Invalid("prefill: no tokens".into()));
         }
-        if cache.len + t > cache.capacity {
+        if cache.len + t > cache.capacity() {
             return Err(ModelError::Invalid(format!(
                 "prefill: {} tokens exceed the sequence's kv capacity {}",
                 cache.len + t,
-                cache.capacity
+                cache.capacity()
             )));
         }
         let c = &self.config;
@@ -428,7 +596,7 @@ impl Llama {
         let sin = self.sin.narrow(0, pos0, t)?;
         // Causal mask over (new token i, cached position j) for the device cache: j may not
         // exceed pos0 + i. (Host attention applies causality itself.)
-        let mask = if t > 1 && matches!(cache.kv, KvStore::Device { .. }) {
+        let mask = if t > 1 && !store.is_host() {
             let m: Vec<f32> = (0..t)
                 .flat_map(|i| {
                     (0..total).map(move |j| if j > pos0 + i { f32::NEG_INFINITY } else { 0.0 })
@@ -448,18 +616,25 @@ impl Llama {
             let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            if t == 1 && matches!(cache.kv, KvStore::Host(_)) {
+            if t == 1 && store.is_host() {
                 // Exactly the decode step's arithmetic, so a decode equals a 1-token prefill.
-                let o = self.host_decode_attention(l, &q, &k, &v, &mut [&mut *cache])?;
+                let o = self.host_decode_attention(l, &q, &k, &v, &mut [&mut *cache], store)?;
                 x = (x + layer.wo.forward(&o, self.dense_from_rows)?)?;
                 x = self.ffn(layer, x)?;
                 continue;
             }
-            let o = match &mut cache.kv {
-                KvStore::Device { k: ck, v: cv } => {
-                    ck[l].slice_set(&k.squeeze(0)?, 1, pos0)?;
-                    cv[l].slice_set(&v.squeeze(0)?, 1, pos0)?;
-                    let (keys, values) = (ck[l].narrow(1, 0, total)?, cv[l].narrow(1, 0, total)?);
+            let o = match &mut store.memory {
+                BlockMemory::Device { .. } => {
+                    let n_layer = c.n_layer;
+                    store.device_write(
+                        &cache.table,
+                        l,
+                        n_layer,
+                        pos0,
+                        &k.squeeze(0)?,
+                        &v.squeeze(0)?,
+                    )?;
+                    let (keys, values) = store.device_read(&cache.table, l, total)?;
                     // Grouped-query attention without repeating KV: the g query heads of one
                     // KV head form one (g·t)-row matmul against that head's keys.
                     let q = q.reshape((nkv, g * t, hd))?;
@@ -475,9 +650,18 @@ impl Llama {
                         .transpose(0, 1)?
                         .reshape((t, nh * hd))?
                 }
-                KvStore::Host(kv) => {
-                    kv.write(l, pos0, t, &host(&k)?, &host(&v)?);
-                    let o = prompt_attention(kv, l, &host(&q)?, pos0, t, nh, scale as f32);
+                BlockMemory::Host(kv) => {
+                    kv.write(&cache.table, l, pos0, t, &host(&k)?, &host(&v)?);
+                    let o = prompt_attention(
+                        kv,
+                        &cache.table,
+                        l,
+                        &host(&q)?,
+                        pos0,
+                        t,
+                        nh,
+                        scale as f32,
+                    );
                     Tensor::from_vec(o, (t, nh * hd), &self.device)?
                 }
             };
@@ -491,7 +675,7 @@ impl Llama {
     }
 
     /// Writes each sequence's new key and value (`k`, `v`: `(batch, n_kv, 1, head_dim)`) to
-    /// its host cache and attends query heads `q` (`(batch, n_head, 1, head_dim)`) over it.
+    /// its blocks and attends query heads `q` (`(batch, n_head, 1, head_dim)`) over them.
     fn host_decode_attention(
         &self,
         layer: usize,
@@ -499,28 +683,25 @@ impl Llama {
         k: &Tensor,
         v: &Tensor,
         caches: &mut [&mut SeqCache],
+        store: &mut KvStore,
     ) -> Result<Tensor, ModelError> {
         let c = &self.config;
+        let BlockMemory::Host(kv) = &mut store.memory else {
+            return Err(ModelError::Invalid(
+                "host attention over a device kv store".into(),
+            ));
+        };
         let (q, k, v) = (host(q)?, host(k)?, host(v)?);
         let step = c.n_head_kv * c.head_dim;
         let mut lens = Vec::with_capacity(caches.len());
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let KvStore::Host(kv) = &mut cache.kv else {
-                return Err(mixed_caches());
-            };
+        for (i, cache) in caches.iter().enumerate() {
             let row = i * step..(i + 1) * step;
-            kv.write(layer, cache.len, 1, &k[row.clone()], &v[row]);
+            kv.write(&cache.table, layer, cache.len, 1, &k[row.clone()], &v[row]);
             lens.push(cache.len + 1);
         }
-        let mut refs = Vec::with_capacity(caches.len());
-        for cache in caches.iter() {
-            let KvStore::Host(kv) = &cache.kv else {
-                return Err(mixed_caches());
-            };
-            refs.push(kv);
-        }
+        let tables: Vec<&[u32]> = caches.iter().map(|c| c.table.as_slice()).collect();
         let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let out = decode_attention(&refs, layer, &q, &lens, c.n_head, scale);
+        let out = decode_attention(kv, &tables, layer, &q, &lens, c.n_head, scale);
         Ok(Tensor::from_vec(
             out,
             (caches.len(), c.n_head * c.head_dim),
@@ -541,6 +722,7 @@ impl Llama {
         &self,
         tokens: &[u32],
         caches: &mut [&mut SeqCache],
+        store: &mut KvStore,
     ) -> Result<Tensor, ModelError> {
         let b = tokens.len();
         if b == 0 || b != caches.len() {
@@ -550,10 +732,10 @@ impl Llama {
             )));
         }
         for cache in caches.iter() {
-            if cache.len >= cache.capacity {
+            if cache.len >= cache.capacity() {
                 return Err(ModelError::Invalid(format!(
                     "decode: sequence kv cache full at {} tokens",
-                    cache.capacity
+                    cache.capacity()
                 )));
             }
         }
@@ -572,7 +754,6 @@ impl Llama {
             .index_select(&positions, 0)?
             .reshape((b, 1, hd / 2))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let host_caches = matches!(caches[0].kv, KvStore::Host(_));
         let mut outs = Vec::with_capacity(b);
         for (l, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
@@ -582,20 +763,15 @@ impl Llama {
             let v = v.reshape((b, nkv, 1, hd))?;
             let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            let o = if host_caches {
-                self.host_decode_attention(l, &q, &k, &v, caches)?
+            let o = if store.is_host() {
+                self.host_decode_attention(l, &q, &k, &v, caches, store)?
             } else {
                 outs.clear();
-                for (i, cache) in caches.iter_mut().enumerate() {
-                    let KvStore::Device { k: ck, v: cv } = &mut cache.kv else {
-                        return Err(mixed_caches());
-                    };
+                for (i, cache) in caches.iter().enumerate() {
                     let pos = cache.len;
                     let total = pos + 1;
-                    ck[l].slice_set(&k.get(i)?, 1, pos)?;
-                    cv[l].slice_set(&v.get(i)?, 1, pos)?;
-                    let keys = ck[l].narrow(1, 0, total)?;
-                    let values = cv[l].narrow(1, 0, total)?;
+                    store.device_write(&cache.table, l, c.n_layer, pos, &k.get(i)?, &v.get(i)?)?;
+                    let (keys, values) = store.device_read(&cache.table, l, total)?;
                     let qi = q.get(i)?.reshape((nkv, g, hd))?;
                     let att = (qi.matmul(&keys.t()?)? * scale)?;
                     let att = candle_nn::ops::softmax_last_dim(&att)?;
@@ -612,10 +788,6 @@ impl Llama {
         let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
         self.lm_head.forward(&x, usize::MAX)
     }
-}
-
-fn mixed_caches() -> ModelError {
-    ModelError::Invalid("decode: caches from different devices in one batch".into())
 }
 
 /// A tensor's values, row-major.

@@ -11,8 +11,12 @@
 //! Load reports carry the prompt tokens not yet prefilled (waiting requests plus the unfinished
 //! prompts of admitted ones) and a moving average of the measured prefill rate.
 //!
-//! KV memory is reserved at admission for prompt + remaining max_tokens, so a sequence can never
-//! run out mid-generation and the budget is never exceeded.
+//! KV memory is one store of fixed-size blocks sized by the KV budget. Blocks are reserved at
+//! admission for context + remaining max_tokens, so a sequence can never run out
+//! mid-generation and the budget is never exceeded. With the prefix cache on (the default), a
+//! sequence starts from the longest cached block chain of its context and prefills only the
+//! rest, and the blocks it fills stay cached after it ends (see [`crate::kv_cache`]); every
+//! change is published for routers (`KvEvents`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -20,8 +24,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::Instant;
 
-use switchyard_worker::RateMeter;
+use std::sync::Mutex;
+
 use switchyard_worker::engine::EngineLoad;
+use switchyard_worker::{KvPublisher, PrefixCacheStats, RateMeter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +35,8 @@ use switchyard_worker::{
     Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Prompt, StopReason,
 };
 
-use crate::model::{Llama, SeqCache};
+use crate::kv_cache::{PrefixCache, SeqBlocks};
+use crate::model::{KvStore, Llama, SeqCache};
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
 use crate::tokenizer::{ChatMessage, Detokenizer, GgufTokenizer};
 
@@ -44,6 +51,9 @@ pub struct SchedulerLimits {
     pub max_queue: usize,
     /// Prompt tokens processed per scheduler iteration for a joining sequence.
     pub prefill_chunk: usize,
+    /// Keep finished sequences' full KV blocks and reuse them for later prompts that start
+    /// the same way.
+    pub prefix_cache: bool,
 }
 
 impl SchedulerLimits {
@@ -74,15 +84,17 @@ struct Job {
     stops: Vec<String>,
     tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     cancel: CancellationToken,
-    kv_bytes: u64,
     latency_critical: bool,
+    /// Context tokens whose KV came from the prefix cache (set at admission).
+    cached_tokens: usize,
 }
 
 struct Seq {
     job: Job,
     cache: SeqCache,
-    /// Context tokens already in the cache (prefill progress).
-    prefilled: usize,
+    blocks: SeqBlocks,
+    /// Context and generated ids so far: what the sequence's blocks hold (or will).
+    tokens: Vec<u32>,
     /// Next decode input, once prefill is done.
     next: Option<u32>,
     generated: usize,
@@ -101,6 +113,7 @@ struct Counters {
     unprefilled: AtomicU64,
     /// Moving average of measured prefill chunks, tokens per second.
     prefill_rate: RateMeter,
+    prefix: Mutex<PrefixCacheStats>,
 }
 
 /// The native model engine.
@@ -108,8 +121,11 @@ pub struct CandleEngine {
     model_ids: Vec<String>,
     tokenizer: Arc<GgufTokenizer>,
     context_length: usize,
-    kv_bytes_per_token: u64,
+    /// KV blocks the store holds, and tokens per block.
+    kv_blocks: usize,
+    block_tokens: usize,
     limits: SchedulerLimits,
+    publisher: Option<Arc<KvPublisher>>,
     hardware: String,
     tokens_per_s: f64,
     counters: Arc<Counters>,
@@ -143,16 +159,34 @@ impl CandleEngine {
                 "models: at least one model id to serve is required".into(),
             ));
         }
+        let kv_blocks = (limits.kv_budget_bytes / model.kv_bytes_per_block()) as usize;
+        if kv_blocks == 0 {
+            return Err(EngineError::InvalidArgument(format!(
+                "kv_budget_bytes {}: less than one KV block of this model ({} bytes)",
+                limits.kv_budget_bytes,
+                model.kv_bytes_per_block()
+            )));
+        }
         let warm = |e: crate::model::ModelError| EngineError::Internal(format!("warm-up: {e}"));
-        let mut cache = model
-            .new_cache(8.min(model.config.context_length))
+        let (mut store, mut cache) = model
+            .single_sequence(8.min(model.config.context_length))
             .map_err(warm)?;
-        model.prefill(&[0, 1, 2], &mut cache).map_err(warm)?;
+        model
+            .prefill(&[0, 1, 2], &mut cache, &mut store)
+            .map_err(warm)?;
         let t0 = Instant::now();
-        model.decode(&[3], &mut [&mut cache]).map_err(warm)?;
+        model
+            .decode(&[3], &mut [&mut cache], &mut store)
+            .map_err(warm)?;
         let step = t0.elapsed().as_secs_f64().max(1e-6);
-        drop(cache);
+        drop(store);
 
+        let store = model.kv_store(kv_blocks);
+        let prefix = PrefixCache::new(kv_blocks, store.block_tokens(), limits.prefix_cache);
+        let block_tokens = store.block_tokens();
+        let publisher = limits
+            .prefix_cache
+            .then(|| Arc::new(KvPublisher::new(block_tokens as u32)));
         let counters = Arc::new(Counters::default());
         let (tx, rx) = std_mpsc::channel();
         let tokenizer = Arc::new(tokenizer);
@@ -160,8 +194,10 @@ impl CandleEngine {
             model_ids,
             tokenizer: tokenizer.clone(),
             context_length: model.config.context_length,
-            kv_bytes_per_token: model.config.kv_bytes_per_token(),
+            kv_blocks,
+            block_tokens,
             limits: limits.clone(),
+            publisher: publisher.clone(),
             hardware,
             tokens_per_s: 1.0 / step,
             counters: counters.clone(),
@@ -172,6 +208,9 @@ impl CandleEngine {
             model,
             tokenizer,
             limits,
+            store,
+            prefix,
+            publisher,
             counters,
             rx,
             waiting: VecDeque::new(),
@@ -200,6 +239,11 @@ impl CandleEngine {
     /// Sequences currently holding KV.
     pub fn active(&self) -> u32 {
         self.counters.active.load(Ordering::Relaxed)
+    }
+
+    /// Blocks of the KV store and tokens per block.
+    pub fn kv_blocks(&self) -> (usize, usize) {
+        (self.kv_blocks, self.block_tokens)
     }
 
     /// Prompt ids for `prompt` (chat template applied to chat prompts).
@@ -244,6 +288,22 @@ impl Engine for CandleEngine {
 
     fn hardware(&self) -> String {
         self.hardware.clone()
+    }
+
+    fn prefix_cache(&self) -> Option<Arc<KvPublisher>> {
+        self.publisher.clone()
+    }
+
+    fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
+        let stats = *self
+            .counters
+            .prefix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Some(PrefixCacheStats {
+            block_tokens: self.block_tokens as u32,
+            ..stats
+        })
     }
 
     fn load(&self) -> EngineLoad {
@@ -302,7 +362,17 @@ impl Engine for CandleEngine {
         };
         params.validate().map_err(EngineError::InvalidArgument)?;
 
-        let mut context = self.prompt_ids(&request.prompt)?;
+        let mut context = match request.prompt_ids {
+            Some(ids) => {
+                if let Some(bad) = ids.iter().find(|id| **id >= vocab) {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "prompt_token_ids: id {bad} outside the vocabulary of {vocab}"
+                    )));
+                }
+                ids
+            }
+            None => self.prompt_ids(&request.prompt)?,
+        };
         if context.is_empty() {
             return Err(EngineError::InvalidArgument(
                 "prompt: tokenizes to no tokens".into(),
@@ -318,11 +388,11 @@ impl Engine for CandleEngine {
                 prompt_tokens, s.max_tokens, self.context_length
             )));
         }
-        let kv_bytes = needed as u64 * self.kv_bytes_per_token;
-        if kv_bytes > self.limits.kv_budget_bytes {
+        let blocks = needed.div_ceil(self.block_tokens);
+        if blocks > self.kv_blocks {
             return Err(EngineError::InvalidArgument(format!(
-                "prompt + sampling.max_tokens need {kv_bytes} bytes of KV cache, more than this worker's kv_budget_bytes {}",
-                self.limits.kv_budget_bytes
+                "prompt + sampling.max_tokens need {blocks} KV blocks ({needed} tokens), more than this worker's kv_budget_bytes {} holds ({} blocks of {} tokens)",
+                self.limits.kv_budget_bytes, self.kv_blocks, self.block_tokens
             )));
         }
         // Bounded queue: count optimistically, undo when over the limit.
@@ -347,8 +417,8 @@ impl Engine for CandleEngine {
             stops: s.stop.clone(),
             tx,
             cancel,
-            kv_bytes,
             latency_critical: request.latency_critical,
+            cached_tokens: 0,
         };
         if self.jobs.send(job).is_err() {
             self.counters.queued.fetch_sub(1, Ordering::AcqRel);
@@ -364,6 +434,9 @@ struct Scheduler {
     model: Llama,
     tokenizer: Arc<GgufTokenizer>,
     limits: SchedulerLimits,
+    store: KvStore,
+    prefix: PrefixCache,
+    publisher: Option<Arc<KvPublisher>>,
     counters: Arc<Counters>,
     rx: std_mpsc::Receiver<Job>,
     waiting: VecDeque<Job>,
@@ -375,7 +448,7 @@ fn done(job: &Job, reason: StopReason, completion: usize) {
         reason,
         prompt_tokens: job.prompt_tokens,
         completion_tokens: (job.resumed + completion) as u32,
-        cached_prompt_tokens: 0,
+        cached_prompt_tokens: job.cached_tokens.min(job.prompt_tokens as usize) as u32,
     }));
 }
 
@@ -415,13 +488,13 @@ impl Scheduler {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let unprefilled: usize = self.waiting.iter().map(|j| j.context.len()).sum::<usize>()
             + self
                 .active
                 .iter()
                 .filter(|s| s.next.is_none())
-                .map(|s| s.job.context.len() - s.prefilled)
+                .map(|s| s.job.context.len() - s.cache.len())
                 .sum::<usize>();
         self.counters
             .unprefilled
@@ -432,12 +505,27 @@ impl Scheduler {
         self.counters
             .active
             .store(self.active.len() as u32, Ordering::Relaxed);
-        let kv: u64 = self.active.iter().map(|s| s.cache.bytes()).sum();
+        let kv = self.prefix.active_blocks() as u64 * self.store.bytes_per_block();
         self.counters.kv_used.store(kv, Ordering::Relaxed);
+        *self
+            .counters
+            .prefix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.prefix.stats();
+        let events = self.prefix.take_events();
+        if let Some(publisher) = &self.publisher {
+            publisher.publish(events);
+        }
     }
 
-    /// Cancelled or abandoned (receiver dropped) sequences end now; dropping their cache frees
-    /// the KV memory before the next step.
+    /// A sequence leaves the batch: its blocks go back to the cache (named ones stay
+    /// findable) or the free list.
+    fn retire(&mut self, seq: Seq) {
+        self.prefix.release(seq.blocks);
+    }
+
+    /// Cancelled or abandoned (receiver dropped) sequences end now; their blocks are released
+    /// before the next step.
     fn reap_cancelled(&mut self) {
         let gone = |job: &Job| job.cancel.is_cancelled() || job.tx.is_closed();
         self.waiting.retain(|job| {
@@ -448,57 +536,53 @@ impl Scheduler {
                 true
             }
         });
-        self.active.retain(|seq| {
-            if gone(&seq.job) {
-                done(&seq.job, StopReason::Cancelled, seq.generated);
-                false
-            } else {
-                true
-            }
-        });
+        let (ended, running): (Vec<Seq>, Vec<Seq>) =
+            self.active.drain(..).partition(|seq| gone(&seq.job));
+        self.active = running;
+        for seq in ended {
+            done(&seq.job, StopReason::Cancelled, seq.generated);
+            self.retire(seq);
+        }
         self.publish();
     }
 
     fn admit(&mut self) {
-        let mut used: u64 = self.active.iter().map(|s| s.cache.bytes()).sum();
         // FIFO: the head waits for room rather than being overtaken by smaller requests.
         while self.active.len() < self.limits.max_seqs {
             let Some(job) = self.waiting.front() else {
                 break;
             };
-            if used + job.kv_bytes > self.limits.kv_budget_bytes {
-                break;
-            }
-            let Some(job) = self.waiting.pop_front() else {
+            let total = job.context.len() + job.remaining;
+            let Some(admission) = self.prefix.admit(&job.context, total) else {
                 break;
             };
-            let capacity = job.context.len() + job.remaining;
-            match self.model.new_cache(capacity) {
-                Ok(cache) => {
-                    used += cache.bytes();
-                    let stop = StopMatcher::new(job.stops.clone());
-                    let mut detok = Detokenizer::default();
-                    // Prime with the resumed ids so a character split across the failover
-                    // boundary is completed, not lost (its first bytes were never emitted).
-                    for id in &job.context[job.prompt_tokens as usize..] {
-                        detok.push(&self.tokenizer, *id);
-                    }
-                    self.active.push(Seq {
-                        job,
-                        cache,
-                        prefilled: 0,
-                        next: None,
-                        generated: 0,
-                        detok,
-                        stop,
-                    });
-                }
-                Err(e) => {
-                    let _ = job.tx.try_send(Err(EngineError::Internal(format!(
-                        "allocating kv cache: {e}"
-                    ))));
-                }
+            let Some(mut job) = self.waiting.pop_front() else {
+                break;
+            };
+            job.cached_tokens = admission.cached_tokens;
+            let stop = StopMatcher::new(job.stops.clone());
+            let mut detok = Detokenizer::default();
+            // Prime with the resumed ids so a character split across the failover boundary is
+            // completed, not lost (its first bytes were never emitted).
+            for id in &job.context[job.prompt_tokens as usize..] {
+                detok.push(&self.tokenizer, *id);
             }
+            tracing::debug!(
+                request_id = %job.request_id,
+                context = job.context.len(),
+                cached = admission.cached_tokens,
+                "admitted"
+            );
+            self.active.push(Seq {
+                cache: SeqCache::new(admission.blocks.table.clone(), admission.cached_tokens),
+                blocks: admission.blocks,
+                tokens: job.context.clone(),
+                job,
+                next: None,
+                generated: 0,
+                detok,
+                stop,
+            });
         }
         self.publish();
     }
@@ -516,30 +600,33 @@ impl Scheduler {
         };
         let chunk = self.limits.prefill_chunk;
         let seq = &mut self.active[i];
-        let end = (seq.prefilled + chunk).min(seq.job.context.len());
+        let from = seq.cache.len();
+        let end = (from + chunk).min(seq.job.context.len());
         let started = Instant::now();
-        let result = self
-            .model
-            .prefill(&seq.job.context[seq.prefilled..end], &mut seq.cache);
+        let result =
+            self.model
+                .prefill(&seq.job.context[from..end], &mut seq.cache, &mut self.store);
         let elapsed = started.elapsed().as_secs_f64();
         tracing::debug!(
             request_id = %seq.job.request_id,
-            tokens = end - seq.prefilled,
+            tokens = end - from,
             elapsed_ms = (elapsed * 1e3) as u64,
             "prefill chunk"
         );
         if result.is_ok() {
             self.counters
                 .prefill_rate
-                .record((end - seq.prefilled) as f64, elapsed);
+                .record((end - from) as f64, elapsed);
+            self.prefix
+                .commit(&mut seq.blocks, &seq.tokens, seq.cache.len());
         }
         match result.and_then(|l| crate::model::logits_rows(&l)) {
             Ok(rows) => {
-                seq.prefilled = end;
                 if end == seq.job.context.len() {
                     let id = seq.job.sampler.sample(&rows[0]);
                     if !self.emit(i, id) {
-                        self.active.remove(i);
+                        let seq = self.active.remove(i);
+                        self.retire(seq);
                     }
                 }
             }
@@ -549,6 +636,7 @@ impl Scheduler {
                     .job
                     .tx
                     .try_send(Err(EngineError::Internal(format!("prefill: {e}"))));
+                self.retire(seq);
             }
         }
     }
@@ -573,12 +661,17 @@ impl Scheduler {
                 .map(|s| &mut s.cache)
                 .collect();
             self.model
-                .decode(&tokens, &mut caches)
+                .decode(&tokens, &mut caches, &mut self.store)
                 .and_then(|l| crate::model::logits_rows(&l))
         };
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
         match result {
             Ok(rows) => {
+                for &i in &idx {
+                    let seq = &mut self.active[i];
+                    self.prefix
+                        .commit(&mut seq.blocks, &seq.tokens, seq.cache.len());
+                }
                 let mut finished = Vec::new();
                 for (row, i) in rows.iter().zip(&idx) {
                     let id = self.active[*i].job.sampler.sample(row);
@@ -587,15 +680,17 @@ impl Scheduler {
                     }
                 }
                 for i in finished.into_iter().rev() {
-                    self.active.remove(i);
+                    let seq = self.active.remove(i);
+                    self.retire(seq);
                 }
             }
             Err(e) => {
-                for seq in self.active.drain(..) {
+                for seq in std::mem::take(&mut self.active) {
                     let _ = seq
                         .job
                         .tx
                         .try_send(Err(EngineError::Internal(format!("decode step: {e}"))));
+                    self.retire(seq);
                 }
             }
         }
@@ -647,6 +742,7 @@ impl Scheduler {
                     return false;
                 }
                 seq.next = Some(id);
+                seq.tokens.push(id);
                 true
             }
         }

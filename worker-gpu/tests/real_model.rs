@@ -120,8 +120,12 @@ struct Compared {
 /// free-running greedy decoding see the same context, so `exact` ids are our own greedy output.
 fn compare(model: &Llama, case: &Case, logit_tol: f32) -> Compared {
     let n = case.greedy_ids.len();
-    let mut cache = model.new_cache(case.prompt_ids.len() + n + 1).unwrap();
-    let mut logits = model.prefill(&case.prompt_ids, &mut cache).unwrap();
+    let (mut cache_store, mut cache) = model
+        .single_sequence(case.prompt_ids.len() + n + 1)
+        .unwrap();
+    let mut logits = model
+        .prefill(&case.prompt_ids, &mut cache, &mut cache_store)
+        .unwrap();
     let mut exact = 0;
     let mut diverged = false;
     let mut max_logit_diff = 0f32;
@@ -150,7 +154,9 @@ fn compare(model: &Llama, case: &Case, logit_tol: f32) -> Compared {
             );
             exact += 1;
         }
-        logits = model.decode(&[want], &mut [&mut cache]).unwrap();
+        logits = model
+            .decode(&[want], &mut [&mut cache], &mut cache_store)
+            .unwrap();
     }
     Compared {
         exact,
@@ -213,22 +219,29 @@ fn prefill_chunks_and_decode_agree() {
         .with_dense_from_rows(usize::MAX);
     let ids = tok.encode("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n").unwrap();
     let (head, last) = ids.split_at(ids.len() - 1);
-    let mut whole = model.new_cache(64).unwrap();
-    let a = logits_rows(&model.prefill(&ids, &mut whole).unwrap()).unwrap();
-    let mut steps = model.new_cache(64).unwrap();
+    let (mut whole_store, mut whole) = model.single_sequence(64).unwrap();
+    let a = logits_rows(&model.prefill(&ids, &mut whole, &mut whole_store).unwrap()).unwrap();
+    let (mut steps_store, mut steps) = model.single_sequence(64).unwrap();
     let mut b = vec![];
     for id in &ids {
-        b = logits_rows(&model.prefill(&[*id], &mut steps).unwrap()).unwrap();
+        b = logits_rows(&model.prefill(&[*id], &mut steps, &mut steps_store).unwrap()).unwrap();
     }
-    let mut chunked = model.new_cache(64).unwrap();
-    model.prefill(&ids[..20], &mut chunked).unwrap();
-    let c = logits_rows(&model.prefill(&ids[20..], &mut chunked).unwrap()).unwrap();
-    let mut dec = model.new_cache(64).unwrap();
-    model.prefill(head, &mut dec).unwrap();
-    let d = logits_rows(&model.decode(last, &mut [&mut dec]).unwrap()).unwrap();
-    let mut one = model.new_cache(64).unwrap();
-    model.prefill(head, &mut one).unwrap();
-    let e = logits_rows(&model.prefill(last, &mut one).unwrap()).unwrap();
+    let (mut chunked_store, mut chunked) = model.single_sequence(64).unwrap();
+    model
+        .prefill(&ids[..20], &mut chunked, &mut chunked_store)
+        .unwrap();
+    let c = logits_rows(
+        &model
+            .prefill(&ids[20..], &mut chunked, &mut chunked_store)
+            .unwrap(),
+    )
+    .unwrap();
+    let (mut dec_store, mut dec) = model.single_sequence(64).unwrap();
+    model.prefill(head, &mut dec, &mut dec_store).unwrap();
+    let d = logits_rows(&model.decode(last, &mut [&mut dec], &mut dec_store).unwrap()).unwrap();
+    let (mut one_store, mut one) = model.single_sequence(64).unwrap();
+    model.prefill(head, &mut one, &mut one_store).unwrap();
+    let e = logits_rows(&model.prefill(last, &mut one, &mut one_store).unwrap()).unwrap();
     assert_eq!(d, e, "a decode step differs from a one-token prefill");
     // The golden test's tolerance against llama.cpp; a different pick only on a near-tie.
     for (name, other) in [("token by token", &b), ("in chunks", &c), ("decode", &d)] {
@@ -242,4 +255,87 @@ fn prefill_chunks_and_decode_agree() {
             a[0][x]
         );
     }
+}
+
+/// Turn 2 of a conversation computed on turn 1's cached blocks (its prompt prefilled, its reply
+/// decoded step by step, as the engine leaves them) against turn 2 computed from scratch:
+/// the logits of the first new token within the golden tolerance, and greedy ids equal up to
+/// the first near-tie of the recomputed run (teacher-forced on it, as the golden test does).
+#[test]
+fn a_suffix_prefilled_on_cached_blocks_matches_recomputation() {
+    use switchyard_worker_gpu::model::SeqCache;
+    const BLOCK: usize = 32;
+    let Some(path) = model_path() else { return };
+    let mut file = GgufFile::open(&path).unwrap();
+    let tok = GgufTokenizer::from_gguf(&file.content).unwrap();
+    let model = Llama::load(&mut file, &Device::Cpu, Repack::None).unwrap();
+    let chat = |turns: &[(&str, &str)]| {
+        let msgs: Vec<ChatMessage> = turns
+            .iter()
+            .map(|(role, content)| ChatMessage {
+                role: role.to_string(),
+                content: content.to_string(),
+            })
+            .collect();
+        tok.encode(&tok.render_chat(&msgs).unwrap()).unwrap()
+    };
+    let system = "You are a careful coding assistant. Answer briefly, with code when it helps, \
+                  and explain each step in one sentence.";
+    let question = "How do I reverse a list in Python?";
+    let turn1 = chat(&[("system", system), ("user", question)]);
+    let mut store = model.kv_store(64);
+    let mut first = SeqCache::new((0..16).collect(), 0);
+    let mut logits = model.prefill(&turn1, &mut first, &mut store).unwrap();
+    let mut reply_ids = Vec::new();
+    for _ in 0..24 {
+        let id = argmax(&logits_rows(&logits).unwrap()[0]);
+        reply_ids.push(id);
+        logits = model.decode(&[id], &mut [&mut first], &mut store).unwrap();
+    }
+    let reply = tok.decode(&reply_ids);
+    let turn2 = chat(&[
+        ("system", system),
+        ("user", question),
+        ("assistant", &reply),
+        ("user", "And a tuple?"),
+    ]);
+    // The engine's rule: reuse the longest run of identical leading full blocks.
+    let filled = &[turn1.as_slice(), &reply_ids].concat()[..first.len()];
+    let same = turn2.iter().zip(filled).take_while(|(a, b)| a == b).count();
+    let cached = same.min(turn2.len() - 1) / BLOCK * BLOCK;
+    assert!(cached >= 2 * BLOCK, "only {cached} tokens shared");
+    let reused = cached / BLOCK;
+    let mut table: Vec<u32> = first.table()[..reused].to_vec();
+    table.extend(32..48);
+    let mut warm = SeqCache::new(table, cached);
+    let mut cold = SeqCache::new((48..64).collect(), 0);
+    let mut warm_logits = model
+        .prefill(&turn2[cached..], &mut warm, &mut store)
+        .unwrap();
+    let mut cold_logits = model.prefill(&turn2, &mut cold, &mut store).unwrap();
+    let mut exact = 0;
+    for step in 0..16 {
+        let w = &logits_rows(&warm_logits).unwrap()[0];
+        let c = &logits_rows(&cold_logits).unwrap()[0];
+        if step == 0 {
+            // The suffix prefilled on cached blocks against the whole prompt from scratch.
+            let diff = max_abs_diff(w, c);
+            assert!(diff < 1.5, "suffix logits differ by {diff}");
+        }
+        let pick = argmax(c);
+        let mut sorted = c.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        if sorted[0] - sorted[1] < NEAR_TIE {
+            break;
+        }
+        assert_eq!(argmax(w), pick, "step {step}: greedy ids differ");
+        exact += 1;
+        warm_logits = model.decode(&[pick], &mut [&mut warm], &mut store).unwrap();
+        cold_logits = model.decode(&[pick], &mut [&mut cold], &mut store).unwrap();
+    }
+    eprintln!(
+        "{cached} of {} prompt tokens cached; {exact} greedy ids equal",
+        turn2.len()
+    );
+    assert!(exact >= 4, "only {exact} greedy ids before a near-tie");
 }
