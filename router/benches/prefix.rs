@@ -141,17 +141,18 @@ fn decisions(c: &mut Criterion) {
         };
         place(&view, &class, &info, &policy, &[])
     };
-    // Every decision lands on the conversation's worker with its prefix cached.
-    for seed in 0..prompts.len() as u64 {
-        match decide(seed) {
-            switchyard_router::policy::Decision::Place(p) => assert_eq!(
-                p.cached_tokens as usize,
-                (SYSTEM_BLOCKS + CONVERSATION_BLOCKS) * BLOCK,
-                "{p:?}"
-            ),
-            other => panic!("not placed: {other:?}"),
-        }
-    }
+    // How often the conversation's worker wins (it may be in the latency reserve, or a
+    // sampled worker's shorter queue may outweigh the prefill it saves).
+    let full = ((SYSTEM_BLOCKS + CONVERSATION_BLOCKS) * BLOCK) as u32;
+    let on_holder = (0..prompts.len() as u64)
+        .filter(|&seed| {
+            matches!(decide(seed), switchyard_router::policy::Decision::Place(p) if p.cached_tokens == full)
+        })
+        .count();
+    println!(
+        "placed where the whole conversation is cached: {on_holder} of {} decisions",
+        prompts.len()
+    );
     let mut seed = 0u64;
     c.bench_function("place/1k/prefix-lookup+place", |b| {
         b.iter(|| {
