@@ -437,6 +437,9 @@ mod tests {
         out
     }
 
+    /// One vector per position.
+    type Rows = Vec<Vec<f32>>;
+
     fn val(s: usize) -> f32 {
         ((s * 2654435761) % 1000) as f32 / 500.0 - 1.0
     }
@@ -467,7 +470,7 @@ mod tests {
             let k: Vec<f32> = (0..n_kv * t * hd).map(|j| val(j + 31 * i + 500)).collect();
             let v: Vec<f32> = (0..n_kv * t * hd).map(|j| val(j + 977 + 17 * i)).collect();
             store.write(table, 1, prefix, t, &k, &v);
-            let per_head: Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)> = (0..n_kv)
+            let per_head: Vec<(Rows, Rows)> = (0..n_kv)
                 .map(|h| {
                     let mut keys = rows_of(&k_prefix, h, prefix, hd);
                     keys.extend(rows_of(&k, h, t, hd));
