@@ -9,6 +9,9 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
     Txn, TxnOp, TxnOpResponse, WatchOptions, WatchResponse,
 };
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -18,6 +21,7 @@ use crate::schema::{
     DRAIN_PREFIX, POLICY_KEY, WORKERS_PREFIX, WorkerRecord, drain_key, parse_drain_key,
     parse_worker_key,
 };
+use crate::telemetry::metrics::Metrics;
 
 /// Runs `op`, under `fence` when given (one transaction: compare the fence's lease, then
 /// the write).
@@ -45,10 +49,29 @@ async fn fenced(
 /// Pause before retrying after etcd failed.
 const RETRY_BACKOFF: Duration = Duration::from_millis(500);
 
+/// HTTP/2 keepalive of the etcd connection. etcd (gRPC's enforcement policy) answers a client
+/// that pings more often than `--grpc-keepalive-min-time` (default 5 s), or pings while no
+/// stream is open, with a strike; three strikes close the connection ("too many pings"), and
+/// every watch on it breaks. So: ping at twice the default minimum, and only while streams
+/// (watches, lease keepalives) are open — which is when a dead connection matters.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// A ping unanswered this long declares the connection dead (a frozen or partitioned etcd).
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Label of [`EtcdRegistry`]'s watch metrics: which watch (`workers`, `policy`, `drain`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WatchLabels {
+    watch: &'static str,
+}
+
 /// Registry stored in etcd.
 #[derive(Clone)]
 pub struct EtcdRegistry {
     client: Client,
+    endpoints: Vec<String>,
+    /// Watches started over after their stream failed or etcd cancelled them (each restart
+    /// re-reads what it watches): in a healthy cluster this stays at 0.
+    watch_restarts: Family<WatchLabels, Counter>,
 }
 
 impl std::fmt::Debug for EtcdRegistry {
@@ -63,10 +86,14 @@ impl EtcdRegistry {
         let options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true);
+            .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(false);
         let client = Client::connect(endpoints, Some(options)).await?;
-        Ok(Self { client })
+        Ok(Self {
+            client,
+            endpoints: endpoints.to_vec(),
+            watch_restarts: Family::default(),
+        })
     }
 
     /// The underlying client, for components that own other keys of the schema.
@@ -99,11 +126,29 @@ impl Registry for EtcdRegistry {
         Ok(records)
     }
 
+    fn describe(&self) -> String {
+        format!("etcd at {}", self.endpoints.join(","))
+    }
+
+    fn register_metrics(&self, metrics: &Metrics) {
+        metrics.register(|r| {
+            r.register(
+                "switchyard_etcd_watch_restarts",
+                "etcd watches started over after their stream broke or etcd cancelled them, by watch",
+                self.watch_restarts.clone(),
+            )
+        });
+    }
+
     async fn watch_workers(&self) -> Result<Membership, RegistryError> {
         let mut client = self.client.clone();
         let (records, revision) = list(&mut client).await?;
         let (tx, rx) = watch::channel(Arc::new(MembershipView::from_records(records)));
-        tokio::spawn(watch_loop(client, tx, revision));
+        let restarts = self
+            .watch_restarts
+            .get_or_create(&WatchLabels { watch: "workers" })
+            .clone();
+        tokio::spawn(watch_loop(client, tx, revision, restarts));
         Ok(Membership::new(rx))
     }
 
@@ -129,12 +174,17 @@ impl Registry for EtcdRegistry {
         let mut client = self.client.clone();
         let (value, revision) = get_key(&mut client, POLICY_KEY).await?;
         let (tx, rx) = watch::channel(value);
+        let restarts = self
+            .watch_restarts
+            .get_or_create(&WatchLabels { watch: "policy" })
+            .clone();
         tokio::spawn(watch_key_loop(
             client,
             POLICY_KEY.to_string(),
             tx,
             revision,
             |v| v,
+            restarts,
         ));
         Ok(rx)
     }
@@ -191,7 +241,18 @@ impl Registry for EtcdRegistry {
         let key = drain_key(worker_id);
         let (value, revision) = get_key(&mut client, &key).await?;
         let (tx, rx) = watch::channel(value.is_some());
-        tokio::spawn(watch_key_loop(client, key, tx, revision, |v| v.is_some()));
+        let restarts = self
+            .watch_restarts
+            .get_or_create(&WatchLabels { watch: "drain" })
+            .clone();
+        tokio::spawn(watch_key_loop(
+            client,
+            key,
+            tx,
+            revision,
+            |v| v.is_some(),
+            restarts,
+        ));
         Ok(rx)
     }
 }
@@ -224,6 +285,7 @@ async fn watch_key_loop<T: PartialEq + Send + Sync + 'static>(
     tx: watch::Sender<T>,
     mut revision: i64,
     decode: fn(Option<Vec<u8>>) -> T,
+    restarts: Counter,
 ) {
     loop {
         if let Err(error) = watch_key_from(&mut client, &key, &tx, &mut revision, decode).await {
@@ -232,6 +294,7 @@ async fn watch_key_loop<T: PartialEq + Send + Sync + 'static>(
         if tx.is_closed() {
             return;
         }
+        restarts.inc();
         tokio::time::sleep(RETRY_BACKOFF).await;
         match get_key(&mut client, &key).await {
             Ok((value, rev)) => {
@@ -433,7 +496,12 @@ fn decode_record(key: &[u8], value: &[u8]) -> Option<WorkerRecord> {
     }
 }
 
-async fn watch_loop(mut client: Client, tx: watch::Sender<Arc<MembershipView>>, mut revision: i64) {
+async fn watch_loop(
+    mut client: Client,
+    tx: watch::Sender<Arc<MembershipView>>,
+    mut revision: i64,
+    restarts: Counter,
+) {
     loop {
         if let Err(error) = watch_from(&mut client, &tx, &mut revision).await {
             warn!(%error, "membership watch failed; keeping the last view and retrying");
@@ -441,6 +509,7 @@ async fn watch_loop(mut client: Client, tx: watch::Sender<Arc<MembershipView>>, 
         if tx.is_closed() {
             return;
         }
+        restarts.inc();
         tokio::time::sleep(RETRY_BACKOFF).await;
         // Re-list: events may have been missed or compacted away while disconnected.
         match list(&mut client).await {

@@ -2,6 +2,7 @@
 //! a lease with keepalive, the live membership view routers consume, an in-memory registry for
 //! single-process mode, and tracing initialisation shared by every binary.
 
+pub mod backoff;
 pub mod etcd;
 pub mod membership;
 pub mod memory;

@@ -53,6 +53,10 @@ impl MemoryRegistry {
 
 #[async_trait::async_trait]
 impl Registry for MemoryRegistry {
+    fn describe(&self) -> String {
+        "the in-memory registry".into()
+    }
+
     async fn register(
         &self,
         record: WorkerRecord,

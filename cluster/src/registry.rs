@@ -7,6 +7,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::membership::Membership;
 use crate::schema::WorkerRecord;
+use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -39,6 +40,12 @@ pub trait Registry: Send + Sync + 'static {
         record: WorkerRecord,
         ttl: Duration,
     ) -> Result<Registration, RegistryError>;
+
+    /// Names the store for operators, e.g. `etcd at http://127.0.0.1:2379`.
+    fn describe(&self) -> String;
+
+    /// Registers the store's own metrics (e.g. etcd watch restarts) in a component's registry.
+    fn register_metrics(&self, _metrics: &Metrics) {}
 
     /// The workers registered now.
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>, RegistryError>;

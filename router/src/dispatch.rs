@@ -28,6 +28,7 @@ use crate::policy::{
     stable_hash,
 };
 use crate::policy_watch::PolicyHandle;
+use crate::readiness::Readiness;
 
 /// gRPC metadata of a shed response: seconds before retrying (as HTTP `Retry-After`).
 pub const RETRY_AFTER: &str = "retry-after";
@@ -47,6 +48,8 @@ pub struct Dispatcher {
     pub config: RouterConfig,
     pub policy: PolicyHandle,
     pub metrics: RouterMetrics,
+    /// Whether the router can route yet (see [`Readiness`]).
+    pub readiness: Readiness,
     waiting: Arc<Mutex<Waiting>>,
     next_seed: AtomicU64,
 }
@@ -149,6 +152,7 @@ impl Dispatcher {
             config,
             policy,
             metrics,
+            readiness: Readiness::ready(),
             waiting: Arc::new(Mutex::new(Waiting::default())),
             next_seed: AtomicU64::new(0),
         }
@@ -178,6 +182,7 @@ impl Dispatcher {
         let prompt_ids: Vec<u32> = Vec::new();
         let prepared = validate_generate_request(&request, &self.config.limits)
             .map_err(|violation| Status::invalid_argument(violation.to_string()))
+            .and_then(|()| self.readiness.check())
             .and_then(
                 |()| match self.try_place(&request, &prompt_ids, &class, &policy, &[])? {
                     Some(chosen) => Ok(Target::Placed(chosen)),
@@ -245,7 +250,16 @@ impl Dispatcher {
             info.prefix = Some(hits);
         }
         let exclude = excluded_indices(&view, excluded);
-        let decision = place(&view, class, &info, policy, &exclude);
+        let decision = match place(&view, class, &info, policy, &exclude) {
+            // A model this router has seen served, with no worker right now (its workers are
+            // restarting or unreachable): retry later, it is not an unknown model.
+            Decision::Reject(PlacementError::UnknownModel(model))
+                if self.links.has_served(&model) =>
+            {
+                Decision::Reject(PlacementError::NoWorker(model))
+            }
+            decision => decision,
+        };
         let (pool, reason) = match &decision {
             Decision::Place(placement) => (Some(placement.pool), placement.reason_label()),
             Decision::Queue => (None, "queue"),
@@ -447,7 +461,7 @@ fn excluded_indices(view: &ClusterView, excluded: &[String]) -> Vec<usize> {
 fn placement_status(error: PlacementError) -> Status {
     match error {
         PlacementError::UnknownModel(_) => Status::not_found(format!("model: {error}")),
-        PlacementError::NoWorker(_) => Status::unavailable(error.to_string()),
+        PlacementError::NoWorker(_) => Status::unavailable(format!("{error}; retry shortly")),
     }
 }
 
@@ -525,6 +539,27 @@ struct Run<'d> {
     predicted_cached_tokens: u32,
     attempts: u32,
     cancelled: bool,
+}
+
+/// A generation started on a worker. Dropping it stops routing its frames and, unless the
+/// worker is known to have ended it, asks the worker to cancel it: however the dispatcher
+/// leaves a segment (the client went away mid-forward, its task was dropped), nothing keeps
+/// generating for nobody. The cancel follows the `Start` on the same ordered stream, so it
+/// reaches the worker even while the start is still in flight.
+struct Generation<'a> {
+    link: &'a Link,
+    id: &'a str,
+    /// The worker finished or failed it, or its stream was lost.
+    ended: bool,
+}
+
+impl Drop for Generation<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.link.cancel(self.id, v1::FinishReason::Cancelled);
+        }
+        self.link.forget(self.id);
+    }
 }
 
 /// What ended a segment.
@@ -739,10 +774,22 @@ impl<'d> Run<'d> {
     ) -> Result<SegmentEnd, Status> {
         let record = link.record();
         self.on_worker(&record.id, record.pool);
+        if out.is_closed() {
+            // The client left before anything started: start nothing.
+            return Err(Status::cancelled("client went away"));
+        }
         let generation_id = self.dispatcher.links.next_generation_id();
         let mut events = match link.start(self.worker_start(&generation_id)) {
             Ok(events) => events,
             Err(why) => return Ok(SegmentEnd::Lost(why)),
+        };
+        // From here every way out of this function — including an early return because the
+        // client went away while a frame was being forwarded — stops the generation unless
+        // the worker said it ended.
+        let mut generation = Generation {
+            link,
+            id: &generation_id,
+            ended: false,
         };
         let mut controls_open = true;
         let mut interrupt: Option<v1::Interrupt> = None;
@@ -760,14 +807,25 @@ impl<'d> Run<'d> {
                         self.forward(tokens, out).await?;
                     }
                     Some(LinkEvent::Frame(worker_frame::Frame::Finished(finished))) => {
+                        generation.ended = true;
                         break match interrupt.take() {
                             Some(i) if !self.cancelled => SegmentEnd::Interrupted(i),
                             _ => SegmentEnd::Finished(finished),
                         };
                     }
-                    Some(LinkEvent::Frame(worker_frame::Frame::Failed(failed))) => break SegmentEnd::Failed(failed),
-                    Some(LinkEvent::Frame(worker_frame::Frame::Load(_) | worker_frame::Frame::KvEvents(_))) => {}
-                    Some(LinkEvent::Lost(why)) => break SegmentEnd::Lost(why),
+                    Some(LinkEvent::Frame(worker_frame::Frame::Failed(failed))) => {
+                        generation.ended = true;
+                        break SegmentEnd::Failed(failed);
+                    }
+                    Some(LinkEvent::Frame(
+                        worker_frame::Frame::Load(_) | worker_frame::Frame::KvEvents(_),
+                    )) => {}
+                    Some(LinkEvent::Lost(why)) => {
+                        // The worker's stream is gone, and with it (on the worker's side)
+                        // the generation.
+                        generation.ended = true;
+                        break SegmentEnd::Lost(why);
+                    }
                     None => break SegmentEnd::Lost("link closed".into()),
                 },
                 control = controls.recv(), if controls_open => match control {
@@ -784,13 +842,13 @@ impl<'d> Run<'d> {
                 },
                 _ = out.closed() => {
                     debug!(request_id = %self.request.request_id, "client went away; cancelling");
-                    link.cancel(&generation_id, v1::FinishReason::Cancelled);
-                    link.forget(&generation_id);
+                    // `generation` sends the cancel as it drops.
                     return Err(Status::cancelled("client went away"));
                 }
                 _ = grace => {
                     warn!(request_id = %self.request.request_id, worker = %link.id(), "worker did not confirm the cancel in time");
-                    link.forget(&generation_id);
+                    // Already cancelled: just stop listening.
+                    generation.ended = true;
                     break SegmentEnd::Finished(v1::Finished::default());
                 }
             }

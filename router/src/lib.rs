@@ -13,6 +13,7 @@ pub mod openai;
 pub mod policy;
 pub mod policy_watch;
 pub mod prefix_index;
+pub mod readiness;
 pub mod server;
 pub mod service;
 

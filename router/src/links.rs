@@ -1,13 +1,19 @@
 //! Persistent links to workers: one multiplexed `Worker.Serve` stream per worker, opened when
-//! the worker appears in the membership view and closed when it leaves. Frames coming back are
+//! the worker appears in the membership view. Frames coming back are
 //! demultiplexed by request id to each request's dispatcher; `Load` frames update the worker's
 //! load as seen by the placement policy; `KvEvents` frames update the prefix index (what each
 //! worker's KV cache holds), which a stream's end clears for that worker until its next
 //! stream's snapshot.
+//!
+//! Membership is statically stable: the link, not etcd, says whether a worker is healthy. A
+//! worker whose record leaves the view (its lease lapsed while etcd was frozen or partitioned,
+//! or it deregistered) keeps its link — and its in-flight streams and its place in routing — as
+//! long as the stream stays up; it leaves the router's view when that stream fails. A worker
+//! whose record is gone and whose link is already down is dropped at once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use switchyard_cluster::{Membership, MembershipView, WorkerRecord};
@@ -53,6 +59,9 @@ pub struct Link {
     /// queue ahead of the next request as much as the ones the worker reported.
     pending_prompt_tokens: AtomicU64,
     connected: AtomicBool,
+    /// Whether the worker's record is in the membership view. An unlisted link lives only as
+    /// long as its stream: it is not redialled.
+    listed: AtomicBool,
     closed: CancellationToken,
     /// Shared by every link: fired when a worker's load or reachability changes, so requests
     /// waiting at the router for a slot try again.
@@ -64,10 +73,17 @@ pub struct Link {
     publishes_kv: AtomicBool,
     /// A frame in an unknown hash scheme was logged (once per link).
     warned_scheme: AtomicBool,
+    /// The link set, to leave it when an unlisted link's stream fails.
+    links: Weak<Links>,
 }
 
 impl Link {
-    fn new(record: WorkerRecord, changed: Arc<Notify>, prefix: SharedPrefixIndex) -> Arc<Self> {
+    fn new(
+        record: WorkerRecord,
+        changed: Arc<Notify>,
+        prefix: SharedPrefixIndex,
+        links: Weak<Links>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             record: RwLock::new(record),
             outbound: Mutex::new(None),
@@ -76,12 +92,14 @@ impl Link {
             pending: AtomicU32::new(0),
             pending_prompt_tokens: AtomicU64::new(0),
             connected: AtomicBool::new(false),
+            listed: AtomicBool::new(true),
             closed: CancellationToken::new(),
             changed,
             prefix,
             stream: AtomicU64::new(0),
             publishes_kv: AtomicBool::new(false),
             warned_scheme: AtomicBool::new(false),
+            links,
         })
     }
 
@@ -262,7 +280,8 @@ impl Link {
         self.changed.notify_waiters();
     }
 
-    /// Keeps a stream open to the worker until the link is closed.
+    /// Keeps a stream open to the worker until the link is closed, or until the stream of a
+    /// worker no longer in the membership fails.
     async fn run(self: Arc<Self>, connect_timeout: Duration) {
         loop {
             let address = self.record().address;
@@ -271,6 +290,13 @@ impl Link {
                 Err(error) => warn!(worker = %self.id(), %address, %error, "worker link failed"),
             }
             self.lose_all("connection to the worker was lost");
+            if !self.listed.load(Ordering::Acquire) {
+                match self.links.upgrade() {
+                    // Its record came back meanwhile: dial again like any listed worker.
+                    Some(links) if !links.drop_unlisted(&self) => {}
+                    _ => return,
+                }
+            }
             tokio::select! {
                 _ = self.closed.cancelled() => return,
                 _ = tokio::time::sleep(RECONNECT_BACKOFF) => {}
@@ -346,28 +372,46 @@ fn unbounded_to_bounded(
 /// All worker links, following the membership view.
 pub struct Links {
     links: RwLock<HashMap<String, Arc<Link>>>,
+    /// Every model a worker record ever advertised: a request for one of them with no worker
+    /// right now is `UNAVAILABLE` (retry), not an unknown model.
+    served_models: RwLock<BTreeSet<String>>,
     next_id: AtomicU64,
     connect_timeout: Duration,
     changed: Arc<Notify>,
     prefix: SharedPrefixIndex,
+    me: Weak<Links>,
 }
 
 impl Links {
-    /// Creates the link set and a task that keeps it in step with `membership`.
-    pub fn spawn(
-        mut membership: Membership,
-        connect_timeout: Duration,
-        shutdown: CancellationToken,
-    ) -> Arc<Self> {
-        let links = Arc::new(Self {
+    /// An empty link set; [`Links::follow`] keeps it in step with a membership view.
+    pub fn new(connect_timeout: Duration) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             links: RwLock::new(HashMap::new()),
+            served_models: RwLock::new(BTreeSet::new()),
             next_id: AtomicU64::new(0),
             connect_timeout,
             changed: Arc::new(Notify::new()),
             prefix: Arc::new(RwLock::new(PrefixIndex::new(PrefixIndexConfig::default()))),
-        });
-        links.sync(&membership.current());
-        let this = links.clone();
+            me: me.clone(),
+        })
+    }
+
+    /// Creates the link set and a task that keeps it in step with `membership`.
+    pub fn spawn(
+        membership: Membership,
+        connect_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let links = Self::new(connect_timeout);
+        links.follow(membership, shutdown);
+        links
+    }
+
+    /// Opens and closes links as `membership` changes, until `shutdown` fires (then closes
+    /// every link).
+    pub fn follow(&self, mut membership: Membership, shutdown: CancellationToken) {
+        self.sync(&membership.current());
+        let this = self.me.upgrade().expect("links are alive while followed");
         tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -388,18 +432,32 @@ impl Links {
                 link.closed.cancel();
             }
         });
-        links
     }
 
     fn sync(&self, view: &MembershipView) {
+        self.served_models
+            .write()
+            .expect("served models lock")
+            .extend(view.iter().flat_map(|r| r.models.iter().cloned()));
         let mut links = self.links.write().expect("links lock");
         links.retain(|id, link| {
-            let keep = view.get(id).is_some();
-            if !keep {
-                info!(worker = %id, "worker left the membership; closing its link");
-                link.closed.cancel();
+            if view.get(id).is_some() {
+                return true;
             }
-            keep
+            // The record went away: etcd lost the worker's lease (an outage or a lease flap),
+            // or the worker deregistered. Its link decides: a healthy stream stays, with
+            // everything in flight on it; a down one is dropped.
+            if link.connected.load(Ordering::Acquire) {
+                if link.listed.swap(false, Ordering::AcqRel) {
+                    info!(worker = %id, "worker's record left the membership; keeping its link while its stream is healthy");
+                }
+                true
+            } else {
+                info!(worker = %id, "worker left the membership and its link is down; closing it");
+                link.listed.store(false, Ordering::Release);
+                link.closed.cancel();
+                false
+            }
         });
         for record in view.iter() {
             match links.get(&record.id) {
@@ -407,17 +465,29 @@ impl Links {
                     let address_changed =
                         link.record.read().expect("record lock").address != record.address;
                     *link.record.write().expect("record lock") = record.clone();
+                    if !link.listed.swap(true, Ordering::AcqRel) {
+                        info!(worker = %record.id, "worker's record is back in the membership");
+                    }
                     if address_changed {
                         // Reconnect to the new address: the old stream ends, `run` dials again.
-                        let fresh =
-                            Link::new(record.clone(), self.changed.clone(), self.prefix.clone());
+                        let fresh = Link::new(
+                            record.clone(),
+                            self.changed.clone(),
+                            self.prefix.clone(),
+                            self.me.clone(),
+                        );
                         link.closed.cancel();
                         tokio::spawn(fresh.clone().run(self.connect_timeout));
                         links.insert(record.id.clone(), fresh);
                     }
                 }
                 None => {
-                    let link = Link::new(record.clone(), self.changed.clone(), self.prefix.clone());
+                    let link = Link::new(
+                        record.clone(),
+                        self.changed.clone(),
+                        self.prefix.clone(),
+                        self.me.clone(),
+                    );
                     tokio::spawn(link.clone().run(self.connect_timeout));
                     links.insert(record.id.clone(), link);
                 }
@@ -425,6 +495,33 @@ impl Links {
         }
         drop(links);
         self.changed.notify_waiters();
+    }
+
+    /// Drops `link` after its stream failed while its worker was out of the membership.
+    /// Returns `false` when the worker came back meanwhile (the link stays, to be redialled).
+    fn drop_unlisted(&self, link: &Arc<Link>) -> bool {
+        let mut links = self.links.write().expect("links lock");
+        let id = link.id();
+        let current = links.get(&id).is_some_and(|l| Arc::ptr_eq(l, link));
+        if current && link.listed.load(Ordering::Acquire) {
+            return false;
+        }
+        if current {
+            info!(worker = %id, "link of a worker no longer in the membership failed; it leaves the view");
+            links.remove(&id);
+        }
+        link.closed.cancel();
+        drop(links);
+        self.changed.notify_waiters();
+        true
+    }
+
+    /// Whether a worker ever advertised `model` to this router.
+    pub fn has_served(&self, model: &str) -> bool {
+        self.served_models
+            .read()
+            .expect("served models lock")
+            .contains(model)
     }
 
     pub fn get(&self, worker_id: &str) -> Option<Arc<Link>> {
@@ -502,7 +599,12 @@ mod tests {
 
     #[test]
     fn the_policy_sees_the_prefill_figures_a_worker_reports() {
-        let link = Link::new(record(), Arc::new(Notify::new()), Arc::default());
+        let link = Link::new(
+            record(),
+            Arc::new(Notify::new()),
+            Arc::default(),
+            Weak::new(),
+        );
         // Nothing reported: 0 = unknown, the policy assumes its defaults.
         let state = link.state();
         assert_eq!(
@@ -529,7 +631,12 @@ mod tests {
 
     #[test]
     fn prompts_sent_since_the_last_report_count_as_queued() {
-        let link = Link::new(record(), Arc::new(Notify::new()), Arc::default());
+        let link = Link::new(
+            record(),
+            Arc::new(Notify::new()),
+            Arc::default(),
+            Weak::new(),
+        );
         let (tx, _rx) = mpsc::unbounded_channel();
         *link.outbound.lock().unwrap() = Some(tx);
         link.connected.store(true, Ordering::Release);

@@ -26,6 +26,14 @@ impl PolicyHandle {
         Self { current }
     }
 
+    /// A handle showing `initial` until a follower started with the returned sender (see
+    /// [`follow_stored`]) applies the stored policy: a router waiting for its cluster store
+    /// routes by its built-in default meanwhile.
+    pub fn pending(initial: PolicyDocument) -> (Self, watch::Sender<Arc<PolicyDocument>>) {
+        let (tx, current) = watch::channel(Arc::new(initial));
+        (Self { current }, tx)
+    }
+
     pub fn current(&self) -> Arc<PolicyDocument> {
         self.current.borrow().clone()
     }
@@ -42,10 +50,26 @@ pub async fn follow(
     fallback: PolicyDocument,
     shutdown: CancellationToken,
 ) -> Result<PolicyHandle, RegistryError> {
-    let mut stored = registry.watch_policy().await?;
+    let stored = registry.watch_policy().await?;
+    let (handle, tx) = PolicyHandle::pending(fallback.clone());
+    follow_stored(stored, fallback, tx, shutdown);
+    Ok(handle)
+}
+
+/// Applies the stored policy `stored` follows (validated; `fallback` while none is stored) to
+/// `tx`, now and at every change until `shutdown` fires.
+pub fn follow_stored(
+    mut stored: watch::Receiver<Option<Vec<u8>>>,
+    fallback: PolicyDocument,
+    tx: watch::Sender<Arc<PolicyDocument>>,
+    shutdown: CancellationToken,
+) {
+    let in_force = tx.borrow().clone();
     let initial = decide(stored.borrow_and_update().as_deref(), &fallback, None)
         .unwrap_or_else(|| fallback.clone());
-    let (tx, current) = watch::channel(Arc::new(initial));
+    if *in_force != initial {
+        tx.send_replace(Arc::new(initial));
+    }
     tokio::spawn(async move {
         loop {
             tokio::select! {
@@ -62,7 +86,6 @@ pub async fn follow(
             }
         }
     });
-    Ok(PolicyHandle { current })
 }
 
 /// The policy to apply for a stored value, or `None` to keep the one in force.

@@ -1,20 +1,27 @@
 //! Running the router: membership watch, worker links, the gRPC server (Inference, health,
 //! reflection) and, when configured, the OpenAI-compatible HTTP server on its own port, both
-//! sharing one dispatcher.
+//! sharing one dispatcher. The router listens before the cluster registry answers and joins
+//! the cluster when it does.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use switchyard_cluster::backoff::Backoff;
 use switchyard_cluster::{Registry, RegistryError};
 use switchyard_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tonic_health::server::HealthReporter;
+use tracing::{info, warn};
 
 use crate::auth::{ApiKeys, ApiKeysError};
 use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::links::Links;
+use crate::policy::document::PolicyDocument;
+use crate::policy_watch::PolicyHandle;
 use crate::service::{AuthInterceptor, InferenceService};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,7 +64,20 @@ pub async fn run_router(
     .await
 }
 
+/// How long start-up waits for the cluster registry's first answer before announcing the
+/// router anyway (not ready, retrying in the background): a router whose registry answers
+/// at once is ready when announced.
+const FIRST_CONTACT_GRACE: Duration = Duration::from_secs(1);
+/// Pauses between attempts to reach the cluster registry at start-up (exponential, jittered).
+const JOIN_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
 /// Like [`run_router`], and `on_ready` gets every bound address (gRPC and HTTP).
+///
+/// The router serves from the moment it is bound, whether or not the cluster registry
+/// answers: until it has read the membership and the policy it reports `NOT_SERVING` for
+/// `switchyard.v1.Inference` (gRPC health), 503 on HTTP `/health`, and refuses requests with
+/// `UNAVAILABLE`, while it retries with exponential backoff and jitter.
 pub async fn run_router_with_endpoints(
     config: RouterConfig,
     registry: Arc<dyn Registry>,
@@ -97,17 +117,35 @@ pub async fn run_router_with_endpoints(
         None => None,
     };
 
-    let membership = registry.watch_workers().await?;
-    let links = Links::spawn(membership, config.connect_timeout, shutdown.clone());
-    let policy =
-        crate::policy_watch::follow(&registry, config.default_policy(), shutdown.clone()).await?;
+    registry.register_metrics(&config.metrics);
+    let links = Links::new(config.connect_timeout);
+    let fallback_policy = config.default_policy();
+    let (policy, policy_tx) = PolicyHandle::pending(fallback_policy.clone());
     let metrics = crate::metrics::RouterMetrics::register(&config.metrics);
-    let dispatcher = Arc::new(Dispatcher::new(links, config, policy, metrics));
+    let dispatcher = Dispatcher::new(links.clone(), config, policy, metrics);
+    dispatcher
+        .readiness
+        .set_waiting(format!("connecting to {}", registry.describe()));
+    let dispatcher = Arc::new(dispatcher);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
-        .set_serving::<InferenceServer<InferenceService>>()
+        .set_not_serving::<InferenceServer<InferenceService>>()
         .await;
+    let (first_contact, first_contact_rx) = oneshot::channel();
+    tokio::spawn(join_cluster(
+        Joining {
+            registry,
+            links,
+            policy_tx,
+            fallback_policy,
+            dispatcher: dispatcher.clone(),
+            health: health.clone(),
+            shutdown: shutdown.clone(),
+        },
+        first_contact,
+    ));
+
     let (reflection_v1, reflection_v1alpha) =
         switchyard_proto::introspection::reflection_services();
     let server = tonic::transport::Server::builder()
@@ -134,6 +172,7 @@ pub async fn run_router_with_endpoints(
         }
         None => (None, None),
     };
+    let _ = tokio::time::timeout(FIRST_CONTACT_GRACE, first_contact_rx).await;
     info!(address = %bound, "router ready");
     on_ready(RouterEndpoints {
         grpc: bound,
@@ -149,4 +188,82 @@ pub async fn run_router_with_endpoints(
     }
     info!("router stopped");
     Ok(())
+}
+
+/// What joining the cluster sets up once the registry answers.
+struct Joining {
+    registry: Arc<dyn Registry>,
+    links: Arc<Links>,
+    policy_tx: watch::Sender<Arc<PolicyDocument>>,
+    fallback_policy: PolicyDocument,
+    dispatcher: Arc<Dispatcher>,
+    health: HealthReporter,
+    shutdown: CancellationToken,
+}
+
+/// Reads the membership and the policy from the registry, retrying with exponential backoff
+/// and jitter until it answers; then follows both and marks the router ready. `first_contact`
+/// fires after the first attempt, whatever its outcome.
+async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
+    let Joining {
+        registry,
+        links,
+        policy_tx,
+        fallback_policy,
+        dispatcher,
+        health,
+        shutdown,
+    } = joining;
+    let store = registry.describe();
+    let mut backoff = Backoff::new(JOIN_BACKOFF_INITIAL, JOIN_BACKOFF_MAX);
+    let mut first_contact = Some(first_contact);
+    for attempt in 1u32.. {
+        let read = async {
+            Ok::<_, RegistryError>((
+                registry.watch_workers().await?,
+                registry.watch_policy().await?,
+            ))
+        };
+        let outcome = tokio::select! {
+            outcome = read => outcome,
+            _ = shutdown.cancelled() => return,
+        };
+        match outcome {
+            Ok((membership, stored_policy)) => {
+                crate::policy_watch::follow_stored(
+                    stored_policy,
+                    fallback_policy,
+                    policy_tx,
+                    shutdown.clone(),
+                );
+                links.follow(membership, shutdown);
+                dispatcher.readiness.set_ready();
+                health
+                    .set_serving::<InferenceServer<InferenceService>>()
+                    .await;
+                if attempt > 1 {
+                    info!(registry = %store, attempt, "cluster registry answered; routing");
+                }
+                if let Some(tx) = first_contact.take() {
+                    let _ = tx.send(());
+                }
+                return;
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                let reason = format!(
+                    "cannot reach {store}: {error} (attempt {attempt}, next in {delay:.1?})"
+                );
+                warn!("{reason}");
+                dispatcher.readiness.set_waiting(reason);
+                if let Some(tx) = first_contact.take() {
+                    let _ = tx.send(());
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
 }

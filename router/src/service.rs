@@ -85,6 +85,8 @@ impl v1::inference_server::Inference for InferenceService {
         &self,
         _request: Request<v1::ListModelsRequest>,
     ) -> Result<Response<v1::ListModelsResponse>, Status> {
+        // Before the router has read the membership, an empty list would be a lie.
+        self.dispatcher.readiness.check()?;
         let mut models: BTreeMap<String, Vec<v1::WorkerRef>> = BTreeMap::new();
         for worker in self.dispatcher.links.states() {
             for model in &worker.models {

@@ -101,8 +101,13 @@ pub struct Etcd {
 
 impl Etcd {
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_on(free_port()).await
+    }
+
+    /// Starts etcd serving clients on `client` (a port components may already be dialling).
+    pub async fn start_on(client: u16) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
-        let (client, peer) = (free_port(), free_port());
+        let peer = free_port();
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
         let child = Command::new("etcd")

@@ -62,14 +62,27 @@ async fn a_worker_dying_mid_stream_loses_and_repeats_no_token() -> anyhow::Resul
     Ok(())
 }
 
-/// Static stability: with etcd frozen (SIGSTOP: connections stay open, nothing answers) the
-/// router keeps routing to the workers it knows and the workers keep serving; once etcd
-/// answers again every worker is registered again.
+/// How many times `component` has logged a line containing `needle`.
+fn log_count(component: &Component, needle: &str) -> usize {
+    std::fs::read_to_string(&component.log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .count()
+}
+
+/// Static stability: with etcd frozen (SIGSTOP: connections stay open, nothing answers) for
+/// three lease TTLs, the router keeps routing to the workers it knows and they keep serving.
+/// When etcd resumes, the leases that lapsed expire and the workers register again — a lease
+/// flap. None of it closes a healthy link: streams in flight across the resume complete with
+/// every token, and requests started during the flap are served (never `NOT_FOUND`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_flow_while_etcd_is_down_and_workers_register_again_after() -> anyhow::Result<()> {
+    const TTL: Duration = Duration::from_secs(2);
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 2,
         wse_workers: 0,
+        lease_ttl: "2s",
         ..Default::default()
     })
     .await?;
@@ -93,19 +106,41 @@ async fn requests_flow_while_etcd_is_down_and_workers_register_again_after() -> 
             anyhow::Ok(())
         }
     };
+    // Streams that run through the freeze and well past the resume (the synthetic GPU engine
+    // makes 60 tokens/s: 15 s).
+    const ACROSS: &str = "static stability across the lease flap";
+    const LONG: u32 = 900;
+    let mut long = Vec::new();
+    for i in 0..4 {
+        let stream = session.start(request(&format!("across-{i}"), ACROSS, LONG))?;
+        long.push(tokio::spawn(stream.collect()));
+    }
 
     assert!(signal("-STOP")?.success());
-    // Both workers notice: their lease keepalives fail against the frozen etcd.
-    for worker in &cluster.gpu {
-        worker
-            .wait_for_log("lease keepalive", Duration::from_secs(60))
-            .await?;
-    }
+    let frozen_at = tokio::time::Instant::now();
     for i in 0..6 {
         served(format!("during-outage-{i}")).await?;
     }
-
+    // The outage itself: etcd stays frozen for three TTLs, so every lease lapses.
+    tokio::time::sleep_until(frozen_at + 3 * TTL).await;
     assert!(signal("-CONT")?.success());
+
+    // etcd expires the lapsed leases and the workers register again (a second "registered"
+    // line each); requests are served all along.
+    let mut i = 0;
+    let flap = tokio::time::timeout(Duration::from_secs(60), async {
+        while cluster
+            .gpu
+            .iter()
+            .any(|w| log_count(w, "registered in etcd") < 2)
+        {
+            served(format!("during-flap-{i}")).await?;
+            i += 1;
+        }
+        anyhow::Ok(())
+    });
+    flap.await
+        .map_err(|_| anyhow::anyhow!("the workers never registered again"))??;
     let registry = cluster.etcd.registry().await?;
     wait_until(
         Duration::from_secs(60),
@@ -118,12 +153,34 @@ async fn requests_flow_while_etcd_is_down_and_workers_register_again_after() -> 
         },
     )
     .await?;
-    // The leases expired while etcd was frozen, so the router saw the workers leave and must
-    // see them come back.
     cluster
         .wait_for_router_workers(2, Duration::from_secs(60))
         .await?;
     served("after-outage".into()).await?;
+
+    for (i, stream) in long.into_iter().enumerate() {
+        let completion = stream.await?;
+        let finished = completion
+            .finished
+            .as_ref()
+            .unwrap_or_else(|| panic!("across-{i} failed: {:?}", completion.failed));
+        assert_eq!(finished.reason, FinishReason::Length as i32);
+        assert_eq!(
+            completion.text,
+            synthetic_text(ACROSS, 0, LONG as usize),
+            "across-{i}: every token, once"
+        );
+    }
+    // The router did see the records go (the flap happened) and kept its links.
+    assert!(
+        log_count(&cluster.router, "keeping its link") > 0,
+        "the router never saw a worker's record go: no lease flap was tested"
+    );
+    assert_eq!(
+        log_count(&cluster.router, "failing over"),
+        0,
+        "a stream was moved off a healthy worker"
+    );
     Ok(())
 }
 

@@ -327,11 +327,20 @@ pub async fn get_model(
 pub async fn health(State(dispatcher): State<Arc<Dispatcher>>) -> Response {
     let states = dispatcher.links.states();
     let ready = states.iter().filter(|w| w.available).count();
-    (
-        StatusCode::OK,
-        Json(json!({"status": "ok", "workers": {"ready": ready, "known": states.len()}})),
-    )
-        .into_response()
+    let workers = json!({"ready": ready, "known": states.len()});
+    match dispatcher.readiness.reason() {
+        // Started, but the cluster registry has not answered yet: not routable.
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "starting", "reason": reason, "workers": workers})),
+        )
+            .into_response(),
+        None => (
+            StatusCode::OK,
+            Json(json!({"status": "ok", "workers": workers})),
+        )
+            .into_response(),
+    }
 }
 
 pub async fn unknown_route(uri: axum::http::Uri) -> Response {

@@ -1,0 +1,286 @@
+//! Reliability guarantees of the router, checked from outside like a chaos run: separate
+//! processes on a real etcd, the synthetic load-test engine on the workers.
+
+use std::time::Duration;
+
+use switchyard_proto::v1::{self, RequestClass, inference_client::InferenceClient};
+use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd, free_port, wait_until};
+use switchyard_worker::synthetic::synthetic_text;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+fn strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// Sum of every sample of `name` in a Prometheus text exposition; `None` when absent.
+fn metric_sum(exposition: &str, name: &str) -> Option<f64> {
+    let samples: Vec<f64> = exposition
+        .lines()
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!samples.is_empty()).then(|| samples.iter().sum())
+}
+
+/// etcd's default keepalive enforcement (`--grpc-keepalive-min-time` 5 s, no pings without an
+/// open stream) answers a client that pings more often with GOAWAY "too many pings" after three
+/// strikes and closes its connection: every watch on it breaks and re-lists. A quiet cluster —
+/// nothing written, so nothing resets the strikes — must keep its watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_cluster_keeps_its_etcd_watches() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        metrics: true,
+        ..Default::default()
+    })
+    .await?;
+    // The observation window itself (no event to await: the claim is that nothing happens).
+    // Several times etcd's strike window: a client pinging too often is cut off within ~9 s.
+    tokio::time::sleep(Duration::from_secs(21)).await;
+    let log = std::fs::read_to_string(&cluster.router.log)?;
+    let broken: Vec<&str> = log.lines().filter(|l| l.contains("watch failed")).collect();
+    assert!(
+        broken.is_empty(),
+        "the router's etcd watches broke in a quiet cluster:\n{}",
+        broken.join("\n")
+    );
+    let metrics = reqwest::get(cluster.router.metrics_url())
+        .await?
+        .text()
+        .await?;
+    let restarts = metric_sum(&metrics, "switchyard_etcd_watch_restarts_total")
+        .ok_or_else(|| anyhow::anyhow!("the router exposes no watch restarts:\n{metrics}"))?;
+    assert_eq!(restarts, 0.0, "watch restarts in a quiet cluster");
+    Ok(())
+}
+
+/// The router's gRPC health status of `switchyard.v1.Inference`.
+async fn inference_health(router: &str) -> anyhow::Result<ServingStatus> {
+    let channel = switchyard::client::connect_channel(router).await?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "switchyard.v1.Inference".into(),
+        })
+        .await?
+        .into_inner();
+    Ok(response.status())
+}
+
+/// A router started while etcd is unreachable runs, says it is not serving (gRPC health,
+/// HTTP `/health`, `UNAVAILABLE` requests), keeps trying, and serves as soon as etcd answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_starts_without_etcd_and_serves_once_etcd_answers() -> anyhow::Result<()> {
+    let etcd_port = free_port();
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let router = Component::start(
+        "router-before-etcd",
+        &strings(&[
+            "router",
+            "--etcd",
+            &etcd_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]),
+        2,
+    )
+    .await?;
+    let grpc = router.addr("grpc").to_string();
+
+    assert_eq!(inference_health(&grpc).await?, ServingStatus::NotServing);
+    let health = reqwest::get(format!("http://{}/health", router.addr("http"))).await?;
+    assert_eq!(health.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = health.json().await?;
+    assert_eq!(body["status"], "starting", "{body}");
+    assert!(
+        body["reason"].as_str().is_some_and(|r| r.contains("etcd")),
+        "the reason names etcd: {body}"
+    );
+    let mut client = InferenceClient::new(switchyard::client::connect_channel(&grpc).await?);
+    let request = switchyard_tests::synthetic_request(
+        "too-early",
+        RequestClass::CostSensitive,
+        "wait for etcd",
+        3,
+    );
+    let refused = client
+        .generate(request.clone())
+        .await
+        .expect_err("no request is served before etcd answers");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("etcd"), "{refused:?}");
+
+    // etcd comes up on the port the router has been dialling, then a worker registers.
+    let _etcd = Etcd::start_on(etcd_port).await?;
+    let channel = switchyard::client::connect_channel(&grpc).await?;
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: "switchyard.v1.Inference".into(),
+        })
+        .await?
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(status) = watch.message().await? {
+            if status.status() == ServingStatus::Serving {
+                return anyhow::Ok(());
+            }
+        }
+        anyhow::bail!("health watch ended before SERVING")
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("the router never became SERVING after etcd came up"))??;
+    let _worker = Component::start(
+        "gpu-after-etcd",
+        &strings(&[
+            "worker-gpu",
+            "--etcd",
+            &etcd_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "gpu-0",
+        ]),
+        1,
+    )
+    .await?;
+    wait_until(
+        Duration::from_secs(30),
+        "the router to route to the worker",
+        || async {
+            switchyard_tests::list_router_workers(&grpc)
+                .await
+                .is_ok_and(|ids| ids == ["gpu-0"])
+        },
+    )
+    .await?;
+    let mut stream = client.generate(request).await?.into_inner();
+    let mut text = String::new();
+    let mut finished = None;
+    while let Some(frame) = stream.message().await? {
+        match frame.frame {
+            Some(v1::server_frame::Frame::Tokens(tokens)) => text.push_str(&tokens.text),
+            Some(v1::server_frame::Frame::Finished(f)) => finished = Some(f),
+            _ => {}
+        }
+    }
+    assert!(finished.is_some(), "the request finished");
+    assert_eq!(text, synthetic_text("wait for etcd", 0, 3));
+    let health = reqwest::get(format!("http://{}/health", router.addr("http"))).await?;
+    assert_eq!(health.status(), reqwest::StatusCode::OK);
+    Ok(())
+}
+
+/// Engine steps (tokens) a generation may run after its client dropped the call.
+const STEP_BOUND: u32 = 400;
+const TOKENS_PER_S: u32 = 400;
+const MAX_TOKENS: u32 = 4096;
+
+/// `(generations ended, most tokens any of them produced)` from the worker's log.
+fn ended_generations(log: &std::path::Path) -> (usize, u32) {
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    let tokens: Vec<u32> = log
+        .lines()
+        .filter(|l| l.contains("generation ended"))
+        .filter_map(|l| {
+            let rest = &l[l.find("tokens=")? + "tokens=".len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    (tokens.len(), tokens.iter().copied().max().unwrap_or(0))
+}
+
+/// Opens a Worker.Serve stream directly and reads the worker's first load report.
+async fn worker_outstanding(address: &str) -> Option<u32> {
+    let channel = switchyard::client::connect_channel(address).await.ok()?;
+    let mut client = v1::worker_client::WorkerClient::new(channel);
+    let (_tx, mut rx) = tokio::sync::mpsc::channel::<v1::RouterFrame>(1);
+    let outbound = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut frames = client.serve(outbound).await.ok()?.into_inner();
+    while let Ok(Some(frame)) = frames.message().await {
+        if let Some(v1::worker_frame::Frame::Load(load)) = frame.frame {
+            return Some(load.active + load.queued);
+        }
+    }
+    None
+}
+
+/// A `Generate` call whose client goes away after the first frame stops its generation on the
+/// worker: 100 such calls at once, several rounds, leave no generation running. The worker
+/// starts streaming at once (no time to first token), so the client's reset races the first
+/// tokens through the router.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_generate_calls_stop_on_the_worker() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        gpu_flags: strings(&[
+            "--synthetic-ttft",
+            "0s",
+            "--synthetic-tokens-per-s",
+            &TOKENS_PER_S.to_string(),
+            "--max-concurrent",
+            "128",
+        ]),
+        ..Default::default()
+    })
+    .await?;
+    let worker = &cluster.gpu[0];
+    let mut ended = 0;
+    for round in 0..3 {
+        // A fresh connection each round: h2 limits how many streams a peer may reset on one.
+        let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+        let calls = (0..100).map(|i| {
+            let mut client = InferenceClient::new(channel.clone());
+            let request = switchyard_tests::synthetic_request(
+                &format!("dropped-{round}-{i}"),
+                RequestClass::CostSensitive,
+                "drop me after the first frame",
+                MAX_TOKENS,
+            );
+            async move {
+                let mut stream = client.generate(request).await?.into_inner();
+                let first = stream.message().await?;
+                anyhow::ensure!(first.is_some(), "the call ended before its first frame");
+                drop(stream);
+                anyhow::Ok(())
+            }
+        });
+        for call in futures::future::join_all(calls).await {
+            call?;
+        }
+        ended += 100;
+        // Each dropped call's generation ends on the worker, long before its max_tokens.
+        let deadline = Duration::from_secs(u64::from(MAX_TOKENS / TOKENS_PER_S));
+        let waited = wait_until(deadline, "every dropped generation to end", || {
+            let (count, _) = ended_generations(&worker.log);
+            async move { count >= ended }
+        })
+        .await;
+        let (count, most) = ended_generations(&worker.log);
+        waited.map_err(|e| {
+            anyhow::anyhow!("round {round}: {count} of {ended} generations ended: {e}")
+        })?;
+        assert!(
+            most <= STEP_BOUND,
+            "round {round}: a dropped generation ran {most} steps (bound {STEP_BOUND})"
+        );
+        let address = worker.addr("grpc").to_string();
+        wait_until(
+            Duration::from_secs(5),
+            "the worker to report nothing running",
+            || async { worker_outstanding(&address).await == Some(0) },
+        )
+        .await?;
+    }
+    Ok(())
+}
