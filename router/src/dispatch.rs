@@ -96,9 +96,10 @@ enum Target {
 /// A validated, classified request, placed or admitted to wait, ready to run.
 pub struct Prepared {
     request: v1::GenerateRequest,
-    /// The prompt as the workers' token ids (chat template applied); empty when the router
-    /// could not tokenize it. Sent in `WorkerStart.prompt_token_ids` and looked up in the
-    /// prefix index.
+    /// The prompt as the workers' token ids (chat template applied), tokenized once when
+    /// prepared; empty when the router has no tokenizer for the model. Sent in
+    /// `WorkerStart.prompt_token_ids`, its length is the exact prompt token count, and it is
+    /// looked up in the prefix index.
     prompt_ids: Vec<u32>,
     class: Classification,
     target: Target,
@@ -176,26 +177,36 @@ impl Dispatcher {
         };
         propagation::set_parent(&span, parent);
         let policy = self.policy.current();
-        let class = classify(&RequestFeatures::of(&request), &policy);
+        let valid = validate_generate_request(&request, &self.config.limits)
+            .map_err(|violation| Status::invalid_argument(violation.to_string()));
+        let prompt_ids = match valid {
+            Ok(()) => self
+                .links
+                .tokenizers()
+                .tokenize(&request)
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        let mut features = RequestFeatures::of(&request);
+        if !prompt_ids.is_empty() {
+            features.prompt_tokens = token_count(&prompt_ids);
+        }
+        let class = classify(&features, &policy);
         span.record("lane", class.lane.as_str());
         span.record("reason", class.reason.as_str());
-        let prompt_ids: Vec<u32> = Vec::new();
-        let prepared = validate_generate_request(&request, &self.config.limits)
-            .map_err(|violation| Status::invalid_argument(violation.to_string()))
-            .and_then(|()| self.readiness.check())
-            .and_then(
-                |()| match self.try_place(&request, &prompt_ids, &class, &policy, &[])? {
-                    Some(chosen) => Ok(Target::Placed(chosen)),
-                    None => Ok(Target::Queued(
-                        self.admit(class.lane, &policy).inspect_err(|status| {
-                            span.record(
-                                "reason",
-                                format!("{}; shed: {}", class.reason, status.message()),
-                            );
-                        })?,
-                    )),
-                },
-            );
+        let prepared = valid.and_then(|()| self.readiness.check()).and_then(|()| {
+            match self.try_place(&request, &prompt_ids, &class, &policy, &[])? {
+                Some(chosen) => Ok(Target::Placed(chosen)),
+                None => Ok(Target::Queued(
+                    self.admit(class.lane, &policy).inspect_err(|status| {
+                        span.record(
+                            "reason",
+                            format!("{}; shed: {}", class.reason, status.message()),
+                        );
+                    })?,
+                )),
+            }
+        });
         match prepared {
             Ok(target) => Ok(Prepared {
                 request,
@@ -233,7 +244,8 @@ impl Dispatcher {
     }
 
     /// One placement attempt: `Ok(None)` when the request must wait for a slot.
-    /// `prompt_ids` (empty = unknown) are looked up in the prefix index.
+    /// `prompt_ids` (empty = not tokenized) give the exact prompt token count and are looked up
+    /// in the prefix index.
     fn try_place(
         &self,
         request: &v1::GenerateRequest,
@@ -454,6 +466,11 @@ impl Dispatcher {
     }
 }
 
+/// A prompt's token count for placement and classification.
+fn token_count(prompt_ids: &[u32]) -> u32 {
+    u32::try_from(prompt_ids.len()).unwrap_or(u32::MAX)
+}
+
 fn excluded_indices(view: &ClusterView, excluded: &[String]) -> Vec<usize> {
     excluded.iter().filter_map(|id| view.index_of(id)).collect()
 }
@@ -513,7 +530,7 @@ pub fn failed_frame(request_id: &str, status: &Status) -> v1::ServerFrame {
 struct Run<'d> {
     dispatcher: &'d Dispatcher,
     request: v1::GenerateRequest,
-    /// See [`Prepared`]; emptied when an interrupt rewrites the conversation.
+    /// See [`Prepared`]; tokenized again when an interrupt rewrites the conversation.
     prompt_ids: Vec<u32>,
     class: Classification,
     lane: v1::Lane,
@@ -938,9 +955,13 @@ impl<'d> Run<'d> {
             });
         }
         self.request.messages.extend(interrupt.messages);
+        self.prompt_ids = self
+            .dispatcher
+            .links
+            .tokenizers()
+            .tokenize(&self.request)
+            .unwrap_or_default();
         self.segment_ids.clear();
-        // The ids were of the old conversation.
-        self.prompt_ids.clear();
         info!(request_id = %self.request.request_id, keep_generated = interrupt.keep_generated, "interrupted; continuing with new instructions");
     }
 

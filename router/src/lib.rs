@@ -16,6 +16,7 @@ pub mod prefix_index;
 pub mod readiness;
 pub mod server;
 pub mod service;
+pub mod tokenizers;
 
 pub use config::RouterConfig;
 pub use server::{RouterEndpoints, run_router, run_router_with_endpoints};

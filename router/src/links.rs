@@ -11,7 +11,7 @@
 //! long as the stream stays up; it leaves the router's view when that stream fails. A worker
 //! whose record is gone and whose link is already down is dropped at once.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -21,7 +21,7 @@ use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, work
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info, warn};
 
 use crate::policy::{ClusterView, WorkerState};
@@ -33,6 +33,7 @@ pub type SharedPrefixIndex = Arc<RwLock<PrefixIndex>>;
 /// Names each worker stream, so the prefix index ignores a closed stream's late frames and
 /// forgets a worker only on behalf of the stream that published its blocks.
 static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+use crate::tokenizers::{self, FetchError, Tokenizers};
 
 /// What a request's dispatcher hears from its worker.
 #[derive(Debug)]
@@ -75,6 +76,10 @@ pub struct Link {
     warned_scheme: AtomicBool,
     /// The link set, to leave it when an unlisted link's stream fails.
     links: Weak<Links>,
+    /// Shared by every link: the models' tokenizers, fetched from the workers.
+    tokenizers: Arc<Tokenizers>,
+    /// Models this worker has no tokenizer for (its engine works on text): not asked again.
+    no_tokenizer: Mutex<HashSet<String>>,
 }
 
 impl Link {
@@ -83,6 +88,7 @@ impl Link {
         changed: Arc<Notify>,
         prefix: SharedPrefixIndex,
         links: Weak<Links>,
+        tokenizers: Arc<Tokenizers>,
     ) -> Arc<Self> {
         Arc::new(Self {
             record: RwLock::new(record),
@@ -100,6 +106,8 @@ impl Link {
             publishes_kv: AtomicBool::new(false),
             warned_scheme: AtomicBool::new(false),
             links,
+            tokenizers,
+            no_tokenizer: Mutex::new(HashSet::new()),
         })
     }
 
@@ -126,14 +134,20 @@ impl Link {
             .expect("requests lock")
             .insert(start.request_id.clone(), tx);
         self.pending.fetch_add(1, Ordering::Relaxed);
-        let prompt_bytes = start.prompt.len()
-            + start
-                .messages
-                .iter()
-                .map(|m| m.content.len())
-                .sum::<usize>();
+        // Exact when the router tokenized the prompt, else estimated at 4 bytes per token.
+        let prompt_tokens = if start.prompt_token_ids.is_empty() {
+            let prompt_bytes = start.prompt.len()
+                + start
+                    .messages
+                    .iter()
+                    .map(|m| m.content.len())
+                    .sum::<usize>();
+            prompt_bytes.div_ceil(4)
+        } else {
+            start.prompt_token_ids.len()
+        };
         self.pending_prompt_tokens
-            .fetch_add(prompt_bytes.div_ceil(4) as u64, Ordering::Relaxed);
+            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         let frame = v1::RouterFrame {
             frame: Some(router_frame::Frame::Start(start.clone())),
         };
@@ -321,15 +335,15 @@ impl Link {
         // that accepts but never answers must not leave the link stuck; it is retried instead.
         let establish = async {
             let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
-            WorkerClient::new(channel)
+            let inbound = WorkerClient::new(channel.clone())
                 .serve(ReceiverStream::new(unbounded_to_bounded(rx)))
                 .await
-                .map_err(|status| status.to_string())
+                .map_err(|status| status.to_string())?;
+            Ok::<_, String>((channel, inbound.into_inner()))
         };
-        let mut inbound = tokio::select! {
+        let (channel, mut inbound) = tokio::select! {
             established = tokio::time::timeout(connect_timeout, establish) => established
-                .map_err(|_| format!("no answer within {connect_timeout:?}"))??
-                .into_inner(),
+                .map_err(|_| format!("no answer within {connect_timeout:?}"))??,
             _ = self.closed.cancelled() => return Ok(()),
         };
         *self.outbound.lock().expect("outbound lock") = Some(tx);
@@ -340,6 +354,7 @@ impl Link {
         self.connected.store(true, Ordering::Release);
         self.changed.notify_waiters();
         info!(worker = %self.id(), %address, "worker link up");
+        tokio::spawn(self.clone().fetch_tokenizers(channel));
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
@@ -349,6 +364,48 @@ impl Link {
                     Err(status) => return Err(status.to_string()),
                 },
                 _ = self.closed.cancelled() => return Ok(()),
+            }
+        }
+    }
+}
+
+impl Link {
+    /// Fetches the tokenizer of each of the worker's models the router has none for yet. Runs
+    /// beside the link: requests go out as text until a tokenizer is here.
+    async fn fetch_tokenizers(self: Arc<Self>, channel: Channel) {
+        let worker = self.id();
+        for model in self.record().models {
+            if self
+                .no_tokenizer
+                .lock()
+                .expect("no_tokenizer lock")
+                .contains(&model)
+            {
+                continue;
+            }
+            let fetched = tokio::select! {
+                fetched = async {
+                    let claim = self.tokenizers.claim(&model).await?;
+                    Some((tokenizers::fetch(channel.clone(), &model).await, claim))
+                } => fetched,
+                _ = self.closed.cancelled() => return,
+            };
+            match fetched {
+                None => {}
+                Some((Ok(tokenizer), claim)) => {
+                    info!(%worker, %model, vocab = tokenizer.vocab_size(), "tokenizer fetched; the router tokenizes this model's requests");
+                    claim.fulfil(tokenizer);
+                }
+                Some((Err(FetchError::NotFound(why)), _)) => {
+                    debug!(%worker, %model, %why, "worker has no tokenizer for the model");
+                    self.no_tokenizer
+                        .lock()
+                        .expect("no_tokenizer lock")
+                        .insert(model);
+                }
+                Some((Err(FetchError::Failed(why)), _)) => {
+                    warn!(%worker, %model, %why, "fetching the tokenizer failed; requests go as text until a link to a worker serving the model comes up");
+                }
             }
         }
     }
@@ -380,6 +437,7 @@ pub struct Links {
     changed: Arc<Notify>,
     prefix: SharedPrefixIndex,
     me: Weak<Links>,
+    tokenizers: Arc<Tokenizers>,
 }
 
 impl Links {
@@ -393,6 +451,7 @@ impl Links {
             changed: Arc::new(Notify::new()),
             prefix: Arc::new(RwLock::new(PrefixIndex::new(PrefixIndexConfig::default()))),
             me: me.clone(),
+            tokenizers: Arc::default(),
         })
     }
 
@@ -475,6 +534,7 @@ impl Links {
                             self.changed.clone(),
                             self.prefix.clone(),
                             self.me.clone(),
+                            self.tokenizers.clone(),
                         );
                         link.closed.cancel();
                         tokio::spawn(fresh.clone().run(self.connect_timeout));
@@ -487,6 +547,7 @@ impl Links {
                         self.changed.clone(),
                         self.prefix.clone(),
                         self.me.clone(),
+                        self.tokenizers.clone(),
                     );
                     tokio::spawn(link.clone().run(self.connect_timeout));
                     links.insert(record.id.clone(), link);
@@ -568,6 +629,11 @@ impl Links {
         &self.changed
     }
 
+    /// The models' tokenizers, as fetched from the workers.
+    pub fn tokenizers(&self) -> &Tokenizers {
+        &self.tokenizers
+    }
+
     /// A router-wide unique id for a generation on a worker stream.
     pub fn next_generation_id(&self) -> String {
         format!("g{}", self.next_id.fetch_add(1, Ordering::Relaxed))
@@ -604,6 +670,7 @@ mod tests {
             Arc::new(Notify::new()),
             Arc::default(),
             Weak::new(),
+            Arc::default(),
         );
         // Nothing reported: 0 = unknown, the policy assumes its defaults.
         let state = link.state();
@@ -636,6 +703,7 @@ mod tests {
             Arc::new(Notify::new()),
             Arc::default(),
             Weak::new(),
+            Arc::default(),
         );
         let (tx, _rx) = mpsc::unbounded_channel();
         *link.outbound.lock().unwrap() = Some(tx);

@@ -32,6 +32,14 @@ def check(fn):
     return fn
 
 
+def check_cached_tokens(usage):
+    """Prompt tokens served from the worker's prefix cache, as the SDK types them."""
+    details = usage.prompt_tokens_details
+    assert details is not None, usage
+    assert isinstance(details.cached_tokens, int), usage
+    assert 0 <= details.cached_tokens <= usage.prompt_tokens, usage
+
+
 @check
 def chat_non_streaming():
     r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=7, seed=42)
@@ -41,6 +49,7 @@ def chat_non_streaming():
     assert r.choices[0].finish_reason == "length", r.choices[0].finish_reason
     assert r.usage.completion_tokens == 7, r.usage
     assert r.usage.total_tokens == r.usage.prompt_tokens + 7
+    check_cached_tokens(r.usage)
 
 
 @check
@@ -72,6 +81,7 @@ def chat_streaming_equals_non_streaming():
     assert streamed == whole, (streamed, whole)
     assert finish == "length", finish
     assert usage is not None and usage.completion_tokens == 9, usage
+    check_cached_tokens(usage)
     assert chunks >= 3, chunks
 
 

@@ -132,6 +132,24 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     assert_eq!(body["error"]["type"], "invalid_request_error");
     let response = client.get(format!("{base}/engines")).send().await?;
     assert_eq!(response.status(), 404);
+
+    // Text engines publish no tokenizer: the router sends their requests as text.
+    for worker in [&cluster.gpu[0], &cluster.wse[0]] {
+        let mut client =
+            v1::worker_client::WorkerClient::connect(format!("http://{}", worker.addr("grpc")))
+                .await?;
+        let status = client
+            .get_tokenizer(v1::TokenizerRequest {
+                model: "synthetic".into(),
+            })
+            .await
+            .expect_err("a text engine has no tokenizer");
+        assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        assert!(
+            status.message().contains("engine does not tokenize"),
+            "{status:?}"
+        );
+    }
     Ok(())
 }
 

@@ -305,6 +305,14 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    pub prompt_tokens_details: PromptTokensDetails,
+}
+
+/// OpenAI's breakdown of the prompt tokens.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV the worker reused from its prefix cache.
+    pub cached_tokens: u32,
 }
 
 impl From<Option<v1::Usage>> for Usage {
@@ -314,6 +322,9 @@ impl From<Option<v1::Usage>> for Usage {
             prompt_tokens: u.prompt_tokens,
             completion_tokens: u.completion_tokens,
             total_tokens: u.prompt_tokens + u.completion_tokens,
+            prompt_tokens_details: PromptTokensDetails {
+                cached_tokens: u.cached_prompt_tokens,
+            },
         }
     }
 }
@@ -376,6 +387,20 @@ mod tests {
             )
             .as_deref(),
             Some("stream_options")
+        );
+    }
+
+    #[test]
+    fn usage_reports_cached_prompt_tokens_as_openai_does() {
+        let usage = Usage::from(Some(v1::Usage {
+            prompt_tokens: 70,
+            completion_tokens: 5,
+            cached_prompt_tokens: 64,
+        }));
+        assert_eq!(
+            serde_json::to_value(usage).unwrap(),
+            serde_json::json!({"prompt_tokens": 70, "completion_tokens": 5, "total_tokens": 75,
+                "prompt_tokens_details": {"cached_tokens": 64}})
         );
     }
 
