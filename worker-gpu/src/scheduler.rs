@@ -290,6 +290,15 @@ impl Engine for CandleEngine {
         self.hardware.clone()
     }
 
+    fn tokenizer_spec(&self, model: &str) -> Option<(String, Vec<u8>)> {
+        self.model_ids.iter().any(|m| m == model).then(|| {
+            (
+                crate::tokenizer::SPEC_FORMAT.to_string(),
+                self.tokenizer.spec().to_bytes(),
+            )
+        })
+    }
+
     fn prefix_cache(&self) -> Option<Arc<KvPublisher>> {
         self.publisher.clone()
     }
