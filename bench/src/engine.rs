@@ -1,5 +1,5 @@
 //! `switchyard-bench engine`: the native candle engine measured in-process (no network), the
-//! figures DESIGN §6 / issue 3 compare with llama.cpp: single-stream decode tokens/s, aggregate
+//! figures compared with llama.cpp: single-stream decode tokens/s, aggregate
 //! tokens/s at 4 and 16 concurrent streams, time to first token for 128/512/2048-token prompts,
 //! and peak RSS. `scripts/bench-engine.sh` runs it next to llama-cpp-python and prints ratios.
 

@@ -1,7 +1,7 @@
 //! Request classification: which lane a request belongs to, its SLO, and why. Pure: the same
 //! function classifies live requests and simulated trace rows.
 //!
-//! Order (DESIGN §5): explicit `class` → tenant default (request metadata `tenant`, mapped by
+//! Order: explicit `class` → tenant default (request metadata `tenant`, mapped by
 //! the policy document; with API keys configured the front doors write the key's tenant there,
 //! see [`crate::auth`]) → the document's ordered rules
 //! (first match wins) → the document's default lane.

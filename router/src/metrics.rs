@@ -1,4 +1,4 @@
-//! The router's Prometheus metrics (DESIGN §7). Label values are small closed sets: `lane` ∈
+//! The router's Prometheus metrics. Label values are small closed sets: `lane` ∈
 //! {latency_critical, cost_sensitive}, `pool` ∈ {gpu, wse, none} (`none`: the request never
 //! reached a worker), `model` as requested (validated against the served models before a
 //! request is counted with it), `outcome` and `reason` as documented on each metric.

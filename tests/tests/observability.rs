@@ -1,4 +1,4 @@
-//! DESIGN §7 end to end: Prometheus `/metrics` of the router, the workers and the control plane
+//! Observability end to end: Prometheus `/metrics` of the router, the workers and the control plane
 //! scraped with a real HTTP client after real requests; and OpenTelemetry spans exported by the
 //! router and a worker to a real OTLP/gRPC collector running in this test, continuing the
 //! client's W3C `traceparent` across the router–worker stream.

@@ -59,7 +59,7 @@ async fn chat_through_the_router_gets_a_sensible_answer_from_the_real_model() ->
         .unwrap_or_default();
     assert_eq!(ids, [MODEL], "{models}");
 
-    // Greedy, so the answer is the model's own best one: DESIGN §6's check prompt.
+    // Greedy, so the answer is the model's own best one: the project's reference check prompt.
     let response = client
         .post(format!("{}/chat/completions", cluster.router_openai_url()))
         .json(&json!({

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
-/// File name of the default model (DESIGN §6).
+/// File name of the default model.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 /// Default `--model-path`.
 pub const DEFAULT_MODEL_PATH: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";

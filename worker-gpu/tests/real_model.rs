@@ -2,7 +2,7 @@
 //! `models/`; CI runs that script first). When the file is absent each test prints why it is
 //! skipped and returns.
 //!
-//! - tokenizer: llama.cpp's ids for the DESIGN §6 strings;
+//! - tokenizer: llama.cpp's ids for the reference strings;
 //! - chat template rendered by minijinja;
 //! - golden: greedy ids and top-5 logits against llama.cpp's (fixture recorded by
 //!   `tests/fixtures/record_golden.py`); greedy ids are compared up to llama.cpp's first

@@ -1,4 +1,4 @@
-//! The worker's Prometheus metrics (DESIGN §7), shared by both pools: per-generation TTFT,
+//! The worker's Prometheus metrics, shared by both pools: per-generation TTFT,
 //! inter-token latency and tokens (labels `pool`, `lane` as the router classified the request,
 //! `model`), the load gauges (active sequences, queue depth, KV bytes) from the same
 //! snapshot the worker streams to routers, and the engine's prefix-cache counters.

@@ -1,4 +1,4 @@
-//! Telemetry shared by every Switchyard binary (DESIGN §7):
+//! Telemetry shared by every Switchyard binary:
 //!
 //! - logs: `tracing` to stderr, level from `RUST_LOG` (default `info`), so stdout stays free for
 //!   machine-readable output;

@@ -1,4 +1,4 @@
-//! The routing policy (DESIGN §5): sans-IO, plain functions over plain data, so the live router
+//! The routing policy: sans-IO, plain functions over plain data, so the live router
 //! and the simulator (`switchyard-bench simulate`) run exactly the same code. No clock is read
 //! here: callers pass `now`.
 //!
