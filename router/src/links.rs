@@ -262,6 +262,7 @@ impl Link {
             .apply(&id, stream, events);
         match applied {
             Ok(()) => {
+                debug!(worker = %id, stored = events.stored.len(), removed = events.removed.len(), snapshot = events.snapshot, "KV events applied");
                 if events.snapshot {
                     self.publishes_kv.store(true, Ordering::Release);
                     info!(worker = %id, blocks = events.stored.len(), block_tokens = events.block_tokens, "KV snapshot received: placing by this worker's cached prefixes");
