@@ -206,16 +206,10 @@ pub fn gpu_engine(
         "--synthetic-prefix-cache-blocks: only the synthetic engine simulates a prefix cache"
     );
     // The synthetic engine as `build_engine` configures it, plus the cache.
-    let engine = switchyard_worker::SyntheticEngine::checked(switchyard_worker::SyntheticConfig {
-        models: args.models.clone(),
-        ttft: args.synthetic_ttft,
-        tokens_per_s: args.synthetic_tokens_per_s,
-        max_concurrent: args.max_concurrent,
-        max_queue: args.max_concurrent * 4,
-        prefill_tokens_per_s: switchyard_worker::synthetic::DEFAULT_PREFILL_TOKENS_PER_S,
-    })
-    .and_then(|engine| engine.with_simulated_cache(config))
-    .map_err(anyhow::Error::msg)?;
+    let engine =
+        switchyard_worker::SyntheticEngine::checked(switchyard_worker_gpu::synthetic_config(args))
+            .and_then(|engine| engine.with_simulated_cache(config))
+            .map_err(anyhow::Error::msg)?;
     Ok(Arc::new(engine))
 }
 

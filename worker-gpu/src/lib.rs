@@ -148,6 +148,18 @@ pub enum GpuEngineError {
 }
 
 /// Builds the configured engine. For `candle` this loads the weights and runs a warm-up step
+/// The synthetic engine's configuration from the worker's flags.
+pub fn synthetic_config(args: &GpuEngineArgs) -> SyntheticConfig {
+    SyntheticConfig {
+        models: args.models.clone(),
+        ttft: args.synthetic_ttft,
+        tokens_per_s: args.synthetic_tokens_per_s,
+        max_concurrent: args.max_concurrent,
+        max_queue: args.max_concurrent * 4,
+        prefill_tokens_per_s: switchyard_worker::synthetic::DEFAULT_PREFILL_TOKENS_PER_S,
+    }
+}
+
 /// before returning, so a worker built from it is ready when it registers.
 pub fn build_engine(args: &GpuEngineArgs) -> Result<Arc<dyn Engine>, GpuEngineError> {
     if args.max_concurrent == 0 {
@@ -157,15 +169,7 @@ pub fn build_engine(args: &GpuEngineArgs) -> Result<Arc<dyn Engine>, GpuEngineEr
     }
     match args.engine {
         GpuEngineKind::Synthetic => Ok(Arc::new(
-            SyntheticEngine::checked(SyntheticConfig {
-                models: args.models.clone(),
-                ttft: args.synthetic_ttft,
-                tokens_per_s: args.synthetic_tokens_per_s,
-                max_concurrent: args.max_concurrent,
-                max_queue: args.max_concurrent * 4,
-                prefill_tokens_per_s: switchyard_worker::synthetic::DEFAULT_PREFILL_TOKENS_PER_S,
-            })
-            .map_err(GpuEngineError::Config)?,
+            SyntheticEngine::checked(synthetic_config(args)).map_err(GpuEngineError::Config)?,
         )),
         GpuEngineKind::Candle => Ok(Arc::new(build_candle(args)?)),
     }
