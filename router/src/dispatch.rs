@@ -258,6 +258,7 @@ impl Dispatcher {
         let prefix = (!prompt_ids.is_empty()).then(|| self.prefix_hits(&view, prompt_ids));
         let mut info = self.request_info(request);
         if let Some(hits) = &prefix {
+            debug!(request_id = %request.request_id, ?hits, prompt_tokens = prompt_ids.len(), "prefix index looked up");
             info.prompt_tokens = prompt_ids.len() as u32;
             info.prefix = Some(hits);
         }

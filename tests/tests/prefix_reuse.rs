@@ -78,20 +78,26 @@ fn sample(page: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
 
-/// Waits until the router logged a KV snapshot of every GPU worker.
-async fn snapshots_from_every_worker(cluster: &Cluster) -> anyhow::Result<()> {
-    let received = || {
+/// Waits until the router logged a KV snapshot of every GPU worker and fetched the model's
+/// tokenizer (before that it cannot name a prompt's blocks).
+async fn router_sees_every_cache(cluster: &Cluster) -> anyhow::Result<()> {
+    let ready = || {
         let log = std::fs::read_to_string(&cluster.router.log).unwrap_or_default();
-        cluster.gpu.iter().all(|w| {
+        let snapshots = cluster.gpu.iter().all(|w| {
             log.lines().any(|l| {
                 l.contains("KV snapshot received") && l.contains(&format!("worker={} ", w.name))
             })
-        })
+        });
+        snapshots && log.lines().any(|l| l.contains("tokenizer fetched"))
     };
-    switchyard_tests::wait_until(PATIENCE, "a KV snapshot from every worker", || {
-        let done = received();
-        async move { done }
-    })
+    switchyard_tests::wait_until(
+        PATIENCE,
+        "a KV snapshot from every worker and a tokenizer",
+        || {
+            let done = ready();
+            async move { done }
+        },
+    )
     .await?;
     Ok(())
 }
@@ -107,11 +113,6 @@ fn predicted(reason: &str) -> Option<u32> {
         .ok()
 }
 
-// Known gap, found by this test: the router predicts the cached prefix exactly (same block
-// names as the engine), but placement does not yet follow it here — cost-sensitive placement
-// keeps the GPU pool's latency reserve (one of two workers) idle even when that worker holds
-// the conversation, and latency-critical spill to the GPU pool ignores cached prefixes.
-#[ignore = "placement ignores the cache hit when the holder is in the GPU latency reserve or on spill"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_next_turn_lands_where_its_prefix_is_cached_and_a_new_router_knows_it()
 -> anyhow::Result<()> {
@@ -140,7 +141,7 @@ async fn the_next_turn_lands_where_its_prefix_is_cached_and_a_new_router_knows_i
         ..ClusterSpec::default()
     })
     .await?;
-    snapshots_from_every_worker(&cluster).await?;
+    router_sees_every_cache(&cluster).await?;
 
     let system = "You are a patient teacher of railway operations. Answer in two sentences, \
                   with one concrete example, and never use lists or headings.";
@@ -226,7 +227,7 @@ async fn the_next_turn_lands_where_its_prefix_is_cached_and_a_new_router_knows_i
     .to_vec();
     cluster.router = Component::start("router-restarted", &args, 2).await?;
     cluster.wait_for_router_workers(2, PATIENCE).await?;
-    snapshots_from_every_worker(&cluster).await?;
+    router_sees_every_cache(&cluster).await?;
     let turn3 = chat(
         &cluster.router_addr(),
         "turn-3",
@@ -250,6 +251,12 @@ async fn the_next_turn_lands_where_its_prefix_is_cached_and_a_new_router_knows_i
         "turn 3 reused {} of turn 2's {}",
         turn3.usage.cached_prompt_tokens,
         turn2.usage.prompt_tokens
+    );
+    assert_eq!(
+        predicted(&turn3.accepted.reason),
+        Some(turn3.usage.cached_prompt_tokens),
+        "the new router predicted what the worker reused: {}",
+        turn3.accepted.reason
     );
     Ok(())
 }

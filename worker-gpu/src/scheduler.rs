@@ -102,6 +102,9 @@ struct Seq {
     stop: StopMatcher,
 }
 
+/// Prompt tokens of the warm-up prefill that seeds the advertised prefill rate.
+const WARM_UP_PROMPT_TOKENS: usize = 32;
+
 /// Load counters shared between the engine handle and its scheduler thread.
 #[derive(Debug, Default)]
 struct Counters {
@@ -145,7 +148,7 @@ impl std::fmt::Debug for CandleEngine {
 impl CandleEngine {
     /// Starts the scheduler thread over a loaded model. Runs one warm-up step first (a short
     /// prefill and a decode) so the first request does not pay for lazy initialisation, and
-    /// measures the single-stream decode rate it advertises.
+    /// measures the prefill rate and single-stream decode rate it advertises.
     pub fn start(
         model: Llama,
         tokenizer: GgufTokenizer,
@@ -168,12 +171,18 @@ impl CandleEngine {
             )));
         }
         let warm = |e: crate::model::ModelError| EngineError::Internal(format!("warm-up: {e}"));
-        let (mut store, mut cache) = model
-            .single_sequence(8.min(model.config.context_length))
-            .map_err(warm)?;
+        // The warm-up prefill is one KV block long so the prefill rate it measures is a real
+        // one: a router compares workers by it, and a worker that has not served yet must not
+        // look faster (or slower) than one that has.
+        let warm_prompt: Vec<u32> = (0..WARM_UP_PROMPT_TOKENS.min(model.config.context_length - 1))
+            .map(|i| i as u32)
+            .collect();
+        let (mut store, mut cache) = model.single_sequence(warm_prompt.len() + 1).map_err(warm)?;
+        let t0 = Instant::now();
         model
-            .prefill(&[0, 1, 2], &mut cache, &mut store)
+            .prefill(&warm_prompt, &mut cache, &mut store)
             .map_err(warm)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
         let t0 = Instant::now();
         model
             .decode(&[3], &mut [&mut cache], &mut store)
@@ -188,6 +197,9 @@ impl CandleEngine {
             .prefix_cache
             .then(|| Arc::new(KvPublisher::new(block_tokens as u32)));
         let counters = Arc::new(Counters::default());
+        counters
+            .prefill_rate
+            .record(warm_prompt.len() as f64, prefill_s);
         let (tx, rx) = std_mpsc::channel();
         let tokenizer = Arc::new(tokenizer);
         let engine = Self {

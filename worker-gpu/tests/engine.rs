@@ -458,6 +458,19 @@ fn rejects_unknown_model_and_bad_sampling() {
     );
 }
 
+#[test]
+fn a_fresh_engine_advertises_a_measured_prefill_rate() {
+    // Routers compare workers by this rate: one that has not served yet must report a
+    // measurement too (from its warm-up), not "unknown", which a router fills with a guess.
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&tiny_file(&dir), limits());
+    let load = e.load();
+    assert!(
+        load.prefill_tokens_per_s.is_finite() && load.prefill_tokens_per_s > 0.0,
+        "{load:?}"
+    );
+}
+
 #[tokio::test]
 async fn latency_critical_work_jumps_the_queue_and_load_reports_prefill() {
     let dir = tempfile::tempdir().unwrap();
