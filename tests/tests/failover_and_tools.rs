@@ -324,9 +324,8 @@ async fn etcd_registry_keeps_a_live_lease_and_expires_a_dead_one() -> anyhow::Re
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switchyard_up_runs_a_whole_cluster_in_one_command() -> anyhow::Result<()> {
-    let args: Vec<String> = [
+fn up_args(extra: &[&str]) -> Vec<String> {
+    [
         "up",
         "--router-listen",
         "127.0.0.1:0",
@@ -338,9 +337,79 @@ async fn switchyard_up_runs_a_whole_cluster_in_one_command() -> anyhow::Result<(
         "127.0.0.1:0",
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
-    .collect();
-    let up = Component::start("up", &args, 7).await?;
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_up_serves_the_real_model_on_both_pools_by_default() -> anyhow::Result<()> {
+    let model_path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    anyhow::ensure!(
+        std::path::Path::new(model_path).is_file(),
+        "{model_path} is missing: run scripts/fetch-model.sh"
+    );
+    // No --engine: the local cluster's default is the real model.
+    let up = Component::start("up", &up_args(&["--model-path", model_path]), 7).await?;
+    let session = SessionClient::connect(&up.addr_of("router", "grpc").to_string()).await?;
+    let ask = |id: &str, class: RequestClass| GenerateRequest {
+        request_id: id.into(),
+        model: "SmolLM2-135M-Instruct.Q4_1".into(),
+        messages: vec![switchyard_proto::v1::ChatMessage {
+            role: "user".into(),
+            content: "What is the capital of France?".into(),
+        }],
+        sampling: Some(switchyard_proto::v1::SamplingParams {
+            max_tokens: 8,
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        class: class as i32,
+        ..Default::default()
+    };
+    let fast = session
+        .start(ask("fast", RequestClass::LatencyCritical))?
+        .collect()
+        .await;
+    let cheap = session
+        .start(ask("cheap", RequestClass::CostSensitive))?
+        .collect()
+        .await;
+    for (done, pool) in [(&fast, "wse"), (&cheap, "gpu")] {
+        assert!(done.failed.is_none(), "{:?}", done.failed);
+        assert_eq!(done.accepted.as_ref().expect("accepted").pool, pool);
+        // The model answered: real tokens, not the question echoed back.
+        assert!(
+            done.token_ids.len() == 8 && !done.text.contains("capital of France"),
+            "{:?}",
+            done.text
+        );
+    }
+    // The wse worker says what it is: a stand-in, not a wafer.
+    let dashboard = up.addr_of("control-plane", "http");
+    let workers: serde_json::Value = reqwest::get(format!("http://{dashboard}/api/workers"))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let wse: Vec<String> = workers["workers"]
+        .as_array()
+        .expect("a worker list")
+        .iter()
+        .map(|w| w.to_string())
+        .filter(|w| w.contains("\"wse\""))
+        .collect();
+    assert_eq!(wse.len(), 1, "{workers}");
+    assert!(wse[0].contains("wafer-scale stand-in"), "{}", wse[0]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_up_with_the_synthetic_engine_is_the_load_test_cluster() -> anyhow::Result<()> {
+    let up = Component::start("up", &up_args(&["--engine", "synthetic"]), 7).await?;
     let components: Vec<&str> = up.endpoints.iter().map(|(c, _, _)| c.as_str()).collect();
     assert_eq!(
         components,

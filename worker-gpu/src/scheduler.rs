@@ -258,6 +258,13 @@ impl CandleEngine {
         (self.kv_blocks, self.block_tokens)
     }
 
+    /// The same engine describing its hardware as `hardware` (e.g. a stand-in's label) in
+    /// its worker record.
+    pub fn with_hardware(mut self, hardware: String) -> Self {
+        self.hardware = hardware;
+        self
+    }
+
     /// Prompt ids for `prompt` (chat template applied to chat prompts).
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
         let text = match prompt {
