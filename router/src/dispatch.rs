@@ -20,7 +20,7 @@ use tracing::{Instrument as _, Span, debug, info, info_span, warn};
 
 use crate::classify::{Classification, RequestFeatures, classify};
 use crate::config::RouterConfig;
-use crate::links::{Link, LinkEvent, Links};
+use crate::links::{Link, LinkEvent, Links, SlotHold};
 use crate::metrics::{RouterMetrics, StreamLabels, lane_label, pool_label};
 use crate::policy::document::{LaneName, PolicyDocument};
 use crate::policy::{
@@ -51,6 +51,8 @@ pub struct Dispatcher {
     /// Whether the router can route yet (see [`Readiness`]).
     pub readiness: Readiness,
     waiting: Arc<Mutex<Waiting>>,
+    /// Held for one placement decision (see [`Dispatcher::try_place`]).
+    deciding: Mutex<()>,
     next_seed: AtomicU64,
 }
 
@@ -84,6 +86,8 @@ struct Chosen {
     reason: String,
     /// Prompt tokens the prefix index expects the worker to reuse.
     cached_tokens: u32,
+    /// The worker's slot, held until the request's start is sent.
+    slot: SlotHold,
 }
 
 /// Where a prepared request will run.
@@ -155,6 +159,7 @@ impl Dispatcher {
             metrics,
             readiness: Readiness::ready(),
             waiting: Arc::new(Mutex::new(Waiting::default())),
+            deciding: Mutex::new(()),
             next_seed: AtomicU64::new(0),
         }
     }
@@ -254,6 +259,9 @@ impl Dispatcher {
         policy: &PolicyDocument,
         excluded: &[String],
     ) -> Result<Option<Chosen>, Status> {
+        // One decision at a time, each holding its worker's slot before the next looks: a
+        // burst of concurrent requests must not all see the same free worker.
+        let _deciding = self.deciding.lock().expect("deciding lock");
         let view = self.links.view();
         let prefix = (!prompt_ids.is_empty()).then(|| self.prefix_hits(&view, prompt_ids));
         let mut info = self.request_info(request);
@@ -288,6 +296,7 @@ impl Dispatcher {
                     .get(id)
                     .ok_or_else(|| Status::unavailable(format!("worker {id} just left")))?;
                 Ok(Some(Chosen {
+                    slot: link.hold_slot(),
                     link,
                     reason: placement.reason(),
                     cached_tokens: placement.cached_tokens,
@@ -448,7 +457,7 @@ impl Dispatcher {
             }
         };
         let link = chosen.link.clone();
-        let mut run = Run::new(request, prompt_ids, class, arrived, &chosen, span, self);
+        let mut run = Run::new(request, prompt_ids, class, arrived, chosen, span, self);
         run.on_worker(&link.id(), link.record().pool);
         let result = run.drive(link, &mut controls, &out).await;
         let outcome = match &result {
@@ -530,6 +539,8 @@ pub fn failed_frame(request_id: &str, status: &Status) -> v1::ServerFrame {
 /// State of one client request across worker generations (segments).
 struct Run<'d> {
     dispatcher: &'d Dispatcher,
+    /// The placed worker's slot, held until the next segment's start is sent.
+    slot: Option<SlotHold>,
     request: v1::GenerateRequest,
     /// See [`Prepared`]; tokenized again when an interrupt rewrites the conversation.
     prompt_ids: Vec<u32>,
@@ -594,13 +605,14 @@ impl<'d> Run<'d> {
         prompt_ids: Vec<u32>,
         class: Classification,
         arrived: Instant,
-        chosen: &Chosen,
+        chosen: Chosen,
         span: tracing::Span,
         dispatcher: &'d Dispatcher,
     ) -> Self {
         let placement_reason = &chosen.reason;
         span.record("predicted_cached_tokens", chosen.cached_tokens);
         Self {
+            slot: Some(chosen.slot),
             prompt_ids,
             predicted_cached_tokens: chosen.cached_tokens,
             last_token: None,
@@ -740,6 +752,7 @@ impl<'d> Run<'d> {
             link,
             reason,
             cached_tokens,
+            slot,
         }) = self.dispatcher.try_place(
             &self.request,
             &self.prompt_ids,
@@ -747,6 +760,7 @@ impl<'d> Run<'d> {
             &policy,
             excluded,
         )? {
+            self.slot = Some(slot);
             self.predicted_cached_tokens = cached_tokens;
             self.span.record("predicted_cached_tokens", cached_tokens);
             debug!(request_id = %self.request.request_id, worker = %link.id(), %reason, "replacement placed");
@@ -797,7 +811,11 @@ impl<'d> Run<'d> {
             return Err(Status::cancelled("client went away"));
         }
         let generation_id = self.dispatcher.links.next_generation_id();
-        let mut events = match link.start(self.worker_start(&generation_id)) {
+        let started = link.start(self.worker_start(&generation_id));
+        if let Some(slot) = self.slot.take() {
+            slot.release_after_start();
+        }
+        let mut events = match started {
             Ok(events) => events,
             Err(why) => return Ok(SegmentEnd::Lost(why)),
         };

@@ -11,8 +11,8 @@
 //! long as the stream stays up; it leaves the router's view when that stream fails. A worker
 //! whose record is gone and whose link is already down is dropped at once.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -46,6 +46,74 @@ pub enum LinkEvent {
 /// Pause between reconnection attempts to a worker that is still registered.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
 
+/// Starts sent to a worker on the current stream that its load reports have not counted yet:
+/// they hold its slots as much as the ones it reported. Each report says how many starts the
+/// worker had taken from the stream, so exactly the rest stay counted here.
+#[derive(Debug, Default)]
+struct InTransit {
+    /// Slots held by placements whose start is not sent yet ([`SlotHold`]).
+    held: u32,
+    sent: u64,
+    /// Prompt tokens of each start not yet counted by a report, oldest first.
+    prompts: VecDeque<u64>,
+    prompt_tokens: u64,
+}
+
+impl InTransit {
+    fn sent(&mut self, prompt_tokens: u64) {
+        self.sent += 1;
+        self.prompts.push_back(prompt_tokens);
+        self.prompt_tokens += prompt_tokens;
+    }
+
+    /// A load report that had seen `seen` starts of this stream (`None`: a worker that does
+    /// not say, so everything sent so far is assumed counted).
+    fn reported(&mut self, seen: Option<u64>) {
+        let left = seen.map_or(0, |seen| self.sent.saturating_sub(seen));
+        while self.prompts.len() as u64 > left {
+            let tokens = self.prompts.pop_front().unwrap_or_default();
+            self.prompt_tokens -= tokens;
+        }
+    }
+
+    fn starts(&self) -> u32 {
+        u32::try_from(self.prompts.len())
+            .unwrap_or(u32::MAX)
+            .saturating_add(self.held)
+    }
+
+    fn prompt_tokens(&self) -> u64 {
+        self.prompt_tokens
+    }
+}
+
+/// A slot of a worker held for a request placed there, from the placement decision until its
+/// start is sent (then the start itself counts, see [`InTransit`]): decisions made meanwhile
+/// see the slot taken. Dropped unused (the request never started there), it frees the slot and
+/// wakes requests waiting for one.
+pub struct SlotHold {
+    link: Arc<Link>,
+    used: bool,
+}
+
+impl SlotHold {
+    /// The start was sent (or failed to be): the hold is no longer needed.
+    pub fn release_after_start(mut self) {
+        self.used = true;
+    }
+}
+
+impl Drop for SlotHold {
+    fn drop(&mut self) {
+        let mut in_transit = self.link.in_transit.lock().expect("in-transit lock");
+        in_transit.held = in_transit.held.saturating_sub(1);
+        drop(in_transit);
+        if !self.used {
+            self.link.changed.notify_waiters();
+        }
+    }
+}
+
 /// One worker's link.
 pub struct Link {
     record: RwLock<WorkerRecord>,
@@ -54,11 +122,8 @@ pub struct Link {
     // other request on this worker); each request's backlog is bounded by its max_tokens.
     requests: Mutex<HashMap<String, mpsc::UnboundedSender<LinkEvent>>>,
     load: Mutex<Option<v1::Load>>,
-    /// Starts sent since the worker's last load report.
-    pending: AtomicU32,
-    /// Their prompt tokens (estimated at 4 bytes per token, as the classifier does): they
-    /// queue ahead of the next request as much as the ones the worker reported.
-    pending_prompt_tokens: AtomicU64,
+    /// Starts sent on the current stream that no load report has counted yet.
+    in_transit: Mutex<InTransit>,
     connected: AtomicBool,
     /// Whether the worker's record is in the membership view. An unlisted link lives only as
     /// long as its stream: it is not redialled.
@@ -95,8 +160,7 @@ impl Link {
             outbound: Mutex::new(None),
             requests: Mutex::new(HashMap::new()),
             load: Mutex::new(None),
-            pending: AtomicU32::new(0),
-            pending_prompt_tokens: AtomicU64::new(0),
+            in_transit: Mutex::new(InTransit::default()),
             connected: AtomicBool::new(false),
             listed: AtomicBool::new(true),
             closed: CancellationToken::new(),
@@ -119,6 +183,15 @@ impl Link {
         self.record.read().expect("record lock").id.clone()
     }
 
+    /// Holds one of the worker's slots for a request just placed here (see [`SlotHold`]).
+    pub fn hold_slot(self: &Arc<Self>) -> SlotHold {
+        self.in_transit.lock().expect("in-transit lock").held += 1;
+        SlotHold {
+            link: self.clone(),
+            used: false,
+        }
+    }
+
     /// Starts a generation on this worker; its frames arrive on the returned channel.
     pub fn start(
         &self,
@@ -133,7 +206,6 @@ impl Link {
             .lock()
             .expect("requests lock")
             .insert(start.request_id.clone(), tx);
-        self.pending.fetch_add(1, Ordering::Relaxed);
         // Exact when the router tokenized the prompt, else estimated at 4 bytes per token.
         let prompt_tokens = if start.prompt_token_ids.is_empty() {
             let prompt_bytes = start.prompt.len()
@@ -146,12 +218,20 @@ impl Link {
         } else {
             start.prompt_token_ids.len()
         };
-        self.pending_prompt_tokens
-            .fetch_add(prompt_tokens as u64, Ordering::Relaxed);
         let frame = v1::RouterFrame {
             frame: Some(router_frame::Frame::Start(start.clone())),
         };
-        if outbound.send(frame).is_err() {
+        // Counted before it is sent, under the lock, so a load report that has seen it can
+        // never arrive before it is counted.
+        let sent = {
+            let mut in_transit = self.in_transit.lock().expect("in-transit lock");
+            let sent = outbound.send(frame).is_ok();
+            if sent {
+                in_transit.sent(prompt_tokens as u64);
+            }
+            sent
+        };
+        if !sent {
             self.requests
                 .lock()
                 .expect("requests lock")
@@ -186,6 +266,10 @@ impl Link {
     pub fn state(&self) -> WorkerState {
         let record = self.record();
         let load = *self.load.lock().expect("load lock");
+        let (in_transit, in_transit_prompt_tokens) = {
+            let t = self.in_transit.lock().expect("in-transit lock");
+            (t.starts(), t.prompt_tokens())
+        };
         let reported = load.map(|l| l.active + l.queued).unwrap_or(0);
         let draining = load.is_some_and(|l| l.draining);
         // Per-stream decode rate: measured total over active streams, else the advertised one.
@@ -195,7 +279,7 @@ impl Link {
             .unwrap_or(record.capacity.tokens_per_s);
         WorkerState {
             available: record.is_ready() && !draining && self.connected.load(Ordering::Acquire),
-            outstanding: reported + self.pending.load(Ordering::Relaxed),
+            outstanding: reported + in_transit,
             max_concurrent: load
                 .map(|l| l.max_concurrent)
                 .filter(|m| *m > 0)
@@ -203,7 +287,7 @@ impl Link {
             // Reported by the worker (0 = not reported) plus what was sent since; a rate of 0
             // makes the policy assume its default.
             queued_prompt_tokens: load.map_or(0, |l| l.queued_prompt_tokens)
-                + self.pending_prompt_tokens.load(Ordering::Relaxed),
+                + in_transit_prompt_tokens,
             prefill_tokens_per_s: load
                 .map(|l| l.prefill_tokens_per_s)
                 .filter(|r| r.is_finite() && *r > 0.0)
@@ -222,8 +306,10 @@ impl Link {
         let (request_id, last) = match &frame {
             worker_frame::Frame::Load(load) => {
                 *self.load.lock().expect("load lock") = Some(*load);
-                self.pending.store(0, Ordering::Relaxed);
-                self.pending_prompt_tokens.store(0, Ordering::Relaxed);
+                self.in_transit
+                    .lock()
+                    .expect("in-transit lock")
+                    .reported(load.starts_seen);
                 self.changed.notify_waiters();
                 return;
             }
@@ -287,8 +373,14 @@ impl Link {
             .remove_worker(&self.id(), stream);
         *self.outbound.lock().expect("outbound lock") = None;
         *self.load.lock().expect("load lock") = None;
-        self.pending.store(0, Ordering::Relaxed);
-        self.pending_prompt_tokens.store(0, Ordering::Relaxed);
+        {
+            // A new stream counts from zero; slots held by placements stay held.
+            let mut in_transit = self.in_transit.lock().expect("in-transit lock");
+            *in_transit = InTransit {
+                held: in_transit.held,
+                ..InTransit::default()
+            };
+        }
         for (_, tx) in self.requests.lock().expect("requests lock").drain() {
             let _ = tx.send(LinkEvent::Lost(why.to_string()));
         }
@@ -645,6 +737,30 @@ impl Links {
 mod tests {
     use super::*;
     use switchyard_cluster::{Capacity, Pool, WorkerState as RecordState};
+
+    #[test]
+    fn in_transit_counts_the_starts_no_report_has_seen() {
+        let mut t = InTransit::default();
+        for tokens in [10, 20, 30] {
+            t.sent(tokens);
+        }
+        assert_eq!((t.starts(), t.prompt_tokens()), (3, 60));
+        // The worker had taken the first start: the other two are still on their way.
+        t.reported(Some(1));
+        assert_eq!((t.starts(), t.prompt_tokens()), (2, 50));
+        // A report older than one already applied changes nothing.
+        t.reported(Some(0));
+        assert_eq!((t.starts(), t.prompt_tokens()), (2, 50));
+        t.reported(Some(3));
+        assert_eq!((t.starts(), t.prompt_tokens()), (0, 0));
+        // A worker that does not count starts: what was sent is assumed counted.
+        t.sent(5);
+        t.reported(None);
+        assert_eq!((t.starts(), t.prompt_tokens()), (0, 0));
+        // Held slots count until their start is sent.
+        t.held = 2;
+        assert_eq!(t.starts(), 2);
+    }
 
     fn record() -> WorkerRecord {
         WorkerRecord {

@@ -52,6 +52,8 @@ impl LoadTracker {
             } else {
                 0.0
             },
+            // Per stream: the Serve stream that sends this report fills it in.
+            starts_seen: None,
         }
     }
 

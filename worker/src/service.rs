@@ -113,6 +113,7 @@ impl WorkerService {
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut load = self.load.subscribe();
         load.mark_changed();
+        let mut starts_seen = 0u64;
         let mut kv = self.engine.prefix_cache().map(KvFeed::new);
         // The snapshot goes before anything else, so the router knows the cache before it
         // places on this worker.
@@ -129,6 +130,12 @@ impl WorkerService {
             tokio::select! {
                 frame = inbound.message() => match frame {
                     Ok(Some(v1::RouterFrame { frame: Some(frame) })) => {
+                        if matches!(frame, router_frame::Frame::Start(_)) {
+                            starts_seen += 1;
+                            // The router counts this start against our slots until a report
+                            // says we took it.
+                            load.mark_changed();
+                        }
                         self.handle(frame, &mut running, &frames_tx, &done_tx).await;
                     }
                     Ok(Some(_)) => debug!("empty router frame ignored"),
@@ -153,7 +160,10 @@ impl WorkerService {
                     }
                 }
                 Ok(()) = load.changed() => {
-                    let snapshot = *load.borrow_and_update();
+                    let snapshot = v1::Load {
+                        starts_seen: Some(starts_seen),
+                        ..*load.borrow_and_update()
+                    };
                     let frame = v1::WorkerFrame { frame: Some(Frame::Load(snapshot)) };
                     if tx.send(Ok(frame)).await.is_err() {
                         break;
