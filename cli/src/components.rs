@@ -236,6 +236,14 @@ pub struct ControlPlaneArgs {
     /// Lease TTL of the leader key: a dead leader is replaced this long after its last renewal.
     #[arg(long, env = "SWITCHYARD_LEADER_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub leader_ttl: Duration,
+    /// Host names the dashboard answers to besides IP addresses and localhost (comma-separated;
+    /// e.g. the name of an ingress). Other `Host` headers are refused (DNS rebinding).
+    #[arg(
+        long,
+        env = "SWITCHYARD_DASHBOARD_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub dashboard_allowed_hosts: Vec<String>,
 }
 
 /// A token fired by the first SIGINT or SIGTERM.
@@ -327,6 +335,11 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         http_listen: Some(args.http_addr),
         election,
         metrics: Metrics::new(),
+        security: switchyard_control_plane::SecurityConfig {
+            dashboard_hosts: switchyard_control_plane::guard::HostAllowlist::new(
+                &args.dashboard_allowed_hosts,
+            ),
+        },
     };
     args.metrics
         .serve("control-plane", &config.metrics, &shutdown)

@@ -113,6 +113,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         http_listen: Some(args.dashboard_listen),
         election,
         metrics: Default::default(),
+        security: Default::default(),
     };
     let (r, s) = (registry.clone(), shutdown.clone());
     tasks.spawn(async move {

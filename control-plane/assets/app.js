@@ -234,8 +234,12 @@ async function toggleDrain(id, action) {
   document.querySelectorAll(`tr[data-worker-id="${CSS.escape(id)}"] button`)
     .forEach((b) => { b.disabled = true; });
   try {
+    // The JSON content type and the custom header are what the server's cross-site guard
+    // requires of every write.
     const response = await fetch(`/api/workers/${encodeURIComponent(id)}/${action}`, {
       method: "POST",
+      headers: { "content-type": "application/json", "x-switchyard-csrf": "1" },
+      body: "{}",
     });
     const body = await response.json().catch(() => ({}));
     if (!response.ok) {

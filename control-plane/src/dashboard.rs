@@ -10,6 +10,9 @@
 //! | POST | `/api/workers/{id}/drain` | request a drain (leader only) |
 //! | POST | `/api/workers/{id}/undrain` | lift it (leader only) |
 //!
+//! Every write needs `content-type: application/json` and `x-switchyard-csrf`, and must not come
+//! from another site or host ([`guard`]: 403 otherwise).
+//!
 //! Errors are `{"error": "..."}` with 400 (bad id), 404 (unknown worker), 409 (this replica is
 //! not the leader; `leader` names it) or 503 (etcd unreachable).
 
@@ -22,12 +25,13 @@ use serde_json::{Value, json};
 
 use crate::leader::Role;
 use crate::plane::{ControlPlane, OpError};
+use crate::{SecurityConfig, guard};
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
 const STYLE_CSS: &str = include_str!("../assets/style.css");
 
-pub fn router(plane: ControlPlane) -> Router {
+pub fn router(plane: ControlPlane, security: SecurityConfig) -> Router {
     Router::new()
         .route("/", get(index))
         .route("/assets/app.js", get(app_js))
@@ -40,6 +44,11 @@ pub fn router(plane: ControlPlane) -> Router {
         .route("/api/workers/{id}/undrain", post(undrain))
         .fallback(not_found)
         .with_state(plane)
+        // Outermost: no handler (not even a 404) runs for a foreign host or a cross-site write.
+        .layer(axum::middleware::from_fn_with_state(
+            security.dashboard_hosts,
+            guard::guard,
+        ))
 }
 
 /// An operation's refusal as an HTTP answer.

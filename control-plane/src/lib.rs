@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod dashboard;
 pub mod events;
+pub mod guard;
 pub mod leader;
 pub mod loads;
 pub mod plane;
@@ -37,6 +38,15 @@ pub struct ControlPlaneConfig {
     pub election: ElectionConfig,
     /// Where the control plane registers its Prometheus metrics (the caller serves them).
     pub metrics: switchyard_cluster::telemetry::metrics::Metrics,
+    /// How the dashboard and the Admin API protect themselves.
+    pub security: SecurityConfig,
+}
+
+/// The control plane's protections (see [`guard`]).
+#[derive(Debug, Clone, Default)]
+pub struct SecurityConfig {
+    /// `Host` names the dashboard answers to besides IP literals and `localhost`.
+    pub dashboard_hosts: guard::HostAllowlist,
 }
 
 /// Where a running control plane serves.
@@ -132,10 +142,13 @@ pub async fn run_control_plane(
         );
     let http_server = async {
         match http {
-            Some((listener, _)) => axum::serve(listener, dashboard::router(plane.clone()))
-                .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-                .await
-                .map_err(ControlPlaneError::Http),
+            Some((listener, _)) => axum::serve(
+                listener,
+                dashboard::router(plane.clone(), config.security.clone()),
+            )
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .map_err(ControlPlaneError::Http),
             None => Ok(()),
         }
     };

@@ -286,6 +286,8 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     let client = reqwest::Client::new();
     let missing = client
         .post(format!("http://{http}/api/workers/gpu-9/drain"))
+        .header("content-type", "application/json")
+        .header("x-switchyard-csrf", "1")
         .send()
         .await?;
     assert_eq!(missing.status(), reqwest::StatusCode::NOT_FOUND);

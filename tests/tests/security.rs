@@ -1,0 +1,277 @@
+//! Security findings against real processes (etcd, a worker, the control plane) and real
+//! clients: a headless Chromium on another origin, reqwest, the gRPC `Admin` client.
+//!
+//! - Cross-site requests: a page on another origin cannot drain a worker through the
+//!   dashboard's JSON API (no-cors `fetch`, plain form POST), writes need the dashboard's JSON
+//!   content type and its custom header, and a foreign `Host` (DNS rebinding) is refused.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use switchyard_proto::v1::{self, admin_client::AdminClient};
+use switchyard_tests::browser::Browser;
+use switchyard_tests::{Component, Etcd, start_control_plane, wait_until};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tonic::transport::Channel;
+
+/// How long any condition may take to become true.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The header the dashboard's own page sends with every write (see the README).
+const CSRF_HEADER: &str = "x-switchyard-csrf";
+
+async fn admin(addr: SocketAddr) -> anyhow::Result<AdminClient<Channel>> {
+    let channel = switchyard::client::connect_channel(&addr.to_string()).await?;
+    Ok(AdminClient::new(channel))
+}
+
+/// Drain requests stored in etcd, as the control plane reports them.
+async fn drains(admin: &AdminClient<Channel>) -> anyhow::Result<Vec<String>> {
+    Ok(admin
+        .clone()
+        .get_cluster_stats(v1::GetClusterStatsRequest {})
+        .await?
+        .into_inner()
+        .drains)
+}
+
+/// etcd, one synthetic worker `gpu-0` and a control plane that leads and lists it.
+struct Plane {
+    _etcd: Etcd,
+    _worker: Component,
+    control_plane: Component,
+    admin: AdminClient<Channel>,
+}
+
+impl Plane {
+    async fn start(control_plane_flags: &[&str]) -> anyhow::Result<Self> {
+        let etcd = Etcd::start().await?;
+        let worker = Component::start(
+            "gpu-0",
+            &[
+                "worker-gpu",
+                "--etcd",
+                &etcd.url,
+                "--listen",
+                "127.0.0.1:0",
+                "--id",
+                "gpu-0",
+            ]
+            .map(String::from),
+            1,
+        )
+        .await?;
+        let control_plane =
+            start_control_plane(&etcd.url, "control-plane-0", control_plane_flags).await?;
+        control_plane
+            .wait_for_log("became the control-plane leader", PATIENCE)
+            .await?;
+        let admin = admin(control_plane.addr("grpc")).await?;
+        wait_until(PATIENCE, "the control plane to list gpu-0", || async {
+            admin
+                .clone()
+                .list_workers(v1::ListWorkersRequest::default())
+                .await
+                .is_ok_and(|r| r.into_inner().workers.iter().any(|w| w.id == "gpu-0"))
+        })
+        .await?;
+        Ok(Self {
+            _etcd: etcd,
+            _worker: worker,
+            control_plane,
+            admin,
+        })
+    }
+
+    fn http(&self) -> SocketAddr {
+        self.control_plane.addr("http")
+    }
+}
+
+/// A real HTTP server on another origin (another loopback port) serving one blank page, the
+/// attacker's: scripts run from there are cross-origin to the dashboard.
+async fn serve_foreign_page() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = socket.read(&mut buffer).await;
+                let body = "<!doctype html><title>elsewhere</title><p>an unrelated site</p>";
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_another_origin_cannot_drain_a_worker_through_the_browser() -> anyhow::Result<()>
+{
+    let plane = Plane::start(&[]).await?;
+    let drain_url = format!("http://{}/api/workers/gpu-0/drain", plane.http());
+    let foreign = serve_foreign_page().await?;
+    let browser = Browser::start().await?;
+    browser.goto(&format!("http://{foreign}/")).await?;
+
+    // A no-cors fetch: the page cannot read the answer, but the request is sent.
+    let sent = browser
+        .execute(
+            "return fetch(arguments[0], {method: 'POST', mode: 'no-cors', body: 'drain'})
+               .then(() => 'sent', (e) => 'failed: ' + e);",
+            vec![json!(drain_url)],
+        )
+        .await?;
+    assert_eq!(sent, json!("sent"), "the browser did not send the fetch");
+    assert_eq!(
+        drains(&plane.admin).await?,
+        Vec::<String>::new(),
+        "a cross-origin no-cors fetch drained gpu-0"
+    );
+
+    // A plain form POST (navigates the tab to the dashboard's answer).
+    browser
+        .execute(
+            "const f = document.createElement('form');
+             f.method = 'POST'; f.action = arguments[0]; f.enctype = 'text/plain';
+             const i = document.createElement('input'); i.name = 'a'; i.value = 'b';
+             f.appendChild(i); document.body.appendChild(f); f.submit(); return true;",
+            vec![json!(drain_url)],
+        )
+        .await?;
+    wait_until(PATIENCE, "the form POST to be answered", || async {
+        browser
+            .execute("return location.href;", vec![])
+            .await
+            .is_ok_and(|u| u == json!(drain_url))
+    })
+    .await?;
+    let answer = browser.text("body").await?;
+    assert_eq!(
+        drains(&plane.admin).await?,
+        Vec::<String>::new(),
+        "a cross-origin form POST drained gpu-0 (the page shows {answer:?})"
+    );
+    assert!(answer.contains("origin"), "{answer}");
+    browser.close().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_writes_need_its_origin_content_type_and_header_and_hosts_are_checked()
+-> anyhow::Result<()> {
+    let plane = Plane::start(&["--dashboard-allowed-hosts", "ops.example.test"]).await?;
+    let http = plane.http();
+    let client = reqwest::Client::new();
+    let drain_url = format!("http://{http}/api/workers/gpu-0/drain");
+    let post = || client.post(&drain_url);
+    let refused = |response: reqwest::Response, needle: &'static str| async move {
+        assert_eq!(response.status(), reqwest::StatusCode::FORBIDDEN);
+        let body: Value = response.json().await.expect("JSON error body");
+        let message = body["error"].as_str().unwrap_or_default().to_string();
+        assert!(message.contains(needle), "{needle:?} not in {message:?}");
+    };
+
+    // Another site's origin, even with everything else right.
+    let response = post()
+        .header("origin", "http://evil.example")
+        .header("content-type", "application/json")
+        .header(CSRF_HEADER, "1")
+        .send()
+        .await?;
+    refused(response, "origin").await;
+    // What a no-cors fetch or a form sends: a simple content type, no custom header.
+    for content_type in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+    ] {
+        let response = post()
+            .header("content-type", content_type)
+            .header(CSRF_HEADER, "1")
+            .body("a=b")
+            .send()
+            .await?;
+        refused(response, "content-type").await;
+    }
+    let response = post().header(CSRF_HEADER, "1").send().await?;
+    refused(response, "content-type").await;
+    let response = post()
+        .header("content-type", "application/json")
+        .send()
+        .await?;
+    refused(response, CSRF_HEADER).await;
+    // A browser that sends no Origin but says the request is cross-site.
+    let response = post()
+        .header("content-type", "application/json")
+        .header(CSRF_HEADER, "1")
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await?;
+    refused(response, "cross-site").await;
+    let response = post()
+        .header("content-type", "application/json")
+        .header(CSRF_HEADER, "1")
+        .header("referer", "http://evil.example/page")
+        .send()
+        .await?;
+    refused(response, "referer").await;
+    // DNS rebinding: a name that resolves to this host but is not one of the dashboard's.
+    for url in [format!("http://{http}/api/workers"), drain_url.clone()] {
+        let response = client
+            .request(
+                if url.ends_with("drain") {
+                    reqwest::Method::POST
+                } else {
+                    reqwest::Method::GET
+                },
+                &url,
+            )
+            .header("host", format!("attacker.example:{}", http.port()))
+            .header("content-type", "application/json")
+            .header(CSRF_HEADER, "1")
+            .send()
+            .await?;
+        refused(response, "--dashboard-allowed-hosts").await;
+    }
+    assert_eq!(drains(&plane.admin).await?, Vec::<String>::new());
+
+    // The dashboard's own requests, and scripts (no Origin), still work; so do configured
+    // names and localhost.
+    let ok = post()
+        .header("origin", format!("http://{http}"))
+        .header("content-type", "application/json")
+        .header(CSRF_HEADER, "1")
+        .send()
+        .await?;
+    assert_eq!(ok.status(), reqwest::StatusCode::OK, "{}", ok.text().await?);
+    assert_eq!(drains(&plane.admin).await?, vec!["gpu-0".to_string()]);
+    let ok = client
+        .post(format!("http://{http}/api/workers/gpu-0/undrain"))
+        .header("content-type", "application/json; charset=utf-8")
+        .header(CSRF_HEADER, "1")
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await?;
+    assert_eq!(ok.status(), reqwest::StatusCode::OK, "{}", ok.text().await?);
+    assert_eq!(drains(&plane.admin).await?, Vec::<String>::new());
+    for host in [
+        format!("localhost:{}", http.port()),
+        format!("ops.example.test:{}", http.port()),
+        "OPS.example.test".to_string(),
+    ] {
+        let response = client
+            .get(format!("http://{http}/api/workers"))
+            .header("host", &host)
+            .send()
+            .await?;
+        assert_eq!(response.status(), reqwest::StatusCode::OK, "host {host}");
+    }
+    Ok(())
+}
