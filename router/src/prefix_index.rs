@@ -20,6 +20,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use switchyard_proto::kv_blocks;
 use switchyard_proto::v1;
 
@@ -75,12 +77,22 @@ pub struct PrefixIndexStats {
     pub bytes: usize,
 }
 
+/// Slots of the workers holding a block, sorted ascending. Most blocks (a conversation's) are
+/// held by one or a few workers: those lists live inline in the map, so a lookup touches no
+/// other memory — the walk is a chain of dependent cache misses, one per block.
+type Holders = SmallVec<[u32; 4]>;
+
+/// The index's maps. Block names are public, seedless hashes of prompt text: a per-process
+/// seeded hasher keeps crafted prompts from piling names into one bucket, and foldhash is
+/// several times cheaper than the standard SipHash on the request path.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Blocks of one size.
 #[derive(Debug, Default)]
 struct Table {
     block_tokens: u32,
-    /// Block hash → slots of the workers holding it, sorted ascending.
-    holders: HashMap<u64, Vec<u32>>,
+    /// Block hash → the workers holding it.
+    holders: Map<u64, Holders>,
 }
 
 #[derive(Debug)]
@@ -103,7 +115,7 @@ pub struct PrefixIndex {
     tables: Vec<Table>,
     slots: Vec<Option<WorkerBlocks>>,
     free_slots: Vec<u32>,
-    by_id: HashMap<Arc<str>, u32>,
+    by_id: Map<Arc<str>, u32>,
     entries: usize,
 }
 
@@ -234,10 +246,11 @@ impl PrefixIndex {
         for table in &self.tables {
             blocks += table.holders.len();
             // hashbrown: one control byte per bucket besides the (key, value) pair.
-            bytes += table.holders.capacity() * (size_of::<(u64, Vec<u32>)>() + 1);
+            bytes += table.holders.capacity() * (size_of::<(u64, Holders)>() + 1);
             bytes += table
                 .holders
                 .values()
+                .filter(|v| v.spilled())
                 .map(|v| v.capacity() * size_of::<u32>())
                 .sum::<usize>();
         }
@@ -266,7 +279,7 @@ impl PrefixIndex {
             None => {
                 self.tables.push(Table {
                     block_tokens,
-                    holders: HashMap::new(),
+                    holders: Map::default(),
                 });
                 self.tables.len() - 1
             }
@@ -414,7 +427,7 @@ impl PrefixIndex {
 }
 
 /// Removes `slot` from `hash`'s holders; whether it was there.
-fn remove_holder(holders: &mut HashMap<u64, Vec<u32>>, hash: u64, slot: u32) -> bool {
+fn remove_holder(holders: &mut Map<u64, Holders>, hash: u64, slot: u32) -> bool {
     let Some(list) = holders.get_mut(&hash) else {
         return false;
     };
@@ -431,13 +444,17 @@ fn remove_holder(holders: &mut HashMap<u64, Vec<u32>>, hash: u64, slot: u32) -> 
 /// Every worker holding the prompt's first block, with the length of the run of leading
 /// blocks it holds: candidates shrink block by block (sorted-list intersection; an unchanged
 /// holder list is recognised by one comparison), and the walk stops at the first block nobody
-/// of them holds.
+/// of them holds. Once one candidate is left (past a shared system prompt, a conversation is
+/// usually on one worker), its run's end is found by galloping over the remaining blocks'
+/// names instead of looking each up: a worker's cached blocks form whole prefixes (the
+/// engine reuses a chain only up to its first missing block and evicts tails first).
 fn longest_runs(table: &Table, prompt: &[u32], runs: &mut Vec<(u32, u32)>) {
-    let mut candidates: Vec<u32> = Vec::new();
-    let mut next: Vec<u32> = Vec::new();
+    let mut candidates: Holders = Holders::new();
+    let mut next: Holders = Holders::new();
     let mut parent = kv_blocks::ROOT;
     let mut depth = 0u32;
-    for block in prompt.chunks_exact(table.block_tokens as usize) {
+    let mut blocks = prompt.chunks_exact(table.block_tokens as usize);
+    for block in blocks.by_ref() {
         parent = kv_blocks::chain(parent, block);
         let Some(holders) = table.holders.get(&parent) else {
             break;
@@ -465,13 +482,62 @@ fn longest_runs(table: &Table, prompt: &[u32], runs: &mut Vec<(u32, u32)>) {
             }
         }
         depth += 1;
+        if let [only] = candidates[..] {
+            let rest: Vec<u64> = blocks
+                .map(|block| {
+                    parent = kv_blocks::chain(parent, block);
+                    parent
+                })
+                .collect();
+            let holds = |hash: &u64| {
+                table
+                    .holders
+                    .get(hash)
+                    .is_some_and(|l| l.binary_search(&only).is_ok())
+            };
+            runs.push((only, depth + held_run(&rest, holds) as u32));
+            return;
+        }
     }
     runs.extend(candidates.iter().map(|&c| (c, depth)));
+}
+
+/// Length of the leading run of `names` for which `holds` is true, given that it is true for
+/// a prefix of them and false after (galloping, then binary search: O(log run) probes).
+fn held_run(names: &[u64], holds: impl Fn(&u64) -> bool) -> usize {
+    // Find a bound `hi` with holds(names[hi]) false (or the end), doubling from the start.
+    let (mut lo, mut step) = (0usize, 1usize);
+    let mut hi = names.len();
+    while lo + step <= names.len() {
+        if holds(&names[lo + step - 1]) {
+            lo += step;
+            step *= 2;
+        } else {
+            hi = lo + step - 1;
+            break;
+        }
+    }
+    // names[..lo] are held; names[hi] (if any) is not: binary search in between.
+    names[lo..hi].partition_point(&holds) + lo
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn galloping_finds_every_run_length() {
+        for len in 0..70u64 {
+            let names: Vec<u64> = (0..len).collect();
+            for run in 0..=len {
+                assert_eq!(
+                    held_run(&names, |&n| n < run),
+                    run as usize,
+                    "{run} of {len}"
+                );
+            }
+        }
+    }
 
     const BT: u32 = 4;
 
