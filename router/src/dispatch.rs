@@ -548,6 +548,8 @@ struct Run<'d> {
     lane: v1::Lane,
     reason: String,
     arrived: Instant,
+    /// When the request got its first worker (after any wait at the router for a slot).
+    placed: Instant,
     first_token: Option<Instant>,
     /// When the last chunk reached the client (inter-token latency).
     last_token: Option<Instant>,
@@ -624,6 +626,7 @@ impl<'d> Run<'d> {
             class,
             request,
             arrived,
+            placed: Instant::now(),
             first_token: None,
             seq: 0,
             segment_ids: Vec::new(),
@@ -1000,7 +1003,7 @@ impl<'d> Run<'d> {
                     .map(|t| ms(t - self.arrived))
                     .unwrap_or_default(),
                 total_ms: ms(self.arrived.elapsed()),
-                queue_ms: 0.0,
+                queue_ms: ms(self.placed - self.arrived),
             }),
         });
         send(out, finished).await

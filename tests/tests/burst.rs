@@ -13,7 +13,9 @@ use switchyard_tests::{Cluster, ClusterSpec};
 
 const WORKERS: usize = 3;
 const SLOTS: usize = 16;
-const BURST: usize = WORKERS * SLOTS;
+/// The pool's slots, and a few more that must wait at the router for a slot to free.
+const FILL: usize = WORKERS * SLOTS;
+const EXTRA: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_on_one_session_is_spread_over_the_workers() -> anyhow::Result<()> {
@@ -33,7 +35,7 @@ async fn a_burst_on_one_session_is_spread_over_the_workers() -> anyhow::Result<(
     .await?;
     let session = SessionClient::connect(&cluster.router_addr()).await?;
     // All started before any is read: they reach the router together.
-    let streams = (0..BURST)
+    let streams = (0..FILL + EXTRA)
         .map(|i| {
             session.start(switchyard_tests::synthetic_request(
                 &format!("burst-{i}"),
@@ -44,14 +46,33 @@ async fn a_burst_on_one_session_is_spread_over_the_workers() -> anyhow::Result<(
         })
         .collect::<Result<Vec<_>, _>>()?;
     let done = futures::future::join_all(streams.into_iter().map(|s| s.collect())).await;
-    let mut per_worker: HashMap<String, usize> = HashMap::new();
     for completion in &done {
         assert!(completion.failed.is_none(), "{:?}", completion.failed);
+    }
+    let timings = |c: &switchyard::client::Completion| {
+        c.finished
+            .as_ref()
+            .and_then(|f| f.timings)
+            .expect("finished with timings")
+    };
+    // The pool's slots were all taken by the first FILL: the EXTRA requests waited at the
+    // router until one freed (a whole generation), the others only for their decision.
+    let mut by_wait: Vec<_> = done.iter().collect();
+    by_wait.sort_by(|a, b| timings(a).queue_ms.total_cmp(&timings(b).queue_ms));
+    let (at_once, waited) = by_wait.split_at(FILL);
+    let longest_at_once = timings(at_once[FILL - 1]).queue_ms;
+    let shortest_wait = timings(waited[0]).queue_ms;
+    assert!(
+        shortest_wait > longest_at_once,
+        "queue_ms reports the wait at the router: {shortest_wait} vs {longest_at_once}"
+    );
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    for completion in at_once {
         let accepted = completion.accepted.as_ref().expect("accepted");
         *per_worker.entry(accepted.worker_id.clone()).or_default() += 1;
     }
-    // The pool has exactly BURST slots: an even spread fills each worker once; no worker may
-    // be handed more than its slots while another has free ones.
+    // The burst that fits fills each worker's slots once: no worker is handed more than its
+    // slots while another has free ones.
     assert_eq!(per_worker.len(), WORKERS, "{per_worker:?}");
     let most = per_worker.values().max().copied().unwrap_or_default();
     assert!(most <= SLOTS, "{per_worker:?}");
