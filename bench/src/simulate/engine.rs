@@ -13,7 +13,7 @@
 //! Worker load is mirrored into a [`ClusterView`] exactly as live `Load` frames feed the router.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use switchyard_cluster::Pool;
@@ -21,8 +21,8 @@ use switchyard_router::classify::Classification;
 use switchyard_router::policy::document::{LaneName, PolicyDocument};
 use switchyard_router::policy::{Admission, ClusterView, Decision, WorkerState, admit};
 
+use super::kv::{BlockCache, RouterKvView, TRACE_BLOCK_TOKENS};
 use super::profile::Profiles;
-use super::trace::BLOCK_TOKENS;
 
 /// A request as the simulator replays it, already classified.
 #[derive(Debug, Clone)]
@@ -39,6 +39,19 @@ pub struct SimRequest {
 }
 
 impl SimRequest {
+    /// The prompt's full trace blocks: what a worker caches and publishes.
+    pub fn full_blocks(&self) -> &[u64] {
+        let full = (self.prompt_tokens / TRACE_BLOCK_TOKENS) as usize;
+        &self.hash_ids[..full.min(self.hash_ids.len())]
+    }
+
+    /// KV blocks the sequence needs besides its full prompt blocks (the partial last prompt
+    /// block and the generated tokens).
+    pub fn anonymous_blocks(&self) -> usize {
+        let total = (self.prompt_tokens + self.output_tokens).div_ceil(TRACE_BLOCK_TOKENS);
+        (total as usize).saturating_sub(self.full_blocks().len())
+    }
+
     pub fn classification(&self) -> Classification {
         Classification {
             lane: self.lane,
@@ -51,9 +64,11 @@ impl SimRequest {
 
 /// A routing policy under test.
 pub trait Placer {
+    /// `kv` is the router's view of the workers' published KV blocks.
     fn place(
         &mut self,
         view: &ClusterView,
+        kv: &RouterKvView,
         request: &SimRequest,
         index: u32,
         policy: &PolicyDocument,
@@ -71,47 +86,10 @@ pub struct Outcome {
     pub served: bool,
     pub shed: bool,
     pub spilled: bool,
-}
-
-/// FIFO-evicting prefix cache of prompt block hashes.
-#[derive(Debug, Default)]
-struct PrefixCache {
-    capacity: usize,
-    blocks: HashSet<u64>,
-    order: VecDeque<u64>,
-}
-
-impl PrefixCache {
-    fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            ..Self::default()
-        }
-    }
-
-    /// Prompt tokens already cached for `request`; caches its blocks.
-    fn lookup_and_insert(&mut self, request: &SimRequest) -> u32 {
-        if self.capacity == 0 || request.hash_ids.is_empty() {
-            return 0;
-        }
-        let hits = request
-            .hash_ids
-            .iter()
-            .take_while(|h| self.blocks.contains(h))
-            .count() as u32;
-        for &h in request.hash_ids.iter() {
-            if self.blocks.insert(h) {
-                self.order.push_back(h);
-                if self.order.len() > self.capacity
-                    && let Some(old) = self.order.pop_front()
-                {
-                    self.blocks.remove(&old);
-                }
-            }
-        }
-        // The last token is always computed.
-        (hits * BLOCK_TOKENS).min(request.prompt_tokens.saturating_sub(1))
-    }
+    /// Prompt tokens the worker reused from its prefix cache.
+    pub cached_tokens: u32,
+    /// Prompt tokens the placement expected it to reuse (router's view).
+    pub predicted_cached_tokens: u32,
 }
 
 struct Seq {
@@ -150,7 +128,7 @@ enum Kind {
 
 struct SimWorker {
     kind: Kind,
-    cache: PrefixCache,
+    cache: BlockCache,
 }
 
 const EV_GPU_STEP: u8 = 0;
@@ -165,6 +143,10 @@ pub struct RunResult {
     pub pool: Vec<Pool>,
     pub wall_time_s: f64,
     pub events: u64,
+    /// Blocks evicted from the workers' prefix caches.
+    pub evicted_blocks: u64,
+    /// Sequences admitted beyond a worker's KV budget (see [`BlockCache::overcommitted`]).
+    pub kv_overcommitted: u64,
 }
 
 /// Simulates `requests` (sorted by arrival) on the cluster of `profiles` with `placer`.
@@ -191,10 +173,13 @@ pub fn simulate(
         w.decode_tokens_per_s = 1000.0 / (gpu.step_base_ms + gpu.step_per_seq_ms);
         w.ttft_overhead_ms = gpu.step_base_ms;
         w.cost_per_mtok = gpu.cost_per_mtok;
+        let cache = BlockCache::new(gpu.kv_trace_blocks());
+        // Workers with a prefix cache publish it: the router places by its view of them.
+        w.prefix_cache = cache.enabled();
         states.push(w);
         workers.push(SimWorker {
             kind: Kind::Gpu(Gpu::default()),
-            cache: PrefixCache::new(gpu.prefix_cache_blocks),
+            cache,
         });
         price.push(gpu.cost_per_mtok);
         pool.push(Pool::Gpu);
@@ -213,7 +198,8 @@ pub fn simulate(
         states.push(w);
         workers.push(SimWorker {
             kind: Kind::Wse { active: 0 },
-            cache: PrefixCache::new(wse.prefix_cache_blocks),
+            // The gateway cannot see its upstream's cache: none modelled, none published.
+            cache: BlockCache::new(0),
         });
         price.push(wse.cost_per_mtok);
         pool.push(Pool::Wse);
@@ -229,6 +215,8 @@ pub fn simulate(
         seq: 0,
         queues: [VecDeque::new(), VecDeque::new()],
         events: 0,
+        kv: RouterKvView::new(KV_MAX_HITS),
+        scratch: Vec::new(),
     };
     let mut next_arrival = 0usize;
     loop {
@@ -259,16 +247,23 @@ pub fn simulate(
             sim.outcomes[r as usize].shed = true;
         }
     }
+    let evicted_blocks = sim.workers.iter().map(|w| w.cache.evicted).sum();
+    let kv_overcommitted = sim.workers.iter().map(|w| w.cache.overcommitted).sum();
     RunResult {
         outcomes: sim.outcomes,
         price,
         pool,
         wall_time_s: started.elapsed().as_secs_f64(),
         events: sim.events,
+        evicted_blocks,
+        kv_overcommitted,
     }
 }
 
 type Event = (u64, u64, u8, u32, u32);
+
+/// Workers a router prefix lookup reports at most (the live index's default `max_hits`).
+const KV_MAX_HITS: usize = 16;
 
 struct Sim<'a> {
     profiles: &'a Profiles,
@@ -281,6 +276,9 @@ struct Sim<'a> {
     seq: u64,
     queues: [VecDeque<(u32, f64)>; 2],
     events: u64,
+    /// The router's picture of the workers' caches, from their published stores/evictions.
+    kv: RouterKvView,
+    scratch: Vec<u64>,
 }
 
 impl Sim<'_> {
@@ -295,10 +293,10 @@ impl Sim<'_> {
         let request = &self.requests[r as usize];
         let lane = request.lane.index();
         if self.queues[lane].is_empty() {
-            match placer.place(&self.view, request, r, self.policy) {
+            match placer.place(&self.view, &self.kv, request, r, self.policy) {
                 Decision::Place(p) => {
                     let spilled = p.pool != switchyard_router::policy::home_pool(request.lane);
-                    self.dispatch(r, p.worker, spilled, now);
+                    self.dispatch(r, p.worker, spilled, p.cached_tokens, now);
                     return;
                 }
                 Decision::Reject(_) => {
@@ -335,11 +333,11 @@ impl Sim<'_> {
                     continue;
                 }
                 let request = &self.requests[r as usize];
-                match placer.place(&self.view, request, r, self.policy) {
+                match placer.place(&self.view, &self.kv, request, r, self.policy) {
                     Decision::Place(p) => {
                         self.queues[lane].pop_front();
                         let spilled = p.pool != switchyard_router::policy::home_pool(request.lane);
-                        self.dispatch(r, p.worker, spilled, now);
+                        self.dispatch(r, p.worker, spilled, p.cached_tokens, now);
                     }
                     Decision::Reject(_) => {
                         self.queues[lane].pop_front();
@@ -351,14 +349,28 @@ impl Sim<'_> {
         }
     }
 
-    fn dispatch(&mut self, r: u32, w: usize, spilled: bool, now: f64) {
+    fn dispatch(&mut self, r: u32, w: usize, spilled: bool, predicted: u32, now: f64) {
         let request = &self.requests[r as usize];
+        let mut evicted = std::mem::take(&mut self.scratch);
+        evicted.clear();
+        let hits = self.workers[w].cache.acquire(
+            request.full_blocks(),
+            request.anonymous_blocks(),
+            &mut evicted,
+        );
+        for &h in &evicted {
+            self.kv.removed(w as u32, h);
+        }
+        self.scratch = evicted;
+        // The last prompt token is always computed (sampling needs its logits).
+        let cached = (hits * TRACE_BLOCK_TOKENS).min(request.prompt_tokens.saturating_sub(1));
         let outcome = &mut self.outcomes[r as usize];
         outcome.worker = w as u32;
         outcome.dispatched_ms = now;
         outcome.served = true;
         outcome.spilled = spilled;
-        let cached = self.workers[w].cache.lookup_and_insert(request);
+        outcome.cached_tokens = cached;
+        outcome.predicted_cached_tokens = predicted;
         let uncached = request.prompt_tokens - cached;
         match &mut self.workers[w].kind {
             Kind::Gpu(g) => {
@@ -497,17 +509,22 @@ impl Sim<'_> {
     }
 
     fn gpu_step_end(&mut self, w: usize, version: u32, now: f64) {
-        let Kind::Gpu(g) = &mut self.workers[w].kind else {
+        let worker = &mut self.workers[w];
+        let Kind::Gpu(g) = &mut worker.kind else {
             unreachable!("gpu step on a wse worker")
         };
         if version != g.version {
             return; // superseded by a cut segment
         }
         let steps = g.seg_steps;
+        let cache = &mut worker.cache;
+        let mut stored = std::mem::take(&mut self.scratch);
+        stored.clear();
         let mut i = 0;
         while i < g.running.len() {
             let seq = &mut g.running[i];
             let outcome = &mut self.outcomes[seq.request as usize];
+            let request = &self.requests[seq.request as usize];
             if seq.prefilled {
                 seq.remaining -= steps;
             } else if seq.prefill_left > 0 {
@@ -517,15 +534,22 @@ impl Sim<'_> {
             } else {
                 seq.prefilled = true;
                 outcome.first_token_ms = now;
-                seq.remaining = self.requests[seq.request as usize].output_tokens - 1;
+                seq.remaining = request.output_tokens - 1;
+                // Its prompt's KV is computed: the worker stores and publishes the blocks.
+                cache.prefilled(request.full_blocks(), &mut stored);
             }
             if seq.remaining == 0 {
                 outcome.finish_ms = now;
+                cache.release(request.full_blocks(), request.anonymous_blocks());
                 g.running.swap_remove(i);
             } else {
                 i += 1;
             }
         }
+        for &h in &stored {
+            self.kv.stored(w as u32, h);
+        }
+        self.scratch = stored;
         g.stepping = false;
         let outstanding = (g.running.len() + g.pending.len()) as u32;
         if outstanding > 0 {

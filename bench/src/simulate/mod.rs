@@ -8,6 +8,7 @@
 //! the router's classifier classes its requests with the profile's policy document.
 
 pub mod engine;
+pub mod kv;
 pub mod placers;
 pub mod plot;
 pub mod profile;
@@ -99,8 +100,27 @@ pub struct LaneReport {
     /// Requests served outside the lane's home pool.
     pub spilled: u64,
     pub cost_per_mtok: f64,
+    /// Share of the served requests' prompt tokens reused from a worker's prefix cache.
+    pub prefix_hit_rate: f64,
     /// Why requests missed their SLO (each miss counted once, first cause in this order).
     pub misses: Misses,
+}
+
+/// Prefix reuse over all served requests of one run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct PrefixReport {
+    pub prompt_tokens: u64,
+    /// Prompt tokens workers reused from their caches.
+    pub cached_tokens: u64,
+    /// `cached_tokens / prompt_tokens`.
+    pub hit_rate: f64,
+    /// Prompt tokens the placements expected to be reused (the router's view; 0 for policies
+    /// that do not predict).
+    pub predicted_cached_tokens: u64,
+    /// Blocks (512 tokens) evicted from the workers' caches.
+    pub evicted_blocks: u64,
+    /// Sequences admitted beyond a worker's KV budget (the engine would have queued them).
+    pub kv_overcommitted: u64,
 }
 
 /// SLO misses of one lane by cause: the simulator's evidence of where a policy loses.
@@ -139,6 +159,7 @@ pub struct PolicyReport {
     pub lanes: BTreeMap<&'static str, LaneReport>,
     /// Price per million generated tokens, averaged over all served tokens.
     pub cost_per_mtok: f64,
+    pub prefix: PrefixReport,
     pub wall_time_s: f64,
     pub events: u64,
 }
@@ -402,6 +423,14 @@ fn miss_cause(
     })
 }
 
+fn ratio(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        0.0
+    } else {
+        part as f64 / whole as f64
+    }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -414,12 +443,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyReport {
     let mut lanes = BTreeMap::new();
     let (mut all_cost, mut all_tokens) = (0.0, 0.0);
+    let mut prefix = PrefixReport {
+        evicted_blocks: result.evicted_blocks,
+        kv_overcommitted: result.kv_overcommitted,
+        ..PrefixReport::default()
+    };
     for lane in LaneName::ALL {
         let mut ttft = Vec::new();
         let mut tps = Vec::new();
         let (mut n, mut served, mut attained, mut shed, mut spilled) =
             (0u64, 0u64, 0u64, 0u64, 0u64);
         let (mut cost, mut tokens) = (0.0, 0.0);
+        let (mut prompt, mut cached) = (0u64, 0u64);
         let mut misses = Misses::default();
         for (r, o) in requests.iter().zip(&result.outcomes) {
             if r.lane != lane {
@@ -433,6 +468,9 @@ pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyR
             }
             served += 1;
             spilled += u64::from(o.spilled);
+            prompt += u64::from(r.prompt_tokens);
+            cached += u64::from(o.cached_tokens);
+            prefix.predicted_cached_tokens += u64::from(o.predicted_cached_tokens);
             let t = o.first_token_ms - r.arrival_ms;
             ttft.push(t);
             if let Some(rate) = rate_of(r, o) {
@@ -450,6 +488,8 @@ pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyR
         tps.sort_by(f64::total_cmp);
         all_cost += cost;
         all_tokens += tokens;
+        prefix.prompt_tokens += prompt;
+        prefix.cached_tokens += cached;
         lanes.insert(
             match lane {
                 LaneName::LatencyCritical => "latency_critical",
@@ -470,12 +510,15 @@ pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyR
                 shed,
                 spilled,
                 cost_per_mtok: if tokens > 0.0 { cost / tokens } else { 0.0 },
+                prefix_hit_rate: ratio(cached, prompt),
                 misses,
             },
         );
     }
+    prefix.hit_rate = ratio(prefix.cached_tokens, prefix.prompt_tokens);
     PolicyReport {
         lanes,
+        prefix,
         cost_per_mtok: if all_tokens > 0.0 {
             all_cost / all_tokens
         } else {

@@ -1,5 +1,6 @@
 //! The policies the simulator compares: `switchyard` (the router's own `policy::place`, with
-//! the policy document of the profile) and the baselines — `static` (lane → home pool, no
+//! the policy document of the profile, fed the cached prefix per worker from the router's view
+//! of what workers published, as the live router's prefix index feeds it) and the baselines — `static` (lane → home pool, no
 //! spill, no affinity), `round_robin` and `least_loaded` over every worker ignoring lanes,
 //! `all_wse`, and `prefix_aware`, a cache-aware router in the style of SGLang's (longest
 //! prefix match when load is balanced, else the least-loaded worker). Baselines queue and shed
@@ -12,6 +13,7 @@ use switchyard_router::policy::{
 };
 
 use super::engine::{Placer, PrefixTree, SimRequest};
+use super::kv::RouterKvView;
 
 pub const POLICY_NAMES: [&str; 6] = [
     "switchyard",
@@ -28,6 +30,8 @@ pub fn placer(name: &str, policy: &PolicyDocument) -> Option<Box<dyn Placer>> {
         "switchyard" => Box::new(Switchyard {
             policy: policy.clone(),
             affinity: true,
+            prefix: true,
+            hits: Vec::new(),
         }),
         "static" => {
             let mut fixed = policy.clone();
@@ -37,6 +41,8 @@ pub fn placer(name: &str, policy: &PolicyDocument) -> Option<Box<dyn Placer>> {
             Box::new(Switchyard {
                 policy: fixed,
                 affinity: false,
+                prefix: false,
+                hits: Vec::new(),
             })
         }
         "round_robin" => Box::new(RoundRobin { next: 0 }),
@@ -69,22 +75,33 @@ fn utilisation(w: &WorkerState) -> f64 {
 struct Switchyard {
     policy: PolicyDocument,
     affinity: bool,
+    /// Look the prompt up in the router's KV view (`RequestInfo.prefix`), as the live router
+    /// does when it has the prompt's token ids.
+    prefix: bool,
+    hits: Vec<(usize, u32)>,
 }
 
 impl Placer for Switchyard {
     fn place(
         &mut self,
         view: &ClusterView,
+        kv: &RouterKvView,
         r: &SimRequest,
         index: u32,
         _: &PolicyDocument,
     ) -> Decision {
+        let prefix = if self.prefix {
+            kv.lookup(r.full_blocks(), &mut self.hits);
+            Some(self.hits.as_slice())
+        } else {
+            None
+        };
         let info = RequestInfo {
             model: view.worker(0).models[0].as_str(),
             prompt_tokens: r.prompt_tokens,
             affinity: if self.affinity { r.affinity } else { None },
             seed: u64::from(index),
-            prefix: None,
+            prefix,
         };
         place(view, &r.classification(), &info, &self.policy, &[])
     }
@@ -98,6 +115,7 @@ impl Placer for RoundRobin {
     fn place(
         &mut self,
         view: &ClusterView,
+        _: &RouterKvView,
         _: &SimRequest,
         _: u32,
         _: &PolicyDocument,
@@ -122,6 +140,7 @@ impl Placer for LeastLoaded {
     fn place(
         &mut self,
         view: &ClusterView,
+        _: &RouterKvView,
         _: &SimRequest,
         _: u32,
         _: &PolicyDocument,
@@ -157,6 +176,7 @@ impl Placer for PrefixAware {
     fn place(
         &mut self,
         view: &ClusterView,
+        _: &RouterKvView,
         r: &SimRequest,
         _: u32,
         _: &PolicyDocument,

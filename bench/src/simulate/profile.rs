@@ -7,6 +7,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use switchyard_router::policy::document::PolicyDocument;
 
+use super::kv::TRACE_BLOCK_TOKENS;
+
 /// A GPU node running continuous batching: one engine step decodes one token for every running
 /// sequence and prefills the prompts admitted since the last step.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -24,12 +26,33 @@ pub struct GpuProfile {
     /// first (as the candle engine does); 0 = every waiting prompt whole in the next step.
     #[serde(default)]
     pub prefill_chunk_tokens: u32,
-    /// Prompt blocks (512 tokens) kept in the prefix cache (0 = none).
-    pub prefix_cache_blocks: usize,
+    /// KV memory of the node, bytes (running sequences and cached prefixes share it; 0 = no
+    /// prefix cache).
+    pub kv_budget_bytes: u64,
+    /// KV bytes of one token (layers × KV heads × head dim × 2 (K, V) × bytes per value).
+    pub kv_bytes_per_token: u64,
+    /// The engine's KV block, tokens (the native engine's is 32). Must divide the traces'
+    /// 512-token blocks: a trace block is stored, hit and evicted as that many engine blocks.
+    pub kv_block_tokens: u32,
     /// Price per million generated tokens.
     pub cost_per_mtok: f64,
     #[serde(default)]
     pub sources: BTreeMap<String, String>,
+}
+
+impl GpuProfile {
+    /// The engine's KV blocks in the budget.
+    pub fn kv_engine_blocks(&self) -> u64 {
+        self.kv_budget_bytes
+            / self.kv_bytes_per_token.max(1)
+            / u64::from(self.kv_block_tokens.max(1))
+    }
+
+    /// The KV budget in whole trace blocks (512 tokens): the simulated cache's capacity.
+    pub fn kv_trace_blocks(&self) -> usize {
+        let per_trace_block = u64::from(TRACE_BLOCK_TOKENS / self.kv_block_tokens.max(1)).max(1);
+        (self.kv_engine_blocks() / per_trace_block) as usize
+    }
 }
 
 /// A wafer-scale gateway with fixed concurrency slots.
@@ -43,7 +66,6 @@ pub struct WseProfile {
     pub prefill_tokens_per_s: f64,
     /// Fixed latency to the first token (network, gateway, scheduling), ms.
     pub ttft_overhead_ms: f64,
-    pub prefix_cache_blocks: usize,
     pub cost_per_mtok: f64,
     #[serde(default)]
     pub sources: BTreeMap<String, String>,
@@ -118,6 +140,16 @@ impl Profiles {
             "gpu.prefill_tokens_per_s",
             pos(g.prefill_tokens_per_s),
             g.prefill_tokens_per_s,
+        )?;
+        check(
+            "gpu.kv_bytes_per_token",
+            g.kv_bytes_per_token > 0,
+            g.kv_bytes_per_token,
+        )?;
+        check(
+            "gpu.kv_block_tokens",
+            g.kv_block_tokens > 0 && TRACE_BLOCK_TOKENS.is_multiple_of(g.kv_block_tokens),
+            format!("{} (must divide {TRACE_BLOCK_TOKENS})", g.kv_block_tokens),
         )?;
         check(
             "gpu.cost_per_mtok",
