@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prefix reuse side by side, one run, one machine, one workload (`switchyard-bench multiturn`):
-#   on     switchyard up --engine candle (2 GPU workers), engine prefix cache on
+#   on     switchyard up --engine candle (2 GPU workers, no wse worker), engine prefix cache on
 #   off    the same with --prefix-cache off
 #   anchor SMG (--policy cache_aware) in front of two llama.cpp llama-server processes
 # in alternating rounds (on, off, anchor, on, off, anchor, ...), each system started fresh
@@ -95,7 +95,7 @@ run_switchyard() {  # run_switchyard on|off ROUND
   grpc=$(free_port); http=$(free_port); cp=$(free_port); dash=$(free_port)
   if [ "$HAS_PREFIX_FLAG" = 1 ]; then flag=(--prefix-cache "$mode"); fi
   start "$log" env RAYON_NUM_THREADS="$THREADS" "$SWITCHYARD" up --engine candle \
-    --model-path "$MODEL" --gpu-workers 2 "${flag[@]}" \
+    --model-path "$MODEL" --gpu-workers 2 --wse-workers 0 "${flag[@]}" \
     --router-listen "127.0.0.1:$grpc" --http-listen "127.0.0.1:$http" \
     --control-plane-listen "127.0.0.1:$cp" --dashboard-listen "127.0.0.1:$dash"
   wait_line "$log" "router http" 120

@@ -42,6 +42,10 @@ pub struct UpArgs {
     /// Number of GPU workers.
     #[arg(long, default_value_t = 2)]
     pub gpu_workers: usize,
+    /// Number of wafer-scale workers (0: a GPU-only cluster, e.g. to compare GPU serving with
+    /// other GPU servers).
+    #[arg(long, default_value_t = 1)]
+    pub wse_workers: usize,
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -78,7 +82,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             switchyard_worker_gpu::build_engine(&args.gpu)?,
         ));
     }
-    workers.push(("worker-wse", Pool::Wse, wse_engine(&args.gpu)?));
+    for _ in 0..args.wse_workers {
+        workers.push(("worker-wse", Pool::Wse, wse_engine(&args.gpu)?));
+    }
     for (component, pool, engine) in workers {
         let config = WorkerConfig {
             id: default_worker_id(pool),
@@ -158,7 +164,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     let router = endpoints[0].1;
-    let workers = args.gpu_workers + 1;
+    let workers = args.gpu_workers + args.wse_workers;
     let probe_key = probe_key(args.api_keys_file.as_deref())?;
     tokio::time::timeout(
         Duration::from_secs(10),
