@@ -244,6 +244,10 @@ pub struct ControlPlaneArgs {
         value_delimiter = ','
     )]
     pub dashboard_allowed_hosts: Vec<String>,
+    /// JSON file of admin tokens (`{"tokens": [{"name", "token", "role": "viewer"|"operator"}]}`).
+    /// When set, Admin writes (gRPC and dashboard) need an operator's token; unset, they are open.
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKENS_FILE")]
+    pub admin_tokens_file: Option<std::path::PathBuf>,
 }
 
 /// A token fired by the first SIGINT or SIGTERM.
@@ -321,6 +325,12 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
     if id.is_empty() {
         anyhow::bail!("--id: must not be empty");
     }
+    // A bad tokens file is a configuration error: report it before touching the cluster.
+    let tokens = args
+        .admin_tokens_file
+        .as_deref()
+        .map(switchyard_control_plane::auth::AdminTokens::load)
+        .transpose()?;
     let etcd = EtcdRegistry::connect(&args.cluster.etcd)
         .await
         .with_context(|| format!("connecting to etcd at {}", args.cluster.etcd.join(",")))?;
@@ -339,6 +349,7 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
             dashboard_hosts: switchyard_control_plane::guard::HostAllowlist::new(
                 &args.dashboard_allowed_hosts,
             ),
+            access: switchyard_control_plane::auth::Access::new(tokens),
         },
     };
     args.metrics

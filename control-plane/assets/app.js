@@ -234,11 +234,9 @@ async function toggleDrain(id, action) {
   document.querySelectorAll(`tr[data-worker-id="${CSS.escape(id)}"] button`)
     .forEach((b) => { b.disabled = true; });
   try {
-    // The JSON content type and the custom header are what the server's cross-site guard
-    // requires of every write.
     const response = await fetch(`/api/workers/${encodeURIComponent(id)}/${action}`, {
       method: "POST",
-      headers: { "content-type": "application/json", "x-switchyard-csrf": "1" },
+      headers: WRITE_HEADERS,
       body: "{}",
     });
     const body = await response.json().catch(() => ({}));
@@ -260,5 +258,47 @@ async function toggleDrain(id, action) {
   }
 }
 
+// What every write sends: the server's cross-site guard requires the JSON content type and
+// the custom header; the admin token travels in the HttpOnly cookie set by signing in.
+const WRITE_HEADERS = { "content-type": "application/json", "x-switchyard-csrf": "1" };
+
+async function refreshSession() {
+  const session = await getJson("/api/session").catch(() => null);
+  if (!session) return;
+  $("login").hidden = !session.required || session.signed_in;
+  const who = $("who");
+  who.hidden = !session.signed_in;
+  who.textContent = "";
+  if (session.signed_in) {
+    who.append(`signed in as ${session.name} (${session.role}) `);
+    const out = document.createElement("button");
+    out.textContent = "Sign out";
+    out.addEventListener("click", async () => {
+      await fetch("/api/session", { method: "DELETE", headers: WRITE_HEADERS, body: "{}" });
+      await refreshSession();
+    });
+    who.append(out);
+  }
+}
+
+$("login").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const response = await fetch("/api/session", {
+    method: "POST",
+    headers: WRITE_HEADERS,
+    body: JSON.stringify({ token: $("token").value }),
+  });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    showError(`Sign-in failed (HTTP ${response.status}): ${body.error || "no reason given"}`);
+    $("error").dataset.source = "action";
+    return;
+  }
+  $("token").value = "";
+  showNotice(`Signed in as ${body.name} (${body.role}).`);
+  await refreshSession();
+});
+
+refreshSession();
 refresh();
 setInterval(refresh, POLL_MS);

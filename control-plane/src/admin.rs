@@ -7,18 +7,50 @@ use switchyard_proto::v1;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
-use tracing::warn;
+use tracing::{info, warn};
 
+use crate::auth::{Access, Caller};
 use crate::plane::{ControlPlane, WorkerView};
 
 pub struct AdminService {
     plane: ControlPlane,
+    access: Access,
 }
 
 impl AdminService {
+    /// An open service (no tokens): anyone may write, as before admin tokens existed.
     pub fn new(plane: ControlPlane) -> Self {
-        Self { plane }
+        Self {
+            plane,
+            access: Access::default(),
+        }
     }
+
+    pub fn with_access(mut self, access: Access) -> Self {
+        self.access = access;
+        self
+    }
+
+    /// The caller of a write, if an operator; `UNAUTHENTICATED` / `PERMISSION_DENIED` if not.
+    fn operator<T>(&self, request: &Request<T>, action: &str) -> Result<Caller, Status> {
+        let bearer = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        Ok(self.access.operator(bearer, None, action)?)
+    }
+}
+
+/// The audit line of a write that succeeded: who did what, from which front door.
+pub(crate) fn audit(caller: &Caller, via: &str, action: &str, target: &str) {
+    info!(
+        who = %caller.name,
+        role = caller.role.as_str(),
+        via,
+        action,
+        target,
+        "admin write"
+    );
 }
 
 fn worker_info(worker: WorkerView) -> v1::WorkerInfo {
@@ -63,10 +95,12 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::SetPolicyRequest>,
     ) -> Result<Response<v1::SetPolicyResponse>, Status> {
+        let caller = self.operator(&request, "set the policy")?;
         let document = self
             .plane
             .set_policy(&request.into_inner().document)
             .await?;
+        audit(&caller, "grpc", "set_policy", "policy");
         Ok(Response::new(v1::SetPolicyResponse { document }))
     }
 
@@ -74,8 +108,10 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::DrainRequest>,
     ) -> Result<Response<v1::DrainResponse>, Status> {
+        let caller = self.operator(&request, "drain workers")?;
         let worker_id = request.into_inner().worker_id;
         let already_draining = self.plane.drain(&worker_id).await?;
+        audit(&caller, "grpc", "drain", &worker_id);
         Ok(Response::new(v1::DrainResponse {
             worker_id,
             already_draining,
@@ -86,8 +122,10 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::UndrainRequest>,
     ) -> Result<Response<v1::UndrainResponse>, Status> {
+        let caller = self.operator(&request, "undrain workers")?;
         let worker_id = request.into_inner().worker_id;
         let was_draining = self.plane.undrain(&worker_id).await?;
+        audit(&caller, "grpc", "undrain", &worker_id);
         Ok(Response::new(v1::UndrainResponse {
             worker_id,
             was_draining,

@@ -9,6 +9,10 @@
 //! | GET | `/api/events` | the last cluster events (joined/left/draining/ready/policy) |
 //! | POST | `/api/workers/{id}/drain` | request a drain (leader only) |
 //! | POST | `/api/workers/{id}/undrain` | lift it (leader only) |
+//! | GET, POST, DELETE | `/api/session` | who is signed in; sign in with `{"token"}`; sign out |
+//!
+//! With admin tokens configured, writes need an operator's `authorization: Bearer <token>` or
+//! the HttpOnly, SameSite=Strict cookie the sign-in sets (401 without, 403 for a viewer).
 //!
 //! Every write needs `content-type: application/json` and `x-switchyard-csrf`, and must not come
 //! from another site or host ([`guard`]: 403 otherwise).
@@ -16,13 +20,15 @@
 //! Errors are `{"error": "..."}` with 400 (bad id), 404 (unknown worker), 409 (this replica is
 //! not the leader; `leader` names it) or 503 (etcd unreachable).
 
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{FromRef, Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
+use crate::admin::audit;
+use crate::auth::{self, Access, Caller, Denied};
 use crate::leader::Role;
 use crate::plane::{ControlPlane, OpError};
 use crate::{SecurityConfig, guard};
@@ -31,7 +37,30 @@ const INDEX_HTML: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
 const STYLE_CSS: &str = include_str!("../assets/style.css");
 
+/// What the handlers share: the operations and who may write.
+#[derive(Clone)]
+struct AppState {
+    plane: ControlPlane,
+    access: Access,
+}
+
+impl FromRef<AppState> for ControlPlane {
+    fn from_ref(state: &AppState) -> Self {
+        state.plane.clone()
+    }
+}
+
+impl FromRef<AppState> for Access {
+    fn from_ref(state: &AppState) -> Self {
+        state.access.clone()
+    }
+}
+
 pub fn router(plane: ControlPlane, security: SecurityConfig) -> Router {
+    let state = AppState {
+        plane,
+        access: security.access,
+    };
     Router::new()
         .route("/", get(index))
         .route("/assets/app.js", get(app_js))
@@ -42,8 +71,9 @@ pub fn router(plane: ControlPlane, security: SecurityConfig) -> Router {
         .route("/api/events", get(events))
         .route("/api/workers/{id}/drain", post(drain))
         .route("/api/workers/{id}/undrain", post(undrain))
+        .route("/api/session", get(session).post(sign_in).delete(sign_out))
         .fallback(not_found)
-        .with_state(plane)
+        .with_state(state)
         // Outermost: no handler (not even a 404) runs for a foreign host or a cross-site write.
         .layer(axum::middleware::from_fn_with_state(
             security.dashboard_hosts,
@@ -177,24 +207,131 @@ fn leader_json(plane: &ControlPlane) -> Option<Value> {
         .and_then(|l| serde_json::to_value(l).ok())
 }
 
+/// A refused credential as an HTTP answer: 401 (none or unknown), 403 (not an operator).
+fn denied(denied: Denied) -> Response {
+    let status = match denied {
+        Denied::Forbidden { .. } => StatusCode::FORBIDDEN,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    (status, Json(json!({ "error": denied.to_string() }))).into_response()
+}
+
+/// The admin token in the sign-in cookie, if any.
+fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == auth::COOKIE).then_some(value)
+        })
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// The operator making a write from the dashboard, or the answer refusing it.
+fn operator(access: &Access, headers: &HeaderMap, action: &str) -> Result<Caller, Denied> {
+    access.operator(bearer(headers), cookie_token(headers), action)
+}
+
 async fn drain(
     State(plane): State<ControlPlane>,
+    State(access): State<Access>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Response> {
+    let caller = operator(&access, &headers, "drain workers").map_err(denied)?;
     match plane.drain(&id).await {
-        Ok(already) => Ok(Json(
-            json!({ "worker_id": id, "already_draining": already }),
-        )),
-        Err(error) => Err(ApiError(error, leader_json(&plane))),
+        Ok(already) => {
+            audit(&caller, "dashboard", "drain", &id);
+            Ok(Json(
+                json!({ "worker_id": id, "already_draining": already }),
+            ))
+        }
+        Err(error) => Err(ApiError(error, leader_json(&plane)).into_response()),
     }
 }
 
 async fn undrain(
     State(plane): State<ControlPlane>,
+    State(access): State<Access>,
+    headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Value>, Response> {
+    let caller = operator(&access, &headers, "undrain workers").map_err(denied)?;
     match plane.undrain(&id).await {
-        Ok(was) => Ok(Json(json!({ "worker_id": id, "was_draining": was }))),
-        Err(error) => Err(ApiError(error, leader_json(&plane))),
+        Ok(was) => {
+            audit(&caller, "dashboard", "undrain", &id);
+            Ok(Json(json!({ "worker_id": id, "was_draining": was })))
+        }
+        Err(error) => Err(ApiError(error, leader_json(&plane)).into_response()),
     }
+}
+
+/// Whether sign-in is needed and who is signed in (the page shows or hides its form).
+async fn session(State(access): State<Access>, headers: HeaderMap) -> Json<Value> {
+    let caller = access
+        .identify(bearer(&headers), cookie_token(&headers))
+        .ok();
+    Json(json!({
+        "required": access.required(),
+        "signed_in": access.required() && caller.is_some(),
+        "name": caller.as_ref().map(|c| c.name.clone()),
+        "role": caller.as_ref().map(|c| c.role.as_str()),
+    }))
+}
+
+/// How long a sign-in lasts.
+const SESSION_SECONDS: u32 = 8 * 3600;
+
+/// Signs in with `{"token": "…"}`: checks it and keeps it in an HttpOnly, SameSite=Strict
+/// cookie, so page scripts never hold it and other sites' requests never carry it.
+async fn sign_in(State(access): State<Access>, body: axum::body::Bytes) -> Response {
+    if !access.required() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "no admin tokens are configured (--admin-tokens-file): nothing to sign in to" })),
+        )
+            .into_response();
+    }
+    let token = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["token"].as_str().map(str::to_string));
+    let Some(token) = token else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({ "error": "expected a JSON body {\"token\": \"…\"}" })),
+        )
+            .into_response();
+    };
+    match access.identify(None, Some(token.trim())) {
+        Ok(caller) => {
+            let cookie = format!(
+                "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_SECONDS}",
+                auth::COOKIE,
+                token.trim()
+            );
+            tracing::info!(who = %caller.name, role = caller.role.as_str(), "dashboard sign-in");
+            (
+                [(header::SET_COOKIE, cookie)],
+                Json(json!({ "name": caller.name, "role": caller.role.as_str() })),
+            )
+                .into_response()
+        }
+        Err(error) => denied(error),
+    }
+}
+
+async fn sign_out() -> Response {
+    let cookie = format!(
+        "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
+        auth::COOKIE
+    );
+    ([(header::SET_COOKIE, cookie)], Json(json!({}))).into_response()
 }

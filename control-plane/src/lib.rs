@@ -4,6 +4,7 @@
 //! and leader election among replicas (`leader/control-plane`): only the leader writes.
 
 pub mod admin;
+pub mod auth;
 pub mod dashboard;
 pub mod events;
 pub mod guard;
@@ -47,6 +48,8 @@ pub struct ControlPlaneConfig {
 pub struct SecurityConfig {
     /// `Host` names the dashboard answers to besides IP literals and `localhost`.
     pub dashboard_hosts: guard::HostAllowlist,
+    /// Who may write (drain, undrain, set the policy); open when no tokens are configured.
+    pub access: auth::Access,
 }
 
 /// Where a running control plane serves.
@@ -132,7 +135,9 @@ pub async fn run_control_plane(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AdminServer::new(AdminService::new(plane.clone())))
+        .add_service(AdminServer::new(
+            AdminService::new(plane.clone()).with_access(config.security.access.clone()),
+        ))
         .serve_with_incoming_shutdown(
             // Streams carry small frames: Nagle's algorithm would hold them back
             // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not reach

@@ -132,6 +132,28 @@ impl Browser {
         Ok(())
     }
 
+    /// Types `text` into the first element matching `css`, as a user would (element send keys).
+    pub async fn type_text(&self, css: &str, text: &str) -> anyhow::Result<()> {
+        let found = post(
+            &self.http,
+            &self.url("/element"),
+            &json!({ "using": "css selector", "value": css }),
+        )
+        .await
+        .with_context(|| format!("finding {css}"))?;
+        let id = found[ELEMENT_KEY]
+            .as_str()
+            .with_context(|| format!("no element reference in {found}"))?;
+        post(
+            &self.http,
+            &self.url(&format!("/element/{id}/value")),
+            &json!({ "text": text }),
+        )
+        .await
+        .with_context(|| format!("typing into {css}"))?;
+        Ok(())
+    }
+
     /// The text content of the first element matching `css` ("" when there is none).
     pub async fn text(&self, css: &str) -> anyhow::Result<String> {
         let value = self

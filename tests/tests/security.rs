@@ -275,3 +275,239 @@ async fn dashboard_writes_need_its_origin_content_type_and_header_and_hosts_are_
     }
     Ok(())
 }
+
+const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef";
+const VIEWER_TOKEN: &str = "viewer-token-0123456789abcdef";
+
+/// An admin tokens file with one operator (`alice`) and one viewer (`bob`).
+fn admin_tokens_file(dir: &tempfile::TempDir) -> anyhow::Result<String> {
+    let path = dir.path().join("admin-tokens.json");
+    std::fs::write(
+        &path,
+        json!({"tokens": [
+            {"name": "alice", "token": OPERATOR_TOKEN, "role": "operator"},
+            {"name": "bob", "token": VIEWER_TOKEN, "role": "viewer"},
+        ]})
+        .to_string(),
+    )?;
+    Ok(path.display().to_string())
+}
+
+fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii"),
+        );
+    }
+    request
+}
+
+fn drain(id: &str) -> v1::DrainRequest {
+    v1::DrainRequest {
+        worker_id: id.into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tokens = admin_tokens_file(&dir)?;
+    let plane = Plane::start(&["--admin-tokens-file", &tokens]).await?;
+    let mut admin = plane.admin.clone();
+
+    // gRPC: no token, an unknown one, a viewer's: refused with the right status.
+    let err = admin
+        .drain(with_token(drain("gpu-0"), None))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("Bearer"), "{}", err.message());
+    let err = admin
+        .drain(with_token(drain("gpu-0"), Some("not-a-token-0123456789")))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let err = admin
+        .drain(with_token(drain("gpu-0"), Some(VIEWER_TOKEN)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("viewer"), "{}", err.message());
+    let err = admin
+        .set_policy(with_token(
+            v1::SetPolicyRequest {
+                document: "{}".into(),
+            },
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let err = admin
+        .undrain(with_token(
+            v1::UndrainRequest {
+                worker_id: "gpu-0".into(),
+            },
+            Some(VIEWER_TOKEN),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert_eq!(drains(&admin).await?, Vec::<String>::new());
+    // Reads stay open.
+    admin.get_policy(v1::GetPolicyRequest {}).await?;
+    admin
+        .list_workers(v1::ListWorkersRequest::default())
+        .await?;
+
+    // An operator drains, and the change is logged with who made it (never the token).
+    admin
+        .drain(with_token(drain("gpu-0"), Some(OPERATOR_TOKEN)))
+        .await?;
+    assert_eq!(drains(&admin).await?, vec!["gpu-0".to_string()]);
+    let line = plane
+        .control_plane
+        .wait_for_log("admin write", PATIENCE)
+        .await?;
+    assert!(
+        line.contains("alice") && line.contains("drain") && line.contains("gpu-0"),
+        "{line}"
+    );
+    admin
+        .undrain(with_token(
+            v1::UndrainRequest {
+                worker_id: "gpu-0".into(),
+            },
+            Some(OPERATOR_TOKEN),
+        ))
+        .await?;
+
+    // HTTP: the same rule on the dashboard's API.
+    let client = reqwest::Client::new();
+    let drain_url = format!("http://{}/api/workers/gpu-0/drain", plane.http());
+    let post = |token: Option<&str>| {
+        let request = client
+            .post(&drain_url)
+            .header("content-type", "application/json")
+            .header(CSRF_HEADER, "1");
+        match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    };
+    let response = post(None).send().await?;
+    assert_eq!(response.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let body: Value = response.json().await?;
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("sign in"),
+        "{body}"
+    );
+    let response = post(Some(VIEWER_TOKEN)).send().await?;
+    assert_eq!(response.status(), reqwest::StatusCode::FORBIDDEN);
+    assert_eq!(drains(&admin).await?, Vec::<String>::new());
+    let response = post(Some(OPERATOR_TOKEN)).send().await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert_eq!(drains(&admin).await?, vec!["gpu-0".to_string()]);
+    let response = client
+        .get(format!("http://{}/api/workers", plane.http()))
+        .send()
+        .await?;
+    assert_eq!(
+        response.status(),
+        reqwest::StatusCode::OK,
+        "reads stay open"
+    );
+
+    let log = std::fs::read_to_string(&plane.control_plane.log)?;
+    assert!(
+        !log.contains(OPERATOR_TOKEN) && !log.contains(VIEWER_TOKEN),
+        "a token reached the log"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_signs_in_with_a_token_and_then_drains() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tokens = admin_tokens_file(&dir)?;
+    let plane = Plane::start(&["--admin-tokens-file", &tokens]).await?;
+    let browser = Browser::start().await?;
+    browser.goto(&format!("http://{}/", plane.http())).await?;
+    wait_until(
+        PATIENCE,
+        "the page to list gpu-0 and ask to sign in",
+        || async {
+            browser
+                .execute(
+                    "return !document.getElementById('login').hidden
+                   && !!document.querySelector(\"tr[data-worker-id='gpu-0'] button.drain\");",
+                    vec![],
+                )
+                .await
+                .is_ok_and(|v| v == json!(true))
+        },
+    )
+    .await?;
+
+    // Not signed in: the click is refused and the page says why.
+    browser
+        .click("tr[data-worker-id='gpu-0'] button.drain")
+        .await?;
+    wait_until(PATIENCE, "the page to show the refusal", || async {
+        browser
+            .text("#error")
+            .await
+            .is_ok_and(|t| t.contains("HTTP 401") && t.contains("sign in"))
+    })
+    .await?;
+    assert_eq!(drains(&plane.admin).await?, Vec::<String>::new());
+
+    // A wrong token is refused; the operator's is accepted and kept in an HttpOnly cookie.
+    browser
+        .type_text("#token", "wrong-token-0123456789")
+        .await?;
+    browser.click("#login button").await?;
+    wait_until(PATIENCE, "the page to refuse the wrong token", || async {
+        browser
+            .text("#error")
+            .await
+            .is_ok_and(|t| t.contains("not recognised"))
+    })
+    .await?;
+    browser
+        .execute("document.getElementById('token').value = '';", vec![])
+        .await?;
+    browser.type_text("#token", OPERATOR_TOKEN).await?;
+    browser.click("#login button").await?;
+    wait_until(PATIENCE, "the page to show who is signed in", || async {
+        browser
+            .text("#who")
+            .await
+            .is_ok_and(|t| t.contains("alice") && t.contains("operator"))
+    })
+    .await?;
+    let cookies = browser.execute("return document.cookie;", vec![]).await?;
+    assert!(
+        !cookies
+            .as_str()
+            .unwrap_or_default()
+            .contains(OPERATOR_TOKEN),
+        "the token is readable by scripts: {cookies}"
+    );
+    browser
+        .click("tr[data-worker-id='gpu-0'] button.drain")
+        .await?;
+    wait_until(PATIENCE, "gpu-0 to be drained", || async {
+        drains(&plane.admin)
+            .await
+            .is_ok_and(|d| d == vec!["gpu-0".to_string()])
+    })
+    .await?;
+    browser.close().await?;
+    Ok(())
+}
