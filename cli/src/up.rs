@@ -37,6 +37,10 @@ pub struct UpArgs {
     /// Ops dashboard (control plane HTTP) address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_HTTP_ADDR", default_value = "127.0.0.1:8090")]
     pub dashboard_listen: SocketAddr,
+    /// Admin tokens file for the control plane (see `switchyard control-plane --help`). Unset:
+    /// a throw-away operator token is generated and its file printed.
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKENS_FILE")]
+    pub admin_tokens_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub gpu: switchyard_worker_gpu::GpuEngineArgs,
     /// Number of GPU workers.
@@ -66,6 +70,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             switchyard_control_plane::ElectionConfig::Standalone,
         ),
     };
+    let admin = admin_access(args.admin_tokens_file.as_deref())?;
     let shutdown = shutdown_on_signal();
     let mut tasks = JoinSet::new();
     let mut ready = Vec::new();
@@ -119,7 +124,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         http_listen: Some(args.dashboard_listen),
         election,
         metrics: Default::default(),
-        security: Default::default(),
+        security: switchyard_control_plane::SecurityConfig {
+            access: admin.access.clone(),
+            ..Default::default()
+        },
     };
     let (r, s) = (registry.clone(), shutdown.clone());
     tasks.spawn(async move {
@@ -174,6 +182,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     .context("the router did not connect to every worker within 10s")??;
     let router_http = http_rx.await.ok().flatten();
     let dashboard = dashboard_rx.await.ok().flatten();
+    if let Some(dir) = &admin.generated {
+        // Four words, before the endpoints: not an endpoint line (those are `<component>
+        // <protocol> <address>`), and read by whoever waits for the endpoints.
+        println!(
+            "control-plane admin token {}",
+            dir.path().join(TOKEN_FILE).display()
+        );
+    }
     for (component, address) in endpoints {
         announce(component, "grpc", address);
         let http = match component {
@@ -190,6 +206,53 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         result??;
     }
     Ok(())
+}
+
+/// The generated operator token's file name, in a private temporary directory.
+const TOKEN_FILE: &str = "admin-token";
+
+/// Who may write to the local control plane: the given tokens, or a generated operator token.
+struct AdminAccess {
+    access: switchyard_control_plane::auth::Access,
+    /// The directory holding a generated token (mode 0700, removed when `up` ends).
+    generated: Option<tempfile::TempDir>,
+}
+
+fn admin_access(file: Option<&std::path::Path>) -> anyhow::Result<AdminAccess> {
+    use switchyard_control_plane::auth::{Access, AdminTokens, Role};
+    if let Some(file) = file {
+        return Ok(AdminAccess {
+            access: Access::new(Some(AdminTokens::load(file)?)),
+            generated: None,
+        });
+    }
+    // 244 random bits from the OS generator (UUID v4 is getrandom underneath).
+    let token = format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("switchyard-up-")
+        .tempdir()
+        .context("creating a directory for the admin token")?;
+    let path = dir.path().join(TOKEN_FILE);
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("writing {}", path.display()))?;
+        writeln!(file, "{token}")?;
+    }
+    let tokens = AdminTokens::new([("operator".to_string(), token, Role::Operator)])?;
+    Ok(AdminAccess {
+        access: Access::new(Some(tokens)),
+        generated: Some(dir),
+    })
 }
 
 /// Slots of the local wafer-scale stand-in: few, like a scarce wafer, so latency-critical

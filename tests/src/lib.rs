@@ -163,6 +163,8 @@ pub struct Component {
     pub log: PathBuf,
     /// Endpoints announced on stdout, `(protocol, address)`.
     pub endpoints: Vec<(String, String, SocketAddr)>,
+    /// Other stdout lines printed before the last endpoint (e.g. `switchyard up`'s admin token).
+    pub notes: Vec<String>,
 }
 
 impl Component {
@@ -196,6 +198,7 @@ impl Component {
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut endpoints = Vec::new();
+        let mut notes = Vec::new();
         let deadline = Instant::now() + READY_TIMEOUT;
         while endpoints.len() < expected_lines {
             let line = tokio::time::timeout_at(deadline, lines.next_line())
@@ -213,6 +216,8 @@ impl Component {
                     protocol.to_string(),
                     address.parse()?,
                 ));
+            } else {
+                notes.push(line);
             }
         }
         // Keep draining stdout so the child never blocks on a full pipe.
@@ -222,6 +227,7 @@ impl Component {
             name: name.to_string(),
             log,
             endpoints,
+            notes,
         })
     }
 

@@ -511,3 +511,47 @@ async fn the_dashboard_signs_in_with_a_token_and_then_drains() -> anyhow::Result
     browser.close().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_up_generates_an_operator_token_and_requires_it() -> anyhow::Result<()> {
+    let up = Component::start(
+        "up",
+        &[
+            "up",
+            "--engine",
+            "synthetic",
+            "--router-listen",
+            "127.0.0.1:0",
+            "--control-plane-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--dashboard-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
+        7,
+    )
+    .await?;
+    let note = up
+        .notes
+        .iter()
+        .find_map(|l| l.strip_prefix("control-plane admin token "))
+        .unwrap_or_else(|| panic!("no admin token line in {:?}", up.notes));
+    let path = std::path::Path::new(note);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path)?.permissions());
+    assert_eq!(mode & 0o077, 0, "the token file is readable by others");
+    let token = std::fs::read_to_string(path)?.trim().to_string();
+    let mut admin = admin(up.addr_of("control-plane", "grpc")).await?;
+    let workers = admin
+        .list_workers(v1::ListWorkersRequest::default())
+        .await?
+        .into_inner()
+        .workers;
+    let id = workers.first().expect("a worker").id.clone();
+    let err = admin.drain(with_token(drain(&id), None)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    admin.drain(with_token(drain(&id), Some(&token))).await?;
+    assert_eq!(drains(&admin).await?, vec![id]);
+    Ok(())
+}
