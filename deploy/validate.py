@@ -40,7 +40,12 @@ kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(
 KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]
 SUBCOMMANDS = {"router", "worker-gpu", "worker-wse", "control-plane"}
 # Secrets the operator creates (deploy/README.md); overlays may generate them instead.
-OPERATOR_SECRETS = {"switchyard-api-keys", "switchyard-wse", "switchyard-admin-tokens"}
+OPERATOR_SECRETS = {
+    "switchyard-api-keys",
+    "switchyard-wse",
+    "switchyard-admin-tokens",
+    "switchyard-cluster-token",
+}
 # Environment variables a switchyard container may set besides its own SWITCHYARD_* flags.
 EXTRA_ENV = {"RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}

@@ -28,9 +28,24 @@ pub struct ClusterArgs {
         default_value = "http://127.0.0.1:2379"
     )]
     pub etcd: Vec<String>,
+    /// File whose first line is the cluster token: routers and control planes present it on
+    /// their worker links, workers refuse `Worker` calls without it. Unset: links are open.
+    #[arg(long, env = "SWITCHYARD_CLUSTER_TOKEN_FILE")]
+    pub cluster_token_file: Option<std::path::PathBuf>,
 }
 
 impl ClusterArgs {
+    /// The cluster token, when configured (a bad file is an error before anything starts).
+    pub fn cluster_token(
+        &self,
+    ) -> anyhow::Result<Option<switchyard_cluster::credential::ClusterToken>> {
+        Ok(self
+            .cluster_token_file
+            .as_deref()
+            .map(switchyard_cluster::credential::ClusterToken::load)
+            .transpose()?)
+    }
+
     pub async fn registry(&self) -> anyhow::Result<Arc<dyn Registry>> {
         let registry = EtcdRegistry::connect(&self.etcd)
             .await
@@ -279,9 +294,13 @@ pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.api_keys_file {
         switchyard_router::auth::ApiKeys::load(path)?;
     }
+    let cluster_token = args.cluster.cluster_token()?;
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
-    let config = args.config();
+    let config = RouterConfig {
+        cluster_token,
+        ..args.config()
+    };
     args.metrics
         .serve("router", &config.metrics, &shutdown)
         .await?;
@@ -301,15 +320,21 @@ pub async fn worker(
     args: WorkerArgs,
     engine: Arc<dyn Engine>,
 ) -> anyhow::Result<()> {
+    let cluster_token = args.cluster.cluster_token()?;
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
     let config = args.config(pool);
     args.metrics
         .serve(component, &config.metrics, &shutdown)
         .await?;
-    switchyard_worker::run_worker(config, engine, registry, shutdown, |addr| {
-        announce(component, "grpc", addr)
-    })
+    switchyard_worker::run_member_worker(
+        config,
+        cluster_token,
+        engine,
+        registry,
+        shutdown,
+        |addr| announce(component, "grpc", addr),
+    )
     .await?;
     Ok(())
 }
@@ -331,6 +356,7 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(switchyard_control_plane::auth::AdminTokens::load)
         .transpose()?;
+    let cluster_token = args.cluster.cluster_token()?;
     let etcd = EtcdRegistry::connect(&args.cluster.etcd)
         .await
         .with_context(|| format!("connecting to etcd at {}", args.cluster.etcd.join(",")))?;
@@ -350,6 +376,7 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
                 &args.dashboard_allowed_hosts,
             ),
             access: switchyard_control_plane::auth::Access::new(tokens),
+            cluster_token,
         },
     };
     args.metrics

@@ -3,6 +3,7 @@
 //! single-process mode, and tracing initialisation shared by every binary.
 
 pub mod backoff;
+pub mod credential;
 pub mod etcd;
 pub mod membership;
 pub mod memory;

@@ -50,6 +50,8 @@ pub struct SecurityConfig {
     pub dashboard_hosts: guard::HostAllowlist,
     /// Who may write (drain, undrain, set the policy); open when no tokens are configured.
     pub access: auth::Access,
+    /// The cluster token presented on the load streams to workers.
+    pub cluster_token: Option<switchyard_cluster::credential::ClusterToken>,
 }
 
 /// Where a running control plane serves.
@@ -113,7 +115,11 @@ pub async fn run_control_plane(
     let policy = registry.watch_policy().await?;
     // Background tasks stop with the servers.
     let background = shutdown.child_token();
-    let loads = loads::Loads::spawn(membership.clone(), background.clone());
+    let loads = loads::Loads::spawn(
+        membership.clone(),
+        config.security.cluster_token.clone(),
+        background.clone(),
+    );
     let events = events::Events::spawn(membership.clone(), policy, background.clone());
     let me = ReplicaInfo {
         id: config.id.clone(),

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_cluster::Membership;
+use switchyard_cluster::credential::ClusterToken;
 use switchyard_proto::v1::{self, worker_client::WorkerClient, worker_frame::Frame};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,6 +21,8 @@ const RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Default)]
 pub struct Loads {
     by_worker: Arc<Mutex<HashMap<String, v1::Load>>>,
+    /// The cluster token presented to workers.
+    credential: Option<ClusterToken>,
 }
 
 impl Loads {
@@ -41,8 +44,15 @@ impl Loads {
     }
 
     /// Follows the membership: one load stream per registered worker, until `shutdown`.
-    pub fn spawn(mut membership: Membership, shutdown: CancellationToken) -> Self {
-        let loads = Self::default();
+    pub fn spawn(
+        mut membership: Membership,
+        credential: Option<ClusterToken>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let loads = Self {
+            credential,
+            ..Self::default()
+        };
         let this = loads.clone();
         tokio::spawn(async move {
             // Worker id → (address followed, task).
@@ -101,7 +111,10 @@ async fn stream_loads(
         .keep_alive_timeout(Duration::from_secs(5));
     let mut client = WorkerClient::new(endpoint.connect().await?);
     // The outbound half stays open and empty: this stream only listens.
-    let outbound = futures::stream::pending::<v1::RouterFrame>();
+    let mut outbound = tonic::Request::new(futures::stream::pending::<v1::RouterFrame>());
+    if let Some(credential) = &loads.credential {
+        credential.apply(&mut outbound);
+    }
     let mut inbound = client.serve(outbound).await?.into_inner();
     while let Some(frame) = inbound.message().await? {
         if let Some(Frame::Load(load)) = frame.frame {

@@ -29,6 +29,9 @@ pub struct RouterConfig {
     /// and the key's tenant replaces the request metadata `tenant`. `None`: no
     /// authentication, and the client's own metadata `tenant` is honoured.
     pub api_keys_file: Option<PathBuf>,
+    /// The cluster token presented on every worker link (workers started with one refuse
+    /// `Worker` calls without it). `None`: links carry no credential.
+    pub cluster_token: Option<switchyard_cluster::credential::ClusterToken>,
     /// Where the router registers its Prometheus metrics; served at `/metrics` on the HTTP
     /// port (and wherever the caller serves it).
     pub metrics: Metrics,
@@ -45,6 +48,7 @@ impl Default for RouterConfig {
             cancel_grace: Duration::from_secs(2),
             max_attempts: 3,
             api_keys_file: None,
+            cluster_token: None,
             metrics: Metrics::new(),
         }
     }

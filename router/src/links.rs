@@ -13,9 +13,10 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
+use switchyard_cluster::credential::ClusterToken;
 use switchyard_cluster::{Membership, MembershipView, WorkerRecord};
 use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, worker_frame};
 use tokio::sync::{Notify, mpsc};
@@ -428,8 +429,12 @@ impl Link {
         // that accepts but never answers must not leave the link stuck; it is retried instead.
         let establish = async {
             let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let mut call = tonic::Request::new(ReceiverStream::new(unbounded_to_bounded(rx)));
+            if let Some(token) = self.credential() {
+                token.apply(&mut call);
+            }
             let inbound = WorkerClient::new(channel.clone())
-                .serve(ReceiverStream::new(unbounded_to_bounded(rx)))
+                .serve(call)
                 .await
                 .map_err(|status| status.to_string())?;
             Ok::<_, String>((channel, inbound.into_inner()))
@@ -463,6 +468,11 @@ impl Link {
 }
 
 impl Link {
+    /// The cluster token of the link set, if any.
+    fn credential(&self) -> Option<ClusterToken> {
+        self.links.upgrade()?.credential.get().cloned()
+    }
+
     /// Fetches the tokenizer of each of the worker's models the router has none for yet. Runs
     /// beside the link: requests go out as text until a tokenizer is here.
     async fn fetch_tokenizers(self: Arc<Self>, channel: Channel) {
@@ -479,7 +489,9 @@ impl Link {
             let fetched = tokio::select! {
                 fetched = async {
                     let claim = self.tokenizers.claim(&model).await?;
-                    Some((tokenizers::fetch(channel.clone(), &model).await, claim))
+                    let credential = self.credential();
+                    let fetched = tokenizers::fetch(channel.clone(), &model, credential.as_ref());
+                    Some((fetched.await, claim))
                 } => fetched,
                 _ = self.closed.cancelled() => return,
             };
@@ -531,6 +543,8 @@ pub struct Links {
     prefix: SharedPrefixIndex,
     me: Weak<Links>,
     tokenizers: Arc<Tokenizers>,
+    /// The cluster token every link presents to its worker, once set.
+    credential: OnceLock<ClusterToken>,
 }
 
 impl Links {
@@ -545,7 +559,13 @@ impl Links {
             prefix: Arc::new(RwLock::new(PrefixIndex::new(PrefixIndexConfig::default()))),
             me: me.clone(),
             tokenizers: Arc::default(),
+            credential: OnceLock::new(),
         })
+    }
+
+    /// Presents `token` on every worker link dialled from now on (set once, before any).
+    pub fn set_credential(&self, token: ClusterToken) {
+        let _ = self.credential.set(token);
     }
 
     /// Creates the link set and a task that keeps it in step with `membership`.

@@ -119,6 +119,9 @@ pub async fn run_router_with_endpoints(
 
     registry.register_metrics(&config.metrics);
     let links = Links::new(config.connect_timeout);
+    if let Some(token) = &config.cluster_token {
+        links.set_credential(token.clone());
+    }
     let fallback_policy = config.default_policy();
     let (policy, policy_tx) = PolicyHandle::pending(fallback_policy.clone());
     let metrics = crate::metrics::RouterMetrics::register(&config.metrics);

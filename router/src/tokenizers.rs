@@ -165,11 +165,19 @@ impl Tokenizers {
 }
 
 /// Asks a worker for `model`'s tokenizer and builds it.
-pub async fn fetch(channel: Channel, model: &str) -> Result<GgufTokenizer, FetchError> {
+pub async fn fetch(
+    channel: Channel,
+    model: &str,
+    credential: Option<&switchyard_cluster::credential::ClusterToken>,
+) -> Result<GgufTokenizer, FetchError> {
     let mut client = WorkerClient::new(channel).max_decoding_message_size(MAX_SPEC_BYTES);
-    let call = client.get_tokenizer(v1::TokenizerRequest {
+    let mut request = tonic::Request::new(v1::TokenizerRequest {
         model: model.to_string(),
     });
+    if let Some(credential) = credential {
+        credential.apply(&mut request);
+    }
+    let call = client.get_tokenizer(request);
     let response = tokio::time::timeout(FETCH_TIMEOUT, call)
         .await
         .map_err(|_| FetchError::Failed(format!("no answer within {FETCH_TIMEOUT:?}")))?

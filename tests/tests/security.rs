@@ -4,6 +4,9 @@
 //! - Cross-site requests: a page on another origin cannot drain a worker through the
 //!   dashboard's JSON API (no-cors `fetch`, plain form POST), writes need the dashboard's JSON
 //!   content type and its custom header, and a foreign `Host` (DNS rebinding) is refused.
+//! - An authenticated control plane: Admin writes need an operator token (gRPC, HTTP, the
+//!   dashboard's sign-in), `switchyard up` generates one.
+//! - Workers serve only cluster members: `Worker` calls without the cluster token are refused.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -553,5 +556,174 @@ async fn switchyard_up_generates_an_operator_token_and_requires_it() -> anyhow::
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     admin.drain(with_token(drain(&id), Some(&token))).await?;
     assert_eq!(drains(&admin).await?, vec![id]);
+    Ok(())
+}
+
+const CLUSTER_TOKEN: &str = "cluster-token-0123456789abcdef";
+
+/// One `Worker.Serve` call straight to a worker, with `token` if given, asking for a short
+/// synthetic generation; returns the first frame's text or the call's status.
+async fn serve_directly(
+    worker: SocketAddr,
+    token: Option<&str>,
+) -> Result<Vec<v1::WorkerFrame>, tonic::Status> {
+    let channel = switchyard::client::connect_channel(&worker.to_string())
+        .await
+        .expect("worker reachable");
+    let start = v1::RouterFrame {
+        frame: Some(v1::router_frame::Frame::Start(v1::WorkerStart {
+            request_id: "outsider".into(),
+            model: "synthetic".into(),
+            prompt: "generate for me".into(),
+            sampling: Some(v1::SamplingParams {
+                max_tokens: 2,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    };
+    // The stream stays open (a router's does): the worker answers as it generates.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(start).await.expect("queued");
+    let request = with_token(tokio_stream::wrappers::ReceiverStream::new(rx), token);
+    let mut inbound = v1::worker_client::WorkerClient::new(channel)
+        .serve(request)
+        .await?
+        .into_inner();
+    let mut frames = Vec::new();
+    while let Some(frame) = inbound.message().await? {
+        let finished = matches!(
+            &frame.frame,
+            Some(v1::worker_frame::Frame::Finished(f)) if f.request_id == "outsider"
+        );
+        frames.push(frame);
+        if finished {
+            break;
+        }
+    }
+    drop(tx);
+    Ok(frames)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_serve_only_cluster_members() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token_file = dir.path().join("cluster-token");
+    std::fs::write(&token_file, format!("{CLUSTER_TOKEN}\n"))?;
+    let token_file = token_file.display().to_string();
+    let etcd = Etcd::start().await?;
+    let worker = Component::start(
+        "gpu-0",
+        &[
+            "worker-gpu",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "gpu-0",
+            "--cluster-token-file",
+            &token_file,
+        ]
+        .map(String::from),
+        1,
+    )
+    .await?;
+    let worker_addr = worker.addr("grpc");
+
+    // Outsiders: no token, a wrong one. Refused before anything is generated.
+    let err = serve_directly(worker_addr, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("cluster token"), "{}", err.message());
+    let err = serve_directly(worker_addr, Some("wrong-token-0123456789"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    let channel = switchyard::client::connect_channel(&worker_addr.to_string()).await?;
+    let err = v1::worker_client::WorkerClient::new(channel.clone())
+        .get_tokenizer(v1::TokenizerRequest {
+            model: "synthetic".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    // Health stays open for probes.
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await?;
+    // A member generates.
+    let frames = serve_directly(worker_addr, Some(CLUSTER_TOKEN)).await?;
+    assert!(
+        frames
+            .iter()
+            .any(|f| matches!(f.frame, Some(v1::worker_frame::Frame::Finished(_)))),
+        "{frames:?}"
+    );
+
+    // A router and a control plane with the token reach the worker.
+    let router = Component::start(
+        "router",
+        &[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--cluster-token-file",
+            &token_file,
+        ]
+        .map(String::from),
+        2,
+    )
+    .await?;
+    let control_plane = start_control_plane(
+        &etcd.url,
+        "control-plane-0",
+        &["--cluster-token-file", &token_file],
+    )
+    .await?;
+    let router_addr = router.addr("grpc").to_string();
+    wait_until(
+        PATIENCE,
+        "the router's link to gpu-0 to come up",
+        || async {
+            switchyard_tests::list_router_workers(&router_addr)
+                .await
+                .is_ok_and(|ids| ids == ["gpu-0"])
+        },
+    )
+    .await?;
+    let session = switchyard::client::SessionClient::connect(&router_addr).await?;
+    let done = session
+        .start(switchyard_tests::synthetic_request(
+            "member",
+            v1::RequestClass::CostSensitive,
+            "through the router",
+            3,
+        ))?
+        .collect()
+        .await;
+    assert!(done.finished.is_some(), "{:?}", done.failed);
+    assert_eq!(done.accepted.map(|a| a.worker_id).as_deref(), Some("gpu-0"));
+    let client = reqwest::Client::new();
+    let url = format!("http://{}/api/workers", control_plane.addr("http"));
+    wait_until(
+        PATIENCE,
+        "the control plane to see gpu-0's live load",
+        || async {
+            match client.get(&url).send().await {
+                Ok(r) => r
+                    .json::<Value>()
+                    .await
+                    .is_ok_and(|v| v["workers"][0]["load"].is_object()),
+                Err(_) => false,
+            }
+        },
+    )
+    .await?;
     Ok(())
 }

@@ -21,5 +21,5 @@ pub use engine::{
 };
 pub use kv_events::{KvBatch, KvPublisher};
 pub use load::RateMeter;
-pub use server::{WorkerConfig, run_worker};
+pub use server::{WorkerConfig, run_member_worker, run_worker};
 pub use synthetic::{SyntheticConfig, SyntheticEngine};

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_cluster::credential::ClusterToken;
 use switchyard_cluster::{Capacity, Pool, Registry, RegistryError, WorkerRecord, WorkerState};
 use switchyard_proto::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
@@ -77,9 +78,24 @@ pub enum WorkerError {
 }
 
 /// Serves `engine` until `shutdown` fires, then drains. `on_ready` gets the bound address once
-/// the worker is registered and serving.
+/// the worker is registered and serving. `Worker` calls are open to anyone who reaches the port;
+/// see [`run_member_worker`].
 pub async fn run_worker(
     config: WorkerConfig,
+    engine: Arc<dyn Engine>,
+    registry: Arc<dyn Registry>,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), WorkerError> {
+    run_member_worker(config, None, engine, registry, shutdown, on_ready).await
+}
+
+/// Like [`run_worker`], serving `Worker` calls (`Serve`, `GetTokenizer`) only to callers that
+/// present `credential`, the cluster token (`UNAUTHENTICATED` otherwise); health and reflection
+/// stay open for probes and tools.
+pub async fn run_member_worker(
+    config: WorkerConfig,
+    credential: Option<ClusterToken>,
     engine: Arc<dyn Engine>,
     registry: Arc<dyn Registry>,
     shutdown: CancellationToken,
@@ -122,7 +138,15 @@ pub async fn run_worker(
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(WorkerServer::new(service))
+            .add_service(WorkerServer::with_interceptor(
+                service,
+                move |request: tonic::Request<()>| {
+                    if let Some(credential) = &credential {
+                        credential.check(&request)?;
+                    }
+                    Ok(request)
+                },
+            ))
             .serve_with_incoming_shutdown(
                 // Streams carry small frames: Nagle's algorithm would hold them back
                 // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not reach
