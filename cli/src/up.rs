@@ -71,6 +71,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         ),
     };
     let admin = admin_access(args.admin_tokens_file.as_deref())?;
+    // Workers serve only the local router and control plane: a throw-away cluster token.
+    let cluster_token = switchyard_cluster::credential::ClusterToken::new(&format!(
+        "{}{}",
+        uuid::Uuid::new_v4().simple(),
+        uuid::Uuid::new_v4().simple()
+    ))
+    .map_err(anyhow::Error::msg)?;
     let shutdown = shutdown_on_signal();
     let mut tasks = JoinSet::new();
     let mut ready = Vec::new();
@@ -106,8 +113,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let (tx, rx) = oneshot::channel();
         ready.push((component, rx));
         let (registry, shutdown) = (registry.clone(), shutdown.clone());
+        let token = Some(cluster_token.clone());
         tasks.spawn(async move {
-            switchyard_worker::run_worker(config, engine, registry, shutdown, |a| {
+            switchyard_worker::run_member_worker(config, token, engine, registry, shutdown, |a| {
                 let _ = tx.send(a);
             })
             .await
@@ -126,6 +134,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         metrics: Default::default(),
         security: switchyard_control_plane::SecurityConfig {
             access: admin.access.clone(),
+            cluster_token: Some(cluster_token.clone()),
             ..Default::default()
         },
     };
@@ -146,6 +155,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         listen: args.router_listen,
         http_listen: Some(args.http_listen),
         api_keys_file: args.api_keys_file.clone(),
+        cluster_token: Some(cluster_token.clone()),
         ..Default::default()
     };
     let (r, s) = (registry.clone(), shutdown.clone());
