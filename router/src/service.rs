@@ -140,6 +140,16 @@ async fn run_session(session: Session, mut inbound: Streaming<v1::ClientFrame>, 
                     for control in running.values() {
                         let _ = control.send(Control::Cancel);
                     }
+                    // tonic reports bytes that do not parse as a ClientFrame as INTERNAL;
+                    // they are the client's fault and must not end the call with OK.
+                    if status.code() == tonic::Code::Internal {
+                        let refused = Status::invalid_argument(format!(
+                            "malformed ClientFrame ({}); the session is closed and its requests \
+                             cancelled: send switchyard.v1.ClientFrame messages",
+                            status.message()
+                        ));
+                        let _ = out.send(Err(refused)).await;
+                    }
                     break;
                 }
             },

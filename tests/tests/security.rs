@@ -7,6 +7,7 @@
 //! - An authenticated control plane: Admin writes need an operator token (gRPC, HTTP, the
 //!   dashboard's sign-in), `switchyard up` generates one.
 //! - Workers serve only cluster members: `Worker` calls without the cluster token are refused.
+//! - A malformed frame in a `Session` ends it with `INVALID_ARGUMENT`, not OK.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -725,5 +726,108 @@ async fn workers_serve_only_cluster_members() -> anyhow::Result<()> {
         },
     )
     .await?;
+    Ok(())
+}
+
+/// A client whose encoder is broken: it sends its items' bytes as they are, and discards what
+/// the server answers (only the call's final status matters here).
+#[derive(Clone, Copy, Default)]
+struct RawBytes;
+
+impl tonic::codec::Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawBytes {
+    type Item = ();
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<()>, tonic::Status> {
+        let len = bytes::Buf::remaining(src);
+        bytes::Buf::advance(src, len);
+        Ok(Some(()))
+    }
+}
+
+impl tonic::codec::Codec for RawBytes {
+    type Encode = Vec<u8>;
+    type Decode = ();
+    type Encoder = Self;
+    type Decoder = Self;
+    fn encoder(&mut self) -> Self {
+        *self
+    }
+    fn decoder(&mut self) -> Self {
+        *self
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_ends_a_session_with_invalid_argument() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let router = Component::start(
+        "router",
+        &[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
+        2,
+    )
+    .await?;
+    let channel = switchyard::client::connect_channel(&router.addr("grpc").to_string()).await?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    // Field 1 (`start`), length-delimited, with a length varint that never ends.
+    let garbage = vec![
+        0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    ];
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(garbage).await?;
+    let mut replies = grpc
+        .streaming(
+            tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/switchyard.v1.Inference/Session",
+            ),
+            RawBytes,
+        )
+        .await?
+        .into_inner();
+    // The client keeps its side open: the server must end the call by itself.
+    let end = tokio::time::timeout(PATIENCE, async {
+        loop {
+            match replies.message().await {
+                Ok(Some(())) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await?;
+    drop(tx);
+    let status = end.expect("the session ended with OK after a malformed frame");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(
+        status.message().contains("ClientFrame"),
+        "{}",
+        status.message()
+    );
     Ok(())
 }
