@@ -89,8 +89,9 @@ wait_line() {
 HAS_PREFIX_FLAG=0
 if "$SWITCHYARD" up --help | grep -q -- '--prefix-cache'; then HAS_PREFIX_FLAG=1; fi
 
-run_switchyard() {  # run_switchyard on|off ROUND
+run_switchyard() {  # run_switchyard on|off ROUND [multiturn flags]
   local mode="$1" round="$2" log="$OUT/switchyard-$1-$2.log"
+  shift 2
   local grpc http cp dash flag=()
   grpc=$(free_port); http=$(free_port); cp=$(free_port); dash=$(free_port)
   if [ "$HAS_PREFIX_FLAG" = 1 ]; then flag=(--prefix-cache "$mode"); fi
@@ -105,8 +106,9 @@ run_switchyard() {  # run_switchyard on|off ROUND
   stop_all
 }
 
-run_anchor() {  # run_anchor ROUND
+run_anchor() {  # run_anchor ROUND [multiturn flags]
   local round="$1" a b gw prom
+  shift
   a=$(free_port); b=$(free_port); gw=$(free_port); prom=$(free_port)
   local per=$((THREADS / 2)); [ "$per" -ge 1 ] || per=1
   for port in "$a" "$b"; do
