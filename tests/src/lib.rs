@@ -511,3 +511,22 @@ pub fn synthetic_request(
         ..Default::default()
     }
 }
+
+/// Arguments of `switchyard up` on free loopback ports, followed by `extra`.
+pub fn up_args(extra: &[&str]) -> Vec<String> {
+    [
+        "up",
+        "--router-listen",
+        "127.0.0.1:0",
+        "--control-plane-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--dashboard-listen",
+        "127.0.0.1:0",
+    ]
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect()
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use switchyard::client::{Completion, SessionClient};
 use switchyard_cluster::{Capacity, Pool, Registry, WorkerRecord, WorkerState};
 use switchyard_proto::v1::{FinishReason, GenerateRequest, RequestClass};
-use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd, wait_until};
+use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd, up_args, wait_until};
 use switchyard_worker::synthetic::synthetic_text;
 
 fn request(id: &str, content: &str, max_tokens: u32) -> GenerateRequest {
@@ -322,24 +322,6 @@ async fn etcd_registry_keeps_a_live_lease_and_expires_a_dead_one() -> anyhow::Re
     );
     live.deregister().await?;
     Ok(())
-}
-
-fn up_args(extra: &[&str]) -> Vec<String> {
-    [
-        "up",
-        "--router-listen",
-        "127.0.0.1:0",
-        "--control-plane-listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-        "--dashboard-listen",
-        "127.0.0.1:0",
-    ]
-    .iter()
-    .chain(extra)
-    .map(|s| s.to_string())
-    .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

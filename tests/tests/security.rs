@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchyard_proto::v1::{self, admin_client::AdminClient};
 use switchyard_tests::browser::Browser;
-use switchyard_tests::{Component, Etcd, start_control_plane, wait_until};
+use switchyard_tests::{Component, Etcd, start_control_plane, up_args, wait_until};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
 
@@ -518,25 +518,7 @@ async fn the_dashboard_signs_in_with_a_token_and_then_drains() -> anyhow::Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchyard_up_generates_an_operator_token_and_requires_it() -> anyhow::Result<()> {
-    let up = Component::start(
-        "up",
-        &[
-            "up",
-            "--engine",
-            "synthetic",
-            "--router-listen",
-            "127.0.0.1:0",
-            "--control-plane-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--dashboard-listen",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-        7,
-    )
-    .await?;
+    let up = Component::start("up", &up_args(&["--engine", "synthetic"]), 7).await?;
     let note = up
         .notes
         .iter()
