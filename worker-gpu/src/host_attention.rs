@@ -4,7 +4,7 @@
 //! dozen small tensor operations per sequence and layer, each with its own allocation and
 //! dispatch: measured on SmolLM2, 7 ms of a 19 ms single-stream step and 80 ms of a
 //! 160 ms step at 16 streams. Here it is one pass per (sequence, KV head) over the cached rows,
-//! spread over candle's CPU thread pool; prompts attend the same way, token by token.
+//! spread over the engine's compute pool; prompts attend the same way, token by token.
 //!
 //! KV lives in blocks of [`BLOCK_TOKENS`] positions shared by all sequences (see
 //! `crate::kv_cache`): a sequence reads its positions through its block table, so sequences
@@ -14,7 +14,7 @@
 //! (with row-major keys, the per-position reductions cost more than the multiply-adds), while
 //! each tile stays contiguous.
 
-use crate::qmatrix::SharedOutput;
+use crate::qmatrix::{SharedOutput, for_each_range};
 
 /// Positions per key tile: one AVX vector.
 const TILE: usize = 8;
@@ -351,7 +351,7 @@ pub(crate) fn decode_attention(
         })
         .collect();
     let out = SharedOutput::zeros(tables.len() * n_head * hd);
-    candle_core::utils::barrier_pool().execute_chunked(segments.len(), |items| {
+    for_each_range(segments.len(), |items| {
         let (mut scores, mut buf) = (Vec::new(), vec![0f32; width]);
         for item in items {
             let (i, h) = (item / n_kv, item % n_kv);
@@ -394,7 +394,7 @@ pub(crate) fn prompt_attention(
         .collect();
     let out = SharedOutput::zeros(t * n_head * hd);
     // Items run token by token within a KV head, so neighbouring items share cached rows.
-    candle_core::utils::barrier_pool().execute_chunked(n_kv * t, |items| {
+    for_each_range(n_kv * t, |items| {
         let width = group * hd;
         let (mut scores, mut heads, mut buf) = (Vec::new(), vec![0f32; width], vec![0f32; width]);
         for item in items {

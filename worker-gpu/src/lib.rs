@@ -87,6 +87,11 @@ pub struct GpuEngineArgs {
     /// prompt delays the running streams).
     #[arg(long, env = "SWITCHYARD_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: u32,
+    /// Candle engine on the CPU: threads of the engine's own compute pool (0: one per CPU
+    /// core). Engines sharing a host (`switchyard up` runs several in one process) each get
+    /// their own pool, so one engine's work never waits inside another's.
+    #[arg(long, env = "SWITCHYARD_COMPUTE_THREADS", default_value_t = 0)]
+    pub compute_threads: u32,
     /// Candle engine: keep Q5_0/Q5_1 weights as stored instead of repacking them to Q8_0
     /// (slower on CPU). Q4_0, Q4_1 and Q8_0 always run as stored.
     #[arg(long, env = "SWITCHYARD_NO_REPACK", default_value_t = false)]
@@ -123,6 +128,7 @@ impl Default for GpuEngineArgs {
             max_queue: 64,
             device: DeviceChoice::Auto,
             prefill_chunk: 512,
+            compute_threads: 0,
             no_repack: false,
             prefix_cache: Toggle::On,
         }
@@ -237,6 +243,7 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
             max_queue: args.max_queue as usize,
             prefill_chunk: args.prefill_chunk as usize,
             prefix_cache: args.prefix_cache == Toggle::On,
+            compute_threads: args.compute_threads as usize,
         },
         selected.hardware,
     )?;

@@ -233,12 +233,10 @@ impl QMatrix {
             self.cols
         );
         let xq = QuantizedRows::new(x, self.cols);
-        // candle's barrier pool, not rayon: its workers spin between the ~120 small matmuls
-        // of a decode step instead of sleeping, and candle's own ops run on it too. Tasks own
-        // disjoint column ranges of a column-major result.
+        // Tasks own disjoint column ranges of a column-major result.
         let tasks = self.rows.div_ceil(COLS_PER_TASK);
         let shared = SharedOutput::zeros(self.rows * m);
-        candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
+        for_each_range(tasks, |range| {
             let mut out = vec![0f32; COLS_PER_TASK * m];
             for task in range {
                 let c0 = task * COLS_PER_TASK;
@@ -262,9 +260,35 @@ impl QMatrix {
     }
 }
 
-/// An f32 buffer that work items on candle's CPU pool fill in disjoint parts: the pool takes
-/// `Fn` closures, so each part is published through atomics (relaxed: the pool's barrier
-/// orders them before the caller reads).
+/// Runs `f` over `0..n_items`, split into ranges, on the engine's compute threads.
+///
+/// An engine that owns the machine (a worker process of its own: the usual deployment) runs
+/// on candle's process-wide barrier pool: its workers spin between the ~120 small matmuls of
+/// a decode step rather than sleeping. Engines that share a host (`switchyard up`) each run
+/// inside a smaller rayon pool of their own (see `CandleEngine::start`) and stay on it, so
+/// one engine never queues behind another's work or spins on a core the other needs; a
+/// one-thread pool runs `f` inline.
+pub(crate) fn for_each_range<F: Fn(std::ops::Range<usize>) + Sync>(n_items: usize, f: F) {
+    // Not on a rayon thread: the engine's scheduler thread owns the machine.
+    if rayon::current_thread_index().is_none() {
+        candle_core::utils::barrier_pool().execute_chunked(n_items, f);
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    if threads == 1 || n_items <= 1 {
+        f(0..n_items);
+        return;
+    }
+    // About eight ranges per thread let fast threads absorb a straggler's share.
+    let chunk = n_items.div_ceil(threads * 8).max(1);
+    (0..n_items.div_ceil(chunk))
+        .into_par_iter()
+        .for_each(|c| f(c * chunk..n_items.min((c + 1) * chunk)));
+}
+
+/// An f32 buffer that parallel work items fill in disjoint parts: they share it through `Fn`
+/// closures, so each part is published through atomics (relaxed: the pool's join orders them
+/// before the caller reads).
 pub(crate) struct SharedOutput(Vec<AtomicU32>);
 
 impl SharedOutput {

@@ -6,7 +6,8 @@
 //! chunk of one joining sequence, then one batched decode step over every decoding sequence.
 //! Chunked prefill keeps a long prompt from stalling the streams already running.
 //! Latency-critical requests (the router's lane) are admitted before queued cost-sensitive
-//! ones and their prompts are prefilled first.
+//! ones and their prompts are prefilled first; among equals the shortest remaining prefill
+//! goes first, so a follow-up turn with a cached history is not stuck behind a cold prompt.
 //!
 //! Load reports carry the prompt tokens not yet prefilled (waiting requests plus the unfinished
 //! prompts of admitted ones) and a moving average of the measured prefill rate.
@@ -54,6 +55,8 @@ pub struct SchedulerLimits {
     /// Keep finished sequences' full KV blocks and reuse them for later prompts that start
     /// the same way.
     pub prefix_cache: bool,
+    /// Threads of the engine's own compute pool (0: one per CPU core).
+    pub compute_threads: usize,
 }
 
 impl SchedulerLimits {
@@ -87,6 +90,8 @@ struct Job {
     latency_critical: bool,
     /// Context tokens whose KV came from the prefix cache (set at admission).
     cached_tokens: usize,
+    /// When the engine accepted the request: waiting time counts towards prefill priority.
+    arrived: Instant,
 }
 
 struct Seq {
@@ -170,26 +175,19 @@ impl CandleEngine {
                 model.kv_bytes_per_block()
             )));
         }
-        let warm = |e: crate::model::ModelError| EngineError::Internal(format!("warm-up: {e}"));
-        // The warm-up prefill is one KV block long so the prefill rate it measures is a real
-        // one: a router compares workers by it, and a worker that has not served yet must not
-        // look faster (or slower) than one that has.
-        let warm_prompt: Vec<u32> = (0..WARM_UP_PROMPT_TOKENS.min(model.config.context_length - 1))
-            .map(|i| i as u32)
-            .collect();
-        let (mut store, mut cache) = model.single_sequence(warm_prompt.len() + 1).map_err(warm)?;
-        let t0 = Instant::now();
-        model
-            .prefill(&warm_prompt, &mut cache, &mut store)
-            .map_err(warm)?;
-        let prefill_s = t0.elapsed().as_secs_f64();
-        let t0 = Instant::now();
-        model
-            .decode(&[3], &mut [&mut cache], &mut store)
-            .map_err(warm)?;
-        let step = t0.elapsed().as_secs_f64().max(1e-6);
-        drop(store);
-
+        let pool = compute_pool(limits.compute_threads)?;
+        let threads = pool
+            .as_ref()
+            .map_or_else(rayon::current_num_threads, |p| p.current_num_threads());
+        let hardware = if model.device().is_cpu() {
+            format!("{hardware}, {threads} threads")
+        } else {
+            hardware
+        };
+        let (warm_tokens, prefill_s, step) = match &pool {
+            Some(pool) => pool.install(|| warm_up(&model))?,
+            None => warm_up(&model)?,
+        };
         let store = model.kv_store(kv_blocks);
         let prefix = PrefixCache::new(kv_blocks, store.block_tokens(), limits.prefix_cache);
         let block_tokens = store.block_tokens();
@@ -197,9 +195,7 @@ impl CandleEngine {
             .prefix_cache
             .then(|| Arc::new(KvPublisher::new(block_tokens as u32)));
         let counters = Arc::new(Counters::default());
-        counters
-            .prefill_rate
-            .record(warm_prompt.len() as f64, prefill_s);
+        counters.prefill_rate.record(warm_tokens as f64, prefill_s);
         let (tx, rx) = std_mpsc::channel();
         let tokenizer = Arc::new(tokenizer);
         let engine = Self {
@@ -230,7 +226,10 @@ impl CandleEngine {
         };
         std::thread::Builder::new()
             .name("candle-scheduler".into())
-            .spawn(move || scheduler.run())
+            .spawn(move || match pool {
+                Some(pool) => pool.install(move || scheduler.run()),
+                None => scheduler.run(),
+            })
             .map_err(|e| EngineError::Internal(format!("spawning the scheduler thread: {e}")))?;
         Ok(engine)
     }
@@ -447,6 +446,7 @@ impl Engine for CandleEngine {
             cancel,
             latency_critical: request.latency_critical,
             cached_tokens: 0,
+            arrived: Instant::now(),
         };
         if self.jobs.send(job).is_err() {
             self.counters.queued.fetch_sub(1, Ordering::AcqRel);
@@ -478,6 +478,45 @@ fn done(job: &Job, reason: StopReason, completion: usize) {
         completion_tokens: (job.resumed + completion) as u32,
         cached_prompt_tokens: job.cached_tokens.min(job.prompt_tokens as usize) as u32,
     }));
+}
+
+/// The engine's own compute pool when it is to use fewer threads than the machine has cores
+/// (engines sharing a host); `None`: it computes on the process-wide pools, the fastest for a
+/// worker that owns the machine (see `crate::qmatrix::for_each_range`).
+fn compute_pool(threads: usize) -> Result<Option<rayon::ThreadPool>, EngineError> {
+    if threads == 0 || threads >= candle_core::utils::get_num_threads() {
+        return Ok(None);
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("candle-compute-{i}"))
+        .build()
+        .map(Some)
+        .map_err(|e| EngineError::Internal(format!("starting the compute pool: {e}")))
+}
+
+/// One short prefill and a decode, so the first request does not pay for lazy
+/// initialisation; returns the prefill's tokens and seconds and the decode step's seconds.
+fn warm_up(model: &Llama) -> Result<(usize, f64, f64), EngineError> {
+    let warm = |e: crate::model::ModelError| EngineError::Internal(format!("warm-up: {e}"));
+    // The warm-up prefill is one KV block long so the prefill rate it measures is a real
+    // one: a router compares workers by it, and a worker that has not served yet must not
+    // look faster (or slower) than one that has.
+    let warm_prompt: Vec<u32> = (0..WARM_UP_PROMPT_TOKENS.min(model.config.context_length - 1))
+        .map(|i| i as u32)
+        .collect();
+    let (mut store, mut cache) = model.single_sequence(warm_prompt.len() + 1).map_err(warm)?;
+    let t0 = Instant::now();
+    model
+        .prefill(&warm_prompt, &mut cache, &mut store)
+        .map_err(warm)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let t0 = Instant::now();
+    model
+        .decode(&[3], &mut [&mut cache], &mut store)
+        .map_err(warm)?;
+    let step = t0.elapsed().as_secs_f64().max(1e-6);
+    Ok((warm_prompt.len(), prefill_s, step))
 }
 
 impl Scheduler {
@@ -615,15 +654,33 @@ impl Scheduler {
         self.publish();
     }
 
-    fn prefill_one(&mut self) {
-        // A latency-critical prompt is prefilled before cost-sensitive ones admitted earlier.
-        let joining = |s: &Seq| s.next.is_none();
-        let Some(i) = self
-            .active
+    /// The joining sequence whose prompt gets the next chunk: latency-critical ones first;
+    /// among equals the one closest to its first token (shortest remaining prefill), which is
+    /// what keeps a follow-up turn whose history is cached from waiting behind a long cold
+    /// prompt. Time already waited counts as tokens at the measured prefill rate, so a long
+    /// prompt moves up as it waits and a stream of short ones cannot starve it.
+    fn next_to_prefill(&self) -> Option<usize> {
+        let rate = self.counters.prefill_rate.get();
+        let now = Instant::now();
+        let urgency = |s: &Seq| {
+            let remaining = (s.job.context.len() - s.cache.len()) as f64;
+            let waited = now.duration_since(s.job.arrived).as_secs_f64();
+            (!s.job.latency_critical, remaining - rate * waited)
+        };
+        self.active
             .iter()
-            .position(|s| joining(s) && s.job.latency_critical)
-            .or_else(|| self.active.iter().position(joining))
-        else {
+            .enumerate()
+            .filter(|(_, s)| s.next.is_none())
+            .min_by(|(_, a), (_, b)| {
+                urgency(a)
+                    .partial_cmp(&urgency(b))
+                    .unwrap_or(std::cmp::Ordering::Equal)
+            })
+            .map(|(i, _)| i)
+    }
+
+    fn prefill_one(&mut self) {
+        let Some(i) = self.next_to_prefill() else {
             return;
         };
         let chunk = self.limits.prefill_chunk;

@@ -183,6 +183,7 @@ fn limits() -> SchedulerLimits {
         max_queue: 8,
         prefill_chunk: 16,
         prefix_cache: true,
+        compute_threads: 0,
     }
 }
 
@@ -358,6 +359,7 @@ async fn admission_limits() {
         max_queue: 1,
         prefill_chunk: 16,
         prefix_cache: true,
+        compute_threads: 0,
     };
     let e = engine(&path, small);
     let err = e
@@ -378,6 +380,7 @@ async fn admission_limits() {
             max_queue: 1,
             prefill_chunk: 16,
             prefix_cache: true,
+            compute_threads: 0,
         },
     );
     let c1 = CancellationToken::new();

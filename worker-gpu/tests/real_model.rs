@@ -339,3 +339,99 @@ fn a_suffix_prefilled_on_cached_blocks_matches_recomputation() {
     );
     assert!(exact >= 4, "only {exact} greedy ids before a near-tie");
 }
+
+/// An engine over the real model with the given compute threads (0: the process-wide pools).
+fn real_engine(path: &Path, compute_threads: usize) -> switchyard_worker_gpu::CandleEngine {
+    let mut file = GgufFile::open(path).unwrap();
+    let tok = GgufTokenizer::from_gguf(&file.content).unwrap();
+    let model = Llama::load(&mut file, &Device::Cpu, Repack::Q8_0).unwrap();
+    let limits = switchyard_worker_gpu::SchedulerLimits {
+        kv_budget_bytes: 64 * 1024 * 1024,
+        max_seqs: 4,
+        max_queue: 8,
+        prefill_chunk: 64,
+        prefix_cache: false,
+        compute_threads,
+    };
+    switchyard_worker_gpu::CandleEngine::start(model, tok, vec!["m".into()], limits, "cpu".into())
+        .unwrap()
+}
+
+fn ids_request(ids: Vec<u32>, max_tokens: u32) -> switchyard_worker::EngineRequest {
+    switchyard_worker::EngineRequest {
+        request_id: format!("r-{}", ids.len()),
+        model: "m".into(),
+        prompt: switchyard_worker::Prompt::Text(String::new()),
+        sampling: switchyard_worker::Sampling {
+            max_tokens,
+            ..Default::default()
+        },
+        resume_tokens: vec![],
+        latency_critical: false,
+        prompt_ids: Some(ids),
+    }
+}
+
+/// The ids a request generates.
+async fn generated(mut rx: switchyard_worker::EngineStream) -> Vec<u32> {
+    let mut ids = vec![];
+    while let Some(event) = rx.recv().await {
+        match event.unwrap() {
+            switchyard_worker::EngineEvent::Token { id, .. } => ids.push(id),
+            switchyard_worker::EngineEvent::Done { .. } => break,
+        }
+    }
+    ids
+}
+
+/// A follow-up turn whose history is cached has only a few tokens to prefill: it gets its
+/// first token before a long cold prompt that arrived just before it (shortest remaining
+/// prefill first), instead of waiting for all of that prompt's chunks; the long one still
+/// completes.
+#[tokio::test]
+async fn a_short_prefill_is_not_stuck_behind_a_long_one() {
+    use switchyard_worker::{Engine, EngineEvent};
+    let Some(path) = model_path() else { return };
+    let engine = real_engine(&path, 0);
+    // Six 64-token chunks for the long prompt; the short one arrives during the first.
+    let long: Vec<u32> = (0..384).map(|i| 100 + (i * 7) % 5000).collect();
+    let short: Vec<u32> = (0..8).map(|i| 200 + i).collect();
+    let cancel = tokio_util::sync::CancellationToken::new;
+    let mut long_rx = engine.submit(ids_request(long, 2), cancel()).unwrap();
+    let mut short_rx = engine.submit(ids_request(short, 2), cancel()).unwrap();
+    let first = tokio::select! {
+        biased;
+        Some(Ok(EngineEvent::Token { .. })) = short_rx.recv() => "short",
+        Some(Ok(EngineEvent::Token { .. })) = long_rx.recv() => "long",
+    };
+    assert_eq!(first, "short");
+    assert_eq!(generated(long_rx).await.len(), 2);
+}
+
+/// An engine on a one-thread compute pool of its own (what `switchyard up` gives each of
+/// several engines sharing a small host) generates exactly what an engine on the
+/// process-wide pools does: the kernels' results do not depend on how work is split.
+#[tokio::test]
+async fn an_engine_on_its_own_one_thread_pool_generates_the_same() {
+    use switchyard_worker::Engine;
+    let Some(path) = model_path() else { return };
+    let shared = real_engine(&path, 0);
+    let own = real_engine(&path, 1);
+    assert!(
+        own.hardware().ends_with(", 1 threads"),
+        "{}",
+        own.hardware()
+    );
+    let cancel = tokio_util::sync::CancellationToken::new;
+    // Long enough that the prompt runs through the dense (f32) prefill path too.
+    let prompt: Vec<u32> = (0..100).map(|i| 300 + (i * 13) % 4000).collect();
+    let a = generated(
+        shared
+            .submit(ids_request(prompt.clone(), 12), cancel())
+            .unwrap(),
+    )
+    .await;
+    let b = generated(own.submit(ids_request(prompt, 12), cancel()).unwrap()).await;
+    assert_eq!(a.len(), 12);
+    assert_eq!(a, b);
+}
