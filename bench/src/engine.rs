@@ -82,9 +82,10 @@ async fn run_one(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> anyh
     })
 }
 
-/// A text prompt of exactly `n` tokens (one " the" token each after the first word).
+/// A text prompt of exactly `n` tokens (one " the" token each after the first words). Each
+/// length opens differently, so no run finds another's prompt in the engine's prefix cache.
 fn prompt_of(engine: &CandleEngine, n: usize) -> anyhow::Result<Prompt> {
-    let mut text = String::from("Summarize:");
+    let mut text = format!("Summarize {n}:");
     let base = engine.prompt_ids(&Prompt::Text(text.clone()))?.len();
     for _ in base..n {
         text.push_str(" the");
