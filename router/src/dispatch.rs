@@ -312,8 +312,7 @@ impl Dispatcher {
         RequestInfo {
             model: &request.model,
             prompt_tokens: features.prompt_tokens,
-            affinity: (!request.affinity_key.is_empty())
-                .then(|| stable_hash(&request.affinity_key)),
+            affinity: crate::affinity::affinity_of(request),
             seed: stable_hash(&request.request_id) ^ self.next_seed.fetch_add(1, Ordering::Relaxed),
             prefix: None,
         }

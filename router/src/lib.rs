@@ -3,6 +3,7 @@
 //! links to workers, and the per-request dispatcher (cancel, interrupt-and-redirect, failover
 //! with token resume).
 
+pub mod affinity;
 pub mod auth;
 pub mod classify;
 pub mod config;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use switchyard_proto::v1::{
     self, GenerateRequest, Lane, SamplingParams, admin_client::AdminClient,
     inference_client::InferenceClient, server_frame::Frame,
@@ -237,5 +237,66 @@ async fn overload_sheds_with_retry_after_and_every_request_ends_once() -> anyhow
     // The load is gone: a new request is served.
     let after = accepted(&mut client, None).await?;
     assert_eq!(after.lane, Lane::CostSensitive as i32, "{after:?}");
+    Ok(())
+}
+
+/// Wafer-scale workers publish no KV blocks (a gateway cannot see its upstream's cache), so a
+/// conversation's turns are kept on one of them by the conversation's own key — its messages
+/// up to the first user message — without the client naming an affinity key; different
+/// conversations still spread over the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversations_turns_stay_on_one_wse_worker() -> anyhow::Result<()> {
+    use switchyard_proto::v1::{ChatMessage, RequestClass};
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 0,
+        wse_workers: 3,
+        ..Default::default()
+    })
+    .await?;
+    let mut client = InferenceClient::connect(format!("http://{}", cluster.router_addr())).await?;
+    let message = |role: &str, content: String| ChatMessage {
+        role: role.into(),
+        content,
+    };
+    let mut homes = std::collections::BTreeSet::new();
+    for conversation in 0..6 {
+        let mut history = vec![
+            message("system", "You are a coding assistant.".into()),
+            message("user", format!("Task {conversation}: write a parser.")),
+        ];
+        let mut workers = Vec::new();
+        for turn in 0..3 {
+            let request = GenerateRequest {
+                messages: history.clone(),
+                ..switchyard_tests::synthetic_request(
+                    &format!("c{conversation}-t{turn}"),
+                    RequestClass::LatencyCritical,
+                    "",
+                    2,
+                )
+            };
+            let mut stream = client.generate(request).await?.into_inner();
+            let mut worker = None;
+            while let Some(frame) = stream.message().await? {
+                match frame.frame {
+                    Some(Frame::Accepted(a)) => {
+                        assert!(a.reason.contains(" affinity "), "{}", a.reason);
+                        worker = Some(a.worker_id)
+                    }
+                    Some(Frame::Failed(f)) => bail!("request failed: {} {}", f.code, f.message),
+                    _ => {}
+                }
+            }
+            workers.push(worker.context("no Accepted frame")?);
+            history.push(message("assistant", format!("Answer {turn}.")));
+            history.push(message("user", format!("Follow-up {turn}.")));
+        }
+        assert!(
+            workers.iter().all(|w| w == &workers[0]),
+            "conversation {conversation} moved between workers: {workers:?}"
+        );
+        homes.insert(workers[0].clone());
+    }
+    assert!(homes.len() > 1, "six conversations all on {homes:?}");
     Ok(())
 }

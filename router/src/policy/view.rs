@@ -145,10 +145,24 @@ pub struct ClusterView {
 
 /// A stable 64-bit hash of a string (FNV-1a, then a splitmix finaliser).
 pub fn stable_hash(s: &str) -> u64 {
+    stable_hash_parts([s])
+}
+
+/// [`stable_hash`] of several strings, each ended by a 0 byte so that ("ab", "c") and
+/// ("a", "bc") differ.
+pub fn stable_hash_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.as_bytes() {
-        h ^= u64::from(*b);
+    let mut feed = |b: u8| {
+        h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    let mut first = true;
+    for part in parts {
+        if !first {
+            feed(0);
+        }
+        first = false;
+        part.bytes().for_each(&mut feed);
     }
     mix(h)
 }
