@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 use crate::membership::{Membership, MembershipView, publish};
 use crate::registry::{Command, Fence, Registration, Registry, RegistryError};
 use crate::schema::{
-    DRAIN_PREFIX, POLICY_KEY, WORKERS_PREFIX, WorkerRecord, drain_key, parse_drain_key,
+    DRAIN_PREFIX, LEADER_KEY, POLICY_KEY, WORKERS_PREFIX, WorkerRecord, drain_key, parse_drain_key,
     parse_worker_key,
 };
 use crate::telemetry::metrics::Metrics;
@@ -251,6 +251,27 @@ impl Registry for EtcdRegistry {
             tx,
             revision,
             |v| v.is_some(),
+            restarts,
+        ));
+        Ok(rx)
+    }
+
+    async fn watch_control_plane(&self) -> Result<watch::Receiver<Option<Vec<u8>>>, RegistryError> {
+        let mut client = self.client.clone();
+        let (value, revision) = get_key(&mut client, LEADER_KEY).await?;
+        let (tx, rx) = watch::channel(value);
+        let restarts = self
+            .watch_restarts
+            .get_or_create(&WatchLabels {
+                watch: "control_plane",
+            })
+            .clone();
+        tokio::spawn(watch_key_loop(
+            client,
+            LEADER_KEY.to_string(),
+            tx,
+            revision,
+            |v| v,
             restarts,
         ));
         Ok(rx)

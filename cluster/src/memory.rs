@@ -17,16 +17,20 @@ pub struct MemoryRegistry {
     policy: Arc<watch::Sender<Option<Vec<u8>>>>,
     /// Drain request per worker id; an entry exists once anyone set or watched it.
     drains: Arc<Mutex<BTreeMap<String, watch::Sender<bool>>>>,
+    /// The standalone control plane's record, once it announced itself.
+    control_plane: Arc<watch::Sender<Option<Vec<u8>>>>,
 }
 
 impl Default for MemoryRegistry {
     fn default() -> Self {
         let (tx, _) = watch::channel(Arc::new(MembershipView::default()));
         let (policy, _) = watch::channel(None);
+        let (control_plane, _) = watch::channel(None);
         Self {
             view: Arc::new(tx),
             policy: Arc::new(policy),
             drains: Arc::default(),
+            control_plane: Arc::new(control_plane),
         }
     }
 }
@@ -145,6 +149,18 @@ impl Registry for MemoryRegistry {
             .entry(worker_id.to_string())
             .or_insert_with(|| watch::channel(false).0)
             .subscribe())
+    }
+
+    async fn watch_control_plane(&self) -> Result<watch::Receiver<Option<Vec<u8>>>, RegistryError> {
+        Ok(self.control_plane.subscribe())
+    }
+
+    async fn announce_standalone_control_plane(
+        &self,
+        record: Option<Vec<u8>>,
+    ) -> Result<(), RegistryError> {
+        self.control_plane.send_replace(record);
+        Ok(())
     }
 }
 

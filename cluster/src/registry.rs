@@ -86,6 +86,22 @@ pub trait Registry: Send + Sync + 'static {
     /// Whether a drain of `worker_id` is requested, as it changes, starting with the current
     /// answer. Like the policy watch, it keeps its last value while the store is unreachable.
     async fn watch_drain(&self, worker_id: &str) -> Result<watch::Receiver<bool>, RegistryError>;
+
+    /// The control-plane leader's record (the `leader/control-plane` value: JSON with its `id`
+    /// and `grpc` address) as it changes, starting with the current one; `None` while no
+    /// control plane leads. Routers find where to send their reports here. Like the policy
+    /// watch, it keeps its last value while the store is unreachable.
+    async fn watch_control_plane(&self) -> Result<watch::Receiver<Option<Vec<u8>>>, RegistryError>;
+
+    /// Announces a control plane that runs without an election (a single in-process replica)
+    /// the way an elected leader is announced by its leader key. Stores whose control planes
+    /// are elected (etcd) ignore it.
+    async fn announce_standalone_control_plane(
+        &self,
+        _record: Option<Vec<u8>>,
+    ) -> Result<(), RegistryError> {
+        Ok(())
+    }
 }
 
 pub(crate) enum Command {

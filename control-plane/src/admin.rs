@@ -9,12 +9,16 @@ use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
+use switchyard_cluster::credential::ClusterToken;
+
 use crate::auth::{Access, Caller};
 use crate::plane::{ControlPlane, WorkerView};
 
 pub struct AdminService {
     plane: ControlPlane,
     access: Access,
+    /// Routers' reports must carry it when set (see [`AdminService::with_cluster_token`]).
+    cluster_token: Option<ClusterToken>,
 }
 
 impl AdminService {
@@ -23,7 +27,15 @@ impl AdminService {
         Self {
             plane,
             access: Access::default(),
+            cluster_token: None,
         }
+    }
+
+    /// Routers' reports (`Report`) are accepted only with this cluster token; the other calls
+    /// are unaffected (admin tokens guard writes).
+    pub fn with_cluster_token(mut self, token: Option<ClusterToken>) -> Self {
+        self.cluster_token = token;
+        self
     }
 
     pub fn with_access(mut self, access: Access) -> Self {
@@ -156,5 +168,29 @@ impl v1::admin_server::Admin for AdminService {
             }
         });
         Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn report(
+        &self,
+        request: Request<tonic::Streaming<v1::RouterReport>>,
+    ) -> Result<Response<v1::ReportSummary>, Status> {
+        if let Some(token) = &self.cluster_token
+            && token.check(&request).is_err()
+        {
+            return Err(Status::unauthenticated(
+                "router reports need the cluster token: start the router with the same \
+                 --cluster-token-file as this control plane",
+            ));
+        }
+        let mut reports = request.into_inner();
+        let insights = self.plane.insights();
+        let mut router_id = String::new();
+        let mut accepted = 0u64;
+        while let Some(report) = reports.message().await? {
+            crate::reports::validate(&report)?;
+            insights.ingest(&mut router_id, report);
+            accepted += 1;
+        }
+        Ok(Response::new(v1::ReportSummary { accepted }))
     }
 }

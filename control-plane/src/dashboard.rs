@@ -7,6 +7,8 @@
 //! | GET | `/api/stats` | totals by pool, drains, leader, this replica's role |
 //! | GET | `/api/policy` | the routing policy document routers apply |
 //! | GET | `/api/events` | the last cluster events (joined/left/draining/ready/policy) |
+//! | GET | `/api/history?since=<unix s>` | one point per second for the last hour (see [`crate::history`]) |
+//! | GET | `/api/decisions?since=<seq>&request_id=<id>&limit=<n>` | the live decision feed (see [`crate::decisions`]) |
 //! | POST | `/api/workers/{id}/drain` | request a drain (leader only) |
 //! | POST | `/api/workers/{id}/undrain` | lift it (leader only) |
 //! | GET, POST, DELETE | `/api/session` | who is signed in; sign in with `{"token"}`; sign out |
@@ -20,7 +22,7 @@
 //! Errors are `{"error": "..."}` with 400 (bad id), 404 (unknown worker), 409 (this replica is
 //! not the leader; `leader` names it) or 503 (etcd unreachable).
 
-use axum::extract::{FromRef, Path, State};
+use axum::extract::{FromRef, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,6 +38,7 @@ use crate::{SecurityConfig, guard};
 const INDEX_HTML: &str = include_str!("../assets/index.html");
 const APP_JS: &str = include_str!("../assets/app.js");
 const STYLE_CSS: &str = include_str!("../assets/style.css");
+const INSIGHTS_JS: &str = include_str!("../assets/insights.js");
 
 /// What the handlers share: the operations and who may write.
 #[derive(Clone)]
@@ -65,10 +68,13 @@ pub fn router(plane: ControlPlane, security: SecurityConfig) -> Router {
         .route("/", get(index))
         .route("/assets/app.js", get(app_js))
         .route("/assets/style.css", get(style_css))
+        .route("/assets/insights.js", get(insights_js))
         .route("/api/workers", get(workers))
         .route("/api/stats", get(stats))
         .route("/api/policy", get(policy))
         .route("/api/events", get(events))
+        .route("/api/history", get(history))
+        .route("/api/decisions", get(decisions))
         .route("/api/workers/{id}/drain", post(drain))
         .route("/api/workers/{id}/undrain", post(undrain))
         .route("/api/session", get(session).post(sign_in).delete(sign_out))
@@ -124,6 +130,10 @@ async fn index() -> Response {
 
 async fn app_js() -> Response {
     asset("text/javascript; charset=utf-8", APP_JS)
+}
+
+async fn insights_js() -> Response {
+    asset("text/javascript; charset=utf-8", INSIGHTS_JS)
 }
 
 async fn style_css() -> Response {
@@ -198,6 +208,81 @@ async fn events(State(plane): State<ControlPlane>) -> Json<Value> {
         })
         .collect();
     Json(json!({ "events": events }))
+}
+
+/// Who keeps the history and the feed: routers report to the leader.
+fn keeper(plane: &ControlPlane) -> Value {
+    let leadership = plane.leadership();
+    json!({
+        "role": match leadership.role() {
+            Role::Leader => "leader",
+            Role::Follower { .. } => "follower",
+        },
+        "leader": leadership.leader(),
+    })
+}
+
+fn bad_request(message: String) -> Response {
+    (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
+}
+
+/// An optional numeric query parameter, or why it is not one (naming it).
+fn number<T: std::str::FromStr>(
+    query: &std::collections::HashMap<String, String>,
+    name: &str,
+    expected: &str,
+) -> Result<Option<T>, String> {
+    match query.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{name}: {v:?} is not {expected}")),
+    }
+}
+
+async fn history(
+    State(plane): State<ControlPlane>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, Response> {
+    let since = number::<i64>(&query, "since", "a unix time in seconds").map_err(bad_request)?;
+    let points = plane.insights().history.since(since);
+    Ok(Json(json!({
+        "resolution_s": 1,
+        "capacity": crate::history::SECONDS,
+        "kept_by": keeper(&plane),
+        "points": points,
+    })))
+}
+
+/// Most entries one `/api/decisions` answer carries.
+const DECISIONS_LIMIT: usize = crate::decisions::RECENT;
+
+async fn decisions(
+    State(plane): State<ControlPlane>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, Response> {
+    let since = number::<u64>(&query, "since", "a feed sequence number")
+        .map_err(bad_request)?
+        .unwrap_or(0);
+    let limit = number::<usize>(&query, "limit", "a number of entries")
+        .map_err(bad_request)?
+        .unwrap_or(DECISIONS_LIMIT);
+    if limit == 0 || limit > DECISIONS_LIMIT {
+        return Err(bad_request(format!(
+            "limit: {limit} is out of range, expected 1..={DECISIONS_LIMIT}"
+        )));
+    }
+    let request_id = query.get("request_id").map(String::as_str);
+    if request_id.is_some_and(str::is_empty) {
+        return Err(bad_request("request_id: must not be empty".into()));
+    }
+    let page = plane.insights().decisions.page(since, request_id, limit);
+    Ok(Json(json!({
+        "seq": page.seq,
+        "decisions": page.entries,
+        "kept_by": keeper(&plane),
+    })))
 }
 
 fn leader_json(plane: &ControlPlane) -> Option<Value> {

@@ -6,11 +6,14 @@
 pub mod admin;
 pub mod auth;
 pub mod dashboard;
+pub mod decisions;
 pub mod events;
 pub mod guard;
+pub mod history;
 pub mod leader;
 pub mod loads;
 pub mod plane;
+pub mod reports;
 
 pub mod metrics;
 
@@ -131,7 +134,20 @@ pub async fn run_control_plane(
         ElectionConfig::Etcd { .. } => ElectionKind::Etcd,
     };
     let leadership = Leadership::start(config.election, me, background.clone());
-    let plane = ControlPlane::new(registry, loads, events, leadership.clone());
+    let standalone = matches!(election_kind, ElectionKind::Standalone);
+    let history_policy = registry.watch_policy().await?;
+    let plane = ControlPlane::new(registry.clone(), loads, events, leadership.clone());
+    plane.insights().spawn_ticker(
+        membership.clone(),
+        plane.loads().clone(),
+        history_policy,
+        background.clone(),
+    );
+    if standalone {
+        // No leader key: tell the registry's routers where to report.
+        let me = serde_json::to_vec(leadership.me()).expect("replica info serialises");
+        registry.announce_standalone_control_plane(Some(me)).await?;
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<AdminService>>().await;
@@ -142,7 +158,9 @@ pub async fn run_control_plane(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(AdminServer::new(
-            AdminService::new(plane.clone()).with_access(config.security.access.clone()),
+            AdminService::new(plane.clone())
+                .with_access(config.security.access.clone())
+                .with_cluster_token(config.security.cluster_token.clone()),
         ))
         .serve_with_incoming_shutdown(
             // Streams carry small frames: Nagle's algorithm would hold them back
@@ -167,6 +185,9 @@ pub async fn run_control_plane(
     on_ready(endpoints);
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     background.cancel();
+    if standalone {
+        let _ = registry.announce_standalone_control_plane(None).await;
+    }
     if matches!(election_kind, ElectionKind::Etcd) {
         leadership.wait_resigned(Duration::from_secs(3)).await;
     }

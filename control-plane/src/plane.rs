@@ -13,6 +13,7 @@ use tracing::info;
 use crate::events::Events;
 use crate::leader::{Leadership, ReplicaInfo};
 use crate::loads::Loads;
+use crate::reports::Insights;
 use switchyard_cluster::Fence;
 
 /// Why an operation was refused; mapped to a gRPC status or an HTTP code by each front door.
@@ -84,6 +85,8 @@ pub struct ControlPlane {
     loads: Loads,
     events: Events,
     leadership: Leadership,
+    /// History and decision feed from the routers' reports.
+    insights: Insights,
 }
 
 impl ControlPlane {
@@ -98,7 +101,16 @@ impl ControlPlane {
             loads,
             events,
             leadership,
+            insights: Insights::default(),
         }
+    }
+
+    pub fn insights(&self) -> &Insights {
+        &self.insights
+    }
+
+    pub fn loads(&self) -> &Loads {
+        &self.loads
     }
 
     pub fn events(&self) -> &Events {

@@ -32,6 +32,9 @@ pub struct RouterConfig {
     /// The cluster token presented on every worker link (workers started with one refuse
     /// `Worker` calls without it). `None`: links carry no credential.
     pub cluster_token: Option<switchyard_cluster::credential::ClusterToken>,
+    /// At most this many requests a second have their decision and outcome reported to the
+    /// control plane (the decision feed); the per-second stats cover every request anyway.
+    pub decision_reports_per_s: u32,
     /// Where the router registers its Prometheus metrics; served at `/metrics` on the HTTP
     /// port (and wherever the caller serves it).
     pub metrics: Metrics,
@@ -49,6 +52,7 @@ impl Default for RouterConfig {
             max_attempts: 3,
             api_keys_file: None,
             cluster_token: None,
+            decision_reports_per_s: 200,
             metrics: Metrics::new(),
         }
     }

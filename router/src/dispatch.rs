@@ -24,11 +24,12 @@ use crate::links::{Link, LinkEvent, Links, SlotHold};
 use crate::metrics::{RouterMetrics, StreamLabels, lane_label, pool_label};
 use crate::policy::document::{LaneName, PolicyDocument};
 use crate::policy::{
-    Admission, ClusterView, Decision, PlacementError, RequestInfo, admit, fallback, place,
-    stable_hash,
+    Admission, ClusterView, Considered, Decision, PlacementError, RequestInfo, admit, fallback,
+    place_traced, stable_hash,
 };
 use crate::policy_watch::PolicyHandle;
 use crate::readiness::Readiness;
+use crate::report::{self, Ended, Reporter};
 
 /// gRPC metadata of a shed response: seconds before retrying (as HTTP `Retry-After`).
 pub const RETRY_AFTER: &str = "retry-after";
@@ -50,6 +51,8 @@ pub struct Dispatcher {
     pub metrics: RouterMetrics,
     /// Whether the router can route yet (see [`Readiness`]).
     pub readiness: Readiness,
+    /// Decision and outcome reports to the control plane (disabled until set).
+    pub reports: Reporter,
     waiting: Arc<Mutex<Waiting>>,
     /// Held for one placement decision (see [`Dispatcher::try_place`]).
     deciding: Mutex<()>,
@@ -84,6 +87,11 @@ struct Chosen {
     link: Arc<Link>,
     /// The placement's reason (`Accepted.reason`).
     reason: String,
+    /// The same as a label (`home`, `spill_to_gpu`, …).
+    reason_label: &'static str,
+    predicted_ttft_ms: f64,
+    /// What the policy scored, for a sampled decision report (empty otherwise).
+    candidates: Vec<v1::RoutingCandidate>,
     /// Prompt tokens the prefix index expects the worker to reuse.
     cached_tokens: u32,
     /// The worker's slot, held until the request's start is sent.
@@ -110,6 +118,8 @@ pub struct Prepared {
     arrived: Instant,
     /// The request's span, carrying the routing decision.
     span: Span,
+    /// Its decision and outcome are reported to the control plane (see [`Reporter::sample`]).
+    sampled: bool,
 }
 
 /// The router's span of one request. The routing decision is recorded on it — `lane` (and the
@@ -158,9 +168,19 @@ impl Dispatcher {
             policy,
             metrics,
             readiness: Readiness::ready(),
+            reports: Reporter::disabled(),
             waiting: Arc::new(Mutex::new(Waiting::default())),
             deciding: Mutex::new(()),
             next_seed: AtomicU64::new(0),
+        }
+    }
+
+    /// Requests waiting at the router per lane, for the reports' stats.
+    pub fn queue_depth_probe(&self) -> impl Fn() -> [u32; 2] + Send + Sync + 'static {
+        let waiting = self.waiting.clone();
+        move || {
+            let waiting = waiting.lock().expect("waiting lock");
+            [waiting.lanes[0].len() as u32, waiting.lanes[1].len() as u32]
         }
     }
 
@@ -199,8 +219,9 @@ impl Dispatcher {
         let class = classify(&features, &policy);
         span.record("lane", class.lane.as_str());
         span.record("reason", class.reason.as_str());
+        let sampled = self.reports.sample();
         let prepared = valid.and_then(|()| self.readiness.check()).and_then(|()| {
-            match self.try_place(&request, &prompt_ids, &class, &policy, &[])? {
+            match self.try_place(&request, &prompt_ids, &class, &policy, &[], sampled)? {
                 Some(chosen) => Ok(Target::Placed(chosen)),
                 None => Ok(Target::Queued(
                     self.admit(class.lane, &policy).inspect_err(|status| {
@@ -220,9 +241,11 @@ impl Dispatcher {
                 target,
                 arrived,
                 span,
+                sampled,
             }),
             Err(status) => {
                 self.count_unplaced(class.lane, &request.model, &status);
+                self.report_unplaced(&request, &class, &prompt_ids, &status, sampled, arrived);
                 span.in_scope(
                     || info!(request_id = %request.request_id, code = ?status.code(), "refused"),
                 );
@@ -248,9 +271,47 @@ impl Dispatcher {
         self.metrics.request(lane, None, model, outcome);
     }
 
+    /// Reports a request that never reached a worker (shed or refused).
+    fn report_unplaced(
+        &self,
+        request: &v1::GenerateRequest,
+        class: &Classification,
+        prompt_ids: &[u32],
+        status: &Status,
+        sampled: bool,
+        arrived: Instant,
+    ) {
+        let shed = status.code() == Code::ResourceExhausted;
+        let label = if shed { "shed" } else { "rejected" };
+        if sampled {
+            let mut decision =
+                decision_record(self.reports.router_id(), request, class, prompt_ids);
+            decision.reason = label.into();
+            decision.reason_text = format!("{}; {label}: {}", class.reason, status.message());
+            decision.queued_ms = arrived.elapsed().as_secs_f64() * 1e3;
+            self.reports.decision(decision);
+        }
+        self.reports.ended(Ended {
+            lane: class.lane,
+            outcome: v1::RequestOutcome {
+                request_id: request.request_id.clone(),
+                at_unix_ms: report::now_unix_ms(),
+                status: label.into(),
+                total_ms: arrived.elapsed().as_secs_f64() * 1e3,
+                prompt_tokens: token_count(prompt_ids),
+                error: status.message().to_string(),
+                ..Default::default()
+            },
+            cancelled: false,
+            shed,
+            sampled,
+        });
+    }
+
     /// One placement attempt: `Ok(None)` when the request must wait for a slot.
     /// `prompt_ids` (empty = not tokenized) give the exact prompt token count and are looked up
-    /// in the prefix index.
+    /// in the prefix index. With `trace`, the candidates the policy scored come back in
+    /// [`Chosen::candidates`].
     fn try_place(
         &self,
         request: &v1::GenerateRequest,
@@ -258,6 +319,7 @@ impl Dispatcher {
         class: &Classification,
         policy: &PolicyDocument,
         excluded: &[String],
+        trace: bool,
     ) -> Result<Option<Chosen>, Status> {
         // One decision at a time, each holding its worker's slot before the next looks: a
         // burst of concurrent requests must not all see the same free worker.
@@ -271,7 +333,13 @@ impl Dispatcher {
             info.prefix = Some(hits);
         }
         let exclude = excluded_indices(&view, excluded);
-        let decision = match place(&view, class, &info, policy, &exclude) {
+        let mut considered = Vec::new();
+        let mut record = |c: Considered| {
+            if trace {
+                considered.push(c);
+            }
+        };
+        let decision = match place_traced(&view, class, &info, policy, &exclude, &mut record) {
             // A model this router has seen served, with no worker right now (its workers are
             // restarting or unreachable): retry later, it is not an unknown model.
             Decision::Reject(PlacementError::UnknownModel(model))
@@ -299,6 +367,9 @@ impl Dispatcher {
                     slot: link.hold_slot(),
                     link,
                     reason: placement.reason(),
+                    reason_label: placement.reason_label(),
+                    predicted_ttft_ms: placement.predicted_ttft_ms,
+                    candidates: candidates(&view, considered),
                     cached_tokens: placement.cached_tokens,
                 }))
             }
@@ -368,6 +439,7 @@ impl Dispatcher {
         prompt_ids: &[u32],
         class: &Classification,
         ticket: &mut Ticket,
+        trace: bool,
     ) -> Result<Chosen, Status> {
         let policy = self.policy.current();
         let retry_after_ms = policy.lane(class.lane).retry_after_ms;
@@ -379,8 +451,14 @@ impl Dispatcher {
             let ahead = class.lane == LaneName::CostSensitive
                 && !self.waiting.lock().expect("waiting lock").lanes[0].is_empty();
             if !ahead
-                && let Some(placed) =
-                    self.try_place(request, prompt_ids, class, &self.policy.current(), &[])?
+                && let Some(placed) = self.try_place(
+                    request,
+                    prompt_ids,
+                    class,
+                    &self.policy.current(),
+                    &[],
+                    trace,
+                )?
             {
                 return Ok(placed);
             }
@@ -427,12 +505,13 @@ impl Dispatcher {
             target,
             arrived,
             span,
+            sampled,
         } = prepared;
         let placed = match target {
             Target::Placed(chosen) => Ok(chosen),
             Target::Queued(mut ticket) => {
                 let placed = tokio::select! {
-                    placed = self.wait_for_slot(&request, &prompt_ids, &class, &mut ticket) => placed,
+                    placed = self.wait_for_slot(&request, &prompt_ids, &class, &mut ticket, sampled) => placed,
                     _ = out.closed() => return,
                 };
                 // Leave the router queue before running.
@@ -449,6 +528,7 @@ impl Dispatcher {
                 );
                 info!(request_id = %request.request_id, lane = class.lane.as_str(), %status, "not placed");
                 self.count_unplaced(class.lane, &request.model, &status);
+                self.report_unplaced(&request, &class, &prompt_ids, &status, sampled, arrived);
                 let _ = out
                     .send(Ok(failed_frame(&request.request_id, &status)))
                     .await;
@@ -456,8 +536,21 @@ impl Dispatcher {
             }
         };
         let link = chosen.link.clone();
+        if sampled {
+            let record = link.record();
+            let mut decision =
+                decision_record(self.reports.router_id(), &request, &class, &prompt_ids);
+            decision.worker_id = record.id;
+            decision.pool = record.pool.to_string();
+            decision.reason = chosen.reason_label.into();
+            decision.reason_text = format!("{}; {}", class.reason, chosen.reason);
+            decision.predicted_ttft_ms = chosen.predicted_ttft_ms;
+            decision.queued_ms = arrived.elapsed().as_secs_f64() * 1e3;
+            decision.candidates = chosen.candidates.clone();
+            self.reports.decision(decision);
+        }
         let mut run = Run::new(request, prompt_ids, class, arrived, chosen, span, self);
-        run.on_worker(&link.id(), link.record().pool);
+        run.on_worker(&link.record());
         let result = run.drive(link, &mut controls, &out).await;
         let outcome = match &result {
             Ok(()) if run.cancelled => "cancelled",
@@ -467,6 +560,7 @@ impl Dispatcher {
         };
         self.metrics
             .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
+        run.report(outcome, result.as_ref().err(), sampled);
         if let Err(status) = result {
             let _ = out
                 .send(Ok(failed_frame(&run.request.request_id, &status)))
@@ -478,6 +572,70 @@ impl Dispatcher {
 /// A prompt's token count for placement and classification.
 fn token_count(prompt_ids: &[u32]) -> u32 {
     u32::try_from(prompt_ids.len()).unwrap_or(u32::MAX)
+}
+
+/// A decision report's request part (lane, its origin, SLO); the placement part is the
+/// caller's.
+fn decision_record(
+    router_id: &str,
+    request: &v1::GenerateRequest,
+    class: &Classification,
+    prompt_ids: &[u32],
+) -> v1::RoutingDecision {
+    let (origin, detail) = report::lane_origin(&class.reason);
+    v1::RoutingDecision {
+        request_id: request.request_id.clone(),
+        router_id: router_id.to_string(),
+        at_unix_ms: report::now_unix_ms(),
+        tenant: request
+            .metadata
+            .get(crate::classify::TENANT_KEY)
+            .cloned()
+            .unwrap_or_default(),
+        model: request.model.clone(),
+        lane: class.lane.as_str().into(),
+        lane_origin: origin.into(),
+        lane_detail: detail,
+        ttft_slo_ms: class.ttft_slo_ms,
+        prompt_tokens: if prompt_ids.is_empty() {
+            RequestFeatures::of(request).prompt_tokens
+        } else {
+            token_count(prompt_ids)
+        },
+        ..Default::default()
+    }
+}
+
+/// The candidates a placement scored, once each (its best score), best first, bounded.
+fn candidates(view: &ClusterView, mut considered: Vec<Considered>) -> Vec<v1::RoutingCandidate> {
+    considered.sort_by(|a, b| {
+        (!a.meets_slo)
+            .cmp(&!b.meets_slo)
+            .then(a.score.total_cmp(&b.score))
+    });
+    let mut seen = Vec::new();
+    considered.retain(|c| {
+        let first = !seen.contains(&c.worker);
+        seen.push(c.worker);
+        first
+    });
+    considered
+        .into_iter()
+        .take(report::MAX_CANDIDATES)
+        .map(|c| {
+            let w = view.worker(c.worker);
+            v1::RoutingCandidate {
+                worker_id: w.id.clone(),
+                pool: w.pool.to_string(),
+                predicted_ttft_ms: c.predicted_ttft_ms,
+                cached_tokens: c.cached_tokens,
+                cost_per_mtok: w.cost_per_mtok,
+                score: c.score,
+                meets_slo: c.meets_slo,
+                affinity: c.affinity,
+            }
+        })
+        .collect()
 }
 
 fn excluded_indices(view: &ClusterView, excluded: &[String]) -> Vec<usize> {
@@ -552,8 +710,10 @@ struct Run<'d> {
     first_token: Option<Instant>,
     /// When the last chunk reached the client (inter-token latency).
     last_token: Option<Instant>,
-    /// Pool of the worker running the current segment.
+    /// Pool, id and price of the worker running the current segment.
     pool: Pool,
+    worker: String,
+    cost_per_mtok: f64,
     span: tracing::Span,
     /// Next client chunk sequence number.
     seq: u64,
@@ -618,6 +778,8 @@ impl<'d> Run<'d> {
             predicted_cached_tokens: chosen.cached_tokens,
             last_token: None,
             pool: Pool::Gpu,
+            worker: String::new(),
+            cost_per_mtok: 0.0,
             span,
             dispatcher,
             lane: class.wire_lane(),
@@ -755,12 +917,14 @@ impl<'d> Run<'d> {
             reason,
             cached_tokens,
             slot,
+            ..
         }) = self.dispatcher.try_place(
             &self.request,
             &self.prompt_ids,
             &self.class,
             &policy,
             excluded,
+            false,
         )? {
             self.slot = Some(slot);
             self.predicted_cached_tokens = cached_tokens;
@@ -792,11 +956,55 @@ impl<'d> Run<'d> {
             .ok_or_else(|| Status::unavailable(format!("worker {id} just left")))
     }
 
-    /// Notes the worker now running the request (metrics labels, span fields).
-    fn on_worker(&mut self, id: &str, pool: Pool) {
-        self.pool = pool;
-        self.span.record("pool", pool_label(Some(pool)));
-        self.span.record("worker", id);
+    /// Notes the worker now running the request (metrics labels, span fields, report).
+    fn on_worker(&mut self, record: &switchyard_cluster::WorkerRecord) {
+        self.pool = record.pool;
+        self.worker.clone_from(&record.id);
+        self.cost_per_mtok = record.capacity.cost_per_mtok;
+        self.span.record("pool", pool_label(Some(record.pool)));
+        self.span.record("worker", record.id.as_str());
+    }
+
+    /// Reports how the request ended (`outcome` as in the request metrics).
+    fn report(&self, outcome: &str, error: Option<&Status>, sampled: bool) {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let ttft_ms = self.first_token.map_or(0.0, |t| ms(t - self.arrived));
+        let itl_ms = match (self.first_token, self.last_token) {
+            (Some(first), Some(last)) if self.delivered > 1 => {
+                ms(last - first) / f64::from(self.delivered - 1)
+            }
+            _ => 0.0,
+        };
+        let shed = error.is_some_and(|s| s.code() == Code::ResourceExhausted);
+        let prompt_tokens = if self.prompt_tokens > 0 {
+            self.prompt_tokens
+        } else {
+            token_count(&self.prompt_ids)
+        };
+        let tokens = f64::from(prompt_tokens) + f64::from(self.delivered);
+        self.dispatcher.reports.ended(Ended {
+            lane: self.class.lane,
+            outcome: v1::RequestOutcome {
+                request_id: self.request.request_id.clone(),
+                at_unix_ms: report::now_unix_ms(),
+                status: if shed { "shed" } else { outcome }.into(),
+                worker_id: self.worker.clone(),
+                pool: self.pool.to_string(),
+                ttft_ms,
+                itl_ms,
+                total_ms: ms(self.arrived.elapsed()),
+                prompt_tokens,
+                completion_tokens: self.delivered,
+                cached_prompt_tokens: self.cached_prompt_tokens,
+                slo_met: self.first_token.is_some() && ttft_ms <= self.class.ttft_slo_ms,
+                failovers: self.attempts - 1,
+                error: error.map(|s| s.message().to_string()).unwrap_or_default(),
+                cost_usd: tokens * self.cost_per_mtok / 1e6,
+            },
+            cancelled: outcome == "cancelled",
+            shed,
+            sampled,
+        });
     }
 
     /// Runs one generation on `link` until it ends one way or another.
@@ -807,7 +1015,7 @@ impl<'d> Run<'d> {
         out: &FrameSink,
     ) -> Result<SegmentEnd, Status> {
         let record = link.record();
-        self.on_worker(&record.id, record.pool);
+        self.on_worker(&record);
         if out.is_closed() {
             // The client left before anything started: start nothing.
             return Err(Status::cancelled("client went away"));
@@ -946,6 +1154,9 @@ impl<'d> Run<'d> {
             .metrics
             .tokens(&labels, tokens.token_ids.len() as u32, gap, first);
         self.delivered += tokens.token_ids.len() as u32;
+        self.dispatcher
+            .reports
+            .tokens(self.pool, tokens.token_ids.len() as u32);
         self.segment_ids.extend_from_slice(&tokens.token_ids);
         self.segment_text.push_str(&tokens.text);
         let frame = Frame::Tokens(v1::Tokens {

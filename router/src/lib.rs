@@ -15,6 +15,7 @@ pub mod policy;
 pub mod policy_watch;
 pub mod prefix_index;
 pub mod readiness;
+pub mod report;
 pub mod server;
 pub mod service;
 pub mod tokenizers;

@@ -125,7 +125,17 @@ pub async fn run_router_with_endpoints(
     let fallback_policy = config.default_policy();
     let (policy, policy_tx) = PolicyHandle::pending(fallback_policy.clone());
     let metrics = crate::metrics::RouterMetrics::register(&config.metrics);
-    let dispatcher = Dispatcher::new(links.clone(), config, policy, metrics);
+    let (leader_tx, leader_rx) = watch::channel(None);
+    let reports = crate::report::Reporter::start(
+        router_id(bound),
+        config.decision_reports_per_s,
+        leader_rx,
+        config.cluster_token.clone(),
+        shutdown.clone(),
+    );
+    let mut dispatcher = Dispatcher::new(links.clone(), config, policy, metrics);
+    reports.set_queue_depths(dispatcher.queue_depth_probe());
+    dispatcher.reports = reports;
     dispatcher
         .readiness
         .set_waiting(format!("connecting to {}", registry.describe()));
@@ -142,6 +152,7 @@ pub async fn run_router_with_endpoints(
             links,
             policy_tx,
             fallback_policy,
+            leader_tx,
             dispatcher: dispatcher.clone(),
             health: health.clone(),
             shutdown: shutdown.clone(),
@@ -199,6 +210,8 @@ struct Joining {
     links: Arc<Links>,
     policy_tx: watch::Sender<Arc<PolicyDocument>>,
     fallback_policy: PolicyDocument,
+    /// Feeds the reporter the control-plane leader's record.
+    leader_tx: watch::Sender<Option<Vec<u8>>>,
     dispatcher: Arc<Dispatcher>,
     health: HealthReporter,
     shutdown: CancellationToken,
@@ -213,6 +226,7 @@ async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
         links,
         policy_tx,
         fallback_policy,
+        leader_tx,
         dispatcher,
         health,
         shutdown,
@@ -225,6 +239,7 @@ async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
             Ok::<_, RegistryError>((
                 registry.watch_workers().await?,
                 registry.watch_policy().await?,
+                registry.watch_control_plane().await?,
             ))
         };
         let outcome = tokio::select! {
@@ -232,7 +247,8 @@ async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
             _ = shutdown.cancelled() => return,
         };
         match outcome {
-            Ok((membership, stored_policy)) => {
+            Ok((membership, stored_policy, leader)) => {
+                tokio::spawn(forward_leader(leader, leader_tx, shutdown.clone()));
                 crate::policy_watch::follow_stored(
                     stored_policy,
                     fallback_policy,
@@ -267,6 +283,28 @@ async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
                     _ = shutdown.cancelled() => return,
                 }
             }
+        }
+    }
+}
+
+/// This router's name in its reports: the host (`HOSTNAME`, a pod name under Kubernetes) and
+/// the gRPC address it serves.
+fn router_id(bound: SocketAddr) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "router".into());
+    format!("{host}@{bound}")
+}
+
+/// Copies the registry's record of the control-plane leader to the reporter until shutdown.
+async fn forward_leader(
+    mut from: watch::Receiver<Option<Vec<u8>>>,
+    to: watch::Sender<Option<Vec<u8>>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        to.send_replace(from.borrow_and_update().clone());
+        tokio::select! {
+            changed = from.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => return,
         }
     }
 }

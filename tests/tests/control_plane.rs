@@ -322,6 +322,97 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     .await?;
     assert!(browser.text("#replica").await?.contains("leader"));
     assert!(browser.text("#policy").await?.contains("default_lane"));
+
+    // Mixed traffic shows up in the charts and the decision feed.
+    cluster
+        .router
+        .wait_for_log("reporting to the control plane", PATIENCE)
+        .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    for i in 0..6 {
+        let class = if i % 2 == 0 {
+            RequestClass::LatencyCritical
+        } else {
+            RequestClass::CostSensitive
+        };
+        let request =
+            switchyard_tests::synthetic_request(&format!("page-{i}"), class, "chart me", 4);
+        let done = session.start(request)?.collect().await;
+        assert!(done.finished.is_some(), "{:?}", done.failed);
+    }
+    let chart_points = |id: &'static str| {
+        let browser = &browser;
+        async move {
+            browser
+                .execute(
+                    "const s = document.querySelector(`#${arguments[0]} svg`); return s ? Number(s.dataset.points || 0) : 0;",
+                    vec![serde_json::json!(id)],
+                )
+                .await
+                .ok()
+                .and_then(|v| v.as_u64())
+                .unwrap_or(0)
+        }
+    };
+    for chart in [
+        "chart-ttft",
+        "chart-attainment",
+        "chart-tokens",
+        "chart-cost",
+    ] {
+        wait_until(PATIENCE, &format!("{chart} to draw data"), || async {
+            chart_points(chart).await > 0
+        })
+        .await?;
+    }
+    wait_until(
+        PATIENCE,
+        "the feed to list page-4 with its outcome",
+        || async {
+            browser
+                .text("#decisions tr[data-request-id='page-4'] td:nth-child(9)")
+                .await
+                .is_ok_and(|t| t == "met" || t == "missed")
+        },
+    )
+    .await?;
+    assert!(
+        browser.text("#sampling").await?.contains("decisions"),
+        "{}",
+        browser.text("#sampling").await?
+    );
+    browser
+        .click("#decisions tr[data-request-id='page-4']")
+        .await?;
+    wait_until(PATIENCE, "the story of page-4 to open", || async {
+        browser
+            .text("#story")
+            .await
+            .is_ok_and(|t| t.contains("Request page-4") && t.contains("latency-critical"))
+    })
+    .await?;
+    let story = browser.text("#story").await?;
+    assert!(
+        story.contains("decided by") && story.contains("class"),
+        "{story}"
+    );
+    assert!(
+        story.contains("chosen") && story.contains("wse-0"),
+        "{story}"
+    );
+    assert!(story.contains("completed"), "{story}");
+    std::fs::write(
+        switchyard_tests::log_dir().join("dashboard-insights.png"),
+        browser.screenshot().await?,
+    )?;
+    // The history is the server's: a reload draws it again at once.
+    browser.goto(&format!("http://{http}/")).await?;
+    wait_until(
+        PATIENCE,
+        "the reloaded page to draw the history",
+        || async { chart_points("chart-ttft").await > 0 && chart_points("chart-tokens").await > 0 },
+    )
+    .await?;
     assert_eq!(
         browser
             .text("tr[data-worker-id='gpu-1'] td:nth-child(5)")
@@ -393,5 +484,196 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         Some("ready")
     );
     browser.close().await?;
+    Ok(())
+}
+
+/// GETs a dashboard API path as JSON, with its status.
+async fn api(http: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, Value)> {
+    let response = reqwest::get(format!("http://{http}{path}")).await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+/// Polls `probe` (like `wait_until`) until it yields a value.
+async fn poll<T, F, Fut>(what: &str, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = probe().await {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("timed out after {PATIENCE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The feed entry of `request_id` once its outcome arrived.
+async fn finished_decision(http: std::net::SocketAddr, request_id: &str) -> anyhow::Result<Value> {
+    poll(&format!("the feed to show {request_id} ended"), || async {
+        let (status, page) = api(http, &format!("/api/decisions?request_id={request_id}"))
+            .await
+            .ok()?;
+        let entry = page["decisions"].as_array()?.last()?.clone();
+        (status == 200 && !entry["outcome"].is_null()).then_some(entry)
+    })
+    .await
+}
+
+/// Sum of `f` over the history's points.
+fn history_sum(history: &Value, f: impl Fn(&Value) -> u64) -> u64 {
+    history["points"]
+        .as_array()
+        .map(|points| points.iter().map(&f).sum())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec::default()).await?;
+    let http = cluster.control_plane.addr("http");
+    // The router finds the leader through etcd once it is elected.
+    cluster
+        .router
+        .wait_for_log("reporting to the control plane", PATIENCE)
+        .await?;
+
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let fast = switchyard_tests::synthetic_request(
+        "story-lc",
+        RequestClass::LatencyCritical,
+        "quick answer",
+        5,
+    );
+    let mut cheap = synthetic_request("story-cs", "a long cheap essay", 7);
+    cheap.class = RequestClass::Auto as i32;
+    cheap.metadata.insert("tenant".into(), "acme".into());
+    let mut tokens = std::collections::HashMap::new();
+    for request in [fast, cheap] {
+        let id = request.request_id.clone();
+        let done = session.start(request)?.collect().await;
+        assert!(done.finished.is_some(), "{id} failed: {:?}", done.failed);
+        let accepted = done.accepted.expect("accepted");
+        tokens.insert(id, (accepted, done.token_ids.len() as u64));
+    }
+
+    // Each request's story: lane and where it came from, candidates, choice, outcome.
+    let lc = finished_decision(http, "story-lc").await?;
+    let (accepted, lc_tokens) = &tokens["story-lc"];
+    assert_eq!(lc["lane"], "latency-critical", "{lc}");
+    assert_eq!(lc["lane_origin"], "class");
+    assert_eq!(lc["worker_id"], accepted.worker_id.as_str());
+    assert_eq!(lc["pool"], "wse");
+    assert_eq!(lc["reason"], "home");
+    assert!(lc["predicted_ttft_ms"].as_f64().unwrap() > 0.0, "{lc}");
+    let candidates = lc["candidates"].as_array().expect("candidates");
+    assert!(
+        candidates
+            .iter()
+            .any(|c| c["chosen"] == true && c["worker_id"] == lc["worker_id"]),
+        "the chosen worker is among the candidates: {lc}"
+    );
+    let outcome = &lc["outcome"];
+    assert_eq!(outcome["status"], "completed", "{lc}");
+    assert_eq!(outcome["worker_id"], accepted.worker_id.as_str());
+    assert_eq!(outcome["completion_tokens"].as_u64(), Some(*lc_tokens));
+    assert!(outcome["ttft_ms"].as_f64().unwrap() > 0.0, "{lc}");
+    assert_eq!(outcome["failovers"], 0);
+
+    let cs = finished_decision(http, "story-cs").await?;
+    assert_eq!(cs["lane"], "cost-sensitive", "{cs}");
+    assert_eq!(cs["lane_origin"], "default");
+    assert_eq!(cs["tenant"], "acme");
+    assert_eq!(cs["pool"], "gpu");
+    assert_eq!(cs["worker_id"], tokens["story-cs"].0.worker_id.as_str());
+    assert_eq!(cs["outcome"]["status"], "completed");
+
+    // The history counts both requests (every request, not a sample) and their tokens.
+    let history = poll("the history to count both requests", || async {
+        let (_, h) = api(http, "/api/history").await.ok()?;
+        let lane = |name: &'static str| {
+            history_sum(&h, move |p| {
+                p["lanes"][name]["requests"].as_u64().unwrap_or(0)
+            })
+        };
+        (lane("latency-critical") == 1 && lane("cost-sensitive") == 1).then_some(h)
+    })
+    .await?;
+    assert_eq!(
+        history_sum(&history, |p| p["pools"]["wse"]["tokens_per_s"]
+            .as_u64()
+            .unwrap_or(0)),
+        *lc_tokens,
+        "tokens delivered from the wse pool"
+    );
+    let second = history["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["lanes"]["latency-critical"]["requests"] == 1)
+        .expect("the second the request ended");
+    let lane = &second["lanes"]["latency-critical"];
+    assert!(lane["ttft_p50_ms"].as_f64().unwrap() > 0.0, "{second}");
+    assert_eq!(lane["attainment"], 1.0, "{second}");
+    assert!(lane["slo_ms"].as_f64().unwrap() > 0.0);
+    assert!(history_sum(&history, |p| p["decisions"].as_u64().unwrap_or(0)) >= 2);
+    assert_eq!(history["kept_by"]["role"], "leader");
+
+    // Bad queries are refused, naming the parameter.
+    for path in [
+        "/api/history?since=yesterday",
+        "/api/decisions?limit=0",
+        "/api/decisions?since=-1",
+        "/api/decisions?request_id=",
+    ] {
+        let (status, body) = api(http, path).await?;
+        assert_eq!(status, 400, "{path}: {body}");
+        let name = path.split(['?', '=']).nth(1).unwrap();
+        assert!(
+            body["error"].as_str().unwrap_or_default().starts_with(name),
+            "{path}: {body}"
+        );
+    }
+
+    // With a cluster token, the control plane takes reports only from members.
+    let dir = tempfile::tempdir()?;
+    let token_file = dir.path().join("cluster-token");
+    std::fs::write(&token_file, "report-token-0123456789abcdef\n")?;
+    let guarded = start_control_plane(
+        &cluster.etcd.url,
+        "control-plane-1",
+        &["--cluster-token-file", &token_file.display().to_string()],
+    )
+    .await?;
+    let mut client = admin(guarded.addr("grpc")).await?;
+    let report = || {
+        tokio_stream::iter(vec![v1::RouterReport {
+            report: Some(v1::router_report::Report::Stats(v1::RouterStats {
+                router_id: "outsider".into(),
+                ..Default::default()
+            })),
+        }])
+    };
+    let err = client.report(report()).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    assert!(err.message().contains("--cluster-token-file"), "{err}");
+    let mut member = tonic::Request::new(report());
+    member.metadata_mut().insert(
+        "authorization",
+        "Bearer report-token-0123456789abcdef".parse()?,
+    );
+    assert_eq!(client.report(member).await?.into_inner().accepted, 1);
+    // A malformed report ends the stream with INVALID_ARGUMENT.
+    let mut bad = tonic::Request::new(tokio_stream::iter(vec![v1::RouterReport { report: None }]));
+    bad.metadata_mut().insert(
+        "authorization",
+        "Bearer report-token-0123456789abcdef".parse()?,
+    );
+    let err = client.report(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     Ok(())
 }

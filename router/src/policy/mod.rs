@@ -200,6 +200,20 @@ struct Scored {
     score: f64,
 }
 
+/// A worker the policy scored for a request, as [`place_traced`] reports it (for the decision
+/// feed: what the router considered and predicted, not a recomputation).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Considered {
+    /// Index in the [`ClusterView`].
+    pub worker: usize,
+    pub predicted_ttft_ms: f64,
+    pub cached_tokens: u32,
+    /// See [`score`] (lower is better).
+    pub score: f64,
+    pub affinity: bool,
+    pub meets_slo: bool,
+}
+
 /// The placement score of a candidate, lower is better (milliseconds):
 ///
 /// `predicted TTFT with only the uncached prompt prefilled` (cache hit and queued load)
@@ -275,6 +289,7 @@ fn best_in_pool(
     slo_ms: f64,
     exclude: &[usize],
     accept: impl Fn(usize) -> bool,
+    trace: &mut dyn FnMut(Considered),
 ) -> Option<Scored> {
     let free = &view.pools[m][pool_index(pool)].free;
     if free.is_empty() {
@@ -298,6 +313,16 @@ fn best_in_pool(
         }
     };
     let misses = |s: &Scored| s.predicted_ttft_ms > slo_ms;
+    let mut traced = |s: &Scored| {
+        trace(Considered {
+            worker: s.worker,
+            predicted_ttft_ms: s.predicted_ttft_ms,
+            cached_tokens: s.cached_tokens,
+            score: s.score,
+            affinity: s.affinity,
+            meets_slo: !misses(s),
+        })
+    };
     let better = |a: &Scored, b: &Scored| {
         misses(a)
             .cmp(&misses(b))
@@ -314,6 +339,7 @@ fn best_in_pool(
     let mut consider = |w: usize| {
         if ok(w) {
             let candidate = evaluate(w, false);
+            traced(&candidate);
             if best.is_none_or(|b| better(&candidate, &b)) {
                 best = Some(candidate);
             }
@@ -354,6 +380,7 @@ fn best_in_pool(
         });
     if let Some(owner) = owner {
         let candidate = evaluate(owner, true);
+        traced(&candidate);
         let preferred = best.is_none_or(|b| {
             misses(&candidate) <= misses(&b)
                 && candidate.score <= b.score + policy.placement.affinity_slack_ms
@@ -379,6 +406,18 @@ pub fn place(
     request: &RequestInfo<'_>,
     policy: &PolicyDocument,
     exclude: &[usize],
+) -> Decision {
+    place_traced(view, class, request, policy, exclude, &mut |_| {})
+}
+
+/// [`place`], telling `trace` every candidate it scores (a worker may be told twice).
+pub fn place_traced(
+    view: &ClusterView,
+    class: &Classification,
+    request: &RequestInfo<'_>,
+    policy: &PolicyDocument,
+    exclude: &[usize],
+    trace: &mut dyn FnMut(Considered),
 ) -> Decision {
     let Some(m) = view.model_index(request.model) else {
         return Decision::Reject(PlacementError::UnknownModel(request.model.to_string()));
@@ -410,15 +449,33 @@ pub fn place(
     };
     match class.lane {
         LaneName::LatencyCritical => {
-            let wse = best_in_pool(view, m, Pool::Wse, request, policy, slo, exclude, |_| true);
+            let wse = best_in_pool(
+                view,
+                m,
+                Pool::Wse,
+                request,
+                policy,
+                slo,
+                exclude,
+                |_| true,
+                trace,
+            );
             if let Some(best) = wse.filter(|b| b.predicted_ttft_ms <= slo) {
                 return placed(best, Route::Home);
             }
             if lane_policy.spill {
                 let min_rate = class.min_tokens_per_s;
-                let gpu = best_in_pool(view, m, Pool::Gpu, request, policy, slo, exclude, |w| {
-                    decode_rate(view.worker(w), policy) >= min_rate
-                });
+                let gpu = best_in_pool(
+                    view,
+                    m,
+                    Pool::Gpu,
+                    request,
+                    policy,
+                    slo,
+                    exclude,
+                    |w| decode_rate(view.worker(w), policy) >= min_rate,
+                    trace,
+                );
                 match (gpu, wse) {
                     (Some(g), _) if g.predicted_ttft_ms <= slo => {
                         return placed(g, Route::SpillToGpu);
@@ -439,16 +496,33 @@ pub fn place(
             // The reserve is kept idle for latency-critical spill: a GPU busy with long
             // prefills cannot give a spilled request its first token in time.
             let reserve = policy.placement.gpu_reserve_for_latency;
-            let gpu = best_in_pool(view, m, Pool::Gpu, request, policy, slo, exclude, |w| {
-                !view.in_reserve_of(m, w, reserve)
-            });
+            let gpu = best_in_pool(
+                view,
+                m,
+                Pool::Gpu,
+                request,
+                policy,
+                slo,
+                exclude,
+                |w| !view.in_reserve_of(m, w, reserve),
+                trace,
+            );
             if let Some(best) = gpu {
                 return placed(best, Route::Home);
             }
             if lane_policy.spill
                 && view.utilisation(Pool::Wse) < lane_policy.spill_max_utilisation
-                && let Some(best) =
-                    best_in_pool(view, m, Pool::Wse, request, policy, slo, exclude, |_| true)
+                && let Some(best) = best_in_pool(
+                    view,
+                    m,
+                    Pool::Wse,
+                    request,
+                    policy,
+                    slo,
+                    exclude,
+                    |_| true,
+                    trace,
+                )
             {
                 return placed(best, Route::BorrowWse);
             }

@@ -1,0 +1,347 @@
+// Switchyard ops dashboard, history and decisions: charts of the last hour drawn as plain SVG
+// from /api/history (kept by the control plane, so a reload loses nothing), and the live
+// decision feed from /api/decisions with each request's story one click away.
+"use strict";
+
+(() => {
+  const HISTORY_POLL_MS = 2000;
+  const FEED_POLL_MS = 1000;
+  const MAX_POINTS = 3600;
+  const MAX_ROWS = 200;
+  const SVG = "http://www.w3.org/2000/svg";
+  const COLORS = {
+    "latency-critical": "#8250df",
+    "cost-sensitive": "#0969da",
+    gpu: "#1a7f37",
+    wse: "#bc4c00",
+    shed: "#cf222e",
+    failovers: "#9a6700",
+    cost: "#0550ae",
+    prefix: "#1a7f37",
+  };
+  const LANES = ["latency-critical", "cost-sensitive"];
+  const POOLS = ["gpu", "wse"];
+
+  const $ = (id) => document.getElementById(id);
+  let points = [];
+  let windowSeconds = 300;
+  const decisions = new Map(); // feed id -> entry
+  let feedSeq = 0;
+  let selected = null;
+
+  async function getJson(path) {
+    const response = await fetch(path, { cache: "no-store" });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(body.error || `${path}: HTTP ${response.status}`);
+    return body;
+  }
+
+  function el(tag, attrs = {}, text) {
+    const node = tag.startsWith("svg:")
+      ? document.createElementNS(SVG, tag.slice(4))
+      : document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, v);
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  const fmtMs = (v) => (v == null ? "–" : v >= 1000 ? `${(v / 1000).toFixed(2)} s` : `${v.toFixed(v < 10 ? 1 : 0)} ms`);
+  const fmtPct = (v) => (v == null ? "–" : `${(v * 100).toFixed(1)} %`);
+  const fmtNum = (v) => (v == null ? "–" : Number(v).toLocaleString(undefined, { maximumFractionDigits: 1 }));
+  const fmtUsd = (v) => (v == null ? "–" : `$${Number(v).toFixed(v < 1 ? 4 : 2)}`);
+
+  // One line chart: `series` of {name, color, dash, values: [[t, v or null]]}; gaps (null)
+  // break the line. Log scale for latencies, which span milliseconds to seconds.
+  function drawChart(id, series, { log = false, format = fmtNum, max, minTop = 1 } = {}) {
+    const figure = $(id);
+    if (!figure) return;
+    const svg = figure.querySelector("svg");
+    const W = 360, H = 130, L = 52, R = 6, T = 6, B = 18;
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.replaceChildren();
+    const now = points.length ? points[points.length - 1].t : Math.floor(Date.now() / 1000);
+    const t0 = now - windowSeconds;
+    const all = series.flatMap((s) => s.values.filter(([t, v]) => v != null && t > t0).map(([, v]) => v));
+    const positive = all.filter((v) => v > 0);
+    // An idle chart still gets a readable axis (0 to minTop).
+    let lo = 0, hi = max ?? Math.max(minTop, ...all);
+    if (log) {
+      lo = positive.length ? Math.min(...positive) : 1;
+      hi = positive.length ? Math.max(...positive) : 10;
+      lo = Math.pow(10, Math.floor(Math.log10(lo)));
+      hi = Math.pow(10, Math.ceil(Math.log10(hi)));
+      if (hi <= lo) hi = lo * 10;
+    } else if (max === undefined) {
+      hi *= 1.1;
+    }
+    const x = (t) => L + ((t - t0) / windowSeconds) * (W - L - R);
+    const y = (v) => {
+      const f = log ? (Math.log10(Math.max(v, lo)) - Math.log10(lo)) / (Math.log10(hi) - Math.log10(lo)) : (v - lo) / (hi - lo || 1);
+      return H - B - Math.min(1, Math.max(0, f)) * (H - T - B);
+    };
+    svg.appendChild(el("svg:rect", { x: L, y: T, width: W - L - R, height: H - T - B, class: "plot" }));
+    const ticks = log
+      ? Array.from({ length: Math.round(Math.log10(hi / lo)) + 1 }, (_, i) => lo * Math.pow(10, i))
+      : [lo, (lo + hi) / 2, hi];
+    for (const v of ticks) {
+      svg.appendChild(el("svg:line", { x1: L, x2: W - R, y1: y(v), y2: y(v), class: "grid" }));
+      svg.appendChild(el("svg:text", { x: L - 4, y: y(v) + 3, class: "tick", "text-anchor": "end" }, format(v)));
+    }
+    const clock = (t) => new Date(t * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    svg.appendChild(el("svg:text", { x: L, y: H - 4, class: "tick" }, clock(t0)));
+    svg.appendChild(el("svg:text", { x: W - R, y: H - 4, class: "tick", "text-anchor": "end" }, clock(now)));
+    let drawn = 0;
+    for (const s of series) {
+      let path = "";
+      let pen = false;
+      for (const [t, v] of s.values) {
+        if (t <= t0 || v == null) { pen = false; continue; }
+        path += `${pen ? "L" : "M"}${x(t).toFixed(1)},${y(v).toFixed(1)}`;
+        pen = true;
+        drawn += 1;
+      }
+      if (path) {
+        const line = el("svg:path", { d: path, stroke: s.color, class: "series" });
+        if (s.dash) line.setAttribute("stroke-dasharray", "4 3");
+        line.dataset.series = s.name;
+        svg.appendChild(line);
+      }
+    }
+    svg.dataset.points = String(drawn);
+    const legend = figure.querySelector(".legend");
+    legend.replaceChildren();
+    for (const s of series) {
+      const last = [...s.values].reverse().find(([t, v]) => v != null && t > t0);
+      const item = el("span", { class: "key" });
+      const swatch = el("span", { class: "swatch" });
+      swatch.style.background = s.color;
+      if (s.dash) swatch.classList.add("dash");
+      item.append(swatch, `${s.name} ${last ? format(last[1]) : "–"}`);
+      legend.appendChild(item);
+    }
+  }
+
+  const col = (f) => points.map((p) => [p.t, f(p)]);
+
+  function drawCharts() {
+    drawChart("chart-ttft", LANES.flatMap((lane) => [
+      { name: `${lane} p50`, color: COLORS[lane], values: col((p) => p.lanes[lane].ttft_p50_ms) },
+      { name: `${lane} p99`, color: COLORS[lane], dash: true, values: col((p) => p.lanes[lane].ttft_p99_ms) },
+    ]).concat(LANES.map((lane) => ({
+      name: `${lane} SLO`, color: "#6a737d", dash: true, values: col((p) => p.lanes[lane].slo_ms || null),
+    }))), { log: true, format: fmtMs });
+    drawChart("chart-attainment", LANES.map((lane) => ({
+      name: lane, color: COLORS[lane], values: col((p) => p.lanes[lane].attainment),
+    })), { format: fmtPct, max: 1 });
+    drawChart("chart-itl", LANES.flatMap((lane) => [
+      { name: `${lane} p50`, color: COLORS[lane], values: col((p) => p.lanes[lane].itl_p50_ms) },
+      { name: `${lane} p99`, color: COLORS[lane], dash: true, values: col((p) => p.lanes[lane].itl_p99_ms) },
+    ]), { log: true, format: fmtMs });
+    drawChart("chart-tokens", POOLS.map((pool) => ({
+      name: pool, color: COLORS[pool], values: col((p) => p.pools[pool].tokens_per_s),
+    })));
+    drawChart("chart-queue", POOLS.map((pool) => ({
+      name: `${pool} workers`, color: COLORS[pool], values: col((p) => p.pools[pool].queued),
+    })).concat(LANES.map((lane) => ({
+      name: `${lane} at router`, color: COLORS[lane], dash: true, values: col((p) => p.lanes[lane].queued_at_router),
+    }))));
+    drawChart("chart-shed", [
+      { name: "shed/s", color: COLORS.shed, values: col((p) => LANES.reduce((n, l) => n + p.lanes[l].shed, 0)) },
+      { name: "failovers/s", color: COLORS.failovers, values: col((p) => LANES.reduce((n, l) => n + p.lanes[l].failovers, 0)) },
+    ]);
+    drawChart("chart-cost", [
+      { name: "cost/hour", color: COLORS.cost, values: col((p) => p.cost_per_hour) },
+    ], { format: fmtUsd, minTop: 0.01 });
+    drawChart("chart-prefix", [
+      { name: "prefix-cache hit rate", color: COLORS.prefix, values: col((p) => p.prefix_hit_rate) },
+    ], { format: fmtPct, max: 1 });
+    renderSampling();
+  }
+
+  // What the feed shows of what the routers decided in the last minute.
+  function renderSampling() {
+    const recent = points.slice(-60);
+    const sum = (k) => recent.reduce((n, p) => n + p[k], 0);
+    const made = sum("decisions"), shown = sum("decisions_reported"), dropped = sum("dropped");
+    const routers = recent.length ? recent[recent.length - 1].routers : 0;
+    const text = made === 0
+      ? `No routing decision in the last minute (${routers} router${routers === 1 ? "" : "s"} reporting).`
+      : `Last minute: ${fmtNum(made)} decisions, ${fmtNum(shown)} in the feed` +
+        (shown < made ? ` (sampled: ${fmtPct(shown / made)})` : " (all)") +
+        (dropped ? `, ${fmtNum(dropped)} reports dropped (queue full)` : "") +
+        `; ${routers} router${routers === 1 ? "" : "s"} reporting.`;
+    $("sampling").textContent = text;
+  }
+
+  function keeperNotice(keptBy) {
+    const el = $("insights-keeper");
+    if (!keptBy || keptBy.role === "leader") { el.hidden = true; return; }
+    el.hidden = false;
+    el.textContent = "Routers report to the leader: this follower's history and feed start when it leads. ";
+    if (keptBy.leader && keptBy.leader.http) {
+      const link = document.createElement("a");
+      link.href = `http://${keptBy.leader.http}/`;
+      link.textContent = `Open the leader's dashboard (${keptBy.leader.id})`;
+      el.appendChild(link);
+    }
+  }
+
+  async function refreshHistory() {
+    try {
+      const since = points.length ? `?since=${points[points.length - 1].t}` : "";
+      const body = await getJson(`/api/history${since}`);
+      points = points.concat(body.points).slice(-MAX_POINTS);
+      keeperNotice(body.kept_by);
+      drawCharts();
+    } catch (error) {
+      $("sampling").textContent = `Cannot read the history: ${error.message}`;
+    }
+  }
+
+  function td(text, className) {
+    const cell = document.createElement("td");
+    if (className) cell.className = className;
+    cell.textContent = text;
+    return cell;
+  }
+
+  function laneText(d) {
+    return d.lane_detail ? `${d.lane} (${d.lane_origin} ${d.lane_detail})` : `${d.lane} (${d.lane_origin})`;
+  }
+
+  function sloCell(d) {
+    const o = d.outcome;
+    if (!o) return td("running", "muted");
+    if (o.status === "shed" || o.status === "rejected") return td(o.status, "bad");
+    if (o.status === "cancelled") return td("cancelled", "muted");
+    return td(o.slo_met ? "met" : "missed", o.slo_met ? "good" : "bad");
+  }
+
+  function renderFeed() {
+    const body = $("decisions").querySelector("tbody");
+    const entries = [...decisions.values()].sort((a, b) => b.id - a.id).slice(0, MAX_ROWS);
+    body.replaceChildren();
+    for (const d of entries) {
+      const tr = document.createElement("tr");
+      tr.dataset.requestId = d.request_id;
+      tr.dataset.id = String(d.id);
+      if (selected === d.id) tr.className = "selected";
+      const at = new Date(d.at_unix_ms);
+      tr.append(
+        td(at.toLocaleTimeString(), "num"),
+        td(d.request_id, "mono"),
+        td(d.tenant || "–"),
+        td(laneText(d)),
+        td(d.worker_id ? `${d.worker_id} (${d.pool})` : "–", "mono"),
+        td(d.reason),
+        td(d.worker_id ? fmtMs(d.predicted_ttft_ms) : "–", "num"),
+        td(d.outcome && d.outcome.ttft_ms ? fmtMs(d.outcome.ttft_ms) : "–", "num"),
+        sloCell(d),
+      );
+      tr.addEventListener("click", () => { selected = d.id; renderFeed(); renderStory(); });
+      body.appendChild(tr);
+    }
+    $("no-decisions").hidden = entries.length > 0;
+  }
+
+  function dl(pairs) {
+    const list = document.createElement("dl");
+    for (const [k, v] of pairs) list.append(el("dt", {}, k), el("dd", {}, v));
+    return list;
+  }
+
+  // One request's story: its lane and why, what the router weighed, what it chose, what
+  // happened.
+  function renderStory() {
+    const story = $("story");
+    const d = decisions.get(selected);
+    if (!d) { story.hidden = true; return; }
+    story.hidden = false;
+    const parts = [el("h3", {}, `Request ${d.request_id}`)];
+    parts.push(el("h4", {}, "1. Lane"), dl([
+      ["lane", d.lane],
+      ["decided by", d.lane_detail ? `${d.lane_origin} ${d.lane_detail}` : d.lane_origin],
+      ["TTFT SLO", fmtMs(d.ttft_slo_ms)],
+      ["tenant", d.tenant || "–"],
+      ["model", d.model],
+      ["prompt tokens", fmtNum(d.prompt_tokens)],
+      ["router", d.router_id],
+    ]));
+    parts.push(el("h4", {}, "2. Candidates the policy scored"));
+    if (d.candidates.length) {
+      const table = el("table", { class: "grid candidates" });
+      const head = el("tr");
+      for (const h of ["worker", "pool", "predicted TTFT", "cached tokens", "$/Mtok", "score", "meets SLO"]) head.append(el("th", {}, h));
+      table.append(head);
+      for (const c of d.candidates) {
+        const tr = el("tr", c.chosen ? { class: "chosen" } : {});
+        tr.dataset.workerId = c.worker_id;
+        tr.append(
+          td(c.worker_id + (c.chosen ? " ✔ chosen" : "") + (c.affinity ? " (affinity)" : ""), "mono"),
+          td(c.pool), td(fmtMs(c.predicted_ttft_ms), "num"), td(fmtNum(c.cached_tokens), "num"),
+          td(Number(c.cost_per_mtok).toFixed(2), "num"), td(fmtNum(c.score), "num"),
+          td(c.meets_slo ? "yes" : "no", c.meets_slo ? "good" : "bad"),
+        );
+        table.append(tr);
+      }
+      parts.push(table);
+    } else {
+      parts.push(el("p", { class: "muted" }, "None: the request never reached placement."));
+    }
+    parts.push(el("h4", {}, "3. Choice"), dl([
+      ["worker", d.worker_id ? `${d.worker_id} (${d.pool})` : "none"],
+      ["reason", d.reason],
+      ["in full", d.reason_text],
+      ["predicted TTFT", d.worker_id ? fmtMs(d.predicted_ttft_ms) : "–"],
+      ["waited at the router", fmtMs(d.queued_ms)],
+    ]));
+    parts.push(el("h4", {}, "4. Outcome"));
+    const o = d.outcome;
+    if (o) {
+      parts.push(dl([
+        ["status", o.status + (o.error ? `: ${o.error}` : "")],
+        ["finished on", o.worker_id ? `${o.worker_id} (${o.pool})` : "–"],
+        ["TTFT", `${fmtMs(o.ttft_ms)} (predicted ${fmtMs(d.predicted_ttft_ms)}, SLO ${fmtMs(d.ttft_slo_ms)}: ${o.slo_met ? "met" : "missed"})`],
+        ["inter-token latency", fmtMs(o.itl_ms)],
+        ["tokens", `${fmtNum(o.prompt_tokens)} prompt (${fmtNum(o.cached_prompt_tokens)} cached), ${fmtNum(o.completion_tokens)} generated`],
+        ["failovers", fmtNum(o.failovers)],
+        ["total", fmtMs(o.total_ms)],
+        ["cost", fmtUsd(o.cost_usd)],
+      ]));
+    } else {
+      parts.push(el("p", { class: "muted" }, "Still running (or its outcome was not reported)."));
+    }
+    story.replaceChildren(...parts);
+  }
+
+  async function refreshFeed() {
+    try {
+      const body = await getJson(`/api/decisions?since=${feedSeq}`);
+      for (const d of body.decisions) decisions.set(d.id, d);
+      feedSeq = body.seq;
+      // Bounded like the server's feed.
+      const ids = [...decisions.keys()].sort((a, b) => a - b);
+      for (const id of ids.slice(0, Math.max(0, ids.length - 500))) decisions.delete(id);
+      if (body.decisions.length) {
+        renderFeed();
+        if (selected !== null) renderStory();
+      }
+    } catch (error) {
+      $("no-decisions").hidden = false;
+      $("no-decisions").textContent = `Cannot read the decision feed: ${error.message}`;
+    }
+  }
+
+  for (const button of document.querySelectorAll("#window button")) {
+    button.addEventListener("click", () => {
+      windowSeconds = Number(button.dataset.seconds);
+      document.querySelectorAll("#window button").forEach((b) => b.classList.toggle("on", b === button));
+      drawCharts();
+    });
+  }
+
+  refreshHistory();
+  refreshFeed();
+  setInterval(refreshHistory, HISTORY_POLL_MS);
+  setInterval(refreshFeed, FEED_POLL_MS);
+})();

@@ -1,0 +1,620 @@
+//! Reports to the control plane: what the router decided for each request (lane and where it
+//! came from, the candidates the policy scored with their predictions, the choice and its
+//! reason), how the request ended, and once a second the aggregates of every request that
+//! ended (per lane: count, SLO met, shed, failovers, TTFT and inter-token latency histograms,
+//! tokens, cost; tokens per pool; router queue depth). The control plane turns them into the
+//! dashboard's history and decision feed.
+//!
+//! The request path never waits on this: per-request records are sampled (at most
+//! `decision_reports_per_s` a second) and go through a bounded queue that drops (and counts
+//! the drops) when full; the per-second stats cover every request whatever the sampling. With
+//! no control plane reachable, nothing is recorded at all and the router routes as before.
+//!
+//! Where to send: the control-plane leader's record in the cluster registry (etcd key
+//! `leader/control-plane`), followed as it moves; the stream presents the cluster token when
+//! one is configured.
+
+pub mod histogram;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use switchyard_cluster::Pool;
+use switchyard_cluster::backoff::Backoff;
+use switchyard_cluster::credential::ClusterToken;
+use switchyard_proto::v1::{self, admin_client::AdminClient, router_report::Report};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::policy::document::LaneName;
+use histogram::Histogram;
+
+/// Reports waiting for the control-plane stream; beyond this they are dropped.
+pub const QUEUE: usize = 1024;
+/// Candidates kept per decision (the best ones).
+pub const MAX_CANDIDATES: usize = 8;
+/// How often the per-second stats go out.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Unix time in milliseconds.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+/// Where a lane came from, split off the classifier's reason (`class=…`, `tenant=…`,
+/// `rule=…`, `default`, each followed by ` lane=…`): `(origin, detail)`.
+pub fn lane_origin(reason: &str) -> (&'static str, String) {
+    let first = reason.split(' ').next().unwrap_or_default();
+    let (key, value) = first.split_once('=').unwrap_or((first, ""));
+    let origin = match key {
+        "class" => "class",
+        "tenant" => "tenant",
+        "rule" => "rule",
+        _ => "default",
+    };
+    let detail = if matches!(origin, "tenant" | "rule") {
+        value.to_string()
+    } else {
+        String::new()
+    };
+    (origin, detail)
+}
+
+/// One lane's requests that ended in the current second.
+#[derive(Debug, Default)]
+struct LaneWindow {
+    requests: u32,
+    completed: u32,
+    slo_met: u32,
+    shed: u32,
+    failovers: u32,
+    ttft: Histogram,
+    itl: Histogram,
+    completion_tokens: u64,
+    prompt_tokens: u64,
+    cached_prompt_tokens: u64,
+    cost_usd: f64,
+}
+
+/// What the current second has seen so far.
+#[derive(Debug, Default)]
+struct Window {
+    lanes: [LaneWindow; 2],
+    decisions: u32,
+    decisions_reported: u32,
+}
+
+/// Per-second budget of sampled decisions.
+#[derive(Debug, Default)]
+struct Sampler {
+    second: i64,
+    used: u32,
+}
+
+struct Shared {
+    router_id: String,
+    /// A stream to a control plane is open: only then is anything recorded.
+    connected: AtomicBool,
+    per_s: u32,
+    queue: mpsc::Sender<v1::RouterReport>,
+    dropped: AtomicU32,
+    sampler: Mutex<Sampler>,
+    window: Mutex<Window>,
+    /// Tokens delivered per pool ([`pool_index`]) this second; counted per chunk.
+    pool_tokens: [AtomicU64; 2],
+    /// Requests waiting at the router per lane, read when the stats go out.
+    queue_depths: OnceLock<Box<dyn Fn() -> [u32; 2] + Send + Sync>>,
+}
+
+fn pool_index(pool: Pool) -> usize {
+    match pool {
+        Pool::Gpu => 0,
+        Pool::Wse => 1,
+    }
+}
+
+/// The router's reporting handle: cheap to clone, a no-op when disabled or disconnected.
+#[derive(Clone, Default)]
+pub struct Reporter {
+    shared: Option<Arc<Shared>>,
+}
+
+impl std::fmt::Debug for Reporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reporter")
+            .field("enabled", &self.shared.is_some())
+            .field("connected", &self.connected())
+            .finish()
+    }
+}
+
+/// How a finished request is reported.
+#[derive(Debug)]
+pub struct Ended {
+    pub lane: LaneName,
+    pub outcome: v1::RequestOutcome,
+    /// Cancelled by the client: not judged against its SLO.
+    pub cancelled: bool,
+    pub shed: bool,
+    /// Its decision was reported: report the outcome too.
+    pub sampled: bool,
+}
+
+impl Reporter {
+    /// A reporter that records nothing (no control plane to report to).
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// A reporter with its queue; [`Reporter::run`] drains it. Not connected until it runs.
+    fn new(router_id: String, per_s: u32) -> (Self, mpsc::Receiver<v1::RouterReport>) {
+        let (queue, rx) = mpsc::channel(QUEUE);
+        let shared = Shared {
+            router_id,
+            connected: AtomicBool::new(false),
+            per_s,
+            queue,
+            dropped: AtomicU32::new(0),
+            sampler: Mutex::default(),
+            window: Mutex::default(),
+            pool_tokens: Default::default(),
+            queue_depths: OnceLock::new(),
+        };
+        (
+            Self {
+                shared: Some(Arc::new(shared)),
+            },
+            rx,
+        )
+    }
+
+    /// Starts reporting to whichever control plane leads (`leader` follows the registry's
+    /// record of it), until `shutdown`.
+    pub fn start(
+        router_id: String,
+        per_s: u32,
+        leader: watch::Receiver<Option<Vec<u8>>>,
+        credential: Option<ClusterToken>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (reporter, rx) = Self::new(router_id, per_s);
+        let shared = reporter.shared.clone().expect("enabled");
+        tokio::spawn(stream_reports(
+            shared.clone(),
+            rx,
+            leader,
+            credential,
+            shutdown.clone(),
+        ));
+        tokio::spawn(tick_stats(shared, shutdown));
+        reporter
+    }
+
+    /// Lets the stats read the router's queue depths per lane.
+    pub fn set_queue_depths(&self, probe: impl Fn() -> [u32; 2] + Send + Sync + 'static) {
+        if let Some(shared) = &self.shared {
+            let _ = shared.queue_depths.set(Box::new(probe));
+        }
+    }
+
+    pub fn connected(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_some_and(|s| s.connected.load(Ordering::Relaxed))
+    }
+
+    pub fn router_id(&self) -> &str {
+        self.shared.as_ref().map_or("", |s| s.router_id.as_str())
+    }
+
+    /// Whether to report this request's decision: connected, and within this second's
+    /// budget. Every call counts as a decision made.
+    pub fn sample(&self) -> bool {
+        let Some(shared) = self.live() else {
+            return false;
+        };
+        let second = now_unix_ms().div_euclid(1000);
+        let take = {
+            let mut sampler = shared.sampler.lock().expect("sampler lock");
+            if sampler.second != second {
+                *sampler = Sampler { second, used: 0 };
+            }
+            let take = sampler.used < shared.per_s;
+            sampler.used += u32::from(take);
+            take
+        };
+        let mut window = shared.window.lock().expect("window lock");
+        window.decisions += 1;
+        window.decisions_reported += u32::from(take);
+        take
+    }
+
+    /// Sends a sampled decision.
+    pub fn decision(&self, decision: v1::RoutingDecision) {
+        if let Some(shared) = self.live() {
+            shared.send(Report::Decision(decision));
+        }
+    }
+
+    /// Tokens delivered to a client from `pool`.
+    pub fn tokens(&self, pool: Pool, tokens: u32) {
+        if let Some(shared) = self.live() {
+            shared.pool_tokens[pool_index(pool)].fetch_add(u64::from(tokens), Ordering::Relaxed);
+        }
+    }
+
+    /// Counts an ended request in this second's stats and, when sampled, sends its outcome.
+    pub fn ended(&self, ended: Ended) {
+        let Some(shared) = self.live() else {
+            return;
+        };
+        {
+            let mut window = shared.window.lock().expect("window lock");
+            let lane = &mut window.lanes[ended.lane.index()];
+            let o = &ended.outcome;
+            if !ended.cancelled {
+                lane.requests += 1;
+                lane.slo_met += u32::from(o.slo_met);
+            }
+            lane.completed += u32::from(o.status == "completed");
+            lane.shed += u32::from(ended.shed);
+            lane.failovers += o.failovers;
+            if o.ttft_ms > 0.0 {
+                lane.ttft.record(o.ttft_ms);
+            }
+            if o.itl_ms > 0.0 {
+                lane.itl.record(o.itl_ms);
+            }
+            lane.completion_tokens += u64::from(o.completion_tokens);
+            lane.prompt_tokens += u64::from(o.prompt_tokens);
+            lane.cached_prompt_tokens += u64::from(o.cached_prompt_tokens);
+            lane.cost_usd += o.cost_usd;
+        }
+        if ended.sampled {
+            shared.send(Report::Outcome(ended.outcome));
+        }
+    }
+
+    fn live(&self) -> Option<&Shared> {
+        self.shared
+            .as_deref()
+            .filter(|s| s.connected.load(Ordering::Relaxed))
+    }
+}
+
+impl Shared {
+    /// Queues a report without waiting; a full queue drops it (counted).
+    fn send(&self, report: Report) {
+        let report = v1::RouterReport {
+            report: Some(report),
+        };
+        if self.queue.try_send(report).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes this second's stats, leaving an empty window.
+    fn take_stats(&self) -> v1::RouterStats {
+        let window = std::mem::take(&mut *self.window.lock().expect("window lock"));
+        let depths = self
+            .queue_depths
+            .get()
+            .map(|probe| probe())
+            .unwrap_or([0; 2]);
+        let lanes = LaneName::ALL
+            .iter()
+            .zip(window.lanes)
+            .map(|(lane, w)| v1::LaneStats {
+                lane: lane.as_str().to_string(),
+                requests: w.requests,
+                completed: w.completed,
+                slo_met: w.slo_met,
+                shed: w.shed,
+                failovers: w.failovers,
+                ttft: Some(w.ttft.to_proto()),
+                itl: Some(w.itl.to_proto()),
+                completion_tokens: w.completion_tokens,
+                prompt_tokens: w.prompt_tokens,
+                cached_prompt_tokens: w.cached_prompt_tokens,
+                cost_usd: w.cost_usd,
+                queued_at_router: depths[lane.index()],
+            })
+            .collect();
+        let pools = Pool::ALL
+            .iter()
+            .map(|&pool| v1::PoolTokens {
+                pool: pool.to_string(),
+                tokens: self.pool_tokens[pool_index(pool)].swap(0, Ordering::Relaxed),
+            })
+            .collect();
+        v1::RouterStats {
+            router_id: self.router_id.clone(),
+            at_unix_ms: now_unix_ms(),
+            lanes,
+            pools,
+            decisions: window.decisions,
+            decisions_reported: window.decisions_reported,
+            dropped: self.dropped.swap(0, Ordering::Relaxed),
+        }
+    }
+}
+
+/// Sends the stats every second while connected.
+async fn tick_stats(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(STATS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        if shared.connected.load(Ordering::Relaxed) {
+            let stats = shared.take_stats();
+            shared.send(Report::Stats(stats));
+        }
+    }
+}
+
+/// The leader's gRPC address from its record (`{"id", "grpc", …}`).
+fn leader_address(record: Option<&[u8]>) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Leader {
+        grpc: String,
+    }
+    let leader: Leader = serde_json::from_slice(record?).ok()?;
+    (!leader.grpc.is_empty()).then_some(leader.grpc)
+}
+
+const RECONNECT_INITIAL: Duration = Duration::from_millis(500);
+const RECONNECT_MAX: Duration = Duration::from_secs(10);
+
+/// Keeps one report stream open to the current leader; while there is none, reports are not
+/// recorded (`connected` is false) and whatever is queued is discarded.
+async fn stream_reports(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<v1::RouterReport>,
+    mut leader: watch::Receiver<Option<Vec<u8>>>,
+    credential: Option<ClusterToken>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
+    loop {
+        let address = leader_address(leader.borrow_and_update().as_deref());
+        let ended = match &address {
+            Some(address) => {
+                let streamed = stream_to(
+                    &shared,
+                    &mut rx,
+                    &mut leader,
+                    &credential,
+                    &shutdown,
+                    address,
+                )
+                .await;
+                shared.connected.store(false, Ordering::Relaxed);
+                match streamed {
+                    Ok(StreamEnd::LeaderMoved) => {
+                        backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
+                        continue;
+                    }
+                    Ok(StreamEnd::Shutdown) => return,
+                    Err(error) => {
+                        debug!(%address, %error, "control-plane report stream failed");
+                        Some(backoff.next_delay())
+                    }
+                }
+            }
+            None => None,
+        };
+        // Not connected: drop what is queued (stale by the time a control plane appears).
+        while rx.try_recv().is_ok() {}
+        let wait = async {
+            match ended {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wait => {}
+            changed = leader.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+enum StreamEnd {
+    LeaderMoved,
+    Shutdown,
+}
+
+async fn stream_to(
+    shared: &Shared,
+    rx: &mut mpsc::Receiver<v1::RouterReport>,
+    leader: &mut watch::Receiver<Option<Vec<u8>>>,
+    credential: &Option<ClusterToken>,
+    shutdown: &CancellationToken,
+    address: &str,
+) -> Result<StreamEnd, Box<dyn std::error::Error + Send + Sync>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = tokio::select! {
+        connected = endpoint.connect() => connected?,
+        _ = shutdown.cancelled() => return Ok(StreamEnd::Shutdown),
+    };
+    let mut client = AdminClient::new(channel);
+    let (tx, body) = mpsc::channel(64);
+    let mut request = tonic::Request::new(ReceiverStream::new(body));
+    if let Some(credential) = credential {
+        credential.apply(&mut request);
+    }
+    let mut call = std::pin::pin!(client.report(request));
+    // Stats first: the control plane learns of this router before any request ends.
+    tx.send(v1::RouterReport {
+        report: Some(Report::Stats(shared.take_stats())),
+    })
+    .await?;
+    shared.connected.store(true, Ordering::Relaxed);
+    info!(control_plane = %address, router = %shared.router_id, "reporting to the control plane");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(StreamEnd::Shutdown),
+            changed = leader.changed() => {
+                if changed.is_err() {
+                    return Ok(StreamEnd::Shutdown);
+                }
+                if leader_address(leader.borrow().as_deref()).as_deref() != Some(address) {
+                    info!(control_plane = %address, "control-plane leader moved; reporting to the new one");
+                    return Ok(StreamEnd::LeaderMoved);
+                }
+            }
+            ended = &mut call => {
+                return Err(match ended {
+                    Ok(_) => "the control plane closed the report stream".into(),
+                    Err(status) => {
+                        if status.code() == tonic::Code::Unauthenticated {
+                            warn!(control_plane = %address, %status, "the control plane refused this router's reports");
+                        }
+                        status.into()
+                    }
+                });
+            }
+            report = rx.recv() => match report {
+                Some(report) => tx.send(report).await?,
+                None => return Ok(StreamEnd::Shutdown),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lane_origins_come_from_the_classifier_reason() {
+        assert_eq!(
+            lane_origin("class=latency-critical lane=latency-critical"),
+            ("class", String::new())
+        );
+        assert_eq!(
+            lane_origin("tenant=acme lane=latency-critical"),
+            ("tenant", "acme".to_string())
+        );
+        assert_eq!(
+            lane_origin("rule=short-chat lane=latency-critical"),
+            ("rule", "short-chat".to_string())
+        );
+        assert_eq!(
+            lane_origin("default lane=cost-sensitive"),
+            ("default", String::new())
+        );
+    }
+
+    #[test]
+    fn leader_records_name_the_grpc_address() {
+        let record = br#"{"id":"cp-0","grpc":"127.0.0.1:50052","http":null}"#;
+        assert_eq!(
+            leader_address(Some(record)).as_deref(),
+            Some("127.0.0.1:50052")
+        );
+        assert_eq!(leader_address(Some(b"not json")), None);
+        assert_eq!(leader_address(None), None);
+    }
+
+    fn connected(per_s: u32) -> (Reporter, mpsc::Receiver<v1::RouterReport>) {
+        let (reporter, rx) = Reporter::new("r".into(), per_s);
+        reporter
+            .shared
+            .as_ref()
+            .unwrap()
+            .connected
+            .store(true, Ordering::Relaxed);
+        (reporter, rx)
+    }
+
+    #[test]
+    fn a_disconnected_reporter_records_nothing() {
+        let (reporter, mut rx) = Reporter::new("r".into(), 10);
+        assert!(!reporter.sample());
+        reporter.decision(v1::RoutingDecision::default());
+        assert!(rx.try_recv().is_err());
+        assert!(!Reporter::disabled().sample());
+    }
+
+    #[test]
+    fn sampling_caps_decisions_per_second_and_counts_them_all() {
+        let (reporter, _rx) = connected(3);
+        let taken = (0..10).filter(|_| reporter.sample()).count();
+        // A second boundary may fall inside the loop: at most twice the budget.
+        assert!((3..=6).contains(&taken), "{taken}");
+        let stats = reporter.shared.as_ref().unwrap().take_stats();
+        assert_eq!(stats.decisions, 10);
+        assert_eq!(stats.decisions_reported as usize, taken);
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let (reporter, _rx) = connected(u32::MAX);
+        for _ in 0..QUEUE + 5 {
+            reporter.decision(v1::RoutingDecision::default());
+        }
+        let stats = reporter.shared.as_ref().unwrap().take_stats();
+        assert_eq!(stats.dropped, 5);
+    }
+
+    #[test]
+    fn ended_requests_feed_the_lane_stats() {
+        let (reporter, mut rx) = connected(10);
+        let outcome = |ttft_ms: f64, slo_met: bool| v1::RequestOutcome {
+            status: "completed".into(),
+            ttft_ms,
+            itl_ms: 20.0,
+            completion_tokens: 10,
+            slo_met,
+            failovers: 1,
+            cost_usd: 0.5,
+            ..Default::default()
+        };
+        reporter.ended(Ended {
+            lane: LaneName::LatencyCritical,
+            outcome: outcome(100.0, true),
+            cancelled: false,
+            shed: false,
+            sampled: true,
+        });
+        reporter.ended(Ended {
+            lane: LaneName::LatencyCritical,
+            outcome: outcome(900.0, false),
+            cancelled: false,
+            shed: false,
+            sampled: false,
+        });
+        reporter.tokens(Pool::Wse, 7);
+        // Only the sampled outcome is sent on its own.
+        assert!(matches!(
+            rx.try_recv().unwrap().report,
+            Some(Report::Outcome(_))
+        ));
+        assert!(rx.try_recv().is_err());
+        let stats = reporter.shared.as_ref().unwrap().take_stats();
+        let lc = &stats.lanes[LaneName::LatencyCritical.index()];
+        assert_eq!(
+            (lc.requests, lc.slo_met, lc.failovers, lc.completion_tokens),
+            (2, 1, 2, 20)
+        );
+        assert_eq!(Histogram::from_proto(lc.ttft.as_ref().unwrap()).count(), 2);
+        assert_eq!(stats.pools[1].tokens, 7);
+        // The window starts over.
+        let again = reporter.shared.as_ref().unwrap().take_stats();
+        assert_eq!(again.lanes[0].requests, 0);
+        assert_eq!(again.pools[1].tokens, 0);
+    }
+}
