@@ -104,6 +104,11 @@ pub struct RouterArgs {
     /// When set, clients must send `authorization: Bearer <key>`; unset, auth is off.
     #[arg(long, env = "SWITCHYARD_API_KEYS_FILE")]
     pub api_keys_file: Option<std::path::PathBuf>,
+    /// At most this many requests a second have their routing decision and outcome reported
+    /// to the control plane's decision feed (0: none; the per-second stats behind the
+    /// dashboard's charts cover every request regardless).
+    #[arg(long, env = "SWITCHYARD_DECISION_REPORTS_PER_S", default_value_t = 200)]
+    pub decision_reports_per_s: u32,
 }
 
 impl RouterArgs {
@@ -118,6 +123,7 @@ impl RouterArgs {
                 ..RequestLimits::default()
             },
             api_keys_file: self.api_keys_file.clone(),
+            decision_reports_per_s: self.decision_reports_per_s,
             ..RouterConfig::default()
         }
     }
