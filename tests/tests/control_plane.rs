@@ -677,3 +677,54 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_the_feed_is_sampled_and_the_history_still_counts_every_request()
+-> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        router_flags: vec!["--decision-reports-per-s".into(), "5".into()],
+        ..Default::default()
+    })
+    .await?;
+    let http = cluster.control_plane.addr("http");
+    cluster
+        .router
+        .wait_for_log("reporting to the control plane", PATIENCE)
+        .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    const REQUESTS: u64 = 200;
+    let started = Instant::now();
+    let streams = (0..REQUESTS)
+        .map(|i| session.start(synthetic_request(&format!("load-{i}"), "busy", 1)))
+        .collect::<Result<Vec<_>, _>>()?;
+    for stream in streams {
+        let done = stream.collect().await;
+        assert!(done.finished.is_some(), "{:?}", done.failed);
+    }
+    let seconds = started.elapsed().as_secs() + 2;
+
+    // Every request is counted; only a few per second made it into the feed.
+    let history = poll("the history to count every request", || async {
+        let (_, h) = api(http, "/api/history").await.ok()?;
+        let ended = history_sum(&h, |p| {
+            p["lanes"]["cost-sensitive"]["requests"]
+                .as_u64()
+                .unwrap_or(0)
+        });
+        (ended == REQUESTS).then_some(h)
+    })
+    .await?;
+    let decisions = history_sum(&history, |p| p["decisions"].as_u64().unwrap_or(0));
+    let reported = history_sum(&history, |p| p["decisions_reported"].as_u64().unwrap_or(0));
+    assert_eq!(decisions, REQUESTS);
+    assert!(
+        reported >= 1 && reported <= 5 * seconds,
+        "{reported} of {decisions} reported over ~{seconds} s"
+    );
+    let (_, feed) = api(http, "/api/decisions").await?;
+    assert_eq!(
+        feed["decisions"].as_array().map(Vec::len),
+        Some(reported as usize)
+    );
+    Ok(())
+}
