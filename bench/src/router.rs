@@ -14,6 +14,11 @@
 //! Reported per path: requests/s, tokens/s, time to first token and to the last one (p50 and
 //! p99 over every round), and the router paths' throughput as a ratio of `direct`. Every
 //! request must deliver exactly `max_tokens` tokens, or the run fails.
+//!
+//! With `--control-plane`, an in-process control plane runs too and the router reports its
+//! decisions to it (as in a real cluster): compare with a run without to see what reporting
+//! costs; the run also polls the dashboard's `/api/history` and `/api/decisions` throughout and
+//! reports how fast they answered and how much of the feed was sampled or dropped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -56,6 +61,12 @@ pub struct RouterBenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run a control plane the router reports to (decision feed and history).
+    #[arg(long)]
+    pub control_plane: bool,
+    /// The router's --decision-reports-per-s (with --control-plane).
+    #[arg(long, default_value_t = 200)]
+    pub decision_reports_per_s: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -161,12 +172,30 @@ struct Report {
     max_tokens: u32,
     rounds: usize,
     levels: Vec<LevelReport>,
+    /// With `--control-plane`: what it received and how its dashboard API answered.
+    control_plane: Option<ControlPlaneFigures>,
 }
 
-/// A worker and a router in this process, stopped on drop.
+#[derive(Debug, Serialize)]
+struct ControlPlaneFigures {
+    /// Decisions the router made, reported to the feed, and reports dropped (queue full).
+    decisions: u64,
+    reported: u64,
+    dropped: u64,
+    /// Requests the history counted (every request, whatever the sampling).
+    requests_in_history: u64,
+    /// `/api/history?since=` + `/api/decisions?since=` polls (one a second, like the page).
+    polls: usize,
+    api_p50_ms: f64,
+    api_max_ms: f64,
+}
+
+/// A worker and a router (and optionally a control plane) in this process, stopped on drop.
 struct Cluster {
     worker: Channel,
     router: Channel,
+    /// The control plane's dashboard address, when one runs.
+    dashboard: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
 }
 
@@ -176,9 +205,36 @@ impl Drop for Cluster {
     }
 }
 
-async fn start_cluster(max_concurrent: u32) -> anyhow::Result<Cluster> {
+async fn start_cluster(
+    max_concurrent: u32,
+    control_plane: bool,
+    decision_reports_per_s: u32,
+) -> anyhow::Result<Cluster> {
     let registry = Arc::new(MemoryRegistry::new());
     let shutdown = CancellationToken::new();
+    let dashboard = if control_plane {
+        let config = switchyard_control_plane::ControlPlaneConfig {
+            id: "bench-control-plane".into(),
+            listen: "127.0.0.1:0".parse()?,
+            http_listen: Some("127.0.0.1:0".parse()?),
+            election: switchyard_control_plane::ElectionConfig::Standalone,
+            metrics: Default::default(),
+            security: Default::default(),
+        };
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(switchyard_control_plane::run_control_plane(
+            config,
+            registry.clone(),
+            shutdown.clone(),
+            |endpoints| {
+                let _ = tx.send(endpoints.http);
+            },
+        ));
+        rx.await
+            .context("the control plane stopped before serving")?
+    } else {
+        None
+    };
     let engine = SyntheticEngine::checked(SyntheticConfig {
         models: vec![MODEL.into()],
         ttft: Duration::ZERO,
@@ -216,6 +272,7 @@ async fn start_cluster(max_concurrent: u32) -> anyhow::Result<Cluster> {
 
     let router_config = RouterConfig {
         listen: "127.0.0.1:0".parse()?,
+        decision_reports_per_s,
         ..Default::default()
     };
     let (router_tx, router_rx) = oneshot::channel();
@@ -239,6 +296,7 @@ async fn start_cluster(max_concurrent: u32) -> anyhow::Result<Cluster> {
     let cluster = Cluster {
         worker: connect(worker_addr).await?,
         router: connect(router_addr).await?,
+        dashboard,
         shutdown,
     };
     wait_until_routable(cluster.router.clone()).await?;
@@ -536,7 +594,16 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
         bail!("--concurrency: give levels of at least 1");
     }
     let max_level = *args.concurrency.iter().max().expect("checked non-empty");
-    let cluster = start_cluster(u32::try_from(max_level)?).await?;
+    let cluster = start_cluster(
+        u32::try_from(max_level)?,
+        args.control_plane,
+        args.decision_reports_per_s,
+    )
+    .await?;
+    let probe = cluster.dashboard.map(|http| {
+        let stop = cluster.shutdown.child_token();
+        (stop.clone(), tokio::spawn(poll_dashboard(http, stop)))
+    });
     let mut levels = Vec::new();
     for &concurrency in &args.concurrency {
         let mut results = PATHS
@@ -584,11 +651,70 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
             added_ttft_p50_ms,
         });
     }
+    let control_plane = match probe {
+        Some((stop, task)) => {
+            // The last second's stats arrive within two.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            stop.cancel();
+            Some(task.await??)
+        }
+        None => None,
+    };
     Ok(Report {
         requests: args.requests,
         max_tokens: args.max_tokens,
         rounds: args.rounds,
         levels,
+        control_plane,
+    })
+}
+
+/// Polls the dashboard's history and feed once a second, as the page does, until `stop`;
+/// then sums what the history says.
+async fn poll_dashboard(
+    http: std::net::SocketAddr,
+    stop: CancellationToken,
+) -> anyhow::Result<ControlPlaneFigures> {
+    let client = reqwest::Client::new();
+    let mut latency = Histogram::<u64>::new(3)?;
+    let (mut since_t, mut since_seq) = (0i64, 0u64);
+    let mut sums = [0u64; 4];
+    loop {
+        let started = Instant::now();
+        let get = |path: String| {
+            let client = client.clone();
+            async move {
+                let body = client.get(path).send().await?.bytes().await?;
+                anyhow::Ok(serde_json::from_slice::<serde_json::Value>(&body)?)
+            }
+        };
+        let history = get(format!("http://{http}/api/history?since={since_t}")).await?;
+        let feed = get(format!("http://{http}/api/decisions?since={since_seq}")).await?;
+        latency.record(started.elapsed().as_micros() as u64)?;
+        since_seq = feed["seq"].as_u64().unwrap_or(since_seq);
+        for point in history["points"].as_array().into_iter().flatten() {
+            since_t = point["t"].as_i64().unwrap_or(since_t);
+            let lanes = &point["lanes"];
+            let get = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
+            sums[0] += get(&point["decisions"]);
+            sums[1] += get(&point["decisions_reported"]);
+            sums[2] += get(&point["dropped"]);
+            sums[3] += get(&lanes["latency-critical"]["requests"])
+                + get(&lanes["cost-sensitive"]["requests"]);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    Ok(ControlPlaneFigures {
+        decisions: sums[0],
+        reported: sums[1],
+        dropped: sums[2],
+        requests_in_history: sums[3],
+        polls: latency.len() as usize,
+        api_p50_ms: latency.value_at_quantile(0.5) as f64 / 1000.0,
+        api_max_ms: latency.max() as f64 / 1000.0,
     })
 }
 
@@ -642,6 +768,18 @@ fn print_table(report: &Report) {
             );
         }
     }
+    if let Some(cp) = &report.control_plane {
+        println!(
+            "control plane: {} decisions, {} in the feed, {} reports dropped, {} requests in the history; dashboard API (history + feed, {} polls) p50 {:.2} ms, max {:.2} ms",
+            cp.decisions,
+            cp.reported,
+            cp.dropped,
+            cp.requests_in_history,
+            cp.polls,
+            cp.api_p50_ms,
+            cp.api_max_ms
+        );
+    }
 }
 
 #[cfg(test)]
@@ -656,9 +794,12 @@ mod tests {
             max_tokens: 5,
             rounds: 2,
             json: true,
+            control_plane: false,
+            decision_reports_per_s: 200,
         };
         let report = measure(&args).await.expect("the benchmark runs");
         assert_eq!(report.levels.len(), 2);
+        assert!(report.control_plane.is_none());
         for level in &report.levels {
             for path in PATHS {
                 let figures = &level.paths[&path];
@@ -668,5 +809,26 @@ mod tests {
             }
             assert_eq!(level.throughput_vs_direct.len(), 2);
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_a_control_plane_the_history_counts_every_routed_request() {
+        let args = RouterBenchArgs {
+            requests: 30,
+            concurrency: vec![4],
+            max_tokens: 2,
+            rounds: 1,
+            json: true,
+            control_plane: true,
+            decision_reports_per_s: 3,
+        };
+        let report = measure(&args).await.expect("the benchmark runs");
+        let cp = report.control_plane.expect("control-plane figures");
+        // Warm-up (4 per router path) plus one round of each router path.
+        let routed = 2 * (4 + 30);
+        assert_eq!(cp.requests_in_history, routed, "{cp:?}");
+        assert_eq!(cp.decisions, routed, "{cp:?}");
+        assert!(cp.reported < cp.decisions, "sampled: {cp:?}");
+        assert!(cp.polls >= 1);
     }
 }
