@@ -321,7 +321,14 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     )
     .await?;
     assert!(browser.text("#replica").await?.contains("leader"));
-    assert!(browser.text("#policy").await?.contains("default_lane"));
+    // The policy is fetched after the first poll's tables.
+    wait_until(PATIENCE, "the page to show the policy", || async {
+        browser
+            .text("#policy")
+            .await
+            .is_ok_and(|t| t.contains("default_lane"))
+    })
+    .await?;
 
     // Mixed traffic shows up in the charts and the decision feed.
     cluster
@@ -534,7 +541,12 @@ fn history_sum(history: &Value, f: impl Fn(&Value) -> u64) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::Result<()> {
-    let cluster = Cluster::start(ClusterSpec::default()).await?;
+    // Five decision reports a second: the two story requests fit, the load below does not.
+    let cluster = Cluster::start(ClusterSpec {
+        router_flags: vec!["--decision-reports-per-s".into(), "5".into()],
+        ..Default::default()
+    })
+    .await?;
     let http = cluster.control_plane.addr("http");
     // The router finds the leader through etcd once it is elected.
     cluster
@@ -568,7 +580,14 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
     assert_eq!(lc["lane_origin"], "class");
     assert_eq!(lc["worker_id"], accepted.worker_id.as_str());
     assert_eq!(lc["pool"], "wse");
-    assert_eq!(lc["reason"], "home");
+    // Home pool, by affinity or not (a chat is keyed by its conversation).
+    assert!(
+        lc["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("home"),
+        "{lc}"
+    );
     assert!(lc["predicted_ttft_ms"].as_f64().unwrap() > 0.0, "{lc}");
     let candidates = lc["candidates"].as_array().expect("candidates");
     assert!(
@@ -623,6 +642,42 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
     assert!(history_sum(&history, |p| p["decisions"].as_u64().unwrap_or(0)) >= 2);
     assert_eq!(history["kept_by"]["role"], "leader");
 
+    // Under load the feed holds only a sample; the history still counts every request.
+    let (_, feed) = api(http, "/api/decisions").await?;
+    let before = feed["decisions"].as_array().map_or(0, Vec::len) as u64;
+    const REQUESTS: u64 = 200;
+    let started = Instant::now();
+    let streams = (0..REQUESTS)
+        .map(|i| session.start(synthetic_request(&format!("load-{i}"), "busy", 1)))
+        .collect::<Result<Vec<_>, _>>()?;
+    for stream in streams {
+        let done = stream.collect().await;
+        assert!(done.finished.is_some(), "{:?}", done.failed);
+    }
+    let seconds = started.elapsed().as_secs() + 2;
+    let history = poll("the history to count every request", || async {
+        let (_, h) = api(http, "/api/history").await.ok()?;
+        let ended = history_sum(&h, |p| {
+            p["lanes"]["cost-sensitive"]["requests"]
+                .as_u64()
+                .unwrap_or(0)
+        });
+        (ended == REQUESTS + 1).then_some(h)
+    })
+    .await?;
+    let decisions = history_sum(&history, |p| p["decisions"].as_u64().unwrap_or(0));
+    let reported = history_sum(&history, |p| p["decisions_reported"].as_u64().unwrap_or(0));
+    assert_eq!(decisions, REQUESTS + 2);
+    assert!(
+        reported > before && reported - before <= 5 * seconds,
+        "{reported} of {decisions} reported over ~{seconds} s"
+    );
+    let (_, feed) = api(http, "/api/decisions").await?;
+    assert_eq!(
+        feed["decisions"].as_array().map(Vec::len),
+        Some(reported as usize)
+    );
+
     // Bad queries are refused, naming the parameter.
     for path in [
         "/api/history?since=yesterday",
@@ -675,56 +730,5 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
     );
     let err = client.report(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn under_load_the_feed_is_sampled_and_the_history_still_counts_every_request()
--> anyhow::Result<()> {
-    let cluster = Cluster::start(ClusterSpec {
-        router_flags: vec!["--decision-reports-per-s".into(), "5".into()],
-        ..Default::default()
-    })
-    .await?;
-    let http = cluster.control_plane.addr("http");
-    cluster
-        .router
-        .wait_for_log("reporting to the control plane", PATIENCE)
-        .await?;
-    let session = SessionClient::connect(&cluster.router_addr()).await?;
-    const REQUESTS: u64 = 200;
-    let started = Instant::now();
-    let streams = (0..REQUESTS)
-        .map(|i| session.start(synthetic_request(&format!("load-{i}"), "busy", 1)))
-        .collect::<Result<Vec<_>, _>>()?;
-    for stream in streams {
-        let done = stream.collect().await;
-        assert!(done.finished.is_some(), "{:?}", done.failed);
-    }
-    let seconds = started.elapsed().as_secs() + 2;
-
-    // Every request is counted; only a few per second made it into the feed.
-    let history = poll("the history to count every request", || async {
-        let (_, h) = api(http, "/api/history").await.ok()?;
-        let ended = history_sum(&h, |p| {
-            p["lanes"]["cost-sensitive"]["requests"]
-                .as_u64()
-                .unwrap_or(0)
-        });
-        (ended == REQUESTS).then_some(h)
-    })
-    .await?;
-    let decisions = history_sum(&history, |p| p["decisions"].as_u64().unwrap_or(0));
-    let reported = history_sum(&history, |p| p["decisions_reported"].as_u64().unwrap_or(0));
-    assert_eq!(decisions, REQUESTS);
-    assert!(
-        reported >= 1 && reported <= 5 * seconds,
-        "{reported} of {decisions} reported over ~{seconds} s"
-    );
-    let (_, feed) = api(http, "/api/decisions").await?;
-    assert_eq!(
-        feed["decisions"].as_array().map(Vec::len),
-        Some(reported as usize)
-    );
     Ok(())
 }
