@@ -109,6 +109,14 @@ pub struct RouterArgs {
     /// dashboard's charts cover every request regardless).
     #[arg(long, env = "SWITCHYARD_DECISION_REPORTS_PER_S", default_value_t = 200)]
     pub decision_reports_per_s: u32,
+    /// Requests one Session may have running at once; further Start frames fail with
+    /// RESOURCE_EXHAUSTED while the session stays open.
+    #[arg(long, env = "SWITCHYARD_MAX_SESSION_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_session_requests: u32,
+    /// Requests one tenant (its API key's tenant, or the metadata `tenant` without keys) may
+    /// have in flight across all its calls; more get RESOURCE_EXHAUSTED (HTTP 429). 0: no limit.
+    #[arg(long, env = "SWITCHYARD_MAX_TENANT_REQUESTS", default_value_t = 0)]
+    pub max_tenant_requests: u32,
 }
 
 impl RouterArgs {
@@ -124,6 +132,8 @@ impl RouterArgs {
             },
             api_keys_file: self.api_keys_file.clone(),
             decision_reports_per_s: self.decision_reports_per_s,
+            max_session_requests: self.max_session_requests,
+            max_tenant_requests: self.max_tenant_requests,
             ..RouterConfig::default()
         }
     }

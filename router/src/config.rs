@@ -35,6 +35,12 @@ pub struct RouterConfig {
     /// At most this many requests a second have their decision and outcome reported to the
     /// control plane (the decision feed); the per-second stats cover every request anyway.
     pub decision_reports_per_s: u32,
+    /// Requests one `Session` may have running at once; further `Start` frames fail with
+    /// `RESOURCE_EXHAUSTED` (the session stays open).
+    pub max_session_requests: u32,
+    /// Requests one tenant may have in flight across all its calls (0: no limit; see
+    /// [`crate::tenant_quota`]).
+    pub max_tenant_requests: u32,
     /// Where the router registers its Prometheus metrics; served at `/metrics` on the HTTP
     /// port (and wherever the caller serves it).
     pub metrics: Metrics,
@@ -53,6 +59,8 @@ impl Default for RouterConfig {
             api_keys_file: None,
             cluster_token: None,
             decision_reports_per_s: 200,
+            max_session_requests: 1024,
+            max_tenant_requests: 0,
             metrics: Metrics::new(),
         }
     }

@@ -18,7 +18,7 @@ use tonic::{Code, Status};
 use tracing::field::Empty;
 use tracing::{Instrument as _, Span, debug, info, info_span, warn};
 
-use crate::classify::{Classification, RequestFeatures, classify};
+use crate::classify::{Classification, RequestFeatures, TENANT_KEY, classify};
 use crate::config::RouterConfig;
 use crate::links::{Link, LinkEvent, Links, SlotHold};
 use crate::metrics::{RouterMetrics, StreamLabels, lane_label, pool_label};
@@ -30,6 +30,7 @@ use crate::policy::{
 use crate::policy_watch::PolicyHandle;
 use crate::readiness::Readiness;
 use crate::report::{self, Ended, Reporter};
+use crate::tenant_quota::{TenantPermit, TenantQuota};
 
 /// gRPC metadata of a shed response: seconds before retrying (as HTTP `Retry-After`).
 pub const RETRY_AFTER: &str = "retry-after";
@@ -56,6 +57,7 @@ pub struct Dispatcher {
     waiting: Arc<Mutex<Waiting>>,
     /// Held for one placement decision (see [`Dispatcher::try_place`]).
     deciding: Mutex<()>,
+    tenant_quota: TenantQuota,
     next_seed: AtomicU64,
 }
 
@@ -120,6 +122,8 @@ pub struct Prepared {
     span: Span,
     /// Its decision and outcome are reported to the control plane (see [`Reporter::sample`]).
     sampled: bool,
+    /// Its place in its tenant's quota, held until the request ends.
+    quota: Option<TenantPermit>,
 }
 
 /// The router's span of one request. The routing decision is recorded on it — `lane` (and the
@@ -163,6 +167,7 @@ impl Dispatcher {
         metrics: RouterMetrics,
     ) -> Self {
         Self {
+            tenant_quota: TenantQuota::new(config.max_tenant_requests),
             links,
             config,
             policy,
@@ -220,7 +225,10 @@ impl Dispatcher {
         span.record("lane", class.lane.as_str());
         span.record("reason", class.reason.as_str());
         let sampled = self.reports.sample();
+        let tenant = request.metadata.get(TENANT_KEY).map(String::as_str);
+        let mut quota = None;
         let prepared = valid.and_then(|()| self.readiness.check()).and_then(|()| {
+            quota = self.tenant_quota.acquire(tenant)?;
             match self.try_place(&request, &prompt_ids, &class, &policy, &[], sampled)? {
                 Some(chosen) => Ok(Target::Placed(chosen)),
                 None => Ok(Target::Queued(
@@ -242,6 +250,7 @@ impl Dispatcher {
                 arrived,
                 span,
                 sampled,
+                quota,
             }),
             Err(status) => {
                 self.count_unplaced(class.lane, &request.model, &status);
@@ -506,6 +515,7 @@ impl Dispatcher {
             arrived,
             span,
             sampled,
+            quota: _quota,
         } = prepared;
         let placed = match target {
             Target::Placed(chosen) => Ok(chosen),

@@ -18,6 +18,7 @@ pub mod readiness;
 pub mod report;
 pub mod server;
 pub mod service;
+pub mod tenant_quota;
 pub mod tokenizers;
 
 pub use config::RouterConfig;

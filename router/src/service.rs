@@ -126,6 +126,12 @@ async fn run_session(session: Session, mut inbound: Streaming<v1::ClientFrame>, 
     info!("session opened");
     loop {
         tokio::select! {
+            // Ended requests leave `running` before the next frame is read: a client that saw
+            // one end may start another without meeting the session limit.
+            biased;
+            Some(request_id) = done_rx.recv() => {
+                running.remove(&request_id);
+            }
             frame = inbound.message() => match frame {
                 Ok(Some(v1::ClientFrame { frame: Some(frame) })) => {
                     handle_frame(&session, frame, &mut running, &done_tx, &out).await;
@@ -153,9 +159,6 @@ async fn run_session(session: Session, mut inbound: Streaming<v1::ClientFrame>, 
                     break;
                 }
             },
-            Some(request_id) = done_rx.recv() => {
-                running.remove(&request_id);
-            }
         }
     }
     info!(running = running.len(), "session input closed");
@@ -175,6 +178,15 @@ async fn handle_frame(
                 tenant.apply(&mut request);
             }
             let request_id = request.request_id.clone();
+            let max = dispatcher.config.max_session_requests;
+            if running.len() >= max as usize {
+                let status = Status::resource_exhausted(format!(
+                    "this session already runs {max} requests, its limit (router \
+                     --max-session-requests); wait for one to end or open another session"
+                ));
+                let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+                return;
+            }
             if running.contains_key(&request_id) {
                 let status = Status::invalid_argument(format!(
                     "request_id: {request_id:?} is already in use by a running request in this session"

@@ -288,3 +288,193 @@ async fn a_router_with_an_invalid_keys_file_refuses_to_start() -> anyhow::Result
     assert!(!stderr.contains("sk-a"), "{stderr}");
     Ok(())
 }
+
+/// A long generation of the synthetic model (60 tokens/s on a GPU worker: ~60 s), so it holds
+/// its place while the test runs.
+fn long_request(id: &str) -> GenerateRequest {
+    GenerateRequest {
+        request_id: id.into(),
+        class: RequestClass::CostSensitive as i32,
+        sampling: Some(SamplingParams {
+            max_tokens: 4000,
+            ..Default::default()
+        }),
+        ..request(None)
+    }
+}
+
+/// Starts a long `Generate` and returns its stream once it is accepted (it keeps running
+/// while the stream is held; dropping it cancels the request).
+async fn running(
+    client: &mut InferenceClient<Channel>,
+    key: &str,
+    id: &str,
+) -> anyhow::Result<tonic::Streaming<v1::ServerFrame>> {
+    let mut stream = client
+        .generate(with_key(long_request(id), Some(key)))
+        .await?
+        .into_inner();
+    while let Some(frame) = stream.message().await? {
+        match frame.frame {
+            Some(Frame::Accepted(_)) => return Ok(stream),
+            Some(Frame::Failed(f)) => bail!("{id} failed: {} {}", f.code, f.message),
+            _ => {}
+        }
+    }
+    bail!("{id} ended without Accepted")
+}
+
+/// `--max-tenant-requests`: a tenant at its limit gets RESOURCE_EXHAUSTED (HTTP 429) on a new
+/// connection as on the same one, another tenant is unaffected, and the tenant gets its place
+/// back when one of its requests ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_at_its_request_limit_is_refused_until_one_ends() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys_file = dir.path().join("keys.json");
+    std::fs::write(
+        &keys_file,
+        json!({"keys": [
+            {"key": ACME_KEY, "tenant": "acme"},
+            {"key": GLOBEX_KEY, "tenant": "globex"},
+        ]})
+        .to_string(),
+    )?;
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: vec![
+            "--api-keys-file".into(),
+            keys_file.display().to_string(),
+            "--max-tenant-requests".into(),
+            "2".into(),
+        ],
+        api_key: Some(GLOBEX_KEY.into()),
+        ..Default::default()
+    })
+    .await?;
+    let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let mut client = InferenceClient::new(channel);
+    let first = running(&mut client, ACME_KEY, "acme-1").await?;
+    let _second = running(&mut client, ACME_KEY, "acme-2").await?;
+
+    let other_connection = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let refused = accepted(
+        &mut InferenceClient::new(other_connection),
+        Some(ACME_KEY),
+        None,
+    )
+    .await
+    .expect_err("acme's third request is refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("--max-tenant-requests"),
+        "{}",
+        refused.message()
+    );
+    let over_http = http()
+        .post(format!("{}/chat/completions", cluster.router_openai_url()))
+        .bearer_auth(ACME_KEY)
+        .json(
+            &json!({"model": "synthetic", "messages": [{"role": "user", "content": "hi"}],
+                      "max_tokens": 2}),
+        )
+        .send()
+        .await?;
+    assert_eq!(over_http.status(), reqwest::StatusCode::TOO_MANY_REQUESTS);
+    // Another tenant is not held back by acme's limit.
+    accepted(&mut client, Some(GLOBEX_KEY), None).await?;
+
+    // One of acme's requests ends (its client cancels): acme may send again.
+    drop(first);
+    wait_until(
+        Duration::from_secs(30),
+        "acme's cancelled request to give its place back",
+        || {
+            let mut client = client.clone();
+            async move { accepted(&mut client, Some(ACME_KEY), None).await.is_ok() }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// `--max-session-requests`: a session at its limit gets RESOURCE_EXHAUSTED for the next
+/// `Start` and stays open; once one of its requests ends it accepts a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_at_its_request_limit_refuses_more_and_stays_open() -> anyhow::Result<()> {
+    use v1::{Cancel, ClientFrame, client_frame};
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: vec!["--max-session-requests".into(), "2".into()],
+        ..Default::default()
+    })
+    .await?;
+    let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let mut client = InferenceClient::new(channel);
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut frames = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let start = |id: &str| ClientFrame {
+        frame: Some(client_frame::Frame::Start(long_request(id))),
+    };
+    // The next frame about `id`, skipping token frames.
+    async fn next_about(
+        frames: &mut tonic::Streaming<v1::ServerFrame>,
+        id: &str,
+    ) -> anyhow::Result<Frame> {
+        while let Some(frame) = frames.message().await? {
+            let about = match &frame.frame {
+                Some(Frame::Accepted(a)) => &a.request_id,
+                Some(Frame::Finished(f)) => &f.request_id,
+                Some(Frame::Failed(f)) => &f.request_id,
+                _ => continue,
+            };
+            if about == id {
+                return Ok(frame.frame.expect("matched above"));
+            }
+        }
+        bail!("session ended before a frame about {id}")
+    }
+    for id in ["s1", "s2"] {
+        tx.send(start(id)).await?;
+        assert!(matches!(
+            next_about(&mut frames, id).await?,
+            Frame::Accepted(_)
+        ));
+    }
+    tx.send(start("s3")).await?;
+    match next_about(&mut frames, "s3").await? {
+        Frame::Failed(f) => {
+            assert_eq!(f.code, tonic::Code::ResourceExhausted as i32, "{f:?}");
+            assert!(
+                f.message.contains("--max-session-requests"),
+                "{}",
+                f.message
+            );
+        }
+        other => bail!("s3 was not refused: {other:?}"),
+    }
+    tx.send(ClientFrame {
+        frame: Some(client_frame::Frame::Cancel(Cancel {
+            request_id: "s1".into(),
+        })),
+    })
+    .await?;
+    assert!(matches!(
+        next_about(&mut frames, "s1").await?,
+        Frame::Finished(_)
+    ));
+    tx.send(start("s4")).await?;
+    assert!(matches!(
+        next_about(&mut frames, "s4").await?,
+        Frame::Accepted(_)
+    ));
+    Ok(())
+}
