@@ -216,6 +216,7 @@ async fn start_cluster(
         let config = switchyard_control_plane::ControlPlaneConfig {
             id: "bench-control-plane".into(),
             listen: "127.0.0.1:0".parse()?,
+            advertise: None,
             http_listen: Some("127.0.0.1:0".parse()?),
             election: switchyard_control_plane::ElectionConfig::Standalone,
             metrics: Default::default(),

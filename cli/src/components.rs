@@ -261,6 +261,10 @@ pub struct ControlPlaneArgs {
     /// Ops dashboard (HTTP) listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_HTTP_ADDR", default_value = "127.0.0.1:8090")]
     pub http_addr: SocketAddr,
+    /// gRPC address stored in the leader key, which routers dial to report their decisions
+    /// (default: the bound listen address; set it when listening on 0.0.0.0, e.g. the pod IP).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    pub advertise: Option<String>,
     /// Replica id, stored in the leader key (default: control-plane and a random suffix).
     #[arg(long, env = "SWITCHYARD_CONTROL_PLANE_ID")]
     pub id: Option<String>,
@@ -366,6 +370,16 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
     if id.is_empty() {
         anyhow::bail!("--id: must not be empty");
     }
+    if let Some(advertise) = &args.advertise {
+        let port = advertise
+            .rsplit_once(':')
+            .map(|(host, port)| (host, port.parse::<u16>()));
+        if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p > 0) {
+            anyhow::bail!(
+                "--advertise {advertise:?}: expected host:port that routers can dial, e.g. 10.0.0.7:50052"
+            );
+        }
+    }
     // A bad tokens file is a configuration error: report it before touching the cluster.
     let tokens = args
         .admin_tokens_file
@@ -384,6 +398,7 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
     let config = switchyard_control_plane::ControlPlaneConfig {
         id,
         listen: args.listen,
+        advertise: args.advertise.clone(),
         http_listen: Some(args.http_addr),
         election,
         metrics: Metrics::new(),

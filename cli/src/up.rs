@@ -130,6 +130,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let config = switchyard_control_plane::ControlPlaneConfig {
         id: "control-plane-up".into(),
         listen: args.control_plane_listen,
+        advertise: None,
         http_listen: Some(args.dashboard_listen),
         election,
         metrics: Default::default(),

@@ -37,6 +37,10 @@ pub struct ControlPlaneConfig {
     pub id: String,
     /// Admin gRPC listen address.
     pub listen: SocketAddr,
+    /// The gRPC address stored in the leader key, which routers dial to report and followers
+    /// name in their refusals; `None`: the bound address (unreachable from other hosts when
+    /// listening on 0.0.0.0 — set it, e.g. to the pod IP, there).
+    pub advertise: Option<String>,
     /// Dashboard listen address; `None` serves no dashboard.
     pub http_listen: Option<SocketAddr>,
     pub election: ElectionConfig,
@@ -124,9 +128,16 @@ pub async fn run_control_plane(
         background.clone(),
     );
     let events = events::Events::spawn(membership.clone(), policy, background.clone());
+    if config.advertise.is_none() && grpc.ip().is_unspecified() {
+        tracing::warn!(
+            %grpc,
+            "the control plane advertises an unspecified address: routers on other hosts cannot \
+             reach it to report (set --advertise)"
+        );
+    }
     let me = ReplicaInfo {
         id: config.id.clone(),
-        grpc: grpc.to_string(),
+        grpc: config.advertise.clone().unwrap_or_else(|| grpc.to_string()),
         http: endpoints.http.map(|a| a.to_string()),
     };
     let election_kind = match config.election {

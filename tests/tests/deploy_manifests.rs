@@ -343,6 +343,11 @@ async fn dev_overlay_runs_as_rendered() -> anyhow::Result<()> {
     })
     .await?;
 
+    // The router found the control plane through the leader key at its advertised address.
+    router
+        .wait_for_log("reporting to the control plane", Duration::from_secs(20))
+        .await?;
+
     let http = reqwest::Client::new();
     let anonymous = http.get(format!("{base}/models")).send().await?;
     assert_eq!(
