@@ -166,7 +166,7 @@
     const routers = recent.length ? recent[recent.length - 1].routers : 0;
     const text = made === 0
       ? `No routing decision in the last minute (${routers} router${routers === 1 ? "" : "s"} reporting).`
-      : `Last minute: ${fmtNum(made)} decisions, ${fmtNum(shown)} in the feed` +
+      : `Last minute: ${fmtNum(made)} decision${made === 1 ? "" : "s"}, ${fmtNum(shown)} in the feed` +
         (shown < made ? ` (sampled: ${fmtPct(shown / made)})` : " (all)") +
         (dropped ? `, ${fmtNum(dropped)} reports dropped (queue full)` : "") +
         `; ${routers} router${routers === 1 ? "" : "s"} reporting.`;
@@ -219,7 +219,11 @@
 
   function renderFeed() {
     const body = $("decisions").querySelector("tbody");
-    const entries = [...decisions.values()].sort((a, b) => b.id - a.id).slice(0, MAX_ROWS);
+    const trouble = $("only-trouble").checked;
+    const entries = [...decisions.values()]
+      .filter((d) => !trouble || (d.outcome && d.outcome.status !== "cancelled" && !d.outcome.slo_met))
+      .sort((a, b) => b.id - a.id)
+      .slice(0, MAX_ROWS);
     body.replaceChildren();
     for (const d of entries) {
       const tr = document.createElement("tr");
@@ -339,6 +343,8 @@
       drawCharts();
     });
   }
+
+  $("only-trouble").addEventListener("change", renderFeed);
 
   refreshHistory();
   refreshFeed();

@@ -408,6 +408,28 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         "{story}"
     );
     assert!(story.contains("completed"), "{story}");
+    // The trouble filter hides requests that met their SLO.
+    browser.click("#only-trouble").await?;
+    let shown = browser
+        .execute(
+            "return [...document.querySelectorAll('#decisions tbody tr td:nth-child(9)')].map(td => td.textContent);",
+            vec![],
+        )
+        .await?;
+    assert!(
+        shown
+            .as_array()
+            .is_some_and(|cells| cells.iter().all(|c| c != "met" && c != "running")),
+        "{shown}"
+    );
+    browser.click("#only-trouble").await?;
+    wait_until(PATIENCE, "page-4 to be listed again", || async {
+        browser
+            .text("#decisions tr[data-request-id='page-4'] td:nth-child(2)")
+            .await
+            .is_ok_and(|t| t == "page-4")
+    })
+    .await?;
     std::fs::write(
         switchyard_tests::log_dir().join("dashboard-insights.png"),
         browser.screenshot().await?,
