@@ -269,4 +269,26 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, RegistryError::InvalidTtl(_)));
     }
+
+    #[tokio::test]
+    async fn a_standalone_control_plane_is_announced_to_watchers() {
+        let registry = MemoryRegistry::new();
+        let mut watch = registry.watch_control_plane().await.unwrap();
+        assert_eq!(*watch.borrow_and_update(), None);
+        registry
+            .announce_standalone_control_plane(Some(b"{\"grpc\":\"127.0.0.1:1\"}".to_vec()))
+            .await
+            .unwrap();
+        watch.changed().await.unwrap();
+        assert!(watch.borrow_and_update().is_some());
+        // A watcher that starts later sees it too; withdrawing it is seen.
+        let late = registry.watch_control_plane().await.unwrap();
+        assert!(late.borrow().is_some());
+        registry
+            .announce_standalone_control_plane(None)
+            .await
+            .unwrap();
+        watch.changed().await.unwrap();
+        assert_eq!(*watch.borrow(), None);
+    }
 }

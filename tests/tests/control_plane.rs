@@ -564,7 +564,7 @@ fn history_sum(history: &Value, f: impl Fn(&Value) -> u64) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::Result<()> {
     // Five decision reports a second: the two story requests fit, the load below does not.
-    let cluster = Cluster::start(ClusterSpec {
+    let mut cluster = Cluster::start(ClusterSpec {
         router_flags: vec!["--decision-reports-per-s".into(), "5".into()],
         ..Default::default()
     })
@@ -752,5 +752,15 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
     );
     let err = client.report(bad).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+
+    // Without its control plane the router routes as before.
+    cluster.control_plane.kill().await?;
+    for i in 0..3 {
+        let done = session
+            .start(synthetic_request(&format!("alone-{i}"), "still here", 3))?
+            .collect()
+            .await;
+        assert!(done.finished.is_some(), "{:?}", done.failed);
+    }
     Ok(())
 }
