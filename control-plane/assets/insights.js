@@ -96,7 +96,10 @@
       let pen = false;
       for (const [t, v] of s.values) {
         if (t <= t0 || v == null) { pen = false; continue; }
-        path += `${pen ? "L" : "M"}${x(t).toFixed(1)},${y(v).toFixed(1)}`;
+        // A segment's first point gets a dot (a lone second would not show otherwise).
+        path += pen
+          ? `L${x(t).toFixed(1)},${y(v).toFixed(1)}`
+          : `M${x(t).toFixed(1)},${y(v).toFixed(1)}l0.1,0`;
         pen = true;
         drawn += 1;
       }
@@ -136,6 +139,10 @@
     drawChart("chart-itl", LANES.flatMap((lane) => [
       { name: `${lane} p50`, color: COLORS[lane], values: col((p) => p.lanes[lane].itl_p50_ms) },
       { name: `${lane} p99`, color: COLORS[lane], dash: true, values: col((p) => p.lanes[lane].itl_p99_ms) },
+    ]), { log: true, format: fmtMs });
+    drawChart("chart-prediction", LANES.flatMap((lane) => [
+      { name: `${lane} p50`, color: COLORS[lane], values: col((p) => p.lanes[lane].ttft_error_p50_ms) },
+      { name: `${lane} p99`, color: COLORS[lane], dash: true, values: col((p) => p.lanes[lane].ttft_error_p99_ms) },
     ]), { log: true, format: fmtMs });
     drawChart("chart-tokens", POOLS.map((pool) => ({
       name: pool, color: COLORS[pool], values: col((p) => p.pools[pool].tokens_per_s),
@@ -305,7 +312,10 @@
       parts.push(dl([
         ["status", o.status + (o.error ? `: ${o.error}` : "")],
         ["finished on", o.worker_id ? `${o.worker_id} (${o.pool})` : "–"],
-        ["TTFT", `${fmtMs(o.ttft_ms)} (predicted ${fmtMs(d.predicted_ttft_ms)}, SLO ${fmtMs(d.ttft_slo_ms)}: ${o.slo_met ? "met" : "missed"})`],
+        ["TTFT", `${fmtMs(o.ttft_ms)} (SLO ${fmtMs(d.ttft_slo_ms)}: ${o.slo_met ? "met" : "missed"})`],
+        ["prediction", o.placed_ttft_ms
+          ? `${fmtMs(o.predicted_ttft_ms)} predicted, ${fmtMs(o.placed_ttft_ms)} from placement (${o.placed_ttft_ms > o.predicted_ttft_ms ? "late" : "early"} by ${fmtMs(Math.abs(o.placed_ttft_ms - o.predicted_ttft_ms))})`
+          : "–"],
         ["inter-token latency", fmtMs(o.itl_ms)],
         ["tokens", `${fmtNum(o.prompt_tokens)} prompt (${fmtNum(o.cached_prompt_tokens)} cached), ${fmtNum(o.completion_tokens)} generated`],
         ["failovers", fmtNum(o.failovers)],

@@ -130,6 +130,7 @@ fn entry_json(entry: &Entry) -> Value {
             "cached_prompt_tokens": o.cached_prompt_tokens,
             "slo_met": o.slo_met, "failovers": o.failovers, "error": o.error,
             "cost_usd": o.cost_usd,
+            "predicted_ttft_ms": o.predicted_ttft_ms, "placed_ttft_ms": o.placed_ttft_ms,
         })
     });
     json!({

@@ -1,6 +1,6 @@
 //! The cluster's recent history at one-second resolution, for the dashboard's charts: per lane
 //! TTFT p50/p99 against the lane's SLO, SLO attainment, inter-token latency, shed and failover
-//! counts, router queue depth; per pool tokens/s and worker queue depth; cost per hour and the
+//! counts, router queue depth, the error of the router's TTFT predictions; per pool tokens/s and worker queue depth; cost per hour and the
 //! prefix-cache hit rate.
 //!
 //! Routers' per-second stats ([`v1::RouterStats`], covering every request) are merged into the
@@ -29,6 +29,8 @@ struct LaneAcc {
     failovers: u64,
     ttft: Histogram,
     itl: Histogram,
+    ttft_under: Histogram,
+    ttft_over: Histogram,
     completion_tokens: u64,
     prompt_tokens: u64,
     cached_prompt_tokens: u64,
@@ -66,6 +68,11 @@ pub struct LanePoint {
     pub slo_ms: f64,
     pub itl_p50_ms: Option<f64>,
     pub itl_p99_ms: Option<f64>,
+    /// |actual − predicted| TTFT (from placement, requests served without failover).
+    pub ttft_error_p50_ms: Option<f64>,
+    pub ttft_error_p99_ms: Option<f64>,
+    /// Share of those whose first token came later than predicted.
+    pub under_predicted: Option<f64>,
     pub shed: u64,
     pub failovers: u64,
     /// Requests waiting at the routers for a slot.
@@ -165,6 +172,12 @@ impl History {
             if let Some(h) = &lane.itl {
                 acc.itl.merge(&Histogram::from_proto(h));
             }
+            if let Some(h) = &lane.ttft_under_predicted {
+                acc.ttft_under.merge(&Histogram::from_proto(h));
+            }
+            if let Some(h) = &lane.ttft_over_predicted {
+                acc.ttft_over.merge(&Histogram::from_proto(h));
+            }
             acc.completion_tokens += lane.completion_tokens;
             acc.prompt_tokens += lane.prompt_tokens;
             acc.cached_prompt_tokens += lane.cached_prompt_tokens;
@@ -199,6 +212,9 @@ impl History {
         };
         let lane = |i: usize| {
             let acc = &open.lanes[i];
+            let mut error = acc.ttft_under.clone();
+            error.merge(&acc.ttft_over);
+            let judged = error.count();
             LanePoint {
                 requests: acc.requests,
                 slo_met: acc.slo_met,
@@ -208,6 +224,10 @@ impl History {
                 slo_ms: slo_ms[i],
                 itl_p50_ms: acc.itl.quantile(0.5),
                 itl_p99_ms: acc.itl.quantile(0.99),
+                ttft_error_p50_ms: error.quantile(0.5),
+                ttft_error_p99_ms: error.quantile(0.99),
+                under_predicted: (judged > 0)
+                    .then(|| acc.ttft_under.count() as f64 / judged as f64),
                 shed: acc.shed,
                 failovers: acc.failovers,
                 queued_at_router: queued(i),
@@ -272,6 +292,8 @@ mod tests {
     }
 
     fn stats(router: &str, ttfts: &[f64], slo_met: u32, queued: u32) -> v1::RouterStats {
+        // Every request came 5 ms later than predicted.
+        let under = vec![5.0; ttfts.len()];
         v1::RouterStats {
             router_id: router.into(),
             lanes: vec![v1::LaneStats {
@@ -280,6 +302,7 @@ mod tests {
                 slo_met,
                 shed: 1,
                 ttft: Some(histogram(ttfts)),
+                ttft_under_predicted: Some(histogram(&under)),
                 prompt_tokens: 100,
                 cached_prompt_tokens: 25,
                 cost_usd: 0.001,
@@ -321,6 +344,11 @@ mod tests {
         assert!(lc.ttft_p99_ms.unwrap() > 800.0, "{lc:?}");
         assert_eq!(lc.slo_ms, 300.0);
         assert_eq!(lc.queued_at_router, 7);
+        assert!(
+            (lc.ttft_error_p50_ms.unwrap() / 5.0 - 1.0).abs() < 0.13,
+            "{lc:?}"
+        );
+        assert_eq!(lc.under_predicted, Some(1.0));
         assert_eq!(point.lanes.cost_sensitive.requests, 0);
         assert_eq!(point.lanes.cost_sensitive.attainment, None);
         assert_eq!(point.pools.wse.tokens_per_s, 80);
@@ -337,6 +365,7 @@ mod tests {
         let next = history.seal(101, LOAD, [300.0, 2000.0]);
         assert_eq!(next.lanes.latency_critical.requests, 0);
         assert_eq!(next.lanes.latency_critical.ttft_p50_ms, None);
+        assert_eq!(next.lanes.latency_critical.under_predicted, None);
         assert_eq!(next.lanes.latency_critical.queued_at_router, 1);
         let idle = history.seal(102, LOAD, [300.0, 2000.0]);
         assert_eq!(idle.lanes.latency_critical.queued_at_router, 0);

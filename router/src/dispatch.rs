@@ -737,6 +737,8 @@ struct Run<'d> {
     cached_prompt_tokens: u32,
     /// Prompt tokens placement expected the current worker to reuse.
     predicted_cached_tokens: u32,
+    /// The policy's TTFT prediction for the first worker (from placement).
+    predicted_ttft_ms: f64,
     attempts: u32,
     cancelled: bool,
 }
@@ -786,6 +788,7 @@ impl<'d> Run<'d> {
             slot: Some(chosen.slot),
             prompt_ids,
             predicted_cached_tokens: chosen.cached_tokens,
+            predicted_ttft_ms: chosen.predicted_ttft_ms,
             last_token: None,
             pool: Pool::Gpu,
             worker: String::new(),
@@ -1010,6 +1013,8 @@ impl<'d> Run<'d> {
                 failovers: self.attempts - 1,
                 error: error.map(|s| s.message().to_string()).unwrap_or_default(),
                 cost_usd: tokens * self.cost_per_mtok / 1e6,
+                predicted_ttft_ms: self.predicted_ttft_ms,
+                placed_ttft_ms: self.first_token.map_or(0.0, |t| ms(t - self.placed)),
             },
             cancelled: outcome == "cancelled",
             shed,

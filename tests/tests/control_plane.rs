@@ -364,6 +364,7 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     for chart in [
         "chart-ttft",
         "chart-attainment",
+        "chart-prediction",
         "chart-tokens",
         "chart-cost",
     ] {
@@ -408,6 +409,7 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         "{story}"
     );
     assert!(story.contains("completed"), "{story}");
+    assert!(story.contains("from placement"), "{story}");
     // The trouble filter hides requests that met their SLO.
     browser.click("#only-trouble").await?;
     let shown = browser
@@ -624,6 +626,12 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
     assert_eq!(outcome["completion_tokens"].as_u64(), Some(*lc_tokens));
     assert!(outcome["ttft_ms"].as_f64().unwrap() > 0.0, "{lc}");
     assert_eq!(outcome["failovers"], 0);
+    assert_eq!(outcome["predicted_ttft_ms"], lc["predicted_ttft_ms"]);
+    let placed = outcome["placed_ttft_ms"].as_f64().unwrap();
+    assert!(
+        placed > 0.0 && placed <= outcome["ttft_ms"].as_f64().unwrap(),
+        "{lc}"
+    );
 
     let cs = finished_decision(http, "story-cs").await?;
     assert_eq!(cs["lane"], "cost-sensitive", "{cs}");
@@ -660,6 +668,9 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
     let lane = &second["lanes"]["latency-critical"];
     assert!(lane["ttft_p50_ms"].as_f64().unwrap() > 0.0, "{second}");
     assert_eq!(lane["attainment"], 1.0, "{second}");
+    // The TTFT model's error is judged on the request (served without failover).
+    assert!(lane["ttft_error_p50_ms"].as_f64().is_some(), "{second}");
+    assert!(lane["under_predicted"].as_f64().is_some(), "{second}");
     assert!(lane["slo_ms"].as_f64().unwrap() > 0.0);
     assert!(history_sum(&history, |p| p["decisions"].as_u64().unwrap_or(0)) >= 2);
     assert_eq!(history["kept_by"]["role"], "leader");

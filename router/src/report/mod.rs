@@ -76,6 +76,8 @@ struct LaneWindow {
     failovers: u32,
     ttft: Histogram,
     itl: Histogram,
+    ttft_under: Histogram,
+    ttft_over: Histogram,
     completion_tokens: u64,
     prompt_tokens: u64,
     cached_prompt_tokens: u64,
@@ -271,6 +273,15 @@ impl Reporter {
             if o.itl_ms > 0.0 {
                 lane.itl.record(o.itl_ms);
             }
+            // The prediction was for the first worker: judge it only when that one served.
+            if o.predicted_ttft_ms > 0.0 && o.placed_ttft_ms > 0.0 && o.failovers == 0 {
+                let error = o.placed_ttft_ms - o.predicted_ttft_ms;
+                if error > 0.0 {
+                    lane.ttft_under.record(error);
+                } else {
+                    lane.ttft_over.record(-error);
+                }
+            }
             lane.completion_tokens += u64::from(o.completion_tokens);
             lane.prompt_tokens += u64::from(o.prompt_tokens);
             lane.cached_prompt_tokens += u64::from(o.cached_prompt_tokens);
@@ -319,6 +330,8 @@ impl Shared {
                 failovers: w.failovers,
                 ttft: Some(w.ttft.to_proto()),
                 itl: Some(w.itl.to_proto()),
+                ttft_under_predicted: Some(w.ttft_under.to_proto()),
+                ttft_over_predicted: Some(w.ttft_over.to_proto()),
                 completion_tokens: w.completion_tokens,
                 prompt_tokens: w.prompt_tokens,
                 cached_prompt_tokens: w.cached_prompt_tokens,
@@ -581,6 +594,8 @@ mod tests {
             slo_met,
             failovers: 1,
             cost_usd: 0.5,
+            predicted_ttft_ms: 50.0,
+            placed_ttft_ms: ttft_ms,
             ..Default::default()
         };
         reporter.ended(Ended {
@@ -611,8 +626,40 @@ mod tests {
             (2, 1, 2, 20)
         );
         assert_eq!(Histogram::from_proto(lc.ttft.as_ref().unwrap()).count(), 2);
+        // Both failed over: their prediction is not judged.
+        assert_eq!(
+            Histogram::from_proto(lc.ttft_under_predicted.as_ref().unwrap()).count(),
+            0
+        );
+        reporter.ended(Ended {
+            lane: LaneName::CostSensitive,
+            outcome: v1::RequestOutcome {
+                failovers: 0,
+                ..outcome(80.0, true)
+            },
+            cancelled: false,
+            shed: false,
+            sampled: false,
+        });
+        reporter.ended(Ended {
+            lane: LaneName::CostSensitive,
+            outcome: v1::RequestOutcome {
+                failovers: 0,
+                ..outcome(40.0, true)
+            },
+            cancelled: false,
+            shed: false,
+            sampled: false,
+        });
         assert_eq!(stats.pools[1].tokens, 7);
         // The window starts over.
+        let again = reporter.shared.as_ref().unwrap().take_stats();
+        let cs = &again.lanes[LaneName::CostSensitive.index()];
+        let under = Histogram::from_proto(cs.ttft_under_predicted.as_ref().unwrap());
+        let over = Histogram::from_proto(cs.ttft_over_predicted.as_ref().unwrap());
+        assert_eq!((under.count(), over.count()), (1, 1));
+        assert!((under.quantile(0.5).unwrap() / 30.0 - 1.0).abs() < 0.13);
+        assert!((over.quantile(0.5).unwrap() / 10.0 - 1.0).abs() < 0.13);
         let again = reporter.shared.as_ref().unwrap().take_stats();
         assert_eq!(again.lanes[0].requests, 0);
         assert_eq!(again.pools[1].tokens, 0);
