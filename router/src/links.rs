@@ -55,16 +55,22 @@ struct InTransit {
     /// Slots held by placements whose start is not sent yet ([`SlotHold`]).
     held: u32,
     sent: u64,
-    /// Prompt tokens of each start not yet counted by a report, oldest first.
-    prompts: VecDeque<u64>,
+    /// Prompt tokens of each start not yet counted by a report, oldest first, and whether it
+    /// is latency-critical.
+    prompts: VecDeque<(u64, bool)>,
     prompt_tokens: u64,
+    /// Of `prompt_tokens`, those of latency-critical starts.
+    latency_critical_prompt_tokens: u64,
 }
 
 impl InTransit {
-    fn sent(&mut self, prompt_tokens: u64) {
+    fn sent(&mut self, prompt_tokens: u64, latency_critical: bool) {
         self.sent += 1;
-        self.prompts.push_back(prompt_tokens);
+        self.prompts.push_back((prompt_tokens, latency_critical));
         self.prompt_tokens += prompt_tokens;
+        if latency_critical {
+            self.latency_critical_prompt_tokens += prompt_tokens;
+        }
     }
 
     /// A load report that had seen `seen` starts of this stream (`None`: a worker that does
@@ -72,8 +78,11 @@ impl InTransit {
     fn reported(&mut self, seen: Option<u64>) {
         let left = seen.map_or(0, |seen| self.sent.saturating_sub(seen));
         while self.prompts.len() as u64 > left {
-            let tokens = self.prompts.pop_front().unwrap_or_default();
+            let (tokens, latency_critical) = self.prompts.pop_front().unwrap_or_default();
             self.prompt_tokens -= tokens;
+            if latency_critical {
+                self.latency_critical_prompt_tokens -= tokens;
+            }
         }
     }
 
@@ -85,6 +94,10 @@ impl InTransit {
 
     fn prompt_tokens(&self) -> u64 {
         self.prompt_tokens
+    }
+
+    fn latency_critical_prompt_tokens(&self) -> u64 {
+        self.latency_critical_prompt_tokens
     }
 }
 
@@ -219,6 +232,7 @@ impl Link {
         } else {
             start.prompt_token_ids.len()
         };
+        let latency_critical = start.lane == v1::Lane::LatencyCritical as i32;
         let frame = v1::RouterFrame {
             frame: Some(router_frame::Frame::Start(start.clone())),
         };
@@ -228,7 +242,7 @@ impl Link {
             let mut in_transit = self.in_transit.lock().expect("in-transit lock");
             let sent = outbound.send(frame).is_ok();
             if sent {
-                in_transit.sent(prompt_tokens as u64);
+                in_transit.sent(prompt_tokens as u64, latency_critical);
             }
             sent
         };
@@ -267,9 +281,13 @@ impl Link {
     pub fn state(&self) -> WorkerState {
         let record = self.record();
         let load = *self.load.lock().expect("load lock");
-        let (in_transit, in_transit_prompt_tokens) = {
+        let (in_transit, in_transit_prompt_tokens, in_transit_lc_prompt_tokens) = {
             let t = self.in_transit.lock().expect("in-transit lock");
-            (t.starts(), t.prompt_tokens())
+            (
+                t.starts(),
+                t.prompt_tokens(),
+                t.latency_critical_prompt_tokens(),
+            )
         };
         let reported = load.map(|l| l.active + l.queued).unwrap_or(0);
         let draining = load.is_some_and(|l| l.draining);
@@ -289,6 +307,11 @@ impl Link {
             // makes the policy assume its default.
             queued_prompt_tokens: load.map_or(0, |l| l.queued_prompt_tokens)
                 + in_transit_prompt_tokens,
+            // Only a worker that reports its lanes apart prefills latency-critical prompts
+            // first as far as the router knows.
+            queued_latency_critical_prompt_tokens: load
+                .and_then(|l| l.queued_latency_critical_prompt_tokens)
+                .map(|lc| lc + in_transit_lc_prompt_tokens),
             prefill_tokens_per_s: load
                 .map(|l| l.prefill_tokens_per_s)
                 .filter(|r| r.is_finite() && *r > 0.0)
@@ -761,20 +784,23 @@ mod tests {
     #[test]
     fn in_transit_counts_the_starts_no_report_has_seen() {
         let mut t = InTransit::default();
-        for tokens in [10, 20, 30] {
-            t.sent(tokens);
+        for (tokens, latency_critical) in [(10, true), (20, false), (30, true)] {
+            t.sent(tokens, latency_critical);
         }
         assert_eq!((t.starts(), t.prompt_tokens()), (3, 60));
+        assert_eq!(t.latency_critical_prompt_tokens(), 40);
         // The worker had taken the first start: the other two are still on their way.
         t.reported(Some(1));
         assert_eq!((t.starts(), t.prompt_tokens()), (2, 50));
+        assert_eq!(t.latency_critical_prompt_tokens(), 30);
         // A report older than one already applied changes nothing.
         t.reported(Some(0));
         assert_eq!((t.starts(), t.prompt_tokens()), (2, 50));
         t.reported(Some(3));
         assert_eq!((t.starts(), t.prompt_tokens()), (0, 0));
+        assert_eq!(t.latency_critical_prompt_tokens(), 0);
         // A worker that does not count starts: what was sent is assumed counted.
-        t.sent(5);
+        t.sent(5, true);
         t.reported(None);
         assert_eq!((t.starts(), t.prompt_tokens()), (0, 0));
         // Held slots count until their start is sent.
@@ -862,5 +888,62 @@ mod tests {
             ..Default::default()
         }));
         assert_eq!(link.state().queued_prompt_tokens, 200);
+    }
+
+    #[test]
+    fn latency_critical_queued_tokens_reach_the_policy_with_the_starts_in_transit() {
+        let link = Link::new(
+            record(),
+            Arc::new(Notify::new()),
+            Arc::default(),
+            Weak::new(),
+            Arc::default(),
+        );
+        let (tx, _rx) = mpsc::unbounded_channel();
+        *link.outbound.lock().unwrap() = Some(tx);
+        link.connected.store(true, Ordering::Release);
+        // A worker that does not report its lanes apart: the policy counts every token.
+        link.dispatch(worker_frame::Frame::Load(v1::Load {
+            queued_prompt_tokens: 500,
+            ..Default::default()
+        }));
+        assert_eq!(link.state().queued_latency_critical_prompt_tokens, None);
+        link.dispatch(worker_frame::Frame::Load(v1::Load {
+            queued_prompt_tokens: 500,
+            queued_latency_critical_prompt_tokens: Some(100),
+            starts_seen: Some(0),
+            ..Default::default()
+        }));
+        // Sent since: 100 latency-critical and 200 cost-sensitive prompt tokens.
+        for (id, lane, bytes) in [
+            ("lc", v1::Lane::LatencyCritical, 400),
+            ("cs", v1::Lane::CostSensitive, 800),
+        ] {
+            link.start(v1::WorkerStart {
+                request_id: id.into(),
+                prompt: "x".repeat(bytes),
+                lane: lane as i32,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+        let state = link.state();
+        assert_eq!(state.queued_prompt_tokens, 500 + 300);
+        assert_eq!(state.queued_latency_critical_prompt_tokens, Some(100 + 100));
+        // The worker has seen both starts: its report counts them.
+        link.dispatch(worker_frame::Frame::Load(v1::Load {
+            queued_prompt_tokens: 800,
+            queued_latency_critical_prompt_tokens: Some(200),
+            starts_seen: Some(2),
+            ..Default::default()
+        }));
+        let state = link.state();
+        assert_eq!(
+            (
+                state.queued_prompt_tokens,
+                state.queued_latency_critical_prompt_tokens
+            ),
+            (800, Some(200))
+        );
     }
 }

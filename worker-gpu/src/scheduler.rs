@@ -119,6 +119,8 @@ struct Counters {
     steps: AtomicU64,
     /// Prompt tokens admitted but not yet prefilled.
     unprefilled: AtomicU64,
+    /// Of `unprefilled`, those of latency-critical jobs (admitted and prefilled first).
+    unprefilled_latency_critical: AtomicU64,
     /// Moving average of measured prefill chunks, tokens per second.
     prefill_rate: RateMeter,
     prefix: Mutex<PrefixCacheStats>,
@@ -338,6 +340,11 @@ impl Engine for CandleEngine {
             queued: self.counters.queued.load(Ordering::Relaxed),
             kv_used_bytes: self.counters.kv_used.load(Ordering::Relaxed),
             queued_prompt_tokens: self.counters.unprefilled.load(Ordering::Relaxed),
+            queued_latency_critical_prompt_tokens: Some(
+                self.counters
+                    .unprefilled_latency_critical
+                    .load(Ordering::Relaxed),
+            ),
             prefill_tokens_per_s: self.counters.prefill_rate.get(),
         }
     }
@@ -556,16 +563,26 @@ impl Scheduler {
     }
 
     fn publish(&mut self) {
-        let unprefilled: usize = self.waiting.iter().map(|j| j.context.len()).sum::<usize>()
-            + self
-                .active
-                .iter()
-                .filter(|s| s.next.is_none())
-                .map(|s| s.job.context.len() - s.cache.len())
-                .sum::<usize>();
+        // Per lane: (all, latency-critical).
+        let mut unprefilled = [0usize; 2];
+        let waiting = self.waiting.iter().map(|j| (j, j.context.len()));
+        let joining = self
+            .active
+            .iter()
+            .filter(|s| s.next.is_none())
+            .map(|s| (&s.job, s.job.context.len() - s.cache.len()));
+        for (job, tokens) in waiting.chain(joining) {
+            unprefilled[0] += tokens;
+            if job.latency_critical {
+                unprefilled[1] += tokens;
+            }
+        }
         self.counters
             .unprefilled
-            .store(unprefilled as u64, Ordering::Relaxed);
+            .store(unprefilled[0] as u64, Ordering::Relaxed);
+        self.counters
+            .unprefilled_latency_critical
+            .store(unprefilled[1] as u64, Ordering::Relaxed);
         self.counters
             .queued
             .store(self.waiting.len() as u32, Ordering::Relaxed);

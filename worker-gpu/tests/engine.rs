@@ -500,17 +500,25 @@ async fn latency_critical_work_jumps_the_queue_and_load_reports_prefill() {
     };
     let urgent = e.submit(urgent, CancellationToken::new()).unwrap();
     assert!(wait_until(|| e.load().queued == 2).await, "{:?}", e.load());
+    let urgent_tokens = e
+        .prompt_ids(&Prompt::Text("urgent work".into()))
+        .unwrap()
+        .len() as u64;
     let expected = e
         .prompt_ids(&Prompt::Text("cheap work".into()))
         .unwrap()
-        .len()
-        + e.prompt_ids(&Prompt::Text("urgent work".into()))
-            .unwrap()
-            .len();
-    // (`queued` counts a request at submit; its prompt once the scheduler took it in.)
+        .len() as u64
+        + urgent_tokens;
+    // (`queued` counts a request at submit; its prompt once the scheduler took it in.) The
+    // latency-critical prompt is also reported apart: it waits only behind its own lane.
     assert!(
-        wait_until(|| e.load().queued_prompt_tokens == expected as u64).await,
-        "expected {expected}: {:?}",
+        wait_until(|| {
+            let load = e.load();
+            load.queued_prompt_tokens == expected
+                && load.queued_latency_critical_prompt_tokens == Some(urgent_tokens)
+        })
+        .await,
+        "expected {expected} ({urgent_tokens} latency-critical): {:?}",
         e.load()
     );
     // The running one ends: the latency-critical request runs first although it came later.
@@ -529,7 +537,13 @@ async fn latency_critical_work_jumps_the_queue_and_load_reports_prefill() {
     );
     assert_eq!(order.recv().await, Some("urgent"));
     assert_eq!(order.recv().await, Some("cheap"));
-    assert!(wait_until(|| e.load().queued_prompt_tokens == 0).await);
+    assert!(
+        wait_until(|| {
+            let load = e.load();
+            load.queued_prompt_tokens == 0 && load.queued_latency_critical_prompt_tokens == Some(0)
+        })
+        .await
+    );
 }
 
 /// A request for the prompt `ids` (as a router sends them, already tokenized).

@@ -123,6 +123,9 @@ pub struct EngineLoad {
     /// Prompt tokens admitted but not yet prefilled (0 = unknown): with the prefill rate, the
     /// router predicts how long a new prompt waits for its first token.
     pub queued_prompt_tokens: u64,
+    /// Of `queued_prompt_tokens`, those of latency-critical requests, for an engine that
+    /// prefills them ahead of cost-sensitive work (`None`: it does not tell the lanes apart).
+    pub queued_latency_critical_prompt_tokens: Option<u64>,
     /// Prefill rate, tokens per second (0 = unknown: routers assume their policy's default).
     pub prefill_tokens_per_s: f64,
 }

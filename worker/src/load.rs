@@ -46,6 +46,7 @@ impl LoadTracker {
             tokens_per_s: f64::from_bits(self.tokens_per_s_bits.load(Ordering::Relaxed)),
             draining: self.draining.load(Ordering::Relaxed),
             queued_prompt_tokens: engine.queued_prompt_tokens,
+            queued_latency_critical_prompt_tokens: engine.queued_latency_critical_prompt_tokens,
             // A rate that is not a positive number is "not reported" on the wire.
             prefill_tokens_per_s: if prefill_rate.is_finite() && prefill_rate > 0.0 {
                 prefill_rate

@@ -215,6 +215,8 @@ pub struct SyntheticEngine {
     queued: Arc<AtomicU32>,
     /// Prompt tokens of requests that have not produced their first token.
     unprefilled: Arc<AtomicU64>,
+    /// Of `unprefilled`, those of latency-critical requests (admitted first).
+    unprefilled_latency_critical: Arc<AtomicU64>,
 }
 
 /// Generation slots with a two-class wait queue: a latency-critical request waiting for a slot
@@ -333,6 +335,7 @@ impl SyntheticEngine {
             slots,
             queued: Arc::new(AtomicU32::new(0)),
             unprefilled: Arc::new(AtomicU64::new(0)),
+            unprefilled_latency_critical: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -414,6 +417,9 @@ impl Engine for SyntheticEngine {
             queued: self.queued.load(Ordering::Relaxed),
             kv_used_bytes: 0,
             queued_prompt_tokens: self.unprefilled.load(Ordering::Relaxed),
+            queued_latency_critical_prompt_tokens: Some(
+                self.unprefilled_latency_critical.load(Ordering::Relaxed),
+            ),
             prefill_tokens_per_s: self.config.prefill_tokens_per_s,
         }
     }
@@ -450,7 +456,11 @@ impl Engine for SyntheticEngine {
         };
         let computed = prompt_tokens - cached_prompt_tokens;
         let prefill = f64::from(computed) / self.config.prefill_tokens_per_s;
-        let unprefilled = Unprefilled::new(self.unprefilled.clone(), computed);
+        let mut counters = vec![self.unprefilled.clone()];
+        if request.latency_critical {
+            counters.push(self.unprefilled_latency_critical.clone());
+        }
+        let unprefilled = Unprefilled::new(counters, computed);
         let generation = Generation {
             instructions: request.prompt.instructions().to_string(),
             prompt_tokens,
@@ -481,18 +491,20 @@ fn prompt_tokens(request: &EngineRequest) -> u32 {
     (words + request.resume_tokens.len()) as u32
 }
 
-/// Prompt tokens of one request counted in the engine's not-yet-prefilled total until its first
-/// token (or its end).
+/// Prompt tokens of one request counted in the engine's not-yet-prefilled totals (all, and its
+/// lane's) until its first token (or its end).
 struct Unprefilled {
-    total: Arc<AtomicU64>,
+    counters: Vec<Arc<AtomicU64>>,
     tokens: u64,
 }
 
 impl Unprefilled {
-    fn new(total: Arc<AtomicU64>, tokens: u32) -> Self {
-        total.fetch_add(u64::from(tokens), Ordering::Relaxed);
+    fn new(counters: Vec<Arc<AtomicU64>>, tokens: u32) -> Self {
+        for c in &counters {
+            c.fetch_add(u64::from(tokens), Ordering::Relaxed);
+        }
         Self {
-            total,
+            counters,
             tokens: u64::from(tokens),
         }
     }
@@ -500,7 +512,9 @@ impl Unprefilled {
 
 impl Drop for Unprefilled {
     fn drop(&mut self) {
-        self.total.fetch_sub(self.tokens, Ordering::Relaxed);
+        for c in &self.counters {
+            c.fetch_sub(self.tokens, Ordering::Relaxed);
+        }
     }
 }
 
@@ -960,6 +974,56 @@ mod tests {
         assert_eq!(engine.load().queued_prompt_tokens, 7);
         collect(first).await;
         collect(second).await;
+        assert_eq!(engine.load().queued_prompt_tokens, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn load_reports_latency_critical_unprefilled_prompt_tokens_apart() {
+        let engine = SyntheticEngine::new(SyntheticConfig {
+            max_concurrent: 1,
+            prefill_tokens_per_s: 1_000.0,
+            ..Default::default()
+        });
+        assert_eq!(engine.load().queued_latency_critical_prompt_tokens, Some(0));
+        // A cost-sensitive request takes the slot; a latency-critical and another
+        // cost-sensitive one wait (7 prompt tokens each).
+        let mut first = engine
+            .submit(request(3, 0), CancellationToken::new())
+            .unwrap();
+        let urgent = engine
+            .submit(
+                EngineRequest {
+                    latency_critical: true,
+                    ..request(3, 0)
+                },
+                CancellationToken::new(),
+            )
+            .unwrap();
+        let last = engine
+            .submit(request(3, 0), CancellationToken::new())
+            .unwrap();
+        let load = engine.load();
+        assert_eq!(
+            (
+                load.queued_prompt_tokens,
+                load.queued_latency_critical_prompt_tokens
+            ),
+            (21, Some(7))
+        );
+        assert!(matches!(
+            first.recv().await,
+            Some(Ok(EngineEvent::Token { .. }))
+        ));
+        assert_eq!(engine.load().queued_latency_critical_prompt_tokens, Some(7));
+        collect(first).await;
+        // The latency-critical request gets the slot next and its first token ends its
+        // prefill: what is left queued is cost-sensitive.
+        let (_, done) = collect(urgent).await;
+        assert!(matches!(done, EngineEvent::Done { .. }));
+        let load = engine.load();
+        assert_eq!(load.queued_latency_critical_prompt_tokens, Some(0));
+        assert!(load.queued_prompt_tokens <= 7, "{load:?}");
+        collect(last).await;
         assert_eq!(engine.load().queued_prompt_tokens, 0);
     }
 }

@@ -108,6 +108,8 @@ struct Gpu {
     pending: Vec<(u32, u32)>,
     /// Prompt tokens not yet prefilled (pending and running), as the worker reports them.
     unprefilled: u64,
+    /// Of `unprefilled`, those of latency-critical requests (prefilled first), reported too.
+    unprefilled_latency_critical: u64,
     stepping: bool,
     /// Moving average of step times (ms): the per-stream decode rate the worker reports.
     step_ewma_ms: f64,
@@ -376,12 +378,19 @@ impl Sim<'_> {
             Kind::Gpu(g) => {
                 g.pending.push((r, uncached));
                 g.unprefilled += u64::from(uncached);
-                let (outstanding, queued) =
-                    ((g.running.len() + g.pending.len()) as u32, g.unprefilled);
+                if request.lane == LaneName::LatencyCritical {
+                    g.unprefilled_latency_critical += u64::from(uncached);
+                }
+                let (outstanding, queued, queued_lc) = (
+                    (g.running.len() + g.pending.len()) as u32,
+                    g.unprefilled,
+                    g.unprefilled_latency_critical,
+                );
                 let stepping = g.stepping;
                 self.view.update(w, |s| {
                     s.outstanding = outstanding;
                     s.queued_prompt_tokens = queued;
+                    s.queued_latency_critical_prompt_tokens = Some(queued_lc);
                 });
                 if !stepping {
                     self.gpu_step_start(w, now);
@@ -437,6 +446,9 @@ impl Sim<'_> {
                 s.prefill_left -= take as u32;
                 budget -= take;
                 prefill += take;
+                if latency_critical {
+                    g.unprefilled_latency_critical -= take;
+                }
             }
         }
         g.unprefilled -= prefill;
@@ -473,10 +485,15 @@ impl Sim<'_> {
         let decode = 1000.0 / g.step_ewma_ms;
         // The step in flight delays any new prompt's first token: a worker reports it as its
         // time-to-first-token overhead (as a live worker's load report would).
-        let (outstanding, unprefilled) = (g.running.len() as u32, g.unprefilled);
+        let (outstanding, unprefilled, unprefilled_lc) = (
+            g.running.len() as u32,
+            g.unprefilled,
+            g.unprefilled_latency_critical,
+        );
         self.view.update(w, |s| {
             s.outstanding = outstanding;
             s.queued_prompt_tokens = unprefilled;
+            s.queued_latency_critical_prompt_tokens = Some(unprefilled_lc);
             s.decode_tokens_per_s = decode;
             s.ttft_overhead_ms = step;
         });

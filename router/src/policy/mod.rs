@@ -146,11 +146,25 @@ pub fn decode_rate(w: &WorkerState, policy: &PolicyDocument) -> f64 {
     }
 }
 
-/// Predicted time to first token of a `prompt_tokens` request on `w`: fixed overhead, the
-/// prompt tokens queued ahead plus its own (less the cached share on its affinity worker) at
-/// the worker's prefill rate, and one decode step.
+/// Prompt tokens a new `lane` prompt waits behind on `w`. Engines prefill latency-critical
+/// prompts first (the step in flight aside, which `ttft_overhead_ms` covers), so a
+/// latency-critical prompt waits only behind the latency-critical tokens queued there — when
+/// the worker reports them — and a cost-sensitive one behind every queued token.
+pub fn queued_ahead(w: &WorkerState, lane: LaneName) -> u64 {
+    match lane {
+        LaneName::LatencyCritical => w
+            .queued_latency_critical_prompt_tokens
+            .map_or(w.queued_prompt_tokens, |lc| lc.min(w.queued_prompt_tokens)),
+        LaneName::CostSensitive => w.queued_prompt_tokens,
+    }
+}
+
+/// Predicted time to first token of a `prompt_tokens` request of `lane` on `w`: fixed
+/// overhead, the prompt tokens queued ahead of it ([`queued_ahead`]) plus its own (less the
+/// cached share on its affinity worker) at the worker's prefill rate, and one decode step.
 pub fn predicted_ttft_ms(
     w: &WorkerState,
+    lane: LaneName,
     prompt_tokens: u32,
     affinity: bool,
     policy: &PolicyDocument,
@@ -160,27 +174,34 @@ pub fn predicted_ttft_ms(
     } else {
         f64::from(prompt_tokens)
     };
-    ttft_with_own_prefill(w, own, policy)
+    ttft_with_own_prefill(w, lane, own, policy)
 }
 
 /// Predicted time to first token on `w` when `cached_tokens` of the prompt's `prompt_tokens`
 /// are in its prefix cache: only the rest is prefilled.
 pub fn predicted_ttft_cached_ms(
     w: &WorkerState,
+    lane: LaneName,
     prompt_tokens: u32,
     cached_tokens: u32,
     policy: &PolicyDocument,
 ) -> f64 {
     ttft_with_own_prefill(
         w,
+        lane,
         f64::from(prompt_tokens.saturating_sub(cached_tokens)),
         policy,
     )
 }
 
-fn ttft_with_own_prefill(w: &WorkerState, own: f64, policy: &PolicyDocument) -> f64 {
+fn ttft_with_own_prefill(
+    w: &WorkerState,
+    lane: LaneName,
+    own: f64,
+    policy: &PolicyDocument,
+) -> f64 {
     w.ttft_overhead_ms
-        + 1000.0 * (w.queued_prompt_tokens as f64 + own) / prefill_rate(w, policy)
+        + 1000.0 * (queued_ahead(w, lane) as f64 + own) / prefill_rate(w, policy)
         + 1000.0 / decode_rate(w, policy)
 }
 
@@ -285,6 +306,7 @@ fn best_in_pool(
     m: usize,
     pool: Pool,
     request: &RequestInfo<'_>,
+    lane: LaneName,
     policy: &PolicyDocument,
     slo_ms: f64,
     exclude: &[usize],
@@ -300,9 +322,9 @@ fn best_in_pool(
         let worker = view.worker(w);
         let cached_tokens = request.cached_tokens(w);
         let predicted_ttft_ms = if affinity && cached_tokens == 0 {
-            predicted_ttft_ms(worker, request.prompt_tokens, true, policy)
+            predicted_ttft_ms(worker, lane, request.prompt_tokens, true, policy)
         } else {
-            predicted_ttft_cached_ms(worker, request.prompt_tokens, cached_tokens, policy)
+            predicted_ttft_cached_ms(worker, lane, request.prompt_tokens, cached_tokens, policy)
         };
         Scored {
             worker: w,
@@ -454,6 +476,7 @@ pub fn place_traced(
                 m,
                 Pool::Wse,
                 request,
+                class.lane,
                 policy,
                 slo,
                 exclude,
@@ -470,6 +493,7 @@ pub fn place_traced(
                     m,
                     Pool::Gpu,
                     request,
+                    class.lane,
                     policy,
                     slo,
                     exclude,
@@ -501,6 +525,7 @@ pub fn place_traced(
                 m,
                 Pool::Gpu,
                 request,
+                class.lane,
                 policy,
                 slo,
                 exclude,
@@ -517,6 +542,7 @@ pub fn place_traced(
                     m,
                     Pool::Wse,
                     request,
+                    class.lane,
                     policy,
                     slo,
                     exclude,

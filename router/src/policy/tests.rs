@@ -305,8 +305,8 @@ fn the_slo_still_comes_first() {
     view.update(0, |w| w.cost_per_mtok = 1.0);
     let hits = [(1, 500)];
     let info = with_prefix(1000, &hits);
-    let cold = predicted_ttft_cached_ms(view.worker(0), 1000, 0, &policy);
-    let hot = predicted_ttft_cached_ms(view.worker(1), 1000, 500, &policy);
+    let cold = predicted_ttft_cached_ms(view.worker(0), LaneName::CostSensitive, 1000, 0, &policy);
+    let hot = predicted_ttft_cached_ms(view.worker(1), LaneName::CostSensitive, 1000, 500, &policy);
     assert!(cold <= 1000.0 && hot > 1000.0, "{cold} {hot}");
     let p = placed(&place(&view, &cs, &info, &policy, &[]));
     assert_eq!(view.worker(p.worker).id, "cold");
@@ -400,6 +400,73 @@ fn unique(workers: Vec<WorkerState>) -> Vec<WorkerState> {
         .collect()
 }
 
+/// Two GPU workers that report their lanes apart: `backlog` holds 20 000 queued prompt tokens,
+/// all cost-sensitive (2 s at 10 000 tok/s); `busy` holds 5 000, all latency-critical.
+fn backlog_and_busy() -> ClusterView {
+    let mut backlog = worker("backlog", Pool::Gpu, 4, 16);
+    backlog.queued_prompt_tokens = 20_000;
+    backlog.queued_latency_critical_prompt_tokens = Some(0);
+    let mut busy = worker("busy", Pool::Gpu, 4, 16);
+    busy.queued_prompt_tokens = 5_000;
+    busy.queued_latency_critical_prompt_tokens = Some(5_000);
+    ClusterView::new(vec![backlog, busy])
+}
+
+#[test]
+fn latency_critical_prompts_wait_only_behind_latency_critical_queued_tokens() {
+    let policy = PolicyDocument::default();
+    let view = backlog_and_busy();
+    let backlog = view.worker(0);
+    assert_eq!(queued_ahead(backlog, LaneName::LatencyCritical), 0);
+    assert_eq!(queued_ahead(backlog, LaneName::CostSensitive), 20_000);
+    // 1 000 own tokens at 10 000 tok/s and one decode step at 40 tok/s; cost-sensitive work
+    // also waits for the 20 000 queued ahead.
+    let lc = predicted_ttft_ms(backlog, LaneName::LatencyCritical, 1000, false, &policy);
+    let cs = predicted_ttft_ms(backlog, LaneName::CostSensitive, 1000, false, &policy);
+    assert!((lc - (100.0 + 25.0)).abs() < 1e-6, "{lc}");
+    assert!((cs - (2100.0 + 25.0)).abs() < 1e-6, "{cs}");
+    // No WSE: a latency-critical request spills to the GPU whose cost-sensitive backlog it
+    // overtakes, not to the one with less work queued in total.
+    let p = placed(&place(
+        &view,
+        &class(LaneName::LatencyCritical, &policy),
+        &request(1000, None, 1),
+        &policy,
+        &[],
+    ));
+    assert_eq!(view.worker(p.worker).id, "backlog");
+    assert_eq!(p.route, Route::SpillToGpu);
+    assert!((p.predicted_ttft_ms - lc).abs() < 1e-6, "{p:?}");
+    // A cost-sensitive request queues behind everything: the smaller backlog wins.
+    let p = placed(&place(
+        &view,
+        &class(LaneName::CostSensitive, &policy),
+        &request(1000, None, 1),
+        &policy,
+        &[],
+    ));
+    assert_eq!(view.worker(p.worker).id, "busy");
+}
+
+#[test]
+fn a_worker_that_does_not_tell_lanes_apart_counts_every_queued_token() {
+    let policy = PolicyDocument::default();
+    let mut view = backlog_and_busy();
+    view.update(0, |w| w.queued_latency_critical_prompt_tokens = None);
+    assert_eq!(
+        queued_ahead(view.worker(0), LaneName::LatencyCritical),
+        20_000
+    );
+    let p = placed(&place(
+        &view,
+        &class(LaneName::LatencyCritical, &policy),
+        &request(1000, None, 1),
+        &policy,
+        &[],
+    ));
+    assert_eq!(view.worker(p.worker).id, "busy");
+}
+
 proptest! {
     #[test]
     fn never_places_on_an_unavailable_full_excluded_or_wrong_model_worker(
@@ -460,7 +527,7 @@ proptest! {
         let wse_ok = (0..view.len()).any(|i| {
             let w = view.worker(i);
             w.pool == Pool::Wse && w.has_free_slot() && w.models.iter().any(|m| m == "m")
-                && predicted_ttft_ms(w, 500, false, &policy) <= lc.ttft_slo_ms
+                && predicted_ttft_ms(w, LaneName::LatencyCritical, 500, false, &policy) <= lc.ttft_slo_ms
         });
         if wse_ok
             && let Decision::Place(p) = place(&view, &lc, &request(500, None, seed), &policy, &[])

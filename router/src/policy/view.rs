@@ -22,6 +22,10 @@ pub struct WorkerState {
     pub max_concurrent: u32,
     /// Prompt tokens admitted but not yet prefilled.
     pub queued_prompt_tokens: u64,
+    /// Of `queued_prompt_tokens`, those of latency-critical requests: engines prefill them
+    /// ahead of cost-sensitive prompts, so they are all a new latency-critical prompt waits
+    /// behind. `None`: the worker does not tell the lanes apart (every queued token counts).
+    pub queued_latency_critical_prompt_tokens: Option<u64>,
     /// Measured prefill rate, tokens per second; 0 = unknown (the policy assumes its default).
     pub prefill_tokens_per_s: f64,
     /// Measured decode rate of one stream, tokens per second; 0 = unknown.
@@ -51,6 +55,7 @@ impl WorkerState {
             outstanding: 0,
             max_concurrent,
             queued_prompt_tokens: 0,
+            queued_latency_critical_prompt_tokens: None,
             prefill_tokens_per_s: 0.0,
             decode_tokens_per_s: 0.0,
             ttft_overhead_ms: 0.0,
