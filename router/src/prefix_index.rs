@@ -197,7 +197,7 @@ impl PrefixIndex {
                 continue;
             }
             runs.clear();
-            longest_runs(table, prompt, &mut runs);
+            longest_runs(table, prompt, self.config.max_hits, &mut runs);
             if runs.is_empty() {
                 continue;
             }
@@ -448,7 +448,7 @@ fn remove_holder(holders: &mut Map<u64, Holders>, hash: u64, slot: u32) -> bool 
 /// usually on one worker), its run's end is found by galloping over the remaining blocks'
 /// names instead of looking each up: a worker's cached blocks form whole prefixes (the
 /// engine reuses a chain only up to its first missing block and evicts tails first).
-fn longest_runs(table: &Table, prompt: &[u32], runs: &mut Vec<(u32, u32)>) {
+fn longest_runs(table: &Table, prompt: &[u32], max_hits: usize, runs: &mut Vec<(u32, u32)>) {
     let mut candidates: Holders = Holders::new();
     let mut next: Holders = Holders::new();
     let mut parent = kv_blocks::ROOT;
@@ -463,6 +463,10 @@ fn longest_runs(table: &Table, prompt: &[u32], runs: &mut Vec<(u32, u32)>) {
             candidates.extend_from_slice(holders);
         } else if holders.as_slice() != candidates.as_slice() {
             next.clear();
+            // Runs ending here all have this length: only the `max_hits` lowest slots among
+            // them can make the cut (ties go to the lowest slot), so a prefix shared by
+            // thousands of workers does not record thousands of runs.
+            let mut ended = 0;
             let (mut i, mut j) = (0, 0);
             while i < candidates.len() {
                 let c = candidates[i];
@@ -471,8 +475,9 @@ fn longest_runs(table: &Table, prompt: &[u32], runs: &mut Vec<(u32, u32)>) {
                 }
                 if j < holders.len() && holders[j] == c {
                     next.push(c);
-                } else {
+                } else if ended < max_hits {
                     runs.push((c, depth));
+                    ended += 1;
                 }
                 i += 1;
             }
@@ -499,7 +504,7 @@ fn longest_runs(table: &Table, prompt: &[u32], runs: &mut Vec<(u32, u32)>) {
             return;
         }
     }
-    runs.extend(candidates.iter().map(|&c| (c, depth)));
+    runs.extend(candidates.iter().take(max_hits).map(|&c| (c, depth)));
 }
 
 /// Length of the leading run of `names` for which `holds` is true, given that it is true for
@@ -749,6 +754,29 @@ mod tests {
         assert_eq!(
             cached(&index, &p),
             vec![("w2".into(), 16), ("w4".into(), 12)]
+        );
+    }
+
+    #[test]
+    fn a_prefix_shared_by_many_workers_yields_the_longest_then_the_first_registered() {
+        let mut index = PrefixIndex::new(PrefixIndexConfig {
+            max_hits: 3,
+            ..PrefixIndexConfig::default()
+        });
+        let p = prompt(16, 6);
+        let h = hashes(&p);
+        // Six workers hold the first two blocks (a shared system prompt); one holds all four.
+        for w in ["s0", "s1", "s2", "s3", "s4", "s5"] {
+            index
+                .apply(w, 1, &frame(true, h[..2].to_vec(), vec![]))
+                .unwrap();
+        }
+        index
+            .apply("deep", 1, &frame(true, h.clone(), vec![]))
+            .unwrap();
+        assert_eq!(
+            cached(&index, &p),
+            vec![("deep".into(), 16), ("s0".into(), 8), ("s1".into(), 8)]
         );
     }
 
