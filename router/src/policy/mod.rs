@@ -469,37 +469,23 @@ pub fn place_traced(
             prompt_tokens: request.prompt_tokens,
         })
     };
+    // The best free worker of `pool` that `accept` takes, for this request.
+    let mut best_of = |pool: Pool, accept: &dyn Fn(usize) -> bool| {
+        best_in_pool(
+            view, m, pool, request, class.lane, policy, slo, exclude, accept, trace,
+        )
+    };
     match class.lane {
         LaneName::LatencyCritical => {
-            let wse = best_in_pool(
-                view,
-                m,
-                Pool::Wse,
-                request,
-                class.lane,
-                policy,
-                slo,
-                exclude,
-                |_| true,
-                trace,
-            );
+            let wse = best_of(Pool::Wse, &|_| true);
             if let Some(best) = wse.filter(|b| b.predicted_ttft_ms <= slo) {
                 return placed(best, Route::Home);
             }
             if lane_policy.spill {
                 let min_rate = class.min_tokens_per_s;
-                let gpu = best_in_pool(
-                    view,
-                    m,
-                    Pool::Gpu,
-                    request,
-                    class.lane,
-                    policy,
-                    slo,
-                    exclude,
-                    |w| decode_rate(view.worker(w), policy) >= min_rate,
-                    trace,
-                );
+                let gpu = best_of(Pool::Gpu, &|w| {
+                    decode_rate(view.worker(w), policy) >= min_rate
+                });
                 match (gpu, wse) {
                     (Some(g), _) if g.predicted_ttft_ms <= slo => {
                         return placed(g, Route::SpillToGpu);
@@ -520,37 +506,15 @@ pub fn place_traced(
             // The reserve is kept idle for latency-critical spill: a GPU busy with long
             // prefills cannot give a spilled request its first token in time.
             let reserve = policy.placement.gpu_reserve_for_latency;
-            let gpu = best_in_pool(
-                view,
-                m,
-                Pool::Gpu,
-                request,
-                class.lane,
-                policy,
-                slo,
-                exclude,
-                |w| !view.in_reserve_of(m, w, reserve),
-                trace,
-            );
+            let gpu = best_of(Pool::Gpu, &|w| !view.in_reserve_of(m, w, reserve));
             if let Some(best) = gpu {
                 return placed(best, Route::Home);
             }
             if lane_policy.spill
                 && view.utilisation(Pool::Wse) < lane_policy.spill_max_utilisation
-                && let Some(best) = best_in_pool(
-                    view,
-                    m,
-                    Pool::Wse,
-                    request,
-                    class.lane,
-                    policy,
-                    slo,
-                    exclude,
-                    |_| true,
-                    trace,
-                )
+                && let Some(borrowed) = best_of(Pool::Wse, &|_| true)
             {
-                return placed(best, Route::BorrowWse);
+                return placed(borrowed, Route::BorrowWse);
             }
             Decision::Queue
         }
