@@ -859,8 +859,8 @@ mod tests {
         assert_eq!(link.state().prefill_tokens_per_s, 0.0);
     }
 
-    #[test]
-    fn prompts_sent_since_the_last_report_count_as_queued() {
+    /// A link whose stream is up, and the receiving end of what it sends to the worker.
+    fn connected_link() -> (Arc<Link>, mpsc::UnboundedReceiver<v1::RouterFrame>) {
         let link = Link::new(
             record(),
             Arc::new(Notify::new()),
@@ -868,9 +868,15 @@ mod tests {
             Weak::new(),
             Arc::default(),
         );
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         *link.outbound.lock().unwrap() = Some(tx);
         link.connected.store(true, Ordering::Release);
+        (link, rx)
+    }
+
+    #[test]
+    fn prompts_sent_since_the_last_report_count_as_queued() {
+        let (link, _outbound) = connected_link();
         link.dispatch(worker_frame::Frame::Load(v1::Load {
             queued_prompt_tokens: 100,
             ..Default::default()
@@ -892,16 +898,7 @@ mod tests {
 
     #[test]
     fn latency_critical_queued_tokens_reach_the_policy_with_the_starts_in_transit() {
-        let link = Link::new(
-            record(),
-            Arc::new(Notify::new()),
-            Arc::default(),
-            Weak::new(),
-            Arc::default(),
-        );
-        let (tx, _rx) = mpsc::unbounded_channel();
-        *link.outbound.lock().unwrap() = Some(tx);
-        link.connected.store(true, Ordering::Release);
+        let (link, _outbound) = connected_link();
         // A worker that does not report its lanes apart: the policy counts every token.
         link.dispatch(worker_frame::Frame::Load(v1::Load {
             queued_prompt_tokens: 500,
