@@ -462,25 +462,16 @@ fn longest_runs(table: &Table, prompt: &[u32], max_hits: usize, runs: &mut Vec<(
         if depth == 0 {
             candidates.extend_from_slice(holders);
         } else if holders.as_slice() != candidates.as_slice() {
-            next.clear();
+            intersect(&candidates, holders, &mut next);
             // Runs ending here all have this length: only the `max_hits` lowest slots among
             // them can make the cut (ties go to the lowest slot), so a prefix shared by
             // thousands of workers does not record thousands of runs.
-            let mut ended = 0;
-            let (mut i, mut j) = (0, 0);
-            while i < candidates.len() {
-                let c = candidates[i];
-                while j < holders.len() && holders[j] < c {
-                    j += 1;
-                }
-                if j < holders.len() && holders[j] == c {
-                    next.push(c);
-                } else if ended < max_hits {
-                    runs.push((c, depth));
-                    ended += 1;
-                }
-                i += 1;
-            }
+            let mut continuing = next.iter().peekable();
+            let ended = candidates.iter().filter(|&&c| {
+                while continuing.next_if(|&&n| n < c).is_some() {}
+                continuing.next_if_eq(&&c).is_none()
+            });
+            runs.extend(ended.take(max_hits).map(|&c| (c, depth)));
             std::mem::swap(&mut candidates, &mut next);
             if candidates.is_empty() {
                 return;
@@ -505,6 +496,36 @@ fn longest_runs(table: &Table, prompt: &[u32], max_hits: usize, runs: &mut Vec<(
         }
     }
     runs.extend(candidates.iter().take(max_hits).map(|&c| (c, depth)));
+}
+
+/// `out` = the slots in both sorted lists. Where a shared prefix diverges, the deeper block's
+/// holders are usually far fewer than the candidates (one worker's conversation after a system
+/// prompt every worker holds): then each holder is found by binary search instead of walking
+/// every candidate.
+fn intersect(candidates: &[u32], holders: &[u32], out: &mut Holders) {
+    out.clear();
+    if holders.len().saturating_mul(16) < candidates.len() {
+        let mut rest = candidates;
+        for &h in holders {
+            match rest.binary_search(&h) {
+                Ok(at) => {
+                    out.push(h);
+                    rest = &rest[at + 1..];
+                }
+                Err(at) => rest = &rest[at..],
+            }
+        }
+        return;
+    }
+    let mut j = 0;
+    for &c in candidates {
+        while j < holders.len() && holders[j] < c {
+            j += 1;
+        }
+        if j < holders.len() && holders[j] == c {
+            out.push(c);
+        }
+    }
 }
 
 /// Length of the leading run of `names` for which `holds` is true, given that it is true for
