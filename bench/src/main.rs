@@ -21,6 +21,9 @@ enum Command {
     Engine(switchyard_bench::engine::EngineBenchArgs),
     /// The router's cost: the same load straight to a worker and through the router.
     Router(switchyard_bench::router::RouterBenchArgs),
+    /// Clients that stop reading: memory held for them with the router's flow control on and
+    /// off.
+    StalledReaders(switchyard_bench::router::StalledReadersArgs),
     /// Multi-turn conversations over any OpenAI-compatible HTTP endpoint: TTFT per turn,
     /// tokens/s, prefix hit rate.
     Multiturn(switchyard_bench::multiturn::MultiturnArgs),
@@ -37,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Engine(args) => switchyard_bench::engine::run(args).await,
         Command::Router(args) => switchyard_bench::router::run(args).await,
+        Command::StalledReaders(args) => switchyard_bench::router::stalled_readers(args).await,
         Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,
         Command::Simulate(args) => {
             let report = switchyard_bench::simulate::run(&args)?;

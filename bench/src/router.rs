@@ -194,6 +194,7 @@ struct ControlPlaneFigures {
 struct Cluster {
     worker: Channel,
     router: Channel,
+    router_addr: std::net::SocketAddr,
     /// The control plane's dashboard address, when one runs.
     dashboard: Option<std::net::SocketAddr>,
     shutdown: CancellationToken,
@@ -209,6 +210,8 @@ async fn start_cluster(
     max_concurrent: u32,
     control_plane: bool,
     decision_reports_per_s: u32,
+    stream_credit_tokens: u32,
+    max_tokens_cap: u32,
 ) -> anyhow::Result<Cluster> {
     let registry = Arc::new(MemoryRegistry::new());
     let shutdown = CancellationToken::new();
@@ -274,6 +277,11 @@ async fn start_cluster(
     let router_config = RouterConfig {
         listen: "127.0.0.1:0".parse()?,
         decision_reports_per_s,
+        stream_credit_tokens,
+        limits: switchyard_proto::RequestLimits {
+            max_tokens_cap,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let (router_tx, router_rx) = oneshot::channel();
@@ -297,6 +305,7 @@ async fn start_cluster(
     let cluster = Cluster {
         worker: connect(worker_addr).await?,
         router: connect(router_addr).await?,
+        router_addr,
         dashboard,
         shutdown,
     };
@@ -599,6 +608,8 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
         u32::try_from(max_level)?,
         args.control_plane,
         args.decision_reports_per_s,
+        RouterConfig::default().stream_credit_tokens,
+        args.max_tokens,
     )
     .await?;
     let probe = cluster.dashboard.map(|http| {
@@ -832,4 +843,114 @@ mod tests {
         assert!(cp.reported < cp.decisions, "sampled: {cp:?}");
         assert!(cp.polls >= 1);
     }
+}
+
+/// Options of `switchyard-bench stalled-readers`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StalledReadersArgs {
+    /// `Generate` streams whose client reads the first frame and then nothing.
+    #[arg(long, default_value_t = 500)]
+    pub streams: usize,
+    /// Tokens each asks for: more than a client's 64 KiB window and the router's buffers hold
+    /// (a few thousand), so what flow control keeps on the worker shows.
+    #[arg(long, default_value_t = 65_536)]
+    pub max_tokens: u32,
+    /// How long the clients read nothing.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub stall: Duration,
+    /// Measure only this credit, in this process (the command runs itself once per setting so
+    /// that one run's freed memory does not hide the next one's).
+    #[arg(long, hide = true)]
+    pub credit: Option<u32>,
+}
+
+/// This process's resident memory in MiB (router, worker and clients all run in it).
+fn rss_mib() -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS in /proc/self/status")?;
+    Ok(kib / 1024.0)
+}
+
+/// `switchyard-bench stalled-readers`: what clients that stop reading cost, with the router's
+/// flow control on (its default credit) and off, one after the other in this process.
+pub async fn stalled_readers(args: StalledReadersArgs) -> anyhow::Result<()> {
+    if args.streams == 0 || args.max_tokens == 0 {
+        bail!("--streams and --max-tokens must be at least 1");
+    }
+    if let Some(credit) = args.credit {
+        return stalled_readers_once(&args, credit).await;
+    }
+    println!(
+        "{} Generate streams of {} tokens, each read for its first frame, then {:?} unread",
+        args.streams, args.max_tokens, args.stall
+    );
+    println!(
+        "credit_tokens  rss_before_mib  rss_stalled_peak_mib  per_stream_kib  rss_after_close_mib"
+    );
+    for credit in [RouterConfig::default().stream_credit_tokens, 0] {
+        let status = std::process::Command::new(std::env::current_exe()?)
+            .args(["stalled-readers", "--streams", &args.streams.to_string()])
+            .args(["--max-tokens", &args.max_tokens.to_string()])
+            .args([
+                "--stall",
+                &humantime::format_duration(args.stall).to_string(),
+            ])
+            .args(["--credit", &credit.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("the run with credit {credit} failed: {status}");
+        }
+    }
+    Ok(())
+}
+
+/// One setting of `stalled-readers`: a router, a worker and the clients in this process.
+async fn stalled_readers_once(args: &StalledReadersArgs, credit: u32) -> anyhow::Result<()> {
+    let cluster = start_cluster(
+        u32::try_from(args.streams)? + 8,
+        false,
+        0,
+        credit,
+        args.max_tokens,
+    )
+    .await?;
+    // One connection per client (a stalled stream would otherwise use up the connection's
+    // window for the others), each with HTTP/2's default 64 KiB windows.
+    let endpoint = Channel::from_shared(format!("http://{}", cluster.router_addr))?
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535);
+    let before = rss_mib()?;
+    let mut streams = Vec::with_capacity(args.streams);
+    for i in 0..args.streams {
+        let mut stream = InferenceClient::new(endpoint.connect().await?)
+            .generate(generate_request(i, args.max_tokens))
+            .await?
+            .into_inner();
+        while let Some(frame) = stream.message().await? {
+            if matches!(classify_server_frame(frame), Event::Tokens { .. }) {
+                break;
+            }
+        }
+        streams.push(stream);
+    }
+    let mut peak = rss_mib()?;
+    let until = Instant::now() + args.stall;
+    while Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        peak = peak.max(rss_mib()?);
+    }
+    drop(streams);
+    // Let the cancelled generations unwind before reading what was given back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_mib()?;
+    drop(cluster);
+    println!(
+        "{credit:>13}  {before:>14.1}  {peak:>20.1}  {:>14.1}  {after:>19.1}",
+        (peak - before) * 1024.0 / args.streams as f64
+    );
+    Ok(())
 }

@@ -117,6 +117,11 @@ pub struct RouterArgs {
     /// have in flight across all its calls; more get RESOURCE_EXHAUSTED (HTTP 429). 0: no limit.
     #[arg(long, env = "SWITCHYARD_MAX_TENANT_REQUESTS", default_value_t = 0)]
     pub max_tenant_requests: u32,
+    /// Flow control: tokens a worker may generate for a request ahead of what its client has
+    /// read; a client that stops reading pauses its own generations there, and the router
+    /// buffers at most this much for it. 0: no flow control.
+    #[arg(long, env = "SWITCHYARD_STREAM_CREDIT_TOKENS", default_value_t = 256)]
+    pub stream_credit_tokens: u32,
 }
 
 impl RouterArgs {
@@ -134,6 +139,7 @@ impl RouterArgs {
             decision_reports_per_s: self.decision_reports_per_s,
             max_session_requests: self.max_session_requests,
             max_tenant_requests: self.max_tenant_requests,
+            stream_credit_tokens: self.stream_credit_tokens,
             ..RouterConfig::default()
         }
     }

@@ -119,7 +119,10 @@ mod tests {
         // function means a new HASH_SCHEME.
         assert_eq!(HASH_SCHEME, "switchyard-chain-v2");
         assert_eq!(chain(ROOT, &[1, 2, 3]), PINNED_123);
-        assert_eq!(block_hashes(&(0..64).collect::<Vec<u32>>(), 32), PINNED_0_64);
+        assert_eq!(
+            block_hashes(&(0..64).collect::<Vec<u32>>(), 32),
+            PINNED_0_64
+        );
         assert_eq!(chain(ROOT, &[1, 2, 3]), chain(ROOT, &[1, 2, 3]));
         assert_ne!(chain(ROOT, &[1, 2, 3]), chain(ROOT, &[1, 2]));
         assert_ne!(chain(ROOT, &[0]), chain(ROOT, &[]));

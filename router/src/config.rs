@@ -41,6 +41,10 @@ pub struct RouterConfig {
     /// Requests one tenant may have in flight across all its calls (0: no limit; see
     /// [`crate::tenant_quota`]).
     pub max_tenant_requests: u32,
+    /// Flow control per generation: tokens a worker may send ahead of the client's reading
+    /// (granted again as the client reads; 0: no flow control, a client that stops reading
+    /// is buffered without bound).
+    pub stream_credit_tokens: u32,
     /// Where the router registers its Prometheus metrics; served at `/metrics` on the HTTP
     /// port (and wherever the caller serves it).
     pub metrics: Metrics,
@@ -61,6 +65,7 @@ impl Default for RouterConfig {
             decision_reports_per_s: 200,
             max_session_requests: 1024,
             max_tenant_requests: 0,
+            stream_credit_tokens: 256,
             metrics: Metrics::new(),
         }
     }

@@ -1055,6 +1055,10 @@ impl<'d> Run<'d> {
         let mut controls_open = true;
         let mut interrupt: Option<v1::Interrupt> = None;
         let mut cancel_deadline: Option<Instant> = None;
+        // Tokens the client has taken since the last grant, returned in batches of half the
+        // window (as HTTP/2 returns its window) so credit costs a frame per many chunks.
+        let window = self.dispatcher.config.stream_credit_tokens;
+        let mut to_grant = 0u32;
         let end = loop {
             let grace = async {
                 match cancel_deadline {
@@ -1065,7 +1069,12 @@ impl<'d> Run<'d> {
             tokio::select! {
                 event = events.recv() => match event {
                     Some(LinkEvent::Frame(worker_frame::Frame::Tokens(tokens))) => {
+                        let count = tokens.token_ids.len() as u32;
                         self.forward(tokens, out).await?;
+                        to_grant += count;
+                        if window > 0 && to_grant >= window.div_ceil(2) {
+                            link.grant(&generation_id, std::mem::take(&mut to_grant));
+                        }
                     }
                     Some(LinkEvent::Frame(worker_frame::Frame::Finished(finished))) => {
                         generation.ended = true;
@@ -1147,6 +1156,7 @@ impl<'d> Run<'d> {
             trace_context: propagation::span_to_map(&self.span),
             lane: self.lane as i32,
             prompt_token_ids: self.prompt_ids.clone(),
+            credit_tokens: self.dispatcher.config.stream_credit_tokens,
         }
     }
 

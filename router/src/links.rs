@@ -270,6 +270,20 @@ impl Link {
         }
     }
 
+    /// Grants `request_id` more flow-control credit (its client read `tokens` more).
+    pub fn grant(&self, request_id: &str, tokens: u32) {
+        let outbound = self.outbound.lock().expect("outbound lock").clone();
+        if let Some(outbound) = outbound {
+            let credit = v1::WorkerCredit {
+                request_id: request_id.to_string(),
+                tokens,
+            };
+            let _ = outbound.send(v1::RouterFrame {
+                frame: Some(router_frame::Frame::Credit(credit)),
+            });
+        }
+    }
+
     /// Stops routing frames of `request_id` to its dispatcher.
     pub fn forget(&self, request_id: &str) {
         self.requests

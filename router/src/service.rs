@@ -18,8 +18,12 @@ use crate::dispatch::{Control, Dispatcher, FrameSink, failed_frame};
 use crate::metrics::SessionGuard;
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 
-/// Frames buffered towards one client before dispatchers wait for it to read.
-const CLIENT_BUFFER: usize = 1024;
+/// Frames buffered towards one `Session` client (shared by its requests) before dispatchers
+/// wait for it to read.
+const SESSION_BUFFER: usize = 1024;
+/// Frames buffered towards one `Generate` client (one request): enough to ride out a slow
+/// read; flow control keeps the rest on the worker.
+const GENERATE_BUFFER: usize = 64;
 
 #[derive(Clone)]
 pub struct InferenceService {
@@ -47,7 +51,7 @@ impl v1::inference_server::Inference for InferenceService {
         // The session's trace context parents every request in it that brings none of its own.
         let trace = RemoteContext::from_headers(request.metadata().as_ref());
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
         let session = Session {
             dispatcher: self.dispatcher.clone(),
             tenant,
@@ -71,7 +75,7 @@ impl v1::inference_server::Inference for InferenceService {
             request.request_id = uuid::Uuid::new_v4().to_string();
         }
         let prepared = self.dispatcher.prepare(request, trace)?;
-        let (tx, rx) = mpsc::channel(CLIENT_BUFFER);
+        let (tx, rx) = mpsc::channel(GENERATE_BUFFER);
         let dispatcher = self.dispatcher.clone();
         tokio::spawn(async move {
             // Generate has no control frames: the sender lives as long as the request.

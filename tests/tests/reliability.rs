@@ -284,3 +284,125 @@ async fn dropped_generate_calls_stop_on_the_worker() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Tokens the worker has sent for its generations (its `tokens_generated` counter).
+async fn worker_tokens_sent(worker: &Component) -> anyhow::Result<f64> {
+    let metrics = reqwest::get(worker.metrics_url()).await?.text().await?;
+    Ok(metric_sum(&metrics, "switchyard_worker_tokens_generated_total").unwrap_or(0.0))
+}
+
+/// What a streaming client has read, checked chunk by chunk.
+#[derive(Default)]
+struct Reader {
+    text: String,
+    received: usize,
+    next_seq: u64,
+}
+
+impl Reader {
+    fn read(&mut self, frame: v1::ServerFrame) {
+        match frame.frame {
+            Some(v1::server_frame::Frame::Tokens(t)) => {
+                assert_eq!(t.seq, self.next_seq, "chunks in order, none missing");
+                self.next_seq += 1;
+                self.received += t.token_ids.len();
+                self.text.push_str(&t.text);
+            }
+            Some(v1::server_frame::Frame::Accepted(_)) => {}
+            other => panic!("unexpected frame while streaming: {other:?}"),
+        }
+    }
+}
+
+/// A client that stops reading pauses its own generation on the worker — the router holds a
+/// bounded amount for it — while other requests on the same worker go on; when it reads again,
+/// the stream continues with nothing lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_pauses_only_its_own_generation() -> anyhow::Result<()> {
+    const RATE: u32 = 50_000;
+    const MAX_TOKENS: u32 = 1_000_000;
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        metrics: true,
+        gpu_flags: strings(&[
+            "--synthetic-ttft",
+            "0s",
+            "--synthetic-tokens-per-s",
+            &RATE.to_string(),
+        ]),
+        router_flags: strings(&["--max-tokens-cap", &MAX_TOKENS.to_string()]),
+        ..Default::default()
+    })
+    .await?;
+    let worker = &cluster.gpu[0];
+    // A client with HTTP/2's default 64 KiB window, as most gRPC clients start with.
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.router_addr()))?
+            .initial_stream_window_size(65_535)
+            .initial_connection_window_size(65_535)
+            .connect()
+            .await?;
+    let instructions = "a stalled reader holds its own generation";
+    let request = switchyard_tests::synthetic_request(
+        "stalled",
+        RequestClass::CostSensitive,
+        instructions,
+        MAX_TOKENS,
+    );
+    let mut stalled = InferenceClient::new(channel.clone())
+        .generate(request)
+        .await?
+        .into_inner();
+    let mut reader = Reader::default();
+    while reader.received == 0 {
+        reader.read(stalled.message().await?.expect("the stream is open"));
+    }
+    // The client now reads nothing. Watch the worker (the claim is that nothing happens, so
+    // this is an observation window, not a wait for an event): unbounded buffering would let
+    // it generate at 50 000 tokens/s to the end.
+    let mut samples = Vec::new();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        samples.push(worker_tokens_sent(worker).await?);
+    }
+    let plateau = samples[samples.len() - 1];
+    assert!(
+        plateau < 150_000.0,
+        "the worker generated {plateau} tokens for a client that read {}: {samples:?}",
+        reader.received
+    );
+    assert_eq!(
+        samples[samples.len() - 3],
+        plateau,
+        "the paused generation kept going: {samples:?}"
+    );
+    // Another request on the same worker is not held up by the paused one.
+    let mut other = InferenceClient::new(channel.clone())
+        .generate(switchyard_tests::synthetic_request(
+            "other",
+            RequestClass::CostSensitive,
+            "unaffected",
+            64,
+        ))
+        .await?
+        .into_inner();
+    let mut other_text = String::new();
+    while let Some(frame) = other.message().await? {
+        if let Some(v1::server_frame::Frame::Tokens(t)) = frame.frame {
+            other_text.push_str(&t.text);
+        }
+    }
+    assert_eq!(other_text, synthetic_text("unaffected", 0, 64));
+    // Reading again resumes the stream exactly where it was.
+    let target = plateau as usize + 20_000;
+    while reader.received < target {
+        reader.read(stalled.message().await?.expect("the stream is open"));
+    }
+    assert_eq!(
+        reader.text,
+        synthetic_text(instructions, 0, reader.received)
+    );
+    assert!(worker_tokens_sent(worker).await? > plateau + 64.0);
+    Ok(())
+}

@@ -107,8 +107,22 @@ struct Seq {
     stop: StopMatcher,
 }
 
+impl Seq {
+    /// Whether the reader has room for a token and the sequence's end (a stop can emit held
+    /// text and the result in one step).
+    fn can_emit(&self) -> bool {
+        self.job.tx.capacity() >= 2 || self.job.tx.is_closed()
+    }
+}
+
 /// Prompt tokens of the warm-up prefill that seeds the advertised prefill rate.
 const WARM_UP_PROMPT_TOKENS: usize = 32;
+
+/// Events a sequence may have waiting for its reader before it pauses.
+const EVENT_BUFFER: usize = 64;
+
+/// How long a scheduler whose every sequence waits for its reader naps before looking again.
+const STALL_NAP: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Load counters shared between the engine handle and its scheduler thread.
 #[derive(Debug, Default)]
@@ -438,9 +452,9 @@ impl Engine for CandleEngine {
                 before, self.limits.max_queue
             )));
         }
-        // Room for every event the sequence can produce, so the scheduler never blocks on a
-        // slow reader.
-        let (tx, rx) = mpsc::channel(remaining + 4);
+        // Bounded: a reader that stops taking events (a router out of flow-control credit
+        // because its client stopped reading) pauses this sequence, never the batch.
+        let (tx, rx) = mpsc::channel((remaining + 4).min(EVENT_BUFFER));
         let job = Job {
             request_id: request.request_id,
             context,
@@ -544,7 +558,25 @@ impl Scheduler {
             self.prefill_one();
             self.decode_step();
             self.publish();
+            if self.stalled() {
+                // Every sequence waits for its reader: nap until a job or a reader's progress.
+                match self.rx.recv_timeout(STALL_NAP) {
+                    Ok(job) => self.enqueue(job),
+                    Err(std_mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
         }
+    }
+
+    /// Whether no sequence can make progress until its reader takes events: all are prefilled
+    /// and none has room for a token and its end.
+    fn stalled(&self) -> bool {
+        !self.active.is_empty()
+            && self
+                .active
+                .iter()
+                .all(|s| s.next.is_some() && !s.can_emit())
     }
 
     /// Queues a job: latency-critical ones go after the latency-critical jobs already waiting
@@ -747,7 +779,8 @@ impl Scheduler {
         let mut idx = Vec::with_capacity(self.active.len());
         let mut tokens = Vec::with_capacity(self.active.len());
         for (i, s) in self.active.iter().enumerate() {
-            if let Some(t) = s.next {
+            // A sequence whose reader is behind sits this step out.
+            if let Some(t) = s.next.filter(|_| s.can_emit()) {
                 idx.push(i);
                 tokens.push(t);
             }
@@ -756,12 +789,14 @@ impl Scheduler {
             return;
         }
         let result = {
-            let mut caches: Vec<&mut SeqCache> = self
-                .active
-                .iter_mut()
-                .filter(|s| s.next.is_some())
-                .map(|s| &mut s.cache)
-                .collect();
+            // Decided once above: a reader catching up meanwhile must not change the batch.
+            let mut caches: Vec<&mut SeqCache> = Vec::with_capacity(idx.len());
+            let mut next = idx.iter().peekable();
+            for (i, s) in self.active.iter_mut().enumerate() {
+                if next.next_if_eq(&&i).is_some() {
+                    caches.push(&mut s.cache);
+                }
+            }
             self.model
                 .decode(&tokens, &mut caches, &mut self.store)
                 .and_then(|l| crate::model::logits_rows(&l))

@@ -326,6 +326,43 @@ async fn cancel_frees_kv_and_ends_with_cancelled() {
     assert!(freed, "kv not freed after cancel: {:?}", e.load());
 }
 
+#[tokio::test]
+async fn a_reader_that_stops_pauses_its_own_sequence_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&tiny_file(&dir), limits());
+    let alone = collect(
+        e.submit(request("hello", 180), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(alone.0.len(), 180, "the reference runs to max_tokens");
+    let unread = e
+        .submit(request("hello", 180), CancellationToken::new())
+        .unwrap();
+    // Another sequence runs its 150 steps to the end while the first one's reader sleeps.
+    let other = collect(
+        e.submit(request("the sea", 150), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(other.2, StopReason::Length);
+    assert!(
+        unread.len() < 70,
+        "{} events piled up for a reader that read nothing",
+        unread.len()
+    );
+    // The finished one leaves the batch within the scheduler iteration that sent its end.
+    assert!(
+        wait_until(|| e.active() == 1).await,
+        "the unread sequence is paused, not ended ({} active)",
+        e.active()
+    );
+    // Reading resumes it: the same greedy tokens as when read throughout.
+    let resumed = collect(unread).await;
+    assert_eq!(resumed.0, alone.0);
+    assert_eq!(resumed.2, alone.2);
+}
+
 async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::Instant::now() < deadline {

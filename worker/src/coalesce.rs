@@ -9,6 +9,7 @@ use switchyard_proto::v1::{self, worker_frame::Frame};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::credit::Credit;
 use crate::engine::{EngineError, EngineEvent, EngineStream, StopReason};
 use crate::metrics::TokenClock;
 
@@ -38,10 +39,12 @@ pub struct Forwarded {
 /// Forwards one generation's events to `out` as coalesced `Tokens` frames followed by exactly
 /// one `Finished` or `Failed` frame. `cancel_reason` is reported when the engine stopped because
 /// it was cancelled (CANCELLED, or INTERRUPTED when the router is redirecting the request).
+/// With `credit`, a token is sent only when there is credit for it.
 pub async fn forward_generation(
     request_id: &str,
     mut events: EngineStream,
     config: CoalesceConfig,
+    credit: Option<Credit>,
     cancel_reason: impl Fn() -> v1::FinishReason,
     out: &mpsc::Sender<v1::WorkerFrame>,
     clock: &mut TokenClock,
@@ -68,6 +71,19 @@ pub async fn forward_generation(
         };
         match event {
             Some(Ok(EngineEvent::Token { id, text })) => {
+                if let Some(credit) = &credit
+                    && !credit.try_take()
+                {
+                    // Out of credit: what is ready goes out, then this token waits for a grant
+                    // (and the engine, its buffer full, pauses the sequence).
+                    if !chunk.ids.is_empty() {
+                        deadline = None;
+                        if send(chunk.take(request_id, &mut seq)).await.is_err() {
+                            return forwarded;
+                        }
+                    }
+                    credit.take().await;
+                }
                 clock.token();
                 forwarded.tokens += 1;
                 chunk.push(id, text);
@@ -174,6 +190,7 @@ mod tests {
             "r",
             erx,
             config,
+            None,
             || v1::FinishReason::Cancelled,
             &otx,
             &mut TokenClock::unrecorded(),
@@ -242,6 +259,7 @@ mod tests {
                 "r",
                 erx,
                 config,
+                None,
                 || v1::FinishReason::Cancelled,
                 &otx,
                 &mut TokenClock::unrecorded(),
@@ -275,6 +293,7 @@ mod tests {
             "r",
             erx,
             CoalesceConfig::default(),
+            None,
             || v1::FinishReason::Cancelled,
             &otx,
             &mut TokenClock::unrecorded(),
@@ -286,5 +305,72 @@ mod tests {
         };
         assert_eq!(f.code, tonic::Code::ResourceExhausted as i32);
         assert_eq!(f.message, "kv full");
+    }
+
+    #[tokio::test]
+    async fn tokens_beyond_the_credit_wait_for_a_grant_and_the_engine_buffer_fills() {
+        let (etx, erx) = mpsc::channel(4);
+        let (otx, mut orx) = mpsc::channel(64);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let credit = Credit::new(3, cancel).expect("flow controlled");
+        let task = tokio::spawn({
+            let credit = credit.clone();
+            async move {
+                forward_generation(
+                    "r",
+                    erx,
+                    CoalesceConfig {
+                        flush_interval: Duration::from_secs(3600),
+                        max_chunk_tokens: 16,
+                    },
+                    Some(credit),
+                    || v1::FinishReason::Cancelled,
+                    &otx,
+                    &mut TokenClock::unrecorded(),
+                )
+                .await
+            }
+        });
+        // The engine produces 8 tokens as fast as its buffer allows.
+        let engine = tokio::spawn(async move {
+            for i in 0..8 {
+                etx.send(Ok(token(i))).await.unwrap();
+            }
+            etx.send(Ok(EngineEvent::Done {
+                reason: StopReason::Length,
+                prompt_tokens: 1,
+                completion_tokens: 8,
+                cached_prompt_tokens: 0,
+            }))
+            .await
+            .unwrap();
+        });
+        let mut sent = Vec::new();
+        while sent.len() < 3 {
+            let Some(Frame::Tokens(t)) = orx.recv().await.unwrap().frame else {
+                panic!("tokens expected")
+            };
+            sent.extend(t.token_ids);
+        }
+        assert_eq!(sent, vec![0, 1, 2], "exactly the credit, flushed at once");
+        // Without credit nothing more is taken from the engine: it is stuck on a full buffer.
+        assert!(orx.try_recv().is_err());
+        assert!(!engine.is_finished());
+        credit.grant(100);
+        let mut rest = Vec::new();
+        let finished = loop {
+            match orx.recv().await.unwrap().frame.unwrap() {
+                Frame::Tokens(t) => rest.extend(t.token_ids),
+                Frame::Finished(f) => break f,
+                other => panic!("unexpected {other:?}"),
+            }
+        };
+        assert_eq!(
+            rest,
+            (3..8).collect::<Vec<u32>>(),
+            "nothing lost or repeated"
+        );
+        assert_eq!(finished.usage.unwrap().completion_tokens, 8);
+        assert_eq!(task.await.unwrap().tokens, 8);
     }
 }

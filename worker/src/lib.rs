@@ -5,6 +5,7 @@
 //! synthetic load-test engine.
 
 pub mod coalesce;
+pub mod credit;
 pub mod engine;
 pub mod kv_events;
 pub mod kv_feed;

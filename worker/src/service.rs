@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument as _, debug, info, warn};
 
 use crate::coalesce::{CoalesceConfig, failed, forward_generation};
+use crate::credit::Credit;
 use crate::engine::{Engine, EngineError, EngineRequest, Message, Prompt, Sampling};
 use crate::kv_feed::KvFeed;
 use crate::load::LoadTracker;
@@ -99,6 +100,7 @@ impl v1::worker_server::Worker for WorkerService {
 /// A generation running on behalf of one router stream.
 struct Running {
     cancel: CancellationToken,
+    credit: Option<Credit>,
     reason: Arc<Mutex<v1::FinishReason>>,
 }
 
@@ -210,6 +212,14 @@ impl WorkerService {
                     debug!(request_id = %cancel.request_id, "cancel for an unknown or finished request")
                 }
             },
+            router_frame::Frame::Credit(grant) => {
+                if let Some(credit) = running
+                    .get(&grant.request_id)
+                    .and_then(|r| r.credit.as_ref())
+                {
+                    credit.grant(grant.tokens);
+                }
+            }
         }
     }
 
@@ -241,15 +251,18 @@ impl WorkerService {
         );
         propagation::set_parent(&span, RemoteContext::from_map(&start.trace_context));
         let mut clock = self.metrics.generation(start.lane, &start.model);
+        let credit_tokens = start.credit_tokens;
         let request = engine_request(start)?;
         let request_id = request.request_id.clone();
         let cancel = CancellationToken::new();
+        let credit = Credit::new(credit_tokens, cancel.clone());
         let events = span.in_scope(|| self.engine.submit(request, cancel.clone()))?;
         let reason = Arc::new(Mutex::new(v1::FinishReason::Cancelled));
         running.insert(
             request_id.clone(),
             Running {
                 cancel,
+                credit: credit.clone(),
                 reason: reason.clone(),
             },
         );
@@ -268,6 +281,7 @@ impl WorkerService {
                     &request_id,
                     events,
                     coalesce,
+                    credit,
                     cancel_reason,
                     &frames,
                     &mut clock,

@@ -24,8 +24,9 @@ use super::wire::{self, ChatCompletionRequest, CompletionRequest};
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 
-/// Frames buffered towards one HTTP client before the dispatcher waits for it to read.
-const CLIENT_BUFFER: usize = 1024;
+/// Frames buffered towards one HTTP client before the dispatcher waits for it to read (flow
+/// control keeps the rest on the worker).
+const CLIENT_BUFFER: usize = 64;
 /// Request header choosing the lane.
 pub const CLASS_HEADER: &str = "x-switchyard-class";
 
