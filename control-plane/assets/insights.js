@@ -49,6 +49,8 @@
   const fmtPct = (v) => (v == null ? "–" : `${(v * 100).toFixed(1)} %`);
   const fmtNum = (v) => (v == null ? "–" : Number(v).toLocaleString(undefined, { maximumFractionDigits: 1 }));
   const fmtUsd = (v) => (v == null ? "–" : `$${Number(v).toFixed(v < 1 ? 4 : 2)}`);
+  // Per-request costs are fractions of a cent: two significant digits, not "$0.0000".
+  const fmtUsdFine = (v) => (v == null ? "–" : v === 0 ? "$0" : v < 0.01 ? `$${Number(v).toPrecision(2)}` : fmtUsd(v));
 
   // One line chart: `series` of {name, color, dash, values: [[t, v or null]]}; gaps (null)
   // break the line. Log scale for latencies, which span milliseconds to seconds.
@@ -233,7 +235,7 @@
           td(fmtNum(r.with_alternative), "num"), td(fmtMs(r.regret_ms_mean), "num"),
           td(fmtMs(r.chosen_slower_ms_mean), "num"), td(fmtMs(r.abs_prediction_error_ms_mean), "num"),
           td(r.prediction_error_ms_mean == null ? "–" : `${r.prediction_error_ms_mean >= 0 ? "+" : "−"}${fmtMs(Math.abs(r.prediction_error_ms_mean))}`, "num"),
-          td(fmtUsd(r.cost_usd), "num"), td(fmtUsd(r.cost_regret_usd), "num"),
+          td(fmtUsdFine(r.cost_usd), "num"), td(fmtUsdFine(r.cost_regret_usd), "num"),
           td(`${fmtNum(r.slo_missed)} (${fmtNum(r.missed_predicted_to_meet)} / ${fmtNum(r.missed_with_alternative)} / ${fmtNum(capacity)})`, "num"),
           td(r.loses_slo, r.loses_slo === "none" ? "good" : "bad"),
         );
@@ -377,7 +379,7 @@
           ? `${fmtMs(o.predicted_ttft_ms)} predicted, ${fmtMs(o.placed_ttft_ms)} from placement (${o.placed_ttft_ms > o.predicted_ttft_ms ? "late" : "early"} by ${fmtMs(Math.abs(o.placed_ttft_ms - o.predicted_ttft_ms))})`
           : "–"],
         ["regret", regretText(o)],
-        ["cost regret", o.cost_regret_usd == null ? "–" : fmtUsd(o.cost_regret_usd)],
+        ["cost regret", o.cost_regret_usd == null ? "–" : fmtUsdFine(o.cost_regret_usd)],
         ["inter-token latency", fmtMs(o.itl_ms)],
         ["tokens", `${fmtNum(o.prompt_tokens)} prompt (${fmtNum(o.cached_prompt_tokens)} cached), ${fmtNum(o.completion_tokens)} generated`],
         ["failovers", fmtNum(o.failovers)],
