@@ -533,12 +533,18 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         || async { chart_points("chart-ttft").await > 0 && chart_points("chart-tokens").await > 0 },
     )
     .await?;
-    assert_eq!(
-        browser
-            .text("tr[data-worker-id='gpu-1'] td:nth-child(5)")
-            .await?,
-        "ready"
-    );
+    // The workers table has its own poll: it may fill a moment after the charts.
+    wait_until(
+        PATIENCE,
+        "the reloaded page to list gpu-1 ready",
+        || async {
+            browser
+                .text("tr[data-worker-id='gpu-1'] td:nth-child(5)")
+                .await
+                .is_ok_and(|t| t == "ready")
+        },
+    )
+    .await?;
 
     browser
         .click("tr[data-worker-id='gpu-1'] button.drain")
