@@ -49,6 +49,8 @@
   const fmtPct = (v) => (v == null ? "–" : `${(v * 100).toFixed(1)} %`);
   const fmtNum = (v) => (v == null ? "–" : Number(v).toLocaleString(undefined, { maximumFractionDigits: 1 }));
   const fmtUsd = (v) => (v == null ? "–" : `$${Number(v).toFixed(v < 1 ? 4 : 2)}`);
+  // Per-request costs are fractions of a cent: two significant digits, not "$0.0000".
+  const fmtUsdFine = (v) => (v == null ? "–" : v === 0 ? "$0" : v < 0.01 ? `$${Number(v).toPrecision(2)}` : fmtUsd(v));
 
   // One line chart: `series` of {name, color, dash, values: [[t, v or null]]}; gaps (null)
   // break the line. Log scale for latencies, which span milliseconds to seconds.
@@ -144,6 +146,16 @@
       { name: `${lane} p50`, color: COLORS[lane], values: col((p) => p.lanes[lane].ttft_error_p50_ms) },
       { name: `${lane} p99`, color: COLORS[lane], dash: true, values: col((p) => p.lanes[lane].ttft_error_p99_ms) },
     ]), { log: true, format: fmtMs });
+    // Means per judged request in each second (sums / judged), so busy and quiet seconds
+    // compare.
+    const perRequest = (lane, key) => col((p) => {
+      const l = p.ledger && p.ledger.lanes[lane];
+      return l && l.judged ? l[key] / l.judged : null;
+    });
+    drawChart("chart-regret", LANES.flatMap((lane) => [
+      { name: `${lane} regret`, color: COLORS[lane], values: perRequest(lane, "regret_ms") },
+      { name: `${lane} |error|`, color: COLORS[lane], dash: true, values: perRequest(lane, "abs_prediction_error_ms") },
+    ]), { format: fmtMs });
     drawChart("chart-tokens", POOLS.map((pool) => ({
       name: pool, color: COLORS[pool], values: col((p) => p.pools[pool].tokens_per_s),
     })));
@@ -182,14 +194,57 @@
 
   function keeperNotice(keptBy) {
     const el = $("insights-keeper");
-    if (!keptBy || keptBy.role === "leader") { el.hidden = true; return; }
+    if (!keptBy || (keptBy.role === "leader" && !keptBy.via)) { el.hidden = true; return; }
     el.hidden = false;
-    el.textContent = "Routers report to the leader: this follower's history and feed start when it leads. ";
+    if (keptBy.via) {
+      el.textContent = `Routers report to the leader${keptBy.leader ? ` (${keptBy.leader.id})` : ""}: this follower shows its history, ledger and feed.`;
+      return;
+    }
+    el.textContent = "Routers report to the leader, which cannot be reached: this follower's own history and feed start when it leads. ";
     if (keptBy.leader && keptBy.leader.http) {
       const link = document.createElement("a");
       link.href = `http://${keptBy.leader.http}/`;
       link.textContent = `Open the leader's dashboard (${keptBy.leader.id})`;
       el.appendChild(link);
+    }
+  }
+
+  // The ledger over the chosen window: one explanation line per lane, a row per lane, pool
+  // and tenant.
+  async function refreshLedger() {
+    try {
+      const body = await getJson(`/api/ledger?window_s=${windowSeconds}`);
+      $("ledger-window").textContent = `(last ${windowSeconds >= 3600 ? "hour" : `${windowSeconds / 60} min`})`;
+      const explanation = $("ledger-explanation");
+      explanation.replaceChildren(...body.rows
+        .filter((r) => r.dimension === "lane")
+        .map((r) => {
+          const item = el("li", { "data-lane": r.key });
+          item.append(el("b", {}, `${r.key}: `), r.explanation);
+          return item;
+        }));
+      const tbody = $("ledger").querySelector("tbody");
+      const rows = body.rows.filter((r) => r.judged > 0);
+      tbody.replaceChildren(...rows.map((r) => {
+        const tr = el("tr");
+        tr.dataset.dimension = r.dimension;
+        tr.dataset.key = r.key;
+        const capacity = r.slo_missed - r.missed_predicted_to_meet - r.missed_with_alternative;
+        tr.append(
+          td(r.dimension), td(r.key, "mono"), td(fmtNum(r.judged), "num"),
+          td(fmtNum(r.with_alternative), "num"), td(fmtMs(r.regret_ms_mean), "num"),
+          td(fmtMs(r.chosen_slower_ms_mean), "num"), td(fmtMs(r.abs_prediction_error_ms_mean), "num"),
+          td(r.prediction_error_ms_mean == null ? "–" : `${r.prediction_error_ms_mean >= 0 ? "+" : "−"}${fmtMs(Math.abs(r.prediction_error_ms_mean))}`, "num"),
+          td(fmtUsdFine(r.cost_usd), "num"), td(fmtUsdFine(r.cost_regret_usd), "num"),
+          td(`${fmtNum(r.slo_missed)} (${fmtNum(r.missed_predicted_to_meet)} / ${fmtNum(r.missed_with_alternative)} / ${fmtNum(capacity)})`, "num"),
+          td(r.loses_slo, r.loses_slo === "none" ? "good" : "bad"),
+        );
+        return tr;
+      }));
+      $("no-ledger").hidden = rows.length > 0;
+    } catch (error) {
+      $("no-ledger").hidden = false;
+      $("no-ledger").textContent = `Cannot read the ledger: ${error.message}`;
     }
   }
 
@@ -261,6 +316,13 @@
     return list;
   }
 
+  // The ledger's word on one request (see the ledger section).
+  function regretText(o) {
+    if (o.regret_ms == null) return "not judged (no first token, or it failed over)";
+    if (!o.best_alternative_worker_id) return `${fmtMs(o.regret_ms)} (no other worker was scored)`;
+    return `${fmtMs(o.regret_ms)} vs the best alternative ${o.best_alternative_worker_id} (predicted ${fmtMs(o.best_alternative_ttft_ms)})`;
+  }
+
   // One request's story: its lane and why, what the router weighed, what it chose, what
   // happened.
   function renderStory() {
@@ -316,6 +378,8 @@
         ["prediction", o.placed_ttft_ms
           ? `${fmtMs(o.predicted_ttft_ms)} predicted, ${fmtMs(o.placed_ttft_ms)} from placement (${o.placed_ttft_ms > o.predicted_ttft_ms ? "late" : "early"} by ${fmtMs(Math.abs(o.placed_ttft_ms - o.predicted_ttft_ms))})`
           : "–"],
+        ["regret", regretText(o)],
+        ["cost regret", o.cost_regret_usd == null ? "–" : fmtUsdFine(o.cost_regret_usd)],
         ["inter-token latency", fmtMs(o.itl_ms)],
         ["tokens", `${fmtNum(o.prompt_tokens)} prompt (${fmtNum(o.cached_prompt_tokens)} cached), ${fmtNum(o.completion_tokens)} generated`],
         ["failovers", fmtNum(o.failovers)],
@@ -351,6 +415,7 @@
       windowSeconds = Number(button.dataset.seconds);
       document.querySelectorAll("#window button").forEach((b) => b.classList.toggle("on", b === button));
       drawCharts();
+      refreshLedger();
     });
   }
 
@@ -358,6 +423,8 @@
 
   refreshHistory();
   refreshFeed();
+  refreshLedger();
   setInterval(refreshHistory, HISTORY_POLL_MS);
+  setInterval(refreshLedger, HISTORY_POLL_MS);
   setInterval(refreshFeed, FEED_POLL_MS);
 })();

@@ -9,6 +9,7 @@
 //! | GET | `/api/events` | the last cluster events (joined/left/draining/ready/policy) |
 //! | GET | `/api/history?since=<unix s>` | one point per second for the last hour (see [`crate::history`]) |
 //! | GET | `/api/decisions?since=<seq>&request_id=<id>&limit=<n>` | the live decision feed (see [`crate::decisions`]) |
+//! | GET | `/api/ledger?window_s=<s>` | the counterfactual ledger per lane, pool and tenant over the last `window_s` seconds (default 300, at most 3600; see [`crate::history::History::ledger`]) |
 //! | POST | `/api/workers/{id}/drain` | request a drain (leader only) |
 //! | POST | `/api/workers/{id}/undrain` | lift it (leader only) |
 //! | GET, POST, DELETE | `/api/session` | who is signed in; sign in with `{"token"}`; sign out |
@@ -19,11 +20,15 @@
 //! Every write needs `content-type: application/json` and `x-switchyard-csrf`, and must not come
 //! from another site or host ([`guard`]: 403 otherwise).
 //!
+//! Routers report to the leader, so a follower answers `/api/history`, `/api/decisions` and
+//! `/api/ledger` with the leader's (`kept_by.via` = `"follower"`), and with its own (empty
+//! until it leads) only when the leader cannot be reached.
+//!
 //! Errors are `{"error": "..."}` with 400 (bad id), 404 (unknown worker), 409 (this replica is
 //! not the leader; `leader` names it) or 503 (etcd unreachable).
 
 use axum::extract::{FromRef, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -75,6 +80,7 @@ pub fn router(plane: ControlPlane, security: SecurityConfig) -> Router {
         .route("/api/events", get(events))
         .route("/api/history", get(history))
         .route("/api/decisions", get(decisions))
+        .route("/api/ledger", get(ledger))
         .route("/api/workers/{id}/drain", post(drain))
         .route("/api/workers/{id}/undrain", post(undrain))
         .route("/api/session", get(session).post(sign_in).delete(sign_out))
@@ -241,11 +247,82 @@ fn number<T: std::str::FromStr>(
     }
 }
 
+/// Marks a request a follower forwarded: it is answered where it lands, never forwarded on.
+const FORWARDED: &str = "x-switchyard-forwarded";
+/// How long a follower waits for the leader's answer before giving its own.
+const LEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The leader's dashboard address to forward to: its `http` address, with its advertised gRPC
+/// host in place of an unspecified one (`0.0.0.0:8090` is "every interface" on the leader,
+/// not an address to dial).
+fn leader_http(leader: &crate::leader::ReplicaInfo) -> Option<String> {
+    let http: std::net::SocketAddr = leader.http.as_deref()?.parse().ok()?;
+    if !http.ip().is_unspecified() {
+        return Some(http.to_string());
+    }
+    let (host, _) = leader.grpc.rsplit_once(':')?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let ip: std::net::IpAddr = host.parse().ok()?;
+    (!ip.is_unspecified()).then(|| std::net::SocketAddr::new(ip, http.port()).to_string())
+}
+
+/// On a follower, the leader's answer to this GET (routers report to the leader: it holds
+/// the history and the feed); `None` to answer from this replica (it leads, the request was
+/// forwarded already, or the leader cannot be reached).
+async fn from_leader(plane: &ControlPlane, headers: &HeaderMap, uri: &Uri) -> Option<Value> {
+    let leadership = plane.leadership();
+    if leadership.is_leader() || headers.contains_key(FORWARDED) {
+        return None;
+    }
+    let leader = leadership.leader()?;
+    if leader.id == leadership.me().id {
+        return None;
+    }
+    let address = leader_http(&leader)?;
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::Client::builder()
+            .timeout(LEADER_TIMEOUT)
+            .build()
+            .unwrap_or_default()
+    });
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let answer = async {
+        let response = client
+            .get(format!("http://{address}{path}"))
+            .header(FORWARDED, "1")
+            .send()
+            .await?
+            .error_for_status()?;
+        let body = response.bytes().await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(serde_json::from_slice::<Value>(&body)?)
+    };
+    match answer.await {
+        Ok(mut body) => {
+            body["kept_by"] = json!({
+                "role": "leader",
+                "leader": leader,
+                "via": "follower",
+            });
+            Some(body)
+        }
+        Err(error) => {
+            tracing::debug!(%address, %error, "the leader's dashboard did not answer; serving this follower's own");
+            None
+        }
+    }
+}
+
 async fn history(
     State(plane): State<ControlPlane>,
+    headers: HeaderMap,
+    uri: Uri,
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, Response> {
     let since = number::<i64>(&query, "since", "a unix time in seconds").map_err(bad_request)?;
+    if let Some(body) = from_leader(&plane, &headers, &uri).await {
+        return Ok(Json(body));
+    }
     let points = plane.insights().history.since(since);
     Ok(Json(json!({
         "resolution_s": 1,
@@ -260,6 +337,8 @@ const DECISIONS_LIMIT: usize = crate::decisions::RECENT;
 
 async fn decisions(
     State(plane): State<ControlPlane>,
+    headers: HeaderMap,
+    uri: Uri,
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, Response> {
     let since = number::<u64>(&query, "since", "a feed sequence number")
@@ -277,10 +356,44 @@ async fn decisions(
     if request_id.is_some_and(str::is_empty) {
         return Err(bad_request("request_id: must not be empty".into()));
     }
+    if let Some(body) = from_leader(&plane, &headers, &uri).await {
+        return Ok(Json(body));
+    }
     let page = plane.insights().decisions.page(since, request_id, limit);
     Ok(Json(json!({
         "seq": page.seq,
         "decisions": page.entries,
+        "kept_by": keeper(&plane),
+    })))
+}
+
+/// Window of `/api/ledger` without `window_s`.
+const LEDGER_WINDOW_S: i64 = 300;
+
+async fn ledger(
+    State(plane): State<ControlPlane>,
+    headers: HeaderMap,
+    uri: Uri,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, Response> {
+    let window_s = number::<i64>(&query, "window_s", "a number of seconds")
+        .map_err(bad_request)?
+        .unwrap_or(LEDGER_WINDOW_S);
+    let most = crate::history::SECONDS as i64;
+    if !(1..=most).contains(&window_s) {
+        return Err(bad_request(format!(
+            "window_s: {window_s} is out of range, expected 1..={most}"
+        )));
+    }
+    if let Some(body) = from_leader(&plane, &headers, &uri).await {
+        return Ok(Json(body));
+    }
+    let window = plane.insights().history.ledger(window_s);
+    Ok(Json(json!({
+        "window_s": window_s,
+        "from": window.from,
+        "to": window.to,
+        "rows": window.rows,
         "kept_by": keeper(&plane),
     })))
 }
@@ -419,4 +532,41 @@ async fn sign_out() -> Response {
         auth::COOKIE
     );
     ([(header::SET_COOKIE, cookie)], Json(json!({}))).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::leader::ReplicaInfo;
+
+    fn replica(grpc: &str, http: Option<&str>) -> ReplicaInfo {
+        ReplicaInfo {
+            id: "control-plane-0".into(),
+            grpc: grpc.into(),
+            http: http.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn a_follower_dials_the_leaders_dashboard_where_it_can_be_reached() {
+        assert_eq!(
+            leader_http(&replica("10.0.0.5:50052", Some("10.0.0.5:8090"))).as_deref(),
+            Some("10.0.0.5:8090")
+        );
+        // Bound to every interface: dial the host it advertises for gRPC.
+        assert_eq!(
+            leader_http(&replica("10.0.0.5:50052", Some("0.0.0.0:8090"))).as_deref(),
+            Some("10.0.0.5:8090")
+        );
+        assert_eq!(
+            leader_http(&replica("[fd00::5]:50052", Some("[::]:8090"))).as_deref(),
+            Some("[fd00::5]:8090")
+        );
+        // Nowhere to dial: no dashboard, or nothing but unspecified addresses.
+        assert_eq!(leader_http(&replica("10.0.0.5:50052", None)), None);
+        assert_eq!(
+            leader_http(&replica("0.0.0.0:50052", Some("0.0.0.0:8090"))),
+            None
+        );
+    }
 }

@@ -131,6 +131,9 @@ fn entry_json(entry: &Entry) -> Value {
             "slo_met": o.slo_met, "failovers": o.failovers, "error": o.error,
             "cost_usd": o.cost_usd,
             "predicted_ttft_ms": o.predicted_ttft_ms, "placed_ttft_ms": o.placed_ttft_ms,
+            "best_alternative_ttft_ms": o.best_alternative_ttft_ms,
+            "best_alternative_worker_id": o.best_alternative_worker_id,
+            "regret_ms": o.regret_ms, "cost_regret_usd": o.cost_regret_usd,
         })
     });
     json!({
@@ -180,6 +183,7 @@ mod tests {
             request_id: id.into(),
             status: "completed".into(),
             ttft_ms: 12.0,
+            regret_ms: Some(3.0),
             ..Default::default()
         }
     }
@@ -199,6 +203,8 @@ mod tests {
         assert_eq!(changes.entries.len(), 1);
         assert_eq!(changes.entries[0]["request_id"], "a");
         assert_eq!(changes.entries[0]["outcome"]["ttft_ms"], 12.0);
+        assert_eq!(changes.entries[0]["outcome"]["regret_ms"], 3.0);
+        assert!(changes.entries[0]["outcome"]["cost_regret_usd"].is_null());
         assert!(feed.page(changes.seq, None, 100).entries.is_empty());
         let b = feed.page(0, Some("b"), 100);
         assert_eq!(b.entries.len(), 1);

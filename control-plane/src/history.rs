@@ -8,6 +8,10 @@
 //! workers' live load of that moment. Points live in a ring of [`SECONDS`] (one hour): memory
 //! stays bounded whatever the traffic. Percentiles come from merged fixed-bucket histograms
 //! ([`Histogram`]), exact to within one bucket.
+//!
+//! Each point also keeps the second's counterfactual ledger
+//! ([`switchyard_router::report::ledger`]) per lane, pool and tenant (the busiest
+//! [`TENANTS_PER_POINT`], the rest as `(other)`); [`History::ledger`] sums it over a window.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -16,9 +20,15 @@ use serde::Serialize;
 use switchyard_proto::v1;
 use switchyard_router::policy::document::LaneName;
 use switchyard_router::report::histogram::Histogram;
+use switchyard_router::report::ledger::{self, Sums};
 
 /// Points kept: one hour at one second.
 pub const SECONDS: usize = 3600;
+/// Tenants with their own ledger row in a point; the rest are summed as `(other)`.
+pub const TENANTS_PER_POINT: usize = 16;
+/// Tenants told apart in the open second (reports from many routers), before the cut to
+/// [`TENANTS_PER_POINT`].
+const TENANTS_OPEN: usize = 1024;
 
 /// One lane's requests that ended during the open second, over every router.
 #[derive(Debug, Default)]
@@ -46,6 +56,21 @@ struct Open {
     dropped: u64,
     /// Requests waiting at each router per lane, its latest report.
     router_queues: HashMap<String, [u32; 2]>,
+    ledger_lanes: [Sums; 2],
+    ledger_pools: [Sums; 2],
+    ledger_tenants: HashMap<String, Sums>,
+}
+
+/// One second's ledger.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LedgerPoint {
+    /// Per lane; `None` without a judged request (kept short on the wire).
+    pub lanes: Lanes<Option<Sums>>,
+    /// Per pool and tenant: summed by [`History::ledger`], not sent with every point.
+    #[serde(skip)]
+    pub pools: Pools<Sums>,
+    #[serde(skip)]
+    pub tenants: Vec<(String, Sums)>,
 }
 
 /// The workers' live load of one pool when a second is sealed.
@@ -119,6 +144,8 @@ pub struct Point {
     pub dropped: u64,
     /// Routers that reported this second.
     pub routers: usize,
+    /// The counterfactual ledger of the requests that ended this second.
+    pub ledger: LedgerPoint,
 }
 
 #[derive(Debug, Default)]
@@ -193,6 +220,27 @@ impl History {
         open.decisions_reported += u64::from(stats.decisions_reported);
         open.dropped += u64::from(stats.dropped);
         open.router_queues.insert(stats.router_id.clone(), queues);
+        for row in &stats.ledger {
+            let sums = Sums::from_proto(row);
+            let slot = match row.dimension.as_str() {
+                ledger::LANE => lane_slot(&row.key).map(|i| &mut open.ledger_lanes[i]),
+                ledger::POOL => pool_slot(&row.key).map(|i| &mut open.ledger_pools[i]),
+                ledger::TENANT => {
+                    let key = if open.ledger_tenants.contains_key(&row.key)
+                        || open.ledger_tenants.len() < TENANTS_OPEN
+                    {
+                        row.key.as_str()
+                    } else {
+                        ledger::OTHER_TENANTS
+                    };
+                    Some(open.ledger_tenants.entry(key.to_string()).or_default())
+                }
+                _ => None,
+            };
+            if let Some(slot) = slot {
+                slot.merge(&sums);
+            }
+        }
     }
 
     /// Seals the open second as the point of unix second `t`, with the pools' load now and
@@ -238,6 +286,21 @@ impl History {
             active: load[i].active,
             queued: load[i].queued,
         };
+        let lane_ledger = |i: usize| {
+            let sums = &open.ledger_lanes[i];
+            (!sums.is_empty()).then(|| sums.clone())
+        };
+        let ledger = LedgerPoint {
+            lanes: Lanes {
+                latency_critical: lane_ledger(LaneName::LatencyCritical.index()),
+                cost_sensitive: lane_ledger(LaneName::CostSensitive.index()),
+            },
+            pools: Pools {
+                gpu: open.ledger_pools[0].clone(),
+                wse: open.ledger_pools[1].clone(),
+            },
+            tenants: busiest_tenants(std::mem::take(&mut open.ledger_tenants)),
+        };
         let prompt: u64 = open.lanes.iter().map(|l| l.prompt_tokens).sum();
         let cached: u64 = open.lanes.iter().map(|l| l.cached_prompt_tokens).sum();
         let point = Point {
@@ -256,6 +319,7 @@ impl History {
             decisions_reported: open.decisions_reported,
             dropped: open.dropped,
             routers: heard.len(),
+            ledger,
         };
         inner.open.router_queues = open.router_queues;
         if inner.points.len() == SECONDS {
@@ -272,12 +336,185 @@ impl History {
         inner.points.range(start..).cloned().collect()
     }
 
+    /// The ledger summed over the points of the last `window_s` seconds (up to the newest).
+    pub fn ledger(&self, window_s: i64) -> LedgerWindow {
+        let inner = self.inner.lock().expect("history lock");
+        let to = inner.points.back().map_or(0, |p| p.t);
+        let from = to - window_s;
+        let start = inner.points.partition_point(|p| p.t <= from);
+        let mut lanes: [Sums; 2] = Default::default();
+        let mut pools: [Sums; 2] = Default::default();
+        let mut tenants: HashMap<String, Sums> = HashMap::new();
+        for point in inner.points.range(start..) {
+            let l = &point.ledger.lanes;
+            for (i, sums) in [&l.latency_critical, &l.cost_sensitive]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(sums) = sums {
+                    lanes[i].merge(sums);
+                }
+            }
+            pools[0].merge(&point.ledger.pools.gpu);
+            pools[1].merge(&point.ledger.pools.wse);
+            for (tenant, sums) in &point.ledger.tenants {
+                tenants.entry(tenant.clone()).or_default().merge(sums);
+            }
+        }
+        let mut rows: Vec<LedgerRow> = LaneName::ALL
+            .iter()
+            .map(|lane| LedgerRow::new(ledger::LANE, lane.as_str(), &lanes[lane.index()]))
+            .chain(
+                ["gpu", "wse"]
+                    .iter()
+                    .zip(&pools)
+                    .map(|(pool, sums)| LedgerRow::new(ledger::POOL, pool, sums)),
+            )
+            .collect();
+        let mut tenant_rows: Vec<LedgerRow> = tenants
+            .iter()
+            .map(|(tenant, sums)| LedgerRow::new(ledger::TENANT, tenant, sums))
+            .collect();
+        tenant_rows.sort_by(|a, b| {
+            b.sums
+                .regret_ms
+                .total_cmp(&a.sums.regret_ms)
+                .then_with(|| a.key.cmp(&b.key))
+        });
+        rows.extend(tenant_rows);
+        LedgerWindow {
+            from: inner.points.get(start).map(|p| p.t),
+            to: inner.points.back().map(|p| p.t),
+            rows,
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.inner.lock().expect("history lock").points.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+/// The [`TENANTS_PER_POINT`] tenants with the most judged requests, the rest summed as
+/// `(other)`.
+fn busiest_tenants(tenants: HashMap<String, Sums>) -> Vec<(String, Sums)> {
+    let mut tenants: Vec<(String, Sums)> = tenants.into_iter().collect();
+    tenants.sort_by(|a, b| b.1.judged.cmp(&a.1.judged).then_with(|| a.0.cmp(&b.0)));
+    if tenants.len() > TENANTS_PER_POINT {
+        let mut other = Sums::default();
+        for (tenant, sums) in tenants.split_off(TENANTS_PER_POINT - 1) {
+            debug_assert!(!tenant.is_empty());
+            other.merge(&sums);
+        }
+        match tenants.iter_mut().find(|(t, _)| t == ledger::OTHER_TENANTS) {
+            Some((_, sums)) => sums.merge(&other),
+            None => tenants.push((ledger::OTHER_TENANTS.to_string(), other)),
+        }
+    }
+    tenants
+}
+
+/// The ledger over a window, one row per lane, pool and tenant.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LedgerWindow {
+    /// First and last second summed (`None` without history).
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub rows: Vec<LedgerRow>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LedgerRow {
+    /// "lane", "pool" or "tenant".
+    pub dimension: &'static str,
+    pub key: String,
+    #[serde(flatten)]
+    pub sums: Sums,
+    /// Per judged request (`None` without one).
+    pub regret_ms_mean: Option<f64>,
+    pub chosen_slower_ms_mean: Option<f64>,
+    pub prediction_error_ms_mean: Option<f64>,
+    pub abs_prediction_error_ms_mean: Option<f64>,
+    /// Who loses SLO here: "predictions", "policy", "capacity", or "none" (no miss).
+    pub loses_slo: &'static str,
+    /// One line for the on-call engineer.
+    pub explanation: String,
+}
+
+impl LedgerRow {
+    fn new(dimension: &'static str, key: &str, sums: &Sums) -> Self {
+        let mean = |v: f64| (sums.judged > 0).then(|| v / sums.judged as f64);
+        let capacity = sums
+            .slo_missed
+            .saturating_sub(sums.missed_predicted_to_meet + sums.missed_with_alternative);
+        let loses_slo = if sums.slo_missed == 0 {
+            "none"
+        } else if sums.missed_predicted_to_meet >= sums.missed_with_alternative.max(capacity) {
+            "predictions"
+        } else if sums.missed_with_alternative >= capacity {
+            "policy"
+        } else {
+            "capacity"
+        };
+        let mut row = Self {
+            dimension,
+            key: key.to_string(),
+            sums: sums.clone(),
+            regret_ms_mean: mean(sums.regret_ms),
+            chosen_slower_ms_mean: mean(sums.chosen_slower_ms),
+            prediction_error_ms_mean: mean(sums.prediction_error_ms),
+            abs_prediction_error_ms_mean: mean(sums.abs_prediction_error_ms),
+            loses_slo,
+            explanation: String::new(),
+        };
+        row.explanation = row.explain(capacity);
+        row
+    }
+
+    fn explain(&self, capacity: u64) -> String {
+        let s = &self.sums;
+        if s.judged == 0 {
+            return "no request judged in this window".into();
+        }
+        let ms = |v: Option<f64>| format!("{:.1} ms", v.unwrap_or_default());
+        let direction = if self.prediction_error_ms_mean.unwrap_or_default() >= 0.0 {
+            "late"
+        } else {
+            "early"
+        };
+        let mut line = format!(
+            "policy lost {} per request vs the best alternative ({} of it chosen knowingly; {} of {} requests had an alternative); predictions were off by {} ({direction} on average)",
+            ms(self.regret_ms_mean),
+            ms(self.chosen_slower_ms_mean),
+            s.with_alternative,
+            s.judged,
+            ms(self.abs_prediction_error_ms_mean),
+        );
+        if s.cost_regret_usd > 0.0 {
+            line.push_str(&format!(
+                "; ${:.6} paid above the cheapest alternative predicted to meet the SLO",
+                s.cost_regret_usd
+            ));
+        }
+        line.push_str(&match self.loses_slo {
+            "none" => " → no SLO miss".to_string(),
+            who => format!(
+                " → {} SLO misses: {} predicted to meet (predictions), {} with an alternative predicted to meet (policy), {} with none (capacity): {}",
+                s.slo_missed,
+                s.missed_predicted_to_meet,
+                s.missed_with_alternative,
+                capacity,
+                match who {
+                    "predictions" => "the predictions lose SLO",
+                    "policy" => "the policy loses SLO",
+                    _ => "capacity loses SLO",
+                }
+            ),
+        });
+        line
     }
 }
 
@@ -340,12 +577,12 @@ mod tests {
         let lc = &point.lanes.latency_critical;
         assert_eq!((lc.requests, lc.slo_met, lc.shed), (100, 98, 2));
         assert_eq!(lc.attainment, Some(0.98));
-        assert!((lc.ttft_p50_ms.unwrap() / 10.0 - 1.0).abs() < 0.13);
+        assert!((lc.ttft_p50_ms.unwrap() / 10.0 - 1.0).abs() <= 0.012);
         assert!(lc.ttft_p99_ms.unwrap() > 800.0, "{lc:?}");
         assert_eq!(lc.slo_ms, 300.0);
         assert_eq!(lc.queued_at_router, 7);
         assert!(
-            (lc.ttft_error_p50_ms.unwrap() / 5.0 - 1.0).abs() < 0.13,
+            (lc.ttft_error_p50_ms.unwrap() / 5.0 - 1.0).abs() <= 0.012,
             "{lc:?}"
         );
         assert_eq!(lc.under_predicted, Some(1.0));
@@ -409,5 +646,78 @@ mod tests {
         let point = history.seal(1, LOAD, [1.0, 1.0]);
         assert_eq!(point.lanes.latency_critical.requests, 0);
         assert_eq!(point.pools.gpu.tokens_per_s, 0);
+    }
+
+    fn ledger_row(dimension: &str, key: &str, judged: u32, regret_ms: f64) -> v1::LedgerStats {
+        v1::LedgerStats {
+            dimension: dimension.into(),
+            key: key.into(),
+            judged,
+            with_alternative: judged,
+            regret_ms,
+            abs_prediction_error_ms: 10.0 * f64::from(judged),
+            prediction_error_ms: 10.0 * f64::from(judged),
+            slo_missed: 2,
+            missed_predicted_to_meet: 2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_ledger_sums_lanes_pools_and_tenants_over_a_window() {
+        let history = History::default();
+        for t in 0..3 {
+            let mut rows = vec![
+                ledger_row("lane", "latency-critical", 4, 40.0),
+                ledger_row("pool", "wse", 4, 40.0),
+                ledger_row("tenant", "acme", 3, 36.0),
+                ledger_row("tenant", "(none)", 1, 4.0),
+                ledger_row("bogus", "x", 9, 9.0),
+            ];
+            // More tenants than a point keeps: the quietest become "(other)".
+            rows.extend(
+                (0..TENANTS_PER_POINT).map(|i| ledger_row("tenant", &format!("t{i:02}"), 1, 1.0)),
+            );
+            history.add(&v1::RouterStats {
+                router_id: "a".into(),
+                ledger: rows,
+                ..Default::default()
+            });
+            let point = history.seal(t, LOAD, [1.0, 1.0]);
+            assert_eq!(point.ledger.tenants.len(), TENANTS_PER_POINT);
+            assert!(point.ledger.lanes.cost_sensitive.is_none());
+        }
+        let all = history.ledger(3600);
+        assert_eq!((all.from, all.to), (Some(0), Some(2)));
+        let row = |key: &str| all.rows.iter().find(|r| r.key == key).unwrap();
+        let lc = row("latency-critical");
+        assert_eq!((lc.sums.judged, lc.sums.regret_ms), (12, 120.0));
+        assert_eq!(lc.regret_ms_mean, Some(10.0));
+        assert_eq!(lc.abs_prediction_error_ms_mean, Some(10.0));
+        assert_eq!(lc.loses_slo, "predictions");
+        assert!(
+            lc.explanation
+                .starts_with("policy lost 10.0 ms per request vs the best alternative")
+                && lc
+                    .explanation
+                    .contains("predictions were off by 10.0 ms (late")
+                && lc.explanation.contains("the predictions lose SLO"),
+            "{}",
+            lc.explanation
+        );
+        assert_eq!(row("cost-sensitive").loses_slo, "none");
+        assert_eq!(row("wse").sums.judged, 12);
+        assert_eq!(row("gpu").sums.judged, 0);
+        // Tenants by regret; per point acme, (none) and 13 small ones kept, 3 summed as (other).
+        let tenants: Vec<&LedgerRow> = all
+            .rows
+            .iter()
+            .filter(|r| r.dimension == "tenant")
+            .collect();
+        assert_eq!(tenants[0].key, "acme");
+        assert_eq!(tenants[0].sums.judged, 9);
+        assert_eq!(row("(other)").sums.judged, 3 * 3);
+        // A window of one second sums the newest point only.
+        assert_eq!(history.ledger(1).rows[0].sums.judged, 4);
     }
 }

@@ -22,6 +22,9 @@ use crate::loads::Loads;
 const MAX_ID: usize = 256;
 const MAX_TEXT: usize = 2048;
 const MAX_CANDIDATES: usize = 64;
+/// Ledger rows in one second's stats: lanes, pools and a router's bounded tenants, with room
+/// for a newer router's larger bound.
+const MAX_LEDGER_ROWS: usize = 256;
 
 /// The history and the decision feed.
 #[derive(Debug, Clone, Default)]
@@ -92,12 +95,35 @@ pub fn validate(report: &v1::RouterReport) -> Result<(), tonic::Status> {
             }
             too_long("outcome.request_id", &o.request_id, MAX_ID)?;
             too_long("outcome.worker_id", &o.worker_id, MAX_ID)?;
+            too_long(
+                "outcome.best_alternative_worker_id",
+                &o.best_alternative_worker_id,
+                MAX_ID,
+            )?;
             too_long("outcome.error", &o.error, MAX_TEXT)
         }
         Some(Report::Stats(s)) => {
             too_long("stats.router_id", &s.router_id, MAX_ID)?;
             for lane in &s.lanes {
                 known_lane("stats.lanes.lane", &lane.lane)?;
+            }
+            if s.ledger.len() > MAX_LEDGER_ROWS {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "stats.ledger: {} rows, at most {MAX_LEDGER_ROWS}",
+                    s.ledger.len()
+                )));
+            }
+            for row in &s.ledger {
+                too_long("stats.ledger.key", &row.key, MAX_ID)?;
+                match row.dimension.as_str() {
+                    "lane" => known_lane("stats.ledger.key", &row.key)?,
+                    "pool" | "tenant" => {}
+                    other => {
+                        return Err(tonic::Status::invalid_argument(format!(
+                            "stats.ledger.dimension: unknown {other:?}, expected lane, pool or tenant"
+                        )));
+                    }
+                }
             }
             Ok(())
         }
@@ -228,6 +254,44 @@ mod tests {
         }
         let err = validate(&v1::RouterReport { report: None }).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn ledger_rows_are_validated() {
+        let stats = |ledger: Vec<v1::LedgerStats>| v1::RouterReport {
+            report: Some(Report::Stats(v1::RouterStats {
+                ledger,
+                ..Default::default()
+            })),
+        };
+        let row = |dimension: &str, key: &str| v1::LedgerStats {
+            dimension: dimension.into(),
+            key: key.into(),
+            ..Default::default()
+        };
+        assert!(
+            validate(&stats(vec![
+                row("lane", "cost-sensitive"),
+                row("tenant", "acme")
+            ]))
+            .is_ok()
+        );
+        for (bad, message) in [
+            (vec![row("lane", "bulk")], "stats.ledger.key: unknown lane"),
+            (vec![row("model", "m")], "stats.ledger.dimension"),
+            (
+                vec![row("tenant", &"t".repeat(MAX_ID + 1))],
+                "stats.ledger.key",
+            ),
+            (
+                vec![row("pool", "gpu"); MAX_LEDGER_ROWS + 1],
+                "stats.ledger: 257 rows",
+            ),
+        ] {
+            let err = validate(&stats(bad)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with(message), "{}", err.message());
+        }
     }
 
     #[test]

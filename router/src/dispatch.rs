@@ -29,7 +29,7 @@ use crate::policy::{
 };
 use crate::policy_watch::PolicyHandle;
 use crate::readiness::Readiness;
-use crate::report::{self, Ended, Reporter};
+use crate::report::{self, Ended, LedgerEntry, Reporter, ledger};
 use crate::tenant_quota::{TenantPermit, TenantQuota};
 
 /// gRPC metadata of a shed response: seconds before retrying (as HTTP `Retry-After`).
@@ -96,6 +96,9 @@ struct Chosen {
     candidates: Vec<v1::RoutingCandidate>,
     /// Prompt tokens the prefix index expects the worker to reuse.
     cached_tokens: u32,
+    /// The alternatives the policy scored, for the counterfactual ledger (empty when no
+    /// control plane is listening).
+    alternatives: ledger::Basis,
     /// The worker's slot, held until the request's start is sent.
     slot: SlotHold,
 }
@@ -314,6 +317,7 @@ impl Dispatcher {
             cancelled: false,
             shed,
             sampled,
+            ledger: None,
         });
     }
 
@@ -343,7 +347,15 @@ impl Dispatcher {
         }
         let exclude = excluded_indices(&view, excluded);
         let mut considered = Vec::new();
+        // The ledger judges every decision while a control plane listens (not only sampled
+        // ones); without one this costs nothing.
+        let judge = self.reports.connected();
+        let mut alternatives = ledger::Alternatives::default();
         let mut record = |c: Considered| {
+            if judge {
+                let price = view.worker(c.worker).cost_per_mtok;
+                alternatives.consider(c.worker, c.predicted_ttft_ms, c.meets_slo, price);
+            }
             if trace {
                 considered.push(c);
             }
@@ -367,6 +379,11 @@ impl Dispatcher {
         self.metrics.decision(class.lane, pool, reason);
         match decision {
             Decision::Place(placement) => {
+                let (fastest, cheapest) = alternatives.excluding(placement.worker);
+                let alternatives = ledger::Basis {
+                    best_alternative: fastest.map(|(w, ms)| (view.worker(w).id.clone(), ms)),
+                    cheapest_meeting_slo_per_mtok: cheapest,
+                };
                 let id = &view.worker(placement.worker).id;
                 let link = self
                     .links
@@ -380,6 +397,7 @@ impl Dispatcher {
                     predicted_ttft_ms: placement.predicted_ttft_ms,
                     candidates: candidates(&view, considered),
                     cached_tokens: placement.cached_tokens,
+                    alternatives,
                 }))
             }
             Decision::Queue => Ok(None),
@@ -739,6 +757,8 @@ struct Run<'d> {
     predicted_cached_tokens: u32,
     /// The policy's TTFT prediction for the first worker (from placement).
     predicted_ttft_ms: f64,
+    /// The alternatives to the first worker, for the ledger.
+    alternatives: ledger::Basis,
     attempts: u32,
     cancelled: bool,
 }
@@ -789,6 +809,7 @@ impl<'d> Run<'d> {
             prompt_ids,
             predicted_cached_tokens: chosen.cached_tokens,
             predicted_ttft_ms: chosen.predicted_ttft_ms,
+            alternatives: chosen.alternatives,
             last_token: None,
             pool: Pool::Gpu,
             worker: String::new(),
@@ -995,6 +1016,25 @@ impl<'d> Run<'d> {
             token_count(&self.prompt_ids)
         };
         let tokens = f64::from(prompt_tokens) + f64::from(self.delivered);
+        let cost_usd = tokens * self.cost_per_mtok / 1e6;
+        let slo_met = self.first_token.is_some() && ttft_ms <= self.class.ttft_slo_ms;
+        let placed_ttft_ms = self.first_token.map_or(0.0, |t| ms(t - self.placed));
+        // Judged only when its first worker served it: the prediction was for that one.
+        let judged = (self.first_token.is_some() && self.attempts == 1).then(|| {
+            self.alternatives.judge(ledger::Verdict {
+                actual_ms: placed_ttft_ms,
+                predicted_ms: self.predicted_ttft_ms,
+                slo_ms: self.class.ttft_slo_ms,
+                slo_met,
+                cost_usd,
+                tokens,
+            })
+        });
+        let (best_alternative_worker_id, best_alternative_ttft_ms) = self
+            .alternatives
+            .best_alternative
+            .clone()
+            .unwrap_or_default();
         self.dispatcher.reports.ended(Ended {
             lane: self.class.lane,
             outcome: v1::RequestOutcome {
@@ -1009,16 +1049,32 @@ impl<'d> Run<'d> {
                 prompt_tokens,
                 completion_tokens: self.delivered,
                 cached_prompt_tokens: self.cached_prompt_tokens,
-                slo_met: self.first_token.is_some() && ttft_ms <= self.class.ttft_slo_ms,
+                slo_met,
                 failovers: self.attempts - 1,
                 error: error.map(|s| s.message().to_string()).unwrap_or_default(),
-                cost_usd: tokens * self.cost_per_mtok / 1e6,
+                cost_usd,
                 predicted_ttft_ms: self.predicted_ttft_ms,
-                placed_ttft_ms: self.first_token.map_or(0.0, |t| ms(t - self.placed)),
+                placed_ttft_ms,
+                best_alternative_ttft_ms,
+                best_alternative_worker_id,
+                regret_ms: judged.map(|j| j.regret_ms),
+                cost_regret_usd: judged.map(|j| j.cost_regret_usd),
             },
             cancelled: outcome == "cancelled",
             shed,
             sampled,
+            ledger: judged
+                .filter(|_| self.dispatcher.reports.connected())
+                .map(|judged| LedgerEntry {
+                    judged,
+                    pool: self.pool,
+                    tenant: self
+                        .request
+                        .metadata
+                        .get(crate::classify::TENANT_KEY)
+                        .cloned()
+                        .unwrap_or_default(),
+                }),
         });
     }
 

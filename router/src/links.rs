@@ -161,6 +161,21 @@ pub struct Link {
     no_tokenizer: Mutex<HashSet<String>>,
 }
 
+/// The policy's fixed TTFT overhead for a worker that reports a fixed first-token delay
+/// (`Load.first_token_delay_ms`, first decode step included): the policy adds one decode step
+/// of its own, so the overhead is the delay less that step (never negative).
+pub fn first_token_overhead_ms(delay_ms: f64, decode_tokens_per_s: f64) -> f64 {
+    if !delay_ms.is_finite() || delay_ms <= 0.0 {
+        return 0.0;
+    }
+    let step_ms = if decode_tokens_per_s > 0.0 {
+        1000.0 / decode_tokens_per_s
+    } else {
+        0.0
+    };
+    (delay_ms - step_ms).max(0.0)
+}
+
 impl Link {
     fn new(
         record: WorkerRecord,
@@ -331,7 +346,9 @@ impl Link {
                 .filter(|r| r.is_finite() && *r > 0.0)
                 .unwrap_or(0.0),
             decode_tokens_per_s: decode,
-            ttft_overhead_ms: 0.0,
+            ttft_overhead_ms: load
+                .and_then(|l| l.first_token_delay_ms)
+                .map_or(0.0, |delay| first_token_overhead_ms(delay, decode)),
             cost_per_mtok: record.capacity.cost_per_mtok,
             prefix_cache: self.publishes_kv.load(Ordering::Acquire),
             id: record.id,
@@ -871,6 +888,46 @@ mod tests {
             ..Default::default()
         }));
         assert_eq!(link.state().prefill_tokens_per_s, 0.0);
+    }
+
+    #[test]
+    fn a_reported_first_token_delay_is_what_the_policy_predicts_on_an_idle_worker() {
+        let link = Link::new(
+            record(),
+            Arc::new(Notify::new()),
+            Arc::default(),
+            Weak::new(),
+            Arc::default(),
+        );
+        // Not reported: no fixed overhead.
+        link.dispatch(worker_frame::Frame::Load(v1::Load {
+            max_concurrent: 8,
+            prefill_tokens_per_s: 10_000.0,
+            ..Default::default()
+        }));
+        assert_eq!(link.state().ttft_overhead_ms, 0.0);
+        // A synthetic engine configured for 150 ms: an idle worker's 100-token prompt is
+        // predicted at 150 ms plus its prefill (10 ms), not the 35 ms of prefill plus a step.
+        link.dispatch(worker_frame::Frame::Load(v1::Load {
+            max_concurrent: 8,
+            prefill_tokens_per_s: 10_000.0,
+            first_token_delay_ms: Some(150.0),
+            ..Default::default()
+        }));
+        let state = link.state();
+        let policy = crate::policy::document::PolicyDocument::default();
+        let predicted = crate::policy::predicted_ttft_ms(
+            &state,
+            crate::policy::document::LaneName::LatencyCritical,
+            100,
+            false,
+            &policy,
+        );
+        assert!((predicted - 160.0).abs() < 1e-6, "{predicted}");
+        // The delay covers the decode step the policy adds; never negative.
+        assert_eq!(first_token_overhead_ms(10.0, 40.0), 0.0);
+        assert_eq!(first_token_overhead_ms(f64::NAN, 40.0), 0.0);
+        assert_eq!(first_token_overhead_ms(100.0, 0.0), 100.0);
     }
 
     /// A link whose stream is up, and the receiving end of what it sends to the worker.

@@ -342,8 +342,11 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         } else {
             RequestClass::CostSensitive
         };
-        let request =
+        let mut request =
             switchyard_tests::synthetic_request(&format!("page-{i}"), class, "chart me", 4);
+        if i < 4 {
+            request.metadata.insert("tenant".into(), "acme".into());
+        }
         let done = session.start(request)?.collect().await;
         assert!(done.finished.is_some(), "{:?}", done.failed);
     }
@@ -365,6 +368,7 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         "chart-ttft",
         "chart-attainment",
         "chart-prediction",
+        "chart-regret",
         "chart-tokens",
         "chart-cost",
     ] {
@@ -410,6 +414,81 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     );
     assert!(story.contains("completed"), "{story}");
     assert!(story.contains("from placement"), "{story}");
+    // Its regret: a number of ms, against a named alternative or none scored.
+    let regret = story
+        .split("regret")
+        .nth(1)
+        .map(|rest| {
+            rest.split("cost regret")
+                .next()
+                .unwrap_or(rest)
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default();
+    assert!(
+        regret.contains(" ms")
+            && (regret.contains("best alternative") || regret.contains("no other worker")),
+        "{story}"
+    );
+    // The ledger judged every request (not only sampled ones): both lanes, the gpu and wse
+    // pools and the tenant have rows, and each lane has its one-line explanation.
+    wait_until(PATIENCE, "the ledger table to list both lanes", || async {
+        browser
+            .execute(
+                "return document.querySelectorAll('#ledger tbody tr[data-dimension=lane]').length;",
+                vec![],
+            )
+            .await
+            .is_ok_and(|n| n == 2)
+    })
+    .await?;
+    for key in ["gpu", "wse", "acme"] {
+        let cells = browser
+            .text(&format!(
+                "#ledger tbody tr[data-key='{key}'] td:nth-child(3)"
+            ))
+            .await?;
+        assert!(cells.parse::<u32>().is_ok_and(|n| n > 0), "{key}: {cells}");
+    }
+    let explanation = browser.text("#ledger-explanation").await?;
+    assert!(
+        explanation.contains("latency-critical: policy lost")
+            && explanation.contains("predictions were off by"),
+        "{explanation}"
+    );
+    let (status, ledger) = api(http, "/api/ledger?window_s=300").await?;
+    assert_eq!(status, 200, "{ledger}");
+    let judged: u64 = ledger["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["dimension"] == "lane")
+        .filter_map(|r| r["judged"].as_u64())
+        .sum();
+    assert!(judged >= 6, "{ledger}");
+    let (status, bad) = api(http, "/api/ledger?window_s=0").await?;
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("window_s"),
+        "{bad}"
+    );
+    // The synthetic engine's TTFT is predicted (its fixed delay is reported): a cost-sensitive
+    // request on an idle gpu worker (150 ms) lands within a third of its prediction.
+    let cs = finished_decision(http, "page-5").await?;
+    let (predicted, placed) = (
+        cs["outcome"]["predicted_ttft_ms"]
+            .as_f64()
+            .unwrap_or_default(),
+        cs["outcome"]["placed_ttft_ms"].as_f64().unwrap_or_default(),
+    );
+    assert!(
+        predicted >= 140.0 && (placed - predicted).abs() < placed / 3.0,
+        "predicted {predicted} ms, took {placed} ms from placement: {cs}"
+    );
     // The trouble filter hides requests that met their SLO.
     browser.click("#only-trouble").await?;
     let shown = browser
@@ -436,6 +515,16 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         switchyard_tests::log_dir().join("dashboard-insights.png"),
         browser.screenshot().await?,
     )?;
+    browser
+        .execute(
+            "document.getElementById('ledger-title').scrollIntoView();",
+            vec![],
+        )
+        .await?;
+    std::fs::write(
+        switchyard_tests::log_dir().join("dashboard-ledger.png"),
+        browser.screenshot().await?,
+    )?;
     // The history is the server's: a reload draws it again at once.
     browser.goto(&format!("http://{http}/")).await?;
     wait_until(
@@ -444,12 +533,18 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         || async { chart_points("chart-ttft").await > 0 && chart_points("chart-tokens").await > 0 },
     )
     .await?;
-    assert_eq!(
-        browser
-            .text("tr[data-worker-id='gpu-1'] td:nth-child(5)")
-            .await?,
-        "ready"
-    );
+    // The workers table has its own poll: it may fill a moment after the charts.
+    wait_until(
+        PATIENCE,
+        "the reloaded page to list gpu-1 ready",
+        || async {
+            browser
+                .text("tr[data-worker-id='gpu-1'] td:nth-child(5)")
+                .await
+                .is_ok_and(|t| t == "ready")
+        },
+    )
+    .await?;
 
     browser
         .click("tr[data-worker-id='gpu-1'] button.drain")
@@ -484,6 +579,34 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     follower
         .wait_for_log("following the control-plane leader", PATIENCE)
         .await?;
+    // Routers report to the leader; the follower serves the leader's history, feed and ledger.
+    let follower_http = follower.addr("http");
+    let (status, history) = api(follower_http, "/api/history").await?;
+    assert_eq!(status, 200, "{history}");
+    assert_eq!(history["kept_by"]["via"], "follower", "{history}");
+    assert!(
+        history_sum(&history, |p| {
+            p["lanes"]["latency-critical"]["requests"]
+                .as_u64()
+                .unwrap_or(0)
+                + p["lanes"]["cost-sensitive"]["requests"]
+                    .as_u64()
+                    .unwrap_or(0)
+        }) >= 6
+    );
+    let (status, feed) = api(follower_http, "/api/decisions?request_id=page-4").await?;
+    assert_eq!(status, 200, "{feed}");
+    assert_eq!(feed["decisions"][0]["request_id"], "page-4", "{feed}");
+    let (status, ledger) = api(follower_http, "/api/ledger").await?;
+    assert_eq!(status, 200, "{ledger}");
+    let judged: u64 = ledger["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["dimension"] == "lane")
+        .filter_map(|r| r["judged"].as_u64())
+        .sum();
+    assert!(judged >= 6, "{ledger}");
     browser
         .goto(&format!("http://{}/", follower.addr("http")))
         .await?;

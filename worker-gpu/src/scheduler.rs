@@ -360,6 +360,8 @@ impl Engine for CandleEngine {
                     .load(Ordering::Relaxed),
             ),
             prefill_tokens_per_s: self.counters.prefill_rate.get(),
+            // Its first token is prefill plus one decode step: nothing fixed to add.
+            first_token_delay_ms: None,
         }
     }
 

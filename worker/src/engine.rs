@@ -128,6 +128,9 @@ pub struct EngineLoad {
     pub queued_latency_critical_prompt_tokens: Option<u64>,
     /// Prefill rate, tokens per second (0 = unknown: routers assume their policy's default).
     pub prefill_tokens_per_s: f64,
+    /// Fixed time to a first token beyond prefilling the prompt, first decode step included
+    /// (ms), for an engine that has one (`None`: not reported; see `Load.first_token_delay_ms`).
+    pub first_token_delay_ms: Option<f64>,
 }
 
 /// Counters and gauges of an engine's prefix cache, exported as worker metrics.

@@ -53,6 +53,9 @@ impl LoadTracker {
             } else {
                 0.0
             },
+            first_token_delay_ms: engine
+                .first_token_delay_ms
+                .filter(|d| d.is_finite() && *d >= 0.0),
             // Per stream: the Serve stream that sends this report fills it in.
             starts_seen: None,
         }

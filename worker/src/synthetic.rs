@@ -421,6 +421,9 @@ impl Engine for SyntheticEngine {
                 self.unprefilled_latency_critical.load(Ordering::Relaxed),
             ),
             prefill_tokens_per_s: self.config.prefill_tokens_per_s,
+            // Its first token comes `ttft` after admission plus the prompt's prefill: routers
+            // predict that only if they are told the fixed part.
+            first_token_delay_ms: Some(self.config.ttft.as_secs_f64() * 1e3),
         }
     }
 
@@ -954,9 +957,12 @@ mod tests {
         let engine = SyntheticEngine::new(SyntheticConfig {
             max_concurrent: 1,
             prefill_tokens_per_s: 1_000.0,
+            ttft: Duration::from_millis(150),
             ..Default::default()
         });
         assert_eq!(engine.load().prefill_tokens_per_s, 1_000.0);
+        // The fixed part of its TTFT too: routers predict 150 ms + prompt / rate, as it serves.
+        assert_eq!(engine.load().first_token_delay_ms, Some(150.0));
         assert_eq!(engine.load().queued_prompt_tokens, 0);
         // "a b c" as one chat message: 3 words + 4 for the message framing.
         let mut first = engine

@@ -15,6 +15,7 @@
 //! one is configured.
 
 pub mod histogram;
+pub mod ledger;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -31,11 +32,14 @@ use tracing::{debug, info, warn};
 
 use crate::policy::document::LaneName;
 use histogram::Histogram;
+use ledger::{Judged, Sums};
 
 /// Reports waiting for the control-plane stream; beyond this they are dropped.
 pub const QUEUE: usize = 1024;
 /// Candidates kept per decision (the best ones).
 pub const MAX_CANDIDATES: usize = 8;
+/// Tenants with their own ledger row per second; the rest share [`ledger::OTHER_TENANTS`].
+pub const MAX_TENANTS: usize = 32;
 /// How often the per-second stats go out.
 const STATS_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -84,10 +88,64 @@ struct LaneWindow {
     cost_usd: f64,
 }
 
+/// The counterfactual ledger of the current second.
+#[derive(Debug, Default)]
+struct LedgerWindow {
+    lanes: [Sums; 2],
+    pools: [Sums; 2],
+    tenants: std::collections::HashMap<String, Sums>,
+}
+
+impl LedgerWindow {
+    fn add(&mut self, lane: LaneName, entry: &LedgerEntry) {
+        self.lanes[lane.index()].add(&entry.judged);
+        self.pools[pool_index(entry.pool)].add(&entry.judged);
+        let tenant = if entry.tenant.is_empty() {
+            ledger::NO_TENANT
+        } else {
+            entry.tenant.as_str()
+        };
+        // Bounded: a flood of tenant names must not grow the report.
+        let key = if self.tenants.contains_key(tenant) || self.tenants.len() < MAX_TENANTS {
+            tenant
+        } else {
+            ledger::OTHER_TENANTS
+        };
+        match self.tenants.get_mut(key) {
+            Some(sums) => sums.add(&entry.judged),
+            None => {
+                let mut sums = Sums::default();
+                sums.add(&entry.judged);
+                self.tenants.insert(key.to_string(), sums);
+            }
+        }
+    }
+
+    fn to_proto(&self) -> Vec<v1::LedgerStats> {
+        let lanes = LaneName::ALL
+            .iter()
+            .map(|lane| (ledger::LANE, lane.as_str(), &self.lanes[lane.index()]));
+        let pools = Pool::ALL
+            .iter()
+            .map(|&pool| (ledger::POOL, pool.as_str(), &self.pools[pool_index(pool)]));
+        let tenants = self
+            .tenants
+            .iter()
+            .map(|(tenant, sums)| (ledger::TENANT, tenant.as_str(), sums));
+        lanes
+            .chain(pools)
+            .chain(tenants)
+            .filter(|(_, _, sums)| !sums.is_empty())
+            .map(|(dimension, key, sums)| sums.to_proto(dimension, key))
+            .collect()
+    }
+}
+
 /// What the current second has seen so far.
 #[derive(Debug, Default)]
 struct Window {
     lanes: [LaneWindow; 2],
+    ledger: LedgerWindow,
     decisions: u32,
     decisions_reported: u32,
 }
@@ -146,6 +204,18 @@ pub struct Ended {
     pub shed: bool,
     /// Its decision was reported: report the outcome too.
     pub sampled: bool,
+    /// Its ledger entry, when it was judged (see [`ledger`]).
+    pub ledger: Option<LedgerEntry>,
+}
+
+/// A judged request for the ledger's per-second sums.
+#[derive(Debug)]
+pub struct LedgerEntry {
+    pub judged: Judged,
+    /// The pool it was placed on.
+    pub pool: Pool,
+    /// Request metadata `tenant` ("" when none).
+    pub tenant: String,
 }
 
 impl Reporter {
@@ -257,7 +327,8 @@ impl Reporter {
             return;
         };
         {
-            let mut window = shared.window.lock().expect("window lock");
+            let mut guard = shared.window.lock().expect("window lock");
+            let window = &mut *guard;
             let lane = &mut window.lanes[ended.lane.index()];
             let o = &ended.outcome;
             if !ended.cancelled {
@@ -286,6 +357,9 @@ impl Reporter {
             lane.prompt_tokens += u64::from(o.prompt_tokens);
             lane.cached_prompt_tokens += u64::from(o.cached_prompt_tokens);
             lane.cost_usd += o.cost_usd;
+            if let Some(entry) = &ended.ledger {
+                window.ledger.add(ended.lane, entry);
+            }
         }
         if ended.sampled {
             shared.send(Report::Outcome(ended.outcome));
@@ -354,6 +428,7 @@ impl Shared {
             decisions: window.decisions,
             decisions_reported: window.decisions_reported,
             dropped: self.dropped.swap(0, Ordering::Relaxed),
+            ledger: window.ledger.to_proto(),
         }
     }
 }
@@ -604,6 +679,7 @@ mod tests {
             cancelled: false,
             shed: false,
             sampled: true,
+            ledger: None,
         });
         reporter.ended(Ended {
             lane: LaneName::LatencyCritical,
@@ -611,6 +687,7 @@ mod tests {
             cancelled: false,
             shed: false,
             sampled: false,
+            ledger: None,
         });
         reporter.tokens(Pool::Wse, 7);
         // Only the sampled outcome is sent on its own.
@@ -640,6 +717,7 @@ mod tests {
             cancelled: false,
             shed: false,
             sampled: false,
+            ledger: None,
         });
         reporter.ended(Ended {
             lane: LaneName::CostSensitive,
@@ -650,6 +728,7 @@ mod tests {
             cancelled: false,
             shed: false,
             sampled: false,
+            ledger: None,
         });
         assert_eq!(stats.pools[1].tokens, 7);
         // The window starts over.
@@ -658,10 +737,70 @@ mod tests {
         let under = Histogram::from_proto(cs.ttft_under_predicted.as_ref().unwrap());
         let over = Histogram::from_proto(cs.ttft_over_predicted.as_ref().unwrap());
         assert_eq!((under.count(), over.count()), (1, 1));
-        assert!((under.quantile(0.5).unwrap() / 30.0 - 1.0).abs() < 0.13);
-        assert!((over.quantile(0.5).unwrap() / 10.0 - 1.0).abs() < 0.13);
+        assert!((under.quantile(0.5).unwrap() / 30.0 - 1.0).abs() <= 0.012);
+        assert!((over.quantile(0.5).unwrap() / 10.0 - 1.0).abs() <= 0.012);
         let again = reporter.shared.as_ref().unwrap().take_stats();
         assert_eq!(again.lanes[0].requests, 0);
         assert_eq!(again.pools[1].tokens, 0);
+    }
+
+    #[test]
+    fn the_ledger_sums_per_lane_pool_and_a_bounded_set_of_tenants() {
+        let (reporter, _rx) = connected(10);
+        let basis = ledger::Basis {
+            best_alternative: Some(("gpu-1".into(), 50.0)),
+            cheapest_meeting_slo_per_mtok: None,
+        };
+        let end = |tenant: String, actual_ms: f64| Ended {
+            lane: LaneName::CostSensitive,
+            outcome: v1::RequestOutcome::default(),
+            cancelled: false,
+            shed: false,
+            sampled: false,
+            ledger: Some(LedgerEntry {
+                judged: basis.judge(ledger::Verdict {
+                    actual_ms,
+                    predicted_ms: 60.0,
+                    slo_ms: 1000.0,
+                    slo_met: true,
+                    cost_usd: 0.0,
+                    tokens: 10.0,
+                }),
+                pool: Pool::Gpu,
+                tenant,
+            }),
+        };
+        reporter.ended(end(String::new(), 80.0));
+        for i in 0..MAX_TENANTS + 3 {
+            reporter.ended(end(format!("t{i}"), 50.0));
+        }
+        let stats = reporter.shared.as_ref().unwrap().take_stats();
+        let row = |dimension: &str, key: &str| {
+            stats
+                .ledger
+                .iter()
+                .find(|l| l.dimension == dimension && l.key == key)
+                .cloned()
+        };
+        let cs = row(ledger::LANE, "cost-sensitive").unwrap();
+        assert_eq!(cs.judged as usize, MAX_TENANTS + 4);
+        // 30 ms regret (80 against 50), 10 ms of it chosen knowingly on every request.
+        assert_eq!(cs.regret_ms, 30.0);
+        assert_eq!(cs.chosen_slower_ms, 10.0 * (MAX_TENANTS + 4) as f64);
+        assert!(row(ledger::LANE, "latency-critical").is_none());
+        assert_eq!(row(ledger::POOL, "gpu").unwrap().judged, cs.judged);
+        assert_eq!(row(ledger::TENANT, ledger::NO_TENANT).unwrap().judged, 1);
+        // The bound: MAX_TENANTS rows in all, the latecomers in "(other)".
+        let tenants = stats
+            .ledger
+            .iter()
+            .filter(|l| l.dimension == ledger::TENANT);
+        assert_eq!(tenants.count(), MAX_TENANTS + 1);
+        assert_eq!(
+            row(ledger::TENANT, ledger::OTHER_TENANTS).unwrap().judged,
+            4
+        );
+        let again = reporter.shared.as_ref().unwrap().take_stats();
+        assert!(again.ledger.is_empty());
     }
 }
