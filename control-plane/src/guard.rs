@@ -27,6 +27,8 @@ pub const CSRF_HEADER: &str = "x-switchyard-csrf";
 pub struct HostAllowlist {
     /// Lower-cased names without port.
     names: Vec<String>,
+    /// The dashboard is served over TLS: its own origin is `https://<host>`.
+    https: bool,
 }
 
 impl HostAllowlist {
@@ -37,7 +39,14 @@ impl HostAllowlist {
                 .map(|n| n.as_ref().trim().to_ascii_lowercase())
                 .filter(|n| !n.is_empty())
                 .collect(),
+            https: false,
         }
+    }
+
+    /// The same names, for a dashboard served over TLS (or not).
+    pub fn served_over_tls(mut self, https: bool) -> Self {
+        self.https = https;
+        self
     }
 
     /// Whether `host` (a `Host` header value, port optional) names this dashboard. IP
@@ -77,8 +86,9 @@ fn header(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> 
 }
 
 /// Why a write does not come from the dashboard's own page, if it does not.
-fn write_refusal(headers: &HeaderMap, host: Option<&str>) -> Option<String> {
-    let own = host.map(|h| format!("http://{h}").to_ascii_lowercase());
+fn write_refusal(headers: &HeaderMap, host: Option<&str>, https: bool) -> Option<String> {
+    let scheme = if https { "https" } else { "http" };
+    let own = host.map(|h| format!("{scheme}://{h}").to_ascii_lowercase());
     let own_text = own.as_deref().unwrap_or("this dashboard's address");
     if let Some(origin) = header(headers, header::ORIGIN) {
         if Some(origin.to_ascii_lowercase()) != own {
@@ -147,7 +157,7 @@ pub async fn guard(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
-    if !read && let Some(message) = write_refusal(headers, host.as_deref()) {
+    if !read && let Some(message) = write_refusal(headers, host.as_deref(), hosts.https) {
         return forbidden(message);
     }
     next.run(request).await
