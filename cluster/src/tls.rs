@@ -228,28 +228,15 @@ impl ServerTls {
         client_ca_file: Option<PathBuf>,
         alpn: Alpn,
     ) -> Result<Self, TlsError> {
-        let mut tls = Self {
+        let stamps = stamps(&cert_file, &key_file, client_ca_file.as_deref());
+        let config = build(&cert_file, &key_file, client_ca_file.as_deref(), alpn)?;
+        Ok(Self {
             cert_file,
             key_file,
             client_ca_file,
             alpn,
-            current: Mutex::new(Loaded {
-                stamps: Vec::new(),
-                // Replaced below, before anyone can use it.
-                config: Arc::new(
-                    ServerConfig::builder_with_provider(provider())
-                        .with_safe_default_protocol_versions()?
-                        .with_no_client_auth()
-                        .with_cert_resolver(Arc::new(
-                            rustls::server::ResolvesServerCertUsingSni::new(),
-                        )),
-                ),
-            }),
-        };
-        let stamps = tls.stamps();
-        let config = tls.build()?;
-        *tls.current.get_mut().expect("unshared") = Loaded { stamps, config };
-        Ok(tls)
+            current: Mutex::new(Loaded { stamps, config }),
+        })
     }
 
     /// Whether `Worker` calls need a client certificate of the client CA.
@@ -257,62 +244,25 @@ impl ServerTls {
         self.client_ca_file.is_some()
     }
 
-    fn files(&self) -> impl Iterator<Item = &Path> {
-        [self.cert_file.as_path(), self.key_file.as_path()]
-            .into_iter()
-            .chain(self.client_ca_file.as_deref())
-    }
-
-    fn stamps(&self) -> Vec<Option<Stamp>> {
-        self.files().map(stamp).collect()
-    }
-
-    fn build(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let certs = read_certificates(&self.cert_file)?;
-        let key = read_private_key(&self.key_file)?;
-        let builder = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?;
-        let builder = match &self.client_ca_file {
-            Some(path) => {
-                let mut roots = RootCertStore::empty();
-                for cert in read_certificates(path)? {
-                    roots.add(cert).map_err(|e| TlsError::Pem {
-                        path: path.clone(),
-                        what: format!("not a usable CA certificate: {e}"),
-                    })?;
-                }
-                // Clients without a certificate still complete the handshake (health checks,
-                // reflection); the `Worker` service refuses them (see `peer_presented_certificate`).
-                // A certificate that is presented must chain to this CA, or the handshake fails.
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-                        .allow_unauthenticated()
-                        .build()
-                        .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-            None => builder.with_no_client_auth(),
-        };
-        let mut config = builder
-            .with_single_cert(certs, key)
-            .map_err(|e| TlsError::Pem {
-                path: self.key_file.clone(),
-                what: format!("does not fit {}: {e}", self.cert_file.display()),
-            })?;
-        config.alpn_protocols = self.alpn.protocols();
-        Ok(Arc::new(config))
-    }
-
     /// The configuration for the next handshake, rebuilt first if a file changed since the
     /// current one was built. A stat per file per handshake: far below the handshake's cost.
     pub fn config(&self) -> Arc<ServerConfig> {
-        let stamps = self.stamps();
+        let stamps = stamps(
+            &self.cert_file,
+            &self.key_file,
+            self.client_ca_file.as_deref(),
+        );
         let mut current = self.current.lock().expect("tls config lock");
         if stamps != current.stamps {
             // Remember the stamps even when the build fails: a half-written rotation is retried
             // when the next file lands (its stamp changes), not on every handshake.
             current.stamps = stamps;
-            match self.build() {
+            match build(
+                &self.cert_file,
+                &self.key_file,
+                self.client_ca_file.as_deref(),
+                self.alpn,
+            ) {
                 Ok(config) => {
                     current.config = config;
                     info!(cert = %self.cert_file.display(), "tls: certificate files changed; serving the new ones");
@@ -324,6 +274,54 @@ impl ServerTls {
         }
         current.config.clone()
     }
+}
+
+fn stamps(cert_file: &Path, key_file: &Path, client_ca_file: Option<&Path>) -> Vec<Option<Stamp>> {
+    [cert_file, key_file]
+        .into_iter()
+        .chain(client_ca_file)
+        .map(stamp)
+        .collect()
+}
+
+fn build(
+    cert_file: &Path,
+    key_file: &Path,
+    client_ca_file: Option<&Path>,
+    alpn: Alpn,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = read_certificates(cert_file)?;
+    let key = read_private_key(key_file)?;
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match client_ca_file {
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for cert in read_certificates(path)? {
+                roots.add(cert).map_err(|e| TlsError::Pem {
+                    path: path.to_path_buf(),
+                    what: format!("not a usable CA certificate: {e}"),
+                })?;
+            }
+            // Clients without a certificate still complete the handshake (health checks,
+            // reflection); the `Worker` service refuses them (see `peer_presented_certificate`).
+            // A certificate that is presented must chain to this CA, or the handshake fails.
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::Config(format!("{}: {e}", path.display())))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Pem {
+            path: key_file.to_path_buf(),
+            what: format!("does not fit {}: {e}", cert_file.display()),
+        })?;
+    config.alpn_protocols = alpn.protocols();
+    Ok(Arc::new(config))
 }
 
 /// Whether the caller of `request` completed the handshake with a client certificate (which

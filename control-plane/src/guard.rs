@@ -200,4 +200,19 @@ mod tests {
         );
         assert_eq!(origin_of("nonsense"), None);
     }
+
+    #[test]
+    fn over_tls_the_dashboards_own_origin_is_https() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        headers.insert(CSRF_HEADER, "1".parse().unwrap());
+        headers.insert(header::ORIGIN, "https://127.0.0.1:8090".parse().unwrap());
+        let host = Some("127.0.0.1:8090");
+        assert_eq!(write_refusal(&headers, host, true), None);
+        // The same page served over plain HTTP is another origin.
+        assert!(write_refusal(&headers, host, false).is_some());
+        headers.insert(header::ORIGIN, "http://127.0.0.1:8090".parse().unwrap());
+        assert!(write_refusal(&headers, host, true).is_some());
+        assert_eq!(write_refusal(&headers, host, false), None);
+    }
 }
