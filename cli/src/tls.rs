@@ -28,8 +28,11 @@ impl LocalPki {
     /// Generates the CA and a certificate for each of `components` (`<name>.pem`,
     /// `<name>-key.pem`, keys mode 0600).
     pub fn generate(components: &[&str]) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        // Private from its creation: no moment in which others may list or enter it.
         let dir = tempfile::Builder::new()
             .prefix("switchyard-tls-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir()
             .context("creating a directory for the local TLS certificates")?;
         let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
