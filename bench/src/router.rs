@@ -259,6 +259,7 @@ async fn start_cluster(
         cost_per_mtok: 0.1,
         drain_timeout: Duration::from_secs(1),
         metrics: Default::default(),
+        tls: Default::default(),
     };
     let (worker_tx, worker_rx) = oneshot::channel();
     tokio::spawn(switchyard_worker::run_worker(

@@ -39,6 +39,7 @@ async fn cluster(shutdown: &CancellationToken) -> anyhow::Result<std::net::Socke
             cost_per_mtok: 0.1,
             drain_timeout: Duration::from_secs(1),
             metrics: Default::default(),
+            tls: Default::default(),
         };
         let (tx, rx) = oneshot::channel();
         tokio::spawn(switchyard_worker::run_worker(

@@ -22,6 +22,10 @@ pub struct ChatArgs {
     /// Router gRPC address.
     #[arg(long, env = "SWITCHYARD_ROUTER", default_value = "127.0.0.1:50051")]
     pub router: String,
+    /// CA certificate (PEM) to trust: the router serves TLS (e.g. the `tls ca` file that
+    /// `switchyard up --tls` prints).
+    #[arg(long, env = "SWITCHYARD_TLS_CA_FILE")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// Model to talk to; default: the one model the router serves (a real model is preferred
     /// over the synthetic load-test backend).
     #[arg(long)]
@@ -88,7 +92,12 @@ pub fn default_model(models: &v1::ListModelsResponse) -> anyhow::Result<String> 
 }
 
 pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
-    let client = SessionClient::connect(&args.router).await?;
+    let client = match &args.tls_ca_file {
+        Some(ca) => {
+            SessionClient::open(crate::client::connect_tls(&args.router, ca).await?).await?
+        }
+        None => SessionClient::connect(&args.router).await?,
+    };
     let model = match args.model.clone() {
         Some(model) => model,
         None => {

@@ -18,6 +18,8 @@ pub enum ClientError {
     Address(String),
     #[error("cannot connect to the router: {0}")]
     Connect(#[from] tonic::transport::Error),
+    #[error("tls: {0}")]
+    Tls(String),
     #[error("router refused the session: {0}")]
     Status(#[from] tonic::Status),
     #[error("request_id {0:?} is already open on this client")]
@@ -51,6 +53,14 @@ pub async fn connect_channel(address: &str) -> Result<Channel, ClientError> {
     };
     let endpoint =
         Endpoint::from_shared(url).map_err(|_| ClientError::Address(address.to_string()))?;
+    Ok(endpoint.tcp_nodelay(true).connect().await?)
+}
+
+/// Connects a TLS channel to `address` (`host:port`), trusting the CA certificates in `ca`.
+pub async fn connect_tls(address: &str, ca: &std::path::Path) -> Result<Channel, ClientError> {
+    let tls = switchyard_cluster::tls::ClientTls::new(ca.to_path_buf());
+    let endpoint = switchyard_cluster::tls::endpoint(address, Some(&tls))
+        .map_err(|e| ClientError::Tls(e.to_string()))?;
     Ok(endpoint.tcp_nodelay(true).connect().await?)
 }
 

@@ -5,12 +5,14 @@
 //! Prometheus listener of `--metrics-addr`).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use switchyard_cluster::telemetry::metrics::Metrics;
-use switchyard_cluster::{EtcdRegistry, Pool, Registry};
+use switchyard_cluster::tls::{ClientTls, TlsFiles};
+use switchyard_cluster::{EtcdRegistry, EtcdSecurity, Pool, Registry};
 use switchyard_proto::RequestLimits;
 use switchyard_router::RouterConfig;
 use switchyard_router::config::parse_lane;
@@ -32,6 +34,24 @@ pub struct ClusterArgs {
     /// their worker links, workers refuse `Worker` calls without it. Unset: links are open.
     #[arg(long, env = "SWITCHYARD_CLUSTER_TOKEN_FILE")]
     pub cluster_token_file: Option<std::path::PathBuf>,
+    /// CA certificate (PEM) that signed etcd's server certificate: etcd is reached over TLS
+    /// (the --etcd endpoints must then be https:// URLs).
+    #[arg(long, env = "SWITCHYARD_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) presented to etcd (etcd's --client-cert-auth); needs
+    /// --etcd-key-file and --etcd-ca-file.
+    #[arg(long, env = "SWITCHYARD_ETCD_CERT_FILE", requires_all = ["etcd_key_file", "etcd_ca_file"])]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --etcd-cert-file.
+    #[arg(long, env = "SWITCHYARD_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd user (etcd's own authentication, `etcdctl auth enable`); needs
+    /// --etcd-password-file.
+    #[arg(long, env = "SWITCHYARD_ETCD_USER", requires = "etcd_password_file")]
+    pub etcd_user: Option<String>,
+    /// File whose first line is the etcd user's password.
+    #[arg(long, env = "SWITCHYARD_ETCD_PASSWORD_FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 impl ClusterArgs {
@@ -47,10 +67,81 @@ impl ClusterArgs {
     }
 
     pub async fn registry(&self) -> anyhow::Result<Arc<dyn Registry>> {
-        let registry = EtcdRegistry::connect(&self.etcd)
+        Ok(Arc::new(self.etcd_registry().await?))
+    }
+
+    /// How etcd is reached: TLS and user from the flags (a bad file is an error here).
+    pub fn etcd_security(&self) -> anyhow::Result<EtcdSecurity> {
+        let tls = self.etcd_ca_file.clone().map(|ca| {
+            let tls = ClientTls::new(ca);
+            match (&self.etcd_cert_file, &self.etcd_key_file) {
+                (Some(cert), Some(key)) => tls.with_identity(cert.clone(), key.clone()),
+                _ => tls,
+            }
+        });
+        if let Some(tls) = &tls {
+            tls.config().context("etcd TLS")?;
+        }
+        let user = match (&self.etcd_user, &self.etcd_password_file) {
+            (Some(user), Some(file)) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading --etcd-password-file {}", file.display()))?;
+                let password = text.lines().next().unwrap_or_default().to_string();
+                anyhow::ensure!(
+                    !password.is_empty(),
+                    "--etcd-password-file {}: the first line is empty",
+                    file.display()
+                );
+                Some((user.clone(), password))
+            }
+            _ => None,
+        };
+        Ok(EtcdSecurity { tls, user })
+    }
+
+    pub async fn etcd_registry(&self) -> anyhow::Result<EtcdRegistry> {
+        let security = self.etcd_security()?;
+        EtcdRegistry::connect_with(&self.etcd, &security)
             .await
-            .with_context(|| format!("connecting to etcd at {}", self.etcd.join(",")))?;
-        Ok(Arc::new(registry))
+            .with_context(|| format!("connecting to etcd at {}", self.etcd.join(",")))
+    }
+}
+
+/// TLS of a component's listeners and outbound links.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TlsArgs {
+    /// Certificate chain (PEM) every listener serves (TLS only), also presented as this
+    /// component's client certificate on its links when the peer asks (mTLS). Re-read when
+    /// the file changes: a rotated certificate is served without a restart.
+    #[arg(long, env = "SWITCHYARD_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert-file.
+    #[arg(long, env = "SWITCHYARD_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA certificates (PEM) trusted on outbound links (router → workers and control plane,
+    /// control plane → workers); set, those links use TLS.
+    #[arg(long, env = "SWITCHYARD_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+}
+
+/// Loads the TLS files now, so a bad certificate is a configuration error reported before
+/// anything touches the cluster.
+fn check_tls(files: &TlsFiles) -> anyhow::Result<()> {
+    files.server(switchyard_cluster::tls::Alpn::Grpc)?;
+    if let Some(client) = files.client() {
+        client.config().context("--tls-ca-file")?;
+    }
+    Ok(())
+}
+
+impl TlsArgs {
+    pub fn files(&self) -> TlsFiles {
+        TlsFiles {
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+            ca_file: self.tls_ca_file.clone(),
+            client_ca_file: None,
+        }
     }
 }
 
@@ -85,6 +176,8 @@ pub struct RouterArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -140,6 +233,7 @@ impl RouterArgs {
             max_session_requests: self.max_session_requests,
             max_tenant_requests: self.max_tenant_requests,
             stream_credit_tokens: self.stream_credit_tokens,
+            tls: self.tls.files(),
             ..RouterConfig::default()
         }
     }
@@ -152,6 +246,17 @@ pub struct WorkerArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// CA certificates (PEM) of the cluster: `Worker` calls (Serve, GetTokenizer) need a
+    /// client certificate signed by them (mTLS; routers and control planes present their
+    /// --tls-cert-file). Health and reflection stay open. Needs --tls-cert-file.
+    #[arg(
+        long,
+        env = "SWITCHYARD_TLS_CLIENT_CA_FILE",
+        requires = "tls_cert_file"
+    )]
+    pub tls_client_ca_file: Option<PathBuf>,
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
@@ -197,6 +302,10 @@ impl WorkerArgs {
             cost_per_mtok: self.cost_per_mtok.unwrap_or(default_cost),
             drain_timeout: self.drain_timeout,
             metrics: Metrics::new(),
+            tls: TlsFiles {
+                client_ca_file: self.tls_client_ca_file.clone(),
+                ..self.tls.files()
+            },
         }
     }
 }
@@ -261,6 +370,8 @@ pub struct ControlPlaneArgs {
     pub cluster: ClusterArgs,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
@@ -320,6 +431,7 @@ pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.api_keys_file {
         switchyard_router::auth::ApiKeys::load(path)?;
     }
+    check_tls(&args.tls.files())?;
     let cluster_token = args.cluster.cluster_token()?;
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
@@ -346,10 +458,11 @@ pub async fn worker(
     args: WorkerArgs,
     engine: Arc<dyn Engine>,
 ) -> anyhow::Result<()> {
+    let config = args.config(pool);
+    check_tls(&config.tls)?;
     let cluster_token = args.cluster.cluster_token()?;
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
-    let config = args.config(pool);
     args.metrics
         .serve(component, &config.metrics, &shutdown)
         .await?;
@@ -392,10 +505,9 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(switchyard_control_plane::auth::AdminTokens::load)
         .transpose()?;
+    check_tls(&args.tls.files())?;
     let cluster_token = args.cluster.cluster_token()?;
-    let etcd = EtcdRegistry::connect(&args.cluster.etcd)
-        .await
-        .with_context(|| format!("connecting to etcd at {}", args.cluster.etcd.join(",")))?;
+    let etcd = args.cluster.etcd_registry().await?;
     let election = switchyard_control_plane::ElectionConfig::Etcd {
         client: Box::new(etcd.client()),
         ttl: args.leader_ttl,
@@ -414,6 +526,7 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
             ),
             access: switchyard_control_plane::auth::Access::new(tokens),
             cluster_token,
+            tls: args.tls.files(),
         },
     };
     args.metrics

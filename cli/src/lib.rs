@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod client;
 pub mod components;
+pub mod tls;
 pub mod up;
 
 pub use client::{ClientError, Completion, RequestStream, SessionClient};

@@ -50,6 +50,11 @@ pub struct UpArgs {
     /// other GPU servers).
     #[arg(long, default_value_t = 1)]
     pub wse_workers: usize,
+    /// Serve TLS only, with a throw-away local CA and certificates for 127.0.0.1/localhost
+    /// (removed on exit; the CA's file is printed as `tls ca <path>`). Workers also require
+    /// the router's and control plane's client certificates (mTLS).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -78,6 +83,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         uuid::Uuid::new_v4().simple()
     ))
     .map_err(anyhow::Error::msg)?;
+    let pki = if args.tls {
+        Some(crate::tls::LocalPki::generate(&[
+            "router",
+            "control-plane",
+            "worker",
+        ])?)
+    } else {
+        None
+    };
+    let tls_files = |component: &str| {
+        pki.as_ref()
+            .map(|pki| pki.files(component))
+            .unwrap_or_default()
+    };
     let shutdown = shutdown_on_signal();
     let mut tasks = JoinSet::new();
     let mut ready = Vec::new();
@@ -110,6 +129,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             drain_timeout: Duration::from_secs(30),
             // In-process workers' metrics are not served: the router's are, on its HTTP port.
             metrics: Default::default(),
+            // Worker calls only from this CA's certificates: the router's and control plane's.
+            tls: switchyard_cluster::tls::TlsFiles {
+                client_ca_file: pki.as_ref().map(|pki| pki.ca_file()),
+                ..tls_files("worker")
+            },
         };
         let (tx, rx) = oneshot::channel();
         ready.push((component, rx));
@@ -137,6 +161,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         security: switchyard_control_plane::SecurityConfig {
             access: admin.access.clone(),
             cluster_token: Some(cluster_token.clone()),
+            tls: tls_files("control-plane"),
             ..Default::default()
         },
     };
@@ -158,6 +183,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         http_listen: Some(args.http_listen),
         api_keys_file: args.api_keys_file.clone(),
         cluster_token: Some(cluster_token.clone()),
+        tls: tls_files("router"),
         ..Default::default()
     };
     let (r, s) = (registry.clone(), shutdown.clone());
@@ -188,7 +214,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let probe_key = probe_key(args.api_keys_file.as_deref())?;
     tokio::time::timeout(
         Duration::from_secs(10),
-        wait_for_workers(router, workers, probe_key),
+        wait_for_workers(
+            router,
+            workers,
+            probe_key,
+            pki.as_ref().map(|p| p.ca_file()),
+        ),
     )
     .await
     .context("the router did not connect to every worker within 10s")??;
@@ -201,6 +232,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             "control-plane admin token {}",
             dir.path().join(TOKEN_FILE).display()
         );
+    }
+    if let Some(pki) = &pki {
+        // Three words, like an endpoint line, but its last one is a path, not an address.
+        println!("tls ca {}", pki.ca_file().display());
     }
     for (component, address) in endpoints {
         announce(component, "grpc", address);
@@ -338,8 +373,14 @@ async fn wait_for_workers(
     router: SocketAddr,
     count: usize,
     key: Option<String>,
+    ca_file: Option<std::path::PathBuf>,
 ) -> anyhow::Result<()> {
-    let channel = crate::client::connect_channel(&router.to_string()).await?;
+    let tls = ca_file.map(switchyard_cluster::tls::ClientTls::new);
+    let channel = switchyard_cluster::tls::endpoint(&router.to_string(), tls.as_ref())
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
     let authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = key
         .map(|key| format!("Bearer {key}").parse())
         .transpose()

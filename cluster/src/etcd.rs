@@ -64,6 +64,26 @@ struct WatchLabels {
     watch: &'static str,
 }
 
+/// How the registry reaches a secured etcd: TLS (the CA that signed etcd's certificate, and a
+/// client certificate when etcd runs with `--client-cert-auth`) and etcd's own user/password
+/// authentication (`--auth`), independent of each other.
+#[derive(Clone, Default)]
+pub struct EtcdSecurity {
+    pub tls: Option<crate::tls::ClientTls>,
+    /// etcd user and password.
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        f.debug_struct("EtcdSecurity")
+            .field("tls", &self.tls)
+            .field("user", &self.user.as_ref().map(|(user, _)| user))
+            .finish()
+    }
+}
+
 /// Registry stored in etcd.
 #[derive(Clone)]
 pub struct EtcdRegistry {
@@ -83,11 +103,34 @@ impl std::fmt::Debug for EtcdRegistry {
 impl EtcdRegistry {
     /// Connects to the etcd cluster at `endpoints` (e.g. `http://127.0.0.1:2379`).
     pub async fn connect(endpoints: &[String]) -> Result<Self, RegistryError> {
-        let options = ConnectOptions::new()
+        Self::connect_with(endpoints, &EtcdSecurity::default()).await
+    }
+
+    /// Like [`EtcdRegistry::connect`], over TLS and/or as an etcd user (`https://` endpoints
+    /// with TLS).
+    pub async fn connect_with(
+        endpoints: &[String],
+        security: &EtcdSecurity,
+    ) -> Result<Self, RegistryError> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(KEEPALIVE_INTERVAL, KEEPALIVE_TIMEOUT)
             .with_keep_alive_while_idle(false);
+        if let Some(tls) = &security.tls {
+            if let Some(plain) = endpoints.iter().find(|e| !e.starts_with("https://")) {
+                return Err(RegistryError::Config(format!(
+                    "etcd endpoint {plain:?}: with etcd TLS options the endpoints must be https:// URLs"
+                )));
+            }
+            options = options.with_tls(
+                tls.config()
+                    .map_err(|e| RegistryError::Config(e.to_string()))?,
+            );
+        }
+        if let Some((user, password)) = &security.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
         let client = Client::connect(endpoints, Some(options)).await?;
         Ok(Self {
             client,

@@ -10,8 +10,9 @@ pub mod memory;
 pub mod registry;
 pub mod schema;
 pub mod telemetry;
+pub mod tls;
 
-pub use etcd::EtcdRegistry;
+pub use etcd::{EtcdRegistry, EtcdSecurity};
 pub use membership::{Membership, MembershipView};
 pub use memory::MemoryRegistry;
 pub use registry::{Fence, Registration, Registry, RegistryError};

@@ -19,6 +19,8 @@ pub enum RegistryError {
     InvalidTtl(Duration),
     #[error("write refused: this replica no longer holds `{0}` (leadership moved)")]
     Fenced(String),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// A condition on a write: it happens only while `key` is still attached to `lease`, i.e.

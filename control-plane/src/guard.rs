@@ -27,6 +27,8 @@ pub const CSRF_HEADER: &str = "x-switchyard-csrf";
 pub struct HostAllowlist {
     /// Lower-cased names without port.
     names: Vec<String>,
+    /// The dashboard is served over TLS: its own origin is `https://<host>`.
+    https: bool,
 }
 
 impl HostAllowlist {
@@ -37,7 +39,14 @@ impl HostAllowlist {
                 .map(|n| n.as_ref().trim().to_ascii_lowercase())
                 .filter(|n| !n.is_empty())
                 .collect(),
+            https: false,
         }
+    }
+
+    /// The same names, for a dashboard served over TLS (or not).
+    pub fn served_over_tls(mut self, https: bool) -> Self {
+        self.https = https;
+        self
     }
 
     /// Whether `host` (a `Host` header value, port optional) names this dashboard. IP
@@ -77,8 +86,9 @@ fn header(headers: &HeaderMap, name: impl header::AsHeaderName) -> Option<&str> 
 }
 
 /// Why a write does not come from the dashboard's own page, if it does not.
-fn write_refusal(headers: &HeaderMap, host: Option<&str>) -> Option<String> {
-    let own = host.map(|h| format!("http://{h}").to_ascii_lowercase());
+fn write_refusal(headers: &HeaderMap, host: Option<&str>, https: bool) -> Option<String> {
+    let scheme = if https { "https" } else { "http" };
+    let own = host.map(|h| format!("{scheme}://{h}").to_ascii_lowercase());
     let own_text = own.as_deref().unwrap_or("this dashboard's address");
     if let Some(origin) = header(headers, header::ORIGIN) {
         if Some(origin.to_ascii_lowercase()) != own {
@@ -147,7 +157,7 @@ pub async fn guard(
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS
     );
-    if !read && let Some(message) = write_refusal(headers, host.as_deref()) {
+    if !read && let Some(message) = write_refusal(headers, host.as_deref(), hosts.https) {
         return forbidden(message);
     }
     next.run(request).await
@@ -189,5 +199,20 @@ mod tests {
             Some("http://127.0.0.1:8090")
         );
         assert_eq!(origin_of("nonsense"), None);
+    }
+
+    #[test]
+    fn over_tls_the_dashboards_own_origin_is_https() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        headers.insert(CSRF_HEADER, "1".parse().unwrap());
+        headers.insert(header::ORIGIN, "https://127.0.0.1:8090".parse().unwrap());
+        let host = Some("127.0.0.1:8090");
+        assert_eq!(write_refusal(&headers, host, true), None);
+        // The same page served over plain HTTP is another origin.
+        assert!(write_refusal(&headers, host, false).is_some());
+        headers.insert(header::ORIGIN, "http://127.0.0.1:8090".parse().unwrap());
+        assert!(write_refusal(&headers, host, true).is_some());
+        assert_eq!(write_refusal(&headers, host, false), None);
     }
 }

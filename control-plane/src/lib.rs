@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_cluster::tls::Alpn;
 use switchyard_cluster::{Registry, RegistryError};
 use switchyard_proto::v1::admin_server::AdminServer;
 use tokio::net::TcpListener;
@@ -59,6 +60,9 @@ pub struct SecurityConfig {
     pub access: auth::Access,
     /// The cluster token presented on the load streams to workers.
     pub cluster_token: Option<switchyard_cluster::credential::ClusterToken>,
+    /// TLS: the certificate the gRPC listener and the dashboard serve, and the CA trusted on
+    /// the load streams to workers. Default: plaintext.
+    pub tls: switchyard_cluster::tls::TlsFiles,
 }
 
 /// Where a running control plane serves.
@@ -81,6 +85,8 @@ pub enum ControlPlaneError {
     Transport(#[from] tonic::transport::Error),
     #[error("dashboard server: {0}")]
     Http(std::io::Error),
+    #[error("invalid config: {0}")]
+    Config(String),
 }
 
 /// Which election runs (a standalone replica never resigns).
@@ -106,6 +112,9 @@ pub async fn run_control_plane(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(Endpoints),
 ) -> Result<(), ControlPlaneError> {
+    let tls_error = |e: switchyard_cluster::tls::TlsError| ControlPlaneError::Config(e.to_string());
+    let grpc_tls = config.security.tls.server(Alpn::Grpc).map_err(tls_error)?;
+    let http_tls = config.security.tls.server(Alpn::Http).map_err(tls_error)?;
     let (grpc_listener, grpc) = bind(config.listen).await?;
     let http = match config.http_listen {
         Some(addr) => Some(bind(addr).await?),
@@ -125,6 +134,7 @@ pub async fn run_control_plane(
     let loads = loads::Loads::spawn(
         membership.clone(),
         config.security.cluster_token.clone(),
+        config.security.tls.client(),
         background.clone(),
     );
     let events = events::Events::spawn(membership.clone(), policy, background.clone());
@@ -164,7 +174,7 @@ pub async fn run_control_plane(
     health.set_serving::<AdminServer<AdminService>>().await;
     let (reflection_v1, reflection_v1alpha) =
         switchyard_proto::introspection::reflection_services();
-    let grpc_server = tonic::transport::Server::builder()
+    let grpc_router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -172,25 +182,59 @@ pub async fn run_control_plane(
             AdminService::new(plane.clone())
                 .with_access(config.security.access.clone())
                 .with_cluster_token(config.security.cluster_token.clone()),
-        ))
-        .serve_with_incoming_shutdown(
-            // Streams carry small frames: Nagle's algorithm would hold them back
-            // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not reach
-            // a listener of our own.
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true)),
-            shutdown.clone().cancelled_owned(),
-        );
-    let http_server = async {
-        match http {
-            Some((listener, _)) => axum::serve(
-                listener,
-                dashboard::router(plane.clone(), config.security.clone()),
-            )
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .map_err(ControlPlaneError::Http),
-            None => Ok(()),
+        ));
+    let grpc_server = async {
+        match grpc_tls {
+            Some(tls) => {
+                let incoming = switchyard_cluster::tls::listen(grpc_listener, tls)
+                    .map_err(|source| ControlPlaneError::Bind { addr: grpc, source })?;
+                grpc_router
+                    .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                    .await?
+            }
+            None => {
+                grpc_router
+                    .serve_with_incoming_shutdown(
+                        // Streams carry small frames: Nagle's algorithm would hold them back
+                        // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not
+                        // reach a listener of our own.
+                        tonic::transport::server::TcpIncoming::from(grpc_listener)
+                            .with_nodelay(Some(true)),
+                        shutdown.clone().cancelled_owned(),
+                    )
+                    .await?
+            }
         }
+        Ok::<_, ControlPlaneError>(())
+    };
+    let mut security = config.security.clone();
+    security.dashboard_hosts = security.dashboard_hosts.served_over_tls(http_tls.is_some());
+    let http_server = async {
+        let Some((listener, bound)) = http else {
+            return Ok(());
+        };
+        let app = dashboard::router(plane.clone(), security);
+        let stop = shutdown.clone().cancelled_owned();
+        match http_tls {
+            Some(tls) => {
+                let listener =
+                    switchyard_cluster::tls::listen(listener, tls).map_err(|source| {
+                        ControlPlaneError::Bind {
+                            addr: bound,
+                            source,
+                        }
+                    })?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+        }
+        .map_err(ControlPlaneError::Http)
     };
     info!(id = %config.id, grpc = %grpc, http = ?endpoints.http, "control plane ready");
     on_ready(endpoints);

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use switchyard_cluster::Membership;
 use switchyard_cluster::credential::ClusterToken;
+use switchyard_cluster::tls::ClientTls;
 use switchyard_proto::v1::{self, worker_client::WorkerClient, worker_frame::Frame};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -23,6 +24,8 @@ pub struct Loads {
     by_worker: Arc<Mutex<HashMap<String, v1::Load>>>,
     /// The cluster token presented to workers.
     credential: Option<ClusterToken>,
+    /// TLS of the load streams (workers serve TLS).
+    tls: Option<ClientTls>,
 }
 
 impl Loads {
@@ -47,10 +50,12 @@ impl Loads {
     pub fn spawn(
         mut membership: Membership,
         credential: Option<ClusterToken>,
+        tls: Option<ClientTls>,
         shutdown: CancellationToken,
     ) -> Self {
         let loads = Self {
             credential,
+            tls,
             ..Self::default()
         };
         let this = loads.clone();
@@ -105,7 +110,7 @@ async fn stream_loads(
     worker_id: &str,
     address: &str,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+    let endpoint = switchyard_cluster::tls::endpoint(address, loads.tls.as_ref())?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));

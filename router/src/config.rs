@@ -32,6 +32,9 @@ pub struct RouterConfig {
     /// The cluster token presented on every worker link (workers started with one refuse
     /// `Worker` calls without it). `None`: links carry no credential.
     pub cluster_token: Option<switchyard_cluster::credential::ClusterToken>,
+    /// TLS: the certificate both listeners (gRPC and HTTP) serve, and the CA trusted on the
+    /// links to workers and to the control plane. Default: plaintext.
+    pub tls: switchyard_cluster::tls::TlsFiles,
     /// At most this many requests a second have their decision and outcome reported to the
     /// control plane (the decision feed); the per-second stats cover every request anyway.
     pub decision_reports_per_s: u32,
@@ -62,6 +65,7 @@ impl Default for RouterConfig {
             max_attempts: 3,
             api_keys_file: None,
             cluster_token: None,
+            tls: Default::default(),
             decision_reports_per_s: 200,
             max_session_requests: 1024,
             max_tenant_requests: 0,

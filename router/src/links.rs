@@ -17,12 +17,13 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use switchyard_cluster::credential::ClusterToken;
+use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Membership, MembershipView, WorkerRecord};
 use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, worker_frame};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::policy::{ClusterView, WorkerState};
@@ -471,7 +472,11 @@ impl Link {
         address: &str,
         connect_timeout: Duration,
     ) -> Result<(), String> {
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let tls = self
+            .links
+            .upgrade()
+            .and_then(|links| links.tls.get().cloned());
+        let endpoint = switchyard_cluster::tls::endpoint(address, tls.as_ref())
             .map_err(|e| e.to_string())?
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
@@ -599,6 +604,8 @@ pub struct Links {
     tokenizers: Arc<Tokenizers>,
     /// The cluster token every link presents to its worker, once set.
     credential: OnceLock<ClusterToken>,
+    /// TLS of every link, once set (before any link is dialled): workers then serve TLS.
+    tls: OnceLock<ClientTls>,
 }
 
 impl Links {
@@ -614,7 +621,13 @@ impl Links {
             me: me.clone(),
             tokenizers: Arc::default(),
             credential: OnceLock::new(),
+            tls: OnceLock::new(),
         })
+    }
+
+    /// Dials every worker link from now on over TLS (set once, before any).
+    pub fn set_tls(&self, tls: ClientTls) {
+        let _ = self.tls.set(tls);
     }
 
     /// Presents `token` on every worker link dialled from now on (set once, before any).

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_cluster::backoff::Backoff;
+use switchyard_cluster::tls::Alpn;
 use switchyard_cluster::{Registry, RegistryError};
 use switchyard_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
@@ -93,6 +94,16 @@ pub async fn run_router_with_endpoints(
         }
         None => None,
     };
+    let grpc_tls = config
+        .tls
+        .server(Alpn::Grpc)
+        .map_err(|e| RouterError::Config(e.to_string()))?;
+    let http_tls = config
+        .tls
+        .server(Alpn::Http)
+        .map_err(|e| RouterError::Config(e.to_string()))?;
+    let client_tls = config.tls.client();
+    let config_listen = config.listen;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RouterError::Bind {
@@ -122,6 +133,9 @@ pub async fn run_router_with_endpoints(
     if let Some(token) = &config.cluster_token {
         links.set_credential(token.clone());
     }
+    if let Some(tls) = &client_tls {
+        links.set_tls(tls.clone());
+    }
     let fallback_policy = config.default_policy();
     let (policy, policy_tx) = PolicyHandle::pending(fallback_policy.clone());
     let metrics = crate::metrics::RouterMetrics::register(&config.metrics);
@@ -131,6 +145,7 @@ pub async fn run_router_with_endpoints(
         config.decision_reports_per_s,
         leader_rx,
         config.cluster_token.clone(),
+        client_tls,
         shutdown.clone(),
     );
     let mut dispatcher = Dispatcher::new(links.clone(), config, policy, metrics);
@@ -162,7 +177,7 @@ pub async fn run_router_with_endpoints(
 
     let (reflection_v1, reflection_v1alpha) =
         switchyard_proto::introspection::reflection_services();
-    let server = tonic::transport::Server::builder()
+    let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -170,18 +185,30 @@ pub async fn run_router_with_endpoints(
         .add_service(InferenceServer::with_interceptor(
             InferenceService::new(dispatcher.clone()),
             AuthInterceptor::new(api_keys.clone()),
-        ))
-        .serve_with_incoming_shutdown(
+        ));
+    let server: std::pin::Pin<
+        Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
+    > = match grpc_tls {
+        Some(tls) => Box::pin(grpc.serve_with_incoming_shutdown(
+            switchyard_cluster::tls::listen(listener, tls).map_err(|source| RouterError::Bind {
+                addr: config_listen,
+                source,
+            })?,
+            shutdown.clone().cancelled_owned(),
+        )),
+        None => Box::pin(grpc.serve_with_incoming_shutdown(
             // Streams carry small frames: Nagle's algorithm would hold them back
             // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not reach
             // a listener of our own.
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown.clone().cancelled_owned(),
-        );
+        )),
+    };
     let (http_server, http_bound) = match http_listener {
         Some((listener, bound)) => {
             info!(address = %bound, "router http (OpenAI-compatible) ready");
-            let server = crate::openai::serve(listener, dispatcher, api_keys, shutdown.clone());
+            let server =
+                crate::openai::serve(listener, http_tls, dispatcher, api_keys, shutdown.clone());
             (Some(server), Some(bound))
         }
         None => (None, None),

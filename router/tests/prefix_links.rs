@@ -39,6 +39,7 @@ async fn start_worker(registry: Arc<dyn Registry>, id: &str) -> CancellationToke
         cost_per_mtok: 0.1,
         drain_timeout: Duration::from_secs(1),
         metrics: Default::default(),
+        tls: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let (ready, registered) = tokio::sync::oneshot::channel();

@@ -1,21 +1,30 @@
 #!/usr/bin/env python3
 """Drives a Switchyard router's OpenAI-compatible HTTP API with the official `openai` SDK.
 
-Usage: openai_sdk_check.py BASE_URL MODEL
-(BASE_URL like http://127.0.0.1:8080/v1). Prints one line per check and, at the end,
+Usage: openai_sdk_check.py BASE_URL MODEL [CA_FILE]
+(BASE_URL like http://127.0.0.1:8080/v1; with https://, CA_FILE is the CA to trust, e.g. the
+one `switchyard up --tls` prints). Prints one line per check and, at the end,
 "openai-sdk: N passed, M failed"; exits non-zero when a check failed.
 The end-to-end test `tests/tests/openai.rs` runs it against real router and worker processes.
 """
 
+import ssl
 import sys
 import traceback
 
 import openai
-from openai import OpenAI
+from openai import DefaultHttpxClient, OpenAI
 
 BASE_URL, MODEL = sys.argv[1], sys.argv[2]
+CA_FILE = sys.argv[3] if len(sys.argv) > 3 else None
+# Trust exactly the given CA, as a user would pass it to the SDK's HTTP client.
+http_client = (
+    DefaultHttpxClient(verify=ssl.create_default_context(cafile=CA_FILE)) if CA_FILE else None
+)
 # No retries: a 429/503 must surface, not be retried away.
-client = OpenAI(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=30)
+client = OpenAI(
+    base_url=BASE_URL, api_key="unused", max_retries=0, timeout=30, http_client=http_client
+)
 MESSAGES = [{"role": "user", "content": "the quick brown fox jumps"}]
 results = []
 

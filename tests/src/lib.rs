@@ -106,11 +106,24 @@ impl Etcd {
 
     /// Starts etcd serving clients on `client` (a port components may already be dialling).
     pub async fn start_on(client: u16) -> anyhow::Result<Self> {
+        Self::spawn(client, None).await
+    }
+
+    /// Starts etcd serving clients over TLS only (`https://`), requiring client certificates
+    /// of `tls`'s CA (etcd's `--client-cert-auth`); `tls` is also how the readiness probe
+    /// connects.
+    pub async fn start_tls(tls: EtcdTls) -> anyhow::Result<Self> {
+        Self::spawn(free_port(), Some(tls)).await
+    }
+
+    async fn spawn(client: u16, tls: Option<EtcdTls>) -> anyhow::Result<Self> {
         let data = tempfile::tempdir()?;
         let peer = free_port();
-        let url = format!("http://127.0.0.1:{client}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", "e2e", "--data-dir"])
             .arg(data.path())
             .args([
@@ -125,19 +138,37 @@ impl Etcd {
                 "--initial-advertise-peer-urls",
                 &peer_url,
             ])
-            .args(["--initial-cluster", &format!("e2e={peer_url}")])
+            .args(["--initial-cluster", &format!("e2e={peer_url}")]);
+        if let Some(tls) = &tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert_file)
+                .arg("--key-file")
+                .arg(&tls.key_file)
+                .arg("--trusted-ca-file")
+                .arg(&tls.ca_file)
+                .arg("--client-cert-auth");
+        }
+        let child = command
             .stdout(Stdio::null())
             .stderr(log_file("etcd").1)
             .kill_on_drop(true)
             .spawn()
             .context("starting etcd (install Debian's etcd-server; scripts/test.sh does)")?;
+        let security = switchyard_cluster::EtcdSecurity {
+            tls: tls.as_ref().map(|tls| {
+                switchyard_cluster::tls::ClientTls::new(tls.ca_file.clone())
+                    .with_identity(tls.cert_file.clone(), tls.key_file.clone())
+            }),
+            user: None,
+        };
         let etcd = Self {
             child,
             _data: data,
             url,
         };
         wait_until(Duration::from_secs(20), "etcd to answer", || async {
-            match EtcdRegistry::connect(std::slice::from_ref(&etcd.url)).await {
+            match EtcdRegistry::connect_with(std::slice::from_ref(&etcd.url), &security).await {
                 Ok(registry) => registry.list_workers().await.is_ok(),
                 Err(_) => false,
             }
@@ -153,6 +184,15 @@ impl Etcd {
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
+}
+
+/// etcd's TLS files: its server certificate (also the test's client certificate) and the CA
+/// of the client certificates it accepts.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
 }
 
 /// A running `switchyard <subcommand>` process.
@@ -210,12 +250,11 @@ impl Component {
                     format!("{name} exited before announcing readiness (see target/*/e2e-logs)")
                 })?;
             let parts: Vec<&str> = line.split_whitespace().collect();
-            if let [component, protocol, address] = parts[..] {
-                endpoints.push((
-                    component.to_string(),
-                    protocol.to_string(),
-                    address.parse()?,
-                ));
+            // `tls ca <path>` has three words too: only an address makes an endpoint line.
+            if let [component, protocol, address] = parts[..]
+                && let Ok(address) = address.parse()
+            {
+                endpoints.push((component.to_string(), protocol.to_string(), address));
             } else {
                 notes.push(line);
             }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_cluster::credential::ClusterToken;
+use switchyard_cluster::tls::{Alpn, TlsFiles};
 use switchyard_cluster::{Capacity, Pool, Registry, RegistryError, WorkerRecord, WorkerState};
 use switchyard_proto::v1::worker_server::WorkerServer;
 use tokio::net::TcpListener;
@@ -40,6 +41,9 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// Where the worker registers its Prometheus metrics (the caller serves them).
     pub metrics: Metrics,
+    /// TLS for the gRPC listener; with `client_ca_file`, `Worker` calls need a client
+    /// certificate of that CA (mTLS). Default: plaintext.
+    pub tls: TlsFiles,
 }
 
 impl WorkerConfig {
@@ -53,6 +57,9 @@ impl WorkerConfig {
         if self.lease_ttl < Duration::from_secs(1) {
             return Err(WorkerError::Config("lease ttl: must be at least 1s".into()));
         }
+        self.tls
+            .validate()
+            .map_err(|e| WorkerError::Config(e.to_string()))?;
         if self.coalesce.max_chunk_tokens == 0 {
             return Err(WorkerError::Config(
                 "coalesce max chunk tokens: must be at least 1".into(),
@@ -102,6 +109,11 @@ pub async fn run_member_worker(
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), WorkerError> {
     config.validate()?;
+    let tls = config
+        .tls
+        .server(Alpn::Grpc)
+        .map_err(|e| WorkerError::Config(e.to_string()))?;
+    let client_certificates = tls.as_ref().is_some_and(|tls| tls.verifies_clients());
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| WorkerError::Bind {
@@ -133,28 +145,48 @@ pub async fn run_member_worker(
         switchyard_proto::introspection::reflection_services();
 
     let server_stop = closing.clone();
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(WorkerServer::with_interceptor(
-                service,
-                move |request: tonic::Request<()>| {
-                    if let Some(credential) = &credential {
-                        credential.check(&request)?;
-                    }
-                    Ok(request)
-                },
-            ))
-            .serve_with_incoming_shutdown(
-                // Streams carry small frames: Nagle's algorithm would hold them back
-                // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not reach
-                // a listener of our own.
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                server_stop.cancelled_owned(),
-            ),
-    );
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(WorkerServer::with_interceptor(
+            service,
+            move |request: tonic::Request<()>| {
+                // The listener has verified any certificate presented against the client CA;
+                // here a caller without one is refused (health and reflection stay open).
+                if client_certificates
+                    && !switchyard_cluster::tls::peer_presented_certificate(&request)
+                {
+                    return Err(tonic::Status::unauthenticated(
+                        "Worker calls need a client certificate of the cluster CA (mTLS)",
+                    ));
+                }
+                if let Some(credential) = &credential {
+                    credential.check(&request)?;
+                }
+                Ok(request)
+            },
+        ));
+    let mut server = match tls {
+        Some(tls) => {
+            let incoming = switchyard_cluster::tls::listen(listener, tls).map_err(|source| {
+                WorkerError::Bind {
+                    addr: config.listen,
+                    source,
+                }
+            })?;
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned()),
+            )
+        }
+        None => tokio::spawn(router.serve_with_incoming_shutdown(
+            // Streams carry small frames: Nagle's algorithm would hold them back
+            // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not reach
+            // a listener of our own.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            server_stop.cancelled_owned(),
+        )),
+    };
 
     // Read before registering, so a worker restarted while drained never advertises `ready`.
     let mut drain_requests = registry.watch_drain(&config.id).await?;

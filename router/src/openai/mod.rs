@@ -50,14 +50,24 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .merge(metrics)
 }
 
-/// Serves the HTTP API on `listener` until `shutdown` fires.
+/// Serves the HTTP API on `listener` (HTTPS with `tls`) until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<switchyard_cluster::tls::ServerTls>>,
     dispatcher: Arc<Dispatcher>,
     keys: Option<Arc<ApiKeys>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt as _;
+    if let Some(tls) = tls {
+        // The TLS listener sets TCP_NODELAY on every connection itself.
+        return axum::serve(
+            switchyard_cluster::tls::listen(listener, tls)?,
+            routes(dispatcher, keys),
+        )
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await;
+    }
     // Token chunks are small and latency-bound: never let Nagle hold them back.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);

@@ -24,6 +24,7 @@ use std::time::Duration;
 use switchyard_cluster::Pool;
 use switchyard_cluster::backoff::Backoff;
 use switchyard_cluster::credential::ClusterToken;
+use switchyard_cluster::tls::ClientTls;
 use switchyard_proto::v1::{self, admin_client::AdminClient, router_report::Report};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -253,6 +254,7 @@ impl Reporter {
         per_s: u32,
         leader: watch::Receiver<Option<Vec<u8>>>,
         credential: Option<ClusterToken>,
+        tls: Option<ClientTls>,
         shutdown: CancellationToken,
     ) -> Self {
         let (reporter, rx) = Self::new(router_id, per_s);
@@ -261,7 +263,7 @@ impl Reporter {
             shared.clone(),
             rx,
             leader,
-            credential,
+            (credential, tls),
             shutdown.clone(),
         ));
         tokio::spawn(tick_stats(shared, shutdown));
@@ -468,7 +470,7 @@ async fn stream_reports(
     shared: Arc<Shared>,
     mut rx: mpsc::Receiver<v1::RouterReport>,
     mut leader: watch::Receiver<Option<Vec<u8>>>,
-    credential: Option<ClusterToken>,
+    (credential, tls): (Option<ClusterToken>, Option<ClientTls>),
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
@@ -480,7 +482,7 @@ async fn stream_reports(
                     &shared,
                     &mut rx,
                     &mut leader,
-                    &credential,
+                    (&credential, tls.as_ref()),
                     &shutdown,
                     address,
                 )
@@ -525,11 +527,11 @@ async fn stream_to(
     shared: &Shared,
     rx: &mut mpsc::Receiver<v1::RouterReport>,
     leader: &mut watch::Receiver<Option<Vec<u8>>>,
-    credential: &Option<ClusterToken>,
+    (credential, tls): (&Option<ClusterToken>, Option<&ClientTls>),
     shutdown: &CancellationToken,
     address: &str,
 ) -> Result<StreamEnd, Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))?
+    let endpoint = switchyard_cluster::tls::endpoint(address, tls)?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(10));

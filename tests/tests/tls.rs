@@ -1,0 +1,404 @@
+//! TLS on every listener and link, against `switchyard up --tls` with real clients: grpcurl
+//! with `-cacert`, curl with `--cacert`, the openai Python SDK over HTTPS, tonic; plaintext
+//! clients are refused, and workers take `Worker` calls only from client certificates of the
+//! cluster CA (mTLS).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::Value;
+use switchyard_cluster::tls::ClientTls;
+use switchyard_proto::v1;
+use switchyard_tests::{Component, Etcd, EtcdTls, synthetic_request, up_args, wait_until};
+use switchyard_worker::synthetic::synthetic_text;
+
+const PROCESS_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs a command to completion; returns (success, stdout, stderr).
+async fn run(program: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let output = tokio::time::timeout(
+        PROCESS_TIMEOUT,
+        tokio::process::Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("{program} did not finish within {PROCESS_TIMEOUT:?}"))?
+    .with_context(|| format!("running {program} (pip install -r scripts/test-requirements.txt)"))?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+async fn succeeds(program: &str, args: &[&str]) -> anyhow::Result<String> {
+    let (ok, out, err) = run(program, args).await?;
+    anyhow::ensure!(ok, "{program} {args:?} failed:\n{out}\n{err}");
+    Ok(out)
+}
+
+/// The CA file `switchyard up --tls` printed.
+fn printed_ca(up: &Component) -> PathBuf {
+    let line = up
+        .notes
+        .iter()
+        .find_map(|l| l.strip_prefix("tls ca "))
+        .unwrap_or_else(|| panic!("no `tls ca <path>` line in {:?}", up.notes));
+    PathBuf::from(line)
+}
+
+/// A TLS channel to `addr` trusting `ca` (and presenting no client certificate).
+async fn tls_channel(addr: &str, ca: &Path) -> anyhow::Result<tonic::transport::Channel> {
+    let tls = ClientTls::new(ca.to_path_buf());
+    let endpoint =
+        switchyard_cluster::tls::endpoint(addr, Some(&tls)).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(endpoint.connect().await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchyard_up_with_tls_serves_real_clients_over_tls_only() -> anyhow::Result<()> {
+    let up = Component::start("up-tls", &up_args(&["--tls", "--engine", "synthetic"]), 7).await?;
+    let ca = printed_ca(&up);
+    let ca_arg = ca.to_str().expect("utf-8 path");
+    let router = up.addr_of("router", "grpc").to_string();
+
+    // grpcurl trusting the printed CA: reflection over TLS, and a streamed Generate.
+    let services = succeeds("grpcurl", &["-cacert", ca_arg, &router, "list"]).await?;
+    assert!(services.contains("switchyard.v1.Inference"), "{services}");
+    let body = r#"{"model":"synthetic","messages":[{"role":"user","content":"hello tls"}],"sampling":{"max_tokens":4},"class":"REQUEST_CLASS_LATENCY_CRITICAL"}"#;
+    let out = succeeds(
+        "grpcurl",
+        &[
+            "-cacert",
+            ca_arg,
+            "-d",
+            body,
+            &router,
+            "switchyard.v1.Inference/Generate",
+        ],
+    )
+    .await?;
+    let frames: Vec<Value> = serde_json::Deserializer::from_str(&out)
+        .into_iter::<Value>()
+        .collect::<Result<_, _>>()?;
+    let text: String = frames
+        .iter()
+        .filter_map(|f| f["tokens"]["text"].as_str())
+        .collect();
+    assert_eq!(text, synthetic_text("hello tls", 0, 4), "{out}");
+    // Without the CA, grpcurl does not trust the server.
+    let (ok, _, err) = run("grpcurl", &["-connect-timeout", "5", &router, "list"]).await?;
+    assert!(!ok, "grpcurl trusted the throw-away CA without -cacert");
+    assert!(err.contains("certificate"), "{err}");
+
+    // Plaintext is refused on every listener (the TLS handshake fails; nothing is served).
+    for (component, protocol) in [
+        ("router", "grpc"),
+        ("control-plane", "grpc"),
+        ("worker-gpu", "grpc"),
+    ] {
+        let addr = up.addr_of(component, protocol);
+        let plain = async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?;
+            tonic_health::pb::health_client::HealthClient::new(channel)
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await?;
+            anyhow::Ok(())
+        };
+        let answered = tokio::time::timeout(Duration::from_secs(10), plain).await;
+        assert!(
+            matches!(answered, Ok(Err(_))),
+            "plaintext gRPC to the {component} was not refused: {answered:?}"
+        );
+    }
+    for (component, protocol) in [("router", "http"), ("control-plane", "http")] {
+        let addr = up.addr_of(component, protocol);
+        let (ok, out, _) = run(
+            "curl",
+            &["-sS", "--max-time", "5", &format!("http://{addr}/health")],
+        )
+        .await?;
+        assert!(!ok, "plaintext HTTP to the {component} answered: {out}");
+    }
+
+    // curl and the openai SDK over HTTPS with the printed CA.
+    let http = up.addr_of("router", "http");
+    let out = succeeds(
+        "curl",
+        &["-sS", "--cacert", ca_arg, &format!("https://{http}/health")],
+    )
+    .await?;
+    let health: Value = serde_json::from_str(&out)?;
+    assert_eq!(health["workers"]["ready"], 3, "{out}");
+    let out = succeeds(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            ca_arg,
+            &format!("https://localhost:{}/v1/completions", http.port()),
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"model": "synthetic", "prompt": "over https", "max_tokens": 2}"#,
+        ],
+    )
+    .await?;
+    let completion: Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        completion["choices"][0]["text"],
+        synthetic_text("over https", 0, 2),
+        "{out}"
+    );
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_sdk_check.py");
+    let out = succeeds(
+        "python3",
+        &[script, &format!("https://{http}/v1"), "synthetic", ca_arg],
+    )
+    .await?;
+    assert!(out.contains("openai-sdk: 8 passed, 0 failed"), "{out}");
+
+    // The dashboard over HTTPS: reads, and its own page's origin is now https://.
+    let dashboard = up.addr_of("control-plane", "http");
+    let out = succeeds(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            ca_arg,
+            &format!("https://{dashboard}/api/workers"),
+        ],
+    )
+    .await?;
+    let workers: Value = serde_json::from_str(&out)?;
+    assert_eq!(
+        workers["workers"].as_array().map(Vec::len),
+        Some(3),
+        "{out}"
+    );
+    // The control plane's load streams to the workers (TLS + client certificate) are up.
+    assert!(
+        workers["workers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|w| !w["load"].is_null()),
+        "{out}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_take_worker_calls_only_from_client_certificates_of_the_cluster_ca()
+-> anyhow::Result<()> {
+    let up = Component::start("up-mtls", &up_args(&["--tls", "--engine", "synthetic"]), 7).await?;
+    let ca = printed_ca(&up);
+    let worker = up.addr_of("worker-gpu", "grpc").to_string();
+
+    // A TLS client without a client certificate: health answers, Worker.Serve does not.
+    let channel = tls_channel(&worker, &ca).await?;
+    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest::default())
+        .await?;
+    assert_eq!(
+        health.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let refused = v1::worker_client::WorkerClient::new(channel)
+        .serve(futures::stream::pending::<v1::RouterFrame>())
+        .await
+        .expect_err("Worker.Serve without a client certificate was served");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("client certificate"),
+        "{}",
+        refused.message()
+    );
+
+    // grpcurl, likewise.
+    let (ok, out, err) = run(
+        "grpcurl",
+        &[
+            "-cacert",
+            ca.to_str().expect("utf-8 path"),
+            "-d",
+            "{}",
+            &worker,
+            "switchyard.v1.Worker/GetTokenizer",
+        ],
+    )
+    .await?;
+    assert!(!ok, "{out}");
+    assert!(err.contains("Unauthenticated"), "{err}");
+
+    // A client certificate from another CA fails the handshake: nothing is served.
+    let other = switchyard::tls::LocalPki::generate(&["intruder"])?;
+    let files = other.files("intruder");
+    let intruder = ClientTls::new(ca.clone()).with_identity(
+        files.cert_file.expect("generated"),
+        files.key_file.expect("generated"),
+    );
+    let dialled = async {
+        let channel = switchyard_cluster::tls::endpoint(&worker, Some(&intruder))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .connect()
+            .await?;
+        v1::worker_client::WorkerClient::new(channel)
+            .serve(futures::stream::pending::<v1::RouterFrame>())
+            .await?;
+        anyhow::Ok(())
+    };
+    let result = tokio::time::timeout(Duration::from_secs(10), dialled).await;
+    assert!(
+        matches!(result, Ok(Err(_))),
+        "a certificate of another CA was served: {result:?}"
+    );
+    Ok(())
+}
+
+/// Separate processes, as deployed: etcd serving TLS only with client certificates and user
+/// authentication on, a worker and a router reaching it with `--etcd-ca-file`,
+/// `--etcd-cert-file`/`--etcd-key-file` and `--etcd-user`/`--etcd-password-file`, serving TLS
+/// themselves (`--tls-*`, the worker requiring client certificates), and a TLS client
+/// generating through them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::Result<()> {
+    let pki = switchyard::tls::LocalPki::generate(&["etcd", "router", "worker"])?;
+    let ca = pki.ca_file();
+    let etcd_files = pki.files("etcd");
+    let etcd = Etcd::start_tls(EtcdTls {
+        cert_file: etcd_files.cert_file.clone().expect("generated"),
+        key_file: etcd_files.key_file.clone().expect("generated"),
+        ca_file: ca.clone(),
+    })
+    .await?;
+    let admin_tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(&ca)?))
+        .identity(etcd_client::Identity::from_pem(
+            std::fs::read(etcd_files.cert_file.as_ref().expect("generated"))?,
+            std::fs::read(etcd_files.key_file.as_ref().expect("generated"))?,
+        ));
+    let mut admin = etcd_client::Client::connect(
+        [&etcd.url],
+        Some(etcd_client::ConnectOptions::new().with_tls(admin_tls)),
+    )
+    .await?;
+    let password = "correct horse battery staple";
+    admin.user_add("root", password, None).await?;
+    // etcd creates the root role on first use in some versions, not in others.
+    let _ = admin.role_add("root").await;
+    admin.user_grant_role("root", "root").await?;
+    admin.auth_enable().await?;
+    let dir = tempfile::tempdir()?;
+    let password_file = dir.path().join("etcd-password");
+    std::fs::write(&password_file, format!("{password}\n"))?;
+
+    let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
+    let ca_arg = ca.display().to_string();
+    let etcd_flags = |component: &str| {
+        let files = pki.files(component);
+        vec![
+            "--etcd".to_string(),
+            etcd.url.clone(),
+            "--etcd-ca-file".into(),
+            ca_arg.clone(),
+            "--etcd-cert-file".into(),
+            path(&files.cert_file),
+            "--etcd-key-file".into(),
+            path(&files.key_file),
+            "--etcd-user".into(),
+            "root".into(),
+            "--etcd-password-file".into(),
+            password_file.display().to_string(),
+            "--tls-cert-file".into(),
+            path(&files.cert_file),
+            "--tls-key-file".into(),
+            path(&files.key_file),
+            "--tls-ca-file".into(),
+            ca_arg.clone(),
+        ]
+    };
+    let mut args = vec![
+        "worker-gpu".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(etcd_flags("worker"));
+    args.extend(["--tls-client-ca-file".to_string(), ca_arg.clone()]);
+    let _worker = Component::start("tls-worker", &args, 1).await?;
+    let mut args = vec![
+        "router".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--http-listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(etcd_flags("router"));
+    let router = Component::start("tls-router", &args, 2).await?;
+
+    let channel = tls_channel(&router.addr("grpc").to_string(), &ca).await?;
+    let mut inference = v1::inference_client::InferenceClient::new(channel.clone());
+    wait_until(
+        Duration::from_secs(30),
+        "the router to link to the worker over mTLS",
+        || {
+            let mut inference = inference.clone();
+            async move {
+                inference
+                    .list_models(v1::ListModelsRequest {})
+                    .await
+                    .is_ok_and(|models| {
+                        !switchyard::client::routable_worker_ids(&models.into_inner()).is_empty()
+                    })
+            }
+        },
+    )
+    .await?;
+    let mut stream = inference
+        .generate(synthetic_request(
+            "over-tls",
+            v1::RequestClass::CostSensitive,
+            "through a secured etcd",
+            3,
+        ))
+        .await?
+        .into_inner();
+    let mut text = String::new();
+    while let Some(frame) = stream.message().await? {
+        if let Some(v1::server_frame::Frame::Tokens(tokens)) = frame.frame {
+            text.push_str(&tokens.text);
+        }
+    }
+    assert_eq!(text, synthetic_text("through a secured etcd", 0, 3));
+
+    // The password matters: the same certificate as another etcd user is refused.
+    let wrong = dir.path().join("wrong-password");
+    std::fs::write(&wrong, "wrong\n")?;
+    let mut args = vec![
+        "router".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--http-listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    args.extend(etcd_flags("router"));
+    let at = args
+        .iter()
+        .position(|a| a == "--etcd-password-file")
+        .expect("flag")
+        + 1;
+    args[at] = wrong.display().to_string();
+    let refused = Component::start("tls-router-wrong-password", &args, 1).await;
+    assert!(
+        refused.is_err(),
+        "a router with a wrong etcd password started"
+    );
+    Ok(())
+}
