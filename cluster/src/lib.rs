@@ -2,6 +2,8 @@
 //! a lease with keepalive, the live membership view routers consume, an in-memory registry for
 //! single-process mode, and tracing initialisation shared by every binary.
 
+#[cfg(feature = "jemalloc")]
+mod allocator;
 pub mod backoff;
 pub mod credential;
 pub mod etcd;
