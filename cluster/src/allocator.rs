@@ -7,7 +7,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// A C string pointer jemalloc reads at start-up.
 #[repr(transparent)]
-pub struct MallocConf(*const u8);
+pub struct MallocConf(*const std::ffi::c_char);
 
 // SAFETY: the pointer is to a static, immutable, NUL-terminated byte string.
 #[allow(unsafe_code)]
@@ -18,7 +18,7 @@ unsafe impl Sync for MallocConf {}
 #[allow(unsafe_code)] // a symbol jemalloc looks up by name; it is only ever read
 #[unsafe(export_name = "_rjem_malloc_conf")]
 pub static MALLOC_CONF: MallocConf =
-    MallocConf(b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0".as_ptr());
+    MallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
 #[cfg(test)]
 mod tests {
