@@ -297,6 +297,17 @@ impl Component {
         format!("http://{}/metrics", self.addr("metrics"))
     }
 
+    /// The process's resident memory in KiB (from procfs).
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.child.id().context("the process has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmRSS in procfs")
+    }
+
     /// The announced address of `component` (for `switchyard up`).
     pub fn addr_of(&self, component: &str, protocol: &str) -> SocketAddr {
         self.endpoints
