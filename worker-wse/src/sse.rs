@@ -59,6 +59,11 @@ impl SseParser {
     /// Feeds the next body chunk; returns the events it completed, in order.
     pub fn push(&mut self, mut chunk: &[u8]) -> Result<Vec<SseEvent>, SseError> {
         let mut events = Vec::new();
+        // An empty chunk must not forget a `\r` that ended the previous one: the `\n` of that
+        // `\r\n` may come in the next chunk.
+        if chunk.is_empty() {
+            return Ok(events);
+        }
         if self.after_cr && chunk.first() == Some(&b'\n') {
             chunk = &chunk[1..];
         }
@@ -131,6 +136,9 @@ impl SseParser {
         Ok(None)
     }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

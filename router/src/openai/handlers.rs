@@ -12,7 +12,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use switchyard_proto::v1::{self, server_frame::Frame};
 use tokio::sync::mpsc;
@@ -20,7 +19,7 @@ use tonic::Code;
 
 use super::error::ApiError;
 use super::stream;
-use super::wire::{self, ChatCompletionRequest, CompletionRequest};
+use super::wire::{self, ChatCompletionRequest, CompletionRequest, WithSampling};
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 
@@ -100,7 +99,7 @@ pub async fn completions(
     .unwrap_or_else(IntoResponse::into_response)
 }
 
-fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+fn parse<T: WithSampling>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|rejection| {
         let mut error = ApiError::bad_body(rejection.body_text());
         error.status = rejection.status();
@@ -109,8 +108,7 @@ fn parse<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, 
     if body.is_empty() {
         return Err(ApiError::bad_body("is empty; send a JSON object"));
     }
-    serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad_body(format!("not valid JSON for this endpoint: {e}")))
+    wire::parse_body(&body)
 }
 
 /// The request class from `x-switchyard-class`, AUTO when absent.

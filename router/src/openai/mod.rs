@@ -11,6 +11,8 @@
 //! away) drops the dispatcher's output channel, which cancels the generation on the worker.
 
 mod error;
+#[cfg(test)]
+mod fuzz;
 mod handlers;
 mod stream;
 mod wire;

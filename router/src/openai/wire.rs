@@ -4,6 +4,7 @@
 //! Requests are parsed leniently (unknown fields are ignored, as OpenAI clients send many) but
 //! validated strictly: every rejection names the OpenAI field at fault.
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use switchyard_proto::v1;
@@ -57,11 +58,13 @@ pub struct SamplingFields {
     pub user: Option<String>,
 }
 
+// The sampling fields are read from the same JSON object by `parse_body`, not with
+// `#[serde(flatten)]`: a flattened field's type error loses its name (serde buffers it first).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Option<Vec<Value>>,
-    #[serde(flatten)]
+    #[serde(skip)]
     pub sampling: SamplingFields,
 }
 
@@ -69,8 +72,48 @@ pub struct ChatCompletionRequest {
 pub struct CompletionRequest {
     pub model: Option<String>,
     pub prompt: Option<Value>,
-    #[serde(flatten)]
+    #[serde(skip)]
     pub sampling: SamplingFields,
+}
+
+/// A request type whose sampling fields sit in the same JSON object as its own.
+pub trait WithSampling: DeserializeOwned {
+    fn set_sampling(&mut self, sampling: SamplingFields);
+}
+
+impl WithSampling for ChatCompletionRequest {
+    fn set_sampling(&mut self, sampling: SamplingFields) {
+        self.sampling = sampling;
+    }
+}
+
+impl WithSampling for CompletionRequest {
+    fn set_sampling(&mut self, sampling: SamplingFields) {
+        self.sampling = sampling;
+    }
+}
+
+/// Parses a request body: a JSON object whose fields have the types OpenAI gives them. A
+/// field of the wrong type is a 400 naming it (`max_tokens`, `stream_options.include_usage`).
+pub fn parse_body<T: WithSampling>(body: &[u8]) -> Result<T, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_body(format!("not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_body("must be a JSON object"));
+    }
+    fn typed<U: DeserializeOwned>(value: &Value) -> Result<U, ApiError> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            if field == "." {
+                ApiError::bad_body(e.into_inner())
+            } else {
+                ApiError::invalid(field, e.into_inner())
+            }
+        })
+    }
+    let mut request: T = typed(&value)?;
+    request.set_sampling(typed(&value)?);
+    Ok(request)
 }
 
 /// What a handler needs besides the proto request.
@@ -334,9 +377,7 @@ mod tests {
     use super::*;
 
     fn chat(body: &str) -> Result<(v1::GenerateRequest, StreamMode), ApiError> {
-        serde_json::from_str::<ChatCompletionRequest>(body)
-            .expect("parses")
-            .into_proto(4096)
+        parse_body::<ChatCompletionRequest>(body.as_bytes())?.into_proto(4096)
     }
 
     #[test]
@@ -406,11 +447,7 @@ mod tests {
 
     #[test]
     fn completion_prompt_forms() {
-        let parse = |body: &str| {
-            serde_json::from_str::<CompletionRequest>(body)
-                .expect("parses")
-                .into_proto(8)
-        };
+        let parse = |body: &str| parse_body::<CompletionRequest>(body.as_bytes())?.into_proto(8);
         let (request, _) = parse(r#"{"model":"m","prompt":["once"]}"#).expect("valid");
         assert_eq!(request.prompt, "once");
         // The default max_tokens is lowered to the router's cap.

@@ -9,6 +9,8 @@
 //! - [`admit`]: bounded per-lane router queues; cost-sensitive work is shed first.
 
 pub mod document;
+#[cfg(test)]
+mod fuzz;
 pub mod view;
 
 use switchyard_cluster::Pool;

@@ -1,0 +1,305 @@
+//! Property harness over `validate_generate_request` and `validate_interrupt` (issue 12,
+//! fuzzing on stable Rust). Arbitrary requests — huge, unicode and control-character strings,
+//! `max_tokens` extremes, many messages, and arbitrary wire bytes decoded as a request — must
+//! never panic, every rejection must name a field of the request, and every acceptance must
+//! satisfy the wire rules checked independently here.
+//!
+//! The checked-in seeds in `tests/fuzz_seeds/generate_request/` (protobuf-encoded requests)
+//! are replayed first. `PROPTEST_CASES` raises the case count (scripts/fuzz.sh).
+
+use proptest::prelude::*;
+use prost::Message;
+
+use super::*;
+use crate::v1::SamplingParams;
+
+/// Cases per property: small by default so the harness stays well under a second in debug;
+/// `PROPTEST_CASES` (read by proptest's default config) overrides it for long runs.
+fn config() -> ProptestConfig {
+    if std::env::var_os("PROPTEST_CASES").is_some() {
+        ProptestConfig::default()
+    } else {
+        ProptestConfig::with_cases(128)
+    }
+}
+
+/// Small limits, so the generators reach them often without allocating megabytes.
+fn small_limits() -> RequestLimits {
+    RequestLimits {
+        max_tokens_cap: 64,
+        max_message_bytes: 48,
+        max_messages: 6,
+        max_request_id_bytes: 12,
+    }
+}
+
+/// `field` names a field of a request with `messages` messages and `stops` stop sequences.
+fn is_request_field(field: &str, messages: usize, stops: usize, list: &str) -> bool {
+    let indexed = |prefix: &str, suffixes: &[&str], len: usize| {
+        field
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.strip_prefix('['))
+            .and_then(|rest| rest.split_once(']'))
+            .is_some_and(|(index, suffix)| {
+                index.parse::<usize>().is_ok_and(|i| i < len) && suffixes.contains(&suffix)
+            })
+    };
+    matches!(
+        field,
+        "request_id"
+            | "model"
+            | "prompt"
+            | "sampling.max_tokens"
+            | "sampling.temperature"
+            | "sampling.top_p"
+            | "sampling.stop"
+    ) || field == list
+        || indexed(list, &[".role", ".content"], messages)
+        || indexed("sampling.stop", &[""], stops)
+}
+
+/// The wire rules, written out independently of `validate_generate_request`.
+fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
+    let s = r.sampling.clone().unwrap_or_default();
+    !r.request_id.is_empty()
+        && r.request_id.len() <= limits.max_request_id_bytes
+        && !r.model.trim().is_empty()
+        && (r.messages.is_empty() != r.prompt.is_empty())
+        && r.prompt.len() <= limits.max_message_bytes
+        && r.messages.len() <= limits.max_messages
+        && r.messages.iter().all(|m| {
+            ["system", "user", "assistant"].contains(&m.role.as_str())
+                && m.content.len() <= limits.max_message_bytes
+        })
+        && (1..=limits.max_tokens_cap).contains(&s.max_tokens)
+        && s.temperature.is_none_or(|t| (0.0..=2.0).contains(&t))
+        && s.top_p.is_none_or(|p| p > 0.0 && p <= 1.0)
+        && s.stop.len() <= 16
+        && s.stop.iter().all(|x| !x.is_empty() && x.len() <= 256)
+}
+
+/// The harness's check, shared by the seeds and the generated cases.
+fn check_request(r: &GenerateRequest, limits: &RequestLimits) -> Result<(), String> {
+    let stops = r.sampling.as_ref().map_or(0, |s| s.stop.len());
+    match validate_generate_request(r, limits) {
+        Ok(()) if obeys_rules(r, limits) => Ok(()),
+        Ok(()) => Err(format!("accepted a request that breaks a rule: {r:?}")),
+        Err(v) if !is_request_field(&v.field, r.messages.len(), stops, "messages") => {
+            Err(format!("rejection names no request field: {v:?}"))
+        }
+        Err(v) if v.message.is_empty() => Err(format!("rejection without a reason: {v:?}")),
+        Err(_) if obeys_rules(r, limits) => Err(format!("rejected a valid request: {r:?}")),
+        Err(_) => Ok(()),
+    }
+}
+
+fn check_interrupt(i: &Interrupt, limits: &RequestLimits) -> Result<(), String> {
+    match validate_interrupt(i, limits) {
+        Ok(()) => Ok(()),
+        Err(v)
+            if v.field == "request_id"
+                || is_request_field(&v.field, i.messages.len(), 0, "interrupt.messages") =>
+        {
+            Ok(())
+        }
+        Err(v) => Err(format!("interrupt rejection names no field: {v:?}")),
+    }
+}
+
+/// Strings that stress a validator: empty, whitespace, control characters, unicode (multi-byte,
+/// right-to-left override, NUL), sizes around the limits, and now and then a huge one.
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => Just(String::new()),
+        4 => Just(" \t\n".to_string()),
+        6 => prop_oneof![Just("system"), Just("user"), Just("assistant"), Just("User"), Just("tool")]
+            .prop_map(|s| s.to_string()),
+        10 => "\\PC{0,20}",
+        6 => "[\\x00-\\x1f\\x7f\u{202e}\u{feff}é🦀]{0,16}",
+        4 => (40usize..60, any::<char>()).prop_map(|(n, c)| c.to_string().repeat(n)),
+        1 => (1usize..4).prop_map(|mib| "x".repeat(mib << 20)),
+    ]
+}
+
+fn float() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        Just(f32::NAN),
+        Just(f32::INFINITY),
+        Just(f32::NEG_INFINITY),
+        Just(-0.0f32),
+        Just(0.0f32),
+        Just(1.0f32),
+        Just(2.0f32),
+        Just(f32::MIN_POSITIVE),
+        -3.0f32..3.0,
+        any::<f32>(),
+    ]
+}
+
+fn max_tokens() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        Just(0u32),
+        Just(1),
+        Just(64),
+        Just(65),
+        Just(u32::MAX),
+        any::<u32>(),
+        0u32..80
+    ]
+}
+
+fn messages() -> impl Strategy<Value = Vec<ChatMessage>> {
+    prop_oneof![
+        8 => proptest::collection::vec(
+            (text(), text()).prop_map(|(role, content)| ChatMessage { role, content }),
+            0..9,
+        ),
+        // Many messages: far past the limit.
+        1 => (0usize..2000).prop_map(|n| vec![ChatMessage { role: "user".into(), content: "x".into() }; n]),
+    ]
+}
+
+fn sampling() -> impl Strategy<Value = Option<SamplingParams>> {
+    proptest::option::weighted(
+        0.9,
+        (
+            max_tokens(),
+            proptest::option::of(float()),
+            proptest::option::of(float()),
+            proptest::option::of(any::<u32>()),
+            proptest::option::of(any::<u64>()),
+            proptest::collection::vec(text(), 0..20),
+        )
+            .prop_map(|(max_tokens, temperature, top_p, top_k, seed, stop)| {
+                SamplingParams {
+                    max_tokens,
+                    temperature,
+                    top_p,
+                    top_k,
+                    seed,
+                    stop,
+                }
+            }),
+    )
+}
+
+fn request() -> impl Strategy<Value = GenerateRequest> {
+    (
+        text(),
+        text(),
+        messages(),
+        text(),
+        sampling(),
+        any::<i32>(),
+        any::<u32>(),
+        text(),
+        proptest::collection::btree_map(text(), text(), 0..3),
+    )
+        .prop_map(
+            |(request_id, model, messages, prompt, sampling, class, ttft, affinity, metadata)| {
+                GenerateRequest {
+                    request_id,
+                    model,
+                    messages,
+                    prompt,
+                    sampling,
+                    class,
+                    ttft_slo_ms: ttft,
+                    affinity_key: affinity,
+                    metadata: metadata.into_iter().collect(),
+                }
+            },
+        )
+}
+
+fn seed_files() -> Vec<(String, Vec<u8>)> {
+    let dir = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fuzz_seeds/generate_request"
+    );
+    let mut seeds: Vec<_> = std::fs::read_dir(dir)
+        .expect("seed corpus directory")
+        .map(|entry| {
+            let path = entry.expect("seed entry").path();
+            let bytes = std::fs::read(&path).expect("readable seed");
+            (path.display().to_string(), bytes)
+        })
+        .collect();
+    seeds.sort();
+    seeds
+}
+
+/// Decodes wire bytes as the router's gRPC layer does and validates what decodes.
+fn check_wire_bytes(bytes: &[u8]) -> Result<(), String> {
+    if let Ok(request) = GenerateRequest::decode(bytes) {
+        check_request(&request, &RequestLimits::default())?;
+        check_request(&request, &small_limits())?;
+    }
+    Ok(())
+}
+
+#[test]
+fn fuzz_seeds_replay() {
+    let seeds = seed_files();
+    assert!(seeds.len() >= 10, "seed corpus is missing: {}", seeds.len());
+    for (name, bytes) in &seeds {
+        check_wire_bytes(bytes).unwrap_or_else(|e| panic!("seed {name}: {e}"));
+    }
+    // The valid seeds must stay valid: a rule change that rejects them is caught here.
+    for valid in [
+        "valid_chat.bin",
+        "valid_prompt.bin",
+        "metadata_and_affinity.bin",
+    ] {
+        let (_, bytes) = seeds
+            .iter()
+            .find(|(name, _)| name.ends_with(valid))
+            .expect("valid seed present");
+        let request = GenerateRequest::decode(bytes.as_slice()).expect("seed decodes");
+        assert_eq!(
+            validate_generate_request(&request, &RequestLimits::default()),
+            Ok(()),
+            "{valid}"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn fuzz_generate_request_structured(request in request()) {
+        check_request(&request, &small_limits()).map_err(TestCaseError::fail)?;
+        check_request(&request, &RequestLimits::default()).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn fuzz_generate_request_wire_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        check_wire_bytes(&bytes).map_err(TestCaseError::fail)?;
+    }
+
+    /// Seeds with random bytes flipped, cut or appended: mostly still-decodable requests.
+    #[test]
+    fn fuzz_generate_request_mutated_seeds(
+        pick in any::<prop::sample::Index>(),
+        edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let seeds = seed_files();
+        let mut bytes = seeds[pick.index(seeds.len())].1.clone();
+        for (at, value) in edits {
+            if !bytes.is_empty() {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+        }
+        bytes.truncate(cut.index(bytes.len() + 1));
+        check_wire_bytes(&bytes).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn fuzz_interrupt(request_id in text(), messages in messages(), keep in any::<bool>()) {
+        let interrupt = Interrupt { request_id, messages, keep_generated: keep };
+        check_interrupt(&interrupt, &small_limits()).map_err(TestCaseError::fail)?;
+    }
+}

@@ -1,0 +1,353 @@
+//! Property harness over the OpenAI request parser (issue 12, fuzzing on stable Rust):
+//! arbitrary bytes and arbitrary-but-OpenAI-shaped JSON objects never panic the parser or the
+//! translation to `switchyard.v1`; every refusal is a 400, and every refusal of a JSON object
+//! names the field at fault in OpenAI's naming.
+//!
+//! The checked-in bodies in `tests/fuzz_seeds/openai_{chat,completion}/` are replayed first.
+//! `PROPTEST_CASES` raises the case count (scripts/fuzz.sh).
+
+use axum::http::StatusCode;
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+use super::error::ApiError;
+use super::wire::{ChatCompletionRequest, CompletionRequest, parse_body};
+
+fn config() -> ProptestConfig {
+    if std::env::var_os("PROPTEST_CASES").is_some() {
+        ProptestConfig::default()
+    } else {
+        ProptestConfig::with_cases(128)
+    }
+}
+
+/// Top-level fields an error may name (either endpoint).
+const FIELDS: [&str; 15] = [
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "user",
+    "logprobs",
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Endpoint {
+    Chat,
+    Completion,
+}
+
+fn run(endpoint: Endpoint, body: &[u8], cap: u32) -> Result<(), ApiError> {
+    match endpoint {
+        Endpoint::Chat => parse_body::<ChatCompletionRequest>(body)?
+            .into_proto(cap)
+            .map(drop),
+        Endpoint::Completion => parse_body::<CompletionRequest>(body)?
+            .into_proto(cap)
+            .map(drop),
+    }
+}
+
+/// The harness's check. `object`: the body is a JSON object, so a refusal must name a field.
+fn check(endpoint: Endpoint, body: &[u8]) -> Result<(), String> {
+    let object = serde_json::from_slice::<Value>(body).is_ok_and(|v| v.is_object());
+    for cap in [1, 4096, u32::MAX] {
+        let Err(error) = run(endpoint, body, cap) else {
+            continue;
+        };
+        if error.status != StatusCode::BAD_REQUEST {
+            return Err(format!("{error:?} is not a 400"));
+        }
+        match &error.param {
+            Some(param) => {
+                let top = param.split(['.', '[']).next().unwrap_or_default();
+                if !FIELDS.contains(&top) {
+                    return Err(format!("{error:?} names no request field"));
+                }
+                if !error.message.starts_with(param.as_str()) {
+                    return Err(format!(
+                        "{error:?}: the message does not lead with the field"
+                    ));
+                }
+            }
+            None if object && !error.message.contains("duplicate field") => {
+                return Err(format!("a JSON object refused without a field: {error:?}"));
+            }
+            None if !error.message.starts_with("request body: ") => {
+                return Err(format!("{error:?} names neither a field nor the body"));
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+fn seeds(dir: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = format!("{}/tests/fuzz_seeds/{dir}", env!("CARGO_MANIFEST_DIR"));
+    let mut seeds: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("seed corpus {dir}: {e}"))
+        .map(|entry| {
+            let path = entry.expect("seed entry").path();
+            (
+                path.display().to_string(),
+                std::fs::read(&path).expect("readable seed"),
+            )
+        })
+        .collect();
+    seeds.sort();
+    seeds
+}
+
+fn all_seeds() -> Vec<(Endpoint, String, Vec<u8>)> {
+    let chat = seeds("openai_chat")
+        .into_iter()
+        .map(|(n, b)| (Endpoint::Chat, n, b));
+    let completion = seeds("openai_completion")
+        .into_iter()
+        .map(|(n, b)| (Endpoint::Completion, n, b));
+    chat.chain(completion).collect()
+}
+
+#[test]
+fn fuzz_seeds_replay() {
+    let seeds = all_seeds();
+    assert!(seeds.len() >= 15, "seed corpus is missing: {}", seeds.len());
+    for (endpoint, name, body) in &seeds {
+        // Each seed on both endpoints: a chat body is an odd completion body and vice versa.
+        for e in [*endpoint, Endpoint::Chat, Endpoint::Completion] {
+            check(e, body).unwrap_or_else(|m| panic!("seed {name} ({e:?}): {m}"));
+        }
+        if name.contains("valid") {
+            run(*endpoint, body, 4096).unwrap_or_else(|e| panic!("seed {name}: {e:?}"));
+        }
+    }
+}
+
+/// Regression: a sampling field of the wrong type used to be refused as "request body: not
+/// valid JSON for this endpoint" with no `param` (serde's flatten buffering lost the name).
+#[test]
+fn a_sampling_field_of_the_wrong_type_is_named() {
+    let param = |body: &str| {
+        run(Endpoint::Chat, body.as_bytes(), 4096)
+            .expect_err("refused")
+            .param
+    };
+    let base = r#""model":"m","messages":[{"role":"user","content":"x"}]"#;
+    assert_eq!(
+        param(&format!(r#"{{{base},"max_tokens":"10"}}"#)).as_deref(),
+        Some("max_tokens")
+    );
+    assert_eq!(
+        param(&format!(r#"{{{base},"stop":["a",1]}}"#)).as_deref(),
+        Some("stop")
+    );
+    assert_eq!(
+        param(&format!(
+            r#"{{{base},"stream":true,"stream_options":{{"include_usage":"yes"}}}}"#
+        ))
+        .as_deref(),
+        Some("stream_options.include_usage")
+    );
+    assert_eq!(
+        param(r#"{"model":7,"messages":[]}"#).as_deref(),
+        Some("model")
+    );
+    assert_eq!(param(r#"[1]"#), None);
+}
+
+/// Any JSON value, small and nested.
+fn any_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        "\\PC{0,12}".prop_map(Value::String),
+        "[\\x00-\\x1f\u{202e}\u{feff}é🦀]{0,6}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn int() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!(0)),
+        Just(json!(1)),
+        Just(json!(-1)),
+        Just(json!(i64::MIN)),
+        Just(json!(i64::MAX)),
+        Just(json!(u64::MAX)),
+        Just(json!(u32::MAX as u64 + 1)),
+        (-5i64..5000).prop_map(Value::from),
+    ]
+}
+
+fn float() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        any::<f64>().prop_map(Value::from),
+        (-3.0f64..3.0).prop_map(Value::from),
+        int()
+    ]
+}
+
+fn role() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just("system"),
+        Just("developer"),
+        Just("user"),
+        Just("assistant"),
+        Just("tool"),
+        Just(""),
+    ]
+    .prop_map(Value::from)
+}
+
+fn text() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        "\\PC{0,16}".prop_map(Value::String),
+        Just(json!("")),
+        (1usize..3).prop_map(|n| Value::String("x".repeat(n << 16))),
+    ]
+}
+
+fn content() -> impl Strategy<Value = Value> {
+    let part = prop_oneof![
+        text().prop_map(|t| json!({"type": "text", "text": t})),
+        any_json().prop_map(|t| json!({"type": "text", "text": t})),
+        any_json().prop_map(|t| json!({"type": t})),
+        any_json(),
+    ];
+    prop_oneof![
+        4 => text(),
+        2 => proptest::collection::vec(part, 0..4).prop_map(Value::Array),
+        1 => any_json(),
+    ]
+}
+
+fn message() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        6 => (role(), content()).prop_map(|(r, c)| json!({"role": r, "content": c})),
+        1 => (any_json(), any_json()).prop_map(|(r, c)| json!({"role": r, "content": c})),
+        1 => role().prop_map(|r| json!({"role": r})),
+        1 => any_json(),
+    ]
+}
+
+/// Each field either well-typed (and usually a sensible value) or any JSON at all.
+fn field(name: &'static str) -> BoxedStrategy<Value> {
+    let typed: BoxedStrategy<Value> = match name {
+        "model" => prop_oneof![Just(json!("m")), text()].boxed(),
+        "messages" => proptest::collection::vec(message(), 0..5)
+            .prop_map(Value::Array)
+            .boxed(),
+        "prompt" => prop_oneof![
+            text(),
+            text().prop_map(|t| json!([t])),
+            proptest::collection::vec(any_json(), 0..3).prop_map(Value::Array),
+        ]
+        .boxed(),
+        "temperature" | "top_p" => float().boxed(),
+        "stop" => prop_oneof![
+            text(),
+            proptest::collection::vec(text(), 0..20).prop_map(Value::Array),
+        ]
+        .boxed(),
+        "stream" | "logprobs" => any::<bool>().prop_map(Value::Bool).boxed(),
+        "stream_options" => prop_oneof![
+            any::<bool>().prop_map(|b| json!({"include_usage": b})),
+            Just(json!({})),
+            any_json().prop_map(|v| json!({"include_usage": v})),
+        ]
+        .boxed(),
+        "user" => text().boxed(),
+        _ => int().boxed(),
+    };
+    prop_oneof![8 => typed, 1 => any_json()].boxed()
+}
+
+fn request_object() -> impl Strategy<Value = Value> {
+    let fields: Vec<_> = FIELDS
+        .iter()
+        .map(|&name| proptest::option::weighted(0.4, field(name)).prop_map(move |v| (name, v)))
+        .collect();
+    (fields, proptest::option::of(("[a-z_]{1,10}", any_json()))).prop_map(|(fields, extra)| {
+        let mut object = Map::new();
+        if let Some((k, v)) = extra {
+            object.insert(k, v);
+        }
+        for (name, value) in fields {
+            if let Some(value) = value {
+                object.insert(name.to_string(), value);
+            }
+        }
+        Value::Object(object)
+    })
+}
+
+fn endpoint() -> impl Strategy<Value = Endpoint> {
+    prop_oneof![Just(Endpoint::Chat), Just(Endpoint::Completion)]
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn fuzz_openai_shaped_json(endpoint in endpoint(), body in request_object()) {
+        let bytes = serde_json::to_vec(&body).expect("serialises");
+        check(endpoint, &bytes).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn fuzz_openai_arbitrary_json(endpoint in endpoint(), body in any_json()) {
+        let bytes = serde_json::to_vec(&body).expect("serialises");
+        check(endpoint, &bytes).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn fuzz_openai_arbitrary_bytes(
+        endpoint in endpoint(),
+        body in proptest::collection::vec(any::<u8>(), 0..128),
+    ) {
+        check(endpoint, &body).map_err(TestCaseError::fail)?;
+    }
+
+    /// Seeds with bytes overwritten or cut: mostly near-valid JSON.
+    #[test]
+    fn fuzz_openai_mutated_seeds(
+        pick in any::<prop::sample::Index>(),
+        edits in proptest::collection::vec(
+            (any::<prop::sample::Index>(), prop_oneof![
+                any::<u8>(),
+                prop::sample::select(b"{}[]\",:0-e.\\ntf".to_vec()),
+            ]),
+            0..4,
+        ),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let seeds = all_seeds();
+        let (endpoint, _, mut body) = seeds[pick.index(seeds.len())].clone();
+        for (at, value) in edits {
+            if !body.is_empty() {
+                let i = at.index(body.len());
+                body[i] = value;
+            }
+        }
+        body.truncate(cut.index(body.len() + 1).max(body.len() / 2));
+        check(endpoint, &body).map_err(TestCaseError::fail)?;
+    }
+}

@@ -1,0 +1,274 @@
+//! Property harness over the policy document parser (issue 12, fuzzing on stable Rust): any
+//! bytes and any JSON never panic `PolicyDocument::from_json`; a refusal for a bad value names
+//! the field; a document that parses re-serialises (`to_json`, what etcd stores) and re-parses
+//! to the same value.
+//!
+//! The checked-in documents in `tests/fuzz_seeds/policy/` are replayed first. `PROPTEST_CASES`
+//! raises the case count (scripts/fuzz.sh).
+
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+use super::document::{PolicyDocument, PolicyError};
+
+fn config() -> ProptestConfig {
+    if std::env::var_os("PROPTEST_CASES").is_some() {
+        ProptestConfig::default()
+    } else {
+        ProptestConfig::with_cases(128)
+    }
+}
+
+const TOP_LEVEL: [&str; 7] = [
+    "default_lane",
+    "latency_critical",
+    "cost_sensitive",
+    "tenants",
+    "rules",
+    "placement",
+    "max_queued",
+];
+
+fn check(bytes: &[u8]) -> Result<(), String> {
+    match PolicyDocument::from_json(bytes) {
+        Ok(doc) => {
+            let json = doc.to_json();
+            match PolicyDocument::from_json(json.as_bytes()) {
+                Ok(again) if again == doc => Ok(()),
+                other => Err(format!(
+                    "round trip changed the document:\n{doc:?}\n{json}\n{other:?}"
+                )),
+            }
+        }
+        Err(PolicyError::Invalid { field, reason }) => {
+            let top = field.split(['.', '[']).next().unwrap_or_default();
+            if TOP_LEVEL.contains(&top) && !reason.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("refusal names no field: {field:?}: {reason}"))
+            }
+        }
+        Err(PolicyError::Parse(message)) if !message.is_empty() => Ok(()),
+        Err(e) => Err(format!("refusal without a reason: {e:?}")),
+    }
+}
+
+fn seeds() -> Vec<(String, Vec<u8>)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz_seeds/policy");
+    let mut seeds: Vec<_> = std::fs::read_dir(dir)
+        .expect("seed corpus directory")
+        .map(|entry| {
+            let path = entry.expect("seed entry").path();
+            (
+                path.display().to_string(),
+                std::fs::read(&path).expect("readable seed"),
+            )
+        })
+        .collect();
+    seeds.sort();
+    seeds
+}
+
+#[test]
+fn fuzz_seeds_replay() {
+    let seeds = seeds();
+    assert!(seeds.len() >= 10, "seed corpus is missing: {}", seeds.len());
+    for (name, bytes) in &seeds {
+        check(bytes).unwrap_or_else(|e| panic!("seed {name}: {e}"));
+    }
+    for valid in [
+        "deploy_policy.json",
+        "rules_and_tenants.json",
+        "float_precision.json",
+    ] {
+        let (_, bytes) = seeds
+            .iter()
+            .find(|(n, _)| n.ends_with(valid))
+            .expect("seed");
+        PolicyDocument::from_json(bytes).unwrap_or_else(|e| panic!("{valid}: {e}"));
+    }
+}
+
+fn any_json() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        "\\PC{0,8}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 16, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+/// Positive, fractional, huge and tiny floats, and integers, as JSON numbers.
+fn number() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        (0.0f64..1.0).prop_map(Value::from),
+        (0.0f64..1e6).prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        Just(json!(0)),
+        Just(json!(1)),
+        Just(json!(-1)),
+        Just(json!(u32::MAX)),
+        Just(json!(u64::MAX)),
+        (0u32..100).prop_map(Value::from),
+    ]
+}
+
+fn lane_name() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(json!("latency-critical")),
+        Just(json!("cost-sensitive")),
+        Just(json!("fast")),
+    ]
+}
+
+/// An object of the given keys, each present or not, with `value` for each.
+fn object_of(
+    keys: &'static [&'static str],
+    value: impl Fn(&'static str) -> BoxedStrategy<Value>,
+) -> impl Strategy<Value = Value> {
+    let fields: Vec<_> = keys
+        .iter()
+        .map(|&k| proptest::option::weighted(0.5, value(k)).prop_map(move |v| (k, v)))
+        .collect();
+    fields.prop_map(|fields| {
+        let mut object = Map::new();
+        for (k, v) in fields {
+            if let Some(v) = v {
+                object.insert(k.to_string(), v);
+            }
+        }
+        Value::Object(object)
+    })
+}
+
+fn lane() -> impl Strategy<Value = Value> {
+    const KEYS: &[&str] = &[
+        "ttft_slo_ms",
+        "min_tokens_per_s",
+        "max_queue",
+        "max_queue_wait_ms",
+        "spill",
+        "spill_max_utilisation",
+        "retry_after_ms",
+    ];
+    object_of(KEYS, |k| match k {
+        "spill" => any::<bool>().prop_map(Value::Bool).boxed(),
+        _ => number().boxed(),
+    })
+}
+
+fn placement() -> impl Strategy<Value = Value> {
+    const KEYS: &[&str] = &[
+        "choices",
+        "scan_below",
+        "affinity_prefill_discount",
+        "affinity_slack_ms",
+        "gpu_reserve_for_latency",
+        "default_prefill_tokens_per_s",
+        "default_decode_tokens_per_s",
+        "load_weight_ms",
+        "cost_weight_ms",
+    ];
+    object_of(KEYS, |_| number().boxed())
+}
+
+fn rule() -> impl Strategy<Value = Value> {
+    let when = object_of(
+        &[
+            "model",
+            "max_tokens_at_most",
+            "max_tokens_at_least",
+            "prompt_tokens_at_most",
+            "prompt_tokens_at_least",
+            "streaming",
+            "ttft_slo_ms_at_most",
+            "metadata",
+        ],
+        |k| match k {
+            "model" => "\\PC{0,6}".prop_map(Value::String).boxed(),
+            "streaming" => any::<bool>().prop_map(Value::Bool).boxed(),
+            "metadata" => proptest::collection::btree_map("\\PC{0,4}", "\\PC{0,4}", 0..3)
+                .prop_map(|m| json!(m))
+                .boxed(),
+            _ => prop_oneof![(0u32..10).prop_map(Value::from), number()].boxed(),
+        },
+    );
+    (
+        prop_oneof![Just("a"), Just("b"), Just(""), Just(" ")],
+        lane_name(),
+        when,
+        proptest::option::of(number()),
+    )
+        .prop_map(|(name, lane, when, slo)| {
+            let mut rule = json!({"name": name, "lane": lane, "match": when});
+            if let Some(slo) = slo {
+                rule["ttft_slo_ms"] = slo;
+            }
+            rule
+        })
+}
+
+fn document() -> impl Strategy<Value = Value> {
+    object_of(&TOP_LEVEL, |k| {
+        let typed = match k {
+            "default_lane" => lane_name().boxed(),
+            "latency_critical" | "cost_sensitive" => lane().boxed(),
+            "tenants" => proptest::collection::btree_map("\\PC{0,6}", lane_name(), 0..3)
+                .prop_map(|m| json!(m))
+                .boxed(),
+            "rules" => proptest::collection::vec(rule(), 0..4)
+                .prop_map(Value::Array)
+                .boxed(),
+            "placement" => placement().boxed(),
+            _ => number().boxed(),
+        };
+        prop_oneof![12 => typed, 1 => any_json()].boxed()
+    })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn fuzz_policy_shaped_json(doc in document()) {
+        check(&serde_json::to_vec(&doc).expect("serialises")).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn fuzz_policy_arbitrary_json(doc in any_json()) {
+        check(&serde_json::to_vec(&doc).expect("serialises")).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn fuzz_policy_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+        check(&bytes).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn fuzz_policy_mutated_seeds(
+        pick in any::<prop::sample::Index>(),
+        edits in proptest::collection::vec(
+            (any::<prop::sample::Index>(), prop::sample::select(b"{}[]\",:019-e.".to_vec())),
+            0..4,
+        ),
+    ) {
+        let seeds = seeds();
+        let mut bytes = seeds[pick.index(seeds.len())].1.clone();
+        for (at, value) in edits {
+            if !bytes.is_empty() {
+                let i = at.index(bytes.len());
+                bytes[i] = value;
+            }
+        }
+        check(&bytes).map_err(TestCaseError::fail)?;
+    }
+}
