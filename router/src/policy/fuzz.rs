@@ -89,6 +89,22 @@ fn fuzz_seeds_replay() {
     }
 }
 
+/// Regression (found by this harness): serde_json's default float parser read
+/// 2.3098374489821303e-180 back one ulp off, so a stored policy did not re-parse to itself;
+/// the workspace now enables serde_json's `float_roundtrip`.
+#[test]
+fn a_tiny_float_survives_the_round_trip() {
+    let doc = PolicyDocument::from_json(
+        br#"{"latency_critical": {"spill_max_utilisation": 2.3098374489821303e-180}}"#,
+    )
+    .expect("valid");
+    assert_eq!(
+        doc.latency_critical.spill_max_utilisation,
+        2.3098374489821303e-180
+    );
+    check(doc.to_json().as_bytes()).expect("round trip");
+}
+
 fn any_json() -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
