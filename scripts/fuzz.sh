@@ -26,7 +26,7 @@ start=$(date +%s)
 round=1
 while :; do
   echo "fuzz round $round: PROPTEST_CASES=$PROPTEST_CASES, tests matching '$filter'"
-  cargo test -q "${crates[@]}" --lib -- "$filter"
+  cargo test -q "${crates[@]}" --lib --no-fail-fast -- "$filter"
   elapsed=$(( $(date +%s) - start ))
   if [ "$elapsed" -ge "$duration" ]; then
     echo "fuzz: $round round(s) clean in ${elapsed}s"
