@@ -1,7 +1,8 @@
 //! Switchyard benchmarks and tools. Each `switchyard-bench` subcommand lives in its own module:
 //! `simulate`, the cluster simulator that runs the router's own routing policy against modelled
 //! GPU and wafer-scale workers on public request traces; `engine`, the native model engine
-//! measured in-process; `router`, the router's overhead over talking to a worker directly;
+//! measured in-process; `router`, the router's overhead over talking to a worker directly (and
+//! `stalled-readers`, what clients that stop reading cost it);
 //! `multiturn`, multi-turn conversations against any OpenAI-compatible endpoint (prefix reuse).
 
 pub mod engine;
