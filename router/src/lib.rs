@@ -8,6 +8,8 @@ pub mod auth;
 pub mod classify;
 pub mod config;
 pub mod dispatch;
+#[cfg(test)]
+mod fuzz_support;
 pub mod links;
 pub mod metrics;
 pub mod openai;

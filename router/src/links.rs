@@ -274,29 +274,25 @@ impl Link {
 
     /// Asks the worker to stop a generation (`Cancelled` or `Interrupted`).
     pub fn cancel(&self, request_id: &str, reason: v1::FinishReason) {
-        let outbound = self.outbound.lock().expect("outbound lock").clone();
-        if let Some(outbound) = outbound {
-            let cancel = v1::WorkerCancel {
-                request_id: request_id.to_string(),
-                reason: reason as i32,
-            };
-            let _ = outbound.send(v1::RouterFrame {
-                frame: Some(router_frame::Frame::Cancel(cancel)),
-            });
-        }
+        self.send_control(router_frame::Frame::Cancel(v1::WorkerCancel {
+            request_id: request_id.to_string(),
+            reason: reason as i32,
+        }));
     }
 
     /// Grants `request_id` more flow-control credit (its client read `tokens` more).
     pub fn grant(&self, request_id: &str, tokens: u32) {
+        self.send_control(router_frame::Frame::Credit(v1::WorkerCredit {
+            request_id: request_id.to_string(),
+            tokens,
+        }));
+    }
+
+    /// Sends a frame about a running generation; with the link down there is nothing to tell.
+    fn send_control(&self, frame: router_frame::Frame) {
         let outbound = self.outbound.lock().expect("outbound lock").clone();
         if let Some(outbound) = outbound {
-            let credit = v1::WorkerCredit {
-                request_id: request_id.to_string(),
-                tokens,
-            };
-            let _ = outbound.send(v1::RouterFrame {
-                frame: Some(router_frame::Frame::Credit(credit)),
-            });
+            let _ = outbound.send(v1::RouterFrame { frame: Some(frame) });
         }
     }
 

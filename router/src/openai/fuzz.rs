@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use super::wire::{ChatCompletionRequest, CompletionRequest, parse_body};
+use crate::fuzz_support::seeds;
 
 fn config() -> ProptestConfig {
     if std::env::var_os("PROPTEST_CASES").is_some() {
@@ -91,22 +92,6 @@ fn check(endpoint: Endpoint, body: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn seeds(dir: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = format!("{}/tests/fuzz_seeds/{dir}", env!("CARGO_MANIFEST_DIR"));
-    let mut seeds: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("seed corpus {dir}: {e}"))
-        .map(|entry| {
-            let path = entry.expect("seed entry").path();
-            (
-                path.display().to_string(),
-                std::fs::read(&path).expect("readable seed"),
-            )
-        })
-        .collect();
-    seeds.sort();
-    seeds
-}
-
 fn all_seeds() -> Vec<(Endpoint, String, Vec<u8>)> {
     let chat = seeds("openai_chat")
         .into_iter()
@@ -164,24 +149,10 @@ fn a_sampling_field_of_the_wrong_type_is_named() {
     assert_eq!(param(r#"[1]"#), None);
 }
 
-/// Any JSON value, small and nested.
+/// Any JSON value, small and nested, with strings of control and bidi characters too.
 fn any_json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_map(Value::from),
-        "\\PC{0,12}".prop_map(Value::String),
-        "[\\x00-\\x1f\u{202e}\u{feff}é🦀]{0,6}".prop_map(Value::String),
-    ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
+    let strings = prop_oneof!["\\PC{0,12}", "[\\x00-\\x1f\u{202e}\u{feff}é🦀]{0,6}",];
+    crate::fuzz_support::any_json(strings, 24)
 }
 
 fn int() -> impl Strategy<Value = Value> {

@@ -54,19 +54,7 @@ fn check(bytes: &[u8]) -> Result<(), String> {
 }
 
 fn seeds() -> Vec<(String, Vec<u8>)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz_seeds/policy");
-    let mut seeds: Vec<_> = std::fs::read_dir(dir)
-        .expect("seed corpus directory")
-        .map(|entry| {
-            let path = entry.expect("seed entry").path();
-            (
-                path.display().to_string(),
-                std::fs::read(&path).expect("readable seed"),
-            )
-        })
-        .collect();
-    seeds.sort();
-    seeds
+    crate::fuzz_support::seeds("policy")
 }
 
 #[test]
@@ -106,21 +94,7 @@ fn a_tiny_float_survives_the_round_trip() {
 }
 
 fn any_json() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::Bool),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        any::<f64>().prop_map(Value::from),
-        "\\PC{0,8}".prop_map(Value::String),
-    ];
-    leaf.prop_recursive(3, 16, 4, |inner| {
-        prop_oneof![
-            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            proptest::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
+    crate::fuzz_support::any_json("\\PC{0,8}", 16)
 }
 
 /// Positive, fractional, huge and tiny floats, and integers, as JSON numbers.
