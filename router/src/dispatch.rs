@@ -30,7 +30,7 @@ use crate::policy::{
 use crate::policy_watch::PolicyHandle;
 use crate::readiness::Readiness;
 use crate::report::{self, Ended, LedgerEntry, Reporter, ledger};
-use crate::tenant_quota::{TenantPermit, TenantQuota};
+use crate::tenant_quota::{QuotaExceeded, TenantPermit, TenantQuota, restrict_lane};
 
 /// gRPC metadata of a shed response: seconds before retrying (as HTTP `Retry-After`).
 pub const RETRY_AFTER: &str = "retry-after";
@@ -224,14 +224,44 @@ impl Dispatcher {
         if !prompt_ids.is_empty() {
             features.prompt_tokens = token_count(&prompt_ids);
         }
-        let class = classify(&features, &policy);
+        let mut class = classify(&features, &policy);
         span.record("lane", class.lane.as_str());
         span.record("reason", class.reason.as_str());
         let sampled = self.reports.sample();
-        let tenant = request.metadata.get(TENANT_KEY).map(String::as_str);
+        let tenant = request
+            .metadata
+            .get(TENANT_KEY)
+            .map(String::as_str)
+            .filter(|t| !t.is_empty());
+        let limits = tenant
+            .map(|t| policy.quotas.limits_of(t))
+            .unwrap_or_default();
         let mut quota = None;
+        let mut over_quota = false;
         let prepared = valid.and_then(|()| self.readiness.check()).and_then(|()| {
-            quota = self.tenant_quota.acquire(tenant)?;
+            if let Some(tenant) = tenant {
+                class = restrict_lane(
+                    tenant,
+                    &limits,
+                    class.clone(),
+                    &policy,
+                    features.ttft_slo_ms,
+                )
+                .map_err(|refused| {
+                    over_quota = true;
+                    self.quota_refused(refused)
+                })?;
+            }
+            let reserve = u64::from(features.prompt_tokens) + u64::from(features.max_tokens);
+            quota = self
+                .tenant_quota
+                .acquire(tenant, &limits, reserve)
+                .map_err(|refused| {
+                    over_quota = true;
+                    self.quota_refused(refused)
+                })?;
+            span.record("lane", class.lane.as_str());
+            span.record("reason", class.reason.as_str());
             match self.try_place(&request, &prompt_ids, &class, &policy, &[], sampled)? {
                 Some(chosen) => Ok(Target::Placed(chosen)),
                 None => Ok(Target::Queued(
@@ -256,8 +286,16 @@ impl Dispatcher {
                 quota,
             }),
             Err(status) => {
-                self.count_unplaced(class.lane, &request.model, &status);
-                self.report_unplaced(&request, &class, &prompt_ids, &status, sampled, arrived);
+                let refusal = Refusal::of(&status, over_quota);
+                self.count_unplaced(class.lane, &request.model, refusal);
+                self.report_unplaced(
+                    &request,
+                    &class,
+                    &prompt_ids,
+                    (&status, refusal),
+                    sampled,
+                    arrived,
+                );
                 span.in_scope(
                     || info!(request_id = %request.request_id, code = ?status.code(), "refused"),
                 );
@@ -266,21 +304,24 @@ impl Dispatcher {
         }
     }
 
+    /// The status of a request its tenant's quota refused, counted by the limit.
+    fn quota_refused(&self, refused: QuotaExceeded) -> Status {
+        self.metrics.quota_refused(refused.limit.as_str());
+        refused.to_status()
+    }
+
     /// Counts a request that never reached a worker.
-    fn count_unplaced(&self, lane: LaneName, model: &str, status: &Status) {
-        let outcome = if status.code() == Code::ResourceExhausted {
+    fn count_unplaced(&self, lane: LaneName, model: &str, refusal: Refusal) {
+        if refusal == Refusal::Shed {
             self.metrics.shed(lane);
-            "shed"
-        } else {
-            "rejected"
-        };
+        }
         // An unknown model is the client's word, not ours: keep it out of the label values.
-        let model = if status.code() == Code::NotFound || status.code() == Code::InvalidArgument {
+        let model = if refusal == Refusal::Invalid {
             ""
         } else {
             model
         };
-        self.metrics.request(lane, None, model, outcome);
+        self.metrics.request(lane, None, model, refusal.as_str());
     }
 
     /// Reports a request that never reached a worker (shed or refused).
@@ -289,11 +330,11 @@ impl Dispatcher {
         request: &v1::GenerateRequest,
         class: &Classification,
         prompt_ids: &[u32],
-        status: &Status,
+        (status, refusal): (&Status, Refusal),
         sampled: bool,
         arrived: Instant,
     ) {
-        let shed = status.code() == Code::ResourceExhausted;
+        let shed = refusal == Refusal::Shed;
         let label = if shed { "shed" } else { "rejected" };
         if sampled {
             let mut decision =
@@ -533,7 +574,7 @@ impl Dispatcher {
             arrived,
             span,
             sampled,
-            quota: _quota,
+            mut quota,
         } = prepared;
         let placed = match target {
             Target::Placed(chosen) => Ok(chosen),
@@ -555,8 +596,16 @@ impl Dispatcher {
                     format!("{}; shed: {}", class.reason, status.message()),
                 );
                 info!(request_id = %request.request_id, lane = class.lane.as_str(), %status, "not placed");
-                self.count_unplaced(class.lane, &request.model, &status);
-                self.report_unplaced(&request, &class, &prompt_ids, &status, sampled, arrived);
+                let refusal = Refusal::of(&status, false);
+                self.count_unplaced(class.lane, &request.model, refusal);
+                self.report_unplaced(
+                    &request,
+                    &class,
+                    &prompt_ids,
+                    (&status, refusal),
+                    sampled,
+                    arrived,
+                );
                 let _ = out
                     .send(Ok(failed_frame(&request.request_id, &status)))
                     .await;
@@ -586,6 +635,9 @@ impl Dispatcher {
             Err(status) if status.code() == Code::Cancelled => "cancelled",
             Err(_) => "failed",
         };
+        if let Some(quota) = &mut quota {
+            quota.charge(u64::from(run.prompt_tokens) + u64::from(run.delivered));
+        }
         self.metrics
             .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
         run.report(outcome, result.as_ref().err(), sampled);
@@ -593,6 +645,41 @@ impl Dispatcher {
             let _ = out
                 .send(Ok(failed_frame(&run.request.request_id, &status)))
                 .await;
+        }
+    }
+}
+
+/// Why a request never reached a worker, as metrics and reports count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// `RESOURCE_EXHAUSTED` from admission: the cluster is full.
+    Shed,
+    /// Refused by the tenant's quota: the tenant is over its limits, not the cluster.
+    OverQuota,
+    /// An invalid request or an unknown model: the client's mistake.
+    Invalid,
+    /// Any other refusal (no worker, not ready).
+    Rejected,
+}
+
+impl Refusal {
+    fn of(status: &Status, over_quota: bool) -> Self {
+        if over_quota {
+            return Refusal::OverQuota;
+        }
+        match status.code() {
+            Code::ResourceExhausted => Refusal::Shed,
+            Code::NotFound | Code::InvalidArgument => Refusal::Invalid,
+            _ => Refusal::Rejected,
+        }
+    }
+
+    /// The `outcome` label.
+    fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Shed => "shed",
+            Refusal::OverQuota => "over_quota",
+            Refusal::Invalid | Refusal::Rejected => "rejected",
         }
     }
 }

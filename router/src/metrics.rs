@@ -66,6 +66,11 @@ pub struct LanePoolLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QuotaLabels {
+    pub limit: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub pool: &'static str,
 }
@@ -94,7 +99,8 @@ type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 #[derive(Clone)]
 pub struct RouterMetrics {
     /// Requests ended, by `outcome`: `completed`, `cancelled`, `failed` (after placement),
-    /// `shed` (`RESOURCE_EXHAUSTED`), `rejected` (invalid, unknown model, no worker).
+    /// `shed` (`RESOURCE_EXHAUSTED`), `over_quota` (refused by the tenant's quota), `rejected`
+    /// (invalid, unknown model, no worker).
     pub requests: Family<RequestLabels, Counter>,
     /// Placement decisions by `reason`: `home`, `home_affinity`, `spill_to_gpu`, `borrow_wse`
     /// (placed), `queue` (no slot now: wait at the router), `unknown_model`, `no_worker`.
@@ -112,6 +118,9 @@ pub struct RouterMetrics {
     pub prefix_reused: Family<PoolLabels, Counter>,
     /// Per request: reused minus predicted.
     pub prefix_error: Family<PoolLabels, Histogram, fn() -> Histogram>,
+    /// Requests refused by their tenant's quota, by `limit`: `max_in_flight`,
+    /// `tokens_per_minute`, `token_budget`, `lanes`.
+    pub quota_refusals: Family<QuotaLabels, Counter>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -133,6 +142,7 @@ impl RouterMetrics {
             failovers: Family::default(),
             prefix_predicted: Family::default(),
             prefix_reused: Family::default(),
+            quota_refusals: Family::default(),
             prefix_error: Family::new_with_constructor(prefix_error_histogram),
         };
         metrics.register(|r| {
@@ -165,6 +175,11 @@ impl RouterMetrics {
                 "switchyard_router_shed",
                 "Requests shed with RESOURCE_EXHAUSTED, by lane",
                 this.shed.clone(),
+            );
+            r.register(
+                "switchyard_router_quota_refusals",
+                "Requests refused by their tenant's quota, by limit",
+                this.quota_refusals.clone(),
             );
             r.register(
                 "switchyard_router_active_sessions",
@@ -240,6 +255,12 @@ impl RouterMetrics {
         for _ in 0..tokens {
             histogram.observe(per_token);
         }
+    }
+
+    pub fn quota_refused(&self, limit: &'static str) {
+        self.quota_refusals
+            .get_or_create(&QuotaLabels { limit })
+            .inc();
     }
 
     pub fn shed(&self, lane: LaneName) {

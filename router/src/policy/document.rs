@@ -221,6 +221,141 @@ impl Default for PlacementPolicy {
     }
 }
 
+/// What happens to a request classified into a lane its tenant may not use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DisallowedLane {
+    /// Served in the lane the tenant may use.
+    #[default]
+    Downgrade,
+    /// Refused with `PERMISSION_DENIED` (HTTP 403).
+    Refuse,
+}
+
+/// A token budget per period: at most `tokens` (prompt + completion) per `period_s`, periods
+/// aligned to the Unix epoch (86 400: UTC days).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBudget {
+    pub tokens: u64,
+    pub period_s: u64,
+}
+
+/// Limits on one tenant's traffic, enforced by each router on what passes through it. Every
+/// field is optional; a tenant's own entry falls back, field by field, to `quotas.default`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantLimits {
+    /// Requests in flight (placed, running or waiting for a slot), at most.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_in_flight: Option<u32>,
+    /// Prompt + completion tokens per minute: a token bucket of this size refilled at this
+    /// rate. A request reserves its prompt and `max_tokens` when admitted and is charged what
+    /// it really used when it ends.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_budget: Option<TokenBudget>,
+    /// Lanes the tenant may use (absent: both).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lanes: Option<Vec<LaneName>>,
+    /// What happens to a request classified into a lane not in `lanes` (default: downgrade).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disallowed_lane: Option<DisallowedLane>,
+}
+
+impl TenantLimits {
+    /// These limits with every field left out taken from `base`.
+    pub fn over(&self, base: &TenantLimits) -> TenantLimits {
+        TenantLimits {
+            max_in_flight: self.max_in_flight.or(base.max_in_flight),
+            tokens_per_minute: self.tokens_per_minute.or(base.tokens_per_minute),
+            token_budget: self.token_budget.or(base.token_budget),
+            lanes: self.lanes.clone().or_else(|| base.lanes.clone()),
+            disallowed_lane: self.disallowed_lane.or(base.disallowed_lane),
+        }
+    }
+
+    /// Whether the tenant may use `lane`.
+    pub fn allows(&self, lane: LaneName) -> bool {
+        self.lanes
+            .as_ref()
+            .is_none_or(|lanes| lanes.contains(&lane))
+    }
+
+    fn validate(&self, field: &str) -> Result<(), PolicyError> {
+        if self.max_in_flight == Some(0) {
+            return Err(invalid(
+                format!("{field}.max_in_flight"),
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        if self.tokens_per_minute == Some(0) {
+            return Err(invalid(
+                format!("{field}.tokens_per_minute"),
+                "must be at least 1 (leave it out for no limit)",
+            ));
+        }
+        if let Some(budget) = self.token_budget {
+            if budget.tokens == 0 {
+                return Err(invalid(
+                    format!("{field}.token_budget.tokens"),
+                    "must be at least 1",
+                ));
+            }
+            if !(1..=MAX_BUDGET_PERIOD_S).contains(&budget.period_s) {
+                return Err(invalid(
+                    format!("{field}.token_budget.period_s"),
+                    format!(
+                        "{} is not between 1 and {MAX_BUDGET_PERIOD_S} (a year)",
+                        budget.period_s
+                    ),
+                ));
+            }
+        }
+        if self.lanes.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid(
+                format!("{field}.lanes"),
+                "must name at least one lane (leave it out for both)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+const MAX_BUDGET_PERIOD_S: u64 = 366 * 86_400;
+
+/// Tenant quotas: `default` for every tenant, `tenants` per tenant (keyed by the request
+/// metadata `tenant`, the API key's tenant when the router has keys). Requests naming no
+/// tenant are not limited.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TenantQuotas {
+    pub default: TenantLimits,
+    pub tenants: BTreeMap<String, TenantLimits>,
+}
+
+impl TenantQuotas {
+    /// The limits in force for `tenant`.
+    pub fn limits_of(&self, tenant: &str) -> TenantLimits {
+        match self.tenants.get(tenant) {
+            Some(own) => own.over(&self.default),
+            None => self.default.clone(),
+        }
+    }
+
+    fn validate(&self) -> Result<(), PolicyError> {
+        self.default.validate("quotas.default")?;
+        for (tenant, limits) in &self.tenants {
+            if tenant.trim().is_empty() {
+                return Err(invalid("quotas.tenants", "tenant names must not be empty"));
+            }
+            limits.validate(&format!("quotas.tenants.{tenant}"))?;
+        }
+        Ok(())
+    }
+}
+
 /// The whole routing policy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -238,6 +373,7 @@ pub struct PolicyDocument {
     pub placement: PlacementPolicy,
     /// Requests waiting at the router across both lanes, at most.
     pub max_queued: u32,
+    pub quotas: TenantQuotas,
 }
 
 impl Default for PolicyDocument {
@@ -252,6 +388,7 @@ impl Default for PolicyDocument {
             rules: Vec::new(),
             placement: PlacementPolicy::default(),
             max_queued: 4096,
+            quotas: TenantQuotas::default(),
         }
     }
 }
@@ -359,6 +496,7 @@ impl PolicyDocument {
         if self.max_queued == 0 {
             return Err(invalid("max_queued", "must be at least 1"));
         }
+        self.quotas.validate()?;
         let p = &self.placement;
         if p.choices == 0 || p.choices > 64 {
             return Err(invalid("placement.choices", "must be between 1 and 64"));

@@ -19,7 +19,7 @@ fn config() -> ProptestConfig {
     }
 }
 
-const TOP_LEVEL: [&str; 7] = [
+const TOP_LEVEL: [&str; 8] = [
     "default_lane",
     "latency_critical",
     "cost_sensitive",
@@ -27,6 +27,7 @@ const TOP_LEVEL: [&str; 7] = [
     "rules",
     "placement",
     "max_queued",
+    "quotas",
 ];
 
 fn check(bytes: &[u8]) -> Result<(), String> {
@@ -68,6 +69,7 @@ fn fuzz_seeds_replay() {
         "deploy_policy.json",
         "rules_and_tenants.json",
         "float_precision.json",
+        "quotas.json",
     ] {
         let (_, bytes) = seeds
             .iter()
@@ -207,6 +209,43 @@ fn rule() -> impl Strategy<Value = Value> {
         })
 }
 
+fn tenant_limits() -> impl Strategy<Value = Value> {
+    const KEYS: &[&str] = &[
+        "max_in_flight",
+        "tokens_per_minute",
+        "token_budget",
+        "lanes",
+        "disallowed_lane",
+    ];
+    object_of(KEYS, |k| match k {
+        "token_budget" => object_of(&["tokens", "period_s"], |_| number().boxed()).boxed(),
+        "lanes" => proptest::collection::vec(lane_name(), 0..3)
+            .prop_map(Value::Array)
+            .boxed(),
+        "disallowed_lane" => prop_oneof![
+            Just(json!("downgrade")),
+            Just(json!("refuse")),
+            Just(json!("drop"))
+        ]
+        .boxed(),
+        _ => number().boxed(),
+    })
+}
+
+fn quotas() -> impl Strategy<Value = Value> {
+    (
+        proptest::option::of(tenant_limits()),
+        proptest::collection::btree_map("\\PC{0,6}", tenant_limits(), 0..3),
+    )
+        .prop_map(|(default, tenants)| {
+            let mut quotas = json!({"tenants": tenants});
+            if let Some(default) = default {
+                quotas["default"] = default;
+            }
+            quotas
+        })
+}
+
 fn document() -> impl Strategy<Value = Value> {
     object_of(&TOP_LEVEL, |k| {
         let typed = match k {
@@ -219,6 +258,7 @@ fn document() -> impl Strategy<Value = Value> {
                 .prop_map(Value::Array)
                 .boxed(),
             "placement" => placement().boxed(),
+            "quotas" => quotas().boxed(),
             _ => number().boxed(),
         };
         prop_oneof![12 => typed, 1 => any_json()].boxed()
