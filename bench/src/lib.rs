@@ -2,10 +2,12 @@
 //! `simulate`, the cluster simulator that runs the router's own routing policy against modelled
 //! GPU and wafer-scale workers on public request traces; `engine`, the native model engine
 //! measured in-process; `router`, the router's overhead over talking to a worker directly (and
-//! `stalled-readers`, what clients that stop reading cost it);
+//! `stalled-readers`, what clients that stop reading cost it); `noisy_neighbour`, one tenant
+//! flooding another without and with tenant quotas;
 //! `multiturn`, multi-turn conversations against any OpenAI-compatible endpoint (prefix reuse).
 
 pub mod engine;
 pub mod multiturn;
+pub mod noisy_neighbour;
 pub mod router;
 pub mod simulate;

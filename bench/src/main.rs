@@ -24,6 +24,9 @@ enum Command {
     /// Clients that stop reading: memory held for them with the router's flow control on and
     /// off.
     StalledReaders(switchyard_bench::router::StalledReadersArgs),
+    /// One tenant flooding, another sending short requests: the calm tenant's TTFT alone,
+    /// under the flood without quotas, and with the flood tenant under a quota.
+    NoisyNeighbour(switchyard_bench::noisy_neighbour::NoisyNeighbourArgs),
     /// Multi-turn conversations over any OpenAI-compatible HTTP endpoint: TTFT per turn,
     /// tokens/s, prefix hit rate.
     Multiturn(switchyard_bench::multiturn::MultiturnArgs),
@@ -40,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Engine(args) => switchyard_bench::engine::run(args).await,
         Command::Router(args) => switchyard_bench::router::run(args).await,
+        Command::NoisyNeighbour(args) => switchyard_bench::noisy_neighbour::run(args).await,
         Command::StalledReaders(args) => switchyard_bench::router::stalled_readers(args).await,
         Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,
         Command::Simulate(args) => {

@@ -191,13 +191,15 @@ struct ControlPlaneFigures {
 }
 
 /// A worker and a router (and optionally a control plane) in this process, stopped on drop.
-struct Cluster {
-    worker: Channel,
-    router: Channel,
-    router_addr: std::net::SocketAddr,
+pub(crate) struct Cluster {
+    pub(crate) worker: Channel,
+    pub(crate) router: Channel,
+    pub(crate) router_addr: std::net::SocketAddr,
+    /// The registry the router watches (its routing policy can be stored there).
+    pub(crate) registry: Arc<MemoryRegistry>,
     /// The control plane's dashboard address, when one runs.
     dashboard: Option<std::net::SocketAddr>,
-    shutdown: CancellationToken,
+    pub(crate) shutdown: CancellationToken,
 }
 
 impl Drop for Cluster {
@@ -206,12 +208,41 @@ impl Drop for Cluster {
     }
 }
 
-async fn start_cluster(
-    max_concurrent: u32,
-    control_plane: bool,
+/// A synthetic engine that never holds tokens back: the figures are the serving path's.
+fn unthrottled_engine(max_concurrent: u32) -> SyntheticConfig {
+    SyntheticConfig {
+        models: vec![MODEL.into()],
+        ttft: Duration::ZERO,
+        // Far beyond what the serving path can carry.
+        tokens_per_s: 1e9,
+        max_concurrent,
+        max_queue: max_concurrent,
+        prefill_tokens_per_s: f64::MAX,
+    }
+}
+
+/// The router configuration the benchmarks run with.
+fn bench_router_config(
     decision_reports_per_s: u32,
     stream_credit_tokens: u32,
     max_tokens_cap: u32,
+) -> anyhow::Result<RouterConfig> {
+    Ok(RouterConfig {
+        listen: "127.0.0.1:0".parse()?,
+        decision_reports_per_s,
+        stream_credit_tokens,
+        limits: switchyard_proto::RequestLimits {
+            max_tokens_cap,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+}
+
+pub(crate) async fn start_cluster(
+    engine: SyntheticConfig,
+    control_plane: bool,
+    router_config: RouterConfig,
 ) -> anyhow::Result<Cluster> {
     let registry = Arc::new(MemoryRegistry::new());
     let shutdown = CancellationToken::new();
@@ -239,16 +270,7 @@ async fn start_cluster(
     } else {
         None
     };
-    let engine = SyntheticEngine::checked(SyntheticConfig {
-        models: vec![MODEL.into()],
-        ttft: Duration::ZERO,
-        // Far beyond what the serving path can carry: the engine never holds tokens back.
-        tokens_per_s: 1e9,
-        max_concurrent,
-        max_queue: max_concurrent,
-        prefill_tokens_per_s: f64::MAX,
-    })
-    .map_err(anyhow::Error::msg)?;
+    let engine = SyntheticEngine::checked(engine).map_err(anyhow::Error::msg)?;
     let worker_config = WorkerConfig {
         id: "bench-worker".into(),
         pool: Pool::Gpu,
@@ -275,20 +297,10 @@ async fn start_cluster(
         .await
         .context("the worker stopped before serving")?;
 
-    let router_config = RouterConfig {
-        listen: "127.0.0.1:0".parse()?,
-        decision_reports_per_s,
-        stream_credit_tokens,
-        limits: switchyard_proto::RequestLimits {
-            max_tokens_cap,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
     let (router_tx, router_rx) = oneshot::channel();
     tokio::spawn(switchyard_router::run_router(
         router_config,
-        registry,
+        registry.clone(),
         shutdown.clone(),
         |addr| {
             let _ = router_tx.send(addr);
@@ -307,6 +319,7 @@ async fn start_cluster(
         worker: connect(worker_addr).await?,
         router: connect(router_addr).await?,
         router_addr,
+        registry,
         dashboard,
         shutdown,
     };
@@ -315,7 +328,7 @@ async fn start_cluster(
 }
 
 /// Waits until the router lists the worker's model (it learns of workers from the registry).
-async fn wait_until_routable(router: Channel) -> anyhow::Result<()> {
+pub(crate) async fn wait_until_routable(router: Channel) -> anyhow::Result<()> {
     let mut client = InferenceClient::new(router);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -606,11 +619,13 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
     }
     let max_level = *args.concurrency.iter().max().expect("checked non-empty");
     let cluster = start_cluster(
-        u32::try_from(max_level)?,
+        unthrottled_engine(u32::try_from(max_level)?),
         args.control_plane,
-        args.decision_reports_per_s,
-        RouterConfig::default().stream_credit_tokens,
-        args.max_tokens,
+        bench_router_config(
+            args.decision_reports_per_s,
+            RouterConfig::default().stream_credit_tokens,
+            args.max_tokens,
+        )?,
     )
     .await?;
     let probe = cluster.dashboard.map(|http| {
@@ -912,11 +927,9 @@ pub async fn stalled_readers(args: StalledReadersArgs) -> anyhow::Result<()> {
 /// One setting of `stalled-readers`: a router, a worker and the clients in this process.
 async fn stalled_readers_once(args: &StalledReadersArgs, credit: u32) -> anyhow::Result<()> {
     let cluster = start_cluster(
-        u32::try_from(args.streams)? + 8,
+        unthrottled_engine(u32::try_from(args.streams)? + 8),
         false,
-        0,
-        credit,
-        args.max_tokens,
+        bench_router_config(0, credit, args.max_tokens)?,
     )
     .await?;
     // One connection per client (a stalled stream would otherwise use up the connection's

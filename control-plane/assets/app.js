@@ -179,7 +179,14 @@ function renderEvents(events) {
     const at = new Date(e.at_unix_ms);
     time.dateTime = at.toISOString();
     time.textContent = at.toLocaleTimeString();
-    li.append(time, document.createTextNode(e.message));
+    li.append(time);
+    if (e.kind === "admin_write") {
+      // The audit trail: who changed the cluster, set apart from what the cluster did.
+      const tag = document.createElement("strong");
+      tag.textContent = "audit ";
+      li.append(tag);
+    }
+    li.append(document.createTextNode(e.message));
     list.appendChild(li);
   }
   $("no-events").hidden = events.length > 0;

@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use switchyard_cluster::credential::ClusterToken;
 
 use crate::auth::{Access, Caller};
+use crate::events::Events;
 use crate::plane::{ControlPlane, WorkerView};
 
 pub struct AdminService {
@@ -53,8 +54,10 @@ impl AdminService {
     }
 }
 
-/// The audit line of a write that succeeded: who did what, from which front door.
-pub(crate) fn audit(caller: &Caller, via: &str, action: &str, target: &str) {
+/// The audit trail of a write that succeeded: who did what, from which front door — a log line
+/// and an admin-write event (`WatchEvents`, the dashboard's events).
+pub(crate) fn audit(events: &Events, caller: &Caller, via: &str, action: &str, target: &str) {
+    events.admin_write(caller, via, action, target);
     info!(
         who = %caller.name,
         role = caller.role.as_str(),
@@ -112,7 +115,7 @@ impl v1::admin_server::Admin for AdminService {
             .plane
             .set_policy(&request.into_inner().document)
             .await?;
-        audit(&caller, "grpc", "set_policy", "policy");
+        audit(self.plane.events(), &caller, "grpc", "set_policy", "policy");
         Ok(Response::new(v1::SetPolicyResponse { document }))
     }
 
@@ -123,7 +126,7 @@ impl v1::admin_server::Admin for AdminService {
         let caller = self.operator(&request, "drain workers")?;
         let worker_id = request.into_inner().worker_id;
         let already_draining = self.plane.drain(&worker_id).await?;
-        audit(&caller, "grpc", "drain", &worker_id);
+        audit(self.plane.events(), &caller, "grpc", "drain", &worker_id);
         Ok(Response::new(v1::DrainResponse {
             worker_id,
             already_draining,
@@ -137,7 +140,7 @@ impl v1::admin_server::Admin for AdminService {
         let caller = self.operator(&request, "undrain workers")?;
         let worker_id = request.into_inner().worker_id;
         let was_draining = self.plane.undrain(&worker_id).await?;
-        audit(&caller, "grpc", "undrain", &worker_id);
+        audit(self.plane.events(), &caller, "grpc", "undrain", &worker_id);
         Ok(Response::new(v1::UndrainResponse {
             worker_id,
             was_draining,

@@ -210,6 +210,7 @@ async fn events(State(plane): State<ControlPlane>) -> Json<Value> {
                 "kind": e.kind().as_str_name().trim_start_matches("KIND_").to_ascii_lowercase(),
                 "worker_id": e.worker_id, "pool": e.pool,
                 "at_unix_ms": e.at_unix_ms, "message": e.message,
+                "actor": e.actor, "role": e.role, "action": e.action, "via": e.via,
             })
         })
         .collect();
@@ -447,7 +448,7 @@ async fn drain(
     let caller = operator(&access, &headers, "drain workers").map_err(denied)?;
     match plane.drain(&id).await {
         Ok(already) => {
-            audit(&caller, "dashboard", "drain", &id);
+            audit(plane.events(), &caller, "dashboard", "drain", &id);
             Ok(Json(
                 json!({ "worker_id": id, "already_draining": already }),
             ))
@@ -465,7 +466,7 @@ async fn undrain(
     let caller = operator(&access, &headers, "undrain workers").map_err(denied)?;
     match plane.undrain(&id).await {
         Ok(was) => {
-            audit(&caller, "dashboard", "undrain", &id);
+            audit(plane.events(), &caller, "dashboard", "undrain", &id);
             Ok(Json(json!({ "worker_id": id, "was_draining": was })))
         }
         Err(error) => Err(ApiError(error, leader_json(&plane)).into_response()),

@@ -1,10 +1,12 @@
 //! Cluster events (worker joined/left/draining/ready, policy changed), derived by comparing
-//! successive membership views and policy values from the etcd watches. Subscribers get them
-//! live (`Admin.WatchEvents`); the most recent ones are kept for the dashboard.
+//! successive membership views and policy values from the etcd watches, and the audit trail of
+//! admin writes made on this control plane. Subscribers get them live (`Admin.WatchEvents`);
+//! the most recent ones are kept for the dashboard.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
+use crate::auth::Caller;
 use switchyard_cluster::{Membership, MembershipView, WorkerRecord, WorkerState};
 use switchyard_proto::v1::{ClusterEvent, cluster_event::Kind};
 use tokio::sync::{broadcast, watch};
@@ -35,6 +37,31 @@ impl Events {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// Records a successful admin write: who (`caller`), through which door (`via`), what
+    /// (`action`) on which `target` (a worker id, or `policy`).
+    pub fn admin_write(&self, caller: &Caller, via: &str, action: &str, target: &str) {
+        let worker_id = if action == "set_policy" {
+            String::new()
+        } else {
+            target.to_string()
+        };
+        self.emit(ClusterEvent {
+            kind: Kind::AdminWrite as i32,
+            worker_id,
+            at_unix_ms: now_unix_ms(),
+            message: format!(
+                "{} ({}) {action} {target} via {via}",
+                caller.name,
+                caller.role.as_str()
+            ),
+            actor: caller.name.clone(),
+            role: caller.role.as_str().into(),
+            action: action.into(),
+            via: via.into(),
+            ..Default::default()
+        });
     }
 
     fn emit(&self, event: ClusterEvent) {
@@ -114,6 +141,7 @@ fn event(kind: Kind, worker: &WorkerRecord, at_unix_ms: i64, message: String) ->
         pool: worker.pool.to_string(),
         at_unix_ms,
         message,
+        ..Default::default()
     }
 }
 

@@ -366,10 +366,36 @@ async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Res
         .list_workers(v1::ListWorkersRequest::default())
         .await?;
 
-    // An operator drains, and the change is logged with who made it (never the token).
+    // An operator drains, and the change is logged with who made it (never the token) and
+    // streamed as an audit event to WatchEvents subscribers.
+    let mut events = admin
+        .watch_events(v1::WatchEventsRequest {})
+        .await?
+        .into_inner();
     admin
         .drain(with_token(drain("gpu-0"), Some(OPERATOR_TOKEN)))
         .await?;
+    let audited = tokio::time::timeout(PATIENCE, async {
+        while let Some(event) = events.message().await? {
+            if event.kind() == v1::cluster_event::Kind::AdminWrite {
+                return anyhow::Ok(event);
+            }
+        }
+        anyhow::bail!("the event stream ended")
+    })
+    .await??;
+    assert_eq!(
+        (
+            audited.actor.as_str(),
+            audited.role.as_str(),
+            audited.action.as_str(),
+            audited.via.as_str(),
+            audited.worker_id.as_str()
+        ),
+        ("alice", "operator", "drain", "grpc", "gpu-0"),
+        "{audited:?}"
+    );
+    assert!(audited.at_unix_ms > 0, "{audited:?}");
     assert_eq!(drains(&admin).await?, vec!["gpu-0".to_string()]);
     let line = plane
         .control_plane
@@ -425,6 +451,25 @@ async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Res
         response.status(),
         reqwest::StatusCode::OK,
         "reads stay open"
+    );
+    // The dashboard lists both writes as audit events, with who made them.
+    let events: Value = client
+        .get(format!("http://{}/api/events", plane.http()))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let audits: Vec<(&str, &str)> = events["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["kind"] == "admin_write")
+        .map(|e| (e["via"].as_str().unwrap_or(""), e["action"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        audits,
+        [("grpc", "drain"), ("grpc", "undrain"), ("dashboard", "drain")],
+        "{events}"
     );
 
     let log = std::fs::read_to_string(&plane.control_plane.log)?;
