@@ -255,6 +255,7 @@ pub(crate) async fn start_cluster(
             election: switchyard_control_plane::ElectionConfig::Standalone,
             metrics: Default::default(),
             security: Default::default(),
+            connections: Default::default(),
         };
         let (tx, rx) = oneshot::channel();
         tokio::spawn(switchyard_control_plane::run_control_plane(
@@ -282,6 +283,7 @@ pub(crate) async fn start_cluster(
         drain_timeout: Duration::from_secs(1),
         metrics: Default::default(),
         tls: Default::default(),
+        connections: Default::default(),
     };
     let (worker_tx, worker_rx) = oneshot::channel();
     tokio::spawn(switchyard_worker::run_worker(

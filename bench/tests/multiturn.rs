@@ -40,6 +40,7 @@ async fn cluster(shutdown: &CancellationToken) -> anyhow::Result<std::net::Socke
             drain_timeout: Duration::from_secs(1),
             metrics: Default::default(),
             tls: Default::default(),
+            connections: Default::default(),
         };
         let (tx, rx) = oneshot::channel();
         tokio::spawn(switchyard_worker::run_worker(

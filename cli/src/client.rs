@@ -53,7 +53,7 @@ pub async fn connect_channel(address: &str) -> Result<Channel, ClientError> {
     };
     let endpoint =
         Endpoint::from_shared(url).map_err(|_| ClientError::Address(address.to_string()))?;
-    Ok(endpoint.tcp_nodelay(true).connect().await?)
+    Ok(keep_alive(endpoint).connect().await?)
 }
 
 /// Connects a TLS channel to `address` (`host:port`), trusting the CA certificates in `ca`.
@@ -61,7 +61,16 @@ pub async fn connect_tls(address: &str, ca: &std::path::Path) -> Result<Channel,
     let tls = switchyard_cluster::tls::ClientTls::new(ca.to_path_buf());
     let endpoint = switchyard_cluster::tls::endpoint(address, Some(&tls))
         .map_err(|e| ClientError::Tls(e.to_string()))?;
-    Ok(endpoint.tcp_nodelay(true).connect().await?)
+    Ok(keep_alive(endpoint).connect().await?)
+}
+
+/// A chat session may sit unused while its user thinks: HTTP/2 pings keep the connection
+/// from looking idle to the router (which closes connections silent for its idle timeout).
+fn keep_alive(endpoint: Endpoint) -> Endpoint {
+    endpoint
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(std::time::Duration::from_secs(30))
+        .keep_alive_while_idle(true)
 }
 
 impl SessionClient {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use switchyard_cluster::listen::ConnectionTimeouts;
 use switchyard_cluster::telemetry::metrics::Metrics;
 use switchyard_cluster::tls::{ClientTls, TlsFiles};
 use switchyard_cluster::{EtcdRegistry, EtcdSecurity, Pool, Registry};
@@ -145,6 +146,37 @@ impl TlsArgs {
     }
 }
 
+/// How long a connection to any of a component's listeners may take to ask, and stay silent.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// A new connection must deliver its first request (an HTTP/1 request head or HTTP/2's
+    /// connection preface; over TLS, the handshake too) within this, and an HTTP/1
+    /// connection each further request head; otherwise it is closed.
+    #[arg(long, env = "SWITCHYARD_HEADER_READ_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+    /// A connection that exchanged no bytes either way for this long is closed, an unused
+    /// gRPC Session too (a stream carrying tokens, or a client's HTTP/2 keepalive pings,
+    /// keeps it open).
+    #[arg(long, env = "SWITCHYARD_IDLE_TIMEOUT", value_parser = humantime::parse_duration, default_value = "300s")]
+    pub idle_timeout: Duration,
+}
+
+impl ConnectionArgs {
+    pub fn timeouts(&self) -> ConnectionTimeouts {
+        ConnectionTimeouts {
+            header_read: self.header_read_timeout,
+            idle: self.idle_timeout,
+        }
+    }
+
+    /// The timeouts, refused before anything starts when one is zero.
+    fn checked(&self) -> anyhow::Result<ConnectionTimeouts> {
+        let timeouts = self.timeouts();
+        timeouts.validate().map_err(anyhow::Error::msg)?;
+        Ok(timeouts)
+    }
+}
+
 /// Where a component serves Prometheus `/metrics`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MetricsArgs {
@@ -160,10 +192,11 @@ impl MetricsArgs {
         &self,
         component: &str,
         metrics: &Metrics,
+        connections: ConnectionTimeouts,
         shutdown: &CancellationToken,
     ) -> anyhow::Result<()> {
         if let Some(addr) = self.metrics_addr {
-            let bound = metrics.serve(addr, shutdown.clone()).await?;
+            let bound = metrics.serve(addr, connections, shutdown.clone()).await?;
             announce(component, "metrics", bound);
         }
         Ok(())
@@ -178,6 +211,8 @@ pub struct RouterArgs {
     pub metrics: MetricsArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
@@ -234,6 +269,7 @@ impl RouterArgs {
             max_tenant_requests: self.max_tenant_requests,
             stream_credit_tokens: self.stream_credit_tokens,
             tls: self.tls.files(),
+            connections: self.connections.timeouts(),
             ..RouterConfig::default()
         }
     }
@@ -248,6 +284,8 @@ pub struct WorkerArgs {
     pub metrics: MetricsArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
     /// CA certificates (PEM) of the cluster: `Worker` calls (Serve, GetTokenizer) need a
     /// client certificate signed by them (mTLS; routers and control planes present their
     /// --tls-cert-file). Health and reflection stay open. Needs --tls-cert-file.
@@ -306,6 +344,7 @@ impl WorkerArgs {
                 client_ca_file: self.tls_client_ca_file.clone(),
                 ..self.tls.files()
             },
+            connections: self.connections.timeouts(),
         }
     }
 }
@@ -372,6 +411,8 @@ pub struct ControlPlaneArgs {
     pub metrics: MetricsArgs,
     #[command(flatten)]
     pub tls: TlsArgs,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
     /// gRPC listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_LISTEN", default_value = "127.0.0.1:50052")]
     pub listen: SocketAddr,
@@ -432,6 +473,7 @@ pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
         switchyard_router::auth::ApiKeys::load(path)?;
     }
     check_tls(&args.tls.files())?;
+    let connections = args.connections.checked()?;
     let cluster_token = args.cluster.cluster_token()?;
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
@@ -440,7 +482,7 @@ pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
         ..args.config()
     };
     args.metrics
-        .serve("router", &config.metrics, &shutdown)
+        .serve("router", &config.metrics, connections, &shutdown)
         .await?;
     switchyard_router::run_router_with_endpoints(config, registry, shutdown, |endpoints| {
         announce("router", "grpc", endpoints.grpc);
@@ -460,11 +502,12 @@ pub async fn worker(
 ) -> anyhow::Result<()> {
     let config = args.config(pool);
     check_tls(&config.tls)?;
+    let connections = args.connections.checked()?;
     let cluster_token = args.cluster.cluster_token()?;
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
     args.metrics
-        .serve(component, &config.metrics, &shutdown)
+        .serve(component, &config.metrics, connections, &shutdown)
         .await?;
     switchyard_worker::run_member_worker(
         config,
@@ -506,6 +549,7 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
         .map(switchyard_control_plane::auth::AdminTokens::load)
         .transpose()?;
     check_tls(&args.tls.files())?;
+    let connections = args.connections.checked()?;
     let cluster_token = args.cluster.cluster_token()?;
     let etcd = args.cluster.etcd_registry().await?;
     let election = switchyard_control_plane::ElectionConfig::Etcd {
@@ -528,9 +572,10 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
             cluster_token,
             tls: args.tls.files(),
         },
+        connections,
     };
     args.metrics
-        .serve("control-plane", &config.metrics, &shutdown)
+        .serve("control-plane", &config.metrics, connections, &shutdown)
         .await?;
     switchyard_control_plane::run_control_plane(config, Arc::new(etcd), shutdown, |endpoints| {
         announce("control-plane", "grpc", endpoints.grpc);

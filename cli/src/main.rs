@@ -47,6 +47,14 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry = switchyard_cluster::telemetry::init(cli.command.service_name())?;
+    if !matches!(cli.command, Command::Chat(_)) {
+        // Every connection takes a descriptor: a soft limit of 1024 (a common default) runs
+        // out long before memory does.
+        match switchyard_cluster::listen::raise_fd_limit() {
+            Ok((soft, hard)) => tracing::info!(soft, hard, "open file limit"),
+            Err(error) => tracing::warn!(%error, "cannot raise the open file limit"),
+        }
+    }
     let result = run(cli.command).await;
     // Export the spans of the last requests before exiting.
     telemetry.shutdown().await;

@@ -134,6 +134,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 client_ca_file: pki.as_ref().map(|pki| pki.ca_file()),
                 ..tls_files("worker")
             },
+            connections: Default::default(),
         };
         let (tx, rx) = oneshot::channel();
         ready.push((component, rx));
@@ -164,6 +165,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             tls: tls_files("control-plane"),
             ..Default::default()
         },
+        connections: Default::default(),
     };
     let (r, s) = (registry.clone(), shutdown.clone());
     tasks.spawn(async move {

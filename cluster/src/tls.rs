@@ -14,26 +14,20 @@
 //! - [`ClientTls`] and [`endpoint`]: the client side; the files are read for every new
 //!   connection, so rotated client certificates and CAs take effect on the next reconnect.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ServerConfig, WebPkiClientVerifier};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-/// Longest a client may take to complete its TLS handshake; a connection that stalls in it is
-/// closed (it holds a socket and a task, not a server slot).
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::listen::{ConnectionTimeouts, Incoming, TimedIo};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -330,95 +324,23 @@ pub fn peer_presented_certificate<T>(request: &tonic::Request<T>) -> bool {
     request.peer_certs().is_some_and(|certs| !certs.is_empty())
 }
 
-/// Connections on a TLS listener, handshaken: an incoming stream for tonic's
-/// `serve_with_incoming*` and a [`axum::serve::Listener`] for `axum::serve`.
-pub struct TlsListener {
-    accepted: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-}
-
-impl std::fmt::Debug for TlsListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsListener")
-            .field("local", &self.local)
-            .finish_non_exhaustive()
-    }
-}
+/// Connections on a TLS listener, handshaken, for tonic's `serve_with_incoming*` and
+/// [`crate::listen::serve_http`].
+pub type TlsListener = Incoming<TimedIo<TlsStream<TcpStream>>>;
 
 /// Accepts on `listener` and handshakes each connection in its own task (a slow or silent
-/// client never holds up the others), with [`HANDSHAKE_TIMEOUT`]. The accept loop ends when
-/// the returned listener is dropped.
-pub fn listen(listener: TcpListener, tls: Arc<ServerTls>) -> std::io::Result<TlsListener> {
-    let local = listener.local_addr()?;
-    let (tx, accepted) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, tls, tx));
-    Ok(TlsListener { accepted, local })
-}
-
-async fn accept_loop(
+/// client never holds up the others); the handshake counts against the connection's
+/// first-request deadline (`timeouts.header_read`), and the connection is then watched like
+/// any other (see [`crate::listen`]). The accept loop ends when the returned listener is
+/// dropped.
+pub fn listen(
     listener: TcpListener,
     tls: Arc<ServerTls>,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = tx.closed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // E.g. out of file descriptors: back off instead of spinning on accept.
-                    warn!(%error, "accept failed");
-                    tokio::select! {
-                        _ = tx.closed() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
-                    }
-                }
-            },
-        };
-        // Streams carry small frames: Nagle's algorithm would hold them back for the peer's
-        // delayed ACK (~40 ms).
-        let _ = tcp.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(tls.config());
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(stream)) => {
-                    let _ = tx.send((stream, peer)).await;
-                }
-                // Plaintext clients, untrusted client certificates, scanners: the peer sees the
-                // connection closed (with a TLS alert where it spoke TLS).
-                Ok(Err(error)) => debug!(%peer, %error, "tls handshake failed"),
-                Err(_) => debug!(%peer, "tls handshake timed out"),
-            }
-        });
-    }
-}
-
-impl futures::Stream for TlsListener {
-    type Item = std::io::Result<TlsStream<TcpStream>>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.accepted
-            .poll_recv(cx)
-            .map(|accepted| accepted.map(|(stream, _)| Ok(stream)))
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(accepted) => accepted,
-            // The accept loop only ends once this listener is gone: not reached while serving.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
+    timeouts: ConnectionTimeouts,
+) -> std::io::Result<TlsListener> {
+    crate::listen::with_handshake(listener, timeouts, move |tcp| {
+        TlsAcceptor::from(tls.config()).accept(tcp)
+    })
 }
 
 /// The client side of outbound links.
@@ -480,6 +402,7 @@ pub fn endpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
 
     struct Pki {
         dir: tempfile::TempDir,
@@ -563,8 +486,8 @@ mod tests {
         };
         let tls = files.server(Alpn::Http).unwrap().unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut incoming = listen(listener, tls).unwrap();
-        let addr = incoming.local;
+        let mut incoming = listen(listener, tls, ConnectionTimeouts::default()).unwrap();
+        let addr = incoming.local_addr();
         // Complete the server side of each handshake.
         let server = tokio::spawn(async move {
             let mut held = Vec::new();

@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_cluster::listen::{ConnectionTimeouts, serve_http};
 use switchyard_cluster::tls::Alpn;
 use switchyard_cluster::{Registry, RegistryError};
 use switchyard_proto::v1::admin_server::AdminServer;
@@ -49,6 +50,9 @@ pub struct ControlPlaneConfig {
     pub metrics: switchyard_cluster::telemetry::metrics::Metrics,
     /// How the dashboard and the Admin API protect themselves.
     pub security: SecurityConfig,
+    /// How long a connection to either listener may take to send its first request, and
+    /// stay silent afterwards (see [`switchyard_cluster::listen`]).
+    pub connections: ConnectionTimeouts,
 }
 
 /// The control plane's protections (see [`guard`]).
@@ -112,6 +116,10 @@ pub async fn run_control_plane(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(Endpoints),
 ) -> Result<(), ControlPlaneError> {
+    config
+        .connections
+        .validate()
+        .map_err(ControlPlaneError::Config)?;
     let tls_error = |e: switchyard_cluster::tls::TlsError| ControlPlaneError::Config(e.to_string());
     let grpc_tls = config.security.tls.server(Alpn::Grpc).map_err(tls_error)?;
     let http_tls = config.security.tls.server(Alpn::Http).map_err(tls_error)?;
@@ -183,25 +191,23 @@ pub async fn run_control_plane(
                 .with_access(config.security.access.clone())
                 .with_cluster_token(config.security.cluster_token.clone()),
         ));
+    let connections = config.connections;
     let grpc_server = async {
+        let bind_error = |source| ControlPlaneError::Bind { addr: grpc, source };
+        let stop = shutdown.clone().cancelled_owned();
         match grpc_tls {
             Some(tls) => {
-                let incoming = switchyard_cluster::tls::listen(grpc_listener, tls)
-                    .map_err(|source| ControlPlaneError::Bind { addr: grpc, source })?;
+                let incoming = switchyard_cluster::tls::listen(grpc_listener, tls, connections)
+                    .map_err(bind_error)?;
                 grpc_router
-                    .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
+                    .serve_with_incoming_shutdown(incoming, stop)
                     .await?
             }
             None => {
+                let incoming = switchyard_cluster::listen::plaintext(grpc_listener, connections)
+                    .map_err(bind_error)?;
                 grpc_router
-                    .serve_with_incoming_shutdown(
-                        // Streams carry small frames: Nagle's algorithm would hold them back
-                        // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not
-                        // reach a listener of our own.
-                        tonic::transport::server::TcpIncoming::from(grpc_listener)
-                            .with_nodelay(Some(true)),
-                        shutdown.clone().cancelled_owned(),
-                    )
+                    .serve_with_incoming_shutdown(incoming, stop)
                     .await?
             }
         }
@@ -214,24 +220,21 @@ pub async fn run_control_plane(
             return Ok(());
         };
         let app = dashboard::router(plane.clone(), security);
-        let stop = shutdown.clone().cancelled_owned();
+        let stop = shutdown.clone();
+        let bind_error = |source| ControlPlaneError::Bind {
+            addr: bound,
+            source,
+        };
         match http_tls {
             Some(tls) => {
-                let listener =
-                    switchyard_cluster::tls::listen(listener, tls).map_err(|source| {
-                        ControlPlaneError::Bind {
-                            addr: bound,
-                            source,
-                        }
-                    })?;
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
+                let incoming = switchyard_cluster::tls::listen(listener, tls, connections)
+                    .map_err(bind_error)?;
+                serve_http(incoming, app, connections, stop).await
             }
             None => {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
+                let incoming = switchyard_cluster::listen::plaintext(listener, connections)
+                    .map_err(bind_error)?;
+                serve_http(incoming, app, connections, stop).await
             }
         }
         .map_err(ControlPlaneError::Http)

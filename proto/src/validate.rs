@@ -14,6 +14,14 @@ pub struct RequestLimits {
     pub max_messages: usize,
     /// Largest request id in bytes.
     pub max_request_id_bytes: usize,
+    /// Largest `affinity_key` in bytes.
+    pub max_affinity_key_bytes: usize,
+    /// Most `metadata` entries.
+    pub max_metadata_entries: usize,
+    /// Largest `metadata` key in bytes.
+    pub max_metadata_key_bytes: usize,
+    /// Largest `metadata` value in bytes.
+    pub max_metadata_value_bytes: usize,
 }
 
 impl Default for RequestLimits {
@@ -23,6 +31,10 @@ impl Default for RequestLimits {
             max_message_bytes: 256 * 1024,
             max_messages: 512,
             max_request_id_bytes: 128,
+            max_affinity_key_bytes: 256,
+            max_metadata_entries: 32,
+            max_metadata_key_bytes: 64,
+            max_metadata_value_bytes: 1024,
         }
     }
 }
@@ -53,6 +65,7 @@ pub fn validate_generate_request(
     limits: &RequestLimits,
 ) -> Result<(), FieldViolation> {
     validate_request_id(&request.request_id, limits)?;
+    validate_affinity_and_metadata(request, limits)?;
     if request.model.trim().is_empty() {
         return Err(FieldViolation::new("model", "must not be empty"));
     }
@@ -157,6 +170,62 @@ fn validate_request_id(id: &str, limits: &RequestLimits) -> Result<(), FieldViol
                 limits.max_request_id_bytes
             ),
         ));
+    }
+    Ok(())
+}
+
+/// The routing hints are stored per request and the affinity key is hashed into routing
+/// state: unbounded, they would let one request pin memory far beyond its messages.
+fn validate_affinity_and_metadata(
+    request: &GenerateRequest,
+    limits: &RequestLimits,
+) -> Result<(), FieldViolation> {
+    if request.affinity_key.len() > limits.max_affinity_key_bytes {
+        return Err(FieldViolation::new(
+            "affinity_key",
+            format!(
+                "is {} bytes, the limit is {}",
+                request.affinity_key.len(),
+                limits.max_affinity_key_bytes
+            ),
+        ));
+    }
+    if request.metadata.len() > limits.max_metadata_entries {
+        return Err(FieldViolation::new(
+            "metadata",
+            format!(
+                "has {} entries, the limit is {}",
+                request.metadata.len(),
+                limits.max_metadata_entries
+            ),
+        ));
+    }
+    // Sorted, so the entry named is the same whatever the map's iteration order.
+    let mut keys: Vec<&String> = request.metadata.keys().collect();
+    keys.sort();
+    for key in keys {
+        if key.len() > limits.max_metadata_key_bytes {
+            // The key itself is not echoed: it is the oversized part.
+            return Err(FieldViolation::new(
+                "metadata",
+                format!(
+                    "a key is {} bytes, the limit is {}",
+                    key.len(),
+                    limits.max_metadata_key_bytes
+                ),
+            ));
+        }
+        let value = &request.metadata[key];
+        if value.len() > limits.max_metadata_value_bytes {
+            return Err(FieldViolation::new(
+                format!("metadata[{key:?}]"),
+                format!(
+                    "is {} bytes, the limit is {}",
+                    value.len(),
+                    limits.max_metadata_value_bytes
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -269,6 +338,56 @@ mod tests {
         let mut r = valid();
         r.sampling.as_mut().unwrap().top_p = Some(0.0);
         assert_eq!(field_of(r), "sampling.top_p");
+    }
+
+    #[test]
+    fn routing_hints_have_length_limits() {
+        let limits = RequestLimits::default();
+        let at_limits = GenerateRequest {
+            affinity_key: "a".repeat(limits.max_affinity_key_bytes),
+            metadata: (0..limits.max_metadata_entries)
+                .map(|i| {
+                    let key = format!("{i:0>width$}", width = limits.max_metadata_key_bytes);
+                    (key, "v".repeat(limits.max_metadata_value_bytes))
+                })
+                .collect(),
+            ..valid()
+        };
+        assert_eq!(validate_generate_request(&at_limits, &limits), Ok(()));
+
+        let violation =
+            |request: GenerateRequest| validate_generate_request(&request, &limits).unwrap_err();
+        let long_key = violation(GenerateRequest {
+            affinity_key: "a".repeat(limits.max_affinity_key_bytes + 1),
+            ..valid()
+        });
+        assert_eq!(long_key.field, "affinity_key");
+        assert_eq!(long_key.message, "is 257 bytes, the limit is 256");
+
+        let mut many = at_limits.clone();
+        many.metadata.insert("one-more".into(), "v".into());
+        let many = violation(many);
+        assert_eq!(many.field, "metadata");
+        assert_eq!(many.message, "has 33 entries, the limit is 32");
+
+        let mut long_metadata_key = valid();
+        long_metadata_key
+            .metadata
+            .insert("k".repeat(limits.max_metadata_key_bytes + 1), "v".into());
+        let long_metadata_key = violation(long_metadata_key);
+        assert_eq!(long_metadata_key.field, "metadata");
+        assert_eq!(
+            long_metadata_key.message,
+            "a key is 65 bytes, the limit is 64"
+        );
+
+        let mut long_value = valid();
+        long_value
+            .metadata
+            .insert("tenant".into(), "t".repeat(2000));
+        let long_value = violation(long_value);
+        assert_eq!(long_value.field, "metadata[\"tenant\"]");
+        assert_eq!(long_value.message, "is 2000 bytes, the limit is 1024");
     }
 
     #[test]

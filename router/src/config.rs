@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use switchyard_cluster::listen::ConnectionTimeouts;
 use switchyard_cluster::telemetry::metrics::Metrics;
 use switchyard_proto::RequestLimits;
 use switchyard_proto::v1::Lane;
@@ -51,6 +52,9 @@ pub struct RouterConfig {
     /// Where the router registers its Prometheus metrics; served at `/metrics` on the HTTP
     /// port (and wherever the caller serves it).
     pub metrics: Metrics,
+    /// How long a connection to either listener may take to send its first request, and
+    /// stay silent afterwards (see [`switchyard_cluster::listen`]).
+    pub connections: ConnectionTimeouts,
 }
 
 impl Default for RouterConfig {
@@ -71,6 +75,7 @@ impl Default for RouterConfig {
             max_tenant_requests: 0,
             stream_credit_tokens: 256,
             metrics: Metrics::new(),
+            connections: ConnectionTimeouts::default(),
         }
     }
 }
@@ -96,7 +101,7 @@ impl RouterConfig {
         if self.max_attempts == 0 {
             return Err("max attempts: must be at least 1".into());
         }
-        Ok(())
+        self.connections.validate()
     }
 }
 

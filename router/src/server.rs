@@ -104,6 +104,7 @@ pub async fn run_router_with_endpoints(
         .map_err(|e| RouterError::Config(e.to_string()))?;
     let client_tls = config.tls.client();
     let config_listen = config.listen;
+    let connections = config.connections;
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| RouterError::Bind {
@@ -186,29 +187,33 @@ pub async fn run_router_with_endpoints(
             InferenceService::new(dispatcher.clone()),
             AuthInterceptor::new(api_keys.clone()),
         ));
+    let bind_error = |source| RouterError::Bind {
+        addr: config_listen,
+        source,
+    };
     let server: std::pin::Pin<
         Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>,
     > = match grpc_tls {
         Some(tls) => Box::pin(grpc.serve_with_incoming_shutdown(
-            switchyard_cluster::tls::listen(listener, tls).map_err(|source| RouterError::Bind {
-                addr: config_listen,
-                source,
-            })?,
+            switchyard_cluster::tls::listen(listener, tls, connections).map_err(bind_error)?,
             shutdown.clone().cancelled_owned(),
         )),
         None => Box::pin(grpc.serve_with_incoming_shutdown(
-            // Streams carry small frames: Nagle's algorithm would hold them back
-            // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not reach
-            // a listener of our own.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            switchyard_cluster::listen::plaintext(listener, connections).map_err(bind_error)?,
             shutdown.clone().cancelled_owned(),
         )),
     };
     let (http_server, http_bound) = match http_listener {
         Some((listener, bound)) => {
             info!(address = %bound, "router http (OpenAI-compatible) ready");
-            let server =
-                crate::openai::serve(listener, http_tls, dispatcher, api_keys, shutdown.clone());
+            let server = crate::openai::serve(
+                listener,
+                http_tls,
+                connections,
+                dispatcher,
+                api_keys,
+                shutdown.clone(),
+            );
             (Some(server), Some(bound))
         }
         None => (None, None),

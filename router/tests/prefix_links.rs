@@ -40,6 +40,7 @@ async fn start_worker(registry: Arc<dyn Registry>, id: &str) -> CancellationToke
         drain_timeout: Duration::from_secs(1),
         metrics: Default::default(),
         tls: Default::default(),
+        connections: Default::default(),
     };
     let shutdown = CancellationToken::new();
     let (ready, registered) = tokio::sync::oneshot::channel();

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_cluster::credential::ClusterToken;
+use switchyard_cluster::listen::ConnectionTimeouts;
 use switchyard_cluster::tls::{Alpn, TlsFiles};
 use switchyard_cluster::{Capacity, Pool, Registry, RegistryError, WorkerRecord, WorkerState};
 use switchyard_proto::v1::worker_server::WorkerServer;
@@ -44,6 +45,9 @@ pub struct WorkerConfig {
     /// TLS for the gRPC listener; with `client_ca_file`, `Worker` calls need a client
     /// certificate of that CA (mTLS). Default: plaintext.
     pub tls: TlsFiles,
+    /// How long a connection may take to send its first request, and stay silent afterwards
+    /// (see [`switchyard_cluster::listen`]).
+    pub connections: ConnectionTimeouts,
 }
 
 impl WorkerConfig {
@@ -60,6 +64,7 @@ impl WorkerConfig {
         self.tls
             .validate()
             .map_err(|e| WorkerError::Config(e.to_string()))?;
+        self.connections.validate().map_err(WorkerError::Config)?;
         if self.coalesce.max_chunk_tokens == 0 {
             return Err(WorkerError::Config(
                 "coalesce max chunk tokens: must be at least 1".into(),
@@ -167,25 +172,25 @@ pub async fn run_member_worker(
                 Ok(request)
             },
         ));
+    let bind_error = |source| WorkerError::Bind {
+        addr: config.listen,
+        source,
+    };
     let mut server = match tls {
         Some(tls) => {
-            let incoming = switchyard_cluster::tls::listen(listener, tls).map_err(|source| {
-                WorkerError::Bind {
-                    addr: config.listen,
-                    source,
-                }
-            })?;
+            let incoming = switchyard_cluster::tls::listen(listener, tls, config.connections)
+                .map_err(bind_error)?;
             tokio::spawn(
                 router.serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned()),
             )
         }
-        None => tokio::spawn(router.serve_with_incoming_shutdown(
-            // Streams carry small frames: Nagle's algorithm would hold them back
-            // for the peer's delayed ACK (~40 ms). Builder's tcp_nodelay does not reach
-            // a listener of our own.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            server_stop.cancelled_owned(),
-        )),
+        None => {
+            let incoming = switchyard_cluster::listen::plaintext(listener, config.connections)
+                .map_err(bind_error)?;
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned()),
+            )
+        }
     };
 
     // Read before registering, so a worker restarted while drained never advertises `ready`.

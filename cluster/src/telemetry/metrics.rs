@@ -69,23 +69,23 @@ impl Metrics {
     }
 
     /// Binds `addr` (port 0 picks a free port) and serves `/metrics` there until `shutdown`
-    /// fires. Returns the bound address once listening.
+    /// fires, closing connections that stay silent past `timeouts`. Returns the bound address
+    /// once listening.
     pub async fn serve(
         &self,
         addr: SocketAddr,
+        timeouts: crate::listen::ConnectionTimeouts,
         shutdown: CancellationToken,
     ) -> Result<SocketAddr, MetricsError> {
         let listener = TcpListener::bind(addr)
             .await
             .map_err(|source| MetricsError::Bind { addr, source })?;
-        let bound = listener
-            .local_addr()
+        let incoming = crate::listen::plaintext(listener, timeouts)
             .map_err(|source| MetricsError::Bind { addr, source })?;
+        let bound = incoming.local_addr();
         let app = self.router();
         tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(shutdown.cancelled_owned())
-                .await;
+            let served = crate::listen::serve_http(incoming, app, timeouts, shutdown).await;
             if let Err(error) = served {
                 tracing::warn!(%error, "metrics server failed");
             }
@@ -150,7 +150,11 @@ mod tests {
         counter.inc();
         let shutdown = CancellationToken::new();
         let addr = metrics
-            .serve("127.0.0.1:0".parse().unwrap(), shutdown.clone())
+            .serve(
+                "127.0.0.1:0".parse().unwrap(),
+                Default::default(),
+                shutdown.clone(),
+            )
             .await
             .unwrap();
         assert_ne!(addr.port(), 0);

@@ -30,11 +30,26 @@ fn small_limits() -> RequestLimits {
         max_message_bytes: 48,
         max_messages: 6,
         max_request_id_bytes: 12,
+        max_affinity_key_bytes: 10,
+        max_metadata_entries: 2,
+        max_metadata_key_bytes: 8,
+        max_metadata_value_bytes: 16,
     }
 }
 
-/// `field` names a field of a request with `messages` messages and `stops` stop sequences.
-fn is_request_field(field: &str, messages: usize, stops: usize, list: &str) -> bool {
+/// `field` names a field of a request with `messages` messages and `stops` stop sequences, or
+/// one of `metadata`'s entries (`metadata["key"]`).
+fn is_request_field(
+    field: &str,
+    messages: usize,
+    stops: usize,
+    list: &str,
+    metadata: &std::collections::HashMap<String, String>,
+) -> bool {
+    let metadata_entry = field
+        .strip_prefix("metadata[")
+        .and_then(|rest| rest.strip_suffix(']'))
+        .is_some_and(|quoted| metadata.keys().any(|key| format!("{key:?}") == quoted));
     let indexed = |prefix: &str, suffixes: &[&str], len: usize| {
         field
             .strip_prefix(prefix)
@@ -53,7 +68,10 @@ fn is_request_field(field: &str, messages: usize, stops: usize, list: &str) -> b
             | "sampling.temperature"
             | "sampling.top_p"
             | "sampling.stop"
-    ) || field == list
+            | "affinity_key"
+            | "metadata"
+    ) || metadata_entry
+        || field == list
         || indexed(list, &[".role", ".content"], messages)
         || indexed("sampling.stop", &[""], stops)
 }
@@ -63,6 +81,11 @@ fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
     let s = r.sampling.clone().unwrap_or_default();
     !r.request_id.is_empty()
         && r.request_id.len() <= limits.max_request_id_bytes
+        && r.affinity_key.len() <= limits.max_affinity_key_bytes
+        && r.metadata.len() <= limits.max_metadata_entries
+        && r.metadata.iter().all(|(k, v)| {
+            k.len() <= limits.max_metadata_key_bytes && v.len() <= limits.max_metadata_value_bytes
+        })
         && !r.model.trim().is_empty()
         && (r.messages.is_empty() != r.prompt.is_empty())
         && r.prompt.len() <= limits.max_message_bytes
@@ -84,7 +107,7 @@ fn check_request(r: &GenerateRequest, limits: &RequestLimits) -> Result<(), Stri
     match validate_generate_request(r, limits) {
         Ok(()) if obeys_rules(r, limits) => Ok(()),
         Ok(()) => Err(format!("accepted a request that breaks a rule: {r:?}")),
-        Err(v) if !is_request_field(&v.field, r.messages.len(), stops, "messages") => {
+        Err(v) if !is_request_field(&v.field, r.messages.len(), stops, "messages", &r.metadata) => {
             Err(format!("rejection names no request field: {v:?}"))
         }
         Err(v) if v.message.is_empty() => Err(format!("rejection without a reason: {v:?}")),
@@ -98,7 +121,13 @@ fn check_interrupt(i: &Interrupt, limits: &RequestLimits) -> Result<(), String> 
         Ok(()) => Ok(()),
         Err(v)
             if v.field == "request_id"
-                || is_request_field(&v.field, i.messages.len(), 0, "interrupt.messages") =>
+                || is_request_field(
+                    &v.field,
+                    i.messages.len(),
+                    0,
+                    "interrupt.messages",
+                    &Default::default(),
+                ) =>
         {
             Ok(())
         }

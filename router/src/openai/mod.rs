@@ -24,6 +24,7 @@ use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
+use switchyard_cluster::listen::{self, ConnectionTimeouts};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -52,31 +53,27 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .merge(metrics)
 }
 
-/// Serves the HTTP API on `listener` (HTTPS with `tls`) until `shutdown` fires.
+/// Serves the HTTP API on `listener` (HTTPS with `tls`) until `shutdown` fires, closing
+/// connections that stay silent past `connections`.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<switchyard_cluster::tls::ServerTls>>,
+    connections: ConnectionTimeouts,
     dispatcher: Arc<Dispatcher>,
     keys: Option<Arc<ApiKeys>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt as _;
-    if let Some(tls) = tls {
-        // The TLS listener sets TCP_NODELAY on every connection itself.
-        return axum::serve(
-            switchyard_cluster::tls::listen(listener, tls)?,
-            routes(dispatcher, keys),
-        )
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await;
+    let app = routes(dispatcher, keys);
+    match tls {
+        Some(tls) => {
+            let incoming = switchyard_cluster::tls::listen(listener, tls, connections)?;
+            listen::serve_http(incoming, app, connections, shutdown).await
+        }
+        None => {
+            let incoming = listen::plaintext(listener, connections)?;
+            listen::serve_http(incoming, app, connections, shutdown).await
+        }
     }
-    // Token chunks are small and latency-bound: never let Nagle hold them back.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, routes(dispatcher, keys))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }
 
 /// Checks `Authorization: Bearer <key>` and attaches the key's tenant to the request.

@@ -1,0 +1,578 @@
+//! Connection hygiene shared by every listener (gRPC and HTTP, plaintext and TLS).
+//!
+//! A connection that sends nothing, or half a request, must not hold a socket (and a file
+//! descriptor) for ever: found from outside, such connections were held 160 s and more, and
+//! enough of them exhausted the router's file descriptors until it stopped answering
+//! `/health`. Here:
+//!
+//! - [`TimedIo`] wraps every accepted connection. Until the connection is *established* it
+//!   must be within its first-request deadline ([`ConnectionTimeouts::header_read`] from
+//!   accept, TLS handshake included). Established means it has received 24 bytes (the length
+//!   of HTTP/2's connection preface; an HTTP/1 request line and one header are longer) or has
+//!   answered something it received (a short HTTP/1 request). Afterwards a connection that
+//!   exchanged no bytes either way for [`ConnectionTimeouts::idle`] is closed, like Envoy's
+//!   idle timeout: that includes a gRPC `Session` stream nobody used for that long, while one
+//!   carrying tokens (or a client's HTTP/2 keepalive pings, as the router's worker links send)
+//!   is never cut.
+//! - [`serve_http`] serves an axum app with hyper's HTTP/1 header-read timeout (a request
+//!   head, including the next one on a keep-alive connection, must arrive within
+//!   [`ConnectionTimeouts::header_read`]) and graceful shutdown.
+//! - [`plaintext`] and [`with_handshake`] accept connections. When `accept` fails (out of
+//!   file descriptors) the loop backs off instead of spinning: new connections wait in the
+//!   kernel's listen backlog while established ones (etcd watches, in-flight streams) carry
+//!   on, and are accepted again once descriptors are freed (e.g. by these timeouts).
+//! - [`raise_fd_limit`] lifts the soft `RLIMIT_NOFILE` to the hard limit at start-up.
+//!
+//! gRPC servers send no HTTP/2 keepalive pings of their own: any live HTTP/2 peer answers
+//! them, which would count as traffic and keep every idle connection open for ever; a dead
+//! peer is closed by the idle timeout instead.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Bytes a connection must receive to count as established: HTTP/2's connection preface.
+const ESTABLISHED_BYTES: usize = 24;
+
+/// Pause after a failed `accept` (out of file descriptors, out of memory) before the next.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// How long connections may take to ask, and stay silent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionTimeouts {
+    /// A new connection must deliver its first request (over TLS, after the handshake) within
+    /// this from accept; an HTTP/1 connection each further request head too.
+    pub header_read: Duration,
+    /// A connection that exchanged no bytes either way for this long is closed.
+    pub idle: Duration,
+}
+
+impl Default for ConnectionTimeouts {
+    fn default() -> Self {
+        Self {
+            header_read: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+        }
+    }
+}
+
+impl ConnectionTimeouts {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.header_read.is_zero() {
+            return Err("header read timeout: must be more than 0".into());
+        }
+        if self.idle.is_zero() {
+            return Err("idle timeout: must be more than 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// An accepted connection closed when it stays silent too long (see the module docs). The
+/// deadline is checked when the server waits to read, which hyper and h2 always do on an
+/// open connection.
+pub struct TimedIo<T> {
+    inner: T,
+    idle: Duration,
+    /// Bytes received while not yet established (at most [`ESTABLISHED_BYTES`] matter).
+    received: usize,
+    established: bool,
+    last_activity: Instant,
+    /// Fires at the first-request deadline, then (established) at `last_activity + idle` or
+    /// earlier; re-armed lazily, so traffic costs a clock read, not a timer update.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl<T> std::fmt::Debug for TimedIo<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TimedIo")
+            .field("established", &self.established)
+            .field("received", &self.received)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> TimedIo<T> {
+    /// `inner`, accepted at `accepted`.
+    pub fn new(inner: T, timeouts: ConnectionTimeouts, accepted: Instant) -> Self {
+        Self {
+            inner,
+            idle: timeouts.idle,
+            received: 0,
+            established: false,
+            last_activity: accepted,
+            timer: Box::pin(tokio::time::sleep_until(accepted + timeouts.header_read)),
+        }
+    }
+
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    fn on_read(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.last_activity = Instant::now();
+        if !self.established {
+            self.received += n;
+            self.established = self.received >= ESTABLISHED_BYTES;
+        }
+    }
+
+    fn on_write(&mut self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.last_activity = Instant::now();
+        // An answer to what the peer sent (an HTTP/2 server's own SETTINGS go out before it
+        // reads anything, so they do not count).
+        if self.received > 0 {
+            self.established = true;
+        }
+    }
+
+    /// Whether the connection is past its deadline; otherwise the timer is armed on `cx`.
+    fn expired(&mut self, cx: &mut Context<'_>) -> Option<&'static str> {
+        loop {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            if !self.established {
+                return Some("no request within the header read timeout");
+            }
+            let deadline = self.last_activity + self.idle;
+            if deadline <= Instant::now() {
+                return Some("idle timeout");
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.on_read(buf.filled().len() - before);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error)),
+            Poll::Pending => match this.expired(cx) {
+                Some(why) => {
+                    debug!(why, "closing a silent connection");
+                    Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, why)))
+                }
+                None => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            this.on_write(n);
+        }
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = written {
+            this.on_write(n);
+        }
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The wrapped connection's peer address and, over TLS, its certificates (which the
+/// `Worker` service's mTLS check reads).
+impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected for TimedIo<T> {
+    type ConnectInfo = T::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+/// Connections accepted on a listener, ready to serve: a stream for tonic's
+/// `serve_with_incoming*`, and what [`serve_http`] serves. The accept loop ends when this is
+/// dropped.
+pub struct Incoming<Io> {
+    accepted: mpsc::Receiver<Io>,
+    local: SocketAddr,
+}
+
+impl<Io> std::fmt::Debug for Incoming<Io> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Io> Incoming<Io> {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+}
+
+impl<Io> futures::Stream for Incoming<Io> {
+    type Item = io::Result<Io>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.accepted.poll_recv(cx).map(|io| io.map(Ok))
+    }
+}
+
+/// Plaintext connections accepted on `listener`.
+pub fn plaintext(
+    listener: TcpListener,
+    timeouts: ConnectionTimeouts,
+) -> io::Result<Incoming<TimedIo<TcpStream>>> {
+    let local = listener.local_addr()?;
+    let (tx, accepted) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut failures = 0;
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = accept(&listener, &mut failures) => accepted,
+            };
+            let io = TimedIo::new(tcp, timeouts, Instant::now());
+            if tx.send(io).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Incoming { accepted, local })
+}
+
+/// Connections accepted on `listener` after `handshake` (e.g. TLS), each handshaken in its
+/// own task so a slow or silent client never holds up the others. The handshake counts
+/// against the connection's first-request deadline.
+pub fn with_handshake<Io, H, Fut>(
+    listener: TcpListener,
+    timeouts: ConnectionTimeouts,
+    handshake: H,
+) -> io::Result<Incoming<TimedIo<Io>>>
+where
+    Io: Send + 'static,
+    H: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: Future<Output = io::Result<Io>> + Send + 'static,
+{
+    let local = listener.local_addr()?;
+    let (tx, accepted) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut failures = 0;
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                accepted = accept(&listener, &mut failures) => accepted,
+            };
+            let accepted_at = Instant::now();
+            let handshaking = handshake(tcp);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let deadline = accepted_at + timeouts.header_read;
+                match tokio::time::timeout_at(deadline, handshaking).await {
+                    Ok(Ok(io)) => {
+                        let _ = tx.send(TimedIo::new(io, timeouts, accepted_at)).await;
+                    }
+                    // Plaintext clients on a TLS port, untrusted client certificates,
+                    // scanners: the peer sees the connection closed.
+                    Ok(Err(error)) => debug!(%peer, %error, "handshake failed"),
+                    Err(_) => debug!(%peer, "handshake timed out"),
+                }
+            });
+        }
+    });
+    Ok(Incoming { accepted, local })
+}
+
+/// The next connection on `listener`. `failures` counts consecutive failed accepts, so a
+/// streak is logged when it starts and when it ends rather than ten times a second.
+async fn accept(listener: &TcpListener, failures: &mut u64) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, peer)) => {
+                if *failures > 0 {
+                    info!(failed_accepts = *failures, "accepting connections again");
+                    *failures = 0;
+                }
+                // Streams carry small frames: Nagle's algorithm would hold them back for the
+                // peer's delayed ACK (~40 ms).
+                let _ = tcp.set_nodelay(true);
+                return (tcp, peer);
+            }
+            // A peer that gave up before its connection was accepted: nothing to back off.
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                debug!(%error, "connection closed before accept");
+            }
+            Err(error) => {
+                if *failures == 0 {
+                    warn!(
+                        %error,
+                        "cannot accept connections (out of file descriptors?); retrying every \
+                         {ACCEPT_BACKOFF:?}: new connections wait, open ones carry on"
+                    );
+                }
+                *failures += 1;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Serves `app` over HTTP/1.1 and HTTP/2 on `incoming` until `shutdown` fires, then lets
+/// open requests finish (like `axum::serve(..).with_graceful_shutdown`), with hyper's
+/// header-read timeout, which `axum::serve` does not set.
+pub async fn serve_http<Io>(
+    mut incoming: Incoming<Io>,
+    app: axum::Router,
+    timeouts: ConnectionTimeouts,
+    shutdown: CancellationToken,
+) -> io::Result<()>
+where
+    Io: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use futures::StreamExt as _;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(timeouts.header_read);
+    builder.http2().timer(TokioTimer::new());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let io = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            io = incoming.next() => match io {
+                Some(Ok(io)) => io,
+                Some(Err(error)) => {
+                    debug!(%error, "accept failed");
+                    continue;
+                }
+                None => break,
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%error, "http connection closed");
+            }
+        });
+    }
+    drop(incoming);
+    graceful.shutdown().await;
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit (many distributions start services
+/// with a soft limit of 1024, each connection takes one); returns `(soft, hard)` as they are
+/// afterwards.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft >= hard {
+        return Ok((soft, hard));
+    }
+    // An unlimited hard limit cannot be the soft one: the kernel caps open files at
+    // fs.nr_open.
+    let target = if hard == nix::sys::resource::RLIM_INFINITY {
+        std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(soft)
+    } else {
+        hard
+    };
+    if target > soft {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
+    }
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    Ok((soft, hard))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn timeouts(header_read_ms: u64, idle_ms: u64) -> ConnectionTimeouts {
+        ConnectionTimeouts {
+            header_read: Duration::from_millis(header_read_ms),
+            idle: Duration::from_millis(idle_ms),
+        }
+    }
+
+    /// Echoes every accepted connection until it fails; returns the listener's address.
+    async fn echo_server(timeouts: ConnectionTimeouts) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut incoming = plaintext(listener, timeouts).unwrap();
+        let addr = incoming.local_addr();
+        tokio::spawn(async move {
+            while let Some(Ok(mut io)) = futures::StreamExt::next(&mut incoming).await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    loop {
+                        match io.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                if io.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Reads until the server closes the connection; returns what was read.
+    async fn read_to_close(tcp: &mut TcpStream) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 64];
+        loop {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => return out,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_at_the_header_read_deadline() {
+        let addr = echo_server(timeouts(200, 60_000)).await;
+        let started = Instant::now();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        assert!(read_to_close(&mut tcp).await.is_empty());
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_short_of_a_request_is_closed_at_the_header_read_deadline() {
+        // Echoed bytes count as an answer, so this server would establish on the first byte;
+        // a bare listener shows the byte count alone.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut incoming = plaintext(listener, timeouts(200, 60_000)).unwrap();
+        let addr = incoming.local_addr();
+        let server = tokio::spawn(async move {
+            let mut io = futures::StreamExt::next(&mut incoming)
+                .await
+                .unwrap()
+                .unwrap();
+            let mut buf = [0u8; 64];
+            let mut got = 0;
+            loop {
+                match io.read(&mut buf).await {
+                    Ok(0) => return Ok(got),
+                    Ok(n) => got += n,
+                    Err(error) => return Err((got, error.kind())),
+                }
+            }
+        });
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        assert_eq!(server.await.unwrap(), Err((16, io::ErrorKind::TimedOut)));
+    }
+
+    #[tokio::test]
+    async fn traffic_keeps_a_connection_open_past_the_idle_timeout_and_silence_closes_it() {
+        let addr = echo_server(timeouts(5_000, 300)).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        // Ten round trips 100 ms apart: 1 s of traffic, over three idle timeouts.
+        let mut ticks = tokio::time::interval(Duration::from_millis(100));
+        for i in 0..10u8 {
+            ticks.tick().await;
+            tcp.write_all(&[i; 30]).await.unwrap();
+            let mut back = [0u8; 30];
+            tcp.read_exact(&mut back).await.unwrap();
+            assert_eq!(back, [i; 30]);
+        }
+        let silent = Instant::now();
+        assert!(read_to_close(&mut tcp).await.is_empty());
+        let took = silent.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stalled_handshake_counts_against_the_header_read_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // A handshake that never completes (a client that never sends its ClientHello).
+        let incoming = with_handshake(listener, timeouts(200, 60_000), |tcp| async move {
+            std::future::pending::<()>().await;
+            Ok(tcp)
+        })
+        .unwrap();
+        let started = Instant::now();
+        let mut tcp = TcpStream::connect(incoming.local_addr()).await.unwrap();
+        assert!(read_to_close(&mut tcp).await.is_empty());
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused() {
+        assert!(timeouts(0, 1).validate().is_err());
+        assert!(timeouts(1, 0).validate().is_err());
+        assert!(ConnectionTimeouts::default().validate().is_ok());
+    }
+}
