@@ -56,7 +56,10 @@ pub struct NoisyNeighbourArgs {
     #[arg(long, default_value = "50ms", value_parser = humantime::parse_duration)]
     pub calm_interval: Duration,
     /// The flood tenant's quota in the third phase (policy `quotas.tenants.flood`).
-    #[arg(long, default_value = r#"{"max_in_flight": 16, "tokens_per_minute": 300000}"#)]
+    #[arg(
+        long,
+        default_value = r#"{"max_in_flight": 16, "tokens_per_minute": 300000}"#
+    )]
     pub flood_quota: String,
     /// Print one JSON object instead of a table.
     #[arg(long)]
@@ -204,7 +207,8 @@ fn flood(
                         }
                         Outcome::Refused { retry_after, .. } => {
                             counts.refusals.fetch_add(1, Ordering::Relaxed);
-                            let pause = retry_after.clamp(Duration::from_millis(1), Duration::from_millis(100));
+                            let pause = retry_after
+                                .clamp(Duration::from_millis(1), Duration::from_millis(100));
                             tokio::select! {
                                 _ = tokio::time::sleep(pause) => {}
                                 _ = stop.cancelled() => return Ok(()),

@@ -464,11 +464,20 @@ async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Res
         .into_iter()
         .flatten()
         .filter(|e| e["kind"] == "admin_write")
-        .map(|e| (e["via"].as_str().unwrap_or(""), e["action"].as_str().unwrap_or("")))
+        .map(|e| {
+            (
+                e["via"].as_str().unwrap_or(""),
+                e["action"].as_str().unwrap_or(""),
+            )
+        })
         .collect();
     assert_eq!(
         audits,
-        [("grpc", "drain"), ("grpc", "undrain"), ("dashboard", "drain")],
+        [
+            ("grpc", "drain"),
+            ("grpc", "undrain"),
+            ("dashboard", "drain")
+        ],
         "{events}"
     );
 
