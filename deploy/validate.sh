@@ -81,7 +81,7 @@ for path in map(Path, sys.argv[1:]):
     path.with_suffix(".json").write_text(json.dumps(objects, indent=1))
 PY
 
-RENDERED_BASE="$out/base.yaml" SWITCHYARD_BIN="$SWITCHYARD_BIN" \
+RENDERED_BASE="$out/base.yaml" RENDERED_TLS="$out/tls.yaml" SWITCHYARD_BIN="$SWITCHYARD_BIN" \
   python3 deploy/test_validate.py 2>&1 | tail -n 3
 python3 deploy/validate.py --switchyard "$SWITCHYARD_BIN" "${rendered[@]}"
 echo "deploy manifests valid: ${rendered[*]}"

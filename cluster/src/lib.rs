@@ -7,6 +7,7 @@ mod allocator;
 pub mod backoff;
 pub mod credential;
 pub mod etcd;
+pub mod identity;
 pub mod membership;
 pub mod memory;
 pub mod registry;

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use switchyard_cluster::Membership;
 use switchyard_cluster::credential::ClusterToken;
 use switchyard_cluster::tls::ClientTls;
+use switchyard_cluster::{Membership, Pool};
 use switchyard_proto::v1::{self, worker_client::WorkerClient, worker_frame::Frame};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -77,6 +77,7 @@ impl Loads {
                         let task = tokio::spawn(follow(
                             this.clone(),
                             worker.id.clone(),
+                            worker.pool,
                             worker.address.clone(),
                         ));
                         followed.insert(worker.id.clone(), (worker.address.clone(), task));
@@ -95,9 +96,9 @@ impl Loads {
     }
 }
 
-async fn follow(loads: Loads, worker_id: String, address: String) {
+async fn follow(loads: Loads, worker_id: String, pool: Pool, address: String) {
     loop {
-        if let Err(error) = stream_loads(&loads, &worker_id, &address).await {
+        if let Err(error) = stream_loads(&loads, &worker_id, pool, &address).await {
             debug!(%worker_id, %address, %error, "load stream failed; reconnecting");
         }
         loads.set(&worker_id, None);
@@ -108,9 +109,12 @@ async fn follow(loads: Loads, worker_id: String, address: String) {
 async fn stream_loads(
     loads: &Loads,
     worker_id: &str,
+    pool: Pool,
     address: &str,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = switchyard_cluster::tls::endpoint(address, loads.tls.as_ref())?
+    // Like a router's link: only to a certificate naming the record's worker.
+    let expected = switchyard_cluster::identity::worker_uri(pool, worker_id);
+    let endpoint = switchyard_cluster::identity::dial(address, loads.tls.as_ref(), expected)?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
