@@ -437,9 +437,10 @@ fn identity_rejections(metrics: &str, worker_id: &str, pool: &str) -> f64 {
 /// Worker identity: whoever can write a key under `/switchyard/v1/workers/` can add a record
 /// pointing at any address. With TLS, the router links to a record only if the certificate
 /// served there names the record's worker (`spiffe://switchyard/pool/<pool>/worker/<id>`):
-/// records forged under another id (same pool, and another pool) pointing at a genuine worker
-/// get no traffic, the router logs what the certificate named and counts the rejection, and
-/// every request is served by the genuine worker under its own record.
+/// records forged under another id (same pool, and another pool) and a genuine worker's record
+/// overwritten, all pointing at one genuine worker, get no traffic; the router logs what the
+/// certificate named and counts each rejection, and every request is served by that worker
+/// under its own record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> anyhow::Result<()> {
     let pki = switchyard::tls::LocalPki::generate(&["router"])?;
@@ -448,28 +449,31 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
     let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
     let etcd = Etcd::start().await?;
 
-    let worker_files = pki.worker(Pool::Gpu, "gpu-genuine")?;
-    let args: Vec<String> = [
-        "worker-gpu",
-        "--listen",
-        "127.0.0.1:0",
-        "--etcd",
-        &etcd.url,
-        "--id",
-        "gpu-genuine",
-        "--tls-cert-file",
-        &path(&worker_files.cert_file),
-        "--tls-key-file",
-        &path(&worker_files.key_file),
-        "--tls-ca-file",
-        &ca_arg,
-        "--tls-client-ca-file",
-        &ca_arg,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let worker = Component::start("identity-worker", &args, 1).await?;
+    let worker_args = |id: &str| -> anyhow::Result<Vec<String>> {
+        let files = pki.worker(Pool::Gpu, id)?;
+        Ok([
+            "worker-gpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd.url,
+            "--id",
+            id,
+            "--tls-cert-file",
+            &path(&files.cert_file),
+            "--tls-key-file",
+            &path(&files.key_file),
+            "--tls-ca-file",
+            &ca_arg,
+            "--tls-client-ca-file",
+            &ca_arg,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
+    };
+    let worker = Component::start("identity-worker", &worker_args("gpu-genuine")?, 1).await?;
+    let _second = Component::start("identity-second", &worker_args("gpu-second")?, 1).await?;
     let router_files = pki.files("router");
     let args: Vec<String> = [
         "router",
@@ -504,17 +508,22 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
     };
     wait_until(
         Duration::from_secs(30),
-        "the router to link to the genuine worker",
-        || async { routable().await == ["gpu-genuine"] },
+        "the router to link to both genuine workers",
+        || async { routable().await == ["gpu-genuine", "gpu-second"] },
     )
     .await?;
 
-    // Two forged records, written straight into etcd as anyone with write access to the
-    // prefix could: another id in the genuine worker's pool, and one in the wafer-scale pool
-    // (where latency-critical requests would go first), both at the genuine worker's address.
+    // Records written straight into etcd as anyone with write access to the prefix could, all
+    // at gpu-genuine's address: another id in its pool, one in the wafer-scale pool (where
+    // latency-critical requests would go first), and gpu-second's own record overwritten.
     let mut etcd_client = etcd_client::Client::connect([&etcd.url], None).await?;
     let genuine_address = worker.addr("grpc").to_string();
-    for (id, pool) in [("gpu-forged", Pool::Gpu), ("wse-forged", Pool::Wse)] {
+    let forged = [
+        ("gpu-forged", Pool::Gpu),
+        ("wse-forged", Pool::Wse),
+        ("gpu-second", Pool::Gpu),
+    ];
+    for (id, pool) in forged {
         let record = WorkerRecord {
             id: id.into(),
             pool,
@@ -538,11 +547,12 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
     // The router refuses both at the handshake and counts each under the record's labels.
     wait_until(
         Duration::from_secs(30),
-        "the router to count both forged records as identity rejections",
+        "the router to count every forged record as an identity rejection",
         || async {
             let metrics = router_metrics(&router, &ca).await.unwrap_or_default();
-            identity_rejections(&metrics, "gpu-forged", "gpu") >= 1.0
-                && identity_rejections(&metrics, "wse-forged", "wse") >= 1.0
+            forged
+                .iter()
+                .all(|(id, pool)| identity_rejections(&metrics, id, pool.as_str()) >= 1.0)
         },
     )
     .await?;
@@ -554,7 +564,7 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
     );
     // The warning names the record and what the certificate named instead.
     let log = std::fs::read_to_string(&router.log)?;
-    for forged in ["gpu-forged", "wse-forged"] {
+    for (forged, _) in forged {
         let line = log
             .lines()
             .find(|l| l.contains("worker record refused") && l.contains(forged))
