@@ -70,7 +70,7 @@ for dir in deploy/k8s/base deploy/k8s/overlays/*/; do
   "$KUBECTL" kustomize "$dir" >"$out/$name.yaml"
   rendered+=("$out/$name.yaml")
 done
-# The same objects as JSON for tests/tests/deploy_manifests.rs, which runs the dev overlay's
+# The same objects as JSON for tests/tests/deploy_manifests.rs, which runs the dev (and dev-tls) overlay's
 # containers as local processes with the manifests' settings.
 python3 - "${rendered[@]}" <<'PY'
 import json, sys
