@@ -60,12 +60,14 @@ impl Loads {
         };
         let this = loads.clone();
         tokio::spawn(async move {
-            // Worker id → (address followed, task).
-            let mut followed: HashMap<String, (String, JoinHandle<()>)> = HashMap::new();
+            // Worker id → (address and pool followed, task): the stream checked that identity.
+            let mut followed: HashMap<String, ((String, Pool), JoinHandle<()>)> = HashMap::new();
             loop {
                 let view = membership.current();
-                followed.retain(|id, (address, task)| {
-                    let keep = view.get(id).is_some_and(|w| &w.address == address);
+                followed.retain(|id, (followed, task)| {
+                    let keep = view
+                        .get(id)
+                        .is_some_and(|w| (&w.address, w.pool) == (&followed.0, followed.1));
                     if !keep {
                         task.abort();
                         this.set(id, None);
@@ -80,7 +82,10 @@ impl Loads {
                             worker.pool,
                             worker.address.clone(),
                         ));
-                        followed.insert(worker.id.clone(), (worker.address.clone(), task));
+                        followed.insert(
+                            worker.id.clone(),
+                            ((worker.address.clone(), worker.pool), task),
+                        );
                     }
                 }
                 tokio::select! {

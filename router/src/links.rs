@@ -784,13 +784,17 @@ impl Links {
         for record in view.iter() {
             match links.get(&record.id) {
                 Some(link) => {
-                    let address_changed =
-                        link.record.read().expect("record lock").address != record.address;
+                    // The stream was checked against the record's address and identity (its
+                    // pool is part of it): a change of either is dialled, and checked, again.
+                    let redial = {
+                        let old = link.record.read().expect("record lock");
+                        old.address != record.address || old.pool != record.pool
+                    };
                     *link.record.write().expect("record lock") = record.clone();
                     if !link.listed.swap(true, Ordering::AcqRel) {
                         info!(worker = %record.id, "worker's record is back in the membership");
                     }
-                    if address_changed {
+                    if redial {
                         // Reconnect to the new address: the old stream ends, `run` dials again.
                         let fresh = Link::new(
                             record.clone(),

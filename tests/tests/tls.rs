@@ -614,5 +614,35 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
         assert_eq!(text, synthetic_text(&prompt, 0, 2));
     }
     assert_eq!(routable().await, ["gpu-genuine"]);
+
+    // The pool is part of the identity: a record moving gpu-genuine's id to the wafer-scale
+    // pool at the same address is not taken over by the link already up; the link is dialled
+    // again, refused, and gpu-genuine is routable under no pool rather than the wrong one.
+    let mut moved = serde_json::from_slice::<WorkerRecord>(
+        etcd_client
+            .get(
+                switchyard_cluster::schema::worker_key(Pool::Gpu, "gpu-genuine"),
+                None,
+            )
+            .await?
+            .kvs()
+            .first()
+            .context("gpu-genuine's record")?
+            .value(),
+    )?;
+    moved.pool = Pool::Wse;
+    etcd_client
+        .put(moved.key(), serde_json::to_vec(&moved)?, None)
+        .await?;
+    wait_until(
+        Duration::from_secs(30),
+        "the router to refuse gpu-genuine's identity under the wafer-scale pool",
+        || async {
+            let metrics = router_metrics(&router, &ca).await.unwrap_or_default();
+            identity_rejections(&metrics, "gpu-genuine", "wse") >= 1.0
+        },
+    )
+    .await?;
+    assert_eq!(routable().await, Vec::<String>::new());
     Ok(())
 }
