@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """The validator catches what it claims to: each test breaks one thing in the rendered base
-and expects exactly that problem to be reported (and the untouched base to pass).
+(or the TLS overlay) and expects exactly that problem to be reported (and the untouched
+renders to pass).
 
-Run by deploy/validate.sh: RENDERED_BASE=<rendered base yaml> SWITCHYARD_BIN=<binary>.
+Run by deploy/validate.sh: RENDERED_BASE=<rendered base yaml> RENDERED_TLS=<rendered
+overlays/tls yaml> SWITCHYARD_BIN=<binary>.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import validate  # noqa: E402
 
 BASE = validate.load(Path(os.environ["RENDERED_BASE"]))
+TLS = validate.load(Path(os.environ["RENDERED_TLS"]))
 CLI = validate.Cli(os.environ["SWITCHYARD_BIN"])
 
 
@@ -131,6 +134,77 @@ class ValidatorTest(unittest.TestCase):
         objects = self.broken()
         validate.pod_spec(find(objects, "Deployment", "worker-gpu"))["initContainers"] = []
         self.assert_problem(objects, "no init container fetches the model")
+
+
+class TlsValidatorTest(unittest.TestCase):
+    problems = ValidatorTest.problems
+    assert_problem = ValidatorTest.assert_problem
+
+    def broken(self) -> list[dict]:
+        return copy.deepcopy(TLS)
+
+    def test_tls_passes(self) -> None:
+        self.assertEqual(self.problems(self.broken()), [])
+
+    def test_worker_certificate_must_name_its_own_pool(self) -> None:
+        objects = self.broken()
+        volume = next(v for v in validate.pod_spec(find(objects, "Deployment", "worker-gpu"))["volumes"]
+                      if v["name"] == "tls")
+        volume["csi"]["volumeAttributes"]["csi.cert-manager.io/uri-sans"] = (
+            "spiffe://switchyard/pool/wse/worker/${POD_NAME}"
+        )
+        self.assert_problem(objects, "container worker: the worker's certificate names")
+
+    def test_worker_id_must_be_what_the_certificate_names(self) -> None:
+        objects = self.broken()
+        worker = container(objects, "Deployment", "worker-wse")
+        env_entry(worker, "SWITCHYARD_WORKER_ID")["value"] = "wse-0"
+        self.assert_problem(objects, "not the one it registers under")
+
+    def test_control_plane_certificate_must_name_its_identity(self) -> None:
+        objects = self.broken()
+        del find(objects, "Certificate", "control-plane")["spec"]["uris"]
+        self.assert_problem(objects, "does not name spiffe://switchyard/control-plane")
+
+    def test_no_grpc_probe_against_tls(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router")
+        router["livenessProbe"] = {"grpc": {"port": 50051}}
+        self.assert_problem(objects, "livenessProbe is a gRPC probe")
+
+    def test_certificate_issuer_must_be_rendered(self) -> None:
+        objects = self.broken()
+        find(objects, "Certificate", "router")["spec"]["issuerRef"]["name"] = "letsencrypt"
+        self.assert_problem(objects, "issuerRef Issuer/letsencrypt is not rendered")
+
+    def test_csi_issuer_must_be_rendered(self) -> None:
+        objects = self.broken()
+        volume = next(v for v in validate.pod_spec(find(objects, "Deployment", "worker-wse"))["volumes"]
+                      if v["name"] == "tls")
+        volume["csi"]["volumeAttributes"]["csi.cert-manager.io/issuer-name"] = "other"
+        self.assert_problem(objects, "issuer Issuer/other is not rendered")
+
+    def test_unknown_cert_manager_field_fails_the_schema(self) -> None:
+        objects = self.broken()
+        find(objects, "Certificate", "etcd")["spec"]["dnsName"] = ["etcd-0.etcd"]
+        self.assert_problem(objects, "cert-manager schema")
+
+    def test_unknown_key_usage_fails_the_schema(self) -> None:
+        objects = self.broken()
+        find(objects, "Certificate", "router")["spec"]["usages"].append("server")
+        self.assert_problem(objects, "cert-manager schema: spec/usages")
+
+    def test_certificate_secret_counts_as_existing_only_when_written(self) -> None:
+        objects = self.broken()
+        find(objects, "Certificate", "router")["spec"]["secretName"] = "router-cert"
+        self.assert_problem(objects, "Secret switchyard-router-tls does not exist")
+
+    def test_etcd_clients_must_use_https_against_a_tls_etcd(self) -> None:
+        objects = self.broken()
+        cm = next(o for o in objects if o["kind"] == "ConfigMap"
+                  and "etcd-endpoints" in o.get("data", {}))
+        cm["data"]["etcd-endpoints"] = cm["data"]["etcd-endpoints"].replace("https://", "http://")
+        self.assert_problem(objects, "etcd-endpoints")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,14 @@
    NetworkPolicies and the HPA select something; probes hit declared ports; every container is
    hardened and has requests/limits; the SIGTERM drain fits in the grace period; the etcd member
    list matches the StatefulSet; a CUDA worker asks for a GPU.
+3. TLS (deploy/k8s/components/tls): cert-manager objects have no Kubernetes schema; they are
+   checked against CERT_MANAGER_SCHEMA below instead, a strict subset of cert-manager's v1 API
+   (the fields these manifests use; any other field is an error). Certificates and csi-driver
+   volumes name a rendered Issuer; Secrets a Certificate writes count as existing; a worker's
+   certificate names the identity it registers under
+   (spiffe://switchyard/pool/<pool>/worker/<worker id>), the control plane's
+   spiffe://switchyard/control-plane; a component serving TLS has no gRPC probe (the kubelet's
+   speak plaintext only); etcd URLs use https exactly when etcd serves TLS.
 
 Usage: validate.py --switchyard target/debug/switchyard RENDERED.yaml...
 Exit status 1 with one line per problem when anything fails.
@@ -26,6 +34,7 @@ from pathlib import Path
 
 import functools
 
+import jsonschema
 import kubernetes_validate
 import kubernetes_validate.utils
 
@@ -46,6 +55,112 @@ OPERATOR_SECRETS = {
     "switchyard-admin-tokens",
     "switchyard-cluster-token",
 }
+# The API group of cert-manager's objects (Issuer, Certificate), which have no Kubernetes schema.
+CERT_MANAGER_GROUP = "cert-manager.io"
+CSI_DRIVER = "csi.cert-manager.io"
+# The keys of a Secret cert-manager writes for a Certificate.
+CERTIFICATE_SECRET_KEYS = {"tls.crt", "tls.key", "ca.crt"}
+_ISSUER_REF = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "minLength": 1},
+        "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+        "group": {"type": "string"},
+    },
+}
+_KEY_USAGES = [
+    "signing", "digital signature", "content commitment", "key encipherment", "key agreement",
+    "data encipherment", "cert sign", "crl sign", "encipher only", "decipher only", "any",
+    "server auth", "client auth", "code signing", "email protection", "s/mime",
+    "ipsec end system", "ipsec tunnel", "ipsec user", "timestamping", "ocsp signing",
+    "microsoft sgc", "netscape sgc",
+]
+_METADATA = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": {"type": "string"}, "namespace": {"type": "string"},
+                   "labels": {"type": "object"}, "annotations": {"type": "object"}},
+    "additionalProperties": False,
+}
+_STRINGS = {"type": "array", "items": {"type": "string", "minLength": 1}}
+# A strict subset of cert-manager.io/v1 (https://cert-manager.io/docs/reference/api-docs/):
+# the fields the manifests use, with their types and enums. Not the full CRD schema (the Issuer
+# CRD alone is some 200 kB of ACME solver fields): a field outside the subset is an error here
+# even where cert-manager would accept it; extend the subset, from the API reference, to use it.
+CERT_MANAGER_SCHEMA = {
+    "Issuer": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "cert-manager.io/v1"},
+            "kind": {"const": "Issuer"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "minProperties": 1,
+                "maxProperties": 1,
+                "properties": {
+                    "selfSigned": {"type": "object", "additionalProperties": False},
+                    "ca": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["secretName"],
+                        "properties": {"secretName": {"type": "string", "minLength": 1}},
+                    },
+                },
+            },
+        },
+    },
+    "Certificate": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "cert-manager.io/v1"},
+            "kind": {"const": "Certificate"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["secretName", "issuerRef"],
+                "properties": {
+                    "secretName": {"type": "string", "minLength": 1},
+                    "issuerRef": _ISSUER_REF,
+                    "isCA": {"type": "boolean"},
+                    "commonName": {"type": "string", "maxLength": 64},
+                    "dnsNames": _STRINGS,
+                    "uris": _STRINGS,
+                    "ipAddresses": _STRINGS,
+                    "usages": {"type": "array", "items": {"enum": _KEY_USAGES}},
+                    "duration": {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"},
+                    "renewBefore": {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(h|m|s))+$"},
+                    "privateKey": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                            "size": {"type": "integer"},
+                            "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                            "rotationPolicy": {"enum": ["Never", "Always"]},
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+# The identities Switchyard's links check (cluster/src/identity.rs).
+CONTROL_PLANE_IDENTITY = "spiffe://switchyard/control-plane"
+
+
+def worker_identity(pool: str, worker_id: str) -> str:
+    return f"spiffe://switchyard/pool/{pool}/worker/{worker_id}"
+
+
 # Environment variables a switchyard container may set besides its own SWITCHYARD_* flags.
 EXTRA_ENV = {"RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
@@ -131,6 +246,14 @@ def schema_problems(document: str) -> tuple[str, ...]:
     """Schema errors of one object (as canonical JSON: overlays and tests repeat objects)."""
     obj = json.loads(document)
     problems = []
+    if obj.get("apiVersion", "").split("/")[0] == CERT_MANAGER_GROUP:
+        schema = CERT_MANAGER_SCHEMA.get(obj["kind"])
+        if schema is None:
+            return (f"cert-manager {obj['kind']}: not in the checked subset (CERT_MANAGER_SCHEMA)",)
+        for error in jsonschema.Draft7Validator(schema).iter_errors(obj):
+            path = "/".join(str(p) for p in error.path)
+            problems.append(f"cert-manager schema: {path}: {error.message}")
+        return tuple(problems)
     for version in KUBERNETES_VERSIONS:
         try:
             kubernetes_validate.validate(obj, version, strict=True)
@@ -275,6 +398,10 @@ def check_references(obj: dict, objects: list[dict], where: str, report: Report)
     spec = pod_spec(obj)
     config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    # The Secret a Certificate names is written by cert-manager once it is issued.
+    for cert in certificates(objects):
+        secrets.setdefault(cert["spec"]["secretName"],
+                           {"data": dict.fromkeys(CERTIFICATE_SECRET_KEYS, "")})
 
     def check(kind: str, name: str, key: str | None, optional: bool) -> None:
         pool = config_maps if kind == "ConfigMap" else secrets
@@ -307,6 +434,96 @@ def check_references(obj: dict, objects: list[dict], where: str, report: Report)
         if "secret" in volume:
             for item in volume["secret"].get("items", [{"key": None}]):
                 check("Secret", volume["secret"]["secretName"], item["key"], False)
+
+
+def certificates(objects: list[dict]) -> list[dict]:
+    return [o for o in objects
+            if o["kind"] == "Certificate" and o.get("apiVersion", "").startswith(CERT_MANAGER_GROUP)]
+
+
+def issuers(objects: list[dict]) -> set[tuple[str, str]]:
+    return {(o["kind"], o["metadata"]["name"]) for o in objects
+            if o["kind"] in ("Issuer", "ClusterIssuer")
+            and o.get("apiVersion", "").startswith(CERT_MANAGER_GROUP)}
+
+
+def check_cert_manager(objects: list[dict], where: str, report: Report) -> None:
+    """Certificates name a rendered issuer; a CA issuer's Secret is a Certificate's."""
+    known = issuers(objects)
+    written = {c["spec"]["secretName"] for c in certificates(objects)}
+    for cert in certificates(objects):
+        ref = cert["spec"].get("issuerRef", {})
+        if (ref.get("kind", "Issuer"), ref.get("name")) not in known:
+            report.error(f"{where} {name_of(cert)}", f"issuerRef {ref.get('kind', 'Issuer')}/"
+                                                     f"{ref.get('name')} is not rendered")
+    for obj in objects:
+        if obj["kind"] == "Issuer" and "ca" in obj.get("spec", {}):
+            secret = obj["spec"]["ca"].get("secretName")
+            if secret not in written:
+                report.error(f"{where} {name_of(obj)}", f"CA Secret {secret} is no Certificate's")
+
+
+def tls_file_source(container: dict, spec: dict, path: str, objects: list[dict]) -> dict | None:
+    """Where the file at `path` comes from: {"csi": attributes} or {"certificate": object}."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        if not path.startswith(mount["mountPath"].rstrip("/") + "/"):
+            continue
+        volume = volumes.get(mount["name"], {})
+        if volume.get("csi", {}).get("driver") == CSI_DRIVER:
+            return {"csi": volume["csi"].get("volumeAttributes", {})}
+        if "secret" in volume:
+            for cert in certificates(objects):
+                if cert["spec"]["secretName"] == volume["secret"]["secretName"]:
+                    return {"certificate": cert}
+    return None
+
+
+def check_tls(container: dict, spec: dict, env: dict[str, dict], objects: list[dict], where: str,
+              report: Report) -> None:
+    """A component serving TLS: no gRPC probes, and its certificate names its identity."""
+    cert_file = env.get("SWITCHYARD_TLS_CERT_FILE", {}).get("value")
+    if cert_file is None:
+        return
+    for probe_name in ("startupProbe", "livenessProbe", "readinessProbe"):
+        if "grpc" in container.get(probe_name, {}):
+            report.error(where, f"{probe_name} is a gRPC probe, which speaks plaintext only: "
+                                f"it fails against a TLS listener")
+    source = tls_file_source(container, spec, cert_file, objects)
+    subcommand = container.get("args", [""])[0]
+    for volume in spec.get("volumes", []):
+        csi = volume.get("csi", {})
+        if csi.get("driver") == CSI_DRIVER:
+            issuer = csi.get("volumeAttributes", {}).get("csi.cert-manager.io/issuer-name")
+            kind = csi.get("volumeAttributes", {}).get("csi.cert-manager.io/issuer-kind", "Issuer")
+            if (kind, issuer) not in issuers(objects):
+                report.error(where, f"csi volume {volume['name']}: issuer {kind}/{issuer} is not rendered")
+    if subcommand.startswith("worker-"):
+        pool = subcommand.removeprefix("worker-")
+        worker_id = env.get("SWITCHYARD_WORKER_ID", {}).get("value", "")
+        refs = VAR_REF.findall(worker_id)
+        pod_name = (len(refs) == 1 and worker_id == f"$({refs[0]})"
+                    and env.get(refs[0], {}).get("valueFrom", {}).get("fieldRef", {})
+                    .get("fieldPath") == "metadata.name")
+        uris = []
+        if source and "csi" in source:
+            uris = [u.strip() for u in
+                    source["csi"].get("csi.cert-manager.io/uri-sans", "").split(",") if u.strip()]
+        elif source and "certificate" in source:
+            uris = source["certificate"]["spec"].get("uris", [])
+        # csi-driver expands ${POD_NAME} to the pod's name, which the worker registers under.
+        expected = worker_identity(pool, "${POD_NAME}") if pod_name else None
+        if expected is None or expected not in uris:
+            report.error(where, f"the worker's certificate names {uris or 'no identity'}, not the "
+                                f"one it registers under ({worker_identity(pool, '<worker id>')}"
+                                f" with SWITCHYARD_WORKER_ID the pod name and the certificate "
+                                f"from a {CSI_DRIVER} volume with uri-sans "
+                                f"{worker_identity(pool, '${POD_NAME}')}): routers refuse it")
+    if subcommand == "control-plane":
+        uris = source["certificate"]["spec"].get("uris", []) if source and "certificate" in source else []
+        if CONTROL_PLANE_IDENTITY not in uris:
+            report.error(where, f"the control plane's certificate does not name "
+                                f"{CONTROL_PLANE_IDENTITY}: routers refuse it")
 
 
 def check_selectors(objects: list[dict], where: str, report: Report) -> None:
@@ -368,14 +585,23 @@ def check_etcd(objects: list[dict], where: str, report: Report) -> None:
         service = obj["spec"]["serviceName"]
         expected = [f"etcd-{i}" for i in range(replicas)]
         env = {e["name"]: e.get("value", "") for e in pod_spec(obj)["containers"][0]["env"]}
+        peer_scheme = "https" if env.get("ETCD_PEER_CERT_FILE") else "http"
+        client_scheme = "https" if env.get("ETCD_CERT_FILE") else "http"
         members = [m.split("=", 1) for m in env["ETCD_INITIAL_CLUSTER"].split(",")]
         if [name for name, _ in members] != expected:
             report.error(f"{where} {name_of(obj)}", f"ETCD_INITIAL_CLUSTER lists {members}, "
                                                     f"replicas are {expected}")
         for name, url in members:
-            if url != f"http://{name}.{service}:2380":
-                report.error(f"{where} {name_of(obj)}", f"peer URL {url} is not {name}.{service}")
-        clients = [f"http://{name}.{service}:2379" for name in expected]
+            if url != f"{peer_scheme}://{name}.{service}:2380":
+                report.error(f"{where} {name_of(obj)}", f"peer URL {url} is not "
+                                                        f"{peer_scheme}://{name}.{service}:2380")
+        for key, scheme in (("ETCD_LISTEN_CLIENT_URLS", client_scheme),
+                            ("ETCD_ADVERTISE_CLIENT_URLS", client_scheme),
+                            ("ETCD_LISTEN_PEER_URLS", peer_scheme),
+                            ("ETCD_INITIAL_ADVERTISE_PEER_URLS", peer_scheme)):
+            if key in env and not env[key].startswith(f"{scheme}://"):
+                report.error(f"{where} {name_of(obj)}", f"{key} {env[key]} is not {scheme}://")
+        clients = [f"{client_scheme}://{name}.{service}:2379" for name in expected]
         for cm in objects:
             if cm["kind"] == "ConfigMap" and "etcd-endpoints" in cm.get("data", {}):
                 listed = cm["data"]["etcd-endpoints"].split(",")
@@ -406,6 +632,8 @@ def check_objects(objects: list[dict], where: str, cli: Cli, report: Report) -> 
             image = container["image"].rsplit("/", 1)[-1].split(":", 1)[0]
             if image in ("switchyard", "switchyard-cuda"):
                 check_switchyard(container, spec, env, cli, cwhere, report)
+                check_tls(container, spec, env, objects, cwhere, report)
+    check_cert_manager(objects, where, report)
     check_selectors(objects, where, report)
     check_etcd(objects, where, report)
 

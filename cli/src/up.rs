@@ -87,7 +87,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         Some(crate::tls::LocalPki::generate(&[
             "router",
             "control-plane",
-            "worker",
         ])?)
     } else {
         None
@@ -118,8 +117,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         workers.push(("worker-wse", Pool::Wse, wse_engine(&engine_args)?));
     }
     for (component, pool, engine) in workers {
+        let id = default_worker_id(pool);
+        // Its own certificate, naming its identity; Worker calls only from this CA's
+        // certificates (the router's and control plane's).
+        let tls = match &pki {
+            Some(pki) => pki.worker(pool, &id)?,
+            None => Default::default(),
+        };
         let config = WorkerConfig {
-            id: default_worker_id(pool),
+            id,
             pool,
             listen: "127.0.0.1:0".parse()?,
             advertise: None,
@@ -129,11 +135,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             drain_timeout: Duration::from_secs(30),
             // In-process workers' metrics are not served: the router's are, on its HTTP port.
             metrics: Default::default(),
-            // Worker calls only from this CA's certificates: the router's and control plane's.
-            tls: switchyard_cluster::tls::TlsFiles {
-                client_ca_file: pki.as_ref().map(|pki| pki.ca_file()),
-                ..tls_files("worker")
-            },
+            tls,
             connections: Default::default(),
         };
         let (tx, rx) = oneshot::channel();

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod credential;
 pub mod etcd;
 pub mod listen;
+pub mod identity;
 pub mod membership;
 pub mod memory;
 pub mod registry;

@@ -384,6 +384,36 @@ impl ClientTls {
         }
         Ok(config)
     }
+
+    /// The CA certificates of `ca_file`, for a verifier of one's own (see
+    /// [`crate::identity`]).
+    pub(crate) fn roots(&self) -> Result<RootCertStore, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in read_certificates(&self.ca_file)? {
+            roots.add(cert).map_err(|e| TlsError::Pem {
+                path: self.ca_file.clone(),
+                what: format!("not a usable CA certificate: {e}"),
+            })?;
+        }
+        Ok(roots)
+    }
+
+    /// tonic's client configuration with the client certificate only: tonic refuses CA
+    /// certificates beside a custom verifier, which brings its own.
+    pub(crate) fn config_without_roots(
+        &self,
+    ) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+        let mut config = tonic::transport::ClientTlsConfig::new();
+        if let Some((cert, key)) = &self.identity {
+            read_certificates(cert)?;
+            read_private_key(key)?;
+            config = config.identity(tonic::transport::Identity::from_pem(
+                read(cert)?,
+                read(key)?,
+            ));
+        }
+        Ok(config)
+    }
 }
 
 /// An endpoint for `address` (`host:port`): `https` with `tls`, `http` without.

@@ -7,9 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use switchyard_cluster::Membership;
 use switchyard_cluster::credential::ClusterToken;
 use switchyard_cluster::tls::ClientTls;
+use switchyard_cluster::{Membership, Pool};
 use switchyard_proto::v1::{self, worker_client::WorkerClient, worker_frame::Frame};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -60,12 +60,14 @@ impl Loads {
         };
         let this = loads.clone();
         tokio::spawn(async move {
-            // Worker id → (address followed, task).
-            let mut followed: HashMap<String, (String, JoinHandle<()>)> = HashMap::new();
+            // Worker id → (address and pool followed, task): the stream checked that identity.
+            let mut followed: HashMap<String, ((String, Pool), JoinHandle<()>)> = HashMap::new();
             loop {
                 let view = membership.current();
-                followed.retain(|id, (address, task)| {
-                    let keep = view.get(id).is_some_and(|w| &w.address == address);
+                followed.retain(|id, (followed, task)| {
+                    let keep = view
+                        .get(id)
+                        .is_some_and(|w| (&w.address, w.pool) == (&followed.0, followed.1));
                     if !keep {
                         task.abort();
                         this.set(id, None);
@@ -77,9 +79,13 @@ impl Loads {
                         let task = tokio::spawn(follow(
                             this.clone(),
                             worker.id.clone(),
+                            worker.pool,
                             worker.address.clone(),
                         ));
-                        followed.insert(worker.id.clone(), (worker.address.clone(), task));
+                        followed.insert(
+                            worker.id.clone(),
+                            ((worker.address.clone(), worker.pool), task),
+                        );
                     }
                 }
                 tokio::select! {
@@ -95,9 +101,9 @@ impl Loads {
     }
 }
 
-async fn follow(loads: Loads, worker_id: String, address: String) {
+async fn follow(loads: Loads, worker_id: String, pool: Pool, address: String) {
     loop {
-        if let Err(error) = stream_loads(&loads, &worker_id, &address).await {
+        if let Err(error) = stream_loads(&loads, &worker_id, pool, &address).await {
             debug!(%worker_id, %address, %error, "load stream failed; reconnecting");
         }
         loads.set(&worker_id, None);
@@ -108,9 +114,12 @@ async fn follow(loads: Loads, worker_id: String, address: String) {
 async fn stream_loads(
     loads: &Loads,
     worker_id: &str,
+    pool: Pool,
     address: &str,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = switchyard_cluster::tls::endpoint(address, loads.tls.as_ref())?
+    // Like a router's link: only to a certificate naming the record's worker.
+    let expected = switchyard_cluster::identity::worker_uri(pool, worker_id);
+    let endpoint = switchyard_cluster::identity::dial(address, loads.tls.as_ref(), expected)?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));

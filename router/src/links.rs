@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use switchyard_cluster::credential::ClusterToken;
+use switchyard_cluster::identity::{self, IdentityMismatch};
 use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Membership, MembershipView, WorkerRecord};
 use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, worker_frame};
@@ -26,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use crate::metrics::WorkerLabels;
 use crate::policy::{ClusterView, WorkerState};
 use crate::prefix_index::{PrefixHit, PrefixIndex, PrefixIndexConfig, PrefixIndexStats};
 
@@ -47,6 +51,34 @@ pub enum LinkEvent {
 
 /// Pause between reconnection attempts to a worker that is still registered.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
+
+/// Pause after a certificate that does not name the record's worker: a forged record stays
+/// forged, but a genuine worker's certificate may be reissued, so it is tried again, slowly.
+const IDENTITY_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Why a stream to a worker ended or never started.
+#[derive(Debug)]
+enum LinkError {
+    /// The certificate served at the record's address chains to the cluster CA but names
+    /// another worker, or none: nothing was sent.
+    Refused(IdentityMismatch),
+    Failed(String),
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Refused(mismatch) => mismatch.fmt(f),
+            LinkError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+impl From<String> for LinkError {
+    fn from(why: String) -> Self {
+        LinkError::Failed(why)
+    }
+}
 
 /// Starts sent to a worker on the current stream that its load reports have not counted yet:
 /// they hold its slots as much as the ones it reported. Each report says how many starts the
@@ -444,8 +476,25 @@ impl Link {
     async fn run(self: Arc<Self>, connect_timeout: Duration) {
         loop {
             let address = self.record().address;
+            let mut backoff = RECONNECT_BACKOFF;
             match self.clone().serve_once(&address, connect_timeout).await {
                 Ok(()) => info!(worker = %self.id(), "worker stream ended"),
+                Err(LinkError::Refused(mismatch)) => {
+                    let record = self.record();
+                    warn!(
+                        worker = %record.id,
+                        pool = %record.pool,
+                        key = %record.key(),
+                        %address,
+                        expected = %mismatch.expected,
+                        presented = ?mismatch.presented,
+                        "worker record refused: the certificate served at its address does not name it; no traffic goes there"
+                    );
+                    if let Some(links) = self.links.upgrade() {
+                        links.identity_rejected(&record);
+                    }
+                    backoff = IDENTITY_BACKOFF;
+                }
                 Err(error) => warn!(worker = %self.id(), %address, %error, "worker link failed"),
             }
             self.lose_all("connection to the worker was lost");
@@ -458,7 +507,7 @@ impl Link {
             }
             tokio::select! {
                 _ = self.closed.cancelled() => return,
-                _ = tokio::time::sleep(RECONNECT_BACKOFF) => {}
+                _ = tokio::time::sleep(backoff) => {}
             }
         }
     }
@@ -467,13 +516,27 @@ impl Link {
         self: Arc<Self>,
         address: &str,
         connect_timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
         let tls = self
             .links
             .upgrade()
             .and_then(|links| links.tls.get().cloned());
-        let endpoint = switchyard_cluster::tls::endpoint(address, tls.as_ref())
-            .map_err(|e| e.to_string())?
+        // With TLS, only a certificate naming the record's worker completes the handshake.
+        let (endpoint, identity) = match &tls {
+            Some(tls) => {
+                let record = self.record();
+                let expected = identity::worker_uri(record.pool, &record.id);
+                let (endpoint, check) = identity::endpoint(address, tls, expected)
+                    .map_err(|e| LinkError::Failed(e.to_string()))?;
+                (endpoint, Some(check))
+            }
+            None => (
+                switchyard_cluster::tls::endpoint(address, None)
+                    .map_err(|e| LinkError::Failed(e.to_string()))?,
+                None,
+            ),
+        };
+        let endpoint = endpoint
             .connect_timeout(connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(2))
@@ -483,7 +546,12 @@ impl Link {
         // Bound the whole establishment (TCP, HTTP/2 handshake, response headers): a worker
         // that accepts but never answers must not leave the link stuck; it is retried instead.
         let establish = async {
-            let channel = endpoint.connect().await.map_err(|e| e.to_string())?;
+            let channel = endpoint.connect().await.map_err(|e| {
+                match identity.as_ref().and_then(|check| check.take_rejection()) {
+                    Some(mismatch) => LinkError::Refused(mismatch),
+                    None => LinkError::Failed(e.to_string()),
+                }
+            })?;
             let mut call = tonic::Request::new(ReceiverStream::new(unbounded_to_bounded(rx)));
             if let Some(token) = self.credential() {
                 token.apply(&mut call);
@@ -491,12 +559,12 @@ impl Link {
             let inbound = WorkerClient::new(channel.clone())
                 .serve(call)
                 .await
-                .map_err(|status| status.to_string())?;
-            Ok::<_, String>((channel, inbound.into_inner()))
+                .map_err(|status| LinkError::Failed(status.to_string()))?;
+            Ok::<_, LinkError>((channel, inbound.into_inner()))
         };
         let (channel, mut inbound) = tokio::select! {
             established = tokio::time::timeout(connect_timeout, establish) => established
-                .map_err(|_| format!("no answer within {connect_timeout:?}"))??,
+                .map_err(|_| LinkError::Failed(format!("no answer within {connect_timeout:?}")))??,
             _ = self.closed.cancelled() => return Ok(()),
         };
         *self.outbound.lock().expect("outbound lock") = Some(tx);
@@ -514,7 +582,7 @@ impl Link {
                     Ok(Some(v1::WorkerFrame { frame: Some(frame) })) => self.dispatch(frame),
                     Ok(Some(_)) => {}
                     Ok(None) => return Ok(()),
-                    Err(status) => return Err(status.to_string()),
+                    Err(status) => return Err(LinkError::Failed(status.to_string())),
                 },
                 _ = self.closed.cancelled() => return Ok(()),
             }
@@ -602,6 +670,8 @@ pub struct Links {
     credential: OnceLock<ClusterToken>,
     /// TLS of every link, once set (before any link is dialled): workers then serve TLS.
     tls: OnceLock<ClientTls>,
+    /// `switchyard_router_worker_identity_rejections`, once set.
+    identity_rejections: OnceLock<Family<WorkerLabels, Counter>>,
 }
 
 impl Links {
@@ -618,12 +688,29 @@ impl Links {
             tokenizers: Arc::default(),
             credential: OnceLock::new(),
             tls: OnceLock::new(),
+            identity_rejections: OnceLock::new(),
         })
     }
 
     /// Dials every worker link from now on over TLS (set once, before any).
     pub fn set_tls(&self, tls: ClientTls) {
         let _ = self.tls.set(tls);
+    }
+
+    /// Counts refused worker certificates in `counter` (set once, before any link is dialled).
+    pub fn set_identity_rejections(&self, counter: Family<WorkerLabels, Counter>) {
+        let _ = self.identity_rejections.set(counter);
+    }
+
+    fn identity_rejected(&self, record: &WorkerRecord) {
+        if let Some(counter) = self.identity_rejections.get() {
+            counter
+                .get_or_create(&WorkerLabels {
+                    worker_id: record.id.clone(),
+                    pool: record.pool.as_str(),
+                })
+                .inc();
+        }
     }
 
     /// Presents `token` on every worker link dialled from now on (set once, before any).
@@ -697,13 +784,17 @@ impl Links {
         for record in view.iter() {
             match links.get(&record.id) {
                 Some(link) => {
-                    let address_changed =
-                        link.record.read().expect("record lock").address != record.address;
+                    // The stream was checked against the record's address and identity (its
+                    // pool is part of it): a change of either is dialled, and checked, again.
+                    let redial = {
+                        let old = link.record.read().expect("record lock");
+                        old.address != record.address || old.pool != record.pool
+                    };
                     *link.record.write().expect("record lock") = record.clone();
                     if !link.listed.swap(true, Ordering::AcqRel) {
                         info!(worker = %record.id, "worker's record is back in the membership");
                     }
-                    if address_changed {
+                    if redial {
                         // Reconnect to the new address: the old stream ends, `run` dials again.
                         let fresh = Link::new(
                             record.clone(),

@@ -75,6 +75,14 @@ pub struct PoolLabels {
     pub pool: &'static str,
 }
 
+/// A worker record: its id is as registered (a label per record, bounded by the records in
+/// etcd).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    pub worker_id: String,
+    pub pool: &'static str,
+}
+
 /// Reused minus predicted cached prompt tokens: negative = the router expected more than the
 /// worker reused (evicted since its last report, or still being prefilled for another request).
 const PREFIX_ERROR_BUCKETS: [f64; 11] = [
@@ -121,6 +129,9 @@ pub struct RouterMetrics {
     /// Requests refused by their tenant's quota, by `limit`: `max_in_flight`,
     /// `tokens_per_minute`, `token_budget`, `lanes`.
     pub quota_refusals: Family<QuotaLabels, Counter>,
+    /// Handshakes to a worker refused because its certificate did not name the worker of its
+    /// etcd record (TLS only), by the record's `worker_id` and `pool`.
+    pub identity_rejections: Family<WorkerLabels, Counter>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -144,6 +155,7 @@ impl RouterMetrics {
             prefix_reused: Family::default(),
             quota_refusals: Family::default(),
             prefix_error: Family::new_with_constructor(prefix_error_histogram),
+            identity_rejections: Family::default(),
         };
         metrics.register(|r| {
             r.register(
@@ -205,6 +217,11 @@ impl RouterMetrics {
                 "switchyard_router_prefix_prediction_error_tokens",
                 "Per request, prompt tokens reused minus predicted",
                 this.prefix_error.clone(),
+            );
+            r.register(
+                "switchyard_router_worker_identity_rejections",
+                "Worker links refused because the certificate served at a record's address does not name the record's worker, by the record's worker_id and pool",
+                this.identity_rejections.clone(),
             );
         });
         this

@@ -140,6 +140,7 @@ pub async fn run_router_with_endpoints(
     let fallback_policy = config.default_policy();
     let (policy, policy_tx) = PolicyHandle::pending(fallback_policy.clone());
     let metrics = crate::metrics::RouterMetrics::register(&config.metrics);
+    links.set_identity_rejections(metrics.identity_rejections.clone());
     let (leader_tx, leader_rx) = watch::channel(None);
     let reports = crate::report::Reporter::start(
         router_id(bound),

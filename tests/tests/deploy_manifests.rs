@@ -2,8 +2,9 @@
 //! `deploy/k8s/overlays/dev` (rendered by `deploy/validate.sh` into `target/deploy/dev.json`) is
 //! started as a process with exactly the manifest's args and environment — ConfigMap and
 //! Secret values resolved, `$(VAR)` expanded as the kubelet does, the downward API giving the
-//! pod name and 127.0.0.1 as pod IP — except what only a cluster provides: listen ports are
-//! remapped to free loopback ports (the advertised port with them), etcd is a local process,
+//! pod name and 127.0.0.1 as pod IP — except what only a cluster provides: listen ports (and
+//! the control plane's loopback dashboard) are remapped to free loopback ports (the advertised
+//! port with them), etcd is a local process,
 //! and mounted volumes are local directories with the same files (the model volume holds the
 //! GGUF that scripts/fetch-model.sh, the init container's script, fetched). The `policy` Job's
 //! write is replayed from its own ConfigMap reference.
@@ -12,6 +13,11 @@
 //! and the router reaches them there, that the router enforces the dev API key from the
 //! Secret, routes by the policy document from the ConfigMap, serves the real model on the GPU
 //! pool, and that a SIGTERM drain ends within the manifest's grace period.
+//!
+//! `deploy/k8s/overlays/dev-tls` (dev with `components/tls`) runs the same way over TLS, with
+//! the certificates cert-manager would issue minted by a local CA: each `Certificate`'s names
+//! into the Secret volumes that mount it, each csi-driver volume's attributes (`${POD_NAME}`
+//! expanded) into a per-pod certificate, and etcd serving TLS with client certificates.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,7 +28,9 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 use switchyard_cluster::Registry as _;
 use switchyard_cluster::schema::POLICY_KEY;
-use switchyard_tests::{Component, Etcd, free_port, list_router_workers_with_key, wait_until};
+use switchyard_tests::{
+    Component, Etcd, EtcdTls, free_port, list_router_workers_with_key, wait_until,
+};
 
 const DEV_KEY: &str = "sk-switchyard-dev";
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
@@ -134,12 +142,133 @@ fn resolve_env(
     Ok(env)
 }
 
+/// A local stand-in for cert-manager: a CA that issues what a `Certificate` or a csi-driver
+/// volume asks for, written as cert-manager writes it (`tls.crt`, `tls.key`, `ca.crt`).
+struct CertManager {
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+    ca_pem: String,
+}
+
+impl CertManager {
+    fn new() -> anyhow::Result<Self> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "switchyard cluster CA");
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            ca_pem: cert.pem(),
+            ca: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// Issues a server and client certificate for `dns` names, IP addresses `ips` and URI SANs
+    /// `uris` into `dir`.
+    fn issue(
+        &self,
+        dir: &Path,
+        common_name: &str,
+        dns: &[String],
+        ips: &[&str],
+        uris: &[String],
+    ) -> anyhow::Result<()> {
+        let mut params = rcgen::CertificateParams::new(
+            dns.iter()
+                .cloned()
+                .chain(ips.iter().map(|ip| ip.to_string()))
+                .collect::<Vec<_>>(),
+        )?;
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI(uri.as_str().try_into()?));
+        }
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.ca)?;
+        std::fs::write(dir.join("tls.crt"), cert.pem())?;
+        std::fs::write(dir.join("tls.key"), key.serialize_pem())?;
+        std::fs::write(dir.join("ca.crt"), &self.ca_pem)?;
+        Ok(())
+    }
+
+    /// What cert-manager writes into Secret `secret` for the rendered `Certificate` naming it.
+    /// Clients reach every Service at 127.0.0.1 here (in the cluster: by the Service names the
+    /// certificate lists), so that address is added; workers' per-pod certificates get none.
+    fn issue_secret(&self, rendered: &Rendered, secret: &str, dir: &Path) -> anyhow::Result<bool> {
+        let Some(certificate) = rendered
+            .objects
+            .iter()
+            .find(|o| o["kind"] == "Certificate" && o["spec"]["secretName"] == secret)
+        else {
+            return Ok(false);
+        };
+        let spec = &certificate["spec"];
+        let strings = |field: &str| -> Vec<String> {
+            spec[field]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        };
+        self.issue(
+            dir,
+            spec["commonName"].as_str().unwrap_or(secret),
+            &strings("dnsNames"),
+            &["127.0.0.1"],
+            &strings("uris"),
+        )?;
+        Ok(true)
+    }
+
+    /// What cert-manager's csi-driver mounts for a pod named `pod_name` with these volume
+    /// attributes (it expands `${POD_NAME}`).
+    fn issue_csi(&self, attributes: &Value, pod_name: &str, dir: &Path) -> anyhow::Result<()> {
+        let attribute = |key: &str| -> Vec<String> {
+            attributes[format!("csi.cert-manager.io/{key}")]
+                .as_str()
+                .unwrap_or_default()
+                .replace("${POD_NAME}", pod_name)
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
+        ensure!(
+            attribute("key-usages").contains(&"server auth".to_string())
+                && attribute("key-usages").contains(&"client auth".to_string()),
+            "a worker certificate serves and is presented to etcd: {attributes}"
+        );
+        let common_name = attribute("common-name").join(",");
+        self.issue(
+            dir,
+            &common_name,
+            &attribute("dns-names"),
+            &[],
+            &attribute("uri-sans"),
+        )
+    }
+}
+
 /// Local stand-ins for the container's volume mounts: `(mount path, local directory)`.
 fn local_volumes(
     rendered: &Rendered,
     spec: &Value,
     container: &Value,
     scratch: &Path,
+    pod_name: &str,
+    cert_manager: Option<&CertManager>,
 ) -> anyhow::Result<Vec<(String, PathBuf)>> {
     let mut mounts = Vec::new();
     for mount in container["volumeMounts"].as_array().into_iter().flatten() {
@@ -155,6 +284,16 @@ fn local_volumes(
             .with_context(|| format!("volume {name} not declared"))?;
         let dir = scratch.join(name);
         std::fs::create_dir_all(&dir)?;
+        if let Some(secret) = volume["secret"]["secretName"].as_str()
+            && let Some(cert_manager) = cert_manager
+        {
+            cert_manager.issue_secret(rendered, secret, &dir)?;
+        }
+        if volume["csi"]["driver"] == "csi.cert-manager.io" {
+            cert_manager
+                .context("a csi.cert-manager.io volume without a local cert-manager")?
+                .issue_csi(&volume["csi"]["volumeAttributes"], pod_name, &dir)?;
+        }
         if let Some(secret) = volume["secret"]["secretName"].as_str() {
             for item in volume["secret"]["items"].as_array().into_iter().flatten() {
                 let key = item["key"].as_str().context("item key")?;
@@ -202,11 +341,20 @@ fn localise(
     rendered: &Rendered,
     deployment: &str,
     etcd_url: &str,
+    cert_manager: Option<&CertManager>,
 ) -> anyhow::Result<LocalContainer> {
     let (spec, container) = pod(rendered, "Deployment", deployment)?;
     let scratch = tempfile::tempdir()?;
-    let mounts = local_volumes(rendered, &spec, &container, scratch.path())?;
-    let mut env = resolve_env(rendered, &format!("{deployment}-0"), &container)?;
+    let pod_name = format!("{deployment}-0");
+    let mounts = local_volumes(
+        rendered,
+        &spec,
+        &container,
+        scratch.path(),
+        &pod_name,
+        cert_manager,
+    )?;
+    let mut env = resolve_env(rendered, &pod_name, &container)?;
     let mut ports: HashMap<String, u16> = HashMap::new();
     for (name, value) in env.iter_mut() {
         if name.ends_with("LISTEN") {
@@ -239,12 +387,19 @@ fn localise(
             *value = local;
         }
     }
-    let args = container["args"]
+    let args: Vec<String> = container["args"]
         .as_array()
         .context("args")?
         .iter()
         .map(|a| a.as_str().map(str::to_string).context("string arg"))
         .collect::<anyhow::Result<_>>()?;
+    // The dashboard's loopback default is the pod's own loopback in a cluster; here every
+    // process shares one, so it goes to a free port like the listen addresses.
+    if args.first().map(String::as_str) == Some("control-plane")
+        && !env.iter().any(|(name, _)| name == "SWITCHYARD_HTTP_ADDR")
+    {
+        env.push(("SWITCHYARD_HTTP_ADDR".into(), "127.0.0.1:0".into()));
+    }
     let grace = Duration::from_secs(spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30));
     Ok(LocalContainer {
         args,
@@ -260,13 +415,32 @@ async fn start(
     etcd_url: &str,
     lines: usize,
 ) -> anyhow::Result<(Component, LocalContainer)> {
-    let local = localise(rendered, deployment, etcd_url)?;
+    start_with(rendered, deployment, etcd_url, lines, None).await
+}
+
+async fn start_with(
+    rendered: &Rendered,
+    deployment: &str,
+    etcd_url: &str,
+    lines: usize,
+    cert_manager: Option<&CertManager>,
+) -> anyhow::Result<(Component, LocalContainer)> {
+    let local = localise(rendered, deployment, etcd_url, cert_manager)?;
     let component = Component::start_with_env(deployment, &local.args, &local.env, lines).await?;
     Ok((component, local))
 }
 
 /// What the `policy` Job does (`etcdctl put <key> "$(POLICY_DOCUMENT)"`), replayed.
 async fn run_policy_job(rendered: &Rendered, etcd: &Etcd) -> anyhow::Result<()> {
+    etcd.registry()
+        .await?
+        .put_policy(policy_document(rendered)?.into_bytes(), None)
+        .await?;
+    Ok(())
+}
+
+/// The document the `policy` Job writes.
+fn policy_document(rendered: &Rendered) -> anyhow::Result<String> {
     let job = rendered.find("Job", "policy")?;
     let container = &job["spec"]["template"]["spec"]["containers"][0];
     assert_eq!(container["command"], json!(["/usr/local/bin/etcdctl"]));
@@ -282,11 +456,7 @@ async fn run_policy_job(rendered: &Rendered, etcd: &Etcd) -> anyhow::Result<()> 
     };
     assert_eq!(put, "put");
     assert_eq!(key, POLICY_KEY, "the Job writes the key routers watch");
-    etcd.registry()
-        .await?
-        .put_policy(document.clone().into_bytes(), None)
-        .await?;
-    Ok(())
+    Ok(document.clone())
 }
 
 async fn chat(
@@ -387,5 +557,123 @@ async fn dev_overlay_runs_as_rendered() -> anyhow::Result<()> {
         },
     )
     .await?;
+    Ok(())
+}
+
+/// The router's routable worker ids over TLS, with the dev key.
+async fn tls_router_workers(router: &str, ca: &Path) -> anyhow::Result<Vec<String>> {
+    let tls = switchyard_cluster::tls::ClientTls::new(ca.to_path_buf());
+    let channel = switchyard_cluster::tls::endpoint(router, Some(&tls))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .connect()
+        .await?;
+    let mut client = switchyard_proto::v1::inference_client::InferenceClient::new(channel);
+    let mut request = tonic::Request::new(switchyard_proto::v1::ListModelsRequest {});
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {DEV_KEY}").parse()?);
+    let models = client.list_models(request).await?.into_inner();
+    Ok(switchyard::client::routable_worker_ids(&models))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_tls_overlay_runs_as_rendered_with_cert_manager_certificates() -> anyhow::Result<()> {
+    let rendered = Rendered::load("dev-tls")?;
+    let cert_manager = CertManager::new()?;
+    let pki = tempfile::tempdir()?;
+    let ca = pki.path().join("ca.crt");
+    std::fs::write(&ca, &cert_manager.ca_pem)?;
+
+    // etcd as the StatefulSet's TLS settings have it: its Certificate, client certificates
+    // required.
+    let (etcd_spec, etcd_container) = pod(&rendered, "StatefulSet", "etcd")?;
+    let etcd_env = resolve_env(&rendered, "etcd-0", &etcd_container)?;
+    let setting = |name: &str| {
+        etcd_env
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(setting("ETCD_CLIENT_CERT_AUTH").as_deref(), Some("true"));
+    assert!(setting("ETCD_ADVERTISE_CLIENT_URLS").is_some_and(|u| u.starts_with("https://")));
+    let etcd_dir = pki.path().join("etcd");
+    std::fs::create_dir_all(&etcd_dir)?;
+    let secret = etcd_spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|v| v["secret"]["secretName"].as_str())
+        .context("etcd mounts its certificate")?;
+    ensure!(cert_manager.issue_secret(&rendered, secret, &etcd_dir)?);
+    let etcd = Etcd::start_tls(EtcdTls {
+        cert_file: etcd_dir.join("tls.crt"),
+        key_file: etcd_dir.join("tls.key"),
+        ca_file: etcd_dir.join("ca.crt"),
+    })
+    .await?;
+
+    // The policy Job, with its own client certificate (ETCDCTL_CERT/KEY/CACERT).
+    let job_dir = pki.path().join("policy-job");
+    std::fs::create_dir_all(&job_dir)?;
+    ensure!(cert_manager.issue_secret(&rendered, "switchyard-policy-job-tls", &job_dir)?);
+    let job_tls = switchyard_cluster::tls::ClientTls::new(job_dir.join("ca.crt"))
+        .with_identity(job_dir.join("tls.crt"), job_dir.join("tls.key"));
+    switchyard_cluster::EtcdRegistry::connect_with(
+        std::slice::from_ref(&etcd.url),
+        &switchyard_cluster::EtcdSecurity {
+            tls: Some(job_tls),
+            user: None,
+        },
+    )
+    .await?
+    .put_policy(policy_document(&rendered)?.into_bytes(), None)
+    .await?;
+
+    // The local containers are kept: their volumes hold the certificates, read again on every
+    // new connection.
+    let cm = Some(&cert_manager);
+    let _control_plane = start_with(&rendered, "control-plane", &etcd.url, 1, cm).await?;
+    let _gpu = start_with(&rendered, "worker-gpu", &etcd.url, 1, cm).await?;
+    let _wse = start_with(&rendered, "worker-wse", &etcd.url, 1, cm).await?;
+    let (router, _router_files) = start_with(&rendered, "router", &etcd.url, 2, cm).await?;
+    let grpc = router.addr("grpc").to_string();
+
+    // The router links to both workers: their per-pod certificates name the identity each
+    // registered under (no IP address: the links check the identity, not the pod IP).
+    wait_until(
+        Duration::from_secs(30),
+        "both workers routable over TLS",
+        || async {
+            tls_router_workers(&grpc, &ca)
+                .await
+                .map(|ids| ids == ["worker-gpu-0", "worker-wse-0"])
+                .unwrap_or(false)
+        },
+    )
+    .await?;
+    // And reports to the leading control plane at its pod IP, by its identity.
+    router
+        .wait_for_log("reporting to the control plane", Duration::from_secs(20))
+        .await?;
+    let log = std::fs::read_to_string(&router.log)?;
+    assert!(!log.contains("worker record refused"), "{log}");
+
+    // Plaintext is refused; HTTPS with the cluster CA is served, routed by the policy.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/health", router.addr("http")))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plaintext HTTP answered: {plain:?}");
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(
+            cert_manager.ca_pem.as_bytes(),
+        )?)
+        .build()?;
+    let base = format!("https://{}/v1", router.addr("http"));
+    let (headers, _) = chat(&http, &base, None, 4).await?;
+    assert_eq!(header(&headers, "x-switchyard-worker"), "worker-wse-0");
+    let (headers, body) = chat(&http, &base, Some("cost-sensitive"), 2).await?;
+    assert_eq!(header(&headers, "x-switchyard-worker"), "worker-gpu-0");
+    assert_eq!(body["model"], MODEL);
     Ok(())
 }

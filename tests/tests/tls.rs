@@ -1,7 +1,8 @@
 //! TLS on every listener and link, against `switchyard up --tls` with real clients: grpcurl
 //! with `-cacert`, curl with `--cacert`, the openai Python SDK over HTTPS, tonic; plaintext
 //! clients are refused, and workers take `Worker` calls only from client certificates of the
-//! cluster CA (mTLS).
+//! cluster CA (mTLS); routers link only to workers whose certificates name the worker of their
+//! etcd record.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -10,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::Value;
 use switchyard_cluster::tls::ClientTls;
+use switchyard_cluster::{Capacity, Pool, WorkerRecord, WorkerState};
 use switchyard_proto::v1;
 use switchyard_tests::{Component, Etcd, EtcdTls, synthetic_request, up_args, wait_until};
 use switchyard_worker::synthetic::synthetic_text;
@@ -309,7 +311,8 @@ async fn workers_take_worker_calls_only_from_client_certificates_of_the_cluster_
 /// generating through them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::Result<()> {
-    let pki = switchyard::tls::LocalPki::generate(&["etcd", "router", "worker"])?;
+    let pki = switchyard::tls::LocalPki::generate(&["etcd", "router"])?;
+    let worker_files = pki.worker(Pool::Gpu, "gpu-tls")?;
     let ca = pki.ca_file();
     let etcd_files = pki.files("etcd");
     let etcd = Etcd::start_tls(EtcdTls {
@@ -341,8 +344,7 @@ async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::R
 
     let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
     let ca_arg = ca.display().to_string();
-    let etcd_flags = |component: &str| {
-        let files = pki.files(component);
+    let etcd_flags = |files: &switchyard_cluster::tls::TlsFiles| {
         vec![
             "--etcd".to_string(),
             etcd.url.clone(),
@@ -368,8 +370,10 @@ async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::R
         "worker-gpu".to_string(),
         "--listen".into(),
         "127.0.0.1:0".into(),
+        "--id".into(),
+        "gpu-tls".into(),
     ];
-    args.extend(etcd_flags("worker"));
+    args.extend(etcd_flags(&worker_files));
     args.extend(["--tls-client-ca-file".to_string(), ca_arg.clone()]);
     let _worker = Component::start("tls-worker", &args, 1).await?;
     let mut args = vec![
@@ -379,7 +383,7 @@ async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::R
         "--http-listen".into(),
         "127.0.0.1:0".into(),
     ];
-    args.extend(etcd_flags("router"));
+    args.extend(etcd_flags(&pki.files("router")));
     let router = Component::start("tls-router", &args, 2).await?;
 
     let channel = tls_channel(&router.addr("grpc").to_string(), &ca).await?;
@@ -427,7 +431,7 @@ async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::R
         "--http-listen".into(),
         "127.0.0.1:0".into(),
     ];
-    args.extend(etcd_flags("router"));
+    args.extend(etcd_flags(&pki.files("router")));
     let at = args
         .iter()
         .position(|a| a == "--etcd-password-file")
@@ -439,5 +443,245 @@ async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::R
         refused.is_err(),
         "a router with a wrong etcd password started"
     );
+    Ok(())
+}
+
+/// The Prometheus text of the router's `/metrics` (HTTPS, trusting `ca`).
+async fn router_metrics(router: &Component, ca: &Path) -> anyhow::Result<String> {
+    succeeds(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            ca.to_str().expect("utf-8 path"),
+            &format!("https://{}/metrics", router.addr("http")),
+        ],
+    )
+    .await
+}
+
+/// The value of `switchyard_router_worker_identity_rejections_total` for a record.
+fn identity_rejections(metrics: &str, worker_id: &str, pool: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("switchyard_router_worker_identity_rejections_total{"))
+        .filter(|l| {
+            l.contains(&format!("worker_id=\"{worker_id}\""))
+                && l.contains(&format!("pool=\"{pool}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Worker identity: whoever can write a key under `/switchyard/v1/workers/` can add a record
+/// pointing at any address. With TLS, the router links to a record only if the certificate
+/// served there names the record's worker (`spiffe://switchyard/pool/<pool>/worker/<id>`):
+/// records forged under another id (same pool, and another pool) and a genuine worker's record
+/// overwritten, all pointing at one genuine worker, get no traffic; the router logs what the
+/// certificate named and counts each rejection, and every request is served by that worker
+/// under its own record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> anyhow::Result<()> {
+    let pki = switchyard::tls::LocalPki::generate(&["router"])?;
+    let ca = pki.ca_file();
+    let ca_arg = ca.display().to_string();
+    let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
+    let etcd = Etcd::start().await?;
+
+    let worker_args = |id: &str| -> anyhow::Result<Vec<String>> {
+        let files = pki.worker(Pool::Gpu, id)?;
+        Ok([
+            "worker-gpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd.url,
+            "--id",
+            id,
+            "--tls-cert-file",
+            &path(&files.cert_file),
+            "--tls-key-file",
+            &path(&files.key_file),
+            "--tls-ca-file",
+            &ca_arg,
+            "--tls-client-ca-file",
+            &ca_arg,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect())
+    };
+    let worker = Component::start("identity-worker", &worker_args("gpu-genuine")?, 1).await?;
+    let _second = Component::start("identity-second", &worker_args("gpu-second")?, 1).await?;
+    let router_files = pki.files("router");
+    let args: Vec<String> = [
+        "router",
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--etcd",
+        &etcd.url,
+        "--tls-cert-file",
+        &path(&router_files.cert_file),
+        "--tls-key-file",
+        &path(&router_files.key_file),
+        "--tls-ca-file",
+        &ca_arg,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let router = Component::start("identity-router", &args, 2).await?;
+    let channel = tls_channel(&router.addr("grpc").to_string(), &ca).await?;
+    let inference = v1::inference_client::InferenceClient::new(channel);
+    let routable = || {
+        let mut inference = inference.clone();
+        async move {
+            inference
+                .list_models(v1::ListModelsRequest {})
+                .await
+                .map(|models| switchyard::client::routable_worker_ids(&models.into_inner()))
+                .unwrap_or_default()
+        }
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the router to link to both genuine workers",
+        || async { routable().await == ["gpu-genuine", "gpu-second"] },
+    )
+    .await?;
+
+    // Records written straight into etcd as anyone with write access to the prefix could, all
+    // at gpu-genuine's address: another id in its pool, one in the wafer-scale pool (where
+    // latency-critical requests would go first), and gpu-second's own record overwritten.
+    let mut etcd_client = etcd_client::Client::connect([&etcd.url], None).await?;
+    let genuine_address = worker.addr("grpc").to_string();
+    let forged = [
+        ("gpu-forged", Pool::Gpu),
+        ("wse-forged", Pool::Wse),
+        ("gpu-second", Pool::Gpu),
+    ];
+    for (id, pool) in forged {
+        let record = WorkerRecord {
+            id: id.into(),
+            pool,
+            address: genuine_address.clone(),
+            models: vec!["synthetic".into()],
+            capacity: Capacity {
+                max_concurrent: 64,
+                tokens_per_s: 1000.0,
+                cost_per_mtok: 0.0,
+            },
+            hardware: "forged".into(),
+            engine: "synthetic".into(),
+            version: "0.1.0".into(),
+            state: WorkerState::Ready,
+        };
+        etcd_client
+            .put(record.key(), serde_json::to_vec(&record)?, None)
+            .await?;
+    }
+
+    // The router refuses both at the handshake and counts each under the record's labels.
+    wait_until(
+        Duration::from_secs(30),
+        "the router to count every forged record as an identity rejection",
+        || async {
+            let metrics = router_metrics(&router, &ca).await.unwrap_or_default();
+            forged
+                .iter()
+                .all(|(id, pool)| identity_rejections(&metrics, id, pool.as_str()) >= 1.0)
+        },
+    )
+    .await?;
+    let metrics = router_metrics(&router, &ca).await?;
+    assert_eq!(
+        identity_rejections(&metrics, "gpu-genuine", "gpu"),
+        0.0,
+        "{metrics}"
+    );
+    // The warning names the record and what the certificate named instead.
+    let log = std::fs::read_to_string(&router.log)?;
+    for (forged, _) in forged {
+        let line = log
+            .lines()
+            .find(|l| l.contains("worker record refused") && l.contains(forged))
+            .unwrap_or_else(|| panic!("no refusal logged for {forged}:\n{log}"));
+        assert!(
+            line.contains("spiffe://switchyard/pool/gpu/worker/gpu-genuine"),
+            "{line}"
+        );
+        assert!(line.contains(&genuine_address), "{line}");
+    }
+
+    // No forged record is ever routable, and every request is placed on the genuine worker
+    // under its own record.
+    assert_eq!(routable().await, ["gpu-genuine"]);
+    let mut inference = inference.clone();
+    for (i, class) in [
+        v1::RequestClass::LatencyCritical,
+        v1::RequestClass::CostSensitive,
+    ]
+    .into_iter()
+    .cycle()
+    .take(6)
+    .enumerate()
+    {
+        let prompt = format!("identity {i}");
+        let mut stream = inference
+            .generate(synthetic_request(
+                &format!("identity-{i}"),
+                class,
+                &prompt,
+                2,
+            ))
+            .await?
+            .into_inner();
+        let mut served_by = None;
+        let mut text = String::new();
+        while let Some(frame) = stream.message().await? {
+            match frame.frame {
+                Some(v1::server_frame::Frame::Accepted(accepted)) => {
+                    served_by = Some(accepted.worker_id)
+                }
+                Some(v1::server_frame::Frame::Tokens(tokens)) => text.push_str(&tokens.text),
+                _ => {}
+            }
+        }
+        assert_eq!(served_by.as_deref(), Some("gpu-genuine"), "request {i}");
+        assert_eq!(text, synthetic_text(&prompt, 0, 2));
+    }
+    assert_eq!(routable().await, ["gpu-genuine"]);
+
+    // The pool is part of the identity: a record moving gpu-genuine's id to the wafer-scale
+    // pool at the same address is not taken over by the link already up; the link is dialled
+    // again, refused, and gpu-genuine is routable under no pool rather than the wrong one.
+    let mut moved = serde_json::from_slice::<WorkerRecord>(
+        etcd_client
+            .get(
+                switchyard_cluster::schema::worker_key(Pool::Gpu, "gpu-genuine"),
+                None,
+            )
+            .await?
+            .kvs()
+            .first()
+            .context("gpu-genuine's record")?
+            .value(),
+    )?;
+    moved.pool = Pool::Wse;
+    etcd_client
+        .put(moved.key(), serde_json::to_vec(&moved)?, None)
+        .await?;
+    wait_until(
+        Duration::from_secs(30),
+        "the router to refuse gpu-genuine's identity under the wafer-scale pool",
+        || async {
+            let metrics = router_metrics(&router, &ca).await.unwrap_or_default();
+            identity_rejections(&metrics, "gpu-genuine", "wse") >= 1.0
+        },
+    )
+    .await?;
+    assert_eq!(routable().await, Vec::<String>::new());
     Ok(())
 }

@@ -531,10 +531,16 @@ async fn stream_to(
     shutdown: &CancellationToken,
     address: &str,
 ) -> Result<StreamEnd, Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = switchyard_cluster::tls::endpoint(address, tls)?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10));
+    // The leader's advertised address is its pod IP, which no issued certificate names: the
+    // link checks the control plane's identity instead.
+    let endpoint = switchyard_cluster::identity::dial(
+        address,
+        tls,
+        switchyard_cluster::identity::control_plane_uri(),
+    )?
+    .connect_timeout(Duration::from_secs(2))
+    .http2_keep_alive_interval(Duration::from_secs(10))
+    .keep_alive_timeout(Duration::from_secs(10));
     let channel = tokio::select! {
         connected = endpoint.connect() => connected?,
         _ = shutdown.cancelled() => return Ok(StreamEnd::Shutdown),
