@@ -105,6 +105,8 @@ impl std::fmt::Display for IdentityMismatch {
     }
 }
 
+impl std::error::Error for IdentityMismatch {}
+
 /// What one link's handshakes found: the mismatch of the last refused certificate, if any.
 #[derive(Debug, Clone, Default)]
 pub struct IdentityCheck {

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use crate::auth::Caller;
-use switchyard_cluster::{Membership, MembershipView, WorkerRecord, WorkerState};
+use switchyard_cluster::{Membership, MembershipView, Pool, WorkerRecord, WorkerState};
 use switchyard_proto::v1::{ClusterEvent, cluster_event::Kind};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
@@ -60,6 +60,22 @@ impl Events {
             role: caller.role.as_str().into(),
             action: action.into(),
             via: via.into(),
+            ..Default::default()
+        });
+    }
+
+    /// Records that the worker record `worker_id` (`pool`, at `address`) was refused: the
+    /// certificate served there names someone else.
+    pub fn identity_rejected(&self, worker_id: &str, pool: Pool, address: &str, why: &str) {
+        self.emit(ClusterEvent {
+            kind: Kind::WorkerIdentityRejected as i32,
+            worker_id: worker_id.into(),
+            pool: pool.to_string(),
+            at_unix_ms: now_unix_ms(),
+            message: format!(
+                "worker record {worker_id} ({pool}) at {address} refused: {why}; no traffic goes \
+                 there (forged or overwritten record?)"
+            ),
             ..Default::default()
         });
     }

@@ -139,13 +139,14 @@ pub async fn run_control_plane(
     let policy = registry.watch_policy().await?;
     // Background tasks stop with the servers.
     let background = shutdown.child_token();
+    let events = events::Events::spawn(membership.clone(), policy, background.clone());
     let loads = loads::Loads::spawn(
         membership.clone(),
         config.security.cluster_token.clone(),
         config.security.tls.client(),
+        events.clone(),
         background.clone(),
     );
-    let events = events::Events::spawn(membership.clone(), policy, background.clone());
     if config.advertise.is_none() && grpc.ip().is_unspecified() {
         tracing::warn!(
             %grpc,

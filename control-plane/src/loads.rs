@@ -8,12 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_cluster::credential::ClusterToken;
+use switchyard_cluster::identity::IdentityMismatch;
 use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Membership, Pool};
 use switchyard_proto::v1::{self, worker_client::WorkerClient, worker_frame::Frame};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
+
+use crate::events::Events;
 
 /// Pause before reconnecting to a worker whose stream failed.
 const RECONNECT_BACKOFF: Duration = Duration::from_secs(1);
@@ -26,6 +29,8 @@ pub struct Loads {
     credential: Option<ClusterToken>,
     /// TLS of the load streams (workers serve TLS).
     tls: Option<ClientTls>,
+    /// Where a record refused for its certificate's identity is reported.
+    events: Option<Events>,
 }
 
 impl Loads {
@@ -51,11 +56,13 @@ impl Loads {
         mut membership: Membership,
         credential: Option<ClusterToken>,
         tls: Option<ClientTls>,
+        events: Events,
         shutdown: CancellationToken,
     ) -> Self {
         let loads = Self {
             credential,
             tls,
+            events: Some(events),
             ..Self::default()
         };
         let this = loads.clone();
@@ -102,9 +109,20 @@ impl Loads {
 }
 
 async fn follow(loads: Loads, worker_id: String, pool: Pool, address: String) {
+    // One event per record and address: the retries every second would flood the feed.
+    let mut reported = false;
     loop {
         if let Err(error) = stream_loads(&loads, &worker_id, pool, &address).await {
-            debug!(%worker_id, %address, %error, "load stream failed; reconnecting");
+            match error.downcast_ref::<IdentityMismatch>() {
+                Some(mismatch) if !reported => {
+                    reported = true;
+                    warn!(%worker_id, %pool, %address, %mismatch, "worker record refused");
+                    if let Some(events) = &loads.events {
+                        events.identity_rejected(&worker_id, pool, &address, &mismatch.to_string());
+                    }
+                }
+                _ => debug!(%worker_id, %address, %error, "load stream failed; reconnecting"),
+            }
         }
         loads.set(&worker_id, None);
         tokio::time::sleep(RECONNECT_BACKOFF).await;
@@ -119,11 +137,27 @@ async fn stream_loads(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // Like a router's link: only to a certificate naming the record's worker.
     let expected = switchyard_cluster::identity::worker_uri(pool, worker_id);
-    let endpoint = switchyard_cluster::identity::dial(address, loads.tls.as_ref(), expected)?
+    let (endpoint, check) = match &loads.tls {
+        Some(tls) => {
+            let (endpoint, check) = switchyard_cluster::identity::endpoint(address, tls, expected)?;
+            (endpoint, Some(check))
+        }
+        None => (switchyard_cluster::tls::endpoint(address, None)?, None),
+    };
+    let endpoint = endpoint
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
-    let mut client = WorkerClient::new(endpoint.connect().await?);
+    let channel = match endpoint.connect().await {
+        Ok(channel) => channel,
+        Err(error) => {
+            return Err(match check.and_then(|c| c.take_rejection()) {
+                Some(mismatch) => Box::new(mismatch),
+                None => Box::new(error),
+            });
+        }
+    };
+    let mut client = WorkerClient::new(channel);
     // The outbound half stays open and empty: this stream only listens.
     let mut outbound = tonic::Request::new(futures::stream::pending::<v1::RouterFrame>());
     if let Some(credential) = &loads.credential {

@@ -478,11 +478,11 @@ fn identity_rejections(metrics: &str, worker_id: &str, pool: &str) -> f64 {
 /// served there names the record's worker (`spiffe://switchyard/pool/<pool>/worker/<id>`):
 /// records forged under another id (same pool, and another pool) and a genuine worker's record
 /// overwritten, all pointing at one genuine worker, get no traffic; the router logs what the
-/// certificate named and counts each rejection, and every request is served by that worker
-/// under its own record.
+/// certificate named and counts each rejection, the control plane streams an identity event
+/// for each, and every request is served by that worker under its own record.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> anyhow::Result<()> {
-    let pki = switchyard::tls::LocalPki::generate(&["router"])?;
+    let pki = switchyard::tls::LocalPki::generate(&["router", "control-plane"])?;
     let ca = pki.ca_file();
     let ca_arg = ca.display().to_string();
     let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
@@ -552,6 +552,30 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
     )
     .await?;
 
+    // The control plane, which follows every record's load, reports each refused record as an
+    // event to operators (WatchEvents, the dashboard).
+    let cp_files = pki.files("control-plane");
+    let (cp_cert, cp_key) = (path(&cp_files.cert_file), path(&cp_files.key_file));
+    let control_plane = switchyard_tests::start_control_plane(
+        &etcd.url,
+        "identity-cp",
+        &[
+            "--tls-cert-file",
+            &cp_cert,
+            "--tls-key-file",
+            &cp_key,
+            "--tls-ca-file",
+            &ca_arg,
+        ],
+    )
+    .await?;
+    let mut events = v1::admin_client::AdminClient::new(
+        tls_channel(&control_plane.addr("grpc").to_string(), &ca).await?,
+    )
+    .watch_events(v1::WatchEventsRequest {})
+    .await?
+    .into_inner();
+
     // Records written straight into etcd as anyone with write access to the prefix could, all
     // at gpu-genuine's address: another id in its pool, one in the wafer-scale pool (where
     // latency-critical requests would go first), and gpu-second's own record overwritten.
@@ -614,6 +638,31 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
         );
         assert!(line.contains(&genuine_address), "{line}");
     }
+
+    // Each forged record is one identity event, naming what the certificate named.
+    let mut refused = std::collections::BTreeSet::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while refused.len() < forged.len() {
+            let event = events.message().await?.context("the event stream ended")?;
+            if event.kind() == v1::cluster_event::Kind::WorkerIdentityRejected {
+                assert!(
+                    event
+                        .message
+                        .contains("spiffe://switchyard/pool/gpu/worker/gpu-genuine"),
+                    "{event:?}"
+                );
+                refused.insert((event.worker_id, event.pool));
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .with_context(|| format!("identity events seen: {refused:?}"))??;
+    let expected: std::collections::BTreeSet<_> = forged
+        .iter()
+        .map(|(id, pool)| (id.to_string(), pool.to_string()))
+        .collect();
+    assert_eq!(refused, expected);
 
     // No forged record is ever routable, and every request is placed on the genuine worker
     // under its own record.
