@@ -241,6 +241,10 @@ pub struct RouterArgs {
     /// RESOURCE_EXHAUSTED while the session stays open.
     #[arg(long, env = "SWITCHYARD_MAX_SESSION_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_session_requests: u32,
+    /// Streams (calls, sessions) one gRPC connection may have open at once (HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS); a client opening more waits for one to end.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTION_STREAMS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connection_streams: u32,
     /// Requests one tenant (its API key's tenant, or the metadata `tenant` without keys) may
     /// have in flight across all its calls; more get RESOURCE_EXHAUSTED (HTTP 429). 0: no limit.
     #[arg(long, env = "SWITCHYARD_MAX_TENANT_REQUESTS", default_value_t = 0)]
@@ -266,6 +270,7 @@ impl RouterArgs {
             api_keys_file: self.api_keys_file.clone(),
             decision_reports_per_s: self.decision_reports_per_s,
             max_session_requests: self.max_session_requests,
+            max_connection_streams: self.max_connection_streams,
             max_tenant_requests: self.max_tenant_requests,
             stream_credit_tokens: self.stream_credit_tokens,
             tls: self.tls.files(),

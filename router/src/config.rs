@@ -42,6 +42,9 @@ pub struct RouterConfig {
     /// Requests one `Session` may have running at once; further `Start` frames fail with
     /// `RESOURCE_EXHAUSTED` (the session stays open).
     pub max_session_requests: u32,
+    /// Streams (calls) one gRPC connection may have open at once (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS`): a client opening more waits for one to end.
+    pub max_connection_streams: u32,
     /// Requests one tenant may have in flight across all its calls (0: no limit; see
     /// [`crate::tenant_quota`]).
     pub max_tenant_requests: u32,
@@ -72,6 +75,7 @@ impl Default for RouterConfig {
             tls: Default::default(),
             decision_reports_per_s: 200,
             max_session_requests: 1024,
+            max_connection_streams: 2048,
             max_tenant_requests: 0,
             stream_credit_tokens: 256,
             metrics: Metrics::new(),

@@ -104,6 +104,7 @@ pub async fn run_router_with_endpoints(
         .map_err(|e| RouterError::Config(e.to_string()))?;
     let client_tls = config.tls.client();
     let config_listen = config.listen;
+    let max_connection_streams = config.max_connection_streams;
     let connections = config.connections;
     let listener = TcpListener::bind(config.listen)
         .await
@@ -180,6 +181,8 @@ pub async fn run_router_with_endpoints(
     let (reflection_v1, reflection_v1alpha) =
         switchyard_proto::introspection::reflection_services();
     let grpc = tonic::transport::Server::builder()
+        // Unset, tonic lets one connection open streams without bound.
+        .max_concurrent_streams(Some(max_connection_streams))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
