@@ -106,9 +106,14 @@ async fn send(
     let mut stream = match client.generate(request).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
+            let retry_after_ms = status
+                .metadata()
+                .get(switchyard_router::dispatch::RETRY_AFTER_MS)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(0);
             return Ok(Outcome::Refused {
                 code: status.code(),
-                retry_after: Duration::ZERO,
+                retry_after: Duration::from_millis(retry_after_ms),
             });
         }
     };

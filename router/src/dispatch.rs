@@ -125,8 +125,45 @@ pub struct Prepared {
     span: Span,
     /// Its decision and outcome are reported to the control plane (see [`Reporter::sample`]).
     sampled: bool,
-    /// Its place in its tenant's quota, held until the request ends.
+    held: Held,
+}
+
+impl Prepared {
+    /// Calls `end` when the request ends, just before its last frame goes out (or when it
+    /// stops without one: the client went away).
+    pub fn on_end(&mut self, end: impl FnOnce() + Send + 'static) {
+        self.held.on_end = Some(Box::new(end));
+    }
+}
+
+/// What a request holds until it ends: its place in its tenant's quota and whatever its caller
+/// must learn of the end (a session's count of running requests). Given back just *before* the
+/// request's last frame is sent, so a client that has seen the end may start another request
+/// at once without meeting a limit the ended one still held.
+#[derive(Default)]
+struct Held {
     quota: Option<TenantPermit>,
+    on_end: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Held {
+    /// Gives everything back, charging the tenant `used_tokens` when known.
+    fn release(&mut self, used_tokens: Option<u64>) {
+        if let Some(mut quota) = self.quota.take()
+            && let Some(used) = used_tokens
+        {
+            quota.charge(used);
+        }
+        if let Some(end) = self.on_end.take() {
+            end();
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.release(None);
+    }
 }
 
 /// The router's span of one request. The routing decision is recorded on it — `lane` (and the
@@ -283,7 +320,10 @@ impl Dispatcher {
                 arrived,
                 span,
                 sampled,
-                quota,
+                held: Held {
+                    quota,
+                    on_end: None,
+                },
             }),
             Err(status) => {
                 let refusal = Refusal::of(&status, over_quota);
@@ -574,7 +614,7 @@ impl Dispatcher {
             arrived,
             span,
             sampled,
-            mut quota,
+            mut held,
         } = prepared;
         let placed = match target {
             Target::Placed(chosen) => Ok(chosen),
@@ -606,6 +646,7 @@ impl Dispatcher {
                     sampled,
                     arrived,
                 );
+                held.release(None);
                 let _ = out
                     .send(Ok(failed_frame(&request.request_id, &status)))
                     .await;
@@ -627,6 +668,7 @@ impl Dispatcher {
             self.reports.decision(decision);
         }
         let mut run = Run::new(request, prompt_ids, class, arrived, chosen, span, self);
+        run.held = held;
         run.on_worker(&link.record());
         let result = run.drive(link, &mut controls, &out).await;
         let outcome = match &result {
@@ -635,9 +677,7 @@ impl Dispatcher {
             Err(status) if status.code() == Code::Cancelled => "cancelled",
             Err(_) => "failed",
         };
-        if let Some(quota) = &mut quota {
-            quota.charge(u64::from(run.prompt_tokens) + u64::from(run.delivered));
-        }
+        run.release();
         self.metrics
             .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
         run.report(outcome, result.as_ref().err(), sampled);
@@ -848,6 +888,8 @@ struct Run<'d> {
     alternatives: ledger::Basis,
     attempts: u32,
     cancelled: bool,
+    /// See [`Held`]: given back before the last frame.
+    held: Held,
 }
 
 /// A generation started on a worker. Dropping it stops routing its frames and, unless the
@@ -918,7 +960,16 @@ impl<'d> Run<'d> {
             cached_prompt_tokens: 0,
             attempts: 1,
             cancelled: false,
+            held: Held::default(),
         }
+    }
+
+    /// Gives back what the request held, charging its tenant the prompt and the tokens
+    /// delivered (see [`Held`]).
+    fn release(&mut self) {
+        self.held.release(Some(
+            u64::from(self.prompt_tokens) + u64::from(self.delivered),
+        ));
     }
 
     async fn drive(
@@ -1365,7 +1416,7 @@ impl<'d> Run<'d> {
         info!(request_id = %self.request.request_id, keep_generated = interrupt.keep_generated, "interrupted; continuing with new instructions");
     }
 
-    async fn finish(&self, reason: i32, out: &FrameSink) -> Result<(), Status> {
+    async fn finish(&mut self, reason: i32, out: &FrameSink) -> Result<(), Status> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let finished = Frame::Finished(v1::Finished {
             request_id: self.request.request_id.clone(),
@@ -1384,6 +1435,7 @@ impl<'d> Run<'d> {
                 queue_ms: ms(self.placed - self.arrived),
             }),
         });
+        self.release();
         send(out, finished).await
     }
 }

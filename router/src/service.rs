@@ -199,13 +199,19 @@ async fn handle_frame(
                 return;
             }
             match dispatcher.prepare(request, session.trace.clone()) {
-                Ok(prepared) => {
+                Ok(mut prepared) => {
                     let (control_tx, control_rx) = mpsc::unbounded_channel();
                     running.insert(request_id.clone(), control_tx);
-                    let (dispatcher, out, done) = (dispatcher.clone(), out.clone(), done.clone());
+                    // Queued before the request's last frame goes out, so the session loop
+                    // (which reads `done` first) has freed the place before the client can
+                    // send a Start that needs it.
+                    let done = done.clone();
+                    prepared.on_end(move || {
+                        let _ = done.send(request_id);
+                    });
+                    let (dispatcher, out) = (dispatcher.clone(), out.clone());
                     tokio::spawn(async move {
                         dispatcher.run(prepared, control_rx, out).await;
-                        let _ = done.send(request_id);
                     });
                 }
                 Err(status) => {
