@@ -3,7 +3,8 @@
 //! GPU and wafer-scale workers on public request traces; `engine`, the native model engine
 //! measured in-process; `router`, the router's overhead over talking to a worker directly (and
 //! `stalled-readers`, what clients that stop reading cost it); `noisy_neighbour`, one tenant
-//! flooding another without and with tenant quotas;
+//! flooding another without and with tenant quotas; `streams`, many concurrent streams through one
+//! router process;
 //! `multiturn`, multi-turn conversations against any OpenAI-compatible endpoint (prefix reuse).
 
 pub mod engine;
@@ -11,3 +12,4 @@ pub mod multiturn;
 pub mod noisy_neighbour;
 pub mod router;
 pub mod simulate;
+pub mod streams;

@@ -27,6 +27,9 @@ enum Command {
     /// One tenant flooding, another sending short requests: the calm tenant's TTFT alone,
     /// under the flood without quotas, and with the flood tenant under a quota.
     NoisyNeighbour(switchyard_bench::noisy_neighbour::NoisyNeighbourArgs),
+    /// Many concurrent streams through one router process: errors, TTFT and the router's
+    /// memory per open stream.
+    Streams(switchyard_bench::streams::StreamsArgs),
     /// Multi-turn conversations over any OpenAI-compatible HTTP endpoint: TTFT per turn,
     /// tokens/s, prefix hit rate.
     Multiturn(switchyard_bench::multiturn::MultiturnArgs),
@@ -44,6 +47,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Engine(args) => switchyard_bench::engine::run(args).await,
         Command::Router(args) => switchyard_bench::router::run(args).await,
         Command::NoisyNeighbour(args) => switchyard_bench::noisy_neighbour::run(args).await,
+        Command::Streams(args) => switchyard_bench::streams::run(args).await,
         Command::StalledReaders(args) => switchyard_bench::router::stalled_readers(args).await,
         Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,
         Command::Simulate(args) => {

@@ -36,13 +36,15 @@ pub fn switchyard_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("SWITCHYARD_BIN") {
         return PathBuf::from(path);
     }
-    // Test binaries live in target/<profile>/deps/.
-    let exe = std::env::current_exe().expect("current test executable");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>");
-    let bin = profile_dir.join("switchyard");
+    // Test binaries live in target/<profile>/deps/, other binaries (switchyard-bench) next to
+    // `switchyard` in target/<profile>/.
+    let exe = std::env::current_exe().expect("current executable");
+    let dir = exe.parent().expect("the executable's directory");
+    let bin = if dir.join("switchyard").exists() {
+        dir.join("switchyard")
+    } else {
+        dir.parent().expect("target/<profile>").join("switchyard")
+    };
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build --bins` first (scripts/test.sh does)",
