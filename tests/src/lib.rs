@@ -582,3 +582,39 @@ pub fn up_args(extra: &[&str]) -> Vec<String> {
     .map(|s| s.to_string())
     .collect()
 }
+
+/// How long a client program (curl, grpcurl, the openai SDK) may run in a test.
+const PROGRAM_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs a client program to completion; returns (success, stdout, stderr).
+pub async fn run_program<S: AsRef<std::ffi::OsStr>>(
+    program: &str,
+    args: &[S],
+) -> anyhow::Result<(bool, String, String)> {
+    let output = tokio::time::timeout(
+        PROGRAM_TIMEOUT,
+        Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .with_context(|| format!("{program} did not finish within {PROGRAM_TIMEOUT:?}"))?
+    .with_context(|| format!("running {program} (pip install -r scripts/test-requirements.txt)"))?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// Runs a client program that must succeed; returns its stdout, or fails with its output.
+pub async fn program_output<S: AsRef<std::ffi::OsStr>>(
+    program: &str,
+    args: &[S],
+) -> anyhow::Result<String> {
+    let (ok, out, err) = run_program(program, args).await?;
+    anyhow::ensure!(ok, "{program} failed:\n{out}\n{err}");
+    Ok(out)
+}

@@ -7,7 +7,9 @@ use std::time::Duration;
 use switchyard::client::{Completion, SessionClient};
 use switchyard_cluster::{Capacity, Pool, Registry, WorkerRecord, WorkerState};
 use switchyard_proto::v1::{FinishReason, GenerateRequest, RequestClass};
-use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd, up_args, wait_until};
+use switchyard_tests::{
+    Cluster, ClusterSpec, Component, Etcd, program_output, up_args, wait_until,
+};
 use switchyard_worker::synthetic::synthetic_text;
 
 fn request(id: &str, content: &str, max_tokens: u32) -> GenerateRequest {
@@ -370,6 +372,74 @@ async fn switchyard_up_serves_the_real_model_on_both_pools_by_default() -> anyho
             done.text
         );
     }
+    // The README's question through the three clients a new user reaches for — curl, the
+    // openai SDK and grpcurl — gets the real answer from each.
+    let question = "What is the capital of France? Answer in one word.";
+    let http = up.addr_of("router", "http");
+    let grpc = up.addr_of("router", "grpc").to_string();
+    let body = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 8,
+        "temperature": 0,
+    })
+    .to_string();
+    let url = format!("http://{http}/v1/chat/completions");
+    let curl = program_output(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "120",
+            &url,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            &body,
+        ],
+    )
+    .await?;
+    assert!(curl.contains("Paris"), "curl: {curl}");
+    let sdk = program_output(
+        "python3",
+        &[
+            "-c",
+            "import sys, openai\n\
+             client = openai.OpenAI(base_url=sys.argv[1], api_key='unused')\n\
+             answer = client.chat.completions.create(model='SmolLM2-135M-Instruct.Q4_1', \
+             messages=[{'role': 'user', 'content': sys.argv[2]}], max_tokens=8, temperature=0)\n\
+             print(answer.choices[0].message.content)",
+            &format!("http://{http}/v1"),
+            question,
+        ],
+    )
+    .await?;
+    assert!(sdk.contains("Paris"), "openai SDK: {sdk}");
+    let request = serde_json::json!({
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "messages": [{"role": "user", "content": question}],
+        "sampling": {"max_tokens": 8, "temperature": 0},
+    })
+    .to_string();
+    let frames = program_output(
+        "grpcurl",
+        &[
+            "-plaintext",
+            "-d",
+            &request,
+            &grpc,
+            "switchyard.v1.Inference/Generate",
+        ],
+    )
+    .await?;
+    // One JSON object per frame; the answer is the tokens' text joined ("Par" + "is").
+    let text: String = serde_json::Deserializer::from_str(&frames)
+        .into_iter::<serde_json::Value>()
+        .filter_map(Result::ok)
+        .filter_map(|frame| frame["tokens"]["text"].as_str().map(str::to_string))
+        .collect();
+    assert!(text.contains("Paris"), "grpcurl: {text:?} from {frames}");
+
     // The wse worker says what it is: a stand-in, not a wafer.
     let dashboard = up.addr_of("control-plane", "http");
     let workers: serde_json::Value = reqwest::get(format!("http://{dashboard}/api/workers"))

@@ -2,18 +2,17 @@
 //! `gateway` engine, against real processes: etcd, routers, workers, the official `openai`
 //! Python SDK and `curl`. The gateway's upstream is a second Switchyard cluster's HTTP API.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use switchyard_proto::v1::{self, router_frame, worker_frame};
-use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd, list_router_workers, wait_until};
+use switchyard_tests::{
+    Cluster, ClusterSpec, Component, Etcd, list_router_workers, program_output, wait_until,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-const PROCESS_TIMEOUT: Duration = Duration::from_secs(120);
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
@@ -24,29 +23,6 @@ fn http() -> reqwest::Client {
         .timeout(Duration::from_secs(30))
         .build()
         .expect("http client")
-}
-
-/// Runs a command to completion and returns its stdout, failing on a non-zero exit.
-async fn run(program: &str, args: &[String]) -> anyhow::Result<String> {
-    let output = tokio::time::timeout(
-        PROCESS_TIMEOUT,
-        tokio::process::Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .with_context(|| format!("{program} did not finish within {PROCESS_TIMEOUT:?}"))?
-    .with_context(|| format!("running {program}"))?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    anyhow::ensure!(
-        output.status.success(),
-        "{program} failed ({}):\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(stdout)
 }
 
 /// The `content` deltas of an SSE chat stream, in order, and whether it ended with `[DONE]`.
@@ -81,7 +57,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
 
     // The official SDK: streaming and non-streaming chat, completions, models, 404, 400.
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_sdk_check.py");
-    let out = run(
+    let out = program_output(
         "python3",
         &[script.to_string(), base.clone(), "synthetic".into()],
     )
@@ -91,7 +67,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
 
     // The README's `curl -N` example, as written there but for the port.
     let host = cluster.router.addr("http");
-    let out = run(
+    let out = program_output(
         "curl",
         &strings(&[
             "-sS",

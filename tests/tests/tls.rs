@@ -5,7 +5,6 @@
 //! etcd record.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -13,36 +12,10 @@ use serde_json::Value;
 use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Capacity, Pool, WorkerRecord, WorkerState};
 use switchyard_proto::v1;
-use switchyard_tests::{Component, Etcd, EtcdTls, synthetic_request, up_args, wait_until};
+use switchyard_tests::{
+    Component, Etcd, EtcdTls, program_output, run_program, synthetic_request, up_args, wait_until,
+};
 use switchyard_worker::synthetic::synthetic_text;
-
-const PROCESS_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// Runs a command to completion; returns (success, stdout, stderr).
-async fn run(program: &str, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
-    let output = tokio::time::timeout(
-        PROCESS_TIMEOUT,
-        tokio::process::Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .with_context(|| format!("{program} did not finish within {PROCESS_TIMEOUT:?}"))?
-    .with_context(|| format!("running {program} (pip install -r scripts/test-requirements.txt)"))?;
-    Ok((
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
-}
-
-async fn succeeds(program: &str, args: &[&str]) -> anyhow::Result<String> {
-    let (ok, out, err) = run(program, args).await?;
-    anyhow::ensure!(ok, "{program} {args:?} failed:\n{out}\n{err}");
-    Ok(out)
-}
 
 /// The CA file `switchyard up --tls` printed.
 fn printed_ca(up: &Component) -> PathBuf {
@@ -119,10 +92,10 @@ async fn switchyard_up_with_tls_serves_real_clients_over_tls_only() -> anyhow::R
     let router = up.addr_of("router", "grpc").to_string();
 
     // grpcurl trusting the printed CA: reflection over TLS, and a streamed Generate.
-    let services = succeeds("grpcurl", &["-cacert", ca_arg, &router, "list"]).await?;
+    let services = program_output("grpcurl", &["-cacert", ca_arg, &router, "list"]).await?;
     assert!(services.contains("switchyard.v1.Inference"), "{services}");
     let body = r#"{"model":"synthetic","messages":[{"role":"user","content":"hello tls"}],"sampling":{"max_tokens":4},"class":"REQUEST_CLASS_LATENCY_CRITICAL"}"#;
-    let out = succeeds(
+    let out = program_output(
         "grpcurl",
         &[
             "-cacert",
@@ -143,7 +116,7 @@ async fn switchyard_up_with_tls_serves_real_clients_over_tls_only() -> anyhow::R
         .collect();
     assert_eq!(text, synthetic_text("hello tls", 0, 4), "{out}");
     // Without the CA, grpcurl does not trust the server.
-    let (ok, _, err) = run("grpcurl", &["-connect-timeout", "5", &router, "list"]).await?;
+    let (ok, _, err) = run_program("grpcurl", &["-connect-timeout", "5", &router, "list"]).await?;
     assert!(!ok, "grpcurl trusted the throw-away CA without -cacert");
     assert!(err.contains("certificate"), "{err}");
 
@@ -171,7 +144,7 @@ async fn switchyard_up_with_tls_serves_real_clients_over_tls_only() -> anyhow::R
     }
     for (component, protocol) in [("router", "http"), ("control-plane", "http")] {
         let addr = up.addr_of(component, protocol);
-        let (ok, out, _) = run(
+        let (ok, out, _) = run_program(
             "curl",
             &["-sS", "--max-time", "5", &format!("http://{addr}/health")],
         )
@@ -181,14 +154,14 @@ async fn switchyard_up_with_tls_serves_real_clients_over_tls_only() -> anyhow::R
 
     // curl and the openai SDK over HTTPS with the printed CA.
     let http = up.addr_of("router", "http");
-    let out = succeeds(
+    let out = program_output(
         "curl",
         &["-sS", "--cacert", ca_arg, &format!("https://{http}/health")],
     )
     .await?;
     let health: Value = serde_json::from_str(&out)?;
     assert_eq!(health["workers"]["ready"], 3, "{out}");
-    let out = succeeds(
+    let out = program_output(
         "curl",
         &[
             "-sS",
@@ -209,7 +182,7 @@ async fn switchyard_up_with_tls_serves_real_clients_over_tls_only() -> anyhow::R
         "{out}"
     );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_sdk_check.py");
-    let out = succeeds(
+    let out = program_output(
         "python3",
         &[script, &format!("https://{http}/v1"), "synthetic", ca_arg],
     )
@@ -218,7 +191,7 @@ async fn switchyard_up_with_tls_serves_real_clients_over_tls_only() -> anyhow::R
 
     // The dashboard over HTTPS: reads, and its own page's origin is now https://.
     let dashboard = up.addr_of("control-plane", "http");
-    let out = succeeds(
+    let out = program_output(
         "curl",
         &[
             "-sS",
@@ -274,7 +247,7 @@ async fn workers_take_worker_calls_only_from_client_certificates_of_the_cluster_
     );
 
     // grpcurl, likewise.
-    let (ok, out, err) = run(
+    let (ok, out, err) = run_program(
         "grpcurl",
         &[
             "-cacert",
@@ -448,7 +421,7 @@ async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::R
 
 /// The Prometheus text of the router's `/metrics` (HTTPS, trusting `ca`).
 async fn router_metrics(router: &Component, ca: &Path) -> anyhow::Result<String> {
-    succeeds(
+    program_output(
         "curl",
         &[
             "-sS",
