@@ -6,16 +6,22 @@
 //! - **Typing a line during a reply** redirects it on the fly (an `Interrupt` frame: the
 //!   generation stops and continues the same request with your new instructions).
 //! - Ctrl-C at the prompt (or end of input) exits.
+//! - If the router restarts or the connection drops, the reply in progress ends with an error
+//!   and the client reopens its session in the background; a line sent meanwhile waits for it
+//!   (up to [`RECONNECT_WAIT`]).
 
 use std::io::Write as _;
+use std::time::Duration;
 
+use switchyard_client::{ClientError, RequestStream, SessionClient};
 use switchyard_proto::v1::{
     self, ChatMessage, GenerateRequest, RequestClass, SamplingParams,
     inference_client::InferenceClient, server_frame::Frame,
 };
 use tokio::sync::mpsc;
 
-use crate::client::SessionClient;
+/// Longest a line typed while the session is being reopened waits for it.
+pub const RECONNECT_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChatArgs {
@@ -91,10 +97,33 @@ pub fn default_model(models: &v1::ListModelsResponse) -> anyhow::Result<String> 
     }
 }
 
+/// Starts `request`, waiting for the session to be reopened if it is down (the router
+/// restarted). `None`: it was not reopened within [`RECONNECT_WAIT`], or Ctrl-C.
+async fn start(
+    client: &SessionClient,
+    request: GenerateRequest,
+) -> anyhow::Result<Option<RequestStream>> {
+    match client.start(request.clone()) {
+        Err(ClientError::Disconnected) => {}
+        started => return Ok(Some(started?)),
+    }
+    eprintln!("[reconnecting to the router…]");
+    tokio::select! {
+        reopened = tokio::time::timeout(RECONNECT_WAIT, client.connected()) => {
+            if reopened.is_err() {
+                eprintln!("[the router did not come back within {RECONNECT_WAIT:?}]");
+                return Ok(None);
+            }
+        }
+        _ = tokio::signal::ctrl_c() => return Ok(None),
+    }
+    Ok(Some(client.start(request)?))
+}
+
 pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let client = match &args.tls_ca_file {
         Some(ca) => {
-            SessionClient::open(crate::client::connect_tls(&args.router, ca).await?).await?
+            SessionClient::open(switchyard_client::connect_tls(&args.router, ca).await?).await?
         }
         None => SessionClient::connect(&args.router).await?,
     };
@@ -139,7 +168,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
         history.push(user(line));
         turn += 1;
         let request_id = format!("chat-{turn}");
-        let mut stream = client.start(GenerateRequest {
+        let request = GenerateRequest {
             request_id: request_id.clone(),
             model: model.clone(),
             messages: history.clone(),
@@ -149,7 +178,12 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
             }),
             class: class as i32,
             ..Default::default()
-        })?;
+        };
+        let Some(mut stream) = start(&client, request).await? else {
+            // Unsent: the line is not part of the conversation.
+            history.pop();
+            continue;
+        };
         let mut reply = String::new();
         loop {
             tokio::select! {
@@ -167,15 +201,20 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     }
                 },
                 _ = tokio::signal::ctrl_c() => {
-                    client.cancel(&request_id)?;
+                    // Fails only with the session gone, which ends the reply anyway.
+                    let _ = client.cancel(&request_id);
                     eprintln!("\n[stopped — type new instructions]");
                 }
                 Some(line) = lines.recv() => {
                     if line.trim().is_empty() { continue; }
-                    history.push(ChatMessage { role: "assistant".into(), content: std::mem::take(&mut reply) });
-                    history.push(user(line.clone()));
-                    client.interrupt(&request_id, vec![user(line)], true)?;
-                    eprintln!("\n[redirecting]");
+                    match client.interrupt(&request_id, vec![user(line.clone())], true) {
+                        Ok(()) => {
+                            history.push(ChatMessage { role: "assistant".into(), content: std::mem::take(&mut reply) });
+                            history.push(user(line));
+                            eprintln!("\n[redirecting]");
+                        }
+                        Err(error) => eprintln!("\n[not redirected: {error}]"),
+                    }
                 }
             }
         }

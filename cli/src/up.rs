@@ -407,7 +407,7 @@ async fn wait_for_workers(
             .list_models(switchyard_proto::v1::ListModelsRequest {})
             .await?
             .into_inner();
-        if crate::client::routable_worker_ids(&models).len() >= count {
+        if switchyard_client::routable_worker_ids(&models).len() >= count {
             return Ok(());
         }
     }

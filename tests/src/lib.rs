@@ -528,7 +528,7 @@ pub async fn list_router_workers_with_key(
     router: &str,
     key: Option<&str>,
 ) -> anyhow::Result<Vec<String>> {
-    let channel = switchyard::client::connect_channel(router).await?;
+    let channel = switchyard_client::connect_channel(router).await?;
     let mut client = switchyard_proto::v1::inference_client::InferenceClient::new(channel);
     let mut request = tonic::Request::new(switchyard_proto::v1::ListModelsRequest {});
     if let Some(key) = key {
@@ -537,7 +537,7 @@ pub async fn list_router_workers_with_key(
             .insert("authorization", format!("Bearer {key}").parse()?);
     }
     let models = client.list_models(request).await?.into_inner();
-    Ok(switchyard::client::routable_worker_ids(&models))
+    Ok(switchyard_client::routable_worker_ids(&models))
 }
 
 /// A chat request for the synthetic model: one user message, `max_tokens`, the given class.

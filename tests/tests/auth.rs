@@ -94,11 +94,10 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
         ..Default::default()
     })
     .await?;
-    let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
     let mut client = InferenceClient::new(channel);
     let admin_channel =
-        switchyard::client::connect_channel(&cluster.control_plane.addr("grpc").to_string())
-            .await?;
+        switchyard_client::connect_channel(&cluster.control_plane.addr("grpc").to_string()).await?;
     let mut admin = AdminClient::new(admin_channel);
     admin
         .set_policy(v1::SetPolicyRequest {
@@ -193,7 +192,7 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
     assert_eq!(listed.code(), tonic::Code::Unauthenticated);
 
     // gRPC health stays open.
-    let health_channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let health_channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
     let mut health = tonic_health::pb::health_client::HealthClient::new(health_channel);
     health
         .check(tonic_health::pb::HealthCheckRequest {
@@ -352,12 +351,12 @@ async fn a_tenant_at_its_request_limit_is_refused_until_one_ends() -> anyhow::Re
         ..Default::default()
     })
     .await?;
-    let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
     let mut client = InferenceClient::new(channel);
     let first = running(&mut client, ACME_KEY, "acme-1").await?;
     let _second = running(&mut client, ACME_KEY, "acme-2").await?;
 
-    let other_connection = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let other_connection = switchyard_client::connect_channel(&cluster.router_addr()).await?;
     let refused = accepted(
         &mut InferenceClient::new(other_connection),
         Some(ACME_KEY),
@@ -414,7 +413,7 @@ async fn a_session_at_its_request_limit_refuses_more_and_stays_open() -> anyhow:
         ..Default::default()
     })
     .await?;
-    let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
     let mut client = InferenceClient::new(channel);
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     let mut frames = client

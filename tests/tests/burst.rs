@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use switchyard::client::SessionClient;
+use switchyard_client::SessionClient;
 use switchyard_proto::v1::RequestClass;
 use switchyard_tests::{Cluster, ClusterSpec};
 
@@ -49,7 +49,7 @@ async fn a_burst_on_one_session_is_spread_over_the_workers() -> anyhow::Result<(
     for completion in &done {
         assert!(completion.failed.is_none(), "{:?}", completion.failed);
     }
-    let timings = |c: &switchyard::client::Completion| {
+    let timings = |c: &switchyard_client::Completion| {
         c.finished
             .as_ref()
             .and_then(|f| f.timings)

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use switchyard::client::{Completion, SessionClient};
+use switchyard_client::{Completion, SessionClient};
 use switchyard_proto::v1::{
     self, ChatMessage, FinishReason, GenerateRequest, Lane, RequestClass, client_frame,
     server_frame::Frame,
@@ -128,7 +128,7 @@ async fn cancel_mid_stream_stops_the_generation() -> anyhow::Result<()> {
 
 /// Opens a Worker.Serve stream directly and reads the worker's first load report.
 async fn worker_active(address: &str) -> Option<u32> {
-    let channel = switchyard::client::connect_channel(address).await.ok()?;
+    let channel = switchyard_client::connect_channel(address).await.ok()?;
     let mut client = v1::worker_client::WorkerClient::new(channel);
     let (_tx, rx) = tokio::sync::mpsc::channel::<v1::RouterFrame>(1);
     let mut frames = client.serve(tokio_stream_from(rx)).await.ok()?.into_inner();
@@ -334,7 +334,7 @@ async fn bad_input_gets_a_status_naming_the_field_and_the_session_survives() -> 
     assert!(saw_duplicate_error, "duplicate request_id was not refused");
 
     // Generate (single request) answers bad input with a plain gRPC status.
-    let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+    let channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
     let mut client = v1::inference_client::InferenceClient::new(channel);
     let status = client
         .generate(GenerateRequest {
@@ -415,8 +415,7 @@ async fn interrupt_redirects_the_same_stream_to_new_instructions() -> anyhow::Re
 async fn control_plane_lists_workers_of_both_pools_from_etcd() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterSpec::default()).await?;
     let channel =
-        switchyard::client::connect_channel(&cluster.control_plane.addr("grpc").to_string())
-            .await?;
+        switchyard_client::connect_channel(&cluster.control_plane.addr("grpc").to_string()).await?;
     let mut admin = v1::admin_client::AdminClient::new(channel);
     let all = admin
         .list_workers(v1::ListWorkersRequest {

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use switchyard::client::{Completion, SessionClient};
+use switchyard_client::{Completion, SessionClient};
 use switchyard_proto::v1::{
     self, FinishReason, RequestClass, admin_client::AdminClient, cluster_event::Kind,
 };
@@ -19,7 +19,7 @@ use tonic::transport::Channel;
 const PATIENCE: Duration = Duration::from_secs(30);
 
 async fn admin(addr: std::net::SocketAddr) -> anyhow::Result<AdminClient<Channel>> {
-    let channel = switchyard::client::connect_channel(&addr.to_string()).await?;
+    let channel = switchyard_client::connect_channel(&addr.to_string()).await?;
     Ok(AdminClient::new(channel))
 }
 

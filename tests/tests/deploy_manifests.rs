@@ -573,7 +573,7 @@ async fn tls_router_workers(router: &str, ca: &Path) -> anyhow::Result<Vec<Strin
         .metadata_mut()
         .insert("authorization", format!("Bearer {DEV_KEY}").parse()?);
     let models = client.list_models(request).await?.into_inner();
-    Ok(switchyard::client::routable_worker_ids(&models))
+    Ok(switchyard_client::routable_worker_ids(&models))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use switchyard::client::{Completion, SessionClient};
+use switchyard_client::{Completion, SessionClient};
 use switchyard_cluster::{Capacity, Pool, Registry, WorkerRecord, WorkerState};
 use switchyard_proto::v1::{FinishReason, GenerateRequest, RequestClass};
 use switchyard_tests::{

@@ -64,7 +64,7 @@ async fn generate(
     request: v1::GenerateRequest,
     traceparent: Option<&str>,
 ) -> anyhow::Result<(v1::Accepted, u32)> {
-    let channel = switchyard::client::connect_channel(router).await?;
+    let channel = switchyard_client::connect_channel(router).await?;
     let mut client = InferenceClient::new(channel);
     let mut call = tonic::Request::new(request);
     if let Some(traceparent) = traceparent {
@@ -281,7 +281,7 @@ async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyh
                 .unwrap_or(false)
         }
     };
-    let mut client = InferenceClient::new(switchyard::client::connect_channel(&router).await?);
+    let mut client = InferenceClient::new(switchyard_client::connect_channel(&router).await?);
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::ClientFrame>(1);
     let session = client
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))

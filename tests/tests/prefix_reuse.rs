@@ -29,7 +29,7 @@ struct Outcome {
 }
 
 async fn chat(router: &str, id: &str, messages: &[(&str, &str)]) -> anyhow::Result<Outcome> {
-    let channel = switchyard::client::connect_channel(router).await?;
+    let channel = switchyard_client::connect_channel(router).await?;
     let mut client = InferenceClient::new(channel);
     let request = GenerateRequest {
         request_id: id.into(),

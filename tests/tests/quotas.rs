@@ -122,10 +122,9 @@ async fn tenants_are_held_to_their_quotas_and_others_are_served() -> anyhow::Res
     })
     .await?;
     let mut client =
-        InferenceClient::new(switchyard::client::connect_channel(&cluster.router_addr()).await?);
+        InferenceClient::new(switchyard_client::connect_channel(&cluster.router_addr()).await?);
     let mut admin = AdminClient::new(
-        switchyard::client::connect_channel(&cluster.control_plane.addr("grpc").to_string())
-            .await?,
+        switchyard_client::connect_channel(&cluster.control_plane.addr("grpc").to_string()).await?,
     );
     admin
         .set_policy(v1::SetPolicyRequest {

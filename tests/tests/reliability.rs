@@ -62,7 +62,7 @@ async fn a_quiet_cluster_keeps_its_etcd_watches() -> anyhow::Result<()> {
 
 /// The router's gRPC health status of `switchyard.v1.Inference`.
 async fn inference_health(router: &str) -> anyhow::Result<ServingStatus> {
-    let channel = switchyard::client::connect_channel(router).await?;
+    let channel = switchyard_client::connect_channel(router).await?;
     let response = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: "switchyard.v1.Inference".into(),
@@ -103,7 +103,7 @@ async fn the_router_starts_without_etcd_and_serves_once_etcd_answers() -> anyhow
         body["reason"].as_str().is_some_and(|r| r.contains("etcd")),
         "the reason names etcd: {body}"
     );
-    let mut client = InferenceClient::new(switchyard::client::connect_channel(&grpc).await?);
+    let mut client = InferenceClient::new(switchyard_client::connect_channel(&grpc).await?);
     let request = switchyard_tests::synthetic_request(
         "too-early",
         RequestClass::CostSensitive,
@@ -119,7 +119,7 @@ async fn the_router_starts_without_etcd_and_serves_once_etcd_answers() -> anyhow
 
     // etcd comes up on the port the router has been dialling, then a worker registers.
     let _etcd = Etcd::start_on(etcd_port).await?;
-    let channel = switchyard::client::connect_channel(&grpc).await?;
+    let channel = switchyard_client::connect_channel(&grpc).await?;
     let mut watch = HealthClient::new(channel)
         .watch(HealthCheckRequest {
             service: "switchyard.v1.Inference".into(),
@@ -201,7 +201,7 @@ fn ended_generations(log: &std::path::Path) -> (usize, u32) {
 
 /// Opens a Worker.Serve stream directly and reads the worker's first load report.
 async fn worker_outstanding(address: &str) -> Option<u32> {
-    let channel = switchyard::client::connect_channel(address).await.ok()?;
+    let channel = switchyard_client::connect_channel(address).await.ok()?;
     let mut client = v1::worker_client::WorkerClient::new(channel);
     let (_tx, mut rx) = tokio::sync::mpsc::channel::<v1::RouterFrame>(1);
     let outbound = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
@@ -238,7 +238,7 @@ async fn dropped_generate_calls_stop_on_the_worker() -> anyhow::Result<()> {
     let mut ended = 0;
     for round in 0..3 {
         // A fresh connection each round: h2 limits how many streams a peer may reset on one.
-        let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+        let channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
         let calls = (0..100).map(|i| {
             let mut client = InferenceClient::new(channel.clone());
             let request = switchyard_tests::synthetic_request(
@@ -433,7 +433,7 @@ async fn closed_sessions_give_their_memory_back() -> anyhow::Result<()> {
     };
     let mut settled = Vec::new();
     for round in 0..7 {
-        let channel = switchyard::client::connect_channel(&cluster.router_addr()).await?;
+        let channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
         let mut held = Vec::with_capacity(SESSIONS);
         for _ in 0..SESSIONS {
             let (tx, rx) = tokio::sync::mpsc::channel::<v1::ClientFrame>(1);

@@ -26,7 +26,7 @@ const PATIENCE: Duration = Duration::from_secs(30);
 const CSRF_HEADER: &str = "x-switchyard-csrf";
 
 async fn admin(addr: SocketAddr) -> anyhow::Result<AdminClient<Channel>> {
-    let channel = switchyard::client::connect_channel(&addr.to_string()).await?;
+    let channel = switchyard_client::connect_channel(&addr.to_string()).await?;
     Ok(AdminClient::new(channel))
 }
 
@@ -604,7 +604,7 @@ async fn serve_directly(
     worker: SocketAddr,
     token: Option<&str>,
 ) -> Result<Vec<v1::WorkerFrame>, tonic::Status> {
-    let channel = switchyard::client::connect_channel(&worker.to_string())
+    let channel = switchyard_client::connect_channel(&worker.to_string())
         .await
         .expect("worker reachable");
     let start = v1::RouterFrame {
@@ -676,7 +676,7 @@ async fn workers_serve_only_cluster_members() -> anyhow::Result<()> {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
-    let channel = switchyard::client::connect_channel(&worker_addr.to_string()).await?;
+    let channel = switchyard_client::connect_channel(&worker_addr.to_string()).await?;
     let err = v1::worker_client::WorkerClient::new(channel.clone())
         .get_tokenizer(v1::TokenizerRequest {
             model: "synthetic".into(),
@@ -734,7 +734,7 @@ async fn workers_serve_only_cluster_members() -> anyhow::Result<()> {
         },
     )
     .await?;
-    let session = switchyard::client::SessionClient::connect(&router_addr).await?;
+    let session = switchyard_client::SessionClient::connect(&router_addr).await?;
     let done = session
         .start(switchyard_tests::synthetic_request(
             "member",
@@ -827,7 +827,7 @@ async fn a_malformed_frame_ends_a_session_with_invalid_argument() -> anyhow::Res
         2,
     )
     .await?;
-    let channel = switchyard::client::connect_channel(&router.addr("grpc").to_string()).await?;
+    let channel = switchyard_client::connect_channel(&router.addr("grpc").to_string()).await?;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await?;
     // Field 1 (`start`), length-delimited, with a length varint that never ends.

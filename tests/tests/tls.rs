@@ -371,7 +371,7 @@ async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::R
                     .list_models(v1::ListModelsRequest {})
                     .await
                     .is_ok_and(|models| {
-                        !switchyard::client::routable_worker_ids(&models.into_inner()).is_empty()
+                        !switchyard_client::routable_worker_ids(&models.into_inner()).is_empty()
                     })
             }
         },
@@ -514,7 +514,7 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
             inference
                 .list_models(v1::ListModelsRequest {})
                 .await
-                .map(|models| switchyard::client::routable_worker_ids(&models.into_inner()))
+                .map(|models| switchyard_client::routable_worker_ids(&models.into_inner()))
                 .unwrap_or_default()
         }
     };
