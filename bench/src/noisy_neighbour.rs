@@ -108,7 +108,7 @@ async fn send(
         Err(status) => {
             let retry_after_ms = status
                 .metadata()
-                .get(switchyard_router::dispatch::RETRY_AFTER_MS)
+                .get(switchyard_router::error::RETRY_AFTER_MS)
                 .and_then(|v| v.to_str().ok()?.parse().ok())
                 .unwrap_or(0);
             return Ok(Outcome::Refused {

@@ -20,6 +20,7 @@ use tracing::{Instrument as _, Span, debug, info, info_span, warn};
 
 use crate::classify::{Classification, RequestFeatures, TENANT_KEY, classify};
 use crate::config::RouterConfig;
+use crate::error::DispatchError;
 use crate::links::{Link, LinkEvent, Links, SlotHold};
 use crate::metrics::{RouterMetrics, StreamLabels, lane_label, pool_label};
 use crate::policy::document::{LaneName, PolicyDocument};
@@ -31,11 +32,6 @@ use crate::policy_watch::PolicyHandle;
 use crate::readiness::Readiness;
 use crate::report::{self, Ended, LedgerEntry, Reporter, ledger};
 use crate::tenant_quota::{QuotaExceeded, TenantPermit, TenantQuota, restrict_lane};
-
-/// gRPC metadata of a shed response: seconds before retrying (as HTTP `Retry-After`).
-pub const RETRY_AFTER: &str = "retry-after";
-/// The same in milliseconds.
-pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
 /// A client's instruction about a running request.
 #[derive(Debug)]
@@ -238,7 +234,7 @@ impl Dispatcher {
         &self,
         request: v1::GenerateRequest,
         parent: RemoteContext,
-    ) -> Result<Prepared, Status> {
+    ) -> Result<Prepared, DispatchError> {
         let arrived = Instant::now();
         let span = request_span(&request.request_id, &request.model);
         let parent = match RemoteContext::from_map(&request.metadata) {
@@ -247,8 +243,8 @@ impl Dispatcher {
         };
         propagation::set_parent(&span, parent);
         let policy = self.policy.current();
-        let valid = validate_generate_request(&request, &self.config.limits)
-            .map_err(|violation| Status::invalid_argument(violation.to_string()));
+        let valid =
+            validate_generate_request(&request, &self.config.limits).map_err(DispatchError::from);
         let prompt_ids = match valid {
             Ok(()) => self
                 .links
@@ -274,7 +270,6 @@ impl Dispatcher {
             .map(|t| policy.quotas.limits_of(t))
             .unwrap_or_default();
         let mut quota = None;
-        let mut over_quota = false;
         let prepared = valid.and_then(|()| self.readiness.check()).and_then(|()| {
             if let Some(tenant) = tenant {
                 class = restrict_lane(
@@ -284,29 +279,20 @@ impl Dispatcher {
                     &policy,
                     features.ttft_slo_ms,
                 )
-                .map_err(|refused| {
-                    over_quota = true;
-                    self.quota_refused(refused)
-                })?;
+                .map_err(|refused| self.quota_refused(refused))?;
             }
             let reserve = u64::from(features.prompt_tokens) + u64::from(features.max_tokens);
             quota = self
                 .tenant_quota
                 .acquire(tenant, &limits, reserve)
-                .map_err(|refused| {
-                    over_quota = true;
-                    self.quota_refused(refused)
-                })?;
+                .map_err(|refused| self.quota_refused(refused))?;
             span.record("lane", class.lane.as_str());
             span.record("reason", class.reason.as_str());
             match self.try_place(&request, &prompt_ids, &class, &policy, &[], sampled)? {
                 Some(chosen) => Ok(Target::Placed(chosen)),
                 None => Ok(Target::Queued(
-                    self.admit(class.lane, &policy).inspect_err(|status| {
-                        span.record(
-                            "reason",
-                            format!("{}; shed: {}", class.reason, status.message()),
-                        );
+                    self.admit(class.lane, &policy).inspect_err(|error| {
+                        span.record("reason", format!("{}; shed: {error}", class.reason));
                     })?,
                 )),
             }
@@ -325,29 +311,29 @@ impl Dispatcher {
                     on_end: None,
                 },
             }),
-            Err(status) => {
-                let refusal = Refusal::of(&status, over_quota);
+            Err(error) => {
+                let refusal = Refusal::of(&error);
                 self.count_unplaced(class.lane, &request.model, refusal);
                 self.report_unplaced(
                     &request,
                     &class,
                     &prompt_ids,
-                    (&status, refusal),
+                    (&error, refusal),
                     sampled,
                     arrived,
                 );
                 span.in_scope(
-                    || info!(request_id = %request.request_id, code = ?status.code(), "refused"),
+                    || info!(request_id = %request.request_id, code = ?error.code(), "refused"),
                 );
-                Err(status)
+                Err(error)
             }
         }
     }
 
-    /// The status of a request its tenant's quota refused, counted by the limit.
-    fn quota_refused(&self, refused: QuotaExceeded) -> Status {
+    /// A request its tenant's quota refused, counted by the limit.
+    fn quota_refused(&self, refused: QuotaExceeded) -> DispatchError {
         self.metrics.quota_refused(refused.limit.as_str());
-        refused.to_status()
+        DispatchError::OverQuota(refused)
     }
 
     /// Counts a request that never reached a worker.
@@ -370,7 +356,7 @@ impl Dispatcher {
         request: &v1::GenerateRequest,
         class: &Classification,
         prompt_ids: &[u32],
-        (status, refusal): (&Status, Refusal),
+        (error, refusal): (&DispatchError, Refusal),
         sampled: bool,
         arrived: Instant,
     ) {
@@ -380,7 +366,7 @@ impl Dispatcher {
             let mut decision =
                 decision_record(self.reports.router_id(), request, class, prompt_ids);
             decision.reason = label.into();
-            decision.reason_text = format!("{}; {label}: {}", class.reason, status.message());
+            decision.reason_text = format!("{}; {label}: {error}", class.reason);
             decision.queued_ms = arrived.elapsed().as_secs_f64() * 1e3;
             self.reports.decision(decision);
         }
@@ -392,7 +378,7 @@ impl Dispatcher {
                 status: label.into(),
                 total_ms: arrived.elapsed().as_secs_f64() * 1e3,
                 prompt_tokens: token_count(prompt_ids),
-                error: status.message().to_string(),
+                error: error.to_string(),
                 ..Default::default()
             },
             cancelled: false,
@@ -414,7 +400,7 @@ impl Dispatcher {
         policy: &PolicyDocument,
         excluded: &[String],
         trace: bool,
-    ) -> Result<Option<Chosen>, Status> {
+    ) -> Result<Option<Chosen>, DispatchError> {
         // One decision at a time, each holding its worker's slot before the next looks: a
         // burst of concurrent requests must not all see the same free worker.
         let _deciding = self.deciding.lock().expect("deciding lock");
@@ -469,7 +455,7 @@ impl Dispatcher {
                 let link = self
                     .links
                     .get(id)
-                    .ok_or_else(|| Status::unavailable(format!("worker {id} just left")))?;
+                    .ok_or_else(|| DispatchError::Unavailable(format!("worker {id} just left")))?;
                 Ok(Some(Chosen {
                     slot: link.hold_slot(),
                     link,
@@ -482,7 +468,7 @@ impl Dispatcher {
                 }))
             }
             Decision::Queue => Ok(None),
-            Decision::Reject(error) => Err(placement_status(error)),
+            Decision::Reject(error) => Err(placement_error(error)),
         }
     }
 
@@ -508,7 +494,7 @@ impl Dispatcher {
 
     /// Lets a request of `lane` wait at the router (shedding a queued cost-sensitive request
     /// in its place if the policy says so), or sheds it.
-    fn admit(&self, lane: LaneName, policy: &PolicyDocument) -> Result<Ticket, Status> {
+    fn admit(&self, lane: LaneName, policy: &PolicyDocument) -> Result<Ticket, DispatchError> {
         let mut waiting = self.waiting.lock().expect("waiting lock");
         let depths = [waiting.lanes[0].len() as u32, waiting.lanes[1].len() as u32];
         match admit(lane, depths, policy) {
@@ -519,10 +505,10 @@ impl Dispatcher {
                 }
             }
             Admission::Shed { retry_after_ms } => {
-                return Err(shed_status(
-                    format!("{} queue is full; request shed", lane.as_str()),
+                return Err(DispatchError::Shed {
+                    message: format!("{} queue is full; request shed", lane.as_str()),
                     retry_after_ms,
-                ));
+                });
             }
         }
         let (tx, evicted) = oneshot::channel();
@@ -548,7 +534,7 @@ impl Dispatcher {
         class: &Classification,
         ticket: &mut Ticket,
         trace: bool,
-    ) -> Result<Chosen, Status> {
+    ) -> Result<Chosen, DispatchError> {
         let policy = self.policy.current();
         let retry_after_ms = policy.lane(class.lane).retry_after_ms;
         loop {
@@ -573,13 +559,13 @@ impl Dispatcher {
             tokio::select! {
                 _ = notified => {}
                 _ = &mut ticket.evicted => {
-                    return Err(shed_status("shed to make room for latency-critical work".into(), retry_after_ms));
+                    return Err(DispatchError::Shed { message: "shed to make room for latency-critical work".into(), retry_after_ms });
                 }
                 _ = tokio::time::sleep_until(ticket.deadline) => {
-                    return Err(shed_status(format!(
+                    return Err(DispatchError::Shed { message: format!(
                         "no slot within the {} lane's queue wait of {} ms; request shed",
                         class.lane.as_str(), policy.lane(class.lane).max_queue_wait_ms
-                    ), retry_after_ms));
+                    ), retry_after_ms });
                 }
             }
         }
@@ -630,26 +616,21 @@ impl Dispatcher {
         };
         let chosen = match placed {
             Ok(chosen) => chosen,
-            Err(status) => {
-                span.record(
-                    "reason",
-                    format!("{}; shed: {}", class.reason, status.message()),
-                );
-                info!(request_id = %request.request_id, lane = class.lane.as_str(), %status, "not placed");
-                let refusal = Refusal::of(&status, false);
+            Err(error) => {
+                span.record("reason", format!("{}; shed: {error}", class.reason));
+                info!(request_id = %request.request_id, lane = class.lane.as_str(), %error, "not placed");
+                let refusal = Refusal::of(&error);
                 self.count_unplaced(class.lane, &request.model, refusal);
                 self.report_unplaced(
                     &request,
                     &class,
                     &prompt_ids,
-                    (&status, refusal),
+                    (&error, refusal),
                     sampled,
                     arrived,
                 );
                 held.release(None);
-                let _ = out
-                    .send(Ok(failed_frame(&request.request_id, &status)))
-                    .await;
+                let _ = out.send(Ok(error.failed_frame(&request.request_id))).await;
                 return;
             }
         };
@@ -674,16 +655,16 @@ impl Dispatcher {
         let outcome = match &result {
             Ok(()) if run.cancelled => "cancelled",
             Ok(()) => "completed",
-            Err(status) if status.code() == Code::Cancelled => "cancelled",
+            Err(error) if error.code() == Code::Cancelled => "cancelled",
             Err(_) => "failed",
         };
         run.release();
         self.metrics
             .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
         run.report(outcome, result.as_ref().err(), sampled);
-        if let Err(status) = result {
+        if let Err(error) = result {
             let _ = out
-                .send(Ok(failed_frame(&run.request.request_id, &status)))
+                .send(Ok(error.failed_frame(&run.request.request_id)))
                 .await;
         }
     }
@@ -703,13 +684,11 @@ enum Refusal {
 }
 
 impl Refusal {
-    fn of(status: &Status, over_quota: bool) -> Self {
-        if over_quota {
-            return Refusal::OverQuota;
-        }
-        match status.code() {
-            Code::ResourceExhausted => Refusal::Shed,
-            Code::NotFound | Code::InvalidArgument => Refusal::Invalid,
+    fn of(error: &DispatchError) -> Self {
+        match error {
+            DispatchError::OverQuota(_) => Refusal::OverQuota,
+            DispatchError::Shed { .. } => Refusal::Shed,
+            DispatchError::Invalid { .. } | DispatchError::UnknownModel(_) => Refusal::Invalid,
             _ => Refusal::Rejected,
         }
     }
@@ -797,54 +776,12 @@ fn excluded_indices(view: &ClusterView, excluded: &[String]) -> Vec<usize> {
     excluded.iter().filter_map(|id| view.index_of(id)).collect()
 }
 
-fn placement_status(error: PlacementError) -> Status {
+fn placement_error(error: PlacementError) -> DispatchError {
     match error {
-        PlacementError::UnknownModel(_) => Status::not_found(format!("model: {error}")),
-        PlacementError::NoWorker(_) => Status::unavailable(format!("{error}; retry shortly")),
-    }
-}
-
-/// Whole seconds of `Retry-After` for a policy's `retry_after_ms`: rounded up, at least 1.
-pub fn retry_after_secs(retry_after_ms: u64) -> u64 {
-    retry_after_ms.div_ceil(1000).max(1)
-}
-
-/// `RESOURCE_EXHAUSTED` with `retry-after` (seconds) and `retry-after-ms` metadata.
-pub fn shed_status(message: String, retry_after_ms: u64) -> Status {
-    let mut status = Status::resource_exhausted(message);
-    let metadata = status.metadata_mut();
-    metadata.insert(
-        RETRY_AFTER,
-        retry_after_secs(retry_after_ms)
-            .to_string()
-            .parse()
-            .expect("digits are ascii"),
-    );
-    metadata.insert(
-        RETRY_AFTER_MS,
-        retry_after_ms
-            .to_string()
-            .parse()
-            .expect("digits are ascii"),
-    );
-    status
-}
-
-/// A `Failed` frame carrying `status` (and its `retry-after-ms`, when shed).
-pub fn failed_frame(request_id: &str, status: &Status) -> v1::ServerFrame {
-    let retry_after_ms = status
-        .metadata()
-        .get(RETRY_AFTER_MS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(0);
-    v1::ServerFrame {
-        frame: Some(Frame::Failed(v1::Failed {
-            request_id: request_id.to_string(),
-            code: status.code() as i32,
-            message: status.message().to_string(),
-            retry_after_ms,
-        })),
+        PlacementError::UnknownModel(_) => DispatchError::UnknownModel(error.to_string()),
+        PlacementError::NoWorker(_) => {
+            DispatchError::Unavailable(format!("{error}; retry shortly"))
+        }
     }
 }
 
@@ -977,7 +914,7 @@ impl<'d> Run<'d> {
         mut link: Arc<Link>,
         controls: &mut mpsc::UnboundedReceiver<Control>,
         out: &FrameSink,
-    ) -> Result<(), Status> {
+    ) -> Result<(), DispatchError> {
         let record = link.record();
         let accepted = Frame::Accepted(v1::Accepted {
             request_id: self.request.request_id.clone(),
@@ -1039,7 +976,10 @@ impl<'d> Run<'d> {
                     let code = Code::from_i32(failed.code);
                     let retriable = matches!(code, Code::Unavailable | Code::ResourceExhausted);
                     if !retriable {
-                        return Err(Status::new(code, failed.message));
+                        return Err(DispatchError::Worker {
+                            code,
+                            message: failed.message,
+                        });
                     }
                     debug!(request_id = %self.request.request_id, worker = %link.id(), message = %failed.message, "worker refused; placing elsewhere");
                     self.dispatcher.metrics.failover(self.class.lane, self.pool);
@@ -1053,15 +993,15 @@ impl<'d> Run<'d> {
                         {
                             self.dispatcher.metrics.shed(self.class.lane);
                             let policy = self.dispatcher.policy.current();
-                            return Err(shed_status(
-                                format!(
+                            return Err(DispatchError::Shed {
+                                message: format!(
                                     "every worker serving {:?} is full ({}); request shed",
                                     self.request.model, failed.message
                                 ),
-                                policy.lane(self.class.lane).retry_after_ms,
-                            ));
+                                retry_after_ms: policy.lane(self.class.lane).retry_after_ms,
+                            });
                         }
-                        Err(status) => return Err(status),
+                        Err(error) => return Err(error),
                     };
                 }
             }
@@ -1073,10 +1013,10 @@ impl<'d> Run<'d> {
         &mut self,
         failed: &Arc<Link>,
         excluded: &mut Vec<String>,
-    ) -> Result<Arc<Link>, Status> {
+    ) -> Result<Arc<Link>, DispatchError> {
         self.attempts += 1;
         if self.attempts > self.dispatcher.config.max_attempts {
-            return Err(Status::unavailable(format!(
+            return Err(DispatchError::Unavailable(format!(
                 "gave up after {} attempts; last worker {} failed",
                 self.dispatcher.config.max_attempts,
                 failed.id()
@@ -1117,15 +1057,14 @@ impl<'d> Run<'d> {
         // least utilised worker that can take it (the worker queues it).
         let view = self.dispatcher.links.view();
         let exclude = excluded_indices(&view, excluded);
-        let index = fallback(&view, &self.request.model, &exclude).ok_or_else(|| {
-            placement_status(PlacementError::NoWorker(self.request.model.clone()))
-        })?;
+        let index = fallback(&view, &self.request.model, &exclude)
+            .ok_or_else(|| placement_error(PlacementError::NoWorker(self.request.model.clone())))?;
         let id = &view.worker(index).id;
         self.predicted_cached_tokens = 0;
         self.dispatcher
             .links
             .get(id)
-            .ok_or_else(|| Status::unavailable(format!("worker {id} just left")))
+            .ok_or_else(|| DispatchError::Unavailable(format!("worker {id} just left")))
     }
 
     /// Notes the worker now running the request (metrics labels, span fields, report).
@@ -1138,7 +1077,7 @@ impl<'d> Run<'d> {
     }
 
     /// Reports how the request ended (`outcome` as in the request metrics).
-    fn report(&self, outcome: &str, error: Option<&Status>, sampled: bool) {
+    fn report(&self, outcome: &str, error: Option<&DispatchError>, sampled: bool) {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let ttft_ms = self.first_token.map_or(0.0, |t| ms(t - self.arrived));
         let itl_ms = match (self.first_token, self.last_token) {
@@ -1189,7 +1128,7 @@ impl<'d> Run<'d> {
                 cached_prompt_tokens: self.cached_prompt_tokens,
                 slo_met,
                 failovers: self.attempts - 1,
-                error: error.map(|s| s.message().to_string()).unwrap_or_default(),
+                error: error.map(ToString::to_string).unwrap_or_default(),
                 cost_usd,
                 predicted_ttft_ms: self.predicted_ttft_ms,
                 placed_ttft_ms,
@@ -1222,12 +1161,12 @@ impl<'d> Run<'d> {
         link: &Arc<Link>,
         controls: &mut mpsc::UnboundedReceiver<Control>,
         out: &FrameSink,
-    ) -> Result<SegmentEnd, Status> {
+    ) -> Result<SegmentEnd, DispatchError> {
         let record = link.record();
         self.on_worker(&record);
         if out.is_closed() {
             // The client left before anything started: start nothing.
-            return Err(Status::cancelled("client went away"));
+            return Err(DispatchError::ClientGone);
         }
         let generation_id = self.dispatcher.links.next_generation_id();
         let started = link.start(self.worker_start(&generation_id));
@@ -1307,7 +1246,7 @@ impl<'d> Run<'d> {
                 _ = out.closed() => {
                     debug!(request_id = %self.request.request_id, "client went away; cancelling");
                     // `generation` sends the cancel as it drops.
-                    return Err(Status::cancelled("client went away"));
+                    return Err(DispatchError::ClientGone);
                 }
                 _ = grace => {
                     warn!(request_id = %self.request.request_id, worker = %link.id(), "worker did not confirm the cancel in time");
@@ -1354,7 +1293,7 @@ impl<'d> Run<'d> {
         }
     }
 
-    async fn forward(&mut self, tokens: v1::Tokens, out: &FrameSink) -> Result<(), Status> {
+    async fn forward(&mut self, tokens: v1::Tokens, out: &FrameSink) -> Result<(), DispatchError> {
         if tokens.token_ids.is_empty() && tokens.text.is_empty() {
             return Ok(());
         }
@@ -1416,7 +1355,7 @@ impl<'d> Run<'d> {
         info!(request_id = %self.request.request_id, keep_generated = interrupt.keep_generated, "interrupted; continuing with new instructions");
     }
 
-    async fn finish(&mut self, reason: i32, out: &FrameSink) -> Result<(), Status> {
+    async fn finish(&mut self, reason: i32, out: &FrameSink) -> Result<(), DispatchError> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         let finished = Frame::Finished(v1::Finished {
             request_id: self.request.request_id.clone(),
@@ -1440,10 +1379,10 @@ impl<'d> Run<'d> {
     }
 }
 
-async fn send(out: &FrameSink, frame: Frame) -> Result<(), Status> {
+async fn send(out: &FrameSink, frame: Frame) -> Result<(), DispatchError> {
     out.send(Ok(v1::ServerFrame { frame: Some(frame) }))
         .await
-        .map_err(|_| Status::cancelled("client went away"))
+        .map_err(|_| DispatchError::ClientGone)
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod classify;
 pub mod config;
 pub mod dispatch;
+pub mod error;
 #[cfg(test)]
 mod fuzz_support;
 pub mod links;

@@ -4,7 +4,7 @@
 
 use std::sync::RwLock;
 
-use tonic::Status;
+use crate::error::DispatchError;
 
 #[derive(Debug)]
 pub struct Readiness {
@@ -49,10 +49,10 @@ impl Readiness {
     }
 
     /// `UNAVAILABLE` naming the reason, while not ready.
-    pub fn check(&self) -> Result<(), Status> {
+    pub fn check(&self) -> Result<(), DispatchError> {
         match self.reason() {
             None => Ok(()),
-            Some(reason) => Err(Status::unavailable(format!(
+            Some(reason) => Err(DispatchError::Unavailable(format!(
                 "router not ready: {reason}; retry shortly"
             ))),
         }

@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
 use crate::auth::{AUTHORIZATION, ApiKeys, Tenant};
-use crate::dispatch::{Control, Dispatcher, FrameSink, failed_frame};
+use crate::dispatch::{Control, Dispatcher, FrameSink};
+use crate::error::DispatchError;
 use crate::metrics::SessionGuard;
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 
@@ -141,8 +142,8 @@ async fn run_session(session: Session, mut inbound: Streaming<v1::ClientFrame>, 
                     handle_frame(&session, frame, &mut running, &done_tx, &out).await;
                 }
                 Ok(Some(_)) => {
-                    let status = Status::invalid_argument("frame: empty ClientFrame (set start, cancel or interrupt)");
-                    let _ = out.send(Ok(failed_frame("", &status))).await;
+                    let error = DispatchError::invalid("frame", "empty ClientFrame (set start, cancel or interrupt)");
+                    let _ = out.send(Ok(error.failed_frame(""))).await;
                 }
                 Ok(None) => break,
                 Err(status) => {
@@ -184,18 +185,21 @@ async fn handle_frame(
             let request_id = request.request_id.clone();
             let max = dispatcher.config.max_session_requests;
             if running.len() >= max as usize {
-                let status = Status::resource_exhausted(format!(
+                let error = DispatchError::SessionLimit(format!(
                     "this session already runs {max} requests, its limit (router \
                      --max-session-requests); wait for one to end or open another session"
                 ));
-                let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
                 return;
             }
             if running.contains_key(&request_id) {
-                let status = Status::invalid_argument(format!(
-                    "request_id: {request_id:?} is already in use by a running request in this session"
-                ));
-                let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+                let error = DispatchError::invalid(
+                    "request_id",
+                    format!(
+                        "{request_id:?} is already in use by a running request in this session"
+                    ),
+                );
+                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
                 return;
             }
             match dispatcher.prepare(request, session.trace.clone()) {
@@ -214,8 +218,8 @@ async fn handle_frame(
                         dispatcher.run(prepared, control_rx, out).await;
                     });
                 }
-                Err(status) => {
-                    let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+                Err(error) => {
+                    let _ = out.send(Ok(error.failed_frame(&request_id))).await;
                 }
             }
         }
@@ -223,29 +227,22 @@ async fn handle_frame(
             if let Some(control) = running.get(&cancel.request_id) {
                 let _ = control.send(Control::Cancel);
             } else {
-                let status = Status::not_found(format!(
-                    "request_id: no running request {:?} in this session",
-                    cancel.request_id
-                ));
-                let _ = out
-                    .send(Ok(failed_frame(&cancel.request_id, &status)))
-                    .await;
+                let error = DispatchError::NotRunning(cancel.request_id.clone());
+                let _ = out.send(Ok(error.failed_frame(&cancel.request_id))).await;
             }
         }
         client_frame::Frame::Interrupt(interrupt) => {
             let request_id = interrupt.request_id.clone();
             if let Err(violation) = validate_interrupt(&interrupt, dispatcher.limits()) {
-                let status = Status::invalid_argument(violation.to_string());
-                let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+                let error = DispatchError::from(violation);
+                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
                 return;
             }
             if let Some(control) = running.get(&request_id) {
                 let _ = control.send(Control::Interrupt(interrupt));
             } else {
-                let status = Status::not_found(format!(
-                    "request_id: no running request {request_id:?} in this session"
-                ));
-                let _ = out.send(Ok(failed_frame(&request_id, &status))).await;
+                let error = DispatchError::NotRunning(request_id.clone());
+                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
             }
         }
     }

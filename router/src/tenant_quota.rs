@@ -16,8 +16,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tonic::Status;
-
 use crate::classify::Classification;
 use crate::policy::document::{DisallowedLane, LaneName, PolicyDocument, TenantLimits};
 
@@ -48,17 +46,6 @@ pub struct QuotaExceeded {
     pub message: String,
     /// When the request could be admitted, if waiting helps (not for a refused lane).
     pub retry_after_ms: Option<u64>,
-}
-
-impl QuotaExceeded {
-    /// `RESOURCE_EXHAUSTED` with `retry-after` (HTTP 429) for a limit that waiting lifts;
-    /// `PERMISSION_DENIED` (HTTP 403) for a lane the tenant may not use.
-    pub fn to_status(&self) -> Status {
-        match self.retry_after_ms {
-            Some(ms) => crate::dispatch::shed_status(self.message.clone(), ms),
-            None => Status::permission_denied(self.message.clone()),
-        }
-    }
 }
 
 /// `class` with its lane restricted to the lanes `limits` allow: moved to the other lane when
@@ -400,7 +387,7 @@ mod tests {
             .err()
             .expect("third is refused");
         assert_eq!(refused.limit, QuotaLimit::InFlight);
-        let status = refused.to_status();
+        let status = crate::error::DispatchError::OverQuota(refused.clone()).status();
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         assert!(status.message().contains("--max-tenant-requests"));
         assert!(status.metadata().get("retry-after").is_some());
@@ -558,7 +545,10 @@ mod tests {
         let refused = restrict_lane("a", &refuse, lc.clone(), &policy, 0)
             .err()
             .unwrap();
-        assert_eq!(refused.to_status().code(), tonic::Code::PermissionDenied);
+        assert_eq!(
+            crate::error::DispatchError::OverQuota(refused).code(),
+            tonic::Code::PermissionDenied
+        );
         // Allowed lanes pass unchanged.
         let both = TenantLimits::default();
         assert_eq!(

@@ -72,16 +72,16 @@ impl ApiError {
         Self::from_code(Code::Unauthenticated, &error.to_string())
     }
 
-    /// The HTTP form of a gRPC status from the dispatcher (or of a worker's `Failed` frame).
+    /// The HTTP form of `code` with `message`, naming no request field.
     pub fn from_code(code: Code, message: &str) -> Self {
+        Self::classified(code, message, None)
+    }
+
+    /// The HTTP form of `code` with `message`, `field` being the request field at fault.
+    fn classified(code: Code, message: &str, field: Option<&str>) -> Self {
         // Speak OpenAI's field names: `sampling.max_tokens` is `max_tokens` to this client.
         let message = message.strip_prefix("sampling.").unwrap_or(message);
-        // The dispatcher's messages name the field first ("field: problem").
-        let field = message
-            .split_once(": ")
-            .map(|(field, _)| field)
-            .filter(|f| !f.contains(' '))
-            .map(openai_field);
+        let field = field.map(openai_field);
         let (status, kind, code_name) = match code {
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => (
                 StatusCode::BAD_REQUEST,
@@ -131,27 +131,30 @@ impl ApiError {
         }
     }
 
-    /// The HTTP form of a dispatcher status; a shed status keeps the policy's `retry-after`.
+    /// The HTTP form of a status that is not the dispatcher's (e.g. a session stream that
+    /// failed); keeps any `retry-after-ms` it carries.
     pub fn from_status(status: &tonic::Status) -> Self {
         let retry_after_ms = status
             .metadata()
-            .get(crate::dispatch::RETRY_AFTER_MS)
+            .get(crate::error::RETRY_AFTER_MS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         Self::from_code(status.code(), status.message()).with_retry_after_ms(retry_after_ms)
     }
 
-    /// The HTTP form of a `Failed` frame (its `retry_after_ms` is set when the router shed it).
+    /// The HTTP form of a `Failed` frame: its field and its `retry_after_ms` (set when the
+    /// router shed it) as values.
     pub fn from_failed(failed: &switchyard_proto::v1::Failed) -> Self {
-        Self::from_code(Code::from_i32(failed.code), &failed.message).with_retry_after_ms(
+        let field = (!failed.field.is_empty()).then_some(failed.field.as_str());
+        Self::classified(Code::from_i32(failed.code), &failed.message, field).with_retry_after_ms(
             (failed.retry_after_ms > 0).then_some(u64::from(failed.retry_after_ms)),
         )
     }
 
     /// Sets `Retry-After` from a policy figure in milliseconds, rounded up to whole seconds as
-    /// the gRPC `retry-after` metadata is (see [`crate::dispatch::shed_status`]).
+    /// the gRPC `retry-after` metadata is (see [`crate::error::DispatchError::status`]).
     fn with_retry_after_ms(mut self, retry_after_ms: Option<u64>) -> Self {
-        self.retry_after_secs = retry_after_ms.map(crate::dispatch::retry_after_secs);
+        self.retry_after_secs = retry_after_ms.map(crate::error::retry_after_secs);
         self
     }
 
@@ -165,6 +168,14 @@ impl ApiError {
                 "code": self.code,
             }
         })
+    }
+}
+
+impl From<&crate::error::DispatchError> for ApiError {
+    /// The HTTP form of a dispatcher error: its code, field and `retry-after` as values.
+    fn from(error: &crate::error::DispatchError) -> Self {
+        Self::classified(error.code(), &error.to_string(), error.field())
+            .with_retry_after_ms(error.retry_after_ms())
     }
 }
 
@@ -191,24 +202,28 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::DispatchError;
 
     #[test]
-    fn dispatcher_statuses_map_to_openai_errors() {
-        let e = ApiError::from_code(
-            Code::InvalidArgument,
-            "sampling.max_tokens: is 9000, the limit is 4096",
-        );
+    fn dispatcher_errors_map_to_openai_errors() {
+        let e = ApiError::from(&DispatchError::invalid(
+            "sampling.max_tokens",
+            "is 9000, the limit is 4096",
+        ));
         assert_eq!(e.status, StatusCode::BAD_REQUEST);
         assert_eq!(e.param.as_deref(), Some("max_tokens"));
         assert_eq!(e.message, "max_tokens: is 9000, the limit is 4096");
-        let e = ApiError::from_code(Code::NotFound, "model: unknown model \"x\"");
+        let e = ApiError::from(&DispatchError::UnknownModel("unknown model \"x\"".into()));
         assert_eq!(e.status, StatusCode::NOT_FOUND);
+        assert_eq!(e.param.as_deref(), Some("model"));
         assert_eq!(e.code, Some("model_not_found"));
         let e = ApiError::from_code(Code::ResourceExhausted, "all slots busy");
         assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
         let response = e.into_response();
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
-        let e = ApiError::from_code(Code::Unavailable, "no worker serves model x");
+        let e = ApiError::from(&DispatchError::Unavailable(
+            "no worker serves model x".into(),
+        ));
         assert_eq!(
             e.clone().into_response().headers()[header::RETRY_AFTER],
             "1"
@@ -221,31 +236,47 @@ mod tests {
 
     #[test]
     fn a_shed_request_is_told_the_policys_retry_after() {
-        // The dispatcher's shed status (gRPC door: `retry-after` metadata)...
-        let status = crate::dispatch::shed_status("queue full".into(), 2_500);
+        let shed = DispatchError::Shed {
+            message: "queue full".into(),
+            retry_after_ms: 2_500,
+        };
+        // The gRPC door's `retry-after` metadata...
+        let status = shed.status();
         let grpc_secs = status
             .metadata()
-            .get(crate::dispatch::RETRY_AFTER)
+            .get(crate::error::RETRY_AFTER)
             .unwrap()
             .to_str()
             .unwrap()
             .to_string();
         assert_eq!(grpc_secs, "3");
-        // ...gives the HTTP door the same `Retry-After`.
-        let e = ApiError::from_status(&status);
+        // ...and the HTTP door's `Retry-After` say the same.
+        let e = ApiError::from(&shed);
         assert_eq!(e.status, StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(
             e.into_response().headers()[header::RETRY_AFTER],
             grpc_secs.as_str()
         );
-        // The session form: a `Failed` frame carrying the policy's figure.
-        let failed =
-            crate::dispatch::failed_frame("r", &crate::dispatch::shed_status("x".into(), 7_000));
+        // The session form: a `Failed` frame carrying the policy's figure and the field.
+        let failed = DispatchError::Shed {
+            message: "x".into(),
+            retry_after_ms: 7_000,
+        }
+        .failed_frame("r");
         let Some(switchyard_proto::v1::server_frame::Frame::Failed(failed)) = failed.frame else {
             panic!("a failed frame")
         };
         let response = ApiError::from_failed(&failed).into_response();
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(response.headers()[header::RETRY_AFTER], "7");
+        let failed =
+            DispatchError::invalid("sampling.temperature", "must be at most 2").failed_frame("r");
+        let Some(switchyard_proto::v1::server_frame::Frame::Failed(failed)) = failed.frame else {
+            panic!("a failed frame")
+        };
+        assert_eq!(
+            ApiError::from_failed(&failed).param.as_deref(),
+            Some("temperature")
+        );
     }
 }

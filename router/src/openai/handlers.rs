@@ -182,7 +182,7 @@ async fn generate(
     // The same path as gRPC: classify, place, run.
     let prepared = dispatcher
         .prepare(request, RemoteContext::from_headers(&headers))
-        .map_err(|status| ApiError::from_status(&status))?;
+        .map_err(|error| ApiError::from(&error))?;
     let (tx, mut rx) = mpsc::channel(CLIENT_BUFFER);
     let runner = dispatcher.clone();
     tokio::spawn(async move {
