@@ -21,6 +21,7 @@ pub mod readiness;
 pub mod report;
 pub mod server;
 pub mod service;
+mod session;
 pub mod tenant_quota;
 pub mod tokenizers;
 

@@ -1,0 +1,160 @@
+//! One `Inference.Session`: a persistent stream carrying many requests. Each `Start` is
+//! prepared and run by the dispatcher as its own task; `Cancel` and `Interrupt` reach the
+//! running request by id; a per-session limit bounds how many run at once, and a request's
+//! place is freed before its last frame goes out.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use switchyard_cluster::telemetry::propagation::RemoteContext;
+use switchyard_proto::v1::{self, client_frame};
+use switchyard_proto::validate::validate_interrupt;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+use tracing::{debug, info};
+
+use crate::auth::Tenant;
+use crate::dispatch::{Control, Dispatcher, FrameSink};
+use crate::error::DispatchError;
+use crate::metrics::SessionGuard;
+
+/// Frames buffered towards one `Session` client (shared by its requests) before dispatchers
+/// wait for it to read.
+pub(crate) const SESSION_BUFFER: usize = 1024;
+
+/// What every request of one session shares.
+pub(crate) struct Session {
+    pub(crate) dispatcher: Arc<Dispatcher>,
+    pub(crate) tenant: Option<Tenant>,
+    pub(crate) trace: RemoteContext,
+}
+
+/// Reads a session's client frames until the client half-closes or fails. Requests already
+/// running when the client half-closes finish normally; the response stream ends after them.
+pub(crate) async fn run_session(
+    session: Session,
+    mut inbound: Streaming<v1::ClientFrame>,
+    out: FrameSink,
+) {
+    let mut running: HashMap<String, mpsc::UnboundedSender<Control>> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    let _open = SessionGuard::open(&session.dispatcher.metrics);
+    info!("session opened");
+    loop {
+        tokio::select! {
+            // Ended requests leave `running` before the next frame is read: a client that saw
+            // one end may start another without meeting the session limit.
+            biased;
+            Some(request_id) = done_rx.recv() => {
+                running.remove(&request_id);
+            }
+            frame = inbound.message() => match frame {
+                Ok(Some(v1::ClientFrame { frame: Some(frame) })) => {
+                    handle_frame(&session, frame, &mut running, &done_tx, &out).await;
+                }
+                Ok(Some(_)) => {
+                    let error = DispatchError::invalid("frame", "empty ClientFrame (set start, cancel or interrupt)");
+                    let _ = out.send(Ok(error.failed_frame(""))).await;
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(%status, "session stream failed; cancelling its requests");
+                    for control in running.values() {
+                        let _ = control.send(Control::Cancel);
+                    }
+                    // tonic reports bytes that do not parse as a ClientFrame as INTERNAL;
+                    // they are the client's fault and must not end the call with OK.
+                    if status.code() == tonic::Code::Internal {
+                        let refused = Status::invalid_argument(format!(
+                            "malformed ClientFrame ({}); the session is closed and its requests \
+                             cancelled: send switchyard.v1.ClientFrame messages",
+                            status.message()
+                        ));
+                        let _ = out.send(Err(refused)).await;
+                    }
+                    break;
+                }
+            },
+        }
+    }
+    info!(running = running.len(), "session input closed");
+}
+
+async fn handle_frame(
+    session: &Session,
+    frame: client_frame::Frame,
+    running: &mut HashMap<String, mpsc::UnboundedSender<Control>>,
+    done: &mpsc::UnboundedSender<String>,
+    out: &FrameSink,
+) {
+    let dispatcher = &session.dispatcher;
+    match frame {
+        client_frame::Frame::Start(mut request) => {
+            if let Some(tenant) = &session.tenant {
+                tenant.apply(&mut request);
+            }
+            let request_id = request.request_id.clone();
+            let max = dispatcher.config.max_session_requests;
+            if running.len() >= max as usize {
+                let error = DispatchError::SessionLimit(format!(
+                    "this session already runs {max} requests, its limit (router \
+                     --max-session-requests); wait for one to end or open another session"
+                ));
+                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
+                return;
+            }
+            if running.contains_key(&request_id) {
+                let error = DispatchError::invalid(
+                    "request_id",
+                    format!(
+                        "{request_id:?} is already in use by a running request in this session"
+                    ),
+                );
+                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
+                return;
+            }
+            match dispatcher.prepare(request, session.trace.clone()) {
+                Ok(mut prepared) => {
+                    let (control_tx, control_rx) = mpsc::unbounded_channel();
+                    running.insert(request_id.clone(), control_tx);
+                    // Queued before the request's last frame goes out, so the session loop
+                    // (which reads `done` first) has freed the place before the client can
+                    // send a Start that needs it.
+                    let done = done.clone();
+                    prepared.on_end(move || {
+                        let _ = done.send(request_id);
+                    });
+                    let (dispatcher, out) = (dispatcher.clone(), out.clone());
+                    tokio::spawn(async move {
+                        dispatcher.run(prepared, control_rx, out).await;
+                    });
+                }
+                Err(error) => {
+                    let _ = out.send(Ok(error.failed_frame(&request_id))).await;
+                }
+            }
+        }
+        client_frame::Frame::Cancel(cancel) => {
+            if let Some(control) = running.get(&cancel.request_id) {
+                let _ = control.send(Control::Cancel);
+            } else {
+                let error = DispatchError::NotRunning(cancel.request_id.clone());
+                let _ = out.send(Ok(error.failed_frame(&cancel.request_id))).await;
+            }
+        }
+        client_frame::Frame::Interrupt(interrupt) => {
+            let request_id = interrupt.request_id.clone();
+            if let Err(violation) = validate_interrupt(&interrupt, dispatcher.limits()) {
+                let error = DispatchError::from(violation);
+                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
+                return;
+            }
+            if let Some(control) = running.get(&request_id) {
+                let _ = control.send(Control::Interrupt(interrupt));
+            } else {
+                let error = DispatchError::NotRunning(request_id.clone());
+                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
+            }
+        }
+    }
+}
