@@ -851,11 +851,57 @@ impl Drop for Generation<'_> {
 }
 
 /// What ended a segment.
+#[derive(Debug)]
 enum SegmentEnd {
     Finished(v1::Finished),
     Interrupted(v1::Interrupt),
     Lost(String),
     Failed(v1::Failed),
+}
+
+/// What a request does after one of its segments ended (see [`after`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// End the request with this `FinishReason`.
+    Finish(i32),
+    /// Continue with the interrupt's new instructions, on the same worker when it is still
+    /// available.
+    Redirect { same_worker: bool },
+    /// Resume on another worker; `full` when the worker refused for lack of room (overload:
+    /// shed if no other worker can take it).
+    Failover { full: bool },
+    /// End the request with the worker's error.
+    Fail,
+}
+
+/// The run's decision after segment `end`: pure, so every path is unit-tested. A cancel wins
+/// over everything (the segment already ended as cancelled); an interrupt whose token budget
+/// is spent finishes; a lost worker or one refusing with `UNAVAILABLE` / `RESOURCE_EXHAUSTED`
+/// is failed over; any other refusal is the request's error.
+fn after(
+    end: &SegmentEnd,
+    cancelled: bool,
+    delivered: u32,
+    max_tokens: u32,
+    worker_available: bool,
+) -> Next {
+    match end {
+        _ if cancelled => Next::Finish(v1::FinishReason::Cancelled as i32),
+        SegmentEnd::Finished(finished) => Next::Finish(finished.reason),
+        // The budget ran out before the redirect could take effect.
+        SegmentEnd::Interrupted(_) if delivered >= max_tokens => {
+            Next::Finish(v1::FinishReason::Length as i32)
+        }
+        SegmentEnd::Interrupted(_) => Next::Redirect {
+            same_worker: worker_available,
+        },
+        SegmentEnd::Lost(_) => Next::Failover { full: false },
+        SegmentEnd::Failed(failed) => match Code::from_i32(failed.code) {
+            Code::Unavailable => Next::Failover { full: false },
+            Code::ResourceExhausted => Next::Failover { full: true },
+            _ => Next::Fail,
+        },
+    }
 }
 
 impl<'d> Run<'d> {
@@ -937,13 +983,15 @@ impl<'d> Run<'d> {
         let mut excluded = Vec::new();
         loop {
             let end = self.segment(&link, controls, out).await?;
-            match end {
-                SegmentEnd::Finished(finished) => {
-                    let reason = if self.cancelled {
-                        v1::FinishReason::Cancelled as i32
-                    } else {
-                        finished.reason
-                    };
+            let next = after(
+                &end,
+                self.cancelled,
+                self.delivered,
+                self.max_tokens(),
+                link.state().available,
+            );
+            match (next, end) {
+                (Next::Finish(reason), SegmentEnd::Finished(finished)) => {
                     if let Some(usage) = finished.usage {
                         self.prompt_tokens = usage.prompt_tokens;
                         self.cached_prompt_tokens = usage.cached_prompt_tokens;
@@ -956,47 +1004,37 @@ impl<'d> Run<'d> {
                     );
                     return self.finish(reason, out).await;
                 }
-                SegmentEnd::Interrupted(interrupt) => {
-                    if self.delivered >= self.max_tokens() {
-                        // The budget ran out before the redirect could take effect.
-                        return self.finish(v1::FinishReason::Length as i32, out).await;
-                    }
+                (Next::Finish(reason), _) => return self.finish(reason, out).await,
+                (Next::Redirect { same_worker }, SegmentEnd::Interrupted(interrupt)) => {
                     self.redirect(interrupt);
-                    // Prefer the same worker: its KV cache holds this conversation.
-                    if !link.state().available {
+                    // The same worker when it can: its KV cache holds this conversation.
+                    if !same_worker {
                         link = self.replace(&link, &mut excluded)?;
                     }
                 }
-                SegmentEnd::Lost(why) => {
-                    warn!(request_id = %self.request.request_id, worker = %link.id(), %why, delivered = self.segment_ids.len(), "worker lost mid-request; failing over");
-                    self.dispatcher.metrics.failover(self.class.lane, self.pool);
-                    link = self.replace(&link, &mut excluded)?;
-                }
-                SegmentEnd::Failed(failed) => {
-                    let code = Code::from_i32(failed.code);
-                    let retriable = matches!(code, Code::Unavailable | Code::ResourceExhausted);
-                    if !retriable {
-                        return Err(DispatchError::Worker {
-                            code,
-                            message: failed.message,
-                        });
+                (Next::Failover { full }, end) => {
+                    let why = match &end {
+                        SegmentEnd::Lost(why) => why.clone(),
+                        SegmentEnd::Failed(failed) => failed.message.clone(),
+                        _ => String::new(),
+                    };
+                    if matches!(end, SegmentEnd::Lost(_)) {
+                        warn!(request_id = %self.request.request_id, worker = %link.id(), %why, delivered = self.segment_ids.len(), "worker lost mid-request; failing over");
+                    } else {
+                        debug!(request_id = %self.request.request_id, worker = %link.id(), message = %why, "worker refused; placing elsewhere");
                     }
-                    debug!(request_id = %self.request.request_id, worker = %link.id(), message = %failed.message, "worker refused; placing elsewhere");
                     self.dispatcher.metrics.failover(self.class.lane, self.pool);
                     link = match self.replace(&link, &mut excluded) {
                         Ok(next) => next,
                         // A full worker and nowhere else to go is overload, not an outage:
                         // the client is told when to retry, as if shed at the door.
-                        Err(status)
-                            if code == Code::ResourceExhausted
-                                && status.code() == Code::Unavailable =>
-                        {
+                        Err(error) if full && error.code() == Code::Unavailable => {
                             self.dispatcher.metrics.shed(self.class.lane);
                             let policy = self.dispatcher.policy.current();
                             return Err(DispatchError::Shed {
                                 message: format!(
-                                    "every worker serving {:?} is full ({}); request shed",
-                                    self.request.model, failed.message
+                                    "every worker serving {:?} is full ({why}); request shed",
+                                    self.request.model
                                 ),
                                 retry_after_ms: policy.lane(self.class.lane).retry_after_ms,
                             });
@@ -1004,6 +1042,13 @@ impl<'d> Run<'d> {
                         Err(error) => return Err(error),
                     };
                 }
+                (_, SegmentEnd::Failed(failed)) => {
+                    return Err(DispatchError::Worker {
+                        code: Code::from_i32(failed.code),
+                        message: failed.message,
+                    });
+                }
+                (next, end) => unreachable!("after() paired {next:?} with {end:?}"),
             }
         }
     }
@@ -1436,5 +1481,67 @@ mod tests {
             assert!(text.contains(field), "{field} missing from {text}");
         }
         assert!(text.contains("close"), "the span closed: {text}");
+    }
+
+    #[test]
+    fn after_a_segment_the_run_finishes_redirects_fails_over_or_fails() {
+        use v1::FinishReason::{Cancelled, Length, Stop};
+        let finished = SegmentEnd::Finished(v1::Finished {
+            reason: Stop as i32,
+            ..Default::default()
+        });
+        let interrupted = SegmentEnd::Interrupted(v1::Interrupt::default());
+        let lost = SegmentEnd::Lost("stream reset".into());
+        let failed = |code: Code| {
+            SegmentEnd::Failed(v1::Failed {
+                code: code as i32,
+                ..Default::default()
+            })
+        };
+        // (end, cancelled, delivered of 10, worker available) -> next
+        let cases = [
+            (&finished, false, 3, true, Next::Finish(Stop as i32)),
+            (&finished, true, 3, true, Next::Finish(Cancelled as i32)),
+            (&lost, true, 3, true, Next::Finish(Cancelled as i32)),
+            (
+                &interrupted,
+                false,
+                3,
+                true,
+                Next::Redirect { same_worker: true },
+            ),
+            (
+                &interrupted,
+                false,
+                3,
+                false,
+                Next::Redirect { same_worker: false },
+            ),
+            (&interrupted, false, 10, true, Next::Finish(Length as i32)),
+            (&lost, false, 3, false, Next::Failover { full: false }),
+            (
+                &failed(Code::Unavailable),
+                false,
+                0,
+                true,
+                Next::Failover { full: false },
+            ),
+            (
+                &failed(Code::ResourceExhausted),
+                false,
+                0,
+                true,
+                Next::Failover { full: true },
+            ),
+            (&failed(Code::InvalidArgument), false, 0, true, Next::Fail),
+            (&failed(Code::Internal), false, 5, true, Next::Fail),
+        ];
+        for (end, cancelled, delivered, available, expected) in cases {
+            assert_eq!(
+                after(end, cancelled, delivered, 10, available),
+                expected,
+                "{end:?} cancelled={cancelled} delivered={delivered} available={available}"
+            );
+        }
     }
 }
