@@ -18,7 +18,7 @@ ensure_protoc
 export PROPTEST_CASES="${PROPTEST_CASES:-200000}"
 duration="${FUZZ_DURATION:-0}"
 filter="${1:-fuzz}"
-crates=(-p switchyard-proto -p switchyard-worker-wse -p switchyard-router)
+crates=(-p switchyard-proto -p switchyard-worker-wse -p switchyard-router -p switchyard-policy)
 
 # Build once, then run; the harnesses live in each crate's library tests, named *fuzz*.
 cargo test "${crates[@]}" --lib --no-run

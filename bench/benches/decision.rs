@@ -4,9 +4,9 @@
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use switchyard_cluster::Pool;
-use switchyard_router::classify::Classification;
-use switchyard_router::policy::document::{LaneName, PolicyDocument};
-use switchyard_router::policy::{ClusterView, RequestInfo, WorkerState, mix, place};
+use switchyard_policy::classify::Classification;
+use switchyard_policy::document::{LaneName, PolicyDocument};
+use switchyard_policy::{ClusterView, RequestInfo, WorkerState, mix, place};
 
 const WORKERS: usize = 10_000;
 

@@ -279,7 +279,7 @@ pub async fn run(args: NoisyNeighbourArgs) -> anyhow::Result<()> {
         "flood": quota,
         "probe": {"lanes": ["cost-sensitive"], "disallowed_lane": "refuse"},
     }}});
-    switchyard_router::policy::document::PolicyDocument::from_json(policy.to_string().as_bytes())
+    switchyard_policy::document::PolicyDocument::from_json(policy.to_string().as_bytes())
         .context("--flood-quota")?;
     let engine = SyntheticConfig {
         models: vec![MODEL.into()],

@@ -8,7 +8,7 @@ use switchyard_bench::simulate::engine::{RunResult, SimRequest, simulate};
 use switchyard_bench::simulate::profile::Profiles;
 use switchyard_bench::simulate::trace::TraceRequest;
 use switchyard_bench::simulate::{classify_all, placers};
-use switchyard_router::policy::document::LaneName;
+use switchyard_policy::document::LaneName;
 
 fn profiles(gpus: u32) -> Profiles {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles/default.json");

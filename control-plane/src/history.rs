@@ -17,8 +17,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use serde::Serialize;
+use switchyard_policy::document::LaneName;
 use switchyard_proto::v1;
-use switchyard_router::policy::document::LaneName;
 use switchyard_router::report::histogram::Histogram;
 use switchyard_router::report::ledger::{self, Sums};
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use switchyard_cluster::{Pool, Registry, RegistryError, WorkerRecord, WorkerState};
+use switchyard_policy::document::PolicyDocument;
 use switchyard_proto::v1;
-use switchyard_router::policy::document::PolicyDocument;
 use tracing::info;
 
 use crate::events::Events;

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_cluster::{Membership, Pool};
+use switchyard_policy::document::{LaneName, PolicyDocument};
 use switchyard_proto::v1::{self, router_report::Report};
-use switchyard_router::policy::document::{LaneName, PolicyDocument};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 

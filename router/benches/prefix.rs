@@ -9,11 +9,11 @@
 
 use criterion::{Criterion, black_box, criterion_group, criterion_main};
 use switchyard_cluster::Pool;
+use switchyard_policy::classify::Classification;
+use switchyard_policy::document::{LaneName, PolicyDocument};
+use switchyard_policy::{ClusterView, RequestInfo, WorkerState, mix, place};
 use switchyard_proto::kv_blocks;
 use switchyard_proto::v1;
-use switchyard_router::classify::Classification;
-use switchyard_router::policy::document::{LaneName, PolicyDocument};
-use switchyard_router::policy::{ClusterView, RequestInfo, WorkerState, mix, place};
 use switchyard_router::prefix_index::{PrefixIndex, PrefixIndexConfig};
 
 const WORKERS: usize = 1_000;
@@ -146,7 +146,7 @@ fn decisions(c: &mut Criterion) {
     let full = ((SYSTEM_BLOCKS + CONVERSATION_BLOCKS) * BLOCK) as u32;
     let on_holder = (0..prompts.len() as u64)
         .filter(|&seed| {
-            matches!(decide(seed), switchyard_router::policy::Decision::Place(p) if p.cached_tokens == full)
+            matches!(decide(seed), switchyard_policy::Decision::Place(p) if p.cached_tokens == full)
         })
         .count();
     println!(

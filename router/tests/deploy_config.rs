@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
+use switchyard_policy::document::PolicyDocument;
 use switchyard_router::auth::ApiKeys;
-use switchyard_router::policy::document::PolicyDocument;
 
 fn deploy_file(relative: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -17,9 +17,9 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use switchyard_cluster::Pool;
-use switchyard_router::classify::Classification;
-use switchyard_router::policy::document::{LaneName, PolicyDocument};
-use switchyard_router::policy::{Admission, ClusterView, Decision, WorkerState, admit};
+use switchyard_policy::classify::Classification;
+use switchyard_policy::document::{LaneName, PolicyDocument};
+use switchyard_policy::{Admission, ClusterView, Decision, WorkerState, admit};
 
 use super::kv::{BlockCache, RouterKvView, TRACE_BLOCK_TOKENS};
 use super::profile::Profiles;
@@ -297,7 +297,7 @@ impl Sim<'_> {
         if self.queues[lane].is_empty() {
             match placer.place(&self.view, &self.kv, request, r, self.policy) {
                 Decision::Place(p) => {
-                    let spilled = p.pool != switchyard_router::policy::home_pool(request.lane);
+                    let spilled = p.pool != switchyard_policy::home_pool(request.lane);
                     self.dispatch(r, p.worker, spilled, p.cached_tokens, now);
                     return;
                 }
@@ -321,7 +321,7 @@ impl Sim<'_> {
                 return;
             }
         }
-        let deadline = switchyard_router::policy::queue_deadline_ms(now, request.lane, self.policy);
+        let deadline = switchyard_policy::queue_deadline_ms(now, request.lane, self.policy);
         self.queues[lane].push_back((r, deadline));
     }
 
@@ -338,7 +338,7 @@ impl Sim<'_> {
                 match placer.place(&self.view, &self.kv, request, r, self.policy) {
                     Decision::Place(p) => {
                         self.queues[lane].pop_front();
-                        let spilled = p.pool != switchyard_router::policy::home_pool(request.lane);
+                        let spilled = p.pool != switchyard_policy::home_pool(request.lane);
                         self.dispatch(r, p.worker, spilled, p.cached_tokens, now);
                     }
                     Decision::Reject(_) => {
@@ -596,10 +596,8 @@ impl Sim<'_> {
 pub fn affinity_of(hash_ids: &[u64]) -> Option<u64> {
     match hash_ids {
         [] => None,
-        [a] => Some(switchyard_router::policy::mix(*a)),
-        [a, b, ..] => Some(switchyard_router::policy::mix(
-            *a ^ switchyard_router::policy::mix(*b),
-        )),
+        [a] => Some(switchyard_policy::mix(*a)),
+        [a, b, ..] => Some(switchyard_policy::mix(*a ^ switchyard_policy::mix(*b))),
     }
 }
 

@@ -18,9 +18,9 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::Serialize;
+use switchyard_policy::classify::{RequestFeatures, classify};
+use switchyard_policy::document::{LaneName, PolicyDocument};
 use switchyard_proto::v1::RequestClass;
-use switchyard_router::classify::{RequestFeatures, classify};
-use switchyard_router::policy::document::{LaneName, PolicyDocument};
 
 use engine::{SimRequest, affinity_of, simulate};
 use profile::Profiles;

@@ -1,4 +1,4 @@
-//! The policies the simulator compares: `switchyard` (the router's own `policy::place`, with
+//! The policies the simulator compares: `switchyard` (the router's own `switchyard_policy::place`, with
 //! the policy document of the profile, fed the cached prefix per worker from the router's view
 //! of what workers published, as the live router's prefix index feeds it) and the baselines — `static` (lane → home pool, no
 //! spill, no affinity), `round_robin` and `least_loaded` over every worker ignoring lanes,
@@ -7,10 +7,8 @@
 //! at the router under the same admission limits as Switchyard.
 
 use switchyard_cluster::Pool;
-use switchyard_router::policy::document::PolicyDocument;
-use switchyard_router::policy::{
-    ClusterView, Decision, Placement, RequestInfo, Route, WorkerState, place,
-};
+use switchyard_policy::document::PolicyDocument;
+use switchyard_policy::{ClusterView, Decision, Placement, RequestInfo, Route, WorkerState, place};
 
 use super::engine::{Placer, PrefixTree, SimRequest};
 use super::kv::RouterKvView;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
-use switchyard_router::policy::document::PolicyDocument;
+use switchyard_policy::document::PolicyDocument;
 
 use super::kv::TRACE_BLOCK_TOKENS;
 

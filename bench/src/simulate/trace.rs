@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use switchyard_router::policy::document::LaneName;
+use switchyard_policy::document::LaneName;
 
 /// Tokens per Mooncake prompt block (`hash_ids` entry).
 pub const BLOCK_TOKENS: u32 = 512;

@@ -242,20 +242,7 @@ fn request() -> impl Strategy<Value = GenerateRequest> {
 }
 
 fn seed_files() -> Vec<(String, Vec<u8>)> {
-    let dir = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fuzz_seeds/generate_request"
-    );
-    let mut seeds: Vec<_> = std::fs::read_dir(dir)
-        .expect("seed corpus directory")
-        .map(|entry| {
-            let path = entry.expect("seed entry").path();
-            let bytes = std::fs::read(&path).expect("readable seed");
-            (path.display().to_string(), bytes)
-        })
-        .collect();
-    seeds.sort();
-    seeds
+    switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "generate_request")
 }
 
 /// Decodes wire bytes as the router's gRPC layer does and validates what decodes.

@@ -12,7 +12,6 @@ use serde_json::{Map, Value, json};
 
 use super::error::ApiError;
 use super::wire::{ChatCompletionRequest, CompletionRequest, parse_body};
-use crate::fuzz_support::seeds;
 
 fn config() -> ProptestConfig {
     if std::env::var_os("PROPTEST_CASES").is_some() {
@@ -93,12 +92,13 @@ fn check(endpoint: Endpoint, body: &[u8]) -> Result<(), String> {
 }
 
 fn all_seeds() -> Vec<(Endpoint, String, Vec<u8>)> {
-    let chat = seeds("openai_chat")
+    let chat = switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "openai_chat")
         .into_iter()
         .map(|(n, b)| (Endpoint::Chat, n, b));
-    let completion = seeds("openai_completion")
-        .into_iter()
-        .map(|(n, b)| (Endpoint::Completion, n, b));
+    let completion =
+        switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "openai_completion")
+            .into_iter()
+            .map(|(n, b)| (Endpoint::Completion, n, b));
     chat.chain(completion).collect()
 }
 
@@ -152,7 +152,7 @@ fn a_sampling_field_of_the_wrong_type_is_named() {
 /// Any JSON value, small and nested, with strings of control and bidi characters too.
 fn any_json() -> impl Strategy<Value = Value> {
     let strings = prop_oneof!["\\PC{0,12}", "[\\x00-\\x1f\u{202e}\u{feff}é🦀]{0,6}",];
-    crate::fuzz_support::any_json(strings, 24)
+    switchyard_fuzz_support::any_json(strings, 24)
 }
 
 fn int() -> impl Strategy<Value = Value> {

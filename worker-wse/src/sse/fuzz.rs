@@ -124,19 +124,7 @@ fn stream() -> impl Strategy<Value = Vec<u8>> {
 }
 
 fn seed_files() -> Vec<(String, Vec<u8>)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fuzz_seeds/sse");
-    let mut seeds: Vec<_> = std::fs::read_dir(dir)
-        .expect("seed corpus directory")
-        .map(|entry| {
-            let path = entry.expect("seed entry").path();
-            (
-                path.display().to_string(),
-                std::fs::read(&path).expect("readable seed"),
-            )
-        })
-        .collect();
-    seeds.sort();
-    seeds
+    switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "sse")
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 
-use switchyard_cluster::Pool;
+use crate::Pool;
 
 /// What the policy knows of one worker.
 #[derive(Debug, Clone, PartialEq)]

@@ -1,11 +1,14 @@
-//! What the router's fuzz harnesses share: their checked-in seed corpora and arbitrary JSON.
+//! What the workspace's proptest fuzz harnesses share: loading a crate's checked-in seed
+//! corpus, and arbitrary JSON.
 
 use proptest::prelude::*;
 use serde_json::Value;
 
-/// The files of seed corpus `dir` (under `tests/fuzz_seeds/`), as (path, bytes), by path.
-pub fn seeds(dir: &str) -> Vec<(String, Vec<u8>)> {
-    let dir = format!("{}/tests/fuzz_seeds/{dir}", env!("CARGO_MANIFEST_DIR"));
+/// The files of seed corpus `corpus` (under `<manifest_dir>/tests/fuzz_seeds/`), as (path,
+/// bytes), by path. Callers pass their own `env!("CARGO_MANIFEST_DIR")`: the corpus lives with
+/// the crate it exercises, not here.
+pub fn seeds(manifest_dir: &str, corpus: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = format!("{manifest_dir}/tests/fuzz_seeds/{corpus}");
     let mut seeds: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("seed corpus {dir}: {e}"))
         .map(|entry| {

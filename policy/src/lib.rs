@@ -1,22 +1,24 @@
-//! The routing policy: sans-IO, plain functions over plain data, so the live router
-//! and the simulator (`switchyard-bench simulate`) run exactly the same code. No clock is read
-//! here: callers pass `now`.
+//! The routing brain: sans-IO, plain functions over plain data, so the live router, the
+//! control plane and the simulator (`switchyard-bench simulate`) run exactly the same code. No
+//! clock is read here: callers pass `now`.
 //!
+//! - [`classify`]: which lane a request belongs to, its SLO, and why.
 //! - [`document`]: the policy document (lanes, SLOs, tenants, rules, limits) and its validation.
 //! - [`view`]: the cluster as the policy sees it, indexed for cheap decisions at 10 000 workers.
 //! - [`place`]: SLO-predictive worker choice with cached prefixes, rendezvous affinity and
 //!   spill.
 //! - [`admit`]: bounded per-lane router queues; cost-sensitive work is shed first.
 
+pub mod classify;
 pub mod document;
 #[cfg(test)]
 mod fuzz;
+mod pool;
 pub mod view;
-
-use switchyard_cluster::Pool;
 
 use crate::classify::Classification;
 use document::{LaneName, PolicyDocument};
+pub use pool::Pool;
 use view::{AFFINITY_GROUPS, pool_index};
 pub use view::{ClusterView, WorkerState, mix, stable_hash};
 
@@ -231,7 +233,7 @@ pub struct Considered {
     pub worker: usize,
     pub predicted_ttft_ms: f64,
     pub cached_tokens: u32,
-    /// See [`score`] (lower is better).
+    /// See `score` (lower is better).
     pub score: f64,
     pub affinity: bool,
     pub meets_slo: bool,

@@ -3,14 +3,14 @@
 //!
 //! Order: explicit `class` → tenant default (request metadata `tenant`, mapped by
 //! the policy document; with API keys configured the front doors write the key's tenant there,
-//! see [`crate::auth`]) → the document's ordered rules
+//! see the router's `auth` module) → the document's ordered rules
 //! (first match wins) → the document's default lane.
 
 use std::collections::HashMap;
 
 use switchyard_proto::v1::{GenerateRequest, Lane, RequestClass};
 
-use crate::policy::document::{LaneName, Match, PolicyDocument};
+use crate::document::{LaneName, Match, PolicyDocument};
 
 /// Metadata key naming the request's tenant.
 pub const TENANT_KEY: &str = "tenant";
@@ -137,7 +137,7 @@ pub fn matches(when: &Match, f: &RequestFeatures<'_>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::document::Rule;
+    use crate::document::Rule;
     use proptest::prelude::*;
     use switchyard_proto::v1::SamplingParams;
 

@@ -1,7 +1,6 @@
 //! Unit and property tests of placement, affinity and admission.
 
 use proptest::prelude::*;
-use switchyard_cluster::Pool;
 
 use super::document::{LaneName, PolicyDocument};
 use super::*;

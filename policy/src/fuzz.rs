@@ -55,7 +55,7 @@ fn check(bytes: &[u8]) -> Result<(), String> {
 }
 
 fn seeds() -> Vec<(String, Vec<u8>)> {
-    crate::fuzz_support::seeds("policy")
+    switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "policy")
 }
 
 #[test]
@@ -96,7 +96,7 @@ fn a_tiny_float_survives_the_round_trip() {
 }
 
 fn any_json() -> impl Strategy<Value = Value> {
-    crate::fuzz_support::any_json("\\PC{0,8}", 16)
+    switchyard_fuzz_support::any_json("\\PC{0,8}", 16)
 }
 
 /// Positive, fractional, huge and tiny floats, and integers, as JSON numbers.
