@@ -19,7 +19,7 @@ use switchyard_proto::v1::{
     ChatMessage, GenerateRequest, RequestClass, SamplingParams, inference_client::InferenceClient,
     server_frame::Frame,
 };
-use switchyard_tests::{Component, Etcd};
+use switchyard_tests::{Etcd, start_gpu_worker, start_router};
 use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 
@@ -106,37 +106,21 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
     let slots = args.streams.div_ceil(args.workers) + 64;
     let mut workers = Vec::new();
+    let (slots_flag, rate_flag) = (slots.to_string(), args.tokens_per_s.to_string());
+    let worker_flags = [
+        "--engine",
+        "synthetic",
+        "--max-concurrent",
+        &slots_flag,
+        "--synthetic-tokens-per-s",
+        &rate_flag,
+        "--synthetic-ttft",
+        "10ms",
+    ];
     for i in 0..args.workers {
-        let flags = [
-            "worker-gpu".to_string(),
-            "--etcd".into(),
-            etcd.url.clone(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--id".into(),
-            format!("gpu-{i}"),
-            "--engine".into(),
-            "synthetic".into(),
-            "--max-concurrent".into(),
-            slots.to_string(),
-            "--synthetic-tokens-per-s".into(),
-            args.tokens_per_s.to_string(),
-            "--synthetic-ttft".into(),
-            "10ms".into(),
-        ];
-        workers.push(Component::start(&format!("streams-gpu-{i}"), &flags, 1).await?);
+        workers.push(start_gpu_worker(&etcd.url, &format!("gpu-{i}"), &worker_flags, 1).await?);
     }
-    let router_flags = [
-        "router",
-        "--etcd",
-        &etcd.url,
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-    ]
-    .map(String::from);
-    let router = Component::start("streams-router", &router_flags, 2).await?;
+    let router = start_router(&etcd.url, "streams-router", &[]).await?;
     let grpc = router.addr("grpc");
     let mut channels = Vec::new();
     for _ in 0..args.connections {

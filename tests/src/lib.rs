@@ -618,3 +618,63 @@ pub async fn program_output<S: AsRef<std::ffi::OsStr>>(
     anyhow::ensure!(ok, "{program} failed:\n{out}\n{err}");
     Ok(out)
 }
+
+/// `message` as a gRPC request carrying `authorization: Bearer <token>` (none without a token).
+pub fn with_bearer<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("ascii header"),
+        );
+    }
+    request
+}
+
+/// Writes a router API keys file (`--api-keys-file`) in `dir` mapping each key to its tenant.
+pub fn write_api_keys(dir: &std::path::Path, keys: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
+    let keys: Vec<_> = keys
+        .iter()
+        .map(|(key, tenant)| serde_json::json!({"key": key, "tenant": tenant}))
+        .collect();
+    let path = dir.join("keys.json");
+    std::fs::write(&path, serde_json::json!({ "keys": keys }).to_string())?;
+    Ok(path)
+}
+
+/// `switchyard router` on `etcd` with `flags` on free loopback ports; it announces its gRPC and
+/// HTTP addresses.
+pub async fn start_router(etcd: &str, name: &str, flags: &[&str]) -> anyhow::Result<Component> {
+    let mut args = strings(&[
+        "router",
+        "--etcd",
+        etcd,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]);
+    args.extend(strings(flags));
+    Component::start(name, &args, 2).await
+}
+
+/// `switchyard worker-gpu` `id` on `etcd` with `flags` on a free loopback port, announcing
+/// `lines` endpoints.
+pub async fn start_gpu_worker(
+    etcd: &str,
+    id: &str,
+    flags: &[&str],
+    lines: usize,
+) -> anyhow::Result<Component> {
+    let mut args = strings(&[
+        "worker-gpu",
+        "--etcd",
+        etcd,
+        "--listen",
+        "127.0.0.1:0",
+        "--id",
+        id,
+    ]);
+    args.extend(strings(flags));
+    Component::start(id, &args, lines).await
+}

@@ -11,7 +11,7 @@ use switchyard_proto::v1::{
     self, GenerateRequest, Lane, RequestClass, SamplingParams, admin_client::AdminClient,
     inference_client::InferenceClient, server_frame::Frame,
 };
-use switchyard_tests::{Cluster, ClusterSpec, wait_until};
+use switchyard_tests::{Cluster, ClusterSpec, wait_until, with_bearer, write_api_keys};
 use tonic::transport::Channel;
 
 const ACME_KEY: &str = "sk-acme-test-0001";
@@ -34,17 +34,6 @@ fn request(tenant_metadata: Option<&str>) -> GenerateRequest {
     request
 }
 
-fn with_key<T>(message: T, key: Option<&str>) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(key) = key {
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {key}").parse().expect("ascii header"),
-        );
-    }
-    request
-}
-
 /// Sends one `Generate` and returns its `Accepted` frame, or the call's status.
 async fn accepted(
     client: &mut InferenceClient<Channel>,
@@ -52,7 +41,7 @@ async fn accepted(
     tenant_metadata: Option<&str>,
 ) -> Result<v1::Accepted, tonic::Status> {
     let mut stream = client
-        .generate(with_key(request(tenant_metadata), key))
+        .generate(with_bearer(request(tenant_metadata), key))
         .await?
         .into_inner();
     while let Some(frame) = stream.message().await? {
@@ -77,15 +66,7 @@ fn http() -> reqwest::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let keys_file = dir.path().join("keys.json");
-    std::fs::write(
-        &keys_file,
-        json!({"keys": [
-            {"key": ACME_KEY, "tenant": "acme"},
-            {"key": GLOBEX_KEY, "tenant": "globex"},
-        ]})
-        .to_string(),
-    )?;
+    let keys_file = write_api_keys(dir.path(), &[(ACME_KEY, "acme"), (GLOBEX_KEY, "globex")])?;
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 1,
         wse_workers: 1,
@@ -145,7 +126,7 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
     })
     .await?;
     let mut frames = client
-        .session(with_key(
+        .session(with_bearer(
             tokio_stream::wrappers::ReceiverStream::new(rx),
             Some(GLOBEX_KEY),
         ))
@@ -186,7 +167,7 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
         wrong.message()
     );
     let listed = client
-        .list_models(with_key(v1::ListModelsRequest {}, None))
+        .list_models(with_bearer(v1::ListModelsRequest {}, None))
         .await
         .expect_err("list models needs a key too");
     assert_eq!(listed.code(), tonic::Code::Unauthenticated);
@@ -310,7 +291,7 @@ async fn running(
     id: &str,
 ) -> anyhow::Result<tonic::Streaming<v1::ServerFrame>> {
     let mut stream = client
-        .generate(with_key(long_request(id), Some(key)))
+        .generate(with_bearer(long_request(id), Some(key)))
         .await?
         .into_inner();
     while let Some(frame) = stream.message().await? {
@@ -329,15 +310,7 @@ async fn running(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_at_its_request_limit_is_refused_until_one_ends() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let keys_file = dir.path().join("keys.json");
-    std::fs::write(
-        &keys_file,
-        json!({"keys": [
-            {"key": ACME_KEY, "tenant": "acme"},
-            {"key": GLOBEX_KEY, "tenant": "globex"},
-        ]})
-        .to_string(),
-    )?;
+    let keys_file = write_api_keys(dir.path(), &[(ACME_KEY, "acme"), (GLOBEX_KEY, "globex")])?;
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 1,
         wse_workers: 0,

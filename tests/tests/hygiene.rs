@@ -20,8 +20,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use switchyard_proto::v1::{self, inference_client::InferenceClient, server_frame::Frame};
 use switchyard_tests::{
-    Component, Etcd, list_router_workers, log_dir, start_control_plane, switchyard_bin,
-    synthetic_request, wait_until,
+    Component, Etcd, list_router_workers, log_dir, start_control_plane, start_gpu_worker,
+    start_router, switchyard_bin, synthetic_request, wait_until,
 };
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::TcpStream;
@@ -31,38 +31,14 @@ use tonic::transport::{Channel, Endpoint};
 /// How long any condition may take to become true.
 const PATIENCE: Duration = Duration::from_secs(60);
 
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
-
 /// A synthetic GPU worker `id` with `flags`.
 async fn worker(etcd: &Etcd, id: &str, flags: &[&str], lines: usize) -> anyhow::Result<Component> {
-    let mut args = strings(&[
-        "worker-gpu",
-        "--etcd",
-        &etcd.url,
-        "--listen",
-        "127.0.0.1:0",
-        "--id",
-        id,
-    ]);
-    args.extend(strings(flags));
-    Component::start(id, &args, lines).await
+    start_gpu_worker(&etcd.url, id, flags, lines).await
 }
 
 /// A router with `flags`, announcing its gRPC and HTTP addresses.
 async fn router(etcd: &Etcd, flags: &[&str]) -> anyhow::Result<Component> {
-    let mut args = strings(&[
-        "router",
-        "--etcd",
-        &etcd.url,
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-    ]);
-    args.extend(strings(flags));
-    Component::start("router", &args, 2).await
+    start_router(&etcd.url, "router", flags).await
 }
 
 /// Waits until the router at `grpc` routes to exactly `ids`.

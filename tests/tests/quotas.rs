@@ -12,7 +12,9 @@ use switchyard_proto::v1::{
     self, Lane, RequestClass, admin_client::AdminClient, inference_client::InferenceClient,
     server_frame::Frame,
 };
-use switchyard_tests::{Cluster, ClusterSpec, synthetic_request, wait_until};
+use switchyard_tests::{
+    Cluster, ClusterSpec, synthetic_request, wait_until, with_bearer, write_api_keys,
+};
 use tonic::transport::Channel;
 
 const ACME_KEY: &str = "sk-acme-quota-0001";
@@ -32,15 +34,6 @@ const POLICY: &str = r#"{
   }
 }"#;
 
-fn with_key<T>(message: T, key: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    request.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {key}").parse().expect("ascii header"),
-    );
-    request
-}
-
 /// One `Generate` of `max_tokens` in `class`: its `Accepted` frame, or the status it failed
 /// with (the call's, or a `Failed` frame's with its `retry-after-ms`).
 async fn generate(
@@ -50,7 +43,10 @@ async fn generate(
     max_tokens: u32,
 ) -> Result<v1::Accepted, tonic::Status> {
     let request = synthetic_request("", class, "how much may I use?", max_tokens);
-    let mut stream = client.generate(with_key(request, key)).await?.into_inner();
+    let mut stream = client
+        .generate(with_bearer(request, Some(key)))
+        .await?
+        .into_inner();
     let mut accepted = None;
     while let Some(frame) = stream.message().await? {
         match frame.frame {
@@ -99,16 +95,14 @@ async fn chat(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tenants_are_held_to_their_quotas_and_others_are_served() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let keys_file = dir.path().join("keys.json");
-    std::fs::write(
-        &keys_file,
-        json!({"keys": [
-            {"key": ACME_KEY, "tenant": "acme"},
-            {"key": GLOBEX_KEY, "tenant": "globex"},
-            {"key": INITECH_KEY, "tenant": "initech"},
-            {"key": HOOLI_KEY, "tenant": "hooli"},
-        ]})
-        .to_string(),
+    let keys_file = write_api_keys(
+        dir.path(),
+        &[
+            (ACME_KEY, "acme"),
+            (GLOBEX_KEY, "globex"),
+            (INITECH_KEY, "initech"),
+            (HOOLI_KEY, "hooli"),
+        ],
     )?;
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 1,

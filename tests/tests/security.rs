@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchyard_proto::v1::{self, admin_client::AdminClient};
 use switchyard_tests::browser::Browser;
-use switchyard_tests::{Component, Etcd, start_control_plane, up_args, wait_until};
+use switchyard_tests::{Component, Etcd, start_control_plane, up_args, wait_until, with_bearer};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::transport::Channel;
 
@@ -297,17 +297,6 @@ fn admin_tokens_file(dir: &tempfile::TempDir) -> anyhow::Result<String> {
     Ok(path.display().to_string())
 }
 
-fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    if let Some(token) = token {
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {token}").parse().expect("ascii"),
-        );
-    }
-    request
-}
-
 fn drain(id: &str) -> v1::DrainRequest {
     v1::DrainRequest {
         worker_id: id.into(),
@@ -323,24 +312,24 @@ async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Res
 
     // gRPC: no token, an unknown one, a viewer's: refused with the right status.
     let err = admin
-        .drain(with_token(drain("gpu-0"), None))
+        .drain(with_bearer(drain("gpu-0"), None))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     assert!(err.message().contains("Bearer"), "{}", err.message());
     let err = admin
-        .drain(with_token(drain("gpu-0"), Some("not-a-token-0123456789")))
+        .drain(with_bearer(drain("gpu-0"), Some("not-a-token-0123456789")))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     let err = admin
-        .drain(with_token(drain("gpu-0"), Some(VIEWER_TOKEN)))
+        .drain(with_bearer(drain("gpu-0"), Some(VIEWER_TOKEN)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     assert!(err.message().contains("viewer"), "{}", err.message());
     let err = admin
-        .set_policy(with_token(
+        .set_policy(with_bearer(
             v1::SetPolicyRequest {
                 document: "{}".into(),
             },
@@ -350,7 +339,7 @@ async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Res
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     let err = admin
-        .undrain(with_token(
+        .undrain(with_bearer(
             v1::UndrainRequest {
                 worker_id: "gpu-0".into(),
             },
@@ -373,7 +362,7 @@ async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Res
         .await?
         .into_inner();
     admin
-        .drain(with_token(drain("gpu-0"), Some(OPERATOR_TOKEN)))
+        .drain(with_bearer(drain("gpu-0"), Some(OPERATOR_TOKEN)))
         .await?;
     let audited = tokio::time::timeout(PATIENCE, async {
         while let Some(event) = events.message().await? {
@@ -406,7 +395,7 @@ async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Res
         "{line}"
     );
     admin
-        .undrain(with_token(
+        .undrain(with_bearer(
             v1::UndrainRequest {
                 worker_id: "gpu-0".into(),
             },
@@ -589,9 +578,12 @@ async fn switchyard_up_generates_an_operator_token_and_requires_it() -> anyhow::
         .into_inner()
         .workers;
     let id = workers.first().expect("a worker").id.clone();
-    let err = admin.drain(with_token(drain(&id), None)).await.unwrap_err();
+    let err = admin
+        .drain(with_bearer(drain(&id), None))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
-    admin.drain(with_token(drain(&id), Some(&token))).await?;
+    admin.drain(with_bearer(drain(&id), Some(&token))).await?;
     assert_eq!(drains(&admin).await?, vec![id]);
     Ok(())
 }
@@ -622,7 +614,7 @@ async fn serve_directly(
     // The stream stays open (a router's does): the worker answers as it generates.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(start).await.expect("queued");
-    let request = with_token(tokio_stream::wrappers::ReceiverStream::new(rx), token);
+    let request = with_bearer(tokio_stream::wrappers::ReceiverStream::new(rx), token);
     let mut inbound = v1::worker_client::WorkerClient::new(channel)
         .serve(request)
         .await?
