@@ -5,6 +5,7 @@
 
 pub mod affinity;
 pub mod auth;
+pub mod changes;
 pub mod config;
 pub mod dispatch;
 pub mod error;

@@ -23,12 +23,13 @@ use switchyard_cluster::identity::{self, IdentityMismatch};
 use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Membership, MembershipView, WorkerRecord};
 use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, worker_frame};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
+use crate::changes::ChangeFeed;
 use crate::metrics::WorkerLabels;
 use crate::policy::{ClusterView, WorkerState};
 use crate::prefix_index::{PrefixHit, PrefixIndex, PrefixIndexConfig, PrefixIndexStats};
@@ -156,7 +157,7 @@ impl Drop for SlotHold {
         in_transit.held = in_transit.held.saturating_sub(1);
         drop(in_transit);
         if !self.used {
-            self.link.changed.notify_waiters();
+            self.link.changes.worker(&self.link.id());
         }
     }
 }
@@ -176,9 +177,9 @@ pub struct Link {
     /// long as its stream: it is not redialled.
     listed: AtomicBool,
     closed: CancellationToken,
-    /// Shared by every link: fired when a worker's load or reachability changes, so requests
-    /// waiting at the router for a slot try again.
-    changed: Arc<Notify>,
+    /// Shared by every link: told when this worker's load or reachability changes, so
+    /// placement patches its view (and may place a waiting request here).
+    changes: Arc<ChangeFeed>,
     prefix: SharedPrefixIndex,
     /// The current stream (see [`NEXT_STREAM`]); 0 while none is open.
     stream: AtomicU64,
@@ -212,7 +213,7 @@ pub fn first_token_overhead_ms(delay_ms: f64, decode_tokens_per_s: f64) -> f64 {
 impl Link {
     fn new(
         record: WorkerRecord,
-        changed: Arc<Notify>,
+        changes: Arc<ChangeFeed>,
         prefix: SharedPrefixIndex,
         links: Weak<Links>,
         tokenizers: Arc<Tokenizers>,
@@ -226,7 +227,7 @@ impl Link {
             connected: AtomicBool::new(false),
             listed: AtomicBool::new(true),
             closed: CancellationToken::new(),
-            changed,
+            changes,
             prefix,
             stream: AtomicU64::new(0),
             publishes_kv: AtomicBool::new(false),
@@ -394,7 +395,7 @@ impl Link {
                     .lock()
                     .expect("in-transit lock")
                     .reported(load.starts_seen);
-                self.changed.notify_waiters();
+                self.changes.worker(&self.id());
                 return;
             }
             worker_frame::Frame::KvEvents(events) => {
@@ -417,7 +418,7 @@ impl Link {
             requests.remove(&request_id);
         }
         if last {
-            self.changed.notify_waiters();
+            self.changes.worker(&self.id());
         }
     }
 
@@ -468,7 +469,7 @@ impl Link {
         for (_, tx) in self.requests.lock().expect("requests lock").drain() {
             let _ = tx.send(LinkEvent::Lost(why.to_string()));
         }
-        self.changed.notify_waiters();
+        self.changes.worker(&self.id());
     }
 
     /// Keeps a stream open to the worker until the link is closed, or until the stream of a
@@ -573,7 +574,7 @@ impl Link {
             Ordering::Release,
         );
         self.connected.store(true, Ordering::Release);
-        self.changed.notify_waiters();
+        self.changes.worker(&self.id());
         info!(worker = %self.id(), %address, "worker link up");
         tokio::spawn(self.clone().fetch_tokenizers(channel));
         loop {
@@ -662,7 +663,7 @@ pub struct Links {
     served_models: RwLock<BTreeSet<String>>,
     next_id: AtomicU64,
     connect_timeout: Duration,
-    changed: Arc<Notify>,
+    changes: Arc<ChangeFeed>,
     prefix: SharedPrefixIndex,
     me: Weak<Links>,
     tokenizers: Arc<Tokenizers>,
@@ -682,7 +683,7 @@ impl Links {
             served_models: RwLock::new(BTreeSet::new()),
             next_id: AtomicU64::new(0),
             connect_timeout,
-            changed: Arc::new(Notify::new()),
+            changes: Arc::default(),
             prefix: Arc::new(RwLock::new(PrefixIndex::new(PrefixIndexConfig::default()))),
             me: me.clone(),
             tokenizers: Arc::default(),
@@ -798,7 +799,7 @@ impl Links {
                         // Reconnect to the new address: the old stream ends, `run` dials again.
                         let fresh = Link::new(
                             record.clone(),
-                            self.changed.clone(),
+                            self.changes.clone(),
                             self.prefix.clone(),
                             self.me.clone(),
                             self.tokenizers.clone(),
@@ -811,7 +812,7 @@ impl Links {
                 None => {
                     let link = Link::new(
                         record.clone(),
-                        self.changed.clone(),
+                        self.changes.clone(),
                         self.prefix.clone(),
                         self.me.clone(),
                         self.tokenizers.clone(),
@@ -822,7 +823,7 @@ impl Links {
             }
         }
         drop(links);
-        self.changed.notify_waiters();
+        self.changes.membership();
     }
 
     /// Drops `link` after its stream failed while its worker was out of the membership.
@@ -840,7 +841,7 @@ impl Links {
         }
         link.closed.cancel();
         drop(links);
-        self.changed.notify_waiters();
+        self.changes.membership();
         true
     }
 
@@ -891,9 +892,9 @@ impl Links {
         self.prefix.read().expect("prefix index lock").stats()
     }
 
-    /// Fired whenever a worker's load or reachability changes (see [`Link`]).
-    pub fn changed(&self) -> &Notify {
-        &self.changed
+    /// What changed among the workers since placement last looked (see [`ChangeFeed`]).
+    pub fn changes(&self) -> &Arc<ChangeFeed> {
+        &self.changes
     }
 
     /// The models' tokenizers, as fetched from the workers.
