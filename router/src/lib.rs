@@ -12,6 +12,7 @@ pub mod error;
 pub mod links;
 pub mod metrics;
 pub mod openai;
+pub mod placer;
 pub mod policy_watch;
 pub mod prefix_index;
 pub mod readiness;

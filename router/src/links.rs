@@ -962,7 +962,7 @@ mod tests {
     fn the_policy_sees_the_prefill_figures_a_worker_reports() {
         let link = Link::new(
             record(),
-            Arc::new(Notify::new()),
+            Arc::default(),
             Arc::default(),
             Weak::new(),
             Arc::default(),
@@ -995,7 +995,7 @@ mod tests {
     fn a_reported_first_token_delay_is_what_the_policy_predicts_on_an_idle_worker() {
         let link = Link::new(
             record(),
-            Arc::new(Notify::new()),
+            Arc::default(),
             Arc::default(),
             Weak::new(),
             Arc::default(),
@@ -1035,7 +1035,7 @@ mod tests {
     fn connected_link() -> (Arc<Link>, mpsc::UnboundedReceiver<v1::RouterFrame>) {
         let link = Link::new(
             record(),
-            Arc::new(Notify::new()),
+            Arc::default(),
             Arc::default(),
             Weak::new(),
             Arc::default(),

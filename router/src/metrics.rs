@@ -60,6 +60,13 @@ pub struct LaneLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub lane: &'static str,
+    /// `placed` or `shed` (waited out its lane's queue wait, or evicted).
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LanePoolLabels {
     pub lane: &'static str,
     pub pool: &'static str,
@@ -132,6 +139,9 @@ pub struct RouterMetrics {
     /// Handshakes to a worker refused because its certificate did not name the worker of its
     /// etcd record (TLS only), by the record's `worker_id` and `pool`.
     pub identity_rejections: Family<WorkerLabels, Counter>,
+    /// Time requests waited at the router for a slot (only those that waited), by lane and
+    /// outcome.
+    pub queue_wait: Histograms<QueueLabels>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -156,6 +166,7 @@ impl RouterMetrics {
             quota_refusals: Family::default(),
             prefix_error: Family::new_with_constructor(prefix_error_histogram),
             identity_rejections: Family::default(),
+            queue_wait: Family::new_with_constructor(ttft_histogram),
         };
         metrics.register(|r| {
             r.register(
@@ -219,6 +230,11 @@ impl RouterMetrics {
                 this.prefix_error.clone(),
             );
             r.register(
+                "switchyard_router_queue_wait_seconds",
+                "Time requests waited at the router for a worker slot, by lane and outcome (placed, shed)",
+                this.queue_wait.clone(),
+            );
+            r.register(
                 "switchyard_router_worker_identity_rejections",
                 "Worker links refused because the certificate served at a record's address does not name the record's worker, by the record's worker_id and pool",
                 this.identity_rejections.clone(),
@@ -278,6 +294,16 @@ impl RouterMetrics {
         self.quota_refusals
             .get_or_create(&QuotaLabels { limit })
             .inc();
+    }
+
+    /// A request that waited at the router `waited`, then was placed or shed.
+    pub fn queued(&self, lane: LaneName, waited: Duration, placed: bool) {
+        self.queue_wait
+            .get_or_create(&QueueLabels {
+                lane: lane_label(lane),
+                outcome: if placed { "placed" } else { "shed" },
+            })
+            .observe(waited.as_secs_f64());
     }
 
     pub fn shed(&self, lane: LaneName) {

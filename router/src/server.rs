@@ -151,9 +151,7 @@ pub async fn run_router_with_endpoints(
         client_tls,
         shutdown.clone(),
     );
-    let mut dispatcher = Dispatcher::new(links.clone(), config, policy, metrics);
-    reports.set_queue_depths(dispatcher.queue_depth_probe());
-    dispatcher.reports = reports;
+    let dispatcher = Dispatcher::new(links.clone(), config, policy, metrics, reports);
     dispatcher
         .readiness
         .set_waiting(format!("connecting to {}", registry.describe()));

@@ -70,7 +70,7 @@ impl v1::inference_server::Inference for InferenceService {
         if request.request_id.is_empty() {
             request.request_id = uuid::Uuid::new_v4().to_string();
         }
-        let prepared = self.dispatcher.prepare(request, trace)?;
+        let prepared = self.dispatcher.prepare(request, trace).await?;
         let (tx, rx) = mpsc::channel(GENERATE_BUFFER);
         let dispatcher = self.dispatcher.clone();
         tokio::spawn(async move {

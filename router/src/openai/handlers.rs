@@ -182,6 +182,7 @@ async fn generate(
     // The same path as gRPC: classify, place, run.
     let prepared = dispatcher
         .prepare(request, RemoteContext::from_headers(&headers))
+        .await
         .map_err(|error| ApiError::from(&error))?;
     let (tx, mut rx) = mpsc::channel(CLIENT_BUFFER);
     let runner = dispatcher.clone();

@@ -1,0 +1,318 @@
+//! The per-request dispatcher: validates and places a request, starts it on a worker, forwards
+//! its tokens to the client with gap-free sequence numbers, and handles `Cancel`, `Interrupt`
+//! (stop, then continue the same request with new instructions, on the same worker when
+//! possible) and failover (another worker resumes after the tokens the client already has).
+//!
+//! One file per stage of a request, in order: [`validate`] (limits, tokenization) →
+//! [`classify`] (lane, tenant lane rules and quota) → [`place`] (the placement task's answer,
+//! or a wait at the router) → [`run`] (segments on workers until the end) → [`finish`] (the
+//! last frame, metrics and the report). [`span`] holds the request's tracing span.
+
+mod classify;
+mod finish;
+mod place;
+mod run;
+mod span;
+mod validate;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
+use switchyard_proto::RequestLimits;
+use switchyard_proto::v1;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::{Code, Status};
+use tracing::{Instrument as _, Span, info};
+
+use crate::classify::Classification;
+use crate::config::RouterConfig;
+use crate::error::DispatchError;
+use crate::links::Links;
+use crate::metrics::RouterMetrics;
+use crate::placer::{Chosen, Placer, Ticket};
+use crate::policy_watch::PolicyHandle;
+use crate::readiness::Readiness;
+use crate::report::Reporter;
+use crate::tenant_quota::{TenantPermit, TenantQuota};
+
+use run::Run;
+pub use span::{record_decision, request_span};
+
+/// A client's instruction about a running request.
+#[derive(Debug)]
+pub enum Control {
+    Cancel,
+    Interrupt(v1::Interrupt),
+}
+
+/// Where a request's frames go.
+pub type FrameSink = mpsc::Sender<Result<v1::ServerFrame, Status>>;
+
+/// Shared by every request the router handles.
+pub struct Dispatcher {
+    pub links: Arc<Links>,
+    pub config: RouterConfig,
+    pub policy: PolicyHandle,
+    pub metrics: RouterMetrics,
+    /// Whether the router can route yet (see [`Readiness`]).
+    pub readiness: Readiness,
+    /// Decision and outcome reports to the control plane.
+    pub reports: Reporter,
+    /// The placement task (the cluster view and the router queues).
+    placer: Placer,
+    tenant_quota: TenantQuota,
+    next_seed: AtomicU64,
+}
+
+/// Where a prepared request will run.
+enum Target {
+    Placed(Chosen),
+    /// No slot now: it waits at the router (admitted by the policy).
+    Queued(Ticket),
+}
+
+/// A validated, classified request, placed or admitted to wait, ready to run.
+pub struct Prepared {
+    request: v1::GenerateRequest,
+    /// The prompt as the workers' token ids (chat template applied), tokenized once when
+    /// prepared; empty when the router has no tokenizer for the model. Sent in
+    /// `WorkerStart.prompt_token_ids`, its length is the exact prompt token count, and it is
+    /// looked up in the prefix index.
+    prompt_ids: Vec<u32>,
+    class: Classification,
+    target: Target,
+    arrived: Instant,
+    /// The request's span, carrying the routing decision.
+    span: Span,
+    /// Its decision and outcome are reported to the control plane (see [`Reporter::sample`]).
+    sampled: bool,
+    held: Held,
+}
+
+impl Prepared {
+    /// Calls `end` when the request ends, just before its last frame goes out (or when it
+    /// stops without one: the client went away).
+    pub fn on_end(&mut self, end: impl FnOnce() + Send + 'static) {
+        self.held.on_end = Some(Box::new(end));
+    }
+}
+
+/// What a request holds until it ends: its place in its tenant's quota and whatever its caller
+/// must learn of the end (a session's count of running requests). Given back just *before* the
+/// request's last frame is sent, so a client that has seen the end may start another request
+/// at once without meeting a limit the ended one still held.
+#[derive(Default)]
+struct Held {
+    quota: Option<TenantPermit>,
+    on_end: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl Held {
+    /// Gives everything back, charging the tenant `used_tokens` when known.
+    fn release(&mut self, used_tokens: Option<u64>) {
+        if let Some(mut quota) = self.quota.take()
+            && let Some(used) = used_tokens
+        {
+            quota.charge(used);
+        }
+        if let Some(end) = self.on_end.take() {
+            end();
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.release(None);
+    }
+}
+
+impl Dispatcher {
+    pub fn limits(&self) -> &RequestLimits {
+        &self.config.limits
+    }
+
+    /// A dispatcher over `links`, routing by the policy `policy` follows and reporting to
+    /// `reports`. Starts the router's placement task.
+    pub fn new(
+        links: Arc<Links>,
+        config: RouterConfig,
+        policy: PolicyHandle,
+        metrics: RouterMetrics,
+        reports: Reporter,
+    ) -> Self {
+        let placer = Placer::spawn(
+            links.clone(),
+            policy.clone(),
+            metrics.clone(),
+            reports.clone(),
+        );
+        reports.set_queue_depths(placer.queue_depth_probe());
+        Self {
+            tenant_quota: TenantQuota::new(config.max_tenant_requests),
+            links,
+            config,
+            policy,
+            metrics,
+            readiness: Readiness::ready(),
+            reports,
+            placer,
+            next_seed: AtomicU64::new(0),
+        }
+    }
+
+    /// Validates, classifies and places `request`, or admits it to wait at the router for a
+    /// slot. Errors carry the status the client gets (`RESOURCE_EXHAUSTED` with `retry-after`
+    /// metadata when shed). The request's span continues the trace in `parent` (the call's
+    /// headers), or in the request's own `traceparent` metadata entry, which wins: one
+    /// session carries requests of many traces.
+    pub async fn prepare(
+        &self,
+        request: v1::GenerateRequest,
+        parent: RemoteContext,
+    ) -> Result<Prepared, DispatchError> {
+        let arrived = Instant::now();
+        let span = request_span(&request.request_id, &request.model);
+        let parent = match RemoteContext::from_map(&request.metadata) {
+            own if own.is_valid() => own,
+            _ => parent,
+        };
+        propagation::set_parent(&span, parent);
+        let policy = self.policy.current();
+        let (valid, prompt_ids) = match self.validate(&request) {
+            Ok(prompt_ids) => (Ok(()), prompt_ids),
+            Err(error) => (Err(error), Vec::new()),
+        };
+        let (mut class, features) = self.classify(&request, &prompt_ids, &policy);
+        span.record("lane", class.lane.as_str());
+        span.record("reason", class.reason.as_str());
+        let sampled = self.reports.sample();
+        let admitted = valid
+            .and_then(|()| self.readiness.check())
+            .and_then(|()| self.admit_tenant(&request, &mut class, &features, &policy));
+        let prepared = match admitted {
+            Ok(quota) => {
+                span.record("lane", class.lane.as_str());
+                span.record("reason", class.reason.as_str());
+                self.place(&request, &prompt_ids, &class, sampled)
+                    .await
+                    .inspect_err(|error| {
+                        if matches!(error, DispatchError::Shed { .. }) {
+                            span.record("reason", format!("{}; shed: {error}", class.reason));
+                        }
+                    })
+                    .map(|target| (target, quota))
+            }
+            Err(error) => Err(error),
+        };
+        match prepared {
+            Ok((target, quota)) => Ok(Prepared {
+                request,
+                prompt_ids,
+                class,
+                target,
+                arrived,
+                span,
+                sampled,
+                held: Held {
+                    quota,
+                    on_end: None,
+                },
+            }),
+            Err(error) => {
+                self.unplaced(&request, &class, &prompt_ids, &error, sampled, arrived);
+                span.in_scope(
+                    || info!(request_id = %request.request_id, code = ?error.code(), "refused"),
+                );
+                Err(error)
+            }
+        }
+    }
+
+    /// Runs a prepared request to its end, writing its frames to `out`. `controls` carries the
+    /// client's Cancel/Interrupt frames; when it closes, the request simply runs on. A closed
+    /// `out` (client gone) cancels the generation.
+    pub async fn run(
+        &self,
+        prepared: Prepared,
+        controls: mpsc::UnboundedReceiver<Control>,
+        out: FrameSink,
+    ) {
+        let span = prepared.span.clone();
+        self.run_in_span(prepared, controls, out)
+            .instrument(span)
+            .await
+    }
+
+    async fn run_in_span(
+        &self,
+        prepared: Prepared,
+        mut controls: mpsc::UnboundedReceiver<Control>,
+        out: FrameSink,
+    ) {
+        let Prepared {
+            request,
+            prompt_ids,
+            class,
+            target,
+            arrived,
+            span,
+            sampled,
+            mut held,
+        } = prepared;
+        let placed = match target {
+            Target::Placed(chosen) => Ok(chosen),
+            Target::Queued(mut ticket) => {
+                let placed = tokio::select! {
+                    placed = ticket.placed() => placed,
+                    _ = out.closed() => return,
+                };
+                let waited = arrived.elapsed();
+                span.record("queue_ms", waited.as_secs_f64() * 1e3);
+                self.metrics.queued(class.lane, waited, placed.is_ok());
+                placed
+            }
+        };
+        let chosen = match placed {
+            Ok(chosen) => chosen,
+            Err(error) => {
+                span.record("reason", format!("{}; shed: {error}", class.reason));
+                info!(request_id = %request.request_id, lane = class.lane.as_str(), %error, "not placed");
+                self.unplaced(&request, &class, &prompt_ids, &error, sampled, arrived);
+                held.release(None);
+                let _ = out.send(Ok(error.failed_frame(&request.request_id))).await;
+                return;
+            }
+        };
+        if sampled {
+            self.report_decision(&request, &class, &prompt_ids, &chosen, arrived);
+        }
+        let link = chosen.link.clone();
+        let mut run = Run::new(request, prompt_ids, class, arrived, chosen, span, self);
+        run.held = held;
+        run.on_worker(&link.record());
+        let result = run.drive(link, &mut controls, &out).await;
+        let outcome = match &result {
+            Ok(()) if run.cancelled => "cancelled",
+            Ok(()) => "completed",
+            Err(error) if error.code() == Code::Cancelled => "cancelled",
+            Err(_) => "failed",
+        };
+        run.release();
+        self.metrics
+            .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
+        run.report(outcome, result.as_ref().err(), sampled);
+        if let Err(error) = result {
+            let _ = out
+                .send(Ok(error.failed_frame(&run.request.request_id)))
+                .await;
+        }
+    }
+}
+
+/// A prompt's token count for placement and classification.
+fn token_count(prompt_ids: &[u32]) -> u32 {
+    u32::try_from(prompt_ids.len()).unwrap_or(u32::MAX)
+}

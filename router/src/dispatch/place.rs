@@ -1,0 +1,106 @@
+//! Stage 3: where the request runs. The router's placement task answers with a worker (its
+//! slot held until the start is sent), a place in the lane's queue at the router, or a
+//! refusal (shed, unknown model, no worker). A request failing over asks again with the
+//! workers that failed it excluded, and is never shed.
+
+use std::sync::atomic::Ordering;
+
+use switchyard_proto::v1;
+use tokio::time::Instant;
+
+use super::{Dispatcher, Target, token_count};
+use crate::affinity::affinity_of;
+use crate::classify::{Classification, RequestFeatures};
+use crate::error::DispatchError;
+use crate::placer::{Answer, Ask, Chosen, IfFull};
+use crate::policy::stable_hash;
+
+impl Dispatcher {
+    /// The first placement of a request: a worker now, or a wait at the router.
+    pub(super) async fn place(
+        &self,
+        request: &v1::GenerateRequest,
+        prompt_ids: &[u32],
+        class: &Classification,
+        trace: bool,
+    ) -> Result<Target, DispatchError> {
+        let ask = self.ask(request, prompt_ids, class, Vec::new(), trace);
+        Ok(match self.placer.place(ask, IfFull::Queue).await? {
+            Answer::Placed(chosen) => Target::Placed(chosen),
+            Answer::Queued(ticket) => Target::Queued(ticket),
+        })
+    }
+
+    /// Another worker for a started request, none of `excluded`: when every other worker is
+    /// full, the least utilised one takes it anyway (a started request is not shed).
+    pub(super) async fn replace(
+        &self,
+        request: &v1::GenerateRequest,
+        prompt_ids: &[u32],
+        class: &Classification,
+        excluded: Vec<String>,
+    ) -> Result<Chosen, DispatchError> {
+        let ask = self.ask(request, prompt_ids, class, excluded, false);
+        match self.placer.place(ask, IfFull::Fallback).await? {
+            Answer::Placed(chosen) => Ok(chosen),
+            Answer::Queued(_) => unreachable!("a fallback placement never queues"),
+        }
+    }
+
+    /// What the placement task needs to know of a request. The prefix index is looked up
+    /// here, on the request's task, so the placement task only decides.
+    fn ask(
+        &self,
+        request: &v1::GenerateRequest,
+        prompt_ids: &[u32],
+        class: &Classification,
+        excluded: Vec<String>,
+        trace: bool,
+    ) -> Ask {
+        let prefix = (!prompt_ids.is_empty()).then(|| {
+            self.links
+                .prefix_lookup(prompt_ids)
+                .into_iter()
+                .map(|hit| (hit.worker, hit.cached_tokens))
+                .collect()
+        });
+        let prompt_tokens = if prompt_ids.is_empty() {
+            RequestFeatures::of(request).prompt_tokens
+        } else {
+            token_count(prompt_ids)
+        };
+        Ask {
+            request_id: request.request_id.clone(),
+            model: request.model.clone(),
+            class: class.clone(),
+            prompt_tokens,
+            affinity: affinity_of(request),
+            seed: stable_hash(&request.request_id) ^ self.next_seed.fetch_add(1, Ordering::Relaxed),
+            prefix,
+            excluded,
+            trace,
+        }
+    }
+
+    /// Reports a sampled request's placement to the control plane.
+    pub(super) fn report_decision(
+        &self,
+        request: &v1::GenerateRequest,
+        class: &Classification,
+        prompt_ids: &[u32],
+        chosen: &Chosen,
+        arrived: Instant,
+    ) {
+        let record = chosen.link.record();
+        let mut decision =
+            super::finish::decision_record(self.reports.router_id(), request, class, prompt_ids);
+        decision.worker_id = record.id;
+        decision.pool = record.pool.to_string();
+        decision.reason = chosen.reason_label.into();
+        decision.reason_text = format!("{}; {}", class.reason, chosen.reason);
+        decision.predicted_ttft_ms = chosen.predicted_ttft_ms;
+        decision.queued_ms = arrived.elapsed().as_secs_f64() * 1e3;
+        decision.candidates = chosen.candidates.clone();
+        self.reports.decision(decision);
+    }
+}

@@ -1,0 +1,623 @@
+//! Stage 4: the request runs, one segment (a generation on one worker) after another. Tokens
+//! go to the client with gap-free sequence numbers and flow-control credit goes back to the
+//! worker; the client's `Cancel` and `Interrupt` reach the worker; after each segment the
+//! pure [`after`] decides what comes next — finish, continue redirected (on the same worker
+//! when it can), or fail over to another worker that resumes after the tokens the client
+//! already has.
+
+use std::sync::Arc;
+
+use switchyard_cluster::Pool;
+use switchyard_cluster::telemetry::propagation;
+use switchyard_proto::v1::{self, server_frame::Frame, worker_frame};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::Code;
+use tracing::{Span, debug, info, warn};
+
+use super::span::record_decision;
+use super::{Control, Dispatcher, FrameSink, Held};
+use crate::classify::Classification;
+use crate::error::DispatchError;
+use crate::links::{Link, LinkEvent, SlotHold};
+use crate::metrics::{StreamLabels, lane_label, pool_label};
+use crate::placer::Chosen;
+use crate::report::ledger;
+
+/// State of one client request across worker generations (segments).
+pub(super) struct Run<'d> {
+    pub(super) dispatcher: &'d Dispatcher,
+    /// The placed worker's slot, held until the next segment's start is sent.
+    pub(super) slot: Option<SlotHold>,
+    pub(super) request: v1::GenerateRequest,
+    /// See [`Prepared`]; tokenized again when an interrupt rewrites the conversation.
+    pub(super) prompt_ids: Vec<u32>,
+    pub(super) class: Classification,
+    pub(super) lane: v1::Lane,
+    pub(super) reason: String,
+    pub(super) arrived: Instant,
+    /// When the request got its first worker (after any wait at the router for a slot).
+    pub(super) placed: Instant,
+    pub(super) first_token: Option<Instant>,
+    /// When the last chunk reached the client (inter-token latency).
+    pub(super) last_token: Option<Instant>,
+    /// Pool, id and price of the worker running the current segment.
+    pub(super) pool: Pool,
+    pub(super) worker: String,
+    pub(super) cost_per_mtok: f64,
+    pub(super) span: tracing::Span,
+    /// Next client chunk sequence number.
+    pub(super) seq: u64,
+    /// Token ids and text of the current segment already sent to the client.
+    pub(super) segment_ids: Vec<u32>,
+    pub(super) segment_text: String,
+    /// Tokens sent to the client across all segments.
+    pub(super) delivered: u32,
+    pub(super) prompt_tokens: u32,
+    /// Prompt tokens the worker reused from its prefix cache (from its `Finished` usage).
+    pub(super) cached_prompt_tokens: u32,
+    /// Prompt tokens placement expected the current worker to reuse.
+    pub(super) predicted_cached_tokens: u32,
+    /// The policy's TTFT prediction for the first worker (from placement).
+    pub(super) predicted_ttft_ms: f64,
+    /// The alternatives to the first worker, for the ledger.
+    pub(super) alternatives: ledger::Basis,
+    pub(super) attempts: u32,
+    pub(super) cancelled: bool,
+    /// See [`Held`]: given back before the last frame.
+    pub(super) held: Held,
+}
+
+/// A generation started on a worker. Dropping it stops routing its frames and, unless the
+/// worker is known to have ended it, asks the worker to cancel it: however the dispatcher
+/// leaves a segment (the client went away mid-forward, its task was dropped), nothing keeps
+/// generating for nobody. The cancel follows the `Start` on the same ordered stream, so it
+/// reaches the worker even while the start is still in flight.
+struct Generation<'a> {
+    link: &'a Link,
+    id: &'a str,
+    /// The worker finished or failed it, or its stream was lost.
+    ended: bool,
+}
+
+impl Drop for Generation<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.link.cancel(self.id, v1::FinishReason::Cancelled);
+        }
+        self.link.forget(self.id);
+    }
+}
+
+/// What ended a segment.
+#[derive(Debug)]
+enum SegmentEnd {
+    Finished(v1::Finished),
+    Interrupted(v1::Interrupt),
+    Lost(String),
+    Failed(v1::Failed),
+}
+
+/// What a request does after one of its segments ended (see [`after`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// End the request with this `FinishReason`.
+    Finish(i32),
+    /// Continue with the interrupt's new instructions, on the same worker when it is still
+    /// available.
+    Redirect { same_worker: bool },
+    /// Resume on another worker; `full` when the worker refused for lack of room (overload:
+    /// shed if no other worker can take it).
+    Failover { full: bool },
+    /// End the request with the worker's error.
+    Fail,
+}
+
+/// The run's decision after segment `end`: pure, so every path is unit-tested. A cancel wins
+/// over everything (the segment already ended as cancelled); an interrupt whose token budget
+/// is spent finishes; a lost worker or one refusing with `UNAVAILABLE` / `RESOURCE_EXHAUSTED`
+/// is failed over; any other refusal is the request's error.
+fn after(
+    end: &SegmentEnd,
+    cancelled: bool,
+    delivered: u32,
+    max_tokens: u32,
+    worker_available: bool,
+) -> Next {
+    match end {
+        _ if cancelled => Next::Finish(v1::FinishReason::Cancelled as i32),
+        SegmentEnd::Finished(finished) => Next::Finish(finished.reason),
+        // The budget ran out before the redirect could take effect.
+        SegmentEnd::Interrupted(_) if delivered >= max_tokens => {
+            Next::Finish(v1::FinishReason::Length as i32)
+        }
+        SegmentEnd::Interrupted(_) => Next::Redirect {
+            same_worker: worker_available,
+        },
+        SegmentEnd::Lost(_) => Next::Failover { full: false },
+        SegmentEnd::Failed(failed) => match Code::from_i32(failed.code) {
+            Code::Unavailable => Next::Failover { full: false },
+            Code::ResourceExhausted => Next::Failover { full: true },
+            _ => Next::Fail,
+        },
+    }
+}
+
+impl<'d> Run<'d> {
+    pub(super) fn new(
+        request: v1::GenerateRequest,
+        prompt_ids: Vec<u32>,
+        class: Classification,
+        arrived: Instant,
+        chosen: Chosen,
+        span: tracing::Span,
+        dispatcher: &'d Dispatcher,
+    ) -> Self {
+        let placement_reason = &chosen.reason;
+        span.record("predicted_cached_tokens", chosen.cached_tokens);
+        Self {
+            slot: Some(chosen.slot),
+            prompt_ids,
+            predicted_cached_tokens: chosen.cached_tokens,
+            predicted_ttft_ms: chosen.predicted_ttft_ms,
+            alternatives: chosen.alternatives,
+            last_token: None,
+            pool: Pool::Gpu,
+            worker: String::new(),
+            cost_per_mtok: 0.0,
+            span,
+            dispatcher,
+            lane: class.wire_lane(),
+            reason: format!("{}; {placement_reason}", class.reason),
+            class,
+            request,
+            arrived,
+            placed: Instant::now(),
+            first_token: None,
+            seq: 0,
+            segment_ids: Vec::new(),
+            segment_text: String::new(),
+            delivered: 0,
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
+            attempts: 1,
+            cancelled: false,
+            held: Held::default(),
+        }
+    }
+
+    /// Gives back what the request held, charging its tenant the prompt and the tokens
+    /// delivered (see [`Held`]).
+    pub(super) fn release(&mut self) {
+        self.held.release(Some(
+            u64::from(self.prompt_tokens) + u64::from(self.delivered),
+        ));
+    }
+
+    pub(super) async fn drive(
+        &mut self,
+        mut link: Arc<Link>,
+        controls: &mut mpsc::UnboundedReceiver<Control>,
+        out: &FrameSink,
+    ) -> Result<(), DispatchError> {
+        let record = link.record();
+        let accepted = Frame::Accepted(v1::Accepted {
+            request_id: self.request.request_id.clone(),
+            lane: self.lane as i32,
+            pool: record.pool.to_string(),
+            worker_id: record.id.clone(),
+            model: self.request.model.clone(),
+            reason: self.reason.clone(),
+        });
+        send(out, accepted).await?;
+        record_decision(
+            &Span::current(),
+            self.class.lane.as_str(),
+            record.pool.as_str(),
+            &record.id,
+            &self.reason,
+        );
+        info!(request_id = %self.request.request_id, lane = self.lane.label(), worker = %record.id, reason = %self.reason, "accepted");
+
+        let mut excluded = Vec::new();
+        loop {
+            let end = self.segment(&link, controls, out).await?;
+            let next = after(
+                &end,
+                self.cancelled,
+                self.delivered,
+                self.max_tokens(),
+                link.state().available,
+            );
+            match (next, end) {
+                (Next::Finish(reason), SegmentEnd::Finished(finished)) => {
+                    if let Some(usage) = finished.usage {
+                        self.prompt_tokens = usage.prompt_tokens;
+                        self.cached_prompt_tokens = usage.cached_prompt_tokens;
+                    }
+                    self.span.record("cached_tokens", self.cached_prompt_tokens);
+                    self.dispatcher.metrics.prefix_reuse(
+                        self.pool,
+                        self.predicted_cached_tokens,
+                        self.cached_prompt_tokens,
+                    );
+                    return self.finish(reason, out).await;
+                }
+                (Next::Finish(reason), _) => return self.finish(reason, out).await,
+                (Next::Redirect { same_worker }, SegmentEnd::Interrupted(interrupt)) => {
+                    self.redirect(interrupt);
+                    // The same worker when it can: its KV cache holds this conversation.
+                    if !same_worker {
+                        link = self.replace(&link, &mut excluded).await?;
+                    }
+                }
+                (Next::Failover { full }, end) => {
+                    let why = match &end {
+                        SegmentEnd::Lost(why) => why.clone(),
+                        SegmentEnd::Failed(failed) => failed.message.clone(),
+                        _ => String::new(),
+                    };
+                    if matches!(end, SegmentEnd::Lost(_)) {
+                        warn!(request_id = %self.request.request_id, worker = %link.id(), %why, delivered = self.segment_ids.len(), "worker lost mid-request; failing over");
+                    } else {
+                        debug!(request_id = %self.request.request_id, worker = %link.id(), message = %why, "worker refused; placing elsewhere");
+                    }
+                    self.dispatcher.metrics.failover(self.class.lane, self.pool);
+                    link = match self.replace(&link, &mut excluded).await {
+                        Ok(next) => next,
+                        // A full worker and nowhere else to go is overload, not an outage:
+                        // the client is told when to retry, as if shed at the door.
+                        Err(error) if full && error.code() == Code::Unavailable => {
+                            self.dispatcher.metrics.shed(self.class.lane);
+                            let policy = self.dispatcher.policy.current();
+                            return Err(DispatchError::Shed {
+                                message: format!(
+                                    "every worker serving {:?} is full ({why}); request shed",
+                                    self.request.model
+                                ),
+                                retry_after_ms: policy.lane(self.class.lane).retry_after_ms,
+                            });
+                        }
+                        Err(error) => return Err(error),
+                    };
+                }
+                (_, SegmentEnd::Failed(failed)) => {
+                    return Err(DispatchError::Worker {
+                        code: Code::from_i32(failed.code),
+                        message: failed.message,
+                    });
+                }
+                (next, end) => unreachable!("after() paired {next:?} with {end:?}"),
+            }
+        }
+    }
+
+    /// Picks another worker after `failed` could not serve the request.
+    async fn replace(
+        &mut self,
+        failed: &Arc<Link>,
+        excluded: &mut Vec<String>,
+    ) -> Result<Arc<Link>, DispatchError> {
+        self.attempts += 1;
+        if self.attempts > self.dispatcher.config.max_attempts {
+            return Err(DispatchError::Unavailable(format!(
+                "gave up after {} attempts; last worker {} failed",
+                self.dispatcher.config.max_attempts,
+                failed.id()
+            )));
+        }
+        excluded.push(failed.id());
+        let Chosen {
+            link,
+            reason,
+            cached_tokens,
+            slot,
+            ..
+        } = self
+            .dispatcher
+            .replace(
+                &self.request,
+                &self.prompt_ids,
+                &self.class,
+                excluded.clone(),
+            )
+            .await?;
+        self.slot = Some(slot);
+        self.predicted_cached_tokens = cached_tokens;
+        self.span.record("predicted_cached_tokens", cached_tokens);
+        debug!(request_id = %self.request.request_id, worker = %link.id(), %reason, "replacement placed");
+        // The span names the worker that finishes the request.
+        let record = link.record();
+        record_decision(
+            &Span::current(),
+            self.class.lane.as_str(),
+            record.pool.as_str(),
+            &record.id,
+            &format!("{}; failover: {reason}", self.class.reason),
+        );
+        Ok(link)
+    }
+
+    /// Notes the worker now running the request (metrics labels, span fields, report).
+    pub(super) fn on_worker(&mut self, record: &switchyard_cluster::WorkerRecord) {
+        self.pool = record.pool;
+        self.worker.clone_from(&record.id);
+        self.cost_per_mtok = record.capacity.cost_per_mtok;
+        self.span.record("pool", pool_label(Some(record.pool)));
+        self.span.record("worker", record.id.as_str());
+    }
+
+    /// Reports how the request ended (`outcome` as in the request metrics).
+    /// Runs one generation on `link` until it ends one way or another.
+    async fn segment(
+        &mut self,
+        link: &Arc<Link>,
+        controls: &mut mpsc::UnboundedReceiver<Control>,
+        out: &FrameSink,
+    ) -> Result<SegmentEnd, DispatchError> {
+        let record = link.record();
+        self.on_worker(&record);
+        if out.is_closed() {
+            // The client left before anything started: start nothing.
+            return Err(DispatchError::ClientGone);
+        }
+        let generation_id = self.dispatcher.links.next_generation_id();
+        let started = link.start(self.worker_start(&generation_id));
+        if let Some(slot) = self.slot.take() {
+            slot.release_after_start();
+        }
+        let mut events = match started {
+            Ok(events) => events,
+            Err(why) => return Ok(SegmentEnd::Lost(why)),
+        };
+        // From here every way out of this function — including an early return because the
+        // client went away while a frame was being forwarded — stops the generation unless
+        // the worker said it ended.
+        let mut generation = Generation {
+            link,
+            id: &generation_id,
+            ended: false,
+        };
+        let mut controls_open = true;
+        let mut interrupt: Option<v1::Interrupt> = None;
+        let mut cancel_deadline: Option<Instant> = None;
+        // Tokens the client has taken since the last grant, returned in batches of half the
+        // window (as HTTP/2 returns its window) so credit costs a frame per many chunks.
+        let window = self.dispatcher.config.stream_credit_tokens;
+        let mut to_grant = 0u32;
+        let end = loop {
+            let grace = async {
+                match cancel_deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(LinkEvent::Frame(worker_frame::Frame::Tokens(tokens))) => {
+                        let count = tokens.token_ids.len() as u32;
+                        self.forward(tokens, out).await?;
+                        to_grant += count;
+                        if window > 0 && to_grant >= window.div_ceil(2) {
+                            link.grant(&generation_id, std::mem::take(&mut to_grant));
+                        }
+                    }
+                    Some(LinkEvent::Frame(worker_frame::Frame::Finished(finished))) => {
+                        generation.ended = true;
+                        break match interrupt.take() {
+                            Some(i) if !self.cancelled => SegmentEnd::Interrupted(i),
+                            _ => SegmentEnd::Finished(finished),
+                        };
+                    }
+                    Some(LinkEvent::Frame(worker_frame::Frame::Failed(failed))) => {
+                        generation.ended = true;
+                        break SegmentEnd::Failed(failed);
+                    }
+                    Some(LinkEvent::Frame(
+                        worker_frame::Frame::Load(_) | worker_frame::Frame::KvEvents(_),
+                    )) => {}
+                    Some(LinkEvent::Lost(why)) => {
+                        // The worker's stream is gone, and with it (on the worker's side)
+                        // the generation.
+                        generation.ended = true;
+                        break SegmentEnd::Lost(why);
+                    }
+                    None => break SegmentEnd::Lost("link closed".into()),
+                },
+                control = controls.recv(), if controls_open => match control {
+                    Some(Control::Cancel) => {
+                        self.cancelled = true;
+                        link.cancel(&generation_id, v1::FinishReason::Cancelled);
+                        cancel_deadline.get_or_insert(Instant::now() + self.dispatcher.config.cancel_grace);
+                    }
+                    Some(Control::Interrupt(i)) => {
+                        link.cancel(&generation_id, v1::FinishReason::Interrupted);
+                        interrupt = Some(i);
+                    }
+                    None => controls_open = false,
+                },
+                _ = out.closed() => {
+                    debug!(request_id = %self.request.request_id, "client went away; cancelling");
+                    // `generation` sends the cancel as it drops.
+                    return Err(DispatchError::ClientGone);
+                }
+                _ = grace => {
+                    warn!(request_id = %self.request.request_id, worker = %link.id(), "worker did not confirm the cancel in time");
+                    // Already cancelled: just stop listening.
+                    generation.ended = true;
+                    break SegmentEnd::Finished(v1::Finished::default());
+                }
+            }
+        };
+        if self.cancelled {
+            // A cancel wins over whatever else ended the segment: no failover, no redirect.
+            return Ok(match end {
+                SegmentEnd::Finished(f) => SegmentEnd::Finished(f),
+                _ => SegmentEnd::Finished(v1::Finished::default()),
+            });
+        }
+        Ok(end)
+    }
+
+    fn max_tokens(&self) -> u32 {
+        self.request
+            .sampling
+            .as_ref()
+            .map(|s| s.max_tokens)
+            .unwrap_or_default()
+    }
+
+    fn worker_start(&self, generation_id: &str) -> v1::WorkerStart {
+        let mut sampling = self.request.sampling.clone().unwrap_or_default();
+        // Tokens of earlier segments (before an interrupt) count against max_tokens.
+        let earlier = self.delivered - self.segment_ids.len() as u32;
+        sampling.max_tokens = sampling.max_tokens.saturating_sub(earlier).max(1);
+        v1::WorkerStart {
+            request_id: generation_id.to_string(),
+            model: self.request.model.clone(),
+            messages: self.request.messages.clone(),
+            prompt: self.request.prompt.clone(),
+            sampling: Some(sampling),
+            resume_tokens: self.segment_ids.clone(),
+            trace_context: propagation::span_to_map(&self.span),
+            lane: self.lane as i32,
+            prompt_token_ids: self.prompt_ids.clone(),
+            credit_tokens: self.dispatcher.config.stream_credit_tokens,
+        }
+    }
+
+    async fn forward(&mut self, tokens: v1::Tokens, out: &FrameSink) -> Result<(), DispatchError> {
+        if tokens.token_ids.is_empty() && tokens.text.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        self.first_token.get_or_insert(now);
+        let (gap, first) = match self.last_token.replace(now) {
+            Some(previous) => (now - previous, false),
+            None => (now - self.arrived, true),
+        };
+        let labels = StreamLabels {
+            lane: lane_label(self.class.lane),
+            pool: pool_label(Some(self.pool)),
+            model: self.request.model.clone(),
+        };
+        self.dispatcher
+            .metrics
+            .tokens(&labels, tokens.token_ids.len() as u32, gap, first);
+        self.delivered += tokens.token_ids.len() as u32;
+        self.dispatcher
+            .reports
+            .tokens(self.pool, tokens.token_ids.len() as u32);
+        self.segment_ids.extend_from_slice(&tokens.token_ids);
+        self.segment_text.push_str(&tokens.text);
+        let frame = Frame::Tokens(v1::Tokens {
+            request_id: self.request.request_id.clone(),
+            seq: self.seq,
+            text: tokens.text,
+            token_ids: tokens.token_ids,
+        });
+        self.seq += 1;
+        send(out, frame).await
+    }
+
+    /// Rewrites the conversation for an interrupt: the generated text (if kept) becomes an
+    /// assistant turn, then the new messages follow; the next segment starts fresh.
+    fn redirect(&mut self, interrupt: v1::Interrupt) {
+        if self.request.messages.is_empty() {
+            let prompt = std::mem::take(&mut self.request.prompt);
+            self.request.messages.push(v1::ChatMessage {
+                role: "user".into(),
+                content: prompt,
+            });
+        }
+        let generated = std::mem::take(&mut self.segment_text);
+        if interrupt.keep_generated && !generated.is_empty() {
+            self.request.messages.push(v1::ChatMessage {
+                role: "assistant".into(),
+                content: generated,
+            });
+        }
+        self.request.messages.extend(interrupt.messages);
+        self.prompt_ids = self
+            .dispatcher
+            .links
+            .tokenizers()
+            .tokenize(&self.request)
+            .unwrap_or_default();
+        self.segment_ids.clear();
+        info!(request_id = %self.request.request_id, keep_generated = interrupt.keep_generated, "interrupted; continuing with new instructions");
+    }
+}
+
+pub(super) async fn send(out: &FrameSink, frame: Frame) -> Result<(), DispatchError> {
+    out.send(Ok(v1::ServerFrame { frame: Some(frame) }))
+        .await
+        .map_err(|_| DispatchError::ClientGone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn after_a_segment_the_run_finishes_redirects_fails_over_or_fails() {
+        use v1::FinishReason::{Cancelled, Length, Stop};
+        let finished = SegmentEnd::Finished(v1::Finished {
+            reason: Stop as i32,
+            ..Default::default()
+        });
+        let interrupted = SegmentEnd::Interrupted(v1::Interrupt::default());
+        let lost = SegmentEnd::Lost("stream reset".into());
+        let failed = |code: Code| {
+            SegmentEnd::Failed(v1::Failed {
+                code: code as i32,
+                ..Default::default()
+            })
+        };
+        // (end, cancelled, delivered of 10, worker available) -> next
+        let cases = [
+            (&finished, false, 3, true, Next::Finish(Stop as i32)),
+            (&finished, true, 3, true, Next::Finish(Cancelled as i32)),
+            (&lost, true, 3, true, Next::Finish(Cancelled as i32)),
+            (
+                &interrupted,
+                false,
+                3,
+                true,
+                Next::Redirect { same_worker: true },
+            ),
+            (
+                &interrupted,
+                false,
+                3,
+                false,
+                Next::Redirect { same_worker: false },
+            ),
+            (&interrupted, false, 10, true, Next::Finish(Length as i32)),
+            (&lost, false, 3, false, Next::Failover { full: false }),
+            (
+                &failed(Code::Unavailable),
+                false,
+                0,
+                true,
+                Next::Failover { full: false },
+            ),
+            (
+                &failed(Code::ResourceExhausted),
+                false,
+                0,
+                true,
+                Next::Failover { full: true },
+            ),
+            (&failed(Code::InvalidArgument), false, 0, true, Next::Fail),
+            (&failed(Code::Internal), false, 5, true, Next::Fail),
+        ];
+        for (end, cancelled, delivered, available, expected) in cases {
+            assert_eq!(
+                after(end, cancelled, delivered, 10, available),
+                expected,
+                "{end:?} cancelled={cancelled} delivered={delivered} available={available}"
+            );
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The router's span of one request, and the routing decision recorded on it.
+
+use tracing::field::Empty;
+use tracing::{Span, info_span};
+
+/// The router's span of one request. The routing decision is recorded on it — `lane` (and the
+/// classifier's reason) when classified, `pool`, `worker` and the full `reason` when placed —
+/// so a trace shows where a request ran and why; `queue_ms` is the wait at the router for a
+/// slot, when it had to wait.
+pub fn request_span(request_id: &str, model: &str) -> Span {
+    info_span!(
+        "router.request",
+        otel.kind = "server",
+        request_id,
+        model,
+        lane = Empty,
+        pool = Empty,
+        worker = Empty,
+        reason = Empty,
+        queue_ms = Empty,
+        predicted_cached_tokens = Empty,
+        cached_tokens = Empty
+    )
+}
+
+/// Records a placement on a request span (see [`request_span`]).
+pub fn record_decision(span: &Span, lane: &str, pool: &str, worker: &str, reason: &str) {
+    span.record("lane", lane);
+    span.record("pool", pool);
+    span.record("worker", worker);
+    span.record("reason", reason);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::document::LaneName;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use tracing::info;
+
+    /// Collects what a `fmt` subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("capture lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_routing_decision_is_recorded_on_the_request_span() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let span = request_span("r-1", "m");
+            record_decision(
+                &span,
+                LaneName::LatencyCritical.as_str(),
+                "gpu",
+                "gpu-7",
+                "spill=gpu (no wse slot meets the slo)",
+            );
+            // An event inside the span carries its fields too.
+            span.in_scope(|| info!("accepted"));
+        });
+        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        for field in [
+            "request_id=\"r-1\"",
+            "lane=\"latency-critical\"",
+            "pool=\"gpu\"",
+            "worker=\"gpu-7\"",
+            "reason=\"spill=gpu (no wse slot meets the slo)\"",
+        ] {
+            assert!(text.contains(field), "{field} missing from {text}");
+        }
+        assert!(text.contains("close"), "the span closed: {text}");
+    }
+}

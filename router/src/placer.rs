@@ -1,0 +1,585 @@
+//! The placement task: one per router, the only owner of the router's cluster view and of the
+//! requests waiting at the router for a slot.
+//!
+//! The view is patched in place from the links' [`ChangeFeed`] (a worker's load report, its
+//! link coming up or going down, a slot taken or given back) and rebuilt only when membership
+//! changes, instead of being rebuilt from every link for every decision. Decisions are taken
+//! one at a time, and each one counts the slot it took in the view before the next is
+//! considered, so a burst spreads by predicted load.
+//!
+//! A request asks for a placement and gets a worker, an error, or a [`Ticket`]: a place in its
+//! lane's queue. Queues are FIFO within a lane and model, latency-critical first. When a
+//! worker's state changes the task places waiting requests in that order, so a freed slot goes
+//! to exactly the request that should get it; no waiter is woken to find the slot taken.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::debug;
+
+use crate::changes::{ChangeFeed, Changed};
+use crate::classify::Classification;
+use crate::error::DispatchError;
+use crate::links::{Link, Links, SlotHold};
+use crate::metrics::RouterMetrics;
+use crate::policy::document::{LaneName, PolicyDocument};
+use crate::policy::{
+    Admission, ClusterView, Considered, Decision, PlacementError, RequestInfo, admit, fallback,
+    place_traced,
+};
+use crate::policy_watch::PolicyHandle;
+use crate::report::{self, Reporter, ledger};
+
+/// What placement needs to know of a request.
+#[derive(Debug, Clone)]
+pub struct Ask {
+    pub request_id: String,
+    pub model: String,
+    pub class: Classification,
+    /// Exact when the router tokenized the prompt, else estimated.
+    pub prompt_tokens: u32,
+    /// See [`RequestInfo::affinity`].
+    pub affinity: Option<u64>,
+    /// See [`RequestInfo::seed`].
+    pub seed: u64,
+    /// Workers holding a prefix of the prompt, as (worker id, cached tokens); `None` when the
+    /// prompt could not be looked up (not tokenized).
+    pub prefix: Option<Vec<(Arc<str>, u32)>>,
+    /// Workers this request must not go to (they failed it).
+    pub excluded: Vec<String>,
+    /// Return the candidates the policy scored (for a sampled decision report).
+    pub trace: bool,
+}
+
+/// A worker chosen for a request.
+pub struct Chosen {
+    pub link: Arc<Link>,
+    /// The placement's reason (`Accepted.reason`).
+    pub reason: String,
+    /// The same as a label (`home`, `spill_to_gpu`, …).
+    pub reason_label: &'static str,
+    pub predicted_ttft_ms: f64,
+    /// What the policy scored, for a sampled decision report (empty otherwise).
+    pub candidates: Vec<switchyard_proto::v1::RoutingCandidate>,
+    /// Prompt tokens the prefix index expects the worker to reuse.
+    pub cached_tokens: u32,
+    /// The alternatives the policy scored, for the counterfactual ledger (empty when no
+    /// control plane is listening).
+    pub alternatives: ledger::Basis,
+    /// The worker's slot, held until the request's start is sent.
+    pub slot: SlotHold,
+}
+
+/// The answer to a first placement.
+pub enum Answer {
+    Placed(Chosen),
+    /// No slot now: the request waits at the router (admitted by the policy).
+    Queued(Ticket),
+}
+
+/// A place in a lane's router queue. Dropping it leaves the queue.
+pub struct Ticket {
+    id: u64,
+    pub lane: LaneName,
+    placed: oneshot::Receiver<Result<Chosen, DispatchError>>,
+    deadline: Instant,
+    /// The lane's queue wait, for the message of a request that waited it out.
+    max_wait_ms: f64,
+    retry_after_ms: u64,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Ticket {
+    /// Waits until the request is placed, shed to make room for latency-critical work, or
+    /// its lane's queue wait runs out.
+    pub async fn placed(&mut self) -> Result<Chosen, DispatchError> {
+        tokio::select! {
+            placed = &mut self.placed => placed.unwrap_or_else(|_| Err(stopped())),
+            _ = tokio::time::sleep_until(self.deadline) => {
+                // A placement that raced the deadline is taken rather than wasted.
+                match self.placed.try_recv() {
+                    Ok(placed) => placed,
+                    Err(_) => Err(DispatchError::Shed {
+                        message: format!(
+                            "no slot within the {} lane's queue wait of {} ms; request shed",
+                            self.lane.as_str(),
+                            self.max_wait_ms
+                        ),
+                        retry_after_ms: self.retry_after_ms,
+                    }),
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Leave(self.id));
+    }
+}
+
+/// Whether a request that cannot be placed now may wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IfFull {
+    /// Wait at the router if admission allows, else shed.
+    Queue,
+    /// A started request (failing over) is not shed: it goes to the least utilised worker
+    /// that can take it, which queues it.
+    Fallback,
+}
+
+enum Command {
+    Place {
+        ask: Ask,
+        if_full: IfFull,
+        reply: oneshot::Sender<Result<Answer, DispatchError>>,
+    },
+    Leave(u64),
+}
+
+/// The handle requests use to reach the placement task.
+pub struct Placer {
+    commands: mpsc::UnboundedSender<Command>,
+    depths: Arc<[AtomicU32; 2]>,
+}
+
+impl Placer {
+    /// Starts the placement task over `links`. It runs until every handle is dropped.
+    pub fn spawn(
+        links: Arc<Links>,
+        policy: PolicyHandle,
+        metrics: RouterMetrics,
+        reports: Reporter,
+    ) -> Self {
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let depths: Arc<[AtomicU32; 2]> = Arc::default();
+        let task = PlacementTask {
+            view: ClusterView::new(Vec::new()),
+            changes: links.changes().clone(),
+            links,
+            policy,
+            metrics,
+            reports,
+            queues: Default::default(),
+            next_ticket: 0,
+            depths: depths.clone(),
+            commands: commands.downgrade(),
+        };
+        tokio::spawn(task.run(inbox));
+        Self { commands, depths }
+    }
+
+    /// Places `ask` now, queues it, or refuses it.
+    pub async fn place(&self, ask: Ask, if_full: IfFull) -> Result<Answer, DispatchError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Place {
+                ask,
+                if_full,
+                reply,
+            })
+            .map_err(|_| stopped())?;
+        answer.await.unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Requests waiting at the router per lane, for the reports' stats.
+    pub fn queue_depth_probe(&self) -> impl Fn() -> [u32; 2] + Send + Sync + 'static {
+        let depths = self.depths.clone();
+        move || {
+            [
+                depths[0].load(Ordering::Relaxed),
+                depths[1].load(Ordering::Relaxed),
+            ]
+        }
+    }
+}
+
+fn stopped() -> DispatchError {
+    DispatchError::Unavailable("the router is shutting down".into())
+}
+
+struct Waiting {
+    id: u64,
+    ask: Ask,
+    reply: oneshot::Sender<Result<Chosen, DispatchError>>,
+}
+
+struct PlacementTask {
+    links: Arc<Links>,
+    changes: Arc<ChangeFeed>,
+    policy: PolicyHandle,
+    metrics: RouterMetrics,
+    reports: Reporter,
+    view: ClusterView,
+    /// Requests waiting for a slot, per lane ([`LaneName::index`]), oldest first.
+    queues: [VecDeque<Waiting>; 2],
+    next_ticket: u64,
+    depths: Arc<[AtomicU32; 2]>,
+    /// For tickets to leave by; weak, so the task ends when the last [`Placer`] goes.
+    commands: mpsc::WeakUnboundedSender<Command>,
+}
+
+impl PlacementTask {
+    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Command>) {
+        self.rebuild();
+        loop {
+            tokio::select! {
+                // Commands first: a request placed before a load report that frees nothing
+                // sees the same view either way, and queued work is served right after.
+                biased;
+                command = inbox.recv() => match command {
+                    Some(command) => self.handle(command),
+                    None => return,
+                },
+                changed = self.changes.next() => {
+                    self.apply(changed);
+                    self.serve_queues();
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Place {
+                ask,
+                if_full,
+                reply,
+            } => {
+                // Changes not yet applied (a slot freed a moment ago) count for this decision,
+                // and go first to the requests already waiting for them.
+                let changed = self.changes.take();
+                if changed != Changed::default() {
+                    self.apply(changed);
+                    self.serve_queues();
+                }
+                let answer = self.place_new(ask, if_full);
+                let _ = reply.send(answer);
+            }
+            Command::Leave(id) => {
+                for queue in &mut self.queues {
+                    queue.retain(|w| w.id != id);
+                }
+                self.publish_depths();
+            }
+        }
+    }
+
+    fn apply(&mut self, changed: Changed) {
+        if changed.membership {
+            self.rebuild();
+            return;
+        }
+        for id in changed.workers {
+            let Some(link) = self.links.get(&id) else {
+                // Gone from the link set: its membership change rebuilds the view.
+                continue;
+            };
+            let state = link.state();
+            match self.view.index_of(&id) {
+                Some(i)
+                    if self.view.worker(i).pool == state.pool
+                        && self.view.worker(i).models == state.models =>
+                {
+                    self.view.update(i, |w| *w = state);
+                }
+                // A new worker, or one whose identity changed: index everything again.
+                _ => {
+                    self.rebuild();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn rebuild(&mut self) {
+        self.view = self.links.view();
+    }
+
+    /// Re-reads worker `id` after placement took one of its slots.
+    fn refresh(&mut self, link: &Link, i: usize) {
+        let state = link.state();
+        if self.view.worker(i).models == state.models && self.view.worker(i).pool == state.pool {
+            self.view.update(i, |w| *w = state);
+        } else {
+            self.rebuild();
+        }
+    }
+
+    fn place_new(&mut self, ask: Ask, if_full: IfFull) -> Result<Answer, DispatchError> {
+        let policy = self.policy.current();
+        let lane = ask.class.lane;
+        // FIFO: a newcomer does not overtake requests of its lane (or latency-critical ones)
+        // waiting for the same model.
+        let behind_others = if_full == IfFull::Queue && self.waiting_ahead(lane, &ask.model);
+        if !behind_others && let Some(chosen) = self.try_place(&ask, &policy)? {
+            return Ok(Answer::Placed(chosen));
+        }
+        match if_full {
+            IfFull::Queue => self.enqueue(ask, &policy).map(Answer::Queued),
+            IfFull::Fallback => self.fall_back(&ask).map(Answer::Placed),
+        }
+    }
+
+    /// Whether requests that come before one of `lane` for `model` are waiting.
+    fn waiting_ahead(&self, lane: LaneName, model: &str) -> bool {
+        let waits = |l: LaneName| self.queues[l.index()].iter().any(|w| w.ask.model == model);
+        waits(LaneName::LatencyCritical) || (lane == LaneName::CostSensitive && waits(lane))
+    }
+
+    /// One placement attempt on the current view: `Ok(None)` when the request must wait.
+    fn try_place(
+        &mut self,
+        ask: &Ask,
+        policy: &PolicyDocument,
+    ) -> Result<Option<Chosen>, DispatchError> {
+        let view = &self.view;
+        let hits: Option<Vec<(usize, u32)>> = ask.prefix.as_ref().map(|hits| {
+            hits.iter()
+                .filter_map(|(id, tokens)| Some((view.index_of(id)?, *tokens)))
+                .collect()
+        });
+        let info = RequestInfo {
+            model: &ask.model,
+            prompt_tokens: ask.prompt_tokens,
+            affinity: ask.affinity,
+            seed: ask.seed,
+            prefix: hits.as_deref(),
+        };
+        let exclude: Vec<usize> = ask
+            .excluded
+            .iter()
+            .filter_map(|id| view.index_of(id))
+            .collect();
+        let mut considered = Vec::new();
+        // The ledger judges every decision while a control plane listens (not only sampled
+        // ones); without one this costs nothing.
+        let judge = self.reports.connected();
+        let mut alternatives = ledger::Alternatives::default();
+        let mut record = |c: Considered| {
+            if judge {
+                let price = view.worker(c.worker).cost_per_mtok;
+                alternatives.consider(c.worker, c.predicted_ttft_ms, c.meets_slo, price);
+            }
+            if ask.trace {
+                considered.push(c);
+            }
+        };
+        let decision = match place_traced(view, &ask.class, &info, policy, &exclude, &mut record) {
+            // A model this router has seen served, with no worker right now (its workers are
+            // restarting or unreachable): retry later, it is not an unknown model.
+            Decision::Reject(PlacementError::UnknownModel(model))
+                if self.links.has_served(&model) =>
+            {
+                Decision::Reject(PlacementError::NoWorker(model))
+            }
+            decision => decision,
+        };
+        let (pool, reason) = match &decision {
+            Decision::Place(placement) => (Some(placement.pool), placement.reason_label()),
+            Decision::Queue => (None, "queue"),
+            Decision::Reject(PlacementError::UnknownModel(_)) => (None, "unknown_model"),
+            Decision::Reject(PlacementError::NoWorker(_)) => (None, "no_worker"),
+        };
+        self.metrics.decision(ask.class.lane, pool, reason);
+        let placement = match decision {
+            Decision::Place(placement) => placement,
+            Decision::Queue => return Ok(None),
+            Decision::Reject(error) => return Err(placement_error(error)),
+        };
+        let (fastest, cheapest) = alternatives.excluding(placement.worker);
+        let alternatives = ledger::Basis {
+            best_alternative: fastest.map(|(w, ms)| (view.worker(w).id.clone(), ms)),
+            cheapest_meeting_slo_per_mtok: cheapest,
+        };
+        let candidates = candidates(view, considered);
+        let id = view.worker(placement.worker).id.clone();
+        let Some(link) = self.links.get(&id) else {
+            // Left between its change and this decision; the membership change follows.
+            self.rebuild();
+            return Err(DispatchError::Unavailable(format!("worker {id} just left")));
+        };
+        let slot = link.hold_slot();
+        self.refresh(&link, placement.worker);
+        Ok(Some(Chosen {
+            slot,
+            link,
+            reason: placement.reason(),
+            reason_label: placement.reason_label(),
+            predicted_ttft_ms: placement.predicted_ttft_ms,
+            candidates,
+            cached_tokens: placement.cached_tokens,
+            alternatives,
+        }))
+    }
+
+    /// A started request with every other worker full: the least utilised one that serves
+    /// its model takes it anyway (and queues it).
+    fn fall_back(&mut self, ask: &Ask) -> Result<Chosen, DispatchError> {
+        let exclude: Vec<usize> = ask
+            .excluded
+            .iter()
+            .filter_map(|id| self.view.index_of(id))
+            .collect();
+        let i = fallback(&self.view, &ask.model, &exclude)
+            .ok_or_else(|| placement_error(PlacementError::NoWorker(ask.model.clone())))?;
+        let id = self.view.worker(i).id.clone();
+        let link = self
+            .links
+            .get(&id)
+            .ok_or_else(|| DispatchError::Unavailable(format!("worker {id} just left")))?;
+        let slot = link.hold_slot();
+        self.refresh(&link, i);
+        Ok(Chosen {
+            slot,
+            link,
+            reason: "fallback: every worker is full".into(),
+            reason_label: "fallback",
+            predicted_ttft_ms: 0.0,
+            candidates: Vec::new(),
+            cached_tokens: 0,
+            alternatives: ledger::Basis::default(),
+        })
+    }
+
+    /// Lets a request wait at the router (shedding a queued cost-sensitive request in its
+    /// place if the policy says so), or sheds it.
+    fn enqueue(&mut self, ask: Ask, policy: &PolicyDocument) -> Result<Ticket, DispatchError> {
+        let lane = ask.class.lane;
+        let depths = [self.queues[0].len() as u32, self.queues[1].len() as u32];
+        let lane_policy = policy.lane(lane);
+        match admit(lane, depths, policy) {
+            Admission::Queue => {}
+            Admission::QueueEvicting(victim) => {
+                if let Some(evicted) = self.queues[victim.index()].pop_back() {
+                    let _ = evicted.reply.send(Err(DispatchError::Shed {
+                        message: "shed to make room for latency-critical work".into(),
+                        retry_after_ms: policy.lane(victim).retry_after_ms,
+                    }));
+                }
+            }
+            Admission::Shed { retry_after_ms } => {
+                return Err(DispatchError::Shed {
+                    message: format!("{} queue is full; request shed", lane.as_str()),
+                    retry_after_ms,
+                });
+            }
+        }
+        let commands = self.commands.upgrade().ok_or_else(stopped)?;
+        let (reply, placed) = oneshot::channel();
+        self.next_ticket += 1;
+        let id = self.next_ticket;
+        debug!(request_id = %ask.request_id, lane = lane.as_str(), "waiting at the router for a slot");
+        self.queues[lane.index()].push_back(Waiting { id, ask, reply });
+        self.publish_depths();
+        let max_wait_ms = lane_policy.max_queue_wait_ms;
+        Ok(Ticket {
+            id,
+            lane,
+            placed,
+            deadline: Instant::now() + std::time::Duration::from_secs_f64(max_wait_ms / 1e3),
+            max_wait_ms,
+            retry_after_ms: lane_policy.retry_after_ms,
+            commands,
+        })
+    }
+
+    /// Places waiting requests in order — latency-critical first, FIFO within a lane — until
+    /// each model's next request in each lane must keep waiting.
+    fn serve_queues(&mut self) {
+        if self.queues.iter().all(VecDeque::is_empty) {
+            return;
+        }
+        let policy = self.policy.current();
+        // Models whose head request in a lane could not be placed: later ones wait behind it.
+        let mut blocked: [HashSet<String>; 2] = Default::default();
+        for lane in [LaneName::LatencyCritical, LaneName::CostSensitive] {
+            let mut i = 0;
+            while i < self.queues[lane.index()].len() {
+                let waiting = &self.queues[lane.index()][i];
+                let model = &waiting.ask.model;
+                if waiting.reply.is_closed() {
+                    // Its request gave up (deadline, client gone); the ticket's leave follows.
+                    self.queues[lane.index()].remove(i);
+                    continue;
+                }
+                let behind_latency_critical = lane == LaneName::CostSensitive
+                    && blocked[LaneName::LatencyCritical.index()].contains(model);
+                if blocked[lane.index()].contains(model) || behind_latency_critical {
+                    i += 1;
+                    continue;
+                }
+                let ask = waiting.ask.clone();
+                match self.try_place(&ask, &policy) {
+                    Ok(None) => {
+                        blocked[lane.index()].insert(ask.model);
+                        i += 1;
+                    }
+                    placed => {
+                        let waiting = self.queues[lane.index()]
+                            .remove(i)
+                            .expect("index checked above");
+                        // A placement its request no longer wants gives its slot back as
+                        // the `Chosen` drops.
+                        let _ = waiting.reply.send(placed.map(|p| p.expect("placed")));
+                    }
+                }
+            }
+        }
+        self.publish_depths();
+    }
+
+    fn publish_depths(&self) {
+        for (depth, queue) in self.depths.iter().zip(&self.queues) {
+            depth.store(queue.len() as u32, Ordering::Relaxed);
+        }
+    }
+}
+
+fn placement_error(error: PlacementError) -> DispatchError {
+    match error {
+        PlacementError::UnknownModel(_) => DispatchError::UnknownModel(error.to_string()),
+        PlacementError::NoWorker(_) => {
+            DispatchError::Unavailable(format!("{error}; retry shortly"))
+        }
+    }
+}
+
+/// The candidates a placement scored, once each (its best score), best first, bounded.
+fn candidates(
+    view: &ClusterView,
+    mut considered: Vec<Considered>,
+) -> Vec<switchyard_proto::v1::RoutingCandidate> {
+    considered.sort_by(|a, b| {
+        (!a.meets_slo)
+            .cmp(&!b.meets_slo)
+            .then(a.score.total_cmp(&b.score))
+    });
+    let mut seen = Vec::new();
+    considered.retain(|c| {
+        let first = !seen.contains(&c.worker);
+        seen.push(c.worker);
+        first
+    });
+    considered
+        .into_iter()
+        .take(report::MAX_CANDIDATES)
+        .map(|c| {
+            let w = view.worker(c.worker);
+            switchyard_proto::v1::RoutingCandidate {
+                worker_id: w.id.clone(),
+                pool: w.pool.to_string(),
+                predicted_ttft_ms: c.predicted_ttft_ms,
+                cached_tokens: c.cached_tokens,
+                cost_per_mtok: w.cost_per_mtok,
+                score: c.score,
+                meets_slo: c.meets_slo,
+                affinity: c.affinity,
+            }
+        })
+        .collect()
+}
