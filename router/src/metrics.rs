@@ -110,6 +110,34 @@ fn itl_histogram() -> Histogram {
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
+/// One stream's token series (see [`RouterMetrics::stream`]).
+#[derive(Clone)]
+pub struct StreamMetrics {
+    tokens_out: Counter,
+    ttft: Histogram,
+    inter_token: Histogram,
+}
+
+impl StreamMetrics {
+    /// `tokens` arrived `gap` after the previous chunk (or after the request arrived, for the
+    /// first chunk: then `first` is set and `gap` is the TTFT).
+    pub fn tokens(&self, tokens: u32, gap: Duration, first: bool) {
+        if tokens == 0 {
+            return;
+        }
+        self.tokens_out.inc_by(u64::from(tokens));
+        if first {
+            self.ttft.observe(gap.as_secs_f64());
+            return;
+        }
+        // A coalesced chunk of n tokens took `gap`: n gaps of gap/n each.
+        let per_token = gap.as_secs_f64() / f64::from(tokens);
+        for _ in 0..tokens {
+            self.inter_token.observe(per_token);
+        }
+    }
+}
+
 /// Every router metric, registered in the router's [`Metrics`].
 #[derive(Clone)]
 pub struct RouterMetrics {
@@ -271,22 +299,14 @@ impl RouterMetrics {
 
     /// `tokens` arrived `gap` after the previous chunk (or after the request arrived, for the
     /// first chunk: then `first` is set and `gap` is the TTFT).
-    pub fn tokens(&self, labels: &StreamLabels, tokens: u32, gap: Duration, first: bool) {
-        if tokens == 0 {
-            return;
-        }
-        self.tokens_out
-            .get_or_create(labels)
-            .inc_by(u64::from(tokens));
-        if first {
-            self.ttft.get_or_create(labels).observe(gap.as_secs_f64());
-            return;
-        }
-        // A coalesced chunk of n tokens took `gap`: n gaps of gap/n each.
-        let per_token = gap.as_secs_f64() / f64::from(tokens);
-        let histogram = self.inter_token.get_or_create(labels);
-        for _ in 0..tokens {
-            histogram.observe(per_token);
+    /// The token series of one stream's labels, resolved once: a request forwards many chunks,
+    /// and looking its labels up for each one (hashing the model name) costs more than the
+    /// counting.
+    pub fn stream(&self, labels: &StreamLabels) -> StreamMetrics {
+        StreamMetrics {
+            tokens_out: self.tokens_out.get_or_create(labels).clone(),
+            ttft: self.ttft.get_or_create(labels).clone(),
+            inter_token: self.inter_token.get_or_create(labels).clone(),
         }
     }
 
@@ -374,9 +394,10 @@ mod tests {
             pool: "gpu",
             model: "m".into(),
         };
-        router.tokens(&labels, 1, Duration::from_millis(30), true);
-        router.tokens(&labels, 4, Duration::from_millis(8), false);
-        router.tokens(&labels, 0, Duration::from_millis(8), false);
+        let stream = router.stream(&labels);
+        stream.tokens(1, Duration::from_millis(30), true);
+        stream.tokens(4, Duration::from_millis(8), false);
+        stream.tokens(0, Duration::from_millis(8), false);
         let text = metrics.encode();
         let series = "{lane=\"cost_sensitive\",pool=\"gpu\",model=\"m\"}";
         assert!(

@@ -20,7 +20,7 @@ use super::{Control, Dispatcher, FrameSink, Held};
 use crate::classify::Classification;
 use crate::error::DispatchError;
 use crate::links::{Link, LinkEvent, SlotHold};
-use crate::metrics::{StreamLabels, lane_label, pool_label};
+use crate::metrics::{StreamLabels, StreamMetrics, lane_label, pool_label};
 use crate::placer::Chosen;
 use crate::report::ledger;
 
@@ -64,6 +64,8 @@ pub(super) struct Run<'d> {
     pub(super) alternatives: ledger::Basis,
     pub(super) attempts: u32,
     pub(super) cancelled: bool,
+    /// The token series of the current worker's pool (set by [`Run::on_worker`]).
+    pub(super) stream_metrics: Option<StreamMetrics>,
     /// See [`Held`]: given back before the last frame.
     pub(super) held: Held,
 }
@@ -183,6 +185,7 @@ impl<'d> Run<'d> {
             attempts: 1,
             cancelled: false,
             held: Held::default(),
+            stream_metrics: None,
         }
     }
 
@@ -345,9 +348,13 @@ impl<'d> Run<'d> {
         self.cost_per_mtok = record.capacity.cost_per_mtok;
         self.span.record("pool", pool_label(Some(record.pool)));
         self.span.record("worker", record.id.as_str());
+        self.stream_metrics = Some(self.dispatcher.metrics.stream(&StreamLabels {
+            lane: lane_label(self.class.lane),
+            pool: pool_label(Some(record.pool)),
+            model: self.request.model.clone(),
+        }));
     }
 
-    /// Reports how the request ended (`outcome` as in the request metrics).
     /// Runs one generation on `link` until it ends one way or another.
     async fn segment(
         &mut self,
@@ -496,14 +503,9 @@ impl<'d> Run<'d> {
             Some(previous) => (now - previous, false),
             None => (now - self.arrived, true),
         };
-        let labels = StreamLabels {
-            lane: lane_label(self.class.lane),
-            pool: pool_label(Some(self.pool)),
-            model: self.request.model.clone(),
-        };
-        self.dispatcher
-            .metrics
-            .tokens(&labels, tokens.token_ids.len() as u32, gap, first);
+        if let Some(metrics) = &self.stream_metrics {
+            metrics.tokens(tokens.token_ids.len() as u32, gap, first);
+        }
         self.delivered += tokens.token_ids.len() as u32;
         self.dispatcher
             .reports
