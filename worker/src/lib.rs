@@ -7,6 +7,8 @@
 pub mod coalesce;
 pub mod credit;
 pub mod engine;
+#[cfg(feature = "fault-engine")]
+pub mod fault;
 pub mod kv_events;
 pub mod kv_feed;
 pub mod load;
