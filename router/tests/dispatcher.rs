@@ -669,6 +669,50 @@ async fn failover_after_a_worker_dies_loses_and_repeats_no_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_before_the_first_token_starts_over_elsewhere() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("early", [Plan::fault(Fault::DieAfter(0)), Plan::default()]);
+    let mut session = cluster.session().await;
+    session.start(request("e", "early", 10, RequestClass::Auto));
+    let end = session.end("e").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("early", 0, 10));
+    let starts = cluster.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_ne!(starts[0].0, starts[1].0, "failed over to another worker");
+    assert!(
+        starts.iter().all(|(_, s)| s.resume_tokens.is_empty()),
+        "nothing to resume: {starts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_generation_is_waited_for_not_failed_over() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster.script.set(
+        "slow",
+        [Plan::fault(Fault::StallAfter(
+            2,
+            Duration::from_millis(400),
+        ))],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("s", "slow", 10, RequestClass::Auto));
+    let end = session.end("s").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("slow", 0, 10));
+    let starts = cluster.starts();
+    assert_eq!(starts.len(), 1, "a stall is not a failure: {starts:?}");
+    let (worker, start) = &starts[0];
+    assert!(!cancelled(
+        &cluster.engine(*worker).events(),
+        &start.request_id
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resource_exhausted_on_every_worker_is_shed_with_retry_after() {
     let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
     cluster
@@ -864,6 +908,48 @@ async fn a_request_waiting_past_its_lanes_queue_wait_is_shed() {
             .iter()
             .all(|(_, s)| s.instructions() != "late"),
         "the shed request never reached a worker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_on_a_full_lane_is_refused_with_retry_after_metadata() {
+    let mut policy = PolicyDocument::default();
+    policy.cost_sensitive.max_queue = 0;
+    policy.cost_sensitive.retry_after_ms = 1_500;
+    let cluster = Cluster::start(1, 1, RouterConfig::default(), Some(policy)).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("h", 1).await;
+
+    let mut client = InferenceClient::new(cluster.channel().await);
+    let status = within(
+        "generate",
+        client.generate(request("g", "turned away", 3, RequestClass::CostSensitive)),
+    )
+    .await
+    .expect_err("no slot and no room to wait");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        status.metadata().get("retry-after"),
+        Some(&"2".parse().expect("ascii")),
+        "{status:?}"
+    );
+    assert_eq!(
+        status.metadata().get("retry-after-ms"),
+        Some(&"1500".parse().expect("ascii")),
+        "{status:?}"
+    );
+
+    cluster.engine(0).release();
+    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+    assert!(
+        cluster
+            .starts()
+            .iter()
+            .all(|(_, s)| s.instructions() != "turned away")
     );
 }
 

@@ -426,3 +426,110 @@ impl Generation {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Sampling;
+
+    fn request(instructions: &str, max_tokens: u32, resume: usize) -> EngineRequest {
+        EngineRequest {
+            request_id: "r".into(),
+            model: "fault".into(),
+            prompt: Prompt::Text(instructions.into()),
+            sampling: Sampling {
+                max_tokens,
+                ..Default::default()
+            },
+            resume_tokens: fault_ids(instructions, 0, resume),
+            latency_critical: false,
+            prompt_ids: None,
+        }
+    }
+
+    async fn text(mut rx: EngineStream) -> (String, Option<EngineEvent>) {
+        let mut text = String::new();
+        while let Some(event) = rx.recv().await {
+            match event.expect("no error") {
+                EngineEvent::Token { text: t, .. } => text.push_str(&t),
+                done => return (text, Some(done)),
+            }
+        }
+        (text, None)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn scripted_plans_follow_each_other_and_a_resume_continues_the_same_text() {
+        let script = Script::new(Plan::default());
+        script.set(
+            "x",
+            [
+                Plan::fault(Fault::Refuse(tonic::Code::Unavailable)),
+                Plan::default(),
+            ],
+        );
+        let engine = FaultEngine::new("fault", 1, script);
+        let refused = engine.submit(request("x", 6, 0), CancellationToken::new());
+        assert_eq!(
+            refused.map(|_| ()).map_err(|e| e.code()),
+            Err(tonic::Code::Unavailable)
+        );
+        let rx = engine
+            .submit(request("x", 6, 2), CancellationToken::new())
+            .expect("the next plan runs");
+        let (resumed, done) = text(rx).await;
+        assert_eq!(fault_text("x", 0, 2) + &resumed, fault_text("x", 0, 6));
+        assert!(matches!(
+            done,
+            Some(EngineEvent::Done {
+                reason: StopReason::Length,
+                completion_tokens: 6,
+                ..
+            })
+        ));
+        // The last plan stays.
+        assert!(
+            engine
+                .submit(request("x", 1, 0), CancellationToken::new())
+                .is_ok()
+        );
+        let starts = engine
+            .events()
+            .iter()
+            .filter(|e| matches!(e, FaultEvent::Start { .. }))
+            .count();
+        assert_eq!(starts, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ignored_cancel_is_recorded_and_never_confirmed() {
+        let script = Script::new(Plan::fault(Fault::IgnoreCancel));
+        let engine = FaultEngine::new("fault", 1, script);
+        let cancel = CancellationToken::new();
+        let mut rx = engine.submit(request("y", 3, 0), cancel.clone()).unwrap();
+        assert!(matches!(
+            rx.recv().await,
+            Some(Ok(EngineEvent::Token { .. }))
+        ));
+        cancel.cancel();
+        engine
+            .wait_until(|e| e.iter().any(|e| matches!(e, FaultEvent::Cancelled { .. })))
+            .await;
+        let mut after = 0;
+        let confirmed = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(event) = rx.recv().await {
+                match event.expect("no error") {
+                    EngineEvent::Token { .. } => after += 1,
+                    done => return Some(done),
+                }
+            }
+            None
+        })
+        .await;
+        assert!(
+            confirmed.is_err(),
+            "neither confirmed nor closed: {confirmed:?}"
+        );
+        assert_eq!(after, 2, "the tokens went on to max_tokens");
+    }
+}
