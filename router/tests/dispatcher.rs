@@ -535,6 +535,26 @@ async fn a_client_that_goes_away_stops_the_generation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_goes_away_stops_all_its_generations() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster.script.set_default(Plan::fault(Fault::HoldAfter(1)));
+    let mut session = cluster.session().await;
+    session.start(request("a", "one", 100, RequestClass::Auto));
+    session.start(request("b", "two", 100, RequestClass::Auto));
+    session.tokens("a", 1).await;
+    session.tokens("b", 1).await;
+    drop(session);
+
+    let engine = cluster.engine(0);
+    let (one, two) = (start_on(engine, "one").await, start_on(engine, "two").await);
+    within(
+        "both generations are cancelled",
+        engine.wait_until(|e| cancelled(e, &one.request_id) && cancelled(e, &two.request_id)),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_the_engine_never_confirms_ends_within_the_grace() {
     let grace = Duration::from_millis(300);
     let config = RouterConfig {
@@ -666,6 +686,30 @@ async fn failover_after_a_worker_dies_loses_and_repeats_no_token() {
         done_of(&events, &resumed.request_id),
         Some((switchyard_worker::StopReason::Length, 30 - k))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_worker_dies_the_client_gets_unavailable_after_what_it_saw() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster.script.set(
+        "doomed",
+        [Plan::fault(Fault::DieAfter(3)).paced(Duration::from_millis(5))],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("d", "doomed", 30, RequestClass::Auto));
+    let end = session.end("d").await;
+    let failed = end.failure();
+    assert_eq!(Code::from_i32(failed.code), Code::Unavailable, "{failed:?}");
+    let seen = end.ids.len();
+    assert!(seen <= 6, "two workers made 3 tokens each: {end:?}");
+    assert_eq!(
+        end.text,
+        fault_text("doomed", 0, seen),
+        "no token lost or repeated"
+    );
+    let starts = cluster.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_ne!(starts[0].0, starts[1].0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -908,6 +952,47 @@ async fn a_request_waiting_past_its_lanes_queue_wait_is_shed() {
             .iter()
             .all(|(_, s)| s.instructions() != "late"),
         "the shed request never reached a worker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "router bug: a Cancel for a request waiting at the router for a slot is not read \
+            until the request is placed (Dispatcher::run waits for the slot watching only for \
+            the client's stream to close, not its controls): the client gets no end while the \
+            slot stays busy (here, never), and the request then starts on a worker only to be \
+            cancelled"]
+async fn a_cancel_while_waiting_at_the_router_ends_the_request_there() {
+    let cluster = Cluster::start(1, 1, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("h", 1).await;
+
+    session.start(request("q", "queued", 3, RequestClass::CostSensitive));
+    session.cancel("q");
+    // The slot stays held: the cancel alone must end the waiting request.
+    let end = session.end("q").await;
+    let cancelled = end
+        .finished
+        .as_ref()
+        .is_some_and(|f| f.reason == FinishReason::Cancelled as i32)
+        || end
+            .failed
+            .as_ref()
+            .is_some_and(|f| Code::from_i32(f.code) == Code::Cancelled);
+    assert!(cancelled, "{end:?}");
+    assert!(end.accepted.is_empty(), "never placed: {end:?}");
+
+    cluster.engine(0).release();
+    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+    assert!(
+        cluster
+            .starts()
+            .iter()
+            .all(|(_, s)| s.instructions() != "queued"),
+        "a cancelled request never reaches a worker"
     );
 }
 
