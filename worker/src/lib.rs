@@ -2,11 +2,14 @@
 //! `Worker.Serve` gRPC service (one persistent multiplexed stream per router), per-request
 //! cancellation, token coalescing, load reports, registration and graceful drain, metrics and
 //! trace spans, and the
-//! synthetic load-test engine.
+//! synthetic load-test engine (and, with the `fault-engine` feature, the scripted fault engine
+//! of the in-process dispatcher tests).
 
 pub mod coalesce;
 pub mod credit;
 pub mod engine;
+#[cfg(feature = "fault-engine")]
+pub mod fault;
 pub mod kv_events;
 pub mod kv_feed;
 pub mod load;

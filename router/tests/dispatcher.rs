@@ -1,0 +1,1098 @@
+//! The dispatcher against misbehaving workers, in one process: a real router and real workers
+//! on loopback over an in-memory registry, each worker running the scripted fault engine
+//! (`switchyard_worker::fault`). Everything is driven through the router's public gRPC API, so
+//! these tests hold whatever the router's insides look like.
+//!
+//! A worker that "dies" runs on its own runtime, which is dropped: its sockets close at once,
+//! as when a process is killed (its registry record stays, as a lease would until it expired).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use switchyard_cluster::{MemoryRegistry, Pool, Registry};
+use switchyard_policy::document::PolicyDocument;
+use switchyard_proto::v1::{
+    self, ChatMessage, FinishReason, GenerateRequest, RequestClass, SamplingParams, client_frame,
+    inference_client::InferenceClient, server_frame::Frame,
+};
+use switchyard_router::RouterConfig;
+use switchyard_worker::fault::{
+    Fault, FaultEngine, FaultEvent, Plan, Script, fault_ids, fault_text,
+};
+use switchyard_worker::{CoalesceConfig, WorkerConfig};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MODEL: &str = "fault";
+/// Longest any one step may take before the test fails (a debug build on a busy machine).
+const PATIENCE: Duration = Duration::from_secs(30);
+
+async fn within<T>(what: &str, step: impl Future<Output = T>) -> T {
+    tokio::time::timeout(PATIENCE, step)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not within {PATIENCE:?}"))
+}
+
+/// A worker serving a fault engine on its own thread and runtime.
+struct Worker {
+    id: String,
+    engine: Arc<FaultEngine>,
+    kill: CancellationToken,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill.cancel();
+    }
+}
+
+async fn start_worker(
+    registry: &Arc<MemoryRegistry>,
+    id: &str,
+    slots: u32,
+    script: &Arc<Script>,
+) -> Worker {
+    let engine = Arc::new(FaultEngine::new(MODEL, slots, script.clone()));
+    let kill = CancellationToken::new();
+    let config = WorkerConfig {
+        id: id.into(),
+        pool: Pool::Gpu,
+        listen: "127.0.0.1:0".parse().expect("address"),
+        advertise: None,
+        lease_ttl: Duration::from_secs(10),
+        coalesce: CoalesceConfig::default(),
+        cost_per_mtok: 0.1,
+        drain_timeout: Duration::from_secs(1),
+        metrics: Default::default(),
+        tls: Default::default(),
+        connections: Default::default(),
+    };
+    let (ready, serving) = oneshot::channel();
+    let (registry, served, stop, died) = (
+        registry.clone(),
+        engine.clone(),
+        kill.clone(),
+        engine.died(),
+    );
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("worker runtime");
+        runtime.block_on(async move {
+            tokio::spawn(switchyard_worker::run_worker(
+                config,
+                served,
+                registry,
+                CancellationToken::new(),
+                |addr| {
+                    let _ = ready.send(addr);
+                },
+            ));
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = died.cancelled() => {}
+            }
+        });
+        // Every task and socket of this worker goes at once, as with a killed process.
+        drop(runtime);
+    });
+    within("worker start", serving)
+        .await
+        .expect("the worker stopped before serving");
+    Worker {
+        id: id.into(),
+        engine,
+        kill,
+    }
+}
+
+struct Cluster {
+    workers: Vec<Worker>,
+    script: Arc<Script>,
+    router: SocketAddr,
+    _router: DropGuard,
+}
+
+impl Cluster {
+    /// `workers` workers of `slots` slots each sharing one script (default: plain generations),
+    /// and a router with `config` (its listen address aside) and `policy` stored.
+    async fn start(
+        workers: usize,
+        slots: u32,
+        config: RouterConfig,
+        policy: Option<PolicyDocument>,
+    ) -> Self {
+        let registry = Arc::new(MemoryRegistry::new());
+        if let Some(policy) = policy {
+            registry
+                .put_policy(policy.to_json().into_bytes(), None)
+                .await
+                .expect("store the policy");
+        }
+        let script = Script::new(Plan::default());
+        let mut started = Vec::new();
+        for i in 0..workers {
+            started.push(start_worker(&registry, &format!("w{i}"), slots, &script).await);
+        }
+        let shutdown = CancellationToken::new();
+        let (ready, serving) = oneshot::channel();
+        let config = RouterConfig {
+            listen: "127.0.0.1:0".parse().expect("address"),
+            ..config
+        };
+        tokio::spawn(switchyard_router::run_router(
+            config,
+            registry,
+            shutdown.clone(),
+            |addr| {
+                let _ = ready.send(addr);
+            },
+        ));
+        let router = within("router start", serving)
+            .await
+            .expect("the router stopped before serving");
+        let cluster = Self {
+            workers: started,
+            script,
+            router,
+            _router: shutdown.drop_guard(),
+        };
+        cluster.wait_until_routable(workers).await;
+        cluster
+    }
+
+    async fn channel(&self) -> Channel {
+        within(
+            "connect to the router",
+            Channel::from_shared(format!("http://{}", self.router))
+                .expect("uri")
+                .connect(),
+        )
+        .await
+        .expect("router reachable")
+    }
+
+    /// Waits until the router can place on `n` workers. The router tells no event for that, so
+    /// this asks again until it says so.
+    async fn wait_until_routable(&self, n: usize) {
+        let mut client = InferenceClient::new(self.channel().await);
+        within("workers routable", async {
+            loop {
+                if let Ok(models) = client.list_models(v1::ListModelsRequest {}).await {
+                    let workers: usize = models
+                        .into_inner()
+                        .models
+                        .iter()
+                        .filter(|m| m.id == MODEL)
+                        .map(|m| m.workers.len())
+                        .sum();
+                    if workers == n {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
+    async fn session(&self) -> Session {
+        Session::open(self.channel().await).await
+    }
+
+    fn engine(&self, i: usize) -> &FaultEngine {
+        &self.workers[i].engine
+    }
+
+    /// Every start the engines saw, as `(worker index, start)`.
+    fn starts(&self) -> Vec<(usize, Start)> {
+        self.workers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, w)| {
+                w.engine
+                    .events()
+                    .into_iter()
+                    .filter_map(Start::of)
+                    .map(move |s| (i, s))
+            })
+            .collect()
+    }
+}
+
+/// A start as an engine saw it.
+#[derive(Debug, Clone)]
+struct Start {
+    request_id: String,
+    messages: Vec<ChatMessage>,
+    resume_tokens: Vec<u32>,
+    latency_critical: bool,
+    max_tokens: u32,
+    refused: bool,
+}
+
+impl Start {
+    fn of(event: FaultEvent) -> Option<Self> {
+        match event {
+            FaultEvent::Start {
+                request_id,
+                messages,
+                resume_tokens,
+                latency_critical,
+                max_tokens,
+                refused,
+            } => Some(Self {
+                request_id,
+                messages: messages
+                    .into_iter()
+                    .map(|m| ChatMessage {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+                resume_tokens,
+                latency_critical,
+                max_tokens,
+                refused,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The last user message: what the fault engine generates from.
+    fn instructions(&self) -> &str {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map_or("", |m| m.content.as_str())
+    }
+}
+
+fn cancelled(events: &[FaultEvent], request_id: &str) -> bool {
+    events
+        .iter()
+        .any(|e| matches!(e, FaultEvent::Cancelled { request_id: id } if id == request_id))
+}
+
+fn done_of(
+    events: &[FaultEvent],
+    request_id: &str,
+) -> Option<(switchyard_worker::StopReason, usize)> {
+    events.iter().find_map(|e| match e {
+        FaultEvent::Done {
+            request_id: id,
+            reason,
+            tokens,
+        } if id == request_id => Some((*reason, *tokens)),
+        _ => None,
+    })
+}
+
+/// The engine-side start of the generation for `instructions` (its first, if several).
+async fn start_on(engine: &FaultEngine, instructions: &str) -> Start {
+    let events = within(
+        &format!("the engine starts {instructions:?}"),
+        engine.wait_until(|events| {
+            events
+                .iter()
+                .cloned()
+                .filter_map(Start::of)
+                .any(|s| s.instructions() == instructions)
+        }),
+    )
+    .await;
+    events
+        .into_iter()
+        .filter_map(Start::of)
+        .find(|s| s.instructions() == instructions)
+        .expect("just seen")
+}
+
+fn request(id: &str, instructions: &str, max_tokens: u32, class: RequestClass) -> GenerateRequest {
+    GenerateRequest {
+        request_id: id.into(),
+        model: MODEL.into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: instructions.into(),
+        }],
+        sampling: Some(SamplingParams {
+            max_tokens,
+            ..Default::default()
+        }),
+        class: class as i32,
+        ..Default::default()
+    }
+}
+
+/// What a client saw of one request.
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    accepted: Vec<v1::Accepted>,
+    text: String,
+    ids: Vec<u32>,
+    finished: Option<v1::Finished>,
+    failed: Option<v1::Failed>,
+}
+
+impl Outcome {
+    fn ended(&self) -> bool {
+        self.finished.is_some() || self.failed.is_some()
+    }
+
+    fn reason(&self) -> FinishReason {
+        let finished = self
+            .finished
+            .as_ref()
+            .unwrap_or_else(|| panic!("not finished: {self:?}"));
+        FinishReason::try_from(finished.reason).expect("known reason")
+    }
+
+    fn failure(&self) -> &v1::Failed {
+        self.failed
+            .as_ref()
+            .unwrap_or_else(|| panic!("did not fail: {self:?}"))
+    }
+}
+
+/// A client's `Inference.Session`, with what it saw of each request.
+struct Session {
+    frames: mpsc::UnboundedSender<v1::ClientFrame>,
+    inbound: tonic::Streaming<v1::ServerFrame>,
+    requests: HashMap<String, Outcome>,
+}
+
+impl Session {
+    async fn open(channel: Channel) -> Self {
+        let (frames, outbound) = mpsc::unbounded_channel();
+        let inbound = within(
+            "open a session",
+            InferenceClient::new(channel).session(UnboundedReceiverStream::new(outbound)),
+        )
+        .await
+        .expect("session opened")
+        .into_inner();
+        Self {
+            frames,
+            inbound,
+            requests: HashMap::new(),
+        }
+    }
+
+    fn send(&self, frame: client_frame::Frame) {
+        self.frames
+            .send(v1::ClientFrame { frame: Some(frame) })
+            .expect("session open");
+    }
+
+    fn start(&self, request: GenerateRequest) {
+        self.send(client_frame::Frame::Start(request));
+    }
+
+    fn cancel(&self, request_id: &str) {
+        self.send(client_frame::Frame::Cancel(v1::Cancel {
+            request_id: request_id.into(),
+        }));
+    }
+
+    /// Reads frames until `done` holds of what was seen.
+    async fn until(&mut self, what: &str, done: impl Fn(&HashMap<String, Outcome>) -> bool) {
+        within(what, async {
+            while !done(&self.requests) {
+                let frame = self
+                    .inbound
+                    .message()
+                    .await
+                    .unwrap_or_else(|status| panic!("{what}: session failed: {status}"))
+                    .unwrap_or_else(|| panic!("{what}: session ended"));
+                let Some(frame) = frame.frame else { continue };
+                let id = match &frame {
+                    Frame::Accepted(v1::Accepted { request_id, .. })
+                    | Frame::Tokens(v1::Tokens { request_id, .. })
+                    | Frame::Finished(v1::Finished { request_id, .. })
+                    | Frame::Failed(v1::Failed { request_id, .. }) => request_id.clone(),
+                };
+                let outcome = self.requests.entry(id).or_default();
+                assert!(
+                    !outcome.ended(),
+                    "{what}: a frame after the end: {outcome:?}"
+                );
+                match frame {
+                    Frame::Accepted(accepted) => outcome.accepted.push(accepted),
+                    Frame::Tokens(tokens) => {
+                        outcome.text.push_str(&tokens.text);
+                        outcome.ids.extend(tokens.token_ids);
+                    }
+                    Frame::Finished(finished) => outcome.finished = Some(finished),
+                    Frame::Failed(failed) => outcome.failed = Some(failed),
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Reads frames until `request_id` has `n` tokens.
+    async fn tokens(&mut self, request_id: &str, n: usize) -> Outcome {
+        self.until(&format!("{n} tokens of {request_id}"), |r| {
+            r.get(request_id)
+                .is_some_and(|o| o.ids.len() >= n || o.ended())
+        })
+        .await;
+        self.requests[request_id].clone()
+    }
+
+    /// Reads frames until `request_id` has ended.
+    async fn end(&mut self, request_id: &str) -> Outcome {
+        self.until(&format!("the end of {request_id}"), |r| {
+            r.get(request_id).is_some_and(Outcome::ended)
+        })
+        .await;
+        self.requests[request_id].clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_mid_stream_ends_cancelled_and_stops_the_engine() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("count", [Plan::fault(Fault::HoldAfter(3))]);
+    let mut session = cluster.session().await;
+    session.start(request("c", "count", 1000, RequestClass::Auto));
+    let seen = session.tokens("c", 3).await;
+    assert_eq!(seen.text, fault_text("count", 0, 3));
+
+    session.cancel("c");
+    let end = session.end("c").await;
+    assert_eq!(end.reason(), FinishReason::Cancelled, "{end:?}");
+    assert_eq!(
+        end.text,
+        fault_text("count", 0, 3),
+        "nothing after the hold"
+    );
+
+    let engine = cluster.engine(0);
+    let start = start_on(engine, "count").await;
+    let events = within(
+        "the engine confirms the cancel",
+        engine.wait_until(|e| done_of(e, &start.request_id).is_some()),
+    )
+    .await;
+    assert!(cancelled(&events, &start.request_id), "{events:?}");
+    assert_eq!(
+        done_of(&events, &start.request_id),
+        Some((switchyard_worker::StopReason::Cancelled, 3))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_stops_the_generation() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("abandoned", [Plan::fault(Fault::HoldAfter(2))]);
+    let mut client = InferenceClient::new(cluster.channel().await);
+    let mut stream = within(
+        "generate",
+        client.generate(request("g", "abandoned", 1000, RequestClass::Auto)),
+    )
+    .await
+    .expect("generate accepted")
+    .into_inner();
+    let mut tokens = 0;
+    while tokens < 2 {
+        let frame = within("a frame", stream.message())
+            .await
+            .expect("stream ok")
+            .expect("not ended");
+        if let Some(Frame::Tokens(t)) = frame.frame {
+            tokens += t.token_ids.len();
+        }
+    }
+    drop(stream);
+    drop(client);
+
+    let engine = cluster.engine(0);
+    let start = start_on(engine, "abandoned").await;
+    let events = within(
+        "the engine is cancelled",
+        engine.wait_until(|e| cancelled(e, &start.request_id)),
+    )
+    .await;
+    assert!(
+        !events
+            .iter()
+            .any(|e| matches!(e, FaultEvent::Done { reason, .. } if *reason != switchyard_worker::StopReason::Cancelled)),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_goes_away_stops_all_its_generations() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster.script.set_default(Plan::fault(Fault::HoldAfter(1)));
+    let mut session = cluster.session().await;
+    session.start(request("a", "one", 100, RequestClass::Auto));
+    session.start(request("b", "two", 100, RequestClass::Auto));
+    session.tokens("a", 1).await;
+    session.tokens("b", 1).await;
+    drop(session);
+
+    let engine = cluster.engine(0);
+    let (one, two) = (start_on(engine, "one").await, start_on(engine, "two").await);
+    within(
+        "both generations are cancelled",
+        engine.wait_until(|e| cancelled(e, &one.request_id) && cancelled(e, &two.request_id)),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_the_engine_never_confirms_ends_within_the_grace() {
+    let grace = Duration::from_millis(300);
+    let config = RouterConfig {
+        cancel_grace: grace,
+        ..RouterConfig::default()
+    };
+    let cluster = Cluster::start(1, 4, config, None).await;
+    cluster.script.set(
+        "stubborn",
+        [Plan::fault(Fault::IgnoreCancel).paced(Duration::from_millis(20))],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("s", "stubborn", 4000, RequestClass::Auto));
+    session.tokens("s", 2).await;
+
+    let asked = Instant::now();
+    session.cancel("s");
+    let end = session.end("s").await;
+    let waited = asked.elapsed();
+    assert_eq!(end.reason(), FinishReason::Cancelled, "{end:?}");
+    // Unconfirmed, the generation would run for 4000 × 20 ms.
+    assert!(
+        waited < grace + Duration::from_secs(3),
+        "the end took {waited:?} with a cancel grace of {grace:?}"
+    );
+
+    let engine = cluster.engine(0);
+    let start = start_on(engine, "stubborn").await;
+    let events = within(
+        "the engine saw the cancel",
+        engine.wait_until(|e| cancelled(e, &start.request_id)),
+    )
+    .await;
+    assert_eq!(done_of(&events, &start.request_id), None, "never confirmed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_continues_with_the_new_messages() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("first", [Plan::fault(Fault::HoldAfter(3))]);
+    let mut session = cluster.session().await;
+    session.start(request("i", "first", 20, RequestClass::Auto));
+    session.tokens("i", 3).await;
+
+    session.send(client_frame::Frame::Interrupt(v1::Interrupt {
+        request_id: "i".into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "second".into(),
+        }],
+        keep_generated: true,
+    }));
+    let end = session.end("i").await;
+    assert!(end.finished.is_some(), "{end:?}");
+
+    let engine = cluster.engine(0);
+    let first = start_on(engine, "first").await;
+    let second = start_on(engine, "second").await;
+    assert!(cancelled(&engine.events(), &first.request_id));
+    let before = fault_text("first", 0, 3);
+    assert_eq!(
+        second.messages,
+        vec![
+            ChatMessage {
+                role: "user".into(),
+                content: "first".into()
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: before.clone(),
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "second".into()
+            },
+        ],
+        "the continuation starts with the conversation so far and the new message"
+    );
+    let resumed = second.resume_tokens.len();
+    let after = fault_text("second", resumed, second.max_tokens as usize - resumed);
+    assert_eq!(end.text, format!("{before}{after}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_after_a_worker_dies_loses_and_repeats_no_token() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster.script.set(
+        "story",
+        [
+            Plan::fault(Fault::DieAfter(5)).paced(Duration::from_millis(5)),
+            Plan::default(),
+        ],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("f", "story", 30, RequestClass::Auto));
+    let end = session.end("f").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("story", 0, 30));
+    assert_eq!(end.ids, fault_ids("story", 0, 30));
+
+    let starts = cluster.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    let died = starts
+        .iter()
+        .position(|(w, _)| {
+            cluster
+                .engine(*w)
+                .events()
+                .iter()
+                .any(|e| matches!(e, FaultEvent::Died { .. }))
+        })
+        .expect("one worker died");
+    let (dead, _) = &starts[died];
+    let (survivor, resumed) = &starts[1 - died];
+    assert_ne!(dead, survivor, "failed over to another worker");
+    assert_eq!(
+        end.accepted.first().map(|a| a.worker_id.as_str()),
+        Some(cluster.workers[*dead].id.as_str()),
+        "the client was told where it started"
+    );
+    let k = resumed.resume_tokens.len();
+    assert!(k <= 5, "{k} tokens resumed, the dead worker made 5");
+    assert_eq!(resumed.resume_tokens, fault_ids("story", 0, k));
+    // What the client saw of the dead worker is exactly what the survivor was told.
+    let events = cluster.engine(*survivor).events();
+    assert_eq!(
+        done_of(&events, &resumed.request_id),
+        Some((switchyard_worker::StopReason::Length, 30 - k))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_worker_dies_the_client_gets_unavailable_after_what_it_saw() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster.script.set(
+        "doomed",
+        [Plan::fault(Fault::DieAfter(3)).paced(Duration::from_millis(5))],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("d", "doomed", 30, RequestClass::Auto));
+    let end = session.end("d").await;
+    let failed = end.failure();
+    assert_eq!(Code::from_i32(failed.code), Code::Unavailable, "{failed:?}");
+    let seen = end.ids.len();
+    assert!(seen <= 6, "two workers made 3 tokens each: {end:?}");
+    assert_eq!(
+        end.text,
+        fault_text("doomed", 0, seen),
+        "no token lost or repeated"
+    );
+    let starts = cluster.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_ne!(starts[0].0, starts[1].0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_before_the_first_token_starts_over_elsewhere() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("early", [Plan::fault(Fault::DieAfter(0)), Plan::default()]);
+    let mut session = cluster.session().await;
+    session.start(request("e", "early", 10, RequestClass::Auto));
+    let end = session.end("e").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("early", 0, 10));
+    let starts = cluster.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_ne!(starts[0].0, starts[1].0, "failed over to another worker");
+    assert!(
+        starts.iter().all(|(_, s)| s.resume_tokens.is_empty()),
+        "nothing to resume: {starts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_generation_is_waited_for_not_failed_over() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster.script.set(
+        "slow",
+        [Plan::fault(Fault::StallAfter(
+            2,
+            Duration::from_millis(400),
+        ))],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("s", "slow", 10, RequestClass::Auto));
+    let end = session.end("s").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("slow", 0, 10));
+    let starts = cluster.starts();
+    assert_eq!(starts.len(), 1, "a stall is not a failure: {starts:?}");
+    let (worker, start) = &starts[0];
+    assert!(!cancelled(
+        &cluster.engine(*worker).events(),
+        &start.request_id
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_exhausted_on_every_worker_is_shed_with_retry_after() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set_default(Plan::fault(Fault::Refuse(Code::ResourceExhausted)));
+    let mut session = cluster.session().await;
+    session.start(request("x", "full", 10, RequestClass::CostSensitive));
+    let end = session.end("x").await;
+    let failed = end.failure();
+    assert_eq!(
+        Code::from_i32(failed.code),
+        Code::ResourceExhausted,
+        "{failed:?}"
+    );
+    let policy = PolicyDocument::default();
+    assert_eq!(
+        u64::from(failed.retry_after_ms),
+        policy.cost_sensitive.retry_after_ms
+    );
+    let starts = cluster.starts();
+    for w in 0..2 {
+        assert!(
+            starts.iter().any(|(i, s)| *i == w && s.refused),
+            "worker {w} was asked: {starts:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unavailable_on_one_worker_is_placed_on_another() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster.script.set(
+        "elsewhere",
+        [
+            Plan::fault(Fault::Refuse(Code::Unavailable)),
+            Plan::default(),
+        ],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("u", "elsewhere", 10, RequestClass::Auto));
+    let end = session.end("u").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("elsewhere", 0, 10));
+    let starts = cluster.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    let refused: Vec<_> = starts.iter().filter(|(_, s)| s.refused).collect();
+    let served: Vec<_> = starts.iter().filter(|(_, s)| !s.refused).collect();
+    assert_eq!((refused.len(), served.len()), (1, 1), "{starts:?}");
+    assert_ne!(refused[0].0, served[0].0, "placed on another worker");
+    assert!(served[0].1.resume_tokens.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_argument_from_the_engine_reaches_the_client() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set_default(Plan::fault(Fault::Refuse(Code::InvalidArgument)));
+    let mut session = cluster.session().await;
+    session.start(request("v", "malformed", 10, RequestClass::Auto));
+    let end = session.end("v").await;
+    let failed = end.failure();
+    assert_eq!(
+        Code::from_i32(failed.code),
+        Code::InvalidArgument,
+        "{failed:?}"
+    );
+    assert!(
+        failed.message.contains("fault engine refuses"),
+        "the engine's message: {failed:?}"
+    );
+    assert_eq!(cluster.starts().len(), 1, "not retried elsewhere");
+}
+
+/// Requests arriving while the one slot of the only worker is held, in this order.
+const WAITING: [(&str, RequestClass); 5] = [
+    ("c1", RequestClass::CostSensitive),
+    ("c2", RequestClass::CostSensitive),
+    ("l1", RequestClass::LatencyCritical),
+    ("c3", RequestClass::CostSensitive),
+    ("l2", RequestClass::LatencyCritical),
+];
+
+/// Holds the only slot, queues [`WAITING`] behind it at the router, lets the slot go, and
+/// returns the order the worker started them in (after `hold`), each having finished.
+async fn order_of_waiting_requests() -> Vec<String> {
+    let cluster = Cluster::start(1, 1, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("h", 1).await;
+
+    for (id, class) in WAITING {
+        session.start(request(id, id, 3, class));
+    }
+    // The session handles its frames in order: the answer to this cancel of nothing comes
+    // after every start above is waiting at the router.
+    session.cancel("probe");
+    session
+        .until("the probe's answer", |r| r.contains_key("probe"))
+        .await;
+    assert!(
+        WAITING
+            .iter()
+            .all(|(id, _)| !session.requests.contains_key(*id)),
+        "nothing placed while the slot is held: {:?}",
+        session.requests
+    );
+
+    cluster.engine(0).release();
+    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+    for (id, _) in WAITING {
+        let end = session.end(id).await;
+        assert_eq!(end.reason(), FinishReason::Length, "{id}: {end:?}");
+        assert_eq!(end.text, fault_text(id, 0, 3));
+        let timings = end
+            .finished
+            .as_ref()
+            .and_then(|f| f.timings)
+            .expect("timings");
+        assert!(timings.queue_ms > 0.0, "{id} waited: {timings:?}");
+    }
+    let starts = cluster.starts();
+    for (_, start) in &starts {
+        assert_eq!(
+            start.latency_critical,
+            start.instructions().starts_with('l'),
+            "the worker is told the lane: {start:?}"
+        );
+    }
+    let order: Vec<String> = starts
+        .iter()
+        .map(|(_, s)| s.instructions().to_string())
+        .collect();
+    assert_eq!(order.first().map(String::as_str), Some("hold"), "{order:?}");
+    order[1..].to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_latency_critical_requests_run_before_cost_sensitive_ones() {
+    let order = order_of_waiting_requests().await;
+    let lanes: Vec<char> = order.iter().filter_map(|id| id.chars().next()).collect();
+    assert_eq!(lanes, ['l', 'l', 'c', 'c', 'c'], "{order:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "router bug: waiters in a lane are not served FIFO. Every queued request wakes on \
+            the links' change notification and races to place itself (Dispatcher::wait_for_slot); \
+            the lane queue only counts and evicts, so the order within a lane is whichever task \
+            runs first (seen: l2 before l1, c3 before c2)"]
+async fn waiting_requests_run_in_arrival_order_within_their_lane() {
+    let order = order_of_waiting_requests().await;
+    assert_eq!(order, ["l1", "l2", "c1", "c2", "c3"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_waiting_past_its_lanes_queue_wait_is_shed() {
+    let mut policy = PolicyDocument::default();
+    policy.latency_critical.max_queue_wait_ms = 300.0;
+    policy.latency_critical.retry_after_ms = 700;
+    let cluster = Cluster::start(1, 1, RouterConfig::default(), Some(policy)).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("h", 1).await;
+
+    let asked = Instant::now();
+    session.start(request("late", "late", 3, RequestClass::LatencyCritical));
+    let end = session.end("late").await;
+    let waited = asked.elapsed();
+    let failed = end.failure();
+    assert_eq!(
+        Code::from_i32(failed.code),
+        Code::ResourceExhausted,
+        "{failed:?}"
+    );
+    assert_eq!(failed.retry_after_ms, 700);
+    assert!(
+        waited >= Duration::from_millis(300),
+        "shed after {waited:?}, before its queue wait ran out"
+    );
+    assert!(end.accepted.is_empty(), "never placed: {end:?}");
+
+    cluster.engine(0).release();
+    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+    assert!(
+        cluster
+            .starts()
+            .iter()
+            .all(|(_, s)| s.instructions() != "late"),
+        "the shed request never reached a worker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "router bug: a Cancel for a request waiting at the router for a slot is not read \
+            until the request is placed (Dispatcher::run waits for the slot watching only for \
+            the client's stream to close, not its controls): the client gets no end while the \
+            slot stays busy (here, never), and the request then starts on a worker only to be \
+            cancelled"]
+async fn a_cancel_while_waiting_at_the_router_ends_the_request_there() {
+    let cluster = Cluster::start(1, 1, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("h", 1).await;
+
+    session.start(request("q", "queued", 3, RequestClass::CostSensitive));
+    session.cancel("q");
+    // The slot stays held: the cancel alone must end the waiting request.
+    let end = session.end("q").await;
+    let cancelled = end
+        .finished
+        .as_ref()
+        .is_some_and(|f| f.reason == FinishReason::Cancelled as i32)
+        || end
+            .failed
+            .as_ref()
+            .is_some_and(|f| Code::from_i32(f.code) == Code::Cancelled);
+    assert!(cancelled, "{end:?}");
+    assert!(end.accepted.is_empty(), "never placed: {end:?}");
+
+    cluster.engine(0).release();
+    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+    assert!(
+        cluster
+            .starts()
+            .iter()
+            .all(|(_, s)| s.instructions() != "queued"),
+        "a cancelled request never reaches a worker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_on_a_full_lane_is_refused_with_retry_after_metadata() {
+    let mut policy = PolicyDocument::default();
+    policy.cost_sensitive.max_queue = 0;
+    policy.cost_sensitive.retry_after_ms = 1_500;
+    let cluster = Cluster::start(1, 1, RouterConfig::default(), Some(policy)).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("h", 1).await;
+
+    let mut client = InferenceClient::new(cluster.channel().await);
+    let status = within(
+        "generate",
+        client.generate(request("g", "turned away", 3, RequestClass::CostSensitive)),
+    )
+    .await
+    .expect_err("no slot and no room to wait");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        status.metadata().get("retry-after"),
+        Some(&"2".parse().expect("ascii")),
+        "{status:?}"
+    );
+    assert_eq!(
+        status.metadata().get("retry-after-ms"),
+        Some(&"1500".parse().expect("ascii")),
+        "{status:?}"
+    );
+
+    cluster.engine(0).release();
+    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+    assert!(
+        cluster
+            .starts()
+            .iter()
+            .all(|(_, s)| s.instructions() != "turned away")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_does_not_stall_the_worker_for_others() {
+    let config = RouterConfig {
+        stream_credit_tokens: 16,
+        limits: switchyard_proto::RequestLimits {
+            max_tokens_cap: 1_000_000,
+            ..Default::default()
+        },
+        ..RouterConfig::default()
+    };
+    let cluster = Cluster::start(1, 2, config, None).await;
+    cluster
+        .script
+        .set("flood", [Plan::default().paced(Duration::ZERO)]);
+
+    // Its own connection: a stalled stream must not hold the other client's window.
+    let mut slow = InferenceClient::new(cluster.channel().await);
+    let mut unread = within(
+        "generate",
+        slow.generate(request("flood", "flood", 1_000_000, RequestClass::Auto)),
+    )
+    .await
+    .expect("generate accepted")
+    .into_inner();
+    loop {
+        let frame = within("a frame", unread.message())
+            .await
+            .expect("stream ok")
+            .expect("not ended");
+        if matches!(frame.frame, Some(Frame::Tokens(_))) {
+            break;
+        }
+    }
+    // From here on nobody reads the flood, until its engine has to wait.
+    let engine = cluster.engine(0);
+    let flood = start_on(engine, "flood").await;
+    within(
+        "the flood's engine is held back",
+        engine.wait_until(|events| {
+            events.iter().any(
+                |e| matches!(e, FaultEvent::Blocked { request_id } if *request_id == flood.request_id),
+            )
+        }),
+    )
+    .await;
+
+    let mut session = cluster.session().await;
+    session.start(request("b", "bystander", 50, RequestClass::Auto));
+    let end = session.end("b").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("bystander", 0, 50));
+    assert_eq!(
+        done_of(&engine.events(), &flood.request_id),
+        None,
+        "the flood is still held back"
+    );
+    drop(unread);
+}
