@@ -62,7 +62,8 @@ pub struct LaneLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabels {
     pub lane: &'static str,
-    /// `placed` or `shed` (waited out its lane's queue wait, or evicted).
+    /// `placed`, `shed` (waited out its lane's queue wait, or evicted) or `cancelled` (by
+    /// its client while waiting).
     pub outcome: &'static str,
 }
 
@@ -316,12 +317,13 @@ impl RouterMetrics {
             .inc();
     }
 
-    /// A request that waited at the router `waited`, then was placed or shed.
-    pub fn queued(&self, lane: LaneName, waited: Duration, placed: bool) {
+    /// A request that waited at the router `waited`, then was `placed`, `shed` or
+    /// `cancelled`.
+    pub fn queued(&self, lane: LaneName, waited: Duration, outcome: &'static str) {
         self.queue_wait
             .get_or_create(&QueueLabels {
                 lane: lane_label(lane),
-                outcome: if placed { "placed" } else { "shed" },
+                outcome,
             })
             .observe(waited.as_secs_f64());
     }

@@ -905,10 +905,6 @@ async fn waiting_latency_critical_requests_run_before_cost_sensitive_ones() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "router bug: waiters in a lane are not served FIFO. Every queued request wakes on \
-            the links' change notification and races to place itself (Dispatcher::wait_for_slot); \
-            the lane queue only counts and evicts, so the order within a lane is whichever task \
-            runs first (seen: l2 before l1, c3 before c2)"]
 async fn waiting_requests_run_in_arrival_order_within_their_lane() {
     let order = order_of_waiting_requests().await;
     assert_eq!(order, ["l1", "l2", "c1", "c2", "c3"]);
@@ -956,11 +952,6 @@ async fn a_request_waiting_past_its_lanes_queue_wait_is_shed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "router bug: a Cancel for a request waiting at the router for a slot is not read \
-            until the request is placed (Dispatcher::run waits for the slot watching only for \
-            the client's stream to close, not its controls): the client gets no end while the \
-            slot stays busy (here, never), and the request then starts on a worker only to be \
-            cancelled"]
 async fn a_cancel_while_waiting_at_the_router_ends_the_request_there() {
     let cluster = Cluster::start(1, 1, RouterConfig::default(), None).await;
     cluster
@@ -993,6 +984,57 @@ async fn a_cancel_while_waiting_at_the_router_ends_the_request_there() {
             .iter()
             .all(|(_, s)| s.instructions() != "queued"),
         "a cancelled request never reaches a worker"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_while_waiting_at_the_router_becomes_the_prompt_it_starts_with() {
+    let cluster = Cluster::start(1, 1, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("h", 1).await;
+
+    session.start(request("q", "old", 3, RequestClass::CostSensitive));
+    session.send(client_frame::Frame::Interrupt(v1::Interrupt {
+        request_id: "q".into(),
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: "new".into(),
+        }],
+        keep_generated: true,
+    }));
+    // The session answers frames in order: once it has refused a cancel of an unknown
+    // request, it has handed the interrupt to the waiting request.
+    session.cancel("nobody");
+    assert!(session.end("nobody").await.failed.is_some());
+    // Nothing was generated yet: the interrupt only rewrites what the request will start with.
+    cluster.engine(0).release();
+    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+    let end = session.end("q").await;
+    assert!(end.finished.is_some(), "{end:?}");
+    let started = start_on(cluster.engine(0), "new").await;
+    assert_eq!(
+        started.messages,
+        vec![
+            ChatMessage {
+                role: "user".into(),
+                content: "old".into()
+            },
+            ChatMessage {
+                role: "user".into(),
+                content: "new".into()
+            },
+        ]
+    );
+    assert!(
+        cluster
+            .starts()
+            .iter()
+            .all(|(_, s)| s.instructions() != "old"),
+        "the request starts once, with the interrupt applied"
     );
 }
 

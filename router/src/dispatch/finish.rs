@@ -92,6 +92,55 @@ impl Dispatcher {
     }
 }
 
+impl Dispatcher {
+    /// Counts and reports a request its client cancelled while it waited at the router.
+    pub(super) fn cancelled_waiting(
+        &self,
+        request: &v1::GenerateRequest,
+        class: &Classification,
+        prompt_ids: &[u32],
+        sampled: bool,
+        arrived: Instant,
+    ) {
+        self.metrics
+            .queued(class.lane, arrived.elapsed(), "cancelled");
+        self.metrics
+            .request(class.lane, None, &request.model, "cancelled");
+        self.reports.ended(Ended {
+            lane: class.lane,
+            outcome: v1::RequestOutcome {
+                request_id: request.request_id.clone(),
+                at_unix_ms: report::now_unix_ms(),
+                status: "cancelled".into(),
+                total_ms: arrived.elapsed().as_secs_f64() * 1e3,
+                prompt_tokens: token_count(prompt_ids),
+                ..Default::default()
+            },
+            cancelled: true,
+            shed: false,
+            sampled,
+            ledger: None,
+        });
+    }
+}
+
+/// The last frame of a request cancelled before it reached a worker.
+pub(super) fn cancelled_frame(request_id: &str, arrived: Instant) -> v1::ServerFrame {
+    let waited_ms = arrived.elapsed().as_secs_f64() * 1e3;
+    v1::ServerFrame {
+        frame: Some(Frame::Finished(v1::Finished {
+            request_id: request_id.to_string(),
+            reason: v1::FinishReason::Cancelled as i32,
+            usage: Some(v1::Usage::default()),
+            timings: Some(v1::Timings {
+                ttft_ms: 0.0,
+                total_ms: waited_ms,
+                queue_ms: waited_ms,
+            }),
+        })),
+    }
+}
+
 impl Run<'_> {
     pub(super) fn report(&self, outcome: &str, error: Option<&DispatchError>, sampled: bool) {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;

@@ -253,8 +253,8 @@ impl Dispatcher {
         out: FrameSink,
     ) {
         let Prepared {
-            request,
-            prompt_ids,
+            mut request,
+            mut prompt_ids,
             class,
             target,
             arrived,
@@ -265,13 +265,36 @@ impl Dispatcher {
         let placed = match target {
             Target::Placed(chosen) => Ok(chosen),
             Target::Queued(mut ticket) => {
-                let placed = tokio::select! {
-                    placed = ticket.placed() => placed,
-                    _ = out.closed() => return,
+                let mut controls_open = true;
+                let placed = loop {
+                    tokio::select! {
+                        // The client's word first: a placement that arrives with a cancel is
+                        // given back, not started.
+                        biased;
+                        control = controls.recv(), if controls_open => match control {
+                            Some(Control::Cancel) => {
+                                drop(ticket);
+                                info!(request_id = %request.request_id, "cancelled while waiting at the router");
+                                self.cancelled_waiting(&request, &class, &prompt_ids, sampled, arrived);
+                                held.release(None);
+                                let _ = out.send(Ok(finish::cancelled_frame(&request.request_id, arrived))).await;
+                                return;
+                            }
+                            // Not started yet: the new instructions simply become its prompt.
+                            Some(Control::Interrupt(interrupt)) => {
+                                run::apply_interrupt(&mut request, String::new(), interrupt);
+                                prompt_ids = self.links.tokenizers().tokenize(&request).unwrap_or_default();
+                            }
+                            None => controls_open = false,
+                        },
+                        placed = ticket.placed() => break placed,
+                        _ = out.closed() => return,
+                    }
                 };
                 let waited = arrived.elapsed();
                 span.record("queue_ms", waited.as_secs_f64() * 1e3);
-                self.metrics.queued(class.lane, waited, placed.is_ok());
+                let outcome = if placed.is_ok() { "placed" } else { "shed" };
+                self.metrics.queued(class.lane, waited, outcome);
                 placed
             }
         };

@@ -525,21 +525,9 @@ impl<'d> Run<'d> {
     /// Rewrites the conversation for an interrupt: the generated text (if kept) becomes an
     /// assistant turn, then the new messages follow; the next segment starts fresh.
     fn redirect(&mut self, interrupt: v1::Interrupt) {
-        if self.request.messages.is_empty() {
-            let prompt = std::mem::take(&mut self.request.prompt);
-            self.request.messages.push(v1::ChatMessage {
-                role: "user".into(),
-                content: prompt,
-            });
-        }
         let generated = std::mem::take(&mut self.segment_text);
-        if interrupt.keep_generated && !generated.is_empty() {
-            self.request.messages.push(v1::ChatMessage {
-                role: "assistant".into(),
-                content: generated,
-            });
-        }
-        self.request.messages.extend(interrupt.messages);
+        let keep_generated = interrupt.keep_generated;
+        apply_interrupt(&mut self.request, generated, interrupt);
         self.prompt_ids = self
             .dispatcher
             .links
@@ -547,8 +535,31 @@ impl<'d> Run<'d> {
             .tokenize(&self.request)
             .unwrap_or_default();
         self.segment_ids.clear();
-        info!(request_id = %self.request.request_id, keep_generated = interrupt.keep_generated, "interrupted; continuing with new instructions");
+        info!(request_id = %self.request.request_id, keep_generated, "interrupted; continuing with new instructions");
     }
+}
+
+/// Rewrites `request`'s conversation for an interrupt: `generated` (if kept) becomes an
+/// assistant turn, then the new messages follow.
+pub(super) fn apply_interrupt(
+    request: &mut v1::GenerateRequest,
+    generated: String,
+    interrupt: v1::Interrupt,
+) {
+    if request.messages.is_empty() {
+        let prompt = std::mem::take(&mut request.prompt);
+        request.messages.push(v1::ChatMessage {
+            role: "user".into(),
+            content: prompt,
+        });
+    }
+    if interrupt.keep_generated && !generated.is_empty() {
+        request.messages.push(v1::ChatMessage {
+            role: "assistant".into(),
+            content: generated,
+        });
+    }
+    request.messages.extend(interrupt.messages);
 }
 
 pub(super) async fn send(out: &FrameSink, frame: Frame) -> Result<(), DispatchError> {
