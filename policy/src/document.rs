@@ -193,6 +193,10 @@ pub struct PlacementPolicy {
     pub affinity_prefill_discount: f64,
     /// Keep the affinity worker if its predicted TTFT exceeds the best by at most this.
     pub affinity_slack_ms: f64,
+    /// …and only while it runs at most this many more requests than the best other candidate:
+    /// a burst of one conversation (or of one prompt) spreads over the pool instead of piling
+    /// onto the worker its key hashes to.
+    pub affinity_max_extra_outstanding: u32,
     /// Fraction of GPU slots kept free of cost-sensitive work, for latency-critical spill.
     pub gpu_reserve_for_latency: f64,
     /// Prefill rate assumed for a worker that reports none, tokens per second.
@@ -212,6 +216,7 @@ impl Default for PlacementPolicy {
             scan_below: 32,
             affinity_prefill_discount: 0.5,
             affinity_slack_ms: 200.0,
+            affinity_max_extra_outstanding: 32,
             gpu_reserve_for_latency: 0.15,
             default_prefill_tokens_per_s: 5_000.0,
             default_decode_tokens_per_s: 50.0,

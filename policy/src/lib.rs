@@ -410,6 +410,9 @@ fn best_in_pool(
         let preferred = best.is_none_or(|b| {
             misses(&candidate) <= misses(&b)
                 && candidate.score <= b.score + policy.placement.affinity_slack_ms
+                && view.worker(owner).outstanding
+                    <= view.worker(b.worker).outstanding
+                        + policy.placement.affinity_max_extra_outstanding
         });
         if preferred {
             return Some(candidate);

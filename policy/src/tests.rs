@@ -195,6 +195,56 @@ fn prefers_the_shorter_predicted_ttft_and_the_affinity_owner_within_slack() {
 }
 
 #[test]
+fn the_affinity_owner_gives_way_once_it_runs_far_more_than_the_best_other_worker() {
+    let policy = PolicyDocument::default();
+    let extra = policy.placement.affinity_max_extra_outstanding;
+    let key = stable_hash("one conversation, sent many times at once");
+    let idle: Vec<_> = (0..3)
+        .map(|i| worker(&format!("g{i}"), Pool::Gpu, 0, 800))
+        .collect();
+    let owner = affinity_owner(&ClusterView::new(idle.clone()), "m", Pool::Gpu, key, &[]).unwrap();
+    let cs = class(LaneName::CostSensitive, &policy);
+    let with_owner_at = |outstanding: u32| {
+        let mut workers = idle.clone();
+        workers[owner].outstanding = outstanding;
+        let view = ClusterView::new(workers);
+        placed(&place(&view, &cs, &request(10, Some(key), 1), &policy, &[]))
+    };
+    let kept = with_owner_at(extra);
+    assert_eq!((kept.worker, kept.affinity), (owner, true));
+    let moved = with_owner_at(extra + 1);
+    assert_ne!(moved.worker, owner, "{moved:?}");
+    assert!(!moved.affinity);
+}
+
+#[test]
+fn a_burst_of_one_conversation_spreads_once_each_placement_is_counted() {
+    let policy = PolicyDocument::default();
+    let key = stable_hash("one conversation, sent many times at once");
+    let workers: Vec<_> = (0..3)
+        .map(|i| worker(&format!("g{i}"), Pool::Gpu, 0, 800))
+        .collect();
+    let mut view = ClusterView::new(workers);
+    let cs = class(LaneName::CostSensitive, &policy);
+    for seed in 0..2_000 {
+        let p = placed(&place(
+            &view,
+            &cs,
+            &request(10, Some(key), seed),
+            &policy,
+            &[],
+        ));
+        view.update(p.worker, |w| w.outstanding += 1);
+    }
+    let counts: Vec<u32> = view.workers().iter().map(|w| w.outstanding).collect();
+    let share = 2_000 / 3;
+    assert!(
+        counts.iter().all(|&c| c <= share + share / 10),
+        "{counts:?}"
+    );
+}
+
+#[test]
 fn admission_sheds_cost_sensitive_first() {
     let mut policy = PolicyDocument {
         max_queued: 10,
