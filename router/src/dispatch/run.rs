@@ -392,6 +392,8 @@ impl<'d> Run<'d> {
         // window (as HTTP/2 returns its window) so credit costs a frame per many chunks.
         let window = self.dispatcher.config.stream_credit_tokens;
         let mut to_grant = 0u32;
+        // An event read while merging chunks, handled next.
+        let mut held_back: Option<LinkEvent> = None;
         let end = loop {
             let grace = async {
                 match cancel_deadline {
@@ -399,9 +401,30 @@ impl<'d> Run<'d> {
                     None => std::future::pending().await,
                 }
             };
+            let next_event = async {
+                match held_back.take() {
+                    Some(event) => Some(event),
+                    None => events.recv().await,
+                }
+            };
             tokio::select! {
-                event = events.recv() => match event {
-                    Some(LinkEvent::Frame(worker_frame::Frame::Tokens(tokens))) => {
+                event = next_event => match event {
+                    Some(LinkEvent::Frame(worker_frame::Frame::Tokens(mut tokens))) => {
+                        // Chunks the worker already sent go to the client as one frame: a
+                        // client (or router) that fell behind catches up in fewer frames, and
+                        // one that keeps up gets each chunk as it comes.
+                        while let Ok(more) = events.try_recv() {
+                            match more {
+                                LinkEvent::Frame(worker_frame::Frame::Tokens(more)) => {
+                                    tokens.token_ids.extend(more.token_ids);
+                                    tokens.text.push_str(&more.text);
+                                }
+                                other => {
+                                    held_back = Some(other);
+                                    break;
+                                }
+                            }
+                        }
                         let count = tokens.token_ids.len() as u32;
                         self.forward(tokens, out).await?;
                         to_grant += count;
