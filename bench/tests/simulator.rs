@@ -189,7 +189,12 @@ fn a_preempted_generation_pays_its_re_prefill_on_the_target() {
     // Every context token prefilled, counted once: three first runs and the move.
     assert_eq!(
         moved.moves.prefill_tokens,
-        u64::from(30_000 + reprefill) + moved.outcomes[0..2].iter().zip([1_100u32, 4_096]).map(|(o, t)| u64::from(t - o.cached_tokens)).sum::<u64>()
+        u64::from(30_000 + reprefill)
+            + moved.outcomes[0..2]
+                .iter()
+                .zip([1_100u32, 4_096])
+                .map(|(o, t)| u64::from(t - o.cached_tokens))
+                .sum::<u64>()
     );
     // C met its SLO on the WSE; without moves it spilled to a GPU and missed it.
     assert!(c.first_token_ms - 500.0 <= 1_000.0, "{c:?}");
@@ -232,6 +237,9 @@ fn hedges_stay_within_their_budget_over_a_thousand_requests() {
     assert_eq!(hedged, m.hedges);
     for (r, o) in requests.iter().zip(&result.outcomes) {
         assert!(o.served && !o.shed, "{o:?}");
-        assert!(o.first_token_ms >= r.arrival_ms && o.finish_ms >= o.first_token_ms, "{o:?}");
+        assert!(
+            o.first_token_ms >= r.arrival_ms && o.finish_ms >= o.first_token_ms,
+            "{o:?}"
+        );
     }
 }

@@ -279,6 +279,9 @@ pub struct HedgingPolicy {
     /// its hedges may cost, on top of the lane's budget (0 = never hedge that tenant).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub tenants: BTreeMap<String, f64>,
+    /// The second copy may run in the primary's pool when the other pool has no worker
+    /// predicted in time (false: only in the other pool).
+    pub same_pool: bool,
 }
 
 impl Default for HedgingPolicy {
@@ -288,6 +291,7 @@ impl Default for HedgingPolicy {
             slo_margin: 0.8,
             budget_fraction: 0.05,
             tenants: BTreeMap::new(),
+            same_pool: true,
         }
     }
 }

@@ -335,8 +335,8 @@ pub fn drain_target(
 
 /// A second placement for a latency-critical request whose primary placement is predicted
 /// close to (or past) its SLO: `primary.predicted_ttft_ms > hedging.slo_margin × SLO`. The
-/// best free worker of the other pool when it is predicted to meet the SLO, else of the same
-/// pool (never the primary's worker; GPUs only at the lane's minimum decode rate); `None` when
+/// best free worker of the other pool when it is predicted to meet the SLO, else (when
+/// `hedging.same_pool`) of the same pool (never the primary's worker; GPUs only at the lane's minimum decode rate); `None` when
 /// none is predicted to meet the SLO or the hedge's prefill (its uncached prompt tokens) does
 /// not fit the lane's or the tenant's budget. The caller charges the budget
 /// ([`HedgeBudget::charge`]) when it starts the hedge.
@@ -381,7 +381,8 @@ pub fn should_hedge(
         )
         .filter(|s| s.predicted_ttft_ms <= slo)
     };
-    let second = best_of(other).or_else(|| best_of(primary.pool))?;
+    let second =
+        best_of(other).or_else(|| hedging.same_pool.then(|| best_of(primary.pool)).flatten())?;
     let route = if view.worker(second.worker).pool == Pool::Wse {
         Route::Home
     } else {

@@ -155,7 +155,10 @@ struct Gpu {
 enum Kind {
     Gpu(Gpu),
     /// `runs`: the requests holding its slots.
-    Wse { active: u32, runs: Vec<u32> },
+    Wse {
+        active: u32,
+        runs: Vec<u32>,
+    },
 }
 
 struct SimWorker {
@@ -539,7 +542,8 @@ impl Sim<'_> {
                     + wse.ttft_overhead_ms
                     + 1000.0 * f64::from(uncached) / wse.prefill_tokens_per_s;
                 let finish = first
-                    + 1000.0 * f64::from(request.output_tokens - done - 1) / wse.decode_tokens_per_s;
+                    + 1000.0 * f64::from(request.output_tokens - done - 1)
+                        / wse.decode_tokens_per_s;
                 self.wse_runs.insert(
                     (r, w as u32),
                     WseRun {
@@ -727,7 +731,8 @@ impl Sim<'_> {
         }
         self.scratch = stored;
         g.stepping = false;
-        let raced = !self.races.is_empty() && first_tokens.iter().any(|r| self.races.contains_key(r));
+        let raced =
+            !self.races.is_empty() && first_tokens.iter().any(|r| self.races.contains_key(r));
         let outstanding = (g.running.len() + g.pending.len()) as u32;
         if outstanding > 0 {
             // One view update for the finished and the next step together.

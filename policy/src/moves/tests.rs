@@ -338,6 +338,31 @@ fn a_request_close_to_its_slo_is_hedged_on_the_other_pool_within_budget() {
         should_hedge(&view, &lc, &request, &primary, None, &budget, &off),
         None
     );
+    // A GPU primary with the WSE full: only another GPU could hedge, unless same_pool is off.
+    let full = ClusterView::new(vec![
+        busy_gpu("g0", 500.0),
+        busy_gpu("g1", 100.0),
+        worker("w0", Pool::Wse, 2, 2),
+    ]);
+    let mut gpu_primary = primary_of(&full, &lc, &request, &policy);
+    assert_eq!((gpu_primary.pool, gpu_primary.worker), (Pool::Gpu, 1));
+    gpu_primary.predicted_ttft_ms = 900.0;
+    let second = should_hedge(&full, &lc, &request, &gpu_primary, None, &budget, &policy);
+    assert_eq!(second.map(|s| s.worker), Some(0));
+    let mut other_pool_only = policy.clone();
+    other_pool_only.hedging.same_pool = false;
+    assert_eq!(
+        should_hedge(
+            &full,
+            &lc,
+            &request,
+            &gpu_primary,
+            None,
+            &budget,
+            &other_pool_only
+        ),
+        None
+    );
 }
 
 #[test]

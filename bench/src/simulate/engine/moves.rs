@@ -153,7 +153,8 @@ impl Sim<'_> {
             .iter()
             .map(|h| {
                 let mut out = Vec::new();
-                self.kv.lookup(requests[h.0 as usize].full_blocks(), &mut out);
+                self.kv
+                    .lookup(requests[h.0 as usize].full_blocks(), &mut out);
                 out
             })
             .collect();
@@ -178,7 +179,13 @@ impl Sim<'_> {
         let p = moves::preemption_victim(&self.view, class, info, &running, policy)?;
         let (victim, from) = (holders[p.victim].0, holders[p.victim].1);
         drop(running);
-        self.move_generation(victim, from, p.victim_move.to.worker, MoveReason::Preempt, now);
+        self.move_generation(
+            victim,
+            from,
+            p.victim_move.to.worker,
+            MoveReason::Preempt,
+            now,
+        );
         Some((p.slot, p.predicted_ttft_ms))
     }
 
@@ -332,7 +339,8 @@ impl Sim<'_> {
         let lane = self.requests[r as usize].lane;
         let outcome = &mut self.outcomes[r as usize];
         outcome.worker = winner;
-        outcome.spilled = self.view.worker(winner as usize).pool != switchyard_policy::home_pool(lane);
+        outcome.spilled =
+            self.view.worker(winner as usize).pool != switchyard_policy::home_pool(lane);
         if winner == race.second {
             outcome.hedge_won = true;
             self.stats.hedge_wins += 1;
