@@ -125,3 +125,121 @@ fn the_router_knows_only_published_blocks() {
     assert_eq!(second.predicted_cached_tokens, 0);
     assert_eq!(second.cached_tokens, 0);
 }
+
+/// A cost-sensitive request borrows the only WSE slot; a long latency-critical prompt that no
+/// GPU could start within its SLO arrives: the policy moves the borrower to a GPU, which
+/// prefills its prompt and the tokens generated so far again, less the prefix it has cached.
+#[test]
+fn a_preempted_generation_pays_its_re_prefill_on_the_target() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles/default.json");
+    let mut p = Profiles::load(Path::new(path)).expect("the shipped profile is valid");
+    p.cluster.gpu_workers = 2;
+    p.cluster.wse_workers = 1;
+    p.wse.slots = 1;
+    p.gpu.max_concurrent = 1;
+    p.policy.placement.gpu_reserve_for_latency = 0.5;
+    p.policy.migration.enabled = true;
+    p.policy.hedging.enabled = false;
+    let row = |arrival_ms: f64, prompt_tokens: u32, output_tokens: u32, ids: &[u64]| TraceRequest {
+        arrival_ms,
+        prompt_tokens,
+        output_tokens,
+        hash_ids: Arc::from(ids.to_vec()),
+    };
+    // A holds the GPU outside the reserve briefly and leaves blocks 1 and 2 cached there; B
+    // (blocks 1-8) arrives while A runs and borrows the WSE slot; C needs that slot.
+    let cheap = vec![
+        row(0.0, 1_100, 5, &[1, 2, 3]),
+        row(1.0, 4_096, 3_000, &[1, 2, 3, 4, 5, 6, 7, 8]),
+    ];
+    let urgent = vec![row(500.0, 30_000, 10, &[])];
+    let requests = classify_all(
+        &[
+            (Some(LaneName::CostSensitive), cheap),
+            (Some(LaneName::LatencyCritical), urgent),
+        ],
+        &p,
+    );
+    let run = |name: &str| {
+        let mut placer = placers::placer(name, &p.policy).unwrap();
+        simulate(&p, &p.policy, &requests, placer.as_mut())
+    };
+    let moved = run("switchyard");
+    let still = run("switchyard_no_moves");
+    let (b, c) = (&moved.outcomes[1], &moved.outcomes[2]);
+    assert_eq!(moved.moves.preempt, 1, "{:?}", moved.moves);
+    assert_eq!(b.moves, 1);
+    assert_eq!(moved.pool[b.worker as usize], switchyard_cluster::Pool::Gpu);
+    assert_eq!(moved.pool[c.worker as usize], switchyard_cluster::Pool::Wse);
+    // B's first token came on the WSE at 1 + 150 + 4096 / 50 ms; by 500 ms it had made
+    // 1 + floor((500 - first) × 1.5) tokens, which the GPU prefills with its prompt, less the
+    // two 512-token blocks A left cached there.
+    let first = 1.0 + 150.0 + 4_096.0 / 50.0;
+    let generated = 1 + ((500.0 - first) * 1.5f64).floor() as u32;
+    let reprefill = 4_096 + generated - 1_024;
+    assert_eq!(moved.moves.reprefill_tokens, u64::from(reprefill));
+    assert_eq!(b.billed_tokens, generated);
+    // The re-prefill takes GPU time: B ends no earlier than the prefill and the rest of its
+    // tokens at the GPU's best single-stream rate.
+    let gpu = &p.gpu;
+    let earliest = 500.0
+        + 1000.0 * f64::from(reprefill) / gpu.prefill_tokens_per_s
+        + f64::from(3_000 - generated - 1) * (gpu.step_base_ms + gpu.step_per_seq_ms);
+    assert!(b.finish_ms >= earliest, "{} < {earliest}", b.finish_ms);
+    // Every context token prefilled, counted once: three first runs and the move.
+    assert_eq!(
+        moved.moves.prefill_tokens,
+        u64::from(30_000 + reprefill)
+            + moved.outcomes[0..2]
+                .iter()
+                .zip([1_100u32, 4_096])
+                .map(|(o, t)| u64::from(t - o.cached_tokens))
+                .sum::<u64>()
+    );
+    // C met its SLO on the WSE; without moves it spilled to a GPU and missed it.
+    assert!(c.first_token_ms - 500.0 <= 1_000.0, "{c:?}");
+    let c_still = &still.outcomes[2];
+    assert!(c_still.first_token_ms - 500.0 > 1_000.0, "{c_still:?}");
+    assert_eq!(still.moves.preempt, 0);
+}
+
+/// A thousand latency-critical requests in bursts with hedging on: hedges happen, every
+/// request is served once, the budget is respected and losers' waste is counted.
+#[test]
+fn hedges_stay_within_their_budget_over_a_thousand_requests() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles/default.json");
+    let mut p = Profiles::load(Path::new(path)).expect("the shipped profile is valid");
+    p.cluster.gpu_workers = 4;
+    p.cluster.wse_workers = 1;
+    p.wse.slots = 4;
+    p.policy.migration.enabled = false;
+    p.policy.hedging.enabled = true;
+    p.policy.hedging.slo_margin = 0.3;
+    let rows: Vec<TraceRequest> = (0..1_000)
+        .map(|i| TraceRequest {
+            arrival_ms: f64::from(i / 25) * 400.0 + f64::from(i % 25),
+            prompt_tokens: 1_000 + (i * 37 % 3_000),
+            output_tokens: 8,
+            hash_ids: Arc::from(Vec::new()),
+        })
+        .collect();
+    let requests = classify_all(&[(Some(LaneName::LatencyCritical), rows)], &p);
+    let mut placer = placers::placer("switchyard", &p.policy).unwrap();
+    let result = simulate(&p, &p.policy, &requests, placer.as_mut());
+    let m = result.moves;
+    assert!(m.hedges > 0, "{m:?}");
+    assert!(m.hedge_wins <= m.hedges);
+    let prompt: u64 = requests.iter().map(|r| u64::from(r.prompt_tokens)).sum();
+    assert_eq!(m.hedge_budget_tokens, prompt);
+    assert!(m.hedge_budget_spent as f64 <= 0.05 * prompt as f64, "{m:?}");
+    assert!(m.hedge_wasted_tokens <= m.hedge_budget_spent, "{m:?}");
+    let hedged = result.outcomes.iter().filter(|o| o.hedged).count() as u64;
+    assert_eq!(hedged, m.hedges);
+    for (r, o) in requests.iter().zip(&result.outcomes) {
+        assert!(o.served && !o.shed, "{o:?}");
+        assert!(
+            o.first_token_ms >= r.arrival_ms && o.finish_ms >= o.first_token_ms,
+            "{o:?}"
+        );
+    }
+}

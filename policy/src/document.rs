@@ -226,6 +226,81 @@ impl Default for PlacementPolicy {
     }
 }
 
+/// Moving running generations between workers on purpose (`migration`). A moved generation
+/// continues from its last token (the prompt and the tokens so far are prefilled again on the
+/// target, less what it has cached), as after a worker failure. Absent: nothing moves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationPolicy {
+    pub enabled: bool,
+    /// A generation moves at most this many times (a ping-pong bound).
+    pub max_moves_per_generation: u32,
+    /// A latency-critical request that finds no free WSE slot and no GPU meeting its SLO takes
+    /// the slot of a cost-sensitive generation that borrowed it; that one continues on a GPU.
+    pub preempt_borrowed_wse: bool,
+    /// A generation falling behind where it runs moves to a worker predicted to do better:
+    /// before its first token, when it would miss its TTFT SLO where it is and would not on
+    /// the target; after it, when its measured decode rate is below `rebalance_rate_ratio` ×
+    /// the predicted one (or below the lane's minimum).
+    pub rebalance: bool,
+    /// See `rebalance` (0..1).
+    pub rebalance_rate_ratio: f64,
+    /// A rebalancing move must be predicted to save at least this much time, milliseconds.
+    pub rebalance_min_gain_ms: f64,
+    /// A draining worker hands its generations to other workers instead of finishing them.
+    pub drain_handoff: bool,
+    /// Generations with fewer tokens left than this are not moved for rebalancing or drain
+    /// (they finish sooner than a move pays off).
+    pub min_remaining_tokens: u32,
+}
+
+impl Default for MigrationPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_moves_per_generation: 1,
+            preempt_borrowed_wse: true,
+            rebalance: true,
+            rebalance_rate_ratio: 0.5,
+            rebalance_min_gain_ms: 100.0,
+            drain_handoff: true,
+            min_remaining_tokens: 16,
+        }
+    }
+}
+
+/// Starting a latency-critical request on a second worker when its first is predicted close
+/// to its SLO (`hedging`): the first token wins, the other copy is cancelled. Absent: off.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HedgingPolicy {
+    pub enabled: bool,
+    /// Hedge when the primary placement's predicted TTFT exceeds `slo_margin` × the SLO.
+    pub slo_margin: f64,
+    /// Extra prefill tokens hedges may cost, as a share of the prompt tokens of the lane's
+    /// requests so far (0..=1).
+    pub budget_fraction: f64,
+    /// Per tenant (request metadata `tenant`): the share of that tenant's own prompt tokens
+    /// its hedges may cost, on top of the lane's budget (0 = never hedge that tenant).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tenants: BTreeMap<String, f64>,
+    /// The second copy may run in the primary's pool when the other pool has no worker
+    /// predicted in time (false: only in the other pool).
+    pub same_pool: bool,
+}
+
+impl Default for HedgingPolicy {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            slo_margin: 0.8,
+            budget_fraction: 0.05,
+            tenants: BTreeMap::new(),
+            same_pool: true,
+        }
+    }
+}
+
 /// What happens to a request classified into a lane its tenant may not use.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -330,6 +405,9 @@ impl TenantLimits {
 
 const MAX_BUDGET_PERIOD_S: u64 = 366 * 86_400;
 
+/// Moves of one generation, at most (each re-prefills its whole context).
+const MAX_MOVES: u32 = 16;
+
 /// Tenant quotas: `default` for every tenant, `tenants` per tenant (keyed by the request
 /// metadata `tenant`, the API key's tenant when the router has keys). Requests naming no
 /// tenant are not limited.
@@ -379,6 +457,15 @@ pub struct PolicyDocument {
     /// Requests waiting at the router across both lanes, at most.
     pub max_queued: u32,
     pub quotas: TenantQuotas,
+    /// Left out of the JSON while default, so documents stay readable by routers that predate it.
+    #[serde(skip_serializing_if = "is_default")]
+    pub migration: MigrationPolicy,
+    #[serde(skip_serializing_if = "is_default")]
+    pub hedging: HedgingPolicy,
+}
+
+fn is_default<T: Default + PartialEq>(value: &T) -> bool {
+    *value == T::default()
 }
 
 impl Default for PolicyDocument {
@@ -394,6 +481,8 @@ impl Default for PolicyDocument {
             placement: PlacementPolicy::default(),
             max_queued: 4096,
             quotas: TenantQuotas::default(),
+            migration: MigrationPolicy::default(),
+            hedging: HedgingPolicy::default(),
         }
     }
 }
@@ -527,6 +616,29 @@ impl PolicyDocument {
         )?;
         non_negative("placement.load_weight_ms", p.load_weight_ms)?;
         non_negative("placement.cost_weight_ms", p.cost_weight_ms)?;
+        let m = &self.migration;
+        if m.max_moves_per_generation > MAX_MOVES {
+            return Err(invalid(
+                "migration.max_moves_per_generation",
+                format!("{} is above {MAX_MOVES}", m.max_moves_per_generation),
+            ));
+        }
+        if !(m.rebalance_rate_ratio > 0.0 && m.rebalance_rate_ratio < 1.0) {
+            return Err(invalid(
+                "migration.rebalance_rate_ratio",
+                format!("{} is not in (0, 1)", m.rebalance_rate_ratio),
+            ));
+        }
+        non_negative("migration.rebalance_min_gain_ms", m.rebalance_min_gain_ms)?;
+        let h = &self.hedging;
+        positive("hedging.slo_margin", h.slo_margin)?;
+        fraction("hedging.budget_fraction", h.budget_fraction)?;
+        for (tenant, share) in &h.tenants {
+            if tenant.trim().is_empty() {
+                return Err(invalid("hedging.tenants", "tenant names must not be empty"));
+            }
+            fraction(&format!("hedging.tenants.{tenant}"), *share)?;
+        }
         Ok(())
     }
 }
@@ -588,6 +700,48 @@ mod tests {
             ..LanePolicy::cost_sensitive()
         };
         assert_eq!((doc.latency_critical, doc.cost_sensitive), (lc, cs));
+    }
+
+    #[test]
+    fn migration_and_hedging_are_off_unless_the_document_turns_them_on() {
+        let doc = PolicyDocument::from_json(b"{}").unwrap();
+        assert!(!doc.migration.enabled && !doc.hedging.enabled);
+        // Left out of the stored JSON while default: routers that predate them still read it.
+        assert!(!doc.to_json().contains("migration") && !doc.to_json().contains("hedging"));
+        let doc = PolicyDocument::from_json(
+            br#"{"migration": {"enabled": true, "max_moves_per_generation": 3},
+                 "hedging": {"enabled": true, "slo_margin": 0.5, "tenants": {"acme": 0.01}}}"#,
+        )
+        .unwrap();
+        assert_eq!(doc.migration.max_moves_per_generation, 3);
+        assert!(
+            doc.migration.preempt_borrowed_wse,
+            "other fields keep their defaults"
+        );
+        assert_eq!(doc.hedging.budget_fraction, 0.05);
+        assert_eq!(PolicyDocument::from_json(doc.to_json().as_bytes()), Ok(doc));
+        for (json, field) in [
+            (
+                &br#"{"migration": {"rebalance_rate_ratio": 1.5}}"#[..],
+                "migration.rebalance_rate_ratio",
+            ),
+            (
+                br#"{"migration": {"max_moves_per_generation": 99}}"#,
+                "migration.max_moves_per_generation",
+            ),
+            (
+                br#"{"hedging": {"budget_fraction": 2}}"#,
+                "hedging.budget_fraction",
+            ),
+            (br#"{"hedging": {"slo_margin": 0}}"#, "hedging.slo_margin"),
+            (
+                br#"{"hedging": {"tenants": {"acme": -1}}}"#,
+                "hedging.tenants.acme",
+            ),
+        ] {
+            let err = PolicyDocument::from_json(json).unwrap_err();
+            assert!(err.to_string().contains(field), "{err}");
+        }
     }
 
     #[test]

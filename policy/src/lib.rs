@@ -8,11 +8,14 @@
 //! - [`place`]: SLO-predictive worker choice with cached prefixes, rendezvous affinity and
 //!   spill.
 //! - [`admit`]: bounded per-lane router queues; cost-sensitive work is shed first.
+//! - [`moves`]: moving running generations on purpose (preemption, rebalancing, drain) and
+//!   budgeted hedging of latency-critical requests.
 
 pub mod classify;
 pub mod document;
 #[cfg(test)]
 mod fuzz;
+pub mod moves;
 mod pool;
 pub mod view;
 

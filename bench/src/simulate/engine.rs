@@ -11,6 +11,10 @@
 //!   its prefill, then tokens stream at the profile's per-stream rate.
 //!
 //! Worker load is mirrored into a [`ClusterView`] exactly as live `Load` frames feed the router.
+//!
+//! Under a placer whose policy document enables them ([`Placer::moves_policy`]), running
+//! generations move and latency-critical requests are hedged by the policy's own decisions
+//! (`switchyard_policy::moves`); see the `moves` submodule.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -19,10 +23,13 @@ use std::sync::Arc;
 use switchyard_cluster::Pool;
 use switchyard_policy::classify::Classification;
 use switchyard_policy::document::{LaneName, PolicyDocument};
-use switchyard_policy::{Admission, ClusterView, Decision, WorkerState, admit};
+use switchyard_policy::moves::{HedgeAccount, HedgeBudget};
+use switchyard_policy::{Admission, ClusterView, Decision, Placement, WorkerState, admit};
 
 use super::kv::{BlockCache, RouterKvView, TRACE_BLOCK_TOKENS};
 use super::profile::Profiles;
+
+mod moves;
 
 /// A request as the simulator replays it, already classified.
 #[derive(Debug, Clone)]
@@ -73,6 +80,12 @@ pub trait Placer {
         index: u32,
         policy: &PolicyDocument,
     ) -> Decision;
+
+    /// The policy document under which the simulator moves running generations and hedges
+    /// this placer's requests (`None`: it never does).
+    fn moves_policy(&self) -> Option<&PolicyDocument> {
+        None
+    }
 }
 
 /// What happened to one request.
@@ -90,6 +103,16 @@ pub struct Outcome {
     pub cached_tokens: u32,
     /// Prompt tokens the placement expected it to reuse (router's view).
     pub predicted_cached_tokens: u32,
+    /// Times it moved to another worker.
+    pub moves: u8,
+    /// It was started on a second worker too.
+    pub hedged: bool,
+    /// The second copy produced the first token.
+    pub hedge_won: bool,
+    /// Output tokens generated on workers it moved away from, and their price: the rest is
+    /// billed at `worker`'s.
+    pub billed_tokens: u32,
+    pub billed_cost: f64,
 }
 
 struct Seq {
@@ -99,13 +122,19 @@ struct Seq {
     /// Prompt tokens still to prefill after the step in flight.
     prefill_left: u32,
     latency_critical: bool,
+    /// Context tokens this run prefills (prompt and earlier output, less the cached prefix).
+    uncached: u32,
+    /// Output tokens generated before it moved here (0: a fresh start, whose prefill gives
+    /// the first token).
+    done: u32,
 }
 
 #[derive(Default)]
 struct Gpu {
     running: Vec<Seq>,
-    /// Dispatched since the step in flight began: (request, uncached prompt tokens).
-    pending: Vec<(u32, u32)>,
+    /// Dispatched since the step in flight began: (request, uncached context tokens, output
+    /// tokens generated before).
+    pending: Vec<(u32, u32, u32)>,
     /// Prompt tokens not yet prefilled (pending and running), as the worker reports them.
     unprefilled: u64,
     /// Of `unprefilled`, those of latency-critical requests (prefilled first), reported too.
@@ -125,7 +154,11 @@ struct Gpu {
 
 enum Kind {
     Gpu(Gpu),
-    Wse { active: u32 },
+    /// `runs`: the requests holding its slots.
+    Wse {
+        active: u32,
+        runs: Vec<u32>,
+    },
 }
 
 struct SimWorker {
@@ -135,6 +168,8 @@ struct SimWorker {
 
 const EV_GPU_STEP: u8 = 0;
 const EV_WSE_DONE: u8 = 1;
+/// A hedged copy's first token on a WSE (the race may be won).
+const EV_WSE_FIRST: u8 = 2;
 
 /// Totals of one run.
 pub struct RunResult {
@@ -149,6 +184,33 @@ pub struct RunResult {
     pub evicted_blocks: u64,
     /// Sequences admitted beyond a worker's KV budget (see [`BlockCache::overcommitted`]).
     pub kv_overcommitted: u64,
+    pub moves: MoveStats,
+}
+
+/// Moves and hedges of one run.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct MoveStats {
+    /// Moves by reason (`MoveReason::index` order: preempt, rebalance, drain).
+    pub preempt: u64,
+    pub rebalance: u64,
+    pub drain: u64,
+    /// Context tokens the targets prefilled again (prompt and output so far, less their
+    /// cached prefix).
+    pub reprefill_tokens: u64,
+    /// Prompt tokens a moved generation had prefilled where it was before its first token
+    /// (thrown away).
+    pub lost_prefill_tokens: u64,
+    pub hedges: u64,
+    /// Races the second copy won.
+    pub hedge_wins: u64,
+    /// What the losing copies had prefilled (and decoded) when cancelled.
+    pub hedge_wasted_tokens: u64,
+    /// The latency-critical lane's hedge budget at the end: prompt tokens recorded and hedge
+    /// prefill charged (less refunds).
+    pub hedge_budget_tokens: u64,
+    pub hedge_budget_spent: u64,
+    /// Every context token prefilled by any worker (first runs, moves and hedge copies).
+    pub prefill_tokens: u64,
 }
 
 /// Simulates `requests` (sorted by arrival) on the cluster of `profiles` with `placer`.
@@ -199,7 +261,10 @@ pub fn simulate(
         w.cost_per_mtok = wse.cost_per_mtok;
         states.push(w);
         workers.push(SimWorker {
-            kind: Kind::Wse { active: 0 },
+            kind: Kind::Wse {
+                active: 0,
+                runs: Vec::new(),
+            },
             // The gateway cannot see its upstream's cache: none modelled, none published.
             cache: BlockCache::new(0),
         });
@@ -219,6 +284,15 @@ pub fn simulate(
         events: 0,
         kv: RouterKvView::new(KV_MAX_HITS),
         scratch: Vec::new(),
+        moves_policy: placer
+            .moves_policy()
+            .filter(|p| p.migration.enabled || p.hedging.enabled)
+            .cloned(),
+        wse_runs: HashMap::new(),
+        races: HashMap::new(),
+        lc_waiting: Vec::new(),
+        budget: HedgeBudget::default(),
+        stats: MoveStats::default(),
     };
     let mut next_arrival = 0usize;
     loop {
@@ -235,6 +309,7 @@ pub fn simulate(
                 let now = f64::from_bits(t);
                 match kind {
                     EV_GPU_STEP => sim.gpu_step_end(a as usize, b, now),
+                    EV_WSE_FIRST => sim.wse_first(a as usize, b, now),
                     _ => sim.wse_done(a as usize, b, now),
                 }
                 sim.drain(now, placer);
@@ -251,6 +326,9 @@ pub fn simulate(
     }
     let evicted_blocks = sim.workers.iter().map(|w| w.cache.evicted).sum();
     let kv_overcommitted = sim.workers.iter().map(|w| w.cache.overcommitted).sum();
+    let HedgeAccount { tokens, spent } = sim.budget.lane(LaneName::LatencyCritical);
+    sim.stats.hedge_budget_tokens = tokens;
+    sim.stats.hedge_budget_spent = spent;
     RunResult {
         outcomes: sim.outcomes,
         price,
@@ -259,6 +337,7 @@ pub fn simulate(
         events: sim.events,
         evicted_blocks,
         kv_overcommitted,
+        moves: sim.stats,
     }
 }
 
@@ -281,6 +360,37 @@ struct Sim<'a> {
     /// The router's picture of the workers' caches, from their published stores/evictions.
     kv: RouterKvView,
     scratch: Vec<u64>,
+    /// See [`Placer::moves_policy`]; `None` when it enables neither moves nor hedges.
+    moves_policy: Option<PolicyDocument>,
+    /// Generations on WSE slots, by (request, worker).
+    wse_runs: HashMap<(u32, u32), WseRun>,
+    /// Hedged requests whose first token has not come yet.
+    races: HashMap<u32, Race>,
+    /// (request, GPU): latency-critical requests dispatched to a GPU, maybe still before
+    /// their first token (checked when read), for rebalancing.
+    lc_waiting: Vec<(u32, u32)>,
+    budget: HedgeBudget,
+    stats: MoveStats,
+}
+
+/// A generation on a WSE slot: its timeline is known when it starts.
+#[derive(Debug, Clone, Copy)]
+struct WseRun {
+    start_ms: f64,
+    first_ms: f64,
+    finish_ms: f64,
+    uncached: u32,
+    /// Output tokens generated before it moved here.
+    done: u32,
+}
+
+/// The two copies of a hedged request.
+#[derive(Debug, Clone, Copy)]
+struct Race {
+    primary: u32,
+    second: u32,
+    /// Hedge prefill tokens charged to the budget.
+    charged: u64,
 }
 
 impl Sim<'_> {
@@ -293,12 +403,15 @@ impl Sim<'_> {
 
     fn arrive(&mut self, r: u32, now: f64, placer: &mut dyn Placer) {
         let request = &self.requests[r as usize];
+        if self.moves_policy.is_some() {
+            self.budget
+                .record(request.lane, None, request.prompt_tokens);
+        }
         let lane = request.lane.index();
         if self.queues[lane].is_empty() {
             match placer.place(&self.view, &self.kv, request, r, self.policy) {
                 Decision::Place(p) => {
-                    let spilled = p.pool != switchyard_policy::home_pool(request.lane);
-                    self.dispatch(r, p.worker, spilled, p.cached_tokens, now);
+                    self.start(r, p, now);
                     return;
                 }
                 Decision::Reject(_) => {
@@ -338,8 +451,7 @@ impl Sim<'_> {
                 match placer.place(&self.view, &self.kv, request, r, self.policy) {
                     Decision::Place(p) => {
                         self.queues[lane].pop_front();
-                        let spilled = p.pool != switchyard_policy::home_pool(request.lane);
-                        self.dispatch(r, p.worker, spilled, p.cached_tokens, now);
+                        self.start(r, p, now);
                     }
                     Decision::Reject(_) => {
                         self.queues[lane].pop_front();
@@ -351,7 +463,32 @@ impl Sim<'_> {
         }
     }
 
+    /// Starts a placed request: through the move and hedge decisions when the placer's policy
+    /// enables them, else on the placement.
+    fn start(&mut self, r: u32, p: Placement, now: f64) {
+        if self.moves_policy.is_some() {
+            self.start_with_moves(r, p, now);
+        } else {
+            let spilled = p.pool != switchyard_policy::home_pool(self.requests[r as usize].lane);
+            self.dispatch(r, p.worker, spilled, p.cached_tokens, now);
+        }
+    }
+
     fn dispatch(&mut self, r: u32, w: usize, spilled: bool, predicted: u32, now: f64) {
+        let outcome = &mut self.outcomes[r as usize];
+        outcome.worker = w as u32;
+        outcome.dispatched_ms = now;
+        outcome.served = true;
+        outcome.spilled = spilled;
+        outcome.predicted_cached_tokens = predicted;
+        let cached = self.run_on(r, w, 0, now);
+        self.outcomes[r as usize].cached_tokens = cached;
+    }
+
+    /// Runs request `r` on worker `w`, `done` of its output tokens already generated (a moved
+    /// generation prefills them with its prompt). Returns the prompt tokens reused from the
+    /// worker's cache.
+    fn run_on(&mut self, r: u32, w: usize, done: u32, now: f64) -> u32 {
         let request = &self.requests[r as usize];
         let mut evicted = std::mem::take(&mut self.scratch);
         evicted.clear();
@@ -364,19 +501,14 @@ impl Sim<'_> {
             self.kv.removed(w as u32, h);
         }
         self.scratch = evicted;
-        // The last prompt token is always computed (sampling needs its logits).
+        // The last context token is always computed (sampling needs its logits).
         let cached = (hits * TRACE_BLOCK_TOKENS).min(request.prompt_tokens.saturating_sub(1));
-        let outcome = &mut self.outcomes[r as usize];
-        outcome.worker = w as u32;
-        outcome.dispatched_ms = now;
-        outcome.served = true;
-        outcome.spilled = spilled;
-        outcome.cached_tokens = cached;
-        outcome.predicted_cached_tokens = predicted;
-        let uncached = request.prompt_tokens - cached;
+        let uncached = request.prompt_tokens + done - cached;
+        self.stats.prefill_tokens += u64::from(uncached);
+        let racing = self.races.contains_key(&r);
         match &mut self.workers[w].kind {
             Kind::Gpu(g) => {
-                g.pending.push((r, uncached));
+                g.pending.push((r, uncached, done));
                 g.unprefilled += u64::from(uncached);
                 if request.lane == LaneName::LatencyCritical {
                     g.unprefilled_latency_critical += u64::from(uncached);
@@ -397,22 +529,46 @@ impl Sim<'_> {
                 } else {
                     self.gpu_cut_segment(w, now);
                 }
+                if request.lane == LaneName::LatencyCritical && done == 0 && !racing {
+                    self.lc_waiting.push((r, w as u32));
+                }
             }
-            Kind::Wse { active } => {
+            Kind::Wse { active, runs } => {
                 *active += 1;
+                runs.push(r);
                 let active = *active;
                 let wse = &self.profiles.wse;
                 let first = now
                     + wse.ttft_overhead_ms
                     + 1000.0 * f64::from(uncached) / wse.prefill_tokens_per_s;
-                let finish =
-                    first + 1000.0 * f64::from(request.output_tokens - 1) / wse.decode_tokens_per_s;
-                outcome.first_token_ms = first;
-                outcome.finish_ms = finish;
+                let finish = first
+                    + 1000.0 * f64::from(request.output_tokens - done - 1)
+                        / wse.decode_tokens_per_s;
+                self.wse_runs.insert(
+                    (r, w as u32),
+                    WseRun {
+                        start_ms: now,
+                        first_ms: first,
+                        finish_ms: finish,
+                        uncached,
+                        done,
+                    },
+                );
+                if racing {
+                    // Its times count only if it wins the race.
+                    self.push(first, EV_WSE_FIRST, w as u32, r);
+                } else {
+                    let outcome = &mut self.outcomes[r as usize];
+                    if done == 0 {
+                        outcome.first_token_ms = first;
+                    }
+                    outcome.finish_ms = finish;
+                }
                 self.view.update(w, |s| s.outstanding = active);
                 self.push(finish, EV_WSE_DONE, w as u32, r);
             }
         }
+        cached
     }
 
     fn gpu_step_start(&mut self, w: usize, now: f64) {
@@ -420,13 +576,15 @@ impl Sim<'_> {
         let Kind::Gpu(g) = &mut self.workers[w].kind else {
             unreachable!("gpu step on a wse worker")
         };
-        for (r, uncached) in g.pending.drain(..) {
+        for (r, uncached, done) in g.pending.drain(..) {
             g.running.push(Seq {
                 request: r,
                 remaining: 0,
                 prefilled: false,
                 prefill_left: uncached,
                 latency_critical: self.requests[r as usize].lane == LaneName::LatencyCritical,
+                uncached,
+                done,
             });
         }
         // This step's prefill: everything waiting, or one chunk, latency-critical prompts
@@ -537,6 +695,7 @@ impl Sim<'_> {
         let cache = &mut worker.cache;
         let mut stored = std::mem::take(&mut self.scratch);
         stored.clear();
+        let mut first_tokens = Vec::new();
         let mut i = 0;
         while i < g.running.len() {
             let seq = &mut g.running[i];
@@ -550,8 +709,12 @@ impl Sim<'_> {
                 continue;
             } else {
                 seq.prefilled = true;
-                outcome.first_token_ms = now;
-                seq.remaining = request.output_tokens - 1;
+                if seq.done == 0 {
+                    outcome.first_token_ms = now;
+                    first_tokens.push(seq.request);
+                }
+                // The prefill step samples the next token.
+                seq.remaining = request.output_tokens - seq.done - 1;
                 // Its prompt's KV is computed: the worker stores and publishes the blocks.
                 cache.prefilled(request.full_blocks(), &mut stored);
             }
@@ -568,6 +731,8 @@ impl Sim<'_> {
         }
         self.scratch = stored;
         g.stepping = false;
+        let raced =
+            !self.races.is_empty() && first_tokens.iter().any(|r| self.races.contains_key(r));
         let outstanding = (g.running.len() + g.pending.len()) as u32;
         if outstanding > 0 {
             // One view update for the finished and the next step together.
@@ -579,15 +744,46 @@ impl Sim<'_> {
                 s.ttft_overhead_ms = idle_overhead;
             });
         }
+        if raced {
+            for r in first_tokens {
+                if self.races.contains_key(&r) {
+                    self.win(r, w as u32, now);
+                }
+            }
+        }
     }
 
-    fn wse_done(&mut self, w: usize, _r: u32, _now: f64) {
-        let Kind::Wse { active } = &mut self.workers[w].kind else {
+    fn wse_done(&mut self, w: usize, r: u32, now: f64) {
+        // A generation that moved away or lost its race left its slot already.
+        let live = self
+            .wse_runs
+            .get(&(r, w as u32))
+            .is_some_and(|run| run.finish_ms.to_bits() == now.to_bits());
+        if !live {
+            return;
+        }
+        self.leave_wse(w, r);
+        if self.moves_policy.is_some() {
+            self.rebalance_waiting(now);
+        }
+    }
+
+    /// Frees `r`'s slot on WSE worker `w`; returns its run.
+    fn leave_wse(&mut self, w: usize, r: u32) -> WseRun {
+        let run = self
+            .wse_runs
+            .remove(&(r, w as u32))
+            .expect("a live run on the worker");
+        let Kind::Wse { active, runs } = &mut self.workers[w].kind else {
             unreachable!("wse completion on a gpu worker")
         };
         *active -= 1;
+        if let Some(i) = runs.iter().position(|&x| x == r) {
+            runs.swap_remove(i);
+        }
         let active = *active;
         self.view.update(w, |s| s.outstanding = active);
+        run
     }
 }
 

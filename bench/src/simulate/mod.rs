@@ -160,6 +160,8 @@ pub struct PolicyReport {
     /// Price per million generated tokens, averaged over all served tokens.
     pub cost_per_mtok: f64,
     pub prefix: PrefixReport,
+    /// Generations moved and requests hedged (all 0 unless the policy enables them).
+    pub moves: engine::MoveStats,
     pub wall_time_s: f64,
     pub events: u64,
 }
@@ -481,7 +483,9 @@ pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyR
                 Some(cause) => misses.count(cause),
             }
             let out = f64::from(r.output_tokens);
-            cost += out * result.price[o.worker as usize];
+            // Tokens made before a move are billed where they were made.
+            cost += o.billed_cost
+                + f64::from(r.output_tokens - o.billed_tokens) * result.price[o.worker as usize];
             tokens += out;
         }
         ttft.sort_by(f64::total_cmp);
@@ -519,6 +523,7 @@ pub fn summarise(requests: &[SimRequest], result: &engine::RunResult) -> PolicyR
     PolicyReport {
         lanes,
         prefix,
+        moves: result.moves,
         cost_per_mtok: if all_tokens > 0.0 {
             all_cost / all_tokens
         } else {

@@ -1,6 +1,8 @@
 //! The policies the simulator compares: `switchyard` (the router's own `switchyard_policy::place`, with
 //! the policy document of the profile, fed the cached prefix per worker from the router's view
-//! of what workers published, as the live router's prefix index feeds it) and the baselines — `static` (lane → home pool, no
+//! of what workers published, as the live router's prefix index feeds it; moving generations
+//! and hedging as the document's `migration` and `hedging` sections say),
+//! `switchyard_no_moves` (the same with `migration` and `hedging` off) and the baselines — `static` (lane → home pool, no
 //! spill, no affinity), `round_robin` and `least_loaded` over every worker ignoring lanes,
 //! `all_wse`, and `prefix_aware`, a cache-aware router in the style of SGLang's (longest
 //! prefix match when load is balanced, else the least-loaded worker). Baselines queue and shed
@@ -13,8 +15,9 @@ use switchyard_policy::{ClusterView, Decision, Placement, RequestInfo, Route, Wo
 use super::engine::{Placer, PrefixTree, SimRequest};
 use super::kv::RouterKvView;
 
-pub const POLICY_NAMES: [&str; 6] = [
+pub const POLICY_NAMES: [&str; 7] = [
     "switchyard",
+    "switchyard_no_moves",
     "static",
     "round_robin",
     "least_loaded",
@@ -30,7 +33,20 @@ pub fn placer(name: &str, policy: &PolicyDocument) -> Option<Box<dyn Placer>> {
             affinity: true,
             prefix: true,
             hits: Vec::new(),
+            moves: true,
         }),
+        "switchyard_no_moves" => {
+            let mut still = policy.clone();
+            still.migration.enabled = false;
+            still.hedging.enabled = false;
+            Box::new(Switchyard {
+                policy: still,
+                affinity: true,
+                prefix: true,
+                hits: Vec::new(),
+                moves: false,
+            })
+        }
         "static" => {
             let mut fixed = policy.clone();
             fixed.latency_critical.spill = false;
@@ -41,6 +57,7 @@ pub fn placer(name: &str, policy: &PolicyDocument) -> Option<Box<dyn Placer>> {
                 affinity: false,
                 prefix: false,
                 hits: Vec::new(),
+                moves: false,
             })
         }
         "round_robin" => Box::new(RoundRobin { next: 0 }),
@@ -77,6 +94,8 @@ struct Switchyard {
     /// does when it has the prompt's token ids.
     prefix: bool,
     hits: Vec<(usize, u32)>,
+    /// Moves and hedges as the document's `migration` and `hedging` say.
+    moves: bool,
 }
 
 impl Placer for Switchyard {
@@ -102,6 +121,10 @@ impl Placer for Switchyard {
             prefix,
         };
         place(view, &r.classification(), &info, &self.policy, &[])
+    }
+
+    fn moves_policy(&self) -> Option<&PolicyDocument> {
+        self.moves.then_some(&self.policy)
     }
 }
 
