@@ -1897,4 +1897,94 @@ mod tests {
         assert!(paused >= Duration::from_millis(1_300), "{paused:?}");
         link.shared.closed.cancel();
     }
+
+    /// A real worker (the synthetic engine, 200 tokens/s) serving in this process.
+    async fn real_worker() -> (SocketAddr, CancellationToken) {
+        let shutdown = CancellationToken::new();
+        let config = switchyard_worker::WorkerConfig {
+            id: "gpu-1".into(),
+            pool: Pool::Gpu,
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise: None,
+            lease_ttl: Duration::from_secs(10),
+            coalesce: Default::default(),
+            cost_per_mtok: 0.1,
+            drain_timeout: Duration::from_secs(1),
+            metrics: Default::default(),
+            tls: Default::default(),
+            connections: Default::default(),
+        };
+        let engine =
+            switchyard_worker::SyntheticEngine::checked(switchyard_worker::SyntheticConfig {
+                ttft: Duration::from_millis(10),
+                tokens_per_s: 200.0,
+                ..Default::default()
+            })
+            .unwrap();
+        let (ready, serving) = tokio::sync::oneshot::channel();
+        tokio::spawn(switchyard_worker::run_worker(
+            config,
+            Arc::new(engine),
+            Arc::new(switchyard_cluster::MemoryRegistry::new()),
+            shutdown.clone(),
+            |address| {
+                let _ = ready.send(address);
+            },
+        ));
+        (serving.await.expect("the worker serves"), shutdown)
+    }
+
+    /// Token ids `events` carries until `count` have come.
+    async fn tokens(events: &mut mpsc::UnboundedReceiver<LinkEvent>, count: usize) {
+        let mut got = 0;
+        while got < count {
+            match tokio::time::timeout(PATIENCE, events.recv()).await {
+                Ok(Some(LinkEvent::Frame(worker_frame::Frame::Tokens(t)))) => {
+                    got += t.token_ids.len()
+                }
+                other => panic!("expected tokens, got {other:?}"),
+            }
+        }
+        assert_eq!(got, count, "more tokens than the credit allowed");
+    }
+
+    #[tokio::test]
+    async fn credit_and_cancel_reach_a_real_worker_and_its_reports_settle_the_starts() {
+        let (address, shutdown) = real_worker().await;
+        let link = spawn_link(address, fastrand::f64);
+        until(&link, "up", |s| s.connected).await;
+        let mut events = link
+            .start(v1::WorkerStart {
+                request_id: "g1".into(),
+                model: "synthetic".into(),
+                prompt: "hello".into(),
+                sampling: Some(v1::SamplingParams {
+                    max_tokens: 10_000,
+                    ..Default::default()
+                }),
+                credit_tokens: 4,
+                ..Default::default()
+            })
+            .unwrap();
+        tokens(&mut events, 4).await;
+        link.grant("g1", 4);
+        tokens(&mut events, 4).await;
+        link.cancel("g1", v1::FinishReason::Cancelled);
+        let finished = loop {
+            match tokio::time::timeout(PATIENCE, events.recv()).await {
+                Ok(Some(LinkEvent::Frame(worker_frame::Frame::Finished(f)))) => break f,
+                // Credit granted before the cancel may still be spent.
+                Ok(Some(LinkEvent::Frame(worker_frame::Frame::Tokens(_)))) => {}
+                other => panic!("expected the generation to finish, got {other:?}"),
+            }
+        };
+        assert_eq!(finished.reason, v1::FinishReason::Cancelled as i32);
+        // The worker's reports have counted the start: nothing is in transit any more.
+        until(&link, "settled", |s| {
+            s.in_transit == Starts::default() && s.load.is_some_and(|l| l.active == 0)
+        })
+        .await;
+        assert_eq!(link.state().outstanding, 0);
+        shutdown.cancel();
+    }
 }
