@@ -1987,4 +1987,67 @@ mod tests {
         assert_eq!(link.state().outstanding, 0);
         shutdown.cancel();
     }
+
+    /// Waits, on the change feed, until `done` holds.
+    async fn until_links(links: &Links, what: &str, done: impl Fn(&Links) -> bool) {
+        tokio::time::timeout(PATIENCE, async {
+            while !done(links) {
+                links.changes().next().await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("waited {PATIENCE:?} for {what}"));
+    }
+
+    #[tokio::test]
+    async fn a_worker_whose_record_leaves_keeps_its_link_until_its_stream_fails() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let worker = FakeWorker::default();
+        let _server = serve(listener, worker.clone());
+        let links = Links::new(Duration::from_secs(5));
+        let listed = MembershipView::from_records([record_at(address)]);
+        links.sync(&listed);
+        let link = links.get("gpu-1").expect("a link to the listed worker");
+        until(&link, "up", |s| s.connected).await;
+
+        // etcd lost the record (a lease lapsed during an outage): the healthy link stays, and
+        // with it the worker's place in routing and what runs on it.
+        let mut held = link.start(start("hold")).unwrap();
+        links.sync(&MembershipView::default());
+        let kept = links.get("gpu-1").expect("the link is kept");
+        assert!(Arc::ptr_eq(&kept, &link));
+        assert!(link.state().available);
+        assert!(links.has_served("m"));
+
+        // The record came back and left again: still the same link.
+        links.sync(&listed);
+        links.sync(&MembershipView::default());
+        assert!(Arc::ptr_eq(&links.get("gpu-1").unwrap(), &link));
+
+        // Then its stream fails: unlisted, it leaves the view instead of being redialled.
+        worker.closing.cancel();
+        assert!(text_of(&mut held).await.is_err());
+        until_links(&links, "the unlisted worker to leave", |l| {
+            l.get("gpu-1").is_none()
+        })
+        .await;
+        assert!(links.view().workers().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_worker_whose_record_leaves_while_its_link_is_down_is_dropped_at_once() {
+        // Nothing listens there: the link never comes up.
+        let address = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let links = Links::new(Duration::from_secs(5));
+        links.sync(&MembershipView::from_records([record_at(address)]));
+        let link = links.get("gpu-1").expect("a link to the listed worker");
+        assert!(!link.state().available);
+        links.sync(&MembershipView::default());
+        assert!(links.get("gpu-1").is_none());
+        assert!(link.shared.closed.is_cancelled());
+    }
 }
