@@ -459,29 +459,31 @@ impl Link {
         }
     }
 
-    /// Starts a generation on this worker; its frames arrive on the returned channel. Fails
-    /// at once when the link is down or overloaded (its command channel is full): the caller
-    /// places the request elsewhere. A link that goes down before its task sends the start
-    /// says so as the channel's first event ([`LinkEvent::Lost`]).
-    pub fn start(
+    /// Starts a generation on this worker; its frames arrive on the returned channel. Waits
+    /// while the link's command channel is full — a burst of starts queues behind the ones
+    /// the worker is taking instead of failing — and fails at once when the link is down (the
+    /// caller places the request elsewhere). A link that goes down before its task sends the
+    /// start says so as the channel's first event ([`LinkEvent::Lost`]).
+    pub async fn start(
         &self,
         start: v1::WorkerStart,
     ) -> Result<mpsc::UnboundedReceiver<LinkEvent>, String> {
-        if !self.shared.state.borrow().connected {
-            return Err(format!("worker {} is not connected", self.shared.id));
+        let (command, charge, rx) = self.start_command(start)?;
+        match self.commands.send(command).await {
+            Ok(()) => Ok(rx),
+            Err(_) => {
+                self.shared.state.send_modify(|s| s.queued.remove(charge));
+                Err(format!("worker {} link just closed", self.shared.id))
+            }
         }
-        let charge = Charge::of(&start);
-        // Unbounded per request: a slow client must not stall the link's task (and with it
-        // every other request on this worker); credit bounds each request's backlog.
-        let (events, rx) = mpsc::unbounded_channel();
-        // Counted before the task can see it, so a placement meanwhile sees it and a load
-        // report that has seen it can never arrive before it is counted.
-        self.shared.state.send_modify(|s| s.queued.add(charge));
-        let command = Command::Start {
-            start: Box::new(start),
-            events,
-            charge,
-        };
+    }
+
+    /// [`Link::start`] without waiting: fails when the command channel is full.
+    pub fn try_start(
+        &self,
+        start: v1::WorkerStart,
+    ) -> Result<mpsc::UnboundedReceiver<LinkEvent>, String> {
+        let (command, charge, rx) = self.start_command(start)?;
         match self.commands.try_send(command) {
             Ok(()) => Ok(rx),
             Err(error) => {
@@ -497,6 +499,29 @@ impl Link {
                 })
             }
         }
+    }
+
+    /// The start command, counted in the link's state as queued before the task can see it,
+    /// so a placement meanwhile sees it and a load report that has seen it can never arrive
+    /// before it is counted.
+    fn start_command(
+        &self,
+        start: v1::WorkerStart,
+    ) -> Result<(Command, Charge, mpsc::UnboundedReceiver<LinkEvent>), String> {
+        if !self.shared.state.borrow().connected {
+            return Err(format!("worker {} is not connected", self.shared.id));
+        }
+        let charge = Charge::of(&start);
+        // Unbounded per request: a slow client must not stall the link's task (and with it
+        // every other request on this worker); credit bounds each request's backlog.
+        let (events, rx) = mpsc::unbounded_channel();
+        self.shared.state.send_modify(|s| s.queued.add(charge));
+        let command = Command::Start {
+            start: Box::new(start),
+            events,
+            charge,
+        };
+        Ok((command, charge, rx))
     }
 
     /// Asks the worker to stop a generation (`Cancelled` or `Interrupted`).
@@ -1503,7 +1528,7 @@ mod tests {
             prompt: "x".repeat(400),
             ..Default::default()
         };
-        link.start(start).unwrap();
+        link.try_start(start).unwrap();
         // Counted from the moment it is handed over, before the task has seen it...
         assert_eq!(link.state().queued_prompt_tokens, 100 + 100);
         assert_eq!(link.state().outstanding, 1);
@@ -1540,7 +1565,7 @@ mod tests {
             ("lc", v1::Lane::LatencyCritical, 400),
             ("cs", v1::Lane::CostSensitive, 800),
         ] {
-            link.start(v1::WorkerStart {
+            link.try_start(v1::WorkerStart {
                 request_id: id.into(),
                 prompt: "x".repeat(bytes),
                 lane: lane as i32,
@@ -1581,7 +1606,7 @@ mod tests {
         let used = link.hold_slot();
         let unused = link.hold_slot();
         assert_eq!(link.state().outstanding, 2);
-        link.start(v1::WorkerStart {
+        link.try_start(v1::WorkerStart {
             request_id: "g1".into(),
             ..Default::default()
         })
@@ -1600,11 +1625,11 @@ mod tests {
     fn starts_reaching_a_link_that_went_down_are_lost_at_once() {
         let (link, mut task) = link();
         // Down: refused at the door.
-        assert!(link.start(v1::WorkerStart::default()).is_err());
+        assert!(link.try_start(v1::WorkerStart::default()).is_err());
         // Handed over while up, but the stream broke before the task sent it.
         link.shared.state.send_modify(|s| s.connected = true);
         let mut events = link
-            .start(v1::WorkerStart {
+            .try_start(v1::WorkerStart {
                 request_id: "g1".into(),
                 prompt: "x".repeat(40),
                 ..Default::default()
@@ -1618,7 +1643,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_command_channel_is_an_error_not_a_hang_and_controls_still_arrive() {
+    async fn a_full_command_channel_refuses_a_try_start_and_makes_a_start_wait_and_controls_still_arrive()
+     {
         let (link, mut task, mut outbound, mut sent) = connected_link();
         let start = |i: usize| v1::WorkerStart {
             request_id: format!("g{i}"),
@@ -1626,12 +1652,15 @@ mod tests {
         };
         let mut events = Vec::new();
         for i in 0..COMMAND_CAPACITY {
-            events.push(link.start(start(i)).expect("room for the start"));
+            events.push(link.try_start(start(i)).expect("room for the start"));
         }
-        let refused = link.start(start(COMMAND_CAPACITY)).unwrap_err();
+        let refused = link.try_start(start(COMMAND_CAPACITY)).unwrap_err();
         assert!(refused.contains("overloaded"), "{refused}");
         // The refused start holds nothing.
         assert_eq!(link.state().outstanding, COMMAND_CAPACITY as u32);
+        // A start that may wait, waits for room (a burst queues, it does not fail).
+        let mut waiting = Box::pin(link.start(start(COMMAND_CAPACITY + 1)));
+        assert!(futures::poll!(&mut waiting).is_pending());
         // A cancel finding the channel full is not lost: it goes once there is room, after
         // its start.
         link.cancel("g0", v1::FinishReason::Cancelled);
@@ -1657,7 +1686,8 @@ mod tests {
         .await
         .expect("the cancel arrives");
         assert_eq!(cancelled.request_id, "g0");
-        assert_eq!(starts, COMMAND_CAPACITY);
+        // The waiting start got its room as the task took commands.
+        assert!(waiting.await.is_ok());
     }
 
     /// A worker that reports a load as each stream opens and answers each start with three
@@ -1826,7 +1856,7 @@ mod tests {
 
         let mut streams: Vec<_> = ["a", "b", "c"]
             .into_iter()
-            .map(|id| link.start(start(id)).unwrap())
+            .map(|id| link.try_start(start(id)).unwrap())
             .collect();
         for (id, events) in ["a", "b", "c"].into_iter().zip(&mut streams) {
             assert_eq!(
@@ -1845,7 +1875,7 @@ mod tests {
         let server = serve(listener, first.clone());
         let link = spawn_link(address, fastrand::f64);
         until(&link, "up", |s| s.connected).await;
-        let mut held = link.start(start("hold")).unwrap();
+        let mut held = link.try_start(start("hold")).unwrap();
 
         // The worker goes away: its request learns it, and the link is down.
         first.closing.cancel();
@@ -1853,7 +1883,7 @@ mod tests {
         assert!(text_of(&mut held).await.is_err());
         until(&link, "down", |s| !s.connected).await;
         assert!(!link.state().available);
-        assert!(link.start(start("while-down")).is_err());
+        assert!(link.try_start(start("while-down")).is_err());
 
         // The same address serves again: the link finds it.
         let listener = TcpListener::bind(address).await.unwrap();
@@ -1861,7 +1891,7 @@ mod tests {
         let _server = serve(listener, second.clone());
         until(&link, "up again", |s| s.connected).await;
         assert_eq!(second.streams.load(Ordering::Relaxed), 1);
-        let mut events = link.start(start("after")).unwrap();
+        let mut events = link.try_start(start("after")).unwrap();
         assert_eq!(
             text_of(&mut events).await.unwrap(),
             "after-0 after-1 after-2 "
@@ -1954,7 +1984,7 @@ mod tests {
         let link = spawn_link(address, fastrand::f64);
         until(&link, "up", |s| s.connected).await;
         let mut events = link
-            .start(v1::WorkerStart {
+            .try_start(v1::WorkerStart {
                 request_id: "g1".into(),
                 model: "synthetic".into(),
                 prompt: "hello".into(),
@@ -2013,7 +2043,7 @@ mod tests {
 
         // etcd lost the record (a lease lapsed during an outage): the healthy link stays, and
         // with it the worker's place in routing and what runs on it.
-        let mut held = link.start(start("hold")).unwrap();
+        let mut held = link.try_start(start("hold")).unwrap();
         links.sync(&MembershipView::default());
         let kept = links.get("gpu-1").expect("the link is kept");
         assert!(Arc::ptr_eq(&kept, &link));

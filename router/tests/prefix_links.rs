@@ -90,6 +90,7 @@ async fn generate(links: &Links, worker: &str, request_id: &str, prompt: &[u32])
             }),
             ..Default::default()
         })
+        .await
         .expect("started");
     loop {
         match tokio::time::timeout(PATIENCE, events.recv()).await {

@@ -369,7 +369,11 @@ impl<'d> Run<'d> {
             return Err(DispatchError::ClientGone);
         }
         let generation_id = self.dispatcher.links.next_generation_id();
-        let started = link.start(self.worker_start(&generation_id));
+        let started = tokio::select! {
+            started = link.start(self.worker_start(&generation_id)) => started,
+            // The worker is taking starts more slowly than they come: nothing was sent yet.
+            _ = out.closed() => return Err(DispatchError::ClientGone),
+        };
         if let Some(slot) = self.slot.take() {
             slot.release_after_start();
         }
