@@ -194,6 +194,9 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                         reply.push_str(&tokens.text);
                     }
                     Some(Frame::Accepted(_)) => {}
+                    Some(Frame::Moved(moved)) => {
+                        eprint!("\n[moved to {} ({}): {}]\n", moved.to_worker_id, moved.to_pool, moved.reason);
+                    }
                     Some(Frame::Finished(_)) | None => break,
                     Some(Frame::Failed(failed)) => {
                         eprintln!("\n[error {}: {}]", failed.code, failed.message);

@@ -418,6 +418,8 @@ pub struct Completion {
     pub seqs: Vec<u64>,
     pub finished: Option<v1::Finished>,
     pub failed: Option<v1::Failed>,
+    /// Moves to another worker mid-stream, in order.
+    pub moved: Vec<v1::Moved>,
 }
 
 impl Completion {
@@ -431,6 +433,7 @@ impl Completion {
             }
             Frame::Finished(f) => self.finished = Some(f),
             Frame::Failed(f) => self.failed = Some(f),
+            Frame::Moved(m) => self.moved.push(m),
         }
     }
 }

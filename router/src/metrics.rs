@@ -68,6 +68,13 @@ pub struct QueueLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MoveLabels {
+    pub reason: &'static str,
+    pub from_pool: &'static str,
+    pub to_pool: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LanePoolLabels {
     pub lane: &'static str,
     pub pool: &'static str,
@@ -171,6 +178,8 @@ pub struct RouterMetrics {
     /// Time requests waited at the router for a slot (only those that waited), by lane and
     /// outcome.
     pub queue_wait: Histograms<QueueLabels>,
+    /// Generations moved to another worker on the router's order, by reason and pools.
+    pub moves: Family<MoveLabels, Counter>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -196,6 +205,7 @@ impl RouterMetrics {
             prefix_error: Family::new_with_constructor(prefix_error_histogram),
             identity_rejections: Family::default(),
             queue_wait: Family::new_with_constructor(ttft_histogram),
+            moves: Family::default(),
         };
         metrics.register(|r| {
             r.register(
@@ -264,6 +274,11 @@ impl RouterMetrics {
                 this.queue_wait.clone(),
             );
             r.register(
+                "switchyard_router_moves",
+                "Generations moved to another worker on the router's order (preempt, rebalance, drain), by reason and pools",
+                this.moves.clone(),
+            );
+            r.register(
                 "switchyard_router_worker_identity_rejections",
                 "Worker links refused because the certificate served at a record's address does not name the record's worker, by the record's worker_id and pool",
                 this.identity_rejections.clone(),
@@ -326,6 +341,17 @@ impl RouterMetrics {
                 outcome,
             })
             .observe(waited.as_secs_f64());
+    }
+
+    /// A generation moved from a `from` worker to a `to` one for `reason`.
+    pub fn moved(&self, reason: &'static str, from: Pool, to: Pool) {
+        self.moves
+            .get_or_create(&MoveLabels {
+                reason,
+                from_pool: pool_label(Some(from)),
+                to_pool: pool_label(Some(to)),
+            })
+            .inc();
     }
 
     pub fn shed(&self, lane: LaneName) {

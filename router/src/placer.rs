@@ -12,9 +12,9 @@
 //! worker's state changes the task places waiting requests in that order, so a freed slot goes
 //! to exactly the request that should get it; no waiter is woken to find the slot taken.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -26,6 +26,7 @@ use crate::error::DispatchError;
 use crate::links::{Link, Links, SlotHold};
 use crate::metrics::RouterMetrics;
 use crate::policy::document::{LaneName, PolicyDocument};
+use crate::policy::moves::{MoveReason, Running, preemption_victim};
 use crate::policy::{
     Admission, ClusterView, Considered, Decision, PlacementError, RequestInfo, admit, fallback,
     place_traced,
@@ -122,6 +123,43 @@ impl Drop for Ticket {
     }
 }
 
+/// A cost-sensitive generation running on a wafer-scale slot it borrowed: the one kind of
+/// generation a latency-critical request may take a slot from (the policy's
+/// `migration.preempt_borrowed_wse`).
+#[derive(Debug)]
+pub struct Borrowed {
+    pub worker: String,
+    pub model: String,
+    pub class: Classification,
+    pub prompt_tokens: u32,
+    /// Tokens generated so far (kept by the run): a move re-prefills them.
+    pub generated: Arc<AtomicU32>,
+    pub max_tokens: u32,
+    /// Times the generation has moved already.
+    pub moves: u32,
+}
+
+/// The order to move, given to a borrowed generation's run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MoveOrder {
+    pub reason: MoveReason,
+}
+
+/// Registration of a [`Borrowed`] generation; dropping it (the run ended or left the slot)
+/// takes it off the placement task's list.
+pub struct BorrowedSlot {
+    id: u64,
+    /// Fires when the placement task decides the generation must move.
+    pub order: oneshot::Receiver<MoveOrder>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Drop for BorrowedSlot {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Returned(self.id));
+    }
+}
+
 /// Whether a request that cannot be placed now may wait.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IfFull {
@@ -139,12 +177,19 @@ enum Command {
         reply: oneshot::Sender<Result<Answer, DispatchError>>,
     },
     Leave(u64),
+    Borrowed {
+        id: u64,
+        generation: Borrowed,
+        order: oneshot::Sender<MoveOrder>,
+    },
+    Returned(u64),
 }
 
 /// The handle requests use to reach the placement task.
 pub struct Placer {
     commands: mpsc::UnboundedSender<Command>,
     depths: Arc<[AtomicU32; 2]>,
+    next_borrowed: AtomicU64,
 }
 
 impl Placer {
@@ -168,9 +213,31 @@ impl Placer {
             next_ticket: 0,
             depths: depths.clone(),
             commands: commands.downgrade(),
+            borrowed: BTreeMap::new(),
         };
         tokio::spawn(task.run(inbox));
-        Self { commands, depths }
+        Self {
+            commands,
+            depths,
+            next_borrowed: AtomicU64::new(0),
+        }
+    }
+
+    /// Lists a cost-sensitive generation that borrowed a wafer-scale slot, so a
+    /// latency-critical request may take the slot (the generation then moves on).
+    pub fn borrowed(&self, generation: Borrowed) -> BorrowedSlot {
+        let id = self.next_borrowed.fetch_add(1, Ordering::Relaxed);
+        let (order, ordered) = oneshot::channel();
+        let _ = self.commands.send(Command::Borrowed {
+            id,
+            generation,
+            order,
+        });
+        BorrowedSlot {
+            id,
+            order: ordered,
+            commands: self.commands.clone(),
+        }
     }
 
     /// Places `ask` now, queues it, or refuses it.
@@ -221,6 +288,8 @@ struct PlacementTask {
     depths: Arc<[AtomicU32; 2]>,
     /// For tickets to leave by; weak, so the task ends when the last [`Placer`] goes.
     commands: mpsc::WeakUnboundedSender<Command>,
+    /// Cost-sensitive generations on borrowed wafer-scale slots, by registration.
+    borrowed: BTreeMap<u64, (Borrowed, oneshot::Sender<MoveOrder>)>,
 }
 
 impl PlacementTask {
@@ -265,6 +334,16 @@ impl PlacementTask {
                     queue.retain(|w| w.id != id);
                 }
                 self.publish_depths();
+            }
+            Command::Borrowed {
+                id,
+                generation,
+                order,
+            } => {
+                self.borrowed.insert(id, (generation, order));
+            }
+            Command::Returned(id) => {
+                self.borrowed.remove(&id);
             }
         }
     }
@@ -316,6 +395,16 @@ impl PlacementTask {
         // FIFO: a newcomer does not overtake requests of its lane (or latency-critical ones)
         // waiting for the same model.
         let behind_others = if_full == IfFull::Queue && self.waiting_ahead(lane, &ask.model);
+        // A borrowed wafer-scale slot is taken back before the request settles for less: the
+        // borrower moves on, and the slot it frees goes to the queue's first latency-critical
+        // request.
+        if !behind_others
+            && if_full == IfFull::Queue
+            && self.preempt_for(&ask, &policy)
+            && let Ok(ticket) = self.enqueue(ask.clone(), &policy)
+        {
+            return Ok(Answer::Queued(ticket));
+        }
         if !behind_others && let Some(chosen) = self.try_place(&ask, &policy)? {
             return Ok(Answer::Placed(chosen));
         }
@@ -415,6 +504,67 @@ impl PlacementTask {
             cached_tokens: placement.cached_tokens,
             alternatives,
         }))
+    }
+
+    /// Orders a cost-sensitive generation off its borrowed wafer-scale slot when the policy
+    /// says `ask` (latency-critical) should have it. Whether it did.
+    fn preempt_for(&mut self, ask: &Ask, policy: &PolicyDocument) -> bool {
+        if ask.class.lane != LaneName::LatencyCritical
+            || self.borrowed.is_empty()
+            || !policy.migration.enabled
+        {
+            return false;
+        }
+        let view = &self.view;
+        let ids: Vec<u64> = self.borrowed.keys().copied().collect();
+        let mut running = Vec::with_capacity(ids.len());
+        let mut of_running = Vec::with_capacity(ids.len());
+        for id in &ids {
+            let (b, _) = &self.borrowed[id];
+            let Some(worker) = view.index_of(&b.worker) else {
+                continue;
+            };
+            let generated = b.generated.load(Ordering::Relaxed);
+            running.push(Running {
+                worker,
+                class: &b.class,
+                continuation: RequestInfo {
+                    model: &b.model,
+                    prompt_tokens: b.prompt_tokens.saturating_add(generated),
+                    affinity: None,
+                    seed: *id,
+                    prefix: None,
+                },
+                remaining_tokens: b.max_tokens.saturating_sub(generated),
+                moves: b.moves,
+            });
+            of_running.push(*id);
+        }
+        let hits: Option<Vec<(usize, u32)>> = ask.prefix.as_ref().map(|hits| {
+            hits.iter()
+                .filter_map(|(id, tokens)| Some((view.index_of(id)?, *tokens)))
+                .collect()
+        });
+        let info = RequestInfo {
+            model: &ask.model,
+            prompt_tokens: ask.prompt_tokens,
+            affinity: ask.affinity,
+            seed: ask.seed,
+            prefix: hits.as_deref(),
+        };
+        let Some(preemption) = preemption_victim(view, &ask.class, &info, &running, policy) else {
+            return false;
+        };
+        let id = of_running[preemption.victim];
+        let Some((victim, order)) = self.borrowed.remove(&id) else {
+            return false;
+        };
+        debug!(request_id = %ask.request_id, from = %victim.worker, "preempting a borrowed wafer-scale slot");
+        order
+            .send(MoveOrder {
+                reason: MoveReason::Preempt,
+            })
+            .is_ok()
     }
 
     /// A started request with every other worker full: the least utilised one that serves

@@ -54,14 +54,14 @@ impl Drop for Worker {
 async fn start_worker(
     registry: &Arc<MemoryRegistry>,
     id: &str,
-    slots: u32,
+    (pool, slots): (Pool, u32),
     script: &Arc<Script>,
 ) -> Worker {
     let engine = Arc::new(FaultEngine::new(MODEL, slots, script.clone()));
     let kill = CancellationToken::new();
     let config = WorkerConfig {
         id: id.into(),
-        pool: Pool::Gpu,
+        pool,
         listen: "127.0.0.1:0".parse().expect("address"),
         advertise: None,
         lease_ttl: Duration::from_secs(10),
@@ -128,6 +128,15 @@ impl Cluster {
         config: RouterConfig,
         policy: Option<PolicyDocument>,
     ) -> Self {
+        Self::start_pools(&vec![(Pool::Gpu, slots); workers], config, policy).await
+    }
+
+    /// One worker per `(pool, slots)`, named `w0`, `w1`, …
+    async fn start_pools(
+        workers: &[(Pool, u32)],
+        config: RouterConfig,
+        policy: Option<PolicyDocument>,
+    ) -> Self {
         let registry = Arc::new(MemoryRegistry::new());
         if let Some(policy) = policy {
             registry
@@ -137,8 +146,8 @@ impl Cluster {
         }
         let script = Script::new(Plan::default());
         let mut started = Vec::new();
-        for i in 0..workers {
-            started.push(start_worker(&registry, &format!("w{i}"), slots, &script).await);
+        for (i, &worker) in workers.iter().enumerate() {
+            started.push(start_worker(&registry, &format!("w{i}"), worker, &script).await);
         }
         let shutdown = CancellationToken::new();
         let (ready, serving) = oneshot::channel();
@@ -163,7 +172,7 @@ impl Cluster {
             router,
             _router: shutdown.drop_guard(),
         };
-        cluster.wait_until_routable(workers).await;
+        cluster.wait_until_routable(workers.len()).await;
         cluster
     }
 
@@ -340,6 +349,7 @@ struct Outcome {
     ids: Vec<u32>,
     finished: Option<v1::Finished>,
     failed: Option<v1::Failed>,
+    moved: Vec<v1::Moved>,
 }
 
 impl Outcome {
@@ -417,7 +427,8 @@ impl Session {
                     Frame::Accepted(v1::Accepted { request_id, .. })
                     | Frame::Tokens(v1::Tokens { request_id, .. })
                     | Frame::Finished(v1::Finished { request_id, .. })
-                    | Frame::Failed(v1::Failed { request_id, .. }) => request_id.clone(),
+                    | Frame::Failed(v1::Failed { request_id, .. })
+                    | Frame::Moved(v1::Moved { request_id, .. }) => request_id.clone(),
                 };
                 let outcome = self.requests.entry(id).or_default();
                 assert!(
@@ -432,6 +443,7 @@ impl Session {
                     }
                     Frame::Finished(finished) => outcome.finished = Some(finished),
                     Frame::Failed(failed) => outcome.failed = Some(failed),
+                    Frame::Moved(moved) => outcome.moved.push(moved),
                 }
             }
         })
@@ -1137,4 +1149,88 @@ async fn a_client_that_stops_reading_does_not_stall_the_worker_for_others() {
         "the flood is still held back"
     );
     drop(unread);
+}
+
+/// The wafer-scale slot is the scarcest thing in the cluster: a cost-sensitive request that
+/// borrowed it gives it back to a latency-critical one, continues on a GPU, and its client sees
+/// one continuous text (and a `Moved` frame saying why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latency_critical_request_takes_back_a_borrowed_wafer_slot_and_the_borrower_moves_on() {
+    let mut policy = PolicyDocument::default();
+    policy.migration.enabled = true;
+    policy.migration.preempt_borrowed_wse = true;
+    policy.migration.max_moves_per_generation = 1;
+    // Latency-critical work waits for the wafer rather than spilling: only a preemption serves
+    // it now.
+    policy.latency_critical.spill = false;
+    let cluster = Cluster::start_pools(
+        &[(Pool::Gpu, 2), (Pool::Wse, 1)],
+        RouterConfig::default(),
+        Some(policy),
+    )
+    .await;
+    let (gpu, wse) = (0, 1);
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    cluster
+        .script
+        .set("story", [Plan::default().paced(Duration::from_millis(20))]);
+    let mut session = cluster.session().await;
+    // The GPU pool is full...
+    for id in ["a", "b"] {
+        session.start(request(id, "hold", 3, RequestClass::CostSensitive));
+        session.tokens(id, 1).await;
+    }
+    // ...so a cost-sensitive request borrows the idle wafer slot.
+    session.start(request(
+        "borrower",
+        "story",
+        40,
+        RequestClass::CostSensitive,
+    ));
+    session.tokens("borrower", 3).await;
+    let borrowed = session.requests["borrower"].accepted[0].clone();
+    assert_eq!(borrowed.pool, "wse", "{borrowed:?}");
+    // The GPU frees up; then latency-critical work arrives while the wafer is busy.
+    cluster.engine(gpu).release();
+    assert_eq!(session.end("a").await.reason(), FinishReason::Length);
+    assert_eq!(session.end("b").await.reason(), FinishReason::Length);
+    session.start(request(
+        "urgent",
+        "answer now",
+        5,
+        RequestClass::LatencyCritical,
+    ));
+
+    let urgent = session.end("urgent").await;
+    assert_eq!(urgent.reason(), FinishReason::Length, "{urgent:?}");
+    assert_eq!(urgent.accepted[0].pool, "wse", "{urgent:?}");
+    assert_eq!(urgent.text, fault_text("answer now", 0, 5));
+
+    let borrower = session.end("borrower").await;
+    assert_eq!(borrower.reason(), FinishReason::Length, "{borrower:?}");
+    // One continuous text, exactly what an unmoved run gives.
+    assert_eq!(borrower.text, fault_text("story", 0, 40));
+    assert_eq!(borrower.ids, fault_ids("story", 0, 40));
+    assert_eq!(borrower.moved.len(), 1, "{borrower:?}");
+    let moved = &borrower.moved[0];
+    assert_eq!(
+        (
+            moved.from_pool.as_str(),
+            moved.to_pool.as_str(),
+            moved.reason.as_str()
+        ),
+        ("wse", "gpu", "preempt")
+    );
+    assert_eq!(moved.from_worker_id, cluster.workers[wse].id);
+    // The GPU resumed after exactly what the client had from the wafer.
+    let resumed = start_on(cluster.engine(gpu), "story").await;
+    let k = resumed.resume_tokens.len();
+    assert!(k >= 3, "{k}");
+    assert_eq!(resumed.resume_tokens, fault_ids("story", 0, k));
+    assert!(cancelled(
+        &cluster.engine(wse).events(),
+        &start_on(cluster.engine(wse), "story").await.request_id
+    ));
 }

@@ -62,7 +62,7 @@ async fn chat(router: &str, id: &str, messages: &[(&str, &str)]) -> anyhow::Resu
                 });
             }
             Some(Frame::Failed(f)) => bail!("{id} failed: {} {}", f.code, f.message),
-            None => {}
+            Some(Frame::Moved(_)) | None => {}
         }
     }
     bail!("{id}: stream ended without Finished")

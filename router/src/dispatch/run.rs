@@ -6,6 +6,7 @@
 //! already has.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use switchyard_cluster::Pool;
 use switchyard_cluster::telemetry::propagation;
@@ -16,12 +17,13 @@ use tonic::Code;
 use tracing::{Span, debug, info, warn};
 
 use super::span::record_decision;
-use super::{Control, Dispatcher, FrameSink, Held};
+use super::{Control, Dispatcher, FrameSink, Held, token_count};
 use crate::classify::Classification;
 use crate::error::DispatchError;
 use crate::links::{Link, LinkEvent, SlotHold};
 use crate::metrics::{StreamLabels, StreamMetrics, lane_label, pool_label};
-use crate::placer::Chosen;
+use crate::placer::{Borrowed, BorrowedSlot, Chosen};
+use crate::policy::moves::MoveReason;
 use crate::report::ledger;
 
 /// State of one client request across worker generations (segments).
@@ -64,6 +66,12 @@ pub(super) struct Run<'d> {
     pub(super) alternatives: ledger::Basis,
     pub(super) attempts: u32,
     pub(super) cancelled: bool,
+    /// Listed with the placement task while it runs on a borrowed wafer-scale slot.
+    pub(super) borrowed: Option<BorrowedSlot>,
+    /// Tokens generated so far, as the placement task sees them.
+    pub(super) generated: Arc<AtomicU32>,
+    /// Times it moved on the router's order.
+    pub(super) moves: u32,
     /// The token series of the current worker's pool (set by [`Run::on_worker`]).
     pub(super) stream_metrics: Option<StreamMetrics>,
     /// See [`Held`]: given back before the last frame.
@@ -96,6 +104,8 @@ impl Drop for Generation<'_> {
 enum SegmentEnd {
     Finished(v1::Finished),
     Interrupted(v1::Interrupt),
+    /// Stopped on the router's order, to go on elsewhere.
+    Moved(MoveReason),
     Lost(String),
     Failed(v1::Failed),
 }
@@ -111,6 +121,8 @@ enum Next {
     /// Resume on another worker; `full` when the worker refused for lack of room (overload:
     /// shed if no other worker can take it).
     Failover { full: bool },
+    /// Resume on another worker, on the router's order (its tokens so far kept).
+    Move,
     /// End the request with the worker's error.
     Fail,
 }
@@ -136,6 +148,7 @@ fn after(
         SegmentEnd::Interrupted(_) => Next::Redirect {
             same_worker: worker_available,
         },
+        SegmentEnd::Moved(_) => Next::Move,
         SegmentEnd::Lost(_) => Next::Failover { full: false },
         SegmentEnd::Failed(failed) => match Code::from_i32(failed.code) {
             Code::Unavailable => Next::Failover { full: false },
@@ -157,7 +170,8 @@ impl<'d> Run<'d> {
     ) -> Self {
         let placement_reason = &chosen.reason;
         span.record("predicted_cached_tokens", chosen.cached_tokens);
-        Self {
+        let (label, link) = (chosen.reason_label, chosen.link.clone());
+        let mut run = Self {
             slot: Some(chosen.slot),
             prompt_ids,
             predicted_cached_tokens: chosen.cached_tokens,
@@ -186,7 +200,12 @@ impl<'d> Run<'d> {
             cancelled: false,
             held: Held::default(),
             stream_metrics: None,
-        }
+            borrowed: None,
+            generated: Arc::default(),
+            moves: 0,
+        };
+        run.list_if_borrowed(label, &link);
+        run
     }
 
     /// Gives back what the request held, charging its tenant the prompt and the tokens
@@ -254,6 +273,9 @@ impl<'d> Run<'d> {
                         link = self.replace(&link, &mut excluded).await?;
                     }
                 }
+                (Next::Move, SegmentEnd::Moved(reason)) => {
+                    link = self.move_on(&link, reason, &excluded, out).await?;
+                }
                 (Next::Failover { full }, end) => {
                     let why = match &end {
                         SegmentEnd::Lost(why) => why.clone(),
@@ -293,6 +315,81 @@ impl<'d> Run<'d> {
                 (next, end) => unreachable!("after() paired {next:?} with {end:?}"),
             }
         }
+    }
+
+    /// Lists the run with the placement task when `label` says it borrowed a wafer-scale slot
+    /// on `link` (a cost-sensitive request on an idle WSE slot): a latency-critical request may
+    /// take the slot back, and this run then moves on.
+    fn list_if_borrowed(&mut self, label: &str, link: &Link) {
+        self.borrowed = (label == "borrow_wse").then(|| {
+            self.dispatcher.placer.borrowed(Borrowed {
+                worker: link.id(),
+                model: self.request.model.clone(),
+                class: self.class.clone(),
+                prompt_tokens: token_count(&self.prompt_ids),
+                generated: self.generated.clone(),
+                max_tokens: self.max_tokens(),
+                moves: self.moves,
+            })
+        });
+    }
+
+    /// Moves the request off `from` on the router's order: another worker resumes after the
+    /// tokens the client has, and the client is told. When no other worker can take it, it
+    /// resumes where it was.
+    async fn move_on(
+        &mut self,
+        from: &Arc<Link>,
+        reason: MoveReason,
+        excluded: &[String],
+        out: &FrameSink,
+    ) -> Result<Arc<Link>, DispatchError> {
+        let mut excluded = excluded.to_vec();
+        excluded.push(from.id());
+        let chosen = match self
+            .dispatcher
+            .replace(&self.request, &self.prompt_ids, &self.class, excluded)
+            .await
+        {
+            Ok(chosen) => chosen,
+            Err(error) => {
+                warn!(request_id = %self.request.request_id, worker = %from.id(), %error, "no worker to move to; resuming where it was");
+                return Ok(from.clone());
+            }
+        };
+        self.moves += 1;
+        self.slot = Some(chosen.slot);
+        self.predicted_cached_tokens = chosen.cached_tokens;
+        let (old, new) = (from.record(), chosen.link.record());
+        self.dispatcher
+            .metrics
+            .moved(reason.as_str(), old.pool, new.pool);
+        record_decision(
+            &Span::current(),
+            self.class.lane.as_str(),
+            new.pool.as_str(),
+            &new.id,
+            &format!(
+                "{}; moved ({}): {}",
+                self.class.reason,
+                reason.as_str(),
+                chosen.reason
+            ),
+        );
+        send(
+            out,
+            Frame::Moved(v1::Moved {
+                request_id: self.request.request_id.clone(),
+                from_worker_id: old.id,
+                from_pool: old.pool.to_string(),
+                to_worker_id: new.id,
+                to_pool: new.pool.to_string(),
+                reason: reason.as_str().into(),
+            }),
+        )
+        .await?;
+        self.list_if_borrowed(chosen.reason_label, &chosen.link);
+        Ok(chosen.link)
     }
 
     /// Picks another worker after `failed` could not serve the request.
@@ -398,6 +495,9 @@ impl<'d> Run<'d> {
         let mut to_grant = 0u32;
         // An event read while merging chunks, handled next.
         let mut held_back: Option<LinkEvent> = None;
+        // The listing of a borrowed wafer-scale slot, while this segment runs on one.
+        let mut borrowed = self.borrowed.take();
+        let mut moving: Option<MoveReason> = None;
         let end = loop {
             let grace = async {
                 match cancel_deadline {
@@ -438,8 +538,14 @@ impl<'d> Run<'d> {
                     }
                     Some(LinkEvent::Frame(worker_frame::Frame::Finished(finished))) => {
                         generation.ended = true;
-                        break match interrupt.take() {
-                            Some(i) if !self.cancelled => SegmentEnd::Interrupted(i),
+                        // A generation that reached its end before the stop took effect
+                        // simply finished.
+                        let stopped = finished.reason == v1::FinishReason::Interrupted as i32;
+                        break match (interrupt.take(), moving.take()) {
+                            (Some(i), _) if !self.cancelled => SegmentEnd::Interrupted(i),
+                            (None, Some(reason)) if !self.cancelled && stopped => {
+                                SegmentEnd::Moved(reason)
+                            }
                             _ => SegmentEnd::Finished(finished),
                         };
                     }
@@ -458,6 +564,24 @@ impl<'d> Run<'d> {
                     }
                     None => break SegmentEnd::Lost("link closed".into()),
                 },
+                order = async {
+                    match borrowed.as_mut() {
+                        Some(slot) => (&mut slot.order).await.ok(),
+                        None => std::future::pending().await,
+                    }
+                }, if borrowed.is_some() => {
+                    // Off the list either way: ordered once, or the placement task is gone.
+                    borrowed = None;
+                    if let Some(order) = order
+                        && moving.is_none()
+                        && interrupt.is_none()
+                        && !self.cancelled
+                    {
+                        info!(request_id = %self.request.request_id, worker = %link.id(), reason = order.reason.as_str(), "moving to another worker");
+                        link.cancel(&generation_id, v1::FinishReason::Interrupted);
+                        moving = Some(order.reason);
+                    }
+                }
                 control = controls.recv(), if controls_open => match control {
                     Some(Control::Cancel) => {
                         self.cancelled = true;
@@ -483,6 +607,8 @@ impl<'d> Run<'d> {
                 }
             }
         };
+        // Still on its borrowed slot (it ended or is redirected there): still listed.
+        self.borrowed = borrowed;
         if self.cancelled {
             // A cancel wins over whatever else ended the segment: no failover, no redirect.
             return Ok(match end {
@@ -534,6 +660,8 @@ impl<'d> Run<'d> {
             metrics.tokens(tokens.token_ids.len() as u32, gap, first);
         }
         self.delivered += tokens.token_ids.len() as u32;
+        self.generated
+            .fetch_add(tokens.token_ids.len() as u32, Ordering::Relaxed);
         self.dispatcher
             .reports
             .tokens(self.pool, tokens.token_ids.len() as u32);
@@ -608,6 +736,7 @@ mod tests {
         });
         let interrupted = SegmentEnd::Interrupted(v1::Interrupt::default());
         let lost = SegmentEnd::Lost("stream reset".into());
+        let moved = SegmentEnd::Moved(MoveReason::Preempt);
         let failed = |code: Code| {
             SegmentEnd::Failed(v1::Failed {
                 code: code as i32,
@@ -651,6 +780,8 @@ mod tests {
             ),
             (&failed(Code::InvalidArgument), false, 0, true, Next::Fail),
             (&failed(Code::Internal), false, 5, true, Next::Fail),
+            (&moved, false, 5, true, Next::Move),
+            (&moved, true, 5, true, Next::Finish(Cancelled as i32)),
         ];
         for (end, cancelled, delivered, available, expected) in cases {
             assert_eq!(

@@ -241,7 +241,7 @@ async fn complete(
             Frame::Tokens(tokens) => text.push_str(&tokens.text),
             Frame::Finished(finished) => break finished,
             Frame::Failed(f) => return Err(failed(&f)),
-            Frame::Accepted(_) => {}
+            Frame::Accepted(_) | Frame::Moved(_) => {}
         }
     };
     let usage = wire::Usage::from(finished.usage);

@@ -159,6 +159,18 @@ impl Events {
                     .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                 self.done = true;
             }
+            // An SSE comment: OpenAI SDKs skip it, a person reading the stream sees the move.
+            Frame::Moved(moved) => {
+                let line = format!(
+                    ": moved from {} ({}) to {} ({}): {}\n\n",
+                    moved.from_worker_id,
+                    moved.from_pool,
+                    moved.to_worker_id,
+                    moved.to_pool,
+                    moved.reason
+                );
+                self.pending.push_back(Bytes::from(line));
+            }
             Frame::Failed(failed) => {
                 self.fail(ApiError::from_code(
                     Code::from_i32(failed.code),
@@ -166,5 +178,54 @@ impl Events {
                 ));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_move_is_an_sse_comment_that_openai_clients_skip() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        drop(tx);
+        let mut events = Events {
+            meta: Meta {
+                endpoint: Endpoint::Chat,
+                id: "chatcmpl-1".into(),
+                created: 0,
+                model: "m".into(),
+                lane: "cost-sensitive".into(),
+                pool: "wse".into(),
+                worker: "wse-0".into(),
+            },
+            mode: StreamMode {
+                stream: true,
+                include_usage: false,
+            },
+            rx,
+            pending: VecDeque::new(),
+            done: false,
+        };
+        events.on_frame(Frame::Moved(v1::Moved {
+            request_id: "r".into(),
+            from_worker_id: "wse-0".into(),
+            from_pool: "wse".into(),
+            to_worker_id: "gpu-1".into(),
+            to_pool: "gpu".into(),
+            reason: "preempt".into(),
+        }));
+        let line = events.next().await.expect("an event");
+        let text = std::str::from_utf8(&line).expect("utf-8");
+        // The SSE grammar: a line starting with ':' is a comment; a blank line ends it.
+        assert!(text.starts_with(": "), "{text:?}");
+        assert!(
+            text.ends_with("\n\n") && !text[..text.len() - 2].contains('\n'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("gpu-1") && text.contains("preempt"),
+            "{text:?}"
+        );
     }
 }
