@@ -5,11 +5,15 @@
 //! `stalled-readers`, what clients that stop reading cost it); `noisy_neighbour`, one tenant
 //! flooding another without and with tenant quotas; `streams`, many concurrent streams through one
 //! router process;
-//! `multiturn`, multi-turn conversations against any OpenAI-compatible endpoint (prefix reuse).
+//! `multiturn`, multi-turn conversations against any OpenAI-compatible endpoint (prefix reuse);
+//! `http_overhead`, what Switchyard and SMG add to time to first token in front of one
+//! OpenAI-compatible backend, and `openai_backend`, the load-test backend it uses.
 
 pub mod engine;
+pub mod http_overhead;
 pub mod multiturn;
 pub mod noisy_neighbour;
+pub mod openai_backend;
 pub mod router;
 pub mod simulate;
 pub mod streams;

@@ -33,6 +33,12 @@ enum Command {
     /// Multi-turn conversations over any OpenAI-compatible HTTP endpoint: TTFT per turn,
     /// tokens/s, prefix hit rate.
     Multiturn(switchyard_bench::multiturn::MultiturnArgs),
+    /// What a router in front of an OpenAI-compatible backend adds to time to first token:
+    /// the backend direct, through SMG and through Switchyard, side by side.
+    HttpOverhead(switchyard_bench::http_overhead::HttpOverheadArgs),
+    /// The load-test backend `http-overhead` uses: OpenAI chat completions, no model,
+    /// deterministic text at a fixed time to first token and decode rate.
+    OpenaiBackend(switchyard_bench::openai_backend::OpenAiBackendArgs),
 }
 
 #[tokio::main]
@@ -50,6 +56,8 @@ async fn main() -> anyhow::Result<()> {
         Command::Streams(args) => switchyard_bench::streams::run(args).await,
         Command::StalledReaders(args) => switchyard_bench::router::stalled_readers(args).await,
         Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,
+        Command::HttpOverhead(args) => switchyard_bench::http_overhead::run(args).await,
+        Command::OpenaiBackend(args) => switchyard_bench::openai_backend::run(args).await,
         Command::Simulate(args) => {
             let report = switchyard_bench::simulate::run(&args)?;
             for (name, policy) in &report.policies {

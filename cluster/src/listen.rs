@@ -22,6 +22,11 @@
 //!   kernel's listen backlog while established ones (etcd watches, in-flight streams) carry
 //!   on, and are accepted again once descriptors are freed (e.g. by these timeouts).
 //! - [`raise_fd_limit`] lifts the soft `RLIMIT_NOFILE` to the hard limit at start-up.
+//! - [`bind`] opens every server listener with a listen backlog of [`LISTEN_BACKLOG`]:
+//!   `tokio::net::TcpListener::bind` asks for 128 (mio's, the same as the standard library's),
+//!   so a burst of more new connections than that (a load balancer's pool, hundreds of clients
+//!   starting at once) overflowed the accept queue and the kernel dropped their SYNs — each
+//!   such client waited for its SYN retransmission, 1 s and then 3 s.
 //!
 //! gRPC servers send no HTTP/2 keepalive pings of their own: any live HTTP/2 peer answers
 //! them, which would count as traffic and keep every idle connection open for ever; a dead
@@ -43,6 +48,10 @@ use tracing::{debug, info, warn};
 
 /// Bytes a connection must receive to count as established: HTTP/2's connection preface.
 const ESTABLISHED_BYTES: usize = 24;
+
+/// Listen backlog asked for by [`bind`]: Linux's default `net.core.somaxconn` since 5.4; the
+/// kernel caps it at `somaxconn`.
+pub const LISTEN_BACKLOG: u32 = 4096;
 
 /// Pause after a failed `accept` (out of file descriptors, out of memory) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -419,6 +428,19 @@ where
     Ok(())
 }
 
+/// A listener on `addr` (address reuse on, as `TcpListener::bind` sets it) with a listen backlog
+/// of [`LISTEN_BACKLOG`]. Must be called within a tokio runtime.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Raises the soft limit on open files to the hard limit (many distributions start services
 /// with a soft limit of 1024, each connection takes one); returns `(soft, hard)` as they are
 /// afterwards.
@@ -459,7 +481,7 @@ mod tests {
 
     /// Echoes every accepted connection until it fails; returns the listener's address.
     async fn echo_server(timeouts: ConnectionTimeouts) -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let mut incoming = plaintext(listener, timeouts).unwrap();
         let addr = incoming.local_addr();
         tokio::spawn(async move {
@@ -567,6 +589,41 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(200), "{took:?}");
         assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+
+    /// A burst of new connections (a load balancer's pool, 64+ clients starting at once) must
+    /// not lose SYNs to a full accept queue: a lost SYN costs its client Linux's initial SYN
+    /// timeout (1 s, then 3 s), which is what a collapse at 64 streaming connections looks
+    /// like. With `TcpListener::bind`'s backlog of 128 this failed (a first round trip of
+    /// 1.006 s); listeners from [`bind`] drained by [`plaintext`] answer every one on the first
+    /// SYN.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_burst_of_connections_is_answered_without_a_syn_retransmit() {
+        let addr = echo_server(timeouts(5_000, 60_000)).await;
+        let clients: Vec<_> = (0..256u16)
+            .map(|i| {
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let mut tcp = TcpStream::connect(addr).await.unwrap();
+                    let byte = [(i % 251) as u8];
+                    tcp.write_all(&byte).await.unwrap();
+                    let mut back = [0u8; 1];
+                    tcp.read_exact(&mut back).await.unwrap();
+                    assert_eq!(back, byte);
+                    (started.elapsed(), tcp)
+                })
+            })
+            .collect();
+        let mut open = Vec::new();
+        for client in clients {
+            let (took, tcp) = client.await.unwrap();
+            assert!(
+                took < Duration::from_millis(900),
+                "a connection's first round trip took {took:?}: a SYN was lost"
+            );
+            // Held until every client is through, so the burst really is 256 at once.
+            open.push(tcp);
+        }
     }
 
     #[test]

@@ -100,8 +100,7 @@ enum ElectionKind {
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ControlPlaneError> {
-    let listener = TcpListener::bind(addr)
-        .await
+    let listener = switchyard_cluster::listen::bind(addr)
         .map_err(|source| ControlPlaneError::Bind { addr, source })?;
     let bound = listener
         .local_addr()

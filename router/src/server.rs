@@ -11,7 +11,6 @@ use switchyard_cluster::backoff::Backoff;
 use switchyard_cluster::tls::Alpn;
 use switchyard_cluster::{Registry, RegistryError};
 use switchyard_proto::v1::inference_server::InferenceServer;
-use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic_health::server::HealthReporter;
@@ -106,9 +105,8 @@ pub async fn run_router_with_endpoints(
     let config_listen = config.listen;
     let max_connection_streams = config.max_connection_streams;
     let connections = config.connections;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| RouterError::Bind {
+    let listener =
+        switchyard_cluster::listen::bind(config.listen).map_err(|source| RouterError::Bind {
             addr: config.listen,
             source,
         })?;
@@ -119,8 +117,7 @@ pub async fn run_router_with_endpoints(
 
     let http_listener = match config.http_listen {
         Some(addr) => {
-            let listener = TcpListener::bind(addr)
-                .await
+            let listener = switchyard_cluster::listen::bind(addr)
                 .map_err(|source| RouterError::Bind { addr, source })?;
             let bound = listener
                 .local_addr()

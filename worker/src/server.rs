@@ -16,7 +16,6 @@ use switchyard_cluster::listen::ConnectionTimeouts;
 use switchyard_cluster::tls::{Alpn, TlsFiles};
 use switchyard_cluster::{Capacity, Pool, Registry, RegistryError, WorkerRecord, WorkerState};
 use switchyard_proto::v1::worker_server::WorkerServer;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -119,9 +118,8 @@ pub async fn run_member_worker(
         .server(Alpn::Grpc)
         .map_err(|e| WorkerError::Config(e.to_string()))?;
     let client_certificates = tls.as_ref().is_some_and(|tls| tls.verifies_clients());
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| WorkerError::Bind {
+    let listener =
+        switchyard_cluster::listen::bind(config.listen).map_err(|source| WorkerError::Bind {
             addr: config.listen,
             source,
         })?;

@@ -10,7 +10,7 @@
 //! hit rate — reported by the API (`usage.prompt_tokens_details.cached_tokens`) and by the
 //! engines' own counters when their `/metrics` URLs are given.
 
-mod client;
+pub(crate) mod client;
 pub mod metrics;
 pub mod workload;
 

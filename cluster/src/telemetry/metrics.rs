@@ -10,7 +10,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// Content type of [`prometheus_client::encoding::text::encode`]'s output.
@@ -77,9 +76,8 @@ impl Metrics {
         timeouts: crate::listen::ConnectionTimeouts,
         shutdown: CancellationToken,
     ) -> Result<SocketAddr, MetricsError> {
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| MetricsError::Bind { addr, source })?;
+        let listener =
+            crate::listen::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
         let incoming = crate::listen::plaintext(listener, timeouts)
             .map_err(|source| MetricsError::Bind { addr, source })?;
         let bound = incoming.local_addr();

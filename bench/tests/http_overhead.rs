@@ -1,0 +1,50 @@
+//! `switchyard-bench http-overhead` end to end, as run from the command line: the load-test
+//! backend alone and behind Switchyard (etcd, a `worker-wse` gateway and a router, as separate
+//! processes: `cargo build --bins` first, and `etcd` on the PATH). SMG is left out: it is not
+//! installed everywhere the tests run.
+
+use std::process::Command;
+
+#[test]
+fn direct_and_switchyard_paths_stream_every_reply_and_print_the_table() {
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
+        .args([
+            "http-overhead",
+            "--paths",
+            "direct,switchyard",
+            "--concurrency",
+            "1,4",
+            "--requests",
+            "12",
+            "--rounds",
+            "2",
+            "--max-tokens",
+            "5",
+        ])
+        .output()
+        .expect("running switchyard-bench");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // One row per level and path, after the header; a short or failed reply fails the run.
+    let rows: Vec<&str> = stdout.lines().skip(1).collect();
+    assert_eq!(rows.len(), 4, "{stdout}");
+    for (row, (level, path)) in rows.iter().zip([
+        (1, "direct"),
+        (1, "switchyard"),
+        (4, "direct"),
+        (4, "switchyard"),
+    ]) {
+        let fields: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(fields[..2], [level.to_string().as_str(), path], "{stdout}");
+    }
+    // Every run is reported as it ends: 2 rounds x 2 levels x 2 paths.
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("round ")).count(),
+        8,
+        "{stderr}"
+    );
+}
