@@ -564,6 +564,15 @@ impl Link {
         }
     }
 
+    /// Whether the worker is draining (its record or its load report says so) while its
+    /// stream is still up: its generations may be handed to other workers.
+    pub fn draining(&self) -> bool {
+        let link = self.shared.state.borrow();
+        link.connected
+            && (link.load.is_some_and(|l| l.draining)
+                || self.shared.record.borrow().state == switchyard_cluster::WorkerState::Draining)
+    }
+
     /// The worker as the placement policy sees it.
     pub fn state(&self) -> WorkerState {
         let link = *self.shared.state.borrow();

@@ -26,7 +26,7 @@ use crate::error::DispatchError;
 use crate::links::{Link, Links, SlotHold};
 use crate::metrics::RouterMetrics;
 use crate::policy::document::{LaneName, PolicyDocument};
-use crate::policy::moves::{MoveReason, Running, preemption_victim};
+use crate::policy::moves::{MoveReason, Running, drain_target, preemption_victim};
 use crate::policy::{
     Admission, ClusterView, Considered, Decision, PlacementError, RequestInfo, admit, fallback,
     place_traced,
@@ -123,11 +123,12 @@ impl Drop for Ticket {
     }
 }
 
-/// A cost-sensitive generation running on a wafer-scale slot it borrowed: the one kind of
-/// generation a latency-critical request may take a slot from (the policy's
-/// `migration.preempt_borrowed_wse`).
+/// A running generation listed with the placement task (while the policy's `migration` is
+/// enabled), so the policy may move it: a cost-sensitive one on a borrowed wafer-scale slot
+/// gives the slot to a latency-critical request (`migration.preempt_borrowed_wse`), and any
+/// generation on a draining worker is handed to another (`migration.drain_handoff`).
 #[derive(Debug)]
-pub struct Borrowed {
+pub struct ListedRun {
     pub worker: String,
     pub model: String,
     pub class: Classification,
@@ -139,22 +140,22 @@ pub struct Borrowed {
     pub moves: u32,
 }
 
-/// The order to move, given to a borrowed generation's run.
+/// The order to move, given to a listed generation's run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MoveOrder {
     pub reason: MoveReason,
 }
 
-/// Registration of a [`Borrowed`] generation; dropping it (the run ended or left the slot)
-/// takes it off the placement task's list.
-pub struct BorrowedSlot {
+/// The listing of a [`ListedRun`]; dropping it (the run ended or left its worker) takes it off
+/// the placement task's list.
+pub struct Listing {
     id: u64,
     /// Fires when the placement task decides the generation must move.
     pub order: oneshot::Receiver<MoveOrder>,
     commands: mpsc::UnboundedSender<Command>,
 }
 
-impl Drop for BorrowedSlot {
+impl Drop for Listing {
     fn drop(&mut self) {
         let _ = self.commands.send(Command::Returned(self.id));
     }
@@ -177,9 +178,9 @@ enum Command {
         reply: oneshot::Sender<Result<Answer, DispatchError>>,
     },
     Leave(u64),
-    Borrowed {
+    Listed {
         id: u64,
-        generation: Borrowed,
+        generation: ListedRun,
         order: oneshot::Sender<MoveOrder>,
     },
     Returned(u64),
@@ -189,7 +190,7 @@ enum Command {
 pub struct Placer {
     commands: mpsc::UnboundedSender<Command>,
     depths: Arc<[AtomicU32; 2]>,
-    next_borrowed: AtomicU64,
+    next_listing: AtomicU64,
 }
 
 impl Placer {
@@ -213,27 +214,27 @@ impl Placer {
             next_ticket: 0,
             depths: depths.clone(),
             commands: commands.downgrade(),
-            borrowed: BTreeMap::new(),
+            listed: BTreeMap::new(),
+            handed_off: HashSet::new(),
         };
         tokio::spawn(task.run(inbox));
         Self {
             commands,
             depths,
-            next_borrowed: AtomicU64::new(0),
+            next_listing: AtomicU64::new(0),
         }
     }
 
-    /// Lists a cost-sensitive generation that borrowed a wafer-scale slot, so a
-    /// latency-critical request may take the slot (the generation then moves on).
-    pub fn borrowed(&self, generation: Borrowed) -> BorrowedSlot {
-        let id = self.next_borrowed.fetch_add(1, Ordering::Relaxed);
+    /// Lists a running generation, so the policy may move it (see [`ListedRun`]).
+    pub fn list(&self, generation: ListedRun) -> Listing {
+        let id = self.next_listing.fetch_add(1, Ordering::Relaxed);
         let (order, ordered) = oneshot::channel();
-        let _ = self.commands.send(Command::Borrowed {
+        let _ = self.commands.send(Command::Listed {
             id,
             generation,
             order,
         });
-        BorrowedSlot {
+        Listing {
             id,
             order: ordered,
             commands: self.commands.clone(),
@@ -288,8 +289,10 @@ struct PlacementTask {
     depths: Arc<[AtomicU32; 2]>,
     /// For tickets to leave by; weak, so the task ends when the last [`Placer`] goes.
     commands: mpsc::WeakUnboundedSender<Command>,
-    /// Cost-sensitive generations on borrowed wafer-scale slots, by registration.
-    borrowed: BTreeMap<u64, (Borrowed, oneshot::Sender<MoveOrder>)>,
+    /// Running generations the policy may move, by listing.
+    listed: BTreeMap<u64, (ListedRun, oneshot::Sender<MoveOrder>)>,
+    /// Draining workers whose generations were offered a hand-off.
+    handed_off: HashSet<String>,
 }
 
 impl PlacementTask {
@@ -335,15 +338,20 @@ impl PlacementTask {
                 }
                 self.publish_depths();
             }
-            Command::Borrowed {
+            Command::Listed {
                 id,
                 generation,
                 order,
             } => {
-                self.borrowed.insert(id, (generation, order));
+                let worker = generation.worker.clone();
+                self.listed.insert(id, (generation, order));
+                // Listed after its worker began draining: hand it off too.
+                if self.handed_off.contains(&worker) {
+                    self.hand_off(&worker);
+                }
             }
             Command::Returned(id) => {
-                self.borrowed.remove(&id);
+                self.listed.remove(&id);
             }
         }
     }
@@ -359,6 +367,7 @@ impl PlacementTask {
                 continue;
             };
             let state = link.state();
+            let draining = link.draining();
             match self.view.index_of(&id) {
                 Some(i)
                     if self.view.worker(i).pool == state.pool
@@ -372,11 +381,27 @@ impl PlacementTask {
                     return;
                 }
             }
+            self.note_draining(&id, draining);
         }
     }
 
     fn rebuild(&mut self) {
         self.view = self.links.view();
+        let ids: Vec<String> = self.view.workers().iter().map(|w| w.id.clone()).collect();
+        for id in ids {
+            let draining = self.links.get(&id).is_some_and(|link| link.draining());
+            self.note_draining(&id, draining);
+        }
+    }
+
+    /// Hands generations off worker `id` once, when it starts draining.
+    fn note_draining(&mut self, id: &str, draining: bool) {
+        if !draining {
+            self.handed_off.remove(id);
+        } else if !self.handed_off.contains(id) {
+            self.handed_off.insert(id.to_string());
+            self.hand_off(id);
+        }
     }
 
     /// Re-reads worker `id` after placement took one of its slots.
@@ -510,36 +535,13 @@ impl PlacementTask {
     /// says `ask` (latency-critical) should have it. Whether it did.
     fn preempt_for(&mut self, ask: &Ask, policy: &PolicyDocument) -> bool {
         if ask.class.lane != LaneName::LatencyCritical
-            || self.borrowed.is_empty()
+            || self.listed.is_empty()
             || !policy.migration.enabled
         {
             return false;
         }
         let view = &self.view;
-        let ids: Vec<u64> = self.borrowed.keys().copied().collect();
-        let mut running = Vec::with_capacity(ids.len());
-        let mut of_running = Vec::with_capacity(ids.len());
-        for id in &ids {
-            let (b, _) = &self.borrowed[id];
-            let Some(worker) = view.index_of(&b.worker) else {
-                continue;
-            };
-            let generated = b.generated.load(Ordering::Relaxed);
-            running.push(Running {
-                worker,
-                class: &b.class,
-                continuation: RequestInfo {
-                    model: &b.model,
-                    prompt_tokens: b.prompt_tokens.saturating_add(generated),
-                    affinity: None,
-                    seed: *id,
-                    prefix: None,
-                },
-                remaining_tokens: b.max_tokens.saturating_sub(generated),
-                moves: b.moves,
-            });
-            of_running.push(*id);
-        }
+        let (of_running, running) = running(view, &self.listed, None);
         let hits: Option<Vec<(usize, u32)>> = ask.prefix.as_ref().map(|hits| {
             hits.iter()
                 .filter_map(|(id, tokens)| Some((view.index_of(id)?, *tokens)))
@@ -556,7 +558,7 @@ impl PlacementTask {
             return false;
         };
         let id = of_running[preemption.victim];
-        let Some((victim, order)) = self.borrowed.remove(&id) else {
+        let Some((victim, order)) = self.listed.remove(&id) else {
             return false;
         };
         debug!(request_id = %ask.request_id, from = %victim.worker, "preempting a borrowed wafer-scale slot");
@@ -565,6 +567,30 @@ impl PlacementTask {
                 reason: MoveReason::Preempt,
             })
             .is_ok()
+    }
+
+    /// Offers every listed generation on draining worker `worker` a move elsewhere (the
+    /// policy's `drain_target`); those with nowhere to go finish where they are.
+    fn hand_off(&mut self, worker: &str) {
+        let policy = self.policy.current();
+        if !policy.migration.enabled || !policy.migration.drain_handoff {
+            return;
+        }
+        let (ids, running) = running(&self.view, &self.listed, Some(worker));
+        let moving: Vec<u64> = ids
+            .iter()
+            .zip(&running)
+            .filter(|(_, r)| drain_target(&self.view, r, &policy).is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in moving {
+            if let Some((run, order)) = self.listed.remove(&id) {
+                debug!(worker = %run.worker, "handing a generation off a draining worker");
+                let _ = order.send(MoveOrder {
+                    reason: MoveReason::Drain,
+                });
+            }
+        }
     }
 
     /// A started request with every other worker full: the least utilised one that serves
@@ -688,6 +714,41 @@ impl PlacementTask {
             depth.store(queue.len() as u32, Ordering::Relaxed);
         }
     }
+}
+
+/// The listed generations (on `only` when given) as the move decisions see them, with their
+/// listing ids.
+fn running<'a>(
+    view: &ClusterView,
+    listed: &'a BTreeMap<u64, (ListedRun, oneshot::Sender<MoveOrder>)>,
+    only: Option<&str>,
+) -> (Vec<u64>, Vec<Running<'a>>) {
+    let mut ids = Vec::new();
+    let mut running = Vec::new();
+    for (id, (run, _)) in listed {
+        if only.is_some_and(|w| w != run.worker) {
+            continue;
+        }
+        let Some(worker) = view.index_of(&run.worker) else {
+            continue;
+        };
+        let generated = run.generated.load(Ordering::Relaxed);
+        ids.push(*id);
+        running.push(Running {
+            worker,
+            class: &run.class,
+            continuation: RequestInfo {
+                model: &run.model,
+                prompt_tokens: run.prompt_tokens.saturating_add(generated),
+                affinity: None,
+                seed: *id,
+                prefix: None,
+            },
+            remaining_tokens: run.max_tokens.saturating_sub(generated),
+            moves: run.moves,
+        });
+    }
+    (ids, running)
 }
 
 fn placement_error(error: PlacementError) -> DispatchError {

@@ -43,6 +43,8 @@ struct Worker {
     id: String,
     engine: Arc<FaultEngine>,
     kill: CancellationToken,
+    /// Cancelled: the worker drains (as on SIGTERM) and then stops.
+    drain: CancellationToken,
 }
 
 impl Drop for Worker {
@@ -59,6 +61,7 @@ async fn start_worker(
 ) -> Worker {
     let engine = Arc::new(FaultEngine::new(MODEL, slots, script.clone()));
     let kill = CancellationToken::new();
+    let drain = CancellationToken::new();
     let config = WorkerConfig {
         id: id.into(),
         pool,
@@ -73,11 +76,12 @@ async fn start_worker(
         connections: Default::default(),
     };
     let (ready, serving) = oneshot::channel();
-    let (registry, served, stop, died) = (
+    let (registry, served, stop, died, draining) = (
         registry.clone(),
         engine.clone(),
         kill.clone(),
         engine.died(),
+        drain.clone(),
     );
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -89,7 +93,7 @@ async fn start_worker(
                 config,
                 served,
                 registry,
-                CancellationToken::new(),
+                draining,
                 |addr| {
                     let _ = ready.send(addr);
                 },
@@ -109,6 +113,7 @@ async fn start_worker(
         id: id.into(),
         engine,
         kill,
+        drain,
     }
 }
 
@@ -1233,4 +1238,43 @@ async fn a_latency_critical_request_takes_back_a_borrowed_wafer_slot_and_the_bor
         &cluster.engine(wse).events(),
         &start_on(cluster.engine(wse), "story").await.request_id
     ));
+}
+
+/// A draining worker hands its long generations to another worker instead of making the
+/// clients wait for them (or, past its drain timeout, cutting them off); the client sees one
+/// continuous text and a `Moved` frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_hands_its_generations_off_and_the_text_goes_on_unbroken() {
+    let mut policy = PolicyDocument::default();
+    policy.migration.enabled = true;
+    policy.migration.drain_handoff = true;
+    policy.migration.min_remaining_tokens = 4;
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), Some(policy)).await;
+    cluster
+        .script
+        .set("story", [Plan::default().paced(Duration::from_millis(20))]);
+    let mut session = cluster.session().await;
+    session.start(request("long", "story", 60, RequestClass::CostSensitive));
+    session.tokens("long", 3).await;
+    let first = session.requests["long"].accepted[0].worker_id.clone();
+    let (from, to) = if cluster.workers[0].id == first {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    cluster.workers[from].drain.cancel();
+
+    let end = session.end("long").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("story", 0, 60));
+    assert_eq!(end.ids, fault_ids("story", 0, 60));
+    assert_eq!(end.moved.len(), 1, "{end:?}");
+    let moved = &end.moved[0];
+    assert_eq!(moved.reason, "drain");
+    assert_eq!(moved.from_worker_id, cluster.workers[from].id);
+    assert_eq!(moved.to_worker_id, cluster.workers[to].id);
+    let resumed = start_on(cluster.engine(to), "story").await;
+    let k = resumed.resume_tokens.len();
+    assert!((3..60).contains(&k), "{k}");
+    assert_eq!(resumed.resume_tokens, fault_ids("story", 0, k));
 }

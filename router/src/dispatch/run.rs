@@ -22,7 +22,7 @@ use crate::classify::Classification;
 use crate::error::DispatchError;
 use crate::links::{Link, LinkEvent, SlotHold};
 use crate::metrics::{StreamLabels, StreamMetrics, lane_label, pool_label};
-use crate::placer::{Borrowed, BorrowedSlot, Chosen};
+use crate::placer::{Chosen, ListedRun, Listing};
 use crate::policy::moves::MoveReason;
 use crate::report::ledger;
 
@@ -66,8 +66,8 @@ pub(super) struct Run<'d> {
     pub(super) alternatives: ledger::Basis,
     pub(super) attempts: u32,
     pub(super) cancelled: bool,
-    /// Listed with the placement task while it runs on a borrowed wafer-scale slot.
-    pub(super) borrowed: Option<BorrowedSlot>,
+    /// Listed with the placement task while the policy may move it (see [`ListedRun`]).
+    pub(super) listing: Option<Listing>,
     /// Tokens generated so far, as the placement task sees them.
     pub(super) generated: Arc<AtomicU32>,
     /// Times it moved on the router's order.
@@ -200,11 +200,11 @@ impl<'d> Run<'d> {
             cancelled: false,
             held: Held::default(),
             stream_metrics: None,
-            borrowed: None,
+            listing: None,
             generated: Arc::default(),
             moves: 0,
         };
-        run.list_if_borrowed(label, &link);
+        run.list(label, &link);
         run
     }
 
@@ -317,12 +317,17 @@ impl<'d> Run<'d> {
         }
     }
 
-    /// Lists the run with the placement task when `label` says it borrowed a wafer-scale slot
-    /// on `link` (a cost-sensitive request on an idle WSE slot): a latency-critical request may
-    /// take the slot back, and this run then moves on.
-    fn list_if_borrowed(&mut self, label: &str, link: &Link) {
-        self.borrowed = (label == "borrow_wse").then(|| {
-            self.dispatcher.placer.borrowed(Borrowed {
+    /// Lists the run with the placement task while the policy may move generations (its
+    /// `migration`): a cost-sensitive one that borrowed a wafer-scale slot (`label`) may have
+    /// to give it back, any may be handed off a draining worker.
+    fn list(&mut self, label: &str, link: &Link) {
+        let migration = self.dispatcher.policy.current().migration.clone();
+        let movable = migration.enabled
+            && self.moves < migration.max_moves_per_generation
+            && ((migration.preempt_borrowed_wse && label == "borrow_wse")
+                || migration.drain_handoff);
+        self.listing = movable.then(|| {
+            self.dispatcher.placer.list(ListedRun {
                 worker: link.id(),
                 model: self.request.model.clone(),
                 class: self.class.clone(),
@@ -388,7 +393,7 @@ impl<'d> Run<'d> {
             }),
         )
         .await?;
-        self.list_if_borrowed(chosen.reason_label, &chosen.link);
+        self.list(chosen.reason_label, &chosen.link);
         Ok(chosen.link)
     }
 
@@ -495,8 +500,8 @@ impl<'d> Run<'d> {
         let mut to_grant = 0u32;
         // An event read while merging chunks, handled next.
         let mut held_back: Option<LinkEvent> = None;
-        // The listing of a borrowed wafer-scale slot, while this segment runs on one.
-        let mut borrowed = self.borrowed.take();
+        // The run's listing with the placement task, while it may be moved.
+        let mut listing = self.listing.take();
         let mut moving: Option<MoveReason> = None;
         let end = loop {
             let grace = async {
@@ -565,13 +570,13 @@ impl<'d> Run<'d> {
                     None => break SegmentEnd::Lost("link closed".into()),
                 },
                 order = async {
-                    match borrowed.as_mut() {
-                        Some(slot) => (&mut slot.order).await.ok(),
+                    match listing.as_mut() {
+                        Some(listed) => (&mut listed.order).await.ok(),
                         None => std::future::pending().await,
                     }
-                }, if borrowed.is_some() => {
+                }, if listing.is_some() => {
                     // Off the list either way: ordered once, or the placement task is gone.
-                    borrowed = None;
+                    listing = None;
                     if let Some(order) = order
                         && moving.is_none()
                         && interrupt.is_none()
@@ -607,8 +612,8 @@ impl<'d> Run<'d> {
                 }
             }
         };
-        // Still on its borrowed slot (it ended or is redirected there): still listed.
-        self.borrowed = borrowed;
+        // Still where it was listed (it ended, or is redirected there): still listed.
+        self.listing = listing;
         if self.cancelled {
             // A cancel wins over whatever else ended the segment: no failover, no redirect.
             return Ok(match end {
