@@ -55,6 +55,28 @@ pub struct Ask {
     pub trace: bool,
 }
 
+impl Ask {
+    /// The policy's view of the request, with its prefix hits as view indices.
+    fn info<'a>(&'a self, prefix: Option<&'a [(usize, u32)]>) -> RequestInfo<'a> {
+        RequestInfo {
+            model: &self.model,
+            prompt_tokens: self.prompt_tokens,
+            affinity: self.affinity,
+            seed: self.seed,
+            prefix,
+        }
+    }
+}
+
+/// `ask`'s prefix hits as (view index, cached tokens); `None` when its prompt was not looked up.
+fn prefix_hits(view: &ClusterView, ask: &Ask) -> Option<Vec<(usize, u32)>> {
+    ask.prefix.as_ref().map(|hits| {
+        hits.iter()
+            .filter_map(|(id, tokens)| Some((view.index_of(id)?, *tokens)))
+            .collect()
+    })
+}
+
 /// A worker chosen for a request.
 pub struct Chosen {
     pub link: Arc<Link>,
@@ -452,18 +474,8 @@ impl PlacementTask {
         policy: &PolicyDocument,
     ) -> Result<Option<Chosen>, DispatchError> {
         let view = &self.view;
-        let hits: Option<Vec<(usize, u32)>> = ask.prefix.as_ref().map(|hits| {
-            hits.iter()
-                .filter_map(|(id, tokens)| Some((view.index_of(id)?, *tokens)))
-                .collect()
-        });
-        let info = RequestInfo {
-            model: &ask.model,
-            prompt_tokens: ask.prompt_tokens,
-            affinity: ask.affinity,
-            seed: ask.seed,
-            prefix: hits.as_deref(),
-        };
+        let hits = prefix_hits(view, ask);
+        let info = ask.info(hits.as_deref());
         let exclude: Vec<usize> = ask
             .excluded
             .iter()
@@ -542,18 +554,8 @@ impl PlacementTask {
         }
         let view = &self.view;
         let (of_running, running) = running(view, &self.listed, None);
-        let hits: Option<Vec<(usize, u32)>> = ask.prefix.as_ref().map(|hits| {
-            hits.iter()
-                .filter_map(|(id, tokens)| Some((view.index_of(id)?, *tokens)))
-                .collect()
-        });
-        let info = RequestInfo {
-            model: &ask.model,
-            prompt_tokens: ask.prompt_tokens,
-            affinity: ask.affinity,
-            seed: ask.seed,
-            prefix: hits.as_deref(),
-        };
+        let hits = prefix_hits(view, ask);
+        let info = ask.info(hits.as_deref());
         let Some(preemption) = preemption_victim(view, &ask.class, &info, &running, policy) else {
             return false;
         };

@@ -321,7 +321,8 @@ impl<'d> Run<'d> {
     /// `migration`): a cost-sensitive one that borrowed a wafer-scale slot (`label`) may have
     /// to give it back, any may be handed off a draining worker.
     fn list(&mut self, label: &str, link: &Link) {
-        let migration = self.dispatcher.policy.current().migration.clone();
+        let policy = self.dispatcher.policy.current();
+        let migration = &policy.migration;
         let movable = migration.enabled
             && self.moves < migration.max_moves_per_generation
             && ((migration.preempt_borrowed_wse && label == "borrow_wse")
