@@ -70,19 +70,6 @@ struct Backend {
     unknown: Mutex<BTreeMap<String, u64>>,
 }
 
-/// A TCP listener on `addr` with listen backlog `backlog` (with the default, what
-/// `switchyard_cluster::listen::bind` opens).
-pub fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(backlog)
-}
-
 pub async fn run(args: OpenAiBackendArgs) -> anyhow::Result<()> {
     if !(args.tokens_per_s.is_finite() && args.tokens_per_s > 0.0) {
         anyhow::bail!("--tokens-per-s: must be a positive number");
@@ -103,8 +90,8 @@ pub async fn run(args: OpenAiBackendArgs) -> anyhow::Result<()> {
         .route("/health", get(|| async { "ok" }))
         .fallback(unknown_route)
         .with_state(backend.clone());
-    let listener =
-        bind(args.listen, args.backlog).with_context(|| format!("binding {}", args.listen))?;
+    let listener = switchyard_cluster::listen::bind_with_backlog(args.listen, args.backlog)
+        .with_context(|| format!("binding {}", args.listen))?;
     let incoming = listen::plaintext(listener, ConnectionTimeouts::default())?;
     println!("backend http {}", incoming.local_addr());
     let shutdown = CancellationToken::new();

@@ -431,6 +431,11 @@ where
 /// A listener on `addr` (address reuse on, as `TcpListener::bind` sets it) with a listen backlog
 /// of [`LISTEN_BACKLOG`]. Must be called within a tokio runtime.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_with_backlog(addr, LISTEN_BACKLOG)
+}
+
+/// [`bind`] with another listen backlog (load tests try small ones on purpose).
+pub fn bind_with_backlog(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -438,7 +443,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
+    socket.listen(backlog)
 }
 
 /// Raises the soft limit on open files to the hard limit (many distributions start services
