@@ -75,6 +75,21 @@ pub struct MoveLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HedgeLabels {
+    pub lane: &'static str,
+    /// `primary`, `hedge`, or `neither` (the request ended before either copy's first token).
+    pub winner: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HedgeBudgetLabels {
+    pub lane: &'static str,
+    /// `spent` (prefill tokens charged to hedges, less refunds) or `allowed` (the lane's
+    /// budget: `hedging.budget_fraction` × its prompt tokens so far).
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LanePoolLabels {
     pub lane: &'static str,
     pub pool: &'static str,
@@ -180,6 +195,12 @@ pub struct RouterMetrics {
     pub queue_wait: Histograms<QueueLabels>,
     /// Generations moved to another worker on the router's order, by reason and pools.
     pub moves: Family<MoveLabels, Counter>,
+    /// Hedged requests, by lane and winner.
+    pub hedges: Family<HedgeLabels, Counter>,
+    /// Prefill tokens the losing copies of hedged requests cost.
+    pub hedge_wasted: Family<LaneLabels, Counter>,
+    /// The hedge budget per lane (spent vs allowed).
+    pub hedge_budget: Family<HedgeBudgetLabels, Gauge>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -206,6 +227,9 @@ impl RouterMetrics {
             identity_rejections: Family::default(),
             queue_wait: Family::new_with_constructor(ttft_histogram),
             moves: Family::default(),
+            hedges: Family::default(),
+            hedge_wasted: Family::default(),
+            hedge_budget: Family::default(),
         };
         metrics.register(|r| {
             r.register(
@@ -277,6 +301,21 @@ impl RouterMetrics {
                 "switchyard_router_moves",
                 "Generations moved to another worker on the router's order (preempt, rebalance, drain), by reason and pools",
                 this.moves.clone(),
+            );
+            r.register(
+                "switchyard_router_hedges",
+                "Latency-critical requests raced on a second worker, by lane and winner (primary, hedge, neither)",
+                this.hedges.clone(),
+            );
+            r.register(
+                "switchyard_router_hedge_wasted_tokens",
+                "Prefill tokens spent on the losing copies of hedged requests, by lane",
+                this.hedge_wasted.clone(),
+            );
+            r.register(
+                "switchyard_router_hedge_budget_tokens",
+                "The hedge budget per lane: prefill tokens spent on hedges and allowed (budget_fraction x the lane's prompt tokens)",
+                this.hedge_budget.clone(),
             );
             r.register(
                 "switchyard_router_worker_identity_rejections",
@@ -352,6 +391,34 @@ impl RouterMetrics {
                 to_pool: pool_label(Some(to)),
             })
             .inc();
+    }
+
+    pub fn hedged(&self, lane: LaneName, winner: &'static str) {
+        self.hedges
+            .get_or_create(&HedgeLabels {
+                lane: lane_label(lane),
+                winner,
+            })
+            .inc();
+    }
+
+    pub fn hedge_wasted(&self, lane: LaneName, tokens: u64) {
+        self.hedge_wasted
+            .get_or_create(&LaneLabels {
+                lane: lane_label(lane),
+            })
+            .inc_by(tokens);
+    }
+
+    pub fn hedge_budget(&self, lane: LaneName, spent: u64, allowed: u64) {
+        for (kind, tokens) in [("spent", spent), ("allowed", allowed)] {
+            self.hedge_budget
+                .get_or_create(&HedgeBudgetLabels {
+                    lane: lane_label(lane),
+                    kind,
+                })
+                .set(i64::try_from(tokens).unwrap_or(i64::MAX));
+        }
     }
 
     pub fn shed(&self, lane: LaneName) {

@@ -26,10 +26,13 @@ use crate::error::DispatchError;
 use crate::links::{Link, Links, SlotHold};
 use crate::metrics::RouterMetrics;
 use crate::policy::document::{LaneName, PolicyDocument};
-use crate::policy::moves::{MoveReason, Running, drain_target, preemption_victim};
+use crate::policy::moves::{
+    HedgeBudget, MoveReason, Progress, Running, drain_target, preemption_victim,
+    rebalance_target, should_hedge,
+};
 use crate::policy::{
-    Admission, ClusterView, Considered, Decision, PlacementError, RequestInfo, admit, fallback,
-    place_traced,
+    Admission, ClusterView, Considered, Decision, Placement, PlacementError, RequestInfo, admit,
+    decode_rate, fallback, place_traced,
 };
 use crate::policy_watch::PolicyHandle;
 use crate::report::{self, Reporter, ledger};
@@ -53,6 +56,8 @@ pub struct Ask {
     pub excluded: Vec<String>,
     /// Return the candidates the policy scored (for a sampled decision report).
     pub trace: bool,
+    /// The request's tenant (metadata `tenant`), for its share of the hedge budget.
+    pub tenant: Option<String>,
 }
 
 impl Ask {
@@ -94,6 +99,47 @@ pub struct Chosen {
     pub alternatives: ledger::Basis,
     /// The worker's slot, held until the request's start is sent.
     pub slot: SlotHold,
+    /// A second worker to race the first on (the policy's `hedging`), charged to the budget.
+    pub hedge: Option<Hedge>,
+}
+
+/// The second copy of a hedged request: whichever copy produces a token first goes on, the
+/// other is cancelled.
+pub struct Hedge {
+    pub link: Arc<Link>,
+    pub slot: SlotHold,
+    pub predicted_ttft_ms: f64,
+    /// The charge to the hedge budget; settled when it drops.
+    pub charge: HedgeCharge,
+}
+
+/// A hedge's charge to the budget (its prefill tokens). Dropping it settles the charge with
+/// what the race really wasted: everything charged unless [`HedgeCharge::unused`] said the
+/// hedge never ran.
+pub struct HedgeCharge {
+    lane: LaneName,
+    tenant: Option<String>,
+    pub charged: u64,
+    wasted: u64,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl HedgeCharge {
+    /// The second copy never started: nothing was wasted.
+    pub fn unused(&mut self) {
+        self.wasted = 0;
+    }
+}
+
+impl Drop for HedgeCharge {
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Settle {
+            lane: self.lane,
+            tenant: self.tenant.take(),
+            charged: self.charged,
+            wasted: self.wasted,
+        });
+    }
 }
 
 /// The answer to a first placement.
@@ -160,6 +206,92 @@ pub struct ListedRun {
     pub max_tokens: u32,
     /// Times the generation has moved already.
     pub moves: u32,
+    /// When the request arrived at the router.
+    pub arrived: Instant,
+    /// The TTFT placement predicted on this worker.
+    pub predicted_ttft_ms: f64,
+    /// Its pace on this worker, kept by the run (rebalancing).
+    pub pace: Arc<Pace>,
+}
+
+/// Tokens a listed generation has received from its current worker, and when the first came:
+/// what rebalancing measures its decode rate from.
+#[derive(Debug)]
+pub struct Pace {
+    listed_at: Instant,
+    /// Microseconds from `listed_at` to the first token here; `u64::MAX` before it.
+    first_token_us: AtomicU64,
+    tokens: AtomicU32,
+}
+
+/// Tokens after its first on a worker before a generation's decode rate is judged: one chunk
+/// says little about a rate.
+const MIN_TOKENS_MEASURED: u32 = 4;
+
+impl Pace {
+    pub fn new() -> Self {
+        Self {
+            listed_at: Instant::now(),
+            first_token_us: AtomicU64::new(u64::MAX),
+            tokens: AtomicU32::new(0),
+        }
+    }
+
+    /// `n` tokens arrived from the worker.
+    pub fn tokens(&self, n: u32) {
+        if self.tokens.fetch_add(n, Ordering::Relaxed) == 0 {
+            let us = self.listed_at.elapsed().as_micros();
+            self.first_token_us
+                .store(u64::try_from(us).unwrap_or(u64::MAX - 1), Ordering::Relaxed);
+        }
+    }
+
+    /// How the generation is doing, or `None` while there is too little to tell: before the
+    /// request's first token, how long until it is estimated from the prediction (once past
+    /// it, as long again as it is late); after it, the decode rate measured here.
+    fn progress(
+        &self,
+        listed: &ListedRun,
+        delivered_before: bool,
+        predicted_tokens_per_s: f64,
+    ) -> Option<Progress> {
+        let now = Instant::now();
+        let elapsed_ms = (now - listed.arrived).as_secs_f64() * 1e3;
+        let here_ms = (now - self.listed_at).as_secs_f64() * 1e3;
+        let tokens = self.tokens.load(Ordering::Relaxed);
+        let first_us = self.first_token_us.load(Ordering::Relaxed);
+        if tokens == 0 {
+            if delivered_before {
+                return None;
+            }
+            let late_ms = here_ms - listed.predicted_ttft_ms;
+            return Some(Progress {
+                elapsed_ms,
+                first_token: false,
+                first_token_in_ms: if late_ms < 0.0 { -late_ms } else { late_ms },
+                measured_tokens_per_s: 0.0,
+                predicted_tokens_per_s,
+            });
+        }
+        let since_first_s = here_ms / 1e3 - first_us as f64 / 1e6;
+        if tokens <= MIN_TOKENS_MEASURED || since_first_s <= 0.0 {
+            return None;
+        }
+        Some(Progress {
+            elapsed_ms,
+            first_token: true,
+            first_token_in_ms: 0.0,
+            // The first chunk marks the start; the rate is of the tokens after it.
+            measured_tokens_per_s: f64::from(tokens - 1) / since_first_s,
+            predicted_tokens_per_s,
+        })
+    }
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The order to move, given to a listed generation's run.
@@ -206,6 +338,13 @@ enum Command {
         order: oneshot::Sender<MoveOrder>,
     },
     Returned(u64),
+    /// A hedge's race ended (see [`HedgeCharge`]).
+    Settle {
+        lane: LaneName,
+        tenant: Option<String>,
+        charged: u64,
+        wasted: u64,
+    },
 }
 
 /// The handle requests use to reach the placement task.
@@ -238,6 +377,7 @@ impl Placer {
             commands: commands.downgrade(),
             listed: BTreeMap::new(),
             handed_off: HashSet::new(),
+            hedges: HedgeBudget::default(),
         };
         tokio::spawn(task.run(inbox));
         Self {
@@ -292,6 +432,9 @@ fn stopped() -> DispatchError {
     DispatchError::Unavailable("the router is shutting down".into())
 }
 
+/// How often running generations are checked against their predictions (rebalancing).
+const REBALANCE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 struct Waiting {
     id: u64,
     ask: Ask,
@@ -315,11 +458,15 @@ struct PlacementTask {
     listed: BTreeMap<u64, (ListedRun, oneshot::Sender<MoveOrder>)>,
     /// Draining workers whose generations were offered a hand-off.
     handed_off: HashSet<String>,
+    /// What hedges may still cost, per lane and tenant.
+    hedges: HedgeBudget,
 }
 
 impl PlacementTask {
     async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Command>) {
         self.rebuild();
+        let mut rebalance = tokio::time::interval(REBALANCE_EVERY);
+        rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             tokio::select! {
                 // Commands first: a request placed before a load report that frees nothing
@@ -333,6 +480,7 @@ impl PlacementTask {
                     self.apply(changed);
                     self.serve_queues();
                 }
+                _ = rebalance.tick(), if !self.listed.is_empty() => self.rebalance(),
             }
         }
     }
@@ -375,7 +523,26 @@ impl PlacementTask {
             Command::Returned(id) => {
                 self.listed.remove(&id);
             }
+            Command::Settle {
+                lane,
+                tenant,
+                charged,
+                wasted,
+            } => {
+                let policy = self.policy.current();
+                self.hedges
+                    .settle(lane, tenant.as_deref(), charged, wasted, &policy);
+                self.metrics.hedge_wasted(lane, wasted.min(charged));
+                self.publish_hedge_budget(lane, &policy);
+            }
         }
+    }
+
+    fn publish_hedge_budget(&self, lane: LaneName, policy: &PolicyDocument) {
+        let account = self.hedges.lane(lane);
+        let allowed = policy.hedging.budget_fraction * account.tokens as f64;
+        self.metrics
+            .hedge_budget(lane, account.spent, allowed as u64);
     }
 
     fn apply(&mut self, changed: Changed) {
@@ -439,6 +606,13 @@ impl PlacementTask {
     fn place_new(&mut self, ask: Ask, if_full: IfFull) -> Result<Answer, DispatchError> {
         let policy = self.policy.current();
         let lane = ask.class.lane;
+        let first = if_full == IfFull::Queue;
+        if first && policy.hedging.enabled {
+            // Every new request earns its lane (and tenant) hedge budget, hedged or not.
+            self.hedges
+                .record(lane, ask.tenant.as_deref(), ask.prompt_tokens);
+            self.publish_hedge_budget(lane, &policy);
+        }
         // FIFO: a newcomer does not overtake requests of its lane (or latency-critical ones)
         // waiting for the same model.
         let behind_others = if_full == IfFull::Queue && self.waiting_ahead(lane, &ask.model);
@@ -452,7 +626,7 @@ impl PlacementTask {
         {
             return Ok(Answer::Queued(ticket));
         }
-        if !behind_others && let Some(chosen) = self.try_place(&ask, &policy)? {
+        if !behind_others && let Some(chosen) = self.try_place(&ask, &policy, first)? {
             return Ok(Answer::Placed(chosen));
         }
         match if_full {
@@ -468,10 +642,12 @@ impl PlacementTask {
     }
 
     /// One placement attempt on the current view: `Ok(None)` when the request must wait.
+    /// With `may_hedge`, a second worker to race on when the policy's `hedging` says so.
     fn try_place(
         &mut self,
         ask: &Ask,
         policy: &PolicyDocument,
+        may_hedge: bool,
     ) -> Result<Option<Chosen>, DispatchError> {
         let view = &self.view;
         let hits = prefix_hits(view, ask);
@@ -531,16 +707,66 @@ impl PlacementTask {
         };
         let slot = link.hold_slot();
         self.refresh(&link, placement.worker);
+        let hedge = if may_hedge {
+            self.hedge(ask, &placement, policy)
+        } else {
+            None
+        };
+        let reason = match &hedge {
+            Some(hedge) => format!("{}; hedged on {}", placement.reason(), hedge.link.id()),
+            None => placement.reason(),
+        };
         Ok(Some(Chosen {
             slot,
             link,
-            reason: placement.reason(),
+            reason,
             reason_label: placement.reason_label(),
             predicted_ttft_ms: placement.predicted_ttft_ms,
             candidates,
             cached_tokens: placement.cached_tokens,
             alternatives,
+            hedge,
         }))
+    }
+
+    /// A second worker for `ask`, placed on `primary`, when the policy would hedge it and the
+    /// budget allows; the budget is charged here, before the next decision.
+    fn hedge(
+        &mut self,
+        ask: &Ask,
+        primary: &Placement,
+        policy: &PolicyDocument,
+    ) -> Option<Hedge> {
+        if !policy.hedging.enabled {
+            return None;
+        }
+        let view = &self.view;
+        let hits = prefix_hits(view, ask);
+        let info = ask.info(hits.as_deref());
+        let tenant = ask.tenant.as_deref();
+        let second = should_hedge(view, &ask.class, &info, primary, tenant, &self.hedges, policy)?;
+        let cost = u64::from(second.prompt_tokens.saturating_sub(second.cached_tokens));
+        let link = self.links.get(&view.worker(second.worker).id)?;
+        let commands = self.commands.upgrade()?;
+        if !self.hedges.charge(ask.class.lane, tenant, cost, policy) {
+            return None;
+        }
+        self.publish_hedge_budget(ask.class.lane, policy);
+        let slot = link.hold_slot();
+        self.refresh(&link, second.worker);
+        debug!(request_id = %ask.request_id, hedge = %link.id(), cost, "hedging on a second worker");
+        Some(Hedge {
+            link,
+            slot,
+            predicted_ttft_ms: second.predicted_ttft_ms,
+            charge: HedgeCharge {
+                lane: ask.class.lane,
+                tenant: ask.tenant.clone(),
+                charged: cost,
+                wasted: cost,
+                commands,
+            },
+        })
     }
 
     /// Orders a cost-sensitive generation off its borrowed wafer-scale slot when the policy
@@ -595,6 +821,37 @@ impl PlacementTask {
         }
     }
 
+    /// Orders every listed generation that fell behind its prediction to move where the
+    /// policy's `rebalance_target` says it would finish (or start) sooner.
+    fn rebalance(&mut self) {
+        let policy = self.policy.current();
+        if !policy.migration.enabled || !policy.migration.rebalance {
+            return;
+        }
+        let (ids, running) = running(&self.view, &self.listed, None);
+        let mut moving = Vec::new();
+        for (id, generation) in ids.iter().zip(&running) {
+            let listed = &self.listed[id].0;
+            let delivered_before = listed.generated.load(Ordering::Relaxed)
+                > listed.pace.tokens.load(Ordering::Relaxed);
+            let rate = decode_rate(self.view.worker(generation.worker), &policy);
+            let Some(progress) = listed.pace.progress(listed, delivered_before, rate) else {
+                continue;
+            };
+            if rebalance_target(&self.view, generation, &progress, &policy).is_some() {
+                moving.push(*id);
+            }
+        }
+        for id in moving {
+            if let Some((run, order)) = self.listed.remove(&id) {
+                debug!(worker = %run.worker, "rebalancing a generation that fell behind");
+                let _ = order.send(MoveOrder {
+                    reason: MoveReason::Rebalance,
+                });
+            }
+        }
+    }
+
     /// A started request with every other worker full: the least utilised one that serves
     /// its model takes it anyway (and queues it).
     fn fall_back(&mut self, ask: &Ask) -> Result<Chosen, DispatchError> {
@@ -621,6 +878,7 @@ impl PlacementTask {
             candidates: Vec::new(),
             cached_tokens: 0,
             alternatives: ledger::Basis::default(),
+            hedge: None,
         })
     }
 
@@ -692,7 +950,7 @@ impl PlacementTask {
                     continue;
                 }
                 let ask = waiting.ask.clone();
-                match self.try_place(&ask, &policy) {
+                match self.try_place(&ask, &policy, false) {
                     Ok(None) => {
                         blocked[lane.index()].insert(ask.model);
                         i += 1;

@@ -1278,3 +1278,144 @@ async fn a_draining_worker_hands_its_generations_off_and_the_text_goes_on_unbrok
     assert!((3..60).contains(&k), "{k}");
     assert_eq!(resumed.resume_tokens, fault_ids("story", 0, k));
 }
+
+/// A policy that hedges every latency-critical request the budget allows.
+fn hedging(budget_fraction: f64) -> PolicyDocument {
+    let mut policy = PolicyDocument::default();
+    policy.hedging.enabled = true;
+    policy.hedging.slo_margin = 0.01;
+    policy.hedging.same_pool = true;
+    policy.hedging.budget_fraction = budget_fraction;
+    policy
+}
+
+/// A latency-critical request raced on two workers goes on with the copy that answers first;
+/// the other stops within one engine step and the client sees one copy's text, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_request_keeps_the_first_copy_to_answer_and_the_loser_stops_within_a_step() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), Some(hedging(1.0))).await;
+    // Whichever copy reaches its engine first is slow (200 ms a token), the other quick.
+    cluster.script.set(
+        "race",
+        [
+            Plan::default().paced(Duration::from_millis(200)),
+            Plan::default().paced(Duration::from_millis(1)),
+        ],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("r", "race", 20, RequestClass::LatencyCritical));
+
+    let end = session.end("r").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("race", 0, 20));
+    assert_eq!(end.ids, fault_ids("race", 0, 20));
+    assert_eq!(end.accepted.len(), 1, "{end:?}");
+    assert!(end.accepted[0].reason.contains("won"), "{end:?}");
+    // Both workers ran a copy; the one the client did not get was cancelled before its
+    // second token.
+    let copies: Vec<(usize, Start)> = cluster
+        .starts()
+        .into_iter()
+        .filter(|(_, s)| s.instructions() == "race")
+        .collect();
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    assert_ne!(copies[0].0, copies[1].0, "{copies:?}");
+    let winner = &end.accepted[0].worker_id;
+    let (loser, start) = copies
+        .iter()
+        .find(|(i, _)| &cluster.workers[*i].id != winner)
+        .expect("a copy on the other worker");
+    let events = within(
+        "the losing copy ends",
+        cluster.engine(*loser).wait_until(|e| done_of(e, &start.request_id).is_some()),
+    )
+    .await;
+    assert!(cancelled(&events, &start.request_id), "{events:?}");
+    let (reason, tokens) = done_of(&events, &start.request_id).expect("ended");
+    assert_eq!(reason, switchyard_worker::StopReason::Cancelled);
+    assert!(tokens <= 1, "the loser ran on for {tokens} tokens");
+}
+
+/// Over 1 000 latency-critical requests that all want a hedge, hedges never cost more than
+/// the lane's budget: 5 % of its prompt tokens so far, at every moment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hedges_never_spend_more_than_the_budget_over_a_thousand_requests() {
+    const REQUESTS: usize = 1_000;
+    const WAVE: usize = 50;
+    let cluster = Cluster::start(2, 64, RouterConfig::default(), Some(hedging(0.05))).await;
+    cluster
+        .script
+        .set_default(Plan::default().paced(Duration::ZERO));
+    let mut session = cluster.session().await;
+    // Prompts of one length: every request costs a hedge the same prefill.
+    let instructions = |i: usize| format!("question {i:04}");
+    for wave in 0..REQUESTS / WAVE {
+        let ids: Vec<usize> = (wave * WAVE..(wave + 1) * WAVE).collect();
+        for &i in &ids {
+            session.start(request(
+                &format!("q{i}"),
+                &instructions(i),
+                2,
+                RequestClass::LatencyCritical,
+            ));
+        }
+        for &i in &ids {
+            let end = session.end(&format!("q{i}")).await;
+            assert_eq!(end.text, fault_text(&instructions(i), 0, 2), "{end:?}");
+        }
+    }
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    for (_, start) in cluster.starts() {
+        *copies.entry(start.instructions().to_string()).or_default() += 1;
+    }
+    assert_eq!(copies.len(), REQUESTS);
+    let hedged = copies.values().filter(|&&n| n == 2).count();
+    assert!(copies.values().all(|&n| n <= 2), "{copies:?}");
+    // Request n may be the k-th hedge only if k ≤ 5 % of n: at most 50 of 1 000, and with a
+    // free second worker for every request the budget is what limits them.
+    assert!(hedged <= REQUESTS / 20, "{hedged} hedges");
+    assert!(hedged >= REQUESTS / 25, "only {hedged} hedges");
+}
+
+/// A generation whose worker decodes far below the rate placement predicted moves to a worker
+/// predicted faster, and the client's text goes on unbroken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_that_falls_behind_its_predicted_rate_moves_to_a_faster_worker() {
+    let mut policy = PolicyDocument::default();
+    policy.migration.enabled = true;
+    policy.migration.rebalance = true;
+    policy.migration.drain_handoff = false;
+    policy.migration.min_remaining_tokens = 4;
+    policy.migration.rebalance_min_gain_ms = 0.0;
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), Some(policy)).await;
+    // 10 tokens/s where placement predicts the policy's default 50; the resumed copy runs at
+    // the usual pace.
+    cluster.script.set(
+        "crawl",
+        [
+            Plan::default().paced(Duration::from_millis(100)),
+            Plan::default(),
+        ],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("slow", "crawl", 60, RequestClass::CostSensitive));
+
+    let end = session.end("slow").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("crawl", 0, 60));
+    assert_eq!(end.ids, fault_ids("crawl", 0, 60));
+    assert_eq!(end.moved.len(), 1, "{end:?}");
+    let moved = &end.moved[0];
+    assert_eq!(moved.reason, "rebalance");
+    assert_eq!(moved.from_worker_id, end.accepted[0].worker_id);
+    assert_ne!(moved.to_worker_id, moved.from_worker_id);
+    let to = cluster
+        .workers
+        .iter()
+        .position(|w| w.id == moved.to_worker_id)
+        .expect("a worker of the cluster");
+    let resumed = start_on(cluster.engine(to), "crawl").await;
+    let k = resumed.resume_tokens.len();
+    assert!((5..60).contains(&k), "{k}");
+    assert_eq!(resumed.resume_tokens, fault_ids("crawl", 0, k));
+}

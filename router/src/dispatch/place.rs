@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{Dispatcher, Target, token_count};
 use crate::affinity::affinity_of;
-use crate::classify::{Classification, RequestFeatures};
+use crate::classify::{Classification, RequestFeatures, TENANT_KEY};
 use crate::error::DispatchError;
 use crate::placer::{Answer, Ask, Chosen, IfFull};
 use crate::policy::stable_hash;
@@ -79,6 +79,11 @@ impl Dispatcher {
             prefix,
             excluded,
             trace,
+            tenant: request
+                .metadata
+                .get(TENANT_KEY)
+                .filter(|t| !t.is_empty())
+                .cloned(),
         }
     }
 

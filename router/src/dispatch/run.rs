@@ -22,7 +22,7 @@ use crate::classify::Classification;
 use crate::error::DispatchError;
 use crate::links::{Link, LinkEvent, SlotHold};
 use crate::metrics::{StreamLabels, StreamMetrics, lane_label, pool_label};
-use crate::placer::{Chosen, ListedRun, Listing};
+use crate::placer::{Chosen, Hedge, ListedRun, Listing, Pace};
 use crate::policy::moves::MoveReason;
 use crate::report::ledger;
 
@@ -70,12 +70,18 @@ pub(super) struct Run<'d> {
     pub(super) listing: Option<Listing>,
     /// Tokens generated so far, as the placement task sees them.
     pub(super) generated: Arc<AtomicU32>,
+    /// Its pace on the worker it is listed on (rebalancing).
+    pace: Option<Arc<Pace>>,
     /// Times it moved on the router's order.
     pub(super) moves: u32,
     /// The token series of the current worker's pool (set by [`Run::on_worker`]).
     pub(super) stream_metrics: Option<StreamMetrics>,
     /// See [`Held`]: given back before the last frame.
     pub(super) held: Held,
+    /// A second worker to race the first segment on (the policy's `hedging`).
+    hedge: Option<Hedge>,
+    /// The first placement's reason label (`home`, `borrow_wse`, …).
+    placement_label: &'static str,
 }
 
 /// A generation started on a worker. Dropping it stops routing its frames and, unless the
@@ -83,19 +89,78 @@ pub(super) struct Run<'d> {
 /// leaves a segment (the client went away mid-forward, its task was dropped), nothing keeps
 /// generating for nobody. The cancel follows the `Start` on the same ordered stream, so it
 /// reaches the worker even while the start is still in flight.
-struct Generation<'a> {
-    link: &'a Link,
-    id: &'a str,
+struct Generation {
+    link: Arc<Link>,
+    id: String,
     /// The worker finished or failed it, or its stream was lost.
     ended: bool,
 }
 
-impl Drop for Generation<'_> {
+impl Drop for Generation {
     fn drop(&mut self) {
         if !self.ended {
-            self.link.cancel(self.id, v1::FinishReason::Cancelled);
+            self.link.cancel(&self.id, v1::FinishReason::Cancelled);
         }
-        self.link.forget(self.id);
+        self.link.forget(&self.id);
+    }
+}
+
+/// A generation started on a worker whose events the run has yet to follow.
+struct Started {
+    generation: Generation,
+    events: mpsc::UnboundedReceiver<LinkEvent>,
+    /// An event already read from `events` (by a hedge race), handled first.
+    first: Option<LinkEvent>,
+    /// A client control that arrived during a hedge race, handled first.
+    control: Option<Control>,
+}
+
+impl Started {
+    fn new(link: &Arc<Link>, id: String, events: mpsc::UnboundedReceiver<LinkEvent>) -> Self {
+        Self {
+            generation: Generation {
+                link: link.clone(),
+                id,
+                ended: false,
+            },
+            events,
+            first: None,
+            control: None,
+        }
+    }
+}
+
+/// The next event of a racing copy; never, for a copy out of the race.
+async fn next_event(copy: Option<&mut Started>) -> Option<LinkEvent> {
+    match copy {
+        Some(copy) => copy.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a hedge race ended for one copy (see [`Run::race`]).
+enum RaceEvent {
+    /// A token, or its end: this copy is the one the client gets.
+    Won(LinkEvent),
+    /// Nothing the race cares about (load reports).
+    Quiet,
+    /// It failed or its worker was lost before a token: the other copy goes on if it can.
+    Out(LinkEvent),
+}
+
+impl RaceEvent {
+    fn of(event: Option<LinkEvent>) -> Self {
+        match event {
+            Some(event @ LinkEvent::Frame(worker_frame::Frame::Tokens(_)))
+            | Some(event @ LinkEvent::Frame(worker_frame::Frame::Finished(_))) => {
+                RaceEvent::Won(event)
+            }
+            Some(LinkEvent::Frame(
+                worker_frame::Frame::Load(_) | worker_frame::Frame::KvEvents(_),
+            )) => RaceEvent::Quiet,
+            Some(event) => RaceEvent::Out(event),
+            None => RaceEvent::Out(LinkEvent::Lost("link closed".into())),
+        }
     }
 }
 
@@ -203,8 +268,14 @@ impl<'d> Run<'d> {
             listing: None,
             generated: Arc::default(),
             moves: 0,
+            hedge: chosen.hedge,
+            placement_label: label,
+            pace: None,
         };
-        run.list(label, &link);
+        // A hedged request is listed where its race's winner runs.
+        if run.hedge.is_none() {
+            run.list(label, &link);
+        }
         run
     }
 
@@ -222,6 +293,14 @@ impl<'d> Run<'d> {
         controls: &mut mpsc::UnboundedReceiver<Control>,
         out: &FrameSink,
     ) -> Result<(), DispatchError> {
+        // A hedged request is accepted by the copy that wins its race.
+        let mut started = None;
+        if let Some(hedge) = self.hedge.take() {
+            let (winner, first) = self.race(link, hedge, controls, out).await?;
+            link = winner;
+            self.list(self.placement_label, &link);
+            started = Some(first);
+        }
         let record = link.record();
         let accepted = Frame::Accepted(v1::Accepted {
             request_id: self.request.request_id.clone(),
@@ -243,7 +322,11 @@ impl<'d> Run<'d> {
 
         let mut excluded = Vec::new();
         loop {
-            let end = self.segment(&link, controls, out).await?;
+            let end = match started.take() {
+                Some(Ok(first)) => self.follow(&link, first, controls, out).await?,
+                Some(Err(why)) => SegmentEnd::Lost(why),
+                None => self.segment(&link, controls, out).await?,
+            };
             let next = after(
                 &end,
                 self.cancelled,
@@ -326,8 +409,10 @@ impl<'d> Run<'d> {
         let movable = migration.enabled
             && self.moves < migration.max_moves_per_generation
             && ((migration.preempt_borrowed_wse && label == "borrow_wse")
-                || migration.drain_handoff);
-        self.listing = movable.then(|| {
+                || migration.drain_handoff
+                || migration.rebalance);
+        self.pace = movable.then(|| Arc::new(Pace::new()));
+        self.listing = self.pace.clone().map(|pace| {
             self.dispatcher.placer.list(ListedRun {
                 worker: link.id(),
                 model: self.request.model.clone(),
@@ -336,6 +421,9 @@ impl<'d> Run<'d> {
                 generated: self.generated.clone(),
                 max_tokens: self.max_tokens(),
                 moves: self.moves,
+                arrived: self.arrived,
+                predicted_ttft_ms: self.predicted_ttft_ms,
+                pace,
             })
         });
     }
@@ -480,18 +568,145 @@ impl<'d> Run<'d> {
         if let Some(slot) = self.slot.take() {
             slot.release_after_start();
         }
-        let mut events = match started {
-            Ok(events) => events,
-            Err(why) => return Ok(SegmentEnd::Lost(why)),
+        match started {
+            Ok(events) => {
+                self.follow(link, Started::new(link, generation_id, events), controls, out)
+                    .await
+            }
+            Err(why) => Ok(SegmentEnd::Lost(why)),
+        }
+    }
+
+    /// Starts the request on its worker and on the hedge's, and keeps the copy that produces
+    /// a token (or ends) first; the other is cancelled as it drops. A copy that fails or is
+    /// lost before a token leaves the other to go on. A client control or departure ends the
+    /// race at once (the control goes to the primary copy). Returns the copy that goes on, as
+    /// its link and generation, or why neither could start.
+    async fn race(
+        &mut self,
+        primary: Arc<Link>,
+        mut hedge: Hedge,
+        controls: &mut mpsc::UnboundedReceiver<Control>,
+        out: &FrameSink,
+    ) -> Result<(Arc<Link>, Result<Started, String>), DispatchError> {
+        if out.is_closed() {
+            return Err(DispatchError::ClientGone);
+        }
+        let links = &self.dispatcher.links;
+        let (first_id, second_id) = (links.next_generation_id(), links.next_generation_id());
+        let (first_start, second_start) = (
+            self.worker_start(&first_id),
+            self.worker_start(&second_id),
+        );
+        let (first, second) = tokio::select! {
+            started = async {
+                tokio::join!(primary.start(first_start), hedge.link.start(second_start))
+            } => started,
+            _ = out.closed() => return Err(DispatchError::ClientGone),
         };
-        // From here every way out of this function — including an early return because the
-        // client went away while a frame was being forwarded — stops the generation unless
-        // the worker said it ended.
-        let mut generation = Generation {
-            link,
-            id: &generation_id,
-            ended: false,
+        if let Some(slot) = self.slot.take() {
+            slot.release_after_start();
+        }
+        hedge.slot.release_after_start();
+        let lane = self.class.lane;
+        let metrics = &self.dispatcher.metrics;
+        let (mut first, mut second) = match (first, second) {
+            (Ok(first), Ok(second)) => (
+                Some(Started::new(&primary, first_id, first)),
+                Some(Started::new(&hedge.link, second_id, second)),
+            ),
+            (first, second) => {
+                // One copy at most: no race, nothing wasted.
+                hedge.charge.unused();
+                return Ok(match (first, second) {
+                    (Err(_), Ok(second)) => {
+                        metrics.hedged(lane, "hedge");
+                        let started = Started::new(&hedge.link, second_id, second);
+                        (hedge.link.clone(), Ok(started))
+                    }
+                    (first, _) => {
+                        metrics.hedged(lane, "primary");
+                        (primary.clone(), first.map(|f| Started::new(&primary, first_id, f)))
+                    }
+                });
+            }
         };
+        let mut control = None;
+        let mut controls_open = true;
+        let winner_is_first = loop {
+            let (is_first, event) = tokio::select! {
+                event = next_event(first.as_mut()) => (true, RaceEvent::of(event)),
+                event = next_event(second.as_mut()) => (false, RaceEvent::of(event)),
+                next = controls.recv(), if controls_open => match next {
+                    Some(next) => {
+                        control = Some(next);
+                        break first.is_some();
+                    }
+                    None => {
+                        controls_open = false;
+                        continue;
+                    }
+                },
+                _ = out.closed() => return Err(DispatchError::ClientGone),
+            };
+            let (this, other) = if is_first {
+                (&mut first, &second)
+            } else {
+                (&mut second, &first)
+            };
+            match event {
+                RaceEvent::Quiet => {}
+                RaceEvent::Won(event) => {
+                    this.as_mut().expect("raced").first = Some(event);
+                    break is_first;
+                }
+                RaceEvent::Out(event) if other.is_some() => {
+                    debug!(request_id = %self.request.request_id, ?event, "a hedged copy failed before its first token; the other goes on");
+                    // Already ended on the worker's side (failed or lost).
+                    if let Some(mut gone) = this.take() {
+                        gone.generation.ended = true;
+                    }
+                }
+                RaceEvent::Out(event) => {
+                    // The last copy standing: its failure is the run's to handle.
+                    this.as_mut().expect("raced").first = Some(event);
+                    break is_first;
+                }
+            }
+        };
+        let (winner, link, name) = if winner_is_first {
+            (first, primary, "primary")
+        } else {
+            (second, hedge.link.clone(), "hedge")
+        };
+        let mut winner = winner.expect("the winner is still running");
+        winner.control = control;
+        metrics.hedged(lane, name);
+        info!(request_id = %self.request.request_id, worker = %link.id(), winner = name, "hedge race decided");
+        self.reason = format!("{}; hedged, {name} won", self.reason);
+        self.on_worker(&link.record());
+        // The loser drops here, which cancels it; the charge settles as it drops.
+        Ok((link, Ok(winner)))
+    }
+
+    /// Follows a started generation on `link` until it ends one way or another.
+    async fn follow(
+        &mut self,
+        link: &Arc<Link>,
+        started: Started,
+        controls: &mut mpsc::UnboundedReceiver<Control>,
+        out: &FrameSink,
+    ) -> Result<SegmentEnd, DispatchError> {
+        let Started {
+            // From here every way out of this function — including an early return because
+            // the client went away while a frame was being forwarded — stops the generation
+            // unless the worker said it ended.
+            mut generation,
+            mut events,
+            first,
+            control,
+        } = started;
+        let generation_id = generation.id.clone();
         let mut controls_open = true;
         let mut interrupt: Option<v1::Interrupt> = None;
         let mut cancel_deadline: Option<Instant> = None;
@@ -499,8 +714,10 @@ impl<'d> Run<'d> {
         // window (as HTTP/2 returns its window) so credit costs a frame per many chunks.
         let window = self.dispatcher.config.stream_credit_tokens;
         let mut to_grant = 0u32;
-        // An event read while merging chunks, handled next.
-        let mut held_back: Option<LinkEvent> = None;
+        // An event read while merging chunks (or by a hedge race), handled next.
+        let mut held_back: Option<LinkEvent> = first;
+        // A control read by a hedge race, handled next.
+        let mut held_control = control;
         // The run's listing with the placement task, while it may be moved.
         let mut listing = self.listing.take();
         let mut moving: Option<MoveReason> = None;
@@ -588,7 +805,12 @@ impl<'d> Run<'d> {
                         moving = Some(order.reason);
                     }
                 }
-                control = controls.recv(), if controls_open => match control {
+                control = async {
+                    match held_control.take() {
+                        Some(control) => Some(control),
+                        None => controls.recv().await,
+                    }
+                }, if controls_open || held_control.is_some() => match control {
                     Some(Control::Cancel) => {
                         self.cancelled = true;
                         link.cancel(&generation_id, v1::FinishReason::Cancelled);
@@ -666,6 +888,9 @@ impl<'d> Run<'d> {
             metrics.tokens(tokens.token_ids.len() as u32, gap, first);
         }
         self.delivered += tokens.token_ids.len() as u32;
+        if let Some(pace) = &self.pace {
+            pace.tokens(tokens.token_ids.len() as u32);
+        }
         self.generated
             .fetch_add(tokens.token_ids.len() as u32, Ordering::Relaxed);
         self.dispatcher
