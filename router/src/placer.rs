@@ -27,8 +27,8 @@ use crate::links::{Link, Links, SlotHold};
 use crate::metrics::RouterMetrics;
 use crate::policy::document::{LaneName, PolicyDocument};
 use crate::policy::moves::{
-    HedgeBudget, MoveReason, Progress, Running, drain_target, preemption_victim,
-    rebalance_target, should_hedge,
+    HedgeBudget, MoveReason, Progress, Running, drain_target, preemption_victim, rebalance_target,
+    should_hedge,
 };
 use crate::policy::{
     Admission, ClusterView, Considered, Decision, Placement, PlacementError, RequestInfo, admit,
@@ -439,6 +439,8 @@ struct Waiting {
     id: u64,
     ask: Ask,
     reply: oneshot::Sender<Result<Chosen, DispatchError>>,
+    /// A borrowed wafer-scale slot was ordered back for it (once is enough: the slot comes).
+    preempted: bool,
 }
 
 struct PlacementTask {
@@ -622,7 +624,7 @@ impl PlacementTask {
         if !behind_others
             && if_full == IfFull::Queue
             && self.preempt_for(&ask, &policy)
-            && let Ok(ticket) = self.enqueue(ask.clone(), &policy)
+            && let Ok(ticket) = self.enqueue(ask.clone(), true, &policy)
         {
             return Ok(Answer::Queued(ticket));
         }
@@ -630,7 +632,7 @@ impl PlacementTask {
             return Ok(Answer::Placed(chosen));
         }
         match if_full {
-            IfFull::Queue => self.enqueue(ask, &policy).map(Answer::Queued),
+            IfFull::Queue => self.enqueue(ask, false, &policy).map(Answer::Queued),
             IfFull::Fallback => self.fall_back(&ask).map(Answer::Placed),
         }
     }
@@ -731,12 +733,7 @@ impl PlacementTask {
 
     /// A second worker for `ask`, placed on `primary`, when the policy would hedge it and the
     /// budget allows; the budget is charged here, before the next decision.
-    fn hedge(
-        &mut self,
-        ask: &Ask,
-        primary: &Placement,
-        policy: &PolicyDocument,
-    ) -> Option<Hedge> {
+    fn hedge(&mut self, ask: &Ask, primary: &Placement, policy: &PolicyDocument) -> Option<Hedge> {
         if !policy.hedging.enabled {
             return None;
         }
@@ -744,7 +741,15 @@ impl PlacementTask {
         let hits = prefix_hits(view, ask);
         let info = ask.info(hits.as_deref());
         let tenant = ask.tenant.as_deref();
-        let second = should_hedge(view, &ask.class, &info, primary, tenant, &self.hedges, policy)?;
+        let second = should_hedge(
+            view,
+            &ask.class,
+            &info,
+            primary,
+            tenant,
+            &self.hedges,
+            policy,
+        )?;
         let cost = u64::from(second.prompt_tokens.saturating_sub(second.cached_tokens));
         let link = self.links.get(&view.worker(second.worker).id)?;
         let commands = self.commands.upgrade()?;
@@ -884,7 +889,12 @@ impl PlacementTask {
 
     /// Lets a request wait at the router (shedding a queued cost-sensitive request in its
     /// place if the policy says so), or sheds it.
-    fn enqueue(&mut self, ask: Ask, policy: &PolicyDocument) -> Result<Ticket, DispatchError> {
+    fn enqueue(
+        &mut self,
+        ask: Ask,
+        preempted: bool,
+        policy: &PolicyDocument,
+    ) -> Result<Ticket, DispatchError> {
         let lane = ask.class.lane;
         let depths = [self.queues[0].len() as u32, self.queues[1].len() as u32];
         let lane_policy = policy.lane(lane);
@@ -910,7 +920,12 @@ impl PlacementTask {
         self.next_ticket += 1;
         let id = self.next_ticket;
         debug!(request_id = %ask.request_id, lane = lane.as_str(), "waiting at the router for a slot");
-        self.queues[lane.index()].push_back(Waiting { id, ask, reply });
+        self.queues[lane.index()].push_back(Waiting {
+            id,
+            ask,
+            reply,
+            preempted,
+        });
         self.publish_depths();
         let max_wait_ms = lane_policy.max_queue_wait_ms;
         Ok(Ticket {
@@ -952,6 +967,13 @@ impl PlacementTask {
                 let ask = waiting.ask.clone();
                 match self.try_place(&ask, &policy, false) {
                     Ok(None) => {
+                        // A latency-critical request still waiting takes a borrowed wafer
+                        // slot back as soon as the borrower has somewhere to go.
+                        if !self.queues[lane.index()][i].preempted
+                            && self.preempt_for(&ask, &policy)
+                        {
+                            self.queues[lane.index()][i].preempted = true;
+                        }
                         blocked[lane.index()].insert(ask.model);
                         i += 1;
                     }

@@ -1327,7 +1327,9 @@ async fn a_hedged_request_keeps_the_first_copy_to_answer_and_the_loser_stops_wit
         .expect("a copy on the other worker");
     let events = within(
         "the losing copy ends",
-        cluster.engine(*loser).wait_until(|e| done_of(e, &start.request_id).is_some()),
+        cluster
+            .engine(*loser)
+            .wait_until(|e| done_of(e, &start.request_id).is_some()),
     )
     .await;
     assert!(cancelled(&events, &start.request_id), "{events:?}");

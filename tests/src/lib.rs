@@ -325,6 +325,17 @@ impl Component {
         Ok(())
     }
 
+    /// SIGSTOP: the process freezes — its sockets stay open, nothing is answered — until
+    /// [`Component::resume`].
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Component::pause`].
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
     /// SIGKILL: the process dies without any chance to deregister.
     pub async fn kill(&mut self) -> anyhow::Result<()> {
         self.signal(Signal::SIGKILL)?;
@@ -352,6 +363,8 @@ pub struct ClusterSpec {
     pub lease_ttl: &'static str,
     /// Extra flags for every GPU worker.
     pub gpu_flags: Vec<String>,
+    /// Extra flags for every wafer-scale worker.
+    pub wse_flags: Vec<String>,
     pub router_flags: Vec<String>,
     /// An API key the harness itself sends (for its readiness probe) when `router_flags`
     /// turn authentication on.
@@ -369,6 +382,7 @@ impl Default for ClusterSpec {
             wse_workers: 1,
             lease_ttl: "2s",
             gpu_flags: vec![],
+            wse_flags: vec![],
             router_flags: vec![],
             api_key: None,
             metrics: false,
@@ -426,6 +440,7 @@ impl Cluster {
                 "--lease-ttl",
                 spec.lease_ttl,
             ]));
+            args.extend(spec.wse_flags.iter().cloned());
             wse.push(start(format!("wse-{i}"), args, 1).await?);
         }
         let mut args = strings(&[

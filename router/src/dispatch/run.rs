@@ -570,8 +570,13 @@ impl<'d> Run<'d> {
         }
         match started {
             Ok(events) => {
-                self.follow(link, Started::new(link, generation_id, events), controls, out)
-                    .await
+                self.follow(
+                    link,
+                    Started::new(link, generation_id, events),
+                    controls,
+                    out,
+                )
+                .await
             }
             Err(why) => Ok(SegmentEnd::Lost(why)),
         }
@@ -594,10 +599,8 @@ impl<'d> Run<'d> {
         }
         let links = &self.dispatcher.links;
         let (first_id, second_id) = (links.next_generation_id(), links.next_generation_id());
-        let (first_start, second_start) = (
-            self.worker_start(&first_id),
-            self.worker_start(&second_id),
-        );
+        let (first_start, second_start) =
+            (self.worker_start(&first_id), self.worker_start(&second_id));
         let (first, second) = tokio::select! {
             started = async {
                 tokio::join!(primary.start(first_start), hedge.link.start(second_start))
@@ -626,7 +629,10 @@ impl<'d> Run<'d> {
                     }
                     (first, _) => {
                         metrics.hedged(lane, "primary");
-                        (primary.clone(), first.map(|f| Started::new(&primary, first_id, f)))
+                        (
+                            primary.clone(),
+                            first.map(|f| Started::new(&primary, first_id, f)),
+                        )
                     }
                 });
             }
