@@ -77,7 +77,7 @@ pub struct MoveLabels {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HedgeLabels {
     pub lane: &'static str,
-    /// `primary`, `hedge`, or `neither` (the request ended before either copy's first token).
+    /// `primary` or `hedge`: the copy that went on.
     pub winner: &'static str,
 }
 
@@ -304,7 +304,7 @@ impl RouterMetrics {
             );
             r.register(
                 "switchyard_router_hedges",
-                "Latency-critical requests raced on a second worker, by lane and winner (primary, hedge, neither)",
+                "Latency-critical requests raced on a second worker, by lane and the copy that went on (primary, hedge)",
                 this.hedges.clone(),
             );
             r.register(

@@ -595,6 +595,8 @@ impl<'d> Run<'d> {
         out: &FrameSink,
     ) -> Result<(Arc<Link>, Result<Started, String>), DispatchError> {
         if out.is_closed() {
+            // Nothing started, nothing wasted.
+            hedge.charge.unused();
             return Err(DispatchError::ClientGone);
         }
         let links = &self.dispatcher.links;
