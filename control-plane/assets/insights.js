@@ -16,11 +16,15 @@
     wse: "#bc4c00",
     shed: "#cf222e",
     failovers: "#9a6700",
+    preempt: "#8250df",
+    rebalance: "#0969da",
+    drain: "#6a737d",
     cost: "#0550ae",
     prefix: "#1a7f37",
   };
   const LANES = ["latency-critical", "cost-sensitive"];
   const POOLS = ["gpu", "wse"];
+  const MOVE_REASONS = ["drain", "preempt", "rebalance"];
 
   const $ = (id) => document.getElementById(id);
   let points = [];
@@ -167,7 +171,9 @@
     drawChart("chart-shed", [
       { name: "shed/s", color: COLORS.shed, values: col((p) => LANES.reduce((n, l) => n + p.lanes[l].shed, 0)) },
       { name: "failovers/s", color: COLORS.failovers, values: col((p) => LANES.reduce((n, l) => n + p.lanes[l].failovers, 0)) },
-    ]);
+    ].concat(MOVE_REASONS.map((reason) => ({
+      name: `moves/s (${reason})`, color: COLORS[reason], dash: true, values: col((p) => (p.moves ? p.moves[reason] : 0)),
+    }))));
     drawChart("chart-cost", [
       { name: "cost/hour", color: COLORS.cost, values: col((p) => p.cost_per_hour) },
     ], { format: fmtUsd, minTop: 0.01 });
@@ -175,6 +181,18 @@
       { name: "prefix-cache hit rate", color: COLORS.prefix, values: col((p) => p.prefix_hit_rate) },
     ], { format: fmtPct, max: 1 });
     renderSampling();
+    renderMoves();
+  }
+
+  // Moves by reason over the chosen window, beside the feed that shows each one.
+  function renderMoves() {
+    const t0 = (points.length ? points[points.length - 1].t : 0) - windowSeconds;
+    const recent = points.filter((p) => p.t > t0 && p.moves);
+    const counts = MOVE_REASONS.map((reason) => [reason, recent.reduce((n, p) => n + (p.moves[reason] || 0), 0)]);
+    const span = windowSeconds >= 3600 ? "hour" : `${windowSeconds / 60} min`;
+    $("moves").textContent = `Moves by the router's order in the last ${span}: ` +
+      counts.map(([reason, n]) => `${reason} ${fmtNum(n)}`).join(", ") + ".";
+    for (const [reason, n] of counts) $("moves").dataset[reason] = String(n);
   }
 
   // What the feed shows of what the routers decided in the last minute.
@@ -279,6 +297,15 @@
     return td(o.slo_met ? "met" : "missed", o.slo_met ? "good" : "bad");
   }
 
+  const moveText = (m) => `moved (${m.reason}) ${m.from_worker_id} → ${m.to_worker_id} at token ${m.at_token}`;
+
+  // The worker it was placed on, and where the router moved it after.
+  function workerCell(d) {
+    const cell = td(d.worker_id ? `${d.worker_id} (${d.pool})` : "–", "mono");
+    for (const m of (d.outcome && d.outcome.moves) || []) cell.append(el("div", { class: "move" }, moveText(m)));
+    return cell;
+  }
+
   function renderFeed() {
     const body = $("decisions").querySelector("tbody");
     const trouble = $("only-trouble").checked;
@@ -298,7 +325,7 @@
         td(d.request_id, "mono"),
         td(d.tenant || "–"),
         td(laneText(d)),
-        td(d.worker_id ? `${d.worker_id} (${d.pool})` : "–", "mono"),
+        workerCell(d),
         td(d.reason),
         td(d.worker_id ? fmtMs(d.predicted_ttft_ms) : "–", "num"),
         td(d.outcome && d.outcome.ttft_ms ? fmtMs(d.outcome.ttft_ms) : "–", "num"),
@@ -383,6 +410,9 @@
         ["inter-token latency", fmtMs(o.itl_ms)],
         ["tokens", `${fmtNum(o.prompt_tokens)} prompt (${fmtNum(o.cached_prompt_tokens)} cached), ${fmtNum(o.completion_tokens)} generated`],
         ["failovers", fmtNum(o.failovers)],
+        ["moves", o.moves && o.moves.length
+          ? o.moves.map((m) => `${moveText(m)} (${new Date(m.at_unix_ms).toLocaleTimeString()})`).join("; ")
+          : "none"],
         ["total", fmtMs(o.total_ms)],
         ["cost", fmtUsd(o.cost_usd)],
       ]));

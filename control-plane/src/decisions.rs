@@ -122,6 +122,17 @@ fn entry_json(entry: &Entry) -> Value {
         })
         .collect();
     let outcome = entry.outcome.as_ref().map(|o| {
+        let moves: Vec<Value> = o
+            .moves
+            .iter()
+            .map(|m| {
+                json!({
+                    "from_worker_id": m.from_worker_id, "from_pool": m.from_pool,
+                    "to_worker_id": m.to_worker_id, "to_pool": m.to_pool,
+                    "reason": m.reason, "at_token": m.at_token, "at_unix_ms": m.at_unix_ms,
+                })
+            })
+            .collect();
         json!({
             "at_unix_ms": o.at_unix_ms, "status": o.status,
             "worker_id": o.worker_id, "pool": o.pool,
@@ -134,6 +145,7 @@ fn entry_json(entry: &Entry) -> Value {
             "best_alternative_ttft_ms": o.best_alternative_ttft_ms,
             "best_alternative_worker_id": o.best_alternative_worker_id,
             "regret_ms": o.regret_ms, "cost_regret_usd": o.cost_regret_usd,
+            "moves": moves,
         })
     });
     json!({
@@ -184,6 +196,13 @@ mod tests {
             status: "completed".into(),
             ttft_ms: 12.0,
             regret_ms: Some(3.0),
+            moves: vec![v1::MoveRecord {
+                from_worker_id: "gpu-0".into(),
+                to_worker_id: "gpu-1".into(),
+                reason: "drain".into(),
+                at_token: 37,
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -205,6 +224,11 @@ mod tests {
         assert_eq!(changes.entries[0]["outcome"]["ttft_ms"], 12.0);
         assert_eq!(changes.entries[0]["outcome"]["regret_ms"], 3.0);
         assert!(changes.entries[0]["outcome"]["cost_regret_usd"].is_null());
+        let moved = &changes.entries[0]["outcome"]["moves"][0];
+        assert_eq!(
+            (&moved["reason"], &moved["to_worker_id"], &moved["at_token"]),
+            (&json!("drain"), &json!("gpu-1"), &json!(37))
+        );
         assert!(feed.page(changes.seq, None, 100).entries.is_empty());
         let b = feed.page(0, Some("b"), 100);
         assert_eq!(b.entries.len(), 1);

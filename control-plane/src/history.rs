@@ -1,7 +1,7 @@
 //! The cluster's recent history at one-second resolution, for the dashboard's charts: per lane
 //! TTFT p50/p99 against the lane's SLO, SLO attainment, inter-token latency, shed and failover
-//! counts, router queue depth, the error of the router's TTFT predictions; per pool tokens/s and worker queue depth; cost per hour and the
-//! prefix-cache hit rate.
+//! counts, router queue depth, the error of the router's TTFT predictions; per pool tokens/s
+//! and worker queue depth; cost per hour, the prefix-cache hit rate and moves per reason.
 //!
 //! Routers' per-second stats ([`v1::RouterStats`], covering every request) are merged into the
 //! open second as they arrive; once a second the open second is sealed into a point, with the
@@ -13,11 +13,12 @@
 //! ([`switchyard_router::report::ledger`]) per lane, pool and tenant (the busiest
 //! [`TENANTS_PER_POINT`], the rest as `(other)`); [`History::ledger`] sums it over a window.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 
 use serde::Serialize;
 use switchyard_policy::document::LaneName;
+use switchyard_policy::moves::MoveReason;
 use switchyard_proto::v1;
 use switchyard_router::report::histogram::Histogram;
 use switchyard_router::report::ledger::{self, Sums};
@@ -59,6 +60,8 @@ struct Open {
     ledger_lanes: [Sums; 2],
     ledger_pools: [Sums; 2],
     ledger_tenants: HashMap<String, Sums>,
+    /// Per [`MoveReason::index`].
+    moves: [u64; 3],
 }
 
 /// One second's ledger.
@@ -146,6 +149,8 @@ pub struct Point {
     pub routers: usize,
     /// The counterfactual ledger of the requests that ended this second.
     pub ledger: LedgerPoint,
+    /// Moves the requests that ended this second made, per reason (every known reason).
+    pub moves: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Debug, Default)]
@@ -220,6 +225,12 @@ impl History {
         open.decisions_reported += u64::from(stats.decisions_reported);
         open.dropped += u64::from(stats.dropped);
         open.router_queues.insert(stats.router_id.clone(), queues);
+        for (reason, count) in &stats.moves {
+            // A reason from a newer router is not this dashboard's to show.
+            if let Some(reason) = MoveReason::ALL.iter().find(|r| r.as_str() == reason) {
+                open.moves[reason.index()] += u64::from(*count);
+            }
+        }
         for row in &stats.ledger {
             let sums = Sums::from_proto(row);
             let slot = match row.dimension.as_str() {
@@ -320,6 +331,10 @@ impl History {
             dropped: open.dropped,
             routers: heard.len(),
             ledger,
+            moves: MoveReason::ALL
+                .iter()
+                .map(|r| (r.as_str(), open.moves[r.index()]))
+                .collect(),
         };
         inner.open.router_queues = open.router_queues;
         if inner.points.len() == SECONDS {
@@ -553,6 +568,7 @@ mod tests {
             decisions: 10,
             decisions_reported: 4,
             dropped: 1,
+            moves: [("drain".to_string(), 1), ("teleport".to_string(), 5)].into(),
             ..Default::default()
         }
     }
@@ -597,6 +613,10 @@ mod tests {
             (20, 8, 2)
         );
         assert_eq!(point.routers, 2);
+        assert_eq!(
+            point.moves,
+            [("drain", 2), ("preempt", 0), ("rebalance", 0)].into()
+        );
         // The next second starts empty; a router that stopped reporting leaves no queue.
         history.add(&stats("a", &[], 0, 1));
         let next = history.seal(101, LOAD, [300.0, 2000.0]);

@@ -25,6 +25,8 @@ const MAX_CANDIDATES: usize = 64;
 /// Ledger rows in one second's stats: lanes, pools and a router's bounded tenants, with room
 /// for a newer router's larger bound.
 const MAX_LEDGER_ROWS: usize = 256;
+/// Moves one outcome may list (the policy allows at most 16 per generation).
+const MAX_MOVES: usize = 16;
 
 /// The history and the decision feed.
 #[derive(Debug, Clone, Default)]
@@ -100,7 +102,25 @@ pub fn validate(report: &v1::RouterReport) -> Result<(), tonic::Status> {
                 &o.best_alternative_worker_id,
                 MAX_ID,
             )?;
-            too_long("outcome.error", &o.error, MAX_TEXT)
+            too_long("outcome.error", &o.error, MAX_TEXT)?;
+            if o.moves.len() > MAX_MOVES {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "outcome.moves: {} moves, at most {MAX_MOVES}",
+                    o.moves.len()
+                )));
+            }
+            for m in &o.moves {
+                for (field, value) in [
+                    ("outcome.moves.from_worker_id", &m.from_worker_id),
+                    ("outcome.moves.from_pool", &m.from_pool),
+                    ("outcome.moves.to_worker_id", &m.to_worker_id),
+                    ("outcome.moves.to_pool", &m.to_pool),
+                    ("outcome.moves.reason", &m.reason),
+                ] {
+                    too_long(field, value, MAX_ID)?;
+                }
+            }
+            Ok(())
         }
         Some(Report::Stats(s)) => {
             too_long("stats.router_id", &s.router_id, MAX_ID)?;
@@ -254,6 +274,34 @@ mod tests {
         }
         let err = validate(&v1::RouterReport { report: None }).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let outcome = |moves: Vec<v1::MoveRecord>| v1::RouterReport {
+            report: Some(Report::Outcome(v1::RequestOutcome {
+                request_id: "r".into(),
+                moves,
+                ..Default::default()
+            })),
+        };
+        let moved = v1::MoveRecord {
+            reason: "drain".into(),
+            ..Default::default()
+        };
+        assert!(validate(&outcome(vec![moved.clone()])).is_ok());
+        for (bad, field) in [
+            (
+                vec![moved.clone(); MAX_MOVES + 1],
+                "outcome.moves: 17 moves",
+            ),
+            (
+                vec![v1::MoveRecord {
+                    to_worker_id: "w".repeat(MAX_ID + 1),
+                    ..moved
+                }],
+                "outcome.moves.to_worker_id",
+            ),
+        ] {
+            let err = validate(&outcome(bad)).unwrap_err();
+            assert!(err.message().starts_with(field), "{}", err.message());
+        }
     }
 
     #[test]

@@ -546,28 +546,116 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     )
     .await?;
 
+    // Draining the worker of a long generation, with hand-off on: the generation moves, and
+    // the feed and the page say where to and at which token.
+    set_handoff_policy(&cluster, &admin).await?;
+    let long = switchyard_tests::synthetic_request(
+        "page-moved",
+        RequestClass::CostSensitive,
+        "move me",
+        300,
+    );
+    let mut stream = session.start(long)?;
+    let mut completion = Completion::default();
+    while completion.token_ids.len() < 3 {
+        completion.absorb(stream.next().await.expect("stream open"));
+    }
+    let accepted = completion.accepted.clone().expect("accepted");
+    assert_eq!(accepted.pool, "gpu", "{accepted:?}");
+    let busy = accepted.worker_id;
+    let other = if busy == "gpu-0" { "gpu-1" } else { "gpu-0" };
     browser
-        .click("tr[data-worker-id='gpu-1'] button.drain")
+        .click(&format!("tr[data-worker-id='{busy}'] button.drain"))
         .await?;
-    wait_until(PATIENCE, "gpu-1 to advertise draining", || async {
-        worker_state(&admin, "gpu-1").await.as_deref() == Some("draining")
-    })
+    wait_until(
+        PATIENCE,
+        "the drained worker to advertise draining",
+        || async { worker_state(&admin, &busy).await.as_deref() == Some("draining") },
+    )
     .await?;
-    wait_until(PATIENCE, "the page to show gpu-1 draining", || async {
+    wait_until(PATIENCE, "the page to show the worker draining", || async {
         browser
-            .text("tr[data-worker-id='gpu-1'] td:nth-child(5)")
+            .text(&format!("tr[data-worker-id='{busy}'] td:nth-child(5)"))
             .await
             .is_ok_and(|t| t == "draining")
     })
     .await?;
-    assert!(browser.text("#notice").await?.contains("gpu-1"));
+    assert!(browser.text("#notice").await?.contains(&busy));
     // The events list is fed by its own stream; it may show the change a poll later.
     wait_until(PATIENCE, "the events list to show the drain", || async {
         browser
             .text("#events")
             .await
-            .is_ok_and(|t| t.contains("gpu-1 (gpu) is draining"))
+            .is_ok_and(|t| t.contains(&format!("{busy} (gpu) is draining")))
     })
+    .await?;
+    while let Some(frame) = stream.next().await {
+        completion.absorb(frame);
+    }
+    assert!(completion.finished.is_some(), "{:?}", completion.failed);
+    let [moved] = completion.moved.as_slice() else {
+        panic!("one move expected: {:?}", completion.moved);
+    };
+    assert_eq!(
+        (moved.reason.as_str(), moved.from_worker_id.as_str()),
+        ("drain", busy.as_str())
+    );
+    let entry = finished_decision(http, "page-moved").await?;
+    let record = &entry["outcome"]["moves"][0];
+    assert_eq!(record["reason"], "drain", "{entry}");
+    assert_eq!(record["from_worker_id"], busy.as_str(), "{entry}");
+    assert_eq!(
+        record["to_worker_id"],
+        moved.to_worker_id.as_str(),
+        "{entry}"
+    );
+    assert_eq!(record["to_pool"], moved.to_pool.as_str(), "{entry}");
+    let at_token = record["at_token"].as_u64().unwrap_or_default();
+    assert!((3..300).contains(&at_token), "{entry}");
+    assert_eq!(
+        entry["outcome"]["worker_id"],
+        moved.to_worker_id.as_str(),
+        "{entry}"
+    );
+    let shown = format!(
+        "moved (drain) {busy} → {} at token {at_token}",
+        moved.to_worker_id
+    );
+    wait_until(PATIENCE, "the feed row to show the move", || async {
+        browser
+            .text("#decisions tr[data-request-id='page-moved'] td:nth-child(5)")
+            .await
+            .is_ok_and(|t| t.contains(&shown))
+    })
+    .await?;
+    wait_until(PATIENCE, "the move to be counted by reason", || async {
+        browser
+            .execute(
+                "return document.getElementById('moves').dataset.drain;",
+                vec![],
+            )
+            .await
+            .is_ok_and(|n| n == "1")
+    })
+    .await?;
+    assert!(
+        browser.text("#moves").await?.contains("drain 1"),
+        "{}",
+        browser.text("#moves").await?
+    );
+    browser
+        .click("#decisions tr[data-request-id='page-moved']")
+        .await?;
+    wait_until(
+        PATIENCE,
+        "the story of page-moved to list its move",
+        || async {
+            browser
+                .text("#story")
+                .await
+                .is_ok_and(|t| t.contains(&shown))
+        },
+    )
     .await?;
     std::fs::write(
         switchyard_tests::log_dir().join("dashboard.png"),
@@ -621,7 +709,7 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     )
     .await?;
     browser
-        .click("tr[data-worker-id='gpu-0'] button.drain")
+        .click(&format!("tr[data-worker-id='{other}'] button.drain"))
         .await?;
     wait_until(
         PATIENCE,
@@ -633,11 +721,35 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         },
     )
     .await?;
-    assert_eq!(
-        worker_state(&admin, "gpu-0").await.as_deref(),
-        Some("ready")
-    );
+    assert_eq!(worker_state(&admin, other).await.as_deref(), Some("ready"));
     browser.close().await?;
+    Ok(())
+}
+
+/// Stores a policy under which a draining worker hands its generations off, and waits for the
+/// router to apply it.
+async fn set_handoff_policy(cluster: &Cluster, admin: &AdminClient<Channel>) -> anyhow::Result<()> {
+    let applied = || {
+        std::fs::read_to_string(&cluster.router.log)
+            .unwrap_or_default()
+            .matches("routing policy applied")
+            .count()
+    };
+    let before = applied();
+    let policy = serde_json::json!({
+        "migration": {"enabled": true, "drain_handoff": true, "min_remaining_tokens": 4},
+    });
+    admin
+        .clone()
+        .set_policy(v1::SetPolicyRequest {
+            document: policy.to_string(),
+        })
+        .await?;
+    wait_until(PATIENCE, "the router to apply the hand-off policy", || {
+        let applied = applied();
+        async move { applied > before }
+    })
+    .await?;
     Ok(())
 }
 

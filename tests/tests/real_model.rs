@@ -1,13 +1,15 @@
 //! End to end on the real model: a cluster whose GPU worker runs the native candle engine on
 //! SmolLM2-135M-Instruct (`scripts/fetch-model.sh` puts it in `models/`; CI runs that script
-//! first), asked through the router's OpenAI front door and its gRPC `Generate`.
+//! first), asked through the router's OpenAI front door and its gRPC `Generate`; and two such
+//! workers, one handing a greedy generation off to the other mid-stream as it drains.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use switchyard_proto::v1::{self, server_frame};
-use switchyard_tests::{Cluster, ClusterSpec};
+use switchyard_client::{Completion, SessionClient};
+use switchyard_proto::v1::{self, admin_client::AdminClient, server_frame};
+use switchyard_tests::{Cluster, ClusterSpec, wait_until};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
@@ -15,7 +17,7 @@ fn model_path() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
 }
 
-async fn real_model_cluster() -> anyhow::Result<Cluster> {
+async fn real_model_cluster(gpu_workers: usize) -> anyhow::Result<Cluster> {
     let path = model_path();
     anyhow::ensure!(
         path.is_file(),
@@ -23,7 +25,7 @@ async fn real_model_cluster() -> anyhow::Result<Cluster> {
         path.display()
     );
     Cluster::start(ClusterSpec {
-        gpu_workers: 1,
+        gpu_workers,
         wse_workers: 0,
         gpu_flags: vec![
             "--engine".into(),
@@ -41,7 +43,7 @@ async fn real_model_cluster() -> anyhow::Result<Cluster> {
 #[tokio::test]
 async fn chat_through_the_router_gets_a_sensible_answer_from_the_real_model() -> anyhow::Result<()>
 {
-    let cluster = real_model_cluster().await?;
+    let cluster = real_model_cluster(1).await?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(300))
         .build()?;
@@ -122,5 +124,104 @@ async fn chat_through_the_router_gets_a_sensible_answer_from_the_real_model() ->
     }
     assert!(finished.is_some(), "stream ended without Finished");
     assert_eq!(text, answer, "gRPC and HTTP answers differ");
+    Ok(())
+}
+
+/// A greedy generation moved to another worker mid-stream (its worker drains with hand-off on)
+/// goes on exactly as it would have where it started: the new worker prefills the prompt and
+/// the tokens the client already has, then continues greedily.
+#[tokio::test]
+async fn a_greedy_generation_moved_mid_stream_says_what_it_would_have_said_unmoved()
+-> anyhow::Result<()> {
+    let cluster = real_model_cluster(2).await?;
+    let patience = Duration::from_secs(300);
+    let admin = AdminClient::new(
+        switchyard_client::connect_channel(&cluster.control_plane.addr("grpc").to_string()).await?,
+    );
+    let applied = || {
+        std::fs::read_to_string(&cluster.router.log)
+            .unwrap_or_default()
+            .matches("routing policy applied")
+            .count()
+    };
+    let before = applied();
+    let policy = json!({
+        "migration": {"enabled": true, "drain_handoff": true, "min_remaining_tokens": 4},
+    });
+    admin
+        .clone()
+        .set_policy(v1::SetPolicyRequest {
+            document: policy.to_string(),
+        })
+        .await?;
+    wait_until(patience, "the router to apply the hand-off policy", || {
+        let applied = applied();
+        async move { applied > before }
+    })
+    .await?;
+
+    const MAX_TOKENS: u32 = 96;
+    let request = |id: &str| v1::GenerateRequest {
+        request_id: id.into(),
+        model: MODEL.into(),
+        messages: vec![v1::ChatMessage {
+            role: "user".into(),
+            content: "Write a long story about a lighthouse keeper and a storm.".into(),
+        }],
+        sampling: Some(v1::SamplingParams {
+            max_tokens: MAX_TOKENS,
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        class: v1::RequestClass::CostSensitive as i32,
+        ..Default::default()
+    };
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let unmoved = session.start(request("unmoved"))?.collect().await;
+    assert!(unmoved.finished.is_some(), "{:?}", unmoved.failed);
+    assert!(unmoved.moved.is_empty(), "{:?}", unmoved.moved);
+    // Long enough to move in the middle of.
+    assert!(unmoved.token_ids.len() >= 48, "{:?}", unmoved.text);
+
+    let mut stream = session.start(request("moved"))?;
+    let mut moved = Completion::default();
+    while moved.token_ids.len() < 8 {
+        moved.absorb(stream.next().await.expect("stream open"));
+    }
+    let busy = moved.accepted.clone().expect("accepted").worker_id;
+    admin
+        .clone()
+        .drain(v1::DrainRequest {
+            worker_id: busy.clone(),
+        })
+        .await?;
+    while moved.moved.is_empty() {
+        let frame = stream.next().await;
+        let frame = frame.unwrap_or_else(|| panic!("ended without moving: {moved:?}"));
+        moved.absorb(frame);
+        assert!(
+            moved.finished.is_none(),
+            "finished before moving: {moved:?}"
+        );
+    }
+    let at = moved.token_ids.len();
+    assert_eq!(moved.moved[0].reason, "drain");
+    assert_eq!(moved.moved[0].from_worker_id, busy);
+    assert_ne!(moved.moved[0].to_worker_id, busy);
+    while let Some(frame) = stream.next().await {
+        moved.absorb(frame);
+    }
+    assert!(moved.finished.is_some(), "{:?}", moved.failed);
+    assert!(at < moved.token_ids.len(), "moved after the last token");
+    assert_eq!(
+        moved.token_ids, unmoved.token_ids,
+        "moved at token {at}: {:?} vs {:?}",
+        moved.text, unmoved.text
+    );
+    assert_eq!(moved.text, unmoved.text);
+    assert_eq!(
+        moved.finished.map(|f| f.reason),
+        unmoved.finished.map(|f| f.reason)
+    );
     Ok(())
 }

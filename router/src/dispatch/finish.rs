@@ -201,6 +201,7 @@ impl Run<'_> {
                 best_alternative_worker_id,
                 regret_ms: judged.map(|j| j.regret_ms),
                 cost_regret_usd: judged.map(|j| j.cost_regret_usd),
+                moves: self.moved.clone(),
             },
             cancelled: outcome == "cancelled",
             shed,

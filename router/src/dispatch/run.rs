@@ -74,6 +74,8 @@ pub(super) struct Run<'d> {
     pace: Option<Arc<Pace>>,
     /// Times it moved on the router's order.
     pub(super) moves: u32,
+    /// Those moves, for the outcome report.
+    pub(super) moved: Vec<v1::MoveRecord>,
     /// The token series of the current worker's pool (set by [`Run::on_worker`]).
     pub(super) stream_metrics: Option<StreamMetrics>,
     /// See [`Held`]: given back before the last frame.
@@ -271,6 +273,7 @@ impl<'d> Run<'d> {
             hedge: chosen.hedge,
             placement_label: label,
             pace: None,
+            moved: Vec::new(),
         };
         // A hedged request is listed where its race's winner runs.
         if run.hedge.is_none() {
@@ -455,6 +458,15 @@ impl<'d> Run<'d> {
         self.slot = Some(chosen.slot);
         self.predicted_cached_tokens = chosen.cached_tokens;
         let (old, new) = (from.record(), chosen.link.record());
+        self.moved.push(v1::MoveRecord {
+            from_worker_id: old.id.clone(),
+            from_pool: old.pool.to_string(),
+            to_worker_id: new.id.clone(),
+            to_pool: new.pool.to_string(),
+            reason: reason.as_str().into(),
+            at_token: self.delivered,
+            at_unix_ms: crate::report::now_unix_ms(),
+        });
         self.dispatcher
             .metrics
             .moved(reason.as_str(), old.pool, new.pool);

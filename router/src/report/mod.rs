@@ -2,8 +2,8 @@
 //! came from, the candidates the policy scored with their predictions, the choice and its
 //! reason), how the request ended, and once a second the aggregates of every request that
 //! ended (per lane: count, SLO met, shed, failovers, TTFT and inter-token latency histograms,
-//! tokens, cost; tokens per pool; router queue depth). The control plane turns them into the
-//! dashboard's history and decision feed.
+//! tokens, cost; tokens per pool; router queue depth; moves per reason). The control plane
+//! turns them into the dashboard's history and decision feed.
 //!
 //! The request path never waits on this: per-request records are sampled (at most
 //! `decision_reports_per_s` a second) and go through a bounded queue that drops (and counts
@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::policy::document::LaneName;
+use crate::policy::moves::MoveReason;
 use histogram::Histogram;
 use ledger::{Judged, Sums};
 
@@ -149,6 +150,8 @@ struct Window {
     ledger: LedgerWindow,
     decisions: u32,
     decisions_reported: u32,
+    /// Moves of the requests that ended, per [`MoveReason::index`].
+    moves: [u32; 3],
 }
 
 /// Per-second budget of sampled decisions.
@@ -362,6 +365,11 @@ impl Reporter {
             if let Some(entry) = &ended.ledger {
                 window.ledger.add(ended.lane, entry);
             }
+            for moved in &o.moves {
+                if let Some(reason) = MoveReason::ALL.iter().find(|r| r.as_str() == moved.reason) {
+                    window.moves[reason.index()] += 1;
+                }
+            }
         }
         if ended.sampled {
             shared.send(Report::Outcome(ended.outcome));
@@ -431,6 +439,11 @@ impl Shared {
             decisions_reported: window.decisions_reported,
             dropped: self.dropped.swap(0, Ordering::Relaxed),
             ledger: window.ledger.to_proto(),
+            moves: MoveReason::ALL
+                .iter()
+                .filter(|r| window.moves[r.index()] > 0)
+                .map(|r| (r.as_str().to_string(), window.moves[r.index()]))
+                .collect(),
         }
     }
 }
@@ -681,9 +694,16 @@ mod tests {
             placed_ttft_ms: ttft_ms,
             ..Default::default()
         };
+        let drained = v1::MoveRecord {
+            reason: "drain".into(),
+            ..Default::default()
+        };
         reporter.ended(Ended {
             lane: LaneName::LatencyCritical,
-            outcome: outcome(100.0, true),
+            outcome: v1::RequestOutcome {
+                moves: vec![drained],
+                ..outcome(100.0, true)
+            },
             cancelled: false,
             shed: false,
             sampled: true,
@@ -710,6 +730,7 @@ mod tests {
             (lc.requests, lc.slo_met, lc.failovers, lc.completion_tokens),
             (2, 1, 2, 20)
         );
+        assert_eq!(stats.moves, [("drain".to_string(), 1)].into());
         assert_eq!(Histogram::from_proto(lc.ttft.as_ref().unwrap()).count(), 2);
         // Both failed over: their prediction is not judged.
         assert_eq!(
