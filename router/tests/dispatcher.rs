@@ -1165,6 +1165,8 @@ async fn a_latency_critical_request_takes_back_a_borrowed_wafer_slot_and_the_bor
     policy.migration.enabled = true;
     policy.migration.preempt_borrowed_wse = true;
     policy.migration.max_moves_per_generation = 1;
+    // Only the move under test: a generation slowed down by a busy test machine stays put.
+    policy.migration.rebalance = false;
     // Latency-critical work waits for the wafer rather than spilling: only a preemption serves
     // it now.
     policy.latency_critical.spill = false;
@@ -1249,6 +1251,7 @@ async fn a_draining_worker_hands_its_generations_off_and_the_text_goes_on_unbrok
     policy.migration.enabled = true;
     policy.migration.drain_handoff = true;
     policy.migration.min_remaining_tokens = 4;
+    policy.migration.rebalance = false;
     let cluster = Cluster::start(2, 4, RouterConfig::default(), Some(policy)).await;
     cluster
         .script

@@ -737,7 +737,7 @@ async fn set_handoff_policy(cluster: &Cluster, admin: &AdminClient<Channel>) -> 
     };
     let before = applied();
     let policy = serde_json::json!({
-        "migration": {"enabled": true, "drain_handoff": true, "min_remaining_tokens": 4},
+        "migration": {"enabled": true, "drain_handoff": true, "rebalance": false, "min_remaining_tokens": 4},
     });
     admin
         .clone()

@@ -146,7 +146,7 @@ async fn a_greedy_generation_moved_mid_stream_says_what_it_would_have_said_unmov
     };
     let before = applied();
     let policy = json!({
-        "migration": {"enabled": true, "drain_handoff": true, "min_remaining_tokens": 4},
+        "migration": {"enabled": true, "drain_handoff": true, "rebalance": false, "min_remaining_tokens": 4},
     });
     admin
         .clone()
