@@ -73,6 +73,10 @@ pub struct HttpOverheadArgs {
     /// not apply, and a reply may stop before `--max-tokens` (a model's end of text).
     #[arg(long)]
     pub backend_url: Option<String>,
+    /// A new connection for every request (what a client of a server that closes each
+    /// streamed connection, like `llama-server`, ends up doing).
+    #[arg(long)]
+    pub no_keep_alive: bool,
     /// The `smg` executable (bench/anchors/setup.sh installs it into target/anchors/venv).
     #[arg(long, default_value = "target/anchors/venv/bin/smg")]
     pub smg: PathBuf,
@@ -354,11 +358,14 @@ fn messages(index: usize) -> Vec<Message> {
 }
 
 /// A fresh client: every run opens its own connections.
-fn client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
+fn client(args: &HttpOverheadArgs) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10))
-        .build()?)
+        .connect_timeout(Duration::from_secs(10));
+    if args.no_keep_alive {
+        builder = builder.pool_max_idle_per_host(0);
+    }
+    Ok(builder.build()?)
 }
 
 /// Sends requests until one is answered in full (for at most `timeout`): the path is up and
@@ -368,7 +375,7 @@ async fn wait_serving(
     args: &HttpOverheadArgs,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let client = client()?;
+    let client = client(args)?;
     let target = target(base, args);
     let started = Instant::now();
     loop {
@@ -390,7 +397,7 @@ async fn run_once(
     concurrency: usize,
     round: usize,
 ) -> anyhow::Result<RunFigures> {
-    let client = client()?;
+    let client = client(args)?;
     let target = Arc::new(target(base, args));
     let next = Arc::new(AtomicUsize::new(0));
     let requests = args.requests;
