@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use switchyard_tests::{Component, Etcd, list_router_workers, start_router, wait_until};
+use switchyard_tests::{Component, Etcd, list_router_workers, wait_until};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::process::{Child, Command};
 
@@ -68,6 +68,15 @@ pub struct HttpOverheadArgs {
     /// The backend's listen backlog (the kernel caps it at `net.core.somaxconn`).
     #[arg(long, default_value_t = switchyard_cluster::listen::LISTEN_BACKLOG)]
     pub backend_backlog: u32,
+    /// An OpenAI-compatible backend already running at this `host:port` (e.g. llama.cpp's
+    /// `llama-server`) instead of the load-test backend; the `--backend-*` options above then do
+    /// not apply, and a reply may stop before `--max-tokens` (a model's end of text).
+    #[arg(long)]
+    pub backend_url: Option<String>,
+    /// A new connection for every request (what a client of a server that closes each
+    /// streamed connection, like `llama-server`, ends up doing).
+    #[arg(long)]
+    pub no_keep_alive: bool,
     /// The `smg` executable (bench/anchors/setup.sh installs it into target/anchors/venv).
     #[arg(long, default_value = "target/anchors/venv/bin/smg")]
     pub smg: PathBuf,
@@ -77,6 +86,10 @@ pub struct HttpOverheadArgs {
     /// Extra `smg launch` flags, one string (split on whitespace).
     #[arg(long, default_value = "")]
     pub smg_flags: String,
+    /// Log level of SMG (`--log-level`) and of Switchyard's router and worker (`RUST_LOG`):
+    /// the same for both, as a per-request log line costs each of them on the request path.
+    #[arg(long, default_value = "warn")]
+    pub log_level: String,
     /// Longest wait for one reply.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     pub request_timeout: Duration,
@@ -246,7 +259,7 @@ async fn start_smg(
         .args(["--policy", &args.smg_policy])
         .args(["--prometheus-host", "127.0.0.1"])
         .args(["--prometheus-port", &prometheus.to_string()])
-        .args(["--log-level", "warn"])
+        .args(["--log-level", &args.log_level])
         .args(args.smg_flags.split_whitespace())
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
@@ -259,10 +272,14 @@ async fn start_smg(
 }
 
 /// Starts Switchyard in front of `backend`: etcd, a worker-wse gateway and a router.
-async fn start_switchyard(backend: &str) -> anyhow::Result<(Etcd, Component, Component, String)> {
+async fn start_switchyard(
+    backend: &str,
+    log_level: &str,
+) -> anyhow::Result<(Etcd, Component, Component, String)> {
     let etcd = Etcd::start().await?;
+    let env = [("RUST_LOG".to_string(), log_level.to_string())];
     let gateway_url = format!("http://{backend}/v1");
-    let worker = Component::start(
+    let worker = Component::start_with_env(
         "wse-gateway",
         &[
             "worker-wse",
@@ -283,10 +300,26 @@ async fn start_switchyard(backend: &str) -> anyhow::Result<(Etcd, Component, Com
             "1024",
         ]
         .map(String::from),
+        &env,
         1,
     )
     .await?;
-    let router = start_router(&etcd.url, "router", &[]).await?;
+    let router = Component::start_with_env(
+        "router",
+        &[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
+        &env,
+        2,
+    )
+    .await?;
     let grpc = router.addr("grpc").to_string();
     wait_until(
         Duration::from_secs(30),
@@ -325,11 +358,14 @@ fn messages(index: usize) -> Vec<Message> {
 }
 
 /// A fresh client: every run opens its own connections.
-fn client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
+fn client(args: &HttpOverheadArgs) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder()
         .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(10))
-        .build()?)
+        .connect_timeout(Duration::from_secs(10));
+    if args.no_keep_alive {
+        builder = builder.pool_max_idle_per_host(0);
+    }
+    Ok(builder.build()?)
 }
 
 /// Sends requests until one is answered in full (for at most `timeout`): the path is up and
@@ -339,7 +375,7 @@ async fn wait_serving(
     args: &HttpOverheadArgs,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let client = client()?;
+    let client = client(args)?;
     let target = target(base, args);
     let started = Instant::now();
     loop {
@@ -361,11 +397,12 @@ async fn run_once(
     concurrency: usize,
     round: usize,
 ) -> anyhow::Result<RunFigures> {
-    let client = client()?;
+    let client = client(args)?;
     let target = Arc::new(target(base, args));
     let next = Arc::new(AtomicUsize::new(0));
     let requests = args.requests;
     let expected = u64::from(args.max_tokens);
+    let exact = args.backend_url.is_none();
     let tcp_before = TcpCounters::read();
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -382,7 +419,9 @@ async fn run_once(
                 let reply = chat(&client, &target, &messages(index), None)
                     .await
                     .with_context(|| format!("request {index}"))?;
-                if reply.completion_tokens != expected {
+                if reply.completion_tokens > expected
+                    || (exact && reply.completion_tokens != expected)
+                {
                     bail!(
                         "request {index}: {} tokens, expected {expected}",
                         reply.completion_tokens
@@ -512,7 +551,13 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
             paths.push(path);
         }
     }
-    let (_backend, backend) = start_backend(&args).await?;
+    let (_backend, backend) = match &args.backend_url {
+        Some(url) => (None, url.clone()),
+        None => {
+            let (process, addr) = start_backend(&args).await?;
+            (Some(process), addr)
+        }
+    };
     let mut bases = BTreeMap::new();
     bases.insert(PathKind::Direct, format!("http://{backend}/v1"));
     let mut _smg = None;
@@ -527,22 +572,28 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
         bases.insert(PathKind::Smg, base);
     }
     if paths.contains(&PathKind::Switchyard) {
-        let (etcd, worker, router, base) = start_switchyard(&backend).await?;
+        let (etcd, worker, router, base) = start_switchyard(&backend, &args.log_level).await?;
         wait_serving(&base, &args, Duration::from_secs(30)).await?;
         _switchyard = Some((router, worker, etcd));
         bases.insert(PathKind::Switchyard, base);
     }
     wait_serving(&bases[&PathKind::Direct], &args, Duration::from_secs(10)).await?;
-    eprintln!(
-        "backend: {} ttft, {} tokens/s, {} tokens per reply, backlog {}; {} requests per run, \
-         {} rounds",
-        humantime::format_duration(args.backend_ttft),
-        args.backend_tokens_per_s,
-        args.max_tokens,
-        args.backend_backlog,
-        args.requests,
-        args.rounds
-    );
+    match &args.backend_url {
+        Some(url) => eprintln!(
+            "backend: {url}, up to {} tokens per reply; {} requests per run, {} rounds",
+            args.max_tokens, args.requests, args.rounds
+        ),
+        None => eprintln!(
+            "backend: {} ttft, {} tokens/s, {} tokens per reply, backlog {}; {} requests per \
+             run, {} rounds",
+            humantime::format_duration(args.backend_ttft),
+            args.backend_tokens_per_s,
+            args.max_tokens,
+            args.backend_backlog,
+            args.requests,
+            args.rounds
+        ),
+    }
     let mut runs = Vec::new();
     for round in 1..=args.rounds {
         for &concurrency in &args.concurrency {

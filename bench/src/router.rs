@@ -103,6 +103,8 @@ struct PathResult {
     requests: usize,
     tokens: u64,
     busy: Duration,
+    /// CPU time the whole process (client, router and worker) used for these requests.
+    cpu: Duration,
 }
 
 impl PathResult {
@@ -113,17 +115,25 @@ impl PathResult {
             requests: 0,
             tokens: 0,
             busy: Duration::ZERO,
+            cpu: Duration::ZERO,
         })
     }
 
-    fn add(&mut self, samples: &[Sample], tokens: u64, elapsed: Duration) -> anyhow::Result<()> {
+    fn add(&mut self, outcome: &RunOutcome) -> anyhow::Result<()> {
+        let RunOutcome {
+            samples,
+            tokens,
+            elapsed,
+            cpu,
+        } = outcome;
         for s in samples {
             self.ttft.record(s.ttft.as_micros() as u64)?;
             self.total.record(s.total.as_micros() as u64)?;
         }
         self.requests += samples.len();
         self.tokens += tokens;
-        self.busy += elapsed;
+        self.busy += *elapsed;
+        self.cpu += *cpu;
         Ok(())
     }
 
@@ -139,6 +149,7 @@ impl PathResult {
             ttft_p99_ms: ms(&self.ttft, 0.99),
             total_p50_ms: ms(&self.total, 0.5),
             total_p99_ms: ms(&self.total, 0.99),
+            cpu_us_per_request: self.cpu.as_secs_f64() * 1e6 / self.requests.max(1) as f64,
         }
     }
 }
@@ -154,6 +165,9 @@ struct PathFigures {
     ttft_p99_ms: f64,
     total_p50_ms: f64,
     total_p99_ms: f64,
+    /// Process CPU time (user + system, every thread) per request: unlike throughput, hardly
+    /// moved by other work on the machine.
+    cpu_us_per_request: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -390,6 +404,7 @@ struct RunOutcome {
     samples: Vec<Sample>,
     tokens: u64,
     elapsed: Duration,
+    cpu: Duration,
 }
 
 fn closed() -> anyhow::Error {
@@ -459,6 +474,7 @@ async fn multiplexed<Out, In>(
         samples,
         tokens,
         elapsed: started.elapsed(),
+        cpu: Duration::ZERO,
     })
 }
 
@@ -599,6 +615,7 @@ async fn run_generate(
         samples,
         tokens,
         elapsed: started.elapsed(),
+        cpu: Duration::ZERO,
     })
 }
 
@@ -655,11 +672,10 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
                         outcome.tokens
                     );
                 }
-                results.get_mut(&path).expect("a result per path").add(
-                    &outcome.samples,
-                    outcome.tokens,
-                    outcome.elapsed,
-                )?;
+                results
+                    .get_mut(&path)
+                    .expect("a result per path")
+                    .add(&outcome)?;
             }
         }
         let paths: HashMap<Path, PathFigures> =
@@ -756,7 +772,8 @@ async fn run_path(
     args: &RouterBenchArgs,
 ) -> anyhow::Result<RunOutcome> {
     let max_tokens = args.max_tokens;
-    match path {
+    let cpu_before = process_cpu()?;
+    let mut outcome = match path {
         Path::Direct => run_direct(cluster.worker.clone(), requests, concurrency, max_tokens).await,
         Path::Session => {
             run_session(cluster.router.clone(), requests, concurrency, max_tokens).await
@@ -765,7 +782,18 @@ async fn run_path(
             run_generate(cluster.router.clone(), requests, concurrency, max_tokens).await
         }
     }
-    .with_context(|| format!("{} path at concurrency {concurrency}", path.name()))
+    .with_context(|| format!("{} path at concurrency {concurrency}", path.name()))?;
+    outcome.cpu = process_cpu()?.saturating_sub(cpu_before);
+    Ok(outcome)
+}
+
+/// CPU time this process has used so far, user and system, all threads.
+fn process_cpu() -> anyhow::Result<Duration> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let usage = getrusage(UsageWho::RUSAGE_SELF)?;
+    let time =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    Ok(time(usage.user_time()) + time(usage.system_time()))
 }
 
 fn print_table(report: &Report) {
@@ -774,8 +802,17 @@ fn print_table(report: &Report) {
         report.requests, report.max_tokens, report.rounds
     );
     println!(
-        "{:>5} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8}",
-        "conc", "path", "req/s", "tok/s", "ttft p50", "ttft p99", "end p50", "end p99", "vs dir"
+        "{:>5} {:>9} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "conc",
+        "path",
+        "req/s",
+        "tok/s",
+        "ttft p50",
+        "ttft p99",
+        "end p50",
+        "end p99",
+        "vs dir",
+        "cpu/req"
     );
     for level in &report.levels {
         for path in PATHS {
@@ -785,7 +822,7 @@ fn print_table(report: &Report) {
                 .get(&path)
                 .map_or("-".to_string(), |r| format!("{r:.2}×"));
             println!(
-                "{:>5} {:>9} {:>9.0} {:>10.0} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>8}",
+                "{:>5} {:>9} {:>9.0} {:>10.0} {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>7.2}ms {:>8} {:>6.0}µs",
                 level.concurrency,
                 path.name(),
                 f.requests_per_s,
@@ -794,7 +831,8 @@ fn print_table(report: &Report) {
                 f.ttft_p99_ms,
                 f.total_p50_ms,
                 f.total_p99_ms,
-                ratio
+                ratio,
+                f.cpu_us_per_request
             );
         }
     }

@@ -48,3 +48,66 @@ fn direct_and_switchyard_paths_stream_every_reply_and_print_the_table() {
         "{stderr}"
     );
 }
+
+/// `--backend-url` measures a server already running (here the load-test backend, started on
+/// its own) and `--no-keep-alive` opens a connection per request: the kernel counts one
+/// connection opened per request at least.
+#[test]
+fn a_running_backend_is_measured_with_a_connection_per_request() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::Stdio;
+
+    let mut backend = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
+        .args(["openai-backend", "--model", "loadtest", "--ttft", "1ms"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the backend");
+    let mut line = String::new();
+    BufReader::new(backend.stdout.take().expect("piped"))
+        .read_line(&mut line)
+        .expect("the backend's address");
+    let address = line
+        .trim()
+        .strip_prefix("backend http ")
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .to_string();
+    let json = std::env::temp_dir().join(format!("http-overhead-{}.json", std::process::id()));
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard-bench"))
+        .args([
+            "http-overhead",
+            "--backend-url",
+            &address,
+            "--no-keep-alive",
+        ])
+        .args([
+            "--paths",
+            "direct",
+            "--concurrency",
+            "2",
+            "--requests",
+            "10",
+        ])
+        .args(["--rounds", "1", "--max-tokens", "3", "--json"])
+        .arg(&json)
+        .output()
+        .expect("running switchyard-bench");
+    let _ = backend.kill();
+    let _ = backend.wait();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    assert!(stderr.contains(&format!("backend: {address}")), "{stderr}");
+    let runs: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("the JSON file")).unwrap();
+    let _ = std::fs::remove_file(&json);
+    let opened = runs[0]["tcp"]["active_opens"]
+        .as_u64()
+        .expect("active_opens");
+    assert!(
+        opened >= 10,
+        "{opened} connections opened for 10 requests: {runs}"
+    );
+}

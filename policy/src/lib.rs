@@ -290,15 +290,20 @@ fn owner_in(
     for (g, slot) in order.iter_mut().enumerate() {
         *slot = (mix(key ^ mix(g as u64 + 1)), g as u8);
     }
-    // Usually the top group has an owner: find it without sorting.
-    let top = order.iter().max().expect("groups are never empty").1 as usize;
-    if let Some(w) = best_in_group(top) {
-        return Some(w);
+    // The groups in rank order until one has an owner, ranked one at a time and only among
+    // groups with members: usually the first has one, and with fewer workers than groups most
+    // are empty (sorting all of them for every placement was most of a placement's cost).
+    let mut passed = [false; AFFINITY_GROUPS];
+    loop {
+        let &(_, g) = order
+            .iter()
+            .filter(|&&(_, g)| !passed[g as usize] && !index.groups[g as usize].is_empty())
+            .max()?;
+        if let Some(w) = best_in_group(g as usize) {
+            return Some(w);
+        }
+        passed[g as usize] = true;
     }
-    order.sort_unstable_by(|a, b| b.cmp(a));
-    order[1..]
-        .iter()
-        .find_map(|&(_, g)| best_in_group(g as usize))
 }
 
 /// The best worker with a free slot in `pool`: the lowest [`score`] (SLO-meeting first) among

@@ -620,6 +620,33 @@ proptest! {
     }
 
     #[test]
+    fn the_owner_is_the_first_group_in_rank_order_with_an_eligible_worker(
+        n in 1usize..300,
+        key in any::<u64>(),
+        unavailable in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+        excluded in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
+    ) {
+        let workers: Vec<_> = (0..n).map(|i| worker(&format!("w{i}"), Pool::Gpu, 0, 4)).collect();
+        let mut view = ClusterView::new(workers);
+        for i in &unavailable {
+            view.update(i.index(n), |w| w.available = false);
+        }
+        let exclude: Vec<usize> = excluded.iter().map(|i| i.index(n)).collect();
+        // Every group ranked for the key, best first; the owner is the key's favourite worker
+        // of the first group that has an eligible one.
+        let mut order: Vec<(u64, usize)> =
+            (0..AFFINITY_GROUPS).map(|g| (mix(key ^ mix(g as u64 + 1)), g)).collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        let expected = order.iter().find_map(|&(_, g)| {
+            (0..n)
+                .filter(|&w| view.id_hash(w as u32) % AFFINITY_GROUPS as u64 == g as u64)
+                .filter(|&w| view.worker(w).available && !exclude.contains(&w))
+                .max_by_key(|&w| (mix(key ^ view.id_hash(w as u32)), std::cmp::Reverse(w)))
+        });
+        prop_assert_eq!(affinity_owner(&view, "m", Pool::Gpu, key, &exclude), expected);
+    }
+
+    #[test]
     fn shedding_order_holds(lc in 0u32..20, cs in 0u32..20, max_queued in 1u32..30, lane_max in 1u32..20) {
         let mut policy = PolicyDocument { max_queued, ..PolicyDocument::default() };
         policy.latency_critical.max_queue = lane_max;
