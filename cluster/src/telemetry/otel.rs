@@ -3,6 +3,7 @@
 //! `OTEL_BSP_SCHEDULE_DELAY`, …); `service.name` is the component's name unless
 //! `OTEL_SERVICE_NAME` says otherwise.
 
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
@@ -27,6 +28,8 @@ pub enum TelemetryError {
 #[must_use = "dropping the handle without shutdown loses the last batch of spans"]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// Writes log lines on a thread of its own; flushes what is buffered when dropped.
+    _logs: WorkerGuard,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -74,7 +77,12 @@ pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
         Some(endpoint) => Some(tracer_provider(service_name, endpoint)?),
         None => None,
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Log lines go to stderr from a thread of their own, so a request's log line never blocks
+    // the task serving it on a write; none is dropped (a full buffer waits instead).
+    let (writer, logs) = NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stderr());
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
     // The exporter's own transport must not be traced: its spans would feed the exporter.
     let otel = provider.as_ref().map(|provider| {
         let quiet = Targets::new()
@@ -106,7 +114,10 @@ pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
     if let Some(endpoint) = endpoint {
         tracing::info!(%endpoint, service = service_name, "exporting spans by otlp/grpc");
     }
-    Ok(Telemetry { provider })
+    Ok(Telemetry {
+        provider,
+        _logs: logs,
+    })
 }
 
 fn tracer_provider(
