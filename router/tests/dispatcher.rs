@@ -1424,3 +1424,55 @@ async fn a_generation_that_falls_behind_its_predicted_rate_moves_to_a_faster_wor
     assert!((5..60).contains(&k), "{k}");
     assert_eq!(resumed.resume_tokens, fault_ids("crawl", 0, k));
 }
+
+/// A client that cancels a hedged request before either copy answered stops both copies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_a_hedge_race_stops_both_copies() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), Some(hedging(1.0))).await;
+    cluster
+        .script
+        .set("wait", [Plan::fault(Fault::HoldAfter(0))]);
+    let mut session = cluster.session().await;
+    session.start(request("r", "wait", 10, RequestClass::LatencyCritical));
+    // Both copies reached their engines, neither has a token.
+    for i in 0..2 {
+        start_on(cluster.engine(i), "wait").await;
+    }
+    session.cancel("r");
+
+    let end = session.end("r").await;
+    assert_eq!(end.reason(), FinishReason::Cancelled, "{end:?}");
+    assert!(end.ids.is_empty(), "{end:?}");
+    for i in 0..2 {
+        let start = start_on(cluster.engine(i), "wait").await;
+        within(
+            "the copy is cancelled",
+            cluster
+                .engine(i)
+                .wait_until(|e| cancelled(e, &start.request_id)),
+        )
+        .await;
+    }
+}
+
+/// A copy that fails before its first token leaves the other to answer alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hedged_copy_that_fails_first_leaves_the_other_to_answer() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), Some(hedging(1.0))).await;
+    cluster.script.set(
+        "flaky",
+        [Plan::fault(Fault::Refuse(Code::Internal)), Plan::default()],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("r", "flaky", 8, RequestClass::LatencyCritical));
+
+    let end = session.end("r").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("flaky", 0, 8));
+    let copies = cluster
+        .starts()
+        .into_iter()
+        .filter(|(_, s)| s.instructions() == "flaky")
+        .count();
+    assert_eq!(copies, 2, "both copies started");
+}

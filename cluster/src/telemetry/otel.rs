@@ -3,11 +3,11 @@
 //! `OTEL_BSP_SCHEDULE_DELAY`, …); `service.name` is the component's name unless
 //! `OTEL_SERVICE_NAME` says otherwise.
 
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
