@@ -12,7 +12,9 @@
 # Env: ROUNDS (2), THREADS (2: the machine's cores, shared by both Switchyard workers, split
 # between the two llama-servers), SLOTS (llama-server parallel slots each, 4),
 # MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf), OUT (target/multiturn/<UTC time>),
-# SYSTEMS ("on off anchor").
+# SYSTEMS ("on off anchor"), LLAMA_SERVER_ARGS (extra llama-server flags, e.g. "--no-repack"
+# on a host where llama.cpp's weight repacking crashes at start-up, as its AMX kernel did on one
+# of our VMs; note it in the results, repacking is faster where it works).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -114,7 +116,7 @@ run_anchor() {  # run_anchor ROUND [multiturn flags]
   for port in "$a" "$b"; do
     start "$OUT/llama-server-$port-$round.log" "$LLAMA_SERVER" -m "$MODEL" \
       --host 127.0.0.1 --port "$port" -t "$per" -tb "$per" -np "$SLOTS" -c $((SLOTS * 4096)) \
-      --alias "$MODEL_NAME" --metrics --no-webui
+      --alias "$MODEL_NAME" --metrics --no-webui ${LLAMA_SERVER_ARGS:-}
   done
   wait_http "http://127.0.0.1:$a/health" 120 "$OUT/llama-server-$a-$round.log"
   wait_http "http://127.0.0.1:$b/health" 120 "$OUT/llama-server-$b-$round.log"
