@@ -108,7 +108,6 @@ pub struct Chosen {
 pub struct Hedge {
     pub link: Arc<Link>,
     pub slot: SlotHold,
-    pub predicted_ttft_ms: f64,
     /// The charge to the hedge budget; settled when it drops.
     pub charge: HedgeCharge,
 }
@@ -119,7 +118,7 @@ pub struct Hedge {
 pub struct HedgeCharge {
     lane: LaneName,
     tenant: Option<String>,
-    pub charged: u64,
+    charged: u64,
     wasted: u64,
     commands: mpsc::UnboundedSender<Command>,
 }
@@ -268,7 +267,7 @@ impl Pace {
             return Some(Progress {
                 elapsed_ms,
                 first_token: false,
-                first_token_in_ms: if late_ms < 0.0 { -late_ms } else { late_ms },
+                first_token_in_ms: late_ms.abs(),
                 measured_tokens_per_s: 0.0,
                 predicted_tokens_per_s,
             });
@@ -763,7 +762,6 @@ impl PlacementTask {
         Some(Hedge {
             link,
             slot,
-            predicted_ttft_ms: second.predicted_ttft_ms,
             charge: HedgeCharge {
                 lane: ask.class.lane,
                 tenant: ask.tenant.clone(),

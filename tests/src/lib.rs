@@ -488,6 +488,36 @@ impl Cluster {
         format!("http://{}/v1", self.router.addr("http"))
     }
 
+    /// Stores the routing policy `document` through the control plane (its admin API, as an
+    /// operator would) and waits until the router logs that it applied a new policy.
+    pub async fn set_policy(
+        &self,
+        document: &serde_json::Value,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let applied = || {
+            std::fs::read_to_string(&self.router.log)
+                .unwrap_or_default()
+                .matches("routing policy applied")
+                .count()
+        };
+        let before = applied();
+        let channel =
+            switchyard_client::connect_channel(&self.control_plane.addr("grpc").to_string())
+                .await?;
+        switchyard_proto::v1::admin_client::AdminClient::new(channel)
+            .set_policy(switchyard_proto::v1::SetPolicyRequest {
+                document: document.to_string(),
+            })
+            .await?;
+        wait_until(timeout, "the router to apply the policy", || {
+            let applied = applied();
+            async move { applied > before }
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Waits until the router routes to exactly `count` workers.
     pub async fn wait_for_router_workers(
         &self,

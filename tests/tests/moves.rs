@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use switchyard_client::{Completion, SessionClient};
-use switchyard_proto::v1::{self, RequestClass, admin_client::AdminClient, server_frame::Frame};
+use switchyard_proto::v1::{RequestClass, server_frame::Frame};
 use switchyard_tests::{Cluster, ClusterSpec, Component, start_gpu_worker, synthetic_request};
 use switchyard_worker::synthetic::synthetic_text;
 
@@ -21,22 +21,6 @@ const PATIENCE: Duration = Duration::from_secs(30);
 
 fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
-}
-
-/// Stores `document` through the control plane and waits until the router applies it.
-async fn set_policy(cluster: &Cluster, document: serde_json::Value) -> anyhow::Result<()> {
-    let control = cluster.control_plane.addr("grpc");
-    let mut admin = AdminClient::connect(format!("http://{control}")).await?;
-    admin
-        .set_policy(v1::SetPolicyRequest {
-            document: document.to_string(),
-        })
-        .await?;
-    cluster
-        .router
-        .wait_for_log("routing policy applied", PATIENCE)
-        .await?;
-    Ok(())
 }
 
 /// Reads `stream` until its `Accepted` frame and `n` tokens have come.
@@ -90,15 +74,16 @@ async fn a_latency_critical_request_takes_the_wafer_from_a_borrower_which_moves_
     .await?;
     // Latency-critical work waits for the wafer rather than spilling: only taking the slot
     // back serves it.
-    set_policy(
-        &cluster,
-        serde_json::json!({
+    cluster
+        .set_policy(
+            &serde_json::json!({
             "latency_critical": {"spill": false},
             "migration": {"enabled": true, "preempt_borrowed_wse": true, "rebalance": false,
                           "drain_handoff": false, "max_moves_per_generation": 1},
-        }),
-    )
-    .await?;
+            }),
+            PATIENCE,
+        )
+        .await?;
     let session = SessionClient::connect(&cluster.router_addr()).await?;
     let cost_sensitive = RequestClass::CostSensitive;
 
@@ -191,7 +176,7 @@ async fn a_hedged_request_is_answered_by_the_live_copy_when_a_worker_hangs() -> 
     let hung = gpu_worker(&cluster, "hung", "20ms").await?;
     let _live = gpu_worker(&cluster, "live", "20ms").await?;
     cluster.wait_for_router_workers(2, PATIENCE).await?;
-    set_policy(&cluster, hedging(1.0)).await?;
+    cluster.set_policy(&hedging(1.0), PATIENCE).await?;
     let session = SessionClient::connect(&cluster.router_addr()).await?;
     hung.pause()?;
 
@@ -239,7 +224,7 @@ async fn over_a_thousand_requests_hedges_stay_within_the_budget() -> anyhow::Res
         gpu_worker(&cluster, "gpu-b", "20ms").await?,
     ];
     cluster.wait_for_router_workers(2, PATIENCE).await?;
-    set_policy(&cluster, hedging(0.05)).await?;
+    cluster.set_policy(&hedging(0.05), PATIENCE).await?;
     let session = SessionClient::connect(&cluster.router_addr()).await?;
 
     // Prompts of one length: every hedge costs the same prefill.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use switchyard_client::{Completion, SessionClient};
 use switchyard_proto::v1::{self, admin_client::AdminClient, server_frame};
-use switchyard_tests::{Cluster, ClusterSpec, wait_until};
+use switchyard_tests::{Cluster, ClusterSpec};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
 
@@ -135,30 +135,13 @@ async fn a_greedy_generation_moved_mid_stream_says_what_it_would_have_said_unmov
 -> anyhow::Result<()> {
     let cluster = real_model_cluster(2).await?;
     let patience = Duration::from_secs(300);
-    let admin = AdminClient::new(
-        switchyard_client::connect_channel(&cluster.control_plane.addr("grpc").to_string()).await?,
-    );
-    let applied = || {
-        std::fs::read_to_string(&cluster.router.log)
-            .unwrap_or_default()
-            .matches("routing policy applied")
-            .count()
-    };
-    let before = applied();
-    let policy = json!({
-        "migration": {"enabled": true, "drain_handoff": true, "rebalance": false, "min_remaining_tokens": 4},
-    });
-    admin
-        .clone()
-        .set_policy(v1::SetPolicyRequest {
-            document: policy.to_string(),
-        })
+    cluster
+        .set_policy(
+            &json!({"migration": {"enabled": true, "drain_handoff": true, "rebalance": false,
+                                  "min_remaining_tokens": 4}}),
+            patience,
+        )
         .await?;
-    wait_until(patience, "the router to apply the hand-off policy", || {
-        let applied = applied();
-        async move { applied > before }
-    })
-    .await?;
 
     const MAX_TOKENS: u32 = 96;
     let request = |id: &str| v1::GenerateRequest {
@@ -189,12 +172,13 @@ async fn a_greedy_generation_moved_mid_stream_says_what_it_would_have_said_unmov
         moved.absorb(stream.next().await.expect("stream open"));
     }
     let busy = moved.accepted.clone().expect("accepted").worker_id;
-    admin
-        .clone()
-        .drain(v1::DrainRequest {
-            worker_id: busy.clone(),
-        })
-        .await?;
+    AdminClient::new(
+        switchyard_client::connect_channel(&cluster.control_plane.addr("grpc").to_string()).await?,
+    )
+    .drain(v1::DrainRequest {
+        worker_id: busy.clone(),
+    })
+    .await?;
     while moved.moved.is_empty() {
         let frame = stream.next().await;
         let frame = frame.unwrap_or_else(|| panic!("ended without moving: {moved:?}"));
