@@ -207,9 +207,19 @@ fn ttft_with_own_prefill(
     own: f64,
     policy: &PolicyDocument,
 ) -> f64 {
+    let prefill = queued_ahead(w, lane) as f64 + own;
+    let step_ms = 1000.0 / decode_rate(w, policy);
+    // A chunked engine prefills one chunk per step, and every step also decodes its running
+    // sequences: the prompt waits a step for each chunk ahead of its last, beyond the
+    // prefill compute itself (the measured step time, from the decode rate, covers both).
+    let interleaved_steps = match w.prefill_chunk_tokens {
+        0 => 0.0,
+        chunk => ((prefill / f64::from(chunk)).ceil() - 1.0).max(0.0),
+    };
     w.ttft_overhead_ms
-        + 1000.0 * (queued_ahead(w, lane) as f64 + own) / prefill_rate(w, policy)
-        + 1000.0 / decode_rate(w, policy)
+        + 1000.0 * prefill / prefill_rate(w, policy)
+        + interleaved_steps * step_ms
+        + step_ms
 }
 
 /// Busy share of `w`'s slots.

@@ -163,6 +163,35 @@ fn distinguishes_unknown_models_from_unavailable_ones() {
 }
 
 #[test]
+fn a_chunked_engine_makes_a_prompt_wait_a_decode_step_for_each_chunk_before_its_last() {
+    let policy = PolicyDocument::default();
+    let mut w = worker("g0", Pool::Gpu, 64, 128);
+    w.prefill_tokens_per_s = 20_000.0;
+    // 50 ms per step: what 20 tokens/s per stream means.
+    w.decode_tokens_per_s = 20.0;
+    w.queued_prompt_tokens = 1_024;
+    w.queued_latency_critical_prompt_tokens = Some(512);
+    let predict =
+        |w: &WorkerState, lane, prompt| predicted_ttft_ms(w, lane, prompt, false, &policy);
+    let lc = LaneName::LatencyCritical;
+    let whole = w.clone();
+    w.prefill_chunk_tokens = 512;
+    // 512 queued latency-critical + 1 536 own = 4 chunks: 3 steps between them.
+    let extra = predict(&w, lc, 1_536) - predict(&whole, lc, 1_536);
+    assert!((extra - 150.0).abs() < 1e-9, "{extra}");
+    // A cost-sensitive prompt waits behind every queued token: 1 024 + 1 536 = 5 chunks.
+    let extra = predict(&w, LaneName::CostSensitive, 1_536)
+        - predict(&whole, LaneName::CostSensitive, 1_536);
+    assert!((extra - 200.0).abs() < 1e-9, "{extra}");
+    // Whatever fits one chunk pays no extra step.
+    w.queued_latency_critical_prompt_tokens = Some(0);
+    let mut idle = whole.clone();
+    idle.queued_latency_critical_prompt_tokens = Some(0);
+    assert_eq!(predict(&w, lc, 512), predict(&idle, lc, 512));
+    assert!(predict(&w, lc, 513) > predict(&idle, lc, 513));
+}
+
+#[test]
 fn prefers_the_shorter_predicted_ttft_and_the_affinity_owner_within_slack() {
     let policy = PolicyDocument::default();
     let mut workers: Vec<_> = (0..8)

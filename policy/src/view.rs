@@ -32,6 +32,9 @@ pub struct WorkerState {
     pub decode_tokens_per_s: f64,
     /// Fixed latency before the first token (network, gateway), milliseconds.
     pub ttft_overhead_ms: f64,
+    /// Prompt tokens the worker prefills per step, each chunk sharing a step with the decode
+    /// of its running sequences; 0 = it prefills whole prompts (or does not say).
+    pub prefill_chunk_tokens: u32,
     /// Price of a million tokens on this worker.
     pub cost_per_mtok: f64,
     /// The worker publishes the KV blocks it holds (`KvEvents`): its cached prefix of a
@@ -59,6 +62,7 @@ impl WorkerState {
             prefill_tokens_per_s: 0.0,
             decode_tokens_per_s: 0.0,
             ttft_overhead_ms: 0.0,
+            prefill_chunk_tokens: 0,
             cost_per_mtok: 0.0,
             prefix_cache: false,
         }

@@ -330,6 +330,7 @@ fn worker_state(record: &WorkerRecord, link: &LinkState) -> WorkerState {
         ttft_overhead_ms: load
             .and_then(|l| l.first_token_delay_ms)
             .map_or(0.0, |delay| first_token_overhead_ms(delay, decode)),
+        prefill_chunk_tokens: load.and_then(|l| l.prefill_chunk_tokens).unwrap_or(0),
         cost_per_mtok: record.capacity.cost_per_mtok,
         prefix_cache: link.publishes_kv,
         id: record.id.clone(),
@@ -1483,6 +1484,12 @@ mod tests {
         let state = link.state();
         assert_eq!(state.queued_prompt_tokens, 3_000);
         assert_eq!(state.prefill_tokens_per_s, 12_000.0);
+        assert_eq!(state.prefill_chunk_tokens, 0, "whole prompts unless told");
+        task.on_frame(worker_frame::Frame::Load(v1::Load {
+            prefill_chunk_tokens: Some(256),
+            ..Default::default()
+        }));
+        assert_eq!(link.state().prefill_chunk_tokens, 256);
         // A nonsense rate is treated as not reported.
         task.on_frame(worker_frame::Frame::Load(v1::Load {
             prefill_tokens_per_s: f64::NAN,

@@ -362,6 +362,8 @@ impl Engine for CandleEngine {
             prefill_tokens_per_s: self.counters.prefill_rate.get(),
             // Its first token is prefill plus one decode step: nothing fixed to add.
             first_token_delay_ms: None,
+            // One chunk per scheduler step, each step also decoding every running sequence.
+            prefill_chunk_tokens: u32::try_from(self.limits.prefill_chunk).ok(),
         }
     }
 

@@ -509,6 +509,12 @@ fn a_fresh_engine_advertises_a_measured_prefill_rate() {
         load.prefill_tokens_per_s.is_finite() && load.prefill_tokens_per_s > 0.0,
         "{load:?}"
     );
+    // And how it prefills: one chunk per step, which routers count steps by.
+    assert_eq!(
+        load.prefill_chunk_tokens,
+        Some(limits().prefill_chunk as u32),
+        "{load:?}"
+    );
 }
 
 #[tokio::test]

@@ -131,6 +131,9 @@ pub struct EngineLoad {
     /// Fixed time to a first token beyond prefilling the prompt, first decode step included
     /// (ms), for an engine that has one (`None`: not reported; see `Load.first_token_delay_ms`).
     pub first_token_delay_ms: Option<f64>,
+    /// Prompt tokens prefilled per step by an engine that prefills in chunks interleaved with
+    /// decode steps (`None`: it prefills whole prompts; see `Load.prefill_chunk_tokens`).
+    pub prefill_chunk_tokens: Option<u32>,
 }
 
 /// Counters and gauges of an engine's prefix cache, exported as worker metrics.

@@ -56,6 +56,7 @@ impl LoadTracker {
             first_token_delay_ms: engine
                 .first_token_delay_ms
                 .filter(|d| d.is_finite() && *d >= 0.0),
+            prefill_chunk_tokens: engine.prefill_chunk_tokens.filter(|c| *c > 0),
             // Per stream: the Serve stream that sends this report fills it in.
             starts_seen: None,
         }

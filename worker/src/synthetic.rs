@@ -424,6 +424,8 @@ impl Engine for SyntheticEngine {
             // Its first token comes `ttft` after admission plus the prompt's prefill: routers
             // predict that only if they are told the fixed part.
             first_token_delay_ms: Some(self.config.ttft.as_secs_f64() * 1e3),
+            // It prefills each prompt whole.
+            prefill_chunk_tokens: None,
         }
     }
 

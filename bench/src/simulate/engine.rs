@@ -236,6 +236,8 @@ pub fn simulate(
         w.prefill_tokens_per_s = gpu.prefill_tokens_per_s;
         w.decode_tokens_per_s = 1000.0 / (gpu.step_base_ms + gpu.step_per_seq_ms);
         w.ttft_overhead_ms = gpu.step_base_ms;
+        // Reported as a chunked live engine reports it (see `gpu_step_start`).
+        w.prefill_chunk_tokens = gpu.prefill_chunk_tokens;
         w.cost_per_mtok = gpu.cost_per_mtok;
         let cache = BlockCache::new(gpu.kv_trace_blocks());
         // Workers with a prefix cache publish it: the router places by its view of them.
