@@ -67,11 +67,15 @@ pub struct RouterBenchArgs {
     /// The router's --decision-reports-per-s (with --control-plane).
     #[arg(long, default_value_t = 200)]
     pub decision_reports_per_s: u32,
+    /// Run only these paths (e.g. `session` alone under a profiler); ratios to `direct` need
+    /// `direct` among them.
+    #[arg(long, value_delimiter = ',', default_value = "direct,session,generate")]
+    pub paths: Vec<Path>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
-enum Path {
+pub enum Path {
     Direct,
     Session,
     Generate,
@@ -653,16 +657,17 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
     });
     let mut levels = Vec::new();
     for &concurrency in &args.concurrency {
-        let mut results = PATHS
+        let mut results = args
+            .paths
             .iter()
             .map(|p| Ok((*p, PathResult::new()?)))
             .collect::<anyhow::Result<HashMap<Path, PathResult>>>()?;
         // One short unmeasured pass per path: connections, buffers and caches warm up.
-        for path in PATHS {
+        for &path in &args.paths {
             run_path(&cluster, path, concurrency.min(64), concurrency, args).await?;
         }
         for _ in 0..args.rounds {
-            for path in PATHS {
+            for &path in &args.paths {
                 let outcome = run_path(&cluster, path, args.requests, concurrency, args).await?;
                 let expected = args.requests as u64 * u64::from(args.max_tokens);
                 if outcome.tokens != expected {
@@ -680,10 +685,13 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
         }
         let paths: HashMap<Path, PathFigures> =
             results.iter().map(|(p, r)| (*p, r.figures())).collect();
-        let direct = &paths[&Path::Direct];
         let mut throughput_vs_direct = HashMap::new();
         let mut added_ttft_p50_ms = HashMap::new();
-        for path in [Path::Session, Path::Generate] {
+        let router_paths = [Path::Session, Path::Generate]
+            .into_iter()
+            .filter(|p| paths.contains_key(p));
+        for path in router_paths.filter(|_| paths.contains_key(&Path::Direct)) {
+            let direct = &paths[&Path::Direct];
             throughput_vs_direct.insert(
                 path,
                 paths[&path].requests_per_s / direct.requests_per_s.max(f64::EPSILON),
@@ -816,7 +824,9 @@ fn print_table(report: &Report) {
     );
     for level in &report.levels {
         for path in PATHS {
-            let f = &level.paths[&path];
+            let Some(f) = level.paths.get(&path) else {
+                continue;
+            };
             let ratio = level
                 .throughput_vs_direct
                 .get(&path)
@@ -864,6 +874,7 @@ mod tests {
             json: true,
             control_plane: false,
             decision_reports_per_s: 200,
+            paths: PATHS.to_vec(),
         };
         let report = measure(&args).await.expect("the benchmark runs");
         assert_eq!(report.levels.len(), 2);
@@ -889,6 +900,7 @@ mod tests {
             json: true,
             control_plane: true,
             decision_reports_per_s: 3,
+            paths: PATHS.to_vec(),
         };
         let report = measure(&args).await.expect("the benchmark runs");
         let cp = report.control_plane.expect("control-plane figures");

@@ -207,6 +207,13 @@ pub struct PlacementPolicy {
     pub load_weight_ms: f64,
     /// Placement score: milliseconds added per unit of a worker's `cost_per_mtok`.
     pub cost_weight_ms: f64,
+    /// Once this share of the WSE pool's slots is busy (0..=1; 1 = never), a latency-critical
+    /// request that a GPU is predicted to serve within `save_wse_gpu_ttft_fraction` of its SLO
+    /// goes to that GPU (when its lane may spill): the last WSE slots are kept for the long
+    /// prompts only the WSE prefills in time.
+    pub save_wse_above_utilisation: f64,
+    /// See `save_wse_above_utilisation` (0..=1).
+    pub save_wse_gpu_ttft_fraction: f64,
 }
 
 impl Default for PlacementPolicy {
@@ -222,6 +229,8 @@ impl Default for PlacementPolicy {
             default_decode_tokens_per_s: 50.0,
             load_weight_ms: 50.0,
             cost_weight_ms: 100.0,
+            save_wse_above_utilisation: 1.0,
+            save_wse_gpu_ttft_fraction: 0.4,
         }
     }
 }
@@ -616,6 +625,14 @@ impl PolicyDocument {
         )?;
         non_negative("placement.load_weight_ms", p.load_weight_ms)?;
         non_negative("placement.cost_weight_ms", p.cost_weight_ms)?;
+        fraction(
+            "placement.save_wse_above_utilisation",
+            p.save_wse_above_utilisation,
+        )?;
+        fraction(
+            "placement.save_wse_gpu_ttft_fraction",
+            p.save_wse_gpu_ttft_fraction,
+        )?;
         let m = &self.migration;
         if m.max_moves_per_generation > MAX_MOVES {
             return Err(invalid(

@@ -169,6 +169,8 @@ fn placement() -> impl Strategy<Value = Value> {
         "default_decode_tokens_per_s",
         "load_weight_ms",
         "cost_weight_ms",
+        "save_wse_above_utilisation",
+        "save_wse_gpu_ttft_fraction",
     ];
     object_of(KEYS, |_| number().boxed())
 }

@@ -66,6 +66,10 @@ pub enum Route {
     Home,
     /// Latency-critical on a GPU: no WSE slot could meet the SLO.
     SpillToGpu,
+    /// Latency-critical on a GPU predicted well within its SLO while the WSE is scarce: its
+    /// slots are kept for prompts only the WSE serves in time
+    /// (`placement.save_wse_above_utilisation`).
+    SaveWse,
     /// Cost-sensitive on an idle WSE slot.
     BorrowWse,
 }
@@ -88,12 +92,13 @@ pub struct Placement {
 
 impl Placement {
     /// The reason as a closed set of names, for metric labels: `home`, `home_affinity`,
-    /// `spill_to_gpu`, `borrow_wse`.
+    /// `spill_to_gpu`, `save_wse`, `borrow_wse`.
     pub fn reason_label(&self) -> &'static str {
         match (self.route, self.affinity) {
             (Route::Home, false) => "home",
             (Route::Home, true) => "home_affinity",
             (Route::SpillToGpu, _) => "spill_to_gpu",
+            (Route::SaveWse, _) => "save_wse",
             (Route::BorrowWse, _) => "borrow_wse",
         }
     }
@@ -103,6 +108,7 @@ impl Placement {
         let route = match self.route {
             Route::Home => format!("pool={}", self.pool),
             Route::SpillToGpu => "spill=gpu (no wse slot meets the slo)".to_string(),
+            Route::SaveWse => "spill=gpu (wse scarce; gpu well within the slo)".to_string(),
             Route::BorrowWse => "borrow=wse (gpu busy, wse idle)".to_string(),
         };
         let affinity = if self.affinity { " affinity" } else { "" };
@@ -503,11 +509,26 @@ pub fn place_traced(
     match class.lane {
         LaneName::LatencyCritical => {
             let wse = best_of(Pool::Wse, &|_| true);
+            let min_rate = class.min_tokens_per_s;
+            let placement = &policy.placement;
+            // A WSE slot is scarce once the pool is this busy: a request a GPU serves well
+            // within its SLO leaves it to the long prompts that only the WSE prefills in time.
+            if lane_policy.spill
+                && wse.is_some()
+                && view.utilisation(Pool::Wse) >= placement.save_wse_above_utilisation
+            {
+                let within = placement.save_wse_gpu_ttft_fraction * slo;
+                let gpu = best_of(Pool::Gpu, &|w| {
+                    decode_rate(view.worker(w), policy) >= min_rate
+                });
+                if let Some(g) = gpu.filter(|g| g.predicted_ttft_ms <= within) {
+                    return placed(g, Route::SaveWse);
+                }
+            }
             if let Some(best) = wse.filter(|b| b.predicted_ttft_ms <= slo) {
                 return placed(best, Route::Home);
             }
             if lane_policy.spill {
-                let min_rate = class.min_tokens_per_s;
                 let gpu = best_of(Pool::Gpu, &|w| {
                     decode_rate(view.worker(w), policy) >= min_rate
                 });

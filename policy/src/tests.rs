@@ -80,6 +80,44 @@ fn lanes_go_to_their_home_pools() {
 }
 
 #[test]
+fn a_scarce_wse_is_kept_for_prompts_only_it_serves_in_time() {
+    let mut policy = PolicyDocument::default();
+    policy.placement.save_wse_above_utilisation = 0.5;
+    policy.placement.save_wse_gpu_ttft_fraction = 0.4;
+    // 1 000 ms SLO: within 400 ms on the GPU saves the WSE slot.
+    let slo = policy.latency_critical.ttft_slo_ms;
+    assert_eq!(slo, 1_000.0);
+    let mut view = ClusterView::new(vec![
+        worker("g1", Pool::Gpu, 0, 8),
+        worker("w1", Pool::Wse, 1, 4),
+    ]);
+    let lc = class(LaneName::LatencyCritical, &policy);
+    let short = request(1_000, None, 1);
+    let long = request(6_000, None, 2);
+    let route = |view: &ClusterView, r: &RequestInfo<'_>, policy: &PolicyDocument| {
+        let p = placed(&place(view, &lc, r, policy, &[]));
+        (view.worker(p.worker).id.clone(), p.route)
+    };
+    // A quarter busy: the WSE takes latency-critical work as usual.
+    assert_eq!(route(&view, &short, &policy), ("w1".into(), Route::Home));
+    // Half busy: a prompt the GPU serves in ~125 ms goes there...
+    view.update(1, |w| w.outstanding = 2);
+    let (id, r) = route(&view, &short, &policy);
+    assert_eq!((id.as_str(), r), ("g1", Route::SaveWse));
+    let p = placed(&place(&view, &lc, &short, &policy, &[]));
+    assert!(p.predicted_ttft_ms <= 0.4 * slo, "{p:?}");
+    assert_eq!(p.reason_label(), "save_wse");
+    // ...one the GPU would take 600+ ms for keeps its WSE slot.
+    assert_eq!(route(&view, &long, &policy), ("w1".into(), Route::Home));
+    // A lane that may not spill never leaves its pool; nor does anything with the default.
+    let mut no_spill = policy.clone();
+    no_spill.latency_critical.spill = false;
+    assert_eq!(route(&view, &short, &no_spill), ("w1".into(), Route::Home));
+    let default = PolicyDocument::default();
+    assert_eq!(route(&view, &short, &default), ("w1".into(), Route::Home));
+}
+
+#[test]
 fn latency_critical_spills_to_gpu_when_wse_is_full_and_queues_when_all_are() {
     let policy = PolicyDocument::default();
     let mut view = ClusterView::new(vec![

@@ -168,8 +168,9 @@ pub struct RouterMetrics {
     /// `shed` (`RESOURCE_EXHAUSTED`), `over_quota` (refused by the tenant's quota), `rejected`
     /// (invalid, unknown model, no worker).
     pub requests: Family<RequestLabels, Counter>,
-    /// Placement decisions by `reason`: `home`, `home_affinity`, `spill_to_gpu`, `borrow_wse`
-    /// (placed), `queue` (no slot now: wait at the router), `unknown_model`, `no_worker`.
+    /// Placement decisions by `reason`: `home`, `home_affinity`, `spill_to_gpu`, `save_wse`,
+    /// `borrow_wse` (placed), `queue` (no slot now: wait at the router), `unknown_model`,
+    /// `no_worker`.
     pub route_decisions: Family<DecisionLabels, Counter>,
     pub ttft: Histograms<StreamLabels>,
     pub inter_token: Histograms<StreamLabels>,

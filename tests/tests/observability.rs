@@ -167,16 +167,22 @@ async fn metrics_of_router_workers_and_control_plane_move_with_traffic() -> anyh
         );
     }
     // The placement reasons are the policy's own names.
-    let placed: f64 = ["home", "home_affinity", "spill_to_gpu", "borrow_wse"]
-        .iter()
-        .map(|r| {
-            sample(
-                &text,
-                "switchyard_router_route_decisions_total",
-                &[("reason", r)],
-            )
-        })
-        .sum();
+    let placed: f64 = [
+        "home",
+        "home_affinity",
+        "spill_to_gpu",
+        "save_wse",
+        "borrow_wse",
+    ]
+    .iter()
+    .map(|r| {
+        sample(
+            &text,
+            "switchyard_router_route_decisions_total",
+            &[("reason", r)],
+        )
+    })
+    .sum();
     assert_eq!(placed, 2.0, "{text}");
     assert_eq!(
         sample(
