@@ -201,26 +201,37 @@ impl WorkerMetrics {
         }
     }
 
-    /// A clock for one generation's tokens.
+    /// A clock for one generation's tokens. Its series are looked up once here: looking the
+    /// labels up for every token (hashing the model name under the family's lock) cost more
+    /// than the counting.
     pub fn generation(&self, lane: i32, model: &str) -> TokenClock {
+        let labels = GenerationLabels {
+            pool: self.pool,
+            lane: lane_label(lane),
+            model: model.to_string(),
+        };
         TokenClock {
-            metrics: Some((
-                self.clone(),
-                GenerationLabels {
-                    pool: self.pool,
-                    lane: lane_label(lane),
-                    model: model.to_string(),
-                },
-            )),
+            series: Some(GenerationSeries {
+                tokens: self.tokens.get_or_create(&labels).clone(),
+                ttft: self.ttft.get_or_create(&labels).clone(),
+                inter_token: self.inter_token.get_or_create(&labels).clone(),
+            }),
             started: Instant::now(),
             last: None,
         }
     }
 }
 
+/// One generation's token series (handles on the families' shared metrics).
+struct GenerationSeries {
+    tokens: Counter,
+    ttft: Histogram,
+    inter_token: Histogram,
+}
+
 /// Times one generation's tokens as the engine emits them.
 pub struct TokenClock {
-    metrics: Option<(WorkerMetrics, GenerationLabels)>,
+    series: Option<GenerationSeries>,
     started: Instant,
     last: Option<Instant>,
 }
@@ -229,7 +240,7 @@ impl TokenClock {
     /// A clock that records nothing (tests of the forwarding alone).
     pub fn unrecorded() -> Self {
         Self {
-            metrics: None,
+            series: None,
             started: Instant::now(),
             last: None,
         }
@@ -239,19 +250,13 @@ impl TokenClock {
     pub fn token(&mut self) {
         let now = Instant::now();
         let previous = self.last.replace(now);
-        let Some((metrics, labels)) = &self.metrics else {
+        let Some(series) = &self.series else {
             return;
         };
-        metrics.tokens.get_or_create(labels).inc();
+        series.tokens.inc();
         match previous {
-            None => metrics
-                .ttft
-                .get_or_create(labels)
-                .observe((now - self.started).as_secs_f64()),
-            Some(previous) => metrics
-                .inter_token
-                .get_or_create(labels)
-                .observe((now - previous).as_secs_f64()),
+            None => series.ttft.observe((now - self.started).as_secs_f64()),
+            Some(previous) => series.inter_token.observe((now - previous).as_secs_f64()),
         }
     }
 }
