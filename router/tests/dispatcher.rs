@@ -1242,6 +1242,52 @@ async fn a_latency_critical_request_takes_back_a_borrowed_wafer_slot_and_the_bor
     ));
 }
 
+/// Once the wafer is getting scarce, latency-critical work a GPU serves well within its SLO
+/// goes to the GPU, and the wafer's last slot is left to a prompt only it serves in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scarce_wafer_is_kept_for_the_long_prompt_and_short_ones_go_to_a_gpu() {
+    let mut policy = PolicyDocument::default();
+    policy.placement.save_wse_above_utilisation = 0.5;
+    policy.placement.save_wse_gpu_ttft_fraction = 0.4;
+    let cluster = Cluster::start_pools(
+        &[(Pool::Gpu, 2), (Pool::Wse, 2)],
+        RouterConfig::default(),
+        Some(policy),
+    )
+    .await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    // The wafer is idle: latency-critical work goes there as usual.
+    session.start(request("first", "hold", 3, RequestClass::LatencyCritical));
+    session.tokens("first", 1).await;
+    assert_eq!(session.requests["first"].accepted[0].pool, "wse");
+    // Half busy: a short prompt, predicted in a few ms on the idle GPU, leaves the wafer alone.
+    session.start(request("short", "hold", 3, RequestClass::LatencyCritical));
+    session.tokens("short", 1).await;
+    let short = session.requests["short"].accepted[0].clone();
+    assert_eq!(short.pool, "gpu", "{short:?}");
+    assert!(short.reason.contains("wse scarce"), "{short:?}");
+    // A prompt the GPU would take longer than 40 % of the SLO to prefill (~5 000 tokens at the
+    // default 5 000 tokens/s, half of them assumed cached on its affinity owner) still gets the
+    // wafer's last slot.
+    let long = format!("hold {}", "word ".repeat(4_000));
+    cluster
+        .script
+        .set(&long, [Plan::fault(Fault::HoldAfter(1))]);
+    session.start(request("long", &long, 3, RequestClass::LatencyCritical));
+    session.tokens("long", 1).await;
+    let long_accepted = session.requests["long"].accepted[0].clone();
+    assert_eq!(long_accepted.pool, "wse", "{long_accepted:?}");
+    for i in 0..2 {
+        cluster.engine(i).release();
+    }
+    for id in ["first", "short", "long"] {
+        assert_eq!(session.end(id).await.reason(), FinishReason::Length, "{id}");
+    }
+}
+
 /// A draining worker hands its long generations to another worker instead of making the
 /// clients wait for them (or, past its drain timeout, cutting them off); the client sees one
 /// continuous text and a `Moved` frame.
