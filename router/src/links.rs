@@ -62,6 +62,24 @@ pub enum LinkEvent {
     Lost(String),
 }
 
+/// A generation's events from its link. Each travels boxed: the channel allocates its first
+/// block of 32 slots when the generation starts, and a slot the size of a worker frame made
+/// that ~3.6 KiB per open stream; a pointer makes it ~0.3 KiB.
+#[derive(Debug)]
+pub struct LinkEvents(mpsc::UnboundedReceiver<Box<LinkEvent>>);
+
+impl LinkEvents {
+    pub async fn recv(&mut self) -> Option<LinkEvent> {
+        self.0.recv().await.map(|event| *event)
+    }
+
+    pub fn try_recv(&mut self) -> Result<LinkEvent, mpsc::error::TryRecvError> {
+        self.0.try_recv().map(|event| *event)
+    }
+}
+
+type EventSender = mpsc::UnboundedSender<Box<LinkEvent>>;
+
 /// Commands a link takes before it is overloaded: a start beyond them fails at once (and is
 /// placed elsewhere) instead of queueing behind a worker that does not keep up.
 const COMMAND_CAPACITY: usize = 1024;
@@ -344,7 +362,7 @@ enum Command {
     /// Send a generation's start; its frames go to `events`.
     Start {
         start: Box<v1::WorkerStart>,
-        events: mpsc::UnboundedSender<LinkEvent>,
+        events: EventSender,
         charge: Charge,
     },
     Cancel {
@@ -465,10 +483,7 @@ impl Link {
     /// the worker is taking instead of failing — and fails at once when the link is down (the
     /// caller places the request elsewhere). A link that goes down before its task sends the
     /// start says so as the channel's first event ([`LinkEvent::Lost`]).
-    pub async fn start(
-        &self,
-        start: v1::WorkerStart,
-    ) -> Result<mpsc::UnboundedReceiver<LinkEvent>, String> {
+    pub async fn start(&self, start: v1::WorkerStart) -> Result<LinkEvents, String> {
         let (command, charge, rx) = self.start_command(start)?;
         match self.commands.send(command).await {
             Ok(()) => Ok(rx),
@@ -480,10 +495,7 @@ impl Link {
     }
 
     /// [`Link::start`] without waiting: fails when the command channel is full.
-    pub fn try_start(
-        &self,
-        start: v1::WorkerStart,
-    ) -> Result<mpsc::UnboundedReceiver<LinkEvent>, String> {
+    pub fn try_start(&self, start: v1::WorkerStart) -> Result<LinkEvents, String> {
         let (command, charge, rx) = self.start_command(start)?;
         match self.commands.try_send(command) {
             Ok(()) => Ok(rx),
@@ -508,7 +520,7 @@ impl Link {
     fn start_command(
         &self,
         start: v1::WorkerStart,
-    ) -> Result<(Command, Charge, mpsc::UnboundedReceiver<LinkEvent>), String> {
+    ) -> Result<(Command, Charge, LinkEvents), String> {
         if !self.shared.state.borrow().connected {
             return Err(format!("worker {} is not connected", self.shared.id));
         }
@@ -522,7 +534,7 @@ impl Link {
             events,
             charge,
         };
-        Ok((command, charge, rx))
+        Ok((command, charge, LinkEvents(rx)))
     }
 
     /// Asks the worker to stop a generation (`Cancelled` or `Interrupted`).
@@ -632,7 +644,7 @@ struct LinkTask {
     /// A sample uniform in [0, 1) for the reconnection jitter.
     jitter: fn() -> f64,
     /// The dispatcher of each request on the current stream.
-    requests: HashMap<String, mpsc::UnboundedSender<LinkEvent>>,
+    requests: HashMap<String, EventSender>,
     in_transit: InTransit,
     /// The current stream (see [`NEXT_STREAM`]); 0 while none is open.
     stream: u64,
@@ -787,10 +799,10 @@ impl LinkTask {
             } => {
                 let Some(outbound) = outbound else {
                     self.shared.state.send_modify(|s| s.queued.remove(charge));
-                    let _ = events.send(LinkEvent::Lost(format!(
+                    let _ = events.send(Box::new(LinkEvent::Lost(format!(
                         "worker {} is not connected",
                         self.shared.id
-                    )));
+                    ))));
                     return;
                 };
                 self.in_transit.sent(charge);
@@ -848,7 +860,7 @@ impl LinkTask {
             worker_frame::Frame::Failed(f) => (f.request_id.clone(), true),
         };
         let delivered = match self.requests.get(&request_id) {
-            Some(tx) => tx.send(LinkEvent::Frame(frame)).is_ok(),
+            Some(tx) => tx.send(Box::new(LinkEvent::Frame(frame))).is_ok(),
             None => {
                 debug!(%request_id, "frame for a request nobody waits for");
                 false
@@ -902,7 +914,7 @@ impl LinkTask {
         // A new stream counts from zero; slots held by placements stay held.
         self.in_transit = InTransit::default();
         for (_, tx) in self.requests.drain() {
-            let _ = tx.send(LinkEvent::Lost(why.to_string()));
+            let _ = tx.send(Box::new(LinkEvent::Lost(why.to_string())));
         }
         let mut was_connected = false;
         let mut listed = true;
@@ -980,10 +992,10 @@ async fn refuse_while_down(commands: &mut mpsc::Receiver<Command>, shared: &Shar
     while let Some(command) = commands.recv().await {
         if let Command::Start { events, charge, .. } = command {
             shared.state.send_modify(|s| s.queued.remove(charge));
-            let _ = events.send(LinkEvent::Lost(format!(
+            let _ = events.send(Box::new(LinkEvent::Lost(format!(
                 "worker {} is not connected",
                 shared.id
-            )));
+            ))));
         }
     }
 }
@@ -1833,7 +1845,7 @@ mod tests {
     }
 
     /// The text a generation streamed until it finished, or why it was lost.
-    async fn text_of(events: &mut mpsc::UnboundedReceiver<LinkEvent>) -> Result<String, String> {
+    async fn text_of(events: &mut LinkEvents) -> Result<String, String> {
         let mut text = String::new();
         loop {
             let event = tokio::time::timeout(PATIENCE, events.recv())
@@ -1981,7 +1993,7 @@ mod tests {
     }
 
     /// Token ids `events` carries until `count` have come.
-    async fn tokens(events: &mut mpsc::UnboundedReceiver<LinkEvent>, count: usize) {
+    async fn tokens(events: &mut LinkEvents, count: usize) {
         let mut got = 0;
         while got < count {
             match tokio::time::timeout(PATIENCE, events.recv()).await {

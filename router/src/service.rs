@@ -8,12 +8,11 @@ use std::sync::Arc;
 use futures::Stream;
 use switchyard_proto::v1;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use crate::auth::{AUTHORIZATION, ApiKeys, Tenant};
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, frame_channel};
 use crate::session::{SESSION_BUFFER, Session, run_session};
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 
@@ -47,14 +46,14 @@ impl v1::inference_server::Inference for InferenceService {
         // The session's trace context parents every request in it that brings none of its own.
         let trace = RemoteContext::from_headers(request.metadata().as_ref());
         let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(SESSION_BUFFER);
+        let (tx, rx) = frame_channel(SESSION_BUFFER);
         let session = Session {
             dispatcher: self.dispatcher.clone(),
             tenant,
             trace,
         };
         tokio::spawn(run_session(session, inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx.into_stream())))
     }
 
     async fn generate(
@@ -71,14 +70,14 @@ impl v1::inference_server::Inference for InferenceService {
             request.request_id = uuid::Uuid::new_v4().to_string();
         }
         let prepared = self.dispatcher.prepare(request, trace).await?;
-        let (tx, rx) = mpsc::channel(GENERATE_BUFFER);
+        let (tx, rx) = frame_channel(GENERATE_BUFFER);
         let dispatcher = self.dispatcher.clone();
         tokio::spawn(async move {
             // Generate has no control frames: the sender lives as long as the request.
             let (_controls_tx, controls) = mpsc::unbounded_channel();
             dispatcher.run(prepared, controls, tx).await;
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx.into_stream())))
     }
 
     async fn list_models(

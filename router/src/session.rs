@@ -150,7 +150,7 @@ async fn handle_frame(
                 return;
             }
             if let Some(control) = running.get(&request_id) {
-                let _ = control.send(Control::Interrupt(interrupt));
+                let _ = control.send(Control::Interrupt(Box::new(interrupt)));
             } else {
                 let error = DispatchError::NotRunning(request_id.clone());
                 let _ = out.send(Ok(error.failed_frame(&request_id))).await;

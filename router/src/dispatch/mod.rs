@@ -40,15 +40,63 @@ use crate::tenant_quota::{TenantPermit, TenantQuota};
 use run::Run;
 pub use span::{record_decision, request_span};
 
-/// A client's instruction about a running request.
+/// A client's instruction about a running request. Boxed, an interrupt keeps the enum at
+/// 16 bytes: every request's control channel allocates its first block of 32 slots up front.
 #[derive(Debug)]
 pub enum Control {
     Cancel,
-    Interrupt(v1::Interrupt),
+    Interrupt(Box<v1::Interrupt>),
 }
 
-/// Where a request's frames go.
-pub type FrameSink = mpsc::Sender<Result<v1::ServerFrame, Status>>;
+/// Where a request's frames go (see [`frame_channel`]).
+#[derive(Clone)]
+pub struct FrameSink(mpsc::Sender<Result<Box<v1::ServerFrame>, Status>>);
+
+/// The receiving end of a [`FrameSink`].
+pub struct FrameReceiver(mpsc::Receiver<Result<Box<v1::ServerFrame>, Status>>);
+
+/// A channel for frames towards one client, bounded at `capacity`. Frames travel boxed: a
+/// channel allocates its first block of 32 slots when it is made — one per `Generate` call or
+/// HTTP request — and a slot the size of a frame (144 bytes) made that 4.6 KiB per open stream.
+pub fn frame_channel(capacity: usize) -> (FrameSink, FrameReceiver) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (FrameSink(tx), FrameReceiver(rx))
+}
+
+impl FrameSink {
+    /// Waits for room, then queues `item`; an error means the client is gone.
+    pub async fn send(&self, item: Result<v1::ServerFrame, Status>) -> Result<(), ClientGone> {
+        self.0
+            .send(item.map(Box::new))
+            .await
+            .map_err(|_| ClientGone)
+    }
+
+    /// Completes when the client is gone.
+    pub async fn closed(&self) {
+        self.0.closed().await
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// The receiving end of a frame channel was dropped: the client is gone.
+#[derive(Debug)]
+pub struct ClientGone;
+
+impl FrameReceiver {
+    pub async fn recv(&mut self) -> Option<Result<v1::ServerFrame, Status>> {
+        self.0.recv().await.map(|item| item.map(|frame| *frame))
+    }
+
+    /// The frames as a stream, for a tonic response.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<v1::ServerFrame, Status>> {
+        use futures::StreamExt as _;
+        tokio_stream::wrappers::ReceiverStream::new(self.0).map(|item| item.map(|frame| *frame))
+    }
+}
 
 /// Shared by every request the router handles.
 pub struct Dispatcher {
@@ -282,7 +330,7 @@ impl Dispatcher {
                             }
                             // Not started yet: the new instructions simply become its prompt.
                             Some(Control::Interrupt(interrupt)) => {
-                                run::apply_interrupt(&mut request, String::new(), interrupt);
+                                run::apply_interrupt(&mut request, String::new(), *interrupt);
                                 prompt_ids = self.links.tokenizers().tokenize(&request).unwrap_or_default();
                             }
                             None => controls_open = false,
@@ -316,7 +364,7 @@ impl Dispatcher {
         let mut run = Run::new(request, prompt_ids, class, arrived, chosen, span, self);
         run.held = held;
         run.on_worker(&link.record());
-        let result = run.drive(link, &mut controls, &out).await;
+        let result = Box::pin(run.drive(link, &mut controls, &out)).await;
         let outcome = match &result {
             Ok(()) if run.cancelled => "cancelled",
             Ok(()) => "completed",

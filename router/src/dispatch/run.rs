@@ -20,7 +20,7 @@ use super::span::record_decision;
 use super::{Control, Dispatcher, FrameSink, Held, token_count};
 use crate::classify::Classification;
 use crate::error::DispatchError;
-use crate::links::{Link, LinkEvent, SlotHold};
+use crate::links::{Link, LinkEvent, LinkEvents, SlotHold};
 use crate::metrics::{StreamLabels, StreamMetrics, lane_label, pool_label};
 use crate::placer::{Chosen, Hedge, ListedRun, Listing, Pace};
 use crate::policy::moves::MoveReason;
@@ -110,7 +110,7 @@ impl Drop for Generation {
 /// A generation started on a worker whose events the run has yet to follow.
 struct Started {
     generation: Generation,
-    events: mpsc::UnboundedReceiver<LinkEvent>,
+    events: LinkEvents,
     /// An event already read from `events` (by a hedge race), handled first.
     first: Option<LinkEvent>,
     /// A client control that arrived during a hedge race, handled first.
@@ -118,7 +118,7 @@ struct Started {
 }
 
 impl Started {
-    fn new(link: &Arc<Link>, id: String, events: mpsc::UnboundedReceiver<LinkEvent>) -> Self {
+    fn new(link: &Arc<Link>, id: String, events: LinkEvents) -> Self {
         Self {
             generation: Generation {
                 link: link.clone(),
@@ -838,7 +838,7 @@ impl<'d> Run<'d> {
                     }
                     Some(Control::Interrupt(i)) => {
                         link.cancel(&generation_id, v1::FinishReason::Interrupted);
-                        interrupt = Some(i);
+                        interrupt = Some(*i);
                     }
                     None => controls_open = false,
                 },

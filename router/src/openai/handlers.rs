@@ -135,9 +135,7 @@ fn unix_now() -> u64 {
 }
 
 /// The next frame from the dispatcher.
-async fn next_frame(
-    rx: &mut mpsc::Receiver<Result<v1::ServerFrame, tonic::Status>>,
-) -> Result<Frame, ApiError> {
+async fn next_frame(rx: &mut FrameReceiver) -> Result<Frame, ApiError> {
     match rx.recv().await {
         Some(Ok(v1::ServerFrame { frame: Some(frame) })) => Ok(frame),
         Some(Ok(v1::ServerFrame { frame: None })) => Err(ApiError::from_code(
@@ -184,7 +182,7 @@ async fn generate(
         .prepare(request, RemoteContext::from_headers(&headers))
         .await
         .map_err(|error| ApiError::from(&error))?;
-    let (tx, mut rx) = mpsc::channel(CLIENT_BUFFER);
+    let (tx, mut rx) = crate::dispatch::frame_channel(CLIENT_BUFFER);
     let runner = dispatcher.clone();
     tokio::spawn(async move {
         // HTTP has no control frames: the sender lives as long as the request. Cancellation
@@ -231,10 +229,7 @@ async fn generate(
 }
 
 /// Collects a whole generation into one JSON response.
-async fn complete(
-    meta: Meta,
-    mut rx: mpsc::Receiver<Result<v1::ServerFrame, tonic::Status>>,
-) -> Result<Response, ApiError> {
+async fn complete(meta: Meta, mut rx: FrameReceiver) -> Result<Response, ApiError> {
     let mut text = String::new();
     let finished = loop {
         match next_frame(&mut rx).await? {
@@ -348,4 +343,4 @@ pub async fn unknown_route(uri: axum::http::Uri) -> Response {
 }
 
 /// Re-exported for the SSE module's signature.
-pub type FrameReceiver = mpsc::Receiver<Result<v1::ServerFrame, tonic::Status>>;
+pub use crate::dispatch::FrameReceiver;

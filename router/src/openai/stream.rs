@@ -187,7 +187,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_move_is_an_sse_comment_that_openai_clients_skip() {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let (tx, rx) = crate::dispatch::frame_channel(4);
         drop(tx);
         let mut events = Events {
             meta: Meta {
