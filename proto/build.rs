@@ -24,6 +24,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Smaller first buffers per call (see src/codec.rs).
+        .codec_path("crate::codec::SwitchyardCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The Switchyard wire contract (`switchyard.v1`): generated prost/tonic code, the encoded
 //! descriptor set for gRPC reflection, and validation of requests as they arrive on the wire.
 
+pub mod codec;
 pub mod introspection;
 pub mod kv_blocks;
 pub mod validate;
