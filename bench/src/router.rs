@@ -687,16 +687,15 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
             results.iter().map(|(p, r)| (*p, r.figures())).collect();
         let mut throughput_vs_direct = HashMap::new();
         let mut added_ttft_p50_ms = HashMap::new();
-        let router_paths = [Path::Session, Path::Generate]
-            .into_iter()
-            .filter(|p| paths.contains_key(p));
-        for path in router_paths.filter(|_| paths.contains_key(&Path::Direct)) {
-            let direct = &paths[&Path::Direct];
+        for path in [Path::Session, Path::Generate] {
+            let (Some(direct), Some(figures)) = (paths.get(&Path::Direct), paths.get(&path)) else {
+                continue;
+            };
             throughput_vs_direct.insert(
                 path,
-                paths[&path].requests_per_s / direct.requests_per_s.max(f64::EPSILON),
+                figures.requests_per_s / direct.requests_per_s.max(f64::EPSILON),
             );
-            added_ttft_p50_ms.insert(path, paths[&path].ttft_p50_ms - direct.ttft_p50_ms);
+            added_ttft_p50_ms.insert(path, figures.ttft_p50_ms - direct.ttft_p50_ms);
         }
         levels.push(LevelReport {
             concurrency,

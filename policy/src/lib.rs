@@ -510,6 +510,15 @@ pub fn place_traced(
         LaneName::LatencyCritical => {
             let wse = best_of(Pool::Wse, &|_| true);
             let min_rate = class.min_tokens_per_s;
+            // The best GPU to spill to, scored at most once (it may be asked twice below).
+            let mut spill_gpu: Option<Option<Scored>> = None;
+            let mut gpu = || {
+                *spill_gpu.get_or_insert_with(|| {
+                    best_of(Pool::Gpu, &|w| {
+                        decode_rate(view.worker(w), policy) >= min_rate
+                    })
+                })
+            };
             let placement = &policy.placement;
             // A WSE slot is scarce once the pool is this busy: a request a GPU serves well
             // within its SLO leaves it to the long prompts that only the WSE prefills in time.
@@ -518,10 +527,7 @@ pub fn place_traced(
                 && view.utilisation(Pool::Wse) >= placement.save_wse_above_utilisation
             {
                 let within = placement.save_wse_gpu_ttft_fraction * slo;
-                let gpu = best_of(Pool::Gpu, &|w| {
-                    decode_rate(view.worker(w), policy) >= min_rate
-                });
-                if let Some(g) = gpu.filter(|g| g.predicted_ttft_ms <= within) {
+                if let Some(g) = gpu().filter(|g| g.predicted_ttft_ms <= within) {
                     return placed(g, Route::SaveWse);
                 }
             }
@@ -529,9 +535,7 @@ pub fn place_traced(
                 return placed(best, Route::Home);
             }
             if lane_policy.spill {
-                let gpu = best_of(Pool::Gpu, &|w| {
-                    decode_rate(view.worker(w), policy) >= min_rate
-                });
+                let gpu = gpu();
                 match (gpu, wse) {
                     (Some(g), _) if g.predicted_ttft_ms <= slo => {
                         return placed(g, Route::SpillToGpu);

@@ -21,7 +21,7 @@ use super::error::ApiError;
 use super::stream;
 use super::wire::{self, ChatCompletionRequest, CompletionRequest, WithSampling};
 use crate::auth::Tenant;
-use crate::dispatch::Dispatcher;
+use crate::dispatch::{Dispatcher, FrameReceiver, frame_channel};
 
 /// Frames buffered towards one HTTP client before the dispatcher waits for it to read (flow
 /// control keeps the rest on the worker).
@@ -182,7 +182,7 @@ async fn generate(
         .prepare(request, RemoteContext::from_headers(&headers))
         .await
         .map_err(|error| ApiError::from(&error))?;
-    let (tx, mut rx) = crate::dispatch::frame_channel(CLIENT_BUFFER);
+    let (tx, mut rx) = frame_channel(CLIENT_BUFFER);
     let runner = dispatcher.clone();
     tokio::spawn(async move {
         // HTTP has no control frames: the sender lives as long as the request. Cancellation
@@ -341,6 +341,3 @@ pub async fn health(State(dispatcher): State<Arc<Dispatcher>>) -> Response {
 pub async fn unknown_route(uri: axum::http::Uri) -> Response {
     ApiError::not_found(None, format!("no such endpoint: {}", uri.path())).into_response()
 }
-
-/// Re-exported for the SSE module's signature.
-pub use crate::dispatch::FrameReceiver;

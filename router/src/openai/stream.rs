@@ -17,8 +17,9 @@ use switchyard_proto::v1::{self, server_frame::Frame};
 use tonic::Code;
 
 use super::error::ApiError;
-use super::handlers::{Endpoint, FrameReceiver, Meta};
+use super::handlers::{Endpoint, Meta};
 use super::wire::{self, StreamMode};
+use crate::dispatch::FrameReceiver;
 
 /// The streaming response: headers now, events as the dispatcher produces them.
 pub fn sse_response(meta: Meta, mode: StreamMode, first: Frame, rx: FrameReceiver) -> Response {
