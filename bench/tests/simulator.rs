@@ -243,3 +243,30 @@ fn hedges_stay_within_their_budget_over_a_thousand_requests() {
         );
     }
 }
+
+/// The modelled GPU prefills in the candle engine's order, not first come first served: among
+/// prompts of one lane the shortest remaining goes first (a long prompt moves up only as it
+/// waits), so a short prompt admitted behind a long one gets its first token long before it.
+#[test]
+fn a_gpu_prefills_the_shortest_waiting_prompt_first() {
+    let profiles = profiles(1);
+    let long: Vec<u64> = (100..140).collect();
+    let middle: Vec<u64> = (200..206).collect();
+    let rows = vec![turn(0.0, &long), turn(0.1, &middle), turn(0.2, &[300])];
+    let (requests, result) = run("switchyard", &profiles, rows);
+    let first_token = |blocks: usize| {
+        requests
+            .iter()
+            .zip(&result.outcomes)
+            .find(|(r, _)| r.hash_ids.len() == blocks)
+            .map(|(_, o)| o.first_token_ms)
+            .expect("the request ran")
+    };
+    let (long, middle, short) = (first_token(40), first_token(6), first_token(1));
+    assert!(
+        short < middle && middle < long,
+        "first tokens: short {short} ms, middle {middle} ms, long {long} ms"
+    );
+    // The long prompt still ends its prefill once the others are done, not starved.
+    assert!(long.is_finite() && long > 0.0);
+}

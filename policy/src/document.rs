@@ -214,6 +214,13 @@ pub struct PlacementPolicy {
     pub save_wse_above_utilisation: f64,
     /// See `save_wse_above_utilisation` (0..=1).
     pub save_wse_gpu_ttft_fraction: f64,
+    /// A latency-critical request that would spill to a GPU predicted above
+    /// `await_wse_gpu_ttft_fraction` of its SLO while every WSE slot is busy waits at the
+    /// router for a WSE slot instead — as long as the pool's measured slot turnover says one
+    /// frees soon enough for the WSE to still meet the SLO ([`crate::await_wse`]).
+    pub await_wse: bool,
+    /// See `await_wse` (non-negative; 1 = only requests the GPU is predicted to serve late).
+    pub await_wse_gpu_ttft_fraction: f64,
 }
 
 impl Default for PlacementPolicy {
@@ -231,6 +238,8 @@ impl Default for PlacementPolicy {
             cost_weight_ms: 100.0,
             save_wse_above_utilisation: 1.0,
             save_wse_gpu_ttft_fraction: 0.4,
+            await_wse: false,
+            await_wse_gpu_ttft_fraction: 1.0,
         }
     }
 }
@@ -632,6 +641,10 @@ impl PolicyDocument {
         fraction(
             "placement.save_wse_gpu_ttft_fraction",
             p.save_wse_gpu_ttft_fraction,
+        )?;
+        non_negative(
+            "placement.await_wse_gpu_ttft_fraction",
+            p.await_wse_gpu_ttft_fraction,
         )?;
         let m = &self.migration;
         if m.max_moves_per_generation > MAX_MOVES {

@@ -571,6 +571,66 @@ pub fn place_traced(
     }
 }
 
+/// How much longer a latency-critical request should wait at the router for a WSE slot
+/// rather than take `spill`, the GPU [`place`] chose for it (`Route::SpillToGpu`); `None`: take
+/// the GPU now.
+///
+/// It waits (`placement.await_wse`) while every WSE slot serving its model is busy, the GPU is
+/// predicted above `await_wse_gpu_ttft_fraction` of its SLO, and the pool's slot turnover
+/// (`WorkerState::slot_turnover_ms`, measured) says the slot it would get — after the
+/// `ahead` requests already waiting for one — frees early enough for the WSE to give the first
+/// token within the SLO and sooner than the GPU would. `waited_ms`: time it has waited
+/// already. The answer is the wait left before it should give up and take a GPU.
+pub fn await_wse(
+    view: &ClusterView,
+    class: &Classification,
+    request: &RequestInfo<'_>,
+    spill: &Placement,
+    waited_ms: f64,
+    ahead: usize,
+    policy: &PolicyDocument,
+) -> Option<f64> {
+    let placement = &policy.placement;
+    let slo = class.ttft_slo_ms;
+    if !placement.await_wse
+        || class.lane != LaneName::LatencyCritical
+        || spill.route != Route::SpillToGpu
+        || spill.predicted_ttft_ms <= placement.await_wse_gpu_ttft_fraction * slo
+    {
+        return None;
+    }
+    let m = view.model_index(request.model)?;
+    let index = &view.pools[m][pool_index(Pool::Wse)];
+    if !index.free.is_empty() {
+        // A free slot the policy passed over is late itself: waiting for another gains nothing.
+        return None;
+    }
+    // Slots freed per millisecond across the pool, and the soonest first token a slot gives.
+    let mut frees_per_ms = 0.0;
+    let mut ttft_ms = f64::INFINITY;
+    for &w in index.groups.iter().flatten() {
+        let worker = view.worker(w as usize);
+        if !worker.available || worker.slot_turnover_ms <= 0.0 {
+            continue;
+        }
+        frees_per_ms += f64::from(worker.max_concurrent) / worker.slot_turnover_ms;
+        let cached = request.cached_tokens(w as usize);
+        ttft_ms = ttft_ms.min(predicted_ttft_cached_ms(
+            worker,
+            class.lane,
+            request.prompt_tokens,
+            cached,
+            policy,
+        ));
+    }
+    if frees_per_ms <= 0.0 {
+        return None;
+    }
+    let slot_in_ms = (ahead as f64 + 1.0) / frees_per_ms;
+    let left_ms = slo - waited_ms - ttft_ms;
+    (slot_in_ms <= left_ms && slot_in_ms + ttft_ms < spill.predicted_ttft_ms).then_some(left_ms)
+}
+
 /// Failover placement for a request that already started (it must not be shed): the least
 /// utilised available worker serving `model` outside `exclude`, capacity permitting or not —
 /// the worker queues it.

@@ -118,6 +118,53 @@ fn a_scarce_wse_is_kept_for_prompts_only_it_serves_in_time() {
 }
 
 #[test]
+fn a_late_spill_waits_for_a_wse_slot_the_turnover_says_frees_in_time() {
+    let mut policy = PolicyDocument::default();
+    policy.placement.await_wse = true;
+    policy.placement.await_wse_gpu_ttft_fraction = 0.5;
+    let slo = policy.latency_critical.ttft_slo_ms;
+    // The GPU has 10 000 latency-critical prompt tokens queued: ~1.1 s to a first token.
+    let mut gpu = worker("g1", Pool::Gpu, 1, 8);
+    gpu.queued_prompt_tokens = 10_000;
+    // Every WSE slot busy; one frees every 50 ms (4 slots, held 200 ms each).
+    let mut wse = worker("w1", Pool::Wse, 4, 4);
+    wse.slot_turnover_ms = 200.0;
+    let mut view = ClusterView::new(vec![gpu, wse]);
+    let lc = class(LaneName::LatencyCritical, &policy);
+    let r = request(1_000, None, 1);
+    let spill = placed(&place(&view, &lc, &r, &policy, &[]));
+    assert_eq!((spill.worker, spill.route), (0, Route::SpillToGpu));
+    assert!(spill.predicted_ttft_ms > slo, "{spill:?}");
+    // The slot it would get frees in ~50 ms, and the WSE's own ~21 ms follow: it waits, at
+    // most until only the WSE's time to a first token is left of the SLO.
+    let left = await_wse(&view, &lc, &r, &spill, 0.0, 0, &policy).expect("waits");
+    assert!((970.0..=980.0).contains(&left), "{left}");
+    // Not when it waited too long already, nor behind too many others waiting (31 slots
+    // away = 1.55 s).
+    assert_eq!(await_wse(&view, &lc, &r, &spill, 960.0, 0, &policy), None);
+    assert_eq!(await_wse(&view, &lc, &r, &spill, 0.0, 30, &policy), None);
+    assert!(await_wse(&view, &lc, &r, &spill, 0.0, 10, &policy).is_some());
+    // Not without a measured turnover, nor with it switched off (the default).
+    view.update(1, |w| w.slot_turnover_ms = 0.0);
+    assert_eq!(await_wse(&view, &lc, &r, &spill, 0.0, 0, &policy), None);
+    view.update(1, |w| w.slot_turnover_ms = 200.0);
+    let default = PolicyDocument::default();
+    assert_eq!(await_wse(&view, &lc, &r, &spill, 0.0, 0, &default), None);
+    // Not when the GPU is predicted within the fraction of the SLO: it takes the GPU.
+    view.update(0, |w| w.queued_prompt_tokens = 0);
+    let fast = placed(&place(&view, &lc, &r, &policy, &[]));
+    assert!(fast.predicted_ttft_ms <= 0.5 * slo, "{fast:?}");
+    assert_eq!(await_wse(&view, &lc, &r, &fast, 0.0, 0, &policy), None);
+    // Not when a WSE slot is free (the policy passed it over: it is late itself), and never
+    // for cost-sensitive work.
+    view.update(1, |w| w.outstanding = 3);
+    assert_eq!(await_wse(&view, &lc, &r, &spill, 0.0, 0, &policy), None);
+    view.update(1, |w| w.outstanding = 4);
+    let cs = class(LaneName::CostSensitive, &policy);
+    assert_eq!(await_wse(&view, &cs, &r, &spill, 0.0, 0, &policy), None);
+}
+
+#[test]
 fn latency_critical_spills_to_gpu_when_wse_is_full_and_queues_when_all_are() {
     let policy = PolicyDocument::default();
     let mut view = ClusterView::new(vec![

@@ -40,6 +40,9 @@ pub struct WorkerState {
     /// The worker publishes the KV blocks it holds (`KvEvents`): its cached prefix of a
     /// prompt is known from the router's prefix index, not assumed from affinity.
     pub prefix_cache: bool,
+    /// Mean time a request held one of this worker's slots (start to last frame), as the
+    /// router measured it; 0 = not measured yet. How soon a busy worker frees a slot.
+    pub slot_turnover_ms: f64,
 }
 
 impl WorkerState {
@@ -65,12 +68,23 @@ impl WorkerState {
             prefill_chunk_tokens: 0,
             cost_per_mtok: 0.0,
             prefix_cache: false,
+            slot_turnover_ms: 0.0,
         }
     }
 
     /// Available and below capacity.
     pub fn has_free_slot(&self) -> bool {
         self.available && self.outstanding < self.max_concurrent
+    }
+}
+
+/// The next `slot_turnover_ms` after a slot was held `held_ms`: an exponentially weighted
+/// mean over roughly the last ten releases, so a change of workload shows within a burst.
+pub fn turnover_ewma(mean_ms: f64, held_ms: f64) -> f64 {
+    if mean_ms > 0.0 {
+        0.9 * mean_ms + 0.1 * held_ms
+    } else {
+        held_ms
     }
 }
 

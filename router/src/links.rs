@@ -42,6 +42,7 @@ use tracing::{debug, info, warn};
 
 use crate::changes::ChangeFeed;
 use crate::metrics::WorkerLabels;
+use crate::policy::view::turnover_ewma;
 use crate::policy::{ClusterView, WorkerState};
 use crate::prefix_index::{PrefixHit, PrefixIndex, PrefixIndexConfig, PrefixIndexStats};
 use crate::tokenizers::{self, FetchError, Tokenizers};
@@ -79,6 +80,13 @@ impl LinkEvents {
 }
 
 type EventSender = mpsc::UnboundedSender<Box<LinkEvent>>;
+
+/// A request on the link's current stream: where its frames go, and since when it holds a
+/// slot on the worker (for [`turnover_ewma`]).
+struct Routed {
+    events: EventSender,
+    sent: Instant,
+}
 
 /// Commands a link takes before it is overloaded: a start beyond them fails at once (and is
 /// placed elsewhere) instead of queueing behind a worker that does not keep up.
@@ -275,6 +283,9 @@ struct LinkState {
     queued: Starts,
     /// Consecutive failed dials (or streams that did not stay up long).
     failures: u32,
+    /// Mean time from a start sent to its generation's last frame ([`turnover_ewma`]); 0
+    /// until one finished. Kept across streams: it describes the worker, not the stream.
+    slot_turnover_ms: f64,
 }
 
 impl Default for LinkState {
@@ -288,6 +299,7 @@ impl Default for LinkState {
             held: 0,
             queued: Starts::default(),
             failures: 0,
+            slot_turnover_ms: 0.0,
         }
     }
 }
@@ -351,6 +363,7 @@ fn worker_state(record: &WorkerRecord, link: &LinkState) -> WorkerState {
         prefill_chunk_tokens: load.and_then(|l| l.prefill_chunk_tokens).unwrap_or(0),
         cost_per_mtok: record.capacity.cost_per_mtok,
         prefix_cache: link.publishes_kv,
+        slot_turnover_ms: link.slot_turnover_ms,
         id: record.id.clone(),
         pool: record.pool,
         models: record.models.clone(),
@@ -644,7 +657,7 @@ struct LinkTask {
     /// A sample uniform in [0, 1) for the reconnection jitter.
     jitter: fn() -> f64,
     /// The dispatcher of each request on the current stream.
-    requests: HashMap<String, EventSender>,
+    requests: HashMap<String, Routed>,
     in_transit: InTransit,
     /// The current stream (see [`NEXT_STREAM`]); 0 while none is open.
     stream: u64,
@@ -813,7 +826,13 @@ impl LinkTask {
                     s.queued.remove(charge);
                     s.in_transit = in_transit;
                 });
-                self.requests.insert(start.request_id.clone(), events);
+                self.requests.insert(
+                    start.request_id.clone(),
+                    Routed {
+                        events,
+                        sent: Instant::now(),
+                    },
+                );
                 outbound.push(router_frame::Frame::Start(*start));
             }
             Command::Cancel { request_id, reason } => {
@@ -860,14 +879,23 @@ impl LinkTask {
             worker_frame::Frame::Failed(f) => (f.request_id.clone(), true),
         };
         let delivered = match self.requests.get(&request_id) {
-            Some(tx) => tx.send(Box::new(LinkEvent::Frame(frame))).is_ok(),
+            Some(routed) => routed
+                .events
+                .send(Box::new(LinkEvent::Frame(frame)))
+                .is_ok(),
             None => {
                 debug!(%request_id, "frame for a request nobody waits for");
                 false
             }
         };
         if last || !delivered {
-            self.requests.remove(&request_id);
+            let routed = self.requests.remove(&request_id);
+            if let Some(routed) = routed.filter(|_| last) {
+                let held_ms = routed.sent.elapsed().as_secs_f64() * 1e3;
+                self.shared.state.send_modify(|s| {
+                    s.slot_turnover_ms = turnover_ewma(s.slot_turnover_ms, held_ms);
+                });
+            }
         }
         if last {
             self.shared.changes.worker(&self.shared.id);
@@ -913,8 +941,10 @@ impl LinkTask {
         }
         // A new stream counts from zero; slots held by placements stay held.
         self.in_transit = InTransit::default();
-        for (_, tx) in self.requests.drain() {
-            let _ = tx.send(Box::new(LinkEvent::Lost(why.to_string())));
+        for (_, routed) in self.requests.drain() {
+            let _ = routed
+                .events
+                .send(Box::new(LinkEvent::Lost(why.to_string())));
         }
         let mut was_connected = false;
         let mut listed = true;

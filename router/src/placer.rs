@@ -32,7 +32,7 @@ use crate::policy::moves::{
 };
 use crate::policy::{
     Admission, ClusterView, Considered, Decision, Placement, PlacementError, RequestInfo, admit,
-    decode_rate, fallback, place_traced,
+    await_wse, decode_rate, fallback, place_traced,
 };
 use crate::policy_watch::PolicyHandle;
 use crate::report::{self, Reporter, ledger};
@@ -371,6 +371,7 @@ impl Placer {
             metrics,
             reports,
             queues: Default::default(),
+            awaiting_wse: VecDeque::new(),
             next_ticket: 0,
             depths: depths.clone(),
             commands: commands.downgrade(),
@@ -440,6 +441,30 @@ struct Waiting {
     reply: oneshot::Sender<Result<Chosen, DispatchError>>,
     /// A borrowed wafer-scale slot was ordered back for it (once is enough: the slot comes).
     preempted: bool,
+    /// When it began to wait.
+    since: Instant,
+    /// For a request awaiting a wafer-scale slot: when it stops waiting and takes a GPU.
+    give_up: Option<Instant>,
+}
+
+/// What one placement attempt came to.
+// Returned and matched at once, never stored: boxing the placement would only add an
+// allocation per decision.
+#[allow(clippy::large_enum_variant)]
+enum Attempt {
+    Placed(Chosen),
+    /// No slot it may take now.
+    Full,
+    /// A GPU would serve it late: it waits for a wafer-scale slot, at most this long.
+    AwaitWse(std::time::Duration),
+}
+
+/// Whether a spilled latency-critical request may wait for a wafer-scale slot instead, and
+/// where it stands: `waited` so far, `ahead` requests awaiting one before it.
+#[derive(Debug, Clone, Copy)]
+struct MayAwait {
+    waited: std::time::Duration,
+    ahead: usize,
 }
 
 struct PlacementTask {
@@ -451,6 +476,10 @@ struct PlacementTask {
     view: ClusterView,
     /// Requests waiting for a slot, per lane ([`LaneName::index`]), oldest first.
     queues: [VecDeque<Waiting>; 2],
+    /// Latency-critical requests a GPU would serve late, waiting for a wafer-scale slot
+    /// (`placement.await_wse`), oldest first. A newcomer may still take a GPU: they wait for
+    /// a different thing than the lane's queue.
+    awaiting_wse: VecDeque<Waiting>,
     next_ticket: u64,
     depths: Arc<[AtomicU32; 2]>,
     /// For tickets to leave by; weak, so the task ends when the last [`Placer`] goes.
@@ -482,6 +511,10 @@ impl PlacementTask {
                     self.serve_queues();
                 }
                 _ = rebalance.tick(), if !self.listed.is_empty() => self.rebalance(),
+                // The first request awaiting a wafer-scale slot whose wait ran out takes a GPU.
+                _ = tokio::time::sleep_until(self.next_give_up()), if !self.awaiting_wse.is_empty() => {
+                    self.serve_queues();
+                }
             }
         }
     }
@@ -504,7 +537,7 @@ impl PlacementTask {
                 let _ = reply.send(answer);
             }
             Command::Leave(id) => {
-                for queue in &mut self.queues {
+                for queue in self.queues.iter_mut().chain([&mut self.awaiting_wse]) {
                     queue.retain(|w| w.id != id);
                 }
                 self.publish_depths();
@@ -623,17 +656,47 @@ impl PlacementTask {
         if !behind_others
             && if_full == IfFull::Queue
             && self.preempt_for(&ask, &policy)
-            && let Ok(ticket) = self.enqueue(ask.clone(), true, &policy)
+            && let Ok(ticket) = self.enqueue(ask.clone(), true, None, &policy)
         {
             return Ok(Answer::Queued(ticket));
         }
-        if !behind_others && let Some(chosen) = self.try_place(&ask, &policy, first)? {
-            return Ok(Answer::Placed(chosen));
+        if !behind_others {
+            // A started request failing over does not wait for a better slot.
+            let may_await = first.then(|| MayAwait {
+                waited: std::time::Duration::ZERO,
+                ahead: self.awaiting_wse_for(&ask.model),
+            });
+            match self.try_place(&ask, &policy, first, may_await)? {
+                Attempt::Placed(chosen) => return Ok(Answer::Placed(chosen)),
+                Attempt::AwaitWse(left) => {
+                    return self
+                        .enqueue(ask, false, Some(left), &policy)
+                        .map(Answer::Queued);
+                }
+                Attempt::Full => {}
+            }
         }
         match if_full {
-            IfFull::Queue => self.enqueue(ask, false, &policy).map(Answer::Queued),
+            IfFull::Queue => self.enqueue(ask, false, None, &policy).map(Answer::Queued),
             IfFull::Fallback => self.fall_back(&ask).map(Answer::Placed),
         }
+    }
+
+    /// Requests awaiting a wafer-scale slot for `model`.
+    fn awaiting_wse_for(&self, model: &str) -> usize {
+        self.awaiting_wse
+            .iter()
+            .filter(|w| w.ask.model == model)
+            .count()
+    }
+
+    /// When the first request awaiting a wafer-scale slot gives up.
+    fn next_give_up(&self) -> Instant {
+        self.awaiting_wse
+            .iter()
+            .filter_map(|w| w.give_up)
+            .min()
+            .unwrap_or_else(Instant::now)
     }
 
     /// Whether requests that come before one of `lane` for `model` are waiting.
@@ -642,14 +705,16 @@ impl PlacementTask {
         waits(LaneName::LatencyCritical) || (lane == LaneName::CostSensitive && waits(lane))
     }
 
-    /// One placement attempt on the current view: `Ok(None)` when the request must wait.
-    /// With `may_hedge`, a second worker to race on when the policy's `hedging` says so.
+    /// One placement attempt on the current view. With `may_hedge`, a second worker to race
+    /// on when the policy's `hedging` says so; with `may_await`, a GPU that would serve the
+    /// request late may be turned down to await a wafer-scale slot ([`await_wse`]).
     fn try_place(
         &mut self,
         ask: &Ask,
         policy: &PolicyDocument,
         may_hedge: bool,
-    ) -> Result<Option<Chosen>, DispatchError> {
+        may_await: Option<MayAwait>,
+    ) -> Result<Attempt, DispatchError> {
         let view = &self.view;
         let hits = prefix_hits(view, ask);
         let info = ask.info(hits.as_deref());
@@ -682,6 +747,24 @@ impl PlacementTask {
             }
             decision => decision,
         };
+        let awaiting = match (&decision, may_await) {
+            (Decision::Place(spill), Some(may)) => await_wse(
+                view,
+                &ask.class,
+                &info,
+                spill,
+                may.waited.as_secs_f64() * 1e3,
+                may.ahead,
+                policy,
+            ),
+            _ => None,
+        };
+        if let Some(left_ms) = awaiting {
+            self.metrics.decision(ask.class.lane, None, "await_wse");
+            return Ok(Attempt::AwaitWse(std::time::Duration::from_secs_f64(
+                left_ms / 1e3,
+            )));
+        }
         let (pool, reason) = match &decision {
             Decision::Place(placement) => (Some(placement.pool), placement.reason_label()),
             Decision::Queue => (None, "queue"),
@@ -691,7 +774,7 @@ impl PlacementTask {
         self.metrics.decision(ask.class.lane, pool, reason);
         let placement = match decision {
             Decision::Place(placement) => placement,
-            Decision::Queue => return Ok(None),
+            Decision::Queue => return Ok(Attempt::Full),
             Decision::Reject(error) => return Err(placement_error(error)),
         };
         let (fastest, cheapest) = alternatives.excluding(placement.worker);
@@ -717,7 +800,7 @@ impl PlacementTask {
             Some(hedge) => format!("{}; hedged on {}", placement.reason(), hedge.link.id()),
             None => placement.reason(),
         };
-        Ok(Some(Chosen {
+        Ok(Attempt::Placed(Chosen {
             slot,
             link,
             reason,
@@ -886,15 +969,17 @@ impl PlacementTask {
     }
 
     /// Lets a request wait at the router (shedding a queued cost-sensitive request in its
-    /// place if the policy says so), or sheds it.
+    /// place if the policy says so), or sheds it. With `await_wse`, it awaits a wafer-scale
+    /// slot for at most that long.
     fn enqueue(
         &mut self,
         ask: Ask,
         preempted: bool,
+        await_wse: Option<std::time::Duration>,
         policy: &PolicyDocument,
     ) -> Result<Ticket, DispatchError> {
         let lane = ask.class.lane;
-        let depths = [self.queues[0].len() as u32, self.queues[1].len() as u32];
+        let depths = self.depths();
         let lane_policy = policy.lane(lane);
         match admit(lane, depths, policy) {
             Admission::Queue => {}
@@ -917,13 +1002,25 @@ impl PlacementTask {
         let (reply, placed) = oneshot::channel();
         self.next_ticket += 1;
         let id = self.next_ticket;
-        debug!(request_id = %ask.request_id, lane = lane.as_str(), "waiting at the router for a slot");
-        self.queues[lane.index()].push_back(Waiting {
+        let now = Instant::now();
+        let waiting = Waiting {
             id,
             ask,
             reply,
             preempted,
-        });
+            since: now,
+            give_up: await_wse.map(|left| now + left),
+        };
+        match await_wse {
+            Some(left) => {
+                debug!(request_id = %waiting.ask.request_id, wait_ms = left.as_millis() as u64, "a GPU would be late: awaiting a wafer-scale slot");
+                self.awaiting_wse.push_back(waiting);
+            }
+            None => {
+                debug!(request_id = %waiting.ask.request_id, lane = lane.as_str(), "waiting at the router for a slot");
+                self.queues[lane.index()].push_back(waiting);
+            }
+        }
         self.publish_depths();
         let max_wait_ms = lane_policy.max_queue_wait_ms;
         Ok(Ticket {
@@ -937,13 +1034,15 @@ impl PlacementTask {
         })
     }
 
-    /// Places waiting requests in order — latency-critical first, FIFO within a lane — until
-    /// each model's next request in each lane must keep waiting.
+    /// Places waiting requests in order — those awaiting a wafer-scale slot, then
+    /// latency-critical, then cost-sensitive, FIFO within each — until each model's next
+    /// request in each lane must keep waiting.
     fn serve_queues(&mut self) {
-        if self.queues.iter().all(VecDeque::is_empty) {
+        if self.queues.iter().all(VecDeque::is_empty) && self.awaiting_wse.is_empty() {
             return;
         }
         let policy = self.policy.current();
+        self.serve_awaiting_wse(&policy);
         // Models whose head request in a lane could not be placed: later ones wait behind it.
         let mut blocked: [HashSet<String>; 2] = Default::default();
         for lane in [LaneName::LatencyCritical, LaneName::CostSensitive] {
@@ -963,8 +1062,8 @@ impl PlacementTask {
                     continue;
                 }
                 let ask = waiting.ask.clone();
-                match self.try_place(&ask, &policy, false) {
-                    Ok(None) => {
+                match self.try_place(&ask, &policy, false, None) {
+                    Ok(Attempt::Full | Attempt::AwaitWse(_)) => {
                         // A latency-critical request still waiting takes a borrowed wafer
                         // slot back as soon as the borrower has somewhere to go.
                         if !self.queues[lane.index()][i].preempted
@@ -975,23 +1074,79 @@ impl PlacementTask {
                         blocked[lane.index()].insert(ask.model);
                         i += 1;
                     }
-                    placed => {
-                        let waiting = self.queues[lane.index()]
-                            .remove(i)
-                            .expect("index checked above");
-                        // A placement its request no longer wants gives its slot back as
-                        // the `Chosen` drops.
-                        let _ = waiting.reply.send(placed.map(|p| p.expect("placed")));
-                    }
+                    Ok(Attempt::Placed(chosen)) => self.answer(lane, i, Ok(chosen)),
+                    Err(error) => self.answer(lane, i, Err(error)),
                 }
             }
         }
         self.publish_depths();
     }
 
+    /// Places requests awaiting a wafer-scale slot, in order: on one that freed, or — once
+    /// waiting no longer pays (its wait ran out, or the slot would come too late) — on the
+    /// GPU the policy chooses.
+    fn serve_awaiting_wse(&mut self, policy: &PolicyDocument) {
+        let now = Instant::now();
+        let mut ahead: BTreeMap<String, usize> = BTreeMap::new();
+        let mut i = 0;
+        while let Some(waiting) = self.awaiting_wse.get(i) {
+            if waiting.reply.is_closed() {
+                self.awaiting_wse.remove(i);
+                continue;
+            }
+            let ask = waiting.ask.clone();
+            let before = ahead.entry(ask.model.clone()).or_default();
+            let may_await = waiting
+                .give_up
+                .filter(|&give_up| now < give_up)
+                .map(|_| MayAwait {
+                    waited: now - waiting.since,
+                    ahead: *before,
+                });
+            let since = waiting.since;
+            match self.try_place(&ask, policy, false, may_await) {
+                Ok(Attempt::AwaitWse(_) | Attempt::Full) => {
+                    *before += 1;
+                    i += 1;
+                }
+                Ok(Attempt::Placed(mut chosen)) => {
+                    let waited_ms = now.saturating_duration_since(since).as_millis();
+                    chosen.reason = format!(
+                        "{} after awaiting a wse slot for {waited_ms} ms",
+                        chosen.reason
+                    );
+                    let waiting = self.awaiting_wse.remove(i).expect("index checked above");
+                    let _ = waiting.reply.send(Ok(chosen));
+                }
+                Err(error) => {
+                    let waiting = self.awaiting_wse.remove(i).expect("index checked above");
+                    let _ = waiting.reply.send(Err(error));
+                }
+            }
+        }
+    }
+
+    /// Answers the `i`th waiting request of `lane`. A placement its request no longer wants
+    /// gives its slot back as the `Chosen` drops.
+    fn answer(&mut self, lane: LaneName, i: usize, placed: Result<Chosen, DispatchError>) {
+        let waiting = self.queues[lane.index()]
+            .remove(i)
+            .expect("index checked by the caller");
+        let _ = waiting.reply.send(placed);
+    }
+
+    /// Requests waiting at the router per lane; those awaiting a wafer-scale slot are
+    /// latency-critical.
+    fn depths(&self) -> [u32; 2] {
+        [
+            (self.queues[0].len() + self.awaiting_wse.len()) as u32,
+            self.queues[1].len() as u32,
+        ]
+    }
+
     fn publish_depths(&self) {
-        for (depth, queue) in self.depths.iter().zip(&self.queues) {
-            depth.store(queue.len() as u32, Ordering::Relaxed);
+        for (depth, queued) in self.depths.iter().zip(self.depths()) {
+            depth.store(queued, Ordering::Relaxed);
         }
     }
 }

@@ -56,10 +56,12 @@ impl Drop for Worker {
 async fn start_worker(
     registry: &Arc<MemoryRegistry>,
     id: &str,
-    (pool, slots): (Pool, u32),
+    (pool, slots, prefill_tokens_per_s): (Pool, u32, f64),
     script: &Arc<Script>,
 ) -> Worker {
-    let engine = Arc::new(FaultEngine::new(MODEL, slots, script.clone()));
+    let engine = Arc::new(
+        FaultEngine::new(MODEL, slots, script.clone()).with_prefill_rate(prefill_tokens_per_s),
+    );
     let kill = CancellationToken::new();
     let drain = CancellationToken::new();
     let config = WorkerConfig {
@@ -139,6 +141,19 @@ impl Cluster {
     /// One worker per `(pool, slots)`, named `w0`, `w1`, …
     async fn start_pools(
         workers: &[(Pool, u32)],
+        config: RouterConfig,
+        policy: Option<PolicyDocument>,
+    ) -> Self {
+        let unreported: Vec<_> = workers
+            .iter()
+            .map(|&(pool, slots)| (pool, slots, 0.0))
+            .collect();
+        Self::start_reporting(&unreported, config, policy).await
+    }
+
+    /// One worker per `(pool, slots, prefill tokens/s it reports)`, named `w0`, `w1`, …
+    async fn start_reporting(
+        workers: &[(Pool, u32, f64)],
         config: RouterConfig,
         policy: Option<PolicyDocument>,
     ) -> Self {
@@ -1286,6 +1301,95 @@ async fn a_scarce_wafer_is_kept_for_the_long_prompt_and_short_ones_go_to_a_gpu()
     for id in ["first", "short", "long"] {
         assert_eq!(session.end(id).await.reason(), FinishReason::Length, "{id}");
     }
+}
+
+/// A latency-critical request that a GPU would serve late, while the wafer's only slot is
+/// busy, waits at the router for that slot (its turnover measured from the generations before)
+/// and gets it as soon as it frees; when the slot does not free within what is left of its SLO,
+/// it takes the GPU after all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_a_gpu_would_serve_late_awaits_the_wafer_slot_that_frees_in_time() {
+    let mut policy = PolicyDocument::default();
+    policy.placement.await_wse = true;
+    policy.placement.await_wse_gpu_ttft_fraction = 1.0;
+    // A GPU prefilling 1 000 tokens/s, a wafer 50 000 tokens/s with one slot.
+    let cluster = Cluster::start_reporting(
+        &[(Pool::Gpu, 4, 1_000.0), (Pool::Wse, 1, 50_000.0)],
+        RouterConfig::default(),
+        Some(policy),
+    )
+    .await;
+    let (gpu, wse) = (&cluster.workers[0].id, &cluster.workers[1].id);
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    // A first generation on the wafer measures how long its slot is held.
+    session.start(request(
+        "warm-up",
+        "quick",
+        3,
+        RequestClass::LatencyCritical,
+    ));
+    assert_eq!(session.end("warm-up").await.reason(), FinishReason::Length);
+    assert_eq!(&session.requests["warm-up"].accepted[0].worker_id, wse);
+    // The wafer's slot is taken and held.
+    session.start(request("holder", "hold", 3, RequestClass::LatencyCritical));
+    session.tokens("holder", 1).await;
+    assert_eq!(&session.requests["holder"].accepted[0].worker_id, wse);
+    // ~3 000 prompt tokens: 1.5 s or more on the GPU (with its assumed cache), past the
+    // 1 000 ms SLO; ~60 ms on the wafer. It waits rather than start on the GPU.
+    let long = format!("slow {}", "word ".repeat(3_000));
+    session.start(request("late", &long, 3, RequestClass::LatencyCritical));
+    cluster.engine(1).release();
+    assert_eq!(session.end("holder").await.reason(), FinishReason::Length);
+    let end = session.end("late").await;
+    assert_eq!(end.reason(), FinishReason::Length);
+    // The wafer's only slot was held until the release: it waited for it, and the GPU never
+    // saw it.
+    let late = end.accepted[0].clone();
+    assert_eq!(&late.worker_id, wse, "{late:?}");
+    assert!(
+        late.reason.contains("after awaiting a wse slot"),
+        "{late:?}"
+    );
+    assert!(queue_ms(&end) > 0.0, "{end:?}");
+    assert!(
+        cluster.starts().iter().all(|(i, _)| *i == 1),
+        "{:?}",
+        cluster.starts()
+    );
+    // The slot held again, for longer than the SLO (a token every 500 ms): the next one waits
+    // what is left of its SLO at most, then takes the GPU.
+    cluster.script.set(
+        "steady",
+        [Plan::default().paced(Duration::from_millis(500))],
+    );
+    session.start(request(
+        "holder-2",
+        "steady",
+        4,
+        RequestClass::LatencyCritical,
+    ));
+    session.tokens("holder-2", 1).await;
+    session.start(request("given-up", &long, 3, RequestClass::LatencyCritical));
+    assert_eq!(session.end("given-up").await.reason(), FinishReason::Length);
+    let end = session.requests["given-up"].clone();
+    let given_up = end.accepted[0].clone();
+    assert_eq!(&given_up.worker_id, gpu, "{given_up:?}");
+    assert!(given_up.reason.contains("spill=gpu"), "{given_up:?}");
+    let waited = queue_ms(&end);
+    assert!(waited > 0.0 && waited < 1_000.0, "waited {waited} ms");
+    assert_eq!(session.end("holder-2").await.reason(), FinishReason::Length);
+}
+
+fn queue_ms(outcome: &Outcome) -> f64 {
+    outcome
+        .finished
+        .as_ref()
+        .and_then(|f| f.timings)
+        .expect("timings")
+        .queue_ms
 }
 
 /// A draining worker hands its long generations to another worker instead of making the

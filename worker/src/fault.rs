@@ -189,6 +189,8 @@ pub struct FaultEngine {
     events: Arc<watch::Sender<Vec<FaultEvent>>>,
     released: Arc<watch::Sender<bool>>,
     died: CancellationToken,
+    /// Reported in every load report (0 = not reported).
+    prefill_tokens_per_s: f64,
 }
 
 impl FaultEngine {
@@ -202,7 +204,15 @@ impl FaultEngine {
             events: Arc::new(watch::channel(Vec::new()).0),
             released: Arc::new(watch::channel(false).0),
             died: CancellationToken::new(),
+            prefill_tokens_per_s: 0.0,
         }
+    }
+
+    /// Reports this prefill rate to the router (as a real engine reports its measured one),
+    /// so placement predicts a time to first token for it rather than assuming its default.
+    pub fn with_prefill_rate(mut self, tokens_per_s: f64) -> Self {
+        self.prefill_tokens_per_s = tokens_per_s;
+        self
     }
 
     /// Lets every [`Fault::HoldAfter`] generation of this engine (now and later) go on.
@@ -254,7 +264,10 @@ impl Engine for FaultEngine {
     }
 
     fn load(&self) -> EngineLoad {
-        EngineLoad::default()
+        EngineLoad {
+            prefill_tokens_per_s: self.prefill_tokens_per_s,
+            ..EngineLoad::default()
+        }
     }
 
     fn submit(

@@ -24,7 +24,7 @@ use switchyard_cluster::Pool;
 use switchyard_policy::classify::Classification;
 use switchyard_policy::document::{LaneName, PolicyDocument};
 use switchyard_policy::moves::{HedgeAccount, HedgeBudget};
-use switchyard_policy::{Admission, ClusterView, Decision, Placement, WorkerState, admit};
+use switchyard_policy::{Admission, ClusterView, Decision, Placement, Route, WorkerState, admit};
 
 use super::kv::{BlockCache, RouterKvView, TRACE_BLOCK_TOKENS};
 use super::profile::Profiles;
@@ -81,6 +81,22 @@ pub trait Placer {
         policy: &PolicyDocument,
     ) -> Decision;
 
+    /// How much longer a request that `place` spilled to a GPU should wait for a WSE slot
+    /// instead (see `switchyard_policy::await_wse`); `None`: start it now.
+    #[allow(clippy::too_many_arguments)]
+    fn await_wse(
+        &mut self,
+        _view: &ClusterView,
+        _kv: &RouterKvView,
+        _request: &SimRequest,
+        _index: u32,
+        _spill: &Placement,
+        _waited_ms: f64,
+        _ahead: usize,
+    ) -> Option<f64> {
+        None
+    }
+
     /// The policy document under which the simulator moves running generations and hedges
     /// this placer's requests (`None`: it never does).
     fn moves_policy(&self) -> Option<&PolicyDocument> {
@@ -103,6 +119,8 @@ pub struct Outcome {
     pub cached_tokens: u32,
     /// Prompt tokens the placement expected it to reuse (router's view).
     pub predicted_cached_tokens: u32,
+    /// Time to first token the placement predicted, from dispatch.
+    pub predicted_ttft_ms: f64,
     /// Times it moved to another worker.
     pub moves: u8,
     /// It was started on a second worker too.
@@ -127,6 +145,8 @@ struct Seq {
     /// Output tokens generated before it moved here (0: a fresh start, whose prefill gives
     /// the first token).
     done: u32,
+    /// When it joined the running batch.
+    joined_ms: f64,
 }
 
 #[derive(Default)]
@@ -283,6 +303,7 @@ pub fn simulate(
         heap: BinaryHeap::new(),
         seq: 0,
         queues: [VecDeque::new(), VecDeque::new()],
+        awaiting_wse: VecDeque::new(),
         events: 0,
         kv: RouterKvView::new(KV_MAX_HITS),
         scratch: Vec::new(),
@@ -309,12 +330,24 @@ pub fn simulate(
             (_, Some(_)) => {
                 let Reverse((t, _, kind, a, b)) = sim.heap.pop().expect("peeked");
                 let now = f64::from_bits(t);
-                match kind {
-                    EV_GPU_STEP => sim.gpu_step_end(a as usize, b, now),
-                    EV_WSE_FIRST => sim.wse_first(a as usize, b, now),
+                let freed_wse = match kind {
+                    EV_GPU_STEP => {
+                        sim.gpu_step_end(a as usize, b, now);
+                        false
+                    }
+                    EV_WSE_FIRST => {
+                        sim.wse_first(a as usize, b, now);
+                        false
+                    }
                     _ => sim.wse_done(a as usize, b, now),
-                }
+                };
                 sim.drain(now, placer);
+                // A freed WSE slot goes to the requests waiting at the router for one first
+                // (as in the live router, whose rebalancing runs on a timer), then to a
+                // rebalanced generation.
+                if freed_wse && sim.moves_policy.is_some() {
+                    sim.rebalance_waiting(now);
+                }
             }
             (None, None) => break,
             (Some(_), None) => unreachable!("handled by the first arm"),
@@ -325,6 +358,9 @@ pub fn simulate(
         for &(r, _) in q {
             sim.outcomes[r as usize].shed = true;
         }
+    }
+    for &(r, _, _) in &sim.awaiting_wse {
+        sim.outcomes[r as usize].shed = true;
     }
     let evicted_blocks = sim.workers.iter().map(|w| w.cache.evicted).sum();
     let kv_overcommitted = sim.workers.iter().map(|w| w.cache.overcommitted).sum();
@@ -358,6 +394,9 @@ struct Sim<'a> {
     heap: BinaryHeap<Reverse<Event>>,
     seq: u64,
     queues: [VecDeque<(u32, f64)>; 2],
+    /// Latency-critical requests waiting for a WSE slot instead of spilling to a GPU late:
+    /// (request, waiting since, give up and spill at), oldest first.
+    awaiting_wse: VecDeque<(u32, f64, f64)>,
     events: u64,
     /// The router's picture of the workers' caches, from their published stores/evictions.
     kv: RouterKvView,
@@ -413,7 +452,11 @@ impl Sim<'_> {
         if self.queues[lane].is_empty() {
             match placer.place(&self.view, &self.kv, request, r, self.policy) {
                 Decision::Place(p) => {
-                    self.start(r, p, now);
+                    let ahead = self.awaiting_wse.len();
+                    match placer.await_wse(&self.view, &self.kv, request, r, &p, 0.0, ahead) {
+                        Some(left_ms) => self.awaiting_wse.push_back((r, now, now + left_ms)),
+                        None => self.start(r, p, now),
+                    }
                     return;
                 }
                 Decision::Reject(_) => {
@@ -440,8 +483,34 @@ impl Sim<'_> {
         self.queues[lane].push_back((r, deadline));
     }
 
-    /// Places queued requests, latency-critical first, while the placer finds slots.
+    /// Places queued requests — those awaiting a WSE slot, then latency-critical, then
+    /// cost-sensitive, each in order — while the placer finds slots.
     fn drain(&mut self, now: f64, placer: &mut dyn Placer) {
+        let mut i = 0;
+        while let Some(&(r, since, give_up)) = self.awaiting_wse.get(i) {
+            let request = &self.requests[r as usize];
+            match placer.place(&self.view, &self.kv, request, r, self.policy) {
+                Decision::Place(p) => {
+                    let keep_waiting = p.route == Route::SpillToGpu
+                        && now < give_up
+                        && placer
+                            .await_wse(&self.view, &self.kv, request, r, &p, now - since, i)
+                            .is_some();
+                    if keep_waiting {
+                        i += 1;
+                    } else {
+                        self.awaiting_wse.remove(i);
+                        self.start(r, p, now);
+                    }
+                }
+                // Every slot is busy: it waits on.
+                Decision::Queue => i += 1,
+                Decision::Reject(_) => {
+                    self.awaiting_wse.remove(i);
+                    self.outcomes[r as usize].shed = true;
+                }
+            }
+        }
         for lane in 0..2 {
             while let Some(&(r, deadline)) = self.queues[lane].front() {
                 if deadline < now {
@@ -472,17 +541,19 @@ impl Sim<'_> {
             self.start_with_moves(r, p, now);
         } else {
             let spilled = p.pool != switchyard_policy::home_pool(self.requests[r as usize].lane);
-            self.dispatch(r, p.worker, spilled, p.cached_tokens, now);
+            self.dispatch(r, &p, spilled, now);
         }
     }
 
-    fn dispatch(&mut self, r: u32, w: usize, spilled: bool, predicted: u32, now: f64) {
+    fn dispatch(&mut self, r: u32, p: &Placement, spilled: bool, now: f64) {
+        let w = p.worker;
         let outcome = &mut self.outcomes[r as usize];
         outcome.worker = w as u32;
         outcome.dispatched_ms = now;
         outcome.served = true;
         outcome.spilled = spilled;
-        outcome.predicted_cached_tokens = predicted;
+        outcome.predicted_cached_tokens = p.cached_tokens;
+        outcome.predicted_ttft_ms = p.predicted_ttft_ms;
         let cached = self.run_on(r, w, 0, now);
         self.outcomes[r as usize].cached_tokens = cached;
     }
@@ -587,28 +658,44 @@ impl Sim<'_> {
                 latency_critical: self.requests[r as usize].lane == LaneName::LatencyCritical,
                 uncached,
                 done,
+                joined_ms: now,
             });
         }
-        // This step's prefill: everything waiting, or one chunk, latency-critical prompts
-        // first (each class in admission order).
+        // This step's prefill: everything waiting, or one chunk, in the candle engine's order
+        // (`worker-gpu`'s `next_to_prefill`): latency-critical prompts first; among equals the
+        // shortest remaining prefill, less what the time waited would have prefilled (so a
+        // long prompt moves up as it waits).
         let mut budget = if gpu.prefill_chunk_tokens == 0 {
             u64::MAX
         } else {
             u64::from(gpu.prefill_chunk_tokens)
         };
+        let urgency = |s: &Seq| {
+            let waited_s = (now - s.joined_ms) / 1000.0;
+            (
+                !s.latency_critical,
+                f64::from(s.prefill_left) - gpu.prefill_tokens_per_s * waited_s,
+            )
+        };
+        let mut order: Vec<usize> = (0..g.running.len())
+            .filter(|&i| !g.running[i].prefilled && g.running[i].prefill_left > 0)
+            .collect();
+        order.sort_by(|&a, &b| {
+            let (ua, ub) = (urgency(&g.running[a]), urgency(&g.running[b]));
+            ua.0.cmp(&ub.0).then(ua.1.total_cmp(&ub.1))
+        });
         let mut prefill = 0u64;
-        for latency_critical in [true, false] {
-            for s in g.running.iter_mut() {
-                if s.prefilled || s.latency_critical != latency_critical || budget == 0 {
-                    continue;
-                }
-                let take = u64::from(s.prefill_left).min(budget);
-                s.prefill_left -= take as u32;
-                budget -= take;
-                prefill += take;
-                if latency_critical {
-                    g.unprefilled_latency_critical -= take;
-                }
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            let s = &mut g.running[i];
+            let take = u64::from(s.prefill_left).min(budget);
+            s.prefill_left -= take as u32;
+            budget -= take;
+            prefill += take;
+            if s.latency_critical {
+                g.unprefilled_latency_critical -= take;
             }
         }
         g.unprefilled -= prefill;
@@ -723,7 +810,8 @@ impl Sim<'_> {
             if seq.remaining == 0 {
                 outcome.finish_ms = now;
                 cache.release(request.full_blocks(), request.anonymous_blocks());
-                g.running.swap_remove(i);
+                // `remove`, not `swap_remove`: prompts are prefilled in admission order.
+                g.running.remove(i);
             } else {
                 i += 1;
             }
@@ -755,23 +843,22 @@ impl Sim<'_> {
         }
     }
 
-    fn wse_done(&mut self, w: usize, r: u32, now: f64) {
-        // A generation that moved away or lost its race left its slot already.
+    /// A WSE generation finished; whether it freed its slot (one that moved away or lost
+    /// its race left it already).
+    fn wse_done(&mut self, w: usize, r: u32, now: f64) -> bool {
         let live = self
             .wse_runs
             .get(&(r, w as u32))
             .is_some_and(|run| run.finish_ms.to_bits() == now.to_bits());
-        if !live {
-            return;
+        if live {
+            self.leave_wse(w, r, now);
         }
-        self.leave_wse(w, r);
-        if self.moves_policy.is_some() {
-            self.rebalance_waiting(now);
-        }
+        live
     }
 
-    /// Frees `r`'s slot on WSE worker `w`; returns its run.
-    fn leave_wse(&mut self, w: usize, r: u32) -> WseRun {
+    /// Frees `r`'s slot on WSE worker `w`; returns its run. The router measures how long
+    /// slots are held (`slot_turnover_ms`), as the live router's links do.
+    fn leave_wse(&mut self, w: usize, r: u32, now: f64) -> WseRun {
         let run = self
             .wse_runs
             .remove(&(r, w as u32))
@@ -784,7 +871,12 @@ impl Sim<'_> {
             runs.swap_remove(i);
         }
         let active = *active;
-        self.view.update(w, |s| s.outstanding = active);
+        let held_ms = now - run.start_ms;
+        self.view.update(w, |s| {
+            s.outstanding = active;
+            s.slot_turnover_ms =
+                switchyard_policy::view::turnover_ewma(s.slot_turnover_ms, held_ms);
+        });
         run
     }
 }

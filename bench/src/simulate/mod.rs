@@ -364,7 +364,7 @@ fn scaled(requests: &[SimRequest], scale: f64) -> Vec<SimRequest> {
         .collect()
 }
 
-const MISS_HEADER: &str = "policy,lane,cause,arrival_ms,prompt_tokens,output_tokens,pool,router_wait_ms,ttft_ms,tokens_per_s\n";
+const MISS_HEADER: &str = "policy,lane,cause,arrival_ms,prompt_tokens,output_tokens,pool,router_wait_ms,predicted_ttft_ms,ttft_ms,tokens_per_s\n";
 
 /// Appends one CSV row per request of `result` that missed its SLO.
 fn miss_rows(name: &str, requests: &[SimRequest], result: &engine::RunResult, out: &mut String) {
@@ -380,12 +380,13 @@ fn miss_rows(name: &str, requests: &[SimRequest], result: &engine::RunResult, ou
         let rate = rate_of(r, o).unwrap_or(f64::NAN);
         let _ = writeln!(
             out,
-            "{name},{},{cause},{:.1},{},{},{pool},{:.1},{:.1},{:.1}",
+            "{name},{},{cause},{:.1},{},{},{pool},{:.1},{:.1},{:.1},{:.1}",
             r.lane.as_str(),
             r.arrival_ms,
             r.prompt_tokens,
             r.output_tokens,
             o.dispatched_ms - r.arrival_ms,
+            o.predicted_ttft_ms,
             o.first_token_ms - r.arrival_ms,
             rate,
         );

@@ -2,7 +2,8 @@
 //! the policy document of the profile, fed the cached prefix per worker from the router's view
 //! of what workers published, as the live router's prefix index feeds it; moving generations
 //! and hedging as the document's `migration` and `hedging` sections say),
-//! `switchyard_no_moves` (the same with `migration` and `hedging` off) and the baselines — `static` (lane → home pool, no
+//! `switchyard_no_moves` (the same with `migration` and `hedging` off), `switchyard_no_await`
+//! (with `placement.await_wse` off), `switchyard_plain` (all three off) and the baselines — `static` (lane → home pool, no
 //! spill, no affinity), `round_robin` and `least_loaded` over every worker ignoring lanes,
 //! `all_wse`, and `prefix_aware`, a cache-aware router in the style of SGLang's (longest
 //! prefix match when load is balanced, else the least-loaded worker). Baselines queue and shed
@@ -15,9 +16,11 @@ use switchyard_policy::{ClusterView, Decision, Placement, RequestInfo, Route, Wo
 use super::engine::{Placer, PrefixTree, SimRequest};
 use super::kv::RouterKvView;
 
-pub const POLICY_NAMES: [&str; 7] = [
+pub const POLICY_NAMES: [&str; 9] = [
     "switchyard",
     "switchyard_no_moves",
+    "switchyard_no_await",
+    "switchyard_plain",
     "static",
     "round_robin",
     "least_loaded",
@@ -35,18 +38,9 @@ pub fn placer(name: &str, policy: &PolicyDocument) -> Option<Box<dyn Placer>> {
             hits: Vec::new(),
             moves: true,
         }),
-        "switchyard_no_moves" => {
-            let mut still = policy.clone();
-            still.migration.enabled = false;
-            still.hedging.enabled = false;
-            Box::new(Switchyard {
-                policy: still,
-                affinity: true,
-                prefix: true,
-                hits: Vec::new(),
-                moves: false,
-            })
-        }
+        "switchyard_no_moves" => Box::new(Switchyard::keeping(policy, false, true)),
+        "switchyard_no_await" => Box::new(Switchyard::keeping(policy, true, false)),
+        "switchyard_plain" => Box::new(Switchyard::keeping(policy, false, false)),
         "static" => {
             let mut fixed = policy.clone();
             fixed.latency_critical.spill = false;
@@ -98,15 +92,35 @@ struct Switchyard {
     moves: bool,
 }
 
-impl Placer for Switchyard {
-    fn place(
-        &mut self,
-        view: &ClusterView,
+impl Switchyard {
+    /// The router's policy keeping (as the document says) or switching off moving
+    /// generations and hedging (`moves`) and awaiting WSE slots (`await_wse`).
+    fn keeping(policy: &PolicyDocument, moves: bool, await_wse: bool) -> Self {
+        let mut policy = policy.clone();
+        if !moves {
+            policy.migration.enabled = false;
+            policy.hedging.enabled = false;
+        }
+        if !await_wse {
+            policy.placement.await_wse = false;
+        }
+        Self {
+            policy,
+            affinity: true,
+            prefix: true,
+            hits: Vec::new(),
+            moves,
+        }
+    }
+
+    /// What the policy is told of `r`, as the live router tells it; and the policy.
+    fn info<'a>(
+        &'a mut self,
+        view: &'a ClusterView,
         kv: &RouterKvView,
         r: &SimRequest,
         index: u32,
-        _: &PolicyDocument,
-    ) -> Decision {
+    ) -> (RequestInfo<'a>, &'a PolicyDocument) {
         let prefix = if self.prefix {
             kv.lookup(r.full_blocks(), &mut self.hits);
             Some(self.hits.as_slice())
@@ -120,7 +134,36 @@ impl Placer for Switchyard {
             seed: u64::from(index),
             prefix,
         };
-        place(view, &r.classification(), &info, &self.policy, &[])
+        (info, &self.policy)
+    }
+}
+
+impl Placer for Switchyard {
+    fn place(
+        &mut self,
+        view: &ClusterView,
+        kv: &RouterKvView,
+        r: &SimRequest,
+        index: u32,
+        _: &PolicyDocument,
+    ) -> Decision {
+        let (info, policy) = self.info(view, kv, r, index);
+        place(view, &r.classification(), &info, policy, &[])
+    }
+
+    fn await_wse(
+        &mut self,
+        view: &ClusterView,
+        kv: &RouterKvView,
+        r: &SimRequest,
+        index: u32,
+        spill: &Placement,
+        waited_ms: f64,
+        ahead: usize,
+    ) -> Option<f64> {
+        let (info, policy) = self.info(view, kv, r, index);
+        let class = r.classification();
+        switchyard_policy::await_wse(view, &class, &info, spill, waited_ms, ahead, policy)
     }
 
     fn moves_policy(&self) -> Option<&PolicyDocument> {

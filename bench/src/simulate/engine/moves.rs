@@ -90,7 +90,7 @@ impl Sim<'_> {
                 .then_some((s, cost))
         });
         match charged {
-            None => self.dispatch(r, primary.worker, spilled, primary.cached_tokens, now),
+            None => self.dispatch(r, &primary, spilled, now),
             Some((second, charged)) => {
                 self.races.insert(
                     r,
@@ -102,7 +102,7 @@ impl Sim<'_> {
                 );
                 self.stats.hedges += 1;
                 self.outcomes[r as usize].hedged = true;
-                self.dispatch(r, primary.worker, spilled, primary.cached_tokens, now);
+                self.dispatch(r, &primary, spilled, now);
                 self.run_on(r, second.worker, 0, now);
             }
         }
@@ -207,7 +207,7 @@ impl Sim<'_> {
         let (generated, lost) = match &self.workers[from].kind {
             Kind::Wse { .. } => {
                 let generated = self.wse_generated(r, from, now);
-                let run = self.leave_wse(from, r);
+                let run = self.leave_wse(from, r, now);
                 let lost = if now < run.first_ms {
                     self.wse_prefilled(&run, now)
                 } else {
@@ -261,7 +261,7 @@ impl Sim<'_> {
             unreachable!("a gpu removal on a wse worker")
         };
         let removed = if let Some(i) = g.pending.iter().position(|p| p.0 == r) {
-            let (_, uncached, done) = g.pending.swap_remove(i);
+            let (_, uncached, done) = g.pending.remove(i);
             g.unprefilled -= u64::from(uncached);
             if lc {
                 g.unprefilled_latency_critical -= u64::from(uncached);
@@ -272,7 +272,7 @@ impl Sim<'_> {
             }
         } else {
             let i = g.running.iter().position(|s| s.request == r)?;
-            let seq = g.running.swap_remove(i);
+            let seq = g.running.remove(i);
             if !seq.prefilled {
                 g.unprefilled -= u64::from(seq.prefill_left);
                 if lc {
@@ -328,7 +328,7 @@ impl Sim<'_> {
         };
         let wasted = match &self.workers[loser as usize].kind {
             Kind::Wse { .. } => {
-                let run = self.leave_wse(loser as usize, r);
+                let run = self.leave_wse(loser as usize, r, now);
                 self.wse_prefilled(&run, now)
             }
             Kind::Gpu(_) => self
