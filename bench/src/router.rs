@@ -71,6 +71,11 @@ pub struct RouterBenchArgs {
     /// `direct` among them.
     #[arg(long, value_delimiter = ',', default_value = "direct,session,generate")]
     pub paths: Vec<Path>,
+    /// Pace each generation at this many tokens per second (a model's decode rate, e.g. 2000
+    /// for a wafer-scale endpoint) instead of as fast as the serving path reads them: the
+    /// ratios then show what the router adds to a real stream rather than its raw cost.
+    #[arg(long)]
+    pub engine_tokens_per_s: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, clap::ValueEnum)]
@@ -189,6 +194,8 @@ struct Report {
     requests: usize,
     max_tokens: u32,
     rounds: usize,
+    /// Each generation's pace; `None`: unpaced (as fast as read).
+    engine_tokens_per_s: Option<f64>,
     levels: Vec<LevelReport>,
     /// With `--control-plane`: what it received and how its dashboard API answered.
     control_plane: Option<ControlPlaneFigures>,
@@ -641,8 +648,15 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
         bail!("--concurrency: give levels of at least 1");
     }
     let max_level = *args.concurrency.iter().max().expect("checked non-empty");
+    let mut engine = unthrottled_engine(u32::try_from(max_level)?);
+    if let Some(rate) = args.engine_tokens_per_s {
+        if !(rate.is_finite() && rate > 0.0) {
+            bail!("--engine-tokens-per-s: give a rate above 0");
+        }
+        engine.tokens_per_s = rate;
+    }
     let cluster = start_cluster(
-        unthrottled_engine(u32::try_from(max_level)?),
+        engine,
         args.control_plane,
         bench_router_config(
             args.decision_reports_per_s,
@@ -717,6 +731,7 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
         requests: args.requests,
         max_tokens: args.max_tokens,
         rounds: args.rounds,
+        engine_tokens_per_s: args.engine_tokens_per_s,
         levels,
         control_plane,
     })
@@ -804,8 +819,12 @@ fn process_cpu() -> anyhow::Result<Duration> {
 }
 
 fn print_table(report: &Report) {
+    let pace = match report.engine_tokens_per_s {
+        Some(rate) => format!("synthetic engine at {rate} tokens/s a stream"),
+        None => "unpaced synthetic engine".to_string(),
+    };
     println!(
-        "router overhead: {} requests × {} tokens per path and round, {} rounds (synthetic engine, loopback)",
+        "router overhead: {} requests × {} tokens per path and round, {} rounds ({pace}, loopback)",
         report.requests, report.max_tokens, report.rounds
     );
     println!(
@@ -874,6 +893,7 @@ mod tests {
             control_plane: false,
             decision_reports_per_s: 200,
             paths: PATHS.to_vec(),
+            engine_tokens_per_s: None,
         };
         let report = measure(&args).await.expect("the benchmark runs");
         assert_eq!(report.levels.len(), 2);
@@ -900,6 +920,7 @@ mod tests {
             control_plane: true,
             decision_reports_per_s: 3,
             paths: PATHS.to_vec(),
+            engine_tokens_per_s: None,
         };
         let report = measure(&args).await.expect("the benchmark runs");
         let cp = report.control_plane.expect("control-plane figures");

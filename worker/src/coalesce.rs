@@ -55,19 +55,21 @@ pub async fn forward_generation(
     let mut seq = 0u64;
     let mut forwarded = Forwarded { tokens: 0 };
     let mut deadline: Option<Instant> = None;
+    // One timer for the whole generation, re-armed once per chunk: a timer made afresh for
+    // every event registers and clears a timer-wheel entry each time (most of a fast engine's
+    // per-token cost in the worker).
+    let flush = tokio::time::sleep_until(started);
+    tokio::pin!(flush);
     let send = |frame: Frame| async move { out.send(v1::WorkerFrame { frame: Some(frame) }).await };
 
     let last = loop {
-        let event = match deadline {
-            Some(at) => tokio::select! {
-                event = events.recv() => event,
-                _ = tokio::time::sleep_until(at) => {
-                    deadline = None;
-                    let _ = send(chunk.take(request_id, &mut seq)).await;
-                    continue;
-                }
-            },
-            None => events.recv().await,
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = &mut flush, if deadline.is_some() => {
+                deadline = None;
+                let _ = send(chunk.take(request_id, &mut seq)).await;
+                continue;
+            }
         };
         match event {
             Some(Ok(EngineEvent::Token { id, text })) => {
@@ -95,7 +97,9 @@ pub async fn forward_generation(
                         return forwarded;
                     }
                 } else if deadline.is_none() {
-                    deadline = Some(Instant::now() + config.flush_interval);
+                    let at = Instant::now() + config.flush_interval;
+                    deadline = Some(at);
+                    flush.as_mut().reset(at);
                 }
             }
             Some(Ok(EngineEvent::Done {

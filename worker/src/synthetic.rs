@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::MissedTickBehavior;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use switchyard_proto::kv_blocks;
@@ -363,6 +363,11 @@ fn word_id(word: &str) -> u32 {
 /// Token `index` of the synthetic output for `instructions`: `(id, text)`.
 pub fn synthetic_token(instructions: &str, index: usize) -> (u32, String) {
     let words: Vec<&str> = instructions.split_whitespace().collect();
+    token_of(&words, index)
+}
+
+/// [`synthetic_token`] from the instructions' words, split once per generation.
+fn token_of(words: &[&str], index: usize) -> (u32, String) {
     let word = if words.is_empty() {
         "synthetic"
     } else {
@@ -578,26 +583,31 @@ impl Generation {
 
         let mut produced = 0;
         let reason = 'generate: {
-            tokio::select! {
-                _ = tokio::time::sleep(self.ttft) => {}
-                _ = cancel.cancelled() => break 'generate StopReason::Cancelled,
+            if !self.ttft.is_zero() {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.ttft) => {}
+                    _ = cancel.cancelled() => break 'generate StopReason::Cancelled,
+                }
             }
             drop(unprefilled);
-            let mut ticks = tokio::time::interval(self.interval);
-            ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
-            for index in self.start..self.max_tokens {
-                if index > self.start {
+            // Token `k` of this generation is due `k` intervals after its first; one that is
+            // due already goes at once (a reader that fell behind catches up in a burst), and
+            // only one that is early waits, so an unpaced engine (a tiny interval) never
+            // touches the timer wheel.
+            let first = Instant::now();
+            let words: Vec<&str> = self.instructions.split_whitespace().collect();
+            for (k, index) in (self.start..self.max_tokens).enumerate() {
+                let due = first + self.interval.saturating_mul(k as u32);
+                if Instant::now() < due {
                     tokio::select! {
-                        _ = ticks.tick() => {}
+                        _ = tokio::time::sleep_until(due) => {}
                         _ = cancel.cancelled() => break 'generate StopReason::Cancelled,
                     }
-                } else {
-                    ticks.reset();
                 }
                 if cancel.is_cancelled() {
                     break 'generate StopReason::Cancelled;
                 }
-                let (id, text) = synthetic_token(&self.instructions, index);
+                let (id, text) = token_of(&words, index);
                 if tx.send(Ok(EngineEvent::Token { id, text })).await.is_err() {
                     return;
                 }
