@@ -1105,9 +1105,23 @@ impl PlacementTask {
                 });
             let since = waiting.since;
             match self.try_place(&ask, policy, false, may_await) {
-                Ok(Attempt::AwaitWse(_) | Attempt::Full) => {
+                Ok(Attempt::AwaitWse(_)) => {
                     *before += 1;
                     i += 1;
+                }
+                Ok(Attempt::Full) if may_await.is_some() => {
+                    *before += 1;
+                    i += 1;
+                }
+                Ok(Attempt::Full) => {
+                    // Done waiting for the wafer, and no slot anywhere: it waits in its lane's
+                    // queue like any request, in arrival order (its give-up time is past, so
+                    // keeping it here would only wake the task again at once).
+                    let mut waiting = self.awaiting_wse.remove(i).expect("index checked above");
+                    waiting.give_up = None;
+                    let queue = &mut self.queues[LaneName::LatencyCritical.index()];
+                    let at = queue.partition_point(|w| w.since <= waiting.since);
+                    queue.insert(at, waiting);
                 }
                 Ok(Attempt::Placed(mut chosen)) => {
                     let waited_ms = now.saturating_duration_since(since).as_millis();
