@@ -687,6 +687,39 @@ mod tests {
         ));
     }
 
+    /// Tokens come at the configured rate after the first token's delay: token k is due k
+    /// intervals after the first, none early, and a reader that fell behind gets the overdue
+    /// ones at once rather than one interval apart.
+    #[tokio::test(start_paused = true)]
+    async fn tokens_come_at_the_configured_rate_and_overdue_ones_at_once() {
+        let engine = SyntheticEngine::new(SyntheticConfig {
+            ttft: Duration::from_millis(50),
+            tokens_per_s: 100.0,
+            ..SyntheticConfig::default()
+        });
+        let start = Instant::now();
+        let mut rx = engine
+            .submit(request(6, 0), CancellationToken::new())
+            .unwrap();
+        let mut at = Vec::new();
+        for _ in 0..3 {
+            assert!(matches!(rx.recv().await, Some(Ok(EngineEvent::Token { .. }))));
+            at.push((Instant::now() - start).as_millis());
+        }
+        // 50 ms to the first token (and a simulated millisecond of prefill), then one every 10.
+        assert!((50..=52).contains(&at[0]), "{at:?}");
+        assert_eq!((at[1] - at[0], at[2] - at[1]), (10, 10), "{at:?}");
+        // The reader sleeps through three intervals: the three tokens due meanwhile are
+        // waiting for it, the last one not yet.
+        tokio::time::sleep(Duration::from_millis(35)).await;
+        let behind = Instant::now();
+        for _ in 0..3 {
+            assert!(matches!(rx.recv().await, Some(Ok(EngineEvent::Token { .. }))));
+        }
+        assert_eq!((Instant::now() - behind).as_millis(), 0, "the overdue tokens came at once");
+        assert!(matches!(rx.recv().await, Some(Ok(EngineEvent::Done { .. }))));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn resumes_after_the_delivered_tokens() {
         let engine = SyntheticEngine::new(SyntheticConfig::default());
