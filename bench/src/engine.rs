@@ -2,6 +2,8 @@
 //! figures compared with llama.cpp: single-stream decode tokens/s, aggregate
 //! tokens/s at 4 and 16 concurrent streams, time to first token for 128/512/2048-token prompts,
 //! and peak RSS. `scripts/bench-engine.sh` runs it next to llama-cpp-python and prints ratios.
+//! Then decode pacing side by side: a stream that was promised a decode rate, decoding while a
+//! long prompt is prefilled beside it, with the promise and without.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,6 +31,12 @@ pub struct EngineBenchArgs {
     /// Prompt lengths (tokens) of the TTFT runs.
     #[arg(long, value_delimiter = ',', default_value = "128,512,2048")]
     pub ttft_prompts: Vec<usize>,
+    /// Decode rate promised to the stream of the pacing run (tokens/s; 0 skips the run).
+    #[arg(long, default_value_t = 20.0)]
+    pub pace_tokens_per_s: f64,
+    /// Prompt (tokens) prefilled beside the stream in the pacing run.
+    #[arg(long, default_value_t = 2048)]
+    pub pace_prompt: usize,
     /// KV budget of the engine.
     #[arg(long, default_value_t = 512 * 1024 * 1024)]
     pub kv_budget_bytes: u64,
@@ -58,6 +66,7 @@ async fn run_one(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> anyh
         },
         resume_tokens: vec![],
         latency_critical: false,
+        min_tokens_per_s: 0.0,
         prompt_ids: None,
     };
     let mut rx = engine.submit(request, CancellationToken::new())?;
@@ -83,9 +92,10 @@ async fn run_one(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> anyh
 }
 
 /// A text prompt of exactly `n` tokens (one " the" token each after the first words). Each
-/// length opens differently, so no run finds another's prompt in the engine's prefix cache.
-fn prompt_of(engine: &CandleEngine, n: usize) -> anyhow::Result<Prompt> {
-    let mut text = format!("Summarize {n}:");
+/// length and tag opens differently, so no run finds another's prompt in the engine's prefix
+/// cache.
+fn prompt_of(engine: &CandleEngine, n: usize, tag: &str) -> anyhow::Result<Prompt> {
+    let mut text = format!("Summarize {n}{tag}:");
     let base = engine.prompt_ids(&Prompt::Text(text.clone()))?.len();
     for _ in base..n {
         text.push_str(" the");
@@ -162,8 +172,23 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
 
     let mut ttfts = Vec::new();
     for &n in &args.ttft_prompts {
-        let r = run_one(&engine, prompt_of(&engine, n)?, 1).await?;
+        let r = run_one(&engine, prompt_of(&engine, n, "")?, 1).await?;
         ttfts.push((n, r.ttft));
+    }
+    let mut pacing = Vec::new();
+    if args.pace_tokens_per_s > 0.0 {
+        for promised in [0.0, args.pace_tokens_per_s] {
+            let tag = format!(" paced {promised}");
+            pacing.push((
+                promised,
+                paced_pair(
+                    &engine,
+                    promised,
+                    prompt_of(&engine, args.pace_prompt, &tag)?,
+                )
+                .await?,
+            ));
+        }
     }
     let rss = peak_rss_bytes();
 
@@ -177,11 +202,20 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
             .map(|(n, d)| format!("\"{n}\": {:.4}", d.as_secs_f64()))
             .collect();
         println!(
-            "{{\"engine\": \"candle\", \"hardware\": {:?}, \"load_s\": {:.3}, \"decode_tok_s\": {decode_tps:.2}, \"aggregate_tok_s\": {{{}}}, \"ttft_s\": {{{}}}, \"peak_rss_bytes\": {rss}}}",
+            "{{\"engine\": \"candle\", \"hardware\": {:?}, \"load_s\": {:.3}, \"decode_tok_s\": {decode_tps:.2}, \"aggregate_tok_s\": {{{}}}, \"ttft_s\": {{{}}}, \"pacing\": [{}], \"peak_rss_bytes\": {rss}}}",
             engine.hardware(),
             load.as_secs_f64(),
             agg.join(", "),
-            tt.join(", ")
+            tt.join(", "),
+            pacing
+                .iter()
+                .map(|(promised, p)| format!(
+                    "{{\"promised_tok_s\": {promised}, \"stream_tok_s\": {:.2}, \"prompt_ttft_s\": {:.4}}}",
+                    p.stream_tokens_per_s,
+                    p.prompt_ttft.as_secs_f64()
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     } else {
         println!("engine: candle ({})", engine.hardware());
@@ -196,7 +230,77 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
         for (n, d) in &ttfts {
             println!("TTFT, {n}-token prompt: {:.3} s", d.as_secs_f64());
         }
+        for (promised, p) in &pacing {
+            println!(
+                "pacing, stream promised {promised} tok/s beside a {}-token prompt: stream {:.1} tok/s while it prefilled, prompt TTFT {:.3} s",
+                args.pace_prompt,
+                p.stream_tokens_per_s,
+                p.prompt_ttft.as_secs_f64()
+            );
+        }
         println!("peak RSS: {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
     }
     Ok(())
+}
+
+/// What the pacing run measured.
+struct Paced {
+    /// The stream's tokens per second while the prompt beside it was prefilled.
+    stream_tokens_per_s: f64,
+    prompt_ttft: Duration,
+}
+
+/// A latency-critical stream promised `promised` tok/s starts decoding; once it has its first
+/// token, `prompt` is submitted beside it. The stream's rate is measured over the prompt's
+/// prefill (from its submission to its first token, or the stream's end if sooner).
+async fn paced_pair(engine: &CandleEngine, promised: f64, prompt: Prompt) -> anyhow::Result<Paced> {
+    let request = |prompt: Prompt, max_tokens: u32| EngineRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        model: engine.models()[0].clone(),
+        prompt,
+        sampling: Sampling {
+            max_tokens,
+            ..Default::default()
+        },
+        resume_tokens: vec![],
+        latency_critical: true,
+        min_tokens_per_s: promised,
+        prompt_ids: None,
+    };
+    let stream_cancel = CancellationToken::new();
+    let mut stream = engine.submit(
+        request(
+            Prompt::Text(format!("Count slowly from one to a thousand ({promised}):")),
+            2_048,
+        ),
+        stream_cancel.clone(),
+    )?;
+    anyhow::ensure!(
+        matches!(stream.recv().await, Some(Ok(EngineEvent::Token { .. }))),
+        "the stream produced no first token"
+    );
+    let submitted = Instant::now();
+    let mut beside = engine.submit(request(prompt, 1), CancellationToken::new())?;
+    let mut tokens = 0u32;
+    let mut stream_end = None;
+    let first = loop {
+        tokio::select! {
+            event = beside.recv() => match event {
+                Some(Ok(EngineEvent::Token { .. })) => break Instant::now(),
+                Some(Ok(EngineEvent::Done { .. })) | None => anyhow::bail!("the prompt ended without a token"),
+                Some(Err(e)) => return Err(e.into()),
+            },
+            event = stream.recv(), if stream_end.is_none() => match event {
+                Some(Ok(EngineEvent::Token { .. })) => tokens += 1,
+                Some(Ok(EngineEvent::Done { .. })) | None => stream_end = Some(Instant::now()),
+                Some(Err(e)) => return Err(e.into()),
+            },
+        }
+    };
+    stream_cancel.cancel();
+    let window = (stream_end.unwrap_or(first).min(first) - submitted).as_secs_f64();
+    Ok(Paced {
+        stream_tokens_per_s: f64::from(tokens) / window,
+        prompt_ttft: first - submitted,
+    })
 }

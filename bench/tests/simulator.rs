@@ -270,3 +270,111 @@ fn a_gpu_prefills_the_shortest_waiting_prompt_first() {
     // The long prompt still ends its prefill once the others are done, not starved.
     assert!(long.is_finite() && long > 0.0);
 }
+
+/// Decode rate of a served request with more than one output token (as the SLO counts it).
+fn decode_rate(request: &SimRequest, outcome: &switchyard_bench::simulate::engine::Outcome) -> f64 {
+    f64::from(request.output_tokens - 1) / ((outcome.finish_ms - outcome.first_token_ms) / 1000.0)
+}
+
+/// A latency-critical stream decoding on a GPU while a long cost-sensitive prompt is prefilled
+/// beside it: unpaced, each step's full chunk would slow it below its lane's minimum (a
+/// 30 ms decode step + 512 tokens at 20 000 tok/s = 55.8 ms a token); the chunks are cut so it
+/// keeps the minimum, and the long prompt still gets its first token.
+#[test]
+fn a_gpu_paces_its_prefill_chunks_to_keep_a_latency_critical_stream_at_its_rate() {
+    let mut p = profiles(1);
+    p.gpu.step_base_ms = 30.0;
+    let row = |arrival_ms: f64, prompt_tokens: u32, output_tokens: u32| TraceRequest {
+        arrival_ms,
+        prompt_tokens,
+        output_tokens,
+        hash_ids: Arc::from(Vec::new()),
+    };
+    let requests = classify_all(
+        &[
+            (Some(LaneName::LatencyCritical), vec![row(0.0, 200, 100)]),
+            (Some(LaneName::CostSensitive), vec![row(100.0, 40_000, 4)]),
+        ],
+        &p,
+    );
+    let mut placer = placers::placer("switchyard", &p.policy).unwrap();
+    let result = simulate(&p, &p.policy, &requests, placer.as_mut());
+    let (stream, long) = if requests[0].lane == LaneName::LatencyCritical {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    let rate = decode_rate(&requests[stream], &result.outcomes[stream]);
+    let min = requests[stream].min_tokens_per_s;
+    assert!(
+        min > 17.9,
+        "the lane promises more than an unpaced step gives: {min}"
+    );
+    assert!(rate >= min, "decoded at {rate:.2} tok/s, promised {min}");
+    let o = &result.outcomes[long];
+    assert!(o.served && o.first_token_ms > 0.0, "{o:?}");
+    // It was prefilled in smaller chunks while the stream decoded: later than at full chunks
+    // (79 steps of 55.8 ms after 100 ms), not starved.
+    assert!(o.first_token_ms > 100.0 + 79.0 * 55.8, "{o:?}");
+}
+
+/// The only WSE slot is busy when a latency-critical request arrives, so it starts on the GPU;
+/// cost-sensitive work then fills the GPU's batch and its decode falls below the lane's
+/// minimum. When the WSE slot frees, the stream moves there (re-prefilling its context) and
+/// its rate over the whole answer meets the minimum; without moves it stays behind.
+#[test]
+fn a_latency_critical_stream_decoding_below_its_minimum_moves_to_a_freed_wse_slot() {
+    let mut p = profiles(1);
+    p.cluster.wse_workers = 1;
+    p.wse.slots = 1;
+    p.gpu.step_per_seq_ms = 1.0;
+    p.policy.migration.enabled = true;
+    p.policy.hedging.enabled = false;
+    let row = |arrival_ms: f64, prompt_tokens: u32, output_tokens: u32| TraceRequest {
+        arrival_ms,
+        prompt_tokens,
+        output_tokens,
+        hash_ids: Arc::from(Vec::new()),
+    };
+    // 1 500 tokens at 1 500 tok/s: the WSE slot frees about a second in.
+    let wse_holder = row(0.0, 100, 1_500);
+    let stream = row(10.0, 200, 400);
+    let batch: Vec<TraceRequest> = (0..60)
+        .map(|i| row(20.0 + f64::from(i), 100, 2_000))
+        .collect();
+    let requests = classify_all(
+        &[
+            (Some(LaneName::LatencyCritical), vec![wse_holder, stream]),
+            (Some(LaneName::CostSensitive), batch),
+        ],
+        &p,
+    );
+    let i = requests
+        .iter()
+        .position(|r| r.output_tokens == 400)
+        .expect("the stream");
+    let run = |name: &str| {
+        let mut placer = placers::placer(name, &p.policy).unwrap();
+        simulate(&p, &p.policy, &requests, placer.as_mut())
+    };
+    let moved = run("switchyard");
+    let o = &moved.outcomes[i];
+    assert_eq!(moved.moves.rebalance, 1, "{:?}", moved.moves);
+    assert_eq!(o.moves, 1);
+    assert_eq!(moved.pool[o.worker as usize], switchyard_cluster::Pool::Wse);
+    let min = requests[i].min_tokens_per_s;
+    let rate = decode_rate(&requests[i], o);
+    assert!(
+        rate >= min,
+        "{rate:.2} tok/s after the move, promised {min}"
+    );
+
+    let stayed = run("switchyard_no_moves");
+    let o = &stayed.outcomes[i];
+    assert_eq!(
+        stayed.pool[o.worker as usize],
+        switchyard_cluster::Pool::Gpu
+    );
+    let rate = decode_rate(&requests[i], o);
+    assert!(rate < min, "without moves it stays behind: {rate:.2} tok/s");
+}

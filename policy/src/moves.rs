@@ -223,6 +223,11 @@ pub fn preemption_victim(
     best.map(|(p, _)| p)
 }
 
+/// Tokens a generation must have produced on a worker before its decode rate there is
+/// judged: a rate over one chunk or two says little. Callers do not ask
+/// [`rebalance_target`] about a decoding generation before.
+pub const MIN_TOKENS_MEASURED: u32 = 4;
+
 /// How a running generation is doing where it runs, as the caller measures it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Progress {

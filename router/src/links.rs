@@ -395,7 +395,7 @@ struct Shared {
     /// The worker's id (a link is keyed by it and never changes worker).
     id: String,
     /// The worker's record, kept current by the membership follower.
-    record: watch::Sender<WorkerRecord>,
+    record: watch::Sender<Arc<WorkerRecord>>,
     state: watch::Sender<LinkState>,
     /// Fired when the link leaves the link set: its task ends.
     closed: CancellationToken,
@@ -452,7 +452,7 @@ impl Link {
         let (commands, inbox) = mpsc::channel(COMMAND_CAPACITY);
         let shared = Arc::new(Shared {
             id: record.id.clone(),
-            record: watch::Sender::new(record),
+            record: watch::Sender::new(Arc::new(record)),
             state: watch::Sender::new(LinkState::default()),
             closed: CancellationToken::new(),
             changes,
@@ -474,7 +474,9 @@ impl Link {
         (Arc::new(Self { shared, commands }), task)
     }
 
-    pub fn record(&self) -> WorkerRecord {
+    /// The worker's record as membership last listed it (shared: a request reads it a few
+    /// times, and a record is a dozen strings).
+    pub fn record(&self) -> Arc<WorkerRecord> {
         self.shared.record.borrow().clone()
     }
 
@@ -1249,7 +1251,7 @@ impl Links {
                         let old = link.shared.record.borrow();
                         old.address != record.address || old.pool != record.pool
                     };
-                    link.shared.record.send_replace(record.clone());
+                    link.shared.record.send_replace(Arc::new(record.clone()));
                     if link
                         .shared
                         .state

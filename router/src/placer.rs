@@ -27,8 +27,8 @@ use crate::links::{Link, Links, SlotHold};
 use crate::metrics::RouterMetrics;
 use crate::policy::document::{LaneName, PolicyDocument};
 use crate::policy::moves::{
-    HedgeBudget, MoveReason, Progress, Running, drain_target, preemption_victim, rebalance_target,
-    should_hedge,
+    HedgeBudget, MIN_TOKENS_MEASURED, MoveReason, Progress, Running, drain_target,
+    preemption_victim, rebalance_target, should_hedge,
 };
 use crate::policy::{
     Admission, ClusterView, Considered, Decision, Placement, PlacementError, RequestInfo, admit,
@@ -222,10 +222,6 @@ pub struct Pace {
     first_token_us: AtomicU64,
     tokens: AtomicU32,
 }
-
-/// Tokens after its first on a worker before a generation's decode rate is judged: one chunk
-/// says little about a rate.
-const MIN_TOKENS_MEASURED: u32 = 4;
 
 impl Pace {
     pub fn new() -> Self {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use switchyard_cluster::{MemoryRegistry, Pool, Registry};
-use switchyard_policy::document::PolicyDocument;
+use switchyard_policy::document::{LaneName, PolicyDocument};
 use switchyard_proto::v1::{
     self, ChatMessage, FinishReason, GenerateRequest, RequestClass, SamplingParams, client_frame,
     inference_client::InferenceClient, server_frame::Frame,
@@ -262,6 +262,7 @@ struct Start {
     messages: Vec<ChatMessage>,
     resume_tokens: Vec<u32>,
     latency_critical: bool,
+    min_tokens_per_s: f64,
     max_tokens: u32,
     refused: bool,
 }
@@ -274,6 +275,7 @@ impl Start {
                 messages,
                 resume_tokens,
                 latency_critical,
+                min_tokens_per_s,
                 max_tokens,
                 refused,
             } => Some(Self {
@@ -287,6 +289,7 @@ impl Start {
                     .collect(),
                 resume_tokens,
                 latency_critical,
+                min_tokens_per_s,
                 max_tokens,
                 refused,
             }),
@@ -914,11 +917,22 @@ async fn order_of_waiting_requests() -> Vec<String> {
         assert!(timings.queue_ms > 0.0, "{id} waited: {timings:?}");
     }
     let starts = cluster.starts();
+    let policy = PolicyDocument::default();
     for (_, start) in &starts {
+        let lane = if start.instructions().starts_with('l') {
+            LaneName::LatencyCritical
+        } else {
+            LaneName::CostSensitive
+        };
         assert_eq!(
             start.latency_critical,
-            start.instructions().starts_with('l'),
+            lane == LaneName::LatencyCritical,
             "the worker is told the lane: {start:?}"
+        );
+        assert_eq!(
+            start.min_tokens_per_s,
+            policy.lane(lane).min_tokens_per_s,
+            "and the decode rate the lane promises: {start:?}"
         );
     }
     let order: Vec<String> = starts

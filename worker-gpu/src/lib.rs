@@ -14,6 +14,7 @@ pub mod gguf;
 mod host_attention;
 pub mod kv_cache;
 pub mod model;
+pub mod pacing;
 pub mod qmatrix;
 pub mod sampling;
 pub mod scheduler;

@@ -4,7 +4,9 @@
 //! Each scheduler iteration: take new requests, drop cancelled ones (their KV is freed at once),
 //! admit queued requests while the KV budget and the sequence limit allow, run one prefill
 //! chunk of one joining sequence, then one batched decode step over every decoding sequence.
-//! Chunked prefill keeps a long prompt from stalling the streams already running.
+//! Chunked prefill keeps a long prompt from stalling the streams already running; while
+//! sequences with a promised decode rate decode (`WorkerStart.min_tokens_per_s`), the chunk is
+//! cut so the iteration keeps the fastest such rate (see [`crate::pacing`]).
 //! Latency-critical requests (the router's lane) are admitted before queued cost-sensitive
 //! ones and their prompts are prefilled first; among equals the shortest remaining prefill
 //! goes first, so a follow-up turn with a cached history is not stuck behind a cold prompt.
@@ -38,6 +40,7 @@ use switchyard_worker::{
 
 use crate::kv_cache::{PrefixCache, SeqBlocks};
 use crate::model::{KvStore, Llama, SeqCache};
+use crate::pacing::paced_chunk;
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
 use crate::tokenizer::{ChatMessage, Detokenizer, GgufTokenizer};
 
@@ -88,6 +91,8 @@ struct Job {
     tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     cancel: CancellationToken,
     latency_critical: bool,
+    /// The decode rate its lane promises (0: none): prefill chunks are paced to keep it.
+    min_tokens_per_s: f64,
     /// Context tokens whose KV came from the prefix cache (set at admission).
     cached_tokens: usize,
     /// When the engine accepted the request: waiting time counts towards prefill priority.
@@ -212,6 +217,8 @@ impl CandleEngine {
             .then(|| Arc::new(KvPublisher::new(block_tokens as u32)));
         let counters = Arc::new(Counters::default());
         counters.prefill_rate.record(warm_tokens as f64, prefill_s);
+        let decode_rate = RateMeter::default();
+        decode_rate.record(1.0, step);
         let (tx, rx) = std_mpsc::channel();
         let tokenizer = Arc::new(tokenizer);
         let engine = Self {
@@ -239,6 +246,7 @@ impl CandleEngine {
             rx,
             waiting: VecDeque::new(),
             active: Vec::new(),
+            decode_rate,
         };
         std::thread::Builder::new()
             .name("candle-scheduler".into())
@@ -470,6 +478,7 @@ impl Engine for CandleEngine {
             tx,
             cancel,
             latency_critical: request.latency_critical,
+            min_tokens_per_s: request.min_tokens_per_s,
             cached_tokens: 0,
             arrived: Instant::now(),
         };
@@ -494,6 +503,8 @@ struct Scheduler {
     rx: std_mpsc::Receiver<Job>,
     waiting: VecDeque<Job>,
     active: Vec<Seq>,
+    /// Decode steps per second, averaged: what a decode step costs, for pacing prefill.
+    decode_rate: RateMeter,
 }
 
 fn done(job: &Job, reason: StopReason, completion: usize) {
@@ -736,7 +747,23 @@ impl Scheduler {
         let Some(i) = self.next_to_prefill() else {
             return;
         };
-        let chunk = self.limits.prefill_chunk;
+        // The fastest decode rate promised to a sequence decoding now bounds the chunk.
+        let promised = self
+            .active
+            .iter()
+            .filter(|s| s.next.is_some())
+            .map(|s| s.job.min_tokens_per_s)
+            .fold(0.0, f64::max);
+        let decode_step_s = match self.decode_rate.get() {
+            r if r > 0.0 => 1.0 / r,
+            _ => 0.0,
+        };
+        let chunk = paced_chunk(
+            self.limits.prefill_chunk,
+            promised,
+            decode_step_s,
+            self.counters.prefill_rate.get(),
+        );
         let seq = &mut self.active[i];
         let from = seq.cache.len();
         let end = (from + chunk).min(seq.job.context.len());
@@ -792,6 +819,7 @@ impl Scheduler {
         if tokens.is_empty() {
             return;
         }
+        let started = Instant::now();
         let result = {
             // Decided once above: a reader catching up meanwhile must not change the batch.
             let mut caches: Vec<&mut SeqCache> = Vec::with_capacity(idx.len());
@@ -806,6 +834,8 @@ impl Scheduler {
                 .and_then(|l| crate::model::logits_rows(&l))
         };
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        self.decode_rate
+            .record(1.0, started.elapsed().as_secs_f64());
         match result {
             Ok(rows) => {
                 for &i in &idx {

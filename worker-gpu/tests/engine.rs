@@ -198,6 +198,7 @@ fn request(text: &str, max_tokens: u32) -> EngineRequest {
         },
         resume_tokens: vec![],
         latency_critical: false,
+        min_tokens_per_s: 0.0,
         prompt_ids: None,
     }
 }
@@ -539,6 +540,7 @@ async fn latency_critical_work_jumps_the_queue_and_load_reports_prefill() {
         .unwrap();
     let urgent = EngineRequest {
         latency_critical: true,
+        min_tokens_per_s: 0.0,
         ..request("urgent work", 3)
     };
     let urgent = e.submit(urgent, CancellationToken::new()).unwrap();

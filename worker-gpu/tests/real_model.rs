@@ -368,6 +368,7 @@ fn ids_request(ids: Vec<u32>, max_tokens: u32) -> switchyard_worker::EngineReque
         },
         resume_tokens: vec![],
         latency_critical: false,
+        min_tokens_per_s: 0.0,
         prompt_ids: Some(ids),
     }
 }

@@ -764,6 +764,7 @@ mod tests {
             },
             resume_tokens: vec![],
             latency_critical: false,
+            min_tokens_per_s: 0.0,
             prompt_ids: None,
         };
         let mut events = engine

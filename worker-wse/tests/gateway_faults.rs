@@ -104,6 +104,7 @@ fn chat_request() -> EngineRequest {
         },
         resume_tokens: vec![],
         latency_critical: false,
+        min_tokens_per_s: 0.0,
         prompt_ids: None,
     }
 }

@@ -57,6 +57,9 @@ pub struct EngineRequest {
     /// The router classed it latency-critical: engines admit and prefill it ahead of queued
     /// cost-sensitive work (the router's lane, carried by `WorkerStart.lane`).
     pub latency_critical: bool,
+    /// The decode rate its lane promises, tokens per second (0: none; `WorkerStart.min_tokens_per_s`):
+    /// an engine interleaving prefill chunks with decode steps keeps its steps short enough.
+    pub min_tokens_per_s: f64,
     /// The prompt as token ids, chat template applied, when the router already tokenized it
     /// (`WorkerStart.prompt_token_ids`): engines that tokenize use these instead of `prompt`.
     pub prompt_ids: Option<Vec<u32>>,

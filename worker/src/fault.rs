@@ -86,6 +86,8 @@ pub enum FaultEvent {
         messages: Vec<Message>,
         resume_tokens: Vec<u32>,
         latency_critical: bool,
+        /// The decode rate its lane promises (`EngineRequest::min_tokens_per_s`).
+        min_tokens_per_s: f64,
         max_tokens: u32,
         refused: bool,
     },
@@ -295,6 +297,7 @@ impl Engine for FaultEngine {
                 messages,
                 resume_tokens: request.resume_tokens.clone(),
                 latency_critical: request.latency_critical,
+                min_tokens_per_s: request.min_tokens_per_s,
                 max_tokens: request.sampling.max_tokens,
                 refused: refusal.is_some(),
             },
@@ -456,6 +459,7 @@ mod tests {
             },
             resume_tokens: fault_ids(instructions, 0, resume),
             latency_critical: false,
+            min_tokens_per_s: 0.0,
             prompt_ids: None,
         }
     }

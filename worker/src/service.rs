@@ -326,6 +326,12 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
             "sampling.max_tokens: must be at least 1".into(),
         ));
     }
+    if !start.min_tokens_per_s.is_finite() || start.min_tokens_per_s < 0.0 {
+        return Err(EngineError::InvalidArgument(format!(
+            "min_tokens_per_s: must be a finite number of tokens per second, 0 or more (got {})",
+            start.min_tokens_per_s
+        )));
+    }
     if start.resume_tokens.len() >= sampling.max_tokens as usize {
         warn!(request_id = %start.request_id, "resume_tokens already reach max_tokens");
     }
@@ -343,6 +349,47 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
         },
         resume_tokens: start.resume_tokens,
         latency_critical: start.lane == v1::Lane::LatencyCritical as i32,
+        min_tokens_per_s: start.min_tokens_per_s,
         prompt_ids: (!start.prompt_token_ids.is_empty()).then_some(start.prompt_token_ids),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(min_tokens_per_s: f64) -> v1::WorkerStart {
+        v1::WorkerStart {
+            request_id: "r".into(),
+            model: "m".into(),
+            prompt: "hello".into(),
+            sampling: Some(v1::SamplingParams {
+                max_tokens: 4,
+                ..Default::default()
+            }),
+            lane: v1::Lane::LatencyCritical as i32,
+            min_tokens_per_s,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_promised_decode_rate_reaches_the_engine() {
+        let request = engine_request(start(20.0)).expect("valid");
+        assert_eq!(request.min_tokens_per_s, 20.0);
+        assert!(request.latency_critical);
+        assert_eq!(engine_request(start(0.0)).unwrap().min_tokens_per_s, 0.0);
+    }
+
+    #[test]
+    fn a_negative_or_non_finite_decode_rate_is_refused_by_name() {
+        for bad in [-1.0, f64::NAN, f64::INFINITY] {
+            match engine_request(start(bad)) {
+                Err(EngineError::InvalidArgument(message)) => {
+                    assert!(message.starts_with("min_tokens_per_s:"), "{message}")
+                }
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
 }

@@ -647,6 +647,7 @@ mod tests {
             },
             resume_tokens: vec![0; resume],
             latency_critical: false,
+            min_tokens_per_s: 0.0,
             prompt_ids: None,
         }
     }
@@ -703,7 +704,10 @@ mod tests {
             .unwrap();
         let mut at = Vec::new();
         for _ in 0..3 {
-            assert!(matches!(rx.recv().await, Some(Ok(EngineEvent::Token { .. }))));
+            assert!(matches!(
+                rx.recv().await,
+                Some(Ok(EngineEvent::Token { .. }))
+            ));
             at.push((Instant::now() - start).as_millis());
         }
         // 50 ms to the first token (and a simulated millisecond of prefill), then one every 10.
@@ -714,10 +718,20 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(35)).await;
         let behind = Instant::now();
         for _ in 0..3 {
-            assert!(matches!(rx.recv().await, Some(Ok(EngineEvent::Token { .. }))));
+            assert!(matches!(
+                rx.recv().await,
+                Some(Ok(EngineEvent::Token { .. }))
+            ));
         }
-        assert_eq!((Instant::now() - behind).as_millis(), 0, "the overdue tokens came at once");
-        assert!(matches!(rx.recv().await, Some(Ok(EngineEvent::Done { .. }))));
+        assert_eq!(
+            (Instant::now() - behind).as_millis(),
+            0,
+            "the overdue tokens came at once"
+        );
+        assert!(matches!(
+            rx.recv().await,
+            Some(Ok(EngineEvent::Done { .. }))
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -813,6 +827,7 @@ mod tests {
             .unwrap();
         let urgent = EngineRequest {
             latency_critical: true,
+            min_tokens_per_s: 0.0,
             ..request(2, 0)
         };
         let urgent = engine.submit(urgent, CancellationToken::new()).unwrap();
@@ -1045,6 +1060,7 @@ mod tests {
             .submit(
                 EngineRequest {
                     latency_critical: true,
+                    min_tokens_per_s: 0.0,
                     ..request(3, 0)
                 },
                 CancellationToken::new(),

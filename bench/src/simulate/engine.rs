@@ -6,7 +6,9 @@
 //!   (less their cached prefix) and decodes one token for every running sequence; its length
 //!   is `step_base_ms + step_per_seq_ms × batch + prefill_tokens / prefill_rate`. With chunked
 //!   prefill (`prefill_chunk_tokens`) a step prefills at most that many prompt tokens,
-//!   latency-critical prompts first, as the real engines order their work.
+//!   latency-critical prompts first, as the real engines order their work, and fewer while a
+//!   sequence decodes whose lane promises a rate the full chunk would break (the candle
+//!   engine's pacing, `switchyard_worker_gpu::pacing`).
 //! - WSE gateways have fixed slots; a request's first token comes after a fixed overhead plus
 //!   its prefill, then tokens stream at the profile's per-stream rate.
 //!
@@ -25,6 +27,8 @@ use switchyard_policy::classify::Classification;
 use switchyard_policy::document::{LaneName, PolicyDocument};
 use switchyard_policy::moves::{HedgeAccount, HedgeBudget};
 use switchyard_policy::{Admission, ClusterView, Decision, Placement, Route, WorkerState, admit};
+
+use switchyard_worker_gpu::pacing::paced_chunk;
 
 use super::kv::{BlockCache, RouterKvView, TRACE_BLOCK_TOKENS};
 use super::profile::Profiles;
@@ -172,6 +176,17 @@ struct Gpu {
     version: u32,
 }
 
+impl Gpu {
+    /// Steps of the decode-only run in flight completed by `now` (each gave every running
+    /// sequence a token; the sequences count them when the run ends).
+    fn decoded_in_segment(&self, now: f64) -> u32 {
+        if !self.stepping || !self.decode_only {
+            return 0;
+        }
+        (((now - self.seg_start) / self.seg_step_ms).floor().max(0.0) as u32).min(self.seg_steps)
+    }
+}
+
 enum Kind {
     Gpu(Gpu),
     /// `runs`: the requests holding its slots.
@@ -313,7 +328,7 @@ pub fn simulate(
             .cloned(),
         wse_runs: HashMap::new(),
         races: HashMap::new(),
-        lc_waiting: Vec::new(),
+        lc_on_gpus: Vec::new(),
         budget: HedgeBudget::default(),
         stats: MoveStats::default(),
     };
@@ -407,9 +422,9 @@ struct Sim<'a> {
     wse_runs: HashMap<(u32, u32), WseRun>,
     /// Hedged requests whose first token has not come yet.
     races: HashMap<u32, Race>,
-    /// (request, GPU): latency-critical requests dispatched to a GPU, maybe still before
-    /// their first token (checked when read), for rebalancing.
-    lc_waiting: Vec<(u32, u32)>,
+    /// (request, GPU): latency-critical requests dispatched to a GPU, maybe moved or finished
+    /// since (checked when read), for rebalancing.
+    lc_on_gpus: Vec<(u32, u32)>,
     budget: HedgeBudget,
     stats: MoveStats,
 }
@@ -602,8 +617,8 @@ impl Sim<'_> {
                 } else {
                     self.gpu_cut_segment(w, now);
                 }
-                if request.lane == LaneName::LatencyCritical && done == 0 && !racing {
-                    self.lc_waiting.push((r, w as u32));
+                if request.lane == LaneName::LatencyCritical && !racing {
+                    self.lc_on_gpus.push((r, w as u32));
                 }
             }
             Kind::Wse { active, runs } => {
@@ -665,10 +680,26 @@ impl Sim<'_> {
         // (`worker-gpu`'s `next_to_prefill`): latency-critical prompts first; among equals the
         // shortest remaining prefill, less what the time waited would have prefilled (so a
         // long prompt moves up as it waits).
+        // Chunks are paced as the candle engine paces them: the fastest decode rate promised to
+        // a sequence decoding here bounds the step's prefill (`switchyard_worker_gpu::pacing`).
         let mut budget = if gpu.prefill_chunk_tokens == 0 {
             u64::MAX
         } else {
-            u64::from(gpu.prefill_chunk_tokens)
+            let requests = self.requests;
+            let promised = g
+                .running
+                .iter()
+                .filter(|s| s.prefilled)
+                .map(|s| requests[s.request as usize].min_tokens_per_s)
+                .fold(0.0, f64::max);
+            let decode_step_s =
+                (gpu.step_base_ms + gpu.step_per_seq_ms * g.running.len() as f64) / 1000.0;
+            paced_chunk(
+                gpu.prefill_chunk_tokens as usize,
+                promised,
+                decode_step_s,
+                gpu.prefill_tokens_per_s,
+            ) as u64
         };
         let urgency = |s: &Seq| {
             let waited_s = (now - s.joined_ms) / 1000.0;

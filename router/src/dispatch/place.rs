@@ -99,7 +99,7 @@ impl Dispatcher {
         let record = chosen.link.record();
         let mut decision =
             super::finish::decision_record(self.reports.router_id(), request, class, prompt_ids);
-        decision.worker_id = record.id;
+        decision.worker_id = record.id.clone();
         decision.pool = record.pool.to_string();
         decision.reason = chosen.reason_label.into();
         decision.reason_text = format!("{}; {}", class.reason, chosen.reason);

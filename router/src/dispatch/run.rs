@@ -486,9 +486,9 @@ impl<'d> Run<'d> {
             out,
             Frame::Moved(v1::Moved {
                 request_id: self.request.request_id.clone(),
-                from_worker_id: old.id,
+                from_worker_id: old.id.clone(),
                 from_pool: old.pool.to_string(),
-                to_worker_id: new.id,
+                to_worker_id: new.id.clone(),
                 to_pool: new.pool.to_string(),
                 reason: reason.as_str().into(),
             }),
@@ -546,6 +546,10 @@ impl<'d> Run<'d> {
 
     /// Notes the worker now running the request (metrics labels, span fields, report).
     pub(super) fn on_worker(&mut self, record: &switchyard_cluster::WorkerRecord) {
+        if self.stream_metrics.is_some() && self.worker == record.id {
+            // Noted already (a request's first segment is noted as it is placed).
+            return;
+        }
         self.pool = record.pool;
         self.worker.clone_from(&record.id);
         self.cost_per_mtok = record.capacity.cost_per_mtok;
@@ -891,6 +895,7 @@ impl<'d> Run<'d> {
             lane: self.lane as i32,
             prompt_token_ids: self.prompt_ids.clone(),
             credit_tokens: self.dispatcher.config.stream_credit_tokens,
+            min_tokens_per_s: self.class.min_tokens_per_s,
         }
     }
 

@@ -8,9 +8,10 @@
 //!   at that moment (within the engine step), what it had prefilled counted as waste and the
 //!   hedge budget settled;
 //! - preemption is tried when a latency-critical request's placement is predicted to miss its
-//!   SLO; rebalancing of latency-critical requests waiting for their first token on a GPU
-//!   whenever a WSE slot frees (the moment a faster worker appears). Nothing drains in the
-//!   simulator, so drain hand-off never triggers here.
+//!   SLO; rebalancing of latency-critical generations on a GPU — waiting for their first token
+//!   or decoding below their lane's minimum rate — whenever a WSE slot frees (the moment a
+//!   faster worker appears). Nothing drains in the simulator, so drain hand-off never
+//!   triggers here.
 
 use switchyard_cluster::Pool;
 use switchyard_policy::classify::Classification;
@@ -217,7 +218,7 @@ impl Sim<'_> {
             }
             Kind::Gpu(_) => {
                 let removed = self
-                    .remove_from_gpu(r, from)
+                    .remove_from_gpu(r, from, now)
                     .expect("the generation runs on its worker");
                 let lost = if removed.generated == 0 {
                     removed.prefilled
@@ -252,8 +253,9 @@ impl Sim<'_> {
         ((ms * wse.prefill_tokens_per_s / 1000.0) as u32).min(run.uncached)
     }
 
-    /// Removes request `r` from GPU `w` (pending or running), freeing its slot and blocks.
-    fn remove_from_gpu(&mut self, r: u32, w: usize) -> Option<Removed> {
+    /// Removes request `r` from GPU `w` (pending or running) at `now`, freeing its slot and
+    /// blocks.
+    fn remove_from_gpu(&mut self, r: u32, w: usize, now: f64) -> Option<Removed> {
         let request = &self.requests[r as usize];
         let lc = request.lane == LaneName::LatencyCritical;
         let worker = &mut self.workers[w];
@@ -272,6 +274,7 @@ impl Sim<'_> {
             }
         } else {
             let i = g.running.iter().position(|s| s.request == r)?;
+            let in_segment = g.decoded_in_segment(now);
             let seq = g.running.remove(i);
             if !seq.prefilled {
                 g.unprefilled -= u64::from(seq.prefill_left);
@@ -282,7 +285,7 @@ impl Sim<'_> {
             Removed {
                 prefilled: seq.uncached - seq.prefill_left,
                 generated: if seq.prefilled {
-                    request.output_tokens - seq.remaining
+                    (request.output_tokens - seq.remaining + in_segment).min(request.output_tokens)
                 } else {
                     seq.done
                 },
@@ -332,7 +335,7 @@ impl Sim<'_> {
                 self.wse_prefilled(&run, now)
             }
             Kind::Gpu(_) => self
-                .remove_from_gpu(r, loser as usize)
+                .remove_from_gpu(r, loser as usize, now)
                 .map_or(0, |removed| removed.prefilled),
         };
         self.stats.hedge_wasted_tokens += u64::from(wasted);
@@ -351,8 +354,9 @@ impl Sim<'_> {
         });
     }
 
-    /// A WSE slot freed: latency-critical requests still waiting for their first token on a
-    /// GPU, oldest first, ask the policy whether to move.
+    /// A WSE slot freed: latency-critical generations on GPUs, oldest first, ask the policy
+    /// whether to move — those still waiting for their first token and those decoding below
+    /// their lane's minimum rate (the moment a faster worker appears).
     pub(super) fn rebalance_waiting(&mut self, now: f64) {
         self.with_policy(|sim, policy| sim.rebalance_under(now, policy));
     }
@@ -362,27 +366,64 @@ impl Sim<'_> {
             return;
         }
         let (requests, profiles) = (self.requests, self.profiles);
-        let waiting = std::mem::take(&mut self.lc_waiting);
-        let mut kept = Vec::with_capacity(waiting.len());
+        let on_gpus = std::mem::take(&mut self.lc_on_gpus);
+        let mut kept = Vec::with_capacity(on_gpus.len());
         let mut hits = Vec::new();
-        for (r, w) in waiting {
+        for (r, w) in on_gpus {
             let o = &self.outcomes[r as usize];
-            if o.worker != w || o.first_token_ms > 0.0 || self.races.contains_key(&r) {
+            if o.worker != w || o.finish_ms > 0.0 || self.races.contains_key(&r) {
                 continue;
             }
             let request = &requests[r as usize];
-            let Some(first_token_in_ms) = self.first_token_in_ms(r, w as usize, now) else {
-                continue;
-            };
             let elapsed_ms = now - request.arrival_ms;
             let moves = u32::from(o.moves);
-            // The policy decides; this only skips asking it about requests on time.
-            if elapsed_ms + first_token_in_ms <= request.ttft_slo_ms
-                || moves >= policy.migration.max_moves_per_generation
-            {
-                kept.push((r, w));
+            if moves >= policy.migration.max_moves_per_generation {
                 continue;
             }
+            let (progress, generated) = if o.first_token_ms > 0.0 {
+                let Some(generated) = self.gpu_generated(r, w as usize, now) else {
+                    continue;
+                };
+                let since_first_s = (now - o.first_token_ms) / 1000.0;
+                if generated <= moves::MIN_TOKENS_MEASURED || since_first_s <= 0.0 {
+                    kept.push((r, w));
+                    continue;
+                }
+                let measured = f64::from(generated - 1) / since_first_s;
+                let predicted =
+                    switchyard_policy::decode_rate(self.view.worker(w as usize), policy);
+                // The policy decides; this only skips asking it about generations on pace.
+                if measured >= request.min_tokens_per_s
+                    && measured >= policy.migration.rebalance_rate_ratio * predicted
+                {
+                    kept.push((r, w));
+                    continue;
+                }
+                let progress = Progress {
+                    elapsed_ms,
+                    first_token: true,
+                    first_token_in_ms: 0.0,
+                    measured_tokens_per_s: measured,
+                    predicted_tokens_per_s: predicted,
+                };
+                (progress, generated)
+            } else {
+                let Some(first_token_in_ms) = self.first_token_in_ms(r, w as usize, now) else {
+                    continue;
+                };
+                if elapsed_ms + first_token_in_ms <= request.ttft_slo_ms {
+                    kept.push((r, w));
+                    continue;
+                }
+                let progress = Progress {
+                    elapsed_ms,
+                    first_token: false,
+                    first_token_in_ms,
+                    measured_tokens_per_s: 0.0,
+                    predicted_tokens_per_s: 0.0,
+                };
+                (progress, 0)
+            };
             self.kv.lookup(request.full_blocks(), &mut hits);
             let class = request.classification();
             let generation = Running {
@@ -390,20 +431,13 @@ impl Sim<'_> {
                 class: &class,
                 continuation: RequestInfo {
                     model: &profiles.model,
-                    prompt_tokens: request.prompt_tokens,
+                    prompt_tokens: request.prompt_tokens + generated,
                     affinity: request.affinity,
                     seed: u64::from(r),
                     prefix: Some(&hits),
                 },
-                remaining_tokens: request.output_tokens,
+                remaining_tokens: request.output_tokens - generated,
                 moves,
-            };
-            let progress = Progress {
-                elapsed_ms,
-                first_token: false,
-                first_token_in_ms,
-                measured_tokens_per_s: 0.0,
-                predicted_tokens_per_s: 0.0,
             };
             match moves::rebalance_target(&self.view, &generation, &progress, policy) {
                 Some(m) => {
@@ -412,8 +446,20 @@ impl Sim<'_> {
                 None => kept.push((r, w)),
             }
         }
-        kept.append(&mut self.lc_waiting);
-        self.lc_waiting = kept;
+        kept.append(&mut self.lc_on_gpus);
+        self.lc_on_gpus = kept;
+    }
+
+    /// Output tokens request `r` has generated by `now` (over all its runs), decoding on GPU
+    /// `w`: the steps of a decode-only run in flight count as they complete. `None` when it
+    /// is not decoding there.
+    fn gpu_generated(&self, r: u32, w: usize, now: f64) -> Option<u32> {
+        let Kind::Gpu(g) = &self.workers[w].kind else {
+            return None;
+        };
+        let seq = g.running.iter().find(|s| s.request == r && s.prefilled)?;
+        let output = self.requests[r as usize].output_tokens;
+        Some((output - seq.remaining + g.decoded_in_segment(now)).min(output))
     }
 
     /// The GPU's own estimate of when request `r` gets its first token: the latency-critical
