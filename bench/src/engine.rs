@@ -119,7 +119,8 @@ fn peak_rss_bytes() -> u64 {
 }
 
 pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
-    let max_streams = args.streams.iter().copied().max().unwrap_or(1).max(1);
+    // At least two: the pacing run decodes a stream beside a prompt.
+    let max_streams = args.streams.iter().copied().max().unwrap_or(1).max(2);
     let gpu = GpuEngineArgs {
         engine: GpuEngineKind::Candle,
         model_path: args.model_path.clone(),
