@@ -142,6 +142,8 @@ struct Counters {
     unprefilled_latency_critical: AtomicU64,
     /// Moving average of measured prefill chunks, tokens per second.
     prefill_rate: RateMeter,
+    /// The prefill chunk in force: `--prefill-chunk`, or less while decode pacing cuts it.
+    chunk: AtomicU32,
     prefix: Mutex<PrefixCacheStats>,
 }
 
@@ -217,6 +219,10 @@ impl CandleEngine {
             .then(|| Arc::new(KvPublisher::new(block_tokens as u32)));
         let counters = Arc::new(Counters::default());
         counters.prefill_rate.record(warm_tokens as f64, prefill_s);
+        counters.chunk.store(
+            u32::try_from(limits.prefill_chunk).unwrap_or(u32::MAX),
+            Ordering::Relaxed,
+        );
         let decode_rate = RateMeter::default();
         decode_rate.record(1.0, step);
         let (tx, rx) = std_mpsc::channel();
@@ -370,8 +376,9 @@ impl Engine for CandleEngine {
             prefill_tokens_per_s: self.counters.prefill_rate.get(),
             // Its first token is prefill plus one decode step: nothing fixed to add.
             first_token_delay_ms: None,
-            // One chunk per scheduler step, each step also decoding every running sequence.
-            prefill_chunk_tokens: u32::try_from(self.limits.prefill_chunk).ok(),
+            // One chunk per scheduler step, each step also decoding every running sequence: the
+            // chunk in force now (paced while sequences with a promised rate decode).
+            prefill_chunk_tokens: Some(self.counters.chunk.load(Ordering::Relaxed)),
         }
     }
 
@@ -638,6 +645,7 @@ impl Scheduler {
             .store(self.active.len() as u32, Ordering::Relaxed);
         let kv = self.prefix.active_blocks() as u64 * self.store.bytes_per_block();
         self.counters.kv_used.store(kv, Ordering::Relaxed);
+        self.chunk_in_force();
         *self
             .counters
             .prefix
@@ -743,11 +751,10 @@ impl Scheduler {
             .map(|(i, _)| i)
     }
 
-    fn prefill_one(&mut self) {
-        let Some(i) = self.next_to_prefill() else {
-            return;
-        };
-        // The fastest decode rate promised to a sequence decoding now bounds the chunk.
+    /// The prefill chunk for this iteration: the fastest decode rate promised to a sequence
+    /// decoding now bounds it (see [`crate::pacing`]). Published for load reports at once, so a
+    /// report never shows the chunk of a sequence already gone.
+    fn chunk_in_force(&self) -> usize {
         let promised = self
             .active
             .iter()
@@ -764,6 +771,17 @@ impl Scheduler {
             decode_step_s,
             self.counters.prefill_rate.get(),
         );
+        self.counters
+            .chunk
+            .store(u32::try_from(chunk).unwrap_or(u32::MAX), Ordering::Relaxed);
+        chunk
+    }
+
+    fn prefill_one(&mut self) {
+        let chunk = self.chunk_in_force();
+        let Some(i) = self.next_to_prefill() else {
+            return;
+        };
         let seq = &mut self.active[i];
         let from = seq.cache.len();
         let end = (from + chunk).min(seq.job.context.len());

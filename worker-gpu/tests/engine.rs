@@ -768,3 +768,48 @@ fn device_block_store_agrees_with_host_blocks_and_shares_a_prefix() {
         "host and device paths differ"
     );
 }
+
+/// While a sequence whose lane promises a decode rate decodes, the engine cuts its prefill
+/// chunk to keep that rate and reports the chunk in force (routers count a prompt's steps by
+/// it); without such a sequence it reports `--prefill-chunk` again.
+#[tokio::test]
+async fn a_promised_decode_rate_cuts_the_reported_prefill_chunk_while_it_decodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let wide = SchedulerLimits {
+        prefill_chunk: 256,
+        ..limits()
+    };
+    let e = engine(&tiny_file(&dir), wide);
+    assert_eq!(e.load().prefill_chunk_tokens, Some(256));
+    // A rate no step can keep: the chunk falls to its floor.
+    let promised = EngineRequest {
+        min_tokens_per_s: 1e6,
+        ..request("keep pace", 200)
+    };
+    let cancel = CancellationToken::new();
+    let mut stream = e.submit(promised, cancel.clone()).unwrap();
+    // Three tokens: the iteration that decoded the second has published its load. The stream
+    // is not read further, so it stays (paused) among the decoding sequences.
+    for _ in 0..3 {
+        assert!(matches!(
+            stream.recv().await,
+            Some(Ok(EngineEvent::Token { .. }))
+        ));
+    }
+    assert_eq!(
+        e.load().prefill_chunk_tokens,
+        Some(switchyard_worker_gpu::pacing::MIN_PACED_CHUNK as u32)
+    );
+
+    cancel.cancel();
+    drop(stream);
+    // A later request without a promise ends after the cancelled one was retired and the
+    // load published without it.
+    let (_, _, reason, _) = collect(
+        e.submit(request("after", 2), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(reason, StopReason::Length);
+    assert_eq!(e.load().prefill_chunk_tokens, Some(256));
+}

@@ -682,7 +682,7 @@ impl Sim<'_> {
         // long prompt moves up as it waits).
         // Chunks are paced as the candle engine paces them: the fastest decode rate promised to
         // a sequence decoding here bounds the step's prefill (`switchyard_worker_gpu::pacing`).
-        let mut budget = if gpu.prefill_chunk_tokens == 0 {
+        let mut budget: u64 = if gpu.prefill_chunk_tokens == 0 {
             u64::MAX
         } else {
             let requests = self.requests;
@@ -701,6 +701,8 @@ impl Sim<'_> {
                 gpu.prefill_tokens_per_s,
             ) as u64
         };
+        // The chunk in force, reported as a live engine reports it.
+        let chunk = u32::try_from(budget).unwrap_or(0);
         let urgency = |s: &Seq| {
             let waited_s = (now - s.joined_ms) / 1000.0;
             (
@@ -774,6 +776,9 @@ impl Sim<'_> {
             s.queued_latency_critical_prompt_tokens = Some(unprefilled_lc);
             s.decode_tokens_per_s = decode;
             s.ttft_overhead_ms = step;
+            if chunk > 0 {
+                s.prefill_chunk_tokens = chunk;
+            }
         });
         self.push(
             now + step * f64::from(steps),
