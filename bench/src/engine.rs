@@ -54,9 +54,9 @@ struct Run {
     total: Duration,
 }
 
-async fn run_one(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> anyhow::Result<Run> {
-    let start = Instant::now();
-    let request = EngineRequest {
+/// A greedy request for the engine's model, cost-sensitive with no promised rate.
+fn engine_request(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> EngineRequest {
+    EngineRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
         model: engine.models()[0].clone(),
         prompt,
@@ -68,7 +68,12 @@ async fn run_one(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> anyh
         latency_critical: false,
         min_tokens_per_s: 0.0,
         prompt_ids: None,
-    };
+    }
+}
+
+async fn run_one(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> anyhow::Result<Run> {
+    let start = Instant::now();
+    let request = engine_request(engine, prompt, max_tokens);
     let mut rx = engine.submit(request, CancellationToken::new())?;
     let mut ttft = None;
     let mut tokens = 0;
@@ -256,17 +261,9 @@ struct Paced {
 /// prefill (from its submission to its first token, or the stream's end if sooner).
 async fn paced_pair(engine: &CandleEngine, promised: f64, prompt: Prompt) -> anyhow::Result<Paced> {
     let request = |prompt: Prompt, max_tokens: u32| EngineRequest {
-        request_id: uuid::Uuid::new_v4().to_string(),
-        model: engine.models()[0].clone(),
-        prompt,
-        sampling: Sampling {
-            max_tokens,
-            ..Default::default()
-        },
-        resume_tokens: vec![],
         latency_critical: true,
         min_tokens_per_s: promised,
-        prompt_ids: None,
+        ..engine_request(engine, prompt, max_tokens)
     };
     let stream_cancel = CancellationToken::new();
     let mut stream = engine.submit(
