@@ -243,6 +243,16 @@ pub struct Progress {
     pub predicted_tokens_per_s: f64,
 }
 
+impl Progress {
+    /// After its first token: whether its measured decode rate fell below
+    /// `rebalance_rate_ratio` × the predicted one or below the lane's minimum.
+    pub fn decoding_behind(&self, class: &Classification, policy: &PolicyDocument) -> bool {
+        let measured = self.measured_tokens_per_s;
+        measured < policy.migration.rebalance_rate_ratio * self.predicted_tokens_per_s
+            || measured < class.min_tokens_per_s
+    }
+}
+
 /// Where a generation that fell behind should continue, if anywhere (see
 /// [`MigrationPolicy::rebalance`](crate::document::MigrationPolicy::rebalance)).
 ///
@@ -287,9 +297,10 @@ pub fn rebalance_target(
         return gains.then(|| move_to(to, MoveReason::Rebalance));
     }
     let measured = progress.measured_tokens_per_s;
-    let behind = measured < migration.rebalance_rate_ratio * progress.predicted_tokens_per_s
-        || measured < class.min_tokens_per_s;
-    if !behind || generation.remaining_tokens < migration.min_remaining_tokens || measured <= 0.0 {
+    if !progress.decoding_behind(class, policy)
+        || generation.remaining_tokens < migration.min_remaining_tokens
+        || measured <= 0.0
+    {
         return None;
     }
     let Decision::Place(to) = place(

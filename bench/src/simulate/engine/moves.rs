@@ -389,23 +389,21 @@ impl Sim<'_> {
                     kept.push((r, w));
                     continue;
                 }
-                let measured = f64::from(generated - 1) / since_first_s;
-                let predicted =
-                    switchyard_policy::decode_rate(self.view.worker(w as usize), policy);
-                // The policy decides; this only skips asking it about generations on pace.
-                if measured >= request.min_tokens_per_s
-                    && measured >= policy.migration.rebalance_rate_ratio * predicted
-                {
-                    kept.push((r, w));
-                    continue;
-                }
                 let progress = Progress {
                     elapsed_ms,
                     first_token: true,
                     first_token_in_ms: 0.0,
-                    measured_tokens_per_s: measured,
-                    predicted_tokens_per_s: predicted,
+                    measured_tokens_per_s: f64::from(generated - 1) / since_first_s,
+                    predicted_tokens_per_s: switchyard_policy::decode_rate(
+                        self.view.worker(w as usize),
+                        policy,
+                    ),
                 };
+                // The policy decides; this only skips asking it about generations on pace.
+                if !progress.decoding_behind(&request.classification(), policy) {
+                    kept.push((r, w));
+                    continue;
+                }
                 (progress, generated)
             } else {
                 let Some(first_token_in_ms) = self.first_token_in_ms(r, w as usize, now) else {
