@@ -17,7 +17,8 @@
 //!
 //! Reported per concurrency and path, as medians over the rounds: TTFT p50 and p99, what the
 //! router adds to them over `direct` in the same round, requests/s and its ratio to `direct`,
-//! and the kernel's TCP counters over the run (SYN retransmits, listen-queue overflows): a
+//! the CPU time the router's own processes spent per request (SMG; Switchyard's router and
+//! worker together), and the kernel's TCP counters over the run (SYN retransmits, listen-queue overflows): a
 //! connection whose SYN was dropped shows as a TTFT of 1 s (Linux's initial SYN timeout) or
 //! 3 s (the second) plus the request. Every reply must stream `--max-tokens` tokens and end
 //! with `[DONE]`, or the run fails.
@@ -182,6 +183,46 @@ pub struct RunFigures {
     /// Replies whose first token took longer than one second.
     pub ttft_over_1s: u64,
     pub tcp: TcpCounters,
+    /// CPU time (user + system) the path's own processes spent per request, in µs: SMG's
+    /// for `smg`, router and worker together for `switchyard`, none for `direct`.
+    pub proxy_cpu_us_per_request: Option<f64>,
+}
+
+/// CPU time (user + system, every thread, live or exited) of the processes `pids` and their
+/// children, from procfs.
+fn cpu_time(pids: &[u32]) -> anyhow::Result<Duration> {
+    let ticks_per_s =
+        nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)?.context("no CLK_TCK")? as f64;
+    let mut ticks = 0u64;
+    let mut pending = pids.to_vec();
+    while let Some(pid) = pending.pop() {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .with_context(|| format!("reading /proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces) start with the state (3rd);
+        // utime and stime are the 14th and 15th.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("malformed /proc/<pid>/stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        for field in [11, 12] {
+            ticks += fields
+                .get(field)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pending.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    Ok(Duration::from_secs_f64(ticks as f64 / ticks_per_s))
 }
 
 /// A child process killed when dropped.
@@ -394,9 +435,11 @@ async fn run_once(
     base: &str,
     args: &HttpOverheadArgs,
     path: PathKind,
+    proxy_pids: &[u32],
     concurrency: usize,
     round: usize,
 ) -> anyhow::Result<RunFigures> {
+    let cpu_before = cpu_time(proxy_pids)?;
     let client = client(args)?;
     let target = Arc::new(target(base, args));
     let next = Arc::new(AtomicUsize::new(0));
@@ -443,6 +486,7 @@ async fn run_once(
     }
     let elapsed = started.elapsed();
     let tcp = TcpCounters::read().since(tcp_before);
+    let proxy_cpu = cpu_time(proxy_pids)?.saturating_sub(cpu_before);
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e3;
     Ok(RunFigures {
         path,
@@ -456,6 +500,8 @@ async fn run_once(
         total_p50_ms: ms(&total, 0.5),
         ttft_over_1s: over_1s,
         tcp,
+        proxy_cpu_us_per_request: (!proxy_pids.is_empty())
+            .then(|| proxy_cpu.as_secs_f64() * 1e6 / requests as f64),
     })
 }
 
@@ -479,7 +525,7 @@ fn table(runs: &[RunFigures], args: &HttpOverheadArgs) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:>4} {:<11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8} {:>8} {:>9} {:>8}",
+        "{:>4} {:<11} {:>9} {:>9} {:>9} {:>10} {:>10} {:>8} {:>8} {:>9} {:>8} {:>9} {:>8}",
         "conc",
         "path",
         "ttft p50",
@@ -489,6 +535,7 @@ fn table(runs: &[RunFigures], args: &HttpOverheadArgs) -> String {
         "added p99",
         "req/s",
         "x direct",
+        "proxy cpu",
         ">1s ttft",
         "syn retx",
         "overflow"
@@ -517,9 +564,18 @@ fn table(runs: &[RunFigures], args: &HttpOverheadArgs) -> String {
                 )
             };
             let sum = |f: fn(&RunFigures) -> u64| mine.iter().map(|r| f(r)).sum::<u64>();
+            let cpu: Vec<f64> = mine
+                .iter()
+                .filter_map(|r| r.proxy_cpu_us_per_request)
+                .collect();
+            let cpu_per_request = if cpu.is_empty() {
+                "-".to_string()
+            } else {
+                format!("{:.0} µs", median(cpu))
+            };
             let _ = writeln!(
                 out,
-                "{:>4} {:<11} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>+7.1} ms {:>+7.1} ms {:>8.0} {:>7.2}x {:>8} {:>9} {:>8}",
+                "{:>4} {:<11} {:>6.1} ms {:>6.1} ms {:>6.1} ms {:>+7.1} ms {:>+7.1} ms {:>8.0} {:>7.2}x {:>9} {:>8} {:>9} {:>8}",
                 concurrency,
                 path.name(),
                 pick(|r| r.ttft_p50_ms),
@@ -529,6 +585,7 @@ fn table(runs: &[RunFigures], args: &HttpOverheadArgs) -> String {
                 versus(|r, d| r.ttft_p99_ms - d.ttft_p99_ms),
                 pick(|r| r.requests_per_s),
                 versus(|r, d| r.requests_per_s / d.requests_per_s),
+                cpu_per_request,
                 sum(|r| r.ttft_over_1s),
                 sum(|r| r.tcp.syn_retrans),
                 sum(|r| r.tcp.listen_overflows),
@@ -559,6 +616,7 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
         }
     };
     let mut bases = BTreeMap::new();
+    let mut proxy_pids: BTreeMap<PathKind, Vec<u32>> = BTreeMap::new();
     bases.insert(PathKind::Direct, format!("http://{backend}/v1"));
     let mut _smg = None;
     let mut _switchyard = None;
@@ -568,12 +626,17 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
             bail!("{error:#}\nsmg log:\n{log}");
         }
+        proxy_pids.insert(PathKind::Smg, process.child.id().into_iter().collect());
         _smg = Some(process);
         bases.insert(PathKind::Smg, base);
     }
     if paths.contains(&PathKind::Switchyard) {
         let (etcd, worker, router, base) = start_switchyard(&backend, &args.log_level).await?;
         wait_serving(&base, &args, Duration::from_secs(30)).await?;
+        proxy_pids.insert(
+            PathKind::Switchyard,
+            [router.pid(), worker.pid()].into_iter().flatten().collect(),
+        );
         _switchyard = Some((router, worker, etcd));
         bases.insert(PathKind::Switchyard, base);
     }
@@ -601,15 +664,20 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
             let mut order = paths.clone();
             order.rotate_left((round - 1) % paths.len());
             for path in order {
-                let figures = run_once(&bases[&path], &args, path, concurrency, round).await?;
+                let pids = proxy_pids.get(&path).map_or(&[][..], Vec::as_slice);
+                let figures =
+                    run_once(&bases[&path], &args, path, pids, concurrency, round).await?;
                 eprintln!(
                     "round {round} c={concurrency:<3} {:<10} ttft p50 {:>7.1} ms p99 {:>7.1} ms \
-                     max {:>7.1} ms, {:>6.0} req/s, ttft > 1 s: {}, tcp {:?}",
+                     max {:>7.1} ms, {:>6.0} req/s, proxy cpu/req {}, ttft > 1 s: {}, tcp {:?}",
                     path.name(),
                     figures.ttft_p50_ms,
                     figures.ttft_p99_ms,
                     figures.ttft_max_ms,
                     figures.requests_per_s,
+                    figures
+                        .proxy_cpu_us_per_request
+                        .map_or("-".to_string(), |us| format!("{us:.0} µs")),
                     figures.ttft_over_1s,
                     figures.tcp
                 );
@@ -622,4 +690,37 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&runs)?)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_from_procfs_agrees_with_the_kernels_own_account() {
+        use nix::sys::resource::{UsageWho, getrusage};
+        let rusage = || {
+            let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+            let time = |t: nix::sys::time::TimeVal| {
+                Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000)
+            };
+            time(usage.user_time()) + time(usage.system_time())
+        };
+        // Burn CPU until the kernel has counted at least 200 ms of it for this process.
+        let mut x = 0u64;
+        while rusage() < Duration::from_millis(200) {
+            for i in 0..100_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+        }
+        std::hint::black_box(x);
+        let expected = rusage();
+        let procfs = cpu_time(&[std::process::id()]).expect("procfs readable");
+        let gap = procfs.abs_diff(expected);
+        // procfs counts in clock ticks (10 ms at the usual 100 Hz).
+        assert!(
+            gap <= Duration::from_millis(50),
+            "procfs {procfs:?}, getrusage {expected:?}"
+        );
+    }
 }

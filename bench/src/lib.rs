@@ -14,6 +14,7 @@ pub mod http_overhead;
 pub mod multiturn;
 pub mod noisy_neighbour;
 pub mod openai_backend;
+pub mod relay;
 pub mod router;
 pub mod simulate;
 pub mod streams;

@@ -69,7 +69,11 @@ pub struct RouterBenchArgs {
     pub decision_reports_per_s: u32,
     /// Run only these paths (e.g. `session` alone under a profiler); ratios to `direct` need
     /// `direct` among them.
-    #[arg(long, value_delimiter = ',', default_value = "direct,session,generate")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,relay,session,generate"
+    )]
     pub paths: Vec<Path>,
     /// Pace each generation at this many tokens per second (a model's decode rate, e.g. 2000
     /// for a wafer-scale endpoint) instead of as fast as the serving path reads them: the
@@ -82,16 +86,20 @@ pub struct RouterBenchArgs {
 #[serde(rename_all = "snake_case")]
 pub enum Path {
     Direct,
+    /// The same `Worker.Serve` stream as `direct`, through a relay with no routing logic
+    /// (see [`crate::relay`]): the floor under any gRPC router.
+    Relay,
     Session,
     Generate,
 }
 
-const PATHS: [Path; 3] = [Path::Direct, Path::Session, Path::Generate];
+const PATHS: [Path; 4] = [Path::Direct, Path::Relay, Path::Session, Path::Generate];
 
 impl Path {
     fn name(self) -> &'static str {
         match self {
             Self::Direct => "direct",
+            Self::Relay => "relay",
             Self::Session => "session",
             Self::Generate => "generate",
         }
@@ -218,6 +226,7 @@ struct ControlPlaneFigures {
 /// A worker and a router (and optionally a control plane) in this process, stopped on drop.
 pub(crate) struct Cluster {
     pub(crate) worker: Channel,
+    pub(crate) worker_addr: std::net::SocketAddr,
     pub(crate) router: Channel,
     pub(crate) router_addr: std::net::SocketAddr,
     /// The registry the router watches (its routing policy can be stored there).
@@ -344,6 +353,7 @@ pub(crate) async fn start_cluster(
     }
     let cluster = Cluster {
         worker: connect(worker_addr).await?,
+        worker_addr,
         router: connect(router_addr).await?,
         router_addr,
         registry,
@@ -665,6 +675,18 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
         )?,
     )
     .await?;
+    let relay = match args.paths.contains(&Path::Relay) {
+        true => {
+            let addr =
+                crate::relay::spawn(cluster.worker_addr, cluster.shutdown.child_token()).await?;
+            Some(
+                Channel::from_shared(format!("http://{addr}"))?
+                    .connect()
+                    .await?,
+            )
+        }
+        false => None,
+    };
     let probe = cluster.dashboard.map(|http| {
         let stop = cluster.shutdown.child_token();
         (stop.clone(), tokio::spawn(poll_dashboard(http, stop)))
@@ -678,11 +700,27 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
             .collect::<anyhow::Result<HashMap<Path, PathResult>>>()?;
         // One short unmeasured pass per path: connections, buffers and caches warm up.
         for &path in &args.paths {
-            run_path(&cluster, path, concurrency.min(64), concurrency, args).await?;
+            run_path(
+                &cluster,
+                relay.as_ref(),
+                path,
+                concurrency.min(64),
+                concurrency,
+                args,
+            )
+            .await?;
         }
         for _ in 0..args.rounds {
             for &path in &args.paths {
-                let outcome = run_path(&cluster, path, args.requests, concurrency, args).await?;
+                let outcome = run_path(
+                    &cluster,
+                    relay.as_ref(),
+                    path,
+                    args.requests,
+                    concurrency,
+                    args,
+                )
+                .await?;
                 let expected = args.requests as u64 * u64::from(args.max_tokens);
                 if outcome.tokens != expected {
                     bail!(
@@ -701,7 +739,7 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
             results.iter().map(|(p, r)| (*p, r.figures())).collect();
         let mut throughput_vs_direct = HashMap::new();
         let mut added_ttft_p50_ms = HashMap::new();
-        for path in [Path::Session, Path::Generate] {
+        for path in [Path::Relay, Path::Session, Path::Generate] {
             let (Some(direct), Some(figures)) = (paths.get(&Path::Direct), paths.get(&path)) else {
                 continue;
             };
@@ -788,6 +826,7 @@ async fn poll_dashboard(
 
 async fn run_path(
     cluster: &Cluster,
+    relay: Option<&Channel>,
     path: Path,
     requests: usize,
     concurrency: usize,
@@ -797,6 +836,10 @@ async fn run_path(
     let cpu_before = process_cpu()?;
     let mut outcome = match path {
         Path::Direct => run_direct(cluster.worker.clone(), requests, concurrency, max_tokens).await,
+        Path::Relay => {
+            let relay = relay.context("the relay was not started")?.clone();
+            run_direct(relay, requests, concurrency, max_tokens).await
+        }
         Path::Session => {
             run_session(cluster.router.clone(), requests, concurrency, max_tokens).await
         }
@@ -905,7 +948,7 @@ mod tests {
                 assert_eq!(figures.tokens, 400, "{path:?} at {}", level.concurrency);
                 assert!(figures.ttft_p50_ms <= figures.total_p50_ms);
             }
-            assert_eq!(level.throughput_vs_direct.len(), 2);
+            assert_eq!(level.throughput_vs_direct.len(), 3);
         }
     }
 

@@ -300,6 +300,10 @@ impl Component {
     }
 
     /// The process's resident memory in KiB (from procfs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
         let pid = self.child.id().context("the process has exited")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
