@@ -853,7 +853,7 @@ async fn run_path(
 }
 
 /// CPU time this process has used so far, user and system, all threads.
-fn process_cpu() -> anyhow::Result<Duration> {
+pub(crate) fn process_cpu() -> anyhow::Result<Duration> {
     use nix::sys::resource::{UsageWho, getrusage};
     let usage = getrusage(UsageWho::RUSAGE_SELF)?;
     let time =
