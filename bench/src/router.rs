@@ -3,16 +3,18 @@
 //! One worker serving the synthetic load-test engine (no model: its tokens come as fast as they
 //! are read, so the figures are the serving path's, not a model's) and one router run in this
 //! process on loopback ports, over an in-memory registry. The same workload — `requests`
-//! requests of `max_tokens` tokens, `concurrency` of them in flight — runs three ways, round by
-//! round in turn so machine drift hits all three alike:
+//! requests of `max_tokens` tokens, `concurrency` of them in flight — runs four ways, round by
+//! round in turn so machine drift hits all of them alike:
 //!
 //! * `direct`: straight on the worker's multiplexed `Worker.Serve` stream (the router's own
 //!   path to a worker, without the router);
+//! * `relay`: the same stream through a relay with no routing logic ([`crate::relay`]), the
+//!   floor under any gRPC router;
 //! * `session`: through the router on one persistent `Inference.Session` stream;
 //! * `generate`: through the router, one `Inference.Generate` call per request.
 //!
 //! Reported per path: requests/s, tokens/s, time to first token and to the last one (p50 and
-//! p99 over every round), and the router paths' throughput as a ratio of `direct`. Every
+//! p99 over every round), and the other paths' throughput as a ratio of `direct`. Every
 //! request must deliver exactly `max_tokens` tokens, or the run fails.
 //!
 //! With `--control-plane`, an in-process control plane runs too and the router reports its
@@ -675,17 +677,15 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
         )?,
     )
     .await?;
-    let relay = match args.paths.contains(&Path::Relay) {
-        true => {
-            let addr =
-                crate::relay::spawn(cluster.worker_addr, cluster.shutdown.child_token()).await?;
-            Some(
-                Channel::from_shared(format!("http://{addr}"))?
-                    .connect()
-                    .await?,
-            )
-        }
-        false => None,
+    let relay = if args.paths.contains(&Path::Relay) {
+        let addr = crate::relay::spawn(cluster.worker_addr, cluster.shutdown.child_token()).await?;
+        Some(
+            Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?,
+        )
+    } else {
+        None
     };
     let probe = cluster.dashboard.map(|http| {
         let stop = cluster.shutdown.child_token();
