@@ -13,7 +13,9 @@
 //!
 //! * `direct`: the backend alone;
 //! * `smg`: SMG → backend;
-//! * `switchyard`: router → worker-wse gateway → backend.
+//! * `switchyard`: router → worker-wse gateway → backend;
+//! * `switchyard-hosted`: `switchyard router-wse`, the router with the gateway worker in its
+//!   own process (dialled in process) → backend: one hop, like SMG.
 //!
 //! Reported per concurrency and path, as medians over the rounds: TTFT p50 and p99, what the
 //! router adds to them over `direct` in the same round, requests/s and its ratio to `direct`,
@@ -105,6 +107,7 @@ pub enum PathKind {
     Direct,
     Smg,
     Switchyard,
+    SwitchyardHosted,
 }
 
 impl PathKind {
@@ -113,6 +116,7 @@ impl PathKind {
             Self::Direct => "direct",
             Self::Smg => "smg",
             Self::Switchyard => "switchyard",
+            Self::SwitchyardHosted => "switchyard-hosted",
         }
     }
 }
@@ -312,68 +316,105 @@ async fn start_smg(
     Ok((process, base, log))
 }
 
-/// Starts Switchyard in front of `backend`: etcd, a worker-wse gateway and a router.
+/// A running Switchyard in front of the backend: etcd, the router (and the gateway worker, in
+/// its own process unless hosted by the router), and the router's OpenAI base URL.
+struct Switchyard {
+    _etcd: Etcd,
+    router: Component,
+    worker: Option<Component>,
+    base: String,
+}
+
+impl Switchyard {
+    /// The processes whose CPU time is the proxy's.
+    fn pids(&self) -> Vec<u32> {
+        [
+            self.router.pid(),
+            self.worker.as_ref().and_then(Component::pid),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+/// Starts Switchyard in front of `backend`: etcd, a worker-wse gateway and a router — two
+/// processes, or with `hosted` one (`switchyard router-wse`).
 async fn start_switchyard(
     backend: &str,
     log_level: &str,
-) -> anyhow::Result<(Etcd, Component, Component, String)> {
+    hosted: bool,
+) -> anyhow::Result<Switchyard> {
     let etcd = Etcd::start().await?;
     let env = [("RUST_LOG".to_string(), log_level.to_string())];
     let gateway_url = format!("http://{backend}/v1");
-    let worker = Component::start_with_env(
-        "wse-gateway",
-        &[
-            "worker-wse",
-            "--etcd",
-            &etcd.url,
-            "--listen",
-            "127.0.0.1:0",
-            "--id",
-            "wse-gateway",
-            "--engine",
-            "gateway",
-            "--gateway-url",
-            &gateway_url,
-            "--model",
-            MODEL,
-            // Slots enough for every level: this measures the path, not admission.
-            "--max-concurrent",
-            "1024",
-        ]
-        .map(String::from),
-        &env,
-        1,
-    )
-    .await?;
-    let router = Component::start_with_env(
-        "router",
-        &[
-            "router",
-            "--etcd",
-            &etcd.url,
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-        &env,
-        2,
-    )
-    .await?;
-    let grpc = router.addr("grpc").to_string();
+    let worker_id = if hosted { "wse-hosted" } else { "wse-gateway" };
+    let engine = [
+        "--engine",
+        "gateway",
+        "--gateway-url",
+        &gateway_url,
+        "--model",
+        MODEL,
+        // Slots enough for every level: this measures the path, not admission.
+        "--max-concurrent",
+        "1024",
+    ]
+    .map(String::from);
+    let router_args = [
+        "--etcd",
+        &etcd.url,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from);
+    let (worker, router) = if hosted {
+        let args: Vec<String> = ["router-wse".to_string()]
+            .into_iter()
+            .chain(router_args)
+            .chain(["--worker-id".to_string(), worker_id.to_string()])
+            .chain(engine)
+            .collect();
+        // Announces the worker's address and the router's two.
+        (
+            None,
+            Component::start_with_env("router", &args, &env, 3).await?,
+        )
+    } else {
+        let args: Vec<String> = ["worker-wse", "--etcd", &etcd.url, "--listen", "127.0.0.1:0"]
+            .map(String::from)
+            .into_iter()
+            .chain(["--id".to_string(), worker_id.to_string()])
+            .chain(engine)
+            .collect();
+        let worker = Component::start_with_env("wse-gateway", &args, &env, 1).await?;
+        let args: Vec<String> = ["router".to_string()]
+            .into_iter()
+            .chain(router_args)
+            .collect();
+        let router = Component::start_with_env("router", &args, &env, 2).await?;
+        (Some(worker), router)
+    };
+    let grpc = router.component_addr("router", "grpc").to_string();
     wait_until(
         Duration::from_secs(30),
         "the router to link the gateway worker",
         || async {
             list_router_workers(&grpc)
                 .await
-                .is_ok_and(|ids| ids == ["wse-gateway"])
+                .is_ok_and(|ids| ids == [worker_id])
         },
     )
     .await?;
-    let base = format!("http://{}/v1", router.addr("http"));
-    Ok((etcd, worker, router, base))
+    let base = format!("http://{}/v1", router.component_addr("router", "http"));
+    Ok(Switchyard {
+        _etcd: etcd,
+        router,
+        worker,
+        base,
+    })
 }
 
 fn target(base: &str, args: &HttpOverheadArgs) -> ChatTarget {
@@ -619,7 +660,6 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
     let mut proxy_pids: BTreeMap<PathKind, Vec<u32>> = BTreeMap::new();
     bases.insert(PathKind::Direct, format!("http://{backend}/v1"));
     let mut _smg = None;
-    let mut _switchyard = None;
     if paths.contains(&PathKind::Smg) {
         let (process, base, log) = start_smg(&args, &backend).await?;
         if let Err(error) = wait_serving(&base, &args, Duration::from_secs(60)).await {
@@ -630,15 +670,19 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
         _smg = Some(process);
         bases.insert(PathKind::Smg, base);
     }
-    if paths.contains(&PathKind::Switchyard) {
-        let (etcd, worker, router, base) = start_switchyard(&backend, &args.log_level).await?;
-        wait_serving(&base, &args, Duration::from_secs(30)).await?;
-        proxy_pids.insert(
-            PathKind::Switchyard,
-            [router.pid(), worker.pid()].into_iter().flatten().collect(),
-        );
-        _switchyard = Some((router, worker, etcd));
-        bases.insert(PathKind::Switchyard, base);
+    let mut switchyards = Vec::new();
+    for (path, hosted) in [
+        (PathKind::Switchyard, false),
+        (PathKind::SwitchyardHosted, true),
+    ] {
+        if !paths.contains(&path) {
+            continue;
+        }
+        let switchyard = start_switchyard(&backend, &args.log_level, hosted).await?;
+        wait_serving(&switchyard.base, &args, Duration::from_secs(30)).await?;
+        proxy_pids.insert(path, switchyard.pids());
+        bases.insert(path, switchyard.base.clone());
+        switchyards.push(switchyard);
     }
     wait_serving(&bases[&PathKind::Direct], &args, Duration::from_secs(10)).await?;
     match &args.backend_url {

@@ -1,4 +1,5 @@
-//! The component subcommands (`router`, `worker-gpu`, `worker-wse`, `control-plane`): each
+//! The component subcommands (`router`, `router-wse`, `worker-gpu`, `worker-wse`,
+//! `control-plane`): each
 //! parses its flags (every flag also reads a `SWITCHYARD_*` environment variable), connects to
 //! etcd, runs until SIGINT/SIGTERM, and prints `<component> <protocol> <address>` on stdout
 //! once it serves, so scripts and tests can find it (`<component> metrics <address>` for the
@@ -382,6 +383,57 @@ impl SimulatedCacheArgs {
     }
 }
 
+/// Options of the worker `switchyard router-wse` hosts (besides its engine's): the flags of
+/// `worker-wse` that could clash with the router's, under a `worker-` prefix.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HostedWorkerArgs {
+    /// gRPC listen address of the hosted worker, where other routers dial it (port 0 picks a
+    /// free port). Its own router dials it in process.
+    #[arg(long, env = "SWITCHYARD_WORKER_LISTEN", default_value = "127.0.0.1:0")]
+    pub worker_listen: SocketAddr,
+    /// Address other routers dial for the hosted worker (default: its bound listen address).
+    #[arg(long, env = "SWITCHYARD_WORKER_ADVERTISE")]
+    pub worker_advertise: Option<String>,
+    /// Hosted worker id (default: wse and a random suffix).
+    #[arg(long, env = "SWITCHYARD_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// etcd lease TTL of the hosted worker.
+    #[arg(long,
+        env = "SWITCHYARD_WORKER_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub worker_lease_ttl: Duration,
+    /// Advertised price per million generated tokens of the hosted worker.
+    #[arg(long, env = "SWITCHYARD_WORKER_COST_PER_MTOK", default_value_t = 0.60)]
+    pub worker_cost_per_mtok: f64,
+    /// Longest a SIGTERM drain of the hosted worker waits for in-flight generations.
+    #[arg(long,
+        env = "SWITCHYARD_WORKER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub worker_drain_timeout: Duration,
+}
+
+impl HostedWorkerArgs {
+    /// The hosted worker's config; it shares the router's metrics registry, TLS files (a
+    /// certificate naming the worker too, when routers check identities) and connection
+    /// timeouts.
+    pub fn config(&self, router: &RouterConfig) -> WorkerConfig {
+        WorkerConfig {
+            id: self
+                .worker_id
+                .clone()
+                .unwrap_or_else(|| default_worker_id(Pool::Wse)),
+            pool: Pool::Wse,
+            listen: self.worker_listen,
+            advertise: self.worker_advertise.clone(),
+            lease_ttl: self.worker_lease_ttl,
+            coalesce: CoalesceConfig::default(),
+            cost_per_mtok: self.worker_cost_per_mtok,
+            drain_timeout: self.worker_drain_timeout,
+            metrics: router.metrics.clone(),
+            tls: router.tls.clone(),
+            connections: router.connections,
+        }
+    }
+}
+
 /// A GPU worker's engine: the configured one, or the synthetic engine with a simulated prefix
 /// cache when `cache` asks for one.
 pub fn gpu_engine(
@@ -496,6 +548,73 @@ pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
         }
     })
     .await?;
+    Ok(())
+}
+
+/// The router with a wafer-scale worker serving `engine` in the same process: the router's
+/// link to it crosses no network (a hop and a process fewer between a client and the
+/// endpoint); other routers dial the worker on its own listen address.
+pub async fn router_hosting_wse(
+    args: RouterArgs,
+    hosted: HostedWorkerArgs,
+    engine: Arc<dyn Engine>,
+) -> anyhow::Result<()> {
+    if let Some(path) = &args.api_keys_file {
+        switchyard_router::auth::ApiKeys::load(path)?;
+    }
+    check_tls(&args.tls.files())?;
+    let connections = args.connections.checked()?;
+    let cluster_token = args.cluster.cluster_token()?;
+    let registry = args.cluster.registry().await?;
+    let shutdown = shutdown_on_signal();
+    let (dialer, incoming) = switchyard_cluster::in_process::pair();
+    let mut config = RouterConfig {
+        cluster_token: cluster_token.clone(),
+        ..args.config()
+    };
+    let worker_config = hosted.config(&config);
+    config.hosted_workers = vec![(worker_config.id.clone(), dialer)];
+    args.metrics
+        .serve("router", &config.metrics, connections, &shutdown)
+        .await?;
+    // Either failing stops the other: the process serves both or neither.
+    let worker = async {
+        let result = switchyard_worker::run_hosted_worker(
+            worker_config,
+            cluster_token,
+            engine,
+            registry.clone(),
+            incoming,
+            shutdown.clone(),
+            |addr| announce("worker-wse", "grpc", addr),
+        )
+        .await;
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result.context("hosted worker")
+    };
+    let router = async {
+        let result = switchyard_router::run_router_with_endpoints(
+            config,
+            registry.clone(),
+            shutdown.clone(),
+            |endpoints| {
+                announce("router", "grpc", endpoints.grpc);
+                if let Some(http) = endpoints.http {
+                    announce("router", "http", http);
+                }
+            },
+        )
+        .await;
+        if result.is_err() {
+            shutdown.cancel();
+        }
+        result.context("router")
+    };
+    let (worker, router) = tokio::join!(worker, router);
+    router?;
+    worker?;
     Ok(())
 }
 

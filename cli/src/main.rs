@@ -23,6 +23,17 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Run the router.
     Router(components::RouterArgs),
+    /// Run the router with a wafer-scale-pool worker in the same process (its link crosses no
+    /// network: one hop fewer to the endpoint); other routers reach the worker on
+    /// --worker-listen.
+    RouterWse {
+        #[command(flatten)]
+        router: components::RouterArgs,
+        #[command(flatten)]
+        worker: components::HostedWorkerArgs,
+        #[command(flatten)]
+        engine: switchyard_worker_wse::WseEngineArgs,
+    },
     /// Run a GPU-pool worker.
     WorkerGpu {
         #[command(flatten)]
@@ -68,6 +79,7 @@ impl Command {
             Command::Up(_) => "switchyard",
             Command::Chat(_) => "switchyard-chat",
             Command::Router(_) => "switchyard-router",
+            Command::RouterWse { .. } => "switchyard-router",
             Command::WorkerGpu { .. } => "switchyard-worker-gpu",
             Command::WorkerWse { .. } => "switchyard-worker-wse",
             Command::ControlPlane(_) => "switchyard-control-plane",
@@ -80,6 +92,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Up(args) => up::up(args).await,
         Command::Chat(args) => chat::chat(args).await,
         Command::Router(args) => components::router(args).await,
+        Command::RouterWse {
+            router,
+            worker,
+            engine,
+        } => {
+            let engine = switchyard_worker_wse::build_engine(&engine)?;
+            components::router_hosting_wse(router, worker, engine).await
+        }
         Command::WorkerGpu {
             worker,
             engine,

@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod credential;
 pub mod etcd;
 pub mod identity;
+pub mod in_process;
 pub mod listen;
 pub mod membership;
 pub mod memory;

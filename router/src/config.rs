@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use switchyard_cluster::in_process::InProcessDialer;
 use switchyard_cluster::listen::ConnectionTimeouts;
 use switchyard_cluster::telemetry::metrics::Metrics;
 use switchyard_proto::RequestLimits;
@@ -58,6 +59,9 @@ pub struct RouterConfig {
     /// How long a connection to either listener may take to send its first request, and
     /// stay silent afterwards (see [`switchyard_cluster::listen`]).
     pub connections: ConnectionTimeouts,
+    /// Workers this process hosts, by worker id: their links are dialled in process, not over
+    /// the network (see [`switchyard_cluster::in_process`]).
+    pub hosted_workers: Vec<(String, InProcessDialer)>,
 }
 
 impl Default for RouterConfig {
@@ -80,6 +84,7 @@ impl Default for RouterConfig {
             stream_credit_tokens: 256,
             metrics: Metrics::new(),
             connections: ConnectionTimeouts::default(),
+            hosted_workers: Vec::new(),
         }
     }
 }

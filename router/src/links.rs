@@ -28,6 +28,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use switchyard_cluster::credential::ClusterToken;
 use switchyard_cluster::identity::{self, IdentityMismatch};
+use switchyard_cluster::in_process::{self, InProcessDialer};
 use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Membership, MembershipView, WorkerRecord};
 use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, worker_frame};
@@ -1052,9 +1053,14 @@ async fn establish(
     let credential = links
         .as_ref()
         .and_then(|links| links.credential.get().cloned());
+    let hosted = links.as_ref().and_then(|links| {
+        let record = shared.record.borrow();
+        links.hosted_dialer(&record.id)
+    });
     drop(links);
     // With TLS, only a certificate naming the record's worker completes the handshake.
     let (endpoint, identity) = match &tls {
+        _ if hosted.is_some() => (in_process::endpoint(), None),
         Some(tls) => {
             let expected = {
                 let record = shared.record.borrow();
@@ -1076,7 +1082,14 @@ async fn establish(
         .http2_keep_alive_interval(Duration::from_secs(2))
         .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true);
-    let channel = endpoint.connect().await.map_err(|e| {
+    let connected = match &hosted {
+        Some(dialer) => {
+            info!(worker = %shared.id, "linking the hosted worker in process");
+            dialer.channel(endpoint).await
+        }
+        None => endpoint.connect().await,
+    };
+    let channel = connected.map_err(|e| {
         match identity.as_ref().and_then(|check| check.take_rejection()) {
             Some(mismatch) => LinkError::Refused(mismatch),
             None => LinkError::Failed(e.to_string()),
@@ -1112,6 +1125,8 @@ pub struct Links {
     tls: OnceLock<ClientTls>,
     /// `switchyard_router_worker_identity_rejections`, once set.
     identity_rejections: OnceLock<Family<WorkerLabels, Counter>>,
+    /// Workers hosted by this process, by id: dialled in process.
+    hosted: RwLock<HashMap<String, InProcessDialer>>,
 }
 
 impl Links {
@@ -1129,6 +1144,7 @@ impl Links {
             credential: OnceLock::new(),
             tls: OnceLock::new(),
             identity_rejections: OnceLock::new(),
+            hosted: RwLock::default(),
         })
     }
 
@@ -1156,6 +1172,23 @@ impl Links {
     /// Presents `token` on every worker link dialled from now on (set once, before any).
     pub fn set_credential(&self, token: ClusterToken) {
         let _ = self.credential.set(token);
+    }
+
+    /// Dials worker `worker_id` through `dialer` from now on: it runs in this process, so its
+    /// link skips the network (and TLS, which guards the network).
+    pub fn host(&self, worker_id: &str, dialer: InProcessDialer) {
+        self.hosted
+            .write()
+            .expect("hosted workers lock")
+            .insert(worker_id.to_string(), dialer);
+    }
+
+    fn hosted_dialer(&self, worker_id: &str) -> Option<InProcessDialer> {
+        self.hosted
+            .read()
+            .expect("hosted workers lock")
+            .get(worker_id)
+            .cloned()
     }
 
     /// Creates the link set and a task that keeps it in step with `membership`.

@@ -294,6 +294,16 @@ impl Component {
             .expect("announced endpoint")
     }
 
+    /// The address `component` announced for `protocol` (a process running two components,
+    /// like `router-wse`, announces each one's).
+    pub fn component_addr(&self, component: &str, protocol: &str) -> SocketAddr {
+        self.endpoints
+            .iter()
+            .find(|(c, p, _)| c == component && p == protocol)
+            .map(|(_, _, a)| *a)
+            .expect("announced endpoint")
+    }
+
     /// `http://<address>/metrics` of the `--metrics-addr` listener.
     pub fn metrics_url(&self) -> String {
         format!("http://{}/metrics", self.addr("metrics"))

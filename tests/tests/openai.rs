@@ -407,3 +407,127 @@ async fn wse_gateway_against_a_real_upstream() -> anyhow::Result<()> {
     assert!(failed.message.contains("cannot connect"), "{failed:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_wse_hosts_its_gateway_worker_in_process() -> anyhow::Result<()> {
+    // Upstream: a Switchyard cluster serving "synthetic" over HTTP.
+    let upstream = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let upstream_url = upstream.router_openai_url();
+
+    // One process: a router and the gateway worker it hosts; and a plain router beside it.
+    let etcd = Etcd::start().await?;
+    let hosting = Component::start(
+        "router-wse",
+        &strings(&[
+            "router-wse",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--worker-id",
+            "wse-hosted",
+            "--worker-listen",
+            "127.0.0.1:0",
+            "--engine",
+            "gateway",
+            "--gateway-url",
+            &upstream_url,
+            "--model",
+            "fast",
+            "--gateway-model-map",
+            "fast=synthetic",
+        ]),
+        3,
+    )
+    .await?;
+    let other = Component::start(
+        "other-router",
+        &strings(&[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]),
+        2,
+    )
+    .await?;
+    for router in [
+        hosting.component_addr("router", "grpc").to_string(),
+        other.addr("grpc").to_string(),
+    ] {
+        wait_until(
+            Duration::from_secs(20),
+            "both routers to link the hosted worker",
+            || async {
+                list_router_workers(&router)
+                    .await
+                    .is_ok_and(|ids| ids == ["wse-hosted"])
+            },
+        )
+        .await?;
+    }
+    // Its own router dialled it in process; the other one over the network, at the address
+    // the worker announced.
+    hosting
+        .wait_for_log(
+            "linking the hosted worker in process",
+            Duration::from_secs(5),
+        )
+        .await?;
+    let worker_addr = hosting.component_addr("worker-wse", "grpc");
+    assert_ne!(worker_addr, hosting.component_addr("router", "grpc"));
+
+    let client = http();
+    for router_http in [hosting.component_addr("router", "http"), other.addr("http")] {
+        let response = client
+            .post(format!("http://{router_http}/v1/chat/completions"))
+            .json(&json!({"model": "fast", "stream": true, "max_tokens": 6,
+                "messages": [{"role": "user", "content": "alpha beta gamma"}]}))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["x-switchyard-pool"], "wse");
+        assert_eq!(response.headers()["x-switchyard-worker"], "wse-hosted");
+        let (text, done) = sse_chat_text(&response.text().await?);
+        assert_eq!(
+            text, "alpha beta gamma alpha beta gamma",
+            "via {router_http}"
+        );
+        assert!(done);
+    }
+    // One /metrics for both components, each family once.
+    let metrics = client
+        .get(format!(
+            "http://{}/metrics",
+            hosting.component_addr("router", "http")
+        ))
+        .send()
+        .await?
+        .text()
+        .await?;
+    assert!(metrics.contains("switchyard_router_"), "{metrics}");
+    assert!(metrics.contains("switchyard_worker_"), "{metrics}");
+    let mut families: Vec<&str> = metrics
+        .lines()
+        .filter(|line| line.starts_with("# TYPE "))
+        .collect();
+    let listed = families.len();
+    families.sort_unstable();
+    families.dedup();
+    assert_eq!(
+        families.len(),
+        listed,
+        "a metric family is registered twice"
+    );
+    Ok(())
+}

@@ -12,11 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_cluster::credential::ClusterToken;
+use switchyard_cluster::in_process::InProcessIncoming;
 use switchyard_cluster::listen::ConnectionTimeouts;
 use switchyard_cluster::tls::{Alpn, TlsFiles};
 use switchyard_cluster::{Capacity, Pool, Registry, RegistryError, WorkerRecord, WorkerState};
 use switchyard_proto::v1::worker_server::WorkerServer;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
 use crate::coalesce::CoalesceConfig;
@@ -112,6 +114,46 @@ pub async fn run_member_worker(
     shutdown: CancellationToken,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), WorkerError> {
+    serve(
+        config, credential, engine, registry, None, shutdown, on_ready,
+    )
+    .await
+}
+
+/// Like [`run_member_worker`], also serving the process hosting it: `Worker` calls dialled
+/// through `in_process` (the matching [`switchyard_cluster::in_process::InProcessDialer`])
+/// skip the network. Other routers reach the worker on its listen address as usual; an
+/// in-process caller still presents `credential`, and needs no certificate.
+pub async fn run_hosted_worker(
+    config: WorkerConfig,
+    credential: Option<ClusterToken>,
+    engine: Arc<dyn Engine>,
+    registry: Arc<dyn Registry>,
+    in_process: InProcessIncoming,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), WorkerError> {
+    serve(
+        config,
+        credential,
+        engine,
+        registry,
+        Some(in_process),
+        shutdown,
+        on_ready,
+    )
+    .await
+}
+
+async fn serve(
+    config: WorkerConfig,
+    credential: Option<ClusterToken>,
+    engine: Arc<dyn Engine>,
+    registry: Arc<dyn Registry>,
+    in_process: Option<InProcessIncoming>,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(SocketAddr),
+) -> Result<(), WorkerError> {
     config.validate()?;
     let tls = config
         .tls
@@ -133,13 +175,13 @@ pub async fn run_member_worker(
     let metrics = WorkerMetrics::register(&config.metrics, config.pool);
     let gauges = tokio::spawn(follow_load(load.clone(), engine.clone(), metrics.clone()));
     let closing = CancellationToken::new();
-    let service = WorkerService::new(
+    let service = Arc::new(WorkerService::new(
         engine.clone(),
         load.clone(),
         config.coalesce,
         metrics,
         closing.clone(),
-    );
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_not_serving::<WorkerServer<WorkerService>>()
@@ -148,12 +190,13 @@ pub async fn run_member_worker(
         switchyard_proto::introspection::reflection_services();
 
     let server_stop = closing.clone();
+    let in_network_credential = credential.clone();
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(WorkerServer::with_interceptor(
-            service,
+        .add_service(InterceptedService::new(
+            WorkerServer::from_arc(service.clone()),
             move |request: tonic::Request<()>| {
                 // The listener has verified any certificate presented against the client CA;
                 // here a caller without one is refused (health and reflection stay open).
@@ -164,10 +207,7 @@ pub async fn run_member_worker(
                         "Worker calls need a client certificate of the cluster CA (mTLS)",
                     ));
                 }
-                if let Some(credential) = &credential {
-                    credential.check(&request)?;
-                }
-                Ok(request)
+                check_credential(&in_network_credential, request)
             },
         ));
     let bind_error = |source| WorkerError::Bind {
@@ -190,6 +230,18 @@ pub async fn run_member_worker(
             )
         }
     };
+
+    let in_process_server = in_process.map(|incoming| {
+        let service = InterceptedService::new(
+            WorkerServer::from_arc(service),
+            move |request: tonic::Request<()>| check_credential(&credential, request),
+        );
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, closing.clone().cancelled_owned()),
+        )
+    });
 
     // Read before registering, so a worker restarted while drained never advertises `ready`.
     let mut drain_requests = registry.watch_drain(&config.id).await?;
@@ -234,6 +286,9 @@ pub async fn run_member_worker(
                 // The server stopped on its own: report why.
                 sampler.abort();
                 gauges.abort();
+                if let Some(in_process) = &in_process_server {
+                    in_process.abort();
+                }
                 return match result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(error)) => Err(error.into()),
@@ -314,8 +369,26 @@ pub async fn run_member_worker(
         Ok(Err(join)) => warn!(%join, "server task failed"),
         Err(_) => warn!("server did not stop within 5s"),
     }
+    if let Some(in_process) = in_process_server {
+        match tokio::time::timeout(Duration::from_secs(5), in_process).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(join)) => warn!(%join, "in-process server task failed"),
+            Err(_) => warn!("in-process server did not stop within 5s"),
+        }
+    }
     info!(worker_id = %config.id, "stopped");
     Ok(())
+}
+
+/// Admits a `Worker` call that presents `credential` (any call when there is none).
+fn check_credential(
+    credential: &Option<ClusterToken>,
+    request: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    if let Some(credential) = credential {
+        credential.check(&request)?;
+    }
+    Ok(request)
 }
 
 /// A drain watch that never changes, replacing one whose source ended.
