@@ -17,8 +17,9 @@ use switchyard_cluster::tls::{ClientTls, TlsFiles};
 use switchyard_cluster::{EtcdRegistry, EtcdSecurity, Pool, Registry};
 use switchyard_proto::RequestLimits;
 use switchyard_router::RouterConfig;
+use switchyard_router::config::HostedWorker;
 use switchyard_router::config::parse_lane;
-use switchyard_worker::{CoalesceConfig, Engine, WorkerConfig};
+use switchyard_worker::{CoalesceConfig, Engine, HostedBy, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 /// Options shared by every component.
@@ -567,13 +568,18 @@ pub async fn router_hosting_wse(
     let cluster_token = args.cluster.cluster_token()?;
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
-    let (dialer, incoming) = switchyard_cluster::in_process::pair();
+    let (pipe, pipe_incoming) = switchyard_cluster::in_process::pair();
+    let (streams, streams_incoming) = switchyard_proto::hosted::pair();
     let mut config = RouterConfig {
         cluster_token: cluster_token.clone(),
         ..args.config()
     };
     let worker_config = hosted.config(&config);
-    config.hosted_workers = vec![(worker_config.id.clone(), dialer)];
+    config.hosted_workers = vec![HostedWorker {
+        id: worker_config.id.clone(),
+        pipe,
+        streams,
+    }];
     args.metrics
         .serve("router", &config.metrics, connections, &shutdown)
         .await?;
@@ -584,7 +590,10 @@ pub async fn router_hosting_wse(
             cluster_token,
             engine,
             registry.clone(),
-            incoming,
+            HostedBy {
+                pipe: pipe_incoming,
+                streams: streams_incoming,
+            },
             shutdown.clone(),
             |addr| announce("worker-wse", "grpc", addr),
         )

@@ -2,6 +2,7 @@
 //! descriptor set for gRPC reflection, and validation of requests as they arrive on the wire.
 
 pub mod codec;
+pub mod hosted;
 pub mod introspection;
 pub mod kv_blocks;
 pub mod validate;

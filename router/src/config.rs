@@ -8,6 +8,7 @@ use switchyard_cluster::in_process::InProcessDialer;
 use switchyard_cluster::listen::ConnectionTimeouts;
 use switchyard_cluster::telemetry::metrics::Metrics;
 use switchyard_proto::RequestLimits;
+use switchyard_proto::hosted::StreamDialer;
 use switchyard_proto::v1::Lane;
 
 #[derive(Debug, Clone)]
@@ -59,9 +60,19 @@ pub struct RouterConfig {
     /// How long a connection to either listener may take to send its first request, and
     /// stay silent afterwards (see [`switchyard_cluster::listen`]).
     pub connections: ConnectionTimeouts,
-    /// Workers this process hosts, by worker id: their links are dialled in process, not over
-    /// the network (see [`switchyard_cluster::in_process`]).
-    pub hosted_workers: Vec<(String, InProcessDialer)>,
+    /// Workers this process hosts: their links are made in process, not over the network.
+    pub hosted_workers: Vec<HostedWorker>,
+}
+
+/// A worker running in the router's own process, and how its link reaches it.
+#[derive(Debug, Clone)]
+pub struct HostedWorker {
+    /// Its worker id, as registered.
+    pub id: String,
+    /// `Worker` calls (tokenizer fetches) over an in-memory HTTP/2 pipe.
+    pub pipe: InProcessDialer,
+    /// `Serve` streams, handed over as message streams.
+    pub streams: StreamDialer,
 }
 
 impl Default for RouterConfig {

@@ -24,24 +24,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, Weak};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt as _;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use switchyard_cluster::credential::ClusterToken;
 use switchyard_cluster::identity::{self, IdentityMismatch};
-use switchyard_cluster::in_process::{self, InProcessDialer};
+use switchyard_cluster::in_process;
 use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Membership, MembershipView, WorkerRecord};
+use switchyard_proto::hosted::Frames;
 use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, worker_frame};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::Streaming;
 use tonic::transport::Channel;
 use tracing::{debug, info, warn};
 
 use crate::changes::ChangeFeed;
+use crate::config::HostedWorker;
 use crate::metrics::WorkerLabels;
 use crate::policy::view::turnover_ewma;
 use crate::policy::{ClusterView, WorkerState};
@@ -773,7 +775,7 @@ impl LinkTask {
         };
         let result = loop {
             tokio::select! {
-                message = inbound.message() => match message {
+                message = inbound.next() => match message.transpose() {
                     Ok(Some(v1::WorkerFrame { frame: Some(frame) })) => self.on_frame(frame),
                     Ok(Some(_)) => {}
                     Ok(None) => break Ok(()),
@@ -1043,7 +1045,7 @@ async fn establish(
 ) -> Result<
     (
         Channel,
-        Streaming<v1::WorkerFrame>,
+        Frames<v1::WorkerFrame>,
         mpsc::Sender<v1::RouterFrame>,
     ),
     LinkError,
@@ -1055,7 +1057,7 @@ async fn establish(
         .and_then(|links| links.credential.get().cloned());
     let hosted = links.as_ref().and_then(|links| {
         let record = shared.record.borrow();
-        links.hosted_dialer(&record.id)
+        links.hosted_worker(&record.id)
     });
     drop(links);
     // With TLS, only a certificate naming the record's worker completes the handshake.
@@ -1083,9 +1085,9 @@ async fn establish(
         .keep_alive_timeout(Duration::from_secs(2))
         .keep_alive_while_idle(true);
     let connected = match &hosted {
-        Some(dialer) => {
+        Some(hosted) => {
             info!(worker = %shared.id, "linking the hosted worker in process");
-            dialer.channel(endpoint).await
+            hosted.pipe.channel(endpoint).await
         }
         None => endpoint.connect().await,
     };
@@ -1096,6 +1098,14 @@ async fn establish(
         }
     })?;
     let (frames, outbound) = mpsc::channel(OUTBOUND_CAPACITY);
+    if let Some(hosted) = hosted {
+        let inbound = hosted
+            .streams
+            .serve(Box::pin(ReceiverStream::new(outbound).map(Ok)))
+            .await
+            .map_err(|status| LinkError::Failed(status.to_string()))?;
+        return Ok((channel, inbound, frames));
+    }
     let mut call = tonic::Request::new(ReceiverStream::new(outbound));
     if let Some(token) = credential {
         token.apply(&mut call);
@@ -1104,7 +1114,7 @@ async fn establish(
         .serve(call)
         .await
         .map_err(|status| LinkError::Failed(status.to_string()))?;
-    Ok((channel, inbound.into_inner(), frames))
+    Ok((channel, Box::pin(inbound.into_inner()), frames))
 }
 
 /// All worker links, following the membership view.
@@ -1125,8 +1135,8 @@ pub struct Links {
     tls: OnceLock<ClientTls>,
     /// `switchyard_router_worker_identity_rejections`, once set.
     identity_rejections: OnceLock<Family<WorkerLabels, Counter>>,
-    /// Workers hosted by this process, by id: dialled in process.
-    hosted: RwLock<HashMap<String, InProcessDialer>>,
+    /// Workers hosted by this process, by id: linked in process.
+    hosted: RwLock<HashMap<String, HostedWorker>>,
 }
 
 impl Links {
@@ -1174,16 +1184,16 @@ impl Links {
         let _ = self.credential.set(token);
     }
 
-    /// Dials worker `worker_id` through `dialer` from now on: it runs in this process, so its
-    /// link skips the network (and TLS, which guards the network).
-    pub fn host(&self, worker_id: &str, dialer: InProcessDialer) {
+    /// Links worker `hosted.id` in process from now on: it runs in this process, so its link
+    /// skips the network (and TLS, which guards the network).
+    pub fn host(&self, hosted: HostedWorker) {
         self.hosted
             .write()
             .expect("hosted workers lock")
-            .insert(worker_id.to_string(), dialer);
+            .insert(hosted.id.clone(), hosted);
     }
 
-    fn hosted_dialer(&self, worker_id: &str) -> Option<InProcessDialer> {
+    fn hosted_worker(&self, worker_id: &str) -> Option<HostedWorker> {
         self.hosted
             .read()
             .expect("hosted workers lock")
@@ -1403,7 +1413,7 @@ mod tests {
     use switchyard_cluster::{Capacity, Pool, WorkerState as RecordState};
     use tokio::net::TcpListener;
     use tokio_stream::wrappers::TcpListenerStream;
-    use tonic::{Request, Response, Status};
+    use tonic::{Request, Response, Status, Streaming};
 
     use super::*;
 

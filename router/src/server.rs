@@ -135,8 +135,8 @@ pub async fn run_router_with_endpoints(
     if let Some(tls) = &client_tls {
         links.set_tls(tls.clone());
     }
-    for (worker_id, dialer) in &config.hosted_workers {
-        links.host(worker_id, dialer.clone());
+    for hosted in &config.hosted_workers {
+        links.host(hosted.clone());
     }
     let fallback_policy = config.default_policy();
     let (policy, policy_tx) = PolicyHandle::pending(fallback_policy.clone());

@@ -478,12 +478,14 @@ async fn router_wse_hosts_its_gateway_worker_in_process() -> anyhow::Result<()> 
     }
     // Its own router dialled it in process; the other one over the network, at the address
     // the worker announced.
-    hosting
-        .wait_for_log(
-            "linking the hosted worker in process",
-            Duration::from_secs(5),
-        )
-        .await?;
+    for handed_over in [
+        "linking the hosted worker in process",
+        "hosting router's stream opened",
+    ] {
+        hosting
+            .wait_for_log(handed_over, Duration::from_secs(5))
+            .await?;
+    }
     let worker_addr = hosting.component_addr("worker-wse", "grpc");
     assert_ne!(worker_addr, hosting.component_addr("router", "grpc"));
 

@@ -25,5 +25,5 @@ pub use engine::{
 };
 pub use kv_events::{KvBatch, KvPublisher};
 pub use load::RateMeter;
-pub use server::{WorkerConfig, run_hosted_worker, run_member_worker, run_worker};
+pub use server::{HostedBy, WorkerConfig, run_hosted_worker, run_member_worker, run_worker};
 pub use synthetic::{SyntheticConfig, SyntheticEngine};

@@ -16,6 +16,7 @@ use switchyard_cluster::in_process::InProcessIncoming;
 use switchyard_cluster::listen::ConnectionTimeouts;
 use switchyard_cluster::tls::{Alpn, TlsFiles};
 use switchyard_cluster::{Capacity, Pool, Registry, RegistryError, WorkerRecord, WorkerState};
+use switchyard_proto::hosted::StreamIncoming;
 use switchyard_proto::v1::worker_server::WorkerServer;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
@@ -120,16 +121,25 @@ pub async fn run_member_worker(
     .await
 }
 
-/// Like [`run_member_worker`], also serving the process hosting it: `Worker` calls dialled
-/// through `in_process` (the matching [`switchyard_cluster::in_process::InProcessDialer`])
-/// skip the network. Other routers reach the worker on its listen address as usual; an
-/// in-process caller still presents `credential`, and needs no certificate.
+/// How the router hosting a worker reaches it in process: `Worker` calls over an in-memory
+/// HTTP/2 pipe (the matching [`switchyard_cluster::in_process::InProcessDialer`]'s), and
+/// `Serve` streams handed over as message streams (the matching
+/// [`switchyard_proto::hosted::StreamDialer`]'s).
+#[derive(Debug)]
+pub struct HostedBy {
+    pub pipe: InProcessIncoming,
+    pub streams: StreamIncoming,
+}
+
+/// Like [`run_member_worker`], also serving the router of its own process through `host`,
+/// skipping the network. Other routers reach the worker on its listen address as usual; an
+/// in-process caller presents `credential` on the pipe, and needs no certificate.
 pub async fn run_hosted_worker(
     config: WorkerConfig,
     credential: Option<ClusterToken>,
     engine: Arc<dyn Engine>,
     registry: Arc<dyn Registry>,
-    in_process: InProcessIncoming,
+    in_process: HostedBy,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), WorkerError> {
@@ -150,7 +160,7 @@ async fn serve(
     credential: Option<ClusterToken>,
     engine: Arc<dyn Engine>,
     registry: Arc<dyn Registry>,
-    in_process: Option<InProcessIncoming>,
+    in_process: Option<HostedBy>,
     shutdown: CancellationToken,
     on_ready: impl FnOnce(SocketAddr),
 ) -> Result<(), WorkerError> {
@@ -231,7 +241,16 @@ async fn serve(
         }
     };
 
-    let in_process_server = in_process.map(|incoming| {
+    let in_process_server = in_process.map(|HostedBy { pipe, streams }| {
+        let hosted = service.clone();
+        let stop = closing.clone();
+        // Its streams end with the worker (each stream's task watches `closing` too).
+        tokio::spawn(async move {
+            tokio::select! {
+                () = hosted.serve_hosted(streams) => {}
+                () = stop.cancelled() => {}
+            }
+        });
         let service = InterceptedService::new(
             WorkerServer::from_arc(service),
             move |request: tonic::Request<()>| check_credential(&credential, request),
@@ -239,7 +258,7 @@ async fn serve(
         tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(service)
-                .serve_with_incoming_shutdown(incoming, closing.clone().cancelled_owned()),
+                .serve_with_incoming_shutdown(pipe, closing.clone().cancelled_owned()),
         )
     });
 

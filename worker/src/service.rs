@@ -4,11 +4,11 @@
 //! prefix cache publishes what it holds as `KvEvents` frames (a snapshot first).
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
-use futures::Stream;
+use futures::StreamExt as _;
 use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
+use switchyard_proto::hosted::{Frames, StreamIncoming, StreamRequest};
 use switchyard_proto::v1::{self, router_frame, worker_frame::Frame};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -54,7 +54,7 @@ impl WorkerService {
     }
 }
 
-type FrameStream = Pin<Box<dyn Stream<Item = Result<v1::WorkerFrame, Status>> + Send>>;
+type FrameStream = Frames<v1::WorkerFrame>;
 
 #[tonic::async_trait]
 impl v1::worker_server::Worker for WorkerService {
@@ -65,11 +65,10 @@ impl v1::worker_server::Worker for WorkerService {
         request: Request<Streaming<v1::RouterFrame>>,
     ) -> Result<Response<Self::ServeStream>, Status> {
         let peer = request.remote_addr();
-        let inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         info!(?peer, "router stream opened");
-        tokio::spawn(self.clone().run_stream(inbound, tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(
+            self.open_stream(Box::pin(request.into_inner())),
+        ))
     }
 
     async fn get_tokenizer(
@@ -105,9 +104,25 @@ struct Running {
 }
 
 impl WorkerService {
+    /// Serves the streams the router hosting this worker opens (see
+    /// [`switchyard_proto::hosted`]) until it stops opening them.
+    pub async fn serve_hosted(&self, mut incoming: StreamIncoming) {
+        while let Some(StreamRequest { frames, reply }) = incoming.next().await {
+            info!("hosting router's stream opened");
+            let _ = reply.send(self.open_stream(frames));
+        }
+    }
+
+    /// Serves one router stream: the worker's frames, from a task of the stream's own.
+    fn open_stream(&self, inbound: Frames<v1::RouterFrame>) -> FrameStream {
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        tokio::spawn(self.clone().run_stream(inbound, tx));
+        Box::pin(ReceiverStream::new(rx))
+    }
+
     async fn run_stream(
         self,
-        mut inbound: Streaming<v1::RouterFrame>,
+        mut inbound: Frames<v1::RouterFrame>,
         tx: mpsc::Sender<Result<v1::WorkerFrame, Status>>,
     ) {
         let (frames_tx, mut frames_rx) = mpsc::channel::<v1::WorkerFrame>(STREAM_BUFFER);
@@ -130,7 +145,7 @@ impl WorkerService {
 
         loop {
             tokio::select! {
-                frame = inbound.message() => match frame {
+                frame = inbound.next() => match frame.transpose() {
                     Ok(Some(v1::RouterFrame { frame: Some(frame) })) => {
                         if matches!(frame, router_frame::Frame::Start(_)) {
                             starts_seen += 1;
