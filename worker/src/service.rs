@@ -117,15 +117,16 @@ impl WorkerService {
     fn open_stream(&self, inbound: Frames<v1::RouterFrame>) -> FrameStream {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(self.clone().run_stream(inbound, tx));
-        Box::pin(ReceiverStream::new(rx))
+        Box::pin(ReceiverStream::new(rx).map(Ok))
     }
 
     async fn run_stream(
         self,
         mut inbound: Frames<v1::RouterFrame>,
-        tx: mpsc::Sender<Result<v1::WorkerFrame, Status>>,
+        tx: mpsc::Sender<v1::WorkerFrame>,
     ) {
-        let (frames_tx, mut frames_rx) = mpsc::channel::<v1::WorkerFrame>(STREAM_BUFFER);
+        // Generations send their frames straight into the stream (each in order), not through
+        // this task: a hop less for every token.
         let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut load = self.load.subscribe();
@@ -138,7 +139,7 @@ impl WorkerService {
             let frame = v1::WorkerFrame {
                 frame: Some(Frame::KvEvents(feed.next().await)),
             };
-            if tx.send(Ok(frame)).await.is_err() {
+            if tx.send(frame).await.is_err() {
                 return;
             }
         }
@@ -153,7 +154,7 @@ impl WorkerService {
                             // says we took it.
                             load.mark_changed();
                         }
-                        self.handle(frame, &mut running, &frames_tx, &done_tx).await;
+                        self.handle(frame, &mut running, &tx, &done_tx).await;
                     }
                     Ok(Some(_)) => debug!("empty router frame ignored"),
                     Ok(None) => break,
@@ -162,17 +163,12 @@ impl WorkerService {
                         break;
                     }
                 },
-                Some(frame) = frames_rx.recv() => {
-                    if tx.send(Ok(frame)).await.is_err() {
-                        break;
-                    }
-                }
                 Some(request_id) = done_rx.recv() => {
                     running.remove(&request_id);
                 }
                 events = next_kv(&mut kv) => {
                     let frame = v1::WorkerFrame { frame: Some(Frame::KvEvents(events)) };
-                    if tx.send(Ok(frame)).await.is_err() {
+                    if tx.send(frame).await.is_err() {
                         break;
                     }
                 }
@@ -182,11 +178,13 @@ impl WorkerService {
                         ..*load.borrow_and_update()
                     };
                     let frame = v1::WorkerFrame { frame: Some(Frame::Load(snapshot)) };
-                    if tx.send(Ok(frame)).await.is_err() {
+                    if tx.send(frame).await.is_err() {
                         break;
                     }
                 }
                 _ = self.closing.cancelled() => break,
+                // The router stopped reading.
+                () = tx.closed() => break,
             }
         }
         // The router is gone (or we are shutting down): nobody will read these generations.
