@@ -510,15 +510,31 @@ impl Generation {
         let mut body = response.bytes_stream();
         let mut parser = SseParser::default();
         let mut progress = Progress::default();
+        // One timer for the whole stream, moved only when it fires before the silence is
+        // long enough: a timeout made afresh for every chunk registers and clears a
+        // timer-wheel entry per token.
+        let mut last_chunk = tokio::time::Instant::now();
+        let silence = tokio::time::sleep(self.chunk_timeout);
+        tokio::pin!(silence);
         loop {
-            let chunk = match tokio::time::timeout(self.chunk_timeout, body.next()).await {
-                Err(_) => {
+            let next = tokio::select! {
+                biased;
+                next = body.next() => next,
+                () = &mut silence => {
+                    let due = last_chunk + self.chunk_timeout;
+                    if due > tokio::time::Instant::now() {
+                        silence.as_mut().reset(due);
+                        continue;
+                    }
                     return End::Fault(format!(
                         "upstream sent nothing for {:?} mid-stream",
                         self.chunk_timeout
                     ));
                 }
-                Ok(None) => {
+            };
+            last_chunk = tokio::time::Instant::now();
+            let chunk = match next {
+                None => {
                     // Some servers close without `[DONE]` after the finishing chunk.
                     if progress.finish_reason.is_some() && !parser.has_partial() {
                         return self.done(progress);
@@ -528,14 +544,14 @@ impl Generation {
                         self.streamed
                     ));
                 }
-                Ok(Some(Err(e))) => {
+                Some(Err(e)) => {
                     return End::Fault(format!(
                         "upstream stream broke after {} chunks: {}",
                         self.streamed,
                         describe(&e)
                     ));
                 }
-                Ok(Some(Ok(bytes))) => bytes,
+                Some(Ok(bytes)) => bytes,
             };
             let events = match parser.push(&chunk) {
                 Ok(events) => events,

@@ -19,6 +19,8 @@ enum Script {
     Send(Vec<Vec<u8>>),
     /// Write these pieces, then keep the connection open and silent.
     SendAndHang(Vec<Vec<u8>>),
+    /// Write these pieces this far apart (a slow but steady upstream) and close.
+    SendSpaced(Vec<Vec<u8>>, Duration),
 }
 
 /// Serves one connection with `script`; the request it saw goes to the returned receiver.
@@ -53,9 +55,10 @@ async fn upstream(script: Script) -> (SocketAddr, oneshot::Receiver<String>) {
                 }
             }
         }
-        let (pieces, hang) = match script {
-            Script::Send(p) => (p, false),
-            Script::SendAndHang(p) => (p, true),
+        let (pieces, hang, gap) = match script {
+            Script::Send(p) => (p, false, Duration::ZERO),
+            Script::SendAndHang(p) => (p, true, Duration::ZERO),
+            Script::SendSpaced(p, gap) => (p, false, gap),
         };
         for piece in pieces {
             if socket.write_all(&piece).await.is_err() {
@@ -63,6 +66,8 @@ async fn upstream(script: Script) -> (SocketAddr, oneshot::Receiver<String>) {
             }
             let _ = socket.flush().await;
             tokio::task::yield_now().await;
+            // The upstream's pace, not synchronisation: the client must not wait for it.
+            tokio::time::sleep(gap).await;
         }
         if hang {
             // Hold the connection until the client drops it.
@@ -262,6 +267,48 @@ async fn silence_hits_the_chunk_timeout() {
         [Err(EngineError::Unavailable(m))] => assert!(m.contains("sent nothing"), "{m}"),
         other => panic!("expected Unavailable, got {other:?}"),
     }
+}
+
+/// An SSE content chunk.
+fn token_chunk(text: &str) -> Vec<u8> {
+    format!("data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}}}}]}}\n\n")
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn silence_after_tokens_hits_the_chunk_timeout_too() {
+    let pieces = vec![sse_head(), token_chunk("a"), token_chunk("b")];
+    let (addr, _) = upstream(Script::SendAndHang(pieces)).await;
+    let events = events(&engine(addr, Duration::from_millis(300))).await;
+    assert_eq!(texts(&events), "ab");
+    match events.last() {
+        Some(Err(EngineError::Internal(m))) => assert!(m.contains("sent nothing"), "{m}"),
+        other => panic!("expected Internal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_slow_steady_stream_outlasting_the_chunk_timeout_completes() {
+    // Six chunks 150 ms apart: the stream takes three times the 300 ms timeout, no gap does.
+    let mut pieces = vec![sse_head()];
+    pieces.extend(["a", "b", "c", "d"].map(token_chunk));
+    pieces.push(
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n".to_vec(),
+    );
+    pieces.push(b"data: [DONE]\n\n".to_vec());
+    let (addr, _) = upstream(Script::SendSpaced(pieces, Duration::from_millis(150))).await;
+    let events = events(&engine(addr, Duration::from_millis(300))).await;
+    assert_eq!(texts(&events), "abcd");
+    assert!(
+        matches!(
+            events.last(),
+            Some(Ok(EngineEvent::Done {
+                reason: StopReason::Stop,
+                ..
+            }))
+        ),
+        "{events:?}"
+    );
 }
 
 #[tokio::test]
