@@ -256,6 +256,10 @@ pub struct RouterArgs {
     /// buffers at most this much for it. 0: no flow control.
     #[arg(long, env = "SWITCHYARD_STREAM_CREDIT_TOKENS", default_value_t = 256)]
     pub stream_credit_tokens: u32,
+    /// On SIGTERM, longest the router lets its requests in flight finish (new ones are refused
+    /// with UNAVAILABLE meanwhile) before it closes its worker links and exits.
+    #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    pub drain_timeout: Duration,
 }
 
 impl RouterArgs {
@@ -275,6 +279,7 @@ impl RouterArgs {
             max_connection_streams: self.max_connection_streams,
             max_tenant_requests: self.max_tenant_requests,
             stream_credit_tokens: self.stream_credit_tokens,
+            drain_timeout: self.drain_timeout,
             tls: self.tls.files(),
             connections: self.connections.timeouts(),
             ..RouterConfig::default()

@@ -60,6 +60,9 @@ pub struct RouterConfig {
     /// How long a connection to either listener may take to send its first request, and
     /// stay silent afterwards (see [`switchyard_cluster::listen`]).
     pub connections: ConnectionTimeouts,
+    /// On shutdown, longest the router waits for its requests in flight to finish before it
+    /// closes its worker links.
+    pub drain_timeout: Duration,
     /// Workers this process hosts: their links are made in process, not over the network.
     pub hosted_workers: Vec<HostedWorker>,
 }
@@ -95,6 +98,7 @@ impl Default for RouterConfig {
             stream_credit_tokens: 256,
             metrics: Metrics::new(),
             connections: ConnectionTimeouts::default(),
+            drain_timeout: Duration::from_secs(30),
             hosted_workers: Vec::new(),
         }
     }

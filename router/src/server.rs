@@ -68,6 +68,9 @@ pub async fn run_router(
 /// router anyway (not ready, retrying in the background): a router whose registry answers
 /// at once is ready when announced.
 const FIRST_CONTACT_GRACE: Duration = Duration::from_secs(1);
+/// After the drain, how long the servers get to send the last frames of requests that ended
+/// as the links closed.
+const LAST_FRAMES_GRACE: Duration = Duration::from_secs(1);
 /// Pauses between attempts to reach the cluster registry at start-up (exponential, jittered).
 const JOIN_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -85,6 +88,11 @@ pub async fn run_router_with_endpoints(
     on_ready: impl FnOnce(RouterEndpoints),
 ) -> Result<(), RouterError> {
     config.validate().map_err(RouterError::Config)?;
+    let drain_timeout = config.drain_timeout;
+    // Everything a request in flight needs (worker links, membership, policy, reports) stops
+    // with this, once the requests in flight have ended after `shutdown` (see
+    // `finish_in_flight`), not with `shutdown` itself.
+    let cluster_stop = CancellationToken::new();
     let api_keys = match &config.api_keys_file {
         Some(path) => {
             let keys = ApiKeys::load(path)?;
@@ -149,7 +157,7 @@ pub async fn run_router_with_endpoints(
         leader_rx,
         config.cluster_token.clone(),
         client_tls,
-        shutdown.clone(),
+        cluster_stop.clone(),
     );
     let dispatcher = Dispatcher::new(links.clone(), config, policy, metrics, reports);
     dispatcher
@@ -171,9 +179,16 @@ pub async fn run_router_with_endpoints(
             leader_tx,
             dispatcher: dispatcher.clone(),
             health: health.clone(),
-            shutdown: shutdown.clone(),
+            shutdown: cluster_stop.clone(),
         },
         first_contact,
+    ));
+    tokio::spawn(finish_in_flight(
+        shutdown.clone(),
+        dispatcher.clone(),
+        health.clone(),
+        drain_timeout,
+        cluster_stop.clone(),
     ));
 
     let (reflection_v1, reflection_v1alpha) =
@@ -226,16 +241,64 @@ pub async fn run_router_with_endpoints(
         grpc: bound,
         http: http_bound,
     });
-    match http_server {
-        Some(http) => {
-            let (grpc, http) = tokio::join!(server, http);
-            grpc?;
-            http.map_err(RouterError::Http)?;
+    let serving = async {
+        match http_server {
+            Some(http) => {
+                let (grpc, http) = tokio::join!(server, http);
+                grpc?;
+                http.map_err(RouterError::Http)
+            }
+            None => Ok(server.await?),
         }
-        None => server.await?,
-    }
+    };
+    // The servers stop accepting at `shutdown` and end when their last connection does; a
+    // connection kept open without a request running (an idle `Session`) is not waited for
+    // beyond the drain.
+    let stopped = tokio::select! {
+        stopped = serving => stopped,
+        () = async {
+            cluster_stop.cancelled().await;
+            tokio::time::sleep(LAST_FRAMES_GRACE).await;
+        } => Ok(()),
+    };
+    cluster_stop.cancel();
+    stopped?;
     info!("router stopped");
     Ok(())
+}
+
+/// Once `shutdown` fires: refuses new requests (`UNAVAILABLE`, health `NOT_SERVING`) and lets
+/// the ones in flight finish — on their workers, over links that stay up — for at most
+/// `timeout`; then stops `cluster_stop`, closing the links.
+async fn finish_in_flight(
+    shutdown: CancellationToken,
+    dispatcher: Arc<Dispatcher>,
+    health: HealthReporter,
+    timeout: Duration,
+    cluster_stop: CancellationToken,
+) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = cluster_stop.cancelled() => return,
+    }
+    dispatcher.readiness.set_waiting("shutting down");
+    health
+        .set_not_serving::<InferenceServer<InferenceService>>()
+        .await;
+    info!(
+        in_flight = dispatcher.in_flight.count(),
+        "shutting down: new requests refused, finishing the ones in flight"
+    );
+    if tokio::time::timeout(timeout, dispatcher.in_flight.drained())
+        .await
+        .is_err()
+    {
+        warn!(
+            in_flight = dispatcher.in_flight.count(),
+            "drain timeout: closing with requests in flight"
+        );
+    }
+    cluster_stop.cancel();
 }
 
 /// What joining the cluster sets up once the registry answers.

@@ -362,10 +362,20 @@ impl Component {
         &mut self,
         timeout: Duration,
     ) -> anyhow::Result<std::process::ExitStatus> {
-        self.signal(Signal::SIGTERM)?;
+        self.sigterm()?;
+        self.exited(timeout).await
+    }
+
+    /// SIGTERM, without waiting (see [`Component::exited`]).
+    pub fn sigterm(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    /// Waits for the process to exit; returns its exit status.
+    pub async fn exited(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
         Ok(tokio::time::timeout(timeout, self.child.wait())
             .await
-            .context("process did not exit after SIGTERM")??)
+            .context("process did not exit in time")??)
     }
 }
 

@@ -241,6 +241,62 @@ async fn sigterm_drains_then_deregisters_at_once() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_router_finishes_its_streams_in_flight_and_refuses_new_ones()
+-> anyhow::Result<()> {
+    // 40 tokens at 40 tokens/s: the stream is still running a second after the SIGTERM.
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        gpu_flags: vec!["--synthetic-tokens-per-s".into(), "40".into()],
+        ..Default::default()
+    })
+    .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let mut stream = session.start(request(
+        "inflight",
+        RequestClass::CostSensitive,
+        "finish me please",
+        40,
+    ))?;
+    let mut completion = Completion::default();
+    while completion.token_ids.is_empty() {
+        completion.absorb(stream.next().await.expect("stream open"));
+    }
+    let mut router = cluster.router;
+    router.sigterm()?;
+    router
+        .wait_for_log("new requests refused", Duration::from_secs(10))
+        .await?;
+    // A new request on the open session is refused with a status that says retry elsewhere.
+    let mut refused = session.start(request("late", RequestClass::CostSensitive, "too late", 4))?;
+    let mut late = Completion::default();
+    while let Some(frame) = refused.next().await {
+        late.absorb(frame);
+    }
+    let failed = late.failed.expect("the late request is refused");
+    assert_eq!(failed.code, Code::Unavailable as i32, "{failed:?}");
+    assert!(failed.message.contains("shutting down"), "{failed:?}");
+    // The request in flight gets every token, in order.
+    while let Some(frame) = stream.next().await {
+        completion.absorb(frame);
+    }
+    assert_eq!(
+        completion
+            .finished
+            .as_ref()
+            .expect("the request in flight finished")
+            .reason,
+        FinishReason::Length as i32
+    );
+    assert_eq!(completion.text, synthetic_text("finish me please", 0, 40));
+    assert_gap_free(&completion);
+    drop(session);
+    let status = router.exited(Duration::from_secs(10)).await?;
+    assert!(status.success(), "router exited with {status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_status_naming_the_field_and_the_session_survives() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 1,

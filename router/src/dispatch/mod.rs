@@ -33,7 +33,7 @@ use crate::links::Links;
 use crate::metrics::RouterMetrics;
 use crate::placer::{Chosen, Placer, Ticket};
 use crate::policy_watch::PolicyHandle;
-use crate::readiness::Readiness;
+use crate::readiness::{InFlight, InFlightGuard, Readiness};
 use crate::report::Reporter;
 use crate::tenant_quota::{TenantPermit, TenantQuota};
 
@@ -106,6 +106,8 @@ pub struct Dispatcher {
     pub metrics: RouterMetrics,
     /// Whether the router can route yet (see [`Readiness`]).
     pub readiness: Readiness,
+    /// Requests admitted and not yet ended.
+    pub in_flight: Arc<InFlight>,
     /// Decision and outcome reports to the control plane.
     pub reports: Reporter,
     /// The placement task (the cluster view and the router queues).
@@ -137,6 +139,8 @@ pub struct Prepared {
     /// Its decision and outcome are reported to the control plane (see [`Reporter::sample`]).
     sampled: bool,
     held: Held,
+    /// Counted until the request ends (see [`InFlight`]).
+    in_flight: InFlightGuard,
 }
 
 impl Prepared {
@@ -205,6 +209,7 @@ impl Dispatcher {
             policy,
             metrics,
             readiness: Readiness::ready(),
+            in_flight: Arc::default(),
             reports,
             placer,
             next_seed: AtomicU64::new(0),
@@ -237,6 +242,7 @@ impl Dispatcher {
         span.record("lane", class.lane.as_str());
         span.record("reason", class.reason.as_str());
         let sampled = self.reports.sample();
+        let in_flight = self.in_flight.enter();
         let admitted = valid
             .and_then(|()| self.readiness.check())
             .and_then(|()| self.admit_tenant(&request, &mut class, &features, &policy));
@@ -268,6 +274,7 @@ impl Dispatcher {
                     quota,
                     on_end: None,
                 },
+                in_flight,
             }),
             Err(error) => {
                 self.unplaced(&request, &class, &prompt_ids, &error, sampled, arrived);
@@ -309,6 +316,7 @@ impl Dispatcher {
             span,
             sampled,
             mut held,
+            in_flight: _in_flight,
         } = prepared;
         let placed = match target {
             Target::Placed(chosen) => Ok(chosen),
