@@ -404,15 +404,13 @@ pub struct HostedWorkerArgs {
     #[arg(long, env = "SWITCHYARD_WORKER_ID")]
     pub worker_id: Option<String>,
     /// etcd lease TTL of the hosted worker.
-    #[arg(long,
-        env = "SWITCHYARD_WORKER_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
+    #[arg(long, env = "SWITCHYARD_WORKER_LEASE_TTL", value_parser = humantime::parse_duration, default_value = "5s")]
     pub worker_lease_ttl: Duration,
     /// Advertised price per million generated tokens of the hosted worker.
     #[arg(long, env = "SWITCHYARD_WORKER_COST_PER_MTOK", default_value_t = 0.60)]
     pub worker_cost_per_mtok: f64,
     /// Longest a SIGTERM drain of the hosted worker waits for in-flight generations.
-    #[arg(long,
-        env = "SWITCHYARD_WORKER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
+    #[arg(long, env = "SWITCHYARD_WORKER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub worker_drain_timeout: Duration,
 }
 
@@ -530,7 +528,15 @@ pub fn announce(component: &str, protocol: &str, address: SocketAddr) {
     let _ = stdout.flush();
 }
 
-pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
+/// What running a router needs once its flags are checked: its config (with the cluster
+/// token), the cluster registry and the shutdown signal; its metrics listener is serving.
+struct RouterStart {
+    config: RouterConfig,
+    registry: Arc<dyn Registry>,
+    shutdown: CancellationToken,
+}
+
+async fn start_router(args: &RouterArgs) -> anyhow::Result<RouterStart> {
     // A bad key file is a configuration error: report it before touching the cluster.
     if let Some(path) = &args.api_keys_file {
         switchyard_router::auth::ApiKeys::load(path)?;
@@ -547,13 +553,28 @@ pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
     args.metrics
         .serve("router", &config.metrics, connections, &shutdown)
         .await?;
-    switchyard_router::run_router_with_endpoints(config, registry, shutdown, |endpoints| {
-        announce("router", "grpc", endpoints.grpc);
-        if let Some(http) = endpoints.http {
-            announce("router", "http", http);
-        }
+    Ok(RouterStart {
+        config,
+        registry,
+        shutdown,
     })
-    .await?;
+}
+
+fn announce_router(endpoints: switchyard_router::RouterEndpoints) {
+    announce("router", "grpc", endpoints.grpc);
+    if let Some(http) = endpoints.http {
+        announce("router", "http", http);
+    }
+}
+
+pub async fn router(args: RouterArgs) -> anyhow::Result<()> {
+    let RouterStart {
+        config,
+        registry,
+        shutdown,
+    } = start_router(&args).await?;
+    switchyard_router::run_router_with_endpoints(config, registry, shutdown, announce_router)
+        .await?;
     Ok(())
 }
 
@@ -565,29 +586,20 @@ pub async fn router_hosting_wse(
     hosted: HostedWorkerArgs,
     engine: Arc<dyn Engine>,
 ) -> anyhow::Result<()> {
-    if let Some(path) = &args.api_keys_file {
-        switchyard_router::auth::ApiKeys::load(path)?;
-    }
-    check_tls(&args.tls.files())?;
-    let connections = args.connections.checked()?;
-    let cluster_token = args.cluster.cluster_token()?;
-    let registry = args.cluster.registry().await?;
-    let shutdown = shutdown_on_signal();
+    let RouterStart {
+        mut config,
+        registry,
+        shutdown,
+    } = start_router(&args).await?;
+    let cluster_token = config.cluster_token.clone();
     let (pipe, pipe_incoming) = switchyard_cluster::in_process::pair();
     let (streams, streams_incoming) = switchyard_proto::hosted::pair();
-    let mut config = RouterConfig {
-        cluster_token: cluster_token.clone(),
-        ..args.config()
-    };
     let worker_config = hosted.config(&config);
     config.hosted_workers = vec![HostedWorker {
         id: worker_config.id.clone(),
         pipe,
         streams,
     }];
-    args.metrics
-        .serve("router", &config.metrics, connections, &shutdown)
-        .await?;
     // Either failing stops the other: the process serves both or neither.
     let worker = async {
         let result = switchyard_worker::run_hosted_worker(
@@ -613,12 +625,7 @@ pub async fn router_hosting_wse(
             config,
             registry.clone(),
             shutdown.clone(),
-            |endpoints| {
-                announce("router", "grpc", endpoints.grpc);
-                if let Some(http) = endpoints.http {
-                    announce("router", "http", http);
-                }
-            },
+            announce_router,
         )
         .await;
         if result.is_err() {
