@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """The validator catches what it claims to: each test breaks one thing in the rendered base
-(or the TLS overlay) and expects exactly that problem to be reported (and the untouched
-renders to pass).
+(or the TLS or router-wse overlay) and expects exactly that problem to be reported (and the
+untouched renders to pass).
 
 Run by deploy/validate.sh: RENDERED_BASE=<rendered base yaml> RENDERED_TLS=<rendered
-overlays/tls yaml> SWITCHYARD_BIN=<binary>.
+overlays/tls yaml> RENDERED_ROUTER_WSE=<rendered overlays/router-wse yaml> SWITCHYARD_BIN=<binary>.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import validate  # noqa: E402
 
 BASE = validate.load(Path(os.environ["RENDERED_BASE"]))
 TLS = validate.load(Path(os.environ["RENDERED_TLS"]))
+ROUTER_WSE = validate.load(Path(os.environ["RENDERED_ROUTER_WSE"]))
 CLI = validate.Cli(os.environ["SWITCHYARD_BIN"])
 
 
@@ -135,6 +136,23 @@ class ValidatorTest(unittest.TestCase):
         validate.pod_spec(find(objects, "Deployment", "worker-gpu"))["initContainers"] = []
         self.assert_problem(objects, "no init container fetches the model")
 
+    def test_router_grace_period_must_cover_pre_stop_and_drain(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router")
+        router["env"].append({"name": "SWITCHYARD_DRAIN_TIMEOUT", "value": "2m"})
+        self.assert_problem(objects, "does not cover the 5 s preStop + the router's 120 s drain")
+
+    def test_listen_port_must_be_declared(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router")
+        env_entry(router, "SWITCHYARD_HTTP_LISTEN")["value"] = "0.0.0.0:8081"
+        self.assert_problem(objects, "SWITCHYARD_HTTP_LISTEN '0.0.0.0:8081' listens on no declared")
+
+    def test_every_object_in_the_namespace(self) -> None:
+        objects = self.broken()
+        del find(objects, "Deployment", "control-plane")["metadata"]["namespace"]
+        self.assert_problem(objects, "Deployment/control-plane: namespace None is not the rendered")
+
 
 class TlsValidatorTest(unittest.TestCase):
     problems = ValidatorTest.problems
@@ -199,12 +217,77 @@ class TlsValidatorTest(unittest.TestCase):
         find(objects, "Certificate", "router")["spec"]["secretName"] = "router-cert"
         self.assert_problem(objects, "Secret switchyard-router-tls does not exist")
 
+    def test_etcd_clients_need_the_ca_and_a_certificate(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router")
+        router["env"] = [e for e in router["env"] if e["name"] != "SWITCHYARD_ETCD_CERT_FILE"]
+        self.assert_problem(objects, "etcd serves TLS, but the container sets no "
+                                     "SWITCHYARD_ETCD_CERT_FILE")
+
     def test_etcd_clients_must_use_https_against_a_tls_etcd(self) -> None:
         objects = self.broken()
         cm = next(o for o in objects if o["kind"] == "ConfigMap"
                   and "etcd-endpoints" in o.get("data", {}))
         cm["data"]["etcd-endpoints"] = cm["data"]["etcd-endpoints"].replace("https://", "http://")
         self.assert_problem(objects, "etcd-endpoints")
+
+
+
+class RouterWseValidatorTest(unittest.TestCase):
+    """overlays/router-wse: the base with components/router-wse."""
+
+    problems = ValidatorTest.problems
+    assert_problem = ValidatorTest.assert_problem
+
+    def broken(self) -> list[dict]:
+        return copy.deepcopy(ROUTER_WSE)
+
+    def test_router_wse_passes(self) -> None:
+        self.assertEqual(self.problems(self.broken()), [])
+
+    def test_router_wse_is_a_known_subcommand(self) -> None:
+        self.assertIn("--worker-advertise", CLI.accepted("router-wse")[0])
+        objects = self.broken()
+        container(objects, "Deployment", "router-wse")["args"].append("--advertise=x:1")
+        self.assert_problem(objects, "`switchyard router-wse` has no flag --advertise")
+
+    def test_hosted_worker_must_advertise_the_pod_ip(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router-wse")
+        env_entry(router, "SWITCHYARD_WORKER_ADVERTISE")["value"] = "$(POD_NAME):50061"
+        self.assert_problem(objects, "SWITCHYARD_WORKER_ADVERTISE must be built from the pod IP")
+
+    def test_hosted_worker_must_advertise_its_listen_port(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router-wse")
+        env_entry(router, "SWITCHYARD_WORKER_ADVERTISE")["value"] = "$(POD_IP):50051"
+        self.assert_problem(objects, "differs from the listen port")
+
+    def test_hosted_worker_needs_its_listen_address(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router-wse")
+        router["env"] = [e for e in router["env"] if e["name"] != "SWITCHYARD_WORKER_LISTEN"]
+        self.assert_problem(objects, "workers need SWITCHYARD_WORKER_LISTEN")
+
+    def test_grace_period_must_cover_the_hosted_workers_drain(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router-wse")
+        env_entry(router, "SWITCHYARD_WORKER_DRAIN_TIMEOUT")["value"] = "40s"
+        self.assert_problem(objects, "does not cover the 5 s preStop + the hosted worker's 40 s "
+                                     "drain + 10 s")
+
+    def test_worker_port_must_be_declared(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router-wse")
+        router["ports"] = [p for p in router["ports"] if p["containerPort"] != 50061]
+        self.assert_problem(objects, "SWITCHYARD_WORKER_LISTEN '0.0.0.0:50061' listens on no")
+
+    def test_router_service_must_select_the_router_wse_pods(self) -> None:
+        objects = self.broken()
+        find(objects, "Service", "router")["spec"]["selector"]["app.kubernetes.io/component"] = (
+            "router"
+        )
+        self.assert_problem(objects, "Service/router: selects no pod")
 
 
 if __name__ == "__main__":

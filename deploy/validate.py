@@ -7,9 +7,12 @@
 2. Switchyard's own rules, which the schemas cannot see: every `switchyard` container runs a
    real subcommand and uses only flags and SWITCHYARD_* variables that `switchyard <cmd> --help`
    lists; `$(VAR)` references resolve; ConfigMap/Secret references resolve; Services, PDBs,
-   NetworkPolicies and the HPA select something; probes hit declared ports; every container is
-   hardened and has requests/limits; the SIGTERM drain fits in the grace period; the etcd member
-   list matches the StatefulSet; a CUDA worker asks for a GPU.
+   NetworkPolicies and the HPA select something; probes hit declared ports and every listen
+   address is a declared port; every container is hardened and has requests/limits; a worker
+   (router-wse's hosted one too) advertises the pod IP on its listen port; the preStop sleep and
+   the SIGTERM drains (router, worker, both for router-wse) fit in the grace period; every
+   namespaced object is in the rendered Namespace; the etcd member list matches the StatefulSet;
+   a CUDA worker asks for a GPU.
 3. TLS (deploy/k8s/components/tls): cert-manager objects have no Kubernetes schema; they are
    checked against CERT_MANAGER_SCHEMA below instead, a strict subset of cert-manager's v1 API
    (the fields these manifests use; any other field is an error). Certificates and csi-driver
@@ -47,7 +50,25 @@ kubernetes_validate.utils.schema_contents = functools.lru_cache(maxsize=None)(
 
 # Oldest: native `preStop.sleep` (beta, on by default) and gRPC probes (GA 1.27) need 1.30.
 KUBERNETES_VERSIONS = ["1.30.0", "1.37.0"]
-SUBCOMMANDS = {"router", "worker-gpu", "worker-wse", "control-plane"}
+SUBCOMMANDS = {"router", "router-wse", "worker-gpu", "worker-wse", "control-plane"}
+# Subcommands that run a router: on SIGTERM it drains (SWITCHYARD_DRAIN_TIMEOUT), then closes
+# its links and stops its servers.
+ROUTERS = {"router", "router-wse"}
+# Subcommands that run (or host) a worker, by pool; the worker's listen address, advertised
+# address, id and drain timeout variables. `router-wse` hosts a wafer-scale worker whose flags
+# carry a `worker-` prefix (cli/src/components.rs, HostedWorkerArgs).
+WORKER_POOLS = {"worker-gpu": "gpu", "worker-wse": "wse", "router-wse": "wse"}
+_WORKER_SETTINGS = ("SWITCHYARD_LISTEN", "SWITCHYARD_ADVERTISE", "SWITCHYARD_WORKER_ID",
+                    "SWITCHYARD_DRAIN_TIMEOUT")
+WORKER_SETTINGS = {
+    "worker-gpu": _WORKER_SETTINGS,
+    "worker-wse": _WORKER_SETTINGS,
+    "router-wse": ("SWITCHYARD_WORKER_LISTEN", "SWITCHYARD_WORKER_ADVERTISE",
+                   "SWITCHYARD_WORKER_ID", "SWITCHYARD_WORKER_DRAIN_TIMEOUT"),
+}
+# Objects without a namespace; every other object of a render shares one.
+CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterIssuer", "ClusterRole", "ClusterRoleBinding",
+                        "PriorityClass", "StorageClass"}
 # Secrets the operator creates (deploy/README.md); overlays may generate them instead.
 OPERATOR_SECRETS = {
     "switchyard-api-keys",
@@ -222,6 +243,12 @@ class Cli:
     def __init__(self, binary: str) -> None:
         self.binary = binary
         self.cache: dict[str, tuple[set[str], set[str]]] = {}
+        self.defaults_cache: dict[str, dict[str, str]] = {}
+
+    def defaults(self, subcommand: str) -> dict[str, str]:
+        """The default of each variable that has one, as `--help` shows it (e.g. "30s")."""
+        self.accepted(subcommand)
+        return self.defaults_cache[subcommand]
 
     def accepted(self, subcommand: str) -> tuple[set[str], set[str]]:
         if subcommand not in self.cache:
@@ -238,6 +265,9 @@ class Cli:
             if not flags or not env:
                 raise RuntimeError(f"could not read `{subcommand} --help`:\n{out}")
             self.cache[subcommand] = (flags, env)
+            self.defaults_cache[subcommand] = dict(
+                re.findall(r"\[env: ([A-Z0-9_]+)=[^\]]*\]\s*\[default: ([^\]]*)\]", out)
+            )
         return self.cache[subcommand]
 
 
@@ -346,23 +376,20 @@ def check_switchyard(container: dict, spec: dict, env: dict[str, dict], cli: Cli
                 report.error(where, f"`switchyard {subcommand}` reads no variable {name}")
         elif name not in EXTRA_ENV and name not in referenced:
             report.error(where, f"env {name} is neither a switchyard setting nor used by one")
-    if subcommand.startswith("worker-"):
-        drain = parse_seconds(env.get("SWITCHYARD_DRAIN_TIMEOUT", {}).get("value", "30s"))
-        grace = spec.get("terminationGracePeriodSeconds", 30)
-        # The drain, then deregistration and up to 5 s for the server to stop.
-        if grace < drain + 10:
-            report.error(where, f"terminationGracePeriodSeconds {grace} does not cover the "
-                                f"{drain:g} s drain + 10 s")
-        for required in ("SWITCHYARD_ADVERTISE", "SWITCHYARD_LISTEN", "SWITCHYARD_WORKER_ID"):
+    check_listen_ports(container, env, where, report)
+    check_drain(container, spec, env, subcommand, cli, where, report)
+    if subcommand in WORKER_SETTINGS:
+        listen_var, advertise_var, id_var, _ = WORKER_SETTINGS[subcommand]
+        for required in (advertise_var, listen_var, id_var):
             if required not in env:
                 report.error(where, f"workers need {required} (routers dial the advertised address)")
-        advertise = env.get("SWITCHYARD_ADVERTISE", {}).get("value", "")
-        listen = env.get("SWITCHYARD_LISTEN", {}).get("value", "")
+        advertise = env.get(advertise_var, {}).get("value", "")
+        listen = env.get(listen_var, {}).get("value", "")
         if advertise.rsplit(":", 1)[-1] != listen.rsplit(":", 1)[-1]:
             report.error(where, f"advertised port ({advertise}) differs from the listen port ({listen})")
         pod_ip = env.get(VAR_REF.findall(advertise)[0], {}) if VAR_REF.search(advertise) else {}
         if pod_ip.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "status.podIP":
-            report.error(where, "SWITCHYARD_ADVERTISE must be built from the pod IP (downward API)")
+            report.error(where, f"{advertise_var} must be built from the pod IP (downward API)")
     if subcommand == "worker-gpu":
         device = env.get("SWITCHYARD_DEVICE", {}).get("value")
         gpus = container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
@@ -371,6 +398,44 @@ def check_switchyard(container: dict, spec: dict, env: dict[str, dict], cli: Cli
         if gpus and device != "cuda":
             report.error(where, "has an nvidia.com/gpu limit but does not run on cuda")
         check_model_volume(container, spec, env, where, report)
+
+
+def check_listen_ports(container: dict, env: dict[str, dict], where: str, report: Report) -> None:
+    """Every address the process listens on is a declared container port: Services, probes and
+    NetworkPolicies name the declared ports, the process binds the configured ones."""
+    declared = {p["containerPort"] for p in container.get("ports", [])}
+    for name, entry in env.items():
+        if not (name.startswith("SWITCHYARD_") and name.endswith("LISTEN")):
+            continue
+        port = entry.get("value", "").rsplit(":", 1)[-1]
+        if not port.isdigit() or int(port) not in declared:
+            report.error(where, f"{name} {entry.get('value')!r} listens on no declared containerPort "
+                                f"({sorted(declared)})")
+
+
+def check_drain(container: dict, spec: dict, env: dict[str, dict], subcommand: str, cli: Cli,
+                where: str, report: Report) -> None:
+    """The grace period covers the preStop sleep, then the SIGTERM drains: a router's (then its
+    links close and its servers stop, 5 s) and a worker's (then its lease is revoked and its
+    servers stop, 10 s). router-wse runs both side by side."""
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    defaults = cli.defaults(subcommand)
+
+    def drain_of(variable: str) -> float:
+        return parse_seconds(env.get(variable, {}).get("value") or defaults.get(variable, "30s"))
+
+    needs = []
+    if subcommand in ROUTERS:
+        needs.append((drain_of("SWITCHYARD_DRAIN_TIMEOUT"), 5, "router's "))
+    if subcommand in WORKER_SETTINGS:
+        needs.append((drain_of(WORKER_SETTINGS[subcommand][3]), 10, "" if subcommand not in ROUTERS
+                      else "hosted worker's "))
+    for drain, stop, whose in needs:
+        if grace < pre_stop + drain + stop:
+            before = f"the {pre_stop:g} s preStop + " if pre_stop else ""
+            report.error(where, f"terminationGracePeriodSeconds {grace} does not cover {before}the "
+                                f"{whose}{drain:g} s drain + {stop} s")
 
 
 def check_model_volume(container: dict, spec: dict, env: dict[str, dict], where: str,
@@ -498,8 +563,8 @@ def check_tls(container: dict, spec: dict, env: dict[str, dict], objects: list[d
             kind = csi.get("volumeAttributes", {}).get("csi.cert-manager.io/issuer-kind", "Issuer")
             if (kind, issuer) not in issuers(objects):
                 report.error(where, f"csi volume {volume['name']}: issuer {kind}/{issuer} is not rendered")
-    if subcommand.startswith("worker-"):
-        pool = subcommand.removeprefix("worker-")
+    if subcommand in WORKER_POOLS:
+        pool = WORKER_POOLS[subcommand]
         worker_id = env.get("SWITCHYARD_WORKER_ID", {}).get("value", "")
         refs = VAR_REF.findall(worker_id)
         pod_name = (len(refs) == 1 and worker_id == f"$({refs[0]})"
@@ -607,6 +672,37 @@ def check_etcd(objects: list[dict], where: str, report: Report) -> None:
                 listed = cm["data"]["etcd-endpoints"].split(",")
                 if listed != clients:
                     report.error(f"{where} {name_of(cm)}", f"etcd-endpoints {listed} != members {clients}")
+        if client_scheme != "https":
+            continue
+        # Against a TLS etcd every Switchyard container needs the CA, and the client
+        # certificate when etcd asks for one: a component added without them (a component
+        # applied after components/tls, say) cannot reach the registry.
+        needed = {"SWITCHYARD_ETCD_CA_FILE"}
+        if env.get("ETCD_CLIENT_CERT_AUTH") == "true":
+            needed.add("SWITCHYARD_ETCD_CERT_FILE")
+        for workload in objects:
+            spec = pod_spec(workload)
+            for container in spec["containers"] if spec else []:
+                names = {e["name"] for e in container.get("env", [])}
+                if "SWITCHYARD_ETCD" in names and not needed <= names:
+                    report.error(f"{where} {name_of(workload)} container {container['name']}",
+                                 f"etcd serves TLS, but the container sets no "
+                                 f"{' / '.join(sorted(needed - names))}")
+
+
+def check_namespace(objects: list[dict], where: str, report: Report) -> None:
+    """Every namespaced object lands in the rendered Namespace. An object a kustomize component
+    adds gets no namespace from the base it builds on (the overlay must set `namespace:`), and
+    `kubectl apply -k` would put it in the context's default namespace, away from the rest."""
+    rendered = [o["metadata"]["name"] for o in objects if o["kind"] == "Namespace"]
+    expected = rendered[0] if len(rendered) == 1 else None
+    for obj in objects:
+        if obj["kind"] in CLUSTER_SCOPED_KINDS:
+            continue
+        namespace = obj["metadata"].get("namespace")
+        if namespace is None or (expected is not None and namespace != expected):
+            report.error(f"{where} {name_of(obj)}", f"namespace {namespace!r} is not the rendered "
+                                                    f"Namespace {expected!r}")
 
 
 def check_objects(objects: list[dict], where: str, cli: Cli, report: Report) -> None:
@@ -636,6 +732,7 @@ def check_objects(objects: list[dict], where: str, cli: Cli, report: Report) -> 
     check_cert_manager(objects, where, report)
     check_selectors(objects, where, report)
     check_etcd(objects, where, report)
+    check_namespace(objects, where, report)
 
 
 def load(path: Path) -> list[dict]:

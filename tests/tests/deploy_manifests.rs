@@ -18,6 +18,11 @@
 //! the certificates cert-manager would issue minted by a local CA: each `Certificate`'s names
 //! into the Secret volumes that mount it, each csi-driver volume's attributes (`${POD_NAME}`
 //! expanded) into a per-pod certificate, and etcd serving TLS with client certificates.
+//!
+//! `deploy/k8s/overlays/dev-router-wse` (dev with `components/router-wse`) runs its router-wse
+//! Deployment's pods — routers that each host a wafer-scale worker — in place of dev's router
+//! and worker-wse; the rendered objects of it and of `overlays/router-wse` are also checked
+//! for what a cluster would do with them (Services, probes, NetworkPolicies, grace period).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -340,21 +345,21 @@ struct LocalContainer {
 fn localise(
     rendered: &Rendered,
     deployment: &str,
+    pod_name: &str,
     etcd_url: &str,
     cert_manager: Option<&CertManager>,
 ) -> anyhow::Result<LocalContainer> {
     let (spec, container) = pod(rendered, "Deployment", deployment)?;
     let scratch = tempfile::tempdir()?;
-    let pod_name = format!("{deployment}-0");
     let mounts = local_volumes(
         rendered,
         &spec,
         &container,
         scratch.path(),
-        &pod_name,
+        pod_name,
         cert_manager,
     )?;
-    let mut env = resolve_env(rendered, &pod_name, &container)?;
+    let mut env = resolve_env(rendered, pod_name, &container)?;
     let mut ports: HashMap<String, u16> = HashMap::new();
     for (name, value) in env.iter_mut() {
         if name.ends_with("LISTEN") {
@@ -370,7 +375,8 @@ fn localise(
         if name == "SWITCHYARD_ETCD" {
             *value = etcd_url.to_string();
         }
-        if name == "SWITCHYARD_ADVERTISE" {
+        // SWITCHYARD_ADVERTISE, and router-wse's SWITCHYARD_WORKER_ADVERTISE.
+        if name.ends_with("ADVERTISE") {
             let (host, port) = value.rsplit_once(':').context("advertise host:port")?;
             let local = ports
                 .get(port)
@@ -425,8 +431,21 @@ async fn start_with(
     lines: usize,
     cert_manager: Option<&CertManager>,
 ) -> anyhow::Result<(Component, LocalContainer)> {
-    let local = localise(rendered, deployment, etcd_url, cert_manager)?;
-    let component = Component::start_with_env(deployment, &local.args, &local.env, lines).await?;
+    start_pod(rendered, deployment, 0, etcd_url, lines, cert_manager).await
+}
+
+/// Pod `index` of a Deployment (named `<deployment>-<index>`, as the test names pods).
+async fn start_pod(
+    rendered: &Rendered,
+    deployment: &str,
+    index: usize,
+    etcd_url: &str,
+    lines: usize,
+    cert_manager: Option<&CertManager>,
+) -> anyhow::Result<(Component, LocalContainer)> {
+    let pod_name = format!("{deployment}-{index}");
+    let local = localise(rendered, deployment, &pod_name, etcd_url, cert_manager)?;
+    let component = Component::start_with_env(&pod_name, &local.args, &local.env, lines).await?;
     Ok((component, local))
 }
 
@@ -675,5 +694,609 @@ async fn dev_tls_overlay_runs_as_rendered_with_cert_manager_certificates() -> an
     let (headers, body) = chat(&http, &base, Some("cost-sensitive"), 2).await?;
     assert_eq!(header(&headers, "x-switchyard-worker"), "worker-gpu-0");
     assert_eq!(body["model"], MODEL);
+    Ok(())
+}
+
+/// The value of `name` in the container's `env`, as written in the manifest.
+fn env_value<'a>(container: &'a Value, name: &str) -> Option<&'a str> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["value"]
+        .as_str()
+}
+
+/// The port of a `host:port` address.
+fn port_of(address: &str) -> anyhow::Result<u64> {
+    let (_, port) = address
+        .rsplit_once(':')
+        .with_context(|| format!("{address} is not host:port"))?;
+    Ok(port.parse()?)
+}
+
+/// The durations the manifests use (`30s`, `2m`), in seconds.
+fn seconds(text: &str) -> anyhow::Result<u64> {
+    if let Some(minutes) = text.strip_suffix('m') {
+        return Ok(minutes.parse::<u64>()? * 60);
+    }
+    Ok(text
+        .strip_suffix('s')
+        .with_context(|| format!("duration {text}"))?
+        .parse()?)
+}
+
+/// A Kubernetes LabelSelector (`matchLabels` and `matchExpressions`) against a label set.
+fn selects(selector: &Value, labels: &Value) -> anyhow::Result<bool> {
+    for (key, value) in selector["matchLabels"].as_object().into_iter().flatten() {
+        if &labels[key] != value {
+            return Ok(false);
+        }
+    }
+    for expression in selector["matchExpressions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let label = &labels[expression["key"].as_str().context("expression key")?];
+        let values = expression["values"].as_array().cloned().unwrap_or_default();
+        let matched = match expression["operator"].as_str() {
+            Some("In") => values.contains(label),
+            Some("NotIn") => !values.contains(label),
+            Some("Exists") => !label.is_null(),
+            Some("DoesNotExist") => label.is_null(),
+            other => bail!("selector operator {other:?}"),
+        };
+        if !matched {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The labels of a workload's pods.
+fn pod_labels<'a>(rendered: &'a Rendered, kind: &str, name: &str) -> anyhow::Result<&'a Value> {
+    Ok(&rendered.find(kind, name)?["spec"]["template"]["metadata"]["labels"])
+}
+
+/// Whether the rendered NetworkPolicies let a TCP connection to `port` through, from a pod of
+/// the namespace with labels `from` (None: from outside the namespace, like a client) to one
+/// with labels `to` (None: outside, like the wafer-scale endpoint). Kubernetes semantics: a
+/// direction is open for a pod no policy of that type selects; otherwise some rule of a policy
+/// selecting it must match the peer and the port.
+fn network_allows(
+    rendered: &Rendered,
+    from: Option<&Value>,
+    to: Option<&Value>,
+    port: u64,
+) -> anyhow::Result<bool> {
+    let policies: Vec<&Value> = rendered
+        .objects
+        .iter()
+        .filter(|o| o["kind"] == "NetworkPolicy")
+        .collect();
+    // Whether the rules of `direction` let the connection through for `pod`, talking to `peer`.
+    let open = |pod: &Value, peer: Option<&Value>, direction: &str| -> anyhow::Result<bool> {
+        let (policy_type, peers_field) = match direction {
+            "ingress" => ("Ingress", "from"),
+            _ => ("Egress", "to"),
+        };
+        let mut governed = false;
+        for policy in &policies {
+            let spec = &policy["spec"];
+            let types = spec["policyTypes"].as_array().context("policyTypes")?;
+            if !types.iter().any(|t| t == policy_type) || !selects(&spec["podSelector"], pod)? {
+                continue;
+            }
+            governed = true;
+            for rule in spec[direction].as_array().into_iter().flatten() {
+                let ports = rule["ports"].as_array().cloned().unwrap_or_default();
+                let port_ok = ports.is_empty()
+                    || ports
+                        .iter()
+                        .any(|p| p["port"] == port && p["protocol"] == "TCP");
+                let peers = rule[peers_field].as_array().cloned().unwrap_or_default();
+                let mut peer_ok = peers.is_empty();
+                for candidate in &peers {
+                    ensure!(
+                        candidate["namespaceSelector"].is_null() && candidate["ipBlock"].is_null(),
+                        "peer {candidate}: only podSelector peers are evaluated here"
+                    );
+                    if let Some(peer) = peer {
+                        peer_ok |= selects(&candidate["podSelector"], peer)?;
+                    }
+                }
+                if port_ok && peer_ok {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(!governed)
+    };
+    let egress = match from {
+        Some(pod) => open(pod, to, "egress")?,
+        None => true,
+    };
+    let ingress = match to {
+        Some(pod) => open(pod, from, "ingress")?,
+        None => true,
+    };
+    Ok(egress && ingress)
+}
+
+/// Every link the components make, and some they must not, against the rendered policies:
+/// `(from, to, port, allowed)` with workloads as `kind/name` (None: outside the namespace).
+fn check_links(
+    rendered: &Rendered,
+    links: &[(Option<&str>, Option<&str>, u64, bool)],
+) -> anyhow::Result<()> {
+    let labels = |workload: Option<&str>| -> anyhow::Result<Option<&Value>> {
+        workload
+            .map(|w| {
+                let (kind, name) = w.split_once('/').context("kind/name")?;
+                pod_labels(rendered, kind, name)
+            })
+            .transpose()
+    };
+    for &(from, to, port, allowed) in links {
+        let actual = network_allows(rendered, labels(from)?, labels(to)?, port)?;
+        ensure!(
+            actual == allowed,
+            "NetworkPolicies {} {from:?} → {to:?}:{port}",
+            if allowed { "block" } else { "allow" }
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn dev_network_policies_allow_the_links_the_components_make() -> anyhow::Result<()> {
+    let rendered = Rendered::load("dev")?;
+    let (router, cp) = (Some("Deployment/router"), Some("Deployment/control-plane"));
+    let (gpu, wse) = (Some("Deployment/worker-gpu"), Some("Deployment/worker-wse"));
+    let etcd = Some("StatefulSet/etcd");
+    check_links(
+        &rendered,
+        &[
+            (None, router, 50051, true),
+            (None, router, 8080, true),
+            (router, gpu, 50061, true),
+            (router, wse, 50061, true),
+            (router, cp, 50052, true),
+            (router, etcd, 2379, true),
+            // The control plane's load streams (a Worker.Serve stream to every worker).
+            (cp, gpu, 50061, true),
+            (cp, wse, 50061, true),
+            (wse, None, 443, true),
+            (None, gpu, 50061, false),
+            (gpu, wse, 50061, false),
+            (router, None, 443, false),
+        ],
+    )
+}
+
+/// What `components/router-wse` renders to in an overlay that uses it.
+fn check_router_wse_objects(rendered: &Rendered) -> anyhow::Result<()> {
+    // One Deployment runs `switchyard router-wse`; nothing runs the router or worker-wse alone.
+    let mut commands: Vec<(String, String)> = rendered
+        .objects
+        .iter()
+        .filter(|o| {
+            ["Deployment", "StatefulSet", "Job"].contains(&o["kind"].as_str().unwrap_or(""))
+        })
+        .map(|o| {
+            let container = &o["spec"]["template"]["spec"]["containers"][0];
+            let command = container["args"][0].as_str().unwrap_or_default();
+            (
+                format!(
+                    "{}/{}",
+                    o["kind"].as_str().unwrap_or_default(),
+                    o["metadata"]["name"].as_str().unwrap_or_default()
+                ),
+                command.to_string(),
+            )
+        })
+        .collect();
+    commands.sort();
+    let subcommands: Vec<(&str, &str)> = commands
+        .iter()
+        .map(|(w, c)| (w.as_str(), c.as_str()))
+        .filter(|(_, c)| {
+            [
+                "router",
+                "router-wse",
+                "worker-gpu",
+                "worker-wse",
+                "control-plane",
+            ]
+            .contains(c)
+        })
+        .collect();
+    assert_eq!(
+        subcommands,
+        [
+            ("Deployment/control-plane", "control-plane"),
+            ("Deployment/router-wse", "router-wse"),
+            ("Deployment/worker-gpu", "worker-gpu"),
+        ]
+    );
+    for (kind, name) in [
+        ("Deployment", "router"),
+        ("Deployment", "worker-wse"),
+        ("PodDisruptionBudget", "worker-wse"),
+    ] {
+        ensure!(
+            rendered.find(kind, name).is_err(),
+            "{kind}/{name} is still rendered"
+        );
+    }
+
+    let deployment = rendered.find("Deployment", "router-wse")?;
+    let (spec, container) = pod(rendered, "Deployment", "router-wse")?;
+    let labels = pod_labels(rendered, "Deployment", "router-wse")?;
+    // Placed and labelled like the base's objects (a component's own objects get neither from
+    // the base it is added to).
+    let control_plane = rendered.find("Deployment", "control-plane")?;
+    ensure!(
+        deployment["metadata"]["namespace"].is_string(),
+        "no namespace"
+    );
+    assert_eq!(
+        deployment["metadata"]["namespace"],
+        control_plane["metadata"]["namespace"]
+    );
+    for key in ["app.kubernetes.io/part-of", "app.kubernetes.io/version"] {
+        assert_eq!(
+            deployment["metadata"]["labels"][key], control_plane["metadata"]["labels"][key],
+            "{key}"
+        );
+        assert_eq!(
+            labels[key],
+            pod_labels(rendered, "Deployment", "control-plane")?[key]
+        );
+    }
+    assert_eq!(
+        labels["switchyard.io/etcd-client"], "true",
+        "etcd's policy admits it"
+    );
+
+    // What the process listens on is what the pod declares, the Service targets and the
+    // probes ask.
+    let setting = |name: &str| env_value(&container, name).with_context(|| format!("no {name}"));
+    for name in [
+        "SWITCHYARD_LISTEN",
+        "SWITCHYARD_HTTP_LISTEN",
+        "SWITCHYARD_WORKER_LISTEN",
+    ] {
+        ensure!(
+            setting(name)?.starts_with("0.0.0.0:"),
+            "{name} must listen on the pod's interfaces"
+        );
+    }
+    let grpc = port_of(setting("SWITCHYARD_LISTEN")?)?;
+    let http = port_of(setting("SWITCHYARD_HTTP_LISTEN")?)?;
+    let worker = port_of(setting("SWITCHYARD_WORKER_LISTEN")?)?;
+    let declared: HashMap<&str, u64> = container["ports"]
+        .as_array()
+        .context("ports")?
+        .iter()
+        .map(|p| {
+            (
+                p["name"].as_str().unwrap_or_default(),
+                p["containerPort"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        declared,
+        HashMap::from([("grpc", grpc), ("http", http), ("worker-grpc", worker)])
+    );
+    let service = rendered.find("Service", "router")?;
+    ensure!(
+        selects(&json!({"matchLabels": service["spec"]["selector"]}), labels)?,
+        "Service/router does not select the router-wse pods"
+    );
+    for port in service["spec"]["ports"]
+        .as_array()
+        .context("service ports")?
+    {
+        let target = port["targetPort"].as_str().context("named targetPort")?;
+        assert_eq!(
+            Some(&port["port"].as_u64().unwrap_or_default()),
+            declared.get(target),
+            "Service/router port {port}"
+        );
+    }
+    assert_eq!(
+        (grpc, http),
+        (50051, 8080),
+        "clients keep the router's ports"
+    );
+    assert_eq!(container["readinessProbe"]["grpc"]["port"], grpc);
+    assert_eq!(
+        container["readinessProbe"]["grpc"]["service"],
+        "switchyard.v1.Inference"
+    );
+    assert_eq!(container["livenessProbe"]["grpc"]["port"], grpc);
+
+    // The hosted worker registers under the pod name at the pod IP (downward API) on its
+    // listen port: resolve_env gives 127.0.0.1 for status.podIP only. (Values and the
+    // downward API only: the production overlay's Secrets are the operator's.)
+    let literal: Vec<Value> = container["env"]
+        .as_array()
+        .context("env")?
+        .iter()
+        .filter(|e| e["valueFrom"]["secretKeyRef"].is_null())
+        .cloned()
+        .collect();
+    let resolved: HashMap<String, String> =
+        resolve_env(rendered, "router-wse-5d8f7", &json!({ "env": literal }))?
+            .into_iter()
+            .collect();
+    assert_eq!(
+        resolved["SWITCHYARD_WORKER_ADVERTISE"],
+        format!("127.0.0.1:{worker}")
+    );
+    assert_eq!(resolved["SWITCHYARD_WORKER_ID"], "router-wse-5d8f7");
+    assert_eq!(resolved["POD_IP"], "127.0.0.1");
+
+    // The grace period covers the preStop sleep and then both drains (side by side), with
+    // the worker's deregistration and server stops (10 s).
+    let grace = spec["terminationGracePeriodSeconds"]
+        .as_u64()
+        .context("terminationGracePeriodSeconds")?;
+    let pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .context("preStop sleep")?;
+    let drain = seconds(setting("SWITCHYARD_DRAIN_TIMEOUT")?)?;
+    let worker_drain = seconds(setting("SWITCHYARD_WORKER_DRAIN_TIMEOUT")?)?;
+    ensure!(
+        grace >= pre_stop + drain.max(worker_drain) + 10,
+        "grace {grace} s < preStop {pre_stop} s + drain max({drain}, {worker_drain}) s + 10 s"
+    );
+
+    // The wafer-scale endpoint from the Secret, its key as a mounted file.
+    let gateway = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["name"] == "SWITCHYARD_GATEWAY_URL")
+        .context("no SWITCHYARD_GATEWAY_URL")?;
+    let secret = gateway["valueFrom"]["secretKeyRef"]["name"]
+        .as_str()
+        .context("gateway URL from a Secret")?;
+    ensure!(
+        secret.starts_with("switchyard-wse"),
+        "gateway URL from {secret}"
+    );
+    let key_file = setting("SWITCHYARD_GATEWAY_API_KEY_FILE")?;
+    let mount = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| key_file.starts_with(&format!("{}/", m["mountPath"].as_str().unwrap_or("-"))))
+        .context("the key file is on no volume")?;
+    let volume = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+        .context("the key file's volume")?;
+    assert_eq!(volume["secret"]["secretName"], secret);
+
+    // The router's budget and autoscaler follow the pods; the autoscaler owns `replicas`.
+    let budget = rendered.find("PodDisruptionBudget", "router")?;
+    ensure!(selects(&budget["spec"]["selector"], labels)?, "PDB/router");
+    if let Ok(hpa) = rendered.find("HorizontalPodAutoscaler", "router") {
+        assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "router-wse");
+        ensure!(
+            deployment["spec"]["replicas"].is_null(),
+            "replicas fight the HPA"
+        );
+    }
+
+    // Clients reach the routers, the routers every worker — the other pods' hosted workers
+    // included — and the control plane, which streams every worker's load; the hosted worker
+    // reaches the endpoint.
+    let (router_wse, cp) = (
+        Some("Deployment/router-wse"),
+        Some("Deployment/control-plane"),
+    );
+    let (gpu, etcd, job) = (
+        Some("Deployment/worker-gpu"),
+        Some("StatefulSet/etcd"),
+        Some("Job/policy"),
+    );
+    check_links(
+        rendered,
+        &[
+            (None, router_wse, grpc, true),
+            (None, router_wse, http, true),
+            (router_wse, router_wse, worker, true),
+            (router_wse, gpu, 50061, true),
+            (router_wse, cp, 50052, true),
+            (router_wse, etcd, 2379, true),
+            (cp, router_wse, worker, true),
+            (router_wse, None, 443, true),
+            (None, router_wse, worker, false),
+            (gpu, router_wse, worker, false),
+            (job, router_wse, worker, false),
+        ],
+    )
+}
+
+#[test]
+fn router_wse_overlays_run_router_wse_in_place_of_router_and_worker_wse() -> anyhow::Result<()> {
+    let production = Rendered::load("router-wse")?;
+    check_router_wse_objects(&production).context("overlays/router-wse")?;
+    let (_, container) = pod(&production, "Deployment", "router-wse")?;
+    assert_eq!(env_value(&container, "SWITCHYARD_ENGINE"), Some("gateway"));
+
+    let dev = Rendered::load("dev-router-wse")?;
+    check_router_wse_objects(&dev).context("overlays/dev-router-wse")?;
+    let (_, container) = pod(&dev, "Deployment", "router-wse")?;
+    assert_eq!(
+        env_value(&container, "SWITCHYARD_ENGINE"),
+        Some("synthetic")
+    );
+    assert_eq!(
+        dev.find("Deployment", "router-wse")?["spec"]["replicas"],
+        2,
+        "two routers, so each reaches the other's worker over the network"
+    );
+    Ok(())
+}
+
+/// The routable worker ids of a router-wse pod's router.
+async fn routable(pod: &Component) -> Vec<String> {
+    list_router_workers_with_key(
+        &pod.component_addr("router", "grpc").to_string(),
+        Some(DEV_KEY),
+    )
+    .await
+    .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_router_wse_overlay_runs_as_rendered() -> anyhow::Result<()> {
+    let rendered = Rendered::load("dev-router-wse")?;
+    let etcd = Etcd::start().await?;
+    run_policy_job(&rendered, &etcd).await?;
+
+    let (_control_plane, _) = start(&rendered, "control-plane", &etcd.url, 1).await?;
+    let (_gpu, _) = start(&rendered, "worker-gpu", &etcd.url, 1).await?;
+    let replicas = rendered.find("Deployment", "router-wse")?["spec"]["replicas"]
+        .as_u64()
+        .context("replicas")? as usize;
+    let mut pods = Vec::new();
+    for index in 0..replicas {
+        // Router gRPC, router HTTP and the hosted worker's gRPC.
+        pods.push(start_pod(&rendered, "router-wse", index, &etcd.url, 3, None).await?);
+    }
+    let ids: Vec<String> = (0..replicas).map(|i| format!("router-wse-{i}")).collect();
+    let mut everyone = ids.clone();
+    everyone.push("worker-gpu-0".into());
+
+    // Each hosted worker is registered under its pod name at the advertised pod-IP address, on
+    // the port its process announced for it.
+    let records = etcd.registry().await?.list_workers().await?;
+    for ((pod, local), id) in pods.iter().zip(&ids) {
+        let advertised = local
+            .env
+            .iter()
+            .find(|(n, _)| n == "SWITCHYARD_WORKER_ADVERTISE")
+            .map(|(_, v)| v.clone())
+            .context("advertise")?;
+        assert_eq!(
+            advertised,
+            format!(
+                "127.0.0.1:{}",
+                pod.component_addr("worker-wse", "grpc").port()
+            )
+        );
+        let record = records
+            .iter()
+            .find(|r| &r.id == id)
+            .with_context(|| format!("{id} is not registered"))?;
+        assert_eq!(record.address, advertised);
+        assert_eq!(record.pool.to_string(), "wse");
+    }
+
+    // Every router links every worker: its own in process, the other pod's over the network.
+    for (pod, _) in &pods {
+        wait_until(Duration::from_secs(20), "every worker routable", || async {
+            routable(pod).await == everyone
+        })
+        .await?;
+        pod.wait_for_log("reporting to the control plane", Duration::from_secs(20))
+            .await?;
+    }
+    let (first, _) = &pods[0];
+    let line = first
+        .wait_for_log(
+            "linking the hosted worker in process",
+            Duration::from_secs(5),
+        )
+        .await?;
+    assert!(line.contains(&ids[0]), "{line}");
+
+    let http = reqwest::Client::new();
+    let base = |pod: &Component| format!("http://{}/v1", pod.component_addr("router", "http"));
+    let anonymous = http.get(format!("{}/models", base(first))).send().await?;
+    assert_eq!(anonymous.status(), 401, "the dev Secret's key file");
+
+    // AUTO, 4 tokens: the policy's rule sends it to the wafer-scale pool, a hosted worker.
+    let (headers, _) = chat(&http, &base(first), None, 4).await?;
+    assert_eq!(header(&headers, "x-switchyard-pool"), "wse");
+    assert!(ids.contains(&header(&headers, "x-switchyard-worker").to_string()));
+
+    // With its own worker drained (as the control plane drains it, through etcd), the first
+    // router serves the wafer-scale lane on the second pod's worker, at its pod-IP address.
+    let registry = etcd.registry().await?;
+    registry.set_drain(&ids[0], true, None).await?;
+    wait_until(
+        Duration::from_secs(10),
+        "the drained worker unroutable",
+        || async { !routable(first).await.contains(&ids[0]) },
+    )
+    .await?;
+    let (headers, _) = chat(&http, &base(first), None, 4).await?;
+    assert_eq!(header(&headers, "x-switchyard-worker"), ids[1]);
+    registry.set_drain(&ids[0], false, None).await?;
+
+    // Cost-sensitive: the GPU pool's candle engine with the model from the volume.
+    let (headers, body) = chat(&http, &base(first), Some("cost-sensitive"), 2).await?;
+    assert_eq!(header(&headers, "x-switchyard-worker"), "worker-gpu-0");
+    assert_eq!(body["model"], MODEL);
+
+    // SIGTERM (the kubelet's, after the preStop sleep) with a generation in flight on the
+    // second pod's own worker: it finishes, and the process exits cleanly within the grace
+    // period; its worker leaves the first router's view.
+    let (mut second, second_local) = pods.pop().context("two pods")?;
+    let (first, _) = &pods[0];
+    registry.set_drain(&ids[0], true, None).await?;
+    wait_until(
+        Duration::from_secs(10),
+        "only the second pod's worker in wse",
+        || async { !routable(&second).await.contains(&ids[0]) },
+    )
+    .await?;
+    let long = {
+        let http = http.clone();
+        let url = format!("{}/chat/completions", base(&second));
+        tokio::spawn(async move {
+            http.post(url)
+                .bearer_auth(DEV_KEY)
+                .header("x-switchyard-class", "latency-critical")
+                .json(&json!({
+                    "model": MODEL,
+                    "max_tokens": 2000,
+                    "messages": [{"role": "user", "content": "Say hi."}],
+                }))
+                .send()
+                .await
+        })
+    };
+    // 2000 tokens at the synthetic engine's 1000 tokens/s: well under way, far from done.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    second.sigterm()?;
+    let response = long.await??;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body: Value = response.json().await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&headers, "x-switchyard-worker"), ids[1]);
+    let drain_log = second
+        .wait_for_log("finishing the ones in flight", Duration::from_secs(5))
+        .await?;
+    assert!(drain_log.contains("in_flight=1"), "{drain_log}");
+    let exit = second.exited(second_local.grace).await?;
+    assert!(exit.success(), "router-wse exited with {exit}");
+    registry.set_drain(&ids[0], false, None).await?;
+    wait_until(
+        Duration::from_secs(10),
+        "the stopped pod's worker to leave",
+        || async { routable(first).await == [ids[0].clone(), "worker-gpu-0".to_string()] },
+    )
+    .await?;
     Ok(())
 }
