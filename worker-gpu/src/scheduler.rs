@@ -495,7 +495,7 @@ impl Engine for CandleEngine {
                 "engine scheduler has stopped".into(),
             ));
         }
-        Ok(rx)
+        Ok(rx.into())
     }
 }
 

@@ -8,7 +8,10 @@
 //!   `{base}/completions`, always with `stream: true`; the SSE body is parsed incrementally
 //!   ([`crate::sse`]) and every content delta becomes one `EngineEvent::Token`. The upstream
 //!   does not expose token ids, so a token's `id` is its chunk ordinal, and resuming another
-//!   worker's generation (`resume_tokens`) is refused as `Unavailable`.
+//!   worker's generation (`resume_tokens`) is refused as `Unavailable`. A generation has no
+//!   task of its own: the worker's reader drives it ([`EngineStream::driven`]), so an upstream
+//!   chunk reaches the router's stream without a hand-off between tasks, and a reader out of
+//!   flow-control credit stops reading the upstream.
 //! - **Cancel** drops the upstream response at once (its connection closes or its HTTP/2 stream
 //!   is reset), which stops the upstream generation.
 //! - **Faults** (connection refused, timeouts, HTTP errors, malformed SSE, a stream cut off
@@ -399,8 +402,11 @@ impl Engine for GatewayEngine {
             tx,
             streamed: 0,
         };
-        tokio::spawn(generation.run(http, permit, cancel));
-        Ok(rx)
+        // Driven by the worker's reader in its own task: a token costs no task hand-off.
+        Ok(EngineStream::driven(
+            rx,
+            generation.run(http, permit, cancel),
+        ))
     }
 }
 

@@ -192,7 +192,7 @@ mod tests {
         let (otx, mut orx) = mpsc::channel(64);
         forward_generation(
             "r",
-            erx,
+            erx.into(),
             config,
             None,
             || v1::FinishReason::Cancelled,
@@ -261,7 +261,7 @@ mod tests {
         let task = tokio::spawn(async move {
             forward_generation(
                 "r",
-                erx,
+                erx.into(),
                 config,
                 None,
                 || v1::FinishReason::Cancelled,
@@ -295,7 +295,7 @@ mod tests {
         let (otx, mut orx) = mpsc::channel(8);
         forward_generation(
             "r",
-            erx,
+            erx.into(),
             CoalesceConfig::default(),
             None,
             || v1::FinishReason::Cancelled,
@@ -322,7 +322,7 @@ mod tests {
             async move {
                 forward_generation(
                     "r",
-                    erx,
+                    erx.into(),
                     CoalesceConfig {
                         flush_interval: Duration::from_secs(3600),
                         max_chunk_tokens: 16,

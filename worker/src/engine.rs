@@ -1,6 +1,10 @@
 //! The contract between the worker runtime and a model backend. Engines see plain Rust types,
 //! never protobuf: the service translates.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -91,8 +95,78 @@ pub enum EngineEvent {
     },
 }
 
+/// One event of a generation, as an engine sends it.
+pub type EngineItem = Result<EngineEvent, EngineError>;
+
 /// Events of one generation; ends after `Done` or an error.
-pub type EngineStream = mpsc::Receiver<Result<EngineEvent, EngineError>>;
+///
+/// An engine that generates on tasks of its own (a batch loop over many sequences) hands over
+/// the receiving end of a channel. One whose work for a generation is I/O alone (the
+/// wafer-scale gateway reading its upstream's event stream) hands over the channel *and* the
+/// future that fills it ([`EngineStream::driven`]): the reader drives that future in its own
+/// task, so an event costs no wake-up of another task — on a busy machine, no inter-processor
+/// interrupt per token — and a reader that stops reading (out of flow-control credit) stops
+/// the upstream read too. Dropping the stream drops the generation.
+pub struct EngineStream {
+    events: mpsc::Receiver<EngineItem>,
+    driver: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl EngineStream {
+    /// Events that `driver` sends on `events`'s sender as the reader polls it.
+    pub fn driven(
+        events: mpsc::Receiver<EngineItem>,
+        driver: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        Self {
+            events,
+            driver: Some(Box::pin(driver)),
+        }
+    }
+
+    /// The next event; `None` once the generation's sender is gone.
+    pub async fn recv(&mut self) -> Option<EngineItem> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    /// Events sent and not yet read.
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Drives the generation as far as it goes without waiting, then takes an event.
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<EngineItem>> {
+        if let Some(driver) = self.driver.as_mut()
+            && driver.as_mut().poll(cx).is_ready()
+        {
+            // Its sender is dropped with it: the channel ends after what is buffered.
+            self.driver = None;
+        }
+        self.events.poll_recv(cx)
+    }
+}
+
+impl std::fmt::Debug for EngineStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineStream")
+            .field("buffered", &self.events.len())
+            .field("driven", &self.driver.is_some())
+            .finish()
+    }
+}
+
+impl From<mpsc::Receiver<EngineItem>> for EngineStream {
+    fn from(events: mpsc::Receiver<EngineItem>) -> Self {
+        Self {
+            events,
+            driver: None,
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum EngineError {
@@ -193,5 +267,99 @@ pub trait Engine: Send + Sync + 'static {
     fn tokenizer_spec(&self, model: &str) -> Option<(String, Vec<u8>)> {
         let _ = model;
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    use super::*;
+
+    fn token(id: u32) -> EngineItem {
+        Ok(EngineEvent::Token {
+            id,
+            text: id.to_string(),
+        })
+    }
+
+    /// Counts the driver's steps, and tells when it was dropped.
+    struct Probe {
+        steps: AtomicU32,
+        dropped: AtomicBool,
+    }
+
+    struct DropFlag(Arc<Probe>);
+
+    impl Drop for DropFlag {
+        fn drop(&mut self) {
+            self.0.dropped.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// A driver sending `count` tokens, yielding to the scheduler between them.
+    fn driven(count: u32, capacity: usize) -> (EngineStream, Arc<Probe>) {
+        let probe = Arc::new(Probe {
+            steps: AtomicU32::new(0),
+            dropped: AtomicBool::new(false),
+        });
+        let (tx, rx) = mpsc::channel(capacity);
+        let flag = DropFlag(probe.clone());
+        let driver = async move {
+            for id in 0..count {
+                flag.0.steps.fetch_add(1, Ordering::SeqCst);
+                if tx.send(token(id)).await.is_err() {
+                    return;
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        (EngineStream::driven(rx, driver), probe)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_driven_generation_advances_only_as_its_reader_reads_and_ends_with_its_driver() {
+        let (mut stream, probe) = driven(5, 2);
+        // Nothing runs it but the reader: no task of its own.
+        tokio::task::yield_now().await;
+        assert_eq!(probe.steps.load(Ordering::SeqCst), 0);
+        let mut ids = Vec::new();
+        while let Some(event) = stream.recv().await {
+            let Ok(EngineEvent::Token { id, .. }) = event else {
+                panic!("unexpected {event:?}");
+            };
+            ids.push(id);
+            // A bounded buffer: the driver never runs more than its capacity ahead.
+            assert!(probe.steps.load(Ordering::SeqCst) <= id + 3);
+        }
+        assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+        assert!(probe.dropped.load(Ordering::SeqCst), "the driver ended");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn dropping_a_driven_stream_drops_its_generation() {
+        let (mut stream, probe) = driven(1_000, 4);
+        assert!(matches!(stream.recv().await, Some(Ok(_))));
+        assert!(!probe.dropped.load(Ordering::SeqCst));
+        drop(stream);
+        assert!(probe.dropped.load(Ordering::SeqCst));
+        assert!(probe.steps.load(Ordering::SeqCst) < 10);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_channel_stream_reads_what_another_task_sends() {
+        let (tx, rx) = mpsc::channel(4);
+        let mut stream = EngineStream::from(rx);
+        tokio::spawn(async move {
+            for id in 0..3 {
+                tx.send(token(id)).await.unwrap();
+            }
+        });
+        let mut count = 0;
+        while stream.recv().await.is_some() {
+            count += 1;
+        }
+        assert_eq!(count, 3);
     }
 }

@@ -326,7 +326,7 @@ impl Engine for FaultEngine {
             died: self.died.clone(),
         };
         tokio::spawn(generation.run(cancel, tx));
-        Ok(rx)
+        Ok(rx.into())
     }
 }
 

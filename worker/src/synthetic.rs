@@ -486,7 +486,7 @@ impl Engine for SyntheticEngine {
             None => Err(self.slots.acquire(request.latency_critical)),
         };
         tokio::spawn(generation.run(wait, self.queued.clone(), unprefilled, cancel, tx));
-        Ok(rx)
+        Ok(rx.into())
     }
 }
 
