@@ -280,6 +280,9 @@ struct LinkState {
     publishes_kv: bool,
     /// Starts sent on the current stream that no load report has counted yet.
     in_transit: Starts,
+    /// Generations of the current stream that finished since the last load report: their
+    /// slots are free though that report (or [`Self::in_transit`]) still counts them.
+    finished_since_report: u32,
     /// Slots held by placements whose start is not handed to the link yet ([`SlotHold`]).
     held: u32,
     /// Starts handed to the link's task that it has not sent yet.
@@ -299,6 +302,7 @@ impl Default for LinkState {
             load: None,
             publishes_kv: false,
             in_transit: Starts::default(),
+            finished_since_report: 0,
             held: 0,
             queued: Starts::default(),
             failures: 0,
@@ -332,6 +336,9 @@ fn worker_state(record: &WorkerRecord, link: &LinkState) -> WorkerState {
         .count
         .saturating_add(link.queued.count)
         .saturating_add(link.held);
+    let outstanding = reported
+        .saturating_add(unreported)
+        .saturating_sub(link.finished_since_report);
     let unreported_prompt_tokens = link.in_transit.prompt_tokens + link.queued.prompt_tokens;
     let unreported_lc_prompt_tokens =
         link.in_transit.latency_critical_prompt_tokens + link.queued.latency_critical_prompt_tokens;
@@ -342,7 +349,7 @@ fn worker_state(record: &WorkerRecord, link: &LinkState) -> WorkerState {
         .unwrap_or(record.capacity.tokens_per_s);
     WorkerState {
         available: record.is_ready() && !draining && link.connected,
-        outstanding: reported.saturating_add(unreported),
+        outstanding,
         max_concurrent: load
             .map(|l| l.max_concurrent)
             .filter(|m| *m > 0)
@@ -863,7 +870,7 @@ impl LinkTask {
     }
 
     fn on_frame(&mut self, frame: worker_frame::Frame) {
-        let (request_id, last) = match &frame {
+        let (request_id, last, finished) = match &frame {
             worker_frame::Frame::Load(load) => {
                 self.in_transit.reported(load.starts_seen);
                 let in_transit = self.in_transit.total();
@@ -871,6 +878,7 @@ impl LinkTask {
                 self.shared.state.send_modify(|s| {
                     s.load = Some(load);
                     s.in_transit = in_transit;
+                    s.finished_since_report = 0;
                 });
                 self.shared.changes.worker(&self.shared.id);
                 return;
@@ -879,9 +887,9 @@ impl LinkTask {
                 self.apply_kv_events(events);
                 return;
             }
-            worker_frame::Frame::Tokens(t) => (t.request_id.clone(), false),
-            worker_frame::Frame::Finished(f) => (f.request_id.clone(), true),
-            worker_frame::Frame::Failed(f) => (f.request_id.clone(), true),
+            worker_frame::Frame::Tokens(t) => (t.request_id.clone(), false, false),
+            worker_frame::Frame::Finished(f) => (f.request_id.clone(), true, true),
+            worker_frame::Frame::Failed(f) => (f.request_id.clone(), true, false),
         };
         let delivered = match self.requests.get(&request_id) {
             Some(routed) => routed
@@ -897,8 +905,13 @@ impl LinkTask {
             let routed = self.requests.remove(&request_id);
             if let Some(routed) = routed.filter(|_| last) {
                 let held_ms = routed.sent.elapsed().as_secs_f64() * 1e3;
+                // Only a finish is sure to have held a slot: a start the worker refused ends
+                // `Failed`, and a report may have seen it without counting it as running.
                 self.shared.state.send_modify(|s| {
                     s.slot_turnover_ms = turnover_ewma(s.slot_turnover_ms, held_ms);
+                    if finished {
+                        s.finished_since_report = s.finished_since_report.saturating_add(1);
+                    }
                 });
             }
         }
@@ -960,6 +973,7 @@ impl LinkTask {
             s.publishes_kv = false;
             s.load = None;
             s.in_transit = Starts::default();
+            s.finished_since_report = 0;
             was_connected
         });
         if was_connected {
@@ -1646,6 +1660,51 @@ mod tests {
         }));
         assert_eq!(link.state().queued_prompt_tokens, 200);
         assert_eq!(link.state().outstanding, 0);
+    }
+
+    #[test]
+    fn a_finished_generation_frees_its_slot_before_the_next_load_report() {
+        let (link, mut task, mut outbound, _sent) = connected_link();
+        let report = |active: u32, seen: u64| {
+            worker_frame::Frame::Load(v1::Load {
+                active,
+                max_concurrent: 1,
+                starts_seen: Some(seen),
+                ..Default::default()
+            })
+        };
+        let finished = |id: &str| {
+            worker_frame::Frame::Finished(v1::Finished {
+                request_id: id.into(),
+                ..Default::default()
+            })
+        };
+        // Seen by a report, then finished: its slot is free at once, not when the worker
+        // next reports (a request placed meanwhile would think the worker full).
+        let _g1 = link.try_start(start("g1")).unwrap();
+        catch_up(&mut task, &mut outbound);
+        task.on_frame(report(1, 1));
+        assert_eq!(link.state().outstanding, 1);
+        task.on_frame(finished("g1"));
+        assert_eq!(link.state().outstanding, 0);
+        // The next report counts what the worker runs; nothing is taken off twice.
+        task.on_frame(report(0, 1));
+        assert_eq!(link.state().outstanding, 0);
+        // Finished before any report saw it: the start in transit and its end cancel out, and
+        // the report that then sees the start does not count it again.
+        let _g2 = link.try_start(start("g2")).unwrap();
+        catch_up(&mut task, &mut outbound);
+        assert_eq!(link.state().outstanding, 1);
+        task.on_frame(finished("g2"));
+        assert_eq!(link.state().outstanding, 0);
+        task.on_frame(report(0, 2));
+        assert_eq!(link.state().outstanding, 0);
+        // An end nobody routed here (a stray frame) frees nothing.
+        let _g3 = link.try_start(start("g3")).unwrap();
+        catch_up(&mut task, &mut outbound);
+        task.on_frame(report(1, 3));
+        task.on_frame(finished("unknown"));
+        assert_eq!(link.state().outstanding, 1);
     }
 
     #[test]
