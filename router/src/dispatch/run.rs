@@ -96,6 +96,19 @@ struct Generation {
     id: String,
     /// The worker finished or failed it, or its stream was lost.
     ended: bool,
+    /// The link still routes its frames here. A link forgets a generation by itself when it
+    /// passes on its last frame or loses its stream: telling it again would cost a command
+    /// (and a wake-up of the link's task) per request.
+    routed: bool,
+}
+
+impl Generation {
+    /// The link passed on its end (finished, failed, or stream lost): the worker is done with
+    /// it and the link has forgotten it.
+    fn ended_by_link(&mut self) {
+        self.ended = true;
+        self.routed = false;
+    }
 }
 
 impl Drop for Generation {
@@ -103,7 +116,9 @@ impl Drop for Generation {
         if !self.ended {
             self.link.cancel(&self.id, v1::FinishReason::Cancelled);
         }
-        self.link.forget(&self.id);
+        if self.routed {
+            self.link.forget(&self.id);
+        }
     }
 }
 
@@ -124,6 +139,7 @@ impl Started {
                 link: link.clone(),
                 id,
                 ended: false,
+                routed: true,
             },
             events,
             first: None,
@@ -688,7 +704,7 @@ impl<'d> Run<'d> {
                     debug!(request_id = %self.request.request_id, ?event, "a hedged copy failed before its first token; the other goes on");
                     // Already ended on the worker's side (failed or lost).
                     if let Some(mut gone) = this.take() {
-                        gone.generation.ended = true;
+                        gone.generation.ended_by_link();
                     }
                 }
                 RaceEvent::Out(event) => {
@@ -784,7 +800,7 @@ impl<'d> Run<'d> {
                         }
                     }
                     Some(LinkEvent::Frame(worker_frame::Frame::Finished(finished))) => {
-                        generation.ended = true;
+                        generation.ended_by_link();
                         // A generation that reached its end before the stop took effect
                         // simply finished.
                         let stopped = finished.reason == v1::FinishReason::Interrupted as i32;
@@ -797,7 +813,7 @@ impl<'d> Run<'d> {
                         };
                     }
                     Some(LinkEvent::Frame(worker_frame::Frame::Failed(failed))) => {
-                        generation.ended = true;
+                        generation.ended_by_link();
                         break SegmentEnd::Failed(failed);
                     }
                     Some(LinkEvent::Frame(
@@ -806,7 +822,7 @@ impl<'d> Run<'d> {
                     Some(LinkEvent::Lost(why)) => {
                         // The worker's stream is gone, and with it (on the worker's side)
                         // the generation.
-                        generation.ended = true;
+                        generation.ended_by_link();
                         break SegmentEnd::Lost(why);
                     }
                     None => break SegmentEnd::Lost("link closed".into()),
