@@ -412,12 +412,22 @@ pub struct HostedWorkerArgs {
     /// Longest a SIGTERM drain of the hosted worker waits for in-flight generations.
     #[arg(long, env = "SWITCHYARD_WORKER_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub worker_drain_timeout: Duration,
+    /// CA certificates (PEM) of the cluster: the hosted worker's `Worker` calls from other
+    /// routers and control planes need a client certificate signed by them (mTLS), as a
+    /// worker's with --tls-client-ca-file. Its own router reaches it in process. Needs
+    /// --tls-cert-file.
+    #[arg(
+        long,
+        env = "SWITCHYARD_WORKER_TLS_CLIENT_CA_FILE",
+        requires = "tls_cert_file"
+    )]
+    pub worker_tls_client_ca_file: Option<PathBuf>,
 }
 
 impl HostedWorkerArgs {
     /// The hosted worker's config; it shares the router's metrics registry, TLS files (a
-    /// certificate naming the worker too, when routers check identities) and connection
-    /// timeouts.
+    /// certificate naming the worker too, when routers check identities; client certificates
+    /// checked against --worker-tls-client-ca-file) and connection timeouts.
     pub fn config(&self, router: &RouterConfig) -> WorkerConfig {
         WorkerConfig {
             id: self
@@ -432,7 +442,10 @@ impl HostedWorkerArgs {
             cost_per_mtok: self.worker_cost_per_mtok,
             drain_timeout: self.worker_drain_timeout,
             metrics: router.metrics.clone(),
-            tls: router.tls.clone(),
+            tls: TlsFiles {
+                client_ca_file: self.worker_tls_client_ca_file.clone(),
+                ..router.tls.clone()
+            },
             connections: router.connections,
         }
     }
@@ -586,6 +599,13 @@ pub async fn router_hosting_wse(
     hosted: HostedWorkerArgs,
     engine: Arc<dyn Engine>,
 ) -> anyhow::Result<()> {
+    if let Some(client_ca_file) = &hosted.worker_tls_client_ca_file {
+        check_tls(&TlsFiles {
+            client_ca_file: Some(client_ca_file.clone()),
+            ..args.tls.files()
+        })
+        .context("--worker-tls-client-ca-file")?;
+    }
     let RouterStart {
         mut config,
         registry,

@@ -13,7 +13,8 @@ use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Capacity, Pool, WorkerRecord, WorkerState};
 use switchyard_proto::v1;
 use switchyard_tests::{
-    Component, Etcd, EtcdTls, program_output, run_program, synthetic_request, up_args, wait_until,
+    Cluster, ClusterSpec, Component, Etcd, EtcdTls, program_output, run_program, synthetic_request,
+    up_args, wait_until,
 };
 use switchyard_worker::synthetic::synthetic_text;
 
@@ -705,5 +706,125 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
     )
     .await?;
     assert_eq!(routable().await, Vec::<String>::new());
+    Ok(())
+}
+
+/// `router-wse` with TLS: its hosted worker serves `Worker` calls over TLS with the process's
+/// certificate (which names the worker) and, with --worker-tls-client-ca-file, only to client
+/// certificates of the cluster CA — another router links to it over mTLS and generates on it;
+/// a TLS client without a certificate is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_wse_hosted_worker_takes_worker_calls_only_from_client_certificates()
+-> anyhow::Result<()> {
+    let upstream = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let pki = switchyard::tls::LocalPki::generate(&["router"])?;
+    let hosting_files = pki.worker(Pool::Wse, "wse-mtls")?;
+    let ca = pki.ca_file();
+    let ca_arg = ca.display().to_string();
+    let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
+    let tls_flags = |files: &switchyard_cluster::tls::TlsFiles| {
+        vec![
+            "--tls-cert-file".to_string(),
+            path(&files.cert_file),
+            "--tls-key-file".into(),
+            path(&files.key_file),
+            "--tls-ca-file".into(),
+            ca_arg.clone(),
+        ]
+    };
+    let etcd = Etcd::start().await?;
+    let mut args: Vec<String> = [
+        "router-wse",
+        "--etcd",
+        &etcd.url,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--worker-id",
+        "wse-mtls",
+        "--worker-listen",
+        "127.0.0.1:0",
+        "--engine",
+        "gateway",
+        "--gateway-url",
+        &upstream.router_openai_url(),
+        "--model",
+        "fast",
+        "--gateway-model-map",
+        "fast=synthetic",
+        "--worker-tls-client-ca-file",
+        &ca_arg,
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(tls_flags(&hosting_files));
+    let hosting = Component::start("router-wse-mtls", &args, 3).await?;
+    let worker = hosting.component_addr("worker-wse", "grpc").to_string();
+
+    // Without a client certificate: Worker.Serve is refused, as on a worker of its own.
+    let refused = v1::worker_client::WorkerClient::new(tls_channel(&worker, &ca).await?)
+        .serve(futures::stream::pending::<v1::RouterFrame>())
+        .await
+        .expect_err("Worker.Serve without a client certificate was served");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+    // Another router, presenting its certificate, links to it (checking that the worker's
+    // certificate names it) and generates on it.
+    let mut args: Vec<String> = [
+        "router",
+        "--etcd",
+        &etcd.url,
+        "--listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(tls_flags(&pki.files("router")));
+    let other = Component::start("router-mtls", &args, 2).await?;
+    let channel = tls_channel(&other.addr("grpc").to_string(), &ca).await?;
+    let mut inference = v1::inference_client::InferenceClient::new(channel);
+    wait_until(
+        Duration::from_secs(30),
+        "the other router to link the hosted worker over mTLS",
+        || {
+            let mut inference = inference.clone();
+            async move {
+                inference
+                    .list_models(v1::ListModelsRequest {})
+                    .await
+                    .is_ok_and(|models| {
+                        switchyard_client::routable_worker_ids(&models.into_inner()) == ["wse-mtls"]
+                    })
+            }
+        },
+    )
+    .await?;
+    let mut request = synthetic_request(
+        "via-mtls",
+        v1::RequestClass::LatencyCritical,
+        "alpha beta gamma",
+        6,
+    );
+    request.model = "fast".into();
+    let mut stream = inference.generate(request).await?.into_inner();
+    let (mut text, mut worker_id) = (String::new(), String::new());
+    while let Some(frame) = stream.message().await? {
+        match frame.frame {
+            Some(v1::server_frame::Frame::Accepted(accepted)) => worker_id = accepted.worker_id,
+            Some(v1::server_frame::Frame::Tokens(tokens)) => text.push_str(&tokens.text),
+            Some(v1::server_frame::Frame::Failed(failed)) => anyhow::bail!("failed: {failed:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(worker_id, "wse-mtls");
+    assert_eq!(text, "alpha beta gamma alpha beta gamma");
     Ok(())
 }
