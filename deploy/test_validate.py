@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The validator catches what it claims to: each test breaks one thing in the rendered base
-(or the TLS or router-wse overlay) and expects exactly that problem to be reported (and the
+(or the TLS, router-wse or router-wse-tls overlay) and expects exactly that problem to be reported (and the
 untouched renders to pass).
 
 Run by deploy/validate.sh: RENDERED_BASE=<rendered base yaml> RENDERED_TLS=<rendered
-overlays/tls yaml> RENDERED_ROUTER_WSE=<rendered overlays/router-wse yaml> SWITCHYARD_BIN=<binary>.
+overlays/tls yaml> RENDERED_ROUTER_WSE=<rendered overlays/router-wse yaml>
+RENDERED_ROUTER_WSE_TLS=<rendered overlays/router-wse-tls yaml> SWITCHYARD_BIN=<binary>.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import validate  # noqa: E402
 BASE = validate.load(Path(os.environ["RENDERED_BASE"]))
 TLS = validate.load(Path(os.environ["RENDERED_TLS"]))
 ROUTER_WSE = validate.load(Path(os.environ["RENDERED_ROUTER_WSE"]))
+ROUTER_WSE_TLS = validate.load(Path(os.environ["RENDERED_ROUTER_WSE_TLS"]))
 CLI = validate.Cli(os.environ["SWITCHYARD_BIN"])
 
 
@@ -288,6 +290,71 @@ class RouterWseValidatorTest(unittest.TestCase):
             "router"
         )
         self.assert_problem(objects, "Service/router: selects no pod")
+
+
+class RouterWseTlsValidatorTest(unittest.TestCase):
+    """overlays/router-wse-tls: the base with components/tls, router-wse and router-wse-tls."""
+
+    problems = ValidatorTest.problems
+    assert_problem = ValidatorTest.assert_problem
+
+    def broken(self) -> list[dict]:
+        return copy.deepcopy(ROUTER_WSE_TLS)
+
+    def tls_attributes(self, objects: list[dict]) -> dict:
+        volume = next(v for v in validate.pod_spec(find(objects, "Deployment", "router-wse"))[
+            "volumes"] if v["name"] == "tls")
+        return volume["csi"]["volumeAttributes"]
+
+    def test_router_wse_tls_passes(self) -> None:
+        self.assertEqual(self.problems(self.broken()), [])
+
+    def test_without_router_wse_tls_router_wse_cannot_reach_etcd(self) -> None:
+        # components/tls + components/router-wse alone: the router-wse pods get nothing.
+        objects = self.broken()
+        router = container(objects, "Deployment", "router-wse")
+        router["env"] = [e for e in router["env"] if "TLS" not in e["name"]
+                         and not e["name"].startswith("SWITCHYARD_ETCD_")]
+        self.assert_problem(objects, "Deployment/router-wse container router-wse: etcd serves "
+                                     "TLS, but the container sets no SWITCHYARD_ETCD_CA_FILE")
+
+    def test_hosted_worker_certificate_must_name_its_identity(self) -> None:
+        objects = self.broken()
+        self.tls_attributes(objects)["csi.cert-manager.io/uri-sans"] = (
+            "spiffe://switchyard/pool/gpu/worker/${POD_NAME}"
+        )
+        self.assert_problem(objects, "container router-wse: the worker's certificate names")
+
+    def test_hosted_worker_must_take_only_cluster_client_certificates(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router-wse")
+        router["env"] = [e for e in router["env"]
+                         if e["name"] != "SWITCHYARD_WORKER_TLS_CLIENT_CA_FILE"]
+        self.assert_problem(objects, "sets no SWITCHYARD_WORKER_TLS_CLIENT_CA_FILE")
+
+    def test_router_certificate_must_name_the_router_service(self) -> None:
+        objects = self.broken()
+        self.tls_attributes(objects)["csi.cert-manager.io/dns-names"] = "localhost"
+        self.assert_problem(objects, "not Service router, which clients dial")
+
+    def test_no_grpc_probe_against_router_wse_tls(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router-wse")
+        router["readinessProbe"] = {"grpc": {"port": 50051, "service": "switchyard.v1.Inference"}}
+        self.assert_problem(objects, "readinessProbe is a gRPC probe")
+
+    def test_etcd_client_certificate_is_needed(self) -> None:
+        objects = self.broken()
+        router = container(objects, "Deployment", "router-wse")
+        router["env"] = [e for e in router["env"] if e["name"] != "SWITCHYARD_ETCD_CERT_FILE"]
+        self.assert_problem(objects, "sets no SWITCHYARD_ETCD_CERT_FILE")
+
+    def test_worker_client_ca_rule_covers_worker_gpu(self) -> None:
+        objects = self.broken()
+        worker = container(objects, "Deployment", "worker-gpu")
+        worker["env"] = [e for e in worker["env"] if e["name"] != "SWITCHYARD_TLS_CLIENT_CA_FILE"]
+        self.assert_problem(objects, "container worker: the worker serves TLS but sets no "
+                                     "SWITCHYARD_TLS_CLIENT_CA_FILE")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,11 @@
    volumes name a rendered Issuer; Secrets a Certificate writes count as existing; a worker's
    certificate names the identity it registers under
    (spiffe://switchyard/pool/<pool>/worker/<worker id>), the control plane's
-   spiffe://switchyard/control-plane; a component serving TLS has no gRPC probe (the kubelet's
-   speak plaintext only); etcd URLs use https exactly when etcd serves TLS.
+   spiffe://switchyard/control-plane, a router's the Services selecting it; a worker serving TLS
+   (router-wse's hosted one too) takes Worker calls only from client certificates of the CA; a
+   component serving TLS has no gRPC probe (the kubelet's speak plaintext only); etcd URLs use
+   https exactly when etcd serves TLS, and then every Switchyard container sets the etcd CA and
+   client certificate.
 
 Usage: validate.py --switchyard target/debug/switchyard RENDERED.yaml...
 Exit status 1 with one line per problem when anything fails.
@@ -65,6 +68,13 @@ WORKER_SETTINGS = {
     "worker-wse": _WORKER_SETTINGS,
     "router-wse": ("SWITCHYARD_WORKER_LISTEN", "SWITCHYARD_WORKER_ADVERTISE",
                    "SWITCHYARD_WORKER_ID", "SWITCHYARD_WORKER_DRAIN_TIMEOUT"),
+}
+# With TLS, the variable that makes a (hosted) worker take Worker calls only from client
+# certificates of the cluster CA (routers and control planes present theirs).
+WORKER_CLIENT_CA = {
+    "worker-gpu": "SWITCHYARD_TLS_CLIENT_CA_FILE",
+    "worker-wse": "SWITCHYARD_TLS_CLIENT_CA_FILE",
+    "router-wse": "SWITCHYARD_WORKER_TLS_CLIENT_CA_FILE",
 }
 # Objects without a namespace; every other object of a render shares one.
 CLUSTER_SCOPED_KINDS = {"Namespace", "ClusterIssuer", "ClusterRole", "ClusterRoleBinding",
@@ -544,9 +554,21 @@ def tls_file_source(container: dict, spec: dict, path: str, objects: list[dict])
     return None
 
 
+def certificate_names(source: dict | None, field: str) -> list[str]:
+    """The DNS names (field "dns") or URI SANs ("uri") a certificate source names."""
+    if source and "csi" in source:
+        attribute = {"dns": "csi.cert-manager.io/dns-names", "uri": "csi.cert-manager.io/uri-sans"}
+        return [n.strip() for n in source["csi"].get(attribute[field], "").split(",") if n.strip()]
+    if source and "certificate" in source:
+        return source["certificate"]["spec"].get({"dns": "dnsNames", "uri": "uris"}[field], [])
+    return []
+
+
 def check_tls(container: dict, spec: dict, env: dict[str, dict], objects: list[dict], where: str,
-              report: Report) -> None:
-    """A component serving TLS: no gRPC probes, and its certificate names its identity."""
+              report: Report, labels: dict | None = None) -> None:
+    """A component serving TLS: no gRPC probes, and its certificate names its identity (a
+    router's: the Services that send clients to it; a worker's, router-wse's hosted one too: the
+    worker it registers as); a worker takes Worker calls only from client certificates."""
     cert_file = env.get("SWITCHYARD_TLS_CERT_FILE", {}).get("value")
     if cert_file is None:
         return
@@ -570,12 +592,7 @@ def check_tls(container: dict, spec: dict, env: dict[str, dict], objects: list[d
         pod_name = (len(refs) == 1 and worker_id == f"$({refs[0]})"
                     and env.get(refs[0], {}).get("valueFrom", {}).get("fieldRef", {})
                     .get("fieldPath") == "metadata.name")
-        uris = []
-        if source and "csi" in source:
-            uris = [u.strip() for u in
-                    source["csi"].get("csi.cert-manager.io/uri-sans", "").split(",") if u.strip()]
-        elif source and "certificate" in source:
-            uris = source["certificate"]["spec"].get("uris", [])
+        uris = certificate_names(source, "uri")
         # csi-driver expands ${POD_NAME} to the pod's name, which the worker registers under.
         expected = worker_identity(pool, "${POD_NAME}") if pod_name else None
         if expected is None or expected not in uris:
@@ -584,6 +601,20 @@ def check_tls(container: dict, spec: dict, env: dict[str, dict], objects: list[d
                                 f" with SWITCHYARD_WORKER_ID the pod name and the certificate "
                                 f"from a {CSI_DRIVER} volume with uri-sans "
                                 f"{worker_identity(pool, '${POD_NAME}')}): routers refuse it")
+        client_ca = WORKER_CLIENT_CA[subcommand]
+        if client_ca not in env:
+            report.error(where, f"the worker serves TLS but sets no {client_ca}: its Worker calls "
+                                f"would take any client, not only the cluster's certificates")
+    if subcommand in ROUTERS:
+        # Clients dial the router by the names of the Services selecting its pods.
+        dns = certificate_names(source, "dns")
+        for service in objects:
+            selector = service["spec"].get("selector") if service["kind"] == "Service" else None
+            if not selector or not selector_matches({"matchLabels": selector}, labels or {}):
+                continue
+            if service["metadata"]["name"] not in dns:
+                report.error(where, f"the router's certificate names {dns or 'no DNS name'}, not "
+                                    f"Service {service['metadata']['name']}, which clients dial")
     if subcommand == "control-plane":
         uris = source["certificate"]["spec"].get("uris", []) if source and "certificate" in source else []
         if CONTROL_PLANE_IDENTITY not in uris:
@@ -728,7 +759,7 @@ def check_objects(objects: list[dict], where: str, cli: Cli, report: Report) -> 
             image = container["image"].rsplit("/", 1)[-1].split(":", 1)[0]
             if image in ("switchyard", "switchyard-cuda"):
                 check_switchyard(container, spec, env, cli, cwhere, report)
-                check_tls(container, spec, env, objects, cwhere, report)
+                check_tls(container, spec, env, objects, cwhere, report, pod_labels(obj))
     check_cert_manager(objects, where, report)
     check_selectors(objects, where, report)
     check_etcd(objects, where, report)

@@ -71,7 +71,8 @@ for dir in deploy/k8s/base deploy/k8s/overlays/*/; do
   rendered+=("$out/$name.yaml")
 done
 # The same objects as JSON for tests/tests/deploy_manifests.rs, which runs the dev (and dev-tls,
-# dev-router-wse) overlay's containers as local processes with the manifests' settings.
+# dev-router-wse, dev-router-wse-tls) overlay's containers as local processes with the
+# manifests' settings.
 python3 - "${rendered[@]}" <<'PY'
 import json, sys
 from pathlib import Path
@@ -82,7 +83,8 @@ for path in map(Path, sys.argv[1:]):
 PY
 
 RENDERED_BASE="$out/base.yaml" RENDERED_TLS="$out/tls.yaml" \
-  RENDERED_ROUTER_WSE="$out/router-wse.yaml" SWITCHYARD_BIN="$SWITCHYARD_BIN" \
+  RENDERED_ROUTER_WSE="$out/router-wse.yaml" RENDERED_ROUTER_WSE_TLS="$out/router-wse-tls.yaml" \
+  SWITCHYARD_BIN="$SWITCHYARD_BIN" \
   python3 deploy/test_validate.py 2>&1 | tail -n 3
 python3 deploy/validate.py --switchyard "$SWITCHYARD_BIN" "${rendered[@]}"
 echo "deploy manifests valid: ${rendered[*]}"

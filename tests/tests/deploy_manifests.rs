@@ -256,13 +256,12 @@ impl CertManager {
             "a worker certificate serves and is presented to etcd: {attributes}"
         );
         let common_name = attribute("common-name").join(",");
-        self.issue(
-            dir,
-            &common_name,
-            &attribute("dns-names"),
-            &[],
-            &attribute("uri-sans"),
-        )
+        // A certificate with DNS names is one clients reach by a Service name (router-wse's):
+        // here they reach it at 127.0.0.1, as with issue_secret. A worker's has none (routers
+        // check its identity, not its address), and gets no address either.
+        let dns = attribute("dns-names");
+        let ips: &[&str] = if dns.is_empty() { &[] } else { &["127.0.0.1"] };
+        self.issue(dir, &common_name, &dns, ips, &attribute("uri-sans"))
     }
 }
 
@@ -595,18 +594,16 @@ async fn tls_router_workers(router: &str, ca: &Path) -> anyhow::Result<Vec<Strin
     Ok(switchyard_client::routable_worker_ids(&models))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dev_tls_overlay_runs_as_rendered_with_cert_manager_certificates() -> anyhow::Result<()> {
-    let rendered = Rendered::load("dev-tls")?;
-    let cert_manager = CertManager::new()?;
-    let pki = tempfile::tempdir()?;
-    let ca = pki.path().join("ca.crt");
-    std::fs::write(&ca, &cert_manager.ca_pem)?;
-
-    // etcd as the StatefulSet's TLS settings have it: its Certificate, client certificates
-    // required.
-    let (etcd_spec, etcd_container) = pod(&rendered, "StatefulSet", "etcd")?;
-    let etcd_env = resolve_env(&rendered, "etcd-0", &etcd_container)?;
+/// etcd as the rendered StatefulSet's TLS settings have it (its Certificate, client
+/// certificates required), with the policy written as the `policy` Job writes it, with the Job's
+/// own client certificate (ETCDCTL_CERT/KEY/CACERT).
+async fn start_tls_etcd_with_policy(
+    rendered: &Rendered,
+    cert_manager: &CertManager,
+    pki: &Path,
+) -> anyhow::Result<Etcd> {
+    let (etcd_spec, etcd_container) = pod(rendered, "StatefulSet", "etcd")?;
+    let etcd_env = resolve_env(rendered, "etcd-0", &etcd_container)?;
     let setting = |name: &str| {
         etcd_env
             .iter()
@@ -615,7 +612,7 @@ async fn dev_tls_overlay_runs_as_rendered_with_cert_manager_certificates() -> an
     };
     assert_eq!(setting("ETCD_CLIENT_CERT_AUTH").as_deref(), Some("true"));
     assert!(setting("ETCD_ADVERTISE_CLIENT_URLS").is_some_and(|u| u.starts_with("https://")));
-    let etcd_dir = pki.path().join("etcd");
+    let etcd_dir = pki.join("etcd");
     std::fs::create_dir_all(&etcd_dir)?;
     let secret = etcd_spec["volumes"]
         .as_array()
@@ -623,7 +620,7 @@ async fn dev_tls_overlay_runs_as_rendered_with_cert_manager_certificates() -> an
         .flatten()
         .find_map(|v| v["secret"]["secretName"].as_str())
         .context("etcd mounts its certificate")?;
-    ensure!(cert_manager.issue_secret(&rendered, secret, &etcd_dir)?);
+    ensure!(cert_manager.issue_secret(rendered, secret, &etcd_dir)?);
     let etcd = Etcd::start_tls(EtcdTls {
         cert_file: etcd_dir.join("tls.crt"),
         key_file: etcd_dir.join("tls.key"),
@@ -632,9 +629,9 @@ async fn dev_tls_overlay_runs_as_rendered_with_cert_manager_certificates() -> an
     .await?;
 
     // The policy Job, with its own client certificate (ETCDCTL_CERT/KEY/CACERT).
-    let job_dir = pki.path().join("policy-job");
+    let job_dir = pki.join("policy-job");
     std::fs::create_dir_all(&job_dir)?;
-    ensure!(cert_manager.issue_secret(&rendered, "switchyard-policy-job-tls", &job_dir)?);
+    ensure!(cert_manager.issue_secret(rendered, "switchyard-policy-job-tls", &job_dir)?);
     let job_tls = switchyard_cluster::tls::ClientTls::new(job_dir.join("ca.crt"))
         .with_identity(job_dir.join("tls.crt"), job_dir.join("tls.key"));
     switchyard_cluster::EtcdRegistry::connect_with(
@@ -645,8 +642,21 @@ async fn dev_tls_overlay_runs_as_rendered_with_cert_manager_certificates() -> an
         },
     )
     .await?
-    .put_policy(policy_document(&rendered)?.into_bytes(), None)
+    .put_policy(policy_document(rendered)?.into_bytes(), None)
     .await?;
+
+    Ok(etcd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_tls_overlay_runs_as_rendered_with_cert_manager_certificates() -> anyhow::Result<()> {
+    let rendered = Rendered::load("dev-tls")?;
+    let cert_manager = CertManager::new()?;
+    let pki = tempfile::tempdir()?;
+    let ca = pki.path().join("ca.crt");
+    std::fs::write(&ca, &cert_manager.ca_pem)?;
+
+    let etcd = start_tls_etcd_with_policy(&rendered, &cert_manager, pki.path()).await?;
 
     // The local containers are kept: their volumes hold the certificates, read again on every
     // new connection.
@@ -1011,12 +1021,31 @@ fn check_router_wse_objects(rendered: &Rendered) -> anyhow::Result<()> {
         (50051, 8080),
         "clients keep the router's ports"
     );
-    assert_eq!(container["readinessProbe"]["grpc"]["port"], grpc);
-    assert_eq!(
-        container["readinessProbe"]["grpc"]["service"],
-        "switchyard.v1.Inference"
-    );
-    assert_eq!(container["livenessProbe"]["grpc"]["port"], grpc);
+    if env_value(&container, "SWITCHYARD_TLS_CERT_FILE").is_some() {
+        // The kubelet's gRPC probes speak plaintext only: a TCP check of the router's listener
+        // and its HTTPS /health, as components/tls gives the router Deployment.
+        for probe in ["livenessProbe", "readinessProbe"] {
+            ensure!(
+                container[probe]["grpc"].is_null(),
+                "{probe} is a gRPC probe against a TLS listener"
+            );
+        }
+        assert_eq!(container["livenessProbe"]["tcpSocket"]["port"], grpc);
+        let ready = &container["readinessProbe"]["httpGet"];
+        assert_eq!(ready["scheme"], "HTTPS");
+        assert_eq!(ready["path"], "/health");
+        assert_eq!(
+            declared.get(ready["port"].as_str().unwrap_or("-")),
+            Some(&http)
+        );
+    } else {
+        assert_eq!(container["readinessProbe"]["grpc"]["port"], grpc);
+        assert_eq!(
+            container["readinessProbe"]["grpc"]["service"],
+            "switchyard.v1.Inference"
+        );
+        assert_eq!(container["livenessProbe"]["grpc"]["port"], grpc);
+    }
 
     // The hosted worker registers under the pod name at the pod IP (downward API) on its
     // listen port: resolve_env gives 127.0.0.1 for status.podIP only. (Values and the
@@ -1143,6 +1172,164 @@ fn router_wse_overlays_run_router_wse_in_place_of_router_and_worker_wse() -> any
         2,
         "two routers, so each reaches the other's worker over the network"
     );
+    Ok(())
+}
+
+/// What `components/router-wse-tls` adds, in an overlay with components/tls and router-wse
+/// (`rendered`), against the same overlay without TLS (`plain`).
+fn check_router_wse_tls_objects(rendered: &Rendered, plain: &Rendered) -> anyhow::Result<()> {
+    check_router_wse_objects(rendered)?;
+    let (spec, container) = pod(rendered, "Deployment", "router-wse")?;
+    let setting = |name: &str| env_value(&container, name).with_context(|| format!("no {name}"));
+
+    // One certificate, its key and the cluster CA: served on both listeners, presented on the
+    // links and to etcd; the hosted worker takes Worker calls only from the CA's certificates.
+    let (cert, key, ca) = (
+        setting("SWITCHYARD_TLS_CERT_FILE")?,
+        setting("SWITCHYARD_TLS_KEY_FILE")?,
+        setting("SWITCHYARD_TLS_CA_FILE")?,
+    );
+    assert_eq!(setting("SWITCHYARD_WORKER_TLS_CLIENT_CA_FILE")?, ca);
+    assert_eq!(setting("SWITCHYARD_ETCD_CA_FILE")?, ca);
+    assert_eq!(setting("SWITCHYARD_ETCD_CERT_FILE")?, cert);
+    assert_eq!(setting("SWITCHYARD_ETCD_KEY_FILE")?, key);
+    let (etcd_spec, etcd) = pod(rendered, "StatefulSet", "etcd")?;
+    assert_eq!(env_value(&etcd, "ETCD_CLIENT_CERT_AUTH"), Some("true"));
+    ensure!(etcd_spec.is_object());
+    let endpoints = rendered
+        .objects
+        .iter()
+        .find_map(|o| o["data"]["etcd-endpoints"].as_str())
+        .context("etcd-endpoints")?;
+    ensure!(
+        endpoints.split(',').all(|u| u.starts_with("https://")),
+        "etcd-endpoints {endpoints}"
+    );
+
+    // All three files from one csi-driver volume: a certificate per pod from the cluster CA.
+    let directory = cert.rsplit_once('/').context("cert path")?.0;
+    for file in [key, ca] {
+        assert_eq!(file.rsplit_once('/').map(|(d, _)| d), Some(directory));
+    }
+    let mount = container["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["mountPath"] == directory)
+        .with_context(|| format!("nothing mounted at {directory}"))?;
+    let volume = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == mount["name"])
+        .context("the certificate's volume")?;
+    assert_eq!(volume["csi"]["driver"], "csi.cert-manager.io");
+    let attributes = &volume["csi"]["volumeAttributes"];
+    let attribute = |name: &str| -> Vec<&str> {
+        attributes[format!("csi.cert-manager.io/{name}")]
+            .as_str()
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    };
+    assert_eq!(attribute("issuer-kind"), ["Issuer"]);
+    let issuer = rendered.find("Issuer", attribute("issuer-name").first().unwrap_or(&"-"))?;
+    ensure!(
+        issuer["spec"]["ca"].is_object(),
+        "not the cluster CA's Issuer"
+    );
+    for usage in ["server auth", "client auth"] {
+        ensure!(attribute("key-usages").contains(&usage), "no {usage}");
+    }
+    // The router's Service names, as components/tls's router Certificate (which goes with the
+    // router Deployment) names them.
+    let tls = Rendered::load("tls")?;
+    let router_certificate = tls.find("Certificate", "router")?;
+    let service_names: Vec<&str> = router_certificate["spec"]["dnsNames"]
+        .as_array()
+        .context("dnsNames")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(service_names.contains(&"router"));
+    assert_eq!(attribute("dns-names"), service_names);
+    ensure!(
+        rendered.find("Certificate", "router").is_err(),
+        "the router Deployment's Certificate is still rendered"
+    );
+    // The hosted worker's identity, as the links check it (cluster/src/identity.rs), for the
+    // pod name the csi-driver expands and the worker registers under.
+    assert_eq!(setting("SWITCHYARD_WORKER_ID")?, "$(POD_NAME)");
+    let expanded: Vec<String> = attribute("uri-sans")
+        .iter()
+        .map(|u| u.replace("${POD_NAME}", "router-wse-5d8f7-x2"))
+        .collect();
+    assert_eq!(
+        expanded,
+        [switchyard_cluster::identity::worker_uri(
+            switchyard_cluster::Pool::Wse,
+            "router-wse-5d8f7-x2"
+        )]
+    );
+
+    // The NetworkPolicies are the plain overlay's; TLS changes the router-wse pods only.
+    let policies = |r: &Rendered| -> Vec<Value> {
+        r.objects
+            .iter()
+            .filter(|o| o["kind"] == "NetworkPolicy")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(policies(rendered), policies(plain));
+    for kind in ["Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"] {
+        if let Ok(object) = plain.find(kind, "router") {
+            assert_eq!(rendered.find(kind, "router")?, object, "{kind}/router");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn router_wse_tls_overlays_serve_router_and_hosted_worker_with_one_per_pod_certificate()
+-> anyhow::Result<()> {
+    let production = Rendered::load("router-wse-tls")?;
+    check_router_wse_tls_objects(&production, &Rendered::load("router-wse")?)
+        .context("overlays/router-wse-tls")?;
+    // The other components are exactly as overlays/tls has them (the certificates' specs: the
+    // router-wse component labels what it finds, components/tls's objects included, as the
+    // base labels its own).
+    let tls = Rendered::load("tls")?;
+    for (kind, name) in [
+        ("Deployment", "control-plane"),
+        ("Deployment", "worker-gpu"),
+        ("StatefulSet", "etcd"),
+        ("Job", "policy"),
+    ] {
+        assert_eq!(
+            production.find(kind, name)?,
+            tls.find(kind, name)?,
+            "{kind}/{name}"
+        );
+    }
+    for name in ["control-plane", "etcd", "policy-job", "switchyard-ca"] {
+        assert_eq!(
+            production.find("Certificate", name)?["spec"],
+            tls.find("Certificate", name)?["spec"],
+            "Certificate/{name}"
+        );
+    }
+
+    let dev = Rendered::load("dev-router-wse-tls")?;
+    check_router_wse_tls_objects(&dev, &Rendered::load("dev-router-wse")?)
+        .context("overlays/dev-router-wse-tls")?;
+    let (_, container) = pod(&dev, "Deployment", "router-wse")?;
+    assert_eq!(
+        env_value(&container, "SWITCHYARD_ENGINE"),
+        Some("synthetic")
+    );
+    assert_eq!(dev.find("Deployment", "router-wse")?["spec"]["replicas"], 2);
     Ok(())
 }
 
@@ -1298,5 +1485,104 @@ async fn dev_router_wse_overlay_runs_as_rendered() -> anyhow::Result<()> {
         || async { routable(first).await == [ids[0].clone(), "worker-gpu-0".to_string()] },
     )
     .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_router_wse_tls_overlay_runs_as_rendered_with_cert_manager_certificates()
+-> anyhow::Result<()> {
+    let rendered = Rendered::load("dev-router-wse-tls")?;
+    let cert_manager = CertManager::new()?;
+    let pki = tempfile::tempdir()?;
+    let ca = pki.path().join("ca.crt");
+    std::fs::write(&ca, &cert_manager.ca_pem)?;
+    let etcd = start_tls_etcd_with_policy(&rendered, &cert_manager, pki.path()).await?;
+
+    // The local containers are kept: their volumes hold the certificates. Each router-wse pod
+    // gets its own from its csi-driver volume (${POD_NAME} expanded).
+    let cm = Some(&cert_manager);
+    let _control_plane = start_with(&rendered, "control-plane", &etcd.url, 1, cm).await?;
+    let _gpu = start_with(&rendered, "worker-gpu", &etcd.url, 1, cm).await?;
+    let replicas = rendered.find("Deployment", "router-wse")?["spec"]["replicas"]
+        .as_u64()
+        .context("replicas")? as usize;
+    let mut pods = Vec::new();
+    for index in 0..replicas {
+        pods.push(start_pod(&rendered, "router-wse", index, &etcd.url, 3, cm).await?);
+    }
+    let mut everyone: Vec<String> = (0..replicas).map(|i| format!("router-wse-{i}")).collect();
+    everyone.push("worker-gpu-0".into());
+
+    // Every router links every worker over TLS — its own in process, the other pod's by the
+    // identity its per-pod certificate names — and reports to the control plane by its identity.
+    for (pod, _) in &pods {
+        let grpc = pod.component_addr("router", "grpc").to_string();
+        wait_until(
+            Duration::from_secs(30),
+            "every worker routable over TLS",
+            || async {
+                tls_router_workers(&grpc, &ca)
+                    .await
+                    .map(|ids| ids == everyone)
+                    .unwrap_or(false)
+            },
+        )
+        .await?;
+        pod.wait_for_log("reporting to the control plane", Duration::from_secs(20))
+            .await?;
+        let log = std::fs::read_to_string(&pod.log)?;
+        assert!(!log.contains("worker record refused"), "{log}");
+    }
+
+    // The hosted worker's listener serves TLS and takes Worker calls only with a client
+    // certificate of the cluster CA (SWITCHYARD_WORKER_TLS_CLIENT_CA_FILE).
+    let (first, _) = &pods[0];
+    let worker = first.component_addr("worker-wse", "grpc").to_string();
+    let tls = switchyard_cluster::tls::ClientTls::new(ca.clone());
+    let channel = switchyard_cluster::tls::endpoint(&worker, Some(&tls))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .connect()
+        .await?;
+    let refused = switchyard_proto::v1::worker_client::WorkerClient::new(channel)
+        .serve(futures::stream::pending::<switchyard_proto::v1::RouterFrame>())
+        .await
+        .expect_err("Worker.Serve without a client certificate was served");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("client certificate"),
+        "{}",
+        refused.message()
+    );
+
+    // Plaintext is refused; HTTPS with the cluster CA is served, routed by the policy.
+    let plain = reqwest::Client::new()
+        .get(format!(
+            "http://{}/health",
+            first.component_addr("router", "http")
+        ))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plaintext HTTP answered: {plain:?}");
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(
+            cert_manager.ca_pem.as_bytes(),
+        )?)
+        .build()?;
+    // The readiness probe's request: HTTPS /health (the kubelet verifies no certificate).
+    let health = http
+        .get(format!(
+            "https://{}/health",
+            first.component_addr("router", "http")
+        ))
+        .send()
+        .await?;
+    assert_eq!(health.status(), 200);
+    let base = format!("https://{}/v1", first.component_addr("router", "http"));
+    let (headers, _) = chat(&http, &base, None, 4).await?;
+    assert_eq!(header(&headers, "x-switchyard-pool"), "wse");
+    assert!(everyone[..replicas].contains(&header(&headers, "x-switchyard-worker").to_string()));
+    let (headers, body) = chat(&http, &base, Some("cost-sensitive"), 2).await?;
+    assert_eq!(header(&headers, "x-switchyard-worker"), "worker-gpu-0");
+    assert_eq!(body["model"], MODEL);
     Ok(())
 }
