@@ -747,3 +747,31 @@ pub async fn start_gpu_worker(
     args.extend(strings(flags));
     Component::start(id, &args, lines).await
 }
+
+/// Asserts that the worker listening at `addr` serves TLS (trusted through `ca`) and refuses
+/// `Worker.Serve` to a client that presents no certificate: `UNAUTHENTICATED`, saying so.
+pub async fn assert_worker_calls_need_a_client_certificate(
+    addr: &str,
+    ca: &std::path::Path,
+) -> anyhow::Result<()> {
+    let tls = switchyard_cluster::tls::ClientTls::new(ca.to_path_buf());
+    let channel = switchyard_cluster::tls::endpoint(addr, Some(&tls))
+        .map_err(|e| anyhow::anyhow!("{e}"))?
+        .connect()
+        .await?;
+    let refused = switchyard_proto::v1::worker_client::WorkerClient::new(channel)
+        .serve(futures::stream::pending::<switchyard_proto::v1::RouterFrame>())
+        .await
+        .err()
+        .context("Worker.Serve without a client certificate was served")?;
+    anyhow::ensure!(
+        refused.code() == tonic::Code::Unauthenticated,
+        "refused with {refused:?}, not UNAUTHENTICATED"
+    );
+    anyhow::ensure!(
+        refused.message().contains("client certificate"),
+        "refusal does not say why: {}",
+        refused.message()
+    );
+    Ok(())
+}

@@ -13,8 +13,8 @@ use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Capacity, Pool, WorkerRecord, WorkerState};
 use switchyard_proto::v1;
 use switchyard_tests::{
-    Cluster, ClusterSpec, Component, Etcd, EtcdTls, program_output, run_program, synthetic_request,
-    up_args, wait_until,
+    Cluster, ClusterSpec, Component, Etcd, EtcdTls, assert_worker_calls_need_a_client_certificate,
+    program_output, run_program, synthetic_request, up_args, wait_until,
 };
 use switchyard_worker::synthetic::synthetic_text;
 
@@ -229,23 +229,14 @@ async fn workers_take_worker_calls_only_from_client_certificates_of_the_cluster_
 
     // A TLS client without a client certificate: health answers, Worker.Serve does not.
     let channel = tls_channel(&worker, &ca).await?;
-    let health = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await?;
     assert_eq!(
         health.into_inner().status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
-    let refused = v1::worker_client::WorkerClient::new(channel)
-        .serve(futures::stream::pending::<v1::RouterFrame>())
-        .await
-        .expect_err("Worker.Serve without a client certificate was served");
-    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
-    assert!(
-        refused.message().contains("client certificate"),
-        "{}",
-        refused.message()
-    );
+    assert_worker_calls_need_a_client_certificate(&worker, &ca).await?;
 
     // grpcurl, likewise.
     let (ok, out, err) = run_program(
@@ -768,11 +759,7 @@ async fn router_wse_hosted_worker_takes_worker_calls_only_from_client_certificat
     let worker = hosting.component_addr("worker-wse", "grpc").to_string();
 
     // Without a client certificate: Worker.Serve is refused, as on a worker of its own.
-    let refused = v1::worker_client::WorkerClient::new(tls_channel(&worker, &ca).await?)
-        .serve(futures::stream::pending::<v1::RouterFrame>())
-        .await
-        .expect_err("Worker.Serve without a client certificate was served");
-    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert_worker_calls_need_a_client_certificate(&worker, &ca).await?;
 
     // Another router, presenting its certificate, links to it (checking that the worker's
     // certificate names it) and generates on it.
