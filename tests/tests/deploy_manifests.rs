@@ -34,7 +34,8 @@ use serde_json::{Value, json};
 use switchyard_cluster::Registry as _;
 use switchyard_cluster::schema::POLICY_KEY;
 use switchyard_tests::{
-    Component, Etcd, EtcdTls, free_port, list_router_workers_with_key, wait_until,
+    Component, Etcd, EtcdTls, assert_worker_calls_need_a_client_certificate, free_port,
+    list_router_workers_with_key, wait_until,
 };
 
 const DEV_KEY: &str = "sk-switchyard-dev";
@@ -1538,21 +1539,7 @@ async fn dev_router_wse_tls_overlay_runs_as_rendered_with_cert_manager_certifica
     // certificate of the cluster CA (SWITCHYARD_WORKER_TLS_CLIENT_CA_FILE).
     let (first, _) = &pods[0];
     let worker = first.component_addr("worker-wse", "grpc").to_string();
-    let tls = switchyard_cluster::tls::ClientTls::new(ca.clone());
-    let channel = switchyard_cluster::tls::endpoint(&worker, Some(&tls))
-        .map_err(|e| anyhow::anyhow!("{e}"))?
-        .connect()
-        .await?;
-    let refused = switchyard_proto::v1::worker_client::WorkerClient::new(channel)
-        .serve(futures::stream::pending::<switchyard_proto::v1::RouterFrame>())
-        .await
-        .expect_err("Worker.Serve without a client certificate was served");
-    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
-    assert!(
-        refused.message().contains("client certificate"),
-        "{}",
-        refused.message()
-    );
+    assert_worker_calls_need_a_client_certificate(&worker, &ca).await?;
 
     // Plaintext is refused; HTTPS with the cluster CA is served, routed by the policy.
     let plain = reqwest::Client::new()
