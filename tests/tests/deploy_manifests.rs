@@ -649,56 +649,120 @@ async fn start_tls_etcd_with_policy(
     Ok(etcd)
 }
 
+/// A TLS overlay run as processes: its etcd (TLS, the policy stored), control plane and GPU
+/// worker started, certificates issued by a local cert-manager stand-in. The local containers
+/// are kept: their volumes hold the certificates, read again on every new connection.
+struct TlsOverlayRun {
+    rendered: Rendered,
+    cert_manager: CertManager,
+    /// The cluster CA's certificate, as clients trust it.
+    ca: PathBuf,
+    etcd: Etcd,
+    _pki: tempfile::TempDir,
+    _control_plane: (Component, LocalContainer),
+    _gpu: (Component, LocalContainer),
+}
+
+impl TlsOverlayRun {
+    async fn start(overlay: &str) -> anyhow::Result<Self> {
+        let rendered = Rendered::load(overlay)?;
+        let cert_manager = CertManager::new()?;
+        let pki = tempfile::tempdir()?;
+        let ca = pki.path().join("ca.crt");
+        std::fs::write(&ca, &cert_manager.ca_pem)?;
+        let etcd = start_tls_etcd_with_policy(&rendered, &cert_manager, pki.path()).await?;
+        let cm = Some(&cert_manager);
+        let control_plane = start_with(&rendered, "control-plane", &etcd.url, 1, cm).await?;
+        let gpu = start_with(&rendered, "worker-gpu", &etcd.url, 1, cm).await?;
+        Ok(Self {
+            rendered,
+            cert_manager,
+            ca,
+            etcd,
+            _pki: pki,
+            _control_plane: control_plane,
+            _gpu: gpu,
+        })
+    }
+
+    /// The Deployment's pod 0 with its certificates, announcing `lines` endpoints.
+    async fn start_pod(
+        &self,
+        deployment: &str,
+        lines: usize,
+    ) -> anyhow::Result<(Component, LocalContainer)> {
+        start_with(
+            &self.rendered,
+            deployment,
+            &self.etcd.url,
+            lines,
+            Some(&self.cert_manager),
+        )
+        .await
+    }
+
+    /// Waits until the router serving gRPC at `grpc` in `component` routes to exactly
+    /// `workers` over TLS and reports to the control plane, and checks it refused no worker
+    /// record.
+    async fn links_over_tls(
+        &self,
+        component: &Component,
+        grpc: std::net::SocketAddr,
+        workers: &[impl AsRef<str>],
+    ) -> anyhow::Result<()> {
+        let grpc = grpc.to_string();
+        let workers: Vec<&str> = workers.iter().map(AsRef::as_ref).collect();
+        wait_until(
+            Duration::from_secs(30),
+            "every worker routable over TLS",
+            || async {
+                tls_router_workers(&grpc, &self.ca)
+                    .await
+                    .is_ok_and(|ids| ids == workers)
+            },
+        )
+        .await?;
+        component
+            .wait_for_log("reporting to the control plane", Duration::from_secs(20))
+            .await?;
+        let log = std::fs::read_to_string(&component.log)?;
+        anyhow::ensure!(!log.contains("worker record refused"), "{log}");
+        Ok(())
+    }
+
+    /// Checks that the router's HTTP door at `http` refuses plaintext, and returns a client
+    /// trusting the cluster CA.
+    async fn https_only(&self, http: std::net::SocketAddr) -> anyhow::Result<reqwest::Client> {
+        let plain = reqwest::Client::new()
+            .get(format!("http://{http}/health"))
+            .send()
+            .await;
+        anyhow::ensure!(plain.is_err(), "plaintext HTTP answered: {plain:?}");
+        Ok(reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(
+                self.cert_manager.ca_pem.as_bytes(),
+            )?)
+            .build()?)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_tls_overlay_runs_as_rendered_with_cert_manager_certificates() -> anyhow::Result<()> {
-    let rendered = Rendered::load("dev-tls")?;
-    let cert_manager = CertManager::new()?;
-    let pki = tempfile::tempdir()?;
-    let ca = pki.path().join("ca.crt");
-    std::fs::write(&ca, &cert_manager.ca_pem)?;
-
-    let etcd = start_tls_etcd_with_policy(&rendered, &cert_manager, pki.path()).await?;
-
-    // The local containers are kept: their volumes hold the certificates, read again on every
-    // new connection.
-    let cm = Some(&cert_manager);
-    let _control_plane = start_with(&rendered, "control-plane", &etcd.url, 1, cm).await?;
-    let _gpu = start_with(&rendered, "worker-gpu", &etcd.url, 1, cm).await?;
-    let _wse = start_with(&rendered, "worker-wse", &etcd.url, 1, cm).await?;
-    let (router, _router_files) = start_with(&rendered, "router", &etcd.url, 2, cm).await?;
-    let grpc = router.addr("grpc").to_string();
+    let run = TlsOverlayRun::start("dev-tls").await?;
+    let _wse = run.start_pod("worker-wse", 1).await?;
+    let (router, _router_files) = run.start_pod("router", 2).await?;
 
     // The router links to both workers: their per-pod certificates name the identity each
     // registered under (no IP address: the links check the identity, not the pod IP).
-    wait_until(
-        Duration::from_secs(30),
-        "both workers routable over TLS",
-        || async {
-            tls_router_workers(&grpc, &ca)
-                .await
-                .map(|ids| ids == ["worker-gpu-0", "worker-wse-0"])
-                .unwrap_or(false)
-        },
+    run.links_over_tls(
+        &router,
+        router.addr("grpc"),
+        &["worker-gpu-0", "worker-wse-0"],
     )
     .await?;
-    // And reports to the leading control plane at its pod IP, by its identity.
-    router
-        .wait_for_log("reporting to the control plane", Duration::from_secs(20))
-        .await?;
-    let log = std::fs::read_to_string(&router.log)?;
-    assert!(!log.contains("worker record refused"), "{log}");
 
     // Plaintext is refused; HTTPS with the cluster CA is served, routed by the policy.
-    let plain = reqwest::Client::new()
-        .get(format!("http://{}/health", router.addr("http")))
-        .send()
-        .await;
-    assert!(plain.is_err(), "plaintext HTTP answered: {plain:?}");
-    let http = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(
-            cert_manager.ca_pem.as_bytes(),
-        )?)
-        .build()?;
+    let http = run.https_only(router.addr("http")).await?;
     let base = format!("https://{}/v1", router.addr("http"));
     let (headers, _) = chat(&http, &base, None, 4).await?;
     assert_eq!(header(&headers, "x-switchyard-worker"), "worker-wse-0");
@@ -1492,24 +1556,25 @@ async fn dev_router_wse_overlay_runs_as_rendered() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_router_wse_tls_overlay_runs_as_rendered_with_cert_manager_certificates()
 -> anyhow::Result<()> {
-    let rendered = Rendered::load("dev-router-wse-tls")?;
-    let cert_manager = CertManager::new()?;
-    let pki = tempfile::tempdir()?;
-    let ca = pki.path().join("ca.crt");
-    std::fs::write(&ca, &cert_manager.ca_pem)?;
-    let etcd = start_tls_etcd_with_policy(&rendered, &cert_manager, pki.path()).await?;
-
-    // The local containers are kept: their volumes hold the certificates. Each router-wse pod
-    // gets its own from its csi-driver volume (${POD_NAME} expanded).
-    let cm = Some(&cert_manager);
-    let _control_plane = start_with(&rendered, "control-plane", &etcd.url, 1, cm).await?;
-    let _gpu = start_with(&rendered, "worker-gpu", &etcd.url, 1, cm).await?;
-    let replicas = rendered.find("Deployment", "router-wse")?["spec"]["replicas"]
+    let run = TlsOverlayRun::start("dev-router-wse-tls").await?;
+    // Each router-wse pod gets its own certificate from its csi-driver volume (${POD_NAME}
+    // expanded).
+    let replicas = run.rendered.find("Deployment", "router-wse")?["spec"]["replicas"]
         .as_u64()
         .context("replicas")? as usize;
     let mut pods = Vec::new();
     for index in 0..replicas {
-        pods.push(start_pod(&rendered, "router-wse", index, &etcd.url, 3, cm).await?);
+        pods.push(
+            start_pod(
+                &run.rendered,
+                "router-wse",
+                index,
+                &run.etcd.url,
+                3,
+                Some(&run.cert_manager),
+            )
+            .await?,
+        );
     }
     let mut everyone: Vec<String> = (0..replicas).map(|i| format!("router-wse-{i}")).collect();
     everyone.push("worker-gpu-0".into());
@@ -1517,44 +1582,21 @@ async fn dev_router_wse_tls_overlay_runs_as_rendered_with_cert_manager_certifica
     // Every router links every worker over TLS — its own in process, the other pod's by the
     // identity its per-pod certificate names — and reports to the control plane by its identity.
     for (pod, _) in &pods {
-        let grpc = pod.component_addr("router", "grpc").to_string();
-        wait_until(
-            Duration::from_secs(30),
-            "every worker routable over TLS",
-            || async {
-                tls_router_workers(&grpc, &ca)
-                    .await
-                    .map(|ids| ids == everyone)
-                    .unwrap_or(false)
-            },
-        )
-        .await?;
-        pod.wait_for_log("reporting to the control plane", Duration::from_secs(20))
+        run.links_over_tls(pod, pod.component_addr("router", "grpc"), &everyone)
             .await?;
-        let log = std::fs::read_to_string(&pod.log)?;
-        assert!(!log.contains("worker record refused"), "{log}");
     }
+    let ca = &run.ca;
 
     // The hosted worker's listener serves TLS and takes Worker calls only with a client
     // certificate of the cluster CA (SWITCHYARD_WORKER_TLS_CLIENT_CA_FILE).
     let (first, _) = &pods[0];
     let worker = first.component_addr("worker-wse", "grpc").to_string();
-    assert_worker_calls_need_a_client_certificate(&worker, &ca).await?;
+    assert_worker_calls_need_a_client_certificate(&worker, ca).await?;
 
     // Plaintext is refused; HTTPS with the cluster CA is served, routed by the policy.
-    let plain = reqwest::Client::new()
-        .get(format!(
-            "http://{}/health",
-            first.component_addr("router", "http")
-        ))
-        .send()
-        .await;
-    assert!(plain.is_err(), "plaintext HTTP answered: {plain:?}");
-    let http = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(
-            cert_manager.ca_pem.as_bytes(),
-        )?)
-        .build()?;
+    let http = run
+        .https_only(first.component_addr("router", "http"))
+        .await?;
     // The readiness probe's request: HTTPS /health (the kubelet verifies no certificate).
     let health = http
         .get(format!(
