@@ -14,9 +14,33 @@ use switchyard_cluster::{Capacity, Pool, WorkerRecord, WorkerState};
 use switchyard_proto::v1;
 use switchyard_tests::{
     Cluster, ClusterSpec, Component, Etcd, EtcdTls, assert_worker_calls_need_a_client_certificate,
-    program_output, run_program, synthetic_request, up_args, wait_until,
+    program_output, run_program, start_router, synthetic_request, up_args, wait_until,
 };
 use switchyard_worker::synthetic::synthetic_text;
+
+/// Waits until the router behind `inference` lists routable workers whose ids satisfy `done`.
+async fn wait_until_routable(
+    inference: &v1::inference_client::InferenceClient<tonic::transport::Channel>,
+    what: &str,
+    done: impl Fn(&[String]) -> bool,
+) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(30), what, || {
+        let mut inference = inference.clone();
+        let done = &done;
+        async move {
+            inference
+                .list_models(v1::ListModelsRequest {})
+                .await
+                .is_ok_and(|models| {
+                    done(&switchyard_client::routable_worker_ids(
+                        &models.into_inner(),
+                    ))
+                })
+        }
+    })
+    .await?;
+    Ok(())
+}
 
 /// The CA file `switchyard up --tls` printed.
 fn printed_ca(up: &Component) -> PathBuf {
@@ -353,20 +377,10 @@ async fn components_reach_a_tls_etcd_as_a_user_and_link_over_mtls() -> anyhow::R
 
     let channel = tls_channel(&router.addr("grpc").to_string(), &ca).await?;
     let mut inference = v1::inference_client::InferenceClient::new(channel.clone());
-    wait_until(
-        Duration::from_secs(30),
+    wait_until_routable(
+        &inference,
         "the router to link to the worker over mTLS",
-        || {
-            let mut inference = inference.clone();
-            async move {
-                inference
-                    .list_models(v1::ListModelsRequest {})
-                    .await
-                    .is_ok_and(|models| {
-                        !switchyard_client::routable_worker_ids(&models.into_inner()).is_empty()
-                    })
-            }
-        },
+        |ids| !ids.is_empty(),
     )
     .await?;
     let mut stream = inference
@@ -763,35 +777,15 @@ async fn router_wse_hosted_worker_takes_worker_calls_only_from_client_certificat
 
     // Another router, presenting its certificate, links to it (checking that the worker's
     // certificate names it) and generates on it.
-    let mut args: Vec<String> = [
-        "router",
-        "--etcd",
-        &etcd.url,
-        "--listen",
-        "127.0.0.1:0",
-        "--http-listen",
-        "127.0.0.1:0",
-    ]
-    .map(String::from)
-    .to_vec();
-    args.extend(tls_flags(&pki.files("router")));
-    let other = Component::start("router-mtls", &args, 2).await?;
+    let router_tls = tls_flags(&pki.files("router"));
+    let router_tls: Vec<&str> = router_tls.iter().map(String::as_str).collect();
+    let other = start_router(&etcd.url, "router-mtls", &router_tls).await?;
     let channel = tls_channel(&other.addr("grpc").to_string(), &ca).await?;
     let mut inference = v1::inference_client::InferenceClient::new(channel);
-    wait_until(
-        Duration::from_secs(30),
+    wait_until_routable(
+        &inference,
         "the other router to link the hosted worker over mTLS",
-        || {
-            let mut inference = inference.clone();
-            async move {
-                inference
-                    .list_models(v1::ListModelsRequest {})
-                    .await
-                    .is_ok_and(|models| {
-                        switchyard_client::routable_worker_ids(&models.into_inner()) == ["wse-mtls"]
-                    })
-            }
-        },
+        |ids| ids == ["wse-mtls"],
     )
     .await?;
     let mut request = synthetic_request(
