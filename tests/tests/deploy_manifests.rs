@@ -1512,31 +1512,31 @@ async fn dev_router_wse_overlay_runs_as_rendered() -> anyhow::Result<()> {
         || async { !routable(&second).await.contains(&ids[0]) },
     )
     .await?;
-    let long = {
-        let http = http.clone();
-        let url = format!("{}/chat/completions", base(&second));
-        tokio::spawn(async move {
-            http.post(url)
-                .bearer_auth(DEV_KEY)
-                .header("x-switchyard-class", "latency-critical")
-                .json(&json!({
-                    "model": MODEL,
-                    "max_tokens": 2000,
-                    "messages": [{"role": "user", "content": "Say hi."}],
-                }))
-                .send()
-                .await
-        })
-    };
-    // 2000 tokens at the synthetic engine's 1000 tokens/s: well under way, far from done.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Streamed: its headers come with the first token, so SIGTERM lands mid-generation (2000
+    // tokens at the synthetic engine's 1000 tokens/s).
+    let response = http
+        .post(format!("{}/chat/completions", base(&second)))
+        .bearer_auth(DEV_KEY)
+        .header("x-switchyard-class", "latency-critical")
+        .json(&json!({
+            "model": MODEL,
+            "max_tokens": 2000,
+            "stream": true,
+            "messages": [{"role": "user", "content": "Say hi."}],
+        }))
+        .send()
+        .await?;
     second.sigterm()?;
-    let response = long.await??;
     let status = response.status();
     let headers = response.headers().clone();
-    let body: Value = response.json().await?;
+    let body = response.text().await?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(header(&headers, "x-switchyard-worker"), ids[1]);
+    assert!(
+        body.contains(r#""finish_reason":"length""#) && body.ends_with("data: [DONE]\n\n"),
+        "the generation in flight did not finish: {:?}",
+        body.lines().rev().take(4).collect::<Vec<_>>()
+    );
     let drain_log = second
         .wait_for_log("finishing the ones in flight", Duration::from_secs(5))
         .await?;
