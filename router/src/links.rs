@@ -8,8 +8,8 @@
 //! (the requests waiting for frames, the starts no load report has counted yet, the stream's
 //! id). Dispatchers talk to it over a bounded command channel, and the frames for the worker go
 //! on a bounded channel that is tonic's request stream itself. What placement needs to know
-//! (connected, the last load report, the starts in transit, the slots held) is published on a
-//! `watch`, read without waiting for the task. A stream that fails is dialled again after an
+//! (connected, the last load report, the starts in transit, the slots held) is kept in a
+//! [`StateCell`], read without waiting for the task. A stream that fails is dialled again after an
 //! exponential backoff with full jitter, so routers do not all knock at a restarted worker at
 //! once.
 //!
@@ -267,7 +267,7 @@ impl InTransit {
 /// What placement sees of a link. The link's task writes the stream's part; a placement
 /// holding a slot and a dispatcher handing a start to the task write `reserved`, so a decision
 /// made before the task has caught up still sees the slot taken. Every write is one
-/// `send_modify`, so a reader never sees half of one.
+/// [`StateCell::update`], so a reader never sees half of one.
 #[derive(Debug, Clone, Copy)]
 struct LinkState {
     connected: bool,
@@ -406,12 +406,28 @@ struct Shared {
     id: String,
     /// The worker's record, kept current by the membership follower.
     record: watch::Sender<Arc<WorkerRecord>>,
-    state: watch::Sender<LinkState>,
+    state: StateCell,
     /// Fired when the link leaves the link set: its task ends.
     closed: CancellationToken,
     /// Shared by every link: told when this worker's load or reachability changes, so
     /// placement patches its view (and may place a waiting request here).
     changes: Arc<ChangeFeed>,
+}
+
+/// A link's [`LinkState`] behind a lock. Not a `watch`: nothing waits for a link's state to
+/// change (placement hears of changes on the [`ChangeFeed`]), and a `watch` wakes its
+/// receivers' notifiers on every write — a request makes about five.
+#[derive(Default)]
+struct StateCell(std::sync::Mutex<LinkState>);
+
+impl StateCell {
+    fn get(&self) -> LinkState {
+        *self.0.lock().expect("link state lock")
+    }
+
+    fn update<R>(&self, write: impl FnOnce(&mut LinkState) -> R) -> R {
+        write(&mut self.0.lock().expect("link state lock"))
+    }
 }
 
 /// A slot of a worker held for a request placed there, from the placement decision until its
@@ -433,9 +449,7 @@ impl SlotHold {
 impl Drop for SlotHold {
     fn drop(&mut self) {
         let shared = &self.link.shared;
-        shared
-            .state
-            .send_modify(|s| s.held = s.held.saturating_sub(1));
+        shared.state.update(|s| s.held = s.held.saturating_sub(1));
         if !self.used {
             shared.changes.worker(&shared.id);
         }
@@ -463,7 +477,7 @@ impl Link {
         let shared = Arc::new(Shared {
             id: record.id.clone(),
             record: watch::Sender::new(Arc::new(record)),
-            state: watch::Sender::new(LinkState::default()),
+            state: StateCell::default(),
             closed: CancellationToken::new(),
             changes,
         });
@@ -496,7 +510,7 @@ impl Link {
 
     /// Holds one of the worker's slots for a request just placed here (see [`SlotHold`]).
     pub fn hold_slot(self: &Arc<Self>) -> SlotHold {
-        self.shared.state.send_modify(|s| s.held += 1);
+        self.shared.state.update(|s| s.held += 1);
         SlotHold {
             link: self.clone(),
             used: false,
@@ -513,7 +527,7 @@ impl Link {
         match self.commands.send(command).await {
             Ok(()) => Ok(rx),
             Err(_) => {
-                self.shared.state.send_modify(|s| s.queued.remove(charge));
+                self.shared.state.update(|s| s.queued.remove(charge));
                 Err(format!("worker {} link just closed", self.shared.id))
             }
         }
@@ -525,7 +539,7 @@ impl Link {
         match self.commands.try_send(command) {
             Ok(()) => Ok(rx),
             Err(error) => {
-                self.shared.state.send_modify(|s| s.queued.remove(charge));
+                self.shared.state.update(|s| s.queued.remove(charge));
                 Err(match error {
                     TrySendError::Full(_) => format!(
                         "worker {} link is overloaded ({COMMAND_CAPACITY} commands waiting)",
@@ -546,14 +560,14 @@ impl Link {
         &self,
         start: v1::WorkerStart,
     ) -> Result<(Command, Charge, LinkEvents), String> {
-        if !self.shared.state.borrow().connected {
+        if !self.shared.state.get().connected {
             return Err(format!("worker {} is not connected", self.shared.id));
         }
         let charge = Charge::of(&start);
         // Unbounded per request: a slow client must not stall the link's task (and with it
         // every other request on this worker); credit bounds each request's backlog.
         let (events, rx) = mpsc::unbounded_channel();
-        self.shared.state.send_modify(|s| s.queued.add(charge));
+        self.shared.state.update(|s| s.queued.add(charge));
         let command = Command::Start {
             start: Box::new(start),
             events,
@@ -605,7 +619,7 @@ impl Link {
     /// Whether the worker is draining (its record or its load report says so) while its
     /// stream is still up: its generations may be handed to other workers.
     pub fn draining(&self) -> bool {
-        let link = self.shared.state.borrow();
+        let link = self.shared.state.get();
         link.connected
             && (link.load.is_some_and(|l| l.draining)
                 || self.shared.record.borrow().state == switchyard_cluster::WorkerState::Draining)
@@ -613,7 +627,7 @@ impl Link {
 
     /// The worker as the placement policy sees it.
     pub fn state(&self) -> WorkerState {
-        let link = *self.shared.state.borrow();
+        let link = self.shared.state.get();
         worker_state(&self.shared.record.borrow(), &link)
     }
 }
@@ -732,7 +746,7 @@ impl LinkTask {
             if refused {
                 delay = IDENTITY_BACKOFF;
             }
-            self.shared.state.send_modify(|s| s.failures = failures);
+            self.shared.state.update(|s| s.failures = failures);
             debug!(worker = %self.shared.id, ?delay, failures, "dialling the worker again after a pause");
             let closed = self.shared.closed.clone();
             tokio::select! {
@@ -772,7 +786,7 @@ impl LinkTask {
         };
         self.stream = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
         let up_since = Instant::now();
-        self.shared.state.send_modify(|s| s.connected = true);
+        self.shared.state.update(|s| s.connected = true);
         self.shared.changes.worker(&self.shared.id);
         info!(worker = %self.shared.id, %address, "worker link up");
         let mut fetch = Some(self.fetch_tokenizers(channel));
@@ -823,7 +837,7 @@ impl LinkTask {
                 charge,
             } => {
                 let Some(outbound) = outbound else {
-                    self.shared.state.send_modify(|s| s.queued.remove(charge));
+                    self.shared.state.update(|s| s.queued.remove(charge));
                     let _ = events.send(Box::new(LinkEvent::Lost(format!(
                         "worker {} is not connected",
                         self.shared.id
@@ -834,7 +848,7 @@ impl LinkTask {
                 let in_transit = self.in_transit.total();
                 // From handed over to sent in one step: placement never sees it twice or not
                 // at all.
-                self.shared.state.send_modify(|s| {
+                self.shared.state.update(|s| {
                     s.queued.remove(charge);
                     s.in_transit = in_transit;
                 });
@@ -875,7 +889,7 @@ impl LinkTask {
                 self.in_transit.reported(load.starts_seen);
                 let in_transit = self.in_transit.total();
                 let load = *load;
-                self.shared.state.send_modify(|s| {
+                self.shared.state.update(|s| {
                     s.load = Some(load);
                     s.in_transit = in_transit;
                     s.finished_since_report = 0;
@@ -907,7 +921,7 @@ impl LinkTask {
                 let held_ms = routed.sent.elapsed().as_secs_f64() * 1e3;
                 // Only a finish is sure to have held a slot: a start the worker refused ends
                 // `Failed`, and a report may have seen it without counting it as running.
-                self.shared.state.send_modify(|s| {
+                self.shared.state.update(|s| {
                     s.slot_turnover_ms = turnover_ewma(s.slot_turnover_ms, held_ms);
                     if finished {
                         s.finished_since_report = s.finished_since_report.saturating_add(1);
@@ -934,7 +948,7 @@ impl LinkTask {
                 if events.snapshot {
                     self.shared
                         .state
-                        .send_if_modified(|s| !std::mem::replace(&mut s.publishes_kv, true));
+                        .update(|s| !std::mem::replace(&mut s.publishes_kv, true));
                     info!(worker = %id, blocks = events.stored.len(), block_tokens = events.block_tokens, "KV snapshot received: placing by this worker's cached prefixes");
                 }
             }
@@ -966,7 +980,7 @@ impl LinkTask {
         }
         let mut was_connected = false;
         let mut listed = true;
-        self.shared.state.send_if_modified(|s| {
+        self.shared.state.update(|s| {
             was_connected = s.connected;
             listed = s.listed;
             s.connected = false;
@@ -1040,7 +1054,7 @@ impl LinkTask {
 async fn refuse_while_down(commands: &mut mpsc::Receiver<Command>, shared: &Shared) {
     while let Some(command) = commands.recv().await {
         if let Command::Start { events, charge, .. } = command {
-            shared.state.send_modify(|s| s.queued.remove(charge));
+            shared.state.update(|s| s.queued.remove(charge));
             let _ = events.send(Box::new(LinkEvent::Lost(format!(
                 "worker {} is not connected",
                 shared.id
@@ -1283,7 +1297,7 @@ impl Links {
             // with the link's task marking it down, so exactly one of them drops it.
             let mut connected = false;
             let mut was_listed = false;
-            link.shared.state.send_if_modified(|s| {
+            link.shared.state.update(|s| {
                 connected = s.connected;
                 was_listed = std::mem::replace(&mut s.listed, false);
                 was_listed
@@ -1312,7 +1326,7 @@ impl Links {
                     if link
                         .shared
                         .state
-                        .send_if_modified(|s| !std::mem::replace(&mut s.listed, true))
+                        .update(|s| !std::mem::replace(&mut s.listed, true))
                     {
                         info!(worker = %record.id, "worker's record is back in the membership");
                     }
@@ -1342,7 +1356,7 @@ impl Links {
         let current = links
             .get(id)
             .is_some_and(|l| Arc::ptr_eq(&l.shared, shared));
-        if current && shared.state.borrow().listed {
+        if current && shared.state.get().listed {
             return false;
         }
         if current {
@@ -1433,6 +1447,8 @@ mod tests {
 
     /// Longest any step may take before a test fails (a debug build on a busy machine).
     const PATIENCE: Duration = Duration::from_secs(30);
+    /// How often tests look at a link's state.
+    const POLL: Duration = Duration::from_millis(5);
 
     #[test]
     fn in_transit_counts_the_starts_no_report_has_seen() {
@@ -1550,7 +1566,7 @@ mod tests {
         mpsc::Receiver<v1::RouterFrame>,
     ) {
         let (link, task) = link();
-        link.shared.state.send_modify(|s| s.connected = true);
+        link.shared.state.update(|s| s.connected = true);
         let (frames, sent) = mpsc::channel(OUTBOUND_CAPACITY);
         let outbound = Outbound {
             frames,
@@ -1759,7 +1775,7 @@ mod tests {
     #[test]
     fn a_held_slot_counts_until_its_start_is_handed_over_and_an_unused_one_wakes_placement() {
         let (link, mut task, changes) = link_to(record());
-        link.shared.state.send_modify(|s| s.connected = true);
+        link.shared.state.update(|s| s.connected = true);
         let (frames, _sent) = mpsc::channel(OUTBOUND_CAPACITY);
         let mut outbound = Outbound {
             frames,
@@ -1789,7 +1805,7 @@ mod tests {
         // Down: refused at the door.
         assert!(link.try_start(v1::WorkerStart::default()).is_err());
         // Handed over while up, but the stream broke before the task sent it.
-        link.shared.state.send_modify(|s| s.connected = true);
+        link.shared.state.update(|s| s.connected = true);
         let mut events = link
             .try_start(v1::WorkerStart {
                 request_id: "g1".into(),
@@ -1970,12 +1986,16 @@ mod tests {
         link
     }
 
+    /// Polls the link's state (nothing announces its changes) until `ready` holds.
     async fn until(link: &Link, what: &str, mut ready: impl FnMut(&LinkState) -> bool) {
-        let mut state = link.shared.state.subscribe();
-        tokio::time::timeout(PATIENCE, state.wait_for(|s| ready(s)))
-            .await
-            .unwrap_or_else(|_| panic!("waited {PATIENCE:?} for the link to be {what}"))
-            .expect("the link lives");
+        let deadline = Instant::now() + PATIENCE;
+        while !ready(&link.shared.state.get()) {
+            assert!(
+                Instant::now() < deadline,
+                "waited {PATIENCE:?} for the link to be {what}"
+            );
+            tokio::time::sleep(POLL).await;
+        }
     }
 
     /// The text a generation streamed until it finished, or why it was lost.
@@ -2070,12 +2090,11 @@ mod tests {
             .unwrap();
         // At the top of the jitter range, the pauses are the ceilings: 100, 200, 400, 800 ms.
         let link = spawn_link(address, || 1.0);
-        let mut state = link.shared.state.subscribe();
         let mut failed_at = Vec::new();
         tokio::time::timeout(PATIENCE, async {
             while failed_at.len() < 5 {
-                state.changed().await.expect("the link lives");
-                let failures = state.borrow_and_update().failures;
+                tokio::time::sleep(POLL).await;
+                let failures = link.shared.state.get().failures;
                 if failures as usize > failed_at.len() {
                     failed_at.push(Instant::now());
                 }
