@@ -71,12 +71,9 @@ impl v1::inference_server::Inference for InferenceService {
         }
         let prepared = self.dispatcher.prepare(request, trace).await?;
         let (tx, rx) = frame_channel(GENERATE_BUFFER);
-        let dispatcher = self.dispatcher.clone();
-        tokio::spawn(async move {
-            // Generate has no control frames: the sender lives as long as the request.
-            let (_controls_tx, controls) = mpsc::unbounded_channel();
-            dispatcher.run(prepared, controls, tx).await;
-        });
+        // Generate has no control frames.
+        let (_, controls) = mpsc::unbounded_channel();
+        self.dispatcher.spawn_run(prepared, controls, tx);
         Ok(Response::new(Box::pin(rx.into_stream())))
     }
 

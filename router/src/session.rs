@@ -124,10 +124,7 @@ async fn handle_frame(
                     prepared.on_end(move || {
                         let _ = done.send(request_id);
                     });
-                    let (dispatcher, out) = (dispatcher.clone(), out.clone());
-                    tokio::spawn(async move {
-                        dispatcher.run(prepared, control_rx, out).await;
-                    });
+                    dispatcher.spawn_run(prepared, control_rx, out.clone());
                 }
                 Err(error) => {
                     let _ = out.send(Ok(error.failed_frame(&request_id))).await;

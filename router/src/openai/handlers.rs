@@ -183,13 +183,9 @@ async fn generate(
         .await
         .map_err(|error| ApiError::from(&error))?;
     let (tx, mut rx) = frame_channel(CLIENT_BUFFER);
-    let runner = dispatcher.clone();
-    tokio::spawn(async move {
-        // HTTP has no control frames: the sender lives as long as the request. Cancellation
-        // comes from `rx` being dropped (client gone).
-        let (_controls_tx, controls) = mpsc::unbounded_channel();
-        runner.run(prepared, controls, tx).await;
-    });
+    // HTTP has no control frames: cancellation comes from `rx` being dropped (client gone).
+    let (_, controls) = mpsc::unbounded_channel();
+    dispatcher.spawn_run(prepared, controls, tx);
 
     let accepted = match next_frame(&mut rx).await? {
         Frame::Accepted(accepted) => accepted,
