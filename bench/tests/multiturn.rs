@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use switchyard_bench::multiturn::{self, MultiturnArgs};
 use switchyard_cluster::{MemoryRegistry, Pool, Registry};
-use switchyard_proto::v1::{ListModelsRequest, inference_client::InferenceClient};
 use switchyard_router::RouterConfig;
 use switchyard_worker::{CoalesceConfig, SyntheticConfig, SyntheticEngine, WorkerConfig};
 use tokio::sync::oneshot;
@@ -71,23 +70,20 @@ async fn cluster(shutdown: &CancellationToken) -> anyhow::Result<std::net::Socke
     let endpoints = rx.await.context("router stopped before serving")?;
     let http = endpoints.http.context("router has no http endpoint")?;
     // Ready when the router routes to both workers (so the run can spread over them).
-    let mut router = InferenceClient::connect(format!("http://{}", endpoints.grpc)).await?;
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let models = router.list_models(ListModelsRequest {}).await?.into_inner();
-            let workers: std::collections::HashSet<_> = models
-                .models
-                .iter()
-                .flat_map(|m| m.workers.iter().map(|w| w.id.clone()))
-                .collect();
-            if workers.len() == 2 {
-                return anyhow::Ok(());
+    let router = format!("http://{}", endpoints.grpc);
+    switchyard_tests::wait_until(
+        Duration::from_secs(10),
+        "the router to link both workers",
+        || {
+            let router = router.clone();
+            async move {
+                switchyard_tests::list_router_workers(&router)
+                    .await
+                    .is_ok_and(|workers| workers.len() == 2)
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-    .context("router never linked both workers")??;
+        },
+    )
+    .await?;
     Ok(http)
 }
 

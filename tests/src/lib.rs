@@ -71,7 +71,7 @@ pub(crate) fn log_file(name: &str) -> (PathBuf, std::fs::File) {
     (path, file)
 }
 
-/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+/// Polls `condition` every 20 ms until it holds or `timeout` passes; how long it took.
 pub async fn wait_until<F, Fut>(
     timeout: Duration,
     what: &str,
@@ -82,11 +82,26 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     let started = Instant::now();
+    poll_until(timeout, what, || {
+        let holds = condition();
+        async move { holds.await.then_some(()) }
+    })
+    .await?;
+    Ok(started.elapsed())
+}
+
+/// Polls `probe` every 20 ms until it yields a value or `timeout` passes.
+pub async fn poll_until<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
     let mut ticks = tokio::time::interval(Duration::from_millis(20));
     loop {
         ticks.tick().await;
-        if condition().await {
-            return Ok(started.elapsed());
+        if let Some(value) = probe().await {
+            return Ok(value);
         }
         if started.elapsed() > timeout {
             bail!("timed out after {timeout:?} waiting for {what}");

@@ -11,7 +11,7 @@ use switchyard_proto::v1::{
     self, FinishReason, RequestClass, admin_client::AdminClient, cluster_event::Kind,
 };
 use switchyard_tests::browser::Browser;
-use switchyard_tests::{Cluster, ClusterSpec, start_control_plane, wait_until};
+use switchyard_tests::{Cluster, ClusterSpec, poll_until, start_control_plane, wait_until};
 use switchyard_worker::synthetic::synthetic_text;
 use tonic::transport::Channel;
 
@@ -739,33 +739,19 @@ async fn api(http: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, Val
     Ok((status, response.json().await?))
 }
 
-/// Polls `probe` (like `wait_until`) until it yields a value.
-async fn poll<T, F, Fut>(what: &str, mut probe: F) -> anyhow::Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = probe().await {
-            return Ok(value);
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("timed out after {PATIENCE:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// The feed entry of `request_id` once its outcome arrived.
 async fn finished_decision(http: std::net::SocketAddr, request_id: &str) -> anyhow::Result<Value> {
-    poll(&format!("the feed to show {request_id} ended"), || async {
-        let (status, page) = api(http, &format!("/api/decisions?request_id={request_id}"))
-            .await
-            .ok()?;
-        let entry = page["decisions"].as_array()?.last()?.clone();
-        (status == 200 && !entry["outcome"].is_null()).then_some(entry)
-    })
+    poll_until(
+        PATIENCE,
+        &format!("the feed to show {request_id} ended"),
+        || async {
+            let (status, page) = api(http, &format!("/api/decisions?request_id={request_id}"))
+                .await
+                .ok()?;
+            let entry = page["decisions"].as_array()?.last()?.clone();
+            (status == 200 && !entry["outcome"].is_null()).then_some(entry)
+        },
+    )
     .await
 }
 
@@ -856,7 +842,7 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
     assert_eq!(cs["outcome"]["status"], "completed");
 
     // The history counts both requests (every request, not a sample) and their tokens.
-    let history = poll("the history to count both requests", || async {
+    let history = poll_until(PATIENCE, "the history to count both requests", || async {
         let (_, h) = api(http, "/api/history").await.ok()?;
         let lane = |name: &'static str| {
             history_sum(&h, move |p| {
@@ -902,7 +888,7 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
         assert!(done.finished.is_some(), "{:?}", done.failed);
     }
     let seconds = started.elapsed().as_secs() + 2;
-    let history = poll("the history to count every request", || async {
+    let history = poll_until(PATIENCE, "the history to count every request", || async {
         let (_, h) = api(http, "/api/history").await.ok()?;
         let ended = history_sum(&h, |p| {
             p["lanes"]["cost-sensitive"]["requests"]

@@ -9,7 +9,7 @@ use switchyard_proto::v1::{
     self, GenerateRequest, Lane, SamplingParams, admin_client::AdminClient,
     inference_client::InferenceClient, server_frame::Frame,
 };
-use switchyard_tests::{Cluster, ClusterSpec};
+use switchyard_tests::{Cluster, ClusterSpec, wait_until};
 
 /// How long any condition may take to become true.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -42,25 +42,6 @@ async fn accepted(
     bail!("stream ended without Accepted")
 }
 
-/// Polls `check` until it holds (the router applies etcd changes asynchronously).
-async fn eventually<F, Fut>(what: &str, mut check: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<bool>>,
-{
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        match check().await {
-            Ok(true) => return Ok(()),
-            Ok(false) | Err(_) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Ok(false) => bail!("timed out waiting for {what}"),
-            Err(e) => return Err(e.context(format!("waiting for {what}"))),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_set_through_etcd_is_applied_by_a_live_router() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterSpec {
@@ -74,9 +55,9 @@ async fn a_policy_set_through_etcd_is_applied_by_a_live_router() -> anyhow::Resu
     let mut admin = AdminClient::connect(format!("http://{control}")).await?;
 
     // Before: the built-in default sends AUTO requests to the default lane.
-    eventually("the worker to be placeable", || {
+    wait_until(PATIENCE, "the worker to be placeable", || {
         let mut client = client.clone();
-        async move { Ok(accepted(&mut client, Some("acme")).await.is_ok()) }
+        async move { accepted(&mut client, Some("acme")).await.is_ok() }
     })
     .await?;
     let before = accepted(&mut client, Some("acme")).await?;
@@ -96,11 +77,12 @@ async fn a_policy_set_through_etcd_is_applied_by_a_live_router() -> anyhow::Resu
             document: r#"{"tenants": {"acme": "latency-critical"}}"#.into(),
         })
         .await?;
-    eventually("the router to apply the tenant policy", || {
+    wait_until(PATIENCE, "the router to apply the tenant policy", || {
         let mut client = client.clone();
         async move {
-            let a = accepted(&mut client, Some("acme")).await?;
-            Ok(a.lane == Lane::LatencyCritical as i32 && a.reason.starts_with("tenant=acme"))
+            accepted(&mut client, Some("acme")).await.is_ok_and(|a| {
+                a.lane == Lane::LatencyCritical as i32 && a.reason.starts_with("tenant=acme")
+            })
         }
     })
     .await?;
