@@ -37,7 +37,7 @@ use switchyard_proto::v1::{
     server_frame, worker_client::WorkerClient, worker_frame,
 };
 use switchyard_router::RouterConfig;
-use switchyard_worker::{CoalesceConfig, SyntheticConfig, SyntheticEngine, WorkerConfig};
+use switchyard_worker::{SyntheticConfig, SyntheticEngine, WorkerConfig};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -308,19 +308,7 @@ pub(crate) async fn start_cluster(
         None
     };
     let engine = SyntheticEngine::checked(engine).map_err(anyhow::Error::msg)?;
-    let worker_config = WorkerConfig {
-        id: "bench-worker".into(),
-        pool: Pool::Gpu,
-        listen: "127.0.0.1:0".parse()?,
-        advertise: None,
-        lease_ttl: Duration::from_secs(10),
-        coalesce: CoalesceConfig::default(),
-        cost_per_mtok: 0.1,
-        drain_timeout: Duration::from_secs(1),
-        metrics: Default::default(),
-        tls: Default::default(),
-        connections: Default::default(),
-    };
+    let worker_config = WorkerConfig::loopback("bench-worker", Pool::Gpu);
     let (worker_tx, worker_rx) = oneshot::channel();
     tokio::spawn(switchyard_worker::run_worker(
         worker_config,

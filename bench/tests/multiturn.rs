@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use switchyard_bench::multiturn::{self, MultiturnArgs};
 use switchyard_cluster::{MemoryRegistry, Pool, Registry};
 use switchyard_router::RouterConfig;
-use switchyard_worker::{CoalesceConfig, SyntheticConfig, SyntheticEngine, WorkerConfig};
+use switchyard_worker::{SyntheticConfig, SyntheticEngine, WorkerConfig};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
@@ -28,19 +28,7 @@ async fn cluster(shutdown: &CancellationToken) -> anyhow::Result<std::net::Socke
             prefill_tokens_per_s: 1e6,
         })
         .map_err(anyhow::Error::msg)?;
-        let config = WorkerConfig {
-            id: format!("multiturn-worker-{i}"),
-            pool: Pool::Gpu,
-            listen: "127.0.0.1:0".parse()?,
-            advertise: None,
-            lease_ttl: Duration::from_secs(10),
-            coalesce: CoalesceConfig::default(),
-            cost_per_mtok: 0.1,
-            drain_timeout: Duration::from_secs(1),
-            metrics: Default::default(),
-            tls: Default::default(),
-            connections: Default::default(),
-        };
+        let config = WorkerConfig::loopback(format!("multiturn-worker-{i}"), Pool::Gpu);
         let (tx, rx) = oneshot::channel();
         tokio::spawn(switchyard_worker::run_worker(
             config,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use switchyard_cluster::{EtcdRegistry, MemoryRegistry, Pool, Registry};
-use switchyard_worker::{CoalesceConfig, WorkerConfig};
+use switchyard_worker::WorkerConfig;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
@@ -124,19 +124,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             Some(pki) => pki.worker(pool, &id)?,
             None => Default::default(),
         };
+        // In-process workers' metrics are not served: the router's are, on its HTTP port.
         let config = WorkerConfig {
-            id,
-            pool,
-            listen: "127.0.0.1:0".parse()?,
-            advertise: None,
             lease_ttl: Duration::from_secs(5),
-            coalesce: CoalesceConfig::default(),
             cost_per_mtok: if pool == Pool::Gpu { 0.10 } else { 0.60 },
             drain_timeout: Duration::from_secs(30),
-            // In-process workers' metrics are not served: the router's are, on its HTTP port.
-            metrics: Default::default(),
             tls,
-            connections: Default::default(),
+            ..WorkerConfig::loopback(id, pool)
         };
         let (tx, rx) = oneshot::channel();
         ready.push((component, rx));

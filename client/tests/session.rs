@@ -14,7 +14,7 @@ use switchyard_proto::v1::{
 };
 use switchyard_router::RouterConfig;
 use switchyard_worker::synthetic::{synthetic_text, synthetic_token};
-use switchyard_worker::{CoalesceConfig, SyntheticConfig, SyntheticEngine, WorkerConfig};
+use switchyard_worker::{SyntheticConfig, SyntheticEngine, WorkerConfig};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
@@ -38,19 +38,7 @@ impl Drop for Worker {
 async fn start_worker() -> anyhow::Result<Worker> {
     let registry = Arc::new(MemoryRegistry::new());
     let shutdown = CancellationToken::new();
-    let config = WorkerConfig {
-        id: "client-test-worker".into(),
-        pool: Pool::Gpu,
-        listen: "127.0.0.1:0".parse()?,
-        advertise: None,
-        lease_ttl: Duration::from_secs(10),
-        coalesce: CoalesceConfig::default(),
-        cost_per_mtok: 0.1,
-        drain_timeout: Duration::from_secs(1),
-        metrics: Default::default(),
-        tls: Default::default(),
-        connections: Default::default(),
-    };
+    let config = WorkerConfig::loopback("client-test-worker", Pool::Gpu);
     // 100 tokens/s: a request of a few thousand tokens is still running when the test acts.
     let engine =
         SyntheticEngine::checked(SyntheticConfig::default()).map_err(anyhow::Error::msg)?;

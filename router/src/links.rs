@@ -2112,19 +2112,7 @@ mod tests {
     /// A real worker (the synthetic engine, 200 tokens/s) serving in this process.
     async fn real_worker() -> (SocketAddr, CancellationToken) {
         let shutdown = CancellationToken::new();
-        let config = switchyard_worker::WorkerConfig {
-            id: "gpu-1".into(),
-            pool: Pool::Gpu,
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise: None,
-            lease_ttl: Duration::from_secs(10),
-            coalesce: Default::default(),
-            cost_per_mtok: 0.1,
-            drain_timeout: Duration::from_secs(1),
-            metrics: Default::default(),
-            tls: Default::default(),
-            connections: Default::default(),
-        };
+        let config = switchyard_worker::WorkerConfig::loopback("gpu-1", Pool::Gpu);
         let engine =
             switchyard_worker::SyntheticEngine::checked(switchyard_worker::SyntheticConfig {
                 ttft: Duration::from_millis(10),

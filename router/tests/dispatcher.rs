@@ -21,7 +21,7 @@ use switchyard_router::RouterConfig;
 use switchyard_worker::fault::{
     Fault, FaultEngine, FaultEvent, Plan, Script, fault_ids, fault_text,
 };
-use switchyard_worker::{CoalesceConfig, WorkerConfig};
+use switchyard_worker::WorkerConfig;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -64,19 +64,7 @@ async fn start_worker(
     );
     let kill = CancellationToken::new();
     let drain = CancellationToken::new();
-    let config = WorkerConfig {
-        id: id.into(),
-        pool,
-        listen: "127.0.0.1:0".parse().expect("address"),
-        advertise: None,
-        lease_ttl: Duration::from_secs(10),
-        coalesce: CoalesceConfig::default(),
-        cost_per_mtok: 0.1,
-        drain_timeout: Duration::from_secs(1),
-        metrics: Default::default(),
-        tls: Default::default(),
-        connections: Default::default(),
-    };
+    let config = WorkerConfig::loopback(id, pool);
     let (ready, serving) = oneshot::channel();
     let (registry, served, stop, died, draining) = (
         registry.clone(),

@@ -10,7 +10,7 @@ use switchyard_cluster::{MemoryRegistry, Pool, Registry};
 use switchyard_proto::v1::{self, worker_frame};
 use switchyard_router::links::{LinkEvent, Links};
 use switchyard_worker::synthetic::SimulatedCacheConfig;
-use switchyard_worker::{CoalesceConfig, SyntheticConfig, SyntheticEngine, WorkerConfig};
+use switchyard_worker::{SyntheticConfig, SyntheticEngine, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
 const BLOCK: u32 = 16;
@@ -30,17 +30,8 @@ async fn start_worker(registry: Arc<dyn Registry>, id: &str) -> CancellationToke
     })
     .expect("a valid cache");
     let config = WorkerConfig {
-        id: id.into(),
-        pool: Pool::Gpu,
-        listen: "127.0.0.1:0".parse().unwrap(),
-        advertise: None,
         lease_ttl: Duration::from_secs(5),
-        coalesce: CoalesceConfig::default(),
-        cost_per_mtok: 0.1,
-        drain_timeout: Duration::from_secs(1),
-        metrics: Default::default(),
-        tls: Default::default(),
-        connections: Default::default(),
+        ..WorkerConfig::loopback(id, Pool::Gpu)
     };
     let shutdown = CancellationToken::new();
     let (ready, registered) = tokio::sync::oneshot::channel();
