@@ -9,9 +9,9 @@
 //! id). Dispatchers talk to it over a bounded command channel, and the frames for the worker go
 //! on a bounded channel that is tonic's request stream itself. What placement needs to know
 //! (connected, the last load report, the starts in transit, the slots held) is kept in a
-//! [`StateCell`], read without waiting for the task. A stream that fails is dialled again after an
-//! exponential backoff with full jitter, so routers do not all knock at a restarted worker at
-//! once.
+//! [`StateCell`], read without waiting for the task. A stream that fails is dialled again after
+//! an exponential backoff with full jitter, so routers do not all knock at a restarted worker
+//! at once.
 //!
 //! Membership is statically stable: the link, not etcd, says whether a worker is healthy. A
 //! worker whose record leaves the view (its lease lapsed while etcd was frozen or partitioned,
