@@ -18,10 +18,10 @@ use switchyard_proto::v1::{
     inference_client::InferenceClient, server_frame::Frame,
 };
 use switchyard_router::RouterConfig;
+use switchyard_worker::WorkerConfig;
 use switchyard_worker::fault::{
     Fault, FaultEngine, FaultEvent, Plan, Script, fault_ids, fault_text,
 };
-use switchyard_worker::WorkerConfig;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
