@@ -10,7 +10,8 @@ use futures::StreamExt as _;
 use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use switchyard_proto::hosted::{Frames, StreamIncoming, StreamRequest};
 use switchyard_proto::v1::{self, router_frame, worker_frame::Frame};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
@@ -20,7 +21,7 @@ use crate::coalesce::{CoalesceConfig, failed, forward_generation};
 use crate::credit::Credit;
 use crate::engine::{Engine, EngineError, EngineRequest, Message, Prompt, Sampling};
 use crate::kv_feed::KvFeed;
-use crate::load::LoadTracker;
+use crate::load::{LOAD_REPORT_INTERVAL, LoadTracker, ReportPacer};
 use crate::metrics::WorkerMetrics;
 
 /// Frames buffered per router stream before the worker waits for the router to read.
@@ -131,6 +132,7 @@ impl WorkerService {
         let mut running: HashMap<String, Running> = HashMap::new();
         let mut load = self.load.subscribe();
         load.mark_changed();
+        let mut pacer = ReportPacer::new(LOAD_REPORT_INTERVAL);
         let mut starts_seen = 0u64;
         let mut kv = self.engine.prefix_cache().map(KvFeed::new);
         // The snapshot goes before anything else, so the router knows the cache before it
@@ -172,13 +174,18 @@ impl WorkerService {
                         break;
                     }
                 }
-                Ok(()) = load.changed() => {
-                    let snapshot = v1::Load {
-                        starts_seen: Some(starts_seen),
-                        ..*load.borrow_and_update()
-                    };
-                    let frame = v1::WorkerFrame { frame: Some(Frame::Load(snapshot)) };
-                    if tx.send(frame).await.is_err() {
+                Ok(()) = load.changed(), if !pacer.holding() => {
+                    if !pacer.may_report(Instant::now()) {
+                        // Seen: the report that ends the pause takes the latest load.
+                        load.borrow_and_update();
+                        continue;
+                    }
+                    if !report_load(&mut load, starts_seen, &mut pacer, &tx).await {
+                        break;
+                    }
+                }
+                () = pacer.due() => {
+                    if !report_load(&mut load, starts_seen, &mut pacer, &tx).await {
                         break;
                     }
                 }
@@ -308,6 +315,24 @@ impl WorkerService {
         );
         Ok(())
     }
+}
+
+/// Sends the current load on a router stream; `false` when the router stopped reading.
+async fn report_load(
+    load: &mut watch::Receiver<v1::Load>,
+    starts_seen: u64,
+    pacer: &mut ReportPacer,
+    tx: &mpsc::Sender<v1::WorkerFrame>,
+) -> bool {
+    let snapshot = v1::Load {
+        starts_seen: Some(starts_seen),
+        ..*load.borrow_and_update()
+    };
+    pacer.reported(Instant::now());
+    let frame = v1::WorkerFrame {
+        frame: Some(Frame::Load(snapshot)),
+    };
+    tx.send(frame).await.is_ok()
 }
 
 /// The next `KvEvents` frame of a stream's feed; never, for engines without a prefix cache.
