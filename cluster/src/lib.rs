@@ -6,6 +6,7 @@
 mod allocator;
 pub mod backoff;
 pub mod credential;
+pub mod driven;
 pub mod etcd;
 pub mod identity;
 pub mod in_process;

@@ -70,10 +70,9 @@ impl v1::inference_server::Inference for InferenceService {
             request.request_id = uuid::Uuid::new_v4().to_string();
         }
         let prepared = self.dispatcher.prepare(request, trace).await?;
-        let (tx, rx) = frame_channel(GENERATE_BUFFER);
         // Generate has no control frames.
         let (_, controls) = mpsc::unbounded_channel();
-        self.dispatcher.spawn_run(prepared, controls, tx);
+        let rx = self.dispatcher.drive(prepared, controls, GENERATE_BUFFER);
         Ok(Response::new(Box::pin(rx.into_stream())))
     }
 

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use futures::StreamExt as _;
+use switchyard_cluster::driven::DrivenReceiver;
 use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use switchyard_proto::hosted::{Frames, StreamIncoming, StreamRequest};
 use switchyard_proto::v1::{self, router_frame, worker_frame::Frame};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument as _, debug, info, warn};
@@ -114,11 +114,14 @@ impl WorkerService {
         }
     }
 
-    /// Serves one router stream: the worker's frames, from a task of the stream's own.
+    /// Serves one router stream: the worker's frames. The stream's own work (reading the
+    /// router's frames, starting generations, load reports) runs in the task that writes the
+    /// frames out — for a hosting router, its link's task — so a start is taken up without
+    /// waking another task; the generations send their frames from tasks of their own.
     fn open_stream(&self, inbound: Frames<v1::RouterFrame>) -> FrameStream {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-        tokio::spawn(self.clone().run_stream(inbound, tx));
-        Box::pin(ReceiverStream::new(rx).map(Ok))
+        let run = self.clone().run_stream(inbound, tx);
+        Box::pin(DrivenReceiver::new(rx, run).map(Ok))
     }
 
     async fn run_stream(

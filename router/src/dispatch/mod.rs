@@ -18,6 +18,7 @@ mod validate;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
+use switchyard_cluster::driven::DrivenReceiver;
 use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use switchyard_proto::RequestLimits;
 use switchyard_proto::v1;
@@ -52,15 +53,16 @@ pub enum Control {
 #[derive(Clone)]
 pub struct FrameSink(mpsc::Sender<Result<Box<v1::ServerFrame>, Status>>);
 
-/// The receiving end of a [`FrameSink`].
-pub struct FrameReceiver(mpsc::Receiver<Result<Box<v1::ServerFrame>, Status>>);
+/// The receiving end of a [`FrameSink`]; from [`Dispatcher::drive`], it also drives the run
+/// that writes to it.
+pub struct FrameReceiver(DrivenReceiver<Result<Box<v1::ServerFrame>, Status>>);
 
 /// A channel for frames towards one client, bounded at `capacity`. Frames travel boxed: a
 /// channel allocates its first block of 32 slots when it is made — one per `Generate` call or
 /// HTTP request — and a slot the size of a frame (144 bytes) made that 4.6 KiB per open stream.
 pub fn frame_channel(capacity: usize) -> (FrameSink, FrameReceiver) {
     let (tx, rx) = mpsc::channel(capacity);
-    (FrameSink(tx), FrameReceiver(rx))
+    (FrameSink(tx), FrameReceiver(DrivenReceiver::undriven(rx)))
 }
 
 impl FrameSink {
@@ -94,7 +96,7 @@ impl FrameReceiver {
     /// The frames as a stream, for a tonic response.
     pub fn into_stream(self) -> impl futures::Stream<Item = Result<v1::ServerFrame, Status>> {
         use futures::StreamExt as _;
-        tokio_stream::wrappers::ReceiverStream::new(self.0).map(|item| item.map(|frame| *frame))
+        self.0.map(|item| item.map(|frame| *frame))
     }
 }
 
@@ -314,6 +316,22 @@ impl Dispatcher {
         tokio::spawn(Box::pin(async move {
             dispatcher.run(prepared, controls, out).await
         }));
+    }
+
+    /// [`Dispatcher::run`] driven by its reader: the returned receiver polls the run whenever
+    /// it has no frame to give, so a request on its own stream (a `Generate` call, an HTTP
+    /// request) runs in the task that writes its response, one hand-off less each way than
+    /// a task of its own. Dropped before the end, the run moves to a task of its own.
+    pub fn drive(
+        self: &Arc<Self>,
+        prepared: Prepared,
+        controls: mpsc::UnboundedReceiver<Control>,
+        capacity: usize,
+    ) -> FrameReceiver {
+        let (tx, rx) = mpsc::channel(capacity);
+        let dispatcher = self.clone();
+        let run = async move { dispatcher.run(prepared, controls, FrameSink(tx)).await };
+        FrameReceiver(DrivenReceiver::new(rx, run))
     }
 
     async fn run_in_span(

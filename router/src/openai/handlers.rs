@@ -21,7 +21,7 @@ use super::error::ApiError;
 use super::stream;
 use super::wire::{self, ChatCompletionRequest, CompletionRequest, WithSampling};
 use crate::auth::Tenant;
-use crate::dispatch::{Dispatcher, FrameReceiver, frame_channel};
+use crate::dispatch::{Dispatcher, FrameReceiver};
 
 /// Frames buffered towards one HTTP client before the dispatcher waits for it to read (flow
 /// control keeps the rest on the worker).
@@ -182,10 +182,9 @@ async fn generate(
         .prepare(request, RemoteContext::from_headers(&headers))
         .await
         .map_err(|error| ApiError::from(&error))?;
-    let (tx, mut rx) = frame_channel(CLIENT_BUFFER);
     // HTTP has no control frames: cancellation comes from `rx` being dropped (client gone).
     let (_, controls) = mpsc::unbounded_channel();
-    dispatcher.spawn_run(prepared, controls, tx);
+    let mut rx = dispatcher.drive(prepared, controls, CLIENT_BUFFER);
 
     let accepted = match next_frame(&mut rx).await? {
         Frame::Accepted(accepted) => accepted,
