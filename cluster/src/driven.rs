@@ -8,9 +8,11 @@
 //! made it. Producers outside that future (other tasks sending on the same channel) are read
 //! as usual.
 //!
-//! Dropped before its producer ends, the receiver closes the channel and hands the producer to
-//! a task of its own: it finishes exactly as it would have if it had had its own task from the
-//! start and its reader had gone (its sends fail, `closed()` fires).
+//! Dropped before its producer ends, the receiver closes the channel and either hands the
+//! producer to a task of its own ([`DrivenReceiver::new`]: it finishes exactly as it would
+//! have if it had had its own task from the start and its reader had gone — its sends fail,
+//! `closed()` fires) or drops it where it stands ([`DrivenReceiver::abandoning`]: for work
+//! that is pointless without its reader and stops when dropped).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +32,8 @@ pub struct DrivenReceiver<T> {
     rx: mpsc::Receiver<T>,
     producer: Option<Producer>,
     reads_since_drive: u32,
+    /// Whether a producer still running when the receiver is dropped finishes on a task.
+    finish_when_dropped: bool,
 }
 
 enum Drive {
@@ -47,7 +51,19 @@ impl<T> DrivenReceiver<T> {
             rx,
             producer: Some(Box::pin(producer)),
             reads_since_drive: 0,
+            finish_when_dropped: true,
         }
+    }
+
+    /// Like [`DrivenReceiver::new`], but a producer still running when the receiver is
+    /// dropped is dropped with it.
+    pub fn abandoning(
+        rx: mpsc::Receiver<T>,
+        producer: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        let mut receiver = Self::new(rx, producer);
+        receiver.finish_when_dropped = false;
+        receiver
     }
 
     /// A plain receiver: whatever fills `rx` runs elsewhere.
@@ -56,7 +72,22 @@ impl<T> DrivenReceiver<T> {
             rx,
             producer: None,
             reads_since_drive: 0,
+            finish_when_dropped: false,
         }
+    }
+
+    /// Items sent and not yet read.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// Whether a producer is still being driven.
+    pub fn is_driven(&self) -> bool {
+        self.producer.is_some()
     }
 
     pub async fn recv(&mut self) -> Option<T> {
@@ -117,6 +148,9 @@ impl<T> Drop for DrivenReceiver<T> {
         let Some(producer) = self.producer.take() else {
             return;
         };
+        if !self.finish_when_dropped {
+            return;
+        }
         self.rx.close();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
@@ -131,8 +165,9 @@ impl<T> Drop for DrivenReceiver<T> {
 impl<T> std::fmt::Debug for DrivenReceiver<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DrivenReceiver")
+            .field("buffered", &self.rx.len())
             .field("driven", &self.producer.is_some())
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
@@ -200,5 +235,20 @@ mod tests {
         started_rx.await.expect("the producer started");
         drop(rx);
         assert_eq!(ended_rx.await, Ok("saw its reader go"));
+    }
+
+    #[tokio::test]
+    async fn an_abandoning_reader_drops_its_producer_with_it() {
+        let (tx, rx) = mpsc::channel::<u32>(1);
+        let (finished_tx, finished_rx) = oneshot::channel();
+        let mut rx = DrivenReceiver::abandoning(rx, async move {
+            tx.closed().await;
+            let _ = finished_tx.send("finished");
+        });
+        assert!(futures::poll!(std::pin::pin!(rx.recv())).is_pending());
+        assert!(rx.is_driven());
+        drop(rx);
+        // Dropped with its sender unsent: it never ran on.
+        assert!(finished_rx.await.is_err(), "the producer finished");
     }
 }

@@ -2,9 +2,9 @@
 //! never protobuf: the service translates.
 
 use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use switchyard_cluster::driven::DrivenReceiver;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -107,10 +107,8 @@ pub type EngineItem = Result<EngineEvent, EngineError>;
 /// task, so an event costs no wake-up of another task — on a busy machine, no inter-processor
 /// interrupt per token — and a reader that stops reading (out of flow-control credit) stops
 /// the upstream read too. Dropping the stream drops the generation.
-pub struct EngineStream {
-    events: mpsc::Receiver<EngineItem>,
-    driver: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-}
+#[derive(Debug)]
+pub struct EngineStream(DrivenReceiver<EngineItem>);
 
 impl EngineStream {
     /// Events that `driver` sends on `events`'s sender as the reader polls it.
@@ -118,53 +116,32 @@ impl EngineStream {
         events: mpsc::Receiver<EngineItem>,
         driver: impl Future<Output = ()> + Send + 'static,
     ) -> Self {
-        Self {
-            events,
-            driver: Some(Box::pin(driver)),
-        }
+        Self(DrivenReceiver::abandoning(events, driver))
     }
 
     /// The next event; `None` once the generation's sender is gone.
     pub async fn recv(&mut self) -> Option<EngineItem> {
-        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+        self.0.recv().await
     }
 
     /// Events sent and not yet read.
     pub fn len(&self) -> usize {
-        self.events.len()
+        self.0.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
+        self.0.is_empty()
     }
 
-    /// Drives the generation as far as it goes without waiting, then takes an event.
+    /// Takes an event, driving the generation when none is waiting.
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<EngineItem>> {
-        if let Some(driver) = self.driver.as_mut()
-            && driver.as_mut().poll(cx).is_ready()
-        {
-            // Its sender is dropped with it: the channel ends after what is buffered.
-            self.driver = None;
-        }
-        self.events.poll_recv(cx)
-    }
-}
-
-impl std::fmt::Debug for EngineStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineStream")
-            .field("buffered", &self.events.len())
-            .field("driven", &self.driver.is_some())
-            .finish()
+        self.0.poll_recv(cx)
     }
 }
 
 impl From<mpsc::Receiver<EngineItem>> for EngineStream {
     fn from(events: mpsc::Receiver<EngineItem>) -> Self {
-        Self {
-            events,
-            driver: None,
-        }
+        Self(DrivenReceiver::undriven(events))
     }
 }
 
