@@ -118,22 +118,50 @@ pub struct Etcd {
 
 impl Etcd {
     pub async fn start() -> anyhow::Result<Self> {
-        Self::start_on(free_port()).await
+        Self::spawn(None, None).await
     }
 
     /// Starts etcd serving clients on `client` (a port components may already be dialling).
     pub async fn start_on(client: u16) -> anyhow::Result<Self> {
-        Self::spawn(client, None).await
+        Self::spawn(Some(client), None).await
     }
 
     /// Starts etcd serving clients over TLS only (`https://`), requiring client certificates
     /// of `tls`'s CA (etcd's `--client-cert-auth`); `tls` is also how the readiness probe
     /// connects.
     pub async fn start_tls(tls: EtcdTls) -> anyhow::Result<Self> {
-        Self::spawn(free_port(), Some(tls)).await
+        Self::spawn(None, Some(tls)).await
     }
 
-    async fn spawn(client: u16, tls: Option<EtcdTls>) -> anyhow::Result<Self> {
+    /// Starts etcd on `client` (a free port when `None`). A port found free may be taken by
+    /// another process before etcd binds it (many tests run at once): etcd then exits at
+    /// once, and is started again on other ports.
+    async fn spawn(client: Option<u16>, tls: Option<EtcdTls>) -> anyhow::Result<Self> {
+        const ATTEMPTS: usize = 5;
+        let mut attempt = 1;
+        loop {
+            match Self::spawn_once(client.unwrap_or_else(free_port), tls.as_ref()).await? {
+                Ok(etcd) => return Ok(etcd),
+                Err(exited) if attempt < ATTEMPTS => {
+                    eprintln!(
+                        "etcd exited before answering ({exited}); starting it again on other ports"
+                    );
+                    attempt += 1;
+                }
+                Err(exited) => {
+                    anyhow::bail!(
+                        "etcd exited before answering, {ATTEMPTS} times ({exited}); see its log"
+                    )
+                }
+            }
+        }
+    }
+
+    /// One start: the running etcd, or how it exited before it answered.
+    async fn spawn_once(
+        client: u16,
+        tls: Option<&EtcdTls>,
+    ) -> anyhow::Result<Result<Self, std::process::ExitStatus>> {
         let data = tempfile::tempdir()?;
         let peer = free_port();
         let scheme = if tls.is_some() { "https" } else { "http" };
@@ -156,7 +184,7 @@ impl Etcd {
                 &peer_url,
             ])
             .args(["--initial-cluster", &format!("e2e={peer_url}")]);
-        if let Some(tls) = &tls {
+        if let Some(tls) = tls {
             command
                 .arg("--cert-file")
                 .arg(&tls.cert_file)
@@ -166,32 +194,34 @@ impl Etcd {
                 .arg(&tls.ca_file)
                 .arg("--client-cert-auth");
         }
-        let child = command
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(log_file("etcd").1)
             .kill_on_drop(true)
             .spawn()
             .context("starting etcd (install Debian's etcd-server; scripts/test.sh does)")?;
         let security = switchyard_cluster::EtcdSecurity {
-            tls: tls.as_ref().map(|tls| {
+            tls: tls.map(|tls| {
                 switchyard_cluster::tls::ClientTls::new(tls.ca_file.clone())
                     .with_identity(tls.cert_file.clone(), tls.key_file.clone())
             }),
             user: None,
         };
-        let etcd = Self {
-            child,
-            _data: data,
-            url,
-        };
-        wait_until(Duration::from_secs(20), "etcd to answer", || async {
-            match EtcdRegistry::connect_with(std::slice::from_ref(&etcd.url), &security).await {
+        let answers = wait_until(Duration::from_secs(20), "etcd to answer", || async {
+            match EtcdRegistry::connect_with(std::slice::from_ref(&url), &security).await {
                 Ok(registry) => registry.list_workers().await.is_ok(),
                 Err(_) => false,
             }
-        })
-        .await?;
-        Ok(etcd)
+        });
+        tokio::select! {
+            answered = answers => answered?,
+            exited = child.wait() => return Ok(Err(exited?)),
+        };
+        Ok(Ok(Self {
+            child,
+            _data: data,
+            url,
+        }))
     }
 
     pub async fn registry(&self) -> anyhow::Result<EtcdRegistry> {
@@ -789,4 +819,25 @@ pub async fn assert_worker_calls_need_a_client_certificate(
         refused.message()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port taken between `free_port` and etcd's bind makes etcd exit at once; the harness
+    /// must see that (and start it elsewhere), not wait out its 20 s readiness timeout.
+    #[tokio::test]
+    async fn an_etcd_that_cannot_bind_its_port_is_reported_as_exited() {
+        let taken = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let port = taken.local_addr().expect("bound").port();
+        let error = match Etcd::start_on(port).await {
+            Ok(_) => panic!("etcd started on a port another socket holds"),
+            Err(error) => error.to_string(),
+        };
+        assert!(
+            error.contains("etcd exited before answering"),
+            "unexpected error: {error}"
+        );
+    }
 }
