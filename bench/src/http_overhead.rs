@@ -636,6 +636,88 @@ fn table(runs: &[RunFigures], args: &HttpOverheadArgs) -> String {
     out
 }
 
+/// A distribution-free confidence interval for the median of `values` at `level` (e.g. 0.95):
+/// the order statistics a sign test puts there — `[x(k), x(n+1-k)]` for the largest `k` with
+/// P(Binomial(n, ½) < k) ≤ (1 − level) / 2. `None` when there are too few values for that level
+/// (fewer than 6 at 95 %).
+fn median_interval(values: &[f64], level: f64) -> Option<(f64, f64)> {
+    let n = values.len();
+    let tail = (1.0 - level) / 2.0;
+    // P(B = i) in log space, so that no term underflows however many values there are.
+    let ln_half_n = n as f64 * 0.5f64.ln();
+    let (mut ln_choose, mut below) = (0.0f64, 0.0f64);
+    let mut k = 0;
+    for i in 0..n.div_ceil(2) {
+        below += (ln_choose + ln_half_n).exp();
+        if below > tail {
+            break;
+        }
+        k = i + 1;
+        ln_choose += ((n - i) as f64 / (i + 1) as f64).ln();
+    }
+    if k == 0 {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    Some((sorted[k - 1], sorted[n - k]))
+}
+
+/// Switchyard against SMG round by round: in each round both ran back to back on the same
+/// backend, so the difference of their TTFTs is what one router adds over the other, with the
+/// machine's drift between rounds taken out. Reported as the median difference over the rounds
+/// and its 95 % interval; a verdict only where the interval leaves out zero.
+fn versus_smg(runs: &[RunFigures], args: &HttpOverheadArgs) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let smg = |round: usize, concurrency: usize| {
+        runs.iter()
+            .find(|r| r.path == PathKind::Smg && r.round == round && r.concurrency == concurrency)
+    };
+    for &concurrency in &args.concurrency {
+        for path in [PathKind::Switchyard, PathKind::SwitchyardHosted] {
+            let pairs: Vec<(&RunFigures, &RunFigures)> = runs
+                .iter()
+                .filter(|r| r.path == path && r.concurrency == concurrency)
+                .filter_map(|r| smg(r.round, concurrency).map(|s| (r, s)))
+                .collect();
+            if pairs.is_empty() {
+                continue;
+            }
+            let mut line = format!(
+                "{concurrency:>4} {:<17} minus smg over {} rounds:",
+                path.name(),
+                pairs.len()
+            );
+            for (name, pick) in [
+                (
+                    "p50",
+                    (|r: &RunFigures| r.ttft_p50_ms) as fn(&RunFigures) -> f64,
+                ),
+                ("p99", |r: &RunFigures| r.ttft_p99_ms),
+            ] {
+                let differences: Vec<f64> = pairs.iter().map(|(r, s)| pick(r) - pick(s)).collect();
+                let _ = write!(line, "  {name} {:+.2} ms", median(differences.clone()));
+                match median_interval(&differences, 0.95) {
+                    Some((low, high)) => {
+                        let verdict = if high < 0.0 {
+                            "lower"
+                        } else if low > 0.0 {
+                            "higher"
+                        } else {
+                            "no difference shown"
+                        };
+                        let _ = write!(line, " [95 % {low:+.2} … {high:+.2}] {verdict}");
+                    }
+                    None => line.push_str(" (a 95 % interval needs 6 rounds or more)"),
+                }
+            }
+            let _ = writeln!(out, "{line}");
+        }
+    }
+    out
+}
+
 pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
     if args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--concurrency: every level must be at least 1");
@@ -730,6 +812,10 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
         }
     }
     print!("{}", table(&runs, &args));
+    let head_to_head = versus_smg(&runs, &args);
+    if !head_to_head.is_empty() {
+        print!("\nTTFT, Switchyard minus SMG in the same round:\n{head_to_head}");
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&runs)?)?;
     }
@@ -739,6 +825,25 @@ pub async fn run(args: HttpOverheadArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_median_interval_is_the_sign_tests_order_statistics() {
+        let values: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        // n = 20: P(B ≤ 5) = 0.0207 ≤ 0.025 < P(B ≤ 6) = 0.0577, so ranks 6 and 15.
+        assert_eq!(median_interval(&values, 0.95), Some((6.0, 15.0)));
+        // n = 6: P(B = 0) = 0.0156, the narrowest 95 % interval is the whole range.
+        assert_eq!(
+            median_interval(&[3.0, 1.0, 2.0, 6.0, 5.0, 4.0], 0.95),
+            Some((1.0, 6.0))
+        );
+        // n = 5: even the whole range covers the median with only 1 − 2/32 = 93.75 %.
+        assert_eq!(median_interval(&[1.0, 2.0, 3.0, 4.0, 5.0], 0.95), None);
+        assert_eq!(median_interval(&[], 0.95), None);
+        // Thousands of rounds: no term underflows, and the interval closes in on the median.
+        let many: Vec<f64> = (0..5000).map(f64::from).collect();
+        let (low, high) = median_interval(&many, 0.95).expect("an interval");
+        assert!(low > 2400.0 && high < 2600.0 && low < 2499.5 && high > 2499.5);
+    }
 
     #[test]
     fn cpu_time_from_procfs_agrees_with_the_kernels_own_account() {
