@@ -22,6 +22,7 @@
 //!
 //! The API key is sent as a bearer token and never logged (its `Debug` is redacted).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -592,13 +593,13 @@ impl Generation {
 
     /// Handles one `data:` payload. `Ok(false)` when the reader is gone.
     async fn on_chunk(&mut self, data: &str, progress: &mut Progress) -> Result<bool, String> {
-        let chunk: Value = serde_json::from_str(data).map_err(|e| {
+        let chunk: StreamChunk = serde_json::from_str(data).map_err(|e| {
             format!(
                 "upstream sent a malformed chunk ({e}): {}",
                 truncate(data, 120)
             )
         })?;
-        if let Some(error) = chunk.get("error") {
+        if let Some(error) = &chunk.error {
             let message = error
                 .get("message")
                 .and_then(Value::as_str)
@@ -609,7 +610,7 @@ impl Generation {
                 truncate(&message, 200)
             ));
         }
-        if let Some(usage) = chunk.get("usage").filter(|u| u.is_object()) {
+        if let Some(usage) = chunk.usage.as_ref().filter(|u| u.is_object()) {
             let field = |name: &str| {
                 usage
                     .get(name)
@@ -619,35 +620,32 @@ impl Generation {
             progress.prompt_tokens = field("prompt_tokens").or(progress.prompt_tokens);
             progress.completion_tokens = field("completion_tokens").or(progress.completion_tokens);
         }
-        let Some(choices) = chunk.get("choices").and_then(Value::as_array) else {
+        let Some(choices) = chunk.choices else {
             return Err(format!(
                 "upstream sent a chunk without choices: {}",
                 truncate(data, 120)
             ));
         };
-        let Some(choice) = choices.first() else {
+        let Some(choice) = choices.into_iter().next() else {
             // The usage chunk has no choices.
             return Ok(true);
         };
         let text = if self.chat {
-            choice
-                .get("delta")
-                .and_then(|d| d.get("content"))
-                .and_then(Value::as_str)
+            choice.delta.and_then(|d| d.content)
         } else {
-            choice.get("text").and_then(Value::as_str)
+            choice.text
         };
-        if let Some(reason) = choice.get("finish_reason").and_then(Value::as_str) {
-            progress.finish_reason = Some(reason.to_string());
+        if let Some(Text(reason)) = choice.finish_reason {
+            progress.finish_reason = Some(reason.into_owned());
         }
         match text {
-            Some(text) if !text.is_empty() => {
+            Some(Text(text)) if !text.is_empty() => {
                 if let Some(pending) = self.pending.take() {
                     pending.first_token();
                 }
                 let event = EngineEvent::Token {
                     id: self.streamed,
-                    text: text.to_string(),
+                    text: text.into_owned(),
                 };
                 self.streamed += 1;
                 Ok(self.tx.send(Ok(event)).await.is_ok())
@@ -702,6 +700,40 @@ fn describe(error: &reqwest::Error) -> String {
     message
 }
 
+/// The fields of a streamed completion chunk the gateway reads. A chunk comes per token: the
+/// rest (`id`, `model`, `created`, `logprobs`, …) is skipped unparsed, and the text is borrowed
+/// from the payload unless it has escapes.
+#[derive(Debug, serde::Deserialize)]
+struct StreamChunk<'a> {
+    error: Option<Value>,
+    usage: Option<Value>,
+    #[serde(borrow)]
+    choices: Option<Vec<ChunkChoice<'a>>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ChunkChoice<'a> {
+    /// A chat completion's.
+    #[serde(borrow)]
+    delta: Option<ChunkDelta<'a>>,
+    /// A (text) completion's.
+    #[serde(borrow)]
+    text: Option<Text<'a>>,
+    #[serde(borrow)]
+    finish_reason: Option<Text<'a>>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct ChunkDelta<'a> {
+    #[serde(borrow)]
+    content: Option<Text<'a>>,
+}
+
+/// A string borrowed from the payload unless it has escapes (serde borrows a `Cow` only as a
+/// field of its own, not inside an `Option`).
+#[derive(Debug, serde::Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
 fn truncate(text: &str, max: usize) -> &str {
     match text.char_indices().nth(max) {
         Some((at, _)) => &text[..at],
@@ -744,6 +776,35 @@ mod tests {
                 .starts_with("--max-concurrent")
         );
         assert!(config().validate().is_ok());
+    }
+
+    #[test]
+    fn a_chunk_is_read_for_its_text_and_end_and_the_rest_is_skipped() {
+        let chunk: StreamChunk = serde_json::from_str(
+            r#"{"id":"c1","object":"chat.completion.chunk","created":1,"model":"m",
+               "system_fingerprint":null,"choices":[{"index":0,"logprobs":{"content":[]},
+               "delta":{"role":"assistant","content":"plain"},"finish_reason":null}]}"#,
+        )
+        .expect("parses");
+        let choice = chunk.choices.expect("choices").remove(0);
+        let Text(content) = choice.delta.and_then(|d| d.content).expect("content");
+        assert!(matches!(content, Cow::Borrowed("plain")), "{content:?}");
+        assert!(choice.finish_reason.is_none() && chunk.error.is_none());
+
+        // Escapes make an owned string; a text completion's chunk carries `text`.
+        let chunk: StreamChunk = serde_json::from_str(
+            r#"{"choices":[{"text":"a\"b\n\u00e9","finish_reason":"length"}],"usage":null}"#,
+        )
+        .expect("parses");
+        let choice = chunk.choices.expect("choices").remove(0);
+        assert_eq!(choice.text.map(|t| t.0).as_deref(), Some("a\"b\n\u{e9}"));
+        assert_eq!(choice.finish_reason.map(|t| t.0).as_deref(), Some("length"));
+        assert!(chunk.usage.is_none());
+
+        let chunk: StreamChunk =
+            serde_json::from_str(r#"{"error":{"message":"overloaded"}}"#).expect("parses");
+        assert!(chunk.error.is_some() && chunk.choices.is_none());
+        assert!(serde_json::from_str::<StreamChunk>(r#"{"choices":"many"}"#).is_err());
     }
 
     #[test]

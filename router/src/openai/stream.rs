@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use serde_json::{Value, json};
+use serde::Serialize;
 use switchyard_proto::v1::{self, server_frame::Frame};
 use tonic::Code;
 
@@ -32,8 +32,19 @@ pub fn sse_response(meta: Meta, mode: StreamMode, first: Frame, rx: FrameReceive
     };
     if meta.endpoint == Endpoint::Chat {
         // OpenAI opens a chat stream with the assistant role and empty content.
-        let opening = events.chunk(json!({"role": "assistant", "content": ""}), None);
-        events.push(&opening);
+        let opening = Choice {
+            index: 0,
+            delta: Some(Delta {
+                role: Some("assistant"),
+                content: Some(""),
+            }),
+            text: None,
+            logprobs: None,
+            finish_reason: None,
+        };
+        let usage = events.mode.include_usage.then_some(None);
+        let opening = event(&events.chunk(vec![opening], usage));
+        events.pending.push_back(opening);
     }
     events.on_frame(first);
     let body = Body::from_stream(futures::stream::unfold(events, |mut events| async move {
@@ -51,6 +62,50 @@ pub fn sse_response(meta: Meta, mode: StreamMode, first: Frame, rx: FrameReceive
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     meta.decorate(&mut response);
     response
+}
+
+/// `data: {json}` and the blank line that ends the event, serialized straight into its bytes: a
+/// chunk goes out per token, and building a JSON tree for each cost a score of allocations.
+fn event(value: &impl Serialize) -> Bytes {
+    let mut event = Vec::with_capacity(256);
+    event.extend_from_slice(b"data: ");
+    serde_json::to_writer(&mut event, value).expect("serializing to memory cannot fail");
+    event.extend_from_slice(b"\n\n");
+    Bytes::from(event)
+}
+
+/// One streamed chunk, as OpenAI sends it.
+#[derive(Serialize)]
+struct Chunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    system_fingerprint: Option<&'a str>,
+    choices: Vec<Choice<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Option<wire::Usage>>,
+}
+
+#[derive(Serialize)]
+struct Choice<'a> {
+    index: u32,
+    /// A chat completion's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<Delta<'a>>,
+    /// A (text) completion's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    logprobs: Option<()>,
+    finish_reason: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Delta<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
 }
 
 struct Events {
@@ -82,51 +137,56 @@ impl Events {
         }
     }
 
-    fn push(&mut self, value: &Value) {
-        self.pending
-            .push_back(Bytes::from(format!("data: {value}\n\n")));
-    }
-
     fn fail(&mut self, error: ApiError) {
-        self.push(&error.body());
+        self.pending.push_back(event(&error.body()));
         self.done = true;
     }
 
-    /// A chunk with one choice: `delta` (chat) or `text` (completions).
-    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Value {
-        let m = &self.meta;
-        let mut chunk = match m.endpoint {
-            Endpoint::Chat => json!({
-                "id": m.id,
-                "object": "chat.completion.chunk",
-                "created": m.created,
-                "model": m.model,
-                "system_fingerprint": Value::Null,
-                "choices": [{
-                    "index": 0,
-                    "delta": delta,
-                    "logprobs": Value::Null,
-                    "finish_reason": finish_reason,
-                }],
-            }),
-            Endpoint::Completion => json!({
-                "id": m.id,
-                "object": "text_completion",
-                "created": m.created,
-                "model": m.model,
-                "system_fingerprint": Value::Null,
-                "choices": [{
-                    "index": 0,
-                    "text": delta,
-                    "logprobs": Value::Null,
-                    "finish_reason": finish_reason,
-                }],
-            }),
+    /// Queues a chunk with one choice: `text` as the chat `delta`'s content or the
+    /// completion's `text` (`None`: an empty delta), and `finish_reason`.
+    fn push_chunk(&mut self, text: Option<&str>, finish_reason: Option<&str>) {
+        let (delta, text) = match self.meta.endpoint {
+            Endpoint::Chat => (
+                Some(Delta {
+                    role: None,
+                    content: text,
+                }),
+                None,
+            ),
+            Endpoint::Completion => (None, Some(text.unwrap_or(""))),
         };
-        if self.mode.include_usage {
-            chunk["usage"] = Value::Null;
+        let choice = Choice {
+            index: 0,
+            delta,
+            text,
+            logprobs: None,
+            finish_reason,
+        };
+        let usage = self.mode.include_usage.then_some(None);
+        let event = event(&self.chunk(vec![choice], usage));
+        self.pending.push_back(event);
+    }
+
+    /// The chunk around `choices`; `usage` absent unless the client asked for usage (then
+    /// `null` on every chunk but the last, which has it and no choices).
+    fn chunk<'a>(
+        &'a self,
+        choices: Vec<Choice<'a>>,
+        usage: Option<Option<wire::Usage>>,
+    ) -> Chunk<'a> {
+        let m = &self.meta;
+        Chunk {
+            id: &m.id,
+            object: match m.endpoint {
+                Endpoint::Chat => "chat.completion.chunk",
+                Endpoint::Completion => "text_completion",
+            },
+            created: m.created,
+            model: &m.model,
+            system_fingerprint: None,
+            choices,
+            usage,
         }
-        chunk
     }
 
     fn on_frame(&mut self, frame: Frame) {
@@ -136,25 +196,14 @@ impl Events {
                 if tokens.text.is_empty() {
                     return;
                 }
-                let delta = match self.meta.endpoint {
-                    Endpoint::Chat => json!({"content": tokens.text}),
-                    Endpoint::Completion => Value::String(tokens.text),
-                };
-                let chunk = self.chunk(delta, None);
-                self.push(&chunk);
+                self.push_chunk(Some(&tokens.text), None);
             }
             Frame::Finished(finished) => {
-                let empty = match self.meta.endpoint {
-                    Endpoint::Chat => json!({}),
-                    Endpoint::Completion => Value::String(String::new()),
-                };
-                let last = self.chunk(empty, Some(wire::finish_reason(finished.reason)));
-                self.push(&last);
+                self.push_chunk(None, Some(wire::finish_reason(finished.reason)));
                 if self.mode.include_usage {
-                    let mut usage = self.chunk(Value::Null, None);
-                    usage["choices"] = json!([]);
-                    usage["usage"] = json!(wire::Usage::from(finished.usage));
-                    self.push(&usage);
+                    let usage = Some(Some(wire::Usage::from(finished.usage)));
+                    let event = event(&self.chunk(Vec::new(), usage));
+                    self.pending.push_back(event);
                 }
                 self.pending
                     .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
@@ -185,21 +234,131 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
+
+    fn meta(endpoint: Endpoint) -> Meta {
+        Meta {
+            endpoint,
+            id: "chatcmpl-1".into(),
+            created: 7,
+            model: "m".into(),
+            lane: "cost-sensitive".into(),
+            pool: "wse".into(),
+            worker: "wse-0".into(),
+        }
+    }
+
+    /// Every event of a stream that starts with `first` and gets `rest`, as JSON (`[DONE]` as
+    /// a string).
+    async fn stream_of(
+        endpoint: Endpoint,
+        include_usage: bool,
+        first: Frame,
+        rest: Vec<Frame>,
+    ) -> Vec<Value> {
+        let (tx, rx) = crate::dispatch::frame_channel(8);
+        for frame in rest {
+            let frame = v1::ServerFrame { frame: Some(frame) };
+            tx.send(Ok(frame)).await.expect("room");
+        }
+        drop(tx);
+        let mode = StreamMode {
+            stream: true,
+            include_usage,
+        };
+        let response = sse_response(meta(endpoint), mode, first, rx);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("the body");
+        let body = std::str::from_utf8(&body).expect("utf-8");
+        body.split_terminator("\n\n")
+            .map(|event| {
+                let data = event.strip_prefix("data: ").expect("a data event");
+                serde_json::from_str(data).unwrap_or_else(|_| Value::String(data.into()))
+            })
+            .collect()
+    }
+
+    fn tokens(text: &str) -> Frame {
+        Frame::Tokens(v1::Tokens {
+            request_id: "r".into(),
+            text: text.into(),
+            ..Default::default()
+        })
+    }
+
+    fn finished() -> Frame {
+        Frame::Finished(v1::Finished {
+            request_id: "r".into(),
+            reason: v1::FinishReason::Length as i32,
+            usage: Some(v1::Usage {
+                prompt_tokens: 5,
+                completion_tokens: 2,
+                cached_prompt_tokens: 3,
+            }),
+            timings: None,
+        })
+    }
+
+    #[tokio::test]
+    async fn chat_chunks_are_what_openai_sends() {
+        let events = stream_of(Endpoint::Chat, true, tokens("He"), vec![finished()]).await;
+        let chunk = |delta: Value, finish_reason: Value| {
+            json!({
+                "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
+                "system_fingerprint": null, "usage": null,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
+            })
+        };
+        assert_eq!(
+            events,
+            vec![
+                chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+                chunk(json!({"content": "He"}), Value::Null),
+                chunk(json!({}), json!("length")),
+                json!({
+                    "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7,
+                    "model": "m", "system_fingerprint": null, "choices": [],
+                    "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                              "prompt_tokens_details": {"cached_tokens": 3}},
+                }),
+                json!("[DONE]"),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn completion_chunks_carry_text_and_no_usage_unless_asked() {
+        let events = stream_of(
+            Endpoint::Completion,
+            false,
+            tokens("a \"quote\"\n"),
+            vec![finished()],
+        )
+        .await;
+        let chunk = |text: &str, finish_reason: Value| {
+            json!({
+                "id": "chatcmpl-1", "object": "text_completion", "created": 7, "model": "m",
+                "system_fingerprint": null,
+                "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}],
+            })
+        };
+        assert_eq!(
+            events,
+            vec![
+                chunk("a \"quote\"\n", Value::Null),
+                chunk("", json!("length")),
+                json!("[DONE]"),
+            ]
+        );
+    }
 
     #[tokio::test]
     async fn a_move_is_an_sse_comment_that_openai_clients_skip() {
         let (tx, rx) = crate::dispatch::frame_channel(4);
         drop(tx);
         let mut events = Events {
-            meta: Meta {
-                endpoint: Endpoint::Chat,
-                id: "chatcmpl-1".into(),
-                created: 0,
-                model: "m".into(),
-                lane: "cost-sensitive".into(),
-                pool: "wse".into(),
-                worker: "wse-0".into(),
-            },
+            meta: meta(Endpoint::Chat),
             mode: StreamMode {
                 stream: true,
                 include_usage: false,
