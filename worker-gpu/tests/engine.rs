@@ -536,12 +536,12 @@ async fn latency_critical_work_jumps_the_queue_and_load_reports_prefill() {
     assert!(e.load().prefill_tokens_per_s > 0.0, "{:?}", e.load());
     // Two wait behind it: a cost-sensitive one, then a latency-critical one.
     let cheap = e
-        .submit(request("cheap work", 3), CancellationToken::new())
+        .submit(request("cheap work", 200), CancellationToken::new())
         .unwrap();
     let urgent = EngineRequest {
         latency_critical: true,
         min_tokens_per_s: 0.0,
-        ..request("urgent work", 3)
+        ..request("urgent work", 200)
     };
     let urgent = e.submit(urgent, CancellationToken::new()).unwrap();
     assert!(wait_until(|| e.load().queued == 2).await, "{:?}", e.load());
@@ -566,22 +566,32 @@ async fn latency_critical_work_jumps_the_queue_and_load_reports_prefill() {
         "expected {expected} ({urgent_tokens} latency-critical): {:?}",
         e.load()
     );
-    // The running one ends: the latency-critical request runs first although it came later.
+    // The running one ends: the latency-critical request is taken in first although it came
+    // later. Neither stream is read yet, and a sequence whose reader lags pauses once its
+    // event buffer is full, so whichever is taken in holds the only slot until it is read:
+    // the state below lasts, however late this task looks.
     c1.cancel();
-    let (order_tx, mut order) = tokio::sync::mpsc::unbounded_channel();
-    let (a, b) = (order_tx.clone(), order_tx);
-    tokio::join!(
-        async move {
-            collect(cheap).await;
-            a.send("cheap").unwrap();
-        },
-        async move {
-            collect(urgent).await;
-            b.send("urgent").unwrap();
-        }
+    let cheap_tokens = expected - urgent_tokens;
+    assert!(
+        wait_until(|| {
+            let load = e.load();
+            load.queued_prompt_tokens == cheap_tokens
+                && load.queued_latency_critical_prompt_tokens == Some(0)
+        })
+        .await,
+        "the latency-critical request should run while the cheap one waits: {:?}",
+        e.load()
     );
-    assert_eq!(order.recv().await, Some("urgent"));
-    assert_eq!(order.recv().await, Some("cheap"));
+    let mut cheap = cheap;
+    tokio::select! {
+        biased;
+        event = cheap.recv() => panic!("the cheap request must still wait, got {event:?}"),
+        () = std::future::ready(()) => {}
+    }
+    let (_, _, _, urgent_completion) = collect(urgent).await;
+    assert!(urgent_completion > 0);
+    let (_, _, _, cheap_completion) = collect(cheap).await;
+    assert!(cheap_completion > 0);
     assert!(
         wait_until(|| {
             let load = e.load();
