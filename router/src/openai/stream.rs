@@ -43,7 +43,7 @@ pub fn sse_response(meta: Meta, mode: StreamMode, first: Frame, rx: FrameReceive
             finish_reason: None,
         };
         let usage = events.mode.include_usage.then_some(None);
-        let opening = event(&events.chunk(vec![opening], usage));
+        let opening = event(&events.chunk(&[opening], usage));
         events.pending.push_back(opening);
     }
     events.on_frame(first);
@@ -82,7 +82,7 @@ struct Chunk<'a> {
     created: u64,
     model: &'a str,
     system_fingerprint: Option<&'a str>,
-    choices: Vec<Choice<'a>>,
+    choices: &'a [Choice<'a>],
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Option<wire::Usage>>,
 }
@@ -163,7 +163,7 @@ impl Events {
             finish_reason,
         };
         let usage = self.mode.include_usage.then_some(None);
-        let event = event(&self.chunk(vec![choice], usage));
+        let event = event(&self.chunk(&[choice], usage));
         self.pending.push_back(event);
     }
 
@@ -171,7 +171,7 @@ impl Events {
     /// `null` on every chunk but the last, which has it and no choices).
     fn chunk<'a>(
         &'a self,
-        choices: Vec<Choice<'a>>,
+        choices: &'a [Choice<'a>],
         usage: Option<Option<wire::Usage>>,
     ) -> Chunk<'a> {
         let m = &self.meta;
@@ -202,7 +202,7 @@ impl Events {
                 self.push_chunk(None, Some(wire::finish_reason(finished.reason)));
                 if self.mode.include_usage {
                     let usage = Some(Some(wire::Usage::from(finished.usage)));
-                    let event = event(&self.chunk(Vec::new(), usage));
+                    let event = event(&self.chunk(&[], usage));
                     self.pending.push_back(event);
                 }
                 self.pending
