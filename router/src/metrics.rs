@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use switchyard_cluster::Pool;
 use switchyard_cluster::telemetry::metrics::{ITL_BUCKETS, Metrics, TTFT_BUCKETS};
+use switchyard_cluster::telemetry::weighted_histogram::WeightedHistogram;
 
 use crate::policy::document::LaneName;
 
@@ -127,8 +128,8 @@ fn ttft_histogram() -> Histogram {
     Histogram::new(TTFT_BUCKETS)
 }
 
-fn itl_histogram() -> Histogram {
-    Histogram::new(ITL_BUCKETS)
+fn itl_histogram() -> WeightedHistogram {
+    WeightedHistogram::new(ITL_BUCKETS)
 }
 
 type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -138,7 +139,7 @@ type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 pub struct StreamMetrics {
     tokens_out: Counter,
     ttft: Histogram,
-    inter_token: Histogram,
+    inter_token: WeightedHistogram,
 }
 
 impl StreamMetrics {
@@ -155,9 +156,7 @@ impl StreamMetrics {
         }
         // A coalesced chunk of n tokens took `gap`: n gaps of gap/n each.
         let per_token = gap.as_secs_f64() / f64::from(tokens);
-        for _ in 0..tokens {
-            self.inter_token.observe(per_token);
-        }
+        self.inter_token.observe_n(per_token, u64::from(tokens));
     }
 }
 
@@ -173,7 +172,7 @@ pub struct RouterMetrics {
     /// `no_worker`.
     pub route_decisions: Family<DecisionLabels, Counter>,
     pub ttft: Histograms<StreamLabels>,
-    pub inter_token: Histograms<StreamLabels>,
+    pub inter_token: Family<StreamLabels, WeightedHistogram, fn() -> WeightedHistogram>,
     pub tokens_out: Family<StreamLabels, Counter>,
     pub shed: Family<LaneLabels, Counter>,
     pub active_sessions: Gauge,

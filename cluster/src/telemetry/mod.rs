@@ -9,6 +9,7 @@
 pub mod metrics;
 pub mod otel;
 pub mod propagation;
+pub mod weighted_histogram;
 
 pub use otel::{Telemetry, TelemetryError, init};
 
