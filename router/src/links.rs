@@ -571,7 +571,6 @@ impl Link {
     /// the worker is taking instead of failing — and fails at once when the link is down (the
     /// caller places the request elsewhere). A link that goes down before its task sends the
     /// start says so as the channel's first event ([`LinkEvent::Lost`]).
-    ///
     /// With `direct`, its token chunks go straight to the client while it keeps up (see
     /// [`TokenSink`]); the channel then carries its end and any chunk the client had no room for.
     pub async fn start(
