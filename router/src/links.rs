@@ -84,59 +84,11 @@ impl LinkEvents {
 
 type EventSender = mpsc::UnboundedSender<Box<LinkEvent>>;
 
-/// Takes a generation's token chunks from the link's task straight to its client, so a chunk
-/// costs no wake-up of the request's own task: that task hears only of the generation's end
-/// (and of chunks the client had no room for).
-pub trait TokenSink: Send + Sync {
-    /// Sends `tokens` on to the client, taking their ids and text, when the client has room
-    /// for them now and still expects this generation's tokens (`tokens.request_id`). Returns
-    /// false, leaving `tokens` as they were, when it does not: they then go through the
-    /// request's task, and so do the generation's later chunks, which keeps them in order.
-    fn try_deliver(&self, tokens: &mut v1::Tokens) -> bool;
-}
-
 /// A request on the link's current stream: where its frames go, and since when it holds a
 /// slot on the worker (for [`turnover_ewma`]).
 struct Routed {
     events: EventSender,
     sent: Instant,
-    /// Where its token chunks go while the client keeps up (see [`TokenSink`]); weak, so a
-    /// request that ended is not kept alive by a link yet to forget it.
-    direct: Option<Weak<dyn TokenSink>>,
-    /// The start's flow-control window (0: none), and the tokens delivered directly that the
-    /// worker has not yet been granted credit for.
-    credit_window: u32,
-    ungranted: u32,
-}
-
-impl Routed {
-    /// Delivers `tokens` straight to the client when it can, granting the worker credit for
-    /// them in batches of half the window (as HTTP/2 returns its window); otherwise gives them
-    /// back for the request's task, which from then on takes the generation's chunks and grants
-    /// for them itself.
-    fn deliver_directly(&mut self, tokens: &mut v1::Tokens, outbound: &mut Outbound) -> bool {
-        let Some(sink) = self.direct.as_ref().and_then(Weak::upgrade) else {
-            self.direct = None;
-            return false;
-        };
-        let count = tokens.token_ids.len() as u32;
-        let delivered = sink.try_deliver(tokens);
-        if delivered {
-            self.ungranted += count;
-        } else {
-            self.direct = None;
-        }
-        let due = self.credit_window > 0
-            && self.ungranted > 0
-            && (!delivered || self.ungranted >= self.credit_window.div_ceil(2));
-        if due {
-            outbound.push(router_frame::Frame::Credit(v1::WorkerCredit {
-                request_id: tokens.request_id.clone(),
-                tokens: std::mem::take(&mut self.ungranted),
-            }));
-        }
-        delivered
-    }
 }
 
 /// Commands a link takes before it is overloaded: a start beyond them fails at once (and is
@@ -434,7 +386,6 @@ enum Command {
     Start {
         start: Box<v1::WorkerStart>,
         events: EventSender,
-        direct: Option<Weak<dyn TokenSink>>,
         charge: Charge,
     },
     Cancel {
@@ -571,14 +522,8 @@ impl Link {
     /// the worker is taking instead of failing — and fails at once when the link is down (the
     /// caller places the request elsewhere). A link that goes down before its task sends the
     /// start says so as the channel's first event ([`LinkEvent::Lost`]).
-    /// With `direct`, its token chunks go straight to the client while it keeps up (see
-    /// [`TokenSink`]); the channel then carries its end and any chunk the client had no room for.
-    pub async fn start(
-        &self,
-        start: v1::WorkerStart,
-        direct: Option<Weak<dyn TokenSink>>,
-    ) -> Result<LinkEvents, String> {
-        let (command, charge, rx) = self.start_command(start, direct)?;
+    pub async fn start(&self, start: v1::WorkerStart) -> Result<LinkEvents, String> {
+        let (command, charge, rx) = self.start_command(start)?;
         match self.commands.send(command).await {
             Ok(()) => Ok(rx),
             Err(_) => {
@@ -590,7 +535,7 @@ impl Link {
 
     /// [`Link::start`] without waiting: fails when the command channel is full.
     pub fn try_start(&self, start: v1::WorkerStart) -> Result<LinkEvents, String> {
-        let (command, charge, rx) = self.start_command(start, None)?;
+        let (command, charge, rx) = self.start_command(start)?;
         match self.commands.try_send(command) {
             Ok(()) => Ok(rx),
             Err(error) => {
@@ -614,7 +559,6 @@ impl Link {
     fn start_command(
         &self,
         start: v1::WorkerStart,
-        direct: Option<Weak<dyn TokenSink>>,
     ) -> Result<(Command, Charge, LinkEvents), String> {
         if !self.shared.state.get().connected {
             return Err(format!("worker {} is not connected", self.shared.id));
@@ -627,7 +571,6 @@ impl Link {
         let command = Command::Start {
             start: Box::new(start),
             events,
-            direct,
             charge,
         };
         Ok((command, charge, LinkEvents(rx)))
@@ -692,48 +635,23 @@ impl Link {
 /// The frames for the worker on the current stream: tonic takes them from `frames`.
 struct Outbound {
     frames: mpsc::Sender<v1::RouterFrame>,
-    /// Frames that found `frames` full, in order; no command is taken until they have gone.
-    /// Credit granted while reading the worker's frames may join them: reading never waits.
-    waiting: VecDeque<v1::RouterFrame>,
+    /// A frame that found `frames` full; no command is taken until it goes.
+    waiting: Option<v1::RouterFrame>,
 }
 
 impl Outbound {
-    fn new(frames: mpsc::Sender<v1::RouterFrame>) -> Self {
-        Self {
-            frames,
-            waiting: VecDeque::new(),
-        }
-    }
-
     fn push(&mut self, frame: router_frame::Frame) {
         let frame = v1::RouterFrame { frame: Some(frame) };
-        if !self.waiting.is_empty() {
-            self.waiting.push_back(frame);
-            return;
-        }
+        debug_assert!(
+            self.waiting.is_none(),
+            "a command taken while a frame waits"
+        );
         match self.frames.try_send(frame) {
             Ok(()) => {}
-            Err(TrySendError::Full(frame)) => self.waiting.push_back(frame),
+            Err(TrySendError::Full(frame)) => self.waiting = Some(frame),
             // tonic dropped the request stream: the call is ending, and its end is read from
             // the worker's side, which loses every request on it, this one included.
             Err(TrySendError::Closed(_)) => {}
-        }
-    }
-
-    /// Sends the first waiting frame on `permit`, then as many more as there is room for.
-    fn flush(&mut self, permit: mpsc::OwnedPermit<v1::RouterFrame>) {
-        if let Some(frame) = self.waiting.pop_front() {
-            permit.send(frame);
-        }
-        while let Some(frame) = self.waiting.pop_front() {
-            if let Err(error) = self.frames.try_send(frame) {
-                if let TrySendError::Full(frame) = error {
-                    self.waiting.push_front(frame);
-                } else {
-                    self.waiting.clear();
-                }
-                return;
-            }
         }
     }
 }
@@ -872,25 +790,27 @@ impl LinkTask {
         self.shared.changes.worker(&self.shared.id);
         info!(worker = %self.shared.id, %address, "worker link up");
         let mut fetch = Some(self.fetch_tokenizers(channel));
-        let mut outbound = Outbound::new(frames);
+        let mut outbound = Outbound {
+            frames,
+            waiting: None,
+        };
         let result = loop {
             tokio::select! {
                 message = inbound.next() => match message.transpose() {
-                    Ok(Some(v1::WorkerFrame { frame: Some(worker_frame::Frame::Tokens(tokens)) })) => {
-                        self.on_tokens(tokens, &mut outbound);
-                    }
                     Ok(Some(v1::WorkerFrame { frame: Some(frame) })) => self.on_frame(frame),
                     Ok(Some(_)) => {}
                     Ok(None) => break Ok(()),
                     Err(status) => break Err(status.to_string()),
                 },
                 // Owned: the permit must not borrow what the command branch writes to.
-                permit = outbound.frames.clone().reserve_owned(), if !outbound.waiting.is_empty() => match permit {
-                    Ok(permit) => outbound.flush(permit),
+                permit = outbound.frames.clone().reserve_owned(), if outbound.waiting.is_some() => match permit {
+                    Ok(permit) => {
+                        permit.send(outbound.waiting.take().expect("a frame waits"));
+                    }
                     // The request stream is gone: the worker's side tells how the call ended.
-                    Err(_) => outbound.waiting.clear(),
+                    Err(_) => outbound.waiting = None,
                 },
-                command = self.commands.recv(), if outbound.waiting.is_empty() => match command {
+                command = self.commands.recv(), if outbound.waiting.is_none() => match command {
                     Some(command) => self.on_command(command, Some(&mut outbound)),
                     None => return StreamEnd::Closed,
                 },
@@ -914,7 +834,6 @@ impl LinkTask {
             Command::Start {
                 start,
                 events,
-                direct,
                 charge,
             } => {
                 let Some(outbound) = outbound else {
@@ -938,9 +857,6 @@ impl LinkTask {
                     Routed {
                         events,
                         sent: Instant::now(),
-                        credit_window: start.credit_tokens,
-                        direct,
-                        ungranted: 0,
                     },
                 );
                 outbound.push(router_frame::Frame::Start(*start));
@@ -964,18 +880,6 @@ impl LinkTask {
             Command::Forget(request_id) => {
                 self.requests.remove(&request_id);
             }
-        }
-    }
-
-    /// A generation's token chunk: straight to its client when it can (see [`TokenSink`]),
-    /// otherwise to its request's task.
-    fn on_tokens(&mut self, mut tokens: v1::Tokens, outbound: &mut Outbound) {
-        let delivered = self
-            .requests
-            .get_mut(&tokens.request_id)
-            .is_some_and(|routed| routed.deliver_directly(&mut tokens, outbound));
-        if !delivered {
-            self.on_frame(worker_frame::Frame::Tokens(tokens));
         }
     }
 
@@ -1664,7 +1568,10 @@ mod tests {
         let (link, task) = link();
         link.shared.state.update(|s| s.connected = true);
         let (frames, sent) = mpsc::channel(OUTBOUND_CAPACITY);
-        let outbound = Outbound::new(frames);
+        let outbound = Outbound {
+            frames,
+            waiting: None,
+        };
         (link, task, outbound, sent)
     }
 
@@ -1870,7 +1777,10 @@ mod tests {
         let (link, mut task, changes) = link_to(record());
         link.shared.state.update(|s| s.connected = true);
         let (frames, _sent) = mpsc::channel(OUTBOUND_CAPACITY);
-        let mut outbound = Outbound::new(frames);
+        let mut outbound = Outbound {
+            frames,
+            waiting: None,
+        };
         let used = link.hold_slot();
         let unused = link.hold_slot();
         assert_eq!(link.state().outstanding, 2);
@@ -1910,82 +1820,6 @@ mod tests {
         assert_eq!(link.state().queued_prompt_tokens, 0);
     }
 
-    /// A client that has room for the first `room` chunks and keeps what it gets.
-    struct Client {
-        room: std::sync::Mutex<usize>,
-        got: std::sync::Mutex<Vec<Vec<u32>>>,
-    }
-
-    impl TokenSink for Client {
-        fn try_deliver(&self, tokens: &mut v1::Tokens) -> bool {
-            let mut room = self.room.lock().unwrap();
-            if *room == 0 {
-                return false;
-            }
-            *room -= 1;
-            let ids = std::mem::take(&mut tokens.token_ids);
-            self.got.lock().unwrap().push(ids);
-            true
-        }
-    }
-
-    #[test]
-    fn chunks_go_straight_to_a_client_with_room_then_in_order_through_the_request_and_credit_follows_each_way()
-     {
-        let (link, mut task, mut outbound, mut sent) = connected_link();
-        let client = Arc::new(Client {
-            room: std::sync::Mutex::new(3),
-            got: Default::default(),
-        });
-        let direct = Arc::downgrade(&client) as Weak<dyn TokenSink>;
-        let start = v1::WorkerStart {
-            request_id: "g1".into(),
-            credit_tokens: 8,
-            ..Default::default()
-        };
-        let mut events = futures::FutureExt::now_or_never(link.start(start, Some(direct)))
-            .expect("room for the start")
-            .expect("connected");
-        catch_up(&mut task, &mut outbound);
-        let chunk = |ids: &[u32]| v1::Tokens {
-            request_id: "g1".into(),
-            token_ids: ids.to_vec(),
-            ..Default::default()
-        };
-        let credits = |sent: &mut mpsc::Receiver<v1::RouterFrame>| {
-            std::iter::from_fn(|| sent.try_recv().ok())
-                .filter_map(|frame| match frame.frame {
-                    Some(router_frame::Frame::Credit(credit)) => Some(credit.tokens),
-                    _ => None,
-                })
-                .collect::<Vec<_>>()
-        };
-        // Three chunks the client has room for: none reaches the request's task, and the
-        // worker gets credit once half its window (4) was delivered.
-        task.on_tokens(chunk(&[1, 2, 3]), &mut outbound);
-        task.on_tokens(chunk(&[4, 5]), &mut outbound);
-        task.on_tokens(chunk(&[6]), &mut outbound);
-        assert_eq!(credits(&mut sent), [5]);
-        assert!(events.try_recv().is_err());
-        // The client is full: that chunk and every later one go through the request's task,
-        // in order, even once the client has room again; the direct tokens not yet granted
-        // are granted at once (the request's task grants for what it forwards).
-        task.on_tokens(chunk(&[7]), &mut outbound);
-        *client.room.lock().unwrap() = 10;
-        task.on_tokens(chunk(&[8, 9]), &mut outbound);
-        assert_eq!(credits(&mut sent), [1]);
-        assert_eq!(
-            *client.got.lock().unwrap(),
-            [vec![1, 2, 3], vec![4, 5], vec![6]]
-        );
-        let forwarded: Vec<Vec<u32>> = std::iter::from_fn(|| match events.try_recv() {
-            Ok(LinkEvent::Frame(worker_frame::Frame::Tokens(tokens))) => Some(tokens.token_ids),
-            _ => None,
-        })
-        .collect();
-        assert_eq!(forwarded, [vec![7], vec![8, 9]]);
-    }
-
     #[tokio::test]
     async fn a_full_command_channel_refuses_a_try_start_and_makes_a_start_wait_and_controls_still_arrive()
      {
@@ -2003,7 +1837,7 @@ mod tests {
         // The refused start holds nothing.
         assert_eq!(link.state().outstanding, COMMAND_CAPACITY as u32);
         // A start that may wait, waits for room (a burst queues, it does not fail).
-        let mut waiting = Box::pin(link.start(start(COMMAND_CAPACITY + 1), None));
+        let mut waiting = Box::pin(link.start(start(COMMAND_CAPACITY + 1)));
         assert!(futures::poll!(&mut waiting).is_pending());
         // A cancel finding the channel full is not lost: it goes once there is room, after
         // its start.
@@ -2022,7 +1856,7 @@ mod tests {
                 }
                 // The outbound channel holds fewer frames than the command channel: play
                 // tonic's part.
-                if let Some(frame) = outbound.waiting.pop_front() {
+                if let Some(frame) = outbound.waiting.take() {
                     outbound.frames.try_send(frame).expect("just drained");
                 }
             }

@@ -70,20 +70,17 @@ async fn generate(links: &Links, worker: &str, request_id: &str, prompt: &[u32])
     let link = links.get(worker).expect("a link to the worker");
     eventually("the link is up", || link.state().available).await;
     let mut events = link
-        .start(
-            v1::WorkerStart {
-                request_id: request_id.into(),
-                model: "synthetic".into(),
-                prompt: "unused: the ids are the prompt".into(),
-                prompt_token_ids: prompt.to_vec(),
-                sampling: Some(v1::SamplingParams {
-                    max_tokens: 2,
-                    ..Default::default()
-                }),
+        .start(v1::WorkerStart {
+            request_id: request_id.into(),
+            model: "synthetic".into(),
+            prompt: "unused: the ids are the prompt".into(),
+            prompt_token_ids: prompt.to_vec(),
+            sampling: Some(v1::SamplingParams {
+                max_tokens: 2,
                 ..Default::default()
-            },
-            None,
-        )
+            }),
+            ..Default::default()
+        })
         .await
         .expect("started");
     loop {

@@ -144,14 +144,10 @@ pub(super) fn cancelled_frame(request_id: &str, arrived: Instant) -> v1::ServerF
 impl Run<'_> {
     pub(super) fn report(&self, outcome: &str, error: Option<&DispatchError>, sampled: bool) {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let (first_token, last_token, delivered) = {
-            let sent = self.delivery.sent();
-            (sent.first_token, sent.last_token, sent.delivered)
-        };
-        let ttft_ms = first_token.map_or(0.0, |t| ms(t - self.arrived));
-        let itl_ms = match (first_token, last_token) {
-            (Some(first), Some(last)) if delivered > 1 => {
-                ms(last - first) / f64::from(delivered - 1)
+        let ttft_ms = self.first_token.map_or(0.0, |t| ms(t - self.arrived));
+        let itl_ms = match (self.first_token, self.last_token) {
+            (Some(first), Some(last)) if self.delivered > 1 => {
+                ms(last - first) / f64::from(self.delivered - 1)
             }
             _ => 0.0,
         };
@@ -161,12 +157,12 @@ impl Run<'_> {
         } else {
             token_count(&self.prompt_ids)
         };
-        let tokens = f64::from(prompt_tokens) + f64::from(delivered);
+        let tokens = f64::from(prompt_tokens) + f64::from(self.delivered);
         let cost_usd = tokens * self.cost_per_mtok / 1e6;
-        let slo_met = first_token.is_some() && ttft_ms <= self.class.ttft_slo_ms;
-        let placed_ttft_ms = first_token.map_or(0.0, |t| ms(t - self.placed));
+        let slo_met = self.first_token.is_some() && ttft_ms <= self.class.ttft_slo_ms;
+        let placed_ttft_ms = self.first_token.map_or(0.0, |t| ms(t - self.placed));
         // Judged only when its first worker served it: the prediction was for that one.
-        let judged = (first_token.is_some() && self.attempts == 1).then(|| {
+        let judged = (self.first_token.is_some() && self.attempts == 1).then(|| {
             self.alternatives.judge(ledger::Verdict {
                 actual_ms: placed_ttft_ms,
                 predicted_ms: self.predicted_ttft_ms,
@@ -193,7 +189,7 @@ impl Run<'_> {
                 itl_ms,
                 total_ms: ms(self.arrived.elapsed()),
                 prompt_tokens,
-                completion_tokens: delivered,
+                completion_tokens: self.delivered,
                 cached_prompt_tokens: self.cached_prompt_tokens,
                 slo_met,
                 failovers: self.attempts - 1,
@@ -231,20 +227,17 @@ impl Run<'_> {
         out: &FrameSink,
     ) -> Result<(), DispatchError> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let (first_token, delivered) = {
-            let sent = self.delivery.sent();
-            (sent.first_token, sent.delivered)
-        };
         let finished = Frame::Finished(v1::Finished {
             request_id: self.request.request_id.clone(),
             reason,
             usage: Some(v1::Usage {
                 prompt_tokens: self.prompt_tokens,
-                completion_tokens: delivered,
+                completion_tokens: self.delivered,
                 cached_prompt_tokens: self.cached_prompt_tokens,
             }),
             timings: Some(v1::Timings {
-                ttft_ms: first_token
+                ttft_ms: self
+                    .first_token
                     .map(|t| ms(t - self.arrived))
                     .unwrap_or_default(),
                 total_ms: ms(self.arrived.elapsed()),

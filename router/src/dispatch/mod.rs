@@ -9,7 +9,6 @@
 //! last frame, metrics and the report). [`span`] holds the request's tracing span.
 
 mod classify;
-mod delivery;
 mod finish;
 mod place;
 mod run;
@@ -39,7 +38,6 @@ use crate::readiness::{InFlight, InFlightGuard, Readiness};
 use crate::report::Reporter;
 use crate::tenant_quota::{TenantPermit, TenantQuota};
 
-use delivery::Delivery;
 use run::Run;
 pub use span::{record_decision, request_span};
 
@@ -76,20 +74,6 @@ impl FrameSink {
             .map_err(|_| ClientGone)
     }
 
-    /// Waits for room for one frame; an error means the client is gone.
-    pub async fn reserve(&self) -> Result<FramePermit<'_>, ClientGone> {
-        self.0
-            .reserve()
-            .await
-            .map(FramePermit)
-            .map_err(|_| ClientGone)
-    }
-
-    /// Room for one frame if there is some now (and the client is still there).
-    pub fn try_reserve(&self) -> Option<FramePermit<'_>> {
-        self.0.try_reserve().ok().map(FramePermit)
-    }
-
     /// Completes when the client is gone.
     pub async fn closed(&self) {
         self.0.closed().await
@@ -97,15 +81,6 @@ impl FrameSink {
 
     pub fn is_closed(&self) -> bool {
         self.0.is_closed()
-    }
-}
-
-/// Room for one frame in a [`FrameSink`], reserved.
-pub struct FramePermit<'a>(mpsc::Permit<'a, Result<Box<v1::ServerFrame>, Status>>);
-
-impl FramePermit<'_> {
-    pub fn send(self, frame: v1::ServerFrame) {
-        self.0.send(Ok(Box::new(frame)));
     }
 }
 
@@ -427,13 +402,7 @@ impl Dispatcher {
             self.report_decision(&request, &class, &prompt_ids, &chosen, arrived);
         }
         let link = chosen.link.clone();
-        let delivery = Delivery::new(
-            request.request_id.clone(),
-            out.clone(),
-            arrived,
-            self.reports.clone(),
-        );
-        let mut run = Run::new(request, prompt_ids, class, chosen, span, self, delivery);
+        let mut run = Run::new(request, prompt_ids, class, arrived, chosen, span, self);
         run.held = held;
         run.on_worker(&link.record());
         let result = Box::pin(run.drive(link, &mut controls, &out)).await;

@@ -5,8 +5,8 @@
 //! when it can), or fail over to another worker that resumes after the tokens the client
 //! already has.
 
-use std::sync::atomic::AtomicU32;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use switchyard_cluster::Pool;
 use switchyard_cluster::telemetry::propagation;
@@ -16,13 +16,12 @@ use tokio::time::Instant;
 use tonic::Code;
 use tracing::{Span, debug, info, warn};
 
-use super::delivery::Delivery;
 use super::span::record_decision;
 use super::{Control, Dispatcher, FrameSink, Held, token_count};
 use crate::classify::Classification;
 use crate::error::DispatchError;
-use crate::links::{Link, LinkEvent, LinkEvents, SlotHold, TokenSink};
-use crate::metrics::{StreamLabels, lane_label, pool_label};
+use crate::links::{Link, LinkEvent, LinkEvents, SlotHold};
+use crate::metrics::{StreamLabels, StreamMetrics, lane_label, pool_label};
 use crate::placer::{Chosen, Hedge, ListedRun, Listing, Pace};
 use crate::policy::moves::MoveReason;
 use crate::report::ledger;
@@ -41,13 +40,21 @@ pub(super) struct Run<'d> {
     pub(super) arrived: Instant,
     /// When the request got its first worker (after any wait at the router for a slot).
     pub(super) placed: Instant,
+    pub(super) first_token: Option<Instant>,
+    /// When the last chunk reached the client (inter-token latency).
+    pub(super) last_token: Option<Instant>,
     /// Pool, id and price of the worker running the current segment.
     pub(super) pool: Pool,
     pub(super) worker: String,
     pub(super) cost_per_mtok: f64,
     pub(super) span: tracing::Span,
-    /// What the client has been sent (see [`Delivery`]).
-    pub(super) delivery: Arc<Delivery>,
+    /// Next client chunk sequence number.
+    pub(super) seq: u64,
+    /// Token ids and text of the current segment already sent to the client.
+    pub(super) segment_ids: Vec<u32>,
+    pub(super) segment_text: String,
+    /// Tokens sent to the client across all segments.
+    pub(super) delivered: u32,
     pub(super) prompt_tokens: u32,
     /// Prompt tokens the worker reused from its prefix cache (from its `Finished` usage).
     pub(super) cached_prompt_tokens: u32,
@@ -63,12 +70,14 @@ pub(super) struct Run<'d> {
     pub(super) listing: Option<Listing>,
     /// Tokens generated so far, as the placement task sees them.
     pub(super) generated: Arc<AtomicU32>,
+    /// Its pace on the worker it is listed on (rebalancing).
+    pace: Option<Arc<Pace>>,
     /// Times it moved on the router's order.
     pub(super) moves: u32,
     /// Those moves, for the outcome report.
     pub(super) moved: Vec<v1::MoveRecord>,
-    /// The current worker's token series is set (by [`Run::on_worker`]).
-    noted_worker: bool,
+    /// The token series of the current worker's pool (set by [`Run::on_worker`]).
+    pub(super) stream_metrics: Option<StreamMetrics>,
     /// See [`Held`]: given back before the last frame.
     pub(super) held: Held,
     /// A second worker to race the first segment on (the policy's `hedging`).
@@ -237,14 +246,12 @@ impl<'d> Run<'d> {
         request: v1::GenerateRequest,
         prompt_ids: Vec<u32>,
         class: Classification,
+        arrived: Instant,
         chosen: Chosen,
         span: tracing::Span,
         dispatcher: &'d Dispatcher,
-        delivery: Delivery,
     ) -> Self {
         let placement_reason = &chosen.reason;
-        let (arrived, generated) = (delivery.arrived(), delivery.generated().clone());
-        let delivery = Arc::new(delivery);
         span.record("predicted_cached_tokens", chosen.cached_tokens);
         let (label, link) = (chosen.reason_label, chosen.link.clone());
         let mut run = Self {
@@ -253,6 +260,7 @@ impl<'d> Run<'d> {
             predicted_cached_tokens: chosen.cached_tokens,
             predicted_ttft_ms: chosen.predicted_ttft_ms,
             alternatives: chosen.alternatives,
+            last_token: None,
             pool: Pool::Gpu,
             worker: String::new(),
             cost_per_mtok: 0.0,
@@ -264,18 +272,23 @@ impl<'d> Run<'d> {
             request,
             arrived,
             placed: Instant::now(),
-            delivery,
+            first_token: None,
+            seq: 0,
+            segment_ids: Vec::new(),
+            segment_text: String::new(),
+            delivered: 0,
             prompt_tokens: 0,
             cached_prompt_tokens: 0,
             attempts: 1,
             cancelled: false,
             held: Held::default(),
-            noted_worker: false,
+            stream_metrics: None,
             listing: None,
-            generated,
+            generated: Arc::default(),
             moves: 0,
             hedge: chosen.hedge,
             placement_label: label,
+            pace: None,
             moved: Vec::new(),
         };
         // A hedged request is listed where its race's winner runs.
@@ -288,9 +301,9 @@ impl<'d> Run<'d> {
     /// Gives back what the request held, charging its tenant the prompt and the tokens
     /// delivered (see [`Held`]).
     pub(super) fn release(&mut self) {
-        let delivered = self.delivery.sent().delivered;
-        self.held
-            .release(Some(u64::from(self.prompt_tokens) + u64::from(delivered)));
+        self.held.release(Some(
+            u64::from(self.prompt_tokens) + u64::from(self.delivered),
+        ));
     }
 
     pub(super) async fn drive(
@@ -333,11 +346,10 @@ impl<'d> Run<'d> {
                 Some(Err(why)) => SegmentEnd::Lost(why),
                 None => self.segment(&link, controls, out).await?,
             };
-            let delivered = self.delivery.sent().delivered;
             let next = after(
                 &end,
                 self.cancelled,
-                delivered,
+                self.delivered,
                 self.max_tokens(),
                 link.state().available,
             );
@@ -373,8 +385,7 @@ impl<'d> Run<'d> {
                         _ => String::new(),
                     };
                     if matches!(end, SegmentEnd::Lost(_)) {
-                        let delivered = self.delivery.sent().segment_ids.len();
-                        warn!(request_id = %self.request.request_id, worker = %link.id(), %why, delivered, "worker lost mid-request; failing over");
+                        warn!(request_id = %self.request.request_id, worker = %link.id(), %why, delivered = self.segment_ids.len(), "worker lost mid-request; failing over");
                     } else {
                         debug!(request_id = %self.request.request_id, worker = %link.id(), message = %why, "worker refused; placing elsewhere");
                     }
@@ -419,9 +430,8 @@ impl<'d> Run<'d> {
             && ((migration.preempt_borrowed_wse && label == "borrow_wse")
                 || migration.drain_handoff
                 || migration.rebalance);
-        let pace = movable.then(|| Arc::new(Pace::new()));
-        self.delivery.sent().pace = pace.clone();
-        self.listing = pace.map(|pace| {
+        self.pace = movable.then(|| Arc::new(Pace::new()));
+        self.listing = self.pace.clone().map(|pace| {
             self.dispatcher.placer.list(ListedRun {
                 worker: link.id(),
                 model: self.request.model.clone(),
@@ -470,7 +480,7 @@ impl<'d> Run<'d> {
             to_worker_id: new.id.clone(),
             to_pool: new.pool.to_string(),
             reason: reason.as_str().into(),
-            at_token: self.delivery.sent().delivered,
+            at_token: self.delivered,
             at_unix_ms: crate::report::now_unix_ms(),
         });
         self.dispatcher
@@ -552,7 +562,7 @@ impl<'d> Run<'d> {
 
     /// Notes the worker now running the request (metrics labels, span fields, report).
     pub(super) fn on_worker(&mut self, record: &switchyard_cluster::WorkerRecord) {
-        if self.noted_worker && self.worker == record.id {
+        if self.stream_metrics.is_some() && self.worker == record.id {
             // Noted already (a request's first segment is noted as it is placed).
             return;
         }
@@ -561,15 +571,11 @@ impl<'d> Run<'d> {
         self.cost_per_mtok = record.capacity.cost_per_mtok;
         self.span.record("pool", pool_label(Some(record.pool)));
         self.span.record("worker", record.id.as_str());
-        let metrics = self.dispatcher.metrics.stream(&StreamLabels {
+        self.stream_metrics = Some(self.dispatcher.metrics.stream(&StreamLabels {
             lane: lane_label(self.class.lane),
             pool: pool_label(Some(record.pool)),
             model: self.request.model.clone(),
-        });
-        let mut sent = self.delivery.sent();
-        sent.pool = Some(record.pool);
-        sent.metrics = Some(metrics);
-        self.noted_worker = true;
+        }));
     }
 
     /// Runs one generation on `link` until it ends one way or another.
@@ -586,11 +592,8 @@ impl<'d> Run<'d> {
             return Err(DispatchError::ClientGone);
         }
         let generation_id = self.dispatcher.links.next_generation_id();
-        // Its chunks go straight from the link to the client while the client keeps up.
-        self.delivery.sent().generation = Some(generation_id.clone());
-        let direct = Arc::downgrade(&self.delivery) as Weak<dyn TokenSink>;
         let started = tokio::select! {
-            started = link.start(self.worker_start(&generation_id), Some(direct)) => started,
+            started = link.start(self.worker_start(&generation_id)) => started,
             // The worker is taking starts more slowly than they come: nothing was sent yet.
             _ = out.closed() => return Err(DispatchError::ClientGone),
         };
@@ -634,7 +637,7 @@ impl<'d> Run<'d> {
             (self.worker_start(&first_id), self.worker_start(&second_id));
         let (first, second) = tokio::select! {
             started = async {
-                tokio::join!(primary.start(first_start, None), hedge.link.start(second_start, None))
+                tokio::join!(primary.start(first_start), hedge.link.start(second_start))
             } => started,
             _ = out.closed() => return Err(DispatchError::ClientGone),
         };
@@ -734,21 +737,6 @@ impl<'d> Run<'d> {
         controls: &mut mpsc::UnboundedReceiver<Control>,
         out: &FrameSink,
     ) -> Result<SegmentEnd, DispatchError> {
-        let end = self.follow_segment(link, started, controls, out).await;
-        // However it ended, its link delivers no more: a late chunk of a generation the run
-        // stopped following must not reach the client after the request's end or inside the
-        // next segment.
-        self.delivery.sent().generation = None;
-        end
-    }
-
-    async fn follow_segment(
-        &mut self,
-        link: &Arc<Link>,
-        started: Started,
-        controls: &mut mpsc::UnboundedReceiver<Control>,
-        out: &FrameSink,
-    ) -> Result<SegmentEnd, DispatchError> {
         let Started {
             // From here every way out of this function — including an early return because
             // the client went away while a frame was being forwarded — stops the generation
@@ -805,7 +793,7 @@ impl<'d> Run<'d> {
                             }
                         }
                         let count = tokens.token_ids.len() as u32;
-                        self.delivery.send(tokens).await?;
+                        self.forward(tokens, out).await?;
                         to_grant += count;
                         if window > 0 && to_grant >= window.div_ceil(2) {
                             link.grant(&generation_id, std::mem::take(&mut to_grant));
@@ -910,8 +898,7 @@ impl<'d> Run<'d> {
     fn worker_start(&self, generation_id: &str) -> v1::WorkerStart {
         let mut sampling = self.request.sampling.clone().unwrap_or_default();
         // Tokens of earlier segments (before an interrupt) count against max_tokens.
-        let sent = self.delivery.sent();
-        let earlier = sent.delivered - sent.segment_ids.len() as u32;
+        let earlier = self.delivered - self.segment_ids.len() as u32;
         sampling.max_tokens = sampling.max_tokens.saturating_sub(earlier).max(1);
         v1::WorkerStart {
             request_id: generation_id.to_string(),
@@ -919,7 +906,7 @@ impl<'d> Run<'d> {
             messages: self.request.messages.clone(),
             prompt: self.request.prompt.clone(),
             sampling: Some(sampling),
-            resume_tokens: sent.segment_ids.clone(),
+            resume_tokens: self.segment_ids.clone(),
             trace_context: propagation::span_to_map(&self.span),
             lane: self.lane as i32,
             prompt_token_ids: self.prompt_ids.clone(),
@@ -928,14 +915,44 @@ impl<'d> Run<'d> {
         }
     }
 
+    async fn forward(&mut self, tokens: v1::Tokens, out: &FrameSink) -> Result<(), DispatchError> {
+        if tokens.token_ids.is_empty() && tokens.text.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        self.first_token.get_or_insert(now);
+        let (gap, first) = match self.last_token.replace(now) {
+            Some(previous) => (now - previous, false),
+            None => (now - self.arrived, true),
+        };
+        if let Some(metrics) = &self.stream_metrics {
+            metrics.tokens(tokens.token_ids.len() as u32, gap, first);
+        }
+        self.delivered += tokens.token_ids.len() as u32;
+        if let Some(pace) = &self.pace {
+            pace.tokens(tokens.token_ids.len() as u32);
+        }
+        self.generated
+            .fetch_add(tokens.token_ids.len() as u32, Ordering::Relaxed);
+        self.dispatcher
+            .reports
+            .tokens(self.pool, tokens.token_ids.len() as u32);
+        self.segment_ids.extend_from_slice(&tokens.token_ids);
+        self.segment_text.push_str(&tokens.text);
+        let frame = Frame::Tokens(v1::Tokens {
+            request_id: self.request.request_id.clone(),
+            seq: self.seq,
+            text: tokens.text,
+            token_ids: tokens.token_ids,
+        });
+        self.seq += 1;
+        send(out, frame).await
+    }
+
     /// Rewrites the conversation for an interrupt: the generated text (if kept) becomes an
     /// assistant turn, then the new messages follow; the next segment starts fresh.
     fn redirect(&mut self, interrupt: v1::Interrupt) {
-        let generated = {
-            let mut sent = self.delivery.sent();
-            sent.segment_ids.clear();
-            std::mem::take(&mut sent.segment_text)
-        };
+        let generated = std::mem::take(&mut self.segment_text);
         let keep_generated = interrupt.keep_generated;
         apply_interrupt(&mut self.request, generated, interrupt);
         self.prompt_ids = self
@@ -944,6 +961,7 @@ impl<'d> Run<'d> {
             .tokenizers()
             .tokenize(&self.request)
             .unwrap_or_default();
+        self.segment_ids.clear();
         info!(request_id = %self.request.request_id, keep_generated, "interrupted; continuing with new instructions");
     }
 }
