@@ -19,3 +19,23 @@ mod real_model;
 mod reliability;
 mod security;
 mod tls;
+
+/// With `autotests = false`, a file added next to these is compiled only once it is declared
+/// here: a forgotten `mod` would be a test file that silently never runs.
+#[test]
+fn every_end_to_end_file_is_a_module_of_this_binary() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let declared = include_str!("e2e.rs");
+    let forgotten: Vec<String> = std::fs::read_dir(&dir)
+        .expect("reading tests/tests")
+        .filter_map(|entry| {
+            let name = entry.expect("a directory entry").file_name();
+            let module = name.to_str()?.strip_suffix(".rs")?.to_string();
+            (module != "e2e" && !declared.contains(&format!("\nmod {module};\n"))).then_some(module)
+        })
+        .collect();
+    assert!(
+        forgotten.is_empty(),
+        "declare them in tests/tests/e2e.rs: {forgotten:?}"
+    );
+}
