@@ -1,5 +1,5 @@
-//! The placement task: one per router, the only owner of the router's cluster view and of the
-//! requests waiting at the router for a slot.
+//! The placer: one per router, the only owner of the router's cluster view and of the requests
+//! waiting at the router for a slot.
 //!
 //! The view is patched in place from the links' [`ChangeFeed`] (a worker's load report, its
 //! link coming up or going down, a slot taken or given back) and rebuilt only when membership
@@ -9,12 +9,21 @@
 //!
 //! A request asks for a placement and gets a worker, an error, or a [`Ticket`]: a place in its
 //! lane's queue. Queues are FIFO within a lane and model, latency-critical first. When a
-//! worker's state changes the task places waiting requests in that order, so a freed slot goes
-//! to exactly the request that should get it; no waiter is woken to find the slot taken.
+//! worker's state changes the placement task places waiting requests in that order, so a freed
+//! slot goes to exactly the request that should get it; no waiter is woken to find the slot
+//! taken.
+//!
+//! The state lives behind one lock, and a request's placement is decided on the request's own
+//! task under it, as tower's balancer decides in the caller's `poll_ready`: a decision takes
+//! well under a microsecond even at 10 000 workers, while handing it to another task and back
+//! cost two wake-ups, ~8 µs a request. The placement task keeps what must happen without a
+//! request asking: it applies the change feed and serves the queues as slots free, moves
+//! listed generations (rebalancing, drains) and gives up wafer-scale waits on time. Nothing
+//! awaits while holding the lock.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -320,12 +329,10 @@ pub enum IfFull {
     Fallback,
 }
 
+/// What the placement task is told by requests that do not wait for an answer.
 enum Command {
-    Place {
-        ask: Ask,
-        if_full: IfFull,
-        reply: oneshot::Sender<Result<Answer, DispatchError>>,
-    },
+    /// A request was queued: the task looks at its timers again.
+    Rearm,
     Leave(u64),
     Listed {
         id: u64,
@@ -344,6 +351,8 @@ enum Command {
 
 /// The handle requests use to reach the placement task.
 pub struct Placer {
+    state: Arc<Mutex<PlacementState>>,
+    /// The placement task's inbox.
     commands: mpsc::UnboundedSender<Command>,
     depths: Arc<[AtomicU32; 2]>,
     next_listing: AtomicU64,
@@ -359,7 +368,7 @@ impl Placer {
     ) -> Self {
         let (commands, inbox) = mpsc::unbounded_channel();
         let depths: Arc<[AtomicU32; 2]> = Arc::default();
-        let task = PlacementTask {
+        let state = PlacementState {
             view: ClusterView::new(Vec::new()),
             changes: links.changes().clone(),
             links,
@@ -375,8 +384,10 @@ impl Placer {
             handed_off: HashSet::new(),
             hedges: HedgeBudget::default(),
         };
-        tokio::spawn(task.run(inbox));
+        let state = Arc::new(Mutex::new(state));
+        tokio::spawn(run_placement_task(state.clone(), inbox));
         Self {
+            state,
             commands,
             depths,
             next_listing: AtomicU64::new(0),
@@ -400,16 +411,19 @@ impl Placer {
     }
 
     /// Places `ask` now, queues it, or refuses it.
-    pub async fn place(&self, ask: Ask, if_full: IfFull) -> Result<Answer, DispatchError> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Place {
-                ask,
-                if_full,
-                reply,
-            })
-            .map_err(|_| stopped())?;
-        answer.await.unwrap_or_else(|_| Err(stopped()))
+    pub fn place(&self, ask: Ask, if_full: IfFull) -> Result<Answer, DispatchError> {
+        let answer = {
+            let mut state = self.state.lock().expect("placement state lock");
+            // Changes not yet applied (a slot freed a moment ago) count for this decision,
+            // and go first to the requests already waiting for them.
+            state.catch_up();
+            state.place_new(ask, if_full)
+        };
+        if matches!(answer, Ok(Answer::Queued(_))) {
+            // It may be the first to await a wafer-scale slot: the task arms its give-up time.
+            self.commands.send(Command::Rearm).map_err(|_| stopped())?;
+        }
+        answer
     }
 
     /// Requests waiting at the router per lane, for the reports' stats.
@@ -463,7 +477,8 @@ struct MayAwait {
     ahead: usize,
 }
 
-struct PlacementTask {
+/// The cluster view, the router queues and the running generations the policy may move.
+struct PlacementState {
     links: Arc<Links>,
     changes: Arc<ChangeFeed>,
     policy: PolicyHandle,
@@ -488,50 +503,60 @@ struct PlacementTask {
     hedges: HedgeBudget,
 }
 
-impl PlacementTask {
-    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Command>) {
-        self.rebuild();
-        let mut rebalance = tokio::time::interval(REBALANCE_EVERY);
-        rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            tokio::select! {
-                // Commands first: a request placed before a load report that frees nothing
-                // sees the same view either way, and queued work is served right after.
-                biased;
-                command = inbox.recv() => match command {
-                    Some(command) => self.handle(command),
-                    None => return,
-                },
-                changed = self.changes.next() => {
-                    self.apply(changed);
-                    self.serve_queues();
-                }
-                _ = rebalance.tick(), if !self.listed.is_empty() => self.rebalance(),
-                // The first request awaiting a wafer-scale slot whose wait ran out takes a GPU.
-                _ = tokio::time::sleep_until(self.next_give_up()), if !self.awaiting_wse.is_empty() => {
-                    self.serve_queues();
-                }
+/// The placement task: applies the change feed and serves the queues as workers change, and
+/// keeps the timers (rebalancing, wafer-scale give-ups). It ends when the last [`Placer`] goes.
+async fn run_placement_task(
+    state: Arc<Mutex<PlacementState>>,
+    mut inbox: mpsc::UnboundedReceiver<Command>,
+) {
+    let lock = || state.lock().expect("placement state lock");
+    let changes = {
+        let mut state = lock();
+        state.rebuild();
+        state.changes.clone()
+    };
+    let mut rebalance = tokio::time::interval(REBALANCE_EVERY);
+    rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        let (listed, give_up) = {
+            let state = lock();
+            let give_up = (!state.awaiting_wse.is_empty()).then(|| state.next_give_up());
+            (!state.listed.is_empty(), give_up)
+        };
+        tokio::select! {
+            // Commands first: a listing or a leave is settled before the next change is.
+            biased;
+            command = inbox.recv() => match command {
+                Some(command) => lock().handle(command),
+                None => return,
+            },
+            changed = changes.next() => {
+                let mut state = lock();
+                state.apply(changed);
+                state.serve_queues();
             }
+            _ = rebalance.tick(), if listed => lock().rebalance(),
+            // The first request awaiting a wafer-scale slot whose wait ran out takes a GPU.
+            _ = tokio::time::sleep_until(give_up.unwrap_or_else(Instant::now)), if give_up.is_some() => {
+                lock().serve_queues();
+            }
+        }
+    }
+}
+
+impl PlacementState {
+    /// Applies what changed since the last look, serving waiting requests first.
+    fn catch_up(&mut self) {
+        let changed = self.changes.take();
+        if changed != Changed::default() {
+            self.apply(changed);
+            self.serve_queues();
         }
     }
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Place {
-                ask,
-                if_full,
-                reply,
-            } => {
-                // Changes not yet applied (a slot freed a moment ago) count for this decision,
-                // and go first to the requests already waiting for them.
-                let changed = self.changes.take();
-                if changed != Changed::default() {
-                    self.apply(changed);
-                    self.serve_queues();
-                }
-                let answer = self.place_new(ask, if_full);
-                let _ = reply.send(answer);
-            }
+            Command::Rearm => {}
             Command::Leave(id) => {
                 for queue in self.queues.iter_mut().chain([&mut self.awaiting_wse]) {
                     queue.retain(|w| w.id != id);

@@ -1385,6 +1385,49 @@ async fn a_request_a_gpu_would_serve_late_awaits_the_wafer_slot_that_frees_in_ti
     assert_eq!(session.end("holder-2").await.reason(), FinishReason::Length);
 }
 
+/// A request that starts awaiting a wafer-scale slot while nothing else happens in the cluster
+/// (the slot's holder is silent, no load report arrives) still gives up on time and takes the
+/// GPU: its give-up time is armed when it is queued, not at the next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_awaiting_a_silent_wafer_slot_gives_up_on_time() {
+    let mut policy = PolicyDocument::default();
+    policy.placement.await_wse = true;
+    policy.placement.await_wse_gpu_ttft_fraction = 1.0;
+    let cluster = Cluster::start_reporting(
+        &[(Pool::Gpu, 4, 1_000.0), (Pool::Wse, 1, 50_000.0)],
+        RouterConfig::default(),
+        Some(policy),
+    )
+    .await;
+    let (gpu, wse) = (&cluster.workers[0].id, &cluster.workers[1].id);
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    // A quick first generation makes the wafer's slot look like it frees in a moment.
+    session.start(request(
+        "warm-up",
+        "quick",
+        3,
+        RequestClass::LatencyCritical,
+    ));
+    assert_eq!(session.end("warm-up").await.reason(), FinishReason::Length);
+    assert_eq!(&session.requests["warm-up"].accepted[0].worker_id, wse);
+    // Then it is held, and never released.
+    session.start(request("holder", "hold", 3, RequestClass::LatencyCritical));
+    session.tokens("holder", 1).await;
+    let long = format!("slow {}", "word ".repeat(3_000));
+    session.start(request("late", &long, 3, RequestClass::LatencyCritical));
+    let end = session.end("late").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    let late = end.accepted[0].clone();
+    assert_eq!(&late.worker_id, gpu, "{late:?}");
+    let waited = queue_ms(&end);
+    assert!(waited > 0.0 && waited < 1_000.0, "waited {waited} ms");
+    cluster.engine(1).release();
+    assert_eq!(session.end("holder").await.reason(), FinishReason::Length);
+}
+
 fn queue_ms(outcome: &Outcome) -> f64 {
     outcome
         .finished

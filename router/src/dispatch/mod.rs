@@ -253,7 +253,6 @@ impl Dispatcher {
                 span.record("lane", class.lane.as_str());
                 span.record("reason", class.reason.as_str());
                 self.place(&request, &prompt_ids, &class, sampled)
-                    .await
                     .inspect_err(|error| {
                         if matches!(error, DispatchError::Shed { .. }) {
                             span.record("reason", format!("{}; shed: {error}", class.reason));

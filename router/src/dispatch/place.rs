@@ -17,7 +17,7 @@ use crate::policy::stable_hash;
 
 impl Dispatcher {
     /// The first placement of a request: a worker now, or a wait at the router.
-    pub(super) async fn place(
+    pub(super) fn place(
         &self,
         request: &v1::GenerateRequest,
         prompt_ids: &[u32],
@@ -25,7 +25,7 @@ impl Dispatcher {
         trace: bool,
     ) -> Result<Target, DispatchError> {
         let ask = self.ask(request, prompt_ids, class, Vec::new(), trace);
-        Ok(match self.placer.place(ask, IfFull::Queue).await? {
+        Ok(match self.placer.place(ask, IfFull::Queue)? {
             Answer::Placed(chosen) => Target::Placed(chosen),
             Answer::Queued(ticket) => Target::Queued(ticket),
         })
@@ -33,7 +33,7 @@ impl Dispatcher {
 
     /// Another worker for a started request, none of `excluded`: when every other worker is
     /// full, the least utilised one takes it anyway (a started request is not shed).
-    pub(super) async fn replace(
+    pub(super) fn replace(
         &self,
         request: &v1::GenerateRequest,
         prompt_ids: &[u32],
@@ -41,7 +41,7 @@ impl Dispatcher {
         excluded: Vec<String>,
     ) -> Result<Chosen, DispatchError> {
         let ask = self.ask(request, prompt_ids, class, excluded, false);
-        match self.placer.place(ask, IfFull::Fallback).await? {
+        match self.placer.place(ask, IfFull::Fallback)? {
             Answer::Placed(chosen) => Ok(chosen),
             Answer::Queued(_) => unreachable!("a fallback placement never queues"),
         }

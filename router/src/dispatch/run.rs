@@ -372,7 +372,7 @@ impl<'d> Run<'d> {
                     self.redirect(interrupt);
                     // The same worker when it can: its KV cache holds this conversation.
                     if !same_worker {
-                        link = self.replace(&link, &mut excluded).await?;
+                        link = self.replace(&link, &mut excluded)?;
                     }
                 }
                 (Next::Move, SegmentEnd::Moved(reason)) => {
@@ -390,7 +390,7 @@ impl<'d> Run<'d> {
                         debug!(request_id = %self.request.request_id, worker = %link.id(), message = %why, "worker refused; placing elsewhere");
                     }
                     self.dispatcher.metrics.failover(self.class.lane, self.pool);
-                    link = match self.replace(&link, &mut excluded).await {
+                    link = match self.replace(&link, &mut excluded) {
                         Ok(next) => next,
                         // A full worker and nowhere else to go is overload, not an outage:
                         // the client is told when to retry, as if shed at the door.
@@ -459,11 +459,12 @@ impl<'d> Run<'d> {
     ) -> Result<Arc<Link>, DispatchError> {
         let mut excluded = excluded.to_vec();
         excluded.push(from.id());
-        let chosen = match self
-            .dispatcher
-            .replace(&self.request, &self.prompt_ids, &self.class, excluded)
-            .await
-        {
+        let chosen = match self.dispatcher.replace(
+            &self.request,
+            &self.prompt_ids,
+            &self.class,
+            excluded,
+        ) {
             Ok(chosen) => chosen,
             Err(error) => {
                 warn!(request_id = %self.request.request_id, worker = %from.id(), %error, "no worker to move to; resuming where it was");
@@ -515,7 +516,7 @@ impl<'d> Run<'d> {
     }
 
     /// Picks another worker after `failed` could not serve the request.
-    async fn replace(
+    fn replace(
         &mut self,
         failed: &Arc<Link>,
         excluded: &mut Vec<String>,
@@ -535,15 +536,12 @@ impl<'d> Run<'d> {
             cached_tokens,
             slot,
             ..
-        } = self
-            .dispatcher
-            .replace(
-                &self.request,
-                &self.prompt_ids,
-                &self.class,
-                excluded.clone(),
-            )
-            .await?;
+        } = self.dispatcher.replace(
+            &self.request,
+            &self.prompt_ids,
+            &self.class,
+            excluded.clone(),
+        )?;
         self.slot = Some(slot);
         self.predicted_cached_tokens = cached_tokens;
         self.span.record("predicted_cached_tokens", cached_tokens);
