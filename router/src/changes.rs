@@ -1,6 +1,7 @@
 //! What changed in the cluster since placement last looked: the workers whose load or
 //! reachability changed, and whether membership (the set of workers, their pools or models)
-//! changed. Links and the membership follower write it; the placement task takes it.
+//! changed. Links and the membership follower write it; the placer takes it (its task as
+//! changes come, and a placement before it decides).
 //!
 //! Changes are coalesced: a worker reporting its load a thousand times while placement is
 //! busy is one entry, so memory stays bounded by the number of workers however slow the

@@ -349,7 +349,7 @@ enum Command {
     },
 }
 
-/// The handle requests use to reach the placement task.
+/// The handle requests are placed through; it also reaches the placement task.
 pub struct Placer {
     state: Arc<Mutex<PlacementState>>,
     /// The placement task's inbox.

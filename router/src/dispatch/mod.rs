@@ -4,7 +4,7 @@
 //! possible) and failover (another worker resumes after the tokens the client already has).
 //!
 //! One file per stage of a request, in order: [`validate`] (limits, tokenization) →
-//! [`classify`] (lane, tenant lane rules and quota) → [`place`] (the placement task's answer,
+//! [`classify`] (lane, tenant lane rules and quota) → [`place`] (the placer's answer,
 //! or a wait at the router) → [`run`] (segments on workers until the end) → [`finish`] (the
 //! last frame, metrics and the report). [`span`] holds the request's tracing span.
 
@@ -112,7 +112,7 @@ pub struct Dispatcher {
     pub in_flight: Arc<InFlight>,
     /// Decision and outcome reports to the control plane.
     pub reports: Reporter,
-    /// The placement task (the cluster view and the router queues).
+    /// The placer (the cluster view and the router queues).
     placer: Placer,
     tenant_quota: TenantQuota,
     next_seed: AtomicU64,

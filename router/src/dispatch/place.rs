@@ -1,4 +1,4 @@
-//! Stage 3: where the request runs. The router's placement task answers with a worker (its
+//! Stage 3: where the request runs. The router's placer answers with a worker (its
 //! slot held until the start is sent), a place in the lane's queue at the router, or a
 //! refusal (shed, unknown model, no worker). A request failing over asks again with the
 //! workers that failed it excluded, and is never shed.
@@ -47,8 +47,8 @@ impl Dispatcher {
         }
     }
 
-    /// What the placement task needs to know of a request. The prefix index is looked up
-    /// here, on the request's task, so the placement task only decides.
+    /// What the placer needs to know of a request. The prefix index is looked up here,
+    /// before the placer's lock is taken, so the lock is held only to decide.
     fn ask(
         &self,
         request: &v1::GenerateRequest,
