@@ -1305,28 +1305,25 @@ async fn a_scarce_wafer_is_kept_for_the_long_prompt_and_short_ones_go_to_a_gpu()
     }
 }
 
-/// A latency-critical request that a GPU would serve late, while the wafer's only slot is
-/// busy, waits at the router for that slot (its turnover measured from the generations before)
-/// and gets it as soon as it frees; when the slot does not free within what is left of its SLO,
-/// it takes the GPU after all.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_request_a_gpu_would_serve_late_awaits_the_wafer_slot_that_frees_in_time() {
+/// A GPU prefilling 1 000 tokens/s and a wafer 50 000 tokens/s with one slot, under a policy
+/// that lets a latency-critical request await the wafer; a quick first generation on the wafer
+/// has measured how long its slot is held, and the slot is now taken and held (`holder`, one
+/// token out) until `cluster.engine(1).release()`.
+async fn wafer_slot_held() -> (Cluster, Session) {
     let mut policy = PolicyDocument::default();
     policy.placement.await_wse = true;
     policy.placement.await_wse_gpu_ttft_fraction = 1.0;
-    // A GPU prefilling 1 000 tokens/s, a wafer 50 000 tokens/s with one slot.
     let cluster = Cluster::start_reporting(
         &[(Pool::Gpu, 4, 1_000.0), (Pool::Wse, 1, 50_000.0)],
         RouterConfig::default(),
         Some(policy),
     )
     .await;
-    let (gpu, wse) = (&cluster.workers[0].id, &cluster.workers[1].id);
     cluster
         .script
         .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
     let mut session = cluster.session().await;
-    // A first generation on the wafer measures how long its slot is held.
+    let wse = cluster.workers[1].id.clone();
     session.start(request(
         "warm-up",
         "quick",
@@ -1334,14 +1331,30 @@ async fn a_request_a_gpu_would_serve_late_awaits_the_wafer_slot_that_frees_in_ti
         RequestClass::LatencyCritical,
     ));
     assert_eq!(session.end("warm-up").await.reason(), FinishReason::Length);
-    assert_eq!(&session.requests["warm-up"].accepted[0].worker_id, wse);
-    // The wafer's slot is taken and held.
+    assert_eq!(session.requests["warm-up"].accepted[0].worker_id, wse);
     session.start(request("holder", "hold", 3, RequestClass::LatencyCritical));
     session.tokens("holder", 1).await;
-    assert_eq!(&session.requests["holder"].accepted[0].worker_id, wse);
+    assert_eq!(session.requests["holder"].accepted[0].worker_id, wse);
+    (cluster, session)
+}
+
+/// ~3 000 prompt tokens: 1.5 s or more on the GPU of [`wafer_slot_held`], past the 1 000 ms
+/// SLO; ~60 ms on its wafer.
+fn late_prompt() -> String {
+    format!("slow {}", "word ".repeat(3_000))
+}
+
+/// A latency-critical request that a GPU would serve late, while the wafer's only slot is
+/// busy, waits at the router for that slot (its turnover measured from the generations before)
+/// and gets it as soon as it frees; when the slot does not free within what is left of its SLO,
+/// it takes the GPU after all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_a_gpu_would_serve_late_awaits_the_wafer_slot_that_frees_in_time() {
+    let (cluster, mut session) = wafer_slot_held().await;
+    let (gpu, wse) = (&cluster.workers[0].id, &cluster.workers[1].id);
     // ~3 000 prompt tokens: 1.5 s or more on the GPU (with its assumed cache), past the
     // 1 000 ms SLO; ~60 ms on the wafer. It waits rather than start on the GPU.
-    let long = format!("slow {}", "word ".repeat(3_000));
+    let long = late_prompt();
     session.start(request("late", &long, 3, RequestClass::LatencyCritical));
     cluster.engine(1).release();
     assert_eq!(session.end("holder").await.reason(), FinishReason::Length);
@@ -1390,33 +1403,9 @@ async fn a_request_a_gpu_would_serve_late_awaits_the_wafer_slot_that_frees_in_ti
 /// GPU: its give-up time is armed when it is queued, not at the next change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_awaiting_a_silent_wafer_slot_gives_up_on_time() {
-    let mut policy = PolicyDocument::default();
-    policy.placement.await_wse = true;
-    policy.placement.await_wse_gpu_ttft_fraction = 1.0;
-    let cluster = Cluster::start_reporting(
-        &[(Pool::Gpu, 4, 1_000.0), (Pool::Wse, 1, 50_000.0)],
-        RouterConfig::default(),
-        Some(policy),
-    )
-    .await;
-    let (gpu, wse) = (&cluster.workers[0].id, &cluster.workers[1].id);
-    cluster
-        .script
-        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
-    let mut session = cluster.session().await;
-    // A quick first generation makes the wafer's slot look like it frees in a moment.
-    session.start(request(
-        "warm-up",
-        "quick",
-        3,
-        RequestClass::LatencyCritical,
-    ));
-    assert_eq!(session.end("warm-up").await.reason(), FinishReason::Length);
-    assert_eq!(&session.requests["warm-up"].accepted[0].worker_id, wse);
-    // Then it is held, and never released.
-    session.start(request("holder", "hold", 3, RequestClass::LatencyCritical));
-    session.tokens("holder", 1).await;
-    let long = format!("slow {}", "word ".repeat(3_000));
+    let (cluster, mut session) = wafer_slot_held().await;
+    let gpu = &cluster.workers[0].id;
+    let long = late_prompt();
     session.start(request("late", &long, 3, RequestClass::LatencyCritical));
     let end = session.end("late").await;
     assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
