@@ -19,7 +19,9 @@
 //! cost two wake-ups, ~8 µs a request. The placement task keeps what must happen without a
 //! request asking: it applies the change feed and serves the queues as slots free, moves
 //! listed generations (rebalancing, drains) and gives up wafer-scale waits on time. Nothing
-//! awaits while holding the lock.
+//! awaits while holding the lock. The one long hold is a membership change, which rebuilds the
+//! view from every link (~2 ms at 10 000 workers): placements meanwhile wait on the lock, as
+//! they waited on the task before.
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
