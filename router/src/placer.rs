@@ -370,7 +370,7 @@ impl Placer {
     ) -> Self {
         let (commands, inbox) = mpsc::unbounded_channel();
         let depths: Arc<[AtomicU32; 2]> = Arc::default();
-        let state = PlacementState {
+        let mut state = PlacementState {
             view: ClusterView::new(Vec::new()),
             changes: links.changes().clone(),
             links,
@@ -386,6 +386,8 @@ impl Placer {
             handed_off: HashSet::new(),
             hedges: HedgeBudget::default(),
         };
+        // Built before any request can ask: the task may first run after a placement has.
+        state.rebuild();
         let state = Arc::new(Mutex::new(state));
         tokio::spawn(run_placement_task(state.clone(), inbox));
         Self {
@@ -512,11 +514,7 @@ async fn run_placement_task(
     mut inbox: mpsc::UnboundedReceiver<Command>,
 ) {
     let lock = || state.lock().expect("placement state lock");
-    let changes = {
-        let mut state = lock();
-        state.rebuild();
-        state.changes.clone()
-    };
+    let changes = lock().changes.clone();
     let mut rebalance = tokio::time::interval(REBALANCE_EVERY);
     rebalance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
