@@ -125,8 +125,11 @@ enum Target {
     Queued(Ticket),
 }
 
-/// A validated, classified request, placed or admitted to wait, ready to run.
-pub struct Prepared {
+/// A validated, classified request, placed or admitted to wait, ready to run. Boxed: it is
+/// passed down through the run's nested futures, and each would otherwise hold a copy.
+pub struct Prepared(Box<PreparedRequest>);
+
+struct PreparedRequest {
     request: v1::GenerateRequest,
     /// The prompt as the workers' token ids (chat template applied), tokenized once when
     /// prepared; empty when the router has no tokenizer for the model. Sent in
@@ -149,7 +152,7 @@ impl Prepared {
     /// Calls `end` when the request ends, just before its last frame goes out (or when it
     /// stops without one: the client went away).
     pub fn on_end(&mut self, end: impl FnOnce() + Send + 'static) {
-        self.held.on_end = Some(Box::new(end));
+        self.0.held.on_end = Some(Box::new(end));
     }
 }
 
@@ -263,7 +266,7 @@ impl Dispatcher {
             Err(error) => Err(error),
         };
         match prepared {
-            Ok((target, quota)) => Ok(Prepared {
+            Ok((target, quota)) => Ok(Prepared(Box::new(PreparedRequest {
                 request,
                 prompt_ids,
                 class,
@@ -276,7 +279,7 @@ impl Dispatcher {
                     on_end: None,
                 },
                 in_flight,
-            }),
+            }))),
             Err(error) => {
                 self.unplaced(&request, &class, &prompt_ids, &error, sampled, arrived);
                 span.in_scope(
@@ -296,7 +299,7 @@ impl Dispatcher {
         controls: mpsc::UnboundedReceiver<Control>,
         out: FrameSink,
     ) {
-        let span = prepared.span.clone();
+        let span = prepared.0.span.clone();
         self.run_in_span(prepared, controls, out)
             .instrument(span)
             .await
@@ -310,7 +313,7 @@ impl Dispatcher {
         out: FrameSink,
     ) {
         let dispatcher = self.clone();
-        // Boxed: the task holds a pointer, not the run's ~2 KB of state, which spawning would
+        // Boxed: the task holds a pointer, not the run's ~2.4 KB of state, which spawning would
         // otherwise copy a few times over (~2 % of a `Session` request's cost).
         tokio::spawn(Box::pin(async move {
             dispatcher.run(prepared, controls, out).await
@@ -339,7 +342,7 @@ impl Dispatcher {
         mut controls: mpsc::UnboundedReceiver<Control>,
         out: FrameSink,
     ) {
-        let Prepared {
+        let PreparedRequest {
             mut request,
             mut prompt_ids,
             class,
@@ -349,41 +352,31 @@ impl Dispatcher {
             sampled,
             mut held,
             in_flight: _in_flight,
-        } = prepared;
+        } = *prepared.0;
         let placed = match target {
             Target::Placed(chosen) => Ok(chosen),
-            Target::Queued(mut ticket) => {
-                let mut controls_open = true;
-                let placed = loop {
-                    tokio::select! {
-                        // The client's word first: a placement that arrives with a cancel is
-                        // given back, not started.
-                        biased;
-                        control = controls.recv(), if controls_open => match control {
-                            Some(Control::Cancel) => {
-                                drop(ticket);
-                                info!(request_id = %request.request_id, "cancelled while waiting at the router");
-                                self.cancelled_waiting(&request, &class, &prompt_ids, sampled, arrived);
-                                held.release(None);
-                                let _ = out.send(Ok(finish::cancelled_frame(&request.request_id, arrived))).await;
-                                return;
-                            }
-                            // Not started yet: the new instructions simply become its prompt.
-                            Some(Control::Interrupt(interrupt)) => {
-                                run::apply_interrupt(&mut request, String::new(), *interrupt);
-                                prompt_ids = self.links.tokenizers().tokenize(&request).unwrap_or_default();
-                            }
-                            None => controls_open = false,
-                        },
-                        placed = ticket.placed() => break placed,
-                        _ = out.closed() => return,
-                    }
-                };
-                let waited = arrived.elapsed();
-                span.record("queue_ms", waited.as_secs_f64() * 1e3);
-                let outcome = if placed.is_ok() { "placed" } else { "shed" };
-                self.metrics.queued(class.lane, waited, outcome);
-                placed
+            // Boxed, as are the rare paths below: a future is as large as its largest state,
+            // and a request's is moved whole on its way onto a task.
+            Target::Queued(ticket) => {
+                let waited = Box::pin(self.wait_for_slot(
+                    ticket,
+                    Waiting {
+                        request: &mut request,
+                        prompt_ids: &mut prompt_ids,
+                        class: &class,
+                        span: &span,
+                        held: &mut held,
+                        sampled,
+                        arrived,
+                    },
+                    &mut controls,
+                    &out,
+                ))
+                .await;
+                match waited {
+                    Some(placed) => placed,
+                    None => return,
+                }
             }
         };
         let chosen = match placed {
@@ -393,7 +386,7 @@ impl Dispatcher {
                 info!(request_id = %request.request_id, lane = class.lane.as_str(), %error, "not placed");
                 self.unplaced(&request, &class, &prompt_ids, &error, sampled, arrived);
                 held.release(None);
-                let _ = out.send(Ok(error.failed_frame(&request.request_id))).await;
+                let _ = Box::pin(out.send(Ok(error.failed_frame(&request.request_id)))).await;
                 return;
             }
         };
@@ -416,11 +409,72 @@ impl Dispatcher {
             .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
         run.report(outcome, result.as_ref().err(), sampled);
         if let Err(error) = result {
-            let _ = out
-                .send(Ok(error.failed_frame(&run.request.request_id)))
-                .await;
+            let _ = Box::pin(out.send(Ok(error.failed_frame(&run.request.request_id)))).await;
         }
     }
+
+    /// A queued request's wait at the router for a slot: its placement, or why it got none.
+    /// `None` when the wait ended the request (cancelled: its last frame is sent; or the
+    /// client went away).
+    async fn wait_for_slot(
+        &self,
+        mut ticket: Ticket,
+        waiting: Waiting<'_>,
+        controls: &mut mpsc::UnboundedReceiver<Control>,
+        out: &FrameSink,
+    ) -> Option<Result<Chosen, DispatchError>> {
+        let Waiting {
+            request,
+            prompt_ids,
+            class,
+            span,
+            held,
+            sampled,
+            arrived,
+        } = waiting;
+        let mut controls_open = true;
+        let placed = loop {
+            tokio::select! {
+                // The client's word first: a placement that arrives with a cancel is given
+                // back, not started.
+                biased;
+                control = controls.recv(), if controls_open => match control {
+                    Some(Control::Cancel) => {
+                        drop(ticket);
+                        info!(request_id = %request.request_id, "cancelled while waiting at the router");
+                        self.cancelled_waiting(request, class, prompt_ids, sampled, arrived);
+                        held.release(None);
+                        let _ = out.send(Ok(finish::cancelled_frame(&request.request_id, arrived))).await;
+                        return None;
+                    }
+                    // Not started yet: the new instructions simply become its prompt.
+                    Some(Control::Interrupt(interrupt)) => {
+                        run::apply_interrupt(request, String::new(), *interrupt);
+                        *prompt_ids = self.links.tokenizers().tokenize(request).unwrap_or_default();
+                    }
+                    None => controls_open = false,
+                },
+                placed = ticket.placed() => break placed,
+                _ = out.closed() => return None,
+            }
+        };
+        let waited = arrived.elapsed();
+        span.record("queue_ms", waited.as_secs_f64() * 1e3);
+        let outcome = if placed.is_ok() { "placed" } else { "shed" };
+        self.metrics.queued(class.lane, waited, outcome);
+        Some(placed)
+    }
+}
+
+/// What a queued request's wait reads and may change (an interrupt rewrites the prompt).
+struct Waiting<'a> {
+    request: &'a mut v1::GenerateRequest,
+    prompt_ids: &'a mut Vec<u32>,
+    class: &'a Classification,
+    span: &'a Span,
+    held: &'a mut Held,
+    sampled: bool,
+    arrived: Instant,
 }
 
 /// A prompt's token count for placement and classification.

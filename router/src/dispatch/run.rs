@@ -312,10 +312,11 @@ impl<'d> Run<'d> {
         controls: &mut mpsc::UnboundedReceiver<Control>,
         out: &FrameSink,
     ) -> Result<(), DispatchError> {
-        // A hedged request is accepted by the copy that wins its race.
+        // A hedged request is accepted by the copy that wins its race. (Races and moves are
+        // rare and their futures large: boxed, they do not make every request's future larger.)
         let mut started = None;
         if let Some(hedge) = self.hedge.take() {
-            let (winner, first) = self.race(link, hedge, controls, out).await?;
+            let (winner, first) = Box::pin(self.race(link, hedge, controls, out)).await?;
             link = winner;
             self.list(self.placement_label, &link);
             started = Some(first);
@@ -376,7 +377,7 @@ impl<'d> Run<'d> {
                     }
                 }
                 (Next::Move, SegmentEnd::Moved(reason)) => {
-                    link = self.move_on(&link, reason, &excluded, out).await?;
+                    link = Box::pin(self.move_on(&link, reason, &excluded, out)).await?;
                 }
                 (Next::Failover { full }, end) => {
                     let why = match &end {
