@@ -113,7 +113,7 @@ async fn handle_frame(
                 let _ = out.send(Ok(error.failed_frame(&request_id))).await;
                 return;
             }
-            match dispatcher.prepare(request, session.trace.clone()).await {
+            match dispatcher.prepare(request, session.trace.clone()) {
                 Ok(mut prepared) => {
                     let (control_tx, control_rx) = mpsc::unbounded_channel();
                     running.insert(request_id.clone(), control_tx);

@@ -226,7 +226,7 @@ impl Dispatcher {
     /// metadata when shed). The request's span continues the trace in `parent` (the call's
     /// headers), or in the request's own `traceparent` metadata entry, which wins: one
     /// session carries requests of many traces.
-    pub async fn prepare(
+    pub fn prepare(
         &self,
         request: v1::GenerateRequest,
         parent: RemoteContext,

@@ -760,6 +760,11 @@ impl<'d> Run<'d> {
         // The run's listing with the placement task, while it may be moved.
         let mut listing = self.listing.take();
         let mut moving: Option<MoveReason> = None;
+        // One wait for the client's departure for the whole segment: made afresh for every
+        // chunk, it joined and left the waiters of the channel all of a session's requests
+        // share, under its lock, twice a chunk.
+        let client_gone = out.closed();
+        tokio::pin!(client_gone);
         let end = loop {
             let grace = async {
                 match cancel_deadline {
@@ -861,7 +866,7 @@ impl<'d> Run<'d> {
                     }
                     None => controls_open = false,
                 },
-                _ = out.closed() => {
+                () = &mut client_gone => {
                     debug!(request_id = %self.request.request_id, "client went away; cancelling");
                     // `generation` sends the cancel as it drops.
                     return Err(DispatchError::ClientGone);
