@@ -241,6 +241,11 @@ fn after(
     }
 }
 
+/// Tokens of a reply a run makes room for when it starts (at most `max_tokens`).
+const REPLY_TOKENS_RESERVED: u32 = 256;
+/// Text bytes a token usually decodes to (English text and code, ~4 characters a token).
+const BYTES_PER_TOKEN: usize = 4;
+
 impl<'d> Run<'d> {
     pub(super) fn new(
         request: v1::GenerateRequest,
@@ -254,6 +259,13 @@ impl<'d> Run<'d> {
         let placement_reason = &chosen.reason;
         span.record("predicted_cached_tokens", chosen.cached_tokens);
         let (label, link) = (chosen.reason_label, chosen.link.clone());
+        // Room for a usual reply up front: grown token by token (a paced stream's chunks come
+        // one token each) they were reallocated some ten times a request.
+        let reply_tokens = request
+            .sampling
+            .as_ref()
+            .map_or(0, |s| s.max_tokens)
+            .min(REPLY_TOKENS_RESERVED) as usize;
         let mut run = Self {
             slot: Some(chosen.slot),
             prompt_ids,
@@ -274,8 +286,8 @@ impl<'d> Run<'d> {
             placed: Instant::now(),
             first_token: None,
             seq: 0,
-            segment_ids: Vec::new(),
-            segment_text: String::new(),
+            segment_ids: Vec::with_capacity(reply_tokens),
+            segment_text: String::with_capacity(reply_tokens * BYTES_PER_TOKEN),
             delivered: 0,
             prompt_tokens: 0,
             cached_prompt_tokens: 0,
