@@ -259,8 +259,8 @@ impl<'d> Run<'d> {
         let placement_reason = &chosen.reason;
         span.record("predicted_cached_tokens", chosen.cached_tokens);
         let (label, link) = (chosen.reason_label, chosen.link.clone());
-        // Room for a usual reply up front: grown token by token (a paced stream's chunks come
-        // one token each) they were reallocated some ten times a request.
+        // Room for a usual reply up front: grown chunk by chunk (a paced stream's chunks carry
+        // one token each), the segment's ids and text were reallocated ~10 times a request.
         let reply_tokens = request
             .sampling
             .as_ref()
