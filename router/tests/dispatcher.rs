@@ -892,7 +892,10 @@ async fn order_of_waiting_requests() -> Vec<String> {
     );
 
     cluster.engine(0).release();
-    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+    let holder = session.end("h").await;
+    assert_eq!(holder.reason(), FinishReason::Length);
+    // Placed at once: it never waited for a slot, however long its task took to start.
+    assert_eq!(queue_ms(&holder), 0.0, "{holder:?}");
     for (id, _) in WAITING {
         let end = session.end(id).await;
         assert_eq!(end.reason(), FinishReason::Length, "{id}: {end:?}");

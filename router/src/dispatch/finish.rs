@@ -241,7 +241,7 @@ impl Run<'_> {
                     .map(|t| ms(t - self.arrived))
                     .unwrap_or_default(),
                 total_ms: ms(self.arrived.elapsed()),
-                queue_ms: ms(self.placed - self.arrived),
+                queue_ms: ms(self.waited),
             }),
         });
         self.release();

@@ -17,6 +17,7 @@ mod validate;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use switchyard_cluster::driven::DrivenReceiver;
 use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
@@ -353,8 +354,8 @@ impl Dispatcher {
             mut held,
             in_flight: _in_flight,
         } = *prepared.0;
-        let placed = match target {
-            Target::Placed(chosen) => Ok(chosen),
+        let (placed, waited) = match target {
+            Target::Placed(chosen) => (Ok(chosen), Duration::ZERO),
             // Boxed, as are the rare paths below: a future is as large as its largest state,
             // and a request's is moved whole on its way onto a task.
             Target::Queued(ticket) => {
@@ -396,6 +397,7 @@ impl Dispatcher {
         let link = chosen.link.clone();
         let mut run = Run::new(request, prompt_ids, class, arrived, chosen, span, self);
         run.held = held;
+        run.waited = waited;
         run.on_worker(&link.record());
         let result = Box::pin(run.drive(link, &mut controls, &out)).await;
         let outcome = match &result {
@@ -413,16 +415,16 @@ impl Dispatcher {
         }
     }
 
-    /// A queued request's wait at the router for a slot: its placement, or why it got none.
-    /// `None` when the wait ended the request (cancelled: its last frame is sent; or the
-    /// client went away).
+    /// A queued request's wait at the router for a slot: its placement, or why it got none,
+    /// and how long it waited. `None` when the wait ended the request (cancelled: its last
+    /// frame is sent; or the client went away).
     async fn wait_for_slot(
         &self,
         mut ticket: Ticket,
         waiting: Waiting<'_>,
         controls: &mut mpsc::UnboundedReceiver<Control>,
         out: &FrameSink,
-    ) -> Option<Result<Chosen, DispatchError>> {
+    ) -> Option<(Result<Chosen, DispatchError>, Duration)> {
         let Waiting {
             request,
             prompt_ids,
@@ -462,7 +464,7 @@ impl Dispatcher {
         span.record("queue_ms", waited.as_secs_f64() * 1e3);
         let outcome = if placed.is_ok() { "placed" } else { "shed" };
         self.metrics.queued(class.lane, waited, outcome);
-        Some(placed)
+        Some((placed, waited))
     }
 }
 

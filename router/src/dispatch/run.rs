@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use switchyard_cluster::Pool;
 use switchyard_cluster::telemetry::propagation;
@@ -40,6 +41,9 @@ pub(super) struct Run<'d> {
     pub(super) arrived: Instant,
     /// When the request got its first worker (after any wait at the router for a slot).
     pub(super) placed: Instant,
+    /// How long it waited at the router for a slot (`Timings.queue_ms`): zero when placed at
+    /// once, however long its task then took to be polled.
+    pub(super) waited: Duration,
     pub(super) first_token: Option<Instant>,
     /// When the last chunk reached the client (inter-token latency).
     pub(super) last_token: Option<Instant>,
@@ -284,6 +288,7 @@ impl<'d> Run<'d> {
             request,
             arrived,
             placed: Instant::now(),
+            waited: Duration::ZERO,
             first_token: None,
             seq: 0,
             segment_ids: Vec::with_capacity(reply_tokens),
