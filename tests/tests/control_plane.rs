@@ -813,6 +813,8 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
         "{lc}"
     );
     assert!(lc["predicted_ttft_ms"].as_f64().unwrap() > 0.0, "{lc}");
+    // Placed at once in an idle cluster: it never waited at the router for a slot.
+    assert_eq!(lc["queued_ms"].as_f64(), Some(0.0), "{lc}");
     let candidates = lc["candidates"].as_array().expect("candidates");
     assert!(
         candidates

@@ -392,7 +392,7 @@ impl Dispatcher {
             }
         };
         if sampled {
-            self.report_decision(&request, &class, &prompt_ids, &chosen, arrived);
+            self.report_decision(&request, &class, &prompt_ids, &chosen, waited);
         }
         let link = chosen.link.clone();
         let mut run = Run::new(request, prompt_ids, class, arrived, chosen, span, self);

@@ -5,8 +5,8 @@
 
 use std::sync::atomic::Ordering;
 
+use std::time::Duration;
 use switchyard_proto::v1;
-use tokio::time::Instant;
 
 use super::{Dispatcher, Target, token_count};
 use crate::affinity::affinity_of;
@@ -87,14 +87,15 @@ impl Dispatcher {
         }
     }
 
-    /// Reports a sampled request's placement to the control plane.
+    /// Reports a sampled request's placement to the control plane, after it `waited` at the
+    /// router for a slot.
     pub(super) fn report_decision(
         &self,
         request: &v1::GenerateRequest,
         class: &Classification,
         prompt_ids: &[u32],
         chosen: &Chosen,
-        arrived: Instant,
+        waited: Duration,
     ) {
         let record = chosen.link.record();
         let mut decision =
@@ -104,7 +105,7 @@ impl Dispatcher {
         decision.reason = chosen.reason_label.into();
         decision.reason_text = format!("{}; {}", class.reason, chosen.reason);
         decision.predicted_ttft_ms = chosen.predicted_ttft_ms;
-        decision.queued_ms = arrived.elapsed().as_secs_f64() * 1e3;
+        decision.queued_ms = waited.as_secs_f64() * 1e3;
         decision.candidates = chosen.candidates.clone();
         self.reports.decision(decision);
     }
