@@ -4,8 +4,8 @@
 //! workers that failed it excluded, and is never shed.
 
 use std::sync::atomic::Ordering;
-
 use std::time::Duration;
+
 use switchyard_proto::v1;
 
 use super::{Dispatcher, Target, token_count};
