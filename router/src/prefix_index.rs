@@ -41,7 +41,7 @@ impl Default for PrefixIndexConfig {
         Self {
             // 64 Ki blocks of 32 tokens: 2 M tokens of KV per worker.
             max_blocks_per_worker: 1 << 16,
-            // ~8 M pairs: about 0.65 GiB at the measured ~83 bytes a pair (README).
+            // ~8 M pairs: about 0.65 GiB at the measured ~82 bytes a pair (README, Routing).
             max_entries: 1 << 23,
             max_hits: 16,
         }
