@@ -16,5 +16,6 @@ pub mod noisy_neighbour;
 pub mod openai_backend;
 pub mod relay;
 pub mod router;
+pub mod sessions;
 pub mod simulate;
 pub mod streams;

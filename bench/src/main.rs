@@ -30,6 +30,9 @@ enum Command {
     /// Many concurrent streams through one router process: errors, TTFT and the router's
     /// memory per open stream.
     Streams(switchyard_bench::streams::StreamsArgs),
+    /// Idle sessions opened and closed in rounds through one router process: the router's
+    /// memory per idle session, and after they close.
+    Sessions(switchyard_bench::sessions::SessionsArgs),
     /// Multi-turn conversations over any OpenAI-compatible HTTP endpoint: TTFT per turn,
     /// tokens/s, prefix hit rate.
     Multiturn(switchyard_bench::multiturn::MultiturnArgs),
@@ -54,6 +57,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Router(args) => switchyard_bench::router::run(args).await,
         Command::NoisyNeighbour(args) => switchyard_bench::noisy_neighbour::run(args).await,
         Command::Streams(args) => switchyard_bench::streams::run(args).await,
+        Command::Sessions(args) => switchyard_bench::sessions::run(args).await,
         Command::StalledReaders(args) => switchyard_bench::router::stalled_readers(args).await,
         Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,
         Command::HttpOverhead(args) => switchyard_bench::http_overhead::run(args).await,

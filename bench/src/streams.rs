@@ -19,7 +19,7 @@ use switchyard_proto::v1::{
     ChatMessage, GenerateRequest, RequestClass, SamplingParams, inference_client::InferenceClient,
     server_frame::Frame,
 };
-use switchyard_tests::{Etcd, start_gpu_worker, start_router};
+use switchyard_tests::{Component, Etcd, start_gpu_worker, start_router};
 use tokio::sync::Notify;
 use tonic::transport::{Channel, Endpoint};
 
@@ -103,54 +103,26 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
     if args.streams == 0 || args.connections == 0 || args.workers == 0 || args.max_tokens == 0 {
         bail!("--streams, --connections, --workers and --max-tokens must be at least 1");
     }
-    let etcd = Etcd::start().await?;
     let slots = args.streams.div_ceil(args.workers) + 64;
-    let mut workers = Vec::new();
     let (slots_flag, rate_flag) = (slots.to_string(), args.tokens_per_s.to_string());
-    let worker_flags = [
-        "--engine",
-        "synthetic",
-        "--max-concurrent",
-        &slots_flag,
-        "--synthetic-tokens-per-s",
-        &rate_flag,
-        "--synthetic-ttft",
-        "10ms",
-    ];
-    for i in 0..args.workers {
-        workers.push(start_gpu_worker(&etcd.url, &format!("gpu-{i}"), &worker_flags, 1).await?);
-    }
-    let router = start_router(&etcd.url, "streams-router", &[]).await?;
-    let grpc = router.addr("grpc");
+    let cluster = ProcessCluster::start(
+        args.workers,
+        &[
+            "--engine",
+            "synthetic",
+            "--max-concurrent",
+            &slots_flag,
+            "--synthetic-tokens-per-s",
+            &rate_flag,
+            "--synthetic-ttft",
+            "10ms",
+        ],
+    )
+    .await?;
+    let router = &cluster.router;
     let mut channels = Vec::new();
     for _ in 0..args.connections {
-        channels.push(
-            Endpoint::from_shared(format!("http://{grpc}"))?
-                .connect()
-                .await?,
-        );
-    }
-    // Until the router routes to every worker.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let models = InferenceClient::new(channels[0].clone())
-            .list_models(switchyard_proto::v1::ListModelsRequest {})
-            .await
-            .map(|m| m.into_inner().models)
-            .unwrap_or_default();
-        if models
-            .iter()
-            .any(|m| m.id == "synthetic" && m.workers.len() == args.workers)
-        {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the router did not see {} workers within 30 s",
-                args.workers
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        channels.push(cluster.connect().await?);
     }
 
     let rss_before = router.rss_kib()?;
@@ -227,6 +199,56 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
     if let Some(error) = errors.first() {
         bail!("{} streams failed; the first: {error:#}", errors.len());
     }
-    drop(workers);
     Ok(())
+}
+
+/// A real etcd, synthetic-engine workers and a router, each a `switchyard` process.
+pub(crate) struct ProcessCluster {
+    pub(crate) router: Component,
+    _workers: Vec<Component>,
+    _etcd: Etcd,
+}
+
+impl ProcessCluster {
+    /// `workers` workers started with `worker_flags`, and a router that routes to all of them.
+    pub(crate) async fn start(workers: usize, worker_flags: &[&str]) -> anyhow::Result<Self> {
+        let etcd = Etcd::start().await?;
+        let mut started = Vec::new();
+        for i in 0..workers {
+            started.push(start_gpu_worker(&etcd.url, &format!("gpu-{i}"), worker_flags, 1).await?);
+        }
+        let router = start_router(&etcd.url, "bench-router", &[]).await?;
+        let cluster = Self {
+            router,
+            _workers: started,
+            _etcd: etcd,
+        };
+        let channel = cluster.connect().await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let models = InferenceClient::new(channel.clone())
+                .list_models(switchyard_proto::v1::ListModelsRequest {})
+                .await
+                .map(|m| m.into_inner().models)
+                .unwrap_or_default();
+            if models
+                .iter()
+                .any(|m| m.id == "synthetic" && m.workers.len() == workers)
+            {
+                return Ok(cluster);
+            }
+            if Instant::now() > deadline {
+                bail!("the router did not see {workers} workers within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A new connection to the router's gRPC port.
+    pub(crate) async fn connect(&self) -> anyhow::Result<Channel> {
+        let grpc = self.router.addr("grpc");
+        Ok(Endpoint::from_shared(format!("http://{grpc}"))?
+            .connect()
+            .await?)
+    }
 }
