@@ -11,6 +11,7 @@
 
 pub mod engine;
 pub mod http_overhead;
+pub mod long_prompts;
 pub mod multiturn;
 pub mod noisy_neighbour;
 pub mod openai_backend;

@@ -30,6 +30,8 @@ enum Command {
     /// Many concurrent streams through one router process: errors, TTFT and the router's
     /// memory per open stream.
     Streams(switchyard_bench::streams::StreamsArgs),
+    /// Does a long prompt, tokenized by the router, hold up the request sent right behind it?
+    LongPrompts(switchyard_bench::long_prompts::LongPromptsArgs),
     /// Idle sessions opened and closed in rounds through one router process: the router's
     /// memory per idle session, and after they close.
     Sessions(switchyard_bench::sessions::SessionsArgs),
@@ -57,6 +59,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Router(args) => switchyard_bench::router::run(args).await,
         Command::NoisyNeighbour(args) => switchyard_bench::noisy_neighbour::run(args).await,
         Command::Streams(args) => switchyard_bench::streams::run(args).await,
+        Command::LongPrompts(args) => switchyard_bench::long_prompts::run(args).await,
         Command::Sessions(args) => switchyard_bench::sessions::run(args).await,
         Command::StalledReaders(args) => switchyard_bench::router::stalled_readers(args).await,
         Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,

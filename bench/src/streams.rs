@@ -210,8 +210,19 @@ pub(crate) struct ProcessCluster {
 }
 
 impl ProcessCluster {
-    /// `workers` workers started with `worker_flags`, and a router that routes to all of them.
+    /// `workers` synthetic-model workers started with `worker_flags`, and a router that routes
+    /// to all of them.
     pub(crate) async fn start(workers: usize, worker_flags: &[&str]) -> anyhow::Result<Self> {
+        Self::serving("synthetic", workers, worker_flags).await
+    }
+
+    /// `workers` workers of `model` started with `worker_flags`, and a router that routes to
+    /// all of them.
+    pub(crate) async fn serving(
+        model: &str,
+        workers: usize,
+        worker_flags: &[&str],
+    ) -> anyhow::Result<Self> {
         let etcd = Etcd::start().await?;
         let mut started = Vec::new();
         for i in 0..workers {
@@ -233,7 +244,7 @@ impl ProcessCluster {
                 .unwrap_or_default();
             if models
                 .iter()
-                .any(|m| m.id == "synthetic" && m.workers.len() == workers)
+                .any(|m| m.id == model && m.workers.len() == workers)
             {
                 return Ok(cluster);
             }

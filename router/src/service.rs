@@ -69,7 +69,7 @@ impl v1::inference_server::Inference for InferenceService {
         if request.request_id.is_empty() {
             request.request_id = uuid::Uuid::new_v4().to_string();
         }
-        let prepared = self.dispatcher.prepare(request, trace)?;
+        let prepared = self.dispatcher.prepare(request, trace).await?;
         // Generate has no control frames.
         let (_, controls) = mpsc::unbounded_channel();
         let rx = self.dispatcher.drive(prepared, controls, GENERATE_BUFFER);

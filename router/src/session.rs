@@ -14,7 +14,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info};
 
 use crate::auth::Tenant;
-use crate::dispatch::{Control, Dispatcher, FrameSink};
+use crate::dispatch::{Control, Dispatcher, FrameSink, Prepared};
 use crate::error::DispatchError;
 use crate::metrics::SessionGuard;
 
@@ -113,22 +113,28 @@ async fn handle_frame(
                 let _ = out.send(Ok(error.failed_frame(&request_id))).await;
                 return;
             }
-            match dispatcher.prepare(request, session.trace.clone()) {
-                Ok(mut prepared) => {
-                    let (control_tx, control_rx) = mpsc::unbounded_channel();
-                    running.insert(request_id.clone(), control_tx);
-                    // Queued before the request's last frame goes out, so the session loop
-                    // (which reads `done` first) has freed the place before the client can
-                    // send a Start that needs it.
-                    let done = done.clone();
-                    prepared.on_end(move || {
-                        let _ = done.send(request_id);
-                    });
-                    dispatcher.spawn_run(prepared, control_rx, out.clone());
-                }
-                Err(error) => {
-                    let _ = out.send(Ok(error.failed_frame(&request_id))).await;
-                }
+            let (control_tx, control_rx) = mpsc::unbounded_channel();
+            running.insert(request_id.clone(), control_tx);
+            // Ended before its last frame goes out, so the session loop (which reads `done`
+            // first) has freed the place before the client can send a Start that needs it.
+            let done = done.clone();
+            let end = move || {
+                let _ = done.send(request_id);
+            };
+            if dispatcher.waits_to_prepare(&request) {
+                // A long prompt takes milliseconds to tokenize: the session reads on meanwhile
+                // (a request sent after it may be placed first).
+                let (dispatcher, trace, out) =
+                    (dispatcher.clone(), session.trace.clone(), out.clone());
+                tokio::spawn(Box::pin(async move {
+                    if let Some(prepared) = prepare(&dispatcher, request, trace, &out, end).await {
+                        dispatcher.run(prepared, control_rx, out).await;
+                    }
+                }));
+            } else if let Some(prepared) =
+                prepare(dispatcher, request, session.trace.clone(), out, end).await
+            {
+                dispatcher.spawn_run(prepared, control_rx, out.clone());
             }
         }
         client_frame::Frame::Cancel(cancel) => {
@@ -152,6 +158,29 @@ async fn handle_frame(
                 let error = DispatchError::NotRunning(request_id.clone());
                 let _ = out.send(Ok(error.failed_frame(&request_id))).await;
             }
+        }
+    }
+}
+
+/// Prepares a session's request to run; a refused one ends with its `Failed` frame. `end` is
+/// called just before the request's last frame goes out.
+async fn prepare(
+    dispatcher: &Dispatcher,
+    request: v1::GenerateRequest,
+    trace: RemoteContext,
+    out: &FrameSink,
+    end: impl FnOnce() + Send + 'static,
+) -> Option<Prepared> {
+    let request_id = request.request_id.clone();
+    match dispatcher.prepare(request, trace).await {
+        Ok(mut prepared) => {
+            prepared.on_end(end);
+            Some(prepared)
+        }
+        Err(error) => {
+            end();
+            let _ = out.send(Ok(error.failed_frame(&request_id))).await;
+            None
         }
     }
 }

@@ -209,3 +209,62 @@ async fn a_greedy_generation_moved_mid_stream_says_what_it_would_have_said_unmov
     );
     Ok(())
 }
+
+/// Tokenizing a long prompt takes the router milliseconds (40 KiB of text ~10 ms in a release
+/// build), so it happens off the runtime's threads and off the session's reader: a short
+/// request sent right after a long one on the same session is placed while the long one is
+/// still being tokenized, not after it (before, it waited: `switchyard-bench long-prompts`).
+#[tokio::test]
+async fn a_long_prompt_being_tokenized_does_not_hold_up_the_next_request_on_its_session()
+-> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    // The router tokenizes only once it has the workers' tokenizer.
+    switchyard_tests::wait_until(
+        Duration::from_secs(60),
+        "the router to fetch the tokenizer",
+        || {
+            let log = std::fs::read_to_string(&cluster.router.log).unwrap_or_default();
+            async move { log.contains("tokenizer fetched") }
+        },
+    )
+    .await?;
+    let request = |id: &str, content: String| v1::GenerateRequest {
+        request_id: id.into(),
+        model: MODEL.into(),
+        messages: vec![v1::ChatMessage {
+            role: "user".into(),
+            content,
+        }],
+        sampling: Some(v1::SamplingParams {
+            max_tokens: 1,
+            ..Default::default()
+        }),
+        class: v1::RequestClass::CostSensitive as i32,
+        ..Default::default()
+    };
+    // ~6 000 tokens: within the model's context, and (this router is a debug build) hundreds of
+    // milliseconds of tokenizing.
+    let long_prompt =
+        "The lighthouse keeper counted the waves and wrote each one down. ".repeat(400);
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let mut long = session.start(request("long", long_prompt))?;
+    let mut short = session.start(request("short", "Say hello.".into()))?;
+    let first = tokio::select! {
+        biased;
+        frame = long.next() => ("long", frame),
+        frame = short.next() => ("short", frame),
+    };
+    assert!(
+        matches!(first, ("short", Some(server_frame::Frame::Accepted(_)))),
+        "the short request waited for the long one's tokenizing: {first:?}"
+    );
+    session.cancel("long")?;
+    let short = short.collect().await;
+    assert!(short.finished.is_some(), "{:?}", short.failed);
+    let long = long.collect().await;
+    assert!(
+        long.finished.is_some() || long.failed.is_some(),
+        "the long request ended: {long:?}"
+    );
+    Ok(())
+}

@@ -38,6 +38,7 @@ use crate::policy_watch::PolicyHandle;
 use crate::readiness::{InFlight, InFlightGuard, Readiness};
 use crate::report::Reporter;
 use crate::tenant_quota::{TenantPermit, TenantQuota};
+use crate::tokenizers::tokenizes_long;
 
 use run::Run;
 pub use span::{record_decision, request_span};
@@ -227,12 +228,31 @@ impl Dispatcher {
     /// metadata when shed). The request's span continues the trace in `parent` (the call's
     /// headers), or in the request's own `traceparent` metadata entry, which wins: one
     /// session carries requests of many traces.
-    pub fn prepare(
+    /// A long prompt is tokenized first, off the runtime's threads; preparing any other
+    /// request does not wait ([`Dispatcher::waits_to_prepare`]).
+    pub async fn prepare(
         &self,
         request: v1::GenerateRequest,
         parent: RemoteContext,
     ) -> Result<Prepared, DispatchError> {
         let arrived = Instant::now();
+        let tokenized = self.tokenize_long(&request).await;
+        self.prepare_tokenized(request, parent, arrived, tokenized)
+    }
+
+    /// Whether [`Dispatcher::prepare`] waits for `request` (to tokenize its long prompt):
+    /// a caller reading many requests in turn prepares such a one on a task of its own.
+    pub fn waits_to_prepare(&self, request: &v1::GenerateRequest) -> bool {
+        tokenizes_long(request) && self.links.tokenizers().has(&request.model)
+    }
+
+    fn prepare_tokenized(
+        &self,
+        request: v1::GenerateRequest,
+        parent: RemoteContext,
+        arrived: Instant,
+        tokenized: Option<Vec<u32>>,
+    ) -> Result<Prepared, DispatchError> {
         let span = request_span(&request.request_id, &request.model);
         let parent = match RemoteContext::from_map(&request.metadata) {
             own if own.is_valid() => own,
@@ -240,7 +260,7 @@ impl Dispatcher {
         };
         propagation::set_parent(&span, parent);
         let policy = self.policy.current();
-        let (valid, prompt_ids) = match self.validate(&request) {
+        let (valid, prompt_ids) = match self.validate(&request, tokenized) {
             Ok(prompt_ids) => (Ok(()), prompt_ids),
             Err(error) => (Err(error), Vec::new()),
         };
@@ -452,7 +472,7 @@ impl Dispatcher {
                     // Not started yet: the new instructions simply become its prompt.
                     Some(Control::Interrupt(interrupt)) => {
                         run::apply_interrupt(request, String::new(), *interrupt);
-                        *prompt_ids = self.links.tokenizers().tokenize(request).unwrap_or_default();
+                        *prompt_ids = self.links.tokenizers().tokenize_off_runtime(request).await.unwrap_or_default();
                     }
                     None => controls_open = false,
                 },

@@ -387,7 +387,7 @@ impl<'d> Run<'d> {
                 }
                 (Next::Finish(reason), _) => return self.finish(reason, out).await,
                 (Next::Redirect { same_worker }, SegmentEnd::Interrupted(interrupt)) => {
-                    self.redirect(interrupt);
+                    self.redirect(interrupt).await;
                     // The same worker when it can: its KV cache holds this conversation.
                     if !same_worker {
                         link = self.replace(&link, &mut excluded)?;
@@ -972,7 +972,7 @@ impl<'d> Run<'d> {
 
     /// Rewrites the conversation for an interrupt: the generated text (if kept) becomes an
     /// assistant turn, then the new messages follow; the next segment starts fresh.
-    fn redirect(&mut self, interrupt: v1::Interrupt) {
+    async fn redirect(&mut self, interrupt: v1::Interrupt) {
         let generated = std::mem::take(&mut self.segment_text);
         let keep_generated = interrupt.keep_generated;
         apply_interrupt(&mut self.request, generated, interrupt);
@@ -980,7 +980,8 @@ impl<'d> Run<'d> {
             .dispatcher
             .links
             .tokenizers()
-            .tokenize(&self.request)
+            .tokenize_off_runtime(&self.request)
+            .await
             .unwrap_or_default();
         self.segment_ids.clear();
         info!(request_id = %self.request.request_id, keep_generated, "interrupted; continuing with new instructions");

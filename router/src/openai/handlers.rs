@@ -180,6 +180,7 @@ async fn generate(
     // The same path as gRPC: classify, place, run.
     let prepared = dispatcher
         .prepare(request, RemoteContext::from_headers(&headers))
+        .await
         .map_err(|error| ApiError::from(&error))?;
     // HTTP has no control frames: cancellation comes from `rx` being dropped (client gone).
     let (_, controls) = mpsc::unbounded_channel();
