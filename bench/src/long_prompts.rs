@@ -33,21 +33,8 @@ pub struct LongPromptsArgs {
     pub trials: usize,
 }
 
-fn request(id: String, content: String) -> v1::GenerateRequest {
-    v1::GenerateRequest {
-        request_id: id,
-        model: MODEL.into(),
-        messages: vec![v1::ChatMessage {
-            role: "user".into(),
-            content,
-        }],
-        sampling: Some(v1::SamplingParams {
-            max_tokens: 1,
-            ..Default::default()
-        }),
-        class: v1::RequestClass::CostSensitive as i32,
-        ..Default::default()
-    }
+fn request(id: &str, content: &str) -> v1::GenerateRequest {
+    switchyard_tests::chat_request(MODEL, id, v1::RequestClass::CostSensitive, content, 1)
 }
 
 /// Starts a short request and waits for its `Accepted`; returns how long that took. Every
@@ -58,7 +45,7 @@ async fn short_accepted(
     also: Vec<switchyard_client::RequestStream>,
 ) -> anyhow::Result<Duration> {
     let sent = Instant::now();
-    let mut short = session.start(request(id.clone(), "Say hello.".into()))?;
+    let mut short = session.start(request(&id, "Say hello."))?;
     let first = short.next().await;
     let took = sent.elapsed();
     if !matches!(first, Some(Frame::Accepted(_))) {
@@ -123,7 +110,7 @@ pub async fn run(args: LongPromptsArgs) -> anyhow::Result<()> {
         let (mut alone, mut behind) = (Vec::new(), Vec::new());
         for trial in 0..args.trials {
             alone.push(short_accepted(&session, format!("alone-{kib}-{trial}"), Vec::new()).await?);
-            let long = session.start(request(format!("long-{kib}-{trial}"), text.clone()))?;
+            let long = session.start(request(&format!("long-{kib}-{trial}"), &text))?;
             behind
                 .push(short_accepted(&session, format!("behind-{kib}-{trial}"), vec![long]).await?);
         }

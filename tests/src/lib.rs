@@ -661,10 +661,21 @@ pub fn synthetic_request(
     content: &str,
     max_tokens: u32,
 ) -> switchyard_proto::v1::GenerateRequest {
+    chat_request("synthetic", id, class, content, max_tokens)
+}
+
+/// A chat request for `model`: one user message, `max_tokens`, the given class.
+pub fn chat_request(
+    model: &str,
+    id: &str,
+    class: switchyard_proto::v1::RequestClass,
+    content: &str,
+    max_tokens: u32,
+) -> switchyard_proto::v1::GenerateRequest {
     use switchyard_proto::v1::{ChatMessage, GenerateRequest, SamplingParams};
     GenerateRequest {
         request_id: id.into(),
-        model: "synthetic".into(),
+        model: model.into(),
         messages: vec![ChatMessage {
             role: "user".into(),
             content: content.into(),

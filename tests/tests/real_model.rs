@@ -228,27 +228,16 @@ async fn a_long_prompt_being_tokenized_does_not_hold_up_the_next_request_on_its_
         },
     )
     .await?;
-    let request = |id: &str, content: String| v1::GenerateRequest {
-        request_id: id.into(),
-        model: MODEL.into(),
-        messages: vec![v1::ChatMessage {
-            role: "user".into(),
-            content,
-        }],
-        sampling: Some(v1::SamplingParams {
-            max_tokens: 1,
-            ..Default::default()
-        }),
-        class: v1::RequestClass::CostSensitive as i32,
-        ..Default::default()
+    let request = |id: &str, content: &str| {
+        switchyard_tests::chat_request(MODEL, id, v1::RequestClass::CostSensitive, content, 1)
     };
     // ~6 000 tokens: within the model's context, and (this router is a debug build) hundreds of
     // milliseconds of tokenizing.
     let long_prompt =
         "The lighthouse keeper counted the waves and wrote each one down. ".repeat(400);
     let session = SessionClient::connect(&cluster.router_addr()).await?;
-    let mut long = session.start(request("long", long_prompt))?;
-    let mut short = session.start(request("short", "Say hello.".into()))?;
+    let mut long = session.start(request("long", &long_prompt))?;
+    let mut short = session.start(request("short", "Say hello."))?;
     let first = tokio::select! {
         biased;
         frame = long.next() => ("long", frame),
