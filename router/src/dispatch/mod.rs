@@ -228,6 +228,7 @@ impl Dispatcher {
     /// metadata when shed). The request's span continues the trace in `parent` (the call's
     /// headers), or in the request's own `traceparent` metadata entry, which wins: one
     /// session carries requests of many traces.
+    ///
     /// A long prompt is tokenized first, off the runtime's threads; preparing any other
     /// request does not wait ([`Dispatcher::waits_to_prepare`]).
     pub async fn prepare(
