@@ -7,13 +7,21 @@
 //! times a short request's `Accepted` alone, then again when it is sent right behind a request
 //! whose prompt carries `--prompt-kib` of text; both are cancelled once the short one is
 //! accepted, so the worker never prefills the long prompt for long.
+//!
+//! Then the same on a `Worker.Serve` stream of the bench's own, as a router sends requests
+//! before it has a model's tokenizer: text without prompt ids, which the engine encodes. Each
+//! trial times a short start's first token alone, then right behind a start carrying the long
+//! text (cancelled once the short one has its token).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use switchyard_client::SessionClient;
-use switchyard_proto::v1::{self, server_frame::Frame};
+use switchyard_proto::v1::{self, router_frame, server_frame::Frame, worker_frame};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
 
 use crate::streams::ProcessCluster;
 
@@ -61,6 +69,121 @@ async fn short_accepted(
     Ok(took)
 }
 
+/// One `Worker.Serve` stream: starts and cancels out, the worker's frames in.
+struct WorkerStream {
+    out: mpsc::Sender<v1::RouterFrame>,
+    frames: Streaming<v1::WorkerFrame>,
+}
+
+impl WorkerStream {
+    async fn open(address: &str) -> anyhow::Result<Self> {
+        let channel = switchyard_client::connect_channel(address).await?;
+        let (out, rx) = mpsc::channel(16);
+        let frames = v1::worker_client::WorkerClient::new(channel)
+            .serve(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Self { out, frames })
+    }
+
+    async fn send(&self, frame: router_frame::Frame) -> anyhow::Result<()> {
+        self.out
+            .send(v1::RouterFrame { frame: Some(frame) })
+            .await
+            .context("the worker closed the stream")
+    }
+
+    /// Starts `id` on `text` as text (no prompt ids), one token.
+    async fn start(&self, id: &str, text: &str) -> anyhow::Result<()> {
+        self.send(router_frame::Frame::Start(v1::WorkerStart {
+            request_id: id.into(),
+            model: MODEL.into(),
+            messages: vec![v1::ChatMessage {
+                role: "user".into(),
+                content: text.into(),
+            }],
+            sampling: Some(v1::SamplingParams {
+                max_tokens: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .await
+    }
+
+    /// Reads frames until `id` has a token (`Ok(true)`) or ends without one (`Ok(false)`);
+    /// requests in `ended` that end meanwhile are taken out of it.
+    async fn first_token(&mut self, id: &str, ended: &mut Vec<String>) -> anyhow::Result<bool> {
+        loop {
+            let frame = self
+                .frames
+                .message()
+                .await?
+                .context("the worker ended the stream")?;
+            let (request, is_token) = match frame.frame {
+                Some(worker_frame::Frame::Tokens(t)) => (t.request_id, true),
+                Some(worker_frame::Frame::Finished(f)) => (f.request_id, false),
+                Some(worker_frame::Frame::Failed(f)) => (f.request_id, false),
+                _ => continue,
+            };
+            if request == id {
+                return Ok(is_token);
+            }
+            if !is_token {
+                ended.retain(|e| *e != request);
+            }
+        }
+    }
+
+    /// Cancels `ids` and reads until each has ended.
+    async fn end(&mut self, mut ids: Vec<String>) -> anyhow::Result<()> {
+        for id in &ids {
+            self.send(router_frame::Frame::Cancel(v1::WorkerCancel {
+                request_id: id.clone(),
+                ..Default::default()
+            }))
+            .await?;
+        }
+        while !ids.is_empty() {
+            let frame = self
+                .frames
+                .message()
+                .await?
+                .context("the worker ended the stream")?;
+            let ended = match frame.frame {
+                Some(worker_frame::Frame::Finished(f)) => f.request_id,
+                Some(worker_frame::Frame::Failed(f)) => f.request_id,
+                _ => continue,
+            };
+            ids.retain(|id| *id != ended);
+        }
+        Ok(())
+    }
+}
+
+/// Time from sending a short start on `stream` to its first token, right behind a start
+/// carrying `long` when there is one.
+async fn short_first_token(
+    stream: &mut WorkerStream,
+    id: String,
+    long: Option<(String, &str)>,
+) -> anyhow::Result<Duration> {
+    let mut pending = Vec::new();
+    if let Some((long_id, text)) = long {
+        stream.start(&long_id, text).await?;
+        pending.push(long_id);
+    }
+    let sent = Instant::now();
+    stream.start(&id, "Say hello.").await?;
+    if !stream.first_token(&id, &mut pending).await? {
+        bail!("{id} ended without a token");
+    }
+    let took = sent.elapsed();
+    pending.push(id);
+    stream.end(pending).await?;
+    Ok(took)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -99,14 +222,14 @@ pub async fn run(args: LongPromptsArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let session = SessionClient::connect(&cluster.router.addr("grpc").to_string()).await?;
+    let mut worker = WorkerStream::open(&cluster.workers[0].addr("grpc").to_string()).await?;
     println!(
         "time until a short request is accepted, {} trials per size (ms)",
         args.trials
     );
-    println!("prompt   alone p50  behind a long prompt p50    max");
+    println!("{HEADER}");
     for kib in &args.prompt_kib {
-        let text = "The lighthouse keeper counted the waves and wrote each one down. "
-            .repeat(kib * 1024 / 66);
+        let text = long_text(*kib);
         let (mut alone, mut behind) = (Vec::new(), Vec::new());
         for trial in 0..args.trials {
             alone.push(short_accepted(&session, format!("alone-{kib}-{trial}"), Vec::new()).await?);
@@ -114,15 +237,43 @@ pub async fn run(args: LongPromptsArgs) -> anyhow::Result<()> {
             behind
                 .push(short_accepted(&session, format!("behind-{kib}-{trial}"), vec![long]).await?);
         }
-        alone.sort();
-        behind.sort();
-        let median = |v: &[Duration]| ms(v[v.len() / 2]);
-        println!(
-            "{kib:>3} KiB  {:>9.2}  {:>24.2}  {:>5.2}",
-            median(&alone),
-            median(&behind),
-            ms(behind[behind.len() - 1]),
-        );
+        print_row(*kib, alone, behind);
+    }
+    println!(
+        "\non a worker stream, text without prompt ids: time until a short start's first token, {} trials per size (ms)",
+        args.trials
+    );
+    println!("{HEADER}");
+    for kib in &args.prompt_kib {
+        let text = long_text(*kib);
+        let (mut alone, mut behind) = (Vec::new(), Vec::new());
+        for trial in 0..args.trials {
+            let id = format!("w-alone-{kib}-{trial}");
+            alone.push(short_first_token(&mut worker, id, None).await?);
+            let long = (format!("w-long-{kib}-{trial}"), text.as_str());
+            let id = format!("w-behind-{kib}-{trial}");
+            behind.push(short_first_token(&mut worker, id, Some(long)).await?);
+        }
+        print_row(*kib, alone, behind);
     }
     Ok(())
+}
+
+const HEADER: &str = "prompt   alone p50  behind a long prompt p50    max";
+
+fn print_row(kib: usize, mut alone: Vec<Duration>, mut behind: Vec<Duration>) {
+    alone.sort();
+    behind.sort();
+    let median = |v: &[Duration]| ms(v[v.len() / 2]);
+    println!(
+        "{kib:>3} KiB  {:>9.2}  {:>24.2}  {:>5.2}",
+        median(&alone),
+        median(&behind),
+        ms(behind[behind.len() - 1]),
+    );
+}
+
+/// About `kib` KiB of prose.
+fn long_text(kib: usize) -> String {
+    "The lighthouse keeper counted the waves and wrote each one down. ".repeat(kib * 1024 / 66)
 }

@@ -205,7 +205,7 @@ pub async fn run(args: StreamsArgs) -> anyhow::Result<()> {
 /// A real etcd, synthetic-engine workers and a router, each a `switchyard` process.
 pub(crate) struct ProcessCluster {
     pub(crate) router: Component,
-    _workers: Vec<Component>,
+    pub(crate) workers: Vec<Component>,
     _etcd: Etcd,
 }
 
@@ -231,7 +231,7 @@ impl ProcessCluster {
         let router = start_router(&etcd.url, "bench-router", &[]).await?;
         let cluster = Self {
             router,
-            _workers: started,
+            workers: started,
             _etcd: etcd,
         };
         let channel = cluster.connect().await?;

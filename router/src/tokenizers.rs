@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_proto::v1::{self, worker_client::WorkerClient};
-use switchyard_tokenizer::{ChatMessage, GgufTokenizer, SPEC_FORMAT, TokenizerSpec};
+use switchyard_tokenizer::{
+    ChatMessage, ENCODE_INLINE_BYTES, GgufTokenizer, SPEC_FORMAT, TokenizerSpec,
+};
 use tonic::Code;
 use tonic::transport::Channel;
 use tracing::debug;
@@ -136,7 +138,7 @@ impl Tokenizers {
     }
 
     /// [`Tokenizers::tokenize`], on the blocking pool when `request` carries more than
-    /// [`TOKENIZE_INLINE_BYTES`] of text: a long prompt takes milliseconds to encode, which
+    /// [`ENCODE_INLINE_BYTES`] of text: a long prompt takes milliseconds to encode, which
     /// would hold a runtime thread — and every task waiting for it — that long.
     pub async fn tokenize_off_runtime(&self, request: &v1::GenerateRequest) -> Option<Vec<u32>> {
         if !tokenizes_long(request) {
@@ -161,13 +163,7 @@ impl Tokenizers {
     }
 }
 
-/// Text a request may carry and still be tokenized on a runtime thread: 2 KiB (~590 tokens)
-/// encodes in ~0.4 ms with SmolLM2's tokenizer, 40 KiB in ~10 ms, 400 KiB in ~110 ms
-/// (`cargo bench -p switchyard-worker-gpu --bench tokenize`); ~0.4 ms is about the longest a
-/// task should hold one.
-pub const TOKENIZE_INLINE_BYTES: usize = 2 * 1024;
-
-/// Whether `request` carries more than [`TOKENIZE_INLINE_BYTES`] of text to tokenize.
+/// Whether `request` carries more than [`ENCODE_INLINE_BYTES`] of text to tokenize.
 pub fn tokenizes_long(request: &v1::GenerateRequest) -> bool {
     let text = request.prompt.len()
         + request
@@ -175,7 +171,7 @@ pub fn tokenizes_long(request: &v1::GenerateRequest) -> bool {
             .iter()
             .map(|m| m.content.len())
             .sum::<usize>();
-    text > TOKENIZE_INLINE_BYTES
+    text > ENCODE_INLINE_BYTES
 }
 
 fn encode(tokenizer: &GgufTokenizer, request: &v1::GenerateRequest) -> Option<Vec<u32>> {

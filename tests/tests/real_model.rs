@@ -257,3 +257,60 @@ async fn a_long_prompt_being_tokenized_does_not_hold_up_the_next_request_on_its_
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_long_prompt_being_tokenized_does_not_hold_up_the_next_start_on_a_worker_stream()
+-> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    // Straight on the worker's stream, as a router that has no tokenizer yet sends them: text,
+    // no prompt ids, so the engine tokenizes.
+    let channel =
+        switchyard_client::connect_channel(&cluster.gpu[0].addr("grpc").to_string()).await?;
+    let (starts, rx) = tokio::sync::mpsc::channel::<v1::RouterFrame>(4);
+    let mut frames = v1::worker_client::WorkerClient::new(channel)
+        .serve(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let start = |id: &str, prompt: String| v1::RouterFrame {
+        frame: Some(v1::router_frame::Frame::Start(v1::WorkerStart {
+            request_id: id.into(),
+            model: MODEL.into(),
+            prompt,
+            sampling: Some(v1::SamplingParams {
+                max_tokens: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+    };
+    // ~180 000 tokens, beyond the model's context: refused once tokenized, which (the
+    // tokenizer is a debug build here) takes seconds.
+    let long_prompt =
+        "The lighthouse keeper counted the waves and wrote each one down. ".repeat(12_000);
+    starts.send(start("long", long_prompt)).await?;
+    starts.send(start("short", "Say hello.".into())).await?;
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let Some(frame) = frames.message().await? else {
+            anyhow::bail!("the worker ended the stream after {order:?}");
+        };
+        let ended = match frame.frame {
+            Some(v1::worker_frame::Frame::Finished(f)) => f.request_id,
+            Some(v1::worker_frame::Frame::Failed(f)) => {
+                assert!(
+                    f.request_id == "long" && f.message.contains("context length"),
+                    "{f:?}"
+                );
+                f.request_id
+            }
+            _ => continue,
+        };
+        order.push(ended);
+    }
+    assert_eq!(
+        order,
+        ["short", "long"],
+        "the short start waited for the long one's tokenizing"
+    );
+    Ok(())
+}

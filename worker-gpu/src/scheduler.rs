@@ -11,6 +11,10 @@
 //! ones and their prompts are prefilled first; among equals the shortest remaining prefill
 //! goes first, so a follow-up turn with a cached history is not stuck behind a cold prompt.
 //!
+//! A request sent as text is encoded at `submit`, or, past 2 KiB of text, on tokio's blocking
+//! pool by whoever reads its stream: `submit` runs on the worker's stream task, which must go on
+//! reading the router's frames.
+//!
 //! Load reports carry the prompt tokens not yet prefilled (waiting requests plus the unfinished
 //! prompts of admitted ones) and a moving average of the measured prefill rate.
 //!
@@ -42,7 +46,7 @@ use crate::kv_cache::{PrefixCache, SeqBlocks};
 use crate::model::{KvStore, Llama, SeqCache};
 use crate::pacing::paced_chunk;
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
-use crate::tokenizer::{ChatMessage, Detokenizer, GgufTokenizer};
+use crate::tokenizer::{ChatMessage, Detokenizer, ENCODE_INLINE_BYTES, GgufTokenizer};
 
 /// Limits of one engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,17 +155,73 @@ struct Counters {
 pub struct CandleEngine {
     model_ids: Vec<String>,
     tokenizer: Arc<GgufTokenizer>,
-    context_length: usize,
-    /// KV blocks the store holds, and tokens per block.
-    kv_blocks: usize,
-    block_tokens: usize,
     limits: SchedulerLimits,
     publisher: Option<Arc<KvPublisher>>,
     hardware: String,
     tokens_per_s: f64,
+    admission: Arc<Admission>,
+    seed_counter: AtomicU64,
+}
+
+/// What admitting a tokenized request takes — the checks that need its length, the queue
+/// bound, the hand-off to the scheduler thread — shared with the tasks that tokenize long
+/// prompts off the runtime's threads.
+struct Admission {
+    context_length: usize,
+    /// KV blocks the store holds, and tokens per block.
+    kv_blocks: usize,
+    block_tokens: usize,
+    kv_budget_bytes: u64,
+    max_queue: usize,
     counters: Arc<Counters>,
     jobs: std_mpsc::Sender<Job>,
-    seed_counter: AtomicU64,
+}
+
+impl Admission {
+    /// Queues `job` for the scheduler with `prompt`, then the `resumed` tokens, as its
+    /// context; refuses it when that cannot fit the model or the KV store, or the queue is full.
+    fn admit(&self, mut job: Job, prompt: Vec<u32>, resumed: &[u32]) -> Result<(), EngineError> {
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidArgument(
+                "prompt: tokenizes to no tokens".into(),
+            ));
+        }
+        job.prompt_tokens = prompt.len() as u32;
+        job.context = prompt;
+        job.context.extend_from_slice(resumed);
+        let needed = job.context.len() + job.remaining;
+        if needed > self.context_length {
+            return Err(EngineError::InvalidArgument(format!(
+                "prompt ({} tokens) + sampling.max_tokens ({}) = {needed} exceeds the model's context length of {} tokens",
+                job.prompt_tokens,
+                job.resumed + job.remaining,
+                self.context_length
+            )));
+        }
+        let blocks = needed.div_ceil(self.block_tokens);
+        if blocks > self.kv_blocks {
+            return Err(EngineError::InvalidArgument(format!(
+                "prompt + sampling.max_tokens need {blocks} KV blocks ({needed} tokens), more than this worker's kv_budget_bytes {} holds ({} blocks of {} tokens)",
+                self.kv_budget_bytes, self.kv_blocks, self.block_tokens
+            )));
+        }
+        // Bounded queue: count optimistically, undo when over the limit.
+        let before = self.counters.queued.fetch_add(1, Ordering::AcqRel);
+        if before as usize >= self.max_queue {
+            self.counters.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::ResourceExhausted(format!(
+                "queue full: {} requests already wait (max_queue {})",
+                before, self.max_queue
+            )));
+        }
+        if self.jobs.send(job).is_err() {
+            self.counters.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(EngineError::Unavailable(
+                "engine scheduler has stopped".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for CandleEngine {
@@ -230,15 +290,19 @@ impl CandleEngine {
         let engine = Self {
             model_ids,
             tokenizer: tokenizer.clone(),
-            context_length: model.config.context_length,
-            kv_blocks,
-            block_tokens,
             limits: limits.clone(),
             publisher: publisher.clone(),
             hardware,
             tokens_per_s: 1.0 / step,
-            counters: counters.clone(),
-            jobs: tx,
+            admission: Arc::new(Admission {
+                context_length: model.config.context_length,
+                kv_blocks,
+                block_tokens,
+                kv_budget_bytes: limits.kv_budget_bytes,
+                max_queue: limits.max_queue,
+                counters: counters.clone(),
+                jobs: tx,
+            }),
             seed_counter: AtomicU64::new(0x5EED),
         };
         let scheduler = Scheduler {
@@ -269,22 +333,22 @@ impl CandleEngine {
     }
 
     pub fn context_length(&self) -> usize {
-        self.context_length
+        self.admission.context_length
     }
 
     /// Decode steps run so far (for tests that wait on progress without sleeping).
     pub fn steps(&self) -> u64 {
-        self.counters.steps.load(Ordering::Relaxed)
+        self.admission.counters.steps.load(Ordering::Relaxed)
     }
 
     /// Sequences currently holding KV.
     pub fn active(&self) -> u32 {
-        self.counters.active.load(Ordering::Relaxed)
+        self.admission.counters.active.load(Ordering::Relaxed)
     }
 
     /// Blocks of the KV store and tokens per block.
     pub fn kv_blocks(&self) -> (usize, usize) {
-        (self.kv_blocks, self.block_tokens)
+        (self.admission.kv_blocks, self.admission.block_tokens)
     }
 
     /// The same engine describing its hardware as `hardware` (e.g. a stand-in's label) in
@@ -296,24 +360,52 @@ impl CandleEngine {
 
     /// Prompt ids for `prompt` (chat template applied to chat prompts).
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        let text = match prompt {
-            Prompt::Text(t) => t.clone(),
-            Prompt::Chat(messages) => {
-                let msgs: Vec<ChatMessage> = messages
-                    .iter()
-                    .map(|m| ChatMessage {
-                        role: m.role.clone(),
-                        content: m.content.clone(),
-                    })
-                    .collect();
-                self.tokenizer
-                    .render_chat(&msgs)
-                    .map_err(|e| EngineError::InvalidArgument(format!("messages: {e}")))?
-            }
-        };
-        self.tokenizer
-            .encode(&text)
-            .map_err(|e| EngineError::Internal(e.to_string()))
+        encode_prompt(&self.tokenizer, prompt)
+    }
+}
+
+/// Prompt ids for `prompt` (chat template applied to chat prompts).
+fn encode_prompt(tokenizer: &GgufTokenizer, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+    let text = match prompt {
+        Prompt::Text(t) => t.clone(),
+        Prompt::Chat(messages) => {
+            let msgs: Vec<ChatMessage> = messages
+                .iter()
+                .map(|m| ChatMessage {
+                    role: m.role.clone(),
+                    content: m.content.clone(),
+                })
+                .collect();
+            tokenizer
+                .render_chat(&msgs)
+                .map_err(|e| EngineError::InvalidArgument(format!("messages: {e}")))?
+        }
+    };
+    tokenizer
+        .encode(&text)
+        .map_err(|e| EngineError::Internal(e.to_string()))
+}
+
+/// Whether `prompt` has more text than may be encoded on a runtime thread.
+fn encodes_long(prompt: &Prompt) -> bool {
+    let text = match prompt {
+        Prompt::Text(t) => t.len(),
+        Prompt::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
+    };
+    text > ENCODE_INLINE_BYTES
+}
+
+/// Encodes `prompt` on tokio's blocking pool.
+async fn encode_off_runtime(
+    tokenizer: Arc<GgufTokenizer>,
+    prompt: Prompt,
+) -> Result<Vec<u32>, EngineError> {
+    match tokio::task::spawn_blocking(move || encode_prompt(&tokenizer, &prompt)).await {
+        Ok(ids) => ids,
+        Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
+        Err(_) => Err(EngineError::Unavailable(
+            "the worker is shutting down".into(),
+        )),
     }
 }
 
@@ -353,32 +445,34 @@ impl Engine for CandleEngine {
 
     fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
         let stats = *self
+            .admission
             .counters
             .prefix
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         Some(PrefixCacheStats {
-            block_tokens: self.block_tokens as u32,
+            block_tokens: self.admission.block_tokens as u32,
             ..stats
         })
     }
 
     fn load(&self) -> EngineLoad {
         EngineLoad {
-            queued: self.counters.queued.load(Ordering::Relaxed),
-            kv_used_bytes: self.counters.kv_used.load(Ordering::Relaxed),
-            queued_prompt_tokens: self.counters.unprefilled.load(Ordering::Relaxed),
+            queued: self.admission.counters.queued.load(Ordering::Relaxed),
+            kv_used_bytes: self.admission.counters.kv_used.load(Ordering::Relaxed),
+            queued_prompt_tokens: self.admission.counters.unprefilled.load(Ordering::Relaxed),
             queued_latency_critical_prompt_tokens: Some(
-                self.counters
+                self.admission
+                    .counters
                     .unprefilled_latency_critical
                     .load(Ordering::Relaxed),
             ),
-            prefill_tokens_per_s: self.counters.prefill_rate.get(),
+            prefill_tokens_per_s: self.admission.counters.prefill_rate.get(),
             // Its first token is prefill plus one decode step: nothing fixed to add.
             first_token_delay_ms: None,
             // One chunk per scheduler step, each step also decoding every running sequence: the
             // chunk in force now (paced while sequences with a promised rate decode).
-            prefill_chunk_tokens: Some(self.counters.chunk.load(Ordering::Relaxed)),
+            prefill_chunk_tokens: Some(self.admission.counters.chunk.load(Ordering::Relaxed)),
         }
     }
 
@@ -429,72 +523,55 @@ impl Engine for CandleEngine {
         };
         params.validate().map_err(EngineError::InvalidArgument)?;
 
-        let mut context = match request.prompt_ids {
+        let prompt_ids = match request.prompt_ids {
             Some(ids) => {
                 if let Some(bad) = ids.iter().find(|id| **id >= vocab) {
                     return Err(EngineError::InvalidArgument(format!(
                         "prompt_token_ids: id {bad} outside the vocabulary of {vocab}"
                     )));
                 }
-                ids
+                Some(ids)
             }
-            None => self.prompt_ids(&request.prompt)?,
+            // Milliseconds of work: not on the caller's thread (the worker's stream task).
+            None if encodes_long(&request.prompt) => None,
+            None => Some(self.prompt_ids(&request.prompt)?),
         };
-        if context.is_empty() {
-            return Err(EngineError::InvalidArgument(
-                "prompt: tokenizes to no tokens".into(),
-            ));
-        }
-        let prompt_tokens = context.len() as u32;
-        context.extend_from_slice(&request.resume_tokens);
         let remaining = s.max_tokens as usize - resumed;
-        let needed = context.len() + remaining;
-        if needed > self.context_length {
-            return Err(EngineError::InvalidArgument(format!(
-                "prompt ({} tokens) + sampling.max_tokens ({}) = {needed} exceeds the model's context length of {} tokens",
-                prompt_tokens, s.max_tokens, self.context_length
-            )));
-        }
-        let blocks = needed.div_ceil(self.block_tokens);
-        if blocks > self.kv_blocks {
-            return Err(EngineError::InvalidArgument(format!(
-                "prompt + sampling.max_tokens need {blocks} KV blocks ({needed} tokens), more than this worker's kv_budget_bytes {} holds ({} blocks of {} tokens)",
-                self.limits.kv_budget_bytes, self.kv_blocks, self.block_tokens
-            )));
-        }
-        // Bounded queue: count optimistically, undo when over the limit.
-        let before = self.counters.queued.fetch_add(1, Ordering::AcqRel);
-        if before as usize >= self.limits.max_queue {
-            self.counters.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(EngineError::ResourceExhausted(format!(
-                "queue full: {} requests already wait (max_queue {})",
-                before, self.limits.max_queue
-            )));
-        }
         // Bounded: a reader that stops taking events (a router out of flow-control credit
         // because its client stopped reading) pauses this sequence, never the batch.
         let (tx, rx) = mpsc::channel((remaining + 4).min(EVENT_BUFFER));
         let job = Job {
             request_id: request.request_id,
-            context,
-            prompt_tokens,
+            context: Vec::new(),
+            prompt_tokens: 0,
             resumed,
             remaining,
             sampler: Sampler::new(params),
             stops: s.stop.clone(),
-            tx,
+            tx: tx.clone(),
             cancel,
             latency_critical: request.latency_critical,
             min_tokens_per_s: request.min_tokens_per_s,
             cached_tokens: 0,
             arrived: Instant::now(),
         };
-        if self.jobs.send(job).is_err() {
-            self.counters.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(EngineError::Unavailable(
-                "engine scheduler has stopped".into(),
-            ));
-        }
+        let Some(prompt_ids) = prompt_ids else {
+            let (admission, tokenizer) = (self.admission.clone(), self.tokenizer.clone());
+            let (prompt, resume) = (request.prompt, request.resume_tokens);
+            // Driven by whoever reads the stream: a refusal arrives as its one event.
+            let admit = async move {
+                let admitted = encode_off_runtime(tokenizer, prompt)
+                    .await
+                    .and_then(|ids| admission.admit(job, ids, &resume));
+                if let Err(error) = admitted {
+                    let _ = tx.send(Err(error)).await;
+                }
+            };
+            return Ok(EngineStream::driven(rx, admit));
+        };
+        drop(tx);
+        self.admission
+            .admit(job, prompt_ids, &request.resume_tokens)?;
         Ok(rx.into())
     }
 }

@@ -823,3 +823,42 @@ async fn a_promised_decode_rate_cuts_the_reported_prefill_chunk_while_it_decodes
     assert_eq!(reason, StopReason::Length);
     assert_eq!(e.load().prefill_chunk_tokens, Some(256));
 }
+
+#[tokio::test]
+async fn a_long_text_prompt_is_encoded_by_its_reader_and_generates_as_its_ids_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny-long.gguf");
+    let spec = TinySpec {
+        context_length: 8_192,
+        ..TinySpec::default()
+    };
+    write_tiny_llama(&path, spec).unwrap();
+    let e = engine(&path, limits());
+    // More text than the engine encodes on the caller's thread.
+    let long = "the keeper wrote each wave down; ".repeat(100);
+    assert!(long.len() > switchyard_worker_gpu::tokenizer::ENCODE_INLINE_BYTES);
+    let ids = e.prompt_ids(&Prompt::Text(long.clone())).unwrap();
+    let as_text = collect(
+        e.submit(request(&long, 6), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    let mut by_ids = request(&long, 6);
+    by_ids.prompt_ids = Some(ids);
+    let as_ids = collect(e.submit(by_ids, CancellationToken::new()).unwrap()).await;
+    assert_eq!(as_text.0, as_ids.0);
+    assert!(!as_text.0.is_empty());
+
+    // Refused once encoded: the refusal is the stream's one event, not `submit`'s answer.
+    let too_long = "the keeper wrote each wave down; ".repeat(1_000);
+    let mut refused = e
+        .submit(request(&too_long, 6), CancellationToken::new())
+        .unwrap();
+    let first = refused.recv().await;
+    assert!(
+        matches!(&first, Some(Err(EngineError::InvalidArgument(m))) if m.contains("context length of 8192")),
+        "{first:?}"
+    );
+    assert!(refused.recv().await.is_none());
+    assert_eq!(e.load().queued, 0);
+}
