@@ -2,6 +2,7 @@
 # Prefix reuse side by side, one run, one machine, one workload (`switchyard-bench multiturn`):
 #   on     switchyard up --engine candle (2 GPU workers, no wse worker), engine prefix cache on
 #   off    the same with --prefix-cache off
+#   step   the same as on with --step-target STEP_TARGET (250ms; not run by default)
 #   anchor SMG (--policy cache_aware) in front of two llama.cpp llama-server processes
 # in alternating rounds (on, off, anchor, on, off, anchor, ...), each system started fresh
 # (cold caches) for its round and stopped after it. Every process gets free loopback ports and
@@ -12,7 +13,7 @@
 # Env: ROUNDS (2), THREADS (2: the machine's cores, shared by both Switchyard workers, split
 # between the two llama-servers), SLOTS (llama-server parallel slots each, 4),
 # MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf), OUT (target/multiturn/<UTC time>),
-# SYSTEMS ("on off anchor"), LLAMA_SERVER_ARGS (extra llama-server flags, e.g. "--no-repack"
+# SYSTEMS ("on off anchor"; "step" too on request), STEP_TARGET (250ms), LLAMA_SERVER_ARGS (extra llama-server flags, e.g. "--no-repack"
 # on a host where llama.cpp's weight repacking crashes at start-up, as its AMX kernel did on one
 # of our VMs; note it in the results, repacking is faster where it works).
 set -euo pipefail
@@ -31,7 +32,7 @@ scripts/fetch-model.sh >/dev/null
 . scripts/protoc.sh
 ensure_protoc
 cargo build --release -q -p switchyard -p switchyard-bench
-bench/anchors/setup.sh >/dev/null
+if [[ " $SYSTEMS " == *" anchor "* ]]; then bench/anchors/setup.sh >/dev/null; fi
 SWITCHYARD="$ROOT/target/release/switchyard"
 BENCH="$ROOT/target/release/switchyard-bench"
 LLAMA_SERVER="$ROOT/target/anchors/bin/llama-server"
@@ -91,12 +92,13 @@ wait_line() {
 HAS_PREFIX_FLAG=0
 if "$SWITCHYARD" up --help | grep -q -- '--prefix-cache'; then HAS_PREFIX_FLAG=1; fi
 
-run_switchyard() {  # run_switchyard on|off ROUND [multiturn flags]
+run_switchyard() {  # run_switchyard on|off|step ROUND [multiturn flags]
   local mode="$1" round="$2" log="$OUT/switchyard-$1-$2.log"
   shift 2
   local grpc http cp dash flag=()
   grpc=$(free_port); http=$(free_port); cp=$(free_port); dash=$(free_port)
-  if [ "$HAS_PREFIX_FLAG" = 1 ]; then flag=(--prefix-cache "$mode"); fi
+  if [ "$mode" = step ]; then flag=(--step-target "${STEP_TARGET:-250ms}")
+  elif [ "$HAS_PREFIX_FLAG" = 1 ]; then flag=(--prefix-cache "$mode"); fi
   start "$log" env RAYON_NUM_THREADS="$THREADS" "$SWITCHYARD" up --engine candle \
     --model-path "$MODEL" --gpu-workers 2 --wse-workers 0 "${flag[@]}" \
     --router-listen "127.0.0.1:$grpc" --http-listen "127.0.0.1:$http" \
@@ -132,14 +134,14 @@ run_anchor() {  # run_anchor ROUND [multiturn flags]
 for round in $(seq "$ROUNDS"); do
   for system in $SYSTEMS; do
     case "$system" in
-      on|off)
+      on|off|step)
         if [ "$HAS_PREFIX_FLAG" = 0 ] && [ "$system" = off ]; then continue; fi
-        echo "round $round: switchyard prefix cache $system" >&2
+        echo "round $round: switchyard $system" >&2
         run_switchyard "$system" "$round" "$@" ;;
       anchor)
         echo "round $round: smg cache_aware + 2 llama-server" >&2
         run_anchor "$round" "$@" ;;
-      *) echo "unknown system $system (on, off, anchor)" >&2; exit 2 ;;
+      *) echo "unknown system $system (on, off, step, anchor)" >&2; exit 2 ;;
     esac
   done
 done
@@ -149,6 +151,7 @@ import glob, json, os, statistics, sys
 out, has_flag = sys.argv[1], sys.argv[2] == "1"
 names = {"on": "switchyard, prefix cache on" if has_flag else "switchyard (no --prefix-cache flag)",
          "off": "switchyard, prefix cache off",
+         "step": "switchyard, cache on, step target",
          "anchor": "SMG cache_aware + 2x llama-server"}
 runs = {}
 for path in sorted(glob.glob(os.path.join(out, "*.json"))):
@@ -176,7 +179,7 @@ print(f"\n{r0['conversations']} conversations x {r0['turns']} turns, {r0['concur
       f"max_tokens {r0['max_tokens']}, seed {r0['seed']}; medians over rounds; results in {out}")
 head = f"{'system':<36}{'rounds':>7}{'turn>=2 TTFT p50':>18}{'p90':>9}{'turn 1 p50':>12}{'tok/s':>8}{'hit (usage)':>13}{'hit (engine)':>14}{'same worker':>13}"
 print(head)
-for system in ("on", "off", "anchor"):
+for system in ("on", "off", "step", "anchor"):
     if system not in rows:
         continue
     r = rows[system]
@@ -185,7 +188,7 @@ for system in ("on", "off", "anchor"):
           f"{fmt(r['first'], '.0f') + ' ms':>12}{fmt(r['tps'], '.1f'):>8}{pct(r['hit']):>13}{pct(r['engine_hit']):>14}{pct(r['same']):>13}")
 on = rows.get("on", {}).get("later")
 if on:
-    for system, label in (("off", "off/on"), ("anchor", "anchor/on")):
+    for system, label in (("off", "off/on"), ("step", "step/on"), ("anchor", "anchor/on")):
         v = rows.get(system, {}).get("later")
         if v is not None:
             print(f"turn>=2 TTFT p50 ratio {label}: {v / on:.2f}x")

@@ -3,7 +3,9 @@
 //! tokens/s at 4 and 16 concurrent streams, time to first token for 128/512/2048-token prompts,
 //! and peak RSS. `scripts/bench-engine.sh` runs it next to llama-cpp-python and prints ratios.
 //! Then decode pacing side by side: a stream that was promised a decode rate, decoding while a
-//! long prompt is prefilled beside it, with the promise and without.
+//! long prompt is prefilled beside it, with the promise and without. Last, head-of-line
+//! blocking: a short prompt sent while a long one is being prefilled, on an engine without a
+//! step target (only `--prefill-chunk` bounds the chunk) and on one with, alternated.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -40,6 +42,25 @@ pub struct EngineBenchArgs {
     /// KV budget of the engine.
     #[arg(long, default_value_t = 512 * 1024 * 1024)]
     pub kv_budget_bytes: u64,
+    /// Prompt tokens prefilled per scheduler step.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: u32,
+    /// The engine's step target (`0s`: none), as the worker's `--step-target`.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub step_target: Duration,
+    /// The step target the head-of-line run compares with no step target.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "250ms")]
+    pub hol_step_target: Duration,
+    /// Prompt (tokens) being prefilled when the short one arrives in the head-of-line run (0
+    /// skips the run).
+    #[arg(long, default_value_t = 1024)]
+    pub hol_prompt: usize,
+    /// How long after the long prompt the short one is sent.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "100ms")]
+    pub hol_arrival: Duration,
+    /// Trials per engine of the head-of-line run.
+    #[arg(long, default_value_t = 3)]
+    pub hol_trials: usize,
     /// Keep Q5_0/Q5_1 weights as stored (no Q8_0 repack).
     #[arg(long)]
     pub no_repack: bool,
@@ -134,6 +155,8 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
         max_queue: 4 * max_streams as u32,
         device: DeviceChoice::Auto,
         no_repack: args.no_repack,
+        prefill_chunk: args.prefill_chunk,
+        step_target: args.step_target,
         ..GpuEngineArgs::default()
     };
     let load_start = Instant::now();
@@ -197,6 +220,11 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
         }
     }
     let rss = peak_rss_bytes();
+    let head_of_line = if args.hol_prompt > 0 && args.hol_trials > 0 {
+        head_of_line_runs(&gpu, &args).await?
+    } else {
+        Vec::new()
+    };
 
     if args.json {
         let agg: Vec<String> = aggregate
@@ -208,7 +236,7 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
             .map(|(n, d)| format!("\"{n}\": {:.4}", d.as_secs_f64()))
             .collect();
         println!(
-            "{{\"engine\": \"candle\", \"hardware\": {:?}, \"load_s\": {:.3}, \"decode_tok_s\": {decode_tps:.2}, \"aggregate_tok_s\": {{{}}}, \"ttft_s\": {{{}}}, \"pacing\": [{}], \"peak_rss_bytes\": {rss}}}",
+            "{{\"engine\": \"candle\", \"hardware\": {:?}, \"load_s\": {:.3}, \"decode_tok_s\": {decode_tps:.2}, \"aggregate_tok_s\": {{{}}}, \"ttft_s\": {{{}}}, \"pacing\": [{}], \"head_of_line\": [{}], \"peak_rss_bytes\": {rss}}}",
             engine.hardware(),
             load.as_secs_f64(),
             agg.join(", "),
@@ -219,6 +247,16 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
                     "{{\"promised_tok_s\": {promised}, \"stream_tok_s\": {:.2}, \"prompt_ttft_s\": {:.4}}}",
                     p.stream_tokens_per_s,
                     p.prompt_ttft.as_secs_f64()
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            head_of_line
+                .iter()
+                .map(|(label, h)| format!(
+                    "{{\"engine\": {label:?}, \"short_ttft_s_p50\": {:.4}, \"short_ttft_s_max\": {:.4}, \"long_ttft_s_p50\": {:.4}}}",
+                    h.short_p50.as_secs_f64(),
+                    h.short_max.as_secs_f64(),
+                    h.long_p50.as_secs_f64()
                 ))
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -245,8 +283,112 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
             );
         }
         println!("peak RSS: {:.1} MiB", rss as f64 / (1024.0 * 1024.0));
+        for (label, h) in &head_of_line {
+            println!(
+                "head of line, {label}: a short prompt sent {} ms into a {}-token prompt's prefill: first token after {:.3} s p50 ({:.3} s max); the long prompt's {:.3} s p50 ({} trials)",
+                args.hol_arrival.as_millis(),
+                args.hol_prompt,
+                h.short_p50.as_secs_f64(),
+                h.short_max.as_secs_f64(),
+                h.long_p50.as_secs_f64(),
+                args.hol_trials,
+            );
+        }
     }
     Ok(())
+}
+
+/// The head-of-line trials of one engine, summarized.
+struct HeadOfLineSummary {
+    short_p50: Duration,
+    short_max: Duration,
+    long_p50: Duration,
+}
+
+impl HeadOfLineSummary {
+    fn of(runs: &[HeadOfLine]) -> Self {
+        let mut short: Vec<Duration> = runs.iter().map(|r| r.short_ttft).collect();
+        let mut long: Vec<Duration> = runs.iter().map(|r| r.long_ttft).collect();
+        short.sort();
+        long.sort();
+        Self {
+            short_p50: short[short.len() / 2],
+            short_max: short[short.len() - 1],
+            long_p50: long[long.len() / 2],
+        }
+    }
+}
+
+/// What one head-of-line trial measured.
+struct HeadOfLine {
+    /// From the short prompt's submission to its first token.
+    short_ttft: Duration,
+    /// From the long prompt's submission to its first token.
+    long_ttft: Duration,
+}
+
+/// The head-of-line run on two fresh engines, one without a step target and one with
+/// `args.hol_step_target`, trials alternated between the two.
+async fn head_of_line_runs(
+    gpu: &GpuEngineArgs,
+    args: &EngineBenchArgs,
+) -> anyhow::Result<Vec<(String, HeadOfLineSummary)>> {
+    let mut compared = Vec::new();
+    for target in [Duration::ZERO, args.hol_step_target] {
+        let engine = switchyard_worker_gpu::build_candle(&GpuEngineArgs {
+            step_target: target,
+            ..gpu.clone()
+        })?;
+        let label = if target.is_zero() {
+            "no step target".to_string()
+        } else {
+            format!("step target {} ms", target.as_millis())
+        };
+        compared.push((label, engine, Vec::new()));
+    }
+    for trial in 0..args.hol_trials {
+        for (which, (_, engine, runs)) in compared.iter_mut().enumerate() {
+            let tag = format!(" hol {which}-{trial}");
+            let long = prompt_of(engine, args.hol_prompt, &tag)?;
+            let short = Prompt::Text(format!("Say hello ({which}-{trial})."));
+            runs.push(head_of_line(engine, long, short, args.hol_arrival).await?);
+        }
+    }
+    Ok(compared
+        .into_iter()
+        .map(|(label, _, runs)| (label, HeadOfLineSummary::of(&runs)))
+        .collect())
+}
+
+/// Submits `long`, then `short` after `arrival`; times both first tokens.
+async fn head_of_line(
+    engine: &CandleEngine,
+    long: Prompt,
+    short: Prompt,
+    arrival: Duration,
+) -> anyhow::Result<HeadOfLine> {
+    // Each asks for one token: its first event is that token, or why there is none.
+    let first_token = |mut events: switchyard_worker::EngineStream, from: Instant| async move {
+        match events.recv().await {
+            Some(Ok(EngineEvent::Token { .. })) => Ok(from.elapsed()),
+            Some(Ok(EngineEvent::Done { .. })) | None => {
+                anyhow::bail!("a prompt ended without a token")
+            }
+            Some(Err(e)) => Err(anyhow::Error::from(e)),
+        }
+    };
+    let long_sent = Instant::now();
+    let long = engine.submit(engine_request(engine, long, 1), CancellationToken::new())?;
+    let long = tokio::spawn(first_token(long, long_sent));
+    tokio::time::sleep(arrival).await;
+    let short_sent = Instant::now();
+    let short = engine.submit(engine_request(engine, short, 1), CancellationToken::new())?;
+    let short_ttft = first_token(short, short_sent).await?;
+    let long_ttft = long.await??;
+    Ok(HeadOfLine {
+        short_ttft,
+        long_ttft,
+    })
 }
 
 /// What the pacing run measured.

@@ -88,6 +88,13 @@ pub struct GpuEngineArgs {
     /// prompt delays the running streams).
     #[arg(long, env = "SWITCHYARD_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: u32,
+    /// Candle engine: how long one scheduler step should take at most (`0s`: no target). A
+    /// request arriving while a prompt is prefilled waits for the chunk in progress, so with a
+    /// target the chunk is cut to what the measured prefill rate gets done in it (at least 32
+    /// tokens). On a CPU smaller chunks prefill more slowly: set it where short requests share
+    /// a worker with long prompts and must not wait seconds behind them.
+    #[arg(long, env = "SWITCHYARD_STEP_TARGET", value_parser = humantime::parse_duration, default_value = "0s")]
+    pub step_target: Duration,
     /// Candle engine on the CPU: threads of the engine's own compute pool (0: one per CPU
     /// core). Engines sharing a host (`switchyard up` runs several in one process) each get
     /// their own pool, so one engine's work never waits inside another's.
@@ -129,6 +136,7 @@ impl Default for GpuEngineArgs {
             max_queue: 64,
             device: DeviceChoice::Auto,
             prefill_chunk: 512,
+            step_target: Duration::ZERO,
             compute_threads: 0,
             no_repack: false,
             prefix_cache: Toggle::On,
@@ -243,6 +251,7 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
             max_seqs: args.max_concurrent as usize,
             max_queue: args.max_queue as usize,
             prefill_chunk: args.prefill_chunk as usize,
+            step_target: (!args.step_target.is_zero()).then_some(args.step_target),
             prefix_cache: args.prefix_cache == Toggle::On,
             compute_threads: args.compute_threads as usize,
         },
@@ -269,4 +278,28 @@ pub fn load_model(
         )));
     }
     Ok((model, tokenizer))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        engine: GpuEngineArgs,
+    }
+
+    #[test]
+    fn the_flags_default_to_the_default_args() {
+        let parsed = Flags::parse_from(["worker"]).engine;
+        let default = GpuEngineArgs::default();
+        assert_eq!(parsed.step_target, default.step_target);
+        assert_eq!(parsed.prefill_chunk, default.prefill_chunk);
+        assert_eq!(parsed.kv_budget_bytes, default.kv_budget_bytes);
+        let set = Flags::parse_from(["worker", "--step-target", "250ms"]).engine;
+        assert_eq!(set.step_target, Duration::from_millis(250));
+    }
 }

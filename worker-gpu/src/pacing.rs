@@ -8,6 +8,10 @@
 //! decode rate (chunked-prefill engines such as Sarathi-Serve size the step's token budget from
 //! the decode-latency target for the same reason). The simulator sizes its GPU steps with the
 //! same function.
+//!
+//! The engine's step target (`--step-target`) is such a pace too, kept whether or not anything
+//! decodes: a request that arrives while a prompt is being prefilled waits for the chunk in
+//! progress, and on a CPU a 512-token chunk takes seconds.
 
 /// The iteration is sized to this share of `1 / min_tokens_per_s`: measured step times
 /// wander, and a stream that only just keeps pace misses on the next slow step.

@@ -29,7 +29,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use std::sync::Mutex;
 
@@ -59,6 +59,11 @@ pub struct SchedulerLimits {
     pub max_queue: usize,
     /// Prompt tokens processed per scheduler iteration for a joining sequence.
     pub prefill_chunk: usize,
+    /// How long one scheduler iteration should take at most: the prefill chunk is cut to what
+    /// fits beside the decode step at the measured rates (never below one KV block), because
+    /// a request that arrives mid-chunk waits for the chunk to end — and on a CPU a 512-token
+    /// chunk takes seconds. `None`: only `prefill_chunk` bounds the chunk.
+    pub step_target: Option<Duration>,
     /// Keep finished sequences' full KV blocks and reuse them for later prompts that start
     /// the same way.
     pub prefix_cache: bool,
@@ -67,6 +72,31 @@ pub struct SchedulerLimits {
 }
 
 impl SchedulerLimits {
+    /// The prefill chunk of an iteration (see [`crate::pacing`]): `prefill_chunk`, cut to keep
+    /// the step target and `promised`, the fastest decode rate promised to a sequence decoding
+    /// now (`None`: no sequence decodes, so the iteration has no decode step).
+    fn chunk_in_force(
+        &self,
+        promised: Option<f64>,
+        decode_steps_per_s: f64,
+        prefill_tokens_per_s: f64,
+    ) -> usize {
+        // The step target is a pace every iteration keeps, whoever is decoding.
+        let target = self
+            .step_target
+            .map_or(0.0, |t| 1.0 / t.as_secs_f64().max(f64::MIN_POSITIVE));
+        let decode_step_s = match promised {
+            Some(_) if decode_steps_per_s > 0.0 => 1.0 / decode_steps_per_s,
+            _ => 0.0,
+        };
+        paced_chunk(
+            self.prefill_chunk,
+            promised.unwrap_or(0.0).max(target),
+            decode_step_s,
+            prefill_tokens_per_s,
+        )
+    }
+
     pub fn validate(&self) -> Result<(), String> {
         if self.kv_budget_bytes == 0 {
             return Err("kv_budget_bytes: must be positive".into());
@@ -279,10 +309,10 @@ impl CandleEngine {
             .then(|| Arc::new(KvPublisher::new(block_tokens as u32)));
         let counters = Arc::new(Counters::default());
         counters.prefill_rate.record(warm_tokens as f64, prefill_s);
-        counters.chunk.store(
-            u32::try_from(limits.prefill_chunk).unwrap_or(u32::MAX),
-            Ordering::Relaxed,
-        );
+        let chunk = limits.chunk_in_force(None, 0.0, counters.prefill_rate.get());
+        counters
+            .chunk
+            .store(u32::try_from(chunk).unwrap_or(u32::MAX), Ordering::Relaxed);
         let decode_rate = RateMeter::default();
         decode_rate.record(1.0, step);
         let (tx, rx) = std_mpsc::channel();
@@ -828,24 +858,21 @@ impl Scheduler {
             .map(|(i, _)| i)
     }
 
-    /// The prefill chunk for this iteration: the fastest decode rate promised to a sequence
-    /// decoding now bounds it (see [`crate::pacing`]). Published for load reports at once, so a
-    /// report never shows the chunk of a sequence already gone.
+    /// The prefill chunk for this iteration: the step target and the fastest decode rate
+    /// promised to a sequence decoding now bound it (see [`crate::pacing`]). Published for load
+    /// reports at once, so a report never shows the chunk of a sequence already gone.
     fn chunk_in_force(&self) -> usize {
         let promised = self
             .active
             .iter()
             .filter(|s| s.next.is_some())
             .map(|s| s.job.min_tokens_per_s)
-            .fold(0.0, f64::max);
-        let decode_step_s = match self.decode_rate.get() {
-            r if r > 0.0 => 1.0 / r,
-            _ => 0.0,
-        };
-        let chunk = paced_chunk(
-            self.limits.prefill_chunk,
+            .fold(None, |fastest: Option<f64>, rate| {
+                Some(fastest.map_or(rate, |f| f.max(rate)))
+            });
+        let chunk = self.limits.chunk_in_force(
             promised,
-            decode_step_s,
+            self.decode_rate.get(),
             self.counters.prefill_rate.get(),
         );
         self.counters

@@ -182,6 +182,7 @@ fn limits() -> SchedulerLimits {
         max_seqs: 4,
         max_queue: 8,
         prefill_chunk: 16,
+        step_target: None,
         prefix_cache: true,
         compute_threads: 0,
     }
@@ -396,6 +397,7 @@ async fn admission_limits() {
         max_seqs: 1,
         max_queue: 1,
         prefill_chunk: 16,
+        step_target: None,
         prefix_cache: true,
         compute_threads: 0,
     };
@@ -417,6 +419,7 @@ async fn admission_limits() {
             max_seqs: 1,
             max_queue: 1,
             prefill_chunk: 16,
+            step_target: None,
             prefix_cache: true,
             compute_threads: 0,
         },
@@ -787,6 +790,7 @@ async fn a_promised_decode_rate_cuts_the_reported_prefill_chunk_while_it_decodes
     let dir = tempfile::tempdir().unwrap();
     let wide = SchedulerLimits {
         prefill_chunk: 256,
+        step_target: None,
         ..limits()
     };
     let e = engine(&tiny_file(&dir), wide);
@@ -822,6 +826,55 @@ async fn a_promised_decode_rate_cuts_the_reported_prefill_chunk_while_it_decodes
     .await;
     assert_eq!(reason, StopReason::Length);
     assert_eq!(e.load().prefill_chunk_tokens, Some(256));
+}
+
+/// A step target cuts the chunk to what the measured prefill rate gets done in it, with or
+/// without sequences decoding, and the engine reports that chunk.
+#[tokio::test]
+async fn a_step_target_cuts_the_prefill_chunk_to_what_fits_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_file(&dir);
+    let wide = SchedulerLimits {
+        prefill_chunk: 256,
+        ..limits()
+    };
+    let untargeted = engine(&path, wide.clone());
+    assert_eq!(untargeted.load().prefill_chunk_tokens, Some(256));
+    // No prefill fits in a nanosecond: the chunk falls to its floor, one KV block.
+    let targeted = engine(
+        &path,
+        SchedulerLimits {
+            step_target: Some(Duration::from_nanos(1)),
+            ..wide.clone()
+        },
+    );
+    let floor = Some(switchyard_worker_gpu::pacing::MIN_PACED_CHUNK as u32);
+    assert_eq!(targeted.load().prefill_chunk_tokens, floor);
+    // Prompts still prefill (in floor-sized chunks) and generate as without the target.
+    let prompt = "the keeper wrote each wave down; ".repeat(4);
+    let cut = collect(
+        targeted
+            .submit(request(&prompt, 4), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    let whole = collect(
+        untargeted
+            .submit(request(&prompt, 4), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(cut.0, whole.0);
+    assert_eq!(targeted.load().prefill_chunk_tokens, floor);
+    // A day per step: the configured chunk fits.
+    let loose = engine(
+        &path,
+        SchedulerLimits {
+            step_target: Some(Duration::from_secs(86_400)),
+            ..wide
+        },
+    );
+    assert_eq!(loose.load().prefill_chunk_tokens, Some(256));
 }
 
 #[tokio::test]

@@ -350,6 +350,7 @@ fn real_engine(path: &Path, compute_threads: usize) -> switchyard_worker_gpu::Ca
         max_seqs: 4,
         max_queue: 8,
         prefill_chunk: 64,
+        step_target: None,
         prefix_cache: false,
         compute_threads,
     };
