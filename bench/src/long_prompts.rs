@@ -227,32 +227,38 @@ pub async fn run(args: LongPromptsArgs) -> anyhow::Result<()> {
         "time until a short request is accepted, {} trials per size (ms)",
         args.trials
     );
-    println!("{HEADER}");
-    for kib in &args.prompt_kib {
-        let text = long_text(*kib);
-        let (mut alone, mut behind) = (Vec::new(), Vec::new());
-        for trial in 0..args.trials {
-            alone.push(short_accepted(&session, format!("alone-{kib}-{trial}"), Vec::new()).await?);
-            let long = session.start(request(&format!("long-{kib}-{trial}"), &text))?;
-            behind
-                .push(short_accepted(&session, format!("behind-{kib}-{trial}"), vec![long]).await?);
-        }
-        print_row(*kib, alone, behind);
-    }
+    print_table(&args, async |id: String, long: Option<&str>| {
+        let also = match long {
+            Some(text) => vec![session.start(request(&format!("long-{id}"), text))?],
+            None => Vec::new(),
+        };
+        short_accepted(&session, id, also).await
+    })
+    .await?;
     println!(
         "\non a worker stream, text without prompt ids: time until a short start's first token, {} trials per size (ms)",
         args.trials
     );
+    print_table(&args, async |id: String, long: Option<&str>| {
+        let long = long.map(|text| (format!("long-{id}"), text));
+        short_first_token(&mut worker, id, long).await
+    })
+    .await
+}
+
+/// For each size, `args.trials` times: a short request timed by `short` alone, then right
+/// behind a long prompt of that size; a row of medians per size.
+async fn print_table(
+    args: &LongPromptsArgs,
+    mut short: impl AsyncFnMut(String, Option<&str>) -> anyhow::Result<Duration>,
+) -> anyhow::Result<()> {
     println!("{HEADER}");
     for kib in &args.prompt_kib {
         let text = long_text(*kib);
         let (mut alone, mut behind) = (Vec::new(), Vec::new());
         for trial in 0..args.trials {
-            let id = format!("w-alone-{kib}-{trial}");
-            alone.push(short_first_token(&mut worker, id, None).await?);
-            let long = (format!("w-long-{kib}-{trial}"), text.as_str());
-            let id = format!("w-behind-{kib}-{trial}");
-            behind.push(short_first_token(&mut worker, id, Some(long)).await?);
+            alone.push(short(format!("alone-{kib}-{trial}"), None).await?);
+            behind.push(short(format!("behind-{kib}-{trial}"), Some(&text)).await?);
         }
         print_row(*kib, alone, behind);
     }
