@@ -396,8 +396,9 @@ impl CandleEngine {
 
 /// Prompt ids for `prompt` (chat template applied to chat prompts).
 fn encode_prompt(tokenizer: &GgufTokenizer, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+    let rendered;
     let text = match prompt {
-        Prompt::Text(t) => t.clone(),
+        Prompt::Text(t) => t,
         Prompt::Chat(messages) => {
             let msgs: Vec<ChatMessage> = messages
                 .iter()
@@ -406,13 +407,14 @@ fn encode_prompt(tokenizer: &GgufTokenizer, prompt: &Prompt) -> Result<Vec<u32>,
                     content: m.content.clone(),
                 })
                 .collect();
-            tokenizer
+            rendered = tokenizer
                 .render_chat(&msgs)
-                .map_err(|e| EngineError::InvalidArgument(format!("messages: {e}")))?
+                .map_err(|e| EngineError::InvalidArgument(format!("messages: {e}")))?;
+            &rendered
         }
     };
     tokenizer
-        .encode(&text)
+        .encode(text)
         .map_err(|e| EngineError::Internal(e.to_string()))
 }
 
@@ -578,7 +580,7 @@ impl Engine for CandleEngine {
             remaining,
             sampler: Sampler::new(params),
             stops: s.stop.clone(),
-            tx: tx.clone(),
+            tx,
             cancel,
             latency_critical: request.latency_critical,
             min_tokens_per_s: request.min_tokens_per_s,
@@ -589,17 +591,17 @@ impl Engine for CandleEngine {
             let (admission, tokenizer) = (self.admission.clone(), self.tokenizer.clone());
             let (prompt, resume) = (request.prompt, request.resume_tokens);
             // Driven by whoever reads the stream: a refusal arrives as its one event.
+            let refusals = job.tx.clone();
             let admit = async move {
                 let admitted = encode_off_runtime(tokenizer, prompt)
                     .await
                     .and_then(|ids| admission.admit(job, ids, &resume));
                 if let Err(error) = admitted {
-                    let _ = tx.send(Err(error)).await;
+                    let _ = refusals.send(Err(error)).await;
                 }
             };
             return Ok(EngineStream::driven(rx, admit));
         };
-        drop(tx);
         self.admission
             .admit(job, prompt_ids, &request.resume_tokens)?;
         Ok(rx.into())
