@@ -146,58 +146,68 @@ impl HostBlocks {
     }
 }
 
-/// Softmax attention of the query heads `q` (`g × head_dim`) that share one KV head over its
-/// cached positions; writes `g × head_dim` into `out`. `scores` is scratch space.
-fn attend_group(
+/// Query rows attended together against one KV head. In the AVX2 kernel each row keeps two
+/// 8-lane accumulators: 12 of them, two key (or value) vectors and one broadcast fill AVX2's
+/// 16 registers, and every key or value vector loaded serves all the rows.
+const ROWS_TOGETHER: usize = 6;
+
+/// Softmax attention of query rows that share one KV head: row `i` (`q[i·hd..][..hd]`)
+/// attends over the first `lens[i]` cached positions of `head` (none beyond `head.len`) and
+/// its result goes to `out[i·hd..][..hd]`. `scores` is scratch space.
+///
+/// Every row is computed in the same order whatever rows share the call, so a token decoded
+/// alone gets exactly the result it gets within a prompt chunk.
+fn attend_rows(
     q: &[f32],
+    lens: &[usize],
     head: CachedHead<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    debug_assert!(lens.iter().all(|&n| n >= 1 && n <= head.len));
     #[cfg(target_arch = "x86_64")]
     if crate::qmatrix::avx2_fma() {
-        // SAFETY: `avx2::attend_group` only requires the CPU features just checked at run time.
+        // SAFETY: `avx2::attend_rows` only requires the CPU features just checked at run time.
         #[allow(unsafe_code)]
         unsafe {
-            return avx2::attend_group(q, head, scale, scores, out);
+            return avx2::attend_rows(q, lens, head, scale, scores, out);
         }
     }
-    attend_group_generic(q, head, scale, scores, out)
+    attend_rows_generic(q, lens, head, scale, scores, out)
 }
 
-/// Portable version of [`attend_group`] (and the definition the AVX2 one must agree with).
-fn attend_group_generic(
+/// Portable version of [`attend_rows`] (and the definition the AVX2 one must agree with).
+fn attend_rows_generic(
     q: &[f32],
+    lens: &[usize],
     head: CachedHead<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let len = head.len;
-    for (qh, row) in score_rows(q, head, scores) {
-        for (j, s) in row.iter_mut().enumerate() {
+    zeroed(scores, lens.len() * len);
+    for ((qh, row), &n) in q
+        .chunks_exact(head.head_dim)
+        .zip(scores.chunks_exact_mut(len))
+        .zip(lens)
+    {
+        for (j, s) in row[..n].iter_mut().enumerate() {
             for (d, &qd) in qh.iter().enumerate() {
                 *s += qd * head.key(d, j);
             }
         }
         row.iter_mut().for_each(|s| *s *= scale);
     }
-    softmax_rows(scores, len);
+    softmax_rows(scores, lens, len);
     weighted_values::<false>(head, scores, out);
 }
 
-/// Sizes `scores` to one zeroed row of `head.len` per query head in `q` (`g × head_dim`) and
-/// pairs each query head with its row.
-fn score_rows<'a>(
-    q: &'a [f32],
-    head: CachedHead<'_>,
-    scores: &'a mut Vec<f32>,
-) -> impl Iterator<Item = (&'a [f32], &'a mut [f32])> + use<'a> {
+/// Sizes `scores` to `n` zeros.
+fn zeroed(scores: &mut Vec<f32>, n: usize) {
     scores.clear();
-    scores.resize(q.len() / head.head_dim * head.len, 0.0);
-    q.chunks_exact(head.head_dim)
-        .zip(scores.chunks_exact_mut(head.len))
+    scores.resize(n, 0.0);
 }
 
 /// `a · b + c`, fused where the CPU has FMA (the portable build must not call the slow
@@ -207,23 +217,27 @@ fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     if FMA { a.mul_add(b, c) } else { a * b + c }
 }
 
-/// Turns each row of `scores` (one per query head, `len` long) into softmax weights.
+/// Turns the first `lens[i]` scores of row `i` (rows `stride` long) into softmax weights and
+/// the rest of the row into zeros, so that summing over the whole row weighs only its own
+/// positions.
 #[inline(always)]
-fn softmax_rows(scores: &mut [f32], len: usize) {
-    for row in scores.chunks_exact_mut(len) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+fn softmax_rows(scores: &mut [f32], lens: &[usize], stride: usize) {
+    for (row, &n) in scores.chunks_exact_mut(stride).zip(lens) {
+        let (live, dead) = row.split_at_mut(n);
+        let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0f32;
-        for s in row.iter_mut() {
+        for s in live.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;
         }
         let inv = 1.0 / sum;
-        row.iter_mut().for_each(|s| *s *= inv);
+        live.iter_mut().for_each(|s| *s *= inv);
+        dead.fill(0.0);
     }
 }
 
-/// The weighted sum of the cached values per query head: `out` (`g × head_dim`) from the
-/// softmax weights in `scores` (`g × len`).
+/// The weighted sum of the cached values per query row: `out` (`rows × head_dim`) from the
+/// softmax weights in `scores` (`rows × len`).
 #[inline(always)]
 fn weighted_values<const FMA: bool>(head: CachedHead<'_>, scores: &[f32], out: &mut [f32]) {
     let (hd, len) = (head.head_dim, head.len);
@@ -242,87 +256,229 @@ fn weighted_values<const FMA: bool>(head: CachedHead<'_>, scores: &[f32], out: &
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{CachedHead, TILE, score_rows, softmax_rows, weighted_values};
+    use super::{BLOCK_TOKENS, CachedHead, ROWS_TOGETHER, TILE, weighted_values, zeroed};
 
     #[target_feature(enable = "avx2,fma")]
     fn load(s: &[f32]) -> __m256 {
         bytemuck::cast(<[f32; 8]>::try_from(&s[..8]).expect("eight lanes"))
     }
 
-    /// `scale · q·k_j` for the `LANES × TILE` positions of the tiles from `tile` on: the
-    /// query's dimensions broadcast against each tile's rows. Returns one score per position.
     #[target_feature(enable = "avx2,fma")]
-    fn score_tiles<const LANES: usize>(
+    pub(super) fn attend_rows(
         q: &[f32],
-        head: CachedHead<'_>,
-        tile: usize,
-        scale: f32,
-    ) -> [[f32; TILE]; LANES] {
-        // Tiles of one scoring pass may lie in different blocks.
-        let keys: [&[f32]; LANES] = std::array::from_fn(|i| head.tile(tile + i));
-        let mut acc = [_mm256_setzero_ps(); LANES];
-        for (d, &qd) in q.iter().enumerate() {
-            let qv = _mm256_set1_ps(qd);
-            for (a, k) in acc.iter_mut().zip(&keys) {
-                *a = _mm256_fmadd_ps(qv, load(&k[d * TILE..]), *a);
-            }
-        }
-        let scale = _mm256_set1_ps(scale);
-        acc.map(|a| bytemuck::cast(_mm256_mul_ps(a, scale)))
-    }
-
-    /// Key tiles scored together.
-    const BLOCK_TILES: usize = 8;
-
-    /// One query head's weighted sum of the values, 32 dimensions at a time held in
-    /// registers over all positions (`head_dim` a multiple of 32).
-    #[target_feature(enable = "avx2,fma")]
-    fn head_values(head: CachedHead<'_>, weights: &[f32], out: &mut [f32]) {
-        for (c, part) in out.chunks_exact_mut(32).enumerate() {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (row, &p) in head.value_rows().zip(weights) {
-                let (pv, row) = (_mm256_set1_ps(p), &row[c * 32..c * 32 + 32]);
-                for (i, a) in acc.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(pv, load(&row[i * 8..]), *a);
-                }
-            }
-            for (a, lanes) in acc.iter().zip(part.chunks_exact_mut(8)) {
-                lanes.copy_from_slice(&bytemuck::cast::<__m256, [f32; 8]>(*a));
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn attend_group(
-        q: &[f32],
+        lens: &[usize],
         head: CachedHead<'_>,
         scale: f32,
         scores: &mut Vec<f32>,
         out: &mut [f32],
     ) {
         let (hd, len) = (head.head_dim, head.len);
-        for (qh, row) in score_rows(q, head, scores) {
-            // Blocks of tiles give independent accumulators to cover the FMA latency; then
-            // tile by tile, the last one possibly partly past `len`.
-            for (block, chunk) in row.chunks_mut(BLOCK_TILES * TILE).enumerate() {
-                if chunk.len() == BLOCK_TILES * TILE {
-                    let tiles = score_tiles::<BLOCK_TILES>(qh, head, block * BLOCK_TILES, scale);
-                    chunk.copy_from_slice(tiles.as_flattened());
-                } else {
-                    for (i, part) in chunk.chunks_mut(TILE).enumerate() {
-                        let [tile] = score_tiles::<1>(qh, head, block * BLOCK_TILES + i, scale);
-                        part.copy_from_slice(&tile[..part.len()]);
-                    }
+        zeroed(scores, lens.len() * len);
+        for (q, scores) in q
+            .chunks(ROWS_TOGETHER * hd)
+            .zip(scores.chunks_mut(ROWS_TOGETHER * len))
+        {
+            // Fewer rows leave registers for more key tiles at once: eight or more
+            // independent accumulators keep both FMA units busy.
+            match q.len() / hd {
+                6 => score_rows::<6, 2>(q, head, scale, scores),
+                5 => score_rows::<5, 2>(q, head, scale, scores),
+                4 => score_rows::<4, 2>(q, head, scale, scores),
+                3 => score_rows::<3, 3>(q, head, scale, scores),
+                2 => score_rows::<2, 4>(q, head, scale, scores),
+                _ => score_rows::<1, 8>(q, head, scale, scores),
+            }
+        }
+        softmax_rows(scores, lens, len);
+        if !hd.is_multiple_of(16) {
+            return weighted_values::<true>(head, scores, out);
+        }
+        let mut by_position = Vec::new();
+        for (p, out) in scores
+            .chunks(ROWS_TOGETHER * len)
+            .zip(out.chunks_mut(ROWS_TOGETHER * hd))
+        {
+            let rows = p.len() / len;
+            // Position by position, the rows' weights side by side: one pointer walks them.
+            zeroed(&mut by_position, p.len());
+            for (r, row) in p.chunks_exact(len).enumerate() {
+                for (j, &w) in row.iter().enumerate() {
+                    by_position[j * rows + r] = w;
+                }
+            }
+            match rows {
+                6 => weigh_rows::<6>(head, &by_position, out),
+                5 => weigh_rows::<5>(head, &by_position, out),
+                4 => weigh_rows::<4>(head, &by_position, out),
+                3 => weigh_rows::<3>(head, &by_position, out),
+                2 => weigh_rows::<2>(head, &by_position, out),
+                _ => weigh_rows::<1>(head, &by_position, out),
+            }
+        }
+    }
+
+    /// `e^x` in every lane for `x ≤ 0` (scores less their row's maximum): Cephes' `expf`
+    /// (range reduction by ln 2, degree-5 polynomial; relative error under 2·10⁻⁷); below
+    /// −87.3, where `e^x` leaves the normal floats, 0.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn exp(x: __m256) -> __m256 {
+        let live = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.336_55));
+        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // x − n·ln 2 in two steps, the first exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+        }
+        let e_r = _mm256_add_ps(
+            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
+            _mm256_set1_ps(1.0),
+        );
+        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_and_ps(_mm256_mul_ps(e_r, _mm256_castsi256_ps(two_n)), live)
+    }
+
+    /// The sum of a vector's lanes.
+    #[target_feature(enable = "avx2,fma")]
+    fn lane_sum(v: __m256) -> f32 {
+        bytemuck::cast::<__m256, [f32; 8]>(v).iter().sum()
+    }
+
+    /// [`super::softmax_rows`], eight scores at a time.
+    #[target_feature(enable = "avx2,fma")]
+    fn softmax_rows(scores: &mut [f32], lens: &[usize], stride: usize) {
+        for (row, &n) in scores.chunks_exact_mut(stride).zip(lens) {
+            let (live, dead) = row.split_at_mut(n);
+            let max = live.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let max = _mm256_set1_ps(max);
+            let mut sum = _mm256_setzero_ps();
+            let mut lanes = live.chunks_exact_mut(8);
+            for s in &mut lanes {
+                let e = exp(_mm256_sub_ps(load(s), max));
+                sum = _mm256_add_ps(sum, e);
+                s.copy_from_slice(&bytemuck::cast::<__m256, [f32; 8]>(e));
+            }
+            let tail = lanes.into_remainder();
+            if !tail.is_empty() {
+                let mut padded = [f32::NEG_INFINITY; 8];
+                padded[..tail.len()].copy_from_slice(tail);
+                let e = exp(_mm256_sub_ps(load(&padded), max));
+                sum = _mm256_add_ps(sum, e);
+                tail.copy_from_slice(&bytemuck::cast::<__m256, [f32; 8]>(e)[..tail.len()]);
+            }
+            let inv = 1.0 / lane_sum(sum);
+            live.iter_mut().for_each(|s| *s *= inv);
+            dead.fill(0.0);
+        }
+    }
+
+    /// `scale · q·k_j` of `R` query rows (`q`: `R × head_dim`) for every position `j` of
+    /// `head`, into `scores` (`R × head.len`), `T` key tiles at a time.
+    #[target_feature(enable = "avx2,fma")]
+    fn score_rows<const R: usize, const T: usize>(
+        q: &[f32],
+        head: CachedHead<'_>,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let tiles = head.len.div_ceil(TILE);
+        let mut tile = 0;
+        while tile + T <= tiles {
+            score_tiles::<R, T>(q, head, tile, scale, scores);
+            tile += T;
+        }
+        while tile < tiles {
+            score_tiles::<R, 1>(q, head, tile, scale, scores);
+            tile += 1;
+        }
+    }
+
+    /// The scores of `R` rows for the positions of `T` key tiles from `tile` on: each row's
+    /// dimension `d` broadcast against the tiles' row `d`. A last tile partly past
+    /// `head.len` is computed whole and stored in part.
+    #[target_feature(enable = "avx2,fma")]
+    fn score_tiles<const R: usize, const T: usize>(
+        q: &[f32],
+        head: CachedHead<'_>,
+        tile: usize,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let (hd, len) = (head.head_dim, head.len);
+        // Tiles of one pass may lie in different blocks.
+        let mut keys = [&[][..]; T];
+        for (i, k) in keys.iter_mut().enumerate() {
+            *k = &head.tile(tile + i)[..hd * TILE];
+        }
+        let q = &q[..R * hd];
+        let mut acc = [[_mm256_setzero_ps(); T]; R];
+        for d in 0..hd {
+            let mut k = [_mm256_setzero_ps(); T];
+            for (kv, tile) in k.iter_mut().zip(&keys) {
+                *kv = load(&tile[d * TILE..]);
+            }
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let qv = _mm256_set1_ps(q[r * hd + d]);
+                for (a, kv) in acc.iter_mut().zip(&k) {
+                    *a = _mm256_fmadd_ps(qv, *kv, *a);
                 }
             }
         }
-        softmax_rows(scores, len);
-        if hd.is_multiple_of(32) {
-            for (weights, oh) in scores.chunks_exact(len).zip(out.chunks_exact_mut(hd)) {
-                head_values(head, weights, oh);
+        let scale = _mm256_set1_ps(scale);
+        for (r, acc) in acc.iter().enumerate() {
+            for (i, a) in acc.iter().enumerate() {
+                let at = (tile + i) * TILE;
+                let lanes: [f32; TILE] = bytemuck::cast(_mm256_mul_ps(*a, scale));
+                let n = TILE.min(len - at);
+                scores[r * len + at..][..n].copy_from_slice(&lanes[..n]);
             }
-        } else {
-            weighted_values::<true>(head, scores, out);
+        }
+    }
+
+    /// `out` (`R × head_dim`) = `R` rows of weights times the cached values, 16 dimensions of
+    /// every row held in registers over all positions; `p` holds the weights position by
+    /// position (`head.len × R`).
+    #[target_feature(enable = "avx2,fma")]
+    fn weigh_rows<const R: usize>(head: CachedHead<'_>, p: &[f32], out: &mut [f32]) {
+        let (hd, len) = (head.head_dim, head.len);
+        let p = &p[..len * R];
+        for c in (0..hd).step_by(16) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            let mut j = 0;
+            for segment in head.segments {
+                let rows = BLOCK_TOKENS.min(len.saturating_sub(j));
+                if rows == 0 {
+                    break;
+                }
+                for v in segment[BLOCK_TOKENS * hd..][..rows * hd].chunks_exact(hd) {
+                    let (v0, v1) = (load(&v[c..]), load(&v[c + 8..]));
+                    let weights = &p[j * R..][..R];
+                    for (acc, &w) in acc.iter_mut().zip(weights) {
+                        let pv = _mm256_set1_ps(w);
+                        acc[0] = _mm256_fmadd_ps(pv, v0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(pv, v1, acc[1]);
+                    }
+                    j += 1;
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let o = &mut out[r * hd + c..][..16];
+                o[..8].copy_from_slice(&bytemuck::cast::<__m256, [f32; 8]>(acc[0]));
+                o[8..].copy_from_slice(&bytemuck::cast::<__m256, [f32; 8]>(acc[1]));
+            }
         }
     }
 }
@@ -352,7 +508,7 @@ pub(crate) fn decode_attention(
         .collect();
     let out = SharedOutput::zeros(tables.len() * n_head * hd);
     for_each_range(segments.len(), |items| {
-        let (mut scores, mut buf) = (Vec::new(), vec![0f32; width]);
+        let (mut scores, mut buf, mut row_lens) = (Vec::new(), vec![0f32; width], Vec::new());
         for item in items {
             let (i, h) = (item / n_kv, item % n_kv);
             let head = CachedHead {
@@ -360,8 +516,17 @@ pub(crate) fn decode_attention(
                 len: lens[i],
                 head_dim: hd,
             };
+            row_lens.clear();
+            row_lens.resize(group, lens[i]);
             let at = i * n_head * hd + h * width;
-            attend_group(&q[at..at + width], head, scale, &mut scores, &mut buf);
+            attend_rows(
+                &q[at..at + width],
+                &row_lens,
+                head,
+                scale,
+                &mut scores,
+                &mut buf,
+            );
             out.write(at, &buf);
         }
     });
@@ -373,9 +538,11 @@ pub(crate) fn decode_attention(
 /// `0..=pos0 + r` (a cached prefix included). `q` is `(n_head, t, head_dim)`; returns
 /// `(t, n_head × head_dim)`.
 ///
-/// Fused per (KV head, token): no `t × len` score matrix, no mask, and the masked half of a
-/// causal prompt is never computed (with candle ops a 2 048-token prompt spent a quarter of
-/// its prefill allocating, masking and exponentiating that matrix).
+/// Fused per (KV head, a few consecutive tokens): their query heads are attended together, so
+/// each cached key and value is read once for all of them; no `t × len` score matrix, no
+/// mask, and the masked half of a causal prompt is never computed (with candle ops a
+/// 2 048-token prompt spent a quarter of its prefill allocating, masking and exponentiating
+/// that matrix).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn prompt_attention(
     store: &HostBlocks,
@@ -389,27 +556,43 @@ pub(crate) fn prompt_attention(
 ) -> Vec<f32> {
     let (n_kv, hd) = (store.n_kv, store.head_dim);
     let group = n_head / n_kv;
+    let width = group * hd;
+    let tokens_per_item = (ROWS_TOGETHER / group).max(1);
+    let items_per_head = t.div_ceil(tokens_per_item);
     let segments: Vec<Vec<&[f32]>> = (0..n_kv)
         .map(|h| store.segments(table, layer, h, pos0 + t))
         .collect();
     let out = SharedOutput::zeros(t * n_head * hd);
-    // Items run token by token within a KV head, so neighbouring items share cached rows.
-    for_each_range(n_kv * t, |items| {
-        let width = group * hd;
-        let (mut scores, mut heads, mut buf) = (Vec::new(), vec![0f32; width], vec![0f32; width]);
+    // Items run through the tokens in order within a KV head, so neighbouring items share
+    // cached rows.
+    for_each_range(n_kv * items_per_head, |items| {
+        let (mut scores, mut rows, mut lens, mut buf) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for item in items {
-            let (h, r) = (item / t, item % t);
+            let (h, first) = (
+                item / items_per_head,
+                item % items_per_head * tokens_per_item,
+            );
+            let tokens = first..t.min(first + tokens_per_item);
+            rows.clear();
+            lens.clear();
+            // Each token's query heads of KV head `h`, side by side, token after token.
+            for r in tokens.clone() {
+                for qh in h * group..(h + 1) * group {
+                    rows.extend_from_slice(&q[(qh * t + r) * hd..][..hd]);
+                    lens.push(pos0 + r + 1);
+                }
+            }
             let head = CachedHead {
                 segments: &segments[h],
-                len: pos0 + r + 1,
+                len: pos0 + tokens.end,
                 head_dim: hd,
             };
-            // This token's query heads of KV head `h`, side by side.
-            for (i, qh) in (h * group..(h + 1) * group).enumerate() {
-                heads[i * hd..(i + 1) * hd].copy_from_slice(&q[(qh * t + r) * hd..][..hd]);
+            buf.resize(rows.len(), 0.0);
+            attend_rows(&rows, &lens, head, scale, &mut scores, &mut buf);
+            for (k, r) in tokens.enumerate() {
+                out.write((r * n_head + h * group) * hd, &buf[k * width..][..width]);
             }
-            attend_group(&heads, head, scale, &mut scores, &mut buf);
-            out.write((r * n_head + h * group) * hd, &buf);
         }
     });
     out.into_vec()
@@ -499,10 +682,11 @@ mod tests {
     }
 
     #[test]
-    fn portable_and_simd_attention_agree_for_every_length_and_head_size() {
-        // Head sizes with and without the 32-wide value path; lengths around tile, block and
-        // scoring-pass boundaries; blocks in reverse order.
-        for (hd, g) in [(64, 3), (48, 2)] {
+    fn portable_and_simd_attention_agree_for_every_length_row_count_and_head_size() {
+        // Head sizes with and without the 16-wide value path; lengths around tile, block and
+        // scoring-pass boundaries; 1 to 8 rows (every kernel shape, and more rows than are
+        // attended together), each row with its own length; blocks in reverse order.
+        for hd in [64, 48, 32] {
             for len in [1usize, 7, 8, 9, 31, 32, 33, 63, 64, 65, 130] {
                 let blocks = len.div_ceil(BLOCK_TOKENS);
                 let mut store = HostBlocks::new(1, 1, hd, blocks);
@@ -510,24 +694,61 @@ mod tests {
                 let k: Vec<f32> = (0..len * hd).map(|j| val(j + 7)).collect();
                 let v: Vec<f32> = (0..len * hd).map(|j| val(j + 999)).collect();
                 store.write(&table, 0, 0, len, &k, &v);
-                let q: Vec<f32> = (0..g * hd).map(|j| val(j + 31)).collect();
                 let segments = store.segments(&table, 0, 0, len);
                 let head = CachedHead {
                     segments: &segments,
                     len,
                     head_dim: hd,
                 };
-                let (mut a, mut b) = (vec![0f32; g * hd], vec![0f32; g * hd]);
-                attend_group(&q, head, 0.2, &mut Vec::new(), &mut a);
-                attend_group_generic(&q, head, 0.2, &mut Vec::new(), &mut b);
                 let keys = rows_of(&k, 0, len, hd);
                 let values = rows_of(&v, 0, len, hd);
-                for (qi, qh) in q.chunks(hd).enumerate() {
-                    let want = reference(qh, &keys, &values, 0.2);
-                    for ((x, y), w) in a[qi * hd..].iter().zip(&b[qi * hd..]).zip(&want) {
-                        assert!((x - y).abs() < 1e-5, "hd {hd} len {len}: {x} vs {y}");
-                        assert!((x - w).abs() < 1e-5, "hd {hd} len {len}: {x} vs {w}");
+                for rows in 1..=8 {
+                    let q: Vec<f32> = (0..rows * hd).map(|j| val(j + 31)).collect();
+                    let lens: Vec<usize> = (0..rows)
+                        .map(|i| len.saturating_sub(i % 3).max(1))
+                        .collect();
+                    let (mut a, mut b) = (vec![0f32; rows * hd], vec![0f32; rows * hd]);
+                    attend_rows(&q, &lens, head, 0.2, &mut Vec::new(), &mut a);
+                    attend_rows_generic(&q, &lens, head, 0.2, &mut Vec::new(), &mut b);
+                    for (qi, qh) in q.chunks(hd).enumerate() {
+                        let n = lens[qi];
+                        let want = reference(qh, &keys[..n], &values[..n], 0.2);
+                        let at = qi * hd..(qi + 1) * hd;
+                        for ((x, y), w) in a[at.clone()].iter().zip(&b[at.clone()]).zip(&want) {
+                            let case = format!("hd {hd} len {len} rows {rows} row {qi}");
+                            assert!((x - y).abs() < 1e-5, "{case}: {x} vs {y}");
+                            assert!((x - w).abs() < 1e-5, "{case}: {x} vs {w}");
+                        }
+                        // Alone, the row gets exactly what it got among the others: a decoded
+                        // token equals the same token prefilled in a chunk.
+                        let mut alone = vec![0f32; hd];
+                        attend_rows(qh, &lens[qi..=qi], head, 0.2, &mut Vec::new(), &mut alone);
+                        assert_eq!(alone, a[at], "hd {hd} len {len} rows {rows} row {qi} alone");
                     }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_vector_exp_matches_the_scalar_one_where_softmax_uses_it() {
+        use std::arch::x86_64::_mm256_loadu_ps;
+        if !crate::qmatrix::avx2_fma() {
+            return;
+        }
+        let xs: Vec<f32> = (0..=120_000).map(|i| -(i as f32) / 1000.0).collect();
+        for chunk in xs.chunks_exact(8) {
+            // SAFETY: the CPU features `avx2::exp` needs were checked above; `chunk` holds 8.
+            #[allow(unsafe_code)]
+            let got: [f32; 8] =
+                unsafe { bytemuck::cast(avx2::exp(_mm256_loadu_ps(chunk.as_ptr()))) };
+            for (&x, &e) in chunk.iter().zip(&got) {
+                if x < -87.336_55 {
+                    assert_eq!(e, 0.0, "e^{x}");
+                } else {
+                    let want = x.exp();
+                    assert!((e - want).abs() <= 4e-7 * want, "e^{x}: {e} vs {want}");
                 }
             }
         }

@@ -259,8 +259,9 @@ fn prefill_chunks_and_decode_agree() {
 
 /// Turn 2 of a conversation computed on turn 1's cached blocks (its prompt prefilled, its reply
 /// decoded step by step, as the engine leaves them) against turn 2 computed from scratch:
-/// the logits of the first new token within the golden tolerance, and greedy ids equal up to
-/// the first near-tie of the recomputed run (teacher-forced on it, as the golden test does).
+/// the logits of every step within the golden tolerance, and greedy ids equal wherever the
+/// recomputed run's choice is not a near-tie (both teacher-forced on that run's ids, so a
+/// near-tie only skips its own comparison).
 #[test]
 fn a_suffix_prefilled_on_cached_blocks_matches_recomputation() {
     use switchyard_worker_gpu::model::SeqCache;
@@ -317,19 +318,16 @@ fn a_suffix_prefilled_on_cached_blocks_matches_recomputation() {
     for step in 0..16 {
         let w = &logits_rows(&warm_logits).unwrap()[0];
         let c = &logits_rows(&cold_logits).unwrap()[0];
-        if step == 0 {
-            // The suffix prefilled on cached blocks against the whole prompt from scratch.
-            let diff = max_abs_diff(w, c);
-            assert!(diff < 1.5, "suffix logits differ by {diff}");
-        }
+        // The suffix prefilled on cached blocks against the whole prompt from scratch.
+        let diff = max_abs_diff(w, c);
+        assert!(diff < 1.5, "step {step}: logits differ by {diff}");
         let pick = argmax(c);
         let mut sorted = c.clone();
         sorted.sort_by(|a, b| b.total_cmp(a));
-        if sorted[0] - sorted[1] < NEAR_TIE {
-            break;
+        if sorted[0] - sorted[1] >= NEAR_TIE {
+            assert_eq!(argmax(w), pick, "step {step}: greedy ids differ");
+            exact += 1;
         }
-        assert_eq!(argmax(w), pick, "step {step}: greedy ids differ");
-        exact += 1;
         warm_logits = model.decode(&[pick], &mut [&mut warm], &mut store).unwrap();
         cold_logits = model.decode(&[pick], &mut [&mut cold], &mut store).unwrap();
     }
@@ -337,7 +335,7 @@ fn a_suffix_prefilled_on_cached_blocks_matches_recomputation() {
         "{cached} of {} prompt tokens cached; {exact} greedy ids equal",
         turn2.len()
     );
-    assert!(exact >= 4, "only {exact} greedy ids before a near-tie");
+    assert!(exact >= 8, "only {exact} of 16 steps were not near-ties");
 }
 
 /// An engine over the real model with the given compute threads (0: the process-wide pools).
