@@ -61,6 +61,14 @@ pub struct EngineBenchArgs {
     /// Trials per engine of the head-of-line run.
     #[arg(long, default_value_t = 3)]
     pub hol_trials: usize,
+    /// Sampling temperature of the decode and aggregate runs (0: greedy). Above 0 every token
+    /// is drawn from the softmax of its row, as for a client that sets a temperature; the runs
+    /// are seeded, so they generate the same text every time.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus of the decode and aggregate runs when `--temperature` is above 0.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
     /// Keep Q5_0/Q5_1 weights as stored (no Q8_0 repack).
     #[arg(long)]
     pub no_repack: bool,
@@ -77,13 +85,23 @@ struct Run {
 
 /// A greedy request for the engine's model, cost-sensitive with no promised rate.
 fn engine_request(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> EngineRequest {
+    sampled_request(engine, prompt, max_tokens, &Sampling::default())
+}
+
+/// A request with these sampling settings (`max_tokens` set here).
+fn sampled_request(
+    engine: &CandleEngine,
+    prompt: Prompt,
+    max_tokens: u32,
+    sampling: &Sampling,
+) -> EngineRequest {
     EngineRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
         model: engine.models()[0].clone(),
         prompt,
         sampling: Sampling {
             max_tokens,
-            ..Default::default()
+            ..sampling.clone()
         },
         resume_tokens: vec![],
         latency_critical: false,
@@ -92,9 +110,14 @@ fn engine_request(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> Eng
     }
 }
 
-async fn run_one(engine: &CandleEngine, prompt: Prompt, max_tokens: u32) -> anyhow::Result<Run> {
+async fn run_one(
+    engine: &CandleEngine,
+    prompt: Prompt,
+    max_tokens: u32,
+    sampling: &Sampling,
+) -> anyhow::Result<Run> {
     let start = Instant::now();
-    let request = engine_request(engine, prompt, max_tokens);
+    let request = sampled_request(engine, prompt, max_tokens, sampling);
     let mut rx = engine.submit(request, CancellationToken::new())?;
     let mut ttft = None;
     let mut tokens = 0;
@@ -169,11 +192,18 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
         }])
     };
 
+    let sampling = Sampling {
+        temperature: (args.temperature > 0.0).then_some(args.temperature),
+        top_p: Some(args.top_p),
+        seed: Some(1),
+        ..Sampling::default()
+    };
     // Single stream: decode rate after the first token.
     let r = run_one(
         &engine,
         chat("Write a long story about a lighthouse keeper."),
         args.decode_tokens,
+        &sampling,
     )
     .await?;
     let decode_tps = (r.tokens.saturating_sub(1)) as f64 / (r.total - r.ttft).as_secs_f64();
@@ -188,6 +218,7 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
                     "Story number {i}: tell me about a lighthouse keeper."
                 )),
                 args.stream_tokens,
+                &sampling,
             )
         }))
         .await;
@@ -201,7 +232,7 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
 
     let mut ttfts = Vec::new();
     for &n in &args.ttft_prompts {
-        let r = run_one(&engine, prompt_of(&engine, n, "")?, 1).await?;
+        let r = run_one(&engine, prompt_of(&engine, n, "")?, 1, &Sampling::default()).await?;
         ttfts.push((n, r.ttft));
     }
     let mut pacing = Vec::new();
