@@ -233,30 +233,28 @@ impl QMatrix {
             self.cols
         );
         let xq = QuantizedRows::new(x, self.cols);
-        // Tasks own disjoint column ranges of a column-major result.
+        // Tasks own disjoint column ranges of the row-major result: each computes its columns
+        // for every row (column by column), then writes them row by row, so that no pass over
+        // the whole result is left to the calling thread while the pool waits.
         let tasks = self.rows.div_ceil(COLS_PER_TASK);
         let shared = SharedOutput::zeros(self.rows * m);
         for_each_range(tasks, |range| {
-            let mut out = vec![0f32; COLS_PER_TASK * m];
+            let mut by_column = vec![0f32; COLS_PER_TASK * m];
+            let mut row = [0f32; COLS_PER_TASK];
             for task in range {
                 let c0 = task * COLS_PER_TASK;
                 let cols = COLS_PER_TASK.min(self.rows - c0);
-                let out = &mut out[..cols * m];
-                columns(&self.blocks, c0, out, &xq, m);
-                shared.write(c0 * m, out);
+                let by_column = &mut by_column[..cols * m];
+                columns(&self.blocks, c0, by_column, &xq, m);
+                for r in 0..m {
+                    for (j, v) in row[..cols].iter_mut().enumerate() {
+                        *v = by_column[j * m + r];
+                    }
+                    shared.write(r * self.rows + c0, &row[..cols]);
+                }
             }
         });
-        let by_column = shared.into_vec();
-        if m == 1 {
-            return by_column;
-        }
-        let mut out = vec![0f32; m * self.rows];
-        for (c, col) in by_column.chunks_exact(m).enumerate() {
-            for (r, &v) in col.iter().enumerate() {
-                out[r * self.rows + c] = v;
-            }
-        }
-        out
+        shared.into_vec()
     }
 }
 
@@ -321,6 +319,29 @@ struct QuantizedRows {
 
 impl QuantizedRows {
     fn new(x: &[f32], cols: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: `quantize_avx2` only requires the CPU features just checked at run time.
+            #[allow(unsafe_code)]
+            unsafe {
+                return Self::quantize_avx2(x, cols);
+            }
+        }
+        Self::quantize(x, cols)
+    }
+
+    /// [`Self::quantize`] compiled for AVX2: the same code, but the rounding (`f32::round`,
+    /// half away from zero) becomes vector instructions instead of a `roundf` call per value,
+    /// which on a 16-stream decode step was ~2 % of the step on the thread every other one
+    /// waits for.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    fn quantize_avx2(x: &[f32], cols: usize) -> Self {
+        Self::quantize(x, cols)
+    }
+
+    #[inline(always)]
+    fn quantize(x: &[f32], cols: usize) -> Self {
         let n = x.len() / BLOCK;
         let (mut q, mut d, mut s) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::new());
         s.reserve(n);
