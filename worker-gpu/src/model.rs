@@ -405,10 +405,11 @@ impl SeqCache {
 /// Rows (tokens) from which a weight multiplies as dequantized f32 (see [`Linear::forward`]):
 /// below, dequantizing every weight for the call costs more than the dense GEMM saves.
 /// Measured on SmolLM2 (2 threads, `switchyard-bench engine`, TTFT of a whole prompt, two
-/// alternated runs, 2026-12-05), quantized vs dense: 64 tokens 0.21-0.24 vs 0.38-0.40 s,
-/// 96 tokens 0.38-0.40 vs 0.45-0.46 s, 128 tokens 0.47-0.56 s both ways, 192 tokens 0.77-0.83
-/// vs 0.68-0.80 s. (On 2026-11-30's VM 64 tokens were even and 256 took 1.7-2.1 vs 1.0-1.1 s.)
-const DENSE_FROM_ROWS: usize = 128;
+/// alternated runs, 2026-12-05, after the quantized kernel stopped transposing its result on
+/// one thread), quantized vs dense: 128 tokens 0.32 vs 0.46-0.53 s, 192 tokens 0.48-0.49 vs
+/// 0.55-0.63 s, 256 tokens 0.64-0.66 vs 0.66-0.70 s, 384 tokens 1.0-1.2 vs 0.91-0.97 s,
+/// 512 tokens 1.38-1.45 vs 1.16-1.29 s. (Before that change the crossover was 128 rows.)
+const DENSE_FROM_ROWS: usize = 256;
 
 fn linear(
     file: &mut GgufFile,
