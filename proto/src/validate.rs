@@ -1,7 +1,7 @@
 //! Validation of client requests at the wire boundary. Every rule names the offending field so
 //! the caller can fix its request; the router maps a violation to `INVALID_ARGUMENT`.
 
-use crate::v1::{ChatMessage, GenerateRequest, Interrupt};
+use crate::v1::{ChatMessage, GenerateRequest, Interrupt, SamplingParams};
 
 /// Size limits a router enforces on incoming requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,6 +123,7 @@ pub fn validate_generate_request(
             format!("is {p}, must be in (0, 1]"),
         ));
     }
+    validate_penalties(&sampling)?;
     if sampling.stop.len() > 16 {
         return Err(FieldViolation::new(
             "sampling.stop",
@@ -137,6 +138,54 @@ pub fn validate_generate_request(
         return Err(FieldViolation::new(
             format!("sampling.stop[{i}]"),
             "must be 1 to 256 bytes",
+        ));
+    }
+    Ok(())
+}
+
+/// Most `logit_bias` entries a request may carry (OpenAI's own limit).
+pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
+
+fn validate_penalties(sampling: &SamplingParams) -> Result<(), FieldViolation> {
+    for (field, value) in [
+        ("sampling.presence_penalty", sampling.presence_penalty),
+        ("sampling.frequency_penalty", sampling.frequency_penalty),
+    ] {
+        if let Some(v) = value.filter(|v| !(-2.0..=2.0).contains(v)) {
+            return Err(FieldViolation::new(
+                field,
+                format!("is {v}, must be between -2 and 2"),
+            ));
+        }
+    }
+    if let Some(r) = sampling
+        .repetition_penalty
+        .filter(|r| !(*r > 0.0 && *r <= 10.0))
+    {
+        return Err(FieldViolation::new(
+            "sampling.repetition_penalty",
+            format!("is {r}, must be greater than 0 and at most 10 (1 = no penalty)"),
+        ));
+    }
+    if sampling.logit_bias.len() > MAX_LOGIT_BIAS_ENTRIES {
+        return Err(FieldViolation::new(
+            "sampling.logit_bias",
+            format!(
+                "has {} entries, at most {MAX_LOGIT_BIAS_ENTRIES}",
+                sampling.logit_bias.len()
+            ),
+        ));
+    }
+    // Smallest id first: the same request names the same entry every time.
+    let mut biases: Vec<_> = sampling.logit_bias.iter().collect();
+    biases.sort_unstable_by_key(|(id, _)| **id);
+    if let Some((id, bias)) = biases
+        .into_iter()
+        .find(|(_, b)| !(-100.0..=100.0).contains(*b))
+    {
+        return Err(FieldViolation::new(
+            format!("sampling.logit_bias[{id}]"),
+            format!("is {bias}, must be between -100 and 100"),
         ));
     }
     Ok(())
@@ -272,7 +321,6 @@ fn validate_messages(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::v1::SamplingParams;
 
     fn valid() -> GenerateRequest {
         GenerateRequest {
@@ -338,6 +386,67 @@ mod tests {
         let mut r = valid();
         r.sampling.as_mut().unwrap().top_p = Some(0.0);
         assert_eq!(field_of(r), "sampling.top_p");
+    }
+
+    #[test]
+    fn penalties_and_biases_are_checked_against_their_ranges() {
+        fn with(edit: impl FnOnce(&mut SamplingParams)) -> GenerateRequest {
+            let mut r = valid();
+            edit(r.sampling.as_mut().unwrap());
+            r
+        }
+        let limits = RequestLimits::default();
+        let at_the_edges = with(|s| {
+            s.presence_penalty = Some(-2.0);
+            s.frequency_penalty = Some(2.0);
+            s.repetition_penalty = Some(10.0);
+            s.logit_bias = (0..MAX_LOGIT_BIAS_ENTRIES as u32)
+                .map(|id| (id, if id % 2 == 0 { 100.0 } else { -100.0 }))
+                .collect();
+        });
+        assert!(validate_generate_request(&at_the_edges, &limits).is_ok());
+
+        let cases: [(GenerateRequest, &str); 8] = [
+            (
+                with(|s| s.presence_penalty = Some(2.5)),
+                "sampling.presence_penalty",
+            ),
+            (
+                with(|s| s.frequency_penalty = Some(f32::NAN)),
+                "sampling.frequency_penalty",
+            ),
+            (
+                with(|s| s.repetition_penalty = Some(0.0)),
+                "sampling.repetition_penalty",
+            ),
+            (
+                with(|s| s.repetition_penalty = Some(10.5)),
+                "sampling.repetition_penalty",
+            ),
+            (
+                with(|s| s.repetition_penalty = Some(f32::INFINITY)),
+                "sampling.repetition_penalty",
+            ),
+            (
+                with(|s| {
+                    s.logit_bias = (0..=MAX_LOGIT_BIAS_ENTRIES as u32)
+                        .map(|id| (id, 1.0))
+                        .collect()
+                }),
+                "sampling.logit_bias",
+            ),
+            (
+                with(|s| s.logit_bias = [(7, 1.0), (42, 101.0)].into()),
+                "sampling.logit_bias[42]",
+            ),
+            (
+                with(|s| s.logit_bias = [(9, f32::NAN), (3, -100.5)].into()),
+                "sampling.logit_bias[3]",
+            ),
+        ];
+        for (request, field) in cases {
+            assert_eq!(field_of(request), field);
+        }
     }
 
     #[test]

@@ -106,6 +106,40 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     assert_eq!(response.status(), 400);
     let body: Value = response.json().await?;
     assert_eq!(body["error"]["type"], "invalid_request_error");
+    // A field out of the router's range and one asking for what is not done: each a 400
+    // naming it in OpenAI's terms, with the reason.
+    for (extra, param, reason) in [
+        (
+            json!({"logit_bias": {"42": 101}}),
+            "logit_bias[42]",
+            "between -100 and 100",
+        ),
+        (
+            json!({"presence_penalty": -3}),
+            "presence_penalty",
+            "between -2 and 2",
+        ),
+        (json!({"logprobs": true}), "logprobs", "not returned"),
+    ] {
+        let mut request = json!({"model": "synthetic", "max_tokens": 4,
+            "messages": [{"role": "user", "content": "hi"}]});
+        for (field, value) in extra.as_object().into_iter().flatten() {
+            request[field] = value.clone();
+        }
+        let response = client
+            .post(format!("{base}/chat/completions"))
+            .json(&request)
+            .send()
+            .await?;
+        assert_eq!(response.status(), 400, "{extra}");
+        let body: Value = response.json().await?;
+        assert_eq!(body["error"]["param"], param, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with(param) && message.contains(reason),
+            "{body}"
+        );
+    }
     let response = client.get(format!("{base}/engines")).send().await?;
     assert_eq!(response.status(), 404);
 

@@ -314,3 +314,133 @@ async fn a_long_prompt_being_tokenized_does_not_hold_up_the_next_start_on_a_work
     );
     Ok(())
 }
+
+/// Greedy ids and text of a raw-prompt generation over gRPC `Generate`, with `sampling`.
+async fn greedy_generation(
+    cluster: &Cluster,
+    prompt: &str,
+    sampling: v1::SamplingParams,
+) -> anyhow::Result<(String, Vec<u32>)> {
+    generation(cluster, prompt, sampling)
+        .await?
+        .map_err(|f| anyhow::anyhow!("request failed: {f:?}"))
+}
+
+/// The same, a `Failed` frame being the inner error.
+async fn generation(
+    cluster: &Cluster,
+    prompt: &str,
+    sampling: v1::SamplingParams,
+) -> anyhow::Result<Result<(String, Vec<u32>), v1::Failed>> {
+    let mut grpc =
+        v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))
+            .await?;
+    let mut stream = grpc
+        .generate(v1::GenerateRequest {
+            model: MODEL.into(),
+            prompt: prompt.into(),
+            sampling: Some(v1::SamplingParams {
+                temperature: Some(0.0),
+                ..sampling
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (mut text, mut ids) = (String::new(), Vec::new());
+    while let Some(frame) = stream.message().await? {
+        match frame.frame {
+            Some(server_frame::Frame::Tokens(t)) => {
+                text.push_str(&t.text);
+                ids.extend(t.token_ids);
+            }
+            Some(server_frame::Frame::Failed(f)) => return Ok(Err(f)),
+            _ => {}
+        }
+    }
+    Ok(Ok((text, ids)))
+}
+
+/// How often the most repeated id occurs.
+fn most_repeats(ids: &[u32]) -> usize {
+    ids.iter()
+        .map(|id| ids.iter().filter(|other| *other == id).count())
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn penalties_and_a_logit_bias_steer_the_real_models_greedy_choice() -> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    let prompt = "1, 1, 1, 1, 1, 1, 1, 1,";
+    let sampling = |edit: fn(&mut v1::SamplingParams)| {
+        let mut s = v1::SamplingParams {
+            max_tokens: 16,
+            ..Default::default()
+        };
+        edit(&mut s);
+        s
+    };
+    let (plain_text, plain) = greedy_generation(&cluster, prompt, sampling(|_| {})).await?;
+    // The premise: left alone, the model keeps repeating itself.
+    assert!(most_repeats(&plain) >= 6, "{plain_text:?} {plain:?}");
+
+    // Banning the greedy first token moves the first choice, and nothing else is needed.
+    let banned = plain[0];
+    let mut ban = sampling(|_| {});
+    ban.logit_bias.insert(banned, -100.0);
+    let (ban_text, biased) = greedy_generation(&cluster, prompt, ban).await?;
+    assert!(!biased.contains(&banned), "{ban_text:?} {biased:?}");
+
+    // Penalized by what it has produced, it repeats itself less than it did.
+    let (frequency_text, frequency) = greedy_generation(
+        &cluster,
+        prompt,
+        sampling(|s| {
+            s.frequency_penalty = Some(1.0);
+            s.presence_penalty = Some(1.0);
+        }),
+    )
+    .await?;
+    assert!(
+        most_repeats(&frequency) < most_repeats(&plain),
+        "{frequency_text:?} {frequency:?} against {plain_text:?}"
+    );
+
+    // The repetition penalty also counts the prompt: the prompt's tokens lose their pull.
+    let (repetition_text, repetition) = greedy_generation(
+        &cluster,
+        prompt,
+        sampling(|s| s.repetition_penalty = Some(1.5)),
+    )
+    .await?;
+    assert_ne!(repetition[0], plain[0], "{repetition_text:?}");
+
+    // The same request twice is the same answer: penalties are deterministic.
+    let again = greedy_generation(
+        &cluster,
+        prompt,
+        sampling(|s| s.repetition_penalty = Some(1.5)),
+    )
+    .await?;
+    assert_eq!(again.1, repetition);
+
+    // Only the worker knows its vocabulary: an id past it is refused there, by name.
+    let mut outside = sampling(|_| {});
+    outside.logit_bias.insert(1_000_000, 1.0);
+    let failed = generation(&cluster, prompt, outside)
+        .await?
+        .expect_err("an id outside the vocabulary");
+    assert_eq!(
+        failed.code,
+        tonic::Code::InvalidArgument as i32,
+        "{failed:?}"
+    );
+    assert!(
+        failed
+            .message
+            .contains("sampling.logit_bias[1000000]: token id outside the vocabulary of 49152"),
+        "{failed:?}"
+    );
+    Ok(())
+}

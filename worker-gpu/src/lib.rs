@@ -15,6 +15,7 @@ mod host_attention;
 pub mod kv_cache;
 pub mod model;
 pub mod pacing;
+pub mod penalties;
 pub mod qmatrix;
 pub mod sampling;
 pub mod scheduler;

@@ -1,8 +1,10 @@
-//! Token sampling (temperature, top-k, top-p, seed) and stop-sequence matching.
+//! Token sampling (penalties, temperature, top-k, top-p, seed) and stop-sequence matching.
 //!
 //! Pure code over plain data: the scheduler hands in a logits row and gets an id back. The PRNG
 //! is a small SplitMix64 owned by each sequence, so the same seed and prompt give the same
 //! text no matter which other sequences share the batch.
+
+use crate::penalties::{History, Penalties};
 
 /// Validated sampling settings of one sequence.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +15,8 @@ pub struct SamplingParams {
     /// 0 means no top-k cut.
     pub top_k: usize,
     pub seed: u64,
+    /// Adjustments to the logits before any of the above.
+    pub penalties: Penalties,
 }
 
 impl SamplingParams {
@@ -22,11 +26,13 @@ impl SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: 0,
+            penalties: Penalties::default(),
         }
     }
 
-    /// Checks ranges, naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks ranges against a vocabulary of `vocab` tokens, naming the field at fault.
+    pub fn validate(&self, vocab: usize) -> Result<(), String> {
+        self.penalties.validate(vocab)?;
         if !self.temperature.is_finite() || self.temperature < 0.0 {
             return Err(format!(
                 "sampling.temperature: {} must be a finite number >= 0",
@@ -47,6 +53,10 @@ pub struct Sampler {
     state: u64,
     /// Reused (index, prob) buffer: no allocation per token after the first.
     scratch: Vec<(u32, f32)>,
+    /// What the penalties count; `None` when there are none.
+    history: Option<History>,
+    /// Reused copy of the logits row the penalties adjust.
+    adjusted: Vec<f32>,
 }
 
 impl Sampler {
@@ -56,7 +66,34 @@ impl Sampler {
             params,
             state,
             scratch: Vec::new(),
+            history: None,
+            adjusted: Vec::new(),
         }
+    }
+
+    /// Tells the penalties what the sequence holds before its first sampled token: the prompt
+    /// and any tokens generated before a failover.
+    pub fn start_after(&mut self, prompt: &[u32], output: &[u32]) {
+        if !self.params.penalties.is_none() {
+            self.history = Some(History::new(&self.params.penalties, prompt, output));
+        }
+    }
+
+    /// Picks the next token from a logits row, after the penalties, and remembers it for them.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let Some(history) = &mut self.history else {
+            return self.choose(logits);
+        };
+        let mut adjusted = std::mem::take(&mut self.adjusted);
+        adjusted.clear();
+        adjusted.extend_from_slice(logits);
+        history.apply(&self.params.penalties, &mut adjusted);
+        let id = self.choose(&adjusted);
+        self.adjusted = adjusted;
+        if let Some(history) = &mut self.history {
+            history.record(id);
+        }
+        id
     }
 
     fn next_f32(&mut self) -> f32 {
@@ -69,12 +106,12 @@ impl Sampler {
         (z >> 40) as f32 / (1u64 << 24) as f32
     }
 
-    /// Picks the next token from a logits row.
+    /// Picks the next token from a (penalized) logits row.
     ///
     /// Only a nucleus (`top_p` < 1) needs the candidates in order, and then only as far as it
     /// reaches: the largest ones are selected and sorted in growing prefixes until the prefix
     /// holds `top_p` of the mass (sorting a whole 49 152-token row took ~1 ms a token).
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 || self.params.top_k == 1 {
             return crate::model::argmax(logits);
         }
@@ -225,6 +262,7 @@ mod tests {
             top_p: 1.0,
             top_k: 2,
             seed: 42,
+            penalties: Penalties::default(),
         };
         let logits: Vec<f32> = vec![1.0, 1.1, 0.9, 5.0, 4.9, -3.0];
         let run = |p: &SamplingParams| {
@@ -249,6 +287,7 @@ mod tests {
             top_p: 0.5,
             top_k: 0,
             seed: 1,
+            penalties: Penalties::default(),
         };
         let mut s = Sampler::new(params);
         // Token 0 has ~88% of the mass: the 0.5 nucleus is token 0 alone.
@@ -268,6 +307,7 @@ mod tests {
             top_p: 1.0,
             top_k: 0,
             seed: 3,
+            penalties: Penalties::default(),
         });
         let draws = 20_000;
         let high = (0..draws).filter(|_| s.sample(&logits) % 100 == 3).count();
@@ -308,6 +348,7 @@ mod tests {
             top_p: 0.5,
             top_k: 0,
             seed: 9,
+            penalties: Penalties::default(),
         });
         let drawn: Vec<u32> = (0..5_000).map(|_| s.sample(&logits)).collect();
         assert!(
@@ -321,12 +362,39 @@ mod tests {
     }
 
     #[test]
+    fn penalties_steer_greedy_decoding_and_count_resumed_tokens() {
+        let logits = [2.0, 1.9, 0.0];
+        let greedy = |penalties: Penalties, resumed: &[u32]| {
+            let mut s = Sampler::new(SamplingParams {
+                penalties,
+                ..SamplingParams::greedy()
+            });
+            s.start_after(&[2, 2], resumed);
+            (0..4).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+        };
+        assert_eq!(greedy(Penalties::default(), &[]), vec![0, 0, 0, 0]);
+        let frequency = Penalties {
+            frequency: 0.5,
+            ..Penalties::default()
+        };
+        // 0 (1.5 after), 1 (1.4 after), 0 (1.0), 1 (0.9).
+        assert_eq!(greedy(frequency.clone(), &[]), vec![0, 1, 0, 1]);
+        // A failover's resumed 0 was already produced: the resumed sequence starts at 1.
+        assert_eq!(greedy(frequency, &[0]), vec![1, 0, 1, 0]);
+        let ban = Penalties {
+            logit_bias: vec![(0, -100.0)],
+            ..Penalties::default()
+        };
+        assert_eq!(greedy(ban, &[]), vec![1, 1, 1, 1]);
+    }
+
+    #[test]
     fn validate_names_field() {
         let p = SamplingParams {
             top_p: 0.0,
             ..SamplingParams::greedy()
         };
-        assert!(p.validate().unwrap_err().contains("sampling.top_p"));
+        assert!(p.validate(8).unwrap_err().contains("sampling.top_p"));
     }
 
     #[test]

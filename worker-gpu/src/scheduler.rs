@@ -45,6 +45,7 @@ use switchyard_worker::{
 use crate::kv_cache::{PrefixCache, SeqBlocks};
 use crate::model::{KvStore, Llama, SeqCache};
 use crate::pacing::paced_chunk;
+use crate::penalties::Penalties;
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
 use crate::tokenizer::{ChatMessage, Detokenizer, ENCODE_INLINE_BYTES, GgufTokenizer};
 
@@ -217,6 +218,7 @@ impl Admission {
             ));
         }
         job.prompt_tokens = prompt.len() as u32;
+        job.sampler.start_after(&prompt, resumed);
         job.context = prompt;
         job.context.extend_from_slice(resumed);
         let needed = job.context.len() + job.remaining;
@@ -552,8 +554,16 @@ impl Engine for CandleEngine {
                         .map(|d| d.as_nanos() as u64)
                         .unwrap_or(0)
             }),
+            penalties: Penalties {
+                presence: s.presence_penalty.unwrap_or(0.0),
+                frequency: s.frequency_penalty.unwrap_or(0.0),
+                repetition: s.repetition_penalty.unwrap_or(1.0),
+                logit_bias: s.logit_bias.clone(),
+            },
         };
-        params.validate().map_err(EngineError::InvalidArgument)?;
+        params
+            .validate(vocab as usize)
+            .map_err(EngineError::InvalidArgument)?;
 
         let prompt_ids = match request.prompt_ids {
             Some(ids) => {

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use switchyard_worker::RateMeter;
 use switchyard_worker::engine::EngineLoad;
 use switchyard_worker::{
-    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Prompt, StopReason,
+    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Prompt, Sampling, StopReason,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -368,20 +368,7 @@ impl Engine for GatewayEngine {
         };
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
-        body["max_tokens"] = json!(sampling.max_tokens);
-        if let Some(t) = sampling.temperature {
-            body["temperature"] = json!(t);
-        }
-        if let Some(p) = sampling.top_p {
-            body["top_p"] = json!(p);
-        }
-        if let Some(seed) = sampling.seed {
-            // OpenAI seeds are signed 64-bit.
-            body["seed"] = json!(seed as i64);
-        }
-        if !sampling.stop.is_empty() {
-            body["stop"] = json!(sampling.stop);
-        }
+        set_sampling(&mut body, sampling);
         let mut http = self
             .client
             .post(url)
@@ -741,9 +728,87 @@ fn truncate(text: &str, max: usize) -> &str {
     }
 }
 
+/// Writes `sampling` into an OpenAI request body in OpenAI's terms.
+fn set_sampling(body: &mut Value, sampling: &Sampling) {
+    body["max_tokens"] = json!(sampling.max_tokens);
+    // Unset is greedy on every Switchyard pool; an OpenAI endpoint's own default is 1.
+    body["temperature"] = json!(sampling.temperature.unwrap_or(0.0));
+    let optional = [
+        ("top_p", sampling.top_p),
+        ("presence_penalty", sampling.presence_penalty),
+        ("frequency_penalty", sampling.frequency_penalty),
+        // Not OpenAI's; vLLM and SGLang take it under this name. Sent only when asked for,
+        // so an endpoint that refuses unknown fields sees it only from a client that wants it.
+        ("repetition_penalty", sampling.repetition_penalty),
+    ];
+    for (field, value) in optional {
+        if let Some(value) = value {
+            body[field] = json!(value);
+        }
+    }
+    if let Some(top_k) = sampling.top_k {
+        body["top_k"] = json!(top_k);
+    }
+    if let Some(seed) = sampling.seed {
+        // OpenAI seeds are signed 64-bit.
+        body["seed"] = json!(seed as i64);
+    }
+    if !sampling.stop.is_empty() {
+        body["stop"] = json!(sampling.stop);
+    }
+    if !sampling.logit_bias.is_empty() {
+        // OpenAI's keys are token ids written as strings.
+        let bias: serde_json::Map<String, Value> = sampling
+            .logit_bias
+            .iter()
+            .map(|(id, bias)| (id.to_string(), json!(bias)))
+            .collect();
+        body["logit_bias"] = Value::Object(bias);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sampling_reaches_the_upstream_in_openai_terms() {
+        let mut body = json!({"model": "m"});
+        set_sampling(
+            &mut body,
+            &Sampling {
+                max_tokens: 5,
+                top_p: Some(0.5),
+                top_k: Some(20),
+                seed: Some(u64::MAX),
+                stop: vec!["END".into()],
+                presence_penalty: Some(0.25),
+                frequency_penalty: Some(-0.5),
+                repetition_penalty: Some(1.5),
+                logit_bias: vec![(7, -100.0), (42, 2.5)],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            body,
+            json!({"model": "m", "max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "top_k": 20,
+                "seed": -1, "stop": ["END"], "presence_penalty": 0.25, "frequency_penalty": -0.5,
+                "repetition_penalty": 1.5, "logit_bias": {"7": -100.0, "42": 2.5}})
+        );
+        // Nothing asked for, nothing sent but the bound and the greedy temperature.
+        let mut body = json!({});
+        set_sampling(
+            &mut body,
+            &Sampling {
+                max_tokens: 3,
+                temperature: Some(0.7),
+                ..Default::default()
+            },
+        );
+        let temperature = body["temperature"].as_f64().expect("a number");
+        assert!((temperature - 0.7).abs() < 1e-6, "{temperature}");
+        assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
+    }
 
     fn config() -> GatewayConfig {
         GatewayConfig {

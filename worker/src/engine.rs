@@ -47,6 +47,11 @@ pub struct Sampling {
     pub top_k: Option<u32>,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    /// (token id, bias), ids ascending.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 #[derive(Debug, Clone)]

@@ -387,6 +387,14 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
             top_k: sampling.top_k,
             seed: sampling.seed,
             stop: sampling.stop,
+            presence_penalty: sampling.presence_penalty,
+            frequency_penalty: sampling.frequency_penalty,
+            repetition_penalty: sampling.repetition_penalty,
+            logit_bias: {
+                let mut bias: Vec<(u32, f32)> = sampling.logit_bias.into_iter().collect();
+                bias.sort_unstable_by_key(|(id, _)| *id);
+                bias
+            },
         },
         resume_tokens: start.resume_tokens,
         latency_critical: start.lane == v1::Lane::LatencyCritical as i32,

@@ -45,6 +45,7 @@ fn is_request_field(
     stops: usize,
     list: &str,
     metadata: &std::collections::HashMap<String, String>,
+    logit_bias: &std::collections::HashMap<u32, f32>,
 ) -> bool {
     let metadata_entry = field
         .strip_prefix("metadata[")
@@ -68,12 +69,26 @@ fn is_request_field(
             | "sampling.temperature"
             | "sampling.top_p"
             | "sampling.stop"
+            | "sampling.presence_penalty"
+            | "sampling.frequency_penalty"
+            | "sampling.repetition_penalty"
+            | "sampling.logit_bias"
             | "affinity_key"
             | "metadata"
     ) || metadata_entry
+        || logit_bias_entry(field, logit_bias)
         || field == list
         || indexed(list, &[".role", ".content"], messages)
         || indexed("sampling.stop", &[""], stops)
+}
+
+/// `field` is `sampling.logit_bias[id]` for one of the request's ids.
+fn logit_bias_entry(field: &str, logit_bias: &std::collections::HashMap<u32, f32>) -> bool {
+    field
+        .strip_prefix("sampling.logit_bias[")
+        .and_then(|rest| rest.strip_suffix(']'))
+        .and_then(|id| id.parse::<u32>().ok())
+        .is_some_and(|id| logit_bias.contains_key(&id))
 }
 
 /// The wire rules, written out independently of `validate_generate_request`.
@@ -99,15 +114,31 @@ fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
         && s.top_p.is_none_or(|p| p > 0.0 && p <= 1.0)
         && s.stop.len() <= 16
         && s.stop.iter().all(|x| !x.is_empty() && x.len() <= 256)
+        && [s.presence_penalty, s.frequency_penalty]
+            .iter()
+            .all(|p| p.is_none_or(|p| (-2.0..=2.0).contains(&p)))
+        && s.repetition_penalty.is_none_or(|r| r > 0.0 && r <= 10.0)
+        && s.logit_bias.len() <= 300
+        && s.logit_bias.values().all(|b| (-100.0..=100.0).contains(b))
 }
 
 /// The harness's check, shared by the seeds and the generated cases.
 fn check_request(r: &GenerateRequest, limits: &RequestLimits) -> Result<(), String> {
-    let stops = r.sampling.as_ref().map_or(0, |s| s.stop.len());
+    let sampling = r.sampling.clone().unwrap_or_default();
+    let field_of_request = |field: &str| {
+        is_request_field(
+            field,
+            r.messages.len(),
+            sampling.stop.len(),
+            "messages",
+            &r.metadata,
+            &sampling.logit_bias,
+        )
+    };
     match validate_generate_request(r, limits) {
         Ok(()) if obeys_rules(r, limits) => Ok(()),
         Ok(()) => Err(format!("accepted a request that breaks a rule: {r:?}")),
-        Err(v) if !is_request_field(&v.field, r.messages.len(), stops, "messages", &r.metadata) => {
+        Err(v) if !field_of_request(&v.field) => {
             Err(format!("rejection names no request field: {v:?}"))
         }
         Err(v) if v.message.is_empty() => Err(format!("rejection without a reason: {v:?}")),
@@ -126,6 +157,7 @@ fn check_interrupt(i: &Interrupt, limits: &RequestLimits) -> Result<(), String> 
                     i.messages.len(),
                     0,
                     "interrupt.messages",
+                    &Default::default(),
                     &Default::default(),
                 ) =>
         {
@@ -198,17 +230,54 @@ fn sampling() -> impl Strategy<Value = Option<SamplingParams>> {
             proptest::option::of(any::<u32>()),
             proptest::option::of(any::<u64>()),
             proptest::collection::vec(text(), 0..20),
+            penalties(),
         )
-            .prop_map(|(max_tokens, temperature, top_p, top_k, seed, stop)| {
-                SamplingParams {
-                    max_tokens,
-                    temperature,
-                    top_p,
-                    top_k,
-                    seed,
-                    stop,
-                }
-            }),
+            .prop_map(
+                |(max_tokens, temperature, top_p, top_k, seed, stop, penalties)| {
+                    let (presence_penalty, frequency_penalty, repetition_penalty, logit_bias) =
+                        penalties;
+                    SamplingParams {
+                        max_tokens,
+                        temperature,
+                        top_p,
+                        top_k,
+                        seed,
+                        stop,
+                        presence_penalty,
+                        frequency_penalty,
+                        repetition_penalty,
+                        logit_bias,
+                    }
+                },
+            ),
+    )
+}
+
+type Penalties = (
+    Option<f32>,
+    Option<f32>,
+    Option<f32>,
+    std::collections::HashMap<u32, f32>,
+);
+
+/// Presence, frequency and repetition penalties and a logit bias map, often around their
+/// limits (a bias map over 300 entries now and then).
+fn penalties() -> impl Strategy<Value = Penalties> {
+    let bias = prop_oneof![
+        Just(100.0f32),
+        Just(-100.0f32),
+        Just(100.5f32),
+        -120.0f32..120.0,
+        float(),
+    ];
+    (
+        proptest::option::of(float()),
+        proptest::option::of(float()),
+        proptest::option::of(prop_oneof![Just(10.0f32), Just(10.5f32), float()]),
+        prop_oneof![
+            8 => proptest::collection::hash_map(any::<u32>(), bias.clone(), 0..4),
+            1 => proptest::collection::hash_map(any::<u32>(), bias, 295..305),
+        ],
     )
 }
 

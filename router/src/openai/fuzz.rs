@@ -22,7 +22,7 @@ fn config() -> ProptestConfig {
 }
 
 /// Top-level fields an error may name (either endpoint).
-const FIELDS: [&str; 15] = [
+const FIELDS: [&str; 26] = [
     "model",
     "messages",
     "prompt",
@@ -38,6 +38,17 @@ const FIELDS: [&str; 15] = [
     "stream_options",
     "user",
     "logprobs",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "logit_bias",
+    "top_logprobs",
+    "tools",
+    "functions",
+    "response_format",
+    "echo",
+    "best_of",
+    "suffix",
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -232,13 +243,32 @@ fn field(name: &'static str) -> BoxedStrategy<Value> {
             proptest::collection::vec(any_json(), 0..3).prop_map(Value::Array),
         ]
         .boxed(),
-        "temperature" | "top_p" => float().boxed(),
+        "temperature" | "top_p" | "presence_penalty" | "frequency_penalty"
+        | "repetition_penalty" => float().boxed(),
+        "logit_bias" => proptest::collection::btree_map(
+            prop_oneof![any::<u32>().prop_map(|id| id.to_string()), "\\PC{0,8}"],
+            float(),
+            0..4,
+        )
+        .prop_map(|m| Value::Object(m.into_iter().collect()))
+        .boxed(),
+        "tools" | "functions" => prop_oneof![
+            Just(json!([])),
+            Just(json!([{"type": "function", "function": {"name": "f"}}])),
+        ]
+        .boxed(),
+        "response_format" => prop_oneof![
+            Just(json!({"type": "text"})),
+            Just(json!({"type": "json_object"})),
+        ]
+        .boxed(),
+        "suffix" => text().boxed(),
         "stop" => prop_oneof![
             text(),
             proptest::collection::vec(text(), 0..20).prop_map(Value::Array),
         ]
         .boxed(),
-        "stream" | "logprobs" => any::<bool>().prop_map(Value::Bool).boxed(),
+        "stream" | "logprobs" | "echo" => any::<bool>().prop_map(Value::Bool).boxed(),
         "stream_options" => prop_oneof![
             any::<bool>().prop_map(|b| json!({"include_usage": b})),
             Just(json!({})),

@@ -50,12 +50,100 @@ pub struct SamplingFields {
     pub top_k: Option<i64>,
     pub seed: Option<i64>,
     pub stop: Option<Stop>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// Not in OpenAI's API; accepted as vLLM does (multiplicative, 1 = none).
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string, OpenAI's form) → bias.
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
     pub n: Option<i64>,
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     /// End-user id; used as the affinity key.
     pub user: Option<String>,
+    /// Fields asking for what Switchyard does not do: refused by name rather than ignored, as
+    /// a client asking for them would misread an answer without them.
+    #[serde(flatten)]
+    pub unsupported: Unsupported,
+}
+
+/// OpenAI fields whose meaningful values Switchyard cannot honour. Their "off" values (`false`,
+/// `null`, `0`, `[]`, `{"type": "text"}`) are accepted, as SDKs and frameworks send them.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Unsupported {
+    logprobs: Option<Value>,
+    top_logprobs: Option<Value>,
+    tools: Option<Value>,
+    functions: Option<Value>,
+    response_format: Option<Value>,
+    echo: Option<Value>,
+    best_of: Option<Value>,
+    suffix: Option<Value>,
+}
+
+impl Unsupported {
+    fn check(&self) -> Result<(), ApiError> {
+        fn off(value: &Option<Value>) -> bool {
+            match value {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => true,
+                Some(Value::Array(items)) => items.is_empty(),
+                Some(Value::String(s)) => s.is_empty(),
+                _ => false,
+            }
+        }
+        let refusals = [
+            (
+                "logprobs",
+                off(&self.logprobs),
+                "log probabilities are not returned by this server",
+            ),
+            (
+                "top_logprobs",
+                off(&self.top_logprobs) || self.top_logprobs == Some(Value::from(0)),
+                "log probabilities are not returned by this server",
+            ),
+            (
+                "tools",
+                off(&self.tools),
+                "tool calling is not supported by this server",
+            ),
+            (
+                "functions",
+                off(&self.functions),
+                "function calling is not supported by this server",
+            ),
+            (
+                "response_format",
+                off(&self.response_format)
+                    || self
+                        .response_format
+                        .as_ref()
+                        .and_then(|f| f.get("type"))
+                        .is_some_and(|t| t == "text"),
+                "only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
+            ),
+            (
+                "echo",
+                off(&self.echo),
+                "echoing the prompt is not supported",
+            ),
+            (
+                "best_of",
+                off(&self.best_of) || self.best_of == Some(Value::from(1)),
+                "only best_of=1 is supported",
+            ),
+            (
+                "suffix",
+                off(&self.suffix),
+                "a suffix (fill-in-the-middle) is not supported",
+            ),
+        ];
+        match refusals.into_iter().find(|(_, off, _)| !off) {
+            Some((field, _, why)) => Err(ApiError::invalid(field, why)),
+            None => Ok(()),
+        }
+    }
 }
 
 // The sampling fields are read from the same JSON object by `parse_body`, not with
@@ -168,8 +256,21 @@ fn sampling(
         }
         Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
     };
+    fields.unsupported.check()?;
     // OpenAI seeds are signed 64-bit; reinterpret the bits.
     let seed = fields.seed.map(|s| s as u64);
+    let logit_bias = fields
+        .logit_bias
+        .iter()
+        .flatten()
+        .map(|(token, bias)| match token.parse::<u32>() {
+            Ok(id) => Ok((id, *bias as f32)),
+            Err(_) => Err(ApiError::invalid(
+                "logit_bias",
+                format!("key {token:?} is not a token id (keys are token ids, as strings)"),
+            )),
+        })
+        .collect::<Result<_, _>>()?;
     let stop = fields.stop.clone().map(Stop::into_vec).unwrap_or_default();
     if stop.iter().any(String::is_empty) {
         return Err(ApiError::invalid(
@@ -184,6 +285,10 @@ fn sampling(
         top_k,
         seed,
         stop,
+        presence_penalty: fields.presence_penalty.map(|p| p as f32),
+        frequency_penalty: fields.frequency_penalty.map(|p| p as f32),
+        repetition_penalty: fields.repetition_penalty.map(|p| p as f32),
+        logit_bias,
     };
     let mode = StreamMode {
         stream: fields.stream,
@@ -429,6 +534,87 @@ mod tests {
             .as_deref(),
             Some("stream_options")
         );
+    }
+
+    #[test]
+    fn penalties_and_logit_bias_reach_the_request() {
+        let (request, _) = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],
+                "presence_penalty":0.5,"frequency_penalty":-1,"repetition_penalty":1.2,
+                "logit_bias":{"42":-100,"7":3.5}}"#,
+        )
+        .expect("valid");
+        let sampling = request.sampling.expect("sampling");
+        assert_eq!(sampling.presence_penalty, Some(0.5));
+        assert_eq!(sampling.frequency_penalty, Some(-1.0));
+        assert_eq!(sampling.repetition_penalty, Some(1.2));
+        assert_eq!(sampling.logit_bias, [(42, -100.0), (7, 3.5)].into());
+
+        let param = |extra: &str| {
+            chat(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#
+            ))
+            .expect_err("invalid")
+            .param
+        };
+        assert_eq!(
+            param(r#""presence_penalty":"high""#).as_deref(),
+            Some("presence_penalty")
+        );
+        assert_eq!(
+            param(r#""logit_bias":{"the":1}"#).as_deref(),
+            Some("logit_bias")
+        );
+        assert_eq!(
+            param(r#""logit_bias":{"5":"x"}"#).as_deref(),
+            Some("logit_bias.5")
+        );
+    }
+
+    #[test]
+    fn fields_asking_for_what_is_not_done_are_refused_by_name() {
+        let outcome = |extra: &str| {
+            chat(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#
+            ))
+            .map(|_| ())
+            .map_err(|e| (e.status, e.param))
+        };
+        for (extra, field) in [
+            (r#""logprobs":true"#, "logprobs"),
+            (r#""top_logprobs":3"#, "top_logprobs"),
+            (
+                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+                "tools",
+            ),
+            (r#""functions":[{"name":"f"}]"#, "functions"),
+            (
+                r#""response_format":{"type":"json_object"}"#,
+                "response_format",
+            ),
+            (r#""echo":true"#, "echo"),
+            (r#""best_of":3"#, "best_of"),
+            (r#""suffix":"}""#, "suffix"),
+        ] {
+            assert_eq!(
+                outcome(extra),
+                Err((axum::http::StatusCode::BAD_REQUEST, Some(field.to_string()))),
+                "{extra}"
+            );
+        }
+        // What SDKs and frameworks send when a feature is off is accepted.
+        for extra in [
+            r#""logprobs":false"#,
+            r#""logprobs":null"#,
+            r#""top_logprobs":0"#,
+            r#""tools":[]"#,
+            r#""response_format":{"type":"text"}"#,
+            r#""echo":false"#,
+            r#""best_of":1"#,
+            r#""suffix":"""#,
+        ] {
+            assert_eq!(outcome(extra), Ok(()), "{extra}");
+        }
     }
 
     #[test]
