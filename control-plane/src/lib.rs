@@ -181,7 +181,9 @@ pub async fn run_control_plane(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<AdminService>>().await;
     let (reflection_v1, reflection_v1alpha) =
-        switchyard_proto::introspection::reflection_services();
+        switchyard_proto::introspection::reflection_services(&[
+            <AdminServer<()> as tonic::server::NamedService>::NAME,
+        ]);
     let grpc_router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)

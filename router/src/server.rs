@@ -192,7 +192,9 @@ pub async fn run_router_with_endpoints(
     ));
 
     let (reflection_v1, reflection_v1alpha) =
-        switchyard_proto::introspection::reflection_services();
+        switchyard_proto::introspection::reflection_services(&[
+            <InferenceServer<()> as tonic::server::NamedService>::NAME,
+        ]);
     let grpc = tonic::transport::Server::builder()
         // Unset, tonic lets one connection open streams without bound.
         .max_concurrent_streams(Some(max_connection_streams))

@@ -216,7 +216,9 @@ async fn serve(
         .set_not_serving::<WorkerServer<WorkerService>>()
         .await;
     let (reflection_v1, reflection_v1alpha) =
-        switchyard_proto::introspection::reflection_services();
+        switchyard_proto::introspection::reflection_services(&[
+            <WorkerServer<()> as tonic::server::NamedService>::NAME,
+        ]);
 
     let server_stop = closing.clone();
     let in_network_credential = credential.clone();
