@@ -140,6 +140,48 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
             "{body}"
         );
     }
+    // Every answer names its request: a client's own `x-request-id` is the request's id (in
+    // the header, the body's `id` and the decision feed), and an error carries one too.
+    let chat = json!({"model": "synthetic", "max_tokens": 2,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let response = client
+        .post(format!("{base}/chat/completions"))
+        .header("x-request-id", "my-req-1")
+        .json(&chat)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "my-req-1");
+    let body: Value = response.json().await?;
+    assert_eq!(body["id"], "my-req-1", "{body}");
+    for (request_id, model, status) in [
+        (Some("my-req-2"), "no-such-model", 404),
+        (None, "no-such-model", 404),
+        (Some("has space"), "synthetic", 400),
+    ] {
+        let mut request = client.post(format!("{base}/chat/completions"));
+        if let Some(id) = request_id {
+            request = request.header("x-request-id", id);
+        }
+        let mut body = chat.clone();
+        body["model"] = json!(model);
+        let response = request.json(&body).send().await?;
+        assert_eq!(response.status(), status);
+        let echoed = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        match request_id {
+            Some("has space") | None => assert!(echoed.starts_with("chatcmpl-"), "{echoed:?}"),
+            Some(id) => assert_eq!(echoed, id),
+        }
+        if status == 400 {
+            let body: Value = response.json().await?;
+            assert_eq!(body["error"]["param"], "x-request-id", "{body}");
+        }
+    }
     let response = client.get(format!("{base}/engines")).send().await?;
     assert_eq!(response.status(), 404);
 

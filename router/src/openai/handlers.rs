@@ -28,6 +28,8 @@ use crate::dispatch::{Dispatcher, FrameReceiver};
 const CLIENT_BUFFER: usize = 64;
 /// Request header choosing the lane.
 pub const CLASS_HEADER: &str = "x-switchyard-class";
+/// The request's id, in a request (the client's, optional) and in every answer.
+const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Which OpenAI endpoint a generation came through; decides the response shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,7 +58,7 @@ impl Meta {
             ("x-switchyard-lane", &self.lane),
             ("x-switchyard-pool", &self.pool),
             ("x-switchyard-worker", &self.worker),
-            ("x-request-id", &self.id),
+            (REQUEST_ID_HEADER, &self.id),
         ] {
             if let Ok(value) = HeaderValue::from_str(value) {
                 headers.insert(HeaderName::from_static(name), value);
@@ -71,15 +73,7 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    generate(
-        dispatcher,
-        tenant.map(|t| t.0),
-        headers,
-        body,
-        Endpoint::Chat,
-    )
-    .await
-    .unwrap_or_else(IntoResponse::into_response)
+    answer(dispatcher, tenant, headers, body, Endpoint::Chat).await
 }
 
 pub async fn completions(
@@ -88,15 +82,69 @@ pub async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    generate(
-        dispatcher,
-        tenant.map(|t| t.0),
-        headers,
-        body,
-        Endpoint::Completion,
-    )
-    .await
-    .unwrap_or_else(IntoResponse::into_response)
+    answer(dispatcher, tenant, headers, body, Endpoint::Completion).await
+}
+
+/// Runs a generation; every answer, an error included, carries the request's id in
+/// `x-request-id`, so a user can quote it to whoever reads the decision feed.
+async fn answer(
+    dispatcher: Arc<Dispatcher>,
+    tenant: Option<Extension<Tenant>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    endpoint: Endpoint,
+) -> Response {
+    let (id, outcome) = match request_id(&headers, endpoint, dispatcher.limits()) {
+        Ok(id) => {
+            let tenant = tenant.map(|t| t.0);
+            let outcome = generate(dispatcher, tenant, headers, body, endpoint, id.clone()).await;
+            (id, outcome)
+        }
+        Err(error) => (new_request_id(endpoint), Err(error)),
+    };
+    outcome.unwrap_or_else(|error| {
+        let mut response = error.into_response();
+        if let Ok(value) = HeaderValue::from_str(&id) {
+            response.headers_mut().insert(REQUEST_ID_HEADER, value);
+        }
+        response
+    })
+}
+
+/// The id a request runs under: the client's `x-request-id` when it sends one (as proxies and
+/// tracing setups do), else a new `chatcmpl-…` / `cmpl-…`.
+fn request_id(
+    headers: &HeaderMap,
+    endpoint: Endpoint,
+    limits: &switchyard_proto::RequestLimits,
+) -> Result<String, ApiError> {
+    let Some(value) = headers.get(REQUEST_ID_HEADER) else {
+        return Ok(new_request_id(endpoint));
+    };
+    match value.to_str() {
+        Ok(id)
+            if !id.is_empty()
+                && id.len() <= limits.max_request_id_bytes
+                && id.bytes().all(|b| b.is_ascii_graphic()) =>
+        {
+            Ok(id.to_string())
+        }
+        _ => Err(ApiError::invalid(
+            REQUEST_ID_HEADER,
+            format!(
+                "header must be 1 to {} visible ASCII characters (no spaces)",
+                limits.max_request_id_bytes
+            ),
+        )),
+    }
+}
+
+fn new_request_id(endpoint: Endpoint) -> String {
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completion => "cmpl",
+    };
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
 fn parse<T: WithSampling>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
@@ -160,6 +208,7 @@ async fn generate(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
     endpoint: Endpoint,
+    id: String,
 ) -> Result<Response, ApiError> {
     let cap = dispatcher.limits().max_tokens_cap;
     let (mut request, mode) = match endpoint {
@@ -170,11 +219,6 @@ async fn generate(
     if let Some(tenant) = &tenant {
         tenant.apply(&mut request);
     }
-    let prefix = match endpoint {
-        Endpoint::Chat => "chatcmpl",
-        Endpoint::Completion => "cmpl",
-    };
-    let id = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
     request.request_id = id.clone();
 
     // The same path as gRPC: classify, place, run.
