@@ -197,6 +197,9 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     Some(Frame::Moved(moved)) => {
                         eprint!("\n[moved to {} ({}): {}]\n", moved.to_worker_id, moved.to_pool, moved.reason);
                     }
+                    Some(Frame::Rejected(rejected)) => {
+                        eprint!("\n[{} not taken: {}]\n", rejected.frame, rejected.message);
+                    }
                     Some(Frame::Finished(_)) | None => break,
                     Some(Frame::Failed(failed)) => {
                         eprintln!("\n[error {}: {}]", failed.code, failed.message);

@@ -420,6 +420,9 @@ pub struct Completion {
     pub failed: Option<v1::Failed>,
     /// Moves to another worker mid-stream, in order.
     pub moved: Vec<v1::Moved>,
+    /// Frames sent for this request that the router refused (a bad interrupt), in order;
+    /// the request went on.
+    pub rejected: Vec<v1::Rejected>,
 }
 
 impl Completion {
@@ -434,6 +437,7 @@ impl Completion {
             Frame::Finished(f) => self.finished = Some(f),
             Frame::Failed(f) => self.failed = Some(f),
             Frame::Moved(m) => self.moved.push(m),
+            Frame::Rejected(r) => self.rejected.push(r),
         }
     }
 }

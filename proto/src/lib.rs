@@ -52,6 +52,7 @@ impl v1::ServerFrame {
             Frame::Tokens(f) => &f.request_id,
             Frame::Finished(f) => &f.request_id,
             Frame::Failed(f) => &f.request_id,
+            Frame::Rejected(f) => &f.request_id,
             Frame::Moved(f) => &f.request_id,
         })
     }

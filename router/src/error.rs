@@ -129,6 +129,22 @@ impl DispatchError {
     }
 }
 
+impl DispatchError {
+    /// The `Rejected` frame refusing a client `frame` ("start", "cancel", "interrupt") about
+    /// `request_id`: unlike `Failed`, it ends no request.
+    pub fn rejected_frame(&self, frame: &str, request_id: &str) -> v1::ServerFrame {
+        v1::ServerFrame {
+            frame: Some(Frame::Rejected(v1::Rejected {
+                request_id: request_id.to_string(),
+                frame: frame.to_string(),
+                code: self.code() as i32,
+                message: self.to_string(),
+                field: self.field().unwrap_or_default().to_string(),
+            })),
+        }
+    }
+}
+
 impl From<DispatchError> for Status {
     fn from(error: DispatchError) -> Self {
         error.status()

@@ -1,7 +1,9 @@
 //! One `Inference.Session`: a persistent stream carrying many requests. Each `Start` is
 //! prepared and run by the dispatcher as its own task; `Cancel` and `Interrupt` reach the
 //! running request by id; a per-session limit bounds how many run at once, and a request's
-//! place is freed before its last frame goes out.
+//! place is freed before its last frame goes out. A client frame refused on its own (a `Start`
+//! reusing a running request's id, a bad `Interrupt`, a `Cancel` of nothing) is answered with
+//! `Rejected`, never `Failed`: `Failed` ends a request, and these end none.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,7 +56,7 @@ pub(crate) async fn run_session(
                 }
                 Ok(Some(_)) => {
                     let error = DispatchError::invalid("frame", "empty ClientFrame (set start, cancel or interrupt)");
-                    let _ = out.send(Ok(error.failed_frame(""))).await;
+                    let _ = out.send(Ok(error.rejected_frame("", ""))).await;
                 }
                 Ok(None) => break,
                 Err(status) => {
@@ -94,15 +96,7 @@ async fn handle_frame(
                 tenant.apply(&mut request);
             }
             let request_id = request.request_id.clone();
-            let max = dispatcher.config.max_session_requests;
-            if running.len() >= max as usize {
-                let error = DispatchError::SessionLimit(format!(
-                    "this session already runs {max} requests, its limit (router \
-                     --max-session-requests); wait for one to end or open another session"
-                ));
-                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
-                return;
-            }
+            // Refused, not failed: the running request of that id goes on.
             if running.contains_key(&request_id) {
                 let error = DispatchError::invalid(
                     "request_id",
@@ -110,6 +104,17 @@ async fn handle_frame(
                         "{request_id:?} is already in use by a running request in this session"
                     ),
                 );
+                let _ = out
+                    .send(Ok(error.rejected_frame("start", &request_id)))
+                    .await;
+                return;
+            }
+            let max = dispatcher.config.max_session_requests;
+            if running.len() >= max as usize {
+                let error = DispatchError::SessionLimit(format!(
+                    "this session already runs {max} requests, its limit (router \
+                     --max-session-requests); wait for one to end or open another session"
+                ));
                 let _ = out.send(Ok(error.failed_frame(&request_id))).await;
                 return;
             }
@@ -142,21 +147,27 @@ async fn handle_frame(
                 let _ = control.send(Control::Cancel);
             } else {
                 let error = DispatchError::NotRunning(cancel.request_id.clone());
-                let _ = out.send(Ok(error.failed_frame(&cancel.request_id))).await;
+                let _ = out
+                    .send(Ok(error.rejected_frame("cancel", &cancel.request_id)))
+                    .await;
             }
         }
         client_frame::Frame::Interrupt(interrupt) => {
             let request_id = interrupt.request_id.clone();
             if let Err(violation) = validate_interrupt(&interrupt, dispatcher.limits()) {
                 let error = DispatchError::from(violation);
-                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
+                let _ = out
+                    .send(Ok(error.rejected_frame("interrupt", &request_id)))
+                    .await;
                 return;
             }
             if let Some(control) = running.get(&request_id) {
                 let _ = control.send(Control::Interrupt(Box::new(interrupt)));
             } else {
                 let error = DispatchError::NotRunning(request_id.clone());
-                let _ = out.send(Ok(error.failed_frame(&request_id))).await;
+                let _ = out
+                    .send(Ok(error.rejected_frame("interrupt", &request_id)))
+                    .await;
             }
         }
     }

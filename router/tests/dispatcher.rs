@@ -361,6 +361,7 @@ struct Outcome {
     finished: Option<v1::Finished>,
     failed: Option<v1::Failed>,
     moved: Vec<v1::Moved>,
+    rejected: Vec<v1::Rejected>,
 }
 
 impl Outcome {
@@ -439,7 +440,8 @@ impl Session {
                     | Frame::Tokens(v1::Tokens { request_id, .. })
                     | Frame::Finished(v1::Finished { request_id, .. })
                     | Frame::Failed(v1::Failed { request_id, .. })
-                    | Frame::Moved(v1::Moved { request_id, .. }) => request_id.clone(),
+                    | Frame::Moved(v1::Moved { request_id, .. })
+                    | Frame::Rejected(v1::Rejected { request_id, .. }) => request_id.clone(),
                 };
                 let outcome = self.requests.entry(id).or_default();
                 assert!(
@@ -455,6 +457,7 @@ impl Session {
                     Frame::Finished(finished) => outcome.finished = Some(finished),
                     Frame::Failed(failed) => outcome.failed = Some(failed),
                     Frame::Moved(moved) => outcome.moved.push(moved),
+                    Frame::Rejected(rejected) => outcome.rejected.push(rejected),
                 }
             }
         })
@@ -661,6 +664,82 @@ async fn an_interrupt_continues_with_the_new_messages() {
     let resumed = second.resume_tokens.len();
     let after = fault_text("second", resumed, second.max_tokens as usize - resumed);
     assert_eq!(end.text, format!("{before}{after}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_the_router_refuses_leave_the_running_request_alone() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("running", [Plan::fault(Fault::HoldAfter(2))]);
+    let mut session = cluster.session().await;
+    session.start(request("a", "running", 100, RequestClass::Auto));
+    session.tokens("a", 2).await;
+
+    // A second start under the running request's id, an interrupt with a bad role for it, and
+    // a cancel of a request that does not exist.
+    session.start(request("a", "other", 5, RequestClass::Auto));
+    session.send(client_frame::Frame::Interrupt(v1::Interrupt {
+        request_id: "a".into(),
+        messages: vec![ChatMessage {
+            role: "bot".into(),
+            content: "x".into(),
+        }],
+        keep_generated: true,
+    }));
+    session.cancel("nobody");
+    session
+        .until("three refusals", |r| {
+            r.get("a").is_some_and(|o| o.rejected.len() == 2)
+                && r.get("nobody").is_some_and(|o| !o.rejected.is_empty())
+        })
+        .await;
+    let refusals = |id: &str| -> Vec<(String, tonic::Code, String)> {
+        session.requests[id]
+            .rejected
+            .iter()
+            .map(|r| {
+                (
+                    r.frame.clone(),
+                    tonic::Code::from_i32(r.code),
+                    r.field.clone(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        refusals("a"),
+        [
+            (
+                "start".into(),
+                tonic::Code::InvalidArgument,
+                "request_id".into()
+            ),
+            (
+                "interrupt".into(),
+                tonic::Code::InvalidArgument,
+                "interrupt.messages[0].role".into()
+            ),
+        ]
+    );
+    assert_eq!(
+        refusals("nobody"),
+        [("cancel".into(), tonic::Code::NotFound, "request_id".into())]
+    );
+
+    // "a" went on: it has neither failed nor been restarted, and ends when it is cancelled.
+    session.cancel("a");
+    let end = session.end("a").await;
+    assert_eq!(end.reason(), FinishReason::Cancelled, "{end:?}");
+    assert!(end.failed.is_none(), "{end:?}");
+    assert_eq!(end.accepted.len(), 1, "{end:?}");
+    assert!(
+        !cluster
+            .starts()
+            .iter()
+            .any(|(_, s)| s.messages.iter().any(|m| m.content == "other")),
+        "the refused start never reached a worker"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1046,7 +1125,11 @@ async fn an_interrupt_while_waiting_at_the_router_becomes_the_prompt_it_starts_w
     // The session answers frames in order: once it has refused a cancel of an unknown
     // request, it has handed the interrupt to the waiting request.
     session.cancel("nobody");
-    assert!(session.end("nobody").await.failed.is_some());
+    session
+        .until("the cancel of nobody is refused", |r| {
+            r.get("nobody").is_some_and(|o| !o.rejected.is_empty())
+        })
+        .await;
     // Nothing was generated yet: the interrupt only rewrites what the request will start with.
     cluster.engine(0).release();
     assert_eq!(session.end("h").await.reason(), FinishReason::Length);

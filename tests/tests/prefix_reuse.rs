@@ -63,6 +63,7 @@ async fn chat(router: &str, id: &str, messages: &[(&str, &str)]) -> anyhow::Resu
             }
             Some(Frame::Failed(f)) => bail!("{id} failed: {} {}", f.code, f.message),
             Some(Frame::Moved(_)) | None => {}
+            Some(Frame::Rejected(r)) => bail!("{id}: Generate sent a Rejected frame: {r:?}"),
         }
     }
     bail!("{id}: stream ended without Finished")

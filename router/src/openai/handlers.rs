@@ -275,7 +275,8 @@ async fn complete(meta: Meta, mut rx: FrameReceiver) -> Result<Response, ApiErro
             Frame::Tokens(tokens) => text.push_str(&tokens.text),
             Frame::Finished(finished) => break finished,
             Frame::Failed(f) => return Err(failed(&f)),
-            Frame::Accepted(_) | Frame::Moved(_) => {}
+            // HTTP sends no client frames, so none is rejected.
+            Frame::Accepted(_) | Frame::Moved(_) | Frame::Rejected(_) => {}
         }
     };
     let usage = wire::Usage::from(finished.usage);

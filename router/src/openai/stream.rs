@@ -191,7 +191,8 @@ impl Events {
 
     fn on_frame(&mut self, frame: Frame) {
         match frame {
-            Frame::Accepted(_) => {}
+            // HTTP sends no client frames, so none is rejected.
+            Frame::Accepted(_) | Frame::Rejected(_) => {}
             Frame::Tokens(tokens) => {
                 if tokens.text.is_empty() {
                     return;
