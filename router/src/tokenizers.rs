@@ -39,7 +39,16 @@ pub enum FetchError {
 
 struct Entry {
     tokenizer: Arc<GgufTokenizer>,
+    /// Tokens one sequence may hold, when the worker said.
+    context_length: Option<u32>,
     last_used: u64,
+}
+
+/// A model's tokenizer as a worker published it.
+pub struct Fetched {
+    pub tokenizer: GgufTokenizer,
+    /// Tokens one sequence may hold (prompt and output); `None` when the worker did not say.
+    pub context_length: Option<u32>,
 }
 
 #[derive(Default)]
@@ -70,8 +79,12 @@ impl Claim<'_> {
     }
 
     /// Keeps the fetched tokenizer.
-    pub fn fulfil(self, tokenizer: GgufTokenizer) {
-        self.tokenizers.insert(&self.model, Arc::new(tokenizer));
+    pub fn fulfil(self, fetched: Fetched) {
+        self.tokenizers.insert(
+            &self.model,
+            Arc::new(fetched.tokenizer),
+            fetched.context_length,
+        );
     }
 }
 
@@ -84,6 +97,16 @@ impl Tokenizers {
         let entry = state.ready.get_mut(model)?;
         entry.last_used = now;
         Some(entry.tokenizer.clone())
+    }
+
+    /// Tokens one sequence of `model` may hold, when a worker serving it said.
+    pub fn context_length(&self, model: &str) -> Option<u32> {
+        self.state
+            .lock()
+            .expect("tokenizers lock")
+            .ready
+            .get(model)?
+            .context_length
     }
 
     /// Whether `model`'s tokenizer is here (without counting as a use).
@@ -113,7 +136,7 @@ impl Tokenizers {
         })
     }
 
-    fn insert(&self, model: &str, tokenizer: Arc<GgufTokenizer>) {
+    fn insert(&self, model: &str, tokenizer: Arc<GgufTokenizer>, context_length: Option<u32>) {
         let mut state = self.state.lock().expect("tokenizers lock");
         state.clock += 1;
         let now = state.clock;
@@ -132,6 +155,7 @@ impl Tokenizers {
             model.to_string(),
             Entry {
                 tokenizer,
+                context_length,
                 last_used: now,
             },
         );
@@ -203,7 +227,7 @@ pub async fn fetch(
     channel: Channel,
     model: &str,
     credential: Option<&switchyard_cluster::credential::ClusterToken>,
-) -> Result<GgufTokenizer, FetchError> {
+) -> Result<Fetched, FetchError> {
     let mut client = WorkerClient::new(channel).max_decoding_message_size(MAX_SPEC_BYTES);
     let mut request = tonic::Request::new(v1::TokenizerRequest {
         model: model.to_string(),
@@ -228,13 +252,18 @@ pub async fn fetch(
             response.format
         )));
     }
+    let context_length = (response.context_length > 0).then_some(response.context_length);
     // Building the BPE tables takes a while for a large vocabulary: off the async threads.
-    tokio::task::spawn_blocking(move || {
+    let tokenizer = tokio::task::spawn_blocking(move || {
         TokenizerSpec::from_bytes(&response.spec).and_then(GgufTokenizer::from_spec)
     })
     .await
     .map_err(|e| FetchError::Failed(format!("building the tokenizer: {e}")))?
-    .map_err(|e| FetchError::Failed(e.to_string()))
+    .map_err(|e| FetchError::Failed(e.to_string()))?;
+    Ok(Fetched {
+        tokenizer,
+        context_length,
+    })
 }
 
 #[cfg(test)]
@@ -300,7 +329,12 @@ mod tests {
     async fn requests_tokenize_as_the_engine_does_once_the_tokenizer_is_here() {
         let tokenizers = Tokenizers::default();
         assert_eq!(tokenizers.tokenize(&request("m", "hi", &[])), None);
-        tokenizers.claim("m").await.unwrap().fulfil(tokenizer());
+        tokenizers.claim("m").await.unwrap().fulfil(Fetched {
+            tokenizer: tokenizer(),
+            context_length: Some(64),
+        });
+        assert_eq!(tokenizers.context_length("m"), Some(64));
+        assert_eq!(tokenizers.context_length("other"), None);
         // A plain prompt is encoded as it is: one id per byte here.
         assert_eq!(
             tokenizers.tokenize(&request("m", "hi", &[])),
@@ -333,7 +367,10 @@ mod tests {
         // The first fetch fails (its claim is dropped): the next link gets its turn.
         drop(first);
         let second = second.await.unwrap();
-        second.fulfil(tokenizer());
+        second.fulfil(Fetched {
+            tokenizer: tokenizer(),
+            context_length: None,
+        });
         assert!(tokenizers.has("m"));
         assert!(tokenizers.claim("m").await.is_none());
     }
@@ -343,11 +380,11 @@ mod tests {
         let tokenizers = Tokenizers::default();
         let shared = Arc::new(tokenizer());
         for i in 0..MAX_TOKENIZERS {
-            tokenizers.insert(&format!("m{i}"), shared.clone());
+            tokenizers.insert(&format!("m{i}"), shared.clone(), None);
         }
         // m0 is used again, so m1 is now the least recently used.
         assert!(tokenizers.get("m0").is_some());
-        tokenizers.insert("new", shared);
+        tokenizers.insert("new", shared, None);
         assert!(tokenizers.has("new") && tokenizers.has("m0"));
         assert!(!tokenizers.has("m1"));
         assert_eq!(tokenizers.state.lock().unwrap().ready.len(), MAX_TOKENIZERS);

@@ -444,3 +444,73 @@ async fn penalties_and_a_logit_bias_steer_the_real_models_greedy_choice() -> any
     );
     Ok(())
 }
+
+/// With the workers' tokenizer the router knows a prompt's exact length and the model's
+/// context: a request that cannot fit is refused before it is placed — a gRPC status from
+/// `Generate` (not a stream that is accepted and then fails on the worker) and a 400 naming the
+/// field to change.
+#[tokio::test]
+async fn a_request_too_long_for_the_context_is_refused_before_placement() -> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    switchyard_tests::wait_until(
+        Duration::from_secs(60),
+        "the router to fetch the tokenizer",
+        || {
+            let log = std::fs::read_to_string(&cluster.router.log).unwrap_or_default();
+            async move { log.contains("tokenizer fetched") }
+        },
+    )
+    .await?;
+    let too_long = "hello ".repeat(9_000);
+    let mut grpc =
+        v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))
+            .await?;
+    let status = grpc
+        .generate(v1::GenerateRequest {
+            model: MODEL.into(),
+            messages: vec![v1::ChatMessage {
+                role: "user".into(),
+                content: too_long.clone(),
+            }],
+            sampling: Some(v1::SamplingParams {
+                max_tokens: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("refused before the stream starts");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().starts_with("messages: the prompt is")
+            && status.message().contains("context length is 8192"),
+        "{status:?}"
+    );
+
+    // Over HTTP: a prompt that fits, with more max_tokens than the rest of the context holds.
+    let client = reqwest::Client::new();
+    let response = client
+        .post(format!("{}/completions", cluster.router_openai_url()))
+        .json(&json!({"model": MODEL, "prompt": "hello ".repeat(8_000), "max_tokens": 1_000}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"]["param"], "max_tokens", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("lower max_tokens to at most"), "{body}");
+
+    // Neither was placed: the router made no routing decision.
+    let metrics = client
+        .get(format!("http://{}/metrics", cluster.router.addr("http")))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let placed: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("switchyard_router_route_decisions") && !l.ends_with(" 0"))
+        .collect();
+    assert!(placed.is_empty(), "placed: {placed:?}");
+    Ok(())
+}

@@ -473,6 +473,13 @@ impl Engine for CandleEngine {
         })
     }
 
+    fn context_length(&self, model: &str) -> Option<u32> {
+        self.model_ids
+            .iter()
+            .any(|m| m == model)
+            .then(|| u32::try_from(self.context_length()).unwrap_or(u32::MAX))
+    }
+
     fn prefix_cache(&self) -> Option<Arc<KvPublisher>> {
         self.publisher.clone()
     }

@@ -250,6 +250,11 @@ pub trait Engine: Send + Sync + 'static {
         let _ = model;
         None
     }
+    /// Tokens one sequence of `model` may hold (prompt and output), when the engine knows.
+    fn context_length(&self, model: &str) -> Option<u32> {
+        let _ = model;
+        None
+    }
 }
 
 #[cfg(test)]

@@ -89,10 +89,12 @@ impl v1::worker_server::Worker for WorkerService {
                 self.engine.kind()
             ))
         })?;
+        let context_length = self.engine.context_length(&model).unwrap_or(0);
         Ok(Response::new(v1::TokenizerSpec {
             model,
             format,
             spec,
+            context_length,
         }))
     }
 }

@@ -1,7 +1,9 @@
 //! Stage 1: is the request one the router can serve as asked? Limits and fields are checked
 //! (`INVALID_ARGUMENT` naming the field), then the prompt is tokenized once with the workers'
 //! own tokenizer, for the exact prompt length, the prefix index and the worker — a long prompt
-//! on the blocking pool, so that its milliseconds of encoding hold no runtime thread.
+//! on the blocking pool, so that its milliseconds of encoding hold no runtime thread. With the
+//! exact length known, a request that cannot fit the model's context is refused here, before
+//! it is placed, queued or sent.
 
 use switchyard_proto::v1;
 use switchyard_proto::validate_generate_request;
@@ -21,12 +23,14 @@ impl Dispatcher {
         tokenized: Option<Vec<u32>>,
     ) -> Result<Vec<u32>, DispatchError> {
         validate_generate_request(request, &self.config.limits).map_err(DispatchError::from)?;
-        Ok(tokenized.unwrap_or_else(|| {
-            self.links
-                .tokenizers()
-                .tokenize(request)
-                .unwrap_or_default()
-        }))
+        let tokenizers = self.links.tokenizers();
+        let ids = tokenized.unwrap_or_else(|| tokenizers.tokenize(request).unwrap_or_default());
+        if let Some(context_length) = tokenizers.context_length(&request.model)
+            && !ids.is_empty()
+        {
+            fits_context(request, ids.len(), context_length)?;
+        }
+        Ok(ids)
     }
 
     /// The prompt ids of a request whose prompt is too long to tokenize on a runtime thread,
@@ -45,5 +49,83 @@ impl Dispatcher {
                 .await
                 .unwrap_or_default(),
         )
+    }
+}
+
+/// Whether a prompt of `prompt_tokens` and the request's `max_tokens` fit a context of
+/// `context_length` tokens; the refusal names what to change.
+fn fits_context(
+    request: &v1::GenerateRequest,
+    prompt_tokens: usize,
+    context_length: u32,
+) -> Result<(), DispatchError> {
+    let limit = context_length as usize;
+    let max_tokens = request.sampling.as_ref().map_or(0, |s| s.max_tokens) as usize;
+    if prompt_tokens >= limit {
+        let field = if request.messages.is_empty() {
+            "prompt"
+        } else {
+            "messages"
+        };
+        return Err(DispatchError::invalid(
+            field,
+            format!(
+                "the prompt is {prompt_tokens} tokens, the model's context length is \
+                 {context_length}: shorten it (it must leave room for at least one generated token)"
+            ),
+        ));
+    }
+    if prompt_tokens + max_tokens > limit {
+        return Err(DispatchError::invalid(
+            "sampling.max_tokens",
+            format!(
+                "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {} exceeds the \
+                 model's context length of {context_length} tokens: lower max_tokens to at most {} \
+                 or shorten the prompt",
+                prompt_tokens + max_tokens,
+                limit - prompt_tokens
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(prompt: &str, max_tokens: u32) -> v1::GenerateRequest {
+        v1::GenerateRequest {
+            model: "m".into(),
+            prompt: prompt.into(),
+            sampling: Some(v1::SamplingParams {
+                max_tokens,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_request_that_cannot_fit_the_context_names_what_to_change() {
+        assert!(fits_context(&request("p", 24), 40, 64).is_ok());
+        let too_many = fits_context(&request("p", 25), 40, 64).unwrap_err();
+        assert_eq!(too_many.field(), Some("sampling.max_tokens"));
+        assert!(
+            too_many
+                .to_string()
+                .contains("lower max_tokens to at most 24"),
+            "{too_many}"
+        );
+        let long_prompt = fits_context(&request("p", 1), 64, 64).unwrap_err();
+        assert_eq!(long_prompt.field(), Some("prompt"));
+        let mut chat = request("", 1);
+        chat.messages = vec![v1::ChatMessage {
+            role: "user".into(),
+            content: "x".into(),
+        }];
+        let long_chat = fits_context(&chat, 70, 64).unwrap_err();
+        assert_eq!(long_chat.field(), Some("messages"));
+        assert!(long_chat.to_string().contains("70 tokens"), "{long_chat}");
     }
 }

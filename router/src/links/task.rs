@@ -514,9 +514,9 @@ impl LinkTask {
                 };
                 match fetched {
                     None => {}
-                    Some((Ok(tokenizer), claim)) => {
-                        info!(%worker, %model, vocab = tokenizer.vocab_size(), "tokenizer fetched; the router tokenizes this model's requests");
-                        claim.fulfil(tokenizer);
+                    Some((Ok(fetched), claim)) => {
+                        info!(%worker, %model, vocab = fetched.tokenizer.vocab_size(), context_length = ?fetched.context_length, "tokenizer fetched; the router tokenizes this model's requests");
+                        claim.fulfil(fetched);
                     }
                     Some((Err(FetchError::NotFound(why)), _)) => {
                         debug!(%worker, %model, %why, "worker has no tokenizer for the model");
