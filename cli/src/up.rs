@@ -277,10 +277,15 @@ fn admin_access(file: Option<&std::path::Path>) -> anyhow::Result<AdminAccess> {
         uuid::Uuid::new_v4().simple(),
         uuid::Uuid::new_v4().simple()
     );
-    let dir = tempfile::Builder::new()
-        .prefix("switchyard-up-")
-        .tempdir()
-        .context("creating a directory for the admin token")?;
+    // Private from its creation, as the README promises: no moment in which others may list it.
+    let dir = {
+        use std::os::unix::fs::PermissionsExt as _;
+        tempfile::Builder::new()
+            .prefix("switchyard-up-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()
+            .context("creating a directory for the admin token")?
+    };
     let path = dir.path().join(TOKEN_FILE);
     {
         use std::io::Write as _;
@@ -404,5 +409,26 @@ async fn wait_for_workers(
         if switchyard_client::routable_worker_ids(&models).len() >= count {
             return Ok(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_generated_admin_token_is_private_to_its_owner() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let access = admin_access(None).expect("generated");
+        let dir = access.generated.as_ref().expect("a directory");
+        let mode = |path: &std::path::Path| {
+            std::fs::metadata(path)
+                .expect("exists")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        assert_eq!(mode(dir.path()), 0o700);
+        assert_eq!(mode(&dir.path().join(TOKEN_FILE)), 0o600);
     }
 }

@@ -508,7 +508,7 @@ impl Default for PolicyDocument {
 /// Why a policy document was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PolicyError {
-    #[error("policy document is not valid JSON: {0}")]
+    #[error("policy document does not parse (JSON syntax, a field name or a value's type): {0}")]
     Parse(String),
     #[error("policy document: {field}: {reason}")]
     Invalid { field: String, reason: String },

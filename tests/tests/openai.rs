@@ -182,6 +182,34 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
             assert_eq!(body["error"]["param"], "x-request-id", "{body}");
         }
     }
+    // The wrong method and an oversized body get OpenAI-shaped errors that say what to do.
+    let response = client
+        .get(format!("{base}/chat/completions"))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 405);
+    assert_eq!(response.headers()["allow"], "POST");
+    let body: Value = response.json().await?;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("use POST")),
+        "{body}"
+    );
+    let response = client
+        .post(format!("{base}/chat/completions"))
+        .header("content-type", "application/json")
+        .body(vec![b' '; 3 << 20])
+        .send()
+        .await?;
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await?;
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("2 MiB")),
+        "{body}"
+    );
     let response = client.get(format!("{base}/engines")).send().await?;
     assert_eq!(response.status(), 404);
 

@@ -28,6 +28,8 @@ use crate::dispatch::{Dispatcher, FrameReceiver};
 const CLIENT_BUFFER: usize = 64;
 /// Request header choosing the lane.
 pub const CLASS_HEADER: &str = "x-switchyard-class";
+/// Largest request body accepted (a 413 names it).
+pub const MAX_BODY_BYTES: usize = 2 << 20;
 /// The request's id, in a request (the client's, optional) and in every answer.
 const REQUEST_ID_HEADER: &str = "x-request-id";
 
@@ -149,8 +151,16 @@ fn new_request_id(endpoint: Endpoint) -> String {
 
 fn parse<T: WithSampling>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|rejection| {
-        let mut error = ApiError::bad_body(rejection.body_text());
-        error.status = rejection.status();
+        let status = rejection.status();
+        let mut error = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::bad_body(format!(
+                "larger than the {} MiB this endpoint accepts",
+                MAX_BODY_BYTES >> 20
+            ))
+        } else {
+            ApiError::bad_body(rejection.body_text())
+        };
+        error.status = status;
         error
     })?;
     if body.is_empty() {
@@ -376,6 +386,28 @@ pub async fn health(State(dispatcher): State<Arc<Dispatcher>>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// A known route asked with the wrong method: 405 in OpenAI's shape, with `allow`.
+pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let allowed = if uri.path().starts_with("/v1/models") || uri.path() == "/health" {
+        "GET"
+    } else {
+        "POST"
+    };
+    let mut response = ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: format!("{method} is not allowed on {}: use {allowed}", uri.path()),
+        kind: "invalid_request_error",
+        param: None,
+        code: None,
+        retry_after_secs: None,
+    }
+    .into_response();
+    response
+        .headers_mut()
+        .insert(axum::http::header::ALLOW, HeaderValue::from_static(allowed));
+    response
 }
 
 pub async fn unknown_route(uri: axum::http::Uri) -> Response {

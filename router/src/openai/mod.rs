@@ -20,7 +20,7 @@ mod wire;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
@@ -48,6 +48,8 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
     let metrics = dispatcher.config.metrics.router();
     api.route("/health", get(handlers::health))
         .fallback(handlers::unknown_route)
+        .method_not_allowed_fallback(handlers::wrong_method)
+        .layer(DefaultBodyLimit::max(handlers::MAX_BODY_BYTES))
         .with_state(dispatcher)
         // Prometheus scrapes without an API key, like `/health`.
         .merge(metrics)
