@@ -146,7 +146,22 @@ pub fn validate_generate_request(
 /// Most `logit_bias` entries a request may carry (OpenAI's own limit).
 pub const MAX_LOGIT_BIAS_ENTRIES: usize = 300;
 
+/// Most `top_logprobs` a request may ask for (OpenAI's own limit).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
 fn validate_penalties(sampling: &SamplingParams) -> Result<(), FieldViolation> {
+    if sampling.top_logprobs > MAX_TOP_LOGPROBS {
+        return Err(FieldViolation::new(
+            "sampling.top_logprobs",
+            format!("is {}, at most {MAX_TOP_LOGPROBS}", sampling.top_logprobs),
+        ));
+    }
+    if sampling.top_logprobs > 0 && !sampling.logprobs {
+        return Err(FieldViolation::new(
+            "sampling.top_logprobs",
+            "needs logprobs to be true",
+        ));
+    }
     for (field, value) in [
         ("sampling.presence_penalty", sampling.presence_penalty),
         ("sampling.frequency_penalty", sampling.frequency_penalty),
@@ -406,7 +421,15 @@ mod tests {
         });
         assert!(validate_generate_request(&at_the_edges, &limits).is_ok());
 
-        let cases: [(GenerateRequest, &str); 8] = [
+        let cases: [(GenerateRequest, &str); 10] = [
+            (
+                with(|s| {
+                    s.logprobs = true;
+                    s.top_logprobs = 21;
+                }),
+                "sampling.top_logprobs",
+            ),
+            (with(|s| s.top_logprobs = 2), "sampling.top_logprobs"),
             (
                 with(|s| s.presence_penalty = Some(2.5)),
                 "sampling.presence_penalty",

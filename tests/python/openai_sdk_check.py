@@ -122,6 +122,51 @@ def completions_both_ways():
     assert streamed == whole.choices[0].text, (streamed, whole.choices[0].text)
 
 
+def check_logprob_entries(entries, text, top):
+    """Chat `logprobs.content` entries: one per token, adding up to the text, each a log
+    probability with at most `top` alternatives, most likely first."""
+    assert entries, entries
+    assert "".join(e.token for e in entries) == text, (entries, text)
+    for e in entries:
+        assert e.logprob <= 0, e
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token, e
+        assert 1 <= len(e.top_logprobs) <= top, e
+        ranked = [t.logprob for t in e.top_logprobs]
+        assert ranked == sorted(ranked, reverse=True), e
+
+
+@check
+def chat_logprobs_both_ways():
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=2
+    )
+    entries = r.choices[0].logprobs.content
+    check_logprob_entries(entries, r.choices[0].message.content, 2)
+    assert len(entries) == r.usage.completion_tokens, (entries, r.usage)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=2, stream=True
+    )
+    parts, streamed = [], []
+    for chunk in stream:
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            if chunk.choices[0].logprobs is not None:
+                streamed.extend(chunk.choices[0].logprobs.content or [])
+    check_logprob_entries(streamed, "".join(parts), 2)
+    assert [e.token for e in streamed] == [e.token for e in entries]
+
+
+@check
+def completion_logprobs():
+    r = client.completions.create(model=MODEL, prompt="one two three", max_tokens=4, logprobs=1)
+    lp = r.choices[0].logprobs
+    assert "".join(lp.tokens) == r.choices[0].text, (lp, r.choices[0].text)
+    assert len(lp.token_logprobs) == len(lp.tokens) == r.usage.completion_tokens, lp
+    assert all(x <= 0 for x in lp.token_logprobs), lp
+    assert all(len(top) == 1 for top in lp.top_logprobs), lp
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset), lp
+
+
 @check
 def models_list():
     ids = [m.id for m in client.models.list()]

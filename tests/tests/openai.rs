@@ -63,7 +63,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     )
     .await
     .context("the openai SDK checks (pip install -r scripts/test-requirements.txt)")?;
-    assert!(out.contains("openai-sdk: 8 passed, 0 failed"), "{out}");
+    assert!(out.contains("openai-sdk: 10 passed, 0 failed"), "{out}");
 
     // The README's `curl -N` example, as written there but for the port.
     let host = cluster.router.addr("http");
@@ -119,7 +119,16 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
             "presence_penalty",
             "between -2 and 2",
         ),
-        (json!({"logprobs": true}), "logprobs", "not returned"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+            "no JSON mode",
+        ),
+        (
+            json!({"logprobs": true, "top_logprobs": 21}),
+            "top_logprobs",
+            "from 0 to 20",
+        ),
     ] {
         let mut request = json!({"model": "synthetic", "max_tokens": 4,
             "messages": [{"role": "user", "content": "hi"}]});
@@ -441,6 +450,43 @@ async fn wse_gateway_against_a_real_upstream() -> anyhow::Result<()> {
         .await?;
     assert_eq!(body["choices"][0]["text"], "one two one two");
     assert_eq!(body["usage"]["prompt_tokens"], 2, "{body}");
+    // Log probabilities asked of the wse pool come from its endpoint, one per token, for
+    // both endpoint forms (the upstream's synthetic engine is certain of every token).
+    let body: Value = client
+        .post(format!(
+            "http://{}/v1/chat/completions",
+            router.addr("http")
+        ))
+        .json(
+            &json!({"model": "fast", "max_tokens": 3, "logprobs": true, "top_logprobs": 1,
+            "messages": [{"role": "user", "content": "red green"}]}),
+        )
+        .send()
+        .await?
+        .json()
+        .await?;
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let tokens: String = content.iter().filter_map(|e| e["token"].as_str()).collect();
+    assert_eq!(content.len(), 3, "{body}");
+    assert_eq!(tokens, body["choices"][0]["message"]["content"], "{body}");
+    assert!(content.iter().all(|e| e["logprob"] == 0.0), "{body}");
+    let body: Value = client
+        .post(format!("http://{}/v1/completions", router.addr("http")))
+        .json(&json!({"model": "fast", "max_tokens": 2, "prompt": "one two", "logprobs": 1}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        body["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .map(Vec::len),
+        Some(2),
+        "{body}"
+    );
 
     // 2. Slot limit: the gateway's one slot is taken, a second start is refused.
     let mut worker = WorkerStream::connect(gateway.addr("grpc")).await?;

@@ -514,3 +514,86 @@ async fn a_request_too_long_for_the_context_is_refused_before_placement() -> any
     assert!(placed.is_empty(), "placed: {placed:?}");
     Ok(())
 }
+
+/// Log probabilities from the real model: one per generated token, the greedy choice the most
+/// likely token at its position, the listed alternatives in order and together no more likely
+/// than certain; the OpenAI door reports the same numbers.
+#[tokio::test]
+async fn log_probabilities_describe_the_real_models_greedy_choices() -> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    let prompt = "The capital of France is";
+    let mut grpc =
+        v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))
+            .await?;
+    let mut stream = grpc
+        .generate(v1::GenerateRequest {
+            model: MODEL.into(),
+            prompt: prompt.into(),
+            sampling: Some(v1::SamplingParams {
+                max_tokens: 8,
+                temperature: Some(0.0),
+                logprobs: true,
+                top_logprobs: 5,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (mut ids, mut logprobs) = (Vec::new(), Vec::new());
+    while let Some(frame) = stream.message().await? {
+        if let Some(server_frame::Frame::Tokens(t)) = frame.frame {
+            assert_eq!(t.logprobs.len(), t.token_ids.len(), "one per token: {t:?}");
+            ids.extend(t.token_ids);
+            logprobs.extend(t.logprobs);
+        }
+    }
+    assert!(!ids.is_empty());
+    for (id, entry) in ids.iter().zip(&logprobs) {
+        let chosen = entry.chosen.clone().expect("chosen");
+        assert_eq!(chosen.token_id, *id, "{entry:?}");
+        assert_eq!(entry.top.len(), 5, "{entry:?}");
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(entry.top[0].token_id, *id, "{entry:?}");
+        assert_eq!(entry.top[0].logprob, chosen.logprob, "{entry:?}");
+        assert!(
+            entry.top.windows(2).all(|w| w[0].logprob >= w[1].logprob),
+            "{entry:?}"
+        );
+        let mass: f32 = entry.top.iter().map(|t| t.logprob.exp()).sum();
+        assert!(chosen.logprob < 0.0 && mass <= 1.0 + 1e-4, "{entry:?}");
+    }
+
+    // The same request over HTTP: the same tokens and numbers in OpenAI's completion form.
+    let body: Value = reqwest::Client::new()
+        .post(format!("{}/completions", cluster.router_openai_url()))
+        .json(
+            &json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0,
+            "logprobs": 5}),
+        )
+        .send()
+        .await?
+        .json()
+        .await?;
+    let http = &body["choices"][0]["logprobs"];
+    let http_logprobs: Vec<f64> = http["token_logprobs"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_f64).collect())
+        .unwrap_or_default();
+    let grpc_logprobs: Vec<f64> = logprobs
+        .iter()
+        .map(|e| f64::from(e.chosen.clone().unwrap_or_default().logprob))
+        .collect();
+    assert_eq!(http_logprobs.len(), grpc_logprobs.len(), "{body}");
+    for (h, g) in http_logprobs.iter().zip(&grpc_logprobs) {
+        assert!((h - g).abs() < 1e-5, "{h} vs {g}: {body}");
+    }
+    assert_eq!(
+        http["top_logprobs"]
+            .as_array()
+            .map(|a| a[0].as_object().map(|o| o.len())),
+        Some(Some(5)),
+        "{body}"
+    );
+    Ok(())
+}

@@ -154,6 +154,34 @@ impl Sampler {
     }
 }
 
+/// The model's log probability of token `chosen` in a logits row, and the `top` most likely
+/// tokens with theirs, most likely first: a log-softmax over the whole row (the raw logits, so
+/// what the model itself predicted, before penalties and temperature).
+pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+    let log_normalizer = max + sum.ln();
+    // The `top` largest by one pass, kept sorted: most logits fall below the smallest kept.
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (id, &logit) in logits.iter().enumerate() {
+            if best.len() == top && logit <= best[top - 1].1 {
+                continue;
+            }
+            let at = best.partition_point(|&(_, kept)| kept >= logit);
+            best.insert(at, (id as u32, logit));
+            best.truncate(top);
+        }
+    }
+    for entry in &mut best {
+        entry.1 -= log_normalizer;
+    }
+    let chosen = logits
+        .get(chosen as usize)
+        .map_or(f32::NEG_INFINITY, |l| l - log_normalizer);
+    (chosen, best)
+}
+
 /// Larger weight first.
 fn by_weight_desc(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
     b.1.total_cmp(&a.1)
@@ -386,6 +414,26 @@ mod tests {
             ..Penalties::default()
         };
         assert_eq!(greedy(ban, &[]), vec![1, 1, 1, 1]);
+    }
+
+    #[test]
+    fn logprobs_are_a_log_softmax_and_the_top_are_the_most_likely_in_order() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0, -1.0];
+        let normalizer = logits.iter().map(|l| l.exp()).sum::<f32>().ln();
+        let (chosen, top) = logprobs(&logits, 2, 3);
+        assert!((chosen - (2.0 - normalizer)).abs() < 1e-5, "{chosen}");
+        // Ties keep row order; the probabilities of the whole row sum to 1.
+        let ids: Vec<u32> = top.iter().map(|e| e.0).collect();
+        assert_eq!(ids, vec![1, 3, 2]);
+        assert!((top[0].1 - (3.0 - normalizer)).abs() < 1e-5);
+        let total: f32 = logits
+            .iter()
+            .enumerate()
+            .map(|(i, _)| logprobs(&logits, i as u32, 0).0.exp())
+            .sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        assert!(logprobs(&logits, 0, 0).1.is_empty());
+        assert_eq!(logprobs(&logits, 0, 9).1.len(), logits.len());
     }
 
     #[test]

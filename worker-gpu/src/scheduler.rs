@@ -33,6 +33,8 @@ use std::time::{Duration, Instant};
 
 use std::sync::Mutex;
 
+use switchyard_proto::v1;
+use switchyard_proto::validate::MAX_TOP_LOGPROBS;
 use switchyard_worker::engine::EngineLoad;
 use switchyard_worker::{KvPublisher, PrefixCacheStats, RateMeter};
 use tokio::sync::mpsc;
@@ -122,6 +124,8 @@ struct Job {
     /// Tokens the sequence may still generate.
     remaining: usize,
     sampler: Sampler,
+    /// `top_logprobs` when the request asked for log probabilities.
+    logprobs: Option<u32>,
     stops: Vec<String>,
     tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     cancel: CancellationToken,
@@ -596,6 +600,7 @@ impl Engine for CandleEngine {
             resumed,
             remaining,
             sampler: Sampler::new(params),
+            logprobs: s.logprobs.map(|top| top.min(MAX_TOP_LOGPROBS)),
             stops: s.stop.clone(),
             tx,
             cancel,
@@ -623,6 +628,25 @@ impl Engine for CandleEngine {
             .admit(job, prompt_ids, &request.resume_tokens)?;
         Ok(rx.into())
     }
+}
+
+/// A sampled token's log probabilities, in the wire's terms.
+fn token_logprobs(
+    tokenizer: &GgufTokenizer,
+    row: &[f32],
+    id: u32,
+    top: u32,
+) -> Box<v1::TokenLogprobs> {
+    let (chosen, best) = crate::sampling::logprobs(row, id, top as usize);
+    let entry = |token_id: u32, logprob: f32| v1::TokenLogprob {
+        token_id,
+        token: tokenizer.token_bytes(token_id).to_vec(),
+        logprob,
+    };
+    Box::new(v1::TokenLogprobs {
+        chosen: Some(entry(id, chosen)),
+        top: best.into_iter().map(|(t, l)| entry(t, l)).collect(),
+    })
 }
 
 struct Scheduler {
@@ -930,7 +954,11 @@ impl Scheduler {
             Ok(rows) => {
                 if end == seq.job.context.len() {
                     let id = seq.job.sampler.sample(&rows[0]);
-                    if !self.emit(i, id) {
+                    let logprobs = seq
+                        .job
+                        .logprobs
+                        .map(|top| token_logprobs(&self.tokenizer, &rows[0], id, top));
+                    if !self.emit(i, id, logprobs) {
                         let seq = self.active.remove(i);
                         self.retire(seq);
                     }
@@ -986,8 +1014,12 @@ impl Scheduler {
                 }
                 let mut finished = Vec::new();
                 for (row, i) in rows.iter().zip(&idx) {
-                    let id = self.active[*i].job.sampler.sample(row);
-                    if !self.emit(*i, id) {
+                    let job = &mut self.active[*i].job;
+                    let id = job.sampler.sample(row);
+                    let logprobs = job
+                        .logprobs
+                        .map(|top| token_logprobs(&self.tokenizer, row, id, top));
+                    if !self.emit(*i, id, logprobs) {
                         finished.push(*i);
                     }
                 }
@@ -1008,17 +1040,19 @@ impl Scheduler {
         }
     }
 
-    /// Delivers sampled token `id` of sequence `i`; false when the sequence has ended.
-    fn emit(&mut self, i: usize, id: u32) -> bool {
+    /// Delivers sampled token `id` of sequence `i` (with its log probabilities when asked
+    /// for); false when the sequence has ended.
+    fn emit(&mut self, i: usize, id: u32, logprobs: Option<Box<v1::TokenLogprobs>>) -> bool {
         let tokenizer = self.tokenizer.clone();
         let seq = &mut self.active[i];
         if tokenizer.stop_ids().contains(&id) {
             let held = seq.stop.finish() + &seq.detok.finish();
             if !held.is_empty() {
-                let _ = seq
-                    .job
-                    .tx
-                    .try_send(Ok(EngineEvent::Token { id, text: held }));
+                let _ = seq.job.tx.try_send(Ok(EngineEvent::Token {
+                    id,
+                    text: held,
+                    logprobs,
+                }));
             }
             done(&seq.job, StopReason::Stop, seq.generated);
             return false;
@@ -1028,10 +1062,11 @@ impl Scheduler {
         let last = seq.generated >= seq.job.remaining;
         match seq.stop.push(&text) {
             StopOutcome::Stopped(before) => {
-                let _ = seq
-                    .job
-                    .tx
-                    .try_send(Ok(EngineEvent::Token { id, text: before }));
+                let _ = seq.job.tx.try_send(Ok(EngineEvent::Token {
+                    id,
+                    text: before,
+                    logprobs,
+                }));
                 done(&seq.job, StopReason::Stop, seq.generated);
                 false
             }
@@ -1043,7 +1078,11 @@ impl Scheduler {
                 if seq
                     .job
                     .tx
-                    .try_send(Ok(EngineEvent::Token { id, text: out }))
+                    .try_send(Ok(EngineEvent::Token {
+                        id,
+                        text: out,
+                        logprobs,
+                    }))
                     .is_err()
                 {
                     // Receiver gone: nobody wants the rest.

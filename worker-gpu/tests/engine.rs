@@ -210,7 +210,7 @@ async fn collect(mut rx: switchyard_worker::EngineStream) -> (Vec<u32>, String, 
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev.unwrap() {
-            EngineEvent::Token { id, text: t } => {
+            EngineEvent::Token { id, text: t, .. } => {
                 ids.push(id);
                 text.push_str(&t);
             }

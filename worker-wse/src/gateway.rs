@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use serde_json::{Value, json};
+use switchyard_proto::v1;
 use switchyard_worker::RateMeter;
 use switchyard_worker::engine::EngineLoad;
 use switchyard_worker::{
@@ -368,7 +369,7 @@ impl Engine for GatewayEngine {
         };
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
-        set_sampling(&mut body, sampling);
+        set_sampling(&mut body, sampling, chat);
         let mut http = self
             .client
             .post(url)
@@ -386,6 +387,7 @@ impl Engine for GatewayEngine {
             )),
             request_id: request.request_id,
             chat,
+            logprobs: request.sampling.logprobs.is_some(),
             chunk_timeout: self.config.chunk_timeout,
             tx,
             streamed: 0,
@@ -405,6 +407,8 @@ struct Generation {
     pending: Option<PendingPrompt>,
     request_id: String,
     chat: bool,
+    /// The request asked for log probabilities: the upstream's are passed on.
+    logprobs: bool,
     chunk_timeout: Duration,
     tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     /// Content chunks forwarded so far.
@@ -625,20 +629,29 @@ impl Generation {
         if let Some(Text(reason)) = choice.finish_reason {
             progress.finish_reason = Some(reason.into_owned());
         }
-        match text {
-            Some(Text(text)) if !text.is_empty() => {
-                if let Some(pending) = self.pending.take() {
-                    pending.first_token();
-                }
-                let event = EngineEvent::Token {
-                    id: self.streamed,
-                    text: text.into_owned(),
-                };
-                self.streamed += 1;
-                Ok(self.tx.send(Ok(event)).await.is_ok())
-            }
-            _ => Ok(true),
+        let text = match text {
+            Some(Text(text)) if !text.is_empty() => text.into_owned(),
+            _ => return Ok(true),
+        };
+        if let Some(pending) = self.pending.take() {
+            pending.first_token();
         }
+        let logprobs = match choice.logprobs.filter(|_| self.logprobs) {
+            Some(value) => upstream_logprobs(&value, self.chat),
+            None => Vec::new(),
+        };
+        for (text, logprobs) in split_by_token(text, logprobs) {
+            let event = EngineEvent::Token {
+                id: self.streamed,
+                text,
+                logprobs: logprobs.map(Box::new),
+            };
+            self.streamed += 1;
+            if self.tx.send(Ok(event)).await.is_err() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// A message for a non-2xx upstream answer, with the endpoint's own error message.
@@ -708,6 +721,8 @@ struct ChunkChoice<'a> {
     text: Option<Text<'a>>,
     #[serde(borrow)]
     finish_reason: Option<Text<'a>>,
+    /// Read only when the request asked for them.
+    logprobs: Option<Value>,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -728,8 +743,107 @@ fn truncate(text: &str, max: usize) -> &str {
     }
 }
 
-/// Writes `sampling` into an OpenAI request body in OpenAI's terms.
-fn set_sampling(body: &mut Value, sampling: &Sampling) {
+/// An upstream chunk's log probabilities in the wire's terms: a chat chunk's `content` entries
+/// or a text completion's parallel arrays. Token ids are unknown (0); bytes are the entry's
+/// `bytes` when given, else its text.
+fn upstream_logprobs(value: &Value, chat: bool) -> Vec<v1::TokenLogprobs> {
+    let logprob = |v: Option<&Value>| v.and_then(Value::as_f64).unwrap_or(f64::NEG_INFINITY) as f32;
+    let entry = |e: &Value| {
+        let text = e.get("token").and_then(Value::as_str).unwrap_or_default();
+        let token = match e.get("bytes").and_then(Value::as_array) {
+            Some(bytes) => bytes
+                .iter()
+                .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+                .collect(),
+            None => text.as_bytes().to_vec(),
+        };
+        v1::TokenLogprob {
+            token_id: 0,
+            token,
+            logprob: logprob(e.get("logprob")),
+        }
+    };
+    if chat {
+        let entries = value.get("content").and_then(Value::as_array);
+        return entries
+            .into_iter()
+            .flatten()
+            .map(|e| v1::TokenLogprobs {
+                chosen: Some(entry(e)),
+                top: e
+                    .get("top_logprobs")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .map(entry)
+                    .collect(),
+            })
+            .collect();
+    }
+    let array = |name: &str| value.get(name).and_then(Value::as_array).cloned();
+    let tokens = array("tokens").unwrap_or_default();
+    let logprobs = array("token_logprobs").unwrap_or_default();
+    let tops = array("top_logprobs").unwrap_or_default();
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, token)| {
+            let text = token.as_str().unwrap_or_default();
+            let mut top: Vec<v1::TokenLogprob> = tops
+                .get(i)
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .map(|(t, l)| v1::TokenLogprob {
+                    token_id: 0,
+                    token: t.as_bytes().to_vec(),
+                    logprob: logprob(Some(l)),
+                })
+                .collect();
+            top.sort_by(|a, b| b.logprob.total_cmp(&a.logprob));
+            v1::TokenLogprobs {
+                chosen: Some(v1::TokenLogprob {
+                    token_id: 0,
+                    token: text.as_bytes().to_vec(),
+                    logprob: logprob(logprobs.get(i)),
+                }),
+                top,
+            }
+        })
+        .collect()
+}
+
+/// A chunk's text as one event per token when its log probabilities name the tokens (each
+/// event carrying its token's text and log probabilities, so they stay one per token), or as
+/// one event when they do not add up to the text.
+fn split_by_token(
+    text: String,
+    logprobs: Vec<v1::TokenLogprobs>,
+) -> Vec<(String, Option<v1::TokenLogprobs>)> {
+    let texts: Vec<String> = logprobs
+        .iter()
+        .map(|l| String::from_utf8_lossy(&l.chosen.clone().unwrap_or_default().token).into_owned())
+        .collect();
+    if logprobs.is_empty() {
+        return vec![(text, None)];
+    }
+    if texts.concat() == text {
+        return texts
+            .into_iter()
+            .zip(logprobs.into_iter().map(Some))
+            .collect();
+    }
+    // The texts do not add up (an endpoint that reports tokens its own way): the whole text
+    // goes with the first token, the others carry none.
+    let mut logprobs = logprobs.into_iter().map(Some);
+    let mut events = vec![(text, logprobs.next().flatten())];
+    events.extend(logprobs.map(|l| (String::new(), l)));
+    events
+}
+
+/// Writes `sampling` into an OpenAI request body in OpenAI's terms (`chat`: for
+/// `/chat/completions`, else `/completions`, whose `logprobs` differ).
+fn set_sampling(body: &mut Value, sampling: &Sampling, chat: bool) {
     body["max_tokens"] = json!(sampling.max_tokens);
     // Unset is greedy on every Switchyard pool; an OpenAI endpoint's own default is 1.
     body["temperature"] = json!(sampling.temperature.unwrap_or(0.0));
@@ -755,6 +869,16 @@ fn set_sampling(body: &mut Value, sampling: &Sampling) {
     }
     if !sampling.stop.is_empty() {
         body["stop"] = json!(sampling.stop);
+    }
+    if let Some(top) = sampling.logprobs {
+        if chat {
+            body["logprobs"] = json!(true);
+            if top > 0 {
+                body["top_logprobs"] = json!(top);
+            }
+        } else {
+            body["logprobs"] = json!(top);
+        }
     }
     if !sampling.logit_bias.is_empty() {
         // OpenAI's keys are token ids written as strings.
@@ -786,15 +910,30 @@ mod tests {
                 frequency_penalty: Some(-0.5),
                 repetition_penalty: Some(1.5),
                 logit_bias: vec![(7, -100.0), (42, 2.5)],
+                logprobs: Some(2),
                 ..Default::default()
             },
+            true,
         );
         assert_eq!(
             body,
             json!({"model": "m", "max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "top_k": 20,
                 "seed": -1, "stop": ["END"], "presence_penalty": 0.25, "frequency_penalty": -0.5,
-                "repetition_penalty": 1.5, "logit_bias": {"7": -100.0, "42": 2.5}})
+                "repetition_penalty": 1.5, "logit_bias": {"7": -100.0, "42": 2.5},
+                "logprobs": true, "top_logprobs": 2})
         );
+        // A text completion asks for log probabilities in its own form.
+        let mut body = json!({});
+        set_sampling(
+            &mut body,
+            &Sampling {
+                max_tokens: 1,
+                logprobs: Some(3),
+                ..Default::default()
+            },
+            false,
+        );
+        assert_eq!(body["logprobs"], 3);
         // Nothing asked for, nothing sent but the bound and the greedy temperature.
         let mut body = json!({});
         set_sampling(
@@ -804,10 +943,49 @@ mod tests {
                 temperature: Some(0.7),
                 ..Default::default()
             },
+            true,
         );
         let temperature = body["temperature"].as_f64().expect("a number");
         assert!((temperature - 0.7).abs() < 1e-6, "{temperature}");
         assert_eq!(body.as_object().map(|o| o.len()), Some(2), "{body}");
+    }
+
+    #[test]
+    fn upstream_logprobs_become_one_event_per_token() {
+        let chat = json!({"content": [
+            {"token": " Par", "logprob": -0.5, "bytes": [32, 80, 97, 114],
+             "top_logprobs": [{"token": " Par", "logprob": -0.5}, {"token": " Ly", "logprob": -1.5}]},
+            {"token": "is", "logprob": -0.25, "top_logprobs": []}]});
+        let logprobs = upstream_logprobs(&chat, true);
+        assert_eq!(logprobs.len(), 2);
+        assert_eq!(logprobs[0].top.len(), 2);
+        assert_eq!(logprobs[0].top[1].token, b" Ly");
+        let events = split_by_token(" Paris".into(), logprobs.clone());
+        let texts: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(texts, [" Par", "is"]);
+        assert!(events.iter().all(|(_, l)| l.is_some()));
+        // Texts that do not add up: all of it with the first token, the rest empty.
+        let events = split_by_token(" Paris!".into(), logprobs);
+        let texts: Vec<&str> = events.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(texts, [" Paris!", ""]);
+        // No log probabilities: one event, as before.
+        assert_eq!(
+            split_by_token("x".into(), vec![]),
+            vec![("x".to_string(), None)]
+        );
+
+        let completion = json!({"tokens": [" a", " b"], "token_logprobs": [-1.0, -2.0],
+            "top_logprobs": [{" a": -1.0, " c": -0.5}, null], "text_offset": [0, 2]});
+        let logprobs = upstream_logprobs(&completion, false);
+        assert_eq!(logprobs.len(), 2);
+        let chosen = logprobs[1].chosen.clone().expect("chosen");
+        assert_eq!(
+            (chosen.token.as_slice(), chosen.logprob),
+            (&b" b"[..], -2.0)
+        );
+        // Most likely first.
+        assert_eq!(logprobs[0].top[0].token, b" c");
+        assert!(logprobs[1].top.is_empty());
     }
 
     fn config() -> GatewayConfig {

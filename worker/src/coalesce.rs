@@ -72,7 +72,7 @@ pub async fn forward_generation(
             }
         };
         match event {
-            Some(Ok(EngineEvent::Token { id, text })) => {
+            Some(Ok(EngineEvent::Token { id, text, logprobs })) => {
                 if let Some(credit) = &credit
                     && !credit.try_take()
                 {
@@ -88,7 +88,7 @@ pub async fn forward_generation(
                 }
                 clock.token();
                 forwarded.tokens += 1;
-                chunk.push(id, text);
+                chunk.push(id, text, logprobs);
                 let first = first_token_at.is_none();
                 first_token_at.get_or_insert_with(Instant::now);
                 if first || chunk.ids.len() >= config.max_chunk_tokens {
@@ -159,12 +159,17 @@ pub fn failed(request_id: &str, error: &EngineError) -> Frame {
 struct Chunk {
     ids: Vec<u32>,
     text: String,
+    /// One per id when the request asked for log probabilities, else empty.
+    logprobs: Vec<v1::TokenLogprobs>,
 }
 
 impl Chunk {
-    fn push(&mut self, id: u32, text: String) {
+    fn push(&mut self, id: u32, text: String, logprobs: Option<Box<v1::TokenLogprobs>>) {
         self.ids.push(id);
         self.text.push_str(&text);
+        if let Some(logprobs) = logprobs {
+            self.logprobs.push(*logprobs);
+        }
     }
 
     fn take(&mut self, request_id: &str, seq: &mut u64) -> Frame {
@@ -173,6 +178,7 @@ impl Chunk {
             seq: *seq,
             text: std::mem::take(&mut self.text),
             token_ids: std::mem::take(&mut self.ids),
+            logprobs: std::mem::take(&mut self.logprobs),
         });
         *seq += 1;
         frame
@@ -212,6 +218,7 @@ mod tests {
         EngineEvent::Token {
             id: i,
             text: format!("t{i}"),
+            logprobs: None,
         }
     }
 

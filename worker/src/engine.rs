@@ -5,6 +5,7 @@ use std::future::Future;
 use std::task::{Context, Poll};
 
 use switchyard_cluster::driven::DrivenReceiver;
+use switchyard_proto::v1;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -52,6 +53,9 @@ pub struct Sampling {
     pub repetition_penalty: Option<f32>,
     /// (token id, bias), ids ascending.
     pub logit_bias: Vec<(u32, f32)>,
+    /// Report log probabilities with each token, and this many of the most likely tokens at
+    /// its position; `None`: do not.
+    pub logprobs: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,8 +92,12 @@ pub enum StopReason {
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
     /// One generated token and the text it completes (may be empty while a multi-byte
-    /// character is still incomplete).
-    Token { id: u32, text: String },
+    /// character is still incomplete); its log probabilities when the request asked for them.
+    Token {
+        id: u32,
+        text: String,
+        logprobs: Option<Box<v1::TokenLogprobs>>,
+    },
     /// The last event of a generation.
     Done {
         reason: StopReason,
@@ -98,6 +106,25 @@ pub enum EngineEvent {
         /// Prompt tokens whose KV came from the prefix cache instead of being computed.
         cached_prompt_tokens: u32,
     },
+}
+
+/// The log probabilities of a token a deterministic engine (the synthetic one) produced: it
+/// was certain (log probability 0), and no other token was possible, so the most likely
+/// tokens at its position are it alone whatever `top` asks for.
+pub fn certain(id: u32, text: &str, top: u32) -> Box<v1::TokenLogprobs> {
+    let chosen = v1::TokenLogprob {
+        token_id: id,
+        token: text.as_bytes().to_vec(),
+        logprob: 0.0,
+    };
+    Box::new(v1::TokenLogprobs {
+        top: if top > 0 {
+            vec![chosen.clone()]
+        } else {
+            Vec::new()
+        },
+        chosen: Some(chosen),
+    })
 }
 
 /// One event of a generation, as an engine sends it.
@@ -268,6 +295,7 @@ mod tests {
         Ok(EngineEvent::Token {
             id,
             text: id.to_string(),
+            logprobs: None,
         })
     }
 

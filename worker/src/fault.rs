@@ -393,7 +393,11 @@ impl Generation {
                     _ = cancel.cancelled(), if !ignores_cancel => break 'generate StopReason::Cancelled,
                 }
                 let (id, text) = fault_token(&self.instructions, index);
-                let event = Ok(EngineEvent::Token { id, text });
+                let event = Ok(EngineEvent::Token {
+                    id,
+                    text,
+                    logprobs: None,
+                });
                 let event = match tx.try_send(event) {
                     Ok(()) => None,
                     Err(mpsc::error::TrySendError::Full(event)) => Some(event),

@@ -397,6 +397,7 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
                 bias.sort_unstable_by_key(|(id, _)| *id);
                 bias
             },
+            logprobs: sampling.logprobs.then_some(sampling.top_logprobs),
         },
         resume_tokens: start.resume_tokens,
         latency_critical: start.lane == v1::Lane::LatencyCritical as i32,

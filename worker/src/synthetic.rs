@@ -28,7 +28,7 @@ use switchyard_proto::kv_blocks;
 
 use crate::engine::{
     Engine, EngineError, EngineEvent, EngineLoad, EngineRequest, EngineStream, PrefixCacheStats,
-    Prompt, StopReason,
+    Prompt, StopReason, certain,
 };
 use crate::kv_events::{KvBatch, KvPublisher};
 
@@ -480,6 +480,7 @@ impl Engine for SyntheticEngine {
             ttft: self.config.ttft + Duration::from_secs_f64(prefill),
             interval: Duration::from_secs_f64(1.0 / self.config.tokens_per_s.max(1e-3)),
             latency_critical: request.latency_critical,
+            logprobs: request.sampling.logprobs,
         };
         let wait = match permit {
             Some(slot) => Ok(slot),
@@ -539,6 +540,8 @@ struct Generation {
     ttft: Duration,
     interval: Duration,
     latency_critical: bool,
+    /// `top_logprobs` when the request asked for log probabilities.
+    logprobs: Option<u32>,
 }
 
 impl Generation {
@@ -608,7 +611,12 @@ impl Generation {
                     break 'generate StopReason::Cancelled;
                 }
                 let (id, text) = token_of(&words, index);
-                if tx.send(Ok(EngineEvent::Token { id, text })).await.is_err() {
+                let logprobs = self.logprobs.map(|top| certain(id, &text, top));
+                if tx
+                    .send(Ok(EngineEvent::Token { id, text, logprobs }))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 produced += 1;

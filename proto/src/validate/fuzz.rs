@@ -73,6 +73,7 @@ fn is_request_field(
             | "sampling.frequency_penalty"
             | "sampling.repetition_penalty"
             | "sampling.logit_bias"
+            | "sampling.top_logprobs"
             | "affinity_key"
             | "metadata"
     ) || metadata_entry
@@ -120,6 +121,8 @@ fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
         && s.repetition_penalty.is_none_or(|r| r > 0.0 && r <= 10.0)
         && s.logit_bias.len() <= 300
         && s.logit_bias.values().all(|b| (-100.0..=100.0).contains(b))
+        && s.top_logprobs <= 20
+        && (s.top_logprobs == 0 || s.logprobs)
 }
 
 /// The harness's check, shared by the seeds and the generated cases.
@@ -234,8 +237,13 @@ fn sampling() -> impl Strategy<Value = Option<SamplingParams>> {
         )
             .prop_map(
                 |(max_tokens, temperature, top_p, top_k, seed, stop, penalties)| {
-                    let (presence_penalty, frequency_penalty, repetition_penalty, logit_bias) =
-                        penalties;
+                    let (
+                        presence_penalty,
+                        frequency_penalty,
+                        repetition_penalty,
+                        logit_bias,
+                        top_logprobs,
+                    ) = penalties;
                     SamplingParams {
                         max_tokens,
                         temperature,
@@ -247,6 +255,8 @@ fn sampling() -> impl Strategy<Value = Option<SamplingParams>> {
                         frequency_penalty,
                         repetition_penalty,
                         logit_bias,
+                        logprobs: top_logprobs % 3 != 0,
+                        top_logprobs: top_logprobs % 23,
                     }
                 },
             ),
@@ -258,10 +268,11 @@ type Penalties = (
     Option<f32>,
     Option<f32>,
     std::collections::HashMap<u32, f32>,
+    u32,
 );
 
-/// Presence, frequency and repetition penalties and a logit bias map, often around their
-/// limits (a bias map over 300 entries now and then).
+/// Presence, frequency and repetition penalties, a logit bias map and a `top_logprobs` seed
+/// (with or without `logprobs`), often around their limits.
 fn penalties() -> impl Strategy<Value = Penalties> {
     let bias = prop_oneof![
         Just(100.0f32),
@@ -278,6 +289,7 @@ fn penalties() -> impl Strategy<Value = Penalties> {
             8 => proptest::collection::hash_map(any::<u32>(), bias.clone(), 0..4),
             1 => proptest::collection::hash_map(any::<u32>(), bias, 295..305),
         ],
+        0u32..70,
     )
 }
 

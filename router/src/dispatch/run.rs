@@ -806,6 +806,7 @@ impl<'d> Run<'d> {
                                 LinkEvent::Frame(worker_frame::Frame::Tokens(more)) => {
                                     tokens.token_ids.extend(more.token_ids);
                                     tokens.text.push_str(&more.text);
+                                    tokens.logprobs.extend(more.logprobs);
                                 }
                                 other => {
                                     held_back = Some(other);
@@ -965,6 +966,7 @@ impl<'d> Run<'d> {
             seq: self.seq,
             text: tokens.text,
             token_ids: tokens.token_ids,
+            logprobs: tokens.logprobs,
         });
         self.seq += 1;
         send(out, frame).await

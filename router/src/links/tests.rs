@@ -494,6 +494,7 @@ impl v1::worker_server::Worker for FakeWorker {
                         seq,
                         text: format!("{}-{seq}", start.request_id),
                         token_ids: vec![seq as u32],
+                        logprobs: vec![],
                     };
                     if tx
                         .send(frame(worker_frame::Frame::Tokens(tokens)))

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tonic::Code;
 
 use super::error::ApiError;
+use super::logprobs::Logprobs;
 use super::stream;
 use super::wire::{self, ChatCompletionRequest, CompletionRequest, WithSampling};
 use crate::auth::Tenant;
@@ -273,16 +274,24 @@ async fn generate(
         }
         Ok(stream::sse_response(meta, mode, first, rx))
     } else {
-        complete(meta, rx).await
+        complete(meta, mode, rx).await
     }
 }
 
 /// Collects a whole generation into one JSON response.
-async fn complete(meta: Meta, mut rx: FrameReceiver) -> Result<Response, ApiError> {
+async fn complete(
+    meta: Meta,
+    mode: wire::StreamMode,
+    mut rx: FrameReceiver,
+) -> Result<Response, ApiError> {
     let mut text = String::new();
+    let mut token_logprobs = Vec::new();
     let finished = loop {
         match next_frame(&mut rx).await? {
-            Frame::Tokens(tokens) => text.push_str(&tokens.text),
+            Frame::Tokens(tokens) => {
+                text.push_str(&tokens.text);
+                token_logprobs.extend(tokens.logprobs);
+            }
             Frame::Finished(finished) => break finished,
             Frame::Failed(f) => return Err(failed(&f)),
             // HTTP sends no client frames, so none is rejected.
@@ -291,6 +300,11 @@ async fn complete(meta: Meta, mut rx: FrameReceiver) -> Result<Response, ApiErro
     };
     let usage = wire::Usage::from(finished.usage);
     let finish_reason = wire::finish_reason(finished.reason);
+    let logprobs = if mode.logprobs {
+        Logprobs::default().render(meta.endpoint, &token_logprobs)
+    } else {
+        Value::Null
+    };
     let body = match meta.endpoint {
         Endpoint::Chat => json!({
             "id": meta.id,
@@ -301,7 +315,7 @@ async fn complete(meta: Meta, mut rx: FrameReceiver) -> Result<Response, ApiErro
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": Value::Null},
-                "logprobs": Value::Null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }],
             "usage": usage,
@@ -315,7 +329,7 @@ async fn complete(meta: Meta, mut rx: FrameReceiver) -> Result<Response, ApiErro
             "choices": [{
                 "index": 0,
                 "text": text,
-                "logprobs": Value::Null,
+                "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }],
             "usage": usage,

@@ -14,6 +14,7 @@ mod error;
 #[cfg(test)]
 mod fuzz;
 mod handlers;
+mod logprobs;
 mod stream;
 mod wire;
 

@@ -18,6 +18,7 @@ use tonic::Code;
 
 use super::error::ApiError;
 use super::handlers::{Endpoint, Meta};
+use super::logprobs::Logprobs;
 use super::wire::{self, StreamMode};
 use crate::dispatch::FrameReceiver;
 
@@ -29,6 +30,8 @@ pub fn sse_response(meta: Meta, mode: StreamMode, first: Frame, rx: FrameReceive
         rx,
         pending: VecDeque::new(),
         done: false,
+        logprobs: Logprobs::default(),
+        unsent_logprobs: Vec::new(),
     };
     if meta.endpoint == Endpoint::Chat {
         // OpenAI opens a chat stream with the assistant role and empty content.
@@ -96,7 +99,8 @@ struct Choice<'a> {
     /// A (text) completion's.
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<&'a str>,
-    logprobs: Option<()>,
+    /// `null` unless the client asked for log probabilities.
+    logprobs: Option<serde_json::Value>,
     finish_reason: Option<&'a str>,
 }
 
@@ -114,6 +118,10 @@ struct Events {
     rx: FrameReceiver,
     pending: VecDeque<Bytes>,
     done: bool,
+    logprobs: Logprobs,
+    /// Log probabilities of tokens whose text is not out yet (held back by a stop sequence or
+    /// an incomplete character): they go with the next chunk.
+    unsent_logprobs: Vec<v1::TokenLogprobs>,
 }
 
 impl Events {
@@ -155,11 +163,15 @@ impl Events {
             ),
             Endpoint::Completion => (None, Some(text.unwrap_or(""))),
         };
+        let logprobs = self.mode.logprobs.then(|| {
+            let tokens = std::mem::take(&mut self.unsent_logprobs);
+            self.logprobs.render(self.meta.endpoint, &tokens)
+        });
         let choice = Choice {
             index: 0,
             delta,
             text,
-            logprobs: None,
+            logprobs,
             finish_reason,
         };
         let usage = self.mode.include_usage.then_some(None);
@@ -194,6 +206,7 @@ impl Events {
             // HTTP sends no client frames, so none is rejected.
             Frame::Accepted(_) | Frame::Rejected(_) => {}
             Frame::Tokens(tokens) => {
+                self.unsent_logprobs.extend(tokens.logprobs);
                 if tokens.text.is_empty() {
                     return;
                 }
@@ -257,16 +270,26 @@ mod tests {
         first: Frame,
         rest: Vec<Frame>,
     ) -> Vec<Value> {
+        let mode = StreamMode {
+            stream: true,
+            include_usage,
+            logprobs: false,
+        };
+        stream_with(endpoint, mode, first, rest).await
+    }
+
+    async fn stream_with(
+        endpoint: Endpoint,
+        mode: StreamMode,
+        first: Frame,
+        rest: Vec<Frame>,
+    ) -> Vec<Value> {
         let (tx, rx) = crate::dispatch::frame_channel(8);
         for frame in rest {
             let frame = v1::ServerFrame { frame: Some(frame) };
             tx.send(Ok(frame)).await.expect("room");
         }
         drop(tx);
-        let mode = StreamMode {
-            stream: true,
-            include_usage,
-        };
         let response = sse_response(meta(endpoint), mode, first, rx);
         let body = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
@@ -299,6 +322,85 @@ mod tests {
             }),
             timings: None,
         })
+    }
+
+    #[tokio::test]
+    async fn log_probabilities_go_out_with_the_text_of_their_tokens() {
+        let with_logprobs = |text: &str, tokens: &[(&str, f32)]| {
+            Frame::Tokens(v1::Tokens {
+                request_id: "r".into(),
+                text: text.into(),
+                logprobs: tokens
+                    .iter()
+                    .map(|(t, l)| v1::TokenLogprobs {
+                        chosen: Some(v1::TokenLogprob {
+                            token_id: 1,
+                            token: t.as_bytes().to_vec(),
+                            logprob: *l,
+                        }),
+                        top: vec![],
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        let mode = StreamMode {
+            stream: true,
+            include_usage: false,
+            logprobs: true,
+        };
+        // The second token's text is held back (a stop sequence might start there): its log
+        // probability goes out with the next text.
+        let events = stream_with(
+            Endpoint::Chat,
+            mode,
+            with_logprobs("He", &[("He", -0.5)]),
+            vec![
+                with_logprobs("", &[("ll", -1.0)]),
+                with_logprobs("llo", &[("o", -2.0)]),
+                finished(),
+            ],
+        )
+        .await;
+        let listed = |event: &Value| -> Vec<(String, f64)> {
+            event["choices"][0]["logprobs"]["content"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    (
+                        e["token"].as_str().unwrap_or_default().to_string(),
+                        e["logprob"].as_f64().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        };
+        // Opening chunk (no logprobs), "He", "llo", the finish chunk, [DONE].
+        assert_eq!(events.len(), 5, "{events:?}");
+        assert_eq!(events[0]["choices"][0]["logprobs"], Value::Null);
+        assert_eq!(listed(&events[1]), [("He".to_string(), -0.5)]);
+        assert_eq!(
+            listed(&events[2]),
+            [("ll".to_string(), -1.0), ("o".to_string(), -2.0)]
+        );
+        assert!(listed(&events[3]).is_empty());
+
+        // A text completion's arrays, offsets running on across chunks.
+        let events = stream_with(
+            Endpoint::Completion,
+            mode,
+            with_logprobs("He", &[("He", -0.5)]),
+            vec![with_logprobs("llo", &[("llo", -1.0)]), finished()],
+        )
+        .await;
+        assert_eq!(
+            events[1]["choices"][0]["logprobs"]["text_offset"],
+            json!([2])
+        );
+        assert_eq!(
+            events[1]["choices"][0]["logprobs"]["tokens"],
+            json!(["llo"])
+        );
     }
 
     #[tokio::test]
@@ -363,10 +465,13 @@ mod tests {
             mode: StreamMode {
                 stream: true,
                 include_usage: false,
+                logprobs: false,
             },
             rx,
             pending: VecDeque::new(),
             done: false,
+            logprobs: Logprobs::default(),
+            unsent_logprobs: Vec::new(),
         };
         events.on_frame(Frame::Moved(v1::Moved {
             request_id: "r".into(),

@@ -56,6 +56,10 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f64>,
     /// Token id (as a string, OpenAI's form) → bias.
     pub logit_bias: Option<std::collections::HashMap<String, f64>>,
+    /// Chat: `true`/`false`; completions: how many of the most likely tokens to list (0–5).
+    pub logprobs: Option<Value>,
+    /// Chat only: how many of the most likely tokens to list (0–20), with `logprobs: true`.
+    pub top_logprobs: Option<Value>,
     pub n: Option<i64>,
     #[serde(default)]
     pub stream: bool,
@@ -72,8 +76,6 @@ pub struct SamplingFields {
 /// `null`, `0`, `[]`, `{"type": "text"}`) are accepted, as SDKs and frameworks send them.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Unsupported {
-    logprobs: Option<Value>,
-    top_logprobs: Option<Value>,
     tools: Option<Value>,
     functions: Option<Value>,
     response_format: Option<Value>,
@@ -93,16 +95,6 @@ impl Unsupported {
             }
         }
         let refusals = [
-            (
-                "logprobs",
-                off(&self.logprobs),
-                "log probabilities are not returned by this server",
-            ),
-            (
-                "top_logprobs",
-                off(&self.top_logprobs) || self.top_logprobs == Some(Value::from(0)),
-                "log probabilities are not returned by this server",
-            ),
             (
                 "tools",
                 off(&self.tools),
@@ -209,6 +201,68 @@ pub fn parse_body<T: WithSampling>(body: &[u8]) -> Result<T, ApiError> {
 pub struct StreamMode {
     pub stream: bool,
     pub include_usage: bool,
+    /// The client asked for log probabilities: the response carries them.
+    pub logprobs: bool,
+}
+
+/// Which endpoint's form `logprobs` takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogprobsForm {
+    /// `logprobs: bool` and `top_logprobs: 0..=20`.
+    Chat,
+    /// `logprobs: 0..=5`, the number of most likely tokens to list.
+    Completion,
+}
+
+/// `(logprobs, top_logprobs)` as the proto has them, from either endpoint's form.
+fn logprobs_asked(fields: &SamplingFields, form: LogprobsForm) -> Result<(bool, u32), ApiError> {
+    let count = |field: &str, value: &Value, max: u64| -> Result<u32, ApiError> {
+        match value.as_u64() {
+            Some(n) if n <= max => Ok(n as u32),
+            _ => Err(ApiError::invalid(
+                field,
+                format!("is {value}, must be an integer from 0 to {max}"),
+            )),
+        }
+    };
+    let top = fields.top_logprobs.as_ref().filter(|v| !v.is_null());
+    match form {
+        LogprobsForm::Chat => {
+            let asked = match &fields.logprobs {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(other) => {
+                    return Err(ApiError::invalid(
+                        "logprobs",
+                        format!("is {other}, must be true or false"),
+                    ));
+                }
+            };
+            let top = match top {
+                None => 0,
+                Some(value) => count("top_logprobs", value, 20)?,
+            };
+            if top > 0 && !asked {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "needs logprobs to be true",
+                ));
+            }
+            Ok((asked, top))
+        }
+        LogprobsForm::Completion => {
+            if top.is_some() {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "is a chat field; on completions, logprobs: <n> lists the n most likely tokens",
+                ));
+            }
+            match fields.logprobs.as_ref().filter(|v| !v.is_null()) {
+                None => Ok((false, 0)),
+                Some(value) => Ok((true, count("logprobs", value, 5)?)),
+            }
+        }
+    }
 }
 
 fn required_model(model: Option<String>) -> Result<String, ApiError> {
@@ -222,6 +276,7 @@ fn required_model(model: Option<String>) -> Result<String, ApiError> {
 fn sampling(
     fields: &SamplingFields,
     cap: u32,
+    form: LogprobsForm,
 ) -> Result<(v1::SamplingParams, StreamMode), ApiError> {
     if let Some(n) = fields.n
         && n != 1
@@ -257,6 +312,7 @@ fn sampling(
         Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
     };
     fields.unsupported.check()?;
+    let (logprobs, top_logprobs) = logprobs_asked(fields, form)?;
     // OpenAI seeds are signed 64-bit; reinterpret the bits.
     let seed = fields.seed.map(|s| s as u64);
     let logit_bias = fields
@@ -289,6 +345,8 @@ fn sampling(
         frequency_penalty: fields.frequency_penalty.map(|p| p as f32),
         repetition_penalty: fields.repetition_penalty.map(|p| p as f32),
         logit_bias,
+        logprobs,
+        top_logprobs,
     };
     let mode = StreamMode {
         stream: fields.stream,
@@ -297,6 +355,7 @@ fn sampling(
                 .stream_options
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
+        logprobs,
     };
     if !fields.stream && fields.stream_options.is_some() {
         return Err(ApiError::invalid(
@@ -391,7 +450,7 @@ impl ChatCompletionRequest {
     pub fn into_proto(self, cap: u32) -> Result<(v1::GenerateRequest, StreamMode), ApiError> {
         let model = required_model(self.model)?;
         let messages = chat_messages(self.messages)?;
-        let (sampling, mode) = sampling(&self.sampling, cap)?;
+        let (sampling, mode) = sampling(&self.sampling, cap, LogprobsForm::Chat)?;
         Ok((
             v1::GenerateRequest {
                 model,
@@ -425,7 +484,7 @@ impl CompletionRequest {
         if prompt.is_empty() {
             return Err(ApiError::invalid("prompt", "must not be empty"));
         }
-        let (sampling, mode) = sampling(&self.sampling, cap)?;
+        let (sampling, mode) = sampling(&self.sampling, cap, LogprobsForm::Completion)?;
         Ok((
             v1::GenerateRequest {
                 model,
@@ -581,8 +640,6 @@ mod tests {
             .map_err(|e| (e.status, e.param))
         };
         for (extra, field) in [
-            (r#""logprobs":true"#, "logprobs"),
-            (r#""top_logprobs":3"#, "top_logprobs"),
             (
                 r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
                 "tools",
@@ -615,6 +672,63 @@ mod tests {
         ] {
             assert_eq!(outcome(extra), Ok(()), "{extra}");
         }
+    }
+
+    #[test]
+    fn logprobs_take_each_endpoints_form() {
+        let (request, mode) = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],
+                "logprobs":true,"top_logprobs":3}"#,
+        )
+        .expect("valid");
+        let sampling = request.sampling.expect("sampling");
+        assert!(sampling.logprobs && mode.logprobs);
+        assert_eq!(sampling.top_logprobs, 3);
+        let completion = |extra: &str| {
+            parse_body::<CompletionRequest>(
+                format!(r#"{{"model":"m","prompt":"x",{extra}}}"#).as_bytes(),
+            )?
+            .into_proto(64)
+        };
+        let (request, mode) = completion(r#""logprobs":2"#).expect("valid");
+        let sampling = request.sampling.expect("sampling");
+        assert!(sampling.logprobs && mode.logprobs);
+        assert_eq!(sampling.top_logprobs, 2);
+        let (request, mode) = completion(r#""logprobs":null"#).expect("valid");
+        assert!(!request.sampling.expect("sampling").logprobs && !mode.logprobs);
+
+        let param = |result: Result<(v1::GenerateRequest, StreamMode), ApiError>| {
+            result.expect_err("invalid").param
+        };
+        let chat_with = |extra: &str| {
+            chat(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#
+            ))
+        };
+        assert_eq!(
+            param(chat_with(r#""top_logprobs":2"#)).as_deref(),
+            Some("top_logprobs")
+        );
+        assert_eq!(
+            param(chat_with(r#""logprobs":true,"top_logprobs":21"#)).as_deref(),
+            Some("top_logprobs")
+        );
+        assert_eq!(
+            param(chat_with(r#""logprobs":3"#)).as_deref(),
+            Some("logprobs")
+        );
+        assert_eq!(
+            param(completion(r#""logprobs":6"#)).as_deref(),
+            Some("logprobs")
+        );
+        assert_eq!(
+            param(completion(r#""logprobs":true"#)).as_deref(),
+            Some("logprobs")
+        );
+        assert_eq!(
+            param(completion(r#""logprobs":1,"top_logprobs":1"#)).as_deref(),
+            Some("top_logprobs")
+        );
     }
 
     #[test]
