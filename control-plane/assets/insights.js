@@ -289,19 +289,54 @@
     return d.lane_detail ? `${d.lane} (${d.lane_origin} ${d.lane_detail})` : `${d.lane} (${d.lane_origin})`;
   }
 
+  // A cell cut to its column's width with an ellipsis; the full text in its tooltip.
+  function clipped(text, className) {
+    const cell = td(text, className ? `clip ${className}` : "clip");
+    cell.title = text;
+    return cell;
+  }
+
+  // The lane and where it came from, on up to two lines: a long tenant or rule name is cut.
+  function laneCell(d) {
+    const text = laneText(d);
+    const cell = td(text.length > 48 ? `${text.slice(0, 47)}…` : text, "wrap");
+    cell.title = text;
+    return cell;
+  }
+
+  // Ended failed, rejected or shed without a token: nothing was computed (it costs nothing).
+  const producedNothing = (o) =>
+    !o.ttft_ms && !o.completion_tokens && ["failed", "rejected", "shed"].includes(o.status);
+
+  // The TTFT SLO's verdict on an ended request, as the history counts it: a request refused
+  // before its first token (failed, rejected) is not judged; a shed one is a miss (the
+  // cluster turned it away); a cancelled one is not judged.
+  function sloVerdict(o) {
+    if (o.status === "cancelled") return "not judged, cancelled";
+    if (producedNothing(o) && o.status !== "shed") return `not applicable, ${o.status} before its first token`;
+    if (o.status === "shed") return "missed, shed";
+    const verdict = o.slo_met ? "met" : "missed";
+    return o.status === "failed" ? `${verdict}, then failed` : verdict;
+  }
+
   function sloCell(d) {
     const o = d.outcome;
     if (!o) return td("running", "muted");
-    if (o.status === "shed" || o.status === "rejected") return td(o.status, "bad");
     if (o.status === "cancelled") return td("cancelled", "muted");
-    return td(o.slo_met ? "met" : "missed", o.slo_met ? "good" : "bad");
+    // A request that did not complete shows how it ended, like its status; the tooltip
+    // gives the SLO's verdict.
+    const cell = ["shed", "rejected", "failed"].includes(o.status)
+      ? td(o.status, "bad")
+      : td(o.slo_met ? "met" : "missed", o.slo_met ? "good" : "bad");
+    cell.title = `TTFT SLO ${fmtMs(d.ttft_slo_ms)}: ${sloVerdict(o)}`;
+    return cell;
   }
 
   const moveText = (m) => `moved (${m.reason}) ${m.from_worker_id} → ${m.to_worker_id} at token ${m.at_token}`;
 
   // The worker it was placed on, and where the router moved it after.
   function workerCell(d) {
-    const cell = td(d.worker_id ? `${d.worker_id} (${d.pool})` : "–", "mono");
+    const cell = td(d.worker_id ? `${d.worker_id} (${d.pool})` : "–", "mono wrap");
     for (const m of (d.outcome && d.outcome.moves) || []) cell.append(el("div", { class: "move" }, moveText(m)));
     return cell;
   }
@@ -322,11 +357,11 @@
       const at = new Date(d.at_unix_ms);
       tr.append(
         td(at.toLocaleTimeString(), "num"),
-        td(d.request_id, "mono"),
-        td(d.tenant || "–"),
-        td(laneText(d)),
+        clipped(d.request_id, "mono"),
+        clipped(d.tenant || "–"),
+        laneCell(d),
         workerCell(d),
-        td(d.reason),
+        clipped(d.reason),
         td(d.worker_id ? fmtMs(d.predicted_ttft_ms) : "–", "num"),
         td(d.outcome && d.outcome.ttft_ms ? fmtMs(d.outcome.ttft_ms) : "–", "num"),
         sloCell(d),
@@ -401,7 +436,7 @@
       parts.push(dl([
         ["status", o.status + (o.error ? `: ${o.error}` : "")],
         ["finished on", o.worker_id ? `${o.worker_id} (${o.pool})` : "–"],
-        ["TTFT", `${fmtMs(o.ttft_ms)} (SLO ${fmtMs(d.ttft_slo_ms)}: ${o.slo_met ? "met" : "missed"})`],
+        ["TTFT", `${o.ttft_ms ? fmtMs(o.ttft_ms) : "–"} (SLO ${fmtMs(d.ttft_slo_ms)}: ${sloVerdict(o)})`],
         ["prediction", o.placed_ttft_ms
           ? `${fmtMs(o.predicted_ttft_ms)} predicted, ${fmtMs(o.placed_ttft_ms)} from placement (${o.placed_ttft_ms > o.predicted_ttft_ms ? "late" : "early"} by ${fmtMs(Math.abs(o.placed_ttft_ms - o.predicted_ttft_ms))})`
           : "–"],
@@ -414,7 +449,9 @@
           ? o.moves.map((m) => `${moveText(m)} (${new Date(m.at_unix_ms).toLocaleTimeString()})`).join("; ")
           : "none"],
         ["total", fmtMs(o.total_ms)],
-        ["cost", fmtUsd(o.cost_usd)],
+        ["cost", producedNothing(o)
+          ? `${fmtUsdFine(o.cost_usd)} (nothing computed: no token was produced)`
+          : `${fmtUsd(o.cost_usd)} ((prompt + generated tokens) × the worker's $/Mtok)`],
       ]));
     } else {
       parts.push(el("p", { class: "muted" }, "Still running (or its outcome was not reported)."));

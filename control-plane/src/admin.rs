@@ -186,14 +186,13 @@ impl v1::admin_server::Admin for AdminService {
             ));
         }
         let mut reports = request.into_inner();
-        let insights = self.plane.insights();
-        let mut router_id = String::new();
-        let mut accepted = 0u64;
+        // A malformed entry is dropped alone (counted, logged): the stream goes on.
+        let mut intake = self.plane.insights().intake();
         while let Some(report) = reports.message().await? {
-            crate::reports::validate(&report)?;
-            insights.ingest(&mut router_id, report);
-            accepted += 1;
+            intake.take(report);
         }
-        Ok(Response::new(v1::ReportSummary { accepted }))
+        Ok(Response::new(v1::ReportSummary {
+            accepted: intake.accepted(),
+        }))
     }
 }

@@ -549,6 +549,15 @@ mod tests {
     }
 
     #[test]
+    fn the_page_prices_every_token_and_asks_for_no_favicon() {
+        // Cost is (prompt + generated tokens) × the price: the tooltip must not say otherwise.
+        assert!(!INDEX_HTML.contains("million generated tokens"));
+        assert!(INDEX_HTML.contains("(prompt + generated tokens) × this price"));
+        // An inline empty icon: the browser requests no /favicon.ico (a 404 in the console).
+        assert!(INDEX_HTML.contains(r#"<link rel="icon" href="data:,">"#));
+    }
+
+    #[test]
     fn a_follower_dials_the_leaders_dashboard_where_it_can_be_reached() {
         assert_eq!(
             leader_http(&replica("10.0.0.5:50052", Some("10.0.0.5:8090"))).as_deref(),

@@ -85,7 +85,9 @@ pub struct PoolLoad {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct LanePoint {
-    /// Requests that ended this second (cancelled ones left out).
+    /// Requests that ended this second and are judged against their SLO: cancelled ones and
+    /// those refused (failed, rejected) before their first token left out, shed ones counted
+    /// as misses (`switchyard_router::report`).
     pub requests: u64,
     pub slo_met: u64,
     /// `slo_met / requests`; `None` without requests.

@@ -166,6 +166,7 @@ pub async fn run_control_plane(
     let standalone = matches!(election_kind, ElectionKind::Standalone);
     let history_policy = registry.watch_policy().await?;
     let plane = ControlPlane::new(registry.clone(), loads, events, leadership.clone());
+    metrics::register_report_drops(&config.metrics, plane.insights().dropped.clone());
     plane.insights().spawn_ticker(
         membership.clone(),
         plane.loads().clone(),

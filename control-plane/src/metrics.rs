@@ -1,7 +1,8 @@
 //! The control plane's Prometheus metrics: the cluster's workers by pool and state, as the
-//! registry's membership watch sees them.
+//! registry's membership watch sees them; router report entries dropped as malformed.
 
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use switchyard_cluster::telemetry::metrics::Metrics;
@@ -12,6 +13,24 @@ use tokio_util::sync::CancellationToken;
 pub struct WorkerLabels {
     pub pool: &'static str,
     pub state: &'static str,
+}
+
+/// Which part of a router's report was dropped: `decision`, `outcome`, `stats`,
+/// `stats.lanes`, `stats.ledger` or `empty`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReportDropLabels {
+    pub entry: &'static str,
+}
+
+/// Registers the count of router report entries dropped (`family`, kept by the insights).
+pub fn register_report_drops(metrics: &Metrics, family: Family<ReportDropLabels, Counter>) {
+    metrics.register(|r| {
+        r.register(
+            "switchyard_control_plane_report_entries_dropped",
+            "Entries of routers' reports dropped as malformed (the rest of each stream is kept), by entry",
+            family,
+        )
+    });
 }
 
 const POOLS: [Pool; 2] = [Pool::Gpu, Pool::Wse];

@@ -388,6 +388,118 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         },
     )
     .await?;
+    // A request id of the longest valid length (128 bytes) is cut in its cell, the whole id
+    // in the tooltip: every column stays in view, also in the 922 px the feed gets beside the
+    // story at a 1600 px wide viewport.
+    let long_id = format!("long-{}", "x".repeat(123));
+    let done = session
+        .start(switchyard_tests::synthetic_request(
+            &long_id,
+            RequestClass::CostSensitive,
+            "a long id",
+            2,
+        ))?
+        .collect()
+        .await;
+    assert!(done.finished.is_some(), "{:?}", done.failed);
+    wait_until(PATIENCE, "the feed to list the long id", || async {
+        browser
+            .execute(
+                "return document.querySelector(`#decisions tr[data-request-id='${arguments[0]}'] td:nth-child(2)`)?.title || '';",
+                vec![serde_json::json!(long_id)],
+            )
+            .await
+            .is_ok_and(|title| title == long_id.as_str())
+    })
+    .await?;
+    for box_width in ["", "922px"] {
+        let fit = browser
+            .execute(
+                "const list = document.querySelector('.feed-list');
+                 list.style.width = arguments[0];
+                 const box = list.getBoundingClientRect();
+                 const slo = document.querySelector('#decisions th:nth-child(9)').getBoundingClientRect();
+                 const table = document.getElementById('decisions');
+                 const out = [slo.right, box.right, window.innerWidth, table.scrollWidth, list.clientWidth];
+                 list.style.width = '';
+                 return out;",
+                vec![serde_json::json!(box_width)],
+            )
+            .await?;
+        let [slo_right, box_right, viewport, table_width, box_inner] =
+            serde_json::from_value::<[f64; 5]>(fit.clone())?;
+        assert!(
+            slo_right <= box_right + 0.5 && slo_right <= viewport && table_width <= box_inner,
+            "the SLO column is out of view with a 128-byte request id (box {box_width:?}): \
+             [slo.right, box.right, viewport, table.scrollWidth, box.clientWidth] = {fit}"
+        );
+    }
+    // The page asks for no favicon (an empty inline one): no 404 in the console.
+    let icon = browser
+        .execute(
+            "return document.querySelector('link[rel=icon]')?.getAttribute('href') || '';",
+            vec![],
+        )
+        .await?;
+    assert_eq!(icon, "data:,");
+    // A request refused before its first token (a prompt over the model's context) is shown as
+    // failed, its SLO not applicable, its cost nothing.
+    let mut direct = admin.clone();
+    let refused = vec![
+        v1::RouterReport {
+            report: Some(v1::router_report::Report::Decision(v1::RoutingDecision {
+                request_id: "refused-ctx".into(),
+                router_id: "direct".into(),
+                lane: "latency-critical".into(),
+                lane_origin: "class".into(),
+                ttft_slo_ms: 10_000.0,
+                prompt_tokens: 35_001,
+                worker_id: "gpu-0".into(),
+                pool: "gpu".into(),
+                reason: "home".into(),
+                predicted_ttft_ms: 200_440.0,
+                ..Default::default()
+            })),
+        },
+        v1::RouterReport {
+            report: Some(v1::router_report::Report::Outcome(v1::RequestOutcome {
+                request_id: "refused-ctx".into(),
+                status: "failed".into(),
+                worker_id: "gpu-0".into(),
+                pool: "gpu".into(),
+                prompt_tokens: 35_001,
+                error: "prompt (35001 tokens) + sampling.max_tokens (16) = 35017 exceeds the \
+                        model's context length of 8192 tokens"
+                    .into(),
+                ..Default::default()
+            })),
+        },
+    ];
+    direct.report(tokio_stream::iter(refused)).await?;
+    wait_until(PATIENCE, "the feed to show refused-ctx failed", || async {
+        browser
+            .text("#decisions tr[data-request-id='refused-ctx'] td:nth-child(9)")
+            .await
+            .is_ok_and(|t| t == "failed")
+    })
+    .await?;
+    browser
+        .click("#decisions tr[data-request-id='refused-ctx']")
+        .await?;
+    wait_until(PATIENCE, "the story of refused-ctx to open", || async {
+        browser
+            .text("#story")
+            .await
+            .is_ok_and(|t| t.contains("Request refused-ctx"))
+    })
+    .await?;
+    let story = browser.text("#story").await?;
+    assert!(
+        story.contains("not applicable, failed before its first token")
+            && !story.contains("missed")
+            && story.contains("$0 (nothing computed"),
+        "{story}"
+    );
     assert!(
         browser.text("#sampling").await?.contains("decisions"),
         "{}",
@@ -957,14 +1069,21 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
         "Bearer report-token-0123456789abcdef".parse()?,
     );
     assert_eq!(client.report(member).await?.into_inner().accepted, 1);
-    // A malformed report ends the stream with INVALID_ARGUMENT.
-    let mut bad = tonic::Request::new(tokio_stream::iter(vec![v1::RouterReport { report: None }]));
+    // A malformed report is dropped alone: the stream goes on and keeps the next one.
+    let mut bad = tonic::Request::new(tokio_stream::iter(vec![
+        v1::RouterReport { report: None },
+        v1::RouterReport {
+            report: Some(v1::router_report::Report::Stats(v1::RouterStats {
+                router_id: "outsider".into(),
+                ..Default::default()
+            })),
+        },
+    ]));
     bad.metadata_mut().insert(
         "authorization",
         "Bearer report-token-0123456789abcdef".parse()?,
     );
-    let err = client.report(bad).await.unwrap_err();
-    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert_eq!(client.report(bad).await?.into_inner().accepted, 1);
 
     // Without its control plane the router routes as before.
     cluster.control_plane.kill().await?;
@@ -975,5 +1094,165 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
             .await;
         assert!(done.finished.is_some(), "{:?}", done.failed);
     }
+    Ok(())
+}
+
+/// A line of a Prometheus text exposition: the value of `series` (name and labels).
+async fn metric(url: &str, series: &str) -> anyhow::Result<Option<f64>> {
+    let text = reqwest::get(url).await?.text().await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_client_field_loses_no_other_report() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        metrics: true,
+        ..Default::default()
+    })
+    .await?;
+    let http = cluster.control_plane.addr("http");
+    cluster
+        .router
+        .wait_for_log("reporting to the control plane", PATIENCE)
+        .await?;
+
+    // Requests whose model name or request id is far over what the control plane keeps, each
+    // beside a normal one: every decision and every second's stats still arrive.
+    let client = reqwest::Client::new();
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let huge_model = "m".repeat(20_000);
+    const ROUNDS: usize = 4;
+    for i in 0..ROUNDS {
+        let refused = client
+            .post(format!("{}/chat/completions", cluster.router_openai_url()))
+            .json(&serde_json::json!({
+                "model": huge_model,
+                "messages": [{"role": "user", "content": "hello"}],
+                "max_tokens": 2,
+            }))
+            .send()
+            .await?;
+        assert!(refused.status().is_client_error(), "{}", refused.status());
+        let done = session
+            .start(synthetic_request(
+                &format!("{i}").repeat(20_000),
+                "too long an id",
+                2,
+            ))?
+            .collect()
+            .await;
+        assert!(done.failed.is_some(), "a 20 000-byte request id is refused");
+        let done = session
+            .start(synthetic_request(&format!("beside-{i}"), "normal", 2))?
+            .collect()
+            .await;
+        assert!(done.finished.is_some(), "{:?}", done.failed);
+    }
+    for i in 0..ROUNDS {
+        let entry = finished_decision(http, &format!("beside-{i}")).await?;
+        assert_eq!(entry["outcome"]["status"], "completed", "{entry}");
+    }
+    // The refused requests are in the feed too, their client's strings clipped and marked.
+    let (_, feed) = api(http, "/api/decisions").await?;
+    let clipped: Vec<&Value> = feed["decisions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|d| d["model"].as_str().is_some_and(|m| m.starts_with("mmmm")))
+        .collect();
+    assert_eq!(clipped.len(), ROUNDS, "{feed}");
+    for d in clipped {
+        let model = d["model"].as_str().unwrap_or_default();
+        assert!(model.len() <= 256 && model.ends_with('…'), "{d}");
+        assert_eq!(d["reason"], "rejected", "{d}");
+    }
+    // The history counts every decision: none was lost to a broken stream.
+    poll_until(
+        PATIENCE,
+        "the history to count all 12 decisions",
+        || async {
+            let (_, h) = api(http, "/api/history").await.ok()?;
+            (history_sum(&h, |p| p["decisions"].as_u64().unwrap_or(0)) == 3 * ROUNDS as u64)
+                .then_some(())
+        },
+    )
+    .await?;
+    // One stream all along.
+    let log = std::fs::read_to_string(&cluster.router.log)?;
+    assert_eq!(
+        log.matches("reporting to the control plane").count(),
+        1,
+        "the router's report stream restarted"
+    );
+
+    // A report stream carrying bad entries: each is dropped (and counted), the rest kept.
+    let mut admin = admin(cluster.control_plane.addr("grpc")).await?;
+    let decision = |request_id: String| v1::RouterReport {
+        report: Some(v1::router_report::Report::Decision(v1::RoutingDecision {
+            request_id,
+            router_id: "direct".into(),
+            lane: "cost-sensitive".into(),
+            reason: "home".into(),
+            ..Default::default()
+        })),
+    };
+    let row = |key: String| v1::LedgerStats {
+        dimension: "tenant".into(),
+        key,
+        judged: 1,
+        ..Default::default()
+    };
+    let reports = vec![
+        decision("direct-1".into()),
+        decision("x".repeat(20_000)),
+        v1::RouterReport { report: None },
+        v1::RouterReport {
+            report: Some(v1::router_report::Report::Outcome(v1::RequestOutcome {
+                request_id: "direct-1".into(),
+                status: "completed".into(),
+                ..Default::default()
+            })),
+        },
+        v1::RouterReport {
+            report: Some(v1::router_report::Report::Stats(v1::RouterStats {
+                router_id: "direct".into(),
+                ledger: vec![row("direct-tenant".into()), row("k".repeat(20_000))],
+                ..Default::default()
+            })),
+        },
+        decision("direct-2".into()),
+    ];
+    let summary = admin
+        .report(tokio_stream::iter(reports))
+        .await?
+        .into_inner();
+    assert_eq!(summary.accepted, 4);
+    let entry = finished_decision(http, "direct-1").await?;
+    assert_eq!(entry["outcome"]["status"], "completed", "{entry}");
+    let (_, feed) = api(http, "/api/decisions?request_id=direct-2").await?;
+    assert_eq!(feed["decisions"][0]["request_id"], "direct-2", "{feed}");
+    // The second's stats are kept without their bad ledger row (sealed within a second).
+    wait_until(PATIENCE, "the ledger to list direct-tenant", || async {
+        api(http, "/api/ledger").await.is_ok_and(|(_, ledger)| {
+            ledger["rows"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|r| r["key"] == "direct-tenant")
+        })
+    })
+    .await?;
+    let metrics = cluster.control_plane.metrics_url();
+    for (entry, count) in [("decision", 1.0), ("empty", 1.0), ("stats.ledger", 1.0)] {
+        let series =
+            format!("switchyard_control_plane_report_entries_dropped_total{{entry=\"{entry}\"}}");
+        assert_eq!(metric(&metrics, &series).await?, Some(count), "{series}");
+    }
+    cluster
+        .control_plane
+        .wait_for_log("dropped a router report entry", PATIENCE)
+        .await?;
     Ok(())
 }

@@ -10,12 +10,24 @@
 //! the drops) when full; the per-second stats cover every request whatever the sampling. With
 //! no control plane reachable, nothing is recorded at all and the router routes as before.
 //!
+//! What a client controls (model name, request id, tenant, error texts quoting them) is
+//! clipped to what the control plane accepts ([`limits`]), so an oversized field still has its
+//! decision recorded, marked with `…`.
+//!
+//! What a request is billed and judged on: its cost is (prompt + generated tokens) × the
+//! worker's price, except that a request that ended failed, rejected or shed without a token
+//! costs nothing (nothing was computed: a worker that refuses a prompt sends no usage). A
+//! request refused (failed or rejected) before its first token is not judged against its SLO
+//! (it is not counted in its lane's `requests`, like a cancelled one): the feed shows it as
+//! failed or rejected. A shed request is: the cluster turned it away.
+//!
 //! Where to send: the control-plane leader's record in the cluster registry (etcd key
 //! `leader/control-plane`), followed as it moves; the stream presents the cluster token when
 //! one is configured.
 
 pub mod histogram;
 pub mod ledger;
+pub mod limits;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -102,10 +114,15 @@ impl LedgerWindow {
     fn add(&mut self, lane: LaneName, entry: &LedgerEntry) {
         self.lanes[lane.index()].add(&entry.judged);
         self.pools[pool_index(entry.pool)].add(&entry.judged);
-        let tenant = if entry.tenant.is_empty() {
-            ledger::NO_TENANT
-        } else {
-            entry.tenant.as_str()
+        // Keyed as the control plane accepts it (a tenant name is the client's).
+        let clipped = (entry.tenant.len() > limits::ID_BYTES).then(|| {
+            let mut tenant = entry.tenant.clone();
+            limits::clip(&mut tenant, limits::ID_BYTES);
+            tenant
+        });
+        let tenant = match clipped.as_deref().unwrap_or(&entry.tenant) {
+            "" => ledger::NO_TENANT,
+            tenant => tenant,
         };
         // Bounded: a flood of tenant names must not grow the report.
         let key = if self.tenants.contains_key(tenant) || self.tenants.len() < MAX_TENANTS {
@@ -229,7 +246,8 @@ impl Reporter {
     }
 
     /// A reporter with its queue; [`Reporter::run`] drains it. Not connected until it runs.
-    fn new(router_id: String, per_s: u32) -> (Self, mpsc::Receiver<v1::RouterReport>) {
+    fn new(mut router_id: String, per_s: u32) -> (Self, mpsc::Receiver<v1::RouterReport>) {
+        limits::clip(&mut router_id, limits::ID_BYTES);
         let (queue, rx) = mpsc::channel(QUEUE);
         let shared = Shared {
             router_id,
@@ -312,9 +330,10 @@ impl Reporter {
         take
     }
 
-    /// Sends a sampled decision.
-    pub fn decision(&self, decision: v1::RoutingDecision) {
+    /// Sends a sampled decision, its strings clipped to what the control plane accepts.
+    pub fn decision(&self, mut decision: v1::RoutingDecision) {
         if let Some(shared) = self.live() {
+            clip_decision(&mut decision);
             shared.send(Report::Decision(decision));
         }
     }
@@ -326,17 +345,22 @@ impl Reporter {
         }
     }
 
-    /// Counts an ended request in this second's stats and, when sampled, sends its outcome.
-    pub fn ended(&self, ended: Ended) {
+    /// Counts an ended request in this second's stats and, when sampled, sends its outcome
+    /// (billed and judged as the module says, its strings clipped).
+    pub fn ended(&self, mut ended: Ended) {
         let Some(shared) = self.live() else {
             return;
         };
+        let computed = !produced_nothing(&ended.outcome);
+        if !computed {
+            ended.outcome.cost_usd = 0.0;
+        }
         {
             let mut guard = shared.window.lock().expect("window lock");
             let window = &mut *guard;
             let lane = &mut window.lanes[ended.lane.index()];
             let o = &ended.outcome;
-            if !ended.cancelled {
+            if !ended.cancelled && (computed || o.status == "shed") {
                 lane.requests += 1;
                 lane.slo_met += u32::from(o.slo_met);
             }
@@ -358,10 +382,12 @@ impl Reporter {
                     lane.ttft_over.record(-error);
                 }
             }
-            lane.completion_tokens += u64::from(o.completion_tokens);
-            lane.prompt_tokens += u64::from(o.prompt_tokens);
-            lane.cached_prompt_tokens += u64::from(o.cached_prompt_tokens);
-            lane.cost_usd += o.cost_usd;
+            if computed {
+                lane.completion_tokens += u64::from(o.completion_tokens);
+                lane.prompt_tokens += u64::from(o.prompt_tokens);
+                lane.cached_prompt_tokens += u64::from(o.cached_prompt_tokens);
+                lane.cost_usd += o.cost_usd;
+            }
             if let Some(entry) = &ended.ledger {
                 window.ledger.add(ended.lane, entry);
             }
@@ -372,7 +398,9 @@ impl Reporter {
             }
         }
         if ended.sampled {
-            shared.send(Report::Outcome(ended.outcome));
+            let mut outcome = ended.outcome;
+            clip_outcome(&mut outcome);
+            shared.send(Report::Outcome(outcome));
         }
     }
 
@@ -380,6 +408,58 @@ impl Reporter {
         self.shared
             .as_deref()
             .filter(|s| s.connected.load(Ordering::Relaxed))
+    }
+}
+
+/// A request that ended failed, rejected or shed without a token: nothing was computed for it
+/// (a worker that refuses a request reports no usage), so nothing is billed.
+fn produced_nothing(o: &v1::RequestOutcome) -> bool {
+    o.ttft_ms <= 0.0
+        && o.completion_tokens == 0
+        && matches!(o.status.as_str(), "failed" | "rejected" | "shed")
+}
+
+/// Clips a decision's strings and lists to what the control plane accepts.
+fn clip_decision(d: &mut v1::RoutingDecision) {
+    for field in [
+        &mut d.request_id,
+        &mut d.router_id,
+        &mut d.tenant,
+        &mut d.model,
+        &mut d.lane_detail,
+        &mut d.worker_id,
+    ] {
+        limits::clip(field, limits::ID_BYTES);
+    }
+    limits::clip(&mut d.reason_text, limits::TEXT_BYTES);
+    d.candidates.truncate(limits::CANDIDATES);
+    for c in &mut d.candidates {
+        limits::clip(&mut c.worker_id, limits::ID_BYTES);
+    }
+}
+
+/// Clips an outcome's strings and lists to what the control plane accepts; its request id
+/// alike its decision's (the control plane pairs them by it).
+fn clip_outcome(o: &mut v1::RequestOutcome) {
+    for field in [
+        &mut o.request_id,
+        &mut o.worker_id,
+        &mut o.best_alternative_worker_id,
+    ] {
+        limits::clip(field, limits::ID_BYTES);
+    }
+    limits::clip(&mut o.error, limits::TEXT_BYTES);
+    o.moves.truncate(limits::MOVES);
+    for m in &mut o.moves {
+        for field in [
+            &mut m.from_worker_id,
+            &mut m.from_pool,
+            &mut m.to_worker_id,
+            &mut m.to_pool,
+            &mut m.reason,
+        ] {
+            limits::clip(field, limits::ID_BYTES);
+        }
     }
 }
 
@@ -606,6 +686,7 @@ async fn stream_to(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use limits::{ID_BYTES as ID_LIMIT, TEXT_BYTES as TEXT_LIMIT};
 
     #[test]
     fn lane_origins_come_from_the_classifier_reason() {
@@ -771,6 +852,186 @@ mod tests {
         let again = reporter.shared.as_ref().unwrap().take_stats();
         assert_eq!(again.lanes[0].requests, 0);
         assert_eq!(again.pools[1].tokens, 0);
+    }
+
+    /// `value` was clipped to `max` bytes on a char boundary, marked, its start kept.
+    fn assert_clipped(value: &str, original: &str, max: usize) {
+        assert!(value.len() <= max, "{} bytes, at most {max}", value.len());
+        assert!(value.ends_with('…'), "{value}");
+        let kept = value.trim_end_matches('…');
+        assert!(
+            original.starts_with(kept) && kept.len() + 6 >= max,
+            "{value}"
+        );
+    }
+
+    #[test]
+    fn client_controlled_strings_are_clipped_to_what_the_control_plane_accepts() {
+        let (reporter, mut rx) = connected(10);
+        // Multi-byte characters: the clip must land on a char boundary.
+        let long = |c: &str| c.repeat(20_000);
+        reporter.decision(v1::RoutingDecision {
+            request_id: long("é"),
+            tenant: long("t"),
+            model: long("m"),
+            lane: "cost-sensitive".into(),
+            lane_detail: long("d"),
+            worker_id: long("w"),
+            reason_text: long("r"),
+            candidates: vec![v1::RoutingCandidate {
+                worker_id: long("c"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let Some(Report::Decision(d)) = rx.try_recv().unwrap().report else {
+            panic!("a decision");
+        };
+        assert_clipped(&d.request_id, &long("é"), ID_LIMIT);
+        assert_clipped(&d.tenant, &long("t"), ID_LIMIT);
+        assert_clipped(&d.model, &long("m"), ID_LIMIT);
+        assert_clipped(&d.lane_detail, &long("d"), ID_LIMIT);
+        assert_clipped(&d.worker_id, &long("w"), ID_LIMIT);
+        assert_clipped(&d.reason_text, &long("r"), TEXT_LIMIT);
+        assert_clipped(&d.candidates[0].worker_id, &long("c"), ID_LIMIT);
+        // What fits is sent as it is.
+        reporter.decision(v1::RoutingDecision {
+            request_id: "é".repeat(ID_LIMIT / 2),
+            ..Default::default()
+        });
+        let Some(Report::Decision(d)) = rx.try_recv().unwrap().report else {
+            panic!("a decision");
+        };
+        assert_eq!(d.request_id, "é".repeat(ID_LIMIT / 2));
+
+        reporter.ended(Ended {
+            lane: LaneName::CostSensitive,
+            outcome: v1::RequestOutcome {
+                request_id: long("é"),
+                status: "rejected".into(),
+                error: long("e"),
+                moves: vec![v1::MoveRecord {
+                    to_worker_id: long("w"),
+                    reason: "drain".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            cancelled: false,
+            shed: false,
+            sampled: true,
+            ledger: None,
+        });
+        let Some(Report::Outcome(o)) = rx.try_recv().unwrap().report else {
+            panic!("an outcome");
+        };
+        // The same clip as its decision's: the control plane matches them by request id.
+        assert_eq!(o.request_id, d_request_id_of(&long("é")));
+        assert_clipped(&o.error, &long("e"), TEXT_LIMIT);
+        assert_clipped(&o.moves[0].to_worker_id, &long("w"), ID_LIMIT);
+
+        // A tenant's ledger row is keyed by its name, clipped alike.
+        reporter.ended(Ended {
+            lane: LaneName::CostSensitive,
+            outcome: v1::RequestOutcome::default(),
+            cancelled: false,
+            shed: false,
+            sampled: false,
+            ledger: Some(LedgerEntry {
+                judged: ledger::Basis::default().judge(ledger::Verdict {
+                    actual_ms: 10.0,
+                    predicted_ms: 10.0,
+                    slo_ms: 1000.0,
+                    slo_met: true,
+                    cost_usd: 0.0,
+                    tokens: 1.0,
+                }),
+                pool: Pool::Gpu,
+                tenant: long("t"),
+            }),
+        });
+        let stats = reporter.shared.as_ref().unwrap().take_stats();
+        let tenant = stats
+            .ledger
+            .iter()
+            .find(|l| l.dimension == ledger::TENANT)
+            .expect("the tenant's row");
+        assert_clipped(&tenant.key, &long("t"), ID_LIMIT);
+    }
+
+    /// The decision's clipped request id for `id`: sent through a fresh reporter.
+    fn d_request_id_of(id: &str) -> String {
+        let (reporter, mut rx) = connected(10);
+        reporter.decision(v1::RoutingDecision {
+            request_id: id.into(),
+            ..Default::default()
+        });
+        match rx.try_recv().unwrap().report {
+            Some(Report::Decision(d)) => d.request_id,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_request_that_failed_before_its_first_token_costs_nothing_and_misses_no_slo() {
+        let (reporter, mut rx) = connected(10);
+        let price = 0.10;
+        let end = |status: &str, prompt_tokens: u32, completion_tokens: u32, ttft_ms: f64| Ended {
+            lane: LaneName::LatencyCritical,
+            outcome: v1::RequestOutcome {
+                request_id: format!("{status}-{completion_tokens}"),
+                status: status.into(),
+                prompt_tokens,
+                completion_tokens,
+                ttft_ms,
+                slo_met: ttft_ms > 0.0 && ttft_ms < 500.0,
+                // What the run computes: every prompt and generated token at the price.
+                cost_usd: f64::from(prompt_tokens + completion_tokens) * price / 1e6,
+                ..Default::default()
+            },
+            cancelled: false,
+            shed: status == "shed",
+            sampled: true,
+            ledger: None,
+        };
+        // Refused by the worker (the prompt exceeds the context): nothing was computed.
+        reporter.ended(end("failed", 35_001, 0, 0.0));
+        // Refused by the router (unknown model) and shed: never reached a worker.
+        reporter.ended(end("rejected", 40, 0, 0.0));
+        reporter.ended(end("shed", 40, 0, 0.0));
+        let mut sent = Vec::new();
+        while let Ok(report) = rx.try_recv() {
+            if let Some(Report::Outcome(o)) = report.report {
+                sent.push(o);
+            }
+        }
+        assert_eq!(sent.len(), 3);
+        for o in &sent {
+            assert_eq!(o.cost_usd, 0.0, "{o:?}");
+            assert!(!o.slo_met, "{o:?}");
+        }
+        // The request's own size stays in its story.
+        assert_eq!(sent[0].prompt_tokens, 35_001);
+        let stats = reporter.shared.as_ref().unwrap().take_stats();
+        let lc = &stats.lanes[LaneName::LatencyCritical.index()];
+        // Only the shed request is an SLO miss (the cluster turned it away); nothing is
+        // billed and no prompt counts as computed (the prefix-cache hit rate's denominator).
+        assert_eq!((lc.requests, lc.slo_met, lc.shed), (1, 0, 1));
+        assert_eq!(lc.cost_usd, 0.0);
+        assert_eq!(lc.prompt_tokens, 0);
+
+        // A failure after tokens were served bills what was computed and is judged on its
+        // first token.
+        reporter.ended(end("failed", 100, 5, 120.0));
+        let Some(Report::Outcome(o)) = rx.try_recv().unwrap().report else {
+            panic!("an outcome");
+        };
+        assert_eq!(o.cost_usd, 105.0 * price / 1e6);
+        let stats = reporter.shared.as_ref().unwrap().take_stats();
+        let lc = &stats.lanes[LaneName::LatencyCritical.index()];
+        assert_eq!((lc.requests, lc.slo_met), (1, 1));
+        assert_eq!(lc.cost_usd, 105.0 * price / 1e6);
+        assert_eq!(lc.prompt_tokens, 100);
     }
 
     #[test]
