@@ -15,6 +15,7 @@ use switchyard_cluster::telemetry::metrics::{ITL_BUCKETS, Metrics, TTFT_BUCKETS}
 use switchyard_cluster::telemetry::weighted_histogram::WeightedHistogram;
 
 use crate::policy::document::LaneName;
+use crate::policy::moves::MoveReason;
 
 /// The `lane` label value of `lane`.
 pub fn lane_label(lane: LaneName) -> &'static str {
@@ -323,7 +324,40 @@ impl RouterMetrics {
                 this.identity_rejections.clone(),
             );
         });
+        this.zero_known_series();
         this
+    }
+
+    /// Creates, at 0, the series of events an on-call engineer alerts on (sheds, failovers,
+    /// moves, waits at the router, hedges): an alert on their rate must see 0 from the start,
+    /// not "no data" until the first one happens.
+    fn zero_known_series(&self) {
+        const POOLS: [Pool; 2] = [Pool::Gpu, Pool::Wse];
+        for lane in LaneName::ALL {
+            let lane = lane_label(lane);
+            self.shed.get_or_create(&LaneLabels { lane });
+            self.hedge_wasted.get_or_create(&LaneLabels { lane });
+            for winner in ["primary", "hedge"] {
+                self.hedges.get_or_create(&HedgeLabels { lane, winner });
+            }
+            for outcome in ["placed", "shed", "cancelled"] {
+                self.queue_wait
+                    .get_or_create(&QueueLabels { lane, outcome });
+            }
+            for pool in POOLS {
+                let pool = pool_label(Some(pool));
+                self.failovers.get_or_create(&LanePoolLabels { lane, pool });
+            }
+        }
+        for reason in MoveReason::ALL {
+            for (from, to) in POOLS.into_iter().flat_map(|f| POOLS.map(|t| (f, t))) {
+                self.moves.get_or_create(&MoveLabels {
+                    reason: reason.as_str(),
+                    from_pool: pool_label(Some(from)),
+                    to_pool: pool_label(Some(to)),
+                });
+            }
+        }
     }
 
     /// A throwaway set (tests, tools that run a dispatcher without serving metrics).
@@ -516,6 +550,22 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn alerting_series_exist_at_zero_before_anything_happens() {
+        let metrics = Metrics::new();
+        let _router = RouterMetrics::register(&metrics);
+        let text = metrics.encode();
+        for series in [
+            "switchyard_router_shed_total{lane=\"latency_critical\"} 0",
+            "switchyard_router_failovers_total{lane=\"cost_sensitive\",pool=\"wse\"} 0",
+            "switchyard_router_moves_total{reason=\"preempt\",from_pool=\"wse\",to_pool=\"gpu\"} 0",
+            "switchyard_router_queue_wait_seconds_count{lane=\"latency_critical\",outcome=\"shed\"} 0",
+            "switchyard_router_hedges_total{lane=\"latency_critical\",winner=\"hedge\"} 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
     }
 
     #[test]
