@@ -378,16 +378,31 @@ async fn bad_input_gets_a_status_naming_the_field_and_the_session_survives() -> 
         "again",
         2,
     )))?;
+    // Refused with a `Rejected` frame, which ends nothing: the running request goes on.
     let mut saw_duplicate_error = false;
     while let Some(frame) = running.next().await {
-        if let Frame::Failed(failed) = &frame {
-            assert_eq!(Code::from_i32(failed.code), Code::InvalidArgument);
-            assert!(failed.message.contains("request_id"), "{}", failed.message);
-            saw_duplicate_error = true;
-            break;
+        match &frame {
+            Frame::Rejected(rejected) => {
+                assert_eq!(Code::from_i32(rejected.code), Code::InvalidArgument);
+                assert_eq!(
+                    (rejected.frame.as_str(), rejected.field.as_str()),
+                    ("start", "request_id")
+                );
+                saw_duplicate_error = true;
+                break;
+            }
+            Frame::Failed(failed) => panic!("the running request failed: {failed:?}"),
+            _ => {}
         }
     }
     assert!(saw_duplicate_error, "duplicate request_id was not refused");
+    session.cancel("dup")?;
+    let rest = running.collect().await;
+    assert!(rest.failed.is_none(), "{rest:?}");
+    assert_eq!(
+        rest.finished.map(|f| f.reason),
+        Some(v1::FinishReason::Cancelled as i32)
+    );
 
     // Generate (single request) answers bad input with a plain gRPC status.
     let channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
