@@ -3,11 +3,11 @@
 //! scheduler thread samples every sequence of a decode step one after another, so this cost
 //! is paid per token per stream, outside the parallel forward. `penalties_…` is what
 //! `frequency_penalty` and `repetition_penalty` add to a draw over a 2 000-token prompt and 256
-//! tokens of output.
+//! tokens of output; `logprobs_top20` what a request asking for log probabilities adds.
 
 use criterion::{BenchmarkId, Criterion, black_box, criterion_group, criterion_main};
 use switchyard_worker_gpu::penalties::{History, Penalties};
-use switchyard_worker_gpu::sampling::{Sampler, SamplingParams};
+use switchyard_worker_gpu::sampling::{Sampler, SamplingParams, logprobs};
 
 const VOCAB: usize = 49_152;
 
@@ -66,6 +66,11 @@ fn sample(c: &mut Criterion) {
             history.apply(&penalties, &mut adjusted);
             black_box(adjusted[0])
         })
+    });
+    // What asking for log probabilities adds to a draw: a log-softmax over the row and the
+    // 20 most likely tokens.
+    group.bench_function("logprobs_top20", |b| {
+        b.iter(|| black_box(logprobs(black_box(&row), 7, 20)))
     });
     group.finish();
 }
