@@ -335,23 +335,24 @@ impl RouterMetrics {
         const POOLS: [Pool; 2] = [Pool::Gpu, Pool::Wse];
         for lane in LaneName::ALL {
             let lane = lane_label(lane);
-            self.shed.get_or_create(&LaneLabels { lane });
-            self.hedge_wasted.get_or_create(&LaneLabels { lane });
+            let _ = self.shed.get_or_create(&LaneLabels { lane });
+            let _ = self.hedge_wasted.get_or_create(&LaneLabels { lane });
             for winner in ["primary", "hedge"] {
-                self.hedges.get_or_create(&HedgeLabels { lane, winner });
+                let _ = self.hedges.get_or_create(&HedgeLabels { lane, winner });
             }
             for outcome in ["placed", "shed", "cancelled"] {
-                self.queue_wait
+                let _ = self
+                    .queue_wait
                     .get_or_create(&QueueLabels { lane, outcome });
             }
             for pool in POOLS {
                 let pool = pool_label(Some(pool));
-                self.failovers.get_or_create(&LanePoolLabels { lane, pool });
+                let _ = self.failovers.get_or_create(&LanePoolLabels { lane, pool });
             }
         }
         for reason in MoveReason::ALL {
             for (from, to) in POOLS.into_iter().flat_map(|f| POOLS.map(|t| (f, t))) {
-                self.moves.get_or_create(&MoveLabels {
+                let _ = self.moves.get_or_create(&MoveLabels {
                     reason: reason.as_str(),
                     from_pool: pool_label(Some(from)),
                     to_pool: pool_label(Some(to)),

@@ -40,6 +40,21 @@ async fn real_model_cluster(gpu_workers: usize) -> anyhow::Result<Cluster> {
     .await
 }
 
+/// Waits until the router has fetched the workers' tokenizer (before that it sends requests as
+/// text and knows no prompt's exact length).
+async fn router_has_the_tokenizer(cluster: &Cluster) -> anyhow::Result<()> {
+    switchyard_tests::wait_until(
+        Duration::from_secs(60),
+        "the router to fetch the tokenizer",
+        || {
+            let log = std::fs::read_to_string(&cluster.router.log).unwrap_or_default();
+            async move { log.contains("tokenizer fetched") }
+        },
+    )
+    .await
+    .map(drop)
+}
+
 #[tokio::test]
 async fn chat_through_the_router_gets_a_sensible_answer_from_the_real_model() -> anyhow::Result<()>
 {
@@ -219,15 +234,7 @@ async fn a_long_prompt_being_tokenized_does_not_hold_up_the_next_request_on_its_
 -> anyhow::Result<()> {
     let cluster = real_model_cluster(1).await?;
     // The router tokenizes only once it has the workers' tokenizer.
-    switchyard_tests::wait_until(
-        Duration::from_secs(60),
-        "the router to fetch the tokenizer",
-        || {
-            let log = std::fs::read_to_string(&cluster.router.log).unwrap_or_default();
-            async move { log.contains("tokenizer fetched") }
-        },
-    )
-    .await?;
+    router_has_the_tokenizer(&cluster).await?;
     let request = |id: &str, content: &str| {
         switchyard_tests::chat_request(MODEL, id, v1::RequestClass::CostSensitive, content, 1)
     };
@@ -452,15 +459,7 @@ async fn penalties_and_a_logit_bias_steer_the_real_models_greedy_choice() -> any
 #[tokio::test]
 async fn a_request_too_long_for_the_context_is_refused_before_placement() -> anyhow::Result<()> {
     let cluster = real_model_cluster(1).await?;
-    switchyard_tests::wait_until(
-        Duration::from_secs(60),
-        "the router to fetch the tokenizer",
-        || {
-            let log = std::fs::read_to_string(&cluster.router.log).unwrap_or_default();
-            async move { log.contains("tokenizer fetched") }
-        },
-    )
-    .await?;
+    router_has_the_tokenizer(&cluster).await?;
     let too_long = "hello ".repeat(9_000);
     let mut grpc =
         v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))

@@ -544,6 +544,13 @@ mod tests {
         parse_body::<ChatCompletionRequest>(body.as_bytes())?.into_proto(4096)
     }
 
+    /// A one-message chat request with `extra` fields (`"name": value, …`).
+    fn chat_with(extra: &str) -> Result<(v1::GenerateRequest, StreamMode), ApiError> {
+        chat(&format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#
+        ))
+    }
+
     #[test]
     fn chat_request_translates_with_defaults() {
         let (request, mode) = chat(
@@ -609,13 +616,7 @@ mod tests {
         assert_eq!(sampling.repetition_penalty, Some(1.2));
         assert_eq!(sampling.logit_bias, [(42, -100.0), (7, 3.5)].into());
 
-        let param = |extra: &str| {
-            chat(&format!(
-                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#
-            ))
-            .expect_err("invalid")
-            .param
-        };
+        let param = |extra: &str| chat_with(extra).expect_err("invalid").param;
         assert_eq!(
             param(r#""presence_penalty":"high""#).as_deref(),
             Some("presence_penalty")
@@ -633,11 +634,9 @@ mod tests {
     #[test]
     fn fields_asking_for_what_is_not_done_are_refused_by_name() {
         let outcome = |extra: &str| {
-            chat(&format!(
-                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#
-            ))
-            .map(|_| ())
-            .map_err(|e| (e.status, e.param))
+            chat_with(extra)
+                .map(|_| ())
+                .map_err(|e| (e.status, e.param))
         };
         for (extra, field) in [
             (
@@ -699,11 +698,6 @@ mod tests {
 
         let param = |result: Result<(v1::GenerateRequest, StreamMode), ApiError>| {
             result.expect_err("invalid").param
-        };
-        let chat_with = |extra: &str| {
-            chat(&format!(
-                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],{extra}}}"#
-            ))
         };
         assert_eq!(
             param(chat_with(r#""top_logprobs":2"#)).as_deref(),
