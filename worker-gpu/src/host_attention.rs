@@ -261,6 +261,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BLOCK_TOKENS, CachedHead, ROWS_TOGETHER, TILE, weighted_values, zeroed};
+    use crate::vexp::avx2::{exp, lane_sum};
 
     #[target_feature(enable = "avx2,fma")]
     fn load(s: &[f32]) -> __m256 {
@@ -319,46 +320,6 @@ mod avx2 {
                 _ => weigh_rows::<1>(head, &by_position, out),
             }
         }
-    }
-
-    /// `e^x` in every lane for `x ≤ 0` (scores less their row's maximum): Cephes' `expf`
-    /// (range reduction by ln 2, degree-5 polynomial; relative error under 2·10⁻⁷); below
-    /// −87.3, where `e^x` leaves the normal floats, 0.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp(x: __m256) -> __m256 {
-        let live = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.336_55));
-        let x = _mm256_max_ps(x, _mm256_set1_ps(-87.336_55));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        // x − n·ln 2 in two steps, the first exact.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let e_r = _mm256_add_ps(
-            _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r),
-            _mm256_set1_ps(1.0),
-        );
-        let two_n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
-            _mm256_cvtps_epi32(n),
-            _mm256_set1_epi32(127),
-        ));
-        _mm256_and_ps(_mm256_mul_ps(e_r, _mm256_castsi256_ps(two_n)), live)
-    }
-
-    /// The sum of a vector's lanes.
-    #[target_feature(enable = "avx2,fma")]
-    fn lane_sum(v: __m256) -> f32 {
-        bytemuck::cast::<__m256, [f32; 8]>(v).iter().sum()
     }
 
     /// [`super::softmax_rows`], eight scores at a time.
@@ -729,30 +690,6 @@ mod tests {
                         attend_rows(qh, &lens[qi..=qi], head, 0.2, &mut Vec::new(), &mut alone);
                         assert_eq!(alone, a[at], "hd {hd} len {len} rows {rows} row {qi} alone");
                     }
-                }
-            }
-        }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn the_vector_exp_matches_the_scalar_one_where_softmax_uses_it() {
-        use std::arch::x86_64::_mm256_loadu_ps;
-        if !crate::qmatrix::avx2_fma() {
-            return;
-        }
-        let xs: Vec<f32> = (0..=120_000).map(|i| -(i as f32) / 1000.0).collect();
-        for chunk in xs.chunks_exact(8) {
-            // SAFETY: the CPU features `avx2::exp` needs were checked above; `chunk` holds 8.
-            #[allow(unsafe_code)]
-            let got: [f32; 8] =
-                unsafe { bytemuck::cast(avx2::exp(_mm256_loadu_ps(chunk.as_ptr()))) };
-            for (&x, &e) in chunk.iter().zip(&got) {
-                if x < -87.336_55 {
-                    assert_eq!(e, 0.0, "e^{x}");
-                } else {
-                    let want = x.exp();
-                    assert!((e - want).abs() <= 4e-7 * want, "e^{x}: {e} vs {want}");
                 }
             }
         }

@@ -21,6 +21,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod testing;
 pub mod tokenizer;
+pub mod vexp;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

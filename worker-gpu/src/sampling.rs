@@ -57,6 +57,8 @@ pub struct Sampler {
     history: Option<History>,
     /// Reused copy of the logits row the penalties adjust.
     adjusted: Vec<f32>,
+    /// Reused weights of a whole row.
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -68,6 +70,7 @@ impl Sampler {
             scratch: Vec::new(),
             history: None,
             adjusted: Vec::new(),
+            weights: Vec::new(),
         }
     }
 
@@ -116,27 +119,52 @@ impl Sampler {
             return crate::model::argmax(logits);
         }
         let inv_t = 1.0 / self.params.temperature;
-        self.scratch.clear();
-        self.scratch.extend(
-            logits
-                .iter()
-                .enumerate()
-                .map(|(i, l)| (i as u32, l * inv_t)),
-        );
         let k = self.params.top_k;
-        if k > 0 && k < self.scratch.len() {
+        let sum = if k > 0 && k < logits.len() {
+            // A top-k cut: the k largest first, then their few weights.
+            self.scratch.clear();
+            self.scratch
+                .extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
             self.scratch.select_nth_unstable_by(k - 1, by_weight_desc);
             self.scratch.truncate(k);
-        }
-        let max = self
-            .scratch
-            .iter()
-            .fold(f32::NEG_INFINITY, |m, e| m.max(e.1));
-        let mut sum = 0.0f32;
-        for e in self.scratch.iter_mut() {
-            e.1 = (e.1 - max).exp();
-            sum += e.1;
-        }
+            let max = self
+                .scratch
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, e| m.max(e.1));
+            let mut sum = 0.0f32;
+            for e in self.scratch.iter_mut() {
+                e.1 = ((e.1 - max) * inv_t).exp();
+                sum += e.1;
+            }
+            sum
+        } else {
+            // The whole row's weights, eight at a time (the row's exponentials were most of
+            // a draw's cost).
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+            self.weights.resize(logits.len(), 0.0);
+            let sum = crate::vexp::exp_shifted(logits, max, inv_t, &mut self.weights);
+            if self.params.top_p >= 1.0 {
+                // No nucleus: drawn in row order, straight from the weights.
+                let mut r = self.next_f32() * sum;
+                // Rounding may leave `r` above 0 at the end: then the last token that had
+                // any weight (never one a bias banned).
+                let mut last = 0;
+                for (id, &w) in self.weights.iter().enumerate() {
+                    if w > 0.0 {
+                        last = id;
+                    }
+                    r -= w;
+                    if r <= 0.0 && w > 0.0 {
+                        return id as u32;
+                    }
+                }
+                return last as u32;
+            }
+            self.scratch.clear();
+            self.scratch
+                .extend(self.weights.iter().enumerate().map(|(i, &w)| (i as u32, w)));
+            sum
+        };
         let keep = if self.params.top_p < 1.0 {
             nucleus(&mut self.scratch, self.params.top_p * sum)
         } else {
@@ -159,8 +187,7 @@ impl Sampler {
 /// what the model itself predicted, before penalties and temperature).
 pub fn logprobs(logits: &[f32], chosen: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
-    let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
-    let log_normalizer = max + sum.ln();
+    let log_normalizer = max + crate::vexp::sum_exp_shifted(logits, max).ln();
     // The `top` largest by one pass, kept sorted: most logits fall below the smallest kept.
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
     if top > 0 {
@@ -434,6 +461,24 @@ mod tests {
         assert!((total - 1.0).abs() < 1e-5, "{total}");
         assert!(logprobs(&logits, 0, 0).1.is_empty());
         assert_eq!(logprobs(&logits, 0, 9).1.len(), logits.len());
+    }
+
+    #[test]
+    fn a_banned_token_is_never_drawn() {
+        // The banned token is the row's last: where rounding would leave a draw that ran past
+        // every weight.
+        let logits = vec![0.0f32; 1000];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1.0,
+            seed: 5,
+            penalties: Penalties {
+                logit_bias: vec![(999, -100.0)],
+                ..Penalties::default()
+            },
+            ..SamplingParams::greedy()
+        });
+        s.start_after(&[1], &[]);
+        assert!((0..20_000).all(|_| s.sample(&logits) != 999));
     }
 
     #[test]
