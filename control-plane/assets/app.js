@@ -11,6 +11,10 @@ const $ = (id) => document.getElementById(id);
 let lastOk = 0;
 let lastPolicy = 0;
 const pending = new Set(); // worker ids with a drain/undrain request in flight
+// A drain takes a second click within CONFIRM_MS: a stray click must not take a worker out of
+// service. Worker id -> when the armed button disarms.
+const CONFIRM_MS = 5000;
+const armed = new Map();
 
 function cell(text, className) {
   const td = document.createElement("td");
@@ -106,7 +110,7 @@ function workerRow(id) {
   const action = document.createElement("td");
   const button = document.createElement("button");
   button.type = "button";
-  button.addEventListener("click", () => toggleDrain(id, button.dataset.action));
+  button.addEventListener("click", () => onDrainButton(id, button));
   action.appendChild(button);
   tr.appendChild(action);
   return tr;
@@ -155,11 +159,7 @@ function renderWorkers(workers) {
     const button = c[12].firstChild;
     const action = w.drain_requested ? "undrain" : "drain";
     button.dataset.action = action;
-    button.className = action;
-    button.textContent = action === "drain" ? "Drain" : "Undrain";
-    button.title = action === "drain"
-      ? `Stop placing new requests on ${w.id}; in-flight requests finish`
-      : `Let ${w.id} take new requests again`;
+    renderDrainButton(button, w.id, action);
     button.disabled = pending.has(w.id);
   }
   for (const [id, tr] of rows) {
@@ -234,6 +234,36 @@ function renderFreshness() {
   const age = Date.now() - lastOk;
   el.textContent = `updated ${new Date(lastOk).toLocaleTimeString()}`;
   el.className = age > STALE_MS ? "freshness stale" : "freshness";
+}
+
+/// The button's face: Drain, Confirm drain (armed by a first click), or Undrain.
+function renderDrainButton(button, id, action) {
+  const confirming = action === "drain" && (armed.get(id) || 0) > Date.now();
+  button.className = confirming ? "drain confirm" : action;
+  button.textContent = confirming ? "Confirm drain" : action === "drain" ? "Drain" : "Undrain";
+  button.title = confirming
+    ? `Click again within ${CONFIRM_MS / 1000} s to drain ${id}`
+    : action === "drain"
+      ? `Stop placing new requests on ${id}; in-flight requests finish (asks to confirm)`
+      : `Let ${id} take new requests again`;
+}
+
+/// A drain is armed by the first click and sent by the second; an undrain is sent at once.
+function onDrainButton(id, button) {
+  const action = button.dataset.action;
+  if (action === "drain" && !((armed.get(id) || 0) > Date.now())) {
+    armed.set(id, Date.now() + CONFIRM_MS);
+    renderDrainButton(button, id, action);
+    setTimeout(() => {
+      if ((armed.get(id) || 0) <= Date.now()) {
+        armed.delete(id);
+        renderDrainButton(button, id, button.dataset.action);
+      }
+    }, CONFIRM_MS + 50);
+    return;
+  }
+  armed.delete(id);
+  toggleDrain(id, action);
 }
 
 async function toggleDrain(id, action) {

@@ -682,8 +682,19 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     assert_eq!(accepted.pool, "gpu", "{accepted:?}");
     let busy = accepted.worker_id;
     let other = if busy == "gpu-0" { "gpu-1" } else { "gpu-0" };
+    // One click only arms the drain: nothing happens until the second.
     browser
         .click(&format!("tr[data-worker-id='{busy}'] button.drain"))
+        .await?;
+    assert_eq!(
+        browser
+            .text(&format!("tr[data-worker-id='{busy}'] button.drain.confirm"))
+            .await?,
+        "Confirm drain"
+    );
+    assert_eq!(worker_state(&admin, &busy).await.as_deref(), Some("ready"));
+    browser
+        .click(&format!("tr[data-worker-id='{busy}'] button.drain.confirm"))
         .await?;
     wait_until(
         PATIENCE,
@@ -826,9 +837,11 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         },
     )
     .await?;
-    browser
-        .click(&format!("tr[data-worker-id='{other}'] button.drain"))
-        .await?;
+    for confirm in ["button.drain", "button.drain.confirm"] {
+        browser
+            .click(&format!("tr[data-worker-id='{other}'] {confirm}"))
+            .await?;
+    }
     wait_until(
         PATIENCE,
         "the page to show why the drain failed",
