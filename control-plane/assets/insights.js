@@ -200,7 +200,9 @@
     const recent = points.slice(-60);
     const sum = (k) => recent.reduce((n, p) => n + p[k], 0);
     const made = sum("decisions"), shown = sum("decisions_reported"), dropped = sum("dropped");
-    const routers = recent.length ? recent[recent.length - 1].routers : 0;
+    // A router's once-a-second report can land in the next second's point, leaving one at 0:
+    // the most seen over the last 5 s, so the count does not flicker.
+    const routers = recent.slice(-5).reduce((n, p) => Math.max(n, p.routers), 0);
     const text = made === 0
       ? `No routing decision in the last minute (${routers} router${routers === 1 ? "" : "s"} reporting).`
       : `Last minute: ${fmtNum(made)} decision${made === 1 ? "" : "s"}, ${fmtNum(shown)} in the feed` +
@@ -243,13 +245,20 @@
         }));
       const tbody = $("ledger").querySelector("tbody");
       const rows = body.rows.filter((r) => r.judged > 0);
+      // A tenant's name is the client's (up to 254 bytes): cut with an ellipsis, whole in
+      // the tooltip, so the numbers stay in view.
+      const keyCell = (key) => {
+        const cell = td("", "mono");
+        cell.append(el("span", { class: "clip", title: key }, key));
+        return cell;
+      };
       tbody.replaceChildren(...rows.map((r) => {
         const tr = el("tr");
         tr.dataset.dimension = r.dimension;
         tr.dataset.key = r.key;
         const capacity = r.slo_missed - r.missed_predicted_to_meet - r.missed_with_alternative;
         tr.append(
-          td(r.dimension), td(r.key, "mono"), td(fmtNum(r.judged), "num"),
+          td(r.dimension), keyCell(r.key), td(fmtNum(r.judged), "num"),
           td(fmtNum(r.with_alternative), "num"), td(fmtMs(r.regret_ms_mean), "num"),
           td(fmtMs(r.chosen_slower_ms_mean), "num"), td(fmtMs(r.abs_prediction_error_ms_mean), "num"),
           td(r.prediction_error_ms_mean == null ? "–" : `${r.prediction_error_ms_mean >= 0 ? "+" : "−"}${fmtMs(Math.abs(r.prediction_error_ms_mean))}`, "num"),

@@ -96,6 +96,15 @@ async fn handle_frame(
                 tenant.apply(&mut request);
             }
             let request_id = request.request_id.clone();
+            // No id, no request to fail: the frame is refused.
+            if request_id.is_empty() {
+                let error = DispatchError::invalid(
+                    "request_id",
+                    "must not be empty: a Session's requests are told apart by it",
+                );
+                let _ = out.send(Ok(error.rejected_frame("start", ""))).await;
+                return;
+            }
             // Refused, not failed: the running request of that id goes on.
             if running.contains_key(&request_id) {
                 let error = DispatchError::invalid(

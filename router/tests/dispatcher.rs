@@ -688,10 +688,12 @@ async fn frames_the_router_refuses_leave_the_running_request_alone() {
         keep_generated: true,
     }));
     session.cancel("nobody");
+    session.start(request("", "anonymous", 5, RequestClass::Auto));
     session
-        .until("three refusals", |r| {
+        .until("four refusals", |r| {
             r.get("a").is_some_and(|o| o.rejected.len() == 2)
                 && r.get("nobody").is_some_and(|o| !o.rejected.is_empty())
+                && r.get("").is_some_and(|o| !o.rejected.is_empty())
         })
         .await;
     let refusals = |id: &str| -> Vec<(String, tonic::Code, String)> {
@@ -725,6 +727,14 @@ async fn frames_the_router_refuses_leave_the_running_request_alone() {
     assert_eq!(
         refusals("nobody"),
         [("cancel".into(), tonic::Code::NotFound, "request_id".into())]
+    );
+    assert_eq!(
+        refusals(""),
+        [(
+            "start".into(),
+            tonic::Code::InvalidArgument,
+            "request_id".into()
+        )]
     );
 
     // "a" went on: it has neither failed nor been restarted, and ends when it is cancelled.

@@ -347,6 +347,10 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         if i < 4 {
             request.metadata.insert("tenant".into(), "acme".into());
         }
+        if i == 5 {
+            // A client's long tenant name: the ledger must still show its numbers.
+            request.metadata.insert("tenant".into(), "t".repeat(1000));
+        }
         let done = session.start(request)?.collect().await;
         assert!(done.finished.is_some(), "{:?}", done.failed);
     }
@@ -563,6 +567,19 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
             .await?;
         assert!(cells.parse::<u32>().is_ok_and(|n| n > 0), "{key}: {cells}");
     }
+    let ledger_fits = browser
+        .execute(
+            "const last = document.querySelector('#ledger th:last-child').getBoundingClientRect();
+             return [last.right, window.innerWidth,
+                     document.querySelectorAll('#ledger tbody tr[data-dimension=tenant]').length];",
+            vec![],
+        )
+        .await?;
+    let [last_right, viewport, tenants] = serde_json::from_value::<[f64; 3]>(ledger_fits.clone())?;
+    assert!(
+        tenants >= 2.0 && last_right <= viewport,
+        "a long tenant name pushed the ledger out of view: [last.right, viewport, tenants] = {ledger_fits}"
+    );
     let explanation = browser.text("#ledger-explanation").await?;
     assert!(
         explanation.contains("latency-critical: policy lost")

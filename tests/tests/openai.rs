@@ -198,6 +198,13 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
         .await?;
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["allow"], "POST");
+    assert!(
+        response.headers()["x-request-id"]
+            .to_str()
+            .is_ok_and(|id| id.starts_with("chatcmpl-")),
+        "{:?}",
+        response.headers()
+    );
     let body: Value = response.json().await?;
     assert!(
         body["error"]["message"]

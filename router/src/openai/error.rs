@@ -80,7 +80,14 @@ impl ApiError {
     /// The HTTP form of `code` with `message`, `field` being the request field at fault.
     fn classified(code: Code, message: &str, field: Option<&str>) -> Self {
         // Speak OpenAI's field names: `sampling.max_tokens` is `max_tokens` to this client.
-        let message = message.strip_prefix("sampling.").unwrap_or(message);
+        let renamed;
+        let message = match message.strip_prefix("affinity_key") {
+            Some(rest) => {
+                renamed = format!("user{rest}");
+                renamed.as_str()
+            }
+            None => message.strip_prefix("sampling.").unwrap_or(message),
+        };
         let field = field.map(openai_field);
         let (status, kind, code_name) = match code {
             Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => (
@@ -181,7 +188,11 @@ impl From<&crate::error::DispatchError> for ApiError {
 
 /// Proto field paths in dispatcher messages → OpenAI request fields.
 fn openai_field(field: &str) -> String {
-    field.strip_prefix("sampling.").unwrap_or(field).to_string()
+    match field {
+        // The door sends OpenAI's `user` as the affinity key.
+        "affinity_key" => "user".to_string(),
+        field => field.strip_prefix("sampling.").unwrap_or(field).to_string(),
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -203,6 +214,16 @@ impl IntoResponse for ApiError {
 mod tests {
     use super::*;
     use crate::error::DispatchError;
+
+    #[test]
+    fn the_affinity_key_is_the_users_field_to_an_openai_client() {
+        let e = ApiError::from(&DispatchError::invalid(
+            "affinity_key",
+            "is 300 bytes, the limit is 256",
+        ));
+        assert_eq!(e.param.as_deref(), Some("user"));
+        assert!(e.message.starts_with("user: is 300 bytes"), "{}", e.message);
+    }
 
     #[test]
     fn dispatcher_errors_map_to_openai_errors() {

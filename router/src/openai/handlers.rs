@@ -285,12 +285,17 @@ async fn complete(
     mut rx: FrameReceiver,
 ) -> Result<Response, ApiError> {
     let mut text = String::new();
-    let mut token_logprobs = Vec::new();
+    // Log probabilities of the tokens whose text came out; a stop sequence's tokens (text
+    // held back, then dropped) are not listed, so the tokens add up to the text.
+    let (mut token_logprobs, mut unsent) = (Vec::new(), Vec::new());
     let finished = loop {
         match next_frame(&mut rx).await? {
             Frame::Tokens(tokens) => {
-                text.push_str(&tokens.text);
-                token_logprobs.extend(tokens.logprobs);
+                unsent.extend(tokens.logprobs);
+                if !tokens.text.is_empty() {
+                    text.push_str(&tokens.text);
+                    token_logprobs.append(&mut unsent);
+                }
             }
             Frame::Finished(finished) => break finished,
             Frame::Failed(f) => return Err(failed(&f)),
@@ -402,8 +407,13 @@ pub async fn health(State(dispatcher): State<Arc<Dispatcher>>) -> Response {
     }
 }
 
-/// A known route asked with the wrong method: 405 in OpenAI's shape, with `allow`.
-pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+/// A known route asked with the wrong method: 405 in OpenAI's shape, with `allow` (and the
+/// request id on the generation endpoints, as on their every answer).
+pub async fn wrong_method(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Response {
     let allowed = if uri.path().starts_with("/v1/models") || uri.path() == "/health" {
         "GET"
     } else {
@@ -421,6 +431,23 @@ pub async fn wrong_method(method: axum::http::Method, uri: axum::http::Uri) -> R
     response
         .headers_mut()
         .insert(axum::http::header::ALLOW, HeaderValue::from_static(allowed));
+    let endpoint = match uri.path() {
+        "/v1/chat/completions" => Some(Endpoint::Chat),
+        "/v1/completions" => Some(Endpoint::Completion),
+        _ => None,
+    };
+    if let Some(endpoint) = endpoint {
+        let id = headers
+            .get(REQUEST_ID_HEADER)
+            .cloned()
+            .filter(|v| {
+                v.to_str().is_ok_and(|s| {
+                    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
+                })
+            })
+            .unwrap_or_else(|| HeaderValue::from_str(&new_request_id(endpoint)).expect("ASCII"));
+        response.headers_mut().insert(REQUEST_ID_HEADER, id);
+    }
     response
 }
 

@@ -11,8 +11,8 @@ use super::handlers::Endpoint;
 /// (a completion's `text_offset` runs on across chunks).
 #[derive(Debug, Default)]
 pub struct Logprobs {
-    /// Bytes of completion text before the next token.
-    offset: usize,
+    /// The bytes of every token so far: a token may end inside a character the next completes.
+    bytes: Vec<u8>,
 }
 
 impl Logprobs {
@@ -30,15 +30,16 @@ impl Logprobs {
                 let mut offsets = Vec::with_capacity(tokens.len());
                 for token in tokens {
                     let chosen = token.chosen.clone().unwrap_or_default();
-                    let text = text_of(&chosen.token);
-                    offsets.push(self.offset);
-                    self.offset += text.len();
-                    texts.push(Value::from(text));
+                    // In characters of the completion's text, as OpenAI counts: a character
+                    // counts once it is complete.
+                    offsets.push(complete_chars(&self.bytes));
+                    self.bytes.extend_from_slice(&chosen.token);
+                    texts.push(Value::from(completion_token(&chosen.token)));
                     logprobs.push(json!(chosen.logprob));
                     let top: Map<String, Value> = token
                         .top
                         .iter()
-                        .map(|t| (text_of(&t.token), json!(t.logprob)))
+                        .map(|t| (completion_token(&t.token), json!(t.logprob)))
                         .collect();
                     tops.push(Value::Object(top));
                 }
@@ -53,6 +54,28 @@ impl Logprobs {
 /// are in the chat form's `bytes`).
 fn text_of(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A token in a text completion's lists, which have no `bytes`: its text when it is whole
+/// UTF-8, else `bytes:` and its bytes escaped (`bytes:\xf0\x9f`), OpenAI's form, so tokens
+/// holding different parts of a character stay different.
+fn completion_token(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_string(),
+        Err(_) => {
+            let escaped: String = bytes.iter().map(|b| format!("\\x{b:02x}")).collect();
+            format!("bytes:{escaped}")
+        }
+    }
+}
+
+/// Characters in the longest whole-UTF-8 prefix of `bytes`.
+fn complete_chars(bytes: &[u8]) -> usize {
+    let whole = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(error) => std::str::from_utf8(&bytes[..error.valid_up_to()]).unwrap_or_default(),
+    };
+    whole.chars().count()
 }
 
 fn entry(token: &v1::TokenLogprob) -> Map<String, Value> {
@@ -108,6 +131,29 @@ mod tests {
                     {"token": " Lyon", "logprob": -2.5, "bytes": [32, 76, 121, 111, 110]}]},
                 {"token": "\u{fffd}", "logprob": -1.0, "bytes": [195], "top_logprobs": []}],
                 "refusal": null})
+        );
+    }
+
+    #[test]
+    fn completions_count_offsets_in_characters_and_name_partial_tokens_by_their_bytes() {
+        // "é" split over two tokens, then "x": the split tokens are distinct, named by their
+        // bytes; the offsets count characters once whole.
+        let split = |bytes: &[u8]| v1::TokenLogprobs {
+            chosen: Some(token(0, bytes, -1.0)),
+            top: vec![token(0, bytes, -1.0), token(0, &[0xc3, 0xa8], -2.0)],
+        };
+        let rendered = Logprobs::default().render(
+            Endpoint::Completion,
+            &[split(&[0xc3]), split(&[0xa9]), split(b"x")],
+        );
+        assert_eq!(
+            rendered["tokens"],
+            json!(["bytes:\\xc3", "bytes:\\xa9", "x"])
+        );
+        assert_eq!(rendered["text_offset"], json!([0, 0, 1]));
+        assert_eq!(
+            rendered["top_logprobs"][0],
+            json!({"bytes:\\xc3": -1.0, "è": -2.0})
         );
     }
 

@@ -163,10 +163,12 @@ impl Events {
             ),
             Endpoint::Completion => (None, Some(text.unwrap_or(""))),
         };
-        let logprobs = self.mode.logprobs.then(|| {
-            let tokens = std::mem::take(&mut self.unsent_logprobs);
-            self.logprobs.render(self.meta.endpoint, &tokens)
-        });
+        let logprobs = self
+            .mode
+            .logprobs
+            .then(|| std::mem::take(&mut self.unsent_logprobs))
+            .filter(|tokens| !tokens.is_empty())
+            .map(|tokens| self.logprobs.render(self.meta.endpoint, &tokens));
         let choice = Choice {
             index: 0,
             delta,
@@ -213,6 +215,8 @@ impl Events {
                 self.push_chunk(Some(&tokens.text), None);
             }
             Frame::Finished(finished) => {
+                // Tokens whose text never came out (a stop sequence's) are not listed.
+                self.unsent_logprobs.clear();
                 self.push_chunk(None, Some(wire::finish_reason(finished.reason)));
                 if self.mode.include_usage {
                     let usage = Some(Some(wire::Usage::from(finished.usage)));
@@ -384,6 +388,23 @@ mod tests {
             [("ll".to_string(), -1.0), ("o".to_string(), -2.0)]
         );
         assert!(listed(&events[3]).is_empty());
+
+        // A stop sequence: its token's text is held back, then dropped at the end; so is its
+        // log probability, and the tokens listed add up to the text.
+        let events = stream_with(
+            Endpoint::Chat,
+            mode,
+            with_logprobs(" four,", &[(" four", -0.5), (",", -0.25)]),
+            vec![with_logprobs("", &[(" six", -1.0)]), finished()],
+        )
+        .await;
+        let all: Vec<(String, f64)> = events.iter().flat_map(listed).collect();
+        assert_eq!(all, [(" four".to_string(), -0.5), (",".to_string(), -0.25)]);
+        assert_eq!(
+            events[2]["choices"][0]["logprobs"],
+            Value::Null,
+            "{events:?}"
+        );
 
         // A text completion's arrays, offsets running on across chunks.
         let events = stream_with(

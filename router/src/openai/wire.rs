@@ -89,6 +89,7 @@ impl Unsupported {
         fn off(value: &Option<Value>) -> bool {
             match value {
                 None | Some(Value::Null) | Some(Value::Bool(false)) => true,
+                Some(Value::Number(n)) => n.as_f64() == Some(0.0),
                 Some(Value::Array(items)) => items.is_empty(),
                 Some(Value::String(s)) => s.is_empty(),
                 _ => false,
@@ -666,6 +667,8 @@ mod tests {
             r#""tools":[]"#,
             r#""response_format":{"type":"text"}"#,
             r#""echo":false"#,
+            r#""echo":0"#,
+            r#""best_of":0"#,
             r#""best_of":1"#,
             r#""suffix":"""#,
         ] {
