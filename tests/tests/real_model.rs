@@ -328,17 +328,21 @@ async fn greedy_generation(
     prompt: &str,
     sampling: v1::SamplingParams,
 ) -> anyhow::Result<(String, Vec<u32>)> {
-    generation(cluster, prompt, sampling)
+    let frames = generation(cluster, prompt, sampling)
         .await?
-        .map_err(|f| anyhow::anyhow!("request failed: {f:?}"))
+        .map_err(|f| anyhow::anyhow!("request failed: {f:?}"))?;
+    let text = frames.iter().map(|t| t.text.as_str()).collect();
+    let ids = frames.iter().flat_map(|t| t.token_ids.clone()).collect();
+    Ok((text, ids))
 }
 
-/// The same, a `Failed` frame being the inner error.
+/// The token frames of a greedy raw-prompt generation over gRPC `Generate`, with `sampling`; a
+/// `Failed` frame is the inner error.
 async fn generation(
     cluster: &Cluster,
     prompt: &str,
     sampling: v1::SamplingParams,
-) -> anyhow::Result<Result<(String, Vec<u32>), v1::Failed>> {
+) -> anyhow::Result<Result<Vec<v1::Tokens>, v1::Failed>> {
     let mut grpc =
         v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))
             .await?;
@@ -354,18 +358,15 @@ async fn generation(
         })
         .await?
         .into_inner();
-    let (mut text, mut ids) = (String::new(), Vec::new());
+    let mut frames = Vec::new();
     while let Some(frame) = stream.message().await? {
         match frame.frame {
-            Some(server_frame::Frame::Tokens(t)) => {
-                text.push_str(&t.text);
-                ids.extend(t.token_ids);
-            }
+            Some(server_frame::Frame::Tokens(t)) => frames.push(t),
             Some(server_frame::Frame::Failed(f)) => return Ok(Err(f)),
             _ => {}
         }
     }
-    Ok(Ok((text, ids)))
+    Ok(Ok(frames))
 }
 
 /// How often the most repeated id occurs.
@@ -521,31 +522,20 @@ async fn a_request_too_long_for_the_context_is_refused_before_placement() -> any
 async fn log_probabilities_describe_the_real_models_greedy_choices() -> anyhow::Result<()> {
     let cluster = real_model_cluster(1).await?;
     let prompt = "The capital of France is";
-    let mut grpc =
-        v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))
-            .await?;
-    let mut stream = grpc
-        .generate(v1::GenerateRequest {
-            model: MODEL.into(),
-            prompt: prompt.into(),
-            sampling: Some(v1::SamplingParams {
-                max_tokens: 8,
-                temperature: Some(0.0),
-                logprobs: true,
-                top_logprobs: 5,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+    let sampling = v1::SamplingParams {
+        max_tokens: 8,
+        logprobs: true,
+        top_logprobs: 5,
+        ..Default::default()
+    };
+    let frames = generation(&cluster, prompt, sampling)
         .await?
-        .into_inner();
+        .map_err(|f| anyhow::anyhow!("request failed: {f:?}"))?;
     let (mut ids, mut logprobs) = (Vec::new(), Vec::new());
-    while let Some(frame) = stream.message().await? {
-        if let Some(server_frame::Frame::Tokens(t)) = frame.frame {
-            assert_eq!(t.logprobs.len(), t.token_ids.len(), "one per token: {t:?}");
-            ids.extend(t.token_ids);
-            logprobs.extend(t.logprobs);
-        }
+    for t in frames {
+        assert_eq!(t.logprobs.len(), t.token_ids.len(), "one per token: {t:?}");
+        ids.extend(t.token_ids);
+        logprobs.extend(t.logprobs);
     }
     assert!(!ids.is_empty());
     for (id, entry) in ids.iter().zip(&logprobs) {
