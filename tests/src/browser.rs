@@ -183,6 +183,15 @@ impl Browser {
 impl Browser {
     /// Ends the session: chromedriver closes the browser (dropping the `Browser` kills only
     /// chromedriver).
+    /// Drains `worker` from the ops dashboard's worker table: Drain, then the confirming click.
+    pub async fn drain_on_dashboard(&self, worker: &str) -> anyhow::Result<()> {
+        for button in ["button.drain", "button.drain.confirm"] {
+            self.click(&format!("tr[data-worker-id='{worker}'] {button}"))
+                .await?;
+        }
+        Ok(())
+    }
+
     pub async fn close(mut self) -> anyhow::Result<()> {
         self.http.delete(self.url("")).send().await?;
         self.closed = true;

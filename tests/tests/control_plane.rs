@@ -854,11 +854,7 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
         },
     )
     .await?;
-    for confirm in ["button.drain", "button.drain.confirm"] {
-        browser
-            .click(&format!("tr[data-worker-id='{other}'] {confirm}"))
-            .await?;
-    }
+    browser.drain_on_dashboard(other).await?;
     wait_until(
         PATIENCE,
         "the page to show why the drain failed",

@@ -501,10 +501,8 @@ async fn the_dashboard_signs_in_with_a_token_and_then_drains() -> anyhow::Result
     )
     .await?;
 
-    // Not signed in: the click is refused and the page says why.
-    browser
-        .click("tr[data-worker-id='gpu-0'] button.drain")
-        .await?;
+    // Not signed in: the (confirmed) click is refused and the page says why.
+    browser.drain_on_dashboard("gpu-0").await?;
     wait_until(PATIENCE, "the page to show the refusal", || async {
         browser
             .text("#error")
@@ -546,9 +544,7 @@ async fn the_dashboard_signs_in_with_a_token_and_then_drains() -> anyhow::Result
             .contains(OPERATOR_TOKEN),
         "the token is readable by scripts: {cookies}"
     );
-    browser
-        .click("tr[data-worker-id='gpu-0'] button.drain")
-        .await?;
+    browser.drain_on_dashboard("gpu-0").await?;
     wait_until(PATIENCE, "gpu-0 to be drained", || async {
         drains(&plane.admin)
             .await
