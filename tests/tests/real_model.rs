@@ -433,22 +433,23 @@ async fn penalties_and_a_logit_bias_steer_the_real_models_greedy_choice() -> any
     .await?;
     assert_eq!(again.1, repetition);
 
-    // Only the worker knows its vocabulary: an id past it is refused there, by name.
+    // With the workers' tokenizer the router knows the vocabulary: an id past it is refused
+    // before placement, the entry named (without it, the worker refuses it the same way).
+    router_has_the_tokenizer(&cluster).await?;
     let mut outside = sampling(|_| {});
     outside.logit_bias.insert(1_000_000, 1.0);
-    let failed = generation(&cluster, prompt, outside)
-        .await?
+    let error = generation(&cluster, prompt, outside)
+        .await
         .expect_err("an id outside the vocabulary");
-    assert_eq!(
-        failed.code,
-        tonic::Code::InvalidArgument as i32,
-        "{failed:?}"
-    );
+    let status = error
+        .downcast_ref::<tonic::Status>()
+        .ok_or_else(|| anyhow::anyhow!("not a status: {error:#}"))?;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(
-        failed
-            .message
+        status
+            .message()
             .contains("sampling.logit_bias[1000000]: token id outside the vocabulary of 49152"),
-        "{failed:?}"
+        "{status:?}"
     );
     Ok(())
 }

@@ -30,6 +30,9 @@ impl Dispatcher {
         {
             fits_context(request, ids.len(), context_length)?;
         }
+        if let Some(tokenizer) = tokenizers.get(&request.model) {
+            biases_in_vocabulary(request, tokenizer.vocab_size())?;
+        }
         Ok(ids)
     }
 
@@ -49,6 +52,24 @@ impl Dispatcher {
                 .await
                 .unwrap_or_default(),
         )
+    }
+}
+
+/// Whether every `logit_bias` id is a token of a `vocab`-token vocabulary (the smallest
+/// outside it named, so the same request names the same entry).
+fn biases_in_vocabulary(request: &v1::GenerateRequest, vocab: usize) -> Result<(), DispatchError> {
+    let outside = request
+        .sampling
+        .iter()
+        .flat_map(|s| s.logit_bias.keys())
+        .filter(|id| **id as usize >= vocab)
+        .min();
+    match outside {
+        Some(id) => Err(DispatchError::invalid(
+            format!("sampling.logit_bias[{id}]"),
+            format!("token id outside the vocabulary of {vocab}"),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -104,6 +125,16 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_bias_outside_the_vocabulary_is_named() {
+        let mut r = request("p", 4);
+        let sampling = r.sampling.as_mut().expect("sampling");
+        sampling.logit_bias = [(7, 1.0), (70, 1.0), (64, -1.0)].into();
+        let error = biases_in_vocabulary(&r, 64).unwrap_err();
+        assert_eq!(error.field(), Some("sampling.logit_bias[64]"));
+        assert!(biases_in_vocabulary(&r, 71).is_ok());
     }
 
     #[test]
