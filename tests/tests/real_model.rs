@@ -18,6 +18,14 @@ fn model_path() -> PathBuf {
 }
 
 async fn real_model_cluster(gpu_workers: usize) -> anyhow::Result<Cluster> {
+    real_model_cluster_with(gpu_workers, &[]).await
+}
+
+/// [`real_model_cluster`] with more flags for its workers.
+async fn real_model_cluster_with(
+    gpu_workers: usize,
+    worker_flags: &[&str],
+) -> anyhow::Result<Cluster> {
     let path = model_path();
     anyhow::ensure!(
         path.is_file(),
@@ -34,7 +42,10 @@ async fn real_model_cluster(gpu_workers: usize) -> anyhow::Result<Cluster> {
             path.display().to_string(),
             "--max-concurrent".into(),
             "4".into(),
-        ],
+        ]
+        .into_iter()
+        .chain(worker_flags.iter().map(|f| f.to_string()))
+        .collect(),
         ..Default::default()
     })
     .await
@@ -455,14 +466,16 @@ async fn penalties_and_a_logit_bias_steer_the_real_models_greedy_choice() -> any
 }
 
 /// With the workers' tokenizer the router knows a prompt's exact length and the model's
-/// context: a request that cannot fit is refused before it is placed — a gRPC status from
-/// `Generate` (not a stream that is accepted and then fails on the worker) and a 400 naming the
-/// field to change.
+/// context (here cut to 256 tokens by the workers' `--max-model-len`): a request that cannot
+/// fit is refused before it is placed — a gRPC status from `Generate` (not a stream that is
+/// accepted and then fails on the worker) and a 400 naming the field the client used — while
+/// an OpenAI request that gives no bound gets the room the prompt leaves, as OpenAI does.
 #[tokio::test]
 async fn a_request_too_long_for_the_context_is_refused_before_placement() -> anyhow::Result<()> {
-    let cluster = real_model_cluster(1).await?;
+    const CONTEXT: u64 = 256;
+    let cluster = real_model_cluster_with(1, &["--max-model-len", "256"]).await?;
     router_has_the_tokenizer(&cluster).await?;
-    let too_long = "hello ".repeat(9_000);
+    let too_long = "hello ".repeat(300);
     let mut grpc =
         v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))
             .await?;
@@ -484,24 +497,31 @@ async fn a_request_too_long_for_the_context_is_refused_before_placement() -> any
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(
         status.message().starts_with("messages: the prompt is")
-            && status.message().contains("context length is 8192"),
+            && status.message().contains("context length is 256"),
         "{status:?}"
     );
 
-    // Over HTTP: a prompt that fits, with more max_tokens than the rest of the context holds.
+    // Over HTTP: a prompt that fits, with more output asked for than the rest of the context
+    // holds, under either of OpenAI's names for the bound.
     let client = reqwest::Client::new();
-    let response = client
-        .post(format!("{}/completions", cluster.router_openai_url()))
-        .json(&json!({"model": MODEL, "prompt": "hello ".repeat(8_000), "max_tokens": 1_000}))
-        .send()
-        .await?;
-    assert_eq!(response.status(), 400);
-    let body: Value = response.json().await?;
-    assert_eq!(body["error"]["param"], "max_tokens", "{body}");
-    let message = body["error"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("lower max_tokens to at most"), "{body}");
+    let prompt = "hello ".repeat(200);
+    for field in ["max_tokens", "max_completion_tokens"] {
+        let response = client
+            .post(format!("{}/completions", cluster.router_openai_url()))
+            .json(&json!({"model": MODEL, "prompt": prompt, field: 100}))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 400, "{field}");
+        let body: Value = response.json().await?;
+        assert_eq!(body["error"]["param"], field, "{body}");
+        let message = body["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(&format!("lower {field} to at most")),
+            "{body}"
+        );
+    }
 
-    // Neither was placed: the router made no routing decision.
+    // None was placed: the router made no routing decision.
     let metrics = client
         .get(format!("http://{}/metrics", cluster.router.addr("http")))
         .send()
@@ -513,6 +533,25 @@ async fn a_request_too_long_for_the_context_is_refused_before_placement() -> any
         .filter(|l| l.starts_with("switchyard_router_route_decisions") && !l.ends_with(" 0"))
         .collect();
     assert!(placed.is_empty(), "placed: {placed:?}");
+
+    // Without a bound the default (256) is lowered to the room the prompt leaves: the answer
+    // runs to the end of the context.
+    let response = client
+        .post(format!("{}/completions", cluster.router_openai_url()))
+        .json(&json!({"model": MODEL, "prompt": prompt, "temperature": 0}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await?;
+    let usage = &body["usage"];
+    let prompt_tokens = usage["prompt_tokens"].as_u64().unwrap_or_default();
+    assert!((1..CONTEXT).contains(&prompt_tokens), "{body}");
+    assert_eq!(
+        usage["completion_tokens"].as_u64(),
+        Some(CONTEXT - prompt_tokens),
+        "{body}"
+    );
+    assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
     Ok(())
 }
 

@@ -116,6 +116,11 @@ pub struct GpuEngineArgs {
         default_value = "on"
     )]
     pub prefix_cache: Toggle,
+    /// Candle engine: the longest sequence (prompt and output together) a request may have, in
+    /// tokens, below the model's own context length (0: the model's). Routers refuse longer
+    /// requests before placing them, and lower a default output bound to fit.
+    #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN", default_value_t = 0)]
+    pub max_model_len: u32,
 }
 
 /// A feature switch as written on the command line.
@@ -142,6 +147,7 @@ impl Default for GpuEngineArgs {
             compute_threads: 0,
             no_repack: false,
             prefix_cache: Toggle::On,
+            max_model_len: 0,
         }
     }
 }
@@ -233,7 +239,17 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
         gguf::Repack::Q8_0
     };
     let started = std::time::Instant::now();
-    let (model, tokenizer) = load_model(&args.model_path, &selected.device, repack)?;
+    let (mut model, tokenizer) = load_model(&args.model_path, &selected.device, repack)?;
+    if args.max_model_len > 0 {
+        let own = model.config.context_length;
+        if args.max_model_len as usize > own {
+            return Err(GpuEngineError::Config(format!(
+                "--max-model-len {}: above the model's context length of {own} tokens",
+                args.max_model_len
+            )));
+        }
+        model.config.context_length = args.max_model_len as usize;
+    }
     let ids = candle_model_ids(args);
     tracing::info!(
         path = %args.model_path.display(),

@@ -915,3 +915,33 @@ async fn a_long_text_prompt_is_encoded_by_its_reader_and_generates_as_its_ids_do
     assert!(refused.recv().await.is_none());
     assert_eq!(e.load().queued, 0);
 }
+
+/// `--max-model-len` cuts the context an engine publishes (and enforces) below the model's
+/// own; a figure above the model's is refused with the model's length named.
+#[test]
+fn max_model_len_caps_the_published_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = |max_model_len| switchyard_worker_gpu::GpuEngineArgs {
+        engine: switchyard_worker_gpu::GpuEngineKind::Candle,
+        model_path: tiny_file(&dir),
+        device: switchyard_worker_gpu::DeviceChoice::Cpu,
+        max_model_len,
+        ..Default::default()
+    };
+    let context = |engine: &CandleEngine| {
+        // What the engine publishes to routers (the trait's), not its inherent figure.
+        let model = engine.models()[0].clone();
+        Engine::context_length(engine, &model)
+    };
+    let own = switchyard_worker_gpu::build_candle(&args(0)).unwrap();
+    assert_eq!(context(&own), Some(256));
+    let capped = switchyard_worker_gpu::build_candle(&args(100)).unwrap();
+    assert_eq!(context(&capped), Some(100));
+    let Err(error) = switchyard_worker_gpu::build_candle(&args(300)) else {
+        panic!("a --max-model-len above the model's context was accepted");
+    };
+    assert!(
+        error.to_string().contains("context length of 256"),
+        "{error}"
+    );
+}

@@ -42,6 +42,7 @@ use crate::tokenizers::tokenizes_long;
 
 use run::Run;
 pub use span::{record_decision, request_span};
+use validate::OutputBound;
 
 /// A client's instruction about a running request. Boxed, an interrupt keeps the enum at
 /// 16 bytes: every request's control channel allocates its first block of 32 slots up front.
@@ -236,9 +237,31 @@ impl Dispatcher {
         request: v1::GenerateRequest,
         parent: RemoteContext,
     ) -> Result<Prepared, DispatchError> {
+        self.prepare_bounded(request, parent, OutputBound::Asked)
+            .await
+    }
+
+    /// [`Dispatcher::prepare`] for a request whose `sampling.max_tokens` is its door's default
+    /// rather than the client's own (an OpenAI request without `max_tokens`): lowered to what
+    /// fits the model's context after the prompt instead of refused, as OpenAI does.
+    pub async fn prepare_with_default_max_tokens(
+        &self,
+        request: v1::GenerateRequest,
+        parent: RemoteContext,
+    ) -> Result<Prepared, DispatchError> {
+        self.prepare_bounded(request, parent, OutputBound::Default)
+            .await
+    }
+
+    async fn prepare_bounded(
+        &self,
+        request: v1::GenerateRequest,
+        parent: RemoteContext,
+        bound: OutputBound,
+    ) -> Result<Prepared, DispatchError> {
         let arrived = Instant::now();
         let tokenized = self.tokenize_long(&request).await;
-        self.prepare_tokenized(request, parent, arrived, tokenized)
+        self.prepare_tokenized(request, parent, arrived, tokenized, bound)
     }
 
     /// Whether [`Dispatcher::prepare`] waits for `request` (to tokenize its long prompt):
@@ -249,10 +272,11 @@ impl Dispatcher {
 
     fn prepare_tokenized(
         &self,
-        request: v1::GenerateRequest,
+        mut request: v1::GenerateRequest,
         parent: RemoteContext,
         arrived: Instant,
         tokenized: Option<Vec<u32>>,
+        bound: OutputBound,
     ) -> Result<Prepared, DispatchError> {
         let span = request_span(&request.request_id, &request.model);
         let parent = match RemoteContext::from_map(&request.metadata) {
@@ -261,7 +285,7 @@ impl Dispatcher {
         };
         propagation::set_parent(&span, parent);
         let policy = self.policy.current();
-        let (valid, prompt_ids) = match self.validate(&request, tokenized) {
+        let (valid, prompt_ids) = match self.validate(&mut request, tokenized, bound) {
             Ok(prompt_ids) => (Ok(()), prompt_ids),
             Err(error) => (Err(error), Vec::new()),
         };

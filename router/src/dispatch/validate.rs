@@ -12,15 +12,27 @@ use super::Dispatcher;
 use crate::error::DispatchError;
 use crate::tokenizers::tokenizes_long;
 
+/// Who set a request's `sampling.max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum OutputBound {
+    /// The client: a prompt that leaves less room in the context is refused.
+    Asked,
+    /// The door the request came through, for a client that gave none: lowered to the room
+    /// the prompt leaves.
+    Default,
+}
+
 impl Dispatcher {
     /// The request's prompt token ids (chat template applied), or why it is invalid. Empty
     /// ids: the router has no tokenizer for the model yet (the worker tokenizes). `tokenized`
     /// holds them when they were computed already (off the runtime's threads, for a long
-    /// prompt): only the limits are checked then.
+    /// prompt): only the limits are checked then. A default `max_tokens` is lowered here to
+    /// what fits the context.
     pub(super) fn validate(
         &self,
-        request: &v1::GenerateRequest,
+        request: &mut v1::GenerateRequest,
         tokenized: Option<Vec<u32>>,
+        bound: OutputBound,
     ) -> Result<Vec<u32>, DispatchError> {
         validate_generate_request(request, &self.config.limits).map_err(DispatchError::from)?;
         let tokenizers = self.links.tokenizers();
@@ -28,6 +40,9 @@ impl Dispatcher {
         if let Some(context_length) = tokenizers.context_length(&request.model)
             && !ids.is_empty()
         {
+            if bound == OutputBound::Default {
+                fit_to_context(request, ids.len(), context_length);
+            }
             fits_context(request, ids.len(), context_length)?;
         }
         if let Some(tokenizer) = tokenizers.get(&request.model) {
@@ -70,6 +85,18 @@ fn biases_in_vocabulary(request: &v1::GenerateRequest, vocab: usize) -> Result<(
             format!("token id outside the vocabulary of {vocab}"),
         )),
         None => Ok(()),
+    }
+}
+
+/// Lowers the request's `max_tokens` to the room a prompt of `prompt_tokens` leaves in a
+/// context of `context_length` tokens (a prompt that leaves none is left to [`fits_context`]).
+fn fit_to_context(request: &mut v1::GenerateRequest, prompt_tokens: usize, context_length: u32) {
+    let room = (context_length as usize).saturating_sub(prompt_tokens);
+    if let Some(sampling) = request.sampling.as_mut()
+        && room > 0
+        && sampling.max_tokens as usize > room
+    {
+        sampling.max_tokens = room as u32;
     }
 }
 
@@ -158,5 +185,18 @@ mod tests {
         let long_chat = fits_context(&chat, 70, 64).unwrap_err();
         assert_eq!(long_chat.field(), Some("messages"));
         assert!(long_chat.to_string().contains("70 tokens"), "{long_chat}");
+    }
+
+    #[test]
+    fn a_default_max_tokens_is_lowered_to_the_room_the_prompt_leaves() {
+        let max_tokens = |prompt_tokens, asked| {
+            let mut r = request("p", asked);
+            fit_to_context(&mut r, prompt_tokens, 64);
+            r.sampling.expect("sampling").max_tokens
+        };
+        assert_eq!(max_tokens(40, 256), 24);
+        assert_eq!(max_tokens(40, 10), 10, "a bound that fits stays");
+        // No room at all: left as it is, for `fits_context` to refuse the prompt.
+        assert_eq!(max_tokens(64, 256), 256);
     }
 }

@@ -158,6 +158,16 @@ impl ApiError {
         )
     }
 
+    /// The error in the words of a client that bounded its output with `field`
+    /// (`max_completion_tokens`, OpenAI's newer name) rather than `max_tokens`.
+    pub fn naming_max_tokens(mut self, field: &str) -> Self {
+        if self.param.as_deref() == Some("max_tokens") && field != "max_tokens" {
+            self.message = self.message.replace("max_tokens", field);
+            self.param = Some(field.to_string());
+        }
+        self
+    }
+
     /// Sets `Retry-After` from a policy figure in milliseconds, rounded up to whole seconds as
     /// the gRPC `retry-after` metadata is (see [`crate::error::DispatchError::status`]).
     fn with_retry_after_ms(mut self, retry_after_ms: Option<u64>) -> Self {
@@ -223,6 +233,29 @@ mod tests {
         ));
         assert_eq!(e.param.as_deref(), Some("user"));
         assert!(e.message.starts_with("user: is 300 bytes"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_max_tokens_error_speaks_the_field_the_client_used() {
+        let error = || {
+            ApiError::from(&DispatchError::invalid(
+                "sampling.max_tokens",
+                "is 9000, the limit is 4096",
+            ))
+        };
+        let renamed = error().naming_max_tokens("max_completion_tokens");
+        assert_eq!(renamed.param.as_deref(), Some("max_completion_tokens"));
+        assert_eq!(
+            renamed.message,
+            "max_completion_tokens: is 9000, the limit is 4096"
+        );
+        assert_eq!(
+            error().naming_max_tokens("max_tokens").message,
+            error().message
+        );
+        let other = ApiError::from(&DispatchError::invalid("sampling.top_p", "is 2"))
+            .naming_max_tokens("max_completion_tokens");
+        assert_eq!(other.param.as_deref(), Some("top_p"));
     }
 
     #[test]

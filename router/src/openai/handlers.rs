@@ -233,10 +233,22 @@ async fn generate(
     request.request_id = id.clone();
 
     // The same path as gRPC: classify, place, run.
-    let prepared = dispatcher
-        .prepare(request, RemoteContext::from_headers(&headers))
-        .await
-        .map_err(|error| ApiError::from(&error))?;
+    let parent = RemoteContext::from_headers(&headers);
+    let prepared = match mode.max_tokens_field {
+        Some(_) => dispatcher.prepare(request, parent).await,
+        None => {
+            dispatcher
+                .prepare_with_default_max_tokens(request, parent)
+                .await
+        }
+    }
+    .map_err(|error| {
+        let error = ApiError::from(&error);
+        match mode.max_tokens_field {
+            Some(field) => error.naming_max_tokens(field),
+            None => error,
+        }
+    })?;
     // HTTP has no control frames: cancellation comes from `rx` being dropped (client gone).
     let (_, controls) = mpsc::unbounded_channel();
     let mut rx = dispatcher.drive(prepared, controls, CLIENT_BUFFER);
@@ -414,11 +426,12 @@ pub async fn wrong_method(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    let allowed = if uri.path().starts_with("/v1/models") || uri.path() == "/health" {
-        "GET"
-    } else {
-        "POST"
-    };
+    let allowed =
+        if uri.path().starts_with("/v1/models") || ["/health", "/metrics"].contains(&uri.path()) {
+            "GET"
+        } else {
+            "POST"
+        };
     let mut response = ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         message: format!("{method} is not allowed on {}: use {allowed}", uri.path()),

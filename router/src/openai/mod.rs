@@ -48,12 +48,13 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
     };
     let metrics = dispatcher.config.metrics.router();
     api.route("/health", get(handlers::health))
-        .fallback(handlers::unknown_route)
-        .method_not_allowed_fallback(handlers::wrong_method)
         .layer(DefaultBodyLimit::max(handlers::MAX_BODY_BYTES))
         .with_state(dispatcher)
         // Prometheus scrapes without an API key, like `/health`.
         .merge(metrics)
+        // After the merge, so that `/metrics` answers a wrong method in OpenAI's shape too.
+        .fallback(handlers::unknown_route)
+        .method_not_allowed_fallback(handlers::wrong_method)
 }
 
 /// Serves the HTTP API on `listener` (HTTPS with `tls`) until `shutdown` fires, closing

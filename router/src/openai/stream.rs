@@ -278,6 +278,7 @@ mod tests {
             stream: true,
             include_usage,
             logprobs: false,
+            max_tokens_field: None,
         };
         stream_with(endpoint, mode, first, rest).await
     }
@@ -352,6 +353,7 @@ mod tests {
             stream: true,
             include_usage: false,
             logprobs: true,
+            max_tokens_field: None,
         };
         // The second token's text is held back (a stop sequence might start there): its log
         // probability goes out with the next text.
@@ -487,6 +489,7 @@ mod tests {
                 stream: true,
                 include_usage: false,
                 logprobs: false,
+                max_tokens_field: None,
             },
             rx,
             pending: VecDeque::new(),

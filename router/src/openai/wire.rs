@@ -82,6 +82,8 @@ pub struct Unsupported {
     echo: Option<Value>,
     best_of: Option<Value>,
     suffix: Option<Value>,
+    modalities: Option<Value>,
+    audio: Option<Value>,
 }
 
 impl Unsupported {
@@ -131,6 +133,17 @@ impl Unsupported {
                 off(&self.suffix),
                 "a suffix (fill-in-the-middle) is not supported",
             ),
+            (
+                "modalities",
+                off(&self.modalities)
+                    || self
+                        .modalities
+                        .as_ref()
+                        .and_then(Value::as_array)
+                        .is_some_and(|m| m.iter().all(|m| m == "text")),
+                "only [\"text\"] output is supported",
+            ),
+            ("audio", off(&self.audio), "audio output is not supported"),
         ];
         match refusals.into_iter().find(|(_, off, _)| !off) {
             Some((field, _, why)) => Err(ApiError::invalid(field, why)),
@@ -204,6 +217,9 @@ pub struct StreamMode {
     pub include_usage: bool,
     /// The client asked for log probabilities: the response carries them.
     pub logprobs: bool,
+    /// The field the client bounded its output with (`max_tokens` or
+    /// `max_completion_tokens`); `None` when it gave neither and the default applies.
+    pub max_tokens_field: Option<&'static str>,
 }
 
 /// Which endpoint's form `logprobs` takes.
@@ -287,20 +303,23 @@ fn sampling(
             format!("is {n}; only n=1 is supported"),
         ));
     }
-    let max_tokens = match fields.max_completion_tokens.or(fields.max_tokens) {
-        None => DEFAULT_MAX_TOKENS.min(cap),
-        Some(m) if m < 1 => {
-            let field = if fields.max_completion_tokens.is_some() {
-                "max_completion_tokens"
-            } else {
-                "max_tokens"
-            };
+    let max_tokens_field = if fields.max_completion_tokens.is_some() {
+        Some("max_completion_tokens")
+    } else {
+        fields.max_tokens.map(|_| "max_tokens")
+    };
+    let max_tokens = match (
+        fields.max_completion_tokens.or(fields.max_tokens),
+        max_tokens_field,
+    ) {
+        (Some(m), Some(field)) if m < 1 => {
             return Err(ApiError::invalid(
                 field,
                 format!("is {m}, must be at least 1"),
             ));
         }
-        Some(m) => u32::try_from(m).unwrap_or(u32::MAX),
+        (Some(m), _) => u32::try_from(m).unwrap_or(u32::MAX),
+        (None, _) => DEFAULT_MAX_TOKENS.min(cap),
     };
     let top_k = match fields.top_k {
         None => None,
@@ -321,10 +340,14 @@ fn sampling(
         .iter()
         .flatten()
         .map(|(token, bias)| match token.parse::<u32>() {
-            Ok(id) => Ok((id, *bias as f32)),
-            Err(_) => Err(ApiError::invalid(
+            // One spelling per id: "042" or "+42" next to "42" would bias one token twice.
+            Ok(id) if id.to_string() == *token => Ok((id, *bias as f32)),
+            _ => Err(ApiError::invalid(
                 "logit_bias",
-                format!("key {token:?} is not a token id (keys are token ids, as strings)"),
+                format!(
+                    "key {token:?} is not a token id (keys are token ids in decimal, as \
+                     strings, e.g. \"42\")"
+                ),
             )),
         })
         .collect::<Result<_, _>>()?;
@@ -357,6 +380,7 @@ fn sampling(
                 .as_ref()
                 .is_some_and(|o| o.include_usage),
         logprobs,
+        max_tokens_field,
     };
     if !fields.stream && fields.stream_options.is_some() {
         return Err(ApiError::invalid(
@@ -570,6 +594,19 @@ mod tests {
         assert_eq!(sampling.stop, vec!["END".to_string()]);
         assert_eq!(request.affinity_key, "u1");
         assert!(mode.stream && mode.include_usage);
+        assert_eq!(mode.max_tokens_field, None, "the default applies");
+        for (extra, field) in [
+            (r#""max_tokens":5"#, "max_tokens"),
+            (r#""max_completion_tokens":5"#, "max_completion_tokens"),
+            (
+                r#""max_tokens":9,"max_completion_tokens":5"#,
+                "max_completion_tokens",
+            ),
+        ] {
+            let (request, mode) = chat_with(extra).expect("valid");
+            assert_eq!(mode.max_tokens_field, Some(field), "{extra}");
+            assert_eq!(request.sampling.expect("sampling").max_tokens, 5, "{extra}");
+        }
     }
 
     #[test]
@@ -630,6 +667,13 @@ mod tests {
             param(r#""logit_bias":{"5":"x"}"#).as_deref(),
             Some("logit_bias.5")
         );
+        for other_spelling in [r#""logit_bias":{"042":1}"#, r#""logit_bias":{"+42":1}"#] {
+            assert_eq!(
+                param(other_spelling).as_deref(),
+                Some("logit_bias"),
+                "{other_spelling}"
+            );
+        }
     }
 
     #[test]
@@ -652,6 +696,8 @@ mod tests {
             (r#""echo":true"#, "echo"),
             (r#""best_of":3"#, "best_of"),
             (r#""suffix":"}""#, "suffix"),
+            (r#""modalities":["text","audio"]"#, "modalities"),
+            (r#""audio":{"voice":"alloy","format":"wav"}"#, "audio"),
         ] {
             assert_eq!(
                 outcome(extra),
@@ -671,6 +717,8 @@ mod tests {
             r#""best_of":0"#,
             r#""best_of":1"#,
             r#""suffix":"""#,
+            r#""modalities":["text"]"#,
+            r#""audio":null"#,
         ] {
             assert_eq!(outcome(extra), Ok(()), "{extra}");
         }
