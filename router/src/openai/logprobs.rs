@@ -36,11 +36,13 @@ impl Logprobs {
                     self.bytes.extend_from_slice(&chosen.token);
                     texts.push(Value::from(completion_token(&chosen.token)));
                     logprobs.push(json!(chosen.logprob));
-                    let top: Map<String, Value> = token
-                        .top
-                        .iter()
-                        .map(|t| (completion_token(&t.token), json!(t.logprob)))
-                        .collect();
+                    // Most likely first (the map keeps insertion order); two tokens with the
+                    // same text keep the likelier one.
+                    let mut top = Map::new();
+                    for t in &token.top {
+                        top.entry(completion_token(&t.token))
+                            .or_insert_with(|| json!(t.logprob));
+                    }
                     tops.push(Value::Object(top));
                 }
                 json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops,
@@ -155,6 +157,22 @@ mod tests {
             rendered["top_logprobs"][0],
             json!({"bytes:\\xc3": -1.0, "è": -2.0})
         );
+        // Written most likely first, as OpenAI lists them, whatever the keys' order.
+        let order = |bytes: &[u8]| {
+            let rendered = Logprobs::default().render(
+                Endpoint::Completion,
+                &[v1::TokenLogprobs {
+                    chosen: Some(token(0, bytes, -0.5)),
+                    top: vec![
+                        token(0, b"z", -0.5),
+                        token(1, b"a", -1.5),
+                        token(2, b"z", -2.0),
+                    ],
+                }],
+            );
+            serde_json::to_string(&rendered["top_logprobs"][0]).expect("serialises")
+        };
+        assert_eq!(order(b"z"), r#"{"z":-0.5,"a":-1.5}"#);
     }
 
     #[test]
