@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
+
 use switchyard_client::{Completion, SessionClient};
 use switchyard_proto::v1::{
     self, ChatMessage, FinishReason, GenerateRequest, Lane, RequestClass, client_frame,
@@ -237,6 +239,51 @@ async fn sigterm_drains_then_deregisters_at_once() -> anyhow::Result<()> {
         workers.iter().all(|w| w.id != "gpu-0"),
         "record still in etcd after a clean exit: {workers:?}"
     );
+    Ok(())
+}
+
+/// A worker whose drain timeout runs out with a generation in flight stops it; the router
+/// resumes it on another worker, so the client gets every token once, in order, ending as it
+/// asked (`LENGTH`) — not cut short with a `CANCELLED` it never asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_cut_by_a_workers_drain_timeout_resumes_on_another_worker()
+-> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 2,
+        wse_workers: 0,
+        // 200 tokens at the synthetic engine's 60 a second outlast a 1 s drain.
+        gpu_flags: vec!["--drain-timeout".into(), "1s".into()],
+        ..Default::default()
+    })
+    .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let content = "outlast the drain";
+    let mut stream = session.start(request("long", RequestClass::CostSensitive, content, 200))?;
+    let mut completion = Completion::default();
+    while completion.token_ids.is_empty() {
+        completion.absorb(stream.next().await.expect("stream open"));
+    }
+    let first = completion.accepted.clone().expect("accepted").worker_id;
+    let index = cluster
+        .gpu
+        .iter()
+        .position(|w| w.name == first)
+        .with_context(|| format!("no worker named {first}"))?;
+    let mut worker = cluster.gpu.remove(index);
+    let terminating = tokio::spawn(async move { worker.terminate(Duration::from_secs(30)).await });
+    while let Some(frame) = stream.next().await {
+        completion.absorb(frame);
+    }
+    assert_eq!(completion.failed, None);
+    assert_eq!(
+        completion.finished.as_ref().map(|f| f.reason),
+        Some(FinishReason::Length as i32),
+        "{:?}",
+        completion.finished
+    );
+    assert_eq!(completion.text, synthetic_text(content, 0, 200));
+    assert_gap_free(&completion);
+    assert!(terminating.await??.success());
     Ok(())
 }
 

@@ -30,6 +30,10 @@ impl Default for CoalesceConfig {
     }
 }
 
+/// Why a generation nobody cancelled ended early.
+const STOPPED: &str = "the worker stopped this generation before it finished (it is shutting \
+     down); resume it on another worker";
+
 /// Outcome of forwarding one generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Forwarded {
@@ -38,14 +42,16 @@ pub struct Forwarded {
 
 /// Forwards one generation's events to `out` as coalesced `Tokens` frames followed by exactly
 /// one `Finished` or `Failed` frame. `cancel_reason` is reported when the engine stopped because
-/// it was cancelled (CANCELLED, or INTERRUPTED when the router is redirecting the request).
+/// it was cancelled (CANCELLED, or INTERRUPTED when the router is redirecting the request);
+/// `None` there means nobody asked: the worker itself stopped the generation (shutting down
+/// past its drain timeout), which is a failure the router resumes elsewhere, never a finish.
 /// With `credit`, a token is sent only when there is credit for it.
 pub async fn forward_generation(
     request_id: &str,
     mut events: EngineStream,
     config: CoalesceConfig,
     credit: Option<Credit>,
-    cancel_reason: impl Fn() -> v1::FinishReason,
+    cancel_reason: impl Fn() -> Option<v1::FinishReason>,
     out: &mpsc::Sender<v1::WorkerFrame>,
     clock: &mut TokenClock,
 ) -> Forwarded {
@@ -111,7 +117,12 @@ pub async fn forward_generation(
                 let reason = match reason {
                     StopReason::Stop => v1::FinishReason::Stop,
                     StopReason::Length => v1::FinishReason::Length,
-                    StopReason::Cancelled => cancel_reason(),
+                    StopReason::Cancelled => match cancel_reason() {
+                        Some(reason) => reason,
+                        None => {
+                            break failed(request_id, &EngineError::Unavailable(STOPPED.into()));
+                        }
+                    },
                 };
                 let ms = |d: Duration| d.as_secs_f64() * 1e3;
                 break Frame::Finished(v1::Finished {
@@ -190,6 +201,15 @@ mod tests {
     use super::*;
 
     async fn run(events: Vec<EngineEvent>, config: CoalesceConfig) -> Vec<Frame> {
+        run_cancelled_by(events, config, Some(v1::FinishReason::Cancelled)).await
+    }
+
+    /// Forwards `events`, a cancel having been asked with `asked` (`None`: by nobody).
+    async fn run_cancelled_by(
+        events: Vec<EngineEvent>,
+        config: CoalesceConfig,
+        asked: Option<v1::FinishReason>,
+    ) -> Vec<Frame> {
         let (etx, erx) = mpsc::channel(events.len() + 1);
         for e in events {
             etx.send(Ok(e)).await.unwrap();
@@ -201,7 +221,7 @@ mod tests {
             erx.into(),
             config,
             None,
-            || v1::FinishReason::Cancelled,
+            move || asked,
             &otx,
             &mut TokenClock::unrecorded(),
         )
@@ -219,6 +239,37 @@ mod tests {
             id: i,
             text: format!("t{i}"),
             logprobs: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_nobody_asked_for_is_a_failure_to_resume_not_a_finish() {
+        let cancelled = || {
+            vec![
+                token(0),
+                EngineEvent::Done {
+                    reason: StopReason::Cancelled,
+                    prompt_tokens: 3,
+                    completion_tokens: 1,
+                    cached_prompt_tokens: 0,
+                },
+            ]
+        };
+        let config = CoalesceConfig::default();
+        let frames = run_cancelled_by(cancelled(), config, None).await;
+        match frames.last() {
+            Some(Frame::Failed(f)) => {
+                assert_eq!(f.code, tonic::Code::Unavailable as i32, "{f:?}");
+            }
+            other => panic!("expected Failed, got {other:?}"),
+        }
+        let asked =
+            run_cancelled_by(cancelled(), config, Some(v1::FinishReason::Interrupted)).await;
+        match asked.last() {
+            Some(Frame::Finished(f)) => {
+                assert_eq!(f.reason, v1::FinishReason::Interrupted as i32);
+            }
+            other => panic!("expected Finished, got {other:?}"),
         }
     }
 
@@ -271,7 +322,7 @@ mod tests {
                 erx.into(),
                 config,
                 None,
-                || v1::FinishReason::Cancelled,
+                || Some(v1::FinishReason::Cancelled),
                 &otx,
                 &mut TokenClock::unrecorded(),
             )
@@ -305,7 +356,7 @@ mod tests {
             erx.into(),
             CoalesceConfig::default(),
             None,
-            || v1::FinishReason::Cancelled,
+            || Some(v1::FinishReason::Cancelled),
             &otx,
             &mut TokenClock::unrecorded(),
         )
@@ -335,7 +386,7 @@ mod tests {
                         max_chunk_tokens: 16,
                     },
                     Some(credit),
-                    || v1::FinishReason::Cancelled,
+                    || Some(v1::FinishReason::Cancelled),
                     &otx,
                     &mut TokenClock::unrecorded(),
                 )

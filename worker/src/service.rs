@@ -103,7 +103,7 @@ impl v1::worker_server::Worker for WorkerService {
 struct Running {
     cancel: CancellationToken,
     credit: Option<Credit>,
-    reason: Arc<Mutex<v1::FinishReason>>,
+    reason: Arc<Mutex<Option<v1::FinishReason>>>,
 }
 
 impl WorkerService {
@@ -230,7 +230,7 @@ impl WorkerService {
                         Ok(v1::FinishReason::Interrupted) => v1::FinishReason::Interrupted,
                         _ => v1::FinishReason::Cancelled,
                     };
-                    *generation.reason.lock().expect("reason lock") = reason;
+                    *generation.reason.lock().expect("reason lock") = Some(reason);
                     generation.cancel.cancel();
                 }
                 None => {
@@ -282,7 +282,7 @@ impl WorkerService {
         let cancel = CancellationToken::new();
         let credit = Credit::new(credit_tokens, cancel.clone());
         let events = span.in_scope(|| self.engine.submit(request, cancel.clone()))?;
-        let reason = Arc::new(Mutex::new(v1::FinishReason::Cancelled));
+        let reason = Arc::new(Mutex::new(None));
         running.insert(
             request_id.clone(),
             Running {

@@ -245,6 +245,32 @@ fn after(
     }
 }
 
+/// What a worker's `Finished` ends a segment as, given what the run asked of it: an interrupt
+/// or a move it asked for (unless the client cancelled since), or the finish itself — except a
+/// `CANCELLED` nobody here asked for, which means the worker dropped the generation (a worker
+/// from before workers said so with a `Failed`, stopping past its drain timeout): lost, and
+/// the client still gets the rest.
+fn segment_finished(
+    finished: v1::Finished,
+    interrupt: Option<v1::Interrupt>,
+    moving: Option<MoveReason>,
+    cancelled: bool,
+    worker: impl FnOnce() -> String,
+) -> SegmentEnd {
+    // A generation that reached its end before the stop took effect simply finished.
+    let stopped = finished.reason == v1::FinishReason::Interrupted as i32;
+    let unasked = finished.reason == v1::FinishReason::Cancelled as i32;
+    match (interrupt, moving) {
+        (Some(i), _) if !cancelled => SegmentEnd::Interrupted(i),
+        (None, Some(reason)) if !cancelled && stopped => SegmentEnd::Moved(reason),
+        (None, None) if !cancelled && unasked => SegmentEnd::Lost(format!(
+            "worker {} stopped the generation unasked",
+            worker()
+        )),
+        _ => SegmentEnd::Finished(finished),
+    }
+}
+
 /// Tokens of a reply a run makes room for when it starts (at most `max_tokens`).
 const REPLY_TOKENS_RESERVED: u32 = 256;
 /// Text bytes a token usually decodes to (English text and code, ~4 characters a token).
@@ -823,16 +849,13 @@ impl<'d> Run<'d> {
                     }
                     Some(LinkEvent::Frame(worker_frame::Frame::Finished(finished))) => {
                         generation.ended_by_link();
-                        // A generation that reached its end before the stop took effect
-                        // simply finished.
-                        let stopped = finished.reason == v1::FinishReason::Interrupted as i32;
-                        break match (interrupt.take(), moving.take()) {
-                            (Some(i), _) if !self.cancelled => SegmentEnd::Interrupted(i),
-                            (None, Some(reason)) if !self.cancelled && stopped => {
-                                SegmentEnd::Moved(reason)
-                            }
-                            _ => SegmentEnd::Finished(finished),
-                        };
+                        break segment_finished(
+                            finished,
+                            interrupt.take(),
+                            moving.take(),
+                            self.cancelled,
+                            || link.id(),
+                        );
                     }
                     Some(LinkEvent::Frame(worker_frame::Frame::Failed(failed))) => {
                         generation.ended_by_link();
@@ -1022,6 +1045,54 @@ pub(super) async fn send(out: &FrameSink, frame: Frame) -> Result<(), DispatchEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_finish_ends_the_segment_as_what_the_run_asked_for() {
+        use v1::FinishReason::{Cancelled, Interrupted, Length};
+        let finished = |reason: v1::FinishReason| v1::Finished {
+            reason: reason as i32,
+            ..Default::default()
+        };
+        let kind = |end: SegmentEnd| match end {
+            SegmentEnd::Finished(f) => format!("finished {}", f.reason),
+            SegmentEnd::Interrupted(_) => "interrupted".into(),
+            SegmentEnd::Moved(_) => "moved".into(),
+            SegmentEnd::Lost(_) => "lost".into(),
+            SegmentEnd::Failed(_) => "failed".into(),
+        };
+        let end = |reason, interrupt: bool, moving: bool, cancelled| {
+            kind(segment_finished(
+                finished(reason),
+                interrupt.then(v1::Interrupt::default),
+                moving.then_some(MoveReason::Preempt),
+                cancelled,
+                || "w".to_string(),
+            ))
+        };
+        let (length, cancelled) = (Length as i32, Cancelled as i32);
+        assert_eq!(
+            end(Length, false, false, false),
+            format!("finished {length}")
+        );
+        assert_eq!(end(Interrupted, true, false, false), "interrupted");
+        assert_eq!(end(Interrupted, false, true, false), "moved");
+        // Reached its end before the move took effect.
+        assert_eq!(
+            end(Length, false, true, false),
+            format!("finished {length}")
+        );
+        // The client cancelled: a cancel it asked for.
+        assert_eq!(
+            end(Cancelled, false, false, true),
+            format!("finished {cancelled}")
+        );
+        assert_eq!(
+            end(Cancelled, true, false, true),
+            format!("finished {cancelled}")
+        );
+        // Nobody asked: the worker dropped it.
+        assert_eq!(end(Cancelled, false, false, false), "lost");
+    }
 
     #[test]
     fn after_a_segment_the_run_finishes_redirects_fails_over_or_fails() {
