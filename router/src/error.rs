@@ -94,22 +94,7 @@ impl DispatchError {
     /// The gRPC status: code, message and, when the router decided one, `retry-after`
     /// (seconds) and `retry-after-ms` metadata.
     pub fn status(&self) -> Status {
-        let mut status = Status::new(self.code(), self.to_string());
-        if let Some(ms) = self.retry_after_ms() {
-            let metadata = status.metadata_mut();
-            metadata.insert(
-                RETRY_AFTER,
-                retry_after_secs(ms)
-                    .to_string()
-                    .parse()
-                    .expect("digits are ascii"),
-            );
-            metadata.insert(
-                RETRY_AFTER_MS,
-                ms.to_string().parse().expect("digits are ascii"),
-            );
-        }
-        status
+        status_with_retry(self.code(), self.to_string(), self.retry_after_ms())
     }
 
     /// The `Failed` frame ending request `request_id`.
@@ -158,6 +143,35 @@ impl From<switchyard_proto::FieldViolation> for DispatchError {
             reason: violation.message,
         }
     }
+}
+
+/// The gRPC status a `Generate` call ends with after its `Failed` frame: the frame's code,
+/// message and `retry-after` as [`DispatchError::status`] gives them.
+pub fn failed_status(failed: &v1::Failed) -> Status {
+    status_with_retry(
+        Code::from_i32(failed.code),
+        failed.message.clone(),
+        (failed.retry_after_ms > 0).then_some(u64::from(failed.retry_after_ms)),
+    )
+}
+
+fn status_with_retry(code: Code, message: String, retry_after_ms: Option<u64>) -> Status {
+    let mut status = Status::new(code, message);
+    if let Some(ms) = retry_after_ms {
+        let metadata = status.metadata_mut();
+        metadata.insert(
+            RETRY_AFTER,
+            retry_after_secs(ms)
+                .to_string()
+                .parse()
+                .expect("digits are ascii"),
+        );
+        metadata.insert(
+            RETRY_AFTER_MS,
+            ms.to_string().parse().expect("digits are ascii"),
+        );
+    }
+    status
 }
 
 /// Whole seconds of `Retry-After` for `retry_after_ms`: rounded up, at least 1.

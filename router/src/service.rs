@@ -5,14 +5,16 @@ use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use switchyard_proto::v1;
-use tokio::sync::mpsc;
+use switchyard_proto::v1::server_frame::Frame;
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::debug;
 
 use crate::auth::{AUTHORIZATION, ApiKeys, Tenant};
 use crate::dispatch::{Dispatcher, frame_channel};
+use crate::error::failed_status;
 use crate::session::{SESSION_BUFFER, Session, run_session};
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 
@@ -31,7 +33,8 @@ impl InferenceService {
     }
 }
 
-type FrameStream = Pin<Box<dyn Stream<Item = Result<v1::ServerFrame, Status>> + Send>>;
+type FrameItem = Result<v1::ServerFrame, Status>;
+type FrameStream = Pin<Box<dyn Stream<Item = FrameItem> + Send>>;
 
 #[tonic::async_trait]
 impl v1::inference_server::Inference for InferenceService {
@@ -52,8 +55,13 @@ impl v1::inference_server::Inference for InferenceService {
             tenant,
             trace,
         };
-        tokio::spawn(run_session(session, inbound, tx));
-        Ok(Response::new(Box::pin(rx.into_stream())))
+        let (ending_tx, ending_rx) = oneshot::channel();
+        tokio::spawn(run_session(session, inbound, tx, ending_tx));
+        // The frames end once the session and all its requests have sent their last; then
+        // the call's status, when the session ended on the client's fault.
+        let ending =
+            futures::stream::once(ending_rx).filter_map(|ending| async { ending.ok().map(Err) });
+        Ok(Response::new(Box::pin(rx.into_stream().chain(ending))))
     }
 
     async fn generate(
@@ -72,8 +80,24 @@ impl v1::inference_server::Inference for InferenceService {
         let prepared = self.dispatcher.prepare(request, trace).await?;
         // Generate has no control frames.
         let (_, controls) = mpsc::unbounded_channel();
-        let rx = self.dispatcher.drive(prepared, controls, GENERATE_BUFFER);
-        Ok(Response::new(Box::pin(rx.into_stream())))
+        let mut frames = self
+            .dispatcher
+            .drive(prepared, controls, GENERATE_BUFFER)
+            .into_stream();
+        // A request that fails before it is accepted (shed after waiting at the router, say)
+        // fails the call, as one refused at once does.
+        let first = match frames.next().await {
+            Some(Ok(v1::ServerFrame {
+                frame: Some(Frame::Failed(failed)),
+            })) => return Err(failed_status(&failed)),
+            Some(first) => first,
+            None => return Err(Status::internal("the request ended without a frame")),
+        };
+        Ok(Response::new(Box::pin(
+            futures::stream::once(std::future::ready(first))
+                .chain(frames)
+                .flat_map(with_failure_status),
+        )))
     }
 
     async fn list_models(
@@ -103,6 +127,18 @@ impl v1::inference_server::Inference for InferenceService {
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))
     }
+}
+
+/// A `Generate` frame, and after a `Failed` one the call's status saying the same (its code
+/// and `retry-after`): a client that checks only the status sees the failure too.
+fn with_failure_status(item: FrameItem) -> futures::stream::Iter<impl Iterator<Item = FrameItem>> {
+    let status = match &item {
+        Ok(v1::ServerFrame {
+            frame: Some(Frame::Failed(failed)),
+        }) => Some(Err(failed_status(failed))),
+        _ => None,
+    };
+    futures::stream::iter(std::iter::once(item).chain(status))
 }
 
 /// Authenticates `Inference` calls when API keys are configured: the call's `authorization:

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 use switchyard_proto::v1::{self, client_frame};
 use switchyard_proto::validate::validate_interrupt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::{Status, Streaming};
 use tracing::{debug, info};
 
@@ -33,10 +33,14 @@ pub(crate) struct Session {
 
 /// Reads a session's client frames until the client half-closes or fails. Requests already
 /// running when the client half-closes finish normally; the response stream ends after them.
+/// Frames the router cannot read (malformed, or over the message size limit) end the session:
+/// its requests are cancelled, each ends with its last frame, and then the call with the
+/// status sent on `ending`.
 pub(crate) async fn run_session(
     session: Session,
     mut inbound: Streaming<v1::ClientFrame>,
     out: FrameSink,
+    ending: oneshot::Sender<Status>,
 ) {
     let mut running: HashMap<String, mpsc::UnboundedSender<Control>> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
@@ -64,15 +68,9 @@ pub(crate) async fn run_session(
                     for control in running.values() {
                         let _ = control.send(Control::Cancel);
                     }
-                    // tonic reports bytes that do not parse as a ClientFrame as INTERNAL;
-                    // they are the client's fault and must not end the call with OK.
-                    if status.code() == tonic::Code::Internal {
-                        let refused = Status::invalid_argument(format!(
-                            "malformed ClientFrame ({}); the session is closed and its requests \
-                             cancelled: send switchyard.v1.ClientFrame messages",
-                            status.message()
-                        ));
-                        let _ = out.send(Err(refused)).await;
+                    if let Some(refused) = unreadable_input(&status) {
+                        info!(%refused, "session closed: a client frame could not be read");
+                        let _ = ending.send(refused);
                     }
                     break;
                 }
@@ -80,6 +78,26 @@ pub(crate) async fn run_session(
         }
     }
     info!(running = running.len(), "session input closed");
+}
+
+/// The status a session ends with when its client sent what the router cannot read — the
+/// client's fault, so never OK; `None` for a stream that simply broke (nobody to tell).
+fn unreadable_input(status: &Status) -> Option<Status> {
+    let closed = "the session is closed and its requests cancelled";
+    match status.code() {
+        // tonic's report of bytes that do not parse as a ClientFrame.
+        tonic::Code::Internal => Some(Status::invalid_argument(format!(
+            "malformed ClientFrame ({}); {closed}: send switchyard.v1.ClientFrame messages",
+            status.message()
+        ))),
+        // tonic's report of a message over its decoding limit.
+        tonic::Code::OutOfRange => Some(Status::resource_exhausted(format!(
+            "a ClientFrame over the router's message size limit ({}); {closed}: shorten the \
+             prompt or messages",
+            status.message()
+        ))),
+        _ => None,
+    }
 }
 
 async fn handle_frame(

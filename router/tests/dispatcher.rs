@@ -1210,6 +1210,108 @@ async fn generate_on_a_full_lane_is_refused_with_retry_after_metadata() {
     );
 }
 
+/// A session frame over the router's message size limit ends the session — not with OK, and
+/// not before each running request has had its last frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_ends_the_session_after_its_requests_last_frames() {
+    let cluster = Cluster::start(1, 2, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("a", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("a", 1).await;
+    session.start(request(
+        "huge",
+        &"x".repeat(5 << 20),
+        5,
+        RequestClass::CostSensitive,
+    ));
+    let end = session.end("a").await;
+    assert!(end.ended(), "{end:?}");
+    let status = within("the session's end", async {
+        loop {
+            match session.inbound.message().await {
+                Ok(Some(frame)) => panic!("a frame after every request ended: {frame:?}"),
+                Ok(None) => panic!("the session ended OK after an oversized frame"),
+                Err(status) => break status,
+            }
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("message size limit"),
+        "{status:?}"
+    );
+    assert!(
+        !session.requests.contains_key("huge"),
+        "the unread frame started nothing"
+    );
+}
+
+/// A `Generate` call whose request fails after the call was answered — shed after waiting at
+/// the router, or every worker lost mid-stream — ends with that failure as its status (with
+/// `retry-after` when shed), not OK: clients that read only the status see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generate_call_that_fails_later_ends_with_the_failure_as_its_status() {
+    let mut policy = PolicyDocument::default();
+    policy.latency_critical.max_queue_wait_ms = 300.0;
+    policy.latency_critical.retry_after_ms = 700;
+    let cluster = Cluster::start(1, 1, RouterConfig::default(), Some(policy)).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("h", 1).await;
+
+    let mut client = InferenceClient::new(cluster.channel().await);
+    let status = within(
+        "generate",
+        client.generate(request("late", "late", 3, RequestClass::LatencyCritical)),
+    )
+    .await
+    .expect_err("shed after its queue wait");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        status.metadata().get("retry-after-ms"),
+        Some(&"700".parse().expect("ascii")),
+        "{status:?}"
+    );
+    cluster.engine(0).release();
+    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+
+    // Lost mid-stream with nowhere to go: the `Failed` frame, then the same as the status.
+    cluster.script.set(
+        "doomed",
+        [Plan::fault(Fault::DieAfter(2)).paced(Duration::from_millis(5))],
+    );
+    let mut stream = within(
+        "generate",
+        client.generate(request("d", "doomed", 30, RequestClass::Auto)),
+    )
+    .await
+    .expect("accepted")
+    .into_inner();
+    let mut failed = None;
+    let status = loop {
+        match within("a frame", stream.message()).await {
+            Ok(Some(frame)) => {
+                if let Some(Frame::Failed(f)) = frame.frame {
+                    failed = Some(f);
+                }
+            }
+            Ok(None) => panic!("the call ended OK after {failed:?}"),
+            Err(status) => break status,
+        }
+    };
+    let failed = failed.expect("a Failed frame before the status");
+    assert_eq!(Code::from_i32(failed.code), Code::Unavailable, "{failed:?}");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), failed.message);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_does_not_stall_the_worker_for_others() {
     let config = RouterConfig {
