@@ -189,11 +189,16 @@ pub async fn run_control_plane(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(AdminServer::new(
-            AdminService::new(plane.clone())
-                .with_access(config.security.access.clone())
-                .with_cluster_token(config.security.cluster_token.clone()),
-        ));
+        .add_service(
+            AdminServer::new(
+                AdminService::new(plane.clone())
+                    .with_access(config.security.access.clone())
+                    .with_cluster_token(config.security.cluster_token.clone()),
+            )
+            // Clients set to compress (policy documents, reports) are served as any other.
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed(tonic::codec::CompressionEncoding::Deflate),
+        );
     let connections = config.connections;
     let grpc_server = async {
         let bind_error = |source| ControlPlaneError::Bind { addr: grpc, source };

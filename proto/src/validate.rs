@@ -1,7 +1,7 @@
 //! Validation of client requests at the wire boundary. Every rule names the offending field so
 //! the caller can fix its request; the router maps a violation to `INVALID_ARGUMENT`.
 
-use crate::v1::{ChatMessage, GenerateRequest, Interrupt, SamplingParams};
+use crate::v1::{ChatMessage, GenerateRequest, Interrupt, RequestClass, SamplingParams};
 
 /// Size limits a router enforces on incoming requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,8 +66,15 @@ pub fn validate_generate_request(
 ) -> Result<(), FieldViolation> {
     validate_request_id(&request.request_id, limits)?;
     validate_affinity_and_metadata(request, limits)?;
-    if request.model.trim().is_empty() {
-        return Err(FieldViolation::new("model", "must not be empty"));
+    validate_model(&request.model)?;
+    if RequestClass::try_from(request.class).is_err() {
+        return Err(FieldViolation::new(
+            "class",
+            format!(
+                "is {}, must be 0 (auto), 1 (latency-critical) or 2 (cost-sensitive)",
+                request.class
+            ),
+        ));
     }
     match (request.messages.is_empty(), request.prompt.is_empty()) {
         (true, true) => {
@@ -235,7 +242,35 @@ fn validate_request_id(id: &str, limits: &RequestLimits) -> Result<(), FieldViol
             ),
         ));
     }
-    Ok(())
+    printable("request_id", id)
+}
+
+/// Longest model name accepted: names are short identifiers, and one is echoed in errors.
+pub const MAX_MODEL_BYTES: usize = 256;
+
+/// Identifiers are logged and echoed in errors and headers: a control character (a newline
+/// starting a forged log line, say) is refused.
+fn printable(field: &str, value: &str) -> Result<(), FieldViolation> {
+    match value.char_indices().find(|(_, c)| c.is_control()) {
+        Some((at, c)) => Err(FieldViolation::new(
+            field,
+            format!("has the control character {c:?} at byte {at}; use printable characters"),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn validate_model(model: &str) -> Result<(), FieldViolation> {
+    if model.trim().is_empty() {
+        return Err(FieldViolation::new("model", "must not be empty"));
+    }
+    if model.len() > MAX_MODEL_BYTES {
+        return Err(FieldViolation::new(
+            "model",
+            format!("is {} bytes, the limit is {MAX_MODEL_BYTES}", model.len()),
+        ));
+    }
+    printable("model", model)
 }
 
 /// The routing hints are stored per request and the affinity key is hashed into routing
@@ -401,6 +436,46 @@ mod tests {
         let mut r = valid();
         r.sampling.as_mut().unwrap().top_p = Some(0.0);
         assert_eq!(field_of(r), "sampling.top_p");
+    }
+
+    #[test]
+    fn identifiers_are_printable_and_short_and_the_class_is_known() {
+        let forged = "q1\n2026-12-05T08:00:00Z ERROR forged line";
+        assert_eq!(
+            field_of(GenerateRequest {
+                request_id: forged.into(),
+                ..valid()
+            }),
+            "request_id"
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                model: "m\u{1b}[31m".into(),
+                ..valid()
+            }),
+            "model"
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                model: "m".repeat(MAX_MODEL_BYTES + 1),
+                ..valid()
+            }),
+            "model"
+        );
+        for class in [3, -1] {
+            assert_eq!(field_of(GenerateRequest { class, ..valid() }), "class");
+        }
+        // Unicode that prints is fine.
+        let fine = GenerateRequest {
+            request_id: "réq-🦀".into(),
+            model: "m".repeat(MAX_MODEL_BYTES),
+            class: 2,
+            ..valid()
+        };
+        assert_eq!(
+            validate_generate_request(&fine, &RequestLimits::default()),
+            Ok(())
+        );
     }
 
     #[test]

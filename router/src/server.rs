@@ -13,6 +13,7 @@ use switchyard_cluster::{Registry, RegistryError};
 use switchyard_proto::v1::inference_server::InferenceServer;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
+use tonic::codec::CompressionEncoding;
 use tonic_health::server::HealthReporter;
 use tracing::{info, warn};
 
@@ -202,8 +203,12 @@ pub async fn run_router_with_endpoints(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         // Only Inference is authenticated: health and reflection stay open to probes and tools.
-        .add_service(InferenceServer::with_interceptor(
-            InferenceService::new(dispatcher.clone()),
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            // Clients may compress what they send (long prompts and histories); answers stay
+            // plain: token frames are too small to gain from it.
+            InferenceServer::new(InferenceService::new(dispatcher.clone()))
+                .accept_compressed(CompressionEncoding::Gzip)
+                .accept_compressed(CompressionEncoding::Deflate),
             AuthInterceptor::new(api_keys.clone()),
         ));
     let bind_error = |source| RouterError::Bind {

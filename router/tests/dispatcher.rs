@@ -921,6 +921,60 @@ async fn unavailable_on_one_worker_is_placed_on_another() {
     assert!(served[0].1.resume_tokens.is_empty());
 }
 
+/// Clients set to compress what they send (gzip or deflate, as grpcio's `compression=`
+/// does) are served like any other, on both calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_requests_are_served() {
+    use tonic::codec::CompressionEncoding;
+    let cluster = Cluster::start(1, 2, RouterConfig::default(), None).await;
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Deflate] {
+        let mut client = InferenceClient::new(cluster.channel().await).send_compressed(encoding);
+        let mut stream = within(
+            "a compressed Generate",
+            client.generate(request("g", "squeezed", 3, RequestClass::Auto)),
+        )
+        .await
+        .unwrap_or_else(|status| panic!("{encoding:?}: {status:?}"))
+        .into_inner();
+        let mut text = String::new();
+        while let Some(frame) = within("a frame", stream.message()).await.expect("frames") {
+            if let Some(Frame::Tokens(tokens)) = frame.frame {
+                text.push_str(&tokens.text);
+            }
+        }
+        assert_eq!(text, fault_text("squeezed", 0, 3), "{encoding:?}");
+
+        let (frames, outbound) = mpsc::unbounded_channel();
+        let mut inbound = within(
+            "a compressed Session",
+            client.session(UnboundedReceiverStream::new(outbound)),
+        )
+        .await
+        .expect("session opened")
+        .into_inner();
+        frames
+            .send(v1::ClientFrame {
+                frame: Some(client_frame::Frame::Start(request(
+                    "s",
+                    "squeezed",
+                    3,
+                    RequestClass::Auto,
+                ))),
+            })
+            .expect("session open");
+        let finished = loop {
+            match within("a frame", inbound.message()).await {
+                Ok(Some(v1::ServerFrame {
+                    frame: Some(Frame::Finished(finished)),
+                })) => break finished,
+                Ok(Some(_)) => continue,
+                other => panic!("{encoding:?}: {other:?}"),
+            }
+        };
+        assert_eq!(finished.reason, FinishReason::Length as i32);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_argument_from_the_engine_reaches_the_client() {
     let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
@@ -1229,16 +1283,11 @@ async fn an_oversized_frame_ends_the_session_after_its_requests_last_frames() {
     ));
     let end = session.end("a").await;
     assert!(end.ended(), "{end:?}");
-    let status = within("the session's end", async {
-        loop {
-            match session.inbound.message().await {
-                Ok(Some(frame)) => panic!("a frame after every request ended: {frame:?}"),
-                Ok(None) => panic!("the session ended OK after an oversized frame"),
-                Err(status) => break status,
-            }
-        }
-    })
-    .await;
+    let status = match within("the session's end", session.inbound.message()).await {
+        Ok(Some(frame)) => panic!("a frame after every request ended: {frame:?}"),
+        Ok(None) => panic!("the session ended OK after an oversized frame"),
+        Err(status) => status,
+    };
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("message size limit"),

@@ -64,6 +64,7 @@ fn is_request_field(
         field,
         "request_id"
             | "model"
+            | "class"
             | "prompt"
             | "sampling.max_tokens"
             | "sampling.temperature"
@@ -95,8 +96,13 @@ fn logit_bias_entry(field: &str, logit_bias: &std::collections::HashMap<u32, f32
 /// The wire rules, written out independently of `validate_generate_request`.
 fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
     let s = r.sampling.clone().unwrap_or_default();
+    let printable = |s: &str| !s.chars().any(char::is_control);
     !r.request_id.is_empty()
         && r.request_id.len() <= limits.max_request_id_bytes
+        && printable(&r.request_id)
+        && r.model.len() <= super::MAX_MODEL_BYTES
+        && printable(&r.model)
+        && (0..=2).contains(&r.class)
         && r.affinity_key.len() <= limits.max_affinity_key_bytes
         && r.metadata.len() <= limits.max_metadata_entries
         && r.metadata.iter().all(|(k, v)| {
@@ -300,7 +306,7 @@ fn request() -> impl Strategy<Value = GenerateRequest> {
         messages(),
         text(),
         sampling(),
-        any::<i32>(),
+        prop_oneof![8 => 0i32..=2, 1 => any::<i32>()],
         any::<u32>(),
         text(),
         proptest::collection::btree_map(text(), text(), 0..3),
