@@ -6,6 +6,7 @@ use futures::Stream;
 use switchyard_proto::v1;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::BroadcastStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -20,6 +21,9 @@ pub struct AdminService {
     access: Access,
     /// Routers' reports must carry it when set (see [`AdminService::with_cluster_token`]).
     cluster_token: Option<ClusterToken>,
+    /// Fires when the control plane stops: open `WatchEvents` and `Report` streams end then,
+    /// instead of holding the graceful shutdown until their clients hang up.
+    stopping: CancellationToken,
 }
 
 impl AdminService {
@@ -29,7 +33,14 @@ impl AdminService {
             plane,
             access: Access::default(),
             cluster_token: None,
+            stopping: CancellationToken::new(),
         }
+    }
+
+    /// Ends the service's open streams when `stopping` fires.
+    pub fn with_stopping(mut self, stopping: CancellationToken) -> Self {
+        self.stopping = stopping;
+        self
     }
 
     /// Routers' reports (`Report`) are accepted only with this cluster token; the other calls
@@ -170,6 +181,8 @@ impl v1::admin_server::Admin for AdminService {
                 }
             }
         });
+        let events =
+            futures::StreamExt::take_until(events, self.stopping.clone().cancelled_owned());
         Ok(Response::new(Box::pin(events)))
     }
 
@@ -188,7 +201,13 @@ impl v1::admin_server::Admin for AdminService {
         let mut reports = request.into_inner();
         // A malformed entry is dropped alone (counted, logged): the stream goes on.
         let mut intake = self.plane.insights().intake();
-        while let Some(report) = reports.message().await? {
+        loop {
+            let report = tokio::select! {
+                report = reports.message() => report?,
+                // The router reports to whichever replica leads next.
+                () = self.stopping.cancelled() => None,
+            };
+            let Some(report) = report else { break };
             intake.take(report);
         }
         Ok(Response::new(v1::ReportSummary {

@@ -193,7 +193,8 @@ pub async fn run_control_plane(
             AdminServer::new(
                 AdminService::new(plane.clone())
                     .with_access(config.security.access.clone())
-                    .with_cluster_token(config.security.cluster_token.clone()),
+                    .with_cluster_token(config.security.cluster_token.clone())
+                    .with_stopping(shutdown.clone()),
             )
             // Clients set to compress (policy documents, reports) are served as any other.
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)

@@ -1282,3 +1282,36 @@ async fn an_oversized_client_field_loses_no_other_report() -> anyhow::Result<()>
         .await?;
     Ok(())
 }
+
+/// A control plane told to stop ends its open streams (an operator's `WatchEvents`, routers'
+/// reports) and exits, instead of waiting for their clients to hang up — past Kubernetes'
+/// grace period, into a SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_control_plane_ends_open_watches_and_exits() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let mut admin = admin(cluster.control_plane.addr("grpc")).await?;
+    let mut events = admin
+        .watch_events(v1::WatchEventsRequest {})
+        .await?
+        .into_inner();
+    let started = Instant::now();
+    let status = cluster.control_plane.terminate(PATIENCE).await?;
+    assert!(status.success(), "exited with {status}");
+    // Well inside the 30 s a pod gets (the routers' report streams were open too).
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?} to exit",
+        started.elapsed()
+    );
+    let ended = tokio::time::timeout(PATIENCE, async {
+        while events.message().await.ok().flatten().is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch outlived the control plane");
+    Ok(())
+}
