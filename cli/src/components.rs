@@ -179,11 +179,38 @@ impl ConnectionArgs {
     }
 }
 
+/// How a component writes its log (stderr).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log line format: `text` (for people; coloured only when stderr is a terminal and
+    /// NO_COLOR is unset) or `json` (one JSON object a line with the event's fields and its
+    /// spans', for log pipelines). Level and targets: RUST_LOG (default `info`).
+    #[arg(long, env = "SWITCHYARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl From<LogFormat> for switchyard_cluster::telemetry::LogFormat {
+    fn from(format: LogFormat) -> Self {
+        match format {
+            LogFormat::Text => Self::Text,
+            LogFormat::Json => Self::Json,
+        }
+    }
+}
+
 /// Where a component serves Prometheus `/metrics`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MetricsArgs {
-    /// Serve Prometheus `/metrics` on this address (port 0 picks a free port). Unset: no
-    /// separate metrics listener (the router still serves `/metrics` on its HTTP port).
+    /// Serve Prometheus `/metrics` on this address, plain HTTP (port 0 picks a free port).
+    /// Unset: a control plane or worker serves no metrics at all; a router (and router-wse,
+    /// its hosted worker's metrics included) serves them on its HTTP port either way.
     #[arg(long, env = "SWITCHYARD_METRICS_ADDR")]
     pub metrics_addr: Option<SocketAddr>,
 }
@@ -207,6 +234,8 @@ impl MetricsArgs {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RouterArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
@@ -290,6 +319,8 @@ impl RouterArgs {
 /// Options of both worker kinds.
 #[derive(Debug, Clone, clap::Args)]
 pub struct WorkerArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]
@@ -479,6 +510,8 @@ pub fn default_worker_id(pool: Pool) -> String {
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ControlPlaneArgs {
+    #[command(flatten)]
+    pub log: LogArgs,
     #[command(flatten)]
     pub cluster: ClusterArgs,
     #[command(flatten)]

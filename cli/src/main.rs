@@ -57,7 +57,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry = switchyard_cluster::telemetry::init(cli.command.service_name())?;
+    let telemetry =
+        switchyard_cluster::telemetry::init(cli.command.service_name(), cli.command.log_format())?;
     if !matches!(cli.command, Command::Chat(_)) {
         // Every connection takes a descriptor: a soft limit of 1024 (a common default) runs
         // out long before memory does.
@@ -73,6 +74,18 @@ async fn main() -> anyhow::Result<()> {
 }
 
 impl Command {
+    /// `--log-format` of a component; the chat client logs text.
+    fn log_format(&self) -> switchyard_cluster::telemetry::LogFormat {
+        let args = match self {
+            Command::Up(args) => &args.log,
+            Command::Chat(_) => return switchyard_cluster::telemetry::LogFormat::Text,
+            Command::Router(args) | Command::RouterWse { router: args, .. } => &args.log,
+            Command::WorkerGpu { worker, .. } | Command::WorkerWse { worker, .. } => &worker.log,
+            Command::ControlPlane(args) => &args.log,
+        };
+        args.log_format.into()
+    }
+
     /// OpenTelemetry `service.name` of the process.
     fn service_name(&self) -> &'static str {
         match self {

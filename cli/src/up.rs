@@ -55,6 +55,8 @@ pub struct UpArgs {
     /// the router's and control plane's client certificates (mTLS).
     #[arg(long)]
     pub tls: bool,
+    #[command(flatten)]
+    pub log: crate::components::LogArgs,
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {

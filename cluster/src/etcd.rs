@@ -13,7 +13,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
 
 use crate::membership::{Membership, MembershipView, publish};
 use crate::registry::{Command, Fence, Registration, Registry, RegistryError};
@@ -21,6 +24,7 @@ use crate::schema::{
     DRAIN_PREFIX, LEADER_KEY, POLICY_KEY, WORKERS_PREFIX, WorkerRecord, drain_key, parse_drain_key,
     parse_worker_key,
 };
+use crate::telemetry::ErrorChain;
 use crate::telemetry::metrics::Metrics;
 
 /// Runs `op`, under `fence` when given (one transaction: compare the fence's lease, then
@@ -46,8 +50,119 @@ async fn fenced(
     })
 }
 
-/// Pause before retrying after etcd failed.
-const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+/// Pauses before a broken watch starts over: 500 ms doubling to 10 s, each drawn from the upper
+/// half of its ceiling (jitter). So a watch re-reads and resumes within 10 s of etcd's return.
+const WATCH_RETRY_INITIAL: Duration = Duration::from_millis(500);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(10);
+/// A watch that ran this long since it was last (re)established starts its pauses over.
+const WATCH_HEALTHY_AFTER: Duration = Duration::from_secs(10);
+/// Pauses between attempts to register again after the lease was lost: 500 ms doubling to 5 s
+/// (a worker out of the membership gets no new routers' traffic, so it comes back quickly).
+const REGISTER_RETRY_MAX: Duration = Duration::from_secs(5);
+/// While etcd keeps failing, a failure is logged at WARN again (with the count since the
+/// first) at most this often; the others at DEBUG.
+const REPEAT_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Retries of one etcd loop (a watch, the registration): the pause before each attempt, and
+/// logs that say what happens without flooding during an outage — the first failure at WARN,
+/// repeats at DEBUG and a WARN at most every [`REPEAT_WARN_EVERY`] counting the failures since
+/// the first, and an INFO line when it works again.
+#[derive(Debug)]
+struct Retry {
+    /// What is retried, for the log lines: `membership watch`, `key watch`, `registration`.
+    what: &'static str,
+    /// What holds meanwhile, for the log lines.
+    meanwhile: &'static str,
+    /// The etcd key (or prefix) concerned.
+    key: String,
+    backoff: Backoff,
+    /// Failures since it last worked, and when the first of them was.
+    failures: u64,
+    failing_since: Option<Instant>,
+    last_warned: Option<Instant>,
+    /// When it last (re)started working.
+    working_since: Option<Instant>,
+}
+
+impl Retry {
+    fn new(
+        what: &'static str,
+        meanwhile: &'static str,
+        key: impl Into<String>,
+        max: Duration,
+    ) -> Self {
+        Self {
+            what,
+            meanwhile,
+            key: key.into(),
+            backoff: Backoff::new(WATCH_RETRY_INITIAL, max),
+            failures: 0,
+            failing_since: None,
+            last_warned: None,
+            working_since: Some(Instant::now()),
+        }
+    }
+
+    /// It works (the watch is established, the lease granted): says so if it had been failing.
+    fn working(&mut self) {
+        let now = Instant::now();
+        if let Some(since) = self.failing_since.take() {
+            info!(
+                what = self.what,
+                key = %self.key,
+                failures = self.failures,
+                failing_for = ?now.duration_since(since),
+                "etcd {} working again",
+                self.what
+            );
+        }
+        self.failures = 0;
+        self.last_warned = None;
+        self.working_since = Some(now);
+    }
+
+    /// It failed (`error`), or ended without one (etcd cancelled the watch, or closed its
+    /// stream): logs, and returns the pause before the next attempt.
+    fn failed(&mut self, error: Option<&(dyn std::error::Error + 'static)>) -> Duration {
+        let now = Instant::now();
+        if let Some(since) = self.working_since.take()
+            && now.duration_since(since) >= WATCH_HEALTHY_AFTER
+        {
+            self.backoff.reset();
+        }
+        let delay = self.backoff.next_delay();
+        let Some(error) = error else {
+            debug!(what = self.what, key = %self.key, retry_in = ?delay, "etcd {} ended; starting over", self.what);
+            return delay;
+        };
+        self.failures += 1;
+        let first = *self.failing_since.get_or_insert(now);
+        let error = ErrorChain(error);
+        if self.failures == 1 {
+            self.last_warned = Some(now);
+            warn!(what = self.what, key = %self.key, %error, retry_in = ?delay, "etcd {} failed; {}, retrying", self.what, self.meanwhile);
+        } else if self
+            .last_warned
+            .is_none_or(|at| now.duration_since(at) >= REPEAT_WARN_EVERY)
+        {
+            self.last_warned = Some(now);
+            warn!(
+                what = self.what,
+                key = %self.key,
+                %error,
+                failures = self.failures,
+                failing_for = ?now.duration_since(first),
+                retry_in = ?delay,
+                "etcd {} still failing; {}, retrying",
+                self.what,
+                self.meanwhile
+            );
+        } else {
+            debug!(what = self.what, key = %self.key, %error, failures = self.failures, retry_in = ?delay, "etcd {} failed again", self.what);
+        }
+        delay
+    }
+}
 
 /// HTTP/2 keepalive of the etcd connection. etcd (gRPC's enforcement policy) answers a client
 /// that pings more often than `--grpc-keepalive-min-time` (default 5 s), or pings while no
@@ -351,21 +466,34 @@ async fn watch_key_loop<T: PartialEq + Send + Sync + 'static>(
     decode: fn(Option<Vec<u8>>) -> T,
     restarts: Counter,
 ) {
+    let mut retry = Retry::new(
+        "key watch",
+        "keeping the last value",
+        key.clone(),
+        WATCH_RETRY_MAX,
+    );
     loop {
-        if let Err(error) = watch_key_from(&mut client, &key, &tx, &mut revision, decode).await {
-            warn!(key, %error, "key watch failed; keeping the last value and retrying");
-        }
+        let result =
+            watch_key_from(&mut client, &key, &tx, &mut revision, decode, &mut retry).await;
         if tx.is_closed() {
             return;
         }
+        let mut delay = retry.failed(result.as_ref().err().map(|e| e as _));
         restarts.inc();
-        tokio::time::sleep(RETRY_BACKOFF).await;
-        match get_key(&mut client, &key).await {
-            Ok((value, rev)) => {
-                send_changed(&tx, decode(value));
-                revision = rev;
+        // Read the key again before watching: changes may have been compacted away meanwhile.
+        loop {
+            tokio::time::sleep(delay).await;
+            match get_key(&mut client, &key).await {
+                Ok((value, rev)) => {
+                    send_changed(&tx, decode(value));
+                    revision = rev;
+                    break;
+                }
+                Err(error) => delay = retry.failed(Some(&error)),
             }
-            Err(error) => debug!(key, %error, "key re-read failed"),
+            if tx.is_closed() {
+                return;
+            }
         }
     }
 }
@@ -376,9 +504,11 @@ async fn watch_key_from<T: PartialEq>(
     tx: &watch::Sender<T>,
     revision: &mut i64,
     decode: fn(Option<Vec<u8>>) -> T,
+    retry: &mut Retry,
 ) -> Result<(), RegistryError> {
     let options = WatchOptions::new().with_start_revision(*revision + 1);
     let mut stream = client.watch(key, Some(options)).await?;
+    retry.working();
     while let Some(response) = stream.message().await? {
         if response.canceled() || response.compact_revision() > 0 {
             warn!(
@@ -456,14 +586,23 @@ async fn keep_registered(
 ) {
     let period = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(100));
     let mut lease = Some(first);
+    let mut retry = Retry::new(
+        "registration",
+        "routers keep their links to this worker",
+        record.key(),
+        REGISTER_RETRY_MAX,
+    );
     loop {
         let Some(current) = lease.as_mut() else {
             match Lease::establish(&mut client, &record, ttl_secs).await {
-                Ok(l) => lease = Some(l),
+                Ok(l) => {
+                    retry.working();
+                    lease = Some(l);
+                }
                 Err(error) => {
-                    warn!(worker_id = %record.id, %error, "re-registration failed; retrying");
+                    let delay = retry.failed(Some(&error));
                     tokio::select! {
-                        _ = tokio::time::sleep(RETRY_BACKOFF) => {}
+                        _ = tokio::time::sleep(delay) => {}
                         command = commands.recv() => {
                             if !serve_command_unregistered(command, &mut record) { return; }
                         }
@@ -475,7 +614,7 @@ async fn keep_registered(
         tokio::select! {
             _ = tokio::time::sleep(period) => {
                 if let Err(error) = current.keeper.keep_alive().await {
-                    warn!(worker_id = %record.id, %error, "lease keepalive failed");
+                    warn!(worker_id = %record.id, error = %ErrorChain(&error), "lease keepalive failed; registering again");
                     lease = None;
                 }
             }
@@ -486,7 +625,7 @@ async fn keep_registered(
                     lease = None;
                 }
                 Err(error) => {
-                    warn!(worker_id = %record.id, %error, "lease keepalive stream failed");
+                    warn!(worker_id = %record.id, error = %ErrorChain(&error), "lease keepalive stream failed; registering again");
                     lease = None;
                 }
             },
@@ -566,22 +705,33 @@ async fn watch_loop(
     mut revision: i64,
     restarts: Counter,
 ) {
+    let mut retry = Retry::new(
+        "membership watch",
+        "keeping the last view",
+        WORKERS_PREFIX,
+        WATCH_RETRY_MAX,
+    );
     loop {
-        if let Err(error) = watch_from(&mut client, &tx, &mut revision).await {
-            warn!(%error, "membership watch failed; keeping the last view and retrying");
-        }
+        let result = watch_from(&mut client, &tx, &mut revision, &mut retry).await;
         if tx.is_closed() {
             return;
         }
+        let mut delay = retry.failed(result.as_ref().err().map(|e| e as _));
         restarts.inc();
-        tokio::time::sleep(RETRY_BACKOFF).await;
         // Re-list: events may have been missed or compacted away while disconnected.
-        match list(&mut client).await {
-            Ok((records, rev)) => {
-                publish(&tx, MembershipView::from_records(records));
-                revision = rev;
+        loop {
+            tokio::time::sleep(delay).await;
+            match list(&mut client).await {
+                Ok((records, rev)) => {
+                    relisted(&tx, records);
+                    revision = rev;
+                    break;
+                }
+                Err(error) => delay = retry.failed(Some(&error)),
             }
-            Err(error) => debug!(%error, "membership re-list failed"),
+            if tx.is_closed() {
+                return;
+            }
         }
     }
 }
@@ -590,11 +740,13 @@ async fn watch_from(
     client: &mut Client,
     tx: &watch::Sender<Arc<MembershipView>>,
     revision: &mut i64,
+    retry: &mut Retry,
 ) -> Result<(), RegistryError> {
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(*revision + 1);
     let mut stream = client.watch(WORKERS_PREFIX, Some(options)).await?;
+    retry.working();
     while let Some(response) = stream.message().await? {
         if response.canceled() || response.compact_revision() > 0 {
             warn!(
@@ -630,14 +782,51 @@ fn apply(tx: &watch::Sender<Arc<MembershipView>>, response: &WatchResponse, revi
         match event.event_type() {
             EventType::Put => {
                 if let Some(record) = decode_record(kv.key(), kv.value()) {
+                    if view.get(&record.id).is_none() {
+                        log_joined(&record);
+                    }
                     view.upsert(record);
                 }
             }
             EventType::Delete => {
-                if view.remove(id).is_some() {
-                    info!(worker_id = id, "worker left the membership");
+                if let Some(record) = view.remove(id) {
+                    log_left(&record);
                 }
             }
+        }
+    }
+    publish(tx, view);
+}
+
+fn log_joined(record: &WorkerRecord) {
+    info!(
+        worker_id = %record.id,
+        pool = %record.pool,
+        address = %record.address,
+        state = record.state.as_str(),
+        "worker joined the membership"
+    );
+}
+
+fn log_left(record: &WorkerRecord) {
+    info!(
+        worker_id = %record.id,
+        pool = %record.pool,
+        address = %record.address,
+        "worker left the membership"
+    );
+}
+
+/// Publishes a fresh listing, logging the workers that joined or left while the watch was down.
+fn relisted(tx: &watch::Sender<Arc<MembershipView>>, records: Vec<WorkerRecord>) {
+    let view = MembershipView::from_records(records);
+    {
+        let old = tx.borrow();
+        for record in view.iter().filter(|r| old.get(&r.id).is_none()) {
+            log_joined(record);
+        }
+        for record in old.iter().filter(|r| view.get(&r.id).is_none()) {
+            log_left(record);
         }
     }
     publish(tx, view);

@@ -248,7 +248,12 @@ pub async fn run_control_plane(
         }
         .map_err(ControlPlaneError::Http)
     };
-    info!(id = %config.id, grpc = %grpc, http = ?endpoints.http, "control plane ready");
+    info!(
+        id = %config.id,
+        grpc = %grpc,
+        http = %endpoints.http.map_or_else(|| "off".to_string(), |a| a.to_string()),
+        "control plane ready"
+    );
     on_ready(endpoints);
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     background.cancel();

@@ -461,3 +461,66 @@ async fn client_trace_context_reaches_the_worker_through_the_router() -> anyhow:
     assert!(root.parent_span_id.is_empty(), "{root:?}");
     Ok(())
 }
+
+/// `SWITCHYARD_LOG_FORMAT=json`: every component writes one JSON object a line; the router's
+/// per-request `accepted` line carries its `router.request` span's fields, and the membership
+/// watch logs a worker that joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_span_and_membership_changes() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        env: vec![("SWITCHYARD_LOG_FORMAT".into(), "json".into())],
+        ..Default::default()
+    })
+    .await?;
+    let request = synthetic_request("json-log-1", RequestClass::CostSensitive, "log me", 4);
+    let (accepted, _) = generate(&cluster.router_addr(), request, None).await?;
+
+    let line = cluster.router.wait_for_log("\"accepted\"", TIMEOUT).await?;
+    let line: serde_json::Value = serde_json::from_str(&line)?;
+    assert_eq!(line["level"], "INFO", "{line}");
+    assert_eq!(line["fields"]["message"], "accepted", "{line}");
+    assert_eq!(line["target"], "switchyard_router::dispatch::run", "{line}");
+    let span = &line["span"];
+    assert_eq!(span["name"], "router.request", "{line}");
+    assert_eq!(span["request_id"], "json-log-1", "{line}");
+    assert_eq!(span["lane"], "cost-sensitive", "{line}");
+    assert_eq!(span["pool"], accepted.pool.as_str(), "{line}");
+    assert_eq!(span["worker"], accepted.worker_id.as_str(), "{line}");
+    assert!(span["reason"].is_string(), "{line}");
+
+    let _late = switchyard_tests::start_gpu_worker(&cluster.etcd.url, "gpu-late", &[], 1).await?;
+    // The router's membership watch logs the worker that joined, as JSON.
+    let joined = cluster.router.wait_for_log("gpu-late", TIMEOUT).await?;
+    let joined: serde_json::Value = serde_json::from_str(&joined)?;
+    assert_eq!(
+        joined["fields"]["message"], "worker joined the membership",
+        "{joined}"
+    );
+    assert_eq!(joined["fields"]["worker_id"], "gpu-late", "{joined}");
+    assert_eq!(joined["fields"]["pool"], "gpu", "{joined}");
+    assert!(joined["fields"]["address"].is_string(), "{joined}");
+    // So does the control plane's (the harness starts it with text logs).
+    let joined = cluster
+        .control_plane
+        .wait_for_log("worker joined the membership worker_id=gpu-late", TIMEOUT)
+        .await?;
+    assert!(
+        joined.contains("worker_id=gpu-late pool=gpu address=127.0.0.1:"),
+        "{joined}"
+    );
+
+    for component in std::iter::once(&cluster.router).chain(&cluster.gpu) {
+        let log = std::fs::read_to_string(&component.log)?;
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let parsed: Result<serde_json::Value, _> = serde_json::from_str(line);
+            assert!(
+                parsed.is_ok(),
+                "{}: not a JSON line: {line}",
+                component.name
+            );
+        }
+    }
+    Ok(())
+}

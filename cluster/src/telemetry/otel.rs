@@ -9,9 +9,13 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::filter::Targets;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt as _;
-use tracing_subscriber::{EnvFilter, Layer as _};
+use tracing_subscriber::{EnvFilter, Layer};
+
+use super::{LatestSpanFields, LogFormat, colour_stderr};
 
 /// The variable that switches OTLP export on.
 pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
@@ -66,10 +70,38 @@ pub fn env_filter() -> EnvFilter {
     EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))
 }
 
-/// Installs the global subscriber for component `service_name`: logs to stderr, plus OTLP/gRPC
-/// span export when [`OTLP_ENDPOINT_ENV`] is set (non-empty). Must run inside a Tokio runtime
-/// (the tonic exporter spawns its connection there).
-pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
+/// The layer writing log lines to `writer` in `format`: text (with ANSI colours when `ansi`;
+/// each span field once, with its latest value) or JSON, one object a line with the event's
+/// `fields`, its current `span` and the list of `spans`, each with its fields.
+pub fn log_layer<S, W>(
+    format: LogFormat,
+    writer: W,
+    ansi: bool,
+) -> Box<dyn Layer<S> + Send + Sync + 'static>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(writer)
+            .with_ansi(ansi)
+            .and_then(LatestSpanFields)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .with_writer(writer)
+            .with_ansi(false)
+            .boxed(),
+    }
+}
+
+/// Installs the global subscriber for component `service_name`: logs to stderr in `format`,
+/// plus OTLP/gRPC span export when [`OTLP_ENDPOINT_ENV`] is set (non-empty). Must run inside a
+/// Tokio runtime (the tonic exporter spawns its connection there).
+pub fn init(service_name: &str, format: LogFormat) -> Result<Telemetry, TelemetryError> {
     let endpoint = std::env::var(OTLP_ENDPOINT_ENV)
         .ok()
         .filter(|e| !e.trim().is_empty());
@@ -85,7 +117,7 @@ pub fn init(service_name: &str) -> Result<Telemetry, TelemetryError> {
         .lossy(false)
         .buffered_lines_limit(8_192)
         .finish(std::io::stderr());
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = log_layer(format, writer, format == LogFormat::Text && colour_stderr());
     // The exporter's own transport must not be traced: its spans would feed the exporter.
     let otel = provider.as_ref().map(|provider| {
         let quiet = Targets::new()
@@ -145,4 +177,84 @@ fn tracer_provider(
         .with_resource(resource)
         .with_batch_exporter(exporter)
         .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn log_one_request(format: LogFormat, ansi: bool) -> String {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber =
+            tracing_subscriber::registry().with(log_layer(format, move || writer.clone(), ansi));
+        tracing::subscriber::with_default(subscriber, || {
+            let span = tracing::info_span!(
+                "router.request",
+                request_id = "r-1",
+                lane = tracing::field::Empty,
+                worker = tracing::field::Empty
+            );
+            span.record("lane", "batch");
+            span.record("lane", "latency-critical");
+            span.record("worker", "gpu-7");
+            span.in_scope(|| tracing::info!(tokens = 12u64, "accepted"));
+        });
+        captured.text()
+    }
+
+    #[test]
+    fn json_lines_parse_with_the_event_and_its_spans_fields() {
+        let text = log_one_request(LogFormat::Json, true);
+        let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        assert_eq!(line["level"], "INFO", "{line}");
+        assert!(line["timestamp"].is_string(), "{line}");
+        assert_eq!(line["target"], module_path!(), "{line}");
+        assert_eq!(line["fields"]["message"], "accepted", "{line}");
+        assert_eq!(line["fields"]["tokens"], 12, "{line}");
+        assert_eq!(line["span"]["name"], "router.request", "{line}");
+        assert_eq!(line["span"]["request_id"], "r-1", "{line}");
+        assert_eq!(line["span"]["lane"], "latency-critical", "{line}");
+        assert_eq!(line["span"]["worker"], "gpu-7", "{line}");
+        assert_eq!(line["spans"][0]["request_id"], "r-1", "{line}");
+        assert!(!text.contains('\x1b'), "no escape codes in JSON: {text}");
+    }
+
+    #[test]
+    fn text_lines_carry_each_span_field_once_and_colour_only_when_asked() {
+        let text = log_one_request(LogFormat::Text, false);
+        assert!(
+            text.contains(
+                r#"router.request{request_id="r-1" lane="latency-critical" worker="gpu-7"}"#
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("lane=").count(), 1, "{text}");
+        assert!(!text.contains('\x1b'), "{text}");
+        let coloured = log_one_request(LogFormat::Text, true);
+        assert!(coloured.contains('\x1b'), "{coloured}");
+        assert_eq!(coloured.matches("lane").count(), 1, "{coloured}");
+    }
 }

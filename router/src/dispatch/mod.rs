@@ -328,9 +328,7 @@ impl Dispatcher {
             }))),
             Err(error) => {
                 self.unplaced(&request, &class, &prompt_ids, &error, sampled, arrived);
-                span.in_scope(
-                    || info!(request_id = %request.request_id, code = ?error.code(), "refused"),
-                );
+                span.in_scope(|| info!(code = ?error.code(), "refused"));
                 Err(error)
             }
         }
@@ -429,7 +427,7 @@ impl Dispatcher {
             Ok(chosen) => chosen,
             Err(error) => {
                 span.record("reason", format!("{}; shed: {error}", class.reason));
-                info!(request_id = %request.request_id, lane = class.lane.as_str(), %error, "not placed");
+                info!(%error, "not placed");
                 self.unplaced(&request, &class, &prompt_ids, &error, sampled, arrived);
                 held.release(None);
                 let _ = Box::pin(out.send(Ok(error.failed_frame(&request.request_id)))).await;
@@ -488,7 +486,7 @@ impl Dispatcher {
                 control = controls.recv(), if controls_open => match control {
                     Some(Control::Cancel) => {
                         drop(ticket);
-                        info!(request_id = %request.request_id, "cancelled while waiting at the router");
+                        info!("cancelled while waiting at the router");
                         self.cancelled_waiting(request, class, prompt_ids, sampled, arrived);
                         held.release(None);
                         let _ = out.send(Ok(finish::cancelled_frame(&request.request_id, arrived))).await;

@@ -381,7 +381,8 @@ impl<'d> Run<'d> {
             &record.id,
             &self.reason,
         );
-        info!(request_id = %self.request.request_id, lane = self.lane.label(), worker = %record.id, reason = %self.reason, "accepted");
+        // The request span carries the request id, lane, pool, worker and reason.
+        info!("accepted");
 
         let mut excluded = Vec::new();
         loop {
@@ -764,9 +765,10 @@ impl<'d> Run<'d> {
         let mut winner = winner.expect("the winner is still running");
         winner.control = control;
         metrics.hedged(lane, name);
-        info!(request_id = %self.request.request_id, worker = %link.id(), winner = name, "hedge race decided");
         self.reason = format!("{}; hedged, {name} won", self.reason);
         self.on_worker(&link.record());
+        // After on_worker: the span names the winning worker.
+        info!(winner = name, "hedge race decided");
         // The loser drops here, which cancels it; the charge settles as it drops.
         Ok((link, Ok(winner)))
     }
@@ -885,7 +887,7 @@ impl<'d> Run<'d> {
                         && interrupt.is_none()
                         && !self.cancelled
                     {
-                        info!(request_id = %self.request.request_id, worker = %link.id(), reason = order.reason.as_str(), "moving to another worker");
+                        info!(move_reason = order.reason.as_str(), "moving to another worker");
                         link.cancel(&generation_id, v1::FinishReason::Interrupted);
                         moving = Some(order.reason);
                     }
@@ -1009,7 +1011,10 @@ impl<'d> Run<'d> {
             .await
             .unwrap_or_default();
         self.segment_ids.clear();
-        info!(request_id = %self.request.request_id, keep_generated, "interrupted; continuing with new instructions");
+        info!(
+            keep_generated,
+            "interrupted; continuing with new instructions"
+        );
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt as _;
 use switchyard_cluster::identity::{self, IdentityMismatch};
 use switchyard_cluster::in_process;
+use switchyard_cluster::telemetry::chain_text;
 use switchyard_proto::hosted::Frames;
 use switchyard_proto::v1::{self, router_frame, worker_client::WorkerClient, worker_frame};
 use tokio::sync::mpsc::{self, error::TrySendError};
@@ -113,6 +114,25 @@ impl std::fmt::Display for LinkError {
             LinkError::Refused(mismatch) => mismatch.fmt(f),
             LinkError::Failed(why) => f.write_str(why),
         }
+    }
+}
+
+/// The text of a link that failed to come up: every cause, and where a plaintext link was
+/// answered in TLS (an HTTP/2 client reads a TLS record as a frame of an invalid size), what to
+/// check.
+fn link_error(error: &(dyn std::error::Error + 'static), plaintext: bool) -> String {
+    let text = chain_text(error);
+    let tls_answer = {
+        let lower = text.to_ascii_lowercase();
+        lower.contains("frame_size_error") || lower.contains("frame with invalid size")
+    };
+    if plaintext && tls_answer {
+        format!(
+            "{text} (is the worker serving TLS? set --tls-ca-file to the CA that signed its \
+             certificate)"
+        )
+    } else {
+        text
     }
 }
 
@@ -284,7 +304,7 @@ impl LinkTask {
                     Ok(Some(v1::WorkerFrame { frame: Some(frame) })) => self.on_frame(frame),
                     Ok(Some(_)) => {}
                     Ok(None) => break Ok(()),
-                    Err(status) => break Err(status.to_string()),
+                    Err(status) => break Err(chain_text(&status)),
                 },
                 // Owned: the permit must not borrow what the command branch writes to.
                 permit = outbound.frames.clone().reserve_owned(), if outbound.waiting.is_some() => match permit {
@@ -515,7 +535,7 @@ impl LinkTask {
                 match fetched {
                     None => {}
                     Some((Ok(fetched), claim)) => {
-                        info!(%worker, %model, vocab = fetched.tokenizer.vocab_size(), context_length = ?fetched.context_length, "tokenizer fetched; the router tokenizes this model's requests");
+                        info!(%worker, %model, vocab = fetched.tokenizer.vocab_size(), context_length = %fetched.context_length.map_or_else(|| "unknown".to_string(), |n| n.to_string()), "tokenizer fetched; the router tokenizes this model's requests");
                         claim.fulfil(fetched);
                     }
                     Some((Err(FetchError::NotFound(why)), _)) => {
@@ -572,6 +592,7 @@ async fn establish(
         links.hosted_worker(&record.id)
     });
     drop(links);
+    let plaintext = tls.is_none() && hosted.is_none();
     // With TLS, only a certificate naming the record's worker completes the handshake.
     let (endpoint, identity) = match &tls {
         _ if hosted.is_some() => (in_process::endpoint(), None),
@@ -581,12 +602,12 @@ async fn establish(
                 identity::worker_uri(record.pool, &record.id)
             };
             let (endpoint, check) = identity::endpoint(address, tls, expected)
-                .map_err(|e| LinkError::Failed(e.to_string()))?;
+                .map_err(|e| LinkError::Failed(chain_text(&*e)))?;
             (endpoint, Some(check))
         }
         None => (
             switchyard_cluster::tls::endpoint(address, None)
-                .map_err(|e| LinkError::Failed(e.to_string()))?,
+                .map_err(|e| LinkError::Failed(chain_text(&*e)))?,
             None,
         ),
     };
@@ -606,7 +627,7 @@ async fn establish(
     let channel = connected.map_err(|e| {
         match identity.as_ref().and_then(|check| check.take_rejection()) {
             Some(mismatch) => LinkError::Refused(mismatch),
-            None => LinkError::Failed(e.to_string()),
+            None => LinkError::Failed(link_error(&e, plaintext)),
         }
     })?;
     let (frames, outbound) = mpsc::channel(OUTBOUND_CAPACITY);
@@ -615,7 +636,7 @@ async fn establish(
             .streams
             .serve(Box::pin(ReceiverStream::new(outbound).map(Ok)))
             .await
-            .map_err(|status| LinkError::Failed(status.to_string()))?;
+            .map_err(|status| LinkError::Failed(chain_text(&status)))?;
         return Ok((channel, inbound, frames));
     }
     let mut call = tonic::Request::new(ReceiverStream::new(outbound));
@@ -625,6 +646,6 @@ async fn establish(
     let inbound = WorkerClient::new(channel.clone())
         .serve(call)
         .await
-        .map_err(|status| LinkError::Failed(status.to_string()))?;
+        .map_err(|status| LinkError::Failed(link_error(&status, plaintext)))?;
     Ok((channel, Box::pin(inbound.into_inner()), frames))
 }
