@@ -150,6 +150,45 @@ class ValidatorTest(unittest.TestCase):
         env_entry(router, "SWITCHYARD_HTTP_LISTEN")["value"] = "0.0.0.0:8081"
         self.assert_problem(objects, "SWITCHYARD_HTTP_LISTEN '0.0.0.0:8081' listens on no declared")
 
+    def test_metrics_and_dashboard_ports_must_be_declared(self) -> None:
+        objects = self.broken()
+        worker = container(objects, "Deployment", "worker-gpu")
+        env_entry(worker, "SWITCHYARD_METRICS_ADDR")["value"] = "0.0.0.0:9091"
+        self.assert_problem(objects, "SWITCHYARD_METRICS_ADDR '0.0.0.0:9091' listens on no declared")
+
+    def test_control_plane_dashboard_must_be_set(self) -> None:
+        objects = self.broken()
+        control_plane = container(objects, "Deployment", "control-plane")
+        control_plane["env"].remove(env_entry(control_plane, "SWITCHYARD_HTTP_ADDR"))
+        self.assert_problem(objects, "sets no SWITCHYARD_HTTP_ADDR: its default binds loopback")
+
+    def test_listeners_must_be_on_the_pod_interfaces(self) -> None:
+        objects = self.broken()
+        control_plane = container(objects, "Deployment", "control-plane")
+        env_entry(control_plane, "SWITCHYARD_HTTP_ADDR")["value"] = "127.0.0.1:8090"
+        self.assert_problem(objects, "SWITCHYARD_HTTP_ADDR '127.0.0.1:8090' does not listen on the "
+                                     "pod's interfaces")
+
+    def test_pods_must_be_annotated_for_prometheus(self) -> None:
+        objects = self.broken()
+        template = find(objects, "Deployment", "worker-wse")["spec"]["template"]
+        del template["metadata"]["annotations"]["prometheus.io/scrape"]
+        self.assert_problem(objects, "Deployment/worker-wse container worker: the pod is not "
+                                     "annotated prometheus.io/scrape")
+
+    def test_prometheus_port_must_serve_metrics(self) -> None:
+        objects = self.broken()
+        # The control plane's dashboard port serves no /metrics.
+        template = find(objects, "Deployment", "control-plane")["spec"]["template"]
+        template["metadata"]["annotations"]["prometheus.io/port"] = "8090"
+        self.assert_problem(objects, "prometheus.io/port '8090' is not where `switchyard "
+                                     "control-plane` serves /metrics")
+        # A router's HTTP port does.
+        objects = self.broken()
+        template = find(objects, "Deployment", "router")["spec"]["template"]
+        template["metadata"]["annotations"]["prometheus.io/port"] = "50051"
+        self.assert_problem(objects, "prometheus.io/port '50051' is not where `switchyard router`")
+
     def test_every_object_in_the_namespace(self) -> None:
         objects = self.broken()
         del find(objects, "Deployment", "control-plane")["metadata"]["namespace"]

@@ -8,7 +8,10 @@
    real subcommand and uses only flags and SWITCHYARD_* variables that `switchyard <cmd> --help`
    lists; `$(VAR)` references resolve; ConfigMap/Secret references resolve; Services, PDBs,
    NetworkPolicies and the HPA select something; probes hit declared ports and every listen
-   address is a declared port; every container is hardened and has requests/limits; a worker
+   address (SWITCHYARD_*LISTEN, the control plane's dashboard SWITCHYARD_HTTP_ADDR, which must be
+   set, and SWITCHYARD_METRICS_ADDR) is a declared port on the pod's interfaces; every
+   Switchyard pod is annotated for Prometheus at a port where it serves /metrics; every
+   container is hardened and has requests/limits; a worker
    (router-wse's hosted one too) advertises the pod IP on its listen port; the preStop sleep and
    the SIGTERM drains (router, worker, both for router-wse) fit in the grace period; every
    namespaced object is in the rendered Namespace; the etcd member list matches the StatefulSet;
@@ -192,6 +195,17 @@ def worker_identity(pool: str, worker_id: str) -> str:
     return f"spiffe://switchyard/pool/{pool}/worker/{worker_id}"
 
 
+# Listen addresses besides the SWITCHYARD_*LISTEN ones: the control plane's dashboard and every
+# component's Prometheus listener.
+LISTEN_ADDRESS_VARIABLES = {"SWITCHYARD_HTTP_ADDR", "SWITCHYARD_METRICS_ADDR"}
+# Listeners whose default binds loopback, where neither the Service nor the other pods reach
+# them: the manifests must set them. (The control plane's dashboard: 127.0.0.1:8090.)
+REQUIRED_LISTENERS = {"control-plane": ("SWITCHYARD_HTTP_ADDR",)}
+# Where each subcommand serves Prometheus `/metrics`: SWITCHYARD_METRICS_ADDR's port, and a
+# router's (router-wse's too) HTTP port.
+METRICS_PORT_VARIABLES = {"router": ("SWITCHYARD_METRICS_ADDR", "SWITCHYARD_HTTP_LISTEN"),
+                          "router-wse": ("SWITCHYARD_METRICS_ADDR", "SWITCHYARD_HTTP_LISTEN")}
+UNSPECIFIED_HOSTS = {"0.0.0.0", "[::]"}
 # Environment variables a switchyard container may set besides its own SWITCHYARD_* flags.
 EXTRA_ENV = {"RUST_LOG", "OTEL_EXPORTER_OTLP_ENDPOINT"}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "Job"}
@@ -386,7 +400,7 @@ def check_switchyard(container: dict, spec: dict, env: dict[str, dict], cli: Cli
                 report.error(where, f"`switchyard {subcommand}` reads no variable {name}")
         elif name not in EXTRA_ENV and name not in referenced:
             report.error(where, f"env {name} is neither a switchyard setting nor used by one")
-    check_listen_ports(container, env, where, report)
+    check_listen_ports(container, env, subcommand, where, report)
     check_drain(container, spec, env, subcommand, cli, where, report)
     if subcommand in WORKER_SETTINGS:
         listen_var, advertise_var, id_var, _ = WORKER_SETTINGS[subcommand]
@@ -410,17 +424,56 @@ def check_switchyard(container: dict, spec: dict, env: dict[str, dict], cli: Cli
         check_model_volume(container, spec, env, where, report)
 
 
-def check_listen_ports(container: dict, env: dict[str, dict], where: str, report: Report) -> None:
-    """Every address the process listens on is a declared container port: Services, probes and
-    NetworkPolicies name the declared ports, the process binds the configured ones."""
+def is_listen_variable(name: str) -> bool:
+    return (name.startswith("SWITCHYARD_") and name.endswith("LISTEN")) \
+        or name in LISTEN_ADDRESS_VARIABLES
+
+
+def check_listen_ports(container: dict, env: dict[str, dict], subcommand: str, where: str,
+                       report: Report) -> None:
+    """Every address the process listens on is a declared container port on the pod's
+    interfaces: Services, probes and NetworkPolicies name the declared ports, the process binds
+    the configured ones, and a loopback address would be reachable from the pod alone."""
     declared = {p["containerPort"] for p in container.get("ports", [])}
+    for required in REQUIRED_LISTENERS.get(subcommand, ()):
+        if required not in env:
+            report.error(where, f"sets no {required}: its default binds loopback, which only the "
+                                f"pod itself reaches")
     for name, entry in env.items():
-        if not (name.startswith("SWITCHYARD_") and name.endswith("LISTEN")):
+        if not is_listen_variable(name):
             continue
-        port = entry.get("value", "").rsplit(":", 1)[-1]
+        host, _, port = entry.get("value", "").rpartition(":")
         if not port.isdigit() or int(port) not in declared:
             report.error(where, f"{name} {entry.get('value')!r} listens on no declared containerPort "
                                 f"({sorted(declared)})")
+        if host not in UNSPECIFIED_HOSTS:
+            report.error(where, f"{name} {entry.get('value')!r} does not listen on the pod's "
+                                f"interfaces (0.0.0.0 or [::])")
+
+
+def check_metrics(obj: dict, env: dict[str, dict], subcommand: str, where: str,
+                  report: Report) -> None:
+    """Every Switchyard pod is annotated for Prometheus (prometheus.io/scrape, port, path) at a
+    port where its process serves `/metrics`."""
+    if subcommand not in SUBCOMMANDS:
+        return
+    annotations = obj["spec"]["template"]["metadata"].get("annotations", {})
+    if annotations.get("prometheus.io/scrape") != "true":
+        report.error(where, "the pod is not annotated prometheus.io/scrape: \"true\"")
+        return
+    served = {
+        env[name].get("value", "").rsplit(":", 1)[-1]
+        for name in METRICS_PORT_VARIABLES.get(subcommand, ("SWITCHYARD_METRICS_ADDR",))
+        if name in env
+    }
+    port = annotations.get("prometheus.io/port")
+    if port not in served:
+        report.error(where, f"prometheus.io/port {port!r} is not where `switchyard {subcommand}` "
+                            f"serves /metrics (ports {sorted(served) or 'none'}: "
+                            f"SWITCHYARD_METRICS_ADDR, or a router's HTTP port)")
+    if annotations.get("prometheus.io/path") != "/metrics":
+        report.error(where, f"prometheus.io/path {annotations.get('prometheus.io/path')!r} is not "
+                            f"/metrics")
 
 
 def check_drain(container: dict, spec: dict, env: dict[str, dict], subcommand: str, cli: Cli,
@@ -759,6 +812,7 @@ def check_objects(objects: list[dict], where: str, cli: Cli, report: Report) -> 
             image = container["image"].rsplit("/", 1)[-1].split(":", 1)[0]
             if image in ("switchyard", "switchyard-cuda"):
                 check_switchyard(container, spec, env, cli, cwhere, report)
+                check_metrics(obj, env, (container.get("args") or [""])[0], cwhere, report)
                 check_tls(container, spec, env, objects, cwhere, report, pod_labels(obj))
     check_cert_manager(objects, where, report)
     check_selectors(objects, where, report)

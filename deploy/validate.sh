@@ -60,6 +60,16 @@ for dockerfile in deploy/docker/Dockerfile deploy/docker/Dockerfile.cuda; do
   done
 done
 
+# kustomize before v5.7 (kubectl before 1.34, e.g. 1.32's v5.5.0) panics on a patch file that
+# holds a `$patch: delete` beside other documents (kubernetes-sigs/kustomize#5552); v5.7.1
+# renders it. Such a delete is a patch of its own (an inline `patch:` in the kustomization).
+for file in $(grep -rl '^\$patch: delete' deploy/k8s --include='*.yaml'); do
+  if grep -q '^---' "$file"; then
+    echo "$file: a \$patch: delete beside other documents (kustomize < 5.7 panics): make it a patch of its own" >&2
+    exit 1
+  fi
+done
+
 out="target/deploy"
 rm -rf "$out"
 mkdir -p "$out"

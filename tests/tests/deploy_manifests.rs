@@ -2,17 +2,19 @@
 //! `deploy/k8s/overlays/dev` (rendered by `deploy/validate.sh` into `target/deploy/dev.json`) is
 //! started as a process with exactly the manifest's args and environment — ConfigMap and
 //! Secret values resolved, `$(VAR)` expanded as the kubelet does, the downward API giving the
-//! pod name and 127.0.0.1 as pod IP — except what only a cluster provides: listen ports (and
-//! the control plane's loopback dashboard) are remapped to free loopback ports (the advertised
-//! port with them), etcd is a local process,
+//! pod name and 127.0.0.1 as pod IP — except what only a cluster provides: listen ports (the
+//! dashboard's and the metrics listeners' too) are remapped to free loopback ports (the
+//! advertised port with them), etcd is a local process,
 //! and mounted volumes are local directories with the same files (the model volume holds the
 //! GGUF that scripts/fetch-model.sh, the init container's script, fetched). The `policy` Job's
-//! write is replayed from its own ConfigMap reference.
+//! container runs too, its command as written, against the local etcd.
 //!
 //! It checks that the workers register under their pod names at the advertised pod-IP address
 //! and the router reaches them there, that the router enforces the dev API key from the
 //! Secret, routes by the policy document from the ConfigMap, serves the real model on the GPU
-//! pool, and that a SIGTERM drain ends within the manifest's grace period.
+//! pool, that every pod serves Prometheus metrics where its annotations say and the control
+//! plane its dashboard on the Service's port, that a SIGTERM drain ends within the manifest's
+//! grace period, and that the `policy` Job seeds the policy only where none is stored.
 //!
 //! `deploy/k8s/overlays/dev-tls` (dev with `components/tls`) runs the same way over TLS, with
 //! the certificates cert-manager would issue minted by a local CA: each `Certificate`'s names
@@ -338,8 +340,16 @@ fn local_volumes(
 struct LocalContainer {
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// Each listen port of the manifest (as written) → the local port it was remapped to.
+    ports: HashMap<String, u16>,
     grace: Duration,
     _scratch: tempfile::TempDir,
+}
+
+/// Whether the variable holds an address the process listens on: `SWITCHYARD_*LISTEN`, the
+/// control plane's dashboard, the Prometheus listener.
+fn is_listen_variable(name: &str) -> bool {
+    name.ends_with("LISTEN") || ["SWITCHYARD_HTTP_ADDR", "SWITCHYARD_METRICS_ADDR"].contains(&name)
 }
 
 fn localise(
@@ -362,7 +372,7 @@ fn localise(
     let mut env = resolve_env(rendered, pod_name, &container)?;
     let mut ports: HashMap<String, u16> = HashMap::new();
     for (name, value) in env.iter_mut() {
-        if name.ends_with("LISTEN") {
+        if is_listen_variable(name) {
             let port = value
                 .strip_prefix("0.0.0.0:")
                 .with_context(|| format!("{name}={value} does not listen on every interface"))?;
@@ -399,17 +409,11 @@ fn localise(
         .iter()
         .map(|a| a.as_str().map(str::to_string).context("string arg"))
         .collect::<anyhow::Result<_>>()?;
-    // The dashboard's loopback default is the pod's own loopback in a cluster; here every
-    // process shares one, so it goes to a free port like the listen addresses.
-    if args.first().map(String::as_str) == Some("control-plane")
-        && !env.iter().any(|(name, _)| name == "SWITCHYARD_HTTP_ADDR")
-    {
-        env.push(("SWITCHYARD_HTTP_ADDR".into(), "127.0.0.1:0".into()));
-    }
     let grace = Duration::from_secs(spec["terminationGracePeriodSeconds"].as_u64().unwrap_or(30));
     Ok(LocalContainer {
         args,
         env,
+        ports,
         grace,
         _scratch: scratch,
     })
@@ -434,7 +438,8 @@ async fn start_with(
     start_pod(rendered, deployment, 0, etcd_url, lines, cert_manager).await
 }
 
-/// Pod `index` of a Deployment (named `<deployment>-<index>`, as the test names pods).
+/// Pod `index` of a Deployment (named `<deployment>-<index>`, as the test names pods), once it
+/// announced `lines` endpoints besides its metrics listener's (announced first, when set).
 async fn start_pod(
     rendered: &Rendered,
     deployment: &str,
@@ -445,37 +450,250 @@ async fn start_pod(
 ) -> anyhow::Result<(Component, LocalContainer)> {
     let pod_name = format!("{deployment}-{index}");
     let local = localise(rendered, deployment, &pod_name, etcd_url, cert_manager)?;
-    let component = Component::start_with_env(&pod_name, &local.args, &local.env, lines).await?;
+    let metrics = local
+        .env
+        .iter()
+        .filter(|(name, _)| name == "SWITCHYARD_METRICS_ADDR")
+        .count();
+    let component =
+        Component::start_with_env(&pod_name, &local.args, &local.env, lines + metrics).await?;
     Ok((component, local))
 }
 
-/// What the `policy` Job does (`etcdctl put <key> "$(POLICY_DOCUMENT)"`), replayed.
+/// The `policy` Job's container as a local process: its command and args as written, its
+/// environment resolved, etcd the local one at `etcd_url`, its volumes local directories (with
+/// components/tls, its client certificate issued by `cert_manager`). Returns what it printed.
+async fn run_policy_job_with(
+    rendered: &Rendered,
+    etcd_url: &str,
+    cert_manager: Option<&CertManager>,
+) -> anyhow::Result<String> {
+    let (spec, container) = pod(rendered, "Job", "policy")?;
+    let scratch = tempfile::tempdir()?;
+    let mounts = local_volumes(
+        rendered,
+        &spec,
+        &container,
+        scratch.path(),
+        "policy",
+        cert_manager,
+    )?;
+    let mut env = resolve_env(rendered, "policy", &container)?;
+    for (name, value) in env.iter_mut() {
+        if name == "ETCD_ENDPOINTS" {
+            *value = etcd_url.to_string();
+        }
+        let local = mounts.iter().find_map(|(mount, dir)| {
+            value
+                .strip_prefix(&format!("{mount}/"))
+                .map(|rest| dir.join(rest).display().to_string())
+        });
+        if let Some(local) = local {
+            *value = local;
+        }
+    }
+    let command: Vec<String> = ["command", "args"]
+        .iter()
+        .flat_map(|field| container[*field].as_array().cloned().unwrap_or_default())
+        .map(|a| {
+            a.as_str()
+                .map(|a| expand(a, &env))
+                .context("string command")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let (program, args) = command.split_first().context("the Job runs no command")?;
+    let mut process = tokio::process::Command::new(program);
+    process.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+    // Only what the manifest sets: no TLS files from this environment.
+    for name in ["ETCD_CA_FILE", "ETCD_CERT_FILE", "ETCD_KEY_FILE"] {
+        if !env.iter().any(|(n, _)| n == name) {
+            process.env_remove(name);
+        }
+    }
+    let output = process
+        .output()
+        .await
+        .with_context(|| format!("running the policy Job's {program}"))?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+    ensure!(
+        output.status.success(),
+        "the policy Job failed ({}): {stdout}{stderr}",
+        output.status
+    );
+    Ok(stdout.into_owned())
+}
+
+/// The `policy` Job run against a fresh etcd: it seeds the ConfigMap's document.
 async fn run_policy_job(rendered: &Rendered, etcd: &Etcd) -> anyhow::Result<()> {
-    etcd.registry()
-        .await?
-        .put_policy(policy_document(rendered)?.into_bytes(), None)
-        .await?;
+    let printed = run_policy_job_with(rendered, &etcd.url, None).await?;
+    ensure!(printed.contains("policy seeded"), "{printed}");
+    let stored = etcd.registry().await?.get_policy().await?;
+    assert_eq!(
+        stored.as_deref(),
+        Some(policy_document(rendered)?.as_bytes())
+    );
     Ok(())
 }
 
-/// The document the `policy` Job writes.
+/// The document the `policy` Job seeds (its POLICY_DOCUMENT, from the ConfigMap).
 fn policy_document(rendered: &Rendered) -> anyhow::Result<String> {
-    let job = rendered.find("Job", "policy")?;
-    let container = &job["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(container["command"], json!(["/usr/local/bin/etcdctl"]));
-    let env = resolve_env(rendered, "policy", container)?;
-    let args: Vec<String> = container["args"]
-        .as_array()
-        .context("job args")?
-        .iter()
-        .map(|a| expand(a.as_str().unwrap_or_default(), &env))
-        .collect();
-    let [put, key, document] = &args[..] else {
-        bail!("unexpected policy Job args {args:?}");
+    let (_, container) = pod(rendered, "Job", "policy")?;
+    let env = resolve_env(rendered, "policy", &container)?;
+    let setting = |name: &str| {
+        env.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .with_context(|| format!("the policy Job sets no {name}"))
     };
-    assert_eq!(put, "put");
-    assert_eq!(key, POLICY_KEY, "the Job writes the key routers watch");
-    Ok(document.clone())
+    assert_eq!(
+        setting("POLICY_KEY")?,
+        POLICY_KEY,
+        "the Job writes the key routers watch"
+    );
+    setting("POLICY_DOCUMENT")
+}
+
+/// Scrapes the pod of Deployment `name` where its Prometheus annotations say (its annotated
+/// port is one of its listen ports, remapped locally): Prometheus's text format.
+async fn scrape(rendered: &Rendered, name: &str, local: &LocalContainer) -> anyhow::Result<()> {
+    let annotations =
+        &rendered.find("Deployment", name)?["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    let port = annotations["prometheus.io/port"]
+        .as_str()
+        .context("prometheus.io/port")?;
+    let path = annotations["prometheus.io/path"]
+        .as_str()
+        .context("prometheus.io/path")?;
+    let local_port = local
+        .ports
+        .get(port)
+        .with_context(|| format!("prometheus.io/port {port} is none of the listen ports"))?;
+    let response = reqwest::get(format!("http://127.0.0.1:{local_port}{path}")).await?;
+    let status = response.status();
+    let body = response.text().await?;
+    ensure!(status == 200, "{status}: {body}");
+    ensure!(
+        body.contains("# TYPE switchyard_"),
+        "no Switchyard metric: {body}"
+    );
+    Ok(())
+}
+
+/// The control plane's dashboard as `kubectl port-forward svc/control-plane <port>` reaches it:
+/// the Service's `http` port targets the container port SWITCHYARD_HTTP_ADDR listens on, the
+/// same number (so the forwarded local port is the dashboard's); here at its local port.
+fn dashboard_url(rendered: &Rendered, local: &LocalContainer) -> anyhow::Result<String> {
+    let service = rendered.find("Service", "control-plane")?;
+    let port = service["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "http")
+        .context("Service/control-plane has no http port")?;
+    let (_, container) = pod(rendered, "Deployment", "control-plane")?;
+    let target = port["targetPort"].as_str().context("a named targetPort")?;
+    let container_port = container["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == target)
+        .and_then(|p| p["containerPort"].as_u64())
+        .with_context(|| format!("no container port {target}"))?;
+    assert_eq!(port["port"].as_u64(), Some(container_port));
+    let listen = env_value(&container, "SWITCHYARD_HTTP_ADDR").context("SWITCHYARD_HTTP_ADDR")?;
+    assert_eq!(
+        listen,
+        format!("0.0.0.0:{container_port}"),
+        "the dashboard listens on the pod's interfaces, on the Service's target port"
+    );
+    let local_port = local
+        .ports
+        .get(&container_port.to_string())
+        .context("the dashboard's port is not a listen port")?;
+    Ok(format!("http://127.0.0.1:{local_port}"))
+}
+
+/// The dev overlay's operator token: from the Secret the control plane mounts its admin
+/// tokens from (kustomize put the generated Secret's hash suffix in the reference).
+fn operator_token(rendered: &Rendered) -> anyhow::Result<String> {
+    let (spec, _) = pod(rendered, "Deployment", "control-plane")?;
+    let secret = spec["volumes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["name"] == "admin-tokens")
+        .and_then(|v| v["secret"]["secretName"].as_str())
+        .context("the control plane mounts no admin-tokens Secret")?;
+    let tokens: Value = serde_json::from_str(
+        &rendered
+            .data("Secret", secret, "tokens.json")?
+            .context("tokens.json")?,
+    )?;
+    tokens["tokens"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["role"] == "operator")
+        .and_then(|t| t["token"].as_str())
+        .map(str::to_string)
+        .context("no operator token")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_job_seeds_the_policy_only_where_none_is_stored() -> anyhow::Result<()> {
+    let rendered = Rendered::load("dev")?;
+    let etcd = Etcd::start().await?;
+    let registry = etcd.registry().await?;
+    let (control_plane, control_plane_local) =
+        start(&rendered, "control-plane", &etcd.url, 2).await?;
+    control_plane
+        .wait_for_log("became the control-plane leader", Duration::from_secs(20))
+        .await?;
+
+    // No policy stored: the Job seeds policy.json.
+    run_policy_job(&rendered, &etcd).await?;
+
+    // An operator changes the policy live, through the control plane with an operator token.
+    let mut changed: Value = serde_json::from_str(&policy_document(&rendered)?)?;
+    changed["max_queued"] = json!(1234);
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", control_plane.addr("grpc")))?
+            .connect()
+            .await?;
+    let mut admin = switchyard_proto::v1::admin_client::AdminClient::new(channel);
+    admin
+        .set_policy(switchyard_tests::with_bearer(
+            switchyard_proto::v1::SetPolicyRequest {
+                merge: false,
+                document: changed.to_string(),
+            },
+            Some(&operator_token(&rendered)?),
+        ))
+        .await?;
+
+    // The Job runs again (its TTL deleted it and `kubectl apply -k` recreated it): it keeps the
+    // stored policy.
+    let printed = run_policy_job_with(&rendered, &etcd.url, None).await?;
+    ensure!(printed.contains("policy kept"), "{printed}");
+    let stored: Value =
+        serde_json::from_slice(&registry.get_policy().await?.context("the policy is gone")?)?;
+    assert_eq!(
+        stored["max_queued"], 1234,
+        "the Job overwrote the live policy"
+    );
+    // The dashboard shows the live one.
+    let dashboard = dashboard_url(&rendered, &control_plane_local)?;
+    let shown: Value = reqwest::get(format!("{dashboard}/api/policy"))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    ensure!(shown.to_string().contains("1234"), "{shown}");
+    Ok(())
 }
 
 async fn chat(
@@ -516,12 +734,26 @@ async fn dev_overlay_runs_as_rendered() -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
     run_policy_job(&rendered, &etcd).await?;
 
-    let (_control_plane, _) = start(&rendered, "control-plane", &etcd.url, 1).await?;
+    let (_control_plane, control_plane_local) =
+        start(&rendered, "control-plane", &etcd.url, 2).await?;
     let (mut gpu, gpu_local) = start(&rendered, "worker-gpu", &etcd.url, 1).await?;
-    let (_wse, _) = start(&rendered, "worker-wse", &etcd.url, 1).await?;
-    let (router, _) = start(&rendered, "router", &etcd.url, 2).await?;
+    let (_wse, wse_local) = start(&rendered, "worker-wse", &etcd.url, 1).await?;
+    let (router, router_local) = start(&rendered, "router", &etcd.url, 2).await?;
     let grpc = router.addr("grpc").to_string();
     let base = format!("http://{}/v1", router.addr("http"));
+
+    // Every pod serves Prometheus metrics where its annotations say (the router on its HTTP
+    // port), without credentials.
+    for (name, local) in [
+        ("control-plane", &control_plane_local),
+        ("worker-gpu", &gpu_local),
+        ("worker-wse", &wse_local),
+        ("router", &router_local),
+    ] {
+        scrape(&rendered, name, local)
+            .await
+            .with_context(|| format!("scraping {name}"))?;
+    }
 
     // Workers are known by their pod names and reached at their advertised (pod IP) address.
     wait_until(Duration::from_secs(20), "both workers routable", || async {
@@ -536,6 +768,20 @@ async fn dev_overlay_runs_as_rendered() -> anyhow::Result<()> {
     router
         .wait_for_log("reporting to the control plane", Duration::from_secs(20))
         .await?;
+
+    // The ops dashboard, where `kubectl port-forward svc/control-plane <port>` reaches it: the
+    // Service's port, its target the container port the dashboard listens on.
+    let dashboard = dashboard_url(&rendered, &control_plane_local)?;
+    let workers: Value = reqwest::get(format!("{dashboard}/api/workers"))
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    ensure!(
+        workers.to_string().contains("worker-gpu-0")
+            && workers.to_string().contains("worker-wse-0"),
+        "the dashboard lists {workers}"
+    );
 
     let http = reqwest::Client::new();
     let anonymous = http.get(format!("{base}/models")).send().await?;
@@ -596,8 +842,8 @@ async fn tls_router_workers(router: &str, ca: &Path) -> anyhow::Result<Vec<Strin
 }
 
 /// etcd as the rendered StatefulSet's TLS settings have it (its Certificate, client
-/// certificates required), with the policy written as the `policy` Job writes it, with the Job's
-/// own client certificate (ETCDCTL_CERT/KEY/CACERT).
+/// certificates required), with the policy seeded by the `policy` Job's container, with the
+/// Job's own client certificate (ETCD_CERT_FILE/KEY_FILE/CA_FILE).
 async fn start_tls_etcd_with_policy(
     rendered: &Rendered,
     cert_manager: &CertManager,
@@ -629,22 +875,9 @@ async fn start_tls_etcd_with_policy(
     })
     .await?;
 
-    // The policy Job, with its own client certificate (ETCDCTL_CERT/KEY/CACERT).
-    let job_dir = pki.join("policy-job");
-    std::fs::create_dir_all(&job_dir)?;
-    ensure!(cert_manager.issue_secret(rendered, "switchyard-policy-job-tls", &job_dir)?);
-    let job_tls = switchyard_cluster::tls::ClientTls::new(job_dir.join("ca.crt"))
-        .with_identity(job_dir.join("tls.crt"), job_dir.join("tls.key"));
-    switchyard_cluster::EtcdRegistry::connect_with(
-        std::slice::from_ref(&etcd.url),
-        &switchyard_cluster::EtcdSecurity {
-            tls: Some(job_tls),
-            user: None,
-        },
-    )
-    .await?
-    .put_policy(policy_document(rendered)?.into_bytes(), None)
-    .await?;
+    // The policy Job, with its own client certificate (ETCD_CERT_FILE/KEY_FILE/CA_FILE).
+    let printed = run_policy_job_with(rendered, &etcd.url, Some(cert_manager)).await?;
+    ensure!(printed.contains("policy seeded"), "{printed}");
 
     Ok(etcd)
 }
@@ -942,6 +1175,14 @@ fn dev_network_policies_allow_the_links_the_components_make() -> anyhow::Result<
             (cp, gpu, 50061, true),
             (cp, wse, 50061, true),
             (wse, None, 443, true),
+            // The ops dashboard: a follower forwards reads to the leader; nothing from outside
+            // the namespace (operators port-forward, which NetworkPolicies do not govern).
+            (cp, cp, 8090, true),
+            (None, cp, 8090, false),
+            // Prometheus, wherever it runs: the metrics listeners (the router's is on 8080).
+            (None, cp, 9090, true),
+            (None, gpu, 9090, true),
+            (None, wse, 9090, true),
             (None, gpu, 50061, false),
             (gpu, wse, 50061, false),
             (router, None, 443, false),
