@@ -1,7 +1,7 @@
 //! `switchyard`: every Switchyard component, the local cluster and the chat client in one binary.
 
 use clap::{Parser, Subcommand};
-use switchyard::{chat, components, up};
+use switchyard::{admin, chat, components, up};
 use switchyard_cluster::Pool;
 
 #[derive(Parser)]
@@ -21,6 +21,8 @@ enum Command {
     Up(up::UpArgs),
     /// Interactive chat over one persistent session.
     Chat(chat::ChatArgs),
+    /// Operate the cluster through the control plane: workers, drains, the routing policy.
+    Admin(admin::AdminArgs),
     /// Run the router.
     Router(components::RouterArgs),
     /// Run the router with a wafer-scale-pool worker in the same process (its link crosses no
@@ -59,7 +61,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let telemetry =
         switchyard_cluster::telemetry::init(cli.command.service_name(), cli.command.log_format())?;
-    if !matches!(cli.command, Command::Chat(_)) {
+    if !matches!(cli.command, Command::Chat(_) | Command::Admin(_)) {
         // Every connection takes a descriptor: a soft limit of 1024 (a common default) runs
         // out long before memory does.
         match switchyard_cluster::listen::raise_fd_limit() {
@@ -78,7 +80,9 @@ impl Command {
     fn log_format(&self) -> switchyard_cluster::telemetry::LogFormat {
         let args = match self {
             Command::Up(args) => &args.log,
-            Command::Chat(_) => return switchyard_cluster::telemetry::LogFormat::Text,
+            Command::Chat(_) | Command::Admin(_) => {
+                return switchyard_cluster::telemetry::LogFormat::Text;
+            }
             Command::Router(args) | Command::RouterWse { router: args, .. } => &args.log,
             Command::WorkerGpu { worker, .. } | Command::WorkerWse { worker, .. } => &worker.log,
             Command::ControlPlane(args) => &args.log,
@@ -91,6 +95,7 @@ impl Command {
         match self {
             Command::Up(_) => "switchyard",
             Command::Chat(_) => "switchyard-chat",
+            Command::Admin(_) => "switchyard-admin",
             Command::Router(_) => "switchyard-router",
             Command::RouterWse { .. } => "switchyard-router",
             Command::WorkerGpu { .. } => "switchyard-worker-gpu",
@@ -104,6 +109,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Up(args) => up::up(args).await,
         Command::Chat(args) => chat::chat(args).await,
+        Command::Admin(args) => admin::admin(args).await,
         Command::Router(args) => components::router(args).await,
         Command::RouterWse {
             router,

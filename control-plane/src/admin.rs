@@ -122,10 +122,12 @@ impl v1::admin_server::Admin for AdminService {
         request: Request<v1::SetPolicyRequest>,
     ) -> Result<Response<v1::SetPolicyResponse>, Status> {
         let caller = self.operator(&request, "set the policy")?;
-        let document = self
-            .plane
-            .set_policy(&request.into_inner().document)
-            .await?;
+        let request = request.into_inner();
+        let document = if request.merge {
+            self.plane.merge_policy(&request.document).await?
+        } else {
+            self.plane.set_policy(&request.document).await?
+        };
         audit(self.plane.events(), &caller, "grpc", "set_policy", "policy");
         Ok(Response::new(v1::SetPolicyResponse { document }))
     }

@@ -389,6 +389,7 @@ mod tests {
 
         let err = admin
             .set_policy(Request::new(v1::SetPolicyRequest {
+                merge: false,
                 document: r#"{"placement": {"choices": 0}}"#.into(),
             }))
             .await
@@ -403,6 +404,7 @@ mod tests {
 
         admin
             .set_policy(Request::new(v1::SetPolicyRequest {
+                merge: false,
                 document: r#"{"default_lane": "latency-critical"}"#.into(),
             }))
             .await
@@ -417,5 +419,59 @@ mod tests {
             got.document
                 .contains(r#""default_lane": "latency-critical""#)
         );
+    }
+
+    #[tokio::test]
+    async fn a_merged_policy_changes_only_what_the_patch_names() {
+        let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
+        let admin = AdminService::new(plane(registry.clone(), ElectionConfig::Standalone).await);
+        let set = |document: &str, merge: bool| {
+            let request = Request::new(v1::SetPolicyRequest {
+                document: document.into(),
+                merge,
+            });
+            let admin = &admin;
+            async move { admin.set_policy(request).await }
+        };
+        set(
+            r#"{"default_lane": "latency-critical", "tenants": {"acme": "cost-sensitive"}}"#,
+            false,
+        )
+        .await
+        .unwrap();
+        let merged = set(
+            r#"{"quotas": {"tenants": {"acme": {"tokens_per_minute": 1200}}}, "tenants": null}"#,
+            true,
+        )
+        .await
+        .unwrap()
+        .into_inner()
+        .document;
+        let document: serde_json::Value = serde_json::from_str(&merged).unwrap();
+        assert_eq!(
+            document["default_lane"], "latency-critical",
+            "kept: {merged}"
+        );
+        assert_eq!(
+            document["quotas"]["tenants"]["acme"]["tokens_per_minute"], 1200,
+            "{merged}"
+        );
+        assert_eq!(
+            document["tenants"],
+            serde_json::json!({}),
+            "removed: {merged}"
+        );
+        let stored = String::from_utf8(registry.get_policy().await.unwrap().unwrap()).unwrap();
+        assert_eq!(stored, merged);
+
+        // A patch that breaks a rule is refused and changes nothing.
+        let err = set(r#"{"placement": {"choices": 0}}"#, true)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        let err = set("[1]", true).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+        let stored = String::from_utf8(registry.get_policy().await.unwrap().unwrap()).unwrap();
+        assert_eq!(stored, merged);
     }
 }

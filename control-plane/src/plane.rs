@@ -87,6 +87,8 @@ pub struct ControlPlane {
     leadership: Leadership,
     /// History and decision feed from the routers' reports.
     insights: Insights,
+    /// Held across a merge's read, merge and write: two merges at once must not lose one.
+    policy_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl ControlPlane {
@@ -102,6 +104,7 @@ impl ControlPlane {
             events,
             leadership,
             insights: Insights::default(),
+            policy_writes: Arc::default(),
         }
     }
 
@@ -202,6 +205,33 @@ impl ControlPlane {
 
     /// Validates and stores a policy document; returns it normalised. Leader only.
     pub async fn set_policy(&self, document: &str) -> Result<String, OpError> {
+        let _write = self.policy_writes.lock().await;
+        self.store_policy(document).await
+    }
+
+    /// Applies `patch`, a JSON merge patch (RFC 7386), to the stored policy document (or the
+    /// default), then validates and stores the result; returns it normalised. Leader only.
+    pub async fn merge_policy(&self, patch: &str) -> Result<String, OpError> {
+        let patch: serde_json::Value = serde_json::from_str(patch)
+            .map_err(|e| OpError::InvalidArgument(format!("document: not JSON: {e}")))?;
+        if !patch.is_object() {
+            return Err(OpError::InvalidArgument(
+                "document: a merge patch must be a JSON object".into(),
+            ));
+        }
+        self.require_leader()?;
+        let _write = self.policy_writes.lock().await;
+        let mut document: serde_json::Value = serde_json::from_str(&self.policy().await?.document)
+            .map_err(|e| {
+                OpError::Unavailable(format!(
+                    "the stored policy is not JSON ({e}); replace it whole (SetPolicy without merge)"
+                ))
+            })?;
+        merge_patch(&mut document, &patch);
+        self.store_policy(&document.to_string()).await
+    }
+
+    async fn store_policy(&self, document: &str) -> Result<String, OpError> {
         let policy = PolicyDocument::from_json(document.as_bytes())
             .map_err(|e| OpError::InvalidArgument(format!("document: {e}")))?;
         let fence = self.require_leader()?;
@@ -297,4 +327,53 @@ fn validate_worker_id(worker_id: &str) -> Result<(), OpError> {
         )));
     }
     Ok(())
+}
+
+/// RFC 7386: members of `patch` replace those of `target`, objects merging recursively;
+/// `null` removes a member; anything but an object replaces `target` whole.
+fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    let serde_json::Value::Object(members) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = serde_json::Value::Object(serde_json::Map::new());
+    }
+    let target = target.as_object_mut().expect("made an object above");
+    for (name, value) in members {
+        if value.is_null() {
+            target.remove(name);
+        } else {
+            merge_patch(
+                target
+                    .entry(name.clone())
+                    .or_insert(serde_json::Value::Null),
+                value,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::merge_patch;
+
+    #[test]
+    fn a_merge_patch_changes_only_what_it_names() {
+        // RFC 7386's own example.
+        let mut target = json!({"title": "Goodbye!", "author": {"givenName": "John",
+            "familyName": "Doe"}, "tags": ["example", "sample"], "content": "This will be unchanged"});
+        merge_patch(
+            &mut target,
+            &json!({"title": "Hello!", "phoneNumber": "+01-123-456-7890",
+                "author": {"familyName": null}, "tags": ["example"]}),
+        );
+        assert_eq!(
+            target,
+            json!({"title": "Hello!", "author": {"givenName": "John"}, "tags": ["example"],
+                "content": "This will be unchanged", "phoneNumber": "+01-123-456-7890"})
+        );
+    }
 }

@@ -576,6 +576,7 @@ impl Cluster {
                 .await?;
         switchyard_proto::v1::admin_client::AdminClient::new(channel)
             .set_policy(switchyard_proto::v1::SetPolicyRequest {
+                merge: false,
                 document: document.to_string(),
             })
             .await?;

@@ -82,6 +82,7 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
     let mut admin = AdminClient::new(admin_channel);
     admin
         .set_policy(v1::SetPolicyRequest {
+            merge: false,
             document: r#"{"tenants": {"acme": "latency-critical", "globex": "cost-sensitive"}}"#
                 .into(),
         })

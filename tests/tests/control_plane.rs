@@ -234,6 +234,7 @@ async fn leadership_moves_to_the_other_replica_when_the_leader_dies() -> anyhow:
     );
     let err = follower_admin
         .set_policy(v1::SetPolicyRequest {
+            merge: false,
             document: "{}".into(),
         })
         .await
@@ -1313,5 +1314,100 @@ async fn a_stopping_control_plane_ends_open_watches_and_exits() -> anyhow::Resul
     })
     .await;
     assert!(ended.is_ok(), "the watch outlived the control plane");
+    Ok(())
+}
+
+/// `switchyard admin`, as an operator runs it: the workers listed, one drained and undrained,
+/// the policy merge-patched (keeping what the patch leaves out), a bad patch refused with the
+/// control plane's reason and a non-zero exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 2,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let control_plane = cluster.control_plane.addr("grpc").to_string();
+    let run = |args: &[&str]| {
+        let output = std::process::Command::new(switchyard_tests::switchyard_bin())
+            .args(["admin", "--control-plane", &control_plane])
+            .args(args)
+            .output()
+            .expect("switchyard runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let state_of = |table: &str, id: &str| {
+        table
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(id))
+            .and_then(|line| line.split_whitespace().nth(2).map(str::to_string))
+    };
+
+    let (ok, table, err) = run(&["workers"]);
+    assert!(ok, "{err}");
+    assert!(table.starts_with("ID "), "{table}");
+    assert_eq!(
+        state_of(&table, "gpu-0").as_deref(),
+        Some("ready"),
+        "{table}"
+    );
+    assert_eq!(
+        state_of(&table, "gpu-1").as_deref(),
+        Some("ready"),
+        "{table}"
+    );
+
+    let (ok, out, err) = run(&["drain", "gpu-0"]);
+    assert!(ok && out.contains("gpu-0 draining"), "{out}{err}");
+    let (_, table, _) = poll_until(PATIENCE, "gpu-0 to advertise draining", || async {
+        let seen = run(&["workers"]);
+        (state_of(&seen.1, "gpu-0").as_deref() == Some("draining")).then_some(seen)
+    })
+    .await?;
+    assert_eq!(
+        state_of(&table, "gpu-1").as_deref(),
+        Some("ready"),
+        "{table}"
+    );
+    let (ok, out, err) = run(&["undrain", "gpu-0"]);
+    assert!(ok && out.contains("gpu-0 ready"), "{out}{err}");
+
+    let (ok, _, err) = run(&["policy", "set", "-"]);
+    assert!(!ok, "an empty document from stdin is not a policy");
+    assert!(err.contains("refused"), "{err}");
+    let policy = std::env::temp_dir().join(format!("policy-{}.json", std::process::id()));
+    std::fs::write(&policy, r#"{"default_lane": "latency-critical"}"#)?;
+    let (ok, _, err) = run(&["policy", "set", &policy.display().to_string()]);
+    std::fs::remove_file(&policy)?;
+    assert!(ok, "{err}");
+    let (ok, out, err) = run(&[
+        "policy",
+        "merge",
+        r#"{"quotas": {"tenants": {"acme": {"tokens_per_minute": 1200}}}}"#,
+    ]);
+    assert!(ok, "{err}");
+    let (ok, stored, err) = run(&["policy", "get"]);
+    assert!(ok, "{err}");
+    assert_eq!(stored, out, "get shows what merge stored");
+    let document: Value = serde_json::from_str(&stored)?;
+    assert_eq!(document["default_lane"], "latency-critical", "{stored}");
+    assert_eq!(
+        document["quotas"]["tenants"]["acme"]["tokens_per_minute"], 1200,
+        "{stored}"
+    );
+
+    let (ok, _, err) = run(&["policy", "merge", r#"{"placement": {"choices": 0}}"#]);
+    assert!(!ok);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("placement.choices"),
+        "{err}"
+    );
+    let (ok, _, err) = run(&["drain", "gpu-9"]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
     Ok(())
 }

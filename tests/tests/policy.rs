@@ -67,6 +67,7 @@ async fn a_policy_set_through_etcd_is_applied_by_a_live_router() -> anyhow::Resu
     // The control plane validates and stores a new policy; the router applies it live.
     let invalid = admin
         .set_policy(v1::SetPolicyRequest {
+            merge: false,
             document: r#"{"tenants": {"acme": "fast"}}"#.into(),
         })
         .await
@@ -74,6 +75,7 @@ async fn a_policy_set_through_etcd_is_applied_by_a_live_router() -> anyhow::Resu
     assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
     admin
         .set_policy(v1::SetPolicyRequest {
+            merge: false,
             document: r#"{"tenants": {"acme": "latency-critical"}}"#.into(),
         })
         .await?;
@@ -139,6 +141,7 @@ async fn overload_sheds_with_retry_after_and_every_request_ends_once() -> anyhow
     let mut admin = AdminClient::connect(format!("http://{control}")).await?;
     admin
         .set_policy(v1::SetPolicyRequest {
+            merge: false,
             document: r#"{"cost_sensitive": {"max_queue": 1, "max_queue_wait_ms": 30000,
                           "retry_after_ms": 1500}}"#
                 .into(),

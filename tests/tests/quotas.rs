@@ -122,6 +122,7 @@ async fn tenants_are_held_to_their_quotas_and_others_are_served() -> anyhow::Res
     );
     admin
         .set_policy(v1::SetPolicyRequest {
+            merge: false,
             document: POLICY.into(),
         })
         .await?;

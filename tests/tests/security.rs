@@ -331,6 +331,7 @@ async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Res
     let err = admin
         .set_policy(with_bearer(
             v1::SetPolicyRequest {
+                merge: false,
                 document: "{}".into(),
             },
             None,

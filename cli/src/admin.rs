@@ -1,0 +1,242 @@
+//! `switchyard admin`: the control plane's admin API from a shell, for operators and on-call
+//! engineers — list the workers, drain or undrain one, read, replace or merge-patch the routing
+//! policy — without grpcurl or the proto files.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use switchyard_proto::v1::{self, admin_client::AdminClient};
+use tonic::transport::Channel;
+
+#[derive(Debug, clap::Args)]
+pub struct AdminArgs {
+    /// Control-plane gRPC address (writes go to the leader; a follower's refusal names it).
+    #[arg(
+        long,
+        env = "SWITCHYARD_CONTROL_PLANE",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub control_plane: String,
+    /// File holding an operator token (e.g. the `control-plane admin token` file `switchyard
+    /// up` prints): writes need one when the control plane has admin tokens.
+    #[arg(long, env = "SWITCHYARD_OPERATOR_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust: the control plane serves TLS.
+    #[arg(long, env = "SWITCHYARD_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum AdminCommand {
+    /// The registered workers: id, pool, state, slots, address and models.
+    Workers,
+    /// Drain a worker: it finishes what it runs and takes nothing new.
+    Drain { worker_id: String },
+    /// Lift a worker's drain.
+    Undrain { worker_id: String },
+    /// The routing policy every router applies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum PolicyCommand {
+    /// Print the stored policy document (or the built-in default).
+    Get,
+    /// Replace the policy with the document in FILE (`-`: stdin); sections it leaves out take
+    /// their defaults.
+    Set { file: PathBuf },
+    /// Change only what a JSON merge patch (RFC 7386) names, e.g.
+    /// '{"quotas": {"tenants": {"acme": {"tokens_per_minute": 1200}}}}'; `null` removes a
+    /// member. PATCH is the JSON itself, or @FILE.
+    Merge { patch: String },
+}
+
+pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
+    let channel = connect(&args).await?;
+    let token = args.token_file.as_deref().map(read_token).transpose()?;
+    let mut client = AdminClient::new(channel);
+    let token = token.as_deref();
+    let refused = |status: tonic::Status| {
+        anyhow::anyhow!(
+            "the control plane refused: {:?}: {}",
+            status.code(),
+            status.message()
+        )
+    };
+    match args.command {
+        AdminCommand::Workers => {
+            let workers = client
+                .list_workers(authorized(token, v1::ListWorkersRequest::default())?)
+                .await
+                .map_err(refused)?
+                .into_inner()
+                .workers;
+            print!("{}", workers_table(&workers));
+        }
+        AdminCommand::Drain { worker_id } => {
+            let answer = client
+                .drain(authorized(
+                    token,
+                    v1::DrainRequest {
+                        worker_id: worker_id.clone(),
+                    },
+                )?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let already = if answer.already_draining {
+                " (it was already)"
+            } else {
+                ""
+            };
+            println!("{worker_id} draining{already}");
+        }
+        AdminCommand::Undrain { worker_id } => {
+            let answer = client
+                .undrain(authorized(
+                    token,
+                    v1::UndrainRequest {
+                        worker_id: worker_id.clone(),
+                    },
+                )?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            let was = if answer.was_draining {
+                ""
+            } else {
+                " (it was not draining)"
+            };
+            println!("{worker_id} ready{was}");
+        }
+        AdminCommand::Policy(PolicyCommand::Get) => {
+            let policy = client
+                .get_policy(authorized(token, v1::GetPolicyRequest {})?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            println!("{}", policy.document);
+        }
+        AdminCommand::Policy(command) => {
+            let (document, merge) = match command {
+                PolicyCommand::Set { file } => (read_document(&file)?, false),
+                PolicyCommand::Merge { patch } => match patch.strip_prefix('@') {
+                    Some(file) => (read_document(Path::new(file))?, true),
+                    None => (patch, true),
+                },
+                PolicyCommand::Get => unreachable!("answered above"),
+            };
+            let stored = client
+                .set_policy(authorized(token, v1::SetPolicyRequest { document, merge })?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            println!("{}", stored.document);
+        }
+    }
+    Ok(())
+}
+
+async fn connect(args: &AdminArgs) -> anyhow::Result<Channel> {
+    let connected = match &args.tls_ca_file {
+        Some(ca) => switchyard_client::connect_tls(&args.control_plane, ca).await,
+        None => switchyard_client::connect_channel(&args.control_plane).await,
+    };
+    connected.with_context(|| format!("connecting to the control plane at {}", args.control_plane))
+}
+
+/// The token in `file`: its first line, trimmed.
+fn read_token(file: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading --token-file {}", file.display()))?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    anyhow::ensure!(
+        !token.is_empty(),
+        "--token-file {}: empty; it holds one operator token",
+        file.display()
+    );
+    Ok(token)
+}
+
+/// A policy document from `file`, or stdin for `-`.
+fn read_document(file: &Path) -> anyhow::Result<String> {
+    if file == Path::new("-") {
+        let mut document = String::new();
+        std::io::stdin()
+            .read_to_string(&mut document)
+            .context("reading the policy document from stdin")?;
+        return Ok(document);
+    }
+    std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+}
+
+/// `message` as a call carrying `authorization: Bearer <token>` when there is one.
+fn authorized<T>(token: Option<&str>, message: T) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        let value = format!("Bearer {token}")
+            .parse()
+            .context("the operator token is not a valid header value")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+/// One line a worker, columns aligned, under a header.
+fn workers_table(workers: &[v1::WorkerInfo]) -> String {
+    let header = ["ID", "POOL", "STATE", "SLOTS", "ADDRESS", "MODELS"].map(String::from);
+    let rows: Vec<[String; 6]> = std::iter::once(header)
+        .chain(workers.iter().map(|w| {
+            [
+                w.id.clone(),
+                w.pool.clone(),
+                w.state.clone(),
+                w.max_concurrent.to_string(),
+                w.address.clone(),
+                w.models.join(","),
+            ]
+        }))
+        .collect();
+    let widths: Vec<usize> = (0..6)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, width)| format!("{cell:width$}"))
+                .collect();
+            format!("{}\n", cells.join("  ").trim_end())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_line_up_under_their_header() {
+        let worker = |id: &str, state: &str| v1::WorkerInfo {
+            id: id.into(),
+            pool: "gpu".into(),
+            address: "10.0.0.1:50061".into(),
+            models: vec!["a".into(), "b".into()],
+            max_concurrent: 16,
+            state: state.into(),
+            ..Default::default()
+        };
+        let table = workers_table(&[worker("gpu-0", "ready"), worker("gpu-10", "draining")]);
+        assert_eq!(
+            table,
+            "ID      POOL  STATE     SLOTS  ADDRESS         MODELS\n\
+             gpu-0   gpu   ready     16     10.0.0.1:50061  a,b\n\
+             gpu-10  gpu   draining  16     10.0.0.1:50061  a,b\n"
+        );
+    }
+}
