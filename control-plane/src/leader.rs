@@ -235,13 +235,25 @@ async fn campaign_once(
     }
     // Not ours: the lease is not needed while following.
     let _ = client.lease_revoke(lease).await;
-    let leader = response.op_responses().into_iter().find_map(|op| match op {
-        TxnOpResponse::Get(get) => get
-            .kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice::<ReplicaInfo>(kv.value()).ok()),
-        _ => None,
-    });
+    let (leader, leader_lease) = response
+        .op_responses()
+        .into_iter()
+        .find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
+                let leader = serde_json::from_slice::<ReplicaInfo>(kv.value()).ok();
+                (leader, kv.lease())
+            }),
+            _ => None,
+        })
+        .unwrap_or_default();
+    if leader.as_ref() == Some(me) && leader_lease != 0 {
+        // Our own key from a lease this process no longer keeps alive (etcd came back after
+        // an outage longer than the TTL, say): following it would refuse every write until it
+        // expired. It is ours to end; then campaign again.
+        info!(replica = %me.id, lease = leader_lease, "the leader key is this replica's from a lapsed lease; revoking it to campaign again");
+        client.lease_revoke(leader_lease).await?;
+        return Ok(());
+    }
     if let Some(leader) = &leader {
         info!(replica = %me.id, leader = %leader.id, leader_grpc = %leader.grpc, "following the control-plane leader");
     }

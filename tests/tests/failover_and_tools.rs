@@ -586,3 +586,46 @@ async fn grpcurl_lists_services_and_streams_a_generation_without_proto_files() -
     assert_eq!(listed(services), expected("switchyard.v1.Admin"));
     Ok(())
 }
+
+/// A control-plane replica that finds the leader key naming itself under a lease it no longer
+/// keeps (etcd back after an outage longer than the lease, a restart within the TTL) takes the
+/// leadership back at once, instead of following itself — refusing every write as a follower
+/// of... itself — until that lease expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_does_not_follow_its_own_stale_leader_key() -> anyhow::Result<()> {
+    use switchyard_control_plane::{ElectionConfig, Leadership, ReplicaInfo, Role};
+    let etcd = Etcd::start().await?;
+    let mut client = etcd_client::Client::connect([etcd.url.as_str()], None).await?;
+    let me = ReplicaInfo {
+        id: "cp-a".into(),
+        grpc: "127.0.0.1:50052".into(),
+        http: Some("127.0.0.1:8090".into()),
+    };
+    // The key as this replica left it, under a lease that outlives the test.
+    let stale = client.lease_grant(600, None).await?.id();
+    client
+        .put(
+            switchyard_cluster::schema::LEADER_KEY,
+            serde_json::to_vec(&me)?,
+            Some(etcd_client::PutOptions::new().with_lease(stale)),
+        )
+        .await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let mut leadership = Leadership::start(
+        ElectionConfig::Etcd {
+            client: Box::new(client),
+            ttl: Duration::from_secs(2),
+        },
+        me,
+        shutdown.clone(),
+    );
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while leadership.role() != Role::Leader {
+            leadership.changed().await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("still {:?} after 10 s", leadership.role()))?;
+    Ok(())
+}
