@@ -567,3 +567,54 @@ async fn control_plane_lists_workers_of_both_pools_from_etcd() -> anyhow::Result
     assert_eq!(err.code(), Code::InvalidArgument);
     Ok(())
 }
+
+/// A `Generate` call its client abandons while the request waits at the router for a slot
+/// (a client deadline, say) is counted as cancelled while waiting, as a `Session`'s cancel is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generate_call_abandoned_while_waiting_is_counted() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        gpu_flags: vec![
+            "--max-concurrent".into(),
+            "1".into(),
+            "--synthetic-tokens-per-s".into(),
+            "20".into(),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let mut holder = session.start(request("hold", RequestClass::CostSensitive, "hold", 200))?;
+    while !matches!(
+        holder.next().await,
+        Some(v1::server_frame::Frame::Tokens(_))
+    ) {}
+
+    let mut client = v1::inference_client::InferenceClient::new(
+        switchyard_client::connect_channel(&cluster.router_addr()).await?,
+    );
+    let waited = tokio::time::timeout(
+        Duration::from_millis(500),
+        client.generate(request("gone", RequestClass::CostSensitive, "wait", 4)),
+    )
+    .await;
+    assert!(waited.is_err(), "answered while the only slot was taken");
+
+    let metrics = format!("http://{}/metrics", cluster.router.addr("http"));
+    let counted = "switchyard_router_queue_wait_seconds_count{lane=\"cost_sensitive\",outcome=\"cancelled\"} 1";
+    switchyard_tests::poll_until(
+        Duration::from_secs(10),
+        "the abandoned call counted",
+        || {
+            let metrics = metrics.clone();
+            async move {
+                let text = reqwest::get(&metrics).await.ok()?.text().await.ok()?;
+                text.contains(counted).then_some(())
+            }
+        },
+    )
+    .await?;
+    session.cancel("hold")?;
+    Ok(())
+}

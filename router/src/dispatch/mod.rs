@@ -26,7 +26,7 @@ use switchyard_proto::v1;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Code, Status};
-use tracing::{Instrument as _, Span, info};
+use tracing::{Instrument as _, Span, debug, info};
 
 use crate::classify::Classification;
 use crate::config::RouterConfig;
@@ -500,7 +500,13 @@ impl Dispatcher {
                     None => controls_open = false,
                 },
                 placed = ticket.placed() => break placed,
-                _ = out.closed() => return None,
+                _ = out.closed() => {
+                    // The client went away (a Generate call dropped or past its deadline).
+                    drop(ticket);
+                    debug!("client gone while waiting at the router");
+                    self.cancelled_waiting(request, class, prompt_ids, sampled, arrived);
+                    return None;
+                }
             }
         };
         let waited = arrived.elapsed();
