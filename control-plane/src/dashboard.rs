@@ -253,36 +253,6 @@ const FORWARDED: &str = "x-switchyard-forwarded";
 /// How long a follower waits for the leader's answer before giving its own.
 const LEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The leader's dashboard address to forward to: its `http` address, with the host of its
-/// advertised gRPC address in place of an unspecified or loopback one (`0.0.0.0:8090` is
-/// "every interface" on the leader, `127.0.0.1:8090` its own loopback: dialled from another
-/// host or pod, either would reach the follower itself). A loopback `http` address stays when
-/// the gRPC address is loopback too (every replica on one host); `None` when there is no
-/// address to dial.
-fn leader_http(leader: &crate::leader::ReplicaInfo) -> Option<String> {
-    let http: std::net::SocketAddr = leader.http.as_deref()?.parse().ok()?;
-    if !http.ip().is_unspecified() && !http.ip().is_loopback() {
-        return Some(http.to_string());
-    }
-    let (host, _) = leader.grpc.rsplit_once(':')?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let grpc_ip = match host.parse::<std::net::IpAddr>() {
-        Ok(ip) => ip,
-        Err(_) if host == "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
-        Err(_) if host.is_empty() => return None,
-        // A host name (one routers resolve): dial it on the dashboard's port.
-        Err(_) => return Some(format!("{host}:{}", http.port())),
-    };
-    if grpc_ip.is_unspecified() {
-        return None;
-    }
-    if grpc_ip.is_loopback() && http.ip().is_loopback() {
-        // Single host: the leader's loopback is this replica's too.
-        return Some(http.to_string());
-    }
-    Some(std::net::SocketAddr::new(grpc_ip, http.port()).to_string())
-}
-
 /// On a follower, the leader's answer to this GET (routers report to the leader: it holds
 /// the history and the feed); `None` to answer from this replica (it leads, the request was
 /// forwarded already, or the leader cannot be reached).
@@ -295,7 +265,7 @@ async fn from_leader(plane: &ControlPlane, headers: &HeaderMap, uri: &Uri) -> Op
     if leader.id == leadership.me().id {
         return None;
     }
-    let address = leader_http(&leader)?;
+    let address = crate::leader::ReplicaInfo::dashboard_address(&leader)?;
     // Never this replica's own dashboard (replicas in separate network namespaces that
     // advertise loopback addresses): it would answer as if it were the leader.
     if leadership.me().http.as_deref() == Some(address.as_str()) {
@@ -581,22 +551,40 @@ mod tests {
     #[test]
     fn a_follower_dials_the_leaders_dashboard_where_it_can_be_reached() {
         assert_eq!(
-            leader_http(&replica("10.0.0.5:50052", Some("10.0.0.5:8090"))).as_deref(),
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "10.0.0.5:50052",
+                Some("10.0.0.5:8090")
+            ))
+            .as_deref(),
             Some("10.0.0.5:8090")
         );
         // Bound to every interface: dial the host it advertises for gRPC.
         assert_eq!(
-            leader_http(&replica("10.0.0.5:50052", Some("0.0.0.0:8090"))).as_deref(),
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "10.0.0.5:50052",
+                Some("0.0.0.0:8090")
+            ))
+            .as_deref(),
             Some("10.0.0.5:8090")
         );
         assert_eq!(
-            leader_http(&replica("[fd00::5]:50052", Some("[::]:8090"))).as_deref(),
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "[fd00::5]:50052",
+                Some("[::]:8090")
+            ))
+            .as_deref(),
             Some("[fd00::5]:8090")
         );
         // Nowhere to dial: no dashboard, or nothing but unspecified addresses.
-        assert_eq!(leader_http(&replica("10.0.0.5:50052", None)), None);
         assert_eq!(
-            leader_http(&replica("0.0.0.0:50052", Some("0.0.0.0:8090"))),
+            crate::leader::ReplicaInfo::dashboard_address(&replica("10.0.0.5:50052", None)),
+            None
+        );
+        assert_eq!(
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "0.0.0.0:50052",
+                Some("0.0.0.0:8090")
+            )),
             None
         );
     }
@@ -607,16 +595,24 @@ mod tests {
         // pod IP for gRPC: the follower dials that host, not its own 127.0.0.1, where it would
         // answer itself and pass its own empty history off as the leader's.
         assert_eq!(
-            leader_http(&replica("10.0.0.5:50052", Some("127.0.0.1:8090"))).as_deref(),
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "10.0.0.5:50052",
+                Some("127.0.0.1:8090")
+            ))
+            .as_deref(),
             Some("10.0.0.5:8090")
         );
         assert_eq!(
-            leader_http(&replica("[fd00::5]:50052", Some("[::1]:8090"))).as_deref(),
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "[fd00::5]:50052",
+                Some("[::1]:8090")
+            ))
+            .as_deref(),
             Some("[fd00::5]:8090")
         );
         // A leader advertised by name: that name, on the dashboard's port.
         assert_eq!(
-            leader_http(&replica(
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
                 "control-plane-0.example:50052",
                 Some("127.0.0.1:8090")
             ))
@@ -626,20 +622,35 @@ mod tests {
         // Every replica on one host (gRPC on loopback too): the loopback address is the
         // leader's, and stays.
         assert_eq!(
-            leader_http(&replica("127.0.0.1:50052", Some("127.0.0.1:8090"))).as_deref(),
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "127.0.0.1:50052",
+                Some("127.0.0.1:8090")
+            ))
+            .as_deref(),
             Some("127.0.0.1:8090")
         );
         assert_eq!(
-            leader_http(&replica("localhost:50052", Some("127.0.0.1:8091"))).as_deref(),
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "localhost:50052",
+                Some("127.0.0.1:8091")
+            ))
+            .as_deref(),
             Some("127.0.0.1:8091")
         );
         assert_eq!(
-            leader_http(&replica("127.0.0.1:50052", Some("0.0.0.0:8090"))).as_deref(),
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "127.0.0.1:50052",
+                Some("0.0.0.0:8090")
+            ))
+            .as_deref(),
             Some("127.0.0.1:8090")
         );
         // Loopback dashboard, unspecified gRPC: no host to dial.
         assert_eq!(
-            leader_http(&replica("0.0.0.0:50052", Some("127.0.0.1:8090"))),
+            crate::leader::ReplicaInfo::dashboard_address(&replica(
+                "0.0.0.0:50052",
+                Some("127.0.0.1:8090")
+            )),
             None
         );
     }

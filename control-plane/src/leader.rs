@@ -32,6 +32,39 @@ pub struct ReplicaInfo {
     pub http: Option<String>,
 }
 
+impl ReplicaInfo {
+    /// This replica's dashboard address as another host dials it (a follower forwarding to the
+    /// leader, an operator told where the leader is): its `http` address, with the host of its
+    /// advertised gRPC address in place of an unspecified or loopback one (`0.0.0.0:8090` is
+    /// "every interface" on the leader, `127.0.0.1:8090` its own loopback: dialled from another
+    /// host or pod, either would reach the follower itself). A loopback `http` address stays when
+    /// the gRPC address is loopback too (every replica on one host); `None` when there is no
+    /// address to dial.
+    pub fn dashboard_address(&self) -> Option<String> {
+        let http: std::net::SocketAddr = self.http.as_deref()?.parse().ok()?;
+        if !http.ip().is_unspecified() && !http.ip().is_loopback() {
+            return Some(http.to_string());
+        }
+        let (host, _) = self.grpc.rsplit_once(':')?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let grpc_ip = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip,
+            Err(_) if host == "localhost" => std::net::Ipv4Addr::LOCALHOST.into(),
+            Err(_) if host.is_empty() => return None,
+            // A host name (one routers resolve): dial it on the dashboard's port.
+            Err(_) => return Some(format!("{host}:{}", http.port())),
+        };
+        if grpc_ip.is_unspecified() {
+            return None;
+        }
+        if grpc_ip.is_loopback() && http.ip().is_loopback() {
+            // Single host: the leader's loopback is this replica's too.
+            return Some(http.to_string());
+        }
+        Some(std::net::SocketAddr::new(grpc_ip, http.port()).to_string())
+    }
+}
+
 /// This replica's part in the election.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Role {

@@ -298,9 +298,9 @@ impl ControlPlane {
 fn not_leader_message(leader: Option<&ReplicaInfo>) -> String {
     match leader {
         Some(l) => {
+            // Where it can be dialled from here, not `0.0.0.0` or the leader's loopback.
             let http = l
-                .http
-                .as_deref()
+                .dashboard_address()
                 .map(|h| format!(", dashboard http://{h}/"))
                 .unwrap_or_default();
             format!(
@@ -358,7 +358,22 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
 mod tests {
     use serde_json::json;
 
-    use super::merge_patch;
+    use super::{merge_patch, not_leader_message};
+    use crate::leader::ReplicaInfo;
+
+    #[test]
+    fn a_follower_names_the_leaders_dashboard_where_it_can_be_dialled() {
+        let leader = ReplicaInfo {
+            id: "cp-1".into(),
+            grpc: "10.0.0.5:50052".into(),
+            http: Some("0.0.0.0:8090".into()),
+        };
+        let message = not_leader_message(Some(&leader));
+        assert!(
+            message.contains("leader cp-1 (gRPC 10.0.0.5:50052, dashboard http://10.0.0.5:8090/)"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn a_merge_patch_changes_only_what_it_names() {
