@@ -14,13 +14,17 @@ use etcd_client::{
 };
 use serde::{Deserialize, Serialize};
 use switchyard_cluster::Fence;
+use switchyard_cluster::backoff::Backoff;
 use switchyard_cluster::schema::LEADER_KEY;
+use switchyard_cluster::telemetry::ErrorChain;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-/// Pause before campaigning again after etcd failed.
-const RETRY_BACKOFF: Duration = Duration::from_millis(500);
+/// Pauses before campaigning again while etcd fails: 500 ms doubling to 5 s (with jitter), so
+/// writes work again within seconds of etcd coming back.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Who a replica is, as stored in the leader key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,11 +213,25 @@ async fn campaign(
     shutdown: CancellationToken,
 ) {
     let value = serde_json::to_vec(&me).expect("replica info serialises");
+    let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+    // Failures in a row: the first is a warning, the rest (an outage) are not news.
+    let mut failures = 0u32;
     while !shutdown.is_cancelled() {
-        if let Err(error) =
-            campaign_once(&mut client, &me, &value, ttl, &tx, &held, &shutdown).await
-        {
-            warn!(%error, "leader election: etcd failed; campaigning again");
+        let started = std::time::Instant::now();
+        let round = campaign_once(&mut client, &me, &value, ttl, &tx, &held, &shutdown).await;
+        // A round that ended well, or lasted (it led or followed for a while), ends an outage.
+        if (round.is_ok() || started.elapsed() >= RETRY_MAX) && failures > 0 {
+            info!(failures, "leader election: etcd answers again");
+            failures = 0;
+            backoff.reset();
+        }
+        if let Err(error) = round {
+            failures += 1;
+            if failures == 1 {
+                warn!(error = %ErrorChain(&error), "leader election: etcd failed; campaigning again with backoff");
+            } else {
+                debug!(failures, error = %ErrorChain(&error), "leader election: etcd still failing");
+            }
             tx.send_if_modified(|role| {
                 let was_leader = *role == Role::Leader;
                 if was_leader {
@@ -223,7 +241,7 @@ async fn campaign(
             });
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = tokio::time::sleep(RETRY_BACKOFF) => {}
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }
