@@ -273,7 +273,7 @@ impl Registry for EtcdRegistry {
         }
         let mut client = self.client.clone();
         // The first lease is granted here so that a worker that cannot register fails to start.
-        let lease = Lease::establish(&mut client, &record, ttl_secs).await?;
+        let lease = Lease::establish(&mut client, &record, ttl_secs, None).await?;
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(keep_registered(client, record, ttl_secs, lease, rx));
         Ok(Registration::new(tx))
@@ -542,13 +542,21 @@ struct Lease {
 }
 
 impl Lease {
+    /// A new lease holding `record`; `previous` is this worker's own earlier lease, which may
+    /// still hold the key (its keepalive failed, not necessarily the lease): the record moves
+    /// to the new lease, then the old one is revoked.
     async fn establish(
         client: &mut Client,
         record: &WorkerRecord,
         ttl_secs: i64,
+        previous: Option<i64>,
     ) -> Result<Self, RegistryError> {
-        let id = client.lease_grant(ttl_secs, None).await?.id();
-        put_record(client, record, id).await?;
+        let id = claim(client, record, previous, ttl_secs).await?;
+        if let Some(previous) = previous {
+            // The key moved to the new lease: ending the old one (if it still lives) takes
+            // nothing with it.
+            let _ = client.lease_revoke(previous).await;
+        }
         let (keeper, responses) = client.lease_keep_alive(id).await?;
         info!(worker_id = %record.id, lease = id, ttl_secs, "registered in etcd");
         Ok(Self {
@@ -556,6 +564,97 @@ impl Lease {
             keeper,
             responses,
         })
+    }
+}
+
+/// Puts `record` under a new lease of `ttl_secs` if no other lease holds its key (`previous`,
+/// this task's own earlier lease, may: the record moves over without a gap); returns the
+/// lease. A key held by another lease is waited for, up to a lease's TTL: the earlier life of
+/// this worker (restarted within its TTL) lets go by then; a worker still holding it is another
+/// live worker with the same id, which must not be silently displaced — its routers would lose
+/// it.
+async fn claim(
+    client: &mut Client,
+    record: &WorkerRecord,
+    previous: Option<i64>,
+    ttl_secs: i64,
+) -> Result<i64, RegistryError> {
+    let key = record.key();
+    let value = serde_json::to_vec(record).expect("worker records always serialise");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(ttl_secs as u64 + 1);
+    let mut warned = false;
+    loop {
+        // A lease per attempt: one granted before a wait would expire during it.
+        let lease = client.lease_grant(ttl_secs, None).await?.id();
+        let claimed = try_claim(client, &key, &value, lease, previous).await;
+        let holder = match claimed {
+            Ok(None) => return Ok(lease),
+            Ok(Some(holder)) => holder,
+            Err(error) => {
+                let _ = client.lease_revoke(lease).await;
+                return Err(error);
+            }
+        };
+        let _ = client.lease_revoke(lease).await;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(RegistryError::IdTaken {
+                id: record.id.clone(),
+                holder,
+            });
+        }
+        if !warned {
+            warn!(worker_id = %record.id, %holder, ttl_secs, "this worker id is registered under another lease; waiting for it to expire (an earlier run of this worker) — if another worker runs with this id, give each its own --id");
+            warned = true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// One attempt of [`claim`]: `None` when the key is now `lease`'s, else who holds it.
+async fn try_claim(
+    client: &mut Client,
+    key: &str,
+    value: &[u8],
+    lease: i64,
+    previous: Option<i64>,
+) -> Result<Option<String>, RegistryError> {
+    loop {
+        let put = || TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+        if let Some(previous) = previous {
+            let ours = Compare::lease(key, CompareOp::Equal, previous);
+            if client
+                .txn(Txn::new().when([ours]).and_then([put()]))
+                .await?
+                .succeeded()
+            {
+                return Ok(None);
+            }
+        }
+        let txn = Txn::new()
+            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+            .and_then([put()])
+            .or_else([TxnOp::get(key, None)]);
+        let response = client.txn(txn).await?;
+        if response.succeeded() {
+            return Ok(None);
+        }
+        let holder = response
+            .op_responses()
+            .into_iter()
+            .find_map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
+                    let address = serde_json::from_slice::<WorkerRecord>(kv.value())
+                        .map(|r| r.address)
+                        .unwrap_or_else(|_| "an undecodable record".into());
+                    format!("address {address}, lease {}", kv.lease())
+                }),
+                _ => None,
+            })
+            // Deleted between the compare and the read: claim it now.
+            .unwrap_or_default();
+        if !holder.is_empty() {
+            return Ok(Some(holder));
+        }
     }
 }
 
@@ -586,6 +685,8 @@ async fn keep_registered(
 ) {
     let period = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(100));
     let mut lease = Some(first);
+    // The last lease this task held, until a new one replaces it.
+    let mut previous = None;
     let mut retry = Retry::new(
         "registration",
         "routers keep their links to this worker",
@@ -594,8 +695,9 @@ async fn keep_registered(
     );
     loop {
         let Some(current) = lease.as_mut() else {
-            match Lease::establish(&mut client, &record, ttl_secs).await {
+            match Lease::establish(&mut client, &record, ttl_secs, previous).await {
                 Ok(l) => {
+                    previous = None;
                     retry.working();
                     lease = Some(l);
                 }
@@ -615,6 +717,7 @@ async fn keep_registered(
             _ = tokio::time::sleep(period) => {
                 if let Err(error) = current.keeper.keep_alive().await {
                     warn!(worker_id = %record.id, error = %ErrorChain(&error), "lease keepalive failed; registering again");
+                    previous = Some(current.id);
                     lease = None;
                 }
             }
@@ -626,6 +729,7 @@ async fn keep_registered(
                 }
                 Err(error) => {
                     warn!(worker_id = %record.id, error = %ErrorChain(&error), "lease keepalive stream failed; registering again");
+                    previous = Some(current.id);
                     lease = None;
                 }
             },

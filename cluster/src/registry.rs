@@ -21,6 +21,12 @@ pub enum RegistryError {
     Fenced(String),
     #[error("{0}")]
     Config(String),
+    /// Another live worker holds this worker id.
+    #[error(
+        "worker id {id:?} is registered by another live worker ({holder}); give each worker its \
+         own --id"
+    )]
+    IdTaken { id: String, holder: String },
 }
 
 /// A condition on a write: it happens only while `key` is still attached to `lease`, i.e.

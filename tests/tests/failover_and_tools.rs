@@ -2,6 +2,8 @@
 //! one-command local cluster, and grpcurl as a real third-party client.
 
 use std::process::Stdio;
+
+use anyhow::Context as _;
 use std::time::Duration;
 
 use switchyard_client::{Completion, SessionClient};
@@ -323,6 +325,69 @@ async fn etcd_registry_keeps_a_live_lease_and_expires_a_dead_one() -> anyhow::Re
         "the kept-alive lease expired"
     );
     live.deregister().await?;
+    Ok(())
+}
+
+/// A second live worker with an id already registered is refused — with the holder named —
+/// instead of silently taking over the record (the first worker then vanished from every
+/// router while it kept running); an id held by a dead worker's lease is taken once that lease
+/// expires, as when a worker restarts within its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_id_held_by_a_live_worker_is_refused_and_a_dead_ones_is_taken_over()
+-> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let registry = etcd.registry().await?;
+    let ttl = Duration::from_secs(2);
+    let first = registry.register(record("twin"), ttl).await?;
+    let mut twin = record("twin");
+    twin.address = "127.0.0.1:2".into();
+    let refused = registry.register(twin.clone(), ttl).await;
+    match refused {
+        Err(switchyard_cluster::RegistryError::IdTaken { id, holder }) => {
+            assert_eq!(id, "twin");
+            assert!(holder.contains(&record("twin").address), "{holder}");
+        }
+        other => panic!(
+            "a second live worker registered as twin: {:?}",
+            other.map(drop)
+        ),
+    }
+    let listed = registry.list_workers().await?;
+    assert_eq!(
+        listed
+            .iter()
+            .find(|w| w.id == "twin")
+            .map(|w| w.address.clone()),
+        Some(record("twin").address),
+        "the first worker's record was displaced"
+    );
+
+    // The same id under a lease nobody keeps alive (a worker killed a moment ago).
+    let mut client = etcd_client::Client::connect([etcd.url.as_str()], None).await?;
+    let dead = client.lease_grant(2, None).await.context("grant")?.id();
+    let mut restarted = record("restarted");
+    client
+        .put(
+            restarted.key(),
+            serde_json::to_vec(&restarted)?,
+            Some(etcd_client::PutOptions::new().with_lease(dead)),
+        )
+        .await?;
+    restarted.address = "127.0.0.1:3".into();
+    let taken = registry
+        .register(restarted, ttl)
+        .await
+        .context("restarted")?;
+    let listed = registry.list_workers().await?;
+    assert_eq!(
+        listed
+            .iter()
+            .find(|w| w.id == "restarted")
+            .map(|w| w.address.as_str()),
+        Some("127.0.0.1:3")
+    );
+    first.deregister().await.context("first")?;
+    taken.deregister().await.context("taken")?;
     Ok(())
 }
 
