@@ -199,6 +199,9 @@ pub async fn run_router_with_endpoints(
     let grpc = tonic::transport::Server::builder()
         // Unset, tonic lets one connection open streams without bound.
         .max_concurrent_streams(Some(max_connection_streams))
+        .layer(tower::util::MapResponseLayer::new(
+            crate::decode_errors::as_client_fault::<tonic::body::Body>,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -856,3 +856,47 @@ async fn a_malformed_frame_ends_a_session_with_invalid_argument() -> anyhow::Res
     );
     Ok(())
 }
+
+/// Bytes that do not decode as a `GenerateRequest`, or one over the message size limit, are
+/// the client's fault: `Generate` answers `INVALID_ARGUMENT` / `RESOURCE_EXHAUSTED` (tonic's
+/// own answer was `INTERNAL` / `OUT_OF_RANGE`), as a `Session` does for the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_generate_request_is_the_clients_fault() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let router = Component::start(
+        "router",
+        &[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
+        2,
+    )
+    .await?;
+    let channel = switchyard_client::connect_channel(&router.addr("grpc").to_string()).await?;
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/switchyard.v1.Inference/Generate");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    // Field 1 (`request_id`), length-delimited, with a length varint that never ends.
+    let garbage = vec![
+        0x0a, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    ];
+    let oversized = [vec![0x22, 0x80, 0x80, 0x80, 0x03], vec![b'x'; 6 << 20]].concat();
+    for (bytes, code) in [
+        (garbage, tonic::Code::InvalidArgument),
+        (oversized, tonic::Code::ResourceExhausted),
+    ] {
+        grpc.ready().await?;
+        let status = grpc
+            .server_streaming(tonic::Request::new(bytes), path.clone(), RawBytes)
+            .await
+            .expect_err("refused");
+        assert_eq!(status.code(), code, "{status:?}");
+    }
+    Ok(())
+}
