@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use switchyard_proto::v1;
@@ -70,6 +71,7 @@ impl v1::inference_server::Inference for InferenceService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let tenant = request.extensions().get::<Tenant>().cloned();
         let trace = RemoteContext::from_headers(request.metadata().as_ref());
+        let deadline = grpc_timeout(request.metadata()).map(|t| tokio::time::Instant::now() + t);
         let mut request = request.into_inner();
         if let Some(tenant) = &tenant {
             tenant.apply(&mut request);
@@ -93,11 +95,13 @@ impl v1::inference_server::Inference for InferenceService {
             Some(first) => first,
             None => return Err(Status::internal("the request ended without a frame")),
         };
-        Ok(Response::new(Box::pin(
-            futures::stream::once(std::future::ready(first))
-                .chain(frames)
-                .flat_map(with_failure_status),
-        )))
+        let frames = futures::stream::once(std::future::ready(first))
+            .chain(frames)
+            .flat_map(with_failure_status);
+        Ok(Response::new(match deadline {
+            Some(deadline) => Box::pin(until_deadline(frames, deadline)),
+            None => Box::pin(frames),
+        }))
     }
 
     async fn list_models(
@@ -127,6 +131,42 @@ impl v1::inference_server::Inference for InferenceService {
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))
     }
+}
+
+/// The call's `grpc-timeout` (e.g. `200m`: 200 ms): tonic bounds the wait for the response's
+/// headers by it, not a stream's frames after them.
+fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// `frames` until `deadline`, then `DEADLINE_EXCEEDED`: the rest of the stream is dropped,
+/// which cancels the generation on its worker.
+fn until_deadline(
+    frames: impl Stream<Item = FrameItem> + Send + 'static,
+    deadline: tokio::time::Instant,
+) -> impl Stream<Item = FrameItem> + Send + 'static {
+    let expired = futures::stream::once(async move {
+        (tokio::time::Instant::now() >= deadline).then(|| {
+            Err(Status::deadline_exceeded(
+                "the call's deadline (grpc-timeout) passed",
+            ))
+        })
+    })
+    .filter_map(std::future::ready);
+    frames
+        .take_until(tokio::time::sleep_until(deadline))
+        .chain(expired)
 }
 
 /// A `Generate` frame, and after a `Failed` one the call's status saying the same (its code

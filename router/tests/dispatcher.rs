@@ -518,6 +518,46 @@ async fn a_cancel_mid_stream_ends_cancelled_and_stops_the_engine() {
     );
 }
 
+/// A `Generate` call's `grpc-timeout` holds for its whole stream, not only until the first
+/// frame: at the deadline the call ends `DEADLINE_EXCEEDED` and the generation stops on its
+/// worker, whether or not the client enforces the deadline itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generate_deadline_ends_the_stream_and_stops_the_generation() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("slow", [Plan::fault(Fault::HoldAfter(2))]);
+    let mut client = InferenceClient::new(cluster.channel().await);
+    let mut call = tonic::Request::new(request("t", "slow", 100, RequestClass::Auto));
+    call.set_timeout(Duration::from_millis(400));
+    let asked = Instant::now();
+    let mut stream = within("generate", client.generate(call))
+        .await
+        .expect("accepted")
+        .into_inner();
+    let status = loop {
+        match within("the deadline", stream.message()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the call ended OK past its deadline"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        asked.elapsed()
+    );
+    let engine = cluster.engine(0);
+    let start = start_on(engine, "slow").await;
+    let events = within(
+        "the engine sees the cancel",
+        engine.wait_until(|e| done_of(e, &start.request_id).is_some()),
+    )
+    .await;
+    assert!(cancelled(&events, &start.request_id), "{events:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_stops_the_generation() {
     let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
