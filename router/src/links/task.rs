@@ -233,7 +233,13 @@ impl LinkTask {
                     (None, true)
                 }
                 StreamEnd::NotEstablished(LinkError::Failed(error)) => {
-                    warn!(worker = %self.shared.id, %address, %error, "worker link failed");
+                    // The first failed dial is news; the redials after it (a worker that is
+                    // down until its record expires) are not.
+                    if failures == 0 {
+                        warn!(worker = %self.shared.id, %address, %error, "worker link failed");
+                    } else {
+                        debug!(worker = %self.shared.id, %address, %error, failures, "worker link still failing");
+                    }
                     (None, false)
                 }
             };
