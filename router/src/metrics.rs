@@ -295,7 +295,7 @@ impl RouterMetrics {
             );
             r.register(
                 "switchyard_router_queue_wait_seconds",
-                "Time requests waited at the router for a worker slot, by lane and outcome (placed, shed)",
+                "Time requests waited at the router for a worker slot, by lane and outcome (placed, shed, cancelled)",
                 this.queue_wait.clone(),
             );
             r.register(
