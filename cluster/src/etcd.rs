@@ -579,14 +579,13 @@ async fn claim(
     previous: Option<i64>,
     ttl_secs: i64,
 ) -> Result<i64, RegistryError> {
-    let key = record.key();
     let value = serde_json::to_vec(record).expect("worker records always serialise");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(ttl_secs as u64 + 1);
     let mut warned = false;
     loop {
         // A lease per attempt: one granted before a wait would expire during it.
         let lease = client.lease_grant(ttl_secs, None).await?.id();
-        let claimed = try_claim(client, &key, &value, lease, previous).await;
+        let claimed = try_claim(client, record, &value, lease, previous).await;
         let holder = match claimed {
             Ok(None) => return Ok(lease),
             Ok(Some(holder)) => holder,
@@ -610,52 +609,73 @@ async fn claim(
     }
 }
 
-/// One attempt of [`claim`]: `None` when the key is now `lease`'s, else who holds it.
+/// One attempt of [`claim`]: `None` when the key is now `lease`'s, else who holds the id —
+/// in either pool: routers and drains know a worker by its id alone.
 async fn try_claim(
     client: &mut Client,
-    key: &str,
+    record: &WorkerRecord,
     value: &[u8],
     lease: i64,
     previous: Option<i64>,
 ) -> Result<Option<String>, RegistryError> {
-    loop {
-        let put = || TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
-        if let Some(previous) = previous {
-            let ours = Compare::lease(key, CompareOp::Equal, previous);
-            if client
-                .txn(Txn::new().when([ours]).and_then([put()]))
-                .await?
-                .succeeded()
-            {
-                return Ok(None);
-            }
-        }
-        let txn = Txn::new()
-            .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then([put()])
-            .or_else([TxnOp::get(key, None)]);
-        let response = client.txn(txn).await?;
-        if response.succeeded() {
+    let key = record.key();
+    let others: Vec<String> = crate::Pool::ALL
+        .into_iter()
+        .filter(|pool| *pool != record.pool)
+        .map(|pool| crate::schema::worker_key(pool, &record.id))
+        .collect();
+    let absent = |key: &str| Compare::create_revision(key, CompareOp::Equal, 0);
+    let put = || {
+        TxnOp::put(
+            key.as_str(),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )
+    };
+    // `own` for our key, and the id free in every other pool.
+    let held_by = |own: Compare| {
+        let mut compares = vec![own];
+        compares.extend(others.iter().map(|other| absent(other)));
+        compares
+    };
+    if let Some(previous) = previous {
+        let ours = held_by(Compare::lease(key.as_str(), CompareOp::Equal, previous));
+        if client
+            .txn(Txn::new().when(ours).and_then([put()]))
+            .await?
+            .succeeded()
+        {
             return Ok(None);
         }
-        let holder = response
-            .op_responses()
-            .into_iter()
-            .find_map(|op| match op {
-                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
-                    let address = serde_json::from_slice::<WorkerRecord>(kv.value())
-                        .map(|r| r.address)
-                        .unwrap_or_else(|_| "an undecodable record".into());
-                    format!("address {address}, lease {}", kv.lease())
-                }),
-                _ => None,
-            })
-            // Deleted between the compare and the read: claim it now.
-            .unwrap_or_default();
-        if !holder.is_empty() {
-            return Ok(Some(holder));
-        }
     }
+    let reads: Vec<TxnOp> = std::iter::once(key.as_str())
+        .chain(others.iter().map(String::as_str))
+        .map(|key| TxnOp::get(key, None))
+        .collect();
+    let txn = Txn::new()
+        .when(held_by(absent(&key)))
+        .and_then([put()])
+        .or_else(reads);
+    let response = client.txn(txn).await?;
+    if response.succeeded() {
+        return Ok(None);
+    }
+    let holder = response
+        .op_responses()
+        .into_iter()
+        .find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
+                let (pool, address) = match serde_json::from_slice::<WorkerRecord>(kv.value()) {
+                    Ok(r) => (r.pool.to_string(), r.address),
+                    Err(_) => ("?".into(), "an undecodable record".into()),
+                };
+                format!("{pool} pool, address {address}, lease {}", kv.lease())
+            }),
+            _ => None,
+        })
+        // Gone between the compare and the reads (they are one transaction: not expected).
+        .unwrap_or_else(|| "a record that just left".into());
+    Ok(Some(holder))
 }
 
 async fn put_record(

@@ -341,16 +341,20 @@ async fn a_worker_id_held_by_a_live_worker_is_refused_and_a_dead_ones_is_taken_o
     let first = registry.register(record("twin"), ttl).await?;
     let mut twin = record("twin");
     twin.address = "127.0.0.1:2".into();
-    let refused = registry.register(twin.clone(), ttl).await;
-    match refused {
-        Err(switchyard_cluster::RegistryError::IdTaken { id, holder }) => {
-            assert_eq!(id, "twin");
-            assert!(holder.contains(&record("twin").address), "{holder}");
+    // In the same pool, or the other: routers and drains know a worker by its id alone.
+    let mut other_pool = twin.clone();
+    other_pool.pool = Pool::Wse;
+    for twin in [twin, other_pool] {
+        match registry.register(twin.clone(), ttl).await {
+            Err(switchyard_cluster::RegistryError::IdTaken { id, holder }) => {
+                assert_eq!(id, "twin");
+                assert!(holder.contains(&record("twin").address), "{holder}");
+            }
+            other => panic!(
+                "a second live worker registered as {twin:?}: {:?}",
+                other.map(drop)
+            ),
         }
-        other => panic!(
-            "a second live worker registered as twin: {:?}",
-            other.map(drop)
-        ),
     }
     let listed = registry.list_workers().await?;
     assert_eq!(
