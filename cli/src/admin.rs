@@ -14,16 +14,17 @@ pub struct AdminArgs {
     /// Control-plane gRPC address (writes go to the leader; a follower's refusal names it).
     #[arg(
         long,
+        global = true,
         env = "SWITCHYARD_CONTROL_PLANE",
         default_value = "127.0.0.1:50052"
     )]
     pub control_plane: String,
     /// File holding an operator token (e.g. the `control-plane admin token` file `switchyard
     /// up` prints): writes need one when the control plane has admin tokens.
-    #[arg(long, env = "SWITCHYARD_OPERATOR_TOKEN_FILE")]
+    #[arg(long, global = true, env = "SWITCHYARD_OPERATOR_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
     /// CA certificate (PEM) to trust: the control plane serves TLS.
-    #[arg(long, env = "SWITCHYARD_TLS_CA_FILE")]
+    #[arg(long, global = true, env = "SWITCHYARD_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
     #[command(subcommand)]
     pub command: AdminCommand,
@@ -55,18 +56,106 @@ pub enum PolicyCommand {
     Merge { patch: String },
 }
 
+/// The exit statuses, as `switchyard admin --help` lists them.
+pub const EXIT_STATUSES: &str = "Exit status: 0 done; 1 another failure; 2 a usage error; 3 not \
+allowed (no operator token, or a viewer's); 4 no such worker; 5 refused as invalid (a bad \
+document or patch); 6 this control plane is a follower (the message names the leader); 7 the \
+control plane is unreachable or cannot answer now.";
+
+/// Exit statuses of `switchyard admin` (besides 0, and clap's 2 for a usage error), so that
+/// scripts can tell failures apart without parsing the message.
+pub mod exit {
+    /// Anything else (a file that cannot be read, an unexpected answer).
+    pub const OTHER: i32 = 1;
+    /// No token, an unknown one, or one whose role may not do this.
+    pub const NOT_ALLOWED: i32 = 3;
+    /// No such worker.
+    pub const NOT_FOUND: i32 = 4;
+    /// The request was refused as invalid (a bad policy document or patch, an empty id).
+    pub const INVALID: i32 = 5;
+    /// This replica is a follower: the message names the leader.
+    pub const NOT_LEADER: i32 = 6;
+    /// The control plane could not be reached, or cannot answer now (etcd unreachable).
+    pub const UNAVAILABLE: i32 = 7;
+}
+
+/// Why `switchyard admin` failed, with its exit status.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct AdminFailure {
+    pub exit_code: i32,
+    pub message: String,
+}
+
+impl AdminFailure {
+    fn new(exit_code: i32, message: impl Into<String>) -> Self {
+        Self {
+            exit_code,
+            message: message.into(),
+        }
+    }
+
+    /// The control plane's answer `status` as an operator reads it, with a hint where the
+    /// status says more about the address than about the request.
+    fn refused(status: tonic::Status, address: &str, tls: bool) -> Self {
+        use tonic::Code;
+        let text = status.message();
+        let (exit_code, message) = match status.code() {
+            Code::Unauthenticated | Code::PermissionDenied => (
+                exit::NOT_ALLOWED,
+                format!(
+                    "{text} (writes need an operator token: --token-file or \
+                     SWITCHYARD_OPERATOR_TOKEN_FILE)"
+                ),
+            ),
+            Code::NotFound => (exit::NOT_FOUND, text.to_string()),
+            Code::InvalidArgument => (exit::INVALID, text.to_string()),
+            Code::FailedPrecondition => (exit::NOT_LEADER, text.to_string()),
+            Code::Unavailable | Code::DeadlineExceeded => (exit::UNAVAILABLE, text.to_string()),
+            Code::Unimplemented => (
+                exit::OTHER,
+                format!(
+                    "{address} does not serve the Admin API: give the control plane's gRPC \
+                     address (default 127.0.0.1:50052)"
+                ),
+            ),
+            Code::Internal if text.contains("compression flag") => (
+                exit::OTHER,
+                format!(
+                    "{address} answered in plain HTTP, not gRPC (the dashboard's port?): give \
+                     the control plane's gRPC address"
+                ),
+            ),
+            Code::Internal if text.contains("h2 protocol error") && !tls => (
+                exit::UNAVAILABLE,
+                format!(
+                    "{address} did not answer gRPC over plaintext ({text}): if the control \
+                     plane serves TLS, pass --tls-ca-file"
+                ),
+            ),
+            code => (exit::OTHER, format!("{code:?}: {text}")),
+        };
+        Self::new(exit_code, format!("the control plane refused: {message}"))
+    }
+}
+
 pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
     let channel = connect(&args).await?;
-    let token = args.token_file.as_deref().map(read_token).transpose()?;
     let mut client = AdminClient::new(channel);
-    let token = token.as_deref();
-    let refused = |status: tonic::Status| {
-        anyhow::anyhow!(
-            "the control plane refused: {:?}: {}",
-            status.code(),
-            status.message()
-        )
+    // Reads are open on every control plane: only writes carry (and need) the token.
+    let writes = matches!(
+        args.command,
+        AdminCommand::Drain { .. }
+            | AdminCommand::Undrain { .. }
+            | AdminCommand::Policy(PolicyCommand::Set { .. } | PolicyCommand::Merge { .. })
+    );
+    let token = match &args.token_file {
+        Some(file) if writes => Some(read_token(file)?),
+        _ => None,
     };
+    let token = token.as_deref();
+    let (address, tls) = (args.control_plane.clone(), args.tls_ca_file.is_some());
+    let refused = |status: tonic::Status| AdminFailure::refused(status, &address, tls);
     match args.command {
         AdminCommand::Workers => {
             let workers = client
@@ -146,13 +235,33 @@ async fn connect(args: &AdminArgs) -> anyhow::Result<Channel> {
         Some(ca) => switchyard_client::connect_tls(&args.control_plane, ca).await,
         None => switchyard_client::connect_channel(&args.control_plane).await,
     };
-    connected.with_context(|| format!("connecting to the control plane at {}", args.control_plane))
+    connected.map_err(|error| {
+        let why = match &error {
+            switchyard_client::ClientError::Connect(transport) => {
+                switchyard_cluster::telemetry::chain_text(transport)
+            }
+            other => other.to_string(),
+        };
+        AdminFailure::new(
+            exit::UNAVAILABLE,
+            format!(
+                "cannot reach the control plane at {}: {why}",
+                args.control_plane
+            ),
+        )
+        .into()
+    })
 }
 
 /// The token in `file`: its first line, trimmed.
 fn read_token(file: &Path) -> anyhow::Result<String> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("reading --token-file {}", file.display()))?;
+    let text = std::fs::read_to_string(file).with_context(|| {
+        format!(
+            "reading the operator token file {} (--token-file or \
+             SWITCHYARD_OPERATOR_TOKEN_FILE)",
+            file.display()
+        )
+    })?;
     let token = text.lines().next().unwrap_or_default().trim().to_string();
     anyhow::ensure!(
         !token.is_empty(),

@@ -22,6 +22,7 @@ enum Command {
     /// Interactive chat over one persistent session.
     Chat(chat::ChatArgs),
     /// Operate the cluster through the control plane: workers, drains, the routing policy.
+    #[command(after_help = admin::EXIT_STATUSES)]
     Admin(admin::AdminArgs),
     /// Run the router.
     Router(components::RouterArgs),
@@ -59,8 +60,8 @@ enum Command {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let telemetry =
-        switchyard_cluster::telemetry::init(cli.command.service_name(), cli.command.log_format())?;
+    let log_format = cli.command.log_format();
+    let telemetry = switchyard_cluster::telemetry::init(cli.command.service_name(), log_format)?;
     if !matches!(cli.command, Command::Chat(_) | Command::Admin(_)) {
         // Every connection takes a descriptor: a soft limit of 1024 (a common default) runs
         // out long before memory does.
@@ -70,9 +71,28 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let result = run(cli.command).await;
+    let json = matches!(log_format, switchyard_cluster::telemetry::LogFormat::Json);
+    if let Err(error) = &result
+        && json
+    {
+        // The reason it stopped, as one JSON line like every other (anyhow's report is text).
+        tracing::error!(error = %format!("{error:#}"), "stopped");
+    }
     // Export the spans of the last requests before exiting.
     telemetry.shutdown().await;
-    result
+    match result {
+        Err(error) => {
+            if let Some(failure) = error.downcast_ref::<admin::AdminFailure>() {
+                eprintln!("switchyard admin: {failure}");
+                std::process::exit(failure.exit_code);
+            }
+            if json {
+                std::process::exit(1);
+            }
+            Err(error)
+        }
+        ok => ok,
+    }
 }
 
 impl Command {

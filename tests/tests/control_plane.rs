@@ -1329,18 +1329,21 @@ async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Resu
     })
     .await?;
     let control_plane = cluster.control_plane.addr("grpc").to_string();
-    let run = |args: &[&str]| {
+    let run_at = |address: &str, args: &[&str]| {
         let output = std::process::Command::new(switchyard_tests::switchyard_bin())
-            .args(["admin", "--control-plane", &control_plane])
+            .arg("admin")
             .args(args)
+            // After the subcommand, as kubectl users write flags (before works too).
+            .args(["--control-plane", address])
             .output()
             .expect("switchyard runs");
         (
-            output.status.success(),
+            output.status.code(),
             String::from_utf8_lossy(&output.stdout).into_owned(),
             String::from_utf8_lossy(&output.stderr).into_owned(),
         )
     };
+    let run = |args: &[&str]| run_at(&control_plane, args);
     let state_of = |table: &str, id: &str| {
         table
             .lines()
@@ -1348,8 +1351,8 @@ async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Resu
             .and_then(|line| line.split_whitespace().nth(2).map(str::to_string))
     };
 
-    let (ok, table, err) = run(&["workers"]);
-    assert!(ok, "{err}");
+    let (code, table, err) = run(&["workers"]);
+    assert_eq!(code, Some(0), "{err}");
     assert!(table.starts_with("ID "), "{table}");
     assert_eq!(
         state_of(&table, "gpu-0").as_deref(),
@@ -1362,8 +1365,9 @@ async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Resu
         "{table}"
     );
 
-    let (ok, out, err) = run(&["drain", "gpu-0"]);
-    assert!(ok && out.contains("gpu-0 draining"), "{out}{err}");
+    let (code, out, err) = run(&["drain", "gpu-0"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("gpu-0 draining"), "{out}");
     let (_, table, _) = poll_until(PATIENCE, "gpu-0 to advertise draining", || async {
         let seen = run(&["workers"]);
         (state_of(&seen.1, "gpu-0").as_deref() == Some("draining")).then_some(seen)
@@ -1374,25 +1378,30 @@ async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Resu
         Some("ready"),
         "{table}"
     );
-    let (ok, out, err) = run(&["undrain", "gpu-0"]);
-    assert!(ok && out.contains("gpu-0 ready"), "{out}{err}");
+    let (code, out, err) = run(&["undrain", "gpu-0"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("gpu-0 ready"), "{out}");
 
-    let (ok, _, err) = run(&["policy", "set", "-"]);
-    assert!(!ok, "an empty document from stdin is not a policy");
+    let (code, _, err) = run(&["policy", "set", "-"]);
+    assert_eq!(
+        code,
+        Some(5),
+        "an empty document from stdin is not a policy: {err}"
+    );
     assert!(err.contains("refused"), "{err}");
     let policy = std::env::temp_dir().join(format!("policy-{}.json", std::process::id()));
     std::fs::write(&policy, r#"{"default_lane": "latency-critical"}"#)?;
-    let (ok, _, err) = run(&["policy", "set", &policy.display().to_string()]);
+    let (code, _, err) = run(&["policy", "set", &policy.display().to_string()]);
     std::fs::remove_file(&policy)?;
-    assert!(ok, "{err}");
-    let (ok, out, err) = run(&[
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, err) = run(&[
         "policy",
         "merge",
         r#"{"quotas": {"tenants": {"acme": {"tokens_per_minute": 1200}}}}"#,
     ]);
-    assert!(ok, "{err}");
-    let (ok, stored, err) = run(&["policy", "get"]);
-    assert!(ok, "{err}");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, stored, err) = run(&["policy", "get"]);
+    assert_eq!(code, Some(0), "{err}");
     assert_eq!(stored, out, "get shows what merge stored");
     let document: Value = serde_json::from_str(&stored)?;
     assert_eq!(document["default_lane"], "latency-critical", "{stored}");
@@ -1401,13 +1410,21 @@ async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Resu
         "{stored}"
     );
 
-    let (ok, _, err) = run(&["policy", "merge", r#"{"placement": {"choices": 0}}"#]);
-    assert!(!ok);
+    let (code, _, err) = run(&["policy", "merge", r#"{"placement": {"choices": 0}}"#]);
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("placement.choices"), "{err}");
+    let (code, _, err) = run(&["drain", "gpu-9"]);
+    assert_eq!(code, Some(4), "{err}");
+    assert!(err.contains("gpu-9"), "{err}");
+    // An address that is not a control plane's is said to be one.
+    let (code, _, err) = run_at(&cluster.router_addr(), &["workers"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("does not serve the Admin API"), "{err}");
+    let (code, _, err) = run_at("127.0.0.1:1", &["workers"]);
+    assert_eq!(code, Some(7), "{err}");
     assert!(
-        err.contains("InvalidArgument") && err.contains("placement.choices"),
+        err.contains("cannot reach the control plane at 127.0.0.1:1"),
         "{err}"
     );
-    let (ok, _, err) = run(&["drain", "gpu-9"]);
-    assert!(!ok && err.contains("NotFound"), "{err}");
     Ok(())
 }
