@@ -524,3 +524,38 @@ async fn json_logs_carry_the_request_span_and_membership_changes() -> anyhow::Re
     }
     Ok(())
 }
+
+/// A component logging JSON that stops on an error says why in one JSON line (anyhow's
+/// report is multi-line text), and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_logging_json_stops_with_one_json_line() -> anyhow::Result<()> {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let output = tokio::process::Command::new(switchyard_tests::switchyard_bin())
+        .args([
+            "router",
+            "--etcd",
+            "http://127.0.0.1:1",
+            "--log-format",
+            "json",
+        ])
+        .args(["--listen", &taken.local_addr()?.to_string()])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .output()
+        .await?;
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for line in stderr.lines() {
+        let _: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON ({e}): {line:?}"))?;
+    }
+    let last: serde_json::Value = serde_json::from_str(stderr.lines().last().unwrap_or_default())?;
+    assert_eq!(last["level"], "ERROR", "{last}");
+    assert_eq!(last["fields"]["message"], "stopped", "{last}");
+    assert!(
+        last["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Address already in use")),
+        "{last}"
+    );
+    Ok(())
+}
