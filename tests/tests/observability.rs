@@ -489,6 +489,12 @@ async fn json_logs_carry_the_request_span_and_membership_changes() -> anyhow::Re
     assert_eq!(span["pool"], accepted.pool.as_str(), "{line}");
     assert_eq!(span["worker"], accepted.worker_id.as_str(), "{line}");
     assert!(span["reason"].is_string(), "{line}");
+    // The worker's lines name the client's request id too (its own is the router's).
+    let ended = cluster.gpu[0]
+        .wait_for_log("\"client_request_id\":\"json-log-1\"", TIMEOUT)
+        .await?;
+    let ended: serde_json::Value = serde_json::from_str(&ended)?;
+    assert_eq!(ended["span"]["name"], "worker.generate", "{ended}");
 
     let _late = switchyard_tests::start_gpu_worker(&cluster.etcd.url, "gpu-late", &[], 1).await?;
     // The router's membership watch logs the worker that joined, as JSON.

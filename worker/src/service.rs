@@ -271,6 +271,7 @@ impl WorkerService {
             "worker.generate",
             otel.kind = "server",
             request_id = %start.request_id,
+            client_request_id = %start.client_request_id,
             model = %start.model,
             lane = crate::metrics::lane_label(start.lane),
         );

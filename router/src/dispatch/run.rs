@@ -959,6 +959,7 @@ impl<'d> Run<'d> {
             prompt_token_ids: self.prompt_ids.clone(),
             credit_tokens: self.dispatcher.config.stream_credit_tokens,
             min_tokens_per_s: self.class.min_tokens_per_s,
+            client_request_id: self.request.request_id.clone(),
         }
     }
 
