@@ -215,7 +215,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     let metrics = format!("{}/metrics", base.trim_end_matches("/v1"));
     let response = client.post(metrics).send().await?;
     assert_eq!(response.status(), 405, "POST /metrics");
-    assert_eq!(response.headers()["allow"], "GET");
+    assert_eq!(response.headers()["allow"], "GET, HEAD");
     let body: Value = response.json().await?;
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
     let response = client

@@ -426,15 +426,16 @@ pub async fn wrong_method(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    let allowed =
+    // GET routes answer HEAD too.
+    let (allowed, usable) =
         if uri.path().starts_with("/v1/models") || ["/health", "/metrics"].contains(&uri.path()) {
-            "GET"
+            ("GET, HEAD", "GET")
         } else {
-            "POST"
+            ("POST", "POST")
         };
     let mut response = ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
-        message: format!("{method} is not allowed on {}: use {allowed}", uri.path()),
+        message: format!("{method} is not allowed on {}: use {usable}", uri.path()),
         kind: "invalid_request_error",
         param: None,
         code: None,
