@@ -352,6 +352,19 @@ fn request(id: &str, instructions: &str, max_tokens: u32, class: RequestClass) -
     }
 }
 
+/// One worker with one slot, under `policy`, the slot taken by request `h` of the returned
+/// session (held after its first token until the engine is released).
+async fn one_slot_taken(policy: PolicyDocument) -> (Cluster, Session) {
+    let cluster = Cluster::start(1, 1, RouterConfig::default(), Some(policy)).await;
+    cluster
+        .script
+        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
+    let mut session = cluster.session().await;
+    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
+    session.tokens("h", 1).await;
+    (cluster, session)
+}
+
 /// What a client saw of one request.
 #[derive(Debug, Default, Clone)]
 struct Outcome {
@@ -1135,13 +1148,7 @@ async fn a_request_waiting_past_its_lanes_queue_wait_is_shed() {
     let mut policy = PolicyDocument::default();
     policy.latency_critical.max_queue_wait_ms = 300.0;
     policy.latency_critical.retry_after_ms = 700;
-    let cluster = Cluster::start(1, 1, RouterConfig::default(), Some(policy)).await;
-    cluster
-        .script
-        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
-    let mut session = cluster.session().await;
-    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
-    session.tokens("h", 1).await;
+    let (cluster, mut session) = one_slot_taken(policy).await;
 
     let asked = Instant::now();
     session.start(request("late", "late", 3, RequestClass::LatencyCritical));
@@ -1267,13 +1274,7 @@ async fn generate_on_a_full_lane_is_refused_with_retry_after_metadata() {
     let mut policy = PolicyDocument::default();
     policy.cost_sensitive.max_queue = 0;
     policy.cost_sensitive.retry_after_ms = 1_500;
-    let cluster = Cluster::start(1, 1, RouterConfig::default(), Some(policy)).await;
-    cluster
-        .script
-        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
-    let mut session = cluster.session().await;
-    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
-    session.tokens("h", 1).await;
+    let (cluster, mut session) = one_slot_taken(policy).await;
 
     let mut client = InferenceClient::new(cluster.channel().await);
     let status = within(
@@ -1347,13 +1348,7 @@ async fn a_generate_call_that_fails_later_ends_with_the_failure_as_its_status() 
     let mut policy = PolicyDocument::default();
     policy.latency_critical.max_queue_wait_ms = 300.0;
     policy.latency_critical.retry_after_ms = 700;
-    let cluster = Cluster::start(1, 1, RouterConfig::default(), Some(policy)).await;
-    cluster
-        .script
-        .set("hold", [Plan::fault(Fault::HoldAfter(1))]);
-    let mut session = cluster.session().await;
-    session.start(request("h", "hold", 5, RequestClass::CostSensitive));
-    session.tokens("h", 1).await;
+    let (cluster, mut session) = one_slot_taken(policy).await;
 
     let mut client = InferenceClient::new(cluster.channel().await);
     let status = within(

@@ -754,6 +754,28 @@ async fn workers_serve_only_cluster_members() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A router on a real etcd with no workers (its input checks need none), and a channel to it.
+async fn router_without_workers() -> anyhow::Result<(Etcd, Component, tonic::transport::Channel)> {
+    let etcd = Etcd::start().await?;
+    let router = Component::start(
+        "router",
+        &[
+            "router",
+            "--etcd",
+            &etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]
+        .map(String::from),
+        2,
+    )
+    .await?;
+    let channel = switchyard_client::connect_channel(&router.addr("grpc").to_string()).await?;
+    Ok((etcd, router, channel))
+}
+
 /// A client whose encoder is broken: it sends its items' bytes as they are, and discards what
 /// the server answers (only the call's final status matters here).
 #[derive(Clone, Copy, Default)]
@@ -800,23 +822,7 @@ impl tonic::codec::Codec for RawBytes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_frame_ends_a_session_with_invalid_argument() -> anyhow::Result<()> {
-    let etcd = Etcd::start().await?;
-    let router = Component::start(
-        "router",
-        &[
-            "router",
-            "--etcd",
-            &etcd.url,
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-        2,
-    )
-    .await?;
-    let channel = switchyard_client::connect_channel(&router.addr("grpc").to_string()).await?;
+    let (_etcd, _router, channel) = router_without_workers().await?;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await?;
     // Field 1 (`start`), length-delimited, with a length varint that never ends.
@@ -862,23 +868,7 @@ async fn a_malformed_frame_ends_a_session_with_invalid_argument() -> anyhow::Res
 /// own answer was `INTERNAL` / `OUT_OF_RANGE`), as a `Session` does for the same bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undecodable_generate_request_is_the_clients_fault() -> anyhow::Result<()> {
-    let etcd = Etcd::start().await?;
-    let router = Component::start(
-        "router",
-        &[
-            "router",
-            "--etcd",
-            &etcd.url,
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-        2,
-    )
-    .await?;
-    let channel = switchyard_client::connect_channel(&router.addr("grpc").to_string()).await?;
+    let (_etcd, _router, channel) = router_without_workers().await?;
     let path =
         tonic::codegen::http::uri::PathAndQuery::from_static("/switchyard.v1.Inference/Generate");
     let mut grpc = tonic::client::Grpc::new(channel);

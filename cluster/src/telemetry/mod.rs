@@ -7,6 +7,7 @@
 //!   ([`otel`]), and W3C trace context crosses process boundaries ([`propagation`]);
 //! - metrics: a Prometheus registry per component and an axum router serving it ([`metrics`]).
 
+pub mod capture;
 mod error_chain;
 pub mod metrics;
 pub mod otel;

@@ -182,30 +182,10 @@ fn tracer_provider(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl Captured {
-        fn text(&self) -> String {
-            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-        }
-    }
+    use crate::telemetry::capture::CapturedLogs;
 
     fn log_one_request(format: LogFormat, ansi: bool) -> String {
-        let captured = Captured::default();
+        let captured = CapturedLogs::default();
         let writer = captured.clone();
         let subscriber =
             tracing_subscriber::registry().with(log_layer(format, move || writer.clone(), ansi));

@@ -125,27 +125,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
+    use crate::telemetry::capture::CapturedLogs;
     use tracing::field::Empty;
     use tracing_subscriber::layer::SubscriberExt as _;
 
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn a_field_recorded_again_is_printed_once_with_its_latest_value() {
-        let captured = Captured::default();
+        let captured = CapturedLogs::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::registry()
             .with(
@@ -162,7 +148,7 @@ mod tests {
             span.record("n", 2);
             span.in_scope(|| tracing::info!(extra = %"x y", "accepted"));
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let text = captured.text();
         assert!(
             text.contains(r#"req{id="r-1" lane="interactive" n=2}"#),
             "{text}"

@@ -38,27 +38,12 @@ pub fn record_decision(span: &Span, lane: &str, pool: &str, worker: &str, reason
 mod tests {
     use super::*;
     use crate::policy::document::LaneName;
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
+    use switchyard_cluster::telemetry::capture::CapturedLogs;
     use tracing::info;
-
-    /// Collects what a `fmt` subscriber writes.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("capture lock").extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
 
     #[test]
     fn the_routing_decision_is_recorded_on_the_request_span() {
-        let captured = Captured::default();
+        let captured = CapturedLogs::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(move || writer.clone())
@@ -77,7 +62,7 @@ mod tests {
             // An event inside the span carries its fields too.
             span.in_scope(|| info!("accepted"));
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let text = captured.text();
         for field in [
             "request_id=\"r-1\"",
             "lane=\"latency-critical\"",
@@ -95,7 +80,7 @@ mod tests {
     #[test]
     fn the_accepted_line_carries_each_field_once() {
         use tracing_subscriber::layer::SubscriberExt as _;
-        let captured = Captured::default();
+        let captured = CapturedLogs::default();
         let writer = captured.clone();
         let subscriber =
             tracing_subscriber::registry().with(switchyard_cluster::telemetry::otel::log_layer(
@@ -120,7 +105,7 @@ mod tests {
             );
             span.in_scope(|| info!("accepted"));
         });
-        let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        let text = captured.text();
         // (The reason's text has `lane=…` and `pool=…` in it, unquoted.)
         for field in [
             "request_id=\"",
