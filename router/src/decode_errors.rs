@@ -1,42 +1,51 @@
-//! A request the router cannot decode is the client's fault, not the server's: tonic answers
-//! one with `INTERNAL` (bytes that are not a message, a missing or truncated one) or
-//! `OUT_OF_RANGE` (one over the size limit) before any handler runs — `Generate`'s only
-//! chance to say so is the response's status. This maps those answers to `INVALID_ARGUMENT`
-//! and `RESOURCE_EXHAUSTED`, as a `Session` reports the same bytes ([`crate::session`]).
+//! A request the router cannot decode is the client's fault, not the server's: tonic reports
+//! one as `INTERNAL` (bytes that are not a message, a missing or truncated one, a bad
+//! compression flag) or `OUT_OF_RANGE` (one over the size limit). [`client_fault`] tells those
+//! reports apart from the router's own faults, for both front doors: a `Session` reads them
+//! from its request stream ([`crate::session`]); a `Generate` call gets them before any
+//! handler runs, so [`as_client_fault`] rewrites its response's status.
 
 use http::HeaderValue;
+use tonic::{Code, Status};
 
-/// tonic's messages for a request it could not decode (percent-encoded, as `grpc-message`
-/// carries them), with the code the client should get instead.
-const CLIENT_FAULTS: [(&str, &str, &str); 5] = [
-    ("13", "failed%20to%20decode", "3"),
-    ("13", "Missing%20request%20message", "3"),
-    ("13", "Unexpected%20EOF%20decoding", "3"),
-    (
-        "13",
-        "protocol%20error:%20received%20message%20with%20invalid%20compression",
-        "3",
-    ),
-    (
-        "11",
-        "Error,%20decoded%20message%20length%20too%20large",
-        "8",
-    ),
+/// How tonic's reports of a request it could not read begin.
+const UNREADABLE: [&str; 5] = [
+    "failed to decode Protobuf message",
+    "Missing request message",
+    "Unexpected EOF decoding",
+    // A bad compression flag, or the flag set without an encoding.
+    "protocol error: received message with",
+    "Error decompressing",
 ];
+const TOO_LARGE: [&str; 2] = [
+    "Error, decoded message length too large",
+    "Error decompressing: size limit",
+];
+
+/// The code a client should get for `status` when it is tonic's report of a request it could
+/// not read: `INVALID_ARGUMENT`, or `RESOURCE_EXHAUSTED` for one over the size limit; `None`
+/// for any other status.
+pub fn client_fault(status: &Status) -> Option<Code> {
+    let message = status.message();
+    match status.code() {
+        Code::Internal if UNREADABLE.iter().any(|start| message.starts_with(start)) => {
+            Some(Code::InvalidArgument)
+        }
+        Code::OutOfRange | Code::ResourceExhausted
+            if TOO_LARGE.iter().any(|start| message.starts_with(start)) =>
+        {
+            Some(Code::ResourceExhausted)
+        }
+        _ => None,
+    }
+}
 
 /// The response with a decoding failure's status changed to the client-fault code.
 pub fn as_client_fault<B>(mut response: http::Response<B>) -> http::Response<B> {
-    let headers = response.headers_mut();
-    let (Some(status), Some(message)) = (headers.get("grpc-status"), headers.get("grpc-message"))
-    else {
-        return response;
-    };
-    let message = message.as_bytes();
-    let fault = CLIENT_FAULTS
-        .iter()
-        .find(|(code, prefix, _)| status == code && message.starts_with(prefix.as_bytes()));
-    if let Some((_, _, code)) = fault {
-        headers.insert("grpc-status", HeaderValue::from_static(code));
+    let code = Status::from_header_map(response.headers()).and_then(|s| client_fault(&s));
+    if let Some(code) = code {
+        let code = HeaderValue::from(code as i32);
+        response.headers_mut().insert(Status::GRPC_STATUS, code);
     }
     response
 }
@@ -45,42 +54,50 @@ pub fn as_client_fault<B>(mut response: http::Response<B>) -> http::Response<B> 
 mod tests {
     use super::*;
 
-    fn answer(status: &'static str, message: &'static str) -> http::Response<()> {
-        http::Response::builder()
-            .header("grpc-status", status)
-            .header("grpc-message", message)
-            .body(())
-            .expect("a response")
+    fn answer(status: Status) -> http::Response<()> {
+        let mut response = http::Response::new(());
+        status
+            .add_header(response.headers_mut())
+            .expect("valid headers");
+        response
     }
 
-    fn status(response: http::Response<()>) -> String {
+    fn code_of(response: http::Response<()>) -> Code {
         let response = as_client_fault(response);
-        response.headers()["grpc-status"]
-            .to_str()
-            .expect("ascii")
-            .to_string()
+        Status::from_header_map(response.headers())
+            .expect("a status")
+            .code()
     }
 
     #[test]
     fn decoding_failures_become_the_clients_fault_and_nothing_else_changes() {
+        let code = |status| code_of(answer(status));
         assert_eq!(
-            status(answer("13", "failed%20to%20decode%20Protobuf%20message")),
-            "3"
-        );
-        assert_eq!(status(answer("13", "Missing%20request%20message.")), "3");
-        assert_eq!(
-            status(answer(
-                "11",
-                "Error,%20decoded%20message%20length%20too%20large:%20found%2010485780%20bytes"
+            code(Status::internal(
+                "failed to decode Protobuf message: invalid varint"
             )),
-            "8"
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(Status::internal("Missing request message.")),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(Status::out_of_range(
+                "Error, decoded message length too large: found 10485780 bytes, the limit is: \
+                 4194304 bytes"
+            )),
+            Code::ResourceExhausted
         );
         // The router's own faults and every other answer stay as they are.
         assert_eq!(
-            status(answer("13", "dispatcher%20sent%20an%20empty%20frame")),
-            "13"
+            code(Status::internal("dispatcher sent an empty frame")),
+            Code::Internal
         );
-        assert_eq!(status(answer("11", "failed%20to%20decode")), "11");
-        assert_eq!(status(answer("0", "")), "0");
+        assert_eq!(
+            code(Status::out_of_range("failed to decode")),
+            Code::OutOfRange
+        );
+        assert_eq!(code(Status::ok("")), Code::Ok);
     }
 }
