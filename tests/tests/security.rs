@@ -757,21 +757,7 @@ async fn workers_serve_only_cluster_members() -> anyhow::Result<()> {
 /// A router on a real etcd with no workers (its input checks need none), and a channel to it.
 async fn router_without_workers() -> anyhow::Result<(Etcd, Component, tonic::transport::Channel)> {
     let etcd = Etcd::start().await?;
-    let router = Component::start(
-        "router",
-        &[
-            "router",
-            "--etcd",
-            &etcd.url,
-            "--listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-        ]
-        .map(String::from),
-        2,
-    )
-    .await?;
+    let router = switchyard_tests::start_router(&etcd.url, "router", &[]).await?;
     let channel = switchyard_client::connect_channel(&router.addr("grpc").to_string()).await?;
     Ok((etcd, router, channel))
 }
