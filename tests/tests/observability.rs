@@ -495,6 +495,7 @@ async fn json_logs_carry_the_request_span_and_membership_changes() -> anyhow::Re
         .await?;
     let ended: serde_json::Value = serde_json::from_str(&ended)?;
     assert_eq!(ended["span"]["name"], "worker.generate", "{ended}");
+    assert_eq!(ended["span"]["lane"], span["lane"], "one spelling: {ended}");
 
     let _late = switchyard_tests::start_gpu_worker(&cluster.etcd.url, "gpu-late", &[], 1).await?;
     // The router's membership watch logs the worker that joined, as JSON.

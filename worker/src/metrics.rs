@@ -75,7 +75,7 @@ fn pool_label(pool: Pool) -> &'static str {
 }
 
 /// The `lane` label value of a `Start` frame's lane (`unspecified` from older routers).
-pub fn lane_label(lane: i32) -> &'static str {
+fn lane_label(lane: i32) -> &'static str {
     match v1::Lane::try_from(lane) {
         Ok(v1::Lane::LatencyCritical) => "latency_critical",
         Ok(v1::Lane::CostSensitive) => "cost_sensitive",

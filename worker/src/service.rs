@@ -273,7 +273,8 @@ impl WorkerService {
             request_id = %start.request_id,
             client_request_id = %start.client_request_id,
             model = %start.model,
-            lane = crate::metrics::lane_label(start.lane),
+            // The same spelling as the router's span, so one query finds both halves.
+            lane = v1::Lane::try_from(start.lane).unwrap_or(v1::Lane::Unspecified).label(),
         );
         propagation::set_parent(&span, RemoteContext::from_map(&start.trace_context));
         let mut clock = self.metrics.generation(start.lane, &start.model);

@@ -541,7 +541,7 @@ impl LinkTask {
                 match fetched {
                     None => {}
                     Some((Ok(fetched), claim)) => {
-                        info!(%worker, %model, vocab = fetched.tokenizer.vocab_size(), context_length = %fetched.context_length.map_or_else(|| "unknown".to_string(), |n| n.to_string()), "tokenizer fetched; the router tokenizes this model's requests");
+                        info!(%worker, %model, vocab = fetched.tokenizer.vocab_size(), context_length = fetched.context_length, "tokenizer fetched; the router tokenizes this model's requests");
                         claim.fulfil(fetched);
                     }
                     Some((Err(FetchError::NotFound(why)), _)) => {
