@@ -300,10 +300,12 @@ impl Default for Pace {
     }
 }
 
-/// The order to move, given to a listed generation's run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The order to move, given to a listed generation's run, with its target's slot held: the
+/// next move decision counts it taken, so a drain never sends more generations to a worker
+/// than it has room for. Dropped unused (the generation ended first), it frees the slot.
 pub struct MoveOrder {
     pub reason: MoveReason,
+    pub target: Chosen,
 }
 
 /// The listing of a [`ListedRun`]; dropping it (the run ended or left its worker) takes it off
@@ -804,34 +806,21 @@ impl PlacementState {
             cheapest_meeting_slo_per_mtok: cheapest,
         };
         let candidates = candidates(view, considered);
-        let id = view.worker(placement.worker).id.clone();
-        let Some(link) = self.links.get(&id) else {
+        let Some(mut chosen) = self.reserve(&placement) else {
             // Left between its change and this decision; the membership change follows.
+            let id = self.view.worker(placement.worker).id.clone();
             self.rebuild();
             return Err(DispatchError::Unavailable(format!("worker {id} just left")));
         };
-        let slot = link.hold_slot();
-        self.refresh(&link, placement.worker);
-        let hedge = if may_hedge {
-            self.hedge(ask, &placement, policy)
-        } else {
-            None
-        };
-        let reason = match &hedge {
-            Some(hedge) => format!("{}; hedged on {}", placement.reason(), hedge.link.id()),
-            None => placement.reason(),
-        };
-        Ok(Attempt::Placed(Chosen {
-            slot,
-            link,
-            reason,
-            reason_label: placement.reason_label(),
-            predicted_ttft_ms: placement.predicted_ttft_ms,
-            candidates,
-            cached_tokens: placement.cached_tokens,
-            alternatives,
-            hedge,
-        }))
+        chosen.candidates = candidates;
+        chosen.alternatives = alternatives;
+        if may_hedge {
+            chosen.hedge = self.hedge(ask, &placement, policy);
+        }
+        if let Some(hedge) = &chosen.hedge {
+            chosen.reason = format!("{}; hedged on {}", chosen.reason, hedge.link.id());
+        }
+        Ok(Attempt::Placed(chosen))
     }
 
     /// A second worker for `ask`, placed on `primary`, when the policy would hedge it and the
@@ -886,22 +875,16 @@ impl PlacementState {
             return false;
         }
         let view = &self.view;
-        let (of_running, running) = running(view, &self.listed, None);
+        let (of_running, running) = running(view, &self.listed);
         let hits = prefix_hits(view, ask);
         let info = ask.info(hits.as_deref());
         let Some(preemption) = preemption_victim(view, &ask.class, &info, &running, policy) else {
             return false;
         };
         let id = of_running[preemption.victim];
-        let Some((victim, order)) = self.listed.remove(&id) else {
-            return false;
-        };
-        debug!(request_id = %ask.request_id, from = %victim.worker, "preempting a borrowed wafer-scale slot");
-        order
-            .send(MoveOrder {
-                reason: MoveReason::Preempt,
-            })
-            .is_ok()
+        let target = preemption.victim_move.to;
+        debug!(request_id = %ask.request_id, "preempting a borrowed wafer-scale slot");
+        self.order_move(id, target, MoveReason::Preempt)
     }
 
     /// Offers every listed generation on draining worker `worker` a move elsewhere (the
@@ -911,21 +894,53 @@ impl PlacementState {
         if !policy.migration.enabled || !policy.migration.drain_handoff {
             return;
         }
-        let (ids, running) = running(&self.view, &self.listed, Some(worker));
-        let moving: Vec<u64> = ids
+        let on_worker: Vec<u64> = self
+            .listed
             .iter()
-            .zip(&running)
-            .filter(|(_, r)| drain_target(&self.view, r, &policy).is_some())
+            .filter(|(_, (run, _))| run.worker == worker)
             .map(|(id, _)| *id)
             .collect();
-        for id in moving {
-            if let Some((run, order)) = self.listed.remove(&id) {
-                debug!(worker = %run.worker, "handing a generation off a draining worker");
-                let _ = order.send(MoveOrder {
-                    reason: MoveReason::Drain,
-                });
+        // One at a time: each hand-off holds its target's slot before the next is decided.
+        for id in on_worker {
+            let target = self.listed.get(&id).and_then(|(run, _)| {
+                drain_target(&self.view, &as_running(&self.view, id, run)?, &policy)
+            });
+            if let Some(target) = target {
+                debug!(%worker, "handing a generation off a draining worker");
+                self.order_move(id, target.to, MoveReason::Drain);
             }
         }
+    }
+
+    /// Orders listed generation `id` to move to `to`, holding a slot there for it first.
+    /// Whether the order went out (the run may have ended, the target may have left).
+    fn order_move(&mut self, id: u64, to: Placement, reason: MoveReason) -> bool {
+        let Some(target) = self.reserve(&to) else {
+            return false;
+        };
+        let Some((_, order)) = self.listed.remove(&id) else {
+            return false;
+        };
+        order.send(MoveOrder { reason, target }).is_ok()
+    }
+
+    /// Holds a slot on `placement`'s worker and counts it taken in the view.
+    fn reserve(&mut self, placement: &Placement) -> Option<Chosen> {
+        let id = self.view.worker(placement.worker).id.clone();
+        let link = self.links.get(&id)?;
+        let slot = link.hold_slot();
+        self.refresh(&link, placement.worker);
+        Some(Chosen {
+            slot,
+            link,
+            reason: placement.reason(),
+            reason_label: placement.reason_label(),
+            predicted_ttft_ms: placement.predicted_ttft_ms,
+            candidates: Vec::new(),
+            cached_tokens: placement.cached_tokens,
+            alternatives: ledger::Basis::default(),
+            hedge: None,
+        })
     }
 
     /// Orders every listed generation that fell behind its prediction to move where the
@@ -935,26 +950,24 @@ impl PlacementState {
         if !policy.migration.enabled || !policy.migration.rebalance {
             return;
         }
-        let (ids, running) = running(&self.view, &self.listed, None);
-        let mut moving = Vec::new();
-        for (id, generation) in ids.iter().zip(&running) {
-            let listed = &self.listed[id].0;
+        let ids: Vec<u64> = self.listed.keys().copied().collect();
+        // One at a time: each move holds its target's slot before the next is decided.
+        for id in ids {
+            let Some((listed, _)) = self.listed.get(&id) else {
+                continue;
+            };
+            let Some(generation) = as_running(&self.view, id, listed) else {
+                continue;
+            };
             let delivered_before = listed.generated.load(Ordering::Relaxed)
                 > listed.pace.tokens.load(Ordering::Relaxed);
             let rate = decode_rate(self.view.worker(generation.worker), &policy);
             let Some(progress) = listed.pace.progress(listed, delivered_before, rate) else {
                 continue;
             };
-            if rebalance_target(&self.view, generation, &progress, &policy).is_some() {
-                moving.push(*id);
-            }
-        }
-        for id in moving {
-            if let Some((run, order)) = self.listed.remove(&id) {
-                debug!(worker = %run.worker, "rebalancing a generation that fell behind");
-                let _ = order.send(MoveOrder {
-                    reason: MoveReason::Rebalance,
-                });
+            if let Some(target) = rebalance_target(&self.view, &generation, &progress, &policy) {
+                debug!(worker = %listed.worker, "rebalancing a generation that fell behind");
+                self.order_move(id, target.to, MoveReason::Rebalance);
             }
         }
     }
@@ -1186,39 +1199,39 @@ impl PlacementState {
     }
 }
 
-/// The listed generations (on `only` when given) as the move decisions see them, with their
-/// listing ids.
+/// The listed generations as the move decisions see them, with their listing ids.
 fn running<'a>(
     view: &ClusterView,
     listed: &'a BTreeMap<u64, (ListedRun, oneshot::Sender<MoveOrder>)>,
-    only: Option<&str>,
 ) -> (Vec<u64>, Vec<Running<'a>>) {
     let mut ids = Vec::new();
     let mut running = Vec::new();
     for (id, (run, _)) in listed {
-        if only.is_some_and(|w| w != run.worker) {
-            continue;
+        if let Some(generation) = as_running(view, *id, run) {
+            ids.push(*id);
+            running.push(generation);
         }
-        let Some(worker) = view.index_of(&run.worker) else {
-            continue;
-        };
-        let generated = run.generated.load(Ordering::Relaxed);
-        ids.push(*id);
-        running.push(Running {
-            worker,
-            class: &run.class,
-            continuation: RequestInfo {
-                model: &run.model,
-                prompt_tokens: run.prompt_tokens.saturating_add(generated),
-                affinity: None,
-                seed: *id,
-                prefix: None,
-            },
-            remaining_tokens: run.max_tokens.saturating_sub(generated),
-            moves: run.moves,
-        });
     }
     (ids, running)
+}
+
+/// Listed generation `id` as the move decisions see it (`None` once its worker left the view).
+fn as_running<'a>(view: &ClusterView, id: u64, run: &'a ListedRun) -> Option<Running<'a>> {
+    let worker = view.index_of(&run.worker)?;
+    let generated = run.generated.load(Ordering::Relaxed);
+    Some(Running {
+        worker,
+        class: &run.class,
+        continuation: RequestInfo {
+            model: &run.model,
+            prompt_tokens: run.prompt_tokens.saturating_add(generated),
+            affinity: None,
+            seed: id,
+            prefix: None,
+        },
+        remaining_tokens: run.max_tokens.saturating_sub(generated),
+        moves: run.moves,
+    })
 }
 
 fn placement_error(error: PlacementError) -> DispatchError {

@@ -1748,6 +1748,48 @@ async fn a_draining_worker_hands_its_generations_off_and_the_text_goes_on_unbrok
     assert_eq!(resumed.resume_tokens, fault_ids("story", 0, k));
 }
 
+/// A drain hands off only as many generations as the other workers have free slots for (each
+/// hand-off holds its target's slot before the next is decided); the rest finish where they
+/// are, and every client gets its whole text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_hands_off_no_more_generations_than_the_other_worker_has_room_for() {
+    const SLOTS: u32 = 4;
+    const REQUESTS: usize = 6;
+    let mut policy = PolicyDocument::default();
+    policy.migration.enabled = true;
+    policy.migration.drain_handoff = true;
+    policy.migration.min_remaining_tokens = 4;
+    policy.migration.rebalance = false;
+    policy.placement.gpu_reserve_for_latency = 0.0;
+    let cluster = Cluster::start(2, SLOTS, RouterConfig::default(), Some(policy)).await;
+    cluster
+        .script
+        .set("story", [Plan::default().paced(Duration::from_millis(20))]);
+    let mut session = cluster.session().await;
+    let ids: Vec<String> = (0..REQUESTS).map(|i| format!("long-{i}")).collect();
+    for id in &ids {
+        session.start(request(id, "story", 80, RequestClass::CostSensitive));
+    }
+    let mut on = [0u32; 2];
+    for id in &ids {
+        let seen = session.tokens(id, 3).await;
+        let worker = &seen.accepted[0].worker_id;
+        on[usize::from(cluster.workers[1].id == *worker)] += 1;
+    }
+    let (from, to) = if on[0] >= on[1] { (0, 1) } else { (1, 0) };
+    let room = SLOTS - on[to];
+    cluster.workers[from].drain.cancel();
+
+    let mut moved = 0;
+    for id in &ids {
+        let end = session.end(id).await;
+        assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+        assert_eq!(end.text, fault_text("story", 0, 80), "{end:?}");
+        moved += end.moved.len() as u32;
+    }
+    assert_eq!(moved, room.min(on[from]), "{on:?} on the two workers");
+}
+
 /// A policy that hedges every latency-critical request the budget allows.
 fn hedging(budget_fraction: f64) -> PolicyDocument {
     let mut policy = PolicyDocument::default();

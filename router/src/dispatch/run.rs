@@ -23,7 +23,7 @@ use crate::classify::Classification;
 use crate::error::DispatchError;
 use crate::links::{Link, LinkEvent, LinkEvents, SlotHold};
 use crate::metrics::{StreamLabels, StreamMetrics, lane_label, pool_label};
-use crate::placer::{Chosen, Hedge, ListedRun, Listing, Pace};
+use crate::placer::{Chosen, Hedge, ListedRun, Listing, MoveOrder, Pace};
 use crate::policy::moves::MoveReason;
 use crate::report::ledger;
 
@@ -72,6 +72,9 @@ pub(super) struct Run<'d> {
     pub(super) cancelled: bool,
     /// Listed with the placement task while the policy may move it (see [`ListedRun`]).
     pub(super) listing: Option<Listing>,
+    /// Where the placement task ordered it to move, its slot held there (set when the segment
+    /// it was ordered off ends as moved).
+    move_target: Option<Chosen>,
     /// Tokens generated so far, as the placement task sees them.
     pub(super) generated: Arc<AtomicU32>,
     /// Its pace on the worker it is listed on (rebalancing).
@@ -327,6 +330,7 @@ impl<'d> Run<'d> {
             held: Held::default(),
             stream_metrics: None,
             listing: None,
+            move_target: None,
             generated: Arc::default(),
             moves: 0,
             hedge: chosen.hedge,
@@ -421,7 +425,7 @@ impl<'d> Run<'d> {
                     }
                 }
                 (Next::Move, SegmentEnd::Moved(reason)) => {
-                    link = Box::pin(self.move_on(&link, reason, &excluded, out)).await?;
+                    link = Box::pin(self.move_on(&link, reason, out)).await?;
                 }
                 (Next::Failover { full }, end) => {
                     let why = match &end {
@@ -492,29 +496,18 @@ impl<'d> Run<'d> {
         });
     }
 
-    /// Moves the request off `from` on the router's order: another worker resumes after the
-    /// tokens the client has, and the client is told. When no other worker can take it, it
-    /// resumes where it was.
+    /// Moves the request off `from` on the router's order, to the target the order holds a
+    /// slot on: it resumes there after the tokens the client has, and the client is told.
     async fn move_on(
         &mut self,
         from: &Arc<Link>,
         reason: MoveReason,
-        excluded: &[String],
         out: &FrameSink,
     ) -> Result<Arc<Link>, DispatchError> {
-        let mut excluded = excluded.to_vec();
-        excluded.push(from.id());
-        let chosen = match self.dispatcher.replace(
-            &self.request,
-            &self.prompt_ids,
-            &self.class,
-            excluded,
-        ) {
-            Ok(chosen) => chosen,
-            Err(error) => {
-                warn!(request_id = %self.request.request_id, worker = %from.id(), %error, "no worker to move to; resuming where it was");
-                return Ok(from.clone());
-            }
+        let Some(chosen) = self.move_target.take() else {
+            // Not reached: a segment ends as moved only on an order, which carries its target.
+            warn!(request_id = %self.request.request_id, worker = %from.id(), "moved without a target; resuming where it was");
+            return Ok(from.clone());
         };
         self.moves += 1;
         self.slot = Some(chosen.slot);
@@ -804,7 +797,7 @@ impl<'d> Run<'d> {
         let mut held_control = control;
         // The run's listing with the placement task, while it may be moved.
         let mut listing = self.listing.take();
-        let mut moving: Option<MoveReason> = None;
+        let mut moving: Option<MoveOrder> = None;
         // One wait for the client's departure for the whole segment: made afresh for every
         // chunk, it joined and left the waiters of the channel all of a session's requests
         // share, under its lock, twice a chunk.
@@ -854,7 +847,7 @@ impl<'d> Run<'d> {
                         break segment_finished(
                             finished,
                             interrupt.take(),
-                            moving.take(),
+                            moving.as_ref().map(|order| order.reason),
                             self.cancelled,
                             || link.id(),
                         );
@@ -887,9 +880,9 @@ impl<'d> Run<'d> {
                         && interrupt.is_none()
                         && !self.cancelled
                     {
-                        info!(move_reason = order.reason.as_str(), "moving to another worker");
+                        info!(move_reason = order.reason.as_str(), to = %order.target.link.id(), "moving to another worker");
                         link.cancel(&generation_id, v1::FinishReason::Interrupted);
-                        moving = Some(order.reason);
+                        moving = Some(order);
                     }
                 }
                 control = async {
@@ -924,6 +917,9 @@ impl<'d> Run<'d> {
         };
         // Still where it was listed (it ended, or is redirected there): still listed.
         self.listing = listing;
+        if matches!(end, SegmentEnd::Moved(_)) {
+            self.move_target = moving.map(|order| order.target);
+        }
         if self.cancelled {
             // A cancel wins over whatever else ended the segment: no failover, no redirect.
             return Ok(match end {
