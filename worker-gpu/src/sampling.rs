@@ -46,6 +46,9 @@ impl SamplingParams {
     }
 }
 
+/// SplitMix64's increment: its state after n draws is the seed plus n of these.
+const SPLITMIX_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// Per-sequence sampler state.
 #[derive(Debug, Clone)]
 pub struct Sampler {
@@ -74,9 +77,15 @@ impl Sampler {
         }
     }
 
-    /// Tells the penalties what the sequence holds before its first sampled token: the prompt
-    /// and any tokens generated before a failover.
+    /// Tells the sampler what the sequence holds before its first sampled token: the prompt
+    /// and any tokens generated before a move or a failover. A resumed generation goes on with
+    /// its seed's stream where it left off (each token it sampled took one draw), so a seeded
+    /// request says the same whichever workers it ran on.
     pub fn start_after(&mut self, prompt: &[u32], output: &[u32]) {
+        self.state = self
+            .params
+            .seed
+            .wrapping_add(SPLITMIX_GAMMA.wrapping_mul(output.len() as u64));
         if !self.params.penalties.is_none() {
             self.history = Some(History::new(&self.params.penalties, prompt, output));
         }
@@ -99,9 +108,10 @@ impl Sampler {
         id
     }
 
+    /// One draw of the stream; every non-greedy token takes exactly one.
     fn next_f32(&mut self) -> f32 {
         // SplitMix64.
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.state = self.state.wrapping_add(SPLITMIX_GAMMA);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -333,6 +343,33 @@ mod tests {
         assert!(a.contains(&3) && a.contains(&4), "sampling never varied");
         let other = SamplingParams { seed: 7, ..params };
         assert_ne!(a, run(&other));
+    }
+
+    /// A generation resumed after k tokens (a move, a failover) samples what the unmoved one
+    /// sampled from token k on, with or without a nucleus.
+    #[test]
+    fn a_resumed_seeded_sampler_continues_the_same_stream() {
+        let rows: Vec<Vec<f32>> = (0..40)
+            .map(|i| (0..8).map(|j| ((i * 7 + j * 3) % 11) as f32 * 0.3).collect())
+            .collect();
+        for top_p in [1.0, 0.8] {
+            let params = SamplingParams {
+                temperature: 1.0,
+                top_p,
+                top_k: 0,
+                seed: 42,
+                penalties: Penalties::default(),
+            };
+            let mut whole = Sampler::new(params.clone());
+            whole.start_after(&[1, 2], &[]);
+            let unmoved: Vec<u32> = rows.iter().map(|row| whole.sample(row)).collect();
+            for k in [1, 17, 39] {
+                let mut resumed = Sampler::new(params.clone());
+                resumed.start_after(&[1, 2], &unmoved[..k]);
+                let rest: Vec<u32> = rows[k..].iter().map(|row| resumed.sample(row)).collect();
+                assert_eq!(rest, unmoved[k..], "top_p {top_p}, resumed after {k}");
+            }
+        }
     }
 
     #[test]
