@@ -72,6 +72,9 @@ pub struct EngineBenchArgs {
     /// Keep Q5_0/Q5_1 weights as stored (no Q8_0 repack).
     #[arg(long)]
     pub no_repack: bool,
+    /// As the worker's `--dense-prefill-from-rows` (0: every matmul quantized).
+    #[arg(long, default_value_t = 0)]
+    pub dense_prefill_from_rows: u32,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -180,6 +183,7 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
         no_repack: args.no_repack,
         prefill_chunk: args.prefill_chunk,
         step_target: args.step_target,
+        dense_prefill_from_rows: args.dense_prefill_from_rows,
         ..GpuEngineArgs::default()
     };
     let load_start = Instant::now();

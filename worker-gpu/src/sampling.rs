@@ -350,7 +350,11 @@ mod tests {
     #[test]
     fn a_resumed_seeded_sampler_continues_the_same_stream() {
         let rows: Vec<Vec<f32>> = (0..40)
-            .map(|i| (0..8).map(|j| ((i * 7 + j * 3) % 11) as f32 * 0.3).collect())
+            .map(|i| {
+                (0..8)
+                    .map(|j| ((i * 7 + j * 3) % 11) as f32 * 0.3)
+                    .collect()
+            })
             .collect();
         for top_p in [1.0, 0.8] {
             let params = SamplingParams {

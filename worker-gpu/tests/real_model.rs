@@ -340,20 +340,89 @@ fn a_suffix_prefilled_on_cached_blocks_matches_recomputation() {
 
 /// An engine over the real model with the given compute threads (0: the process-wide pools).
 fn real_engine(path: &Path, compute_threads: usize) -> switchyard_worker_gpu::CandleEngine {
+    engine_with(
+        path,
+        switchyard_worker_gpu::SchedulerLimits {
+            kv_budget_bytes: 64 * 1024 * 1024,
+            max_seqs: 4,
+            max_queue: 8,
+            prefill_chunk: 64,
+            step_target: None,
+            prefix_cache: false,
+            compute_threads,
+        },
+    )
+}
+
+/// An engine over the real model, as `worker-gpu` loads it by default, with `limits`.
+fn engine_with(
+    path: &Path,
+    limits: switchyard_worker_gpu::SchedulerLimits,
+) -> switchyard_worker_gpu::CandleEngine {
     let mut file = GgufFile::open(path).unwrap();
     let tok = GgufTokenizer::from_gguf(&file.content).unwrap();
     let model = Llama::load(&mut file, &Device::Cpu, Repack::Q8_0).unwrap();
-    let limits = switchyard_worker_gpu::SchedulerLimits {
+    switchyard_worker_gpu::CandleEngine::start(model, tok, vec!["m".into()], limits, "cpu".into())
+        .unwrap()
+}
+
+/// A long prompt (a real system prompt, well over 256 tokens) answered greedily computes the
+/// same — ids and log probabilities, bit for bit — cold, again with its prefix cached (only a
+/// short suffix prefilled), and on an engine that caches nothing: how a prompt is split into
+/// prefill steps never changes the answer. (The dense prompt path, now opt-in, rounded
+/// otherwise than the quantized one a short suffix takes, and cached resends answered
+/// differently.)
+#[tokio::test]
+async fn a_long_prompt_computes_the_same_cold_cached_and_uncached() {
+    use switchyard_worker::{Engine, EngineEvent};
+    let Some(path) = model_path() else { return };
+    let system = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../bench/prompts/coding-assistant-system.txt"),
+    )
+    .unwrap();
+    let ids = tokenizer(&path)
+        .encode(&format!(
+            "{system}\nQuestion: what does a mutex protect?\nAnswer:"
+        ))
+        .unwrap();
+    assert!(ids.len() > 300, "{} tokens", ids.len());
+    let limits = |prefix_cache| switchyard_worker_gpu::SchedulerLimits {
         kv_budget_bytes: 64 * 1024 * 1024,
         max_seqs: 4,
         max_queue: 8,
-        prefill_chunk: 64,
+        prefill_chunk: 512,
         step_target: None,
-        prefix_cache: false,
-        compute_threads,
+        prefix_cache,
+        compute_threads: 0,
     };
-    switchyard_worker_gpu::CandleEngine::start(model, tok, vec!["m".into()], limits, "cpu".into())
-        .unwrap()
+    // (id, its log probability's bits) of each generated token.
+    let answer = |engine: &switchyard_worker_gpu::CandleEngine| {
+        let mut request = ids_request(ids.clone(), 16);
+        request.sampling.logprobs = Some(0);
+        let mut rx = engine
+            .submit(request, tokio_util::sync::CancellationToken::new())
+            .unwrap();
+        async move {
+            let mut out = vec![];
+            while let Some(event) = rx.recv().await {
+                if let EngineEvent::Token { id, logprobs, .. } = event.unwrap() {
+                    let chosen = logprobs.and_then(|l| l.chosen).expect("asked for");
+                    out.push((id, chosen.logprob.to_bits()));
+                }
+            }
+            out
+        }
+    };
+    let cached = engine_with(&path, limits(true));
+    let cold = answer(&cached).await;
+    let hit = answer(&cached).await;
+    let stats = cached.prefix_cache_stats().unwrap();
+    assert!(stats.hit_tokens as usize > ids.len() - 64, "{stats:?}");
+    let uncached = answer(&engine_with(&path, limits(false))).await;
+    assert_eq!(cold.len(), 16);
+    assert_eq!(hit, cold, "a cache hit computed otherwise");
+    assert_eq!(uncached, cold);
 }
 
 fn ids_request(ids: Vec<u32>, max_tokens: u32) -> switchyard_worker::EngineRequest {
