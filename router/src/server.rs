@@ -292,6 +292,7 @@ async fn finish_in_flight(
         () = cluster_stop.cancelled() => return,
     }
     dispatcher.readiness.set_waiting("shutting down");
+    dispatcher.stopping.cancel();
     health
         .set_not_serving::<InferenceServer<InferenceService>>()
         .await;

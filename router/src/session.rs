@@ -35,7 +35,10 @@ pub(crate) struct Session {
 /// running when the client half-closes finish normally; the response stream ends after them.
 /// Frames the router cannot read (malformed, or over the message size limit) end the session:
 /// its requests are cancelled, each ends with its last frame, and then the call with the
-/// status sent on `ending`.
+/// status sent on `ending`. A router shutting down ends the session once its running
+/// requests have (at once when none runs) with `UNAVAILABLE`: the client reconnects, to
+/// another router, knowing nothing was lost — not a torn connection it cannot tell from a
+/// crash.
 pub(crate) async fn run_session(
     session: Session,
     mut inbound: Streaming<v1::ClientFrame>,
@@ -46,7 +49,16 @@ pub(crate) async fn run_session(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let _open = SessionGuard::open(&session.dispatcher.metrics);
     info!("session opened");
+    let stopping = session.dispatcher.stopping.clone();
     loop {
+        if stopping.is_cancelled() && running.is_empty() {
+            info!("session closed: the router is shutting down");
+            let _ = ending.send(Status::unavailable(
+                "the router is shutting down; every request of this session has ended: \
+                 reconnect and send new requests there",
+            ));
+            break;
+        }
         tokio::select! {
             // Ended requests leave `running` before the next frame is read: a client that saw
             // one end may start another without meeting the session limit.
@@ -54,6 +66,7 @@ pub(crate) async fn run_session(
             Some(request_id) = done_rx.recv() => {
                 running.remove(&request_id);
             }
+            () = stopping.cancelled(), if running.is_empty() => {}
             frame = inbound.message() => match frame {
                 Ok(Some(v1::ClientFrame { frame: Some(frame) })) => {
                     handle_frame(&session, frame, &mut running, &done_tx, &out).await;

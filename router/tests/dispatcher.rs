@@ -111,6 +111,8 @@ struct Cluster {
     workers: Vec<Worker>,
     script: Arc<Script>,
     router: SocketAddr,
+    /// Cancelled: the router shuts down (as on SIGTERM).
+    router_stop: CancellationToken,
     _router: DropGuard,
 }
 
@@ -178,6 +180,7 @@ impl Cluster {
             workers: started,
             script,
             router,
+            router_stop: shutdown.clone(),
             _router: shutdown.drop_guard(),
         };
         cluster.wait_until_routable(workers.len()).await;
@@ -1305,6 +1308,42 @@ async fn generate_on_a_full_lane_is_refused_with_retry_after_metadata() {
     );
 }
 
+/// The status a session's call ends with, after its last frame.
+async fn session_status(session: &mut Session) -> tonic::Status {
+    match within("the session's end", session.inbound.message()).await {
+        Ok(Some(frame)) => panic!("a frame after every request ended: {frame:?}"),
+        Ok(None) => panic!("the session ended OK"),
+        Err(status) => status,
+    }
+}
+
+/// A router shutting down (SIGTERM) lets a session's running request finish, then ends the
+/// session with `UNAVAILABLE` saying so — a status a client can act on (reconnect), not a torn
+/// connection it cannot tell from a crash; an idle session ends the same way at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutting_down_router_ends_its_sessions_with_unavailable_once_their_requests_end() {
+    let cluster = Cluster::start(1, 2, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("slow", [Plan::default().paced(Duration::from_millis(20))]);
+    let mut busy = cluster.session().await;
+    let mut idle = cluster.session().await;
+    idle.start(request("quick", "quick", 2, RequestClass::CostSensitive));
+    idle.end("quick").await;
+    busy.start(request("long", "slow", 30, RequestClass::CostSensitive));
+    busy.tokens("long", 2).await;
+
+    cluster.router_stop.cancel();
+    let ended = session_status(&mut idle).await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    assert!(ended.message().contains("shutting down"), "{ended:?}");
+    let end = busy.end("long").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("slow", 0, 30));
+    let ended = session_status(&mut busy).await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+}
+
 /// A session frame over the router's message size limit ends the session — not with OK, and
 /// not before each running request has had its last frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1324,11 +1363,7 @@ async fn an_oversized_frame_ends_the_session_after_its_requests_last_frames() {
     ));
     let end = session.end("a").await;
     assert!(end.ended(), "{end:?}");
-    let status = match within("the session's end", session.inbound.message()).await {
-        Ok(Some(frame)) => panic!("a frame after every request ended: {frame:?}"),
-        Ok(None) => panic!("the session ended OK after an oversized frame"),
-        Err(status) => status,
-    };
+    let status = session_status(&mut session).await;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(
         status.message().contains("message size limit"),

@@ -25,6 +25,7 @@ use switchyard_proto::RequestLimits;
 use switchyard_proto::v1;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tracing::{Instrument as _, Span, debug, info};
 
@@ -113,6 +114,9 @@ pub struct Dispatcher {
     pub readiness: Readiness,
     /// Requests admitted and not yet ended.
     pub in_flight: Arc<InFlight>,
+    /// Cancelled when the router begins to shut down: each session ends, with a status
+    /// saying so, once its running requests have.
+    pub stopping: CancellationToken,
     /// Decision and outcome reports to the control plane.
     pub reports: Reporter,
     /// The placer (the cluster view and the router queues).
@@ -218,6 +222,7 @@ impl Dispatcher {
             metrics,
             readiness: Readiness::ready(),
             in_flight: Arc::default(),
+            stopping: CancellationToken::new(),
             reports,
             placer,
             next_seed: AtomicU64::new(0),
