@@ -845,6 +845,12 @@ async fn failover_after_a_worker_dies_loses_and_repeats_no_token() {
         Some(cluster.workers[*dead].id.as_str()),
         "the client was told where it started"
     );
+    let finished = end.finished.as_ref().expect("finished");
+    assert_eq!(
+        (finished.worker_id.as_str(), finished.pool.as_str()),
+        (cluster.workers[*survivor].id.as_str(), "gpu"),
+        "and where it ended"
+    );
     let k = resumed.resume_tokens.len();
     assert!(k <= 5, "{k} tokens resumed, the dead worker made 5");
     assert_eq!(resumed.resume_tokens, fault_ids("story", 0, k));

@@ -138,6 +138,8 @@ pub async fn forward_generation(
                         total_ms: ms(started.elapsed()),
                         queue_ms: 0.0,
                     }),
+                    // A router names the worker; the worker itself leaves it out.
+                    ..Default::default()
                 });
             }
             Some(Err(error)) => break failed(request_id, &error),

@@ -457,14 +457,19 @@ impl Engine for SyntheticEngine {
             self.queued.fetch_add(1, Ordering::Relaxed);
         }
         let (tx, rx) = mpsc::channel(64);
-        let (prompt_tokens, cached_prompt_tokens) = match &self.cache {
+        // The context prefilled: the prompt and, for a resumed generation, its tokens so far.
+        let (context_tokens, cached_context_tokens) = match &self.cache {
             Some(cache) => {
                 let ids = synthetic_prompt_ids(&request);
                 (ids.len() as u32, cache.admit(&ids))
             }
-            None => (prompt_tokens(&request), 0),
+            None => (context_tokens(&request), 0),
         };
-        let computed = prompt_tokens - cached_prompt_tokens;
+        let computed = context_tokens - cached_context_tokens;
+        // Usage counts the prompt alone, as the candle engine does: a resumed generation's
+        // earlier tokens are output the client was already told of, not prompt.
+        let prompt_tokens = context_tokens - request.resume_tokens.len() as u32;
+        let cached_prompt_tokens = cached_context_tokens.min(prompt_tokens);
         let prefill = f64::from(computed) / self.config.prefill_tokens_per_s;
         let mut counters = vec![self.unprefilled.clone()];
         if request.latency_critical {
@@ -491,7 +496,7 @@ impl Engine for SyntheticEngine {
     }
 }
 
-fn prompt_tokens(request: &EngineRequest) -> u32 {
+fn context_tokens(request: &EngineRequest) -> u32 {
     let words = match &request.prompt {
         crate::Prompt::Text(text) => text.split_whitespace().count(),
         crate::Prompt::Chat(messages) => messages
@@ -745,11 +750,27 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn resumes_after_the_delivered_tokens() {
         let engine = SyntheticEngine::new(SyntheticConfig::default());
-        let rx = engine
-            .submit(request(5, 3), CancellationToken::new())
-            .unwrap();
-        let (text, _) = collect(rx).await;
+        let prompt = |rx| async {
+            match collect(rx).await {
+                (text, EngineEvent::Done { prompt_tokens, .. }) => (text, prompt_tokens),
+                (_, other) => panic!("{other:?}"),
+            }
+        };
+        let (_, whole) = prompt(
+            engine
+                .submit(request(5, 0), CancellationToken::new())
+                .unwrap(),
+        )
+        .await;
+        let (text, resumed) = prompt(
+            engine
+                .submit(request(5, 3), CancellationToken::new())
+                .unwrap(),
+        )
+        .await;
         assert_eq!(text, " a b");
+        // The tokens it resumed after are output the client has, not prompt.
+        assert_eq!(resumed, whole);
     }
 
     #[tokio::test(start_paused = true)]

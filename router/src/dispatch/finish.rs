@@ -137,6 +137,8 @@ pub(super) fn cancelled_frame(request_id: &str, arrived: Instant) -> v1::ServerF
                 total_ms: waited_ms,
                 queue_ms: waited_ms,
             }),
+            // It reached no worker.
+            ..Default::default()
         })),
     }
 }
@@ -243,6 +245,8 @@ impl Run<'_> {
                 total_ms: ms(self.arrived.elapsed()),
                 queue_ms: ms(self.waited),
             }),
+            worker_id: self.worker.clone(),
+            pool: self.pool.to_string(),
         });
         self.release();
         send(out, finished).await

@@ -292,7 +292,7 @@ async fn generate(
 
 /// Collects a whole generation into one JSON response.
 async fn complete(
-    meta: Meta,
+    mut meta: Meta,
     mode: wire::StreamMode,
     mut rx: FrameReceiver,
 ) -> Result<Response, ApiError> {
@@ -315,6 +315,12 @@ async fn complete(
             Frame::Accepted(_) | Frame::Moved(_) | Frame::Rejected(_) => {}
         }
     };
+    // The headers name the worker that finished it (another than `Accepted`'s after a
+    // failover or a move).
+    if !finished.worker_id.is_empty() {
+        meta.worker = finished.worker_id;
+        meta.pool = finished.pool;
+    }
     let usage = wire::Usage::from(finished.usage);
     let finish_reason = wire::finish_reason(finished.reason);
     let logprobs = if mode.logprobs {

@@ -325,7 +325,7 @@ mod tests {
                 completion_tokens: 2,
                 cached_prompt_tokens: 3,
             }),
-            timings: None,
+            ..Default::default()
         })
     }
 
