@@ -142,6 +142,22 @@ fn request_id(
     }
 }
 
+/// Gives a refusal made before a generation endpoint's handler ran (authentication) the
+/// `x-request-id` every answer of those endpoints carries: the client's when it is valid,
+/// else a new one.
+pub(super) fn tag_with_request_id(response: &mut Response, headers: &HeaderMap, path: &str) {
+    let endpoint = match path {
+        "/v1/chat/completions" => Endpoint::Chat,
+        "/v1/completions" => Endpoint::Completion,
+        _ => return,
+    };
+    let limits = switchyard_proto::RequestLimits::default();
+    let id = request_id(headers, endpoint, &limits).unwrap_or_else(|_| new_request_id(endpoint));
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+}
+
 fn new_request_id(endpoint: Endpoint) -> String {
     let prefix = match endpoint {
         Endpoint::Chat => "chatcmpl",

@@ -87,18 +87,59 @@ async fn authenticate(
     next: Next,
 ) -> Response {
     let value = match request.headers().get(AUTHORIZATION).map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(value)) => Some(value),
-        Some(Err(_)) => return ApiError::unauthenticated(AuthError::Malformed).into_response(),
+        None => Ok(None),
+        Some(Ok(value)) => Ok(Some(value)),
+        Some(Err(_)) => Err(AuthError::Malformed),
     };
-    match keys.authenticate(value) {
+    match value.and_then(|value| keys.authenticate(value)) {
         Ok(tenant) => {
             request.extensions_mut().insert(tenant);
             next.run(request).await
         }
         Err(error) => {
             tracing::debug!(%error, path = request.uri().path(), "http request refused");
-            ApiError::unauthenticated(error).into_response()
+            let mut response = ApiError::unauthenticated(error).into_response();
+            handlers::tag_with_request_id(&mut response, request.headers(), request.uri().path());
+            response
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::StatusCode;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    /// A generation endpoint behind the API-key check, whose handler never runs here.
+    fn guarded() -> Router {
+        let keys = ApiKeys::from_json(r#"{"keys": [{"key": "sk-acme-1", "tenant": "acme"}]}"#)
+            .expect("valid keys");
+        Router::new()
+            .route("/v1/chat/completions", post(|| async { "ran" }))
+            .route_layer(middleware::from_fn_with_state(Arc::new(keys), authenticate))
+    }
+
+    /// A request refused for its API key is answered with its request id too, as every answer
+    /// of a generation endpoint is: the client's own, else a new one.
+    #[tokio::test]
+    async fn a_refused_api_key_is_answered_with_the_request_id() {
+        let refused = |request_id: Option<&str>| {
+            let mut request = axum::http::Request::post("/v1/chat/completions")
+                .header(AUTHORIZATION, "Bearer sk-wrong");
+            if let Some(id) = request_id {
+                request = request.header("x-request-id", id);
+            }
+            guarded().oneshot(request.body(Body::empty()).expect("request"))
+        };
+        let response = refused(Some("my-req-1")).await.expect("answered");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()["x-request-id"], "my-req-1");
+        let response = refused(None).await.expect("answered");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        let id = response.headers()["x-request-id"].to_str().expect("ascii");
+        assert!(id.starts_with("chatcmpl-"), "{id}");
     }
 }
