@@ -758,7 +758,7 @@ impl<'d> Run<'d> {
         let mut winner = winner.expect("the winner is still running");
         winner.control = control;
         metrics.hedged(lane, name);
-        self.reason = format!("{}; hedged, {name} won", self.reason);
+        self.reason = format!("{}; the {name} won the race", self.reason);
         self.on_worker(&link.record());
         // After on_worker: the span names the winning worker.
         info!(winner = name, "hedge race decided");
