@@ -296,7 +296,7 @@ async function toggleDrain(id, action) {
 }
 
 // What every write sends: the server's cross-site guard requires the JSON content type and
-// the custom header; the admin token travels in the HttpOnly cookie set by signing in.
+// the custom header; the session travels in the HttpOnly cookie set by signing in.
 const WRITE_HEADERS = { "content-type": "application/json", "x-switchyard-csrf": "1" };
 
 async function refreshSession() {
@@ -311,7 +311,13 @@ async function refreshSession() {
     const out = document.createElement("button");
     out.textContent = "Sign out";
     out.addEventListener("click", async () => {
-      await fetch("/api/session", { method: "DELETE", headers: WRITE_HEADERS, body: "{}" });
+      const response = await fetch("/api/session", { method: "DELETE", headers: WRITE_HEADERS, body: "{}" });
+      if (!response.ok) {
+        // The cookie is gone, but the server could not end the session (etcd unreachable).
+        const body = await response.json().catch(() => ({}));
+        showError(`Sign-out (HTTP ${response.status}): ${body.error || "no reason given"}`);
+        $("error").dataset.source = "action";
+      }
       await refreshSession();
     });
     who.append(out);

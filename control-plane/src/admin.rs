@@ -61,7 +61,7 @@ impl AdminService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        Ok(self.access.operator(bearer, None, action)?)
+        Ok(self.access.operator(bearer, action)?)
     }
 }
 

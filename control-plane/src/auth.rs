@@ -12,14 +12,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
-/// The cookie the dashboard's sign-in sets (HttpOnly, SameSite=Strict).
+/// The cookie the dashboard's sign-in sets (HttpOnly, SameSite=Strict, Secure over TLS): a
+/// session credential ([`crate::session`]), never the token.
 pub const COOKIE: &str = "switchyard_admin";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Viewer,
@@ -71,6 +72,10 @@ pub enum Denied {
     Malformed,
     #[error("admin token not recognised; check it, or ask for an operator token")]
     Unknown,
+    #[error("the dashboard session has ended (expired or signed out); sign in again")]
+    SessionEnded,
+    #[error("cannot check the dashboard session now: {0}")]
+    SessionUnchecked(String),
     #[error("{name} is a {role} and may not {action}; an operator token is needed")]
     Forbidden {
         name: String,
@@ -203,6 +208,13 @@ impl AdminTokens {
         })
     }
 
+    /// Every entry: the token's digest and whose it is.
+    pub fn entries(&self) -> impl Iterator<Item = ([u8; 32], &Caller)> {
+        self.entries
+            .iter()
+            .map(|(digest, caller)| (*digest, caller))
+    }
+
     /// Whose `token` is, comparing digests with every entry in constant time.
     pub fn caller(&self, token: &str) -> Option<&Caller> {
         let presented = digest(token);
@@ -228,7 +240,7 @@ impl AdminTokens {
         self.token(token.trim())
     }
 
-    /// Who `token` belongs to (a cookie's value).
+    /// Who `token` belongs to (a sign-in's).
     pub fn token(&self, token: &str) -> Result<Caller, Denied> {
         if token.is_empty() {
             return Err(Denied::Missing);
@@ -241,50 +253,67 @@ impl AdminTokens {
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     tokens: Option<AdminTokens>,
+    /// Signs the dashboard's sessions; derived from `tokens`.
+    session_key: Option<crate::session::SessionKey>,
 }
 
 impl Access {
     pub fn new(tokens: Option<AdminTokens>) -> Self {
-        Self { tokens }
+        let session_key = tokens.as_ref().map(crate::session::SessionKey::derive);
+        Self {
+            tokens,
+            session_key,
+        }
     }
 
     pub fn required(&self) -> bool {
         self.tokens.is_some()
     }
 
-    /// Who presented `credential` (a bearer header value, else a bare token from the cookie);
+    pub fn session_key(&self) -> Option<crate::session::SessionKey> {
+        self.session_key.clone()
+    }
+
     /// `anonymous` operator when no tokens are configured.
-    pub fn identify(&self, bearer: Option<&str>, cookie: Option<&str>) -> Result<Caller, Denied> {
-        let Some(tokens) = &self.tokens else {
-            return Ok(Caller {
-                name: "anonymous".into(),
-                role: Role::Operator,
-            });
-        };
-        match (bearer, cookie) {
-            (Some(header), _) => tokens.authenticate(Some(header)),
-            (None, Some(token)) => tokens.token(token),
-            (None, None) => Err(Denied::Missing),
+    fn anonymous() -> Caller {
+        Caller {
+            name: "anonymous".into(),
+            role: Role::Operator,
+        }
+    }
+
+    /// Who sent the `authorization` header value (`None`: absent).
+    pub fn identify(&self, bearer: Option<&str>) -> Result<Caller, Denied> {
+        match &self.tokens {
+            None => Ok(Self::anonymous()),
+            Some(tokens) => tokens.authenticate(bearer),
+        }
+    }
+
+    /// Who `token` (a bare token, as signed in with) belongs to.
+    pub fn identify_token(&self, token: &str) -> Result<Caller, Denied> {
+        match &self.tokens {
+            None => Ok(Self::anonymous()),
+            Some(tokens) => tokens.token(token),
         }
     }
 
     /// The caller, if allowed to do `action` (a write).
-    pub fn operator(
-        &self,
-        bearer: Option<&str>,
-        cookie: Option<&str>,
-        action: &str,
-    ) -> Result<Caller, Denied> {
-        let caller = self.identify(bearer, cookie)?;
-        if caller.role != Role::Operator {
-            return Err(Denied::Forbidden {
-                name: caller.name,
-                role: caller.role.as_str(),
-                action: action.to_string(),
-            });
-        }
-        Ok(caller)
+    pub fn operator(&self, bearer: Option<&str>, action: &str) -> Result<Caller, Denied> {
+        allowed(self.identify(bearer)?, action)
     }
+}
+
+/// `caller`, if an operator: only operators write.
+pub fn allowed(caller: Caller, action: &str) -> Result<Caller, Denied> {
+    if caller.role != Role::Operator {
+        return Err(Denied::Forbidden {
+            name: caller.name,
+            role: caller.role.as_str(),
+            action: action.to_string(),
+        });
+    }
+    Ok(caller)
 }
 
 #[cfg(test)]
@@ -300,41 +329,34 @@ mod tests {
     fn operators_write_viewers_do_not_and_strangers_are_unauthenticated() {
         let access = Access::new(Some(AdminTokens::from_json(DOC).unwrap()));
         let alice = access
-            .operator(Some("Bearer op-token-0123456789"), None, "drain")
+            .operator(Some("Bearer op-token-0123456789"), "drain")
             .unwrap();
         assert_eq!(alice.name, "alice");
         assert_eq!(
-            access
-                .operator(None, Some("op-token-0123456789"), "drain")
-                .unwrap()
-                .name,
+            access.identify_token("op-token-0123456789").unwrap().name,
             "alice"
         );
         let denied = access
-            .operator(Some("bearer view-token-0123456789"), None, "drain gpu-0")
+            .operator(Some("bearer view-token-0123456789"), "drain gpu-0")
             .unwrap_err();
         assert_eq!(
             tonic::Status::from(denied.clone()).code(),
             tonic::Code::PermissionDenied
         );
         assert!(denied.to_string().contains("bob is a viewer"), "{denied}");
-        for (bearer, cookie) in [
-            (None, None),
-            (Some("Bearer nope-nope-nope-nope"), None),
-            (Some("op-token-0123456789"), None),
-            (None, Some("")),
+        for bearer in [
+            None,
+            Some("Bearer nope-nope-nope-nope"),
+            Some("op-token-0123456789"),
         ] {
-            let denied = access.operator(bearer, cookie, "drain").unwrap_err();
+            let denied = access.operator(bearer, "drain").unwrap_err();
             assert_eq!(
                 tonic::Status::from(denied).code(),
                 tonic::Code::Unauthenticated
             );
         }
         let open = Access::default();
-        assert_eq!(
-            open.operator(None, None, "drain").unwrap().name,
-            "anonymous"
-        );
+        assert_eq!(open.operator(None, "drain").unwrap().name, "anonymous");
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! | GET, POST, DELETE | `/api/session` | who is signed in; sign in with `{"token"}`; sign out |
 //!
 //! With admin tokens configured, writes need an operator's `authorization: Bearer <token>` or
-//! the HttpOnly, SameSite=Strict cookie the sign-in sets (401 without, 403 for a viewer).
+//! the session cookie the sign-in sets (401 without, 403 for a viewer): HttpOnly,
+//! SameSite=Strict, Secure over TLS, and a signed, expiring session credential
+//! ([`crate::session`]), never the token itself.
 //!
 //! Every write needs `content-type: application/json` and `x-switchyard-csrf`, and must not come
 //! from another site or host ([`guard`]: 403 otherwise).
@@ -38,6 +40,7 @@ use crate::admin::audit;
 use crate::auth::{self, Access, Caller, Denied};
 use crate::leader::Role;
 use crate::plane::{ControlPlane, OpError};
+use crate::session::{self as sessions, Revocations, Sessions};
 use crate::{SecurityConfig, guard};
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
@@ -50,6 +53,9 @@ const INSIGHTS_JS: &str = include_str!("../assets/insights.js");
 struct AppState {
     plane: ControlPlane,
     access: Access,
+    sessions: Sessions,
+    /// Served over TLS: the session cookie is `Secure`.
+    https: bool,
 }
 
 impl FromRef<AppState> for ControlPlane {
@@ -58,16 +64,14 @@ impl FromRef<AppState> for ControlPlane {
     }
 }
 
-impl FromRef<AppState> for Access {
-    fn from_ref(state: &AppState) -> Self {
-        state.access.clone()
-    }
-}
-
-pub fn router(plane: ControlPlane, security: SecurityConfig) -> Router {
+/// The dashboard's routes; `revoked` keeps signed-out sessions (shared through etcd when the
+/// replicas elect through it).
+pub fn router(plane: ControlPlane, security: SecurityConfig, revoked: Revocations) -> Router {
     let state = AppState {
         plane,
+        sessions: Sessions::new(security.access.session_key(), revoked),
         access: security.access,
+        https: security.dashboard_hosts.https(),
     };
     Router::new()
         .route("/", get(index))
@@ -397,17 +401,19 @@ fn leader_json(plane: &ControlPlane) -> Option<Value> {
         .and_then(|l| serde_json::to_value(l).ok())
 }
 
-/// A refused credential as an HTTP answer: 401 (none or unknown), 403 (not an operator).
+/// A refused credential as an HTTP answer: 401 (none, unknown or ended), 403 (not an
+/// operator), 503 (the session could not be checked).
 fn denied(denied: Denied) -> Response {
     let status = match denied {
         Denied::Forbidden { .. } => StatusCode::FORBIDDEN,
+        Denied::SessionUnchecked(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::UNAUTHORIZED,
     };
     (status, Json(json!({ "error": denied.to_string() }))).into_response()
 }
 
-/// The admin token in the sign-in cookie, if any.
-fn cookie_token(headers: &HeaderMap) -> Option<&str> {
+/// The session credential in the sign-in cookie, if any.
+fn cookie_session(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -425,18 +431,28 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
+/// Who sent the request: an `authorization` header first, else the session cookie.
+async fn identify(state: &AppState, headers: &HeaderMap) -> Result<Caller, Denied> {
+    match (bearer(headers), cookie_session(headers)) {
+        (None, Some(session)) if state.access.required() => state.sessions.caller(session).await,
+        (bearer, _) => state.access.identify(bearer),
+    }
+}
+
 /// The operator making a write from the dashboard, or the answer refusing it.
-fn operator(access: &Access, headers: &HeaderMap, action: &str) -> Result<Caller, Denied> {
-    access.operator(bearer(headers), cookie_token(headers), action)
+async fn operator(state: &AppState, headers: &HeaderMap, action: &str) -> Result<Caller, Denied> {
+    auth::allowed(identify(state, headers).await?, action)
 }
 
 async fn drain(
-    State(plane): State<ControlPlane>,
-    State(access): State<Access>,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Response> {
-    let caller = operator(&access, &headers, "drain workers").map_err(denied)?;
+    let plane = &state.plane;
+    let caller = operator(&state, &headers, "drain workers")
+        .await
+        .map_err(denied)?;
     match plane.drain(&id).await {
         Ok(already) => {
             audit(plane.events(), &caller, "dashboard", "drain", &id);
@@ -444,46 +460,54 @@ async fn drain(
                 json!({ "worker_id": id, "already_draining": already }),
             ))
         }
-        Err(error) => Err(ApiError(error, leader_json(&plane)).into_response()),
+        Err(error) => Err(ApiError(error, leader_json(plane)).into_response()),
     }
 }
 
 async fn undrain(
-    State(plane): State<ControlPlane>,
-    State(access): State<Access>,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Response> {
-    let caller = operator(&access, &headers, "undrain workers").map_err(denied)?;
+    let plane = &state.plane;
+    let caller = operator(&state, &headers, "undrain workers")
+        .await
+        .map_err(denied)?;
     match plane.undrain(&id).await {
         Ok(was) => {
             audit(plane.events(), &caller, "dashboard", "undrain", &id);
             Ok(Json(json!({ "worker_id": id, "was_draining": was })))
         }
-        Err(error) => Err(ApiError(error, leader_json(&plane)).into_response()),
+        Err(error) => Err(ApiError(error, leader_json(plane)).into_response()),
     }
 }
 
 /// Whether sign-in is needed and who is signed in (the page shows or hides its form).
-async fn session(State(access): State<Access>, headers: HeaderMap) -> Json<Value> {
-    let caller = access
-        .identify(bearer(&headers), cookie_token(&headers))
-        .ok();
+async fn session(State(state): State<AppState>, headers: HeaderMap) -> Json<Value> {
+    let caller = identify(&state, &headers).await.ok();
+    let required = state.access.required();
     Json(json!({
-        "required": access.required(),
-        "signed_in": access.required() && caller.is_some(),
+        "required": required,
+        "signed_in": required && caller.is_some(),
         "name": caller.as_ref().map(|c| c.name.clone()),
         "role": caller.as_ref().map(|c| c.role.as_str()),
     }))
 }
 
-/// How long a sign-in lasts.
-const SESSION_SECONDS: u32 = 8 * 3600;
+/// The `set-cookie` value carrying `value` for `max_age` seconds (0: delete it). HttpOnly: page
+/// scripts never hold it; SameSite=Strict: other sites' requests never carry it; Secure over
+/// TLS: the browser never sends it in clear (to this host's plain-HTTP ports either).
+fn session_cookie(state: &AppState, value: &str, max_age: u64) -> String {
+    let secure = if state.https { "; Secure" } else { "" };
+    format!(
+        "{}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}",
+        auth::COOKIE
+    )
+}
 
-/// Signs in with `{"token": "…"}`: checks it and keeps it in an HttpOnly, SameSite=Strict
-/// cookie, so page scripts never hold it and other sites' requests never carry it.
-async fn sign_in(State(access): State<Access>, body: axum::body::Bytes) -> Response {
-    if !access.required() {
+/// Signs in with `{"token": "…"}`: checks it and sets a session cookie (not the token).
+async fn sign_in(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
+    if !state.access.required() {
         return (
             StatusCode::BAD_REQUEST,
             Json(json!({ "error": "no admin tokens are configured (--admin-tokens-file): nothing to sign in to" })),
@@ -500,36 +524,220 @@ async fn sign_in(State(access): State<Access>, body: axum::body::Bytes) -> Respo
         )
             .into_response();
     };
-    match access.identify(None, Some(token.trim())) {
-        Ok(caller) => {
-            let cookie = format!(
-                "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_SECONDS}",
-                auth::COOKIE,
-                token.trim()
-            );
-            tracing::info!(who = %caller.name, role = caller.role.as_str(), "dashboard sign-in");
-            (
-                [(header::SET_COOKIE, cookie)],
-                Json(json!({ "name": caller.name, "role": caller.role.as_str() })),
-            )
-                .into_response()
-        }
-        Err(error) => denied(error),
-    }
+    let caller = match state.access.identify_token(token.trim()) {
+        Ok(caller) => caller,
+        Err(error) => return denied(error),
+    };
+    let Some(value) = state.sessions.issue(&caller) else {
+        return denied(Denied::Unknown);
+    };
+    let cookie = session_cookie(&state, &value, sessions::LIFETIME.as_secs());
+    tracing::info!(who = %caller.name, role = caller.role.as_str(), "dashboard sign-in");
+    (
+        [(header::SET_COOKIE, cookie)],
+        Json(json!({ "name": caller.name, "role": caller.role.as_str() })),
+    )
+        .into_response()
 }
 
-async fn sign_out() -> Response {
-    let cookie = format!(
-        "{}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0",
-        auth::COOKIE
-    );
-    ([(header::SET_COOKIE, cookie)], Json(json!({}))).into_response()
+/// Signs out: ends the session for every replica and deletes the cookie.
+async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let clear = [(header::SET_COOKIE, session_cookie(&state, "", 0))];
+    let ended = match cookie_session(&headers) {
+        Some(session) => state.sessions.end(session).await,
+        None => Ok(()),
+    };
+    match ended {
+        Ok(()) => (clear, Json(json!({}))).into_response(),
+        Err(error) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            clear,
+            Json(json!({ "error": format!(
+                "signed out in this browser, but the session could not be ended on the server \
+                 ({error}): it stays valid until it expires if its cookie was copied"
+            ) })),
+        )
+            .into_response(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::leader::ReplicaInfo;
+    use axum::body::Body;
+    use axum::http::Request;
+    use std::sync::Arc;
+    use switchyard_cluster::{MemoryRegistry, Registry};
+    use tower::ServiceExt as _;
+
+    const OPERATOR: &str = "op-token-0123456789";
+    const TOKENS: &str = r#"{"tokens": [
+        {"name": "alice", "token": "op-token-0123456789", "role": "operator"},
+        {"name": "bob", "token": "view-token-0123456789", "role": "viewer"}
+    ]}"#;
+
+    /// A standalone control plane's dashboard over an in-memory registry.
+    async fn dashboard(tokens: Option<&str>, https: bool) -> Router {
+        let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
+        let membership = registry.watch_workers().await.unwrap();
+        let policy = registry.watch_policy().await.unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let events = crate::events::Events::spawn(membership, policy, stop.clone());
+        let me = ReplicaInfo {
+            id: "cp-test".into(),
+            grpc: "127.0.0.1:1".into(),
+            http: Some("127.0.0.1:2".into()),
+        };
+        let leadership =
+            crate::leader::Leadership::start(crate::ElectionConfig::Standalone, me, stop);
+        let plane = ControlPlane::new(registry, Default::default(), events, leadership);
+        let security = SecurityConfig {
+            access: Access::new(tokens.map(|t| auth::AdminTokens::from_json(t).unwrap())),
+            dashboard_hosts: guard::HostAllowlist::default().served_over_tls(https),
+            ..Default::default()
+        };
+        router(plane, security, Revocations::default())
+    }
+
+    /// One request as the dashboard's own page sends it (writes with the guard's headers).
+    async fn call(
+        app: &Router,
+        method: &str,
+        path: &str,
+        cookie: Option<&str>,
+        body: &str,
+    ) -> (StatusCode, HeaderMap, Value) {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "127.0.0.1:2");
+        if method != "GET" {
+            request = request
+                .header(header::CONTENT_TYPE, "application/json")
+                .header(guard::CSRF_HEADER, "1");
+        }
+        if let Some(cookie) = cookie {
+            request = request.header(header::COOKIE, cookie);
+        }
+        let response = app
+            .clone()
+            .oneshot(request.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, headers, json)
+    }
+
+    /// The `name=value` part of the response's session cookie, and its attributes.
+    fn set_cookie(headers: &HeaderMap) -> (String, String) {
+        let cookie = headers
+            .get(header::SET_COOKIE)
+            .expect("a set-cookie")
+            .to_str()
+            .unwrap()
+            .to_string();
+        let (pair, attributes) = cookie.split_once(';').unwrap();
+        (pair.to_string(), attributes.to_string())
+    }
+
+    #[tokio::test]
+    async fn the_sign_in_cookie_is_a_session_not_the_token_and_sign_out_ends_it() {
+        let app = dashboard(Some(TOKENS), false).await;
+        let (status, headers, body) = call(
+            &app,
+            "POST",
+            "/api/session",
+            None,
+            &json!({ "token": OPERATOR }).to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (cookie, attributes) = set_cookie(&headers);
+        assert!(cookie.starts_with("switchyard_admin="), "{cookie}");
+        assert!(
+            !cookie.contains(OPERATOR),
+            "the cookie is the token: {cookie}"
+        );
+        assert!(
+            attributes.contains("HttpOnly") && attributes.contains("SameSite=Strict"),
+            "{attributes}"
+        );
+        assert!(!attributes.contains("Secure"), "plain HTTP: {attributes}");
+        let (_, _, who) = call(&app, "GET", "/api/session", Some(&cookie), "").await;
+        assert_eq!(
+            (who["signed_in"].clone(), who["name"].clone()),
+            (json!(true), json!("alice"))
+        );
+        // The token itself in the cookie is no session.
+        let raw = format!("switchyard_admin={OPERATOR}");
+        let (_, _, who) = call(&app, "GET", "/api/session", Some(&raw), "").await;
+        assert_eq!(who["signed_in"], json!(false), "{who}");
+        let (status, _, _) = call(&app, "POST", "/api/workers/gpu-0/drain", Some(&raw), "{}").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        // The session writes (gpu-0 is unknown: past the credential check).
+        let (status, _, _) = call(
+            &app,
+            "POST",
+            "/api/workers/gpu-0/drain",
+            Some(&cookie),
+            "{}",
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // Sign-out deletes the cookie and ends the session on the server: a copy of the
+        // cookie no longer writes.
+        let (status, headers, _) = call(&app, "DELETE", "/api/session", Some(&cookie), "{}").await;
+        assert_eq!(status, StatusCode::OK);
+        let (cleared, attributes) = set_cookie(&headers);
+        assert_eq!(cleared, "switchyard_admin=");
+        assert!(attributes.contains("Max-Age=0"), "{attributes}");
+        let (status, _, body) = call(
+            &app,
+            "POST",
+            "/api/workers/gpu-0/drain",
+            Some(&cookie),
+            "{}",
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("session has ended"),
+            "{body}"
+        );
+        let (_, _, who) = call(&app, "GET", "/api/session", Some(&cookie), "").await;
+        assert_eq!(who["signed_in"], json!(false), "{who}");
+    }
+
+    #[tokio::test]
+    async fn over_tls_the_session_cookie_is_secure_and_another_replica_accepts_it() {
+        let app = dashboard(Some(TOKENS), true).await;
+        let (_, headers, _) = call(
+            &app,
+            "POST",
+            "/api/session",
+            None,
+            &json!({ "token": OPERATOR }).to_string(),
+        )
+        .await;
+        let (cookie, attributes) = set_cookie(&headers);
+        assert!(attributes.contains("; Secure"), "{attributes}");
+        // A second replica with the same tokens file (behind the same Service).
+        let other = dashboard(Some(TOKENS), true).await;
+        let (_, _, who) = call(&other, "GET", "/api/session", Some(&cookie), "").await;
+        assert_eq!(who["name"], json!("alice"), "{who}");
+        let (_, headers, _) = call(&app, "DELETE", "/api/session", Some(&cookie), "{}").await;
+        assert!(set_cookie(&headers).1.contains("; Secure"));
+    }
 
     fn replica(grpc: &str, http: Option<&str>) -> ReplicaInfo {
         ReplicaInfo {

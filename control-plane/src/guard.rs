@@ -49,6 +49,11 @@ impl HostAllowlist {
         self
     }
 
+    /// Whether the dashboard is served over TLS.
+    pub fn https(&self) -> bool {
+        self.https
+    }
+
     /// Whether `host` (a `Host` header value, port optional) names this dashboard. IP
     /// literals are always accepted: rebinding needs a DNS name.
     fn allows(&self, host: &str) -> bool {

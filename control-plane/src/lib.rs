@@ -14,6 +14,7 @@ pub mod leader;
 pub mod loads;
 pub mod plane;
 pub mod reports;
+pub mod session;
 
 pub mod metrics;
 
@@ -162,6 +163,11 @@ pub async fn run_control_plane(
         ElectionConfig::Standalone => ElectionKind::Standalone,
         ElectionConfig::Etcd { .. } => ElectionKind::Etcd,
     };
+    // Replicas electing through etcd share signed-out dashboard sessions there.
+    let revoked = match &config.election {
+        ElectionConfig::Etcd { client, .. } => session::Revocations::in_etcd((**client).clone()),
+        ElectionConfig::Standalone => session::Revocations::default(),
+    };
     let leadership = Leadership::start(config.election, me, background.clone());
     let standalone = matches!(election_kind, ElectionKind::Standalone);
     let history_policy = registry.watch_policy().await?;
@@ -228,7 +234,7 @@ pub async fn run_control_plane(
         let Some((listener, bound)) = http else {
             return Ok(());
         };
-        let app = dashboard::router(plane.clone(), security);
+        let app = dashboard::router(plane.clone(), security, revoked);
         let stop = shutdown.clone();
         let bind_error = |source| ControlPlaneError::Bind {
             addr: bound,

@@ -1428,3 +1428,88 @@ async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// A dashboard session made on one replica works on another started with the same admin
+/// tokens file (two replicas behind one Service), and signing out on either ends it on both:
+/// the revocation is kept in etcd. The cookie is never the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_session_works_on_every_replica_and_sign_out_ends_it_everywhere()
+-> anyhow::Result<()> {
+    const TOKEN: &str = "operator-token-0123456789abcdef";
+    let dir = tempfile::tempdir()?;
+    let tokens = dir.path().join("admin-tokens.json");
+    std::fs::write(
+        &tokens,
+        serde_json::json!({"tokens": [{"name": "alice", "token": TOKEN, "role": "operator"}]})
+            .to_string(),
+    )?;
+    let tokens = tokens.display().to_string();
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let flags = ["--admin-tokens-file", tokens.as_str()];
+    let one = start_control_plane(&etcd.url, "control-plane-0", &flags).await?;
+    let two = start_control_plane(&etcd.url, "control-plane-1", &flags).await?;
+    let client = reqwest::Client::new();
+    let signed_in = |http: std::net::SocketAddr, cookie: String| {
+        let client = client.clone();
+        async move {
+            let who: Value = client
+                .get(format!("http://{http}/api/session"))
+                .header("cookie", cookie)
+                .send()
+                .await?
+                .json()
+                .await?;
+            anyhow::Ok(who["signed_in"] == true && who["name"] == "alice")
+        }
+    };
+    let write = |http: std::net::SocketAddr, method: reqwest::Method| {
+        client
+            .request(method, format!("http://{http}/api/session"))
+            .header("content-type", "application/json")
+            .header("x-switchyard-csrf", "1")
+    };
+
+    let response = write(one.addr("http"), reqwest::Method::POST)
+        .body(serde_json::json!({ "token": TOKEN }).to_string())
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    let set_cookie = response
+        .headers()
+        .get("set-cookie")
+        .expect("a session cookie")
+        .to_str()?
+        .to_string();
+    let cookie = set_cookie.split(';').next().unwrap_or_default().to_string();
+    assert!(
+        cookie.starts_with("switchyard_admin=") && !cookie.contains(TOKEN),
+        "{set_cookie}"
+    );
+    assert!(signed_in(one.addr("http"), cookie.clone()).await?);
+    assert!(
+        signed_in(two.addr("http"), cookie.clone()).await?,
+        "the other replica refuses a session made on the first"
+    );
+
+    // Sign out on the second replica: the first refuses the session from then on.
+    let response = write(two.addr("http"), reqwest::Method::DELETE)
+        .header("cookie", cookie.clone())
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+    assert!(!signed_in(two.addr("http"), cookie.clone()).await?);
+    assert!(
+        !signed_in(one.addr("http"), cookie.clone()).await?,
+        "a session signed out on one replica still works on the other"
+    );
+    for replica in [&one, &two] {
+        let log = std::fs::read_to_string(&replica.log)?;
+        assert!(
+            !log.contains(TOKEN),
+            "the token reached {}'s log",
+            replica.name
+        );
+    }
+    Ok(())
+}
