@@ -30,11 +30,12 @@
 //! not the leader; `leader` names it) or 503 (etcd unreachable).
 
 use axum::extract::{FromRef, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::admin::audit;
 use crate::auth::{self, Access, Caller, Denied};
@@ -94,6 +95,17 @@ pub fn router(plane: ControlPlane, security: SecurityConfig, revoked: Revocation
         .layer(axum::middleware::from_fn_with_state(
             security.dashboard_hosts,
             guard::guard,
+        ))
+        // No page of another site may frame the dashboard: inside a frame, clicks the user
+        // meant for that page would drain workers with the dashboard's own origin, which the
+        // guard lets through. Both headers, for browsers that know only the older one.
+        .layer(SetResponseHeaderLayer::overriding(
+            header::X_FRAME_OPTIONS,
+            HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("frame-ancestors 'none'"),
         ))
 }
 
@@ -716,6 +728,35 @@ mod tests {
         );
         let (_, _, who) = call(&app, "GET", "/api/session", Some(&cookie), "").await;
         assert_eq!(who["signed_in"], json!(false), "{who}");
+    }
+
+    #[tokio::test]
+    async fn no_dashboard_answer_may_be_framed() {
+        let app = dashboard(None, false).await;
+        let foreign_host = Request::builder()
+            .uri("/")
+            .header(header::HOST, "attacker.example")
+            .body(Body::empty())
+            .unwrap();
+        let refused = app.clone().oneshot(foreign_host).await.unwrap();
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        let mut answers = vec![refused.headers().clone()];
+        for path in ["/", "/assets/app.js", "/api/workers", "/api/nope"] {
+            answers.push(call(&app, "GET", path, None, "").await.1);
+        }
+        answers.push(
+            call(&app, "POST", "/api/workers/x/drain", None, "{}")
+                .await
+                .1,
+        );
+        for headers in answers {
+            assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY", "{headers:?}");
+            assert_eq!(
+                headers[header::CONTENT_SECURITY_POLICY],
+                "frame-ancestors 'none'",
+                "{headers:?}"
+            );
+        }
     }
 
     #[tokio::test]
