@@ -9,19 +9,27 @@
 //! - If the router restarts or the connection drops, the reply in progress ends with an error
 //!   and the client reopens its session in the background; a line sent meanwhile waits for it
 //!   (up to [`RECONNECT_WAIT`]).
+//! - A router started with `--api-keys-file` needs a key: `--api-key-file` (its first line)
+//!   or the key itself in `SWITCHYARD_API_KEY`; it is sent as `authorization: Bearer <key>`
+//!   on the session and never printed.
 
 use std::io::Write as _;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use switchyard_client::{ClientError, RequestStream, SessionClient};
+use anyhow::Context as _;
+use switchyard_client::{ClientError, Credentials, RequestStream, SessionClient};
 use switchyard_proto::v1::{
-    self, ChatMessage, GenerateRequest, RequestClass, SamplingParams,
-    inference_client::InferenceClient, server_frame::Frame,
+    self, ChatMessage, GenerateRequest, RequestClass, SamplingParams, server_frame::Frame,
 };
 use tokio::sync::mpsc;
 
 /// Longest a line typed while the session is being reopened waits for it.
 pub const RECONNECT_WAIT: Duration = Duration::from_secs(30);
+
+/// The environment variable that may hold the API key itself (a flag would show it in the
+/// process list).
+pub const API_KEY_ENV: &str = "SWITCHYARD_API_KEY";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ChatArgs {
@@ -31,7 +39,12 @@ pub struct ChatArgs {
     /// CA certificate (PEM) to trust: the router serves TLS (e.g. the `tls ca` file that
     /// `switchyard up --tls` prints).
     #[arg(long, env = "SWITCHYARD_TLS_CA_FILE")]
-    pub tls_ca_file: Option<std::path::PathBuf>,
+    pub tls_ca_file: Option<PathBuf>,
+    /// File holding an API key (its first line), for a router started with --api-keys-file;
+    /// sent as `authorization: Bearer <key>`. The key itself may instead be in the environment
+    /// variable SWITCHYARD_API_KEY (this file wins over it).
+    #[arg(long, env = "SWITCHYARD_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
     /// Model to talk to; default: the one model the router serves (a real model is preferred
     /// over the synthetic load-test backend).
     #[arg(long)]
@@ -120,19 +133,68 @@ async fn start(
     Ok(Some(client.start(request)?))
 }
 
-pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
-    let client = match &args.tls_ca_file {
-        Some(ca) => {
-            SessionClient::open(switchyard_client::connect_tls(&args.router, ca).await?).await?
-        }
-        None => SessionClient::connect(&args.router).await?,
+/// The API key of `--api-key-file`, else of `SWITCHYARD_API_KEY` (unset or empty: none).
+fn credentials(args: &ChatArgs) -> anyhow::Result<Credentials> {
+    let (key, source) = match &args.api_key_file {
+        Some(file) => (
+            read_key_file(file)?,
+            format!("--api-key-file {}", file.display()),
+        ),
+        None => match std::env::var(API_KEY_ENV) {
+            Ok(key) if !key.trim().is_empty() => (key.trim().to_string(), API_KEY_ENV.into()),
+            Ok(_) | Err(std::env::VarError::NotPresent) => return Ok(Credentials::none()),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("{API_KEY_ENV}: not valid UTF-8")
+            }
+        },
     };
+    // The error names where the key came from, never the key.
+    Credentials::api_key(&key).with_context(|| source)
+}
+
+/// The key in `file`: its first line, trimmed.
+fn read_key_file(file: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the api key file {}", file.display()))?;
+    let key = text.lines().next().unwrap_or_default().trim().to_string();
+    anyhow::ensure!(
+        !key.is_empty(),
+        "--api-key-file {}: empty; it holds one api key",
+        file.display()
+    );
+    Ok(key)
+}
+
+/// Says how to pass a key when the router asks for one.
+fn explain(error: ClientError) -> anyhow::Error {
+    match &error {
+        ClientError::Status(status) if status.code() == tonic::Code::Unauthenticated => {
+            anyhow::anyhow!(
+                "{error} (give the router's api key: --api-key-file FILE, or the key itself in \
+                 {API_KEY_ENV})"
+            )
+        }
+        _ => error.into(),
+    }
+}
+
+pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
+    let credentials = credentials(&args)?;
+    let channel = match &args.tls_ca_file {
+        Some(ca) => switchyard_client::connect_tls(&args.router, ca).await?,
+        None => switchyard_client::connect_channel(&args.router).await?,
+    };
+    let client = SessionClient::open_with(channel, credentials)
+        .await
+        .map_err(explain)?;
     let model = match args.model.clone() {
         Some(model) => model,
         None => {
-            let models = InferenceClient::new(client.channel())
+            let models = client
+                .inference()
                 .list_models(v1::ListModelsRequest {})
-                .await?
+                .await
+                .map_err(|status| explain(status.into()))?
                 .into_inner();
             default_model(&models)?
         }

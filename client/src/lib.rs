@@ -11,6 +11,11 @@
 //! same `SessionClient`. The tonic [`Channel`] underneath is kept: it reconnects its own
 //! connection.
 //!
+//! **API keys.** A router started with `--api-keys-file` takes calls only with
+//! `authorization: Bearer <key>`: open the client with [`Credentials::api_key`]
+//! ([`SessionClient::open_with`]) and every session it opens, and every call made through
+//! [`SessionClient::inference`], carries it.
+//!
 //! This crate has no engine, etcd or server dependency: the protos, tonic and tokio.
 
 mod backoff;
@@ -25,6 +30,8 @@ use switchyard_proto::v1::{
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::{Interceptor, interceptor::InterceptedService};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::backoff::Backoff;
@@ -41,6 +48,9 @@ pub enum ClientError {
     Connect(#[from] tonic::transport::Error),
     #[error("tls: {0}")]
     Tls(String),
+    /// Never names the key: it is a secret.
+    #[error("the api key is not usable: {0}")]
+    ApiKey(&'static str),
     #[error("router refused the session: {0}")]
     Status(#[from] tonic::Status),
     #[error("request_id {0:?} is already open on this client")]
@@ -67,6 +77,7 @@ impl std::fmt::Debug for SessionClient {
 
 struct Shared {
     channel: Channel,
+    credentials: Credentials,
     /// The session requests start on; `None` while a lost one is being replaced.
     session: watch::Sender<Option<Arc<Session>>>,
 }
@@ -85,6 +96,69 @@ struct Routes {
     open: bool,
     by_id: HashMap<String, mpsc::UnboundedSender<v1::ServerFrame>>,
 }
+
+/// What a client presents to the router on each call: nothing, or an API key (the router's
+/// `--api-keys-file`) as `authorization: Bearer <key>`. As a tonic [`Interceptor`] it adds
+/// the header to every call. Its `Debug` never shows the key.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    authorization: Option<MetadataValue<Ascii>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = self.authorization.as_ref().map(|_| "<redacted>");
+        f.debug_struct("Credentials")
+            .field("api_key", &key)
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// No credentials: a router without API keys.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// `key`, sent as `authorization: Bearer <key>`.
+    pub fn api_key(key: &str) -> Result<Self, ClientError> {
+        if key.is_empty() {
+            return Err(ClientError::ApiKey("it is empty"));
+        }
+        // What a header can carry and a router's keys file can hold: no spaces, no controls.
+        // (tonic would take bytes above ASCII too, which no key matches.)
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ClientError::ApiKey(
+                "it holds characters other than printable ASCII (a space, a control character?)",
+            ));
+        }
+        let mut value: MetadataValue<Ascii> = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| ClientError::ApiKey("not a valid header value"))?;
+        // Kept out of HTTP/2 header compression tables (HPACK never-indexed).
+        value.set_sensitive(true);
+        Ok(Self {
+            authorization: Some(value),
+        })
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// An `Inference` client presenting `Credentials` on every call.
+pub type AuthorizedInferenceClient = InferenceClient<InterceptedService<Channel, Credentials>>;
 
 /// Connects a channel to `address` (`host:port` or a full `http://` URL).
 pub async fn connect_channel(address: &str) -> Result<Channel, ClientError> {
@@ -140,9 +214,22 @@ impl SessionClient {
     /// Opens a session on an existing channel. The first session must open (an error here is
     /// the router's answer, e.g. a wrong address); later ones are reopened in the background.
     pub async fn open(channel: Channel) -> Result<Self, ClientError> {
-        let (session, ended) = Session::open(channel.clone()).await?;
+        Self::open_with(channel, Credentials::none()).await
+    }
+
+    /// Like [`SessionClient::open`], presenting `credentials` on this session and on every one
+    /// reopened later.
+    pub async fn open_with(
+        channel: Channel,
+        credentials: Credentials,
+    ) -> Result<Self, ClientError> {
+        let (session, ended) = Session::open(channel.clone(), credentials.clone()).await?;
         let (session, _) = watch::channel(Some(session));
-        let shared = Arc::new(Shared { channel, session });
+        let shared = Arc::new(Shared {
+            channel,
+            credentials,
+            session,
+        });
         let (alive, stopped) = oneshot::channel();
         tokio::spawn(keep_open(shared.clone(), ended, stopped));
         Ok(Self {
@@ -151,9 +238,16 @@ impl SessionClient {
         })
     }
 
-    /// The underlying channel, for unary calls such as `ListModels`.
+    /// The underlying channel, for unary calls such as `ListModels` (without the client's
+    /// credentials: see [`SessionClient::inference`]).
     pub fn channel(&self) -> Channel {
         self.shared.channel.clone()
+    }
+
+    /// An `Inference` client on the same channel presenting the same credentials, for unary
+    /// calls such as `ListModels`.
+    pub fn inference(&self) -> AuthorizedInferenceClient {
+        InferenceClient::with_interceptor(self.channel(), self.shared.credentials.clone())
     }
 
     /// Waits until a session is open: at once if one is, else until the background reconnect
@@ -237,9 +331,12 @@ impl SessionClient {
 
 impl Session {
     /// Opens a stream and starts routing its frames; the receiver resolves when it ends.
-    async fn open(channel: Channel) -> Result<(Arc<Self>, oneshot::Receiver<()>), tonic::Status> {
+    async fn open(
+        channel: Channel,
+        credentials: Credentials,
+    ) -> Result<(Arc<Self>, oneshot::Receiver<()>), tonic::Status> {
         let (frames, rx) = mpsc::unbounded_channel();
-        let inbound = InferenceClient::new(channel)
+        let inbound = InferenceClient::with_interceptor(channel, credentials)
             .session(UnboundedReceiverStream::new(rx))
             .await?
             .into_inner();
@@ -320,7 +417,7 @@ async fn keep_open(
         let mut backoff = Backoff::new(RECONNECT_INITIAL, RECONNECT_MAX);
         ended = loop {
             let opened = tokio::select! {
-                opened = Session::open(shared.channel.clone()) => opened,
+                opened = Session::open(shared.channel.clone(), shared.credentials.clone()) => opened,
                 _ = &mut stopped => return,
             };
             match opened {
@@ -452,4 +549,29 @@ pub fn routable_worker_ids(models: &v1::ListModelsResponse) -> Vec<String> {
     ids.sort();
     ids.dedup();
     ids
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_api_key_goes_in_the_authorization_header_and_nowhere_else() {
+        let mut credentials = Credentials::api_key("sk-test-0001").unwrap();
+        let request = credentials.call(tonic::Request::new(())).unwrap();
+        let header = request.metadata().get("authorization").unwrap();
+        assert_eq!(header.to_str().unwrap(), "Bearer sk-test-0001");
+        assert!(header.is_sensitive());
+        assert!(!format!("{credentials:?}").contains("sk-test"));
+
+        let mut none = Credentials::none();
+        let request = none.call(tonic::Request::new(())).unwrap();
+        assert!(request.metadata().get("authorization").is_none());
+
+        for bad in ["", "sk-\nnewline", "sk-é", "sk two"] {
+            let error = Credentials::api_key(bad).unwrap_err().to_string();
+            assert!(error.contains("api key"), "{error}");
+            assert!(bad.is_empty() || !error.contains(bad), "{error}");
+        }
+    }
 }

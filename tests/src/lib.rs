@@ -757,6 +757,51 @@ pub fn with_bearer<T>(message: T, token: Option<&str>) -> tonic::Request<T> {
     request
 }
 
+/// How long a `switchyard chat` run may take in a test.
+const CHAT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `switchyard chat <args>` with `env` (and none of the caller's `SWITCHYARD_*` chat
+/// settings), types `input`, then closes stdin, which ends the chat once its replies are done;
+/// returns (exit code, stdout, stderr).
+pub async fn run_chat(
+    args: &[&str],
+    env: &[(&str, &str)],
+    input: &str,
+) -> anyhow::Result<(Option<i32>, String, String)> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut command = Command::new(switchyard_bin());
+    command.arg("chat").args(args);
+    for inherited in [
+        "SWITCHYARD_ROUTER",
+        "SWITCHYARD_TLS_CA_FILE",
+        "SWITCHYARD_API_KEY",
+        "SWITCHYARD_API_KEY_FILE",
+    ] {
+        command.env_remove(inherited);
+    }
+    let mut child = command
+        .envs(env.iter().copied())
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting switchyard chat")?;
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    // A chat that exits before reading its input closes the pipe: its output says why.
+    let _ = stdin.write_all(input.as_bytes()).await;
+    drop(stdin);
+    let output = tokio::time::timeout(CHAT_TIMEOUT, child.wait_with_output())
+        .await
+        .with_context(|| format!("switchyard chat did not exit within {CHAT_TIMEOUT:?}"))??;
+    Ok((
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
 /// Writes a router API keys file (`--api-keys-file`) in `dir` mapping each key to its tenant.
 pub fn write_api_keys(dir: &std::path::Path, keys: &[(&str, &str)]) -> anyhow::Result<PathBuf> {
     let keys: Vec<_> = keys

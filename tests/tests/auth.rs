@@ -11,7 +11,7 @@ use switchyard_proto::v1::{
     self, GenerateRequest, Lane, RequestClass, SamplingParams, admin_client::AdminClient,
     inference_client::InferenceClient, server_frame::Frame,
 };
-use switchyard_tests::{Cluster, ClusterSpec, wait_until, with_bearer, write_api_keys};
+use switchyard_tests::{Cluster, ClusterSpec, run_chat, wait_until, with_bearer, write_api_keys};
 use tonic::transport::Channel;
 
 const ACME_KEY: &str = "sk-acme-test-0001";
@@ -239,6 +239,73 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(health.status(), 200);
+    Ok(())
+}
+
+/// `switchyard chat` against a router that requires API keys: with the key in
+/// `SWITCHYARD_API_KEY` or in the file of `--api-key-file` it lists the models (the default
+/// model comes from `ListModels`, which needs the key too) and chats; without one, or with an
+/// unknown one, it says what to pass. The key never appears in its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_sends_its_api_key_from_the_environment_or_a_file() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys_file = write_api_keys(dir.path(), &[(ACME_KEY, "acme")])?;
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: vec!["--api-keys-file".into(), keys_file.display().to_string()],
+        api_key: Some(ACME_KEY.into()),
+        ..Default::default()
+    })
+    .await?;
+    let router = cluster.router_addr();
+    let reply = switchyard_worker::synthetic::synthetic_text("hello", 0, 3);
+    let key_file = dir.path().join("api-key");
+    std::fs::write(&key_file, format!("{ACME_KEY}\n"))?;
+    let key_file = key_file.display().to_string();
+    let wrong_file = dir.path().join("wrong-key");
+    std::fs::write(&wrong_file, "sk-not-a-key-0000")?;
+    let wrong_file = wrong_file.display().to_string();
+    for (how, args, env) in [
+        (
+            "SWITCHYARD_API_KEY",
+            vec![],
+            vec![("SWITCHYARD_API_KEY", ACME_KEY)],
+        ),
+        (
+            "--api-key-file",
+            vec!["--api-key-file", key_file.as_str()],
+            vec![],
+        ),
+    ] {
+        let mut full = vec!["--router", router.as_str(), "--max-tokens", "3"];
+        full.extend(args);
+        let (code, out, err) = run_chat(&full, &env, "hello\n").await?;
+        assert_eq!(code, Some(0), "{how}: {out}\n{err}");
+        assert!(
+            out.contains(&reply),
+            "{how}: no reply {reply:?} in {out:?}\n{err}"
+        );
+        assert!(
+            !out.contains(ACME_KEY) && !err.contains(ACME_KEY),
+            "{how}: the key was printed:\n{out}\n{err}"
+        );
+    }
+
+    // No key: refused, and told how to pass one. An unknown key: refused, without echoing it.
+    let no_key = ["--router", router.as_str(), "--model", "synthetic"];
+    let (code, out, err) = run_chat(&no_key, &[], "hello\n").await?;
+    assert_ne!(code, Some(0), "{out}\n{err}");
+    assert!(err.contains("missing api key"), "{err}");
+    assert!(
+        err.contains("--api-key-file") && err.contains("SWITCHYARD_API_KEY"),
+        "{err}"
+    );
+    let wrong_key = [&no_key[..], &["--api-key-file", wrong_file.as_str()]].concat();
+    let (code, out, err) = run_chat(&wrong_key, &[], "hello\n").await?;
+    assert_ne!(code, Some(0), "{out}\n{err}");
+    assert!(err.contains("not recognised"), "{err}");
+    assert!(!err.contains("sk-not-a-key"), "the key was printed: {err}");
     Ok(())
 }
 
