@@ -64,7 +64,9 @@ function renderReplica(stats) {
   if (stats.leader) {
     const link = document.createElement("a");
     link.textContent = `${stats.leader.id}`;
-    if (stats.leader.http) link.href = `http://${stats.leader.http}/`;
+    // The server names it with its scheme (https when dashboards serve TLS) and a host that
+    // can be dialled (not 0.0.0.0 or the leader's own loopback).
+    if (stats.leader_dashboard) link.href = stats.leader_dashboard;
     el.appendChild(link);
   } else {
     el.appendChild(document.createTextNode("none elected yet"));

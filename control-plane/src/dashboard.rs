@@ -39,6 +39,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::admin::audit;
 use crate::auth::{self, Access, Caller, Denied};
+use crate::forward::LeaderDialer;
 use crate::leader::Role;
 use crate::plane::{ControlPlane, OpError};
 use crate::session::{self as sessions, Revocations, Sessions};
@@ -57,6 +58,8 @@ struct AppState {
     sessions: Sessions,
     /// Served over TLS: the session cookie is `Secure`.
     https: bool,
+    /// How a follower reaches the leader's dashboard.
+    leader: LeaderDialer,
 }
 
 impl FromRef<AppState> for ControlPlane {
@@ -73,6 +76,7 @@ pub fn router(plane: ControlPlane, security: SecurityConfig, revoked: Revocation
         sessions: Sessions::new(security.access.session_key(), revoked),
         access: security.access,
         https: security.dashboard_hosts.https(),
+        leader: LeaderDialer::new(&security.tls, LEADER_TIMEOUT),
     };
     Router::new()
         .route("/", get(index))
@@ -203,6 +207,8 @@ async fn stats(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiErro
         "replica": leadership.me(),
         "role": role,
         "leader": leadership.leader(),
+        // Where to open the leader's dashboard from here (its scheme and a dialable host).
+        "leader_dashboard": leadership.leader().and_then(|l| plane.dashboard_url(&l)),
     })))
 }
 
@@ -272,8 +278,8 @@ const LEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// On a follower, the leader's answer to this GET (routers report to the leader: it holds
 /// the history and the feed); `None` to answer from this replica (it leads, the request was
 /// forwarded already, or the leader cannot be reached).
-async fn from_leader(plane: &ControlPlane, headers: &HeaderMap, uri: &Uri) -> Option<Value> {
-    let leadership = plane.leadership();
+async fn from_leader(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Option<Value> {
+    let leadership = state.plane.leadership();
     if leadership.is_leader() || headers.contains_key(FORWARDED) {
         return None;
     }
@@ -287,17 +293,13 @@ async fn from_leader(plane: &ControlPlane, headers: &HeaderMap, uri: &Uri) -> Op
     if leadership.me().http.as_deref() == Some(address.as_str()) {
         return None;
     }
-    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    let client = CLIENT.get_or_init(|| {
-        reqwest::Client::builder()
-            .timeout(LEADER_TIMEOUT)
-            .build()
-            .unwrap_or_default()
-    });
+    let scheme = state.leader.scheme();
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     let answer = async {
-        let response = client
-            .get(format!("http://{address}{path}"))
+        let response = state
+            .leader
+            .client()?
+            .get(format!("{scheme}://{address}{path}"))
             .header(FORWARDED, "1")
             .send()
             .await?
@@ -322,20 +324,21 @@ async fn from_leader(plane: &ControlPlane, headers: &HeaderMap, uri: &Uri) -> Op
 }
 
 async fn history(
-    State(plane): State<ControlPlane>,
+    State(state): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, Response> {
+    let plane = &state.plane;
     let since = number::<i64>(&query, "since", "a unix time in seconds").map_err(bad_request)?;
-    if let Some(body) = from_leader(&plane, &headers, &uri).await {
+    if let Some(body) = from_leader(&state, &headers, &uri).await {
         return Ok(Json(body));
     }
     let points = plane.insights().history.since(since);
     Ok(Json(json!({
         "resolution_s": 1,
         "capacity": crate::history::SECONDS,
-        "kept_by": keeper(&plane),
+        "kept_by": keeper(plane),
         "points": points,
     })))
 }
@@ -344,11 +347,12 @@ async fn history(
 const DECISIONS_LIMIT: usize = crate::decisions::RECENT;
 
 async fn decisions(
-    State(plane): State<ControlPlane>,
+    State(state): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, Response> {
+    let plane = &state.plane;
     let since = number::<u64>(&query, "since", "a feed sequence number")
         .map_err(bad_request)?
         .unwrap_or(0);
@@ -364,14 +368,14 @@ async fn decisions(
     if request_id.is_some_and(str::is_empty) {
         return Err(bad_request("request_id: must not be empty".into()));
     }
-    if let Some(body) = from_leader(&plane, &headers, &uri).await {
+    if let Some(body) = from_leader(&state, &headers, &uri).await {
         return Ok(Json(body));
     }
     let page = plane.insights().decisions.page(since, request_id, limit);
     Ok(Json(json!({
         "seq": page.seq,
         "decisions": page.entries,
-        "kept_by": keeper(&plane),
+        "kept_by": keeper(plane),
     })))
 }
 
@@ -379,11 +383,12 @@ async fn decisions(
 const LEDGER_WINDOW_S: i64 = 300;
 
 async fn ledger(
-    State(plane): State<ControlPlane>,
+    State(state): State<AppState>,
     headers: HeaderMap,
     uri: Uri,
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, Response> {
+    let plane = &state.plane;
     let window_s = number::<i64>(&query, "window_s", "a number of seconds")
         .map_err(bad_request)?
         .unwrap_or(LEDGER_WINDOW_S);
@@ -393,7 +398,7 @@ async fn ledger(
             "window_s: {window_s} is out of range, expected 1..={most}"
         )));
     }
-    if let Some(body) = from_leader(&plane, &headers, &uri).await {
+    if let Some(body) = from_leader(&state, &headers, &uri).await {
         return Ok(Json(body));
     }
     let window = plane.insights().history.ledger(window_s);
@@ -402,7 +407,7 @@ async fn ledger(
         "from": window.from,
         "to": window.to,
         "rows": window.rows,
-        "kept_by": keeper(&plane),
+        "kept_by": keeper(plane),
     })))
 }
 

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod dashboard;
 pub mod decisions;
 pub mod events;
+pub mod forward;
 pub mod guard;
 pub mod history;
 pub mod leader;
@@ -171,7 +172,8 @@ pub async fn run_control_plane(
     let leadership = Leadership::start(config.election, me, background.clone());
     let standalone = matches!(election_kind, ElectionKind::Standalone);
     let history_policy = registry.watch_policy().await?;
-    let plane = ControlPlane::new(registry.clone(), loads, events, leadership.clone());
+    let plane = ControlPlane::new(registry.clone(), loads, events, leadership.clone())
+        .with_dashboard_tls(http_tls.is_some());
     metrics::register_report_drops(&config.metrics, plane.insights().dropped.clone());
     plane.insights().spawn_ticker(
         membership.clone(),

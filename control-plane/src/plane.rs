@@ -89,6 +89,9 @@ pub struct ControlPlane {
     insights: Insights,
     /// Held across a merge's read, merge and write: two merges at once must not lose one.
     policy_writes: Arc<tokio::sync::Mutex<()>>,
+    /// `https` when the dashboards serve TLS (replicas share their flags): how a replica's
+    /// dashboard is named to an operator.
+    dashboard_scheme: &'static str,
 }
 
 impl ControlPlane {
@@ -105,7 +108,19 @@ impl ControlPlane {
             leadership,
             insights: Insights::default(),
             policy_writes: Arc::default(),
+            dashboard_scheme: "http",
         }
+    }
+
+    /// The dashboards serve TLS: they are named `https://…`.
+    pub fn with_dashboard_tls(mut self, tls: bool) -> Self {
+        self.dashboard_scheme = if tls { "https" } else { "http" };
+        self
+    }
+
+    /// Where an operator opens `replica`'s dashboard, as dialled from here.
+    pub fn dashboard_url(&self, replica: &ReplicaInfo) -> Option<String> {
+        dashboard_url(self.dashboard_scheme, replica)
     }
 
     pub fn insights(&self) -> &Insights {
@@ -290,18 +305,24 @@ impl ControlPlane {
             return Ok(fence);
         }
         Err(OpError::NotLeader(not_leader_message(
+            self.dashboard_scheme,
             self.leadership.leader().as_ref(),
         )))
     }
 }
 
-fn not_leader_message(leader: Option<&ReplicaInfo>) -> String {
+fn dashboard_url(scheme: &str, replica: &ReplicaInfo) -> Option<String> {
+    // Where it can be dialled from here, not `0.0.0.0` or the leader's loopback.
+    replica
+        .dashboard_address()
+        .map(|address| format!("{scheme}://{address}/"))
+}
+
+fn not_leader_message(scheme: &str, leader: Option<&ReplicaInfo>) -> String {
     match leader {
         Some(l) => {
-            // Where it can be dialled from here, not `0.0.0.0` or the leader's loopback.
-            let http = l
-                .dashboard_address()
-                .map(|h| format!(", dashboard http://{h}/"))
+            let http = dashboard_url(scheme, l)
+                .map(|url| format!(", dashboard {url}"))
                 .unwrap_or_default();
             format!(
                 "this control-plane replica is a follower; send writes to the leader {} (gRPC {}{http})",
@@ -368,9 +389,15 @@ mod tests {
             grpc: "10.0.0.5:50052".into(),
             http: Some("0.0.0.0:8090".into()),
         };
-        let message = not_leader_message(Some(&leader));
+        let message = not_leader_message("http", Some(&leader));
         assert!(
             message.contains("leader cp-1 (gRPC 10.0.0.5:50052, dashboard http://10.0.0.5:8090/)"),
+            "{message}"
+        );
+        // Dashboards serving TLS are named so: an http:// link to a TLS-only listener fails.
+        let message = not_leader_message("https", Some(&leader));
+        assert!(
+            message.contains("dashboard https://10.0.0.5:8090/)"),
             "{message}"
         );
     }

@@ -1513,3 +1513,83 @@ async fn a_dashboard_session_works_on_every_replica_and_sign_out_ends_it_everywh
     }
     Ok(())
 }
+
+/// A follower whose dashboard serves TLS forwards history, feed and ledger reads to the
+/// leader's over https (checking the leader's control-plane identity), and names the leader's
+/// dashboard with https: it used to dial plain http, fail, and show its own empty history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_follower_forwards_reads_to_the_leader_over_https() -> anyhow::Result<()> {
+    let pki = switchyard::tls::LocalPki::generate(&["control-plane"])?;
+    let files = pki.files("control-plane");
+    let arg = |p: &Option<std::path::PathBuf>| p.as_ref().expect("generated").display().to_string();
+    let (cert, key, ca) = (
+        arg(&files.cert_file),
+        arg(&files.key_file),
+        arg(&files.ca_file),
+    );
+    let flags = [
+        "--tls-cert-file",
+        cert.as_str(),
+        "--tls-key-file",
+        key.as_str(),
+        "--tls-ca-file",
+        ca.as_str(),
+    ];
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let leader = start_control_plane(&etcd.url, "control-plane-0", &flags).await?;
+    leader
+        .wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let follower = start_control_plane(&etcd.url, "control-plane-1", &flags).await?;
+    follower
+        .wait_for_log("following the control-plane leader", PATIENCE)
+        .await?;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca)?)?)
+        .build()?;
+    let http = follower.addr("http");
+    for path in ["/api/history", "/api/decisions", "/api/ledger"] {
+        let answer: Value = client
+            .get(format!("https://{http}{path}"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        assert_eq!(
+            (&answer["kept_by"]["role"], &answer["kept_by"]["via"]),
+            (&Value::from("leader"), &Value::from("follower")),
+            "{path} was not forwarded to the leader: {}",
+            answer["kept_by"]
+        );
+    }
+    let leader_dashboard = format!("https://{}/", leader.addr("http"));
+    let stats: Value = client
+        .get(format!("https://{http}/api/stats"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        stats["leader_dashboard"],
+        leader_dashboard.as_str(),
+        "{stats}"
+    );
+    let refused = client
+        .post(format!("https://{http}/api/workers/gpu-0/drain"))
+        .header("content-type", "application/json")
+        .header("x-switchyard-csrf", "1")
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(refused.status(), reqwest::StatusCode::CONFLICT);
+    let body: Value = refused.json().await?;
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("dashboard {leader_dashboard}")),
+        "{body}"
+    );
+    Ok(())
+}
