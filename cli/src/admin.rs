@@ -99,6 +99,22 @@ impl AdminFailure {
     /// status says more about the address than about the request.
     fn refused(status: tonic::Status, address: &str, tls: bool) -> Self {
         use tonic::Code;
+        if switchyard_client::is_connection_failure(&status) {
+            // Not an answer: the connection broke under the call. Against a TLS-only control
+            // plane a plaintext call always does (how it breaks is a race), so say so.
+            let hint = if tls {
+                ""
+            } else {
+                " (the control plane may speak TLS: pass --tls-ca-file)"
+            };
+            return Self::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "cannot reach the control plane at {address}: {}{hint}",
+                    switchyard_client::connection_failure(&status)
+                ),
+            );
+        }
         let text = status.message();
         let (exit_code, message) = match status.code() {
             Code::Unauthenticated | Code::PermissionDenied => (
@@ -124,13 +140,6 @@ impl AdminFailure {
                 format!(
                     "{address} answered in plain HTTP, not gRPC (the dashboard's port?): give \
                      the control plane's gRPC address"
-                ),
-            ),
-            Code::Internal if text.contains("h2 protocol error") && !tls => (
-                exit::UNAVAILABLE,
-                format!(
-                    "{address} did not answer gRPC over plaintext ({text}): if the control \
-                     plane serves TLS, pass --tls-ca-file"
                 ),
             ),
             code => (exit::OTHER, format!("{code:?}: {text}")),

@@ -165,8 +165,9 @@ fn read_key_file(file: &Path) -> anyhow::Result<String> {
     Ok(key)
 }
 
-/// Says how to pass a key when the router asks for one.
-fn explain(error: ClientError) -> anyhow::Error {
+/// Says how to pass a key when the router asks for one, and the CA when a plaintext session
+/// broke on the connection (a TLS-only router breaks every one).
+fn explain(error: ClientError, args: &ChatArgs) -> anyhow::Error {
     match &error {
         ClientError::Status(status) if status.code() == tonic::Code::Unauthenticated => {
             anyhow::anyhow!(
@@ -174,6 +175,10 @@ fn explain(error: ClientError) -> anyhow::Error {
                  {API_KEY_ENV})"
             )
         }
+        ClientError::Connection(_) if args.tls_ca_file.is_none() => anyhow::anyhow!(
+            "{error} (the router at {} may speak TLS: pass --tls-ca-file)",
+            args.router
+        ),
         _ => error.into(),
     }
 }
@@ -186,7 +191,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     };
     let client = SessionClient::open_with(channel, credentials)
         .await
-        .map_err(explain)?;
+        .map_err(|error| explain(error, &args))?;
     let model = match args.model.clone() {
         Some(model) => model,
         None => {
@@ -194,7 +199,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                 .inference()
                 .list_models(v1::ListModelsRequest {})
                 .await
-                .map_err(|status| explain(status.into()))?
+                .map_err(|status| explain(status.into(), &args))?
                 .into_inner();
             default_model(&models)?
         }

@@ -52,12 +52,27 @@ pub enum ClientError {
     #[error("the api key is not usable: {0}")]
     ApiKey(&'static str),
     #[error("router refused the session: {0}")]
-    Status(#[from] tonic::Status),
+    Status(tonic::Status),
+    /// The connection broke under the session's first call: reset, closed, or answered in
+    /// something other than plaintext HTTP/2 (a TLS server, see [`is_connection_failure`]).
+    #[error("cannot connect to the router: {}", connection_failure(.0))]
+    Connection(tonic::Status),
     #[error("request_id {0:?} is already open on this client")]
     DuplicateRequest(String),
     /// The session ended and a new one is not open yet (see [`SessionClient::connected`]).
     #[error("no session to the router: the last one ended and a new one is being opened")]
     Disconnected,
+}
+
+impl From<tonic::Status> for ClientError {
+    /// [`ClientError::Connection`] when the connection broke, else the router's answer.
+    fn from(status: tonic::Status) -> Self {
+        if is_connection_failure(&status) {
+            Self::Connection(status)
+        } else {
+            Self::Status(status)
+        }
+    }
 }
 
 /// One persistent session to a router, reopened when it is lost. Clones share the session;
@@ -159,6 +174,36 @@ impl Interceptor for Credentials {
 
 /// An `Inference` client presenting `Credentials` on every call.
 pub type AuthorizedInferenceClient = InferenceClient<InterceptedService<Channel, Credentials>>;
+
+/// Whether a call's `status` is a failure of the connection under it rather than the server's
+/// answer: tonic keeps the transport's error as the source of the statuses it makes up for a
+/// connection that was reset, closed or spoke something other than HTTP/2 (as a TLS-only
+/// server does to a plaintext client, which then sees `Cancelled`, `Unknown` or `Internal`,
+/// whichever way the connection broke first). A status the server sent has no source.
+pub fn is_connection_failure(status: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<tonic::transport::Error>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// What broke a connection: the status's message and its transport error's causes.
+pub fn connection_failure(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        let cause = error.to_string();
+        if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+        source = error.source();
+    }
+    text
+}
 
 /// Connects a channel to `address` (`host:port` or a full `http://` URL).
 pub async fn connect_channel(address: &str) -> Result<Channel, ClientError> {

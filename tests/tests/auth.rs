@@ -1,7 +1,9 @@
 //! API keys → tenants on both router front doors, against real processes: a router started
 //! with `--api-keys-file` refuses gRPC `Inference` calls and `/v1` HTTP requests without a
 //! known key, and routes AUTO requests by the key's tenant (policy `tenants`), whatever
-//! `tenant` metadata the client sends. Health stays open.
+//! `tenant` metadata the client sends. Health stays open. `switchyard chat` presents a key;
+//! it and `switchyard admin`, pointed at a TLS server without the CA to trust, say that they
+//! cannot connect (and that the server may speak TLS), not that the server refused them.
 
 use std::time::Duration;
 
@@ -11,7 +13,9 @@ use switchyard_proto::v1::{
     self, GenerateRequest, Lane, RequestClass, SamplingParams, admin_client::AdminClient,
     inference_client::InferenceClient, server_frame::Frame,
 };
-use switchyard_tests::{Cluster, ClusterSpec, run_chat, wait_until, with_bearer, write_api_keys};
+use switchyard_tests::{
+    Cluster, ClusterSpec, Component, run_chat, up_args, wait_until, with_bearer, write_api_keys,
+};
 use tonic::transport::Channel;
 
 const ACME_KEY: &str = "sk-acme-test-0001";
@@ -306,6 +310,77 @@ async fn chat_sends_its_api_key_from_the_environment_or_a_file() -> anyhow::Resu
     assert_ne!(code, Some(0), "{out}\n{err}");
     assert!(err.contains("not recognised"), "{err}");
     assert!(!err.contains("sk-not-a-key"), "the key was printed: {err}");
+    Ok(())
+}
+
+/// `switchyard admin` and `switchyard chat` without `--tls-ca-file` against servers that speak
+/// only TLS (`switchyard up --tls`): the plaintext call breaks on the connection — as a reset,
+/// a broken pipe or a TLS alert read as HTTP/2, whichever comes first — and each says it cannot
+/// connect and to pass the CA; `admin` exits 7 (unreachable). With the CA both work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_the_ca_say_they_cannot_connect_to_a_tls_server() -> anyhow::Result<()> {
+    let up = Component::start(
+        "up-tls-clients",
+        &up_args(&["--tls", "--engine", "synthetic"]),
+        7,
+    )
+    .await?;
+    let ca = up
+        .notes
+        .iter()
+        .find_map(|l| l.strip_prefix("tls ca "))
+        .unwrap_or_else(|| panic!("no `tls ca <path>` line in {:?}", up.notes))
+        .to_string();
+    let control_plane = up.addr_of("control-plane", "grpc").to_string();
+    let router = up.addr_of("router", "grpc").to_string();
+    let admin = |tls: bool| {
+        let mut command = std::process::Command::new(switchyard_tests::switchyard_bin());
+        command
+            .args(["admin", "workers", "--control-plane", &control_plane])
+            .env_remove("SWITCHYARD_TLS_CA_FILE");
+        if tls {
+            command.args(["--tls-ca-file", &ca]);
+        }
+        let output = command.output().expect("switchyard runs");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+
+    // Several times: which way the connection breaks is a race.
+    for _ in 0..5 {
+        let (code, err) = admin(false);
+        assert_eq!(code, Some(7), "{err}");
+        assert!(
+            err.contains(&format!(
+                "cannot reach the control plane at {control_plane}"
+            )),
+            "{err}"
+        );
+        assert!(err.contains("--tls-ca-file"), "{err}");
+        assert!(!err.contains("refused"), "{err}");
+    }
+    let (code, err) = admin(true);
+    assert_eq!(code, Some(0), "{err}");
+
+    for _ in 0..3 {
+        let (code, out, err) = run_chat(&["--router", &router], &[], "hello\n").await?;
+        assert_ne!(code, Some(0), "{out}\n{err}");
+        assert!(err.contains("cannot connect to the router"), "{err}");
+        assert!(err.contains("--tls-ca-file"), "{err}");
+        assert!(!err.contains("refused"), "{err}");
+    }
+    let with_ca = ["--router", router.as_str(), "--tls-ca-file", ca.as_str()];
+    let (code, out, err) = run_chat(
+        &[&with_ca[..], &["--max-tokens", "3"]].concat(),
+        &[],
+        "hello\n",
+    )
+    .await?;
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let reply = switchyard_worker::synthetic::synthetic_text("hello", 0, 3);
+    assert!(out.contains(&reply), "no reply {reply:?} in {out:?}\n{err}");
     Ok(())
 }
 
