@@ -131,6 +131,9 @@
   }
 
   const col = (f) => points.map((p) => [p.t, f(p)]);
+  // Series the routers report: a second no router reported to this replica (it was not the
+  // leader yet, or no router was up) has no data, drawn as a gap, not as a confident 0.
+  const reported = (f) => col((p) => (p.routers > 0 ? f(p) : null));
 
   function drawCharts() {
     drawChart("chart-ttft", LANES.flatMap((lane) => [
@@ -161,21 +164,21 @@
       { name: `${lane} |error|`, color: COLORS[lane], dash: true, values: perRequest(lane, "abs_prediction_error_ms") },
     ]), { format: fmtMs });
     drawChart("chart-tokens", POOLS.map((pool) => ({
-      name: pool, color: COLORS[pool], values: col((p) => p.pools[pool].tokens_per_s),
+      name: pool, color: COLORS[pool], values: reported((p) => p.pools[pool].tokens_per_s),
     })));
     drawChart("chart-queue", POOLS.map((pool) => ({
       name: `${pool} workers`, color: COLORS[pool], values: col((p) => p.pools[pool].queued),
     })).concat(LANES.map((lane) => ({
-      name: `${lane} at router`, color: COLORS[lane], dash: true, values: col((p) => p.lanes[lane].queued_at_router),
+      name: `${lane} at router`, color: COLORS[lane], dash: true, values: reported((p) => p.lanes[lane].queued_at_router),
     }))));
     drawChart("chart-shed", [
-      { name: "shed/s", color: COLORS.shed, values: col((p) => LANES.reduce((n, l) => n + p.lanes[l].shed, 0)) },
-      { name: "failovers/s", color: COLORS.failovers, values: col((p) => LANES.reduce((n, l) => n + p.lanes[l].failovers, 0)) },
+      { name: "shed/s", color: COLORS.shed, values: reported((p) => LANES.reduce((n, l) => n + p.lanes[l].shed, 0)) },
+      { name: "failovers/s", color: COLORS.failovers, values: reported((p) => LANES.reduce((n, l) => n + p.lanes[l].failovers, 0)) },
     ].concat(MOVE_REASONS.map((reason) => ({
-      name: `moves/s (${reason})`, color: COLORS[reason], dash: true, values: col((p) => (p.moves ? p.moves[reason] : 0)),
+      name: `moves/s (${reason})`, color: COLORS[reason], dash: true, values: reported((p) => (p.moves ? p.moves[reason] : 0)),
     }))));
     drawChart("chart-cost", [
-      { name: "cost/hour", color: COLORS.cost, values: col((p) => p.cost_per_hour) },
+      { name: "cost/hour", color: COLORS.cost, values: reported((p) => p.cost_per_hour) },
     ], { format: fmtUsd, minTop: 0.01 });
     drawChart("chart-prefix", [
       { name: "prefix-cache hit rate", color: COLORS.prefix, values: col((p) => p.prefix_hit_rate) },
@@ -212,7 +215,20 @@
     $("sampling").textContent = text;
   }
 
+  // Since when the leader keeps router data, when the history holds earlier seconds (a
+  // failover: the earlier ones were kept by another replica and are gaps here).
+  function sinceNotice(keptBy) {
+    const el = $("insights-since");
+    const since = keptBy && keptBy.since;
+    if (!since || !points.length || points[0].t >= since) { el.hidden = true; return; }
+    el.hidden = false;
+    el.dataset.since = String(since);
+    const who = keptBy.leader ? keptBy.leader.id : "the leader";
+    el.textContent = `${who} has led since ${new Date(since * 1000).toLocaleTimeString()}: routers report to the leader, so it has no router data (tokens, cost, queues at routers, decisions) before then; those seconds are gaps.`;
+  }
+
   function keeperNotice(keptBy) {
+    sinceNotice(keptBy);
     const el = $("insights-keeper");
     if (!keptBy || (keptBy.role === "leader" && !keptBy.via)) { el.hidden = true; return; }
     el.hidden = false;
@@ -221,9 +237,9 @@
       return;
     }
     el.textContent = "Routers report to the leader, which cannot be reached: this follower's own history and feed start when it leads. ";
-    if (keptBy.leader && keptBy.leader.http) {
+    if (keptBy.leader && keptBy.leader_dashboard) {
       const link = document.createElement("a");
-      link.href = `http://${keptBy.leader.http}/`;
+      link.href = keptBy.leader_dashboard;
       link.textContent = `Open the leader's dashboard (${keptBy.leader.id})`;
       el.appendChild(link);
     }

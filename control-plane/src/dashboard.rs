@@ -239,7 +239,9 @@ async fn events(State(plane): State<ControlPlane>) -> Json<Value> {
     Json(json!({ "events": events }))
 }
 
-/// Who keeps the history and the feed: routers report to the leader.
+/// Who keeps the history and the feed: routers report to the leader, from the second it
+/// became leader (`since`; earlier points of a replica that led only later have no router
+/// data).
 fn keeper(plane: &ControlPlane) -> Value {
     let leadership = plane.leadership();
     json!({
@@ -248,6 +250,8 @@ fn keeper(plane: &ControlPlane) -> Value {
             Role::Follower { .. } => "follower",
         },
         "leader": leadership.leader(),
+        "leader_dashboard": leadership.leader().and_then(|l| plane.dashboard_url(&l)),
+        "since": leadership.leading_since(),
     })
 }
 
@@ -313,6 +317,7 @@ async fn from_leader(state: &AppState, headers: &HeaderMap, uri: &Uri) -> Option
                 "role": "leader",
                 "leader": leader,
                 "via": "follower",
+                "since": body["kept_by"]["since"].take(),
             });
             Some(body)
         }

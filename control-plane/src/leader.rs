@@ -6,6 +6,7 @@
 //! TTL). A leader that cannot renew its lease, or sees its key deleted, steps down at once.
 //! Only the leader writes (drains, policy); followers serve reads and name the leader.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -106,6 +107,30 @@ pub struct Leadership {
     /// Set before the role turns to leader and cleared before it turns back.
     lease: Arc<Mutex<Option<i64>>>,
     elected: bool,
+    /// Unix second this replica last became leader; 0 while it follows. Routers report only
+    /// to the leader, so its history holds router data from then on.
+    since: Arc<AtomicI64>,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Keeps `since` at the second the role last turned to leader (0 while following).
+async fn track_since(mut role: watch::Receiver<Role>, since: Arc<AtomicI64>) {
+    loop {
+        let leading = matches!(*role.borrow_and_update(), Role::Leader);
+        if !leading {
+            since.store(0, Ordering::Relaxed);
+        } else if since.load(Ordering::Relaxed) == 0 {
+            since.store(unix_now(), Ordering::Relaxed);
+        }
+        if role.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 impl Leadership {
@@ -121,6 +146,7 @@ impl Leadership {
                     role,
                     lease: Arc::default(),
                     elected: false,
+                    since: Arc::new(AtomicI64::new(unix_now())),
                 }
             }
             ElectionConfig::Etcd { client, ttl } => {
@@ -134,11 +160,14 @@ impl Leadership {
                     lease.clone(),
                     shutdown,
                 ));
+                let since = Arc::new(AtomicI64::new(0));
+                tokio::spawn(track_since(role.clone(), since.clone()));
                 Self {
                     me,
                     role,
                     lease,
                     elected: true,
+                    since,
                 }
             }
         }
@@ -150,6 +179,12 @@ impl Leadership {
 
     pub fn role(&self) -> Role {
         self.role.borrow().clone()
+    }
+
+    /// Unix second this replica became leader; `None` while it follows.
+    pub fn leading_since(&self) -> Option<i64> {
+        let since = self.since.load(Ordering::Relaxed);
+        (self.is_leader() && since > 0).then_some(since)
     }
 
     pub fn is_leader(&self) -> bool {

@@ -1593,3 +1593,78 @@ async fn a_tls_follower_forwards_reads_to_the_leader_over_https() -> anyhow::Res
     );
     Ok(())
 }
+
+/// After a failover the new leader's charts show the seconds before it led, when no router
+/// reported to it, as gaps (not as 0 tokens/s, $0/h), and the page says since when it leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_new_leaders_charts_show_its_follower_seconds_as_gaps()
+-> anyhow::Result<()> {
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let mut old =
+        start_control_plane(&etcd.url, "control-plane-0", &["--leader-ttl", "2s"]).await?;
+    old.wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let new = start_control_plane(&etcd.url, "control-plane-1", &[]).await?;
+    new.wait_for_log("following the control-plane leader", PATIENCE)
+        .await?;
+    let http = new.addr("http");
+    // The follower keeps points of its own meanwhile (workers' load, no router data).
+    wait_until(PATIENCE, "the follower to keep a few seconds", || async {
+        api(http, "/api/history?since=0")
+            .await
+            .is_ok_and(|(_, h)| h["points"].as_array().is_some_and(|p| p.len() >= 2))
+    })
+    .await?;
+    old.kill().await?;
+    new.wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let (_, history) = api(http, "/api/history").await?;
+    let since = history["kept_by"]["since"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no since: {}", history["kept_by"]));
+    assert!(
+        history["points"][0]["t"]
+            .as_i64()
+            .is_some_and(|t| t < since),
+        "{}",
+        history["kept_by"]
+    );
+
+    let browser = Browser::start().await?;
+    browser.goto(&format!("http://{http}/")).await?;
+    let chart_points = |id: &'static str| {
+        let browser = &browser;
+        async move {
+            browser
+                .execute(
+                    &format!("return document.querySelector('#{id} svg').dataset.points || '';"),
+                    vec![],
+                )
+                .await
+                .ok()
+                .and_then(|v| v.as_str().and_then(|s| s.parse::<u64>().ok()))
+        }
+    };
+    wait_until(PATIENCE, "the page to say since when it leads", || async {
+        browser
+            .execute(
+                "const el = document.getElementById('insights-since');
+                 return !el.hidden && el.dataset.since;",
+                vec![],
+            )
+            .await
+            .is_ok_and(|v| v == Value::from(since.to_string()))
+    })
+    .await?;
+    // The worker-queue series is the control plane's own and is drawn; the routers' series
+    // have no data in any second (no router runs): nothing is drawn.
+    wait_until(PATIENCE, "the queue chart to be drawn", || async {
+        chart_points("chart-queue").await.is_some_and(|n| n > 0)
+    })
+    .await?;
+    for chart in ["chart-tokens", "chart-cost", "chart-shed"] {
+        assert_eq!(chart_points(chart).await, Some(0), "{chart} drew zeros");
+    }
+    browser.close().await?;
+    Ok(())
+}
