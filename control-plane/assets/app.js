@@ -313,6 +313,9 @@ async function refreshSession() {
     const out = document.createElement("button");
     out.textContent = "Sign out";
     out.addEventListener("click", async () => {
+      // What was said about the signed-in session (its greeting, a refusal) no longer holds.
+      $("notice").hidden = true;
+      if ($("error").dataset.source === "action") $("error").hidden = true;
       const response = await fetch("/api/session", { method: "DELETE", headers: WRITE_HEADERS, body: "{}" });
       if (!response.ok) {
         // The cookie is gone, but the server could not end the session (etcd unreachable).

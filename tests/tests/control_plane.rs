@@ -1668,3 +1668,92 @@ async fn after_a_failover_the_new_leaders_charts_show_its_follower_seconds_as_ga
     browser.close().await?;
     Ok(())
 }
+
+/// Whether `css` is displayed (its `hidden` attribute is not overridden by a style rule).
+async fn shown(browser: &Browser, css: &str) -> anyhow::Result<bool> {
+    let display = browser
+        .execute(
+            &format!("return getComputedStyle(document.querySelector({css:?})).display;"),
+            vec![],
+        )
+        .await?;
+    Ok(display != "none")
+}
+
+/// The sign-in form shows only while a sign-in is needed and missing; signing out clears what
+/// the page said about the session. (`.login { display: flex }` used to override `hidden`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sign_in_form_shows_only_when_needed_and_sign_out_clears_notices() -> anyhow::Result<()>
+{
+    const TOKEN: &str = "operator-token-0123456789abcdef";
+    let dir = tempfile::tempdir()?;
+    let tokens = dir.path().join("admin-tokens.json");
+    std::fs::write(
+        &tokens,
+        serde_json::json!({"tokens": [{"name": "alice", "token": TOKEN, "role": "operator"}]})
+            .to_string(),
+    )?;
+    let tokens = tokens.display().to_string();
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let open = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+    let guarded = start_control_plane(
+        &etcd.url,
+        "control-plane-1",
+        &["--admin-tokens-file", tokens.as_str()],
+    )
+    .await?;
+    let browser = Browser::start().await?;
+
+    // Open writes: nothing to sign in to.
+    browser
+        .goto(&format!("http://{}/", open.addr("http")))
+        .await?;
+    wait_until(PATIENCE, "the page to read its session", || async {
+        browser
+            .execute("return document.getElementById('login').hidden;", vec![])
+            .await
+            .is_ok_and(|v| v == true)
+    })
+    .await?;
+    assert!(
+        !shown(&browser, "#login").await?,
+        "sign-in shown without admin tokens"
+    );
+
+    browser
+        .goto(&format!("http://{}/", guarded.addr("http")))
+        .await?;
+    wait_until(PATIENCE, "the sign-in form", || async {
+        shown(&browser, "#login").await.unwrap_or(false)
+    })
+    .await?;
+    assert!(!shown(&browser, "#who").await?);
+    browser.type_text("#token", TOKEN).await?;
+    browser.click("#login button").await?;
+    wait_until(PATIENCE, "the page to show who is signed in", || async {
+        browser
+            .text("#who")
+            .await
+            .is_ok_and(|t| t.contains("alice"))
+    })
+    .await?;
+    assert!(shown(&browser, "#who").await?);
+    assert!(shown(&browser, "#notice").await?, "no sign-in notice");
+    assert!(
+        !shown(&browser, "#login").await?,
+        "sign-in shown while signed in"
+    );
+
+    browser.click("#who button").await?;
+    wait_until(PATIENCE, "the sign-in form again", || async {
+        shown(&browser, "#login").await.unwrap_or(false)
+    })
+    .await?;
+    assert!(!shown(&browser, "#who").await?);
+    assert!(
+        !shown(&browser, "#notice").await?,
+        "\"Signed in as alice\" stays after sign-out"
+    );
+    browser.close().await?;
+    Ok(())
+}
