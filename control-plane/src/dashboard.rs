@@ -94,12 +94,17 @@ pub fn router(plane: ControlPlane, security: SecurityConfig, revoked: Revocation
         .route("/api/workers/{id}/undrain", post(undrain))
         .route("/api/session", get(session).post(sign_in).delete(sign_out))
         .fallback(not_found)
+        // A known path with another method: 405 (axum keeps the `allow` header) with the
+        // JSON error every other answer has, not an empty body.
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         // Outermost: no handler (not even a 404) runs for a foreign host or a cross-site write.
         .layer(axum::middleware::from_fn_with_state(
             security.dashboard_hosts,
             guard::guard,
         ))
+        // The API's answers are live state (refusals included): no cache or proxy may keep one.
+        .layer(axum::middleware::from_fn(no_store_api))
         // No page of another site may frame the dashboard: inside a frame, clicks the user
         // meant for that page would drain workers with the dashboard's own origin, which the
         // guard lets through. Both headers, for browsers that know only the older one.
@@ -164,6 +169,25 @@ async fn insights_js() -> Response {
 
 async fn style_css() -> Response {
     asset("text/css; charset=utf-8", STYLE_CSS)
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: Uri) -> Response {
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(json!({ "error": format!("{method} is not allowed on {}; see the allow header", uri.path()) })),
+    )
+        .into_response()
+}
+
+async fn no_store_api(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let api = request.uri().path().starts_with("/api/");
+    let mut response = next.run(request).await;
+    if api {
+        response
+            .headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
 }
 
 async fn not_found() -> Response {
@@ -335,7 +359,11 @@ async fn history(
     Query(query): Query<std::collections::HashMap<String, String>>,
 ) -> Result<Json<Value>, Response> {
     let plane = &state.plane;
-    let since = number::<i64>(&query, "since", "a unix time in seconds").map_err(bad_request)?;
+    // Whole seconds since the epoch, as `/api/decisions`' `since` is a whole number: `-5` is
+    // refused as `1e3` is.
+    let since = number::<u64>(&query, "since", "a unix time in whole seconds")
+        .map_err(bad_request)?
+        .map(|s| i64::try_from(s).unwrap_or(i64::MAX));
     if let Some(body) = from_leader(&state, &headers, &uri).await {
         return Ok(Json(body));
     }
@@ -738,6 +766,54 @@ mod tests {
         );
         let (_, _, who) = call(&app, "GET", "/api/session", Some(&cookie), "").await;
         assert_eq!(who["signed_in"], json!(false), "{who}");
+    }
+
+    #[tokio::test]
+    async fn api_errors_are_json_uncached_and_since_is_a_whole_unix_second() {
+        let app = dashboard(None, false).await;
+        let (status, headers, body) = call(&app, "GET", "/api/workers/gpu-0/drain", None, "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(headers[header::ALLOW], "POST");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap()
+                .contains("GET is not allowed"),
+            "{body}"
+        );
+        for path in [
+            "/api/workers",
+            "/api/history",
+            "/api/nope",
+            "/api/history?since=x",
+        ] {
+            let (_, headers, _) = call(&app, "GET", path, None, "").await;
+            assert_eq!(headers[header::CACHE_CONTROL], "no-store", "{path}");
+        }
+        let (_, headers, _) = call(&app, "GET", "/", None, "").await;
+        assert_eq!(headers[header::CACHE_CONTROL], "no-cache");
+        for (since, status) in [
+            ("5", StatusCode::OK),
+            ("-5", StatusCode::BAD_REQUEST),
+            ("1e3", StatusCode::BAD_REQUEST),
+            ("1.5", StatusCode::BAD_REQUEST),
+        ] {
+            let path = format!("/api/history?since={since}");
+            let (got, _, body) = call(&app, "GET", &path, None, "").await;
+            assert_eq!(got, status, "{path}: {body}");
+        }
+        // An unknown worker's id is repeated, but not 5 000 characters of it.
+        let long = "w".repeat(5000);
+        let (status, _, body) = call(
+            &app,
+            "POST",
+            &format!("/api/workers/{long}/drain"),
+            None,
+            "{}",
+        )
+        .await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body["error"].as_str().unwrap().len() < 200, "{body}");
     }
 
     #[tokio::test]

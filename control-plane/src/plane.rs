@@ -266,7 +266,8 @@ impl ControlPlane {
         let registered = self.registry.list_workers().await.map_err(registry_error)?;
         if !registered.iter().any(|w| w.id == worker_id) {
             return Err(OpError::NotFound(format!(
-                "worker_id: no registered worker {worker_id:?}"
+                "worker_id: no registered worker {:?}",
+                clipped(worker_id)
             )));
         }
         let already = self
@@ -291,7 +292,8 @@ impl ControlPlane {
             .map_err(registry_error)?;
         if !was_draining && !registered.iter().any(|w| w.id == worker_id) {
             return Err(OpError::NotFound(format!(
-                "worker_id: no registered worker {worker_id:?} and no drain request for it"
+                "worker_id: no registered worker {:?} and no drain request for it",
+                clipped(worker_id)
             )));
         }
         info!(%worker_id, was_draining, "drain lifted");
@@ -336,6 +338,18 @@ fn not_leader_message(scheme: &str, leader: Option<&ReplicaInfo>) -> String {
     }
 }
 
+/// Most characters of a caller's worker id an error message repeats.
+const ID_SHOWN: usize = 100;
+
+/// `id` as an error message repeats it: its first [`ID_SHOWN`] characters, then `…` (a
+/// 5 000-character id sent back whole only bloats answers and logs).
+fn clipped(id: &str) -> String {
+    match id.char_indices().nth(ID_SHOWN) {
+        Some((end, _)) => format!("{}…", &id[..end]),
+        None => id.to_string(),
+    }
+}
+
 fn validate_worker_id(worker_id: &str) -> Result<(), OpError> {
     if worker_id.is_empty() {
         return Err(OpError::InvalidArgument(
@@ -344,7 +358,8 @@ fn validate_worker_id(worker_id: &str) -> Result<(), OpError> {
     }
     if worker_id.contains('/') {
         return Err(OpError::InvalidArgument(format!(
-            "worker_id: {worker_id:?} must not contain '/'"
+            "worker_id: {:?} must not contain '/'",
+            clipped(worker_id)
         )));
     }
     Ok(())
@@ -400,6 +415,15 @@ mod tests {
             message.contains("dashboard https://10.0.0.5:8090/)"),
             "{message}"
         );
+    }
+
+    #[test]
+    fn error_messages_repeat_at_most_a_hundred_characters_of_an_id() {
+        assert_eq!(super::clipped("gpu-0"), "gpu-0");
+        let long = "é".repeat(5000);
+        let shown = super::clipped(&long);
+        assert_eq!(shown.chars().count(), 101, "{shown}");
+        assert!(shown.ends_with('…'));
     }
 
     #[test]
