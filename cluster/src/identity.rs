@@ -205,8 +205,21 @@ pub fn endpoint(
     tls: &ClientTls,
     expected: String,
 ) -> Result<(tonic::transport::Endpoint, IdentityCheck), Box<dyn std::error::Error + Send + Sync>> {
+    let (verifier, check) = verifier(tls.roots()?, expected)?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{address}"))?
+        .tls_config_with_verifier(tls.config_without_roots()?, verifier)?;
+    Ok((endpoint, check))
+}
+
+/// A server-certificate verifier accepting a chain to `roots` whose end-entity certificate
+/// names `expected`, whatever host was dialled (see the module documentation), and the check
+/// that reports what it refused.
+pub fn verifier(
+    roots: rustls::RootCertStore,
+    expected: String,
+) -> Result<(Arc<dyn ServerCertVerifier>, IdentityCheck), TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = Arc::new(tls.roots()?);
+    let roots = Arc::new(roots);
     let webpki = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -218,9 +231,7 @@ pub fn endpoint(
         expected,
         check: check.clone(),
     });
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("https://{address}"))?
-        .tls_config_with_verifier(tls.config_without_roots()?, verifier)?;
-    Ok((endpoint, check))
+    Ok((verifier, check))
 }
 
 /// An endpoint for `address`: with `tls`, checking the peer is `expected` (see [`endpoint`]);

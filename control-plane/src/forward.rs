@@ -10,11 +10,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
-use switchyard_cluster::identity::{control_plane_uri, uri_sans};
+use switchyard_cluster::identity;
 use switchyard_cluster::tls::{TlsFiles, read_certificates, read_private_key};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -64,13 +60,8 @@ impl LeaderDialer {
         for cert in read_certificates(ca_file)? {
             roots.add(cert)?;
         }
-        let roots = Arc::new(roots);
-        let verifier = Arc::new(ControlPlaneVerifier {
-            webpki: WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
-                .build()?,
-            roots,
-            algorithms: provider.signature_verification_algorithms.all,
-        });
+        // The leader's certificate must name the control plane, whatever its pod IP.
+        let (verifier, _) = identity::verifier(roots, identity::control_plane_uri())?;
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .dangerous()
@@ -83,64 +74,5 @@ impl LeaderDialer {
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(builder.use_preconfigured_tls(config).build()?)
-    }
-}
-
-/// Accepts a certificate of the cluster CA that names the control plane, whatever the host.
-#[derive(Debug)]
-struct ControlPlaneVerifier {
-    roots: Arc<rustls::RootCertStore>,
-    /// Checks the handshake signatures as any WebPKI client does.
-    webpki: Arc<WebPkiServerVerifier>,
-    algorithms: &'static [&'static dyn rustls::pki_types::SignatureVerificationAlgorithm],
-}
-
-impl ServerCertVerifier for ControlPlaneVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.roots,
-            intermediates,
-            now,
-            self.algorithms,
-        )?;
-        let expected = control_plane_uri();
-        let presented = uri_sans(end_entity);
-        if presented.contains(&expected) {
-            return Ok(ServerCertVerified::assertion());
-        }
-        Err(rustls::Error::InvalidCertificate(
-            CertificateError::ApplicationVerificationFailure,
-        ))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.webpki.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.webpki.supported_verify_schemes()
     }
 }
