@@ -134,6 +134,9 @@ pub async fn run_control_plane(
         http: http.as_ref().map(|(_, a)| *a),
     };
 
+    // The registry's own metrics: the restarts of the etcd watches it keeps for the control
+    // plane (membership and policy, below).
+    registry.register_metrics(&config.metrics);
     let membership = registry.watch_workers().await?;
     let gauges = metrics::ControlPlaneMetrics::register(&config.metrics);
     tokio::spawn(gauges.follow(membership.clone(), shutdown.clone()));

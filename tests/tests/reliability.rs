@@ -50,14 +50,100 @@ async fn a_quiet_cluster_keeps_its_etcd_watches() -> anyhow::Result<()> {
         "the router's etcd watches broke in a quiet cluster:\n{}",
         broken.join("\n")
     );
-    let metrics = reqwest::get(cluster.router.metrics_url())
-        .await?
-        .text()
-        .await?;
-    let restarts = metric_sum(&metrics, "switchyard_etcd_watch_restarts_total")
-        .ok_or_else(|| anyhow::anyhow!("the router exposes no watch restarts:\n{metrics}"))?;
-    assert_eq!(restarts, 0.0, "watch restarts in a quiet cluster");
+    // Every component exposes the count of the watches it keeps, at 0 from the start.
+    for (component, watches) in kept_watches(&cluster) {
+        let metrics = reqwest::get(component.metrics_url()).await?.text().await?;
+        for watch in watches {
+            assert_eq!(
+                watch_restarts(&metrics, watch),
+                Some(0.0),
+                "{}: restarts of its {watch} watch in a quiet cluster:\n{metrics}",
+                component.name
+            );
+        }
+    }
     Ok(())
+}
+
+/// The etcd watches each component of `cluster` keeps (the `watch` labels it counts).
+fn kept_watches(cluster: &Cluster) -> [(&Component, &'static [&'static str]); 3] {
+    [
+        (&cluster.router, &["workers", "policy", "control_plane"]),
+        (&cluster.gpu[0], &["drain"]),
+        (&cluster.control_plane, &["workers", "policy"]),
+    ]
+}
+
+/// `switchyard_etcd_watch_restarts_total{watch="<watch>"}` in an exposition; `None` when absent.
+fn watch_restarts(exposition: &str, watch: &str) -> Option<f64> {
+    let series = format!("switchyard_etcd_watch_restarts_total{{watch=\"{watch}\"}} ");
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(&series)?.parse().ok())
+}
+
+/// etcd frozen (SIGSTOP: connections stay open, nothing answers) until the components' etcd
+/// keepalives give up on it: every component's watches break, and each counts its own — the
+/// router's, a worker's drain watch, the control plane's membership and policy watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_component_counts_its_etcd_watch_restarts() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        metrics: true,
+        ..Default::default()
+    })
+    .await?;
+    let components = kept_watches(&cluster);
+    let etcd = cluster.etcd.pid().expect("etcd runs").to_string();
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([name, &etcd])
+            .status()
+    };
+    assert!(signal("-STOP")?.success());
+    // Each restart is counted when its watch breaks, before etcd is back.
+    let counted = wait_until(
+        Duration::from_secs(60),
+        "every component to count its broken etcd watches",
+        || async {
+            for (component, watches) in components {
+                let Ok(metrics) = scrape(&component.metrics_url()).await else {
+                    return false;
+                };
+                if !watches
+                    .iter()
+                    .all(|watch| watch_restarts(&metrics, watch).is_some_and(|n| n >= 1.0))
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    assert!(signal("-CONT")?.success());
+    if let Err(error) = counted {
+        let mut seen = String::new();
+        for (component, _) in components {
+            let metrics = scrape(&component.metrics_url()).await.unwrap_or_default();
+            let lines: Vec<&str> = metrics
+                .lines()
+                .filter(|l| l.starts_with("switchyard_etcd_watch_restarts_total"))
+                .collect();
+            seen.push_str(&format!("{}: {lines:?}\n", component.name));
+        }
+        anyhow::bail!("{error}\n{seen}");
+    }
+    // The worker's drain watch comes back once etcd answers again.
+    cluster.gpu[0]
+        .wait_for_log("etcd key watch working again", Duration::from_secs(60))
+        .await?;
+    Ok(())
+}
+
+async fn scrape(url: &str) -> anyhow::Result<String> {
+    Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
 }
 
 /// The router's gRPC health status of `switchyard.v1.Inference`.

@@ -202,6 +202,12 @@ async fn serve(
     let load = LoadTracker::new(engine.clone());
     let sampler = tokio::spawn(load.clone().run_sampler(Duration::from_secs(1)));
     let metrics = WorkerMetrics::register(&config.metrics, config.pool);
+    // The registry's own metrics: the restarts of the etcd watches it keeps for this worker
+    // (its drain key, below). A hosted worker shares its router's registry and metrics, where
+    // the router registered them already; registering twice would expose the family twice.
+    if in_process.is_none() {
+        registry.register_metrics(&config.metrics);
+    }
     let gauges = tokio::spawn(follow_load(load.clone(), engine.clone(), metrics.clone()));
     let closing = CancellationToken::new();
     let service = Arc::new(WorkerService::new(
