@@ -84,6 +84,7 @@ function renderTotals(stats) {
       cell(num(p.workers), "num"),
       cell(num(p.ready), "num"),
       cell(num(p.draining), "num"),
+      cell(num(p.unreachable), p.unreachable ? "num bad" : "num"),
       cell(`${num(p.ready_slots)} / ${num(p.total_slots)}`, "num"),
       cell(num(p.active), "num"),
       cell(num(p.queued), "num"),
@@ -97,6 +98,7 @@ function renderTotals(stats) {
     workers: stats.workers,
     ready: sum("ready"),
     draining: sum("draining"),
+    unreachable: sum("unreachable"),
     ready_slots: sum("ready_slots"),
     total_slots: sum("total_slots"),
     active: stats.active,
@@ -157,6 +159,17 @@ function renderWorkers(workers) {
     set(8, `${w.engine} ${w.version}`);
     set(9, w.hardware);
     set(10, w.load ? `${num(w.load.active)} / ${num(w.load.queued)}` : "no stream", "num");
+    if (w.unreachable) {
+      // Why the control plane cannot reach it (a refused cluster token, a TLS failure): the
+      // worker is left out of the ready totals.
+      const why = document.createElement("span");
+      why.className = "why";
+      why.textContent = w.unreachable.reason;
+      why.title = `failing since ${new Date(w.unreachable.since_unix_ms).toLocaleTimeString()}, ` +
+        `${w.unreachable.attempts} attempts`;
+      c[10].appendChild(why);
+      c[10].className = "no-stream";
+    }
     set(11, w.load ? num(w.load.tokens_per_s, 1) : "–", "num");
     const button = c[12].firstChild;
     const action = w.drain_requested ? "undrain" : "drain";

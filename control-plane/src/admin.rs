@@ -61,7 +61,11 @@ impl AdminService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        Ok(self.access.operator(bearer, action)?)
+        self.access.operator(bearer, action).map_err(|denied| {
+            let peer = request.remote_addr();
+            self.access.refused("grpc", action, peer, &denied);
+            denied.into()
+        })
     }
 }
 
@@ -164,7 +168,7 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         _request: Request<v1::GetClusterStatsRequest>,
     ) -> Result<Response<v1::GetClusterStatsResponse>, Status> {
-        Ok(Response::new(self.plane.stats().await?))
+        Ok(Response::new(self.plane.stats().await?.wire))
     }
 
     type WatchEventsStream = EventStream;

@@ -12,9 +12,14 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
+use switchyard_cluster::telemetry::metrics::Metrics;
+use tracing::warn;
 
 /// The cookie the dashboard's sign-in sets (HttpOnly, SameSite=Strict, Secure over TLS): a
 /// session credential ([`crate::session`]), never the token.
@@ -82,6 +87,30 @@ pub enum Denied {
         role: &'static str,
         action: String,
     },
+}
+
+impl Denied {
+    /// Every refusal's metric label, in [`Denied::reason`]'s words.
+    pub const REASONS: [&'static str; 6] = [
+        "missing",
+        "malformed",
+        "unknown",
+        "session_ended",
+        "session_unchecked",
+        "viewer",
+    ];
+
+    /// Why, as a metric label and log field: one of [`Denied::REASONS`].
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Denied::Missing => "missing",
+            Denied::Malformed => "malformed",
+            Denied::Unknown => "unknown",
+            Denied::SessionEnded => "session_ended",
+            Denied::SessionUnchecked(_) => "session_unchecked",
+            Denied::Forbidden { .. } => "viewer",
+        }
+    }
 }
 
 impl From<Denied> for tonic::Status {
@@ -249,12 +278,22 @@ impl AdminTokens {
     }
 }
 
+/// A refusal's labels: why ([`Denied::reason`]) and through which front door (`grpc`,
+/// `dashboard`).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub reason: &'static str,
+    pub via: &'static str,
+}
+
 /// The control plane's access rule: open without tokens, operators only for writes with them.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     tokens: Option<AdminTokens>,
     /// Signs the dashboard's sessions; derived from `tokens`.
     session_key: Option<crate::session::SessionKey>,
+    /// Refused credentials, counted by both front doors (clones share the counts).
+    refusals: Family<RefusalLabels, Counter>,
 }
 
 impl Access {
@@ -263,7 +302,48 @@ impl Access {
         Self {
             tokens,
             session_key,
+            refusals: Family::default(),
         }
+    }
+
+    /// Registers `switchyard_control_plane_admin_refusals_total`, every series at 0 (an alert's
+    /// `rate` reads 0 before the first refusal, not "no data").
+    pub fn register_metrics(&self, metrics: &Metrics) {
+        for via in ["grpc", "dashboard"] {
+            for reason in Denied::REASONS {
+                let _ = self.refusals.get_or_create(&RefusalLabels { reason, via });
+            }
+        }
+        let refusals = self.refusals.clone();
+        metrics.register(|r| {
+            r.register(
+                "switchyard_control_plane_admin_refusals",
+                "Admin writes and dashboard sign-ins refused for their credential, by reason and front door",
+                refusals,
+            )
+        });
+    }
+
+    /// Logs and counts a refused credential: token guessing or a misconfigured client shows
+    /// in the log and the metrics, not only the writes that succeed. Who only when known (a
+    /// viewer), the peer's address when the front door has it; never the token.
+    pub fn refused(
+        &self,
+        via: &'static str,
+        action: &str,
+        peer: Option<std::net::SocketAddr>,
+        denied: &Denied,
+    ) {
+        let reason = denied.reason();
+        self.refusals
+            .get_or_create(&RefusalLabels { reason, via })
+            .inc();
+        let who = match denied {
+            Denied::Forbidden { name, .. } => name.as_str(),
+            _ => "(unauthenticated)",
+        };
+        let peer = peer.map(tracing::field::display);
+        warn!(%who, via, action, reason, peer, error = %denied, "admin refused");
     }
 
     pub fn required(&self) -> bool {

@@ -204,13 +204,16 @@ async fn workers(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiEr
 }
 
 async fn stats(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiError> {
-    let stats = plane.stats().await?;
+    let all = plane.stats().await?;
+    let stats = all.wire;
     let pools: Vec<Value> = stats
         .pools
         .iter()
-        .map(|p| {
+        .zip(&all.unreachable)
+        .map(|(p, unreachable)| {
             json!({
                 "pool": p.pool, "workers": p.workers, "ready": p.ready, "draining": p.draining,
+                "unreachable": unreachable,
                 "ready_slots": p.ready_slots, "total_slots": p.total_slots,
                 "active": p.active, "queued": p.queued, "tokens_per_s": p.tokens_per_s,
             })
@@ -489,9 +492,16 @@ async fn identify(state: &AppState, headers: &HeaderMap) -> Result<Caller, Denie
     }
 }
 
-/// The operator making a write from the dashboard, or the answer refusing it.
-async fn operator(state: &AppState, headers: &HeaderMap, action: &str) -> Result<Caller, Denied> {
-    auth::allowed(identify(state, headers).await?, action)
+/// The operator making a write from the dashboard, or the answer refusing it (logged and
+/// counted).
+async fn operator(state: &AppState, headers: &HeaderMap, action: &str) -> Result<Caller, Response> {
+    let caller = identify(state, headers).await;
+    caller
+        .and_then(|caller| auth::allowed(caller, action))
+        .map_err(|refused| {
+            state.access.refused("dashboard", action, None, &refused);
+            denied(refused)
+        })
 }
 
 async fn drain(
@@ -500,9 +510,7 @@ async fn drain(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Response> {
     let plane = &state.plane;
-    let caller = operator(&state, &headers, "drain workers")
-        .await
-        .map_err(denied)?;
+    let caller = operator(&state, &headers, "drain workers").await?;
     match plane.drain(&id).await {
         Ok(already) => {
             audit(plane.events(), &caller, "dashboard", "drain", &id);
@@ -520,9 +528,7 @@ async fn undrain(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Response> {
     let plane = &state.plane;
-    let caller = operator(&state, &headers, "undrain workers")
-        .await
-        .map_err(denied)?;
+    let caller = operator(&state, &headers, "undrain workers").await?;
     match plane.undrain(&id).await {
         Ok(was) => {
             audit(plane.events(), &caller, "dashboard", "undrain", &id);
@@ -576,7 +582,10 @@ async fn sign_in(State(state): State<AppState>, body: axum::body::Bytes) -> Resp
     };
     let caller = match state.access.identify_token(token.trim()) {
         Ok(caller) => caller,
-        Err(error) => return denied(error),
+        Err(error) => {
+            state.access.refused("dashboard", "sign in", None, &error);
+            return denied(error);
+        }
     };
     let Some(value) = state.sessions.issue(&caller) else {
         return denied(Denied::Unknown);

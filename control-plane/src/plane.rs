@@ -12,7 +12,7 @@ use tracing::info;
 
 use crate::events::Events;
 use crate::leader::{Leadership, ReplicaInfo};
-use crate::loads::Loads;
+use crate::loads::{Loads, Unreachable};
 use crate::reports::Insights;
 use switchyard_cluster::Fence;
 
@@ -59,6 +59,9 @@ pub struct WorkerView {
     pub drain_requested: bool,
     /// Live load; `None` while the control plane has no stream to the worker.
     pub load: Option<LoadView>,
+    /// Why the control plane has no stream to the worker, once an attempt failed; such a
+    /// worker is no ready capacity (see [`ControlPlane::stats`]).
+    pub unreachable: Option<Unreachable>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -76,6 +79,16 @@ impl From<v1::Load> for LoadView {
             tokens_per_s: load.tokens_per_s,
         }
     }
+}
+
+/// The cluster's stats: the wire's, and what its `PoolStats` has no field for.
+#[derive(Debug, Clone)]
+pub struct ClusterStats {
+    pub wire: v1::GetClusterStatsResponse,
+    /// Per pool, in `wire.pools` order: workers advertising `ready` that this control plane
+    /// has no load stream to, left out of `ready` and `ready_slots`
+    /// (`workers = ready + draining + unreachable`).
+    pub unreachable: Vec<u32>,
 }
 
 /// Everything the front doors need.
@@ -158,6 +171,7 @@ impl ControlPlane {
             .map(|record| WorkerView {
                 drain_requested: drains.binary_search(&record.id).is_ok(),
                 load: self.loads.get(&record.id).map(LoadView::from),
+                unreachable: self.loads.unreachable(&record.id),
                 record,
             })
             .collect();
@@ -165,7 +179,10 @@ impl ControlPlane {
         Ok(workers)
     }
 
-    pub async fn stats(&self) -> Result<v1::GetClusterStatsResponse, OpError> {
+    /// Workers and slots by pool. A worker advertising `ready` that this control plane has no
+    /// load stream to (it refuses the cluster token, its TLS identity is wrong, nothing
+    /// listens) counts as unreachable, not ready: routers cannot reach it either, as a rule.
+    pub async fn stats(&self) -> Result<ClusterStats, OpError> {
         let workers = self.workers("").await?;
         let drains = self.registry.list_drains().await.map_err(registry_error)?;
         let mut response = v1::GetClusterStatsResponse {
@@ -173,16 +190,19 @@ impl ControlPlane {
             leader: self.leadership.leader().map(|l| l.id).unwrap_or_default(),
             ..Default::default()
         };
+        let mut unreachable = Vec::new();
         for pool in Pool::ALL {
             let mut stats = v1::PoolStats {
                 pool: pool.to_string(),
                 ..Default::default()
             };
+            let mut pool_unreachable = 0;
             for worker in workers.iter().filter(|w| w.record.pool == pool) {
                 let slots = worker.record.capacity.max_concurrent;
                 stats.workers += 1;
                 stats.total_slots += slots;
                 match worker.record.state {
+                    WorkerState::Ready if worker.unreachable.is_some() => pool_unreachable += 1,
                     WorkerState::Ready => {
                         stats.ready += 1;
                         stats.ready_slots += slots;
@@ -200,8 +220,12 @@ impl ControlPlane {
             response.queued += stats.queued;
             response.tokens_per_s += stats.tokens_per_s;
             response.pools.push(stats);
+            unreachable.push(pool_unreachable);
         }
-        Ok(response)
+        Ok(ClusterStats {
+            wire: response,
+            unreachable,
+        })
     }
 
     pub async fn policy(&self) -> Result<v1::GetPolicyResponse, OpError> {

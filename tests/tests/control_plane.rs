@@ -1757,3 +1757,272 @@ async fn the_sign_in_form_shows_only_when_needed_and_sign_out_clears_notices() -
     browser.close().await?;
     Ok(())
 }
+
+/// A worker the control plane has no load stream to — here it refuses the control plane's
+/// cluster token — is no ready capacity: `/api/stats` and `GetClusterStats` leave it out of
+/// `ready` and `ready_slots` and count it `unreachable`, its row says why (the worker's own
+/// refusal), and the control plane logs it once when it starts failing, not once per retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_the_control_plane_cannot_reach_is_no_ready_capacity_and_its_row_says_why()
+-> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let ours = dir.path().join("cluster-token");
+    std::fs::write(&ours, "cluster-token-0123456789abcdef\n")?;
+    let theirs = dir.path().join("other-cluster-token");
+    std::fs::write(&theirs, "another-token-0123456789abcdef\n")?;
+    let (ours, theirs) = (ours.display().to_string(), theirs.display().to_string());
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let _member = switchyard_tests::start_gpu_worker(
+        &etcd.url,
+        "gpu-member",
+        &["--cluster-token-file", &ours, "--max-concurrent", "8"],
+        1,
+    )
+    .await?;
+    let _stranger = switchyard_tests::start_gpu_worker(
+        &etcd.url,
+        "gpu-stranger",
+        &["--cluster-token-file", &theirs, "--max-concurrent", "8"],
+        1,
+    )
+    .await?;
+    let control_plane = start_control_plane(
+        &etcd.url,
+        "control-plane-0",
+        &["--cluster-token-file", &ours],
+    )
+    .await?;
+    let http = control_plane.addr("http");
+
+    // Wait for several failed attempts (one a second), so that a log line per retry would show.
+    let workers = poll_until(PATIENCE, "gpu-stranger to fail three times", || async {
+        let (_, body) = api(http, "/api/workers").await.ok()?;
+        let row = |id: &str| {
+            body["workers"]
+                .as_array()?
+                .iter()
+                .find(|w| w["id"] == id)
+                .cloned()
+        };
+        let stranger = row("gpu-stranger")?;
+        let member = row("gpu-member")?;
+        (stranger["unreachable"]["attempts"].as_u64()? >= 3 && !member["load"].is_null())
+            .then_some(body)
+    })
+    .await?;
+    let rows = workers["workers"].as_array().expect("workers");
+    let stranger = rows.iter().find(|w| w["id"] == "gpu-stranger").unwrap();
+    let member = rows.iter().find(|w| w["id"] == "gpu-member").unwrap();
+    assert_eq!(stranger["state"], "ready", "{stranger}");
+    assert!(stranger["load"].is_null(), "{stranger}");
+    let reason = stranger["unreachable"]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("Unauthenticated") && reason.contains("cluster token not recognised"),
+        "{stranger}"
+    );
+    assert!(member["unreachable"].is_null(), "{member}");
+
+    let (_, stats) = api(http, "/api/stats").await?;
+    let gpu = stats["pools"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["pool"] == "gpu"))
+        .expect("gpu pool");
+    assert_eq!(
+        (
+            gpu["workers"].clone(),
+            gpu["ready"].clone(),
+            gpu["unreachable"].clone(),
+            gpu["ready_slots"].clone(),
+            gpu["total_slots"].clone()
+        ),
+        (
+            serde_json::json!(2),
+            serde_json::json!(1),
+            serde_json::json!(1),
+            serde_json::json!(8),
+            serde_json::json!(16)
+        ),
+        "{stats}"
+    );
+    let grpc = admin(control_plane.addr("grpc"))
+        .await?
+        .get_cluster_stats(v1::GetClusterStatsRequest {})
+        .await?
+        .into_inner();
+    let gpu = grpc.pools.iter().find(|p| p.pool == "gpu").expect("gpu");
+    assert_eq!((gpu.workers, gpu.ready, gpu.ready_slots), (2, 1, 8));
+
+    let log = std::fs::read_to_string(&control_plane.log)?;
+    let failing: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("load stream") && l.contains("WARN"))
+        .collect();
+    assert_eq!(failing.len(), 1, "one line when it starts failing:\n{log}");
+    assert!(
+        failing[0].contains("gpu-stranger") && failing[0].contains("cluster token not recognised"),
+        "{}",
+        failing[0]
+    );
+
+    // The page's row and totals say the same.
+    let browser = Browser::start().await?;
+    browser.goto(&format!("http://{http}/")).await?;
+    wait_until(
+        PATIENCE,
+        "the row to say why there is no stream",
+        || async {
+            browser
+                .text("tr[data-worker-id='gpu-stranger'] td:nth-child(11)")
+                .await
+                .is_ok_and(|t| {
+                    t.contains("no stream") && t.contains("cluster token not recognised")
+                })
+        },
+    )
+    .await?;
+    let unreachable = browser
+        .execute(
+            "const th = [...document.querySelectorAll('#totals thead th')];
+             const at = th.findIndex(h => h.textContent === 'unreachable');
+             const row = [...document.querySelectorAll('#totals tbody tr')]
+               .find(tr => tr.children[0].textContent === 'gpu');
+             return at < 0 || !row ? null : row.children[at].textContent;",
+            vec![],
+        )
+        .await?;
+    assert_eq!(unreachable, serde_json::json!("1"));
+    browser.close().await?;
+    Ok(())
+}
+
+/// Refused admin writes are logged (WARN `admin refused`: who when known, the front door, the
+/// action and why, never the token) and counted by reason and front door, on gRPC and on the
+/// dashboard alike; only successful writes used to leave a trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_admin_writes_are_logged_and_counted_without_the_token() -> anyhow::Result<()> {
+    const OPERATOR: &str = "operator-token-0123456789abcdef";
+    const VIEWER: &str = "viewer-token-0123456789abcdef";
+    const GUESS: &str = "guessed-token-0123456789abcdef";
+    let dir = tempfile::tempdir()?;
+    let tokens = dir.path().join("admin-tokens.json");
+    std::fs::write(
+        &tokens,
+        serde_json::json!({"tokens": [
+            {"name": "alice", "token": OPERATOR, "role": "operator"},
+            {"name": "victor", "token": VIEWER, "role": "viewer"},
+        ]})
+        .to_string(),
+    )?;
+    let tokens = tokens.display().to_string();
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let control_plane = start_control_plane(
+        &etcd.url,
+        "control-plane-0",
+        &[
+            "--admin-tokens-file",
+            &tokens,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await?;
+    let metrics = control_plane.metrics_url();
+    let series = |reason: &str, via: &str| {
+        format!(
+            "switchyard_control_plane_admin_refusals_total{{reason=\"{reason}\",via=\"{via}\"}}"
+        )
+    };
+    // Series exist at 0 before the first refusal, so a rate reads 0, not "no data".
+    assert_eq!(
+        metric(&metrics, &series("unknown", "grpc")).await?,
+        Some(0.0)
+    );
+
+    let mut admin = admin(control_plane.addr("grpc")).await?;
+    let refused = |token: Option<&str>| switchyard_tests::with_bearer(drain("gpu-0"), token);
+    let err = admin.drain(refused(None)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = admin.drain(refused(Some(GUESS))).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = admin
+        .set_policy(switchyard_tests::with_bearer(
+            v1::SetPolicyRequest {
+                merge: true,
+                document: "{}".into(),
+            },
+            Some(VIEWER),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    let http = control_plane.addr("http");
+    let client = reqwest::Client::new();
+    let post = |path: &str| {
+        client
+            .post(format!("http://{http}{path}"))
+            .header("content-type", "application/json")
+            .header("x-switchyard-csrf", "1")
+    };
+    let response = post("/api/workers/gpu-0/drain")
+        .bearer_auth(GUESS)
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let response = post("/api/workers/gpu-0/undrain")
+        .bearer_auth(VIEWER)
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::FORBIDDEN);
+    let response = post("/api/session")
+        .body(serde_json::json!({ "token": GUESS }).to_string())
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::UNAUTHORIZED);
+
+    for (reason, via, count) in [
+        ("missing", "grpc", 1.0),
+        ("unknown", "grpc", 1.0),
+        ("viewer", "grpc", 1.0),
+        ("unknown", "dashboard", 2.0),
+        ("viewer", "dashboard", 1.0),
+        ("malformed", "grpc", 0.0),
+    ] {
+        assert_eq!(
+            metric(&metrics, &series(reason, via)).await?,
+            Some(count),
+            "{reason} via {via}"
+        );
+    }
+    let log = std::fs::read_to_string(&control_plane.log)?;
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("admin refused"))
+        .collect();
+    assert_eq!(lines.len(), 6, "one line a refusal:\n{log}");
+    assert!(lines.iter().all(|l| l.contains("WARN")), "{lines:#?}");
+    let viewer_write = lines
+        .iter()
+        .find(|l| l.contains("via=\"grpc\"") && l.contains("reason=\"viewer\""))
+        .expect("the viewer's gRPC refusal");
+    assert!(
+        viewer_write.contains("who=victor")
+            && viewer_write.contains("set the policy")
+            && viewer_write.contains("peer=127.0.0.1:"),
+        "{viewer_write}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("via=\"dashboard\"") && l.contains("sign in")),
+        "{lines:#?}"
+    );
+    for token in [OPERATOR, VIEWER, GUESS] {
+        assert!(!log.contains(token), "a token reached the log:\n{log}");
+    }
+    Ok(())
+}
