@@ -1653,7 +1653,7 @@ async fn after_a_failover_the_new_leaders_charts_show_its_follower_seconds_as_ga
                 vec![],
             )
             .await
-            .is_ok_and(|v| v == since.to_string())
+            .is_ok_and(|v| v.as_str().and_then(|s| s.parse::<i64>().ok()) == Some(since))
     })
     .await?;
     // The worker-queue series is the control plane's own and is drawn; the routers' series
