@@ -73,7 +73,7 @@ pub struct EngineBenchArgs {
     #[arg(long)]
     pub no_repack: bool,
     /// As the worker's `--dense-prefill-from-rows` (0: every matmul quantized).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = switchyard_worker_gpu::model::DENSE_FROM_ROWS as u32)]
     pub dense_prefill_from_rows: u32,
     /// Print one JSON object instead of a table.
     #[arg(long)]

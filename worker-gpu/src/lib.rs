@@ -107,12 +107,17 @@ pub struct GpuEngineArgs {
     #[arg(long, env = "SWITCHYARD_NO_REPACK", default_value_t = false)]
     pub no_repack: bool,
     /// Candle engine on the CPU: multiply prompt chunks of at least this many tokens by
-    /// dequantized f32 weights instead of the quantized kernel (0: never). Cold prefill of
-    /// long prompts gets faster (256 is the crossover measured for SmolLM2 on 2 cores: ~15 %
-    /// at 512 tokens), but the two paths round differently, so a temperature-0 answer then
-    /// depends on how its prompt was split — a cached resend, a move or a failover may answer
-    /// differently. Off by default: the same request gets the same greedy answer anywhere.
-    #[arg(long, env = "SWITCHYARD_DENSE_PREFILL_FROM_ROWS", default_value_t = 0)]
+    /// dequantized f32 weights instead of the quantized kernel (the crossover measured for
+    /// SmolLM2 on 2 cores): a cold 512-token prompt prefills ~1.5x faster. The two paths round
+    /// differently, so a temperature-0 answer to a prompt this long may change when the prompt
+    /// is split otherwise — resent with its prefix cached, moved, failed over (as with
+    /// llama.cpp's prompt cache or vLLM's batching). 0: never, every matmul quantized, the same
+    /// greedy answer however the prompt is split, at the cost of that speed.
+    #[arg(
+        long,
+        env = "SWITCHYARD_DENSE_PREFILL_FROM_ROWS",
+        default_value_t = model::DENSE_FROM_ROWS as u32
+    )]
     pub dense_prefill_from_rows: u32,
     /// Candle engine: keep the KV blocks of finished requests and reuse them for later prompts
     /// that start the same way (multi-turn chat, shared system prompts), and publish what is
@@ -154,7 +159,7 @@ impl Default for GpuEngineArgs {
             step_target: Duration::ZERO,
             compute_threads: 0,
             no_repack: false,
-            dense_prefill_from_rows: 0,
+            dense_prefill_from_rows: model::DENSE_FROM_ROWS as u32,
             prefix_cache: Toggle::On,
             max_model_len: 0,
         }
@@ -259,9 +264,10 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
         }
         model.config.context_length = args.max_model_len as usize;
     }
-    if args.dense_prefill_from_rows > 0 {
-        model = model.with_dense_from_rows(args.dense_prefill_from_rows as usize);
-    }
+    model = model.with_dense_from_rows(match args.dense_prefill_from_rows {
+        0 => usize::MAX,
+        rows => rows as usize,
+    });
     let ids = candle_model_ids(args);
     tracing::info!(
         path = %args.model_path.display(),

@@ -402,6 +402,16 @@ impl SeqCache {
     }
 }
 
+/// Rows (tokens) from which a weight multiplies as dequantized f32 by default (see
+/// [`Linear::forward`]): below, dequantizing every weight for the call costs more than the dense
+/// GEMM saves. Measured on SmolLM2 (2 threads, `switchyard-bench engine`, TTFT of a whole
+/// prompt, two alternated runs, 2026-12-05, after the quantized kernel stopped transposing its
+/// result on one thread), quantized vs dense: 128 tokens 0.32 vs 0.46-0.53 s, 192 tokens
+/// 0.48-0.49 vs 0.55-0.63 s, 256 tokens 0.64-0.66 vs 0.66-0.70 s, 384 tokens 1.0-1.2 vs
+/// 0.91-0.97 s, 512 tokens 1.38-1.45 vs 1.16-1.29 s. (Before that change the crossover was 128
+/// rows.)
+pub const DENSE_FROM_ROWS: usize = 256;
+
 fn linear(
     file: &mut GgufFile,
     name: &str,
@@ -497,16 +507,15 @@ impl Llama {
             norm,
             lm_head,
             weight_bytes,
-            // Off: every matmul quantized, so a row computes the same in any batch.
-            dense_from_rows: usize::MAX,
+            dense_from_rows: DENSE_FROM_ROWS,
         })
     }
 
     /// Multiplies prompt chunks of at least `rows` tokens by dequantized f32 weights (the
-    /// dense path; `usize::MAX`, the default, keeps every matmul quantized). Faster for long
-    /// cold prompts on a CPU, but the two paths round differently (dense skips quantizing the
-    /// activations), so with it a greedy answer depends on how its prompt was split into
-    /// steps: cached or not, chunked, moved.
+    /// dense path; [`DENSE_FROM_ROWS`] by default, `usize::MAX` keeps every matmul quantized).
+    /// Faster for long cold prompts on a CPU, but the two paths round differently (dense skips
+    /// quantizing the activations), so with it a greedy answer depends on how its prompt was
+    /// split into steps: cached or not, chunked, moved.
     pub fn with_dense_from_rows(mut self, rows: usize) -> Self {
         self.dense_from_rows = rows.max(1);
         self

@@ -351,29 +351,34 @@ fn real_engine(path: &Path, compute_threads: usize) -> switchyard_worker_gpu::Ca
             prefix_cache: false,
             compute_threads,
         },
+        switchyard_worker_gpu::model::DENSE_FROM_ROWS,
     )
 }
 
-/// An engine over the real model, as `worker-gpu` loads it by default, with `limits`.
+/// An engine over the real model with `limits`, its prompt chunks multiplied densely from
+/// `dense_from_rows` rows (`usize::MAX`: never).
 fn engine_with(
     path: &Path,
     limits: switchyard_worker_gpu::SchedulerLimits,
+    dense_from_rows: usize,
 ) -> switchyard_worker_gpu::CandleEngine {
     let mut file = GgufFile::open(path).unwrap();
     let tok = GgufTokenizer::from_gguf(&file.content).unwrap();
-    let model = Llama::load(&mut file, &Device::Cpu, Repack::Q8_0).unwrap();
+    let model = Llama::load(&mut file, &Device::Cpu, Repack::Q8_0)
+        .unwrap()
+        .with_dense_from_rows(dense_from_rows);
     switchyard_worker_gpu::CandleEngine::start(model, tok, vec!["m".into()], limits, "cpu".into())
         .unwrap()
 }
 
-/// A long prompt (a real system prompt, well over 256 tokens) answered greedily computes the
-/// same — ids and log probabilities, bit for bit — cold, again with its prefix cached (only a
-/// short suffix prefilled), and on an engine that caches nothing: how a prompt is split into
-/// prefill steps never changes the answer. (The dense prompt path, now opt-in, rounded
-/// otherwise than the quantized one a short suffix takes, and cached resends answered
-/// differently.)
+/// With the dense prompt path off (`--dense-prefill-from-rows 0`), a long prompt (a real
+/// system prompt, well over 256 tokens) answered greedily computes the same — ids and log
+/// probabilities, bit for bit — cold, again with its prefix cached (only a short suffix
+/// prefilled), and on an engine that caches nothing: how a prompt is split into prefill steps
+/// never changes the answer. (With the dense path, the default, a cold 256+-token chunk rounds
+/// otherwise than the quantized kernel a short cached suffix takes; this test then fails.)
 #[tokio::test]
-async fn a_long_prompt_computes_the_same_cold_cached_and_uncached() {
+async fn without_the_dense_path_a_long_prompt_computes_the_same_cold_cached_and_uncached() {
     use switchyard_worker::{Engine, EngineEvent};
     let Some(path) = model_path() else { return };
     let system = std::fs::read_to_string(
@@ -414,12 +419,12 @@ async fn a_long_prompt_computes_the_same_cold_cached_and_uncached() {
             out
         }
     };
-    let cached = engine_with(&path, limits(true));
+    let cached = engine_with(&path, limits(true), usize::MAX);
     let cold = answer(&cached).await;
     let hit = answer(&cached).await;
     let stats = cached.prefix_cache_stats().unwrap();
     assert!(stats.hit_tokens as usize > ids.len() - 64, "{stats:?}");
-    let uncached = answer(&engine_with(&path, limits(false))).await;
+    let uncached = answer(&engine_with(&path, limits(false), usize::MAX)).await;
     assert_eq!(cold.len(), 16);
     assert_eq!(hit, cold, "a cache hit computed otherwise");
     assert_eq!(uncached, cold);
