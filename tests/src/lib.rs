@@ -878,6 +878,26 @@ pub async fn assert_worker_calls_need_a_client_certificate(
     Ok(())
 }
 
+/// The admin token of the operator `alice` in [`admin_tokens_file`].
+pub const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef";
+/// The admin token of the viewer `victor` in [`admin_tokens_file`].
+pub const VIEWER_TOKEN: &str = "viewer-token-0123456789abcdef";
+
+/// An admin tokens file in `dir` with one operator (`alice`) and one viewer (`victor`); its
+/// path, for `--admin-tokens-file`.
+pub fn admin_tokens_file(dir: &tempfile::TempDir) -> anyhow::Result<String> {
+    let path = dir.path().join("admin-tokens.json");
+    std::fs::write(
+        &path,
+        serde_json::json!({"tokens": [
+            {"name": "alice", "token": OPERATOR_TOKEN, "role": "operator"},
+            {"name": "victor", "token": VIEWER_TOKEN, "role": "viewer"},
+        ]})
+        .to_string(),
+    )?;
+    Ok(path.display().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1435,15 +1435,9 @@ async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dashboard_session_works_on_every_replica_and_sign_out_ends_it_everywhere()
 -> anyhow::Result<()> {
-    const TOKEN: &str = "operator-token-0123456789abcdef";
+    const TOKEN: &str = switchyard_tests::OPERATOR_TOKEN;
     let dir = tempfile::tempdir()?;
-    let tokens = dir.path().join("admin-tokens.json");
-    std::fs::write(
-        &tokens,
-        serde_json::json!({"tokens": [{"name": "alice", "token": TOKEN, "role": "operator"}]})
-            .to_string(),
-    )?;
-    let tokens = tokens.display().to_string();
+    let tokens = switchyard_tests::admin_tokens_file(&dir)?;
     let etcd = switchyard_tests::Etcd::start().await?;
     let flags = ["--admin-tokens-file", tokens.as_str()];
     let one = start_control_plane(&etcd.url, "control-plane-0", &flags).await?;
@@ -1685,15 +1679,9 @@ async fn shown(browser: &Browser, css: &str) -> anyhow::Result<bool> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sign_in_form_shows_only_when_needed_and_sign_out_clears_notices() -> anyhow::Result<()>
 {
-    const TOKEN: &str = "operator-token-0123456789abcdef";
+    const TOKEN: &str = switchyard_tests::OPERATOR_TOKEN;
     let dir = tempfile::tempdir()?;
-    let tokens = dir.path().join("admin-tokens.json");
-    std::fs::write(
-        &tokens,
-        serde_json::json!({"tokens": [{"name": "alice", "token": TOKEN, "role": "operator"}]})
-            .to_string(),
-    )?;
-    let tokens = tokens.display().to_string();
+    let tokens = switchyard_tests::admin_tokens_file(&dir)?;
     let etcd = switchyard_tests::Etcd::start().await?;
     let open = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
     let guarded = start_control_plane(
@@ -1902,20 +1890,10 @@ async fn a_worker_the_control_plane_cannot_reach_is_no_ready_capacity_and_its_ro
 /// dashboard alike; only successful writes used to leave a trace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_admin_writes_are_logged_and_counted_without_the_token() -> anyhow::Result<()> {
-    const OPERATOR: &str = "operator-token-0123456789abcdef";
-    const VIEWER: &str = "viewer-token-0123456789abcdef";
+    use switchyard_tests::{OPERATOR_TOKEN as OPERATOR, VIEWER_TOKEN as VIEWER};
     const GUESS: &str = "guessed-token-0123456789abcdef";
     let dir = tempfile::tempdir()?;
-    let tokens = dir.path().join("admin-tokens.json");
-    std::fs::write(
-        &tokens,
-        serde_json::json!({"tokens": [
-            {"name": "alice", "token": OPERATOR, "role": "operator"},
-            {"name": "victor", "token": VIEWER, "role": "viewer"},
-        ]})
-        .to_string(),
-    )?;
-    let tokens = tokens.display().to_string();
+    let tokens = switchyard_tests::admin_tokens_file(&dir)?;
     let etcd = switchyard_tests::Etcd::start().await?;
     let control_plane = start_control_plane(
         &etcd.url,

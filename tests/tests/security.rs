@@ -280,22 +280,7 @@ async fn dashboard_writes_need_its_origin_content_type_and_header_and_hosts_are_
     Ok(())
 }
 
-const OPERATOR_TOKEN: &str = "operator-token-0123456789abcdef";
-const VIEWER_TOKEN: &str = "viewer-token-0123456789abcdef";
-
-/// An admin tokens file with one operator (`alice`) and one viewer (`bob`).
-fn admin_tokens_file(dir: &tempfile::TempDir) -> anyhow::Result<String> {
-    let path = dir.path().join("admin-tokens.json");
-    std::fs::write(
-        &path,
-        json!({"tokens": [
-            {"name": "alice", "token": OPERATOR_TOKEN, "role": "operator"},
-            {"name": "bob", "token": VIEWER_TOKEN, "role": "viewer"},
-        ]})
-        .to_string(),
-    )?;
-    Ok(path.display().to_string())
-}
+use switchyard_tests::{OPERATOR_TOKEN, VIEWER_TOKEN, admin_tokens_file};
 
 fn drain(id: &str) -> v1::DrainRequest {
     v1::DrainRequest {
