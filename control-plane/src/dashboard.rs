@@ -705,19 +705,18 @@ mod tests {
         (pair.to_string(), attributes.to_string())
     }
 
+    /// Signs in as the operator: the session cookie's `name=value` and its attributes.
+    async fn sign_in(app: &Router) -> (String, String) {
+        let body = json!({ "token": OPERATOR }).to_string();
+        let (status, headers, answer) = call(app, "POST", "/api/session", None, &body).await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+        set_cookie(&headers)
+    }
+
     #[tokio::test]
     async fn the_sign_in_cookie_is_a_session_not_the_token_and_sign_out_ends_it() {
         let app = dashboard(Some(TOKENS), false).await;
-        let (status, headers, body) = call(
-            &app,
-            "POST",
-            "/api/session",
-            None,
-            &json!({ "token": OPERATOR }).to_string(),
-        )
-        .await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        let (cookie, attributes) = set_cookie(&headers);
+        let (cookie, attributes) = sign_in(&app).await;
         assert!(cookie.starts_with("switchyard_admin="), "{cookie}");
         assert!(
             !cookie.contains(OPERATOR),
@@ -857,15 +856,7 @@ mod tests {
     #[tokio::test]
     async fn over_tls_the_session_cookie_is_secure_and_another_replica_accepts_it() {
         let app = dashboard(Some(TOKENS), true).await;
-        let (_, headers, _) = call(
-            &app,
-            "POST",
-            "/api/session",
-            None,
-            &json!({ "token": OPERATOR }).to_string(),
-        )
-        .await;
-        let (cookie, attributes) = set_cookie(&headers);
+        let (cookie, attributes) = sign_in(&app).await;
         assert!(attributes.contains("; Secure"), "{attributes}");
         // A second replica with the same tokens file (behind the same Service).
         let other = dashboard(Some(TOKENS), true).await;
