@@ -16,6 +16,10 @@ pub const DRAIN_PREFIX: &str = "/switchyard/v1/drain/";
 /// Held by the control-plane leader (bound to its lease); the value names the leader.
 pub const LEADER_KEY: &str = "/switchyard/v1/leader/control-plane";
 
+/// Prefix of dashboard sessions signed out before they expired: `dashboard/revoked/<session
+/// id>`, each on a lease that ends with the session, written by the control plane.
+pub const DASHBOARD_REVOKED_PREFIX: &str = "/switchyard/v1/dashboard/revoked/";
+
 /// The key that asks worker `worker_id` to drain. Its presence is the request; the value is
 /// informational (who asked, when).
 pub fn drain_key(worker_id: &str) -> String {

@@ -22,14 +22,12 @@ use ring::hmac;
 use ring::rand::{SecureRandom as _, SystemRandom};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+use switchyard_cluster::schema::DASHBOARD_REVOKED_PREFIX;
 
 use crate::auth::{AdminTokens, Caller, Denied, Role};
 
 /// How long a sign-in lasts.
 pub const LIFETIME: Duration = Duration::from_secs(8 * 3600);
-
-/// Where revoked session ids are kept in etcd, one key each.
-pub const REVOKED_PREFIX: &str = "/switchyard/v1/dashboard/revoked/";
 
 /// How long a session check waits for etcd.
 const ETCD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -132,7 +130,7 @@ impl Revocations {
     }
 
     fn key(sid: &str) -> String {
-        format!("{REVOKED_PREFIX}{sid}")
+        format!("{DASHBOARD_REVOKED_PREFIX}{sid}")
     }
 
     async fn revoke(&self, sid: &str, exp: u64) -> Result<(), String> {
