@@ -1831,6 +1831,38 @@ async fn a_drain_hands_off_no_more_generations_than_the_other_worker_has_room_fo
     assert_eq!(moved, room.min(on[from]), "{on:?} on the two workers");
 }
 
+/// A generation that failed over is listed for moves on the worker it now runs on: it was
+/// still listed on the worker that refused it, so rebalancing judged it there and "moved" it
+/// onto the worker it already ran on (a `Moved` from a worker to itself, its one move spent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_that_failed_over_is_never_moved_onto_the_worker_it_runs_on() {
+    let mut policy = PolicyDocument::default();
+    policy.migration.enabled = true;
+    policy.migration.rebalance = true;
+    policy.migration.drain_handoff = false;
+    policy.migration.min_remaining_tokens = 4;
+    policy.migration.rebalance_min_gain_ms = 0.0;
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), Some(policy)).await;
+    // The first worker refuses the start; the other decodes at 10 tokens/s, where placement
+    // predicts the policy's default 50.
+    cluster.script.set(
+        "flaky",
+        [
+            Plan::fault(Fault::Refuse(Code::Unavailable)),
+            Plan::default().paced(Duration::from_millis(100)),
+        ],
+    );
+    let mut session = cluster.session().await;
+    session.start(request("r", "flaky", 30, RequestClass::CostSensitive));
+
+    let end = session.end("r").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("flaky", 0, 30));
+    for moved in &end.moved {
+        assert_ne!(moved.from_worker_id, moved.to_worker_id, "{end:?}");
+    }
+}
+
 /// A policy that hedges every latency-critical request the budget allows.
 fn hedging(budget_fraction: f64) -> PolicyDocument {
     let mut policy = PolicyDocument::default();

@@ -571,6 +571,7 @@ impl<'d> Run<'d> {
         let Chosen {
             link,
             reason,
+            reason_label,
             cached_tokens,
             slot,
             ..
@@ -580,6 +581,8 @@ impl<'d> Run<'d> {
             &self.class,
             excluded.clone(),
         )?;
+        // Listed where it runs now: moves are judged against the worker it is on.
+        self.list(reason_label, &link);
         self.slot = Some(slot);
         self.predicted_cached_tokens = cached_tokens;
         self.span.record("predicted_cached_tokens", cached_tokens);
