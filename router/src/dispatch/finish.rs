@@ -143,33 +143,20 @@ pub(super) fn cancelled_frame(request_id: &str, arrived: Instant) -> v1::ServerF
     }
 }
 
-/// A request's time to first response and whether it met its TTFT SLO: its first token's
-/// time; for a reply that completed without a token (the model stopped at once), the time it
-/// ended — it was answered then (it counted as a miss at 0 ms); a request that failed or was
-/// cancelled before a token missed.
-fn first_response(
-    first_token_ms: Option<f64>,
-    completed: bool,
-    total_ms: f64,
-    slo_ms: f64,
-) -> (f64, bool) {
-    match first_token_ms {
-        Some(ms) => (ms, ms <= slo_ms),
-        None if completed => (total_ms, total_ms <= slo_ms),
-        None => (0.0, false),
-    }
+/// When a request was answered: its first token; for a reply that completed without a token
+/// (the model stopped at once), when it ended (it counted as an SLO miss at 0 ms); never for
+/// one that failed or was cancelled before a token.
+fn answered_at(first_token: Option<Instant>, completed: bool, now: Instant) -> Option<Instant> {
+    first_token.or(completed.then_some(now))
 }
 
 impl Run<'_> {
     pub(super) fn report(&self, outcome: &str, error: Option<&DispatchError>, sampled: bool) {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        let total_ms = ms(self.arrived.elapsed());
-        let (ttft_ms, slo_met) = first_response(
-            self.first_token.map(|t| ms(t - self.arrived)),
-            outcome == "completed",
-            total_ms,
-            self.class.ttft_slo_ms,
-        );
+        let now = Instant::now();
+        let total_ms = ms(now - self.arrived);
+        let answered = answered_at(self.first_token, outcome == "completed", now);
+        let ttft_ms = answered.map_or(0.0, |t| ms(t - self.arrived));
         let itl_ms = match (self.first_token, self.last_token) {
             (Some(first), Some(last)) if self.delivered > 1 => {
                 ms(last - first) / f64::from(self.delivered - 1)
@@ -184,7 +171,8 @@ impl Run<'_> {
         };
         let tokens = f64::from(prompt_tokens) + f64::from(self.delivered);
         let cost_usd = tokens * self.cost_per_mtok / 1e6;
-        let placed_ttft_ms = self.first_token.map_or(0.0, |t| ms(t - self.placed));
+        let slo_met = answered.is_some() && ttft_ms <= self.class.ttft_slo_ms;
+        let placed_ttft_ms = answered.map_or(0.0, |t| ms(t - self.placed));
         // Judged only when its first worker served it: the prediction was for that one.
         let judged = (self.first_token.is_some() && self.attempts == 1).then(|| {
             self.alternatives.judge(ledger::Verdict {
@@ -343,19 +331,21 @@ pub(super) fn decision_record(
 
 #[cfg(test)]
 mod tests {
-    use super::first_response;
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::answered_at;
 
     #[test]
-    fn an_empty_reply_is_judged_on_when_it_was_answered() {
-        assert_eq!(first_response(Some(80.0), true, 900.0, 100.0), (80.0, true));
-        assert_eq!(
-            first_response(Some(120.0), true, 900.0, 100.0),
-            (120.0, false)
-        );
+    fn an_empty_reply_is_answered_when_it_ends() {
+        let now = Instant::now();
+        let first = now - Duration::from_millis(80);
+        assert_eq!(answered_at(Some(first), true, now), Some(first));
+        assert_eq!(answered_at(Some(first), false, now), Some(first));
         // No token, completed: answered when it ended.
-        assert_eq!(first_response(None, true, 40.0, 100.0), (40.0, true));
-        assert_eq!(first_response(None, true, 400.0, 100.0), (400.0, false));
+        assert_eq!(answered_at(None, true, now), Some(now));
         // No token, failed or cancelled: never answered.
-        assert_eq!(first_response(None, false, 40.0, 100.0), (0.0, false));
+        assert_eq!(answered_at(None, false, now), None);
     }
 }
