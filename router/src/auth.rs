@@ -62,6 +62,19 @@ pub enum AuthError {
     Unknown,
 }
 
+impl AuthError {
+    pub const ALL: [AuthError; 3] = [AuthError::Missing, AuthError::Malformed, AuthError::Unknown];
+
+    /// The metric label.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::Unknown => "unknown",
+        }
+    }
+}
+
 impl From<AuthError> for tonic::Status {
     fn from(error: AuthError) -> Self {
         tonic::Status::unauthenticated(error.to_string())

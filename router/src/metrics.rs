@@ -103,6 +103,14 @@ pub struct QuotaLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthRefusalLabels {
+    /// `missing`, `malformed` or `unknown` (see [`crate::auth::AuthError`]).
+    pub reason: &'static str,
+    /// `grpc` or `http`.
+    pub door: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub pool: &'static str,
 }
@@ -188,6 +196,9 @@ pub struct RouterMetrics {
     /// Requests refused by their tenant's quota, by `limit`: `max_in_flight`,
     /// `tokens_per_minute`, `token_budget`, `lanes`.
     pub quota_refusals: Family<QuotaLabels, Counter>,
+    /// Calls refused for their API key (`--api-keys-file`), by reason and front door: a
+    /// misconfigured client, or someone guessing keys.
+    pub auth_refusals: Family<AuthRefusalLabels, Counter>,
     /// Handshakes to a worker refused because its certificate did not name the worker of its
     /// etcd record (TLS only), by the record's `worker_id` and `pool`.
     pub identity_rejections: Family<WorkerLabels, Counter>,
@@ -224,6 +235,7 @@ impl RouterMetrics {
             prefix_predicted: Family::default(),
             prefix_reused: Family::default(),
             quota_refusals: Family::default(),
+            auth_refusals: Family::default(),
             prefix_error: Family::new_with_constructor(prefix_error_histogram),
             identity_rejections: Family::default(),
             queue_wait: Family::new_with_constructor(ttft_histogram),
@@ -267,6 +279,11 @@ impl RouterMetrics {
                 "switchyard_router_quota_refusals",
                 "Requests refused by their tenant's quota, by limit",
                 this.quota_refusals.clone(),
+            );
+            r.register(
+                "switchyard_router_auth_refusals",
+                "Calls refused for their API key, by reason and front door",
+                this.auth_refusals.clone(),
             );
             r.register(
                 "switchyard_router_active_sessions",
@@ -398,6 +415,28 @@ impl RouterMetrics {
             ttft: self.ttft.get_or_create(labels).clone(),
             inter_token: self.inter_token.get_or_create(labels).clone(),
         }
+    }
+
+    /// Every series at 0 from the start, so a rate alert reads 0, not "no data".
+    pub fn count_auth_refusals(&self) {
+        for door in ["grpc", "http"] {
+            for error in crate::auth::AuthError::ALL {
+                let _ = self.auth_refusals.get_or_create(&AuthRefusalLabels {
+                    reason: error.label(),
+                    door,
+                });
+            }
+        }
+    }
+
+    /// A call refused at `door` (`grpc`, `http`) for its API key.
+    pub fn auth_refused(&self, door: &'static str, error: &crate::auth::AuthError) {
+        self.auth_refusals
+            .get_or_create(&AuthRefusalLabels {
+                reason: error.label(),
+                door,
+            })
+            .inc();
     }
 
     pub fn quota_refused(&self, limit: &'static str) {

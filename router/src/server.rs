@@ -150,6 +150,9 @@ pub async fn run_router_with_endpoints(
     let fallback_policy = config.default_policy();
     let (policy, policy_tx) = PolicyHandle::pending(fallback_policy.clone());
     let metrics = crate::metrics::RouterMetrics::register(&config.metrics);
+    if api_keys.is_some() {
+        metrics.count_auth_refusals();
+    }
     links.set_identity_rejections(metrics.identity_rejections.clone());
     let (leader_tx, leader_rx) = watch::channel(None);
     let reports = crate::report::Reporter::start(
@@ -212,7 +215,7 @@ pub async fn run_router_with_endpoints(
             InferenceServer::new(InferenceService::new(dispatcher.clone()))
                 .accept_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Deflate),
-            AuthInterceptor::new(api_keys.clone()),
+            AuthInterceptor::new(api_keys.clone(), dispatcher.metrics.clone()),
         ));
     let bind_error = |source| RouterError::Bind {
         addr: config_listen,

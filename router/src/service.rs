@@ -16,6 +16,7 @@ use tracing::debug;
 use crate::auth::{AUTHORIZATION, ApiKeys, Tenant};
 use crate::dispatch::{Dispatcher, frame_channel};
 use crate::error::failed_status;
+use crate::metrics::RouterMetrics;
 use crate::session::{SESSION_BUFFER, Session, run_session};
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 
@@ -188,11 +189,12 @@ fn with_failure_status(item: FrameItem) -> futures::stream::Iter<impl Iterator<I
 #[derive(Clone)]
 pub struct AuthInterceptor {
     keys: Option<Arc<ApiKeys>>,
+    metrics: RouterMetrics,
 }
 
 impl AuthInterceptor {
-    pub fn new(keys: Option<Arc<ApiKeys>>) -> Self {
-        Self { keys }
+    pub fn new(keys: Option<Arc<ApiKeys>>, metrics: RouterMetrics) -> Self {
+        Self { keys, metrics }
     }
 }
 
@@ -203,13 +205,16 @@ impl tonic::service::Interceptor for AuthInterceptor {
         };
         let header = request.metadata().get(AUTHORIZATION);
         let value = match header.map(|v| v.to_str()) {
-            None => None,
-            Some(Ok(value)) => Some(value),
-            Some(Err(_)) => return Err(crate::auth::AuthError::Malformed.into()),
+            None => Ok(None),
+            Some(Ok(value)) => Ok(Some(value)),
+            Some(Err(_)) => Err(crate::auth::AuthError::Malformed),
         };
-        let tenant = keys.authenticate(value).inspect_err(|error| {
-            debug!(%error, "inference call refused");
-        })?;
+        let tenant = value
+            .and_then(|value| keys.authenticate(value))
+            .inspect_err(|error| {
+                debug!(%error, "inference call refused");
+                self.metrics.auth_refused("grpc", error);
+            })?;
         request.extensions_mut().insert(tenant);
         Ok(request)
     }

@@ -230,6 +230,26 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
     }
     let models = http.get(format!("{base}/models")).send().await?;
     assert_eq!(models.status(), 401);
+    // Each refusal is counted by reason and front door.
+    let metrics = http
+        .get(format!("http://{}/metrics", cluster.router.addr("http")))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for door in ["grpc", "http"] {
+        for reason in ["missing", "unknown"] {
+            let series = format!(
+                "switchyard_router_auth_refusals_total{{reason=\"{reason}\",door=\"{door}\"}} "
+            );
+            let count: u64 = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(&series))
+                .unwrap_or_else(|| panic!("no {series}in {metrics}"))
+                .parse()?;
+            assert!(count > 0, "{series}{count}");
+        }
+    }
     let models = http
         .get(format!("{base}/models"))
         .bearer_auth(ACME_KEY)

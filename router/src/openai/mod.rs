@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{AUTHORIZATION, ApiKeys, AuthError};
 use crate::dispatch::Dispatcher;
+use crate::metrics::RouterMetrics;
 
 pub use error::ApiError;
 
@@ -43,7 +44,13 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .route("/v1/models", get(handlers::list_models))
         .route("/v1/models/{model}", get(handlers::get_model));
     let api = match keys {
-        Some(keys) => api.route_layer(middleware::from_fn_with_state(keys, authenticate)),
+        Some(keys) => {
+            let gate = Gate {
+                keys,
+                metrics: dispatcher.metrics.clone(),
+            };
+            api.route_layer(middleware::from_fn_with_state(gate, authenticate))
+        }
         None => api,
     };
     let metrics = dispatcher.config.metrics.router();
@@ -80,9 +87,16 @@ pub async fn serve(
     }
 }
 
+/// What the HTTP door's API-key check needs.
+#[derive(Clone)]
+struct Gate {
+    keys: Arc<ApiKeys>,
+    metrics: RouterMetrics,
+}
+
 /// Checks `Authorization: Bearer <key>` and attaches the key's tenant to the request.
 async fn authenticate(
-    State(keys): State<Arc<ApiKeys>>,
+    State(Gate { keys, metrics }): State<Gate>,
     mut request: Request,
     next: Next,
 ) -> Response {
@@ -98,6 +112,7 @@ async fn authenticate(
         }
         Err(error) => {
             tracing::debug!(%error, path = request.uri().path(), "http request refused");
+            metrics.auth_refused("http", &error);
             let mut response = ApiError::unauthenticated(error).into_response();
             handlers::tag_with_request_id(&mut response, request.headers(), request.uri().path());
             response
@@ -113,26 +128,38 @@ mod tests {
 
     use super::*;
 
-    /// A generation endpoint behind the API-key check, whose handler never runs here.
-    fn guarded() -> Router {
+    /// A generation endpoint behind the API-key check, whose handler never runs here, counting
+    /// its refusals in `metrics`.
+    fn guarded(metrics: &RouterMetrics) -> Router {
         let keys = ApiKeys::from_json(r#"{"keys": [{"key": "sk-acme-1", "tenant": "acme"}]}"#)
             .expect("valid keys");
+        let gate = Gate {
+            keys: Arc::new(keys),
+            metrics: metrics.clone(),
+        };
         Router::new()
             .route("/v1/chat/completions", post(|| async { "ran" }))
-            .route_layer(middleware::from_fn_with_state(Arc::new(keys), authenticate))
+            .route_layer(middleware::from_fn_with_state(gate, authenticate))
     }
 
     /// A request refused for its API key is answered with its request id too, as every answer
-    /// of a generation endpoint is: the client's own, else a new one.
+    /// of a generation endpoint is: the client's own, else a new one. Each refusal is counted by
+    /// reason.
     #[tokio::test]
-    async fn a_refused_api_key_is_answered_with_the_request_id() {
+    async fn a_refused_api_key_is_answered_with_the_request_id_and_counted() {
+        let registry = switchyard_cluster::telemetry::metrics::Metrics::new();
+        let metrics = RouterMetrics::register(&registry);
+        metrics.count_auth_refusals();
+        let guarded = guarded(&metrics);
         let refused = |request_id: Option<&str>| {
             let mut request = axum::http::Request::post("/v1/chat/completions")
                 .header(AUTHORIZATION, "Bearer sk-wrong");
             if let Some(id) = request_id {
                 request = request.header("x-request-id", id);
             }
-            guarded().oneshot(request.body(Body::empty()).expect("request"))
+            guarded
+                .clone()
+                .oneshot(request.body(Body::empty()).expect("request"))
         };
         let response = refused(Some("my-req-1")).await.expect("answered");
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
@@ -141,5 +168,11 @@ mod tests {
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
         let id = response.headers()["x-request-id"].to_str().expect("ascii");
         assert!(id.starts_with("chatcmpl-"), "{id}");
+        let text = registry.encode();
+        let count = |reason: &str| {
+            format!("switchyard_router_auth_refusals_total{{reason=\"{reason}\",door=\"http\"}}")
+        };
+        assert!(text.contains(&format!("{} 2", count("unknown"))), "{text}");
+        assert!(text.contains(&format!("{} 0", count("missing"))), "{text}");
     }
 }
