@@ -56,7 +56,16 @@ impl FieldViolation {
     }
 }
 
-const ROLES: [&str; 3] = ["system", "user", "assistant"];
+const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+
+/// Rewrites OpenAI's newer name for system instructions, `developer`, to `system`: the
+/// workers' chat templates (and the prefix cache's keys) know `system` only, so the two
+/// spellings must reach them as one.
+pub fn canonicalize_roles(messages: &mut [ChatMessage]) {
+    for message in messages.iter_mut().filter(|m| m.role == "developer") {
+        message.role = "system".into();
+    }
+}
 
 /// Checks a `GenerateRequest` against the wire rules and `limits`. Does not check that the
 /// model exists: that needs the cluster's membership view.
@@ -349,7 +358,7 @@ fn validate_messages(
             return Err(FieldViolation::new(
                 format!("{field}[{i}].role"),
                 format!(
-                    "is {:?}, must be one of system, user, assistant",
+                    "is {:?}, must be one of system, developer (= system), user, assistant",
                     message.role
                 ),
             ));

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 use switchyard_proto::v1::{self, client_frame};
-use switchyard_proto::validate::validate_interrupt;
+use switchyard_proto::validate::{canonicalize_roles, validate_interrupt};
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Status, Streaming};
 use tracing::{debug, info};
@@ -189,7 +189,7 @@ async fn handle_frame(
                     .await;
             }
         }
-        client_frame::Frame::Interrupt(interrupt) => {
+        client_frame::Frame::Interrupt(mut interrupt) => {
             let request_id = interrupt.request_id.clone();
             if let Err(violation) = validate_interrupt(&interrupt, dispatcher.limits()) {
                 let error = DispatchError::from(violation);
@@ -198,6 +198,7 @@ async fn handle_frame(
                     .await;
                 return;
             }
+            canonicalize_roles(&mut interrupt.messages);
             if let Some(control) = running.get(&request_id) {
                 let _ = control.send(Control::Interrupt(Box::new(interrupt)));
             } else {

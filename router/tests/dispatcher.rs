@@ -723,6 +723,45 @@ async fn an_interrupt_continues_with_the_new_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_developer_message_reaches_the_worker_as_system_instructions() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster.script.set("ask", [Plan::fault(Fault::HoldAfter(2))]);
+    let message = |role: &str, content: &str| ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    };
+    let mut session = cluster.session().await;
+    let mut asked = request("d", "ask", 20, RequestClass::Auto);
+    asked.messages.insert(0, message("developer", "be brief"));
+    session.start(asked);
+    session.tokens("d", 2).await;
+    session.send(client_frame::Frame::Interrupt(v1::Interrupt {
+        request_id: "d".into(),
+        messages: vec![message("developer", "briefer"), message("user", "again")],
+        keep_generated: false,
+    }));
+    assert!(session.end("d").await.finished.is_some());
+
+    let engine = cluster.engine(0);
+    let first = start_on(engine, "ask").await;
+    assert_eq!(first.messages[0], message("system", "be brief"));
+    let second = start_on(engine, "again").await;
+    assert!(
+        second.messages.contains(&message("system", "briefer")),
+        "{:?}",
+        second.messages
+    );
+    assert!(
+        engine
+            .events()
+            .into_iter()
+            .filter_map(Start::of)
+            .all(|s| s.messages.iter().all(|m| m.role != "developer")),
+        "no worker ever sees the role `developer`"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_the_router_refuses_leave_the_running_request_alone() {
     let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
     cluster

@@ -113,7 +113,7 @@ fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
         && r.prompt.len() <= limits.max_message_bytes
         && r.messages.len() <= limits.max_messages
         && r.messages.iter().all(|m| {
-            ["system", "user", "assistant"].contains(&m.role.as_str())
+            ["system", "developer", "user", "assistant"].contains(&m.role.as_str())
                 && m.content.len() <= limits.max_message_bytes
         })
         && (1..=limits.max_tokens_cap).contains(&s.max_tokens)

@@ -22,6 +22,7 @@ use std::time::Duration;
 use switchyard_cluster::driven::DrivenReceiver;
 use switchyard_cluster::telemetry::propagation::{self, RemoteContext};
 use switchyard_proto::RequestLimits;
+use switchyard_proto::validate::canonicalize_roles;
 use switchyard_proto::v1;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -260,11 +261,14 @@ impl Dispatcher {
 
     async fn prepare_bounded(
         &self,
-        request: v1::GenerateRequest,
+        mut request: v1::GenerateRequest,
         parent: RemoteContext,
         bound: OutputBound,
     ) -> Result<Prepared, DispatchError> {
         let arrived = Instant::now();
+        // Before anything reads the roles: the prompt's tokens and its prefix-cache keys
+        // must not depend on which name for system instructions a client used.
+        canonicalize_roles(&mut request.messages);
         let tokenized = self.tokenize_long(&request).await;
         self.prepare_tokenized(request, parent, arrived, tokenized, bound)
     }

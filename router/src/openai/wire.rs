@@ -444,9 +444,9 @@ fn chat_messages(messages: Option<Vec<Value>>) -> Result<Vec<v1::ChatMessage>, A
                 ));
             }
             let role = match m.get("role").and_then(Value::as_str) {
-                Some(r @ ("system" | "user" | "assistant")) => r.to_string(),
-                // OpenAI's newer name for system instructions.
-                Some("developer") => "system".to_string(),
+                // `developer` (OpenAI's newer name for system instructions) becomes `system`
+                // where every door's requests are validated.
+                Some(r @ ("system" | "developer" | "user" | "assistant")) => r.to_string(),
                 Some(other) => {
                     return Err(ApiError::invalid(
                         format!("messages[{i}].role"),
@@ -586,7 +586,7 @@ mod tests {
         )
         .expect("valid");
         assert_eq!(request.model, "m");
-        assert_eq!(request.messages[0].role, "system");
+        assert_eq!(request.messages[0].role, "developer");
         assert_eq!(request.messages[1].content, "hi there");
         let sampling = request.sampling.expect("sampling");
         assert_eq!(sampling.max_tokens, DEFAULT_MAX_TOKENS);
