@@ -168,6 +168,7 @@ impl ConnectionArgs {
         ConnectionTimeouts {
             header_read: self.header_read_timeout,
             idle: self.idle_timeout,
+            max_age: None,
         }
     }
 
@@ -272,6 +273,12 @@ pub struct RouterArgs {
     /// RESOURCE_EXHAUSTED while the session stays open.
     #[arg(long, env = "SWITCHYARD_MAX_SESSION_REQUESTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_session_requests: u32,
+    /// A client connection (gRPC or HTTP) open this long is asked to go away: HTTP/2 GOAWAY
+    /// (its open calls and Sessions carry on), HTTP/1 closed after its request in progress;
+    /// the client reconnects for what comes next, so behind a load balancer long-lived
+    /// clients spread onto router replicas added since they connected. Unset: never.
+    #[arg(long, env = "SWITCHYARD_MAX_CONNECTION_AGE", value_parser = humantime::parse_duration)]
+    pub max_connection_age: Option<Duration>,
     /// Streams (calls, sessions) one gRPC connection may have open at once (HTTP/2
     /// SETTINGS_MAX_CONCURRENT_STREAMS); a client opening more waits for one to end.
     #[arg(long, env = "SWITCHYARD_MAX_CONNECTION_STREAMS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
@@ -310,7 +317,10 @@ impl RouterArgs {
             stream_credit_tokens: self.stream_credit_tokens,
             drain_timeout: self.drain_timeout,
             tls: self.tls.files(),
-            connections: self.connections.timeouts(),
+            connections: ConnectionTimeouts {
+                max_age: self.max_connection_age,
+                ..self.connections.timeouts()
+            },
             ..RouterConfig::default()
         }
     }
@@ -596,6 +606,7 @@ async fn start_router(args: &RouterArgs) -> anyhow::Result<RouterStart> {
         cluster_token,
         ..args.config()
     };
+    config.connections.validate().map_err(anyhow::Error::msg)?;
     args.metrics
         .serve("router", &config.metrics, connections, &shutdown)
         .await?;

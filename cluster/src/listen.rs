@@ -64,6 +64,12 @@ pub struct ConnectionTimeouts {
     pub header_read: Duration,
     /// A connection that exchanged no bytes either way for this long is closed.
     pub idle: Duration,
+    /// A connection open this long is asked to go away (HTTP/2 `GOAWAY`; HTTP/1 closed after
+    /// the request in progress): what it has open finishes, and the client opens a new
+    /// connection for what comes next — which the load balancer in front of several
+    /// replicas may send elsewhere, so that long-lived clients spread onto replicas added
+    /// since they connected. `None`: never (gRPC's default too).
+    pub max_age: Option<Duration>,
 }
 
 impl Default for ConnectionTimeouts {
@@ -71,6 +77,7 @@ impl Default for ConnectionTimeouts {
         Self {
             header_read: Duration::from_secs(10),
             idle: Duration::from_secs(300),
+            max_age: None,
         }
     }
 }
@@ -82,6 +89,9 @@ impl ConnectionTimeouts {
         }
         if self.idle.is_zero() {
             return Err("idle timeout: must be more than 0".into());
+        }
+        if self.max_age.is_some_and(|age| age.is_zero()) {
+            return Err("max connection age: must be more than 0 (leave it unset for none)".into());
         }
         Ok(())
     }
@@ -380,7 +390,8 @@ async fn accept(listener: &TcpListener, failures: &mut u64) -> (TcpStream, Socke
 
 /// Serves `app` over HTTP/1.1 and HTTP/2 on `incoming` until `shutdown` fires, then lets
 /// open requests finish (like `axum::serve(..).with_graceful_shutdown`), with hyper's
-/// header-read timeout, which `axum::serve` does not set.
+/// header-read timeout, which `axum::serve` does not set, and connections retired gracefully
+/// at [`ConnectionTimeouts::max_age`].
 pub async fn serve_http<Io>(
     mut incoming: Incoming<Io>,
     app: axum::Router,
@@ -399,7 +410,8 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(timeouts.header_read);
     builder.http2().timer(TokioTimer::new());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Every connection's task holds a sender: once all have ended, `recv` answers `None`.
+    let (open, mut all_closed) = mpsc::channel::<()>(1);
     loop {
         let io = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -416,15 +428,36 @@ where
         let connection = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let (open, shutdown) = (open.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let _open = open;
+            let mut connection = std::pin::pin!(connection);
+            let retire = async {
+                match timeouts.max_age {
+                    Some(age) => tokio::time::sleep(age).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = retire => {
+                    debug!("asking a connection past its max age to go away");
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 debug!(%error, "http connection closed");
             }
         });
     }
     drop(incoming);
-    graceful.shutdown().await;
+    drop(open);
+    all_closed.recv().await;
     Ok(())
 }
 
@@ -481,6 +514,7 @@ mod tests {
         ConnectionTimeouts {
             header_read: Duration::from_millis(header_read_ms),
             idle: Duration::from_millis(idle_ms),
+            max_age: None,
         }
     }
 
@@ -519,6 +553,64 @@ mod tests {
                 Ok(n) => out.extend_from_slice(&buf[..n]),
             }
         }
+    }
+
+    /// An HTTP server whose connections retire at `max_age`; `/slow` answers after twice that.
+    async fn http_server(max_age: Duration) -> SocketAddr {
+        let app = axum::Router::new()
+            .route("/", axum::routing::get(|| async { "ok" }))
+            .route(
+                "/slow",
+                axum::routing::get(move || async move {
+                    tokio::time::sleep(max_age * 2).await;
+                    "slow but whole"
+                }),
+            );
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let timeouts = ConnectionTimeouts {
+            max_age: Some(max_age),
+            ..timeouts(10_000, 60_000)
+        };
+        let incoming = plaintext(listener, timeouts).unwrap();
+        let addr = incoming.local_addr();
+        tokio::spawn(serve_http(
+            incoming,
+            app,
+            timeouts,
+            CancellationToken::new(),
+        ));
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_keep_alive_connection_is_closed_at_its_max_age_after_the_request_in_progress() {
+        let max_age = Duration::from_millis(300);
+        let addr = http_server(max_age).await;
+
+        // Idle between requests at its max age: closed then (the idle timeout is 60 s).
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let connected = Instant::now();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
+            .await
+            .expect("a connection past its max age is closed");
+        let answered = String::from_utf8_lossy(&answered);
+        assert!(answered.ends_with("\r\n\r\nok"), "{answered}");
+        assert!(connected.elapsed() >= max_age, "{:?}", connected.elapsed());
+
+        // Busy at its max age: the request in progress is answered whole, then it closes.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
+            .await
+            .expect("a connection past its max age is closed");
+        let answered = String::from_utf8_lossy(&answered);
+        assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+        assert!(answered.ends_with("slow but whole"), "{answered}");
     }
 
     #[tokio::test]

@@ -199,9 +199,14 @@ pub async fn run_router_with_endpoints(
         switchyard_proto::introspection::reflection_services(&[
             <InferenceServer<()> as tonic::server::NamedService>::NAME,
         ]);
-    let grpc = tonic::transport::Server::builder()
+    let mut grpc = tonic::transport::Server::builder()
         // Unset, tonic lets one connection open streams without bound.
-        .max_concurrent_streams(Some(max_connection_streams))
+        .max_concurrent_streams(Some(max_connection_streams));
+    if let Some(age) = connections.max_age {
+        // No grace after it: a Session open then is never cut, only new calls move.
+        grpc = grpc.max_connection_age(age);
+    }
+    let grpc = grpc
         .layer(tower::util::MapResponseLayer::new(
             crate::decode_errors::as_client_fault::<tonic::body::Body>,
         ))

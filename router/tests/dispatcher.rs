@@ -725,7 +725,9 @@ async fn an_interrupt_continues_with_the_new_messages() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_developer_message_reaches_the_worker_as_system_instructions() {
     let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
-    cluster.script.set("ask", [Plan::fault(Fault::HoldAfter(2))]);
+    cluster
+        .script
+        .set("ask", [Plan::fault(Fault::HoldAfter(2))]);
     let message = |role: &str, content: &str| ChatMessage {
         role: role.into(),
         content: content.into(),

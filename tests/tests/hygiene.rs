@@ -468,3 +468,83 @@ async fn a_connection_is_told_how_many_streams_it_may_open() -> anyhow::Result<(
     assert_eq!(connection.max_concurrent_send_streams(), 7);
     Ok(())
 }
+
+/// Reads `session` until request `id` ends; returns how many tokens it delivered.
+async fn tokens_until_finished(
+    session: &mut tonic::Streaming<v1::ServerFrame>,
+    id: &str,
+) -> anyhow::Result<u32> {
+    let mut tokens = 0;
+    loop {
+        let frame = tokio::time::timeout(PATIENCE, session.message())
+            .await
+            .context("no frame")??
+            .context("the session ended while streaming")?;
+        match frame.frame {
+            Some(Frame::Tokens(chunk)) if chunk.request_id == id => {
+                tokens += chunk.token_ids.len() as u32;
+            }
+            Some(Frame::Finished(finished)) if finished.request_id == id => return Ok(tokens),
+            Some(Frame::Failed(failed)) => anyhow::bail!("request failed: {failed:?}"),
+            _ => {}
+        }
+    }
+}
+
+/// With `--max-connection-age`, the router asks a connection that old to go away (HTTP/2
+/// GOAWAY, so clients behind a load balancer spread onto replicas added since), and what it
+/// has open carries on: a `Session` streaming across the age is not cut and takes new requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_past_its_max_age_is_asked_to_go_away_and_its_open_session_carries_on()
+-> anyhow::Result<()> {
+    let age = Duration::from_secs(1);
+    let etcd = Etcd::start().await?;
+    let _gpu = worker(
+        &etcd,
+        "gpu-0",
+        &["--synthetic-tokens-per-s", "10", "--max-chunk-tokens", "1"],
+        1,
+    )
+    .await?;
+    let router = router(&etcd, &["--max-connection-age", "1s"]).await?;
+    let grpc = router.addr("grpc");
+    wait_for_workers(grpc, &["gpu-0"]).await?;
+
+    // A raw HTTP/2 connection with nothing open: told to go away at its age, then closed.
+    let connected = Instant::now();
+    let (_send, connection) = h2::client::handshake(TcpStream::connect(grpc).await?).await?;
+    tokio::time::timeout(PATIENCE, connection)
+        .await
+        .context("a connection past its max age was kept")?
+        .context("the connection ended with an error, not a GOAWAY")?;
+    let lived = connected.elapsed();
+    assert!(lived >= age.mul_f32(0.9), "closed after {lived:?}");
+
+    // A Session streaming across its connection's age: every token arrives, and it still
+    // takes a request afterwards.
+    let mut client = InferenceClient::new(quiet_channel(grpc).await?);
+    let (tx, rx) = tokio::sync::mpsc::channel::<v1::ClientFrame>(4);
+    let mut session = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let start = |id: &str, tokens: u32| v1::ClientFrame {
+        frame: Some(v1::client_frame::Frame::Start(synthetic_request(
+            id,
+            v1::RequestClass::Auto,
+            "across the age",
+            tokens,
+        ))),
+    };
+    let opened = Instant::now();
+    tx.send(start("across", 25)).await?;
+    assert_eq!(tokens_until_finished(&mut session, "across").await?, 25);
+    assert!(
+        opened.elapsed() > age,
+        "streamed only {:?}",
+        opened.elapsed()
+    );
+    tx.send(start("after", 3)).await?;
+    assert_eq!(tokens_until_finished(&mut session, "after").await?, 3);
+    Ok(())
+}
