@@ -582,33 +582,31 @@ mod tests {
         addr
     }
 
+    /// Sends one keep-alive `GET path`; returns all the server sent until it closed.
+    async fn get_until_closed(addr: SocketAddr, path: &str) -> String {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
+            .await
+            .expect("a connection past its max age is closed");
+        String::from_utf8_lossy(&answered).into_owned()
+    }
+
     #[tokio::test]
     async fn a_keep_alive_connection_is_closed_at_its_max_age_after_the_request_in_progress() {
         let max_age = Duration::from_millis(300);
         let addr = http_server(max_age).await;
 
         // Idle between requests at its max age: closed then (the idle timeout is 60 s).
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
         let connected = Instant::now();
-        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
-            .await
-            .expect("a connection past its max age is closed");
-        let answered = String::from_utf8_lossy(&answered);
+        let answered = get_until_closed(addr, "/").await;
         assert!(answered.ends_with("\r\n\r\nok"), "{answered}");
         assert!(connected.elapsed() >= max_age, "{:?}", connected.elapsed());
 
         // Busy at its max age: the request in progress is answered whole, then it closes.
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        tcp.write_all(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n")
-            .await
-            .unwrap();
-        let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
-            .await
-            .expect("a connection past its max age is closed");
-        let answered = String::from_utf8_lossy(&answered);
+        let answered = get_until_closed(addr, "/slow").await;
         assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
         assert!(answered.ends_with("slow but whole"), "{answered}");
     }

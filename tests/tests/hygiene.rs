@@ -161,6 +161,24 @@ async fn silent_and_half_sent_connections_are_closed_within_the_header_read_time
 }
 
 /// A gRPC channel without keepalive pings: its connection is silent when unused.
+/// etcd, a worker `gpu-0` sending 10 tokens a second one at a time, and a router with
+/// `router_flags` routing to it.
+async fn slowly_streaming_cluster(
+    router_flags: &[&str],
+) -> anyhow::Result<(Etcd, Component, Component)> {
+    let etcd = Etcd::start().await?;
+    let gpu = worker(
+        &etcd,
+        "gpu-0",
+        &["--synthetic-tokens-per-s", "10", "--max-chunk-tokens", "1"],
+        1,
+    )
+    .await?;
+    let router = router(&etcd, router_flags).await?;
+    wait_for_workers(router.addr("grpc"), &["gpu-0"]).await?;
+    Ok((etcd, gpu, router))
+}
+
 async fn quiet_channel(addr: SocketAddr) -> anyhow::Result<Channel> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
         .connect()
@@ -171,21 +189,9 @@ async fn quiet_channel(addr: SocketAddr) -> anyhow::Result<Channel> {
 async fn a_streaming_session_outlives_the_idle_timeout_and_an_unused_one_is_closed()
 -> anyhow::Result<()> {
     let idle = Duration::from_secs(2);
-    let etcd = Etcd::start().await?;
     // 10 tokens a second, each sent at once: the stream is never silent for 2 s.
-    let _gpu = worker(
-        &etcd,
-        "gpu-0",
-        &["--synthetic-tokens-per-s", "10", "--max-chunk-tokens", "1"],
-        1,
-    )
-    .await?;
-    let router = router(
-        &etcd,
-        &["--header-read-timeout", "1s", "--idle-timeout", "2s"],
-    )
-    .await?;
-    wait_for_workers(router.addr("grpc"), &["gpu-0"]).await?;
+    let (_etcd, _gpu, router) =
+        slowly_streaming_cluster(&["--header-read-timeout", "1s", "--idle-timeout", "2s"]).await?;
 
     let mut client = InferenceClient::new(quiet_channel(router.addr("grpc")).await?);
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::ClientFrame>(4);
@@ -498,17 +504,8 @@ async fn tokens_until_finished(
 async fn a_connection_past_its_max_age_is_asked_to_go_away_and_its_open_session_carries_on()
 -> anyhow::Result<()> {
     let age = Duration::from_secs(1);
-    let etcd = Etcd::start().await?;
-    let _gpu = worker(
-        &etcd,
-        "gpu-0",
-        &["--synthetic-tokens-per-s", "10", "--max-chunk-tokens", "1"],
-        1,
-    )
-    .await?;
-    let router = router(&etcd, &["--max-connection-age", "1s"]).await?;
+    let (_etcd, _gpu, router) = slowly_streaming_cluster(&["--max-connection-age", "1s"]).await?;
     let grpc = router.addr("grpc");
-    wait_for_workers(grpc, &["gpu-0"]).await?;
 
     // A raw HTTP/2 connection with nothing open: told to go away at its age, then closed.
     let connected = Instant::now();
