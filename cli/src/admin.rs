@@ -4,6 +4,7 @@
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use switchyard_proto::v1::{self, admin_client::AdminClient};
@@ -32,7 +33,8 @@ pub struct AdminArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum AdminCommand {
-    /// The registered workers: id, pool, state, slots, address and models.
+    /// The registered workers: id, pool, state, slots, address and models; a worker the
+    /// control plane cannot reach is `unreachable`, and a last column says why.
     Workers,
     /// Drain a worker: it finishes what it runs and takes nothing new.
     Drain { worker_id: String },
@@ -173,7 +175,10 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
                 .map_err(refused)?
                 .into_inner()
                 .workers;
-            print!("{}", workers_table(&workers));
+            let now_unix_ms = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            print!("{}", workers_table(&workers, now_unix_ms));
         }
         AdminCommand::Drain { worker_id } => {
             let answer = client
@@ -304,22 +309,58 @@ fn authorized<T>(token: Option<&str>, message: T) -> anyhow::Result<tonic::Reque
     Ok(request)
 }
 
-/// One line a worker, columns aligned, under a header.
-fn workers_table(workers: &[v1::WorkerInfo]) -> String {
-    let header = ["ID", "POOL", "STATE", "SLOTS", "ADDRESS", "MODELS"].map(String::from);
-    let rows: Vec<[String; 6]> = std::iter::once(header)
+/// What the STATE column says of `worker`: the state its record advertises, except that a
+/// worker advertising `ready` that the control plane has no load stream to is `unreachable`
+/// (no ready capacity, as `GetClusterStats` counts it and the dashboard shows it).
+fn shown_state(worker: &v1::WorkerInfo) -> &str {
+    match &worker.unreachable {
+        Some(_) if worker.state == "ready" => "unreachable",
+        _ => &worker.state,
+    }
+}
+
+/// Why the control plane has no load stream to the worker, for the WHY column.
+fn why_unreachable(down: &v1::WorkerUnreachable, now_unix_ms: i64) -> String {
+    let failing_for = Duration::from_secs(
+        u64::try_from(now_unix_ms.saturating_sub(down.since_unix_ms) / 1000).unwrap_or(0),
+    );
+    let attempts = match down.attempts {
+        1 => "1 attempt".to_string(),
+        n => format!("{n} attempts"),
+    };
+    format!(
+        "no load stream for {} ({attempts}): {}",
+        humantime::format_duration(failing_for),
+        down.reason
+    )
+}
+
+/// One line a worker, columns aligned, under a header; a last column, WHY, when a worker is
+/// unreachable (`now_unix_ms` says for how long).
+fn workers_table(workers: &[v1::WorkerInfo], now_unix_ms: i64) -> String {
+    let mut header = vec!["ID", "POOL", "STATE", "SLOTS", "ADDRESS", "MODELS"];
+    let why = workers.iter().any(|w| w.unreachable.is_some());
+    if why {
+        header.push("WHY");
+    }
+    let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
         .chain(workers.iter().map(|w| {
-            [
+            let mut row = vec![
                 w.id.clone(),
                 w.pool.clone(),
-                w.state.clone(),
+                shown_state(w).to_string(),
                 w.max_concurrent.to_string(),
                 w.address.clone(),
                 w.models.join(","),
-            ]
+            ];
+            if why {
+                let down = w.unreachable.as_ref();
+                row.push(down.map_or_else(String::new, |d| why_unreachable(d, now_unix_ms)));
+            }
+            row
         }))
         .collect();
-    let widths: Vec<usize> = (0..6)
+    let widths: Vec<usize> = (0..header.len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
     rows.iter()
@@ -349,12 +390,45 @@ mod tests {
             state: state.into(),
             ..Default::default()
         };
-        let table = workers_table(&[worker("gpu-0", "ready"), worker("gpu-10", "draining")]);
+        let table = workers_table(&[worker("gpu-0", "ready"), worker("gpu-10", "draining")], 0);
         assert_eq!(
             table,
             "ID      POOL  STATE     SLOTS  ADDRESS         MODELS\n\
              gpu-0   gpu   ready     16     10.0.0.1:50061  a,b\n\
              gpu-10  gpu   draining  16     10.0.0.1:50061  a,b\n"
+        );
+    }
+
+    #[test]
+    fn a_ready_worker_the_control_plane_cannot_reach_is_unreachable_and_says_why() {
+        let worker = |id: &str, state: &str, down: bool| v1::WorkerInfo {
+            id: id.into(),
+            pool: "gpu".into(),
+            address: "10.0.0.1:50061".into(),
+            models: vec!["a".into()],
+            max_concurrent: 8,
+            state: state.into(),
+            unreachable: down.then(|| v1::WorkerUnreachable {
+                reason: "Unauthenticated: cluster token not recognised".into(),
+                since_unix_ms: 1_000,
+                attempts: if state == "ready" { 13 } else { 1 },
+            }),
+            ..Default::default()
+        };
+        let table = workers_table(
+            &[
+                worker("gpu-0", "ready", false),
+                worker("gpu-1", "ready", true),
+                worker("gpu-2", "draining", true),
+            ],
+            13_500,
+        );
+        assert_eq!(
+            table,
+            "ID     POOL  STATE        SLOTS  ADDRESS         MODELS  WHY\n\
+             gpu-0  gpu   ready        8      10.0.0.1:50061  a\n\
+             gpu-1  gpu   unreachable  8      10.0.0.1:50061  a       no load stream for 12s (13 attempts): Unauthenticated: cluster token not recognised\n\
+             gpu-2  gpu   draining     8      10.0.0.1:50061  a       no load stream for 12s (1 attempt): Unauthenticated: cluster token not recognised\n"
         );
     }
 }

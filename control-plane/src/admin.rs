@@ -85,6 +85,11 @@ pub(crate) fn audit(events: &Events, caller: &Caller, via: &str, action: &str, t
 
 fn worker_info(worker: WorkerView) -> v1::WorkerInfo {
     let record = worker.record;
+    let unreachable = worker.unreachable.map(|down| v1::WorkerUnreachable {
+        reason: down.reason,
+        since_unix_ms: i64::try_from(down.since_unix_ms).unwrap_or(i64::MAX),
+        attempts: down.attempts,
+    });
     v1::WorkerInfo {
         id: record.id,
         pool: record.pool.to_string(),
@@ -97,6 +102,7 @@ fn worker_info(worker: WorkerView) -> v1::WorkerInfo {
         version: record.version,
         state: record.state.as_str().to_string(),
         engine: record.engine,
+        unreachable,
     }
 }
 

@@ -1317,6 +1317,34 @@ async fn a_stopping_control_plane_ends_open_watches_and_exits() -> anyhow::Resul
     Ok(())
 }
 
+/// Runs `switchyard admin <args> --control-plane <address>`: (exit code, stdout, stderr).
+fn switchyard_admin(address: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = std::process::Command::new(switchyard_tests::switchyard_bin())
+        .arg("admin")
+        .args(args)
+        // After the subcommand, as kubectl users write flags (before works too).
+        .args(["--control-plane", address])
+        .output()
+        .expect("switchyard runs");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The line of `switchyard admin workers`' table that starts with `id`.
+fn table_row<'a>(table: &'a str, id: &str) -> Option<&'a str> {
+    table
+        .lines()
+        .find(|line| line.split_whitespace().next() == Some(id))
+}
+
+/// The STATE column of `id`'s line in `switchyard admin workers`' table.
+fn state_of(table: &str, id: &str) -> Option<String> {
+    table_row(table, id).and_then(|line| line.split_whitespace().nth(2).map(str::to_string))
+}
+
 /// `switchyard admin`, as an operator runs it: the workers listed, one drained and undrained,
 /// the policy merge-patched (keeping what the patch leaves out), a bad patch refused with the
 /// control plane's reason and a non-zero exit.
@@ -1329,27 +1357,8 @@ async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Resu
     })
     .await?;
     let control_plane = cluster.control_plane.addr("grpc").to_string();
-    let run_at = |address: &str, args: &[&str]| {
-        let output = std::process::Command::new(switchyard_tests::switchyard_bin())
-            .arg("admin")
-            .args(args)
-            // After the subcommand, as kubectl users write flags (before works too).
-            .args(["--control-plane", address])
-            .output()
-            .expect("switchyard runs");
-        (
-            output.status.code(),
-            String::from_utf8_lossy(&output.stdout).into_owned(),
-            String::from_utf8_lossy(&output.stderr).into_owned(),
-        )
-    };
+    let run_at = switchyard_admin;
     let run = |args: &[&str]| run_at(&control_plane, args);
-    let state_of = |table: &str, id: &str| {
-        table
-            .lines()
-            .find(|line| line.split_whitespace().next() == Some(id))
-            .and_then(|line| line.split_whitespace().nth(2).map(str::to_string))
-    };
 
     let (code, table, err) = run(&["workers"]);
     assert_eq!(code, Some(0), "{err}");
@@ -1746,13 +1755,17 @@ async fn the_sign_in_form_shows_only_when_needed_and_sign_out_clears_notices() -
     Ok(())
 }
 
-/// A worker the control plane has no load stream to — here it refuses the control plane's
-/// cluster token — is no ready capacity: `/api/stats` and `GetClusterStats` leave it out of
-/// `ready` and `ready_slots` and count it `unreachable`, its row says why (the worker's own
-/// refusal), and the control plane logs it once when it starts failing, not once per retry.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_the_control_plane_cannot_reach_is_no_ready_capacity_and_its_row_says_why()
--> anyhow::Result<()> {
+/// etcd, a control plane started with a cluster token, and two workers: `gpu-member` with that
+/// token, and `gpu-stranger` with another, so it refuses the control plane's load stream.
+struct StrangerCluster {
+    control_plane: switchyard_tests::Component,
+    _member: switchyard_tests::Component,
+    _stranger: switchyard_tests::Component,
+    _etcd: switchyard_tests::Etcd,
+    _dir: tempfile::TempDir,
+}
+
+async fn cluster_with_a_stranger() -> anyhow::Result<StrangerCluster> {
     let dir = tempfile::tempdir()?;
     let ours = dir.path().join("cluster-token");
     std::fs::write(&ours, "cluster-token-0123456789abcdef\n")?;
@@ -1760,14 +1773,14 @@ async fn a_worker_the_control_plane_cannot_reach_is_no_ready_capacity_and_its_ro
     std::fs::write(&theirs, "another-token-0123456789abcdef\n")?;
     let (ours, theirs) = (ours.display().to_string(), theirs.display().to_string());
     let etcd = switchyard_tests::Etcd::start().await?;
-    let _member = switchyard_tests::start_gpu_worker(
+    let member = switchyard_tests::start_gpu_worker(
         &etcd.url,
         "gpu-member",
         &["--cluster-token-file", &ours, "--max-concurrent", "8"],
         1,
     )
     .await?;
-    let _stranger = switchyard_tests::start_gpu_worker(
+    let stranger = switchyard_tests::start_gpu_worker(
         &etcd.url,
         "gpu-stranger",
         &["--cluster-token-file", &theirs, "--max-concurrent", "8"],
@@ -1780,6 +1793,24 @@ async fn a_worker_the_control_plane_cannot_reach_is_no_ready_capacity_and_its_ro
         &["--cluster-token-file", &ours],
     )
     .await?;
+    Ok(StrangerCluster {
+        control_plane,
+        _member: member,
+        _stranger: stranger,
+        _etcd: etcd,
+        _dir: dir,
+    })
+}
+
+/// A worker the control plane has no load stream to — here it refuses the control plane's
+/// cluster token — is no ready capacity: `/api/stats` and `GetClusterStats` leave it out of
+/// `ready` and `ready_slots` and count it `unreachable`, its row says why (the worker's own
+/// refusal), and the control plane logs it once when it starts failing, not once per retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_the_control_plane_cannot_reach_is_no_ready_capacity_and_its_row_says_why()
+-> anyhow::Result<()> {
+    let cluster = cluster_with_a_stranger().await?;
+    let control_plane = &cluster.control_plane;
     let http = control_plane.addr("http");
 
     // Wait for several failed attempts (one a second), so that a log line per retry would show.
@@ -1882,6 +1913,68 @@ async fn a_worker_the_control_plane_cannot_reach_is_no_ready_capacity_and_its_ro
         .await?;
     assert_eq!(unreachable, serde_json::json!("1"));
     browser.close().await?;
+    Ok(())
+}
+
+/// `switchyard admin workers` (and `ListWorkers` under it) says of a worker the control plane
+/// has no load stream to what `/api/workers` and the dashboard say: unreachable, and why. It
+/// listed such a worker as `ready`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_command_lists_a_worker_the_control_plane_cannot_reach_as_unreachable()
+-> anyhow::Result<()> {
+    let cluster = cluster_with_a_stranger().await?;
+    let http = cluster.control_plane.addr("http");
+    poll_until(
+        PATIENCE,
+        "the dashboard to call gpu-stranger unreachable",
+        || async {
+            let (_, body) = api(http, "/api/workers").await.ok()?;
+            let rows = body["workers"].as_array()?.clone();
+            let row = |id: &str| rows.iter().find(|w| w["id"] == id).cloned();
+            (!row("gpu-stranger")?["unreachable"].is_null()
+                && !row("gpu-member")?["load"].is_null())
+            .then_some(())
+        },
+    )
+    .await?;
+
+    let grpc = cluster.control_plane.addr("grpc");
+    let workers = admin(grpc)
+        .await?
+        .list_workers(v1::ListWorkersRequest::default())
+        .await?
+        .into_inner()
+        .workers;
+    let listed = |id: &str| workers.iter().find(|w| w.id == id).expect("listed");
+    let (stranger, member) = (listed("gpu-stranger"), listed("gpu-member"));
+    // The record's state, as the worker advertises it, and why it is not ready capacity.
+    assert_eq!(stranger.state, "ready");
+    let down = stranger.unreachable.as_ref().expect("unreachable");
+    assert!(
+        down.reason.contains("Unauthenticated")
+            && down.reason.contains("cluster token not recognised"),
+        "{down:?}"
+    );
+    assert!(down.attempts >= 1 && down.since_unix_ms > 0, "{down:?}");
+    assert_eq!(member.unreachable, None);
+
+    let (code, table, err) = switchyard_admin(&grpc.to_string(), &["workers"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        state_of(&table, "gpu-stranger").as_deref(),
+        Some("unreachable"),
+        "{table}"
+    );
+    let stranger = table_row(&table, "gpu-stranger").unwrap_or_default();
+    assert!(
+        stranger.contains("cluster token not recognised"),
+        "the line says why: {table}"
+    );
+    assert_eq!(
+        state_of(&table, "gpu-member").as_deref(),
+        Some("ready"),
+        "{table}"
+    );
     Ok(())
 }
 
