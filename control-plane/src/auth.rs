@@ -79,6 +79,12 @@ pub enum Denied {
     Unknown,
     #[error("the dashboard session has ended (expired or signed out); sign in again")]
     SessionEnded,
+    /// A session cookie this control plane did not sign as it reads: altered, forged, or signed
+    /// with another tokens file's key (changing the file ends every session).
+    #[error(
+        "the dashboard sign-in session is not valid (expired, signed out, or altered); sign in again"
+    )]
+    SessionInvalid,
     #[error("cannot check the dashboard session now: {0}")]
     SessionUnchecked(String),
     #[error("{name} is a {role} and may not {action}; an operator token is needed")]
@@ -91,11 +97,12 @@ pub enum Denied {
 
 impl Denied {
     /// Every refusal's metric label, in [`Denied::reason`]'s words.
-    pub const REASONS: [&'static str; 6] = [
+    pub const REASONS: [&'static str; 7] = [
         "missing",
         "malformed",
         "unknown",
         "session_ended",
+        "session_invalid",
         "session_unchecked",
         "viewer",
     ];
@@ -107,6 +114,7 @@ impl Denied {
             Denied::Malformed => "malformed",
             Denied::Unknown => "unknown",
             Denied::SessionEnded => "session_ended",
+            Denied::SessionInvalid => "session_invalid",
             Denied::SessionUnchecked(_) => "session_unchecked",
             Denied::Forbidden { .. } => "viewer",
         }

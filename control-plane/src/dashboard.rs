@@ -777,6 +777,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_altered_or_foreign_session_cookie_is_told_to_sign_in_again() {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let app = dashboard(Some(TOKENS), false).await;
+        let (cookie, _) = sign_in(&app).await;
+        // The claims rewritten (another name) under the original signature.
+        let (payload, tag) = cookie
+            .trim_start_matches("switchyard_admin=")
+            .split_once('.')
+            .unwrap();
+        let mut claims: Value =
+            serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        claims["name"] = json!("mallory");
+        let altered = format!(
+            "switchyard_admin={}.{tag}",
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        // A session another control plane signed (another tokens file).
+        let elsewhere = dashboard(
+            Some(&TOKENS.replace("view-token", "other-view-token")),
+            false,
+        )
+        .await;
+        let (foreign, _) = sign_in(&elsewhere).await;
+        for cookie in [altered, foreign] {
+            let (status, _, body) = call(
+                &app,
+                "POST",
+                "/api/workers/gpu-0/drain",
+                Some(&cookie),
+                "{}",
+            )
+            .await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+            let error = body["error"].as_str().unwrap();
+            assert!(
+                error.contains("session is not valid") && error.contains("sign in again"),
+                "{error}"
+            );
+            assert!(!error.contains("admin token"), "not a token: {error}");
+        }
+    }
+
+    #[tokio::test]
     async fn api_errors_are_json_uncached_and_since_is_a_whole_unix_second() {
         let app = dashboard(None, false).await;
         let (status, headers, body) = call(&app, "GET", "/api/workers/gpu-0/drain", None, "").await;

@@ -210,7 +210,7 @@ impl Sessions {
             .key
             .as_ref()
             .and_then(|key| key.open(value))
-            .ok_or(Denied::Unknown)?;
+            .ok_or(Denied::SessionInvalid)?;
         if claims.exp <= now_s() {
             return Err(Denied::SessionEnded);
         }
@@ -279,7 +279,7 @@ mod tests {
             Some(SessionKey::derive(&tokens(&changed))),
             Revocations::default(),
         );
-        assert_eq!(elsewhere.caller(&value).await, Err(Denied::Unknown));
+        assert_eq!(elsewhere.caller(&value).await, Err(Denied::SessionInvalid));
         let (payload, tag) = value.split_once('.').unwrap();
         let mut claims: Claims =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
@@ -288,14 +288,14 @@ mod tests {
             "{}.{tag}",
             URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).unwrap())
         );
-        assert_eq!(one.caller(&forged).await, Err(Denied::Unknown));
+        assert_eq!(one.caller(&forged).await, Err(Denied::SessionInvalid));
         assert_eq!(
             one.caller("op-token-0123456789").await,
-            Err(Denied::Unknown)
+            Err(Denied::SessionInvalid)
         );
         assert_eq!(
             Sessions::default().caller(&value).await,
-            Err(Denied::Unknown)
+            Err(Denied::SessionInvalid)
         );
     }
 
