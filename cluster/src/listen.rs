@@ -102,6 +102,9 @@ impl ConnectionTimeouts {
 /// open connection.
 pub struct TimedIo<T> {
     inner: T,
+    /// The address the connection came from, as accepted (it stays known after the peer hangs
+    /// up, unlike the socket's).
+    peer: SocketAddr,
     idle: Duration,
     /// Bytes received while not yet established (at most [`ESTABLISHED_BYTES`] matter).
     received: usize,
@@ -122,10 +125,16 @@ impl<T> std::fmt::Debug for TimedIo<T> {
 }
 
 impl<T> TimedIo<T> {
-    /// `inner`, accepted at `accepted`.
-    pub fn new(inner: T, timeouts: ConnectionTimeouts, accepted: Instant) -> Self {
+    /// `inner`, accepted from `peer` at `accepted`.
+    pub fn new(
+        inner: T,
+        peer: SocketAddr,
+        timeouts: ConnectionTimeouts,
+        accepted: Instant,
+    ) -> Self {
         Self {
             inner,
+            peer,
             idle: timeouts.idle,
             received: 0,
             established: false,
@@ -136,6 +145,11 @@ impl<T> TimedIo<T> {
 
     pub fn get_ref(&self) -> &T {
         &self.inner
+    }
+
+    /// The address the connection came from.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer
     }
 
     fn on_read(&mut self, n: usize) {
@@ -294,11 +308,11 @@ pub fn plaintext(
     tokio::spawn(async move {
         let mut failures = 0;
         loop {
-            let (tcp, _) = tokio::select! {
+            let (tcp, peer) = tokio::select! {
                 _ = tx.closed() => return,
                 accepted = accept(&listener, &mut failures) => accepted,
             };
-            let io = TimedIo::new(tcp, timeouts, Instant::now());
+            let io = TimedIo::new(tcp, peer, timeouts, Instant::now());
             if tx.send(io).await.is_err() {
                 return;
             }
@@ -336,7 +350,7 @@ where
                 let deadline = accepted_at + timeouts.header_read;
                 match tokio::time::timeout_at(deadline, handshaking).await {
                     Ok(Ok(io)) => {
-                        let _ = tx.send(TimedIo::new(io, timeouts, accepted_at)).await;
+                        let _ = tx.send(TimedIo::new(io, peer, timeouts, accepted_at)).await;
                     }
                     // Plaintext clients on a TLS port, untrusted client certificates,
                     // scanners: the peer sees the connection closed.
@@ -391,9 +405,11 @@ async fn accept(listener: &TcpListener, failures: &mut u64) -> (TcpStream, Socke
 /// Serves `app` over HTTP/1.1 and HTTP/2 on `incoming` until `shutdown` fires, then lets
 /// open requests finish (like `axum::serve(..).with_graceful_shutdown`), with hyper's
 /// header-read timeout, which `axum::serve` does not set, and connections retired gracefully
-/// at [`ConnectionTimeouts::max_age`].
+/// at [`ConnectionTimeouts::max_age`]. Handlers can extract the caller's address as
+/// `axum::extract::ConnectInfo<SocketAddr>`, as with axum's
+/// `into_make_service_with_connect_info::<SocketAddr>()`.
 pub async fn serve_http<Io>(
-    mut incoming: Incoming<Io>,
+    mut incoming: Incoming<TimedIo<Io>>,
     app: axum::Router,
     timeouts: ConnectionTimeouts,
     shutdown: CancellationToken,
@@ -403,6 +419,7 @@ where
 {
     use futures::StreamExt as _;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::Layer as _;
 
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
@@ -424,7 +441,9 @@ where
                 None => break,
             },
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connect_info = axum::Extension(axum::extract::ConnectInfo(io.peer_addr()));
+        let service =
+            hyper_util::service::TowerToHyperService::new(connect_info.layer(app.clone()));
         let connection = builder
             .serve_connection(TokioIo::new(io), service)
             .into_owned();
@@ -592,6 +611,34 @@ mod tests {
             .await
             .expect("a connection past its max age is closed");
         String::from_utf8_lossy(&answered).into_owned()
+    }
+
+    #[tokio::test]
+    async fn handlers_see_the_address_a_connection_came_from() {
+        use axum::extract::ConnectInfo;
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move {
+                peer.to_string()
+            }),
+        );
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let incoming = plaintext(listener, timeouts(10_000, 60_000)).unwrap();
+        let addr = incoming.local_addr();
+        tokio::spawn(serve_http(
+            incoming,
+            app,
+            timeouts(10_000, 60_000),
+            CancellationToken::new(),
+        ));
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let me = tcp.local_addr().unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answered = String::from_utf8_lossy(&read_to_close(&mut tcp).await).into_owned();
+        assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+        assert!(answered.ends_with(&format!("\r\n\r\n{me}")), "{answered}");
     }
 
     #[tokio::test]

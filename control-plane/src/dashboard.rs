@@ -29,7 +29,9 @@
 //! Errors are `{"error": "..."}` with 400 (bad id), 404 (unknown worker), 409 (this replica is
 //! not the leader; `leader` names it) or 503 (etcd unreachable).
 
-use axum::extract::{FromRef, Path, Query, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRef, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -492,25 +494,33 @@ async fn identify(state: &AppState, headers: &HeaderMap) -> Result<Caller, Denie
     }
 }
 
-/// The operator making a write from the dashboard, or the answer refusing it (logged and
-/// counted).
-async fn operator(state: &AppState, headers: &HeaderMap, action: &str) -> Result<Caller, Response> {
+/// The operator making a write from the dashboard, or the answer refusing it (logged with the
+/// caller's address `peer`, and counted).
+async fn operator(
+    state: &AppState,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    action: &str,
+) -> Result<Caller, Response> {
     let caller = identify(state, headers).await;
     caller
         .and_then(|caller| auth::allowed(caller, action))
         .map_err(|refused| {
-            state.access.refused("dashboard", action, None, &refused);
+            state
+                .access
+                .refused("dashboard", action, Some(peer), &refused);
             denied(refused)
         })
 }
 
 async fn drain(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Response> {
     let plane = &state.plane;
-    let caller = operator(&state, &headers, "drain workers").await?;
+    let caller = operator(&state, &headers, peer, "drain workers").await?;
     match plane.drain(&id).await {
         Ok(already) => {
             audit(plane.events(), &caller, "dashboard", "drain", &id);
@@ -524,11 +534,12 @@ async fn drain(
 
 async fn undrain(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, Response> {
     let plane = &state.plane;
-    let caller = operator(&state, &headers, "undrain workers").await?;
+    let caller = operator(&state, &headers, peer, "undrain workers").await?;
     match plane.undrain(&id).await {
         Ok(was) => {
             audit(plane.events(), &caller, "dashboard", "undrain", &id);
@@ -562,7 +573,11 @@ fn session_cookie(state: &AppState, value: &str, max_age: u64) -> String {
 }
 
 /// Signs in with `{"token": "…"}`: checks it and sets a session cookie (not the token).
-async fn sign_in(State(state): State<AppState>, body: axum::body::Bytes) -> Response {
+async fn sign_in(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: axum::body::Bytes,
+) -> Response {
     if !state.access.required() {
         return (
             StatusCode::BAD_REQUEST,
@@ -583,7 +598,9 @@ async fn sign_in(State(state): State<AppState>, body: axum::body::Bytes) -> Resp
     let caller = match state.access.identify_token(token.trim()) {
         Ok(caller) => caller,
         Err(error) => {
-            state.access.refused("dashboard", "sign in", None, &error);
+            state
+                .access
+                .refused("dashboard", "sign in", Some(peer), &error);
             return denied(error);
         }
     };
@@ -656,7 +673,10 @@ mod tests {
             dashboard_hosts: guard::HostAllowlist::default().served_over_tls(https),
             ..Default::default()
         };
-        router(plane, security, Revocations::default())
+        // What `serve_http` gives every request: the caller's address.
+        router(plane, security, Revocations::default()).layer(
+            axum::extract::connect_info::MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))),
+        )
     }
 
     /// One request as the dashboard's own page sends it (writes with the guard's headers).

@@ -2092,8 +2092,96 @@ async fn refused_admin_writes_are_logged_and_counted_without_the_token() -> anyh
             .any(|l| l.contains("via=\"dashboard\"") && l.contains("sign in")),
         "{lines:#?}"
     );
+    // Each names the caller's address, the dashboard's too (it had none); the metric does
+    // not: one series per address would be unbounded.
+    assert!(
+        lines.iter().all(|l| l.contains("peer=127.0.0.1:")),
+        "{lines:#?}"
+    );
+    let exposition = reqwest::get(&metrics).await?.text().await?;
+    let refusal_series: Vec<&str> = exposition
+        .lines()
+        .filter(|l| l.starts_with("switchyard_control_plane_admin_refusals_total"))
+        .collect();
+    assert!(
+        refusal_series
+            .iter()
+            .all(|l| l.contains("{reason=") && !l.contains("127.0.0.1") && !l.contains("peer")),
+        "{refusal_series:#?}"
+    );
     for token in [OPERATOR, VIEWER, GUESS] {
         assert!(!log.contains(token), "a token reached the log:\n{log}");
     }
+    Ok(())
+}
+
+/// Over TLS too, the dashboard's refusals are logged with the caller's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_dashboards_refusals_name_the_callers_address() -> anyhow::Result<()> {
+    const GUESS: &str = "guessed-token-0123456789abcdef";
+    let dir = tempfile::tempdir()?;
+    let tokens = switchyard_tests::admin_tokens_file(&dir)?;
+    let pki = switchyard::tls::LocalPki::generate(&["control-plane"])?;
+    let files = pki.files("control-plane");
+    let arg = |p: &Option<std::path::PathBuf>| p.as_ref().expect("generated").display().to_string();
+    let (cert, key, ca) = (
+        arg(&files.cert_file),
+        arg(&files.key_file),
+        arg(&files.ca_file),
+    );
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let control_plane = start_control_plane(
+        &etcd.url,
+        "control-plane-0",
+        &[
+            "--admin-tokens-file",
+            &tokens,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-file",
+            &ca,
+        ],
+    )
+    .await?;
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca)?)?)
+        .build()?;
+    let http = control_plane.addr("http");
+    let post = |path: &str| {
+        client
+            .post(format!("https://{http}{path}"))
+            .header("content-type", "application/json")
+            .header("x-switchyard-csrf", "1")
+    };
+    let response = post("/api/workers/gpu-0/drain")
+        .bearer_auth(GUESS)
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let response = post("/api/session")
+        .body(serde_json::json!({ "token": GUESS }).to_string())
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::UNAUTHORIZED);
+
+    let lines = poll_until(PATIENCE, "both refusals in the log", || async {
+        let log = std::fs::read_to_string(&control_plane.log).ok()?;
+        let lines: Vec<String> = log
+            .lines()
+            .filter(|l| l.contains("admin refused"))
+            .map(str::to_string)
+            .collect();
+        (lines.len() == 2).then_some(lines)
+    })
+    .await?;
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("via=\"dashboard\"") && l.contains("peer=127.0.0.1:")),
+        "{lines:#?}"
+    );
     Ok(())
 }
