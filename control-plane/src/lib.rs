@@ -140,10 +140,12 @@ pub async fn run_control_plane(
     let membership = registry.watch_workers().await?;
     let gauges = metrics::ControlPlaneMetrics::register(&config.metrics);
     tokio::spawn(gauges.follow(membership.clone(), shutdown.clone()));
+    // One watch of the policy key, each reader (the event feed, the history's SLOs) on a receiver
+    // of its own: an etcd outage restarts it, and counts the restart, once.
     let policy = registry.watch_policy().await?;
     // Background tasks stop with the servers.
     let background = shutdown.child_token();
-    let events = events::Events::spawn(membership.clone(), policy, background.clone());
+    let events = events::Events::spawn(membership.clone(), policy.clone(), background.clone());
     let loads = loads::Loads::spawn(
         membership.clone(),
         config.security.cluster_token.clone(),
@@ -174,7 +176,6 @@ pub async fn run_control_plane(
     };
     let leadership = Leadership::start(config.election, me, background.clone());
     let standalone = matches!(election_kind, ElectionKind::Standalone);
-    let history_policy = registry.watch_policy().await?;
     let plane = ControlPlane::new(registry.clone(), loads, events, leadership.clone())
         .with_dashboard_tls(http_tls.is_some());
     metrics::register_report_drops(&config.metrics, plane.insights().dropped.clone());
@@ -183,7 +184,7 @@ pub async fn run_control_plane(
     plane.insights().spawn_ticker(
         membership.clone(),
         plane.loads().clone(),
-        history_policy,
+        policy,
         background.clone(),
     );
     if standalone {

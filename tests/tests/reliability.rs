@@ -142,6 +142,67 @@ async fn every_component_counts_its_etcd_watch_restarts() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A control plane counts one restart per etcd key it watches per freeze: it kept two watches
+/// of the policy key (one for the event feed, one for the history's SLOs), so every freeze
+/// counted two policy restarts, and an alert on the count read double.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_counts_one_restart_per_watched_key_per_etcd_freeze() -> anyhow::Result<()>
+{
+    let etcd = Etcd::start().await?;
+    let control_plane = switchyard_tests::start_control_plane(
+        &etcd.url,
+        "control-plane-0",
+        &["--metrics-addr", "127.0.0.1:0"],
+    )
+    .await?;
+    let pid = etcd.pid().expect("etcd runs").to_string();
+    let signal = |name: &str| {
+        std::process::Command::new("kill")
+            .args([name, &pid])
+            .status()
+    };
+    assert!(signal("-STOP")?.success());
+    let broken = wait_until(
+        Duration::from_secs(60),
+        "the control plane's etcd watches to break",
+        || async {
+            let Ok(metrics) = scrape(&control_plane.metrics_url()).await else {
+                return false;
+            };
+            ["workers", "policy"]
+                .iter()
+                .all(|watch| watch_restarts(&metrics, watch).is_some_and(|n| n >= 1.0))
+        },
+    )
+    .await;
+    assert!(signal("-CONT")?.success());
+    broken?;
+    // Once its watches work again, every watch that broke has counted its restart.
+    for recovered in [
+        "etcd membership watch working again",
+        "etcd key watch working again",
+    ] {
+        control_plane
+            .wait_for_log(recovered, Duration::from_secs(60))
+            .await?;
+    }
+    let metrics = scrape(&control_plane.metrics_url()).await?;
+    for watch in ["workers", "policy"] {
+        assert_eq!(
+            watch_restarts(&metrics, watch),
+            Some(1.0),
+            "restarts of the {watch} watch for one freeze:\n{metrics}"
+        );
+    }
+    let log = std::fs::read_to_string(&control_plane.log)?;
+    let policy_failures = log
+        .lines()
+        .filter(|l| l.contains("etcd key watch failed") && l.contains("/switchyard/v1/policy"))
+        .count();
+    assert_eq!(policy_failures, 1, "one policy watch broke:\n{log}");
+    Ok(())
+}
+
 async fn scrape(url: &str) -> anyhow::Result<String> {
     Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
 }
