@@ -14,7 +14,8 @@ use switchyard_cluster::credential::ClusterToken;
 
 use crate::auth::{Access, Caller};
 use crate::events::Events;
-use crate::plane::{ControlPlane, WorkerView};
+use crate::plane::{ControlPlane, WorkerView, clipped};
+use crate::spans::{self, admin_span};
 
 pub struct AdminService {
     plane: ControlPlane,
@@ -61,11 +62,13 @@ impl AdminService {
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        self.access.operator(bearer, action).map_err(|denied| {
+        let caller = self.access.operator(bearer, action).map_err(|denied| {
             let peer = request.remote_addr();
             self.access.refused("grpc", action, peer, &denied);
-            denied.into()
-        })
+            Status::from(denied)
+        })?;
+        spans::record_caller(&caller.name, caller.role.as_str());
+        Ok(caller)
     }
 }
 
@@ -114,75 +117,145 @@ impl v1::admin_server::Admin for AdminService {
         &self,
         request: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersResponse>, Status> {
-        let workers = self.plane.workers(&request.into_inner().pool).await?;
-        Ok(Response::new(v1::ListWorkersResponse {
-            workers: workers.into_iter().map(worker_info).collect(),
-        }))
+        let span = admin_span!(
+            "grpc",
+            "list_workers",
+            request.get_ref().pool.as_str(),
+            request.remote_addr(),
+            request.metadata().as_ref()
+        );
+        spans::grpc(span, async {
+            let workers = self.plane.workers(&request.into_inner().pool).await?;
+            Ok(Response::new(v1::ListWorkersResponse {
+                workers: workers.into_iter().map(worker_info).collect(),
+            }))
+        })
+        .await
     }
 
     async fn get_policy(
         &self,
-        _request: Request<v1::GetPolicyRequest>,
+        request: Request<v1::GetPolicyRequest>,
     ) -> Result<Response<v1::GetPolicyResponse>, Status> {
-        Ok(Response::new(self.plane.policy().await?))
+        let span = admin_span!(
+            "grpc",
+            "get_policy",
+            "policy",
+            request.remote_addr(),
+            request.metadata().as_ref()
+        );
+        spans::grpc(span, async {
+            Ok(Response::new(self.plane.policy().await?))
+        })
+        .await
     }
 
     async fn set_policy(
         &self,
         request: Request<v1::SetPolicyRequest>,
     ) -> Result<Response<v1::SetPolicyResponse>, Status> {
-        let caller = self.operator(&request, "set the policy")?;
-        let request = request.into_inner();
-        let document = if request.merge {
-            self.plane.merge_policy(&request.document).await?
-        } else {
-            self.plane.set_policy(&request.document).await?
-        };
-        audit(self.plane.events(), &caller, "grpc", "set_policy", "policy");
-        Ok(Response::new(v1::SetPolicyResponse { document }))
+        let span = admin_span!(
+            "grpc",
+            "set_policy",
+            "policy",
+            request.remote_addr(),
+            request.metadata().as_ref()
+        );
+        spans::grpc(span, async {
+            let caller = self.operator(&request, "set the policy")?;
+            let request = request.into_inner();
+            let document = if request.merge {
+                self.plane.merge_policy(&request.document).await?
+            } else {
+                self.plane.set_policy(&request.document).await?
+            };
+            audit(self.plane.events(), &caller, "grpc", "set_policy", "policy");
+            Ok(Response::new(v1::SetPolicyResponse { document }))
+        })
+        .await
     }
 
     async fn drain(
         &self,
         request: Request<v1::DrainRequest>,
     ) -> Result<Response<v1::DrainResponse>, Status> {
-        let caller = self.operator(&request, "drain workers")?;
-        let worker_id = request.into_inner().worker_id;
-        let already_draining = self.plane.drain(&worker_id).await?;
-        audit(self.plane.events(), &caller, "grpc", "drain", &worker_id);
-        Ok(Response::new(v1::DrainResponse {
-            worker_id,
-            already_draining,
-        }))
+        let span = admin_span!(
+            "grpc",
+            "drain",
+            clipped(&request.get_ref().worker_id).as_str(),
+            request.remote_addr(),
+            request.metadata().as_ref()
+        );
+        spans::grpc(span, async {
+            let caller = self.operator(&request, "drain workers")?;
+            let worker_id = request.into_inner().worker_id;
+            let already_draining = self.plane.drain(&worker_id).await?;
+            audit(self.plane.events(), &caller, "grpc", "drain", &worker_id);
+            Ok(Response::new(v1::DrainResponse {
+                worker_id,
+                already_draining,
+            }))
+        })
+        .await
     }
 
     async fn undrain(
         &self,
         request: Request<v1::UndrainRequest>,
     ) -> Result<Response<v1::UndrainResponse>, Status> {
-        let caller = self.operator(&request, "undrain workers")?;
-        let worker_id = request.into_inner().worker_id;
-        let was_draining = self.plane.undrain(&worker_id).await?;
-        audit(self.plane.events(), &caller, "grpc", "undrain", &worker_id);
-        Ok(Response::new(v1::UndrainResponse {
-            worker_id,
-            was_draining,
-        }))
+        let span = admin_span!(
+            "grpc",
+            "undrain",
+            clipped(&request.get_ref().worker_id).as_str(),
+            request.remote_addr(),
+            request.metadata().as_ref()
+        );
+        spans::grpc(span, async {
+            let caller = self.operator(&request, "undrain workers")?;
+            let worker_id = request.into_inner().worker_id;
+            let was_draining = self.plane.undrain(&worker_id).await?;
+            audit(self.plane.events(), &caller, "grpc", "undrain", &worker_id);
+            Ok(Response::new(v1::UndrainResponse {
+                worker_id,
+                was_draining,
+            }))
+        })
+        .await
     }
 
     async fn get_cluster_stats(
         &self,
-        _request: Request<v1::GetClusterStatsRequest>,
+        request: Request<v1::GetClusterStatsRequest>,
     ) -> Result<Response<v1::GetClusterStatsResponse>, Status> {
-        Ok(Response::new(self.plane.stats().await?.wire))
+        let span = admin_span!(
+            "grpc",
+            "get_cluster_stats",
+            "",
+            request.remote_addr(),
+            request.metadata().as_ref()
+        );
+        spans::grpc(span, async {
+            Ok(Response::new(self.plane.stats().await?.wire))
+        })
+        .await
     }
 
     type WatchEventsStream = EventStream;
 
+    /// Its span covers opening the stream, not the events that follow (for as long as the
+    /// watcher stays).
     async fn watch_events(
         &self,
-        _request: Request<v1::WatchEventsRequest>,
+        request: Request<v1::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let span = admin_span!(
+            "grpc",
+            "watch_events",
+            "",
+            request.remote_addr(),
+            request.metadata().as_ref()
+        );
+        span.record("outcome", "ok");
         let events = BroadcastStream::new(self.plane.events().subscribe()).filter_map(|item| {
             match item {
                 Ok(event) => Some(Ok(event)),
@@ -198,6 +271,8 @@ impl v1::admin_server::Admin for AdminService {
         Ok(Response::new(Box::pin(events)))
     }
 
+    /// No span: a router's report stream lasts as long as its link to this leader, and is
+    /// no admin action.
     async fn report(
         &self,
         request: Request<tonic::Streaming<v1::RouterReport>>,

@@ -334,7 +334,8 @@ impl Access {
 
     /// Logs and counts a refused credential: token guessing or a misconfigured client shows
     /// in the log and the metrics, not only the writes that succeed. Who only when known (a
-    /// viewer), the peer's address when the front door has it; never the token.
+    /// viewer, also recorded on the call's span), the peer's address when the front door has
+    /// it; never the token.
     pub fn refused(
         &self,
         via: &'static str,
@@ -347,7 +348,10 @@ impl Access {
             .get_or_create(&RefusalLabels { reason, via })
             .inc();
         let who = match denied {
-            Denied::Forbidden { name, .. } => name.as_str(),
+            Denied::Forbidden { name, role, .. } => {
+                crate::spans::record_caller(name, role);
+                name.as_str()
+            }
             _ => "(unauthenticated)",
         };
         let peer = peer.map(tracing::field::display);

@@ -43,8 +43,9 @@ use crate::admin::audit;
 use crate::auth::{self, Access, Caller, Denied};
 use crate::forward::LeaderDialer;
 use crate::leader::Role;
-use crate::plane::{ControlPlane, OpError};
+use crate::plane::{ControlPlane, OpError, clipped};
 use crate::session::{self as sessions, Revocations, Sessions};
+use crate::spans::{self, admin_span};
 use crate::{SecurityConfig, guard};
 
 const INDEX_HTML: &str = include_str!("../assets/index.html");
@@ -137,7 +138,9 @@ impl IntoResponse for ApiError {
             OpError::NotLeader(_) => StatusCode::CONFLICT,
             OpError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         };
-        let mut body = json!({ "error": self.0.to_string() });
+        let message = self.0.to_string();
+        spans::record_error(&message);
+        let mut body = json!({ "error": message });
         if let Some(leader) = self.1 {
             body["leader"] = leader;
         }
@@ -285,6 +288,7 @@ fn keeper(plane: &ControlPlane) -> Value {
 }
 
 fn bad_request(message: String) -> Response {
+    spans::record_error(&message);
     (StatusCode::BAD_REQUEST, Json(json!({ "error": message }))).into_response()
 }
 
@@ -464,7 +468,9 @@ fn denied(denied: Denied) -> Response {
         Denied::SessionUnchecked(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::UNAUTHORIZED,
     };
-    (status, Json(json!({ "error": denied.to_string() }))).into_response()
+    let message = denied.to_string();
+    spans::record_error(&message);
+    (status, Json(json!({ "error": message }))).into_response()
 }
 
 /// The session credential in the sign-in cookie, if any.
@@ -503,14 +509,16 @@ async fn operator(
     action: &str,
 ) -> Result<Caller, Response> {
     let caller = identify(state, headers).await;
-    caller
+    let caller = caller
         .and_then(|caller| auth::allowed(caller, action))
         .map_err(|refused| {
             state
                 .access
                 .refused("dashboard", action, Some(peer), &refused);
             denied(refused)
-        })
+        })?;
+    spans::record_caller(&caller.name, caller.role.as_str());
+    Ok(caller)
 }
 
 async fn drain(
@@ -518,18 +526,28 @@ async fn drain(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Response> {
-    let plane = &state.plane;
-    let caller = operator(&state, &headers, peer, "drain workers").await?;
-    match plane.drain(&id).await {
-        Ok(already) => {
-            audit(plane.events(), &caller, "dashboard", "drain", &id);
-            Ok(Json(
-                json!({ "worker_id": id, "already_draining": already }),
-            ))
+) -> Response {
+    let span = admin_span!(
+        "dashboard",
+        "drain",
+        clipped(&id).as_str(),
+        Some(peer),
+        &headers
+    );
+    spans::http(span, async {
+        let plane = &state.plane;
+        let caller = operator(&state, &headers, peer, "drain workers").await?;
+        match plane.drain(&id).await {
+            Ok(already) => {
+                audit(plane.events(), &caller, "dashboard", "drain", &id);
+                Ok(Json(
+                    json!({ "worker_id": id, "already_draining": already }),
+                ))
+            }
+            Err(error) => Err(ApiError(error, leader_json(plane)).into_response()),
         }
-        Err(error) => Err(ApiError(error, leader_json(plane)).into_response()),
-    }
+    })
+    .await
 }
 
 async fn undrain(
@@ -537,16 +555,26 @@ async fn undrain(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, Response> {
-    let plane = &state.plane;
-    let caller = operator(&state, &headers, peer, "undrain workers").await?;
-    match plane.undrain(&id).await {
-        Ok(was) => {
-            audit(plane.events(), &caller, "dashboard", "undrain", &id);
-            Ok(Json(json!({ "worker_id": id, "was_draining": was })))
+) -> Response {
+    let span = admin_span!(
+        "dashboard",
+        "undrain",
+        clipped(&id).as_str(),
+        Some(peer),
+        &headers
+    );
+    spans::http(span, async {
+        let plane = &state.plane;
+        let caller = operator(&state, &headers, peer, "undrain workers").await?;
+        match plane.undrain(&id).await {
+            Ok(was) => {
+                audit(plane.events(), &caller, "dashboard", "undrain", &id);
+                Ok(Json(json!({ "worker_id": id, "was_draining": was })))
+            }
+            Err(error) => Err(ApiError(error, leader_json(plane)).into_response()),
         }
-        Err(error) => Err(ApiError(error, leader_json(plane)).into_response()),
-    }
+    })
+    .await
 }
 
 /// Whether sign-in is needed and who is signed in (the page shows or hides its form).
@@ -576,65 +604,79 @@ fn session_cookie(state: &AppState, value: &str, max_age: u64) -> String {
 async fn sign_in(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !state.access.required() {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "no admin tokens are configured (--admin-tokens-file): nothing to sign in to" })),
-        )
-            .into_response();
-    }
-    let token = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v["token"].as_str().map(str::to_string));
-    let Some(token) = token else {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({ "error": "expected a JSON body {\"token\": \"…\"}" })),
-        )
-            .into_response();
-    };
-    let caller = match state.access.identify_token(token.trim()) {
-        Ok(caller) => caller,
-        Err(error) => {
-            state
-                .access
-                .refused("dashboard", "sign in", Some(peer), &error);
-            return denied(error);
+    let span = admin_span!("dashboard", "sign_in", "", Some(peer), &headers);
+    spans::http(span, async {
+        if !state.access.required() {
+            return bad_request(
+                "no admin tokens are configured (--admin-tokens-file): nothing to sign in to"
+                    .into(),
+            );
         }
-    };
-    let Some(value) = state.sessions.issue(&caller) else {
-        return denied(Denied::Unknown);
-    };
-    let cookie = session_cookie(&state, &value, sessions::LIFETIME.as_secs());
-    tracing::info!(who = %caller.name, role = caller.role.as_str(), "dashboard sign-in");
-    (
-        [(header::SET_COOKIE, cookie)],
-        Json(json!({ "name": caller.name, "role": caller.role.as_str() })),
-    )
-        .into_response()
+        let token = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v["token"].as_str().map(str::to_string));
+        let Some(token) = token else {
+            return bad_request("expected a JSON body {\"token\": \"…\"}".into());
+        };
+        let caller = match state.access.identify_token(token.trim()) {
+            Ok(caller) => caller,
+            Err(error) => {
+                state
+                    .access
+                    .refused("dashboard", "sign in", Some(peer), &error);
+                return denied(error);
+            }
+        };
+        let Some(value) = state.sessions.issue(&caller) else {
+            return denied(Denied::Unknown);
+        };
+        spans::record_caller(&caller.name, caller.role.as_str());
+        let cookie = session_cookie(&state, &value, sessions::LIFETIME.as_secs());
+        tracing::info!(who = %caller.name, role = caller.role.as_str(), "dashboard sign-in");
+        (
+            [(header::SET_COOKIE, cookie)],
+            Json(json!({ "name": caller.name, "role": caller.role.as_str() })),
+        )
+            .into_response()
+    })
+    .await
 }
 
 /// Signs out: ends the session for every replica and deletes the cookie.
-async fn sign_out(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    let clear = [(header::SET_COOKIE, session_cookie(&state, "", 0))];
-    let ended = match cookie_session(&headers) {
-        Some(session) => state.sessions.end(session).await,
-        None => Ok(()),
-    };
-    match ended {
-        Ok(()) => (clear, Json(json!({}))).into_response(),
-        Err(error) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            clear,
-            Json(json!({ "error": format!(
-                "signed out in this browser, but the session could not be ended on the server \
-                 ({error}): it stays valid until it expires if its cookie was copied"
-            ) })),
-        )
-            .into_response(),
-    }
+async fn sign_out(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    let span = admin_span!("dashboard", "sign_out", "", Some(peer), &headers);
+    spans::http(span, async {
+        let clear = [(header::SET_COOKIE, session_cookie(&state, "", 0))];
+        let ended = match cookie_session(&headers) {
+            Some(session) => state.sessions.end(session).await,
+            None => Ok(None),
+        };
+        match ended {
+            Ok(caller) => {
+                if let Some(caller) = caller {
+                    spans::record_caller(&caller.name, caller.role.as_str());
+                }
+                (clear, Json(json!({}))).into_response()
+            }
+            Err(error) => {
+                let message = format!(
+                    "signed out in this browser, but the session could not be ended on the \
+                     server ({error}): it stays valid until it expires if its cookie was copied"
+                );
+                spans::record_error(&message);
+                let body = Json(json!({ "error": message }));
+                (StatusCode::SERVICE_UNAVAILABLE, clear, body).into_response()
+            }
+        }
+    })
+    .await
 }
 
 #[cfg(test)]

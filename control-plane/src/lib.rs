@@ -16,6 +16,7 @@ pub mod loads;
 pub mod plane;
 pub mod reports;
 pub mod session;
+mod spans;
 
 pub mod metrics;
 

@@ -367,7 +367,7 @@ const ID_SHOWN: usize = 100;
 
 /// `id` as an error message repeats it: its first [`ID_SHOWN`] characters, then `…` (a
 /// 5 000-character id sent back whole only bloats answers and logs).
-fn clipped(id: &str) -> String {
+pub(crate) fn clipped(id: &str) -> String {
     match id.char_indices().nth(ID_SHOWN) {
         Some((end, _)) => format!("{}…", &id[..end]),
         None => id.to_string(),

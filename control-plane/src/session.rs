@@ -224,16 +224,20 @@ impl Sessions {
         }
     }
 
-    /// Ends the session `value` names, if it is one of ours and still running; an error says
-    /// why it could not be revoked for every replica.
-    pub async fn end(&self, value: &str) -> Result<(), String> {
+    /// Ends the session `value` names, if it is one of ours and still running, and says whose
+    /// it was; an error says why it could not be revoked for every replica.
+    pub async fn end(&self, value: &str) -> Result<Option<Caller>, String> {
         let Some(claims) = self.key.as_ref().and_then(|key| key.open(value)) else {
-            return Ok(());
+            return Ok(None);
         };
         if claims.exp <= now_s() {
-            return Ok(());
+            return Ok(None);
         }
-        self.revoked.revoke(&claims.sid, claims.exp).await
+        self.revoked.revoke(&claims.sid, claims.exp).await?;
+        Ok(Some(Caller {
+            name: claims.name,
+            role: claims.role,
+        }))
     }
 }
 

@@ -616,6 +616,16 @@ pub async fn start_control_plane(
     id: &str,
     extra: &[&str],
 ) -> anyhow::Result<Component> {
+    start_control_plane_with_env(etcd, id, extra, &[]).await
+}
+
+/// [`start_control_plane`] with extra environment variables (e.g. `OTEL_*`).
+pub async fn start_control_plane_with_env(
+    etcd: &str,
+    id: &str,
+    extra: &[&str],
+    env: &[(String, String)],
+) -> anyhow::Result<Component> {
     let mut args = strings(&[
         "control-plane",
         "--etcd",
@@ -630,7 +640,7 @@ pub async fn start_control_plane(
     args.extend(strings(extra));
     // gRPC and dashboard addresses, plus the metrics listener when asked for.
     let lines = 2 + usize::from(extra.contains(&"--metrics-addr"));
-    Component::start(id, &args, lines).await
+    Component::start_with_env(id, &args, env, lines).await
 }
 
 /// Worker ids a router currently routes to, sorted.

@@ -324,6 +324,8 @@ struct ExportedSpan {
     trace_id: String,
     span_id: String,
     parent_span_id: String,
+    /// Attributes with string, integer or boolean values, as text.
+    attributes: HashMap<String, String>,
 }
 
 /// A real OTLP/gRPC trace collector keeping every span it receives.
@@ -356,12 +358,26 @@ impl TraceService for Collector {
                 .unwrap_or_default();
             for scope in resource_spans.scope_spans {
                 for span in scope.spans {
+                    let attributes = span
+                        .attributes
+                        .iter()
+                        .filter_map(|kv| {
+                            let value = match kv.value.as_ref()?.value.as_ref()? {
+                                AnyValue::StringValue(s) => s.clone(),
+                                AnyValue::IntValue(i) => i.to_string(),
+                                AnyValue::BoolValue(b) => b.to_string(),
+                                _ => return None,
+                            };
+                            Some((kv.key.clone(), value))
+                        })
+                        .collect();
                     spans.push(ExportedSpan {
                         service: service.clone(),
                         name: span.name,
                         trace_id: hex(&span.trace_id),
                         span_id: hex(&span.span_id),
                         parent_span_id: hex(&span.parent_span_id),
+                        attributes,
                     });
                 }
             }
@@ -459,6 +475,140 @@ async fn client_trace_context_reaches_the_worker_through_the_router() -> anyhow:
     .await?;
     let (root, _) = own.expect("found when wait_until succeeds");
     assert!(root.parent_span_id.is_empty(), "{root:?}");
+    Ok(())
+}
+
+/// The control plane exports a span of its own for each admin call: a drain through the Admin
+/// API is a `control_plane.drain` span saying who made it (name and role), through which door,
+/// on which worker and how it ended, in the caller's trace; a viewer's refused drain and a
+/// drain lifted from the dashboard are spans too. Admin actions were only logs and events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_actions_are_exported_as_control_plane_spans() -> anyhow::Result<()> {
+    use switchyard_tests::{OPERATOR_TOKEN, VIEWER_TOKEN, with_bearer};
+    let collector = Collector::default();
+    let endpoint = collector.clone().start().await?;
+    let dir = tempfile::tempdir()?;
+    let tokens = switchyard_tests::admin_tokens_file(&dir)?;
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let _worker = switchyard_tests::start_gpu_worker(&etcd.url, "gpu-0", &[], 1).await?;
+    let control_plane = switchyard_tests::start_control_plane_with_env(
+        &etcd.url,
+        "control-plane-0",
+        &["--admin-tokens-file", &tokens],
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                format!("http://{endpoint}"),
+            ),
+            // Export within 100 ms instead of the default 5 s.
+            ("OTEL_BSP_SCHEDULE_DELAY".into(), "100".into()),
+        ],
+    )
+    .await?;
+    control_plane
+        .wait_for_log("became the control-plane leader", TIMEOUT)
+        .await?;
+    let channel =
+        switchyard_client::connect_channel(&control_plane.addr("grpc").to_string()).await?;
+    let mut admin = v1::admin_client::AdminClient::new(channel);
+    let drain = || v1::DrainRequest {
+        worker_id: "gpu-0".into(),
+    };
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let mut call = with_bearer(drain(), Some(OPERATOR_TOKEN));
+    call.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-{client_span}-01").parse()?,
+    );
+    admin.drain(call).await?;
+    let refused = admin
+        .drain(with_bearer(drain(), Some(VIEWER_TOKEN)))
+        .await
+        .expect_err("a viewer may not drain");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    let response = reqwest::Client::new()
+        .post(format!(
+            "http://{}/api/workers/gpu-0/undrain",
+            control_plane.addr("http")
+        ))
+        .header("content-type", "application/json")
+        .header("x-switchyard-csrf", "1")
+        .bearer_auth(OPERATOR_TOKEN)
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(response.status(), reqwest::StatusCode::OK);
+
+    let service = "switchyard-control-plane";
+    let find = |name: &str, outcome: &str| {
+        collector
+            .spans
+            .lock()
+            .expect("collector lock")
+            .iter()
+            .find(|s| {
+                s.service == service
+                    && s.name == name
+                    && s.attributes.get("outcome").map(String::as_str) == Some(outcome)
+            })
+            .cloned()
+    };
+    let mut found = None;
+    wait_until(
+        TIMEOUT,
+        "the control plane's admin spans at the collector",
+        || {
+            found = find("control_plane.drain", "ok")
+                .zip(find("control_plane.drain", "refused"))
+                .zip(find("control_plane.undrain", "ok"));
+            let hit = found.is_some();
+            async move { hit }
+        },
+    )
+    .await?;
+    let ((drained, refused), undrained) = found.expect("found when wait_until succeeds");
+    let attribute =
+        |span: &ExportedSpan, key: &str| span.attributes.get(key).cloned().unwrap_or_default();
+    for (span, who, role, via) in [
+        (&drained, "alice", "operator", "grpc"),
+        (&refused, "victor", "viewer", "grpc"),
+        (&undrained, "alice", "operator", "dashboard"),
+    ] {
+        assert_eq!(
+            (
+                attribute(span, "who"),
+                attribute(span, "role"),
+                attribute(span, "via"),
+                attribute(span, "target"),
+            ),
+            (who.into(), role.into(), via.into(), "gpu-0".into()),
+            "{span:?}"
+        );
+        assert!(
+            attribute(span, "peer").starts_with("127.0.0.1:"),
+            "{span:?}"
+        );
+    }
+    assert_eq!(attribute(&drained, "action"), "drain", "{drained:?}");
+    assert_eq!(
+        (drained.trace_id.as_str(), drained.parent_span_id.as_str()),
+        (trace_id, client_span),
+        "the drain continues the caller's trace"
+    );
+    assert!(
+        attribute(&refused, "error").contains("victor is a viewer"),
+        "{refused:?}"
+    );
+    for span in [&drained, &refused, &undrained] {
+        for token in [OPERATOR_TOKEN, VIEWER_TOKEN] {
+            assert!(
+                !span.attributes.values().any(|v| v.contains(token)),
+                "{span:?}"
+            );
+        }
+    }
     Ok(())
 }
 
