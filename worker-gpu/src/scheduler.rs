@@ -149,6 +149,10 @@ struct Seq {
     generated: usize,
     detok: Detokenizer,
     stop: StopMatcher,
+    /// How the generation ended, told its reader by [`Scheduler::retire`] once the blocks are
+    /// released: the load the worker reports when its reader sees the end must count them
+    /// free (they read as in use until the next report otherwise, seconds when idle).
+    ended: Option<StopReason>,
 }
 
 impl Seq {
@@ -790,27 +794,37 @@ impl Scheduler {
         self.counters
             .queued
             .store(self.waiting.len() as u32, Ordering::Relaxed);
-        self.counters
-            .active
-            .store(self.active.len() as u32, Ordering::Relaxed);
-        let kv = self.prefix.active_blocks() as u64 * self.store.bytes_per_block();
-        self.counters.kv_used.store(kv, Ordering::Relaxed);
+        self.publish_occupancy();
         self.chunk_in_force();
-        *self
-            .counters
-            .prefix
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = self.prefix.stats();
         let events = self.prefix.take_events();
         if let Some(publisher) = &self.publisher {
             publisher.publish(events);
         }
     }
 
+    /// Sequences running and the blocks they hold.
+    fn publish_occupancy(&self) {
+        self.counters
+            .active
+            .store(self.active.len() as u32, Ordering::Relaxed);
+        let kv = self.prefix.active_blocks() as u64 * self.store.bytes_per_block();
+        self.counters.kv_used.store(kv, Ordering::Relaxed);
+        *self
+            .counters
+            .prefix
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.prefix.stats();
+    }
+
     /// A sequence leaves the batch: its blocks go back to the cache (named ones stay
-    /// findable) or the free list.
+    /// findable) or the free list, the counters say so, and then its reader learns how it
+    /// ended.
     fn retire(&mut self, seq: Seq) {
         self.prefix.release(seq.blocks);
+        self.publish_occupancy();
+        if let Some(reason) = seq.ended {
+            done(&seq.job, reason, seq.generated);
+        }
     }
 
     /// Cancelled or abandoned (receiver dropped) sequences end now; their blocks are released
@@ -828,8 +842,8 @@ impl Scheduler {
         let (ended, running): (Vec<Seq>, Vec<Seq>) =
             self.active.drain(..).partition(|seq| gone(&seq.job));
         self.active = running;
-        for seq in ended {
-            done(&seq.job, StopReason::Cancelled, seq.generated);
+        for mut seq in ended {
+            seq.ended = Some(StopReason::Cancelled);
             self.retire(seq);
         }
         self.publish();
@@ -871,6 +885,7 @@ impl Scheduler {
                 generated: 0,
                 detok,
                 stop,
+                ended: None,
             });
         }
         self.publish();
@@ -1054,7 +1069,7 @@ impl Scheduler {
                     logprobs,
                 }));
             }
-            done(&seq.job, StopReason::Stop, seq.generated);
+            seq.ended = Some(StopReason::Stop);
             return false;
         }
         seq.generated += 1;
@@ -1067,7 +1082,7 @@ impl Scheduler {
                     text: before,
                     logprobs,
                 }));
-                done(&seq.job, StopReason::Stop, seq.generated);
+                seq.ended = Some(StopReason::Stop);
                 false
             }
             StopOutcome::Emit(mut out) => {
@@ -1089,7 +1104,7 @@ impl Scheduler {
                     return false;
                 }
                 if last {
-                    done(&seq.job, StopReason::Length, seq.generated);
+                    seq.ended = Some(StopReason::Length);
                     return false;
                 }
                 seq.next = Some(id);
