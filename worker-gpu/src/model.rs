@@ -28,6 +28,9 @@ pub enum ModelError {
     Candle(#[from] candle_core::Error),
     #[error("{0}")]
     Invalid(String),
+    /// The caller gave the computation up part-way (its requester cancelled or went away).
+    #[error("abandoned part-way: nobody wants the result")]
+    Abandoned,
 }
 
 struct Layer {
@@ -582,6 +585,19 @@ impl Llama {
         cache: &mut SeqCache,
         store: &mut KvStore,
     ) -> Result<Tensor, ModelError> {
+        self.prefill_unless(tokens, cache, store, || false)
+    }
+
+    /// [`Llama::prefill`], given up between two layers once `abandoned` says so
+    /// ([`ModelError::Abandoned`], `cache` as it was): a prompt chunk deep in a long context
+    /// takes seconds on a CPU, and a cancel must not wait for all of it.
+    pub fn prefill_unless(
+        &self,
+        tokens: &[u32],
+        cache: &mut SeqCache,
+        store: &mut KvStore,
+        abandoned: impl Fn() -> bool,
+    ) -> Result<Tensor, ModelError> {
         let t = tokens.len();
         if t == 0 {
             return Err(ModelError::Invalid("prefill: no tokens".into()));
@@ -615,6 +631,11 @@ impl Llama {
         };
         let scale = 1.0 / (hd as f64).sqrt();
         for (l, layer) in self.layers.iter().enumerate() {
+            // What this chunk wrote to the cache so far lies past `cache.len`, which is only
+            // advanced at the end: giving up leaves the sequence as it was.
+            if abandoned() {
+                return Err(ModelError::Abandoned);
+            }
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
             let [q, k, v] = layer.qkv.forward(&h, self.dense_from_rows)?;
             let heads = |x: Tensor, n: usize| -> Result<Tensor, ModelError> {

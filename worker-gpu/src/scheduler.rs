@@ -45,7 +45,7 @@ use switchyard_worker::{
 };
 
 use crate::kv_cache::{PrefixCache, SeqBlocks};
-use crate::model::{KvStore, Llama, SeqCache};
+use crate::model::{KvStore, Llama, ModelError, SeqCache};
 use crate::pacing::paced_chunk;
 use crate::penalties::Penalties;
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
@@ -948,9 +948,18 @@ impl Scheduler {
         let from = seq.cache.len();
         let end = (from + chunk).min(seq.job.context.len());
         let started = Instant::now();
-        let result =
-            self.model
-                .prefill(&seq.job.context[from..end], &mut seq.cache, &mut self.store);
+        let job = &seq.job;
+        let result = self.model.prefill_unless(
+            &job.context[from..end],
+            &mut seq.cache,
+            &mut self.store,
+            || job.cancel.is_cancelled() || job.tx.is_closed(),
+        );
+        if matches!(result, Err(ModelError::Abandoned)) {
+            // Ended by the next iteration's reap, like any cancelled sequence.
+            tracing::debug!(request_id = %job.request_id, "prefill chunk abandoned");
+            return;
+        }
         let elapsed = started.elapsed().as_secs_f64();
         tracing::debug!(
             request_id = %seq.job.request_id,

@@ -10,7 +10,7 @@ use switchyard_worker::{
     Engine, EngineError, EngineEvent, EngineRequest, Prompt, Sampling, StopReason,
 };
 use switchyard_worker_gpu::gguf::{GgufFile, Repack};
-use switchyard_worker_gpu::model::{Llama, SeqCache, argmax, logits_rows};
+use switchyard_worker_gpu::model::{Llama, ModelError, SeqCache, argmax, logits_rows};
 
 /// Positions per KV block.
 const BLOCK: usize = 32;
@@ -140,6 +140,54 @@ fn chunked_prefill_equals_whole_prefill() {
     .unwrap();
     assert!(max_abs_diff(&a[0], &b[0]) < 1e-3);
     assert_eq!(chunked.len(), 30);
+}
+
+#[test]
+fn an_abandoned_prefill_chunk_leaves_the_sequence_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = load(&tiny_file(&dir), Repack::None);
+    let model = model.with_dense_from_rows(usize::MAX);
+    let prompt: Vec<u32> = (10..40).collect();
+    let (mut whole_store, mut whole) = model.single_sequence(64).unwrap();
+    let a = logits_rows(
+        &model
+            .prefill(&prompt, &mut whole, &mut whole_store)
+            .unwrap(),
+    )
+    .unwrap();
+
+    let (mut store, mut cache) = model.single_sequence(64).unwrap();
+    model
+        .prefill(&prompt[..10], &mut cache, &mut store)
+        .unwrap();
+    // Given up after the first of the two layers has written its keys and values.
+    let asked = std::cell::Cell::new(0);
+    let given_up = model.prefill_unless(&prompt[10..], &mut cache, &mut store, || {
+        asked.set(asked.get() + 1);
+        asked.get() > 1
+    });
+    assert!(
+        matches!(given_up, Err(ModelError::Abandoned)),
+        "{given_up:?}"
+    );
+    assert_eq!(
+        asked.get(),
+        2,
+        "asked before each layer, not only at the end"
+    );
+    assert_eq!(
+        cache.len(),
+        10,
+        "the abandoned chunk is not part of the sequence"
+    );
+    // Computed again from there, the chunk gives what the whole prompt gives.
+    let b = logits_rows(
+        &model
+            .prefill(&prompt[10..], &mut cache, &mut store)
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(max_abs_diff(&a[0], &b[0]) < 1e-3);
 }
 
 /// Long prompt chunks multiply against dequantized weights; they must agree with the quantized
