@@ -164,9 +164,11 @@ pub async fn run_router_with_endpoints(
         cluster_stop.clone(),
     );
     let dispatcher = Dispatcher::new(links.clone(), config, policy, metrics, reports);
+    // Readiness reasons reach clients and the public `/health`: they name the registry's
+    // kind, never its addresses or the client library's error (those are logged).
     dispatcher
         .readiness
-        .set_waiting(format!("connecting to {}", registry.describe()));
+        .set_waiting("connecting to the cluster registry (etcd)");
     let dispatcher = Arc::new(dispatcher);
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -386,11 +388,10 @@ async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
             }
             Err(error) => {
                 let delay = backoff.next_delay();
-                let reason = format!(
-                    "cannot reach {store}: {error} (attempt {attempt}, next in {delay:.1?})"
-                );
-                warn!("{reason}");
-                dispatcher.readiness.set_waiting(reason);
+                warn!("cannot reach {store}: {error} (attempt {attempt}, next in {delay:.1?})");
+                dispatcher.readiness.set_waiting(format!(
+                    "cannot reach the cluster registry (etcd) yet (attempt {attempt})"
+                ));
                 if let Some(tx) = first_contact.take() {
                     let _ = tx.send(());
                 }
