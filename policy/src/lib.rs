@@ -130,6 +130,19 @@ pub enum PlacementError {
     UnknownModel(String),
     #[error("no worker serving model {0:?} is available")]
     NoWorker(String),
+    /// Workers serve the model, but none in the pools the request's lane may use (its own,
+    /// and the other when the lane spills) takes requests now: drained, say.
+    #[error(
+        "no {pool} worker serving model {model:?} is taking requests (drained or unreachable) \
+         and the {} lane does not spill to the {other} pool",
+        .lane.as_str()
+    )]
+    NoWorkerForLane {
+        model: String,
+        lane: LaneName,
+        pool: Pool,
+        other: Pool,
+    },
 }
 
 /// The outcome of one placement attempt.
@@ -475,7 +488,7 @@ pub fn place_traced(
     let Some(m) = view.model_index(request.model) else {
         return Decision::Reject(PlacementError::UnknownModel(request.model.to_string()));
     };
-    let reachable = Pool::ALL.iter().any(|&p| {
+    let reachable = |p: Pool| {
         let index = &view.pools[m][pool_index(p)];
         index.available as usize > exclude.len()
             || index
@@ -483,11 +496,22 @@ pub fn place_traced(
                 .iter()
                 .flatten()
                 .any(|&w| view.worker(w as usize).available && !exclude.contains(&(w as usize)))
-    });
-    if !reachable {
+    };
+    if !Pool::ALL.iter().any(|&p| reachable(p)) {
         return Decision::Reject(PlacementError::NoWorker(request.model.to_string()));
     }
     let lane_policy = policy.lane(class.lane);
+    // Waiting is for a busy pool, not an empty one: with nobody to free a slot, a queued
+    // request would only be shed at the end of its lane's queue wait.
+    let home = home_pool(class.lane);
+    if !lane_policy.spill && !reachable(home) {
+        return Decision::Reject(PlacementError::NoWorkerForLane {
+            model: request.model.to_string(),
+            lane: class.lane,
+            pool: home,
+            other: home.other(),
+        });
+    }
     let slo = class.ttft_slo_ms;
     let placed = |s: Scored, route| {
         Decision::Place(Placement {

@@ -21,6 +21,14 @@ impl Pool {
             Pool::Wse => "wse",
         }
     }
+
+    /// The pool this one spills to.
+    pub fn other(self) -> Pool {
+        match self {
+            Pool::Gpu => Pool::Wse,
+            Pool::Wse => Pool::Gpu,
+        }
+    }
 }
 
 impl std::fmt::Display for Pool {

@@ -190,6 +190,60 @@ fn latency_critical_spills_to_gpu_when_wse_is_full_and_queues_when_all_are() {
 }
 
 #[test]
+fn a_lane_that_does_not_spill_is_refused_at_once_when_its_pool_takes_no_requests() {
+    let policy = PolicyDocument::default();
+    // The wafer drained: its busy slots would free, but it takes nothing new.
+    let mut view = ClusterView::new(vec![
+        worker("g1", Pool::Gpu, 0, 4),
+        worker("w1", Pool::Wse, 0, 4),
+    ]);
+    view.update(1, |w| w.available = false);
+    let lc = class(LaneName::LatencyCritical, &policy);
+    let p = placed(&place(&view, &lc, &request(100, None, 1), &policy, &[]));
+    assert_eq!((p.worker, p.route), (0, Route::SpillToGpu));
+    let mut no_spill = policy.clone();
+    no_spill.latency_critical.spill = false;
+    let refused = place(&view, &lc, &request(100, None, 1), &no_spill, &[]);
+    assert_eq!(
+        refused,
+        Decision::Reject(PlacementError::NoWorkerForLane {
+            model: "m".into(),
+            lane: LaneName::LatencyCritical,
+            pool: Pool::Wse,
+            other: Pool::Gpu,
+        })
+    );
+    let Decision::Reject(error) = refused else {
+        unreachable!()
+    };
+    assert_eq!(
+        error.to_string(),
+        "no wse worker serving model \"m\" is taking requests (drained or unreachable) and the \
+         latency-critical lane does not spill to the gpu pool"
+    );
+    // A busy pool is waited for, as before.
+    view.update(1, |w| {
+        w.available = true;
+        w.outstanding = 4;
+    });
+    assert_eq!(
+        place(&view, &lc, &request(100, None, 1), &no_spill, &[]),
+        Decision::Queue
+    );
+    // The same for cost-sensitive work with its GPUs drained.
+    view.update(0, |w| w.available = false);
+    no_spill.cost_sensitive.spill = false;
+    let cs = class(LaneName::CostSensitive, &no_spill);
+    assert!(matches!(
+        place(&view, &cs, &request(100, None, 1), &no_spill, &[]),
+        Decision::Reject(PlacementError::NoWorkerForLane {
+            pool: Pool::Gpu,
+            ..
+        })
+    ));
+}
+
+#[test]
 fn cost_sensitive_keeps_the_gpu_reserve_and_borrows_idle_wse() {
     let mut policy = PolicyDocument::default();
     policy.placement.gpu_reserve_for_latency = 0.25;
@@ -675,6 +729,15 @@ proptest! {
             }
             Decision::Reject(PlacementError::UnknownModel(_)) => {
                 prop_assert!(!view.workers().iter().any(|w| w.models.iter().any(|m| m == "m")));
+            }
+            Decision::Reject(PlacementError::NoWorkerForLane { pool, .. }) => {
+                prop_assert!(!policy.lane(lane).spill);
+                let reachable = (0..view.len()).any(|i| {
+                    let w = view.worker(i);
+                    w.pool == pool && w.available && w.models.iter().any(|m| m == "m")
+                        && !exclude.contains(&i)
+                });
+                prop_assert!(!reachable);
             }
         }
     }

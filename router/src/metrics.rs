@@ -178,7 +178,7 @@ pub struct RouterMetrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Placement decisions by `reason`: `home`, `home_affinity`, `spill_to_gpu`, `save_wse`,
     /// `borrow_wse` (placed), `queue` (no slot now: wait at the router), `unknown_model`,
-    /// `no_worker`.
+    /// `no_worker`, `no_worker_for_lane`.
     pub route_decisions: Family<DecisionLabels, Counter>,
     pub ttft: Histograms<StreamLabels>,
     pub inter_token: Family<StreamLabels, WeightedHistogram, fn() -> WeightedHistogram>,

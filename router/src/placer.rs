@@ -793,6 +793,9 @@ impl PlacementState {
             Decision::Queue => (None, "queue"),
             Decision::Reject(PlacementError::UnknownModel(_)) => (None, "unknown_model"),
             Decision::Reject(PlacementError::NoWorker(_)) => (None, "no_worker"),
+            Decision::Reject(PlacementError::NoWorkerForLane { .. }) => {
+                (None, "no_worker_for_lane")
+            }
         };
         self.metrics.decision(ask.class.lane, pool, reason);
         let placement = match decision {
@@ -1237,7 +1240,7 @@ fn as_running<'a>(view: &ClusterView, id: u64, run: &'a ListedRun) -> Option<Run
 fn placement_error(error: PlacementError) -> DispatchError {
     match error {
         PlacementError::UnknownModel(_) => DispatchError::UnknownModel(error.to_string()),
-        PlacementError::NoWorker(_) => {
+        PlacementError::NoWorker(_) | PlacementError::NoWorkerForLane { .. } => {
             DispatchError::Unavailable(format!("{error}; retry shortly"))
         }
     }

@@ -1830,6 +1830,35 @@ async fn a_draining_worker_hands_its_generations_off_and_the_text_goes_on_unbrok
     assert_eq!(resumed.resume_tokens, fault_ids("story", 0, k));
 }
 
+/// A lane that does not spill gets `UNAVAILABLE` at once when its own pool takes no requests
+/// (drained), not a wait of its lane's queue time ended by a `RESOURCE_EXHAUSTED` shed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_whose_pool_is_drained_and_does_not_spill_is_refused_at_once() {
+    let mut policy = PolicyDocument::default();
+    policy.latency_critical.spill = false;
+    let cluster = Cluster::start_pools(
+        &[(Pool::Gpu, 4), (Pool::Wse, 4)],
+        RouterConfig::default(),
+        Some(policy),
+    )
+    .await;
+    cluster.workers[1].drain.cancel();
+    cluster.wait_until_routable(1).await;
+
+    let mut session = cluster.session().await;
+    session.start(request("lc", "now", 4, RequestClass::LatencyCritical));
+    let end = session.end("lc").await;
+    let failed = end.failure();
+    assert_eq!(Code::from_i32(failed.code), Code::Unavailable, "{failed:?}");
+    assert!(
+        failed.message.contains("no wse worker") && failed.message.contains("does not spill"),
+        "{failed:?}"
+    );
+    // The other lane is served as before.
+    session.start(request("cs", "later", 4, RequestClass::CostSensitive));
+    assert_eq!(session.end("cs").await.reason(), FinishReason::Length);
+}
+
 /// A drain hands off only as many generations as the other workers have free slots for (each
 /// hand-off holds its target's slot before the next is decided); the rest finish where they
 /// are, and every client gets its whole text.
