@@ -241,8 +241,12 @@ async fn stream_loads(
         }
     };
     let mut client = WorkerClient::new(channel);
-    // The outbound half stays open and empty: this stream only listens.
-    let mut outbound = tonic::Request::new(futures::stream::pending::<v1::RouterFrame>());
+    // The outbound half stays open and empty (this stream only listens) until this future is
+    // dropped — the worker's record gone or changed — and ends with it: the HTTP/2 stream
+    // (and so the connection) ends with its request body, which a body that never ends held
+    // open after the task following it was aborted, one more each time a record came back.
+    let (_open, outbound) = tokio::sync::mpsc::channel::<v1::RouterFrame>(1);
+    let mut outbound = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(outbound));
     if let Some(credential) = &loads.credential {
         credential.apply(&mut outbound);
     }

@@ -545,3 +545,57 @@ async fn a_connection_past_its_max_age_is_asked_to_go_away_and_its_open_session_
     assert_eq!(tokens_until_finished(&mut session, "after").await?, 3);
     Ok(())
 }
+
+/// Established TCP connections whose local end is `port` on this host (the server's side).
+fn connections_to(port: u16) -> usize {
+    const ESTABLISHED: &str = "01";
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = fields
+                        .get(1)
+                        .and_then(|local| local.rsplit(':').next())
+                        .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+                    local_port == Some(port) && fields.get(3) == Some(&ESTABLISHED)
+                })
+                .count()
+        })
+        .sum()
+}
+
+/// The control plane follows each registered worker's load on one stream; when the worker's
+/// record goes (an etcd outage past its lease, a restart) the stream goes with it, and when it
+/// comes back one stream follows it again. Found from outside: every such return left the old
+/// stream open — a connection in the control plane and a stream in the worker each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_keeps_one_load_stream_per_worker_as_its_record_comes_and_goes()
+-> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let gpu = worker(&etcd, "gpu-0", &[], 1).await?;
+    let _control_plane = start_control_plane(&etcd.url, "cp-0", &[]).await?;
+    let port = gpu.addr("grpc").port();
+    let streams_to_be = |n: usize, what: &str| {
+        let what = format!("{what} ({n} connection(s) to the worker)");
+        async move { wait_until(PATIENCE, &what, || async move { connections_to(port) == n }).await }
+    };
+    streams_to_be(1, "the control plane follows the worker").await?;
+
+    let mut etcd_client = etcd_client::Client::connect([etcd.url.as_str()], None).await?;
+    let key = switchyard_cluster::schema::worker_key(switchyard_cluster::Pool::Gpu, "gpu-0");
+    let record = etcd_client.get(key.as_str(), None).await?.kvs()[0]
+        .value()
+        .to_vec();
+    for _ in 0..3 {
+        etcd_client.delete(key.as_str(), None).await?;
+        streams_to_be(0, "the stream to a worker without a record is closed").await?;
+        etcd_client.put(key.as_str(), record.clone(), None).await?;
+        streams_to_be(1, "the worker is followed again").await?;
+    }
+    Ok(())
+}
