@@ -266,6 +266,55 @@ async fn leadership_moves_to_the_other_replica_when_the_leader_dies() -> anyhow:
     Ok(())
 }
 
+/// A router whose report stream is to a leader that stops answering (SIGSTOP, past its lease)
+/// follows the leader key to the new one, and its log says which is which: the line about the
+/// move named the old leader as "the new one".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_names_the_new_leader_when_leadership_moves() -> anyhow::Result<()> {
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let old = start_control_plane(&etcd.url, "control-plane-0", &["--leader-ttl", "2s"]).await?;
+    old.wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let new = start_control_plane(&etcd.url, "control-plane-1", &["--leader-ttl", "2s"]).await?;
+    new.wait_for_log("following the control-plane leader", PATIENCE)
+        .await?;
+    let router = switchyard_tests::start_router(&etcd.url, "router", &[]).await?;
+    let (old_addr, new_addr) = (old.addr("grpc").to_string(), new.addr("grpc").to_string());
+    router
+        .wait_for_log(
+            &format!("reporting to the control plane control_plane={old_addr}"),
+            PATIENCE,
+        )
+        .await?;
+
+    // The leader freezes with the router's stream open; its lease lapses and the other takes
+    // over.
+    old.pause()?;
+    new.wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    router
+        .wait_for_log(
+            &format!("reporting to the control plane control_plane={new_addr}"),
+            PATIENCE,
+        )
+        .await?;
+    old.resume()?;
+    let log = std::fs::read_to_string(&router.log)?;
+    let moved: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("control-plane leader"))
+        .collect();
+    assert!(!moved.is_empty(), "{log}");
+    for line in moved {
+        assert!(
+            line.contains(&format!("previous={old_addr}"))
+                && !line.contains(&format!("control_plane={old_addr}")),
+            "{line}"
+        );
+    }
+    Ok(())
+}
+
 /// Worker ids in the dashboard's worker table, in page order.
 async fn page_worker_ids(browser: &Browser) -> anyhow::Result<Vec<String>> {
     let ids = browser

@@ -659,8 +659,19 @@ async fn stream_to(
                 if changed.is_err() {
                     return Ok(StreamEnd::Shutdown);
                 }
-                if leader_address(leader.borrow().as_deref()).as_deref() != Some(address) {
-                    info!(control_plane = %address, "control-plane leader moved; reporting to the new one");
+                let now = leader_address(leader.borrow().as_deref());
+                if now.as_deref() != Some(address) {
+                    match now {
+                        Some(next) => info!(
+                            control_plane = %next,
+                            previous = %address,
+                            "control-plane leader moved; reporting to the new one"
+                        ),
+                        None => info!(
+                            previous = %address,
+                            "control-plane leader gone; reporting to the next one once elected"
+                        ),
+                    }
                     return Ok(StreamEnd::LeaderMoved);
                 }
             }
