@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use switchyard_policy::document::{MAX_DOCUMENT_BYTES, PolicyError};
 use switchyard_proto::v1::{self, admin_client::AdminClient};
 use tonic::transport::Channel;
 
@@ -223,6 +224,11 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
                 .map_err(refused)?
                 .into_inner();
             println!("{}", policy.document);
+            if !policy.invalid.is_empty() {
+                // What is stored, printed as it is; the warning goes where scripts keep stdout
+                // clean of it.
+                eprintln!("warning: {}", invalid_stored_policy(&policy.invalid));
+            }
         }
         AdminCommand::Policy(command) => {
             let (document, merge) = match command {
@@ -233,6 +239,21 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
                 },
                 PolicyCommand::Get => unreachable!("answered above"),
             };
+            // Refused here rather than sent: over the control plane's gRPC message limit
+            // (4 MiB) the call would fail as an unexplained OUT_OF_RANGE.
+            if document.len() > MAX_DOCUMENT_BYTES {
+                return Err(AdminFailure::new(
+                    exit::INVALID,
+                    format!(
+                        "not sent: {}",
+                        PolicyError::TooLarge {
+                            bytes: document.len(),
+                            limit: MAX_DOCUMENT_BYTES,
+                        }
+                    ),
+                )
+                .into());
+            }
             let stored = client
                 .set_policy(authorized(token, v1::SetPolicyRequest { document, merge })?)
                 .await
@@ -295,6 +316,15 @@ fn read_document(file: &Path) -> anyhow::Result<String> {
         return Ok(document);
     }
     std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))
+}
+
+/// What `policy get` says of a stored document that is `invalid` (why).
+fn invalid_stored_policy(invalid: &str) -> String {
+    format!(
+        "the stored routing policy is invalid and routers do not apply it: {invalid}. Running \
+         routers keep their last valid policy; a router that starts now has none and is not \
+         ready until a valid document is stored (switchyard admin policy set)"
+    )
 }
 
 /// `message` as a call carrying `authorization: Bearer <token>` when there is one.

@@ -29,6 +29,25 @@ pub enum RegistryError {
     IdTaken { id: String, holder: String },
 }
 
+impl RegistryError {
+    /// etcd refused the request for its size (over its `--max-request-bytes`, 1.5 MiB by
+    /// default, or over its gRPC message limit): the request is at fault, not etcd's
+    /// reachability, and sending it again will not help.
+    pub fn is_request_too_large(&self) -> bool {
+        let RegistryError::Etcd(error) = self else {
+            return false;
+        };
+        let text = error.to_string();
+        [
+            "request is too large",
+            "larger than max",
+            "message length too large",
+        ]
+        .iter()
+        .any(|needle| text.contains(needle))
+    }
+}
+
 /// A condition on a write: it happens only while `key` is still attached to `lease`, i.e.
 /// while the writer still holds the leadership it checked. A leader cut off from etcd for a
 /// lease TTL can otherwise make one last write after another replica took over.
@@ -147,5 +166,40 @@ impl Registration {
             .await
             .map_err(|_| RegistryError::Stopped)?;
         rx.await.map_err(|_| RegistryError::Stopped)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write etcd refuses for its size is told apart from etcd being unreachable (the
+    /// control plane answered "cluster registry unreachable" to a 2 MB policy document).
+    #[test]
+    fn a_request_too_large_is_not_an_outage() {
+        let status = |code, message: &str| {
+            RegistryError::Etcd(etcd_client::Error::GRpcStatus(tonic::Status::new(
+                code, message,
+            )))
+        };
+        for too_large in [
+            status(
+                tonic::Code::InvalidArgument,
+                "etcdserver: request is too large",
+            ),
+            status(
+                tonic::Code::ResourceExhausted,
+                "grpc: received message larger than max (2370065 vs. 2097152)",
+            ),
+        ] {
+            assert!(too_large.is_request_too_large(), "{too_large}");
+        }
+        for other in [
+            status(tonic::Code::Unavailable, "tcp connect error"),
+            RegistryError::Stopped,
+            RegistryError::Fenced("leader".into()),
+        ] {
+            assert!(!other.is_request_too_large(), "{other}");
+        }
     }
 }

@@ -214,7 +214,17 @@ async function refreshPolicy() {
     : JSON.stringify(policy.document, null, 2);
   $("policy-source").textContent = policy.is_default
     ? "(built-in default: none stored in etcd)"
-    : "(stored in etcd)";
+    : policy.invalid
+      ? "(stored in etcd: INVALID, not applied)"
+      : "(stored in etcd)";
+  // A document written into etcd past the admin API's validation: routers do not apply it.
+  const invalid = $("policy-invalid");
+  invalid.textContent = policy.invalid
+    ? `The stored document is invalid and routers do not apply it: ${policy.invalid}. ` +
+      "Running routers keep their last valid policy; a router that starts now has none and " +
+      "is not ready until a valid document is stored (switchyard admin policy set)."
+    : "";
+  invalid.hidden = !policy.invalid;
   lastPolicy = Date.now();
 }
 

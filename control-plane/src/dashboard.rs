@@ -5,7 +5,7 @@
 //! |---|---|---|
 //! | GET | `/api/workers` | workers with state, capacity, hardware, drain request, live load |
 //! | GET | `/api/stats` | totals by pool, drains, leader, this replica's role |
-//! | GET | `/api/policy` | the routing policy document routers apply |
+//! | GET | `/api/policy` | the stored routing policy document (or the default), and why it is invalid when it is |
 //! | GET | `/api/events` | the last cluster events (joined/left/draining/ready/policy) |
 //! | GET | `/api/history?since=<unix s>` | one point per second for the last hour (see [`crate::history`]) |
 //! | GET | `/api/decisions?since=<seq>&request_id=<id>&limit=<n>` | the live decision feed (see [`crate::decisions`]) |
@@ -246,11 +246,13 @@ async fn stats(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiErro
 
 async fn policy(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiError> {
     let policy = plane.policy().await?;
-    // Stored documents were validated as JSON; show them as such, or as text if not.
+    // Documents stored through SetPolicy are valid JSON; one written into etcd past it may not
+    // be: shown as text then, and `invalid` says why routers do not apply it.
     let document =
         serde_json::from_str::<Value>(&policy.document).unwrap_or(Value::String(policy.document));
+    let invalid = (!policy.invalid.is_empty()).then_some(policy.invalid);
     Ok(Json(
-        json!({ "document": document, "is_default": policy.is_default }),
+        json!({ "document": document, "is_default": policy.is_default, "invalid": invalid }),
     ))
 }
 

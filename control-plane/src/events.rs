@@ -8,9 +8,11 @@ use std::sync::{Arc, Mutex};
 
 use crate::auth::Caller;
 use switchyard_cluster::{Membership, MembershipView, Pool, WorkerRecord, WorkerState};
+use switchyard_policy::document::PolicyDocument;
 use switchyard_proto::v1::{ClusterEvent, cluster_event::Kind};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 /// Events kept for the dashboard.
 const RECENT: usize = 200;
@@ -106,7 +108,12 @@ impl Events {
         let this = events.clone();
         tokio::spawn(async move {
             let mut last = membership.current();
-            policy.borrow_and_update();
+            // An invalid document stored before this replica started is news to its
+            // operators too; a valid one is not.
+            let stored = policy.borrow_and_update().clone();
+            if let Some(event) = policy_event(stored.as_deref(), false) {
+                this.emit(event);
+            }
             let mut policy_alive = true;
             loop {
                 tokio::select! {
@@ -124,23 +131,52 @@ impl Events {
                             policy_alive = false;
                             continue;
                         }
-                        let message = if policy.borrow_and_update().is_some() {
-                            "routing policy updated"
-                        } else {
-                            "routing policy deleted; routers use the built-in default"
-                        };
-                        this.emit(ClusterEvent {
-                            kind: Kind::PolicyChanged as i32,
-                            at_unix_ms: now_unix_ms(),
-                            message: message.into(),
-                            ..Default::default()
-                        });
+                        let stored = policy.borrow_and_update().clone();
+                        if let Some(event) = policy_event(stored.as_deref(), true) {
+                            this.emit(event);
+                        }
                     }
                 }
             }
         });
         events
     }
+}
+
+/// The event a stored policy value makes: `changed` (a new value was stored) or not (the
+/// value found at start, news only when invalid). An invalid document is a warning, not an
+/// update: routers do not apply it.
+fn policy_event(stored: Option<&[u8]>, changed: bool) -> Option<ClusterEvent> {
+    let (kind, message) = match stored.map(PolicyDocument::from_json) {
+        Some(Err(invalid)) => {
+            warn!(
+                error = %invalid,
+                "the stored routing policy is invalid; routers do not apply it (running ones keep \
+                 their last valid policy, starting ones are not ready until a valid document is \
+                 stored)"
+            );
+            (
+                Kind::PolicyInvalid,
+                format!(
+                    "routing policy stored in etcd is invalid and not applied: {invalid}; running \
+                     routers keep their last valid policy, routers starting now are not ready \
+                     until a valid document is stored"
+                ),
+            )
+        }
+        _ if !changed => return None,
+        Some(Ok(_)) => (Kind::PolicyChanged, "routing policy updated".to_string()),
+        None => (
+            Kind::PolicyChanged,
+            "routing policy deleted; routers use the built-in default".to_string(),
+        ),
+    };
+    Some(ClusterEvent {
+        kind: kind as i32,
+        at_unix_ms: now_unix_ms(),
+        message,
+        ..Default::default()
+    })
 }
 
 pub(crate) fn now_unix_ms() -> i64 {
@@ -241,6 +277,63 @@ mod tests {
             .iter()
             .map(|e| (e.kind(), e.worker_id.as_str()))
             .collect()
+    }
+
+    /// An invalid document written into etcd (past SetPolicy's validation) is a warning
+    /// that says why, not "routing policy updated"; one found at start is reported too.
+    #[tokio::test]
+    async fn an_invalid_stored_policy_is_a_warning_not_an_update() {
+        use switchyard_cluster::{MemoryRegistry, Registry};
+        let registry = MemoryRegistry::new();
+        registry
+            .put_policy(br#"{"placement": {"choices": 0}}"#.to_vec(), None)
+            .await
+            .unwrap();
+        let stop = CancellationToken::new();
+        let events = Events::spawn(
+            registry.watch_workers().await.unwrap(),
+            registry.watch_policy().await.unwrap(),
+            stop.clone(),
+        );
+        let seen = |events: &Events| {
+            events
+                .recent()
+                .iter()
+                .map(|e| (e.kind(), e.message.clone()))
+                .collect::<Vec<_>>()
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while events.recent().is_empty() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the invalid document found at start is reported");
+        let found = seen(&events);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].0, Kind::PolicyInvalid);
+        assert!(found[0].1.contains("placement.choices"), "{found:?}");
+        let mut live = events.subscribe();
+
+        registry
+            .put_policy(br#"{"default_lane": "latency-critical"}"#.to_vec(), None)
+            .await
+            .unwrap();
+        let updated = live.recv().await.unwrap();
+        assert_eq!(updated.kind(), Kind::PolicyChanged);
+        assert_eq!(updated.message, "routing policy updated");
+        registry.put_policy(b"[]".to_vec(), None).await.unwrap();
+        let invalid = live.recv().await.unwrap();
+        assert_eq!(invalid.kind(), Kind::PolicyInvalid, "{invalid:?}");
+        assert!(invalid.message.contains("JSON object"), "{invalid:?}");
+        stop.cancel();
+        // A valid document found at start is no news.
+        assert!(policy_event(Some(b"{}"), false).is_none());
+        assert!(policy_event(None, false).is_none());
+        assert_eq!(
+            policy_event(None, true).map(|e| e.kind()),
+            Some(Kind::PolicyChanged)
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use switchyard_cluster::{Pool, Registry, RegistryError, WorkerRecord, WorkerState};
-use switchyard_policy::document::PolicyDocument;
+use switchyard_policy::document::{MAX_DOCUMENT_BYTES, PolicyDocument};
 use switchyard_proto::v1;
 use tracing::info;
 
@@ -45,6 +45,11 @@ fn registry_error(error: RegistryError) -> OpError {
     match error {
         RegistryError::Fenced(_) => OpError::NotLeader(format!(
             "{error}; the write was not applied — send it to the current leader"
+        )),
+        // etcd answered: the request is at fault, and sending it again will not help.
+        _ if error.is_request_too_large() => OpError::InvalidArgument(format!(
+            "the write is too large for etcd (its --max-request-bytes, 1.5 MiB by default): \
+             {error}"
         )),
         _ => OpError::Unavailable(format!("cluster registry unreachable: {error}")),
     }
@@ -228,29 +233,45 @@ impl ControlPlane {
         })
     }
 
+    /// The stored policy document (or the built-in default), and why it is invalid when it is
+    /// (written to etcd past [`Self::set_policy`]: routers do not apply it).
     pub async fn policy(&self) -> Result<v1::GetPolicyResponse, OpError> {
         let stored = self.registry.get_policy().await.map_err(registry_error)?;
         Ok(match stored {
             Some(bytes) => v1::GetPolicyResponse {
                 document: String::from_utf8_lossy(&bytes).into_owned(),
                 is_default: false,
+                invalid: PolicyDocument::from_json(&bytes)
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default(),
             },
             None => v1::GetPolicyResponse {
                 document: PolicyDocument::default().to_json(),
                 is_default: true,
+                invalid: String::new(),
             },
         })
     }
 
     /// Validates and stores a policy document; returns it normalised. Leader only.
     pub async fn set_policy(&self, document: &str) -> Result<String, OpError> {
+        let policy = PolicyDocument::from_json(document.as_bytes())
+            .map_err(|e| OpError::InvalidArgument(format!("document: {e}")))?;
         let _write = self.policy_writes.lock().await;
-        self.store_policy(document).await
+        self.store_policy(policy).await
     }
 
     /// Applies `patch`, a JSON merge patch (RFC 7386), to the stored policy document (or the
     /// default), then validates and stores the result; returns it normalised. Leader only.
     pub async fn merge_policy(&self, patch: &str) -> Result<String, OpError> {
+        if patch.len() > MAX_DOCUMENT_BYTES {
+            return Err(OpError::InvalidArgument(format!(
+                "document: a merge patch of {} bytes is over the policy's limit of \
+                 {MAX_DOCUMENT_BYTES} bytes (1 MiB)",
+                patch.len()
+            )));
+        }
         let patch: serde_json::Value = serde_json::from_str(patch)
             .map_err(|e| OpError::InvalidArgument(format!("document: not JSON: {e}")))?;
         if !patch.is_object() {
@@ -260,21 +281,38 @@ impl ControlPlane {
         }
         self.require_leader()?;
         let _write = self.policy_writes.lock().await;
-        let mut document: serde_json::Value = serde_json::from_str(&self.policy().await?.document)
-            .map_err(|e| {
-                OpError::Unavailable(format!(
-                    "the stored policy is not JSON ({e}); replace it whole (SetPolicy without merge)"
+        let stored = self.policy().await?;
+        // Refused as invalid: the stored document is at fault, and etcd answered.
+        let mut document: serde_json::Value =
+            serde_json::from_str(&stored.document).map_err(|e| {
+                OpError::InvalidArgument(format!(
+                    "document: the stored policy is not JSON ({e}), so there is nothing to merge \
+                     onto; replace it whole (SetPolicy without merge: `switchyard admin policy \
+                     set`)"
                 ))
             })?;
         merge_patch(&mut document, &patch);
-        self.store_policy(&document.to_string()).await
+        // The merged document has no text of its own: what is at fault is named by its path,
+        // the patch's own when the stored document was valid.
+        let policy = PolicyDocument::from_value(&document).map_err(|e| {
+            OpError::InvalidArgument(if stored.invalid.is_empty() {
+                format!("document: {e} (in the merge patch)")
+            } else {
+                format!(
+                    "document: {e} (merged onto a stored document that is invalid itself: {}; \
+                     replace it whole if the patch does not fix it)",
+                    stored.invalid
+                )
+            })
+        })?;
+        self.store_policy(policy).await
     }
 
-    async fn store_policy(&self, document: &str) -> Result<String, OpError> {
-        let policy = PolicyDocument::from_json(document.as_bytes())
-            .map_err(|e| OpError::InvalidArgument(format!("document: {e}")))?;
+    async fn store_policy(&self, policy: PolicyDocument) -> Result<String, OpError> {
         let fence = self.require_leader()?;
-        let normalised = policy.to_json();
+        let normalised = policy
+            .to_stored_json()
+            .map_err(|e| OpError::InvalidArgument(format!("document: {e}")))?;
         self.registry
             .put_policy(normalised.clone().into_bytes(), fence.as_ref())
             .await
@@ -418,8 +456,30 @@ fn merge_patch(target: &mut serde_json::Value, patch: &serde_json::Value) {
 mod tests {
     use serde_json::json;
 
-    use super::{merge_patch, not_leader_message};
+    use super::{OpError, merge_patch, not_leader_message, registry_error};
     use crate::leader::ReplicaInfo;
+    use switchyard_cluster::RegistryError;
+
+    /// etcd refusing a write for its size is the request's fault (exit 5 from the CLI), not
+    /// "cluster registry unreachable" (exit 7, which scripts retry).
+    #[test]
+    fn a_write_too_large_for_etcd_is_refused_as_invalid() {
+        let too_large = RegistryError::Etcd(etcd_client::Error::GRpcStatus(tonic::Status::new(
+            tonic::Code::InvalidArgument,
+            "etcdserver: request is too large",
+        )));
+        match registry_error(too_large) {
+            OpError::InvalidArgument(message) => {
+                assert!(message.contains("too large for etcd"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let down = RegistryError::Etcd(etcd_client::Error::GRpcStatus(tonic::Status::new(
+            tonic::Code::Unavailable,
+            "tcp connect error",
+        )));
+        assert!(matches!(registry_error(down), OpError::Unavailable(_)));
+    }
 
     #[test]
     fn a_follower_names_the_leaders_dashboard_where_it_can_be_dialled() {

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use switchyard_proto::v1::Lane;
 
 /// A lane as written in the document: `latency-critical` or `cost-sensitive`.
@@ -106,8 +107,8 @@ impl Default for LanePolicy {
 
 /// A lane object as an operator writes it: fields left out keep *that lane's* defaults (a
 /// partial `latency_critical` object must not pick up cost-sensitive limits).
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct LanePolicyPatch {
     ttft_slo_ms: Option<f64>,
     min_tokens_per_s: Option<f64>,
@@ -505,6 +506,11 @@ impl Default for PolicyDocument {
     }
 }
 
+/// A policy document is at most this long (bytes), as sent and as stored: etcd refuses a
+/// request over its `--max-request-bytes` (1.5 MiB by default) and every router parses each
+/// new document. Thousands of tenants fit (a tenant's quota entry takes ~100 bytes).
+pub const MAX_DOCUMENT_BYTES: usize = 1024 * 1024;
+
 /// Why a policy document was refused.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum PolicyError {
@@ -512,6 +518,11 @@ pub enum PolicyError {
     Parse(String),
     #[error("policy document: {field}: {reason}")]
     Invalid { field: String, reason: String },
+    /// The document is JSON, but not an object (`[]`, `"…"`, a number, `null`).
+    #[error("a policy document must be a JSON object ({{\"default_lane\": …, …}}), not {0}")]
+    NotAnObject(&'static str),
+    #[error("policy document is {bytes} bytes, over the limit of {limit} bytes (1 MiB)")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
@@ -522,10 +533,35 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> PolicyError {
 }
 
 impl PolicyDocument {
-    /// Parses and validates a JSON document.
+    /// Parses and validates a JSON document: at most [`MAX_DOCUMENT_BYTES`], a JSON object
+    /// whose sections are objects too, every field known and valid. A refusal of the JSON
+    /// itself (syntax, a field name, a value's type) gives a line and column in `bytes`.
     pub fn from_json(bytes: &[u8]) -> Result<Self, PolicyError> {
+        check_size(bytes.len())?;
+        let value: Value =
+            serde_json::from_slice(bytes).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        check_object(&value)?;
+        // Typed from the text itself, so that an error's line and column are the caller's.
         let doc: Self =
             serde_json::from_slice(bytes).map_err(|e| PolicyError::Parse(e.to_string()))?;
+        doc.check_shape(&value)?;
+        doc.validate()?;
+        Ok(doc)
+    }
+
+    /// Like [`Self::from_json`] for a document already read as JSON (the result of a merge
+    /// patch): a field name or a value's type at fault is named by its path in the document
+    /// (`placement.choices`), as there is no text to give a line and column in.
+    pub fn from_value(value: &Value) -> Result<Self, PolicyError> {
+        check_object(value)?;
+        let doc: Self = serde_path_to_error::deserialize(value).map_err(|e| {
+            let field = e.path().to_string();
+            PolicyError::Invalid {
+                field,
+                reason: e.into_inner().to_string(),
+            }
+        })?;
+        doc.check_shape(value)?;
         doc.validate()?;
         Ok(doc)
     }
@@ -533,6 +569,29 @@ impl PolicyDocument {
     /// The document as pretty JSON, as stored in etcd.
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("policy documents always serialise")
+    }
+
+    /// [`Self::to_json`], refused when it is over [`MAX_DOCUMENT_BYTES`]: what a writer
+    /// stores, so that every reader can parse it.
+    pub fn to_stored_json(&self) -> Result<String, PolicyError> {
+        let json = self.to_json();
+        check_size(json.len())?;
+        Ok(json)
+    }
+
+    /// serde reads a struct from a JSON array too, its fields by position (`[]` is the whole
+    /// default document, `["latency-critical"]` sets `default_lane`), and an enum from a
+    /// one-member object: refuses each value of `given` that is not written the way this
+    /// document writes it back (an array only where the document has a list).
+    fn check_shape(&self, given: &Value) -> Result<(), PolicyError> {
+        let written = serde_json::to_value(self).expect("policy documents always serialise");
+        let (Value::Object(given), Value::Object(written)) = (given, &written) else {
+            return Err(PolicyError::NotAnObject(json_kind(given)));
+        };
+        for (key, value) in given {
+            same_shape(value, written.get(key), key)?;
+        }
+        Ok(())
     }
 
     pub fn lane(&self, lane: LaneName) -> &LanePolicy {
@@ -673,6 +732,70 @@ impl PolicyDocument {
     }
 }
 
+fn check_size(bytes: usize) -> Result<(), PolicyError> {
+    if bytes > MAX_DOCUMENT_BYTES {
+        return Err(PolicyError::TooLarge {
+            bytes,
+            limit: MAX_DOCUMENT_BYTES,
+        });
+    }
+    Ok(())
+}
+
+fn check_object(value: &Value) -> Result<(), PolicyError> {
+    match value {
+        Value::Object(_) => Ok(()),
+        other => Err(PolicyError::NotAnObject(json_kind(other))),
+    }
+}
+
+/// What a JSON value is, as an error names it.
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Checks that `given` (at `field`) is what the document writes back there (`written`,
+/// `None` where it leaves a default out): an array only where it writes a list, an object
+/// only where it writes an object.
+fn same_shape(given: &Value, written: Option<&Value>, field: &str) -> Result<(), PolicyError> {
+    match (given, written) {
+        (Value::Array(items), Some(Value::Array(kept))) => {
+            for (i, item) in items.iter().enumerate() {
+                same_shape(item, kept.get(i), &format!("{field}[{i}]"))?;
+            }
+            Ok(())
+        }
+        // A struct read from an array (what it does not write back, a section left at its
+        // default, is one too).
+        (Value::Array(_), _) => Err(invalid(field, "must be a JSON object, not an array")),
+        (Value::Object(members), None) => {
+            for (key, value) in members {
+                same_shape(value, None, &format!("{field}.{key}"))?;
+            }
+            Ok(())
+        }
+        (Value::Object(members), Some(Value::Object(kept))) => {
+            for (key, value) in members {
+                same_shape(value, kept.get(key), &format!("{field}.{key}"))?;
+            }
+            Ok(())
+        }
+        // E.g. a lane written `{"latency-critical": null}`.
+        (Value::Object(_), Some(other)) => Err(invalid(
+            field,
+            format!("must be {}, not an object", json_kind(other)),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn positive(field: &str, value: f64) -> Result<(), PolicyError> {
     if value.is_finite() && value > 0.0 {
         Ok(())
@@ -772,6 +895,135 @@ mod tests {
             let err = PolicyDocument::from_json(json).unwrap_err();
             assert!(err.to_string().contains(field), "{err}");
         }
+    }
+
+    /// serde reads a struct from a JSON array too (fields by position): `[]` was the whole
+    /// default document and `["latency-critical"]` set `default_lane`.
+    #[test]
+    fn a_document_must_be_a_json_object() {
+        for json in [
+            &b"[]"[..],
+            br#"["latency-critical"]"#,
+            b"null",
+            b"1",
+            br#""cost-sensitive""#,
+        ] {
+            let err = PolicyDocument::from_json(json).unwrap_err();
+            assert!(
+                err.to_string().contains("must be a JSON object"),
+                "{}: {err}",
+                String::from_utf8_lossy(json)
+            );
+        }
+    }
+
+    /// …and so does every section that is an object.
+    #[test]
+    fn every_section_must_be_an_object_too() {
+        for (json, field) in [
+            (&br#"{"placement": [8]}"#[..], "placement"),
+            (br#"{"latency_critical": [500]}"#, "latency_critical"),
+            (br#"{"quotas": [{}]}"#, "quotas"),
+            (
+                br#"{"quotas": {"tenants": {"acme": {"token_budget": [10, 60]}}}}"#,
+                "quotas.tenants.acme.token_budget",
+            ),
+            (
+                br#"{"quotas": {"tenants": {"acme": [5]}}}"#,
+                "quotas.tenants.acme",
+            ),
+            (br#"{"rules": [["r", {}, "latency-critical"]]}"#, "rules[0]"),
+            (
+                br#"{"rules": [{"name": "r", "match": [], "lane": "latency-critical"}]}"#,
+                "rules[0].match",
+            ),
+            (br#"{"migration": []}"#, "migration"),
+            (br#"{"hedging": [true]}"#, "hedging"),
+        ] {
+            let err = PolicyDocument::from_json(json).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("{field}: must be a JSON object")),
+                "{}: {text}",
+                String::from_utf8_lossy(json)
+            );
+        }
+        // Arrays where the document has lists are fine.
+        PolicyDocument::from_json(
+            br#"{"rules": [{"name": "r", "lane": "latency-critical"}],
+                 "quotas": {"tenants": {"batch": {"lanes": ["cost-sensitive"]}}}}"#,
+        )
+        .unwrap();
+    }
+
+    /// A lane written as a one-member object (serde's form of an enum) is refused too.
+    #[test]
+    fn a_lane_must_be_a_string() {
+        for json in [
+            &br#"{"default_lane": {"latency-critical": null}}"#[..],
+            br#"{"tenants": {"acme": {"latency-critical": null}}}"#,
+        ] {
+            match PolicyDocument::from_json(json) {
+                Ok(doc) => panic!("{}: accepted as {doc:?}", String::from_utf8_lossy(json)),
+                Err(e) => assert!(e.to_string().contains("must be a string"), "{e}"),
+            }
+        }
+    }
+
+    /// A merged document has no text of its own: a field name or type at fault is named by
+    /// its path, not by a line and column of the merged JSON.
+    #[test]
+    fn a_document_read_as_json_names_the_path_at_fault() {
+        let err = PolicyDocument::from_value(&serde_json::json!({
+            "default_lane": "latency-critical", "placment": {"choices": 2}
+        }))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("placment") && err.contains("unknown field") && !err.contains("column"),
+            "{err}"
+        );
+        let err = PolicyDocument::from_value(&serde_json::json!({"placement": {"choices": "4"}}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("placement.choices: invalid type"), "{err}");
+        let err = PolicyDocument::from_value(&serde_json::json!({"placement": {"choices": 0}}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("placement.choices: must be between"), "{err}");
+        assert!(matches!(
+            PolicyDocument::from_value(&serde_json::json!(["latency-critical"])),
+            Err(PolicyError::NotAnObject("an array"))
+        ));
+        let doc = PolicyDocument::from_value(&serde_json::json!({"max_queued": 7})).unwrap();
+        assert_eq!(doc.max_queued, 7);
+    }
+
+    /// A document over the limit is refused before anything parses it (etcd refuses requests
+    /// over its `--max-request-bytes`, 1.5 MiB by default, as "unreachable" to the caller).
+    #[test]
+    fn a_document_over_the_size_limit_is_refused() {
+        let tenants: BTreeMap<String, LaneName> = (0..40_000)
+            .map(|i| (format!("tenant-{i:06}"), LaneName::LatencyCritical))
+            .collect();
+        let doc = PolicyDocument {
+            tenants,
+            ..PolicyDocument::default()
+        };
+        let json = doc.to_json();
+        assert!(json.len() > 1024 * 1024, "{}", json.len());
+        let err = match PolicyDocument::from_json(json.as_bytes()) {
+            Ok(_) => panic!("a {}-byte document was accepted", json.len()),
+            Err(err) => err,
+        };
+        assert!(err.to_string().contains("1 MiB"), "{err}");
+        // One well under it is fine.
+        let small: BTreeMap<String, LaneName> = doc.tenants.into_iter().take(1000).collect();
+        let doc = PolicyDocument {
+            tenants: small,
+            ..PolicyDocument::default()
+        };
+        assert_eq!(PolicyDocument::from_json(doc.to_json().as_bytes()), Ok(doc));
     }
 
     #[test]

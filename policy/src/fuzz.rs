@@ -43,13 +43,16 @@ fn check(bytes: &[u8]) -> Result<(), String> {
         }
         Err(PolicyError::Invalid { field, reason }) => {
             let top = field.split(['.', '[']).next().unwrap_or_default();
-            if TOP_LEVEL.contains(&top) && !reason.is_empty() {
+            let known = TOP_LEVEL.contains(&top) || ["migration", "hedging"].contains(&top);
+            if known && !reason.is_empty() {
                 Ok(())
             } else {
                 Err(format!("refusal names no field: {field:?}: {reason}"))
             }
         }
         Err(PolicyError::Parse(message)) if !message.is_empty() => Ok(()),
+        // Not an object at all (`[]`, a string…): there is no field to name.
+        Err(PolicyError::NotAnObject(_) | PolicyError::TooLarge { .. }) => Ok(()),
         Err(e) => Err(format!("refusal without a reason: {e:?}")),
     }
 }

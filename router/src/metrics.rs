@@ -57,6 +57,12 @@ pub struct StreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyStateLabels {
+    /// `current`, `kept` or `missing` (see [`RouterMetrics::policy_state`]).
+    pub state: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LaneLabels {
     pub lane: &'static str,
 }
@@ -213,6 +219,11 @@ pub struct RouterMetrics {
     pub hedge_wasted: Family<LaneLabels, Counter>,
     /// The hedge budget per lane (spent vs allowed).
     pub hedge_budget: Family<HedgeBudgetLabels, Gauge>,
+    /// 1 for the state of the router's routing policy, 0 for the others: `current` (the
+    /// stored document, or the built-in default when none is stored), `kept` (the stored
+    /// document is invalid; the last valid one stays in force), `missing` (the stored document
+    /// is invalid and the router has had no valid one since it started: it is not ready).
+    pub policy_state: Family<PolicyStateLabels, Gauge>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -221,7 +232,19 @@ impl std::fmt::Debug for RouterMetrics {
     }
 }
 
+/// The values of [`RouterMetrics::policy_state`]'s `state` label.
+const POLICY_STATES: [&str; 3] = ["current", "kept", "missing"];
+
 impl RouterMetrics {
+    /// Sets [`Self::policy_state`]: 1 for `state` (one of `current`, `kept`, `missing`).
+    pub fn set_policy_state(&self, state: &'static str) {
+        for each in POLICY_STATES {
+            self.policy_state
+                .get_or_create(&PolicyStateLabels { state: each })
+                .set(i64::from(each == state));
+        }
+    }
+
     pub fn register(metrics: &Metrics) -> Self {
         let this = Self {
             requests: Family::default(),
@@ -243,7 +266,14 @@ impl RouterMetrics {
             hedges: Family::default(),
             hedge_wasted: Family::default(),
             hedge_budget: Family::default(),
+            policy_state: Family::default(),
         };
+        // Every state is a series from the start, so an alert on `kept` or `missing` has one.
+        for state in POLICY_STATES {
+            this.policy_state
+                .get_or_create(&PolicyStateLabels { state })
+                .set(0);
+        }
         metrics.register(|r| {
             r.register(
                 "switchyard_router_requests",
@@ -284,6 +314,13 @@ impl RouterMetrics {
                 "switchyard_router_auth_refusals",
                 "Calls refused for their API key, by reason and front door",
                 this.auth_refusals.clone(),
+            );
+            r.register(
+                "switchyard_router_policy_state",
+                "The router's routing policy: 1 for its state (current, kept: the stored \
+                 document is invalid and the last valid one stays in force, missing: the stored \
+                 document is invalid and the router has none: not ready)",
+                this.policy_state.clone(),
             );
             r.register(
                 "switchyard_router_active_sessions",

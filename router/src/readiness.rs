@@ -1,18 +1,35 @@
 //! Whether the router can route yet. A router starts (listens, answers health checks) before
 //! the cluster registry answers; until then it is not ready, says why, and refuses requests
-//! with `UNAVAILABLE` rather than judging models unknown from an empty view.
+//! with `UNAVAILABLE` rather than judging models unknown from an empty view. It is not ready
+//! either while it has no valid routing policy (the stored document is invalid and it never
+//! had a valid one to keep), nor once it is shutting down.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use crate::error::DispatchError;
 
+/// A condition the router waits on before it routes. While several hold, the first in this
+/// order is the one reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Gate {
+    /// Shutting down: requests in flight finish, new ones are refused.
+    ShuttingDown,
+    /// The cluster registry has not answered yet.
+    Registry,
+    /// No valid routing policy: the stored one is invalid and the router has none to keep.
+    Policy,
+}
+
 #[derive(Debug)]
 pub struct Readiness {
-    /// `None` once ready; otherwise why not.
-    waiting: RwLock<Option<String>>,
+    /// The gates closed, each with why; ready when empty.
+    waiting: RwLock<BTreeMap<Gate, String>>,
+    /// Whether the router is ready, for whoever mirrors it (gRPC health).
+    ready: watch::Sender<bool>,
 }
 
 impl Default for Readiness {
@@ -24,31 +41,49 @@ impl Default for Readiness {
 impl Readiness {
     pub fn ready() -> Self {
         Self {
-            waiting: RwLock::new(None),
+            waiting: RwLock::new(BTreeMap::new()),
+            ready: watch::channel(true).0,
         }
     }
 
-    pub fn waiting(reason: impl Into<String>) -> Self {
-        Self {
-            waiting: RwLock::new(Some(reason.into())),
-        }
+    /// Not ready until `gate` opens.
+    pub fn waiting(gate: Gate, reason: impl Into<String>) -> Self {
+        let readiness = Self::ready();
+        readiness.set_waiting(gate, reason);
+        readiness
     }
 
-    /// Why the router cannot route yet; `None` when it can.
+    /// Why the router cannot route yet; `None` when it can. Clients and the public `/health`
+    /// see it: it names what is missing, never addresses or internal errors (those are logged).
     pub fn reason(&self) -> Option<String> {
-        self.waiting.read().expect("readiness lock").clone()
+        let waiting = self.waiting.read().expect("readiness lock");
+        waiting.values().next().cloned()
     }
 
     pub fn is_ready(&self) -> bool {
-        self.waiting.read().expect("readiness lock").is_none()
+        self.waiting.read().expect("readiness lock").is_empty()
     }
 
-    pub fn set_waiting(&self, reason: impl Into<String>) {
-        *self.waiting.write().expect("readiness lock") = Some(reason.into());
+    /// Closes `gate` (or changes its reason).
+    pub fn set_waiting(&self, gate: Gate, reason: impl Into<String>) {
+        let mut waiting = self.waiting.write().expect("readiness lock");
+        waiting.insert(gate, reason.into());
+        self.ready
+            .send_if_modified(|ready| std::mem::replace(ready, false));
     }
 
-    pub fn set_ready(&self) {
-        *self.waiting.write().expect("readiness lock") = None;
+    /// Opens `gate`; the router is ready once no gate is closed.
+    pub fn set_ready(&self, gate: Gate) {
+        let mut waiting = self.waiting.write().expect("readiness lock");
+        waiting.remove(&gate);
+        let now = waiting.is_empty();
+        self.ready
+            .send_if_modified(|ready| std::mem::replace(ready, now) != now);
+    }
+
+    /// Follows whether the router is ready (for the gRPC health status).
+    pub fn subscribe(&self) -> watch::Receiver<bool> {
+        self.ready.subscribe()
     }
 
     /// `UNAVAILABLE` naming the reason, while not ready.
@@ -111,6 +146,30 @@ impl Drop for InFlightGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_router_is_ready_once_every_gate_is_open() {
+        let readiness = Readiness::waiting(Gate::Registry, "connecting");
+        let ready = readiness.subscribe();
+        assert!(!*ready.borrow());
+        readiness.set_waiting(Gate::Policy, "no valid routing policy");
+        assert_eq!(readiness.reason().as_deref(), Some("connecting"));
+        readiness.set_ready(Gate::Registry);
+        assert_eq!(
+            readiness.reason().as_deref(),
+            Some("no valid routing policy"),
+            "the registry answering does not make up for the policy"
+        );
+        assert!(!readiness.is_ready() && !*ready.borrow());
+        assert!(readiness.check().is_err());
+        readiness.set_ready(Gate::Policy);
+        assert!(readiness.is_ready() && *ready.borrow());
+        assert!(readiness.check().is_ok());
+        readiness.set_waiting(Gate::ShuttingDown, "shutting down");
+        readiness.set_waiting(Gate::Policy, "no valid routing policy");
+        assert_eq!(readiness.reason().as_deref(), Some("shutting down"));
+        assert!(!*ready.borrow());
+    }
 
     #[tokio::test]
     async fn drained_waits_for_the_last_request_to_end() {

@@ -22,7 +22,8 @@ use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::links::Links;
 use crate::policy::document::PolicyDocument;
-use crate::policy_watch::PolicyHandle;
+use crate::policy_watch::{PolicyHandle, PolicyStatus};
+use crate::readiness::Gate;
 use crate::service::{AuthInterceptor, InferenceService};
 
 #[derive(Debug, thiserror::Error)]
@@ -168,13 +169,17 @@ pub async fn run_router_with_endpoints(
     // kind, never its addresses or the client library's error (those are logged).
     dispatcher
         .readiness
-        .set_waiting("connecting to the cluster registry (etcd)");
+        .set_waiting(Gate::Registry, "connecting to the cluster registry (etcd)");
     let dispatcher = Arc::new(dispatcher);
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_not_serving::<InferenceServer<InferenceService>>()
         .await;
+    tokio::spawn(mirror_readiness(
+        dispatcher.readiness.subscribe(),
+        health.clone(),
+    ));
     let (first_contact, first_contact_rx) = oneshot::channel();
     tokio::spawn(join_cluster(
         Joining {
@@ -184,7 +189,6 @@ pub async fn run_router_with_endpoints(
             fallback_policy,
             leader_tx,
             dispatcher: dispatcher.clone(),
-            health: health.clone(),
             shutdown: cluster_stop.clone(),
         },
         first_contact,
@@ -301,7 +305,9 @@ async fn finish_in_flight(
         () = shutdown.cancelled() => {}
         () = cluster_stop.cancelled() => return,
     }
-    dispatcher.readiness.set_waiting("shutting down");
+    dispatcher
+        .readiness
+        .set_waiting(Gate::ShuttingDown, "shutting down");
     dispatcher.stopping.cancel();
     health
         .set_not_serving::<InferenceServer<InferenceService>>()
@@ -331,13 +337,13 @@ struct Joining {
     /// Feeds the reporter the control-plane leader's record.
     leader_tx: watch::Sender<Option<Vec<u8>>>,
     dispatcher: Arc<Dispatcher>,
-    health: HealthReporter,
     shutdown: CancellationToken,
 }
 
 /// Reads the membership and the policy from the registry, retrying with exponential backoff
-/// and jitter until it answers; then follows both and marks the router ready. `first_contact`
-/// fires after the first attempt, whatever its outcome.
+/// and jitter until it answers; then follows both and opens the readiness gate of the registry
+/// (the router is ready once it also has a valid policy). `first_contact` fires after the
+/// first attempt, whatever its outcome.
 async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
     let Joining {
         registry,
@@ -346,7 +352,6 @@ async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
         fallback_policy,
         leader_tx,
         dispatcher,
-        health,
         shutdown,
     } = joining;
     let store = registry.describe();
@@ -367,17 +372,16 @@ async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
         match outcome {
             Ok((membership, stored_policy, leader)) => {
                 tokio::spawn(forward_leader(leader, leader_tx, shutdown.clone()));
+                let judged = dispatcher.clone();
                 crate::policy_watch::follow_stored(
                     stored_policy,
                     fallback_policy,
                     policy_tx,
+                    move |status: &PolicyStatus| policy_status(&judged, status),
                     shutdown.clone(),
                 );
                 links.follow(membership, shutdown);
-                dispatcher.readiness.set_ready();
-                health
-                    .set_serving::<InferenceServer<InferenceService>>()
-                    .await;
+                dispatcher.readiness.set_ready(Gate::Registry);
                 if attempt > 1 {
                     info!(registry = %store, attempt, "cluster registry answered; routing");
                 }
@@ -389,9 +393,10 @@ async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
             Err(error) => {
                 let delay = backoff.next_delay();
                 warn!("cannot reach {store}: {error} (attempt {attempt}, next in {delay:.1?})");
-                dispatcher.readiness.set_waiting(format!(
-                    "cannot reach the cluster registry (etcd) yet (attempt {attempt})"
-                ));
+                dispatcher.readiness.set_waiting(
+                    Gate::Registry,
+                    format!("cannot reach the cluster registry (etcd) yet (attempt {attempt})"),
+                );
                 if let Some(tx) = first_contact.take() {
                     let _ = tx.send(());
                 }
@@ -400,6 +405,51 @@ async fn join_cluster(joining: Joining, first_contact: oneshot::Sender<()>) {
                     _ = shutdown.cancelled() => return,
                 }
             }
+        }
+    }
+}
+
+/// What the router's readiness says its gRPC health says: `switchyard.v1.Inference` is
+/// SERVING exactly while the router is ready (Kubernetes' readiness probe asks it).
+async fn mirror_readiness(mut ready: watch::Receiver<bool>, health: HealthReporter) {
+    loop {
+        let now = *ready.borrow_and_update();
+        if now {
+            health
+                .set_serving::<InferenceServer<InferenceService>>()
+                .await;
+        } else {
+            health
+                .set_not_serving::<InferenceServer<InferenceService>>()
+                .await;
+        }
+        if ready.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Applies what the policy follower judged of the stored policy: without a valid policy the
+/// router is not ready (it routes nothing rather than by the built-in default, which would
+/// drop the tenant quotas and lane restrictions its peers enforce).
+fn policy_status(dispatcher: &Dispatcher, status: &PolicyStatus) {
+    match status {
+        PolicyStatus::Current => {
+            dispatcher.metrics.set_policy_state("current");
+            dispatcher.readiness.set_ready(Gate::Policy);
+        }
+        PolicyStatus::Kept(_) => {
+            dispatcher.metrics.set_policy_state("kept");
+            dispatcher.readiness.set_ready(Gate::Policy);
+        }
+        PolicyStatus::Missing(_) => {
+            dispatcher.metrics.set_policy_state("missing");
+            // Public (clients, `/health`): the document's contents stay in the log.
+            dispatcher.readiness.set_waiting(
+                Gate::Policy,
+                "no valid routing policy: the stored document is invalid (the router's log \
+                 says why)",
+            );
         }
     }
 }

@@ -285,3 +285,380 @@ async fn a_conversations_turns_stay_on_one_wse_worker() -> anyhow::Result<()> {
     assert!(homes.len() > 1, "six conversations all on {homes:?}");
     Ok(())
 }
+
+/// Sends one request as `tenant` (its default lane is the policy's) and returns its
+/// `Accepted` frame, or the status it was refused with.
+async fn placed(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    tenant: &str,
+) -> Result<v1::Accepted, tonic::Status> {
+    let mut request = GenerateRequest {
+        model: "synthetic".into(),
+        prompt: "hello".into(),
+        sampling: Some(SamplingParams {
+            max_tokens: 2,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    request.metadata.insert("tenant".into(), tenant.into());
+    let mut stream = client.generate(request).await?.into_inner();
+    while let Some(frame) = stream.message().await? {
+        match frame.frame {
+            Some(Frame::Accepted(a)) => return Ok(a),
+            Some(Frame::Failed(f)) => {
+                return Err(tonic::Status::new(tonic::Code::from_i32(f.code), f.message));
+            }
+            _ => {}
+        }
+    }
+    Err(tonic::Status::internal("stream ended without Accepted"))
+}
+
+/// The gRPC health of a router's `switchyard.v1.Inference` service.
+async fn inference_health(
+    router: &str,
+) -> anyhow::Result<tonic_health::pb::health_check_response::ServingStatus> {
+    let channel = switchyard_client::connect_channel(router).await?;
+    let response = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "switchyard.v1.Inference".into(),
+        })
+        .await?
+        .into_inner();
+    Ok(response.status())
+}
+
+/// GETs a dashboard API path as JSON.
+async fn dashboard(http: std::net::SocketAddr, path: &str) -> anyhow::Result<serde_json::Value> {
+    Ok(reqwest::get(format!("http://{http}{path}"))
+        .await?
+        .json()
+        .await?)
+}
+
+/// Runs `switchyard admin <args> --control-plane <address>` with `stdin`: (exit code,
+/// stdout, stderr).
+fn switchyard_admin(
+    address: &str,
+    args: &[&str],
+    stdin: &str,
+) -> anyhow::Result<(Option<i32>, String, String)> {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(switchyard_tests::switchyard_bin())
+        .arg("admin")
+        .args(args)
+        .args(["--control-plane", address])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(stdin.as_bytes())?;
+    let output = child.wait_with_output()?;
+    Ok((
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// A router that starts while the stored document is invalid (written straight into etcd,
+/// past the admin API's validation) has no valid policy to route by: it stays not ready —
+/// gRPC health NOT_SERVING, `/health` 503, requests `UNAVAILABLE` — and logs an ERROR, until a
+/// valid document is stored. It used to route by the built-in default, tenant quotas
+/// included: a tenant refused the latency-critical lane by the policy was served on it by the
+/// restarted router while the others refused it. A running router keeps its last valid
+/// policy. `admin policy get`, the dashboard and the event feed say that the stored document
+/// is invalid, and why (they showed it as the policy, and "routing policy updated").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_started_on_an_invalid_stored_policy_routes_nothing_until_a_valid_one_is_stored()
+-> anyhow::Result<()> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let policy = serde_json::json!({
+        "default_lane": "latency-critical",
+        "quotas": {"tenants": {"batch": {"lanes": ["cost-sensitive"], "disallowed_lane": "refuse"}}},
+    });
+    cluster.set_policy(&policy, PATIENCE).await?;
+    let mut running = InferenceClient::connect(format!("http://{}", cluster.router_addr())).await?;
+    wait_until(
+        PATIENCE,
+        "the router to refuse batch the latency-critical lane",
+        || {
+            let mut client = running.clone();
+            async move {
+                placed(&mut client, "batch")
+                    .await
+                    .is_err_and(|s| s.code() == tonic::Code::PermissionDenied)
+            }
+        },
+    )
+    .await?;
+
+    // The same document, made invalid, written straight into etcd.
+    let mut invalid = policy.clone();
+    invalid["placement"] = serde_json::json!({"choices": 0});
+    let mut etcd = etcd_client::Client::connect([cluster.etcd.url.as_str()], None).await?;
+    etcd.put("/switchyard/v1/policy", invalid.to_string(), None)
+        .await?;
+    let kept = cluster
+        .router
+        .wait_for_log("routing policy rejected", PATIENCE)
+        .await?;
+
+    // A router started now has no policy to keep.
+    let restarted =
+        switchyard_tests::start_router(&cluster.etcd.url, "router-restarted", &[]).await?;
+    let rejected = restarted
+        .wait_for_log("routing policy rejected", PATIENCE)
+        .await?;
+    let grpc = restarted.addr("grpc").to_string();
+    // It stays not ready (a few seconds: it does not become ready later on its own).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(inference_health(&grpc).await?, ServingStatus::NotServing);
+    assert!(
+        rejected.contains("ERROR")
+            && rejected.contains("placement.choices")
+            && rejected.contains("no valid routing policy"),
+        "{rejected}"
+    );
+    // The running one says it keeps what it had.
+    assert!(
+        kept.contains("placement.choices") && kept.contains("last valid policy stays in force"),
+        "{kept}"
+    );
+    let health = reqwest::get(format!("http://{}/health", restarted.addr("http"))).await?;
+    assert_eq!(health.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: serde_json::Value = health.json().await?;
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("routing policy")),
+        "{body}"
+    );
+    // The public answer says why without the document's contents (tenant names…).
+    assert!(!body.to_string().contains("choices"), "{body}");
+    let mut fresh = InferenceClient::connect(format!("http://{grpc}")).await?;
+    let refused = placed(&mut fresh, "batch")
+        .await
+        .expect_err("a router with no valid policy routes nothing");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let refused = placed(&mut fresh, "acme")
+        .await
+        .expect_err("a router with no valid policy routes nothing");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // The running router still enforces the policy.
+    let still = placed(&mut running, "batch")
+        .await
+        .expect_err("batch refused");
+    assert_eq!(still.code(), tonic::Code::PermissionDenied, "{still:?}");
+
+    // The operator's views say the stored document is invalid, and why.
+    let control_plane = cluster.control_plane.addr("grpc").to_string();
+    let (code, out, err) = switchyard_admin(&control_plane, &["policy", "get"], "")?;
+    assert_eq!(code, Some(0), "{err}");
+    let printed: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(printed, invalid, "get prints what is stored");
+    assert!(
+        err.contains("invalid") && err.contains("placement.choices"),
+        "{err}"
+    );
+    let http = cluster.control_plane.addr("http");
+    let shown = dashboard(http, "/api/policy").await?;
+    assert!(
+        shown["invalid"]
+            .as_str()
+            .is_some_and(|why| why.contains("placement.choices")),
+        "{shown}"
+    );
+    // The dashboard's policy view says so in red, above the document.
+    let browser = switchyard_tests::browser::Browser::start().await?;
+    browser.goto(&format!("http://{http}/")).await?;
+    let banner = switchyard_tests::poll_until(PATIENCE, "the page to flag the policy", || async {
+        let shown = browser
+            .execute(
+                "const el = document.getElementById('policy-invalid');
+                 return el.hidden ? '' : el.textContent;",
+                vec![],
+            )
+            .await
+            .ok()?;
+        shown
+            .as_str()
+            .filter(|text| !text.is_empty())
+            .map(str::to_string)
+    })
+    .await?;
+    assert!(banner.contains("placement.choices"), "{banner}");
+    let source = browser.text("#policy-source").await?;
+    assert!(source.contains("INVALID"), "{source}");
+    browser.close().await?;
+    let events = poll_events(http, |e| e["kind"] == "policy_invalid").await?;
+    let warned: Vec<&serde_json::Value> = events
+        .iter()
+        .filter(|e| e["kind"] == "policy_invalid")
+        .collect();
+    assert!(
+        warned.len() == 1
+            && warned[0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("placement.choices")),
+        "{events:?}"
+    );
+    let updated = events
+        .iter()
+        .filter(|e| e["kind"] == "policy_changed")
+        .count();
+    assert_eq!(
+        updated, 1,
+        "only the valid document was an update: {events:?}"
+    );
+    let logged = cluster
+        .control_plane
+        .wait_for_log("stored routing policy is invalid", PATIENCE)
+        .await?;
+    assert!(logged.contains("WARN"), "{logged}");
+
+    // A valid document makes it ready, with the policy in force.
+    let (code, _, err) =
+        switchyard_admin(&control_plane, &["policy", "set", "-"], &policy.to_string())?;
+    assert_eq!(code, Some(0), "{err}");
+    wait_until(PATIENCE, "the restarted router to become ready", || {
+        let grpc = grpc.clone();
+        async move {
+            inference_health(&grpc)
+                .await
+                .is_ok_and(|s| s == ServingStatus::Serving)
+        }
+    })
+    .await?;
+    let refused = placed(&mut fresh, "batch")
+        .await
+        .expect_err("batch refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    let served = placed(&mut fresh, "acme").await?;
+    assert_eq!(served.lane, Lane::LatencyCritical as i32, "{served:?}");
+    let shown = dashboard(http, "/api/policy").await?;
+    assert!(shown["invalid"].is_null(), "{shown}");
+    let (_, _, err) = switchyard_admin(&control_plane, &["policy", "get"], "")?;
+    assert!(!err.contains("invalid"), "{err}");
+    Ok(())
+}
+
+/// The control plane's recent events once one matches `wanted`.
+async fn poll_events(
+    http: std::net::SocketAddr,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    switchyard_tests::poll_until(PATIENCE, "the control plane's event", || async {
+        let events = dashboard(http, "/api/events").await.ok()?;
+        let events = events["events"].as_array()?.clone();
+        events.iter().any(&wanted).then_some(events)
+    })
+    .await
+}
+
+/// `switchyard admin policy set|merge` refuses, with exit status 5 ("invalid") and a message
+/// saying what is wrong, what is not a policy document: JSON that is not an object (`[]` was
+/// stored as the whole default document, `["latency-critical"]` set `default_lane` by
+/// position), a document over the 1 MiB limit (reported as "cluster registry unreachable",
+/// exit 7), a merge onto a stored document that is not JSON (exit 7); a typo in a merge patch
+/// is named by its path (it was a column of the merged document). Routers refuse a non-object
+/// written straight into etcd, and keep their policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_command_refuses_what_is_not_a_policy_document() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let control_plane = cluster.control_plane.addr("grpc").to_string();
+    let admin = |args: &[&str], stdin: &str| switchyard_admin(&control_plane, args, stdin);
+    let (code, _, err) = admin(
+        &["policy", "set", "-"],
+        r#"{"default_lane": "latency-critical", "max_queued": 100}"#,
+    )?;
+    assert_eq!(code, Some(0), "{err}");
+    let stored = || -> anyhow::Result<serde_json::Value> {
+        let (code, out, err) = admin(&["policy", "get"], "")?;
+        anyhow::ensure!(code == Some(0), "{err}");
+        Ok(serde_json::from_str(&out)?)
+    };
+
+    for document in ["[]", r#"["latency-critical"]"#, r#""cost-sensitive""#, "7"] {
+        let (code, _, err) = admin(&["policy", "set", "-"], document)?;
+        assert_eq!(code, Some(5), "{document}: {err}");
+        assert!(err.contains("must be a JSON object"), "{document}: {err}");
+    }
+    let (code, _, err) = admin(&["policy", "merge", r#"{"placement": [8]}"#], "")?;
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("placement: must be a JSON object"), "{err}");
+    let now = stored()?;
+    assert_eq!(now["default_lane"], "latency-critical", "{now}");
+    assert_eq!(now["max_queued"], 100, "{now}");
+
+    // Over the size limit: refused as such, by the command and by the control plane.
+    let tenants: serde_json::Map<String, serde_json::Value> = (0..40_000)
+        .map(|i| (format!("tenant-{i:06}"), "latency-critical".into()))
+        .collect();
+    let big = serde_json::json!({ "tenants": tenants }).to_string();
+    assert!(big.len() > 1024 * 1024 && big.len() < 2 * 1024 * 1024);
+    let (code, _, err) = admin(&["policy", "set", "-"], &big)?;
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains("1 MiB") && !err.contains("unreachable"),
+        "{err}"
+    );
+    let mut grpc = AdminClient::connect(format!("http://{control_plane}")).await?;
+    let refused = grpc
+        .set_policy(v1::SetPolicyRequest {
+            merge: false,
+            document: big,
+        })
+        .await
+        .expect_err("over the limit");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("1 MiB"), "{refused:?}");
+
+    // A typo in a patch is named as the patch has it.
+    let (code, _, err) = admin(&["policy", "merge", r#"{"placment": {"choices": 2}}"#], "")?;
+    assert_eq!(code, Some(5), "{err}");
+    assert!(
+        err.contains("placment") && err.contains("unknown field") && !err.contains("column"),
+        "{err}"
+    );
+
+    // Written straight into etcd: a document that is not an object is refused by the router,
+    // which keeps its policy; a merge onto a document that is not JSON is refused as invalid.
+    let mut etcd = etcd_client::Client::connect([cluster.etcd.url.as_str()], None).await?;
+    etcd.put("/switchyard/v1/policy", "[]", None).await?;
+    let rejected = cluster
+        .router
+        .wait_for_log("routing policy rejected", PATIENCE)
+        .await?;
+    assert!(rejected.contains("must be a JSON object"), "{rejected}");
+    let mut client = InferenceClient::connect(format!("http://{}", cluster.router_addr())).await?;
+    let kept = accepted(&mut client, None).await?;
+    assert_eq!(kept.lane, Lane::LatencyCritical as i32, "{kept:?}");
+    etcd.put("/switchyard/v1/policy", "{not json", None).await?;
+    let (code, _, err) = admin(&["policy", "merge", r#"{"max_queued": 5}"#], "")?;
+    assert_eq!(code, Some(5), "{err}");
+    assert!(err.contains("replace it whole"), "{err}");
+    let (code, _, err) = admin(&["policy", "get"], "")?;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("invalid"), "{err}");
+    let (code, _, err) = admin(&["policy", "set", "-"], r#"{"max_queued": 5}"#)?;
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(stored()?["max_queued"], 5);
+    Ok(())
+}
