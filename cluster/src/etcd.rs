@@ -12,11 +12,14 @@ use etcd_client::{
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
+use crate::etcd_channel::{EndpointLabels, FailoverChannel};
+use crate::lease::{KeptLease, LeaseLost};
 
 use crate::membership::{Membership, MembershipView, publish};
 use crate::registry::{Command, Fence, Registration, Registry, RegistryError};
@@ -48,6 +51,47 @@ async fn fenced(
     response.op_responses().into_iter().next().ok_or_else(|| {
         RegistryError::Etcd(etcd_client::Error::InvalidArgs("empty txn response".into()))
     })
+}
+
+/// Attempts at a write whose repetition is harmless, when its outcome is unknown.
+const WRITE_ATTEMPTS: u32 = 3;
+
+/// Runs `write` — one whose repetition is harmless (the same value put again) — again when it
+/// failed leaving unknown whether etcd applied it: its etcd member froze or died after reading
+/// it, or etcd lost its leader meanwhile. (The client's channel already sends a request no
+/// member read to another member; a failure that reaches here may have been applied.)
+async fn repeat_write<T, F, Fut>(mut write: F) -> Result<T, RegistryError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, RegistryError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match write().await {
+            Err(RegistryError::Etcd(error))
+                if attempt < WRITE_ATTEMPTS && outcome_unknown(&error) =>
+            {
+                debug!(error = %ErrorChain(&error), attempt, "etcd write failed with its outcome unknown; writing it again");
+                tokio::time::sleep(Duration::from_millis(100) * attempt).await;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether `error` leaves unknown whether etcd applied the request (as opposed to an answer:
+/// invalid, refused, too large).
+fn outcome_unknown(error: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match error {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            Code::Unavailable | Code::Cancelled | Code::DeadlineExceeded | Code::Unknown
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
 }
 
 /// Pauses before a broken watch starts over: 500 ms doubling to 10 s, each drawn from the upper
@@ -207,6 +251,8 @@ pub struct EtcdRegistry {
     /// Watches started over after their stream failed or etcd cancelled them (each restart
     /// re-reads what it watches): in a healthy cluster this stays at 0.
     watch_restarts: Family<WatchLabels, Counter>,
+    /// Whether each etcd endpoint is up (1) or suspected or found down (0).
+    endpoint_up: Family<EndpointLabels, Gauge>,
 }
 
 impl std::fmt::Debug for EtcdRegistry {
@@ -246,11 +292,17 @@ impl EtcdRegistry {
         if let Some((user, password)) = &security.user {
             options = options.with_user(user.clone(), password.clone());
         }
-        let client = Client::connect(endpoints, Some(options)).await?;
+        // One connection per endpoint, failing over between them (etcd_channel.rs): etcd-client's
+        // own balancing keeps sending a share of the requests to an endpoint that is down.
+        let channel = FailoverChannel::new();
+        let endpoint_up = channel.gauges();
+        let client =
+            Client::connect_with_balanced_channel(endpoints, Some(options), channel).await?;
         Ok(Self {
             client,
             endpoints: endpoints.to_vec(),
             watch_restarts: Family::default(),
+            endpoint_up,
         })
     }
 
@@ -273,7 +325,7 @@ impl Registry for EtcdRegistry {
         }
         let mut client = self.client.clone();
         // The first lease is granted here so that a worker that cannot register fails to start.
-        let lease = Lease::establish(&mut client, &record, ttl_secs, None).await?;
+        let lease = establish(&mut client, &record, ttl_secs, None).await?;
         let (tx, rx) = mpsc::channel(8);
         tokio::spawn(keep_registered(client, record, ttl_secs, lease, rx));
         Ok(Registration::new(tx))
@@ -294,6 +346,11 @@ impl Registry for EtcdRegistry {
                 "switchyard_etcd_watch_restarts",
                 "etcd watches started over after their stream broke or etcd cancelled them, by watch",
                 self.watch_restarts.clone(),
+            );
+            r.register(
+                "switchyard_etcd_endpoint_up",
+                "Whether this process sends requests to an etcd endpoint: 1 while it answers, 0 while it is suspected or found down (its requests go to the other endpoints)",
+                self.endpoint_up.clone(),
             )
         });
     }
@@ -319,11 +376,12 @@ impl Registry for EtcdRegistry {
         document: Vec<u8>,
         fence: Option<&Fence>,
     ) -> Result<(), RegistryError> {
-        fenced(
-            &mut self.client.clone(),
-            fence,
-            TxnOp::put(POLICY_KEY, document, None),
-        )
+        // The same document again: harmless.
+        let op = TxnOp::put(POLICY_KEY, document, None);
+        repeat_write(|| {
+            let (mut client, op) = (self.client.clone(), op.clone());
+            async move { fenced(&mut client, fence, op).await }
+        })
         .await?;
         Ok(())
     }
@@ -354,21 +412,31 @@ impl Registry for EtcdRegistry {
         fence: Option<&Fence>,
     ) -> Result<bool, RegistryError> {
         let key = drain_key(worker_id);
+        // The value is for people reading etcd; the key's presence is the request.
+        let value = format!(
+            r#"{{"requested_at_unix_ms":{}}}"#,
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis()
+        );
         let op = if drain {
-            // The value is for people reading etcd; the key's presence is the request.
-            let value = format!(
-                r#"{{"requested_at_unix_ms":{}}}"#,
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis()
-            );
-            TxnOp::put(key, value, Some(PutOptions::new().with_prev_key()))
+            TxnOp::put(key, value.as_str(), Some(PutOptions::new().with_prev_key()))
         } else {
             TxnOp::delete(key, Some(DeleteOptions::new()))
         };
-        Ok(match fenced(&mut self.client.clone(), fence, op).await? {
-            TxnOpResponse::Put(put) => put.prev_key().is_some(),
+        // Storing or deleting the request again is harmless (an undrain repeated after its
+        // answer was lost says no request was stored).
+        let response = repeat_write(|| {
+            let (mut client, op) = (self.client.clone(), op.clone());
+            async move { fenced(&mut client, fence, op).await }
+        })
+        .await?;
+        Ok(match response {
+            // A request stored before — not this call's own, repeated.
+            TxnOpResponse::Put(put) => put
+                .prev_key()
+                .is_some_and(|kv| kv.value() != value.as_bytes()),
             TxnOpResponse::Delete(delete) => delete.deleted() > 0,
             _ => false,
         })
@@ -535,36 +603,28 @@ async fn watch_key_from<T: PartialEq>(
     Ok(())
 }
 
-struct Lease {
-    id: i64,
-    keeper: etcd_client::LeaseKeeper,
-    responses: etcd_client::LeaseKeepAliveStream,
-}
-
-impl Lease {
-    /// A new lease holding `record`; `previous` is this worker's own earlier lease, which may
-    /// still hold the key (its keepalive failed, not necessarily the lease): the record moves
-    /// to the new lease, then the old one is revoked.
-    async fn establish(
-        client: &mut Client,
-        record: &WorkerRecord,
-        ttl_secs: i64,
-        previous: Option<i64>,
-    ) -> Result<Self, RegistryError> {
-        let id = claim(client, record, previous, ttl_secs).await?;
-        if let Some(previous) = previous {
-            // The key moved to the new lease: ending the old one (if it still lives) takes
-            // nothing with it.
-            let _ = client.lease_revoke(previous).await;
-        }
-        let (keeper, responses) = client.lease_keep_alive(id).await?;
-        info!(worker_id = %record.id, lease = id, ttl_secs, "registered in etcd");
-        Ok(Self {
-            id,
-            keeper,
-            responses,
-        })
+/// A new lease holding `record`, kept alive from now on; `previous` is this worker's own
+/// earlier lease, which may still hold the key (it could not be renewed for a TTL, which does
+/// not mean etcd let it expire): the record moves to the new lease, then the old one is revoked.
+async fn establish(
+    client: &mut Client,
+    record: &WorkerRecord,
+    ttl_secs: i64,
+    previous: Option<i64>,
+) -> Result<KeptLease, RegistryError> {
+    let (id, granted_at) = claim(client, record, previous, ttl_secs).await?;
+    if let Some(previous) = previous {
+        // The key moved to the new lease: ending the old one (if it still lives) takes
+        // nothing with it.
+        let _ = client.lease_revoke(previous).await;
     }
+    info!(worker_id = %record.id, lease = id, ttl_secs, "registered in etcd");
+    Ok(KeptLease::new(
+        client.clone(),
+        id,
+        Duration::from_secs(ttl_secs.unsigned_abs()),
+        granted_at,
+    ))
 }
 
 /// Puts `record` under a new lease of `ttl_secs` if no other lease holds its key (`previous`,
@@ -572,25 +632,37 @@ impl Lease {
 /// lease. A key held by another lease is waited for, up to a lease's TTL: the earlier life of
 /// this worker (restarted within its TTL) lets go by then; a worker still holding it is another
 /// live worker with the same id, which must not be silently displaced — its routers would lose
-/// it.
+/// it. Also returns when the lease was asked for (it runs from then at the latest).
 async fn claim(
     client: &mut Client,
     record: &WorkerRecord,
     previous: Option<i64>,
     ttl_secs: i64,
-) -> Result<i64, RegistryError> {
+) -> Result<(i64, Instant), RegistryError> {
     let value = serde_json::to_vec(record).expect("worker records always serialise");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(ttl_secs as u64 + 1);
     let mut warned = false;
     loop {
         // A lease per attempt: one granted before a wait would expire during it.
+        let granted_at = Instant::now();
         let lease = client.lease_grant(ttl_secs, None).await?.id();
         let claimed = try_claim(client, record, &value, lease, previous).await;
         let holder = match claimed {
-            Ok(None) => return Ok(lease),
+            Ok(None) => return Ok((lease, granted_at)),
             Ok(Some(holder)) => holder,
             Err(error) => {
-                let _ = client.lease_revoke(lease).await;
+                // etcd may have applied the claim without its answer reaching here (the member
+                // that read it froze): then the key is this lease's, to keep.
+                match client.get(record.key(), None).await {
+                    Ok(read) if read.kvs().first().is_some_and(|kv| kv.lease() == lease) => {
+                        return Ok((lease, granted_at));
+                    }
+                    Ok(_) => {
+                        let _ = client.lease_revoke(lease).await;
+                    }
+                    // Unknown: leave the lease to expire rather than end a claim it may hold.
+                    Err(_) => {}
+                }
                 return Err(error);
             }
         };
@@ -684,29 +756,35 @@ async fn put_record(
     lease: i64,
 ) -> Result<(), RegistryError> {
     let value = serde_json::to_vec(record).expect("worker records always serialise");
-    client
-        .put(
-            record.key(),
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await?;
+    // The same value under the same lease: writing it twice is harmless.
+    repeat_write(|| {
+        let mut client = client.clone();
+        let (key, value) = (record.key(), value.clone());
+        async move {
+            client
+                .put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+                .map_err(RegistryError::from)
+        }
+    })
+    .await?;
     Ok(())
 }
 
-/// Owns the lease: keeps it alive, re-establishes it after etcd trouble (a lease that expired
-/// while etcd was unreachable is granted anew and the record re-put), and serves commands.
+/// Owns the lease: keeps it alive (through failing keep-alive streams, for as long as its TTL
+/// lasts: [`KeptLease`]), registers again when it is lost, and serves commands.
 async fn keep_registered(
     mut client: Client,
     mut record: WorkerRecord,
     ttl_secs: i64,
-    first: Lease,
+    first: KeptLease,
     mut commands: mpsc::Receiver<Command>,
 ) {
-    let period = Duration::from_millis((ttl_secs as u64 * 1000 / 3).max(100));
     let mut lease = Some(first);
-    // The last lease this task held, until a new one replaces it.
+    // This task's last lease, when it could not be renewed for a TTL: it may still hold the key.
     let mut previous = None;
+    // The record update being written, with the record and whom to answer.
+    let mut update: Option<Update> = None;
     let mut retry = Retry::new(
         "registration",
         "routers keep their links to this worker",
@@ -715,7 +793,7 @@ async fn keep_registered(
     );
     loop {
         let Some(current) = lease.as_mut() else {
-            match Lease::establish(&mut client, &record, ttl_secs, previous).await {
+            match establish(&mut client, &record, ttl_secs, previous).await {
                 Ok(l) => {
                     previous = None;
                     retry.working();
@@ -733,48 +811,87 @@ async fn keep_registered(
             }
             continue;
         };
-        tokio::select! {
-            _ = tokio::time::sleep(period) => {
-                if let Err(error) = current.keeper.keep_alive().await {
-                    warn!(worker_id = %record.id, error = %ErrorChain(&error), "lease keepalive failed; registering again");
-                    previous = Some(current.id);
-                    lease = None;
+        // A record update is written while the lease is kept alive: a write an etcd member
+        // froze under waits for its request timeout (and is written again), longer than the
+        // lease would last unrenewed.
+        let step = tokio::select! {
+            lost = current.until_lost() => Step::Lost(lost),
+            result = async {
+                match update.as_mut() {
+                    Some((write, _, _)) => write.await,
+                    None => std::future::pending().await,
                 }
+            } => Step::Written(result),
+            command = commands.recv(), if update.is_none() => Step::Command(command),
+        };
+        match step {
+            Step::Lost(lost) => {
+                match lost {
+                    LeaseLost::Gone => {
+                        warn!(worker_id = %record.id, lease = current.id(), "lease expired in etcd; registering again");
+                        previous = None;
+                    }
+                    LeaseLost::Lapsed => {
+                        warn!(worker_id = %record.id, lease = current.id(), "lease not renewed within its TTL; registering again");
+                        previous = Some(current.id());
+                    }
+                }
+                if let Some((_, new_record, reply)) = update.take() {
+                    // Not written under the lost lease: registered with the next one.
+                    record = new_record;
+                    let _ = reply.send(Ok(()));
+                }
+                lease = None;
             }
-            response = current.responses.message() => match response {
-                Ok(Some(r)) if r.ttl() > 0 => debug!(lease = r.id(), ttl = r.ttl(), "lease renewed"),
-                Ok(_) => {
-                    warn!(worker_id = %record.id, "lease expired; registering again");
-                    lease = None;
-                }
-                Err(error) => {
-                    warn!(worker_id = %record.id, error = %ErrorChain(&error), "lease keepalive stream failed; registering again");
-                    previous = Some(current.id);
-                    lease = None;
-                }
-            },
-            command = commands.recv() => match command {
-                Some(Command::Update(new_record, reply)) => {
-                    let result = put_record(&mut client, &new_record, current.id).await;
+            Step::Written(result) => {
+                if let Some((_, new_record, reply)) = update.take() {
                     if result.is_ok() {
                         record = new_record;
                     }
                     let _ = reply.send(result);
                 }
-                Some(Command::Deregister(reply)) => {
-                    let result = client.lease_revoke(current.id).await.map(drop).map_err(Into::into);
-                    info!(worker_id = %record.id, "deregistered from etcd");
-                    let _ = reply.send(result);
-                    return;
-                }
-                None => {
-                    // Registration handle dropped: withdraw the record rather than wait for the TTL.
-                    let _ = client.lease_revoke(current.id).await;
-                    return;
-                }
-            },
+            }
+            Step::Command(Some(Command::Update(new_record, reply))) => {
+                let (mut client, written, id) = (client.clone(), new_record.clone(), current.id());
+                let write: PendingWrite =
+                    Box::pin(async move { put_record(&mut client, &written, id).await });
+                update = Some((write, new_record, reply));
+            }
+            Step::Command(Some(Command::Deregister(reply))) => {
+                let result = client
+                    .lease_revoke(current.id())
+                    .await
+                    .map(drop)
+                    .map_err(Into::into);
+                info!(worker_id = %record.id, "deregistered from etcd");
+                let _ = reply.send(result);
+                return;
+            }
+            Step::Command(None) => {
+                // Registration handle dropped: withdraw the record rather than wait for the TTL.
+                let _ = client.lease_revoke(current.id()).await;
+                return;
+            }
         }
     }
+}
+
+/// A record update being written.
+type PendingWrite =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RegistryError>> + Send>>;
+
+/// A record update being written, the record and whom to answer.
+type Update = (
+    PendingWrite,
+    WorkerRecord,
+    tokio::sync::oneshot::Sender<Result<(), RegistryError>>,
+);
+
+/// What woke [`keep_registered`] up.
+enum Step {
+    Lost(LeaseLost),
+    Written(Result<(), RegistryError>),
+    Command(Option<Command>),
 }
 
 /// Serves a command while no lease is held. Returns `false` when the task should end.
