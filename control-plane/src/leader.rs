@@ -3,7 +3,11 @@
 //! A replica wins by creating the key (transaction: create revision = 0) bound to its own lease,
 //! then keeps the lease alive at TTL/3. The others watch the key and try again when it is
 //! deleted — the leader resigned (lease revoked on shutdown) or died (lease expired after the
-//! TTL). A leader that cannot renew its lease, or sees its key deleted, steps down at once.
+//! TTL). A leader steps down when etcd says its lease is gone, when it could not renew the
+//! lease for a whole TTL, or when it sees its key deleted. A failing keep-alive stream or key
+//! watch (an etcd member died or froze) is reopened over another member meanwhile: one etcd
+//! member down is no reason to give the lead up. A replica that stepped down because it could
+//! not renew, and finds the key still held by that same lease (etcd kept it), leads on with it.
 //! Only the leader writes (drains, policy); followers serve reads and name the leader.
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -16,6 +20,7 @@ use etcd_client::{
 use serde::{Deserialize, Serialize};
 use switchyard_cluster::Fence;
 use switchyard_cluster::backoff::Backoff;
+use switchyard_cluster::lease::{KeptLease, LeaseLost};
 use switchyard_cluster::schema::LEADER_KEY;
 use switchyard_cluster::telemetry::ErrorChain;
 use tokio::sync::watch;
@@ -26,6 +31,9 @@ use tracing::{debug, info, warn};
 /// writes work again within seconds of etcd coming back.
 const RETRY_FIRST: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Pauses before a leader watches its key again after the watch failed: 100 ms doubling to 2 s.
+const REWATCH_FIRST: Duration = Duration::from_millis(100);
+const REWATCH_MAX: Duration = Duration::from_secs(2);
 
 /// Who a replica is, as stored in the leader key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -239,6 +247,11 @@ fn seconds(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1)
 }
 
+/// The lease etcd grants for `ttl` (whole seconds, at least one).
+fn lease_ttl(ttl: Duration) -> Duration {
+    Duration::from_secs(seconds(ttl).unsigned_abs())
+}
+
 async fn campaign(
     mut client: Client,
     me: ReplicaInfo,
@@ -251,9 +264,22 @@ async fn campaign(
     let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
     // Failures in a row: the first is a warning, the rest (an outage) are not news.
     let mut failures = 0u32;
+    // A lease this process granted that may still hold the leader key: from a leadership it
+    // could not renew for a TTL, or a round that failed after asking for the key.
+    let mut mine = None;
     while !shutdown.is_cancelled() {
         let started = std::time::Instant::now();
-        let round = campaign_once(&mut client, &me, &value, ttl, &tx, &held, &shutdown).await;
+        let round = campaign_once(
+            &mut client,
+            &me,
+            &value,
+            ttl,
+            &tx,
+            &held,
+            &shutdown,
+            &mut mine,
+        )
+        .await;
         // A round that ended well, or lasted (it led or followed for a while), ends an outage.
         if (round.is_ok() || started.elapsed() >= RETRY_MAX) && failures > 0 {
             info!(failures, "leader election: etcd answers again");
@@ -284,6 +310,7 @@ async fn campaign(
 
 /// One round: try to take the key; lead while the lease lives, or follow until the key is
 /// deleted. Returns `Ok` to campaign again at once.
+#[allow(clippy::too_many_arguments)]
 async fn campaign_once(
     client: &mut Client,
     me: &ReplicaInfo,
@@ -292,7 +319,10 @@ async fn campaign_once(
     tx: &watch::Sender<Role>,
     held: &Mutex<Option<i64>>,
     shutdown: &CancellationToken,
+    mine: &mut Option<i64>,
 ) -> Result<(), etcd_client::Error> {
+    // The lease runs from (at the latest) its grant's answer.
+    let granted_at = tokio::time::Instant::now();
     let lease = client.lease_grant(seconds(ttl), None).await?.id();
     let txn = Txn::new()
         .when([Compare::create_revision(LEADER_KEY, CompareOp::Equal, 0)])
@@ -302,22 +332,19 @@ async fn campaign_once(
             Some(PutOptions::new().with_lease(lease)),
         )])
         .or_else([TxnOp::get(LEADER_KEY, None)]);
-    let response = client.txn(txn).await?;
+    let response = match client.txn(txn).await {
+        Ok(response) => response,
+        Err(error) => {
+            // etcd may have applied it: the key may be this lease's.
+            *mine = Some(lease);
+            return Err(error);
+        }
+    };
     let revision = response.header().map(|h| h.revision()).unwrap_or_default();
     if response.succeeded() {
         info!(replica = %me.id, lease, "became the control-plane leader");
-        *held.lock().expect("lease lock") = Some(lease);
-        tx.send_replace(Role::Leader);
-        let result = lead(client, me, lease, ttl, revision, shutdown).await;
-        if shutdown.is_cancelled() {
-            // Resign: followers take over now instead of after the TTL.
-            let _ = client.lease_revoke(lease).await;
-            info!(replica = %me.id, "resigned leadership");
-        }
-        // Announced after resigning, so a caller waiting for the step-down knows it is done.
-        *held.lock().expect("lease lock") = None;
-        tx.send_replace(Role::Follower { leader: None });
-        return result;
+        let kept = KeptLease::new(client.clone(), lease, lease_ttl(ttl), granted_at);
+        return lead_with(client, me, kept, revision, tx, held, shutdown, mine).await;
     }
     // Not ours: the lease is not needed while following.
     let _ = client.lease_revoke(lease).await;
@@ -333,9 +360,29 @@ async fn campaign_once(
         })
         .unwrap_or_default();
     if leader.as_ref() == Some(me) && leader_lease != 0 {
+        if *mine == Some(leader_lease) {
+            // This process's own lease, which it could not renew for a while (an etcd member
+            // failed under it) or whose grant of the key it did not hear of: while etcd still
+            // has it, the lead is still ours — take it up again rather than hand it over.
+            let asked = tokio::time::Instant::now();
+            let left = client.lease_time_to_live(leader_lease, None).await?.ttl();
+            if left > 0 {
+                info!(replica = %me.id, lease = leader_lease, "the leader key is still this replica's, under its own live lease; leading on");
+                let kept = KeptLease::resume(
+                    client.clone(),
+                    leader_lease,
+                    lease_ttl(ttl),
+                    asked + Duration::from_secs(left.unsigned_abs()),
+                );
+                return lead_with(client, me, kept, revision, tx, held, shutdown, mine).await;
+            }
+            // It expired meanwhile, taking the key with it: campaign again.
+            *mine = None;
+            return Ok(());
+        }
         // Our own key from a lease this process no longer keeps alive (etcd came back after
-        // an outage longer than the TTL, say): following it would refuse every write until it
-        // expired. It is ours to end; then campaign again.
+        // an outage longer than the TTL, or an earlier run of this replica): following it would
+        // refuse every write until it expired. It is ours to end; then campaign again.
         info!(replica = %me.id, lease = leader_lease, "the leader key is this replica's from a lapsed lease; revoking it to campaign again");
         client.lease_revoke(leader_lease).await?;
         return Ok(());
@@ -347,42 +394,180 @@ async fn campaign_once(
     follow(client, revision, tx, shutdown).await
 }
 
-/// Keeps the lease alive until it is lost, the key is deleted, or shutdown.
+/// Leads with `lease` (which holds the leader key, read at `revision`) until it steps down;
+/// `mine` is left holding the lease when it may still hold the key.
+#[allow(clippy::too_many_arguments)]
+async fn lead_with(
+    client: &mut Client,
+    me: &ReplicaInfo,
+    lease: KeptLease,
+    revision: i64,
+    tx: &watch::Sender<Role>,
+    held: &Mutex<Option<i64>>,
+    shutdown: &CancellationToken,
+    mine: &mut Option<i64>,
+) -> Result<(), etcd_client::Error> {
+    let id = lease.id();
+    *mine = None;
+    *held.lock().expect("lease lock") = Some(id);
+    let mut lease = lease;
+    tx.send_replace(Role::Leader);
+    let ended = lead(client, me, &mut lease, revision, shutdown).await;
+    drop(lease);
+    if ended == Ended::Lapsed {
+        *mine = Some(id);
+    }
+    if shutdown.is_cancelled() {
+        // Resign: followers take over now instead of after the TTL.
+        let _ = client.lease_revoke(id).await;
+        info!(replica = %me.id, "resigned leadership");
+    }
+    // Announced after resigning, so a caller waiting for the step-down knows it is done.
+    *held.lock().expect("lease lock") = None;
+    tx.send_replace(Role::Follower { leader: None });
+    Ok(())
+}
+
+/// Why a leader stepped down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Shutdown,
+    /// etcd says the lease is gone, or the key was deleted.
+    Lost,
+    /// The lease could not be renewed for its TTL: etcd may still have it.
+    Lapsed,
+}
+
+/// The leader's watch of its key.
+enum KeyWatch {
+    Watching(Box<etcd_client::WatchStream>),
+    /// Opening the watch, or reading the key after a compaction.
+    Pending(std::pin::Pin<Box<dyn std::future::Future<Output = Reopened> + Send>>),
+    /// Failed: opened again at this instant.
+    Idle(tokio::time::Instant),
+}
+
+/// What a pending [`KeyWatch`] came to.
+enum Reopened {
+    Watching(Box<etcd_client::WatchStream>),
+    /// The key's lease now (`None`: no key) and the revision read at.
+    Read(Option<i64>, i64),
+    Failed(etcd_client::Error),
+}
+
+impl KeyWatch {
+    /// Watches the key from the revision after `revision`.
+    fn open(client: &Client, revision: i64) -> Self {
+        let mut client = client.clone();
+        Self::Pending(Box::pin(async move {
+            let options = WatchOptions::new().with_start_revision(revision + 1);
+            match client.watch(LEADER_KEY, Some(options)).await {
+                Ok(stream) => Reopened::Watching(Box::new(stream)),
+                Err(error) => Reopened::Failed(error),
+            }
+        }))
+    }
+
+    /// Reads the key (the events since the last revision seen were compacted away).
+    fn read(client: &Client) -> Self {
+        let mut client = client.clone();
+        Self::Pending(Box::pin(async move {
+            match client.get(LEADER_KEY, None).await {
+                Ok(read) => Reopened::Read(
+                    read.kvs().first().map(|kv| kv.lease()),
+                    read.header().map_or(0, |h| h.revision()),
+                ),
+                Err(error) => Reopened::Failed(error),
+            }
+        }))
+    }
+}
+
+/// Keeps the lease alive and watches the key until the lease is lost, the key is deleted, or
+/// shutdown. A failing key watch is opened again from the last revision seen, so a key deleted
+/// meanwhile is still seen (compacted away, the key is read instead); the lease is kept alive
+/// all the while.
 async fn lead(
     client: &mut Client,
     me: &ReplicaInfo,
-    lease: i64,
-    ttl: Duration,
-    revision: i64,
+    lease: &mut KeptLease,
+    mut revision: i64,
     shutdown: &CancellationToken,
-) -> Result<(), etcd_client::Error> {
-    let (mut keeper, mut responses) = client.lease_keep_alive(lease).await?;
-    let mut key_events = client
-        .watch(
-            LEADER_KEY,
-            Some(WatchOptions::new().with_start_revision(revision + 1)),
-        )
-        .await?;
-    let mut ticks = tokio::time::interval((ttl / 3).max(Duration::from_millis(100)));
+) -> Ended {
+    let mut rewatch = Backoff::new(REWATCH_FIRST, REWATCH_MAX);
+    let mut watch = KeyWatch::open(client, revision);
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = ticks.tick() => keeper.keep_alive().await?,
-            response = responses.message() => match response? {
-                Some(r) if r.ttl() > 0 => {}
-                _ => {
-                    warn!(replica = %me.id, "leader lease lost; stepping down");
-                    return Ok(());
+        if let KeyWatch::Idle(at) = watch
+            && tokio::time::Instant::now() >= at
+        {
+            watch = KeyWatch::open(client, revision);
+        }
+        enum Woke {
+            Message(Result<Option<etcd_client::WatchResponse>, etcd_client::Error>),
+            Reopened(Reopened),
+            Retry,
+        }
+        let woke = tokio::select! {
+            _ = shutdown.cancelled() => return Ended::Shutdown,
+            lost = lease.until_lost() => {
+                return match lost {
+                    LeaseLost::Gone => {
+                        warn!(replica = %me.id, "leader lease lost; stepping down");
+                        Ended::Lost
+                    }
+                    LeaseLost::Lapsed => {
+                        warn!(replica = %me.id, "leader lease not renewed within its TTL; stepping down");
+                        Ended::Lapsed
+                    }
+                };
+            }
+            woke = async {
+                match &mut watch {
+                    KeyWatch::Watching(stream) => Woke::Message(stream.message().await),
+                    KeyWatch::Pending(pending) => Woke::Reopened(pending.await),
+                    KeyWatch::Idle(at) => {
+                        tokio::time::sleep_until(*at).await;
+                        Woke::Retry
+                    }
                 }
-            },
-            message = key_events.message() => match message? {
-                Some(events) if events.events().iter().any(|e| e.event_type() == EventType::Delete) => {
+            } => woke,
+        };
+        match woke {
+            Woke::Retry => {}
+            Woke::Reopened(Reopened::Watching(stream)) => watch = KeyWatch::Watching(stream),
+            Woke::Reopened(Reopened::Read(holder, read_at)) => {
+                if holder != Some(lease.id()) {
+                    warn!(replica = %me.id, "leader key no longer held by this replica's lease; stepping down");
+                    return Ended::Lost;
+                }
+                revision = revision.max(read_at);
+                watch = KeyWatch::open(client, revision);
+            }
+            Woke::Reopened(Reopened::Failed(error)) | Woke::Message(Err(error)) => {
+                debug!(error = %ErrorChain(&error), "leader key watch failed; watching it again");
+                watch = KeyWatch::Idle(tokio::time::Instant::now() + rewatch.next_delay());
+            }
+            Woke::Message(Ok(None)) => {
+                watch = KeyWatch::Idle(tokio::time::Instant::now() + rewatch.next_delay());
+            }
+            Woke::Message(Ok(Some(response))) => {
+                rewatch.reset();
+                if response.canceled() || response.compact_revision() > 0 {
+                    watch = KeyWatch::read(client);
+                    continue;
+                }
+                if let Some(header) = response.header() {
+                    revision = revision.max(header.revision());
+                }
+                if response
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == EventType::Delete)
+                {
                     warn!(replica = %me.id, "leader key deleted; stepping down");
-                    return Ok(());
+                    return Ended::Lost;
                 }
-                Some(_) => {}
-                None => return Ok(()),
-            },
+            }
         }
     }
 }

@@ -233,6 +233,182 @@ impl Etcd {
     }
 }
 
+/// One member of an [`EtcdCluster`].
+pub struct EtcdMember {
+    child: Child,
+    /// `e2e-<n>`, its etcd `--name`.
+    pub name: String,
+    /// Its client URL, `http://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl EtcdMember {
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("etcd member already reaped")?;
+        kill(Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
+    /// SIGSTOP: the member freezes — its sockets stay open and accept connections, nothing is
+    /// answered — until [`EtcdMember::resume`].
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`EtcdMember::pause`].
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    /// SIGKILL, and waits for the process to be gone: its ports refuse connections.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGKILL)?;
+        self.child.wait().await?;
+        Ok(())
+    }
+
+    /// An etcd client of this member alone.
+    pub async fn client(&self) -> anyhow::Result<etcd_client::Client> {
+        Ok(etcd_client::Client::connect([self.url.as_str()], None).await?)
+    }
+}
+
+/// A multi-member etcd cluster on free loopback ports (peer and client), each member its own
+/// process with its data in a temporary directory; every member is SIGKILLed when dropped
+/// (a paused one too).
+pub struct EtcdCluster {
+    pub members: Vec<EtcdMember>,
+    _data: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until each answers a linearizable read (so the cluster
+    /// has a leader). Ports found free may be taken before etcd binds them: a member that exits
+    /// early makes the whole cluster start again on other ports.
+    pub async fn start(size: usize) -> anyhow::Result<Self> {
+        const ATTEMPTS: usize = 5;
+        for attempt in 1..=ATTEMPTS {
+            match Self::start_once(size).await? {
+                Ok(cluster) => return Ok(cluster),
+                Err(exited) => eprintln!(
+                    "etcd member exited before the cluster answered ({exited}), attempt \
+                     {attempt} of {ATTEMPTS}; starting it again on other ports"
+                ),
+            }
+        }
+        anyhow::bail!("the etcd cluster did not start in {ATTEMPTS} attempts; see the etcd logs")
+    }
+
+    async fn start_once(size: usize) -> anyhow::Result<Result<Self, std::process::ExitStatus>> {
+        let data = tempfile::tempdir()?;
+        let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("e2e-{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let token = format!("e2e-{}", ports[0].0);
+        let mut members = Vec::new();
+        for (i, (client, peer)) in ports.iter().enumerate() {
+            let name = format!("e2e-{i}");
+            let url = format!("http://127.0.0.1:{client}");
+            let peer_url = format!("http://127.0.0.1:{peer}");
+            let child = Command::new("etcd")
+                .args(["--name", &name, "--data-dir"])
+                .arg(data.path().join(&name))
+                .args([
+                    "--listen-client-urls",
+                    &url,
+                    "--advertise-client-urls",
+                    &url,
+                ])
+                .args([
+                    "--listen-peer-urls",
+                    &peer_url,
+                    "--initial-advertise-peer-urls",
+                    &peer_url,
+                ])
+                .args(["--initial-cluster", &initial_cluster])
+                .args(["--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", &token])
+                .stdout(Stdio::null())
+                .stderr(log_file(&format!("etcd-{name}")).1)
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting etcd (install Debian's etcd-server; scripts/test.sh does)")?;
+            members.push(EtcdMember { child, name, url });
+        }
+        let mut cluster = Self {
+            members,
+            _data: data,
+        };
+        let urls: Vec<String> = cluster.urls();
+        let answers = wait_until(
+            Duration::from_secs(30),
+            "every etcd member to answer",
+            || {
+                let urls = urls.clone();
+                async move {
+                    for url in &urls {
+                        let Ok(registry) = EtcdRegistry::connect(std::slice::from_ref(url)).await
+                        else {
+                            return false;
+                        };
+                        if registry.list_workers().await.is_err() {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            },
+        );
+        let exited = async {
+            loop {
+                for member in &mut cluster.members {
+                    if let Some(status) = member.child.try_wait()? {
+                        return anyhow::Ok(status);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::select! {
+            answered = answers => {
+                answered?;
+            }
+            exited = exited => return Ok(Err(exited?)),
+        }
+        Ok(Ok(cluster))
+    }
+
+    /// Every member's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.url.clone()).collect()
+    }
+
+    /// Every member's client URL, comma-separated (a component's `--etcd`).
+    pub fn endpoints(&self) -> String {
+        self.urls().join(",")
+    }
+
+    /// The index of the member that is the raft leader now, as the members themselves say.
+    pub async fn leader(&self) -> anyhow::Result<usize> {
+        for (i, member) in self.members.iter().enumerate() {
+            let Ok(mut client) = member.client().await else {
+                continue;
+            };
+            let Ok(status) = client.status().await else {
+                continue;
+            };
+            if status.header().map(|h| h.member_id()) == Some(status.leader()) {
+                return Ok(i);
+            }
+        }
+        anyhow::bail!("no etcd member says it is the leader")
+    }
+}
+
 /// etcd's TLS files: its server certificate (also the test's client certificate) and the CA
 /// of the client certificates it accepts.
 #[derive(Debug, Clone)]

@@ -637,3 +637,259 @@ async fn closed_sessions_give_their_memory_back() -> anyhow::Result<()> {
     eprintln!("router RSS after each round of {SESSIONS} sessions: {settled:?} KiB");
     Ok(())
 }
+
+/// How a member of the etcd cluster is taken down.
+#[derive(Debug, Clone, Copy)]
+enum MemberDown {
+    /// SIGKILL: its ports refuse connections, its open connections are reset.
+    Killed,
+    /// SIGSTOP: its ports still accept connections and open ones stay up; nothing answers.
+    Frozen,
+}
+
+/// What one etcd key did while the member was down, seen from a member that stayed up.
+#[derive(Debug)]
+struct KeyEvent {
+    key: String,
+    deleted: bool,
+    lease: i64,
+}
+
+/// With a 3-member etcd cluster and every component given all three endpoints, one member
+/// down (quorum intact) for `WINDOW` — more than two lease TTLs — is a non-event: every admin
+/// call on both control-plane replicas (reads, and drains and undrains through the leader)
+/// succeeds, every worker stays registered under the lease it had (its key is never deleted)
+/// and routed to, and the control plane's leader key never changes (no leadership flap). The
+/// member is the raft leader (an etcd election follows) or a follower. Before, etcd-client
+/// kept sending a third of the calls to the dead member (`tcp connect error`), and a worker or
+/// leader whose lease keepalive stream ran over it gave its lease up.
+async fn one_etcd_member_down_is_a_non_event(
+    how: MemberDown,
+    raft_leader: bool,
+) -> anyhow::Result<()> {
+    use etcd_client::{EventType, GetOptions, WatchOptions};
+    use switchyard_cluster::schema::{LEADER_KEY, PREFIX, WORKERS_PREFIX};
+    use switchyard_proto::v1::admin_client::AdminClient;
+    use switchyard_tests::{EtcdCluster, start_control_plane, start_gpu_worker, start_router};
+    /// How long the member stays down: over two of the default 5 s lease TTLs.
+    const WINDOW: Duration = Duration::from_secs(12);
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    let mut etcd = EtcdCluster::start(3).await?;
+    let endpoints = etcd.endpoints();
+    // Default lease TTLs (5 s) for the workers and the leader key, as in production.
+    let mut workers = Vec::new();
+    for id in ["gpu-0", "gpu-1", "gpu-2"] {
+        workers.push(start_gpu_worker(&endpoints, id, &[], 1).await?);
+    }
+    let router = start_router(&endpoints, "router", &[]).await?;
+    let leader = start_control_plane(
+        &endpoints,
+        "control-plane-0",
+        &["--metrics-addr", "127.0.0.1:0"],
+    )
+    .await?;
+    leader
+        .wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let follower = start_control_plane(&endpoints, "control-plane-1", &[]).await?;
+    follower
+        .wait_for_log("following the control-plane leader", PATIENCE)
+        .await?;
+    wait_until(PATIENCE, "the router to route to every worker", || async {
+        switchyard_tests::list_router_workers(&router.addr("grpc").to_string())
+            .await
+            .is_ok_and(|ids| ids.len() == workers.len())
+    })
+    .await?;
+
+    let raft = etcd.leader().await?;
+    let victim = if raft_leader { raft } else { (raft + 1) % 3 };
+    // The test watches the registry through a member that stays up.
+    let mut observer = etcd.members[(victim + 1) % 3].client().await?;
+    let before = observer
+        .get(WORKERS_PREFIX, Some(GetOptions::new().with_prefix()))
+        .await?;
+    let leases: std::collections::HashMap<String, i64> = before
+        .kvs()
+        .iter()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
+        .collect();
+    assert_eq!(
+        leases.len(),
+        workers.len(),
+        "registered workers: {leases:?}"
+    );
+    let revision = before.header().map(|h| h.revision()).unwrap_or_default();
+    let mut watch = observer
+        .watch(
+            PREFIX,
+            Some(
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_start_revision(revision + 1),
+            ),
+        )
+        .await?;
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<KeyEvent>::new()));
+    let seen = events.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(response)) = watch.message().await {
+            for event in response.events() {
+                let Some(kv) = event.kv() else { continue };
+                seen.lock().unwrap().push(KeyEvent {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    deleted: event.event_type() == EventType::Delete,
+                    lease: kv.lease(),
+                });
+            }
+        }
+    });
+
+    eprintln!(
+        "taking etcd member {} down ({how:?}; raft leader: {raft_leader})",
+        etcd.members[victim].name
+    );
+    match how {
+        MemberDown::Killed => etcd.members[victim].kill().await?,
+        MemberDown::Frozen => etcd.members[victim].pause()?,
+    }
+    let admins = [
+        (
+            "leader",
+            AdminClient::new(
+                switchyard_client::connect_channel(&leader.addr("grpc").to_string()).await?,
+            ),
+        ),
+        (
+            "follower",
+            AdminClient::new(
+                switchyard_client::connect_channel(&follower.addr("grpc").to_string()).await?,
+            ),
+        ),
+    ];
+    let dashboard = format!("http://{}", follower.addr("http"));
+    let mut failures = Vec::new();
+    let mut calls = 0;
+    let mut slowest = Duration::ZERO;
+    let started = tokio::time::Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(200));
+    // The window is the point: nothing may go wrong while the member is down.
+    while started.elapsed() < WINDOW {
+        ticks.tick().await;
+        for (name, admin) in &admins {
+            let call = tokio::time::Instant::now();
+            let listed = admin
+                .clone()
+                .list_workers(v1::ListWorkersRequest::default())
+                .await;
+            slowest = slowest.max(call.elapsed());
+            calls += 1;
+            match listed {
+                Ok(answer) if answer.get_ref().workers.len() == workers.len() => {}
+                Ok(answer) => failures.push(format!(
+                    "{:?} ListWorkers on the {name}: {} workers",
+                    started.elapsed(),
+                    answer.get_ref().workers.len()
+                )),
+                Err(status) => failures.push(format!(
+                    "{:?} ListWorkers on the {name}: {status}",
+                    started.elapsed()
+                )),
+            }
+        }
+        let (_, admin) = &admins[0];
+        for drain in [true, false] {
+            let call = tokio::time::Instant::now();
+            let worker_id = "gpu-2".to_string();
+            let done = if drain {
+                admin
+                    .clone()
+                    .drain(v1::DrainRequest { worker_id })
+                    .await
+                    .map(drop)
+            } else {
+                admin
+                    .clone()
+                    .undrain(v1::UndrainRequest { worker_id })
+                    .await
+                    .map(drop)
+            };
+            slowest = slowest.max(call.elapsed());
+            calls += 1;
+            if let Err(status) = done {
+                failures.push(format!(
+                    "{:?} {} on the leader: {status}",
+                    started.elapsed(),
+                    if drain { "Drain" } else { "Undrain" }
+                ));
+            }
+        }
+        for path in ["/api/workers", "/api/policy"] {
+            calls += 1;
+            match reqwest::get(format!("{dashboard}{path}")).await {
+                Ok(answer) if answer.status().is_success() => {}
+                Ok(answer) => failures.push(format!(
+                    "{:?} dashboard {path}: {} {}",
+                    started.elapsed(),
+                    answer.status(),
+                    answer.text().await.unwrap_or_default()
+                )),
+                Err(error) => {
+                    failures.push(format!("{:?} dashboard {path}: {error}", started.elapsed()))
+                }
+            }
+        }
+    }
+    // The control plane says which member it set aside.
+    let metrics = scrape(&leader.metrics_url()).await?;
+    for (i, member) in etcd.members.iter().enumerate() {
+        let series = format!(
+            "switchyard_etcd_endpoint_up{{endpoint=\"{}\"}} {}",
+            member.url,
+            i32::from(i != victim)
+        );
+        if !metrics.lines().any(|line| line == series) {
+            failures.push(format!("no `{series}` in the leader's metrics"));
+        }
+    }
+    // Routers kept every worker too.
+    match switchyard_tests::list_router_workers(&router.addr("grpc").to_string()).await {
+        Ok(ids) if ids.len() == workers.len() => {}
+        routed => failures.push(format!("the router routes to {routed:?}")),
+    }
+    if let MemberDown::Frozen = how {
+        etcd.members[victim].resume()?;
+    }
+    eprintln!("{calls} calls while the member was down, the slowest {slowest:?}");
+    let events = std::mem::take(&mut *events.lock().unwrap());
+    let lost: Vec<&KeyEvent> = events
+        .iter()
+        .filter(|e| e.key.starts_with(WORKERS_PREFIX))
+        .filter(|e| e.deleted || leases.get(&e.key) != Some(&e.lease))
+        .collect();
+    let flapped: Vec<&KeyEvent> = events.iter().filter(|e| e.key == LEADER_KEY).collect();
+    assert!(
+        failures.is_empty() && lost.is_empty() && flapped.is_empty(),
+        "with one etcd member of three {how:?}:\n{} of {calls} calls failed:\n{}\nworker \
+         registrations lost or moved to another lease: {lost:?}\nleader key changes: {flapped:?}",
+        failures.len(),
+        failures.join("\n")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_etcd_raft_leader_is_a_non_event() -> anyhow::Result<()> {
+    one_etcd_member_down_is_a_non_event(MemberDown::Killed, true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_etcd_member_is_a_non_event() -> anyhow::Result<()> {
+    one_etcd_member_down_is_a_non_event(MemberDown::Frozen, false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_etcd_raft_leader_is_a_non_event() -> anyhow::Result<()> {
+    one_etcd_member_down_is_a_non_event(MemberDown::Frozen, true).await
+}
