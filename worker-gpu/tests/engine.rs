@@ -111,20 +111,21 @@ fn batched_decode_equals_each_sequence_alone() {
     }
 }
 
+/// The tiny model on one matmul path throughout (so chunks must agree with the whole), a
+/// 30-token prompt and the logits of its last token, prefilled whole.
+fn one_path_model_and_whole_prompt(dir: &tempfile::TempDir) -> (Llama, Vec<u32>, Vec<f32>) {
+    let (model, _) = load(&tiny_file(dir), Repack::None);
+    let model = model.with_dense_from_rows(usize::MAX);
+    let prompt: Vec<u32> = (10..40).collect();
+    let (mut store, mut cache) = model.single_sequence(64).unwrap();
+    let logits = logits_rows(&model.prefill(&prompt, &mut cache, &mut store).unwrap()).unwrap();
+    (model, prompt, logits[0].clone())
+}
+
 #[test]
 fn chunked_prefill_equals_whole_prefill() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, _) = load(&tiny_file(&dir), Repack::None);
-    // One matmul path throughout, so the chunks must agree bit for bit.
-    let model = model.with_dense_from_rows(usize::MAX);
-    let prompt: Vec<u32> = (10..40).collect();
-    let (mut whole_store, mut whole) = model.single_sequence(64).unwrap();
-    let a = logits_rows(
-        &model
-            .prefill(&prompt, &mut whole, &mut whole_store)
-            .unwrap(),
-    )
-    .unwrap();
+    let (model, prompt, a) = one_path_model_and_whole_prompt(&dir);
     let (mut chunked_store, mut chunked) = model.single_sequence(64).unwrap();
     model
         .prefill(&prompt[..7], &mut chunked, &mut chunked_store)
@@ -138,24 +139,14 @@ fn chunked_prefill_equals_whole_prefill() {
             .unwrap(),
     )
     .unwrap();
-    assert!(max_abs_diff(&a[0], &b[0]) < 1e-3);
+    assert!(max_abs_diff(&a, &b[0]) < 1e-3);
     assert_eq!(chunked.len(), 30);
 }
 
 #[test]
 fn an_abandoned_prefill_chunk_leaves_the_sequence_as_it_was() {
     let dir = tempfile::tempdir().unwrap();
-    let (model, _) = load(&tiny_file(&dir), Repack::None);
-    let model = model.with_dense_from_rows(usize::MAX);
-    let prompt: Vec<u32> = (10..40).collect();
-    let (mut whole_store, mut whole) = model.single_sequence(64).unwrap();
-    let a = logits_rows(
-        &model
-            .prefill(&prompt, &mut whole, &mut whole_store)
-            .unwrap(),
-    )
-    .unwrap();
-
+    let (model, prompt, a) = one_path_model_and_whole_prompt(&dir);
     let (mut store, mut cache) = model.single_sequence(64).unwrap();
     model
         .prefill(&prompt[..10], &mut cache, &mut store)
@@ -187,7 +178,7 @@ fn an_abandoned_prefill_chunk_leaves_the_sequence_as_it_was() {
             .unwrap(),
     )
     .unwrap();
-    assert!(max_abs_diff(&a[0], &b[0]) < 1e-3);
+    assert!(max_abs_diff(&a, &b[0]) < 1e-3);
 }
 
 /// Long prompt chunks multiply against dequantized weights; they must agree with the quantized
