@@ -4,12 +4,21 @@
 
 const POLL_MS = 1000;
 const POLICY_POLL_MS = 5000;
-// Past this without a successful poll, the page says its data is stale.
+// A request unanswered this long is given up: a replica that hangs (frozen, stalled) keeps
+// its connections open and never answers, and the page must not wait on it for ever.
+const REQUEST_TIMEOUT_MS = 4000;
+// Past this without a successful poll, the page says its data is stale: checked on a timer,
+// not only when a poll ends (a hung replica's polls end only by the timeout).
 const STALE_MS = 5000;
+const FRESHNESS_TICK_MS = 500;
 
 const $ = (id) => document.getElementById(id);
+const pageStarted = Date.now();
 let lastOk = 0;
 let lastPolicy = 0;
+let lastStats = null; // the last /api/stats answer: whom the page was talking to
+let lastError = ""; // why the last poll failed ("" when it did not)
+let polling = false;
 const pending = new Set(); // worker ids with a drain/undrain request in flight
 // A drain takes a second click within CONFIRM_MS: a stray click must not take a worker out of
 // service. Worker id -> when the armed button disarms.
@@ -30,13 +39,28 @@ function num(value, digits = 0) {
   });
 }
 
+// GETs `path` as JSON (insights.js uses it too), given up after REQUEST_TIMEOUT_MS.
 async function getJson(path) {
-  const response = await fetch(path, { cache: "no-store" });
-  const body = await response.json().catch(() => ({}));
-  if (!response.ok) {
-    throw new Error(body.error || `${path}: HTTP ${response.status}`);
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(), REQUEST_TIMEOUT_MS);
+  try {
+    const response = await fetch(path, { cache: "no-store", signal: controller.signal });
+    const body = await response.json().catch((error) => {
+      if (controller.signal.aborted) throw error;
+      return {};
+    });
+    if (!response.ok) {
+      throw new Error(body.error || `${path}: HTTP ${response.status}`);
+    }
+    return body;
+  } catch (error) {
+    if (controller.signal.aborted) {
+      throw new Error(`no answer within ${REQUEST_TIMEOUT_MS / 1000} s (${path})`);
+    }
+    throw error;
+  } finally {
+    clearTimeout(timer);
   }
-  return body;
 }
 
 function showError(message) {
@@ -229,6 +253,9 @@ async function refreshPolicy() {
 }
 
 async function refresh() {
+  // One poll at a time: a hung replica's polls would otherwise pile up (until the timeout).
+  if (polling) return;
+  polling = true;
   try {
     const [workers, stats, events] = await Promise.all([
       getJson("/api/workers"),
@@ -237,28 +264,70 @@ async function refresh() {
     ]);
     renderWorkers(workers.workers);
     renderTotals(stats);
+    lastStats = stats;
     renderReplica(stats);
     renderEvents(events.events);
     if (Date.now() - lastPolicy > POLICY_POLL_MS) await refreshPolicy();
     lastOk = Date.now();
+    lastError = "";
     if ($("error").dataset.source === "poll") $("error").hidden = true;
   } catch (error) {
-    showError(`Cannot read the cluster state: ${error.message}`);
-    $("error").dataset.source = "poll";
+    lastError = error.message;
+    // Once stale, the staleness banner says it (with this reason).
+    if (!isStale()) {
+      showError(`Cannot read the cluster state: ${error.message}`);
+      $("error").dataset.source = "poll";
+    }
+  } finally {
+    polling = false;
   }
   renderFreshness();
 }
 
+// Milliseconds since the page last heard from its control plane (since it opened, before).
+const silence = () => Date.now() - (lastOk || pageStarted);
+const isStale = () => silence() > STALE_MS;
+const clock = (ms) => new Date(ms).toLocaleTimeString();
+
+// How fresh the data is, redrawn on a timer: a replica that stops answering turns the page
+// stale (red, a banner, the replica badge) within STALE_MS, whether or not a poll has ended.
 function renderFreshness() {
   const el = $("freshness");
+  const stale = isStale();
+  const seconds = Math.round(silence() / 1000);
   if (!lastOk) {
-    el.textContent = "no data yet";
+    el.textContent = stale ? `no answer for ${seconds} s` : "no data yet";
     el.className = "freshness stale";
+  } else if (stale) {
+    el.textContent = `no answer for ${seconds} s (last update ${clock(lastOk)})`;
+    el.className = "freshness stale";
+  } else {
+    el.textContent = `updated ${clock(lastOk)}`;
+    el.className = "freshness";
+  }
+  el.dataset.stale = String(stale);
+  const banner = $("stale");
+  if (!stale) {
+    banner.hidden = true;
     return;
   }
-  const age = Date.now() - lastOk;
-  el.textContent = `updated ${new Date(lastOk).toLocaleTimeString()}`;
-  el.className = age > STALE_MS ? "freshness stale" : "freshness";
+  // The poll's own error is part of this banner now.
+  if ($("error").dataset.source === "poll") $("error").hidden = true;
+  const me = lastStats ? lastStats.replica.id : "this control plane";
+  const what = lastStats && lastStats.role === "leader"
+    ? "another replica may have taken over as leader"
+    : "another replica may be leader";
+  banner.textContent = `No answer from this control plane (${me}) for ${seconds} s: it may be down or hung, ` +
+    `and ${what}. ` +
+    (lastOk ? `What this page shows is from ${clock(lastOk)}.` : "The page has no data yet.") +
+    (lastError ? ` Last error: ${lastError}.` : "");
+  banner.hidden = false;
+  if (lastStats) {
+    // Its role then, not now: a hung leader may have lost the lead meanwhile.
+    const badge = $("replica");
+    badge.className = "replica unknown";
+    badge.textContent = `${me}: no answer for ${seconds} s (was ${lastStats.role} at ${clock(lastOk)})`;
+  }
 }
 
 /// The button's face: Drain, Confirm drain (armed by a first click), or Undrain.
@@ -373,3 +442,4 @@ $("login").addEventListener("submit", async (event) => {
 refreshSession();
 refresh();
 setInterval(refresh, POLL_MS);
+setInterval(renderFreshness, FRESHNESS_TICK_MS);

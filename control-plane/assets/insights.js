@@ -29,16 +29,26 @@
   const $ = (id) => document.getElementById(id);
   let points = [];
   let windowSeconds = 300;
-  const decisions = new Map(); // feed id -> entry
+  // Rows of the feed, by key ("<feed>#<id>"). A feed is one replica's leadership term
+  // (`feed` in the answer): ids and seq count within it. When the page's replica answers with
+  // another feed (the leader changed, or a follower lost its leader), the page follows the
+  // new one from its start and keeps the rows it had, marked as the previous keeper's.
+  const decisions = new Map();
+  let feed = null; // {key, replica, epoch} of the feed followed
   let feedSeq = 0;
-  let selected = null;
+  let movedFrom = null; // the feed the page's older rows came from
+  const feedOrder = new Map(); // feed key -> rank, newer feeds higher
+  let feedRank = 0;
+  let selected = null; // row key
+  // One poll of each kind at a time (a hung replica's polls end only by their timeout).
+  const busy = new Set();
+  const once = (name, poll) => async () => {
+    if (busy.has(name)) return;
+    busy.add(name);
+    try { await poll(); } finally { busy.delete(name); }
+  };
 
-  async function getJson(path) {
-    const response = await fetch(path, { cache: "no-store" });
-    const body = await response.json().catch(() => ({}));
-    if (!response.ok) throw new Error(body.error || `${path}: HTTP ${response.status}`);
-    return body;
-  }
+  // getJson comes from app.js (with its request timeout).
 
   function el(tag, attrs = {}, text) {
     const node = tag.startsWith("svg:")
@@ -344,8 +354,21 @@
     return o.status === "failed" ? `${verdict}, then failed` : verdict;
   }
 
+  // A row the current feed's keeper does not have: recorded by an earlier leader (or by this
+  // follower while it could not reach the leader). Its outcome, if it ended after the
+  // change, went to the new keeper, which has no decision to attach it to.
+  const previous = (d) => !feed || d.feed !== feed.key;
+  const unknownOutcome = (d) =>
+    `Outcome unknown: recorded by ${d.keeper}, which no longer keeps the feed; a request still ` +
+    "running then was reported ending to the leader after it, which has no record of its decision.";
+
   function sloCell(d) {
     const o = d.outcome;
+    if (!o && previous(d)) {
+      const cell = td("unknown", "muted");
+      cell.title = unknownOutcome(d);
+      return cell;
+    }
     if (!o) return td("running", "muted");
     if (o.status === "cancelled") return td("cancelled", "muted");
     // A request that did not complete shows how it ended, like its status; the tooltip
@@ -371,14 +394,22 @@
     const trouble = $("only-trouble").checked;
     const entries = [...decisions.values()]
       .filter((d) => !trouble || (d.outcome && d.outcome.status !== "cancelled" && !d.outcome.slo_met))
-      .sort((a, b) => b.id - a.id)
+      .sort(newestFirst)
       .slice(0, MAX_ROWS);
     body.replaceChildren();
     for (const d of entries) {
       const tr = document.createElement("tr");
       tr.dataset.requestId = d.request_id;
       tr.dataset.id = String(d.id);
-      if (selected === d.id) tr.className = "selected";
+      tr.dataset.feed = d.feed;
+      const classes = [];
+      if (selected === d.key) classes.push("selected");
+      if (previous(d)) {
+        classes.push("previous");
+        tr.dataset.previous = "true";
+        tr.title = `Recorded by ${d.keeper}, before the feed moved to ${feed ? feed.replica : "another replica"}`;
+      }
+      tr.className = classes.join(" ");
       const at = new Date(d.at_unix_ms);
       tr.append(
         td(at.toLocaleTimeString(), "num"),
@@ -391,7 +422,7 @@
         td(d.outcome && d.outcome.ttft_ms ? fmtMs(d.outcome.ttft_ms) : "–", "num"),
         sloCell(d),
       );
-      tr.addEventListener("click", () => { selected = d.id; renderFeed(); renderStory(); });
+      tr.addEventListener("click", () => { selected = d.key; renderFeed(); renderStory(); });
       body.appendChild(tr);
     }
     $("no-decisions").hidden = entries.length > 0;
@@ -478,21 +509,65 @@
           ? `${fmtUsdFine(o.cost_usd)} (nothing computed: no token was produced)`
           : `${fmtUsd(o.cost_usd)} ((prompt + generated tokens) × the worker's $/Mtok)`],
       ]));
+    } else if (previous(d)) {
+      parts.push(el("p", { class: "muted" }, unknownOutcome(d)));
     } else {
       parts.push(el("p", { class: "muted" }, "Still running (or its outcome was not reported)."));
     }
     story.replaceChildren(...parts);
   }
 
+  // Rows of the newest feed first, then by id (arrival) within a feed.
+  function newestFirst(a, b) {
+    return (feedOrder.get(b.feed) || 0) - (feedOrder.get(a.feed) || 0) || b.id - a.id;
+  }
+
+  // The feed moved (another leader, or this replica's own while it cannot reach the leader):
+  // follow the new one from its start (the answer, asked with the old cursor, is complete:
+  // the server answers a cursor into another feed from the start), keep the old rows.
+  function switchFeed(next, keptBy) {
+    // The feed the rows on the page came from: an empty one in between (a follower's own
+    // while the leader was away) does not count.
+    if (feed && [...decisions.values()].some((d) => d.feed === feed.key)) movedFrom = feed;
+    feed = next;
+    feedSeq = 0;
+    feedOrder.set(next.key, ++feedRank);
+    // Rows of this feed seen before come again, fresh.
+    for (const [key, d] of decisions) if (d.feed === next.key) decisions.delete(key);
+    const note = $("feed-moved");
+    const before = movedFrom;
+    if (!before || before.key === next.key) { note.hidden = true; return; }
+    const leader = keptBy && keptBy.role === "leader";
+    const who = leader
+      ? `the leader ${next.replica}`
+      : `${next.replica} (this follower's own: it cannot reach the leader)`;
+    const since = leader && next.epoch ? ` (leading since ${new Date(next.epoch).toLocaleTimeString()})` : "";
+    note.textContent = `The decision feed moved at ${new Date().toLocaleTimeString()} from ${before.replica} to ${who}${since}. ` +
+      `Rows recorded by ${before.replica} are kept below the new ones; a request still running then shows its outcome as unknown.`;
+    note.dataset.from = before.replica;
+    note.dataset.to = next.replica;
+    note.hidden = false;
+  }
+
   async function refreshFeed() {
     try {
-      const body = await getJson(`/api/decisions?since=${feedSeq}`);
-      for (const d of body.decisions) decisions.set(d.id, d);
+      const cursor = feed ? `since=${feedSeq}&epoch=${feed.epoch}` : "since=0";
+      const body = await getJson(`/api/decisions?${cursor}`);
+      const named = body.feed || { replica: "the control plane", epoch: 0 };
+      const next = { key: `${named.replica}/${named.epoch}`, replica: named.replica, epoch: named.epoch };
+      const moved = !feed || next.key !== feed.key || body.reset;
+      if (moved) switchFeed(next, body.kept_by);
+      for (const d of body.decisions) {
+        d.feed = next.key;
+        d.keeper = next.replica;
+        d.key = `${next.key}#${d.id}`;
+        decisions.set(d.key, d);
+      }
       feedSeq = body.seq;
-      // Bounded like the server's feed.
-      const ids = [...decisions.keys()].sort((a, b) => a - b);
-      for (const id of ids.slice(0, Math.max(0, ids.length - 500))) decisions.delete(id);
-      if (body.decisions.length) {
+      // Bounded like the server's feed: the newest rows stay.
+      const rows = [...decisions.values()].sort(newestFirst);
+      for (const d of rows.slice(500)) decisions.delete(d.key);
+      if (body.decisions.length || moved) {
         renderFeed();
         if (selected !== null) renderStory();
       }
@@ -513,10 +588,13 @@
 
   $("only-trouble").addEventListener("change", renderFeed);
 
-  refreshHistory();
-  refreshFeed();
-  refreshLedger();
-  setInterval(refreshHistory, HISTORY_POLL_MS);
-  setInterval(refreshLedger, HISTORY_POLL_MS);
-  setInterval(refreshFeed, FEED_POLL_MS);
+  const pollHistory = once("history", refreshHistory);
+  const pollLedger = once("ledger", refreshLedger);
+  const pollFeed = once("feed", refreshFeed);
+  pollHistory();
+  pollFeed();
+  pollLedger();
+  setInterval(pollHistory, HISTORY_POLL_MS);
+  setInterval(pollLedger, HISTORY_POLL_MS);
+  setInterval(pollFeed, FEED_POLL_MS);
 })();

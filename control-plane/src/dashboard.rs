@@ -8,7 +8,7 @@
 //! | GET | `/api/policy` | the stored routing policy document (or the default), and why it is invalid when it is |
 //! | GET | `/api/events` | the last cluster events (joined/left/draining/ready/policy) |
 //! | GET | `/api/history?since=<unix s>` | one point per second for the last hour (see [`crate::history`]) |
-//! | GET | `/api/decisions?since=<seq>&request_id=<id>&limit=<n>` | the live decision feed (see [`crate::decisions`]) |
+//! | GET | `/api/decisions?since=<seq>&epoch=<ms>&request_id=<id>&limit=<n>` | the live decision feed of the leader's term (see [`crate::decisions`]) |
 //! | GET | `/api/ledger?window_s=<s>` | the counterfactual ledger per lane, pool and tenant over the last `window_s` seconds (default 300, at most 3600; see [`crate::history::History::ledger`]) |
 //! | POST | `/api/workers/{id}/drain` | request a drain (leader only) |
 //! | POST | `/api/workers/{id}/undrain` | lift it (leader only) |
@@ -400,6 +400,8 @@ async fn decisions(
     let since = number::<u64>(&query, "since", "a feed sequence number")
         .map_err(bad_request)?
         .unwrap_or(0);
+    // The feed `since` counts in (the `feed.epoch` of the answer it came from).
+    let epoch = number::<i64>(&query, "epoch", "a feed epoch (unix ms)").map_err(bad_request)?;
     let limit = number::<usize>(&query, "limit", "a number of entries")
         .map_err(bad_request)?
         .unwrap_or(DECISIONS_LIMIT);
@@ -415,9 +417,14 @@ async fn decisions(
     if let Some(body) = from_leader(&state, &headers, &uri).await {
         return Ok(Json(body));
     }
-    let page = plane.insights().decisions.page(since, request_id, limit);
+    let page = plane.insights().feed(epoch, since, request_id, limit);
     Ok(Json(json!({
+        // Which feed: this replica's, of its leadership term that began at `epoch` (unix ms).
+        // A client following it starts over when it changes (another leader, or this one
+        // leading again): `seq` and ids count within one feed.
+        "feed": { "replica": plane.leadership().me().id, "epoch": page.epoch },
         "seq": page.seq,
+        "reset": page.reset,
         "decisions": page.entries,
         "kept_by": keeper(plane),
     })))
@@ -930,6 +937,38 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(body["error"].as_str().unwrap().len() < 200, "{body}");
+    }
+
+    #[tokio::test]
+    async fn the_feed_names_itself_and_answers_a_cursor_of_another_feed_from_the_start() {
+        let app = dashboard(None, false).await;
+        let (status, _, page) = call(&app, "GET", "/api/decisions", None, "").await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        assert_eq!(page["feed"]["replica"], "cp-test", "{page}");
+        let epoch = page["feed"]["epoch"].as_i64().expect("an epoch");
+        assert!(epoch > 0, "{page}");
+        assert_eq!((&page["seq"], &page["reset"]), (&json!(0), &json!(false)));
+        // A cursor into another feed: beyond this one's seq, or of another epoch.
+        for path in [
+            "/api/decisions?since=7300".to_string(),
+            format!("/api/decisions?since=0&epoch={}", epoch - 1),
+        ] {
+            let (status, _, page) = call(&app, "GET", &path, None, "").await;
+            assert_eq!(
+                (status, &page["reset"]),
+                (StatusCode::OK, &json!(true)),
+                "{path}: {page}"
+            );
+        }
+        let path = format!("/api/decisions?since=0&epoch={epoch}");
+        let (_, _, page) = call(&app, "GET", &path, None, "").await;
+        assert_eq!(page["reset"], false, "{page}");
+        let (status, _, body) = call(&app, "GET", "/api/decisions?epoch=x", None, "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["error"].as_str().unwrap().starts_with("epoch"),
+            "{body}"
+        );
     }
 
     #[tokio::test]

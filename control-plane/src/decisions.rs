@@ -3,6 +3,12 @@
 //!
 //! Every entry has a stable `id` and a `seq` that grows whenever it changes (created, outcome
 //! attached): a client polling `since=<last seq>` gets new decisions and late outcomes alike.
+//!
+//! A feed belongs to one leadership term of the replica keeping it (its `epoch`, the unix
+//! millisecond the term began): routers report to the leader only, so a replica that leads
+//! again starts a new feed, ids and `seq` from 1, instead of adding to one whose requests'
+//! outcomes went to another leader. A `since` beyond the feed's `seq` (a cursor into another
+//! feed) is answered from the start, marked `reset`.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -23,6 +29,8 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// The leadership term the entries were reported in (unix ms it began; 0: none yet).
+    epoch: i64,
     entries: VecDeque<Entry>,
     next_id: u64,
     seq: u64,
@@ -30,9 +38,35 @@ struct Inner {
     unmatched_outcomes: u64,
 }
 
+impl Inner {
+    /// The feed of term `epoch`: this one, or a new, empty one.
+    fn of_term(&mut self, epoch: i64) -> &mut Self {
+        if self.epoch != epoch {
+            *self = Inner {
+                epoch,
+                ..Inner::default()
+            };
+        }
+        self
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Decisions {
     inner: Mutex<Inner>,
+}
+
+/// Where a client is in a feed: its `seq`, in the feed of `epoch` (when it says).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cursor {
+    pub epoch: Option<i64>,
+    pub since: u64,
+}
+
+impl From<u64> for Cursor {
+    fn from(since: u64) -> Self {
+        Self { epoch: None, since }
+    }
 }
 
 /// A page of the feed.
@@ -41,11 +75,19 @@ pub struct Page {
     pub entries: Vec<Value>,
     /// The highest `seq` in the feed (pass it back as `since`).
     pub seq: u64,
+    /// The leadership term the feed belongs to (unix ms it began; 0 for a replica that never
+    /// led): a client following the feed starts over when it changes.
+    pub epoch: i64,
+    /// The cursor was into another feed (another epoch, or `since` beyond this feed's `seq`):
+    /// the page starts from the beginning instead.
+    pub reset: bool,
 }
 
 impl Decisions {
-    pub fn add(&self, decision: v1::RoutingDecision) {
-        let mut inner = self.inner.lock().expect("decisions lock");
+    /// Adds a decision reported during leadership term `epoch` (a new term starts a new feed).
+    pub fn add(&self, epoch: i64, decision: v1::RoutingDecision) {
+        let mut guard = self.inner.lock().expect("decisions lock");
+        let inner = guard.of_term(epoch);
         inner.next_id += 1;
         inner.seq += 1;
         let entry = Entry {
@@ -60,9 +102,11 @@ impl Decisions {
         inner.entries.push_back(entry);
     }
 
-    /// Attaches `outcome` to the latest decision of the same router and request without one.
-    pub fn complete(&self, router_id: &str, outcome: v1::RequestOutcome) {
-        let mut inner = self.inner.lock().expect("decisions lock");
+    /// Attaches `outcome` (reported during term `epoch`) to the latest decision of the same
+    /// router and request without one.
+    pub fn complete(&self, epoch: i64, router_id: &str, outcome: v1::RequestOutcome) {
+        let mut guard = self.inner.lock().expect("decisions lock");
+        let inner = guard.of_term(epoch);
         inner.seq += 1;
         let seq = inner.seq;
         let entry = inner.entries.iter_mut().rev().find(|e| {
@@ -79,10 +123,26 @@ impl Decisions {
         }
     }
 
-    /// Entries changed after `since`, or those of `request_id` (any age still kept), oldest
-    /// first, at most `limit` (the newest).
-    pub fn page(&self, since: u64, request_id: Option<&str>, limit: usize) -> Page {
-        let inner = self.inner.lock().expect("decisions lock");
+    /// Entries changed after the cursor (all of them when it is into another feed: `reset`),
+    /// or those of `request_id` (any age still kept), oldest first, at most `limit` (the
+    /// newest). `term`: the leadership term this replica holds now, whose feed is answered
+    /// (empty until its first report); `None` while it does not lead: the feed it has.
+    pub fn page(
+        &self,
+        term: Option<i64>,
+        cursor: impl Into<Cursor>,
+        request_id: Option<&str>,
+        limit: usize,
+    ) -> Page {
+        let cursor = cursor.into();
+        let mut guard = self.inner.lock().expect("decisions lock");
+        let inner = match term {
+            Some(epoch) => guard.of_term(epoch),
+            None => &mut *guard,
+        };
+        let reset =
+            cursor.since > inner.seq || cursor.epoch.is_some_and(|epoch| epoch != inner.epoch);
+        let since = if reset { 0 } else { cursor.since };
         let mut entries: Vec<&Entry> = inner
             .entries
             .iter()
@@ -94,6 +154,8 @@ impl Decisions {
         Page {
             entries: entries[skip..].iter().map(|e| entry_json(e)).collect(),
             seq: inner.seq,
+            epoch: inner.epoch,
+            reset,
         }
     }
 
@@ -210,15 +272,15 @@ mod tests {
     #[test]
     fn outcomes_complete_their_decision_and_show_up_as_changes() {
         let feed = Decisions::default();
-        feed.add(decision("a"));
-        feed.add(decision("b"));
-        let first = feed.page(0, None, 100);
+        feed.add(0, decision("a"));
+        feed.add(0, decision("b"));
+        let first = feed.page(Some(0), 0, None, 100);
         assert_eq!(first.entries.len(), 2);
         assert_eq!(first.entries[0]["candidates"][0]["chosen"], true);
-        feed.complete("r", outcome("a"));
+        feed.complete(0, "r", outcome("a"));
         // Another router's request of the same id is not this one.
-        feed.complete("other", outcome("b"));
-        let changes = feed.page(first.seq, None, 100);
+        feed.complete(0, "other", outcome("b"));
+        let changes = feed.page(Some(0), first.seq, None, 100);
         assert_eq!(changes.entries.len(), 1);
         assert_eq!(changes.entries[0]["request_id"], "a");
         assert_eq!(changes.entries[0]["outcome"]["ttft_ms"], 12.0);
@@ -229,8 +291,12 @@ mod tests {
             (&moved["reason"], &moved["to_worker_id"], &moved["at_token"]),
             (&json!("drain"), &json!("gpu-1"), &json!(37))
         );
-        assert!(feed.page(changes.seq, None, 100).entries.is_empty());
-        let b = feed.page(0, Some("b"), 100);
+        assert!(
+            feed.page(Some(0), changes.seq, None, 100)
+                .entries
+                .is_empty()
+        );
+        let b = feed.page(Some(0), 0, Some("b"), 100);
         assert_eq!(b.entries.len(), 1);
         assert!(b.entries[0]["outcome"].is_null());
     }
@@ -239,15 +305,63 @@ mod tests {
     fn the_feed_is_bounded_and_pages_keep_the_newest() {
         let feed = Decisions::default();
         for i in 0..RECENT + 20 {
-            feed.add(decision(&i.to_string()));
+            feed.add(0, decision(&i.to_string()));
         }
         assert_eq!(feed.len(), RECENT);
-        let page = feed.page(0, None, 10);
+        let page = feed.page(None, 0, None, 10);
         assert_eq!(page.entries.len(), 10);
         assert_eq!(
             page.entries[9]["request_id"],
             (RECENT + 19).to_string().as_str()
         );
-        assert!(feed.page(0, Some("3"), 10).entries.is_empty());
+        assert!(feed.page(None, 0, Some("3"), 10).entries.is_empty());
+    }
+
+    #[test]
+    fn a_new_term_starts_a_new_feed_and_a_cursor_beyond_it_starts_over() {
+        let feed = Decisions::default();
+        for i in 0..7 {
+            feed.add(1_000, decision(&format!("old-{i}")));
+        }
+        let old = feed.page(Some(1_000), 0, None, 100);
+        assert_eq!((old.seq, old.epoch, old.reset), (7, 1_000, false));
+        // This replica leads again (another term): the feed starts over, empty at first, and
+        // the old cursor is beyond it.
+        let fresh = feed.page(Some(2_000), old.seq, None, 100);
+        assert_eq!((fresh.seq, fresh.epoch, fresh.reset), (0, 2_000, true));
+        assert!(fresh.entries.is_empty());
+        feed.add(2_000, decision("new-0"));
+        feed.add(2_000, decision("new-1"));
+        // The old feed's outcome reported now finds no decision of its request.
+        feed.complete(2_000, "r", outcome("old-3"));
+        let page = feed.page(Some(2_000), old.seq, None, 100);
+        assert!(page.reset, "a cursor of the old feed");
+        let ids: Vec<_> = page
+            .entries
+            .iter()
+            .map(|e| e["request_id"].clone())
+            .collect();
+        assert_eq!(ids, [json!("new-0"), json!("new-1")]);
+        assert_eq!(page.entries[0]["id"], 1, "ids start over");
+        // A cursor within the feed is no reset.
+        let next = feed.page(Some(2_000), 1, None, 100);
+        assert!(!next.reset);
+        assert_eq!(next.entries.len(), 1);
+        // An old cursor that happens to fall within the new feed: its epoch tells.
+        let mine = Cursor {
+            epoch: Some(2_000),
+            since: 1,
+        };
+        assert_eq!(feed.page(Some(2_000), mine, None, 100).entries.len(), 1);
+        let stale = Cursor {
+            epoch: Some(1_000),
+            since: 1,
+        };
+        let page = feed.page(Some(2_000), stale, None, 100);
+        assert!(page.reset);
+        assert_eq!(page.entries.len(), 2);
+        // A replica that does not lead answers the feed it has, as it is.
+        let kept = feed.page(None, 0, None, 100);
+        assert_eq!((kept.epoch, kept.entries.len()), (2_000, 2));
     }
 }

@@ -12,7 +12,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
@@ -115,30 +115,30 @@ pub struct Leadership {
     /// Set before the role turns to leader and cleared before it turns back.
     lease: Arc<Mutex<Option<i64>>>,
     elected: bool,
-    /// Unix second this replica last became leader; 0 while it follows. Routers report only
-    /// to the leader, so its history holds router data from then on.
-    since: Arc<AtomicI64>,
+    /// The current (or last) leadership term of this replica: the unix millisecond it began,
+    /// set before the role turns to leader; 0 before it ever led. Routers report only to the
+    /// leader, so its history holds router data from then on, and its decision feed starts
+    /// with the term.
+    term: Arc<AtomicI64>,
+    /// While this replica leads an etcd election: when its lease runs out unless renewed, as
+    /// this process's monotonic clock sees it (the last keep-alive answer plus its TTL).
+    /// Past it, the replica has lost the lead even if it has not heard so yet: it was frozen
+    /// (SIGSTOP, a stalled VM) beyond its lease and another replica may lead.
+    lease_deadline: Arc<Mutex<Option<Instant>>>,
 }
 
-fn unix_now() -> i64 {
+fn unix_now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
-/// Keeps `since` at the second the role last turned to leader (0 while following).
-async fn track_since(mut role: watch::Receiver<Role>, since: Arc<AtomicI64>) {
-    loop {
-        let leading = matches!(*role.borrow_and_update(), Role::Leader);
-        if !leading {
-            since.store(0, Ordering::Relaxed);
-        } else if since.load(Ordering::Relaxed) == 0 {
-            since.store(unix_now(), Ordering::Relaxed);
-        }
-        if role.changed().await.is_err() {
-            return;
-        }
-    }
+/// Starts a new term: a unix millisecond after every earlier term's (terms tell feeds apart).
+fn begin_term(term: &AtomicI64) {
+    let now = unix_now_ms();
+    let _ = term.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| {
+        Some(now.max(last + 1))
+    });
 }
 
 impl Leadership {
@@ -149,33 +149,41 @@ impl Leadership {
                 let (tx, role) = watch::channel(Role::Leader);
                 // The role never changes: keep the sender so readers never see a closed channel.
                 std::mem::forget(tx);
+                let term = Arc::new(AtomicI64::new(0));
+                begin_term(&term);
                 Self {
                     me,
                     role,
                     lease: Arc::default(),
                     elected: false,
-                    since: Arc::new(AtomicI64::new(unix_now())),
+                    term,
+                    lease_deadline: Arc::default(),
                 }
             }
             ElectionConfig::Etcd { client, ttl } => {
                 let (tx, role) = watch::channel(Role::Follower { leader: None });
                 let lease = Arc::new(Mutex::new(None));
+                let term = Arc::new(AtomicI64::new(0));
+                let lease_deadline = Arc::new(Mutex::new(None));
                 tokio::spawn(campaign(
                     *client,
                     me.clone(),
                     ttl,
                     tx,
-                    lease.clone(),
+                    Held {
+                        lease: lease.clone(),
+                        term: term.clone(),
+                        deadline: lease_deadline.clone(),
+                    },
                     shutdown,
                 ));
-                let since = Arc::new(AtomicI64::new(0));
-                tokio::spawn(track_since(role.clone(), since.clone()));
                 Self {
                     me,
                     role,
                     lease,
                     elected: true,
-                    since,
+                    term,
+                    lease_deadline,
                 }
             }
         }
@@ -191,8 +199,25 @@ impl Leadership {
 
     /// Unix second this replica became leader; `None` while it follows.
     pub fn leading_since(&self) -> Option<i64> {
-        let since = self.since.load(Ordering::Relaxed);
-        (self.is_leader() && since > 0).then_some(since)
+        let term = self.term.load(Ordering::Relaxed);
+        (self.is_leader() && term > 0).then_some(term.div_euclid(1000))
+    }
+
+    /// The leadership term this replica holds now — the unix millisecond it began — or `None`
+    /// when it does not lead, or its lease is past its deadline by this process's own clock
+    /// (it was frozen past its lease and has not heard yet that it lost the lead). What only
+    /// the leader may keep (routers' reports) is kept under a term.
+    pub fn term(&self) -> Option<i64> {
+        if !self.is_leader() {
+            return None;
+        }
+        if self.elected {
+            let deadline = *self.lease_deadline.lock().expect("lease deadline lock");
+            if deadline.is_none_or(|deadline| Instant::now() >= deadline) {
+                return None;
+            }
+        }
+        Some(self.term.load(Ordering::Relaxed))
     }
 
     pub fn is_leader(&self) -> bool {
@@ -252,12 +277,29 @@ fn lease_ttl(ttl: Duration) -> Duration {
     Duration::from_secs(seconds(ttl).unsigned_abs())
 }
 
+/// What a leading replica holds, shared with its [`Leadership`].
+struct Held {
+    /// The leader key's lease.
+    lease: Arc<Mutex<Option<i64>>>,
+    /// The term's start (unix ms).
+    term: Arc<AtomicI64>,
+    /// When the lease runs out unless renewed.
+    deadline: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Held {
+    #[cfg(test)]
+    fn renewed(&self, ttl: Duration, at: Instant) {
+        *self.deadline.lock().expect("lease deadline lock") = Some(at + ttl);
+    }
+}
+
 async fn campaign(
     mut client: Client,
     me: ReplicaInfo,
     ttl: Duration,
     tx: watch::Sender<Role>,
-    held: Arc<Mutex<Option<i64>>>,
+    held: Held,
     shutdown: CancellationToken,
 ) {
     let value = serde_json::to_vec(&me).expect("replica info serialises");
@@ -317,7 +359,7 @@ async fn campaign_once(
     value: &[u8],
     ttl: Duration,
     tx: &watch::Sender<Role>,
-    held: &Mutex<Option<i64>>,
+    held: &Held,
     shutdown: &CancellationToken,
     mine: &mut Option<i64>,
 ) -> Result<(), etcd_client::Error> {
@@ -403,14 +445,18 @@ async fn lead_with(
     lease: KeptLease,
     revision: i64,
     tx: &watch::Sender<Role>,
-    held: &Mutex<Option<i64>>,
+    held: &Held,
     shutdown: &CancellationToken,
     mine: &mut Option<i64>,
 ) -> Result<(), etcd_client::Error> {
     let id = lease.id();
     *mine = None;
-    *held.lock().expect("lease lock") = Some(id);
-    let mut lease = lease;
+    *held.lease.lock().expect("lease lock") = Some(id);
+    let deadline = held.deadline.clone();
+    let mut lease = lease.on_renewed(move |expires| {
+        *deadline.lock().expect("lease deadline lock") = Some(expires.into_std());
+    });
+    begin_term(&held.term);
     tx.send_replace(Role::Leader);
     let ended = lead(client, me, &mut lease, revision, shutdown).await;
     drop(lease);
@@ -423,7 +469,8 @@ async fn lead_with(
         info!(replica = %me.id, "resigned leadership");
     }
     // Announced after resigning, so a caller waiting for the step-down knows it is done.
-    *held.lock().expect("lease lock") = None;
+    *held.lease.lock().expect("lease lock") = None;
+    *held.deadline.lock().expect("lease deadline lock") = None;
     tx.send_replace(Role::Follower { leader: None });
     Ok(())
 }
@@ -610,5 +657,52 @@ async fn follow(
                 }
             }
         }
+    }
+}
+
+/// A replica whose election a test scripts.
+#[cfg(test)]
+pub(crate) struct Script {
+    tx: watch::Sender<Role>,
+    held: Held,
+}
+
+#[cfg(test)]
+impl Script {
+    /// A replica that follows until the script says otherwise.
+    pub(crate) fn start(me: ReplicaInfo) -> (Leadership, Script) {
+        let (tx, role) = watch::channel(Role::Follower { leader: None });
+        let held = Held {
+            lease: Arc::default(),
+            term: Arc::new(AtomicI64::new(0)),
+            deadline: Arc::default(),
+        };
+        let leadership = Leadership {
+            me,
+            role,
+            lease: held.lease.clone(),
+            elected: true,
+            term: held.term.clone(),
+            lease_deadline: held.deadline.clone(),
+        };
+        (leadership, Script { tx, held })
+    }
+
+    /// Wins the election (a new term) with a lease of `lease`.
+    pub(crate) fn lead(&self, lease: Duration) {
+        self.held.renewed(lease, Instant::now());
+        begin_term(&self.held.term);
+        self.tx.send_replace(Role::Leader);
+    }
+
+    /// The lease runs out without the replica hearing of it (it was frozen).
+    pub(crate) fn stall(&self) {
+        self.held.renewed(Duration::ZERO, Instant::now());
+    }
+
+    /// Steps down.
+    pub(crate) fn follow(&self) {
+        *self.held.deadline.lock().expect("lease deadline lock") = None;
+        self.tx.send_replace(Role::Follower { leader: None });
     }
 }

@@ -180,6 +180,7 @@ pub async fn run_control_plane(
     let plane = ControlPlane::new(registry.clone(), loads, events, leadership.clone())
         .with_dashboard_tls(http_tls.is_some());
     metrics::register_report_drops(&config.metrics, plane.insights().dropped.clone());
+    metrics::register_report_ignores(&config.metrics, plane.insights().ignored.clone());
     // Both front doors share (clones of) this access rule, and so its refusal counts.
     config.security.access.register_metrics(&config.metrics);
     plane.insights().spawn_ticker(

@@ -22,12 +22,36 @@ pub struct ReportDropLabels {
     pub entry: &'static str,
 }
 
+/// Why a router's (well-formed) report was not kept: `not_leader` (this replica does not
+/// lead, or its lease ran out while it was stalled) or `late` (a second's stats delivered late).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReportIgnoreLabels {
+    pub reason: &'static str,
+}
+
 /// Registers the count of router report entries dropped (`family`, kept by the insights).
 pub fn register_report_drops(metrics: &Metrics, family: Family<ReportDropLabels, Counter>) {
     metrics.register(|r| {
         r.register(
             "switchyard_control_plane_report_entries_dropped",
             "Entries of routers' reports dropped as malformed (the rest of each stream is kept), by entry",
+            family,
+        )
+    });
+}
+
+/// Registers the count of router reports not kept (`family`, kept by the insights), every
+/// reason at 0 from the start.
+pub fn register_report_ignores(metrics: &Metrics, family: Family<ReportIgnoreLabels, Counter>) {
+    for reason in crate::reports::Ignored::ALL {
+        let _ = family.get_or_create(&ReportIgnoreLabels {
+            reason: reason.as_str(),
+        });
+    }
+    metrics.register(|r| {
+        r.register(
+            "switchyard_control_plane_report_entries_ignored",
+            "Routers' reports not kept, by reason: not_leader (this replica does not lead, or its lease ran out while it was stalled), late (a second's stats delivered late, as after a freeze)",
             family,
         )
     });

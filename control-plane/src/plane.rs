@@ -123,8 +123,8 @@ impl ControlPlane {
             registry,
             loads,
             events,
+            insights: Insights::led_by(leadership.clone()),
             leadership,
-            insights: Insights::default(),
             policy_writes: Arc::default(),
             dashboard_scheme: "http",
         }

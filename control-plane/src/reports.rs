@@ -9,6 +9,15 @@
 //! counted in `switchyard_control_plane_report_entries_dropped_total{entry}` and logged at
 //! most once a minute per stream — and the stream goes on: one bad entry must not cost the
 //! router's other decisions and stats.
+//!
+//! Only the leader keeps reports, under its leadership term ([`Leadership::term`]): a replica
+//! that does not lead — or whose lease is past due by its own clock, as after a freeze
+//! (SIGSTOP) longer than the lease, before it hears that another replica leads — ignores
+//! them. And a second's stats that arrive more than [`LATE`] later than the stream's quickest
+//! delivery (buffered while this replica was frozen) are not folded into the open second,
+//! where they would show as a spike at the wrong time. Both are counted in
+//! `switchyard_control_plane_report_entries_ignored_total{reason}` and logged once a minute
+//! per stream at most.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,13 +32,21 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use crate::decisions::Decisions;
+use crate::decisions::{self, Decisions};
 use crate::history::{History, PoolLoad};
+use crate::leader::Leadership;
 use crate::loads::Loads;
-use crate::metrics::ReportDropLabels;
+use crate::metrics::{ReportDropLabels, ReportIgnoreLabels};
 
 /// A report stream logs its dropped entries at most this often (the first one at once).
 const DROP_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// A second's stats this much later than the stream's quickest delivery are not folded into
+/// the open second (a router sends them once a second, as the second ends).
+pub const LATE: Duration = Duration::from_secs(3);
+/// Stats late for this long on end (by this replica's clock, not in one burst) mean the
+/// router's clock stepped back: the stream's delivery is judged afresh from then on.
+const LATE_FOR: Duration = Duration::from_secs(10);
 
 /// The history and the decision feed, and the count of report entries dropped.
 #[derive(Debug, Clone, Default)]
@@ -39,6 +56,32 @@ pub struct Insights {
     /// Report entries dropped as malformed, by entry
     /// (`switchyard_control_plane_report_entries_dropped_total`).
     pub dropped: Family<ReportDropLabels, Counter>,
+    /// Reports not kept because this replica does not lead or they came late, by reason
+    /// (`switchyard_control_plane_report_entries_ignored_total`).
+    pub ignored: Family<ReportIgnoreLabels, Counter>,
+    /// Whose reports these are: they are kept only while this replica leads. `None`: always
+    /// (a lone control plane in tests).
+    leadership: Option<Leadership>,
+}
+
+/// Why a report was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ignored {
+    /// This replica does not lead (or its lease is past due by its own clock).
+    NotLeader,
+    /// A second's stats that came [`LATE`].
+    Late,
+}
+
+impl Ignored {
+    pub const ALL: [Ignored; 2] = [Ignored::NotLeader, Ignored::Late];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ignored::NotLeader => "not_leader",
+            Ignored::Late => "late",
+        }
+    }
 }
 
 /// A part of a report that was not kept, and why.
@@ -238,6 +281,50 @@ pub struct Intake<'a> {
     /// When this stream last logged a drop, and the entries dropped since (not logged).
     logged_at: Option<Instant>,
     unlogged: u64,
+    /// How the stream's stats arrive.
+    delivery: Delivery,
+    /// When this stream last logged an ignored report, and those ignored since (not logged).
+    ignored_logged_at: Option<Instant>,
+    ignored_unlogged: u64,
+}
+
+/// How late a stream's stats arrive: against its quickest delivery (this replica's clock
+/// minus the router's at sending), so the two clocks need not agree.
+#[derive(Debug, Default)]
+struct Delivery {
+    /// The least (receipt − sending) seen, ms.
+    quickest: Option<i64>,
+    /// Since when (this replica's clock) every stats report has come late.
+    late_since: Option<Instant>,
+}
+
+impl Delivery {
+    /// How late stats sent at `sent_ms` (the router's clock) and received at `now_ms` (this
+    /// replica's) are, if later than [`LATE`]. An unknown sending time (0) is never late.
+    fn late(&mut self, sent_ms: i64, now_ms: i64, now: Instant) -> Option<Duration> {
+        if sent_ms <= 0 {
+            return None;
+        }
+        let transit = now_ms.saturating_sub(sent_ms);
+        let quickest = *self.quickest.get_or_insert(transit);
+        if transit < quickest {
+            self.quickest = Some(transit);
+        }
+        let behind = Duration::from_millis(transit.saturating_sub(quickest).max(0).unsigned_abs());
+        if behind <= LATE {
+            self.late_since = None;
+            return None;
+        }
+        // Late report after late report for a while, not a burst of buffered ones: the
+        // router's clock went back. Judge from its new reckoning.
+        let since = *self.late_since.get_or_insert(now);
+        if now.duration_since(since) >= LATE_FOR {
+            self.quickest = Some(transit);
+            self.late_since = None;
+            return None;
+        }
+        Some(behind)
+    }
 }
 
 impl Intake<'_> {
@@ -250,9 +337,10 @@ impl Intake<'_> {
                 .get_or_create(&ReportDropLabels { entry: d.entry })
                 .inc_by(d.count);
         }
+        let kept = kept.and_then(|report| self.judge(report));
         let taken = kept.is_some();
-        if let Some(report) = kept {
-            self.insights.ingest(&mut self.router_id, report);
+        if let Some((term, report)) = kept {
+            self.insights.ingest(term, &mut self.router_id, report);
             self.accepted += 1;
         }
         if let Some(first) = dropped.first() {
@@ -274,6 +362,64 @@ impl Intake<'_> {
             }
         }
         taken
+    }
+
+    /// The leadership term to keep a (screened) report under, or `None` when it is not kept:
+    /// this replica does not lead, or it is a second's stats that came late.
+    fn judge(&mut self, report: v1::RouterReport) -> Option<(i64, v1::RouterReport)> {
+        let now = Instant::now();
+        let (reason, late) = match self.insights.term() {
+            None => (Ignored::NotLeader, None),
+            Some(term) => {
+                let late = match &report.report {
+                    Some(Report::Stats(stats)) => {
+                        let now_ms = crate::events::now_unix_ms();
+                        self.delivery.late(stats.at_unix_ms, now_ms, now)
+                    }
+                    _ => None,
+                };
+                if late.is_none() {
+                    return Some((term, report));
+                }
+                (Ignored::Late, late)
+            }
+        };
+        self.insights
+            .ignored
+            .get_or_create(&ReportIgnoreLabels {
+                reason: reason.as_str(),
+            })
+            .inc();
+        self.ignored_unlogged += 1;
+        if self
+            .ignored_logged_at
+            .is_none_or(|at| now.duration_since(at) >= DROP_LOG_EVERY)
+        {
+            let router = match &report.report {
+                Some(Report::Decision(d)) => d.router_id.as_str(),
+                Some(Report::Stats(s)) => s.router_id.as_str(),
+                _ => self.router(),
+            };
+            let ignored = self.ignored_unlogged;
+            match late {
+                None => warn!(
+                    %router,
+                    ignored,
+                    "ignoring a router's reports: this replica does not lead (or its lease ran \
+                     out while it was stalled); routers report to the leader"
+                ),
+                Some(late) => warn!(
+                    %router,
+                    late_ms = late.as_millis(),
+                    ignored,
+                    "not folding a router's stats into the history: they came late (buffered \
+                     while this replica was stalled?) and would show at the wrong second"
+                ),
+            }
+            self.ignored_logged_at = Some(now);
+            self.ignored_unlogged = 0;
+        }
+        None
     }
 
     fn router(&self) -> &str {
@@ -300,10 +446,47 @@ impl Drop for Intake<'_> {
                 "dropped router report entries (malformed) since the last warning; the stream ended"
             );
         }
+        if self.ignored_unlogged > 0 {
+            warn!(
+                router = %self.router(),
+                ignored = self.ignored_unlogged,
+                "ignored router reports (not the leader, or late) since the last warning; the stream ended"
+            );
+        }
     }
 }
 
 impl Insights {
+    /// The insights of a replica that keeps reports only while it leads.
+    pub fn led_by(leadership: Leadership) -> Self {
+        Self {
+            leadership: Some(leadership),
+            ..Self::default()
+        }
+    }
+
+    /// The leadership term reports are kept under now; `None` while this replica does not
+    /// lead.
+    pub fn term(&self) -> Option<i64> {
+        match &self.leadership {
+            Some(leadership) => leadership.term(),
+            None => Some(0),
+        }
+    }
+
+    /// A page of the decision feed: the current term's while this replica leads, else the
+    /// one it kept when it last led; `since` counts in the feed of `epoch` (when given).
+    pub fn feed(
+        &self,
+        epoch: Option<i64>,
+        since: u64,
+        request_id: Option<&str>,
+        limit: usize,
+    ) -> decisions::Page {
+        let since = decisions::Cursor { epoch, since };
+        self.decisions.page(self.term(), since, request_id, limit)
+    }
+
     /// The intake of one report stream.
     pub fn intake(&self) -> Intake<'_> {
         Intake {
@@ -312,17 +495,21 @@ impl Insights {
             accepted: 0,
             logged_at: None,
             unlogged: 0,
+            delivery: Delivery::default(),
+            ignored_logged_at: None,
+            ignored_unlogged: 0,
         }
     }
 
-    /// Keeps a screened report from router `router_id` (the router of its stream).
-    pub fn ingest(&self, router_id: &mut String, report: v1::RouterReport) {
+    /// Keeps a screened report from router `router_id` (the router of its stream), reported
+    /// during leadership term `term`.
+    pub fn ingest(&self, term: i64, router_id: &mut String, report: v1::RouterReport) {
         match report.report {
             Some(Report::Decision(decision)) => {
                 router_id.clone_from(&decision.router_id);
-                self.decisions.add(decision);
+                self.decisions.add(term, decision);
             }
-            Some(Report::Outcome(outcome)) => self.decisions.complete(router_id, outcome),
+            Some(Report::Outcome(outcome)) => self.decisions.complete(term, router_id, outcome),
             Some(Report::Stats(stats)) => {
                 router_id.clone_from(&stats.router_id);
                 self.history.add(&stats);
@@ -597,14 +784,14 @@ mod tests {
         assert_eq!(intake.accepted(), 4);
         drop(intake);
         // Both good decisions are in the feed, the first with its outcome.
-        let page = insights.decisions.page(0, None, 10);
+        let page = insights.feed(None, 0, None, 10);
         let ids: Vec<&str> = page
             .entries
             .iter()
             .filter_map(|e| e["request_id"].as_str())
             .collect();
         assert_eq!(ids, ["a", "b"]);
-        let a = insights.decisions.page(0, Some("a"), 10);
+        let a = insights.feed(None, 0, Some("a"), 10);
         assert_eq!(a.entries[0]["outcome"]["status"], "completed");
         // The second's stats are in the history, its good ledger row included.
         let point = insights.history.seal(1, Default::default(), [0.0; 2]);
@@ -628,6 +815,156 @@ mod tests {
             (count("decision"), count("empty"), count("stats.ledger")),
             (1, 1, 1)
         );
+    }
+
+    fn stats(router: &str, at_unix_ms: i64, decisions: u32) -> v1::RouterReport {
+        v1::RouterReport {
+            report: Some(Report::Stats(v1::RouterStats {
+                router_id: router.into(),
+                at_unix_ms,
+                decisions,
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn decision(request_id: &str) -> v1::RouterReport {
+        v1::RouterReport {
+            report: Some(Report::Decision(v1::RoutingDecision {
+                request_id: request_id.into(),
+                router_id: "router-0".into(),
+                lane: "cost-sensitive".into(),
+                ..Default::default()
+            })),
+        }
+    }
+
+    fn ignored(insights: &Insights, reason: Ignored) -> u64 {
+        insights
+            .ignored
+            .get_or_create(&ReportIgnoreLabels {
+                reason: reason.as_str(),
+            })
+            .get()
+    }
+
+    #[test]
+    fn only_a_leader_whose_lease_is_not_past_due_keeps_reports() {
+        let me = crate::leader::ReplicaInfo {
+            id: "cp-0".into(),
+            grpc: "127.0.0.1:1".into(),
+            http: None,
+        };
+        let (leadership, script) = crate::leader::Script::start(me);
+        let insights = Insights::led_by(leadership);
+        let now = crate::events::now_unix_ms;
+        let mut intake = insights.intake();
+        // A follower keeps nothing.
+        assert!(!intake.take(stats("router-0", now(), 5)));
+        assert!(!intake.take(decision("before")));
+        assert_eq!(ignored(&insights, Ignored::NotLeader), 2);
+        // Leading: kept.
+        script.lead(Duration::from_secs(60));
+        assert!(intake.take(stats("router-0", now(), 3)));
+        assert!(intake.take(decision("led-1")));
+        assert_eq!(
+            insights
+                .history
+                .seal(1, Default::default(), [0.0; 2])
+                .decisions,
+            3
+        );
+        let first = insights.feed(None, 0, None, 10);
+        assert_eq!(first.entries.len(), 1);
+        // Frozen past its lease: by its own clock it no longer leads, before it hears so.
+        script.stall();
+        assert!(!intake.take(stats("router-0", now(), 7)));
+        assert!(!intake.take(decision("stalled")));
+        assert_eq!(
+            insights
+                .history
+                .seal(2, Default::default(), [0.0; 2])
+                .decisions,
+            0
+        );
+        script.follow();
+        assert!(!intake.take(decision("followed")));
+        assert_eq!(ignored(&insights, Ignored::NotLeader), 5);
+        // The feed it kept while leading stays readable as it was.
+        assert_eq!(insights.feed(None, 0, None, 10).entries.len(), 1);
+        // Leading again: a new term, a new feed; the old cursor (of another epoch) is answered
+        // from the start.
+        script.lead(Duration::from_secs(60));
+        assert!(intake.take(decision("led-2")));
+        let second = insights.feed(Some(first.epoch), first.seq, None, 10);
+        assert!(
+            second.epoch > first.epoch,
+            "{} {}",
+            second.epoch,
+            first.epoch
+        );
+        assert!(second.reset);
+        let ids: Vec<_> = second
+            .entries
+            .iter()
+            .map(|e| e["request_id"].clone())
+            .collect();
+        assert_eq!(ids, [serde_json::json!("led-2")]);
+    }
+
+    #[test]
+    fn stats_delivered_late_are_not_folded_into_the_open_second() {
+        let insights = Insights::default();
+        let mut intake = insights.intake();
+        let now = crate::events::now_unix_ms();
+        // The router's clock 40 s behind this replica's: what counts is the delivery.
+        let skew = 40_000;
+        assert!(intake.take(stats("router-0", now - skew, 1)));
+        assert!(intake.take(stats("router-0", now - skew - 1_500, 2)));
+        // Buffered while this replica was frozen, then read at once: 10 s late.
+        assert!(!intake.take(stats("router-0", now - skew - 10_000, 40)));
+        assert!(!intake.take(stats("router-0", now - skew - 9_000, 40)));
+        assert_eq!(ignored(&insights, Ignored::Late), 2);
+        // Decisions carry their own time: kept.
+        assert!(intake.take(decision("late-decision")));
+        // An unknown sending time is not judged.
+        assert!(intake.take(stats("router-0", 0, 4)));
+        assert_eq!(
+            insights
+                .history
+                .seal(1, Default::default(), [0.0; 2])
+                .decisions,
+            7
+        );
+    }
+
+    #[test]
+    fn a_stream_late_on_end_is_judged_afresh_not_dropped_forever() {
+        let mut delivery = Delivery::default();
+        let t0 = Instant::now();
+        assert_eq!(delivery.late(1_000, 1_020, t0), None);
+        // A burst of late ones.
+        assert!(delivery.late(2_000, 9_020, t0).is_some());
+        assert!(
+            delivery
+                .late(3_000, 9_030, t0 + Duration::from_millis(10))
+                .is_some()
+        );
+        // On time again: the burst is over.
+        assert_eq!(
+            delivery.late(9_000, 9_040, t0 + Duration::from_millis(20)),
+            None
+        );
+        // The router's clock steps back 20 s: late report after late report, once a second,
+        // for LATE_FOR; then its reports count again.
+        let mut kept = Vec::new();
+        for i in 0..15 {
+            let at = t0 + Duration::from_secs(1 + i);
+            let now_ms = 100_000 + 1_000 * i64::try_from(i).unwrap();
+            kept.push(delivery.late(now_ms - 20_000, now_ms, at).is_none());
+        }
+        assert_eq!(kept.iter().filter(|k| !**k).count(), 10, "{kept:?}");
+        assert!(kept[10..].iter().all(|k| *k), "{kept:?}");
     }
 
     #[test]

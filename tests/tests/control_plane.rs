@@ -1117,16 +1117,21 @@ async fn routers_report_decisions_and_history_to_the_control_plane() -> anyhow::
         );
     }
 
-    // With a cluster token, the control plane takes reports only from members.
+    // With a cluster token, the control plane takes reports only from members. (A leader of
+    // its own: a follower keeps no report.)
     let dir = tempfile::tempdir()?;
     let token_file = dir.path().join("cluster-token");
     std::fs::write(&token_file, "report-token-0123456789abcdef\n")?;
+    let own_etcd = switchyard_tests::Etcd::start().await?;
     let guarded = start_control_plane(
-        &cluster.etcd.url,
+        &own_etcd.url,
         "control-plane-1",
         &["--cluster-token-file", &token_file.display().to_string()],
     )
     .await?;
+    guarded
+        .wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
     let mut client = admin(guarded.addr("grpc")).await?;
     let report = || {
         tokio_stream::iter(vec![v1::RouterReport {
@@ -2232,5 +2237,395 @@ async fn a_tls_dashboards_refusals_name_the_callers_address() -> anyhow::Result<
             .all(|l| l.contains("via=\"dashboard\"") && l.contains("peer=127.0.0.1:")),
         "{lines:#?}"
     );
+    Ok(())
+}
+
+/// A decision of router `direct` for `request_id`, and its outcome (completed).
+fn direct_decision(request_id: &str) -> v1::RouterReport {
+    v1::RouterReport {
+        report: Some(v1::router_report::Report::Decision(v1::RoutingDecision {
+            request_id: request_id.into(),
+            router_id: "direct".into(),
+            at_unix_ms: unix_ms(),
+            lane: "cost-sensitive".into(),
+            lane_origin: "default".into(),
+            worker_id: "gpu-0".into(),
+            pool: "gpu".into(),
+            reason: "home".into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn direct_outcome(request_id: &str) -> v1::RouterReport {
+    v1::RouterReport {
+        report: Some(v1::router_report::Report::Outcome(v1::RequestOutcome {
+            request_id: request_id.into(),
+            at_unix_ms: unix_ms(),
+            status: "completed".into(),
+            worker_id: "gpu-0".into(),
+            pool: "gpu".into(),
+            ttft_ms: 12.0,
+            slo_met: true,
+            ..Default::default()
+        })),
+    }
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The text of the SLO cell of `request_id`'s row in the dashboard's feed ("" without a row).
+async fn feed_slo(browser: &Browser, request_id: &str) -> String {
+    browser
+        .text(&format!(
+            "#decisions tr[data-request-id='{request_id}'] td:nth-child(9)"
+        ))
+        .await
+        .unwrap_or_default()
+}
+
+/// After a leader change the page's decision feed follows the new leader's feed (whose count
+/// starts again from 0) without a reload, and a request the old leader recorded as running
+/// shows its outcome as unknown: it was reported ending to the new leader. (The page kept
+/// asking for decisions after the old leader's count: nothing showed for minutes.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_leader_change_the_pages_decision_feed_follows_the_new_leader() -> anyhow::Result<()>
+{
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let mut old =
+        start_control_plane(&etcd.url, "control-plane-0", &["--leader-ttl", "2s"]).await?;
+    old.wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let new = start_control_plane(&etcd.url, "control-plane-1", &[]).await?;
+    new.wait_for_log("following the control-plane leader", PATIENCE)
+        .await?;
+
+    // The old leader's feed counts well past what the new one will: 250 decisions (more than
+    // the page shows), all but the last ended.
+    let mut reports = Vec::new();
+    for i in 0..250 {
+        let id = format!("old-{i}");
+        reports.push(direct_decision(&id));
+        if i != 249 {
+            reports.push(direct_outcome(&id));
+        }
+    }
+    let summary = admin(old.addr("grpc"))
+        .await?
+        .report(tokio_stream::iter(reports))
+        .await?
+        .into_inner();
+    assert_eq!(summary.accepted, 499);
+
+    // The page is open on the follower, which shows the leader's feed.
+    let http = new.addr("http");
+    let browser = Browser::start().await?;
+    browser.goto(&format!("http://{http}/")).await?;
+    wait_until(PATIENCE, "the page to show old-249 running", || async {
+        feed_slo(&browser, "old-249").await == "running"
+    })
+    .await?;
+    assert_eq!(feed_slo(&browser, "old-248").await, "met");
+
+    old.kill().await?;
+    new.wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    // The new leader's feed: a few decisions (its count far below the old one's), and the
+    // end of old-249, which it has no decision for.
+    let mut reports = vec![direct_outcome("old-249")];
+    for i in 0..3 {
+        let id = format!("new-{i}");
+        reports.push(direct_decision(&id));
+        reports.push(direct_outcome(&id));
+    }
+    let summary = admin(new.addr("grpc"))
+        .await?
+        .report(tokio_stream::iter(reports))
+        .await?
+        .into_inner();
+    assert_eq!(summary.accepted, 7);
+
+    // Without a reload, the page shows the new leader's decisions, newest first, above the
+    // old leader's rows.
+    wait_until(
+        PATIENCE,
+        "the page to show the new leader's decisions",
+        || async { feed_slo(&browser, "new-2").await == "met" },
+    )
+    .await?;
+    let order = browser
+        .execute(
+            "return [...document.querySelectorAll('#decisions tbody tr')].map(r => r.dataset.requestId);",
+            vec![],
+        )
+        .await?;
+    let order: Vec<String> = serde_json::from_value(order)?;
+    assert_eq!(
+        order[..4],
+        ["new-2", "new-1", "new-0", "old-249"],
+        "{order:?}"
+    );
+    // The page shows its 200 newest rows.
+    assert_eq!(order.len(), 200, "{order:?}");
+    // The old leader's running row can no longer end: its outcome is unknown, and says why.
+    assert_eq!(feed_slo(&browser, "old-249").await, "unknown");
+    let why = browser
+        .execute(
+            "return document.querySelector(\"#decisions tr[data-request-id='old-249'] td:nth-child(9)\").title;",
+            vec![],
+        )
+        .await?;
+    assert!(
+        why.as_str()
+            .is_some_and(|t| t.contains("Outcome unknown") && t.contains("control-plane-0")),
+        "{why}"
+    );
+    assert_eq!(feed_slo(&browser, "old-248").await, "met");
+    let note = browser.text("#feed-moved").await?;
+    assert!(
+        shown(&browser, "#feed-moved").await?
+            && note.contains("from control-plane-0")
+            && note.contains("the leader control-plane-1"),
+        "{note}"
+    );
+    browser
+        .click("#decisions tr[data-request-id='old-249']")
+        .await?;
+    wait_until(PATIENCE, "the story of old-249 to open", || async {
+        browser
+            .text("#story")
+            .await
+            .is_ok_and(|t| t.contains("Outcome unknown: recorded by control-plane-0"))
+    })
+    .await?;
+    browser.close().await?;
+
+    // The API names the feed; a cursor of the old feed is answered from the start, saying so.
+    let (_, feed) = api(http, "/api/decisions").await?;
+    assert_eq!(feed["feed"]["replica"], "control-plane-1", "{feed}");
+    assert_eq!(feed["seq"], 7, "{feed}");
+    let epoch = feed["feed"]["epoch"].as_i64().unwrap_or_default();
+    assert!(epoch > 0, "{feed}");
+    for path in [
+        "/api/decisions?since=499".to_string(),
+        format!("/api/decisions?since=2&epoch={}", epoch - 1),
+    ] {
+        let (_, reset) = api(http, &path).await?;
+        assert_eq!(reset["reset"], true, "{path}: {reset}");
+        assert_eq!(
+            reset["decisions"].as_array().map(Vec::len),
+            Some(3),
+            "{reset}"
+        );
+    }
+    let (_, next) = api(http, &format!("/api/decisions?since=5&epoch={epoch}")).await?;
+    assert_eq!(next["reset"], false, "{next}");
+    assert_eq!(next["decisions"][0]["request_id"], "new-2", "{next}");
+    Ok(())
+}
+
+/// Whether the element `id` exists and is not hidden.
+async fn banner_shown(browser: &Browser, id: &str) -> bool {
+    browser
+        .execute(
+            "const e = document.getElementById(arguments[0]); return !!e && !e.hidden;",
+            vec![Value::from(id)],
+        )
+        .await
+        .is_ok_and(|v| v == true)
+}
+
+/// A dashboard whose control plane hangs (SIGSTOP: connections accepted, nothing answered)
+/// says so within seconds — in red, in a banner, on the replica badge — instead of showing its
+/// last answer as current, and clears it when answers resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dashboard_whose_control_plane_hangs_says_so_until_it_answers_again() -> anyhow::Result<()>
+{
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+    plane
+        .wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let browser = Browser::start().await?;
+    browser
+        .goto(&format!("http://{}/", plane.addr("http")))
+        .await?;
+    let fresh = || async {
+        let state = browser
+            .execute(
+                "const f = document.getElementById('freshness');
+                 return [f.className, f.textContent, document.getElementById('replica').textContent];",
+                vec![],
+            )
+            .await
+            .unwrap_or_default();
+        serde_json::from_value::<(String, String, String)>(state).unwrap_or_default()
+    };
+    wait_until(PATIENCE, "the page to show the leader, fresh", || async {
+        let (class, text, replica) = fresh().await;
+        class == "freshness" && text.starts_with("updated") && replica.contains(": leader")
+    })
+    .await?;
+    assert!(!banner_shown(&browser, "stale").await);
+
+    plane.pause()?;
+    let stale = wait_until(
+        Duration::from_secs(15),
+        "the page to turn stale",
+        || async {
+            let (class, _, replica) = fresh().await;
+            class == "freshness stale" && replica.contains("no answer for")
+        },
+    )
+    .await;
+    let (class, text, replica) = fresh().await;
+    let banner = browser.text("#stale").await.unwrap_or_default();
+    plane.resume()?;
+    let took = stale?;
+    eprintln!("stale after {took:?}: {text:?} / {replica:?} / {banner:?}");
+    // Five seconds without an answer, on a half-second timer.
+    assert!(took < Duration::from_secs(9), "{took:?}");
+    assert_eq!(class, "freshness stale");
+    assert!(text.starts_with("no answer for"), "{text}");
+    assert!(replica.contains("was leader at"), "{replica}");
+    assert!(
+        banner.starts_with("No answer from this control plane (control-plane-0)")
+            && banner.contains("another replica may have taken over as leader"),
+        "{banner}"
+    );
+
+    // It answers again: the warning goes.
+    wait_until(PATIENCE, "the page to be fresh again", || async {
+        let (class, text, replica) = fresh().await;
+        class == "freshness" && text.starts_with("updated") && !replica.contains("no answer")
+    })
+    .await?;
+    assert!(!banner_shown(&browser, "stale").await);
+    browser.close().await?;
+    Ok(())
+}
+
+/// A leader frozen past its lease (SIGSTOP) while another replica takes over keeps none of
+/// the reports a router sent it — neither those buffered during the freeze, read at once when
+/// it wakes (they showed as a spike of tokens/s at the wrong time), nor those that come after,
+/// while it no longer leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_frozen_past_its_lease_folds_no_reports_into_its_history() -> anyhow::Result<()> {
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let old = start_control_plane(
+        &etcd.url,
+        "control-plane-0",
+        &["--leader-ttl", "2s", "--metrics-addr", "127.0.0.1:0"],
+    )
+    .await?;
+    old.wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let new = start_control_plane(&etcd.url, "control-plane-1", &["--leader-ttl", "2s"]).await?;
+    new.wait_for_log("following the control-plane leader", PATIENCE)
+        .await?;
+
+    // A router's report stream to the leader: a second's stats every 250 ms, 100 gpu tokens
+    // each, sent on whatever happens to the leader.
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let mut client = admin(old.addr("grpc")).await?;
+    let stream = tokio::spawn(async move {
+        client
+            .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let sender = tokio::spawn(async move {
+        loop {
+            let stats = v1::RouterReport {
+                report: Some(v1::router_report::Report::Stats(v1::RouterStats {
+                    router_id: "router-0".into(),
+                    at_unix_ms: unix_ms(),
+                    pools: vec![v1::PoolTokens {
+                        pool: "gpu".into(),
+                        tokens: 100,
+                    }],
+                    decisions: 1,
+                    ..Default::default()
+                })),
+            };
+            if tx.send(stats).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    // This replica's own history (a follower would forward the read to the leader).
+    let own_history = |http: std::net::SocketAddr| async move {
+        let response = reqwest::Client::new()
+            .get(format!("http://{http}/api/history"))
+            .header("x-switchyard-forwarded", "1")
+            .send()
+            .await?;
+        anyhow::Ok(response.json::<Value>().await?)
+    };
+    let http = old.addr("http");
+    wait_until(
+        PATIENCE,
+        "the leader to keep the router's tokens",
+        || async {
+            own_history(http).await.is_ok_and(|h| {
+                history_sum(&h, |p| {
+                    p["pools"]["gpu"]["tokens_per_s"].as_u64().unwrap_or(0)
+                }) > 0
+            })
+        },
+    )
+    .await?;
+
+    old.pause()?;
+    let frozen_at = unix_ms() / 1000;
+    let took_over = new
+        .wait_for_log("became the control-plane leader", PATIENCE)
+        .await;
+    // Frozen well past the lease: the stats sent meanwhile wait in its socket.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    old.resume()?;
+    took_over?;
+    // It hears it lost the lead; the router still sends (it has not noticed yet).
+    wait_until(PATIENCE, "the old leader to follow", || async {
+        api(http, "/api/stats")
+            .await
+            .is_ok_and(|(_, s)| s["role"] == "follower")
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    sender.abort();
+    stream.abort();
+
+    let history = own_history(http).await?;
+    let after: Vec<&Value> = history["points"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["t"].as_i64().is_some_and(|t| t > frozen_at))
+        .collect();
+    assert!(
+        after.len() >= 3,
+        "the old leader sealed seconds since: {history}"
+    );
+    for point in &after {
+        assert_eq!(
+            point["routers"], 0,
+            "a report kept after the freeze: {point}"
+        );
+        assert_eq!(point["pools"]["gpu"]["tokens_per_s"], 0, "{point}");
+        assert_eq!(point["decisions"], 0, "{point}");
+    }
+    let ignored = metric(
+        &old.metrics_url(),
+        "switchyard_control_plane_report_entries_ignored_total{reason=\"not_leader\"}",
+    )
+    .await?;
+    assert!(ignored.is_some_and(|n| n >= 5.0), "{ignored:?}");
+    old.wait_for_log("ignoring a router's reports", PATIENCE)
+        .await?;
     Ok(())
 }
