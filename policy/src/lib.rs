@@ -64,14 +64,37 @@ impl RequestInfo<'_> {
 pub enum Route {
     /// The lane's home pool.
     Home,
-    /// Latency-critical on a GPU: no WSE slot could meet the SLO.
-    SpillToGpu,
+    /// Latency-critical on a GPU, for the reason given.
+    SpillToGpu(SpillCause),
     /// Latency-critical on a GPU predicted well within its SLO while the WSE is scarce: its
     /// slots are kept for prompts only the WSE serves in time
     /// (`placement.save_wse_above_utilisation`).
     SaveWse,
     /// Cost-sensitive on an idle WSE slot.
     BorrowWse,
+}
+
+/// Why a latency-critical request went to a GPU rather than its home, the WSE pool — what an
+/// operator needs to tell a WSE pool that is too slow from one that is full or gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpillCause {
+    /// A WSE slot was free, but none was predicted to meet the SLO (or a GPU was sooner).
+    WseTooSlow,
+    /// Every slot of the WSE workers serving the model was taken.
+    WseFull,
+    /// No WSE worker serving the model takes requests: none registered, all drained or
+    /// unreachable.
+    NoWseWorker,
+}
+
+impl SpillCause {
+    fn describe(self) -> &'static str {
+        match self {
+            SpillCause::WseTooSlow => "no wse slot meets the slo",
+            SpillCause::WseFull => "every wse slot is taken",
+            SpillCause::NoWseWorker => "no wse worker is taking requests",
+        }
+    }
 }
 
 /// A chosen worker.
@@ -97,7 +120,7 @@ impl Placement {
         match (self.route, self.affinity) {
             (Route::Home, false) => "home",
             (Route::Home, true) => "home_affinity",
-            (Route::SpillToGpu, _) => "spill_to_gpu",
+            (Route::SpillToGpu(_), _) => "spill_to_gpu",
             (Route::SaveWse, _) => "save_wse",
             (Route::BorrowWse, _) => "borrow_wse",
         }
@@ -107,7 +130,7 @@ impl Placement {
     pub fn reason(&self) -> String {
         let route = match self.route {
             Route::Home => format!("pool={}", self.pool),
-            Route::SpillToGpu => "spill=gpu (no wse slot meets the slo)".to_string(),
+            Route::SpillToGpu(cause) => format!("spill=gpu ({})", cause.describe()),
             Route::SaveWse => "spill=gpu (wse scarce; gpu well within the slo)".to_string(),
             Route::BorrowWse => "borrow=wse (gpu busy, wse idle)".to_string(),
         };
@@ -559,15 +582,18 @@ pub fn place_traced(
                 return placed(best, Route::Home);
             }
             if lane_policy.spill {
-                let gpu = gpu();
-                match (gpu, wse) {
-                    (Some(g), _) if g.predicted_ttft_ms <= slo => {
-                        return placed(g, Route::SpillToGpu);
-                    }
+                let cause = match wse {
+                    Some(_) => SpillCause::WseTooSlow,
+                    None if reachable(Pool::Wse) => SpillCause::WseFull,
+                    None => SpillCause::NoWseWorker,
+                };
+                let spill = Route::SpillToGpu(cause);
+                match (gpu(), wse) {
+                    (Some(g), _) if g.predicted_ttft_ms <= slo => return placed(g, spill),
                     (Some(g), Some(w)) if g.predicted_ttft_ms < w.predicted_ttft_ms => {
-                        return placed(g, Route::SpillToGpu);
+                        return placed(g, spill);
                     }
-                    (Some(g), None) => return placed(g, Route::SpillToGpu),
+                    (Some(g), None) => return placed(g, spill),
                     _ => {}
                 }
             }
@@ -618,7 +644,7 @@ pub fn await_wse(
     let slo = class.ttft_slo_ms;
     if !placement.await_wse
         || class.lane != LaneName::LatencyCritical
-        || spill.route != Route::SpillToGpu
+        || !matches!(spill.route, Route::SpillToGpu(_))
         || spill.predicted_ttft_ms <= placement.await_wse_gpu_ttft_fraction * slo
     {
         return None;

@@ -14,8 +14,8 @@ use crate::classify::Classification;
 use crate::document::{LaneName, PolicyDocument};
 use crate::view::pool_index;
 use crate::{
-    ClusterView, Decision, Placement, RequestInfo, Route, Scored, best_in_pool, decode_rate, place,
-    predicted_ttft_cached_ms,
+    ClusterView, Decision, Placement, RequestInfo, Route, Scored, SpillCause, best_in_pool,
+    decode_rate, place, predicted_ttft_cached_ms,
 };
 
 /// Why a generation moved: a closed set of names, for metric labels and the `Moved` frame.
@@ -399,10 +399,11 @@ pub fn should_hedge(
     };
     let second =
         best_of(other).or_else(|| hedging.same_pool.then(|| best_of(primary.pool)).flatten())?;
+    // A hedge is only sought when the primary is predicted close to its SLO.
     let route = if view.worker(second.worker).pool == Pool::Wse {
         Route::Home
     } else {
-        Route::SpillToGpu
+        Route::SpillToGpu(SpillCause::WseTooSlow)
     };
     let to = placement(view, second, route, request);
     let cost = u64::from(to.prompt_tokens.saturating_sub(to.cached_tokens));

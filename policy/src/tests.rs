@@ -133,7 +133,10 @@ fn a_late_spill_waits_for_a_wse_slot_the_turnover_says_frees_in_time() {
     let lc = class(LaneName::LatencyCritical, &policy);
     let r = request(1_000, None, 1);
     let spill = placed(&place(&view, &lc, &r, &policy, &[]));
-    assert_eq!((spill.worker, spill.route), (0, Route::SpillToGpu));
+    assert_eq!(
+        (spill.worker, spill.route),
+        (0, Route::SpillToGpu(SpillCause::WseFull))
+    );
     assert!(spill.predicted_ttft_ms > slo, "{spill:?}");
     // The slot it would get frees in ~50 ms, and the WSE's own ~21 ms follow: it waits, at
     // most until only the WSE's time to a first token is left of the SLO.
@@ -173,7 +176,10 @@ fn latency_critical_spills_to_gpu_when_wse_is_full_and_queues_when_all_are() {
     ]);
     let lc = class(LaneName::LatencyCritical, &policy);
     let p = placed(&place(&view, &lc, &request(100, None, 1), &policy, &[]));
-    assert_eq!((p.worker, p.route), (0, Route::SpillToGpu));
+    assert_eq!(
+        (p.worker, p.route),
+        (0, Route::SpillToGpu(SpillCause::WseFull))
+    );
     view.update(0, |w| w.outstanding = 4);
     assert_eq!(
         place(&view, &lc, &request(100, None, 1), &policy, &[]),
@@ -190,6 +196,38 @@ fn latency_critical_spills_to_gpu_when_wse_is_full_and_queues_when_all_are() {
 }
 
 #[test]
+fn a_spill_says_whether_the_wse_was_too_slow_full_or_gone() {
+    let policy = PolicyDocument::default();
+    // A free WSE slot, but 20 s of prompts queued ahead of it.
+    let mut wse = worker("w1", Pool::Wse, 0, 4);
+    wse.queued_prompt_tokens = 1_000_000;
+    let mut view = ClusterView::new(vec![worker("g1", Pool::Gpu, 0, 4), wse]);
+    let lc = class(LaneName::LatencyCritical, &policy);
+    let spill =
+        |view: &ClusterView| placed(&place(view, &lc, &request(100, None, 1), &policy, &[]));
+    let slow = spill(&view);
+    assert_eq!(slow.route, Route::SpillToGpu(SpillCause::WseTooSlow));
+    assert!(
+        slow.reason()
+            .starts_with("spill=gpu (no wse slot meets the slo)")
+    );
+    view.update(1, |w| w.outstanding = 4);
+    let full = spill(&view);
+    assert_eq!(full.route, Route::SpillToGpu(SpillCause::WseFull));
+    assert!(
+        full.reason()
+            .starts_with("spill=gpu (every wse slot is taken)")
+    );
+    view.update(1, |w| w.available = false);
+    assert_eq!(
+        spill(&view).route,
+        Route::SpillToGpu(SpillCause::NoWseWorker)
+    );
+    // The cause is for people; the metric label stays one closed name.
+    assert_eq!(full.reason_label(), "spill_to_gpu");
+}
+
+#[test]
 fn a_lane_that_does_not_spill_is_refused_at_once_when_its_pool_takes_no_requests() {
     let policy = PolicyDocument::default();
     // The wafer drained: its busy slots would free, but it takes nothing new.
@@ -200,7 +238,16 @@ fn a_lane_that_does_not_spill_is_refused_at_once_when_its_pool_takes_no_requests
     view.update(1, |w| w.available = false);
     let lc = class(LaneName::LatencyCritical, &policy);
     let p = placed(&place(&view, &lc, &request(100, None, 1), &policy, &[]));
-    assert_eq!((p.worker, p.route), (0, Route::SpillToGpu));
+    assert_eq!(
+        (p.worker, p.route),
+        (0, Route::SpillToGpu(SpillCause::NoWseWorker))
+    );
+    assert!(
+        p.reason()
+            .starts_with("spill=gpu (no wse worker is taking requests)"),
+        "{}",
+        p.reason()
+    );
     let mut no_spill = policy.clone();
     no_spill.latency_critical.spill = false;
     let refused = place(&view, &lc, &request(100, None, 1), &no_spill, &[]);
@@ -274,7 +321,10 @@ fn cost_sensitive_keeps_the_gpu_reserve_and_borrows_idle_wse() {
     view.update(4, |w| w.outstanding = 8);
     let lc = class(LaneName::LatencyCritical, &policy);
     let p = placed(&place(&view, &lc, &request(10, None, 1), &policy, &[]));
-    assert_eq!((p.worker, p.route), (reserved[0], Route::SpillToGpu));
+    assert_eq!(
+        (p.worker, p.route),
+        (reserved[0], Route::SpillToGpu(SpillCause::WseFull))
+    );
     // Small pools have no reserve.
     assert!(!view.in_reserve("m", reserved[0], 0.2));
 }
@@ -652,7 +702,7 @@ fn latency_critical_prompts_wait_only_behind_latency_critical_queued_tokens() {
         &[],
     ));
     assert_eq!(view.worker(p.worker).id, "backlog");
-    assert_eq!(p.route, Route::SpillToGpu);
+    assert_eq!(p.route, Route::SpillToGpu(SpillCause::NoWseWorker));
     assert!((p.predicted_ttft_ms - lc).abs() < 1e-6, "{p:?}");
     // A cost-sensitive request queues behind everything: the smaller backlog wins.
     let p = placed(&place(

@@ -506,7 +506,7 @@ impl Sim<'_> {
             let request = &self.requests[r as usize];
             match placer.place(&self.view, &self.kv, request, r, self.policy) {
                 Decision::Place(p) => {
-                    let keep_waiting = p.route == Route::SpillToGpu
+                    let keep_waiting = matches!(p.route, Route::SpillToGpu(_))
                         && now < give_up
                         && placer
                             .await_wse(&self.view, &self.kv, request, r, &p, now - since, i)
