@@ -841,6 +841,26 @@ pub async fn list_router_workers_with_key(
     Ok(switchyard_client::routable_worker_ids(&models))
 }
 
+/// Asserts that `completion` ran to its token limit and said `expected`: every token, once, in
+/// order; returns how it finished. `what` names the generation in the failure message.
+pub fn assert_ran_to_length<'a>(
+    completion: &'a switchyard_client::Completion,
+    expected: &str,
+    what: &str,
+) -> &'a switchyard_proto::v1::Finished {
+    let finished = completion
+        .finished
+        .as_ref()
+        .unwrap_or_else(|| panic!("{what} failed: {:?}", completion.failed));
+    assert_eq!(
+        finished.reason,
+        switchyard_proto::v1::FinishReason::Length as i32,
+        "{what}"
+    );
+    assert_eq!(completion.text, expected, "{what}: every token, once");
+    finished
+}
+
 /// A chat request for the synthetic model: one user message, `max_tokens`, the given class.
 pub fn synthetic_request(
     id: &str,

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use switchyard_client::{Completion, SessionClient};
-use switchyard_proto::v1::{
-    self, FinishReason, RequestClass, admin_client::AdminClient, cluster_event::Kind,
-};
+use switchyard_proto::v1::{self, RequestClass, admin_client::AdminClient, cluster_event::Kind};
 use switchyard_tests::browser::Browser;
-use switchyard_tests::{Cluster, ClusterSpec, poll_until, start_control_plane, wait_until};
+use switchyard_tests::{
+    Cluster, ClusterSpec, assert_ran_to_length, poll_until, start_control_plane, wait_until,
+};
 use switchyard_worker::synthetic::synthetic_text;
 use tonic::transport::Channel;
 
@@ -134,15 +134,8 @@ async fn drain_stops_new_placements_lets_in_flight_work_finish_and_undrain_resto
     while let Some(frame) = stream.next().await {
         completion.absorb(frame);
     }
-    let finished = completion
-        .finished
-        .as_ref()
-        .unwrap_or_else(|| panic!("in-flight request failed: {:?}", completion.failed));
-    assert_eq!(finished.reason, FinishReason::Length as i32);
-    assert_eq!(
-        completion.text,
-        synthetic_text("finish me after the drain", 0, 90)
-    );
+    let expected = synthetic_text("finish me after the drain", 0, 90);
+    assert_ran_to_length(&completion, &expected, "the in-flight request");
     busy_component
         .wait_for_log("drained: no generations in flight", PATIENCE)
         .await?;

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use switchyard_client::{Completion, SessionClient};
 use switchyard_cluster::{Capacity, Pool, Registry, WorkerRecord, WorkerState};
-use switchyard_proto::v1::{FinishReason, GenerateRequest, RequestClass};
+use switchyard_proto::v1::{GenerateRequest, RequestClass};
 use switchyard_tests::{
-    Cluster, ClusterSpec, Component, Etcd, program_output, up_args, wait_until,
+    Cluster, ClusterSpec, Component, Etcd, assert_ran_to_length, program_output, up_args,
+    wait_until,
 };
 use switchyard_worker::synthetic::synthetic_text;
 
@@ -48,16 +49,8 @@ async fn a_worker_dying_mid_stream_loses_and_repeats_no_token() -> anyhow::Resul
     while let Some(frame) = stream.next().await {
         completion.absorb(frame);
     }
-    let finished = completion
-        .finished
-        .as_ref()
-        .unwrap_or_else(|| panic!("request failed: {:?}", completion.failed));
-    assert_eq!(finished.reason, FinishReason::Length as i32);
-    assert_eq!(
-        completion.text,
-        synthetic_text(instructions, 0, 80),
-        "no token lost or repeated"
-    );
+    let expected = synthetic_text(instructions, 0, 80);
+    let finished = assert_ran_to_length(&completion, &expected, "survivor");
     assert_eq!(
         completion.seqs,
         (0..completion.seqs.len() as u64).collect::<Vec<_>>()
@@ -163,17 +156,8 @@ async fn requests_flow_while_etcd_is_down_and_workers_register_again_after() -> 
     served("after-outage".into()).await?;
 
     for (i, stream) in long.into_iter().enumerate() {
-        let completion = stream.await?;
-        let finished = completion
-            .finished
-            .as_ref()
-            .unwrap_or_else(|| panic!("across-{i} failed: {:?}", completion.failed));
-        assert_eq!(finished.reason, FinishReason::Length as i32);
-        assert_eq!(
-            completion.text,
-            synthetic_text(ACROSS, 0, LONG as usize),
-            "across-{i}: every token, once"
-        );
+        let expected = synthetic_text(ACROSS, 0, LONG as usize);
+        assert_ran_to_length(&stream.await?, &expected, &format!("across-{i}"));
     }
     // A worker re-registering moves its record onto its new lease; whether etcd expired the
     // old lease first (the router sees the record go and come back) or not (it sees an update)
@@ -243,16 +227,8 @@ async fn a_worker_whose_lease_ends_mid_stream_keeps_its_link_and_registers_again
     while let Some(frame) = stream.next().await {
         completion.absorb(frame);
     }
-    let finished = completion
-        .finished
-        .as_ref()
-        .unwrap_or_else(|| panic!("the stream failed: {:?}", completion.failed));
-    assert_eq!(finished.reason, FinishReason::Length as i32);
-    assert_eq!(
-        completion.text,
-        synthetic_text(TEXT, 0, LONG as usize),
-        "every token, once"
-    );
+    let expected = synthetic_text(TEXT, 0, LONG as usize);
+    assert_ran_to_length(&completion, &expected, "through-the-gap");
     assert_eq!(
         completion.accepted.as_ref().map(|a| a.worker_id.as_str()),
         Some(worker.name.as_str())
