@@ -530,6 +530,7 @@ impl Insights {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            // No line until a policy is read: 0 draws none.
             let mut slo_ms = [0.0; 2];
             let mut policy = policy;
             policy.mark_changed();
@@ -539,7 +540,7 @@ impl Insights {
                     _ = shutdown.cancelled() => return,
                 }
                 if policy.has_changed().unwrap_or(false) {
-                    slo_ms = lane_slos(policy.borrow_and_update().as_deref());
+                    slo_ms = lane_slos(policy.borrow_and_update().as_deref(), slo_ms);
                 }
                 let t = crate::events::now_unix_ms().div_euclid(1000);
                 history.seal(t, pool_loads(&membership, &loads), slo_ms);
@@ -548,11 +549,15 @@ impl Insights {
     }
 }
 
-/// The lanes' TTFT SLOs in the stored policy (the built-in default when none or unreadable).
-fn lane_slos(stored: Option<&[u8]>) -> [f64; 2] {
-    let policy = stored
-        .and_then(|bytes| PolicyDocument::from_json(bytes).ok())
-        .unwrap_or_default();
+/// The lanes' TTFT SLOs in the stored policy, the built-in default's when none is stored. An
+/// invalid document leaves `current` as it was: routers that run keep routing by their last
+/// valid policy and new ones route nothing, so the default's SLOs would be nobody's.
+fn lane_slos(stored: Option<&[u8]>, current: [f64; 2]) -> [f64; 2] {
+    let policy = match stored.map(PolicyDocument::from_json) {
+        None => PolicyDocument::default(),
+        Some(Ok(policy)) => policy,
+        Some(Err(_)) => return current,
+    };
     let mut slo = [0.0; 2];
     for lane in LaneName::ALL {
         slo[lane.index()] = policy.lane(lane).ttft_slo_ms;
@@ -968,12 +973,18 @@ mod tests {
     }
 
     #[test]
-    fn slos_come_from_the_stored_policy() {
+    fn slos_come_from_the_stored_policy_and_an_invalid_one_changes_none() {
         let default = PolicyDocument::default();
+        let lc = LaneName::LatencyCritical.index();
         assert_eq!(
-            lane_slos(None)[0],
+            lane_slos(None, [0.0; 2])[lc],
             default.lane(LaneName::LatencyCritical).ttft_slo_ms
         );
-        assert_eq!(lane_slos(Some(b"garbage")), lane_slos(None));
+        let mut stored = default.clone();
+        stored.latency_critical.ttft_slo_ms = 123.0;
+        let valid = lane_slos(Some(&serde_json::to_vec(&stored).unwrap()), [0.0; 2]);
+        assert_eq!(valid[lc], 123.0);
+        assert_eq!(lane_slos(Some(b"garbage"), valid), valid);
+        assert_eq!(lane_slos(Some(b"garbage"), [0.0; 2]), [0.0; 2]);
     }
 }
