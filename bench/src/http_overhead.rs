@@ -338,7 +338,7 @@ impl Switchyard {
     fn pids(&self) -> Vec<u32> {
         [
             self.router.pid(),
-            self.worker.as_ref().and_then(Component::pid),
+            self.worker.as_ref().and_then(|c| c.pid()),
         ]
         .into_iter()
         .flatten()

@@ -111,7 +111,7 @@ where
 
 /// A real etcd server on free loopback ports with its data in a temporary directory.
 pub struct Etcd {
-    child: Child,
+    process: Process,
     _data: tempfile::TempDir,
     pub url: String,
 }
@@ -218,7 +218,7 @@ impl Etcd {
             exited = child.wait() => return Ok(Err(exited?)),
         };
         Ok(Ok(Self {
-            child,
+            process: Process(child),
             _data: data,
             url,
         }))
@@ -227,46 +227,105 @@ impl Etcd {
     pub async fn registry(&self) -> anyhow::Result<EtcdRegistry> {
         Ok(EtcdRegistry::connect(std::slice::from_ref(&self.url)).await?)
     }
+}
 
+impl std::ops::Deref for Etcd {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+/// A child process a test can freeze, thaw, signal and kill; [`Etcd`], [`EtcdMember`] and
+/// [`Component`] are one (they dereference to it).
+pub struct Process(Child);
+
+impl Process {
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        self.0.id()
+    }
+
+    /// The process's resident memory in KiB (from procfs).
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.pid().context("the process has exited")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("no VmRSS in procfs")
+    }
+
+    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.pid().context("process already reaped")?;
+        kill(Pid::from_raw(pid as i32), signal)?;
+        Ok(())
+    }
+
+    /// SIGSTOP: the process freezes — its sockets stay open and accept connections, nothing is
+    /// answered — until [`Process::resume`].
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGSTOP)
+    }
+
+    /// SIGCONT after [`Process::pause`].
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGCONT)
+    }
+
+    /// SIGKILL, and waits for the process to be gone: it has no chance to deregister, and its
+    /// ports refuse connections.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGKILL)?;
+        self.0.wait().await?;
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for the process to exit; returns its exit status.
+    pub async fn terminate(
+        &mut self,
+        timeout: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        self.sigterm()?;
+        self.exited(timeout).await
+    }
+
+    /// SIGTERM, without waiting (see [`Process::exited`]).
+    pub fn sigterm(&self) -> anyhow::Result<()> {
+        self.signal(Signal::SIGTERM)
+    }
+
+    /// Waits for the process to exit; returns its exit status.
+    pub async fn exited(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
+        Ok(tokio::time::timeout(timeout, self.0.wait())
+            .await
+            .context("process did not exit in time")??)
     }
 }
 
 /// One member of an [`EtcdCluster`].
 pub struct EtcdMember {
-    child: Child,
+    process: Process,
     /// `e2e-<n>`, its etcd `--name`.
     pub name: String,
     /// Its client URL, `http://127.0.0.1:<port>`.
     pub url: String,
 }
 
+impl std::ops::Deref for EtcdMember {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl std::ops::DerefMut for EtcdMember {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
 impl EtcdMember {
-    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
-        let pid = self.child.id().context("etcd member already reaped")?;
-        kill(Pid::from_raw(pid as i32), signal)?;
-        Ok(())
-    }
-
-    /// SIGSTOP: the member freezes — its sockets stay open and accept connections, nothing is
-    /// answered — until [`EtcdMember::resume`].
-    pub fn pause(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGSTOP)
-    }
-
-    /// SIGCONT after [`EtcdMember::pause`].
-    pub fn resume(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGCONT)
-    }
-
-    /// SIGKILL, and waits for the process to be gone: its ports refuse connections.
-    pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGKILL)?;
-        self.child.wait().await?;
-        Ok(())
-    }
-
     /// An etcd client of this member alone.
     pub async fn client(&self) -> anyhow::Result<etcd_client::Client> {
         Ok(etcd_client::Client::connect([self.url.as_str()], None).await?)
@@ -337,7 +396,11 @@ impl EtcdCluster {
                 .kill_on_drop(true)
                 .spawn()
                 .context("starting etcd (install Debian's etcd-server; scripts/test.sh does)")?;
-            members.push(EtcdMember { child, name, url });
+            members.push(EtcdMember {
+                process: Process(child),
+                name,
+                url,
+            });
         }
         let mut cluster = Self {
             members,
@@ -366,7 +429,7 @@ impl EtcdCluster {
         let exited = async {
             loop {
                 for member in &mut cluster.members {
-                    if let Some(status) = member.child.try_wait()? {
+                    if let Some(status) = member.process.0.try_wait()? {
                         return anyhow::Ok(status);
                     }
                 }
@@ -420,7 +483,7 @@ pub struct EtcdTls {
 
 /// A running `switchyard <subcommand>` process.
 pub struct Component {
-    child: Child,
+    process: Process,
     pub name: String,
     /// Where the process's stderr (its log) goes.
     pub log: PathBuf,
@@ -485,7 +548,7 @@ impl Component {
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         Ok(Self {
-            child,
+            process: Process(child),
             name: name.to_string(),
             log,
             endpoints,
@@ -530,21 +593,6 @@ impl Component {
         format!("http://{}/metrics", self.addr("metrics"))
     }
 
-    /// The process's resident memory in KiB (from procfs).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.id()
-    }
-
-    pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        let pid = self.child.id().context("the process has exited")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .context("no VmRSS in procfs")
-    }
-
     /// The announced address of `component` (for `switchyard up`).
     pub fn addr_of(&self, component: &str, protocol: &str) -> SocketAddr {
         self.endpoints
@@ -553,50 +601,18 @@ impl Component {
             .map(|(_, _, a)| *a)
             .expect("announced endpoint")
     }
+}
 
-    fn signal(&self, signal: Signal) -> anyhow::Result<()> {
-        let pid = self.child.id().context("process already reaped")?;
-        kill(Pid::from_raw(pid as i32), signal)?;
-        Ok(())
+impl std::ops::Deref for Component {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
     }
+}
 
-    /// SIGSTOP: the process freezes — its sockets stay open, nothing is answered — until
-    /// [`Component::resume`].
-    pub fn pause(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGSTOP)
-    }
-
-    /// SIGCONT after [`Component::pause`].
-    pub fn resume(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGCONT)
-    }
-
-    /// SIGKILL: the process dies without any chance to deregister.
-    pub async fn kill(&mut self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGKILL)?;
-        self.child.wait().await?;
-        Ok(())
-    }
-
-    /// SIGTERM, then wait for the process to exit; returns its exit status.
-    pub async fn terminate(
-        &mut self,
-        timeout: Duration,
-    ) -> anyhow::Result<std::process::ExitStatus> {
-        self.sigterm()?;
-        self.exited(timeout).await
-    }
-
-    /// SIGTERM, without waiting (see [`Component::exited`]).
-    pub fn sigterm(&self) -> anyhow::Result<()> {
-        self.signal(Signal::SIGTERM)
-    }
-
-    /// Waits for the process to exit; returns its exit status.
-    pub async fn exited(&mut self, timeout: Duration) -> anyhow::Result<std::process::ExitStatus> {
-        Ok(tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .context("process did not exit in time")??)
+impl std::ops::DerefMut for Component {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
     }
 }
 

@@ -83,12 +83,6 @@ async fn requests_flow_while_etcd_is_down_and_workers_register_again_after() -> 
         ..Default::default()
     })
     .await?;
-    let pid = cluster.etcd.pid().expect("etcd runs").to_string();
-    let signal = |name: &str| {
-        std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-    };
     let session = SessionClient::connect(&cluster.router_addr()).await?;
     let served = |id: String| {
         let stream = session.start(request(&id, "etcd is down", 12));
@@ -113,14 +107,14 @@ async fn requests_flow_while_etcd_is_down_and_workers_register_again_after() -> 
         long.push(tokio::spawn(stream.collect()));
     }
 
-    assert!(signal("-STOP")?.success());
+    cluster.etcd.pause()?;
     let frozen_at = tokio::time::Instant::now();
     for i in 0..6 {
         served(format!("during-outage-{i}")).await?;
     }
     // The outage itself: etcd stays frozen for three TTLs, so every lease lapses.
     tokio::time::sleep_until(frozen_at + 3 * TTL).await;
-    assert!(signal("-CONT")?.success());
+    cluster.etcd.resume()?;
 
     // etcd expires the lapsed leases and the workers register again (a second "registered"
     // line each); requests are served all along.

@@ -95,13 +95,7 @@ async fn every_component_counts_its_etcd_watch_restarts() -> anyhow::Result<()> 
     })
     .await?;
     let components = kept_watches(&cluster);
-    let etcd = cluster.etcd.pid().expect("etcd runs").to_string();
-    let signal = |name: &str| {
-        std::process::Command::new("kill")
-            .args([name, &etcd])
-            .status()
-    };
-    assert!(signal("-STOP")?.success());
+    cluster.etcd.pause()?;
     // Each restart is counted when its watch breaks, before etcd is back.
     let counted = wait_until(
         Duration::from_secs(60),
@@ -122,7 +116,7 @@ async fn every_component_counts_its_etcd_watch_restarts() -> anyhow::Result<()> 
         },
     )
     .await;
-    assert!(signal("-CONT")?.success());
+    cluster.etcd.resume()?;
     if let Err(error) = counted {
         let mut seen = String::new();
         for (component, _) in components {
@@ -155,13 +149,7 @@ async fn a_control_plane_counts_one_restart_per_watched_key_per_etcd_freeze() ->
         &["--metrics-addr", "127.0.0.1:0"],
     )
     .await?;
-    let pid = etcd.pid().expect("etcd runs").to_string();
-    let signal = |name: &str| {
-        std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-    };
-    assert!(signal("-STOP")?.success());
+    etcd.pause()?;
     let broken = wait_until(
         Duration::from_secs(60),
         "the control plane's etcd watches to break",
@@ -175,7 +163,7 @@ async fn a_control_plane_counts_one_restart_per_watched_key_per_etcd_freeze() ->
         },
     )
     .await;
-    assert!(signal("-CONT")?.success());
+    etcd.resume()?;
     broken?;
     // Once its watches work again, every watch that broke has counted its restart.
     for recovered in [
