@@ -49,6 +49,8 @@ pub struct ChatArgs {
     /// over the synthetic load-test backend).
     #[arg(long)]
     pub model: Option<String>,
+    /// Most tokens generated for each answer; with the conversation so far they must fit the
+    /// model's context, or the router refuses the turn.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: u32,
     /// Send requests as latency-critical (default: cost-sensitive).
