@@ -17,6 +17,9 @@ const pageStarted = Date.now();
 let lastOk = 0;
 let lastPolicy = 0;
 let lastStats = null; // the last /api/stats answer: whom the page was talking to
+// The last answers' `registry`: whether etcd answered the reads behind them (when it does not,
+// the control plane answers from the membership as last seen).
+let lastRegistry = null;
 let lastError = ""; // why the last poll failed ("" when it did not)
 let polling = false;
 const pending = new Set(); // worker ids with a drain/undrain request in flight
@@ -265,6 +268,9 @@ async function refresh() {
     renderWorkers(workers.workers);
     renderTotals(stats);
     lastStats = stats;
+    // Either answer's read may be the one etcd did not answer: the page says so if one did not.
+    lastRegistry = [workers.registry, stats.registry].find((r) => r && !r.reachable) ||
+      stats.registry || null;
     renderReplica(stats);
     renderEvents(events.events);
     if (Date.now() - lastPolicy > POLICY_POLL_MS) await refreshPolicy();
@@ -308,7 +314,14 @@ function renderFreshness() {
   el.dataset.stale = String(stale);
   const banner = $("stale");
   if (!stale) {
-    banner.hidden = true;
+    // This control plane answers; etcd may not (the same banner: both say what the page shows
+    // is not current).
+    if (lastRegistry && !lastRegistry.reachable) {
+      banner.textContent = registryBanner(lastRegistry);
+      banner.hidden = false;
+    } else {
+      banner.hidden = true;
+    }
     return;
   }
   // The poll's own error is part of this banner now.
@@ -328,6 +341,17 @@ function renderFreshness() {
     badge.className = "replica unknown";
     badge.textContent = `${me}: no answer for ${seconds} s (was ${lastStats.role} at ${clock(lastOk)})`;
   }
+}
+
+// What the page says while etcd does not answer the control plane's reads.
+function registryBanner(registry) {
+  const since = registry.since_unix_ms ? clock(registry.since_unix_ms) : "now";
+  const asOf = registry.as_of_unix_ms
+    ? ` Drain requests are as of ${clock(registry.as_of_unix_ms)}.`
+    : "";
+  return `etcd unreachable since ${since}: showing the membership as last seen ` +
+    `(live load is current; drains and policy changes fail until etcd answers).${asOf}` +
+    (registry.error ? ` ${registry.error}` : "");
 }
 
 /// The button's face: Drain, Confirm drain (armed by a first click), or Undrain.

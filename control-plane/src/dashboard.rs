@@ -28,6 +28,12 @@
 //!
 //! Errors are `{"error": "..."}` with 400 (bad id), 404 (unknown worker), 409 (this replica is
 //! not the leader; `leader` names it) or 503 (etcd unreachable).
+//!
+//! `/api/workers` and `/api/stats` are no such error while etcd is unreachable: past
+//! [`crate::plane::REGISTRY_READ_TIMEOUT`] they answer from the membership as last seen, with
+//! `"registry": {"reachable": false, "error", "as_of_unix_ms", "since_unix_ms"}` (`reachable:
+//! true` normally), and the page says so in its banner (see [`crate::plane`]; the `Admin` gRPC
+//! API answers `UNAVAILABLE` instead).
 
 use std::net::SocketAddr;
 
@@ -203,13 +209,16 @@ async fn not_found() -> Response {
         .into_response()
 }
 
+/// While etcd does not answer, from the membership as last seen (`registry` says so: see
+/// [`crate::plane`]).
 async fn workers(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiError> {
-    let workers = plane.workers("").await?;
-    Ok(Json(json!({ "workers": workers })))
+    let (workers, registry) = plane.workers_or_last_seen("").await?;
+    Ok(Json(json!({ "workers": workers, "registry": registry })))
 }
 
+/// While etcd does not answer, from the membership as last seen, as `/api/workers`.
 async fn stats(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiError> {
-    let all = plane.stats().await?;
+    let (all, registry) = plane.stats_or_last_seen().await?;
     let stats = all.wire;
     let pools: Vec<Value> = stats
         .pools
@@ -241,6 +250,7 @@ async fn stats(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiErro
         "leader": leadership.leader(),
         // Where to open the leader's dashboard from here (its scheme and a dialable host).
         "leader_dashboard": leadership.leader().and_then(|l| plane.dashboard_url(&l)),
+        "registry": registry,
     })))
 }
 
@@ -706,11 +716,19 @@ mod tests {
 
     /// A standalone control plane's dashboard over an in-memory registry.
     async fn dashboard(tokens: Option<&str>, https: bool) -> Router {
-        let registry: Arc<dyn Registry> = Arc::new(MemoryRegistry::new());
+        dashboard_over(Arc::new(MemoryRegistry::new()), tokens, https).await
+    }
+
+    /// A standalone control plane's dashboard over `registry`.
+    async fn dashboard_over(
+        registry: Arc<dyn Registry>,
+        tokens: Option<&str>,
+        https: bool,
+    ) -> Router {
         let membership = registry.watch_workers().await.unwrap();
         let policy = registry.watch_policy().await.unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
-        let events = crate::events::Events::spawn(membership, policy, stop.clone());
+        let events = crate::events::Events::spawn(membership.clone(), policy, stop.clone());
         let me = ReplicaInfo {
             id: "cp-test".into(),
             grpc: "127.0.0.1:1".into(),
@@ -718,7 +736,8 @@ mod tests {
         };
         let leadership =
             crate::leader::Leadership::start(crate::ElectionConfig::Standalone, me, stop);
-        let plane = ControlPlane::new(registry, Default::default(), events, leadership);
+        let plane = ControlPlane::new(registry, Default::default(), events, leadership)
+            .with_membership(membership);
         let security = SecurityConfig {
             access: Access::new(tokens.map(|t| auth::AdminTokens::from_json(t).unwrap())),
             dashboard_hosts: guard::HostAllowlist::default().served_over_tls(https),
@@ -782,6 +801,206 @@ mod tests {
         let (status, headers, answer) = call(app, "POST", "/api/session", None, &body).await;
         assert_eq!(status, StatusCode::OK, "{answer}");
         set_cookie(&headers)
+    }
+
+    /// How the [`Outage`] registry answers reads of the workers and drains.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Reads {
+        Answered,
+        /// Never answered, as by a frozen etcd (SIGSTOP: connections accepted, nothing
+        /// answered).
+        Hang,
+        /// Refused, as when etcd's port refuses connections.
+        Fail,
+    }
+
+    /// An in-memory registry whose reads of the workers and drains hang or fail on demand, as
+    /// etcd's do in an outage, while the watched membership keeps what it last saw.
+    struct Outage {
+        inner: MemoryRegistry,
+        reads: std::sync::Mutex<Reads>,
+    }
+
+    impl Outage {
+        fn new() -> Self {
+            Self {
+                inner: MemoryRegistry::new(),
+                reads: std::sync::Mutex::new(Reads::Answered),
+            }
+        }
+
+        fn set(&self, reads: Reads) {
+            *self.reads.lock().unwrap() = reads;
+        }
+
+        async fn read(&self) -> Result<(), switchyard_cluster::RegistryError> {
+            let reads = *self.reads.lock().unwrap();
+            match reads {
+                Reads::Answered => Ok(()),
+                Reads::Hang => std::future::pending().await,
+                Reads::Fail => Err(switchyard_cluster::RegistryError::Etcd(
+                    etcd_client::Error::GRpcStatus(tonic::Status::unavailable("tcp connect error")),
+                )),
+            }
+        }
+    }
+
+    #[tonic::async_trait]
+    impl Registry for Outage {
+        async fn register(
+            &self,
+            record: switchyard_cluster::WorkerRecord,
+            ttl: std::time::Duration,
+        ) -> Result<switchyard_cluster::Registration, switchyard_cluster::RegistryError> {
+            self.inner.register(record, ttl).await
+        }
+        fn describe(&self) -> String {
+            "etcd at http://127.0.0.1:2379".into()
+        }
+        async fn list_workers(
+            &self,
+        ) -> Result<Vec<switchyard_cluster::WorkerRecord>, switchyard_cluster::RegistryError>
+        {
+            self.read().await?;
+            self.inner.list_workers().await
+        }
+        async fn watch_workers(
+            &self,
+        ) -> Result<switchyard_cluster::Membership, switchyard_cluster::RegistryError> {
+            self.inner.watch_workers().await
+        }
+        async fn get_policy(&self) -> Result<Option<Vec<u8>>, switchyard_cluster::RegistryError> {
+            self.inner.get_policy().await
+        }
+        async fn put_policy(
+            &self,
+            document: Vec<u8>,
+            fence: Option<&switchyard_cluster::Fence>,
+        ) -> Result<(), switchyard_cluster::RegistryError> {
+            self.inner.put_policy(document, fence).await
+        }
+        async fn watch_policy(
+            &self,
+        ) -> Result<tokio::sync::watch::Receiver<Option<Vec<u8>>>, switchyard_cluster::RegistryError>
+        {
+            self.inner.watch_policy().await
+        }
+        async fn set_drain(
+            &self,
+            worker_id: &str,
+            drain: bool,
+            fence: Option<&switchyard_cluster::Fence>,
+        ) -> Result<bool, switchyard_cluster::RegistryError> {
+            self.inner.set_drain(worker_id, drain, fence).await
+        }
+        async fn list_drains(&self) -> Result<Vec<String>, switchyard_cluster::RegistryError> {
+            self.read().await?;
+            self.inner.list_drains().await
+        }
+        async fn watch_drain(
+            &self,
+            worker_id: &str,
+        ) -> Result<tokio::sync::watch::Receiver<bool>, switchyard_cluster::RegistryError> {
+            self.inner.watch_drain(worker_id).await
+        }
+        async fn watch_control_plane(
+            &self,
+        ) -> Result<tokio::sync::watch::Receiver<Option<Vec<u8>>>, switchyard_cluster::RegistryError>
+        {
+            self.inner.watch_control_plane().await
+        }
+    }
+
+    fn worker(id: &str) -> switchyard_cluster::WorkerRecord {
+        switchyard_cluster::WorkerRecord {
+            id: id.into(),
+            pool: switchyard_cluster::Pool::Gpu,
+            address: "127.0.0.1:1".into(),
+            models: vec!["m".into()],
+            capacity: switchyard_cluster::Capacity {
+                max_concurrent: 4,
+                tokens_per_s: 10.0,
+                cost_per_mtok: 0.1,
+            },
+            hardware: "cpu".into(),
+            engine: "synthetic".into(),
+            version: "0".into(),
+            state: switchyard_cluster::WorkerState::Ready,
+        }
+    }
+
+    /// etcd frozen or down: `/api/workers` and `/api/stats` answer within the read bound from
+    /// the watched membership and the drains last read, marked `registry.reachable: false`
+    /// with an operator's message, and say `reachable: true` again once etcd answers.
+    #[tokio::test]
+    async fn with_etcd_unreachable_workers_and_stats_answer_from_the_membership_last_seen() {
+        let outage = Arc::new(Outage::new());
+        let registry: Arc<dyn Registry> = outage.clone();
+        let _registration = registry
+            .register(worker("gpu-0"), std::time::Duration::from_secs(5))
+            .await
+            .unwrap();
+        registry.set_drain("gpu-0", true, None).await.unwrap();
+        let app = dashboard_over(registry, None, false).await;
+        let get = |path: &'static str| {
+            let app = app.clone();
+            async move {
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(3),
+                    call(&app, "GET", path, None, ""),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("{path}: no answer within 3 s"))
+            }
+        };
+        let (status, _, body) = get("/api/workers").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["registry"]["reachable"], json!(true), "{body}");
+        assert_eq!(body["registry"]["error"], Value::Null, "{body}");
+        let (_, _, stats) = get("/api/stats").await;
+        assert_eq!(stats["registry"]["reachable"], json!(true), "{stats}");
+
+        for reads in [Reads::Hang, Reads::Fail] {
+            outage.set(reads);
+            let (status, _, body) = get("/api/workers").await;
+            assert_eq!(status, StatusCode::OK, "{reads:?}: {body}");
+            assert_eq!(body["workers"][0]["id"], "gpu-0", "{reads:?}: {body}");
+            assert_eq!(
+                body["workers"][0]["drain_requested"],
+                json!(true),
+                "{reads:?}: {body}"
+            );
+            let registry = &body["registry"];
+            assert_eq!(registry["reachable"], json!(false), "{reads:?}: {body}");
+            assert!(registry["as_of_unix_ms"].as_u64().unwrap() > 0, "{body}");
+            assert!(registry["since_unix_ms"].as_u64().unwrap() > 0, "{body}");
+            let error = registry["error"].as_str().unwrap();
+            assert!(
+                error.contains("etcd at http://127.0.0.1:2379")
+                    && error.contains("check that etcd is running"),
+                "{reads:?}: {error}"
+            );
+            if reads == Reads::Hang {
+                assert!(error.contains("did not answer within 1 s"), "{error}");
+            }
+            // An operator's message: no tonic dumps.
+            assert!(
+                !error.contains("Status {") && !error.contains("metadata"),
+                "{reads:?}: {error}"
+            );
+
+            let (status, _, stats) = get("/api/stats").await;
+            assert_eq!(status, StatusCode::OK, "{reads:?}: {stats}");
+            assert_eq!(stats["workers"], json!(1), "{stats}");
+            assert_eq!(stats["drains"], json!(["gpu-0"]), "{stats}");
+            assert_eq!(stats["registry"]["reachable"], json!(false), "{stats}");
+        }
+
+        outage.set(Reads::Answered);
+        let (status, _, body) = get("/api/workers").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["registry"]["reachable"], json!(true), "{body}");
+        assert_eq!(body["registry"]["since_unix_ms"], Value::Null, "{body}");
     }
 
     #[tokio::test]

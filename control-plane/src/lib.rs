@@ -178,7 +178,9 @@ pub async fn run_control_plane(
     let leadership = Leadership::start(config.election, me, background.clone());
     let standalone = matches!(election_kind, ElectionKind::Standalone);
     let plane = ControlPlane::new(registry.clone(), loads, events, leadership.clone())
-        .with_dashboard_tls(http_tls.is_some());
+        .with_dashboard_tls(http_tls.is_some())
+        // The dashboard answers from it while etcd does not answer (see `plane`).
+        .with_membership(membership.clone());
     metrics::register_report_drops(&config.metrics, plane.insights().dropped.clone());
     metrics::register_report_ignores(&config.metrics, plane.insights().ignored.clone());
     // Both front doors share (clones of) this access rule, and so its refusal counts.

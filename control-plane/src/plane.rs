@@ -1,14 +1,34 @@
 //! The control plane's operations, shared by the `Admin` gRPC service and the dashboard's JSON
 //! API so that both validate and answer alike: list workers with their live load, stats,
 //! policy, drain/undrain (leader only).
+//!
+//! ## While etcd is unreachable
+//!
+//! The workers and stats are read from etcd itself, so that an answer right after a change
+//! reflects it. The two front doors differ when etcd does not answer:
+//!
+//! - The dashboard's JSON API ([`ControlPlane::workers_or_last_seen`],
+//!   [`ControlPlane::stats_or_last_seen`]) waits at most [`REGISTRY_READ_TIMEOUT`], then answers
+//!   from the membership the control plane watches (kept as last seen while etcd is away, as
+//!   routers keep theirs) and the drain requests of its last successful read, marked with a
+//!   [`RegistryStatus`] whose `reachable` is `false`. Live load still comes from the load
+//!   streams to the workers, which do not go through etcd. This is what on-call opens during an
+//!   etcd incident; the page says, in a banner, that etcd is unreachable.
+//! - The `Admin` gRPC API ([`ControlPlane::workers`], [`ControlPlane::stats`]: `ListWorkers`,
+//!   `GetClusterStats`) stays authoritative: an answer from etcd or `UNAVAILABLE` ("cluster
+//!   registry unreachable", exit code 7 from the CLI, which scripts retry). A script acting on
+//!   the answer (draining what it lists, say) must not act on a membership it cannot tell is
+//!   stale, and its wire messages have no field to say so.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use switchyard_cluster::{Pool, Registry, RegistryError, WorkerRecord, WorkerState};
+use switchyard_cluster::telemetry::chain_text;
+use switchyard_cluster::{Membership, Pool, Registry, RegistryError, WorkerRecord, WorkerState};
 use switchyard_policy::document::{MAX_DOCUMENT_BYTES, PolicyDocument};
 use switchyard_proto::v1;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::events::Events;
 use crate::leader::{Leadership, ReplicaInfo};
@@ -53,6 +73,55 @@ fn registry_error(error: RegistryError) -> OpError {
         )),
         _ => OpError::Unavailable(format!("cluster registry unreachable: {error}")),
     }
+}
+
+/// How long the dashboard waits for etcd to list the workers and drains before it answers from
+/// the membership as last seen. etcd answers these reads in milliseconds; a frozen or
+/// partitioned etcd never does, and the etcd client gives up only after ~5 s — longer than the
+/// page's poll (1 s) and most of its request timeout (4 s), so on-call would see nothing just
+/// when they need the page. A second is far above a healthy read and well inside both.
+pub const REGISTRY_READ_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Whether the registry (etcd) answered the read behind an answer, and if not, since when it
+/// has not and what the answer is from.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RegistryStatus {
+    /// The workers and drains are etcd's own answer; `false`: the membership as last seen
+    /// (the control plane's watch of it) and the drain requests of the last read that
+    /// succeeded.
+    pub reachable: bool,
+    /// Why etcd is taken as unreachable, for an operator; `None` while it answers.
+    pub error: Option<String>,
+    /// When a read of etcd last succeeded (unix ms): what the drain requests shown are as of.
+    /// `None` before any read succeeded.
+    pub as_of_unix_ms: Option<u64>,
+    /// Since when reads of etcd fail (unix ms): the first failure after the last success.
+    /// `None` while it answers.
+    pub since_unix_ms: Option<u64>,
+}
+
+/// What the last reads of the registry found: kept to answer from while etcd is unreachable.
+#[derive(Debug, Default)]
+struct LastRead {
+    /// The drain requests of the last read that succeeded (etcd has no watch of them all).
+    drains: Vec<String>,
+    /// When that read succeeded.
+    as_of_unix_ms: Option<u64>,
+    /// The first failure since then, and the last failure's message.
+    failing: Option<(u64, String)>,
+}
+
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What the registry answered: the records and drain requests, and whether they are etcd's own.
+struct Snapshot {
+    records: Vec<WorkerRecord>,
+    drains: Vec<String>,
+    registry: RegistryStatus,
 }
 
 /// A worker as the dashboard shows it: its record, live load, and whether a drain is requested.
@@ -110,6 +179,11 @@ pub struct ControlPlane {
     /// `https` when the dashboards serve TLS (replicas share their flags): how a replica's
     /// dashboard is named to an operator.
     dashboard_scheme: &'static str,
+    /// The watched membership, answered from while etcd is unreachable (see the module docs);
+    /// `None`: no such answer, the registry's error is returned.
+    membership: Option<Membership>,
+    /// What the last reads of the registry found.
+    last_read: Arc<Mutex<LastRead>>,
 }
 
 impl ControlPlane {
@@ -127,7 +201,15 @@ impl ControlPlane {
             leadership,
             policy_writes: Arc::default(),
             dashboard_scheme: "http",
+            membership: None,
+            last_read: Arc::default(),
         }
+    }
+
+    /// The watched membership the dashboard answers from while etcd is unreachable.
+    pub fn with_membership(mut self, membership: Membership) -> Self {
+        self.membership = Some(membership);
+        self
     }
 
     /// The dashboards serve TLS: they are named `https://…`.
@@ -158,40 +240,177 @@ impl ControlPlane {
     }
 
     /// Registered workers (optionally of one pool), sorted by pool then id, from etcd itself
-    /// (not the watch cache) so that an answer right after a change reflects it.
+    /// (not the watch cache) so that an answer right after a change reflects it; UNAVAILABLE
+    /// while etcd does not answer (the `Admin` API's answer: see the module docs).
     pub async fn workers(&self, pool: &str) -> Result<Vec<WorkerView>, OpError> {
-        let pool: Option<Pool> = if pool.is_empty() {
-            None
-        } else {
-            Some(
-                pool.parse()
-                    .map_err(|e: String| OpError::InvalidArgument(format!("pool: {e}")))?,
-            )
+        let pool = parse_pool(pool)?;
+        let snapshot = self.read_registry().await?;
+        Ok(self.views(snapshot.records, &snapshot.drains, pool))
+    }
+
+    /// [`Self::workers`], or, when etcd does not answer within [`REGISTRY_READ_TIMEOUT`], the
+    /// membership as last seen with the drain requests last read; the status says which.
+    pub async fn workers_or_last_seen(
+        &self,
+        pool: &str,
+    ) -> Result<(Vec<WorkerView>, RegistryStatus), OpError> {
+        let pool = parse_pool(pool)?;
+        let snapshot = self.read_registry_or_last_seen().await?;
+        let workers = self.views(snapshot.records, &snapshot.drains, pool);
+        Ok((workers, snapshot.registry))
+    }
+
+    /// Workers and slots by pool. A worker advertising `ready` that this control plane has no
+    /// load stream to (it refuses the cluster token, its TLS identity is wrong, nothing
+    /// listens) counts as unreachable, not ready: routers cannot reach it either, as a rule.
+    /// UNAVAILABLE while etcd does not answer (see the module docs).
+    pub async fn stats(&self) -> Result<ClusterStats, OpError> {
+        let snapshot = self.read_registry().await?;
+        Ok(self.cluster_stats(snapshot))
+    }
+
+    /// [`Self::stats`], or, when etcd does not answer within [`REGISTRY_READ_TIMEOUT`], the
+    /// stats of the membership as last seen (with live load); the status says which.
+    pub async fn stats_or_last_seen(&self) -> Result<(ClusterStats, RegistryStatus), OpError> {
+        let snapshot = self.read_registry_or_last_seen().await?;
+        let registry = snapshot.registry.clone();
+        Ok((self.cluster_stats(snapshot), registry))
+    }
+
+    /// The workers and drain requests from etcd, both read at once; the outcome is kept (see
+    /// [`LastRead`]).
+    async fn read_registry(&self) -> Result<Snapshot, OpError> {
+        let read = tokio::try_join!(self.registry.list_workers(), self.registry.list_drains());
+        match read {
+            Ok((records, drains)) => Ok(self.answered(records, drains)),
+            Err(error) => {
+                let message = self.unreachable_message(&error);
+                self.unanswered(message);
+                Err(registry_error(error))
+            }
+        }
+    }
+
+    /// [`Self::read_registry`] within [`REGISTRY_READ_TIMEOUT`], or the membership as last
+    /// seen and the drain requests last read when etcd does not answer in time or fails.
+    async fn read_registry_or_last_seen(&self) -> Result<Snapshot, OpError> {
+        let Some(membership) = &self.membership else {
+            return self.read_registry().await;
         };
-        let records = self.registry.list_workers().await.map_err(registry_error)?;
-        let drains = self.registry.list_drains().await.map_err(registry_error)?;
+        let read = tokio::time::timeout(REGISTRY_READ_TIMEOUT, async {
+            tokio::try_join!(self.registry.list_workers(), self.registry.list_drains())
+        })
+        .await;
+        let message = match read {
+            Ok(Ok((records, drains))) => return Ok(self.answered(records, drains)),
+            Ok(Err(error)) => self.unreachable_message(&error),
+            Err(_) => format!(
+                "{} did not answer within {} s; check that etcd is running and reachable from \
+                 this control plane",
+                self.registry.describe(),
+                REGISTRY_READ_TIMEOUT.as_secs()
+            ),
+        };
+        let registry = self.unanswered(message);
+        let drains = self
+            .last_read
+            .lock()
+            .expect("last read lock")
+            .drains
+            .clone();
+        Ok(Snapshot {
+            records: membership.current().iter().cloned().collect(),
+            drains,
+            registry,
+        })
+    }
+
+    /// Why a read of the registry failed, for an operator: the store named, its error's causes
+    /// on one line (no gRPC status dumps).
+    fn unreachable_message(&self, error: &RegistryError) -> String {
+        let cause = match error {
+            RegistryError::Etcd(etcd) => chain_text(etcd),
+            other => chain_text(other),
+        };
+        format!(
+            "{} could not be read ({cause}); check that etcd is running and reachable from this \
+             control plane",
+            self.registry.describe()
+        )
+    }
+
+    /// etcd answered: the drain requests are kept, and the registry is reachable.
+    fn answered(&self, records: Vec<WorkerRecord>, drains: Vec<String>) -> Snapshot {
+        let now = now_unix_ms();
+        let mut last = self.last_read.lock().expect("last read lock");
+        if let Some((since, _)) = last.failing.take() {
+            info!(
+                down_for_ms = now.saturating_sub(since),
+                "the cluster registry answers again"
+            );
+        }
+        last.drains = drains.clone();
+        last.as_of_unix_ms = Some(now);
+        Snapshot {
+            records,
+            drains,
+            registry: RegistryStatus {
+                reachable: true,
+                error: None,
+                as_of_unix_ms: Some(now),
+                since_unix_ms: None,
+            },
+        }
+    }
+
+    /// etcd did not answer, for `message`: remembered, and the status to show.
+    fn unanswered(&self, message: String) -> RegistryStatus {
+        let mut last = self.last_read.lock().expect("last read lock");
+        let since = match &mut last.failing {
+            Some((since, error)) => {
+                error.clone_from(&message);
+                *since
+            }
+            None => {
+                let since = now_unix_ms();
+                warn!(error = %message, "the cluster registry does not answer");
+                last.failing = Some((since, message.clone()));
+                since
+            }
+        };
+        RegistryStatus {
+            reachable: false,
+            error: Some(message),
+            as_of_unix_ms: last.as_of_unix_ms,
+            since_unix_ms: Some(since),
+        }
+    }
+
+    /// The dashboard's view of `records` (of `pool`, when given), sorted by pool then id.
+    fn views(
+        &self,
+        records: Vec<WorkerRecord>,
+        drains: &[String],
+        pool: Option<Pool>,
+    ) -> Vec<WorkerView> {
         let mut workers: Vec<WorkerView> = records
             .into_iter()
             .filter(|w| pool.is_none_or(|p| w.pool == p))
             .map(|record| WorkerView {
-                drain_requested: drains.binary_search(&record.id).is_ok(),
+                drain_requested: drains.contains(&record.id),
                 load: self.loads.get(&record.id).map(LoadView::from),
                 unreachable: self.loads.unreachable(&record.id),
                 record,
             })
             .collect();
         workers.sort_by(|a, b| (a.record.pool, &a.record.id).cmp(&(b.record.pool, &b.record.id)));
-        Ok(workers)
+        workers
     }
 
-    /// Workers and slots by pool. A worker advertising `ready` that this control plane has no
-    /// load stream to (it refuses the cluster token, its TLS identity is wrong, nothing
-    /// listens) counts as unreachable, not ready: routers cannot reach it either, as a rule.
-    pub async fn stats(&self) -> Result<ClusterStats, OpError> {
-        let workers = self.workers("").await?;
-        let drains = self.registry.list_drains().await.map_err(registry_error)?;
+    fn cluster_stats(&self, snapshot: Snapshot) -> ClusterStats {
+        let workers = self.views(snapshot.records, &snapshot.drains, None);
         let mut response = v1::GetClusterStatsResponse {
-            drains,
+            drains: snapshot.drains,
             leader: self.leadership.leader().map(|l| l.id).unwrap_or_default(),
             ..Default::default()
         };
@@ -227,10 +446,10 @@ impl ControlPlane {
             response.pools.push(stats);
             unreachable.push(pool_unreachable);
         }
-        Ok(ClusterStats {
+        ClusterStats {
             wire: response,
             unreachable,
-        })
+        }
     }
 
     /// The stored policy document (or the built-in default), and why it is invalid when it is
@@ -373,6 +592,16 @@ impl ControlPlane {
             self.leadership.leader().as_ref(),
         )))
     }
+}
+
+/// `pool` as a filter: `None` for all pools (empty).
+fn parse_pool(pool: &str) -> Result<Option<Pool>, OpError> {
+    if pool.is_empty() {
+        return Ok(None);
+    }
+    pool.parse()
+        .map(Some)
+        .map_err(|e: String| OpError::InvalidArgument(format!("pool: {e}")))
 }
 
 fn dashboard_url(scheme: &str, replica: &ReplicaInfo) -> Option<String> {

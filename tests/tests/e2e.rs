@@ -7,6 +7,7 @@ mod burst;
 mod cluster;
 mod control_plane;
 mod deploy_manifests;
+mod etcd_outage;
 mod failover_and_tools;
 mod hygiene;
 mod moves;
