@@ -322,6 +322,7 @@ pub async fn run(args: NoisyNeighbourArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let limited = phase("flood, quota", &router, true, &args, reference).await?;
+    cluster.stop().await;
 
     let phases = [alone, unlimited, limited];
     if args.json {

@@ -39,6 +39,7 @@ use switchyard_proto::v1::{
 use switchyard_router::RouterConfig;
 use switchyard_worker::{SyntheticConfig, SyntheticEngine, WorkerConfig};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -236,12 +237,42 @@ pub(crate) struct Cluster {
     /// The control plane's dashboard address, when one runs.
     dashboard: Option<std::net::SocketAddr>,
     pub(crate) shutdown: CancellationToken,
+    /// The worker's, router's and control plane's tasks.
+    tasks: JoinSet<()>,
+}
+
+impl Cluster {
+    /// Stops the components and waits until they have shut down (the worker deregistered), so
+    /// that the runtime ending does not cut them off halfway (a warning each).
+    pub(crate) async fn stop(mut self) {
+        self.shutdown.cancel();
+        let tasks = std::mem::take(&mut self.tasks);
+        if tokio::time::timeout(Duration::from_secs(10), tasks.join_all())
+            .await
+            .is_err()
+        {
+            eprintln!("the bench cluster did not stop within 10 s");
+        }
+    }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+/// Runs `component` as one of the cluster's tasks, reporting how it failed.
+fn spawn_component<E: std::fmt::Display>(
+    tasks: &mut JoinSet<()>,
+    name: &'static str,
+    component: impl Future<Output = Result<(), E>> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        if let Err(error) = component.await {
+            eprintln!("bench {name} failed: {error}");
+        }
+    });
 }
 
 /// A synthetic engine that never holds tokens back: the figures are the serving path's.
@@ -282,6 +313,7 @@ pub(crate) async fn start_cluster(
 ) -> anyhow::Result<Cluster> {
     let registry = Arc::new(MemoryRegistry::new());
     let shutdown = CancellationToken::new();
+    let mut tasks = JoinSet::new();
     let dashboard = if control_plane {
         let config = switchyard_control_plane::ControlPlaneConfig {
             id: "bench-control-plane".into(),
@@ -294,14 +326,18 @@ pub(crate) async fn start_cluster(
             connections: Default::default(),
         };
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(switchyard_control_plane::run_control_plane(
-            config,
-            registry.clone(),
-            shutdown.clone(),
-            |endpoints| {
-                let _ = tx.send(endpoints.http);
-            },
-        ));
+        spawn_component(
+            &mut tasks,
+            "control plane",
+            switchyard_control_plane::run_control_plane(
+                config,
+                registry.clone(),
+                shutdown.clone(),
+                |endpoints| {
+                    let _ = tx.send(endpoints.http);
+                },
+            ),
+        );
         rx.await
             .context("the control plane stopped before serving")?
     } else {
@@ -310,28 +346,31 @@ pub(crate) async fn start_cluster(
     let engine = SyntheticEngine::checked(engine).map_err(anyhow::Error::msg)?;
     let worker_config = WorkerConfig::loopback("bench-worker", Pool::Gpu);
     let (worker_tx, worker_rx) = oneshot::channel();
-    tokio::spawn(switchyard_worker::run_worker(
-        worker_config,
-        Arc::new(engine),
-        registry.clone(),
-        shutdown.clone(),
-        |addr| {
-            let _ = worker_tx.send(addr);
-        },
-    ));
+    spawn_component(
+        &mut tasks,
+        "worker",
+        switchyard_worker::run_worker(
+            worker_config,
+            Arc::new(engine),
+            registry.clone(),
+            shutdown.clone(),
+            |addr| {
+                let _ = worker_tx.send(addr);
+            },
+        ),
+    );
     let worker_addr = worker_rx
         .await
         .context("the worker stopped before serving")?;
 
     let (router_tx, router_rx) = oneshot::channel();
-    tokio::spawn(switchyard_router::run_router(
-        router_config,
-        registry.clone(),
-        shutdown.clone(),
-        |addr| {
+    spawn_component(
+        &mut tasks,
+        "router",
+        switchyard_router::run_router(router_config, registry.clone(), shutdown.clone(), |addr| {
             let _ = router_tx.send(addr);
-        },
-    ));
+        }),
+    );
     let router_addr = router_rx
         .await
         .context("the router stopped before serving")?;
@@ -349,6 +388,7 @@ pub(crate) async fn start_cluster(
         registry,
         dashboard,
         shutdown,
+        tasks,
     };
     wait_until_routable(cluster.router.clone()).await?;
     Ok(cluster)
@@ -753,6 +793,7 @@ async fn measure(args: &RouterBenchArgs) -> anyhow::Result<Report> {
         }
         None => None,
     };
+    cluster.stop().await;
     Ok(Report {
         requests: args.requests,
         max_tokens: args.max_tokens,
@@ -1064,7 +1105,7 @@ async fn stalled_readers_once(args: &StalledReadersArgs, credit: u32) -> anyhow:
     // Let the cancelled generations unwind before reading what was given back.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let after = rss_mib()?;
-    drop(cluster);
+    cluster.stop().await;
     println!(
         "{credit:>13}  {before:>14.1}  {peak:>20.1}  {:>14.1}  {after:>19.1}",
         (peak - before) * 1024.0 / args.streams as f64
