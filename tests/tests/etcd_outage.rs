@@ -41,9 +41,9 @@ async fn banner_shown(browser: &Browser, id: &str) -> bool {
 }
 
 /// etcd frozen (SIGSTOP: its port accepts connections, nothing answers): `/api/workers` and
-/// `/api/stats` answer 200 within two seconds — not 503 after the etcd client's ~5 s — with
-/// the worker as last seen, its live load, and `registry.reachable: false`; the page shows the
-/// etcd banner. Once etcd resumes they say `reachable: true` again and the banner goes.
+/// `/api/stats` answer 200 after their 1 s read timeout — not 503 after the etcd client's ~5 s
+/// (bounded at 3 s here, for a loaded machine) — with the worker as last seen, its live load,
+/// and `registry.reachable: false`; the page shows the etcd banner. Once etcd resumes they say `reachable: true` again and the banner goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_frozen()
 -> anyhow::Result<()> {
@@ -81,13 +81,7 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
     .await?;
     assert!(!banner_shown(&browser, "stale").await);
 
-    let pid = cluster.etcd.pid().expect("etcd runs").to_string();
-    let signal = |name: &str| {
-        std::process::Command::new("kill")
-            .args([name, &pid])
-            .status()
-    };
-    assert!(signal("-STOP")?.success());
+    cluster.etcd.pause()?;
     let frozen = async {
         // The first answer after the freeze comes from the membership as last seen.
         let (status, workers, took) = api(&client, http, "/api/workers").await?;
@@ -113,11 +107,11 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
         ))
     }
     .await;
-    assert!(signal("-CONT")?.success());
+    cluster.etcd.resume()?;
     let (status, workers, took, stats_status, stats, stats_took, banner) = frozen?;
     eprintln!("frozen etcd: /api/workers in {took:?}, /api/stats in {stats_took:?}");
     assert_eq!(status, 200, "{workers}");
-    assert!(took < Duration::from_secs(2), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
     let registry = &workers["registry"];
     assert_eq!(registry["reachable"], false, "{workers}");
     let error = registry["error"].as_str().unwrap_or_default();
@@ -131,7 +125,7 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
     assert_eq!(gpu["state"], "ready", "{workers}");
     assert!(!gpu["load"].is_null(), "live load: {workers}");
     assert_eq!(stats_status, 200, "{stats}");
-    assert!(stats_took < Duration::from_secs(2), "{stats_took:?}");
+    assert!(stats_took < Duration::from_secs(3), "{stats_took:?}");
     assert_eq!(stats["workers"], 1, "{stats}");
     assert_eq!(stats["registry"]["reachable"], false, "{stats}");
     let banner = banner?;
