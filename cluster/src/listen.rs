@@ -421,6 +421,7 @@ where
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use tower::Layer as _;
 
+    let app = app.layer(axum::middleware::map_response(close_after_refused_body));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -478,6 +479,22 @@ where
     drop(open);
     all_closed.recv().await;
     Ok(())
+}
+
+/// A 413 goes out before the request's body is read whole, and hyper reads no more of it, so
+/// the HTTP/1 connection cannot carry another request and closes after the answer. Saying
+/// `connection: close` keeps the client from pooling it and failing its next request on it
+/// (HTTP/2 drops the header: its streams are independent).
+async fn close_after_refused_body(
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    use axum::http::{HeaderValue, StatusCode, header};
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
 }
 
 /// A listener on `addr` (address reuse on, as `TcpListener::bind` sets it) with a listen backlog
@@ -639,6 +656,50 @@ mod tests {
         let answered = String::from_utf8_lossy(&read_to_close(&mut tcp).await).into_owned();
         assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
         assert!(answered.ends_with(&format!("\r\n\r\n{me}")), "{answered}");
+    }
+
+    /// A body over the limit is answered 413 before it is read whole, and hyper will not read
+    /// the rest: the connection cannot carry another request. The answer must say so, or a
+    /// client pools the connection and its next request fails with a broken pipe (seen in CI
+    /// with reqwest).
+    #[tokio::test]
+    async fn a_request_refused_before_its_body_is_read_closes_its_connection_and_says_so() {
+        let app = axum::Router::new()
+            .route(
+                "/",
+                axum::routing::post(
+                    |body: axum::body::Bytes| async move { body.len().to_string() },
+                ),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(1024));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let incoming = plaintext(listener, timeouts(10_000, 60_000)).unwrap();
+        let addr = incoming.local_addr();
+        tokio::spawn(serve_http(
+            incoming,
+            app,
+            timeouts(10_000, 60_000),
+            CancellationToken::new(),
+        ));
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let body = vec![b'x'; 256 << 10];
+        tcp.write_all(
+            format!(
+                "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        // The server may stop reading (and close) before all of it is sent.
+        let _ = tcp.write_all(&body).await;
+        let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
+            .await
+            .expect("the connection is closed after the refusal");
+        let answered = String::from_utf8_lossy(&answered).to_lowercase();
+        assert!(answered.starts_with("http/1.1 413"), "{answered}");
+        assert!(answered.contains("\r\nconnection: close\r\n"), "{answered}");
     }
 
     #[tokio::test]

@@ -225,6 +225,9 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(response.status(), 413);
+    // The rest of the body goes unread: the connection closes, and the answer says so (the
+    // client pooled it and failed its next request with a broken pipe).
+    assert_eq!(response.headers()["connection"], "close");
     let body: Value = response.json().await?;
     assert!(
         body["error"]["message"]
