@@ -36,6 +36,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -421,7 +423,7 @@ where
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use tower::Layer as _;
 
-    let app = app.layer(axum::middleware::map_response(close_after_refused_body));
+    let app = app.layer(axum::middleware::from_fn(close_when_body_left_unread));
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -481,20 +483,68 @@ where
     Ok(())
 }
 
-/// A 413 goes out before the request's body is read whole, and hyper reads no more of it, so
-/// the HTTP/1 connection cannot carry another request and closes after the answer. Saying
-/// `connection: close` keeps the client from pooling it and failing its next request on it
-/// (HTTP/2 drops the header: its streams are independent).
-async fn close_after_refused_body(
-    mut response: axum::response::Response,
+/// A request answered before its body was read to the end (refused by an API-key check, or
+/// 413 at the body limit): hyper drains a small rest, but closes the HTTP/1 connection after
+/// the answer rather than read a large one, and says nothing. Saying `connection: close`
+/// keeps the client from pooling the connection and failing its next request on it (HTTP/2
+/// drops the header: its streams are independent).
+async fn close_when_body_left_unread(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
 ) -> axum::response::Response {
-    use axum::http::{HeaderValue, StatusCode, header};
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+    use axum::http::{HeaderValue, header};
+    let headers = request.headers();
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length != "0");
+    if !has_body {
+        return next.run(request).await;
+    }
+    let read_to_end = Arc::new(AtomicBool::new(false));
+    let request = request.map(|body| {
+        axum::body::Body::new(ReadToEnd {
+            body,
+            read_to_end: read_to_end.clone(),
+        })
+    });
+    let mut response = next.run(request).await;
+    if !read_to_end.load(Ordering::Relaxed) {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     response
+}
+
+/// A request body that notes when it has been read to its end.
+struct ReadToEnd {
+    body: axum::body::Body,
+    read_to_end: Arc<AtomicBool>,
+}
+
+impl http_body::Body for ReadToEnd {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.read_to_end.store(true, Ordering::Relaxed);
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// A listener on `addr` (address reuse on, as `TcpListener::bind` sets it) with a listen backlog
@@ -658,20 +708,39 @@ mod tests {
         assert!(answered.ends_with(&format!("\r\n\r\n{me}")), "{answered}");
     }
 
-    /// A body over the limit is answered 413 before it is read whole, and hyper will not read
-    /// the rest: the connection cannot carry another request. The answer must say so, or a
-    /// client pools the connection and its next request fails with a broken pipe (seen in CI
-    /// with reqwest).
+    /// Sends a keep-alive `POST /<path>` with a body of `size` bytes; returns what the server
+    /// sent until it closed, lowercased, or `None` if it kept the connection open for 10 s.
+    async fn post_until_closed(addr: SocketAddr, path: &str, size: usize) -> Option<String> {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /{path} HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        // The server may stop reading (and close) before all of it is sent.
+        let _ = tcp.write_all(&vec![b'x'; size]).await;
+        let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
+            .await
+            .ok()?;
+        Some(String::from_utf8_lossy(&answered).to_lowercase())
+    }
+
+    /// A request answered before its body is read to the end — refused at the body limit (413)
+    /// or by a check that never reads it (401) — cannot leave its connection for another
+    /// request when hyper will not read the rest, and the answer must say so: a client pooled
+    /// such a connection and failed its next request with a broken pipe (seen in CI with
+    /// reqwest). A body read whole keeps the connection.
     #[tokio::test]
-    async fn a_request_refused_before_its_body_is_read_closes_its_connection_and_says_so() {
+    async fn a_request_answered_before_its_body_is_read_closes_its_connection_and_says_so() {
         let app = axum::Router::new()
             .route(
-                "/",
+                "/read",
                 axum::routing::post(
                     |body: axum::body::Bytes| async move { body.len().to_string() },
                 ),
             )
-            .layer(axum::extract::DefaultBodyLimit::max(1024));
+            .route(
+                "/refuse",
+                axum::routing::post(|| async { (axum::http::StatusCode::UNAUTHORIZED, "no") }),
+            )
+            .layer(axum::extract::DefaultBodyLimit::max(64 << 10));
         let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let incoming = plaintext(listener, timeouts(10_000, 60_000)).unwrap();
         let addr = incoming.local_addr();
@@ -681,25 +750,37 @@ mod tests {
             timeouts(10_000, 60_000),
             CancellationToken::new(),
         ));
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        let body = vec![b'x'; 256 << 10];
-        tcp.write_all(
-            format!(
-                "POST / HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n",
-                body.len()
-            )
-            .as_bytes(),
-        )
-        .await
-        .unwrap();
-        // The server may stop reading (and close) before all of it is sent.
-        let _ = tcp.write_all(&body).await;
-        let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
+        for (path, size, status) in [("read", 256 << 10, "413"), ("refuse", 256 << 10, "401")] {
+            let answered = post_until_closed(addr, path, size)
+                .await
+                .unwrap_or_else(|| panic!("{path}: the connection is closed after the answer"));
+            assert!(
+                answered.starts_with(&format!("http/1.1 {status}")),
+                "{answered}"
+            );
+            assert!(answered.contains("\r\nconnection: close\r\n"), "{answered}");
+        }
+        // hyper reads a small unread rest itself, but the answer went out before: it says close.
+        let answered = post_until_closed(addr, "refuse", 100)
             .await
-            .expect("the connection is closed after the refusal");
-        let answered = String::from_utf8_lossy(&answered).to_lowercase();
-        assert!(answered.starts_with("http/1.1 413"), "{answered}");
+            .expect("closed");
         assert!(answered.contains("\r\nconnection: close\r\n"), "{answered}");
+        // Read whole: the connection carries the next request.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..2 {
+            tcp.write_all(b"POST /read HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n\r\nabc")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            while !answer.ends_with(b"\r\n\r\n3") {
+                let mut buf = [0u8; 256];
+                let n = tcp.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&answer));
+                answer.extend_from_slice(&buf[..n]);
+            }
+            let answer = String::from_utf8_lossy(&answer).to_lowercase();
+            assert!(!answer.contains("connection: close"), "{answer}");
+        }
     }
 
     #[tokio::test]
