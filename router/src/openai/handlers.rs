@@ -166,17 +166,23 @@ fn new_request_id(endpoint: Endpoint) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// The 413 for a body over [`MAX_BODY_BYTES`].
+pub(super) fn body_too_large() -> ApiError {
+    let mut error = ApiError::bad_body(format!(
+        "larger than the {} MiB this endpoint accepts",
+        MAX_BODY_BYTES >> 20
+    ));
+    error.status = StatusCode::PAYLOAD_TOO_LARGE;
+    error
+}
+
 fn parse<T: WithSampling>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
     let body = body.map_err(|rejection| {
         let status = rejection.status();
-        let mut error = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::bad_body(format!(
-                "larger than the {} MiB this endpoint accepts",
-                MAX_BODY_BYTES >> 20
-            ))
-        } else {
-            ApiError::bad_body(rejection.body_text())
-        };
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return body_too_large();
+        }
+        let mut error = ApiError::bad_body(rejection.body_text());
         error.status = status;
         error
     })?;

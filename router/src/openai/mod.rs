@@ -42,7 +42,8 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::list_models))
-        .route("/v1/models/{model}", get(handlers::get_model));
+        .route("/v1/models/{model}", get(handlers::get_model))
+        .route_layer(middleware::from_fn(refuse_unreadable_body));
     let api = match keys {
         Some(keys) => {
             let gate = Gate {
@@ -85,6 +86,36 @@ pub async fn serve(
             listen::serve_http(incoming, app, connections, shutdown).await
         }
     }
+}
+
+/// Refuses, before reading a byte of it, a body the handlers could not read: one compressed
+/// (`content-encoding` other than `identity`; found from outside, a gzip body was a 400 "not
+/// valid JSON") with a 415, and one whose `content-length` is over the limit with a 413 — so a
+/// client that sent `expect: 100-continue` is not told to go on and upload megabytes only to
+/// be refused after 2 MiB of them.
+async fn refuse_unreadable_body(request: Request, next: Next) -> Response {
+    use axum::http::{StatusCode, header};
+    let headers = request.headers();
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let too_long = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|length| length.to_str().ok()?.parse::<u64>().ok())
+        .is_some_and(|length| length > handlers::MAX_BODY_BYTES as u64);
+    let mut response = if encoded {
+        let mut error =
+            ApiError::bad_body("content-encoding is not supported; send the JSON uncompressed");
+        error.status = StatusCode::UNSUPPORTED_MEDIA_TYPE;
+        error
+    } else if too_long {
+        handlers::body_too_large()
+    } else {
+        return next.run(request).await;
+    }
+    .into_response();
+    handlers::tag_with_request_id(&mut response, request.headers(), request.uri().path());
+    response
 }
 
 /// What the HTTP door's API-key check needs.
@@ -140,6 +171,80 @@ mod tests {
         Router::new()
             .route("/v1/chat/completions", post(|| async { "ran" }))
             .route_layer(middleware::from_fn_with_state(gate, authenticate))
+    }
+
+    /// A generation endpoint behind [`refuse_unreadable_body`] that reads its body, served over
+    /// a real socket by [`listen::serve_http`] (hyper decides when to send `100 Continue`).
+    async fn gated_server() -> std::net::SocketAddr {
+        let app = Router::new()
+            .route(
+                "/v1/chat/completions",
+                post(|body: axum::body::Bytes| async move { format!("read {}", body.len()) }),
+            )
+            .route_layer(middleware::from_fn(refuse_unreadable_body));
+        let listener = listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let timeouts = ConnectionTimeouts::default();
+        let incoming = listen::plaintext(listener, timeouts).unwrap();
+        let addr = incoming.local_addr();
+        tokio::spawn(listen::serve_http(
+            incoming,
+            app,
+            timeouts,
+            CancellationToken::new(),
+        ));
+        addr
+    }
+
+    /// Sends `head` (a request head without its body) and returns the first answer's head.
+    async fn first_answer(addr: std::net::SocketAddr, head: &str) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), tcp.read(&mut buf))
+                .await
+                .expect("an answer within 10 s")
+                .unwrap();
+            assert!(n > 0, "closed without an answer");
+            answer.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&answer).to_lowercase()
+    }
+
+    /// Found from outside: a body announced over the limit with `expect: 100-continue` was told
+    /// `100 Continue` (so the client would upload it, to be refused after 2 MiB), and a gzip
+    /// body was a 400 "not valid JSON". Both are refused before the body is read: 413 and 415,
+    /// with the request id and `connection: close`.
+    #[tokio::test]
+    async fn an_oversized_or_compressed_body_is_refused_before_it_is_read() {
+        let addr = gated_server().await;
+        let too_large = first_answer(
+            addr,
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: 3145728\r\nexpect: 100-continue\r\nx-request-id: big-1\r\n\r\n",
+        )
+        .await;
+        assert!(too_large.starts_with("http/1.1 413"), "{too_large}");
+        assert!(too_large.contains("x-request-id: big-1"), "{too_large}");
+        assert!(too_large.contains("connection: close"), "{too_large}");
+        let gzip = first_answer(
+            addr,
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-encoding: gzip\r\ncontent-length: 20\r\n\r\n",
+        )
+        .await;
+        assert!(gzip.starts_with("http/1.1 415"), "{gzip}");
+        assert!(gzip.contains("content-encoding is not supported"), "{gzip}");
+        // Within the limit, `identity`, the body is read.
+        let within = first_answer(
+            addr,
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-encoding: identity\r\n\
+             content-length: 2\r\nexpect: 100-continue\r\n\r\n",
+        )
+        .await;
+        assert!(within.starts_with("http/1.1 100"), "{within}");
     }
 
     /// A request refused for its API key is answered with its request id too, as every answer

@@ -34,8 +34,14 @@ impl Stop {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct StreamOptions {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub include_usage: bool,
+}
+
+/// A boolean OpenAI documents as nullable (`stream`, `stream_options.include_usage`):
+/// `null` is the default, `false`, as clients that write every field send it.
+fn null_is_false<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    Ok(Option::<bool>::deserialize(deserializer)?.unwrap_or(false))
 }
 
 /// Sampling fields shared by both endpoints.
@@ -61,7 +67,7 @@ pub struct SamplingFields {
     /// Chat only: how many of the most likely tokens to list (0–20), with `logprobs: true`.
     pub top_logprobs: Option<Value>,
     pub n: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_false")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     /// End-user id; used as the affinity key.
@@ -607,6 +613,27 @@ mod tests {
             assert_eq!(mode.max_tokens_field, Some(field), "{extra}");
             assert_eq!(request.sampling.expect("sampling").max_tokens, 5, "{extra}");
         }
+    }
+
+    /// Found from outside: `"stream": null` (OpenAI documents `stream` and
+    /// `stream_options.include_usage` as nullable, and clients that write every field send
+    /// it) was a 400 "invalid type: null, expected a boolean".
+    #[test]
+    fn null_stream_and_include_usage_mean_false() {
+        let (_, mode) = chat_with(r#""stream":null"#).expect("valid");
+        assert!(!mode.stream);
+        let (_, mode) =
+            chat_with(r#""stream":true,"stream_options":{"include_usage":null}"#).expect("valid");
+        assert!(mode.stream && !mode.include_usage);
+        let (_, mode) = chat_with(r#""stream":null,"stream_options":null"#).expect("valid");
+        assert!(!mode.stream);
+        assert_eq!(
+            chat_with(r#""stream":"yes""#)
+                .expect_err("invalid")
+                .param
+                .as_deref(),
+            Some("stream")
+        );
     }
 
     #[test]
