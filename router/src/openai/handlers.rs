@@ -176,16 +176,36 @@ pub(super) fn body_too_large() -> ApiError {
     error
 }
 
-fn parse<T: WithSampling>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(|rejection| {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            return body_too_large();
+/// Why a request body could not be read, as the client is told. One that stopped arriving
+/// until the connection's idle timeout closed it is a 408 saying so (found from outside: a
+/// client that sent less than its `content-length` got a 400 "Failed to buffer the request
+/// body: error reading a body from connection" after five silent minutes).
+pub(super) fn body_unread(rejection: BytesRejection) -> ApiError {
+    let status = rejection.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        return body_too_large();
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&rejection);
+    while let Some(error) = source {
+        if error
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|error| error.kind() == std::io::ErrorKind::TimedOut)
+        {
+            let mut error = ApiError::bad_body(
+                "stopped arriving before its content-length was reached (idle timeout)",
+            );
+            error.status = StatusCode::REQUEST_TIMEOUT;
+            return error;
         }
-        let mut error = ApiError::bad_body(rejection.body_text());
-        error.status = status;
-        error
-    })?;
+        source = error.source();
+    }
+    let mut error = ApiError::bad_body(rejection.body_text());
+    error.status = status;
+    error
+}
+
+fn parse<T: WithSampling>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let body = body.map_err(body_unread)?;
     if body.is_empty() {
         return Err(ApiError::bad_body("is empty; send a JSON object"));
     }

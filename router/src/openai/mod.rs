@@ -247,6 +247,53 @@ mod tests {
         assert!(within.starts_with("http/1.1 100"), "{within}");
     }
 
+    /// A body that stops arriving short of its `content-length` is answered 408 when the
+    /// connection's idle timeout ends it, not 400 "Failed to buffer the request body".
+    #[tokio::test]
+    async fn a_body_that_stops_arriving_is_a_408_at_the_idle_timeout() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let app = Router::new().route(
+            "/v1/chat/completions",
+            post(
+                |body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>| async move {
+                    match body {
+                        Ok(_) => "read".into_response(),
+                        Err(rejection) => handlers::body_unread(rejection).into_response(),
+                    }
+                },
+            ),
+        );
+        let listener = listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let timeouts = ConnectionTimeouts {
+            header_read: std::time::Duration::from_millis(300),
+            idle: std::time::Duration::from_millis(300),
+            max_age: None,
+        };
+        let incoming = listen::plaintext(listener, timeouts).unwrap();
+        let addr = incoming.local_addr();
+        tokio::spawn(listen::serve_http(
+            incoming,
+            app,
+            timeouts,
+            CancellationToken::new(),
+        ));
+        let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"model\"")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tcp.read_to_end(&mut answer),
+        )
+        .await
+        .expect("closed within 10 s")
+        .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("idle timeout"), "{answer}");
+    }
+
     /// A request refused for its API key is answered with its request id too, as every answer
     /// of a generation endpoint is: the client's own, else a new one. Each refusal is counted by
     /// reason.
