@@ -1,5 +1,5 @@
 //! The OpenAI-compatible HTTP front door: `POST /v1/chat/completions`, `POST /v1/completions`
-//! (both streaming as Server-Sent Events or not), `GET /v1/models`, `GET /v1/models/{model}`
+//! (both streaming as Server-Sent Events or not), `GET /v1/models`, `GET /v1/models/{*model}`
 //! `GET /health` and `GET /metrics` (Prometheus, see [`crate::metrics`]).
 //!
 //! Every generation goes through the same [`Dispatcher::prepare`] and [`Dispatcher::run`] as
@@ -35,6 +35,12 @@ use crate::metrics::RouterMetrics;
 
 pub use error::ApiError;
 
+/// One model: the rest of the path, slashes included, as Hugging Face-style ids have them
+/// (`org/name`; found from outside: `GET /v1/models/acme/llama-3` was a 404 "no such
+/// endpoint" while `/v1/models` listed it; the Python SDK escapes the slash, curl and plain
+/// string-built URLs do not).
+const MODEL_ROUTE: &str = "/v1/models/{*model}";
+
 /// The HTTP routes, sharing the gRPC server's dispatcher. With `keys`, the `/v1` routes
 /// authenticate first (401 in OpenAI's shape) and hand the key's tenant to the handlers.
 pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router {
@@ -42,7 +48,7 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/models", get(handlers::list_models))
-        .route("/v1/models/{model}", get(handlers::get_model))
+        .route(MODEL_ROUTE, get(handlers::get_model))
         .route_layer(middleware::from_fn(refuse_unreadable_body));
     let api = match keys {
         Some(keys) => {
@@ -292,6 +298,35 @@ mod tests {
         let answer = String::from_utf8_lossy(&answer);
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(answer.contains("idle timeout"), "{answer}");
+    }
+
+    /// A model id with a slash is one model, escaped or not; an empty one is no route.
+    #[tokio::test]
+    async fn a_model_id_with_a_slash_is_one_model() {
+        let app = Router::new().route(
+            MODEL_ROUTE,
+            get(|axum::extract::Path(model): axum::extract::Path<String>| async move { model }),
+        );
+        for (path, model) in [
+            ("/v1/models/synthetic", Some("synthetic")),
+            ("/v1/models/acme/llama-3", Some("acme/llama-3")),
+            ("/v1/models/acme%2Fllama-3", Some("acme/llama-3")),
+            ("/v1/models/", None),
+        ] {
+            let request = axum::http::Request::get(path).body(Body::empty()).unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            let status = response.status();
+            let body = axum::body::to_bytes(response.into_body(), 1 << 10)
+                .await
+                .unwrap();
+            match model {
+                Some(model) => {
+                    assert_eq!(status, StatusCode::OK, "{path}");
+                    assert_eq!(body, model.as_bytes(), "{path}");
+                }
+                None => assert_eq!(status, StatusCode::NOT_FOUND, "{path}"),
+            }
+        }
     }
 
     /// A request refused for its API key is answered with its request id too, as every answer
