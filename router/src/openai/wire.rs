@@ -196,6 +196,10 @@ impl WithSampling for CompletionRequest {
 /// Parses a request body: a JSON object whose fields have the types OpenAI gives them. A
 /// field of the wrong type is a 400 naming it (`max_tokens`, `stream_options.include_usage`).
 pub fn parse_body<T: WithSampling>(body: &[u8]) -> Result<T, ApiError> {
+    // A UTF-8 byte order mark, as some Windows editors and PowerShell's `Set-Content -Encoding
+    // utf8` write, is ignored (RFC 8259 §8.1 allows it; found from outside: `curl -d @file`
+    // with such a file was a 400 "not valid JSON: expected value at line 1 column 1").
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let value: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_body(format!("not valid JSON: {e}")))?;
     if !value.is_object() {
@@ -634,6 +638,16 @@ mod tests {
                 .as_deref(),
             Some("stream")
         );
+    }
+
+    #[test]
+    fn a_utf8_byte_order_mark_is_ignored() {
+        let body = "\u{feff}{\"model\":\"m\",\"messages\":[{\"role\":\"user\",\"content\":\"x\"}]}";
+        let (request, _) = chat(body).expect("valid");
+        assert_eq!(request.model, "m");
+        // Only at the start, and only once.
+        let twice = format!("\u{feff}{body}");
+        assert!(chat(&twice).is_err());
     }
 
     #[test]
