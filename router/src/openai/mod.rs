@@ -102,9 +102,11 @@ pub async fn serve(
 async fn refuse_unreadable_body(request: Request, next: Next) -> Response {
     use axum::http::{StatusCode, header};
     let headers = request.headers();
+    // Every `content-encoding` line counts (a proxy may have added one).
     let encoded = headers
-        .get(header::CONTENT_ENCODING)
-        .is_some_and(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"));
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .any(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"));
     let too_long = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|length| length.to_str().ok()?.parse::<u64>().ok())
@@ -243,6 +245,13 @@ mod tests {
         .await;
         assert!(gzip.starts_with("http/1.1 415"), "{gzip}");
         assert!(gzip.contains("content-encoding is not supported"), "{gzip}");
+        let second_line = first_answer(
+            addr,
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-encoding: identity\r\n\
+             content-encoding: br\r\ncontent-length: 20\r\n\r\n",
+        )
+        .await;
+        assert!(second_line.starts_with("http/1.1 415"), "{second_line}");
         // Within the limit, `identity`, the body is read.
         let within = first_answer(
             addr,
