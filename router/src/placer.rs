@@ -1239,7 +1239,10 @@ fn as_running<'a>(view: &ClusterView, id: u64, run: &'a ListedRun) -> Option<Run
 
 fn placement_error(error: PlacementError) -> DispatchError {
     match error {
-        PlacementError::UnknownModel(_) => DispatchError::UnknownModel(error.to_string()),
+        // The error names its field itself (`model: …`): the reason alone, not "model …" again.
+        PlacementError::UnknownModel(model) => {
+            DispatchError::UnknownModel(format!("{model:?} is not served by any worker"))
+        }
         PlacementError::NoWorker(_) | PlacementError::NoWorkerForLane { .. } => {
             DispatchError::Unavailable(format!("{error}; retry shortly"))
         }

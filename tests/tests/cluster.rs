@@ -371,7 +371,8 @@ async fn bad_input_gets_a_status_naming_the_field_and_the_session_survives() -> 
             ..valid.clone()
         },
         Code::NotFound,
-        "gpt-17",
+        // The field once, then why (it read "model: model \"gpt-17\" …").
+        "model: \"gpt-17\" is not served by any worker",
     ));
     let mut zero = GenerateRequest {
         request_id: "zero".into(),
