@@ -652,11 +652,16 @@ mod tests {
                     "slow but whole"
                 }),
             );
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let timeouts = ConnectionTimeouts {
             max_age: Some(max_age),
             ..timeouts(10_000, 60_000)
         };
+        serve_on_loopback(app, timeouts)
+    }
+
+    /// Serves `app` with [`serve_http`] on a free loopback port until the test ends.
+    fn serve_on_loopback(app: axum::Router, timeouts: ConnectionTimeouts) -> SocketAddr {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let incoming = plaintext(listener, timeouts).unwrap();
         let addr = incoming.local_addr();
         tokio::spawn(serve_http(
@@ -689,15 +694,7 @@ mod tests {
                 peer.to_string()
             }),
         );
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let incoming = plaintext(listener, timeouts(10_000, 60_000)).unwrap();
-        let addr = incoming.local_addr();
-        tokio::spawn(serve_http(
-            incoming,
-            app,
-            timeouts(10_000, 60_000),
-            CancellationToken::new(),
-        ));
+        let addr = serve_on_loopback(app, timeouts(10_000, 60_000));
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         let me = tcp.local_addr().unwrap();
         tcp.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
@@ -741,15 +738,7 @@ mod tests {
                 axum::routing::post(|| async { (axum::http::StatusCode::UNAUTHORIZED, "no") }),
             )
             .layer(axum::extract::DefaultBodyLimit::max(64 << 10));
-        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let incoming = plaintext(listener, timeouts(10_000, 60_000)).unwrap();
-        let addr = incoming.local_addr();
-        tokio::spawn(serve_http(
-            incoming,
-            app,
-            timeouts(10_000, 60_000),
-            CancellationToken::new(),
-        ));
+        let addr = serve_on_loopback(app, timeouts(10_000, 60_000));
         for (path, size, status) in [("read", 256 << 10, "413"), ("refuse", 256 << 10, "401")] {
             let answered = post_until_closed(addr, path, size)
                 .await

@@ -165,6 +165,17 @@ impl Browser {
         Ok(value.as_str().unwrap_or_default().to_string())
     }
 
+    /// Whether the element with id `id` exists and is not hidden (false when the page does not
+    /// answer).
+    pub async fn shown(&self, id: &str) -> bool {
+        self.execute(
+            "const e = document.getElementById(arguments[0]); return !!e && !e.hidden;",
+            vec![json!(id)],
+        )
+        .await
+        .is_ok_and(|v| v == true)
+    }
+
     /// A PNG screenshot of the page.
     pub async fn screenshot(&self) -> anyhow::Result<Vec<u8>> {
         use base64::Engine as _;

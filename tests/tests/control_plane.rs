@@ -2421,17 +2421,6 @@ async fn after_a_leader_change_the_pages_decision_feed_follows_the_new_leader() 
     Ok(())
 }
 
-/// Whether the element `id` exists and is not hidden.
-async fn banner_shown(browser: &Browser, id: &str) -> bool {
-    browser
-        .execute(
-            "const e = document.getElementById(arguments[0]); return !!e && !e.hidden;",
-            vec![Value::from(id)],
-        )
-        .await
-        .is_ok_and(|v| v == true)
-}
-
 /// A dashboard whose control plane hangs (SIGSTOP: connections accepted, nothing answered)
 /// says so within seconds — in red, in a banner, on the replica badge — instead of showing its
 /// last answer as current, and clears it when answers resume.
@@ -2463,7 +2452,7 @@ async fn a_dashboard_whose_control_plane_hangs_says_so_until_it_answers_again() 
         class == "freshness" && text.starts_with("updated") && replica.contains(": leader")
     })
     .await?;
-    assert!(!banner_shown(&browser, "stale").await);
+    assert!(!browser.shown("stale").await);
 
     plane.pause()?;
     let stale = wait_until(
@@ -2497,7 +2486,7 @@ async fn a_dashboard_whose_control_plane_hangs_says_so_until_it_answers_again() 
         class == "freshness" && text.starts_with("updated") && !replica.contains("no answer")
     })
     .await?;
-    assert!(!banner_shown(&browser, "stale").await);
+    assert!(!browser.shown("stale").await);
     browser.close().await?;
     Ok(())
 }

@@ -29,17 +29,6 @@ fn worker<'a>(body: &'a Value, id: &str) -> Option<&'a Value> {
     body["workers"].as_array()?.iter().find(|w| w["id"] == id)
 }
 
-/// Whether the element `id` exists and is not hidden.
-async fn banner_shown(browser: &Browser, id: &str) -> bool {
-    browser
-        .execute(
-            "const e = document.getElementById(arguments[0]); return !!e && !e.hidden;",
-            vec![Value::from(id)],
-        )
-        .await
-        .is_ok_and(|v| v == true)
-}
-
 /// etcd frozen (SIGSTOP: its port accepts connections, nothing answers): `/api/workers` and
 /// `/api/stats` answer 200 after their 1 s read timeout — not 503 after the etcd client's ~5 s
 /// (bounded at 3 s here, for a loaded machine) — with the worker as last seen, its live load,
@@ -79,7 +68,7 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
             .is_ok_and(|t| t.contains("gpu-0"))
     })
     .await?;
-    assert!(!banner_shown(&browser, "stale").await);
+    assert!(!browser.shown("stale").await);
 
     cluster.etcd.pause()?;
     let frozen = async {
@@ -90,7 +79,7 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
             Duration::from_secs(10),
             "the page's etcd banner",
             || async {
-                let shown = banner_shown(&browser, "stale").await;
+                let shown = browser.shown("stale").await;
                 let text = browser.text("#stale").await.unwrap_or_default();
                 (shown && text.starts_with("etcd unreachable since")).then_some(text)
             },
@@ -147,7 +136,7 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
     })
     .await?;
     wait_until(PATIENCE, "the page's etcd banner to go", || async {
-        !banner_shown(&browser, "stale").await
+        !browser.shown("stale").await
     })
     .await?;
     browser.close().await?;

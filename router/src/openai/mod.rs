@@ -190,8 +190,12 @@ mod tests {
                 post(|body: axum::body::Bytes| async move { format!("read {}", body.len()) }),
             )
             .route_layer(middleware::from_fn(refuse_unreadable_body));
+        serve_on_loopback(app, ConnectionTimeouts::default())
+    }
+
+    /// Serves `app` with [`listen::serve_http`] on a free loopback port until the test ends.
+    fn serve_on_loopback(app: Router, timeouts: ConnectionTimeouts) -> std::net::SocketAddr {
         let listener = listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let timeouts = ConnectionTimeouts::default();
         let incoming = listen::plaintext(listener, timeouts).unwrap();
         let addr = incoming.local_addr();
         tokio::spawn(listen::serve_http(
@@ -278,20 +282,12 @@ mod tests {
                 },
             ),
         );
-        let listener = listen::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let timeouts = ConnectionTimeouts {
             header_read: std::time::Duration::from_millis(300),
             idle: std::time::Duration::from_millis(300),
             max_age: None,
         };
-        let incoming = listen::plaintext(listener, timeouts).unwrap();
-        let addr = incoming.local_addr();
-        tokio::spawn(listen::serve_http(
-            incoming,
-            app,
-            timeouts,
-            CancellationToken::new(),
-        ));
+        let addr = serve_on_loopback(app, timeouts);
         let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         tcp.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"model\"")
             .await
