@@ -945,24 +945,6 @@ mod tests {
         }
     }
 
-    fn worker(id: &str) -> switchyard_cluster::WorkerRecord {
-        switchyard_cluster::WorkerRecord {
-            id: id.into(),
-            pool: switchyard_cluster::Pool::Gpu,
-            address: "127.0.0.1:1".into(),
-            models: vec!["m".into()],
-            capacity: switchyard_cluster::Capacity {
-                max_concurrent: 4,
-                tokens_per_s: 10.0,
-                cost_per_mtok: 0.1,
-            },
-            hardware: "cpu".into(),
-            engine: "synthetic".into(),
-            version: "0".into(),
-            state: switchyard_cluster::WorkerState::Ready,
-        }
-    }
-
     /// etcd frozen or down: `/api/workers` and `/api/stats` answer within the read bound from
     /// the watched membership and the drains last read, marked `registry.reachable: false`
     /// with an operator's message, and say `reachable: true` again once etcd answers.
@@ -971,7 +953,10 @@ mod tests {
         let outage = Arc::new(Outage::new());
         let registry: Arc<dyn Registry> = outage.clone();
         let _registration = registry
-            .register(worker("gpu-0"), std::time::Duration::from_secs(5))
+            .register(
+                crate::tests::record("gpu-0"),
+                std::time::Duration::from_secs(5),
+            )
             .await
             .unwrap();
         registry.set_drain("gpu-0", true, None).await.unwrap();

@@ -287,7 +287,7 @@ pub async fn run_control_plane(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::time::Duration;
     use switchyard_cluster::{Capacity, MemoryRegistry, Pool, WorkerRecord, WorkerState};
@@ -309,7 +309,8 @@ mod tests {
         ControlPlane::new(registry, loads::Loads::default(), events, leadership)
     }
 
-    fn record(id: &str) -> WorkerRecord {
+    /// A ready GPU worker record with id `id`.
+    pub(crate) fn record(id: &str) -> WorkerRecord {
         WorkerRecord {
             id: id.into(),
             pool: Pool::Gpu,
