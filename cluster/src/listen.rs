@@ -58,6 +58,12 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// Pause after a failed `accept` (out of file descriptors, out of memory) before the next.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What an HTTP/1 connection buffers while it reads a request's head: a head larger than this is
+/// answered 431. hyper's default, ~400 KiB, let each connection hold that much for the whole
+/// header-read timeout; 64 KiB is twice nginx's most (4 × 8 KiB) and far above any API client's
+/// head. (HTTP/2's header list limit, hyper's 16 KiB, is lower already.)
+pub const MAX_HTTP1_HEAD_BYTES: usize = 64 << 10;
+
 /// How long connections may take to ask, and stay silent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionTimeouts {
@@ -428,7 +434,8 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.header_read);
+        .header_read_timeout(timeouts.header_read)
+        .max_buf_size(MAX_HTTP1_HEAD_BYTES);
     builder.http2().timer(TokioTimer::new());
     // Every connection's task holds a sender: once all have ended, `recv` answers `None`.
     let (open, mut all_closed) = mpsc::channel::<()>(1);
@@ -769,6 +776,32 @@ mod tests {
             }
             let answer = String::from_utf8_lossy(&answer).to_lowercase();
             assert!(!answer.contains("connection: close"), "{answer}");
+        }
+    }
+
+    /// A request head over [`MAX_HTTP1_HEAD_BYTES`] is answered 431 (found from outside: a
+    /// 300 KiB header was accepted, and each connection could buffer ~400 KiB); a large but
+    /// reasonable head (a 16 KiB cookie) is served.
+    #[tokio::test]
+    async fn an_oversized_request_head_is_a_431() {
+        let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let addr = serve_on_loopback(app, timeouts(10_000, 60_000));
+        for (header_bytes, status) in [(16 << 10, "200"), (MAX_HTTP1_HEAD_BYTES + 1, "431")] {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            let head = format!(
+                "GET / HTTP/1.1\r\nhost: x\r\ncookie: {}\r\nconnection: close\r\n\r\n",
+                "c".repeat(header_bytes)
+            );
+            // The server may answer and close before all of it is sent.
+            let _ = tcp.write_all(head.as_bytes()).await;
+            let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
+                .await
+                .expect("answered and closed");
+            let answered = String::from_utf8_lossy(&answered);
+            assert!(
+                answered.starts_with(&format!("HTTP/1.1 {status}")),
+                "{header_bytes} bytes: {answered}"
+            );
         }
     }
 
