@@ -508,11 +508,17 @@ async fn close_when_body_left_unread(
     if !has_body {
         return next.run(request).await;
     }
+    // A client that asked to be told before it sends the body has not sent it: nothing to drain
+    // (and reading would tell it to go on).
+    let drain_if_dropped = !headers
+        .get(header::EXPECT)
+        .is_some_and(|expect| expect.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let read_to_end = Arc::new(AtomicBool::new(false));
     let request = request.map(|body| {
         axum::body::Body::new(ReadToEnd {
-            body,
+            body: Some(body),
             read_to_end: read_to_end.clone(),
+            drain_if_dropped,
         })
     });
     let mut response = next.run(request).await;
@@ -524,10 +530,27 @@ async fn close_when_body_left_unread(
     response
 }
 
-/// A request body that notes when it has been read to its end.
+/// At most this much of a request body is read and dropped after an early answer (see
+/// [`ReadToEnd`]); a larger rest is left unread and the connection closed on it.
+const DRAIN_UNREAD_BODY_BYTES: usize = 16 << 20;
+
+/// A request body that notes when it has been read to its end. Dropped before that (the
+/// request was answered without it), it reads and drops the rest, up to
+/// [`DRAIN_UNREAD_BODY_BYTES`], so that the client — which, without `expect: 100-continue`,
+/// sends its whole body before it reads — can finish sending and read the answer: closing on
+/// unread data resets the connection, and the client sees a broken pipe instead (a lingering
+/// close, as nginx does). The connection's idle timeout bounds a client that stops sending.
 struct ReadToEnd {
-    body: axum::body::Body,
+    /// `None` once handed to the drain.
+    body: Option<axum::body::Body>,
     read_to_end: Arc<AtomicBool>,
+    drain_if_dropped: bool,
+}
+
+impl ReadToEnd {
+    fn body(&mut self) -> &mut axum::body::Body {
+        self.body.as_mut().expect("the body is only taken on drop")
+    }
 }
 
 impl http_body::Body for ReadToEnd {
@@ -538,19 +561,50 @@ impl http_body::Body for ReadToEnd {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let frame = Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(frame, Poll::Ready(None)) || self.body.is_end_stream() {
+        let body = self.body();
+        let frame = Pin::new(&mut *body).poll_frame(cx);
+        if matches!(frame, Poll::Ready(None)) || body.is_end_stream() {
             self.read_to_end.store(true, Ordering::Relaxed);
         }
         frame
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.body
+            .as_ref()
+            .is_none_or(http_body::Body::is_end_stream)
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        self.body
+            .as_ref()
+            .map_or_else(http_body::SizeHint::default, http_body::Body::size_hint)
+    }
+}
+
+impl Drop for ReadToEnd {
+    fn drop(&mut self) {
+        if !self.drain_if_dropped || self.read_to_end.load(Ordering::Relaxed) {
+            return;
+        }
+        let (Some(mut body), Ok(runtime)) =
+            (self.body.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(async move {
+            use http_body_util::BodyExt as _;
+            let mut left = DRAIN_UNREAD_BODY_BYTES;
+            while let Some(Ok(frame)) = body.frame().await {
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                match left.checked_sub(data.len()) {
+                    Some(rest) => left = rest,
+                    None => return,
+                }
+            }
+        });
     }
 }
 
@@ -777,6 +831,33 @@ mod tests {
             let answer = String::from_utf8_lossy(&answer).to_lowercase();
             assert!(!answer.contains("connection: close"), "{answer}");
         }
+    }
+
+    /// A client that sends its whole body before it reads (no `expect: 100-continue`, as most
+    /// do) reads the early answer rather than a broken pipe: the server reads and drops the
+    /// rest of the body (up to [`DRAIN_UNREAD_BODY_BYTES`]) before it closes. Seen in CI: a
+    /// 3 MiB POST refused with a 413 failed in reqwest with "error writing a body to
+    /// connection: Broken pipe".
+    #[tokio::test]
+    async fn a_client_sending_a_refused_body_whole_reads_the_answer() {
+        let app = axum::Router::new().route(
+            "/refuse",
+            axum::routing::post(|| async { (axum::http::StatusCode::UNAUTHORIZED, "no") }),
+        );
+        let addr = serve_on_loopback(app, timeouts(10_000, 60_000));
+        let size = 8 << 20;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let head = format!("POST /refuse HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tcp.write_all(&vec![b'x'; size])
+            .await
+            .expect("the server takes the whole body");
+        let answered = tokio::time::timeout(Duration::from_secs(10), read_to_close(&mut tcp))
+            .await
+            .expect("answered and closed");
+        let answered = String::from_utf8_lossy(&answered).to_lowercase();
+        assert!(answered.starts_with("http/1.1 401"), "{answered}");
+        assert!(answered.contains("\r\nconnection: close\r\n"), "{answered}");
     }
 
     /// A request head over [`MAX_HTTP1_HEAD_BYTES`] is answered 431 (found from outside: a
