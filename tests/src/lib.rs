@@ -109,6 +109,30 @@ where
     }
 }
 
+/// `etcd` as member `name` of `initial_cluster`, its data in `data_dir`, serving clients on
+/// `url` and peers on `peer_url`.
+fn etcd_member_command(
+    name: &str,
+    data_dir: &std::path::Path,
+    url: &str,
+    peer_url: &str,
+    initial_cluster: &str,
+) -> Command {
+    let mut command = Command::new("etcd");
+    command
+        .args(["--name", name, "--data-dir"])
+        .arg(data_dir)
+        .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+        .args([
+            "--listen-peer-urls",
+            peer_url,
+            "--initial-advertise-peer-urls",
+            peer_url,
+        ])
+        .args(["--initial-cluster", initial_cluster]);
+    command
+}
+
 /// A real etcd server on free loopback ports with its data in a temporary directory.
 pub struct Etcd {
     process: Process,
@@ -167,23 +191,13 @@ impl Etcd {
         let scheme = if tls.is_some() { "https" } else { "http" };
         let url = format!("{scheme}://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut command = Command::new("etcd");
-        command
-            .args(["--name", "e2e", "--data-dir"])
-            .arg(data.path())
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("e2e={peer_url}")]);
+        let mut command = etcd_member_command(
+            "e2e",
+            data.path(),
+            &url,
+            &peer_url,
+            &format!("e2e={peer_url}"),
+        );
         if let Some(tls) = tls {
             command
                 .arg("--cert-file")
@@ -373,29 +387,20 @@ impl EtcdCluster {
             let name = format!("e2e-{i}");
             let url = format!("http://127.0.0.1:{client}");
             let peer_url = format!("http://127.0.0.1:{peer}");
-            let child = Command::new("etcd")
-                .args(["--name", &name, "--data-dir"])
-                .arg(data.path().join(&name))
-                .args([
-                    "--listen-client-urls",
-                    &url,
-                    "--advertise-client-urls",
-                    &url,
-                ])
-                .args([
-                    "--listen-peer-urls",
-                    &peer_url,
-                    "--initial-advertise-peer-urls",
-                    &peer_url,
-                ])
-                .args(["--initial-cluster", &initial_cluster])
-                .args(["--initial-cluster-state", "new"])
-                .args(["--initial-cluster-token", &token])
-                .stdout(Stdio::null())
-                .stderr(log_file(&format!("etcd-{name}")).1)
-                .kill_on_drop(true)
-                .spawn()
-                .context("starting etcd (install Debian's etcd-server; scripts/test.sh does)")?;
+            let child = etcd_member_command(
+                &name,
+                &data.path().join(&name),
+                &url,
+                &peer_url,
+                &initial_cluster,
+            )
+            .args(["--initial-cluster-state", "new"])
+            .args(["--initial-cluster-token", &token])
+            .stdout(Stdio::null())
+            .stderr(log_file(&format!("etcd-{name}")).1)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting etcd (install Debian's etcd-server; scripts/test.sh does)")?;
             members.push(EtcdMember {
                 process: Process(child),
                 name,
