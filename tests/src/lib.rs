@@ -962,6 +962,12 @@ pub async fn run_program<S: AsRef<std::ffi::OsStr>>(
     ))
 }
 
+/// The Python gRPC client, run as a program (`python3 PYTHON_CLIENT --target … "prompt"`).
+pub const PYTHON_CLIENT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../client/python/switchyard_client.py"
+);
+
 /// Runs a client program that must succeed; returns its stdout, or fails with its output.
 pub async fn program_output<S: AsRef<std::ffi::OsStr>>(
     program: &str,

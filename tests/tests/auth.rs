@@ -14,8 +14,10 @@ use switchyard_proto::v1::{
     inference_client::InferenceClient, server_frame::Frame,
 };
 use switchyard_tests::{
-    Cluster, ClusterSpec, Component, run_chat, up_args, wait_until, with_bearer, write_api_keys,
+    Cluster, ClusterSpec, Component, PYTHON_CLIENT, run_chat, run_program, up_args, wait_until,
+    with_bearer, write_api_keys,
 };
+use switchyard_worker::synthetic::synthetic_text;
 use tonic::transport::Channel;
 
 const ACME_KEY: &str = "sk-acme-test-0001";
@@ -121,6 +123,22 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
     );
     let kept = accepted(&mut client, Some(ACME_KEY), Some("globex")).await?;
     assert!(kept.reason.contains("tenant=acme"), "{}", kept.reason);
+
+    // The Python client sends its key the same way; without one its session is refused.
+    let target = cluster.router_addr();
+    let python = |key: &[&str]| {
+        let mut args = vec![PYTHON_CLIENT, "--target", &target, "--model", "synthetic"];
+        args.extend(key);
+        args.extend(["--max-tokens", "3", "hello acme"]);
+        args.into_iter().map(String::from).collect::<Vec<_>>()
+    };
+    let (ok, out, err) = run_program("python3", &python(&["--api-key", ACME_KEY])).await?;
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(out, format!("{}\n", synthetic_text("hello acme", 0, 3)));
+    assert!(err.contains("tenant=acme"), "{err}");
+    let (ok, out, err) = run_program("python3", &python(&[])).await?;
+    assert!(!ok && out.is_empty(), "{out}\n{err}");
+    assert!(err.contains("UNAUTHENTICATED"), "{err}");
 
     // The same holds on a persistent session: every Start is stamped with the key's tenant.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
@@ -283,7 +301,7 @@ async fn chat_sends_its_api_key_from_the_environment_or_a_file() -> anyhow::Resu
     })
     .await?;
     let router = cluster.router_addr();
-    let reply = switchyard_worker::synthetic::synthetic_text("hello", 0, 3);
+    let reply = synthetic_text("hello", 0, 3);
     let key_file = dir.path().join("api-key");
     std::fs::write(&key_file, format!("{ACME_KEY}\n"))?;
     let key_file = key_file.display().to_string();
@@ -399,7 +417,7 @@ async fn clients_without_the_ca_say_they_cannot_connect_to_a_tls_server() -> any
     )
     .await?;
     assert_eq!(code, Some(0), "{out}\n{err}");
-    let reply = switchyard_worker::synthetic::synthetic_text("hello", 0, 3);
+    let reply = synthetic_text("hello", 0, 3);
     assert!(out.contains(&reply), "no reply {reply:?} in {out:?}\n{err}");
     Ok(())
 }

@@ -15,6 +15,7 @@ mod observability;
 mod openai;
 mod policy;
 mod prefix_reuse;
+mod python_client;
 mod quotas;
 mod real_model;
 mod reliability;

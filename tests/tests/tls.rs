@@ -13,8 +13,9 @@ use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Capacity, Pool, WorkerRecord, WorkerState};
 use switchyard_proto::v1;
 use switchyard_tests::{
-    Cluster, ClusterSpec, Component, Etcd, EtcdTls, assert_worker_calls_need_a_client_certificate,
-    program_output, run_program, start_router, synthetic_request, up_args, wait_until,
+    Cluster, ClusterSpec, Component, Etcd, EtcdTls, PYTHON_CLIENT,
+    assert_worker_calls_need_a_client_certificate, program_output, run_program, start_router,
+    synthetic_request, up_args, wait_until,
 };
 use switchyard_worker::synthetic::synthetic_text;
 
@@ -140,6 +141,25 @@ async fn switchyard_up_with_tls_serves_real_clients_over_tls_only() -> anyhow::R
         .filter_map(|f| f["tokens"]["text"].as_str())
         .collect();
     assert_eq!(text, synthetic_text("hello tls", 0, 4), "{out}");
+    // The Python client trusting it too, over a whole session.
+    let out = program_output(
+        "python3",
+        &[
+            PYTHON_CLIENT,
+            "--target",
+            &router,
+            "--ca-file",
+            ca_arg,
+            "--max-tokens",
+            "4",
+            "hello python tls",
+        ],
+    )
+    .await?;
+    assert_eq!(
+        out,
+        format!("{}\n", synthetic_text("hello python tls", 0, 4))
+    );
     // Without the CA, grpcurl does not trust the server.
     let (ok, _, err) = run_program("grpcurl", &["-connect-timeout", "5", &router, "list"]).await?;
     assert!(!ok, "grpcurl trusted the throw-away CA without -cacert");
