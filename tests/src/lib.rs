@@ -3,6 +3,7 @@
 //! `<component> <protocol> <address>` on stdout when ready; the harness waits for that line
 //! instead of sleeping. Logs of every process go to `target/e2e-logs/`.
 
+pub mod alert_rules;
 pub mod browser;
 
 use std::net::{SocketAddr, TcpListener};

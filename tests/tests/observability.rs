@@ -16,7 +16,9 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use switchyard_proto::v1::{self, RequestClass, inference_client::InferenceClient, server_frame};
-use switchyard_tests::{Cluster, ClusterSpec, synthetic_request, wait_until};
+use switchyard_tests::{
+    Cluster, ClusterSpec, alert_rules, synthetic_request, wait_until, with_bearer, write_api_keys,
+};
 use tokio_stream::wrappers::TcpListenerStream;
 
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -714,5 +716,159 @@ async fn a_component_logging_json_stops_with_one_json_line() -> anyhow::Result<(
             .is_some_and(|e| e.contains("Address already in use")),
         "{last}"
     );
+    Ok(())
+}
+
+/// One `Generate` call with an API key, read to its end: its `Accepted` frame and how it ended
+/// (`Err` with the code of a `Failed` frame or of the call's status).
+async fn generate_with_key(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    request: v1::GenerateRequest,
+    key: &str,
+) -> anyhow::Result<(Option<v1::Accepted>, Result<(), tonic::Code>)> {
+    let mut frames = match client.generate(with_bearer(request, Some(key))).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return Ok((None, Err(status.code()))),
+    };
+    let mut accepted = None;
+    loop {
+        match frames.message().await {
+            Ok(Some(frame)) => match frame.frame {
+                Some(server_frame::Frame::Accepted(a)) => accepted = Some(a),
+                Some(server_frame::Frame::Finished(_)) => return Ok((accepted, Ok(()))),
+                Some(server_frame::Frame::Failed(f)) => {
+                    return Ok((accepted, Err(tonic::Code::from(f.code))));
+                }
+                _ => {}
+            },
+            Ok(None) => anyhow::bail!("stream ended without Finished or Failed"),
+            Err(status) => return Ok((accepted, Err(status.code()))),
+        }
+    }
+}
+
+/// The shipped alerting rules (`deploy/prometheus/switchyard-alerts.yaml`) against a live
+/// cluster that has seen what the alerts watch for: both lanes served, an API key refused, a
+/// latency-critical request spilled to the GPU pool (wafer-scale worker drained) and a request
+/// failed (its GPU worker killed with nowhere to fail over). Every selector must select a
+/// scraped series — but a forged worker record's, which exists only once one is refused (the TLS
+/// test `forged_worker_records_get_no_traffic_and_the_router_counts_them` checks it) — and
+/// every grouping label must be one of those series'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alert_rules_read_metrics_the_components_serve() -> anyhow::Result<()> {
+    const KEY: &str = "sk-alerts-0001";
+    let dir = tempfile::tempdir()?;
+    let keys = write_api_keys(dir.path(), &[(KEY, "acme")])?;
+    let mut cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 1,
+        metrics: true,
+        router_flags: vec!["--api-keys-file".into(), keys.display().to_string()],
+        api_key: Some(KEY.into()),
+        ..Default::default()
+    })
+    .await?;
+    let channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
+    let mut client = InferenceClient::new(channel);
+
+    for (id, class) in [
+        ("lc", RequestClass::LatencyCritical),
+        ("cs", RequestClass::CostSensitive),
+    ] {
+        let (_, ended) =
+            generate_with_key(&mut client, synthetic_request(id, class, "a b", 3), KEY).await?;
+        assert_eq!(ended, Ok(()), "{id}");
+    }
+    let (_, refused) = generate_with_key(
+        &mut client,
+        synthetic_request("bad-key", RequestClass::CostSensitive, "a", 1),
+        "sk-unknown",
+    )
+    .await?;
+    assert_eq!(refused, Err(tonic::Code::Unauthenticated));
+
+    let wse_id = cluster.wse[0].name.clone();
+    let control_plane =
+        switchyard_client::connect_channel(&cluster.control_plane.addr("grpc").to_string()).await?;
+    v1::admin_client::AdminClient::new(control_plane)
+        .drain(v1::DrainRequest { worker_id: wse_id })
+        .await?;
+    wait_until(TIMEOUT, "a latency-critical request to spill", || {
+        let mut client = client.clone();
+        async move {
+            let request = synthetic_request("spill", RequestClass::LatencyCritical, "a", 1);
+            generate_with_key(&mut client, request, KEY)
+                .await
+                .is_ok_and(|(accepted, _)| {
+                    accepted.is_some_and(|a| a.reason.contains("no wse worker"))
+                })
+        }
+    })
+    .await?;
+
+    let mut series = Vec::new();
+    for url in [
+        cluster.gpu[0].metrics_url(),
+        cluster.wse[0].metrics_url(),
+        cluster.control_plane.metrics_url(),
+    ] {
+        series.extend(alert_rules::parse_exposition(&scrape(&url).await?)?);
+    }
+    // A request failing: its worker killed mid-stream, the other pool's worker drained.
+    let long = synthetic_request("doomed", RequestClass::CostSensitive, "a b", 2000);
+    let mut frames = client
+        .generate(with_bearer(long, Some(KEY)))
+        .await?
+        .into_inner();
+    while !matches!(
+        frames.message().await?.and_then(|f| f.frame),
+        Some(server_frame::Frame::Tokens(_))
+    ) {}
+    cluster.gpu[0].kill().await?;
+    let ended = loop {
+        match frames.message().await {
+            Ok(Some(v1::ServerFrame {
+                frame: Some(server_frame::Frame::Failed(f)),
+            })) => break tonic::Code::from(f.code),
+            Ok(Some(_)) => {}
+            Ok(None) => anyhow::bail!("the doomed request ended without failing"),
+            Err(status) => break status.code(),
+        }
+    };
+    assert_eq!(ended, tonic::Code::Unavailable);
+    series.extend(alert_rules::parse_exposition(
+        &scrape(&cluster.router.metrics_url()).await?,
+    )?);
+
+    let rules = alert_rules::load()?;
+    alert_rules::check_annotations(&rules)?;
+    let report = alert_rules::check(&rules, &series);
+    assert!(report.errors.is_empty(), "{:#?}", report.errors);
+    assert_eq!(
+        report.unmatched,
+        [concat!(
+            "SwitchyardForgedWorkerRecord: ",
+            "switchyard_router_worker_identity_rejections_total"
+        )],
+        "selectors that select nothing"
+    );
+
+    // The PrometheusRule wrapper carries the same groups.
+    let script = alert_rules::repo_root().join("deploy/prometheus/prometheus-rule.sh");
+    let wrapped = switchyard_tests::program_output(
+        "bash",
+        &[
+            script.display().to_string(),
+            "monitoring".into(),
+            "release=kps".into(),
+        ],
+    )
+    .await?;
+    let wrapped: serde_json::Value = serde_norway::from_str(&wrapped)?;
+    assert_eq!(wrapped["kind"], "PrometheusRule");
+    assert_eq!(wrapped["metadata"]["namespace"], "monitoring");
+    assert_eq!(wrapped["metadata"]["labels"]["release"], "kps");
+    let groups: alert_rules::RuleFile = serde_json::from_value(wrapped["spec"].clone())?;
+    assert_eq!(groups, rules);
     Ok(())
 }

@@ -13,7 +13,7 @@ use switchyard_cluster::tls::ClientTls;
 use switchyard_cluster::{Capacity, Pool, WorkerRecord, WorkerState};
 use switchyard_proto::v1;
 use switchyard_tests::{
-    Cluster, ClusterSpec, Component, Etcd, EtcdTls, PYTHON_CLIENT,
+    Cluster, ClusterSpec, Component, Etcd, EtcdTls, PYTHON_CLIENT, alert_rules,
     assert_worker_calls_need_a_client_certificate, program_output, run_program, start_router,
     synthetic_request, up_args, wait_until,
 };
@@ -623,6 +623,24 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
         identity_rejections(&metrics, "gpu-genuine", "gpu"),
         0.0,
         "{metrics}"
+    );
+    // The shipped alert for forged records selects these series (the alert rules' other
+    // selectors are checked in `observability::the_alert_rules_read_metrics_the_components_serve`).
+    let rules = alert_rules::load()?;
+    let report = alert_rules::check(&rules, &alert_rules::parse_exposition(&metrics)?);
+    assert!(
+        !report
+            .unmatched
+            .iter()
+            .any(|s| s.starts_with("SwitchyardForgedWorkerRecord:")),
+        "{report:?}"
+    );
+    assert!(
+        !report
+            .errors
+            .iter()
+            .any(|e| e.starts_with("SwitchyardForgedWorkerRecord:")),
+        "{report:?}"
     );
     // The warning names the record and what the certificate named instead.
     let log = std::fs::read_to_string(&router.log)?;
