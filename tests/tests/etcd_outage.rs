@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use switchyard_tests::browser::Browser;
-use switchyard_tests::{Cluster, ClusterSpec, poll_until, wait_until};
+use switchyard_tests::{Cluster, ClusterSpec, Component, poll_until, wait_until};
 
 /// How long any condition may take to become true.
 const PATIENCE: Duration = Duration::from_secs(30);
@@ -29,6 +29,28 @@ fn worker<'a>(body: &'a Value, id: &str) -> Option<&'a Value> {
     body["workers"].as_array()?.iter().find(|w| w["id"] == id)
 }
 
+/// Waits until `component`'s one etcd endpoint gauge reads `value`.
+async fn endpoint_up(component: &Component, value: u8) -> anyhow::Result<()> {
+    let url = component.metrics_url();
+    let series = |text: &str| {
+        text.lines().any(|line| {
+            line.starts_with("switchyard_etcd_endpoint_up{") && line.ends_with(&format!(" {value}"))
+        })
+    };
+    wait_until(
+        PATIENCE,
+        &format!("switchyard_etcd_endpoint_up {value}"),
+        || async {
+            match reqwest::get(&url).await {
+                Ok(answer) => answer.text().await.is_ok_and(|text| series(&text)),
+                Err(_) => false,
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// etcd frozen (SIGSTOP: its port accepts connections, nothing answers): `/api/workers` and
 /// `/api/stats` answer 200 after their 1 s read timeout — not 503 after the etcd client's ~5 s
 /// (bounded at 3 s here, for a loaded machine) — with the worker as last seen, its live load,
@@ -41,6 +63,7 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
         wse_workers: 0,
         // No lease lapses during the few seconds etcd is frozen: the worker stays registered.
         lease_ttl: "30s",
+        metrics: true,
         ..Default::default()
     })
     .await?;
@@ -85,6 +108,8 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
             },
         )
         .await;
+        // Its only endpoint set aside: what the SwitchyardEtcdUnreachable alert watches for.
+        endpoint_up(&cluster.control_plane, 0).await?;
         anyhow::Ok((
             status,
             workers,
@@ -124,6 +149,7 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
     );
 
     // etcd answers again: so do the reads, and the banner goes.
+    endpoint_up(&cluster.control_plane, 1).await?;
     wait_until(PATIENCE, "the registry reachable again", || async {
         api(&client, http, "/api/workers")
             .await
