@@ -432,21 +432,18 @@ impl EtcdCluster {
                 }
             },
         );
-        let exited = async {
-            loop {
-                for member in &mut cluster.members {
-                    if let Some(status) = member.process.0.try_wait()? {
-                        return anyhow::Ok(status);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
+        // A member that cannot start (its port taken since it was picked) exits.
+        let exited = futures::future::select_all(
+            cluster
+                .members
+                .iter_mut()
+                .map(|member| Box::pin(member.process.0.wait())),
+        );
         tokio::select! {
             answered = answers => {
                 answered?;
             }
-            exited = exited => return Ok(Err(exited?)),
+            (exited, _, _) = exited => return Ok(Err(exited?)),
         }
         Ok(Ok(cluster))
     }
