@@ -167,7 +167,9 @@ impl<T> TimedIo<T> {
         self.last_activity = Instant::now();
         if !self.established {
             self.received += n;
-            self.established = self.received >= ESTABLISHED_BYTES;
+            if self.received >= ESTABLISHED_BYTES {
+                self.establish();
+            }
         }
     }
 
@@ -178,9 +180,16 @@ impl<T> TimedIo<T> {
         self.last_activity = Instant::now();
         // An answer to what the peer sent (an HTTP/2 server's own SETTINGS go out before it
         // reads anything, so they do not count).
-        if self.received > 0 {
-            self.established = true;
+        if self.received > 0 && !self.established {
+            self.establish();
         }
+    }
+
+    /// From now on the idle deadline applies: the timer moves to it (once a connection; it
+    /// may be earlier than the header-read deadline the timer was armed with).
+    fn establish(&mut self) {
+        self.established = true;
+        self.timer.as_mut().reset(self.last_activity + self.idle);
     }
 
     /// Whether the connection is past its deadline; otherwise the timer is armed on `cx`.
@@ -939,6 +948,23 @@ mod tests {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         tcp.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
         assert_eq!(server.await.unwrap(), Err((16, io::ErrorKind::TimedOut)));
+    }
+
+    #[tokio::test]
+    async fn an_established_connection_is_closed_at_its_idle_timeout_before_the_header_deadline() {
+        // Found from outside: with --idle-timeout 2s under the default 10 s header-read timeout,
+        // an unused gRPC Session stayed open 10 s: the first deadline armed (the header read's)
+        // had to pass before the idle one was looked at.
+        let addr = echo_server(timeouts(5_000, 300)).await;
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(&[7; ESTABLISHED_BYTES]).await.unwrap();
+        let mut back = [0u8; ESTABLISHED_BYTES];
+        tcp.read_exact(&mut back).await.unwrap();
+        let silent = Instant::now();
+        assert!(read_to_close(&mut tcp).await.is_empty());
+        let took = silent.elapsed();
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        assert!(took < Duration::from_secs(3), "closed after {took:?}, not at the idle timeout");
     }
 
     #[tokio::test]
