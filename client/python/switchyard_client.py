@@ -288,13 +288,27 @@ def _credentials_metadata(api_key: Optional[str]) -> tuple:
     return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
-def channel(target: str, *, ca_file: Optional[str] = None) -> grpc.aio.Channel:
-    """A channel to a router: plaintext, or TLS trusting the CA certificates in `ca_file`."""
+# A session may sit unused while its user thinks: HTTP/2 pings keep the connection from looking
+# idle to the router (which closes connections silent for its idle timeout, 300 s by default)
+# and find a connection that died without a word.
+KEEPALIVE_S = 30.0
+
+
+def channel(
+    target: str, *, ca_file: Optional[str] = None, keepalive_s: float = KEEPALIVE_S
+) -> grpc.aio.Channel:
+    """A channel to a router: plaintext, or TLS trusting the CA certificates in `ca_file`;
+    pinging every `keepalive_s` seconds, with or without calls open."""
+    options = [
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
     if ca_file is None:
-        return grpc.aio.insecure_channel(target)
+        return grpc.aio.insecure_channel(target, options=options)
     with open(ca_file, "rb") as ca:
         credentials = grpc.ssl_channel_credentials(root_certificates=ca.read())
-    return grpc.aio.secure_channel(target, credentials)
+    return grpc.aio.secure_channel(target, credentials, options=options)
 
 
 class Session:
@@ -316,9 +330,15 @@ class Session:
         *,
         api_key: Optional[str] = None,
         ca_file: Optional[str] = None,
+        keepalive_s: float = KEEPALIVE_S,
     ) -> "Session":
-        """Opens a session on `target` (an address, or a channel the caller keeps)."""
-        own = channel(target, ca_file=ca_file) if isinstance(target, str) else None
+        """Opens a session on `target` (an address, or a channel the caller keeps, see
+        `channel()`)."""
+        own = (
+            channel(target, ca_file=ca_file, keepalive_s=keepalive_s)
+            if isinstance(target, str)
+            else None
+        )
         stub = pb_grpc.InferenceStub(own or target)
         call = stub.Session(metadata=_credentials_metadata(api_key))
         return cls(call, own)

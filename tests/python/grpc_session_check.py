@@ -2,9 +2,9 @@
 """Drives a Switchyard router's gRPC API from Python with the repository's client
 (`client/python/switchyard_client.py`, on `grpcio`).
 
-Usage: grpc_session_check.py TARGET MODEL
+Usage: grpc_session_check.py TARGET MODEL IDLE_S
 (TARGET like 127.0.0.1:50051; MODEL a model served by the synthetic engine, whose answer is the
-prompt's words over and over). Prints one line per check and, at the end,
+prompt's words over and over; IDLE_S the router's --idle-timeout in seconds). Prints one line per check and, at the end,
 "grpc-python: N passed, M failed"; exits non-zero when a check failed.
 The end-to-end test `tests/tests/python_grpc.rs` runs it against real router and worker processes.
 """
@@ -19,7 +19,7 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "client" / "python"))
 import switchyard_client as sy  # noqa: E402
 
-TARGET, MODEL = sys.argv[1], sys.argv[2]
+TARGET, MODEL, IDLE_S = sys.argv[1], sys.argv[2], float(sys.argv[3])
 # Long enough that a request is still generating when the check steers it.
 LONG = 2000
 results = []
@@ -162,6 +162,18 @@ async def closing_the_session_ends_what_is_open_on_it():
         raise AssertionError("a closed session started a request")
 
 
+async def an_unused_session_outlives_the_idle_timeout():
+    """The router closes connections silent for its idle timeout (IDLE_S here); the client's
+    pings keep an unused session open past it."""
+    async with await sy.Session.open(TARGET, keepalive_s=IDLE_S / 4) as session:
+        # The scenario itself: nothing sent on the session for twice the idle timeout.
+        await asyncio.sleep(IDLE_S * 2)
+        completion = await (
+            await session.start(model=MODEL, messages=[("user", "still open")], max_tokens=2)
+        ).collect()
+    expect(completion.text == synthetic("still open", 2), f"{completion.text!r}")
+
+
 async def generate_answers_one_request():
     completion = await sy.generate(
         TARGET, model=MODEL, messages=[("user", "solo run")], max_tokens=4, timeout=30
@@ -185,6 +197,7 @@ CHECKS = [
     a_refused_interrupt_leaves_its_request_running,
     bad_requests_fail_naming_their_field,
     closing_the_session_ends_what_is_open_on_it,
+    an_unused_session_outlives_the_idle_timeout,
     generate_answers_one_request,
 ]
 

@@ -7,9 +7,12 @@ use switchyard_tests::{Cluster, ClusterSpec, PYTHON_CLIENT, program_output};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_client_streams_steers_and_cancels_on_one_session() -> anyhow::Result<()> {
+    // A short idle timeout, which the client's pings must keep an unused session past.
+    let idle_s = "2";
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 1,
         wse_workers: 1,
+        router_flags: vec!["--idle-timeout".into(), format!("{idle_s}s")],
         ..Default::default()
     })
     .await?;
@@ -29,12 +32,12 @@ async fn the_python_client_streams_steers_and_cancels_on_one_session() -> anyhow
         "env",
         &python(
             concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_session_check.py"),
-            &[&target, "synthetic"],
+            &[&target, "synthetic", idle_s],
         ),
     )
     .await
     .context("the Python client checks (pip install -r scripts/test-requirements.txt)")?;
-    assert!(out.contains("grpc-python: 8 passed, 0 failed"), "{out}");
+    assert!(out.contains("grpc-python: 9 passed, 0 failed"), "{out}");
 
     // The README's command: the answer on stdout, the routing and usage on stderr.
     let out = program_output(
