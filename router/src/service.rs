@@ -50,6 +50,7 @@ impl v1::inference_server::Inference for InferenceService {
         let tenant = request.extensions().get::<Tenant>().cloned();
         // The session's trace context parents every request in it that brings none of its own.
         let trace = RemoteContext::from_headers(request.metadata().as_ref());
+        let deadline = call_deadline(request.metadata());
         let inbound = request.into_inner();
         let (tx, rx) = frame_channel(SESSION_BUFFER);
         let session = Session {
@@ -58,12 +59,16 @@ impl v1::inference_server::Inference for InferenceService {
             trace,
         };
         let (ending_tx, ending_rx) = oneshot::channel();
-        tokio::spawn(run_session(session, inbound, tx, ending_tx));
+        tokio::spawn(run_session(session, inbound, tx, ending_tx, deadline));
         // The frames end once the session and all its requests have sent their last; then
         // the call's status, when the session ended on the client's fault.
         let ending =
             futures::stream::once(ending_rx).filter_map(|ending| async { ending.ok().map(Err) });
-        Ok(Response::new(Box::pin(rx.into_stream().chain(ending))))
+        let frames = rx.into_stream().chain(ending);
+        Ok(Response::new(match deadline {
+            Some(deadline) => Box::pin(until_deadline(frames, deadline)),
+            None => Box::pin(frames),
+        }))
     }
 
     async fn generate(
@@ -72,7 +77,7 @@ impl v1::inference_server::Inference for InferenceService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let tenant = request.extensions().get::<Tenant>().cloned();
         let trace = RemoteContext::from_headers(request.metadata().as_ref());
-        let deadline = grpc_timeout(request.metadata()).map(|t| tokio::time::Instant::now() + t);
+        let deadline = call_deadline(request.metadata());
         let mut request = request.into_inner();
         if let Some(tenant) = &tenant {
             tenant.apply(&mut request);
@@ -134,11 +139,20 @@ impl v1::inference_server::Inference for InferenceService {
     }
 }
 
-/// The call's `grpc-timeout` (e.g. `200m`: 200 ms): tonic bounds the wait for the response's
-/// headers by it, not a stream's frames after them.
+/// When the call's `grpc-timeout` runs out; `None` without one. Tonic bounds only the wait for
+/// the response's headers by it, not a stream's frames after them.
+fn call_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
+    tokio::time::Instant::now().checked_add(grpc_timeout(metadata)?)
+}
+
+/// The call's `grpc-timeout` (e.g. `200m`: 200 ms). A value the gRPC spec does not allow is no
+/// timeout, as tonic reads it: more than 8 digits, in particular, would overflow the clock.
 fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
     let value = metadata.get("grpc-timeout")?.to_str().ok()?;
     let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    if amount.len() > 8 {
+        return None;
+    }
     let amount: u64 = amount.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(amount.saturating_mul(3600)),

@@ -12,6 +12,7 @@ use switchyard_cluster::telemetry::propagation::RemoteContext;
 use switchyard_proto::v1::{self, client_frame};
 use switchyard_proto::validate::{canonicalize_roles, validate_interrupt};
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep_until};
 use tonic::{Status, Streaming};
 use tracing::{debug, info};
 
@@ -38,18 +39,27 @@ pub(crate) struct Session {
 /// status sent on `ending`. A router shutting down ends the session once its running
 /// requests have (at once when none runs) with `UNAVAILABLE`: the client reconnects, to
 /// another router, knowing nothing was lost — not a torn connection it cannot tell from a
-/// crash.
+/// crash. At the call's `deadline` (its `grpc-timeout`) the session stops reading and cancels
+/// its requests: the call itself ends `DEADLINE_EXCEEDED` then (see `InferenceService`).
 pub(crate) async fn run_session(
     session: Session,
     mut inbound: Streaming<v1::ClientFrame>,
     out: FrameSink,
     ending: oneshot::Sender<Status>,
+    deadline: Option<Instant>,
 ) {
     let mut running: HashMap<String, mpsc::UnboundedSender<Control>> = HashMap::new();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let _open = SessionGuard::open(&session.dispatcher.metrics);
     info!("session opened");
     let stopping = session.dispatcher.stopping.clone();
+    let expired = async {
+        match deadline {
+            Some(deadline) => sleep_until(deadline).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     loop {
         if stopping.is_cancelled() && running.is_empty() {
             info!("session closed: the router is shutting down");
@@ -67,6 +77,15 @@ pub(crate) async fn run_session(
                 running.remove(&request_id);
             }
             () = stopping.cancelled(), if running.is_empty() => {}
+            // The call ends now (`DEADLINE_EXCEEDED`): nothing more is started, and what runs
+            // stops on its worker.
+            () = &mut expired => {
+                info!("session closed: the call's deadline (grpc-timeout) passed");
+                for control in running.values() {
+                    let _ = control.send(Control::Cancel);
+                }
+                break;
+            }
             frame = inbound.message() => match frame {
                 Ok(Some(v1::ClientFrame { frame: Some(frame) })) => {
                     handle_frame(&session, frame, &mut running, &done_tx, &out).await;

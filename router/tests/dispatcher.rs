@@ -574,6 +574,87 @@ async fn a_generate_deadline_ends_the_stream_and_stops_the_generation() {
     assert!(cancelled(&events, &start.request_id), "{events:?}");
 }
 
+/// A `Session` call's `grpc-timeout` holds as a `Generate` call's does: at the deadline the
+/// call ends `DEADLINE_EXCEEDED` and its running generations stop on their worker, whether or
+/// not the client enforces the deadline itself (a raw HTTP/2 client, tonic's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_deadline_ends_the_session_and_stops_its_generations() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster
+        .script
+        .set("slow", [Plan::fault(Fault::HoldAfter(2))]);
+    let (frames, outbound) = mpsc::unbounded_channel();
+    frames
+        .send(v1::ClientFrame {
+            frame: Some(client_frame::Frame::Start(request(
+                "t",
+                "slow",
+                100,
+                RequestClass::Auto,
+            ))),
+        })
+        .expect("session open");
+    let mut call = tonic::Request::new(UnboundedReceiverStream::new(outbound));
+    call.set_timeout(Duration::from_millis(400));
+    let asked = Instant::now();
+    let mut client = InferenceClient::new(cluster.channel().await);
+    let mut inbound = within("open a session", client.session(call))
+        .await
+        .expect("session opened")
+        .into_inner();
+    let status = loop {
+        match within("the deadline", inbound.message()).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the session ended OK past its deadline"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        asked.elapsed()
+    );
+    let engine = cluster.engine(0);
+    let start = start_on(engine, "slow").await;
+    let events = within(
+        "the engine sees the cancel",
+        engine.wait_until(|e| done_of(e, &start.request_id).is_some()),
+    )
+    .await;
+    assert!(cancelled(&events, &start.request_id), "{events:?}");
+    drop(frames);
+}
+
+/// A `grpc-timeout` longer than the 8 digits the gRPC spec allows is no deadline (as tonic
+/// reads it): the call is served. Read as one, it overflowed the clock and the handler
+/// panicked, resetting the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_spec_grpc_timeout_is_ignored() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    let mut client = InferenceClient::new(cluster.channel().await);
+    for timeout in ["18446744073709551615S", "99999999999999999H"] {
+        let mut call = tonic::Request::new(request("t", "fine", 3, RequestClass::Auto));
+        call.metadata_mut()
+            .insert("grpc-timeout", timeout.parse().expect("ascii"));
+        let mut stream = within("generate", client.generate(call))
+            .await
+            .unwrap_or_else(|status| panic!("{timeout}: {status:?}"))
+            .into_inner();
+        let mut last = None;
+        while let Some(frame) = within("a frame", stream.message())
+            .await
+            .unwrap_or_else(|status| panic!("{timeout}: {status:?}"))
+        {
+            last = frame.frame;
+        }
+        assert!(
+            matches!(last, Some(Frame::Finished(_))),
+            "{timeout}: {last:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_goes_away_stops_the_generation() {
     let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
