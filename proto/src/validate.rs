@@ -1,7 +1,7 @@
 //! Validation of client requests at the wire boundary. Every rule names the offending field so
 //! the caller can fix its request; the router maps a violation to `INVALID_ARGUMENT`.
 
-use crate::v1::{ChatMessage, GenerateRequest, Interrupt, RequestClass, SamplingParams};
+use crate::v1::{Cancel, ChatMessage, GenerateRequest, Interrupt, RequestClass, SamplingParams};
 
 /// Size limits a router enforces on incoming requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,6 +235,11 @@ pub fn validate_interrupt(
         ));
     }
     validate_messages("interrupt.messages", &interrupt.messages, limits)
+}
+
+/// Checks a `Cancel` frame: its id must be one a request could have.
+pub fn validate_cancel(cancel: &Cancel, limits: &RequestLimits) -> Result<(), FieldViolation> {
+    validate_request_id(&cancel.request_id, limits)
 }
 
 fn validate_request_id(id: &str, limits: &RequestLimits) -> Result<(), FieldViolation> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 use switchyard_proto::v1::{self, client_frame};
-use switchyard_proto::validate::{canonicalize_roles, validate_interrupt};
+use switchyard_proto::validate::{canonicalize_roles, validate_cancel, validate_interrupt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 use tonic::{Status, Streaming};
@@ -199,6 +199,15 @@ async fn handle_frame(
             }
         }
         client_frame::Frame::Cancel(cancel) => {
+            // An id no request can have is invalid, whatever runs (as an interrupt's is), and
+            // the message does not quote it.
+            if let Err(violation) = validate_cancel(&cancel, dispatcher.limits()) {
+                let error = DispatchError::from(violation);
+                let _ = out
+                    .send(Ok(error.rejected_frame("cancel", &cancel.request_id)))
+                    .await;
+                return;
+            }
             if let Some(control) = running.get(&cancel.request_id) {
                 let _ = control.send(Control::Cancel);
             } else {

@@ -867,11 +867,17 @@ async fn frames_the_router_refuses_leave_the_running_request_alone() {
     }));
     session.cancel("nobody");
     session.start(request("", "anonymous", 5, RequestClass::Auto));
+    // A cancel naming no request at all, and one whose id no request could have: invalid
+    // whatever runs, as an interrupt with such an id is.
+    session.cancel("");
+    let oversized = "x".repeat(1000);
+    session.cancel(&oversized);
     session
-        .until("four refusals", |r| {
+        .until("six refusals", |r| {
             r.get("a").is_some_and(|o| o.rejected.len() == 2)
                 && r.get("nobody").is_some_and(|o| !o.rejected.is_empty())
-                && r.get("").is_some_and(|o| !o.rejected.is_empty())
+                && r.get("").is_some_and(|o| o.rejected.len() == 2)
+                && r.get(&oversized).is_some_and(|o| !o.rejected.is_empty())
         })
         .await;
     let refusals = |id: &str| -> Vec<(String, tonic::Code, String)> {
@@ -908,11 +914,31 @@ async fn frames_the_router_refuses_leave_the_running_request_alone() {
     );
     assert_eq!(
         refusals(""),
+        [
+            (
+                "start".into(),
+                tonic::Code::InvalidArgument,
+                "request_id".into()
+            ),
+            (
+                "cancel".into(),
+                tonic::Code::InvalidArgument,
+                "request_id".into()
+            ),
+        ]
+    );
+    assert_eq!(
+        refusals(&oversized),
         [(
-            "start".into(),
+            "cancel".into(),
             tonic::Code::InvalidArgument,
             "request_id".into()
         )]
+    );
+    let message = &session.requests[&oversized].rejected[0].message;
+    assert!(
+        message.contains("the limit is 128") && !message.contains(&oversized),
+        "{message}"
     );
 
     // "a" went on: it has neither failed nor been restarted, and ends when it is cancelled.
