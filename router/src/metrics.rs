@@ -13,6 +13,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use switchyard_cluster::Pool;
 use switchyard_cluster::telemetry::metrics::{ITL_BUCKETS, Metrics, TTFT_BUCKETS};
 use switchyard_cluster::telemetry::weighted_histogram::WeightedHistogram;
+use switchyard_proto::v1;
 
 use crate::policy::document::LaneName;
 use crate::policy::moves::MoveReason;
@@ -116,6 +117,20 @@ pub struct AuthRefusalLabels {
     pub door: &'static str,
 }
 
+/// A tenant's usage: `tenant` as [`crate::dispatch::Dispatcher::tenant_label`] names it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantRequestLabels {
+    pub tenant: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantTokenLabels {
+    pub tenant: String,
+    /// `prompt` (cached ones included), `cached_prompt` or `completion`.
+    pub kind: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabels {
     pub pool: &'static str,
@@ -182,6 +197,10 @@ pub struct RouterMetrics {
     /// `shed` (`RESOURCE_EXHAUSTED`), `over_quota` (refused by the tenant's quota), `rejected`
     /// (invalid, unknown model, no worker).
     pub requests: Family<RequestLabels, Counter>,
+    /// The same requests by tenant and outcome, and the tokens they used: what each tenant
+    /// consumed (chargeback, quota sizing).
+    pub tenant_requests: Family<TenantRequestLabels, Counter>,
+    pub tenant_tokens: Family<TenantTokenLabels, Counter>,
     /// Placement decisions by `reason`: `home`, `home_affinity`, `spill_to_gpu`, `save_wse`,
     /// `borrow_wse` (placed), `queue` (no slot now: wait at the router), `unknown_model`,
     /// `no_worker`, `no_worker_for_lane`.
@@ -248,6 +267,8 @@ impl RouterMetrics {
     pub fn register(metrics: &Metrics) -> Self {
         let this = Self {
             requests: Family::default(),
+            tenant_requests: Family::default(),
+            tenant_tokens: Family::default(),
             route_decisions: Family::default(),
             ttft: Family::new_with_constructor(ttft_histogram),
             inter_token: Family::new_with_constructor(itl_histogram),
@@ -279,6 +300,17 @@ impl RouterMetrics {
                 "switchyard_router_requests",
                 "Client requests ended, by lane, pool, model and outcome",
                 this.requests.clone(),
+            );
+            r.register(
+                "switchyard_router_tenant_requests",
+                "Client requests ended, by tenant and outcome",
+                this.tenant_requests.clone(),
+            );
+            r.register(
+                "switchyard_router_tenant_tokens",
+                "Tokens of each tenant's requests, by kind: prompt (cached included), \
+                 cached_prompt, completion",
+                this.tenant_tokens.clone(),
             );
             r.register(
                 "switchyard_router_route_decisions",
@@ -428,6 +460,27 @@ impl RouterMetrics {
                 model: model.to_string(),
                 outcome,
             })
+            .inc();
+    }
+
+    /// A request of `tenant` ended with `outcome`, having used `usage`'s tokens.
+    pub fn tenant_usage(&self, tenant: String, outcome: &'static str, usage: &v1::Usage) {
+        for (kind, tokens) in [
+            ("prompt", usage.prompt_tokens),
+            ("cached_prompt", usage.cached_prompt_tokens),
+            ("completion", usage.completion_tokens),
+        ] {
+            if tokens > 0 {
+                self.tenant_tokens
+                    .get_or_create(&TenantTokenLabels {
+                        tenant: tenant.clone(),
+                        kind,
+                    })
+                    .inc_by(u64::from(tokens));
+            }
+        }
+        self.tenant_requests
+            .get_or_create(&TenantRequestLabels { tenant, outcome })
             .inc();
     }
 

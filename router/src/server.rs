@@ -164,7 +164,8 @@ pub async fn run_router_with_endpoints(
         client_tls,
         cluster_stop.clone(),
     );
-    let dispatcher = Dispatcher::new(links.clone(), config, policy, metrics, reports);
+    let dispatcher = Dispatcher::new(links.clone(), config, policy, metrics, reports)
+        .with_key_tenants(api_keys.iter().flat_map(|keys| keys.tenants()));
     // Readiness reasons reach clients and the public `/health`: they name the registry's
     // kind, never its addresses or the client library's error (those are logged).
     dispatcher

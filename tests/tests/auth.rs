@@ -72,7 +72,16 @@ fn http() -> reqwest::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let keys_file = write_api_keys(dir.path(), &[(ACME_KEY, "acme"), (GLOBEX_KEY, "globex")])?;
+    // initech's key names a tenant the policy does not.
+    const INITECH_KEY: &str = "sk-initech-test-0003";
+    let keys_file = write_api_keys(
+        dir.path(),
+        &[
+            (ACME_KEY, "acme"),
+            (GLOBEX_KEY, "globex"),
+            (INITECH_KEY, "initech"),
+        ],
+    )?;
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 1,
         wse_workers: 1,
@@ -139,6 +148,18 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
     let (ok, out, err) = run_program("python3", &python(&[])).await?;
     assert!(!ok && out.is_empty(), "{out}\n{err}");
     assert!(err.contains("UNAUTHENTICATED"), "{err}");
+
+    // Usage is counted by the keys' tenants, named by the policy or not (these requests end
+    // when dropped after `Accepted`: cancelled).
+    accepted(&mut client, Some(INITECH_KEY), None).await?;
+    let metrics = reqwest::get(format!("http://{}/metrics", cluster.router.addr("http")))
+        .await?
+        .text()
+        .await?;
+    for tenant in ["acme", "globex", "initech"] {
+        let series = format!("switchyard_router_tenant_requests_total{{tenant=\"{tenant}\",");
+        assert!(metrics.contains(&series), "no {series}…:\n{metrics}");
+    }
 
     // The same holds on a persistent session: every Start is stamped with the key's tenant.
     let (tx, rx) = tokio::sync::mpsc::channel(4);

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -870,5 +871,111 @@ async fn the_alert_rules_read_metrics_the_components_serve() -> anyhow::Result<(
     assert_eq!(wrapped["metadata"]["labels"]["release"], "kps");
     let groups: alert_rules::RuleFile = serde_json::from_value(wrapped["spec"].clone())?;
     assert_eq!(groups, rules);
+    Ok(())
+}
+
+/// One `Generate` call of `tenant` (request metadata, no API key), read to its end: its
+/// `Accepted` frame and `Finished` usage.
+async fn generate_as(
+    client: &mut InferenceClient<tonic::transport::Channel>,
+    tenant: Option<&str>,
+    prompt: &str,
+) -> anyhow::Result<(v1::Accepted, v1::Usage)> {
+    let mut request = synthetic_request("usage", RequestClass::Auto, prompt, 3);
+    if let Some(tenant) = tenant {
+        request.metadata.insert("tenant".into(), tenant.into());
+    }
+    let mut frames = client.generate(request).await?.into_inner();
+    let mut accepted = None;
+    while let Some(frame) = frames.message().await? {
+        match frame.frame {
+            Some(server_frame::Frame::Accepted(a)) => accepted = Some(a),
+            Some(server_frame::Frame::Finished(f)) => {
+                let accepted = accepted.context("Finished before Accepted")?;
+                return Ok((accepted, f.usage.unwrap_or_default()));
+            }
+            Some(server_frame::Frame::Failed(f)) => anyhow::bail!("request failed: {f:?}"),
+            _ => {}
+        }
+    }
+    anyhow::bail!("stream ended without Finished")
+}
+
+/// Per-tenant usage: a tenant the routing policy names is counted by name, requests and prompt
+/// and completion tokens as their `Finished` frames reported; a tenant only the client names
+/// (metadata, no API keys) as `(other)`, so clients cannot mint series; none as `(none)`.
+/// (With API keys, their tenants by name: `auth::api_keys_choose_the_tenant_on_grpc_and_http`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_usage_is_counted_by_the_tenants_the_policy_names() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let control_plane =
+        switchyard_client::connect_channel(&cluster.control_plane.addr("grpc").to_string()).await?;
+    v1::admin_client::AdminClient::new(control_plane)
+        .set_policy(v1::SetPolicyRequest {
+            merge: true,
+            document: r#"{"tenants": {"named": "cost-sensitive", "probe": "cost-sensitive"}}"#
+                .into(),
+        })
+        .await?;
+    let channel = switchyard_client::connect_channel(&cluster.router_addr()).await?;
+    let mut client = InferenceClient::new(channel);
+    // The policy applied (`probe` is counted under its name too, not under `named`).
+    wait_until(TIMEOUT, "the router to apply the policy", || {
+        let mut client = client.clone();
+        async move {
+            generate_as(&mut client, Some("probe"), "x")
+                .await
+                .is_ok_and(|(accepted, _)| accepted.reason.starts_with("tenant=probe"))
+        }
+    })
+    .await?;
+    let mut named = Vec::new();
+    for prompt in ["one two three", "four five"] {
+        named.push(generate_as(&mut client, Some("named"), prompt).await?.1);
+    }
+    let (_, stranger) = generate_as(&mut client, Some("made-up-9f2c"), "six").await?;
+    let (_, anonymous) = generate_as(&mut client, None, "seven eight").await?;
+
+    let text = scrape(&format!("http://{}/metrics", cluster.router.addr("http"))).await?;
+    let requests = |tenant: &str| {
+        sample(
+            &text,
+            "switchyard_router_tenant_requests_total",
+            &[("tenant", tenant), ("outcome", "completed")],
+        )
+    };
+    let tokens = |tenant: &str, kind: &str| {
+        sample(
+            &text,
+            "switchyard_router_tenant_tokens_total",
+            &[("tenant", tenant), ("kind", kind)],
+        )
+    };
+    assert_eq!(requests("named"), named.len() as f64, "{text}");
+    let sum = |pick: fn(&v1::Usage) -> u32| named.iter().map(pick).sum::<u32>() as f64;
+    assert_eq!(
+        tokens("named", "prompt"),
+        sum(|u| u.prompt_tokens),
+        "{text}"
+    );
+    assert_eq!(
+        tokens("named", "completion"),
+        sum(|u| u.completion_tokens),
+        "{text}"
+    );
+    for (label, usage) in [("(other)", &stranger), ("(none)", &anonymous)] {
+        assert_eq!(requests(label), 1.0, "{label}: {text}");
+        assert_eq!(
+            tokens(label, "completion"),
+            f64::from(usage.completion_tokens),
+            "{label}: {text}"
+        );
+    }
+    assert!(!text.contains("made-up-9f2c"), "{text}");
     Ok(())
 }

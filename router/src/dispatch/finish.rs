@@ -29,6 +29,11 @@ impl Dispatcher {
     ) {
         let refusal = Refusal::of(error);
         self.count_unplaced(class.lane, &request.model, refusal);
+        self.metrics.tenant_usage(
+            self.tenant_label(request),
+            refusal.as_str(),
+            &v1::Usage::default(),
+        );
         self.report_unplaced(
             request,
             class,

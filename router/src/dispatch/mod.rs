@@ -15,6 +15,7 @@ mod run;
 mod span;
 mod validate;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
@@ -124,6 +125,9 @@ pub struct Dispatcher {
     placer: Placer,
     tenant_quota: TenantQuota,
     next_seed: AtomicU64,
+    /// The tenants of the API keys (`--api-keys-file`): with the tenants the policy names,
+    /// those the usage metrics count by name.
+    key_tenants: BTreeSet<String>,
 }
 
 /// Where a prepared request will run.
@@ -227,6 +231,37 @@ impl Dispatcher {
             reports,
             placer,
             next_seed: AtomicU64::new(0),
+            key_tenants: BTreeSet::new(),
+        }
+    }
+
+    /// Names `tenants` (the API keys' tenants) in the usage metrics.
+    pub fn with_key_tenants<'t>(mut self, tenants: impl IntoIterator<Item = &'t str>) -> Self {
+        self.key_tenants = tenants.into_iter().map(str::to_string).collect();
+        self
+    }
+
+    /// `request`'s tenant as the usage metrics name it: as it is when an API key or the routing
+    /// policy (lanes, quotas, hedging budgets) names it, `(other)` when only the client does
+    /// (its metadata, without keys: any string, which must not become a series), `(none)`
+    /// without one.
+    pub fn tenant_label(&self, request: &v1::GenerateRequest) -> String {
+        let Some(tenant) = request
+            .metadata
+            .get(crate::classify::TENANT_KEY)
+            .filter(|tenant| !tenant.is_empty())
+        else {
+            return "(none)".into();
+        };
+        let policy = self.policy.current();
+        let named = self.key_tenants.contains(tenant)
+            || policy.tenants.contains_key(tenant)
+            || policy.quotas.tenants.contains_key(tenant)
+            || policy.hedging.tenants.contains_key(tenant);
+        if named {
+            tenant.clone()
+        } else {
+            "(other)".into()
         }
     }
 
@@ -461,6 +496,13 @@ impl Dispatcher {
         run.release();
         self.metrics
             .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
+        let usage = v1::Usage {
+            prompt_tokens: run.prompt_tokens,
+            completion_tokens: run.delivered,
+            cached_prompt_tokens: run.cached_prompt_tokens,
+        };
+        self.metrics
+            .tenant_usage(self.tenant_label(&run.request), outcome, &usage);
         run.report(outcome, result.as_ref().err(), sampled);
         if let Err(error) = result {
             let _ = Box::pin(out.send(Ok(error.failed_frame(&run.request.request_id)))).await;
