@@ -964,7 +964,10 @@ mod tests {
         assert!(read_to_close(&mut tcp).await.is_empty());
         let took = silent.elapsed();
         assert!(took >= Duration::from_millis(300), "{took:?}");
-        assert!(took < Duration::from_secs(3), "closed after {took:?}, not at the idle timeout");
+        assert!(
+            took < Duration::from_secs(3),
+            "closed after {took:?}, not at the idle timeout"
+        );
     }
 
     #[tokio::test]
