@@ -16,9 +16,14 @@ pub const RETRY_AFTER_MS: &str = "retry-after-ms";
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum DispatchError {
-    /// A request field breaks a rule (`INVALID_ARGUMENT`).
+    /// A request field breaks a rule (`INVALID_ARGUMENT`). `exceeds_context`: the rule is the
+    /// model's context length, which OpenAI clients tell apart by its own error code.
     #[error("{field}: {reason}")]
-    Invalid { field: String, reason: String },
+    Invalid {
+        field: String,
+        reason: String,
+        exceeds_context: bool,
+    },
     /// No worker serves, or has served, this model (`NOT_FOUND`).
     #[error("model: {0}")]
     UnknownModel(String),
@@ -56,6 +61,16 @@ impl DispatchError {
         Self::Invalid {
             field: field.into(),
             reason: reason.into(),
+            exceeds_context: false,
+        }
+    }
+
+    /// The prompt, or the prompt and `max_tokens` together, do not fit the model's context.
+    pub fn exceeds_context(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+            exceeds_context: true,
         }
     }
 
@@ -138,10 +153,7 @@ impl From<DispatchError> for Status {
 
 impl From<switchyard_proto::FieldViolation> for DispatchError {
     fn from(violation: switchyard_proto::FieldViolation) -> Self {
-        Self::Invalid {
-            field: violation.field,
-            reason: violation.message,
-        }
+        Self::invalid(violation.field, violation.message)
     }
 }
 

@@ -514,12 +514,25 @@ async fn a_request_too_long_for_the_context_is_refused_before_placement() -> any
         assert_eq!(response.status(), 400, "{field}");
         let body: Value = response.json().await?;
         assert_eq!(body["error"]["param"], field, "{body}");
+        // OpenAI's code for it, which clients that trim old turns and retry look for.
+        assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
         let message = body["error"]["message"].as_str().unwrap_or_default();
         assert!(
             message.contains(&format!("lower {field} to at most")),
             "{body}"
         );
     }
+    // A conversation longer than the context, as OpenAI answers it (it was `invalid_value`).
+    let response = client
+        .post(format!("{}/chat/completions", cluster.router_openai_url()))
+        .json(&json!({"model": MODEL, "max_tokens": 4,
+            "messages": [{"role": "user", "content": too_long}]}))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 400);
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"]["param"], "messages", "{body}");
+    assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
 
     // None was placed: the router made no routing decision.
     let metrics = client

@@ -115,7 +115,7 @@ fn fits_context(
         } else {
             "messages"
         };
-        return Err(DispatchError::invalid(
+        return Err(DispatchError::exceeds_context(
             field,
             format!(
                 "the prompt is {prompt_tokens} tokens, the model's context length is \
@@ -124,7 +124,7 @@ fn fits_context(
         ));
     }
     if prompt_tokens + max_tokens > limit {
-        return Err(DispatchError::invalid(
+        return Err(DispatchError::exceeds_context(
             "sampling.max_tokens",
             format!(
                 "prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) = {} exceeds the \

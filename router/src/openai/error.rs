@@ -191,8 +191,18 @@ impl ApiError {
 impl From<&crate::error::DispatchError> for ApiError {
     /// The HTTP form of a dispatcher error: its code, field and `retry-after` as values.
     fn from(error: &crate::error::DispatchError) -> Self {
-        Self::classified(error.code(), &error.to_string(), error.field())
-            .with_retry_after_ms(error.retry_after_ms())
+        let mut api = Self::classified(error.code(), &error.to_string(), error.field())
+            .with_retry_after_ms(error.retry_after_ms());
+        // OpenAI's code for a prompt (or prompt and output bound) longer than the context:
+        // clients that trim old turns and retry look for it.
+        if let crate::error::DispatchError::Invalid {
+            exceeds_context: true,
+            ..
+        } = error
+        {
+            api.code = Some("context_length_exceeded");
+        }
+        api
     }
 }
 
@@ -256,6 +266,27 @@ mod tests {
         let other = ApiError::from(&DispatchError::invalid("sampling.top_p", "is 2"))
             .naming_max_tokens("max_completion_tokens");
         assert_eq!(other.param.as_deref(), Some("top_p"));
+    }
+
+    #[test]
+    fn a_request_longer_than_the_context_has_openais_code() {
+        let e = ApiError::from(&DispatchError::exceeds_context(
+            "messages",
+            "the prompt is 631 tokens, the model's context length is 512",
+        ));
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        let e = ApiError::from(&DispatchError::exceeds_context(
+            "sampling.max_tokens",
+            "prompt (31 tokens) + max_tokens (500) = 531 exceeds the model's context length",
+        ))
+        .naming_max_tokens("max_completion_tokens");
+        assert_eq!(e.param.as_deref(), Some("max_completion_tokens"));
+        assert_eq!(e.code, Some("context_length_exceeded"));
+        // Any other invalid field keeps the general code.
+        let e = ApiError::from(&DispatchError::invalid("sampling.top_p", "is 2"));
+        assert_eq!(e.code, Some("invalid_value"));
     }
 
     #[test]
