@@ -401,17 +401,19 @@ fn sampling(
     Ok((params, mode))
 }
 
-/// The text of a message's `content`: a string, or an array of `{"type":"text","text":..}` parts.
+/// The text of a message's `content`: a string, or an array of `{"type":"text","text":..}` parts,
+/// one line each (as vLLM and llama.cpp's servers join them: the parts are separate pieces of
+/// text, and run together "Translate:" and "Bonjour" would read "Translate:Bonjour").
 fn message_content(index: usize, content: Option<&Value>) -> Result<String, ApiError> {
     let field = format!("messages[{index}].content");
     match content {
         None | Some(Value::Null) => Err(ApiError::invalid(field, "is required")),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(Value::Array(parts)) => {
-            let mut text = String::new();
+            let mut texts = Vec::with_capacity(parts.len());
             for (p, part) in parts.iter().enumerate() {
                 match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => text.push_str(t),
+                    (Some("text"), Some(Value::String(t))) => texts.push(t.as_str()),
                     (Some(other), _) if other != "text" => {
                         return Err(ApiError::invalid(
                             format!("{field}[{p}].type"),
@@ -426,7 +428,7 @@ fn message_content(index: usize, content: Option<&Value>) -> Result<String, ApiE
                     }
                 }
             }
-            Ok(text)
+            Ok(texts.join("\n"))
         }
         Some(_) => Err(ApiError::invalid(
             field,
@@ -590,14 +592,15 @@ mod tests {
     fn chat_request_translates_with_defaults() {
         let (request, mode) = chat(
             r#"{"model":"m","messages":[{"role":"developer","content":"be brief"},
-                {"role":"user","content":[{"type":"text","text":"hi "},{"type":"text","text":"there"}]}],
+                {"role":"user","content":[{"type":"text","text":"hi"},{"type":"text","text":"there"}]}],
                 "stream":true,"stream_options":{"include_usage":true},"seed":-1,"stop":"END",
                 "logprobs":false,"user":"u1"}"#,
         )
         .expect("valid");
         assert_eq!(request.model, "m");
         assert_eq!(request.messages[0].role, "developer");
-        assert_eq!(request.messages[1].content, "hi there");
+        // Parts are joined one per line, as vLLM and llama.cpp join them (they ran together).
+        assert_eq!(request.messages[1].content, "hi\nthere");
         let sampling = request.sampling.expect("sampling");
         assert_eq!(sampling.max_tokens, DEFAULT_MAX_TOKENS);
         assert_eq!(sampling.seed, Some(u64::MAX));
