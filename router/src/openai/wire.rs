@@ -16,11 +16,34 @@ use super::error::ApiError;
 pub const DEFAULT_MAX_TOKENS: u32 = 256;
 
 /// `stop` as OpenAI accepts it: one string or a list.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for Stop {
+    /// Says what `stop` must be (serde's untagged enum said "data did not match any variant
+    /// of untagged enum Stop").
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = Value::deserialize(deserializer)?;
+        match &value {
+            Value::String(s) => return Ok(Stop::One(s.clone())),
+            Value::Array(items) => {
+                let strings: Option<Vec<String>> = items
+                    .iter()
+                    .map(|item| item.as_str().map(str::to_string))
+                    .collect();
+                if let Some(strings) = strings {
+                    return Ok(Stop::Many(strings));
+                }
+            }
+            _ => {}
+        }
+        Err(serde::de::Error::custom(format!(
+            "is {value}, must be a string or an array of strings"
+        )))
+    }
 }
 
 impl Stop {
@@ -328,15 +351,24 @@ fn sampling(
                 format!("is {m}, must be at least 1"),
             ));
         }
-        (Some(m), _) => u32::try_from(m).unwrap_or(u32::MAX),
+        // Beyond any cap: refused here, as the client wrote it (the router's own check would
+        // name the value clamped to u32, "is 4294967295").
+        (Some(m), Some(field)) if u32::try_from(m).is_err() => {
+            return Err(ApiError::invalid(
+                field,
+                format!("is {m}, the limit is {cap}"),
+            ));
+        }
+        (Some(m), _) => m as u32,
         (None, _) => DEFAULT_MAX_TOKENS.min(cap),
     };
     let top_k = match fields.top_k {
-        None => None,
+        // vLLM's "no limit", which its clients send; 0 means the same to the workers.
+        None | Some(-1) => None,
         Some(k) if k < 0 => {
             return Err(ApiError::invalid(
                 "top_k",
-                format!("is {k}, must not be negative"),
+                format!("is {k}, must be at least 1, or -1 or 0 for no limit"),
             ));
         }
         Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
@@ -682,6 +714,48 @@ mod tests {
             .as_deref(),
             Some("stream_options")
         );
+    }
+
+    /// Found from outside: `"stop": 5` was a 400 "stop: data did not match any variant of
+    /// untagged enum Stop", and `"max_tokens": 10000000000` one saying "is 4294967295".
+    #[test]
+    fn refusals_say_what_the_client_sent() {
+        let message = |extra: &str| chat_with(extra).expect_err("invalid").message;
+        for extra in [r#""stop":5"#, r#""stop":["a",1]"#, r#""stop":{"a":1}"#] {
+            let message = message(extra);
+            assert!(
+                message.starts_with("stop: is ")
+                    && message.ends_with("must be a string or an array of strings"),
+                "{extra}: {message}"
+            );
+        }
+        assert_eq!(
+            message(r#""top_k":-2"#),
+            "top_k: is -2, must be at least 1, or -1 or 0 for no limit"
+        );
+        assert_eq!(
+            message(r#""max_tokens":10000000000"#),
+            "max_tokens: is 10000000000, the limit is 4096"
+        );
+        assert_eq!(
+            message(r#""max_completion_tokens":10000000000"#),
+            "max_completion_tokens: is 10000000000, the limit is 4096"
+        );
+        let (request, _) = chat_with(r#""stop":["a","b"]"#).expect("valid");
+        assert_eq!(request.sampling.expect("sampling").stop, ["a", "b"]);
+    }
+
+    /// Found from outside: `"top_k": -1`, vLLM's "no limit" (this extension is vLLM's), was a
+    /// 400 "top_k: is -1, must not be negative".
+    #[test]
+    fn top_k_takes_vllms_values() {
+        let top_k = |extra: &str| {
+            let (request, _) = chat_with(extra).expect("valid");
+            request.sampling.expect("sampling").top_k
+        };
+        assert_eq!(top_k(r#""top_k":-1"#), None);
+        assert_eq!(top_k(r#""top_k":0"#), Some(0));
+        assert_eq!(top_k(r#""top_k":40"#), Some(40));
     }
 
     #[test]
