@@ -107,6 +107,8 @@ pub struct SamplingFields {
 pub struct Unsupported {
     tools: Option<Value>,
     functions: Option<Value>,
+    tool_choice: Option<Value>,
+    function_call: Option<Value>,
     response_format: Option<Value>,
     echo: Option<Value>,
     best_of: Option<Value>,
@@ -135,6 +137,22 @@ impl Unsupported {
             (
                 "functions",
                 off(&self.functions),
+                "function calling is not supported by this server",
+            ),
+            // "none" and "auto" ask for no call here (there are no tools); "required" or a
+            // named function ask for one, which would never come.
+            (
+                "tool_choice",
+                off(&self.tool_choice)
+                    || self.tool_choice == Some(Value::from("none"))
+                    || self.tool_choice == Some(Value::from("auto")),
+                "tool calling is not supported by this server",
+            ),
+            (
+                "function_call",
+                off(&self.function_call)
+                    || self.function_call == Some(Value::from("none"))
+                    || self.function_call == Some(Value::from("auto")),
                 "function calling is not supported by this server",
             ),
             (
@@ -807,6 +825,12 @@ mod tests {
                 "tools",
             ),
             (r#""functions":[{"name":"f"}]"#, "functions"),
+            (r#""tool_choice":"required""#, "tool_choice"),
+            (
+                r#""tool_choice":{"type":"function","function":{"name":"f"}}"#,
+                "tool_choice",
+            ),
+            (r#""function_call":{"name":"f"}"#, "function_call"),
             (
                 r#""response_format":{"type":"json_object"}"#,
                 "response_format",
@@ -829,6 +853,10 @@ mod tests {
             r#""logprobs":null"#,
             r#""top_logprobs":0"#,
             r#""tools":[]"#,
+            r#""tool_choice":"none""#,
+            r#""tool_choice":"auto""#,
+            r#""tool_choice":null"#,
+            r#""function_call":"none""#,
             r#""response_format":{"type":"text"}"#,
             r#""echo":false"#,
             r#""echo":0"#,
