@@ -204,6 +204,11 @@ pub async fn run_control_plane(
             <AdminServer<()> as tonic::server::NamedService>::NAME,
         ]);
     let grpc_router = tonic::transport::Server::builder()
+        // A request that cannot be read is the client's fault (`INVALID_ARGUMENT`,
+        // `RESOURCE_EXHAUSTED`), as at the router, not tonic's `INTERNAL` / `OUT_OF_RANGE`.
+        .layer(tower::util::MapResponseLayer::new(
+            switchyard_router::decode_errors::as_client_fault::<tonic::body::Body>,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

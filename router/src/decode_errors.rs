@@ -3,7 +3,8 @@
 //! compression flag) or `OUT_OF_RANGE` (one over the size limit). [`client_fault`] tells those
 //! reports apart from the router's own faults, for both front doors: a `Session` reads them
 //! from its request stream ([`crate::session`]); a `Generate` call gets them before any
-//! handler runs, so [`as_client_fault`] rewrites its response's status.
+//! handler runs, so [`as_client_fault`] rewrites its response's status. The control plane's
+//! gRPC server applies [`as_client_fault`] too.
 
 use http::HeaderValue;
 use tonic::{Code, Status};

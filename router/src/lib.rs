@@ -7,7 +7,7 @@ pub mod affinity;
 pub mod auth;
 pub mod changes;
 pub mod config;
-mod decode_errors;
+pub mod decode_errors;
 pub mod dispatch;
 pub mod error;
 pub mod links;

@@ -2611,3 +2611,38 @@ async fn a_leader_frozen_past_its_lease_folds_no_reports_into_its_history() -> a
         .await?;
     Ok(())
 }
+
+/// A request the control plane cannot read is the client's fault, as at the router: bytes that
+/// are not the request message are `INVALID_ARGUMENT`, a message announced over the 4 MiB limit
+/// `RESOURCE_EXHAUSTED` — not tonic's own `INTERNAL` (a server bug, to a client) and
+/// `OUT_OF_RANGE`. Sent at the frame level: client libraries do not send such requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_request_that_cannot_be_read_is_the_clients_fault() -> anyhow::Result<()> {
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let control_plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+    let grpc = control_plane.addr("grpc");
+    // gRPC message prefixes: not compressed, then the length.
+    let garbage: &[u8] = &[0, 0, 0, 0, 3, 0xff, 0xff, 0xff];
+    let oversized: &[u8] = &[0, 0, 0x4c, 0x4b, 0x40]; // 5 000 000 bytes announced
+    for (body, code) in [
+        (garbage, tonic::Code::InvalidArgument),
+        (oversized, tonic::Code::ResourceExhausted),
+    ] {
+        let (mut send, connection) =
+            h2::client::handshake(tokio::net::TcpStream::connect(grpc).await?).await?;
+        tokio::spawn(connection);
+        let request = http::Request::post(format!("http://{grpc}/switchyard.v1.Admin/ListWorkers"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let (response, mut stream) = send.send_request(request, false)?;
+        stream.send_data(bytes::Bytes::from_static(body), true)?;
+        let response = tokio::time::timeout(PATIENCE, response).await??;
+        // A trailers-only answer: the status is in the headers.
+        let Some(status) = tonic::Status::from_header_map(response.headers()) else {
+            anyhow::bail!("no grpc-status in the answer's headers: {response:?}");
+        };
+        assert_eq!(status.code(), code, "{body:?}: {status:?}");
+    }
+    Ok(())
+}
