@@ -256,6 +256,7 @@ impl v1::admin_server::Admin for AdminService {
             request.metadata().as_ref()
         );
         span.record("outcome", "ok");
+        let deadline = switchyard_router::service::call_deadline(request.metadata());
         let events = BroadcastStream::new(self.plane.events().subscribe()).filter_map(|item| {
             match item {
                 Ok(event) => Some(Ok(event)),
@@ -268,7 +269,13 @@ impl v1::admin_server::Admin for AdminService {
         });
         let events =
             futures::StreamExt::take_until(events, self.stopping.clone().cancelled_owned());
-        Ok(Response::new(Box::pin(events)))
+        // Past the response's headers tonic no longer holds the call to its `grpc-timeout`.
+        Ok(Response::new(match deadline {
+            Some(deadline) => {
+                Box::pin(switchyard_router::service::until_deadline(events, deadline))
+            }
+            None => Box::pin(events),
+        }))
     }
 
     /// No span: a router's report stream lasts as long as its link to this leader, and is

@@ -140,8 +140,9 @@ impl v1::inference_server::Inference for InferenceService {
 }
 
 /// When the call's `grpc-timeout` runs out; `None` without one. Tonic bounds only the wait for
-/// the response's headers by it, not a stream's frames after them.
-fn call_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
+/// the response's headers by it, not a stream's frames after them: a streaming answer ends at
+/// it through [`until_deadline`].
+pub fn call_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
     tokio::time::Instant::now().checked_add(grpc_timeout(metadata)?)
 }
 
@@ -167,10 +168,10 @@ fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
 
 /// `frames` until `deadline`, then `DEADLINE_EXCEEDED`: the rest of the stream is dropped,
 /// which cancels the generation on its worker.
-fn until_deadline(
-    frames: impl Stream<Item = FrameItem> + Send + 'static,
+pub fn until_deadline<T: Send + 'static>(
+    frames: impl Stream<Item = Result<T, Status>> + Send + 'static,
     deadline: tokio::time::Instant,
-) -> impl Stream<Item = FrameItem> + Send + 'static {
+) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
     let expired = futures::stream::once(async move {
         (tokio::time::Instant::now() >= deadline).then(|| {
             Err(Status::deadline_exceeded(

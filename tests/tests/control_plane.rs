@@ -2646,3 +2646,31 @@ async fn an_admin_request_that_cannot_be_read_is_the_clients_fault() -> anyhow::
     }
     Ok(())
 }
+
+/// A `WatchEvents` call's `grpc-timeout` holds for its whole stream, as a router's `Session`'s
+/// and `Generate`'s do: at the deadline the watch ends `DEADLINE_EXCEEDED`, whether or not the
+/// client enforces the deadline itself (tonic's does not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_ends_at_its_deadline() -> anyhow::Result<()> {
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let control_plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+    let mut admin = admin(control_plane.addr("grpc")).await?;
+    let mut call = tonic::Request::new(v1::WatchEventsRequest {});
+    call.set_timeout(Duration::from_millis(500));
+    let asked = Instant::now();
+    let mut events = admin.watch_events(call).await?.into_inner();
+    let status = loop {
+        match tokio::time::timeout(PATIENCE, events.message()).await? {
+            Ok(Some(_)) => continue,
+            Ok(None) => anyhow::bail!("the watch ended OK"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        asked.elapsed()
+    );
+    Ok(())
+}
