@@ -96,6 +96,10 @@ pub enum ControlPlaneError {
     Config(String),
 }
 
+/// gRPC streams one connection may have open at once (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`):
+/// an operator's watches and calls, or a router's report stream.
+const MAX_CONNECTION_STREAMS: u32 = 1024;
+
 /// Which election runs (a standalone replica never resigns).
 enum ElectionKind {
     Standalone,
@@ -204,6 +208,9 @@ pub async fn run_control_plane(
             <AdminServer<()> as tonic::server::NamedService>::NAME,
         ]);
     let grpc_router = tonic::transport::Server::builder()
+        // Unset, tonic lets one connection open streams without bound (`WatchEvents` needs no
+        // token).
+        .max_concurrent_streams(Some(MAX_CONNECTION_STREAMS))
         // A request that cannot be read is the client's fault (`INVALID_ARGUMENT`,
         // `RESOURCE_EXHAUSTED`), as at the router, not tonic's `INTERNAL` / `OUT_OF_RANGE`.
         .layer(tower::util::MapResponseLayer::new(
