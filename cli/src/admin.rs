@@ -28,6 +28,9 @@ pub struct AdminArgs {
     /// CA certificate (PEM) to trust: the control plane serves TLS.
     #[arg(long, global = true, env = "SWITCHYARD_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
+    /// How long to wait for the control plane's answer (connecting included), e.g. 30s.
+    #[arg(long, global = true, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
     #[command(subcommand)]
     pub command: AdminCommand,
 }
@@ -60,16 +63,20 @@ pub enum PolicyCommand {
 }
 
 /// The exit statuses, as `switchyard admin --help` lists them.
-pub const EXIT_STATUSES: &str = "Exit status: 0 done; 1 another failure; 2 a usage error; 3 not \
-allowed (no operator token, or a viewer's); 4 no such worker; 5 refused as invalid (a bad \
-document or patch); 6 this control plane is a follower (the message names the leader); 7 the \
-control plane is unreachable or cannot answer now.";
+pub const EXIT_STATUSES: &str = "Exit status: 0 done; 1 another failure (a file that cannot \
+be read); 2 a usage error (a --control-plane that is not an address too); 3 not allowed (no \
+operator token, or a viewer's); 4 no such worker; 5 refused as invalid (a bad document or \
+patch); 6 this control plane is a follower (the message names the leader); 7 the control plane \
+is unreachable or cannot answer now (no answer within --timeout included).";
 
 /// Exit statuses of `switchyard admin` (besides 0, and clap's 2 for a usage error), so that
 /// scripts can tell failures apart without parsing the message.
 pub mod exit {
     /// Anything else (a file that cannot be read, an unexpected answer).
     pub const OTHER: i32 = 1;
+    /// A usage error: what clap reports for bad arguments, and a `--control-plane` that is not
+    /// an address.
+    pub const USAGE: i32 = 2;
     /// No token, an unknown one, or one whose role may not do this.
     pub const NOT_ALLOWED: i32 = 3;
     /// No such worker.
@@ -151,25 +158,114 @@ impl AdminFailure {
     }
 }
 
+/// One call to the Admin API, with what it sends read from the arguments and files.
+enum Call {
+    Workers,
+    Drain(String),
+    Undrain(String),
+    GetPolicy,
+    SetPolicy(v1::SetPolicyRequest),
+}
+
+impl Call {
+    /// The call `command` makes; a policy document is read (a file, stdin) here, before the
+    /// control plane is dialled and its deadline runs.
+    fn of(command: AdminCommand) -> anyhow::Result<Self> {
+        let (document, merge) = match command {
+            AdminCommand::Workers => return Ok(Self::Workers),
+            AdminCommand::Drain { worker_id } => return Ok(Self::Drain(worker_id)),
+            AdminCommand::Undrain { worker_id } => return Ok(Self::Undrain(worker_id)),
+            AdminCommand::Policy(PolicyCommand::Get) => return Ok(Self::GetPolicy),
+            AdminCommand::Policy(PolicyCommand::Set { file }) => (read_document(&file)?, false),
+            AdminCommand::Policy(PolicyCommand::Merge { patch }) => match patch.strip_prefix('@') {
+                Some(file) => (read_document(Path::new(file))?, true),
+                None => (patch, true),
+            },
+        };
+        // Refused here rather than sent: over the control plane's gRPC message limit (4 MiB)
+        // the call would fail as an unexplained OUT_OF_RANGE.
+        if document.len() > MAX_DOCUMENT_BYTES {
+            return Err(AdminFailure::new(
+                exit::INVALID,
+                format!(
+                    "not sent: {}",
+                    PolicyError::TooLarge {
+                        bytes: document.len(),
+                        limit: MAX_DOCUMENT_BYTES,
+                    }
+                ),
+            )
+            .into());
+        }
+        Ok(Self::SetPolicy(v1::SetPolicyRequest { document, merge }))
+    }
+
+    /// Reads are open on every control plane: only writes carry (and need) the token.
+    fn writes(&self) -> bool {
+        matches!(self, Self::Drain(_) | Self::Undrain(_) | Self::SetPolicy(_))
+    }
+
+    /// What an operator must know when no answer came: a write may have been applied.
+    fn unanswered(&self) -> &'static str {
+        match self {
+            Self::Workers | Self::GetPolicy => "",
+            Self::Drain(_) | Self::Undrain(_) => {
+                "; the write may or may not have been applied: check with `switchyard admin \
+                 workers`"
+            }
+            Self::SetPolicy(_) => {
+                "; the write may or may not have been applied: check with `switchyard admin \
+                 policy get`"
+            }
+        }
+    }
+}
+
 pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
-    let channel = connect(&args).await?;
-    let mut client = AdminClient::new(channel);
-    // Reads are open on every control plane: only writes carry (and need) the token.
-    let writes = matches!(
-        args.command,
-        AdminCommand::Drain { .. }
-            | AdminCommand::Undrain { .. }
-            | AdminCommand::Policy(PolicyCommand::Set { .. } | PolicyCommand::Merge { .. })
-    );
+    let call = Call::of(args.command)?;
     let token = match &args.token_file {
-        Some(file) if writes => Some(read_token(file)?),
+        Some(file) if call.writes() => Some(read_token(file)?),
         _ => None,
     };
-    let token = token.as_deref();
-    let (address, tls) = (args.control_plane.clone(), args.tls_ca_file.is_some());
-    let refused = |status: tonic::Status| AdminFailure::refused(status, &address, tls);
-    match args.command {
-        AdminCommand::Workers => {
+    let address = &args.control_plane;
+    // A control plane that accepts connections but never answers (hung, frozen, a black-holed
+    // address) must not hold an on-call engineer's shell, or a script, for ever.
+    let unanswered = call.unanswered();
+    let answered = tokio::time::timeout(args.timeout, async {
+        let channel = connect(address, args.tls_ca_file.as_deref()).await?;
+        run(
+            AdminClient::new(channel),
+            call,
+            token.as_deref(),
+            address,
+            args.tls_ca_file.is_some(),
+        )
+        .await
+    })
+    .await;
+    answered.unwrap_or_else(|_| {
+        Err(AdminFailure::new(
+            exit::UNAVAILABLE,
+            format!(
+                "no answer from the control plane at {address} within {} (hung or overloaded? \
+                 --timeout waits longer){unanswered}",
+                humantime::format_duration(args.timeout)
+            ),
+        )
+        .into())
+    })
+}
+
+async fn run(
+    mut client: AdminClient<Channel>,
+    call: Call,
+    token: Option<&str>,
+    address: &str,
+    tls: bool,
+) -> anyhow::Result<()> {
+    let refused = |status: tonic::Status| AdminFailure::refused(status, address, tls);
+    match call {
+        Call::Workers => {
             let workers = client
                 .list_workers(authorized(token, v1::ListWorkersRequest::default())?)
                 .await
@@ -181,7 +277,7 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
                 .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
             print!("{}", workers_table(&workers, now_unix_ms));
         }
-        AdminCommand::Drain { worker_id } => {
+        Call::Drain(worker_id) => {
             let answer = client
                 .drain(authorized(
                     token,
@@ -199,7 +295,7 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
             };
             println!("{worker_id} draining{already}");
         }
-        AdminCommand::Undrain { worker_id } => {
+        Call::Undrain(worker_id) => {
             let answer = client
                 .undrain(authorized(
                     token,
@@ -217,7 +313,7 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
             };
             println!("{worker_id} ready{was}");
         }
-        AdminCommand::Policy(PolicyCommand::Get) => {
+        Call::GetPolicy => {
             let policy = client
                 .get_policy(authorized(token, v1::GetPolicyRequest {})?)
                 .await
@@ -230,32 +326,9 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
                 eprintln!("warning: {}", invalid_stored_policy(&policy.invalid));
             }
         }
-        AdminCommand::Policy(command) => {
-            let (document, merge) = match command {
-                PolicyCommand::Set { file } => (read_document(&file)?, false),
-                PolicyCommand::Merge { patch } => match patch.strip_prefix('@') {
-                    Some(file) => (read_document(Path::new(file))?, true),
-                    None => (patch, true),
-                },
-                PolicyCommand::Get => unreachable!("answered above"),
-            };
-            // Refused here rather than sent: over the control plane's gRPC message limit
-            // (4 MiB) the call would fail as an unexplained OUT_OF_RANGE.
-            if document.len() > MAX_DOCUMENT_BYTES {
-                return Err(AdminFailure::new(
-                    exit::INVALID,
-                    format!(
-                        "not sent: {}",
-                        PolicyError::TooLarge {
-                            bytes: document.len(),
-                            limit: MAX_DOCUMENT_BYTES,
-                        }
-                    ),
-                )
-                .into());
-            }
+        Call::SetPolicy(request) => {
             let stored = client
-                .set_policy(authorized(token, v1::SetPolicyRequest { document, merge })?)
+                .set_policy(authorized(token, request)?)
                 .await
                 .map_err(refused)?
                 .into_inner();
@@ -265,26 +338,37 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn connect(args: &AdminArgs) -> anyhow::Result<Channel> {
-    let connected = match &args.tls_ca_file {
-        Some(ca) => switchyard_client::connect_tls(&args.control_plane, ca).await,
-        None => switchyard_client::connect_channel(&args.control_plane).await,
+async fn connect(address: &str, tls_ca_file: Option<&Path>) -> anyhow::Result<Channel> {
+    let connected = match tls_ca_file {
+        Some(ca) => switchyard_client::connect_tls(address, ca).await,
+        None => switchyard_client::connect_channel(address).await,
     };
     connected.map_err(|error| {
-        let why = match &error {
-            switchyard_client::ClientError::Connect(transport) => {
-                switchyard_cluster::telemetry::chain_text(transport)
-            }
-            other => other.to_string(),
-        };
-        AdminFailure::new(
-            exit::UNAVAILABLE,
-            format!(
-                "cannot reach the control plane at {}: {why}",
-                args.control_plane
+        let failure = match &error {
+            // Nothing was dialled: the flags are at fault, and trying again will not help.
+            switchyard_client::ClientError::Address(_) => AdminFailure::new(
+                exit::USAGE,
+                format!(
+                    "--control-plane {address:?} is not an address: give host:port (default \
+                     127.0.0.1:50052)"
+                ),
             ),
-        )
-        .into()
+            switchyard_client::ClientError::Tls(why) => {
+                AdminFailure::new(exit::OTHER, format!("--tls-ca-file: {why}"))
+            }
+            switchyard_client::ClientError::Connect(transport) => AdminFailure::new(
+                exit::UNAVAILABLE,
+                format!(
+                    "cannot reach the control plane at {address}: {}",
+                    switchyard_cluster::telemetry::chain_text(transport)
+                ),
+            ),
+            other => AdminFailure::new(
+                exit::UNAVAILABLE,
+                format!("cannot reach the control plane at {address}: {other}"),
+            ),
+        };
+        failure.into()
     })
 }
 
@@ -408,6 +492,96 @@ fn workers_table(workers: &[v1::WorkerInfo], now_unix_ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `switchyard admin <args>` as parsed from a command line.
+    fn parse(args: &[&str]) -> AdminArgs {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            admin: AdminArgs,
+        }
+        <Cli as clap::Parser>::parse_from(std::iter::once("admin").chain(args.iter().copied()))
+            .admin
+    }
+
+    fn failure(result: anyhow::Result<()>) -> (i32, String) {
+        let error = result.expect_err("a failure");
+        let failure = error
+            .downcast_ref::<AdminFailure>()
+            .unwrap_or_else(|| panic!("not an AdminFailure: {error:#}"));
+        (failure.exit_code, failure.message.clone())
+    }
+
+    /// A control plane that accepts connections and never answers (SIGSTOPped, hung): the
+    /// command gives up at --timeout with exit 7, saying a write may have been applied.
+    #[tokio::test]
+    async fn a_control_plane_that_never_answers_is_given_up_at_the_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        // Accepted and held open, never read: what a frozen process's kernel does.
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                open.push(socket);
+            }
+        });
+        for (args, write) in [(&["workers"][..], false), (&["drain", "gpu-0"][..], true)] {
+            let mut args = parse(args);
+            args.control_plane = address.clone();
+            args.timeout = Duration::from_millis(300);
+            let started = std::time::Instant::now();
+            let answer = tokio::time::timeout(Duration::from_secs(10), admin(args))
+                .await
+                .expect("gave up at its timeout, not hung");
+            let (code, message) = failure(answer);
+            assert!(started.elapsed() < Duration::from_secs(5));
+            assert_eq!(code, exit::UNAVAILABLE, "{message}");
+            assert!(
+                message.contains(&format!(
+                    "no answer from the control plane at {address} within 300ms"
+                )),
+                "{message}"
+            );
+            assert_eq!(
+                message.contains("may or may not have been applied"),
+                write,
+                "{message}"
+            );
+        }
+        held.abort();
+    }
+
+    /// Flags that are wrong say which flag, with the status of their cause: nothing was
+    /// dialled, so not 7 ("unreachable", which scripts retry).
+    #[tokio::test]
+    async fn a_bad_address_or_ca_file_is_no_unreachable_control_plane() {
+        let mut args = parse(&["workers", "--control-plane", "not an address"]);
+        args.timeout = Duration::from_secs(5);
+        let (code, message) = failure(admin(args).await);
+        assert_eq!(code, exit::USAGE, "{message}");
+        assert!(
+            message.starts_with("--control-plane \"not an address\""),
+            "{message}"
+        );
+        assert!(!message.contains("router"), "{message}");
+
+        let missing = std::env::temp_dir().join(format!("no-such-ca-{}.pem", std::process::id()));
+        let ca = missing.display().to_string();
+        let args = parse(&[
+            "workers",
+            "--tls-ca-file",
+            &ca,
+            "--control-plane",
+            "127.0.0.1:1",
+        ]);
+        let (code, message) = failure(admin(args).await);
+        assert_eq!(code, exit::OTHER, "{message}");
+        assert!(
+            message.starts_with("--tls-ca-file: cannot read"),
+            "{message}"
+        );
+        assert!(message.contains(&ca), "{message}");
+    }
 
     #[test]
     fn workers_line_up_under_their_header() {
