@@ -450,7 +450,7 @@ fn why_unreachable(down: &v1::WorkerUnreachable, now_unix_ms: i64) -> String {
 }
 
 /// One line a worker, columns aligned, under a header; a last column, WHY, when a worker is
-/// unreachable (`now_unix_ms` says for how long).
+/// unreachable (`now_unix_ms` says for how long). A worker advertising no model shows `-`.
 fn workers_table(workers: &[v1::WorkerInfo], now_unix_ms: i64) -> String {
     let mut header = vec!["ID", "POOL", "STATE", "SLOTS", "ADDRESS", "MODELS"];
     let why = workers.iter().any(|w| w.unreachable.is_some());
@@ -465,7 +465,13 @@ fn workers_table(workers: &[v1::WorkerInfo], now_unix_ms: i64) -> String {
                 shown_state(w).to_string(),
                 w.max_concurrent.to_string(),
                 w.address.clone(),
-                w.models.join(","),
+                // A column is never empty: a blank cell shifts the next one (WHY) into its
+                // place for `awk` and `cut`.
+                if w.models.is_empty() {
+                    "-".to_string()
+                } else {
+                    w.models.join(",")
+                },
             ];
             if why {
                 let down = w.unreachable.as_ref();
@@ -601,6 +607,34 @@ mod tests {
              gpu-0   gpu   ready     16     10.0.0.1:50061  a,b\n\
              gpu-10  gpu   draining  16     10.0.0.1:50061  a,b\n"
         );
+    }
+
+    /// A worker advertising no model (still loading one, say) has `-` in MODELS, so that the
+    /// WHY after it stays the sixth field for `awk` (the cell was blank, and WHY's first word
+    /// took its place).
+    #[test]
+    fn a_worker_without_models_shows_a_dash_not_a_blank_field() {
+        let worker = v1::WorkerInfo {
+            id: "gpu-2".into(),
+            pool: "gpu".into(),
+            address: "10.0.0.1:50061".into(),
+            max_concurrent: 8,
+            state: "ready".into(),
+            unreachable: Some(v1::WorkerUnreachable {
+                reason: "connection refused".into(),
+                since_unix_ms: 0,
+                attempts: 1,
+            }),
+            ..Default::default()
+        };
+        let table = workers_table(&[worker], 2_000);
+        let row: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(
+            row[..6],
+            ["gpu-2", "gpu", "unreachable", "8", "10.0.0.1:50061", "-"],
+            "{table}"
+        );
+        assert_eq!(row[6], "no", "{table}");
     }
 
     #[test]
