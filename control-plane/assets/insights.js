@@ -40,6 +40,7 @@
   const feedOrder = new Map(); // feed key -> rank, newer feeds higher
   let feedRank = 0;
   let selected = null; // row key
+  let feedError = ""; // why the last read of the feed failed ("" when it did not)
   // One poll of each kind at a time (a hung replica's polls end only by their timeout).
   const busy = new Set();
   const once = (name, poll) => async () => {
@@ -425,7 +426,19 @@
       tr.addEventListener("click", () => { selected = d.key; renderFeed(); renderStory(); });
       body.appendChild(tr);
     }
-    $("no-decisions").hidden = entries.length > 0;
+    renderFeedNote(entries.length);
+  }
+
+  // The line under the feed: why no row shows (none reported yet, or none the filter keeps),
+  // or that the feed cannot be read, until it can again.
+  function renderFeedNote(shown) {
+    const note = $("no-decisions");
+    note.hidden = shown > 0 && !feedError;
+    note.textContent = feedError
+      ? `Cannot read the decision feed: ${feedError}`
+      : decisions.size
+        ? `No SLO miss, shed or failed request among the ${decisions.size} latest decisions.`
+        : "No decision reported yet: routers report once they reach this control plane.";
   }
 
   function dl(pairs) {
@@ -567,13 +580,15 @@
       // Bounded like the server's feed: the newest rows stay.
       const rows = [...decisions.values()].sort(newestFirst);
       for (const d of rows.slice(500)) decisions.delete(d.key);
-      if (body.decisions.length || moved) {
+      const recovered = feedError !== "";
+      feedError = "";
+      if (body.decisions.length || moved || recovered) {
         renderFeed();
         if (selected !== null) renderStory();
       }
     } catch (error) {
-      $("no-decisions").hidden = false;
-      $("no-decisions").textContent = `Cannot read the decision feed: ${error.message}`;
+      feedError = error.message;
+      renderFeed();
     }
   }
 

@@ -2491,6 +2491,91 @@ async fn a_dashboard_whose_control_plane_hangs_says_so_until_it_answers_again() 
     Ok(())
 }
 
+/// The line under the decision feed says why no row shows: with the trouble filter on and
+/// only requests that met their SLO, that none is in trouble (it said "No decision reported
+/// yet: routers report once they reach this control plane", sending on-call to look for a
+/// reporting fault); while the feed cannot be read, that it cannot — and no longer once it
+/// can (the error stayed until the next decision arrived).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_decision_feeds_empty_line_says_why_it_is_empty() -> anyhow::Result<()> {
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+    plane
+        .wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let browser = Browser::start().await?;
+    browser
+        .goto(&format!("http://{}/", plane.addr("http")))
+        .await?;
+    let note = || async {
+        let shown = browser.shown("no-decisions").await;
+        let text = browser.text("#no-decisions").await.unwrap_or_default();
+        (shown, text)
+    };
+    wait_until(
+        PATIENCE,
+        "the page to say no decision is reported",
+        || async {
+            note().await
+                == (
+                    true,
+                    "No decision reported yet: routers report once they reach this control plane."
+                        .into(),
+                )
+        },
+    )
+    .await?;
+    admin(plane.addr("grpc"))
+        .await?
+        .report(tokio_stream::iter([
+            direct_decision("fine-0"),
+            direct_outcome("fine-0"),
+        ]))
+        .await?;
+    wait_until(PATIENCE, "fine-0 to be listed, met", || async {
+        feed_slo(&browser, "fine-0").await == "met"
+    })
+    .await?;
+    assert!(!browser.shown("no-decisions").await, "{:?}", note().await);
+
+    browser.click("#only-trouble").await?;
+    assert_eq!(feed_slo(&browser, "fine-0").await, "", "filtered out");
+    assert_eq!(
+        note().await,
+        (
+            true,
+            "No SLO miss, shed or failed request among the 1 latest decisions.".into()
+        )
+    );
+
+    plane.pause()?;
+    let unreadable = wait_until(
+        Duration::from_secs(15),
+        "the page to say the feed cannot be read",
+        || async {
+            note()
+                .await
+                .1
+                .starts_with("Cannot read the decision feed: no answer within")
+        },
+    )
+    .await;
+    plane.resume()?;
+    unreadable?;
+    wait_until(PATIENCE, "the page to read the feed again", || async {
+        note().await.1 == "No SLO miss, shed or failed request among the 1 latest decisions."
+    })
+    .await?;
+    browser.click("#only-trouble").await?;
+    wait_until(PATIENCE, "fine-0 to be listed again", || async {
+        feed_slo(&browser, "fine-0").await == "met"
+    })
+    .await?;
+    assert!(!browser.shown("no-decisions").await, "{:?}", note().await);
+    browser.close().await?;
+    Ok(())
+}
+
 /// A leader frozen past its lease (SIGSTOP) while another replica takes over keeps none of
 /// the reports a router sent it — neither those buffered during the freeze, read at once when
 /// it wakes (they showed as a spike of tokens/s at the wrong time), nor those that come after,
