@@ -3,7 +3,7 @@
 //!
 //! | method | path | answer |
 //! |---|---|---|
-//! | GET | `/api/workers` | workers with state, capacity, hardware, drain request, live load |
+//! | GET | `/api/workers?pool=<gpu\|wse>` | workers (of one pool) with state, capacity, hardware, drain request, live load |
 //! | GET | `/api/stats` | totals by pool, drains, leader, this replica's role |
 //! | GET | `/api/policy` | the stored routing policy document (or the default), and why it is invalid when it is |
 //! | GET | `/api/events` | the last cluster events (joined/left/draining/ready/policy) |
@@ -210,9 +210,13 @@ async fn not_found() -> Response {
 }
 
 /// While etcd does not answer, from the membership as last seen (`registry` says so: see
-/// [`crate::plane`]).
-async fn workers(State(plane): State<ControlPlane>) -> Result<Json<Value>, ApiError> {
-    let (workers, registry) = plane.workers_or_last_seen("").await?;
+/// [`crate::plane`]). `?pool=gpu|wse` keeps one pool's, checked as `ListWorkers` checks it.
+async fn workers(
+    State(plane): State<ControlPlane>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = query.get("pool").map_or("", String::as_str);
+    let (workers, registry) = plane.workers_or_last_seen(pool).await?;
     Ok(Json(json!({ "workers": workers, "registry": registry })))
 }
 
@@ -1219,6 +1223,47 @@ mod tests {
         .await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(body["error"].as_str().unwrap().len() < 200, "{body}");
+    }
+
+    /// `?pool=` keeps one pool's workers and refuses a pool that does not exist, as
+    /// `ListWorkers` does: it was ignored, every worker listed (a script counting one pool's
+    /// workers counted all).
+    #[tokio::test]
+    async fn the_workers_api_lists_one_pool_when_asked() {
+        use switchyard_cluster::Pool;
+        let registry = Arc::new(MemoryRegistry::new());
+        let mut registrations = Vec::new();
+        for (id, pool) in [("gpu-0", Pool::Gpu), ("wse-0", Pool::Wse)] {
+            let mut record = crate::tests::record(id);
+            record.pool = pool;
+            registrations.push(
+                registry
+                    .register(record, std::time::Duration::from_secs(60))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let app = dashboard_over(registry, None, false).await;
+        let ids = |body: &Value| {
+            body["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        let (status, _, all) = call(&app, "GET", "/api/workers", None, "").await;
+        assert_eq!(status, StatusCode::OK, "{all}");
+        assert_eq!(ids(&all), ["gpu-0", "wse-0"]);
+        let (status, _, wse) = call(&app, "GET", "/api/workers?pool=wse", None, "").await;
+        assert_eq!(status, StatusCode::OK, "{wse}");
+        assert_eq!(ids(&wse), ["wse-0"]);
+        let (status, _, refused) = call(&app, "GET", "/api/workers?pool=tpu", None, "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{refused}");
+        assert_eq!(
+            refused["error"],
+            json!("pool: unknown pool \"tpu\", expected gpu or wse")
+        );
     }
 
     #[tokio::test]
