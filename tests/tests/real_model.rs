@@ -111,6 +111,27 @@ async fn chat_through_the_router_gets_a_sensible_answer_from_the_real_model() ->
         body["usage"]["prompt_tokens"].as_u64().unwrap_or(0) > 10,
         "{body}"
     );
+    // With `ignore_eos` (vLLM's, as load tests send it) the same answer goes on to max_tokens.
+    let body: Value = client
+        .post(format!("{}/chat/completions", cluster.router_openai_url()))
+        .json(&json!({
+            "model": MODEL,
+            "max_tokens": 16,
+            "temperature": 0,
+            "ignore_eos": true,
+            "messages": [{"role": "user",
+                          "content": "What is the capital of France? Answer in one word."}],
+        }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(body["choices"][0]["finish_reason"], "length", "{body}");
+    assert_eq!(body["usage"]["completion_tokens"], 16, "{body}");
+    let longer = body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(longer.starts_with(answer), "{longer:?} after {answer:?}");
 
     // The same question over gRPC streams the same greedy text in sequenced chunks.
     let mut grpc =

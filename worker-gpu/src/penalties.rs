@@ -20,6 +20,9 @@ pub struct Penalties {
     pub repetition: f32,
     /// (token id, bias) added to the logits, ids ascending and distinct.
     pub logit_bias: Vec<(u32, f32)>,
+    /// Tokens never chosen (their logits set to −∞): the end-of-sequence tokens of a request
+    /// that asked to `ignore_eos`, as llama.cpp bans them.
+    pub banned: Vec<u32>,
 }
 
 impl Default for Penalties {
@@ -29,6 +32,7 @@ impl Default for Penalties {
             frequency: 0.0,
             repetition: 1.0,
             logit_bias: Vec::new(),
+            banned: Vec::new(),
         }
     }
 }
@@ -40,6 +44,7 @@ impl Penalties {
             && self.frequency == 0.0
             && self.repetition == 1.0
             && self.logit_bias.is_empty()
+            && self.banned.is_empty()
     }
 
     /// Checks ranges (the router checks them too; an engine checks its own input), naming the
@@ -135,6 +140,11 @@ impl History {
                 }
             }
         }
+        for &id in &penalties.banned {
+            if let Some(logit) = logits.get_mut(id as usize) {
+                *logit = f32::NEG_INFINITY;
+            }
+        }
     }
 }
 
@@ -179,6 +189,20 @@ mod tests {
         };
         let row = applied(&penalties, &[], &[], &[10.0, 1.0, 1.0]);
         assert_eq!(row, vec![-90.0, 1.0, 6.0]);
+        assert_eq!(crate::model::argmax(&row), 2);
+    }
+
+    #[test]
+    fn a_banned_token_is_never_the_most_likely() {
+        let penalties = Penalties {
+            banned: vec![0, 3],
+            logit_bias: vec![(0, 100.0)],
+            ..Penalties::default()
+        };
+        assert!(!penalties.is_none());
+        let row = applied(&penalties, &[], &[], &[50.0, 1.0, 2.0, 40.0]);
+        assert_eq!(row[0], f32::NEG_INFINITY);
+        assert_eq!(row[3], f32::NEG_INFINITY);
         assert_eq!(crate::model::argmax(&row), 2);
     }
 
@@ -239,6 +263,7 @@ mod tests {
             frequency: 2.0,
             repetition: 10.0,
             logit_bias: vec![(0, -100.0), (9, 100.0)],
+            banned: vec![2],
         };
         assert_eq!(fine.validate(vocab), Ok(()));
     }

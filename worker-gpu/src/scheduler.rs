@@ -574,6 +574,13 @@ impl Engine for CandleEngine {
                 frequency: s.frequency_penalty.unwrap_or(0.0),
                 repetition: s.repetition_penalty.unwrap_or(1.0),
                 logit_bias: s.logit_bias.clone(),
+                banned: if s.ignore_eos {
+                    let mut ids: Vec<u32> = self.tokenizer.stop_ids().iter().copied().collect();
+                    ids.sort_unstable();
+                    ids
+                } else {
+                    Vec::new()
+                },
             },
         };
         params

@@ -509,3 +509,51 @@ async fn an_engine_on_its_own_one_thread_pool_generates_the_same() {
     assert_eq!(a.len(), 12);
     assert_eq!(a, b);
 }
+
+/// `ignore_eos`: the greedy answer that ends on `<|im_end|>` after a few tokens goes on, the
+/// same up to there, to `max_tokens`, and never holds an end-of-sequence token.
+#[tokio::test]
+async fn ignore_eos_generates_max_tokens_past_the_answers_end() {
+    use switchyard_worker::{Engine, EngineEvent, StopReason};
+    let Some(path) = model_path() else { return };
+    let tok = tokenizer(&path);
+    let prompt = tok
+        .encode(
+            "<|im_start|>user\nWhat is the capital of France? Answer in one word.<|im_end|>\n\
+             <|im_start|>assistant\n",
+        )
+        .unwrap();
+    let engine = real_engine(&path, 0);
+    let run = |ignore_eos: bool| {
+        let mut request = ids_request(prompt.clone(), 24);
+        request.sampling.ignore_eos = ignore_eos;
+        let mut rx = engine
+            .submit(request, tokio_util::sync::CancellationToken::new())
+            .unwrap();
+        async move {
+            let mut ids = vec![];
+            loop {
+                match rx.recv().await.expect("a Done event").unwrap() {
+                    EngineEvent::Token { id, .. } => ids.push(id),
+                    EngineEvent::Done { reason, .. } => return (ids, reason),
+                }
+            }
+        }
+    };
+    let (answer, reason) = run(false).await;
+    assert_eq!(reason, StopReason::Stop);
+    // (The end-of-sequence token itself may come as the carrier of held-back text.)
+    let answer: Vec<u32> = answer
+        .into_iter()
+        .filter(|id| !tok.stop_ids().contains(id))
+        .collect();
+    assert!(answer.len() < 24, "{answer:?}");
+    let (long, reason) = run(true).await;
+    assert_eq!(reason, StopReason::Length);
+    assert_eq!(long.len(), 24);
+    assert_eq!(long[..answer.len()], answer[..]);
+    assert!(
+        long.iter().all(|id| !tok.stop_ids().contains(id)),
+        "{long:?}"
+    );
+}

@@ -870,6 +870,10 @@ fn set_sampling(body: &mut Value, sampling: &Sampling, chat: bool) {
     if !sampling.stop.is_empty() {
         body["stop"] = json!(sampling.stop);
     }
+    if sampling.ignore_eos {
+        // vLLM's, SGLang's and llama.cpp's name; sent only when asked for, as above.
+        body["ignore_eos"] = json!(true);
+    }
     if let Some(top) = sampling.logprobs {
         if chat {
             body["logprobs"] = json!(true);
@@ -911,6 +915,7 @@ mod tests {
                 repetition_penalty: Some(1.5),
                 logit_bias: vec![(7, -100.0), (42, 2.5)],
                 logprobs: Some(2),
+                ignore_eos: true,
                 ..Default::default()
             },
             true,
@@ -920,7 +925,7 @@ mod tests {
             json!({"model": "m", "max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "top_k": 20,
                 "seed": -1, "stop": ["END"], "presence_penalty": 0.25, "frequency_penalty": -0.5,
                 "repetition_penalty": 1.5, "logit_bias": {"7": -100.0, "42": 2.5},
-                "logprobs": true, "top_logprobs": 2})
+                "logprobs": true, "top_logprobs": 2, "ignore_eos": true})
         );
         // A text completion asks for log probabilities in its own form.
         let mut body = json!({});

@@ -56,6 +56,8 @@ pub struct Sampling {
     /// Report log probabilities with each token, and this many of the most likely tokens at
     /// its position; `None`: do not.
     pub logprobs: Option<u32>,
+    /// Never end on the model's end-of-sequence tokens (`SamplingParams.ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -263,6 +263,7 @@ fn sampling() -> impl Strategy<Value = Option<SamplingParams>> {
                         logit_bias,
                         logprobs: top_logprobs % 3 != 0,
                         top_logprobs: top_logprobs % 23,
+                        ignore_eos: top_logprobs % 5 == 0,
                     }
                 },
             ),

@@ -95,6 +95,10 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     /// End-user id; used as the affinity key.
     pub user: Option<String>,
+    /// Not in OpenAI's API; vLLM's and llama.cpp's: generate `max_tokens` whatever the model
+    /// says (load tests send it for answers of a known length).
+    #[serde(default, deserialize_with = "null_is_false")]
+    pub ignore_eos: bool,
     /// Fields asking for what Switchyard does not do: refused by name rather than ignored, as
     /// a client asking for them would misread an answer without them.
     #[serde(flatten)]
@@ -115,6 +119,8 @@ pub struct Unsupported {
     suffix: Option<Value>,
     modalities: Option<Value>,
     audio: Option<Value>,
+    /// vLLM's: a length the answer may not end before. A client sending it counts on the length.
+    min_tokens: Option<Value>,
 }
 
 impl Unsupported {
@@ -191,6 +197,11 @@ impl Unsupported {
                 "only [\"text\"] output is supported",
             ),
             ("audio", off(&self.audio), "audio output is not supported"),
+            (
+                "min_tokens",
+                off(&self.min_tokens),
+                "a minimum answer length is not supported (ignore_eos is: it generates max_tokens)",
+            ),
         ];
         match refusals.into_iter().find(|(_, off, _)| !off) {
             Some((field, _, why)) => Err(ApiError::invalid(field, why)),
@@ -431,6 +442,7 @@ fn sampling(
         logit_bias,
         logprobs,
         top_logprobs,
+        ignore_eos: fields.ignore_eos,
     };
     let mode = StreamMode {
         stream: fields.stream,
@@ -777,6 +789,18 @@ mod tests {
     }
 
     #[test]
+    fn ignore_eos_reaches_the_request() {
+        let ignore_eos = |extra: &str| {
+            let (request, _) = chat_with(extra).expect("valid");
+            request.sampling.expect("sampling").ignore_eos
+        };
+        assert!(ignore_eos(r#""ignore_eos":true"#));
+        assert!(!ignore_eos(r#""ignore_eos":false"#));
+        assert!(!ignore_eos(r#""ignore_eos":null"#));
+        assert!(!ignore_eos(r#""max_tokens":3"#));
+    }
+
+    #[test]
     fn penalties_and_logit_bias_reach_the_request() {
         let (request, _) = chat(
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],
@@ -840,6 +864,7 @@ mod tests {
             (r#""suffix":"}""#, "suffix"),
             (r#""modalities":["text","audio"]"#, "modalities"),
             (r#""audio":{"voice":"alloy","format":"wav"}"#, "audio"),
+            (r#""min_tokens":10"#, "min_tokens"),
         ] {
             assert_eq!(
                 outcome(extra),
@@ -865,6 +890,7 @@ mod tests {
             r#""suffix":"""#,
             r#""modalities":["text"]"#,
             r#""audio":null"#,
+            r#""min_tokens":0"#,
         ] {
             assert_eq!(outcome(extra), Ok(()), "{extra}");
         }
