@@ -164,8 +164,8 @@ function renderWorkers(workers) {
       c[i].className = className;
     };
     set(0, w.pool);
-    set(1, w.id, "mono");
-    set(2, w.address, "mono");
+    set(1, w.id, "mono long");
+    set(2, w.address, "mono long");
     set(3, w.models.join(", "));
     c[4].className = `state state-${w.state}`;
     c[4].textContent = w.state;

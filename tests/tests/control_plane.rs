@@ -2491,6 +2491,87 @@ async fn a_dashboard_whose_control_plane_hangs_says_so_until_it_answers_again() 
     Ok(())
 }
 
+/// A worker record with a long id (ids have no length limit: a generated one, a pod's DNS
+/// name) among fifty ordinary ones: every row's state, load and drain button stay in the
+/// window, and so does the routing policy beside the events. The id column grew to the id's
+/// width and pushed them past the right edge on every row, behind a horizontal scrollbar; the
+/// id's "joined" event widened the events column and pushed the policy out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_worker_id_keeps_every_rows_drain_button_in_view() -> anyhow::Result<()> {
+    use switchyard_cluster::{Capacity, Pool, Registry as _, WorkerRecord, WorkerState};
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+    plane
+        .wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    let registry = etcd.registry().await?;
+    let record = |id: String| WorkerRecord {
+        id,
+        pool: Pool::Gpu,
+        address: "127.0.0.1:9".into(),
+        models: vec!["m".into()],
+        capacity: Capacity {
+            max_concurrent: 8,
+            tokens_per_s: 50.0,
+            cost_per_mtok: 0.5,
+        },
+        hardware: "test".into(),
+        engine: "synthetic".into(),
+        version: "0".into(),
+        state: WorkerState::Ready,
+    };
+    let long = format!("gpu-{}", "7f3a".repeat(30));
+    let mut registrations = Vec::new();
+    for id in (0..50).map(|i| format!("gpu-{i:02}")).chain([long.clone()]) {
+        registrations.push(registry.register(record(id), PATIENCE).await?);
+    }
+    let browser = Browser::start().await?;
+    browser
+        .goto(&format!("http://{}/", plane.addr("http")))
+        .await?;
+    wait_until(PATIENCE, "the page to list 51 workers", || async {
+        page_worker_ids(&browser)
+            .await
+            .is_ok_and(|ids| ids.len() == 51)
+    })
+    .await?;
+    // Rows whose drain button ends past the window's right edge, and the elements that reach
+    // past it (the page scrolls sideways then), once the page has laid the rows out.
+    let layout = || async {
+        browser
+            .execute(
+                "const width = document.documentElement.clientWidth;
+                 const cut = [...document.querySelectorAll('#workers tbody tr')]
+                   .filter(tr => tr.querySelector('button').getBoundingClientRect().right > width)
+                   .map(tr => tr.dataset.workerId);
+                 const wide = [...document.querySelectorAll('body *')]
+                   .filter(e => e.getBoundingClientRect().right > width + 1)
+                   .slice(0, 5).map(e => `${e.tagName}#${e.id}.${e.className}`);
+                 return [cut, wide];",
+                vec![],
+            )
+            .await
+            .unwrap_or_default()
+    };
+    let fits = wait_until(
+        Duration::from_secs(10),
+        "every row to fit the window",
+        || async { layout().await == serde_json::json!([[], []]) },
+    )
+    .await;
+    assert!(fits.is_ok(), "{}", layout().await);
+    // The long id is shown whole, not cut.
+    assert_eq!(
+        browser
+            .text(&format!("tr[data-worker-id='{long}'] td:nth-child(2)"))
+            .await?,
+        long
+    );
+    browser.close().await?;
+    drop(registrations);
+    Ok(())
+}
+
 /// The line under the decision feed says why no row shows: with the trouble filter on and
 /// only requests that met their SLO, that none is in trouble (it said "No decision reported
 /// yet: routers report once they reach this control plane", sending on-call to look for a
