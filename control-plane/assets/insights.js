@@ -397,6 +397,8 @@
       .filter((d) => !trouble || (d.outcome && d.outcome.status !== "cancelled" && !d.outcome.slo_met))
       .sort(newestFirst)
       .slice(0, MAX_ROWS);
+    // The rows are drawn anew: the one the keyboard was on keeps the focus.
+    const focused = body.contains(document.activeElement) ? document.activeElement.dataset.key : null;
     body.replaceChildren();
     for (const d of entries) {
       const tr = document.createElement("tr");
@@ -423,8 +425,20 @@
         td(d.outcome && d.outcome.ttft_ms ? fmtMs(d.outcome.ttft_ms) : "–", "num"),
         sloCell(d),
       );
-      tr.addEventListener("click", () => { selected = d.key; renderFeed(); renderStory(); });
+      // A row opens its story from the keyboard too (Tab to it, Enter or Space), not only on
+      // a click.
+      tr.dataset.key = d.key;
+      tr.tabIndex = 0;
+      const open = () => { selected = d.key; renderFeed(); renderStory(); };
+      tr.addEventListener("click", open);
+      tr.addEventListener("keydown", (event) => {
+        if (event.key !== "Enter" && event.key !== " ") return;
+        event.preventDefault();
+        open();
+      });
       body.appendChild(tr);
+      // Without scrolling: new rows above must not make the list jump after it.
+      if (d.key === focused) tr.focus({ preventScroll: true });
     }
     renderFeedNote(entries.length);
   }

@@ -2657,6 +2657,54 @@ async fn the_decision_feeds_empty_line_says_why_it_is_empty() -> anyhow::Result<
     Ok(())
 }
 
+/// A decision's story opens from the keyboard: its row takes the focus (Tab) and Enter opens
+/// it. The rows answered only mouse clicks: a keyboard user could not reach any story.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decisions_story_opens_from_the_keyboard() -> anyhow::Result<()> {
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+    plane
+        .wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    admin(plane.addr("grpc"))
+        .await?
+        .report(tokio_stream::iter([
+            direct_decision("key-0"),
+            direct_outcome("key-0"),
+        ]))
+        .await?;
+    let browser = Browser::start().await?;
+    browser
+        .goto(&format!("http://{}/", plane.addr("http")))
+        .await?;
+    wait_until(PATIENCE, "key-0 to be listed", || async {
+        feed_slo(&browser, "key-0").await == "met"
+    })
+    .await?;
+    assert!(!browser.shown("story").await);
+    // WebDriver's Enter key, sent to the row as a keyboard user's would be.
+    browser
+        .type_text("#decisions tr[data-request-id='key-0']", "\u{E007}")
+        .await?;
+    wait_until(PATIENCE, "the story of key-0 to open", || async {
+        browser.shown("story").await
+            && browser
+                .text("#story h3")
+                .await
+                .is_ok_and(|t| t == "Request key-0")
+    })
+    .await?;
+    let focused = browser
+        .execute(
+            "return document.activeElement.dataset.requestId || null;",
+            vec![],
+        )
+        .await?;
+    assert_eq!(focused, "key-0", "the row keeps the focus when redrawn");
+    browser.close().await?;
+    Ok(())
+}
+
 /// A leader frozen past its lease (SIGSTOP) while another replica takes over keeps none of
 /// the reports a router sent it — neither those buffered during the freeze, read at once when
 /// it wakes (they showed as a spike of tokens/s at the wrong time), nor those that come after,
