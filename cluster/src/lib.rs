@@ -9,6 +9,7 @@ pub mod credential;
 pub mod driven;
 pub mod etcd;
 mod etcd_channel;
+pub mod grpc_server;
 pub mod identity;
 pub mod in_process;
 pub mod lease;

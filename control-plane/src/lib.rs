@@ -207,15 +207,9 @@ pub async fn run_control_plane(
         switchyard_proto::introspection::reflection_services(&[
             <AdminServer<()> as tonic::server::NamedService>::NAME,
         ]);
-    let grpc_router = tonic::transport::Server::builder()
-        // Unset, tonic lets one connection open streams without bound (`WatchEvents` needs no
-        // token).
-        .max_concurrent_streams(Some(MAX_CONNECTION_STREAMS))
-        // A request that cannot be read is the client's fault (`INVALID_ARGUMENT`,
-        // `RESOURCE_EXHAUSTED`), as at the router, not tonic's `INTERNAL` / `OUT_OF_RANGE`.
-        .layer(tower::util::MapResponseLayer::new(
-            switchyard_router::decode_errors::as_client_fault::<tonic::body::Body>,
-        ))
+    // A bound on each connection's streams (`WatchEvents` needs no token), and unreadable
+    // requests answered as the client's fault.
+    let grpc_router = switchyard_cluster::grpc_server::builder(MAX_CONNECTION_STREAMS)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

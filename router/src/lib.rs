@@ -7,7 +7,6 @@ pub mod affinity;
 pub mod auth;
 pub mod changes;
 pub mod config;
-pub mod decode_errors;
 pub mod dispatch;
 pub mod error;
 pub mod links;

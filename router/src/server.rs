@@ -206,17 +206,12 @@ pub async fn run_router_with_endpoints(
         switchyard_proto::introspection::reflection_services(&[
             <InferenceServer<()> as tonic::server::NamedService>::NAME,
         ]);
-    let mut grpc = tonic::transport::Server::builder()
-        // Unset, tonic lets one connection open streams without bound.
-        .max_concurrent_streams(Some(max_connection_streams));
+    let mut grpc = switchyard_cluster::grpc_server::builder(max_connection_streams);
     if let Some(age) = connections.max_age {
         // No grace after it: a Session open then is never cut, only new calls move.
         grpc = grpc.max_connection_age(age);
     }
     let grpc = grpc
-        .layer(tower::util::MapResponseLayer::new(
-            crate::decode_errors::as_client_fault::<tonic::body::Body>,
-        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

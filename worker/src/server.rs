@@ -29,6 +29,9 @@ use crate::metrics::WorkerMetrics;
 use crate::service::WorkerService;
 use switchyard_cluster::telemetry::metrics::Metrics;
 
+/// gRPC streams one connection may have open at once (HTTP/2 `SETTINGS_MAX_CONCURRENT_STREAMS`).
+const MAX_CONNECTION_STREAMS: u32 = 1024;
+
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Unique worker id (the etcd key's last segment).
@@ -228,7 +231,9 @@ async fn serve(
 
     let server_stop = closing.clone();
     let in_network_credential = credential.clone();
-    let router = tonic::transport::Server::builder()
+    // Routers and control planes open a few streams each (one `Serve` a link, tokenizer
+    // calls); the bound is for anything else that connects.
+    let router = switchyard_cluster::grpc_server::builder(MAX_CONNECTION_STREAMS)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
