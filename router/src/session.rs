@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use switchyard_cluster::grpc_server::client_fault;
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 use switchyard_proto::v1::{self, client_frame};
 use switchyard_proto::validate::{canonicalize_roles, validate_cancel, validate_interrupt};
@@ -116,19 +117,17 @@ pub(crate) async fn run_session(
 /// client's fault, so never OK; `None` for a stream that simply broke (nobody to tell).
 fn unreadable_input(status: &Status) -> Option<Status> {
     let closed = "the session is closed and its requests cancelled";
-    Some(
-        match switchyard_cluster::grpc_server::client_fault(status)? {
-            tonic::Code::ResourceExhausted => Status::resource_exhausted(format!(
-                "a ClientFrame over the router's message size limit ({}); {closed}: shorten the \
+    Some(match client_fault(status)? {
+        tonic::Code::ResourceExhausted => Status::resource_exhausted(format!(
+            "a ClientFrame over the router's message size limit ({}); {closed}: shorten the \
              prompt or messages",
-                status.message()
-            )),
-            _ => Status::invalid_argument(format!(
-                "malformed ClientFrame ({}); {closed}: send switchyard.v1.ClientFrame messages",
-                status.message()
-            )),
-        },
-    )
+            status.message()
+        )),
+        _ => Status::invalid_argument(format!(
+            "malformed ClientFrame ({}); {closed}: send switchyard.v1.ClientFrame messages",
+            status.message()
+        )),
+    })
 }
 
 async fn handle_frame(
