@@ -306,12 +306,13 @@ async fn run(
                 .await
                 .map_err(refused)?
                 .into_inner();
-            let was = if answer.was_draining {
-                ""
+            // Lifting the drain is all this did: whether the worker is registered and
+            // advertises `ready` again is `admin workers`' to say.
+            if answer.was_draining {
+                println!("{worker_id} drain lifted");
             } else {
-                " (it was not draining)"
-            };
-            println!("{worker_id} ready{was}");
+                println!("{worker_id} was not draining");
+            }
         }
         Call::GetPolicy => {
             let policy = client

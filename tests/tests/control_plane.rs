@@ -1436,7 +1436,10 @@ async fn the_admin_command_lists_drains_and_patches_the_policy() -> anyhow::Resu
     );
     let (code, out, err) = run(&["undrain", "gpu-0"]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(out.contains("gpu-0 ready"), "{out}");
+    assert_eq!(out, "gpu-0 drain lifted\n");
+    let (code, out, err) = run(&["undrain", "gpu-0"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(out, "gpu-0 was not draining\n");
 
     let (code, _, err) = run(&["policy", "set", "-"]);
     assert_eq!(
