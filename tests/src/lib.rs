@@ -960,6 +960,28 @@ pub async fn run_program<S: AsRef<std::ffi::OsStr>>(
     ))
 }
 
+/// The bound on streams a gRPC server at `grpc` advertises in its HTTP/2 SETTINGS, read at the
+/// frame level (before any client library applies it), after a health check has been answered
+/// (so the server's SETTINGS, sent first, have been applied).
+pub async fn advertised_stream_limit(grpc: SocketAddr) -> anyhow::Result<usize> {
+    let tcp = tokio::net::TcpStream::connect(grpc).await?;
+    let (mut send, connection) = h2::client::handshake(tcp).await?;
+    let mut connection = std::pin::pin!(connection);
+    let request = http::Request::post(format!("http://{grpc}/grpc.health.v1.Health/Check"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())?;
+    let (response, mut body) = send.send_request(request, false)?;
+    // An empty HealthCheckRequest: no compression, zero length.
+    body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
+    let response = tokio::select! {
+        response = response => response?,
+        ended = &mut connection => anyhow::bail!("the connection ended first: {ended:?}"),
+    };
+    anyhow::ensure!(response.status() == http::StatusCode::OK, "{response:?}");
+    Ok(connection.max_concurrent_send_streams())
+}
+
 /// The Python gRPC client, run as a program (`python3 PYTHON_CLIENT --target … "prompt"`).
 pub const PYTHON_CLIENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
