@@ -10,7 +10,8 @@ use switchyard_client::{Completion, SessionClient};
 use switchyard_proto::v1::{self, RequestClass, admin_client::AdminClient, cluster_event::Kind};
 use switchyard_tests::browser::Browser;
 use switchyard_tests::{
-    Cluster, ClusterSpec, assert_ran_to_length, poll_until, start_control_plane, wait_until,
+    Cluster, ClusterSpec, Component, assert_ran_to_length, poll_until, start_control_plane,
+    wait_until,
 };
 use switchyard_worker::synthetic::synthetic_text;
 use tonic::transport::Channel;
@@ -21,6 +22,16 @@ const PATIENCE: Duration = Duration::from_secs(30);
 async fn admin(addr: std::net::SocketAddr) -> anyhow::Result<AdminClient<Channel>> {
     let channel = switchyard_client::connect_channel(&addr.to_string()).await?;
     Ok(AdminClient::new(channel))
+}
+
+/// A single etcd and one control plane on it, once it leads.
+async fn leading_control_plane() -> anyhow::Result<(switchyard_tests::Etcd, Component)> {
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
+    plane
+        .wait_for_log("became the control-plane leader", PATIENCE)
+        .await?;
+    Ok((etcd, plane))
 }
 
 async fn worker_state(admin: &AdminClient<Channel>, id: &str) -> Option<String> {
@@ -2430,11 +2441,7 @@ async fn after_a_leader_change_the_pages_decision_feed_follows_the_new_leader() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dashboard_whose_control_plane_hangs_says_so_until_it_answers_again() -> anyhow::Result<()>
 {
-    let etcd = switchyard_tests::Etcd::start().await?;
-    let plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
-    plane
-        .wait_for_log("became the control-plane leader", PATIENCE)
-        .await?;
+    let (_etcd, plane) = leading_control_plane().await?;
     let browser = Browser::start().await?;
     browser
         .goto(&format!("http://{}/", plane.addr("http")))
@@ -2502,11 +2509,7 @@ async fn a_dashboard_whose_control_plane_hangs_says_so_until_it_answers_again() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_worker_id_keeps_every_rows_drain_button_in_view() -> anyhow::Result<()> {
     use switchyard_cluster::{Capacity, Pool, Registry as _, WorkerRecord, WorkerState};
-    let etcd = switchyard_tests::Etcd::start().await?;
-    let plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
-    plane
-        .wait_for_log("became the control-plane leader", PATIENCE)
-        .await?;
+    let (etcd, plane) = leading_control_plane().await?;
     let registry = etcd.registry().await?;
     let record = |id: String| WorkerRecord {
         id,
@@ -2582,11 +2585,7 @@ async fn a_long_worker_id_keeps_every_rows_drain_button_in_view() -> anyhow::Res
 /// can (the error stayed until the next decision arrived).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_decision_feeds_empty_line_says_why_it_is_empty() -> anyhow::Result<()> {
-    let etcd = switchyard_tests::Etcd::start().await?;
-    let plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
-    plane
-        .wait_for_log("became the control-plane leader", PATIENCE)
-        .await?;
+    let (_etcd, plane) = leading_control_plane().await?;
     let browser = Browser::start().await?;
     browser
         .goto(&format!("http://{}/", plane.addr("http")))
@@ -2664,11 +2663,7 @@ async fn the_decision_feeds_empty_line_says_why_it_is_empty() -> anyhow::Result<
 /// it. The rows answered only mouse clicks: a keyboard user could not reach any story.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decisions_story_opens_from_the_keyboard() -> anyhow::Result<()> {
-    let etcd = switchyard_tests::Etcd::start().await?;
-    let plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
-    plane
-        .wait_for_log("became the control-plane leader", PATIENCE)
-        .await?;
+    let (_etcd, plane) = leading_control_plane().await?;
     admin(plane.addr("grpc"))
         .await?
         .report(tokio_stream::iter([
