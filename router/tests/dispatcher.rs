@@ -547,12 +547,22 @@ async fn a_generate_deadline_ends_the_stream_and_stops_the_generation() {
     let mut call = tonic::Request::new(request("t", "slow", 100, RequestClass::Auto));
     call.set_timeout(Duration::from_millis(400));
     let asked = Instant::now();
-    let mut stream = within("generate", client.generate(call))
+    let stream = within("generate", client.generate(call))
         .await
         .expect("accepted")
         .into_inner();
+    ends_at_its_deadline(&cluster, stream, asked).await;
+}
+
+/// Reads a call's frames to their end: it must end `DEADLINE_EXCEEDED`, no sooner than its
+/// 400 ms deadline after `asked`, and its generation of script "slow" must stop on the engine.
+async fn ends_at_its_deadline(
+    cluster: &Cluster,
+    mut frames: tonic::Streaming<v1::ServerFrame>,
+    asked: Instant,
+) {
     let status = loop {
-        match within("the deadline", stream.message()).await {
+        match within("the deadline", frames.message()).await {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("the call ended OK past its deadline"),
             Err(status) => break status,
@@ -598,31 +608,11 @@ async fn a_session_deadline_ends_the_session_and_stops_its_generations() {
     call.set_timeout(Duration::from_millis(400));
     let asked = Instant::now();
     let mut client = InferenceClient::new(cluster.channel().await);
-    let mut inbound = within("open a session", client.session(call))
+    let inbound = within("open a session", client.session(call))
         .await
         .expect("session opened")
         .into_inner();
-    let status = loop {
-        match within("the deadline", inbound.message()).await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("the session ended OK past its deadline"),
-            Err(status) => break status,
-        }
-    };
-    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(
-        asked.elapsed() >= Duration::from_millis(400),
-        "{:?}",
-        asked.elapsed()
-    );
-    let engine = cluster.engine(0);
-    let start = start_on(engine, "slow").await;
-    let events = within(
-        "the engine sees the cancel",
-        engine.wait_until(|e| done_of(e, &start.request_id).is_some()),
-    )
-    .await;
-    assert!(cancelled(&events, &start.request_id), "{events:?}");
+    ends_at_its_deadline(&cluster, inbound, asked).await;
     drop(frames);
 }
 
