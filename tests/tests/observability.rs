@@ -74,14 +74,22 @@ async fn generate(
         call.metadata_mut()
             .insert("traceparent", traceparent.parse()?);
     }
-    let mut frames = client.generate(call).await?.into_inner();
+    let frames = client.generate(call).await?.into_inner();
+    let (accepted, usage) = read_to_finished(frames).await?;
+    Ok((accepted, usage.completion_tokens))
+}
+
+/// Reads a `Generate` call's frames to its `Finished`: its `Accepted` frame and usage.
+async fn read_to_finished(
+    mut frames: tonic::Streaming<v1::ServerFrame>,
+) -> anyhow::Result<(v1::Accepted, v1::Usage)> {
     let mut accepted = None;
     while let Some(frame) = frames.message().await? {
         match frame.frame {
             Some(server_frame::Frame::Accepted(a)) => accepted = Some(a),
             Some(server_frame::Frame::Finished(f)) => {
-                let tokens = f.usage.map(|u| u.completion_tokens).unwrap_or_default();
-                return Ok((accepted.expect("accepted before finished"), tokens));
+                let accepted = accepted.context("Finished before Accepted")?;
+                return Ok((accepted, f.usage.unwrap_or_default()));
             }
             Some(server_frame::Frame::Failed(f)) => anyhow::bail!("request failed: {f:?}"),
             _ => {}
@@ -885,20 +893,7 @@ async fn generate_as(
     if let Some(tenant) = tenant {
         request.metadata.insert("tenant".into(), tenant.into());
     }
-    let mut frames = client.generate(request).await?.into_inner();
-    let mut accepted = None;
-    while let Some(frame) = frames.message().await? {
-        match frame.frame {
-            Some(server_frame::Frame::Accepted(a)) => accepted = Some(a),
-            Some(server_frame::Frame::Finished(f)) => {
-                let accepted = accepted.context("Finished before Accepted")?;
-                return Ok((accepted, f.usage.unwrap_or_default()));
-            }
-            Some(server_frame::Frame::Failed(f)) => anyhow::bail!("request failed: {f:?}"),
-            _ => {}
-        }
-    }
-    anyhow::bail!("stream ended without Finished")
+    read_to_finished(client.generate(request).await?.into_inner()).await
 }
 
 /// Per-tenant usage: a tenant the routing policy names is counted by name, requests and prompt
