@@ -19,7 +19,8 @@ redirected to new instructions without opening anything new:
     asyncio.run(main())
 
 `generate()` is the one-request form (`Inference.Generate`), `list_models()` the model listing.
-A request that fails raises `RequestFailed` (its gRPC code, message and the field at fault);
+A request that fails raises `RequestFailed` (its gRPC code, message, the field at fault and a
+`reason` such as `CONTEXT_LENGTH_EXCEEDED`: trim old turns and retry);
 when the session ends (router restarted, connection lost) every request still open on it fails
 with the session's status (`UNAVAILABLE` when the connection was lost, `CANCELLED` after
 `close()`, `UNAUTHENTICATED` without a valid key), and `start` raises `SessionClosed`: open a
@@ -150,6 +151,7 @@ class RequestFailed(Exception):
         message: str,
         field: str = "",
         retry_after_ms: int = 0,
+        reason: str = "",
     ):
         # The router's messages name the field at fault already ("model: ...").
         super().__init__(f"request {request_id!r} failed: {code.name}: {message}")
@@ -158,11 +160,19 @@ class RequestFailed(Exception):
         self.message = message
         self.field = field
         self.retry_after_ms = retry_after_ms
+        self.reason = reason
 
     @classmethod
     def from_frame(cls, failed) -> "RequestFailed":
         code = _STATUS_BY_VALUE.get(failed.code, grpc.StatusCode.UNKNOWN)
-        return cls(failed.request_id, code, failed.message, failed.field, failed.retry_after_ms)
+        return cls(
+            failed.request_id,
+            code,
+            failed.message,
+            failed.field,
+            failed.retry_after_ms,
+            failed.reason,
+        )
 
 
 @dataclass

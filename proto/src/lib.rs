@@ -19,6 +19,10 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 pub use validate::{FieldViolation, RequestLimits, validate_generate_request};
 
+/// `Failed.reason` when the prompt, or the prompt and `max_tokens` together, do not fit the
+/// model's context: clients that trim old turns and retry look for it.
+pub const CONTEXT_LENGTH_EXCEEDED: &str = "CONTEXT_LENGTH_EXCEEDED";
+
 impl v1::Lane {
     /// The lane's name as used in config, logs and metrics.
     pub fn label(self) -> &'static str {

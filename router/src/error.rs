@@ -65,6 +65,29 @@ impl DispatchError {
         }
     }
 
+    /// What a worker's `Failed` frame means to the client: a refusal naming a field is the
+    /// request's fault, as if the router had found it (the field, and a context overflow,
+    /// travel as values, so every door names them); anything else is the worker's status.
+    pub fn from_worker(failed: v1::Failed) -> Self {
+        let code = Code::from_i32(failed.code);
+        if code != Code::InvalidArgument || failed.field.is_empty() {
+            return Self::Worker {
+                code,
+                message: failed.message,
+            };
+        }
+        let reason = failed
+            .message
+            .strip_prefix(&failed.field)
+            .and_then(|rest| rest.strip_prefix(": "))
+            .map_or_else(|| failed.message.clone(), str::to_string);
+        Self::Invalid {
+            field: failed.field,
+            reason,
+            exceeds_context: failed.reason == switchyard_proto::CONTEXT_LENGTH_EXCEEDED,
+        }
+    }
+
     /// The prompt, or the prompt and `max_tokens` together, do not fit the model's context.
     pub fn exceeds_context(field: impl Into<String>, reason: impl Into<String>) -> Self {
         Self::Invalid {
@@ -97,6 +120,17 @@ impl DispatchError {
         }
     }
 
+    /// `Failed.reason`: what a client can act on beyond the code, when something applies.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            Self::Invalid {
+                exceeds_context: true,
+                ..
+            } => Some(switchyard_proto::CONTEXT_LENGTH_EXCEEDED),
+            _ => None,
+        }
+    }
+
     /// When the client may retry, if the router decided it.
     pub fn retry_after_ms(&self) -> Option<u64> {
         match self {
@@ -124,6 +158,7 @@ impl DispatchError {
                     .map(|ms| u32::try_from(ms).unwrap_or(u32::MAX))
                     .unwrap_or(0),
                 field: self.field().unwrap_or_default().to_string(),
+                reason: self.reason().unwrap_or_default().to_string(),
             })),
         }
     }
@@ -237,5 +272,49 @@ mod tests {
             Some("model")
         );
         assert_eq!(DispatchError::ClientGone.code(), Code::Cancelled);
+    }
+
+    #[test]
+    fn a_workers_context_refusal_reaches_the_client_as_the_routers_own_would() {
+        let ours = DispatchError::exceeds_context(
+            "sampling.max_tokens",
+            "prompt (200 tokens) + max_tokens (100) = 300 exceeds the model's context length of 256 tokens",
+        );
+        let Some(Frame::Failed(wire)) = ours.failed_frame("r").frame else {
+            panic!("a Failed frame");
+        };
+        assert_eq!(wire.reason, switchyard_proto::CONTEXT_LENGTH_EXCEEDED);
+        // The same frame coming back from a worker is the same error.
+        assert_eq!(DispatchError::from_worker(wire), ours);
+
+        // A field named without the context reason is a plain invalid field.
+        let plain = DispatchError::from_worker(v1::Failed {
+            code: Code::InvalidArgument as i32,
+            message: "prompt: tokenizes to no tokens".into(),
+            field: "prompt".into(),
+            ..Default::default()
+        });
+        assert_eq!(
+            plain,
+            DispatchError::invalid("prompt", "tokenizes to no tokens")
+        );
+        assert_eq!(plain.reason(), None);
+
+        // No field, or another code: the worker's status as it sent it.
+        for (code, field) in [(Code::InvalidArgument, ""), (Code::Unavailable, "prompt")] {
+            let failed = v1::Failed {
+                code: code as i32,
+                message: "engine says no".into(),
+                field: field.into(),
+                ..Default::default()
+            };
+            assert_eq!(
+                DispatchError::from_worker(failed),
+                DispatchError::Worker {
+                    code,
+                    message: "engine says no".into(),
+                }
+            );
+        }
     }
 }

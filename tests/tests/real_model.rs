@@ -368,6 +368,97 @@ async fn greedy_generation(
     Ok((text, ids))
 }
 
+/// A context overflow found past the router — by the endpoint behind a wafer-scale gateway
+/// (here a whole Switchyard cluster whose worker caps the context at 256 tokens), where the
+/// router has no tokenizer to check it — reaches clients as the router's own check answers
+/// it: OpenAI's `context_length_exceeded` naming the prompt's field, and on a `Session` a
+/// `Failed` frame with the field and the reason. It was a retryable upstream fault.
+#[tokio::test]
+async fn a_context_overflow_found_past_the_router_is_still_context_length_exceeded()
+-> anyhow::Result<()> {
+    let upstream = real_model_cluster_with(1, &["--max-model-len", "256"]).await?;
+    let model_map = format!("fast={MODEL}");
+    let front = Cluster::start(ClusterSpec {
+        gpu_workers: 0,
+        wse_workers: 1,
+        wse_flags: [
+            "--engine",
+            "gateway",
+            "--gateway-url",
+            &upstream.router_openai_url(),
+            "--model",
+            "fast",
+            "--gateway-model-map",
+            &model_map,
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Default::default()
+    })
+    .await?;
+    let too_long = "hello ".repeat(300);
+    let client = reqwest::Client::new();
+    for (endpoint, prompt, field) in [
+        (
+            "chat/completions",
+            json!({"messages": [{"role": "user", "content": too_long}]}),
+            "messages",
+        ),
+        ("completions", json!({"prompt": too_long}), "prompt"),
+    ] {
+        let mut request = json!({"model": "fast", "max_tokens": 4});
+        request
+            .as_object_mut()
+            .expect("an object")
+            .extend(prompt.as_object().expect("an object").clone());
+        let response = client
+            .post(format!("{}/{endpoint}", front.router_openai_url()))
+            .json(&request)
+            .send()
+            .await?;
+        assert_eq!(response.status(), 400, "{endpoint}");
+        let body: Value = response.json().await?;
+        assert_eq!(body["error"]["code"], "context_length_exceeded", "{body}");
+        assert_eq!(body["error"]["param"], field, "{body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("context")),
+            "{body}"
+        );
+    }
+
+    let session = SessionClient::connect(&front.router_addr()).await?;
+    let completion = session
+        .start(v1::GenerateRequest {
+            request_id: "too-long".into(),
+            model: "fast".into(),
+            messages: vec![v1::ChatMessage {
+                role: "user".into(),
+                content: too_long,
+            }],
+            sampling: Some(v1::SamplingParams {
+                max_tokens: 4,
+                ..Default::default()
+            }),
+            ..Default::default()
+        })?
+        .collect()
+        .await;
+    let failed = completion.failed.expect("the request failed");
+    assert_eq!(
+        failed.code,
+        tonic::Code::InvalidArgument as i32,
+        "{failed:?}"
+    );
+    assert_eq!(
+        (failed.field.as_str(), failed.reason.as_str()),
+        ("messages", switchyard_proto::CONTEXT_LENGTH_EXCEEDED),
+        "{failed:?}"
+    );
+    Ok(())
+}
+
 /// The token frames of a greedy raw-prompt generation over gRPC `Generate`, with `sampling`; a
 /// `Failed` frame is the inner error.
 async fn generation(

@@ -217,26 +217,50 @@ struct Admission {
 }
 
 impl Admission {
-    /// Queues `job` for the scheduler with `prompt`, then the `resumed` tokens, as its
-    /// context; refuses it when that cannot fit the model or the KV store, or the queue is full.
-    fn admit(&self, mut job: Job, prompt: Vec<u32>, resumed: &[u32]) -> Result<(), EngineError> {
+    /// Queues `job` for the scheduler with `prompt` (which came in request field
+    /// `prompt_field`), then the `resumed` tokens, as its context; refuses it when that cannot
+    /// fit the model or the KV store, or the queue is full.
+    fn admit(
+        &self,
+        mut job: Job,
+        prompt: Vec<u32>,
+        prompt_field: &'static str,
+        resumed: &[u32],
+    ) -> Result<(), EngineError> {
         if prompt.is_empty() {
-            return Err(EngineError::InvalidArgument(
-                "prompt: tokenizes to no tokens".into(),
-            ));
+            return Err(EngineError::InvalidArgument(format!(
+                "{prompt_field}: tokenizes to no tokens"
+            )));
         }
         job.prompt_tokens = prompt.len() as u32;
         job.sampler.start_after(&prompt, resumed);
         job.context = prompt;
         job.context.extend_from_slice(resumed);
         let needed = job.context.len() + job.remaining;
-        if needed > self.context_length {
-            return Err(EngineError::InvalidArgument(format!(
-                "prompt ({} tokens) + sampling.max_tokens ({}) = {needed} exceeds the model's context length of {} tokens",
-                job.prompt_tokens,
-                job.resumed + job.remaining,
-                self.context_length
-            )));
+        let limit = self.context_length;
+        let max_tokens = job.resumed + job.remaining;
+        if job.prompt_tokens as usize >= limit {
+            return Err(EngineError::ExceedsContext {
+                field: prompt_field.into(),
+                detail: format!(
+                    "the prompt is {} tokens, the model's context length is {limit}: shorten it \
+                     (it must leave room for at least one generated token)",
+                    job.prompt_tokens
+                ),
+            });
+        }
+        if needed > limit {
+            return Err(EngineError::ExceedsContext {
+                field: "sampling.max_tokens".into(),
+                detail: format!(
+                    "prompt ({} tokens) + max_tokens ({max_tokens}) = {} exceeds the model's \
+                     context length of {limit} tokens: lower max_tokens to at most {} or \
+                     shorten the prompt",
+                    job.prompt_tokens,
+                    job.prompt_tokens as usize + max_tokens,
+                    limit - job.prompt_tokens as usize
+                ),
+            });
         }
         let blocks = needed.div_ceil(self.block_tokens);
         if blocks > self.kv_blocks {
@@ -622,21 +646,26 @@ impl Engine for CandleEngine {
         };
         let Some(prompt_ids) = prompt_ids else {
             let (admission, tokenizer) = (self.admission.clone(), self.tokenizer.clone());
+            let prompt_field = request.prompt.field();
             let (prompt, resume) = (request.prompt, request.resume_tokens);
             // Driven by whoever reads the stream: a refusal arrives as its one event.
             let refusals = job.tx.clone();
             let admit = async move {
                 let admitted = encode_off_runtime(tokenizer, prompt)
                     .await
-                    .and_then(|ids| admission.admit(job, ids, &resume));
+                    .and_then(|ids| admission.admit(job, ids, prompt_field, &resume));
                 if let Err(error) = admitted {
                     let _ = refusals.send(Err(error)).await;
                 }
             };
             return Ok(EngineStream::driven(rx, admit));
         };
-        self.admission
-            .admit(job, prompt_ids, &request.resume_tokens)?;
+        self.admission.admit(
+            job,
+            prompt_ids,
+            request.prompt.field(),
+            &request.resume_tokens,
+        )?;
         Ok(rx.into())
     }
 }

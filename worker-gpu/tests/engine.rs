@@ -439,14 +439,20 @@ async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
 async fn admission_limits() {
     let dir = tempfile::tempdir().unwrap();
     let path = tiny_file(&dir);
-    // Context 256: prompt + max_tokens beyond it is refused naming the limit.
+    // Context 256: prompt + max_tokens beyond it is refused naming the limit and the field to
+    // lower, with the reason clients that trim and retry look for.
     let e = engine(&path, limits());
     let err = e
         .submit(request("hello", 300), CancellationToken::new())
         .unwrap_err();
     assert!(
-        matches!(&err, EngineError::InvalidArgument(m) if m.contains("context length of 256")),
+        matches!(&err, EngineError::ExceedsContext { field, detail }
+            if field == "sampling.max_tokens" && detail.contains("context length of 256")),
         "{err:?}"
+    );
+    assert_eq!(
+        err.reason(),
+        Some(switchyard_proto::CONTEXT_LENGTH_EXCEEDED)
     );
     // A request bigger than the whole KV budget can never fit.
     let per_token = 2 * 2 * 2 * 16 * 4; // layers × (k,v) × kv heads × head dim × f32
@@ -967,7 +973,8 @@ async fn a_long_text_prompt_is_encoded_by_its_reader_and_generates_as_its_ids_do
         .unwrap();
     let first = refused.recv().await;
     assert!(
-        matches!(&first, Some(Err(EngineError::InvalidArgument(m))) if m.contains("context length of 8192")),
+        matches!(&first, Some(Err(EngineError::ExceedsContext { field, detail }))
+            if field == "prompt" && detail.contains("context length is 8192")),
         "{first:?}"
     );
     assert!(refused.recv().await.is_none());

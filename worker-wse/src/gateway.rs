@@ -427,6 +427,9 @@ enum End {
     Fault(String),
     /// The endpoint is at capacity (HTTP 429): the router should place the request elsewhere.
     Busy(String),
+    /// The endpoint refused the prompt (or prompt and output bound) as longer than its
+    /// model's context: the client's to shorten, as a router's own context check would say.
+    TooLong(String),
 }
 
 #[derive(Default)]
@@ -472,6 +475,10 @@ impl Generation {
                 debug!(request_id = %self.request_id, %message, "upstream busy");
                 Err(EngineError::ResourceExhausted(message))
             }
+            End::TooLong(message) => Err(EngineError::ExceedsContext {
+                field: if self.chat { "messages" } else { "prompt" }.into(),
+                detail: format!("too long for the wafer-scale endpoint's context ({message})"),
+            }),
             End::Fault(message) => {
                 warn!(request_id = %self.request_id, streamed = self.streamed, %message, "upstream fault");
                 Err(if self.streamed == 0 {
@@ -497,9 +504,16 @@ impl Generation {
         };
         let status = response.status();
         if !status.is_success() {
-            let message = self.http_error(response).await;
+            let (message, too_long) = self.http_error(response).await;
             return if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
                 End::Busy(message)
+            } else if too_long
+                && matches!(
+                    status,
+                    reqwest::StatusCode::BAD_REQUEST | reqwest::StatusCode::UNPROCESSABLE_ENTITY
+                )
+            {
+                End::TooLong(message)
             } else {
                 End::Fault(message)
             };
@@ -655,27 +669,50 @@ impl Generation {
     }
 
     /// A message for a non-2xx upstream answer, with the endpoint's own error message.
-    async fn http_error(&self, response: reqwest::Response) -> String {
+    /// The upstream's error response as a message, and whether it says the request does not
+    /// fit the model's context.
+    async fn http_error(&self, response: reqwest::Response) -> (String, bool) {
         let status = response.status();
         let body = tokio::time::timeout(self.chunk_timeout, response.bytes())
             .await
             .ok()
             .and_then(Result::ok)
             .unwrap_or_default();
-        let detail = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| {
-                v.get("error")
-                    .and_then(|e| e.get("message"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            })
-            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        format!(
+        let error = serde_json::from_slice::<Value>(&body).ok().map(|mut v| {
+            // OpenAI nests the error object; vLLM's older servers send it at the top level.
+            let nested = v
+                .get_mut("error")
+                .filter(|e| e.is_object())
+                .map(Value::take);
+            nested.unwrap_or(v)
+        });
+        let detail = error
+            .as_ref()
+            .and_then(|e| e.get("message").and_then(Value::as_str))
+            .map_or_else(
+                || String::from_utf8_lossy(&body).into_owned(),
+                str::to_string,
+            );
+        let too_long = error.as_ref().is_some_and(exceeds_context);
+        let message = format!(
             "upstream answered {status}: {}",
             truncate(detail.trim(), 200)
-        )
+        );
+        (message, too_long)
     }
+}
+
+/// Whether an OpenAI-style error object refuses a request as too long for the model's
+/// context, in the forms the common servers use: OpenAI's (and Cerebras') code, llama.cpp's
+/// type, and vLLM's and SGLang's messages, which carry no code for it.
+fn exceeds_context(error: &Value) -> bool {
+    let field = |name: &str| error.get(name).and_then(Value::as_str).unwrap_or_default();
+    let message = field("message").to_ascii_lowercase();
+    field("code") == "context_length_exceeded"
+        || field("type") == "exceed_context_size_error"
+        || ["context length", "context size", "context window"]
+            .iter()
+            .any(|phrase| message.contains(phrase))
 }
 
 /// A reqwest error without the URL's query or any header (the key is never in either, but

@@ -204,6 +204,55 @@ async fn http_5xx_is_unavailable_with_the_upstream_message() {
     }
 }
 
+/// A JSON error response with `status` and `body`.
+fn json_error(status: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// A context overflow, in each form common OpenAI-compatible servers send it, is the
+/// client's to fix (`INVALID_ARGUMENT` naming the prompt's field and the reason), not a fault
+/// to fail over from; any other 400 stays one.
+#[tokio::test]
+async fn a_context_overflow_from_the_upstream_names_the_prompt() {
+    let overflows = [
+        // OpenAI, Cerebras.
+        r#"{"error":{"message":"This model's maximum context length is 8192 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+        // llama.cpp's llama-server.
+        r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error","n_prompt_tokens":9000,"n_ctx":8192}}"#,
+        // vLLM (older servers put the error at the top level).
+        r#"{"object":"error","message":"This model's maximum context length is 2048 tokens. However, you requested 3000 tokens.","type":"BadRequestError","param":null,"code":400}"#,
+        // SGLang.
+        r#"{"object":"error","message":"The input (9000 tokens) is longer than the model's context length (8192 tokens).","type":"BadRequestError","code":400}"#,
+    ];
+    for body in overflows {
+        let (addr, _) = upstream(Script::Send(vec![json_error("400 Bad Request", body)])).await;
+        let events = events(&engine(addr, Duration::from_secs(5))).await;
+        match &events[..] {
+            [Err(error @ EngineError::ExceedsContext { field, detail })] => {
+                assert_eq!(field, "messages", "{body}");
+                assert!(detail.contains("400"), "{detail}");
+                assert_eq!(
+                    error.reason(),
+                    Some(switchyard_proto::CONTEXT_LENGTH_EXCEEDED)
+                );
+            }
+            other => panic!("{body}: expected ExceedsContext, got {other:?}"),
+        }
+    }
+    let other =
+        r#"{"error":{"message":"unknown parameter: top_k","type":"invalid_request_error"}}"#;
+    let (addr, _) = upstream(Script::Send(vec![json_error("400 Bad Request", other)])).await;
+    let events = events(&engine(addr, Duration::from_secs(5))).await;
+    assert!(
+        matches!(&events[..], [Err(EngineError::Unavailable(m))] if m.contains("top_k")),
+        "{events:?}"
+    );
+}
+
 #[tokio::test]
 async fn http_429_is_resource_exhausted() {
     let response =

@@ -164,6 +164,8 @@ pub fn failed(request_id: &str, error: &EngineError) -> Frame {
         request_id: request_id.to_string(),
         code: error.code() as i32,
         message: error.to_string(),
+        field: error.field().unwrap_or_default().to_string(),
+        reason: error.reason().unwrap_or_default().to_string(),
         ..Default::default()
     })
 }

@@ -24,6 +24,15 @@ pub enum Prompt {
 }
 
 impl Prompt {
+    /// The request field this prompt came in (`GenerateRequest.messages` or `.prompt`), for
+    /// refusals that name it.
+    pub fn field(&self) -> &'static str {
+        match self {
+            Prompt::Chat(_) => "messages",
+            Prompt::Text(_) => "prompt",
+        }
+    }
+
     /// The text that states the current instructions: the last user message, or the raw prompt.
     pub fn instructions(&self) -> &str {
         match self {
@@ -183,6 +192,10 @@ impl From<mpsc::Receiver<EngineItem>> for EngineStream {
 pub enum EngineError {
     #[error("{0}")]
     InvalidArgument(String),
+    /// The request does not fit the model's context; `field` is the request field to change
+    /// (`prompt`, `messages` or `sampling.max_tokens`).
+    #[error("{field}: {detail}")]
+    ExceedsContext { field: String, detail: String },
     #[error("{0}")]
     ResourceExhausted(String),
     #[error("{0}")]
@@ -194,10 +207,28 @@ pub enum EngineError {
 impl EngineError {
     pub fn code(&self) -> tonic::Code {
         match self {
-            EngineError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            EngineError::InvalidArgument(_) | EngineError::ExceedsContext { .. } => {
+                tonic::Code::InvalidArgument
+            }
             EngineError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             EngineError::Unavailable(_) => tonic::Code::Unavailable,
             EngineError::Internal(_) => tonic::Code::Internal,
+        }
+    }
+
+    /// The request field at fault, when the engine knows it.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            EngineError::ExceedsContext { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+
+    /// The `Failed.reason` a client can act on, when one applies.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            EngineError::ExceedsContext { .. } => Some(switchyard_proto::CONTEXT_LENGTH_EXCEEDED),
+            _ => None,
         }
     }
 }

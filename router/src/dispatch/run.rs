@@ -457,12 +457,7 @@ impl<'d> Run<'d> {
                         Err(error) => return Err(error),
                     };
                 }
-                (_, SegmentEnd::Failed(failed)) => {
-                    return Err(DispatchError::Worker {
-                        code: Code::from_i32(failed.code),
-                        message: failed.message,
-                    });
-                }
+                (_, SegmentEnd::Failed(failed)) => return Err(DispatchError::from_worker(failed)),
                 (next, end) => unreachable!("after() paired {next:?} with {end:?}"),
             }
         }

@@ -149,13 +149,18 @@ impl ApiError {
         Self::from_code(status.code(), status.message()).with_retry_after_ms(retry_after_ms)
     }
 
-    /// The HTTP form of a `Failed` frame: its field and its `retry_after_ms` (set when the
-    /// router shed it) as values.
+    /// The HTTP form of a `Failed` frame: its field, its reason and its `retry_after_ms` (set
+    /// when the router shed it) as values.
     pub fn from_failed(failed: &switchyard_proto::v1::Failed) -> Self {
         let field = (!failed.field.is_empty()).then_some(failed.field.as_str());
-        Self::classified(Code::from_i32(failed.code), &failed.message, field).with_retry_after_ms(
-            (failed.retry_after_ms > 0).then_some(u64::from(failed.retry_after_ms)),
-        )
+        let mut api = Self::classified(Code::from_i32(failed.code), &failed.message, field)
+            .with_retry_after_ms(
+                (failed.retry_after_ms > 0).then_some(u64::from(failed.retry_after_ms)),
+            );
+        if failed.reason == switchyard_proto::CONTEXT_LENGTH_EXCEEDED {
+            api.code = Some("context_length_exceeded");
+        }
+        api
     }
 
     /// The error in the words of a client that bounded its output with `field`
@@ -287,6 +292,19 @@ mod tests {
         // Any other invalid field keeps the general code.
         let e = ApiError::from(&DispatchError::invalid("sampling.top_p", "is 2"));
         assert_eq!(e.code, Some("invalid_value"));
+        // The session form of a refusal (a `Failed` frame, as a stream that fails after it was
+        // accepted ends) says the same.
+        let refusal = DispatchError::exceeds_context("prompt", "the prompt is 631 tokens");
+        let Some(switchyard_proto::v1::server_frame::Frame::Failed(failed)) =
+            refusal.failed_frame("r").frame
+        else {
+            panic!("a failed frame")
+        };
+        let (direct, framed) = (ApiError::from(&refusal), ApiError::from_failed(&failed));
+        assert_eq!(
+            (framed.status, framed.param, framed.code, framed.message),
+            (direct.status, direct.param, direct.code, direct.message)
+        );
     }
 
     #[test]

@@ -239,12 +239,7 @@ impl Events {
                 );
                 self.pending.push_back(Bytes::from(line));
             }
-            Frame::Failed(failed) => {
-                self.fail(ApiError::from_code(
-                    Code::from_i32(failed.code),
-                    &failed.message,
-                ));
-            }
+            Frame::Failed(failed) => self.fail(ApiError::from_failed(&failed)),
         }
     }
 }
