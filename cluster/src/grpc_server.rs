@@ -5,27 +5,33 @@
 //! the server had failed. [`client_fault`] tells those reports apart from a server's own
 //! faults: a router's `Session` reads them from its request stream; a unary or server-streaming
 //! call gets them before any handler runs, so [`as_client_fault`] rewrites its response's
-//! status, in the layer [`builder`] installs.
+//! status, in the layer [`builder`] installs. The builder also stamps each call's arrival, so
+//! handlers hold its `grpc-timeout` as tonic does (see [`crate::deadline`]).
 
 use http::HeaderValue;
 use tonic::body::Body;
 use tonic::transport::Server;
 use tonic::{Code, Status};
 use tower::layer::util::{Identity, Stack};
-use tower::util::MapResponseLayer;
+use tower::util::{MapRequestLayer, MapResponseLayer};
+
+type Stamp = MapRequestLayer<fn(http::Request<Body>) -> http::Request<Body>>;
+type Blame = MapResponseLayer<fn(http::Response<Body>) -> http::Response<Body>>;
 
 /// A gRPC server builder with the shared settings (see [`builder`]).
-pub type Builder =
-    Server<Stack<MapResponseLayer<fn(http::Response<Body>) -> http::Response<Body>>, Identity>>;
+pub type Builder = Server<Stack<Blame, Stack<Stamp, Identity>>>;
 
 /// A server builder whose connections may each open at most `max_connection_streams` streams
 /// (unset, tonic lets one connection open streams without bound) and whose answers to
 /// requests it cannot read say it was the client's fault (`INVALID_ARGUMENT`,
-/// `RESOURCE_EXHAUSTED`).
+/// `RESOURCE_EXHAUSTED`); every call carries its [`crate::deadline::CallArrival`].
 pub fn builder(max_connection_streams: u32) -> Builder {
+    let stamp_arrival: fn(http::Request<Body>) -> http::Request<Body> =
+        crate::deadline::stamp_arrival;
     let as_client_fault: fn(http::Response<Body>) -> http::Response<Body> = as_client_fault;
     Server::builder()
         .max_concurrent_streams(Some(max_connection_streams))
+        .layer(MapRequestLayer::new(stamp_arrival))
         .layer(MapResponseLayer::new(as_client_fault))
 }
 

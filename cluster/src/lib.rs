@@ -6,6 +6,7 @@
 mod allocator;
 pub mod backoff;
 pub mod credential;
+pub mod deadline;
 pub mod driven;
 pub mod etcd;
 mod etcd_channel;

@@ -256,7 +256,7 @@ impl v1::admin_server::Admin for AdminService {
             request.metadata().as_ref()
         );
         span.record("outcome", "ok");
-        let deadline = switchyard_router::service::call_deadline(request.metadata());
+        let deadline = switchyard_cluster::deadline::call_deadline(&request);
         let events = BroadcastStream::new(self.plane.events().subscribe()).filter_map(|item| {
             match item {
                 Ok(event) => Some(Ok(event)),
@@ -271,9 +271,9 @@ impl v1::admin_server::Admin for AdminService {
             futures::StreamExt::take_until(events, self.stopping.clone().cancelled_owned());
         // Past the response's headers tonic no longer holds the call to its `grpc-timeout`.
         Ok(Response::new(match deadline {
-            Some(deadline) => {
-                Box::pin(switchyard_router::service::until_deadline(events, deadline))
-            }
+            Some(deadline) => Box::pin(switchyard_cluster::deadline::until_deadline(
+                events, deadline,
+            )),
             None => Box::pin(events),
         }))
     }

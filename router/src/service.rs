@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::{Stream, StreamExt as _};
 use switchyard_proto::v1;
@@ -18,6 +17,9 @@ use crate::dispatch::{Dispatcher, frame_channel};
 use crate::error::failed_status;
 use crate::metrics::RouterMetrics;
 use crate::session::{SESSION_BUFFER, Session, run_session};
+use switchyard_cluster::deadline::{
+    ahead_of_tonic, call_deadline, deadline_passed, until_deadline,
+};
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 
 /// Frames buffered towards one `Generate` client (one request): enough to ride out a slow
@@ -50,7 +52,7 @@ impl v1::inference_server::Inference for InferenceService {
         let tenant = request.extensions().get::<Tenant>().cloned();
         // The session's trace context parents every request in it that brings none of its own.
         let trace = RemoteContext::from_headers(request.metadata().as_ref());
-        let deadline = call_deadline(request.metadata());
+        let deadline = call_deadline(&request);
         let inbound = request.into_inner();
         let (tx, rx) = frame_channel(SESSION_BUFFER);
         let session = Session {
@@ -77,7 +79,7 @@ impl v1::inference_server::Inference for InferenceService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let tenant = request.extensions().get::<Tenant>().cloned();
         let trace = RemoteContext::from_headers(request.metadata().as_ref());
-        let deadline = call_deadline(request.metadata());
+        let deadline = call_deadline(&request);
         let mut request = request.into_inner();
         if let Some(tenant) = &tenant {
             tenant.apply(&mut request);
@@ -85,21 +87,30 @@ impl v1::inference_server::Inference for InferenceService {
         if request.request_id.is_empty() {
             request.request_id = uuid::Uuid::new_v4().to_string();
         }
-        let prepared = self.dispatcher.prepare(request, trace).await?;
-        // Generate has no control frames.
-        let (_, controls) = mpsc::unbounded_channel();
-        let mut frames = self
-            .dispatcher
-            .drive(prepared, controls, GENERATE_BUFFER)
-            .into_stream();
-        // A request that fails before it is accepted (shed after waiting at the router, say)
-        // fails the call, as one refused at once does.
-        let first = match frames.next().await {
-            Some(Ok(v1::ServerFrame {
-                frame: Some(Frame::Failed(failed)),
-            })) => return Err(failed_status(&failed)),
-            Some(first) => first,
-            None => return Err(Status::internal("the request ended without a frame")),
+        let answered = async {
+            let prepared = self.dispatcher.prepare(request, trace).await?;
+            // Generate has no control frames.
+            let (_, controls) = mpsc::unbounded_channel();
+            let mut frames = self
+                .dispatcher
+                .drive(prepared, controls, GENERATE_BUFFER)
+                .into_stream();
+            // A request that fails before it is accepted (shed after waiting at the router,
+            // say) fails the call, as one refused at once does.
+            match frames.next().await {
+                Some(Ok(v1::ServerFrame {
+                    frame: Some(Frame::Failed(failed)),
+                })) => Err(failed_status(&failed)),
+                Some(first) => Ok((first, frames)),
+                None => Err(Status::internal("the request ended without a frame")),
+            }
+        };
+        let (first, frames) = match deadline {
+            // Before tonic's own timer, which would answer `CANCELLED`.
+            Some(deadline) => tokio::time::timeout_at(ahead_of_tonic(deadline), answered)
+                .await
+                .unwrap_or_else(|_| Err(deadline_passed()))?,
+            None => answered.await?,
         };
         let frames = futures::stream::once(std::future::ready(first))
             .chain(frames)
@@ -137,52 +148,6 @@ impl v1::inference_server::Inference for InferenceService {
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))
     }
-}
-
-/// When the call's `grpc-timeout` runs out; `None` without one. Tonic bounds only the wait for
-/// the response's headers by it, not a stream's frames after them: a streaming answer ends at
-/// it through [`until_deadline`].
-pub fn call_deadline(metadata: &tonic::metadata::MetadataMap) -> Option<tokio::time::Instant> {
-    tokio::time::Instant::now().checked_add(grpc_timeout(metadata)?)
-}
-
-/// The call's `grpc-timeout` (e.g. `200m`: 200 ms). A value the gRPC spec does not allow is no
-/// timeout, as tonic reads it: more than 8 digits, in particular, would overflow the clock.
-fn grpc_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
-    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
-    if amount.len() > 8 {
-        return None;
-    }
-    let amount: u64 = amount.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(amount.saturating_mul(3600)),
-        "M" => Duration::from_secs(amount.saturating_mul(60)),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
-        _ => return None,
-    })
-}
-
-/// `frames` until `deadline`, then `DEADLINE_EXCEEDED`: the rest of the stream is dropped,
-/// which cancels the generation on its worker.
-pub fn until_deadline<T: Send + 'static>(
-    frames: impl Stream<Item = Result<T, Status>> + Send + 'static,
-    deadline: tokio::time::Instant,
-) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
-    let expired = futures::stream::once(async move {
-        (tokio::time::Instant::now() >= deadline).then(|| {
-            Err(Status::deadline_exceeded(
-                "the call's deadline (grpc-timeout) passed",
-            ))
-        })
-    })
-    .filter_map(std::future::ready);
-    frames
-        .take_until(tokio::time::sleep_until(deadline))
-        .chain(expired)
 }
 
 /// A `Generate` frame, and after a `Failed` one the call's status saying the same (its code

@@ -584,6 +584,48 @@ async fn ends_at_its_deadline(
     assert!(cancelled(&events, &start.request_id), "{events:?}");
 }
 
+/// A `Generate` call whose deadline passes while it waits at the router for a slot (before its
+/// first frame) ends `DEADLINE_EXCEEDED` from the router, as one past its first frame does,
+/// whether or not the client enforces the deadline itself (here it does not: the header is
+/// set by hand). Tonic's own server timer for the same `grpc-timeout` answers `CANCELLED`,
+/// which a client reads as its own doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generate_deadline_that_passes_while_waiting_for_a_slot_is_deadline_exceeded() {
+    let (cluster, mut session) = one_slot_taken(PolicyDocument::default()).await;
+    let http2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let origin = format!("http://{}", cluster.router).parse().expect("uri");
+    let mut client = InferenceClient::with_origin(http2, origin);
+    // Several calls: the router's wait and tonic's timer end within a millisecond of each other.
+    for i in 0..5 {
+        let mut call = tonic::Request::new(request(
+            &format!("late-{i}"),
+            "late",
+            3,
+            RequestClass::CostSensitive,
+        ));
+        call.metadata_mut()
+            .insert("grpc-timeout", "150m".parse().expect("ascii"));
+        let asked = Instant::now();
+        let status = within("generate", client.generate(call))
+            .await
+            .expect_err("no slot frees before the deadline");
+        assert_eq!(
+            status.code(),
+            Code::DeadlineExceeded,
+            "call {i}: {status:?}"
+        );
+        assert!(
+            asked.elapsed() >= Duration::from_millis(140),
+            "call {i} ended early: {:?}",
+            asked.elapsed()
+        );
+    }
+    cluster.engine(0).release();
+    assert_eq!(session.end("h").await.reason(), FinishReason::Length);
+}
+
 /// A `Session` call's `grpc-timeout` holds as a `Generate` call's does: at the deadline the
 /// call ends `DEADLINE_EXCEEDED` and its running generations stop on their worker, whether or
 /// not the client enforces the deadline itself (a raw HTTP/2 client, tonic's).
