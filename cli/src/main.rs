@@ -154,3 +154,102 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::ControlPlane(args) => components::control_plane(args).await,
     }
 }
+
+/// The README's configuration reference against the flags the commands really take: a flag
+/// added without a word in the README, or a documented one renamed or removed, fails here.
+#[cfg(test)]
+mod readme_is_true {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    const README: &str = include_str!("../../README.md");
+
+    /// Every visible long flag of every command, with the environment variables it reads
+    /// (one flag may read another under another command, e.g. `up`'s own).
+    fn flags() -> BTreeMap<String, BTreeSet<String>> {
+        let mut flags: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for command in Cli::command().get_subcommands() {
+            for arg in command.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if arg.is_hide_set() || long == "help" || long == "version" {
+                    continue;
+                }
+                let envs = flags.entry(format!("--{long}")).or_default();
+                if let Some(env) = arg.get_env() {
+                    envs.insert(env.to_string_lossy().into_owned());
+                }
+            }
+        }
+        flags
+    }
+
+    /// The README's `## Configuration reference` section.
+    fn reference() -> &'static str {
+        let start = README
+            .find("\n## Configuration reference")
+            .expect("the README has a configuration reference");
+        let rest = &README[start + 1..];
+        let end = rest[3..].find("\n## ").map_or(rest.len(), |at| at + 3);
+        &rest[..end]
+    }
+
+    /// Flags named in `text`'s code spans (`` `--flag` ``, `` `switchyard up --tls` ``), in
+    /// order.
+    fn mentioned(text: &str) -> Vec<String> {
+        text.split('`')
+            .skip(1)
+            .step_by(2)
+            .flat_map(str::split_whitespace)
+            .filter(|word| word.starts_with("--") && word.len() > 2)
+            .map(|word| word.split('=').next().unwrap_or(word).to_string())
+            .collect()
+    }
+
+    #[test]
+    fn every_flag_is_documented() {
+        let documented: BTreeSet<String> = mentioned(README).into_iter().collect();
+        let missing: Vec<_> = flags()
+            .into_keys()
+            .filter(|flag| !documented.contains(flag))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "flags the README never names: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn every_flag_of_the_reference_tables_exists_with_its_environment_variable() {
+        let flags = flags();
+        let mut wrong = Vec::new();
+        for row in reference().lines().filter(|l| l.starts_with("| `--")) {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let (names, envs) = (mentioned(cells[1]), cells[2]);
+            let env_names: Vec<&str> = envs
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|e| e.starts_with("SWITCHYARD_"))
+                .collect();
+            for (i, name) in names.iter().enumerate() {
+                match flags.get(name) {
+                    None => wrong.push(format!("{name}: no command takes it")),
+                    // A row naming two flags names their variables in the same order.
+                    Some(known) => match env_names.get(i).or(env_names.first()) {
+                        Some(env) if !known.contains(*env) => {
+                            wrong.push(format!("{name}: reads {known:?}, documented {env}"))
+                        }
+                        _ => {}
+                    },
+                }
+            }
+        }
+        assert!(
+            wrong.is_empty(),
+            "the reference tables are wrong: {wrong:#?}"
+        );
+    }
+}
