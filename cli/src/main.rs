@@ -155,10 +155,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// The README's configuration reference against the flags the commands really take: a flag
-/// added without a word in the README, or a documented one renamed or removed, fails here.
+/// The README and `docs/` against the repository: a flag added without a word in the README, a
+/// documented one renamed or removed, or a file named that is not there fails here.
 #[cfg(test)]
-mod readme_is_true {
+mod docs_are_true {
     use std::collections::{BTreeMap, BTreeSet};
 
     use clap::CommandFactory as _;
@@ -251,5 +251,62 @@ mod readme_is_true {
             wrong.is_empty(),
             "the reference tables are wrong: {wrong:#?}"
         );
+    }
+
+    /// Every relative link, and every repository path in a code span (`router/src/error.rs`),
+    /// of the README and `docs/*.md` names a file or directory that exists.
+    #[test]
+    fn every_file_the_docs_name_exists() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        // What the build and the scripts make (`target/`, the fetched `models/`) is not there
+        // before they run.
+        let top_level: BTreeSet<String> = std::fs::read_dir(&root)
+            .expect("the repository")
+            .filter_map(|entry| entry.ok()?.file_name().into_string().ok())
+            .filter(|name| name != "target" && name != "models")
+            .collect();
+        let mut pages = vec![std::path::PathBuf::from("README.md")];
+        for entry in std::fs::read_dir(root.join("docs")).expect("docs/") {
+            let name = entry.expect("an entry").file_name();
+            if name.to_string_lossy().ends_with(".md") {
+                pages.push(std::path::Path::new("docs").join(name));
+            }
+        }
+        let mut missing = Vec::new();
+        for page in &pages {
+            let text = std::fs::read_to_string(root.join(page)).expect("a page");
+            let dir = page.parent().unwrap_or(std::path::Path::new(""));
+            // Links resolve from the page's directory.
+            for link in text.split("](").skip(1) {
+                let target = link.split([')', '#', ' ']).next().unwrap_or_default();
+                if target.is_empty() || target.contains("://") || target.starts_with("mailto:") {
+                    continue;
+                }
+                if !root.join(dir).join(target).exists() {
+                    missing.push(format!("{}: link {target}", page.display()));
+                }
+            }
+            // Code spans name paths from the repository's root.
+            for word in text
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .flat_map(str::split_whitespace)
+            {
+                let path = word.trim_matches(['(', ')', ',', ';', ':', '.', '"', '\'']);
+                let path = path.split(':').next().unwrap_or(path);
+                let first = path.split('/').next().unwrap_or_default();
+                if !path.contains('/')
+                    || !top_level.contains(first)
+                    || path.contains(['<', '*', '{', '$'])
+                {
+                    continue;
+                }
+                if !root.join(path).exists() {
+                    missing.push(format!("{}: `{path}`", page.display()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "named but not there: {missing:#?}");
     }
 }
