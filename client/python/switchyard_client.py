@@ -217,7 +217,7 @@ def generate_request(
     **sampling,
 ):
     """A `GenerateRequest`. `sampling` takes `SamplingParams`' other fields by name
-    (temperature, top_p, top_k, seed, presence_penalty, ..., logit_bias, logprobs)."""
+    (temperature, top_p, top_k, min_p, seed, presence_penalty, ..., logit_bias, logprobs)."""
     if request_class not in _CLASSES:
         raise ValueError(
             f"request_class must be one of {', '.join(_CLASSES)}, not {request_class!r}"

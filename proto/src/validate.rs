@@ -139,6 +139,16 @@ pub fn validate_generate_request(
             format!("is {p}, must be in (0, 1]"),
         ));
     }
+    // `contains` is false for NaN: NaN is refused too.
+    if !(0.0..=1.0).contains(&sampling.min_p) {
+        return Err(FieldViolation::new(
+            "sampling.min_p",
+            format!(
+                "is {}, must be between 0 and 1 (0 = off; 0.05 to 0.1 are common)",
+                sampling.min_p
+            ),
+        ));
+    }
     validate_penalties(&sampling)?;
     if sampling.stop.len() > 16 {
         return Err(FieldViolation::new(
@@ -450,6 +460,28 @@ mod tests {
         let mut r = valid();
         r.sampling.as_mut().unwrap().top_p = Some(0.0);
         assert_eq!(field_of(r), "sampling.top_p");
+    }
+
+    #[test]
+    fn min_p_is_a_fraction_and_not_nan() {
+        let with = |min_p: f32| {
+            let mut r = valid();
+            r.sampling.as_mut().unwrap().min_p = min_p;
+            r
+        };
+        let limits = RequestLimits::default();
+        for fine in [0.0, 0.05, 1.0] {
+            assert_eq!(validate_generate_request(&with(fine), &limits), Ok(()));
+        }
+        for bad in [-0.1, 1.5, f32::NAN, f32::INFINITY] {
+            let violation = validate_generate_request(&with(bad), &limits).unwrap_err();
+            assert_eq!(violation.field, "sampling.min_p", "{bad}");
+            assert!(
+                violation.message.contains("between 0 and 1"),
+                "{}",
+                violation.message
+            );
+        }
     }
 
     #[test]

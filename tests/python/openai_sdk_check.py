@@ -198,6 +198,25 @@ def bad_request_is_400():
 
 
 @check
+def min_p_through_extra_body():
+    # Not in the SDK's signature (vLLM's and llama.cpp's): sent as extra_body, as their users do.
+    r = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=3, temperature=0.8, extra_body={"min_p": 0.05}
+    )
+    assert r.usage.completion_tokens == 3, r.usage
+    try:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=3, extra_body={"min_p": 1.5}
+        )
+    except openai.BadRequestError as e:
+        assert e.status_code == 400
+        assert e.body["param"] == "min_p", e.body
+        assert "between 0 and 1" in e.body["message"], e.body
+        return
+    raise AssertionError("expected BadRequestError")
+
+
+@check
 def bad_lane_header_is_400():
     try:
         client.chat.completions.create(

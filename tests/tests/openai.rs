@@ -63,7 +63,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     )
     .await
     .context("the openai SDK checks (pip install -r scripts/test-requirements.txt)")?;
-    assert!(out.contains("openai-sdk: 10 passed, 0 failed"), "{out}");
+    assert!(out.contains("openai-sdk: 11 passed, 0 failed"), "{out}");
 
     // The README's `curl -N` example, as written there but for the port.
     let host = cluster.router.addr("http");
@@ -119,6 +119,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
             "presence_penalty",
             "between -2 and 2",
         ),
+        (json!({"min_p": -0.5}), "min_p", "between 0 and 1"),
         (
             json!({"response_format": {"type": "json_object"}}),
             "response_format",

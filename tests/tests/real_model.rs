@@ -133,6 +133,42 @@ async fn chat_through_the_router_gets_a_sensible_answer_from_the_real_model() ->
         .unwrap_or_default();
     assert!(longer.starts_with(answer), "{longer:?} after {answer:?}");
 
+    // `min_p` (vLLM's and llama.cpp's, sent as the SDK's extra_body is) close to 1 keeps only
+    // the most likely token: at temperature 1.5, where the same seeds without it leave the
+    // greedy answer, every seed gives that answer.
+    let poem = |extra: Value| {
+        let mut request = json!({
+            "model": MODEL,
+            "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+        });
+        for (field, value) in extra.as_object().into_iter().flatten() {
+            request[field] = value.clone();
+        }
+        let response = client
+            .post(format!("{}/chat/completions", cluster.router_openai_url()))
+            .json(&request)
+            .send();
+        async move {
+            let body: Value = response.await?.json().await?;
+            anyhow::Ok(
+                body["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("no answer in {body}"))
+                    .to_string(),
+            )
+        }
+    };
+    let greedy = poem(json!({"temperature": 0})).await?;
+    let mut wandered = 0;
+    for seed in 1..=3 {
+        let kept = poem(json!({"temperature": 1.5, "seed": seed, "min_p": 0.99})).await?;
+        assert_eq!(kept, greedy, "seed {seed}");
+        let free = poem(json!({"temperature": 1.5, "seed": seed, "min_p": null})).await?;
+        wandered += usize::from(free != greedy);
+    }
+    assert!(wandered > 0, "temperature 1.5 never left {greedy:?}");
+
     // The same question over gRPC streams the same greedy text in sequenced chunks.
     let mut grpc =
         v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))

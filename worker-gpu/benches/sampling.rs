@@ -28,15 +28,18 @@ fn logits() -> Vec<f32> {
 fn sample(c: &mut Criterion) {
     let row = logits();
     let mut group = c.benchmark_group("sample_49152");
-    for (name, top_p, top_k) in [
-        ("t0.7", 1.0, 0),
-        ("t0.7_p0.95", 0.95, 0),
-        ("t0.7_k40", 1.0, 40),
+    for (name, top_p, top_k, min_p) in [
+        ("t0.7", 1.0, 0, 0.0),
+        ("t0.7_p0.95", 0.95, 0, 0.0),
+        ("t0.7_k40", 1.0, 40, 0.0),
+        // llama.cpp's defaults: a min-p of 0.05 with a 0.95 nucleus.
+        ("t0.7_minp0.05_p0.95", 0.95, 0, 0.05),
     ] {
         let mut sampler = Sampler::new(SamplingParams {
             temperature: 0.7,
             top_p,
             top_k,
+            min_p,
             seed: 1,
             penalties: Penalties::default(),
         });

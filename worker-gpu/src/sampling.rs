@@ -1,4 +1,5 @@
-//! Token sampling (penalties, temperature, top-k, top-p, seed) and stop-sequence matching.
+//! Token sampling (penalties, temperature, min-p, top-k, top-p, seed) and stop-sequence
+//! matching.
 //!
 //! Pure code over plain data: the scheduler hands in a logits row and gets an id back. The PRNG
 //! is a small SplitMix64 owned by each sequence, so the same seed and prompt give the same
@@ -14,6 +15,10 @@ pub struct SamplingParams {
     pub top_p: f32,
     /// 0 means no top-k cut.
     pub top_k: usize,
+    /// Keep only tokens at least this fraction as likely as the most likely one, after
+    /// temperature (vLLM's order: penalties, temperature, min-p, then top-k and top-p over
+    /// what is left). 0 = off.
+    pub min_p: f32,
     pub seed: u64,
     /// Adjustments to the logits before any of the above.
     pub penalties: Penalties,
@@ -25,6 +30,7 @@ impl SamplingParams {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: 0,
             penalties: Penalties::default(),
         }
@@ -41,6 +47,9 @@ impl SamplingParams {
         }
         if self.top_p.is_nan() || self.top_p <= 0.0 || self.top_p > 1.0 {
             return Err(format!("sampling.top_p: {} must be in (0, 1]", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("sampling.min_p: {} must be in [0, 1]", self.min_p));
         }
         Ok(())
     }
@@ -130,6 +139,12 @@ impl Sampler {
         }
         let inv_t = 1.0 / self.params.temperature;
         let k = self.params.top_k;
+        // The min-p cut in logit space: p_i >= min_p * p_max after temperature is
+        // l_i >= max + T * ln(min_p). Exact for the most likely tokens whatever the rounding
+        // of the exponentials, so min_p = 1 keeps them (and only them).
+        let min_p = self.params.min_p;
+        let temperature = self.params.temperature;
+        let min_p_floor = |max: f32| (min_p > 0.0).then(|| max + temperature * min_p.ln());
         let sum = if k > 0 && k < logits.len() {
             // A top-k cut: the k largest first, then their few weights.
             self.scratch.clear();
@@ -141,6 +156,10 @@ impl Sampler {
                 .scratch
                 .iter()
                 .fold(f32::NEG_INFINITY, |m, e| m.max(e.1));
+            // The k largest hold the row's maximum: the same cut as over the whole row.
+            if let Some(floor) = min_p_floor(max) {
+                self.scratch.retain(|e| e.1 >= floor);
+            }
             let mut sum = 0.0f32;
             for e in self.scratch.iter_mut() {
                 e.1 = ((e.1 - max) * inv_t).exp();
@@ -152,7 +171,18 @@ impl Sampler {
             // a draw's cost).
             let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l));
             self.weights.resize(logits.len(), 0.0);
-            let sum = crate::vexp::exp_shifted(logits, max, inv_t, &mut self.weights);
+            let mut sum = crate::vexp::exp_shifted(logits, max, inv_t, &mut self.weights);
+            let floor = min_p_floor(max);
+            if let Some(floor) = floor {
+                // Below the cut weighs nothing: the draws below skip zero weights.
+                sum = 0.0;
+                for (w, &l) in self.weights.iter_mut().zip(logits) {
+                    if l < floor {
+                        *w = 0.0;
+                    }
+                    sum += *w;
+                }
+            }
             if self.params.top_p >= 1.0 {
                 // No nucleus: drawn in row order, straight from the weights.
                 let mut r = self.next_f32() * sum;
@@ -171,8 +201,14 @@ impl Sampler {
                 return last as u32;
             }
             self.scratch.clear();
-            self.scratch
-                .extend(self.weights.iter().enumerate().map(|(i, &w)| (i as u32, w)));
+            let candidates = self.weights.iter().enumerate().map(|(i, &w)| (i as u32, w));
+            match floor {
+                // Only what the cut kept: often a handful, so the nucleus sorts little.
+                Some(floor) => self
+                    .scratch
+                    .extend(candidates.filter(|&(i, _)| logits[i as usize] >= floor)),
+                None => self.scratch.extend(candidates),
+            }
             sum
         };
         let keep = if self.params.top_p < 1.0 {
@@ -326,6 +362,7 @@ mod tests {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 2,
+            min_p: 0.0,
             seed: 42,
             penalties: Penalties::default(),
         };
@@ -361,6 +398,7 @@ mod tests {
                 temperature: 1.0,
                 top_p,
                 top_k: 0,
+                min_p: 0.0,
                 seed: 42,
                 penalties: Penalties::default(),
             };
@@ -382,6 +420,7 @@ mod tests {
             temperature: 1.0,
             top_p: 0.5,
             top_k: 0,
+            min_p: 0.0,
             seed: 1,
             penalties: Penalties::default(),
         };
@@ -402,6 +441,7 @@ mod tests {
             temperature: 1.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: 0.0,
             seed: 3,
             penalties: Penalties::default(),
         });
@@ -443,6 +483,7 @@ mod tests {
             temperature: 1.0,
             top_p: 0.5,
             top_k: 0,
+            min_p: 0.0,
             seed: 9,
             penalties: Penalties::default(),
         });
@@ -529,6 +570,128 @@ mod tests {
             ..SamplingParams::greedy()
         };
         assert!(p.validate(8).unwrap_err().contains("sampling.top_p"));
+        for min_p in [-0.5, 1.5, f32::NAN] {
+            let p = SamplingParams {
+                min_p,
+                ..SamplingParams::greedy()
+            };
+            assert!(p.validate(8).unwrap_err().contains("sampling.min_p"));
+        }
+    }
+
+    /// How often each token of `logits` is drawn in `draws` draws.
+    fn frequencies(params: SamplingParams, logits: &[f32], draws: usize) -> Vec<usize> {
+        let mut s = Sampler::new(params);
+        let mut counts = vec![0; logits.len()];
+        for _ in 0..draws {
+            counts[s.sample(logits) as usize] += 1;
+        }
+        counts
+    }
+
+    /// The logits are half the logs of `relative`, so at temperature 0.5 the probabilities
+    /// are in its ratios: at min_p 0.1 the tokens at 0.09 and 0.05 of the top one go, the one
+    /// at 0.11 stays, and the kept are drawn in their old proportions. (A cut before the
+    /// temperature would see square roots, 0.3 and 0.22, and keep them.) The same through each
+    /// of the sampler's paths: the whole row, a top-k cut wider than what min-p keeps, and a
+    /// nucleus that holds it all.
+    #[test]
+    fn min_p_removes_exactly_the_tokens_below_the_threshold_and_keeps_the_rest_in_proportion() {
+        let relative = [0.2f32, 1.0, 0.09, 0.5, 0.11, 0.05, 0.3, 0.0001];
+        let logits: Vec<f32> = relative.iter().map(|w| 0.5 * w.ln() + 3.0).collect();
+        let kept_sum: f32 = relative.iter().filter(|&&w| w >= 0.1).sum();
+        let draws = 40_000;
+        for (top_k, top_p) in [(0, 1.0), (7, 1.0), (0, 0.99999)] {
+            let counts = frequencies(
+                SamplingParams {
+                    temperature: 0.5,
+                    top_p,
+                    top_k,
+                    min_p: 0.1,
+                    seed: 11,
+                    penalties: Penalties::default(),
+                },
+                &logits,
+                draws,
+            );
+            for (id, (&w, &count)) in relative.iter().zip(&counts).enumerate() {
+                if w < 0.1 {
+                    assert_eq!(count, 0, "token {id} (at {w} of the top) drawn, k {top_k}");
+                    continue;
+                }
+                let p = f64::from(w / kept_sum);
+                let expected = draws as f64 * p;
+                let sigma = (draws as f64 * p * (1.0 - p)).sqrt();
+                assert!(
+                    (count as f64 - expected).abs() < 5.0 * sigma,
+                    "token {id}: {count} draws, expected {expected:.0} ± {:.0} (k {top_k}, p \
+                     {top_p})",
+                    5.0 * sigma
+                );
+            }
+        }
+        // Off (0), the same row draws the cut tokens too.
+        let counts = frequencies(
+            SamplingParams {
+                temperature: 0.5,
+                seed: 11,
+                ..SamplingParams::greedy()
+            },
+            &logits,
+            draws,
+        );
+        assert!(counts[2] > 0 && counts[5] > 0, "{counts:?}");
+    }
+
+    /// vLLM's order: the nucleus is taken over what min-p left, renormalized. Token 0 holds
+    /// 1.0 / 1.6 of what min_p 0.1 keeps, so a 0.5 nucleus is token 0 alone; without the cut
+    /// the 100 tokens at 0.05 of it would hold most of the mass and widen the nucleus.
+    #[test]
+    fn the_nucleus_is_taken_over_what_min_p_kept() {
+        let mut logits = vec![0.0f32, 0.6f32.ln()];
+        logits.extend(std::iter::repeat_n(0.05f32.ln(), 100));
+        let params = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.5,
+            min_p: 0.1,
+            seed: 4,
+            ..SamplingParams::greedy()
+        };
+        let counts = frequencies(params.clone(), &logits, 2_000);
+        assert_eq!(counts[0], 2_000, "{counts:?}");
+        let without = frequencies(
+            SamplingParams {
+                min_p: 0.0,
+                ..params
+            },
+            &logits,
+            2_000,
+        );
+        assert!(without[2..].iter().sum::<usize>() > 0, "{without:?}");
+    }
+
+    /// min_p 1 keeps only the most likely token: at any temperature, with any seed, the greedy
+    /// choice. Greedy decoding itself ignores min_p.
+    #[test]
+    fn min_p_of_one_is_greedy_and_greedy_ignores_min_p() {
+        let logits = [0.1f32, 3.0, -1.0, 2.99, 2.5];
+        for seed in 0..20 {
+            for (temperature, top_k) in [(2.0, 0), (1.0, 3), (0.7, 0)] {
+                let mut s = Sampler::new(SamplingParams {
+                    temperature,
+                    top_k,
+                    min_p: 1.0,
+                    seed,
+                    ..SamplingParams::greedy()
+                });
+                assert!((0..50).all(|_| s.sample(&logits) == 1), "seed {seed}");
+            }
+        }
+        let mut s = Sampler::new(SamplingParams {
+            min_p: 0.5,
+            ..SamplingParams::greedy()
+        });
+        assert_eq!(s.sample(&logits), 1);
     }
 
     #[test]

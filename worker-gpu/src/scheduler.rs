@@ -583,6 +583,7 @@ impl Engine for CandleEngine {
             temperature: s.temperature.unwrap_or(0.0),
             top_p: s.top_p.unwrap_or(1.0),
             top_k: s.top_k.unwrap_or(0) as usize,
+            min_p: s.min_p,
             seed: s.seed.unwrap_or_else(|| {
                 // No seed: a distinct stream per request.
                 self.seed_counter

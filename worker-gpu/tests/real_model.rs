@@ -557,3 +557,41 @@ async fn ignore_eos_generates_max_tokens_past_the_answers_end() {
         "{long:?}"
     );
 }
+
+/// `min_p` close to 1 keeps only the most likely token at each step (anything else would have
+/// to be within 1.5 × ln(1/0.99) ≈ 0.015 of its logit): at temperature 1.5, where the same
+/// seeds without it wander off the greedy answer, every seed reproduces the greedy answer.
+#[tokio::test]
+async fn min_p_near_one_reproduces_the_greedy_answer_at_any_seed() {
+    use switchyard_worker::Engine;
+    let Some(path) = model_path() else { return };
+    let tok = tokenizer(&path);
+    let prompt = tok
+        .encode(
+            "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n\
+             <|im_start|>assistant\n",
+        )
+        .unwrap();
+    let engine = real_engine(&path, 0);
+    let run = |temperature: Option<f32>, min_p: f32, seed: u64| {
+        let mut request = ids_request(prompt.clone(), 16);
+        request.sampling.temperature = temperature;
+        request.sampling.min_p = min_p;
+        request.sampling.seed = Some(seed);
+        generated(
+            engine
+                .submit(request, tokio_util::sync::CancellationToken::new())
+                .unwrap(),
+        )
+    };
+    let greedy = run(None, 0.0, 0).await;
+    assert_eq!(greedy.len(), 16, "{greedy:?}");
+    let mut wandered = 0;
+    for seed in 1..=4 {
+        assert_eq!(run(Some(1.5), 0.99, seed).await, greedy, "seed {seed}");
+        if run(Some(1.5), 0.0, seed).await != greedy {
+            wandered += 1;
+        }
+    }
+    assert!(wandered > 0, "sampling at 1.5 never left the greedy answer");
+}

@@ -891,6 +891,8 @@ fn set_sampling(body: &mut Value, sampling: &Sampling, chat: bool) {
         // Not OpenAI's; vLLM and SGLang take it under this name. Sent only when asked for,
         // so an endpoint that refuses unknown fields sees it only from a client that wants it.
         ("repetition_penalty", sampling.repetition_penalty),
+        // vLLM's, SGLang's and llama.cpp's; 0 is off, so not sent, as above.
+        ("min_p", Some(sampling.min_p).filter(|p| *p > 0.0)),
     ];
     for (field, value) in optional {
         if let Some(value) = value {
@@ -953,6 +955,7 @@ mod tests {
                 logit_bias: vec![(7, -100.0), (42, 2.5)],
                 logprobs: Some(2),
                 ignore_eos: true,
+                min_p: 0.25,
                 ..Default::default()
             },
             true,
@@ -962,7 +965,7 @@ mod tests {
             json!({"model": "m", "max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "top_k": 20,
                 "seed": -1, "stop": ["END"], "presence_penalty": 0.25, "frequency_penalty": -0.5,
                 "repetition_penalty": 1.5, "logit_bias": {"7": -100.0, "42": 2.5},
-                "logprobs": true, "top_logprobs": 2, "ignore_eos": true})
+                "logprobs": true, "top_logprobs": 2, "ignore_eos": true, "min_p": 0.25})
         );
         // A text completion asks for log probabilities in its own form.
         let mut body = json!({});

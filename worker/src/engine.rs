@@ -67,6 +67,9 @@ pub struct Sampling {
     pub logprobs: Option<u32>,
     /// Never end on the model's end-of-sequence tokens (`SamplingParams.ignore_eos`).
     pub ignore_eos: bool,
+    /// Keep only tokens at least this fraction as likely as the most likely one, after
+    /// temperature (`SamplingParams.min_p`); 0 = off.
+    pub min_p: f32,
 }
 
 #[derive(Debug, Clone)]

@@ -69,6 +69,7 @@ fn is_request_field(
             | "sampling.max_tokens"
             | "sampling.temperature"
             | "sampling.top_p"
+            | "sampling.min_p"
             | "sampling.stop"
             | "sampling.presence_penalty"
             | "sampling.frequency_penalty"
@@ -119,6 +120,8 @@ fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
         && (1..=limits.max_tokens_cap).contains(&s.max_tokens)
         && s.temperature.is_none_or(|t| (0.0..=2.0).contains(&t))
         && s.top_p.is_none_or(|p| p > 0.0 && p <= 1.0)
+        && s.min_p >= 0.0
+        && s.min_p <= 1.0
         && s.stop.len() <= 16
         && s.stop.iter().all(|x| !x.is_empty() && x.len() <= 256)
         && [s.presence_penalty, s.frequency_penalty]
@@ -239,10 +242,12 @@ fn sampling() -> impl Strategy<Value = Option<SamplingParams>> {
             proptest::option::of(any::<u32>()),
             proptest::option::of(any::<u64>()),
             proptest::collection::vec(text(), 0..20),
-            penalties(),
+            // Boxed: one more field in this tuple's value tree overflowed the test thread's
+            // stack in debug builds.
+            (penalties(), float()).boxed(),
         )
             .prop_map(
-                |(max_tokens, temperature, top_p, top_k, seed, stop, penalties)| {
+                |(max_tokens, temperature, top_p, top_k, seed, stop, (penalties, min_p))| {
                     let (
                         presence_penalty,
                         frequency_penalty,
@@ -264,6 +269,7 @@ fn sampling() -> impl Strategy<Value = Option<SamplingParams>> {
                         logprobs: top_logprobs % 3 != 0,
                         top_logprobs: top_logprobs % 23,
                         ignore_eos: top_logprobs % 5 == 0,
+                        min_p,
                     }
                 },
             ),

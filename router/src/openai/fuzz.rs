@@ -22,7 +22,7 @@ fn config() -> ProptestConfig {
 }
 
 /// Top-level fields an error may name (either endpoint).
-const FIELDS: [&str; 26] = [
+const FIELDS: [&str; 27] = [
     "model",
     "messages",
     "prompt",
@@ -31,6 +31,7 @@ const FIELDS: [&str; 26] = [
     "temperature",
     "top_p",
     "top_k",
+    "min_p",
     "seed",
     "stop",
     "n",
@@ -243,7 +244,7 @@ fn field(name: &'static str) -> BoxedStrategy<Value> {
             proptest::collection::vec(any_json(), 0..3).prop_map(Value::Array),
         ]
         .boxed(),
-        "temperature" | "top_p" | "presence_penalty" | "frequency_penalty"
+        "temperature" | "top_p" | "min_p" | "presence_penalty" | "frequency_penalty"
         | "repetition_penalty" => float().boxed(),
         "logit_bias" => proptest::collection::btree_map(
             prop_oneof![any::<u32>().prop_map(|id| id.to_string()), "\\PC{0,8}"],

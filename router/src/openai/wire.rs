@@ -99,6 +99,9 @@ pub struct SamplingFields {
     /// says (load tests send it for answers of a known length).
     #[serde(default, deserialize_with = "null_is_false")]
     pub ignore_eos: bool,
+    /// Not in OpenAI's API; vLLM's and llama.cpp's (llama.cpp's clients send it by default):
+    /// keep only tokens at least this fraction as likely as the most likely one. `null` is off.
+    pub min_p: Option<f64>,
     /// Fields asking for what Switchyard does not do: refused by name rather than ignored, as
     /// a client asking for them would misread an answer without them.
     #[serde(flatten)]
@@ -443,6 +446,8 @@ fn sampling(
         logprobs,
         top_logprobs,
         ignore_eos: fields.ignore_eos,
+        // The router's check names `min_p` when it is outside [0, 1].
+        min_p: fields.min_p.map_or(0.0, |p| p as f32),
     };
     let mode = StreamMode {
         stream: fields.stream,
@@ -786,6 +791,21 @@ mod tests {
         assert_eq!(top_k(r#""top_k":-1"#), None);
         assert_eq!(top_k(r#""top_k":0"#), Some(0));
         assert_eq!(top_k(r#""top_k":40"#), Some(40));
+    }
+
+    #[test]
+    fn min_p_reaches_the_request_and_null_is_off() {
+        let min_p = |extra: &str| {
+            let (request, _) = chat_with(extra).expect("valid");
+            request.sampling.expect("sampling").min_p
+        };
+        assert_eq!(min_p(r#""min_p":0.05"#), 0.05);
+        assert_eq!(min_p(r#""min_p":1"#), 1.0);
+        assert_eq!(min_p(r#""min_p":null"#), 0.0);
+        assert_eq!(min_p(r#""max_tokens":3"#), 0.0);
+        // Not a number: refused by name, as any mistyped field is.
+        let error = chat_with(r#""min_p":"0.1""#).expect_err("invalid");
+        assert_eq!(error.param.as_deref(), Some("min_p"));
     }
 
     #[test]
