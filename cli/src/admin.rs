@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use switchyard_policy::document::{MAX_DOCUMENT_BYTES, PolicyError};
 use switchyard_proto::v1::{self, admin_client::AdminClient};
 use tonic::transport::Channel;
+use unicode_width::UnicodeWidthStr as _;
 
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
@@ -481,15 +482,18 @@ fn workers_table(workers: &[v1::WorkerInfo], now_unix_ms: i64) -> String {
             row
         }))
         .collect();
+    // Columns a terminal gives a cell, not its chars: `format!("{:width$}")` pads by chars, so
+    // a CJK or emoji id (two columns a char) pushed its line's next columns right, and one
+    // with combining marks (none) pulled them left.
     let widths: Vec<usize> = (0..header.len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .map(|c| rows.iter().map(|r| r[c].width()).max().unwrap_or(0))
         .collect();
     rows.iter()
         .map(|row| {
             let cells: Vec<String> = row
                 .iter()
                 .zip(&widths)
-                .map(|(cell, width)| format!("{cell:width$}"))
+                .map(|(cell, width)| format!("{cell}{}", " ".repeat(width - cell.width())))
                 .collect();
             format!("{}\n", cells.join("  ").trim_end())
         })
@@ -608,6 +612,49 @@ mod tests {
              gpu-0   gpu   ready     16     10.0.0.1:50061  a,b\n\
              gpu-10  gpu   draining  16     10.0.0.1:50061  a,b\n"
         );
+    }
+
+    /// Ids are padded by the columns a terminal gives them, not by bytes or chars: a CJK
+    /// character takes two, a combining mark none, so the next column starts where the header's
+    /// does on every line.
+    #[test]
+    fn non_ascii_ids_line_up_by_display_width() {
+        let worker = |id: &str| v1::WorkerInfo {
+            id: id.into(),
+            pool: "gpu".into(),
+            address: "10.0.0.1:50061".into(),
+            models: vec!["a".into()],
+            max_concurrent: 8,
+            state: "ready".into(),
+            ..Default::default()
+        };
+        // "wörker-東京" is 11 chars, 15 bytes, 13 columns; "e\u{301}" (é as e + combining
+        // acute) is 2 chars, 1 column; "🚀" is 1 char, 4 bytes, 2 columns.
+        let table = workers_table(
+            &[
+                worker("wörker-東京"),
+                worker("gpu-e\u{301}"),
+                worker("🚀-1"),
+            ],
+            0,
+        );
+        assert_eq!(
+            table,
+            "ID           POOL  STATE  SLOTS  ADDRESS         MODELS\n\
+             wörker-東京  gpu   ready  8      10.0.0.1:50061  a\n\
+             gpu-e\u{301}        gpu   ready  8      10.0.0.1:50061  a\n\
+             🚀-1         gpu   ready  8      10.0.0.1:50061  a\n",
+            "\n{table}"
+        );
+        // Each line's POOL starts at the same terminal column as the header's.
+        let column = |line: &str| {
+            unicode_width::UnicodeWidthStr::width(&line[..line.find("gpu  ").unwrap()])
+        };
+        let lines: Vec<&str> = table.lines().collect();
+        let header = lines[0].find("POOL").unwrap();
+        for line in &lines[1..] {
+            assert_eq!(column(line), header, "{line:?} in\n{table}");
+        }
     }
 
     /// A worker advertising no model (still loading one, say) has `-` in MODELS, so that the
