@@ -28,6 +28,32 @@ const pending = new Set(); // worker ids with a drain/undrain request in flight
 const CONFIRM_MS = 5000;
 const armed = new Map();
 
+// When something happened, as the page writes it: the time of day for today (the viewer's
+// local day), the date before it otherwise ("Dec 5 14:03:07", with the year when not this
+// one): the event lists keep hours to days, and an on-call engineer must tell last night's
+// event from this morning's. `stampTitle` is the whole instant, for a tooltip.
+function stamp(ms) {
+  const at = new Date(ms);
+  const now = new Date();
+  const time = at.toLocaleTimeString();
+  if (at.toDateString() === now.toDateString()) return time;
+  const date = at.toLocaleDateString(undefined, at.getFullYear() === now.getFullYear()
+    ? { month: "short", day: "numeric" }
+    : { year: "numeric", month: "short", day: "numeric" });
+  return `${date} ${time}`;
+}
+const stampTitle = (ms) => new Date(ms).toISOString();
+
+// A `<time>` for `ms`: written as `stamp` writes it, the ISO instant in `datetime` and the
+// tooltip.
+function timeElement(ms) {
+  const time = document.createElement("time");
+  time.dateTime = stampTitle(ms);
+  time.title = time.dateTime;
+  time.textContent = stamp(ms);
+  return time;
+}
+
 function cell(text, className) {
   const td = document.createElement("td");
   if (className) td.className = className;
@@ -192,8 +218,8 @@ function renderWorkers(workers) {
       const why = document.createElement("span");
       why.className = "why";
       why.textContent = w.unreachable.reason;
-      why.title = `failing since ${new Date(w.unreachable.since_unix_ms).toLocaleTimeString()}, ` +
-        `${w.unreachable.attempts} attempts`;
+      why.title = `failing since ${stamp(w.unreachable.since_unix_ms)} ` +
+        `(${stampTitle(w.unreachable.since_unix_ms)}), ${w.unreachable.attempts} attempts`;
       c[10].appendChild(why);
       c[10].className = "no-stream";
     }
@@ -217,11 +243,7 @@ function renderEvents(events) {
   for (const e of events.slice().reverse()) {
     const li = document.createElement("li");
     li.dataset.kind = e.kind;
-    const time = document.createElement("time");
-    const at = new Date(e.at_unix_ms);
-    time.dateTime = at.toISOString();
-    time.textContent = at.toLocaleTimeString();
-    li.append(time);
+    li.append(timeElement(e.at_unix_ms));
     if (e.kind === "admin_write") {
       // The audit trail: who changed the cluster, set apart from what the cluster did.
       const tag = document.createElement("strong");
@@ -293,7 +315,8 @@ async function refresh() {
 // Milliseconds since the page last heard from its control plane (since it opened, before).
 const silence = () => Date.now() - (lastOk || pageStarted);
 const isStale = () => silence() > STALE_MS;
-const clock = (ms) => new Date(ms).toLocaleTimeString();
+// A page left open overnight says from which day its last answer is.
+const clock = stamp;
 
 // How fresh the data is, redrawn on a timer: a replica that stops answering turns the page
 // stale (red, a banner, the replica badge) within STALE_MS, whether or not a poll has ended.

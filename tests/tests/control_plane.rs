@@ -2901,3 +2901,78 @@ async fn a_control_plane_connection_is_told_how_many_streams_it_may_open() -> an
     );
     Ok(())
 }
+
+/// What the dashboard writes for the first `<time>` under `css`: [its text, its `datetime`,
+/// its tooltip, the page's own date ("Dec 5") and time of day of that instant].
+async fn shown_time(browser: &Browser, css: &str) -> anyhow::Result<[String; 5]> {
+    let value = browser
+        .execute(
+            "const t = document.querySelector(arguments[0]);
+             if (!t) return null;
+             const at = new Date(t.dateTime);
+             return [t.textContent, t.dateTime, t.title,
+                     at.toLocaleDateString(undefined, { month: 'short', day: 'numeric' }),
+                     at.toLocaleTimeString()];",
+            vec![serde_json::json!(css)],
+        )
+        .await?;
+    Ok(serde_json::from_value(value)?)
+}
+
+/// The dashboard's times say which day when it is not today: an on-call engineer must tell
+/// last night's event from this morning's. Today's are the time of day alone; every one has
+/// the whole instant (ISO 8601) in `datetime` and its tooltip. The events and the decision
+/// feed are read at the control plane's today, then with the page's clock two days on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_dates_times_not_from_today() -> anyhow::Result<()> {
+    let (_etcd, plane) = leading_control_plane().await?;
+    let mut admin = admin(plane.addr("grpc")).await?;
+    admin
+        .set_policy(v1::SetPolicyRequest {
+            merge: false,
+            document: r#"{"default_lane": "cost-sensitive"}"#.into(),
+        })
+        .await?;
+    admin
+        .report(tokio_stream::iter([
+            direct_decision("dated-0"),
+            direct_outcome("dated-0"),
+        ]))
+        .await?;
+    let event = "#events li time";
+    let decision = "#decisions tr[data-request-id='dated-0'] time";
+    let url = format!("http://{}/", plane.addr("http"));
+    let browser = Browser::start().await?;
+    for days_on in [0, 2] {
+        if days_on > 0 {
+            browser
+                .clock_ahead(Duration::from_secs(days_on * 24 * 3600))
+                .await?;
+        }
+        browser.goto(&url).await?;
+        wait_until(
+            PATIENCE,
+            "the page to list the event and the decision",
+            || async {
+                shown_time(&browser, event).await.is_ok()
+                    && shown_time(&browser, decision).await.is_ok()
+            },
+        )
+        .await?;
+        for css in [event, decision] {
+            let [text, datetime, title, date, time] = shown_time(&browser, css).await?;
+            assert!(
+                datetime.ends_with('Z') && datetime.contains('T') && title == datetime,
+                "{css}: datetime {datetime:?}, title {title:?}"
+            );
+            if days_on == 0 {
+                assert_eq!(text, time, "{css} today");
+            } else {
+                assert_eq!(text, format!("{date} {time}"), "{css} {days_on} days on");
+                assert!(date.chars().any(|c| c.is_ascii_digit()), "{date}");
+            }
+        }
+    }
+    browser.close().await?;
+    Ok(())
+}
