@@ -15,7 +15,9 @@ const FRESHNESS_TICK_MS = 500;
 const $ = (id) => document.getElementById(id);
 const pageStarted = Date.now();
 let lastOk = 0;
-let lastPolicy = 0;
+let lastPolicy = 0; // when the policy was last asked for
+let policyRead = 0; // when it was last read
+let policyReading = false;
 let lastStats = null; // the last /api/stats answer: whom the page was talking to
 // The last answers' `registry`: whether etcd answered the reads behind them (when it does not,
 // the control plane answers from the membership as last seen).
@@ -256,8 +258,29 @@ function renderEvents(events) {
   $("no-events").hidden = events.length > 0;
 }
 
+// The policy is read from etcd, with no last-seen fallback: while etcd is away its read fails
+// (or hangs until the request timeout). That is said in the policy section alone and the
+// document last read stays: it must not fail the poll, which would turn the page into "no
+// answer from this control plane" while the control plane answers and only etcd is away.
 async function refreshPolicy() {
-  const policy = await getJson("/api/policy");
+  if (policyReading) return;
+  policyReading = true;
+  lastPolicy = Date.now();
+  const unread = $("policy-unread");
+  try {
+    showPolicy(await getJson("/api/policy"));
+    policyRead = Date.now();
+    unread.hidden = true;
+  } catch (error) {
+    unread.textContent = `The policy could not be read now: ${error.message}. ` +
+      (policyRead ? `Shown as read at ${stamp(policyRead)}.` : "");
+    unread.hidden = false;
+  } finally {
+    policyReading = false;
+  }
+}
+
+function showPolicy(policy) {
   $("policy").textContent = typeof policy.document === "string"
     ? policy.document
     : JSON.stringify(policy.document, null, 2);
@@ -274,7 +297,6 @@ async function refreshPolicy() {
       "is not ready until a valid document is stored (switchyard admin policy set)."
     : "";
   invalid.hidden = !policy.invalid;
-  lastPolicy = Date.now();
 }
 
 async function refresh() {
@@ -295,7 +317,7 @@ async function refresh() {
       stats.registry || null;
     renderReplica(stats);
     renderEvents(events.events);
-    if (Date.now() - lastPolicy > POLICY_POLL_MS) await refreshPolicy();
+    if (Date.now() - lastPolicy > POLICY_POLL_MS) refreshPolicy();
     lastOk = Date.now();
     lastError = "";
     if ($("error").dataset.source === "poll") $("error").hidden = true;
@@ -362,7 +384,7 @@ function renderFreshness() {
     // Its role then, not now: a hung leader may have lost the lead meanwhile.
     const badge = $("replica");
     badge.className = "replica unknown";
-    badge.textContent = `${me}: no answer for ${seconds} s (was ${lastStats.role} at ${clock(lastOk)})`;
+    badge.textContent = `${me}: no answer for ${seconds} s (was ${lastStats.role}${lastOk ? ` at ${clock(lastOk)}` : ""})`;
   }
 }
 
