@@ -1,6 +1,6 @@
 //! `switchyard admin`: the control plane's admin API from a shell, for operators and on-call
 //! engineers — list the workers, drain or undrain one, read, replace or merge-patch the routing
-//! policy — without grpcurl or the proto files.
+//! policy, follow the cluster's events — without grpcurl or the proto files.
 
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use switchyard_policy::document::{MAX_DOCUMENT_BYTES, PolicyError};
 use switchyard_proto::v1::{self, admin_client::AdminClient};
 use tonic::transport::Channel;
+use unicode_width::UnicodeWidthStr as _;
 
 #[derive(Debug, clap::Args)]
 pub struct AdminArgs {
@@ -47,6 +48,16 @@ pub enum AdminCommand {
     /// The routing policy every router applies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Follow the cluster's events (workers joining, leaving, draining; policy changes; the
+    /// audit trail of admin writes), one line each — time (UTC), kind, what happened — until
+    /// interrupted; the last ones the control plane kept first. --timeout bounds only the
+    /// wait for the watch to open.
+    Events {
+        /// How many of the events the control plane kept to print first, oldest first (it
+        /// keeps its last 200, since it started); 0 prints only new ones.
+        #[arg(long, default_value_t = 20)]
+        recent: u32,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -165,6 +176,7 @@ enum Call {
     Undrain(String),
     GetPolicy,
     SetPolicy(v1::SetPolicyRequest),
+    Events(u32),
 }
 
 impl Call {
@@ -176,6 +188,7 @@ impl Call {
             AdminCommand::Drain { worker_id } => return Ok(Self::Drain(worker_id)),
             AdminCommand::Undrain { worker_id } => return Ok(Self::Undrain(worker_id)),
             AdminCommand::Policy(PolicyCommand::Get) => return Ok(Self::GetPolicy),
+            AdminCommand::Events { recent } => return Ok(Self::Events(recent)),
             AdminCommand::Policy(PolicyCommand::Set { file }) => (read_document(&file)?, false),
             AdminCommand::Policy(PolicyCommand::Merge { patch }) => match patch.strip_prefix('@') {
                 Some(file) => (read_document(Path::new(file))?, true),
@@ -208,7 +221,7 @@ impl Call {
     /// What an operator must know when no answer came: a write may have been applied.
     fn unanswered(&self) -> &'static str {
         match self {
-            Self::Workers | Self::GetPolicy => "",
+            Self::Workers | Self::GetPolicy | Self::Events(_) => "",
             Self::Drain(_) | Self::Undrain(_) => {
                 "; the write may or may not have been applied: check with `switchyard admin \
                  workers`"
@@ -231,6 +244,7 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
     // A control plane that accepts connections but never answers (hung, frozen, a black-holed
     // address) must not hold an on-call engineer's shell, or a script, for ever.
     let unanswered = call.unanswered();
+    let tls = args.tls_ca_file.is_some();
     let answered = tokio::time::timeout(args.timeout, async {
         let channel = connect(address, args.tls_ca_file.as_deref()).await?;
         run(
@@ -238,12 +252,12 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
             call,
             token.as_deref(),
             address,
-            args.tls_ca_file.is_some(),
+            tls,
         )
         .await
     })
     .await;
-    answered.unwrap_or_else(|_| {
+    let watch = answered.unwrap_or_else(|_| {
         Err(AdminFailure::new(
             exit::UNAVAILABLE,
             format!(
@@ -253,16 +267,60 @@ pub async fn admin(args: AdminArgs) -> anyhow::Result<()> {
             ),
         )
         .into())
-    })
+    })?;
+    match watch {
+        // Followed for as long as it lasts: --timeout was for opening it.
+        Some(events) => follow(events, address, tls).await,
+        None => Ok(()),
+    }
 }
 
+/// Prints the watch's events as they come; the watch ends only with the control plane
+/// (stopping) or the connection, both failures a script must see.
+async fn follow(
+    mut events: tonic::Streaming<v1::ClusterEvent>,
+    address: &str,
+    tls: bool,
+) -> anyhow::Result<()> {
+    while let Some(event) = events
+        .message()
+        .await
+        .map_err(|status| AdminFailure::refused(status, address, tls))?
+    {
+        println!("{}", event_line(&event));
+    }
+    Err(AdminFailure::new(
+        exit::UNAVAILABLE,
+        format!(
+            "the control plane at {address} ended the watch (it is stopping): run the command \
+             again to follow the replica that serves next"
+        ),
+    )
+    .into())
+}
+
+/// One event as `switchyard admin events` prints it: when (RFC 3339, UTC, to the
+/// millisecond), its kind (`worker_joined`, `admin_write`, …) and the control plane's message,
+/// two spaces apart.
+fn event_line(event: &v1::ClusterEvent) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(u64::try_from(event.at_unix_ms).unwrap_or(0));
+    let kind = event.kind().as_str_name();
+    let kind = kind.strip_prefix("KIND_").unwrap_or(kind).to_lowercase();
+    format!(
+        "{}  {kind}  {}",
+        humantime::format_rfc3339_millis(at),
+        event.message
+    )
+}
+
+/// Makes `call`; a watch (`Events`) is returned once open, for the caller to follow.
 async fn run(
     mut client: AdminClient<Channel>,
     call: Call,
     token: Option<&str>,
     address: &str,
     tls: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<tonic::Streaming<v1::ClusterEvent>>> {
     let refused = |status: tonic::Status| AdminFailure::refused(status, address, tls);
     match call {
         Call::Workers => {
@@ -335,8 +393,16 @@ async fn run(
                 .into_inner();
             println!("{}", stored.document);
         }
+        Call::Events(replay_recent) => {
+            let events = client
+                .watch_events(authorized(token, v1::WatchEventsRequest { replay_recent })?)
+                .await
+                .map_err(refused)?
+                .into_inner();
+            return Ok(Some(events));
+        }
     }
-    Ok(())
+    Ok(None)
 }
 
 async fn connect(address: &str, tls_ca_file: Option<&Path>) -> anyhow::Result<Channel> {
@@ -481,15 +547,18 @@ fn workers_table(workers: &[v1::WorkerInfo], now_unix_ms: i64) -> String {
             row
         }))
         .collect();
+    // Columns a terminal gives a cell, not its chars: `format!("{:width$}")` pads by chars, so
+    // a CJK or emoji id (two columns a char) pushed its line's next columns right, and one
+    // with combining marks (none) pulled them left.
     let widths: Vec<usize> = (0..header.len())
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .map(|c| rows.iter().map(|r| r[c].width()).max().unwrap_or(0))
         .collect();
     rows.iter()
         .map(|row| {
             let cells: Vec<String> = row
                 .iter()
                 .zip(&widths)
-                .map(|(cell, width)| format!("{cell:width$}"))
+                .map(|(cell, width)| format!("{cell}{}", " ".repeat(width - cell.width())))
                 .collect();
             format!("{}\n", cells.join("  ").trim_end())
         })
@@ -591,6 +660,27 @@ mod tests {
     }
 
     #[test]
+    fn an_event_line_says_when_in_utc_what_kind_and_what_happened() {
+        let event = v1::ClusterEvent {
+            kind: v1::cluster_event::Kind::WorkerIdentityRejected as i32,
+            worker_id: "gpu-0".into(),
+            // 2026-12-05 14:03:07.042 UTC
+            at_unix_ms: 1_796_479_387_042,
+            message: "worker record gpu-0 (gpu) at 10.0.0.1:1 refused".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            event_line(&event),
+            "2026-12-05T14:03:07.042Z  worker_identity_rejected  worker record gpu-0 (gpu) at \
+             10.0.0.1:1 refused"
+        );
+        let args = parse(&["events"]);
+        assert!(matches!(args.command, AdminCommand::Events { recent: 20 }));
+        let args = parse(&["events", "--recent", "0"]);
+        assert!(matches!(args.command, AdminCommand::Events { recent: 0 }));
+    }
+
+    #[test]
     fn workers_line_up_under_their_header() {
         let worker = |id: &str, state: &str| v1::WorkerInfo {
             id: id.into(),
@@ -608,6 +698,49 @@ mod tests {
              gpu-0   gpu   ready     16     10.0.0.1:50061  a,b\n\
              gpu-10  gpu   draining  16     10.0.0.1:50061  a,b\n"
         );
+    }
+
+    /// Ids are padded by the columns a terminal gives them, not by bytes or chars: a CJK
+    /// character takes two, a combining mark none, so the next column starts where the header's
+    /// does on every line.
+    #[test]
+    fn non_ascii_ids_line_up_by_display_width() {
+        let worker = |id: &str| v1::WorkerInfo {
+            id: id.into(),
+            pool: "gpu".into(),
+            address: "10.0.0.1:50061".into(),
+            models: vec!["a".into()],
+            max_concurrent: 8,
+            state: "ready".into(),
+            ..Default::default()
+        };
+        // "wörker-東京" is 11 chars, 15 bytes, 13 columns; "e\u{301}" (é as e + combining
+        // acute) is 2 chars, 1 column; "🚀" is 1 char, 4 bytes, 2 columns.
+        let table = workers_table(
+            &[
+                worker("wörker-東京"),
+                worker("gpu-e\u{301}"),
+                worker("🚀-1"),
+            ],
+            0,
+        );
+        assert_eq!(
+            table,
+            "ID           POOL  STATE  SLOTS  ADDRESS         MODELS\n\
+             wörker-東京  gpu   ready  8      10.0.0.1:50061  a\n\
+             gpu-e\u{301}        gpu   ready  8      10.0.0.1:50061  a\n\
+             🚀-1         gpu   ready  8      10.0.0.1:50061  a\n",
+            "\n{table}"
+        );
+        // Each line's POOL starts at the same terminal column as the header's.
+        let column = |line: &str| {
+            unicode_width::UnicodeWidthStr::width(&line[..line.find("gpu  ").unwrap()])
+        };
+        let lines: Vec<&str> = table.lines().collect();
+        let header = lines[0].find("POOL").unwrap();
+        for line in &lines[1..] {
+            assert_eq!(column(line), header, "{line:?} in\n{table}");
+        }
     }
 
     /// A worker advertising no model (still loading one, say) has `-` in MODELS, so that the

@@ -15,7 +15,9 @@ const FRESHNESS_TICK_MS = 500;
 const $ = (id) => document.getElementById(id);
 const pageStarted = Date.now();
 let lastOk = 0;
-let lastPolicy = 0;
+let lastPolicy = 0; // when the policy was last asked for
+let policyRead = 0; // when it was last read
+let policyReading = false;
 let lastStats = null; // the last /api/stats answer: whom the page was talking to
 // The last answers' `registry`: whether etcd answered the reads behind them (when it does not,
 // the control plane answers from the membership as last seen).
@@ -27,6 +29,32 @@ const pending = new Set(); // worker ids with a drain/undrain request in flight
 // service. Worker id -> when the armed button disarms.
 const CONFIRM_MS = 5000;
 const armed = new Map();
+
+// When something happened, as the page writes it: the time of day for today (the viewer's
+// local day), the date before it otherwise ("Dec 5 14:03:07", with the year when not this
+// one): the event lists keep hours to days, and an on-call engineer must tell last night's
+// event from this morning's. `stampTitle` is the whole instant, for a tooltip.
+function stamp(ms) {
+  const at = new Date(ms);
+  const now = new Date();
+  const time = at.toLocaleTimeString();
+  if (at.toDateString() === now.toDateString()) return time;
+  const date = at.toLocaleDateString(undefined, at.getFullYear() === now.getFullYear()
+    ? { month: "short", day: "numeric" }
+    : { year: "numeric", month: "short", day: "numeric" });
+  return `${date} ${time}`;
+}
+const stampTitle = (ms) => new Date(ms).toISOString();
+
+// A `<time>` for `ms`: written as `stamp` writes it, the ISO instant in `datetime` and the
+// tooltip.
+function timeElement(ms) {
+  const time = document.createElement("time");
+  time.dateTime = stampTitle(ms);
+  time.title = time.dateTime;
+  time.textContent = stamp(ms);
+  return time;
+}
 
 function cell(text, className) {
   const td = document.createElement("td");
@@ -192,8 +220,8 @@ function renderWorkers(workers) {
       const why = document.createElement("span");
       why.className = "why";
       why.textContent = w.unreachable.reason;
-      why.title = `failing since ${new Date(w.unreachable.since_unix_ms).toLocaleTimeString()}, ` +
-        `${w.unreachable.attempts} attempts`;
+      why.title = `failing since ${stamp(w.unreachable.since_unix_ms)} ` +
+        `(${stampTitle(w.unreachable.since_unix_ms)}), ${w.unreachable.attempts} attempts`;
       c[10].appendChild(why);
       c[10].className = "no-stream";
     }
@@ -217,11 +245,7 @@ function renderEvents(events) {
   for (const e of events.slice().reverse()) {
     const li = document.createElement("li");
     li.dataset.kind = e.kind;
-    const time = document.createElement("time");
-    const at = new Date(e.at_unix_ms);
-    time.dateTime = at.toISOString();
-    time.textContent = at.toLocaleTimeString();
-    li.append(time);
+    li.append(timeElement(e.at_unix_ms));
     if (e.kind === "admin_write") {
       // The audit trail: who changed the cluster, set apart from what the cluster did.
       const tag = document.createElement("strong");
@@ -234,8 +258,29 @@ function renderEvents(events) {
   $("no-events").hidden = events.length > 0;
 }
 
+// The policy is read from etcd, with no last-seen fallback: while etcd is away its read fails
+// (or hangs until the request timeout). That is said in the policy section alone and the
+// document last read stays: it must not fail the poll, which would turn the page into "no
+// answer from this control plane" while the control plane answers and only etcd is away.
 async function refreshPolicy() {
-  const policy = await getJson("/api/policy");
+  if (policyReading) return;
+  policyReading = true;
+  lastPolicy = Date.now();
+  const unread = $("policy-unread");
+  try {
+    showPolicy(await getJson("/api/policy"));
+    policyRead = Date.now();
+    unread.hidden = true;
+  } catch (error) {
+    unread.textContent = `The policy could not be read now: ${error.message}. ` +
+      (policyRead ? `Shown as read at ${stamp(policyRead)}.` : "");
+    unread.hidden = false;
+  } finally {
+    policyReading = false;
+  }
+}
+
+function showPolicy(policy) {
   $("policy").textContent = typeof policy.document === "string"
     ? policy.document
     : JSON.stringify(policy.document, null, 2);
@@ -252,7 +297,6 @@ async function refreshPolicy() {
       "is not ready until a valid document is stored (switchyard admin policy set)."
     : "";
   invalid.hidden = !policy.invalid;
-  lastPolicy = Date.now();
 }
 
 async function refresh() {
@@ -273,7 +317,7 @@ async function refresh() {
       stats.registry || null;
     renderReplica(stats);
     renderEvents(events.events);
-    if (Date.now() - lastPolicy > POLICY_POLL_MS) await refreshPolicy();
+    if (Date.now() - lastPolicy > POLICY_POLL_MS) refreshPolicy();
     lastOk = Date.now();
     lastError = "";
     if ($("error").dataset.source === "poll") $("error").hidden = true;
@@ -293,7 +337,8 @@ async function refresh() {
 // Milliseconds since the page last heard from its control plane (since it opened, before).
 const silence = () => Date.now() - (lastOk || pageStarted);
 const isStale = () => silence() > STALE_MS;
-const clock = (ms) => new Date(ms).toLocaleTimeString();
+// A page left open overnight says from which day its last answer is.
+const clock = stamp;
 
 // How fresh the data is, redrawn on a timer: a replica that stops answering turns the page
 // stale (red, a banner, the replica badge) within STALE_MS, whether or not a poll has ended.
@@ -339,7 +384,7 @@ function renderFreshness() {
     // Its role then, not now: a hung leader may have lost the lead meanwhile.
     const badge = $("replica");
     badge.className = "replica unknown";
-    badge.textContent = `${me}: no answer for ${seconds} s (was ${lastStats.role} at ${clock(lastOk)})`;
+    badge.textContent = `${me}: no answer for ${seconds} s (was ${lastStats.role}${lastOk ? ` at ${clock(lastOk)}` : ""})`;
   }
 }
 

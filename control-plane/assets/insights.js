@@ -235,7 +235,7 @@
     el.hidden = false;
     el.dataset.since = String(since);
     const who = keptBy.leader ? keptBy.leader.id : "the leader";
-    el.textContent = `${who} has led since ${new Date(since * 1000).toLocaleTimeString()}: routers report to the leader, so it has no router data (tokens, cost, queues at routers, decisions) before then; those seconds are gaps.`;
+    el.textContent = `${who} has led since ${stamp(since * 1000)}: routers report to the leader, so it has no router data (tokens, cost, queues at routers, decisions) before then; those seconds are gaps.`;
   }
 
   function keeperNotice(keptBy) {
@@ -413,9 +413,10 @@
         tr.title = `Recorded by ${d.keeper}, before the feed moved to ${feed ? feed.replica : "another replica"}`;
       }
       tr.className = classes.join(" ");
-      const at = new Date(d.at_unix_ms);
+      const when = td("", "num when");
+      when.append(timeElement(d.at_unix_ms));
       tr.append(
-        td(at.toLocaleTimeString(), "num"),
+        when,
         clipped(d.request_id, "mono"),
         clipped(d.tenant || "–"),
         laneCell(d),
@@ -529,7 +530,7 @@
         ["tokens", `${fmtNum(o.prompt_tokens)} prompt (${fmtNum(o.cached_prompt_tokens)} cached), ${fmtNum(o.completion_tokens)} generated`],
         ["failovers", fmtNum(o.failovers)],
         ["moves", o.moves && o.moves.length
-          ? o.moves.map((m) => `${moveText(m)} (${new Date(m.at_unix_ms).toLocaleTimeString()})`).join("; ")
+          ? o.moves.map((m) => `${moveText(m)} (${stamp(m.at_unix_ms)})`).join("; ")
           : "none"],
         ["total", fmtMs(o.total_ms)],
         ["cost", producedNothing(o)
@@ -568,7 +569,7 @@
     const who = leader
       ? `the leader ${next.replica}`
       : `${next.replica} (this follower's own: it cannot reach the leader)`;
-    const since = leader && next.epoch ? ` (leading since ${new Date(next.epoch).toLocaleTimeString()})` : "";
+    const since = leader && next.epoch ? ` (leading since ${stamp(next.epoch)})` : "";
     note.textContent = `The decision feed moved at ${new Date().toLocaleTimeString()} from ${before.replica} to ${who}${since}. ` +
       `Rows recorded by ${before.replica} are kept below the new ones; a request still running then shows its outcome as unknown.`;
     note.dataset.from = before.replica;

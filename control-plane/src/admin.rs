@@ -257,7 +257,11 @@ impl v1::admin_server::Admin for AdminService {
         );
         span.record("outcome", "ok");
         let deadline = switchyard_cluster::deadline::call_deadline(&request);
-        let events = BroadcastStream::new(self.plane.events().subscribe()).filter_map(|item| {
+        // Asking for more than is kept is no error: a watcher after an incident asks for
+        // "all there is".
+        let replay = usize::try_from(request.get_ref().replay_recent).unwrap_or(usize::MAX);
+        let (replayed, live) = self.plane.events().subscribe_after_recent(replay);
+        let live = BroadcastStream::new(live).filter_map(|item| {
             match item {
                 Ok(event) => Some(Ok(event)),
                 Err(lagged) => {
@@ -267,6 +271,7 @@ impl v1::admin_server::Admin for AdminService {
                 }
             }
         });
+        let events = tokio_stream::iter(replayed.into_iter().map(Ok)).chain(live);
         let events =
             futures::StreamExt::take_until(events, self.stopping.clone().cancelled_owned());
         // Past the response's headers tonic no longer holds the call to its `grpc-timeout`.

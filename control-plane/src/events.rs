@@ -14,8 +14,9 @@ use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-/// Events kept for the dashboard.
-const RECENT: usize = 200;
+/// Events kept for the dashboard and `WatchEvents`' replay (the cap `replay_recent` documents
+/// in admin.proto).
+pub const RECENT: usize = 200;
 /// Events buffered per live subscriber before it lags.
 const CHANNEL: usize = 1024;
 
@@ -29,6 +30,19 @@ pub struct Events {
 impl Events {
     pub fn subscribe(&self) -> broadcast::Receiver<ClusterEvent> {
         self.live.subscribe()
+    }
+
+    /// The last `replay` events kept (at most [`RECENT`]), oldest first, and a subscription
+    /// to every event after them: taken under the lock `emit` sends under, so no event falls
+    /// between the two or is in both.
+    pub fn subscribe_after_recent(
+        &self,
+        replay: usize,
+    ) -> (Vec<ClusterEvent>, broadcast::Receiver<ClusterEvent>) {
+        let recent = self.recent.lock().expect("events lock");
+        let skip = recent.len().saturating_sub(replay);
+        let replayed = recent.iter().skip(skip).cloned().collect();
+        (replayed, self.live.subscribe())
     }
 
     /// The last events, oldest first.
@@ -83,13 +97,13 @@ impl Events {
     }
 
     fn emit(&self, event: ClusterEvent) {
-        {
-            let mut recent = self.recent.lock().expect("events lock");
-            if recent.len() == RECENT {
-                recent.pop_front();
-            }
-            recent.push_back(event.clone());
+        // Kept and sent under one lock: a watcher that replays the kept events and subscribes
+        // (`subscribe_after_recent`) sees each event exactly once. Sending never waits.
+        let mut recent = self.recent.lock().expect("events lock");
+        if recent.len() == RECENT {
+            recent.pop_front();
         }
+        recent.push_back(event.clone());
         // No subscriber is fine.
         let _ = self.live.send(event);
     }
@@ -334,6 +348,66 @@ mod tests {
             policy_event(None, true).map(|e| e.kind()),
             Some(Kind::PolicyChanged)
         );
+    }
+
+    /// A watcher that replays the kept events and then follows the live ones sees every event
+    /// once, in order, however the events being emitted meanwhile fall.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replay_then_live_has_no_gap_and_no_duplicate() {
+        let (live, _) = broadcast::channel(CHANNEL);
+        let events = Events {
+            live,
+            recent: Arc::default(),
+        };
+        let numbered = |n: i64| ClusterEvent {
+            at_unix_ms: n,
+            ..Default::default()
+        };
+        // More than are kept, so the oldest have been dropped when the watchers join.
+        for n in 0..RECENT as i64 + 50 {
+            events.emit(numbered(n));
+        }
+        // Fewer live events than the channel holds: no watcher can lag, whatever the scheduling.
+        const TOTAL: i64 = RECENT as i64 + 50 + CHANNEL as i64 - 100;
+        let emitter = {
+            let events = events.clone();
+            tokio::spawn(async move {
+                for n in RECENT as i64 + 50..TOTAL {
+                    events.emit(numbered(n));
+                    if n % 8 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            })
+        };
+        let mut watchers = Vec::new();
+        for replay in [0, 1, 7, RECENT, usize::MAX] {
+            let (replayed, mut live) = events.subscribe_after_recent(replay);
+            assert!(replayed.len() <= replay.min(RECENT), "{}", replayed.len());
+            watchers.push(tokio::spawn(async move {
+                let mut seen: Vec<i64> = replayed.iter().map(|e| e.at_unix_ms).collect();
+                while seen.last() != Some(&(TOTAL - 1)) {
+                    seen.push(
+                        live.recv()
+                            .await
+                            .expect("no lag: the channel holds them")
+                            .at_unix_ms,
+                    );
+                }
+                seen
+            }));
+            tokio::task::yield_now().await;
+        }
+        emitter.await.unwrap();
+        for (watcher, replay) in watchers.into_iter().zip([0, 1, 7, RECENT, usize::MAX]) {
+            let seen = watcher.await.unwrap();
+            let first = seen[0];
+            let expected: Vec<i64> = (first..TOTAL).collect();
+            assert!(
+                seen == expected,
+                "replay {replay}: a gap or a duplicate after {first}"
+            );
+        }
     }
 
     #[test]

@@ -110,6 +110,32 @@ impl Browser {
         .await
     }
 
+    /// Moves the page's clock (`Date`, `Date.now()`) `by` ahead from the next page loaded on:
+    /// a page left open past midnight, or events from days ago, without waiting for them.
+    /// Timers are not affected. Chromium only (chromedriver's DevTools passthrough).
+    pub async fn clock_ahead(&self, by: Duration) -> anyhow::Result<()> {
+        let source = format!(
+            "(() => {{
+               const Real = Date;
+               const ahead = {};
+               class Later extends Real {{
+                 constructor(...args) {{ super(...(args.length ? args : [Real.now() + ahead])); }}
+                 static now() {{ return Real.now() + ahead; }}
+               }}
+               globalThis.Date = Later;
+             }})();",
+            by.as_millis()
+        );
+        post(
+            &self.http,
+            &self.url("/goog/cdp/execute"),
+            &json!({ "cmd": "Page.addScriptToEvaluateOnNewDocument", "params": { "source": source } }),
+        )
+        .await
+        .context("moving the page's clock")?;
+        Ok(())
+    }
+
     /// Clicks the first element matching `css`, as a user would (WebDriver element click).
     pub async fn click(&self, css: &str) -> anyhow::Result<()> {
         let found = post(

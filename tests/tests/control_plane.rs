@@ -86,7 +86,7 @@ async fn drain_stops_new_placements_lets_in_flight_work_finish_and_undrain_resto
     .await?;
     let mut admin = admin(cluster.control_plane.addr("grpc")).await?;
     let mut events = admin
-        .watch_events(v1::WatchEventsRequest {})
+        .watch_events(v1::WatchEventsRequest::default())
         .await?
         .into_inner();
 
@@ -1355,7 +1355,7 @@ async fn a_stopping_control_plane_ends_open_watches_and_exits() -> anyhow::Resul
     .await?;
     let mut admin = admin(cluster.control_plane.addr("grpc")).await?;
     let mut events = admin
-        .watch_events(v1::WatchEventsRequest {})
+        .watch_events(v1::WatchEventsRequest::default())
         .await?
         .into_inner();
     let started = Instant::now();
@@ -2867,7 +2867,7 @@ async fn a_watch_ends_at_its_deadline() -> anyhow::Result<()> {
     let etcd = switchyard_tests::Etcd::start().await?;
     let control_plane = start_control_plane(&etcd.url, "control-plane-0", &[]).await?;
     let mut admin = admin(control_plane.addr("grpc")).await?;
-    let mut call = tonic::Request::new(v1::WatchEventsRequest {});
+    let mut call = tonic::Request::new(v1::WatchEventsRequest::default());
     call.set_timeout(Duration::from_millis(500));
     let asked = Instant::now();
     let mut events = admin.watch_events(call).await?.into_inner();
@@ -2899,5 +2899,190 @@ async fn a_control_plane_connection_is_told_how_many_streams_it_may_open() -> an
         switchyard_tests::advertised_stream_limit(control_plane.addr("grpc")).await?,
         1024
     );
+    Ok(())
+}
+
+/// Reads `events` into `seen` until `done(seen)`.
+async fn read_events_until(
+    events: &mut tonic::Streaming<v1::ClusterEvent>,
+    seen: &mut Vec<v1::ClusterEvent>,
+    done: impl Fn(&[v1::ClusterEvent]) -> bool,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(PATIENCE, async {
+        while !done(seen) {
+            let event = events.message().await?;
+            seen.push(event.ok_or_else(|| anyhow::anyhow!("the watch ended; seen {seen:?}"))?);
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out; seen {seen:?}"))?
+}
+
+/// `WatchEvents` with `replay_recent`: a watcher that joins after events happened (an on-call
+/// engineer after an incident) gets the last ones first, oldest first, then the live ones —
+/// the very sequence a watcher open all along saw, with no gap and no duplicate where replay
+/// meets live; `replay_recent: 0` gets only what follows; more than is kept is all there is.
+/// `switchyard admin events --recent N` prints them, a line each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_watch_replays_the_recent_events_then_follows_live_ones() -> anyhow::Result<()> {
+    let (_etcd, plane) = leading_control_plane().await?;
+    let mut admin = admin(plane.addr("grpc")).await?;
+    let watcher = admin.clone();
+    let watch = |replay_recent: u32| {
+        let mut admin = watcher.clone();
+        async move {
+            anyhow::Ok(
+                admin
+                    .watch_events(v1::WatchEventsRequest { replay_recent })
+                    .await?
+                    .into_inner(),
+            )
+        }
+    };
+    // Each policy stored makes two events: the audit trail's ADMIN_WRITE (from the call) and
+    // POLICY_CHANGED (from the etcd watch), in either order.
+    let stored = |n: usize| {
+        move |seen: &[v1::ClusterEvent]| {
+            [Kind::AdminWrite, Kind::PolicyChanged]
+                .iter()
+                .all(|kind| seen.iter().filter(|e| e.kind() == *kind).count() == n)
+        }
+    };
+    let policy = |lane: &str| v1::SetPolicyRequest {
+        merge: false,
+        document: format!(r#"{{"default_lane": "{lane}"}}"#),
+    };
+    // Open before anything happened: every event, the reference.
+    let mut all_along = watch(0).await?;
+    let mut reference = Vec::new();
+    admin.set_policy(policy("latency-critical")).await?;
+    read_events_until(&mut all_along, &mut reference, stored(1)).await?;
+
+    // Two events have happened: watchers join now.
+    let mut late = Vec::new();
+    for replay in [1_000, 2, 1, 0] {
+        late.push((replay, watch(replay).await?, Vec::new()));
+    }
+    admin.set_policy(policy("cost-sensitive")).await?;
+    admin.set_policy(policy("latency-critical")).await?;
+    read_events_until(&mut all_along, &mut reference, stored(3)).await?;
+    assert_eq!(reference.len(), 6, "{reference:?}");
+    for (replay, events, seen) in &mut late {
+        let expected = &reference[2 - (*replay as usize).min(2)..];
+        read_events_until(events, seen, |seen| seen.len() >= expected.len()).await?;
+        assert_eq!(seen.as_slice(), expected, "replay_recent {replay}");
+    }
+
+    // The command prints the last two kept, then what happens next.
+    let mut command = tokio::process::Command::new(switchyard_tests::switchyard_bin())
+        .args(["admin", "events", "--recent", "2", "--control-plane"])
+        .arg(plane.addr("grpc").to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        command.stdout.take().expect("piped"),
+    ));
+    let mut next_line = async || {
+        tokio::time::timeout(PATIENCE, lines.next_line())
+            .await?
+            .map_err(anyhow::Error::from)?
+            .ok_or_else(|| anyhow::anyhow!("switchyard admin events ended"))
+    };
+    let printed = |line: &str, event: &v1::ClusterEvent| {
+        let kind = event
+            .kind()
+            .as_str_name()
+            .trim_start_matches("KIND_")
+            .to_lowercase();
+        line.ends_with(&format!("  {kind}  {}", event.message))
+    };
+    for event in &reference[4..] {
+        let line = next_line().await?;
+        assert!(printed(&line, event), "{line:?} for {event:?}");
+    }
+    admin.set_policy(policy("cost-sensitive")).await?;
+    read_events_until(&mut all_along, &mut reference, stored(4)).await?;
+    for event in &reference[6..] {
+        let line = next_line().await?;
+        assert!(printed(&line, event), "{line:?} for {event:?}");
+    }
+    command.kill().await?;
+    Ok(())
+}
+
+/// What the dashboard writes for the first `<time>` under `css`: [its text, its `datetime`,
+/// its tooltip, the page's own date ("Dec 5") and time of day of that instant].
+async fn shown_time(browser: &Browser, css: &str) -> anyhow::Result<[String; 5]> {
+    let value = browser
+        .execute(
+            "const t = document.querySelector(arguments[0]);
+             if (!t) return null;
+             const at = new Date(t.dateTime);
+             return [t.textContent, t.dateTime, t.title,
+                     at.toLocaleDateString(undefined, { month: 'short', day: 'numeric' }),
+                     at.toLocaleTimeString()];",
+            vec![serde_json::json!(css)],
+        )
+        .await?;
+    Ok(serde_json::from_value(value)?)
+}
+
+/// The dashboard's times say which day when it is not today: an on-call engineer must tell
+/// last night's event from this morning's. Today's are the time of day alone; every one has
+/// the whole instant (ISO 8601) in `datetime` and its tooltip. The events and the decision
+/// feed are read at the control plane's today, then with the page's clock two days on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_dates_times_not_from_today() -> anyhow::Result<()> {
+    let (_etcd, plane) = leading_control_plane().await?;
+    let mut admin = admin(plane.addr("grpc")).await?;
+    admin
+        .set_policy(v1::SetPolicyRequest {
+            merge: false,
+            document: r#"{"default_lane": "cost-sensitive"}"#.into(),
+        })
+        .await?;
+    admin
+        .report(tokio_stream::iter([
+            direct_decision("dated-0"),
+            direct_outcome("dated-0"),
+        ]))
+        .await?;
+    let event = "#events li time";
+    let decision = "#decisions tr[data-request-id='dated-0'] time";
+    let url = format!("http://{}/", plane.addr("http"));
+    let browser = Browser::start().await?;
+    for days_on in [0, 2] {
+        if days_on > 0 {
+            browser
+                .clock_ahead(Duration::from_secs(days_on * 24 * 3600))
+                .await?;
+        }
+        browser.goto(&url).await?;
+        wait_until(
+            PATIENCE,
+            "the page to list the event and the decision",
+            || async {
+                shown_time(&browser, event).await.is_ok()
+                    && shown_time(&browser, decision).await.is_ok()
+            },
+        )
+        .await?;
+        for css in [event, decision] {
+            let [text, datetime, title, date, time] = shown_time(&browser, css).await?;
+            assert!(
+                datetime.ends_with('Z') && datetime.contains('T') && title == datetime,
+                "{css}: datetime {datetime:?}, title {title:?}"
+            );
+            if days_on == 0 {
+                assert_eq!(text, time, "{css} today");
+            } else {
+                assert_eq!(text, format!("{date} {time}"), "{css} {days_on} days on");
+                assert!(date.chars().any(|c| c.is_ascii_digit()), "{date}");
+            }
+        }
+    }
+    browser.close().await?;
     Ok(())
 }

@@ -91,6 +91,13 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
             .is_ok_and(|t| t.contains("gpu-0"))
     })
     .await?;
+    wait_until(PATIENCE, "the page to show the policy", || async {
+        browser
+            .text("#policy")
+            .await
+            .is_ok_and(|t| t.contains("default_lane"))
+    })
+    .await?;
     assert!(!browser.shown("stale").await);
 
     cluster.etcd.pause()?;
@@ -108,6 +115,23 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
             },
         )
         .await;
+        // The policy, read from etcd with no fallback, cannot be read: the policy section says
+        // so, and the page still blames etcd, not this control plane (its failed read used to
+        // fail the whole poll: "no answer from this control plane … may be down or hung").
+        let unread = poll_until(
+            PATIENCE,
+            "the policy section to say it is not read",
+            || async {
+                let text = browser.text("#policy-unread").await.unwrap_or_default();
+                (browser.shown("policy-unread").await && !text.is_empty()).then_some(text)
+            },
+        )
+        .await;
+        let after_policy = (
+            browser.text("#stale").await.unwrap_or_default(),
+            browser.text("#freshness").await.unwrap_or_default(),
+            browser.text("#policy").await.unwrap_or_default(),
+        );
         // Its only endpoint set aside: what the SwitchyardEtcdUnreachable alert watches for.
         endpoint_up(&cluster.control_plane, 0).await?;
         anyhow::Ok((
@@ -118,11 +142,14 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
             stats,
             stats_took,
             banner,
+            unread,
+            after_policy,
         ))
     }
     .await;
     cluster.etcd.resume()?;
-    let (status, workers, took, stats_status, stats, stats_took, banner) = frozen?;
+    let (status, workers, took, stats_status, stats, stats_took, banner, unread, after_policy) =
+        frozen?;
     eprintln!("frozen etcd: /api/workers in {took:?}, /api/stats in {stats_took:?}");
     assert_eq!(status, 200, "{workers}");
     assert!(took < Duration::from_secs(3), "{took:?}");
@@ -147,6 +174,24 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
         banner.contains("showing the membership as last seen"),
         "{banner}"
     );
+    let unread = unread?;
+    assert!(
+        unread.starts_with("The policy could not be read now:")
+            && unread.contains("Shown as read at"),
+        "{unread}"
+    );
+    let (stale, freshness, policy) = after_policy;
+    assert!(stale.starts_with("etcd unreachable since"), "{stale}");
+    assert!(freshness.starts_with("updated "), "{freshness}");
+    assert!(
+        policy.contains("default_lane"),
+        "the document last read stays: {policy}"
+    );
+    // Once etcd answers, the policy is read again.
+    wait_until(PATIENCE, "the policy section to be read again", || async {
+        !browser.shown("policy-unread").await
+    })
+    .await?;
 
     // etcd answers again: so do the reads, and the banner goes.
     endpoint_up(&cluster.control_plane, 1).await?;

@@ -344,7 +344,7 @@ async fn admin_writes_need_an_operator_token_over_grpc_and_http() -> anyhow::Res
     // An operator drains, and the change is logged with who made it (never the token) and
     // streamed as an audit event to WatchEvents subscribers.
     let mut events = admin
-        .watch_events(v1::WatchEventsRequest {})
+        .watch_events(v1::WatchEventsRequest::default())
         .await?
         .into_inner();
     admin

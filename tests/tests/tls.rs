@@ -571,7 +571,7 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
     let mut events = v1::admin_client::AdminClient::new(
         tls_channel(&control_plane.addr("grpc").to_string(), &ca).await?,
     )
-    .watch_events(v1::WatchEventsRequest {})
+    .watch_events(v1::WatchEventsRequest::default())
     .await?
     .into_inner();
 
