@@ -369,9 +369,14 @@ mod tests {
         }
         // Fewer live events than the channel holds: no watcher can lag, whatever the scheduling.
         const TOTAL: i64 = RECENT as i64 + 50 + CHANNEL as i64 - 100;
+        // The emitter starts once the first watcher (replaying nothing) has subscribed: one
+        // that subscribed after the last event would wait for ever.
+        let (first_subscribed, go) = tokio::sync::oneshot::channel::<()>();
+        let mut first_subscribed = Some(first_subscribed);
         let emitter = {
             let events = events.clone();
             tokio::spawn(async move {
+                go.await.expect("a first watcher");
                 for n in RECENT as i64 + 50..TOTAL {
                     events.emit(numbered(n));
                     if n % 8 == 0 {
@@ -383,6 +388,9 @@ mod tests {
         let mut watchers = Vec::new();
         for replay in [0, 1, 7, RECENT, usize::MAX] {
             let (replayed, mut live) = events.subscribe_after_recent(replay);
+            if let Some(first) = first_subscribed.take() {
+                first.send(()).expect("the emitter waits");
+            }
             assert!(replayed.len() <= replay.min(RECENT), "{}", replayed.len());
             watchers.push(tokio::spawn(async move {
                 let mut seen: Vec<i64> = replayed.iter().map(|e| e.at_unix_ms).collect();
