@@ -17,6 +17,7 @@ pub mod plane;
 pub mod reports;
 pub mod session;
 mod spans;
+pub mod waiting;
 
 pub mod metrics;
 
@@ -100,6 +101,10 @@ pub enum ControlPlaneError {
 /// an operator's watches and calls, or a router's report stream.
 const MAX_CONNECTION_STREAMS: u32 = 1024;
 
+/// How long the servers answering while the registry did not are given to close their
+/// connections once it does.
+const WAITING_DRAIN: Duration = Duration::from_secs(1);
+
 /// Which election runs (a standalone replica never resigns).
 enum ElectionKind {
     Standalone,
@@ -115,7 +120,63 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ControlPlan
     Ok((listener, bound))
 }
 
-/// Serves the control plane until `shutdown` fires; `on_ready` gets the bound addresses.
+/// Serves `routes` over gRPC on `listener` (bound to `addr`) until `stop` fires: every
+/// connection's streams bounded, unreadable requests answered as the client's fault.
+async fn serve_grpc(
+    routes: tonic::service::Routes,
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: Option<Arc<switchyard_cluster::tls::ServerTls>>,
+    connections: ConnectionTimeouts,
+    stop: CancellationToken,
+) -> Result<(), ControlPlaneError> {
+    let server =
+        switchyard_cluster::grpc_server::builder(MAX_CONNECTION_STREAMS).add_routes(routes);
+    let bind_error = |source| ControlPlaneError::Bind { addr, source };
+    let stop = stop.cancelled_owned();
+    match tls {
+        Some(tls) => {
+            let incoming =
+                switchyard_cluster::tls::listen(listener, tls, connections).map_err(bind_error)?;
+            server.serve_with_incoming_shutdown(incoming, stop).await?
+        }
+        None => {
+            let incoming =
+                switchyard_cluster::listen::plaintext(listener, connections).map_err(bind_error)?;
+            server.serve_with_incoming_shutdown(incoming, stop).await?
+        }
+    }
+    Ok(())
+}
+
+/// Serves the dashboard `app` on `listener` (bound to `addr`) until `stop` fires.
+async fn serve_dashboard(
+    app: axum::Router,
+    listener: TcpListener,
+    addr: SocketAddr,
+    tls: Option<Arc<switchyard_cluster::tls::ServerTls>>,
+    connections: ConnectionTimeouts,
+    stop: CancellationToken,
+) -> Result<(), ControlPlaneError> {
+    let bind_error = |source| ControlPlaneError::Bind { addr, source };
+    match tls {
+        Some(tls) => {
+            let incoming =
+                switchyard_cluster::tls::listen(listener, tls, connections).map_err(bind_error)?;
+            serve_http(incoming, app, connections, stop).await
+        }
+        None => {
+            let incoming =
+                switchyard_cluster::listen::plaintext(listener, connections).map_err(bind_error)?;
+            serve_http(incoming, app, connections, stop).await
+        }
+    }
+    .map_err(ControlPlaneError::Http)
+}
+
+/// Serves the control plane until `shutdown` fires; `on_ready` gets the bound addresses (as
+/// soon as they are bound: until the registry first answers the control plane serves
+/// "waiting", see [`waiting`]).
 pub async fn run_control_plane(
     config: ControlPlaneConfig,
     registry: Arc<dyn Registry>,
@@ -142,22 +203,6 @@ pub async fn run_control_plane(
     // The registry's own metrics: the restarts of the etcd watches it keeps for the control
     // plane (membership and policy, below).
     registry.register_metrics(&config.metrics);
-    let membership = registry.watch_workers().await?;
-    let gauges = metrics::ControlPlaneMetrics::register(&config.metrics);
-    tokio::spawn(gauges.follow(membership.clone(), shutdown.clone()));
-    // One watch of the policy key, each reader (the event feed, the history's SLOs) on a receiver
-    // of its own: an etcd outage restarts it, and counts the restart, once.
-    let policy = registry.watch_policy().await?;
-    // Background tasks stop with the servers.
-    let background = shutdown.child_token();
-    let events = events::Events::spawn(membership.clone(), policy.clone(), background.clone());
-    let loads = loads::Loads::spawn(
-        membership.clone(),
-        config.security.cluster_token.clone(),
-        config.security.tls.client(),
-        events.clone(),
-        background.clone(),
-    );
     if config.advertise.is_none() && grpc.ip().is_unspecified() {
         tracing::warn!(
             %grpc,
@@ -174,13 +219,94 @@ pub async fn run_control_plane(
         ElectionConfig::Standalone => ElectionKind::Standalone,
         ElectionConfig::Etcd { .. } => ElectionKind::Etcd,
     };
+    let standalone = matches!(election_kind, ElectionKind::Standalone);
+    // No leader key: the registry tells routers where to report.
+    let standalone_record =
+        standalone.then(|| serde_json::to_vec(&me).expect("replica info serialises"));
+    let connections = config.connections;
+
+    // Until the registry first answers, the listeners serve "waiting" (see `waiting`). The
+    // addresses are announced once the control plane serves, or once it is known to wait.
+    let mut on_ready = Some(on_ready);
+    let waited = CancellationToken::new();
+    let waiting_grpc = serve_grpc(
+        waiting::grpc_routes().await,
+        waiting::twin(&grpc_listener)
+            .map_err(|source| ControlPlaneError::Bind { addr: grpc, source })?,
+        grpc,
+        grpc_tls.clone(),
+        connections,
+        waited.clone(),
+    );
+    let waiting_http = match &http {
+        Some((listener, bound)) => Some(serve_dashboard(
+            waiting::dashboard(),
+            waiting::twin(listener).map_err(|source| ControlPlaneError::Bind {
+                addr: *bound,
+                source,
+            })?,
+            *bound,
+            http_tls.clone(),
+            connections,
+            waited.clone(),
+        )),
+        None => None,
+    };
+    let waiting_servers = tokio::spawn(async move {
+        let http = async {
+            match waiting_http {
+                Some(server) => server.await,
+                None => Ok(()),
+            }
+        };
+        let (grpc, http) = tokio::join!(waiting_grpc, http);
+        grpc.and(http)
+    });
+    let contact = waiting::first_contact(
+        registry.as_ref(),
+        standalone_record.as_deref(),
+        || {
+            if let Some(announce) = on_ready.take() {
+                announce(endpoints);
+            }
+        },
+        &shutdown,
+    )
+    .await;
+    // They stop accepting at once; a connection still open on them (a health watch, say) may
+    // take its time to go, and is not waited for long.
+    waited.cancel();
+    match tokio::time::timeout(WAITING_DRAIN, waiting_servers).await {
+        Ok(Ok(Err(error))) => tracing::warn!(%error, "serving while waiting for etcd failed"),
+        Ok(Err(panicked)) => std::panic::resume_unwind(panicked.into_panic()),
+        Ok(Ok(Ok(()))) | Err(_) => {}
+    }
+    // One watch of the membership and one of the policy key, each reader (the event feed, the
+    // history's SLOs) on a receiver of its own: an etcd outage restarts it, and counts the
+    // restart, once.
+    let Some(waiting::FirstContact { membership, policy }) = contact? else {
+        // Stopped before the registry ever answered.
+        return Ok(());
+    };
+
+    let gauges = metrics::ControlPlaneMetrics::register(&config.metrics);
+    tokio::spawn(gauges.follow(membership.clone(), shutdown.clone()));
+    // Background tasks stop with the servers.
+    let background = shutdown.child_token();
+    let events = events::Events::spawn(membership.clone(), policy.clone(), background.clone());
+    let loads = loads::Loads::spawn(
+        membership.clone(),
+        config.security.cluster_token.clone(),
+        config.security.tls.client(),
+        events.clone(),
+        background.clone(),
+    );
     // Replicas electing through etcd share signed-out dashboard sessions there.
     let revoked = match &config.election {
         ElectionConfig::Etcd { client, .. } => session::Revocations::in_etcd((**client).clone()),
         ElectionConfig::Standalone => session::Revocations::default(),
     };
     let leadership = Leadership::start(config.election, me, background.clone());
-    let standalone = matches!(election_kind, ElectionKind::Standalone);
     let plane = ControlPlane::new(registry.clone(), loads, events, leadership.clone())
         .with_dashboard_tls(http_tls.is_some())
         // The dashboard answers from it while etcd does not answer (see `plane`).
@@ -195,22 +321,13 @@ pub async fn run_control_plane(
         policy,
         background.clone(),
     );
-    if standalone {
-        // No leader key: tell the registry's routers where to report.
-        let me = serde_json::to_vec(leadership.me()).expect("replica info serialises");
-        registry.announce_standalone_control_plane(Some(me)).await?;
-    }
-
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<AdminServer<AdminService>>().await;
     let (reflection_v1, reflection_v1alpha) =
         switchyard_proto::introspection::reflection_services(&[
             <AdminServer<()> as tonic::server::NamedService>::NAME,
         ]);
-    // A bound on each connection's streams (`WatchEvents` needs no token), and unreadable
-    // requests answered as the client's fault.
-    let grpc_router = switchyard_cluster::grpc_server::builder(MAX_CONNECTION_STREAMS)
-        .add_service(health_service)
+    let routes = tonic::service::Routes::new(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
@@ -224,28 +341,14 @@ pub async fn run_control_plane(
             .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
             .accept_compressed(tonic::codec::CompressionEncoding::Deflate),
         );
-    let connections = config.connections;
-    let grpc_server = async {
-        let bind_error = |source| ControlPlaneError::Bind { addr: grpc, source };
-        let stop = shutdown.clone().cancelled_owned();
-        match grpc_tls {
-            Some(tls) => {
-                let incoming = switchyard_cluster::tls::listen(grpc_listener, tls, connections)
-                    .map_err(bind_error)?;
-                grpc_router
-                    .serve_with_incoming_shutdown(incoming, stop)
-                    .await?
-            }
-            None => {
-                let incoming = switchyard_cluster::listen::plaintext(grpc_listener, connections)
-                    .map_err(bind_error)?;
-                grpc_router
-                    .serve_with_incoming_shutdown(incoming, stop)
-                    .await?
-            }
-        }
-        Ok::<_, ControlPlaneError>(())
-    };
+    let grpc_server = serve_grpc(
+        routes,
+        grpc_listener,
+        grpc,
+        grpc_tls,
+        connections,
+        shutdown.clone(),
+    );
     let mut security = config.security.clone();
     security.dashboard_hosts = security.dashboard_hosts.served_over_tls(http_tls.is_some());
     let http_server = async {
@@ -253,24 +356,15 @@ pub async fn run_control_plane(
             return Ok(());
         };
         let app = dashboard::router(plane.clone(), security, revoked);
-        let stop = shutdown.clone();
-        let bind_error = |source| ControlPlaneError::Bind {
-            addr: bound,
-            source,
-        };
-        match http_tls {
-            Some(tls) => {
-                let incoming = switchyard_cluster::tls::listen(listener, tls, connections)
-                    .map_err(bind_error)?;
-                serve_http(incoming, app, connections, stop).await
-            }
-            None => {
-                let incoming = switchyard_cluster::listen::plaintext(listener, connections)
-                    .map_err(bind_error)?;
-                serve_http(incoming, app, connections, stop).await
-            }
-        }
-        .map_err(ControlPlaneError::Http)
+        serve_dashboard(
+            app,
+            listener,
+            bound,
+            http_tls,
+            connections,
+            shutdown.clone(),
+        )
+        .await
     };
     info!(
         id = %config.id,
@@ -278,7 +372,9 @@ pub async fn run_control_plane(
         http = %endpoints.http.map_or_else(|| "off".to_string(), |a| a.to_string()),
         "control plane ready"
     );
-    on_ready(endpoints);
+    if let Some(announce) = on_ready {
+        announce(endpoints);
+    }
     let (grpc_result, http_result) = tokio::join!(grpc_server, http_server);
     background.cancel();
     if standalone {

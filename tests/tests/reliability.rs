@@ -195,18 +195,6 @@ async fn scrape(url: &str) -> anyhow::Result<String> {
     Ok(reqwest::get(url).await?.error_for_status()?.text().await?)
 }
 
-/// The router's gRPC health status of `switchyard.v1.Inference`.
-async fn inference_health(router: &str) -> anyhow::Result<ServingStatus> {
-    let channel = switchyard_client::connect_channel(router).await?;
-    let response = HealthClient::new(channel)
-        .check(HealthCheckRequest {
-            service: "switchyard.v1.Inference".into(),
-        })
-        .await?
-        .into_inner();
-    Ok(response.status())
-}
-
 /// A router started while etcd is unreachable runs, says it is not serving (gRPC health,
 /// HTTP `/health`, `UNAVAILABLE` requests), keeps trying, and serves as soon as etcd answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +217,10 @@ async fn the_router_starts_without_etcd_and_serves_once_etcd_answers() -> anyhow
     .await?;
     let grpc = router.addr("grpc").to_string();
 
-    assert_eq!(inference_health(&grpc).await?, ServingStatus::NotServing);
+    assert_eq!(
+        health_of(&grpc, "switchyard.v1.Inference").await?,
+        ServingStatus::NotServing
+    );
     let health = reqwest::get(format!("http://{}/health", router.addr("http"))).await?;
     assert_eq!(health.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let body: serde_json::Value = health.json().await?;
@@ -313,6 +304,80 @@ async fn the_router_starts_without_etcd_and_serves_once_etcd_answers() -> anyhow
     assert_eq!(text, synthetic_text("wait for etcd", 0, 3));
     let health = reqwest::get(format!("http://{}/health", router.addr("http"))).await?;
     assert_eq!(health.status(), reqwest::StatusCode::OK);
+    Ok(())
+}
+
+/// `service`'s status in the gRPC health of the component at `addr` ("" is the process).
+async fn health_of(addr: &str, service: &str) -> anyhow::Result<ServingStatus> {
+    let channel = switchyard_client::connect_channel(addr).await?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await?
+        .into_inner();
+    Ok(response.status())
+}
+
+/// A control plane started while etcd is unreachable runs as a router does: alive for
+/// Kubernetes' liveness probe (gRPC health of the process SERVING), not ready (`Admin`
+/// NOT_SERVING, calls `UNAVAILABLE` naming etcd, the dashboard 503), and serving as soon as
+/// etcd answers. It exited at once, so Kubernetes restarted it with a growing back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_starts_without_etcd_and_serves_once_etcd_answers() -> anyhow::Result<()>
+{
+    use switchyard_proto::v1::admin_client::AdminClient;
+    const ADMIN: &str = "switchyard.v1.Admin";
+    let etcd_port = free_port();
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let control_plane = Component::start(
+        "control-plane-before-etcd",
+        &strings(&[
+            "control-plane",
+            "--etcd",
+            &etcd_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ]),
+        2,
+    )
+    .await?;
+    let grpc = control_plane.addr("grpc").to_string();
+    assert_eq!(health_of(&grpc, "").await?, ServingStatus::Serving);
+    assert_eq!(health_of(&grpc, ADMIN).await?, ServingStatus::NotServing);
+    let mut admin = AdminClient::new(switchyard_client::connect_channel(&grpc).await?);
+    let refused = admin
+        .list_workers(v1::ListWorkersRequest::default())
+        .await
+        .expect_err("nothing to list before etcd answers");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("etcd"), "{refused:?}");
+    let page = reqwest::get(format!("http://{}/", control_plane.addr("http"))).await?;
+    assert_eq!(page.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert!(page.text().await?.contains("etcd"));
+
+    // etcd comes up on the port the control plane has been dialling.
+    let _etcd = Etcd::start_on(etcd_port).await?;
+    wait_until(
+        Duration::from_secs(30),
+        "the control plane to serve",
+        || async {
+            health_of(&grpc, ADMIN)
+                .await
+                .is_ok_and(|status| status == ServingStatus::Serving)
+        },
+    )
+    .await?;
+    let mut admin = AdminClient::new(switchyard_client::connect_channel(&grpc).await?);
+    let workers = admin
+        .list_workers(v1::ListWorkersRequest::default())
+        .await?
+        .into_inner();
+    assert!(workers.workers.is_empty(), "{workers:?}");
+    let page = reqwest::get(format!("http://{}/", control_plane.addr("http"))).await?;
+    assert_eq!(page.status(), reqwest::StatusCode::OK);
     Ok(())
 }
 
