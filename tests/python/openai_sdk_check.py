@@ -217,6 +217,44 @@ def min_p_through_extra_body():
 
 
 @check
+def several_choices_both_ways():
+    # n choices: one generation each, the prompt counted once and every completion.
+    one = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, seed=3)
+    r = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, seed=3, n=2)
+    assert [c.index for c in r.choices] == [0, 1], r.choices
+    assert all(c.message.content and c.finish_reason == "length" for c in r.choices), r
+    assert r.usage.prompt_tokens == one.usage.prompt_tokens, (r.usage, one.usage)
+    assert r.usage.completion_tokens == 8, r.usage
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=4,
+        seed=3,
+        n=3,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts, finishes, usage = {}, {}, None
+    for chunk in stream:
+        for choice in chunk.choices:
+            parts.setdefault(choice.index, []).append(choice.delta.content or "")
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert sorted(parts) == [0, 1, 2], parts
+    assert all("".join(p) for p in parts.values()), parts
+    assert finishes == {0: "length", 1: "length", 2: "length"}, finishes
+    assert usage is not None and usage.completion_tokens == 12, usage
+    try:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, n=17)
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "n", e.body
+        return
+    raise AssertionError("expected BadRequestError")
+
+
+@check
 def bad_lane_header_is_400():
     try:
         client.chat.completions.create(

@@ -63,7 +63,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     )
     .await
     .context("the openai SDK checks (pip install -r scripts/test-requirements.txt)")?;
-    assert!(out.contains("openai-sdk: 11 passed, 0 failed"), "{out}");
+    assert!(out.contains("openai-sdk: 12 passed, 0 failed"), "{out}");
 
     // The README's `curl -N` example, as written there but for the port.
     let host = cluster.router.addr("http");

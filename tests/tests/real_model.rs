@@ -169,6 +169,47 @@ async fn chat_through_the_router_gets_a_sensible_answer_from_the_real_model() ->
     }
     assert!(wandered > 0, "temperature 1.5 never left {greedy:?}");
 
+    // `n` choices with a seed: choice i is drawn with the seed plus i, so the choices are not
+    // copies of one answer, and the same request gives the same choices again; the first is
+    // the answer a request of one choice gets with that seed.
+    let choices = |n: u32| {
+        let response = client
+            .post(format!("{}/chat/completions", cluster.router_openai_url()))
+            .json(&json!({
+                "model": MODEL, "max_tokens": 12, "temperature": 1.2, "seed": 11, "n": n,
+                "messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+            }))
+            .send();
+        async move {
+            let body: Value = response.await?.json().await?;
+            let texts: Vec<String> = body["choices"]
+                .as_array()
+                .unwrap_or_else(|| panic!("no choices in {body}"))
+                .iter()
+                .map(|choice| {
+                    choice["message"]["content"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .into()
+                })
+                .collect();
+            assert_eq!(body["usage"]["completion_tokens"], 12 * n, "{body}");
+            anyhow::Ok(texts)
+        }
+    };
+    let three = choices(3).await?;
+    assert_eq!(three.len(), 3);
+    assert!(
+        three[0] != three[1] && three[1] != three[2],
+        "copies of one answer: {three:?}"
+    );
+    assert_eq!(choices(3).await?, three, "the same seed, the same choices");
+    assert_eq!(
+        choices(1).await?,
+        three[..1],
+        "choice 0 is the seed's own answer"
+    );
+
     // The same question over gRPC streams the same greedy text in sequenced chunks.
     let mut grpc =
         v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))

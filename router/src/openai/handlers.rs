@@ -12,11 +12,13 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
+use futures::StreamExt as _;
 use serde_json::{Value, json};
 use switchyard_proto::v1::{self, server_frame::Frame};
 use tokio::sync::mpsc;
 use tonic::Code;
 
+use super::choices::{self, ChoiceFrames};
 use super::error::ApiError;
 use super::logprobs::Logprobs;
 use super::stream;
@@ -274,38 +276,56 @@ async fn generate(
     }
     request.request_id = id.clone();
 
-    // The same path as gRPC: classify, place, run.
+    // The same path as gRPC: classify, place, run — once per choice. Choice `i` of several
+    // runs as `<id>-<i>` (ids name one generation each) and, when the client gave a seed, with
+    // the seed plus `i`: reproducible, yet not `n` copies of one answer.
     let parent = RemoteContext::from_headers(&headers);
-    let prepared = match mode.max_tokens_field {
-        Some(_) => dispatcher.prepare(request, parent).await,
-        None => {
-            dispatcher
-                .prepare_with_default_max_tokens(request, parent)
-                .await
+    let mut receivers = Vec::with_capacity(mode.choices as usize);
+    for index in 0..mode.choices {
+        let mut request = request.clone();
+        if mode.choices > 1 {
+            request.request_id = format!("{id}-{index}");
+            if let Some(seed) = request.sampling.as_mut().and_then(|s| s.seed.as_mut()) {
+                *seed = seed.wrapping_add(u64::from(index));
+            }
+        }
+        let prepared = match mode.max_tokens_field {
+            Some(_) => dispatcher.prepare(request, parent.clone()).await,
+            None => {
+                dispatcher
+                    .prepare_with_default_max_tokens(request, parent.clone())
+                    .await
+            }
+        }
+        .map_err(|error| {
+            let error = ApiError::from(&error);
+            match mode.max_tokens_field {
+                Some(field) => error.naming_max_tokens(field),
+                None => error,
+            }
+        })?;
+        // HTTP has no control frames: cancellation comes from the receiver being dropped
+        // (client gone).
+        let (_, controls) = mpsc::unbounded_channel();
+        receivers.push(dispatcher.drive(prepared, controls, CLIENT_BUFFER));
+    }
+
+    // Every choice placed, or the request's error (the others are cancelled as they drop).
+    let mut placements = Vec::with_capacity(receivers.len());
+    for rx in &mut receivers {
+        match next_frame(rx).await? {
+            Frame::Accepted(accepted) => placements.push(accepted),
+            Frame::Failed(f) => return Err(failed(&f)),
+            _ => {
+                return Err(ApiError::from_code(
+                    Code::Internal,
+                    "dispatcher did not accept the request first",
+                ));
+            }
         }
     }
-    .map_err(|error| {
-        let error = ApiError::from(&error);
-        match mode.max_tokens_field {
-            Some(field) => error.naming_max_tokens(field),
-            None => error,
-        }
-    })?;
-    // HTTP has no control frames: cancellation comes from `rx` being dropped (client gone).
-    let (_, controls) = mpsc::unbounded_channel();
-    let mut rx = dispatcher.drive(prepared, controls, CLIENT_BUFFER);
-
-    let accepted = match next_frame(&mut rx).await? {
-        Frame::Accepted(accepted) => accepted,
-        Frame::Failed(f) => return Err(failed(&f)),
-        _ => {
-            return Err(ApiError::from_code(
-                Code::Internal,
-                "dispatcher did not accept the request first",
-            ));
-        }
-    };
-    let lane = v1::Lane::try_from(accepted.lane)
+    let first = &placements[0];
+    let lane = v1::Lane::try_from(first.lane)
         .unwrap_or(v1::Lane::Unspecified)
         .label()
         .to_string();
@@ -313,93 +333,148 @@ async fn generate(
         endpoint,
         id,
         created: unix_now(),
-        model: accepted.model,
+        model: first.model.clone(),
         lane,
-        pool: accepted.pool,
-        worker: accepted.worker_id,
+        pool: distinct(placements.iter().map(|a| a.pool.as_str())),
+        worker: distinct(placements.iter().map(|a| a.worker_id.as_str())),
     };
+    let mut frames = choices::merge(receivers);
 
     if mode.stream {
         // Hold the headers until the first token (or the end): a request that fails before
         // producing anything — every worker full, say — still gets its proper HTTP status.
-        let first = next_frame(&mut rx).await?;
+        let (index, first) = next_choice_frame(&mut frames).await?;
         if let Frame::Failed(f) = &first {
             return Err(failed(f));
         }
-        Ok(stream::sse_response(meta, mode, first, rx))
+        Ok(stream::sse_response(meta, mode, (index, first), frames))
     } else {
-        complete(meta, mode, rx).await
+        complete(meta, mode, frames).await
     }
 }
 
-/// Collects a whole generation into one JSON response.
+/// `values` without repeats, in order, comma-separated: the pools or workers of a request's
+/// choices for its headers.
+fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> String {
+    let mut seen: Vec<&str> = Vec::new();
+    for value in values {
+        if !seen.contains(&value) {
+            seen.push(value);
+        }
+    }
+    seen.join(",")
+}
+
+/// The next frame of any choice, with the choice's index.
+async fn next_choice_frame(frames: &mut ChoiceFrames) -> Result<(u32, Frame), ApiError> {
+    match frames.next().await {
+        Some((index, Ok(v1::ServerFrame { frame: Some(frame) }))) => Ok((index, frame)),
+        Some((_, Ok(v1::ServerFrame { frame: None }))) => Err(ApiError::from_code(
+            Code::Internal,
+            "dispatcher sent an empty frame",
+        )),
+        Some((_, Err(status))) => Err(ApiError::from_status(&status)),
+        None => Err(ApiError::from_code(
+            Code::Internal,
+            "the request ended without a result",
+        )),
+    }
+}
+
+/// One choice of a whole (not streamed) answer, as it is collected.
+#[derive(Default)]
+struct Collected {
+    text: String,
+    /// Log probabilities of the tokens whose text came out; a stop sequence's tokens (text
+    /// held back, then dropped) are not listed, so the tokens add up to the text.
+    token_logprobs: Vec<v1::TokenLogprobs>,
+    unsent: Vec<v1::TokenLogprobs>,
+    finished: Option<v1::Finished>,
+}
+
+/// Collects every choice's whole generation into one JSON response.
 async fn complete(
     mut meta: Meta,
     mode: wire::StreamMode,
-    mut rx: FrameReceiver,
+    mut frames: ChoiceFrames,
 ) -> Result<Response, ApiError> {
-    let mut text = String::new();
-    // Log probabilities of the tokens whose text came out; a stop sequence's tokens (text
-    // held back, then dropped) are not listed, so the tokens add up to the text.
-    let (mut token_logprobs, mut unsent) = (Vec::new(), Vec::new());
-    let finished = loop {
-        match next_frame(&mut rx).await? {
+    let mut collected: Vec<Collected> = (0..mode.choices).map(|_| Collected::default()).collect();
+    let mut open = collected.len();
+    while open > 0 {
+        let (index, frame) = next_choice_frame(&mut frames).await?;
+        let Some(choice) = collected.get_mut(index as usize) else {
+            continue;
+        };
+        match frame {
             Frame::Tokens(tokens) => {
-                unsent.extend(tokens.logprobs);
+                choice.unsent.extend(tokens.logprobs);
                 if !tokens.text.is_empty() {
-                    text.push_str(&tokens.text);
-                    token_logprobs.append(&mut unsent);
+                    choice.text.push_str(&tokens.text);
+                    let unsent = std::mem::take(&mut choice.unsent);
+                    choice.token_logprobs.extend(unsent);
                 }
             }
-            Frame::Finished(finished) => break finished,
+            Frame::Finished(finished) => {
+                choice.finished = Some(finished);
+                open -= 1;
+            }
             Frame::Failed(f) => return Err(failed(&f)),
             // HTTP sends no client frames, so none is rejected.
             Frame::Accepted(_) | Frame::Moved(_) | Frame::Rejected(_) => {}
         }
-    };
-    // The headers name the worker that finished it (another than `Accepted`'s after a
-    // failover or a move).
-    if !finished.worker_id.is_empty() {
-        meta.worker = finished.worker_id;
-        meta.pool = finished.pool;
     }
-    let usage = wire::Usage::from(finished.usage);
-    let finish_reason = wire::finish_reason(finished.reason);
-    let logprobs = if mode.logprobs {
-        Logprobs::default().render(meta.endpoint, &token_logprobs)
-    } else {
-        Value::Null
+    let finished: Vec<v1::Finished> = collected
+        .iter_mut()
+        .map(|c| c.finished.take().unwrap_or_default())
+        .collect();
+    // The headers name the workers that finished it (others than `Accepted`'s after a
+    // failover or a move).
+    if finished.iter().all(|f| !f.worker_id.is_empty()) {
+        meta.worker = distinct(finished.iter().map(|f| f.worker_id.as_str()));
+        meta.pool = distinct(finished.iter().map(|f| f.pool.as_str()));
+    }
+    let usages: Vec<_> = finished.iter().map(|f| f.usage).collect();
+    let usage = choices::usage(&usages);
+    let choices: Vec<Value> = collected
+        .into_iter()
+        .zip(&finished)
+        .zip(0u32..)
+        .map(|((choice, finished), index)| {
+            let finish_reason = wire::finish_reason(finished.reason);
+            let logprobs = if mode.logprobs {
+                Logprobs::default().render(meta.endpoint, &choice.token_logprobs)
+            } else {
+                Value::Null
+            };
+            match meta.endpoint {
+                Endpoint::Chat => json!({
+                    "index": index,
+                    "message": {"role": "assistant", "content": choice.text, "refusal": Value::Null},
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }),
+                Endpoint::Completion => json!({
+                    "index": index,
+                    "text": choice.text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }),
+            }
+        })
+        .collect();
+    let object = match meta.endpoint {
+        Endpoint::Chat => "chat.completion",
+        Endpoint::Completion => "text_completion",
     };
-    let body = match meta.endpoint {
-        Endpoint::Chat => json!({
-            "id": meta.id,
-            "object": "chat.completion",
-            "created": meta.created,
-            "model": meta.model,
-            "system_fingerprint": Value::Null,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": Value::Null},
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }],
-            "usage": usage,
-        }),
-        Endpoint::Completion => json!({
-            "id": meta.id,
-            "object": "text_completion",
-            "created": meta.created,
-            "model": meta.model,
-            "system_fingerprint": Value::Null,
-            "choices": [{
-                "index": 0,
-                "text": text,
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }],
-            "usage": usage,
-        }),
-    };
+    let body = json!({
+        "id": meta.id,
+        "object": object,
+        "created": meta.created,
+        "model": meta.model,
+        "system_fingerprint": Value::Null,
+        "choices": choices,
+        "usage": usage,
+    });
     let mut response = Json(body).into_response();
     meta.decorate(&mut response);
     Ok(response)

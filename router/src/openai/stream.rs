@@ -1,55 +1,56 @@
 //! Server-Sent Events as OpenAI clients expect them: one `data: {chunk}` event per token chunk
-//! (`choices[].delta` for chat, `choices[].text` for completions), a chunk carrying
-//! `finish_reason`, a `usage` chunk with empty `choices` when `stream_options.include_usage`
-//! was set, then `data: [DONE]`. A failure midway is sent as `data: {"error": …}` and the
-//! stream ends without `[DONE]`.
+//! of a choice (`choices[].delta` for chat, `choices[].text` for completions), a chunk carrying
+//! each choice's `finish_reason`, a `usage` chunk with empty `choices` when
+//! `stream_options.include_usage` was set, then `data: [DONE]` once every choice has finished.
+//! A failure midway is sent as `data: {"error": …}` and the stream ends without `[DONE]`.
 //!
-//! The body owns the dispatcher's output receiver: when the client goes away the server drops
-//! the body, the receiver closes, and the dispatcher cancels the generation.
+//! The body owns the dispatcher's output receivers: when the client goes away the server drops
+//! the body, the receivers close, and the dispatcher cancels the generations.
 
 use std::collections::VecDeque;
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
+use futures::StreamExt as _;
 use serde::Serialize;
 use switchyard_proto::v1::{self, server_frame::Frame};
 use tonic::Code;
 
+use super::choices::{self, ChoiceFrames};
 use super::error::ApiError;
 use super::handlers::{Endpoint, Meta};
 use super::logprobs::Logprobs;
 use super::wire::{self, StreamMode};
-use crate::dispatch::FrameReceiver;
 
-/// The streaming response: headers now, events as the dispatcher produces them.
-pub fn sse_response(meta: Meta, mode: StreamMode, first: Frame, rx: FrameReceiver) -> Response {
-    let mut events = Events {
-        meta: meta.clone(),
-        mode,
-        rx,
-        pending: VecDeque::new(),
-        done: false,
-        logprobs: Logprobs::default(),
-        unsent_logprobs: Vec::new(),
-    };
+/// The streaming response: headers now, events as the dispatcher produces them. `first` is
+/// the first frame of choice `first.0`; `frames` has the rest of every choice's.
+pub fn sse_response(
+    meta: Meta,
+    mode: StreamMode,
+    first: (u32, Frame),
+    frames: ChoiceFrames,
+) -> Response {
+    let mut events = Events::new(meta.clone(), mode, frames);
     if meta.endpoint == Endpoint::Chat {
-        // OpenAI opens a chat stream with the assistant role and empty content.
-        let opening = Choice {
-            index: 0,
-            delta: Some(Delta {
-                role: Some("assistant"),
-                content: Some(""),
-            }),
-            text: None,
-            logprobs: None,
-            finish_reason: None,
-        };
-        let usage = events.mode.include_usage.then_some(None);
-        let opening = event(&events.chunk(&[opening], usage));
-        events.pending.push_back(opening);
+        // OpenAI opens a chat stream with the assistant role and empty content, per choice.
+        for index in 0..mode.choices {
+            let opening = Choice {
+                index,
+                delta: Some(Delta {
+                    role: Some("assistant"),
+                    content: Some(""),
+                }),
+                text: None,
+                logprobs: None,
+                finish_reason: None,
+            };
+            let usage = events.mode.include_usage.then_some(None);
+            let opening = event(&events.chunk(&[opening], usage));
+            events.pending.push_back(opening);
+        }
     }
-    events.on_frame(first);
+    events.on_frame(first.0, first.1);
     let body = Body::from_stream(futures::stream::unfold(events, |mut events| async move {
         let bytes = events.next().await?;
         Some((Ok::<Bytes, std::convert::Infallible>(bytes), events))
@@ -115,16 +116,39 @@ struct Delta<'a> {
 struct Events {
     meta: Meta,
     mode: StreamMode,
-    rx: FrameReceiver,
+    frames: ChoiceFrames,
     pending: VecDeque<Bytes>,
     done: bool,
+    /// Per choice, by index.
+    choices: Vec<ChoiceState>,
+    /// Choices still generating.
+    open: usize,
+}
+
+#[derive(Default)]
+struct ChoiceState {
     logprobs: Logprobs,
     /// Log probabilities of tokens whose text is not out yet (held back by a stop sequence or
     /// an incomplete character): they go with the next chunk.
     unsent_logprobs: Vec<v1::TokenLogprobs>,
+    /// The choice's usage, once it has finished.
+    usage: Option<v1::Usage>,
 }
 
 impl Events {
+    fn new(meta: Meta, mode: StreamMode, frames: ChoiceFrames) -> Self {
+        let choices = (0..mode.choices).map(|_| ChoiceState::default()).collect();
+        Self {
+            meta,
+            mode,
+            frames,
+            pending: VecDeque::new(),
+            done: false,
+            choices,
+            open: mode.choices as usize,
+        }
+    }
+
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             if let Some(bytes) = self.pending.pop_front() {
@@ -133,10 +157,12 @@ impl Events {
             if self.done {
                 return None;
             }
-            match self.rx.recv().await {
-                Some(Ok(v1::ServerFrame { frame: Some(frame) })) => self.on_frame(frame),
-                Some(Ok(v1::ServerFrame { frame: None })) => {}
-                Some(Err(status)) => self.fail(ApiError::from_status(&status)),
+            match self.frames.next().await {
+                Some((index, Ok(v1::ServerFrame { frame: Some(frame) }))) => {
+                    self.on_frame(index, frame)
+                }
+                Some((_, Ok(v1::ServerFrame { frame: None }))) => {}
+                Some((_, Err(status))) => self.fail(ApiError::from_status(&status)),
                 None => self.fail(ApiError::from_code(
                     Code::Internal,
                     "the request ended without a result",
@@ -150,9 +176,9 @@ impl Events {
         self.done = true;
     }
 
-    /// Queues a chunk with one choice: `text` as the chat `delta`'s content or the
+    /// Queues a chunk with choice `index`: `text` as the chat `delta`'s content or the
     /// completion's `text` (`None`: an empty delta), and `finish_reason`.
-    fn push_chunk(&mut self, text: Option<&str>, finish_reason: Option<&str>) {
+    fn push_chunk(&mut self, index: u32, text: Option<&str>, finish_reason: Option<&str>) {
         let (delta, text) = match self.meta.endpoint {
             Endpoint::Chat => (
                 Some(Delta {
@@ -163,14 +189,16 @@ impl Events {
             ),
             Endpoint::Completion => (None, Some(text.unwrap_or(""))),
         };
+        let endpoint = self.meta.endpoint;
+        let state = &mut self.choices[index as usize];
         let logprobs = self
             .mode
             .logprobs
-            .then(|| std::mem::take(&mut self.unsent_logprobs))
+            .then(|| std::mem::take(&mut state.unsent_logprobs))
             .filter(|tokens| !tokens.is_empty())
-            .map(|tokens| self.logprobs.render(self.meta.endpoint, &tokens));
+            .map(|tokens| state.logprobs.render(endpoint, &tokens));
         let choice = Choice {
-            index: 0,
+            index,
             delta,
             text,
             logprobs,
@@ -203,23 +231,36 @@ impl Events {
         }
     }
 
-    fn on_frame(&mut self, frame: Frame) {
+    /// Handles a frame of choice `index`.
+    fn on_frame(&mut self, index: u32, frame: Frame) {
+        let Some(state) = self.choices.get_mut(index as usize) else {
+            return self.fail(ApiError::from_code(
+                Code::Internal,
+                "a frame of a choice the request did not ask for",
+            ));
+        };
         match frame {
             // HTTP sends no client frames, so none is rejected.
             Frame::Accepted(_) | Frame::Rejected(_) => {}
             Frame::Tokens(tokens) => {
-                self.unsent_logprobs.extend(tokens.logprobs);
+                state.unsent_logprobs.extend(tokens.logprobs);
                 if tokens.text.is_empty() {
                     return;
                 }
-                self.push_chunk(Some(&tokens.text), None);
+                self.push_chunk(index, Some(&tokens.text), None);
             }
             Frame::Finished(finished) => {
                 // Tokens whose text never came out (a stop sequence's) are not listed.
-                self.unsent_logprobs.clear();
-                self.push_chunk(None, Some(wire::finish_reason(finished.reason)));
+                state.unsent_logprobs.clear();
+                state.usage = Some(finished.usage.unwrap_or_default());
+                self.push_chunk(index, None, Some(wire::finish_reason(finished.reason)));
+                self.open -= 1;
+                if self.open > 0 {
+                    return;
+                }
                 if self.mode.include_usage {
-                    let usage = Some(Some(wire::Usage::from(finished.usage)));
+                    let usages: Vec<_> = self.choices.iter().map(|c| c.usage).collect();
+                    let usage = Some(Some(choices::usage(&usages)));
                     let event = event(&self.chunk(&[], usage));
                     self.pending.push_back(event);
                 }
@@ -274,6 +315,7 @@ mod tests {
             include_usage,
             logprobs: false,
             max_tokens_field: None,
+            choices: 1,
         };
         stream_with(endpoint, mode, first, rest).await
     }
@@ -284,13 +326,23 @@ mod tests {
         first: Frame,
         rest: Vec<Frame>,
     ) -> Vec<Value> {
-        let (tx, rx) = crate::dispatch::frame_channel(8);
-        for frame in rest {
-            let frame = v1::ServerFrame { frame: Some(frame) };
-            tx.send(Ok(frame)).await.expect("room");
-        }
-        drop(tx);
-        let response = sse_response(meta(endpoint), mode, first, rx);
+        let rest = rest.into_iter().map(|frame| (0, frame)).collect();
+        stream_of_choices(endpoint, mode, (0, first), rest).await
+    }
+
+    /// Every event of a stream of `mode.choices` choices that starts with `first` and gets
+    /// `rest`, each frame with its choice's index.
+    async fn stream_of_choices(
+        endpoint: Endpoint,
+        mode: StreamMode,
+        first: (u32, Frame),
+        rest: Vec<(u32, Frame)>,
+    ) -> Vec<Value> {
+        let frames = futures::stream::iter(
+            rest.into_iter()
+                .map(|(index, frame)| (index, Ok(v1::ServerFrame { frame: Some(frame) }))),
+        );
+        let response = sse_response(meta(endpoint), mode, first, Box::pin(frames));
         let body = axum::body::to_bytes(response.into_body(), 1 << 20)
             .await
             .expect("the body");
@@ -349,6 +401,7 @@ mod tests {
             include_usage: false,
             logprobs: true,
             max_tokens_field: None,
+            choices: 1,
         };
         // The second token's text is held back (a stop sequence might start there): its log
         // probability goes out with the next text.
@@ -474,32 +527,98 @@ mod tests {
         );
     }
 
+    /// Two choices interleaved: each opens with its role, each chunk names its choice, each
+    /// ends with its finish reason, and one usage (the prompt once, both completions) and one
+    /// `[DONE]` come after the last.
+    #[tokio::test]
+    async fn choices_stream_side_by_side_and_end_together() {
+        let mode = StreamMode {
+            stream: true,
+            include_usage: true,
+            logprobs: false,
+            max_tokens_field: None,
+            choices: 2,
+        };
+        let finished = |prompt, completion| {
+            Frame::Finished(v1::Finished {
+                request_id: "r".into(),
+                reason: v1::FinishReason::Length as i32,
+                usage: Some(v1::Usage {
+                    prompt_tokens: prompt,
+                    completion_tokens: completion,
+                    cached_prompt_tokens: 0,
+                }),
+                ..Default::default()
+            })
+        };
+        let events = stream_of_choices(
+            Endpoint::Chat,
+            mode,
+            (1, tokens("b1")),
+            vec![
+                (0, tokens("a1")),
+                (1, finished(5, 1)),
+                (0, tokens("a2")),
+                (0, finished(5, 2)),
+            ],
+        )
+        .await;
+        let described: Vec<String> = events
+            .iter()
+            .map(|event| match event {
+                Value::String(done) => done.clone(),
+                chunk => match chunk["choices"].get(0) {
+                    None => format!("usage {}", chunk["usage"]["total_tokens"]),
+                    Some(choice) => format!(
+                        "{} {} {}",
+                        choice["index"],
+                        choice["delta"]["content"].as_str().unwrap_or("-"),
+                        choice["finish_reason"].as_str().unwrap_or("-"),
+                    ),
+                },
+            })
+            .collect();
+        assert_eq!(
+            described,
+            [
+                "0  -",
+                "1  -",
+                "1 b1 -",
+                "0 a1 -",
+                "1 - length",
+                "0 a2 -",
+                "0 - length",
+                "usage 8",
+                "[DONE]",
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn a_move_is_an_sse_comment_that_openai_clients_skip() {
-        let (tx, rx) = crate::dispatch::frame_channel(4);
-        drop(tx);
-        let mut events = Events {
-            meta: meta(Endpoint::Chat),
-            mode: StreamMode {
-                stream: true,
-                include_usage: false,
-                logprobs: false,
-                max_tokens_field: None,
-            },
-            rx,
-            pending: VecDeque::new(),
-            done: false,
-            logprobs: Logprobs::default(),
-            unsent_logprobs: Vec::new(),
+        let mode = StreamMode {
+            stream: true,
+            include_usage: false,
+            logprobs: false,
+            max_tokens_field: None,
+            choices: 1,
         };
-        events.on_frame(Frame::Moved(v1::Moved {
-            request_id: "r".into(),
-            from_worker_id: "wse-0".into(),
-            from_pool: "wse".into(),
-            to_worker_id: "gpu-1".into(),
-            to_pool: "gpu".into(),
-            reason: "preempt".into(),
-        }));
+        let mut events = Events::new(
+            meta(Endpoint::Chat),
+            mode,
+            Box::pin(futures::stream::empty()),
+        );
+        events.on_frame(
+            0,
+            Frame::Moved(v1::Moved {
+                request_id: "r".into(),
+                from_worker_id: "wse-0".into(),
+                from_pool: "wse".into(),
+                to_worker_id: "gpu-1".into(),
+                to_pool: "gpu".into(),
+                reason: "preempt".into(),
+            }),
+        );
         let line = events.next().await.expect("an event");
         let text = std::str::from_utf8(&line).expect("utf-8");
         // The SSE grammar: a line starting with ':' is a comment; a blank line ends it.

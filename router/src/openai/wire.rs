@@ -285,6 +285,8 @@ pub struct StreamMode {
     /// The field the client bounded its output with (`max_tokens` or
     /// `max_completion_tokens`); `None` when it gave neither and the default applies.
     pub max_tokens_field: Option<&'static str>,
+    /// How many choices to generate (`n`), each a generation of its own.
+    pub choices: u32,
 }
 
 /// Which endpoint's form `logprobs` takes.
@@ -360,14 +362,17 @@ fn sampling(
     cap: u32,
     form: LogprobsForm,
 ) -> Result<(v1::SamplingParams, StreamMode), ApiError> {
-    if let Some(n) = fields.n
-        && n != 1
-    {
-        return Err(ApiError::invalid(
-            "n",
-            format!("is {n}; only n=1 is supported"),
-        ));
-    }
+    let max_choices = super::choices::MAX_CHOICES;
+    let choices = match fields.n {
+        None => 1,
+        Some(n) if (1..=i64::from(max_choices)).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "n",
+                format!("is {n}; it must be 1 to {max_choices} (each choice is a generation)"),
+            ));
+        }
+    };
     let max_tokens_field = if fields.max_completion_tokens.is_some() {
         Some("max_completion_tokens")
     } else {
@@ -458,6 +463,7 @@ fn sampling(
                 .is_some_and(|o| o.include_usage),
         logprobs,
         max_tokens_field,
+        choices,
     };
     if !fields.stream && fields.stream_options.is_some() {
         return Err(ApiError::invalid(
@@ -738,10 +744,16 @@ mod tests {
                 .as_deref(),
             Some("max_tokens")
         );
-        assert_eq!(
-            param(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"n":2}"#).as_deref(),
-            Some("n")
-        );
+        for n in ["0", "17", "-1", "2.5", "\"2\""] {
+            let body =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"n":{n}}}"#);
+            assert_eq!(param(&body).as_deref(), Some("n"), "n = {n}");
+        }
+        for (n, choices) in [("null", 1), ("1", 1), ("2", 2), ("16", 16)] {
+            let body =
+                format!(r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}],"n":{n}}}"#);
+            assert_eq!(chat(&body).expect("valid").1.choices, choices, "n = {n}");
+        }
         assert_eq!(
             param(
                 r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream_options":{"include_usage":true}}"#
