@@ -1,0 +1,131 @@
+//! What a new user meets first: `switchyard up` and `switchyard chat` when something is not
+//! as expected — a port taken, etcd not there, no cluster running, Ctrl-C while the cluster is
+//! still starting. Each time the message says what happened and what to do, and the exit
+//! status says it failed.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use switchyard_tests::{free_port, log_dir, switchyard_bin, up_args, wait_until};
+use tokio::process::Command;
+
+/// Runs `switchyard <args>` to its end; returns (exit code, stdout, stderr).
+async fn run(args: &[String]) -> anyhow::Result<(Option<i32>, String, String)> {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(switchyard_bin())
+            .args(args)
+            .env("NO_COLOR", "1")
+            // What a new user has: no backtraces under the messages.
+            .env_remove("RUST_BACKTRACE")
+            .env_remove("RUST_LIB_BACKTRACE")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .context("switchyard did not exit within 60s")??;
+    Ok((
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// `switchyard up` on a port something else holds names the flag that chooses it, and exits
+/// with status 1 instead of serving without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_on_a_taken_port_names_the_flag_to_change() -> anyhow::Result<()> {
+    for flag in [
+        "--router-listen",
+        "--http-listen",
+        "--control-plane-listen",
+        "--dashboard-listen",
+    ] {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let address = taken.local_addr()?.to_string();
+        // This flag on the taken port, the others on free ones.
+        let mut args = up_args(&["--engine", "synthetic"]);
+        let at = args
+            .iter()
+            .position(|a| a == flag)
+            .context("up_args sets it")?;
+        args[at + 1] = address.clone();
+        let (code, out, err) = run(&args).await?;
+        assert_eq!(code, Some(1), "{flag}: {out}\n{err}");
+        assert!(
+            err.contains(&address) && err.contains("already in use") && err.contains(flag),
+            "{flag}: the message does not name the address and the flag:\n{err}"
+        );
+        assert!(!out.contains("router grpc"), "{flag}: announced: {out}");
+    }
+    Ok(())
+}
+
+/// `switchyard up --etcd` on an address where no etcd answers says so, with what to do, at
+/// once and with status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_no_etcd_at_the_given_address_says_what_to_do() -> anyhow::Result<()> {
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let args = up_args(&["--engine", "synthetic", "--etcd", &url]);
+    let (code, out, err) = run(&args).await?;
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("no etcd answers at {url}")) && err.contains("without --etcd"),
+        "the message does not say what to do:\n{err}"
+    );
+    Ok(())
+}
+
+/// Ctrl-C while `switchyard up` is still loading its engines stops it: every component
+/// stopped, no endpoint announced, no error report, status 130 (interrupted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_while_up_is_starting_stops_it_cleanly() -> anyhow::Result<()> {
+    let model_path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    anyhow::ensure!(
+        std::path::Path::new(model_path).is_file(),
+        "{model_path} is missing: run scripts/fetch-model.sh"
+    );
+    let log = log_dir().join(format!("up-interrupted-{}.log", free_port()));
+    let up = Command::new(switchyard_bin())
+        .args(up_args(&["--model-path", model_path]))
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_BACKTRACE")
+        .env_remove("RUST_LIB_BACKTRACE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log)?)
+        .kill_on_drop(true)
+        .spawn()?;
+    // Three engines load one after another: after the first, `up` is still starting.
+    wait_until(Duration::from_secs(60), "the first engine to load", || {
+        let loaded = std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("model loaded");
+        async move { loaded }
+    })
+    .await?;
+    let pid = up.id().context("up exited early")?;
+    kill(Pid::from_raw(pid as i32), Signal::SIGINT)?;
+    let output = tokio::time::timeout(Duration::from_secs(60), up.wait_with_output())
+        .await
+        .context("up did not stop within 60s of Ctrl-C")??;
+    let (out, err) = (
+        String::from_utf8_lossy(&output.stdout),
+        std::fs::read_to_string(&log)?,
+    );
+    assert_eq!(output.status.code(), Some(130), "{out}\n{err}");
+    assert!(
+        err.contains("interrupted before the cluster was ready"),
+        "no word of why it stopped:\n{err}"
+    );
+    assert!(!err.contains("Error:"), "reported as an error:\n{err}");
+    assert!(!out.contains("router grpc"), "announced: {out}");
+    Ok(())
+}
