@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use switchyard_tests::{free_port, log_dir, switchyard_bin, up_args, wait_until};
+use switchyard_tests::{free_port, log_dir, run_chat, switchyard_bin, up_args, wait_until};
 use tokio::process::Command;
 
 /// Runs `switchyard <args>` to its end; returns (exit code, stdout, stderr).
@@ -75,6 +75,22 @@ async fn up_with_no_etcd_at_the_given_address_says_what_to_do() -> anyhow::Resul
     assert_eq!(code, Some(1), "{out}\n{err}");
     assert!(
         err.contains(&format!("no etcd answers at {url}")) && err.contains("without --etcd"),
+        "the message does not say what to do:\n{err}"
+    );
+    Ok(())
+}
+
+/// `switchyard chat` with no router at its address says where it looked and how to start
+/// one, with status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_with_no_cluster_running_says_how_to_start_one() -> anyhow::Result<()> {
+    let router = format!("127.0.0.1:{}", free_port());
+    let (code, out, err) = run_chat(&["--router", &router], &[], "hello\n").await?;
+    assert_eq!(code, Some(1), "{out}\n{err}");
+    assert!(
+        err.contains(&format!("no router answers at {router}"))
+            && err.contains("switchyard up")
+            && err.contains("--router"),
         "the message does not say what to do:\n{err}"
     );
     Ok(())
