@@ -521,14 +521,22 @@ async def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--api-key", default=os.environ.get("SWITCHYARD_API_KEY"))
     parser.add_argument("--ca-file", help="CA certificates (PEM) to trust, for a TLS router")
     args = parser.parse_args(argv)
+    # What to do when nothing answers at --target (the usual first mistake: no cluster yet).
+    unreachable = (
+        f"no router answers at {args.target}: start a local cluster with scripts/up.sh, "
+        "or pass the address of a running router with --target"
+    )
 
     model = args.model
     if model is None:
         try:
             models = await list_models(args.target, api_key=args.api_key, ca_file=args.ca_file)
         except grpc.aio.AioRpcError as error:
-            print(f"listing the models failed: {error.code().name}: {error.details()}",
-                  file=sys.stderr)
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                print(f"{unreachable} ({error.details()})", file=sys.stderr)
+            else:
+                print(f"listing the models failed: {error.code().name}: {error.details()}",
+                      file=sys.stderr)
             return 1
         served = [name for name, workers in models.items() if workers]
         if not served:
@@ -546,7 +554,10 @@ async def _main(argv: Sequence[str]) -> int:
                 request_class=args.request_class,
             )
         except SessionClosed as closed:
-            print(f"the router refused the session: {closed}", file=sys.stderr)
+            if closed.code == grpc.StatusCode.UNAVAILABLE:
+                print(f"{unreachable} ({closed.why})", file=sys.stderr)
+            else:
+                print(f"the router refused the session: {closed}", file=sys.stderr)
             return 1
         answered = False
         try:
@@ -575,4 +586,10 @@ async def _main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(_main(sys.argv[1:])))
+    try:
+        sys.exit(asyncio.run(_main(sys.argv[1:])))
+    except KeyboardInterrupt:
+        # Ctrl-C: asyncio.run has cancelled the answer and closed the session (the router
+        # cancels the request); say so instead of a traceback, with the shell's status.
+        print("\n[interrupted]", file=sys.stderr)
+        sys.exit(130)

@@ -9,7 +9,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use switchyard_tests::{free_port, log_dir, run_chat, switchyard_bin, up_args, wait_until};
+use switchyard_tests::{
+    Component, PYTHON_CLIENT, free_port, log_dir, run_chat, run_program, switchyard_bin, up_args,
+    wait_until,
+};
 use tokio::process::Command;
 
 /// Runs `switchyard <args>` to its end; returns (exit code, stdout, stderr).
@@ -143,5 +146,63 @@ async fn ctrl_c_while_up_is_starting_stops_it_cleanly() -> anyhow::Result<()> {
     );
     assert!(!err.contains("Error:"), "reported as an error:\n{err}");
     assert!(!out.contains("router grpc"), "announced: {out}");
+    Ok(())
+}
+
+/// The Python client run as a program (README "Try it") with no router at `--target`, with or
+/// without `--model`: says where it looked and how to start one, with status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_with_no_cluster_running_says_how_to_start_one() -> anyhow::Result<()> {
+    let target = format!("127.0.0.1:{}", free_port());
+    for extra in [&[][..], &["--model", "SmolLM2-135M-Instruct.Q4_1"]] {
+        let mut args = vec![PYTHON_CLIENT, "--target", &target];
+        args.extend(extra);
+        args.push("hello");
+        let (ok, out, err) = run_program("python3", &args).await?;
+        assert!(!ok, "{extra:?}: {out}\n{err}");
+        assert!(
+            err.contains(&format!("no router answers at {target}"))
+                && err.contains("scripts/up.sh")
+                && err.contains("--target"),
+            "{extra:?}: the message does not say what to do:\n{err}"
+        );
+    }
+    Ok(())
+}
+
+/// Ctrl-C while the Python client streams an answer ends it with status 130 and a word, not
+/// a Python traceback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_stops_on_ctrl_c_without_a_traceback() -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt as _;
+    let up = Component::start("up-python-ctrl-c", &up_args(&["--engine", "synthetic"]), 7).await?;
+    let target = up.addr_of("router", "grpc").to_string();
+    let mut python = Command::new("python3")
+        .args([PYTHON_CLIENT, "--target", &target, "--max-tokens", "2000"])
+        .arg("tell me a long story")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    // Its first token printed, it is streaming; keep reading so it never blocks on the pipe.
+    let mut stdout = python.stdout.take().context("piped stdout")?;
+    let mut first = [0u8; 1];
+    tokio::time::timeout(Duration::from_secs(60), stdout.read_exact(&mut first))
+        .await
+        .context("no token within 60s")??;
+    tokio::spawn(async move { tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await });
+    let pid = python.id().context("python exited early")?;
+    kill(Pid::from_raw(pid as i32), Signal::SIGINT)?;
+    let output = tokio::time::timeout(Duration::from_secs(30), python.wait_with_output())
+        .await
+        .context("python did not stop within 30s of Ctrl-C")??;
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(130), "{err}");
+    assert!(!err.contains("Traceback"), "a traceback:\n{err}");
+    assert!(
+        err.contains("interrupted"),
+        "no word of why it stopped:\n{err}"
+    );
     Ok(())
 }
