@@ -298,6 +298,8 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
             continue;
         }
         history.push(user(line));
+        // Where this turn's line sits: a turn refused outright is taken back out from here.
+        let turn_start = history.len() - 1;
         turn += 1;
         let request_id = format!("chat-{turn}");
         let request = GenerateRequest {
@@ -335,6 +337,12 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     Some(Frame::Finished(_)) | None => break,
                     Some(Frame::Failed(failed)) => {
                         eprintln!("\n[error {}: {}]", failed.code, failed.message);
+                        // Nothing answered, nothing redirected: kept, the line would be sent
+                        // (and refused) again with every later one.
+                        if reply.is_empty() && history.len() == turn_start + 1 {
+                            history.truncate(turn_start);
+                            eprintln!("[that line is not part of the conversation]");
+                        }
                         break;
                     }
                 },

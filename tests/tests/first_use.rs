@@ -206,3 +206,50 @@ async fn the_python_client_stops_on_ctrl_c_without_a_traceback() -> anyhow::Resu
     );
     Ok(())
 }
+
+/// A line the router refuses (here: too long) is not kept in the conversation: the next line
+/// is answered, where every later turn used to be refused with the same error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_line_does_not_stay_in_the_chat_conversation() -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let up = Component::start("up-chat-refused", &up_args(&["--engine", "synthetic"]), 7).await?;
+    let router = up.addr_of("router", "grpc").to_string();
+    let mut chat = Command::new(switchyard_bin())
+        .args(["chat", "--router", &router, "--max-tokens", "3"])
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let mut stdin = chat.stdin.take().context("piped stdin")?;
+    let mut stderr = tokio::io::BufReader::new(chat.stderr.take().context("piped stderr")?);
+    // Over the router's --max-message-bytes (256 KiB by default).
+    stdin
+        .write_all(format!("{}\n", "word ".repeat(100_000)).as_bytes())
+        .await?;
+    let mut said = String::new();
+    while !said.contains("[error") {
+        let mut line = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), stderr.read_line(&mut line))
+            .await
+            .context("no error for the long line within 30s")??;
+        anyhow::ensure!(read > 0, "chat ended first: {said}");
+        said.push_str(&line);
+    }
+    // Sent once the first turn has ended: a new turn, not a redirect of that one.
+    stdin.write_all(b"hello\n").await?;
+    drop(stdin);
+    let output = tokio::time::timeout(Duration::from_secs(30), chat.wait_with_output())
+        .await
+        .context("chat did not exit within 30s")??;
+    let (out, mut rest) = (String::from_utf8_lossy(&output.stdout), String::new());
+    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut rest).await?;
+    let reply = switchyard_worker::synthetic::synthetic_text("hello", 0, 3);
+    assert!(
+        out.contains(&reply),
+        "no reply {reply:?}: {out}\n{said}{rest}"
+    );
+    assert!(!rest.contains("[error"), "refused again: {said}{rest}");
+    Ok(())
+}
