@@ -224,6 +224,20 @@ fn explain(error: ClientError, args: &ChatArgs) -> anyhow::Error {
                  {API_KEY_ENV})"
             )
         }
+        // Another gRPC server (the control plane, a worker) has no Inference service; an HTTP
+        // server (the router's OpenAI-compatible port, the dashboard) answers in plain HTTP.
+        ClientError::Status(status)
+            if status.code() == tonic::Code::Unimplemented
+                || status
+                    .message()
+                    .contains("while receiving response with status") =>
+        {
+            anyhow::anyhow!(
+                "{} is not a Switchyard router's gRPC address ({error}): use the `router grpc` \
+                 address that `switchyard up` prints (127.0.0.1:50051 by default)",
+                args.router
+            )
+        }
         ClientError::Connection(_) if args.tls_ca_file.is_none() => anyhow::anyhow!(
             "{error} (the router at {} may speak TLS: pass --tls-ca-file)",
             args.router

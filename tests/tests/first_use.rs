@@ -253,3 +253,26 @@ async fn a_refused_line_does_not_stay_in_the_chat_conversation() -> anyhow::Resu
     assert!(!rest.contains("[error"), "refused again: {said}{rest}");
     Ok(())
 }
+
+/// `switchyard chat --router` at another port of the cluster — the router's OpenAI-compatible
+/// HTTP port, the control plane's gRPC — says it is not the router's gRPC address and where
+/// that is, with status 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_at_a_port_that_is_not_the_routers_grpc_says_which_is() -> anyhow::Result<()> {
+    let up = Component::start("up-chat-port", &up_args(&["--engine", "synthetic"]), 7).await?;
+    for address in [
+        up.addr_of("router", "http"),
+        up.addr_of("control-plane", "grpc"),
+    ] {
+        let address = address.to_string();
+        let (code, out, err) = run_chat(&["--router", &address], &[], "hello\n").await?;
+        assert_eq!(code, Some(1), "{address}: {out}\n{err}");
+        assert!(
+            err.contains(&format!(
+                "{address} is not a Switchyard router's gRPC address"
+            )) && err.contains("router grpc"),
+            "{address}: the message does not say which address to use:\n{err}"
+        );
+    }
+    Ok(())
+}
