@@ -148,7 +148,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let config = WorkerConfig {
             lease_ttl: Duration::from_secs(5),
             cost_per_mtok: if pool == Pool::Gpu { 0.10 } else { 0.60 },
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: DRAIN_TIMEOUT,
             tls,
             ..WorkerConfig::loopback(id, pool)
         };
@@ -272,21 +272,50 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     eprintln!("switchyard: local cluster up; Ctrl-C stops it");
-    while let Some(result) = tasks.join_next().await {
-        result??;
+    let at_once = second_interrupt(shutdown.clone());
+    tokio::pin!(at_once);
+    loop {
+        tokio::select! {
+            result = tasks.join_next() => match result {
+                Some(result) => result??,
+                None => return Ok(()),
+            },
+            // Returning drops the tasks (and with them what is still in flight).
+            _ = &mut at_once => return Err(Interrupted::Draining.into()),
+        }
     }
-    Ok(())
 }
 
-/// `up` stopped by Ctrl-C (or SIGTERM) before its cluster was ready: asked for, not a failure,
-/// but the cluster never served (status 130, as a shell reports an interrupted command).
+/// Resolves on a Ctrl-C that comes after the shutdown began: the cluster lets requests in
+/// flight finish for up to the drain timeout, which someone at a terminal may not want to wait.
+async fn second_interrupt(shutdown: tokio_util::sync::CancellationToken) {
+    shutdown.cancelled().await;
+    eprintln!(
+        "switchyard: stopping; requests in flight get up to {DRAIN_TIMEOUT:?} to finish (Ctrl-C \
+         again stops at once)"
+    );
+    // A listener made now hears only signals after the one that began the shutdown.
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// How long the workers let generations in flight finish when `up` stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `up` stopped by Ctrl-C (or SIGTERM) without its orderly end: asked for, not a failure (status
+/// 130, as a shell reports an interrupted command).
 #[derive(Debug, thiserror::Error)]
-#[error("interrupted before the cluster was ready; every component stopped")]
-pub struct Interrupted;
+pub enum Interrupted {
+    /// Before the cluster was ready: it never served.
+    #[error("interrupted before the cluster was ready; every component stopped")]
+    Starting,
+    /// A second Ctrl-C while it let requests in flight finish.
+    #[error("stopped at once (Ctrl-C again): requests still in flight were cut off")]
+    Draining,
+}
 
 fn ensure_not_interrupted(shutdown: &tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
     if shutdown.is_cancelled() {
-        return Err(Interrupted.into());
+        return Err(Interrupted::Starting.into());
     }
     Ok(())
 }
@@ -298,7 +327,7 @@ async fn stopped(mut tasks: JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
             tracing::warn!(error = %format!("{error:#}"), "a component stopped with an error");
         }
     }
-    Err(Interrupted.into())
+    Err(Interrupted::Starting.into())
 }
 
 /// A component's error, with the flag to change when its address is taken (a `switchyard up`

@@ -276,3 +276,37 @@ async fn chat_at_a_port_that_is_not_the_routers_grpc_says_which_is() -> anyhow::
     }
     Ok(())
 }
+
+/// A second Ctrl-C while `switchyard up` lets its requests in flight finish (up to 30 s) stops
+/// it at once, saying so, with status 130; it used to be ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_ctrl_c_stops_up_at_once_while_it_drains() -> anyhow::Result<()> {
+    use switchyard_proto::v1::{RequestClass, server_frame::Frame};
+    let mut up =
+        Component::start("up-ctrl-c-twice", &up_args(&["--engine", "synthetic"]), 7).await?;
+    let session =
+        switchyard_client::SessionClient::connect(&up.addr_of("router", "grpc").to_string())
+            .await?;
+    // About 50 s at the synthetic 60 tokens/s: in flight well past the drain timeout.
+    let request = switchyard_tests::synthetic_request(
+        "long",
+        RequestClass::CostSensitive,
+        "a long story",
+        3000,
+    );
+    let mut stream = session.start(request)?;
+    while !matches!(stream.next().await, Some(Frame::Tokens(_))) {}
+    let pid = Pid::from_raw(up.pid().context("up exited")? as i32);
+    kill(pid, Signal::SIGINT)?;
+    up.wait_for_log(
+        "shutting down: new requests refused",
+        Duration::from_secs(10),
+    )
+    .await?;
+    kill(pid, Signal::SIGINT)?;
+    let status = up.exited(Duration::from_secs(10)).await?;
+    let log = std::fs::read_to_string(&up.log)?;
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("stopped at once"), "no word of it:\n{log}");
+    Ok(())
+}
