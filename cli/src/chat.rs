@@ -115,6 +115,15 @@ fn prompt() {
 
 /// The model to talk to when none was named: the router's only model other than the
 /// synthetic load-test backend, else `synthetic` when that is all it serves.
+/// How a failed reply is shown: the gRPC code by name (`14` means nothing to a reader).
+fn failure(failed: &v1::Failed) -> String {
+    format!(
+        "[error {:?}: {}]",
+        tonic::Code::from(failed.code),
+        failed.message
+    )
+}
+
 /// `model` when the router serves it, else an error naming what it serves.
 pub fn served_model(models: &v1::ListModelsResponse, model: String) -> anyhow::Result<String> {
     let served: Vec<&str> = models
@@ -350,7 +359,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     }
                     Some(Frame::Finished(_)) | None => break,
                     Some(Frame::Failed(failed)) => {
-                        eprintln!("\n[error {}: {}]", failed.code, failed.message);
+                        eprintln!("\n{}", failure(&failed));
                         // Nothing answered, nothing redirected: kept, the line would be sent
                         // (and refused) again with every later one.
                         if reply.is_empty() && history.len() == turn_start + 1 {
@@ -427,6 +436,16 @@ mod tests {
             "{several}"
         );
         assert!(pick(&[]).unwrap_err().to_string().contains("no model"));
+    }
+
+    #[test]
+    fn a_failure_names_its_code() {
+        let failed = v1::Failed {
+            code: tonic::Code::Unavailable as i32,
+            message: "no worker".into(),
+            ..Default::default()
+        };
+        assert_eq!(failure(&failed), "[error Unavailable: no worker]");
     }
 
     #[test]
