@@ -48,7 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Optional, Sequence, Union
 
-import grpc
+_INSTALL = "switchyard_client needs grpcio and grpcio-tools: pip install grpcio grpcio-tools"
+
+try:
+    import grpc
+except ImportError as _missing:  # the one dependency outside the standard library
+    if __name__ == "__main__":
+        sys.exit(_INSTALL)
+    raise ImportError(_INSTALL) from _missing
 
 # The protos this client speaks, relative to the proto root.
 _PROTOS = ("switchyard/v1/inference.proto",)
@@ -69,7 +76,10 @@ def _cache_root() -> Path:
 
 def _load_stubs():
     """Imports the generated message and service modules, generating them when missing."""
-    from grpc_tools import protoc  # noqa: PLC0415 - only needed here
+    try:
+        from grpc_tools import protoc  # noqa: PLC0415 - only needed here
+    except ImportError as missing:
+        raise ImportError(_INSTALL) from missing
 
     root = _proto_root()
     digest = hashlib.sha256(grpc.__version__.encode())
@@ -588,6 +598,9 @@ async def _main(argv: Sequence[str]) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(asyncio.run(_main(sys.argv[1:])))
+    except ImportError as missing:
+        # grpcio-tools missing: what to install, not a traceback.
+        sys.exit(str(missing))
     except KeyboardInterrupt:
         # Ctrl-C: asyncio.run has cancelled the answer and closed the session (the router
         # cancels the request); say so instead of a traceback, with the shell's status.

@@ -310,3 +310,20 @@ async fn a_second_ctrl_c_stops_up_at_once_while_it_drains() -> anyhow::Result<()
     assert!(log.contains("stopped at once"), "no word of it:\n{log}");
     Ok(())
 }
+
+/// The Python client run where `grpcio` is not installed (`-S`: no site-packages) says what to
+/// install, with status 1 and no traceback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_client_without_grpcio_says_what_to_install() -> anyhow::Result<()> {
+    let (ok, out, err) = run_program(
+        "python3",
+        &["-S", PYTHON_CLIENT, "--target", "127.0.0.1:1", "hi"],
+    )
+    .await?;
+    assert!(!ok, "{out}\n{err}");
+    assert!(
+        err.contains("pip install grpcio grpcio-tools") && !err.contains("Traceback"),
+        "{err}"
+    );
+    Ok(())
+}
