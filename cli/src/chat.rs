@@ -113,8 +113,6 @@ fn prompt() {
     let _ = std::io::stdout().flush();
 }
 
-/// The model to talk to when none was named: the router's only model other than the
-/// synthetic load-test backend, else `synthetic` when that is all it serves.
 /// How a failed reply is shown: the gRPC code by name (`14` means nothing to a reader).
 fn failure(failed: &v1::Failed) -> String {
     format!(
@@ -145,6 +143,8 @@ pub fn served_model(models: &v1::ListModelsResponse, model: String) -> anyhow::R
     }
 }
 
+/// The model to talk to when none was named: the router's only model other than the
+/// synthetic load-test backend, else `synthetic` when that is all it serves.
 pub fn default_model(models: &v1::ListModelsResponse) -> anyhow::Result<String> {
     let served: Vec<&str> = models
         .models
