@@ -51,7 +51,7 @@ pub struct ChatArgs {
     pub model: Option<String>,
     /// Most tokens generated for each answer; with the conversation so far they must fit the
     /// model's context, or the router refuses the turn.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_tokens: u32,
     /// Send requests as latency-critical (default: cost-sensitive).
     #[arg(long)]
@@ -68,23 +68,79 @@ fn user(content: String) -> ChatMessage {
     }
 }
 
+/// A line of input that is not UTF-8 text (a terminal in another encoding, a binary paste):
+/// said and skipped, where reading it as text would end the input there.
+#[derive(Debug, PartialEq)]
+pub struct NotUtf8;
+
 /// Lines from stdin, read on a blocking thread.
-fn stdin_lines() -> mpsc::UnboundedReceiver<String> {
+fn stdin_lines() -> mpsc::UnboundedReceiver<Result<String, NotUtf8>> {
     let (tx, rx) = mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    std::thread::spawn(move || read_lines(std::io::stdin().lock(), &tx));
     rx
 }
+
+/// Sends each line of `input` (without its `\n` or `\r\n`) until its end, a read error, or
+/// the receiver is gone.
+fn read_lines(
+    mut input: impl std::io::BufRead,
+    tx: &mpsc::UnboundedSender<Result<String, NotUtf8>>,
+) {
+    let mut bytes = Vec::new();
+    loop {
+        bytes.clear();
+        match input.read_until(b'\n', &mut bytes) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if bytes.ends_with(b"\n") {
+            bytes.pop();
+            if bytes.ends_with(b"\r") {
+                bytes.pop();
+            }
+        }
+        let line = String::from_utf8(std::mem::take(&mut bytes)).map_err(|_| NotUtf8);
+        if tx.send(line).is_err() {
+            return;
+        }
+    }
+}
+
+const NOT_UTF8: &str = "[not sent: that line is not UTF-8 text — is the terminal set to UTF-8?]";
 
 fn prompt() {
     print!("\n> ");
     let _ = std::io::stdout().flush();
+}
+
+/// How a failed reply is shown: the gRPC code by name (`14` means nothing to a reader).
+fn failure(failed: &v1::Failed) -> String {
+    format!(
+        "[error {:?}: {}]",
+        tonic::Code::from(failed.code),
+        failed.message
+    )
+}
+
+/// `model` when the router serves it, else an error naming what it serves.
+pub fn served_model(models: &v1::ListModelsResponse, model: String) -> anyhow::Result<String> {
+    let served: Vec<&str> = models
+        .models
+        .iter()
+        .filter(|m| !m.workers.is_empty())
+        .map(|m| m.id.as_str())
+        .collect();
+    if served.contains(&model.as_str()) {
+        return Ok(model);
+    }
+    match served.as_slice() {
+        [] => anyhow::bail!("--model {model}: the router serves no model yet (no ready worker)"),
+        _ => anyhow::bail!(
+            "--model {model}: the router does not serve it; it serves {} (leave out --model \
+             for the default)",
+            served.join(", ")
+        ),
+    }
 }
 
 /// The model to talk to when none was named: the router's only model other than the
@@ -177,6 +233,20 @@ fn explain(error: ClientError, args: &ChatArgs) -> anyhow::Error {
                  {API_KEY_ENV})"
             )
         }
+        // Another gRPC server (the control plane, a worker) has no Inference service; an HTTP
+        // server (the router's OpenAI-compatible port, the dashboard) answers in plain HTTP.
+        ClientError::Status(status)
+            if status.code() == tonic::Code::Unimplemented
+                || status
+                    .message()
+                    .contains("while receiving response with status") =>
+        {
+            anyhow::anyhow!(
+                "{} is not a Switchyard router's gRPC address ({error}): use the `router grpc` \
+                 address that `switchyard up` prints (127.0.0.1:50051 by default)",
+                args.router
+            )
+        }
         ClientError::Connection(_) if args.tls_ca_file.is_none() => anyhow::anyhow!(
             "{error} (the router at {} may speak TLS: pass --tls-ca-file)",
             args.router
@@ -188,23 +258,35 @@ fn explain(error: ClientError, args: &ChatArgs) -> anyhow::Error {
 pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
     let credentials = credentials(&args)?;
     let channel = match &args.tls_ca_file {
-        Some(ca) => switchyard_client::connect_tls(&args.router, ca).await?,
-        None => switchyard_client::connect_channel(&args.router).await?,
+        Some(ca) => switchyard_client::connect_tls(&args.router, ca).await,
+        None => switchyard_client::connect_channel(&args.router).await,
     };
+    let channel = channel.map_err(|error| match error {
+        ClientError::Connect(_) => {
+            // Its root cause says why: refused, no such host, timed out.
+            let error = anyhow::Error::from(error);
+            anyhow::anyhow!(
+                "no router answers at {} ({}): start a local cluster with `switchyard \
+                 up` (scripts/up.sh), or point --router at a running router",
+                args.router,
+                error.root_cause()
+            )
+        }
+        other => other.into(),
+    })?;
     let client = SessionClient::open_with(channel, credentials)
         .await
         .map_err(|error| explain(error, &args))?;
+    let models = client
+        .inference()
+        .list_models(v1::ListModelsRequest {})
+        .await
+        .map_err(|status| explain(status.into(), &args))?
+        .into_inner();
     let model = match args.model.clone() {
-        Some(model) => model,
-        None => {
-            let models = client
-                .inference()
-                .list_models(v1::ListModelsRequest {})
-                .await
-                .map_err(|status| explain(status.into(), &args))?
-                .into_inner();
-            default_model(&models)?
-        }
+        // Checked now: a misspelt name fails once here, not on every line typed.
+        Some(model) => served_model(&models, model)?,
+        None => default_model(&models)?,
     };
     let mut lines = stdin_lines();
     let mut history: Vec<ChatMessage> = Vec::new();
@@ -231,10 +313,16 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => None,
         };
         let Some(line) = line else { break };
+        let Ok(line) = line else {
+            eprintln!("{NOT_UTF8}");
+            continue;
+        };
         if line.trim().is_empty() {
             continue;
         }
         history.push(user(line));
+        // Where this turn's line sits: a turn refused outright is taken back out from here.
+        let turn_start = history.len() - 1;
         turn += 1;
         let request_id = format!("chat-{turn}");
         let request = GenerateRequest {
@@ -271,7 +359,13 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     }
                     Some(Frame::Finished(_)) | None => break,
                     Some(Frame::Failed(failed)) => {
-                        eprintln!("\n[error {}: {}]", failed.code, failed.message);
+                        eprintln!("\n{}", failure(&failed));
+                        // Nothing answered, nothing redirected: kept, the line would be sent
+                        // (and refused) again with every later one.
+                        if reply.is_empty() && history.len() == turn_start + 1 {
+                            history.truncate(turn_start);
+                            eprintln!("[that line is not part of the conversation]");
+                        }
                         break;
                     }
                 },
@@ -281,6 +375,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     eprintln!("\n[stopped — type new instructions]");
                 }
                 Some(line) = lines.recv() => {
+                    let Ok(line) = line else { eprintln!("\n{NOT_UTF8}"); continue; };
                     if line.trim().is_empty() { continue; }
                     match client.interrupt(&request_id, vec![user(line.clone())], true) {
                         Ok(()) => {
@@ -341,5 +436,54 @@ mod tests {
             "{several}"
         );
         assert!(pick(&[]).unwrap_err().to_string().contains("no model"));
+    }
+
+    #[test]
+    fn a_failure_names_its_code() {
+        let failed = v1::Failed {
+            code: tonic::Code::Unavailable as i32,
+            message: "no worker".into(),
+            ..Default::default()
+        };
+        assert_eq!(failure(&failed), "[error Unavailable: no worker]");
+    }
+
+    #[test]
+    fn a_model_named_that_is_not_served_is_refused_naming_what_is() {
+        let models = served(&[("SmolLM2", 2), ("gone", 0)]);
+        assert_eq!(served_model(&models, "SmolLM2".into()).unwrap(), "SmolLM2");
+        for name in ["nope", "gone"] {
+            let error = served_model(&models, name.into()).unwrap_err().to_string();
+            assert!(
+                error.contains(&format!("--model {name}")) && error.contains("it serves SmolLM2"),
+                "{error}"
+            );
+        }
+        let error = served_model(&served(&[]), "x".into()).unwrap_err();
+        assert!(error.to_string().contains("no model yet"), "{error}");
+    }
+
+    #[test]
+    fn a_line_that_is_not_utf8_is_skipped_and_reading_goes_on() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        read_lines(&b"caf\xe9\nhello\r\nlast"[..], &tx);
+        drop(tx);
+        let mut lines = Vec::new();
+        while let Ok(line) = rx.try_recv() {
+            lines.push(line);
+        }
+        assert_eq!(lines, [Err(NotUtf8), Ok("hello".into()), Ok("last".into())]);
+    }
+
+    #[test]
+    fn max_tokens_of_zero_is_refused_as_the_flag_is_read() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            chat: ChatArgs,
+        }
+        let parse = |n: &str| <Cli as clap::Parser>::try_parse_from(["chat", "--max-tokens", n]);
+        assert!(parse("0").is_err());
+        assert_eq!(parse("1").unwrap().chat.max_tokens, 1);
     }
 }

@@ -86,6 +86,11 @@ async fn main() -> anyhow::Result<()> {
                 eprintln!("switchyard admin: {failure}");
                 std::process::exit(failure.exit_code);
             }
+            if let Some(interrupted) = error.downcast_ref::<up::Interrupted>() {
+                // Ctrl-C: a stop that was asked for, told as such rather than as an error.
+                eprintln!("switchyard up: {interrupted}");
+                std::process::exit(130);
+            }
             if json {
                 std::process::exit(1);
             }

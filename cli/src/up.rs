@@ -65,6 +65,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             let etcd = EtcdRegistry::connect(std::slice::from_ref(url))
                 .await
                 .with_context(|| format!("connecting to etcd at {url}"))?;
+            // Connecting is lazy: ask once, so that no etcd there is one clear message
+            // instead of the first component's registry error.
+            etcd.list_workers().await.map_err(|error| {
+                anyhow::anyhow!(
+                    "no etcd answers at {url} ({error}): start etcd there, or run without \
+                     --etcd for the in-memory registry"
+                )
+            })?;
             // Other control-plane replicas may share this etcd: take part in the election.
             let election = switchyard_control_plane::ElectionConfig::Etcd {
                 client: Box::new(etcd.client()),
@@ -108,16 +116,26 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         switchyard_worker_gpu::fetch::ensure_model(&args.gpu.model_path)?;
     }
     let engine_args = shared_host_engine_args(&args.gpu, args.gpu_workers + args.wse_workers);
+    // Engines load one after another, each taking a while: Ctrl-C meanwhile stops here.
     for _ in 0..args.gpu_workers {
+        ensure_not_interrupted(&shutdown)?;
+        let engine = switchyard_worker_gpu::build_engine(&engine_args);
         workers.push((
             "worker-gpu",
             Pool::Gpu,
-            switchyard_worker_gpu::build_engine(&engine_args)?,
+            engine.map_err(|e| model_hint(e.into(), &args))?,
         ));
     }
     for _ in 0..args.wse_workers {
-        workers.push(("worker-wse", Pool::Wse, wse_engine(&engine_args)?));
+        ensure_not_interrupted(&shutdown)?;
+        let engine = wse_engine(&engine_args);
+        workers.push((
+            "worker-wse",
+            Pool::Wse,
+            engine.map_err(|e| model_hint(e, &args))?,
+        ));
     }
+    ensure_not_interrupted(&shutdown)?;
     for (component, pool, engine) in workers {
         let id = default_worker_id(pool);
         // Its own certificate, naming its identity; Worker calls only from this CA's
@@ -130,7 +148,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let config = WorkerConfig {
             lease_ttl: Duration::from_secs(5),
             cost_per_mtok: if pool == Pool::Gpu { 0.10 } else { 0.60 },
-            drain_timeout: Duration::from_secs(30),
+            drain_timeout: DRAIN_TIMEOUT,
             tls,
             ..WorkerConfig::loopback(id, pool)
         };
@@ -200,10 +218,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     for (component, rx) in ready {
         match rx.await {
             Ok(address) => endpoints.push((component, address)),
+            Err(_) if shutdown.is_cancelled() => return stopped(tasks).await,
             Err(_) => {
                 // The component's task ended before it was ready: surface its error.
                 while let Some(result) = tasks.join_next().await {
-                    result??;
+                    result?.map_err(|e| listen_hint(e, &args))?;
                 }
                 anyhow::bail!("{component} stopped before it was ready");
             }
@@ -212,7 +231,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let router = endpoints[0].1;
     let workers = args.gpu_workers + args.wse_workers;
     let probe_key = probe_key(args.api_keys_file.as_deref())?;
-    tokio::time::timeout(
+    let connected = tokio::time::timeout(
         Duration::from_secs(10),
         wait_for_workers(
             router,
@@ -220,9 +239,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             probe_key,
             pki.as_ref().map(|p| p.ca_file()),
         ),
-    )
-    .await
-    .context("the router did not connect to every worker within 10s")??;
+    );
+    tokio::select! {
+        connected = connected => {
+            connected.context("the router did not connect to every worker within 10s")??;
+        }
+        _ = shutdown.cancelled() => return stopped(tasks).await,
+    }
     let router_http = http_rx.await.ok().flatten();
     let dashboard = dashboard_rx.await.ok().flatten();
     if let Some(dir) = &admin.generated {
@@ -249,10 +272,111 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
     }
     eprintln!("switchyard: local cluster up; Ctrl-C stops it");
-    while let Some(result) = tasks.join_next().await {
-        result??;
+    let at_once = second_interrupt(shutdown.clone());
+    tokio::pin!(at_once);
+    loop {
+        tokio::select! {
+            result = tasks.join_next() => match result {
+                Some(result) => result??,
+                None => return Ok(()),
+            },
+            // Returning drops the tasks (and with them what is still in flight).
+            _ = &mut at_once => return Err(Interrupted::Draining.into()),
+        }
+    }
+}
+
+/// Resolves on a Ctrl-C that comes after the shutdown began: the cluster lets requests in
+/// flight finish for up to the drain timeout, which someone at a terminal may not want to wait.
+async fn second_interrupt(shutdown: tokio_util::sync::CancellationToken) {
+    shutdown.cancelled().await;
+    eprintln!(
+        "switchyard: stopping; requests in flight get up to {DRAIN_TIMEOUT:?} to finish (Ctrl-C \
+         again stops at once)"
+    );
+    // A listener made now hears only signals after the one that began the shutdown.
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// How long the workers let generations in flight finish when `up` stops.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `up` stopped by Ctrl-C (or SIGTERM) without its orderly end: asked for, not a failure (status
+/// 130, as a shell reports an interrupted command).
+#[derive(Debug, thiserror::Error)]
+pub enum Interrupted {
+    /// Before the cluster was ready: it never served.
+    #[error("interrupted before the cluster was ready; every component stopped")]
+    Starting,
+    /// A second Ctrl-C while it let requests in flight finish.
+    #[error("stopped at once (Ctrl-C again): requests still in flight were cut off")]
+    Draining,
+}
+
+fn ensure_not_interrupted(shutdown: &tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    if shutdown.is_cancelled() {
+        return Err(Interrupted::Starting.into());
     }
     Ok(())
+}
+
+/// Waits for the components, which saw the same shutdown, to stop; then [`Interrupted`].
+async fn stopped(mut tasks: JoinSet<anyhow::Result<()>>) -> anyhow::Result<()> {
+    while let Some(result) = tasks.join_next().await {
+        if let Ok(Err(error)) = result {
+            tracing::warn!(error = %format!("{error:#}"), "a component stopped with an error");
+        }
+    }
+    Err(Interrupted::Starting.into())
+}
+
+/// A component's error, with the flag to change when its address is taken (a `switchyard up`
+/// still running holds them all).
+fn listen_hint(error: anyhow::Error, args: &UpArgs) -> anyhow::Error {
+    let addr = match (
+        error.downcast_ref::<switchyard_router::server::RouterError>(),
+        error.downcast_ref::<switchyard_control_plane::ControlPlaneError>(),
+    ) {
+        (Some(switchyard_router::server::RouterError::Bind { addr, source }), _)
+        | (_, Some(switchyard_control_plane::ControlPlaneError::Bind { addr, source }))
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            *addr
+        }
+        _ => return error,
+    };
+    let flag = [
+        ("--router-listen", args.router_listen),
+        ("--http-listen", args.http_listen),
+        ("--control-plane-listen", args.control_plane_listen),
+        ("--dashboard-listen", args.dashboard_listen),
+    ]
+    .into_iter()
+    .find(|(_, at)| *at == addr)
+    .map_or("its flag", |(flag, _)| flag);
+    anyhow::anyhow!(
+        "{addr} is already in use (by another `switchyard up`?): stop what holds it, or choose \
+         another address with {flag} (port 0 picks a free one)"
+    )
+}
+
+/// A model that does not load; for the default model (which `up` fetched itself), how to
+/// fetch it afresh.
+fn model_hint(error: anyhow::Error, args: &UpArgs) -> anyhow::Error {
+    use switchyard_worker_gpu::{GpuEngineError, fetch::DEFAULT_MODEL_FILE, gguf::GgufError};
+    let path = &args.gpu.model_path;
+    let unreadable = matches!(
+        error.downcast_ref::<GpuEngineError>(),
+        Some(GpuEngineError::Gguf(GgufError::Format { .. }))
+    );
+    if !unreadable || path.file_name().and_then(|n| n.to_str()) != Some(DEFAULT_MODEL_FILE) {
+        return error;
+    }
+    anyhow::anyhow!(
+        "{error:#}\n(delete {} and run `switchyard up` again: the default model is fetched \
+         afresh and checksum-verified)",
+        path.display()
+    )
 }
 
 /// The generated operator token's file name, in a private temporary directory.
@@ -432,5 +556,40 @@ mod tests {
         };
         assert_eq!(mode(dir.path()), 0o700);
         assert_eq!(mode(&dir.path().join(TOKEN_FILE)), 0o600);
+    }
+
+    #[test]
+    fn an_unreadable_default_model_says_how_to_fetch_it_afresh() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            up: UpArgs,
+        }
+        let dir = tempfile::tempdir().expect("a directory");
+        // A download cut short, a Git LFS pointer: not a GGUF.
+        for (name, hinted) in [
+            (switchyard_worker_gpu::fetch::DEFAULT_MODEL_FILE, true),
+            ("mine.gguf", false),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, "version https://git-lfs.github.com/spec/v1\n").expect("written");
+            let args = <Cli as clap::Parser>::try_parse_from([
+                "up",
+                "--model-path",
+                path.to_str().expect("a UTF-8 path"),
+            ])
+            .expect("valid flags")
+            .up;
+            let error = switchyard_worker_gpu::build_engine(&args.gpu)
+                .err()
+                .expect("not a model");
+            let message = format!("{:#}", model_hint(error.into(), &args));
+            assert!(message.contains("not a readable GGUF"), "{message}");
+            assert_eq!(
+                message.contains(&format!("delete {} and run", path.display())),
+                hinted,
+                "{message}"
+            );
+        }
     }
 }

@@ -48,7 +48,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Optional, Sequence, Union
 
-import grpc
+_INSTALL = "switchyard_client needs grpcio and grpcio-tools: pip install grpcio grpcio-tools"
+
+try:
+    import grpc
+except ImportError as _missing:  # the one dependency outside the standard library
+    if __name__ == "__main__":
+        sys.exit(_INSTALL)
+    raise ImportError(_INSTALL) from _missing
 
 # The protos this client speaks, relative to the proto root.
 _PROTOS = ("switchyard/v1/inference.proto",)
@@ -69,7 +76,10 @@ def _cache_root() -> Path:
 
 def _load_stubs():
     """Imports the generated message and service modules, generating them when missing."""
-    from grpc_tools import protoc  # noqa: PLC0415 - only needed here
+    try:
+        from grpc_tools import protoc  # noqa: PLC0415 - only needed here
+    except ImportError as missing:
+        raise ImportError(_INSTALL) from missing
 
     root = _proto_root()
     digest = hashlib.sha256(grpc.__version__.encode())
@@ -521,14 +531,22 @@ async def _main(argv: Sequence[str]) -> int:
     parser.add_argument("--api-key", default=os.environ.get("SWITCHYARD_API_KEY"))
     parser.add_argument("--ca-file", help="CA certificates (PEM) to trust, for a TLS router")
     args = parser.parse_args(argv)
+    # What to do when nothing answers at --target (the usual first mistake: no cluster yet).
+    unreachable = (
+        f"no router answers at {args.target}: start a local cluster with scripts/up.sh, "
+        "or pass the address of a running router with --target"
+    )
 
     model = args.model
     if model is None:
         try:
             models = await list_models(args.target, api_key=args.api_key, ca_file=args.ca_file)
         except grpc.aio.AioRpcError as error:
-            print(f"listing the models failed: {error.code().name}: {error.details()}",
-                  file=sys.stderr)
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                print(f"{unreachable} ({error.details()})", file=sys.stderr)
+            else:
+                print(f"listing the models failed: {error.code().name}: {error.details()}",
+                      file=sys.stderr)
             return 1
         served = [name for name, workers in models.items() if workers]
         if not served:
@@ -546,7 +564,10 @@ async def _main(argv: Sequence[str]) -> int:
                 request_class=args.request_class,
             )
         except SessionClosed as closed:
-            print(f"the router refused the session: {closed}", file=sys.stderr)
+            if closed.code == grpc.StatusCode.UNAVAILABLE:
+                print(f"{unreachable} ({closed.why})", file=sys.stderr)
+            else:
+                print(f"the router refused the session: {closed}", file=sys.stderr)
             return 1
         answered = False
         try:
@@ -575,4 +596,13 @@ async def _main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(_main(sys.argv[1:])))
+    try:
+        sys.exit(asyncio.run(_main(sys.argv[1:])))
+    except ImportError as missing:
+        # grpcio-tools missing: what to install, not a traceback.
+        sys.exit(str(missing))
+    except KeyboardInterrupt:
+        # Ctrl-C: asyncio.run has cancelled the answer and closed the session (the router
+        # cancels the request); say so instead of a traceback, with the shell's status.
+        print("\n[interrupted]", file=sys.stderr)
+        sys.exit(130)

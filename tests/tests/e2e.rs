@@ -9,6 +9,7 @@ mod control_plane;
 mod deploy_manifests;
 mod etcd_outage;
 mod failover_and_tools;
+mod first_use;
 mod hygiene;
 mod moves;
 mod observability;
