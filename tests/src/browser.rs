@@ -191,6 +191,22 @@ impl Browser {
         Ok(value.as_str().unwrap_or_default().to_string())
     }
 
+    /// Waits up to `patience` until the first element matching `css` contains `needle`; the
+    /// error names `what` was awaited.
+    pub async fn wait_for_text(
+        &self,
+        patience: Duration,
+        what: &str,
+        css: &str,
+        needle: &str,
+    ) -> anyhow::Result<()> {
+        wait_until(patience, what, || async {
+            self.text(css).await.is_ok_and(|t| t.contains(needle))
+        })
+        .await
+        .map(drop)
+    }
+
     /// Whether the element with id `id` exists and is not hidden (false when the page does not
     /// answer).
     pub async fn shown(&self, id: &str) -> bool {

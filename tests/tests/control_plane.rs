@@ -376,13 +376,14 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     .await?;
     assert!(browser.text("#replica").await?.contains("leader"));
     // The policy is fetched after the first poll's tables.
-    wait_until(PATIENCE, "the page to show the policy", || async {
-        browser
-            .text("#policy")
-            .await
-            .is_ok_and(|t| t.contains("default_lane"))
-    })
-    .await?;
+    browser
+        .wait_for_text(
+            PATIENCE,
+            "the page to show the policy",
+            "#policy",
+            "default_lane",
+        )
+        .await?;
 
     // Mixed traffic shows up in the charts and the decision feed.
     cluster
@@ -544,13 +545,14 @@ async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyh
     browser
         .click("#decisions tr[data-request-id='refused-ctx']")
         .await?;
-    wait_until(PATIENCE, "the story of refused-ctx to open", || async {
-        browser
-            .text("#story")
-            .await
-            .is_ok_and(|t| t.contains("Request refused-ctx"))
-    })
-    .await?;
+    browser
+        .wait_for_text(
+            PATIENCE,
+            "the story of refused-ctx to open",
+            "#story",
+            "Request refused-ctx",
+        )
+        .await?;
     let story = browser.text("#story").await?;
     assert!(
         story.contains("not applicable, failed before its first token")
@@ -1788,13 +1790,14 @@ async fn the_sign_in_form_shows_only_when_needed_and_sign_out_clears_notices() -
     assert!(!shown(&browser, "#who").await?);
     browser.type_text("#token", TOKEN).await?;
     browser.click("#login button").await?;
-    wait_until(PATIENCE, "the page to show who is signed in", || async {
-        browser
-            .text("#who")
-            .await
-            .is_ok_and(|t| t.contains("alice"))
-    })
-    .await?;
+    browser
+        .wait_for_text(
+            PATIENCE,
+            "the page to show who is signed in",
+            "#who",
+            "alice",
+        )
+        .await?;
     assert!(shown(&browser, "#who").await?);
     assert!(shown(&browser, "#notice").await?, "no sign-in notice");
     assert!(
@@ -2402,13 +2405,14 @@ async fn after_a_leader_change_the_pages_decision_feed_follows_the_new_leader() 
     browser
         .click("#decisions tr[data-request-id='old-249']")
         .await?;
-    wait_until(PATIENCE, "the story of old-249 to open", || async {
-        browser
-            .text("#story")
-            .await
-            .is_ok_and(|t| t.contains("Outcome unknown: recorded by control-plane-0"))
-    })
-    .await?;
+    browser
+        .wait_for_text(
+            PATIENCE,
+            "the story of old-249 to open",
+            "#story",
+            "Outcome unknown: recorded by control-plane-0",
+        )
+        .await?;
     browser.close().await?;
 
     // The API names the feed; a cursor of the old feed is answered from the start, saying so.

@@ -84,20 +84,17 @@ async fn the_dashboard_answers_from_the_membership_last_seen_while_etcd_is_froze
     .await?;
     let browser = Browser::start().await?;
     browser.goto(&format!("http://{http}/")).await?;
-    wait_until(PATIENCE, "the page to show the worker", || async {
-        browser
-            .text("#workers")
-            .await
-            .is_ok_and(|t| t.contains("gpu-0"))
-    })
-    .await?;
-    wait_until(PATIENCE, "the page to show the policy", || async {
-        browser
-            .text("#policy")
-            .await
-            .is_ok_and(|t| t.contains("default_lane"))
-    })
-    .await?;
+    browser
+        .wait_for_text(PATIENCE, "the page to show the worker", "#workers", "gpu-0")
+        .await?;
+    browser
+        .wait_for_text(
+            PATIENCE,
+            "the page to show the policy",
+            "#policy",
+            "default_lane",
+        )
+        .await?;
     assert!(!browser.shown("stale").await);
 
     cluster.etcd.pause()?;

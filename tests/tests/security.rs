@@ -503,13 +503,14 @@ async fn the_dashboard_signs_in_with_a_token_and_then_drains() -> anyhow::Result
         .type_text("#token", "wrong-token-0123456789")
         .await?;
     browser.click("#login button").await?;
-    wait_until(PATIENCE, "the page to refuse the wrong token", || async {
-        browser
-            .text("#error")
-            .await
-            .is_ok_and(|t| t.contains("not recognised"))
-    })
-    .await?;
+    browser
+        .wait_for_text(
+            PATIENCE,
+            "the page to refuse the wrong token",
+            "#error",
+            "not recognised",
+        )
+        .await?;
     browser
         .execute("document.getElementById('token').value = '';", vec![])
         .await?;
