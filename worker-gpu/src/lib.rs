@@ -184,7 +184,6 @@ pub enum GpuEngineError {
     Engine(#[from] switchyard_worker::EngineError),
 }
 
-/// Builds the configured engine. For `candle` this loads the weights and runs a warm-up step
 /// The synthetic engine's configuration from the worker's flags.
 pub fn synthetic_config(args: &GpuEngineArgs) -> SyntheticConfig {
     SyntheticConfig {
@@ -197,6 +196,7 @@ pub fn synthetic_config(args: &GpuEngineArgs) -> SyntheticConfig {
     }
 }
 
+/// Builds the configured engine. For `candle` this loads the weights and runs a warm-up step
 /// before returning, so a worker built from it is ready when it registers.
 pub fn build_engine(args: &GpuEngineArgs) -> Result<Arc<dyn Engine>, GpuEngineError> {
     if args.max_concurrent == 0 {
@@ -240,6 +240,12 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
             "--kv-budget-bytes: must be positive".into(),
         ));
     }
+    if args.model_path.is_dir() {
+        return Err(GpuEngineError::Config(format!(
+            "--model-path {}: is a directory, not a GGUF file (name the .gguf file in it)",
+            args.model_path.display()
+        )));
+    }
     if !args.model_path.is_file() {
         return Err(GpuEngineError::Config(format!(
             "--model-path {}: no such file (run scripts/fetch-model.sh for the default model)",
@@ -262,7 +268,28 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
                 args.max_model_len
             )));
         }
+        // A sequence is a prompt token and a generated one at least (the warm-up step too).
+        if args.max_model_len < 2 {
+            return Err(GpuEngineError::Config(format!(
+                "--max-model-len {}: must be at least 2 (a prompt token and a generated one), or 0 for the model's {own}",
+                args.max_model_len
+            )));
+        }
         model.config.context_length = args.max_model_len as usize;
+    }
+    // Checked here, where the flag can be named; the engine refuses it too.
+    let block_bytes = model.kv_bytes_per_block();
+    if args.kv_budget_bytes < block_bytes {
+        return Err(GpuEngineError::Config(format!(
+            "--kv-budget-bytes {}: less than one KV block of this model ({block_bytes} bytes, {} tokens); a sequence of the full context needs {} bytes",
+            args.kv_budget_bytes,
+            host_attention::BLOCK_TOKENS,
+            model
+                .config
+                .context_length
+                .div_ceil(host_attention::BLOCK_TOKENS) as u64
+                * block_bytes
+        )));
     }
     model = model.with_dense_from_rows(match args.dense_prefill_from_rows {
         0 => usize::MAX,

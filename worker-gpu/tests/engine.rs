@@ -1010,3 +1010,63 @@ fn max_model_len_caps_the_published_context() {
         "{error}"
     );
 }
+
+/// An idle worker's `/metrics` reads these counters: before its first request they must
+/// already say how many KV blocks are free (they read 0 free blocks until a request came,
+/// which looks like a full cache).
+#[test]
+fn a_fresh_engine_reports_its_kv_blocks_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&tiny_file(&dir), limits());
+    let stats = e.prefix_cache_stats().unwrap();
+    assert!(stats.free_blocks > 0, "{stats:?}");
+    assert_eq!(
+        (stats.active_blocks, stats.cached_blocks),
+        (0, 0),
+        "{stats:?}"
+    );
+}
+
+/// Operator mistakes the engine cannot run with are refused before it starts, naming the flag
+/// and what to do, rather than failing in its warm-up or under a configuration field's name.
+#[test]
+fn unusable_flags_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_file(&dir);
+    let args = || switchyard_worker_gpu::GpuEngineArgs {
+        engine: switchyard_worker_gpu::GpuEngineKind::Candle,
+        model_path: path.clone(),
+        device: switchyard_worker_gpu::DeviceChoice::Cpu,
+        ..Default::default()
+    };
+    let refused =
+        |args: switchyard_worker_gpu::GpuEngineArgs| match switchyard_worker_gpu::build_candle(
+            &args,
+        ) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(error) => error.to_string(),
+        };
+    // No room for a prompt token and a generated one.
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        max_model_len: 1,
+        ..args()
+    });
+    assert!(
+        error.contains("--max-model-len 1: must be at least 2"),
+        "{error}"
+    );
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        kv_budget_bytes: 1000,
+        ..args()
+    });
+    assert!(
+        error.starts_with("invalid engine options: --kv-budget-bytes 1000: less than one KV block"),
+        "{error}"
+    );
+    // A directory is not "no such file".
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        model_path: dir.path().to_path_buf(),
+        ..args()
+    });
+    assert!(error.contains("is a directory, not a GGUF file"), "{error}");
+}
