@@ -15,14 +15,17 @@ pub enum DeviceChoice {
     /// A CUDA GPU when available, else the CPU.
     Auto,
     Cpu,
-    /// A CUDA GPU; falls back to the CPU (logged) when no driver is present.
+    /// A CUDA GPU; falls back to the CPU (logged) when no driver or device is usable. A
+    /// binary built without the `cuda` feature refuses it (exit 1)
     Cuda,
 }
 
 /// Errors choosing a device.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("--device cuda: this binary was built without the `cuda` feature")]
+    #[error(
+        "--device cuda: this binary was built without the `cuda` feature; use --device cpu (or auto), or a build with `--features cuda` (the switchyard-cuda image)"
+    )]
     CudaNotBuilt,
     #[error("--device cuda: {0}")]
     Cuda(String),
@@ -146,9 +149,10 @@ mod tests {
     #[test]
     fn auto_without_cuda_build_is_cpu_and_explicit_cuda_is_refused() {
         assert!(select(DeviceChoice::Auto).unwrap().device.is_cpu());
-        assert!(matches!(
-            select(DeviceChoice::Cuda),
-            Err(DeviceError::CudaNotBuilt)
-        ));
+        let Err(error @ DeviceError::CudaNotBuilt) = select(DeviceChoice::Cuda) else {
+            panic!("--device cuda was accepted by a binary without the cuda feature");
+        };
+        // The operator learns what to do instead.
+        assert!(error.to_string().contains("use --device cpu"), "{error}");
     }
 }
