@@ -130,8 +130,9 @@ pub struct GpuEngineArgs {
     )]
     pub prefix_cache: Toggle,
     /// Candle engine: the longest sequence (prompt and output together) a request may have, in
-    /// tokens, below the model's own context length (0: the model's). Routers refuse longer
-    /// requests before placing them, and lower a default output bound to fit.
+    /// tokens, below the model's own context length (0: the model's, or what --kv-budget-bytes
+    /// holds when that is less). Routers refuse longer requests before placing them, and lower
+    /// a default output bound to fit.
     #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN", default_value_t = 0)]
     pub max_model_len: u32,
 }
@@ -290,6 +291,29 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
                 .div_ceil(host_attention::BLOCK_TOKENS) as u64
                 * block_bytes
         )));
+    }
+    // Publish no context the budget cannot hold: routers check a request against the context
+    // before placing it, while the budget was only checked here, after placement (a 400 about
+    // this worker's budget, for a request another worker could have served).
+    let budget_tokens =
+        (args.kv_budget_bytes / block_bytes) as usize * host_attention::BLOCK_TOKENS;
+    if budget_tokens < model.config.context_length {
+        if args.max_model_len > 0 {
+            return Err(GpuEngineError::Config(format!(
+                "--max-model-len {}: more than --kv-budget-bytes {} holds ({budget_tokens} tokens); raise --kv-budget-bytes to {} or lower --max-model-len",
+                args.max_model_len,
+                args.kv_budget_bytes,
+                (args.max_model_len as usize).div_ceil(host_attention::BLOCK_TOKENS) as u64
+                    * block_bytes
+            )));
+        }
+        tracing::warn!(
+            kv_budget_bytes = args.kv_budget_bytes,
+            budget_tokens,
+            model_context_length = model.config.context_length,
+            "--kv-budget-bytes holds fewer tokens than the model's context: requests are capped at what it holds (raise --kv-budget-bytes for the full context)"
+        );
+        model.config.context_length = budget_tokens;
     }
     model = model.with_dense_from_rows(match args.dense_prefill_from_rows {
         0 => usize::MAX,

@@ -1070,3 +1070,42 @@ fn unusable_flags_are_refused_naming_the_flag() {
     });
     assert!(error.contains("is a directory, not a GGUF file"), "{error}");
 }
+
+/// A KV budget that holds fewer tokens than the model's context caps the context the engine
+/// publishes, so routers refuse (or bound) a request it could never hold before placing it,
+/// instead of placing it and the worker refusing it with a message about its budget; an
+/// explicit `--max-model-len` beyond what the budget holds is a contradiction, refused naming
+/// both flags.
+#[test]
+fn a_kv_budget_below_the_context_caps_the_published_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_file(&dir);
+    let block_bytes = load(&path, Repack::Q8_0).0.kv_bytes_per_block();
+    let args = |max_model_len| switchyard_worker_gpu::GpuEngineArgs {
+        engine: switchyard_worker_gpu::GpuEngineKind::Candle,
+        model_path: path.clone(),
+        device: switchyard_worker_gpu::DeviceChoice::Cpu,
+        // Four blocks and a half: 128 tokens of the tiny model's 256.
+        kv_budget_bytes: 4 * block_bytes + block_bytes / 2,
+        max_model_len,
+        ..Default::default()
+    };
+    let engine = switchyard_worker_gpu::build_candle(&args(0)).unwrap();
+    let model = engine.models()[0].clone();
+    assert_eq!(
+        Engine::context_length(&engine, &model),
+        Some(4 * BLOCK as u32)
+    );
+    let within = switchyard_worker_gpu::build_candle(&args(100)).unwrap();
+    assert_eq!(Engine::context_length(&within, &model), Some(100));
+    let Err(error) = switchyard_worker_gpu::build_candle(&args(200)) else {
+        panic!("--max-model-len beyond what --kv-budget-bytes holds was accepted");
+    };
+    let error = error.to_string();
+    assert!(
+        error.contains("--max-model-len 200")
+            && error.contains("--kv-budget-bytes")
+            && error.contains("128 tokens"),
+        "{error}"
+    );
+}
