@@ -120,6 +120,26 @@ fn cpu() -> SelectedDevice {
     }
 }
 
+/// Bytes of memory this process may use: the host's (`MemTotal`), or its cgroup's limit
+/// (a container's, cgroup v2 `memory.max`) when lower; `None` when neither can be read.
+pub fn memory_limit_bytes() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    // "max" (no limit) does not parse, and leaves the host's figure.
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+}
+
 /// "cpu: <model name>" (the engine adds how many threads it computes on).
 pub fn cpu_description() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")

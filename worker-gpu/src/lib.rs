@@ -77,7 +77,9 @@ pub struct GpuEngineArgs {
     /// Candle engine: the GGUF model file.
     #[arg(long, env = "SWITCHYARD_MODEL_PATH", default_value = fetch::DEFAULT_MODEL_PATH)]
     pub model_path: PathBuf,
-    /// Candle engine: bytes of KV cache all sequences together may hold.
+    /// Candle engine: bytes of KV cache all sequences together may hold. On the CPU it is
+    /// host memory: with the weights it must fit the host's memory or the container's limit
+    /// (refused at start otherwise).
     #[arg(long, env = "SWITCHYARD_KV_BUDGET_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub kv_budget_bytes: u64,
     /// Candle engine: requests waiting for admission beyond which new ones are refused.
@@ -290,6 +292,18 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
                 .context_length
                 .div_ceil(host_attention::BLOCK_TOKENS) as u64
                 * block_bytes
+        )));
+    }
+    // On the CPU the KV cache is host memory, allocated as blocks fill: a budget beyond what
+    // the process may use starts fine and is killed for memory under load (or, far beyond,
+    // aborts allocating its block table here).
+    if selected.device.is_cpu()
+        && let Some(limit) = device::memory_limit_bytes()
+        && args.kv_budget_bytes.saturating_add(model.weight_bytes) > limit
+    {
+        return Err(GpuEngineError::Config(format!(
+            "--kv-budget-bytes {}: more than this process may use ({limit} bytes of memory, the host's or its container's limit) beside the model's {} bytes of weights; lower it",
+            args.kv_budget_bytes, model.weight_bytes
         )));
     }
     // Publish no context the budget cannot hold: routers check a request against the context

@@ -1063,6 +1063,19 @@ fn unusable_flags_are_refused_naming_the_flag() {
         error.starts_with("invalid engine options: --kv-budget-bytes 1000: less than one KV block"),
         "{error}"
     );
+    // More KV than the host has memory: it aborted on an allocation of the block table, and a
+    // budget merely above the host's memory was taken and killed the worker under load.
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        kv_budget_bytes: u64::MAX,
+        ..args()
+    });
+    assert!(
+        error.starts_with(&format!(
+            "invalid engine options: --kv-budget-bytes {}: more than",
+            u64::MAX
+        )),
+        "{error}"
+    );
     // A directory is not "no such file".
     let error = refused(switchyard_worker_gpu::GpuEngineArgs {
         model_path: dir.path().to_path_buf(),
