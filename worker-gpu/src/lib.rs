@@ -82,7 +82,8 @@ pub struct GpuEngineArgs {
     /// (refused at start otherwise).
     #[arg(long, env = "SWITCHYARD_KV_BUDGET_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub kv_budget_bytes: u64,
-    /// Candle engine: requests waiting for admission beyond which new ones are refused.
+    /// Candle engine: requests waiting for admission beyond which new ones are refused (at
+    /// least 1: each request passes the queue on its way to a slot).
     #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: u32,
     /// Candle engine: where the model runs.
@@ -241,6 +242,14 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
     if args.kv_budget_bytes == 0 {
         return Err(GpuEngineError::Config(
             "--kv-budget-bytes: must be positive".into(),
+        ));
+    }
+    // Every request waits in the queue until the scheduler thread takes it, even on an idle
+    // worker: with no room there every request would be shed.
+    if args.max_queue == 0 {
+        return Err(GpuEngineError::Config(
+            "--max-queue 0: must be at least 1 (every request passes the queue on its way to a slot)"
+                .into(),
         ));
     }
     if args.model_path.is_dir() {

@@ -1076,6 +1076,16 @@ fn unusable_flags_are_refused_naming_the_flag() {
         )),
         "{error}"
     );
+    // Every request passes the queue on its way to the scheduler: with no room in it, an idle
+    // worker registered as ready and shed every request.
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        max_queue: 0,
+        ..args()
+    });
+    assert!(
+        error.contains("--max-queue 0: must be at least 1"),
+        "{error}"
+    );
     // A directory is not "no such file".
     let error = refused(switchyard_worker_gpu::GpuEngineArgs {
         model_path: dir.path().to_path_buf(),
