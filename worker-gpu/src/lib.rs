@@ -239,6 +239,13 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
             "--prefill-chunk: must be at least 1".into(),
         ));
     }
+    // No client can ask for a model named "" (`--model a,,b`, `--model ""`).
+    if args.models.iter().any(String::is_empty) {
+        return Err(GpuEngineError::Config(format!(
+            "--model: an empty model name in {:?}; name each model, comma-separated",
+            args.models
+        )));
+    }
     if args.kv_budget_bytes == 0 {
         return Err(GpuEngineError::Config(
             "--kv-budget-bytes: must be positive".into(),

@@ -1086,6 +1086,17 @@ fn unusable_flags_are_refused_naming_the_flag() {
         error.contains("--max-queue 0: must be at least 1"),
         "{error}"
     );
+    // No client can ask for a model named "": a worker serving only that served nothing.
+    for models in [vec![String::new()], vec!["a".into(), String::new()]] {
+        let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+            models: models.clone(),
+            ..args()
+        });
+        assert!(
+            error.contains("--model: an empty model name"),
+            "{models:?}: {error}"
+        );
+    }
     // A directory is not "no such file".
     let error = refused(switchyard_worker_gpu::GpuEngineArgs {
         model_path: dir.path().to_path_buf(),
