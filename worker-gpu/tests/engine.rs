@@ -1097,6 +1097,18 @@ fn unusable_flags_are_refused_naming_the_flag() {
             "{models:?}: {error}"
         );
     }
+    // A file cut short in its tensor data (an interrupted download) names the file.
+    let cut = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        model_path: cut.clone(),
+        ..args()
+    });
+    assert!(
+        error.contains(&format!("model file {}: tensor `", cut.display())),
+        "{error}"
+    );
     // A directory is not "no such file".
     let error = refused(switchyard_worker_gpu::GpuEngineArgs {
         model_path: dir.path().to_path_buf(),
