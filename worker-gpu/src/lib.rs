@@ -79,7 +79,8 @@ pub struct GpuEngineArgs {
     pub model_path: PathBuf,
     /// Candle engine: bytes of KV cache all sequences together may hold. On the CPU it is
     /// host memory: with the weights it must fit the host's memory or the container's limit
-    /// (refused at start otherwise).
+    /// (with `--device cpu` refused at start otherwise; on the CPU serving in place of a GPU,
+    /// cut to what is left, logged).
     #[arg(long, env = "SWITCHYARD_KV_BUDGET_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub kv_budget_bytes: u64,
     /// Candle engine: requests waiting for admission beyond which new ones are refused (at
@@ -313,32 +314,44 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
     // On the CPU the KV cache is host memory, allocated as blocks fill: a budget beyond what
     // the process may use starts fine and is killed for memory under load (or, far beyond,
     // aborts allocating its block table here).
+    let mut kv_budget_bytes = args.kv_budget_bytes;
     if selected.device.is_cpu()
         && let Some(limit) = device::memory_limit_bytes()
-        && args.kv_budget_bytes.saturating_add(model.weight_bytes) > limit
+        && kv_budget_bytes.saturating_add(model.weight_bytes) > limit
     {
-        return Err(GpuEngineError::Config(format!(
-            "--kv-budget-bytes {}: more than this process may use ({limit} bytes of memory, the host's or its container's limit) beside the model's {} bytes of weights; lower it",
-            args.kv_budget_bytes, model.weight_bytes
-        )));
+        let left = limit.saturating_sub(model.weight_bytes);
+        if args.device == DeviceChoice::Cpu || left < block_bytes {
+            return Err(GpuEngineError::Config(format!(
+                "--kv-budget-bytes {kv_budget_bytes}: more than this process may use ({limit} bytes of memory, the host's or its container's limit) beside the model's {} bytes of weights; lower it",
+                model.weight_bytes
+            )));
+        }
+        // A GPU was asked for and the CPU serves in its place (logged by `device`): the
+        // documented fallback keeps serving, its budget (sized for GPU memory) cut to what is left.
+        tracing::warn!(
+            kv_budget_bytes,
+            memory_limit_bytes = limit,
+            kv_budget_bytes_used = left,
+            "--kv-budget-bytes is more than this process may use beside the weights on the CPU it fell back to: the KV cache is cut to what is left"
+        );
+        kv_budget_bytes = left;
     }
     // Publish no context the budget cannot hold: routers check a request against the context
     // before placing it, while the budget was only checked here, after placement (a 400 about
     // this worker's budget, for a request another worker could have served).
-    let budget_tokens =
-        (args.kv_budget_bytes / block_bytes) as usize * host_attention::BLOCK_TOKENS;
+    let budget_tokens = (kv_budget_bytes / block_bytes) as usize * host_attention::BLOCK_TOKENS;
     if budget_tokens < model.config.context_length {
         if args.max_model_len > 0 {
             return Err(GpuEngineError::Config(format!(
                 "--max-model-len {}: more than --kv-budget-bytes {} holds ({budget_tokens} tokens); raise --kv-budget-bytes to {} or lower --max-model-len",
                 args.max_model_len,
-                args.kv_budget_bytes,
+                kv_budget_bytes,
                 (args.max_model_len as usize).div_ceil(host_attention::BLOCK_TOKENS) as u64
                     * block_bytes
             )));
         }
         tracing::warn!(
-            kv_budget_bytes = args.kv_budget_bytes,
+            kv_budget_bytes,
             budget_tokens,
             model_context_length = model.config.context_length,
             "--kv-budget-bytes holds fewer tokens than the model's context: requests are capped at what it holds (raise --kv-budget-bytes for the full context)"
@@ -364,7 +377,7 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
         tokenizer,
         ids,
         SchedulerLimits {
-            kv_budget_bytes: args.kv_budget_bytes,
+            kv_budget_bytes,
             max_seqs: args.max_concurrent as usize,
             max_queue: args.max_queue as usize,
             prefill_chunk: args.prefill_chunk as usize,

@@ -1117,6 +1117,31 @@ fn unusable_flags_are_refused_naming_the_flag() {
     assert!(error.contains("is a directory, not a GGUF file"), "{error}");
 }
 
+/// A GPU's budget on the CPU it fell back to (`--device auto` or `cuda` without a usable GPU,
+/// as the GPU overlay's pods on a node without one): the documented fallback keeps serving,
+/// its KV cut to the memory left beside the weights, instead of aborting or being refused.
+#[test]
+fn a_fallback_to_the_cpu_cuts_a_budget_beyond_memory_to_what_is_left() {
+    let Some(limit) = switchyard_worker_gpu::device::memory_limit_bytes() else {
+        println!("SKIPPED: this host's memory cannot be read");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_file(&dir);
+    let block_bytes = load(&path, Repack::Q8_0).0.kv_bytes_per_block();
+    let engine = switchyard_worker_gpu::build_candle(&switchyard_worker_gpu::GpuEngineArgs {
+        engine: switchyard_worker_gpu::GpuEngineKind::Candle,
+        model_path: path,
+        device: switchyard_worker_gpu::DeviceChoice::Auto,
+        kv_budget_bytes: u64::MAX,
+        ..Default::default()
+    })
+    .unwrap();
+    let stats = engine.prefix_cache_stats().unwrap();
+    let budget = stats.free_blocks as u64 * block_bytes;
+    assert!(budget > 0 && budget <= limit, "{budget} of {limit}");
+}
+
 /// A KV budget that holds fewer tokens than the model's context caps the context the engine
 /// publishes, so routers refuse (or bound) a request it could never hold before placing it,
 /// instead of placing it and the worker refusing it with a message about its budget; an
