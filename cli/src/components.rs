@@ -375,6 +375,34 @@ pub struct WorkerArgs {
 }
 
 impl WorkerArgs {
+    /// Refuses flag values the worker cannot run with, naming the flag. Called before the
+    /// engine is built: loading a model can take minutes, and a mistake should not wait for it.
+    pub fn check(&self) -> anyhow::Result<()> {
+        if let Some(id) = &self.id {
+            anyhow::ensure!(
+                !id.is_empty() && !id.contains('/'),
+                "--id {id:?}: must be non-empty without '/' (it is the worker's etcd key)"
+            );
+        }
+        anyhow::ensure!(
+            self.lease_ttl >= Duration::from_secs(1),
+            "--lease-ttl {:?}: must be at least 1s",
+            self.lease_ttl
+        );
+        anyhow::ensure!(
+            self.max_chunk_tokens >= 1,
+            "--max-chunk-tokens 0: must be at least 1"
+        );
+        if let Some(cost) = self.cost_per_mtok {
+            // NaN or infinity would reach etcd as `null`: routers would ignore the worker.
+            anyhow::ensure!(
+                cost.is_finite() && cost >= 0.0,
+                "--cost-per-mtok {cost}: must be a finite number, 0 or more"
+            );
+        }
+        Ok(())
+    }
+
     pub fn config(&self, pool: Pool) -> WorkerConfig {
         let default_cost = match pool {
             Pool::Gpu => 0.10,
@@ -794,4 +822,40 @@ pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
     })
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        worker: WorkerArgs,
+    }
+
+    fn check(flags: &[&str]) -> anyhow::Result<()> {
+        let args = std::iter::once("worker").chain(flags.iter().copied());
+        Flags::try_parse_from(args)?.worker.check()
+    }
+
+    #[test]
+    fn worker_flags_it_cannot_run_with_are_refused_by_name() {
+        assert!(check(&[]).is_ok());
+        assert!(check(&["--cost-per-mtok", "0"]).is_ok());
+        for (flags, named) in [
+            (&["--cost-per-mtok", "nan"][..], "--cost-per-mtok NaN"),
+            (&["--cost-per-mtok", "inf"], "--cost-per-mtok inf"),
+            (&["--cost-per-mtok=-1"], "--cost-per-mtok -1"),
+            (&["--lease-ttl", "0s"], "--lease-ttl"),
+            (&["--max-chunk-tokens", "0"], "--max-chunk-tokens"),
+            (&["--id", ""], "--id"),
+            (&["--id", "a/b"], "--id"),
+        ] {
+            let error = check(flags).expect_err(&format!("{flags:?} accepted"));
+            assert!(error.to_string().starts_with(named), "{flags:?}: {error}");
+        }
+    }
 }

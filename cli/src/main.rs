@@ -149,10 +149,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
             engine,
             cache,
         } => {
+            worker.check()?;
             let engine = components::gpu_engine(&engine, &cache)?;
             components::worker("worker-gpu", Pool::Gpu, worker, engine).await
         }
         Command::WorkerWse { worker, engine } => {
+            worker.check()?;
             let engine = switchyard_worker_wse::build_engine(&engine)?;
             components::worker("worker-wse", Pool::Wse, worker, engine).await
         }

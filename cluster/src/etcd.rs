@@ -863,7 +863,10 @@ async fn keep_registered(
                     .await
                     .map(drop)
                     .map_err(Into::into);
-                info!(worker_id = %record.id, "deregistered from etcd");
+                // A failure is the caller's to report (the lease then expires on its own).
+                if result.is_ok() {
+                    info!(worker_id = %record.id, "deregistered from etcd");
+                }
                 let _ = reply.send(result);
                 return;
             }

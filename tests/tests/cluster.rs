@@ -242,6 +242,34 @@ async fn sigterm_drains_then_deregisters_at_once() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A worker stopped while etcd is down cannot revoke its lease: it says so once (the record
+/// goes when the lease expires) and exits cleanly; it logged `deregistered from etcd` just
+/// before that warning, which told an operator reading the log the opposite.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_while_etcd_is_down_does_not_claim_it_deregistered() -> anyhow::Result<()>
+{
+    let patience = Duration::from_secs(30);
+    let etcd = switchyard_tests::Etcd::start().await?;
+    let mut worker =
+        switchyard_tests::start_gpu_worker(&etcd.url, "gpu-0", &["--lease-ttl", "30s"], 1).await?;
+    worker.wait_for_log("worker ready", patience).await?;
+    let client = etcd
+        .url
+        .trim_start_matches("http://")
+        .parse::<std::net::SocketAddr>()?;
+    drop(etcd);
+    wait_until(patience, "etcd to stop answering", || async move {
+        tokio::net::TcpStream::connect(client).await.is_err()
+    })
+    .await?;
+    let status = worker.terminate(patience).await?;
+    assert!(status.success(), "worker exited with {status}");
+    let log = std::fs::read_to_string(&worker.log)?;
+    assert!(log.contains("deregistration failed"), "{log}");
+    assert!(!log.contains("deregistered from etcd"), "{log}");
+    Ok(())
+}
+
 /// A worker whose drain timeout runs out with a generation in flight stops it; the router
 /// resumes it on another worker, so the client gets every token once, in order, ending as it
 /// asked (`LENGTH`) — not cut short with a `CANCELLED` it never asked for.

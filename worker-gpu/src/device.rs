@@ -15,14 +15,17 @@ pub enum DeviceChoice {
     /// A CUDA GPU when available, else the CPU.
     Auto,
     Cpu,
-    /// A CUDA GPU; falls back to the CPU (logged) when no driver is present.
+    /// A CUDA GPU; falls back to the CPU (logged) when no driver or device is usable. A
+    /// binary built without the `cuda` feature refuses it (exit 1)
     Cuda,
 }
 
 /// Errors choosing a device.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("--device cuda: this binary was built without the `cuda` feature")]
+    #[error(
+        "--device cuda: this binary was built without the `cuda` feature; use --device cpu (or auto), or a build with `--features cuda` (the switchyard-cuda image)"
+    )]
     CudaNotBuilt,
     #[error("--device cuda: {0}")]
     Cuda(String),
@@ -117,6 +120,26 @@ fn cpu() -> SelectedDevice {
     }
 }
 
+/// Bytes of memory this process may use: the host's (`MemTotal`), or its cgroup's limit
+/// (a container's, cgroup v2 `memory.max`) when lower; `None` when neither can be read.
+pub fn memory_limit_bytes() -> Option<u64> {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+    // "max" (no limit) does not parse, and leaves the host's figure.
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match (total, cgroup) {
+        (Some(t), Some(c)) => Some(t.min(c)),
+        (t, c) => t.or(c),
+    }
+}
+
 /// "cpu: <model name>" (the engine adds how many threads it computes on).
 pub fn cpu_description() -> String {
     let model = std::fs::read_to_string("/proc/cpuinfo")
@@ -146,9 +169,10 @@ mod tests {
     #[test]
     fn auto_without_cuda_build_is_cpu_and_explicit_cuda_is_refused() {
         assert!(select(DeviceChoice::Auto).unwrap().device.is_cpu());
-        assert!(matches!(
-            select(DeviceChoice::Cuda),
-            Err(DeviceError::CudaNotBuilt)
-        ));
+        let Err(error @ DeviceError::CudaNotBuilt) = select(DeviceChoice::Cuda) else {
+            panic!("--device cuda was accepted by a binary without the cuda feature");
+        };
+        // The operator learns what to do instead.
+        assert!(error.to_string().contains("use --device cpu"), "{error}");
     }
 }

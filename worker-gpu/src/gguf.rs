@@ -24,8 +24,12 @@ pub enum GgufError {
     Format { path: String, reason: String },
     #[error("gguf metadata `{key}`: {reason}")]
     Metadata { key: String, reason: String },
-    #[error("gguf tensor `{name}`: {reason}")]
-    Tensor { name: String, reason: String },
+    #[error("model file {path}: tensor `{name}`: {reason}")]
+    Tensor {
+        path: String,
+        name: String,
+        reason: String,
+    },
 }
 
 /// Hyper-parameters of a llama-architecture model.
@@ -212,7 +216,9 @@ impl GgufFile {
         device: &Device,
         repack: Repack,
     ) -> Result<QTensor, GgufError> {
+        let path = self.path.clone();
         let err = |reason: String| GgufError::Tensor {
+            path: path.clone(),
             name: name.into(),
             reason,
         };

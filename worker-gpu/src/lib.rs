@@ -77,10 +77,14 @@ pub struct GpuEngineArgs {
     /// Candle engine: the GGUF model file.
     #[arg(long, env = "SWITCHYARD_MODEL_PATH", default_value = fetch::DEFAULT_MODEL_PATH)]
     pub model_path: PathBuf,
-    /// Candle engine: bytes of KV cache all sequences together may hold.
+    /// Candle engine: bytes of KV cache all sequences together may hold. On the CPU it is
+    /// host memory: with the weights it must fit the host's memory or the container's limit
+    /// (with `--device cpu` refused at start otherwise; on the CPU serving in place of a GPU,
+    /// cut to what is left, logged).
     #[arg(long, env = "SWITCHYARD_KV_BUDGET_BYTES", default_value_t = 512 * 1024 * 1024)]
     pub kv_budget_bytes: u64,
-    /// Candle engine: requests waiting for admission beyond which new ones are refused.
+    /// Candle engine: requests waiting for admission beyond which new ones are refused (at
+    /// least 1: each request passes the queue on its way to a slot).
     #[arg(long, env = "SWITCHYARD_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: u32,
     /// Candle engine: where the model runs.
@@ -130,8 +134,9 @@ pub struct GpuEngineArgs {
     )]
     pub prefix_cache: Toggle,
     /// Candle engine: the longest sequence (prompt and output together) a request may have, in
-    /// tokens, below the model's own context length (0: the model's). Routers refuse longer
-    /// requests before placing them, and lower a default output bound to fit.
+    /// tokens, below the model's own context length (0: the model's, or what --kv-budget-bytes
+    /// holds when that is less). Routers refuse longer requests before placing them, and lower
+    /// a default output bound to fit.
     #[arg(long, env = "SWITCHYARD_MAX_MODEL_LEN", default_value_t = 0)]
     pub max_model_len: u32,
 }
@@ -184,7 +189,6 @@ pub enum GpuEngineError {
     Engine(#[from] switchyard_worker::EngineError),
 }
 
-/// Builds the configured engine. For `candle` this loads the weights and runs a warm-up step
 /// The synthetic engine's configuration from the worker's flags.
 pub fn synthetic_config(args: &GpuEngineArgs) -> SyntheticConfig {
     SyntheticConfig {
@@ -197,6 +201,7 @@ pub fn synthetic_config(args: &GpuEngineArgs) -> SyntheticConfig {
     }
 }
 
+/// Builds the configured engine. For `candle` this loads the weights and runs a warm-up step
 /// before returning, so a worker built from it is ready when it registers.
 pub fn build_engine(args: &GpuEngineArgs) -> Result<Arc<dyn Engine>, GpuEngineError> {
     if args.max_concurrent == 0 {
@@ -235,10 +240,31 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
             "--prefill-chunk: must be at least 1".into(),
         ));
     }
+    // No client can ask for a model named "" (`--model a,,b`, `--model ""`).
+    if args.models.iter().any(String::is_empty) {
+        return Err(GpuEngineError::Config(format!(
+            "--model: an empty model name in {:?}; name each model, comma-separated",
+            args.models
+        )));
+    }
     if args.kv_budget_bytes == 0 {
         return Err(GpuEngineError::Config(
             "--kv-budget-bytes: must be positive".into(),
         ));
+    }
+    // Every request waits in the queue until the scheduler thread takes it, even on an idle
+    // worker: with no room there every request would be shed.
+    if args.max_queue == 0 {
+        return Err(GpuEngineError::Config(
+            "--max-queue 0: must be at least 1 (every request passes the queue on its way to a slot)"
+                .into(),
+        ));
+    }
+    if args.model_path.is_dir() {
+        return Err(GpuEngineError::Config(format!(
+            "--model-path {}: is a directory, not a GGUF file (name the .gguf file in it)",
+            args.model_path.display()
+        )));
     }
     if !args.model_path.is_file() {
         return Err(GpuEngineError::Config(format!(
@@ -262,7 +288,75 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
                 args.max_model_len
             )));
         }
+        // A sequence is a prompt token and a generated one at least (the warm-up step too).
+        if args.max_model_len < 2 {
+            return Err(GpuEngineError::Config(format!(
+                "--max-model-len {}: must be at least 2 (a prompt token and a generated one), or 0 for the model's {own}",
+                args.max_model_len
+            )));
+        }
         model.config.context_length = args.max_model_len as usize;
+    }
+    // Checked here, where the flag can be named; the engine refuses it too.
+    let block_bytes = model.kv_bytes_per_block();
+    if args.kv_budget_bytes < block_bytes {
+        return Err(GpuEngineError::Config(format!(
+            "--kv-budget-bytes {}: less than one KV block of this model ({block_bytes} bytes, {} tokens); a sequence of the full context needs {} bytes",
+            args.kv_budget_bytes,
+            host_attention::BLOCK_TOKENS,
+            model
+                .config
+                .context_length
+                .div_ceil(host_attention::BLOCK_TOKENS) as u64
+                * block_bytes
+        )));
+    }
+    // On the CPU the KV cache is host memory, allocated as blocks fill: a budget beyond what
+    // the process may use starts fine and is killed for memory under load (or, far beyond,
+    // aborts allocating its block table here).
+    let mut kv_budget_bytes = args.kv_budget_bytes;
+    if selected.device.is_cpu()
+        && let Some(limit) = device::memory_limit_bytes()
+        && kv_budget_bytes.saturating_add(model.weight_bytes) > limit
+    {
+        let left = limit.saturating_sub(model.weight_bytes);
+        if args.device == DeviceChoice::Cpu || left < block_bytes {
+            return Err(GpuEngineError::Config(format!(
+                "--kv-budget-bytes {kv_budget_bytes}: more than this process may use ({limit} bytes of memory, the host's or its container's limit) beside the model's {} bytes of weights; lower it",
+                model.weight_bytes
+            )));
+        }
+        // A GPU was asked for and the CPU serves in its place (logged by `device`): the
+        // documented fallback keeps serving, its budget (sized for GPU memory) cut to what is left.
+        tracing::warn!(
+            kv_budget_bytes,
+            memory_limit_bytes = limit,
+            kv_budget_bytes_used = left,
+            "--kv-budget-bytes is more than this process may use beside the weights on the CPU it fell back to: the KV cache is cut to what is left"
+        );
+        kv_budget_bytes = left;
+    }
+    // Publish no context the budget cannot hold: routers check a request against the context
+    // before placing it, while the budget was only checked here, after placement (a 400 about
+    // this worker's budget, for a request another worker could have served).
+    let budget_tokens = (kv_budget_bytes / block_bytes) as usize * host_attention::BLOCK_TOKENS;
+    if budget_tokens < model.config.context_length {
+        if args.max_model_len > 0 {
+            return Err(GpuEngineError::Config(format!(
+                "--max-model-len {}: more than --kv-budget-bytes {} holds ({budget_tokens} tokens); raise --kv-budget-bytes to {} or lower --max-model-len",
+                args.max_model_len,
+                kv_budget_bytes,
+                (args.max_model_len as usize).div_ceil(host_attention::BLOCK_TOKENS) as u64
+                    * block_bytes
+            )));
+        }
+        tracing::warn!(
+            kv_budget_bytes,
+            budget_tokens,
+            model_context_length = model.config.context_length,
+            "--kv-budget-bytes holds fewer tokens than the model's context: requests are capped at what it holds (raise --kv-budget-bytes for the full context)"
+        );
+        model.config.context_length = budget_tokens;
     }
     model = model.with_dense_from_rows(match args.dense_prefill_from_rows {
         0 => usize::MAX,
@@ -283,7 +377,7 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
         tokenizer,
         ids,
         SchedulerLimits {
-            kv_budget_bytes: args.kv_budget_bytes,
+            kv_budget_bytes,
             max_seqs: args.max_concurrent as usize,
             max_queue: args.max_queue as usize,
             prefill_chunk: args.prefill_chunk as usize,

@@ -342,6 +342,9 @@ impl CandleEngine {
             .prefix_cache
             .then(|| Arc::new(KvPublisher::new(block_tokens as u32)));
         let counters = Arc::new(Counters::default());
+        // The scheduler thread refreshes these after each step; until the first one an idle
+        // worker's metrics must still show its blocks free, not an empty (full-looking) cache.
+        *counters.prefix.lock().unwrap_or_else(|e| e.into_inner()) = prefix.stats();
         counters.prefill_rate.record(warm_tokens as f64, prefill_s);
         let chunk = limits.chunk_in_force(None, 0.0, counters.prefill_rate.get());
         counters

@@ -1010,3 +1010,173 @@ fn max_model_len_caps_the_published_context() {
         "{error}"
     );
 }
+
+/// An idle worker's `/metrics` reads these counters: before its first request they must
+/// already say how many KV blocks are free (they read 0 free blocks until a request came,
+/// which looks like a full cache).
+#[test]
+fn a_fresh_engine_reports_its_kv_blocks_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = engine(&tiny_file(&dir), limits());
+    let stats = e.prefix_cache_stats().unwrap();
+    assert!(stats.free_blocks > 0, "{stats:?}");
+    assert_eq!(
+        (stats.active_blocks, stats.cached_blocks),
+        (0, 0),
+        "{stats:?}"
+    );
+}
+
+/// Operator mistakes the engine cannot run with are refused before it starts, naming the flag
+/// and what to do, rather than failing in its warm-up or under a configuration field's name.
+#[test]
+fn unusable_flags_are_refused_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_file(&dir);
+    let args = || switchyard_worker_gpu::GpuEngineArgs {
+        engine: switchyard_worker_gpu::GpuEngineKind::Candle,
+        model_path: path.clone(),
+        device: switchyard_worker_gpu::DeviceChoice::Cpu,
+        ..Default::default()
+    };
+    let refused =
+        |args: switchyard_worker_gpu::GpuEngineArgs| match switchyard_worker_gpu::build_candle(
+            &args,
+        ) {
+            Ok(_) => panic!("{args:?} was accepted"),
+            Err(error) => error.to_string(),
+        };
+    // No room for a prompt token and a generated one.
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        max_model_len: 1,
+        ..args()
+    });
+    assert!(
+        error.contains("--max-model-len 1: must be at least 2"),
+        "{error}"
+    );
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        kv_budget_bytes: 1000,
+        ..args()
+    });
+    assert!(
+        error.starts_with("invalid engine options: --kv-budget-bytes 1000: less than one KV block"),
+        "{error}"
+    );
+    // More KV than the host has memory: it aborted on an allocation of the block table, and a
+    // budget merely above the host's memory was taken and killed the worker under load.
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        kv_budget_bytes: u64::MAX,
+        ..args()
+    });
+    assert!(
+        error.starts_with(&format!(
+            "invalid engine options: --kv-budget-bytes {}: more than",
+            u64::MAX
+        )),
+        "{error}"
+    );
+    // Every request passes the queue on its way to the scheduler: with no room in it, an idle
+    // worker registered as ready and shed every request.
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        max_queue: 0,
+        ..args()
+    });
+    assert!(
+        error.contains("--max-queue 0: must be at least 1"),
+        "{error}"
+    );
+    // No client can ask for a model named "": a worker serving only that served nothing.
+    for models in [vec![String::new()], vec!["a".into(), String::new()]] {
+        let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+            models: models.clone(),
+            ..args()
+        });
+        assert!(
+            error.contains("--model: an empty model name"),
+            "{models:?}: {error}"
+        );
+    }
+    // A file cut short in its tensor data (an interrupted download) names the file.
+    let cut = dir.path().join("cut.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&cut, &bytes[..bytes.len() - 1]).unwrap();
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        model_path: cut.clone(),
+        ..args()
+    });
+    assert!(
+        error.contains(&format!("model file {}: tensor `", cut.display())),
+        "{error}"
+    );
+    // A directory is not "no such file".
+    let error = refused(switchyard_worker_gpu::GpuEngineArgs {
+        model_path: dir.path().to_path_buf(),
+        ..args()
+    });
+    assert!(error.contains("is a directory, not a GGUF file"), "{error}");
+}
+
+/// A GPU's budget on the CPU it fell back to (`--device auto` or `cuda` without a usable GPU,
+/// as the GPU overlay's pods on a node without one): the documented fallback keeps serving,
+/// its KV cut to the memory left beside the weights, instead of aborting or being refused.
+#[test]
+fn a_fallback_to_the_cpu_cuts_a_budget_beyond_memory_to_what_is_left() {
+    let Some(limit) = switchyard_worker_gpu::device::memory_limit_bytes() else {
+        println!("SKIPPED: this host's memory cannot be read");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_file(&dir);
+    let block_bytes = load(&path, Repack::Q8_0).0.kv_bytes_per_block();
+    let engine = switchyard_worker_gpu::build_candle(&switchyard_worker_gpu::GpuEngineArgs {
+        engine: switchyard_worker_gpu::GpuEngineKind::Candle,
+        model_path: path,
+        device: switchyard_worker_gpu::DeviceChoice::Auto,
+        kv_budget_bytes: u64::MAX,
+        ..Default::default()
+    })
+    .unwrap();
+    let stats = engine.prefix_cache_stats().unwrap();
+    let budget = stats.free_blocks as u64 * block_bytes;
+    assert!(budget > 0 && budget <= limit, "{budget} of {limit}");
+}
+
+/// A KV budget that holds fewer tokens than the model's context caps the context the engine
+/// publishes, so routers refuse (or bound) a request it could never hold before placing it,
+/// instead of placing it and the worker refusing it with a message about its budget; an
+/// explicit `--max-model-len` beyond what the budget holds is a contradiction, refused naming
+/// both flags.
+#[test]
+fn a_kv_budget_below_the_context_caps_the_published_context() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_file(&dir);
+    let block_bytes = load(&path, Repack::Q8_0).0.kv_bytes_per_block();
+    let args = |max_model_len| switchyard_worker_gpu::GpuEngineArgs {
+        engine: switchyard_worker_gpu::GpuEngineKind::Candle,
+        model_path: path.clone(),
+        device: switchyard_worker_gpu::DeviceChoice::Cpu,
+        // Four blocks and a half: 128 tokens of the tiny model's 256.
+        kv_budget_bytes: 4 * block_bytes + block_bytes / 2,
+        max_model_len,
+        ..Default::default()
+    };
+    let engine = switchyard_worker_gpu::build_candle(&args(0)).unwrap();
+    let model = engine.models()[0].clone();
+    assert_eq!(
+        Engine::context_length(&engine, &model),
+        Some(4 * BLOCK as u32)
+    );
+    let within = switchyard_worker_gpu::build_candle(&args(100)).unwrap();
+    assert_eq!(Engine::context_length(&within, &model), Some(100));
+    let Err(error) = switchyard_worker_gpu::build_candle(&args(200)) else {
+        panic!("--max-model-len beyond what --kv-budget-bytes holds was accepted");
+    };
+    let error = error.to_string();
+    assert!(
+        error.contains("--max-model-len 200")
+            && error.contains("--kv-budget-bytes")
+            && error.contains("128 tokens"),
+        "{error}"
+    );
+}

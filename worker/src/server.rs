@@ -94,6 +94,14 @@ impl WorkerConfig {
                 "coalesce max chunk tokens: must be at least 1".into(),
             ));
         }
+        // A NaN or infinite price cannot be written to etcd as JSON (it becomes `null`): every
+        // router would ignore the record of a worker that believes itself registered.
+        if !(self.cost_per_mtok.is_finite() && self.cost_per_mtok >= 0.0) {
+            return Err(WorkerError::Config(format!(
+                "cost per million tokens {}: must be a finite number, 0 or more",
+                self.cost_per_mtok
+            )));
+        }
         Ok(())
     }
 }
@@ -462,5 +470,29 @@ async fn follow_load(load: Arc<LoadTracker>, engine: Arc<dyn Engine>, metrics: W
         if changes.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_price_routers_cannot_read_is_refused() {
+        for cost in [f64::NAN, f64::INFINITY, -0.5] {
+            let config = WorkerConfig {
+                cost_per_mtok: cost,
+                ..WorkerConfig::loopback("gpu-0", Pool::Gpu)
+            };
+            let Err(WorkerError::Config(message)) = config.validate() else {
+                panic!("cost {cost} was accepted");
+            };
+            assert!(message.contains("cost per million tokens"), "{message}");
+        }
+        let free = WorkerConfig {
+            cost_per_mtok: 0.0,
+            ..WorkerConfig::loopback("gpu-0", Pool::Gpu)
+        };
+        assert!(free.validate().is_ok());
     }
 }
