@@ -381,6 +381,64 @@ async fn the_control_plane_starts_without_etcd_and_serves_once_etcd_answers() ->
     Ok(())
 }
 
+/// A worker started while etcd is unreachable runs and waits, as routers and control planes
+/// do: alive (gRPC health of the process SERVING), not taking work (`Worker` NOT_SERVING),
+/// and registered as soon as etcd answers. It exited at once (after loading its model), so
+/// Kubernetes restarted it with a growing back-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_starts_without_etcd_and_registers_once_etcd_answers() -> anyhow::Result<()> {
+    const WORKER: &str = "switchyard.v1.Worker";
+    let etcd_port = free_port();
+    let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+    let worker = Component::start(
+        "gpu-before-etcd",
+        &strings(&[
+            "worker-gpu",
+            "--etcd",
+            &etcd_url,
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "gpu-early",
+        ]),
+        1,
+    )
+    .await?;
+    let grpc = worker.addr("grpc").to_string();
+    assert_eq!(health_of(&grpc, "").await?, ServingStatus::Serving);
+    assert_eq!(health_of(&grpc, WORKER).await?, ServingStatus::NotServing);
+
+    let _etcd = Etcd::start_on(etcd_port).await?;
+    wait_until(
+        Duration::from_secs(30),
+        "the worker to register",
+        || async {
+            health_of(&grpc, WORKER)
+                .await
+                .is_ok_and(|status| status == ServingStatus::Serving)
+        },
+    )
+    .await?;
+    let router = Component::start(
+        "router-after-etcd",
+        &strings(&["router", "--etcd", &etcd_url, "--listen", "127.0.0.1:0"]),
+        1,
+    )
+    .await?;
+    let router_grpc = router.addr("grpc").to_string();
+    wait_until(
+        Duration::from_secs(30),
+        "the router to see the worker",
+        || async {
+            switchyard_tests::list_router_workers(&router_grpc)
+                .await
+                .is_ok_and(|ids| ids == ["gpu-early"])
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// Engine steps (tokens) a generation may run after its client dropped the call.
 const STEP_BOUND: u32 = 400;
 const TOKENS_PER_S: u32 = 400;

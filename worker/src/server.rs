@@ -121,6 +121,53 @@ pub enum WorkerError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// Pauses between attempts to reach etcd at start-up (exponential, jittered), as a router's.
+const ETCD_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
+const ETCD_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// `attempt`'s answer, retried with exponential backoff and jitter while etcd cannot be reached
+/// (`on_first_failure` runs after the first such failure); any other refusal (an id another
+/// worker holds, a record etcd finds too large) is final. `None` when `shutdown` fires first.
+async fn until_etcd_answers<T, F>(
+    mut attempt: impl FnMut() -> F,
+    on_first_failure: impl FnOnce(),
+    shutdown: &CancellationToken,
+) -> Result<Option<T>, RegistryError>
+where
+    F: std::future::Future<Output = Result<T, RegistryError>>,
+{
+    let mut backoff =
+        switchyard_cluster::backoff::Backoff::new(ETCD_BACKOFF_INITIAL, ETCD_BACKOFF_MAX);
+    let mut on_first_failure = Some(on_first_failure);
+    for tries in 1u32.. {
+        let outcome = tokio::select! {
+            outcome = attempt() => outcome,
+            () = shutdown.cancelled() => return Ok(None),
+        };
+        match outcome {
+            Ok(answer) => {
+                if tries > 1 {
+                    info!(tries, "etcd answered");
+                }
+                return Ok(Some(answer));
+            }
+            Err(error @ RegistryError::Etcd(_)) if !error.is_request_too_large() => {
+                let delay = backoff.next_delay();
+                warn!("cannot reach etcd: {error} (attempt {tries}, next in {delay:.1?})");
+                if let Some(failed) = on_first_failure.take() {
+                    failed();
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return Ok(None),
+                }
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    unreachable!("attempts are counted without end")
+}
+
 /// Serves `engine` until `shutdown` fires, then drains. `on_ready` gets the bound address once
 /// the worker is registered and serving. `Worker` calls are open to anyone who reaches the port;
 /// see [`run_member_worker`].
@@ -303,7 +350,29 @@ async fn serve(
     });
 
     // Read before registering, so a worker restarted while drained never advertises `ready`.
-    let mut drain_requests = registry.watch_drain(&config.id).await?;
+    // Until etcd first answers the worker serves (health: not serving) and keeps trying; its
+    // address is announced once it is registered, or once it is known to wait.
+    let mut on_ready = Some(on_ready);
+    // Stopped before etcd ever answered: nothing registered, nothing to drain.
+    let stop_unregistered = || {
+        closing.cancel();
+        sampler.abort();
+        gauges.abort();
+        Ok(())
+    };
+    let Some(mut drain_requests) = until_etcd_answers(
+        || registry.watch_drain(&config.id),
+        || {
+            if let Some(announce) = on_ready.take() {
+                announce(bound);
+            }
+        },
+        &shutdown,
+    )
+    .await?
+    else {
+        return stop_unregistered();
+    };
     let mut drain_requested = *drain_requests.borrow_and_update();
     let mut record = WorkerRecord {
         id: config.id.clone(),
@@ -328,12 +397,22 @@ async fn serve(
         },
     };
     load.set_draining(drain_requested);
-    let registration = registry.register(record.clone(), config.lease_ttl).await?;
+    let Some(registration) = until_etcd_answers(
+        || registry.register(record.clone(), config.lease_ttl),
+        || {},
+        &shutdown,
+    )
+    .await?
+    else {
+        return stop_unregistered();
+    };
     if !drain_requested {
         health.set_serving::<WorkerServer<WorkerService>>().await;
     }
     info!(worker_id = %config.id, pool = %config.pool, address = %record.address, engine = engine.kind(), state = record.state.as_str(), "worker ready");
-    on_ready(bound);
+    if let Some(announce) = on_ready {
+        announce(bound);
+    }
 
     let mut load_changes = load.subscribe();
     // Whether "drained" was logged for the current drain request (once per request).
