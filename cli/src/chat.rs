@@ -122,14 +122,19 @@ fn failure(failed: &v1::Failed) -> String {
     )
 }
 
-/// `model` when the router serves it, else an error naming what it serves.
-pub fn served_model(models: &v1::ListModelsResponse, model: String) -> anyhow::Result<String> {
-    let served: Vec<&str> = models
+/// The models a ready worker serves.
+fn served(models: &v1::ListModelsResponse) -> Vec<&str> {
+    models
         .models
         .iter()
         .filter(|m| !m.workers.is_empty())
         .map(|m| m.id.as_str())
-        .collect();
+        .collect()
+}
+
+/// `model` when the router serves it, else an error naming what it serves.
+pub fn served_model(models: &v1::ListModelsResponse, model: String) -> anyhow::Result<String> {
+    let served = served(models);
     if served.contains(&model.as_str()) {
         return Ok(model);
     }
@@ -146,12 +151,7 @@ pub fn served_model(models: &v1::ListModelsResponse, model: String) -> anyhow::R
 /// The model to talk to when none was named: the router's only model other than the
 /// synthetic load-test backend, else `synthetic` when that is all it serves.
 pub fn default_model(models: &v1::ListModelsResponse) -> anyhow::Result<String> {
-    let served: Vec<&str> = models
-        .models
-        .iter()
-        .filter(|m| !m.workers.is_empty())
-        .map(|m| m.id.as_str())
-        .collect();
+    let served = served(models);
     let real: Vec<&str> = served
         .iter()
         .copied()

@@ -319,6 +319,25 @@ async fn health_of(addr: &str, service: &str) -> anyhow::Result<ServingStatus> {
     Ok(response.status())
 }
 
+/// A component waiting for etcd: alive for a liveness probe (its process SERVING) and not
+/// ready (`service` NOT_SERVING).
+async fn assert_alive_but_not_ready(grpc: &str, service: &str) -> anyhow::Result<()> {
+    assert_eq!(health_of(grpc, "").await?, ServingStatus::Serving);
+    assert_eq!(health_of(grpc, service).await?, ServingStatus::NotServing);
+    Ok(())
+}
+
+/// Waits until `service` of the component at `grpc` is SERVING (`what` names the wait).
+async fn until_serving(grpc: &str, service: &str, what: &str) -> anyhow::Result<()> {
+    wait_until(Duration::from_secs(30), what, || async {
+        health_of(grpc, service)
+            .await
+            .is_ok_and(|status| status == ServingStatus::Serving)
+    })
+    .await
+    .map(drop)
+}
+
 /// A control plane started while etcd is unreachable runs as a router does: alive for
 /// Kubernetes' liveness probe (gRPC health of the process SERVING), not ready (`Admin`
 /// NOT_SERVING, calls `UNAVAILABLE` naming etcd, the dashboard 503), and serving as soon as
@@ -345,8 +364,7 @@ async fn the_control_plane_starts_without_etcd_and_serves_once_etcd_answers() ->
     )
     .await?;
     let grpc = control_plane.addr("grpc").to_string();
-    assert_eq!(health_of(&grpc, "").await?, ServingStatus::Serving);
-    assert_eq!(health_of(&grpc, ADMIN).await?, ServingStatus::NotServing);
+    assert_alive_but_not_ready(&grpc, ADMIN).await?;
     let mut admin = AdminClient::new(switchyard_client::connect_channel(&grpc).await?);
     let refused = admin
         .list_workers(v1::ListWorkersRequest::default())
@@ -360,16 +378,7 @@ async fn the_control_plane_starts_without_etcd_and_serves_once_etcd_answers() ->
 
     // etcd comes up on the port the control plane has been dialling.
     let _etcd = Etcd::start_on(etcd_port).await?;
-    wait_until(
-        Duration::from_secs(30),
-        "the control plane to serve",
-        || async {
-            health_of(&grpc, ADMIN)
-                .await
-                .is_ok_and(|status| status == ServingStatus::Serving)
-        },
-    )
-    .await?;
+    until_serving(&grpc, ADMIN, "the control plane to serve").await?;
     let mut admin = AdminClient::new(switchyard_client::connect_channel(&grpc).await?);
     let workers = admin
         .list_workers(v1::ListWorkersRequest::default())
@@ -405,20 +414,10 @@ async fn a_worker_starts_without_etcd_and_registers_once_etcd_answers() -> anyho
     )
     .await?;
     let grpc = worker.addr("grpc").to_string();
-    assert_eq!(health_of(&grpc, "").await?, ServingStatus::Serving);
-    assert_eq!(health_of(&grpc, WORKER).await?, ServingStatus::NotServing);
+    assert_alive_but_not_ready(&grpc, WORKER).await?;
 
     let _etcd = Etcd::start_on(etcd_port).await?;
-    wait_until(
-        Duration::from_secs(30),
-        "the worker to register",
-        || async {
-            health_of(&grpc, WORKER)
-                .await
-                .is_ok_and(|status| status == ServingStatus::Serving)
-        },
-    )
-    .await?;
+    until_serving(&grpc, WORKER, "the worker to register").await?;
     let router = Component::start(
         "router-after-etcd",
         &strings(&["router", "--etcd", &etcd_url, "--listen", "127.0.0.1:0"]),
