@@ -24,6 +24,20 @@ use tokio::time::Instant;
 // a minute before it announces readiness.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The real model's weights (`scripts/fetch-model.sh` puts them in `models/`; CI runs it
+/// first), or an error saying to fetch them.
+pub fn real_model_path() -> anyhow::Result<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
+    );
+    anyhow::ensure!(
+        std::path::Path::new(path).is_file(),
+        "{path} is missing: run scripts/fetch-model.sh"
+    );
+    Ok(path.to_string())
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again soon).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -453,14 +453,7 @@ async fn a_worker_id_held_by_a_live_worker_is_refused_and_a_dead_ones_is_taken_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchyard_up_serves_the_real_model_on_both_pools_by_default() -> anyhow::Result<()> {
-    let model_path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    );
-    anyhow::ensure!(
-        std::path::Path::new(model_path).is_file(),
-        "{model_path} is missing: run scripts/fetch-model.sh"
-    );
+    let model_path = &switchyard_tests::real_model_path()?;
     // No --engine: the local cluster's default is the real model.
     let up = Component::start("up", &up_args(&["--model-path", model_path]), 7).await?;
     let session = SessionClient::connect(&up.addr_of("router", "grpc").to_string()).await?;

@@ -103,14 +103,7 @@ async fn chat_with_no_cluster_running_says_how_to_start_one() -> anyhow::Result<
 /// stopped, no endpoint announced, no error report, status 130 (interrupted).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ctrl_c_while_up_is_starting_stops_it_cleanly() -> anyhow::Result<()> {
-    let model_path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../models/SmolLM2-135M-Instruct.Q4_1.gguf"
-    );
-    anyhow::ensure!(
-        std::path::Path::new(model_path).is_file(),
-        "{model_path} is missing: run scripts/fetch-model.sh"
-    );
+    let model_path = &switchyard_tests::real_model_path()?;
     let log = log_dir().join(format!("up-interrupted-{}.log", free_port()));
     let up = Command::new(switchyard_bin())
         .args(up_args(&["--model-path", model_path]))

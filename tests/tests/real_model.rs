@@ -3,7 +3,6 @@
 //! first), asked through the router's OpenAI front door and its gRPC `Generate`; and two such
 //! workers, one handing a greedy generation off to the other mid-stream as it drains.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -12,10 +11,6 @@ use switchyard_proto::v1::{self, admin_client::AdminClient, server_frame};
 use switchyard_tests::{Cluster, ClusterSpec};
 
 const MODEL: &str = "SmolLM2-135M-Instruct.Q4_1";
-
-fn model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
 
 async fn real_model_cluster(gpu_workers: usize) -> anyhow::Result<Cluster> {
     real_model_cluster_with(gpu_workers, &[]).await
@@ -26,12 +21,7 @@ async fn real_model_cluster_with(
     gpu_workers: usize,
     worker_flags: &[&str],
 ) -> anyhow::Result<Cluster> {
-    let path = model_path();
-    anyhow::ensure!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-model.sh",
-        path.display()
-    );
+    let path = switchyard_tests::real_model_path()?;
     Cluster::start(ClusterSpec {
         gpu_workers,
         wse_workers: 0,
@@ -39,7 +29,7 @@ async fn real_model_cluster_with(
             "--engine".into(),
             "candle".into(),
             "--model-path".into(),
-            path.display().to_string(),
+            path,
             "--max-concurrent".into(),
             "4".into(),
         ]
