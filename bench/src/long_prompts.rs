@@ -101,6 +101,7 @@ impl WorkerStream {
             messages: vec![v1::ChatMessage {
                 role: "user".into(),
                 content: text.into(),
+                ..Default::default()
             }],
             sampling: Some(v1::SamplingParams {
                 max_tokens: 1,

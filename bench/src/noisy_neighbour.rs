@@ -75,6 +75,7 @@ fn request(tenant: &str, index: u64, max_tokens: u32, class: RequestClass) -> Ge
         messages: vec![ChatMessage {
             role: "user".into(),
             content: format!("{tenant} request {index}"),
+            ..Default::default()
         }],
         sampling: Some(SamplingParams {
             max_tokens,

@@ -421,6 +421,7 @@ fn messages(index: usize) -> Vec<ChatMessage> {
     vec![ChatMessage {
         role: "user".into(),
         content: format!("measure the router overhead request {index}"),
+        ..Default::default()
     }]
 }
 

@@ -51,6 +51,7 @@ fn request(index: usize, max_tokens: u32) -> GenerateRequest {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: format!("stream {index} of many"),
+            ..Default::default()
         }],
         sampling: Some(SamplingParams {
             max_tokens,

@@ -65,6 +65,7 @@ fn user(content: String) -> ChatMessage {
     ChatMessage {
         role: "user".into(),
         content,
+        ..Default::default()
     }
 }
 
@@ -294,6 +295,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
         history.push(ChatMessage {
             role: "system".into(),
             content: system.clone(),
+            ..Default::default()
         });
     }
     let class = if args.fast {
@@ -379,7 +381,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
                     if line.trim().is_empty() { continue; }
                     match client.interrupt(&request_id, vec![user(line.clone())], true) {
                         Ok(()) => {
-                            history.push(ChatMessage { role: "assistant".into(), content: std::mem::take(&mut reply) });
+                            history.push(ChatMessage { role: "assistant".into(), content: std::mem::take(&mut reply), ..Default::default() });
                             history.push(user(line));
                             eprintln!("\n[redirecting]");
                         }
@@ -392,6 +394,7 @@ pub async fn chat(args: ChatArgs) -> anyhow::Result<()> {
             history.push(ChatMessage {
                 role: "assistant".into(),
                 content: reply,
+                ..Default::default()
             });
         }
     }

@@ -154,6 +154,7 @@ fn user(content: &str) -> ChatMessage {
     ChatMessage {
         role: "user".into(),
         content: content.into(),
+        ..Default::default()
     }
 }
 

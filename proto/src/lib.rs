@@ -42,6 +42,7 @@ impl v1::FinishReason {
             v1::FinishReason::Length => "length",
             v1::FinishReason::Cancelled => "cancelled",
             v1::FinishReason::Interrupted => "interrupted",
+            v1::FinishReason::ToolCalls => "tool_calls",
             v1::FinishReason::Unspecified => "unspecified",
         }
     }

@@ -403,6 +403,7 @@ mod tests {
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content: "hi".into(),
+                ..Default::default()
             }],
             sampling: Some(SamplingParams {
                 max_tokens: 8,

@@ -39,6 +39,7 @@ mod tests {
                 .map(|(role, content)| ChatMessage {
                     role: role.to_string(),
                     content: content.to_string(),
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

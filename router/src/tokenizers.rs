@@ -319,6 +319,7 @@ mod tests {
                 .map(|(role, content)| v1::ChatMessage {
                     role: role.to_string(),
                     content: content.to_string(),
+                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

@@ -276,6 +276,7 @@ impl Start {
                     .map(|m| ChatMessage {
                         role: m.role,
                         content: m.content,
+                        ..Default::default()
                     })
                     .collect(),
                 resume_tokens,
@@ -345,6 +346,7 @@ fn request(id: &str, instructions: &str, max_tokens: u32, class: RequestClass) -
         messages: vec![ChatMessage {
             role: "user".into(),
             content: instructions.into(),
+            ..Default::default()
         }],
         sampling: Some(SamplingParams {
             max_tokens,
@@ -801,6 +803,7 @@ async fn an_interrupt_continues_with_the_new_messages() {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: "second".into(),
+            ..Default::default()
         }],
         keep_generated: true,
     }));
@@ -817,15 +820,18 @@ async fn an_interrupt_continues_with_the_new_messages() {
         vec![
             ChatMessage {
                 role: "user".into(),
-                content: "first".into()
+                content: "first".into(),
+                ..Default::default()
             },
             ChatMessage {
                 role: "assistant".into(),
                 content: before.clone(),
+                ..Default::default()
             },
             ChatMessage {
                 role: "user".into(),
-                content: "second".into()
+                content: "second".into(),
+                ..Default::default()
             },
         ],
         "the continuation starts with the conversation so far and the new message"
@@ -844,6 +850,7 @@ async fn a_developer_message_reaches_the_worker_as_system_instructions() {
     let message = |role: &str, content: &str| ChatMessage {
         role: role.into(),
         content: content.into(),
+        ..Default::default()
     };
     let mut session = cluster.session().await;
     let mut asked = request("d", "ask", 20, RequestClass::Auto);
@@ -894,6 +901,7 @@ async fn frames_the_router_refuses_leave_the_running_request_alone() {
         messages: vec![ChatMessage {
             role: "bot".into(),
             content: "x".into(),
+            ..Default::default()
         }],
         keep_generated: true,
     }));
@@ -1419,6 +1427,7 @@ async fn an_interrupt_while_waiting_at_the_router_becomes_the_prompt_it_starts_w
         messages: vec![ChatMessage {
             role: "user".into(),
             content: "new".into(),
+            ..Default::default()
         }],
         keep_generated: true,
     }));
@@ -1441,11 +1450,13 @@ async fn an_interrupt_while_waiting_at_the_router_becomes_the_prompt_it_starts_w
         vec![
             ChatMessage {
                 role: "user".into(),
-                content: "old".into()
+                content: "old".into(),
+                ..Default::default()
             },
             ChatMessage {
                 role: "user".into(),
-                content: "new".into()
+                content: "new".into(),
+                ..Default::default()
             },
         ]
     );

@@ -919,6 +919,7 @@ pub fn chat_request(
         messages: vec![ChatMessage {
             role: "user".into(),
             content: content.into(),
+            ..Default::default()
         }],
         sampling: Some(SamplingParams {
             max_tokens,

@@ -525,6 +525,7 @@ async fn interrupt_redirects_the_same_stream_to_new_instructions() -> anyhow::Re
     let user = ChatMessage {
         role: "user".into(),
         content: after.into(),
+        ..Default::default()
     };
     session.interrupt("steer", vec![user], true)?;
     while let Some(frame) = stream.next().await {

@@ -463,6 +463,7 @@ async fn switchyard_up_serves_the_real_model_on_both_pools_by_default() -> anyho
         messages: vec![switchyard_proto::v1::ChatMessage {
             role: "user".into(),
             content: "What is the capital of France?".into(),
+            ..Default::default()
         }],
         sampling: Some(switchyard_proto::v1::SamplingParams {
             max_tokens: 8,

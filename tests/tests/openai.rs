@@ -328,6 +328,7 @@ impl WorkerStream {
             messages: vec![v1::ChatMessage {
                 role: "user".into(),
                 content: content.into(),
+                ..Default::default()
             }],
             sampling: Some(v1::SamplingParams {
                 max_tokens,

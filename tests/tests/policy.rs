@@ -242,6 +242,7 @@ async fn a_conversations_turns_stay_on_one_wse_worker() -> anyhow::Result<()> {
     let message = |role: &str, content: String| ChatMessage {
         role: role.into(),
         content,
+        ..Default::default()
     };
     let mut homes = std::collections::BTreeSet::new();
     for conversation in 0..6 {

@@ -39,6 +39,7 @@ async fn chat(router: &str, id: &str, messages: &[(&str, &str)]) -> anyhow::Resu
             .map(|(role, content)| ChatMessage {
                 role: role.to_string(),
                 content: content.to_string(),
+                ..Default::default()
             })
             .collect(),
         sampling: Some(SamplingParams {

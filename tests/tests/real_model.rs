@@ -211,6 +211,7 @@ async fn chat_through_the_router_gets_a_sensible_answer_from_the_real_model() ->
             messages: vec![v1::ChatMessage {
                 role: "user".into(),
                 content: "What is the capital of France? Answer in one word.".into(),
+                ..Default::default()
             }],
             sampling: Some(v1::SamplingParams {
                 max_tokens: 16,
@@ -264,6 +265,7 @@ async fn a_greedy_generation_moved_mid_stream_says_what_it_would_have_said_unmov
         messages: vec![v1::ChatMessage {
             role: "user".into(),
             content: "Write a long story about a lighthouse keeper and a storm.".into(),
+            ..Default::default()
         }],
         sampling: Some(v1::SamplingParams {
             max_tokens: MAX_TOKENS,
@@ -503,6 +505,7 @@ async fn a_context_overflow_found_past_the_router_is_still_context_length_exceed
             messages: vec![v1::ChatMessage {
                 role: "user".into(),
                 content: too_long,
+                ..Default::default()
             }],
             sampling: Some(v1::SamplingParams {
                 max_tokens: 4,
@@ -664,6 +667,7 @@ async fn a_request_too_long_for_the_context_is_refused_before_placement() -> any
             messages: vec![v1::ChatMessage {
                 role: "user".into(),
                 content: too_long.clone(),
+                ..Default::default()
             }],
             sampling: Some(v1::SamplingParams {
                 max_tokens: 4,

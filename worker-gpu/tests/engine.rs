@@ -240,6 +240,7 @@ fn request(text: &str, max_tokens: u32) -> EngineRequest {
         latency_critical: false,
         min_tokens_per_s: 0.0,
         prompt_ids: None,
+        tools: Default::default(),
     }
 }
 
@@ -253,6 +254,7 @@ async fn collect(mut rx: switchyard_worker::EngineStream) -> (Vec<u32>, String, 
                 ids.push(id);
                 text.push_str(&t);
             }
+            EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
             EngineEvent::Done {
                 reason,
                 completion_tokens,
@@ -672,6 +674,7 @@ async fn latency_critical_work_jumps_the_queue_and_load_reports_prefill() {
 fn ids_request(name: &str, ids: Vec<u32>, max_tokens: u32) -> EngineRequest {
     EngineRequest {
         prompt_ids: Some(ids),
+        tools: Default::default(),
         ..request(name, max_tokens)
     }
 }
@@ -685,6 +688,7 @@ async fn run_ids(e: &CandleEngine, name: &str, ids: Vec<u32>, max_tokens: u32) -
     while let Some(ev) = rx.recv().await {
         match ev.unwrap() {
             EngineEvent::Token { id, .. } => out.push(id),
+            EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
             EngineEvent::Done {
                 cached_prompt_tokens,
                 ..

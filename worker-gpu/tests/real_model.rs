@@ -443,6 +443,7 @@ fn ids_request(ids: Vec<u32>, max_tokens: u32) -> switchyard_worker::EngineReque
         latency_critical: false,
         min_tokens_per_s: 0.0,
         prompt_ids: Some(ids),
+        tools: Default::default(),
     }
 }
 
@@ -452,6 +453,9 @@ async fn generated(mut rx: switchyard_worker::EngineStream) -> Vec<u32> {
     while let Some(event) = rx.recv().await {
         match event.unwrap() {
             switchyard_worker::EngineEvent::Token { id, .. } => ids.push(id),
+            switchyard_worker::EngineEvent::ToolCall(call) => {
+                panic!("no tools were offered: {call:?}")
+            }
             switchyard_worker::EngineEvent::Done { .. } => break,
         }
     }
@@ -535,6 +539,7 @@ async fn ignore_eos_generates_max_tokens_past_the_answers_end() {
             loop {
                 match rx.recv().await.expect("a Done event").unwrap() {
                     EngineEvent::Token { id, .. } => ids.push(id),
+                    EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
                     EngineEvent::Done { reason, .. } => return (ids, reason),
                 }
             }

@@ -1137,6 +1137,7 @@ mod tests {
             latency_critical: false,
             min_tokens_per_s: 0.0,
             prompt_ids: None,
+            tools: Default::default(),
         };
         let mut events = engine
             .submit(request.clone(), CancellationToken::new())

@@ -101,6 +101,7 @@ fn chat_request() -> EngineRequest {
         prompt: Prompt::Chat(vec![Message {
             role: "user".into(),
             content: "hello wafer".into(),
+            ..Default::default()
         }]),
         sampling: Sampling {
             max_tokens: 8,
@@ -111,6 +112,7 @@ fn chat_request() -> EngineRequest {
         latency_critical: false,
         min_tokens_per_s: 0.0,
         prompt_ids: None,
+        tools: Default::default(),
     }
 }
 

@@ -108,6 +108,16 @@ pub async fn forward_generation(
                     flush.as_mut().reset(at);
                 }
             }
+            Some(Ok(EngineEvent::ToolCall(delta))) => {
+                // It rides with the tokens that spelt it (already in the chunk, or sent): a
+                // piece alone goes out after the flush interval like a token would.
+                chunk.tool_calls.push(delta);
+                if deadline.is_none() {
+                    let at = Instant::now() + config.flush_interval;
+                    deadline = Some(at);
+                    flush.as_mut().reset(at);
+                }
+            }
             Some(Ok(EngineEvent::Done {
                 reason,
                 prompt_tokens,
@@ -117,6 +127,7 @@ pub async fn forward_generation(
                 let reason = match reason {
                     StopReason::Stop => v1::FinishReason::Stop,
                     StopReason::Length => v1::FinishReason::Length,
+                    StopReason::ToolCalls => v1::FinishReason::ToolCalls,
                     StopReason::Cancelled => match cancel_reason() {
                         Some(reason) => reason,
                         None => {
@@ -151,7 +162,7 @@ pub async fn forward_generation(
             }
         }
     };
-    if !chunk.ids.is_empty() {
+    if !chunk.is_empty() {
         let _ = send(chunk.take(request_id, &mut seq)).await;
     }
     let _ = send(last).await;
@@ -176,9 +187,14 @@ struct Chunk {
     text: String,
     /// One per id when the request asked for log probabilities, else empty.
     logprobs: Vec<v1::TokenLogprobs>,
+    tool_calls: Vec<v1::ToolCallDelta>,
 }
 
 impl Chunk {
+    fn is_empty(&self) -> bool {
+        self.ids.is_empty() && self.tool_calls.is_empty()
+    }
+
     fn push(&mut self, id: u32, text: String, logprobs: Option<Box<v1::TokenLogprobs>>) {
         self.ids.push(id);
         self.text.push_str(&text);
@@ -194,6 +210,7 @@ impl Chunk {
             text: std::mem::take(&mut self.text),
             token_ids: std::mem::take(&mut self.ids),
             logprobs: std::mem::take(&mut self.logprobs),
+            tool_calls: std::mem::take(&mut self.tool_calls),
         });
         *seq += 1;
         frame

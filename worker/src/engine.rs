@@ -10,10 +10,30 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls of tools (`ChatMessage.tool_calls`).
+    pub tool_calls: Vec<v1::ToolCall>,
+    /// A "tool" message: the call it answers (`ChatMessage.tool_call_id`).
+    pub tool_call_id: String,
+}
+
+/// The functions a request lets the model call, and how it may use them
+/// (`WorkerStart.tools`, `.tool_choice`). Empty `tools`: an ordinary text generation.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Tools {
+    pub tools: Vec<v1::Tool>,
+    pub choice: v1::ToolChoice,
+}
+
+impl Tools {
+    /// Whether the model may call a tool in this generation.
+    pub fn callable(&self) -> bool {
+        (!self.tools.is_empty() && self.choice.mode() != v1::ToolChoiceMode::None)
+            || !self.choice.function.is_empty()
+    }
 }
 
 /// What the model is asked to continue.
@@ -90,6 +110,8 @@ pub struct EngineRequest {
     /// The prompt as token ids, chat template applied, when the router already tokenized it
     /// (`WorkerStart.prompt_token_ids`): engines that tokenize use these instead of `prompt`.
     pub prompt_ids: Option<Vec<u32>>,
+    /// Functions the model may call; empty for a text generation.
+    pub tools: Tools,
 }
 
 /// Why a generation ended.
@@ -101,6 +123,8 @@ pub enum StopReason {
     Length,
     /// The cancellation token fired.
     Cancelled,
+    /// The model called tools (the generation's `ToolCall` events) and ended its turn.
+    ToolCalls,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,6 +136,10 @@ pub enum EngineEvent {
         text: String,
         logprobs: Option<Box<v1::TokenLogprobs>>,
     },
+    /// A piece of a tool call (see `v1::ToolCallDelta`). An engine that generates the call as
+    /// tokens sends those as `Token` events with empty `text` too, so they count and resume as
+    /// any other token.
+    ToolCall(v1::ToolCallDelta),
     /// The last event of a generation.
     Done {
         reason: StopReason,

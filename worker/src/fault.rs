@@ -288,6 +288,7 @@ impl Engine for FaultEngine {
             Prompt::Text(text) => vec![Message {
                 role: "user".into(),
                 content: text.clone(),
+                ..Default::default()
             }],
         };
         record(
@@ -465,6 +466,7 @@ mod tests {
             latency_critical: false,
             min_tokens_per_s: 0.0,
             prompt_ids: None,
+            tools: Default::default(),
         }
     }
 

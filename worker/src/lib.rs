@@ -21,7 +21,7 @@ pub mod synthetic;
 pub use coalesce::CoalesceConfig;
 pub use engine::{
     Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, PrefixCacheStats,
-    Prompt, Sampling, StopReason,
+    Prompt, Sampling, StopReason, Tools,
 };
 pub use kv_events::{KvBatch, KvPublisher};
 pub use load::RateMeter;

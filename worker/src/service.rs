@@ -361,6 +361,8 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
                 .map(|m| Message {
                     role: m.role,
                     content: m.content,
+                    tool_calls: m.tool_calls,
+                    tool_call_id: m.tool_call_id,
                 })
                 .collect(),
         )
@@ -407,6 +409,10 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
         latency_critical: start.lane == v1::Lane::LatencyCritical as i32,
         min_tokens_per_s: start.min_tokens_per_s,
         prompt_ids: (!start.prompt_token_ids.is_empty()).then_some(start.prompt_token_ids),
+        tools: crate::Tools {
+            tools: start.tools,
+            choice: start.tool_choice.unwrap_or_default(),
+        },
     })
 }
 

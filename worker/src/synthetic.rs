@@ -653,6 +653,7 @@ mod tests {
             prompt: Prompt::Chat(vec![Message {
                 role: "user".into(),
                 content: "a b c".into(),
+                ..Default::default()
             }]),
             sampling: Sampling {
                 max_tokens,
@@ -662,6 +663,7 @@ mod tests {
             latency_critical: false,
             min_tokens_per_s: 0.0,
             prompt_ids: None,
+            tools: Default::default(),
         }
     }
 
@@ -886,6 +888,7 @@ mod tests {
                     .map(|(role, content)| Message {
                         role: role.to_string(),
                         content: content.to_string(),
+                        ..Default::default()
                     })
                     .collect(),
             ),

@@ -224,11 +224,11 @@ fn max_tokens() -> impl Strategy<Value = u32> {
 fn messages() -> impl Strategy<Value = Vec<ChatMessage>> {
     prop_oneof![
         8 => proptest::collection::vec(
-            (text(), text()).prop_map(|(role, content)| ChatMessage { role, content }),
+            (text(), text()).prop_map(|(role, content)| ChatMessage { role, content, ..Default::default() }),
             0..9,
         ),
         // Many messages: far past the limit.
-        1 => (0usize..2000).prop_map(|n| vec![ChatMessage { role: "user".into(), content: "x".into() }; n]),
+        1 => (0usize..2000).prop_map(|n| vec![ChatMessage { role: "user".into(), content: "x".into(), ..Default::default() }; n]),
     ]
 }
 
@@ -330,6 +330,7 @@ fn request() -> impl Strategy<Value = GenerateRequest> {
                     ttft_slo_ms: ttft,
                     affinity_key: affinity,
                     metadata: metadata.into_iter().collect(),
+                    ..Default::default()
                 }
             },
         )

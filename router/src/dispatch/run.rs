@@ -954,11 +954,13 @@ impl<'d> Run<'d> {
             credit_tokens: self.dispatcher.config.stream_credit_tokens,
             min_tokens_per_s: self.class.min_tokens_per_s,
             client_request_id: self.request.request_id.clone(),
+            tools: self.request.tools.clone(),
+            tool_choice: self.request.tool_choice.clone(),
         }
     }
 
     async fn forward(&mut self, tokens: v1::Tokens, out: &FrameSink) -> Result<(), DispatchError> {
-        if tokens.token_ids.is_empty() && tokens.text.is_empty() {
+        if tokens.token_ids.is_empty() && tokens.text.is_empty() && tokens.tool_calls.is_empty() {
             return Ok(());
         }
         let now = Instant::now();
@@ -987,6 +989,7 @@ impl<'d> Run<'d> {
             text: tokens.text,
             token_ids: tokens.token_ids,
             logprobs: tokens.logprobs,
+            tool_calls: tokens.tool_calls,
         });
         self.seq += 1;
         send(out, frame).await
@@ -1025,12 +1028,14 @@ pub(super) fn apply_interrupt(
         request.messages.push(v1::ChatMessage {
             role: "user".into(),
             content: prompt,
+            ..Default::default()
         });
     }
     if interrupt.keep_generated && !generated.is_empty() {
         request.messages.push(v1::ChatMessage {
             role: "assistant".into(),
             content: generated,
+            ..Default::default()
         });
     }
     request.messages.extend(interrupt.messages);

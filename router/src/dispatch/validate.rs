@@ -181,6 +181,7 @@ mod tests {
         chat.messages = vec![v1::ChatMessage {
             role: "user".into(),
             content: "x".into(),
+            ..Default::default()
         }];
         let long_chat = fits_context(&chat, 70, 64).unwrap_err();
         assert_eq!(long_chat.field(), Some("messages"));

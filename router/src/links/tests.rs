@@ -495,6 +495,7 @@ impl v1::worker_server::Worker for FakeWorker {
                         text: format!("{}-{seq}", start.request_id),
                         token_ids: vec![seq as u32],
                         logprobs: vec![],
+                        ..Default::default()
                     };
                     if tx
                         .send(frame(worker_frame::Frame::Tokens(tokens)))

@@ -550,6 +550,7 @@ fn chat_messages(messages: Option<Vec<Value>>) -> Result<Vec<v1::ChatMessage>, A
             Ok(v1::ChatMessage {
                 role,
                 content: message_content(i, m.get("content"))?,
+                ..Default::default()
             })
         })
         .collect()
