@@ -1,7 +1,10 @@
 //! Validation of client requests at the wire boundary. Every rule names the offending field so
 //! the caller can fix its request; the router maps a violation to `INVALID_ARGUMENT`.
 
-use crate::v1::{Cancel, ChatMessage, GenerateRequest, Interrupt, RequestClass, SamplingParams};
+use crate::v1::{
+    Cancel, ChatMessage, GenerateRequest, Interrupt, RequestClass, SamplingParams, Tool,
+    ToolChoice, ToolChoiceMode,
+};
 
 /// Size limits a router enforces on incoming requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +59,10 @@ impl FieldViolation {
     }
 }
 
-const ROLES: [&str; 4] = ["system", "developer", "user", "assistant"];
+const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// Most tools one request may offer (OpenAI's own limit).
+pub const MAX_TOOLS: usize = 128;
 
 /// Rewrites OpenAI's newer name for system instructions, `developer`, to `system`: the
 /// workers' chat templates (and the prefix cache's keys) know `system` only, so the two
@@ -111,6 +117,7 @@ pub fn validate_generate_request(
         ));
     }
     validate_messages("messages", &request.messages, limits)?;
+    validate_tools(request, limits)?;
     let sampling = request.sampling.clone().unwrap_or_default();
     if sampling.max_tokens == 0 {
         return Err(FieldViolation::new(
@@ -373,11 +380,12 @@ fn validate_messages(
             return Err(FieldViolation::new(
                 format!("{field}[{i}].role"),
                 format!(
-                    "is {:?}, must be one of system, developer (= system), user, assistant",
+                    "is {:?}, must be one of system, developer (= system), user, assistant, tool",
                     message.role
                 ),
             ));
         }
+        validate_tool_turn(&format!("{field}[{i}]"), message, &messages[..i], limits)?;
         if message.content.len() > limits.max_message_bytes {
             return Err(FieldViolation::new(
                 format!("{field}[{i}].content"),
@@ -388,6 +396,186 @@ fn validate_messages(
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// A tool call's id, or the id a "tool" message answers: printable, 1 to 128 bytes.
+fn validate_call_id(field: &str, id: &str) -> Result<(), FieldViolation> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(FieldViolation::new(field, "must be 1 to 128 bytes"));
+    }
+    printable(field, id)
+}
+
+/// A function name as OpenAI takes it: 1 to 64 of a-z, A-Z, 0-9, `_` and `-`.
+fn validate_function_name(field: &str, name: &str) -> Result<(), FieldViolation> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) {
+        return Err(FieldViolation::new(
+            field,
+            format!("is {name:?}, must be 1 to 64 of a-z, A-Z, 0-9, _ and -"),
+        ));
+    }
+    Ok(())
+}
+
+/// The tool fields of one message: calls only on assistant turns, and a "tool" message
+/// answers a call an earlier assistant turn made (as OpenAI requires), so a model never sees a
+/// result of a call it did not make.
+fn validate_tool_turn(
+    field: &str,
+    message: &ChatMessage,
+    earlier: &[ChatMessage],
+    limits: &RequestLimits,
+) -> Result<(), FieldViolation> {
+    if !message.tool_calls.is_empty() && message.role != "assistant" {
+        return Err(FieldViolation::new(
+            format!("{field}.tool_calls"),
+            format!(
+                "only assistant messages carry tool calls (this one is {:?})",
+                message.role
+            ),
+        ));
+    }
+    if message.tool_calls.len() > MAX_TOOLS {
+        return Err(FieldViolation::new(
+            format!("{field}.tool_calls"),
+            format!("at most {MAX_TOOLS} calls in one message"),
+        ));
+    }
+    for (j, call) in message.tool_calls.iter().enumerate() {
+        validate_call_id(&format!("{field}.tool_calls[{j}].id"), &call.id)?;
+        validate_function_name(&format!("{field}.tool_calls[{j}].name"), &call.name)?;
+        if call.arguments.len() > limits.max_message_bytes {
+            return Err(FieldViolation::new(
+                format!("{field}.tool_calls[{j}].arguments"),
+                format!(
+                    "is {} bytes, the limit is {} bytes",
+                    call.arguments.len(),
+                    limits.max_message_bytes
+                ),
+            ));
+        }
+    }
+    match (message.role == "tool", message.tool_call_id.is_empty()) {
+        (true, true) => Err(FieldViolation::new(
+            format!("{field}.tool_call_id"),
+            "a tool message names the call it answers",
+        )),
+        (true, false) => {
+            validate_call_id(&format!("{field}.tool_call_id"), &message.tool_call_id)?;
+            let made = earlier
+                .iter()
+                .flat_map(|m| &m.tool_calls)
+                .any(|call| call.id == message.tool_call_id);
+            if made {
+                Ok(())
+            } else {
+                Err(FieldViolation::new(
+                    format!("{field}.tool_call_id"),
+                    format!(
+                        "is {:?}, which no earlier assistant message's tool_calls made",
+                        message.tool_call_id
+                    ),
+                ))
+            }
+        }
+        (false, false) => Err(FieldViolation::new(
+            format!("{field}.tool_call_id"),
+            "only tool messages answer a call",
+        )),
+        (false, true) => Ok(()),
+    }
+}
+
+/// `tools` and `tool_choice`: well-formed functions with distinct names, and a choice that
+/// names one of them.
+fn validate_tools(request: &GenerateRequest, limits: &RequestLimits) -> Result<(), FieldViolation> {
+    if !request.tools.is_empty() && request.messages.is_empty() {
+        return Err(FieldViolation::new(
+            "tools",
+            "tools need chat messages, not a raw prompt",
+        ));
+    }
+    if request.tools.len() > MAX_TOOLS {
+        return Err(FieldViolation::new(
+            "tools",
+            format!(
+                "has {} tools, the limit is {MAX_TOOLS}",
+                request.tools.len()
+            ),
+        ));
+    }
+    for (i, tool) in request.tools.iter().enumerate() {
+        validate_tool(&format!("tools[{i}]"), tool, limits)?;
+        if request.tools[..i].iter().any(|t| t.name == tool.name) {
+            return Err(FieldViolation::new(
+                format!("tools[{i}].name"),
+                format!("{:?} is offered twice", tool.name),
+            ));
+        }
+    }
+    let Some(choice) = &request.tool_choice else {
+        return Ok(());
+    };
+    validate_tool_choice(choice, &request.tools)
+}
+
+fn validate_tool(field: &str, tool: &Tool, limits: &RequestLimits) -> Result<(), FieldViolation> {
+    validate_function_name(&format!("{field}.name"), &tool.name)?;
+    for (name, value) in [
+        ("description", &tool.description),
+        ("parameters_json", &tool.parameters_json),
+    ] {
+        if value.len() > limits.max_message_bytes {
+            return Err(FieldViolation::new(
+                format!("{field}.{name}"),
+                format!(
+                    "is {} bytes, the limit is {} bytes",
+                    value.len(),
+                    limits.max_message_bytes
+                ),
+            ));
+        }
+    }
+    if tool.parameters_json.is_empty() {
+        return Ok(());
+    }
+    match serde_json::from_str::<serde_json::Value>(&tool.parameters_json) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(_) => Err(FieldViolation::new(
+            format!("{field}.parameters_json"),
+            "must be a JSON Schema object, e.g. {\"type\": \"object\", \"properties\": {…}}",
+        )),
+        Err(e) => Err(FieldViolation::new(
+            format!("{field}.parameters_json"),
+            format!("is not JSON: {e}"),
+        )),
+    }
+}
+
+fn validate_tool_choice(choice: &ToolChoice, tools: &[Tool]) -> Result<(), FieldViolation> {
+    let Ok(mode) = ToolChoiceMode::try_from(choice.mode) else {
+        return Err(FieldViolation::new(
+            "tool_choice.mode",
+            format!(
+                "is {}, must be 0 (auto), 1 (none) or 2 (required)",
+                choice.mode
+            ),
+        ));
+    };
+    if !choice.function.is_empty() && !tools.iter().any(|t| t.name == choice.function) {
+        return Err(FieldViolation::new(
+            "tool_choice.function",
+            format!("is {:?}, which is not one of tools", choice.function),
+        ));
+    }
+    if mode == ToolChoiceMode::Required && tools.is_empty() {
+        return Err(FieldViolation::new(
+            "tool_choice.mode",
+            "requires a tool call, but the request offers no tools",
+        ));
     }
     Ok(())
 }
@@ -425,6 +613,158 @@ mod tests {
             validate_generate_request(&valid(), &RequestLimits::default()),
             Ok(())
         );
+    }
+
+    fn with_tools() -> GenerateRequest {
+        let mut r = valid();
+        r.tools = vec![
+            Tool {
+                name: "get_weather".into(),
+                description: "Weather in a city".into(),
+                parameters_json: r#"{"type":"object","properties":{"city":{"type":"string"}}}"#
+                    .into(),
+            },
+            Tool {
+                name: "now".into(),
+                ..Default::default()
+            },
+        ];
+        r
+    }
+
+    /// A conversation where the assistant called `get_weather` as `call_1` and the tool
+    /// answered.
+    fn answered_call() -> Vec<ChatMessage> {
+        vec![
+            ChatMessage {
+                role: "user".into(),
+                content: "weather in Paris?".into(),
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![crate::v1::ToolCall {
+                    id: "call_1".into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city":"Paris"}"#.into(),
+                }],
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "tool".into(),
+                content: "sunny".into(),
+                tool_call_id: "call_1".into(),
+                ..Default::default()
+            },
+        ]
+    }
+
+    #[test]
+    fn tools_and_tool_turns_are_accepted_when_well_formed() {
+        let mut r = with_tools();
+        r.messages = answered_call();
+        r.tool_choice = Some(ToolChoice {
+            function: "now".into(),
+            single_call: true,
+            ..Default::default()
+        });
+        assert_eq!(
+            validate_generate_request(&r, &RequestLimits::default()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn bad_tools_and_tool_turns_name_their_field() {
+        let check = |edit: &dyn Fn(&mut GenerateRequest), field: &str| {
+            let mut r = with_tools();
+            r.messages = answered_call();
+            edit(&mut r);
+            assert_eq!(field_of(r), field);
+        };
+        check(&|r| r.tools[1].name = "two words".into(), "tools[1].name");
+        check(&|r| r.tools[1].name = "get_weather".into(), "tools[1].name");
+        check(
+            &|r| r.tools[0].parameters_json = "[1]".into(),
+            "tools[0].parameters_json",
+        );
+        check(
+            &|r| r.tools[0].parameters_json = "{".into(),
+            "tools[0].parameters_json",
+        );
+        check(
+            &|r| {
+                r.tools = vec![
+                    Tool {
+                        name: "f".into(),
+                        ..Default::default()
+                    };
+                    MAX_TOOLS + 1
+                ]
+            },
+            "tools",
+        );
+        check(
+            &|r| {
+                r.messages.clear();
+                r.prompt = "p".into();
+            },
+            "tools",
+        );
+        check(
+            &|r| {
+                r.tool_choice = Some(ToolChoice {
+                    function: "missing".into(),
+                    ..Default::default()
+                })
+            },
+            "tool_choice.function",
+        );
+        check(
+            &|r| {
+                r.tools.clear();
+                r.tool_choice = Some(ToolChoice {
+                    mode: ToolChoiceMode::Required as i32,
+                    ..Default::default()
+                })
+            },
+            "tool_choice.mode",
+        );
+        check(
+            &|r| {
+                r.tool_choice = Some(ToolChoice {
+                    mode: 7,
+                    ..Default::default()
+                })
+            },
+            "tool_choice.mode",
+        );
+        check(
+            &|r| r.messages[2].tool_call_id = "call_9".into(),
+            "messages[2].tool_call_id",
+        );
+        check(
+            &|r| r.messages[2].tool_call_id.clear(),
+            "messages[2].tool_call_id",
+        );
+        check(
+            &|r| r.messages[0].tool_call_id = "call_1".into(),
+            "messages[0].tool_call_id",
+        );
+        check(
+            &|r| r.messages[0].tool_calls = r.messages[1].tool_calls.clone(),
+            "messages[0].tool_calls",
+        );
+        check(
+            &|r| r.messages[1].tool_calls[0].id.clear(),
+            "messages[1].tool_calls[0].id",
+        );
+        check(
+            &|r| r.messages[1].tool_calls[0].name = "a.b".into(),
+            "messages[1].tool_calls[0].name",
+        );
+        // The answer must come after the call it answers.
+        check(&|r| r.messages.swap(1, 2), "messages[1].tool_call_id");
     }
 
     #[test]

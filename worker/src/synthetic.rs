@@ -445,6 +445,13 @@ impl Engine for SyntheticEngine {
                 request.model, self.config.models
             )));
         }
+        if request.tools.callable() {
+            return Err(EngineError::InvalidArgument(
+                "tools: the synthetic load-test engine generates text only and calls no tools; \
+                 offer tools to a model engine (candle) or a wafer-scale gateway"
+                    .into(),
+            ));
+        }
         // Take a free slot now if there is one, so concurrent submits cannot overbook.
         let permit = self.slots.try_acquire();
         if permit.is_none() {
@@ -832,6 +839,15 @@ mod tests {
         assert!(matches!(
             engine.submit(bad, CancellationToken::new()),
             Err(EngineError::InvalidArgument(_))
+        ));
+        let mut with_tools = request(1, 0);
+        with_tools.tools.tools.push(switchyard_proto::v1::Tool {
+            name: "f".into(),
+            ..Default::default()
+        });
+        assert!(matches!(
+            engine.submit(with_tools, CancellationToken::new()),
+            Err(EngineError::InvalidArgument(message)) if message.starts_with("tools: ")
         ));
         let _first = engine
             .submit(request(100, 0), CancellationToken::new())

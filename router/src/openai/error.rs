@@ -216,6 +216,13 @@ fn openai_field(field: &str) -> String {
     match field {
         // The door sends OpenAI's `user` as the affinity key.
         "affinity_key" => "user".to_string(),
+        "tool_choice.mode" => "tool_choice".to_string(),
+        "tool_choice.function" => "tool_choice.function.name".to_string(),
+        field if field.starts_with("tools[") || field.contains(".tool_calls[") => field
+            .replace(".parameters_json", ".function.parameters")
+            .replace(".description", ".function.description")
+            .replace(".name", ".function.name")
+            .replace(".arguments", ".function.arguments"),
         field => field.strip_prefix("sampling.").unwrap_or(field).to_string(),
     }
 }

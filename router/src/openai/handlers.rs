@@ -389,7 +389,27 @@ struct Collected {
     /// held back, then dropped) are not listed, so the tokens add up to the text.
     token_logprobs: Vec<v1::TokenLogprobs>,
     unsent: Vec<v1::TokenLogprobs>,
+    tool_calls: super::tools::CollectedCalls,
     finished: Option<v1::Finished>,
+}
+
+/// A whole answer's assistant message: `content` is null when the model only called tools,
+/// as OpenAI's is, and `tool_calls` is there only when it called any.
+fn message(text: String, calls: &super::tools::CollectedCalls) -> Value {
+    if calls.is_empty() {
+        return json!({"role": "assistant", "content": text, "refusal": Value::Null});
+    }
+    let content = if text.is_empty() {
+        Value::Null
+    } else {
+        Value::from(text)
+    };
+    json!({
+        "role": "assistant",
+        "content": content,
+        "refusal": Value::Null,
+        "tool_calls": calls.to_json(),
+    })
 }
 
 /// Collects every choice's whole generation into one JSON response.
@@ -408,6 +428,7 @@ async fn complete(
         match frame {
             Frame::Tokens(tokens) => {
                 choice.unsent.extend(tokens.logprobs);
+                choice.tool_calls.push(&tokens.tool_calls);
                 if !tokens.text.is_empty() {
                     choice.text.push_str(&tokens.text);
                     let unsent = std::mem::take(&mut choice.unsent);
@@ -449,7 +470,7 @@ async fn complete(
             match meta.endpoint {
                 Endpoint::Chat => json!({
                     "index": index,
-                    "message": {"role": "assistant", "content": choice.text, "refusal": Value::Null},
+                    "message": message(choice.text, &choice.tool_calls),
                     "logprobs": logprobs,
                     "finish_reason": finish_reason,
                 }),

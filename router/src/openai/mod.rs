@@ -17,6 +17,7 @@ mod fuzz;
 mod handlers;
 mod logprobs;
 mod stream;
+mod tools;
 mod wire;
 
 use std::sync::Arc;

@@ -21,6 +21,7 @@ use super::choices::{self, ChoiceFrames};
 use super::error::ApiError;
 use super::handlers::{Endpoint, Meta};
 use super::logprobs::Logprobs;
+use super::tools::DeltaCall;
 use super::wire::{self, StreamMode};
 
 /// The streaming response: headers now, events as the dispatcher produces them. `first` is
@@ -40,6 +41,7 @@ pub fn sse_response(
                 delta: Some(Delta {
                     role: Some("assistant"),
                     content: Some(""),
+                    tool_calls: None,
                 }),
                 text: None,
                 logprobs: None,
@@ -111,6 +113,8 @@ struct Delta<'a> {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<DeltaCall<'a>>>,
 }
 
 struct Events {
@@ -179,11 +183,25 @@ impl Events {
     /// Queues a chunk with choice `index`: `text` as the chat `delta`'s content or the
     /// completion's `text` (`None`: an empty delta), and `finish_reason`.
     fn push_chunk(&mut self, index: u32, text: Option<&str>, finish_reason: Option<&str>) {
+        self.push_delta(index, text, &[], finish_reason);
+    }
+
+    /// [`Self::push_chunk`] with pieces of tool calls in the chat `delta` (chat only: text
+    /// completions take no tools).
+    fn push_delta(
+        &mut self,
+        index: u32,
+        text: Option<&str>,
+        calls: &[v1::ToolCallDelta],
+        finish_reason: Option<&str>,
+    ) {
         let (delta, text) = match self.meta.endpoint {
             Endpoint::Chat => (
                 Some(Delta {
                     role: None,
                     content: text,
+                    tool_calls: (!calls.is_empty())
+                        .then(|| calls.iter().map(DeltaCall::from).collect()),
                 }),
                 None,
             ),
@@ -244,10 +262,12 @@ impl Events {
             Frame::Accepted(_) | Frame::Rejected(_) => {}
             Frame::Tokens(tokens) => {
                 state.unsent_logprobs.extend(tokens.logprobs);
-                if tokens.text.is_empty() {
-                    return;
+                if !tokens.text.is_empty() {
+                    self.push_chunk(index, Some(&tokens.text), None);
                 }
-                self.push_chunk(index, Some(&tokens.text), None);
+                if !tokens.tool_calls.is_empty() {
+                    self.push_delta(index, None, &tokens.tool_calls, None);
+                }
             }
             Frame::Finished(finished) => {
                 // Tokens whose text never came out (a stop sequence's) are not listed.
@@ -499,6 +519,53 @@ mod tests {
                 json!("[DONE]"),
             ]
         );
+    }
+
+    #[tokio::test]
+    async fn tool_calls_stream_as_openai_delta_pieces() {
+        let piece = |id: &str, name: &str, arguments: &str| v1::ToolCallDelta {
+            index: 0,
+            id: id.into(),
+            name: name.into(),
+            arguments: arguments.into(),
+        };
+        let calls = |pieces: Vec<v1::ToolCallDelta>| {
+            Frame::Tokens(v1::Tokens {
+                token_ids: vec![1; pieces.len()],
+                tool_calls: pieces,
+                ..Default::default()
+            })
+        };
+        let done = Frame::Finished(v1::Finished {
+            reason: v1::FinishReason::ToolCalls as i32,
+            ..Default::default()
+        });
+        let events = stream_of(
+            Endpoint::Chat,
+            false,
+            calls(vec![piece("call_1", "get_weather", "")]),
+            vec![
+                calls(vec![
+                    piece("", "", "{\"city\":"),
+                    piece("", "", "\"Oslo\"}"),
+                ]),
+                done,
+            ],
+        )
+        .await;
+        let choice = |event: &Value| event["choices"][0].clone();
+        assert_eq!(
+            choice(&events[1])["delta"],
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                   "function": {"name": "get_weather", "arguments": ""}}]})
+        );
+        assert_eq!(
+            choice(&events[2])["delta"],
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}},
+                                  {"index": 0, "function": {"arguments": "\"Oslo\"}"}}]})
+        );
+        assert_eq!(choice(&events[3])["finish_reason"], "tool_calls");
+        assert_eq!(events[4], json!("[DONE]"));
     }
 
     #[tokio::test]

@@ -10,6 +10,7 @@ use serde_json::Value;
 use switchyard_proto::v1;
 
 use super::error::ApiError;
+use super::tools;
 
 /// `max_tokens` when the request gives none (OpenAI's default is "as many as fit"; a router
 /// needs a bound). Lowered to the router's cap when that is smaller.
@@ -127,7 +128,10 @@ pub struct Unsupported {
 }
 
 impl Unsupported {
-    fn check(&self) -> Result<(), ApiError> {
+    /// `form` tells the endpoints apart: chat takes tools (read by its own request type),
+    /// text completions do not.
+    fn check(&self, form: LogprobsForm) -> Result<(), ApiError> {
+        let chat = form == LogprobsForm::Chat;
         fn off(value: &Option<Value>) -> bool {
             match value {
                 None | Some(Value::Null) | Some(Value::Bool(false)) => true,
@@ -140,29 +144,29 @@ impl Unsupported {
         let refusals = [
             (
                 "tools",
-                off(&self.tools),
-                "tool calling is not supported by this server",
+                chat || off(&self.tools),
+                "tools are taken by /v1/chat/completions, not by text completions",
             ),
             (
                 "functions",
                 off(&self.functions),
-                "function calling is not supported by this server",
+                "the legacy functions API is not supported: send tools (and tool_choice)",
             ),
             // "none" and "auto" ask for no call here (there are no tools); "required" or a
             // named function ask for one, which would never come.
             (
                 "tool_choice",
-                off(&self.tool_choice)
+                chat || off(&self.tool_choice)
                     || self.tool_choice == Some(Value::from("none"))
                     || self.tool_choice == Some(Value::from("auto")),
-                "tool calling is not supported by this server",
+                "tool_choice is taken by /v1/chat/completions, not by text completions",
             ),
             (
                 "function_call",
                 off(&self.function_call)
                     || self.function_call == Some(Value::from("none"))
                     || self.function_call == Some(Value::from("auto")),
-                "function calling is not supported by this server",
+                "the legacy functions API is not supported: send tools (and tool_choice)",
             ),
             (
                 "response_format",
@@ -219,6 +223,9 @@ impl Unsupported {
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Option<Vec<Value>>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<Value>,
     #[serde(skip)]
     pub sampling: SamplingFields,
 }
@@ -410,7 +417,7 @@ fn sampling(
         }
         Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
     };
-    fields.unsupported.check()?;
+    fields.unsupported.check(form)?;
     let (logprobs, top_logprobs) = logprobs_asked(fields, form)?;
     // OpenAI seeds are signed 64-bit; reinterpret the bits.
     let seed = fields.seed.map(|s| s as u64);
@@ -531,12 +538,13 @@ fn chat_messages(messages: Option<Vec<Value>>) -> Result<Vec<v1::ChatMessage>, A
             let role = match m.get("role").and_then(Value::as_str) {
                 // `developer` (OpenAI's newer name for system instructions) becomes `system`
                 // where every door's requests are validated.
-                Some(r @ ("system" | "developer" | "user" | "assistant")) => r.to_string(),
+                Some(r @ ("system" | "developer" | "user" | "assistant" | "tool")) => r.to_string(),
                 Some(other) => {
                     return Err(ApiError::invalid(
                         format!("messages[{i}].role"),
                         format!(
-                            "role {other:?} is not supported (system, developer, user, assistant)"
+                            "role {other:?} is not supported (system, developer, user, \
+                             assistant, tool)"
                         ),
                     ));
                 }
@@ -547,10 +555,26 @@ fn chat_messages(messages: Option<Vec<Value>>) -> Result<Vec<v1::ChatMessage>, A
                     ));
                 }
             };
+            let tool_calls = if role == "assistant" {
+                tools::message_tool_calls(i, m.get("tool_calls"))?
+            } else {
+                Vec::new()
+            };
+            // An assistant turn that only called tools has no content (OpenAI sends null).
+            let content = match m.get("content") {
+                None | Some(Value::Null) if !tool_calls.is_empty() => String::new(),
+                content => message_content(i, content)?,
+            };
+            let tool_call_id = if role == "tool" {
+                tools::tool_call_id(i, m)?
+            } else {
+                String::new()
+            };
             Ok(v1::ChatMessage {
                 role,
-                content: message_content(i, m.get("content"))?,
-                ..Default::default()
+                content,
+                tool_calls,
+                tool_call_id,
             })
         })
         .collect()
@@ -562,11 +586,16 @@ impl ChatCompletionRequest {
         let model = required_model(self.model)?;
         let messages = chat_messages(self.messages)?;
         let (sampling, mode) = sampling(&self.sampling, cap, LogprobsForm::Chat)?;
+        let tools = tools::tools(self.tools.as_ref())?;
+        let tool_choice =
+            tools::tool_choice(self.tool_choice.as_ref(), self.parallel_tool_calls.as_ref())?;
         Ok((
             v1::GenerateRequest {
                 model,
                 messages,
                 sampling: Some(sampling),
+                tools,
+                tool_choice,
                 affinity_key: self.sampling.user.unwrap_or_default(),
                 ..Default::default()
             },
@@ -614,6 +643,7 @@ impl CompletionRequest {
 pub fn finish_reason(reason: i32) -> &'static str {
     match v1::FinishReason::try_from(reason).unwrap_or(v1::FinishReason::Unspecified) {
         v1::FinishReason::Length => "length",
+        v1::FinishReason::ToolCalls => "tool_calls",
         _ => "stop",
     }
 }
@@ -733,8 +763,22 @@ mod tests {
         assert_eq!(param(r#"{"messages":[]}"#).as_deref(), Some("model"));
         assert_eq!(param(r#"{"model":"m"}"#).as_deref(), Some("messages"));
         assert_eq!(
-            param(r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#).as_deref(),
+            param(r#"{"model":"m","messages":[{"role":"robot","content":"x"}]}"#).as_deref(),
             Some("messages[0].role")
+        );
+        assert_eq!(
+            param(r#"{"model":"m","messages":[{"role":"tool","content":"x"}]}"#).as_deref(),
+            Some("messages[0].tool_call_id")
+        );
+        // Content may be left out only by an assistant turn that called tools.
+        assert_eq!(
+            param(r#"{"model":"m","messages":[{"role":"assistant","content":null}]}"#).as_deref(),
+            Some("messages[0].content")
+        );
+        assert_eq!(
+            param(r#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"id":"c","function":{}}]}]}"#)
+                .as_deref(),
+            Some("messages[0].tool_calls[0].function.name")
         );
         assert_eq!(
             param(r#"{"model":"m","messages":[{"role":"user"}]}"#).as_deref(),
@@ -877,16 +921,7 @@ mod tests {
                 .map_err(|e| (e.status, e.param))
         };
         for (extra, field) in [
-            (
-                r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
-                "tools",
-            ),
             (r#""functions":[{"name":"f"}]"#, "functions"),
-            (r#""tool_choice":"required""#, "tool_choice"),
-            (
-                r#""tool_choice":{"type":"function","function":{"name":"f"}}"#,
-                "tool_choice",
-            ),
             (r#""function_call":{"name":"f"}"#, "function_call"),
             (
                 r#""response_format":{"type":"json_object"}"#,
@@ -926,6 +961,40 @@ mod tests {
             r#""min_tokens":0"#,
         ] {
             assert_eq!(outcome(extra), Ok(()), "{extra}");
+        }
+    }
+
+    #[test]
+    fn chat_takes_tools_and_text_completions_refuse_them() {
+        let (request, _) = chat(
+            r#"{"model":"m","tools":[{"type":"function","function":{"name":"f"}}],
+                "tool_choice":"required","parallel_tool_calls":false,
+                "messages":[{"role":"user","content":"x"},
+                  {"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function",
+                    "function":{"name":"f","arguments":"{}"}}]},
+                  {"role":"tool","tool_call_id":"c1","content":"42"}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(request.tools[0].name, "f");
+        let choice = request.tool_choice.expect("a choice");
+        assert_eq!(choice.mode(), v1::ToolChoiceMode::Required);
+        assert!(choice.single_call);
+        assert_eq!(request.messages[1].tool_calls[0].arguments, "{}");
+        assert_eq!(request.messages[1].content, "");
+        assert_eq!(request.messages[2].tool_call_id, "c1");
+        for extra in [
+            r#""tools":[{"type":"function","function":{"name":"f"}}]"#,
+            r#""tool_choice":"required""#,
+        ] {
+            let error = parse_body::<CompletionRequest>(
+                format!(r#"{{"model":"m","prompt":"x",{extra}}}"#).as_bytes(),
+            )
+            .and_then(|r| r.into_proto(64))
+            .expect_err("refused");
+            assert!(
+                error.param.as_deref().is_some_and(|p| extra.contains(p)),
+                "{extra}: {error:?}"
+            );
         }
     }
 
