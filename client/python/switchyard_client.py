@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import hashlib
 import importlib
+import json
 import os
 import sys
 import tempfile
@@ -192,6 +193,8 @@ class Completion:
     accepted: object = None
     text: str = ""
     token_ids: list = field(default_factory=list)
+    # The tools the model called, whole: `ToolCall` messages (id, name, arguments as JSON text).
+    tool_calls: list = field(default_factory=list)
     finished: object = None
     moved: list = field(default_factory=list)
     # Frames for this request the router refused (a bad interrupt): the request went on.
@@ -205,11 +208,60 @@ def chat_messages(messages: Iterable[Message]) -> list:
         if isinstance(message, pb.ChatMessage):
             out.append(message)
         elif isinstance(message, dict):
-            out.append(pb.ChatMessage(role=message["role"], content=message["content"]))
+            # OpenAI's form too: content may be None on a turn that only called tools.
+            calls = [
+                pb.ToolCall(
+                    id=call["id"],
+                    name=call["function"]["name"] if "function" in call else call["name"],
+                    arguments=(call["function"] if "function" in call else call)["arguments"],
+                )
+                for call in message.get("tool_calls") or ()
+            ]
+            out.append(
+                pb.ChatMessage(
+                    role=message["role"],
+                    content=message.get("content") or "",
+                    tool_calls=calls,
+                    tool_call_id=message.get("tool_call_id", ""),
+                )
+            )
         else:
             role, content = message
             out.append(pb.ChatMessage(role=role, content=content))
     return out
+
+
+def tools_of(tools: Iterable) -> list:
+    """`Tool`s from tools given as messages or dicts, in OpenAI's form
+    (`{"type": "function", "function": {"name", "description", "parameters"}}`) or flat
+    (`{"name", "description", "parameters"}`)."""
+    out = []
+    for tool in tools:
+        if isinstance(tool, pb.Tool):
+            out.append(tool)
+            continue
+        function = tool.get("function", tool)
+        parameters = function.get("parameters")
+        out.append(
+            pb.Tool(
+                name=function["name"],
+                description=function.get("description") or "",
+                parameters_json=json.dumps(parameters) if parameters is not None else "",
+            )
+        )
+    return out
+
+
+def tool_choice_of(choice, single_call: bool = False):
+    """A `ToolChoice` from OpenAI's forms: "auto", "none", "required" or a tool's name."""
+    modes = {
+        "auto": pb.TOOL_CHOICE_MODE_AUTO,
+        "none": pb.TOOL_CHOICE_MODE_NONE,
+        "required": pb.TOOL_CHOICE_MODE_REQUIRED,
+    }
+    if choice in modes:
+        return pb.ToolChoice(mode=modes[choice], single_call=single_call)
+    return pb.ToolChoice(function=choice, single_call=single_call)
 
 
 def generate_request(
@@ -224,15 +276,25 @@ def generate_request(
     affinity_key: str = "",
     metadata: Optional[dict] = None,
     stop: Sequence[str] = (),
+    tools: Iterable = (),
+    tool_choice: Optional[str] = None,
+    single_call: bool = False,
     **sampling,
 ):
     """A `GenerateRequest`. `sampling` takes `SamplingParams`' other fields by name
-    (temperature, top_p, top_k, min_p, seed, presence_penalty, ..., logit_bias, logprobs)."""
+    (temperature, top_p, top_k, min_p, seed, presence_penalty, ..., logit_bias, logprobs).
+    `tools` and `tool_choice` ("auto", "none", "required" or a tool's name) offer functions
+    the model may call; `single_call` allows at most one call."""
     if request_class not in _CLASSES:
         raise ValueError(
             f"request_class must be one of {', '.join(_CLASSES)}, not {request_class!r}"
         )
+    choice = None
+    if tool_choice is not None or single_call:
+        choice = tool_choice_of(tool_choice or "auto", single_call)
     return pb.GenerateRequest(
+        tools=tools_of(tools),
+        tool_choice=choice,
         request_id=request_id,
         model=model,
         messages=chat_messages(messages or ()),
@@ -295,6 +357,13 @@ class Request:
             if isinstance(message, pb.Tokens):
                 completion.text += message.text
                 completion.token_ids.extend(message.token_ids)
+                for piece in message.tool_calls:
+                    while len(completion.tool_calls) <= piece.index:
+                        completion.tool_calls.append(pb.ToolCall())
+                    call = completion.tool_calls[piece.index]
+                    call.id = piece.id or call.id
+                    call.name = piece.name or call.name
+                    call.arguments += piece.arguments
             elif isinstance(message, pb.Moved):
                 completion.moved.append(message)
             elif isinstance(message, pb.Rejected):

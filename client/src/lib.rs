@@ -556,6 +556,8 @@ pub struct Completion {
     pub accepted: Option<v1::Accepted>,
     pub text: String,
     pub token_ids: Vec<u32>,
+    /// The tools the model called, whole (put together from `Tokens.tool_calls`).
+    pub tool_calls: Vec<v1::ToolCall>,
     /// Chunk sequence numbers in arrival order.
     pub seqs: Vec<u64>,
     pub finished: Option<v1::Finished>,
@@ -574,6 +576,7 @@ impl Completion {
             Frame::Tokens(t) => {
                 self.text.push_str(&t.text);
                 self.token_ids.extend(t.token_ids);
+                switchyard_proto::assemble_tool_calls(&mut self.tool_calls, &t.tool_calls);
                 self.seqs.push(t.seq);
             }
             Frame::Finished(f) => self.finished = Some(f),

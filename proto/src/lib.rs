@@ -48,6 +48,25 @@ impl v1::FinishReason {
     }
 }
 
+/// Puts pieces of tool calls (`Tokens.tool_calls`) together into whole calls, in `calls`:
+/// a piece's `id` and `name` set its call's, its `arguments` fragment is appended.
+pub fn assemble_tool_calls(calls: &mut Vec<v1::ToolCall>, pieces: &[v1::ToolCallDelta]) {
+    for piece in pieces {
+        let index = piece.index as usize;
+        if calls.len() <= index {
+            calls.resize_with(index + 1, Default::default);
+        }
+        let call = &mut calls[index];
+        if !piece.id.is_empty() {
+            call.id.clone_from(&piece.id);
+        }
+        if !piece.name.is_empty() {
+            call.name.clone_from(&piece.name);
+        }
+        call.arguments.push_str(&piece.arguments);
+    }
+}
+
 impl v1::ServerFrame {
     /// The request this frame belongs to.
     pub fn request_id(&self) -> Option<&str> {

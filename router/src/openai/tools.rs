@@ -198,21 +198,8 @@ pub struct CollectedCalls {
 }
 
 impl CollectedCalls {
-    pub fn push(&mut self, deltas: &[v1::ToolCallDelta]) {
-        for delta in deltas {
-            let index = delta.index as usize;
-            if self.calls.len() <= index {
-                self.calls.resize_with(index + 1, Default::default);
-            }
-            let call = &mut self.calls[index];
-            if !delta.id.is_empty() {
-                call.id.clone_from(&delta.id);
-            }
-            if !delta.name.is_empty() {
-                call.name.clone_from(&delta.name);
-            }
-            call.arguments.push_str(&delta.arguments);
-        }
+    pub fn push(&mut self, pieces: &[v1::ToolCallDelta]) {
+        switchyard_proto::assemble_tool_calls(&mut self.calls, pieces);
     }
 
     pub fn is_empty(&self) -> bool {
