@@ -12,13 +12,21 @@
 //!   task of its own: the worker's reader drives it ([`EngineStream::driven`]), so an upstream
 //!   chunk reaches the router's stream without a hand-off between tasks, and a reader out of
 //!   flow-control credit stops reading the upstream.
+//! - **Tools** pass through in OpenAI's terms: the request's functions as `tools`, its choice as
+//!   `tool_choice` (and `parallel_tool_calls: false` for a single call), earlier calls and their
+//!   results as the messages' `tool_calls` and `tool_call_id`; every element of a streamed
+//!   `delta.tool_calls` becomes one `EngineEvent::ToolCall` with the upstream's index, and a
+//!   turn that called tools ends with `StopReason::ToolCalls`. A raw prompt cannot carry
+//!   tools (the endpoint takes them for chats only) and is refused.
 //! - **Cancel** drops the upstream response at once (its connection closes or its HTTP/2 stream
 //!   is reset), which stops the upstream generation.
 //! - **Faults** (connection refused, timeouts, HTTP errors, malformed SSE, a stream cut off
 //!   before `[DONE]`) end the generation with a clear error: `Unavailable` while nothing was
-//!   streamed (the router may retry elsewhere), `Internal` after (a retry would repeat text).
+//!   streamed (the router may retry elsewhere), `Internal` after text or a tool call (a retry
+//!   would repeat it). A malformed `delta.tool_calls` is a malformed chunk like any other.
 //!   An upstream `429` is `ResourceExhausted`, like a full local slot.
-//! - **Usage** reported by the upstream is passed to `Done`.
+//! - **Usage** reported by the upstream is passed to `Done`; without it, completion tokens are
+//!   the chunks of output (text or tool calls) forwarded.
 //!
 //! The API key is sent as a bearer token and never logged (its `Debug` is redacted).
 
@@ -33,7 +41,8 @@ use switchyard_proto::v1;
 use switchyard_worker::RateMeter;
 use switchyard_worker::engine::EngineLoad;
 use switchyard_worker::{
-    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Prompt, Sampling, StopReason,
+    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, Prompt, Sampling,
+    StopReason, Tools,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -342,6 +351,12 @@ impl Engine for GatewayEngine {
                 "resume_tokens: the wse gateway cannot continue another worker's generation".into(),
             ));
         }
+        if !request.tools.tools.is_empty() && matches!(request.prompt, Prompt::Text(_)) {
+            return Err(EngineError::InvalidArgument(
+                "tools: need a chat (messages); a text prompt cannot call tools".into(),
+            ));
+        }
+        let tools = upstream_tools(&request.tools)?;
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| {
             EngineError::ResourceExhausted(format!(
                 "all {} wafer slots are busy",
@@ -351,10 +366,7 @@ impl Engine for GatewayEngine {
         let sampling = &request.sampling;
         let (url, mut body, chat) = match &request.prompt {
             Prompt::Chat(messages) => {
-                let messages: Vec<Value> = messages
-                    .iter()
-                    .map(|m| json!({"role": m.role, "content": m.content}))
-                    .collect();
+                let messages: Vec<Value> = messages.iter().map(upstream_message).collect();
                 (
                     format!("{}/chat/completions", self.base),
                     json!({"model": upstream_model, "messages": messages}),
@@ -370,6 +382,11 @@ impl Engine for GatewayEngine {
         body["stream"] = json!(true);
         body["stream_options"] = json!({"include_usage": true});
         set_sampling(&mut body, sampling, chat);
+        if let Some(tools) = tools {
+            for (field, value) in tools {
+                body[field] = value;
+            }
+        }
         let mut http = self
             .client
             .post(url)
@@ -391,6 +408,7 @@ impl Engine for GatewayEngine {
             chunk_timeout: self.config.chunk_timeout,
             tx,
             streamed: 0,
+            tool_chunks: 0,
         };
         // Driven by the worker's reader in its own task: a token costs no task hand-off.
         Ok(EngineStream::driven(
@@ -413,6 +431,8 @@ struct Generation {
     tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     /// Content chunks forwarded so far.
     streamed: u32,
+    /// Chunks that carried pieces of tool calls, forwarded so far.
+    tool_chunks: u32,
 }
 
 /// How one upstream generation ended.
@@ -455,7 +475,7 @@ impl Generation {
         let end = end.unwrap_or(End::Done {
             reason: StopReason::Cancelled,
             prompt_tokens: 0,
-            completion_tokens: self.streamed,
+            completion_tokens: self.output(),
         });
         // The slot is free before the last event goes out: whoever sees the end can reuse it.
         drop(permit);
@@ -480,8 +500,8 @@ impl Generation {
                 detail: format!("too long for the wafer-scale endpoint's context ({message})"),
             }),
             End::Fault(message) => {
-                warn!(request_id = %self.request_id, streamed = self.streamed, %message, "upstream fault");
-                Err(if self.streamed == 0 {
+                warn!(request_id = %self.request_id, streamed = self.output(), %message, "upstream fault");
+                Err(if self.output() == 0 {
                     EngineError::Unavailable(message)
                 } else {
                     EngineError::Internal(message)
@@ -553,13 +573,13 @@ impl Generation {
                     }
                     return End::Fault(format!(
                         "upstream closed the stream before it finished (after {} chunks)",
-                        self.streamed
+                        self.output()
                     ));
                 }
                 Some(Err(e)) => {
                     return End::Fault(format!(
                         "upstream stream broke after {} chunks: {}",
-                        self.streamed,
+                        self.output(),
                         describe(&e)
                     ));
                 }
@@ -584,15 +604,27 @@ impl Generation {
         }
     }
 
+    /// Chunks of output (text or tool calls) forwarded so far: once there are any, a retry
+    /// elsewhere would repeat them.
+    fn output(&self) -> u32 {
+        self.streamed + self.tool_chunks
+    }
+
     fn done(&self, progress: Progress) -> End {
         let reason = match progress.finish_reason.as_deref() {
             Some("length") => StopReason::Length,
+            // `function_call`: servers still speaking OpenAI's pre-`tools` API.
+            Some("tool_calls" | "function_call") => StopReason::ToolCalls,
+            // Some servers end a turn that called tools with `stop`; the worker's contract is
+            // that a generation which called any ends with `ToolCalls`, so clients know to
+            // answer the calls.
+            _ if self.tool_chunks > 0 => StopReason::ToolCalls,
             _ => StopReason::Stop,
         };
         End::Done {
             reason,
             prompt_tokens: progress.prompt_tokens.unwrap_or_default(),
-            completion_tokens: progress.completion_tokens.unwrap_or(self.streamed),
+            completion_tokens: progress.completion_tokens.unwrap_or(self.output()),
         }
     }
 
@@ -635,33 +667,55 @@ impl Generation {
             // The usage chunk has no choices.
             return Ok(true);
         };
-        let text = if self.chat {
-            choice.delta.and_then(|d| d.content)
-        } else {
-            choice.text
+        let (text, tool_calls) = match (self.chat, choice.delta) {
+            (true, Some(delta)) => (delta.content, delta.tool_calls),
+            (true, None) => (None, None),
+            (false, _) => (choice.text, None),
         };
         if let Some(Text(reason)) = choice.finish_reason {
             progress.finish_reason = Some(reason.into_owned());
         }
-        let text = match text {
-            Some(Text(text)) if !text.is_empty() => text.into_owned(),
-            _ => return Ok(true),
+        let calls = match tool_calls {
+            Some(value) => tool_call_deltas(value).map_err(|e| {
+                format!(
+                    "upstream sent a malformed chunk ({e}): {}",
+                    truncate(data, 120)
+                )
+            })?,
+            None => Vec::new(),
         };
+        // Servers that call tools often send an empty `content` alongside: no token.
+        let text = text.map(|Text(text)| text).filter(|text| !text.is_empty());
+        if text.is_none() && calls.is_empty() {
+            return Ok(true);
+        }
+        // A tool call is the generation's first output as much as a token is: its prompt was
+        // prefilled.
         if let Some(pending) = self.pending.take() {
             pending.first_token();
         }
-        let logprobs = match choice.logprobs.filter(|_| self.logprobs) {
-            Some(value) => upstream_logprobs(&value, self.chat),
-            None => Vec::new(),
-        };
-        for (text, logprobs) in split_by_token(text, logprobs) {
-            let event = EngineEvent::Token {
-                id: self.streamed,
-                text,
-                logprobs: logprobs.map(Box::new),
+        if let Some(text) = text {
+            let logprobs = match choice.logprobs.filter(|_| self.logprobs) {
+                Some(value) => upstream_logprobs(&value, self.chat),
+                None => Vec::new(),
             };
-            self.streamed += 1;
-            if self.tx.send(Ok(event)).await.is_err() {
+            for (text, logprobs) in split_by_token(text.into_owned(), logprobs) {
+                let event = EngineEvent::Token {
+                    id: self.streamed,
+                    text,
+                    logprobs: logprobs.map(Box::new),
+                };
+                self.streamed += 1;
+                if self.tx.send(Ok(event)).await.is_err() {
+                    return Ok(false);
+                }
+            }
+        }
+        if !calls.is_empty() {
+            self.tool_chunks += 1;
+        }
+        for call in calls {
+            if self.tx.send(Ok(EngineEvent::ToolCall(call))).await.is_err() {
                 return Ok(false);
             }
         }
@@ -766,6 +820,58 @@ struct ChunkChoice<'a> {
 struct ChunkDelta<'a> {
     #[serde(borrow)]
     content: Option<Text<'a>>,
+    /// Taken as any JSON so that a malformed one is reported for what is wrong with it
+    /// ([`tool_call_deltas`]), and a chunk without it costs nothing more.
+    tool_calls: Option<Value>,
+}
+
+/// A chat delta's `tool_calls` as events, one per element in order, with the upstream's
+/// indices; `Err` says what is malformed. Absent or null pieces are empty.
+fn tool_call_deltas(value: Value) -> Result<Vec<v1::ToolCallDelta>, String> {
+    // A string field, or empty when absent or null.
+    fn string(object: &mut serde_json::Map<String, Value>, name: &str) -> Result<String, ()> {
+        match object.remove(name) {
+            None | Some(Value::Null) => Ok(String::new()),
+            Some(Value::String(text)) => Ok(text),
+            Some(_) => Err(()),
+        }
+    }
+    let elements = match value {
+        Value::Null => return Ok(Vec::new()),
+        Value::Array(elements) => elements,
+        _ => return Err("tool_calls is not an array".into()),
+    };
+    elements
+        .into_iter()
+        .enumerate()
+        .map(|(i, element)| {
+            let Value::Object(mut call) = element else {
+                return Err(format!("tool_calls[{i}] is not an object"));
+            };
+            let index = call
+                .get("index")
+                .and_then(Value::as_u64)
+                .and_then(|index| u32::try_from(index).ok())
+                .ok_or_else(|| format!("tool_calls[{i}].index is missing or not a number"))?;
+            let id = string(&mut call, "id")
+                .map_err(|()| format!("tool_calls[{i}].id is not a string"))?;
+            let mut function = match call.remove("function") {
+                None | Some(Value::Null) => serde_json::Map::new(),
+                Some(Value::Object(function)) => function,
+                Some(_) => return Err(format!("tool_calls[{i}].function is not an object")),
+            };
+            let name = string(&mut function, "name")
+                .map_err(|()| format!("tool_calls[{i}].function.name is not a string"))?;
+            let arguments = string(&mut function, "arguments")
+                .map_err(|()| format!("tool_calls[{i}].function.arguments is not a string"))?;
+            Ok(v1::ToolCallDelta {
+                index,
+                id,
+                name,
+                arguments,
+            })
+        })
+        .collect()
 }
 
 /// A string borrowed from the payload unless it has escapes (serde borrows a `Cow` only as a
@@ -876,6 +982,76 @@ fn split_by_token(
     let mut events = vec![(text, logprobs.next().flatten())];
     events.extend(logprobs.map(|l| (String::new(), l)));
     events
+}
+
+/// A chat message in OpenAI's terms. One without tool calls or a call id is exactly what it
+/// was before tools existed, so endpoints that know nothing of tools see nothing new.
+fn upstream_message(message: &Message) -> Value {
+    let mut out = json!({"role": message.role, "content": message.content});
+    if !message.tool_calls.is_empty() {
+        // OpenAI's shape for a turn that only called tools: no content is null, not "".
+        if message.content.is_empty() {
+            out["content"] = Value::Null;
+        }
+        out["tool_calls"] = message
+            .tool_calls
+            .iter()
+            .map(|call| {
+                json!({"id": call.id, "type": "function",
+                    "function": {"name": call.name, "arguments": call.arguments}})
+            })
+            .collect();
+    }
+    if !message.tool_call_id.is_empty() {
+        out["tool_call_id"] = json!(message.tool_call_id);
+    }
+    out
+}
+
+/// The request body's fields for `tools` in OpenAI's terms (`tools`, `tool_choice`,
+/// `parallel_tool_calls`); `None` when it has none, so the body stays as without tools.
+fn upstream_tools(tools: &Tools) -> Result<Option<Vec<(&'static str, Value)>>, EngineError> {
+    if tools.tools.is_empty() {
+        return Ok(None);
+    }
+    let functions = tools
+        .tools
+        .iter()
+        .enumerate()
+        .map(|(i, tool)| {
+            let mut function = json!({"name": tool.name});
+            if !tool.description.is_empty() {
+                function["description"] = json!(tool.description);
+            }
+            if !tool.parameters_json.is_empty() {
+                // Sent as the schema object itself: OpenAI's `parameters` is JSON, not text.
+                let schema: Value = serde_json::from_str(&tool.parameters_json)
+                    .ok()
+                    .filter(Value::is_object)
+                    .ok_or_else(|| {
+                        EngineError::InvalidArgument(format!(
+                            "tools[{i}].parameters_json: must be a JSON object (a JSON Schema)"
+                        ))
+                    })?;
+                function["parameters"] = schema;
+            }
+            Ok(json!({"type": "function", "function": function}))
+        })
+        .collect::<Result<Vec<Value>, EngineError>>()?;
+    let choice = if tools.choice.function.is_empty() {
+        json!(match tools.choice.mode() {
+            v1::ToolChoiceMode::Auto => "auto",
+            v1::ToolChoiceMode::None => "none",
+            v1::ToolChoiceMode::Required => "required",
+        })
+    } else {
+        json!({"type": "function", "function": {"name": tools.choice.function}})
+    };
+    let mut fields = vec![("tools", Value::Array(functions)), ("tool_choice", choice)];
+    if tools.choice.single_call {
+        fields.push(("parallel_tool_calls", json!(false)));
+    }
+    Ok(Some(fields))
 }
 
 /// Writes `sampling` into an OpenAI request body in OpenAI's terms (`chat`: for
@@ -1093,6 +1269,184 @@ mod tests {
             serde_json::from_str(r#"{"error":{"message":"overloaded"}}"#).expect("parses");
         assert!(chunk.error.is_some() && chunk.choices.is_none());
         assert!(serde_json::from_str::<StreamChunk>(r#"{"choices":"many"}"#).is_err());
+    }
+
+    fn delta(index: u32, id: &str, name: &str, arguments: &str) -> v1::ToolCallDelta {
+        v1::ToolCallDelta {
+            index,
+            id: id.into(),
+            name: name.into(),
+            arguments: arguments.into(),
+        }
+    }
+
+    #[test]
+    fn tool_call_deltas_keep_order_and_indices_and_read_absent_pieces_as_empty() {
+        let chunk: StreamChunk = serde_json::from_str(
+            r#"{"choices":[{"index":0,"delta":{"content":"","tool_calls":[
+                {"index":1,"id":"call_b","type":"function","function":{"name":"f","arguments":""}},
+                {"index":0,"function":{"arguments":"{\"a\":"}},
+                {"index":2,"id":null,"function":null},
+                {"index":3,"id":"c3","type":"function","function":{"name":"g","arguments":"{}"}}]}}]}"#,
+        )
+        .expect("parses");
+        let choice = chunk.choices.expect("choices").remove(0);
+        let tool_calls = choice.delta.and_then(|d| d.tool_calls).expect("tool_calls");
+        assert_eq!(
+            tool_call_deltas(tool_calls),
+            Ok(vec![
+                delta(1, "call_b", "f", ""),
+                delta(0, "", "", "{\"a\":"),
+                delta(2, "", "", ""),
+                delta(3, "c3", "g", "{}"),
+            ])
+        );
+        assert_eq!(tool_call_deltas(Value::Null), Ok(vec![]));
+        assert_eq!(tool_call_deltas(json!([])), Ok(vec![]));
+    }
+
+    #[test]
+    fn malformed_tool_call_deltas_say_what_is_wrong() {
+        let cases = [
+            (json!({"index": 0}), "tool_calls is not an array"),
+            (json!(["x"]), "tool_calls[0] is not an object"),
+            (
+                json!([{"id": "c"}]),
+                "tool_calls[0].index is missing or not a number",
+            ),
+            (
+                json!([{"index": 0}, {"index": "1"}]),
+                "tool_calls[1].index is missing or not a number",
+            ),
+            (
+                json!([{"index": -1}]),
+                "tool_calls[0].index is missing or not a number",
+            ),
+            (
+                json!([{"index": 0, "id": 7}]),
+                "tool_calls[0].id is not a string",
+            ),
+            (
+                json!([{"index": 0, "function": "f"}]),
+                "tool_calls[0].function is not an object",
+            ),
+            (
+                json!([{"index": 0, "function": {"name": ["f"]}}]),
+                "tool_calls[0].function.name is not a string",
+            ),
+            (
+                json!([{"index": 0, "function": {"arguments": {"a": 1}}}]),
+                "tool_calls[0].function.arguments is not a string",
+            ),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(
+                tool_call_deltas(value.clone()),
+                Err(expected.to_string()),
+                "{value}"
+            );
+        }
+    }
+
+    #[test]
+    fn tools_and_tool_messages_reach_the_upstream_in_openai_terms() {
+        // A message without tool fields serializes exactly as before tools existed.
+        let plain = Message {
+            role: "user".into(),
+            content: "hi".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            upstream_message(&plain).to_string(),
+            r#"{"role":"user","content":"hi"}"#
+        );
+        let call = v1::ToolCall {
+            id: "call_1".into(),
+            name: "get_weather".into(),
+            arguments: r#"{"city":"Paris"}"#.into(),
+        };
+        let calling = Message {
+            role: "assistant".into(),
+            tool_calls: vec![call.clone()],
+            ..Default::default()
+        };
+        assert_eq!(
+            upstream_message(&calling),
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                "type": "function", "function": {"name": "get_weather",
+                "arguments": "{\"city\":\"Paris\"}"}}]})
+        );
+        let calling_with_text = Message {
+            content: "Checking.".into(),
+            ..calling
+        };
+        assert_eq!(upstream_message(&calling_with_text)["content"], "Checking.");
+        let answer = Message {
+            role: "tool".into(),
+            content: "18C".into(),
+            tool_call_id: "call_1".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            upstream_message(&answer),
+            json!({"role": "tool", "content": "18C", "tool_call_id": "call_1"})
+        );
+
+        assert_eq!(upstream_tools(&Tools::default()), Ok(None));
+        let mut tools = Tools {
+            tools: vec![
+                v1::Tool {
+                    name: "get_weather".into(),
+                    description: "Weather now".into(),
+                    parameters_json: r#"{"type":"object"}"#.into(),
+                },
+                v1::Tool {
+                    name: "noop".into(),
+                    ..Default::default()
+                },
+            ],
+            choice: Default::default(),
+        };
+        let fields = |tools: &Tools| {
+            Value::Object(
+                upstream_tools(tools)
+                    .expect("valid")
+                    .expect("some")
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v))
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            fields(&tools),
+            json!({"tools": [
+                {"type": "function", "function": {"name": "get_weather",
+                    "description": "Weather now", "parameters": {"type": "object"}}},
+                {"type": "function", "function": {"name": "noop"}}],
+                "tool_choice": "auto"})
+        );
+        tools.choice.set_mode(v1::ToolChoiceMode::Required);
+        assert_eq!(fields(&tools)["tool_choice"], "required");
+        tools.choice.set_mode(v1::ToolChoiceMode::None);
+        assert_eq!(fields(&tools)["tool_choice"], "none");
+        tools.choice.function = "noop".into();
+        tools.choice.single_call = true;
+        let named = fields(&tools);
+        assert_eq!(
+            named["tool_choice"],
+            json!({"type": "function", "function": {"name": "noop"}})
+        );
+        assert_eq!(named["parallel_tool_calls"], false);
+
+        for bad in ["{not json", "[1]"] {
+            tools.tools[1].parameters_json = bad.into();
+            match upstream_tools(&tools) {
+                Err(EngineError::InvalidArgument(m)) => {
+                    assert!(m.starts_with("tools[1].parameters_json: "), "{m}")
+                }
+                other => panic!("{bad}: expected InvalidArgument, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! The gateway engine against a real TCP upstream that misbehaves on purpose: HTTP errors,
 //! malformed SSE, a stream cut off midway, silence, and a well-behaved stream split at awkward
-//! byte boundaries. Every case must end with a clean event, never a hang.
+//! byte boundaries. Every case must end with a clean event, never a hang. Tool calls pass
+//! through both ways: the request in OpenAI's shape, streamed call pieces back as events.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use switchyard_worker::{Engine, StopReason};
+use serde_json::{Value, json};
+use switchyard_proto::v1;
+use switchyard_worker::{Engine, StopReason, Tools};
 use switchyard_worker::{EngineError, EngineEvent, EngineRequest, Message, Prompt, Sampling};
 use switchyard_worker_wse::{ApiKey, GatewayConfig, GatewayEngine};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -118,8 +121,16 @@ fn chat_request() -> EngineRequest {
 
 /// Every event of a generation, within 10 s.
 async fn events(engine: &GatewayEngine) -> Vec<Result<EngineEvent, EngineError>> {
+    events_of(engine, chat_request()).await
+}
+
+/// Every event of `request`'s generation, within 10 s.
+async fn events_of(
+    engine: &GatewayEngine,
+    request: EngineRequest,
+) -> Vec<Result<EngineEvent, EngineError>> {
     let mut rx = engine
-        .submit(chat_request(), CancellationToken::new())
+        .submit(request, CancellationToken::new())
         .expect("admitted");
     let mut out = Vec::new();
     while let Some(event) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
@@ -430,4 +441,403 @@ async fn load_counts_prompts_until_their_first_token_and_measures_the_prefill_ra
     assert_eq!(texts(&events), "hi");
     assert_eq!(fast.load().queued_prompt_tokens, 0);
     assert!(fast.load().prefill_tokens_per_s > 0.0, "{:?}", fast.load());
+}
+
+/// A chat that has already called a tool once and may call two.
+fn tool_request() -> EngineRequest {
+    let mut request = chat_request();
+    request.prompt = Prompt::Chat(vec![
+        Message {
+            role: "system".into(),
+            content: "Use the tools.".into(),
+            ..Default::default()
+        },
+        Message {
+            role: "user".into(),
+            content: "Weather in Paris and Lyon?".into(),
+            ..Default::default()
+        },
+        Message {
+            role: "assistant".into(),
+            tool_calls: vec![v1::ToolCall {
+                id: "call_1".into(),
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            }],
+            ..Default::default()
+        },
+        Message {
+            role: "tool".into(),
+            content: "18C".into(),
+            tool_call_id: "call_1".into(),
+            ..Default::default()
+        },
+    ]);
+    request.tools = Tools {
+        tools: vec![
+            v1::Tool {
+                name: "get_weather".into(),
+                description: "The weather in a city now".into(),
+                parameters_json:
+                    r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#
+                        .into(),
+            },
+            v1::Tool {
+                name: "now".into(),
+                ..Default::default()
+            },
+        ],
+        choice: v1::ToolChoice::default(),
+    };
+    request
+}
+
+/// The JSON body of a request the upstream saw.
+fn body_of(request: &str) -> Value {
+    let (_, body) = request.split_once("\r\n\r\n").expect("a head and a body");
+    serde_json::from_str(body).expect("the body is JSON")
+}
+
+fn tool_calls(events: &[Result<EngineEvent, EngineError>]) -> Vec<v1::ToolCallDelta> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Ok(EngineEvent::ToolCall(delta)) => Some(delta.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn delta(index: u32, id: &str, name: &str, arguments: &str) -> v1::ToolCallDelta {
+    v1::ToolCallDelta {
+        index,
+        id: id.into(),
+        name: name.into(),
+        arguments: arguments.into(),
+    }
+}
+
+/// An SSE chat chunk whose delta is `delta` (JSON) and whose finish reason is `finish`.
+fn delta_chunk(delta: &str, finish: Option<&str>) -> String {
+    let finish = finish.map_or("null".to_string(), |f| format!("\"{f}\""));
+    format!(
+        "data: {{\"choices\":[{{\"index\":0,\"delta\":{delta},\"finish_reason\":{finish}}}]}}\n\n"
+    )
+}
+
+fn done_with(
+    reason: StopReason,
+    completion_tokens: u32,
+) -> Option<Result<EngineEvent, EngineError>> {
+    Some(Ok(EngineEvent::Done {
+        reason,
+        prompt_tokens: 0,
+        completion_tokens,
+        cached_prompt_tokens: 0,
+    }))
+}
+
+#[tokio::test]
+async fn tools_tool_choice_and_tool_messages_reach_the_upstream_in_openai_shape() {
+    let finish = delta_chunk("{}", Some("stop")) + "data: [DONE]\n\n";
+    let choices = [
+        (
+            v1::ToolChoice {
+                function: "get_weather".into(),
+                single_call: true,
+                ..Default::default()
+            },
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+        ),
+        (v1::ToolChoice::default(), json!("auto")),
+        (
+            v1::ToolChoice {
+                mode: v1::ToolChoiceMode::Required as i32,
+                ..Default::default()
+            },
+            json!("required"),
+        ),
+        (
+            v1::ToolChoice {
+                mode: v1::ToolChoiceMode::None as i32,
+                ..Default::default()
+            },
+            json!("none"),
+        ),
+    ];
+    for (choice, expected) in choices {
+        let (addr, seen) =
+            upstream(Script::Send(vec![sse_head(), finish.clone().into_bytes()])).await;
+        let mut request = tool_request();
+        request.tools.choice = choice.clone();
+        let events = events_of(&engine(addr, Duration::from_secs(5)), request).await;
+        assert!(
+            matches!(events.last(), Some(Ok(EngineEvent::Done { .. }))),
+            "{events:?}"
+        );
+        let body = body_of(&seen.await.expect("request seen"));
+        assert_eq!(body["tool_choice"], expected, "{choice:?}");
+        assert_eq!(
+            body.get("parallel_tool_calls"),
+            choice.single_call.then_some(&json!(false)),
+            "{choice:?}"
+        );
+        assert_eq!(
+            body["tools"],
+            json!([
+                {"type": "function", "function": {"name": "get_weather",
+                    "description": "The weather in a city now",
+                    "parameters": {"type": "object",
+                        "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+                {"type": "function", "function": {"name": "now"}}
+            ])
+        );
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "system", "content": "Use the tools."},
+                {"role": "user", "content": "Weather in Paris and Lyon?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]},
+                {"role": "tool", "content": "18C", "tool_call_id": "call_1"}
+            ])
+        );
+        assert_eq!(body["stream"], true);
+    }
+
+    // Without tools the body is what it always was.
+    let (addr, seen) = upstream(Script::Send(vec![sse_head(), finish.into_bytes()])).await;
+    events(&engine(addr, Duration::from_secs(5))).await;
+    let request = seen.await.expect("request seen");
+    let (_, body) = request.split_once("\r\n\r\n").expect("a body");
+    assert_eq!(
+        body,
+        r#"{"model":"wafer-model","messages":[{"role":"user","content":"hello wafer"}],"stream":true,"stream_options":{"include_usage":true},"max_tokens":8,"temperature":0.0,"seed":3}"#
+    );
+
+    // Tools need a chat: a text prompt with them is the client's to fix.
+    let mut text = tool_request();
+    text.prompt = Prompt::Text("weather?".into());
+    match engine(addr, Duration::from_secs(5)).submit(text, CancellationToken::new()) {
+        Err(EngineError::InvalidArgument(m)) => assert!(m.starts_with("tools: "), "{m}"),
+        other => panic!("expected InvalidArgument, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_streamed_call_split_at_every_byte_becomes_tool_call_events() {
+    let body = [
+        delta_chunk(
+            r#"{"role":"assistant","content":null,"tool_calls":[{"index":0,"id":"call_7","type":"function","function":{"name":"get_weather","arguments":""}}]}"#,
+            None,
+        ),
+        delta_chunk(
+            r#"{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":"}}]}"#,
+            None,
+        ),
+        ": keep-alive\r\n\r\n".to_string(),
+        delta_chunk(
+            r#"{"tool_calls":[{"index":0,"function":{"arguments":"\"Par"}}]}"#,
+            None,
+        ),
+        delta_chunk(
+            "{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"is \u{e9}\\u00e9\\\"}\"}}]}",
+            None,
+        ),
+        delta_chunk("{}", Some("tool_calls")),
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":20,\"completion_tokens\":9}}\n\n"
+            .to_string(),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .concat();
+    let mut pieces = vec![sse_head()];
+    pieces.extend(body.as_bytes().chunks(1).map(<[u8]>::to_vec));
+    let (addr, _) = upstream(Script::Send(pieces)).await;
+    let events = events_of(&engine(addr, Duration::from_secs(5)), tool_request()).await;
+    assert_eq!(
+        tool_calls(&events),
+        [
+            delta(0, "call_7", "get_weather", ""),
+            delta(0, "", "", "{\"city\":"),
+            delta(0, "", "", "\"Par"),
+            delta(0, "", "", "is \u{e9}\u{e9}\"}"),
+        ]
+    );
+    assert_eq!(texts(&events), "");
+    assert_eq!(
+        events.last(),
+        Some(&Ok(EngineEvent::Done {
+            reason: StopReason::ToolCalls,
+            prompt_tokens: 20,
+            completion_tokens: 9,
+            cached_prompt_tokens: 0,
+        }))
+    );
+}
+
+#[tokio::test]
+async fn parallel_calls_and_a_whole_call_in_one_delta_pass_through() {
+    // Two calls, indices 0 and 1, their pieces interleaved and one delta carrying both.
+    let parallel = [
+        delta_chunk(
+            r#"{"tool_calls":[{"index":0,"id":"call_a","type":"function","function":{"name":"get_weather","arguments":""}}]}"#,
+            None,
+        ),
+        delta_chunk(
+            r#"{"tool_calls":[{"index":0,"function":{"arguments":"{\"city\":\"Paris\"}"}},{"index":1,"id":"call_b","type":"function","function":{"name":"get_weather","arguments":"{\"ci"}}]}"#,
+            None,
+        ),
+        delta_chunk(
+            r#"{"tool_calls":[{"index":1,"function":{"arguments":"ty\":\"Lyon\"}"}}]}"#,
+            Some("tool_calls"),
+        ),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .concat();
+    // The whole call in one delta with an empty content beside it, finishing in the same chunk.
+    let whole = [
+        delta_chunk(
+            r#"{"role":"assistant","content":"","tool_calls":[{"index":0,"id":"call_w","type":"function","function":{"name":"now","arguments":"{}"}}]}"#,
+            Some("tool_calls"),
+        ),
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":30,\"completion_tokens\":4}}\n\n"
+            .to_string(),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .concat();
+    let cases = [
+        (
+            parallel,
+            vec![
+                delta(0, "call_a", "get_weather", ""),
+                delta(0, "", "", "{\"city\":\"Paris\"}"),
+                delta(1, "call_b", "get_weather", "{\"ci"),
+                delta(1, "", "", "ty\":\"Lyon\"}"),
+            ],
+            // No usage: the chunks of output.
+            done_with(StopReason::ToolCalls, 3),
+        ),
+        (
+            whole,
+            vec![delta(0, "call_w", "now", "{}")],
+            Some(Ok(EngineEvent::Done {
+                reason: StopReason::ToolCalls,
+                prompt_tokens: 30,
+                completion_tokens: 4,
+                cached_prompt_tokens: 0,
+            })),
+        ),
+    ];
+    for (body, expected, done) in cases {
+        let (addr, _) = upstream(Script::Send(vec![sse_head(), body.into_bytes()])).await;
+        let engine = engine(addr, Duration::from_secs(5));
+        let events = events_of(&engine, tool_request()).await;
+        assert_eq!(tool_calls(&events), expected);
+        assert_eq!(texts(&events), "", "an empty content is no token");
+        assert_eq!(events.last().cloned(), done);
+        // A call is the first output: the prompt's prefill was measured by it.
+        assert_eq!(engine.load().queued_prompt_tokens, 0);
+        assert!(
+            engine.load().prefill_tokens_per_s > 0.0,
+            "{:?}",
+            engine.load()
+        );
+    }
+}
+
+#[tokio::test]
+async fn text_then_a_call_ends_with_tool_calls_whatever_the_finish_is_called() {
+    // `function_call` is the pre-`tools` name; some servers say `stop` after calling.
+    for finish in ["tool_calls", "function_call", "stop"] {
+        let body = [
+            delta_chunk(r#"{"role":"assistant","content":"Let me "}"#, None),
+            delta_chunk(r#"{"content":"check."}"#, None),
+            delta_chunk(
+                r#"{"tool_calls":[{"index":0,"id":"call_t","type":"function","function":{"name":"now","arguments":"{}"}}]}"#,
+                None,
+            ),
+            delta_chunk("{}", Some(finish)),
+            "data: [DONE]\n\n".to_string(),
+        ]
+        .concat();
+        let (addr, _) = upstream(Script::Send(vec![sse_head(), body.into_bytes()])).await;
+        let events = events_of(&engine(addr, Duration::from_secs(5)), tool_request()).await;
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| match e {
+                Ok(EngineEvent::Token { .. }) => "token",
+                Ok(EngineEvent::ToolCall(_)) => "call",
+                Ok(EngineEvent::Done { .. }) => "done",
+                Err(_) => "error",
+            })
+            .collect();
+        assert_eq!(kinds, ["token", "token", "call", "done"], "{finish}");
+        assert_eq!(texts(&events), "Let me check.");
+        assert_eq!(tool_calls(&events), [delta(0, "call_t", "now", "{}")]);
+        assert_eq!(
+            events.last().cloned(),
+            done_with(StopReason::ToolCalls, 3),
+            "{finish}"
+        );
+    }
+    // Without a call, `stop` stays a stop.
+    let body = delta_chunk(r#"{"content":"Sunny."}"#, Some("stop")) + "data: [DONE]\n\n";
+    let (addr, _) = upstream(Script::Send(vec![sse_head(), body.into_bytes()])).await;
+    let events = events_of(&engine(addr, Duration::from_secs(5)), tool_request()).await;
+    assert_eq!(events.last().cloned(), done_with(StopReason::Stop, 1));
+}
+
+#[tokio::test]
+async fn a_malformed_tool_call_fails_cleanly() {
+    let call = delta_chunk(
+        r#"{"tool_calls":[{"index":0,"id":"call_m","type":"function","function":{"name":"now","arguments":""}}]}"#,
+        None,
+    );
+    let cases = [
+        // After text: INTERNAL (a retry would repeat it).
+        (
+            delta_chunk(r#"{"content":"ok"}"#, None)
+                + &delta_chunk(r#"{"tool_calls":{"index":0}}"#, None),
+            "tool_calls is not an array",
+            true,
+        ),
+        // Before any output: UNAVAILABLE (the router may place it elsewhere).
+        (
+            delta_chunk(
+                r#"{"content":"","tool_calls":[{"id":"c","function":{"name":"now"}}]}"#,
+                None,
+            ),
+            "tool_calls[0].index is missing or not a number",
+            false,
+        ),
+        (
+            delta_chunk(r#"{"tool_calls":[{"index":"0"}]}"#, None),
+            "tool_calls[0].index is missing or not a number",
+            false,
+        ),
+        // After a call alone: output started just the same.
+        (
+            call + &delta_chunk(
+                r#"{"tool_calls":[{"index":0,"function":{"arguments":{"a":1}}}]}"#,
+                None,
+            ),
+            "tool_calls[0].function.arguments is not a string",
+            true,
+        ),
+    ];
+    for (body, problem, after_output) in cases {
+        let (addr, _) = upstream(Script::SendAndHang(vec![sse_head(), body.into_bytes()])).await;
+        let events = events_of(&engine(addr, Duration::from_secs(5)), tool_request()).await;
+        let message = match (events.last(), after_output) {
+            (Some(Err(EngineError::Internal(m))), true) => m,
+            (Some(Err(EngineError::Unavailable(m))), false) => m,
+            other => panic!("{problem}: unexpected end {other:?}"),
+        };
+        assert!(
+            message.contains("malformed chunk") && message.contains(problem),
+            "{message}"
+        );
+        assert_eq!(events.len(), 1 + usize::from(after_output), "{events:?}");
+    }
 }
