@@ -109,10 +109,17 @@ pub async fn forward_generation(
                 }
             }
             Some(Ok(EngineEvent::ToolCall(delta))) => {
-                // It rides with the tokens that spelt it (already in the chunk, or sent): a
-                // piece alone goes out after the flush interval like a token would.
+                // It rides with the tokens that spelt it (already in the chunk, or sent); a
+                // gateway's call comes without tokens, and as the first output it goes out at
+                // once, as a first token does.
                 chunk.tool_calls.push(delta);
-                if deadline.is_none() {
+                if first_token_at.is_none() {
+                    first_token_at = Some(Instant::now());
+                    deadline = None;
+                    if send(chunk.take(request_id, &mut seq)).await.is_err() {
+                        return forwarded;
+                    }
+                } else if deadline.is_none() {
                     let at = Instant::now() + config.flush_interval;
                     deadline = Some(at);
                     flush.as_mut().reset(at);
@@ -327,6 +334,52 @@ mod tests {
         };
         assert_eq!(finished.reason, v1::FinishReason::Length as i32);
         assert_eq!(finished.usage.unwrap().completion_tokens, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tool_call_pieces_ride_with_their_tokens_and_a_first_call_goes_at_once() {
+        let piece = |arguments: &str| {
+            EngineEvent::ToolCall(v1::ToolCallDelta {
+                arguments: arguments.into(),
+                ..Default::default()
+            })
+        };
+        let done = EngineEvent::Done {
+            reason: StopReason::ToolCalls,
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            cached_prompt_tokens: 0,
+        };
+        let config = CoalesceConfig {
+            flush_interval: Duration::from_secs(1),
+            max_chunk_tokens: 4,
+        };
+        let pieces_per_chunk = |frames: &[Frame]| -> Vec<(Vec<u32>, usize)> {
+            frames
+                .iter()
+                .filter_map(|f| match f {
+                    Frame::Tokens(t) => Some((t.token_ids.clone(), t.tool_calls.len())),
+                    _ => None,
+                })
+                .collect()
+        };
+        // A gateway's call, no tokens: the first piece alone and at once, the rest together.
+        let started = Instant::now();
+        let frames = run(vec![piece("{"), piece("}"), done.clone()], config).await;
+        assert_eq!(pieces_per_chunk(&frames), vec![(vec![], 1), (vec![], 1)]);
+        let Some(Frame::Finished(finished)) = frames.last() else {
+            panic!("no Finished frame: {frames:?}")
+        };
+        assert_eq!(finished.reason, v1::FinishReason::ToolCalls as i32);
+        assert!(finished.timings.unwrap().ttft_ms < 1.0, "{finished:?}");
+        assert!(started.elapsed() < config.flush_interval);
+        // An engine that spells the call in tokens: the pieces go with them.
+        let frames = run(
+            vec![token(0), piece("{"), token(1), piece("}"), done],
+            config,
+        )
+        .await;
+        assert_eq!(pieces_per_chunk(&frames), vec![(vec![0], 0), (vec![1], 2)]);
     }
 
     #[tokio::test(start_paused = true)]
