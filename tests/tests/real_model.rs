@@ -822,3 +822,87 @@ async fn log_probabilities_describe_the_real_models_greedy_choices() -> anyhow::
     );
     Ok(())
 }
+
+/// Tool calling on the real model, as an agent uses it through the official `openai` SDK: calls
+/// whole and streamed, a named function, one call only, the result sent back and answered, bad
+/// tools refused by name. Straight to the GPU pool, and through a wafer-scale gateway worker
+/// whose endpoint is that same cluster's OpenAI API (the gateway passes the tools on and the
+/// calls back). Then over gRPC with the Rust client: the calls' pieces put together.
+#[tokio::test]
+async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
+-> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    router_has_the_tokenizer(&cluster).await?;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_tools_check.py");
+    let straight = switchyard_tests::program_output(
+        "python3",
+        &[script, &cluster.router_openai_url(), MODEL],
+    )
+    .await?;
+    assert!(straight.contains("openai-tools: 6 passed, 0 failed"), "{straight}");
+
+    let gateway = Cluster::start(ClusterSpec {
+        gpu_workers: 0,
+        wse_workers: 1,
+        wse_flags: vec![
+            "--engine".into(),
+            "gateway".into(),
+            "--gateway-url".into(),
+            cluster.router_openai_url(),
+            "--model".into(),
+            MODEL.into(),
+        ],
+        ..Default::default()
+    })
+    .await?;
+    let through = switchyard_tests::program_output(
+        "python3",
+        &[script, &gateway.router_openai_url(), MODEL],
+    )
+    .await?;
+    assert!(through.contains("openai-tools: 6 passed, 0 failed"), "{through}");
+
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let request = v1::GenerateRequest {
+        request_id: "tools-1".into(),
+        model: MODEL.into(),
+        messages: vec![v1::ChatMessage {
+            role: "user".into(),
+            content: "What is the weather like in Oslo?".into(),
+            ..Default::default()
+        }],
+        sampling: Some(v1::SamplingParams {
+            max_tokens: 64,
+            ..Default::default()
+        }),
+        tools: vec![v1::Tool {
+            name: "get_weather".into(),
+            description: "The current weather in a city.".into(),
+            parameters_json: r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#.into(),
+        }],
+        tool_choice: Some(v1::ToolChoice {
+            mode: v1::ToolChoiceMode::Required as i32,
+            single_call: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let completion = session.start(request)?.collect().await;
+    let finished = completion.finished.clone().unwrap_or_else(|| {
+        panic!("no Finished frame: {:?}", completion.failed);
+    });
+    assert_eq!(finished.reason, v1::FinishReason::ToolCalls as i32, "{finished:?}");
+    assert_eq!(completion.tool_calls.len(), 1, "{:?}", completion.tool_calls);
+    let call = &completion.tool_calls[0];
+    assert_eq!(call.name, "get_weather");
+    assert!(call.id.starts_with("call_"), "{call:?}");
+    let arguments: Value = serde_json::from_str(&call.arguments)?;
+    assert!(arguments["city"].is_string(), "{arguments}");
+    // The tokens that spelt the call count, and none of them is text.
+    assert_eq!(completion.text, "");
+    assert_eq!(
+        finished.usage.map(|u| u.completion_tokens as usize),
+        Some(completion.token_ids.len())
+    );
+    Ok(())
+}

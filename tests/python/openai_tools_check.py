@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Tool calling through a Switchyard router's OpenAI API with the official `openai` SDK, the way
+an agent uses it: offer tools, get calls (whole and streamed), send the results back, get an
+answer.
+
+Usage: openai_tools_check.py BASE_URL MODEL
+Prints one line per check and, at the end, "openai-tools: N passed, M failed"; exits non-zero
+when a check failed. The end-to-end test `tests/tests/real_model.rs` runs it against a real
+model, straight and through a wafer-scale gateway worker.
+"""
+
+import json
+import sys
+import traceback
+
+import openai
+from openai import OpenAI
+
+BASE_URL, MODEL = sys.argv[1], sys.argv[2]
+client = OpenAI(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=120)
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The current weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city's name."}},
+            "required": ["city"],
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "The current time in a time zone.",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"type": "string"}},
+            "required": ["zone"],
+        },
+    },
+}
+QUESTION = [{"role": "user", "content": "What is the weather like in Paris today?"}]
+results = []
+
+
+def check(fn):
+    try:
+        fn()
+        results.append(True)
+        print(f"PASS {fn.__name__}", flush=True)
+    except Exception:  # noqa: BLE001 - report every failure and go on
+        results.append(False)
+        print(f"FAIL {fn.__name__}", flush=True)
+        traceback.print_exc(file=sys.stdout)
+
+
+def arguments_of(call, tool):
+    """The call's arguments, checked against the tool's schema's required string fields."""
+    assert call.type == "function", call
+    assert call.id, call
+    assert call.function.name == tool["function"]["name"], call
+    arguments = json.loads(call.function.arguments)
+    assert isinstance(arguments, dict), arguments
+    for name in tool["function"]["parameters"]["required"]:
+        assert isinstance(arguments.get(name), str), arguments
+    return arguments
+
+
+def required_call_whole():
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        tools=[WEATHER],
+        tool_choice="required",
+        max_tokens=64,
+        temperature=0,
+    )
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls", choice
+    assert choice.message.tool_calls, choice.message
+    arguments_of(choice.message.tool_calls[0], WEATHER)
+
+
+def required_call_streamed_matches_whole():
+    def ask(stream):
+        return client.chat.completions.create(
+            model=MODEL,
+            messages=QUESTION,
+            tools=[WEATHER],
+            tool_choice="required",
+            max_tokens=64,
+            temperature=0,
+            stream=stream,
+        )
+
+    whole = ask(False).choices[0].message.tool_calls
+    # Put the streamed pieces together as the SDK's users do: by index.
+    calls, finish = {}, None
+    for chunk in ask(True):
+        for choice in chunk.choices:
+            for piece in choice.delta.tool_calls or []:
+                call = calls.setdefault(piece.index, {"id": None, "name": "", "arguments": ""})
+                call["id"] = piece.id or call["id"]
+                call["name"] += piece.function.name or ""
+                call["arguments"] += piece.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls", finish
+    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+        (c.function.name, c.function.arguments) for c in whole
+    ], (calls, whole)
+
+
+def named_function_and_one_call():
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        tools=[WEATHER, TIME],
+        tool_choice={"type": "function", "function": {"name": "get_time"}},
+        parallel_tool_calls=False,
+        max_tokens=64,
+        temperature=0,
+    )
+    calls = response.choices[0].message.tool_calls
+    assert len(calls) == 1, calls
+    arguments_of(calls[0], TIME)
+
+
+def the_result_goes_back_and_the_model_answers():
+    first = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        tools=[WEATHER],
+        tool_choice="required",
+        max_tokens=64,
+        temperature=0,
+    )
+    call = first.choices[0].message.tool_calls[0]
+    messages = QUESTION + [
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 degrees Celsius."},
+    ]
+    answer = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        tools=[WEATHER],
+        tool_choice="none",
+        max_tokens=32,
+        temperature=0,
+    )
+    choice = answer.choices[0]
+    assert choice.finish_reason in ("stop", "length"), choice
+    assert not choice.message.tool_calls, choice.message
+    assert choice.message.content, choice.message
+
+
+def a_bad_tool_is_a_400_naming_it():
+    bad = {"type": "function", "function": {"name": "get weather", "parameters": {}}}
+    try:
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=[bad], max_tokens=8
+        )
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "tools[0].function.name", e.body
+        return
+    raise AssertionError("an invalid tool name was accepted")
+
+
+def a_result_for_no_call_is_a_400_naming_it():
+    messages = QUESTION + [{"role": "tool", "tool_call_id": "call_none", "content": "x"}]
+    try:
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "messages[1].tool_call_id", e.body
+        return
+    raise AssertionError("a tool result answering no call was accepted")
+
+
+for fn in (
+    required_call_whole,
+    required_call_streamed_matches_whole,
+    named_function_and_one_call,
+    the_result_goes_back_and_the_model_answers,
+    a_bad_tool_is_a_400_naming_it,
+    a_result_for_no_call_is_a_400_naming_it,
+):
+    check(fn)
+passed = sum(results)
+print(f"openai-tools: {passed} passed, {len(results) - passed} failed", flush=True)
+sys.exit(0 if passed == len(results) else 1)
