@@ -12,6 +12,7 @@ mod chat;
 mod detok;
 mod spec;
 mod tokenizer;
+pub mod tools;
 
 pub use chat::ChatMessage;
 pub use detok::Detokenizer;

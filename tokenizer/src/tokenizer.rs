@@ -274,6 +274,27 @@ impl GgufTokenizer {
         self.encode(&self.render_chat(messages)?)
     }
 
+    /// The prompt ids of a chat that may offer tools or hold tool calls and results, for a
+    /// template without tool support: [`crate::tools::plain_messages`], then
+    /// [`Self::encode_chat`].
+    pub fn encode_chat_tools(
+        &self,
+        turns: &[crate::tools::ToolTurn],
+        tools: &crate::tools::ToolSet,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        self.encode_chat(&crate::tools::plain_messages(turns, tools))
+    }
+
+    /// Raw bytes of every token as the model's vocabulary spells it, control tokens
+    /// included (their literal text), with which are control tokens: what a constrained
+    /// decoder builds its token trie from.
+    pub fn vocabulary(&self) -> impl Iterator<Item = (&[u8], bool)> {
+        self.token_bytes
+            .iter()
+            .enumerate()
+            .map(|(i, b)| (b.as_slice(), self.control.contains(&(i as u32))))
+    }
+
     /// Raw bytes of a token as it appears in generated text (control tokens render as nothing).
     pub fn token_bytes(&self, id: u32) -> &[u8] {
         if self.control.contains(&id) {
