@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use switchyard_proto::v1::{self, worker_client::WorkerClient};
+use switchyard_tokenizer::tools::{ToolSet, ToolTurn};
 use switchyard_tokenizer::{
     ChatMessage, ENCODE_INLINE_BYTES, GgufTokenizer, SPEC_FORMAT, TokenizerSpec,
 };
@@ -194,6 +195,11 @@ pub fn tokenizes_long(request: &v1::GenerateRequest) -> bool {
             .messages
             .iter()
             .map(|m| m.content.len())
+            .sum::<usize>()
+        + request
+            .tools
+            .iter()
+            .map(|t| t.description.len() + t.parameters_json.len())
             .sum::<usize>();
     text > ENCODE_INLINE_BYTES
 }
@@ -201,6 +207,22 @@ pub fn tokenizes_long(request: &v1::GenerateRequest) -> bool {
 fn encode(tokenizer: &GgufTokenizer, request: &v1::GenerateRequest) -> Option<Vec<u32>> {
     let ids = if request.messages.is_empty() {
         tokenizer.encode(&request.prompt)
+    } else if switchyard_tokenizer::uses_tools(&request.tools, &request.messages) {
+        // The tools and the calls in the history are written into the prompt the way the
+        // engine constrains its answers to (the engine would render it the same).
+        let tools = match ToolSet::from_wire(&request.tools, request.tool_choice.as_ref()) {
+            Ok(tools) => tools,
+            Err(error) => {
+                debug!(request_id = %request.request_id, %error, "not tokenized; sent as text");
+                return None;
+            }
+        };
+        let turns: Vec<ToolTurn> = request
+            .messages
+            .iter()
+            .map(|m| ToolTurn::from_wire(&m.role, &m.content, &m.tool_calls, &m.tool_call_id))
+            .collect();
+        tokenizer.encode_chat_tools(&turns, &tools)
     } else {
         let messages: Vec<ChatMessage> = request
             .messages
@@ -352,6 +374,48 @@ mod tests {
         assert_eq!(tokenizers.tokenize(&request("other", "hi", &[])), None);
         // Nothing to tokenize: the engine reports the empty prompt itself.
         assert_eq!(tokenizers.tokenize(&request("m", "", &[])), None);
+    }
+
+    #[tokio::test]
+    async fn a_chat_with_tools_renders_them_into_the_prompt_as_the_engine_does() {
+        let tokenizers = Tokenizers::default();
+        tokenizers.claim("m").await.unwrap().fulfil(Fetched {
+            tokenizer: tokenizer(),
+            context_length: None,
+        });
+        let mut with_tools = request("m", "", &[("user", "weather?")]);
+        with_tools.tools = vec![v1::Tool {
+            name: "get_weather".into(),
+            ..Default::default()
+        }];
+        let ids = tokenizers.tokenize(&with_tools).expect("tokenized");
+        let turns = [ToolTurn::from_wire("user", "weather?", &[], "")];
+        let tools = ToolSet::from_wire(&with_tools.tools, None).unwrap();
+        assert_eq!(ids, tokenizer().encode_chat_tools(&turns, &tools).unwrap());
+        let text = tokenizer().decode(&ids);
+        assert!(text.contains("get_weather"), "{text}");
+        // A history with a call and its result renders both, tools offered or not.
+        let mut history = request("m", "", &[("user", "weather?")]);
+        history.messages.push(v1::ChatMessage {
+            role: "assistant".into(),
+            tool_calls: vec![v1::ToolCall {
+                id: "c1".into(),
+                name: "get_weather".into(),
+                arguments: "{}".into(),
+            }],
+            ..Default::default()
+        });
+        history.messages.push(v1::ChatMessage {
+            role: "tool".into(),
+            content: "sunny".into(),
+            tool_call_id: "c1".into(),
+            ..Default::default()
+        });
+        let text = tokenizer().decode(&tokenizers.tokenize(&history).expect("tokenized"));
+        assert!(
+            text.contains("get_weather") && text.contains("sunny"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

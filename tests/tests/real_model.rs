@@ -834,12 +834,13 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     let cluster = real_model_cluster(1).await?;
     router_has_the_tokenizer(&cluster).await?;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_tools_check.py");
-    let straight = switchyard_tests::program_output(
-        "python3",
-        &[script, &cluster.router_openai_url(), MODEL],
-    )
-    .await?;
-    assert!(straight.contains("openai-tools: 6 passed, 0 failed"), "{straight}");
+    let straight =
+        switchyard_tests::program_output("python3", &[script, &cluster.router_openai_url(), MODEL])
+            .await?;
+    assert!(
+        straight.contains("openai-tools: 6 passed, 0 failed"),
+        "{straight}"
+    );
 
     let gateway = Cluster::start(ClusterSpec {
         gpu_workers: 0,
@@ -855,12 +856,13 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
         ..Default::default()
     })
     .await?;
-    let through = switchyard_tests::program_output(
-        "python3",
-        &[script, &gateway.router_openai_url(), MODEL],
-    )
-    .await?;
-    assert!(through.contains("openai-tools: 6 passed, 0 failed"), "{through}");
+    let through =
+        switchyard_tests::program_output("python3", &[script, &gateway.router_openai_url(), MODEL])
+            .await?;
+    assert!(
+        through.contains("openai-tools: 6 passed, 0 failed"),
+        "{through}"
+    );
 
     let session = SessionClient::connect(&cluster.router_addr()).await?;
     let request = v1::GenerateRequest {
@@ -878,7 +880,9 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
         tools: vec![v1::Tool {
             name: "get_weather".into(),
             description: "The current weather in a city.".into(),
-            parameters_json: r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#.into(),
+            parameters_json:
+                r#"{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}"#
+                    .into(),
         }],
         tool_choice: Some(v1::ToolChoice {
             mode: v1::ToolChoiceMode::Required as i32,
@@ -891,8 +895,17 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     let finished = completion.finished.clone().unwrap_or_else(|| {
         panic!("no Finished frame: {:?}", completion.failed);
     });
-    assert_eq!(finished.reason, v1::FinishReason::ToolCalls as i32, "{finished:?}");
-    assert_eq!(completion.tool_calls.len(), 1, "{:?}", completion.tool_calls);
+    assert_eq!(
+        finished.reason,
+        v1::FinishReason::ToolCalls as i32,
+        "{finished:?}"
+    );
+    assert_eq!(
+        completion.tool_calls.len(),
+        1,
+        "{:?}",
+        completion.tool_calls
+    );
     let call = &completion.tool_calls[0];
     assert_eq!(call.name, "get_weather");
     assert!(call.id.starts_with("call_"), "{call:?}");
