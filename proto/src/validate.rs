@@ -157,6 +157,7 @@ pub fn validate_generate_request(
         ));
     }
     validate_penalties(&sampling)?;
+    validate_response_format(&sampling, limits)?;
     if sampling.stop.len() > 16 {
         return Err(FieldViolation::new(
             "sampling.stop",
@@ -398,6 +399,50 @@ fn validate_messages(
         }
     }
     Ok(())
+}
+
+/// `sampling.response_format`: a known kind, and with a schema, a JSON object.
+fn validate_response_format(
+    sampling: &SamplingParams,
+    limits: &RequestLimits,
+) -> Result<(), FieldViolation> {
+    use crate::v1::response_format::Kind;
+    let Some(format) = &sampling.response_format else {
+        return Ok(());
+    };
+    let Ok(kind) = Kind::try_from(format.kind) else {
+        return Err(FieldViolation::new(
+            "sampling.response_format.kind",
+            format!(
+                "is {}, must be 0 (text), 1 (JSON object) or 2 (JSON schema)",
+                format.kind
+            ),
+        ));
+    };
+    if kind != Kind::JsonSchema {
+        return Ok(());
+    }
+    if format.schema_json.len() > limits.max_message_bytes {
+        return Err(FieldViolation::new(
+            "sampling.response_format.schema_json",
+            format!(
+                "is {} bytes, the limit is {} bytes",
+                format.schema_json.len(),
+                limits.max_message_bytes
+            ),
+        ));
+    }
+    match serde_json::from_str::<serde_json::Value>(&format.schema_json) {
+        Ok(serde_json::Value::Object(_)) => Ok(()),
+        Ok(_) => Err(FieldViolation::new(
+            "sampling.response_format.schema_json",
+            "must be a JSON Schema object",
+        )),
+        Err(e) => Err(FieldViolation::new(
+            "sampling.response_format.schema_json",
+            format!("is not JSON: {e}"),
+        )),
+    }
 }
 
 /// A tool call's id, or the id a "tool" message answers: printable, 1 to 128 bytes.
@@ -765,6 +810,40 @@ mod tests {
         );
         // The answer must come after the call it answers.
         check(&|r| r.messages.swap(1, 2), "messages[1].tool_call_id");
+    }
+
+    #[test]
+    fn a_response_format_names_its_kind_and_takes_a_schema_object() {
+        use crate::v1::{ResponseFormat, response_format::Kind};
+        let with = |kind: i32, schema: &str| {
+            let mut r = valid();
+            r.sampling.as_mut().unwrap().response_format = Some(ResponseFormat {
+                kind,
+                schema_json: schema.into(),
+                ..Default::default()
+            });
+            validate_generate_request(&r, &RequestLimits::default())
+        };
+        assert_eq!(with(Kind::JsonObject as i32, ""), Ok(()));
+        assert_eq!(
+            with(Kind::JsonSchema as i32, r#"{"type":"object"}"#),
+            Ok(())
+        );
+        for (kind, schema, field) in [
+            (9, "", "sampling.response_format.kind"),
+            (
+                Kind::JsonSchema as i32,
+                "",
+                "sampling.response_format.schema_json",
+            ),
+            (
+                Kind::JsonSchema as i32,
+                "[]",
+                "sampling.response_format.schema_json",
+            ),
+        ] {
+            assert_eq!(with(kind, schema).unwrap_err().field, field);
+        }
     }
 
     #[test]

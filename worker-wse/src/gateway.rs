@@ -1108,11 +1108,80 @@ fn set_sampling(body: &mut Value, sampling: &Sampling, chat: bool) {
             .collect();
         body["logit_bias"] = Value::Object(bias);
     }
+    if let Some(format) = response_format(sampling) {
+        body["response_format"] = format;
+    }
+}
+
+/// `sampling.response_format` in OpenAI's terms; `None` for free text (not sent, so an
+/// endpoint that refuses unknown fields sees it only from a client that wants it).
+fn response_format(sampling: &Sampling) -> Option<Value> {
+    use switchyard_proto::v1::response_format::Kind;
+    let format = sampling.response_format.as_ref()?;
+    match format.kind() {
+        Kind::Text => None,
+        Kind::JsonObject => Some(json!({"type": "json_object"})),
+        Kind::JsonSchema => {
+            // The router checked it is a JSON object; a schema that somehow is not goes as
+            // OpenAI's default, any object, rather than as text the endpoint would refuse.
+            let schema: Value = serde_json::from_str(&format.schema_json)
+                .unwrap_or_else(|_| json!({"type": "object"}));
+            let name = if format.name.is_empty() {
+                "response"
+            } else {
+                &format.name
+            };
+            Some(json!({
+                "type": "json_schema",
+                "json_schema": {"name": name, "schema": schema},
+            }))
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_format_reaches_the_upstream_in_openai_terms() {
+        use switchyard_proto::v1::{ResponseFormat, response_format::Kind};
+        let sent = |kind: Kind, schema: &str, name: &str| {
+            let mut body = json!({});
+            let sampling = Sampling {
+                max_tokens: 1,
+                response_format: Some(ResponseFormat {
+                    kind: kind as i32,
+                    schema_json: schema.into(),
+                    name: name.into(),
+                }),
+                ..Default::default()
+            };
+            set_sampling(&mut body, &sampling, true);
+            body.get("response_format").cloned()
+        };
+        assert_eq!(sent(Kind::Text, "", ""), None);
+        assert_eq!(
+            sent(Kind::JsonObject, "", ""),
+            Some(json!({"type": "json_object"}))
+        );
+        assert_eq!(
+            sent(
+                Kind::JsonSchema,
+                r#"{"type":"object","required":["a"]}"#,
+                "thing"
+            ),
+            Some(
+                json!({"type": "json_schema", "json_schema": {"name": "thing",
+                "schema": {"type": "object", "required": ["a"]}}})
+            )
+        );
+        // OpenAI requires a name; a request without one gets a neutral one.
+        assert_eq!(
+            sent(Kind::JsonSchema, r#"{"type":"object"}"#, "").unwrap()["json_schema"]["name"],
+            "response"
+        );
+    }
 
     #[test]
     fn sampling_reaches_the_upstream_in_openai_terms() {

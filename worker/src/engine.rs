@@ -90,6 +90,17 @@ pub struct Sampling {
     /// Keep only tokens at least this fraction as likely as the most likely one, after
     /// temperature (`SamplingParams.min_p`); 0 = off.
     pub min_p: f32,
+    /// The answer's form (`SamplingParams.response_format`); `None` = free text.
+    pub response_format: Option<v1::ResponseFormat>,
+}
+
+impl Sampling {
+    /// Whether the answer must be JSON (an object, or of a schema).
+    pub fn wants_json(&self) -> bool {
+        self.response_format
+            .as_ref()
+            .is_some_and(|f| f.kind() != v1::response_format::Kind::Text)
+    }
 }
 
 #[derive(Debug, Clone)]

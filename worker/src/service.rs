@@ -404,6 +404,7 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
             logprobs: sampling.logprobs.then_some(sampling.top_logprobs),
             ignore_eos: sampling.ignore_eos,
             min_p: sampling.min_p,
+            response_format: sampling.response_format,
         },
         resume_tokens: start.resume_tokens,
         latency_critical: start.lane == v1::Lane::LatencyCritical as i32,

@@ -452,6 +452,13 @@ impl Engine for SyntheticEngine {
                     .into(),
             ));
         }
+        if request.sampling.wants_json() {
+            return Err(EngineError::InvalidArgument(
+                "sampling.response_format: the synthetic load-test engine generates text only \
+                 and cannot promise JSON; ask a model engine (candle) or a wafer-scale gateway"
+                    .into(),
+            ));
+        }
         // Take a free slot now if there is one, so concurrent submits cannot overbook.
         let permit = self.slots.try_acquire();
         if permit.is_none() {

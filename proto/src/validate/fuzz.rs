@@ -270,6 +270,7 @@ fn sampling() -> impl Strategy<Value = Option<SamplingParams>> {
                         top_logprobs: top_logprobs % 23,
                         ignore_eos: top_logprobs % 5 == 0,
                         min_p,
+                        ..Default::default()
                     }
                 },
             ),

@@ -217,6 +217,8 @@ fn openai_field(field: &str) -> String {
         // The door sends OpenAI's `user` as the affinity key.
         "affinity_key" => "user".to_string(),
         "tool_choice.mode" => "tool_choice".to_string(),
+        "sampling.response_format.kind" => "response_format.type".to_string(),
+        "sampling.response_format.schema_json" => "response_format.json_schema.schema".to_string(),
         "tool_choice.function" => "tool_choice.function.name".to_string(),
         field if field.starts_with("tools[") || field.contains(".tool_calls[") => field
             .replace(".parameters_json", ".function.parameters")

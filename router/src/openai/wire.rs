@@ -103,6 +103,9 @@ pub struct SamplingFields {
     /// Not in OpenAI's API; vLLM's and llama.cpp's (llama.cpp's clients send it by default):
     /// keep only tokens at least this fraction as likely as the most likely one. `null` is off.
     pub min_p: Option<f64>,
+    /// `{"type": "text" | "json_object"}` or `{"type": "json_schema", "json_schema": {"name",
+    /// "schema", "strict"?, "description"?}}`.
+    pub response_format: Option<Value>,
     /// Fields asking for what Switchyard does not do: refused by name rather than ignored, as
     /// a client asking for them would misread an answer without them.
     #[serde(flatten)]
@@ -117,7 +120,6 @@ pub struct Unsupported {
     functions: Option<Value>,
     tool_choice: Option<Value>,
     function_call: Option<Value>,
-    response_format: Option<Value>,
     echo: Option<Value>,
     best_of: Option<Value>,
     suffix: Option<Value>,
@@ -167,16 +169,6 @@ impl Unsupported {
                     || self.function_call == Some(Value::from("none"))
                     || self.function_call == Some(Value::from("auto")),
                 "the legacy functions API is not supported: send tools (and tool_choice)",
-            ),
-            (
-                "response_format",
-                off(&self.response_format)
-                    || self
-                        .response_format
-                        .as_ref()
-                        .and_then(|f| f.get("type"))
-                        .is_some_and(|t| t == "text"),
-                "only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
             ),
             (
                 "echo",
@@ -280,6 +272,63 @@ pub fn parse_body<T: WithSampling>(body: &[u8]) -> Result<T, ApiError> {
     let mut request: T = typed(&value)?;
     request.set_sampling(typed(&value)?);
     Ok(request)
+}
+
+/// OpenAI's `response_format`; `None` for free text.
+fn response_format(value: Option<&Value>) -> Result<Option<v1::ResponseFormat>, ApiError> {
+    use v1::response_format::Kind;
+    let Some(value) = value.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let kind = value.get("type").and_then(Value::as_str);
+    match kind {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(v1::ResponseFormat {
+            kind: Kind::JsonObject as i32,
+            ..Default::default()
+        })),
+        Some("json_schema") => {
+            let spec = value
+                .get("json_schema")
+                .filter(|s| s.is_object())
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format.json_schema",
+                        "must be an object with the schema's name and schema",
+                    )
+                })?;
+            let schema = match spec.get("schema") {
+                Some(schema @ Value::Object(_)) => schema.to_string(),
+                // OpenAI's own default: any JSON object.
+                None | Some(Value::Null) => r#"{"type":"object"}"#.to_string(),
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.schema",
+                        "must be a JSON Schema object",
+                    ));
+                }
+            };
+            let name = match spec.get("name") {
+                Some(Value::String(name)) => name.clone(),
+                None | Some(Value::Null) => String::new(),
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        "response_format.json_schema.name",
+                        "must be a string",
+                    ));
+                }
+            };
+            Ok(Some(v1::ResponseFormat {
+                kind: Kind::JsonSchema as i32,
+                schema_json: schema,
+                name,
+            }))
+        }
+        _ => Err(ApiError::invalid(
+            "response_format.type",
+            "must be \"text\", \"json_object\" or \"json_schema\"",
+        )),
+    }
 }
 
 /// What a handler needs besides the proto request.
@@ -460,6 +509,7 @@ fn sampling(
         ignore_eos: fields.ignore_eos,
         // The router's check names `min_p` when it is outside [0, 1].
         min_p: fields.min_p.map_or(0.0, |p| p as f32),
+        response_format: response_format(fields.response_format.as_ref())?,
     };
     let mode = StreamMode {
         stream: fields.stream,
@@ -923,10 +973,6 @@ mod tests {
         for (extra, field) in [
             (r#""functions":[{"name":"f"}]"#, "functions"),
             (r#""function_call":{"name":"f"}"#, "function_call"),
-            (
-                r#""response_format":{"type":"json_object"}"#,
-                "response_format",
-            ),
             (r#""echo":true"#, "echo"),
             (r#""best_of":3"#, "best_of"),
             (r#""suffix":"}""#, "suffix"),
@@ -995,6 +1041,49 @@ mod tests {
                 error.param.as_deref().is_some_and(|p| extra.contains(p)),
                 "{extra}: {error:?}"
             );
+        }
+    }
+
+    #[test]
+    fn response_format_takes_json_mode_and_schemas() {
+        use v1::response_format::Kind;
+        let format = |extra: &str| {
+            chat_with(extra).map(|(r, _)| r.sampling.unwrap_or_default().response_format)
+        };
+        assert_eq!(
+            format(r#""response_format":{"type":"text"}"#).unwrap(),
+            None
+        );
+        assert_eq!(format(r#""response_format":null"#).unwrap(), None);
+        let object = format(r#""response_format":{"type":"json_object"}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(object.kind(), Kind::JsonObject);
+        let schema = format(
+            r#""response_format":{"type":"json_schema","json_schema":{"name":"city",
+                "schema":{"type":"object","properties":{"name":{"type":"string"}}},"strict":true}}"#,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(schema.kind(), Kind::JsonSchema);
+        assert_eq!(schema.name, "city");
+        assert!(schema.schema_json.contains("properties"), "{schema:?}");
+        for (extra, field) in [
+            (
+                r#""response_format":{"type":"xml"}"#,
+                "response_format.type",
+            ),
+            (
+                r#""response_format":{"type":"json_schema"}"#,
+                "response_format.json_schema",
+            ),
+            (
+                r#""response_format":{"type":"json_schema","json_schema":{"schema":[]}}"#,
+                "response_format.json_schema.schema",
+            ),
+        ] {
+            let error = format(extra).expect_err("invalid");
+            assert_eq!(error.param.as_deref(), Some(field), "{extra}");
         }
     }
 
