@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Tool calling through a Switchyard router's OpenAI API with the official `openai` SDK, the way
-an agent uses it: offer tools, get calls (whole and streamed), send the results back, get an
-answer.
+"""Tool calling and structured output through a Switchyard router's OpenAI API with the
+official `openai` SDK, the way an agent uses them: offer tools, get calls (whole and streamed),
+send the results back, get an answer; ask for JSON (any object, or of a schema) and parse it.
 
 Usage: openai_tools_check.py BASE_URL MODEL
 Prints one line per check and, at the end, "openai-tools: N passed, M failed"; exits non-zero
@@ -156,6 +156,67 @@ def the_result_goes_back_and_the_model_answers():
     assert choice.message.content, choice.message
 
 
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+    "required": ["city", "population"],
+    "additionalProperties": False,
+}
+CITY_QUESTION = [{"role": "user", "content": "Give the name and population of France's capital."}]
+
+
+def json_mode_answers_a_json_object():
+    response = client.chat.completions.create(
+        model=MODEL,
+        messages=CITY_QUESTION,
+        response_format={"type": "json_object"},
+        max_tokens=96,
+        temperature=0,
+    )
+    choice = response.choices[0]
+    # The engine ends the answer when the object closes, within the bound.
+    assert choice.finish_reason == "stop", choice
+    assert isinstance(json.loads(choice.message.content), dict), choice.message.content
+
+
+def a_json_schema_answer_matches_the_schema_streamed_too():
+    def ask(stream):
+        return client.chat.completions.create(
+            model=MODEL,
+            messages=CITY_QUESTION,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "city", "schema": CITY_SCHEMA, "strict": True},
+            },
+            max_tokens=96,
+            temperature=0,
+            stream=stream,
+        )
+
+    whole = ask(False).choices[0].message.content
+    answer = json.loads(whole)
+    assert set(answer) == {"city", "population"}, answer
+    assert isinstance(answer["city"], str) and isinstance(answer["population"], int), answer
+    streamed = "".join(
+        choice.delta.content or "" for chunk in ask(True) for choice in chunk.choices
+    )
+    assert streamed == whole, (streamed, whole)
+
+
+def a_bad_schema_is_a_400_naming_it():
+    try:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=CITY_QUESTION,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}},
+            max_tokens=8,
+        )
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "response_format.json_schema.schema", e.body
+        return
+    raise AssertionError("a schema that is not an object was accepted")
+
+
 def a_bad_tool_is_a_400_naming_it():
     bad = {"type": "function", "function": {"name": "get weather", "parameters": {}}}
     try:
@@ -185,6 +246,9 @@ for fn in (
     the_result_goes_back_and_the_model_answers,
     a_bad_tool_is_a_400_naming_it,
     a_result_for_no_call_is_a_400_naming_it,
+    json_mode_answers_a_json_object,
+    a_json_schema_answer_matches_the_schema_streamed_too,
+    a_bad_schema_is_a_400_naming_it,
 ):
     check(fn)
 passed = sum(results)

@@ -823,9 +823,9 @@ async fn log_probabilities_describe_the_real_models_greedy_choices() -> anyhow::
     Ok(())
 }
 
-/// Tool calling on the real model, as an agent uses it through the official `openai` SDK: calls
-/// whole and streamed, a named function, one call only, the result sent back and answered, bad
-/// tools refused by name. Straight to the GPU pool, and through a wafer-scale gateway worker
+/// Tool calling and structured output on the real model, as an agent uses them through the
+/// official `openai` SDK: calls whole and streamed, a named function, one call only, the result
+/// sent back and answered, JSON mode and a JSON schema, bad tools and schemas refused by name. Straight to the GPU pool, and through a wafer-scale gateway worker
 /// whose endpoint is that same cluster's OpenAI API (the gateway passes the tools on and the
 /// calls back). Then over gRPC with the Rust client: the calls' pieces put together.
 #[tokio::test]
@@ -838,7 +838,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
         switchyard_tests::program_output("python3", &[script, &cluster.router_openai_url(), MODEL])
             .await?;
     assert!(
-        straight.contains("openai-tools: 6 passed, 0 failed"),
+        straight.contains("openai-tools: 9 passed, 0 failed"),
         "{straight}"
     );
 
@@ -860,7 +860,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
         switchyard_tests::program_output("python3", &[script, &gateway.router_openai_url(), MODEL])
             .await?;
     assert!(
-        through.contains("openai-tools: 6 passed, 0 failed"),
+        through.contains("openai-tools: 9 passed, 0 failed"),
         "{through}"
     );
 
