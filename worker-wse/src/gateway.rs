@@ -352,8 +352,9 @@ impl Engine for GatewayEngine {
             ));
         }
         if !request.tools.tools.is_empty() && matches!(request.prompt, Prompt::Text(_)) {
-            return Err(EngineError::InvalidArgument(
-                "tools: need a chat (messages); a text prompt cannot call tools".into(),
+            return Err(EngineError::invalid_field(
+                "tools",
+                "need a chat (messages); a text prompt cannot call tools",
             ));
         }
         let tools = upstream_tools(&request.tools)?;
@@ -1029,9 +1030,10 @@ fn upstream_tools(tools: &Tools) -> Result<Option<Vec<(&'static str, Value)>>, E
                     .ok()
                     .filter(Value::is_object)
                     .ok_or_else(|| {
-                        EngineError::InvalidArgument(format!(
-                            "tools[{i}].parameters_json: must be a JSON object (a JSON Schema)"
-                        ))
+                        EngineError::invalid_field(
+                            format!("tools[{i}].parameters_json"),
+                            "must be a JSON object (a JSON Schema)",
+                        )
                     })?;
                 function["parameters"] = schema;
             }
@@ -1510,10 +1512,10 @@ mod tests {
         for bad in ["{not json", "[1]"] {
             tools.tools[1].parameters_json = bad.into();
             match upstream_tools(&tools) {
-                Err(EngineError::InvalidArgument(m)) => {
-                    assert!(m.starts_with("tools[1].parameters_json: "), "{m}")
+                Err(EngineError::InvalidField { field, .. }) => {
+                    assert_eq!(field, "tools[1].parameters_json")
                 }
-                other => panic!("{bad}: expected InvalidArgument, got {other:?}"),
+                other => panic!("{bad}: expected InvalidField, got {other:?}"),
             }
         }
     }

@@ -620,8 +620,8 @@ async fn tools_tool_choice_and_tool_messages_reach_the_upstream_in_openai_shape(
     let mut text = tool_request();
     text.prompt = Prompt::Text("weather?".into());
     match engine(addr, Duration::from_secs(5)).submit(text, CancellationToken::new()) {
-        Err(EngineError::InvalidArgument(m)) => assert!(m.starts_with("tools: "), "{m}"),
-        other => panic!("expected InvalidArgument, got {other:?}"),
+        Err(EngineError::InvalidField { field, .. }) => assert_eq!(field, "tools"),
+        other => panic!("expected InvalidField, got {other:?}"),
     }
 }
 

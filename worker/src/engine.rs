@@ -234,6 +234,10 @@ impl From<mpsc::Receiver<EngineItem>> for EngineStream {
 pub enum EngineError {
     #[error("{0}")]
     InvalidArgument(String),
+    /// A request field this engine cannot honour or finds malformed (`tools`,
+    /// `tools[2].parameters_json`, `sampling.response_format`): the client's to change.
+    #[error("{field}: {detail}")]
+    InvalidField { field: String, detail: String },
     /// The request does not fit the model's context; `field` is the request field to change
     /// (`prompt`, `messages` or `sampling.max_tokens`).
     #[error("{field}: {detail}")]
@@ -249,9 +253,9 @@ pub enum EngineError {
 impl EngineError {
     pub fn code(&self) -> tonic::Code {
         match self {
-            EngineError::InvalidArgument(_) | EngineError::ExceedsContext { .. } => {
-                tonic::Code::InvalidArgument
-            }
+            EngineError::InvalidArgument(_)
+            | EngineError::InvalidField { .. }
+            | EngineError::ExceedsContext { .. } => tonic::Code::InvalidArgument,
             EngineError::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
             EngineError::Unavailable(_) => tonic::Code::Unavailable,
             EngineError::Internal(_) => tonic::Code::Internal,
@@ -261,8 +265,18 @@ impl EngineError {
     /// The request field at fault, when the engine knows it.
     pub fn field(&self) -> Option<&str> {
         match self {
-            EngineError::ExceedsContext { field, .. } => Some(field),
+            EngineError::ExceedsContext { field, .. } | EngineError::InvalidField { field, .. } => {
+                Some(field)
+            }
             _ => None,
+        }
+    }
+
+    /// A refusal of request field `field`.
+    pub fn invalid_field(field: impl Into<String>, detail: impl Into<String>) -> Self {
+        EngineError::InvalidField {
+            field: field.into(),
+            detail: detail.into(),
         }
     }
 

@@ -446,17 +446,17 @@ impl Engine for SyntheticEngine {
             )));
         }
         if request.tools.callable() {
-            return Err(EngineError::InvalidArgument(
-                "tools: the synthetic load-test engine generates text only and calls no tools; \
-                 offer tools to a model engine (candle) or a wafer-scale gateway"
-                    .into(),
+            return Err(EngineError::invalid_field(
+                "tools",
+                "the synthetic load-test engine generates text only and calls no tools; offer \
+                 tools to a model engine (candle) or a wafer-scale gateway",
             ));
         }
         if request.sampling.wants_json() {
-            return Err(EngineError::InvalidArgument(
-                "sampling.response_format: the synthetic load-test engine generates text only \
-                 and cannot promise JSON; ask a model engine (candle) or a wafer-scale gateway"
-                    .into(),
+            return Err(EngineError::invalid_field(
+                "sampling.response_format",
+                "the synthetic load-test engine generates text only and cannot promise JSON; \
+                 ask a model engine (candle) or a wafer-scale gateway",
             ));
         }
         // Take a free slot now if there is one, so concurrent submits cannot overbook.
@@ -854,7 +854,7 @@ mod tests {
         });
         assert!(matches!(
             engine.submit(with_tools, CancellationToken::new()),
-            Err(EngineError::InvalidArgument(message)) if message.starts_with("tools: ")
+            Err(EngineError::InvalidField { field, .. }) if field == "tools"
         ));
         let _first = engine
             .submit(request(100, 0), CancellationToken::new())
