@@ -120,10 +120,16 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
             "between -2 and 2",
         ),
         (json!({"min_p": -0.5}), "min_p", "between 0 and 1"),
+        // The synthetic load-test engine refuses what only a model can do, by name.
         (
             json!({"response_format": {"type": "json_object"}}),
             "response_format",
-            "no JSON mode",
+            "cannot promise JSON",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+            "calls no tools",
         ),
         (
             json!({"logprobs": true, "top_logprobs": 21}),
