@@ -693,7 +693,10 @@ mod tests {
                 } => {
                     let i = *index as usize;
                     if i == calls.len() {
-                        assert!(!id.is_empty() && !name.is_empty(), "first piece names: {p:?}");
+                        assert!(
+                            !id.is_empty() && !name.is_empty(),
+                            "first piece names: {p:?}"
+                        );
                         calls.push((id.clone(), name.clone(), String::new()));
                     } else {
                         assert!(id.is_empty() && name.is_empty(), "later piece: {p:?}");
@@ -840,7 +843,10 @@ mod tests {
         let single = output_grammar(&set(ToolChoice::Required, true)).unwrap();
         assert!(single.contains("calls: call\n"), "{single}");
         let named = output_grammar(&set(ToolChoice::Function("get_time".into()), false)).unwrap();
-        assert!(named.contains("call: call_1\n") && !named.contains("call_0"), "{named}");
+        assert!(
+            named.contains("call: call_1\n") && !named.contains("call_0"),
+            "{named}"
+        );
 
         assert_eq!(output_grammar(&set(ToolChoice::None, false)), None);
         assert_eq!(output_grammar(&ToolSet::default()), None);

@@ -741,6 +741,75 @@ mod tools {
         complete
     }
 
+    /// The chat a template without tool support renders: tools in the system turn, the
+    /// assistant's calls in the answer format, results as one user turn; the router's
+    /// `encode_chat_tools` and the engine's own rendering give the same ids.
+    #[test]
+    fn a_chat_with_tools_renders_in_smollm2s_template() {
+        let Some(path) = model_path() else { return };
+        let tok = tokenizer(&path);
+        let messages = vec![
+            Message {
+                role: "user".into(),
+                content: "Weather in Paris?".into(),
+                ..Default::default()
+            },
+            Message {
+                role: "assistant".into(),
+                tool_calls: vec![v1::ToolCall {
+                    id: "call_1".into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city": "Paris"}"#.into(),
+                }],
+                ..Default::default()
+            },
+            Message {
+                role: "tool".into(),
+                content: "sunny, 21 C".into(),
+                tool_call_id: "call_1".into(),
+                ..Default::default()
+            },
+        ];
+        let tools = Tools {
+            tools: vec![get_weather()],
+            choice: choice(v1::ToolChoiceMode::Auto, "", false),
+        };
+        let set = switchyard_worker_gpu::tools::tool_set(&tools).unwrap();
+        let plain = switchyard_worker_gpu::tools::plain_messages(&messages, &set);
+        let text = tok.render_chat(&plain).unwrap();
+        eprintln!("{text}");
+        assert!(text.starts_with("<|im_start|>system\n# Tools\n"), "{text}");
+        assert!(text.contains(r#"<tools>
+{"type":"function","function":{"name":"get_weather","description":"The current weather in a city","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}
+</tools>"#));
+        assert!(text.ends_with(
+            "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        ), "{text}");
+        // What a router computes from the same chat (the shared tokenizer's entry point).
+        use switchyard_worker_gpu::tokenizer::tools::{ToolCallText, ToolTurn};
+        let turns: Vec<ToolTurn> = messages
+            .iter()
+            .map(|m| ToolTurn {
+                role: m.role.clone(),
+                content: m.content.clone(),
+                tool_calls: m
+                    .tool_calls
+                    .iter()
+                    .map(|c| ToolCallText {
+                        id: c.id.clone(),
+                        name: c.name.clone(),
+                        arguments: c.arguments.clone(),
+                    })
+                    .collect(),
+                tool_call_id: m.tool_call_id.clone(),
+            })
+            .collect();
+        assert_eq!(
+            tok.encode_chat_tools(&turns, &set).unwrap(),
+            tok.encode(&text).unwrap()
+        );
+    }
+
     #[tokio::test]
     async fn a_required_call_names_the_tool_with_valid_arguments() {
         let Some(path) = model_path() else { return };
