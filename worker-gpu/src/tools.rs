@@ -236,7 +236,8 @@ impl Constraint {
         let started = std::time::Instant::now();
         let allowed = self
             .matcher
-            .compute_mask()
+            // A grammar already complete (resumed tokens ended it) allows only the end.
+            .compute_mask_or_eos()
             .map_err(|e| EngineError::Internal(format!("tool call grammar: {e}")))?;
         apply_mask(allowed.as_slice(), row);
         self.mask_s += started.elapsed().as_secs_f64();
