@@ -21,6 +21,7 @@ pub mod sampling;
 pub mod scheduler;
 pub mod testing;
 pub mod tokenizer;
+pub mod tools;
 pub mod vexp;
 
 use std::path::{Path, PathBuf};

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use switchyard_proto::v1;
 use switchyard_proto::validate::MAX_TOP_LOGPROBS;
@@ -49,7 +49,9 @@ use crate::model::{KvStore, Llama, ModelError, SeqCache};
 use crate::pacing::paced_chunk;
 use crate::penalties::Penalties;
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
+use crate::tokenizer::tools::ToolSet;
 use crate::tokenizer::{ChatMessage, Detokenizer, ENCODE_INLINE_BYTES, GgufTokenizer};
+use crate::tools::{Constraint, Grammars};
 
 /// Limits of one engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -136,6 +138,9 @@ struct Job {
     cached_tokens: usize,
     /// When the engine accepted the request: waiting time counts towards prefill priority.
     arrived: Instant,
+    /// The tool call grammar and parser of a request that may call tools; `None` for every
+    /// other request, which then pays nothing for tool support.
+    tools: Option<Box<Constraint>>,
 }
 
 struct Seq {
@@ -159,7 +164,9 @@ impl Seq {
     /// Whether the reader has room for a token and the sequence's end (a stop can emit held
     /// text and the result in one step).
     fn can_emit(&self) -> bool {
-        self.job.tx.capacity() >= 2 || self.job.tx.is_closed()
+        // A tool call token can also complete one call's piece and start the next's.
+        let room = if self.job.tools.is_some() { 4 } else { 2 };
+        self.job.tx.capacity() >= room || self.job.tx.is_closed()
     }
 }
 
@@ -200,6 +207,10 @@ pub struct CandleEngine {
     tokens_per_s: f64,
     admission: Arc<Admission>,
     seed_counter: AtomicU64,
+    /// The tool call grammar compiler: built in the background at start (~120 ms for SmolLM2's
+    /// 49 152 tokens, `cargo bench --bench tools`), so the first request offering tools
+    /// rarely waits for it on the worker's stream task.
+    grammars: Arc<OnceLock<Result<Arc<Grammars>, String>>>,
 }
 
 /// What admitting a tokenized request takes — the checks that need its length, the queue
@@ -371,7 +382,15 @@ impl CandleEngine {
                 jobs: tx,
             }),
             seed_counter: AtomicU64::new(0x5EED),
+            grammars: Arc::default(),
         };
+        let (grammars, vocabulary) = (engine.grammars.clone(), engine.tokenizer.clone());
+        std::thread::Builder::new()
+            .name("tool-grammars".into())
+            .spawn(move || {
+                grammars.get_or_init(|| Grammars::new(&vocabulary).map(Arc::new));
+            })
+            .map_err(|e| EngineError::Internal(format!("spawning the grammar builder: {e}")))?;
         let scheduler = Scheduler {
             model,
             tokenizer,
@@ -427,23 +446,39 @@ impl CandleEngine {
 
     /// Prompt ids for `prompt` (chat template applied to chat prompts).
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        encode_prompt(&self.tokenizer, prompt)
+        encode_prompt(&self.tokenizer, prompt, None)
+    }
+
+    /// The tool call grammar compiler of this engine's model (built once, on first use).
+    pub fn grammars(&self) -> Result<Arc<Grammars>, EngineError> {
+        self.grammars
+            .get_or_init(|| Grammars::new(&self.tokenizer).map(Arc::new))
+            .clone()
+            .map_err(|e| EngineError::Internal(format!("tool call grammars: {e}")))
     }
 }
 
-/// Prompt ids for `prompt` (chat template applied to chat prompts).
-fn encode_prompt(tokenizer: &GgufTokenizer, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+/// Prompt ids for `prompt` (chat template applied to chat prompts; a chat offering `tools` or
+/// holding calls is first rewritten for a template without tool support).
+fn encode_prompt(
+    tokenizer: &GgufTokenizer,
+    prompt: &Prompt,
+    tools: Option<&ToolSet>,
+) -> Result<Vec<u32>, EngineError> {
     let rendered;
     let text = match prompt {
         Prompt::Text(t) => t,
         Prompt::Chat(messages) => {
-            let msgs: Vec<ChatMessage> = messages
-                .iter()
-                .map(|m| ChatMessage {
-                    role: m.role.clone(),
-                    content: m.content.clone(),
-                })
-                .collect();
+            let msgs: Vec<ChatMessage> = match tools {
+                Some(tools) => crate::tools::plain_messages(messages, tools),
+                None => messages
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect(),
+            };
             rendered = tokenizer
                 .render_chat(&msgs)
                 .map_err(|e| EngineError::InvalidArgument(format!("messages: {e}")))?;
@@ -468,8 +503,11 @@ fn encodes_long(prompt: &Prompt) -> bool {
 async fn encode_off_runtime(
     tokenizer: Arc<GgufTokenizer>,
     prompt: Prompt,
+    tools: Option<ToolSet>,
 ) -> Result<Vec<u32>, EngineError> {
-    match tokio::task::spawn_blocking(move || encode_prompt(&tokenizer, &prompt)).await {
+    match tokio::task::spawn_blocking(move || encode_prompt(&tokenizer, &prompt, tools.as_ref()))
+        .await
+    {
         Ok(ids) => ids,
         Err(failed) if failed.is_panic() => std::panic::resume_unwind(failed.into_panic()),
         Err(_) => Err(EngineError::Unavailable(
@@ -615,6 +653,27 @@ impl Engine for CandleEngine {
             .validate(vocab as usize)
             .map_err(EngineError::InvalidArgument)?;
 
+        // Tools: the prompt tells the model about them, and a callable set constrains the
+        // answer (its grammar compiled now, so a refused one fails before any token).
+        let tool_set = match &request.prompt {
+            Prompt::Chat(messages)
+                if crate::tools::needs_plain_messages(messages, &request.tools) =>
+            {
+                Some(crate::tools::tool_set(&request.tools)?)
+            }
+            _ if request.tools.callable() => Some(crate::tools::tool_set(&request.tools)?),
+            _ => None,
+        };
+        let constraint = match &tool_set {
+            Some(set) if set.callable() => Some(Box::new(self.grammars()?.constraint(
+                &self.tokenizer,
+                set,
+                &crate::tools::id_prefix(&request.request_id),
+                &request.resume_tokens,
+            )?)),
+            _ => None,
+        };
+
         let prompt_ids = match request.prompt_ids {
             Some(ids) => {
                 if let Some(bad) = ids.iter().find(|id| **id >= vocab) {
@@ -626,7 +685,11 @@ impl Engine for CandleEngine {
             }
             // Milliseconds of work: not on the caller's thread (the worker's stream task).
             None if encodes_long(&request.prompt) => None,
-            None => Some(self.prompt_ids(&request.prompt)?),
+            None => Some(encode_prompt(
+                &self.tokenizer,
+                &request.prompt,
+                tool_set.as_ref(),
+            )?),
         };
         let remaining = s.max_tokens as usize - resumed;
         // Bounded: a reader that stops taking events (a router out of flow-control credit
@@ -647,6 +710,7 @@ impl Engine for CandleEngine {
             min_tokens_per_s: request.min_tokens_per_s,
             cached_tokens: 0,
             arrived: Instant::now(),
+            tools: constraint,
         };
         let Some(prompt_ids) = prompt_ids else {
             let (admission, tokenizer) = (self.admission.clone(), self.tokenizer.clone());
@@ -655,7 +719,7 @@ impl Engine for CandleEngine {
             // Driven by whoever reads the stream: a refusal arrives as its one event.
             let refusals = job.tx.clone();
             let admit = async move {
-                let admitted = encode_off_runtime(tokenizer, prompt)
+                let admitted = encode_off_runtime(tokenizer, prompt, tool_set)
                     .await
                     .and_then(|ids| admission.admit(job, ids, prompt_field, &resume));
                 if let Err(error) = admitted {
@@ -1015,8 +1079,14 @@ impl Scheduler {
                 .commit(&mut seq.blocks, &seq.tokens, seq.cache.len());
         }
         match result.and_then(|l| crate::model::logits_rows(&l)) {
-            Ok(rows) => {
+            Ok(mut rows) => {
                 if end == seq.job.context.len() {
+                    if let Err(e) = constrain(&mut seq.job, &mut rows[0]) {
+                        let seq = self.active.remove(i);
+                        let _ = seq.job.tx.try_send(Err(e));
+                        self.retire(seq);
+                        return;
+                    }
                     let id = seq.job.sampler.sample(&rows[0]);
                     let logprobs = seq
                         .job
@@ -1070,15 +1140,20 @@ impl Scheduler {
         self.decode_rate
             .record(1.0, started.elapsed().as_secs_f64());
         match result {
-            Ok(rows) => {
+            Ok(mut rows) => {
                 for &i in &idx {
                     let seq = &mut self.active[i];
                     self.prefix
                         .commit(&mut seq.blocks, &seq.tokens, seq.cache.len());
                 }
                 let mut finished = Vec::new();
-                for (row, i) in rows.iter().zip(&idx) {
+                for (row, i) in rows.iter_mut().zip(&idx) {
                     let job = &mut self.active[*i].job;
+                    if let Err(e) = constrain(job, row) {
+                        let _ = job.tx.try_send(Err(e));
+                        finished.push(*i);
+                        continue;
+                    }
                     let id = job.sampler.sample(row);
                     let logprobs = job
                         .logprobs
@@ -1107,6 +1182,9 @@ impl Scheduler {
     /// Delivers sampled token `id` of sequence `i` (with its log probabilities when asked
     /// for); false when the sequence has ended.
     fn emit(&mut self, i: usize, id: u32, logprobs: Option<Box<v1::TokenLogprobs>>) -> bool {
+        if self.active[i].job.tools.is_some() {
+            return self.emit_constrained(i, id, logprobs);
+        }
         let tokenizer = self.tokenizer.clone();
         let seq = &mut self.active[i];
         if tokenizer.stop_ids().contains(&id) {
@@ -1161,5 +1239,108 @@ impl Scheduler {
                 true
             }
         }
+    }
+
+    /// [`Self::emit`] for a sequence under a tool call grammar: the token's text goes through
+    /// the call parser; the `Token` event carries its plain text (empty while it spells a
+    /// call) and call pieces follow it as `ToolCall` events. The sequence ends when the
+    /// grammar is complete, with `ToolCalls` when it called any.
+    fn emit_constrained(
+        &mut self,
+        i: usize,
+        id: u32,
+        logprobs: Option<Box<v1::TokenLogprobs>>,
+    ) -> bool {
+        let tokenizer = self.tokenizer.clone();
+        let seq = &mut self.active[i];
+        let Some(tools) = seq.job.tools.as_deref_mut() else {
+            return false;
+        };
+        let ending = tokenizer.stop_ids().contains(&id);
+        let mut pieces = Vec::new();
+        if !ending {
+            if let Err(e) = tools.consume(id) {
+                let _ = seq.job.tx.try_send(Err(e));
+                return false;
+            }
+            seq.generated += 1;
+            pieces = tools.push(&seq.detok.push(&tokenizer, id));
+        }
+        let last = ending || tools.complete() || seq.generated >= seq.job.remaining;
+        if last {
+            pieces.extend(tools.push(&seq.detok.finish()));
+            pieces.extend(tools.finish());
+        }
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for piece in pieces {
+            match crate::tools::delta(piece) {
+                Ok(call) => calls.push(call),
+                Err(t) => text.push_str(&t),
+            }
+        }
+        let mut stopped = false;
+        match seq.stop.push(&text) {
+            StopOutcome::Stopped(before) => {
+                text = before;
+                stopped = true;
+            }
+            StopOutcome::Emit(mut out) => {
+                if last {
+                    out.push_str(&seq.stop.finish());
+                }
+                text = out;
+            }
+        }
+        // The end token itself is not part of the answer: sent only to carry held text.
+        if (!ending || !text.is_empty())
+            && seq
+                .job
+                .tx
+                .try_send(Ok(EngineEvent::Token { id, text, logprobs }))
+                .is_err()
+        {
+            return false;
+        }
+        for call in calls {
+            if seq
+                .job
+                .tx
+                .try_send(Ok(EngineEvent::ToolCall(call)))
+                .is_err()
+            {
+                return false;
+            }
+        }
+        if stopped || last {
+            tracing::debug!(
+                request_id = %seq.job.request_id,
+                mask_us_per_token = tools.mask_us_per_token(),
+                "tool call grammar"
+            );
+            // Cut short by max_tokens it is `Length` even with calls: the last may be partial.
+            seq.ended = Some(if stopped {
+                StopReason::Stop
+            } else if !(ending || tools.complete()) {
+                StopReason::Length
+            } else if tools.called() {
+                StopReason::ToolCalls
+            } else {
+                StopReason::Stop
+            });
+            return false;
+        }
+        seq.next = Some(id);
+        seq.tokens.push(id);
+        true
+    }
+}
+
+/// Masks a sequence's logits row to what its tool call grammar allows (nothing to do for a
+/// sequence without tools).
+fn constrain(job: &mut Job, row: &mut [f32]) -> Result<(), EngineError> {
+    match job.tools.as_deref_mut() {
+        Some(tools) => tools.mask(row),
+        None => Ok(()),
     }
 }

@@ -600,3 +600,422 @@ async fn min_p_near_one_reproduces_the_greedy_answer_at_any_seed() {
     }
     assert!(wandered > 0, "sampling at 1.5 never left the greedy answer");
 }
+
+/// Tool calling: the answer decoded under the tool call grammar.
+mod tools {
+    use super::*;
+    use switchyard_proto::v1;
+    use switchyard_worker::engine::Tools;
+    use switchyard_worker::{
+        Engine, EngineError, EngineEvent, EngineRequest, Message, Prompt, Sampling, StopReason,
+    };
+    use switchyard_worker_gpu::tokenizer::tools::{Parsed, ToolCallParser};
+
+    fn tool(name: &str, description: &str, parameters: serde_json::Value) -> v1::Tool {
+        v1::Tool {
+            name: name.into(),
+            description: description.into(),
+            parameters_json: parameters.to_string(),
+        }
+    }
+
+    fn get_weather() -> v1::Tool {
+        tool(
+            "get_weather",
+            "The current weather in a city",
+            serde_json::json!({
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            }),
+        )
+    }
+
+    fn get_time() -> v1::Tool {
+        tool(
+            "get_time",
+            "The current time in a time zone",
+            serde_json::json!({
+                "type": "object",
+                "properties": {"zone": {"type": "string"}},
+                "required": ["zone"],
+            }),
+        )
+    }
+
+    fn request(question: &str, tools: Vec<v1::Tool>, choice: v1::ToolChoice) -> EngineRequest {
+        EngineRequest {
+            request_id: format!("tools-{question}"),
+            model: "m".into(),
+            prompt: Prompt::Chat(vec![Message {
+                role: "user".into(),
+                content: question.into(),
+                ..Default::default()
+            }]),
+            sampling: Sampling {
+                max_tokens: 96,
+                ..Default::default()
+            },
+            resume_tokens: vec![],
+            latency_critical: false,
+            min_tokens_per_s: 0.0,
+            prompt_ids: None,
+            tools: Tools { tools, choice },
+        }
+    }
+
+    fn choice(mode: v1::ToolChoiceMode, function: &str, single_call: bool) -> v1::ToolChoice {
+        v1::ToolChoice {
+            mode: mode as i32,
+            function: function.into(),
+            single_call,
+        }
+    }
+
+    /// Everything a generation sent, in order.
+    #[derive(Debug, Default)]
+    struct Run {
+        events: Vec<EngineEvent>,
+        ids: Vec<u32>,
+        reason: Option<StopReason>,
+    }
+
+    async fn run(engine: &switchyard_worker_gpu::CandleEngine, request: EngineRequest) -> Run {
+        let mut rx = engine
+            .submit(request, tokio_util::sync::CancellationToken::new())
+            .unwrap();
+        let mut out = Run::default();
+        while let Some(event) = rx.recv().await {
+            let event = event.unwrap();
+            match &event {
+                EngineEvent::Token { id, .. } => out.ids.push(*id),
+                EngineEvent::Done { reason, .. } => out.reason = Some(*reason),
+                EngineEvent::ToolCall(_) => {}
+            }
+            out.events.push(event);
+        }
+        out
+    }
+
+    /// Text and calls (id, name, arguments) as a client assembles them from events.
+    fn assembled(events: &[EngineEvent]) -> (String, Vec<(String, String, String)>) {
+        let mut text = String::new();
+        let mut calls: Vec<(String, String, String)> = vec![];
+        for event in events {
+            match event {
+                EngineEvent::Token { text: t, .. } => text.push_str(t),
+                EngineEvent::ToolCall(d) => {
+                    let i = d.index as usize;
+                    if i == calls.len() {
+                        assert!(!d.id.is_empty() && !d.name.is_empty(), "{d:?}");
+                        calls.push((d.id.clone(), d.name.clone(), String::new()));
+                    }
+                    calls[i].2.push_str(&d.arguments);
+                }
+                EngineEvent::Done { .. } => {}
+            }
+        }
+        (text, calls)
+    }
+
+    fn object(arguments: &str) -> serde_json::Map<String, serde_json::Value> {
+        match serde_json::from_str(arguments) {
+            Ok(serde_json::Value::Object(map)) => map,
+            other => panic!("arguments `{arguments}` are not an object: {other:?}"),
+        }
+    }
+
+    /// The calls a generation completed, at least one: all of them when the grammar ended it,
+    /// all but the last when max_tokens did (SmolLM2-135M, allowed parallel calls, tends to
+    /// repeat its call until cut off).
+    fn complete_calls<'a>(
+        out: &Run,
+        calls: &'a [(String, String, String)],
+    ) -> &'a [(String, String, String)] {
+        let complete = match out.reason {
+            Some(StopReason::ToolCalls) => calls,
+            Some(StopReason::Length) => &calls[..calls.len().saturating_sub(1)],
+            other => panic!("ended with {other:?}"),
+        };
+        assert!(!complete.is_empty(), "{calls:?}");
+        complete
+    }
+
+    /// The chat a template without tool support renders: tools in the system turn, the
+    /// assistant's calls in the answer format, results as one user turn; the router's
+    /// `encode_chat_tools` and the engine's own rendering give the same ids.
+    #[test]
+    fn a_chat_with_tools_renders_in_smollm2s_template() {
+        let Some(path) = model_path() else { return };
+        let tok = tokenizer(&path);
+        let messages = vec![
+            Message {
+                role: "user".into(),
+                content: "Weather in Paris?".into(),
+                ..Default::default()
+            },
+            Message {
+                role: "assistant".into(),
+                tool_calls: vec![v1::ToolCall {
+                    id: "call_1".into(),
+                    name: "get_weather".into(),
+                    arguments: r#"{"city": "Paris"}"#.into(),
+                }],
+                ..Default::default()
+            },
+            Message {
+                role: "tool".into(),
+                content: "sunny, 21 C".into(),
+                tool_call_id: "call_1".into(),
+                ..Default::default()
+            },
+        ];
+        let tools = Tools {
+            tools: vec![get_weather()],
+            choice: choice(v1::ToolChoiceMode::Auto, "", false),
+        };
+        let set = switchyard_worker_gpu::tools::tool_set(&tools).unwrap();
+        let plain = switchyard_worker_gpu::tools::plain_messages(&messages, &set);
+        let text = tok.render_chat(&plain).unwrap();
+        eprintln!("{text}");
+        assert!(text.starts_with("<|im_start|>system\n# Tools\n"), "{text}");
+        assert!(text.contains(r#"<tools>
+{"type":"function","function":{"name":"get_weather","description":"The current weather in a city","parameters":{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}}}
+</tools>"#));
+        assert!(text.ends_with(
+            "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\nsunny, 21 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+        ), "{text}");
+        // What a router computes from the same chat (the shared tokenizer's entry point).
+        use switchyard_worker_gpu::tokenizer::tools::{ToolCallText, ToolTurn};
+        let turns: Vec<ToolTurn> = messages
+            .iter()
+            .map(|m| ToolTurn {
+                role: m.role.clone(),
+                content: m.content.clone(),
+                tool_calls: m
+                    .tool_calls
+                    .iter()
+                    .map(|c| ToolCallText {
+                        id: c.id.clone(),
+                        name: c.name.clone(),
+                        arguments: c.arguments.clone(),
+                    })
+                    .collect(),
+                tool_call_id: m.tool_call_id.clone(),
+            })
+            .collect();
+        assert_eq!(
+            tok.encode_chat_tools(&turns, &set).unwrap(),
+            tok.encode(&text).unwrap()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_required_call_names_the_tool_with_valid_arguments() {
+        let Some(path) = model_path() else { return };
+        let engine = real_engine(&path, 0);
+        let started = std::time::Instant::now();
+        let out = run(
+            &engine,
+            request(
+                "What is the weather like in Paris?",
+                vec![get_weather()],
+                choice(v1::ToolChoiceMode::Required, "", false),
+            ),
+        )
+        .await;
+        let (text, calls) = assembled(&out.events);
+        eprintln!(
+            "{} tokens in {:?}: {calls:?}",
+            out.ids.len(),
+            started.elapsed()
+        );
+        assert_eq!(text, "", "calls only: no text");
+        for (id, name, arguments) in complete_calls(&out, &calls) {
+            assert!(id.starts_with("call_"), "{id}");
+            assert_eq!(name, "get_weather");
+            assert!(object(arguments)["city"].is_string(), "{arguments}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_named_function_is_the_one_called_and_single_call_makes_one() {
+        let Some(path) = model_path() else { return };
+        let engine = real_engine(&path, 0);
+        let out = run(
+            &engine,
+            request(
+                "What is the weather like in Paris?",
+                vec![get_weather(), get_time()],
+                choice(v1::ToolChoiceMode::Auto, "get_time", false),
+            ),
+        )
+        .await;
+        let (_, calls) = assembled(&out.events);
+        for (_, name, arguments) in complete_calls(&out, &calls) {
+            assert_eq!(name, "get_time");
+            assert!(object(arguments)["zone"].is_string(), "{arguments}");
+        }
+
+        let out = run(
+            &engine,
+            request(
+                "What is the weather like in Paris, London and Rome?",
+                vec![get_weather(), get_time()],
+                choice(v1::ToolChoiceMode::Required, "", true),
+            ),
+        )
+        .await;
+        let (_, calls) = assembled(&out.events);
+        assert_eq!(out.reason, Some(StopReason::ToolCalls));
+        assert_eq!(calls.len(), 1, "{calls:?}");
+    }
+
+    #[tokio::test]
+    async fn auto_answers_in_text_or_valid_calls() {
+        let Some(path) = model_path() else { return };
+        let engine = real_engine(&path, 0);
+        for question in ["Hi! How are you?", "What is the weather like in Paris?"] {
+            let out = run(
+                &engine,
+                request(
+                    question,
+                    vec![get_weather(), get_time()],
+                    choice(v1::ToolChoiceMode::Auto, "", false),
+                ),
+            )
+            .await;
+            let (text, calls) = assembled(&out.events);
+            eprintln!("{question} -> {text:?} {calls:?} {:?}", out.reason);
+            if calls.is_empty() {
+                assert!(!text.is_empty());
+                assert!(!text.starts_with("<tool_call>"));
+                assert!(matches!(
+                    out.reason,
+                    Some(StopReason::Stop | StopReason::Length)
+                ));
+            } else {
+                assert_eq!(text, "");
+                assert_eq!(out.reason, Some(StopReason::ToolCalls));
+                for (_, name, arguments) in &calls {
+                    assert!(name == "get_weather" || name == "get_time", "{name}");
+                    object(arguments);
+                }
+            }
+        }
+    }
+
+    /// A generation resumed mid-call on another engine delivers exactly the rest: the first
+    /// run's events up to the cut plus the resumed run's are the calls the whole text spells.
+    #[tokio::test]
+    async fn a_call_resumed_mid_arguments_goes_on_without_repeating_or_losing_text() {
+        let Some(path) = model_path() else { return };
+        let engine = real_engine(&path, 0);
+        let ask = || {
+            request(
+                "What is the weather like in Paris?",
+                vec![get_weather()],
+                choice(v1::ToolChoiceMode::Required, "", false),
+            )
+        };
+        let first = run(&engine, ask()).await;
+        let half = first.ids.len() / 2;
+        assert!(half > 10, "{} tokens", first.ids.len());
+        // What the first worker delivered before failing: its events up to token `half`.
+        let cut = first
+            .events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| matches!(e, EngineEvent::Token { .. }))
+            .nth(half)
+            .map(|(i, _)| i)
+            .unwrap();
+        let mut resumed_request = ask();
+        resumed_request.resume_tokens = first.ids[..half].to_vec();
+        let second = run(&real_engine(&path, 0), resumed_request).await;
+        assert_eq!(second.reason, first.reason);
+
+        let mut delivered: Vec<EngineEvent> = first.events[..cut].to_vec();
+        delivered.extend(second.events.iter().cloned());
+        let (text, calls) = assembled(&delivered);
+
+        // What the whole text spells, parsed in one go.
+        let all: Vec<u32> = first.ids[..half]
+            .iter()
+            .chain(&second.ids)
+            .copied()
+            .collect();
+        let tok = tokenizer(&path);
+        let set = switchyard_worker_gpu::tools::tool_set(&ask().tools).unwrap();
+        let mut parser = ToolCallParser::new(
+            &set,
+            &switchyard_worker_gpu::tools::id_prefix(&ask().request_id),
+        );
+        let mut pieces = parser.push(&tok.decode(&all));
+        pieces.extend(parser.finish());
+        let mut expected: Vec<(String, String, String)> = vec![];
+        for piece in pieces {
+            match piece {
+                Parsed::Call {
+                    index,
+                    id,
+                    name,
+                    arguments,
+                } => {
+                    if index as usize == expected.len() {
+                        expected.push((id, name, String::new()));
+                    }
+                    expected[index as usize].2.push_str(&arguments);
+                }
+                Parsed::Text(t) => panic!("text {t:?} in a required call"),
+            }
+        }
+        assert_eq!(text, "");
+        assert_eq!(calls, expected);
+        assert!(object(&calls[0].2)["city"].is_string());
+        if second.ids == first.ids[half..] {
+            assert_eq!(calls, assembled(&first.events).1);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_schema_the_grammar_library_refuses_fails_before_any_token() {
+        let Some(path) = model_path() else { return };
+        let engine = real_engine(&path, 0);
+        let bad = tool(
+            "broken",
+            "",
+            serde_json::json!({"type": "object", "properties": {"a": {"type": "strin"}}}),
+        );
+        let refused = engine.submit(
+            request(
+                "What is the weather like in Paris?",
+                vec![get_weather(), bad],
+                choice(v1::ToolChoiceMode::Auto, "", false),
+            ),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        match refused {
+            Err(EngineError::InvalidArgument(msg)) => {
+                assert!(msg.starts_with("tools[1].function.parameters: "), "{msg}")
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        let not_json = v1::Tool {
+            parameters_json: "{".into(),
+            ..get_weather()
+        };
+        let refused = engine.submit(
+            request(
+                "What is the weather like in Paris?",
+                vec![not_json],
+                choice(v1::ToolChoiceMode::Required, "", false),
+            ),
+            tokio_util::sync::CancellationToken::new(),
+        );
+        assert!(
+            matches!(&refused, Err(EngineError::InvalidArgument(m)) if m.starts_with("tools[0].function.parameters: ")),
+            "{refused:?}"
+        );
+    }
+}
