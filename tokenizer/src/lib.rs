@@ -19,7 +19,7 @@ pub use chat::ChatMessage;
 pub use detok::Detokenizer;
 pub use spec::{SPEC_FORMAT, TokenType, TokenizerSpec};
 pub use tokenizer::GgufTokenizer;
-pub use tool_wire::uses_tools;
+pub use tool_wire::{WireToolError, uses_tools};
 
 /// Text that may be encoded on an async runtime's thread: 2 KiB (~590 tokens) encodes in
 /// ~0.4 ms with SmolLM2's tokenizer, 40 KiB in ~10 ms, 400 KiB in ~110 ms

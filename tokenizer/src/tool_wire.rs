@@ -6,29 +6,54 @@ use switchyard_proto::v1;
 
 use crate::tools::{ToolCallText, ToolChoice, ToolSet, ToolSpec, ToolTurn};
 
+/// A request's tools that cannot be used: `field` is the wire field at fault
+/// (`tools[2].parameters_json`, `tool_choice.function`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {detail}")]
+pub struct WireToolError {
+    pub field: String,
+    pub detail: String,
+}
+
 impl ToolSet {
-    /// `tools` and `choice` (`GenerateRequest.tools` / `.tool_choice`, as validated at the
-    /// router). A `parameters_json` that is not JSON is an error naming its tool.
-    pub fn from_wire(tools: &[v1::Tool], choice: Option<&v1::ToolChoice>) -> Result<Self, String> {
+    /// `tools` and `choice` (`GenerateRequest.tools` / `.tool_choice`). The router validated
+    /// them; a worker checks again what it relies on: every schema a JSON object, a named
+    /// function one of the tools.
+    pub fn from_wire(
+        tools: &[v1::Tool],
+        choice: Option<&v1::ToolChoice>,
+    ) -> Result<Self, WireToolError> {
         let tools = tools
             .iter()
             .enumerate()
             .map(|(i, tool)| {
-                let parameters = if tool.parameters_json.is_empty() {
+                let refused = |detail: String| WireToolError {
+                    field: format!("tools[{i}].parameters_json"),
+                    detail,
+                };
+                let parameters = if tool.parameters_json.trim().is_empty() {
                     serde_json::json!({"type": "object"})
                 } else {
-                    serde_json::from_str(&tool.parameters_json).map_err(|e| {
-                        format!("tools[{i}].parameters_json: not a JSON Schema object: {e}")
-                    })?
+                    serde_json::from_str(&tool.parameters_json)
+                        .map_err(|e| refused(format!("not JSON: {e}")))?
                 };
+                if !parameters.is_object() {
+                    return Err(refused("must be a JSON Schema object".into()));
+                }
                 Ok(ToolSpec {
                     name: tool.name.clone(),
                     description: tool.description.clone(),
                     parameters,
                 })
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
         let choice = choice.cloned().unwrap_or_default();
+        if !choice.function.is_empty() && !tools.iter().any(|t| t.name == choice.function) {
+            return Err(WireToolError {
+                field: "tool_choice.function".into(),
+                detail: format!("{:?} is not one of tools", choice.function),
+            });
+        }
         let mode = if choice.function.is_empty() {
             match choice.mode() {
                 v1::ToolChoiceMode::Auto => ToolChoice::Auto,
@@ -121,7 +146,13 @@ mod tests {
             ..Default::default()
         }];
         let error = ToolSet::from_wire(&broken, None).unwrap_err();
-        assert!(error.starts_with("tools[0].parameters_json"), "{error}");
+        assert_eq!(error.field, "tools[0].parameters_json");
+        let missing = v1::ToolChoice {
+            function: "h".into(),
+            ..Default::default()
+        };
+        let error = ToolSet::from_wire(&tools, Some(&missing)).unwrap_err();
+        assert_eq!(error.field, "tool_choice.function");
     }
 
     #[test]

@@ -18,61 +18,15 @@ use switchyard_worker::engine::Tools;
 use switchyard_worker::{EngineError, Message};
 
 use crate::tokenizer::tools::{
-    Parsed, ToolCallParser, ToolCallText, ToolChoice, ToolSet, ToolSpec, ToolTurn,
-    arguments_grammar, output_grammar,
+    Parsed, ToolCallParser, ToolSet, ToolTurn, arguments_grammar, output_grammar,
 };
 use crate::tokenizer::{ChatMessage, Detokenizer, GgufTokenizer};
 
 /// A request's tools in the tokenizer's terms, checked: every schema parses as a JSON object
 /// and a named function is one of the tools.
 pub fn tool_set(tools: &Tools) -> Result<ToolSet, EngineError> {
-    let specs = tools
-        .tools
-        .iter()
-        .enumerate()
-        .map(|(i, t)| {
-            let parameters = if t.parameters_json.trim().is_empty() {
-                serde_json::json!({"type": "object"})
-            } else {
-                serde_json::from_str::<serde_json::Value>(&t.parameters_json).map_err(|e| {
-                    EngineError::InvalidArgument(format!(
-                        "tools[{i}].function.parameters: not JSON: {e}"
-                    ))
-                })?
-            };
-            if !parameters.is_object() {
-                return Err(EngineError::InvalidArgument(format!(
-                    "tools[{i}].function.parameters: must be a JSON Schema object"
-                )));
-            }
-            Ok(ToolSpec {
-                name: t.name.clone(),
-                description: t.description.clone(),
-                parameters,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let choice = &tools.choice;
-    let choice_kind = if !choice.function.is_empty() {
-        if !specs.iter().any(|t| t.name == choice.function) {
-            return Err(EngineError::InvalidArgument(format!(
-                "tool_choice.function: `{}` is not one of tools",
-                choice.function
-            )));
-        }
-        ToolChoice::Function(choice.function.clone())
-    } else {
-        match choice.mode() {
-            v1::ToolChoiceMode::Auto => ToolChoice::Auto,
-            v1::ToolChoiceMode::None => ToolChoice::None,
-            v1::ToolChoiceMode::Required => ToolChoice::Required,
-        }
-    };
-    Ok(ToolSet {
-        tools: specs,
-        choice: choice_kind,
-        single_call: choice.single_call,
-    })
+    ToolSet::from_wire(&tools.tools, Some(&tools.choice))
+        .map_err(|e| EngineError::invalid_field(e.field, e.detail))
 }
 
 /// Whether a chat needs rewriting for a template without tool support: it offers tools or
@@ -89,20 +43,7 @@ pub fn needs_plain_messages(messages: &[Message], tools: &Tools) -> bool {
 pub fn plain_messages(messages: &[Message], tools: &ToolSet) -> Vec<ChatMessage> {
     let turns: Vec<ToolTurn> = messages
         .iter()
-        .map(|m| ToolTurn {
-            role: m.role.clone(),
-            content: m.content.clone(),
-            tool_calls: m
-                .tool_calls
-                .iter()
-                .map(|c| ToolCallText {
-                    id: c.id.clone(),
-                    name: c.name.clone(),
-                    arguments: c.arguments.clone(),
-                })
-                .collect(),
-            tool_call_id: m.tool_call_id.clone(),
-        })
+        .map(|m| ToolTurn::from_wire(&m.role, &m.content, &m.tool_calls, &m.tool_call_id))
         .collect();
     crate::tokenizer::tools::plain_messages(&turns, tools)
 }
@@ -176,8 +117,9 @@ impl Grammars {
         resumed: &[u32],
     ) -> Result<Constraint, EngineError> {
         let Some(grammar) = output_grammar(tools) else {
-            return Err(EngineError::InvalidArgument(
-                "tools: nothing to call under tool_choice".into(),
+            return Err(EngineError::invalid_field(
+                "tools",
+                "nothing to call under tool_choice",
             ));
         };
         let mut matcher = self.matcher(&grammar).map_err(|e| {
@@ -185,10 +127,10 @@ impl Grammars {
                 .tools
                 .iter()
                 .position(|t| self.matcher(&arguments_grammar(t)).is_err());
-            EngineError::InvalidArgument(match culprit {
-                Some(i) => format!("tools[{i}].function.parameters: {e}"),
-                None => format!("tools: {e}"),
-            })
+            match culprit {
+                Some(i) => EngineError::invalid_field(format!("tools[{i}].parameters_json"), e),
+                None => EngineError::invalid_field("tools", e),
+            }
         })?;
         let mut parser = ToolCallParser::new(tools, id_prefix);
         if !resumed.is_empty() {

@@ -996,8 +996,8 @@ mod tools {
             tokio_util::sync::CancellationToken::new(),
         );
         match refused {
-            Err(EngineError::InvalidArgument(msg)) => {
-                assert!(msg.starts_with("tools[1].function.parameters: "), "{msg}")
+            Err(EngineError::InvalidField { field, .. }) => {
+                assert_eq!(field, "tools[1].parameters_json")
             }
             other => panic!("not refused: {other:?}"),
         }
@@ -1014,7 +1014,7 @@ mod tools {
             tokio_util::sync::CancellationToken::new(),
         );
         assert!(
-            matches!(&refused, Err(EngineError::InvalidArgument(m)) if m.starts_with("tools[0].function.parameters: ")),
+            matches!(&refused, Err(EngineError::InvalidField { field, .. }) if field == "tools[0].parameters_json"),
             "{refused:?}"
         );
     }
