@@ -295,7 +295,14 @@ pub fn output_grammar(tools: &ToolSet) -> Option<String> {
 /// A grammar whose only answer is a JSON value following tool `tool`'s parameters schema (the
 /// same `%json` the full grammar uses), to find which tool a refused grammar trips on.
 pub fn arguments_grammar(tool: &ToolSpec) -> String {
-    format!("start: %json {}\n", arguments_schema(&tool.parameters))
+    json_grammar(&tool.parameters)
+}
+
+/// A grammar whose only answer is a JSON value following `schema` (an object schema; anything
+/// else stands for any object), written with the same fixed separators as call arguments: a
+/// structured answer (`response_format`) cannot pad itself with whitespace either.
+pub fn json_grammar(schema: &Value) -> String {
+    format!("start: %json {}\n", arguments_schema(schema))
 }
 
 fn regex_escape(text: &str) -> String {

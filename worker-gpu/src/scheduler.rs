@@ -138,9 +138,9 @@ struct Job {
     cached_tokens: usize,
     /// When the engine accepted the request: waiting time counts towards prefill priority.
     arrived: Instant,
-    /// The tool call grammar and parser of a request that may call tools; `None` for every
-    /// other request, which then pays nothing for tool support.
-    tools: Option<Box<Constraint>>,
+    /// The grammar (and call parser) of a request that may call tools or must answer in
+    /// JSON; `None` for every other request, which then pays nothing for either.
+    constraint: Option<Box<Constraint>>,
 }
 
 struct Seq {
@@ -165,7 +165,7 @@ impl Seq {
     /// text and the result in one step).
     fn can_emit(&self) -> bool {
         // A tool call token can also complete one call's piece and start the next's.
-        let room = if self.job.tools.is_some() { 4 } else { 2 };
+        let room = if self.job.constraint.is_some() { 4 } else { 2 };
         self.job.tx.capacity() >= room || self.job.tx.is_closed()
     }
 }
@@ -664,11 +664,24 @@ impl Engine for CandleEngine {
             _ if request.tools.callable() => Some(crate::tools::tool_set(&request.tools)?),
             _ => None,
         };
-        let constraint = match &tool_set {
-            Some(set) if set.callable() => Some(Box::new(self.grammars()?.constraint(
+        let callable = tool_set.as_ref().filter(|set| set.callable());
+        let constraint = match (callable, &s.response_format) {
+            (Some(_), Some(_)) if s.wants_json() => {
+                return Err(EngineError::invalid_field(
+                    "sampling.response_format",
+                    "a JSON answer and callable tools in one request are not supported here: \
+                     ask for one, or set tool_choice to none",
+                ));
+            }
+            (Some(set), _) => Some(Box::new(self.grammars()?.constraint(
                 &self.tokenizer,
                 set,
                 &crate::tools::id_prefix(&request.request_id),
+                &request.resume_tokens,
+            )?)),
+            (None, Some(format)) if s.wants_json() => Some(Box::new(self.grammars()?.json(
+                &self.tokenizer,
+                format,
                 &request.resume_tokens,
             )?)),
             _ => None,
@@ -710,7 +723,7 @@ impl Engine for CandleEngine {
             min_tokens_per_s: request.min_tokens_per_s,
             cached_tokens: 0,
             arrived: Instant::now(),
-            tools: constraint,
+            constraint,
         };
         let Some(prompt_ids) = prompt_ids else {
             let (admission, tokenizer) = (self.admission.clone(), self.tokenizer.clone());
@@ -1182,7 +1195,7 @@ impl Scheduler {
     /// Delivers sampled token `id` of sequence `i` (with its log probabilities when asked
     /// for); false when the sequence has ended.
     fn emit(&mut self, i: usize, id: u32, logprobs: Option<Box<v1::TokenLogprobs>>) -> bool {
-        if self.active[i].job.tools.is_some() {
+        if self.active[i].job.constraint.is_some() {
             return self.emit_constrained(i, id, logprobs);
         }
         let tokenizer = self.tokenizer.clone();
@@ -1241,10 +1254,10 @@ impl Scheduler {
         }
     }
 
-    /// [`Self::emit`] for a sequence under a tool call grammar: the token's text goes through
-    /// the call parser; the `Token` event carries its plain text (empty while it spells a
-    /// call) and call pieces follow it as `ToolCall` events. The sequence ends when the
-    /// grammar is complete, with `ToolCalls` when it called any.
+    /// [`Self::emit`] for a sequence under a grammar (tool calls, or a JSON answer): the
+    /// token's text goes through the call parser, if any; the `Token` event carries its plain
+    /// text (empty while it spells a call) and call pieces follow it as `ToolCall` events. The
+    /// sequence ends when the grammar is complete, with `ToolCalls` when it called any.
     fn emit_constrained(
         &mut self,
         i: usize,
@@ -1253,7 +1266,7 @@ impl Scheduler {
     ) -> bool {
         let tokenizer = self.tokenizer.clone();
         let seq = &mut self.active[i];
-        let Some(tools) = seq.job.tools.as_deref_mut() else {
+        let Some(tools) = seq.job.constraint.as_deref_mut() else {
             return false;
         };
         let ending = tokenizer.stop_ids().contains(&id);
@@ -1339,7 +1352,7 @@ impl Scheduler {
 /// Masks a sequence's logits row to what its tool call grammar allows (nothing to do for a
 /// sequence without tools).
 fn constrain(job: &mut Job, row: &mut [f32]) -> Result<(), EngineError> {
-    match job.tools.as_deref_mut() {
+    match job.constraint.as_deref_mut() {
         Some(tools) => tools.mask(row),
         None => Ok(()),
     }

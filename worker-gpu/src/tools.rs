@@ -18,7 +18,7 @@ use switchyard_worker::engine::Tools;
 use switchyard_worker::{EngineError, Message};
 
 use crate::tokenizer::tools::{
-    Parsed, ToolCallParser, ToolSet, ToolTurn, arguments_grammar, output_grammar,
+    Parsed, ToolCallParser, ToolSet, ToolTurn, arguments_grammar, json_grammar, output_grammar,
 };
 use crate::tokenizer::{ChatMessage, Detokenizer, GgufTokenizer};
 
@@ -133,31 +133,73 @@ impl Grammars {
             }
         })?;
         let mut parser = ToolCallParser::new(tools, id_prefix);
-        if !resumed.is_empty() {
-            matcher.consume_tokens(resumed).map_err(|e| {
-                EngineError::InvalidArgument(format!(
-                    "resume_tokens: do not follow the tool call format: {e}"
-                ))
-            })?;
-            // The same text the scheduler's detokenizer gives for them: what was delivered.
-            let mut detok = Detokenizer::default();
-            for id in resumed {
-                let _ = parser.push(&detok.push(tokenizer, *id));
-            }
-        }
+        Self::resume(&mut matcher, tokenizer, resumed, |text| {
+            let _ = parser.push(text);
+        })?;
         Ok(Constraint {
             matcher,
-            parser,
+            parser: Some(parser),
             mask_s: 0.0,
             masks: 0,
         })
     }
+
+    /// The constraint of one sequence whose answer must be JSON (`response_format`: any object,
+    /// or of its schema), fed the `resumed` tokens a previous worker delivered.
+    pub fn json(
+        &self,
+        tokenizer: &GgufTokenizer,
+        format: &v1::ResponseFormat,
+        resumed: &[u32],
+    ) -> Result<Constraint, EngineError> {
+        use v1::response_format::Kind;
+        let schema = match format.kind() {
+            Kind::JsonSchema => serde_json::from_str(&format.schema_json).map_err(|e| {
+                EngineError::invalid_field("sampling.response_format.schema_json", e.to_string())
+            })?,
+            Kind::JsonObject | Kind::Text => serde_json::json!({"type": "object"}),
+        };
+        let mut matcher = self
+            .matcher(&json_grammar(&schema))
+            .map_err(|e| EngineError::invalid_field("sampling.response_format.schema_json", e))?;
+        Self::resume(&mut matcher, tokenizer, resumed, |_| {})?;
+        Ok(Constraint {
+            matcher,
+            parser: None,
+            mask_s: 0.0,
+            masks: 0,
+        })
+    }
+
+    /// Feeds the tokens a previous worker delivered to the grammar, and their text (the same
+    /// the scheduler's detokenizer gives for them) to `text`.
+    fn resume(
+        matcher: &mut Matcher,
+        tokenizer: &GgufTokenizer,
+        resumed: &[u32],
+        mut text: impl FnMut(&str),
+    ) -> Result<(), EngineError> {
+        if resumed.is_empty() {
+            return Ok(());
+        }
+        matcher.consume_tokens(resumed).map_err(|e| {
+            EngineError::InvalidArgument(format!(
+                "resume_tokens: do not follow the answer's required format: {e}"
+            ))
+        })?;
+        let mut detok = Detokenizer::default();
+        for id in resumed {
+            text(&detok.push(tokenizer, *id));
+        }
+        Ok(())
+    }
 }
 
-/// The grammar state and parser of one sequence.
+/// The grammar state of one sequence, and its call parser when it may call tools (an answer
+/// held to JSON is all text).
 pub struct Constraint {
     matcher: Matcher,
-    parser: ToolCallParser,
+    parser: Option<ToolCallParser>,
     /// Time spent computing masks and how many, for the per-token cost in logs.
     mask_s: f64,
     masks: u32,
@@ -200,15 +242,22 @@ impl Constraint {
     }
 
     pub fn push(&mut self, text: &str) -> Vec<Parsed> {
-        self.parser.push(text)
+        match &mut self.parser {
+            Some(parser) => parser.push(text),
+            None if text.is_empty() => Vec::new(),
+            None => vec![Parsed::Text(text.to_string())],
+        }
     }
 
     pub fn finish(&mut self) -> Vec<Parsed> {
-        self.parser.finish()
+        self.parser
+            .as_mut()
+            .map(ToolCallParser::finish)
+            .unwrap_or_default()
     }
 
     pub fn called(&self) -> bool {
-        self.parser.called()
+        self.parser.as_ref().is_some_and(ToolCallParser::called)
     }
 
     /// Mean mask computation time per token so far, µs.

@@ -978,6 +978,70 @@ mod tools {
         }
     }
 
+    /// `response_format`: the answer is JSON (an object; of the schema) and ends when it
+    /// closes, well within the bound; a resumed answer goes on to the same JSON.
+    #[tokio::test]
+    async fn a_json_answer_is_an_object_of_its_schema_and_ends_when_it_closes() {
+        use v1::response_format::Kind;
+        let Some(path) = model_path() else { return };
+        let engine = real_engine(&path, 0);
+        let ask = |kind: Kind, schema: serde_json::Value| {
+            let mut r = request(
+                "Give the name and population of France's capital.",
+                vec![],
+                v1::ToolChoice::default(),
+            );
+            r.sampling.max_tokens = 200;
+            r.sampling.response_format = Some(v1::ResponseFormat {
+                kind: kind as i32,
+                schema_json: schema.to_string(),
+                ..Default::default()
+            });
+            r
+        };
+        let object_run = run(&engine, ask(Kind::JsonObject, serde_json::Value::Null)).await;
+        let (text, calls) = assembled(&object_run.events);
+        assert!(calls.is_empty());
+        assert_eq!(object_run.reason, Some(StopReason::Stop), "{text}");
+        object(&text);
+
+        let schema = serde_json::json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "population": {"type": "integer"}},
+            "required": ["city", "population"],
+            "additionalProperties": false,
+        });
+        let first = run(&engine, ask(Kind::JsonSchema, schema.clone())).await;
+        let (text, _) = assembled(&first.events);
+        assert_eq!(first.reason, Some(StopReason::Stop), "{text}");
+        let answer = object(&text);
+        assert_eq!(answer.len(), 2, "{text}");
+        assert!(
+            answer["city"].is_string() && answer["population"].is_i64(),
+            "{text}"
+        );
+
+        // Resumed halfway on another engine: the rest follows the same grammar to the same end.
+        let half = first.ids.len() / 2;
+        let mut resumed = ask(Kind::JsonSchema, schema);
+        resumed.resume_tokens = first.ids[..half].to_vec();
+        let second = run(&real_engine(&path, 0), resumed).await;
+        assert_eq!(second.ids, first.ids[half..]);
+
+        // Tools and a JSON answer together are refused by name, before any token.
+        let mut both = ask(Kind::JsonObject, serde_json::Value::Null);
+        both.tools = Tools {
+            tools: vec![get_weather()],
+            choice: v1::ToolChoice::default(),
+        };
+        match engine.submit(both, tokio_util::sync::CancellationToken::new()) {
+            Err(EngineError::InvalidField { field, .. }) => {
+                assert_eq!(field, "sampling.response_format")
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
     #[tokio::test]
     async fn a_schema_the_grammar_library_refuses_fails_before_any_token() {
         let Some(path) = model_path() else { return };
