@@ -917,5 +917,38 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
         finished.usage.map(|u| u.completion_tokens as usize),
         Some(completion.token_ids.len())
     );
+
+    // The Python gRPC client: tools in OpenAI's form, the call collected whole, and a JSON
+    // schema answer.
+    let client_dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../client/python");
+    let program = format!(
+        r#"
+import asyncio, json, sys
+sys.path.insert(0, {client_dir:?})
+import switchyard_client as sy
+WEATHER = {{"type": "function", "function": {{"name": "get_weather",
+    "parameters": {{"type": "object", "properties": {{"city": {{"type": "string"}}}},
+                    "required": ["city"]}}}}}}
+async def main():
+    done = await sy.generate({target:?}, model={MODEL:?}, max_tokens=64,
+        messages=[("user", "What is the weather like in Rome?")],
+        tools=[WEATHER], tool_choice="required", single_call=True)
+    call = done.tool_calls[0]
+    assert done.finished.reason == sy.pb.FINISH_REASON_TOOL_CALLS, done.finished
+    assert call.name == "get_weather" and isinstance(json.loads(call.arguments)["city"], str)
+    schema = {{"type": "object", "properties": {{"capital": {{"type": "string"}}}},
+              "required": ["capital"]}}
+    answer = await sy.generate({target:?}, model={MODEL:?}, max_tokens=64,
+        messages=[("user", "What is the capital of Italy?")],
+        response_format=sy.pb.ResponseFormat(kind=sy.pb.ResponseFormat.KIND_JSON_SCHEMA,
+                                             schema_json=json.dumps(schema)))
+    assert isinstance(json.loads(answer.text)["capital"], str), answer.text
+    print("python-grpc-tools: ok", call.arguments, answer.text)
+asyncio.run(main())
+"#,
+        target = cluster.router_addr(),
+    );
+    let out = switchyard_tests::program_output("python3", &["-c", &program]).await?;
+    assert!(out.contains("python-grpc-tools: ok"), "{out}");
     Ok(())
 }
