@@ -116,7 +116,7 @@ pub fn validate_generate_request(
             ),
         ));
     }
-    validate_messages("messages", &request.messages, limits)?;
+    validate_messages("messages", &request.messages, limits, History::Whole)?;
     validate_tools(request, limits)?;
     let sampling = request.sampling.clone().unwrap_or_default();
     if sampling.max_tokens == 0 {
@@ -252,7 +252,22 @@ pub fn validate_interrupt(
             "must hold the new instructions",
         ));
     }
-    validate_messages("interrupt.messages", &interrupt.messages, limits)
+    // An interrupt's tool results may answer calls of the conversation it continues, which
+    // this frame does not carry: only calls within it are checked against.
+    validate_messages(
+        "interrupt.messages",
+        &interrupt.messages,
+        limits,
+        History::Partial,
+    )
+}
+
+/// Whether a message list is a whole conversation, so a tool result must answer a call made
+/// earlier in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum History {
+    Whole,
+    Partial,
 }
 
 /// Checks a `Cancel` frame: its id must be one a request could have.
@@ -365,6 +380,7 @@ fn validate_messages(
     field: &str,
     messages: &[ChatMessage],
     limits: &RequestLimits,
+    history: History,
 ) -> Result<(), FieldViolation> {
     if messages.len() > limits.max_messages {
         return Err(FieldViolation::new(
@@ -386,7 +402,13 @@ fn validate_messages(
                 ),
             ));
         }
-        validate_tool_turn(&format!("{field}[{i}]"), message, &messages[..i], limits)?;
+        validate_tool_turn(
+            &format!("{field}[{i}]"),
+            message,
+            &messages[..i],
+            history,
+            limits,
+        )?;
         if message.content.len() > limits.max_message_bytes {
             return Err(FieldViolation::new(
                 format!("{field}[{i}].content"),
@@ -472,6 +494,7 @@ fn validate_tool_turn(
     field: &str,
     message: &ChatMessage,
     earlier: &[ChatMessage],
+    history: History,
     limits: &RequestLimits,
 ) -> Result<(), FieldViolation> {
     if !message.tool_calls.is_empty() && message.role != "assistant" {
@@ -510,10 +533,11 @@ fn validate_tool_turn(
         )),
         (true, false) => {
             validate_call_id(&format!("{field}.tool_call_id"), &message.tool_call_id)?;
-            let made = earlier
-                .iter()
-                .flat_map(|m| &m.tool_calls)
-                .any(|call| call.id == message.tool_call_id);
+            let made = history == History::Partial
+                || earlier
+                    .iter()
+                    .flat_map(|m| &m.tool_calls)
+                    .any(|call| call.id == message.tool_call_id);
             if made {
                 Ok(())
             } else {
@@ -844,6 +868,31 @@ mod tests {
         ] {
             assert_eq!(with(kind, schema).unwrap_err().field, field);
         }
+    }
+
+    #[test]
+    fn an_interrupt_may_answer_a_call_of_the_conversation_it_continues() {
+        let mut interrupt = Interrupt {
+            request_id: "r1".into(),
+            messages: vec![ChatMessage {
+                role: "tool".into(),
+                content: "sunny".into(),
+                tool_call_id: "call_1".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            validate_interrupt(&interrupt, &RequestLimits::default()),
+            Ok(())
+        );
+        interrupt.messages[0].tool_call_id.clear();
+        assert_eq!(
+            validate_interrupt(&interrupt, &RequestLimits::default())
+                .unwrap_err()
+                .field,
+            "interrupt.messages[0].tool_call_id"
+        );
     }
 
     #[test]

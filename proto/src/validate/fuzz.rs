@@ -81,7 +81,8 @@ fn is_request_field(
     ) || metadata_entry
         || logit_bias_entry(field, logit_bias)
         || field == list
-        || indexed(list, &[".role", ".content"], messages)
+        // A generated "tool" message answers no call: its `tool_call_id` is at fault.
+        || indexed(list, &[".role", ".content", ".tool_call_id"], messages)
         || indexed("sampling.stop", &[""], stops)
 }
 
@@ -114,6 +115,7 @@ fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
         && r.prompt.len() <= limits.max_message_bytes
         && r.messages.len() <= limits.max_messages
         && r.messages.iter().all(|m| {
+            // "tool" is a role, but these messages answer no call, so never valid.
             ["system", "developer", "user", "assistant"].contains(&m.role.as_str())
                 && m.content.len() <= limits.max_message_bytes
         })
