@@ -69,9 +69,10 @@ def arguments_of(call, tool):
     return arguments
 
 
-def required_call_whole():
-    # One call: a small model allowed parallel calls may repeat its call until max_tokens.
-    response = client.chat.completions.create(
+def one_weather_call():
+    """The answer to QUESTION with `get_weather` required, once: a small model allowed
+    parallel calls may repeat its call until max_tokens."""
+    return client.chat.completions.create(
         model=MODEL,
         messages=QUESTION,
         tools=[WEATHER],
@@ -80,7 +81,10 @@ def required_call_whole():
         max_tokens=64,
         temperature=0,
     )
-    choice = response.choices[0]
+
+
+def required_call_whole():
+    choice = one_weather_call().choices[0]
     assert choice.finish_reason == "tool_calls", choice
     assert choice.message.content is None, choice.message
     assert len(choice.message.tool_calls) == 1, choice.message
@@ -134,15 +138,7 @@ def named_function_and_one_call():
 
 
 def the_result_goes_back_and_the_model_answers():
-    first = client.chat.completions.create(
-        model=MODEL,
-        messages=QUESTION,
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_tokens=64,
-        temperature=0,
-    )
+    first = one_weather_call()
     call = first.choices[0].message.tool_calls[0]
     messages = QUESTION + [
         first.choices[0].message.model_dump(exclude_none=True),
