@@ -11,7 +11,7 @@ use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("etcd: {0}")]
+    #[error("etcd: {}", concise(.0))]
     Etcd(#[from] etcd_client::Error),
     #[error("registration task has stopped")]
     Stopped,
@@ -45,6 +45,36 @@ impl RegistryError {
         ]
         .iter()
         .any(|needle| text.contains(needle))
+    }
+}
+
+/// An etcd error as a person reads it in a log line repeated at every retry. A gRPC status
+/// prints itself as a debug dump (`code: '…', message: "…", source: tonic::transport::Error(
+/// Transport, ConnectError(…))`); the status's message and its innermost cause say the same
+/// ("tcp connect error: Connection refused (os error 111)").
+fn concise(error: &etcd_client::Error) -> String {
+    let etcd_client::Error::GRpcStatus(status) = error else {
+        return error.to_string();
+    };
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(status);
+    let mut innermost = None;
+    while let Some(error) = cause {
+        innermost = Some(error);
+        cause = error.source();
+    }
+    // gRPC's own spelling (NOT_FOUND), from the code's Rust name (NotFound).
+    let mut code = String::new();
+    for (i, c) in format!("{:?}", status.code()).chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            code.push('_');
+        }
+        code.push(c.to_ascii_uppercase());
+    }
+    match innermost {
+        Some(root) if !status.message().contains(&root.to_string()) => {
+            format!("{}: {root} [{code}]", status.message())
+        }
+        _ => format!("{} [{code}]", status.message()),
     }
 }
 
@@ -166,6 +196,30 @@ impl Registration {
             .await
             .map_err(|_| RegistryError::Stopped)?;
         rx.await.map_err(|_| RegistryError::Stopped)?
+    }
+}
+
+#[cfg(test)]
+mod concise_tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_etcd_reads_as_its_cause_not_a_debug_dump() {
+        let mut status = tonic::Status::unavailable("tcp connect error");
+        status.set_source(std::sync::Arc::new(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "Connection refused (os error 111)",
+        )));
+        let error = RegistryError::Etcd(etcd_client::Error::GRpcStatus(status));
+        assert_eq!(
+            error.to_string(),
+            "etcd: tcp connect error: Connection refused (os error 111) [UNAVAILABLE]"
+        );
+        let plain = etcd_client::Error::GRpcStatus(tonic::Status::not_found("no such key"));
+        assert_eq!(
+            RegistryError::Etcd(plain).to_string(),
+            "etcd: no such key [NOT_FOUND]"
+        );
     }
 }
 
