@@ -588,18 +588,46 @@ pub struct ControlPlaneArgs {
     pub admin_tokens_file: Option<std::path::PathBuf>,
 }
 
-/// A token fired by the first SIGINT or SIGTERM.
+/// A token fired by the first SIGINT or SIGTERM. A second one ends the process at once,
+/// without waiting for the drain the first started: an operator who sends it (Ctrl-C twice,
+/// `kill` again) does not want to wait, as with most servers; the generations still running
+/// are resumed elsewhere by their routers, as when a worker dies.
 pub fn shutdown_on_signal() -> CancellationToken {
+    on_signals(true)
+}
+
+/// [`shutdown_on_signal`] for a caller that handles a second signal itself (`up`, which says
+/// what it stopped).
+pub fn shutdown_on_first_signal() -> CancellationToken {
+    on_signals(false)
+}
+
+fn on_signals(exit_on_second: bool) -> CancellationToken {
     let token = CancellationToken::new();
     let fire = token.clone();
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");
+        let again = if exit_on_second {
+            " (again to stop at once)"
+        } else {
+            ""
+        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down{again}"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down{again}"),
         }
         fire.cancel();
+        if !exit_on_second {
+            return;
+        }
+        // 128 + the signal's number, as a shell reports a process the signal ended.
+        let code = tokio::select! {
+            _ = tokio::signal::ctrl_c() => 130,
+            _ = term.recv() => 143,
+        };
+        tracing::warn!("second signal: stopping now, without finishing the drain");
+        std::process::exit(code);
     });
     token
 }

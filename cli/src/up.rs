@@ -11,7 +11,7 @@ use switchyard_worker::WorkerConfig;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 
-use crate::components::{announce, default_worker_id, shutdown_on_signal};
+use crate::components::{announce, default_worker_id, shutdown_on_first_signal};
 
 #[derive(Debug, Clone, clap::Args)]
 // The local cluster serves the real model unless told otherwise (`--engine synthetic` is the
@@ -106,7 +106,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .map(|pki| pki.files(component))
             .unwrap_or_default()
     };
-    let shutdown = shutdown_on_signal();
+    let shutdown = shutdown_on_first_signal();
     let mut tasks = JoinSet::new();
     let mut ready = Vec::new();
 

@@ -679,7 +679,8 @@ pub struct Cluster {
     api_key: Option<String>,
 }
 
-fn strings(args: &[&str]) -> Vec<String> {
+/// Owned copies of command-line arguments.
+pub fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 

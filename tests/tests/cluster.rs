@@ -10,7 +10,7 @@ use switchyard_proto::v1::{
     self, ChatMessage, FinishReason, GenerateRequest, Lane, RequestClass, client_frame,
     server_frame::Frame,
 };
-use switchyard_tests::{Cluster, ClusterSpec, wait_until};
+use switchyard_tests::{Cluster, ClusterSpec, strings, wait_until};
 use switchyard_worker::synthetic::{synthetic_text, synthetic_token};
 use tonic::Code;
 
@@ -312,6 +312,50 @@ async fn a_generation_cut_by_a_workers_drain_timeout_resumes_on_another_worker()
     assert_eq!(completion.text, synthetic_text(content, 0, 200));
     assert_gap_free(&completion);
     assert!(terminating.await??.success());
+    Ok(())
+}
+
+/// A second SIGTERM stops a draining worker at once (exit 143) rather than after its drain:
+/// the operator who sends it does not want to wait. The generation it was running goes on
+/// from another worker, every token once, as when a worker dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_sigterm_stops_a_draining_worker_at_once() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 2,
+        wse_workers: 0,
+        // 1 000 tokens at 100 a second: the first SIGTERM's drain would last some 10 s, twice
+        // the wait for the exit.
+        gpu_flags: strings(&["--drain-timeout", "120s", "--synthetic-tokens-per-s", "100"]),
+        ..Default::default()
+    })
+    .await?;
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    let content = "stop when told twice";
+    let mut stream = session.start(request("twice", RequestClass::CostSensitive, content, 1000))?;
+    let mut completion = Completion::default();
+    while completion.token_ids.is_empty() {
+        completion.absorb(stream.next().await.expect("stream open"));
+    }
+    let first = completion.accepted.clone().expect("accepted").worker_id;
+    let index = cluster
+        .gpu
+        .iter()
+        .position(|w| w.name == first)
+        .with_context(|| format!("no worker named {first}"))?;
+    let mut worker = cluster.gpu.remove(index);
+    worker.sigterm()?;
+    worker
+        .wait_for_log("again to stop at once", Duration::from_secs(10))
+        .await?;
+    worker.sigterm()?;
+    let status = worker.exited(Duration::from_secs(5)).await?;
+    assert_eq!(status.code(), Some(143), "{status:?}");
+    while let Some(frame) = stream.next().await {
+        completion.absorb(frame);
+    }
+    assert_eq!(completion.failed, None);
+    assert_eq!(completion.text, synthetic_text(content, 0, 1000));
+    assert_gap_free(&completion);
     Ok(())
 }
 

@@ -14,14 +14,12 @@ use std::time::Duration;
 
 use switchyard_client::{Completion, SessionClient};
 use switchyard_proto::v1::{RequestClass, server_frame::Frame};
-use switchyard_tests::{Cluster, ClusterSpec, Component, start_gpu_worker, synthetic_request};
+use switchyard_tests::{
+    Cluster, ClusterSpec, Component, start_gpu_worker, strings, synthetic_request,
+};
 use switchyard_worker::synthetic::synthetic_text;
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
 
 /// Reads `stream` until its `Accepted` frame and `n` tokens have come.
 async fn until_tokens(

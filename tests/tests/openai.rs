@@ -9,14 +9,10 @@ use futures::StreamExt as _;
 use serde_json::{Value, json};
 use switchyard_proto::v1::{self, router_frame, worker_frame};
 use switchyard_tests::{
-    Cluster, ClusterSpec, Component, Etcd, list_router_workers, program_output, wait_until,
+    Cluster, ClusterSpec, Component, Etcd, list_router_workers, program_output, strings, wait_until,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder()

@@ -4,15 +4,11 @@
 use std::time::Duration;
 
 use switchyard_proto::v1::{self, RequestClass, inference_client::InferenceClient};
-use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd, free_port, wait_until};
+use switchyard_tests::{Cluster, ClusterSpec, Component, Etcd, free_port, strings, wait_until};
 use switchyard_worker::synthetic::synthetic_text;
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-
-fn strings(args: &[&str]) -> Vec<String> {
-    args.iter().map(|s| s.to_string()).collect()
-}
 
 /// Sum of every sample of `name` in a Prometheus text exposition; `None` when absent.
 fn metric_sum(exposition: &str, name: &str) -> Option<f64> {
