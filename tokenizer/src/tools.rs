@@ -295,14 +295,69 @@ pub fn output_grammar(tools: &ToolSet) -> Option<String> {
 /// A grammar whose only answer is a JSON value following tool `tool`'s parameters schema (the
 /// same `%json` the full grammar uses), to find which tool a refused grammar trips on.
 pub fn arguments_grammar(tool: &ToolSpec) -> String {
-    json_grammar(&tool.parameters)
+    format!("start: %json {}\n", arguments_schema(&tool.parameters))
 }
 
 /// A grammar whose only answer is a JSON value following `schema` (an object schema; anything
-/// else stands for any object), written with the same fixed separators as call arguments: a
-/// structured answer (`response_format`) cannot pad itself with whitespace either.
+/// else stands for any object): a structured answer (`response_format`). Unlike a call's
+/// arguments it may be laid out as the model likes — small models write JSON answers
+/// pretty-printed, and held to one line they lose their way (SmolLM2-135M closed a string
+/// with `}` and rambled on inside it) — but every run of whitespace is bounded, so the answer
+/// cannot pad itself with whitespace forever.
 pub fn json_grammar(schema: &Value) -> String {
-    format!("start: %json {}\n", arguments_schema(schema))
+    let mut schema = match schema {
+        Value::Object(_) => schema.clone(),
+        _ => serde_json::json!({"type": "object"}),
+    };
+    bound_integers(&mut schema);
+    if let Value::Object(map) = &mut schema {
+        map.insert(
+            "x-guidance".into(),
+            serde_json::json!({
+                "whitespace_flexible": true,
+                "whitespace_pattern": "[\\x20\\x0A\\x0D\\x09]{1,20}",
+            }),
+        );
+    }
+    format!("start: %json {schema}\n")
+}
+
+/// The largest integer a JSON number holds exactly in the doubles most parsers read it into
+/// (2^53 − 1, JavaScript's `Number.MAX_SAFE_INTEGER`).
+const SAFE_INTEGER: i64 = (1 << 53) - 1;
+
+/// Gives every `integer` in `schema` without its own bounds the range of a safe integer, as
+/// llama.cpp's grammars bound integers to 16 digits: unbounded, a small model may write digits
+/// until `max_tokens` (SmolLM2-135M wrote a population of `1111…`), and no parser reads such a
+/// number exactly anyway.
+fn bound_integers(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let integer = match map.get("type") {
+                Some(Value::String(t)) => t == "integer",
+                Some(Value::Array(types)) => types.iter().any(|t| t == "integer"),
+                _ => false,
+            };
+            if integer {
+                if !map.contains_key("maximum") && !map.contains_key("exclusiveMaximum") {
+                    map.insert("maximum".into(), Value::from(SAFE_INTEGER));
+                }
+                if !map.contains_key("minimum") && !map.contains_key("exclusiveMinimum") {
+                    map.insert("minimum".into(), Value::from(-SAFE_INTEGER));
+                }
+            }
+            // Sub-schemas sit under many keywords (properties, items, anyOf, $defs, …):
+            // every nested object is visited, and only those typed `integer` change — but not
+            // values the answer must equal or that only document it.
+            for (key, value) in map.iter_mut() {
+                if !matches!(key.as_str(), "const" | "enum" | "default" | "examples") {
+                    bound_integers(value);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(bound_integers),
+        _ => {}
+    }
 }
 
 fn regex_escape(text: &str) -> String {
@@ -650,6 +705,36 @@ fn parse_head(text: &str) -> Head {
         }
     }
     Head::Incomplete
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn integers_without_bounds_get_a_safe_integer_range_and_others_keep_theirs() {
+        let mut schema = serde_json::json!({
+            "type": "object",
+            "properties": {
+                "population": {"type": "integer"},
+                "rank": {"type": ["integer", "null"], "minimum": 1},
+                "ids": {"type": "array", "items": {"type": "integer", "exclusiveMaximum": 10}},
+                "kind": {"const": {"type": "integer"}},
+            },
+        });
+        bound_integers(&mut schema);
+        let p = &schema["properties"];
+        assert_eq!(p["population"]["maximum"], SAFE_INTEGER);
+        assert_eq!(p["population"]["minimum"], -SAFE_INTEGER);
+        assert_eq!(p["rank"]["minimum"], 1);
+        assert_eq!(p["rank"]["maximum"], SAFE_INTEGER);
+        assert_eq!(p["ids"]["items"].get("maximum"), None);
+        assert_eq!(p["ids"]["items"]["minimum"], -SAFE_INTEGER);
+        assert_eq!(p["kind"], serde_json::json!({"const": {"type": "integer"}}));
+        let grammar = json_grammar(&schema);
+        assert!(grammar.starts_with("start: %json {"), "{grammar}");
+        assert!(grammar.contains("whitespace_pattern"), "{grammar}");
+    }
 }
 
 #[cfg(test)]
