@@ -942,6 +942,7 @@ async def main():
         messages=[("user", "What is the capital of Italy?")],
         response_format=sy.pb.ResponseFormat(kind=sy.pb.ResponseFormat.KIND_JSON_SCHEMA,
                                              schema_json=json.dumps(schema)))
+    assert answer.finished.reason == sy.pb.FINISH_REASON_STOP, (answer.finished, answer.text)
     assert isinstance(json.loads(answer.text)["capital"], str), answer.text
     print("python-grpc-tools: ok", call.arguments, answer.text)
 asyncio.run(main())

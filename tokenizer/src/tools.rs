@@ -302,8 +302,9 @@ pub fn arguments_grammar(tool: &ToolSpec) -> String {
 /// else stands for any object): a structured answer (`response_format`). Unlike a call's
 /// arguments it may be laid out as the model likes — small models write JSON answers
 /// pretty-printed, and held to one line they lose their way (SmolLM2-135M closed a string
-/// with `}` and rambled on inside it) — but every run of whitespace is bounded, so the answer
-/// cannot pad itself with whitespace forever.
+/// with `}` and rambled on inside it) — but between two tokens of JSON there is at most one
+/// space, or one line break and an indent of up to 20 (llama.cpp's rule): a freer layout let
+/// SmolLM2 spend its tokens on blank lines.
 pub fn json_grammar(schema: &Value) -> String {
     let mut schema = match schema {
         Value::Object(_) => schema.clone(),
@@ -315,7 +316,7 @@ pub fn json_grammar(schema: &Value) -> String {
             "x-guidance".into(),
             serde_json::json!({
                 "whitespace_flexible": true,
-                "whitespace_pattern": "[\\x20\\x0A\\x0D\\x09]{1,20}",
+                "whitespace_pattern": "(\\x20|\\x0A[\\x20\\x09]{0,20})",
             }),
         );
     }
