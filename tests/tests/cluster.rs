@@ -270,6 +270,25 @@ async fn a_worker_stopped_while_etcd_is_down_does_not_claim_it_deregistered() ->
     Ok(())
 }
 
+/// Reads `stream` into `completion` up to its first token, then takes the GPU worker that
+/// produced it out of `cluster` (to stop it as the test likes).
+async fn take_first_tokens_worker(
+    cluster: &mut Cluster,
+    stream: &mut switchyard_client::RequestStream,
+    completion: &mut Completion,
+) -> anyhow::Result<switchyard_tests::Component> {
+    while completion.token_ids.is_empty() {
+        completion.absorb(stream.next().await.expect("stream open"));
+    }
+    let first = completion.accepted.clone().expect("accepted").worker_id;
+    let index = cluster
+        .gpu
+        .iter()
+        .position(|w| w.name == first)
+        .with_context(|| format!("no worker named {first}"))?;
+    Ok(cluster.gpu.remove(index))
+}
+
 /// A worker whose drain timeout runs out with a generation in flight stops it; the router
 /// resumes it on another worker, so the client gets every token once, in order, ending as it
 /// asked (`LENGTH`) — not cut short with a `CANCELLED` it never asked for.
@@ -288,16 +307,7 @@ async fn a_generation_cut_by_a_workers_drain_timeout_resumes_on_another_worker()
     let content = "outlast the drain";
     let mut stream = session.start(request("long", RequestClass::CostSensitive, content, 200))?;
     let mut completion = Completion::default();
-    while completion.token_ids.is_empty() {
-        completion.absorb(stream.next().await.expect("stream open"));
-    }
-    let first = completion.accepted.clone().expect("accepted").worker_id;
-    let index = cluster
-        .gpu
-        .iter()
-        .position(|w| w.name == first)
-        .with_context(|| format!("no worker named {first}"))?;
-    let mut worker = cluster.gpu.remove(index);
+    let mut worker = take_first_tokens_worker(&mut cluster, &mut stream, &mut completion).await?;
     let terminating = tokio::spawn(async move { worker.terminate(Duration::from_secs(30)).await });
     while let Some(frame) = stream.next().await {
         completion.absorb(frame);
@@ -333,16 +343,7 @@ async fn a_second_sigterm_stops_a_draining_worker_at_once() -> anyhow::Result<()
     let content = "stop when told twice";
     let mut stream = session.start(request("twice", RequestClass::CostSensitive, content, 1000))?;
     let mut completion = Completion::default();
-    while completion.token_ids.is_empty() {
-        completion.absorb(stream.next().await.expect("stream open"));
-    }
-    let first = completion.accepted.clone().expect("accepted").worker_id;
-    let index = cluster
-        .gpu
-        .iter()
-        .position(|w| w.name == first)
-        .with_context(|| format!("no worker named {first}"))?;
-    let mut worker = cluster.gpu.remove(index);
+    let mut worker = take_first_tokens_worker(&mut cluster, &mut stream, &mut completion).await?;
     worker.sigterm()?;
     worker
         .wait_for_log("again to stop at once", Duration::from_secs(10))
