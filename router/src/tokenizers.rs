@@ -207,7 +207,13 @@ pub fn tokenizes_long(request: &v1::GenerateRequest) -> bool {
 fn encode(tokenizer: &GgufTokenizer, request: &v1::GenerateRequest) -> Option<Vec<u32>> {
     let ids = if request.messages.is_empty() {
         tokenizer.encode(&request.prompt)
-    } else if switchyard_tokenizer::uses_tools(&request.tools, &request.messages) {
+    } else if switchyard_tokenizer::uses_tools(
+        !request.tools.is_empty(),
+        request
+            .messages
+            .iter()
+            .map(|m| (m.role.as_str(), !m.tool_calls.is_empty())),
+    ) {
         // The tools and the calls in the history are written into the prompt the way the
         // engine constrains its answers to (the engine would render it the same).
         let tools = match ToolSet::from_wire(&request.tools, request.tool_choice.as_ref()) {

@@ -96,12 +96,16 @@ impl ToolTurn {
 }
 
 /// Whether a conversation needs the tools module to render: it offers tools, or its history
-/// holds calls or their results (which a plain template would drop or mangle).
-pub fn uses_tools(tools: &[v1::Tool], messages: &[v1::ChatMessage]) -> bool {
-    !tools.is_empty()
-        || messages
-            .iter()
-            .any(|m| !m.tool_calls.is_empty() || m.role == "tool")
+/// holds calls or their results (which a plain template would drop or mangle). `turns` are
+/// each message's role and whether it carries calls, whichever message type holds them.
+pub fn uses_tools<'a>(
+    offers_tools: bool,
+    turns: impl IntoIterator<Item = (&'a str, bool)>,
+) -> bool {
+    offers_tools
+        || turns
+            .into_iter()
+            .any(|(role, calls)| calls || role == "tool")
 }
 
 #[cfg(test)]
@@ -161,12 +165,21 @@ mod tests {
             role: "user".into(),
             ..Default::default()
         };
-        assert!(!uses_tools(&[], std::slice::from_ref(&user)));
+        let uses = |offers: bool, messages: &[v1::ChatMessage]| {
+            uses_tools(
+                offers,
+                messages
+                    .iter()
+                    .map(|m| (m.role.as_str(), !m.tool_calls.is_empty())),
+            )
+        };
+        assert!(!uses(false, std::slice::from_ref(&user)));
+        assert!(uses(true, std::slice::from_ref(&user)));
         let result = v1::ChatMessage {
             role: "tool".into(),
             tool_call_id: "c".into(),
             ..Default::default()
         };
-        assert!(uses_tools(&[], &[user, result]));
+        assert!(uses(false, &[user, result]));
     }
 }

@@ -32,10 +32,12 @@ pub fn tool_set(tools: &Tools) -> Result<ToolSet, EngineError> {
 /// Whether a chat needs rewriting for a template without tool support: it offers tools or
 /// holds calls or results.
 pub fn needs_plain_messages(messages: &[Message], tools: &Tools) -> bool {
-    !tools.tools.is_empty()
-        || messages
+    crate::tokenizer::uses_tools(
+        !tools.tools.is_empty(),
+        messages
             .iter()
-            .any(|m| m.role == "tool" || !m.tool_calls.is_empty())
+            .map(|m| (m.role.as_str(), !m.tool_calls.is_empty())),
+    )
 }
 
 /// The messages the chat template renders for a chat with tools
