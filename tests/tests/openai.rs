@@ -60,6 +60,20 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     .await
     .context("the openai SDK checks (pip install -r scripts/test-requirements.txt)")?;
     assert!(out.contains("openai-sdk: 12 passed, 0 failed"), "{out}");
+    // The Responses API, text only (the load-test engine refuses tools and schemas).
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/openai_responses_check.py"
+    );
+    let out = program_output(
+        "python3",
+        &strings(&[script, &base, "synthetic", "text-only"]),
+    )
+    .await?;
+    assert!(
+        out.contains("openai-responses: 7 passed, 0 failed"),
+        "{out}"
+    );
 
     // The README's `curl -N` example, as written there but for the port.
     let host = cluster.router.addr("http");

@@ -173,6 +173,25 @@ impl ApiError {
         self
     }
 
+    /// The error in the words of a door whose requests name their fields otherwise than chat
+    /// completions do (the Responses API's `input[3].call_id` for `messages[2].tool_call_id`):
+    /// `rename` maps the field at fault, `None` keeps it. The message's leading field, which
+    /// may be in the dispatcher's own naming, becomes the new name too.
+    pub fn renaming_param(mut self, rename: impl Fn(&str) -> Option<String>) -> Self {
+        let Some(renamed) = self.param.as_deref().and_then(rename) else {
+            return self;
+        };
+        if let Some((_, reason)) = self
+            .message
+            .split_once(": ")
+            .filter(|(head, _)| !head.contains(' '))
+        {
+            self.message = format!("{renamed}: {reason}");
+        }
+        self.param = Some(renamed);
+        self
+    }
+
     /// Sets `Retry-After` from a policy figure in milliseconds, rounded up to whole seconds as
     /// the gRPC `retry-after` metadata is (see [`crate::error::DispatchError::status`]).
     fn with_retry_after_ms(mut self, retry_after_ms: Option<u64>) -> Self {

@@ -58,16 +58,21 @@ pub struct Meta {
 impl Meta {
     /// Adds the `x-switchyard-*` headers to `response`.
     pub fn decorate(&self, response: &mut Response) {
-        let headers = response.headers_mut();
-        for (name, value) in [
-            ("x-switchyard-lane", &self.lane),
-            ("x-switchyard-pool", &self.pool),
-            ("x-switchyard-worker", &self.worker),
-            (REQUEST_ID_HEADER, &self.id),
-        ] {
-            if let Ok(value) = HeaderValue::from_str(value) {
-                headers.insert(HeaderName::from_static(name), value);
-            }
+        tag(response, &self.lane, &self.pool, &self.worker, &self.id);
+    }
+}
+
+/// Adds the `x-switchyard-*` headers and `x-request-id` to a generation's `response`.
+pub(super) fn tag(response: &mut Response, lane: &str, pool: &str, worker: &str, id: &str) {
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-switchyard-lane", lane),
+        ("x-switchyard-pool", pool),
+        ("x-switchyard-worker", worker),
+        (REQUEST_ID_HEADER, id),
+    ] {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(HeaderName::from_static(name), value);
         }
     }
 }
@@ -78,7 +83,18 @@ pub async fn chat_completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    answer(dispatcher, tenant, headers, body, Endpoint::Chat).await
+    let limits = dispatcher.limits().clone();
+    answer(&headers.clone(), &limits, CHAT_ROUTE, |id| {
+        generate(
+            dispatcher,
+            tenant.map(|t| t.0),
+            headers,
+            body,
+            Endpoint::Chat,
+            id,
+        )
+    })
+    .await
 }
 
 pub async fn completions(
@@ -87,25 +103,55 @@ pub async fn completions(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    answer(dispatcher, tenant, headers, body, Endpoint::Completion).await
+    let limits = dispatcher.limits().clone();
+    answer(&headers.clone(), &limits, COMPLETIONS_ROUTE, |id| {
+        generate(
+            dispatcher,
+            tenant.map(|t| t.0),
+            headers,
+            body,
+            Endpoint::Completion,
+            id,
+        )
+    })
+    .await
 }
 
-/// Runs a generation; every answer, an error included, carries the request's id in
-/// `x-request-id`, so a user can quote it to whoever reads the decision feed.
-async fn answer(
-    dispatcher: Arc<Dispatcher>,
-    tenant: Option<Extension<Tenant>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    endpoint: Endpoint,
-) -> Response {
-    let (id, outcome) = match request_id(&headers, endpoint, dispatcher.limits()) {
+/// The generation routes.
+pub const CHAT_ROUTE: &str = "/v1/chat/completions";
+pub const COMPLETIONS_ROUTE: &str = "/v1/completions";
+pub const RESPONSES_ROUTE: &str = "/v1/responses";
+
+/// How the ids a generation route gives its requests begin, as OpenAI's do; `None` for the
+/// routes that generate nothing.
+fn id_prefix(route: &str) -> Option<&'static str> {
+    match route {
+        CHAT_ROUTE => Some("chatcmpl-"),
+        COMPLETIONS_ROUTE => Some("cmpl-"),
+        RESPONSES_ROUTE => Some("resp_"),
+        _ => None,
+    }
+}
+
+/// Runs the generation `run` under the request's id; every answer, an error included,
+/// carries that id in `x-request-id`, so a user can quote it to whoever reads the decision
+/// feed.
+pub(super) async fn answer<F, Fut>(
+    headers: &HeaderMap,
+    limits: &switchyard_proto::RequestLimits,
+    route: &str,
+    run: F,
+) -> Response
+where
+    F: FnOnce(String) -> Fut,
+    Fut: std::future::Future<Output = Result<Response, ApiError>>,
+{
+    let (id, outcome) = match request_id(headers, route, limits) {
         Ok(id) => {
-            let tenant = tenant.map(|t| t.0);
-            let outcome = generate(dispatcher, tenant, headers, body, endpoint, id.clone()).await;
+            let outcome = run(id.clone()).await;
             (id, outcome)
         }
-        Err(error) => (new_request_id(endpoint), Err(error)),
+        Err(error) => (new_request_id(route), Err(error)),
     };
     outcome.unwrap_or_else(|error| {
         let mut response = error.into_response();
@@ -117,14 +163,14 @@ async fn answer(
 }
 
 /// The id a request runs under: the client's `x-request-id` when it sends one (as proxies and
-/// tracing setups do), else a new `chatcmpl-…` / `cmpl-…`.
+/// tracing setups do), else a new `chatcmpl-…` / `cmpl-…` / `resp_…`.
 fn request_id(
     headers: &HeaderMap,
-    endpoint: Endpoint,
+    route: &str,
     limits: &switchyard_proto::RequestLimits,
 ) -> Result<String, ApiError> {
     let Some(value) = headers.get(REQUEST_ID_HEADER) else {
-        return Ok(new_request_id(endpoint));
+        return Ok(new_request_id(route));
     };
     match value.to_str() {
         Ok(id)
@@ -144,28 +190,23 @@ fn request_id(
     }
 }
 
-/// Gives a refusal made before a generation endpoint's handler ran (authentication) the
-/// `x-request-id` every answer of those endpoints carries: the client's when it is valid,
-/// else a new one.
+/// Gives a refusal made before a generation route's handler ran (authentication, a wrong
+/// method) the `x-request-id` every answer of those routes carries: the client's when it is
+/// valid, else a new one.
 pub(super) fn tag_with_request_id(response: &mut Response, headers: &HeaderMap, path: &str) {
-    let endpoint = match path {
-        "/v1/chat/completions" => Endpoint::Chat,
-        "/v1/completions" => Endpoint::Completion,
-        _ => return,
-    };
+    if id_prefix(path).is_none() {
+        return;
+    }
     let limits = switchyard_proto::RequestLimits::default();
-    let id = request_id(headers, endpoint, &limits).unwrap_or_else(|_| new_request_id(endpoint));
+    let id = request_id(headers, path, &limits).unwrap_or_else(|_| new_request_id(path));
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
 }
 
-fn new_request_id(endpoint: Endpoint) -> String {
-    let prefix = match endpoint {
-        Endpoint::Chat => "chatcmpl",
-        Endpoint::Completion => "cmpl",
-    };
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+fn new_request_id(route: &str) -> String {
+    let prefix = id_prefix(route).unwrap_or("req-");
+    format!("{prefix}{}", uuid::Uuid::new_v4().simple())
 }
 
 /// The 413 for a body over [`MAX_BODY_BYTES`].
@@ -214,15 +255,15 @@ fn parse<T: WithSampling>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiE
     wire::parse_body(&body)
 }
 
-/// The request class from `x-switchyard-class`, AUTO when absent.
-fn class_from_headers(headers: &HeaderMap) -> Result<v1::RequestClass, ApiError> {
+/// The request class from `x-switchyard-class`, `None` when absent.
+fn class_from_headers(headers: &HeaderMap) -> Result<Option<v1::RequestClass>, ApiError> {
     let Some(value) = headers.get(CLASS_HEADER) else {
-        return Ok(v1::RequestClass::Auto);
+        return Ok(None);
     };
     match value.to_str().map(str::trim) {
-        Ok("latency-critical") => Ok(v1::RequestClass::LatencyCritical),
-        Ok("cost-sensitive") => Ok(v1::RequestClass::CostSensitive),
-        Ok("auto") => Ok(v1::RequestClass::Auto),
+        Ok("latency-critical") => Ok(Some(v1::RequestClass::LatencyCritical)),
+        Ok("cost-sensitive") => Ok(Some(v1::RequestClass::CostSensitive)),
+        Ok("auto") => Ok(Some(v1::RequestClass::Auto)),
         _ => Err(ApiError::invalid(
             CLASS_HEADER,
             format!("header value {value:?} is not one of latency-critical, cost-sensitive, auto"),
@@ -230,7 +271,7 @@ fn class_from_headers(headers: &HeaderMap) -> Result<v1::RequestClass, ApiError>
     }
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -266,30 +307,97 @@ async fn generate(
     id: String,
 ) -> Result<Response, ApiError> {
     let cap = dispatcher.limits().max_tokens_cap;
-    let (mut request, mode) = match endpoint {
+    let (request, mode) = match endpoint {
         Endpoint::Chat => parse::<ChatCompletionRequest>(body)?.into_proto(cap)?,
         Endpoint::Completion => parse::<CompletionRequest>(body)?.into_proto(cap)?,
     };
-    request.class = class_from_headers(&headers)? as i32;
+    let placed = place(
+        &dispatcher,
+        tenant,
+        &headers,
+        request,
+        Choices {
+            count: mode.choices,
+            max_tokens_field: mode.max_tokens_field,
+        },
+        id,
+    )
+    .await?;
+    let meta = Meta {
+        endpoint,
+        id: placed.id,
+        created: unix_now(),
+        model: placed.model,
+        lane: placed.lane,
+        pool: placed.pool,
+        worker: placed.worker,
+    };
+    let mut frames = placed.frames;
+
+    if mode.stream {
+        // Hold the headers until the first token (or the end): a request that fails before
+        // producing anything — every worker full, say — still gets its proper HTTP status.
+        let (index, first) = next_choice_frame(&mut frames).await?;
+        if let Frame::Failed(f) = &first {
+            return Err(failed(f));
+        }
+        Ok(stream::sse_response(meta, mode, (index, first), frames))
+    } else {
+        complete(meta, mode, frames).await
+    }
+}
+
+/// How many generations a request asks for, and the field that bounded their output.
+pub(super) struct Choices {
+    pub count: u32,
+    /// `None` when the client gave no bound and the door's default applies.
+    pub max_tokens_field: Option<&'static str>,
+}
+
+/// A request's generations, placed on workers.
+pub(super) struct Placed {
+    pub id: String,
+    pub model: String,
+    pub lane: String,
+    pub pool: String,
+    pub worker: String,
+    /// Every choice's frames after its `Accepted`.
+    pub frames: ChoiceFrames,
+}
+
+/// Classifies and places `request` (its class from the headers, its tenant's key) once per
+/// choice, the same path as gRPC's, and waits until every choice is placed or one fails.
+pub(super) async fn place(
+    dispatcher: &Arc<Dispatcher>,
+    tenant: Option<Tenant>,
+    headers: &HeaderMap,
+    mut request: v1::GenerateRequest,
+    choices: Choices,
+    id: String,
+) -> Result<Placed, ApiError> {
+    // The header overrides a class the request's body chose.
+    if let Some(class) = class_from_headers(headers)? {
+        request.class = class as i32;
+    }
     if let Some(tenant) = &tenant {
         tenant.apply(&mut request);
     }
     request.request_id = id.clone();
 
-    // The same path as gRPC: classify, place, run — once per choice. Choice `i` of several
-    // runs as `<id>-<i>` (ids name one generation each) and, when the client gave a seed, with
-    // the seed plus `i`: reproducible, yet not `n` copies of one answer.
-    let parent = RemoteContext::from_headers(&headers);
-    let mut receivers = Vec::with_capacity(mode.choices as usize);
-    for index in 0..mode.choices {
+    // Choice `i` of several runs as `<id>-<i>` (ids name one generation each) and, when the
+    // client gave a seed, with the seed plus `i`: reproducible, yet not `n` copies of one
+    // answer.
+    let parent = RemoteContext::from_headers(headers);
+    let mut receivers = Vec::with_capacity(choices.count as usize);
+    for index in 0..choices.count {
         let mut request = request.clone();
-        if mode.choices > 1 {
+        if choices.count > 1 {
             request.request_id = format!("{id}-{index}");
             if let Some(seed) = request.sampling.as_mut().and_then(|s| s.seed.as_mut()) {
                 *seed = seed.wrapping_add(u64::from(index));
             }
         }
-        let prepared = match mode.max_tokens_field {
+        let prepared = match choices.max_tokens_field {
             Some(_) => dispatcher.prepare(request, parent.clone()).await,
             None => {
                 dispatcher
@@ -299,7 +407,7 @@ async fn generate(
         }
         .map_err(|error| {
             let error = ApiError::from(&error);
-            match mode.max_tokens_field {
+            match choices.max_tokens_field {
                 Some(field) => error.naming_max_tokens(field),
                 None => error,
             }
@@ -325,32 +433,17 @@ async fn generate(
         }
     }
     let first = &placements[0];
-    let lane = v1::Lane::try_from(first.lane)
-        .unwrap_or(v1::Lane::Unspecified)
-        .label()
-        .to_string();
-    let meta = Meta {
-        endpoint,
+    Ok(Placed {
         id,
-        created: unix_now(),
         model: first.model.clone(),
-        lane,
+        lane: v1::Lane::try_from(first.lane)
+            .unwrap_or(v1::Lane::Unspecified)
+            .label()
+            .to_string(),
         pool: distinct(placements.iter().map(|a| a.pool.as_str())),
         worker: distinct(placements.iter().map(|a| a.worker_id.as_str())),
-    };
-    let mut frames = choices::merge(receivers);
-
-    if mode.stream {
-        // Hold the headers until the first token (or the end): a request that fails before
-        // producing anything — every worker full, say — still gets its proper HTTP status.
-        let (index, first) = next_choice_frame(&mut frames).await?;
-        if let Frame::Failed(f) = &first {
-            return Err(failed(f));
-        }
-        Ok(stream::sse_response(meta, mode, (index, first), frames))
-    } else {
-        complete(meta, mode, frames).await
-    }
+        frames: choices::merge(receivers),
+    })
 }
 
 /// `values` without repeats, in order, comma-separated: the pools or workers of a request's
@@ -366,7 +459,7 @@ fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> String {
 }
 
 /// The next frame of any choice, with the choice's index.
-async fn next_choice_frame(frames: &mut ChoiceFrames) -> Result<(u32, Frame), ApiError> {
+pub(super) async fn next_choice_frame(frames: &mut ChoiceFrames) -> Result<(u32, Frame), ApiError> {
     match frames.next().await {
         Some((index, Ok(v1::ServerFrame { frame: Some(frame) }))) => Ok((index, frame)),
         Some((_, Ok(v1::ServerFrame { frame: None }))) => Err(ApiError::from_code(
@@ -589,23 +682,7 @@ pub async fn wrong_method(
     response
         .headers_mut()
         .insert(axum::http::header::ALLOW, HeaderValue::from_static(allowed));
-    let endpoint = match uri.path() {
-        "/v1/chat/completions" => Some(Endpoint::Chat),
-        "/v1/completions" => Some(Endpoint::Completion),
-        _ => None,
-    };
-    if let Some(endpoint) = endpoint {
-        let id = headers
-            .get(REQUEST_ID_HEADER)
-            .cloned()
-            .filter(|v| {
-                v.to_str().is_ok_and(|s| {
-                    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic())
-                })
-            })
-            .unwrap_or_else(|| HeaderValue::from_str(&new_request_id(endpoint)).expect("ASCII"));
-        response.headers_mut().insert(REQUEST_ID_HEADER, id);
-    }
+    tag_with_request_id(&mut response, &headers, uri.path());
     response
 }
 

@@ -1,5 +1,5 @@
-//! The OpenAI-compatible HTTP front door: `POST /v1/chat/completions`, `POST /v1/completions`
-//! (both streaming as Server-Sent Events or not), `GET /v1/models`, `GET /v1/models/{*model}`
+//! The OpenAI-compatible HTTP front door: `POST /v1/chat/completions`, `POST /v1/completions`,
+//! `POST /v1/responses` (each streaming as Server-Sent Events or not), `GET /v1/models`, `GET /v1/models/{*model}`
 //! `GET /health` and `GET /metrics` (Prometheus, see [`crate::metrics`]).
 //!
 //! Every generation goes through the same [`Dispatcher::prepare`] and [`Dispatcher::run`] as
@@ -16,6 +16,7 @@ mod error;
 mod fuzz;
 mod handlers;
 mod logprobs;
+mod responses;
 mod stream;
 mod tools;
 mod wire;
@@ -49,6 +50,7 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
     let api = Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(handlers::list_models))
         .route(MODEL_ROUTE, get(handlers::get_model))
         .route_layer(middleware::from_fn(refuse_unreadable_body));

@@ -250,6 +250,14 @@ impl WithSampling for CompletionRequest {
 /// Parses a request body: a JSON object whose fields have the types OpenAI gives them. A
 /// field of the wrong type is a 400 naming it (`max_tokens`, `stream_options.include_usage`).
 pub fn parse_body<T: WithSampling>(body: &[u8]) -> Result<T, ApiError> {
+    let value = json_object(body)?;
+    let mut request: T = typed(&value)?;
+    request.set_sampling(typed(&value)?);
+    Ok(request)
+}
+
+/// A request body as a JSON object.
+pub(super) fn json_object(body: &[u8]) -> Result<Value, ApiError> {
     // A UTF-8 byte order mark, as some Windows editors and PowerShell's `Set-Content -Encoding
     // utf8` write, is ignored (RFC 8259 §8.1 allows it; found from outside: `curl -d @file`
     // with such a file was a 400 "not valid JSON: expected value at line 1 column 1").
@@ -259,23 +267,25 @@ pub fn parse_body<T: WithSampling>(body: &[u8]) -> Result<T, ApiError> {
     if !value.is_object() {
         return Err(ApiError::bad_body("must be a JSON object"));
     }
-    fn typed<U: DeserializeOwned>(value: &Value) -> Result<U, ApiError> {
-        serde_path_to_error::deserialize(value).map_err(|e| {
-            let field = e.path().to_string();
-            if field == "." {
-                ApiError::bad_body(e.into_inner())
-            } else {
-                ApiError::invalid(field, e.into_inner())
-            }
-        })
-    }
-    let mut request: T = typed(&value)?;
-    request.set_sampling(typed(&value)?);
-    Ok(request)
+    Ok(value)
+}
+
+/// `value` read as `U`; a field of the wrong type is a 400 naming it.
+pub(super) fn typed<U: DeserializeOwned>(value: &Value) -> Result<U, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        if field == "." {
+            ApiError::bad_body(e.into_inner())
+        } else {
+            ApiError::invalid(field, e.into_inner())
+        }
+    })
 }
 
 /// OpenAI's `response_format`; `None` for free text.
-fn response_format(value: Option<&Value>) -> Result<Option<v1::ResponseFormat>, ApiError> {
+pub(super) fn response_format(
+    value: Option<&Value>,
+) -> Result<Option<v1::ResponseFormat>, ApiError> {
     use v1::response_format::Kind;
     let Some(value) = value.filter(|v| !v.is_null()) else {
         return Ok(None);
@@ -405,7 +415,7 @@ fn logprobs_asked(fields: &SamplingFields, form: LogprobsForm) -> Result<(bool, 
     }
 }
 
-fn required_model(model: Option<String>) -> Result<String, ApiError> {
+pub(super) fn required_model(model: Option<String>) -> Result<String, ApiError> {
     match model {
         Some(m) if !m.trim().is_empty() => Ok(m),
         Some(_) => Err(ApiError::invalid("model", "must not be empty")),

@@ -1,0 +1,484 @@
+//! OpenAI's Responses API, `POST /v1/responses`: what the current OpenAI SDKs call first
+//! (`client.responses.create`) and what coding agents speak. A request runs on the same
+//! dispatcher path as a chat completion (its `input` and `instructions` are a conversation,
+//! its tools the same tools); the answer is a `response` object whose `output` lists the
+//! model's message and function calls, whole or as the API's typed stream events.
+//!
+//! Stateless: nothing is stored, so `store` is answered `false` and what would read stored
+//! responses is refused by name (see [`request`]).
+
+mod output;
+mod request;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse as _, Response};
+use serde_json::{Value, json};
+use switchyard_proto::v1::{self, server_frame::Frame};
+
+use super::choices::ChoiceFrames;
+use super::error::ApiError;
+use super::handlers::{self, Choices, RESPONSES_ROUTE};
+use super::wire;
+use crate::auth::Tenant;
+use crate::dispatch::Dispatcher;
+use output::{Output, Status};
+use request::{Echo, FieldNames, ResponsesRequest};
+
+pub async fn responses(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    tenant: Option<Extension<Tenant>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let limits = dispatcher.limits().clone();
+    handlers::answer(&headers.clone(), &limits, RESPONSES_ROUTE, |id| {
+        respond(dispatcher, tenant.map(|t| t.0), headers, body, id)
+    })
+    .await
+}
+
+async fn respond(
+    dispatcher: Arc<Dispatcher>,
+    tenant: Option<Tenant>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    id: String,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(handlers::body_unread)?;
+    if body.is_empty() {
+        return Err(ApiError::bad_body("is empty; send a JSON object"));
+    }
+    let value = wire::json_object(&body)?;
+    let cap = dispatcher.limits().max_tokens_cap;
+    let read = wire::typed::<ResponsesRequest>(&value)?.read(cap)?;
+    let fields = read.fields;
+    let choices = Choices {
+        count: 1,
+        max_tokens_field: read.mode.bounded.then_some("max_output_tokens"),
+    };
+    let placed = handlers::place(&dispatcher, tenant, &headers, read.request, choices, id)
+        .await
+        .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
+    let mut response = Snapshot {
+        id: placed.id.clone(),
+        created_at: handlers::unix_now(),
+        model: placed.model.clone(),
+        lane: placed.lane.clone(),
+        echo: read.echo,
+        fields,
+    };
+    let mut frames = placed.frames;
+    let mut http = if read.mode.stream {
+        // The headers wait for the first frame, so a request that fails before producing
+        // anything gets its HTTP status.
+        let first = next_frame(&mut frames)
+            .await
+            .map_err(|e| response.name_fields(e))?;
+        if let Frame::Failed(failed) = &first {
+            return Err(response.name_fields(ApiError::from_failed(failed)));
+        }
+        stream(response, first, frames)
+    } else {
+        whole(&mut response, frames).await?
+    };
+    handlers::tag(
+        &mut http,
+        &placed.lane,
+        &placed.pool,
+        &placed.worker,
+        &placed.id,
+    );
+    Ok(http)
+}
+
+async fn next_frame(frames: &mut ChoiceFrames) -> Result<Frame, ApiError> {
+    handlers::next_choice_frame(frames)
+        .await
+        .map(|(_, frame)| frame)
+}
+
+/// Everything a response object says besides its output.
+struct Snapshot {
+    id: String,
+    created_at: u64,
+    model: String,
+    lane: String,
+    echo: Echo,
+    fields: FieldNames,
+}
+
+impl Snapshot {
+    /// The error naming the request's own fields.
+    fn name_fields(&self, error: ApiError) -> ApiError {
+        error.renaming_param(|f| self.fields.rename(f))
+    }
+
+    /// The response object. `usage` is there once the generation has finished.
+    fn object(
+        &self,
+        status: &str,
+        output: &Output,
+        finished: Option<&v1::Finished>,
+        error: Option<&ApiError>,
+    ) -> Value {
+        let e = &self.echo;
+        let incomplete = (status == "incomplete").then(|| json!({"reason": "max_output_tokens"}));
+        let usage = finished.map(|f| {
+            let u = f.usage.unwrap_or_default();
+            json!({
+                "input_tokens": u.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+                "output_tokens": u.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": u.prompt_tokens + u.completion_tokens,
+            })
+        });
+        let error =
+            error.map(|e| json!({"code": e.code.unwrap_or("server_error"), "message": e.message}));
+        json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created_at,
+            "completed_at": finished.map(|_| handlers::unix_now()),
+            "status": status,
+            "background": false,
+            "error": error,
+            "incomplete_details": incomplete,
+            "instructions": e.instructions,
+            "max_output_tokens": e.max_output_tokens,
+            "max_tool_calls": Value::Null,
+            "metadata": e.metadata,
+            "model": self.model,
+            "output": output.items(),
+            "parallel_tool_calls": e.parallel_tool_calls,
+            "previous_response_id": Value::Null,
+            "prompt_cache_key": e.prompt_cache_key,
+            "reasoning": {"effort": Value::Null, "summary": Value::Null},
+            "safety_identifier": e.safety_identifier,
+            // The lane it ran in, in OpenAI's words.
+            "service_tier": if self.lane == "latency-critical" { "priority" } else { "flex" },
+            "store": false,
+            "temperature": e.temperature,
+            "text": e.text,
+            "tool_choice": e.tool_choice,
+            "tools": e.tools,
+            "top_logprobs": 0,
+            "top_p": e.top_p,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": e.user,
+        })
+    }
+}
+
+/// How a finished generation's items end and the response's status.
+fn ending(finished: &v1::Finished) -> (Status, &'static str) {
+    if finished.reason == v1::FinishReason::Length as i32 {
+        (Status::Incomplete, "incomplete")
+    } else {
+        (Status::Completed, "completed")
+    }
+}
+
+/// Collects the whole generation into one response object.
+async fn whole(snapshot: &mut Snapshot, mut frames: ChoiceFrames) -> Result<Response, ApiError> {
+    let mut output = Output::new(false);
+    loop {
+        match next_frame(&mut frames)
+            .await
+            .map_err(|e| snapshot.name_fields(e))?
+        {
+            Frame::Tokens(tokens) => {
+                output.text(&tokens.text);
+                output.calls(&tokens.tool_calls);
+            }
+            Frame::Finished(finished) => {
+                let (items, status) = ending(&finished);
+                output.close(items);
+                let body = snapshot.object(status, &output, Some(&finished), None);
+                return Ok(axum::Json(body).into_response());
+            }
+            Frame::Failed(failed) => {
+                return Err(snapshot.name_fields(ApiError::from_failed(&failed)));
+            }
+            // HTTP sends no client frames, so none is rejected.
+            Frame::Accepted(_) | Frame::Moved(_) | Frame::Rejected(_) => {}
+        }
+    }
+}
+
+/// The streamed response: `response.created` and `response.in_progress`, the output's events
+/// as the tokens come, then `response.completed` (or `.incomplete`, or `.failed` with the
+/// error). The body owns the dispatcher's receiver: a client that goes away cancels the
+/// generation.
+fn stream(snapshot: Snapshot, first: Frame, frames: ChoiceFrames) -> Response {
+    let mut events = Events {
+        snapshot,
+        frames,
+        output: Output::new(true),
+        sequence: 0,
+        pending: VecDeque::new(),
+        done: false,
+    };
+    let opening = events
+        .snapshot
+        .object("in_progress", &events.output, None, None);
+    events.push("response.created", json!({"response": opening.clone()}));
+    events.push("response.in_progress", json!({"response": opening}));
+    events.on_frame(first);
+    let body = Body::from_stream(futures::stream::unfold(events, |mut events| async move {
+        let bytes = events.next().await?;
+        Some((Ok::<Bytes, std::convert::Infallible>(bytes), events))
+    }));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+struct Events {
+    snapshot: Snapshot,
+    frames: ChoiceFrames,
+    output: Output,
+    sequence: u64,
+    pending: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl Events {
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(bytes) = self.pending.pop_front() {
+                return Some(bytes);
+            }
+            if self.done {
+                return None;
+            }
+            match next_frame(&mut self.frames).await {
+                Ok(frame) => self.on_frame(frame),
+                Err(error) => self.fail(error),
+            }
+        }
+    }
+
+    /// Queues an event: `event: <kind>` and its JSON with `type` and `sequence_number`.
+    fn push(&mut self, kind: &'static str, mut fields: Value) {
+        if let Value::Object(map) = &mut fields {
+            map.insert("type".into(), Value::from(kind));
+            map.insert("sequence_number".into(), Value::from(self.sequence));
+        }
+        self.sequence += 1;
+        let mut event = Vec::with_capacity(256);
+        event.extend_from_slice(b"event: ");
+        event.extend_from_slice(kind.as_bytes());
+        event.extend_from_slice(b"\ndata: ");
+        serde_json::to_writer(&mut event, &fields).expect("serializing to memory cannot fail");
+        event.extend_from_slice(b"\n\n");
+        self.pending.push_back(Bytes::from(event));
+    }
+
+    fn push_output_events(&mut self) {
+        for event in self.output.take_events() {
+            self.push(event.kind, event.fields);
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Tokens(tokens) => {
+                self.output.text(&tokens.text);
+                self.output.calls(&tokens.tool_calls);
+                self.push_output_events();
+            }
+            Frame::Finished(finished) => {
+                let (items, status) = ending(&finished);
+                self.output.close(items);
+                self.push_output_events();
+                let response = self
+                    .snapshot
+                    .object(status, &self.output, Some(&finished), None);
+                self.push(
+                    if status == "completed" {
+                        "response.completed"
+                    } else {
+                        "response.incomplete"
+                    },
+                    json!({"response": response}),
+                );
+                self.done = true;
+            }
+            Frame::Failed(failed) => self.fail(ApiError::from_failed(&failed)),
+            // An SSE comment: SDKs skip it, a person reading the stream sees the move.
+            Frame::Moved(moved) => {
+                let line = format!(
+                    ": moved from {} ({}) to {} ({}): {}\n\n",
+                    moved.from_worker_id,
+                    moved.from_pool,
+                    moved.to_worker_id,
+                    moved.to_pool,
+                    moved.reason
+                );
+                self.pending.push_back(Bytes::from(line));
+            }
+            Frame::Accepted(_) | Frame::Rejected(_) => {}
+        }
+    }
+
+    /// Ends the stream with `response.failed`, what was written so far marked incomplete.
+    fn fail(&mut self, error: ApiError) {
+        let error = self.snapshot.name_fields(error);
+        self.output.close(Status::Incomplete);
+        self.push_output_events();
+        let response = self
+            .snapshot
+            .object("failed", &self.output, None, Some(&error));
+        self.push("response.failed", json!({"response": response}));
+        self.done = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn snapshot() -> Snapshot {
+        let read = serde_json::from_value::<ResponsesRequest>(json!({
+            "model": "m",
+            "input": [
+                {"role": "user", "content": "q"},
+                {"type": "function_call_output", "call_id": "c9", "output": "r"},
+            ],
+        }))
+        .expect("typed")
+        .read(64)
+        .expect("read");
+        Snapshot {
+            id: "resp_1".into(),
+            created_at: 7,
+            model: "m".into(),
+            lane: "latency-critical".into(),
+            echo: read.echo,
+            fields: read.fields,
+        }
+    }
+
+    /// Every event of a streamed response that starts with `first` and gets `rest`:
+    /// (`event:` name, data).
+    async fn events(first: Frame, rest: Vec<Frame>) -> Vec<(String, Value)> {
+        let frames = futures::stream::iter(
+            rest.into_iter()
+                .map(|frame| (0, Ok(v1::ServerFrame { frame: Some(frame) }))),
+        );
+        let response = stream(snapshot(), first, Box::pin(frames));
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("the body");
+        std::str::from_utf8(&body)
+            .expect("utf-8")
+            .split_terminator("\n\n")
+            .map(|event| {
+                let (name, data) = event.split_once('\n').expect("two lines");
+                let name = name.strip_prefix("event: ").expect("an event name");
+                let data = data.strip_prefix("data: ").expect("a data line");
+                (name.to_string(), serde_json::from_str(data).expect("JSON"))
+            })
+            .collect()
+    }
+
+    fn tokens(text: &str, calls: Vec<v1::ToolCallDelta>) -> Frame {
+        Frame::Tokens(v1::Tokens {
+            text: text.into(),
+            tool_calls: calls,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn a_call_streams_as_its_item_and_the_response_completes() {
+        let call = v1::ToolCallDelta {
+            index: 0,
+            id: "call_1".into(),
+            name: "get".into(),
+            arguments: "{\"a\":".into(),
+        };
+        let rest = v1::ToolCallDelta {
+            arguments: "1}".into(),
+            ..Default::default()
+        };
+        let finished = Frame::Finished(v1::Finished {
+            reason: v1::FinishReason::ToolCalls as i32,
+            usage: Some(v1::Usage {
+                prompt_tokens: 5,
+                completion_tokens: 3,
+                cached_prompt_tokens: 4,
+            }),
+            ..Default::default()
+        });
+        let events = events(
+            tokens("", vec![call]),
+            vec![tokens("", vec![rest]), finished],
+        )
+        .await;
+        let names: Vec<_> = events.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        for (number, (name, data)) in events.iter().enumerate() {
+            assert_eq!(data["type"], name.as_str());
+            assert_eq!(data["sequence_number"], number);
+        }
+        let response = &events.last().unwrap().1["response"];
+        assert_eq!(response["status"], "completed");
+        assert_eq!(response["service_tier"], "priority");
+        assert_eq!(response["output"][0]["arguments"], "{\"a\":1}");
+        assert_eq!(
+            response["usage"]["input_tokens_details"]["cached_tokens"],
+            4
+        );
+        assert_eq!(response["usage"]["total_tokens"], 8);
+    }
+
+    #[tokio::test]
+    async fn a_failure_midway_ends_the_stream_failed_naming_the_requests_field() {
+        let failed = Frame::Failed(v1::Failed {
+            code: Code::InvalidArgument as i32,
+            message: "messages[1].tool_call_id: answers no call".into(),
+            field: "messages[1].tool_call_id".into(),
+            ..Default::default()
+        });
+        let events = events(tokens("Hel", vec![]), vec![failed]).await;
+        let (name, last) = events.last().unwrap();
+        assert_eq!(name, "response.failed");
+        let response = &last["response"];
+        assert_eq!(response["status"], "failed");
+        assert_eq!(response["output"][0]["status"], "incomplete");
+        assert_eq!(response["output"][0]["content"][0]["text"], "Hel");
+        assert_eq!(
+            response["error"]["message"],
+            "input[1].call_id: answers no call"
+        );
+    }
+}

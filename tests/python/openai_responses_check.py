@@ -1,0 +1,244 @@
+#!/usr/bin/env python3
+"""OpenAI's Responses API (`client.responses`) against a Switchyard router with the official
+`openai` SDK, as an agent uses it: text answers whole and streamed (through the SDK's own
+stream accumulator, which checks every event's order and identity), the output bound, a
+function call, its result sent back as input items and answered, a JSON schema answer, and
+refusals that name their field.
+
+Usage: openai_responses_check.py BASE_URL MODEL [text-only]
+With `text-only` (a load-test engine, which refuses tools and schemas) only the text checks
+run. Prints one line per check and, at the end, "openai-responses: N passed, M failed"; exits
+non-zero when a check failed. The end-to-end tests `tests/tests/openai.rs` (synthetic engine,
+text only) and `tests/tests/real_model.rs` (the real model) run it.
+"""
+
+import json
+import sys
+import traceback
+
+import openai
+from openai import OpenAI
+
+BASE_URL, MODEL = sys.argv[1], sys.argv[2]
+TEXT_ONLY = sys.argv[3:] == ["text-only"]
+client = OpenAI(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=120)
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The current weather in a city.",
+    "parameters": {
+        "type": "object",
+        "properties": {"city": {"type": "string", "description": "The city's name."}},
+        "required": ["city"],
+        "additionalProperties": False,
+    },
+}
+results = []
+
+
+def check(fn):
+    try:
+        fn()
+        results.append(True)
+        print(f"PASS {fn.__name__}", flush=True)
+    except Exception:  # noqa: BLE001 - report every failure and go on
+        results.append(False)
+        print(f"FAIL {fn.__name__}", flush=True)
+        traceback.print_exc(file=sys.stdout)
+
+
+def a_text_answer_whole():
+    response = client.responses.create(
+        model=MODEL,
+        instructions="Answer in one sentence.",
+        input="What is the capital of France?",
+        max_output_tokens=24,
+        metadata={"ticket": "T-1"},
+    )
+    assert response.object == "response" and response.id, response
+    assert response.status in ("completed", "incomplete"), response.status
+    assert response.output_text.strip(), response
+    assert response.output[0].type == "message" and response.output[0].role == "assistant"
+    assert response.metadata == {"ticket": "T-1"}, response.metadata
+    assert response.instructions == "Answer in one sentence."
+    usage = response.usage
+    assert usage.output_tokens >= 1 and usage.input_tokens >= 1, usage
+    assert usage.total_tokens == usage.input_tokens + usage.output_tokens, usage
+
+
+def the_output_bound_makes_it_incomplete():
+    response = client.responses.create(
+        model=MODEL, input="Write a long story about a lighthouse.", max_output_tokens=4
+    )
+    assert response.status == "incomplete", response
+    assert response.incomplete_details.reason == "max_output_tokens", response
+    assert response.usage.output_tokens == 4, response.usage
+    assert response.output[0].status == "incomplete", response.output
+
+
+def a_streamed_answer_matches_its_events():
+    deltas, kinds = [], []
+    # The SDK's accumulator raises on an event out of order or naming the wrong item.
+    with client.responses.stream(
+        model=MODEL,
+        input=[{"role": "user", "content": [{"type": "input_text", "text": "Say hello."}]}],
+        max_output_tokens=96,
+    ) as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        # The last event carries the whole response (`completed`, or `incomplete` when the
+        # bound cut it: a load-test engine always writes to the bound).
+        final = event.response
+    assert kinds[:2] == ["response.created", "response.in_progress"], kinds
+    assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
+    assert "".join(deltas) == final.output_text != "", (deltas, final.output_text)
+
+
+def raw_events_are_numbered_in_order():
+    stream = client.responses.create(
+        model=MODEL, input="Count to three.", max_output_tokens=12, stream=True
+    )
+    numbers = [event.sequence_number for event in stream]
+    assert numbers == list(range(len(numbers))) and len(numbers) >= 6, numbers
+
+
+def a_conversation_in_input_items():
+    response = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "My name is Ada."},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "Hello Ada.", "annotations": []}],
+            },
+            {"role": "user", "content": "What is my name?"},
+        ],
+        max_output_tokens=16,
+    )
+    assert response.output_text.strip(), response
+
+
+def stored_state_is_refused_by_name():
+    try:
+        client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_123")
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "previous_response_id", error.body
+        assert "whole conversation" in error.body["message"], error.body
+    else:
+        raise AssertionError("previous_response_id was accepted")
+
+
+def a_missing_input_is_a_400_naming_it():
+    try:
+        client.responses.create(model=MODEL, input=[])
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "input", error.body
+    else:
+        raise AssertionError("an empty input was accepted")
+
+
+def a_function_call_then_its_result_answered():
+    first = client.responses.create(
+        model=MODEL,
+        input="What is the weather like in Oslo?",
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=64,
+    )
+    calls = [item for item in first.output if item.type == "function_call"]
+    assert len(calls) == 1, first.output
+    call = calls[0]
+    assert call.name == "get_weather" and call.call_id, call
+    assert isinstance(json.loads(call.arguments)["city"], str), call.arguments
+    second = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "What is the weather like in Oslo?"},
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": call.name,
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
+        ],
+        tools=[WEATHER],
+        tool_choice="none",
+        max_output_tokens=48,
+    )
+    assert second.output_text.strip(), second
+    assert all(item.type == "message" for item in second.output), second.output
+
+
+def a_streamed_call_matches_its_events():
+    with client.responses.stream(
+        model=MODEL,
+        input="What is the weather like in Lima?",
+        tools=[WEATHER],
+        tool_choice={"type": "function", "name": "get_weather"},
+        parallel_tool_calls=False,
+        max_output_tokens=64,
+    ) as stream:
+        pieces = [e.delta for e in stream if e.type == "response.function_call_arguments.delta"]
+        final = stream.get_final_response()
+    (call,) = [item for item in final.output if item.type == "function_call"]
+    assert "".join(pieces) == call.arguments, (pieces, call.arguments)
+    assert isinstance(json.loads(call.arguments)["city"], str), call.arguments
+
+
+def a_json_schema_answer():
+    schema = {
+        "type": "object",
+        "properties": {"capital": {"type": "string"}},
+        "required": ["capital"],
+        "additionalProperties": False,
+    }
+    response = client.responses.create(
+        model=MODEL,
+        input="What is the capital of Italy?",
+        text={"format": {"type": "json_schema", "name": "capital", "schema": schema}},
+        max_output_tokens=48,
+    )
+    assert isinstance(json.loads(response.output_text)["capital"], str), response.output_text
+
+
+def a_bad_tool_is_a_400_naming_it():
+    try:
+        client.responses.create(
+            model=MODEL,
+            input="Hi",
+            tools=[{"type": "function", "name": "bad name", "parameters": {"type": "object"}}],
+        )
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "tools[0].name", error.body
+        assert error.body["message"].startswith("tools[0].name: "), error.body
+    else:
+        raise AssertionError("a tool name with a space was accepted")
+
+
+CHECKS = [
+    a_text_answer_whole,
+    the_output_bound_makes_it_incomplete,
+    a_streamed_answer_matches_its_events,
+    raw_events_are_numbered_in_order,
+    a_conversation_in_input_items,
+    stored_state_is_refused_by_name,
+    a_missing_input_is_a_400_naming_it,
+]
+if not TEXT_ONLY:
+    CHECKS += [
+        a_function_call_then_its_result_answered,
+        a_streamed_call_matches_its_events,
+        a_json_schema_answer,
+        a_bad_tool_is_a_400_naming_it,
+    ]
+for fn in CHECKS:
+    check(fn)
+passed = sum(results)
+print(f"openai-responses: {passed} passed, {len(results) - passed} failed", flush=True)
+sys.exit(0 if passed == len(results) else 1)
