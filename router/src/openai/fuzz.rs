@@ -3,7 +3,8 @@
 //! translation to `switchyard.v1`; every refusal is a 400, and every refusal of a JSON object
 //! names the field at fault in OpenAI's naming.
 //!
-//! The checked-in bodies in `tests/fuzz_seeds/openai_{chat,completion}/` are replayed first.
+//! The checked-in bodies in `tests/fuzz_seeds/openai_{chat,completion,responses}/` are replayed
+//! first.
 //! `PROPTEST_CASES` raises the case count (scripts/fuzz.sh).
 
 use axum::http::StatusCode;
@@ -21,7 +22,7 @@ fn config() -> ProptestConfig {
     }
 }
 
-/// Top-level fields an error may name (either endpoint).
+/// Top-level fields an error may name (chat and completions).
 const FIELDS: [&str; 27] = [
     "model",
     "messages",
@@ -52,10 +53,51 @@ const FIELDS: [&str; 27] = [
     "suffix",
 ];
 
+/// Top-level fields an error of the Responses API may name.
+const RESPONSES_FIELDS: [&str; 27] = [
+    "model",
+    "input",
+    "instructions",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "max_output_tokens",
+    "temperature",
+    "top_p",
+    "text",
+    "stream",
+    "stream_options",
+    "metadata",
+    "user",
+    "safety_identifier",
+    "prompt_cache_key",
+    "service_tier",
+    "truncation",
+    "include",
+    "top_logprobs",
+    "reasoning",
+    "previous_response_id",
+    "conversation",
+    "background",
+    "prompt",
+    "max_tool_calls",
+    "store",
+];
+
 #[derive(Debug, Clone, Copy)]
 enum Endpoint {
     Chat,
     Completion,
+    Responses,
+}
+
+impl Endpoint {
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Endpoint::Chat | Endpoint::Completion => &FIELDS,
+            Endpoint::Responses => &RESPONSES_FIELDS,
+        }
+    }
 }
 
 fn run(endpoint: Endpoint, body: &[u8], cap: u32) -> Result<(), ApiError> {
@@ -66,6 +108,7 @@ fn run(endpoint: Endpoint, body: &[u8], cap: u32) -> Result<(), ApiError> {
         Endpoint::Completion => parse_body::<CompletionRequest>(body)?
             .into_proto(cap)
             .map(drop),
+        Endpoint::Responses => super::responses::read_body(body, cap).map(drop),
     }
 }
 
@@ -82,7 +125,7 @@ fn check(endpoint: Endpoint, body: &[u8]) -> Result<(), String> {
         match &error.param {
             Some(param) => {
                 let top = param.split(['.', '[']).next().unwrap_or_default();
-                if !FIELDS.contains(&top) {
+                if !endpoint.fields().contains(&top) {
                     return Err(format!("{error:?} names no request field"));
                 }
                 if !error.message.starts_with(param.as_str()) {
@@ -111,7 +154,11 @@ fn all_seeds() -> Vec<(Endpoint, String, Vec<u8>)> {
         switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "openai_completion")
             .into_iter()
             .map(|(n, b)| (Endpoint::Completion, n, b));
-    chat.chain(completion).collect()
+    let responses =
+        switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "openai_responses")
+            .into_iter()
+            .map(|(n, b)| (Endpoint::Responses, n, b));
+    chat.chain(completion).chain(responses).collect()
 }
 
 #[test]
@@ -119,8 +166,8 @@ fn fuzz_seeds_replay() {
     let seeds = all_seeds();
     assert!(seeds.len() >= 15, "seed corpus is missing: {}", seeds.len());
     for (endpoint, name, body) in &seeds {
-        // Each seed on both endpoints: a chat body is an odd completion body and vice versa.
-        for e in [*endpoint, Endpoint::Chat, Endpoint::Completion] {
+        // Each seed on every endpoint: a chat body is an odd completion body and vice versa.
+        for e in [Endpoint::Chat, Endpoint::Completion, Endpoint::Responses] {
             check(e, body).unwrap_or_else(|m| panic!("seed {name} ({e:?}): {m}"));
         }
         if name.contains("valid") {
@@ -282,6 +329,96 @@ fn field(name: &'static str) -> BoxedStrategy<Value> {
     prop_oneof![8 => typed, 1 => any_json()].boxed()
 }
 
+/// A Responses API input item: messages with text parts, calls, call outputs, and the rest.
+fn input_item() -> impl Strategy<Value = Value> {
+    let part = prop_oneof![
+        text().prop_map(|t| json!({"type": "input_text", "text": t})),
+        text().prop_map(|t| json!({"type": "output_text", "text": t})),
+        any_json().prop_map(|t| json!({"type": t, "text": "x"})),
+        any_json(),
+    ];
+    let content = prop_oneof![
+        3 => text(),
+        2 => proptest::collection::vec(part, 0..3).prop_map(Value::Array),
+        1 => any_json(),
+    ];
+    prop_oneof![
+        4 => (role(), content).prop_map(|(r, c)| json!({"role": r, "content": c})),
+        2 => ("[a-z0-9]{0,3}", prop_oneof![Just(json!("f")), any_json()], text()).prop_map(
+            |(id, name, arguments)| json!({"type": "function_call", "call_id": id,
+                                           "name": name, "arguments": arguments})
+        ),
+        2 => ("[a-z0-9]{0,3}", prop_oneof![text(), any_json()]).prop_map(|(id, output)| {
+            json!({"type": "function_call_output", "call_id": id, "output": output})
+        }),
+        1 => any_json().prop_map(|kind| json!({"type": kind})),
+        1 => any_json(),
+    ]
+}
+
+/// A Responses API field, well-typed (usually sensibly) or any JSON at all.
+fn responses_field(name: &'static str) -> BoxedStrategy<Value> {
+    let typed: BoxedStrategy<Value> = match name {
+        "model" => prop_oneof![Just(json!("m")), text()].boxed(),
+        "input" => prop_oneof![
+            text(),
+            proptest::collection::vec(input_item(), 0..5).prop_map(Value::Array),
+        ]
+        .boxed(),
+        "instructions" | "user" | "prompt_cache_key" | "safety_identifier" => text().boxed(),
+        "tools" => prop_oneof![
+            Just(json!([])),
+            Just(json!([{"type": "function", "name": "f"}])),
+            any_json().prop_map(|t| json!([{"type": "function", "name": t}])),
+            any_json().prop_map(|t| json!([{"type": t}])),
+        ]
+        .boxed(),
+        "tool_choice" => prop_oneof![
+            Just(json!("auto")),
+            Just(json!("required")),
+            Just(json!({"type": "function", "name": "f"})),
+            any_json().prop_map(|t| json!({"type": t})),
+        ]
+        .boxed(),
+        "text" => prop_oneof![
+            Just(json!({"format": {"type": "text"}})),
+            Just(json!({"format": {"type": "json_object"}})),
+            any_json().prop_map(|s| json!({"format": {"type": "json_schema", "schema": s}})),
+            any_json().prop_map(|f| json!({"format": f})),
+        ]
+        .boxed(),
+        "metadata" => proptest::collection::btree_map("\\PC{0,70}", any_json(), 0..18)
+            .prop_map(|m| Value::Object(m.into_iter().collect()))
+            .boxed(),
+        "service_tier" | "truncation" => {
+            prop_oneof![Just(json!("auto")), Just(json!("flex")), text()].boxed()
+        }
+        "temperature" | "top_p" => float().boxed(),
+        "stream" | "parallel_tool_calls" | "background" | "store" => {
+            any::<bool>().prop_map(Value::Bool).boxed()
+        }
+        _ => int().boxed(),
+    };
+    prop_oneof![8 => typed, 1 => any_json()].boxed()
+}
+
+fn responses_object() -> impl Strategy<Value = Value> {
+    let fields: Vec<_> = RESPONSES_FIELDS
+        .iter()
+        .map(|&name| {
+            proptest::option::weighted(0.4, responses_field(name)).prop_map(move |v| (name, v))
+        })
+        .collect();
+    fields.prop_map(|fields| {
+        Value::Object(
+            fields
+                .into_iter()
+                .filter_map(|(name, value)| Some((name.to_string(), value?)))
+                .collect(),
+        )
+    })
+}
+
 fn request_object() -> impl Strategy<Value = Value> {
     let fields: Vec<_> = FIELDS
         .iter()
@@ -302,7 +439,11 @@ fn request_object() -> impl Strategy<Value = Value> {
 }
 
 fn endpoint() -> impl Strategy<Value = Endpoint> {
-    prop_oneof![Just(Endpoint::Chat), Just(Endpoint::Completion)]
+    prop_oneof![
+        Just(Endpoint::Chat),
+        Just(Endpoint::Completion),
+        Just(Endpoint::Responses)
+    ]
 }
 
 proptest! {
@@ -312,6 +453,12 @@ proptest! {
     fn fuzz_openai_shaped_json(endpoint in endpoint(), body in request_object()) {
         let bytes = serde_json::to_vec(&body).expect("serialises");
         check(endpoint, &bytes).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn fuzz_responses_shaped_json(body in responses_object()) {
+        let bytes = serde_json::to_vec(&body).expect("serialises");
+        check(Endpoint::Responses, &bytes).map_err(TestCaseError::fail)?;
     }
 
     #[test]

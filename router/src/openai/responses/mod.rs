@@ -55,9 +55,7 @@ async fn respond(
     if body.is_empty() {
         return Err(ApiError::bad_body("is empty; send a JSON object"));
     }
-    let value = wire::json_object(&body)?;
-    let cap = dispatcher.limits().max_tokens_cap;
-    let read = wire::typed::<ResponsesRequest>(&value)?.read(cap)?;
+    let read = read_body(&body, dispatcher.limits().max_tokens_cap)?;
     let fields = read.fields;
     let choices = Choices {
         count: 1,
@@ -102,6 +100,11 @@ async fn next_frame(frames: &mut ChoiceFrames) -> Result<Frame, ApiError> {
     handlers::next_choice_frame(frames)
         .await
         .map(|(_, frame)| frame)
+}
+
+/// Reads a request body; `cap` is the router's `max_tokens` cap.
+pub(super) fn read_body(body: &[u8], cap: u32) -> Result<request::Read, ApiError> {
+    wire::typed::<ResponsesRequest>(&wire::json_object(body)?)?.read(cap)
 }
 
 /// Everything a response object says besides its output.
