@@ -154,10 +154,9 @@ fn all_seeds() -> Vec<(Endpoint, String, Vec<u8>)> {
         switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "openai_completion")
             .into_iter()
             .map(|(n, b)| (Endpoint::Completion, n, b));
-    let responses =
-        switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "openai_responses")
-            .into_iter()
-            .map(|(n, b)| (Endpoint::Responses, n, b));
+    let responses = switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "openai_responses")
+        .into_iter()
+        .map(|(n, b)| (Endpoint::Responses, n, b));
     chat.chain(completion).chain(responses).collect()
 }
 
