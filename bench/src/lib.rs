@@ -9,6 +9,7 @@
 //! `http_overhead`, what Switchyard and SMG add to time to first token in front of one
 //! OpenAI-compatible backend, and `openai_backend`, the load-test backend it uses.
 
+pub mod doors;
 pub mod engine;
 pub mod http_overhead;
 pub mod long_prompts;

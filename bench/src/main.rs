@@ -38,6 +38,9 @@ enum Command {
     /// Multi-turn conversations over any OpenAI-compatible HTTP endpoint: TTFT per turn,
     /// tokens/s, prefix hit rate.
     Multiturn(switchyard_bench::multiturn::MultiturnArgs),
+    /// The OpenAI doors side by side on one router: the same streamed generations as chat
+    /// completions and as Responses API responses.
+    Doors(switchyard_bench::doors::DoorsArgs),
     /// What a router in front of an OpenAI-compatible backend adds to time to first token:
     /// the backend direct, through SMG and through Switchyard, side by side.
     HttpOverhead(switchyard_bench::http_overhead::HttpOverheadArgs),
@@ -63,6 +66,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Sessions(args) => switchyard_bench::sessions::run(args).await,
         Command::StalledReaders(args) => switchyard_bench::router::stalled_readers(args).await,
         Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,
+        Command::Doors(args) => switchyard_bench::doors::run(args).await,
         Command::HttpOverhead(args) => switchyard_bench::http_overhead::run(args).await,
         Command::OpenaiBackend(args) => switchyard_bench::openai_backend::run(args).await,
         Command::Simulate(args) => {

@@ -232,6 +232,8 @@ pub(crate) struct Cluster {
     pub(crate) worker_addr: std::net::SocketAddr,
     pub(crate) router: Channel,
     pub(crate) router_addr: std::net::SocketAddr,
+    /// The router's OpenAI-compatible HTTP door, when its configuration opens one.
+    pub(crate) router_http: Option<std::net::SocketAddr>,
     /// The registry the router watches (its routing policy can be stored there).
     pub(crate) registry: Arc<MemoryRegistry>,
     /// The control plane's dashboard address, when one runs.
@@ -276,7 +278,7 @@ fn spawn_component<E: std::fmt::Display>(
 }
 
 /// A synthetic engine that never holds tokens back: the figures are the serving path's.
-fn unthrottled_engine(max_concurrent: u32) -> SyntheticConfig {
+pub(crate) fn unthrottled_engine(max_concurrent: u32) -> SyntheticConfig {
     SyntheticConfig {
         models: vec![MODEL.into()],
         ttft: Duration::ZERO,
@@ -289,7 +291,7 @@ fn unthrottled_engine(max_concurrent: u32) -> SyntheticConfig {
 }
 
 /// The router configuration the benchmarks run with.
-fn bench_router_config(
+pub(crate) fn bench_router_config(
     decision_reports_per_s: u32,
     stream_credit_tokens: u32,
     max_tokens_cap: u32,
@@ -367,13 +369,19 @@ pub(crate) async fn start_cluster(
     spawn_component(
         &mut tasks,
         "router",
-        switchyard_router::run_router(router_config, registry.clone(), shutdown.clone(), |addr| {
-            let _ = router_tx.send(addr);
-        }),
+        switchyard_router::run_router_with_endpoints(
+            router_config,
+            registry.clone(),
+            shutdown.clone(),
+            |endpoints| {
+                let _ = router_tx.send(endpoints);
+            },
+        ),
     );
-    let router_addr = router_rx
+    let endpoints = router_rx
         .await
         .context("the router stopped before serving")?;
+    let router_addr = endpoints.grpc;
 
     async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<Channel> {
         Ok(Channel::from_shared(format!("http://{addr}"))?
@@ -385,6 +393,7 @@ pub(crate) async fn start_cluster(
         worker_addr,
         router: connect(router_addr).await?,
         router_addr,
+        router_http: endpoints.http,
         registry,
         dashboard,
         shutdown,
