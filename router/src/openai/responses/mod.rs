@@ -7,6 +7,7 @@
 //! Stateless: nothing is stored, so `store` is answered `false` and what would read stored
 //! responses is refused by name (see [`request`]).
 
+mod object;
 mod output;
 mod request;
 
@@ -19,7 +20,6 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse as _, Response};
-use serde_json::{Value, json};
 use switchyard_proto::v1::{self, server_frame::Frame};
 
 use super::choices::ChoiceFrames;
@@ -28,8 +28,9 @@ use super::handlers::{self, Choices, RESPONSES_ROUTE};
 use super::wire;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
-use output::{Output, Status};
-use request::{Echo, FieldNames, ResponsesRequest};
+use object::{Lifecycle, Snapshot};
+use output::{Event, Output, Status};
+use request::ResponsesRequest;
 
 pub async fn responses(
     State(dispatcher): State<Arc<Dispatcher>>,
@@ -107,78 +108,9 @@ pub(super) fn read_body(body: &[u8], cap: u32) -> Result<request::Read, ApiError
     wire::typed::<ResponsesRequest>(&wire::json_object(body)?)?.read(cap)
 }
 
-/// Everything a response object says besides its output.
-struct Snapshot {
-    id: String,
-    created_at: u64,
-    model: String,
-    lane: String,
-    echo: Echo,
-    fields: FieldNames,
-}
-
-impl Snapshot {
-    /// The error naming the request's own fields.
-    fn name_fields(&self, error: ApiError) -> ApiError {
-        error.renaming_param(|f| self.fields.rename(f))
-    }
-
-    /// The response object. `usage` is there once the generation has finished.
-    fn object(
-        &self,
-        status: &str,
-        output: &Output,
-        finished: Option<&v1::Finished>,
-        error: Option<&ApiError>,
-    ) -> Value {
-        let e = &self.echo;
-        let incomplete = (status == "incomplete").then(|| json!({"reason": "max_output_tokens"}));
-        let usage = finished.map(|f| {
-            let u = f.usage.unwrap_or_default();
-            json!({
-                "input_tokens": u.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
-                "output_tokens": u.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": u.prompt_tokens + u.completion_tokens,
-            })
-        });
-        let error =
-            error.map(|e| json!({"code": e.code.unwrap_or("server_error"), "message": e.message}));
-        json!({
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created_at,
-            "completed_at": finished.map(|_| handlers::unix_now()),
-            "status": status,
-            "background": false,
-            "error": error,
-            "incomplete_details": incomplete,
-            "instructions": e.instructions,
-            "max_output_tokens": e.max_output_tokens,
-            "max_tool_calls": Value::Null,
-            "metadata": e.metadata,
-            "model": self.model,
-            "output": output.items(),
-            "parallel_tool_calls": e.parallel_tool_calls,
-            "previous_response_id": Value::Null,
-            "prompt_cache_key": e.prompt_cache_key,
-            "reasoning": {"effort": Value::Null, "summary": Value::Null},
-            "safety_identifier": e.safety_identifier,
-            // The lane it ran in, in OpenAI's words.
-            "service_tier": if self.lane == "latency-critical" { "priority" } else { "flex" },
-            "store": false,
-            "temperature": e.temperature,
-            "text": e.text,
-            "tool_choice": e.tool_choice,
-            "tools": e.tools,
-            "top_logprobs": 0,
-            "top_p": e.top_p,
-            "truncation": "disabled",
-            "usage": usage,
-            "user": e.user,
-        })
-    }
+/// An event's fields, serialized.
+fn serialized(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).expect("serializing to memory cannot fail")
 }
 
 /// How a finished generation's items end and the response's status.
@@ -206,7 +138,7 @@ async fn whole(snapshot: &mut Snapshot, mut frames: ChoiceFrames) -> Result<Resp
                 let (items, status) = ending(&finished);
                 output.close(items);
                 let body = snapshot.object(status, &output, Some(&finished), None);
-                return Ok(axum::Json(body).into_response());
+                return Ok(axum::Json(&body).into_response());
             }
             Frame::Failed(failed) => {
                 return Err(snapshot.name_fields(ApiError::from_failed(&failed)));
@@ -230,11 +162,21 @@ fn stream(snapshot: Snapshot, first: Frame, frames: ChoiceFrames) -> Response {
         pending: VecDeque::new(),
         done: false,
     };
-    let opening = events
-        .snapshot
-        .object("in_progress", &events.output, None, None);
-    events.push("response.created", json!({"response": opening.clone()}));
-    events.push("response.in_progress", json!({"response": opening}));
+    // The same object opens the stream twice; serialized once.
+    let opening = Event {
+        kind: "response.created",
+        fields: serialized(&Lifecycle {
+            response: events
+                .snapshot
+                .object("in_progress", &events.output, None, None),
+        }),
+    };
+    let in_progress = Event {
+        kind: "response.in_progress",
+        fields: opening.fields.clone(),
+    };
+    events.push(&opening);
+    events.push(&in_progress);
     events.on_frame(first);
     let body = Body::from_stream(futures::stream::unfold(events, |mut events| async move {
         let bytes = events.next().await?;
@@ -277,25 +219,37 @@ impl Events {
     }
 
     /// Queues an event: `event: <kind>` and its JSON with `type` and `sequence_number`.
-    fn push(&mut self, kind: &'static str, mut fields: Value) {
-        if let Value::Object(map) = &mut fields {
-            map.insert("type".into(), Value::from(kind));
-            map.insert("sequence_number".into(), Value::from(self.sequence));
-        }
+    fn push(&mut self, event: &Event) {
+        let mut bytes = Vec::with_capacity(64 + event.fields.len());
+        bytes.extend_from_slice(b"event: ");
+        bytes.extend_from_slice(event.kind.as_bytes());
+        bytes.extend_from_slice(b"\ndata: ");
+        event.write(self.sequence, &mut bytes);
+        bytes.extend_from_slice(b"\n\n");
         self.sequence += 1;
-        let mut event = Vec::with_capacity(256);
-        event.extend_from_slice(b"event: ");
-        event.extend_from_slice(kind.as_bytes());
-        event.extend_from_slice(b"\ndata: ");
-        serde_json::to_writer(&mut event, &fields).expect("serializing to memory cannot fail");
-        event.extend_from_slice(b"\n\n");
-        self.pending.push_back(Bytes::from(event));
+        self.pending.push_back(Bytes::from(bytes));
     }
 
     fn push_output_events(&mut self) {
         for event in self.output.take_events() {
-            self.push(event.kind, event.fields);
+            self.push(&event);
         }
+    }
+
+    /// Queues the lifecycle event `kind`: the response as it stands, with `status`.
+    fn push_lifecycle(
+        &mut self,
+        kind: &'static str,
+        status: &'static str,
+        finished: Option<&v1::Finished>,
+        error: Option<&ApiError>,
+    ) {
+        let response = self.snapshot.object(status, &self.output, finished, error);
+        let event = Event {
+            kind,
+            fields: serialized(&Lifecycle { response }),
+        };
+        self.push(&event);
     }
 
     fn on_frame(&mut self, frame: Frame) {
@@ -309,17 +263,12 @@ impl Events {
                 let (items, status) = ending(&finished);
                 self.output.close(items);
                 self.push_output_events();
-                let response = self
-                    .snapshot
-                    .object(status, &self.output, Some(&finished), None);
-                self.push(
-                    if status == "completed" {
-                        "response.completed"
-                    } else {
-                        "response.incomplete"
-                    },
-                    json!({"response": response}),
-                );
+                let kind = if status == "completed" {
+                    "response.completed"
+                } else {
+                    "response.incomplete"
+                };
+                self.push_lifecycle(kind, status, Some(&finished), None);
                 self.done = true;
             }
             Frame::Failed(failed) => self.fail(ApiError::from_failed(&failed)),
@@ -344,10 +293,7 @@ impl Events {
         let error = self.snapshot.name_fields(error);
         self.output.close(Status::Incomplete);
         self.push_output_events();
-        let response = self
-            .snapshot
-            .object("failed", &self.output, None, Some(&error));
-        self.push("response.failed", json!({"response": response}));
+        self.push_lifecycle("response.failed", "failed", None, Some(&error));
         self.done = true;
     }
 }
@@ -355,6 +301,7 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
     use tonic::Code;
 
     fn snapshot() -> Snapshot {

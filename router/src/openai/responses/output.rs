@@ -4,33 +4,41 @@
 //! `response.output_text.delta`, `response.function_call_arguments.delta`, the `.done`
 //! events), so the streamed events and the whole response always agree.
 
-use serde_json::{Value, json};
+use serde::Serialize;
+#[cfg(test)]
+use serde_json::Value;
 use switchyard_proto::v1;
 
-/// One stream event: its `type` and its other fields (the stream adds `sequence_number`).
+/// One stream event: its `type`, and its other fields as a serialized JSON object (the stream
+/// writes `type` and `sequence_number` in front of them). Serialized when made, from borrowed
+/// data: a token's event costs one small write, not a JSON tree.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
     pub kind: &'static str,
-    pub fields: Value,
+    pub fields: String,
+}
+
+impl Event {
+    /// The event's JSON: `{"type", "sequence_number", …fields}`.
+    pub fn write(&self, sequence: u64, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"{\"type\":\"");
+        out.extend_from_slice(self.kind.as_bytes());
+        out.extend_from_slice(b"\",\"sequence_number\":");
+        out.extend_from_slice(sequence.to_string().as_bytes());
+        // `fields` is a non-empty object: `{"a":…}` continues as `,"a":…}`.
+        out.push(b',');
+        out.extend_from_slice(&self.fields.as_bytes()[1..]);
+    }
 }
 
 /// How an item ended, or that it has not yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Status {
     InProgress,
     Completed,
     /// Cut short (the output bound, a failure).
     Incomplete,
-}
-
-impl Status {
-    fn label(self) -> &'static str {
-        match self {
-            Status::InProgress => "in_progress",
-            Status::Completed => "completed",
-            Status::Incomplete => "incomplete",
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -48,43 +56,130 @@ enum Body {
 }
 
 #[derive(Debug)]
-struct Item {
+pub struct Item {
     id: String,
     status: Status,
     body: Body,
 }
 
-impl Item {
-    fn to_json(&self) -> Value {
-        let status = self.status.label();
+/// An `output_text` content part.
+#[derive(Serialize)]
+struct TextPart<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    text: &'a str,
+    annotations: [(); 0],
+    logprobs: [(); 0],
+}
+
+fn text_part(text: &str) -> TextPart<'_> {
+    TextPart {
+        kind: "output_text",
+        text,
+        annotations: [],
+        logprobs: [],
+    }
+}
+
+#[derive(Serialize)]
+struct MessageItem<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    status: Status,
+    role: &'static str,
+    content: &'a [TextPart<'a>],
+}
+
+#[derive(Serialize)]
+struct CallItem<'a> {
+    id: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    status: Status,
+    call_id: &'a str,
+    name: &'a str,
+    arguments: &'a str,
+}
+
+impl Serialize for Item {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         match &self.body {
             Body::Message { text } => {
                 // An item just opened has no content part yet, as OpenAI's stream shows it.
-                let content = if self.status == Status::InProgress && text.is_empty() {
-                    json!([])
+                let part = [text_part(text)];
+                let content: &[TextPart] = if self.status == Status::InProgress && text.is_empty() {
+                    &[]
                 } else {
-                    json!([text_part(text)])
+                    &part
                 };
-                json!({
-                    "id": self.id, "type": "message", "status": status, "role": "assistant",
-                    "content": content,
-                })
+                MessageItem {
+                    id: &self.id,
+                    kind: "message",
+                    status: self.status,
+                    role: "assistant",
+                    content,
+                }
+                .serialize(serializer)
             }
             Body::Call {
                 call_id,
                 name,
                 arguments,
                 ..
-            } => json!({
-                "id": self.id, "type": "function_call", "status": status, "call_id": call_id,
-                "name": name, "arguments": arguments,
-            }),
+            } => CallItem {
+                id: &self.id,
+                kind: "function_call",
+                status: self.status,
+                call_id,
+                name,
+                arguments,
+            }
+            .serialize(serializer),
         }
     }
 }
 
-fn text_part(text: &str) -> Value {
-    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+/// `response.output_item.added` / `.done`.
+#[derive(Serialize)]
+struct ItemEvent<'a> {
+    output_index: usize,
+    item: &'a Item,
+}
+
+/// `response.content_part.added` / `.done`.
+#[derive(Serialize)]
+struct PartEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    part: TextPart<'a>,
+}
+
+/// `response.output_text.delta` (`delta`) / `.done` (`text`).
+#[derive(Serialize)]
+struct TextEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    content_index: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    logprobs: [(); 0],
+}
+
+/// `response.function_call_arguments.delta` (`delta`) / `.done` (`name`, `arguments`).
+#[derive(Serialize)]
+struct ArgumentsEvent<'a> {
+    item_id: &'a str,
+    output_index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delta: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    arguments: Option<&'a str>,
 }
 
 /// The output items of one response and the events that built them.
@@ -111,8 +206,8 @@ impl Output {
     }
 
     /// Every item, as it stands.
-    pub fn items(&self) -> Vec<Value> {
-        self.items.iter().map(Item::to_json).collect()
+    pub fn items(&self) -> &[Item] {
+        &self.items
     }
 
     /// Text the model wrote: more of the open message, or a new message.
@@ -131,11 +226,19 @@ impl Output {
             self.open_item(Body::Message {
                 text: String::new(),
             });
-            let (index, id) = self.last_ids();
-            self.emit("response.content_part.added", || {
-                json!({"item_id": id, "output_index": index, "content_index": 0,
-                       "part": text_part("")})
-            });
+            if self.emit {
+                let (index, id) = self.last_ids();
+                let added = event(
+                    "response.content_part.added",
+                    &PartEvent {
+                        item_id: id,
+                        output_index: index,
+                        content_index: 0,
+                        part: text_part(""),
+                    },
+                );
+                self.events.push(added);
+            }
         }
         if let Some(Item {
             body: Body::Message { text: all },
@@ -144,11 +247,21 @@ impl Output {
         {
             all.push_str(text);
         }
-        let (index, id) = self.last_ids();
-        self.emit("response.output_text.delta", || {
-            json!({"item_id": id, "output_index": index, "content_index": 0, "delta": text,
-                   "logprobs": []})
-        });
+        if self.emit {
+            let (index, id) = self.last_ids();
+            let delta = event(
+                "response.output_text.delta",
+                &TextEvent {
+                    item_id: id,
+                    output_index: index,
+                    content_index: 0,
+                    delta: Some(text),
+                    text: None,
+                    logprobs: [],
+                },
+            );
+            self.events.push(delta);
+        }
     }
 
     /// Pieces of tool calls: more arguments of the open call, or new calls (a piece with a
@@ -178,11 +291,20 @@ impl Output {
             {
                 arguments.push_str(&piece.arguments);
             }
-            let (index, id) = self.last_ids();
-            self.emit(
-                "response.function_call_arguments.delta",
-                || json!({"item_id": id, "output_index": index, "delta": piece.arguments}),
-            );
+            if self.emit {
+                let (index, id) = self.last_ids();
+                let delta = event(
+                    "response.function_call_arguments.delta",
+                    &ArgumentsEvent {
+                        item_id: id,
+                        output_index: index,
+                        delta: Some(&piece.arguments),
+                        name: None,
+                        arguments: None,
+                    },
+                );
+                self.events.push(delta);
+            }
         }
     }
 
@@ -196,35 +318,58 @@ impl Output {
             return;
         };
         item.status = status;
+        if !self.emit {
+            return;
+        }
         let (index, id) = self.last_ids();
         let item = self.items.last().expect("just closed");
-        let done = item.to_json();
+        let mut events = Vec::with_capacity(3);
         match &item.body {
             Body::Message { text } => {
-                let (text, part) = (text.clone(), text_part(text));
-                self.emit("response.output_text.done", || {
-                    json!({"item_id": id, "output_index": index, "content_index": 0,
-                           "text": text, "logprobs": []})
-                });
-                self.emit("response.content_part.done", || {
-                    json!({"item_id": id, "output_index": index, "content_index": 0,
-                           "part": part})
-                });
+                events.push(event(
+                    "response.output_text.done",
+                    &TextEvent {
+                        item_id: id,
+                        output_index: index,
+                        content_index: 0,
+                        delta: None,
+                        text: Some(text),
+                        logprobs: [],
+                    },
+                ));
+                events.push(event(
+                    "response.content_part.done",
+                    &PartEvent {
+                        item_id: id,
+                        output_index: index,
+                        content_index: 0,
+                        part: text_part(text),
+                    },
+                ));
             }
             Body::Call {
                 name, arguments, ..
             } => {
-                let (name, arguments) = (name.clone(), arguments.clone());
-                self.emit("response.function_call_arguments.done", || {
-                    json!({"item_id": id, "output_index": index, "name": name,
-                           "arguments": arguments})
-                });
+                events.push(event(
+                    "response.function_call_arguments.done",
+                    &ArgumentsEvent {
+                        item_id: id,
+                        output_index: index,
+                        delta: None,
+                        name: Some(name),
+                        arguments: Some(arguments),
+                    },
+                ));
             }
         }
-        self.emit(
+        events.push(event(
             "response.output_item.done",
-            || json!({"output_index": index, "item": done}),
-        );
+            &ItemEvent {
+                output_index: index,
+                item,
+            },
+        ));
+        self.events.extend(events);
     }
 
     fn open(&self) -> Option<&Item> {
@@ -241,29 +386,42 @@ impl Output {
             status: Status::InProgress,
             body,
         });
-        let (index, _) = self.last_ids();
-        let item = self.items.last().expect("just pushed").to_json();
-        self.emit(
-            "response.output_item.added",
-            || json!({"output_index": index, "item": item}),
-        );
+        if self.emit {
+            let (index, _) = self.last_ids();
+            let added = event(
+                "response.output_item.added",
+                &ItemEvent {
+                    output_index: index,
+                    item: self.items.last().expect("just pushed"),
+                },
+            );
+            self.events.push(added);
+        }
     }
 
     /// The last item's output index and id.
-    fn last_ids(&self) -> (usize, String) {
+    fn last_ids(&self) -> (usize, &str) {
         let index = self.items.len().saturating_sub(1);
-        let id = self.items.last().map(|i| i.id.clone()).unwrap_or_default();
+        let id = self.items.last().map_or("", |i| i.id.as_str());
         (index, id)
     }
+}
 
-    fn emit(&mut self, kind: &'static str, fields: impl FnOnce() -> Value) {
-        if self.emit {
-            self.events.push(Event {
-                kind,
-                fields: fields(),
-            });
-        }
+fn event(kind: &'static str, fields: &impl Serialize) -> Event {
+    Event {
+        kind,
+        fields: serde_json::to_string(fields).expect("serializing to memory cannot fail"),
     }
+}
+
+/// The items as JSON values (tests read them so).
+#[cfg(test)]
+pub fn items_json(output: &Output) -> Vec<Value> {
+    output
+        .items()
+        .iter()
+        .map(|item| serde_json::to_value(item).expect("serializes"))
+        .collect()
 }
 
 #[cfg(test)]
@@ -313,27 +471,33 @@ mod tests {
                 "response.output_item.done",
             ]
         );
-        let items = output.items();
+        let items = items_json(&output);
         assert_eq!(items.len(), 3);
         assert_eq!(items[0]["content"][0]["text"], "Let me look.");
         assert_eq!(items[1]["arguments"], "{\"q\":1}");
         assert_eq!(items[1]["call_id"], "call_a");
         assert_eq!(items[2]["name"], "put");
         assert!(items.iter().all(|i| i["status"] == "completed"));
+        let fields: Vec<Value> = events
+            .iter()
+            .map(|e| serde_json::from_str(&e.fields).expect("JSON"))
+            .collect();
         // Every event of an item names it by the index and id it was added with.
-        for event in &events {
-            if let Some(index) = event.fields.get("output_index") {
-                let item = &items[index.as_u64().unwrap() as usize];
-                let id = event
-                    .fields
-                    .get("item_id")
-                    .or(event.fields["item"].get("id"));
-                assert_eq!(id, item.get("id"), "{event:?}");
-            }
+        for event in &fields {
+            let index = event["output_index"].as_u64().expect("an output index");
+            let id = event.get("item_id").or(event["item"].get("id"));
+            assert_eq!(id, items[index as usize].get("id"), "{event:?}");
         }
         // What the done events carry is what the items hold.
-        assert_eq!(events[6].fields["item"], items[0]);
-        assert_eq!(events[10].fields["arguments"], "{\"q\":1}");
+        assert_eq!(fields[6]["item"], items[0]);
+        assert_eq!(fields[10]["arguments"], "{\"q\":1}");
+        // Written out, an event leads with its type and number.
+        let mut out = Vec::new();
+        events[2].write(7, &mut out);
+        let written: Value = serde_json::from_slice(&out).expect("JSON");
+        assert_eq!(written["type"], "response.output_text.delta");
+        assert_eq!(written["sequence_number"], 7);
+        assert_eq!(written["delta"], "Let me ");
     }
 
     #[test]
@@ -343,7 +507,7 @@ mod tests {
         output.close(Status::Incomplete);
         output.close(Status::Completed);
         assert!(output.take_events().is_empty());
-        let items = output.items();
+        let items = items_json(&output);
         assert_eq!(items[0]["status"], "incomplete");
         assert_eq!(items[0]["content"][0]["text"], "Once upon");
     }
