@@ -10,6 +10,7 @@
 //! `x-switchyard-pool` and `x-switchyard-worker`. Dropping a response body (the client went
 //! away) drops the dispatcher's output channel, which cancels the generation on the worker.
 
+mod blocks;
 mod choices;
 mod error;
 #[cfg(test)]

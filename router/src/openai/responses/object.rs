@@ -99,7 +99,7 @@ pub struct ResponseObject<'a> {
     max_tool_calls: Option<u32>,
     metadata: &'a Value,
     model: &'a str,
-    output: &'a [super::output::Item],
+    output: Vec<super::output::Item<'a>>,
     parallel_tool_calls: bool,
     previous_response_id: Option<&'a str>,
     prompt_cache_key: Option<&'a str>,

@@ -1,13 +1,14 @@
-//! A response's `output` as the generation produces it: text becomes a `message` item, each
-//! tool call a `function_call` item, in the order the model wrote them. Each change is also
-//! the Responses API's stream event for it (`response.output_item.added`,
+//! A response's `output` as the generation produces it: its text a `message` item, each tool
+//! call a `function_call` item, in the order the model wrote them (see [`Blocks`]), and each
+//! change as the Responses API's stream events (`response.output_item.added`,
 //! `response.output_text.delta`, `response.function_call_arguments.delta`, the `.done`
 //! events), so the streamed events and the whole response always agree.
 
 use serde::Serialize;
-#[cfg(test)]
-use serde_json::Value;
 use switchyard_proto::v1;
+
+pub use super::super::blocks::Status;
+use super::super::blocks::{Block, Blocks, Body, Change};
 
 /// One stream event: its `type`, and its other fields as a serialized JSON object (the stream
 /// writes `type` and `sequence_number` in front of them). Serialized when made, from borrowed
@@ -31,35 +32,10 @@ impl Event {
     }
 }
 
-/// How an item ended, or that it has not yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Status {
-    InProgress,
-    Completed,
-    /// Cut short (the output bound, a failure).
-    Incomplete,
-}
-
-#[derive(Debug)]
-enum Body {
-    Message {
-        text: String,
-    },
-    Call {
-        /// The engine's index of the call within the turn.
-        index: u32,
-        call_id: String,
-        name: String,
-        arguments: String,
-    },
-}
-
-#[derive(Debug)]
-pub struct Item {
-    id: String,
-    status: Status,
-    body: Body,
+/// An output item: a block and the id the API gives it.
+pub struct Item<'a> {
+    id: &'a str,
+    block: &'a Block,
 }
 
 /// An `output_text` content part.
@@ -102,21 +78,22 @@ struct CallItem<'a> {
     arguments: &'a str,
 }
 
-impl Serialize for Item {
+impl Serialize for Item<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match &self.body {
-            Body::Message { text } => {
+        let status = self.block.status;
+        match &self.block.body {
+            Body::Text(text) => {
                 // An item just opened has no content part yet, as OpenAI's stream shows it.
                 let part = [text_part(text)];
-                let content: &[TextPart] = if self.status == Status::InProgress && text.is_empty() {
+                let content: &[TextPart] = if status == Status::InProgress && text.is_empty() {
                     &[]
                 } else {
                     &part
                 };
                 MessageItem {
-                    id: &self.id,
+                    id: self.id,
                     kind: "message",
-                    status: self.status,
+                    status,
                     role: "assistant",
                     content,
                 }
@@ -128,9 +105,9 @@ impl Serialize for Item {
                 arguments,
                 ..
             } => CallItem {
-                id: &self.id,
+                id: self.id,
                 kind: "function_call",
-                status: self.status,
+                status,
                 call_id,
                 name,
                 arguments,
@@ -144,7 +121,7 @@ impl Serialize for Item {
 #[derive(Serialize)]
 struct ItemEvent<'a> {
     output_index: usize,
-    item: &'a Item,
+    item: Item<'a>,
 }
 
 /// `response.content_part.added` / `.done`.
@@ -185,10 +162,13 @@ struct ArgumentsEvent<'a> {
 /// The output items of one response and the events that built them.
 #[derive(Debug, Default)]
 pub struct Output {
-    items: Vec<Item>,
+    blocks: Blocks,
+    /// The items' ids, by position.
+    ids: Vec<String>,
     /// Events not yet taken; kept only when the response streams.
     events: Vec<Event>,
     emit: bool,
+    changes: Vec<Change>,
 }
 
 impl Output {
@@ -206,204 +186,161 @@ impl Output {
     }
 
     /// Every item, as it stands.
-    pub fn items(&self) -> &[Item] {
-        &self.items
+    pub fn items(&self) -> Vec<Item<'_>> {
+        self.ids
+            .iter()
+            .zip(self.blocks.all())
+            .map(|(id, block)| Item { id, block })
+            .collect()
     }
 
-    /// Text the model wrote: more of the open message, or a new message.
+    /// Text the model wrote.
     pub fn text(&mut self, text: &str) {
-        if text.is_empty() {
-            return;
-        }
-        if !matches!(
-            self.open(),
-            Some(Item {
-                body: Body::Message { .. },
-                ..
-            })
-        ) {
-            self.close(Status::Completed);
-            self.open_item(Body::Message {
-                text: String::new(),
-            });
-            if self.emit {
-                let (index, id) = self.last_ids();
-                let added = event(
-                    "response.content_part.added",
-                    &PartEvent {
-                        item_id: id,
-                        output_index: index,
-                        content_index: 0,
-                        part: text_part(""),
-                    },
-                );
-                self.events.push(added);
-            }
-        }
-        if let Some(Item {
-            body: Body::Message { text: all },
-            ..
-        }) = self.items.last_mut()
-        {
-            all.push_str(text);
-        }
-        if self.emit {
-            let (index, id) = self.last_ids();
-            let delta = event(
-                "response.output_text.delta",
-                &TextEvent {
-                    item_id: id,
-                    output_index: index,
-                    content_index: 0,
-                    delta: Some(text),
-                    text: None,
-                    logprobs: [],
-                },
-            );
-            self.events.push(delta);
-        }
+        let mut changes = std::mem::take(&mut self.changes);
+        self.blocks.text(text, &mut changes);
+        self.render(&mut changes);
     }
 
-    /// Pieces of tool calls: more arguments of the open call, or new calls (a piece with a
-    /// new index starts one).
+    /// Pieces of tool calls the model wrote.
     pub fn calls(&mut self, pieces: &[v1::ToolCallDelta]) {
-        for piece in pieces {
-            let continues = matches!(
-                self.open(),
-                Some(Item { body: Body::Call { index, .. }, .. }) if *index == piece.index
-            );
-            if !continues {
-                self.close(Status::Completed);
-                self.open_item(Body::Call {
-                    index: piece.index,
-                    call_id: piece.id.clone(),
-                    name: piece.name.clone(),
-                    arguments: String::new(),
-                });
-            }
-            if piece.arguments.is_empty() {
-                continue;
-            }
-            if let Some(Item {
-                body: Body::Call { arguments, .. },
-                ..
-            }) = self.items.last_mut()
-            {
-                arguments.push_str(&piece.arguments);
-            }
-            if self.emit {
-                let (index, id) = self.last_ids();
-                let delta = event(
-                    "response.function_call_arguments.delta",
-                    &ArgumentsEvent {
-                        item_id: id,
-                        output_index: index,
-                        delta: Some(&piece.arguments),
-                        name: None,
-                        arguments: None,
-                    },
-                );
-                self.events.push(delta);
-            }
-        }
+        let mut changes = std::mem::take(&mut self.changes);
+        self.blocks.calls(pieces, &mut changes);
+        self.render(&mut changes);
     }
 
     /// Ends the item being written, if any, as `status`.
     pub fn close(&mut self, status: Status) {
-        let Some(item) = self
-            .items
-            .last_mut()
-            .filter(|i| i.status == Status::InProgress)
-        else {
-            return;
-        };
-        item.status = status;
-        if !self.emit {
-            return;
+        let mut changes = std::mem::take(&mut self.changes);
+        self.blocks.close(status, &mut changes);
+        self.render(&mut changes);
+    }
+
+    /// Names new items and turns `changes` into events; leaves `changes` empty for reuse.
+    fn render(&mut self, changes: &mut Vec<Change>) {
+        for change in changes.drain(..) {
+            if let Change::Opened(index) = change {
+                let prefix = match self.blocks.get(index).body {
+                    Body::Text(_) => "msg",
+                    Body::Call { .. } => "fc",
+                };
+                self.ids
+                    .push(format!("{prefix}_{}", uuid::Uuid::new_v4().simple()));
+            }
+            if self.emit {
+                self.events_of(change);
+            }
         }
-        let (index, id) = self.last_ids();
-        let item = self.items.last().expect("just closed");
-        let mut events = Vec::with_capacity(3);
-        match &item.body {
-            Body::Message { text } => {
+        self.changes = std::mem::take(changes);
+    }
+
+    fn events_of(&mut self, change: Change) {
+        let item = |index: usize| Item {
+            id: &self.ids[index],
+            block: self.blocks.get(index),
+        };
+        let events = &mut self.events;
+        match change {
+            Change::Opened(index) => {
+                let opened = item(index);
                 events.push(event(
-                    "response.output_text.done",
-                    &TextEvent {
-                        item_id: id,
+                    "response.output_item.added",
+                    &ItemEvent {
                         output_index: index,
-                        content_index: 0,
-                        delta: None,
-                        text: Some(text),
-                        logprobs: [],
+                        item: item(index),
                     },
                 ));
+                if let Body::Text(_) = opened.block.body {
+                    events.push(event(
+                        "response.content_part.added",
+                        &PartEvent {
+                            item_id: opened.id,
+                            output_index: index,
+                            content_index: 0,
+                            part: text_part(""),
+                        },
+                    ));
+                }
+            }
+            Change::Text { block, from } => {
+                let Item { id, block: b } = item(block);
+                if let Body::Text(text) = &b.body {
+                    events.push(event(
+                        "response.output_text.delta",
+                        &TextEvent {
+                            item_id: id,
+                            output_index: block,
+                            content_index: 0,
+                            delta: Some(&text[from..]),
+                            text: None,
+                            logprobs: [],
+                        },
+                    ));
+                }
+            }
+            Change::Arguments { block, from } => {
+                let Item { id, block: b } = item(block);
+                if let Body::Call { arguments, .. } = &b.body {
+                    events.push(event(
+                        "response.function_call_arguments.delta",
+                        &ArgumentsEvent {
+                            item_id: id,
+                            output_index: block,
+                            delta: Some(&arguments[from..]),
+                            name: None,
+                            arguments: None,
+                        },
+                    ));
+                }
+            }
+            Change::Closed(index) => {
+                let closed = item(index);
+                match &closed.block.body {
+                    Body::Text(text) => {
+                        events.push(event(
+                            "response.output_text.done",
+                            &TextEvent {
+                                item_id: closed.id,
+                                output_index: index,
+                                content_index: 0,
+                                delta: None,
+                                text: Some(text),
+                                logprobs: [],
+                            },
+                        ));
+                        events.push(event(
+                            "response.content_part.done",
+                            &PartEvent {
+                                item_id: closed.id,
+                                output_index: index,
+                                content_index: 0,
+                                part: text_part(text),
+                            },
+                        ));
+                    }
+                    Body::Call {
+                        name, arguments, ..
+                    } => {
+                        events.push(event(
+                            "response.function_call_arguments.done",
+                            &ArgumentsEvent {
+                                item_id: closed.id,
+                                output_index: index,
+                                delta: None,
+                                name: Some(name),
+                                arguments: Some(arguments),
+                            },
+                        ));
+                    }
+                }
                 events.push(event(
-                    "response.content_part.done",
-                    &PartEvent {
-                        item_id: id,
+                    "response.output_item.done",
+                    &ItemEvent {
                         output_index: index,
-                        content_index: 0,
-                        part: text_part(text),
+                        item: closed,
                     },
                 ));
             }
-            Body::Call {
-                name, arguments, ..
-            } => {
-                events.push(event(
-                    "response.function_call_arguments.done",
-                    &ArgumentsEvent {
-                        item_id: id,
-                        output_index: index,
-                        delta: None,
-                        name: Some(name),
-                        arguments: Some(arguments),
-                    },
-                ));
-            }
         }
-        events.push(event(
-            "response.output_item.done",
-            &ItemEvent {
-                output_index: index,
-                item,
-            },
-        ));
-        self.events.extend(events);
-    }
-
-    fn open(&self) -> Option<&Item> {
-        self.items.last().filter(|i| i.status == Status::InProgress)
-    }
-
-    fn open_item(&mut self, body: Body) {
-        let prefix = match body {
-            Body::Message { .. } => "msg",
-            Body::Call { .. } => "fc",
-        };
-        self.items.push(Item {
-            id: format!("{prefix}_{}", uuid::Uuid::new_v4().simple()),
-            status: Status::InProgress,
-            body,
-        });
-        if self.emit {
-            let (index, _) = self.last_ids();
-            let added = event(
-                "response.output_item.added",
-                &ItemEvent {
-                    output_index: index,
-                    item: self.items.last().expect("just pushed"),
-                },
-            );
-            self.events.push(added);
-        }
-    }
-
-    /// The last item's output index and id.
-    fn last_ids(&self) -> (usize, &str) {
-        let index = self.items.len().saturating_sub(1);
-        let id = self.items.last().map_or("", |i| i.id.as_str());
-        (index, id)
     }
 }
 
@@ -416,7 +353,7 @@ fn event(kind: &'static str, fields: &impl Serialize) -> Event {
 
 /// The items as JSON values (tests read them so).
 #[cfg(test)]
-pub fn items_json(output: &Output) -> Vec<Value> {
+pub fn items_json(output: &Output) -> Vec<serde_json::Value> {
     output
         .items()
         .iter()
@@ -427,15 +364,8 @@ pub fn items_json(output: &Output) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn piece(index: u32, id: &str, name: &str, arguments: &str) -> v1::ToolCallDelta {
-        v1::ToolCallDelta {
-            index,
-            id: id.into(),
-            name: name.into(),
-            arguments: arguments.into(),
-        }
-    }
+    use crate::openai::blocks::piece;
+    use serde_json::Value;
 
     fn kinds(events: &[Event]) -> Vec<&'static str> {
         events.iter().map(|e| e.kind).collect()
