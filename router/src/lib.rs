@@ -4,6 +4,7 @@
 //! Classification and placement are the pure `switchyard-policy` crate's.
 
 pub mod affinity;
+pub mod anthropic;
 pub mod auth;
 pub mod changes;
 pub mod config;

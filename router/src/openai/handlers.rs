@@ -63,7 +63,7 @@ impl Meta {
 }
 
 /// Adds the `x-switchyard-*` headers and `x-request-id` to a generation's `response`.
-pub(super) fn tag(response: &mut Response, lane: &str, pool: &str, worker: &str, id: &str) {
+pub(crate) fn tag(response: &mut Response, lane: &str, pool: &str, worker: &str, id: &str) {
     let headers = response.headers_mut();
     for (name, value) in [
         ("x-switchyard-lane", lane),
@@ -121,6 +121,8 @@ pub async fn completions(
 pub const CHAT_ROUTE: &str = "/v1/chat/completions";
 pub const COMPLETIONS_ROUTE: &str = "/v1/completions";
 pub const RESPONSES_ROUTE: &str = "/v1/responses";
+/// Anthropic's Messages API (see [`crate::anthropic`]).
+pub const MESSAGES_ROUTE: &str = "/v1/messages";
 
 /// How the ids a generation route gives its requests begin, as OpenAI's do; `None` for the
 /// routes that generate nothing.
@@ -129,6 +131,7 @@ fn id_prefix(route: &str) -> Option<&'static str> {
         CHAT_ROUTE => Some("chatcmpl-"),
         COMPLETIONS_ROUTE => Some("cmpl-"),
         RESPONSES_ROUTE => Some("resp_"),
+        MESSAGES_ROUTE => Some("msg_"),
         _ => None,
     }
 }
@@ -136,7 +139,7 @@ fn id_prefix(route: &str) -> Option<&'static str> {
 /// Runs the generation `run` under the request's id; every answer, an error included,
 /// carries that id in `x-request-id`, so a user can quote it to whoever reads the decision
 /// feed.
-pub(super) async fn answer<F, Fut>(
+pub(crate) async fn answer<F, Fut>(
     headers: &HeaderMap,
     limits: &switchyard_proto::RequestLimits,
     route: &str,
@@ -154,7 +157,7 @@ where
         Err(error) => (new_request_id(route), Err(error)),
     };
     outcome.unwrap_or_else(|error| {
-        let mut response = error.into_response();
+        let mut response = error_response(route, &error);
         if let Ok(value) = HeaderValue::from_str(&id) {
             response.headers_mut().insert(REQUEST_ID_HEADER, value);
         }
@@ -187,6 +190,24 @@ fn request_id(
                 limits.max_request_id_bytes
             ),
         )),
+    }
+}
+
+/// A refusal made before a route's handler ran (authentication, an unreadable body, a wrong
+/// method), in the shape of the API the route speaks, with its request id.
+pub(super) fn refusal(error: &ApiError, headers: &HeaderMap, path: &str) -> Response {
+    let mut response = error_response(path, error);
+    tag_with_request_id(&mut response, headers, path);
+    response
+}
+
+/// `error` in the shape of the API `route` speaks: Anthropic's on its Messages route,
+/// OpenAI's everywhere else.
+fn error_response(route: &str, error: &ApiError) -> Response {
+    if route == MESSAGES_ROUTE {
+        crate::anthropic::error_response(error)
+    } else {
+        error.clone().into_response()
     }
 }
 
@@ -223,7 +244,7 @@ pub(super) fn body_too_large() -> ApiError {
 /// until the connection's idle timeout closed it is a 408 saying so (found from outside: a
 /// client that sent less than its `content-length` got a 400 "Failed to buffer the request
 /// body: error reading a body from connection" after five silent minutes).
-pub(super) fn body_unread(rejection: BytesRejection) -> ApiError {
+pub(crate) fn body_unread(rejection: BytesRejection) -> ApiError {
     let status = rejection.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {
         return body_too_large();
@@ -271,7 +292,7 @@ fn class_from_headers(headers: &HeaderMap) -> Result<Option<v1::RequestClass>, A
     }
 }
 
-pub(super) fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -348,14 +369,14 @@ async fn generate(
 }
 
 /// How many generations a request asks for, and the field that bounded their output.
-pub(super) struct Choices {
+pub(crate) struct Choices {
     pub count: u32,
     /// `None` when the client gave no bound and the door's default applies.
     pub max_tokens_field: Option<&'static str>,
 }
 
 /// A request's generations, placed on workers.
-pub(super) struct Placed {
+pub(crate) struct Placed {
     pub id: String,
     pub model: String,
     pub lane: String,
@@ -367,7 +388,7 @@ pub(super) struct Placed {
 
 /// Classifies and places `request` (its class from the headers, its tenant's key) once per
 /// choice, the same path as gRPC's, and waits until every choice is placed or one fails.
-pub(super) async fn place(
+pub(crate) async fn place(
     dispatcher: &Arc<Dispatcher>,
     tenant: Option<Tenant>,
     headers: &HeaderMap,
@@ -459,7 +480,7 @@ fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> String {
 }
 
 /// The next frame of any choice, with the choice's index.
-pub(super) async fn next_choice_frame(frames: &mut ChoiceFrames) -> Result<(u32, Frame), ApiError> {
+pub(crate) async fn next_choice_frame(frames: &mut ChoiceFrames) -> Result<(u32, Frame), ApiError> {
     match frames.next().await {
         Some((index, Ok(v1::ServerFrame { frame: Some(frame) }))) => Ok((index, frame)),
         Some((_, Ok(v1::ServerFrame { frame: None }))) => Err(ApiError::from_code(
@@ -670,19 +691,18 @@ pub async fn wrong_method(
         } else {
             ("POST", "POST")
         };
-    let mut response = ApiError {
+    let error = ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         message: format!("{method} is not allowed on {}: use {usable}", uri.path()),
         kind: "invalid_request_error",
         param: None,
         code: None,
         retry_after_secs: None,
-    }
-    .into_response();
+    };
+    let mut response = refusal(&error, &headers, uri.path());
     response
         .headers_mut()
         .insert(axum::http::header::ALLOW, HeaderValue::from_static(allowed));
-    tag_with_request_id(&mut response, &headers, uri.path());
     response
 }
 

@@ -10,24 +10,24 @@
 //! `x-switchyard-pool` and `x-switchyard-worker`. Dropping a response body (the client went
 //! away) drops the dispatcher's output channel, which cancels the generation on the worker.
 
-mod blocks;
-mod choices;
+pub(crate) mod blocks;
+pub(crate) mod choices;
 mod error;
 #[cfg(test)]
 mod fuzz;
-mod handlers;
+pub(crate) mod handlers;
 mod logprobs;
 mod responses;
 mod stream;
-mod tools;
-mod wire;
+pub(crate) mod tools;
+pub(crate) mod wire;
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse as _, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use switchyard_cluster::listen::{self, ConnectionTimeouts};
 use tokio::net::TcpListener;
@@ -52,6 +52,7 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/responses", post(responses::responses))
+        .route(handlers::MESSAGES_ROUTE, post(crate::anthropic::messages))
         .route("/v1/models", get(handlers::list_models))
         .route(MODEL_ROUTE, get(handlers::get_model))
         .route_layer(middleware::from_fn(refuse_unreadable_body));
@@ -116,7 +117,7 @@ async fn refuse_unreadable_body(request: Request, next: Next) -> Response {
         .get(header::CONTENT_LENGTH)
         .and_then(|length| length.to_str().ok()?.parse::<u64>().ok())
         .is_some_and(|length| length > handlers::MAX_BODY_BYTES as u64);
-    let mut response = if encoded {
+    let error = if encoded {
         let mut error =
             ApiError::bad_body("content-encoding is not supported; send the JSON uncompressed");
         error.status = StatusCode::UNSUPPORTED_MEDIA_TYPE;
@@ -125,10 +126,8 @@ async fn refuse_unreadable_body(request: Request, next: Next) -> Response {
         handlers::body_too_large()
     } else {
         return next.run(request).await;
-    }
-    .into_response();
-    handlers::tag_with_request_id(&mut response, request.headers(), request.uri().path());
-    response
+    };
+    handlers::refusal(&error, request.headers(), request.uri().path())
 }
 
 /// What the HTTP door's API-key check needs.
@@ -138,18 +137,31 @@ struct Gate {
     metrics: RouterMetrics,
 }
 
-/// Checks `Authorization: Bearer <key>` and attaches the key's tenant to the request.
+/// The header Anthropic's clients send their API key in.
+const API_KEY_HEADER: &str = "x-api-key";
+
+/// Checks `Authorization: Bearer <key>` (or `x-api-key: <key>`) and attaches the key's
+/// tenant to the request.
 async fn authenticate(
     State(Gate { keys, metrics }): State<Gate>,
     mut request: Request,
     next: Next,
 ) -> Response {
-    let value = match request.headers().get(AUTHORIZATION).map(|v| v.to_str()) {
-        None => Ok(None),
-        Some(Ok(value)) => Ok(Some(value)),
-        Some(Err(_)) => Err(AuthError::Malformed),
+    let headers = request.headers();
+    // Anthropic's clients send their key as `x-api-key`; it counts when `authorization` is
+    // absent.
+    let value = match (headers.get(AUTHORIZATION), headers.get(API_KEY_HEADER)) {
+        (None, None) => Ok(None),
+        (Some(value), _) => value
+            .to_str()
+            .map(|v| Some(v.to_string()))
+            .map_err(|_| AuthError::Malformed),
+        (None, Some(key)) => key
+            .to_str()
+            .map(|key| Some(format!("Bearer {key}")))
+            .map_err(|_| AuthError::Malformed),
     };
-    match value.and_then(|value| keys.authenticate(value)) {
+    match value.and_then(|value| keys.authenticate(value.as_deref())) {
         Ok(tenant) => {
             request.extensions_mut().insert(tenant);
             next.run(request).await
@@ -157,9 +169,8 @@ async fn authenticate(
         Err(error) => {
             tracing::debug!(%error, path = request.uri().path(), "http request refused");
             metrics.auth_refused("http", &error);
-            let mut response = ApiError::unauthenticated(error).into_response();
-            handlers::tag_with_request_id(&mut response, request.headers(), request.uri().path());
-            response
+            let error = ApiError::unauthenticated(error);
+            handlers::refusal(&error, request.headers(), request.uri().path())
         }
     }
 }
@@ -168,6 +179,7 @@ async fn authenticate(
 mod tests {
     use axum::body::Body;
     use axum::http::StatusCode;
+    use axum::response::IntoResponse as _;
     use tower::ServiceExt as _;
 
     use super::*;

@@ -257,7 +257,7 @@ pub fn parse_body<T: WithSampling>(body: &[u8]) -> Result<T, ApiError> {
 }
 
 /// A request body as a JSON object.
-pub(super) fn json_object(body: &[u8]) -> Result<Value, ApiError> {
+pub(crate) fn json_object(body: &[u8]) -> Result<Value, ApiError> {
     // A UTF-8 byte order mark, as some Windows editors and PowerShell's `Set-Content -Encoding
     // utf8` write, is ignored (RFC 8259 §8.1 allows it; found from outside: `curl -d @file`
     // with such a file was a 400 "not valid JSON: expected value at line 1 column 1").
@@ -271,7 +271,7 @@ pub(super) fn json_object(body: &[u8]) -> Result<Value, ApiError> {
 }
 
 /// `value` read as `U`; a field of the wrong type is a 400 naming it.
-pub(super) fn typed<U: DeserializeOwned>(value: &Value) -> Result<U, ApiError> {
+pub(crate) fn typed<U: DeserializeOwned>(value: &Value) -> Result<U, ApiError> {
     serde_path_to_error::deserialize(value).map_err(|e| {
         let field = e.path().to_string();
         if field == "." {

@@ -1,0 +1,533 @@
+//! Anthropic's Messages API, `POST /v1/messages`, on the router's HTTP port: what Anthropic's
+//! SDKs and the coding agents built on them speak. A request runs on the same dispatcher path
+//! as a chat completion (see [`request`] for how its content blocks map); the answer is a
+//! `message` whose `content` holds the model's `text` and `tool_use` blocks, whole or as the
+//! API's stream events (`message_start`, `content_block_start` / `_delta` / `_stop`,
+//! `message_delta`, `message_stop`). Errors take the API's shape (`{"type": "error",
+//! "error": {"type", "message"}}`), with the statuses its clients retry on.
+
+mod request;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse as _, Response};
+use serde::Serialize;
+use serde_json::{Value, json};
+use switchyard_proto::v1::{self, server_frame::Frame};
+
+use crate::auth::Tenant;
+use crate::dispatch::Dispatcher;
+use crate::openai::blocks::{Block, Blocks, Body as BlockBody, Change, Status};
+use crate::openai::choices::ChoiceFrames;
+use crate::openai::handlers::{self, Choices, MESSAGES_ROUTE};
+use crate::openai::{ApiError, wire};
+use request::{FieldNames, MessagesRequest};
+
+pub async fn messages(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    tenant: Option<Extension<Tenant>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let limits = dispatcher.limits().clone();
+    handlers::answer(&headers.clone(), &limits, MESSAGES_ROUTE, |id| {
+        respond(dispatcher, tenant.map(|t| t.0), headers, body, id)
+    })
+    .await
+}
+
+/// Reads a request body.
+pub(crate) fn read_body(body: &[u8]) -> Result<request::Read, ApiError> {
+    wire::typed::<MessagesRequest>(&wire::json_object(body)?)?.read()
+}
+
+async fn respond(
+    dispatcher: Arc<Dispatcher>,
+    tenant: Option<Tenant>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    id: String,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(handlers::body_unread)?;
+    if body.is_empty() {
+        return Err(ApiError::bad_body("is empty; send a JSON object"));
+    }
+    let read = read_body(&body)?;
+    let fields = read.fields;
+    let name_fields = |e: ApiError| e.renaming_param(|f| fields.rename(f));
+    let choices = Choices {
+        count: 1,
+        max_tokens_field: Some("max_tokens"),
+    };
+    let placed = handlers::place(&dispatcher, tenant, &headers, read.request, choices, id)
+        .await
+        .map_err(name_fields)?;
+    let mut frames = placed.frames;
+    let message = Message {
+        id: placed.id.clone(),
+        model: placed.model.clone(),
+        blocks: Blocks::default(),
+    };
+    let mut http = if read.stream {
+        // The headers wait for the first frame, so a request that fails before producing
+        // anything gets its HTTP status.
+        let first = next_frame(&mut frames).await.map_err(name_fields)?;
+        if let Frame::Failed(failed) = &first {
+            return Err(name_fields(ApiError::from_failed(failed)));
+        }
+        stream(message, fields, first, frames)
+    } else {
+        whole(message, frames).await.map_err(name_fields)?
+    };
+    handlers::tag(
+        &mut http,
+        &placed.lane,
+        &placed.pool,
+        &placed.worker,
+        &placed.id,
+    );
+    Ok(http)
+}
+
+async fn next_frame(frames: &mut ChoiceFrames) -> Result<Frame, ApiError> {
+    handlers::next_choice_frame(frames)
+        .await
+        .map(|(_, frame)| frame)
+}
+
+/// The answer being written.
+struct Message {
+    id: String,
+    model: String,
+    blocks: Blocks,
+}
+
+/// The API's `stop_reason` for a finished generation. A stop sequence is reported as
+/// `end_turn`: the workers do not say whether one or the end of the turn stopped the answer.
+fn stop_reason(finished: &v1::Finished) -> &'static str {
+    match v1::FinishReason::try_from(finished.reason).unwrap_or(v1::FinishReason::Unspecified) {
+        v1::FinishReason::Length => "max_tokens",
+        v1::FinishReason::ToolCalls => "tool_use",
+        _ => "end_turn",
+    }
+}
+
+/// `usage` as the API counts it: `input_tokens` are those not read from the cache.
+#[derive(Serialize)]
+struct Usage {
+    input_tokens: u32,
+    output_tokens: u32,
+    cache_creation_input_tokens: u32,
+    cache_read_input_tokens: u32,
+}
+
+impl From<v1::Usage> for Usage {
+    fn from(u: v1::Usage) -> Self {
+        Usage {
+            input_tokens: u.prompt_tokens.saturating_sub(u.cached_prompt_tokens),
+            output_tokens: u.completion_tokens,
+            cache_creation_input_tokens: 0,
+            cache_read_input_tokens: u.cached_prompt_tokens,
+        }
+    }
+}
+
+/// A content block as the API shows it: `text`, or `tool_use` with its `input` (the
+/// arguments as an object; `{}` when the output bound cut them short of valid JSON — the
+/// `stop_reason` then says `max_tokens`).
+fn content_block(block: &Block) -> Value {
+    match &block.body {
+        BlockBody::Text(text) => json!({"type": "text", "text": text}),
+        BlockBody::Call {
+            call_id,
+            name,
+            arguments,
+            ..
+        } => {
+            let input = serde_json::from_str::<Value>(arguments)
+                .ok()
+                .filter(Value::is_object)
+                .unwrap_or_else(|| json!({}));
+            json!({"type": "tool_use", "id": call_id, "name": name, "input": input})
+        }
+    }
+}
+
+/// Collects the whole generation into one message.
+async fn whole(mut message: Message, mut frames: ChoiceFrames) -> Result<Response, ApiError> {
+    let mut changes = Vec::new();
+    loop {
+        match next_frame(&mut frames).await? {
+            Frame::Tokens(tokens) => {
+                message.blocks.text(&tokens.text, &mut changes);
+                message.blocks.calls(&tokens.tool_calls, &mut changes);
+            }
+            Frame::Finished(finished) => {
+                let content: Vec<Value> = message.blocks.all().iter().map(content_block).collect();
+                let body = json!({
+                    "id": message.id,
+                    "type": "message",
+                    "role": "assistant",
+                    "model": message.model,
+                    "content": content,
+                    "stop_reason": stop_reason(&finished),
+                    "stop_sequence": Value::Null,
+                    "usage": Usage::from(finished.usage.unwrap_or_default()),
+                });
+                return Ok(axum::Json(body).into_response());
+            }
+            Frame::Failed(failed) => return Err(ApiError::from_failed(&failed)),
+            Frame::Accepted(_) | Frame::Moved(_) | Frame::Rejected(_) => {}
+        }
+    }
+}
+
+/// The streamed message. The body owns the dispatcher's receiver: a client that goes away
+/// cancels the generation.
+fn stream(message: Message, fields: FieldNames, first: Frame, frames: ChoiceFrames) -> Response {
+    let mut events = Events {
+        message,
+        fields,
+        frames,
+        changes: Vec::new(),
+        pending: VecDeque::new(),
+        done: false,
+    };
+    // Usage is known at the end; `message_delta` carries it whole (the SDKs take its
+    // `input_tokens` over `message_start`'s).
+    let start = json!({
+        "type": "message_start",
+        "message": {
+            "id": events.message.id, "type": "message", "role": "assistant",
+            "model": events.message.model, "content": [], "stop_reason": Value::Null,
+            "stop_sequence": Value::Null,
+            "usage": {"input_tokens": 0, "output_tokens": 0,
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+        },
+    });
+    events.push("message_start", &start);
+    events.on_frame(first);
+    let body = Body::from_stream(futures::stream::unfold(events, |mut events| async move {
+        let bytes = events.next().await?;
+        Some((Ok::<Bytes, std::convert::Infallible>(bytes), events))
+    }));
+    let mut response = Response::new(body);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+struct Events {
+    message: Message,
+    fields: FieldNames,
+    frames: ChoiceFrames,
+    changes: Vec<Change>,
+    pending: VecDeque<Bytes>,
+    done: bool,
+}
+
+#[derive(Serialize)]
+struct BlockDelta<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    index: usize,
+    delta: Delta<'a>,
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Delta<'a> {
+    TextDelta { text: &'a str },
+    InputJsonDelta { partial_json: &'a str },
+}
+
+impl Events {
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            if let Some(bytes) = self.pending.pop_front() {
+                return Some(bytes);
+            }
+            if self.done {
+                return None;
+            }
+            match next_frame(&mut self.frames).await {
+                Ok(frame) => self.on_frame(frame),
+                Err(error) => self.fail(error),
+            }
+        }
+    }
+
+    /// Queues `event: <kind>` with `data` (which carries the same `type`).
+    fn push(&mut self, kind: &str, data: &impl Serialize) {
+        let mut bytes = Vec::with_capacity(128);
+        bytes.extend_from_slice(b"event: ");
+        bytes.extend_from_slice(kind.as_bytes());
+        bytes.extend_from_slice(b"\ndata: ");
+        serde_json::to_writer(&mut bytes, data).expect("serializing to memory cannot fail");
+        bytes.extend_from_slice(b"\n\n");
+        self.pending.push_back(Bytes::from(bytes));
+    }
+
+    /// Turns the blocks' changes into events.
+    fn render(&mut self) {
+        let changes = std::mem::take(&mut self.changes);
+        for change in &changes {
+            match *change {
+                Change::Opened(index) => {
+                    let block = match &self.message.blocks.get(index).body {
+                        BlockBody::Text(_) => json!({"type": "text", "text": ""}),
+                        BlockBody::Call { call_id, name, .. } => {
+                            json!({"type": "tool_use", "id": call_id, "name": name, "input": {}})
+                        }
+                    };
+                    let start = json!({"type": "content_block_start", "index": index,
+                                       "content_block": block});
+                    self.push("content_block_start", &start);
+                }
+                Change::Text { block, from } => {
+                    let delta = match &self.message.blocks.get(block).body {
+                        BlockBody::Text(text) => text[from..].to_string(),
+                        BlockBody::Call { .. } => continue,
+                    };
+                    self.push_delta(block, Delta::TextDelta { text: &delta });
+                }
+                Change::Arguments { block, from } => {
+                    let delta = match &self.message.blocks.get(block).body {
+                        BlockBody::Call { arguments, .. } => arguments[from..].to_string(),
+                        BlockBody::Text(_) => continue,
+                    };
+                    self.push_delta(
+                        block,
+                        Delta::InputJsonDelta {
+                            partial_json: &delta,
+                        },
+                    );
+                }
+                Change::Closed(index) => {
+                    let stop = json!({"type": "content_block_stop", "index": index});
+                    self.push("content_block_stop", &stop);
+                }
+            }
+        }
+        self.changes = changes;
+        self.changes.clear();
+    }
+
+    fn push_delta(&mut self, index: usize, delta: Delta<'_>) {
+        let event = BlockDelta {
+            kind: "content_block_delta",
+            index,
+            delta,
+        };
+        self.push("content_block_delta", &event);
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Tokens(tokens) => {
+                self.message.blocks.text(&tokens.text, &mut self.changes);
+                self.message
+                    .blocks
+                    .calls(&tokens.tool_calls, &mut self.changes);
+                self.render();
+            }
+            Frame::Finished(finished) => {
+                self.message
+                    .blocks
+                    .close(Status::Completed, &mut self.changes);
+                self.render();
+                let delta = json!({
+                    "type": "message_delta",
+                    "delta": {"stop_reason": stop_reason(&finished), "stop_sequence": Value::Null},
+                    "usage": Usage::from(finished.usage.unwrap_or_default()),
+                });
+                self.push("message_delta", &delta);
+                self.push("message_stop", &json!({"type": "message_stop"}));
+                self.done = true;
+            }
+            Frame::Failed(failed) => self.fail(ApiError::from_failed(&failed)),
+            // An SSE comment: SDKs skip it, a person reading the stream sees the move.
+            Frame::Moved(moved) => {
+                let line = format!(
+                    ": moved from {} ({}) to {} ({}): {}\n\n",
+                    moved.from_worker_id,
+                    moved.from_pool,
+                    moved.to_worker_id,
+                    moved.to_pool,
+                    moved.reason
+                );
+                self.pending.push_back(Bytes::from(line));
+            }
+            Frame::Accepted(_) | Frame::Rejected(_) => {}
+        }
+    }
+
+    /// Ends the stream with the API's `error` event (the SDKs raise it).
+    fn fail(&mut self, error: ApiError) {
+        let error = error.renaming_param(|f| self.fields.rename(f));
+        let (_, body) = error_parts(&error);
+        self.push("error", &body);
+        self.done = true;
+    }
+}
+
+/// The API's error type and status for an error: its clients retry on 429, 529 and 5xx.
+fn error_parts(error: &ApiError) -> (StatusCode, Value) {
+    let (status, kind) = match error.status.as_u16() {
+        400 | 405 | 408 | 415 | 431 => (error.status, "invalid_request_error"),
+        401 => (error.status, "authentication_error"),
+        403 => (error.status, "permission_error"),
+        404 => (error.status, "not_found_error"),
+        413 => (error.status, "request_too_large"),
+        429 => (error.status, "rate_limit_error"),
+        // No capacity now: the API's "overloaded", which its clients back off from.
+        503 => (
+            StatusCode::from_u16(529).expect("a valid status"),
+            "overloaded_error",
+        ),
+        504 => (error.status, "timeout_error"),
+        _ => (error.status, "api_error"),
+    };
+    let body = json!({"type": "error", "error": {"type": kind, "message": error.message}});
+    (status, body)
+}
+
+/// An error as the Messages API answers it, `retry-after` included when the router set one.
+pub(crate) fn error_response(error: &ApiError) -> Response {
+    let (status, body) = error_parts(error);
+    let mut response = (status, axum::Json(body)).into_response();
+    let retry_after = error.clone().into_response();
+    if let Some(value) = retry_after.headers().get(header::RETRY_AFTER) {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, value.clone());
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::openai::blocks::piece;
+
+    /// Every event of a streamed message that starts with `first` and gets `rest`.
+    async fn events(first: Frame, rest: Vec<Frame>) -> Vec<(String, Value)> {
+        let frames = futures::stream::iter(
+            rest.into_iter()
+                .map(|frame| (0, Ok(v1::ServerFrame { frame: Some(frame) }))),
+        );
+        let message = Message {
+            id: "msg_1".into(),
+            model: "m".into(),
+            blocks: Blocks::default(),
+        };
+        let response = stream(message, FieldNames::default(), first, Box::pin(frames));
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("the body");
+        std::str::from_utf8(&body)
+            .expect("utf-8")
+            .split_terminator("\n\n")
+            .map(|event| {
+                let (name, data) = event.split_once('\n').expect("two lines");
+                let name = name.strip_prefix("event: ").expect("an event name");
+                let data = data.strip_prefix("data: ").expect("a data line");
+                (name.to_string(), serde_json::from_str(data).expect("JSON"))
+            })
+            .collect()
+    }
+
+    fn tokens(text: &str, calls: Vec<v1::ToolCallDelta>) -> Frame {
+        Frame::Tokens(v1::Tokens {
+            text: text.into(),
+            tool_calls: calls,
+            ..Default::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn text_then_a_call_stream_as_blocks_and_the_usage_comes_last() {
+        let finished = Frame::Finished(v1::Finished {
+            reason: v1::FinishReason::ToolCalls as i32,
+            usage: Some(v1::Usage {
+                prompt_tokens: 10,
+                completion_tokens: 4,
+                cached_prompt_tokens: 6,
+            }),
+            ..Default::default()
+        });
+        let events = events(
+            tokens(
+                "Let me check.",
+                vec![piece(0, "call_1", "get", "{\"city\":")],
+            ),
+            vec![tokens("", vec![piece(0, "", "", "\"Oslo\"}")]), finished],
+        )
+        .await;
+        let names: Vec<_> = events.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop",
+            ]
+        );
+        for (name, data) in &events {
+            assert_eq!(data["type"], name.as_str());
+        }
+        assert_eq!(events[1].1["content_block"]["type"], "text");
+        assert_eq!(events[2].1["delta"]["text"], "Let me check.");
+        assert_eq!(events[4].1["content_block"]["id"], "call_1");
+        assert_eq!(events[4].1["index"], 1);
+        assert_eq!(events[6].1["delta"]["partial_json"], "\"Oslo\"}");
+        let delta = &events[8].1;
+        assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+        assert_eq!(delta["usage"]["input_tokens"], 4);
+        assert_eq!(delta["usage"]["cache_read_input_tokens"], 6);
+        assert_eq!(delta["usage"]["output_tokens"], 4);
+    }
+
+    #[tokio::test]
+    async fn a_failure_midway_is_an_error_event() {
+        let failed = Frame::Failed(v1::Failed {
+            code: tonic::Code::Unavailable as i32,
+            message: "worker gone".into(),
+            ..Default::default()
+        });
+        let events = events(tokens("Hel", vec![]), vec![failed]).await;
+        let (name, data) = events.last().expect("events");
+        assert_eq!(name, "error");
+        assert_eq!(data["error"]["type"], "overloaded_error");
+    }
+
+    #[test]
+    fn errors_take_the_apis_types_and_statuses() {
+        let (status, body) = error_parts(&ApiError::invalid("max_tokens", "is required"));
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["type"], "invalid_request_error");
+        assert_eq!(body["error"]["message"], "max_tokens: is required");
+        let unavailable = ApiError::from_code(tonic::Code::Unavailable, "no worker");
+        assert_eq!(error_parts(&unavailable).0.as_u16(), 529);
+        let response = error_response(&unavailable);
+        assert!(response.headers().contains_key(header::RETRY_AFTER));
+    }
+}
