@@ -1,13 +1,13 @@
-//! `switchyard-bench doors`: what each OpenAI-compatible door costs, side by side on one
-//! router — the same streamed generations asked for as a chat completion
-//! (`/v1/chat/completions`) and as a response (`/v1/responses`, whose stream sends typed
-//! events with the whole response object at each end).
+//! `switchyard-bench doors`: what each HTTP door costs, side by side on one router — the same
+//! streamed generations asked for as a chat completion (`/v1/chat/completions`), as a response
+//! (`/v1/responses`, whose stream sends typed events with the whole response object at each
+//! end) and as an Anthropic message (`/v1/messages`).
 //!
 //! One worker serving the unpaced synthetic engine and one router with its HTTP door run in
 //! this process on loopback ports. Each round runs every door once, the door that starts
 //! alternating, so machine drift hits both alike. Every request must stream `max_tokens`
 //! tokens and end properly (`[DONE]`; `response.incomplete`, as the engine writes to the
-//! bound), or the run fails. Reported per door: requests/s, time to first token and to the
+//! bound; `message_stop`), or the run fails. Reported per door: requests/s, time to first token and to the
 //! end (p50 / p99 over every round), CPU time of this process per request, and each door's
 //! throughput as a ratio of the chat door's.
 
@@ -47,6 +47,7 @@ pub struct DoorsArgs {
 enum Door {
     Chat,
     Responses,
+    Messages,
 }
 
 impl Door {
@@ -54,6 +55,7 @@ impl Door {
         match self {
             Door::Chat => "chat",
             Door::Responses => "responses",
+            Door::Messages => "messages",
         }
     }
 
@@ -61,6 +63,7 @@ impl Door {
         match self {
             Door::Chat => "/v1/chat/completions",
             Door::Responses => "/v1/responses",
+            Door::Messages => "/v1/messages",
         }
     }
 
@@ -74,6 +77,10 @@ impl Door {
             Door::Responses => json!({
                 "model": MODEL, "stream": true, "max_output_tokens": max_tokens,
                 "input": question,
+            }),
+            Door::Messages => json!({
+                "model": MODEL, "stream": true, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": question}],
             }),
         }
     }
@@ -123,19 +130,21 @@ async fn one(
             let text = match door {
                 Door::Chat => data["choices"][0]["delta"]["content"].as_str(),
                 Door::Responses => data["delta"].as_str(),
+                Door::Messages => data["delta"]["text"].as_str(),
             };
             if text.is_some_and(|t| !t.is_empty()) {
                 ttft.get_or_insert_with(|| start.elapsed());
             }
-            if door == Door::Responses {
-                match data["type"].as_str() {
-                    Some("response.completed" | "response.incomplete") => {
-                        ended = true;
-                        break 'read;
-                    }
-                    Some("response.failed") => bail!("the response failed: {data}"),
-                    _ => {}
+            match (door, data["type"].as_str()) {
+                (Door::Responses, Some("response.completed" | "response.incomplete"))
+                | (Door::Messages, Some("message_stop")) => {
+                    ended = true;
+                    break 'read;
                 }
+                (Door::Responses, Some("response.failed")) | (Door::Messages, Some("error")) => {
+                    bail!("the {} stream failed: {data}", door.name())
+                }
+                _ => {}
             }
         }
     }
@@ -218,7 +227,7 @@ pub async fn run(args: DoorsArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
-    let doors = [Door::Chat, Door::Responses];
+    let doors = [Door::Chat, Door::Responses, Door::Messages];
     let mut totals: Vec<Totals> = doors.iter().map(|_| Totals::default()).collect();
     // A warm-up run per door: connections open, the router's tokenizer fetched.
     for door in doors {
@@ -277,7 +286,7 @@ mod tests {
     use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn both_doors_stream_every_request_to_its_end() {
+    async fn every_door_streams_every_request_to_its_end() {
         run(DoorsArgs {
             requests: 20,
             concurrency: 4,
@@ -285,6 +294,6 @@ mod tests {
             rounds: 1,
         })
         .await
-        .expect("every request of both doors streams to its end");
+        .expect("every request of every door streams to its end");
     }
 }

@@ -74,6 +74,21 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
         out.contains("openai-responses: 7 passed, 0 failed"),
         "{out}"
     );
+    // Anthropic's Messages API on the same port, with Anthropic's SDK, text only.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/anthropic_messages_check.py"
+    );
+    let root = base.trim_end_matches("/v1");
+    let out = program_output(
+        "python3",
+        &strings(&[script, root, "synthetic", "text-only"]),
+    )
+    .await?;
+    assert!(
+        out.contains("anthropic-messages: 6 passed, 0 failed"),
+        "{out}"
+    );
 
     // The README's `curl -N` example, as written there but for the port.
     let host = cluster.router.addr("http");

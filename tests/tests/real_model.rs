@@ -824,7 +824,8 @@ async fn log_probabilities_describe_the_real_models_greedy_choices() -> anyhow::
 }
 
 /// Tool calling and structured output on the real model, as an agent uses them through the
-/// official `openai` SDK — chat completions and the Responses API: calls whole and streamed, a named function, one call only, the result
+/// official `openai` SDK — chat completions and the Responses API — and Anthropic's
+/// Messages API through the official `anthropic` SDK: calls whole and streamed, a named function, one call only, the result
 /// sent back and answered, JSON mode and a JSON schema, bad tools and schemas refused by name. Straight to the GPU pool, and through a wafer-scale gateway worker
 /// whose endpoint is that same cluster's OpenAI API (the gateway passes the tools on and the
 /// calls back). Then over gRPC with the Rust client: the calls' pieces put together.
@@ -852,6 +853,23 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     .await?;
     assert!(
         straight.contains("openai-responses: 11 passed, 0 failed"),
+        "{straight}"
+    );
+    let anthropic = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/anthropic_messages_check.py"
+    );
+    let straight = switchyard_tests::program_output(
+        "python3",
+        &[
+            anthropic,
+            cluster.router_openai_url().trim_end_matches("/v1"),
+            MODEL,
+        ],
+    )
+    .await?;
+    assert!(
+        straight.contains("anthropic-messages: 9 passed, 0 failed"),
         "{straight}"
     );
 
@@ -883,6 +901,19 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     .await?;
     assert!(
         through.contains("openai-responses: 11 passed, 0 failed"),
+        "{through}"
+    );
+    let through = switchyard_tests::program_output(
+        "python3",
+        &[
+            anthropic,
+            gateway.router_openai_url().trim_end_matches("/v1"),
+            MODEL,
+        ],
+    )
+    .await?;
+    assert!(
+        through.contains("anthropic-messages: 9 passed, 0 failed"),
         "{through}"
     );
 

@@ -3,8 +3,10 @@
 //! translation to `switchyard.v1`; every refusal is a 400, and every refusal of a JSON object
 //! names the field at fault in OpenAI's naming.
 //!
-//! The checked-in bodies in `tests/fuzz_seeds/openai_{chat,completion,responses}/` are replayed
-//! first.
+//! Anthropic's Messages API, served on the same port, is fuzzed alongside.
+//!
+//! The checked-in bodies in `tests/fuzz_seeds/openai_{chat,completion,responses}/` and
+//! `tests/fuzz_seeds/anthropic_messages/` are replayed first.
 //! `PROPTEST_CASES` raises the case count (scripts/fuzz.sh).
 
 use axum::http::StatusCode;
@@ -84,11 +86,29 @@ const RESPONSES_FIELDS: [&str; 27] = [
     "store",
 ];
 
+/// Top-level fields an error of Anthropic's Messages API may name.
+const MESSAGES_FIELDS: [&str; 13] = [
+    "model",
+    "max_tokens",
+    "messages",
+    "system",
+    "stop_sequences",
+    "stream",
+    "temperature",
+    "top_p",
+    "top_k",
+    "tools",
+    "tool_choice",
+    "metadata",
+    "thinking",
+];
+
 #[derive(Debug, Clone, Copy)]
 enum Endpoint {
     Chat,
     Completion,
     Responses,
+    Messages,
 }
 
 impl Endpoint {
@@ -96,6 +116,7 @@ impl Endpoint {
         match self {
             Endpoint::Chat | Endpoint::Completion => &FIELDS,
             Endpoint::Responses => &RESPONSES_FIELDS,
+            Endpoint::Messages => &MESSAGES_FIELDS,
         }
     }
 }
@@ -109,6 +130,7 @@ fn run(endpoint: Endpoint, body: &[u8], cap: u32) -> Result<(), ApiError> {
             .into_proto(cap)
             .map(drop),
         Endpoint::Responses => super::responses::read_body(body, cap).map(drop),
+        Endpoint::Messages => crate::anthropic::read_body(body).map(drop),
     }
 }
 
@@ -157,7 +179,13 @@ fn all_seeds() -> Vec<(Endpoint, String, Vec<u8>)> {
     let responses = switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "openai_responses")
         .into_iter()
         .map(|(n, b)| (Endpoint::Responses, n, b));
-    chat.chain(completion).chain(responses).collect()
+    let messages = switchyard_fuzz_support::seeds(env!("CARGO_MANIFEST_DIR"), "anthropic_messages")
+        .into_iter()
+        .map(|(n, b)| (Endpoint::Messages, n, b));
+    chat.chain(completion)
+        .chain(responses)
+        .chain(messages)
+        .collect()
 }
 
 #[test]
@@ -166,7 +194,12 @@ fn fuzz_seeds_replay() {
     assert!(seeds.len() >= 15, "seed corpus is missing: {}", seeds.len());
     for (endpoint, name, body) in &seeds {
         // Each seed on every endpoint: a chat body is an odd completion body and vice versa.
-        for e in [Endpoint::Chat, Endpoint::Completion, Endpoint::Responses] {
+        for e in [
+            Endpoint::Chat,
+            Endpoint::Completion,
+            Endpoint::Responses,
+            Endpoint::Messages,
+        ] {
             check(e, body).unwrap_or_else(|m| panic!("seed {name} ({e:?}): {m}"));
         }
         if name.contains("valid") {
@@ -418,6 +451,86 @@ fn responses_object() -> impl Strategy<Value = Value> {
     })
 }
 
+/// An Anthropic content block: text, tool use and results, and the rest.
+fn content_block() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        3 => text().prop_map(|t| json!({"type": "text", "text": t})),
+        2 => ("[a-z0-9]{0,3}", prop_oneof![Just(json!("f")), any_json()], any_json()).prop_map(
+            |(id, name, input)| json!({"type": "tool_use", "id": id, "name": name, "input": input})
+        ),
+        2 => ("[a-z0-9]{0,3}", prop_oneof![text(), any_json()], any_json()).prop_map(
+            |(id, content, is_error)| json!({"type": "tool_result", "tool_use_id": id,
+                                             "content": content, "is_error": is_error})
+        ),
+        1 => any_json().prop_map(|kind| json!({"type": kind})),
+        1 => any_json(),
+    ]
+}
+
+/// A Messages API field, well-typed (usually sensibly) or any JSON at all.
+fn messages_field(name: &'static str) -> BoxedStrategy<Value> {
+    let anthropic_message = prop_oneof![
+        4 => (
+            prop_oneof![Just(json!("user")), Just(json!("assistant")), any_json()],
+            prop_oneof![
+                text(),
+                proptest::collection::vec(content_block(), 0..4).prop_map(Value::Array),
+            ],
+        )
+            .prop_map(|(role, content)| json!({"role": role, "content": content})),
+        1 => any_json(),
+    ];
+    let typed: BoxedStrategy<Value> = match name {
+        "model" => prop_oneof![Just(json!("m")), text()].boxed(),
+        "messages" => proptest::collection::vec(anthropic_message, 0..5)
+            .prop_map(Value::Array)
+            .boxed(),
+        "system" => prop_oneof![
+            text(),
+            proptest::collection::vec(content_block(), 0..3).prop_map(Value::Array),
+        ]
+        .boxed(),
+        "stop_sequences" => proptest::collection::vec(text(), 0..4)
+            .prop_map(Value::from)
+            .boxed(),
+        "tools" => prop_oneof![
+            Just(json!([{"name": "f", "input_schema": {"type": "object"}}])),
+            any_json().prop_map(|t| json!([{"type": t, "name": "f"}])),
+            any_json().prop_map(|n| json!([{"name": n}])),
+        ]
+        .boxed(),
+        "tool_choice" => prop_oneof![
+            Just(json!({"type": "any"})),
+            Just(json!({"type": "tool", "name": "f"})),
+            any_json().prop_map(|t| json!({"type": t, "disable_parallel_tool_use": t})),
+        ]
+        .boxed(),
+        "metadata" => any_json().prop_map(|u| json!({"user_id": u})).boxed(),
+        "thinking" => any_json().prop_map(|t| json!({"type": t})).boxed(),
+        "stream" => any::<bool>().prop_map(Value::Bool).boxed(),
+        "temperature" | "top_p" => float().boxed(),
+        _ => int().boxed(),
+    };
+    prop_oneof![8 => typed, 1 => any_json()].boxed()
+}
+
+fn messages_object() -> impl Strategy<Value = Value> {
+    let fields: Vec<_> = MESSAGES_FIELDS
+        .iter()
+        .map(|&name| {
+            proptest::option::weighted(0.5, messages_field(name)).prop_map(move |v| (name, v))
+        })
+        .collect();
+    fields.prop_map(|fields| {
+        Value::Object(
+            fields
+                .into_iter()
+                .filter_map(|(name, value)| Some((name.to_string(), value?)))
+                .collect(),
+        )
+    })
+}
+
 fn request_object() -> impl Strategy<Value = Value> {
     let fields: Vec<_> = FIELDS
         .iter()
@@ -441,7 +554,8 @@ fn endpoint() -> impl Strategy<Value = Endpoint> {
     prop_oneof![
         Just(Endpoint::Chat),
         Just(Endpoint::Completion),
-        Just(Endpoint::Responses)
+        Just(Endpoint::Responses),
+        Just(Endpoint::Messages)
     ]
 }
 
@@ -458,6 +572,12 @@ proptest! {
     fn fuzz_responses_shaped_json(body in responses_object()) {
         let bytes = serde_json::to_vec(&body).expect("serialises");
         check(Endpoint::Responses, &bytes).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn fuzz_anthropic_shaped_json(body in messages_object()) {
+        let bytes = serde_json::to_vec(&body).expect("serialises");
+        check(Endpoint::Messages, &bytes).map_err(TestCaseError::fail)?;
     }
 
     #[test]

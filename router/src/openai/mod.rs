@@ -195,6 +195,7 @@ mod tests {
         };
         Router::new()
             .route("/v1/chat/completions", post(|| async { "ran" }))
+            .route(handlers::MESSAGES_ROUTE, post(|| async { "ran" }))
             .route_layer(middleware::from_fn_with_state(gate, authenticate))
     }
 
@@ -383,5 +384,41 @@ mod tests {
         };
         assert!(text.contains(&format!("{} 2", count("unknown"))), "{text}");
         assert!(text.contains(&format!("{} 0", count("missing"))), "{text}");
+    }
+
+    /// Anthropic's clients send their key as `x-api-key`: it opens the routes as
+    /// `authorization` does, and a wrong one on the Messages route is refused in that API's
+    /// shape.
+    #[tokio::test]
+    async fn an_x_api_key_authenticates_and_the_messages_route_refuses_in_its_shape() {
+        let registry = switchyard_cluster::telemetry::metrics::Metrics::new();
+        let guarded = guarded(&RouterMetrics::register(&registry));
+        let with_key = |path: &str, key: &str| {
+            let request = axum::http::Request::post(path)
+                .header(API_KEY_HEADER, key)
+                .body(Body::empty())
+                .expect("request");
+            guarded.clone().oneshot(request)
+        };
+        for path in ["/v1/chat/completions", handlers::MESSAGES_ROUTE] {
+            let response = with_key(path, "sk-acme-1").await.expect("answered");
+            assert_eq!(response.status(), StatusCode::OK, "{path}");
+        }
+        let response = with_key(handlers::MESSAGES_ROUTE, "sk-wrong")
+            .await
+            .expect("answered");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert!(
+            response.headers()["x-request-id"]
+                .to_str()
+                .expect("ascii")
+                .starts_with("msg_")
+        );
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(body["type"], "error");
+        assert_eq!(body["error"]["type"], "authentication_error");
     }
 }
