@@ -255,7 +255,7 @@ pub async fn run(args: DoorsArgs) -> anyhow::Result<()> {
     cluster.stop().await;
 
     println!(
-        "OpenAI doors: {} streamed requests × {} tokens per door and round, {} rounds, {} in flight \
+        "HTTP doors: {} streamed requests × {} tokens per door and round, {} rounds, {} in flight \
          (unpaced synthetic engine, loopback)",
         args.requests, args.max_tokens, args.rounds, args.concurrency
     );
