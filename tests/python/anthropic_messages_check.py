@@ -2,23 +2,25 @@
 """Anthropic's Messages API (`POST /v1/messages`) against a Switchyard router with the official
 `anthropic` SDK, as a coding agent built on it uses it: text answers whole and streamed
 (through the SDK's own stream accumulator), the output bound, a tool call, its result sent
-back and answered, and errors in the API's shape.
+back and answered, a token count, and errors in the API's shape.
 
 Usage: anthropic_messages_check.py BASE_URL MODEL [text-only]
 BASE_URL is the router's HTTP root (`http://127.0.0.1:8080`; the SDK adds `/v1/messages`).
-With `text-only` (a load-test engine, which refuses tools) only the text checks run. Prints one
+With `text-only` (a load-test engine, which refuses tools and has no tokenizer) only the text checks run. Prints one
 line per check and, at the end, "anthropic-messages: N passed, M failed"; exits non-zero when a
 check failed. The end-to-end tests `tests/tests/openai.rs` (synthetic engine, text only) and
 `tests/tests/real_model.rs` (the real model) run it.
 """
 
 import sys
-import traceback
 
 import anthropic
 
+from checklist import check, finish
+
 BASE_URL, MODEL = sys.argv[1], sys.argv[2]
 TEXT_ONLY = sys.argv[3:] == ["text-only"]
+NO_TOKENIZER = TEXT_ONLY or sys.argv[3:] == ["no-tokenizer"]
 client = anthropic.Anthropic(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=120)
 WEATHER = {
     "name": "get_weather",
@@ -30,18 +32,6 @@ WEATHER = {
         "additionalProperties": False,
     },
 }
-results = []
-
-
-def check(fn):
-    try:
-        fn()
-        results.append(True)
-        print(f"PASS {fn.__name__}", flush=True)
-    except Exception:  # noqa: BLE001 - report every failure and go on
-        results.append(False)
-        print(f"FAIL {fn.__name__}", flush=True)
-        traceback.print_exc(file=sys.stdout)
 
 
 def text_of(message):
@@ -181,6 +171,25 @@ def a_streamed_tool_call():
     assert final.stop_reason == "tool_use", final
 
 
+def a_token_count_is_the_prompt_the_model_reads():
+    request = dict(
+        model=MODEL,
+        system="Answer briefly.",
+        messages=[{"role": "user", "content": "What is the weather like in Rome?"}],
+        tools=[WEATHER],
+    )
+    counted = client.messages.count_tokens(**request).input_tokens
+    message = client.messages.create(max_tokens=8, **request)
+    usage = message.usage
+    assert counted == usage.input_tokens + usage.cache_read_input_tokens > 0, (counted, usage)
+    try:
+        client.messages.count_tokens(model="no-such-model", messages=request["messages"])
+    except anthropic.NotFoundError as error:
+        assert error.body["error"]["type"] == "not_found_error", error.body
+    else:
+        raise AssertionError("an unknown model's tokens were counted")
+
+
 def a_server_tool_is_refused_naming_it():
     try:
         client.messages.create(
@@ -209,8 +218,8 @@ if not TEXT_ONLY:
         a_streamed_tool_call,
         a_server_tool_is_refused_naming_it,
     ]
+if not NO_TOKENIZER:
+    CHECKS.append(a_token_count_is_the_prompt_the_model_reads)
 for fn in CHECKS:
     check(fn)
-passed = sum(results)
-print(f"anthropic-messages: {passed} passed, {len(results) - passed} failed", flush=True)
-sys.exit(0 if passed == len(results) else 1)
+finish("anthropic-messages")

@@ -14,10 +14,11 @@ text only) and `tests/tests/real_model.rs` (the real model) run it.
 
 import json
 import sys
-import traceback
 
 import openai
 from openai import OpenAI
+
+from checklist import check, finish
 
 BASE_URL, MODEL = sys.argv[1], sys.argv[2]
 TEXT_ONLY = sys.argv[3:] == ["text-only"]
@@ -33,18 +34,6 @@ WEATHER = {
         "additionalProperties": False,
     },
 }
-results = []
-
-
-def check(fn):
-    try:
-        fn()
-        results.append(True)
-        print(f"PASS {fn.__name__}", flush=True)
-    except Exception:  # noqa: BLE001 - report every failure and go on
-        results.append(False)
-        print(f"FAIL {fn.__name__}", flush=True)
-        traceback.print_exc(file=sys.stdout)
 
 
 def a_text_answer_whole():
@@ -239,6 +228,4 @@ if not TEXT_ONLY:
     ]
 for fn in CHECKS:
     check(fn)
-passed = sum(results)
-print(f"openai-responses: {passed} passed, {len(results) - passed} failed", flush=True)
-sys.exit(0 if passed == len(results) else 1)
+finish("openai-responses")

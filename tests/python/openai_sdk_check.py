@@ -10,10 +10,11 @@ The end-to-end test `tests/tests/openai.rs` runs it against real router and work
 
 import ssl
 import sys
-import traceback
 
 import openai
 from openai import DefaultHttpxClient, OpenAI
+
+from checklist import check, finish
 
 BASE_URL, MODEL = sys.argv[1], sys.argv[2]
 CA_FILE = sys.argv[3] if len(sys.argv) > 3 else None
@@ -26,19 +27,6 @@ client = OpenAI(
     base_url=BASE_URL, api_key="unused", max_retries=0, timeout=30, http_client=http_client
 )
 MESSAGES = [{"role": "user", "content": "the quick brown fox jumps"}]
-results = []
-
-
-def check(fn):
-    try:
-        fn()
-        results.append(True)
-        print(f"PASS {fn.__name__}", flush=True)
-    except Exception:  # noqa: BLE001 - report every failure and go on
-        results.append(False)
-        print(f"FAIL {fn.__name__}", flush=True)
-        traceback.print_exc(file=sys.stdout)
-    return fn
 
 
 def check_cached_tokens(usage):
@@ -269,7 +257,4 @@ def bad_lane_header_is_400():
     raise AssertionError("expected BadRequestError")
 
 
-passed = sum(results)
-failed = len(results) - passed
-print(f"openai-sdk: {passed} passed, {failed} failed", flush=True)
-sys.exit(1 if failed else 0)
+finish("openai-sdk")

@@ -11,10 +11,11 @@ model, straight and through a wafer-scale gateway worker.
 
 import json
 import sys
-import traceback
 
 import openai
 from openai import OpenAI
+
+from checklist import check, finish
 
 BASE_URL, MODEL = sys.argv[1], sys.argv[2]
 client = OpenAI(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=120)
@@ -43,18 +44,6 @@ TIME = {
     },
 }
 QUESTION = [{"role": "user", "content": "What is the weather like in Paris today?"}]
-results = []
-
-
-def check(fn):
-    try:
-        fn()
-        results.append(True)
-        print(f"PASS {fn.__name__}", flush=True)
-    except Exception:  # noqa: BLE001 - report every failure and go on
-        results.append(False)
-        print(f"FAIL {fn.__name__}", flush=True)
-        traceback.print_exc(file=sys.stdout)
 
 
 def arguments_of(call, tool):
@@ -253,6 +242,4 @@ for fn in (
     a_bad_schema_is_a_400_naming_it,
 ):
     check(fn)
-passed = sum(results)
-print(f"openai-tools: {passed} passed, {len(results) - passed} failed", flush=True)
-sys.exit(0 if passed == len(results) else 1)
+finish("openai-tools")

@@ -869,7 +869,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     )
     .await?;
     assert!(
-        straight.contains("anthropic-messages: 9 passed, 0 failed"),
+        straight.contains("anthropic-messages: 10 passed, 0 failed"),
         "{straight}"
     );
 
@@ -909,6 +909,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
             anthropic,
             gateway.router_openai_url().trim_end_matches("/v1"),
             MODEL,
+            "no-tokenizer",
         ],
     )
     .await?;
@@ -916,6 +917,19 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
         through.contains("anthropic-messages: 9 passed, 0 failed"),
         "{through}"
     );
+    // A model behind a gateway has no tokenizer at the router: its tokens cannot be counted,
+    // and the answer says so rather than guessing.
+    let counted = reqwest::Client::new()
+        .post(format!(
+            "{}/messages/count_tokens",
+            gateway.router_openai_url()
+        ))
+        .json(&json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await?;
+    assert_eq!(counted.status(), 501);
+    let body: Value = counted.json().await?;
+    assert_eq!(body["error"]["type"], "api_error", "{body}");
 
     let session = SessionClient::connect(&cluster.router_addr()).await?;
     let request = v1::GenerateRequest {

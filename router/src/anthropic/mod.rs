@@ -12,10 +12,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse as _, Response};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -45,6 +45,62 @@ pub async fn messages(
 /// Reads a request body.
 pub(crate) fn read_body(body: &[u8]) -> Result<request::Read, ApiError> {
     wire::typed::<MessagesRequest>(&wire::json_object(body)?)?.read()
+}
+
+/// `POST /v1/messages/count_tokens`: the prompt tokens a Messages request would take — the
+/// conversation, system and tools through the model's chat template, counted with the
+/// workers' own tokenizer (`{"input_tokens": n}`). Agents ask it to keep a conversation
+/// within the context. `max_tokens` is not needed here.
+pub async fn count_tokens(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    match count(&dispatcher, body).await {
+        Ok(tokens) => axum::Json(json!({"input_tokens": tokens})).into_response(),
+        Err(error) => error_response(&error),
+    }
+}
+
+async fn count(
+    dispatcher: &Dispatcher,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<usize, ApiError> {
+    let body = body.map_err(handlers::body_unread)?;
+    if body.is_empty() {
+        return Err(ApiError::bad_body("is empty; send a JSON object"));
+    }
+    let mut request = wire::typed::<MessagesRequest>(&wire::json_object(&body)?)?;
+    request.max_tokens.get_or_insert(1);
+    let read = request.read()?;
+    let name_fields = |e: ApiError| e.renaming_param(|f| read.fields.rename(f));
+    switchyard_proto::validate_generate_request(&read.request, &dispatcher.config.limits)
+        .map_err(|e| name_fields(ApiError::from(&crate::error::DispatchError::from(e))))?;
+    let model = &read.request.model;
+    if !handlers::models(dispatcher).contains_key(model) {
+        return Err(ApiError::not_found(
+            Some("model"),
+            format!("model: {model:?} is not served by any worker"),
+        ));
+    }
+    match dispatcher
+        .links
+        .tokenizers()
+        .tokenize_off_runtime(&read.request)
+        .await
+    {
+        Some(ids) => Ok(ids.len()),
+        None => Err(ApiError {
+            status: StatusCode::NOT_IMPLEMENTED,
+            message: format!(
+                "model {model:?}: the router has no tokenizer for it (its workers serve it \
+                 without one, e.g. through a gateway), so its tokens cannot be counted here"
+            ),
+            kind: "api_error",
+            param: None,
+            code: None,
+            retry_after_secs: None,
+        }),
+    }
 }
 
 async fn respond(
@@ -213,19 +269,9 @@ fn stream(message: Message, fields: FieldNames, first: Frame, frames: ChoiceFram
     });
     events.push("message_start", &start);
     events.on_frame(first);
-    let body = Body::from_stream(futures::stream::unfold(events, |mut events| async move {
-        let bytes = events.next().await?;
-        Some((Ok::<Bytes, std::convert::Infallible>(bytes), events))
-    }));
-    let mut response = Response::new(body);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    crate::openai::stream::event_stream(futures::stream::unfold(events, |mut events| async move {
+        Some((events.next().await?, events))
+    }))
 }
 
 struct Events {
@@ -419,41 +465,16 @@ pub(crate) fn error_response(error: &ApiError) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::blocks::piece;
+    use crate::openai::test_support::{frames, named_events, piece, tokens};
 
     /// Every event of a streamed message that starts with `first` and gets `rest`.
     async fn events(first: Frame, rest: Vec<Frame>) -> Vec<(String, Value)> {
-        let frames = futures::stream::iter(
-            rest.into_iter()
-                .map(|frame| (0, Ok(v1::ServerFrame { frame: Some(frame) }))),
-        );
         let message = Message {
             id: "msg_1".into(),
             model: "m".into(),
             blocks: Blocks::default(),
         };
-        let response = stream(message, FieldNames::default(), first, Box::pin(frames));
-        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .expect("the body");
-        std::str::from_utf8(&body)
-            .expect("utf-8")
-            .split_terminator("\n\n")
-            .map(|event| {
-                let (name, data) = event.split_once('\n').expect("two lines");
-                let name = name.strip_prefix("event: ").expect("an event name");
-                let data = data.strip_prefix("data: ").expect("a data line");
-                (name.to_string(), serde_json::from_str(data).expect("JSON"))
-            })
-            .collect()
-    }
-
-    fn tokens(text: &str, calls: Vec<v1::ToolCallDelta>) -> Frame {
-        Frame::Tokens(v1::Tokens {
-            text: text.into(),
-            tool_calls: calls,
-            ..Default::default()
-        })
+        named_events(stream(message, FieldNames::default(), first, frames(rest))).await
     }
 
     #[tokio::test]

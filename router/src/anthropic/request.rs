@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use switchyard_proto::v1;
 
+use crate::openai::fields::message_field;
 use crate::openai::{ApiError, tools};
 
 /// The Messages API's request fields Switchyard reads; unknown fields are ignored.
@@ -497,22 +498,20 @@ impl FieldNames {
     }
 
     fn message_field(&self, field: &str) -> Option<String> {
-        let rest = field.strip_prefix("messages[")?;
-        let (index, rest) = rest.split_once(']')?;
-        let origin = self.origins.get(index.parse::<usize>().ok()?)?;
+        let field = message_field(field)?;
+        let origin = self.origins.get(field.message)?;
         let Some(message) = origin.message else {
             return Some("system".to_string());
         };
-        if let Some(call) = rest.strip_prefix(".tool_calls[") {
-            let (k, rest) = call.split_once(']')?;
-            let block = origin.calls.get(k.parse::<usize>().ok()?)?;
-            let rest = match rest.trim_start_matches(".function") {
+        if let Some(call) = field.call {
+            let block = origin.calls.get(call)?;
+            let rest = match field.rest {
                 ".arguments" => ".input",
                 other => other,
             };
             return Some(format!("messages[{message}].content[{block}]{rest}"));
         }
-        Some(match (origin.block, rest) {
+        Some(match (origin.block, field.rest) {
             (Some(block), ".tool_call_id") => {
                 format!("messages[{message}].content[{block}].tool_use_id")
             }

@@ -140,18 +140,9 @@ impl Blocks {
 }
 
 #[cfg(test)]
-pub fn piece(index: u32, id: &str, name: &str, arguments: &str) -> v1::ToolCallDelta {
-    v1::ToolCallDelta {
-        index,
-        id: id.into(),
-        name: name.into(),
-        arguments: arguments.into(),
-    }
-}
-
-#[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::test_support::piece;
 
     #[test]
     fn text_then_calls_become_blocks_in_order() {

@@ -11,7 +11,7 @@
 
 use axum::http::StatusCode;
 use proptest::prelude::*;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use super::error::ApiError;
 use super::wire::{ChatCompletionRequest, CompletionRequest, parse_body};
@@ -434,23 +434,6 @@ fn responses_field(name: &'static str) -> BoxedStrategy<Value> {
     prop_oneof![8 => typed, 1 => any_json()].boxed()
 }
 
-fn responses_object() -> impl Strategy<Value = Value> {
-    let fields: Vec<_> = RESPONSES_FIELDS
-        .iter()
-        .map(|&name| {
-            proptest::option::weighted(0.4, responses_field(name)).prop_map(move |v| (name, v))
-        })
-        .collect();
-    fields.prop_map(|fields| {
-        Value::Object(
-            fields
-                .into_iter()
-                .filter_map(|(name, value)| Some((name.to_string(), value?)))
-                .collect(),
-        )
-    })
-}
-
 /// An Anthropic content block: text, tool use and results, and the rest.
 fn content_block() -> impl Strategy<Value = Value> {
     prop_oneof![
@@ -514,12 +497,15 @@ fn messages_field(name: &'static str) -> BoxedStrategy<Value> {
     prop_oneof![8 => typed, 1 => any_json()].boxed()
 }
 
-fn messages_object() -> impl Strategy<Value = Value> {
-    let fields: Vec<_> = MESSAGES_FIELDS
+/// A JSON object with each of `names` present or not (at `weight`), each from `field`.
+fn object_of(
+    names: &'static [&'static str],
+    weight: f64,
+    field: fn(&'static str) -> BoxedStrategy<Value>,
+) -> impl Strategy<Value = Value> {
+    let fields: Vec<_> = names
         .iter()
-        .map(|&name| {
-            proptest::option::weighted(0.5, messages_field(name)).prop_map(move |v| (name, v))
-        })
+        .map(|&name| proptest::option::weighted(weight, field(name)).prop_map(move |v| (name, v)))
         .collect();
     fields.prop_map(|fields| {
         Value::Object(
@@ -532,21 +518,12 @@ fn messages_object() -> impl Strategy<Value = Value> {
 }
 
 fn request_object() -> impl Strategy<Value = Value> {
-    let fields: Vec<_> = FIELDS
-        .iter()
-        .map(|&name| proptest::option::weighted(0.4, field(name)).prop_map(move |v| (name, v)))
-        .collect();
-    (fields, proptest::option::of(("[a-z_]{1,10}", any_json()))).prop_map(|(fields, extra)| {
-        let mut object = Map::new();
-        if let Some((k, v)) = extra {
-            object.insert(k, v);
+    let extra = proptest::option::of(("[a-z_]{1,10}", any_json()));
+    (object_of(&FIELDS, 0.4, field), extra).prop_map(|(mut object, extra)| {
+        if let (Value::Object(map), Some((key, value))) = (&mut object, extra) {
+            map.entry(key).or_insert(value);
         }
-        for (name, value) in fields {
-            if let Some(value) = value {
-                object.insert(name.to_string(), value);
-            }
-        }
-        Value::Object(object)
+        object
     })
 }
 
@@ -569,13 +546,13 @@ proptest! {
     }
 
     #[test]
-    fn fuzz_responses_shaped_json(body in responses_object()) {
+    fn fuzz_responses_shaped_json(body in object_of(&RESPONSES_FIELDS, 0.4, responses_field)) {
         let bytes = serde_json::to_vec(&body).expect("serialises");
         check(Endpoint::Responses, &bytes).map_err(TestCaseError::fail)?;
     }
 
     #[test]
-    fn fuzz_anthropic_shaped_json(body in messages_object()) {
+    fn fuzz_anthropic_shaped_json(body in object_of(&MESSAGES_FIELDS, 0.5, messages_field)) {
         let bytes = serde_json::to_vec(&body).expect("serialises");
         check(Endpoint::Messages, &bytes).map_err(TestCaseError::fail)?;
     }

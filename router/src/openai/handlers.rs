@@ -123,6 +123,8 @@ pub const COMPLETIONS_ROUTE: &str = "/v1/completions";
 pub const RESPONSES_ROUTE: &str = "/v1/responses";
 /// Anthropic's Messages API (see [`crate::anthropic`]).
 pub const MESSAGES_ROUTE: &str = "/v1/messages";
+/// Anthropic's token count of a Messages request.
+pub const COUNT_TOKENS_ROUTE: &str = "/v1/messages/count_tokens";
 
 /// How the ids a generation route gives its requests begin, as OpenAI's do; `None` for the
 /// routes that generate nothing.
@@ -201,10 +203,10 @@ pub(super) fn refusal(error: &ApiError, headers: &HeaderMap, path: &str) -> Resp
     response
 }
 
-/// `error` in the shape of the API `route` speaks: Anthropic's on its Messages route,
+/// `error` in the shape of the API `route` speaks: Anthropic's on its Messages routes,
 /// OpenAI's everywhere else.
 fn error_response(route: &str, error: &ApiError) -> Response {
-    if route == MESSAGES_ROUTE {
+    if route.starts_with(MESSAGES_ROUTE) {
         crate::anthropic::error_response(error)
     } else {
         error.clone().into_response()
@@ -616,7 +618,7 @@ async fn complete(
 }
 
 /// Model ids and whether a ready worker serves each.
-fn models(dispatcher: &Dispatcher) -> BTreeMap<String, usize> {
+pub(crate) fn models(dispatcher: &Dispatcher) -> BTreeMap<String, usize> {
     let mut models = BTreeMap::new();
     for worker in dispatcher.links.states() {
         for model in &worker.models {

@@ -13,12 +13,15 @@
 pub(crate) mod blocks;
 pub(crate) mod choices;
 mod error;
+pub(crate) mod fields;
 #[cfg(test)]
 mod fuzz;
 pub(crate) mod handlers;
 mod logprobs;
 mod responses;
-mod stream;
+pub(crate) mod stream;
+#[cfg(test)]
+pub(crate) mod test_support;
 pub(crate) mod tools;
 pub(crate) mod wire;
 
@@ -53,6 +56,10 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/responses", post(responses::responses))
         .route(handlers::MESSAGES_ROUTE, post(crate::anthropic::messages))
+        .route(
+            handlers::COUNT_TOKENS_ROUTE,
+            post(crate::anthropic::count_tokens),
+        )
         .route("/v1/models", get(handlers::list_models))
         .route(MODEL_ROUTE, get(handlers::get_model))
         .route_layer(middleware::from_fn(refuse_unreadable_body));

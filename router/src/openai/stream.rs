@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
-use futures::StreamExt as _;
+use futures::{Stream, StreamExt as _};
 use serde::Serialize;
 use switchyard_proto::v1::{self, server_frame::Frame};
 use tonic::Code;
@@ -53,10 +53,16 @@ pub fn sse_response(
         }
     }
     events.on_frame(first.0, first.1);
-    let body = Body::from_stream(futures::stream::unfold(events, |mut events| async move {
-        let bytes = events.next().await?;
-        Some((Ok::<Bytes, std::convert::Infallible>(bytes), events))
+    let mut response = event_stream(futures::stream::unfold(events, |mut events| async move {
+        Some((events.next().await?, events))
     }));
+    meta.decorate(&mut response);
+    response
+}
+
+/// A `text/event-stream` response whose body is `events`, as they come.
+pub(crate) fn event_stream(events: impl Stream<Item = Bytes> + Send + 'static) -> Response {
+    let body = Body::from_stream(events.map(Ok::<Bytes, std::convert::Infallible>));
     let mut response = Response::new(body);
     let headers = response.headers_mut();
     headers.insert(
@@ -66,7 +72,6 @@ pub fn sse_response(
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Ask reverse proxies (nginx) not to buffer the stream.
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    meta.decorate(&mut response);
     response
 }
 

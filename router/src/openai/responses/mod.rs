@@ -15,10 +15,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use axum::Extension;
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse as _, Response};
 use switchyard_proto::v1::{self, server_frame::Frame};
 
@@ -178,19 +178,9 @@ fn stream(snapshot: Snapshot, first: Frame, frames: ChoiceFrames) -> Response {
     events.push(&opening);
     events.push(&in_progress);
     events.on_frame(first);
-    let body = Body::from_stream(futures::stream::unfold(events, |mut events| async move {
-        let bytes = events.next().await?;
-        Some((Ok::<Bytes, std::convert::Infallible>(bytes), events))
-    }));
-    let mut response = Response::new(body);
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    crate::openai::stream::event_stream(futures::stream::unfold(events, |mut events| async move {
+        Some((events.next().await?, events))
+    }))
 }
 
 struct Events {
@@ -301,6 +291,7 @@ impl Events {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::openai::test_support::{frames, named_events, tokens};
     use serde_json::{Value, json};
     use tonic::Code;
 
@@ -325,35 +316,9 @@ mod tests {
         }
     }
 
-    /// Every event of a streamed response that starts with `first` and gets `rest`:
-    /// (`event:` name, data).
+    /// Every event of a streamed response that starts with `first` and gets `rest`.
     async fn events(first: Frame, rest: Vec<Frame>) -> Vec<(String, Value)> {
-        let frames = futures::stream::iter(
-            rest.into_iter()
-                .map(|frame| (0, Ok(v1::ServerFrame { frame: Some(frame) }))),
-        );
-        let response = stream(snapshot(), first, Box::pin(frames));
-        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .expect("the body");
-        std::str::from_utf8(&body)
-            .expect("utf-8")
-            .split_terminator("\n\n")
-            .map(|event| {
-                let (name, data) = event.split_once('\n').expect("two lines");
-                let name = name.strip_prefix("event: ").expect("an event name");
-                let data = data.strip_prefix("data: ").expect("a data line");
-                (name.to_string(), serde_json::from_str(data).expect("JSON"))
-            })
-            .collect()
-    }
-
-    fn tokens(text: &str, calls: Vec<v1::ToolCallDelta>) -> Frame {
-        Frame::Tokens(v1::Tokens {
-            text: text.into(),
-            tool_calls: calls,
-            ..Default::default()
-        })
+        named_events(stream(snapshot(), first, frames(rest))).await
     }
 
     #[tokio::test]

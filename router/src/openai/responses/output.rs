@@ -364,7 +364,7 @@ pub fn items_json(output: &Output) -> Vec<serde_json::Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::blocks::piece;
+    use crate::openai::test_support::piece;
     use serde_json::Value;
 
     fn kinds(events: &[Event]) -> Vec<&'static str> {

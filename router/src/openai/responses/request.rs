@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 use switchyard_proto::v1;
 
 use super::super::error::ApiError;
+use super::super::fields::message_field;
 use super::super::tools;
 use super::super::wire::{self, DEFAULT_MAX_TOKENS};
 
@@ -676,13 +677,11 @@ impl FieldNames {
     }
 
     fn message_field(&self, field: &str) -> Option<String> {
-        let rest = field.strip_prefix("messages[")?;
-        let (index, rest) = rest.split_once(']')?;
-        let origin = self.messages.get(index.parse::<usize>().ok()?)?;
-        if let Some(call) = rest.strip_prefix(".tool_calls[") {
-            let (k, rest) = call.split_once(']')?;
-            let item = origin.calls.get(k.parse::<usize>().ok()?)?;
-            let rest = match rest.trim_start_matches(".function") {
+        let field = message_field(field)?;
+        let origin = self.messages.get(field.message)?;
+        if let Some(call) = field.call {
+            let item = origin.calls.get(call)?;
+            let rest = match field.rest {
                 ".id" => ".call_id",
                 other => other,
             };
@@ -692,7 +691,7 @@ impl FieldNames {
             return Some(whole.to_string());
         }
         let item = origin.item.or_else(|| origin.calls.first().copied())?;
-        let rest = match rest {
+        let rest = match field.rest {
             ".tool_call_id" => ".call_id",
             ".content" if origin.item.is_none() => "",
             other => other,
