@@ -414,12 +414,9 @@ async fn a_worker_starts_without_etcd_and_registers_once_etcd_answers() -> anyho
 
     let _etcd = Etcd::start_on(etcd_port).await?;
     until_serving(&grpc, WORKER, "the worker to register").await?;
-    let router = Component::start(
-        "router-after-etcd",
-        &strings(&["router", "--etcd", &etcd_url, "--listen", "127.0.0.1:0"]),
-        1,
-    )
-    .await?;
+    // Free ports for both doors: the default HTTP port may be taken on a shared machine
+    // (found when a `switchyard up` ran beside the suite: "cannot listen on 127.0.0.1:8080").
+    let router = switchyard_tests::start_router(&etcd_url, "router-after-etcd", &[]).await?;
     let router_grpc = router.addr("grpc").to_string();
     wait_until(
         Duration::from_secs(30),
