@@ -71,7 +71,9 @@ async fn count(
     }
     let mut request = wire::typed::<MessagesRequest>(&wire::json_object(&body)?)?;
     request.max_tokens.get_or_insert(1);
-    let read = request.read()?;
+    let mut read = request.read()?;
+    // Checked as any request is; it runs under no id, being counted only.
+    read.request.request_id = "count-tokens".into();
     let name_fields = |e: ApiError| e.renaming_param(|f| read.fields.rename(f));
     switchyard_proto::validate_generate_request(&read.request, &dispatcher.config.limits)
         .map_err(|e| name_fields(ApiError::from(&crate::error::DispatchError::from(e))))?;
