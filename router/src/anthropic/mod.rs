@@ -405,18 +405,9 @@ impl Events {
                 self.done = true;
             }
             Frame::Failed(failed) => self.fail(ApiError::from_failed(&failed)),
-            // An SSE comment: SDKs skip it, a person reading the stream sees the move.
-            Frame::Moved(moved) => {
-                let line = format!(
-                    ": moved from {} ({}) to {} ({}): {}\n\n",
-                    moved.from_worker_id,
-                    moved.from_pool,
-                    moved.to_worker_id,
-                    moved.to_pool,
-                    moved.reason
-                );
-                self.pending.push_back(Bytes::from(line));
-            }
+            Frame::Moved(moved) => self
+                .pending
+                .push_back(crate::openai::stream::moved_comment(&moved)),
             Frame::Accepted(_) | Frame::Rejected(_) => {}
         }
     }

@@ -60,6 +60,15 @@ pub fn sse_response(
     response
 }
 
+/// A generation's move to another worker as an SSE comment: SDKs skip it, a person reading
+/// the stream sees the move.
+pub(crate) fn moved_comment(moved: &v1::Moved) -> Bytes {
+    Bytes::from(format!(
+        ": moved from {} ({}) to {} ({}): {}\n\n",
+        moved.from_worker_id, moved.from_pool, moved.to_worker_id, moved.to_pool, moved.reason
+    ))
+}
+
 /// A `text/event-stream` response whose body is `events`, as they come.
 pub(crate) fn event_stream(events: impl Stream<Item = Bytes> + Send + 'static) -> Response {
     let body = Body::from_stream(events.map(Ok::<Bytes, std::convert::Infallible>));
@@ -293,18 +302,7 @@ impl Events {
                     .push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                 self.done = true;
             }
-            // An SSE comment: OpenAI SDKs skip it, a person reading the stream sees the move.
-            Frame::Moved(moved) => {
-                let line = format!(
-                    ": moved from {} ({}) to {} ({}): {}\n\n",
-                    moved.from_worker_id,
-                    moved.from_pool,
-                    moved.to_worker_id,
-                    moved.to_pool,
-                    moved.reason
-                );
-                self.pending.push_back(Bytes::from(line));
-            }
+            Frame::Moved(moved) => self.pending.push_back(moved_comment(&moved)),
             Frame::Failed(failed) => self.fail(ApiError::from_failed(&failed)),
         }
     }
