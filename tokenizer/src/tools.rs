@@ -472,7 +472,9 @@ impl ToolCallParser {
         let held = std::mem::take(&mut self.held);
         match self.state {
             State::Start | State::Text => emit_text(&mut out, &held),
-            State::Between if !held.trim().is_empty() => emit_text(&mut out, &held),
+            // After calls, what is held is the start of another `<tool_call>` the end of the
+            // generation cut short (found from outside: `max_tokens` ending a third call
+            // gave two calls and a text block `<tool_call`): it is no answer text.
             State::Args => self.emit_args(&mut out, &held),
             State::Head | State::Keys | State::Tail | State::Between => {}
         }
@@ -895,10 +897,15 @@ mod tests {
         p.push("<tool_call>\n{\"name\": \"get_time\", \"arguments\": {\"a\": 1 ");
         assert_eq!(p.push("2"), [args("2")]);
         assert_eq!(p.finish(), []);
-        // A held prefix of `<tool_call>` at the end is text after all.
+        // A held prefix of `<tool_call>` at the end is text after all...
         let mut p = ToolCallParser::new(&set(ToolChoice::Auto, false), "");
         assert_eq!(p.push("<tool"), []);
         assert_eq!(p.finish(), [Parsed::Text("<tool".into())]);
+        // ...but after calls it is the next call, cut short: nothing.
+        let mut p = ToolCallParser::new(&set(ToolChoice::Auto, false), "");
+        let calls = p.push(&format!("{TWO_CALLS}\n<tool_cal"));
+        assert_eq!(assembled(&calls).1.len(), 2);
+        assert_eq!(p.finish(), []);
     }
 
     #[test]
