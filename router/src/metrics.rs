@@ -117,6 +117,15 @@ pub struct AuthRefusalLabels {
     pub door: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRequestLabels {
+    /// Which API the route is (`chat_completions`, `completions`, `responses`, `messages`,
+    /// `count_tokens`, `models`, `health`, `metrics`, `unknown`).
+    pub api: &'static str,
+    /// The HTTP status answered (a stream's is its first line's).
+    pub status: u16,
+}
+
 /// A tenant's usage: `tenant` as [`crate::dispatch::Dispatcher::tenant_label`] names it.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TenantRequestLabels {
@@ -224,6 +233,8 @@ pub struct RouterMetrics {
     /// Calls refused for their API key (`--api-keys-file`), by reason and front door: a
     /// misconfigured client, or someone guessing keys.
     pub auth_refusals: Family<AuthRefusalLabels, Counter>,
+    /// HTTP requests by API and status: which client APIs are in use, and how each fares.
+    pub http_requests: Family<HttpRequestLabels, Counter>,
     /// Handshakes to a worker refused because its certificate did not name the worker of its
     /// etcd record (TLS only), by the record's `worker_id` and `pool`.
     pub identity_rejections: Family<WorkerLabels, Counter>,
@@ -280,6 +291,7 @@ impl RouterMetrics {
             prefix_reused: Family::default(),
             quota_refusals: Family::default(),
             auth_refusals: Family::default(),
+            http_requests: Family::default(),
             prefix_error: Family::new_with_constructor(prefix_error_histogram),
             identity_rejections: Family::default(),
             queue_wait: Family::new_with_constructor(ttft_histogram),
@@ -346,6 +358,12 @@ impl RouterMetrics {
                 "switchyard_router_auth_refusals",
                 "Calls refused for their API key, by reason and front door",
                 this.auth_refusals.clone(),
+            );
+            r.register(
+                "switchyard_router_http_requests",
+                "HTTP requests, by API (chat_completions, completions, responses, messages, \
+                 count_tokens, models, health, metrics, unknown) and status",
+                this.http_requests.clone(),
             );
             r.register(
                 "switchyard_router_policy_state",
@@ -517,6 +535,13 @@ impl RouterMetrics {
                 });
             }
         }
+    }
+
+    /// An HTTP request to `api` answered with `status`.
+    pub fn http_answered(&self, api: &'static str, status: u16) {
+        self.http_requests
+            .get_or_create(&HttpRequestLabels { api, status })
+            .inc();
     }
 
     /// A call refused at `door` (`grpc`, `http`) for its API key.

@@ -89,6 +89,29 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
         out.contains("anthropic-messages: 6 passed, 0 failed"),
         "{out}"
     );
+    // Operators see which APIs their clients use, and how each fares.
+    let metrics = reqwest::get(format!("http://{}/metrics", cluster.router.addr("http")))
+        .await?
+        .text()
+        .await?;
+    let answered = |api: &str, status: u16| {
+        let series =
+            format!("switchyard_router_http_requests_total{{api=\"{api}\",status=\"{status}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&series)?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    for (api, status) in [
+        ("chat_completions", 200),
+        ("responses", 200),
+        ("responses", 400),
+        ("messages", 200),
+        ("messages", 400),
+        ("messages", 404),
+    ] {
+        assert!(answered(api, status) >= 1.0, "{api} {status}:\n{metrics}");
+    }
 
     // The README's `curl -N` example, as written there but for the port.
     let host = cluster.router.addr("http");

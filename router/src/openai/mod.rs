@@ -52,9 +52,9 @@ const MODEL_ROUTE: &str = "/v1/models/{*model}";
 /// authenticate first (401 in OpenAI's shape) and hand the key's tenant to the handlers.
 pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router {
     let api = Router::new()
-        .route("/v1/chat/completions", post(handlers::chat_completions))
-        .route("/v1/completions", post(handlers::completions))
-        .route("/v1/responses", post(responses::responses))
+        .route(handlers::CHAT_ROUTE, post(handlers::chat_completions))
+        .route(handlers::COMPLETIONS_ROUTE, post(handlers::completions))
+        .route(handlers::RESPONSES_ROUTE, post(responses::responses))
         .route(handlers::MESSAGES_ROUTE, post(crate::anthropic::messages))
         .route(
             handlers::COUNT_TOKENS_ROUTE,
@@ -73,6 +73,7 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         }
         None => api,
     };
+    let counter = dispatcher.metrics.clone();
     let metrics = dispatcher.config.metrics.router();
     api.route("/health", get(handlers::health))
         .layer(DefaultBodyLimit::max(handlers::MAX_BODY_BYTES))
@@ -82,6 +83,35 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         // After the merge, so that `/metrics` answers a wrong method in OpenAI's shape too.
         .fallback(handlers::unknown_route)
         .method_not_allowed_fallback(handlers::wrong_method)
+        // Outermost: every answer is counted, refusals before a handler included.
+        .layer(middleware::from_fn_with_state(counter, count_answer))
+}
+
+/// Counts the answer to every HTTP request by API and status.
+async fn count_answer(
+    State(metrics): State<RouterMetrics>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let api = api_of(request.uri().path());
+    let response = next.run(request).await;
+    metrics.http_answered(api, response.status().as_u16());
+    response
+}
+
+/// The API a path belongs to, as the request counter names it.
+fn api_of(path: &str) -> &'static str {
+    match path {
+        handlers::CHAT_ROUTE => "chat_completions",
+        handlers::COMPLETIONS_ROUTE => "completions",
+        handlers::RESPONSES_ROUTE => "responses",
+        handlers::MESSAGES_ROUTE => "messages",
+        handlers::COUNT_TOKENS_ROUTE => "count_tokens",
+        "/health" => "health",
+        "/metrics" => "metrics",
+        path if path == "/v1/models" || path.starts_with("/v1/models/") => "models",
+        _ => "unknown",
+    }
 }
 
 /// Serves the HTTP API on `listener` (HTTPS with `tls`) until `shutdown` fires, closing
