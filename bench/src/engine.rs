@@ -131,7 +131,7 @@ async fn run_one(
                 tokens += 1;
                 ttft.get_or_insert_with(|| start.elapsed());
             }
-            EngineEvent::ToolCall(_) => {}
+            EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_) => {}
             EngineEvent::Done { reason, .. } => {
                 anyhow::ensure!(reason != StopReason::Cancelled, "generation cancelled");
                 break;
@@ -409,7 +409,10 @@ async fn head_of_line(
     let first_token = |mut events: switchyard_worker::EngineStream, from: Instant| async move {
         match events.recv().await {
             Some(Ok(EngineEvent::Token { .. })) => Ok(from.elapsed()),
-            Some(Ok(EngineEvent::Done { .. } | EngineEvent::ToolCall(_))) | None => {
+            Some(Ok(
+                EngineEvent::Done { .. } | EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_),
+            ))
+            | None => {
                 anyhow::bail!("a prompt ended without a token")
             }
             Some(Err(e)) => Err(anyhow::Error::from(e)),
@@ -465,12 +468,18 @@ async fn paced_pair(engine: &CandleEngine, promised: f64, prompt: Prompt) -> any
         tokio::select! {
             event = beside.recv() => match event {
                 Some(Ok(EngineEvent::Token { .. })) => break Instant::now(),
-                Some(Ok(EngineEvent::Done { .. } | EngineEvent::ToolCall(_))) | None => anyhow::bail!("the prompt ended without a token"),
+                Some(Ok(
+                EngineEvent::Done { .. } | EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_),
+            ))
+            | None => anyhow::bail!("the prompt ended without a token"),
                 Some(Err(e)) => return Err(e.into()),
             },
             event = stream.recv(), if stream_end.is_none() => match event {
                 Some(Ok(EngineEvent::Token { .. })) => tokens += 1,
-                Some(Ok(EngineEvent::Done { .. } | EngineEvent::ToolCall(_))) | None => stream_end = Some(Instant::now()),
+                Some(Ok(
+                EngineEvent::Done { .. } | EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_),
+            ))
+            | None => stream_end = Some(Instant::now()),
                 Some(Err(e)) => return Err(e.into()),
             },
         }

@@ -20,7 +20,7 @@ from checklist import check, finish
 
 BASE_URL, MODEL = sys.argv[1], sys.argv[2]
 TEXT_ONLY = sys.argv[3:] == ["text-only"]
-NO_TOKENIZER = TEXT_ONLY or sys.argv[3:] == ["no-tokenizer"]
+THROUGH_GATEWAY = TEXT_ONLY or sys.argv[3:] == ["through-gateway"]
 client = anthropic.Anthropic(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=120)
 WEATHER = {
     "name": "get_weather",
@@ -190,6 +190,19 @@ def a_token_count_is_the_prompt_the_model_reads():
         raise AssertionError("an unknown model's tokens were counted")
 
 
+def a_stop_sequence_is_named():
+    message = client.messages.create(
+        model=MODEL,
+        max_tokens=32,
+        system="Answer in one sentence.",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        stop_sequences=["Paris"],
+    )
+    assert message.stop_reason == "stop_sequence", message
+    assert message.stop_sequence == "Paris", message
+    assert "Paris" not in text_of(message), message
+
+
 def a_server_tool_is_refused_naming_it():
     try:
         client.messages.create(
@@ -218,8 +231,8 @@ if not TEXT_ONLY:
         a_streamed_tool_call,
         a_server_tool_is_refused_naming_it,
     ]
-if not NO_TOKENIZER:
-    CHECKS.append(a_token_count_is_the_prompt_the_model_reads)
+if not THROUGH_GATEWAY:
+    CHECKS += [a_token_count_is_the_prompt_the_model_reads, a_stop_sequence_is_named]
 for fn in CHECKS:
     check(fn)
 finish("anthropic-messages")

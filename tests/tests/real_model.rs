@@ -869,7 +869,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     )
     .await?;
     assert!(
-        straight.contains("anthropic-messages: 10 passed, 0 failed"),
+        straight.contains("anthropic-messages: 11 passed, 0 failed"),
         "{straight}"
     );
 
@@ -909,7 +909,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
             anthropic,
             gateway.router_openai_url().trim_end_matches("/v1"),
             MODEL,
-            "no-tokenizer",
+            "through-gateway",
         ],
     )
     .await?;

@@ -292,6 +292,8 @@ fn nucleus(candidates: &mut [(u32, f32)], mass: f32) -> usize {
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    /// The stop sequence that matched, once one has.
+    matched: Option<String>,
 }
 
 /// Outcome of feeding text to a [`StopMatcher`].
@@ -308,7 +310,13 @@ impl StopMatcher {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             held: String::new(),
+            matched: None,
         }
+    }
+
+    /// The stop sequence that ended the text, once one has.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     pub fn push(&mut self, text: &str) -> StopOutcome {
@@ -316,13 +324,15 @@ impl StopMatcher {
             return StopOutcome::Emit(text.to_string());
         }
         self.held.push_str(text);
-        if let Some(at) = self
+        // The earliest match; of two at one place, the one listed first.
+        if let Some((at, stop)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|s| Some((self.held.find(s.as_str())?, s)))
+            .min_by_key(|(at, _)| *at)
         {
             let out = self.held[..at].to_string();
+            self.matched = Some(stop.clone());
             self.held.clear();
             return StopOutcome::Stopped(out);
         }
@@ -700,6 +710,11 @@ mod tests {
         assert_eq!(m.push("Hello <"), StopOutcome::Emit("Hello ".into()));
         assert_eq!(m.push("/en"), StopOutcome::Emit(String::new()));
         assert_eq!(m.push("d> tail"), StopOutcome::Stopped("".into()));
+        assert_eq!(m.matched(), Some("</end>"));
+        // The earliest of several matches ends the text, whatever the order listed.
+        let mut m = StopMatcher::new(vec!["world".into(), "lo".into()]);
+        assert_eq!(m.push("Hello world"), StopOutcome::Stopped("Hel".into()));
+        assert_eq!(m.matched(), Some("lo"));
         let mut m = StopMatcher::new(vec!["xy".into()]);
         assert_eq!(m.push("ax"), StopOutcome::Emit("a".into()));
         assert_eq!(m.push("z"), StopOutcome::Emit("xz".into()));

@@ -162,11 +162,18 @@ struct Seq {
 
 impl Seq {
     /// Whether the reader has room for a token and the sequence's end (a stop can emit held
-    /// text and the result in one step).
+    /// text, the stop sequence that matched and the result in one step).
     fn can_emit(&self) -> bool {
         // A tool call token can also complete one call's piece and start the next's.
-        let room = if self.job.constraint.is_some() { 4 } else { 2 };
+        let room = if self.job.constraint.is_some() { 5 } else { 3 };
         self.job.tx.capacity() >= room || self.job.tx.is_closed()
+    }
+}
+
+/// Tells a sequence's reader `tx` which stop sequence ended the generation (from its `stop`).
+fn report_stop_sequence(stop: &StopMatcher, tx: &mpsc::Sender<Result<EngineEvent, EngineError>>) {
+    if let Some(stop) = stop.matched() {
+        let _ = tx.try_send(Ok(EngineEvent::StopSequence(stop.to_string())));
     }
 }
 
@@ -1222,6 +1229,7 @@ impl Scheduler {
                     text: before,
                     logprobs,
                 }));
+                report_stop_sequence(&seq.stop, &seq.job.tx);
                 seq.ended = Some(StopReason::Stop);
                 false
             }
@@ -1331,6 +1339,9 @@ impl Scheduler {
                 mask_us_per_token = tools.mask_us_per_token(),
                 "tool call grammar"
             );
+            if stopped {
+                report_stop_sequence(&seq.stop, &seq.job.tx);
+            }
             // Cut short by max_tokens it is `Length` even with calls: the last may be partial.
             seq.ended = Some(if stopped {
                 StopReason::Stop

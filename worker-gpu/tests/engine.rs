@@ -245,9 +245,17 @@ fn request(text: &str, max_tokens: u32) -> EngineRequest {
 }
 
 /// All events of one stream.
-async fn collect(mut rx: switchyard_worker::EngineStream) -> (Vec<u32>, String, StopReason, u32) {
+async fn collect(rx: switchyard_worker::EngineStream) -> (Vec<u32>, String, StopReason, u32) {
+    collect_with_stop(rx).await.0
+}
+
+/// [`collect`], and the stop sequence the engine said ended the generation.
+async fn collect_with_stop(
+    mut rx: switchyard_worker::EngineStream,
+) -> ((Vec<u32>, String, StopReason, u32), Option<String>) {
     let mut ids = vec![];
     let mut text = String::new();
+    let mut stop = None;
     while let Some(ev) = rx.recv().await {
         match ev.unwrap() {
             EngineEvent::Token { id, text: t, .. } => {
@@ -255,11 +263,12 @@ async fn collect(mut rx: switchyard_worker::EngineStream) -> (Vec<u32>, String, 
                 text.push_str(&t);
             }
             EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
+            EngineEvent::StopSequence(matched) => stop = Some(matched),
             EngineEvent::Done {
                 reason,
                 completion_tokens,
                 ..
-            } => return (ids, text, reason, completion_tokens),
+            } => return ((ids, text, reason, completion_tokens), stop),
         }
     }
     panic!("stream ended without Done");
@@ -546,10 +555,18 @@ async fn stop_sequence_is_not_emitted() {
     let stop: String = chars[3..5].iter().collect();
     let mut r = request("hello", 20);
     r.sampling.stop = vec![stop.clone()];
-    let got = collect(e.submit(r, CancellationToken::new()).unwrap()).await;
+    let (got, matched) = collect_with_stop(e.submit(r, CancellationToken::new()).unwrap()).await;
     assert_eq!(got.2, StopReason::Stop);
     let expect = &full.1[..full.1.find(&stop).unwrap()];
     assert_eq!(got.1, expect);
+    // The engine says which stop ended it; an end of turn or the bound names none.
+    assert_eq!(matched, Some(stop));
+    let (_, unmatched) = collect_with_stop(
+        e.submit(request("hello", 20), CancellationToken::new())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(unmatched, None);
 }
 
 #[test]
@@ -689,6 +706,7 @@ async fn run_ids(e: &CandleEngine, name: &str, ids: Vec<u32>, max_tokens: u32) -
         match ev.unwrap() {
             EngineEvent::Token { id, .. } => out.push(id),
             EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
+            EngineEvent::StopSequence(_) => {}
             EngineEvent::Done {
                 cached_prompt_tokens,
                 ..

@@ -456,6 +456,7 @@ async fn generated(mut rx: switchyard_worker::EngineStream) -> Vec<u32> {
             switchyard_worker::EngineEvent::ToolCall(call) => {
                 panic!("no tools were offered: {call:?}")
             }
+            switchyard_worker::EngineEvent::StopSequence(_) => {}
             switchyard_worker::EngineEvent::Done { .. } => break,
         }
     }
@@ -540,6 +541,7 @@ async fn ignore_eos_generates_max_tokens_past_the_answers_end() {
                 match rx.recv().await.expect("a Done event").unwrap() {
                     EngineEvent::Token { id, .. } => ids.push(id),
                     EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
+                    EngineEvent::StopSequence(_) => {}
                     EngineEvent::Done { reason, .. } => return (ids, reason),
                 }
             }
@@ -690,7 +692,7 @@ mod tools {
             match &event {
                 EngineEvent::Token { id, .. } => out.ids.push(*id),
                 EngineEvent::Done { reason, .. } => out.reason = Some(*reason),
-                EngineEvent::ToolCall(_) => {}
+                EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_) => {}
             }
             out.events.push(event);
         }
@@ -712,7 +714,7 @@ mod tools {
                     }
                     calls[i].2.push_str(&d.arguments);
                 }
-                EngineEvent::Done { .. } => {}
+                EngineEvent::Done { .. } | EngineEvent::StopSequence(_) => {}
             }
         }
         (text, calls)

@@ -768,6 +768,7 @@ async fn text_then_a_call_ends_with_tool_calls_whatever_the_finish_is_called() {
             .map(|e| match e {
                 Ok(EngineEvent::Token { .. }) => "token",
                 Ok(EngineEvent::ToolCall(_)) => "call",
+                Ok(EngineEvent::StopSequence(_)) => "stop",
                 Ok(EngineEvent::Done { .. }) => "done",
                 Err(_) => "error",
             })

@@ -61,6 +61,7 @@ pub async fn forward_generation(
     let mut seq = 0u64;
     let mut forwarded = Forwarded { tokens: 0 };
     let mut deadline: Option<Instant> = None;
+    let mut stop_sequence = String::new();
     // One timer for the whole generation, re-armed once per chunk: a timer made afresh for
     // every event registers and clears a timer-wheel entry each time (most of a fast engine's
     // per-token cost in the worker).
@@ -125,6 +126,7 @@ pub async fn forward_generation(
                     flush.as_mut().reset(at);
                 }
             }
+            Some(Ok(EngineEvent::StopSequence(stop))) => stop_sequence = stop,
             Some(Ok(EngineEvent::Done {
                 reason,
                 prompt_tokens,
@@ -156,6 +158,7 @@ pub async fn forward_generation(
                         total_ms: ms(started.elapsed()),
                         queue_ms: 0.0,
                     }),
+                    stop_sequence: std::mem::take(&mut stop_sequence),
                     // A router names the worker; the worker itself leaves it out.
                     ..Default::default()
                 });
@@ -296,6 +299,28 @@ mod tests {
         match asked.last() {
             Some(Frame::Finished(f)) => {
                 assert_eq!(f.reason, v1::FinishReason::Interrupted as i32);
+            }
+            other => panic!("expected Finished, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stop_sequence_that_ended_it_is_in_finished() {
+        let events = vec![
+            token(0),
+            EngineEvent::StopSequence("END".into()),
+            EngineEvent::Done {
+                reason: StopReason::Stop,
+                prompt_tokens: 3,
+                completion_tokens: 1,
+                cached_prompt_tokens: 0,
+            },
+        ];
+        let frames = run(events, CoalesceConfig::default()).await;
+        match frames.last() {
+            Some(Frame::Finished(f)) => {
+                assert_eq!(f.reason, v1::FinishReason::Stop as i32);
+                assert_eq!(f.stop_sequence, "END");
             }
             other => panic!("expected Finished, got {other:?}"),
         }

@@ -151,6 +151,9 @@ pub enum EngineEvent {
     /// tokens sends those as `Token` events with empty `text` too, so they count and resume as
     /// any other token.
     ToolCall(v1::ToolCallDelta),
+    /// The stop sequence that is ending the generation (sent just before its `Done`), for
+    /// clients that tell it from the end of the model's turn.
+    StopSequence(String),
     /// The last event of a generation.
     Done {
         reason: StopReason,

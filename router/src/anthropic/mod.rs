@@ -166,13 +166,17 @@ struct Message {
     blocks: Blocks,
 }
 
-/// The API's `stop_reason` for a finished generation. A stop sequence is reported as
-/// `end_turn`: the workers do not say whether one or the end of the turn stopped the answer.
-fn stop_reason(finished: &v1::Finished) -> &'static str {
+/// The API's `stop_reason` and `stop_sequence` for a finished generation. A stop sequence
+/// the engine did not name (a gateway's upstream says only "stop") reads `end_turn`.
+fn stop_reason(finished: &v1::Finished) -> (&'static str, Value) {
     match v1::FinishReason::try_from(finished.reason).unwrap_or(v1::FinishReason::Unspecified) {
-        v1::FinishReason::Length => "max_tokens",
-        v1::FinishReason::ToolCalls => "tool_use",
-        _ => "end_turn",
+        v1::FinishReason::Length => ("max_tokens", Value::Null),
+        v1::FinishReason::ToolCalls => ("tool_use", Value::Null),
+        _ if !finished.stop_sequence.is_empty() => (
+            "stop_sequence",
+            Value::from(finished.stop_sequence.as_str()),
+        ),
+        _ => ("end_turn", Value::Null),
     }
 }
 
@@ -228,14 +232,15 @@ async fn whole(mut message: Message, mut frames: ChoiceFrames) -> Result<Respons
             }
             Frame::Finished(finished) => {
                 let content: Vec<Value> = message.blocks.all().iter().map(content_block).collect();
+                let (stop_reason, stop_sequence) = stop_reason(&finished);
                 let body = json!({
                     "id": message.id,
                     "type": "message",
                     "role": "assistant",
                     "model": message.model,
                     "content": content,
-                    "stop_reason": stop_reason(&finished),
-                    "stop_sequence": Value::Null,
+                    "stop_reason": stop_reason,
+                    "stop_sequence": stop_sequence,
                     "usage": Usage::from(finished.usage.unwrap_or_default()),
                 });
                 return Ok(axum::Json(body).into_response());
@@ -395,9 +400,10 @@ impl Events {
                     .blocks
                     .close(Status::Completed, &mut self.changes);
                 self.render();
+                let (stop_reason, stop_sequence) = stop_reason(&finished);
                 let delta = json!({
                     "type": "message_delta",
-                    "delta": {"stop_reason": stop_reason(&finished), "stop_sequence": Value::Null},
+                    "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                     "usage": Usage::from(finished.usage.unwrap_or_default()),
                 });
                 self.push("message_delta", &delta);
@@ -518,6 +524,25 @@ mod tests {
         assert_eq!(delta["usage"]["input_tokens"], 4);
         assert_eq!(delta["usage"]["cache_read_input_tokens"], 6);
         assert_eq!(delta["usage"]["output_tokens"], 4);
+    }
+
+    #[tokio::test]
+    async fn a_stop_sequence_the_engine_named_is_the_stop_reason() {
+        let finished = |stop: &str| {
+            Frame::Finished(v1::Finished {
+                reason: v1::FinishReason::Stop as i32,
+                stop_sequence: stop.into(),
+                ..Default::default()
+            })
+        };
+        let named = events(tokens("The capital is ", vec![]), vec![finished("Paris")]).await;
+        let delta = &named[named.len() - 2].1["delta"];
+        assert_eq!(delta["stop_reason"], "stop_sequence");
+        assert_eq!(delta["stop_sequence"], "Paris");
+        let unnamed = events(tokens("Hi.", vec![]), vec![finished("")]).await;
+        let delta = &unnamed[unnamed.len() - 2].1["delta"];
+        assert_eq!(delta["stop_reason"], "end_turn");
+        assert!(delta["stop_sequence"].is_null());
     }
 
     #[tokio::test]

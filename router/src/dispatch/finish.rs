@@ -238,9 +238,12 @@ impl Run<'_> {
         });
     }
 
+    /// Sends the request's `Finished`: `reason`, and the worker's `stop_sequence` when one
+    /// ended it.
     pub(super) async fn finish(
         &mut self,
         reason: i32,
+        stop_sequence: String,
         out: &FrameSink,
     ) -> Result<(), DispatchError> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
@@ -262,6 +265,7 @@ impl Run<'_> {
             }),
             worker_id: self.worker.clone(),
             pool: self.pool.to_string(),
+            stop_sequence,
         });
         self.release();
         send(out, finished).await

@@ -414,9 +414,9 @@ impl<'d> Run<'d> {
                         self.predicted_cached_tokens,
                         self.cached_prompt_tokens,
                     );
-                    return self.finish(reason, out).await;
+                    return self.finish(reason, finished.stop_sequence, out).await;
                 }
-                (Next::Finish(reason), _) => return self.finish(reason, out).await,
+                (Next::Finish(reason), _) => return self.finish(reason, String::new(), out).await,
                 (Next::Redirect { same_worker }, SegmentEnd::Interrupted(interrupt)) => {
                     self.redirect(interrupt).await;
                     // The same worker when it can: its KV cache holds this conversation.
