@@ -123,10 +123,10 @@ async fn respond(
         count: 1,
         max_tokens_field: Some("max_tokens"),
     };
-    let placed = handlers::place(&dispatcher, tenant, &headers, read.request, choices, id)
-        .await
-        .map_err(name_fields)?;
-    let mut frames = placed.frames;
+    let (placed, mut frames) =
+        handlers::place(&dispatcher, tenant, &headers, read.request, choices, id)
+            .await
+            .map_err(name_fields)?;
     let message = Message {
         id: placed.id.clone(),
         model: placed.model.clone(),
@@ -135,7 +135,9 @@ async fn respond(
     let mut http = if read.stream {
         // The headers wait for the first frame, so a request that fails before producing
         // anything gets its HTTP status.
-        let first = next_frame(&mut frames).await.map_err(name_fields)?;
+        let first = handlers::next_frame_of_one(&mut frames)
+            .await
+            .map_err(name_fields)?;
         if let Frame::Failed(failed) = &first {
             return Err(name_fields(ApiError::from_failed(failed)));
         }
@@ -143,20 +145,8 @@ async fn respond(
     } else {
         whole(message, frames).await.map_err(name_fields)?
     };
-    handlers::tag(
-        &mut http,
-        &placed.lane,
-        &placed.pool,
-        &placed.worker,
-        &placed.id,
-    );
+    placed.tag(&mut http);
     Ok(http)
-}
-
-async fn next_frame(frames: &mut ChoiceFrames) -> Result<Frame, ApiError> {
-    handlers::next_choice_frame(frames)
-        .await
-        .map(|(_, frame)| frame)
 }
 
 /// The answer being written.
@@ -225,7 +215,7 @@ fn content_block(block: &Block) -> Value {
 async fn whole(mut message: Message, mut frames: ChoiceFrames) -> Result<Response, ApiError> {
     let mut changes = Vec::new();
     loop {
-        match next_frame(&mut frames).await? {
+        match handlers::next_frame_of_one(&mut frames).await? {
             Frame::Tokens(tokens) => {
                 message.blocks.text(&tokens.text, &mut changes);
                 message.blocks.calls(&tokens.tool_calls, &mut changes);
@@ -314,7 +304,7 @@ impl Events {
             if self.done {
                 return None;
             }
-            match next_frame(&mut self.frames).await {
+            match handlers::next_frame_of_one(&mut self.frames).await {
                 Ok(frame) => self.on_frame(frame),
                 Err(error) => self.fail(error),
             }

@@ -334,7 +334,7 @@ async fn generate(
         Endpoint::Chat => parse::<ChatCompletionRequest>(body)?.into_proto(cap)?,
         Endpoint::Completion => parse::<CompletionRequest>(body)?.into_proto(cap)?,
     };
-    let placed = place(
+    let (placed, mut frames) = place(
         &dispatcher,
         tenant,
         &headers,
@@ -355,7 +355,6 @@ async fn generate(
         pool: placed.pool,
         worker: placed.worker,
     };
-    let mut frames = placed.frames;
 
     if mode.stream {
         // Hold the headers until the first token (or the end): a request that fails before
@@ -377,19 +376,30 @@ pub(crate) struct Choices {
     pub max_tokens_field: Option<&'static str>,
 }
 
-/// A request's generations, placed on workers.
-pub(crate) struct Placed {
+/// Where a request's generations were placed.
+pub(crate) struct Placement {
     pub id: String,
     pub model: String,
     pub lane: String,
     pub pool: String,
     pub worker: String,
-    /// Every choice's frames after its `Accepted`.
-    pub frames: ChoiceFrames,
+}
+
+impl Placement {
+    /// Adds the placement's `x-switchyard-*` headers and `x-request-id` to `response`.
+    pub(crate) fn tag(&self, response: &mut Response) {
+        tag(response, &self.lane, &self.pool, &self.worker, &self.id);
+    }
+}
+
+/// The next frame of a request of one choice.
+pub(crate) async fn next_frame_of_one(frames: &mut ChoiceFrames) -> Result<Frame, ApiError> {
+    next_choice_frame(frames).await.map(|(_, frame)| frame)
 }
 
 /// Classifies and places `request` (its class from the headers, its tenant's key) once per
 /// choice, the same path as gRPC's, and waits until every choice is placed or one fails.
+/// Returns where they run and every choice's frames after its `Accepted`.
 pub(crate) async fn place(
     dispatcher: &Arc<Dispatcher>,
     tenant: Option<Tenant>,
@@ -397,7 +407,7 @@ pub(crate) async fn place(
     mut request: v1::GenerateRequest,
     choices: Choices,
     id: String,
-) -> Result<Placed, ApiError> {
+) -> Result<(Placement, ChoiceFrames), ApiError> {
     // The header overrides a class the request's body chose.
     if let Some(class) = class_from_headers(headers)? {
         request.class = class as i32;
@@ -456,7 +466,7 @@ pub(crate) async fn place(
         }
     }
     let first = &placements[0];
-    Ok(Placed {
+    let placement = Placement {
         id,
         model: first.model.clone(),
         lane: v1::Lane::try_from(first.lane)
@@ -465,8 +475,8 @@ pub(crate) async fn place(
             .to_string(),
         pool: distinct(placements.iter().map(|a| a.pool.as_str())),
         worker: distinct(placements.iter().map(|a| a.worker_id.as_str())),
-        frames: choices::merge(receivers),
-    })
+    };
+    Ok((placement, choices::merge(receivers)))
 }
 
 /// `values` without repeats, in order, comma-separated: the pools or workers of a request's

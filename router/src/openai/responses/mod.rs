@@ -62,9 +62,10 @@ async fn respond(
         count: 1,
         max_tokens_field: read.mode.bounded.then_some("max_output_tokens"),
     };
-    let placed = handlers::place(&dispatcher, tenant, &headers, read.request, choices, id)
-        .await
-        .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
+    let (placed, mut frames) =
+        handlers::place(&dispatcher, tenant, &headers, read.request, choices, id)
+            .await
+            .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
     let mut response = Snapshot {
         id: placed.id.clone(),
         created_at: handlers::unix_now(),
@@ -73,11 +74,10 @@ async fn respond(
         echo: read.echo,
         fields,
     };
-    let mut frames = placed.frames;
     let mut http = if read.mode.stream {
         // The headers wait for the first frame, so a request that fails before producing
         // anything gets its HTTP status.
-        let first = next_frame(&mut frames)
+        let first = handlers::next_frame_of_one(&mut frames)
             .await
             .map_err(|e| response.name_fields(e))?;
         if let Frame::Failed(failed) = &first {
@@ -87,20 +87,8 @@ async fn respond(
     } else {
         whole(&mut response, frames).await?
     };
-    handlers::tag(
-        &mut http,
-        &placed.lane,
-        &placed.pool,
-        &placed.worker,
-        &placed.id,
-    );
+    placed.tag(&mut http);
     Ok(http)
-}
-
-async fn next_frame(frames: &mut ChoiceFrames) -> Result<Frame, ApiError> {
-    handlers::next_choice_frame(frames)
-        .await
-        .map(|(_, frame)| frame)
 }
 
 /// Reads a request body; `cap` is the router's `max_tokens` cap.
@@ -126,7 +114,7 @@ fn ending(finished: &v1::Finished) -> (Status, &'static str) {
 async fn whole(snapshot: &mut Snapshot, mut frames: ChoiceFrames) -> Result<Response, ApiError> {
     let mut output = Output::new(false);
     loop {
-        match next_frame(&mut frames)
+        match handlers::next_frame_of_one(&mut frames)
             .await
             .map_err(|e| snapshot.name_fields(e))?
         {
@@ -201,7 +189,7 @@ impl Events {
             if self.done {
                 return None;
             }
-            match next_frame(&mut self.frames).await {
+            match handlers::next_frame_of_one(&mut self.frames).await {
                 Ok(frame) => self.on_frame(frame),
                 Err(error) => self.fail(error),
             }
