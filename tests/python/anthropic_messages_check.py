@@ -2,12 +2,13 @@
 """Anthropic's Messages API (`POST /v1/messages`) against a Switchyard router with the official
 `anthropic` SDK, as a coding agent built on it uses it: text answers whole and streamed
 (through the SDK's own stream accumulator), the output bound, a tool call, its result sent
-back and answered, a token count, and errors in the API's shape.
+back and answered, a named stop sequence, a token count, and errors in the API's shape.
 
-Usage: anthropic_messages_check.py BASE_URL MODEL [text-only]
+Usage: anthropic_messages_check.py BASE_URL MODEL [text-only | through-gateway]
 BASE_URL is the router's HTTP root (`http://127.0.0.1:8080`; the SDK adds `/v1/messages`).
-With `text-only` (a load-test engine, which refuses tools and has no tokenizer) only the text checks run. Prints one
-line per check and, at the end, "anthropic-messages: N passed, M failed"; exits non-zero when a
+With `text-only` (a load-test engine, which refuses tools and stop sequences) only the text
+checks run; with `through-gateway` (a model served through a gateway, which the router cannot
+tokenize) all but the token count. Prints one line per check and, at the end, "anthropic-messages: N passed, M failed"; exits non-zero when a
 check failed. The end-to-end tests `tests/tests/openai.rs` (synthetic engine, text only) and
 `tests/tests/real_model.rs` (the real model) run it.
 """
@@ -20,7 +21,7 @@ from checklist import check, finish
 
 BASE_URL, MODEL = sys.argv[1], sys.argv[2]
 TEXT_ONLY = sys.argv[3:] == ["text-only"]
-THROUGH_GATEWAY = TEXT_ONLY or sys.argv[3:] == ["through-gateway"]
+THROUGH_GATEWAY = sys.argv[3:] == ["through-gateway"]
 client = anthropic.Anthropic(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=120)
 WEATHER = {
     "name": "get_weather",
@@ -229,10 +230,11 @@ if not TEXT_ONLY:
     CHECKS += [
         a_tool_call_then_its_result_answered,
         a_streamed_tool_call,
+        a_stop_sequence_is_named,
         a_server_tool_is_refused_naming_it,
     ]
-if not THROUGH_GATEWAY:
-    CHECKS += [a_token_count_is_the_prompt_the_model_reads, a_stop_sequence_is_named]
+if not TEXT_ONLY and not THROUGH_GATEWAY:
+    CHECKS.append(a_token_count_is_the_prompt_the_model_reads)
 for fn in CHECKS:
     check(fn)
 finish("anthropic-messages")

@@ -914,7 +914,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     )
     .await?;
     assert!(
-        through.contains("anthropic-messages: 9 passed, 0 failed"),
+        through.contains("anthropic-messages: 10 passed, 0 failed"),
         "{through}"
     );
     // A model behind a gateway has no tokenizer at the router: its tokens cannot be counted,

@@ -442,6 +442,8 @@ enum End {
         reason: StopReason,
         prompt_tokens: u32,
         completion_tokens: u32,
+        /// The stop sequence that ended the answer, when the upstream named it.
+        stop_sequence: Option<String>,
     },
     /// The worker's reader is gone: nobody to tell.
     ReaderGone,
@@ -456,6 +458,8 @@ enum End {
 #[derive(Default)]
 struct Progress {
     finish_reason: Option<String>,
+    /// vLLM's `stop_reason` (Switchyard's OpenAI door's too): the stop sequence that matched.
+    stop_sequence: Option<String>,
     prompt_tokens: Option<u32>,
     completion_tokens: Option<u32>,
 }
@@ -477,6 +481,7 @@ impl Generation {
             reason: StopReason::Cancelled,
             prompt_tokens: 0,
             completion_tokens: self.output(),
+            stop_sequence: None,
         });
         // The slot is free before the last event goes out: whoever sees the end can reuse it.
         drop(permit);
@@ -485,12 +490,18 @@ impl Generation {
                 reason,
                 prompt_tokens,
                 completion_tokens,
-            } => Ok(EngineEvent::Done {
-                reason,
-                prompt_tokens,
-                completion_tokens,
-                cached_prompt_tokens: 0,
-            }),
+                stop_sequence,
+            } => {
+                if let Some(stop) = stop_sequence {
+                    let _ = self.tx.send(Ok(EngineEvent::StopSequence(stop))).await;
+                }
+                Ok(EngineEvent::Done {
+                    reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    cached_prompt_tokens: 0,
+                })
+            }
             End::ReaderGone => return,
             End::Busy(message) => {
                 debug!(request_id = %self.request_id, %message, "upstream busy");
@@ -623,6 +634,9 @@ impl Generation {
             _ => StopReason::Stop,
         };
         End::Done {
+            stop_sequence: progress
+                .stop_sequence
+                .filter(|_| reason == StopReason::Stop),
             reason,
             prompt_tokens: progress.prompt_tokens.unwrap_or_default(),
             completion_tokens: progress.completion_tokens.unwrap_or(self.output()),
@@ -675,6 +689,10 @@ impl Generation {
         };
         if let Some(Text(reason)) = choice.finish_reason {
             progress.finish_reason = Some(reason.into_owned());
+        }
+        // A number is a stop token id (vLLM), which names no stop sequence.
+        if let Some(Value::String(stop)) = choice.stop_reason {
+            progress.stop_sequence = Some(stop);
         }
         let calls = match tool_calls {
             Some(value) => tool_call_deltas(value).map_err(|e| {
@@ -813,6 +831,8 @@ struct ChunkChoice<'a> {
     text: Option<Text<'a>>,
     #[serde(borrow)]
     finish_reason: Option<Text<'a>>,
+    /// vLLM's: the stop sequence (a string) or stop token (a number) that ended the answer.
+    stop_reason: Option<Value>,
     /// Read only when the request asked for them.
     logprobs: Option<Value>,
 }

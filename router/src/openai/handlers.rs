@@ -587,26 +587,30 @@ async fn complete(
         .zip(&finished)
         .zip(0u32..)
         .map(|((choice, finished), index)| {
-            let finish_reason = wire::finish_reason(finished.reason);
+            let end = super::stream::Ending::of(finished);
             let logprobs = if mode.logprobs {
                 Logprobs::default().render(meta.endpoint, &choice.token_logprobs)
             } else {
                 Value::Null
             };
-            match meta.endpoint {
+            let mut body = match meta.endpoint {
                 Endpoint::Chat => json!({
                     "index": index,
                     "message": message(choice.text, &choice.tool_calls),
                     "logprobs": logprobs,
-                    "finish_reason": finish_reason,
+                    "finish_reason": end.reason,
                 }),
                 Endpoint::Completion => json!({
                     "index": index,
                     "text": choice.text,
                     "logprobs": logprobs,
-                    "finish_reason": finish_reason,
+                    "finish_reason": end.reason,
                 }),
+            };
+            if let (Some(stop), Value::Object(body)) = (end.stop_sequence, &mut body) {
+                body.insert("stop_reason".into(), Value::from(stop));
             }
+            body
         })
         .collect();
     let object = match meta.endpoint {

@@ -46,6 +46,7 @@ pub fn sse_response(
                 text: None,
                 logprobs: None,
                 finish_reason: None,
+                stop_reason: None,
             };
             let usage = events.mode.include_usage.then_some(None);
             let opening = event(&events.chunk(&[opening], usage));
@@ -94,6 +95,24 @@ fn event(value: &impl Serialize) -> Bytes {
     Bytes::from(event)
 }
 
+/// How a choice ended: OpenAI's `finish_reason`, and the stop sequence that ended it when one
+/// did (vLLM's `stop_reason`, which a wafer-scale gateway in front of this door reads back).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ending<'a> {
+    pub reason: &'static str,
+    pub stop_sequence: Option<&'a str>,
+}
+
+impl<'a> Ending<'a> {
+    pub(crate) fn of(finished: &'a v1::Finished) -> Self {
+        Self {
+            reason: wire::finish_reason(finished.reason),
+            stop_sequence: (!finished.stop_sequence.is_empty())
+                .then_some(finished.stop_sequence.as_str()),
+        }
+    }
+}
+
 /// One streamed chunk, as OpenAI sends it.
 #[derive(Serialize)]
 struct Chunk<'a> {
@@ -119,6 +138,9 @@ struct Choice<'a> {
     /// `null` unless the client asked for log probabilities.
     logprobs: Option<serde_json::Value>,
     finish_reason: Option<&'a str>,
+    /// vLLM's extension, on the last chunk when a stop sequence ended the choice: which.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stop_reason: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -195,9 +217,9 @@ impl Events {
     }
 
     /// Queues a chunk with choice `index`: `text` as the chat `delta`'s content or the
-    /// completion's `text` (`None`: an empty delta), and `finish_reason`.
-    fn push_chunk(&mut self, index: u32, text: Option<&str>, finish_reason: Option<&str>) {
-        self.push_delta(index, text, &[], finish_reason);
+    /// completion's `text` (`None`: an empty delta), and how the choice ended.
+    fn push_chunk(&mut self, index: u32, text: Option<&str>, end: Option<Ending<'_>>) {
+        self.push_delta(index, text, &[], end);
     }
 
     /// [`Self::push_chunk`] with pieces of tool calls in the chat `delta` (chat only: text
@@ -207,7 +229,7 @@ impl Events {
         index: u32,
         text: Option<&str>,
         calls: &[v1::ToolCallDelta],
-        finish_reason: Option<&str>,
+        end: Option<Ending<'_>>,
     ) {
         let (delta, text) = match self.meta.endpoint {
             Endpoint::Chat => (
@@ -234,7 +256,8 @@ impl Events {
             delta,
             text,
             logprobs,
-            finish_reason,
+            finish_reason: end.map(|e| e.reason),
+            stop_reason: end.and_then(|e| e.stop_sequence),
         };
         let usage = self.mode.include_usage.then_some(None);
         let event = event(&self.chunk(&[choice], usage));
@@ -287,7 +310,8 @@ impl Events {
                 // Tokens whose text never came out (a stop sequence's) are not listed.
                 state.unsent_logprobs.clear();
                 state.usage = Some(finished.usage.unwrap_or_default());
-                self.push_chunk(index, None, Some(wire::finish_reason(finished.reason)));
+                let end = Ending::of(&finished);
+                self.push_chunk(index, None, Some(end));
                 self.open -= 1;
                 if self.open > 0 {
                     return;
