@@ -131,13 +131,7 @@ impl ResponsesRequest {
         let response_format =
             wire::response_format(chat_response_format(text_format.as_ref())?.as_ref())
                 .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
-        let chat_tools: Vec<Value> = self
-            .tools
-            .iter()
-            .flatten()
-            .enumerate()
-            .map(|(i, tool)| chat_tool(i, tool))
-            .collect::<Result<_, _>>()?;
+        let chat_tools: Vec<Value> = self.tools.iter().flatten().map(chat_tool).collect();
         let proto_tools = tools::tools(Some(&Value::from(chat_tools)))
             .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
         let parallel = self.parallel_tool_calls.map(Value::from);
@@ -335,31 +329,16 @@ fn metadata(metadata: Option<Map<String, Value>>) -> Result<Value, ApiError> {
 }
 
 /// A Responses tool (`{"type": "function", "name", "description"?, "parameters"?,
-/// "strict"?}`) in the chat form the shared reader takes.
-fn chat_tool(index: usize, tool: &Value) -> Result<Value, ApiError> {
-    let field = format!("tools[{index}]");
-    match tool.get("type").and_then(Value::as_str) {
-        Some("function") => {}
-        Some(other) => {
-            return Err(ApiError::invalid(
-                format!("{field}.type"),
-                format!("tool type {other:?} is not supported (only \"function\")"),
-            ));
-        }
-        None => {
-            return Err(ApiError::invalid(
-                format!("{field}.type"),
-                "is required (\"function\")",
-            ));
-        }
-    }
+/// "strict"?}`) in the chat form the shared reader takes, which checks its `type` too.
+fn chat_tool(tool: &Value) -> Value {
     let mut function = Map::new();
     for key in ["name", "description", "parameters"] {
         if let Some(value) = tool.get(key) {
             function.insert(key.into(), value.clone());
         }
     }
-    Ok(json!({"type": "function", "function": function}))
+    let kind = tool.get("type").cloned().unwrap_or(Value::Null);
+    json!({"type": kind, "function": function})
 }
 
 /// A Responses `tool_choice` in the chat form: `{"type": "function", "name"}` is chat's
