@@ -269,7 +269,7 @@ def generate_request(
     model: str,
     messages: Optional[Iterable[Message]] = None,
     prompt: str = "",
-    max_tokens: int,
+    max_tokens: int = 0,
     request_class: str = "auto",
     request_id: str = "",
     ttft_slo_ms: int = 0,
@@ -281,7 +281,8 @@ def generate_request(
     single_call: bool = False,
     **sampling,
 ):
-    """A `GenerateRequest`. `sampling` takes `SamplingParams`' other fields by name
+    """A `GenerateRequest`. `max_tokens` 0 (the default) takes the router's default bound.
+    `sampling` takes `SamplingParams`' other fields by name
     (temperature, top_p, top_k, min_p, seed, presence_penalty, ..., logit_bias, logprobs).
     `tools` and `tool_choice` ("auto", "none", "required" or a tool's name) offer functions
     the model may call; `single_call` allows at most one call."""

@@ -19,6 +19,11 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 
 pub use validate::{FieldViolation, RequestLimits, validate_generate_request};
 
+/// What a router lets a request that names no `SamplingParams.max_tokens` (0) generate: at
+/// most the router's cap, and lowered to the room the prompt leaves in the model's context
+/// (clients of OpenAI's API often give no bound; a router needs one).
+pub const DEFAULT_MAX_TOKENS: u32 = 256;
+
 /// `Failed.reason` when the prompt, or the prompt and `max_tokens` together, do not fit the
 /// model's context: clients that trim old turns and retry look for it.
 pub const CONTEXT_LENGTH_EXCEEDED: &str = "CONTEXT_LENGTH_EXCEEDED";

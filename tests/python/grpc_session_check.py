@@ -112,11 +112,20 @@ async def a_refused_interrupt_leaves_its_request_running():
     expect(completion.finished.reason == sy.pb.FINISH_REASON_LENGTH, f"{completion.finished}")
 
 
+async def a_request_naming_no_bound_gets_the_routers_default():
+    async with await sy.Session.open(TARGET) as session:
+        completion = await (
+            await session.start(model=MODEL, messages=[("user", "unbounded words")])
+        ).collect()
+    expect(completion.finished.reason == sy.pb.FINISH_REASON_LENGTH, f"{completion.finished}")
+    expect(completion.text == synthetic("unbounded words", 256), f"{completion.text[:80]!r}…")
+
+
 async def bad_requests_fail_naming_their_field():
     async with await sy.Session.open(TARGET) as session:
         for fields, code, field in [
             ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "model"),
-            ({"max_tokens": 0}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
+            ({"max_tokens": 10**6}, grpc.StatusCode.INVALID_ARGUMENT, "sampling.max_tokens"),
         ]:
             request = await session.start(
                 **{"model": MODEL, "messages": [("user", "hi")], "max_tokens": 4, **fields}
@@ -195,6 +204,7 @@ CHECKS = [
     cancel_stops_a_running_request,
     interrupt_redirects_a_running_request,
     a_refused_interrupt_leaves_its_request_running,
+    a_request_naming_no_bound_gets_the_routers_default,
     bad_requests_fail_naming_their_field,
     closing_the_session_ends_what_is_open_on_it,
     an_unused_session_outlives_the_idle_timeout,

@@ -447,12 +447,6 @@ async fn bad_input_gets_a_status_naming_the_field_and_the_session_survives() -> 
         // The field once, then why (it read "model: model \"gpt-17\" …").
         "model: \"gpt-17\" is not served by any worker",
     ));
-    let mut zero = GenerateRequest {
-        request_id: "zero".into(),
-        ..valid.clone()
-    };
-    zero.sampling.as_mut().unwrap().max_tokens = 0;
-    cases.push((zero, Code::InvalidArgument, "sampling.max_tokens"));
     let mut huge = GenerateRequest {
         request_id: "huge".into(),
         ..valid.clone()
@@ -537,6 +531,24 @@ async fn bad_input_gets_a_status_naming_the_field_and_the_session_survives() -> 
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("model"));
+    // One that names no bound at all is not bad input: it gets the router's default.
+    let mut unbounded = client
+        .generate(GenerateRequest {
+            sampling: None,
+            ..valid.clone()
+        })
+        .await?
+        .into_inner();
+    let mut text = String::new();
+    while let Some(frame) = unbounded.message().await? {
+        if let Some(Frame::Tokens(tokens)) = frame.frame {
+            text.push_str(&tokens.text);
+        }
+    }
+    assert_eq!(
+        text,
+        synthetic_text("hello", 0, switchyard_proto::DEFAULT_MAX_TOKENS as usize)
+    );
 
     // The session and the cluster are still healthy.
     let ok = session

@@ -45,7 +45,7 @@ use crate::tokenizers::tokenizes_long;
 
 use run::Run;
 pub use span::{record_decision, request_span};
-use validate::OutputBound;
+use validate::{OutputBound, bound_output};
 
 /// A client's instruction about a running request. Boxed, an interrupt keeps the enum at
 /// 16 bytes: every request's control channel allocates its first block of 32 slots up front.
@@ -271,39 +271,23 @@ impl Dispatcher {
     /// headers), or in the request's own `traceparent` metadata entry, which wins: one
     /// session carries requests of many traces.
     ///
+    /// A request that names no `sampling.max_tokens` (0) may generate
+    /// [`switchyard_proto::DEFAULT_MAX_TOKENS`], lowered to what the model's context leaves after its prompt;
+    /// one that names a bound the context cannot hold is refused.
+    ///
     /// A long prompt is tokenized first, off the runtime's threads; preparing any other
     /// request does not wait ([`Dispatcher::waits_to_prepare`]).
     pub async fn prepare(
         &self,
-        request: v1::GenerateRequest,
-        parent: RemoteContext,
-    ) -> Result<Prepared, DispatchError> {
-        self.prepare_bounded(request, parent, OutputBound::Asked)
-            .await
-    }
-
-    /// [`Dispatcher::prepare`] for a request whose `sampling.max_tokens` is its door's default
-    /// rather than the client's own (an OpenAI request without `max_tokens`): lowered to what
-    /// fits the model's context after the prompt instead of refused, as OpenAI does.
-    pub async fn prepare_with_default_max_tokens(
-        &self,
-        request: v1::GenerateRequest,
-        parent: RemoteContext,
-    ) -> Result<Prepared, DispatchError> {
-        self.prepare_bounded(request, parent, OutputBound::Default)
-            .await
-    }
-
-    async fn prepare_bounded(
-        &self,
         mut request: v1::GenerateRequest,
         parent: RemoteContext,
-        bound: OutputBound,
     ) -> Result<Prepared, DispatchError> {
         let arrived = Instant::now();
         // Before anything reads the roles: the prompt's tokens and its prefix-cache keys
         // must not depend on which name for system instructions a client used.
         canonicalize_roles(&mut request.messages);
+        // Before anything reads `max_tokens` (validation, the classifier's rules).
+        let bound = bound_output(&mut request, self.config.limits.max_tokens_cap);
         let tokenized = self.tokenize_long(&request).await;
         self.prepare_tokenized(request, parent, arrived, tokenized, bound)
     }

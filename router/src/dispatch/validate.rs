@@ -6,7 +6,7 @@
 //! it is placed, queued or sent.
 
 use switchyard_proto::v1;
-use switchyard_proto::validate_generate_request;
+use switchyard_proto::{DEFAULT_MAX_TOKENS, validate_generate_request};
 
 use super::Dispatcher;
 use crate::error::DispatchError;
@@ -17,9 +17,20 @@ use crate::tokenizers::tokenizes_long;
 pub(super) enum OutputBound {
     /// The client: a prompt that leaves less room in the context is refused.
     Asked,
-    /// The door the request came through, for a client that gave none: lowered to the room
-    /// the prompt leaves.
+    /// The router, for a client that gave none: lowered to the room the prompt leaves.
     Default,
+}
+
+/// Fills in [`DEFAULT_MAX_TOKENS`] (at most `cap`) when `request` names no `max_tokens`, and
+/// says who bounded its output.
+pub(super) fn bound_output(request: &mut v1::GenerateRequest, cap: u32) -> OutputBound {
+    let sampling = request.sampling.get_or_insert_default();
+    if sampling.max_tokens == 0 {
+        sampling.max_tokens = DEFAULT_MAX_TOKENS.min(cap);
+        OutputBound::Default
+    } else {
+        OutputBound::Asked
+    }
 }
 
 impl Dispatcher {
@@ -186,6 +197,22 @@ mod tests {
         let long_chat = fits_context(&chat, 70, 64).unwrap_err();
         assert_eq!(long_chat.field(), Some("messages"));
         assert!(long_chat.to_string().contains("70 tokens"), "{long_chat}");
+    }
+
+    #[test]
+    fn a_request_naming_no_max_tokens_gets_the_default_within_the_cap() {
+        let mut unbounded = request("p", 0);
+        assert_eq!(bound_output(&mut unbounded, 4096), OutputBound::Default);
+        assert_eq!(
+            unbounded.sampling.expect("sampling").max_tokens,
+            DEFAULT_MAX_TOKENS
+        );
+        let mut no_sampling = v1::GenerateRequest::default();
+        assert_eq!(bound_output(&mut no_sampling, 8), OutputBound::Default);
+        assert_eq!(no_sampling.sampling.expect("sampling").max_tokens, 8);
+        let mut asked = request("p", 5);
+        assert_eq!(bound_output(&mut asked, 4096), OutputBound::Asked);
+        assert_eq!(asked.sampling.expect("sampling").max_tokens, 5);
     }
 
     #[test]

@@ -430,21 +430,16 @@ pub(crate) async fn place(
                 *seed = seed.wrapping_add(u64::from(index));
             }
         }
-        let prepared = match choices.max_tokens_field {
-            Some(_) => dispatcher.prepare(request, parent.clone()).await,
-            None => {
-                dispatcher
-                    .prepare_with_default_max_tokens(request, parent.clone())
-                    .await
-            }
-        }
-        .map_err(|error| {
-            let error = ApiError::from(&error);
-            match choices.max_tokens_field {
-                Some(field) => error.naming_max_tokens(field),
-                None => error,
-            }
-        })?;
+        let prepared = dispatcher
+            .prepare(request, parent.clone())
+            .await
+            .map_err(|error| {
+                let error = ApiError::from(&error);
+                match choices.max_tokens_field {
+                    Some(field) => error.naming_max_tokens(field),
+                    None => error,
+                }
+            })?;
         // HTTP has no control frames: cancellation comes from the receiver being dropped
         // (client gone).
         let (_, controls) = mpsc::unbounded_channel();

@@ -12,10 +12,6 @@ use switchyard_proto::v1;
 use super::error::ApiError;
 use super::tools;
 
-/// `max_tokens` when the request gives none (OpenAI's default is "as many as fit"; a router
-/// needs a bound). Lowered to the router's cap when that is smaller.
-pub const DEFAULT_MAX_TOKENS: u32 = 256;
-
 /// `stop` as OpenAI accepts it: one string or a list.
 #[derive(Debug, Clone)]
 pub enum Stop {
@@ -463,7 +459,8 @@ fn sampling(
             ));
         }
         (Some(m), _) => m as u32,
-        (None, _) => DEFAULT_MAX_TOKENS.min(cap),
+        // The router's default.
+        (None, _) => 0,
     };
     let top_k = match fields.top_k {
         // vLLM's "no limit", which its clients send; 0 means the same to the workers.
@@ -766,7 +763,7 @@ mod tests {
         // Parts are joined one per line, as vLLM and llama.cpp join them (they ran together).
         assert_eq!(request.messages[1].content, "hi\nthere");
         let sampling = request.sampling.expect("sampling");
-        assert_eq!(sampling.max_tokens, DEFAULT_MAX_TOKENS);
+        assert_eq!(sampling.max_tokens, 0, "the router's default applies");
         assert_eq!(sampling.seed, Some(u64::MAX));
         assert_eq!(sampling.stop, vec!["END".to_string()]);
         assert_eq!(request.affinity_key, "u1");
@@ -1168,8 +1165,6 @@ mod tests {
         let parse = |body: &str| parse_body::<CompletionRequest>(body.as_bytes())?.into_proto(8);
         let (request, _) = parse(r#"{"model":"m","prompt":["once"]}"#).expect("valid");
         assert_eq!(request.prompt, "once");
-        // The default max_tokens is lowered to the router's cap.
-        assert_eq!(request.sampling.expect("sampling").max_tokens, 8);
         let error = parse(r#"{"model":"m","prompt":[1,2]}"#).expect_err("token arrays");
         assert_eq!(error.param.as_deref(), Some("prompt"));
     }

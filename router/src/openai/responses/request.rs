@@ -14,7 +14,7 @@ use switchyard_proto::v1;
 use super::super::error::ApiError;
 use super::super::fields::message_field;
 use super::super::tools;
-use super::super::wire::{self, DEFAULT_MAX_TOKENS};
+use super::super::wire;
 
 /// The Responses API's request fields Switchyard reads. Unknown fields are ignored, as on
 /// the other routes.
@@ -116,7 +116,8 @@ impl ResponsesRequest {
         read_input(self.input.as_ref(), &mut messages, &mut fields)?;
 
         let max_tokens = match self.max_output_tokens {
-            None => DEFAULT_MAX_TOKENS.min(cap),
+            // The router's default.
+            None => 0,
             Some(m) if m < 1 => {
                 return Err(ApiError::invalid(
                     "max_output_tokens",
