@@ -110,6 +110,43 @@ def completions_both_ways():
     assert streamed == whole.choices[0].text, (streamed, whole.choices[0].text)
 
 
+def synthetic(prompt, tokens):
+    """The synthetic engine's answer: the prompt's words over and over."""
+    words = prompt.split()
+    return " ".join(words[i % len(words)] for i in range(tokens))
+
+
+@check
+def completions_take_a_batch_of_prompts():
+    prompts = ["alpha beta", "gamma delta epsilon", "zeta"]
+    expected = {
+        p * 2 + i: synthetic(prompt, 4) for p, prompt in enumerate(prompts) for i in range(2)
+    }
+    whole = client.completions.create(model=MODEL, prompt=prompts, max_tokens=4, n=2)
+    assert {c.index: c.text for c in whole.choices} == expected, whole.choices
+    assert [c.index for c in whole.choices] == list(range(6)), whole.choices
+    alone = [
+        client.completions.create(model=MODEL, prompt=p, max_tokens=1).usage.prompt_tokens
+        for p in prompts
+    ]
+    assert whole.usage.prompt_tokens == sum(alone), (whole.usage, alone)
+    assert whole.usage.completion_tokens == 6 * 4, whole.usage
+    streamed = {}
+    for chunk in client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=4, n=2, stream=True
+    ):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + choice.text
+    assert streamed == expected, streamed
+    try:
+        client.completions.create(model=MODEL, prompt=[[1, 2, 3]], max_tokens=4)
+    except openai.BadRequestError as refused:
+        assert refused.body["param"] == "prompt", refused.body
+        assert "token ids" in refused.body["message"], refused.body
+    else:
+        raise AssertionError("a prompt of token ids was taken")
+
+
 def check_logprob_entries(entries, text, top):
     """Chat `logprobs.content` entries: one per token, adding up to the text, each a log
     probability with at most `top` alternatives, most likely first."""

@@ -123,10 +123,16 @@ async fn respond(
         count: 1,
         max_tokens_field: Some("max_tokens"),
     };
-    let (placed, mut frames) =
-        handlers::place(&dispatcher, tenant, &headers, read.request, choices, id)
-            .await
-            .map_err(name_fields)?;
+    let (placed, mut frames) = handlers::place(
+        &dispatcher,
+        tenant,
+        &headers,
+        vec![read.request],
+        choices,
+        id,
+    )
+    .await
+    .map_err(name_fields)?;
     let message = Message {
         id: placed.id.clone(),
         model: placed.model.clone(),

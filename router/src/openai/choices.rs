@@ -1,6 +1,6 @@
-//! A request's `n` choices: one generation each through the dispatcher, their frames merged
-//! into one stream tagged with the choice's index, and their usage added up as OpenAI counts
-//! it (the prompt once, every choice's completion).
+//! A request's choices (`n` for each of its prompts): one generation each through the
+//! dispatcher, their frames merged into one stream tagged with the choice's index, and their
+//! usage added up as OpenAI counts it (each prompt once, every choice's completion).
 
 use std::pin::Pin;
 
@@ -13,6 +13,10 @@ use crate::dispatch::FrameReceiver;
 
 /// Most choices one request may ask for (`n`): each is a generation of its own.
 pub const MAX_CHOICES: u32 = 16;
+
+/// Most generations one request may start: a completions batch's prompts × `n`. Each takes a
+/// worker's slot, and the answer waits for the last.
+pub const MAX_GENERATIONS: u32 = 64;
 
 /// Every choice's frames, as they come, each with its choice's index.
 pub type ChoiceFrames = Pin<Box<dyn Stream<Item = (u32, Result<v1::ServerFrame, Status>)> + Send>>;
@@ -30,15 +34,21 @@ pub fn merge(receivers: Vec<FrameReceiver>) -> ChoiceFrames {
     ))
 }
 
-/// The usage of a request whose choices ended with `usages` (in index order): the prompt (and
-/// what of it the cache held) as the first choice read it, the completions of all.
-pub fn usage(usages: &[Option<v1::Usage>]) -> wire::Usage {
-    let mut total = wire::Usage::from(usages.first().copied().flatten());
-    for usage in usages.iter().skip(1) {
-        total.completion_tokens += usage.as_ref().map_or(0, |u| u.completion_tokens);
+/// The usage of a request whose choices ended with `usages` (in index order), `per_prompt`
+/// choices for each of its prompts: every prompt (and what of it the cache held) once, as its
+/// first choice read it, and the completions of all.
+pub fn usage(usages: &[Option<v1::Usage>], per_prompt: u32) -> wire::Usage {
+    let per_prompt = per_prompt.max(1) as usize;
+    let mut total = v1::Usage::default();
+    for (index, usage) in usages.iter().enumerate() {
+        let usage = usage.unwrap_or_default();
+        if index % per_prompt == 0 {
+            total.prompt_tokens += usage.prompt_tokens;
+            total.cached_prompt_tokens += usage.cached_prompt_tokens;
+        }
+        total.completion_tokens += usage.completion_tokens;
     }
-    total.total_tokens = total.prompt_tokens + total.completion_tokens;
-    total
+    wire::Usage::from(Some(total))
 }
 
 #[cfg(test)]
@@ -54,7 +64,10 @@ mod tests {
                 cached_prompt_tokens: cached,
             })
         };
-        let total = usage(&[usage_of(10, 4, 0), usage_of(10, 6, 8), usage_of(10, 1, 8)]);
+        let total = usage(
+            &[usage_of(10, 4, 0), usage_of(10, 6, 8), usage_of(10, 1, 8)],
+            3,
+        );
         assert_eq!(
             (
                 total.prompt_tokens,
@@ -64,10 +77,40 @@ mod tests {
             ),
             (10, 11, 21, 0)
         );
-        let one = usage(&[usage_of(3, 2, 1)]);
+        let one = usage(&[usage_of(3, 2, 1)], 1);
         assert_eq!(
             (one.total_tokens, one.prompt_tokens_details.cached_tokens),
             (5, 1)
+        );
+    }
+
+    #[test]
+    fn every_prompt_of_a_batch_counts_once() {
+        let usage_of = |prompt, completion, cached| {
+            Some(v1::Usage {
+                prompt_tokens: prompt,
+                completion_tokens: completion,
+                cached_prompt_tokens: cached,
+            })
+        };
+        // Two prompts, two choices each.
+        let total = usage(
+            &[
+                usage_of(10, 1, 0),
+                usage_of(10, 2, 10),
+                usage_of(7, 3, 4),
+                usage_of(7, 4, 7),
+            ],
+            2,
+        );
+        assert_eq!(
+            (
+                total.prompt_tokens,
+                total.completion_tokens,
+                total.total_tokens,
+                total.prompt_tokens_details.cached_tokens
+            ),
+            (17, 10, 27, 4)
         );
     }
 }

@@ -330,17 +330,20 @@ async fn generate(
     id: String,
 ) -> Result<Response, ApiError> {
     let cap = dispatcher.limits().max_tokens_cap;
-    let (request, mode) = match endpoint {
-        Endpoint::Chat => parse::<ChatCompletionRequest>(body)?.into_proto(cap)?,
+    let (requests, mode) = match endpoint {
+        Endpoint::Chat => {
+            let (request, mode) = parse::<ChatCompletionRequest>(body)?.into_proto(cap)?;
+            (vec![request], mode)
+        }
         Endpoint::Completion => parse::<CompletionRequest>(body)?.into_proto(cap)?,
     };
     let (placed, mut frames) = place(
         &dispatcher,
         tenant,
         &headers,
-        request,
+        requests,
         Choices {
-            count: mode.choices,
+            count: mode.per_prompt,
             max_tokens_field: mode.max_tokens_field,
         },
         id,
@@ -371,6 +374,7 @@ async fn generate(
 
 /// How many generations a request asks for, and the field that bounded their output.
 pub(crate) struct Choices {
+    /// For each prompt (`n`).
     pub count: u32,
     /// `None` when the client gave no bound and the door's default applies.
     pub max_tokens_field: Option<&'static str>,
@@ -397,53 +401,57 @@ pub(crate) async fn next_frame_of_one(frames: &mut ChoiceFrames) -> Result<Frame
     next_choice_frame(frames).await.map(|(_, frame)| frame)
 }
 
-/// Classifies and places `request` (its class from the headers, its tenant's key) once per
-/// choice, the same path as gRPC's, and waits until every choice is placed or one fails.
-/// Returns where they run and every choice's frames after its `Accepted`.
+/// Classifies and places each of `requests` (its class from the headers, its tenant's key)
+/// once per choice, the same path as gRPC's, and waits until every choice is placed or one
+/// fails. Returns where they run and every choice's frames after its `Accepted`: choice
+/// `p · count + i` is choice `i` of `requests[p]`.
 pub(crate) async fn place(
     dispatcher: &Arc<Dispatcher>,
     tenant: Option<Tenant>,
     headers: &HeaderMap,
-    mut request: v1::GenerateRequest,
+    requests: Vec<v1::GenerateRequest>,
     choices: Choices,
     id: String,
 ) -> Result<(Placement, ChoiceFrames), ApiError> {
     // The header overrides a class the request's body chose.
-    if let Some(class) = class_from_headers(headers)? {
-        request.class = class as i32;
-    }
-    if let Some(tenant) = &tenant {
-        tenant.apply(&mut request);
-    }
-    request.request_id = id.clone();
-
+    let class = class_from_headers(headers)?;
+    let generations = requests.len() * choices.count as usize;
     // Choice `i` of several runs as `<id>-<i>` (ids name one generation each) and, when the
-    // client gave a seed, with the seed plus `i`: reproducible, yet not `n` copies of one
-    // answer.
+    // client gave a seed, with the seed plus its index among its prompt's choices:
+    // reproducible, yet not `n` copies of one answer.
     let parent = RemoteContext::from_headers(headers);
-    let mut receivers = Vec::with_capacity(choices.count as usize);
-    for index in 0..choices.count {
-        let mut request = request.clone();
-        if choices.count > 1 {
-            request.request_id = format!("{id}-{index}");
-            if let Some(seed) = request.sampling.as_mut().and_then(|s| s.seed.as_mut()) {
-                *seed = seed.wrapping_add(u64::from(index));
-            }
+    let mut receivers = Vec::with_capacity(generations);
+    for mut prompt_request in requests {
+        if let Some(class) = class {
+            prompt_request.class = class as i32;
         }
-        let prepared = dispatcher
-            .prepare(request, parent.clone())
-            .await
-            .map_err(|error| {
-                let error = ApiError::from(&error);
-                match choices.max_tokens_field {
-                    Some(field) => error.naming_max_tokens(field),
-                    None => error,
-                }
-            })?;
-        // HTTP has no control frames: cancellation comes from the receiver being dropped
-        // (client gone).
-        let (_, controls) = mpsc::unbounded_channel();
-        receivers.push(dispatcher.drive(prepared, controls, CLIENT_BUFFER));
+        if let Some(tenant) = &tenant {
+            tenant.apply(&mut prompt_request);
+        }
+        for choice in 0..choices.count {
+            let mut request = prompt_request.clone();
+            request.request_id = match generations {
+                1 => id.clone(),
+                _ => format!("{id}-{}", receivers.len()),
+            };
+            if let Some(seed) = request.sampling.as_mut().and_then(|s| s.seed.as_mut()) {
+                *seed = seed.wrapping_add(u64::from(choice));
+            }
+            let prepared = dispatcher
+                .prepare(request, parent.clone())
+                .await
+                .map_err(|error| {
+                    let error = ApiError::from(&error);
+                    match choices.max_tokens_field {
+                        Some(field) => error.naming_max_tokens(field),
+                        None => error,
+                    }
+                })?;
+            // HTTP has no control frames: cancellation comes from the receiver being dropped
+            // (client gone).
+            let (_, controls) = mpsc::unbounded_channel();
+            receivers.push(dispatcher.drive(prepared, controls, CLIENT_BUFFER));
+        }
     }
 
     // Every choice placed, or the request's error (the others are cancelled as they drop).
@@ -576,7 +584,7 @@ async fn complete(
         meta.pool = distinct(finished.iter().map(|f| f.pool.as_str()));
     }
     let usages: Vec<_> = finished.iter().map(|f| f.usage).collect();
-    let usage = choices::usage(&usages);
+    let usage = choices::usage(&usages, mode.per_prompt);
     let choices: Vec<Value> = collected
         .into_iter()
         .zip(&finished)

@@ -318,7 +318,7 @@ impl Events {
                 }
                 if self.mode.include_usage {
                     let usages: Vec<_> = self.choices.iter().map(|c| c.usage).collect();
-                    let usage = Some(Some(choices::usage(&usages)));
+                    let usage = Some(Some(choices::usage(&usages, self.mode.per_prompt)));
                     let event = event(&self.chunk(&[], usage));
                     self.pending.push_back(event);
                 }
@@ -363,6 +363,7 @@ mod tests {
             logprobs: false,
             max_tokens_field: None,
             choices: 1,
+            per_prompt: 1,
         };
         stream_with(endpoint, mode, first, rest).await
     }
@@ -449,6 +450,7 @@ mod tests {
             logprobs: true,
             max_tokens_field: None,
             choices: 1,
+            per_prompt: 1,
         };
         // The second token's text is held back (a stop sequence might start there): its log
         // probability goes out with the next text.
@@ -632,6 +634,7 @@ mod tests {
             logprobs: false,
             max_tokens_field: None,
             choices: 2,
+            per_prompt: 2,
         };
         let finished = |prompt, completion| {
             Frame::Finished(v1::Finished {
@@ -696,6 +699,7 @@ mod tests {
             logprobs: false,
             max_tokens_field: None,
             choices: 1,
+            per_prompt: 1,
         };
         let mut events = Events::new(
             meta(Endpoint::Chat),

@@ -347,8 +347,11 @@ pub struct StreamMode {
     /// The field the client bounded its output with (`max_tokens` or
     /// `max_completion_tokens`); `None` when it gave neither and the default applies.
     pub max_tokens_field: Option<&'static str>,
-    /// How many choices to generate (`n`), each a generation of its own.
+    /// How many choices the answer has, each a generation of its own: `n` for each prompt
+    /// (a completions request may send a batch of prompts).
     pub choices: u32,
+    /// `n`: choices `p·n` to `p·n + n − 1` answer prompt `p`.
+    pub per_prompt: u32,
 }
 
 /// Which endpoint's form `logprobs` takes.
@@ -528,6 +531,7 @@ fn sampling(
         logprobs,
         max_tokens_field,
         choices,
+        per_prompt: choices,
     };
     if !fields.stream && fields.stream_options.is_some() {
         return Err(ApiError::invalid(
@@ -662,37 +666,79 @@ impl ChatCompletionRequest {
 }
 
 impl CompletionRequest {
-    pub fn into_proto(self, cap: u32) -> Result<(v1::GenerateRequest, StreamMode), ApiError> {
+    /// One request for each prompt of the batch (one string is a batch of one), and the
+    /// answer's form: `n` choices for each prompt, in the prompts' order.
+    pub fn into_proto(self, cap: u32) -> Result<(Vec<v1::GenerateRequest>, StreamMode), ApiError> {
         let model = required_model(self.model)?;
-        let prompt = match self.prompt {
-            None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "is required")),
-            Some(Value::String(s)) => s,
-            Some(Value::Array(items)) if items.len() == 1 && items[0].is_string() => {
-                items[0].as_str().unwrap_or_default().to_string()
-            }
-            Some(Value::Array(_)) => {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    "only a single string prompt is supported (no batches or token arrays)",
-                ));
-            }
-            Some(_) => return Err(ApiError::invalid("prompt", "must be a string")),
-        };
-        if prompt.is_empty() {
+        let prompts = prompts(self.prompt)?;
+        let (sampling, mut mode) = sampling(&self.sampling, cap, LogprobsForm::Completion)?;
+        let generations = prompts.len() as u64 * u64::from(mode.per_prompt);
+        let most = super::choices::MAX_GENERATIONS;
+        if generations > u64::from(most) {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "{} prompts × n {} = {generations} generations; at most {most} a request \
+                     (send the rest in further requests)",
+                    prompts.len(),
+                    mode.per_prompt
+                ),
+            ));
+        }
+        mode.choices = generations as u32;
+        let affinity_key = self.sampling.user.unwrap_or_default();
+        let requests = prompts
+            .into_iter()
+            .map(|prompt| v1::GenerateRequest {
+                model: model.clone(),
+                prompt,
+                sampling: Some(sampling.clone()),
+                affinity_key: affinity_key.clone(),
+                ..Default::default()
+            })
+            .collect();
+        Ok((requests, mode))
+    }
+}
+
+/// A completions request's `prompt`: one string, or a batch of them.
+fn prompts(prompt: Option<Value>) -> Result<Vec<String>, ApiError> {
+    let batch = match prompt {
+        None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "is required")),
+        Some(Value::String(s)) if s.is_empty() => {
             return Err(ApiError::invalid("prompt", "must not be empty"));
         }
-        let (sampling, mode) = sampling(&self.sampling, cap, LogprobsForm::Completion)?;
-        Ok((
-            v1::GenerateRequest {
-                model,
-                prompt,
-                sampling: Some(sampling),
-                affinity_key: self.sampling.user.unwrap_or_default(),
-                ..Default::default()
-            },
-            mode,
-        ))
+        Some(Value::String(s)) => return Ok(vec![s]),
+        Some(Value::Array(items)) => items,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "must be a string or a list of strings",
+            ));
+        }
+    };
+    if batch.is_empty() {
+        return Err(ApiError::invalid("prompt", "must not be an empty list"));
     }
+    batch
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| match item {
+            Value::String(s) if !s.is_empty() => Ok(s),
+            Value::String(_) => Err(ApiError::invalid(
+                format!("prompt[{i}]"),
+                "must not be empty",
+            )),
+            Value::Number(_) | Value::Array(_) => Err(ApiError::invalid(
+                "prompt",
+                "token ids are not supported: send the prompt as text",
+            )),
+            _ => Err(ApiError::invalid(
+                format!("prompt[{i}]"),
+                "must be a string",
+            )),
+        })
+        .collect()
 }
 
 /// OpenAI's `finish_reason` for a Switchyard one. A cancelled generation reports "stop"
@@ -1109,6 +1155,7 @@ mod tests {
                 format!(r#"{{"model":"m","prompt":"x",{extra}}}"#).as_bytes(),
             )?
             .into_proto(64)
+            .map(|(mut requests, mode)| (requests.remove(0), mode))
         };
         let (request, mode) = completion(r#""logprobs":2"#).expect("valid");
         let sampling = request.sampling.expect("sampling");
@@ -1163,9 +1210,43 @@ mod tests {
     #[test]
     fn completion_prompt_forms() {
         let parse = |body: &str| parse_body::<CompletionRequest>(body.as_bytes())?.into_proto(8);
-        let (request, _) = parse(r#"{"model":"m","prompt":["once"]}"#).expect("valid");
-        assert_eq!(request.prompt, "once");
-        let error = parse(r#"{"model":"m","prompt":[1,2]}"#).expect_err("token arrays");
+        let prompts = |body: &str| {
+            let (requests, mode) = parse(body).expect("valid");
+            let prompts: Vec<String> = requests.into_iter().map(|r| r.prompt).collect();
+            (prompts, mode.choices, mode.per_prompt)
+        };
+        assert_eq!(
+            prompts(r#"{"model":"m","prompt":"once"}"#),
+            (vec!["once".to_string()], 1, 1)
+        );
+        assert_eq!(
+            prompts(r#"{"model":"m","prompt":["once"]}"#),
+            (vec!["once".to_string()], 1, 1)
+        );
+        assert_eq!(
+            prompts(r#"{"model":"m","prompt":["a","b","c"],"n":2}"#),
+            (vec!["a".into(), "b".into(), "c".into()], 6, 2),
+            "n choices for each prompt of the batch"
+        );
+        let refused = |body: &str| parse(body).expect_err("refused").param;
+        for (body, param) in [
+            (r#"{"model":"m","prompt":[1,2]}"#, "prompt"),
+            (r#"{"model":"m","prompt":[[1,2]]}"#, "prompt"),
+            (r#"{"model":"m","prompt":[]}"#, "prompt"),
+            (r#"{"model":"m","prompt":""}"#, "prompt"),
+            (r#"{"model":"m","prompt":["a",""]}"#, "prompt[1]"),
+            (r#"{"model":"m","prompt":["a",{}]}"#, "prompt[1]"),
+            (r#"{"model":"m","prompt":7}"#, "prompt"),
+        ] {
+            assert_eq!(refused(body).as_deref(), Some(param), "{body}");
+        }
+        let batch = |prompts: usize, n: u32| {
+            let list = vec!["\"p\""; prompts].join(",");
+            parse(&format!(r#"{{"model":"m","prompt":[{list}],"n":{n}}}"#))
+        };
+        assert!(batch(64, 1).is_ok() && batch(4, 16).is_ok());
+        let error = batch(5, 13).expect_err("65 generations");
         assert_eq!(error.param.as_deref(), Some("prompt"));
+        assert!(error.message.contains("at most 64"), "{error:?}");
     }
 }

@@ -62,10 +62,16 @@ async fn respond(
         count: 1,
         max_tokens_field: read.mode.bounded.then_some("max_output_tokens"),
     };
-    let (placed, mut frames) =
-        handlers::place(&dispatcher, tenant, &headers, read.request, choices, id)
-            .await
-            .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
+    let (placed, mut frames) = handlers::place(
+        &dispatcher,
+        tenant,
+        &headers,
+        vec![read.request],
+        choices,
+        id,
+    )
+    .await
+    .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
     let mut response = Snapshot {
         id: placed.id.clone(),
         created_at: handlers::unix_now(),
