@@ -476,8 +476,8 @@ class Session:
         self, request_id: str, messages: Iterable[Message], keep_generated: bool = True
     ) -> bool:
         """Stops a request's generation and continues the same request with `messages`
-        appended (and, with `keep_generated`, the text so far as assistant context). `False`
-        when the request is not open any more: nothing is sent."""
+        appended (and, with `keep_generated`, the text and tool calls so far as the assistant's
+        turn). `False` when the request is not open any more: nothing is sent."""
         if request_id not in self._open:
             return False
         interrupt = pb.Interrupt(

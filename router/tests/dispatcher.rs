@@ -20,7 +20,7 @@ use switchyard_proto::v1::{
 use switchyard_router::RouterConfig;
 use switchyard_worker::WorkerConfig;
 use switchyard_worker::fault::{
-    Fault, FaultEngine, FaultEvent, Plan, Script, fault_ids, fault_text,
+    FAULT_TOOL, Fault, FaultEngine, FaultEvent, Plan, Script, fault_call, fault_ids, fault_text,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -276,7 +276,8 @@ impl Start {
                     .map(|m| ChatMessage {
                         role: m.role,
                         content: m.content,
-                        ..Default::default()
+                        tool_calls: m.tool_calls,
+                        tool_call_id: m.tool_call_id,
                     })
                     .collect(),
                 resume_tokens,
@@ -839,6 +840,66 @@ async fn an_interrupt_continues_with_the_new_messages() {
     let resumed = second.resume_tokens.len();
     let after = fault_text("second", resumed, second.max_tokens as usize - resumed);
     assert_eq!(end.text, format!("{before}{after}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_keeping_the_generation_keeps_its_tool_calls() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster.script.set(
+        "look it up",
+        [Plan::fault(Fault::CallThenHold(2)), Plan::default()],
+    );
+    let mut session = cluster.session().await;
+    let mut asked = request("c", "look it up", 20, RequestClass::Auto);
+    asked.tools = vec![v1::Tool {
+        name: FAULT_TOOL.into(),
+        ..Default::default()
+    }];
+    session.start(asked);
+    // Two tokens of text, then the one that spelt the call.
+    session.tokens("c", 3).await;
+    let call = fault_call(2);
+    let result = ChatMessage {
+        role: "tool".into(),
+        content: "found".into(),
+        tool_call_id: call.id.clone(),
+        ..Default::default()
+    };
+    session.send(client_frame::Frame::Interrupt(v1::Interrupt {
+        request_id: "c".into(),
+        messages: vec![result.clone()],
+        keep_generated: true,
+    }));
+    let end = session.end("c").await;
+    assert!(end.finished.is_some(), "{end:?}");
+
+    let engine = cluster.engine(0);
+    let starts: Vec<Start> = within(
+        "the continuation starts",
+        engine.wait_until(|events| events.iter().cloned().filter_map(Start::of).count() == 2),
+    )
+    .await
+    .into_iter()
+    .filter_map(Start::of)
+    .collect();
+    assert_eq!(
+        starts[1].messages,
+        vec![
+            ChatMessage {
+                role: "user".into(),
+                content: "look it up".into(),
+                ..Default::default()
+            },
+            ChatMessage {
+                role: "assistant".into(),
+                content: fault_text("look it up", 0, 2),
+                tool_calls: vec![call],
+                ..Default::default()
+            },
+            result,
+        ],
+        "the call the client saw is in the conversation its result answers"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use switchyard_proto::v1;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +41,9 @@ pub enum Fault {
     StallAfter(usize, Duration),
     /// After this many tokens, nothing until [`FaultEngine::release`], then the rest.
     HoldAfter(usize),
+    /// After this many tokens, one whole call of [`FAULT_TOOL`] ([`fault_call`] of the
+    /// token's index), spelt by the next token, then as [`Fault::HoldAfter`].
+    CallThenHold(usize),
     /// A cancel is recorded but never confirmed: the tokens keep coming to `max_tokens`, and
     /// no `Done` ever follows.
     IgnoreCancel,
@@ -126,6 +130,18 @@ pub fn fault_token(instructions: &str, index: usize) -> (u32, String) {
     });
     let id = seed.wrapping_add(index as u32).wrapping_mul(2_654_435_761) % 49_152;
     (id, format!(" t{index}"))
+}
+
+/// The tool a [`Fault::CallThenHold`] generation calls.
+pub const FAULT_TOOL: &str = "lookup";
+
+/// The call a [`Fault::CallThenHold`] generation makes in place of token `index`.
+pub fn fault_call(index: usize) -> v1::ToolCall {
+    v1::ToolCall {
+        id: format!("call_{index}"),
+        name: FAULT_TOOL.into(),
+        arguments: format!(r#"{{"at":{index}}}"#),
+    }
 }
 
 /// Text of tokens `start..start + count` for `instructions`.
@@ -372,6 +388,18 @@ impl Generation {
                         return std::future::pending().await;
                     }
                     Fault::StallAfter(n, stall) if sent == n => Some(tokio::time::sleep(stall)),
+                    Fault::CallThenHold(n) if sent == n => {
+                        // The call takes token `index`'s place.
+                        if !self.call(index, &tx).await {
+                            return;
+                        }
+                        sent += 1;
+                        tokio::select! {
+                            _ = self.released.wait_for(|r| *r) => {}
+                            _ = cancel.cancelled(), if !ignores_cancel => break 'generate StopReason::Cancelled,
+                        }
+                        continue;
+                    }
                     Fault::HoldAfter(n) if sent == n => {
                         tokio::select! {
                             _ = self.released.wait_for(|r| *r) => {}
@@ -445,6 +473,27 @@ impl Generation {
                 },
             );
         }
+    }
+}
+
+impl Generation {
+    /// Sends [`fault_call`] as an engine that generates calls as tokens does: the call, and
+    /// the token that spelt it (no text). `false`: the worker stopped listening.
+    async fn call(&self, index: usize, tx: &Sender) -> bool {
+        let call = fault_call(index);
+        let piece = v1::ToolCallDelta {
+            index: 0,
+            id: call.id,
+            name: call.name,
+            arguments: call.arguments,
+        };
+        let (id, _) = fault_token(&self.instructions, index);
+        let token = EngineEvent::Token {
+            id,
+            text: String::new(),
+            logprobs: None,
+        };
+        tx.send(Ok(EngineEvent::ToolCall(piece))).await.is_ok() && tx.send(Ok(token)).await.is_ok()
     }
 }
 

@@ -529,7 +529,7 @@ impl Dispatcher {
                     }
                     // Not started yet: the new instructions simply become its prompt.
                     Some(Control::Interrupt(interrupt)) => {
-                        run::apply_interrupt(request, String::new(), *interrupt);
+                        run::apply_interrupt(request, run::Generated::default(), *interrupt);
                         *prompt_ids = self.links.tokenizers().tokenize_off_runtime(request).await.unwrap_or_default();
                     }
                     None => controls_open = false,

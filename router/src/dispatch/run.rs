@@ -57,6 +57,8 @@ pub(super) struct Run<'d> {
     /// Token ids and text of the current segment already sent to the client.
     pub(super) segment_ids: Vec<u32>,
     pub(super) segment_text: String,
+    /// The calls of tools the current segment sent to the client, put together.
+    pub(super) segment_calls: Vec<v1::ToolCall>,
     /// Tokens sent to the client across all segments.
     pub(super) delivered: u32,
     pub(super) prompt_tokens: u32,
@@ -322,6 +324,7 @@ impl<'d> Run<'d> {
             seq: 0,
             segment_ids: Vec::with_capacity(reply_tokens),
             segment_text: String::with_capacity(reply_tokens * BYTES_PER_TOKEN),
+            segment_calls: Vec::new(),
             delivered: 0,
             prompt_tokens: 0,
             cached_prompt_tokens: 0,
@@ -983,6 +986,7 @@ impl<'d> Run<'d> {
             .tokens(self.pool, tokens.token_ids.len() as u32);
         self.segment_ids.extend_from_slice(&tokens.token_ids);
         self.segment_text.push_str(&tokens.text);
+        switchyard_proto::assemble_tool_calls(&mut self.segment_calls, &tokens.tool_calls);
         let frame = Frame::Tokens(v1::Tokens {
             request_id: self.request.request_id.clone(),
             seq: self.seq,
@@ -995,10 +999,13 @@ impl<'d> Run<'d> {
         send(out, frame).await
     }
 
-    /// Rewrites the conversation for an interrupt: the generated text (if kept) becomes an
-    /// assistant turn, then the new messages follow; the next segment starts fresh.
+    /// Rewrites the conversation for an interrupt: the generated text and calls (if kept)
+    /// become an assistant turn, then the new messages follow; the next segment starts fresh.
     async fn redirect(&mut self, interrupt: v1::Interrupt) {
-        let generated = std::mem::take(&mut self.segment_text);
+        let generated = Generated {
+            text: std::mem::take(&mut self.segment_text),
+            calls: std::mem::take(&mut self.segment_calls),
+        };
         let keep_generated = interrupt.keep_generated;
         apply_interrupt(&mut self.request, generated, interrupt);
         self.prompt_ids = self
@@ -1016,11 +1023,19 @@ impl<'d> Run<'d> {
     }
 }
 
-/// Rewrites `request`'s conversation for an interrupt: `generated` (if kept) becomes an
-/// assistant turn, then the new messages follow.
+/// What a segment sent the client before an interrupt.
+#[derive(Default)]
+pub(super) struct Generated {
+    pub text: String,
+    pub calls: Vec<v1::ToolCall>,
+}
+
+/// Rewrites `request`'s conversation for an interrupt: what was `generated` (if kept) becomes
+/// an assistant turn, then the new messages follow. Of the calls, those whose arguments were
+/// written whole are kept: a call cut off mid-arguments was never made.
 pub(super) fn apply_interrupt(
     request: &mut v1::GenerateRequest,
-    generated: String,
+    generated: Generated,
     interrupt: v1::Interrupt,
 ) {
     if request.messages.is_empty() {
@@ -1031,10 +1046,18 @@ pub(super) fn apply_interrupt(
             ..Default::default()
         });
     }
-    if interrupt.keep_generated && !generated.is_empty() {
+    let calls: Vec<v1::ToolCall> = generated
+        .calls
+        .into_iter()
+        .filter(|call| {
+            serde_json::from_str::<serde_json::Value>(&call.arguments).is_ok_and(|a| a.is_object())
+        })
+        .collect();
+    if interrupt.keep_generated && !(generated.text.is_empty() && calls.is_empty()) {
         request.messages.push(v1::ChatMessage {
             role: "assistant".into(),
-            content: generated,
+            content: generated.text,
+            tool_calls: calls,
             ..Default::default()
         });
     }
@@ -1050,6 +1073,50 @@ pub(super) async fn send(out: &FrameSink, frame: Frame) -> Result<(), DispatchEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_generation_keeps_its_whole_calls_only() {
+        let call = |id: &str, arguments: &str| v1::ToolCall {
+            id: id.into(),
+            name: "f".into(),
+            arguments: arguments.into(),
+        };
+        let mut request = v1::GenerateRequest {
+            prompt: "ask".into(),
+            ..Default::default()
+        };
+        let generated = Generated {
+            text: String::new(),
+            calls: vec![call("whole", r#"{"a":1}"#), call("cut", r#"{"a":"#)],
+        };
+        let interrupt = v1::Interrupt {
+            keep_generated: true,
+            ..Default::default()
+        };
+        apply_interrupt(&mut request, generated, interrupt);
+        let roles: Vec<&str> = request.messages.iter().map(|m| m.role.as_str()).collect();
+        assert_eq!(roles, ["user", "assistant"]);
+        assert_eq!(
+            request.messages[1].tool_calls,
+            [call("whole", r#"{"a":1}"#)]
+        );
+
+        // Nothing whole generated: no empty assistant turn.
+        let mut request = v1::GenerateRequest {
+            prompt: "ask".into(),
+            ..Default::default()
+        };
+        let generated = Generated {
+            text: String::new(),
+            calls: vec![call("cut", "{")],
+        };
+        let interrupt = v1::Interrupt {
+            keep_generated: true,
+            ..Default::default()
+        };
+        apply_interrupt(&mut request, generated, interrupt);
+        assert_eq!(request.messages.len(), 1, "{:?}", request.messages);
+    }
 
     #[test]
     fn a_finish_ends_the_segment_as_what_the_run_asked_for() {
