@@ -83,6 +83,26 @@ async fn up_with_no_etcd_at_the_given_address_says_what_to_do() -> anyhow::Resul
     Ok(())
 }
 
+/// A worker asked to serve more sequences at once than any worker may (once a panic on an
+/// overflow, or slots the routers would pile every request into) refuses to start, naming
+/// the flag and its range, with clap's usage status 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_an_impossible_slot_count_refuses_to_start() -> anyhow::Result<()> {
+    for (component, slots) in [("worker-gpu", "4294967295"), ("worker-wse", "0")] {
+        let args: Vec<String> = [component, "--engine", "synthetic", "--max-concurrent", slots]
+            .map(String::from)
+            .into();
+        let (code, out, err) = run(&args).await?;
+        assert_eq!(code, Some(2), "{component}: {out}\n{err}");
+        assert!(
+            err.contains("--max-concurrent") && err.contains("1..=65536"),
+            "{component}: the message names no flag or range:\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{component}: {err}");
+    }
+    Ok(())
+}
+
 /// `switchyard chat` with no router at its address says where it looked and how to start
 /// one, with status 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,7 +63,7 @@ pub struct GpuEngineArgs {
     )]
     pub models: Vec<String>,
     /// Sequences generated at once.
-    #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT", default_value_t = 16)]
+    #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=switchyard_worker::MAX_SLOTS))]
     pub max_concurrent: u32,
     /// Synthetic engine: time to first token.
     #[arg(long, env = "SWITCHYARD_SYNTHETIC_TTFT", value_parser = humantime::parse_duration, default_value = "150ms")]
@@ -197,7 +197,7 @@ pub fn synthetic_config(args: &GpuEngineArgs) -> SyntheticConfig {
         ttft: args.synthetic_ttft,
         tokens_per_s: args.synthetic_tokens_per_s,
         max_concurrent: args.max_concurrent,
-        max_queue: args.max_concurrent * 4,
+        max_queue: args.max_concurrent.saturating_mul(4),
         prefill_tokens_per_s: switchyard_worker::synthetic::DEFAULT_PREFILL_TOKENS_PER_S,
     }
 }

@@ -99,7 +99,7 @@ pub struct WseEngineArgs {
     )]
     pub models: Vec<String>,
     /// Concurrency slots of the wafer (sequences served at once); more are refused.
-    #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT", default_value_t = 8)]
+    #[arg(long, env = "SWITCHYARD_MAX_CONCURRENT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=switchyard_worker::MAX_SLOTS))]
     pub max_concurrent: u32,
     /// Synthetic engine: time to first token.
     #[arg(long, env = "SWITCHYARD_SYNTHETIC_TTFT", value_parser = humantime::parse_duration, default_value = "20ms")]

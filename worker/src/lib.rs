@@ -27,3 +27,8 @@ pub use kv_events::{KvBatch, KvPublisher};
 pub use load::RateMeter;
 pub use server::{HostedBy, WorkerConfig, run_hosted_worker, run_member_worker, run_worker};
 pub use synthetic::{SyntheticConfig, SyntheticEngine};
+
+/// Most sequences a worker may serve at once (`--max-concurrent`): a worker advertises its
+/// slots to the routers, which place up to that many requests on it, so a mistyped huge value
+/// would have them pile every request onto one worker.
+pub const MAX_SLOTS: i64 = 65_536;
