@@ -251,6 +251,15 @@ pub struct RouterArgs {
     /// OpenAI-compatible HTTP listen address (port 0 picks a free port).
     #[arg(long, env = "SWITCHYARD_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     pub http_listen: SocketAddr,
+    /// An origin whose browser pages may call the HTTP API (CORS), e.g.
+    /// `https://chat.example.com`; repeat it for more, or `*` for every origin. Unset: none
+    /// (browsers keep other origins' pages out).
+    #[arg(
+        long = "http-cors-origin",
+        env = "SWITCHYARD_HTTP_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub http_cors_origins: Vec<String>,
     /// Lane of requests that say REQUEST_CLASS_AUTO.
     #[arg(long, env = "SWITCHYARD_DEFAULT_LANE", value_parser = parse_lane, default_value = "cost-sensitive")]
     pub default_lane: switchyard_proto::v1::Lane,
@@ -658,8 +667,11 @@ async fn start_router(args: &RouterArgs) -> anyhow::Result<RouterStart> {
     let cluster_token = args.cluster.cluster_token()?;
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
+    let http_cors = switchyard_router::openai::CorsOrigins::parse(&args.http_cors_origins)
+        .map_err(|why| anyhow::anyhow!("--http-cors-origin: {why}"))?;
     let config = RouterConfig {
         cluster_token,
+        http_cors,
         ..args.config()
     };
     config.connections.validate().map_err(anyhow::Error::msg)?;

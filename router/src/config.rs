@@ -60,6 +60,8 @@ pub struct RouterConfig {
     /// How long a connection to either listener may take to send its first request, and
     /// stay silent afterwards (see [`switchyard_cluster::listen`]).
     pub connections: ConnectionTimeouts,
+    /// Which origins' browser pages may call the HTTP doors (CORS); off by default.
+    pub http_cors: crate::openai::CorsOrigins,
     /// On shutdown, longest the router waits for its requests in flight to finish before it
     /// closes its worker links.
     pub drain_timeout: Duration,
@@ -98,6 +100,7 @@ impl Default for RouterConfig {
             stream_credit_tokens: 256,
             metrics: Metrics::new(),
             connections: ConnectionTimeouts::default(),
+            http_cors: crate::openai::CorsOrigins::Off,
             drain_timeout: Duration::from_secs(30),
             hosted_workers: Vec::new(),
         }

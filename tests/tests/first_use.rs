@@ -89,9 +89,15 @@ async fn up_with_no_etcd_at_the_given_address_says_what_to_do() -> anyhow::Resul
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_with_an_impossible_slot_count_refuses_to_start() -> anyhow::Result<()> {
     for (component, slots) in [("worker-gpu", "4294967295"), ("worker-wse", "0")] {
-        let args: Vec<String> = [component, "--engine", "synthetic", "--max-concurrent", slots]
-            .map(String::from)
-            .into();
+        let args: Vec<String> = [
+            component,
+            "--engine",
+            "synthetic",
+            "--max-concurrent",
+            slots,
+        ]
+        .map(String::from)
+        .into();
         let (code, out, err) = run(&args).await?;
         assert_eq!(code, Some(2), "{component}: {out}\n{err}");
         assert!(

@@ -755,3 +755,92 @@ async fn router_wse_hosts_its_gateway_worker_in_process() -> anyhow::Result<()> 
     );
     Ok(())
 }
+
+/// A page on an origin the operator allowed (`--http-cors-origin`) calls the router's HTTP API
+/// from a real browser, reading the answer and its placement headers; the same page under
+/// another origin is kept out by the browser.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_browser_page_on_an_allowed_origin_calls_the_http_api() -> anyhow::Result<()> {
+    let page_port = switchyard_tests::free_port();
+    let allowed = format!("http://127.0.0.1:{page_port}");
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: strings(&["--http-cors-origin", &allowed]),
+        ..Default::default()
+    })
+    .await?;
+    // The page's origin: a plain static server, nothing of Switchyard's.
+    let site = tempfile::tempdir()?;
+    std::fs::write(
+        site.path().join("index.html"),
+        "<!doctype html><title>chat page</title>",
+    )?;
+    let _server = tokio::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &page_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .current_dir(site.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("python3 -m http.server")?;
+    let page = format!("{allowed}/");
+    wait_until(Duration::from_secs(30), "the page server", || async {
+        http().get(&page).send().await.is_ok()
+    })
+    .await?;
+
+    // What a browser chat client does: a JSON POST with its SDK's own headers (which make the
+    // browser ask first, a preflight), then reads the answer and a placement header.
+    let call = r#"
+        return fetch(arguments[0], {
+            method: 'POST',
+            headers: {'content-type': 'application/json', 'x-stainless-lang': 'js'},
+            body: JSON.stringify({model: 'synthetic', max_tokens: 3,
+                                  messages: [{role: 'user', content: 'alpha beta'}]}),
+        })
+        .then(async r => ({status: r.status, worker: r.headers.get('x-switchyard-worker'),
+                           body: await r.json()}))
+        .catch(e => ({error: String(e)}));
+    "#;
+    let title = "return document.title";
+    let url = json!(format!("{}/chat/completions", cluster.router_openai_url()));
+    let browser = switchyard_tests::browser::Browser::start().await?;
+    browser.goto(&page).await?;
+    assert_eq!(browser.execute(title, vec![]).await?, "chat page");
+    let answer = browser.execute(call, vec![url.clone()]).await?;
+    assert_eq!(answer["status"], 200, "{answer}");
+    assert_eq!(
+        answer["body"]["choices"][0]["message"]["content"], "alpha beta alpha",
+        "{answer}"
+    );
+    assert!(
+        answer["worker"].as_str().is_some_and(|w| !w.is_empty()),
+        "the page reads the placement headers: {answer}"
+    );
+
+    // The same server under another name is another origin, not allowed.
+    browser
+        .goto(&format!("http://localhost:{page_port}/"))
+        .await?;
+    assert_eq!(
+        browser.execute(title, vec![]).await?,
+        "chat page",
+        "the page loaded under its other name"
+    );
+    let refused = browser.execute(call, vec![url]).await?;
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Failed to fetch")),
+        "{refused}"
+    );
+    browser.close().await?;
+    Ok(())
+}

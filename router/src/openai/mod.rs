@@ -12,6 +12,7 @@
 
 pub(crate) mod blocks;
 pub(crate) mod choices;
+mod cors;
 mod error;
 pub(crate) mod fields;
 #[cfg(test)]
@@ -40,6 +41,7 @@ use crate::auth::{AUTHORIZATION, ApiKeys, AuthError};
 use crate::dispatch::Dispatcher;
 use crate::metrics::RouterMetrics;
 
+pub use cors::CorsOrigins;
 pub use error::ApiError;
 
 /// One model: the rest of the path, slashes included, as Hugging Face-style ids have them
@@ -75,16 +77,24 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
     };
     let counter = dispatcher.metrics.clone();
     let metrics = dispatcher.config.metrics.router();
-    api.route("/health", get(handlers::health))
+    let cors = dispatcher.config.http_cors.layer();
+    let app = api
+        .route("/health", get(handlers::health))
         .layer(DefaultBodyLimit::max(handlers::MAX_BODY_BYTES))
         .with_state(dispatcher)
         // Prometheus scrapes without an API key, like `/health`.
         .merge(metrics)
         // After the merge, so that `/metrics` answers a wrong method in OpenAI's shape too.
         .fallback(handlers::unknown_route)
-        .method_not_allowed_fallback(handlers::wrong_method)
-        // Outermost: every answer is counted, refusals before a handler included.
-        .layer(middleware::from_fn_with_state(counter, count_answer))
+        .method_not_allowed_fallback(handlers::wrong_method);
+    // Around every route and refusal: a preflight is answered before authentication and
+    // the method check, and a refusal a page gets is one it can read.
+    let app = match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    // Outermost: every answer is counted, refusals before a handler included.
+    app.layer(middleware::from_fn_with_state(counter, count_answer))
 }
 
 /// Counts the answer to every HTTP request by API and status.
@@ -278,6 +288,75 @@ mod tests {
             answer.extend_from_slice(&buf[..n]);
         }
         String::from_utf8_lossy(&answer).to_lowercase()
+    }
+
+    /// An allowed origin's preflight is answered before the API-key check (browsers send no
+    /// credentials on it) and names what the page may send; another origin's is told nothing,
+    /// so its browser keeps it out. The answer itself carries the origin and the headers the
+    /// page may read.
+    #[tokio::test]
+    async fn an_allowed_origin_is_answered_before_authentication() {
+        let origins = CorsOrigins::parse(&["https://chat.example".to_string()]).expect("an origin");
+        let app = guarded(&RouterMetrics::unregistered()).layer(origins.layer().expect("on"));
+        let preflight = |origin: &str| {
+            axum::http::Request::builder()
+                .method("OPTIONS")
+                .uri("/v1/chat/completions")
+                .header("origin", origin)
+                .header("access-control-request-method", "POST")
+                .header(
+                    "access-control-request-headers",
+                    "authorization,x-stainless-lang",
+                )
+                .body(Body::empty())
+                .unwrap()
+        };
+        let allowed = app
+            .clone()
+            .oneshot(preflight("https://chat.example"))
+            .await
+            .unwrap();
+        assert_eq!(allowed.status(), StatusCode::OK);
+        let header = |response: &Response, name: &str| {
+            response
+                .headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_string())
+        };
+        assert_eq!(
+            header(&allowed, "access-control-allow-origin").as_deref(),
+            Some("https://chat.example")
+        );
+        assert_eq!(
+            header(&allowed, "access-control-allow-headers").as_deref(),
+            Some("authorization,x-stainless-lang")
+        );
+        let other = app
+            .clone()
+            .oneshot(preflight("https://evil.example"))
+            .await
+            .unwrap();
+        assert_eq!(header(&other, "access-control-allow-origin"), None);
+
+        let call = axum::http::Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions")
+            .header("origin", "https://chat.example")
+            .header("authorization", "Bearer sk-acme-1")
+            .body(Body::empty())
+            .unwrap();
+        let answered = app.oneshot(call).await.unwrap();
+        assert_eq!(answered.status(), StatusCode::OK);
+        assert_eq!(
+            header(&answered, "access-control-allow-origin").as_deref(),
+            Some("https://chat.example")
+        );
+        assert!(
+            header(&answered, "access-control-expose-headers")
+                .is_some_and(|h| h.contains("x-switchyard-worker") && h.contains("retry-after")),
+            "{:?}",
+            answered.headers()
+        );
     }
 
     /// Found from outside: a body announced over the limit with `expect: 100-continue` was told
