@@ -269,6 +269,7 @@ def generate_request(
     model: str,
     messages: Optional[Iterable[Message]] = None,
     prompt: str = "",
+    prompt_token_ids: Sequence[int] = (),
     max_tokens: int = 0,
     request_class: str = "auto",
     request_id: str = "",
@@ -281,7 +282,8 @@ def generate_request(
     single_call: bool = False,
     **sampling,
 ):
-    """A `GenerateRequest`. `max_tokens` 0 (the default) takes the router's default bound.
+    """A `GenerateRequest`: `messages`, a text `prompt` or `prompt_token_ids` (ids of the
+    model's tokenizer). `max_tokens` 0 (the default) takes the router's default bound.
     `sampling` takes `SamplingParams`' other fields by name
     (temperature, top_p, top_k, min_p, seed, presence_penalty, ..., logit_bias, logprobs).
     `tools` and `tool_choice` ("auto", "none", "required" or a tool's name) offer functions
@@ -300,6 +302,7 @@ def generate_request(
         model=model,
         messages=chat_messages(messages or ()),
         prompt=prompt,
+        prompt_token_ids=list(prompt_token_ids),
         sampling=pb.SamplingParams(max_tokens=max_tokens, stop=list(stop), **sampling),
         **{"class": _CLASSES[request_class]},
         ttft_slo_ms=ttft_slo_ms,

@@ -61,6 +61,9 @@ impl FieldViolation {
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
+/// Most ids a prompt given as token ids may have (`GenerateRequest.prompt_token_ids`).
+pub const MAX_PROMPT_TOKEN_IDS: usize = 131_072;
+
 /// Most tools one request may offer (OpenAI's own limit).
 pub const MAX_TOOLS: usize = 128;
 
@@ -91,20 +94,39 @@ pub fn validate_generate_request(
             ),
         ));
     }
-    match (request.messages.is_empty(), request.prompt.is_empty()) {
-        (true, true) => {
+    let given = [
+        ("messages", !request.messages.is_empty()),
+        ("prompt", !request.prompt.is_empty()),
+        ("prompt_token_ids", !request.prompt_token_ids.is_empty()),
+    ];
+    match given
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(field, _)| *field)
+        .nth(1)
+    {
+        _ if given.iter().all(|(_, set)| !set) => {
             return Err(FieldViolation::new(
                 "messages",
-                "give either messages or prompt",
+                "give messages, a prompt or prompt_token_ids",
             ));
         }
-        (false, false) => {
+        Some(second) => {
             return Err(FieldViolation::new(
-                "prompt",
-                "give either messages or prompt, not both",
+                second,
+                "give one of messages, prompt and prompt_token_ids, not several",
             ));
         }
-        _ => {}
+        None => {}
+    }
+    if request.prompt_token_ids.len() > MAX_PROMPT_TOKEN_IDS {
+        return Err(FieldViolation::new(
+            "prompt_token_ids",
+            format!(
+                "has {} ids, the limit is {MAX_PROMPT_TOKEN_IDS}",
+                request.prompt_token_ids.len()
+            ),
+        ));
     }
     if request.prompt.len() > limits.max_message_bytes {
         return Err(FieldViolation::new(
@@ -674,6 +696,47 @@ mod tests {
         validate_generate_request(&request, &RequestLimits::default())
             .unwrap_err()
             .field
+    }
+
+    #[test]
+    fn a_prompt_is_messages_text_or_token_ids_and_only_one() {
+        let ids = GenerateRequest {
+            messages: Vec::new(),
+            prompt_token_ids: vec![1, 2, 3],
+            ..valid()
+        };
+        assert_eq!(
+            validate_generate_request(&ids, &RequestLimits::default()),
+            Ok(())
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                prompt: "text".into(),
+                ..ids.clone()
+            }),
+            "prompt_token_ids"
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                prompt_token_ids: vec![1],
+                ..valid()
+            }),
+            "prompt_token_ids"
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                prompt_token_ids: vec![0; MAX_PROMPT_TOKEN_IDS + 1],
+                ..ids.clone()
+            }),
+            "prompt_token_ids"
+        );
+        assert_eq!(
+            field_of(GenerateRequest {
+                prompt_token_ids: Vec::new(),
+                ..ids
+            }),
+            "messages"
+        );
     }
 
     #[test]

@@ -536,18 +536,30 @@ async fn generation(
     prompt: &str,
     sampling: v1::SamplingParams,
 ) -> anyhow::Result<Result<Vec<v1::Tokens>, v1::Failed>> {
+    let request = v1::GenerateRequest {
+        prompt: prompt.into(),
+        ..Default::default()
+    };
+    grpc_generation(cluster, request, sampling).await
+}
+
+/// [`generation`] of `request`'s prompt (text or token ids) on the model.
+async fn grpc_generation(
+    cluster: &Cluster,
+    request: v1::GenerateRequest,
+    sampling: v1::SamplingParams,
+) -> anyhow::Result<Result<Vec<v1::Tokens>, v1::Failed>> {
     let mut grpc =
         v1::inference_client::InferenceClient::connect(format!("http://{}", cluster.router_addr()))
             .await?;
     let mut stream = grpc
         .generate(v1::GenerateRequest {
             model: MODEL.into(),
-            prompt: prompt.into(),
             sampling: Some(v1::SamplingParams {
                 temperature: Some(0.0),
                 ..sampling
             }),
-            ..Default::default()
+            ..request
         })
         .await?
         .into_inner();
@@ -560,6 +572,74 @@ async fn generation(
         }
     }
     Ok(Ok(frames))
+}
+
+/// A prompt given as token ids (OpenAI's token-array `prompt`, gRPC's `prompt_token_ids`) is
+/// generated from as given: the ids of a text prompt, as the model's own tokenizer writes it,
+/// answer as the text does (greedy), alone, in a batch and over gRPC; an id outside the
+/// vocabulary is refused naming it.
+#[tokio::test]
+async fn a_prompt_of_token_ids_answers_as_its_text_does() -> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    router_has_the_tokenizer(&cluster).await?;
+    let prompt = "The capital of France is";
+    let path = switchyard_tests::real_model_path()?;
+    let file = switchyard_worker_gpu::gguf::GgufFile::open(std::path::Path::new(&path))?;
+    let tokenizer = switchyard_worker_gpu::tokenizer::GgufTokenizer::from_gguf(&file.content)?;
+    let ids = tokenizer.encode(prompt)?;
+    let vocab = tokenizer.vocab_size();
+
+    let http = reqwest::Client::new();
+    let complete = |prompt: Value| {
+        let request = http
+            .post(format!("{}/completions", cluster.router_openai_url()))
+            .json(&json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0}));
+        async move {
+            let response = request.send().await?;
+            Ok::<_, anyhow::Error>((response.status().as_u16(), response.json::<Value>().await?))
+        }
+    };
+    let (status, as_text) = complete(json!(prompt)).await?;
+    assert_eq!(status, 200, "{as_text}");
+    let text = as_text["choices"][0]["text"].clone();
+    assert!(text.as_str().is_some_and(|t| !t.is_empty()), "{as_text}");
+    let (status, as_ids) = complete(json!(ids)).await?;
+    assert_eq!(status, 200, "{as_ids}");
+    assert_eq!(as_ids["choices"][0]["text"], text, "{as_ids}");
+    assert_eq!(as_ids["usage"]["prompt_tokens"], ids.len(), "{as_ids}");
+
+    let (status, batch) = complete(json!([ids, prompt])).await?;
+    assert_eq!(status, 200, "{batch}");
+    for choice in 0..2 {
+        assert_eq!(batch["choices"][choice]["text"], text, "{batch}");
+    }
+
+    let frames = grpc_generation(
+        &cluster,
+        v1::GenerateRequest {
+            prompt_token_ids: ids.clone(),
+            ..Default::default()
+        },
+        v1::SamplingParams {
+            max_tokens: 8,
+            ..Default::default()
+        },
+    )
+    .await?
+    .map_err(|f| anyhow::anyhow!("request failed: {f:?}"))?;
+    let grpc_text: String = frames.iter().map(|t| t.text.as_str()).collect();
+    assert_eq!(Some(grpc_text.as_str()), text.as_str());
+
+    let mut outside = ids.clone();
+    outside.push(vocab as u32);
+    let (status, refused) = complete(json!(outside)).await?;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(
+        refused["error"]["param"],
+        format!("prompt[{}]", ids.len()),
+        "{refused}"
+    );
+    Ok(())
 }
 
 /// How often the most repeated id occurs.

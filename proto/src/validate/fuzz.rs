@@ -66,6 +66,7 @@ fn is_request_field(
             | "model"
             | "class"
             | "prompt"
+            | "prompt_token_ids"
             | "sampling.max_tokens"
             | "sampling.temperature"
             | "sampling.top_p"
@@ -111,7 +112,16 @@ fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
             k.len() <= limits.max_metadata_key_bytes && v.len() <= limits.max_metadata_value_bytes
         })
         && !r.model.trim().is_empty()
-        && (r.messages.is_empty() != r.prompt.is_empty())
+        && [
+            !r.messages.is_empty(),
+            !r.prompt.is_empty(),
+            !r.prompt_token_ids.is_empty(),
+        ]
+        .iter()
+        .filter(|given| **given)
+        .count()
+            == 1
+        && r.prompt_token_ids.len() <= super::MAX_PROMPT_TOKEN_IDS
         && r.prompt.len() <= limits.max_message_bytes
         && r.messages.len() <= limits.max_messages
         && r.messages.iter().all(|m| {

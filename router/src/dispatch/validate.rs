@@ -10,7 +10,7 @@ use switchyard_proto::{DEFAULT_MAX_TOKENS, validate_generate_request};
 
 use super::Dispatcher;
 use crate::error::DispatchError;
-use crate::tokenizers::tokenizes_long;
+use crate::tokenizers::{Tokenizers, tokenizes_long};
 
 /// Who set a request's `sampling.max_tokens`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +47,10 @@ impl Dispatcher {
     ) -> Result<Vec<u32>, DispatchError> {
         validate_generate_request(request, &self.config.limits).map_err(DispatchError::from)?;
         let tokenizers = self.links.tokenizers();
-        let ids = tokenized.unwrap_or_else(|| tokenizers.tokenize(request).unwrap_or_default());
+        let ids = match prompt_of_token_ids(request, tokenizers)? {
+            Some(ids) => ids,
+            None => tokenized.unwrap_or_else(|| tokenizers.tokenize(request).unwrap_or_default()),
+        };
         if let Some(context_length) = tokenizers.context_length(&request.model)
             && !ids.is_empty()
         {
@@ -79,6 +82,43 @@ impl Dispatcher {
                 .unwrap_or_default(),
         )
     }
+}
+
+/// A prompt given as token ids, checked against the model's vocabulary: the ids, and the
+/// request's `prompt` set to their text for engines that work on text (the ids go to the
+/// worker as given). `None`: the prompt is text or messages.
+fn prompt_of_token_ids(
+    request: &mut v1::GenerateRequest,
+    tokenizers: &Tokenizers,
+) -> Result<Option<Vec<u32>>, DispatchError> {
+    if request.prompt_token_ids.is_empty() {
+        return Ok(None);
+    }
+    let Some(tokenizer) = tokenizers.get(&request.model) else {
+        return Err(DispatchError::invalid(
+            "prompt_token_ids",
+            format!(
+                "the router has no tokenizer for model {:?} to check them with (its workers \
+                 publish none, or not yet): send the prompt as text",
+                request.model
+            ),
+        ));
+    };
+    let vocab = tokenizer.vocab_size();
+    let outside = request
+        .prompt_token_ids
+        .iter()
+        .enumerate()
+        .find(|(_, id)| **id as usize >= vocab);
+    if let Some((index, id)) = outside {
+        return Err(DispatchError::invalid(
+            format!("prompt_token_ids[{index}]"),
+            format!("token id {id} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    let ids = std::mem::take(&mut request.prompt_token_ids);
+    request.prompt = tokenizer.decode(&ids);
+    Ok(Some(ids))
 }
 
 /// Whether every `logit_bias` id is a token of a `vocab`-token vocabulary (the smallest

@@ -81,12 +81,19 @@ impl ApiError {
     fn classified(code: Code, message: &str, field: Option<&str>) -> Self {
         // Speak OpenAI's field names: `sampling.max_tokens` is `max_tokens` to this client.
         let renamed;
-        let message = match message.strip_prefix("affinity_key") {
-            Some(rest) => {
+        let message = match (
+            message.strip_prefix("affinity_key"),
+            message.strip_prefix("prompt_token_ids"),
+        ) {
+            (Some(rest), _) => {
                 renamed = format!("user{rest}");
                 renamed.as_str()
             }
-            None => message.strip_prefix("sampling.").unwrap_or(message),
+            (_, Some(rest)) => {
+                renamed = format!("prompt{rest}");
+                renamed.as_str()
+            }
+            _ => message.strip_prefix("sampling.").unwrap_or(message),
         };
         let field = field.map(openai_field);
         let (status, kind, code_name) = match code {
@@ -239,6 +246,8 @@ fn openai_field(field: &str) -> String {
         "sampling.response_format.kind" => "response_format.type".to_string(),
         "sampling.response_format.schema_json" => "response_format.json_schema.schema".to_string(),
         "tool_choice.function" => "tool_choice.function.name".to_string(),
+        // A prompt of token ids is OpenAI's `prompt` too.
+        field if field.starts_with("prompt_token_ids") => field.replacen("_token_ids", "", 1),
         field if field.starts_with("tools[") || field.contains(".tool_calls[") => field
             .replace(".parameters_json", ".function.parameters")
             .replace(".description", ".function.description")
@@ -276,6 +285,28 @@ mod tests {
         ));
         assert_eq!(e.param.as_deref(), Some("user"));
         assert!(e.message.starts_with("user: is 300 bytes"), "{}", e.message);
+    }
+
+    #[test]
+    fn a_prompt_of_token_ids_is_the_prompt_to_an_openai_client() {
+        let e = ApiError::from(&DispatchError::invalid(
+            "prompt_token_ids[3]",
+            "token id 99999 is outside the vocabulary of 49152",
+        ));
+        assert_eq!(e.param.as_deref(), Some("prompt[3]"));
+        assert!(
+            e.message.starts_with("prompt[3]: token id"),
+            "{}",
+            e.message
+        );
+        let in_a_batch =
+            e.renaming_param(|p| Some(format!("prompt[1]{}", p.strip_prefix("prompt")?)));
+        assert_eq!(in_a_batch.param.as_deref(), Some("prompt[1][3]"));
+        assert!(
+            in_a_batch.message.starts_with("prompt[1][3]: "),
+            "{}",
+            in_a_batch.message
+        );
     }
 
     #[test]

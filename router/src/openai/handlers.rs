@@ -421,7 +421,8 @@ pub(crate) async fn place(
     // reproducible, yet not `n` copies of one answer.
     let parent = RemoteContext::from_headers(headers);
     let mut receivers = Vec::with_capacity(generations);
-    for mut prompt_request in requests {
+    let batch = requests.len() > 1;
+    for (prompt, mut prompt_request) in requests.into_iter().enumerate() {
         if let Some(class) = class {
             prompt_request.class = class as i32;
         }
@@ -441,11 +442,18 @@ pub(crate) async fn place(
                 .prepare(request, parent.clone())
                 .await
                 .map_err(|error| {
-                    let error = ApiError::from(&error);
-                    match choices.max_tokens_field {
-                        Some(field) => error.naming_max_tokens(field),
-                        None => error,
+                    let mut error = ApiError::from(&error);
+                    if let Some(field) = choices.max_tokens_field {
+                        error = error.naming_max_tokens(field);
                     }
+                    if batch {
+                        // Which prompt of the batch.
+                        error = error.renaming_param(|param| {
+                            let rest = param.strip_prefix("prompt")?;
+                            Some(format!("prompt[{prompt}]{rest}"))
+                        });
+                    }
+                    error
                 })?;
             // HTTP has no control frames: cancellation comes from the receiver being dropped
             // (client gone).

@@ -666,7 +666,7 @@ impl ChatCompletionRequest {
 }
 
 impl CompletionRequest {
-    /// One request for each prompt of the batch (one string is a batch of one), and the
+    /// One request for each prompt of the batch (one prompt is a batch of one), and the
     /// answer's form: `n` choices for each prompt, in the prompts' order.
     pub fn into_proto(self, cap: u32) -> Result<(Vec<v1::GenerateRequest>, StreamMode), ApiError> {
         let model = required_model(self.model)?;
@@ -689,56 +689,97 @@ impl CompletionRequest {
         let affinity_key = self.sampling.user.unwrap_or_default();
         let requests = prompts
             .into_iter()
-            .map(|prompt| v1::GenerateRequest {
-                model: model.clone(),
-                prompt,
-                sampling: Some(sampling.clone()),
-                affinity_key: affinity_key.clone(),
-                ..Default::default()
+            .map(|prompt| {
+                let mut request = v1::GenerateRequest {
+                    model: model.clone(),
+                    sampling: Some(sampling.clone()),
+                    affinity_key: affinity_key.clone(),
+                    ..Default::default()
+                };
+                prompt.put_in(&mut request);
+                request
             })
             .collect();
         Ok((requests, mode))
     }
 }
 
-/// A completions request's `prompt`: one string, or a batch of them.
-fn prompts(prompt: Option<Value>) -> Result<Vec<String>, ApiError> {
-    let batch = match prompt {
-        None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "is required")),
-        Some(Value::String(s)) if s.is_empty() => {
-            return Err(ApiError::invalid("prompt", "must not be empty"));
+/// One prompt of a completions request: text, or ids of the model's tokenizer.
+#[derive(Debug, Clone, PartialEq)]
+enum Prompt {
+    Text(String),
+    TokenIds(Vec<u32>),
+}
+
+impl Prompt {
+    /// Puts the prompt in `request`, which holds none.
+    fn put_in(self, request: &mut v1::GenerateRequest) {
+        match self {
+            Prompt::Text(text) => request.prompt = text,
+            Prompt::TokenIds(ids) => request.prompt_token_ids = ids,
         }
-        Some(Value::String(s)) => return Ok(vec![s]),
+    }
+}
+
+/// A completions request's `prompt`, in any of OpenAI's forms: a string, a list of token ids,
+/// or a batch of either.
+fn prompts(prompt: Option<Value>) -> Result<Vec<Prompt>, ApiError> {
+    let items = match prompt {
+        None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "is required")),
+        Some(Value::String(text)) => return text_prompt("prompt", text).map(|p| vec![p]),
         Some(Value::Array(items)) => items,
         Some(_) => {
             return Err(ApiError::invalid(
                 "prompt",
-                "must be a string or a list of strings",
+                "must be a string, a list of token ids, or a list of either",
             ));
         }
     };
-    if batch.is_empty() {
+    if items.is_empty() {
         return Err(ApiError::invalid("prompt", "must not be an empty list"));
     }
-    batch
+    if items.iter().all(Value::is_number) {
+        return token_ids("prompt", &items).map(|p| vec![p]);
+    }
+    items
         .into_iter()
         .enumerate()
-        .map(|(i, item)| match item {
-            Value::String(s) if !s.is_empty() => Ok(s),
-            Value::String(_) => Err(ApiError::invalid(
-                format!("prompt[{i}]"),
-                "must not be empty",
-            )),
-            Value::Number(_) | Value::Array(_) => Err(ApiError::invalid(
-                "prompt",
-                "token ids are not supported: send the prompt as text",
-            )),
-            _ => Err(ApiError::invalid(
-                format!("prompt[{i}]"),
-                "must be a string",
-            )),
+        .map(|(i, item)| {
+            let field = format!("prompt[{i}]");
+            match item {
+                Value::String(text) => text_prompt(&field, text),
+                Value::Array(ids) if !ids.is_empty() => token_ids(&field, &ids),
+                Value::Array(_) => Err(ApiError::invalid(field, "must not be empty")),
+                _ => Err(ApiError::invalid(
+                    field,
+                    "must be a string or a list of token ids",
+                )),
+            }
         })
         .collect()
+}
+
+fn text_prompt(field: &str, text: String) -> Result<Prompt, ApiError> {
+    if text.is_empty() {
+        return Err(ApiError::invalid(field, "must not be empty"));
+    }
+    Ok(Prompt::Text(text))
+}
+
+/// A prompt of token ids: each a whole number a `u32` holds (the vocabulary is checked where
+/// the model's tokenizer is known).
+fn token_ids(field: &str, ids: &[Value]) -> Result<Prompt, ApiError> {
+    ids.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            id.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| {
+                    ApiError::invalid(format!("{field}[{i}]"), format!("{id} is not a token id"))
+                })
+        })
+        .collect::<Result<_, _>>()
+        .map(Prompt::TokenIds)
 }
 
 /// OpenAI's `finish_reason` for a Switchyard one. A cancelled generation reports "stop"
@@ -1212,30 +1253,46 @@ mod tests {
         let parse = |body: &str| parse_body::<CompletionRequest>(body.as_bytes())?.into_proto(8);
         let prompts = |body: &str| {
             let (requests, mode) = parse(body).expect("valid");
-            let prompts: Vec<String> = requests.into_iter().map(|r| r.prompt).collect();
+            let prompts: Vec<(String, Vec<u32>)> = requests
+                .into_iter()
+                .map(|r| (r.prompt, r.prompt_token_ids))
+                .collect();
             (prompts, mode.choices, mode.per_prompt)
         };
+        let text = |t: &str| (t.to_string(), Vec::new());
+        let ids = |ids: &[u32]| (String::new(), ids.to_vec());
         assert_eq!(
             prompts(r#"{"model":"m","prompt":"once"}"#),
-            (vec!["once".to_string()], 1, 1)
+            (vec![text("once")], 1, 1)
         );
         assert_eq!(
             prompts(r#"{"model":"m","prompt":["once"]}"#),
-            (vec!["once".to_string()], 1, 1)
+            (vec![text("once")], 1, 1)
         );
         assert_eq!(
             prompts(r#"{"model":"m","prompt":["a","b","c"],"n":2}"#),
-            (vec!["a".into(), "b".into(), "c".into()], 6, 2),
+            (vec![text("a"), text("b"), text("c")], 6, 2),
             "n choices for each prompt of the batch"
+        );
+        assert_eq!(
+            prompts(r#"{"model":"m","prompt":[1,2,3]}"#),
+            (vec![ids(&[1, 2, 3])], 1, 1)
+        );
+        assert_eq!(
+            prompts(r#"{"model":"m","prompt":[[1,2],"x",[3]]}"#),
+            (vec![ids(&[1, 2]), text("x"), ids(&[3])], 3, 1)
         );
         let refused = |body: &str| parse(body).expect_err("refused").param;
         for (body, param) in [
-            (r#"{"model":"m","prompt":[1,2]}"#, "prompt"),
-            (r#"{"model":"m","prompt":[[1,2]]}"#, "prompt"),
             (r#"{"model":"m","prompt":[]}"#, "prompt"),
             (r#"{"model":"m","prompt":""}"#, "prompt"),
             (r#"{"model":"m","prompt":["a",""]}"#, "prompt[1]"),
             (r#"{"model":"m","prompt":["a",{}]}"#, "prompt[1]"),
+            (r#"{"model":"m","prompt":[[1],[]]}"#, "prompt[1]"),
+            (r#"{"model":"m","prompt":[1,-2]}"#, "prompt[1]"),
+            (r#"{"model":"m","prompt":[1,2.5]}"#, "prompt[1]"),
+            (r#"{"model":"m","prompt":[[1,4294967296]]}"#, "prompt[0][1]"),
+            (r#"{"model":"m","prompt":[1,"a"]}"#, "prompt[0]"),
             (r#"{"model":"m","prompt":7}"#, "prompt"),
         ] {
             assert_eq!(refused(body).as_deref(), Some(param), "{body}");
