@@ -663,12 +663,12 @@ async fn start_router(args: &RouterArgs) -> anyhow::Result<RouterStart> {
         switchyard_router::auth::ApiKeys::load(path)?;
     }
     check_tls(&args.tls.files())?;
+    let http_cors = switchyard_router::openai::CorsOrigins::parse(&args.http_cors_origins)
+        .map_err(|why| anyhow::anyhow!("--http-cors-origin: {why}"))?;
     let connections = args.connections.checked()?;
     let cluster_token = args.cluster.cluster_token()?;
     let registry = args.cluster.registry().await?;
     let shutdown = shutdown_on_signal();
-    let http_cors = switchyard_router::openai::CorsOrigins::parse(&args.http_cors_origins)
-        .map_err(|why| anyhow::anyhow!("--http-cors-origin: {why}"))?;
     let config = RouterConfig {
         cluster_token,
         http_cors,

@@ -31,6 +31,14 @@ pub struct UpArgs {
     /// `authorization: Bearer <key>`.
     #[arg(long, env = "SWITCHYARD_API_KEYS_FILE")]
     pub api_keys_file: Option<std::path::PathBuf>,
+    /// An origin whose browser pages may call the router's HTTP API (CORS), e.g.
+    /// `http://localhost:3000` for a chat page in development; repeat it for more, or `*`.
+    #[arg(
+        long = "http-cors-origin",
+        env = "SWITCHYARD_HTTP_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub http_cors_origins: Vec<String>,
     /// Control-plane gRPC address.
     #[arg(long, default_value = "127.0.0.1:50052")]
     pub control_plane_listen: SocketAddr,
@@ -60,6 +68,8 @@ pub struct UpArgs {
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let http_cors = switchyard_router::openai::CorsOrigins::parse(&args.http_cors_origins)
+        .map_err(|why| anyhow::anyhow!("--http-cors-origin: {why}"))?;
     let (registry, election): (Arc<dyn Registry>, _) = match &args.etcd {
         Some(url) => {
             let etcd = EtcdRegistry::connect(std::slice::from_ref(url))
@@ -200,6 +210,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         listen: args.router_listen,
         http_listen: Some(args.http_listen),
         api_keys_file: args.api_keys_file.clone(),
+        http_cors,
         cluster_token: Some(cluster_token.clone()),
         tls: tls_files("router"),
         ..Default::default()
