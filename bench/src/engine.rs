@@ -131,7 +131,9 @@ async fn run_one(
                 tokens += 1;
                 ttft.get_or_insert_with(|| start.elapsed());
             }
-            EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_) => {}
+            EngineEvent::ToolCall(_)
+            | EngineEvent::StopSequence(_)
+            | EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Done { reason, .. } => {
                 anyhow::ensure!(reason != StopReason::Cancelled, "generation cancelled");
                 break;
@@ -410,7 +412,10 @@ async fn head_of_line(
         match events.recv().await {
             Some(Ok(EngineEvent::Token { .. })) => Ok(from.elapsed()),
             Some(Ok(
-                EngineEvent::Done { .. } | EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_),
+                EngineEvent::Done { .. }
+                | EngineEvent::ToolCall(_)
+                | EngineEvent::StopSequence(_)
+                | EngineEvent::PromptLogprobs(_),
             ))
             | None => {
                 anyhow::bail!("a prompt ended without a token")
@@ -469,7 +474,10 @@ async fn paced_pair(engine: &CandleEngine, promised: f64, prompt: Prompt) -> any
             event = beside.recv() => match event {
                 Some(Ok(EngineEvent::Token { .. })) => break Instant::now(),
                 Some(Ok(
-                EngineEvent::Done { .. } | EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_),
+                EngineEvent::Done { .. }
+                | EngineEvent::ToolCall(_)
+                | EngineEvent::StopSequence(_)
+                | EngineEvent::PromptLogprobs(_),
             ))
             | None => anyhow::bail!("the prompt ended without a token"),
                 Some(Err(e)) => return Err(e.into()),
@@ -477,7 +485,10 @@ async fn paced_pair(engine: &CandleEngine, promised: f64, prompt: Prompt) -> any
             event = stream.recv(), if stream_end.is_none() => match event {
                 Some(Ok(EngineEvent::Token { .. })) => tokens += 1,
                 Some(Ok(
-                EngineEvent::Done { .. } | EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_),
+                EngineEvent::Done { .. }
+                | EngineEvent::ToolCall(_)
+                | EngineEvent::StopSequence(_)
+                | EngineEvent::PromptLogprobs(_),
             ))
             | None => stream_end = Some(Instant::now()),
                 Some(Err(e)) => return Err(e.into()),

@@ -212,10 +212,10 @@ fn validate_penalties(sampling: &SamplingParams) -> Result<(), FieldViolation> {
             format!("is {}, at most {MAX_TOP_LOGPROBS}", sampling.top_logprobs),
         ));
     }
-    if sampling.top_logprobs > 0 && !sampling.logprobs {
+    if sampling.top_logprobs > 0 && !sampling.logprobs && !sampling.prompt_logprobs {
         return Err(FieldViolation::new(
             "sampling.top_logprobs",
-            "needs logprobs to be true",
+            "needs logprobs or prompt_logprobs to be true",
         ));
     }
     for (field, value) in [
@@ -696,6 +696,24 @@ mod tests {
         validate_generate_request(&request, &RequestLimits::default())
             .unwrap_err()
             .field
+    }
+
+    #[test]
+    fn the_most_likely_tokens_come_with_generated_or_prompt_log_probabilities() {
+        let with = |logprobs: bool, prompt_logprobs: bool| GenerateRequest {
+            sampling: Some(SamplingParams {
+                max_tokens: 1,
+                logprobs,
+                prompt_logprobs,
+                top_logprobs: 2,
+                ..Default::default()
+            }),
+            ..valid()
+        };
+        let limits = RequestLimits::default();
+        assert!(validate_generate_request(&with(true, false), &limits).is_ok());
+        assert!(validate_generate_request(&with(false, true), &limits).is_ok());
+        assert_eq!(field_of(with(false, false)), "sampling.top_logprobs");
     }
 
     #[test]

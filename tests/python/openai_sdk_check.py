@@ -148,6 +148,18 @@ def completions_take_a_batch_of_prompts():
         raise AssertionError("token ids were taken without a tokenizer to check them")
 
 
+@check
+def echo_needs_an_engine_that_scores_prompts():
+    # The synthetic engine has no model to score a prompt with: refused naming `echo`.
+    try:
+        client.completions.create(model=MODEL, prompt="one two", max_tokens=2, echo=True)
+    except openai.BadRequestError as refused:
+        assert refused.body["param"] == "echo", refused.body
+        assert "cannot score a prompt" in refused.body["message"], refused.body
+    else:
+        raise AssertionError("an echo was answered without scoring the prompt")
+
+
 def check_logprob_entries(entries, text, top):
     """Chat `logprobs.content` entries: one per token, adding up to the text, each a log
     probability with at most `top` alternatives, most likely first."""

@@ -642,6 +642,84 @@ async fn a_prompt_of_token_ids_answers_as_its_text_does() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// An echoing text completion with `logprobs` scores its prompt, as evaluation harnesses ask
+/// (lm-eval's loglikelihood requests: `echo`, `logprobs: 1`, `max_tokens: 1`): the text starts
+/// with the prompt, every prompt token is listed with its log probability given those before
+/// it (the first `null`), and the last one's equals what generating from the prompt before it
+/// reports for that token.
+#[tokio::test]
+async fn an_echoed_prompt_is_scored_as_evaluation_harnesses_ask() -> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    router_has_the_tokenizer(&cluster).await?;
+    let http = reqwest::Client::new();
+    let complete = |body: Value| {
+        let request = http
+            .post(format!("{}/completions", cluster.router_openai_url()))
+            .json(&body);
+        async move {
+            let response = request.send().await?;
+            anyhow::ensure!(response.status() == 200, "{}", response.text().await?);
+            Ok::<_, anyhow::Error>(response.json::<Value>().await?)
+        }
+    };
+    let (context, continuation) = ("The capital of France is", " Paris");
+    let scored = complete(
+        json!({"model": MODEL, "prompt": format!("{context}{continuation}"),
+        "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": true}),
+    )
+    .await?;
+    let choice = &scored["choices"][0];
+    let text = choice["text"].as_str().unwrap_or_default();
+    assert!(
+        text.starts_with(&format!("{context}{continuation}")),
+        "{scored}"
+    );
+    let logprobs = &choice["logprobs"];
+    let tokens: Vec<&str> = logprobs["tokens"]
+        .as_array()
+        .map(|t| t.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let prompt_tokens = scored["usage"]["prompt_tokens"].as_u64().unwrap_or(0) as usize;
+    assert_eq!(tokens.len(), prompt_tokens + 1, "{scored}");
+    assert_eq!(
+        tokens[..prompt_tokens].concat(),
+        format!("{context}{continuation}")
+    );
+    let token_logprobs = logprobs["token_logprobs"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        token_logprobs[0].is_null() && logprobs["top_logprobs"][0].is_null(),
+        "{scored}"
+    );
+    assert!(
+        token_logprobs[1..]
+            .iter()
+            .all(|l| l.as_f64().is_some_and(|l| l <= 0.0)),
+        "{scored}"
+    );
+    assert_eq!(
+        tokens[prompt_tokens - 1],
+        continuation,
+        "one token: {scored}"
+    );
+    let scored_continuation = token_logprobs[prompt_tokens - 1].as_f64().unwrap_or(1.0);
+
+    // Generating from the context alone: greedy, it says " Paris" with that probability.
+    let generated = complete(json!({"model": MODEL, "prompt": context, "max_tokens": 1,
+        "temperature": 0, "logprobs": 1}))
+    .await?;
+    let said = &generated["choices"][0]["logprobs"];
+    assert_eq!(said["tokens"][0], continuation, "{generated}");
+    let said = said["token_logprobs"][0].as_f64().unwrap_or(0.0);
+    assert!(
+        (said - scored_continuation).abs() < 1e-3,
+        "scored {scored_continuation}, generated {said}"
+    );
+    Ok(())
+}
+
 /// How often the most repeated id occurs.
 fn most_repeats(ids: &[u32]) -> usize {
     ids.iter()

@@ -41,6 +41,16 @@ pub struct SeqBlocks {
     hashes: Vec<u64>,
 }
 
+/// Whether a sequence may start from cached blocks of its context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reuse {
+    /// From the longest cached block chain of its context.
+    Cached,
+    /// From nothing: every context token is computed (a prompt being scored needs the logits
+    /// of every position, which cached blocks do not keep).
+    None,
+}
+
 /// A sequence admitted over the cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
@@ -130,9 +140,17 @@ impl PrefixCache {
     /// Admits a sequence of `context` that may grow to `total_tokens` positions: reuses the
     /// cached blocks that start it and reserves the rest, evicting cached blocks when no free
     /// one is left. `None` when the store cannot make room now (the request waits).
-    pub fn admit(&mut self, context: &[u32], total_tokens: usize) -> Option<Admission> {
+    pub fn admit(
+        &mut self,
+        context: &[u32],
+        total_tokens: usize,
+        reuse: Reuse,
+    ) -> Option<Admission> {
         let needed = self.blocks_for(total_tokens.max(context.len()));
-        let reused = self.lookup(context);
+        let reused = match reuse {
+            Reuse::Cached => self.lookup(context),
+            Reuse::None => Vec::new(),
+        };
         // Cached blocks about to be reused cannot also be evicted for this sequence.
         let reused_idle = reused
             .iter()
@@ -158,7 +176,7 @@ impl PrefixCache {
             blocks.table.push(id);
         }
         let cached_tokens = reused.len() * self.block_tokens;
-        if self.enabled {
+        if self.enabled && reuse == Reuse::Cached {
             self.stats.lookups += 1;
             self.stats.lookup_tokens += context.len() as u64;
             self.stats.hit_tokens += cached_tokens as u64;
@@ -258,7 +276,7 @@ mod tests {
     /// Runs a sequence to the end: admitted, all of `context` + `generated` computed, released.
     fn serve(cache: &mut PrefixCache, context: &[u32], generated: usize) -> usize {
         let mut seq = cache
-            .admit(context, context.len() + generated)
+            .admit(context, context.len() + generated, Reuse::Cached)
             .expect("room");
         let mut all = context.to_vec();
         all.extend((0..generated as u32).map(|i| 90_000 + i));
@@ -319,11 +337,13 @@ mod tests {
         );
         assert_eq!(cache.stats().evictions, 1);
         // A request needing the whole store is admitted by evicting everything cached.
-        let big = cache.admit(&tokens(16, 5), 16).expect("the store fits it");
+        let big = cache
+            .admit(&tokens(16, 5), 16, Reuse::Cached)
+            .expect("the store fits it");
         assert_eq!(big.blocks.table.len(), 4);
         assert_eq!(cache.stats().cached_blocks, 0);
         // Nothing else fits while it runs.
-        assert!(cache.admit(&tokens(2, 6), 2).is_none());
+        assert!(cache.admit(&tokens(2, 6), 2, Reuse::Cached).is_none());
         cache.release(big.blocks);
         assert_eq!(cache.stats().free_blocks, 4);
     }
@@ -332,19 +352,45 @@ mod tests {
     fn an_active_prefix_is_shared_and_never_evicted() {
         let mut cache = PrefixCache::new(4, 4, true);
         let prompt = tokens(9, 4);
-        let mut first = cache.admit(&prompt, 12).unwrap();
+        let mut first = cache.admit(&prompt, 12, Reuse::Cached).unwrap();
         cache.commit(&mut first.blocks, &prompt, 9);
         // A second request with the same prompt shares the two named blocks while the
         // first runs.
-        let second = cache.admit(&prompt, 12).unwrap();
+        let second = cache.admit(&prompt, 12, Reuse::Cached).unwrap();
         assert_eq!(second.cached_tokens, 8);
         assert_eq!(&second.blocks.table[..2], &first.blocks.table[..2]);
         assert_eq!(cache.active_blocks(), 4);
         // No room for anything else: the shared blocks are active, not evictable.
-        assert!(cache.admit(&tokens(2, 9), 2).is_none());
+        assert!(cache.admit(&tokens(2, 9), 2, Reuse::Cached).is_none());
         cache.release(first.blocks);
         cache.release(second.blocks);
         assert_eq!(cache.stats().cached_blocks, 2);
+    }
+
+    #[test]
+    fn a_sequence_admitted_without_reuse_computes_its_whole_context() {
+        let mut cache = PrefixCache::new(8, 4, true);
+        let prompt = tokens(9, 4);
+        let mut first = cache.admit(&prompt, 12, Reuse::Cached).unwrap();
+        cache.commit(&mut first.blocks, &prompt, 9);
+        cache.release(first.blocks);
+        let lookups = cache.stats().lookups;
+        let scored = cache.admit(&prompt, 12, Reuse::None).unwrap();
+        assert_eq!(scored.cached_tokens, 0);
+        assert!(
+            scored
+                .blocks
+                .table
+                .iter()
+                .all(|id| !first_ids(&cache).contains(id)),
+            "no cached block is handed out"
+        );
+        assert_eq!(cache.stats().lookups, lookups, "not a lookup");
+    }
+
+    /// The blocks the cache holds named.
+    fn first_ids(cache: &PrefixCache) -> Vec<u32> {
+        cache.by_hash.values().copied().collect()
     }
 
     #[test]

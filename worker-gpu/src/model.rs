@@ -585,18 +585,21 @@ impl Llama {
         cache: &mut SeqCache,
         store: &mut KvStore,
     ) -> Result<Tensor, ModelError> {
-        self.prefill_unless(tokens, cache, store, || false)
+        self.prefill_unless(tokens, cache, store, || false, Logits::LastToken)
     }
 
     /// [`Llama::prefill`], given up between two layers once `abandoned` says so
     /// ([`ModelError::Abandoned`], `cache` as it was): a prompt chunk deep in a long context
-    /// takes seconds on a CPU, and a cancel must not wait for all of it.
+    /// takes seconds on a CPU, and a cancel must not wait for all of it. With
+    /// [`Logits::EveryToken`] it returns every token's logits, `(tokens, vocab)`: row `i`
+    /// predicts the token after `tokens[i]`.
     pub fn prefill_unless(
         &self,
         tokens: &[u32],
         cache: &mut SeqCache,
         store: &mut KvStore,
         abandoned: impl Fn() -> bool,
+        logits: Logits,
     ) -> Result<Tensor, ModelError> {
         let t = tokens.len();
         if t == 0 {
@@ -697,9 +700,16 @@ impl Llama {
             x = self.ffn(layer, x)?;
         }
         cache.len = total;
-        let last = x.narrow(0, t - 1, 1)?;
-        let last = candle_nn::ops::rms_norm(&last, &self.norm, c.rms_eps as f32)?;
-        Ok(self.lm_head.forward(&last, usize::MAX)?.squeeze(0)?)
+        let rows = match logits {
+            Logits::LastToken => x.narrow(0, t - 1, 1)?,
+            Logits::EveryToken => x,
+        };
+        let rows = candle_nn::ops::rms_norm(&rows, &self.norm, c.rms_eps as f32)?;
+        let out = self.lm_head.forward(&rows, usize::MAX)?;
+        Ok(match logits {
+            Logits::LastToken => out.squeeze(0)?,
+            Logits::EveryToken => out,
+        })
     }
 
     /// Writes each sequence's new key and value (`k`, `v`: `(batch, n_kv, 1, head_dim)`) to
@@ -821,6 +831,15 @@ impl Llama {
 /// A tensor's values, row-major.
 fn host(t: &Tensor) -> Result<Vec<f32>, ModelError> {
     Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?)
+}
+
+/// Which logits a prefill returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// The last token's, `(vocab,)`: what generation needs.
+    LastToken,
+    /// Every token's, `(tokens, vocab)`: what scoring a prompt needs.
+    EveryToken,
 }
 
 /// Argmax of a logits row.

@@ -44,8 +44,8 @@ use switchyard_worker::{
     Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Prompt, StopReason,
 };
 
-use crate::kv_cache::{PrefixCache, SeqBlocks};
-use crate::model::{KvStore, Llama, ModelError, SeqCache};
+use crate::kv_cache::{PrefixCache, Reuse, SeqBlocks};
+use crate::model::{KvStore, Llama, Logits, ModelError, SeqCache};
 use crate::pacing::paced_chunk;
 use crate::penalties::Penalties;
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
@@ -128,6 +128,10 @@ struct Job {
     sampler: Sampler,
     /// `top_logprobs` when the request asked for log probabilities.
     logprobs: Option<u32>,
+    /// `top_logprobs` when the request asked for its prompt scored.
+    prompt_logprobs: Option<u32>,
+    /// The prompt's scores so far, sent once prefill is done.
+    scored: Vec<v1::TokenLogprobs>,
     stops: Vec<String>,
     tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     cancel: CancellationToken,
@@ -544,6 +548,10 @@ impl Engine for CandleEngine {
         self.hardware.clone()
     }
 
+    fn scores_prompts(&self) -> bool {
+        true
+    }
+
     fn tokenizer_spec(&self, model: &str) -> Option<(String, Vec<u8>)> {
         self.model_ids.iter().any(|m| m == model).then(|| {
             (
@@ -714,7 +722,8 @@ impl Engine for CandleEngine {
         let remaining = s.max_tokens as usize - resumed;
         // Bounded: a reader that stops taking events (a router out of flow-control credit
         // because its client stopped reading) pauses this sequence, never the batch.
-        let (tx, rx) = mpsc::channel((remaining + 4).min(EVENT_BUFFER));
+        // Room for the end's events and a scored prompt.
+        let (tx, rx) = mpsc::channel((remaining + 5).min(EVENT_BUFFER));
         let job = Job {
             request_id: request.request_id,
             context: Vec::new(),
@@ -723,6 +732,8 @@ impl Engine for CandleEngine {
             remaining,
             sampler: Sampler::new(params),
             logprobs: s.logprobs.map(|top| top.min(MAX_TOP_LOGPROBS)),
+            prompt_logprobs: s.prompt_logprobs.map(|top| top.min(MAX_TOP_LOGPROBS)),
+            scored: Vec::new(),
             stops: s.stop.clone(),
             tx,
             cancel,
@@ -775,6 +786,36 @@ fn token_logprobs(
         chosen: Some(entry(id, chosen)),
         top: best.into_iter().map(|(t, l)| entry(t, l)).collect(),
     })
+}
+
+/// Scores the prompt tokens a prefill chunk from position `from` predicted: `rows[j]`, the
+/// logits after context token `from + j`, give the probability of token `from + j + 1`. The
+/// first prompt token, which nothing predicts, is named with log probability 0.
+fn score_prompt(
+    job: &mut Job,
+    tokenizer: &GgufTokenizer,
+    from: usize,
+    rows: &[Vec<f32>],
+    top: u32,
+) {
+    let prompt = job.prompt_tokens as usize;
+    if from == 0 && prompt > 0 {
+        let first = job.context[0];
+        job.scored.push(v1::TokenLogprobs {
+            chosen: Some(v1::TokenLogprob {
+                token_id: first,
+                token: tokenizer.token_bytes(first).to_vec(),
+                logprob: 0.0,
+            }),
+            top: Vec::new(),
+        });
+    }
+    for (j, row) in rows.iter().enumerate() {
+        let Some(&next) = job.context[..prompt].get(from + j + 1) else {
+            break;
+        };
+        job.scored.push(*token_logprobs(tokenizer, row, next, top));
+    }
 }
 
 struct Scheduler {
@@ -980,7 +1021,12 @@ impl Scheduler {
                 break;
             };
             let total = job.context.len() + job.remaining;
-            let Some(admission) = self.prefix.admit(&job.context, total) else {
+            // A prompt being scored needs every position's logits: none come from the cache.
+            let reuse = match job.prompt_logprobs {
+                Some(_) => Reuse::None,
+                None => Reuse::Cached,
+            };
+            let Some(admission) = self.prefix.admit(&job.context, total, reuse) else {
                 break;
             };
             let Some(mut job) = self.waiting.pop_front() else {
@@ -1073,11 +1119,16 @@ impl Scheduler {
         let end = (from + chunk).min(seq.job.context.len());
         let started = Instant::now();
         let job = &seq.job;
+        let logits = match job.prompt_logprobs {
+            Some(_) => Logits::EveryToken,
+            None => Logits::LastToken,
+        };
         let result = self.model.prefill_unless(
             &job.context[from..end],
             &mut seq.cache,
             &mut self.store,
             || job.cancel.is_cancelled() || job.tx.is_closed(),
+            logits,
         );
         if matches!(result, Err(ModelError::Abandoned)) {
             // Ended by the next iteration's reap, like any cancelled sequence.
@@ -1100,18 +1151,26 @@ impl Scheduler {
         }
         match result.and_then(|l| crate::model::logits_rows(&l)) {
             Ok(mut rows) => {
+                if let Some(top) = seq.job.prompt_logprobs {
+                    score_prompt(&mut seq.job, &self.tokenizer, from, &rows, top);
+                }
                 if end == seq.job.context.len() {
-                    if let Err(e) = constrain(&mut seq.job, &mut rows[0]) {
+                    let last = rows.len() - 1;
+                    if let Err(e) = constrain(&mut seq.job, &mut rows[last]) {
                         let seq = self.active.remove(i);
                         let _ = seq.job.tx.try_send(Err(e));
                         self.retire(seq);
                         return;
                     }
-                    let id = seq.job.sampler.sample(&rows[0]);
+                    if seq.job.prompt_logprobs.is_some() {
+                        let scored = std::mem::take(&mut seq.job.scored);
+                        let _ = seq.job.tx.try_send(Ok(EngineEvent::PromptLogprobs(scored)));
+                    }
+                    let id = seq.job.sampler.sample(&rows[last]);
                     let logprobs = seq
                         .job
                         .logprobs
-                        .map(|top| token_logprobs(&self.tokenizer, &rows[0], id, top));
+                        .map(|top| token_logprobs(&self.tokenizer, &rows[last], id, top));
                     if !self.emit(i, id, logprobs) {
                         let seq = self.active.remove(i);
                         self.retire(seq);

@@ -10,10 +10,11 @@ use switchyard_worker::{
     Engine, EngineError, EngineEvent, EngineRequest, Prompt, Sampling, StopReason,
 };
 use switchyard_worker_gpu::gguf::{GgufFile, Repack};
-use switchyard_worker_gpu::model::{Llama, ModelError, SeqCache, argmax, logits_rows};
+use switchyard_worker_gpu::model::{Llama, Logits, ModelError, SeqCache, argmax, logits_rows};
 
 /// Positions per KV block.
 const BLOCK: usize = 32;
+use switchyard_proto::v1;
 use switchyard_worker_gpu::testing::{TinySpec, write_tiny_llama};
 use switchyard_worker_gpu::tokenizer::GgufTokenizer;
 use switchyard_worker_gpu::{CandleEngine, SchedulerLimits};
@@ -153,10 +154,16 @@ fn an_abandoned_prefill_chunk_leaves_the_sequence_as_it_was() {
         .unwrap();
     // Given up after the first of the two layers has written its keys and values.
     let asked = std::cell::Cell::new(0);
-    let given_up = model.prefill_unless(&prompt[10..], &mut cache, &mut store, || {
-        asked.set(asked.get() + 1);
-        asked.get() > 1
-    });
+    let given_up = model.prefill_unless(
+        &prompt[10..],
+        &mut cache,
+        &mut store,
+        || {
+            asked.set(asked.get() + 1);
+            asked.get() > 1
+        },
+        Logits::LastToken,
+    );
     assert!(
         matches!(given_up, Err(ModelError::Abandoned)),
         "{given_up:?}"
@@ -264,6 +271,7 @@ async fn collect_with_stop(
             }
             EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
             EngineEvent::StopSequence(matched) => stop = Some(matched),
+            EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Done {
                 reason,
                 completion_tokens,
@@ -706,7 +714,7 @@ async fn run_ids(e: &CandleEngine, name: &str, ids: Vec<u32>, max_tokens: u32) -
         match ev.unwrap() {
             EngineEvent::Token { id, .. } => out.push(id),
             EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
-            EngineEvent::StopSequence(_) => {}
+            EngineEvent::StopSequence(_) | EngineEvent::PromptLogprobs(_) => {}
             EngineEvent::Done {
                 cached_prompt_tokens,
                 ..
@@ -1201,4 +1209,108 @@ fn a_kv_budget_below_the_context_caps_the_published_context() {
             && error.contains("128 tokens"),
         "{error}"
     );
+}
+
+/// A scored generation's events: the prompt's scores, the first token's log probabilities
+/// and `Done.cached_prompt_tokens`.
+async fn scored(
+    e: &CandleEngine,
+    name: &str,
+    ids: Vec<u32>,
+    top: u32,
+) -> (Vec<v1::TokenLogprobs>, Option<v1::TokenLogprobs>, u32) {
+    let mut request = ids_request(name, ids, 1);
+    request.sampling.prompt_logprobs = Some(top);
+    request.sampling.logprobs = Some(top);
+    let mut rx = e.submit(request, CancellationToken::new()).unwrap();
+    let (mut prompt, mut first) = (Vec::new(), None);
+    while let Some(ev) = rx.recv().await {
+        match ev.unwrap() {
+            EngineEvent::PromptLogprobs(entries) => {
+                assert!(first.is_none(), "the scores come before the first token");
+                prompt = entries;
+            }
+            EngineEvent::Token { logprobs, .. } => first = logprobs.map(|l| *l),
+            EngineEvent::Done {
+                cached_prompt_tokens,
+                ..
+            } => return (prompt, first, cached_prompt_tokens),
+            EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_) => {}
+        }
+    }
+    panic!("stream ended without Done");
+}
+
+/// Two score lists agree: the same tokens, log probabilities within float noise (prefills of
+/// other shapes sum in another order).
+fn assert_same_scores(a: &v1::TokenLogprobs, b: &v1::TokenLogprobs, what: &str) {
+    let pairs = |l: &v1::TokenLogprobs| -> Vec<(u32, f32)> {
+        l.chosen
+            .iter()
+            .chain(&l.top)
+            .map(|t| (t.token_id, t.logprob))
+            .collect()
+    };
+    let (a, b) = (pairs(a), pairs(b));
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for ((ida, la), (idb, lb)) in a.iter().zip(&b) {
+        assert!(
+            ida == idb && (la - lb).abs() < 1e-3,
+            "{what}: {a:?} vs {b:?}"
+        );
+    }
+}
+
+/// A scored prompt (`prompt_logprobs`): one entry per prompt token, the first naming it with
+/// nothing to predict it, every later one the model's log probability of that token after the
+/// ones before it, with the most likely tokens there — what generating from the shorter prompt
+/// reports for its first token. Computed whole however the prompt is chunked, and never from
+/// the prefix cache, which keeps no logits.
+#[tokio::test]
+async fn a_scored_prompt_gives_every_prompt_tokens_log_probability() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tiny_file(&dir);
+    let ids = prompt(40, 7);
+    let e = engine(&file, limits());
+    // Cache the prompt's blocks first: the scored run must not start from them.
+    run_ids(&e, "warm", ids.clone(), 1).await;
+    let (_, cached) = run_ids(&e, "warm-again", ids.clone(), 1).await;
+    assert!(cached > 0, "the prompt is in the prefix cache");
+    let (entries, first, cached) = scored(&e, "scored", ids.clone(), 3).await;
+    assert_eq!(cached, 0, "computed whole");
+    assert_eq!(entries.len(), ids.len());
+    let first_entry = entries[0].chosen.clone().expect("named");
+    assert_eq!((first_entry.token_id, first_entry.logprob), (ids[0], 0.0));
+    assert!(entries[0].top.is_empty());
+    for (entry, id) in entries.iter().zip(&ids).skip(1) {
+        let chosen = entry.chosen.clone().expect("chosen");
+        assert_eq!(chosen.token_id, *id);
+        assert!(chosen.logprob < 0.0 && entry.top.len() == 3, "{entry:?}");
+        assert!(entry.top[0].logprob >= chosen.logprob, "{entry:?}");
+    }
+    assert!(first.is_some(), "and the generation goes on after it");
+
+    // Each position scored as generation from the prompt before it sees it.
+    for i in [1, 9, 16, 17, 39] {
+        let (_, first, _) = scored(&e, &format!("prefix-{i}"), ids[..i].to_vec(), 3).await;
+        let mut predicted = first.expect("logprobs");
+        // Compare the alternatives: the generated token is the sampler's, not ids[i].
+        predicted.chosen = None;
+        let mut at = entries[i].clone();
+        at.chosen = None;
+        assert_same_scores(&at, &predicted, &format!("position {i}"));
+    }
+
+    // Another chunking (the default limits cut the prompt at 16), the same scores.
+    let whole = engine(
+        &file,
+        SchedulerLimits {
+            prefill_chunk: 512,
+            ..limits()
+        },
+    );
+    let (unchunked, _, _) = scored(&whole, "unchunked", ids.clone(), 3).await;
+    for (i, (a, b)) in entries.iter().zip(&unchunked).enumerate() {
+        assert_same_scores(a, b, &format!("unchunked position {i}"));
+    }
 }

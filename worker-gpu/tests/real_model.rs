@@ -456,7 +456,8 @@ async fn generated(mut rx: switchyard_worker::EngineStream) -> Vec<u32> {
             switchyard_worker::EngineEvent::ToolCall(call) => {
                 panic!("no tools were offered: {call:?}")
             }
-            switchyard_worker::EngineEvent::StopSequence(_) => {}
+            switchyard_worker::EngineEvent::StopSequence(_)
+            | switchyard_worker::EngineEvent::PromptLogprobs(_) => {}
             switchyard_worker::EngineEvent::Done { .. } => break,
         }
     }
@@ -541,7 +542,7 @@ async fn ignore_eos_generates_max_tokens_past_the_answers_end() {
                 match rx.recv().await.expect("a Done event").unwrap() {
                     EngineEvent::Token { id, .. } => ids.push(id),
                     EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
-                    EngineEvent::StopSequence(_) => {}
+                    EngineEvent::StopSequence(_) | EngineEvent::PromptLogprobs(_) => {}
                     EngineEvent::Done { reason, .. } => return (ids, reason),
                 }
             }
@@ -692,7 +693,9 @@ mod tools {
             match &event {
                 EngineEvent::Token { id, .. } => out.ids.push(*id),
                 EngineEvent::Done { reason, .. } => out.reason = Some(*reason),
-                EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_) => {}
+                EngineEvent::ToolCall(_)
+                | EngineEvent::StopSequence(_)
+                | EngineEvent::PromptLogprobs(_) => {}
             }
             out.events.push(event);
         }
@@ -714,7 +717,9 @@ mod tools {
                     }
                     calls[i].2.push_str(&d.arguments);
                 }
-                EngineEvent::Done { .. } | EngineEvent::StopSequence(_) => {}
+                EngineEvent::Done { .. }
+                | EngineEvent::StopSequence(_)
+                | EngineEvent::PromptLogprobs(_) => {}
             }
         }
         (text, calls)

@@ -769,6 +769,7 @@ async fn text_then_a_call_ends_with_tool_calls_whatever_the_finish_is_called() {
                 Ok(EngineEvent::Token { .. }) => "token",
                 Ok(EngineEvent::ToolCall(_)) => "call",
                 Ok(EngineEvent::StopSequence(_)) => "stop",
+                Ok(EngineEvent::PromptLogprobs(_)) => "prompt",
                 Ok(EngineEvent::Done { .. }) => "done",
                 Err(_) => "error",
             })

@@ -127,6 +127,8 @@ pub async fn forward_generation(
                 }
             }
             Some(Ok(EngineEvent::StopSequence(stop))) => stop_sequence = stop,
+            // It rides with the first token, which comes next and goes out at once.
+            Some(Ok(EngineEvent::PromptLogprobs(entries))) => chunk.prompt_logprobs = entries,
             Some(Ok(EngineEvent::Done {
                 reason,
                 prompt_tokens,
@@ -198,6 +200,8 @@ struct Chunk {
     /// One per id when the request asked for log probabilities, else empty.
     logprobs: Vec<v1::TokenLogprobs>,
     tool_calls: Vec<v1::ToolCallDelta>,
+    /// The scored prompt, until the first frame takes it.
+    prompt_logprobs: Vec<v1::TokenLogprobs>,
 }
 
 impl Chunk {
@@ -221,6 +225,7 @@ impl Chunk {
             token_ids: std::mem::take(&mut self.ids),
             logprobs: std::mem::take(&mut self.logprobs),
             tool_calls: std::mem::take(&mut self.tool_calls),
+            prompt_logprobs: std::mem::take(&mut self.prompt_logprobs),
         });
         *seq += 1;
         frame

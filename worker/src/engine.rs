@@ -85,6 +85,9 @@ pub struct Sampling {
     /// Report log probabilities with each token, and this many of the most likely tokens at
     /// its position; `None`: do not.
     pub logprobs: Option<u32>,
+    /// Score the prompt (`SamplingParams.prompt_logprobs`): [`EngineEvent::PromptLogprobs`]
+    /// before the first token, each entry with this many of the most likely tokens.
+    pub prompt_logprobs: Option<u32>,
     /// Never end on the model's end-of-sequence tokens (`SamplingParams.ignore_eos`).
     pub ignore_eos: bool,
     /// Keep only tokens at least this fraction as likely as the most likely one, after
@@ -151,6 +154,10 @@ pub enum EngineEvent {
     /// tokens sends those as `Token` events with empty `text` too, so they count and resume as
     /// any other token.
     ToolCall(v1::ToolCallDelta),
+    /// Every prompt token's log probability given those before it (the first's is 0: nothing
+    /// predicts it), sent once, just before the first `Token`, when the request asked
+    /// ([`Sampling::prompt_logprobs`]).
+    PromptLogprobs(Vec<v1::TokenLogprobs>),
     /// The stop sequence that is ending the generation (sent just before its `Done`), for
     /// clients that tell it from the end of the model's turn.
     StopSequence(String),
@@ -362,6 +369,11 @@ pub trait Engine: Send + Sync + 'static {
     /// The prefix cache's counters; `None` for engines without one.
     fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
         None
+    }
+    /// Whether the engine can score a prompt ([`Sampling::prompt_logprobs`]); a request asking
+    /// one that cannot is refused.
+    fn scores_prompts(&self) -> bool {
+        false
     }
     /// The tokenizer of `model` (format and bytes, see `TokenizerSpec`) for routers to tokenize
     /// with; `None` for engines that work on text.

@@ -280,6 +280,16 @@ impl WorkerService {
         let mut clock = self.metrics.generation(start.lane, &start.model);
         let credit_tokens = start.credit_tokens;
         let request = engine_request(start)?;
+        if request.sampling.prompt_logprobs.is_some() && !self.engine.scores_prompts() {
+            return Err(EngineError::invalid_field(
+                "sampling.prompt_logprobs",
+                format!(
+                    "this worker's engine ({}) cannot score a prompt; a GPU worker running the \
+                     model can",
+                    self.engine.kind()
+                ),
+            ));
+        }
         let request_id = request.request_id.clone();
         let cancel = CancellationToken::new();
         let credit = Credit::new(credit_tokens, cancel.clone());
@@ -402,6 +412,7 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
                 bias
             },
             logprobs: sampling.logprobs.then_some(sampling.top_logprobs),
+            prompt_logprobs: sampling.prompt_logprobs.then_some(sampling.top_logprobs),
             ignore_eos: sampling.ignore_eos,
             min_p: sampling.min_p,
             response_format: sampling.response_format,

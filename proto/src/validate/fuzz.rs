@@ -143,7 +143,7 @@ fn obeys_rules(r: &GenerateRequest, limits: &RequestLimits) -> bool {
         && s.logit_bias.len() <= 300
         && s.logit_bias.values().all(|b| (-100.0..=100.0).contains(b))
         && s.top_logprobs <= 20
-        && (s.top_logprobs == 0 || s.logprobs)
+        && (s.top_logprobs == 0 || s.logprobs || s.prompt_logprobs)
 }
 
 /// The harness's check, shared by the seeds and the generated cases.

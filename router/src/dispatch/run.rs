@@ -944,6 +944,9 @@ impl<'d> Run<'d> {
         // Tokens of earlier segments (before an interrupt) count against max_tokens.
         let earlier = self.delivered - self.segment_ids.len() as u32;
         sampling.max_tokens = sampling.max_tokens.saturating_sub(earlier).max(1);
+        // The client has the scored prompt once it has a token: a segment resuming after a
+        // failover, a move or an interrupt scores nothing again.
+        sampling.prompt_logprobs &= self.delivered == 0;
         v1::WorkerStart {
             request_id: generation_id.to_string(),
             model: self.request.model.clone(),
@@ -963,7 +966,11 @@ impl<'d> Run<'d> {
     }
 
     async fn forward(&mut self, tokens: v1::Tokens, out: &FrameSink) -> Result<(), DispatchError> {
-        if tokens.token_ids.is_empty() && tokens.text.is_empty() && tokens.tool_calls.is_empty() {
+        if tokens.token_ids.is_empty()
+            && tokens.text.is_empty()
+            && tokens.tool_calls.is_empty()
+            && tokens.prompt_logprobs.is_empty()
+        {
             return Ok(());
         }
         let now = Instant::now();
@@ -994,6 +1001,7 @@ impl<'d> Run<'d> {
             token_ids: tokens.token_ids,
             logprobs: tokens.logprobs,
             tool_calls: tokens.tool_calls,
+            prompt_logprobs: tokens.prompt_logprobs,
         });
         self.seq += 1;
         send(out, frame).await

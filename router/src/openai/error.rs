@@ -82,14 +82,20 @@ impl ApiError {
         // Speak OpenAI's field names: `sampling.max_tokens` is `max_tokens` to this client.
         let renamed;
         let message = match (
+            message.strip_prefix("sampling.prompt_logprobs"),
             message.strip_prefix("affinity_key"),
             message.strip_prefix("prompt_token_ids"),
         ) {
-            (Some(rest), _) => {
+            // A text completion scores its prompt to echo it.
+            (Some(rest), _, _) => {
+                renamed = format!("echo{rest}");
+                renamed.as_str()
+            }
+            (_, Some(rest), _) => {
                 renamed = format!("user{rest}");
                 renamed.as_str()
             }
-            (_, Some(rest)) => {
+            (_, _, Some(rest)) => {
                 renamed = format!("prompt{rest}");
                 renamed.as_str()
             }
@@ -246,6 +252,7 @@ fn openai_field(field: &str) -> String {
         "sampling.response_format.kind" => "response_format.type".to_string(),
         "sampling.response_format.schema_json" => "response_format.json_schema.schema".to_string(),
         "tool_choice.function" => "tool_choice.function.name".to_string(),
+        "sampling.prompt_logprobs" => "echo".to_string(),
         // A prompt of token ids is OpenAI's `prompt` too.
         field if field.starts_with("prompt_token_ids") => field.replacen("_token_ids", "", 1),
         field if field.starts_with("tools[") || field.contains(".tool_calls[") => field

@@ -527,6 +527,8 @@ struct Collected {
     token_logprobs: Vec<v1::TokenLogprobs>,
     unsent: Vec<v1::TokenLogprobs>,
     tool_calls: super::tools::CollectedCalls,
+    /// The scored prompt (an echoing text completion's).
+    prompt: Vec<v1::TokenLogprobs>,
     finished: Option<v1::Finished>,
 }
 
@@ -564,6 +566,7 @@ async fn complete(
         };
         match frame {
             Frame::Tokens(tokens) => {
+                choice.prompt.extend(tokens.prompt_logprobs);
                 choice.unsent.extend(tokens.logprobs);
                 choice.tool_calls.push(&tokens.tool_calls);
                 if !tokens.text.is_empty() {
@@ -599,10 +602,12 @@ async fn complete(
         .zip(0u32..)
         .map(|((choice, finished), index)| {
             let end = super::stream::Ending::of(finished);
-            let logprobs = if mode.logprobs {
-                Logprobs::default().render(meta.endpoint, &choice.token_logprobs)
-            } else {
-                Value::Null
+            let logprobs = match (mode.logprobs, meta.endpoint) {
+                (false, _) => Value::Null,
+                (true, Endpoint::Completion) => {
+                    Logprobs::default().completion(&choice.prompt, &choice.token_logprobs)
+                }
+                (true, endpoint) => Logprobs::default().render(endpoint, &choice.token_logprobs),
             };
             let mut body = match meta.endpoint {
                 Endpoint::Chat => json!({
@@ -613,7 +618,7 @@ async fn complete(
                 }),
                 Endpoint::Completion => json!({
                     "index": index,
-                    "text": choice.text,
+                    "text": super::logprobs::prompt_text(&choice.prompt) + &choice.text,
                     "logprobs": logprobs,
                     "finish_reason": end.reason,
                 }),

@@ -23,33 +23,62 @@ impl Logprobs {
                 let content: Vec<Value> = tokens.iter().map(chat_entry).collect();
                 json!({"content": content, "refusal": Value::Null})
             }
-            Endpoint::Completion => {
-                let mut texts = Vec::with_capacity(tokens.len());
-                let mut logprobs = Vec::with_capacity(tokens.len());
-                let mut tops = Vec::with_capacity(tokens.len());
-                let mut offsets = Vec::with_capacity(tokens.len());
-                for token in tokens {
-                    let chosen = token.chosen.clone().unwrap_or_default();
-                    // In characters of the completion's text, as OpenAI counts: a character
-                    // counts once it is complete.
-                    offsets.push(complete_chars(&self.bytes));
-                    self.bytes.extend_from_slice(&chosen.token);
-                    texts.push(Value::from(completion_token(&chosen.token)));
-                    logprobs.push(json!(chosen.logprob));
-                    // Most likely first (the map keeps insertion order); two tokens with the
-                    // same text keep the likelier one.
-                    let mut top = Map::new();
-                    for t in &token.top {
-                        top.entry(completion_token(&t.token))
-                            .or_insert_with(|| json!(t.logprob));
-                    }
-                    tops.push(Value::Object(top));
-                }
-                json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops,
-                    "text_offset": offsets})
-            }
+            Endpoint::Completion => self.completion(&[], tokens),
         }
     }
+
+    /// A text completion's `logprobs` for an echoed, scored `prompt` (its first token has
+    /// nothing to predict it from: `null`, as OpenAI has it) followed by `tokens`.
+    pub fn completion(
+        &mut self,
+        prompt: &[v1::TokenLogprobs],
+        tokens: &[v1::TokenLogprobs],
+    ) -> Value {
+        let count = prompt.len() + tokens.len();
+        let mut texts = Vec::with_capacity(count);
+        let mut logprobs = Vec::with_capacity(count);
+        let mut tops = Vec::with_capacity(count);
+        let mut offsets = Vec::with_capacity(count);
+        let unscored_first = (!prompt.is_empty()).then_some(0);
+        for (i, token) in prompt.iter().chain(tokens).enumerate() {
+            let chosen = token.chosen.clone().unwrap_or_default();
+            // In characters of the completion's text, as OpenAI counts: a character counts
+            // once it is complete.
+            offsets.push(complete_chars(&self.bytes));
+            self.bytes.extend_from_slice(&chosen.token);
+            texts.push(Value::from(completion_token(&chosen.token)));
+            if unscored_first == Some(i) {
+                logprobs.push(Value::Null);
+                tops.push(Value::Null);
+                continue;
+            }
+            logprobs.push(json!(chosen.logprob));
+            // Most likely first (the map keeps insertion order); two tokens with the same
+            // text keep the likelier one.
+            let mut top = Map::new();
+            for t in &token.top {
+                top.entry(completion_token(&t.token))
+                    .or_insert_with(|| json!(t.logprob));
+            }
+            tops.push(Value::Object(top));
+        }
+        json!({"tokens": texts, "token_logprobs": logprobs, "top_logprobs": tops,
+            "text_offset": offsets})
+    }
+}
+
+/// The text of a scored prompt: its tokens' bytes, as UTF-8.
+pub fn prompt_text(prompt: &[v1::TokenLogprobs]) -> String {
+    let bytes: Vec<u8> = prompt
+        .iter()
+        .flat_map(|t| {
+            t.chosen
+                .as_ref()
+                .map(|c| c.token.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    text_of(&bytes)
 }
 
 /// A token's text: its bytes as UTF-8, a partial character shown as U+FFFD (the exact bytes

@@ -286,6 +286,28 @@ impl Events {
         }
     }
 
+    /// Queues an echoing text completion's first chunk of choice `index`: its prompt's text,
+    /// and the prompt's log probabilities when asked.
+    fn push_prompt(&mut self, index: u32, prompt: &[v1::TokenLogprobs]) {
+        let state = &mut self.choices[index as usize];
+        let logprobs = self
+            .mode
+            .logprobs
+            .then(|| state.logprobs.completion(prompt, &[]));
+        let text = super::logprobs::prompt_text(prompt);
+        let choice = Choice {
+            index,
+            delta: None,
+            text: Some(&text),
+            logprobs,
+            finish_reason: None,
+            stop_reason: None,
+        };
+        let usage = self.mode.include_usage.then_some(None);
+        let event = event(&self.chunk(&[choice], usage));
+        self.pending.push_back(event);
+    }
+
     /// Handles a frame of choice `index`.
     fn on_frame(&mut self, index: u32, frame: Frame) {
         let Some(state) = self.choices.get_mut(index as usize) else {
@@ -298,6 +320,10 @@ impl Events {
             // HTTP sends no client frames, so none is rejected.
             Frame::Accepted(_) | Frame::Rejected(_) => {}
             Frame::Tokens(tokens) => {
+                if !tokens.prompt_logprobs.is_empty() {
+                    self.push_prompt(index, &tokens.prompt_logprobs);
+                }
+                let state = &mut self.choices[index as usize];
                 state.unsent_logprobs.extend(tokens.logprobs);
                 if !tokens.text.is_empty() {
                     self.push_chunk(index, Some(&tokens.text), None);
@@ -621,6 +647,46 @@ mod tests {
                 json!("[DONE]"),
             ]
         );
+    }
+
+    /// An echoing text completion's prompt opens its stream: the prompt's text, and with
+    /// `logprobs` its tokens, the first without a log probability (nothing predicts it), then
+    /// the generated tokens go on from its end (`text_offset` counting the prompt).
+    #[tokio::test]
+    async fn an_echoed_prompt_opens_a_completion_stream() {
+        let scored = |text: &str, logprob: f32| v1::TokenLogprobs {
+            chosen: Some(v1::TokenLogprob {
+                token_id: 1,
+                token: text.as_bytes().to_vec(),
+                logprob,
+            }),
+            top: Vec::new(),
+        };
+        let first = Frame::Tokens(v1::Tokens {
+            text: " Paris".into(),
+            token_ids: vec![9],
+            logprobs: vec![scored(" Paris", -0.25)],
+            prompt_logprobs: vec![scored("The", 0.0), scored(" capital", -3.5)],
+            ..Default::default()
+        });
+        let mode = StreamMode {
+            stream: true,
+            include_usage: false,
+            logprobs: true,
+            max_tokens_field: None,
+            choices: 1,
+            per_prompt: 1,
+        };
+        let events = stream_with(Endpoint::Completion, mode, first, vec![finished()]).await;
+        let choice = |event: &Value| event["choices"][0].clone();
+        assert_eq!(choice(&events[0])["text"], "The capital");
+        assert_eq!(
+            choice(&events[0])["logprobs"],
+            json!({"tokens": ["The", " capital"], "token_logprobs": [null, -3.5],
+                   "top_logprobs": [null, {}], "text_offset": [0, 3]})
+        );
+        assert_eq!(choice(&events[1])["text"], " Paris");
+        assert_eq!(choice(&events[1])["logprobs"]["text_offset"], json!([11]));
     }
 
     /// Two choices interleaved: each opens with its role, each chunk names its choice, each

@@ -126,6 +126,11 @@ pub struct Unsupported {
 }
 
 impl Unsupported {
+    /// Whether a text completion asks for its prompt echoed (and, with `logprobs`, scored).
+    fn echo(&self) -> bool {
+        self.echo == Some(Value::Bool(true))
+    }
+
     /// `form` tells the endpoints apart: chat takes tools (read by its own request type),
     /// text completions do not.
     fn check(&self, form: LogprobsForm) -> Result<(), ApiError> {
@@ -168,8 +173,12 @@ impl Unsupported {
             ),
             (
                 "echo",
-                off(&self.echo),
-                "echoing the prompt is not supported",
+                off(&self.echo) || (!chat && self.echo == Some(Value::Bool(true))),
+                if chat {
+                    "echo is taken by /v1/completions, not by chat completions"
+                } else {
+                    "must be true or false"
+                },
             ),
             (
                 "best_of",
@@ -477,6 +486,7 @@ fn sampling(
         Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
     };
     fields.unsupported.check(form)?;
+    let echo = form == LogprobsForm::Completion && fields.unsupported.echo();
     let (logprobs, top_logprobs) = logprobs_asked(fields, form)?;
     // OpenAI seeds are signed 64-bit; reinterpret the bits.
     let seed = fields.seed.map(|s| s as u64);
@@ -516,6 +526,8 @@ fn sampling(
         logit_bias,
         logprobs,
         top_logprobs,
+        // The echoed prompt's text and log probabilities come from scoring it.
+        prompt_logprobs: echo,
         ignore_eos: fields.ignore_eos,
         // The router's check names `min_p` when it is outside [0, 1].
         min_p: fields.min_p.map_or(0.0, |p| p as f32),
@@ -1246,6 +1258,27 @@ mod tests {
             serde_json::json!({"prompt_tokens": 70, "completion_tokens": 5, "total_tokens": 75,
                 "prompt_tokens_details": {"cached_tokens": 64}})
         );
+    }
+
+    #[test]
+    fn a_text_completion_echoes_its_prompt_by_scoring_it() {
+        let completion = |extra: &str| {
+            parse_body::<CompletionRequest>(
+                format!(r#"{{"model":"m","prompt":"x",{extra}}}"#).as_bytes(),
+            )?
+            .into_proto(64)
+            .map(|(mut requests, mode)| (requests.remove(0), mode))
+        };
+        let (request, mode) = completion(r#""echo":true,"logprobs":1"#).expect("valid");
+        let sampling = request.sampling.expect("sampling");
+        assert!(sampling.prompt_logprobs && sampling.logprobs && mode.logprobs);
+        assert_eq!(sampling.top_logprobs, 1);
+        let (request, _) = completion(r#""echo":false"#).expect("valid");
+        assert!(!request.sampling.expect("sampling").prompt_logprobs);
+        let refused = completion(r#""echo":"yes""#).expect_err("not a bool");
+        assert_eq!(refused.param.as_deref(), Some("echo"));
+        let chat = chat_with(r#""echo":true"#).expect_err("chat has no echo");
+        assert_eq!(chat.param.as_deref(), Some("echo"));
     }
 
     #[test]
