@@ -25,7 +25,7 @@ use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 use crate::openai::blocks::{Block, Blocks, Body as BlockBody, Change, Status};
 use crate::openai::choices::ChoiceFrames;
-use crate::openai::handlers::{self, Choices, MESSAGES_ROUTE};
+use crate::openai::handlers::{self, MESSAGES_ROUTE};
 use crate::openai::{ApiError, wire};
 use request::{FieldNames, MessagesRequest};
 
@@ -119,16 +119,12 @@ async fn respond(
     let read = read_body(&body)?;
     let fields = read.fields;
     let name_fields = |e: ApiError| e.renaming_param(|f| fields.rename(f));
-    let choices = Choices {
-        count: 1,
-        max_tokens_field: Some("max_tokens"),
-    };
-    let (placed, mut frames) = handlers::place(
+    let (placed, mut frames) = handlers::place_one(
         &dispatcher,
         tenant,
         &headers,
-        vec![read.request],
-        choices,
+        read.request,
+        Some("max_tokens"),
         id,
     )
     .await

@@ -55,15 +55,16 @@ pub fn usage(usages: &[Option<v1::Usage>], per_prompt: u32) -> wire::Usage {
 mod tests {
     use super::*;
 
+    fn usage_of(prompt: u32, completion: u32, cached: u32) -> Option<v1::Usage> {
+        Some(v1::Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            cached_prompt_tokens: cached,
+        })
+    }
+
     #[test]
     fn the_prompt_counts_once_and_every_completion_counts() {
-        let usage_of = |prompt, completion, cached| {
-            Some(v1::Usage {
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-                cached_prompt_tokens: cached,
-            })
-        };
         let total = usage(
             &[usage_of(10, 4, 0), usage_of(10, 6, 8), usage_of(10, 1, 8)],
             3,
@@ -86,13 +87,6 @@ mod tests {
 
     #[test]
     fn every_prompt_of_a_batch_counts_once() {
-        let usage_of = |prompt, completion, cached| {
-            Some(v1::Usage {
-                prompt_tokens: prompt,
-                completion_tokens: completion,
-                cached_prompt_tokens: cached,
-            })
-        };
         // Two prompts, two choices each.
         let total = usage(
             &[

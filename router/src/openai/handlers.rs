@@ -401,6 +401,23 @@ pub(crate) async fn next_frame_of_one(frames: &mut ChoiceFrames) -> Result<Frame
     next_choice_frame(frames).await.map(|(_, frame)| frame)
 }
 
+/// [`place`] for a door whose requests are one generation each (no `n`, no batch of prompts);
+/// `max_tokens_field` names the client's bound, `None` when it gave none.
+pub(crate) async fn place_one(
+    dispatcher: &Arc<Dispatcher>,
+    tenant: Option<Tenant>,
+    headers: &HeaderMap,
+    request: v1::GenerateRequest,
+    max_tokens_field: Option<&'static str>,
+    id: String,
+) -> Result<(Placement, ChoiceFrames), ApiError> {
+    let choices = Choices {
+        count: 1,
+        max_tokens_field,
+    };
+    place(dispatcher, tenant, headers, vec![request], choices, id).await
+}
+
 /// Classifies and places each of `requests` (its class from the headers, its tenant's key)
 /// once per choice, the same path as gRPC's, and waits until every choice is placed or one
 /// fails. Returns where they run and every choice's frames after its `Accepted`: choice

@@ -377,6 +377,18 @@ mod tests {
 
     /// Every event of a stream that starts with `first` and gets `rest`, as JSON (`[DONE]` as
     /// a string).
+    /// A stream of one choice.
+    fn one_choice(include_usage: bool, logprobs: bool) -> StreamMode {
+        StreamMode {
+            stream: true,
+            include_usage,
+            logprobs,
+            max_tokens_field: None,
+            choices: 1,
+            per_prompt: 1,
+        }
+    }
+
     async fn stream_of(
         endpoint: Endpoint,
         include_usage: bool,
@@ -470,14 +482,7 @@ mod tests {
                 ..Default::default()
             })
         };
-        let mode = StreamMode {
-            stream: true,
-            include_usage: false,
-            logprobs: true,
-            max_tokens_field: None,
-            choices: 1,
-            per_prompt: 1,
-        };
+        let mode = one_choice(false, true);
         // The second token's text is held back (a stop sequence might start there): its log
         // probability goes out with the next text.
         let events = stream_with(
@@ -669,14 +674,7 @@ mod tests {
             prompt_logprobs: vec![scored("The", 0.0), scored(" capital", -3.5)],
             ..Default::default()
         });
-        let mode = StreamMode {
-            stream: true,
-            include_usage: false,
-            logprobs: true,
-            max_tokens_field: None,
-            choices: 1,
-            per_prompt: 1,
-        };
+        let mode = one_choice(false, true);
         let events = stream_with(Endpoint::Completion, mode, first, vec![finished()]).await;
         let choice = |event: &Value| event["choices"][0].clone();
         assert_eq!(choice(&events[0])["text"], "The capital");
@@ -759,14 +757,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_move_is_an_sse_comment_that_openai_clients_skip() {
-        let mode = StreamMode {
-            stream: true,
-            include_usage: false,
-            logprobs: false,
-            max_tokens_field: None,
-            choices: 1,
-            per_prompt: 1,
-        };
+        let mode = one_choice(false, false);
         let mut events = Events::new(
             meta(Endpoint::Chat),
             mode,

@@ -24,7 +24,7 @@ use switchyard_proto::v1::{self, server_frame::Frame};
 
 use super::choices::ChoiceFrames;
 use super::error::ApiError;
-use super::handlers::{self, Choices, RESPONSES_ROUTE};
+use super::handlers::{self, RESPONSES_ROUTE};
 use super::wire;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
@@ -58,16 +58,12 @@ async fn respond(
     }
     let read = read_body(&body, dispatcher.limits().max_tokens_cap)?;
     let fields = read.fields;
-    let choices = Choices {
-        count: 1,
-        max_tokens_field: read.mode.bounded.then_some("max_output_tokens"),
-    };
-    let (placed, mut frames) = handlers::place(
+    let (placed, mut frames) = handlers::place_one(
         &dispatcher,
         tenant,
         &headers,
-        vec![read.request],
-        choices,
+        read.request,
+        read.mode.bounded.then_some("max_output_tokens"),
         id,
     )
     .await
