@@ -646,7 +646,8 @@ async fn a_prompt_of_token_ids_answers_as_its_text_does() -> anyhow::Result<()> 
 /// (lm-eval's loglikelihood requests: `echo`, `logprobs: 1`, `max_tokens: 1`): the text starts
 /// with the prompt, every prompt token is listed with its log probability given those before
 /// it (the first `null`), and the last one's equals what generating from the prompt before it
-/// reports for that token.
+/// reports for that token. Then `tests/python/openai_eval_check.py` asks the same with the
+/// official SDK and reads the answers as lm-evaluation-harness does.
 #[tokio::test]
 async fn an_echoed_prompt_is_scored_as_evaluation_harnesses_ask() -> anyhow::Result<()> {
     let cluster = real_model_cluster(1).await?;
@@ -717,6 +718,13 @@ async fn an_echoed_prompt_is_scored_as_evaluation_harnesses_ask() -> anyhow::Res
         (said - scored_continuation).abs() < 1e-3,
         "scored {scored_continuation}, generated {said}"
     );
+
+    // The same through the official SDK, read as lm-evaluation-harness reads it.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_eval_check.py");
+    let out =
+        switchyard_tests::program_output("python3", &[script, &cluster.router_openai_url(), MODEL])
+            .await?;
+    assert!(out.contains("openai-eval: 5 passed, 0 failed"), "{out}");
     Ok(())
 }
 
