@@ -788,6 +788,9 @@ fn token_logprobs(
     })
 }
 
+/// Longest prefill chunk of a prompt being scored (see [`Scheduler::prefill_one`]).
+const SCORED_CHUNK: usize = 128;
+
 /// Scores the prompt tokens a prefill chunk from position `from` predicted: `rows[j]`, the
 /// logits after context token `from + j`, give the probability of token `from + j + 1`. The
 /// first prompt token, which nothing predicts, is named with log probability 0.
@@ -1115,6 +1118,12 @@ impl Scheduler {
             return;
         };
         let seq = &mut self.active[i];
+        // A prompt being scored returns every position's logits: a chunk's are its tokens
+        // times the vocabulary in floats (512 × 49 152 is 100 MB), so its chunks are shorter.
+        let chunk = match seq.job.prompt_logprobs {
+            Some(_) => chunk.min(SCORED_CHUNK),
+            None => chunk,
+        };
         let from = seq.cache.len();
         let end = (from + chunk).min(seq.job.context.len());
         let started = Instant::now();
