@@ -434,6 +434,11 @@ class Session:
         )
         stub = pb_grpc.InferenceStub(own or target)
         call = stub.Session(metadata=_credentials_metadata(api_key))
+        # The router answers the call itself before anything is written on it: a refusal of
+        # the whole session (a missing key) is then read as its own status. Written at once,
+        # a frame races the refusal, and grpcio reports the race as INTERNAL ("Internal error
+        # from Core") in a few percent of runs.
+        await call.initial_metadata()
         return cls(call, own)
 
     async def __aenter__(self) -> "Session":
