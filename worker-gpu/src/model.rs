@@ -705,7 +705,12 @@ impl Llama {
             Logits::EveryToken => x,
         };
         let rows = candle_nn::ops::rms_norm(&rows, &self.norm, c.rms_eps as f32)?;
-        let out = self.lm_head.forward(&rows, usize::MAX)?;
+        // One row is the quantized kernel's; a chunk's worth, like the layers', may be dense.
+        let dense_from_rows = match logits {
+            Logits::LastToken => usize::MAX,
+            Logits::EveryToken => self.dense_from_rows,
+        };
+        let out = self.lm_head.forward(&rows, dense_from_rows)?;
         Ok(match logits {
             Logits::LastToken => out.squeeze(0)?,
             Logits::EveryToken => out,

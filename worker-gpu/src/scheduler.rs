@@ -789,7 +789,7 @@ fn token_logprobs(
 }
 
 /// Longest prefill chunk of a prompt being scored (see [`Scheduler::prefill_one`]).
-const SCORED_CHUNK: usize = 128;
+const SCORED_CHUNK: usize = 256;
 
 /// Scores the prompt tokens a prefill chunk from position `from` predicted: `rows[j]`, the
 /// logits after context token `from + j`, give the probability of token `from + j + 1`. The
