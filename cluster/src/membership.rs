@@ -110,6 +110,7 @@ mod tests {
             engine: "synthetic".into(),
             version: String::new(),
             state: WorkerState::Ready,
+            scores_prompts: false,
         }
     }
 

@@ -95,6 +95,10 @@ pub struct WorkerRecord {
     pub engine: String,
     pub version: String,
     pub state: WorkerState,
+    /// Whether the engine can score a prompt (`SamplingParams.prompt_logprobs`): routers
+    /// place such requests only on workers that can. Absent (older workers): cannot.
+    #[serde(default)]
+    pub scores_prompts: bool,
 }
 
 impl WorkerRecord {
@@ -156,6 +160,7 @@ mod tests {
             engine: "synthetic".into(),
             version: "0.1.0".into(),
             state: WorkerState::Draining,
+            scores_prompts: false,
         };
         let json = serde_json::to_string(&record).unwrap();
         assert!(json.contains(r#""pool":"gpu""#) && json.contains(r#""state":"draining""#));

@@ -283,6 +283,7 @@ mod tests {
             engine: "synthetic".into(),
             version: String::new(),
             state,
+            scores_prompts: false,
         }
     }
 

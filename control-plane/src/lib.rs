@@ -427,6 +427,7 @@ pub(crate) mod tests {
             engine: "synthetic".into(),
             version: "0".into(),
             state: WorkerState::Ready,
+            scores_prompts: false,
         }
     }
 

@@ -2529,6 +2529,7 @@ async fn a_long_worker_id_keeps_every_rows_drain_button_in_view() -> anyhow::Res
         engine: "synthetic".into(),
         version: "0".into(),
         state: WorkerState::Ready,
+        scores_prompts: false,
     };
     let long = format!("gpu-{}", "7f3a".repeat(30));
     let mut registrations = Vec::new();

@@ -259,6 +259,7 @@ fn record(id: &str) -> WorkerRecord {
         engine: "synthetic".into(),
         version: "0".into(),
         state: WorkerState::Ready,
+        scores_prompts: false,
     }
 }
 

@@ -728,6 +728,83 @@ async fn an_echoed_prompt_is_scored_as_evaluation_harnesses_ask() -> anyhow::Res
     Ok(())
 }
 
+/// A prompt to score goes only to a worker that can score it. Latency-critical, a request
+/// goes to the wafer-scale pool, whose worker here (the synthetic engine under the model's
+/// name) cannot score: an echo runs on the GPU worker instead. A model only such workers serve
+/// is refused naming `echo`.
+#[tokio::test]
+async fn a_prompt_to_score_is_placed_on_a_worker_that_can_score_it() -> anyhow::Result<()> {
+    let path = switchyard_tests::real_model_path()?;
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 1,
+        gpu_flags: switchyard_tests::strings(&[
+            "--engine",
+            "candle",
+            "--model-path",
+            &path,
+            "--max-concurrent",
+            "4",
+        ]),
+        wse_flags: switchyard_tests::strings(&[
+            "--engine",
+            "synthetic",
+            "--model",
+            MODEL,
+            "--model",
+            "wse-only",
+        ]),
+        ..Default::default()
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let complete = |model: &str, echo: bool| {
+        http.post(format!("{}/completions", cluster.router_openai_url()))
+            .header("x-switchyard-class", "latency-critical")
+            .json(
+                &json!({"model": model, "prompt": "The capital of France is",
+                "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": echo}),
+            )
+            .send()
+    };
+    let pool = |response: &reqwest::Response| {
+        response
+            .headers()
+            .get("x-switchyard-pool")
+            .and_then(|p| p.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let plain = complete(MODEL, false).await?;
+    assert_eq!(plain.status(), 200);
+    assert_eq!(
+        pool(&plain),
+        "wse",
+        "latency-critical goes to the wafer-scale pool"
+    );
+
+    let scored = complete(MODEL, true).await?;
+    assert_eq!(scored.status(), 200);
+    assert_eq!(pool(&scored), "gpu", "the one worker that can score it");
+    let body: Value = scored.json().await?;
+    assert!(
+        body["choices"][0]["logprobs"]["token_logprobs"][0].is_null(),
+        "{body}"
+    );
+
+    let refused = complete("wse-only", true).await?;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await?;
+    assert_eq!(body["error"]["param"], "echo", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no worker serving model")),
+        "{body}"
+    );
+    Ok(())
+}
+
 /// How often the most repeated id occurs.
 fn most_repeats(ids: &[u32]) -> usize {
     ids.iter()

@@ -389,6 +389,7 @@ async fn serve(
         },
         hardware: engine.hardware(),
         engine: engine.kind().to_string(),
+        scores_prompts: engine.scores_prompts(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         state: if drain_requested {
             WorkerState::Draining

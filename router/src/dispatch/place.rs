@@ -24,7 +24,7 @@ impl Dispatcher {
         class: &Classification,
         trace: bool,
     ) -> Result<Target, DispatchError> {
-        let ask = self.ask(request, prompt_ids, class, Vec::new(), trace);
+        let ask = self.ask(request, prompt_ids, class, Vec::new(), trace)?;
         Ok(match self.placer.place(ask, IfFull::Queue)? {
             Answer::Placed(chosen) => Target::Placed(chosen),
             Answer::Queued(ticket) => Target::Queued(ticket),
@@ -40,7 +40,7 @@ impl Dispatcher {
         class: &Classification,
         excluded: Vec<String>,
     ) -> Result<Chosen, DispatchError> {
-        let ask = self.ask(request, prompt_ids, class, excluded, false);
+        let ask = self.ask(request, prompt_ids, class, excluded, false)?;
         match self.placer.place(ask, IfFull::Fallback)? {
             Answer::Placed(chosen) => Ok(chosen),
             Answer::Queued(_) => unreachable!("a fallback placement never queues"),
@@ -48,15 +48,31 @@ impl Dispatcher {
     }
 
     /// What the placer needs to know of a request. The prefix index is looked up here,
-    /// before the placer's lock is taken, so the lock is held only to decide.
+    /// before the placer's lock is taken, so the lock is held only to decide. A prompt to
+    /// score goes only to workers that can score one; when none serving its model can, it is
+    /// refused naming the field.
     fn ask(
         &self,
         request: &v1::GenerateRequest,
         prompt_ids: &[u32],
         class: &Classification,
-        excluded: Vec<String>,
+        mut excluded: Vec<String>,
         trace: bool,
-    ) -> Ask {
+    ) -> Result<Ask, DispatchError> {
+        if request.sampling.as_ref().is_some_and(|s| s.prompt_logprobs) {
+            let (cannot, can) = self.links.prompt_scorers(&request.model);
+            if can == 0 && !cannot.is_empty() {
+                return Err(DispatchError::invalid(
+                    "sampling.prompt_logprobs",
+                    format!(
+                        "no worker serving model {:?} can score a prompt (GPU workers running \
+                         the model can; wafer-scale gateways and the synthetic engine cannot)",
+                        request.model
+                    ),
+                ));
+            }
+            excluded.extend(cannot);
+        }
         let prefix = (!prompt_ids.is_empty()).then(|| {
             self.links
                 .prefix_lookup(prompt_ids)
@@ -69,7 +85,7 @@ impl Dispatcher {
         } else {
             token_count(prompt_ids)
         };
-        Ask {
+        Ok(Ask {
             request_id: request.request_id.clone(),
             model: request.model.clone(),
             class: class.clone(),
@@ -84,7 +100,7 @@ impl Dispatcher {
                 .get(TENANT_KEY)
                 .filter(|t| !t.is_empty())
                 .cloned(),
-        }
+        })
     }
 
     /// Reports a sampled request's placement to the control plane, after it `waited` at the

@@ -301,6 +301,22 @@ impl Links {
             .collect()
     }
 
+    /// The workers serving `model` whose engines cannot score a prompt (their records say),
+    /// and how many serving it can.
+    pub fn prompt_scorers(&self, model: &str) -> (Vec<String>, usize) {
+        let links = self.links.read().expect("links lock");
+        let (mut cannot, mut can) = (Vec::new(), 0);
+        for link in links.values() {
+            let record = link.record();
+            match (record.serves(model), record.scores_prompts) {
+                (false, _) => {}
+                (true, true) => can += 1,
+                (true, false) => cannot.push(record.id.clone()),
+            }
+        }
+        (cannot, can)
+    }
+
     /// The policy's view of every worker.
     pub fn view(&self) -> ClusterView {
         let mut states = self.states();

@@ -107,6 +107,7 @@ fn record() -> WorkerRecord {
         engine: "synthetic".into(),
         version: String::new(),
         state: RecordState::Ready,
+        scores_prompts: false,
     }
 }
 
