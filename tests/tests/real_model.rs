@@ -728,71 +728,79 @@ async fn an_echoed_prompt_is_scored_as_evaluation_harnesses_ask() -> anyhow::Res
     Ok(())
 }
 
-/// A prompt to score goes only to a worker that can score it. Latency-critical, a request
-/// goes to the wafer-scale pool, whose worker here (the synthetic engine under the model's
-/// name) cannot score: an echo runs on the GPU worker instead. A model only such workers serve
-/// is refused naming `echo`.
+/// A prompt to score goes only to a worker that can score it. Beside the GPU worker running
+/// the model, a second one serves the model's name with the synthetic engine, which cannot
+/// score a prompt and, with four times the slots, is the one placement prefers: plain requests
+/// go there, every echo goes to the model. A model only such workers serve is refused naming
+/// `echo`.
 #[tokio::test]
 async fn a_prompt_to_score_is_placed_on_a_worker_that_can_score_it() -> anyhow::Result<()> {
-    let path = switchyard_tests::real_model_path()?;
-    let cluster = Cluster::start(ClusterSpec {
-        gpu_workers: 1,
-        wse_workers: 1,
-        gpu_flags: switchyard_tests::strings(&[
-            "--engine",
-            "candle",
-            "--model-path",
-            &path,
-            "--max-concurrent",
-            "4",
-        ]),
-        wse_flags: switchyard_tests::strings(&[
+    let cluster = real_model_cluster(1).await?;
+    let _synthetic = switchyard_tests::Component::start(
+        "gpu-synthetic",
+        &switchyard_tests::strings(&[
+            "worker-gpu",
+            "--etcd",
+            &cluster.etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "gpu-synthetic",
             "--engine",
             "synthetic",
             "--model",
             MODEL,
             "--model",
-            "wse-only",
+            "synthetic-only",
+            "--max-concurrent",
+            "16",
         ]),
-        ..Default::default()
-    })
+        1,
+    )
     .await?;
+    cluster
+        .wait_for_router_workers(2, Duration::from_secs(60))
+        .await?;
     let http = reqwest::Client::new();
-    let complete = |model: &str, echo: bool| {
+    let complete = |model: &str, echo: bool, user: usize| {
         http.post(format!("{}/completions", cluster.router_openai_url()))
-            .header("x-switchyard-class", "latency-critical")
             .json(
                 &json!({"model": model, "prompt": "The capital of France is",
-                "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": echo}),
+                "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": echo,
+                "user": format!("user-{user}")}),
             )
             .send()
     };
-    let pool = |response: &reqwest::Response| {
+    let worker = |response: &reqwest::Response| {
         response
             .headers()
-            .get("x-switchyard-pool")
-            .and_then(|p| p.to_str().ok())
+            .get("x-switchyard-worker")
+            .and_then(|w| w.to_str().ok())
             .unwrap_or_default()
             .to_string()
     };
-    let plain = complete(MODEL, false).await?;
-    assert_eq!(plain.status(), 200);
-    assert_eq!(
-        pool(&plain),
-        "wse",
-        "latency-critical goes to the wafer-scale pool"
-    );
-
-    let scored = complete(MODEL, true).await?;
-    assert_eq!(scored.status(), 200);
-    assert_eq!(pool(&scored), "gpu", "the one worker that can score it");
-    let body: Value = scored.json().await?;
+    let mut plain_on = Vec::new();
+    for user in 0..4 {
+        let plain = complete(MODEL, false, user).await?;
+        assert_eq!(plain.status(), 200);
+        plain_on.push(worker(&plain));
+    }
     assert!(
-        body["choices"][0]["logprobs"]["token_logprobs"][0].is_null(),
-        "{body}"
+        plain_on.iter().any(|w| w == "gpu-synthetic"),
+        "plain requests may go to either worker: {plain_on:?}"
     );
+    for user in 0..4 {
+        let scored = complete(MODEL, true, user).await?;
+        let on = worker(&scored);
+        let body: Value = scored.json().await?;
+        assert_eq!(on, "gpu-0", "the worker that can score it: {body}");
+        assert!(
+            body["choices"][0]["logprobs"]["token_logprobs"][0].is_null(),
+            "{body}"
+        );
+    }
 
-    let refused = complete("wse-only", true).await?;
+    let refused = complete("synthetic-only", true, 0).await?;
     assert_eq!(refused.status(), 400);
     let body: Value = refused.json().await?;
     assert_eq!(body["error"]["param"], "echo", "{body}");

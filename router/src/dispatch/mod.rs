@@ -272,8 +272,8 @@ impl Dispatcher {
     /// session carries requests of many traces.
     ///
     /// A request that names no `sampling.max_tokens` (0) may generate
-    /// [`switchyard_proto::DEFAULT_MAX_TOKENS`], lowered to what the model's context leaves after its prompt;
-    /// one that names a bound the context cannot hold is refused.
+    /// [`switchyard_proto::DEFAULT_MAX_TOKENS`], lowered to what the model's context leaves
+    /// after its prompt; one that names a bound the context cannot hold is refused.
     ///
     /// A long prompt is tokenized first, off the runtime's threads; preparing any other
     /// request does not wait ([`Dispatcher::waits_to_prepare`]).

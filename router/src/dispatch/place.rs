@@ -15,6 +15,25 @@ use crate::error::DispatchError;
 use crate::placer::{Answer, Ask, Chosen, IfFull};
 use crate::policy::stable_hash;
 
+/// What the next segment of a request needs of its worker's engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Needs {
+    /// Any engine serving the model.
+    Generation,
+    /// One that can score the prompt (`sampling.prompt_logprobs`), until the client has it.
+    PromptScored,
+}
+
+impl Needs {
+    /// What a request's first segment needs.
+    pub(super) fn of(request: &v1::GenerateRequest) -> Self {
+        match request.sampling.as_ref().is_some_and(|s| s.prompt_logprobs) {
+            true => Needs::PromptScored,
+            false => Needs::Generation,
+        }
+    }
+}
+
 impl Dispatcher {
     /// The first placement of a request: a worker now, or a wait at the router.
     pub(super) fn place(
@@ -24,7 +43,8 @@ impl Dispatcher {
         class: &Classification,
         trace: bool,
     ) -> Result<Target, DispatchError> {
-        let ask = self.ask(request, prompt_ids, class, Vec::new(), trace)?;
+        let needs = Needs::of(request);
+        let ask = self.ask(request, prompt_ids, class, Vec::new(), needs, trace)?;
         Ok(match self.placer.place(ask, IfFull::Queue)? {
             Answer::Placed(chosen) => Target::Placed(chosen),
             Answer::Queued(ticket) => Target::Queued(ticket),
@@ -39,8 +59,9 @@ impl Dispatcher {
         prompt_ids: &[u32],
         class: &Classification,
         excluded: Vec<String>,
+        needs: Needs,
     ) -> Result<Chosen, DispatchError> {
-        let ask = self.ask(request, prompt_ids, class, excluded, false)?;
+        let ask = self.ask(request, prompt_ids, class, excluded, needs, false)?;
         match self.placer.place(ask, IfFull::Fallback)? {
             Answer::Placed(chosen) => Ok(chosen),
             Answer::Queued(_) => unreachable!("a fallback placement never queues"),
@@ -57,9 +78,10 @@ impl Dispatcher {
         prompt_ids: &[u32],
         class: &Classification,
         mut excluded: Vec<String>,
+        needs: Needs,
         trace: bool,
     ) -> Result<Ask, DispatchError> {
-        if request.sampling.as_ref().is_some_and(|s| s.prompt_logprobs) {
+        if needs == Needs::PromptScored {
             let (cannot, can) = self.links.prompt_scorers(&request.model);
             if can == 0 && !cannot.is_empty() {
                 return Err(DispatchError::invalid(

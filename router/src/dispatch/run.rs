@@ -472,7 +472,11 @@ impl<'d> Run<'d> {
     fn list(&mut self, label: &str, link: &Link) {
         let policy = self.dispatcher.policy.current();
         let migration = &policy.migration;
+        // A generation scoring its prompt stays where it is: a move's target need not be able
+        // to score one (such requests are one token long, as harnesses send them, anyway).
+        let scoring = super::place::Needs::of(&self.request) == super::place::Needs::PromptScored;
         let movable = migration.enabled
+            && !scoring
             && self.moves < migration.max_moves_per_generation
             && ((migration.preempt_borrowed_wse && label == "borrow_wse")
                 || migration.drain_handoff
@@ -566,6 +570,11 @@ impl<'d> Run<'d> {
             )));
         }
         excluded.push(failed.id());
+        // Once the client has a token it has the scored prompt: any worker may go on.
+        let needs = match self.delivered {
+            0 => super::place::Needs::of(&self.request),
+            _ => super::place::Needs::Generation,
+        };
         let Chosen {
             link,
             reason,
@@ -578,6 +587,7 @@ impl<'d> Run<'d> {
             &self.prompt_ids,
             &self.class,
             excluded.clone(),
+            needs,
         )?;
         // Listed where it runs now: moves are judged against the worker it is on.
         self.list(reason_label, &link);
