@@ -813,6 +813,67 @@ async fn a_prompt_to_score_is_placed_on_a_worker_that_can_score_it() -> anyhow::
     Ok(())
 }
 
+/// A latency-critical prompt to score, in a cluster whose wafer-scale pool cannot score one:
+/// it borrows the GPU pool at once rather than waiting at the router for a wafer-scale slot
+/// that could never take it (and being shed at the end of the lane's queue wait).
+#[tokio::test]
+async fn a_latency_critical_prompt_to_score_borrows_the_gpu_pool() -> anyhow::Result<()> {
+    let path = switchyard_tests::real_model_path()?;
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 1,
+        gpu_flags: switchyard_tests::strings(&[
+            "--engine",
+            "candle",
+            "--model-path",
+            &path,
+            "--max-concurrent",
+            "4",
+        ]),
+        wse_flags: switchyard_tests::strings(&["--engine", "synthetic", "--model", MODEL]),
+        ..Default::default()
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let complete = |echo: bool| {
+        http.post(format!("{}/completions", cluster.router_openai_url()))
+            .header("x-switchyard-class", "latency-critical")
+            .json(&json!({"model": MODEL, "prompt": "The capital of France is",
+                "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": echo}))
+            .send()
+    };
+    let header = |response: &reqwest::Response, name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|w| w.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    // The premise: a plain latency-critical request goes to its home pool.
+    let plain = complete(false).await?;
+    assert_eq!(plain.status(), 200);
+    assert_eq!(header(&plain, "x-switchyard-worker"), "wse-0");
+
+    let scored = complete(true).await?;
+    let status = scored.status();
+    let on = header(&scored, "x-switchyard-worker");
+    let body: Value = scored.json().await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(on, "gpu-0", "{body}");
+    assert!(
+        body["choices"][0]["logprobs"]["token_logprobs"][0].is_null(),
+        "{body}"
+    );
+    assert!(
+        body["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("The capital of France is")),
+        "{body}"
+    );
+    Ok(())
+}
+
 /// How often the most repeated id occurs.
 fn most_repeats(ids: &[u32]) -> usize {
     ids.iter()
