@@ -109,4 +109,32 @@ def an_echoed_stream_opens_with_the_prompt():
     assert "".join(texts).startswith(CONTEXT + " Paris"), texts
 
 
+@check
+def an_echo_of_no_tokens_scores_the_prompt_alone():
+    """OpenAI's score-only form, which older harnesses send: `echo` with `max_tokens: 0`."""
+    prompt = CONTEXT + " Paris"
+    alone = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=0, temperature=0, logprobs=1, echo=True
+    )
+    choice = alone.choices[0]
+    assert choice.text == prompt, choice.text
+    assert choice.finish_reason == "length", choice.finish_reason
+    assert alone.usage.completion_tokens == 0, alone.usage
+    assert len(choice.logprobs.tokens) == alone.usage.prompt_tokens, (choice.logprobs, alone.usage)
+    # The same scores as the harness's one-token form, without its generated token.
+    scored = loglikelihood_requests([(CONTEXT, " Paris")]).choices[0].logprobs
+    assert choice.logprobs.tokens == scored.tokens[:-1], (choice.logprobs.tokens, scored.tokens)
+    for own, theirs in zip(choice.logprobs.token_logprobs[1:], scored.token_logprobs[1:-1]):
+        assert abs(own - theirs) < 1e-3, (own, theirs)
+    streamed = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=0, echo=True, stream=True
+        )
+    )
+    texts = [c.choices[0].text for c in streamed if c.choices]
+    assert "".join(texts) == prompt, texts
+    ends = [c.choices[0].finish_reason for c in streamed if c.choices and c.choices[0].finish_reason]
+    assert ends == ["length"], ends
+
+
 finish("openai-eval")

@@ -724,7 +724,7 @@ async fn an_echoed_prompt_is_scored_as_evaluation_harnesses_ask() -> anyhow::Res
     let out =
         switchyard_tests::program_output("python3", &[script, &cluster.router_openai_url(), MODEL])
             .await?;
-    assert!(out.contains("openai-eval: 5 passed, 0 failed"), "{out}");
+    assert!(out.contains("openai-eval: 6 passed, 0 failed"), "{out}");
     Ok(())
 }
 
@@ -838,8 +838,10 @@ async fn a_latency_critical_prompt_to_score_borrows_the_gpu_pool() -> anyhow::Re
     let complete = |echo: bool| {
         http.post(format!("{}/completions", cluster.router_openai_url()))
             .header("x-switchyard-class", "latency-critical")
-            .json(&json!({"model": MODEL, "prompt": "The capital of France is",
-                "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": echo}))
+            .json(
+                &json!({"model": MODEL, "prompt": "The capital of France is",
+                "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": echo}),
+            )
             .send()
     };
     let header = |response: &reqwest::Response, name: &str| {

@@ -34,6 +34,38 @@ pub fn merge(receivers: Vec<FrameReceiver>) -> ChoiceFrames {
     ))
 }
 
+/// `frames` as a score-only request (`echo` with `max_tokens: 0`) answers: each choice's
+/// scored prompt, and none of what was generated to score it. Its tokens' text, log
+/// probabilities and calls go (a frame left with nothing goes whole); it ends as `length`,
+/// having completed no token.
+pub fn score_only(frames: ChoiceFrames) -> ChoiceFrames {
+    use v1::server_frame::Frame;
+    Box::pin(frames.filter_map(|(index, item)| async move {
+        let Ok(v1::ServerFrame { frame: Some(frame) }) = item else {
+            return Some((index, item));
+        };
+        let frame = match frame {
+            Frame::Tokens(tokens) if tokens.prompt_logprobs.is_empty() => return None,
+            Frame::Tokens(tokens) => Frame::Tokens(v1::Tokens {
+                request_id: tokens.request_id,
+                seq: tokens.seq,
+                prompt_logprobs: tokens.prompt_logprobs,
+                ..Default::default()
+            }),
+            Frame::Finished(mut finished) => {
+                finished.reason = v1::FinishReason::Length as i32;
+                finished.stop_sequence.clear();
+                if let Some(usage) = finished.usage.as_mut() {
+                    usage.completion_tokens = 0;
+                }
+                Frame::Finished(finished)
+            }
+            other => other,
+        };
+        Some((index, Ok(v1::ServerFrame { frame: Some(frame) })))
+    }))
+}
+
 /// The usage of a request whose choices ended with `usages` (in index order), `per_prompt`
 /// choices for each of its prompts: every prompt (and what of it the cache held) once, as its
 /// first choice read it, and the completions of all.
@@ -61,6 +93,68 @@ mod tests {
             completion_tokens: completion,
             cached_prompt_tokens: cached,
         })
+    }
+
+    /// A score-only answer keeps each choice's scored prompt and its end, and none of the
+    /// token generated to get there.
+    #[tokio::test]
+    async fn a_score_only_answer_is_the_scored_prompt_alone() {
+        use v1::server_frame::Frame;
+        let scored = |logprob| v1::TokenLogprobs {
+            chosen: Some(v1::TokenLogprob {
+                token_id: 7,
+                token: b"x".to_vec(),
+                logprob,
+            }),
+            top: Vec::new(),
+        };
+        let frame = |frame| Ok(v1::ServerFrame { frame: Some(frame) });
+        let frames: Vec<(u32, Result<v1::ServerFrame, Status>)> = vec![
+            (
+                0,
+                frame(Frame::Tokens(v1::Tokens {
+                    request_id: "r".into(),
+                    text: " Paris".into(),
+                    token_ids: vec![9],
+                    logprobs: vec![scored(-0.5)],
+                    prompt_logprobs: vec![scored(0.0), scored(-2.0)],
+                    ..Default::default()
+                })),
+            ),
+            (
+                0,
+                frame(Frame::Tokens(v1::Tokens {
+                    seq: 1,
+                    text: "!".into(),
+                    token_ids: vec![3],
+                    ..Default::default()
+                })),
+            ),
+            (
+                0,
+                frame(Frame::Finished(v1::Finished {
+                    reason: v1::FinishReason::Stop as i32,
+                    stop_sequence: "!".into(),
+                    usage: usage_of(2, 2, 0),
+                    ..Default::default()
+                })),
+            ),
+        ];
+        let answered: Vec<_> = score_only(Box::pin(futures::stream::iter(frames)))
+            .map(|(index, item)| (index, item.expect("frame").frame.expect("some")))
+            .collect()
+            .await;
+        let [(0, Frame::Tokens(tokens)), (0, Frame::Finished(finished))] = &answered[..] else {
+            panic!("the prompt's scores and the end: {answered:?}");
+        };
+        assert_eq!(tokens.prompt_logprobs, vec![scored(0.0), scored(-2.0)]);
+        assert_eq!(tokens.request_id, "r");
+        assert!(
+            tokens.text.is_empty() && tokens.token_ids.is_empty() && tokens.logprobs.is_empty()
+        );
+        assert_eq!(finished.reason, v1::FinishReason::Length as i32);
+        assert!(finished.stop_sequence.is_empty());
+        assert_eq!(finished.usage, usage_of(2, 0, 0));
     }
 
     #[test]

@@ -337,7 +337,7 @@ async fn generate(
         }
         Endpoint::Completion => parse::<CompletionRequest>(body)?.into_proto(cap)?,
     };
-    let (placed, mut frames) = place(
+    let (placed, frames) = place(
         &dispatcher,
         tenant,
         &headers,
@@ -349,6 +349,10 @@ async fn generate(
         id,
     )
     .await?;
+    let mut frames = match mode.score_only {
+        true => choices::score_only(frames),
+        false => frames,
+    };
     let meta = Meta {
         endpoint,
         id: placed.id,

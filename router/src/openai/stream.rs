@@ -386,6 +386,7 @@ mod tests {
             max_tokens_field: None,
             choices: 1,
             per_prompt: 1,
+            score_only: false,
         }
     }
 
@@ -402,6 +403,7 @@ mod tests {
             max_tokens_field: None,
             choices: 1,
             per_prompt: 1,
+            score_only: false,
         };
         stream_with(endpoint, mode, first, rest).await
     }
@@ -699,6 +701,7 @@ mod tests {
             max_tokens_field: None,
             choices: 2,
             per_prompt: 2,
+            score_only: false,
         };
         let finished = |prompt, completion| {
             Frame::Finished(v1::Finished {

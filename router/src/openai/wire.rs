@@ -361,6 +361,9 @@ pub struct StreamMode {
     pub choices: u32,
     /// `n`: choices `p·n` to `p·n + n − 1` answer prompt `p`.
     pub per_prompt: u32,
+    /// `echo` with `max_tokens: 0`: each choice is its scored prompt alone, and the token
+    /// generated to get its scores is left out (see [`crate::openai::choices::score_only`]).
+    pub score_only: bool,
 }
 
 /// Which endpoint's form `logprobs` takes.
@@ -452,14 +455,19 @@ fn sampling(
     } else {
         fields.max_tokens.map(|_| "max_tokens")
     };
+    let echo = form == LogprobsForm::Completion && fields.unsupported.echo();
+    // OpenAI's "score only": an echoed prompt and nothing after it. The worker generates one
+    // token (its prompt's scores come with the first), which the door leaves out.
+    let score_only = echo && fields.max_tokens == Some(0) && fields.max_completion_tokens.is_none();
     let max_tokens = match (
         fields.max_completion_tokens.or(fields.max_tokens),
         max_tokens_field,
     ) {
+        _ if score_only => 1,
         (Some(m), Some(field)) if m < 1 => {
             return Err(ApiError::invalid(
                 field,
-                format!("is {m}, must be at least 1"),
+                format!("is {m}, must be at least 1 (0 only with echo, to score the prompt alone)"),
             ));
         }
         // Beyond any cap: refused here, as the client wrote it (the router's own check would
@@ -486,7 +494,6 @@ fn sampling(
         Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
     };
     fields.unsupported.check(form)?;
-    let echo = form == LogprobsForm::Completion && fields.unsupported.echo();
     let (logprobs, top_logprobs) = logprobs_asked(fields, form)?;
     // OpenAI seeds are signed 64-bit; reinterpret the bits.
     let seed = fields.seed.map(|s| s as u64);
@@ -544,6 +551,7 @@ fn sampling(
         max_tokens_field,
         choices,
         per_prompt: choices,
+        score_only,
     };
     if !fields.stream && fields.stream_options.is_some() {
         return Err(ApiError::invalid(
@@ -1279,6 +1287,29 @@ mod tests {
         assert_eq!(refused.param.as_deref(), Some("echo"));
         let chat = chat_with(r#""echo":true"#).expect_err("chat has no echo");
         assert_eq!(chat.param.as_deref(), Some("echo"));
+    }
+
+    /// `echo` with `max_tokens: 0` scores the prompt alone (the worker is asked for one token,
+    /// which the door leaves out); `max_tokens: 0` without `echo` still asks for nothing.
+    #[test]
+    fn an_echo_of_no_tokens_scores_the_prompt_alone() {
+        let completion = |extra: &str| {
+            parse_body::<CompletionRequest>(
+                format!(r#"{{"model":"m","prompt":"x",{extra}}}"#).as_bytes(),
+            )?
+            .into_proto(64)
+            .map(|(mut requests, mode)| (requests.remove(0), mode))
+        };
+        let (request, mode) =
+            completion(r#""echo":true,"max_tokens":0,"logprobs":0"#).expect("valid");
+        let sampling = request.sampling.expect("sampling");
+        assert!(mode.score_only && sampling.prompt_logprobs);
+        assert_eq!(sampling.max_tokens, 1);
+        let (_, mode) = completion(r#""echo":true,"max_tokens":1"#).expect("valid");
+        assert!(!mode.score_only);
+        let refused = completion(r#""max_tokens":0"#).expect_err("nothing to answer");
+        assert_eq!(refused.param.as_deref(), Some("max_tokens"));
+        assert!(refused.message.contains("echo"), "{}", refused.message);
     }
 
     #[test]
