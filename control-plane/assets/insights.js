@@ -25,6 +25,19 @@
   const LANES = ["latency-critical", "cost-sensitive"];
   const POOLS = ["gpu", "wse"];
   const MOVE_REASONS = ["drain", "preempt", "rebalance"];
+  // The routers' API names (an API a newer router adds shows as it names it).
+  const API_NAMES = {
+    chat_completions: "POST /v1/chat/completions",
+    completions: "POST /v1/completions",
+    responses: "POST /v1/responses",
+    messages: "POST /v1/messages (Anthropic)",
+    count_tokens: "POST /v1/messages/count_tokens",
+    models: "GET /v1/models",
+    unknown: "HTTP, any other path",
+    grpc_session: "gRPC Session (per request)",
+    grpc_generate: "gRPC Generate",
+  };
+  const ANSWERS = ["ok", "client_errors", "rate_limited", "server_errors", "cancelled"];
 
   const $ = (id) => document.getElementById(id);
   let points = [];
@@ -196,6 +209,44 @@
     ], { format: fmtPct, max: 1 });
     renderSampling();
     renderMoves();
+    renderApis();
+  }
+
+  // Each API's answers summed over the chosen window, busiest first.
+  function renderApis() {
+    const t0 = (points.length ? points[points.length - 1].t : 0) - windowSeconds;
+    const totals = new Map();
+    for (const p of points) {
+      if (p.t <= t0 || !p.apis) continue;
+      for (const [api, answers] of Object.entries(p.apis)) {
+        const sum = totals.get(api) || Object.fromEntries(ANSWERS.map((k) => [k, 0]));
+        for (const k of ANSWERS) sum[k] += answers[k] || 0;
+        totals.set(api, sum);
+      }
+    }
+    const span = windowSeconds >= 3600 ? "hour" : `${windowSeconds / 60} min`;
+    $("apis-window").textContent = `(last ${span})`;
+    const rows = [...totals.entries()]
+      .map(([api, sum]) => ({ api, sum, requests: ANSWERS.reduce((n, k) => n + sum[k], 0) }))
+      .sort((a, b) => b.requests - a.requests || a.api.localeCompare(b.api));
+    const num = (v, trouble) => el("td", { class: trouble && v > 0 ? "num bad" : "num" }, fmtNum(v));
+    $("apis").querySelector("tbody").replaceChildren(...rows.map(({ api, sum, requests }) => {
+      const errors = sum.client_errors + sum.rate_limited + sum.server_errors;
+      const tr = el("tr", { "data-api": api });
+      for (const k of ANSWERS) tr.dataset[k.replace(/_(.)/g, (_, c) => c.toUpperCase())] = String(sum[k]);
+      tr.append(
+        el("td", {}, API_NAMES[api] || api),
+        num(requests),
+        num(sum.ok),
+        num(sum.client_errors),
+        num(sum.rate_limited),
+        num(sum.server_errors, true),
+        num(sum.cancelled),
+        el("td", { class: errors ? "num bad" : "num" }, fmtPct(requests ? errors / requests : null)),
+      );
+      return tr;
+    }));
+    $("no-apis").hidden = rows.length > 0;
   }
 
   // Moves by reason over the chosen window, beside the feed that shows each one.

@@ -1,7 +1,8 @@
 //! The cluster's recent history at one-second resolution, for the dashboard's charts: per lane
 //! TTFT p50/p99 against the lane's SLO, SLO attainment, inter-token latency, shed and failover
 //! counts, router queue depth, the error of the router's TTFT predictions; per pool tokens/s
-//! and worker queue depth; cost per hour, the prefix-cache hit rate and moves per reason.
+//! and worker queue depth; cost per hour, the prefix-cache hit rate and moves per reason; how
+//! the front doors answered, per API.
 //!
 //! Routers' per-second stats ([`v1::RouterStats`], covering every request) are merged into the
 //! open second as they arrive; once a second the open second is sealed into a point, with the
@@ -22,6 +23,7 @@ use switchyard_policy::moves::MoveReason;
 use switchyard_proto::v1;
 use switchyard_router::report::histogram::Histogram;
 use switchyard_router::report::ledger::{self, Sums};
+use switchyard_router::report::limits;
 
 /// Points kept: one hour at one second.
 pub const SECONDS: usize = 3600;
@@ -62,6 +64,28 @@ struct Open {
     ledger_tenants: HashMap<String, Sums>,
     /// Per [`MoveReason::index`].
     moves: [u64; 3],
+    /// How the routers' front doors answered, per API (at most [`limits::APIS`] of them).
+    apis: BTreeMap<String, ApiPoint>,
+}
+
+/// One front-door API's answers in a second, over every router (see [`v1::ApiAnswers`]).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct ApiPoint {
+    pub ok: u64,
+    pub client_errors: u64,
+    pub rate_limited: u64,
+    pub server_errors: u64,
+    pub cancelled: u64,
+}
+
+impl ApiPoint {
+    fn add(&mut self, answers: &v1::ApiAnswers) {
+        self.ok += u64::from(answers.ok);
+        self.client_errors += u64::from(answers.client_errors);
+        self.rate_limited += u64::from(answers.rate_limited);
+        self.server_errors += u64::from(answers.server_errors);
+        self.cancelled += u64::from(answers.cancelled);
+    }
 }
 
 /// One second's ledger.
@@ -153,6 +177,8 @@ pub struct Point {
     pub ledger: LedgerPoint,
     /// Moves the requests that ended this second made, per reason (every known reason).
     pub moves: BTreeMap<&'static str, u64>,
+    /// How the front doors answered this second, per API (those that answered any).
+    pub apis: BTreeMap<String, ApiPoint>,
 }
 
 #[derive(Debug, Default)]
@@ -231,6 +257,15 @@ impl History {
             // A reason from a newer router is not this dashboard's to show.
             if let Some(reason) = MoveReason::ALL.iter().find(|r| r.as_str() == reason) {
                 open.moves[reason.index()] += u64::from(*count);
+            }
+        }
+        for answers in &stats.apis {
+            let known = open.apis.contains_key(&answers.api);
+            if known || open.apis.len() < limits::APIS {
+                open.apis
+                    .entry(answers.api.clone())
+                    .or_default()
+                    .add(answers);
             }
         }
         for row in &stats.ledger {
@@ -337,6 +372,7 @@ impl History {
                 .iter()
                 .map(|r| (r.as_str(), open.moves[r.index()]))
                 .collect(),
+            apis: std::mem::take(&mut open.apis),
         };
         inner.open.router_queues = open.router_queues;
         if inner.points.len() == SECONDS {
@@ -571,6 +607,12 @@ mod tests {
             decisions_reported: 4,
             dropped: 1,
             moves: [("drain".to_string(), 1), ("teleport".to_string(), 5)].into(),
+            apis: vec![v1::ApiAnswers {
+                api: "chat_completions".into(),
+                ok: 3,
+                client_errors: 1,
+                ..Default::default()
+            }],
             ..Default::default()
         }
     }
@@ -619,14 +661,28 @@ mod tests {
             point.moves,
             [("drain", 2), ("preempt", 0), ("rebalance", 0)].into()
         );
+        assert_eq!(
+            point.apis,
+            [(
+                "chat_completions".to_string(),
+                ApiPoint {
+                    ok: 6,
+                    client_errors: 2,
+                    ..Default::default()
+                }
+            )]
+            .into()
+        );
         // The next second starts empty; a router that stopped reporting leaves no queue.
         history.add(&stats("a", &[], 0, 1));
         let next = history.seal(101, LOAD, [300.0, 2000.0]);
+        assert_eq!(next.apis["chat_completions"].ok, 3);
         assert_eq!(next.lanes.latency_critical.requests, 0);
         assert_eq!(next.lanes.latency_critical.ttft_p50_ms, None);
         assert_eq!(next.lanes.latency_critical.under_predicted, None);
         assert_eq!(next.lanes.latency_critical.queued_at_router, 1);
         let idle = history.seal(102, LOAD, [300.0, 2000.0]);
+        assert!(idle.apis.is_empty(), "{:?}", idle.apis);
         assert_eq!(idle.lanes.latency_critical.queued_at_router, 0);
         assert_eq!(idle.routers, 0);
     }

@@ -87,7 +87,8 @@ impl Ignored {
 /// A part of a report that was not kept, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dropped {
-    /// `decision`, `outcome`, `stats`, `stats.lanes`, `stats.ledger` or `empty`.
+    /// `decision`, `outcome`, `stats`, `stats.lanes`, `stats.ledger`, `stats.apis` or
+    /// `empty`.
     pub entry: &'static str,
     /// How many of them (ledger rows beyond the bound go together).
     pub count: u64,
@@ -254,6 +255,27 @@ pub fn screen(report: v1::RouterReport) -> (Option<v1::RouterReport>, Vec<Droppe
                         Err(reason) => {
                             dropped.push(drop("stats.ledger", 1, reason));
                             false
+                        }
+                    });
+                    if s.apis.len() > limits::APIS {
+                        dropped.push(drop(
+                            "stats.apis",
+                            (s.apis.len() - limits::APIS) as u64,
+                            format!(
+                                "stats.apis: {} rows, at most {}",
+                                s.apis.len(),
+                                limits::APIS
+                            ),
+                        ));
+                        s.apis.truncate(limits::APIS);
+                    }
+                    s.apis.retain(|row| {
+                        match too_long("stats.apis.api", &row.api, limits::ID_BYTES) {
+                            Ok(()) => true,
+                            Err(reason) => {
+                                dropped.push(drop("stats.apis", 1, reason));
+                                false
+                            }
                         }
                     });
                     Some(Report::Stats(s))
@@ -740,6 +762,32 @@ mod tests {
             s.router_id = "r".repeat(limits::ID_BYTES + 1);
         }
         assert_eq!(dropped_whole(bad).entry, "stats");
+    }
+
+    #[test]
+    fn front_door_rows_are_bounded_and_a_bad_one_dropped_alone() {
+        let api = |name: &str| v1::ApiAnswers {
+            api: name.into(),
+            ok: 1,
+            ..Default::default()
+        };
+        let stats = |apis: Vec<v1::ApiAnswers>| v1::RouterReport {
+            report: Some(Report::Stats(v1::RouterStats {
+                router_id: "r".into(),
+                apis,
+                ..Default::default()
+            })),
+        };
+        let long = "a".repeat(limits::ID_BYTES + 1);
+        let (kept, dropped) = screen(stats(vec![api("completions"), api(&long)]));
+        assert_eq!(kept, Some(stats(vec![api("completions")])));
+        assert_eq!((dropped[0].entry, dropped[0].count), ("stats.apis", 1));
+        let (kept, dropped) = screen(stats(vec![api("chat_completions"); limits::APIS + 2]));
+        let Some(Report::Stats(kept)) = kept.and_then(|r| r.report) else {
+            panic!("the stats are kept");
+        };
+        assert_eq!(kept.apis.len(), limits::APIS);
+        assert_eq!((dropped[0].entry, dropped[0].count), ("stats.apis", 2));
     }
 
     #[test]

@@ -16,6 +16,8 @@ use crate::auth::{AUTHORIZATION, ApiKeys, Tenant};
 use crate::dispatch::{Dispatcher, frame_channel};
 use crate::error::failed_status;
 use crate::metrics::RouterMetrics;
+use crate::report::Reporter;
+use crate::report::answers::{Answer, GRPC_GENERATE, GRPC_SESSION};
 use crate::session::{SESSION_BUFFER, Session, run_session};
 use switchyard_cluster::deadline::{
     ahead_of_tonic, call_deadline, deadline_passed, until_deadline,
@@ -67,6 +69,15 @@ impl v1::inference_server::Inference for InferenceService {
         let ending =
             futures::stream::once(ending_rx).filter_map(|ending| async { ending.ok().map(Err) });
         let frames = rx.into_stream().chain(ending);
+        // Each request is counted by the frame that ends it.
+        let reports = self.dispatcher.reports.clone();
+        let frames = frames.inspect(move |item| {
+            if let Ok(v1::ServerFrame { frame: Some(frame) }) = item
+                && let Some(answer) = Answer::of_frame(frame)
+            {
+                reports.answered(GRPC_SESSION, answer);
+            }
+        });
         Ok(Response::new(match deadline {
             Some(deadline) => Box::pin(until_deadline(frames, deadline)),
             None => Box::pin(frames),
@@ -105,20 +116,26 @@ impl v1::inference_server::Inference for InferenceService {
                 None => Err(Status::internal("the request ended without a frame")),
             }
         };
-        let (first, frames) = match deadline {
+        let answered = match deadline {
             // Before tonic's own timer, which would answer `CANCELLED`.
             Some(deadline) => tokio::time::timeout_at(ahead_of_tonic(deadline), answered)
                 .await
-                .unwrap_or_else(|_| Err(deadline_passed()))?,
-            None => answered.await?,
+                .unwrap_or_else(|_| Err(deadline_passed())),
+            None => answered.await,
         };
+        let mut answer = GenerateAnswer::new(self.dispatcher.reports.clone());
+        let (first, frames) = answered.inspect_err(|status| answer.count(Err(status)))?;
         let frames = futures::stream::once(std::future::ready(first))
             .chain(frames)
             .flat_map(with_failure_status);
-        Ok(Response::new(match deadline {
+        let frames: FrameStream = match deadline {
             Some(deadline) => Box::pin(until_deadline(frames, deadline)),
             None => Box::pin(frames),
-        }))
+        };
+        Ok(Response::new(Box::pin(frames.map(move |item| {
+            answer.count(item.as_ref());
+            item
+        }))))
     }
 
     async fn list_models(
@@ -147,6 +164,42 @@ impl v1::inference_server::Inference for InferenceService {
             })
             .collect();
         Ok(Response::new(v1::ListModelsResponse { models }))
+    }
+}
+
+/// How a `Generate` call was answered, counted once: by the frame or status that ends it, or
+/// as cancelled when the client drops the call before.
+struct GenerateAnswer {
+    reports: Reporter,
+    counted: bool,
+}
+
+impl GenerateAnswer {
+    fn new(reports: Reporter) -> Self {
+        Self {
+            reports,
+            counted: false,
+        }
+    }
+
+    fn count(&mut self, item: Result<&v1::ServerFrame, &Status>) {
+        let answer = match item {
+            Ok(v1::ServerFrame { frame: Some(frame) }) => Answer::of_frame(frame),
+            Ok(_) => None,
+            Err(status) => Some(Answer::of_grpc(status.code())),
+        };
+        if let Some(answer) = answer.filter(|_| !self.counted) {
+            self.counted = true;
+            self.reports.answered(GRPC_GENERATE, answer);
+        }
+    }
+}
+
+impl Drop for GenerateAnswer {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.reports.answered(GRPC_GENERATE, Answer::Cancelled);
+        }
     }
 }
 

@@ -330,6 +330,118 @@ async fn page_worker_ids(browser: &Browser) -> anyhow::Result<Vec<String>> {
     Ok(serde_json::from_value(ids)?)
 }
 
+/// The dashboard counts how each front door answered, HTTP route by route and gRPC request by
+/// request, in classes an on-call engineer reads at a glance (and leaves out the probes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_counts_each_front_doors_answers() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    cluster
+        .router
+        .wait_for_log("reporting to the control plane", PATIENCE)
+        .await?;
+    let http = reqwest::Client::new();
+    let base = cluster.router_openai_url();
+    let chat = |body: Value| {
+        http.post(format!("{base}/chat/completions"))
+            .json(&body)
+            .send()
+    };
+    let message = serde_json::json!([{"role": "user", "content": "count me"}]);
+    for _ in 0..2 {
+        let ok =
+            chat(serde_json::json!({"model": "synthetic", "messages": message, "max_tokens": 2}));
+        assert_eq!(ok.await?.status(), 200);
+    }
+    let refused = chat(serde_json::json!({"messages": message})).await?;
+    assert_eq!(refused.status(), 400);
+    let completion = http
+        .post(format!("{base}/completions"))
+        .json(&serde_json::json!({"model": "synthetic", "prompt": "x", "max_tokens": 2}))
+        .send()
+        .await?;
+    assert_eq!(completion.status(), 200);
+    let lost = http.get(format!("{base}/nowhere")).send().await?;
+    assert_eq!(lost.status(), 404);
+    let health = http
+        .get(format!("http://{}/health", cluster.router.addr("http")))
+        .send()
+        .await?;
+    assert!(health.status().is_success());
+
+    let mut inference = v1::inference_client::InferenceClient::new(
+        switchyard_client::connect_channel(&cluster.router_addr()).await?,
+    );
+    let request = |id: &str, model: &str| {
+        let mut request =
+            switchyard_tests::synthetic_request(id, RequestClass::CostSensitive, "count me", 2);
+        request.model = model.into();
+        request
+    };
+    let mut frames = inference
+        .generate(request("generate-ok", "synthetic"))
+        .await?
+        .into_inner();
+    while frames.message().await?.is_some() {}
+    let invalid = inference
+        .generate(request("generate-bad", ""))
+        .await
+        .expect_err("no model");
+    assert_eq!(invalid.code(), tonic::Code::InvalidArgument);
+
+    let session = SessionClient::connect(&cluster.router_addr()).await?;
+    for i in 0..2 {
+        let done = session
+            .start(request(&format!("session-{i}"), "synthetic"))?
+            .collect()
+            .await;
+        assert!(done.finished.is_some(), "{:?}", done.failed);
+    }
+    let done = session.start(request("session-bad", ""))?.collect().await;
+    assert!(done.failed.is_some(), "no model: {done:?}");
+
+    let browser = Browser::start().await?;
+    browser
+        .goto(&format!("http://{}/", cluster.control_plane.addr("http")))
+        .await?;
+    let expected = serde_json::json!({
+        "chat_completions": {"ok": "2", "clientErrors": "1"},
+        "completions": {"ok": "1", "clientErrors": "0"},
+        "unknown": {"ok": "0", "clientErrors": "1"},
+        "grpc_generate": {"ok": "1", "clientErrors": "1"},
+        "grpc_session": {"ok": "2", "clientErrors": "1"},
+    });
+    let shown = || async {
+        browser
+            .execute(
+                "return Object.fromEntries([...document.querySelectorAll('#apis tbody tr')]
+                   .map(r => [r.dataset.api, {ok: r.dataset.ok, clientErrors: r.dataset.clientErrors}]));",
+                vec![],
+            )
+            .await
+            .unwrap_or_default()
+    };
+    let counted = wait_until(
+        PATIENCE,
+        "the front-door table to count every answer",
+        || async { shown().await == expected },
+    )
+    .await;
+    if let Err(error) = counted {
+        anyhow::bail!("{error}: the table shows {}", shown().await);
+    }
+    let table = browser.text("#apis").await?;
+    assert!(
+        table.contains("POST /v1/chat/completions") && table.contains("gRPC Generate"),
+        "{table}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterSpec::default()).await?;

@@ -40,6 +40,8 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{AUTHORIZATION, ApiKeys, AuthError};
 use crate::dispatch::Dispatcher;
 use crate::metrics::RouterMetrics;
+use crate::report::Reporter;
+use crate::report::answers::Answer;
 
 pub use cors::CorsOrigins;
 pub use error::ApiError;
@@ -75,7 +77,10 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         }
         None => api,
     };
-    let counter = dispatcher.metrics.clone();
+    let counter = AnswerCounter {
+        metrics: dispatcher.metrics.clone(),
+        reports: dispatcher.reports.clone(),
+    };
     let metrics = dispatcher.config.metrics.router();
     let cors = dispatcher.config.http_cors.layer();
     let app = api
@@ -97,15 +102,27 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
     app.layer(middleware::from_fn_with_state(counter, count_answer))
 }
 
-/// Counts the answer to every HTTP request by API and status.
+/// Where the HTTP answers are counted: Prometheus, and the dashboard's front-door table.
+#[derive(Clone)]
+struct AnswerCounter {
+    metrics: RouterMetrics,
+    reports: Reporter,
+}
+
+/// Counts the answer to every HTTP request by API and status; the dashboard's table leaves
+/// out the probes (`/health`, `/metrics`), which would drown the clients' requests.
 async fn count_answer(
-    State(metrics): State<RouterMetrics>,
+    State(counter): State<AnswerCounter>,
     request: Request,
     next: Next,
 ) -> Response {
     let api = api_of(request.uri().path());
     let response = next.run(request).await;
-    metrics.http_answered(api, response.status().as_u16());
+    let status = response.status().as_u16();
+    counter.metrics.http_answered(api, status);
+    if !matches!(api, "health" | "metrics") {
+        counter.reports.answered(api, Answer::of_http(status));
+    }
     response
 }
 

@@ -15,6 +15,8 @@ pub const CANDIDATES: usize = 64;
 pub const LEDGER_ROWS: usize = 256;
 /// Moves one outcome may list (the policy allows at most 16 per generation).
 pub const MOVES: usize = 16;
+/// Front-door APIs in one second's stats (a router has ten; room for a newer one's more).
+pub const APIS: usize = 32;
 
 /// What marks a clipped string.
 pub const CLIPPED: char = '…';

@@ -25,6 +25,7 @@
 //! `leader/control-plane`), followed as it moves; the stream presents the cluster token when
 //! one is configured.
 
+pub mod answers;
 pub mod histogram;
 pub mod ledger;
 pub mod limits;
@@ -169,6 +170,8 @@ struct Window {
     decisions_reported: u32,
     /// Moves of the requests that ended, per [`MoveReason::index`].
     moves: [u32; 3],
+    /// How the front doors answered.
+    apis: answers::ApiCounts,
 }
 
 /// Per-second budget of sampled decisions.
@@ -342,6 +345,18 @@ impl Reporter {
     pub fn tokens(&self, pool: Pool, tokens: u32) {
         if let Some(shared) = self.live() {
             shared.pool_tokens[pool_index(pool)].fetch_add(u64::from(tokens), Ordering::Relaxed);
+        }
+    }
+
+    /// Counts how a front door answered a request of `api`.
+    pub fn answered(&self, api: &'static str, answer: answers::Answer) {
+        if let Some(shared) = self.live() {
+            shared
+                .window
+                .lock()
+                .expect("window lock")
+                .apis
+                .add(api, answer);
         }
     }
 
@@ -524,6 +539,7 @@ impl Shared {
                 .filter(|r| window.moves[r.index()] > 0)
                 .map(|r| (r.as_str().to_string(), window.moves[r.index()]))
                 .collect(),
+            apis: window.apis.to_proto(),
         }
     }
 }
