@@ -118,6 +118,38 @@ pub struct AuthRefusalLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcRequestLabels {
+    /// `grpc_session` or `grpc_generate`.
+    pub api: &'static str,
+    /// The gRPC code's name, as gRPC spells it (`OK`, `INVALID_ARGUMENT`, …).
+    pub code: &'static str,
+}
+
+/// A gRPC code as gRPC's own documents name it.
+fn grpc_code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code;
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpRequestLabels {
     /// Which API the route is (`chat_completions`, `completions`, `responses`, `messages`,
     /// `count_tokens`, `models`, `health`, `metrics`, `unknown`).
@@ -235,6 +267,9 @@ pub struct RouterMetrics {
     pub auth_refusals: Family<AuthRefusalLabels, Counter>,
     /// HTTP requests by API and status: which client APIs are in use, and how each fares.
     pub http_requests: Family<HttpRequestLabels, Counter>,
+    /// gRPC requests (each of a `Session`'s, each `Generate` call) by API and the code they
+    /// ended with.
+    pub grpc_requests: Family<GrpcRequestLabels, Counter>,
     /// Handshakes to a worker refused because its certificate did not name the worker of its
     /// etcd record (TLS only), by the record's `worker_id` and `pool`.
     pub identity_rejections: Family<WorkerLabels, Counter>,
@@ -292,6 +327,7 @@ impl RouterMetrics {
             quota_refusals: Family::default(),
             auth_refusals: Family::default(),
             http_requests: Family::default(),
+            grpc_requests: Family::default(),
             prefix_error: Family::new_with_constructor(prefix_error_histogram),
             identity_rejections: Family::default(),
             queue_wait: Family::new_with_constructor(ttft_histogram),
@@ -364,6 +400,12 @@ impl RouterMetrics {
                 "HTTP requests, by API (chat_completions, completions, responses, messages, \
                  count_tokens, models, health, metrics, unknown) and status",
                 this.http_requests.clone(),
+            );
+            r.register(
+                "switchyard_router_grpc_requests",
+                "gRPC requests, by API (grpc_session: each request of a Session, grpc_generate: \
+                 each Generate call) and the code each ended with (OK for a finished one)",
+                this.grpc_requests.clone(),
             );
             r.register(
                 "switchyard_router_policy_state",
@@ -541,6 +583,16 @@ impl RouterMetrics {
     pub fn http_answered(&self, api: &'static str, status: u16) {
         self.http_requests
             .get_or_create(&HttpRequestLabels { api, status })
+            .inc();
+    }
+
+    /// A gRPC request of `api` ended with `code`.
+    pub fn grpc_answered(&self, api: &'static str, code: tonic::Code) {
+        self.grpc_requests
+            .get_or_create(&GrpcRequestLabels {
+                api,
+                code: grpc_code_label(code),
+            })
             .inc();
     }
 

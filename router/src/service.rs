@@ -16,8 +16,7 @@ use crate::auth::{AUTHORIZATION, ApiKeys, Tenant};
 use crate::dispatch::{Dispatcher, frame_channel};
 use crate::error::failed_status;
 use crate::metrics::RouterMetrics;
-use crate::report::Reporter;
-use crate::report::answers::{Answer, GRPC_GENERATE, GRPC_SESSION};
+use crate::report::answers::{Answer, GRPC_GENERATE, GRPC_SESSION, ending_code};
 use crate::session::{SESSION_BUFFER, Session, run_session};
 use switchyard_cluster::deadline::{
     ahead_of_tonic, call_deadline, deadline_passed, until_deadline,
@@ -70,12 +69,12 @@ impl v1::inference_server::Inference for InferenceService {
             futures::stream::once(ending_rx).filter_map(|ending| async { ending.ok().map(Err) });
         let frames = rx.into_stream().chain(ending);
         // Each request is counted by the frame that ends it.
-        let reports = self.dispatcher.reports.clone();
+        let dispatcher = self.dispatcher.clone();
         let frames = frames.inspect(move |item| {
             if let Ok(v1::ServerFrame { frame: Some(frame) }) = item
-                && let Some(answer) = Answer::of_frame(frame)
+                && let Some(code) = ending_code(frame)
             {
-                reports.answered(GRPC_SESSION, answer);
+                count_answer(&dispatcher, GRPC_SESSION, code);
             }
         });
         Ok(Response::new(match deadline {
@@ -123,7 +122,7 @@ impl v1::inference_server::Inference for InferenceService {
                 .unwrap_or_else(|_| Err(deadline_passed())),
             None => answered.await,
         };
-        let mut answer = GenerateAnswer::new(self.dispatcher.reports.clone());
+        let mut answer = GenerateAnswer::new(self.dispatcher.clone());
         let (first, frames) = answered.inspect_err(|status| answer.count(Err(status)))?;
         let frames = futures::stream::once(std::future::ready(first))
             .chain(frames)
@@ -167,30 +166,37 @@ impl v1::inference_server::Inference for InferenceService {
     }
 }
 
+/// Counts a gRPC request of `api` that ended with `code`: in the metrics and the dashboard's
+/// front-door table.
+fn count_answer(dispatcher: &Dispatcher, api: &'static str, code: tonic::Code) {
+    dispatcher.metrics.grpc_answered(api, code);
+    dispatcher.reports.answered(api, Answer::of_grpc(code));
+}
+
 /// How a `Generate` call was answered, counted once: by the frame or status that ends it, or
 /// as cancelled when the client drops the call before.
 struct GenerateAnswer {
-    reports: Reporter,
+    dispatcher: Arc<Dispatcher>,
     counted: bool,
 }
 
 impl GenerateAnswer {
-    fn new(reports: Reporter) -> Self {
+    fn new(dispatcher: Arc<Dispatcher>) -> Self {
         Self {
-            reports,
+            dispatcher,
             counted: false,
         }
     }
 
     fn count(&mut self, item: Result<&v1::ServerFrame, &Status>) {
-        let answer = match item {
-            Ok(v1::ServerFrame { frame: Some(frame) }) => Answer::of_frame(frame),
+        let code = match item {
+            Ok(v1::ServerFrame { frame: Some(frame) }) => ending_code(frame),
             Ok(_) => None,
-            Err(status) => Some(Answer::of_grpc(status.code())),
+            Err(status) => Some(status.code()),
         };
-        if let Some(answer) = answer.filter(|_| !self.counted) {
+        if let Some(code) = code.filter(|_| !self.counted) {
             self.counted = true;
-            self.reports.answered(GRPC_GENERATE, answer);
+            count_answer(&self.dispatcher, GRPC_GENERATE, code);
         }
     }
 }
@@ -198,7 +204,7 @@ impl GenerateAnswer {
 impl Drop for GenerateAnswer {
     fn drop(&mut self) {
         if !self.counted {
-            self.reports.answered(GRPC_GENERATE, Answer::Cancelled);
+            count_answer(&self.dispatcher, GRPC_GENERATE, tonic::Code::Cancelled);
         }
     }
 }

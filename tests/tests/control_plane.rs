@@ -403,6 +403,27 @@ async fn the_dashboard_counts_each_front_doors_answers() -> anyhow::Result<()> {
     }
     let done = session.start(request("session-bad", ""))?.collect().await;
     assert!(done.failed.is_some(), "no model: {done:?}");
+    // Prometheus has the gRPC requests too, by the code each ended with.
+    let metrics = http
+        .get(format!("http://{}/metrics", cluster.router.addr("http")))
+        .send()
+        .await?
+        .text()
+        .await?;
+    for (api, code, count) in [
+        ("grpc_generate", "OK", 1),
+        ("grpc_generate", "INVALID_ARGUMENT", 1),
+        ("grpc_session", "OK", 2),
+        ("grpc_session", "INVALID_ARGUMENT", 1),
+    ] {
+        let series = format!(
+            "switchyard_router_grpc_requests_total{{api=\"{api}\",code=\"{code}\"}} {count}"
+        );
+        assert!(
+            metrics.lines().any(|line| line == series),
+            "{series} in\n{metrics}"
+        );
+    }
 
     let browser = Browser::start().await?;
     browser

@@ -66,21 +66,22 @@ impl Answer {
             | Code::DataLoss => Answer::ServerError,
         }
     }
+}
 
-    /// How the request a frame ends was answered; `None` for a frame that ends none (a
-    /// refused `cancel` or `interrupt` leaves its request running).
-    pub fn of_frame(frame: &Frame) -> Option<Self> {
-        match frame {
-            Frame::Finished(finished) if finished.reason == v1::FinishReason::Cancelled as i32 => {
-                Some(Answer::Cancelled)
-            }
-            Frame::Finished(_) => Some(Answer::Ok),
-            Frame::Failed(failed) => Some(Answer::of_grpc(Code::from_i32(failed.code))),
-            Frame::Rejected(rejected) if rejected.frame == "start" => {
-                Some(Answer::of_grpc(Code::from_i32(rejected.code)))
-            }
-            _ => None,
+/// The code a frame ends its request with (`OK` for a finished one, `CANCELLED` for one the
+/// client cancelled); `None` for a frame that ends none (a refused `cancel` or `interrupt`
+/// leaves its request running).
+pub fn ending_code(frame: &Frame) -> Option<Code> {
+    match frame {
+        Frame::Finished(finished) if finished.reason == v1::FinishReason::Cancelled as i32 => {
+            Some(Code::Cancelled)
         }
+        Frame::Finished(_) => Some(Code::Ok),
+        Frame::Failed(failed) => Some(Code::from_i32(failed.code)),
+        Frame::Rejected(rejected) if rejected.frame == "start" => {
+            Some(Code::from_i32(rejected.code))
+        }
+        _ => None,
     }
 }
 
@@ -152,20 +153,17 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            Answer::of_frame(&finished(v1::FinishReason::Stop)),
-            Some(Answer::Ok)
+            ending_code(&finished(v1::FinishReason::Stop)),
+            Some(Code::Ok)
         );
         assert_eq!(
-            Answer::of_frame(&finished(v1::FinishReason::Cancelled)),
-            Some(Answer::Cancelled)
+            ending_code(&finished(v1::FinishReason::Cancelled)),
+            Some(Code::Cancelled)
         );
-        assert_eq!(Answer::of_frame(&failed), Some(Answer::RateLimited));
-        assert_eq!(
-            Answer::of_frame(&rejected("start")),
-            Some(Answer::ClientError)
-        );
-        assert_eq!(Answer::of_frame(&rejected("cancel")), None);
-        assert_eq!(Answer::of_frame(&Frame::Tokens(Default::default())), None);
+        assert_eq!(ending_code(&failed), Some(Code::ResourceExhausted));
+        assert_eq!(ending_code(&rejected("start")), Some(Code::InvalidArgument));
+        assert_eq!(ending_code(&rejected("cancel")), None);
+        assert_eq!(ending_code(&Frame::Tokens(Default::default())), None);
     }
 
     #[test]
