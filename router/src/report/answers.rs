@@ -3,7 +3,9 @@
 //! a client hitting a path that does not exist) while the others are fine.
 //!
 //! HTTP counts every answer of a route by its status; gRPC counts every request by how it
-//! ended (a `Session` carries many), so both say "requests answered" in one set of classes.
+//! ended (a `Session` carries many), so both say "requests answered" in one set of classes. A
+//! `Session`'s request is counted as its last frame goes out: one still running when the
+//! session's stream breaks is not counted.
 
 use std::collections::BTreeMap;
 
