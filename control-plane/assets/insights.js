@@ -32,6 +32,8 @@
     responses: "POST /v1/responses",
     messages: "POST /v1/messages (Anthropic)",
     count_tokens: "POST /v1/messages/count_tokens",
+    tokenize: "POST /tokenize",
+    detokenize: "POST /detokenize",
     models: "GET /v1/models",
     unknown: "HTTP, any other path",
     grpc_session: "gRPC Session (per request)",

@@ -152,7 +152,7 @@ fn grpc_code_label(code: tonic::Code) -> &'static str {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpRequestLabels {
     /// Which API the route is (`chat_completions`, `completions`, `responses`, `messages`,
-    /// `count_tokens`, `models`, `health`, `metrics`, `unknown`).
+    /// `count_tokens`, `tokenize`, `detokenize`, `models`, `health`, `metrics`, `unknown`).
     pub api: &'static str,
     /// The HTTP status answered (a stream's is its first line's).
     pub status: u16,
@@ -398,7 +398,8 @@ impl RouterMetrics {
             r.register(
                 "switchyard_router_http_requests",
                 "HTTP requests, by API (chat_completions, completions, responses, messages, \
-                 count_tokens, models, health, metrics, unknown) and status",
+                 count_tokens, tokenize, detokenize, models, health, metrics, unknown) and \
+                 status",
                 this.http_requests.clone(),
             );
             r.register(

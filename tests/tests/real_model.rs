@@ -876,6 +876,109 @@ async fn a_latency_critical_prompt_to_score_borrows_the_gpu_pool() -> anyhow::Re
     Ok(())
 }
 
+/// `/tokenize` counts what the engine sees — a prompt's ids, a conversation's with its chat
+/// template and tools — so a client fits its context window by it; `/detokenize` gives the
+/// ids' text back; `/v1/models` says how long the context is.
+#[tokio::test]
+async fn tokenize_counts_the_ids_the_engine_sees() -> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    router_has_the_tokenizer(&cluster).await?;
+    let http = reqwest::Client::new();
+    let root = format!("http://{}", cluster.router.addr("http"));
+    let post = |path: &str, body: Value| http.post(format!("{root}{path}")).json(&body).send();
+    let models: Value = http
+        .get(format!("{root}/v1/models"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(models["data"][0]["max_model_len"], 8192, "{models}");
+
+    let prompt = "The capital of France is";
+    let tokenized: Value = post(
+        "/tokenize",
+        json!({"model": MODEL, "prompt": prompt, "return_token_strs": true}),
+    )
+    .await?
+    .json()
+    .await?;
+    let completion: Value = post(
+        "/v1/completions",
+        json!({"model": MODEL, "prompt": prompt, "max_tokens": 1}),
+    )
+    .await?
+    .json()
+    .await?;
+    assert_eq!(
+        tokenized["count"], completion["usage"]["prompt_tokens"],
+        "{tokenized} {completion}"
+    );
+    assert_eq!(tokenized["max_model_len"], 8192);
+    let pieces: Vec<String> = serde_json::from_value(tokenized["token_strs"].clone())?;
+    assert_eq!(pieces.concat(), prompt);
+    let text: Value = post(
+        "/detokenize",
+        json!({"model": MODEL, "tokens": tokenized["tokens"]}),
+    )
+    .await?
+    .json()
+    .await?;
+    assert_eq!(text["prompt"], prompt);
+
+    let conversation = json!({"model": MODEL, "max_tokens": 1,
+        "messages": [{"role": "system", "content": "You answer briefly."},
+                     {"role": "user", "content": "What is the weather in Paris?"}],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]});
+    let tokenized: Value = post("/tokenize", conversation.clone())
+        .await?
+        .json()
+        .await?;
+    let chat: Value = post("/v1/chat/completions", conversation)
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        tokenized["count"], chat["usage"]["prompt_tokens"],
+        "{tokenized} {chat}"
+    );
+    assert_eq!(tokenized["token_strs"], Value::Null);
+
+    for (path, body, status, param) in [
+        (
+            "/detokenize",
+            json!({"model": MODEL, "tokens": [1, 99999999]}),
+            400,
+            "tokens[1]",
+        ),
+        (
+            "/tokenize",
+            json!({"model": "nope", "prompt": "x"}),
+            404,
+            "model",
+        ),
+        (
+            "/tokenize",
+            json!({"model": MODEL, "prompt": "x", "messages": []}),
+            400,
+            "prompt",
+        ),
+        (
+            "/tokenize",
+            json!({"model": MODEL, "add_special_tokens": true,
+                "messages": [{"role": "user", "content": "x"}]}),
+            400,
+            "add_special_tokens",
+        ),
+    ] {
+        let refused = post(path, body.clone()).await?;
+        assert_eq!(refused.status(), status, "{body}");
+        let error: Value = refused.json().await?;
+        assert_eq!(error["error"]["param"], param, "{error}");
+    }
+    Ok(())
+}
+
 /// How often the most repeated id occurs.
 fn most_repeats(ids: &[u32]) -> usize {
     ids.iter()

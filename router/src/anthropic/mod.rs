@@ -26,6 +26,7 @@ use crate::dispatch::Dispatcher;
 use crate::openai::blocks::{Block, Blocks, Body as BlockBody, Change, Status};
 use crate::openai::choices::ChoiceFrames;
 use crate::openai::handlers::{self, MESSAGES_ROUTE};
+use crate::openai::tokenize;
 use crate::openai::{ApiError, wire};
 use request::{FieldNames, MessagesRequest};
 
@@ -78,31 +79,14 @@ async fn count(
     switchyard_proto::validate_generate_request(&read.request, &dispatcher.config.limits)
         .map_err(|e| name_fields(ApiError::from(&crate::error::DispatchError::from(e))))?;
     let model = &read.request.model;
-    if !handlers::models(dispatcher).contains_key(model) {
-        return Err(ApiError::not_found(
-            Some("model"),
-            format!("model: {model:?} is not served by any worker"),
-        ));
-    }
-    match dispatcher
+    tokenize::served(dispatcher, model)?;
+    dispatcher
         .links
         .tokenizers()
         .tokenize_off_runtime(&read.request)
         .await
-    {
-        Some(ids) => Ok(ids.len()),
-        None => Err(ApiError {
-            status: StatusCode::NOT_IMPLEMENTED,
-            message: format!(
-                "model {model:?}: the router has no tokenizer for it (its workers serve it \
-                 without one, e.g. through a gateway), so its tokens cannot be counted here"
-            ),
-            kind: "api_error",
-            param: None,
-            code: None,
-            retry_after_secs: None,
-        }),
-    }
+        .map(|ids| ids.len())
+        .ok_or_else(|| tokenize::no_tokenizer(model))
 }
 
 async fn respond(

@@ -679,20 +679,27 @@ pub(crate) fn models(dispatcher: &Dispatcher) -> BTreeMap<String, usize> {
     models
 }
 
-fn model_object(id: &str, ready_workers: usize) -> Value {
-    json!({
+/// A model as OpenAI lists it, with how many ready workers serve it and, as vLLM's do, how
+/// many tokens a sequence may hold (`max_model_len`, when the router has the model's
+/// tokenizer: its workers said).
+fn model_object(dispatcher: &Dispatcher, id: &str, ready_workers: usize) -> Value {
+    let mut model = json!({
         "id": id,
         "object": "model",
         "created": 0,
         "owned_by": "switchyard",
         "ready_workers": ready_workers,
-    })
+    });
+    if let Some(length) = dispatcher.links.tokenizers().context_length(id) {
+        model["max_model_len"] = json!(length);
+    }
+    model
 }
 
 pub async fn list_models(State(dispatcher): State<Arc<Dispatcher>>) -> Response {
     let data: Vec<Value> = models(&dispatcher)
         .iter()
-        .map(|(id, ready)| model_object(id, *ready))
+        .map(|(id, ready)| model_object(&dispatcher, id, *ready))
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
 }
@@ -702,7 +709,7 @@ pub async fn get_model(
     Path(model): Path<String>,
 ) -> Response {
     match models(&dispatcher).get(&model) {
-        Some(ready) => Json(model_object(&model, *ready)).into_response(),
+        Some(ready) => Json(model_object(&dispatcher, &model, *ready)).into_response(),
         None => ApiError::not_found(
             Some("model"),
             format!("model: {model:?} is not served by any worker"),

@@ -23,6 +23,7 @@ mod responses;
 pub(crate) mod stream;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub(crate) mod tokenize;
 pub(crate) mod tools;
 pub(crate) mod wire;
 
@@ -64,6 +65,8 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
             handlers::COUNT_TOKENS_ROUTE,
             post(crate::anthropic::count_tokens),
         )
+        .route(tokenize::TOKENIZE_ROUTE, post(tokenize::tokenize))
+        .route(tokenize::DETOKENIZE_ROUTE, post(tokenize::detokenize))
         .route("/v1/models", get(handlers::list_models))
         .route(MODEL_ROUTE, get(handlers::get_model))
         .route_layer(middleware::from_fn(refuse_unreadable_body));
@@ -134,6 +137,8 @@ fn api_of(path: &str) -> &'static str {
         handlers::RESPONSES_ROUTE => "responses",
         handlers::MESSAGES_ROUTE => "messages",
         handlers::COUNT_TOKENS_ROUTE => "count_tokens",
+        tokenize::TOKENIZE_ROUTE => "tokenize",
+        tokenize::DETOKENIZE_ROUTE => "detokenize",
         "/health" => "health",
         "/metrics" => "metrics",
         path if path == "/v1/models" || path.starts_with("/v1/models/") => "models",
