@@ -485,7 +485,8 @@ fn best_in_pool(
 /// that is unavailable (draining, dead, link down) or at capacity.
 ///
 /// Latency-critical: the WSE pool while a slot there meets the SLO; else (spill allowed) the
-/// best GPU meeting the SLO and the lane's minimum decode rate; else the better of the two.
+/// best GPU meeting the SLO and the lane's minimum decode rate; else the better of the two;
+/// when no WSE worker can take the request at all, any free GPU.
 /// Cost-sensitive: the GPU pool outside its latency reserve (`gpu_reserve_for_latency` of its
 /// workers, see [`ClusterView::in_reserve`]), kept idle for latency-critical spill; else (spill allowed, WSE utilisation under the lane's threshold) an
 /// idle WSE slot. Nothing free: [`Decision::Queue`].
@@ -595,6 +596,14 @@ pub fn place_traced(
                     }
                     (Some(g), None) => return placed(g, spill),
                     _ => {}
+                }
+                // No WSE worker can take it, now or later (none serves the model, all are
+                // drained, or it needs what none does): a GPU below the lane's decode rate
+                // serves it, where waiting would end only in a shed.
+                if !reachable(Pool::Wse)
+                    && let Some(g) = best_of(Pool::Gpu, &|_| true)
+                {
+                    return placed(g, Route::SpillToGpu(SpillCause::NoWseWorker));
                 }
             }
             match wse {

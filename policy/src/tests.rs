@@ -227,6 +227,34 @@ fn a_spill_says_whether_the_wse_was_too_slow_full_or_gone() {
     assert_eq!(full.reason_label(), "spill_to_gpu");
 }
 
+/// A GPU slower than the lane's minimum decode rate waits for the WSE while the WSE can take
+/// the request; when no WSE worker ever can (none serves it, all drained, or the request needs
+/// what none does: excluded), the slow GPU is better than a wait only a shed ends.
+#[test]
+fn a_slow_gpu_serves_latency_critical_work_no_wse_worker_can_take() {
+    let policy = PolicyDocument::default();
+    let mut slow = worker("g1", Pool::Gpu, 0, 4);
+    slow.decode_tokens_per_s = policy.latency_critical.min_tokens_per_s / 2.0;
+    let mut view = ClusterView::new(vec![slow, worker("w1", Pool::Wse, 4, 4)]);
+    let lc = class(LaneName::LatencyCritical, &policy);
+    let ask = |view: &ClusterView, exclude: &[usize]| {
+        place(view, &lc, &request(100, None, 1), &policy, exclude)
+    };
+    // The WSE is full, and frees a slot in time: wait for it.
+    assert_eq!(ask(&view, &[]), Decision::Queue);
+    // The WSE cannot take it at all.
+    let p = placed(&ask(&view, &[1]));
+    assert_eq!(
+        (p.worker, p.route),
+        (0, Route::SpillToGpu(SpillCause::NoWseWorker))
+    );
+    view.update(1, |w| w.available = false);
+    assert_eq!(placed(&ask(&view, &[])).worker, 0);
+    // A busy GPU is still waited for.
+    view.update(0, |w| w.outstanding = 4);
+    assert_eq!(ask(&view, &[1]), Decision::Queue);
+}
+
 #[test]
 fn a_lane_that_does_not_spill_is_refused_at_once_when_its_pool_takes_no_requests() {
     let policy = PolicyDocument::default();
