@@ -190,7 +190,7 @@ fn check_ledger_row(row: &v1::LedgerStats) -> Result<(), String> {
 }
 
 /// Keeps what is valid of a report before anything of it is stored: a decision or an outcome
-/// whole or not at all; a second's stats without their bad lane and ledger rows (nothing of
+/// whole or not at all; a second's stats without their bad lane, ledger and API rows (nothing of
 /// them when the router id is bad). Every part left out is in the list, the field at fault
 /// named.
 pub fn screen(report: v1::RouterReport) -> (Option<v1::RouterReport>, Vec<Dropped>) {
@@ -238,46 +238,18 @@ pub fn screen(report: v1::RouterReport) -> (Option<v1::RouterReport>, Vec<Droppe
                                 false
                             }
                         });
-                    if s.ledger.len() > limits::LEDGER_ROWS {
-                        dropped.push(drop(
-                            "stats.ledger",
-                            (s.ledger.len() - limits::LEDGER_ROWS) as u64,
-                            format!(
-                                "stats.ledger: {} rows, at most {}",
-                                s.ledger.len(),
-                                limits::LEDGER_ROWS
-                            ),
-                        ));
-                        s.ledger.truncate(limits::LEDGER_ROWS);
-                    }
-                    s.ledger.retain(|row| match check_ledger_row(row) {
-                        Ok(()) => true,
-                        Err(reason) => {
-                            dropped.push(drop("stats.ledger", 1, reason));
-                            false
-                        }
-                    });
-                    if s.apis.len() > limits::APIS {
-                        dropped.push(drop(
-                            "stats.apis",
-                            (s.apis.len() - limits::APIS) as u64,
-                            format!(
-                                "stats.apis: {} rows, at most {}",
-                                s.apis.len(),
-                                limits::APIS
-                            ),
-                        ));
-                        s.apis.truncate(limits::APIS);
-                    }
-                    s.apis.retain(|row| {
-                        match too_long("stats.apis.api", &row.api, limits::ID_BYTES) {
-                            Ok(()) => true,
-                            Err(reason) => {
-                                dropped.push(drop("stats.apis", 1, reason));
-                                false
-                            }
-                        }
-                    });
+                    dropped.extend(screen_rows(
+                        "stats.ledger",
+                        &mut s.ledger,
+                        limits::LEDGER_ROWS,
+                        check_ledger_row,
+                    ));
+                    dropped.extend(screen_rows(
+                        "stats.apis",
+                        &mut s.apis,
+                        limits::APIS,
+                        |row| too_long("stats.apis.api", &row.api, limits::ID_BYTES),
+                    ));
                     Some(Report::Stats(s))
                 }
             }
@@ -289,6 +261,37 @@ pub fn screen(report: v1::RouterReport) -> (Option<v1::RouterReport>, Vec<Droppe
         }),
         dropped,
     )
+}
+
+/// Keeps the first `max` of a second's `rows` and, of those, the ones `check` passes; what
+/// goes is listed under `entry` (the rows over the bound together).
+fn screen_rows<T>(
+    entry: &'static str,
+    rows: &mut Vec<T>,
+    max: usize,
+    check: impl Fn(&T) -> Result<(), String>,
+) -> Vec<Dropped> {
+    let mut dropped = Vec::new();
+    if rows.len() > max {
+        dropped.push(Dropped {
+            entry,
+            count: (rows.len() - max) as u64,
+            reason: format!("{entry}: {} rows, at most {max}", rows.len()),
+        });
+        rows.truncate(max);
+    }
+    rows.retain(|row| match check(row) {
+        Ok(()) => true,
+        Err(reason) => {
+            dropped.push(Dropped {
+                entry,
+                count: 1,
+                reason,
+            });
+            false
+        }
+    });
+    dropped
 }
 
 /// One router's report stream: keeps what is valid of each report and drops the rest (counted

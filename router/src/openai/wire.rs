@@ -1268,15 +1268,17 @@ mod tests {
         );
     }
 
+    /// A one-prompt completions request with `extra` fields, read.
+    fn completion(extra: &str) -> Result<(v1::GenerateRequest, StreamMode), ApiError> {
+        parse_body::<CompletionRequest>(
+            format!(r#"{{"model":"m","prompt":"x",{extra}}}"#).as_bytes(),
+        )?
+        .into_proto(64)
+        .map(|(mut requests, mode)| (requests.remove(0), mode))
+    }
+
     #[test]
     fn a_text_completion_echoes_its_prompt_by_scoring_it() {
-        let completion = |extra: &str| {
-            parse_body::<CompletionRequest>(
-                format!(r#"{{"model":"m","prompt":"x",{extra}}}"#).as_bytes(),
-            )?
-            .into_proto(64)
-            .map(|(mut requests, mode)| (requests.remove(0), mode))
-        };
         let (request, mode) = completion(r#""echo":true,"logprobs":1"#).expect("valid");
         let sampling = request.sampling.expect("sampling");
         assert!(sampling.prompt_logprobs && sampling.logprobs && mode.logprobs);
@@ -1293,13 +1295,6 @@ mod tests {
     /// which the door leaves out); `max_tokens: 0` without `echo` still asks for nothing.
     #[test]
     fn an_echo_of_no_tokens_scores_the_prompt_alone() {
-        let completion = |extra: &str| {
-            parse_body::<CompletionRequest>(
-                format!(r#"{{"model":"m","prompt":"x",{extra}}}"#).as_bytes(),
-            )?
-            .into_proto(64)
-            .map(|(mut requests, mode)| (requests.remove(0), mode))
-        };
         let (request, mode) =
             completion(r#""echo":true,"max_tokens":0,"logprobs":0"#).expect("valid");
         let sampling = request.sampling.expect("sampling");
