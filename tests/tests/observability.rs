@@ -757,8 +757,8 @@ async fn generate_with_key(
 }
 
 /// The shipped alerting rules (`deploy/prometheus/switchyard-alerts.yaml`) against a live
-/// cluster that has seen what the alerts watch for: both lanes served, an API key refused, a
-/// latency-critical request spilled to the GPU pool (wafer-scale worker drained) and a request
+/// cluster that has seen what the alerts watch for: both lanes served, an API key refused,
+/// requests refused for what they send (gRPC and HTTP), a latency-critical request spilled to the GPU pool (wafer-scale worker drained) and a request
 /// failed (its GPU worker killed with nowhere to fail over). Every selector must select a
 /// scraped series — but a forged worker record's, which exists only once one is refused (the TLS
 /// test `forged_worker_records_get_no_traffic_and_the_router_counts_them` checks it) — and
@@ -795,6 +795,18 @@ async fn the_alert_rules_read_metrics_the_components_serve() -> anyhow::Result<(
     )
     .await?;
     assert_eq!(refused, Err(tonic::Code::Unauthenticated));
+    // Refused for what they send, on each door.
+    let mut nameless = synthetic_request("no-model", RequestClass::CostSensitive, "a", 1);
+    nameless.model.clear();
+    let (_, invalid) = generate_with_key(&mut client, nameless, KEY).await?;
+    assert_eq!(invalid, Err(tonic::Code::InvalidArgument));
+    let invalid = reqwest::Client::new()
+        .post(format!("{}/chat/completions", cluster.router_openai_url()))
+        .bearer_auth(KEY)
+        .json(&serde_json::json!({"model": "synthetic"}))
+        .send()
+        .await?;
+    assert_eq!(invalid.status(), 400);
 
     let wse_id = cluster.wse[0].name.clone();
     let control_plane =
