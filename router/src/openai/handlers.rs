@@ -22,6 +22,7 @@ use super::choices::{self, ChoiceFrames};
 use super::error::ApiError;
 use super::logprobs::Logprobs;
 use super::stream;
+use super::tokenize::{DETOKENIZE_ROUTE, TOKENIZE_ROUTE};
 use super::wire::{self, ChatCompletionRequest, CompletionRequest, WithSampling};
 use crate::auth::Tenant;
 use crate::dispatch::{Dispatcher, FrameReceiver};
@@ -767,5 +768,21 @@ pub async fn wrong_method(
 }
 
 pub async fn unknown_route(uri: axum::http::Uri) -> Response {
-    ApiError::not_found(None, format!("no such endpoint: {}", uri.path())).into_response()
+    ApiError::not_found(None, unknown_route_message(uri.path())).into_response()
+}
+
+/// What a client that called a path the router does not serve can do instead: OpenAI's stored
+/// responses are not kept; anything else is answered with the endpoints there are.
+fn unknown_route_message(path: &str) -> String {
+    if path.starts_with(RESPONSES_ROUTE) {
+        return format!(
+            "no such endpoint: {path}: Switchyard keeps no responses to retrieve, list or \
+             delete; a response is answered whole (or streamed) by POST {RESPONSES_ROUTE}"
+        );
+    }
+    format!(
+        "no such endpoint: {path}; this router serves POST {CHAT_ROUTE}, {COMPLETIONS_ROUTE}, \
+         {RESPONSES_ROUTE}, {MESSAGES_ROUTE}, {COUNT_TOKENS_ROUTE}, {TOKENIZE_ROUTE}, \
+         {DETOKENIZE_ROUTE} and GET /v1/models, /health, /metrics"
+    )
 }

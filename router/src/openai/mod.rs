@@ -312,6 +312,44 @@ mod tests {
         String::from_utf8_lossy(&answer).to_lowercase()
     }
 
+    /// A path the router does not serve is a 404 saying what it does serve; one of OpenAI's
+    /// stored-response paths says why there is nothing to retrieve.
+    #[tokio::test]
+    async fn an_unknown_path_is_answered_with_the_endpoints_there_are() {
+        let app = Router::new().fallback(handlers::unknown_route);
+        let message = |path: &'static str| {
+            let app = app.clone();
+            async move {
+                let answer = app
+                    .oneshot(
+                        axum::http::Request::get(path)
+                            .body(Body::empty())
+                            .expect("request"),
+                    )
+                    .await
+                    .expect("answered");
+                assert_eq!(answer.status(), StatusCode::NOT_FOUND);
+                let body = axum::body::to_bytes(answer.into_body(), 1 << 16)
+                    .await
+                    .expect("body");
+                let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            }
+        };
+        let embeddings = message("/v1/embeddings").await;
+        assert!(
+            embeddings.starts_with("no such endpoint: /v1/embeddings;")
+                && embeddings.contains("POST /v1/chat/completions")
+                && embeddings.contains("/tokenize"),
+            "{embeddings}"
+        );
+        let stored = message("/v1/responses/resp_1").await;
+        assert!(stored.contains("keeps no responses"), "{stored}");
+    }
+
     /// An allowed origin's preflight is answered before the API-key check (browsers send no
     /// credentials on it) and names what the page may send; another origin's is told nothing,
     /// so its browser keeps it out. The answer itself carries the origin and the headers the
