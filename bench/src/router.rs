@@ -400,7 +400,38 @@ pub(crate) async fn start_cluster(
         tasks,
     };
     wait_until_routable(cluster.router.clone()).await?;
+    if let Some(http) = cluster.dashboard {
+        wait_until_reporting(http).await?;
+    }
     Ok(cluster)
+}
+
+/// Waits until the control plane's history has a second the router reported: a router records
+/// nothing for the dashboard before its report stream is open, so requests sent earlier would
+/// be missing from the figures.
+async fn wait_until_reporting(dashboard: std::net::SocketAddr) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let history: serde_json::Value = client
+            .get(format!("http://{dashboard}/api/history"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let reported = history["points"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|point| point["routers"].as_u64().unwrap_or(0) > 0);
+        if reported {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the router did not report to the control plane within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Waits until the router lists the worker's model (it learns of workers from the registry).
