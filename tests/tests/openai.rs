@@ -184,6 +184,13 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
             "top_logprobs",
             "from 0 to 20",
         ),
+        // The affinity key is named as the client sent it.
+        (json!({"user": "u".repeat(300)}), "user", "the limit is 256"),
+        (
+            json!({"user": "u", "prompt_cache_key": "k".repeat(300)}),
+            "prompt_cache_key",
+            "the limit is 256",
+        ),
     ] {
         let mut request = json!({"model": "synthetic", "max_tokens": 4,
             "messages": [{"role": "user", "content": "hi"}]});

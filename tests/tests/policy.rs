@@ -287,6 +287,47 @@ async fn a_conversations_turns_stay_on_one_wse_worker() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// OpenAI's `prompt_cache_key` routes as the conversation does: requests sharing a key reach
+/// one worker (and its upstream's prompt cache) whatever their messages, and different keys
+/// spread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_sharing_a_prompt_cache_key_share_a_worker() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 0,
+        wse_workers: 3,
+        ..Default::default()
+    })
+    .await?;
+    let http = reqwest::Client::new();
+    let mut homes = std::collections::BTreeSet::new();
+    for key in 0..8 {
+        let mut workers = Vec::new();
+        for turn in 0..3 {
+            let response = http
+                .post(format!("{}/chat/completions", cluster.router_openai_url()))
+                .header("x-switchyard-class", "latency-critical")
+                .json(&serde_json::json!({
+                    "model": "synthetic", "max_tokens": 2, "prompt_cache_key": format!("key-{key}"),
+                    "messages": [{"role": "user", "content": format!("Question {turn} of {key}")}],
+                }))
+                .send()
+                .await?;
+            anyhow::ensure!(response.status() == 200, "{}", response.text().await?);
+            let worker = response.headers()["x-switchyard-worker"]
+                .to_str()?
+                .to_string();
+            workers.push(worker);
+        }
+        assert!(
+            workers.iter().all(|w| w == &workers[0]),
+            "key-{key} moved between workers: {workers:?}"
+        );
+        homes.insert(workers[0].clone());
+    }
+    assert!(homes.len() > 1, "eight keys all on {homes:?}");
+    Ok(())
+}
+
 /// Sends one request as `tenant` (its default lane is the policy's) and returns its
 /// `Accepted` frame, or the status it was refused with.
 async fn placed(

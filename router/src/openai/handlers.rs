@@ -346,6 +346,7 @@ async fn generate(
         Choices {
             count: mode.per_prompt,
             max_tokens_field: mode.max_tokens_field,
+            affinity_field: mode.affinity_field,
         },
         id,
     )
@@ -383,6 +384,9 @@ pub(crate) struct Choices {
     pub count: u32,
     /// `None` when the client gave no bound and the door's default applies.
     pub max_tokens_field: Option<&'static str>,
+    /// The field the affinity key came from, when not `user` (the name the dispatcher's
+    /// `affinity_key` goes by otherwise).
+    pub affinity_field: &'static str,
 }
 
 /// Where a request's generations were placed.
@@ -419,6 +423,7 @@ pub(crate) async fn place_one(
     let choices = Choices {
         count: 1,
         max_tokens_field,
+        affinity_field: "",
     };
     place(dispatcher, tenant, headers, vec![request], choices, id).await
 }
@@ -467,6 +472,10 @@ pub(crate) async fn place(
                     let mut error = ApiError::from(&error);
                     if let Some(field) = choices.max_tokens_field {
                         error = error.naming_max_tokens(field);
+                    }
+                    if !matches!(choices.affinity_field, "" | "user") {
+                        let field = choices.affinity_field;
+                        error = error.renaming_param(|p| (p == "user").then(|| field.into()));
                     }
                     if batch {
                         // Which prompt of the batch.

@@ -387,6 +387,7 @@ mod tests {
             choices: 1,
             per_prompt: 1,
             score_only: false,
+            affinity_field: "",
         }
     }
 
@@ -404,6 +405,7 @@ mod tests {
             choices: 1,
             per_prompt: 1,
             score_only: false,
+            affinity_field: "",
         };
         stream_with(endpoint, mode, first, rest).await
     }
@@ -702,6 +704,7 @@ mod tests {
             choices: 2,
             per_prompt: 2,
             score_only: false,
+            affinity_field: "",
         };
         let finished = |prompt, completion| {
             Frame::Finished(v1::Finished {

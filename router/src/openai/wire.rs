@@ -90,8 +90,12 @@ pub struct SamplingFields {
     #[serde(default, deserialize_with = "null_is_false")]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
-    /// End-user id; used as the affinity key.
+    /// End-user id; the affinity key when neither field below is given.
     pub user: Option<String>,
+    /// OpenAI's prompt-cache routing hint: requests sharing it share a worker's cache.
+    pub prompt_cache_key: Option<String>,
+    /// OpenAI's newer name for the end user.
+    pub safety_identifier: Option<String>,
     /// Not in OpenAI's API; vLLM's and llama.cpp's: generate `max_tokens` whatever the model
     /// says (load tests send it for answers of a known length).
     #[serde(default, deserialize_with = "null_is_false")]
@@ -106,6 +110,13 @@ pub struct SamplingFields {
     /// a client asking for them would misread an answer without them.
     #[serde(flatten)]
     pub unsupported: Unsupported,
+}
+
+impl SamplingFields {
+    /// The request's affinity key: its most specific hint ([`affinity_hint`]).
+    fn affinity_key(&self) -> String {
+        affinity_hint(&self.prompt_cache_key, &self.safety_identifier, &self.user).0
+    }
 }
 
 /// OpenAI fields whose meaningful values Switchyard cannot honour. Their "off" values (`false`,
@@ -364,6 +375,26 @@ pub struct StreamMode {
     /// `echo` with `max_tokens: 0`: each choice is its scored prompt alone, and the token
     /// generated to get its scores is left out (see [`crate::openai::choices::score_only`]).
     pub score_only: bool,
+    /// The field the affinity key came from ([`affinity_hint`]; `""` for none).
+    pub affinity_field: &'static str,
+}
+
+/// The most specific affinity hint a client gave, and the field it came from (`""` for none):
+/// OpenAI's `prompt_cache_key` is what one is for; `safety_identifier` and its older name
+/// `user` name the end user, whose requests share their prompts' openings.
+pub(super) fn affinity_hint(
+    prompt_cache_key: &Option<String>,
+    safety_identifier: &Option<String>,
+    user: &Option<String>,
+) -> (String, &'static str) {
+    [
+        ("prompt_cache_key", prompt_cache_key),
+        ("safety_identifier", safety_identifier),
+        ("user", user),
+    ]
+    .into_iter()
+    .find_map(|(field, value)| value.clone().map(|v| (v, field)))
+    .unwrap_or_default()
 }
 
 /// Which endpoint's form `logprobs` takes.
@@ -552,6 +583,12 @@ fn sampling(
         choices,
         per_prompt: choices,
         score_only,
+        affinity_field: affinity_hint(
+            &fields.prompt_cache_key,
+            &fields.safety_identifier,
+            &fields.user,
+        )
+        .1,
     };
     if !fields.stream && fields.stream_options.is_some() {
         return Err(ApiError::invalid(
@@ -677,7 +714,7 @@ impl ChatCompletionRequest {
                 sampling: Some(sampling),
                 tools,
                 tool_choice,
-                affinity_key: self.sampling.user.unwrap_or_default(),
+                affinity_key: self.sampling.affinity_key(),
                 ..Default::default()
             },
             mode,
@@ -706,7 +743,7 @@ impl CompletionRequest {
             ));
         }
         mode.choices = generations as u32;
-        let affinity_key = self.sampling.user.unwrap_or_default();
+        let affinity_key = self.sampling.affinity_key();
         let requests = prompts
             .into_iter()
             .map(|prompt| {
@@ -874,6 +911,7 @@ mod tests {
         assert_eq!(sampling.seed, Some(u64::MAX));
         assert_eq!(sampling.stop, vec!["END".to_string()]);
         assert_eq!(request.affinity_key, "u1");
+        assert_eq!(mode.affinity_field, "user");
         assert!(mode.stream && mode.include_usage);
         assert_eq!(mode.max_tokens_field, None, "the default applies");
         for (extra, field) in [
@@ -1289,6 +1327,28 @@ mod tests {
         assert_eq!(refused.param.as_deref(), Some("echo"));
         let chat = chat_with(r#""echo":true"#).expect_err("chat has no echo");
         assert_eq!(chat.param.as_deref(), Some("echo"));
+    }
+
+    /// OpenAI's prompt-cache key is the affinity key when given, then `safety_identifier`,
+    /// then `user`; the mode says which, so an error about the key names the client's field.
+    #[test]
+    fn the_prompt_cache_key_is_the_affinity_key() {
+        let key = |extra: &str| {
+            let (request, mode) = completion(extra).expect("valid");
+            (request.affinity_key, mode.affinity_field)
+        };
+        assert_eq!(
+            key(r#""user":"u","safety_identifier":"s","prompt_cache_key":"k""#),
+            ("k".to_string(), "prompt_cache_key")
+        );
+        assert_eq!(
+            key(r#""user":"u","safety_identifier":"s""#),
+            ("s".to_string(), "safety_identifier")
+        );
+        assert_eq!(key(r#""user":"u""#), ("u".to_string(), "user"));
+        assert_eq!(key(r#""n":1"#), (String::new(), ""));
+        let (chat, _) = chat_with(r#""prompt_cache_key":"conversation-7""#).expect("valid");
+        assert_eq!(chat.affinity_key, "conversation-7");
     }
 
     /// `echo` with `max_tokens: 0` scores the prompt alone (the worker is asked for one token,

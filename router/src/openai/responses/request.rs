@@ -145,14 +145,8 @@ impl ResponsesRequest {
 
         // The most specific affinity hint the client gave: OpenAI's prompt-cache key is what
         // it is for.
-        let (affinity_key, affinity_field) = [
-            ("prompt_cache_key", &self.prompt_cache_key),
-            ("safety_identifier", &self.safety_identifier),
-            ("user", &self.user),
-        ]
-        .into_iter()
-        .find_map(|(field, value)| value.clone().map(|v| (v, field)))
-        .unwrap_or_default();
+        let (affinity_key, affinity_field) =
+            wire::affinity_hint(&self.prompt_cache_key, &self.safety_identifier, &self.user);
         fields.affinity = affinity_field;
 
         let request = v1::GenerateRequest {
