@@ -72,6 +72,18 @@ pub fn assemble_tool_calls(calls: &mut Vec<v1::ToolCall>, pieces: &[v1::ToolCall
     }
 }
 
+impl v1::Tokens {
+    /// Appends the chunk that came after this one, so the two travel on as one frame: every
+    /// per-token field, the call pieces, and the prompt scores (only a first chunk has them).
+    pub fn append(&mut self, later: v1::Tokens) {
+        self.token_ids.extend(later.token_ids);
+        self.text.push_str(&later.text);
+        self.logprobs.extend(later.logprobs);
+        self.tool_calls.extend(later.tool_calls);
+        self.prompt_logprobs.extend(later.prompt_logprobs);
+    }
+}
+
 impl v1::ServerFrame {
     /// The request this frame belongs to.
     pub fn request_id(&self) -> Option<&str> {
@@ -84,5 +96,63 @@ impl v1::ServerFrame {
             Frame::Rejected(f) => &f.request_id,
             Frame::Moved(f) => &f.request_id,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::v1;
+
+    fn scored(token_id: u32) -> v1::TokenLogprobs {
+        v1::TokenLogprobs {
+            chosen: Some(v1::TokenLogprob {
+                token_id,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn piece(index: u32, arguments: &str) -> v1::ToolCallDelta {
+        v1::ToolCallDelta {
+            index,
+            arguments: arguments.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_appended_chunk_keeps_every_field_of_both() {
+        // Every field spelt out: a field added to `Tokens` must be decided on here.
+        let mut first = v1::Tokens {
+            request_id: "r".into(),
+            seq: 4,
+            text: "a".into(),
+            token_ids: vec![1],
+            logprobs: vec![scored(1)],
+            tool_calls: vec![piece(0, "{\"city\":")],
+            prompt_logprobs: vec![scored(9)],
+        };
+        first.append(v1::Tokens {
+            request_id: "r".into(),
+            seq: 5,
+            text: "b".into(),
+            token_ids: vec![2],
+            logprobs: vec![scored(2)],
+            tool_calls: vec![piece(0, " \""), piece(1, "{}")],
+            prompt_logprobs: vec![],
+        });
+        assert_eq!(
+            first,
+            v1::Tokens {
+                request_id: "r".into(),
+                seq: 4,
+                text: "ab".into(),
+                token_ids: vec![1, 2],
+                logprobs: vec![scored(1), scored(2)],
+                tool_calls: vec![piece(0, "{\"city\":"), piece(0, " \""), piece(1, "{}")],
+                prompt_logprobs: vec![scored(9)],
+            }
+        );
     }
 }

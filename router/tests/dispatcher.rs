@@ -902,6 +902,77 @@ async fn an_interrupt_keeping_the_generation_keeps_its_tool_calls() {
     );
 }
 
+/// Chunks a worker sent faster than the router forwards them go on as one frame, and a chunk's
+/// tool-call pieces go with it (found from outside: under load, a streamed call's arguments
+/// lost a piece).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_call_pieces_reaches_the_client_whole() {
+    const CALLS: usize = 2_000;
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster.script.set(
+        "burst",
+        [Plan::fault(Fault::CallEach).paced(Duration::ZERO)],
+    );
+    // A client whose HTTP/2 window holds a few frames: the router stops forwarding almost at
+    // once, and the worker's chunks queue at the router until its credit runs out.
+    let channel = within(
+        "connect to the router",
+        Channel::from_shared(format!("http://{}", cluster.router))
+            .expect("uri")
+            .initial_stream_window_size(1024)
+            .connect(),
+    )
+    .await
+    .expect("router reachable");
+    let mut client = InferenceClient::new(channel);
+    let mut asked = request("b", "burst", CALLS as u32, RequestClass::Auto);
+    asked.tools = vec![v1::Tool {
+        name: FAULT_TOOL.into(),
+        ..Default::default()
+    }];
+    let mut stream = within("generate", client.generate(asked))
+        .await
+        .expect("accepted")
+        .into_inner();
+    let engine = cluster.engine(0);
+    within(
+        "the worker runs out of credit",
+        engine.wait_until(|events| {
+            events
+                .iter()
+                .any(|e| matches!(e, FaultEvent::Blocked { .. }))
+        }),
+    )
+    .await;
+    let mut calls = Vec::new();
+    let mut ids = 0;
+    let finished = loop {
+        let frame = within("a frame", stream.message())
+            .await
+            .expect("stream ok")
+            .expect("not ended before its end");
+        match frame.frame {
+            Some(Frame::Tokens(t)) => {
+                ids += t.token_ids.len();
+                switchyard_proto::assemble_tool_calls(&mut calls, &t.tool_calls);
+            }
+            Some(Frame::Finished(f)) => break f,
+            Some(Frame::Failed(f)) => panic!("failed: {f:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(finished.reason, FinishReason::Length as i32, "{finished:?}");
+    assert_eq!(ids, CALLS);
+    assert_eq!(calls.len(), CALLS);
+    let lost: Vec<usize> = (0..CALLS).filter(|&i| calls[i] != fault_call(i)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} calls lost or garbled, e.g. {:?}",
+        lost.len(),
+        &lost[..lost.len().min(8)]
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_developer_message_reaches_the_worker_as_system_instructions() {
     let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;

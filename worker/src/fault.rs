@@ -44,6 +44,9 @@ pub enum Fault {
     /// After this many tokens, one whole call of [`FAULT_TOOL`] ([`fault_call`] of the
     /// token's index), spelt by the next token, then as [`Fault::HoldAfter`].
     CallThenHold(usize),
+    /// Every token spells a whole call of [`FAULT_TOOL`] ([`fault_call`] of its index, call
+    /// index the token's), and no text: a burst of call pieces.
+    CallEach,
     /// A cancel is recorded but never confirmed: the tokens keep coming to `max_tokens`, and
     /// no `Done` ever follows.
     IgnoreCancel,
@@ -390,7 +393,7 @@ impl Generation {
                     Fault::StallAfter(n, stall) if sent == n => Some(tokio::time::sleep(stall)),
                     Fault::CallThenHold(n) if sent == n => {
                         // The call takes token `index`'s place.
-                        if !self.call(index, &tx).await {
+                        if !self.call(index, 0, &tx).await {
                             return;
                         }
                         sent += 1;
@@ -398,6 +401,13 @@ impl Generation {
                             _ = self.released.wait_for(|r| *r) => {}
                             _ = cancel.cancelled(), if !ignores_cancel => break 'generate StopReason::Cancelled,
                         }
+                        continue;
+                    }
+                    Fault::CallEach => {
+                        if !self.call(index, index as u32, &tx).await {
+                            return;
+                        }
+                        sent += 1;
                         continue;
                     }
                     Fault::HoldAfter(n) if sent == n => {
@@ -422,26 +432,13 @@ impl Generation {
                     _ = cancel.cancelled(), if !ignores_cancel => break 'generate StopReason::Cancelled,
                 }
                 let (id, text) = fault_token(&self.instructions, index);
-                let event = Ok(EngineEvent::Token {
+                let token = EngineEvent::Token {
                     id,
                     text,
                     logprobs: None,
-                });
-                let event = match tx.try_send(event) {
-                    Ok(()) => None,
-                    Err(mpsc::error::TrySendError::Full(event)) => Some(event),
-                    Err(mpsc::error::TrySendError::Closed(_)) => return,
                 };
-                if let Some(event) = event {
-                    record(
-                        &self.events,
-                        FaultEvent::Blocked {
-                            request_id: self.request_id.clone(),
-                        },
-                    );
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
+                if !self.deliver(token, &tx).await {
+                    return;
                 }
                 sent += 1;
             }
@@ -477,12 +474,13 @@ impl Generation {
 }
 
 impl Generation {
-    /// Sends [`fault_call`] as an engine that generates calls as tokens does: the call, and
-    /// the token that spelt it (no text). `false`: the worker stopped listening.
-    async fn call(&self, index: usize, tx: &Sender) -> bool {
+    /// Sends [`fault_call`] of token `index` as call `call_index`, as an engine that generates
+    /// calls as tokens does: the call, and the token that spelt it (no text). `false`: the
+    /// worker stopped listening.
+    async fn call(&self, index: usize, call_index: u32, tx: &Sender) -> bool {
         let call = fault_call(index);
         let piece = v1::ToolCallDelta {
-            index: 0,
+            index: call_index,
             id: call.id,
             name: call.name,
             arguments: call.arguments,
@@ -493,7 +491,24 @@ impl Generation {
             text: String::new(),
             logprobs: None,
         };
-        tx.send(Ok(EngineEvent::ToolCall(piece))).await.is_ok() && tx.send(Ok(token)).await.is_ok()
+        self.deliver(EngineEvent::ToolCall(piece), tx).await && self.deliver(token, tx).await
+    }
+
+    /// Sends `event`, recording [`FaultEvent::Blocked`] when it has to wait for the worker to
+    /// take it. `false`: the worker stopped listening.
+    async fn deliver(&self, event: EngineEvent, tx: &Sender) -> bool {
+        let event = match tx.try_send(Ok(event)) {
+            Ok(()) => return true,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+            Err(mpsc::error::TrySendError::Closed(_)) => return false,
+        };
+        record(
+            &self.events,
+            FaultEvent::Blocked {
+                request_id: self.request_id.clone(),
+            },
+        );
+        tx.send(event).await.is_ok()
     }
 }
 

@@ -836,9 +836,7 @@ impl<'d> Run<'d> {
                         while let Ok(more) = events.try_recv() {
                             match more {
                                 LinkEvent::Frame(worker_frame::Frame::Tokens(more)) => {
-                                    tokens.token_ids.extend(more.token_ids);
-                                    tokens.text.push_str(&more.text);
-                                    tokens.logprobs.extend(more.logprobs);
+                                    tokens.append(more);
                                 }
                                 other => {
                                     held_back = Some(other);
