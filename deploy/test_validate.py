@@ -67,9 +67,9 @@ class ValidatorTest(unittest.TestCase):
     def test_unknown_switchyard_variable(self) -> None:
         objects = self.broken()
         container(objects, "Deployment", "router")["env"].append(
-            {"name": "SWITCHYARD_ADVERTISE", "value": "x:1"}
+            {"name": "SWITCHYARD_WORKER_ID", "value": "x"}
         )
-        self.assert_problem(objects, "`switchyard router` reads no variable SWITCHYARD_ADVERTISE")
+        self.assert_problem(objects, "`switchyard router` reads no variable SWITCHYARD_WORKER_ID")
 
     def test_unknown_flag(self) -> None:
         objects = self.broken()
@@ -289,8 +289,8 @@ class RouterWseValidatorTest(unittest.TestCase):
     def test_router_wse_is_a_known_subcommand(self) -> None:
         self.assertIn("--worker-advertise", CLI.accepted("router-wse")[0])
         objects = self.broken()
-        container(objects, "Deployment", "router-wse")["args"].append("--advertise=x:1")
-        self.assert_problem(objects, "`switchyard router-wse` has no flag --advertise")
+        container(objects, "Deployment", "router-wse")["args"].append("--lease-ttl=5s")
+        self.assert_problem(objects, "`switchyard router-wse` has no flag --lease-ttl")
 
     def test_hosted_worker_must_advertise_the_pod_ip(self) -> None:
         objects = self.broken()

@@ -305,6 +305,18 @@ pub struct RouterArgs {
     /// with UNAVAILABLE meanwhile) before it closes its worker links and exits.
     #[arg(long, env = "SWITCHYARD_DRAIN_TIMEOUT", value_parser = humantime::parse_duration, default_value = "30s")]
     pub drain_timeout: Duration,
+    /// Bytes of Responses-API responses this replica stores (`store: true`, OpenAI's default)
+    /// for `previous_response_id` and `GET /v1/responses/{id}`; the oldest go first when full.
+    /// 0: none are stored (the responses say `store: false`).
+    #[arg(long, env = "SWITCHYARD_RESPONSE_STORE_BYTES", default_value_t = 256 << 20)]
+    pub response_store_bytes: usize,
+    /// How long a stored response is kept.
+    #[arg(long, env = "SWITCHYARD_RESPONSE_STORE_MAX_AGE", value_parser = humantime::parse_duration, default_value = "24h")]
+    pub response_store_max_age: Duration,
+    /// `host:port` where the other router replicas reach this one's gRPC door, to read the
+    /// responses it stored (default: the listen address; in Kubernetes, `$(POD_IP):50051`).
+    #[arg(long, env = "SWITCHYARD_ADVERTISE")]
+    pub advertise: Option<String>,
 }
 
 impl RouterArgs {
@@ -325,6 +337,11 @@ impl RouterArgs {
             max_tenant_requests: self.max_tenant_requests,
             stream_credit_tokens: self.stream_credit_tokens,
             drain_timeout: self.drain_timeout,
+            response_store: switchyard_router::response_store::StoreLimits {
+                max_bytes: self.response_store_bytes,
+                max_age: self.response_store_max_age,
+            },
+            advertise: self.advertise.clone(),
             tls: self.tls.files(),
             connections: ConnectionTimeouts {
                 max_age: self.max_connection_age,

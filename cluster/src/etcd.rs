@@ -1,6 +1,7 @@
-//! etcd-backed registry. Worker records live under a lease kept alive at TTL/3; the membership
-//! watch lists the prefix, then watches from the next revision, and starts over (keeping its
-//! last view) whenever etcd fails or compacts past it.
+//! etcd-backed registry. Worker records and router presence records live under a lease kept
+//! alive at TTL/3 (one loop for both: [`Leased`]); the membership watch lists the prefix, then
+//! watches from the next revision, and starts over (keeping its last view) whenever etcd fails
+//! or compacts past it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +23,12 @@ use crate::etcd_channel::{EndpointLabels, FailoverChannel};
 use crate::lease::{KeptLease, LeaseLost};
 
 use crate::membership::{Membership, MembershipView, publish};
-use crate::registry::{Command, Fence, Registration, Registry, RegistryError};
+use crate::registry::{
+    Command, Fence, Registration, Registry, RegistryError, RouterPresence, check_router_id,
+};
 use crate::schema::{
-    DRAIN_PREFIX, LEADER_KEY, POLICY_KEY, WORKERS_PREFIX, WorkerRecord, drain_key, parse_drain_key,
-    parse_worker_key,
+    DRAIN_PREFIX, LEADER_KEY, POLICY_KEY, RouterRecord, WORKERS_PREFIX, WorkerRecord, drain_key,
+    parse_drain_key, parse_worker_key, router_key,
 };
 use crate::telemetry::ErrorChain;
 use crate::telemetry::metrics::Metrics;
@@ -319,16 +322,43 @@ impl Registry for EtcdRegistry {
         record: WorkerRecord,
         ttl: Duration,
     ) -> Result<Registration, RegistryError> {
-        let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
-        if ttl_secs < 1 {
-            return Err(RegistryError::InvalidTtl(ttl));
-        }
-        let mut client = self.client.clone();
         // The first lease is granted here so that a worker that cannot register fails to start.
-        let lease = establish(&mut client, &record, ttl_secs, None).await?;
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(keep_registered(client, record, ttl_secs, lease, rx));
-        Ok(Registration::new(tx))
+        let commands = publish_leased(self.client.clone(), record, ttl).await?;
+        Ok(Registration::new(commands))
+    }
+
+    async fn announce_router(
+        &self,
+        record: RouterRecord,
+        ttl: Duration,
+    ) -> Result<RouterPresence, RegistryError> {
+        check_router_id(&record.id)?;
+        let commands = publish_leased(self.client.clone(), record, ttl).await?;
+        Ok(RouterPresence::new(commands))
+    }
+
+    /// An id no replica can announce (empty, with `/`, too long: e.g. read from a client's
+    /// response id) is not running: `None`, without asking etcd.
+    async fn find_router(&self, router_id: &str) -> Result<Option<RouterRecord>, RegistryError> {
+        if check_router_id(router_id).is_err() {
+            return Ok(None);
+        }
+        let key = router_key(router_id);
+        let (value, _) = get_key(&mut self.client.clone(), &key).await?;
+        let Some(value) = value else {
+            return Ok(None);
+        };
+        match serde_json::from_slice::<RouterRecord>(&value) {
+            Ok(record) if record.id == router_id => Ok(Some(record)),
+            Ok(_) => {
+                warn!(key, "router record does not match its key; ignored");
+                Ok(None)
+            }
+            Err(error) => {
+                warn!(key, %error, "undecodable router record; ignored");
+                Ok(None)
+            }
+        }
     }
 
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>, RegistryError> {
@@ -603,12 +633,177 @@ async fn watch_key_from<T: PartialEq>(
     Ok(())
 }
 
-/// A new lease holding `record`, kept alive from now on; `previous` is this worker's own
+/// What a record kept on its owner's lease says in its log lines.
+struct Texts {
+    /// It was put under a new lease.
+    published: &'static str,
+    /// Its owner withdrew it.
+    withdrawn: &'static str,
+    /// Its key is held by another lease; waiting for it to expire.
+    waiting: &'static str,
+    /// Appended to why the lease was lost: what happens next.
+    again: &'static str,
+    /// [`Retry`]'s `what` and `meanwhile`.
+    retry_what: &'static str,
+    retry_meanwhile: &'static str,
+}
+
+/// How a record's log lines name its id.
+#[derive(Clone, Copy)]
+enum IdField {
+    Worker,
+    Router,
+}
+
+/// A record its owner keeps in etcd on a lease of its own — a worker's registration, a router
+/// replica's presence: what [`establish`], [`claim`] and [`keep_published`] need of it.
+trait Leased: serde::Serialize + Clone + Send + Sync + 'static {
+    const TEXTS: Texts;
+    const ID_FIELD: IdField;
+    fn id(&self) -> &str;
+    fn key(&self) -> String;
+    /// Keys that must be absent for the record's key to be claimed (the same id elsewhere).
+    fn rivals(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Who holds the record's key or a rival, from the value stored there and its lease.
+    fn holder(value: &[u8], lease: i64) -> String;
+    /// The error when another live owner keeps the id.
+    fn taken(&self, holder: String) -> RegistryError;
+    fn value(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("records always serialise")
+    }
+}
+
+/// Logs at `$level` with `$record`'s id as `worker_id` or `router_id`, then the other fields and
+/// the message.
+macro_rules! log_leased {
+    ($level:ident, $record:expr, $($rest:tt)+) => {{
+        let record = $record;
+        match leased_id_field(record) {
+            IdField::Worker => tracing::$level!(worker_id = %record.id(), $($rest)+),
+            IdField::Router => tracing::$level!(router_id = %record.id(), $($rest)+),
+        }
+    }};
+}
+
+fn leased_id_field<R: Leased>(_: &R) -> IdField {
+    R::ID_FIELD
+}
+
+impl Leased for WorkerRecord {
+    const TEXTS: Texts = Texts {
+        published: "registered in etcd",
+        withdrawn: "deregistered from etcd",
+        waiting: "this worker id is registered under another lease; waiting for it to expire (an \
+                  earlier run of this worker) — if another worker runs with this id, give each \
+                  its own --id",
+        again: "registering again",
+        retry_what: "registration",
+        retry_meanwhile: "routers keep their links to this worker",
+    };
+    const ID_FIELD: IdField = IdField::Worker;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn key(&self) -> String {
+        WorkerRecord::key(self)
+    }
+
+    /// Routers and drains know a worker by its id alone: the id must be free in every pool.
+    fn rivals(&self) -> Vec<String> {
+        crate::Pool::ALL
+            .into_iter()
+            .filter(|pool| *pool != self.pool)
+            .map(|pool| crate::schema::worker_key(pool, &self.id))
+            .collect()
+    }
+
+    fn holder(value: &[u8], lease: i64) -> String {
+        let (pool, address) = match serde_json::from_slice::<WorkerRecord>(value) {
+            Ok(r) => (r.pool.to_string(), r.address),
+            Err(_) => ("?".into(), "an undecodable record".into()),
+        };
+        format!("{pool} pool, address {address}, lease {lease}")
+    }
+
+    fn taken(&self, holder: String) -> RegistryError {
+        RegistryError::IdTaken {
+            id: self.id.clone(),
+            holder,
+        }
+    }
+}
+
+impl Leased for RouterRecord {
+    const TEXTS: Texts = Texts {
+        published: "router announced in etcd",
+        withdrawn: "router presence withdrawn from etcd",
+        waiting: "this router id is announced under another lease; waiting for it to expire (an \
+                  earlier run of this replica) — if another replica runs with this id, give each \
+                  its own id",
+        again: "announcing the router again",
+        retry_what: "router announcement",
+        retry_meanwhile: "this replica serves on, but the others cannot find it",
+    };
+    const ID_FIELD: IdField = IdField::Router;
+
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn key(&self) -> String {
+        RouterRecord::key(self)
+    }
+
+    fn holder(value: &[u8], lease: i64) -> String {
+        let address = match serde_json::from_slice::<RouterRecord>(value) {
+            Ok(r) => r.grpc_address,
+            Err(_) => "an undecodable record".into(),
+        };
+        format!("address {address}, lease {lease}")
+    }
+
+    fn taken(&self, holder: String) -> RegistryError {
+        RegistryError::RouterIdTaken {
+            id: self.id.clone(),
+            holder,
+        }
+    }
+}
+
+/// Whole seconds of a lease TTL; under 1 s is refused.
+fn lease_ttl_secs(ttl: Duration) -> Result<i64, RegistryError> {
+    let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+    if ttl_secs < 1 {
+        return Err(RegistryError::InvalidTtl(ttl));
+    }
+    Ok(ttl_secs)
+}
+
+/// Puts `record` under a lease of `ttl`, then keeps it there in the background
+/// ([`keep_published`]) until the returned sender says otherwise or is dropped. The first lease
+/// is granted here, so that an owner that cannot publish hears so.
+async fn publish_leased<R: Leased>(
+    mut client: Client,
+    record: R,
+    ttl: Duration,
+) -> Result<mpsc::Sender<Command<R>>, RegistryError> {
+    let ttl_secs = lease_ttl_secs(ttl)?;
+    let lease = establish(&mut client, &record, ttl_secs, None).await?;
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(keep_published(client, record, ttl_secs, lease, rx));
+    Ok(tx)
+}
+
+/// A new lease holding `record`, kept alive from now on; `previous` is this owner's own
 /// earlier lease, which may still hold the key (it could not be renewed for a TTL, which does
 /// not mean etcd let it expire): the record moves to the new lease, then the old one is revoked.
-async fn establish(
+async fn establish<R: Leased>(
     client: &mut Client,
-    record: &WorkerRecord,
+    record: &R,
     ttl_secs: i64,
     previous: Option<i64>,
 ) -> Result<KeptLease, RegistryError> {
@@ -618,7 +813,7 @@ async fn establish(
         // nothing with it.
         let _ = client.lease_revoke(previous).await;
     }
-    info!(worker_id = %record.id, lease = id, ttl_secs, "registered in etcd");
+    log_leased!(info, record, lease = id, ttl_secs, "{}", R::TEXTS.published);
     Ok(KeptLease::new(
         client.clone(),
         id,
@@ -630,16 +825,17 @@ async fn establish(
 /// Puts `record` under a new lease of `ttl_secs` if no other lease holds its key (`previous`,
 /// this task's own earlier lease, may: the record moves over without a gap); returns the
 /// lease. A key held by another lease is waited for, up to a lease's TTL: the earlier life of
-/// this worker (restarted within its TTL) lets go by then; a worker still holding it is another
-/// live worker with the same id, which must not be silently displaced — its routers would lose
-/// it. Also returns when the lease was asked for (it runs from then at the latest).
-async fn claim(
+/// this owner (restarted within its TTL) lets go by then; an owner still holding it is another
+/// live one with the same id, which must not be silently displaced — a worker's routers would
+/// lose it, a router's response ids would lead to the other replica. Also returns when the
+/// lease was asked for (it runs from then at the latest).
+async fn claim<R: Leased>(
     client: &mut Client,
-    record: &WorkerRecord,
+    record: &R,
     previous: Option<i64>,
     ttl_secs: i64,
 ) -> Result<(i64, Instant), RegistryError> {
-    let value = serde_json::to_vec(record).expect("worker records always serialise");
+    let value = record.value();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(ttl_secs as u64 + 1);
     let mut warned = false;
     loop {
@@ -668,13 +864,10 @@ async fn claim(
         };
         let _ = client.lease_revoke(lease).await;
         if tokio::time::Instant::now() >= deadline {
-            return Err(RegistryError::IdTaken {
-                id: record.id.clone(),
-                holder,
-            });
+            return Err(record.taken(holder));
         }
         if !warned {
-            warn!(worker_id = %record.id, %holder, ttl_secs, "this worker id is registered under another lease; waiting for it to expire (an earlier run of this worker) — if another worker runs with this id, give each its own --id");
+            log_leased!(warn, record, %holder, ttl_secs, "{}", R::TEXTS.waiting);
             warned = true;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -682,20 +875,16 @@ async fn claim(
 }
 
 /// One attempt of [`claim`]: `None` when the key is now `lease`'s, else who holds the id —
-/// in either pool: routers and drains know a worker by its id alone.
-async fn try_claim(
+/// its key or one of its rivals ([`Leased::rivals`]).
+async fn try_claim<R: Leased>(
     client: &mut Client,
-    record: &WorkerRecord,
+    record: &R,
     value: &[u8],
     lease: i64,
     previous: Option<i64>,
 ) -> Result<Option<String>, RegistryError> {
     let key = record.key();
-    let others: Vec<String> = crate::Pool::ALL
-        .into_iter()
-        .filter(|pool| *pool != record.pool)
-        .map(|pool| crate::schema::worker_key(pool, &record.id))
-        .collect();
+    let others = record.rivals();
     let absent = |key: &str| Compare::create_revision(key, CompareOp::Equal, 0);
     let put = || {
         TxnOp::put(
@@ -704,7 +893,7 @@ async fn try_claim(
             Some(PutOptions::new().with_lease(lease)),
         )
     };
-    // `own` for our key, and the id free in every other pool.
+    // `own` for our key, and the id free in every rival key.
     let held_by = |own: Compare| {
         let mut compares = vec![own];
         compares.extend(others.iter().map(|other| absent(other)));
@@ -736,13 +925,10 @@ async fn try_claim(
         .op_responses()
         .into_iter()
         .find_map(|op| match op {
-            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
-                let (pool, address) = match serde_json::from_slice::<WorkerRecord>(kv.value()) {
-                    Ok(r) => (r.pool.to_string(), r.address),
-                    Err(_) => ("?".into(), "an undecodable record".into()),
-                };
-                format!("{pool} pool, address {address}, lease {}", kv.lease())
-            }),
+            TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .map(|kv| R::holder(kv.value(), kv.lease())),
             _ => None,
         })
         // Gone between the compare and the reads (they are one transaction: not expected).
@@ -750,12 +936,12 @@ async fn try_claim(
     Ok(Some(holder))
 }
 
-async fn put_record(
+async fn put_record<R: Leased>(
     client: &mut Client,
-    record: &WorkerRecord,
+    record: &R,
     lease: i64,
 ) -> Result<(), RegistryError> {
-    let value = serde_json::to_vec(record).expect("worker records always serialise");
+    let value = record.value();
     // The same value under the same lease: writing it twice is harmless.
     repeat_write(|| {
         let mut client = client.clone();
@@ -772,22 +958,24 @@ async fn put_record(
 }
 
 /// Owns the lease: keeps it alive (through failing keep-alive streams, for as long as its TTL
-/// lasts: [`KeptLease`]), registers again when it is lost, and serves commands.
-async fn keep_registered(
+/// lasts: [`KeptLease`]), publishes the record again under a new lease when it is lost (etcd
+/// says it expired or was revoked, or it could not be renewed for a TTL), retrying with backoff
+/// while etcd fails, and serves commands.
+async fn keep_published<R: Leased>(
     mut client: Client,
-    mut record: WorkerRecord,
+    mut record: R,
     ttl_secs: i64,
     first: KeptLease,
-    mut commands: mpsc::Receiver<Command>,
+    mut commands: mpsc::Receiver<Command<R>>,
 ) {
     let mut lease = Some(first);
     // This task's last lease, when it could not be renewed for a TTL: it may still hold the key.
     let mut previous = None;
     // The record update being written, with the record and whom to answer.
-    let mut update: Option<Update> = None;
+    let mut update: Option<Update<R>> = None;
     let mut retry = Retry::new(
-        "registration",
-        "routers keep their links to this worker",
+        R::TEXTS.retry_what,
+        R::TEXTS.retry_meanwhile,
         record.key(),
         REGISTER_RETRY_MAX,
     );
@@ -804,7 +992,7 @@ async fn keep_registered(
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         command = commands.recv() => {
-                            if !serve_command_unregistered(command, &mut record) { return; }
+                            if !serve_command_unpublished(command, &mut record) { return; }
                         }
                     }
                 }
@@ -828,16 +1016,28 @@ async fn keep_registered(
             Step::Lost(lost) => {
                 match lost {
                     LeaseLost::Gone => {
-                        warn!(worker_id = %record.id, lease = current.id(), "lease expired in etcd; registering again");
+                        log_leased!(
+                            warn,
+                            &record,
+                            lease = current.id(),
+                            "lease expired in etcd; {}",
+                            R::TEXTS.again
+                        );
                         previous = None;
                     }
                     LeaseLost::Lapsed => {
-                        warn!(worker_id = %record.id, lease = current.id(), "lease not renewed within its TTL; registering again");
+                        log_leased!(
+                            warn,
+                            &record,
+                            lease = current.id(),
+                            "lease not renewed within its TTL; {}",
+                            R::TEXTS.again
+                        );
                         previous = Some(current.id());
                     }
                 }
                 if let Some((_, new_record, reply)) = update.take() {
-                    // Not written under the lost lease: registered with the next one.
+                    // Not written under the lost lease: published with the next one.
                     record = new_record;
                     let _ = reply.send(Ok(()));
                 }
@@ -865,13 +1065,13 @@ async fn keep_registered(
                     .map_err(Into::into);
                 // A failure is the caller's to report (the lease then expires on its own).
                 if result.is_ok() {
-                    info!(worker_id = %record.id, "deregistered from etcd");
+                    log_leased!(info, &record, "{}", R::TEXTS.withdrawn);
                 }
                 let _ = reply.send(result);
                 return;
             }
             Step::Command(None) => {
-                // Registration handle dropped: withdraw the record rather than wait for the TTL.
+                // Handle dropped: withdraw the record rather than wait for the TTL.
                 let _ = client.lease_revoke(current.id()).await;
                 return;
             }
@@ -884,21 +1084,21 @@ type PendingWrite =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), RegistryError>> + Send>>;
 
 /// A record update being written, the record and whom to answer.
-type Update = (
+type Update<R> = (
     PendingWrite,
-    WorkerRecord,
+    R,
     tokio::sync::oneshot::Sender<Result<(), RegistryError>>,
 );
 
-/// What woke [`keep_registered`] up.
-enum Step {
+/// What woke [`keep_published`] up.
+enum Step<R> {
     Lost(LeaseLost),
     Written(Result<(), RegistryError>),
-    Command(Option<Command>),
+    Command(Option<Command<R>>),
 }
 
 /// Serves a command while no lease is held. Returns `false` when the task should end.
-fn serve_command_unregistered(command: Option<Command>, record: &mut WorkerRecord) -> bool {
+fn serve_command_unpublished<R>(command: Option<Command<R>>, record: &mut R) -> bool {
     match command {
         Some(Command::Update(new_record, reply)) => {
             // Takes effect when the lease is re-established.

@@ -47,6 +47,13 @@ pub fn control_plane_uri() -> String {
     format!("spiffe://{TRUST_DOMAIN}/control-plane")
 }
 
+/// The identity a router's certificate carries (URI SAN): every replica the same. A replica
+/// reads the responses another stored at that replica's advertised pod IP, which no issued
+/// certificate names.
+pub fn router_uri() -> String {
+    format!("spiffe://{TRUST_DOMAIN}/router")
+}
+
 fn percent_encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for byte in text.bytes() {
@@ -262,6 +269,7 @@ mod tests {
             "spiffe://switchyard/pool/wse/worker/a%20b%2Fc"
         );
         assert_eq!(control_plane_uri(), "spiffe://switchyard/control-plane");
+        assert_eq!(router_uri(), "spiffe://switchyard/router");
     }
 
     #[test]

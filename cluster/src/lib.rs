@@ -1,6 +1,7 @@
 //! Cluster membership for Switchyard: the etcd key schema, worker records, registration under
-//! a lease with keepalive, the live membership view routers consume, an in-memory registry for
-//! single-process mode, and tracing initialisation shared by every binary.
+//! a lease with keepalive, the live membership view routers consume, router replicas' presence
+//! records (how a replica finds another by id), an in-memory registry for single-process mode,
+//! and tracing initialisation shared by every binary.
 
 #[cfg(feature = "jemalloc")]
 mod allocator;
@@ -25,5 +26,5 @@ pub mod tls;
 pub use etcd::{EtcdRegistry, EtcdSecurity};
 pub use membership::{Membership, MembershipView};
 pub use memory::MemoryRegistry;
-pub use registry::{Fence, Registration, Registry, RegistryError};
-pub use schema::{Capacity, Pool, WorkerRecord, WorkerState};
+pub use registry::{Fence, Registration, Registry, RegistryError, RouterPresence};
+pub use schema::{Capacity, Pool, RouterRecord, WorkerRecord, WorkerState};

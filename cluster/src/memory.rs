@@ -2,14 +2,20 @@
 //! contract as etcd, without leases — a record lives until deregistered or its handle dropped.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::membership::{Membership, MembershipView};
-use crate::registry::{Command, Fence, Registration, Registry, RegistryError};
-use crate::schema::WorkerRecord;
+use crate::registry::{
+    Command, Fence, Registration, Registry, RegistryError, RouterPresence, check_router_id,
+};
+use crate::schema::{RouterRecord, WorkerRecord};
+
+/// Announced router replicas by id, each with the number of the announcement that holds it.
+type Routers = BTreeMap<String, (u64, RouterRecord)>;
 
 #[derive(Debug, Clone)]
 pub struct MemoryRegistry {
@@ -19,6 +25,10 @@ pub struct MemoryRegistry {
     drains: Arc<Mutex<BTreeMap<String, watch::Sender<bool>>>>,
     /// The standalone control plane's record, once it announced itself.
     control_plane: Arc<watch::Sender<Option<Vec<u8>>>>,
+    /// Announced router replicas (a channel, so that tests can await a change).
+    routers: Arc<watch::Sender<Routers>>,
+    /// Numbers the router announcements.
+    announcements: Arc<AtomicU64>,
 }
 
 impl Default for MemoryRegistry {
@@ -26,11 +36,14 @@ impl Default for MemoryRegistry {
         let (tx, _) = watch::channel(Arc::new(MembershipView::default()));
         let (policy, _) = watch::channel(None);
         let (control_plane, _) = watch::channel(None);
+        let (routers, _) = watch::channel(Routers::new());
         Self {
             view: Arc::new(tx),
             policy: Arc::new(policy),
             drains: Arc::default(),
             control_plane: Arc::new(control_plane),
+            routers: Arc::new(routers),
+            announcements: Arc::default(),
         }
     }
 }
@@ -162,6 +175,59 @@ impl Registry for MemoryRegistry {
         self.control_plane.send_replace(record);
         Ok(())
     }
+
+    /// One process, no leases: the record lives until withdrawn or its presence dropped. A
+    /// second announcement of an id replaces the first, whose withdrawal then leaves it.
+    async fn announce_router(
+        &self,
+        record: RouterRecord,
+        ttl: Duration,
+    ) -> Result<RouterPresence, RegistryError> {
+        check_router_id(&record.id)?;
+        if ttl < Duration::from_secs(1) {
+            return Err(RegistryError::InvalidTtl(ttl));
+        }
+        let id = record.id.clone();
+        let number = self.announcements.fetch_add(1, Ordering::Relaxed);
+        self.routers.send_modify(|routers| {
+            routers.insert(id.clone(), (number, record));
+        });
+        let routers = self.routers.clone();
+        // Removes the record if this announcement still holds it.
+        let remove = move || {
+            routers.send_if_modified(|routers| {
+                let ours = routers.get(&id).is_some_and(|(n, _)| *n == number);
+                if ours {
+                    routers.remove(&id);
+                }
+                ours
+            });
+        };
+        let (tx, mut rx) = mpsc::channel::<Command<RouterRecord>>(8);
+        tokio::spawn(async move {
+            // A presence is withdrawn or dropped, never updated.
+            while let Some(command) = rx.recv().await {
+                match command {
+                    Command::Update(_, reply) => drop(reply),
+                    Command::Deregister(reply) => {
+                        remove();
+                        let _ = reply.send(Ok(()));
+                        return;
+                    }
+                }
+            }
+            remove();
+        });
+        Ok(RouterPresence::new(tx))
+    }
+
+    async fn find_router(&self, router_id: &str) -> Result<Option<RouterRecord>, RegistryError> {
+        Ok(self
+            .routers
+            .borrow()
+            .get(router_id)
+            .map(|(_, record)| record.clone()))
+    }
 }
 
 #[cfg(test)]
@@ -269,6 +335,105 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, RegistryError::InvalidTtl(_)));
+    }
+
+    fn router(id: &str, grpc_address: &str) -> RouterRecord {
+        RouterRecord {
+            id: id.into(),
+            grpc_address: grpc_address.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_announced_router_is_found_until_withdrawn() {
+        let registry = MemoryRegistry::new();
+        let presence = registry
+            .announce_router(router("router-a", "10.0.0.1:8080"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let _other = registry
+            .announce_router(router("router-b", "10.0.0.2:8080"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(
+            registry.find_router("router-a").await.unwrap(),
+            Some(router("router-a", "10.0.0.1:8080"))
+        );
+        assert_eq!(
+            registry.find_router("router-b").await.unwrap(),
+            Some(router("router-b", "10.0.0.2:8080"))
+        );
+        presence.withdraw().await.unwrap();
+        assert_eq!(registry.find_router("router-a").await.unwrap(), None);
+        assert!(registry.find_router("router-b").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn dropping_a_router_presence_removes_the_record() {
+        let registry = MemoryRegistry::new();
+        let mut routers = registry.routers.subscribe();
+        let presence = registry
+            .announce_router(router("router-a", "10.0.0.1:8080"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(registry.find_router("router-a").await.unwrap().is_some());
+        drop(presence);
+        while routers.borrow_and_update().contains_key("router-a") {
+            routers.changed().await.unwrap();
+        }
+        assert_eq!(registry.find_router("router-a").await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_router_is_not_found() {
+        let registry = MemoryRegistry::new();
+        assert_eq!(registry.find_router("router-x").await.unwrap(), None);
+        assert_eq!(registry.find_router("").await.unwrap(), None);
+        assert_eq!(registry.find_router("a/b").await.unwrap(), None);
+    }
+
+    /// A replica announced again under its id (replaced) keeps its record when the earlier
+    /// announcement's presence goes.
+    #[tokio::test]
+    async fn an_earlier_announcement_withdrawn_leaves_its_replacement() {
+        let registry = MemoryRegistry::new();
+        let earlier = registry
+            .announce_router(router("router-a", "10.0.0.1:8080"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let _later = registry
+            .announce_router(router("router-a", "10.0.0.9:8080"), Duration::from_secs(5))
+            .await
+            .unwrap();
+        earlier.withdraw().await.unwrap();
+        assert_eq!(
+            registry.find_router("router-a").await.unwrap(),
+            Some(router("router-a", "10.0.0.9:8080"))
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_router_ids_and_sub_second_ttls_are_refused() {
+        let registry = MemoryRegistry::new();
+        for id in [String::new(), "a/b".into(), "r".repeat(254)] {
+            let error = registry
+                .announce_router(router(&id, "10.0.0.1:8080"), Duration::from_secs(5))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&error, RegistryError::Config(m) if m.contains("router id")),
+                "{error}"
+            );
+        }
+        let error = registry
+            .announce_router(
+                router("router-a", "10.0.0.1:8080"),
+                Duration::from_millis(999),
+            )
+            .await
+            .unwrap_err();
+        assert!(matches!(error, RegistryError::InvalidTtl(_)), "{error}");
+        assert_eq!(registry.find_router("router-a").await.unwrap(), None);
     }
 
     #[tokio::test]

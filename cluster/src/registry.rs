@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::membership::Membership;
-use crate::schema::WorkerRecord;
+use crate::schema::{MAX_ROUTER_ID_BYTES, RouterRecord, WorkerRecord, router_id_problem};
 use crate::telemetry::metrics::Metrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +27,25 @@ pub enum RegistryError {
          own --id"
     )]
     IdTaken { id: String, holder: String },
+    /// Another live router replica announced itself under this router id.
+    #[error(
+        "router id {id:?} is announced by another live router replica ({holder}); a router \
+         makes its id up at every start, so restart this one for a new id"
+    )]
+    RouterIdTaken { id: String, holder: String },
+}
+
+/// Refuses a router id that cannot name a replica ([`RegistryError::Config`]: waiting does not
+/// help): it must be non-empty, without `/` and at most 253 bytes.
+pub fn check_router_id(router_id: &str) -> Result<(), RegistryError> {
+    match router_id_problem(router_id) {
+        None => Ok(()),
+        Some(problem) => Err(RegistryError::Config(format!(
+            "router id {router_id:?} is invalid: {problem}; a router id must be 1 to \
+             {MAX_ROUTER_ID_BYTES} bytes without '/' (it is one segment of an etcd key and is \
+             named by the replica's response ids)"
+        ))),
+    }
 }
 
 impl RegistryError {
@@ -150,6 +169,24 @@ pub trait Registry: Send + Sync + 'static {
     /// watch, it keeps its last value while the store is unreachable.
     async fn watch_control_plane(&self) -> Result<watch::Receiver<Option<Vec<u8>>>, RegistryError>;
 
+    /// Publishes `record` under `router_key(record.id)` on a lease of `ttl`, kept alive in the
+    /// background (and published again after the store was unreachable or the lease was lost)
+    /// until the returned presence is withdrawn or dropped.
+    ///
+    /// The id is checked first ([`check_router_id`]; [`RegistryError::Config`]), then the
+    /// ttl ([`RegistryError::InvalidTtl`] under 1 s). An id another live replica holds is
+    /// waited for up to a lease TTL (an earlier run of this replica, restarted within its TTL,
+    /// lets go by then), then refused ([`RegistryError::RouterIdTaken`]).
+    async fn announce_router(
+        &self,
+        record: RouterRecord,
+        ttl: Duration,
+    ) -> Result<RouterPresence, RegistryError>;
+
+    /// The record of router replica `router_id`, if it is running (announced and its lease
+    /// alive). Read from the store at each call: an unreachable store is an error.
+    async fn find_router(&self, router_id: &str) -> Result<Option<RouterRecord>, RegistryError>;
+
     /// Announces a control plane that runs without an election (a single in-process replica)
     /// the way an elected leader is announced by its leader key. Stores whose control planes
     /// are elected (etcd) ignore it.
@@ -161,9 +198,21 @@ pub trait Registry: Send + Sync + 'static {
     }
 }
 
-pub(crate) enum Command {
-    Update(WorkerRecord, oneshot::Sender<Result<(), RegistryError>>),
+/// What a handle on a published record asks of the task that keeps it: a [`Registration`]
+/// (`R` = [`WorkerRecord`]), a [`RouterPresence`] (`R` = [`RouterRecord`]).
+pub(crate) enum Command<R = WorkerRecord> {
+    Update(R, oneshot::Sender<Result<(), RegistryError>>),
     Deregister(oneshot::Sender<Result<(), RegistryError>>),
+}
+
+/// Asks the task behind `commands` to withdraw its record, and waits for its answer.
+async fn withdraw<R>(commands: &mpsc::Sender<Command<R>>) -> Result<(), RegistryError> {
+    let (tx, rx) = oneshot::channel();
+    commands
+        .send(Command::Deregister(tx))
+        .await
+        .map_err(|_| RegistryError::Stopped)?;
+    rx.await.map_err(|_| RegistryError::Stopped)?
 }
 
 /// Handle on a live registration. Dropping it without [`Registration::deregister`] also
@@ -190,12 +239,26 @@ impl Registration {
 
     /// Withdraws the record now (revokes the lease).
     pub async fn deregister(self) -> Result<(), RegistryError> {
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Deregister(tx))
-            .await
-            .map_err(|_| RegistryError::Stopped)?;
-        rx.await.map_err(|_| RegistryError::Stopped)?
+        withdraw(&self.commands).await
+    }
+}
+
+/// Handle on a router replica's announced presence ([`Registry::announce_router`]). Dropping
+/// it without [`RouterPresence::withdraw`] stops the keepalive and removes the record too (best
+/// effort), as soon as its background task notices.
+#[derive(Debug)]
+pub struct RouterPresence {
+    commands: mpsc::Sender<Command<RouterRecord>>,
+}
+
+impl RouterPresence {
+    pub(crate) fn new(commands: mpsc::Sender<Command<RouterRecord>>) -> Self {
+        Self { commands }
+    }
+
+    /// Withdraws the record now (revokes the lease).
+    pub async fn withdraw(self) -> Result<(), RegistryError> {
+        withdraw(&self.commands).await
     }
 }
 
@@ -226,6 +289,21 @@ mod concise_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A bad router id is a configuration error (retrying does not help) saying what is wrong
+    /// and what a router id must be.
+    #[test]
+    fn a_bad_router_id_says_what_is_wrong_and_what_to_use() {
+        assert!(check_router_id("router-5c7d9-xk2p").is_ok());
+        let error = check_router_id("tenant/router-0").unwrap_err();
+        assert!(matches!(error, RegistryError::Config(_)));
+        let message = error.to_string();
+        for needle in ["\"tenant/router-0\"", "contains '/'", "1 to 253 bytes"] {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
+        let message = check_router_id(&"r".repeat(300)).unwrap_err().to_string();
+        assert!(message.contains("300 bytes long"), "{message}");
+    }
 
     /// A write etcd refuses for its size is told apart from etcd being unreachable (the
     /// control plane answered "cluster registry unreachable" to a 2 MB policy document).

@@ -16,6 +16,9 @@ pub const DRAIN_PREFIX: &str = "/switchyard/v1/drain/";
 /// Held by the control-plane leader (bound to its lease); the value names the leader.
 pub const LEADER_KEY: &str = "/switchyard/v1/leader/control-plane";
 
+/// Prefix of router presence records: `routers/<router_id>`, each on its router's lease.
+pub const ROUTERS_PREFIX: &str = "/switchyard/v1/routers/";
+
 /// Prefix of dashboard sessions signed out before they expired: `dashboard/revoked/<session
 /// id>`, each on a lease that ends with the session, written by the control plane.
 pub const DASHBOARD_REVOKED_PREFIX: &str = "/switchyard/v1/dashboard/revoked/";
@@ -45,6 +48,47 @@ pub fn parse_worker_key(key: &str) -> Option<(Pool, &str)> {
         return None;
     }
     Some((pool.parse().ok()?, id))
+}
+
+/// The key router replica `router_id`'s presence record lives under.
+pub fn router_key(router_id: &str) -> String {
+    format!("{ROUTERS_PREFIX}{router_id}")
+}
+
+/// The longest router id: a Kubernetes pod name (a DNS subdomain) fits.
+pub const MAX_ROUTER_ID_BYTES: usize = 253;
+
+/// Why `router_id` cannot name a router replica (`None` when it can): it must be non-empty,
+/// without `/` (it is one etcd key segment) and at most [`MAX_ROUTER_ID_BYTES`] bytes.
+pub(crate) fn router_id_problem(router_id: &str) -> Option<String> {
+    if router_id.is_empty() {
+        Some("it is empty".into())
+    } else if router_id.contains('/') {
+        Some("it contains '/'".into())
+    } else if router_id.len() > MAX_ROUTER_ID_BYTES {
+        Some(format!(
+            "it is {} bytes long, over {MAX_ROUTER_ID_BYTES}",
+            router_id.len()
+        ))
+    } else {
+        None
+    }
+}
+
+/// What a running router replica tells the others about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterRecord {
+    /// The replica's tag, new at every start: what its stored responses' ids carry.
+    pub id: String,
+    /// `host:port` where the other replicas reach this replica's gRPC door (its
+    /// `StoredResponses` service).
+    pub grpc_address: String,
+}
+
+impl RouterRecord {
+    pub fn key(&self) -> String {
+        router_key(&self.id)
+    }
 }
 
 // The pool enum is the routing policy's (placement chooses a pool); the key schema names it.
@@ -134,6 +178,33 @@ mod tests {
         assert_eq!(parse_drain_key("/switchyard/v1/drain/"), None);
         assert_eq!(parse_drain_key("/switchyard/v1/drain/a/b"), None);
         assert_eq!(parse_drain_key("/switchyard/v1/policy"), None);
+    }
+
+    #[test]
+    fn router_keys_and_records() {
+        assert_eq!(
+            router_key("router-7f9c-x2"),
+            "/switchyard/v1/routers/router-7f9c-x2"
+        );
+        let record = RouterRecord {
+            id: "router-a".into(),
+            grpc_address: "10.0.0.7:50051".into(),
+        };
+        assert_eq!(record.key(), "/switchyard/v1/routers/router-a");
+        let json = serde_json::to_string(&record).unwrap();
+        assert_eq!(json, r#"{"id":"router-a","grpc_address":"10.0.0.7:50051"}"#);
+        assert_eq!(serde_json::from_str::<RouterRecord>(&json).unwrap(), record);
+    }
+
+    #[test]
+    fn router_ids_are_one_key_segment_of_at_most_253_bytes() {
+        assert_eq!(router_id_problem("router-0"), None);
+        assert_eq!(router_id_problem(&"r".repeat(253)), None);
+        assert!(router_id_problem("").is_some());
+        assert!(router_id_problem("a/b").is_some());
+        assert!(router_id_problem(&"r".repeat(254)).is_some());
+        // Bytes, not characters.
+        assert!(router_id_problem(&"é".repeat(127)).is_some());
     }
 
     #[test]

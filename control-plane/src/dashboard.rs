@@ -947,6 +947,21 @@ mod tests {
         {
             self.inner.watch_control_plane().await
         }
+        async fn announce_router(
+            &self,
+            record: switchyard_cluster::RouterRecord,
+            ttl: std::time::Duration,
+        ) -> Result<switchyard_cluster::RouterPresence, switchyard_cluster::RegistryError> {
+            self.inner.announce_router(record, ttl).await
+        }
+        async fn find_router(
+            &self,
+            router_id: &str,
+        ) -> Result<Option<switchyard_cluster::RouterRecord>, switchyard_cluster::RegistryError>
+        {
+            self.read().await?;
+            self.inner.find_router(router_id).await
+        }
     }
 
     /// etcd frozen or down: `/api/workers` and `/api/stats` answer within the read bound from

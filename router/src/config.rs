@@ -67,6 +67,11 @@ pub struct RouterConfig {
     pub drain_timeout: Duration,
     /// Workers this process hosts: their links are made in process, not over the network.
     pub hosted_workers: Vec<HostedWorker>,
+    /// How many stored Responses-API responses this replica keeps, and how long.
+    pub response_store: crate::response_store::StoreLimits,
+    /// `host:port` where the other router replicas reach this one's gRPC door (to read the
+    /// responses it stored); default: the bound listen address.
+    pub advertise: Option<String>,
 }
 
 /// A worker running in the router's own process, and how its link reaches it.
@@ -103,6 +108,8 @@ impl Default for RouterConfig {
             http_cors: crate::openai::CorsOrigins::Off,
             drain_timeout: Duration::from_secs(30),
             hosted_workers: Vec::new(),
+            response_store: Default::default(),
+            advertise: None,
         }
     }
 }

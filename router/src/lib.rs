@@ -18,6 +18,7 @@ pub mod policy_watch;
 pub mod prefix_index;
 pub mod readiness;
 pub mod report;
+pub mod response_store;
 pub mod server;
 pub mod service;
 mod session;

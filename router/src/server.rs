@@ -11,6 +11,7 @@ use switchyard_cluster::backoff::Backoff;
 use switchyard_cluster::tls::Alpn;
 use switchyard_cluster::{Registry, RegistryError};
 use switchyard_proto::v1::inference_server::InferenceServer;
+use switchyard_proto::v1::stored_responses_server::StoredResponsesServer;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::codec::CompressionEncoding;
@@ -24,6 +25,7 @@ use crate::links::Links;
 use crate::policy::document::PolicyDocument;
 use crate::policy_watch::{PolicyHandle, PolicyStatus};
 use crate::readiness::Gate;
+use crate::response_store::service::StoredResponsesService;
 use crate::service::{AuthInterceptor, InferenceService};
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +78,9 @@ const LAST_FRAMES_GRACE: Duration = Duration::from_secs(1);
 /// Pauses between attempts to reach the cluster registry at start-up (exponential, jittered).
 const JOIN_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Lease of the router's announcement in the registry: a replica that stopped without
+/// withdrawing it (killed) is found gone this long after.
+const PRESENCE_TTL: Duration = Duration::from_secs(10);
 
 /// Like [`run_router`], and `on_ready` gets every bound address (gRPC and HTTP).
 ///
@@ -113,6 +118,7 @@ pub async fn run_router_with_endpoints(
         .map_err(|e| RouterError::Config(e.to_string()))?;
     let client_tls = config.tls.client();
     let config_listen = config.listen;
+    let advertise = config.advertise.clone();
     let max_connection_streams = config.max_connection_streams;
     let connections = config.connections;
     let listener =
@@ -161,11 +167,27 @@ pub async fn run_router_with_endpoints(
         config.decision_reports_per_s,
         leader_rx,
         config.cluster_token.clone(),
-        client_tls,
+        client_tls.clone(),
         cluster_stop.clone(),
     );
     let dispatcher = Dispatcher::new(links.clone(), config, policy, metrics, reports)
         .with_key_tenants(api_keys.iter().flat_map(|keys| keys.tenants()));
+    dispatcher.peers.set_registry(registry.clone());
+    if let Some(tls) = client_tls {
+        dispatcher.peers.set_tls(tls);
+    }
+    if dispatcher.responses.limits().max_bytes > 0 {
+        let record = switchyard_cluster::RouterRecord {
+            id: dispatcher.responses.owner().to_string(),
+            grpc_address: advertise.unwrap_or_else(|| bound.to_string()),
+        };
+        tokio::spawn(crate::response_store::peers::announce(
+            registry.clone(),
+            record,
+            PRESENCE_TTL,
+            cluster_stop.clone(),
+        ));
+    }
     // Readiness reasons reach clients and the public `/health`: they name the registry's
     // kind, never its addresses or the client library's error (those are logged).
     dispatcher
@@ -205,6 +227,7 @@ pub async fn run_router_with_endpoints(
     let (reflection_v1, reflection_v1alpha) =
         switchyard_proto::introspection::reflection_services(&[
             <InferenceServer<()> as tonic::server::NamedService>::NAME,
+            <StoredResponsesServer<()> as tonic::server::NamedService>::NAME,
         ]);
     let mut grpc = switchyard_cluster::grpc_server::builder(max_connection_streams);
     if let Some(age) = connections.max_age {
@@ -222,6 +245,10 @@ pub async fn run_router_with_endpoints(
             InferenceServer::new(InferenceService::new(dispatcher.clone()))
                 .accept_compressed(CompressionEncoding::Gzip)
                 .accept_compressed(CompressionEncoding::Deflate),
+            AuthInterceptor::new(api_keys.clone(), dispatcher.metrics.clone()),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            StoredResponsesServer::new(StoredResponsesService::new(dispatcher.responses.clone())),
             AuthInterceptor::new(api_keys.clone(), dispatcher.metrics.clone()),
         ));
     let bind_error = |source| RouterError::Bind {

@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """OpenAI's Responses API (`client.responses`) against a Switchyard router with the official
 `openai` SDK, as an agent uses it: text answers whole and streamed (through the SDK's own
-stream accumulator, which checks every event's order and identity), the output bound, a
-function call, its result sent back as input items and answered, a JSON schema answer, and
-refusals that name their field.
+stream accumulator, which checks every event's order and identity), the output bound, stored
+responses (retrieved, their input items listed, deleted, and gone on from with
+`previous_response_id`), a function call, its result sent back as input items or after the
+stored call and answered, a JSON schema answer, and refusals that name their field.
 
 Usage: openai_responses_check.py BASE_URL MODEL [text-only]
 With `text-only` (a load-test engine, which refuses tools and schemas) only the text checks
@@ -111,14 +112,62 @@ def a_conversation_in_input_items():
     assert response.output_text.strip(), response
 
 
-def stored_state_is_refused_by_name():
+def a_stored_response_is_retrieved_listed_and_deleted():
+    response = client.responses.create(model=MODEL, input="Name a colour.", max_output_tokens=8)
+    assert response.store is True, response
+    kept = client.responses.retrieve(response.id)
+    assert (kept.id, kept.output_text, kept.usage) == (
+        response.id,
+        response.output_text,
+        response.usage,
+    ), kept
+    items = client.responses.input_items.list(response.id)
+    (item,) = items.data
+    assert item.type == "message" and item.role == "user" and item.id, item
+    assert item.content[0].text == "Name a colour.", item
+    assert client.responses.delete(response.id) is None
     try:
-        client.responses.create(model=MODEL, input="Hi", previous_response_id="resp_123")
-    except openai.BadRequestError as error:
-        assert error.body["param"] == "previous_response_id", error.body
-        assert "whole conversation" in error.body["message"], error.body
+        client.responses.retrieve(response.id)
+    except openai.NotFoundError as error:
+        assert "is not stored here" in error.body["message"], error.body
     else:
-        raise AssertionError("previous_response_id was accepted")
+        raise AssertionError("a deleted response was still there")
+
+
+def a_conversation_goes_on_from_a_stored_response():
+    first = client.responses.create(
+        model=MODEL,
+        instructions="You are terse.",
+        input="My name is Ada.",
+        max_output_tokens=16,
+    )
+    second = client.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        input="What is my name?",
+        max_output_tokens=16,
+    )
+    assert second.previous_response_id == first.id, second
+    assert second.output_text.strip(), second
+    # The model read the first turn and its answer again (its instructions hold for one
+    # request only, as OpenAI's do).
+    seen, before = second.usage.input_tokens, first.usage.input_tokens
+    assert seen > before + first.usage.output_tokens - 8, (first.usage, second.usage)
+
+
+def what_is_not_stored_is_a_404_naming_it():
+    unsaved = client.responses.create(
+        model=MODEL, input="Hi", max_output_tokens=4, store=False
+    )
+    assert unsaved.store is False, unsaved
+    for previous in (unsaved.id, "resp_123"):
+        try:
+            client.responses.create(model=MODEL, input="Hi", previous_response_id=previous)
+        except openai.NotFoundError as error:
+            assert error.body["param"] == "previous_response_id", error.body
+            assert error.body["code"] == "previous_response_not_found", error.body
+        else:
+            raise AssertionError(f"previous_response_id {previous} was accepted")
 
 
 def a_missing_input_is_a_400_naming_it():
@@ -156,6 +205,30 @@ def a_function_call_then_its_result_answered():
             },
             {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"},
         ],
+        tools=[WEATHER],
+        tool_choice="none",
+        max_output_tokens=48,
+    )
+    assert second.output_text.strip(), second
+    assert all(item.type == "message" for item in second.output), second.output
+
+
+def a_stored_call_answered_with_its_result_only():
+    """The agent loop of the OpenAI Agents SDK: the next request sends the call's output
+    alone and names the response that made the call."""
+    first = client.responses.create(
+        model=MODEL,
+        input="What is the weather like in Rome?",
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=64,
+    )
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    second = client.responses.create(
+        model=MODEL,
+        previous_response_id=first.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Rain, 14 C"}],
         tools=[WEATHER],
         tool_choice="none",
         max_output_tokens=48,
@@ -216,12 +289,15 @@ CHECKS = [
     a_streamed_answer_matches_its_events,
     raw_events_are_numbered_in_order,
     a_conversation_in_input_items,
-    stored_state_is_refused_by_name,
+    a_stored_response_is_retrieved_listed_and_deleted,
+    a_conversation_goes_on_from_a_stored_response,
+    what_is_not_stored_is_a_404_naming_it,
     a_missing_input_is_a_400_naming_it,
 ]
 if not TEXT_ONLY:
     CHECKS += [
         a_function_call_then_its_result_answered,
+        a_stored_call_answered_with_its_result_only,
         a_streamed_call_matches_its_events,
         a_json_schema_answer,
         a_bad_tool_is_a_400_naming_it,

@@ -71,7 +71,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     )
     .await?;
     assert!(
-        out.contains("openai-responses: 7 passed, 0 failed"),
+        out.contains("openai-responses: 9 passed, 0 failed"),
         "{out}"
     );
     // Anthropic's Messages API on the same port, with Anthropic's SDK, text only.
@@ -317,6 +317,132 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
             "{status:?}"
         );
     }
+    Ok(())
+}
+
+/// A stored response is one conversation's state, kept by the router replica that answered it;
+/// the next turn may land on any replica (a load balancer spreads them): that replica reads
+/// the response from its keeper, found through etcd. A replica that stopped took its responses
+/// with it, and a client is told so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let mut keeper = switchyard_tests::start_router(&cluster.etcd.url, "keeper", &[]).await?;
+    let keeper_url = format!("http://{}/v1", keeper.addr("http"));
+    let other_url = cluster.router_openai_url();
+    wait_until(
+        Duration::from_secs(20),
+        "the second router to link the worker",
+        || async {
+            list_router_workers(&keeper.addr("grpc").to_string())
+                .await
+                .is_ok_and(|ids| ids.len() == 1)
+        },
+    )
+    .await?;
+    let client = http();
+    let create = |base: String, body: Value| {
+        let client = client.clone();
+        async move {
+            let answer = client
+                .post(format!("{base}/responses"))
+                .json(&body)
+                .send()
+                .await?;
+            let status = answer.status().as_u16();
+            anyhow::Ok((status, answer.json::<Value>().await?))
+        }
+    };
+    let get = |url: String| {
+        let client = client.clone();
+        async move {
+            let answer = client.get(url).send().await?;
+            let status = answer.status().as_u16();
+            anyhow::Ok((status, answer.json::<Value>().await?))
+        }
+    };
+
+    let (status, first) = create(
+        keeper_url.clone(),
+        json!({"model": "synthetic", "input": "Remember the word kiwi.", "max_output_tokens": 6}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{first}");
+    let id = first["id"].as_str().context("an id")?.to_string();
+    assert_eq!(first["store"], true, "{first}");
+
+    // Read on the other replica: the keeper's object, as it was answered.
+    let (status, read) = get(format!("{other_url}/responses/{id}")).await?;
+    assert_eq!(status, 200, "{read}");
+    assert_eq!(read["output"], first["output"]);
+    assert_eq!(read["usage"], first["usage"]);
+    let (status, items) = get(format!("{other_url}/responses/{id}/input_items")).await?;
+    assert_eq!(status, 200, "{items}");
+    assert_eq!(
+        items["data"][0]["content"][0]["text"],
+        "Remember the word kiwi."
+    );
+
+    // The next turn, on the other replica, runs the whole conversation.
+    let (status, second) = create(
+        other_url.clone(),
+        json!({
+            "model": "synthetic", "input": "Which word?", "previous_response_id": id,
+            "max_output_tokens": 6,
+        }),
+    )
+    .await?;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["previous_response_id"], id.as_str());
+    let tokens = |r: &Value, k: &str| r["usage"][k].as_u64().unwrap_or_default();
+    let (_, alone) = create(
+        other_url.clone(),
+        json!({"model": "synthetic", "input": "Which word?", "max_output_tokens": 6, "store": false}),
+    )
+    .await?;
+    assert!(
+        tokens(&second, "input_tokens")
+            >= tokens(&alone, "input_tokens") + tokens(&first, "output_tokens"),
+        "the second turn read the first: {second} vs {alone}"
+    );
+    // Stored by the replica that answered it, and readable from the first.
+    let second_id = second["id"].as_str().context("an id")?;
+    let (status, _) = get(format!("{keeper_url}/responses/{second_id}")).await?;
+    assert_eq!(status, 200);
+
+    // Deleted through the other replica: gone on its keeper too.
+    let deleted = client
+        .delete(format!("{other_url}/responses/{id}"))
+        .send()
+        .await?;
+    assert_eq!(deleted.status().as_u16(), 200);
+    assert_eq!(deleted.json::<Value>().await?["deleted"], true);
+    let (status, gone) = get(format!("{keeper_url}/responses/{id}")).await?;
+    assert_eq!(status, 404, "{gone}");
+
+    // A keeper that stopped took its responses along; the client is told why.
+    let (_, kept) = create(
+        keeper_url.clone(),
+        json!({"model": "synthetic", "input": "Hi", "max_output_tokens": 2}),
+    )
+    .await?;
+    let kept_id = kept["id"].as_str().context("an id")?.to_string();
+    keeper.terminate(Duration::from_secs(30)).await?;
+    let (status, error) = create(
+        other_url.clone(),
+        json!({"model": "synthetic", "input": "And?", "previous_response_id": kept_id}),
+    )
+    .await?;
+    assert_eq!(status, 404, "{error}");
+    assert_eq!(error["error"]["param"], "previous_response_id", "{error}");
+    let message = error["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("no longer running"), "{message}");
     Ok(())
 }
 

@@ -121,6 +121,10 @@ pub struct Dispatcher {
     pub stopping: CancellationToken,
     /// Decision and outcome reports to the control plane.
     pub reports: Reporter,
+    /// The Responses API's stored responses (`store: true`).
+    pub responses: Arc<crate::response_store::ResponseStore>,
+    /// The other router replicas, which keep their own stored responses.
+    pub peers: crate::response_store::peers::Peers,
     /// The placer (the cluster view and the router queues).
     placer: Placer,
     tenant_quota: TenantQuota,
@@ -221,6 +225,10 @@ impl Dispatcher {
         reports.set_queue_depths(placer.queue_depth_probe());
         Self {
             tenant_quota: TenantQuota::new(config.max_tenant_requests),
+            responses: Arc::new(crate::response_store::ResponseStore::new(
+                config.response_store,
+            )),
+            peers: Default::default(),
             links,
             config,
             policy,

@@ -780,13 +780,15 @@ pub async fn unknown_route(uri: axum::http::Uri) -> Response {
     ApiError::not_found(None, unknown_route_message(uri.path())).into_response()
 }
 
-/// What a client that called a path the router does not serve can do instead: OpenAI's stored
-/// responses are not kept; anything else is answered with the endpoints there are.
+/// What a client that called a path the router does not serve can do instead: the stored
+/// responses' endpoints there are, or every endpoint.
 fn unknown_route_message(path: &str) -> String {
     if path.starts_with(RESPONSES_ROUTE) {
         return format!(
-            "no such endpoint: {path}: Switchyard keeps no responses to retrieve, list or \
-             delete; a response is answered whole (or streamed) by POST {RESPONSES_ROUTE}"
+            "no such endpoint: {path}: a stored response is read at GET \
+             {RESPONSES_ROUTE}/{{id}} and GET {RESPONSES_ROUTE}/{{id}}/input_items and deleted \
+             at DELETE {RESPONSES_ROUTE}/{{id}}; responses are not listed, and background \
+             responses (which /cancel stops) are not supported"
         );
     }
     format!(

@@ -60,6 +60,14 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .route(handlers::CHAT_ROUTE, post(handlers::chat_completions))
         .route(handlers::COMPLETIONS_ROUTE, post(handlers::completions))
         .route(handlers::RESPONSES_ROUTE, post(responses::responses))
+        .route(
+            responses::stored::RESPONSE_ROUTE,
+            get(responses::stored::get).delete(responses::stored::delete),
+        )
+        .route(
+            responses::stored::INPUT_ITEMS_ROUTE,
+            get(responses::stored::input_items),
+        )
         .route(handlers::MESSAGES_ROUTE, post(crate::anthropic::messages))
         .route(
             handlers::COUNT_TOKENS_ROUTE,
@@ -142,6 +150,7 @@ fn api_of(path: &str) -> &'static str {
         "/health" => "health",
         "/metrics" => "metrics",
         path if path == "/v1/models" || path.starts_with("/v1/models/") => "models",
+        path if path.starts_with("/v1/responses/") => "stored_responses",
         _ => "unknown",
     }
 }
@@ -313,7 +322,7 @@ mod tests {
     }
 
     /// A path the router does not serve is a 404 saying what it does serve; one of OpenAI's
-    /// stored-response paths says why there is nothing to retrieve.
+    /// stored-response paths says which of them there are.
     #[tokio::test]
     async fn an_unknown_path_is_answered_with_the_endpoints_there_are() {
         let app = Router::new().fallback(handlers::unknown_route);
@@ -346,8 +355,12 @@ mod tests {
                 && embeddings.contains("/tokenize"),
             "{embeddings}"
         );
-        let stored = message("/v1/responses/resp_1").await;
-        assert!(stored.contains("keeps no responses"), "{stored}");
+        let cancel = message("/v1/responses/resp_1/cancel").await;
+        assert!(
+            cancel.contains("GET /v1/responses/{id}/input_items")
+                && cancel.contains("background responses"),
+            "{cancel}"
+        );
     }
 
     /// An allowed origin's preflight is answered before the API-key check (browsers send no

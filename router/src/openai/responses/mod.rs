@@ -4,12 +4,14 @@
 //! its tools the same tools); the answer is a `response` object whose `output` lists the
 //! model's message and function calls, whole or as the API's typed stream events.
 //!
-//! Stateless: nothing is stored, so `store` is answered `false` and what would read stored
-//! responses is refused by name (see [`request`]).
+//! A response is stored unless the request says `store: false` (see
+//! [`crate::response_store`]): a later request can go on from it with `previous_response_id`,
+//! and [`stored`] serves it back.
 
 mod object;
 mod output;
 mod request;
+pub(super) mod stored;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -28,9 +30,10 @@ use super::handlers::{self, RESPONSES_ROUTE};
 use super::wire;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
+use crate::response_store::{ResponseStore, StoredResponse};
 use object::{Lifecycle, Snapshot};
 use output::{Event, Output, Status};
-use request::ResponsesRequest;
+use request::{ResponsesRequest, Turn};
 
 pub async fn responses(
     State(dispatcher): State<Arc<Dispatcher>>,
@@ -56,7 +59,25 @@ async fn respond(
     if body.is_empty() {
         return Err(ApiError::bad_body("is empty; send a JSON object"));
     }
-    let read = read_body(&body, dispatcher.limits().max_tokens_cap)?;
+    let request = parse_body(&body)?;
+    let tenant_name = tenant.as_ref().map(|t| t.0.clone());
+    let history = match request.previous_response_id()? {
+        Some(previous) => {
+            stored::conversation_of(&dispatcher, &previous, tenant_name.as_deref(), &headers)
+                .await?
+        }
+        None => Vec::new(),
+    };
+    let mut read = request.read(dispatcher.limits().max_tokens_cap, &history)?;
+    let store = &dispatcher.responses;
+    // Asked to store, with a store to keep it in.
+    read.echo.store &= store.limits().max_bytes > 0;
+    let keep = read.echo.store.then(|| Keep {
+        store: store.clone(),
+        id: store.new_id(),
+        tenant: tenant_name,
+        turn: std::mem::take(&mut read.turn),
+    });
     let fields = read.fields;
     let (placed, mut frames) = handlers::place_one(
         &dispatcher,
@@ -69,7 +90,10 @@ async fn respond(
     .await
     .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
     let mut response = Snapshot {
-        id: placed.id.clone(),
+        // A stored response's id names the replica that keeps it.
+        id: keep
+            .as_ref()
+            .map_or_else(|| placed.id.clone(), |keep| keep.id.clone()),
         created_at: handlers::unix_now(),
         model: placed.model.clone(),
         lane: placed.lane.clone(),
@@ -85,17 +109,56 @@ async fn respond(
         if let Frame::Failed(failed) = &first {
             return Err(response.name_fields(ApiError::from_failed(failed)));
         }
-        stream(response, first, frames)
+        stream(response, first, frames, keep)
     } else {
-        whole(&mut response, frames).await?
+        whole(&mut response, frames, keep).await?
     };
     placed.tag(&mut http);
     Ok(http)
 }
 
-/// Reads a request body; `cap` is the router's `max_tokens` cap.
+fn parse_body(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
+    wire::typed::<ResponsesRequest>(&wire::json_object(body)?)
+}
+
+/// Reads a request body that goes on from no stored response; `cap` is the router's
+/// `max_tokens` cap.
+#[cfg(test)]
 pub(super) fn read_body(body: &[u8], cap: u32) -> Result<request::Read, ApiError> {
-    wire::typed::<ResponsesRequest>(&wire::json_object(body)?)?.read(cap)
+    parse_body(body)?.read(cap, &[])
+}
+
+/// What storing a response needs, until it has finished.
+struct Keep {
+    store: Arc<ResponseStore>,
+    id: String,
+    tenant: Option<String>,
+    turn: Turn,
+}
+
+impl Keep {
+    /// Stores the finished response `object` with its `output`.
+    fn finish(self, object: &object::ResponseObject<'_>, output: &Output) {
+        let Turn {
+            mut conversation,
+            shared,
+            input_items,
+        } = self.turn;
+        conversation.push(Arc::new(output.as_message()));
+        let kept = self.store.insert(
+            StoredResponse {
+                id: self.id,
+                tenant: self.tenant,
+                object: serde_json::to_value(object).expect("serializing to memory cannot fail"),
+                input_items,
+                conversation,
+            },
+            shared,
+        );
+        if !kept {
+            tracing::warn!("a response larger than the whole response store was not stored");
+        }
+    }
 }
 
 /// An event's fields, serialized.
@@ -113,7 +176,11 @@ fn ending(finished: &v1::Finished) -> (Status, &'static str) {
 }
 
 /// Collects the whole generation into one response object.
-async fn whole(snapshot: &mut Snapshot, mut frames: ChoiceFrames) -> Result<Response, ApiError> {
+async fn whole(
+    snapshot: &mut Snapshot,
+    mut frames: ChoiceFrames,
+    keep: Option<Keep>,
+) -> Result<Response, ApiError> {
     let mut output = Output::new(false);
     loop {
         match handlers::next_frame_of_one(&mut frames)
@@ -128,6 +195,9 @@ async fn whole(snapshot: &mut Snapshot, mut frames: ChoiceFrames) -> Result<Resp
                 let (items, status) = ending(&finished);
                 output.close(items);
                 let body = snapshot.object(status, &output, Some(&finished), None);
+                if let Some(keep) = keep {
+                    keep.finish(&body, &output);
+                }
                 return Ok(axum::Json(&body).into_response());
             }
             Frame::Failed(failed) => {
@@ -143,7 +213,7 @@ async fn whole(snapshot: &mut Snapshot, mut frames: ChoiceFrames) -> Result<Resp
 /// as the tokens come, then `response.completed` (or `.incomplete`, or `.failed` with the
 /// error). The body owns the dispatcher's receiver: a client that goes away cancels the
 /// generation.
-fn stream(snapshot: Snapshot, first: Frame, frames: ChoiceFrames) -> Response {
+fn stream(snapshot: Snapshot, first: Frame, frames: ChoiceFrames, keep: Option<Keep>) -> Response {
     let mut events = Events {
         snapshot,
         frames,
@@ -151,6 +221,7 @@ fn stream(snapshot: Snapshot, first: Frame, frames: ChoiceFrames) -> Response {
         sequence: 0,
         pending: VecDeque::new(),
         done: false,
+        keep,
     };
     // The same object opens the stream twice; serialized once.
     let opening = Event {
@@ -180,6 +251,8 @@ struct Events {
     sequence: u64,
     pending: VecDeque<Bytes>,
     done: bool,
+    /// Stores the response when it has finished (not when it failed).
+    keep: Option<Keep>,
 }
 
 impl Events {
@@ -249,6 +322,14 @@ impl Events {
                     "response.incomplete"
                 };
                 self.push_lifecycle(kind, status, Some(&finished), None);
+                if let Some(keep) = self.keep.take() {
+                    keep.finish(
+                        &self
+                            .snapshot
+                            .object(status, &self.output, Some(&finished), None),
+                        &self.output,
+                    );
+                }
                 self.done = true;
             }
             Frame::Failed(failed) => self.fail(ApiError::from_failed(&failed)),
@@ -285,7 +366,7 @@ mod tests {
             ],
         }))
         .expect("typed")
-        .read(64)
+        .read(64, &[])
         .expect("read");
         Snapshot {
             id: "resp_1".into(),
@@ -299,7 +380,7 @@ mod tests {
 
     /// Every event of a streamed response that starts with `first` and gets `rest`.
     async fn events(first: Frame, rest: Vec<Frame>) -> Vec<(String, Value)> {
-        named_events(stream(snapshot(), first, frames(rest))).await
+        named_events(stream(snapshot(), first, frames(rest), None)).await
     }
 
     #[tokio::test]

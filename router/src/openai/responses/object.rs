@@ -56,7 +56,7 @@ impl Snapshot {
             model: &self.model,
             output: output.items(),
             parallel_tool_calls: e.parallel_tool_calls,
-            previous_response_id: None,
+            previous_response_id: e.previous_response_id.as_deref(),
             prompt_cache_key: e.prompt_cache_key.as_deref(),
             reasoning: Reasoning {
                 effort: None,
@@ -69,7 +69,7 @@ impl Snapshot {
             } else {
                 "flex"
             },
-            store: false,
+            store: e.store,
             temperature: e.temperature,
             text: &e.text,
             tool_choice: &e.tool_choice,

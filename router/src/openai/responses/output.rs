@@ -194,6 +194,31 @@ impl Output {
             .collect()
     }
 
+    /// The output as the assistant's turn of a conversation (what a request going on from
+    /// this response sees): its text, then its calls.
+    pub fn as_message(&self) -> v1::ChatMessage {
+        let mut message = v1::ChatMessage {
+            role: "assistant".into(),
+            ..Default::default()
+        };
+        for block in self.blocks.all() {
+            match &block.body {
+                Body::Text(text) => message.content.push_str(text),
+                Body::Call {
+                    call_id,
+                    name,
+                    arguments,
+                    ..
+                } => message.tool_calls.push(v1::ToolCall {
+                    id: call_id.clone(),
+                    name: name.clone(),
+                    arguments: arguments.clone(),
+                }),
+            }
+        }
+        message
+    }
+
     /// Text the model wrote.
     pub fn text(&mut self, text: &str) {
         let mut changes = std::mem::take(&mut self.changes);

@@ -2,10 +2,13 @@
 //! produces, with what its response echoes back and a map from the dispatcher's field names
 //! to the request's own, so an error names the field the client wrote.
 //!
-//! Switchyard keeps no state between requests: a conversation comes whole in `input` (its
-//! messages, the model's earlier `function_call` items and the client's
-//! `function_call_output` items), and what needs stored responses (`previous_response_id`,
-//! `conversation`, item references, background runs) is refused by name.
+//! A conversation comes whole in `input` (its messages, the model's earlier `function_call`
+//! items and the client's `function_call_output` items), or goes on from a stored response
+//! (`previous_response_id`, see [`crate::response_store`]): that response's conversation,
+//! then `input`. What needs other server-side state (`conversation` objects, item references,
+//! background runs) is refused by name.
+
+use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -42,8 +45,11 @@ pub struct ResponsesRequest {
     pub include: Option<Vec<String>>,
     pub top_logprobs: Option<i64>,
     pub reasoning: Option<Value>,
-    /// Asks for state Switchyard does not keep, or work it does not do: refused by name.
+    /// The stored response this one goes on from.
     pub previous_response_id: Option<Value>,
+    /// Whether to store the response (OpenAI's default: yes).
+    pub store: Option<bool>,
+    /// Asks for state Switchyard does not keep, or work it does not do: refused by name.
     pub conversation: Option<Value>,
     pub background: Option<bool>,
     pub prompt: Option<Value>,
@@ -74,6 +80,8 @@ pub struct Echo {
     pub user: Option<String>,
     pub prompt_cache_key: Option<String>,
     pub safety_identifier: Option<String>,
+    pub store: bool,
+    pub previous_response_id: Option<String>,
 }
 
 /// How the handler runs the request.
@@ -91,6 +99,18 @@ pub struct Read {
     pub echo: Echo,
     pub mode: Mode,
     pub fields: FieldNames,
+    /// What a stored response keeps of this request: the conversation so far (the previous
+    /// response's, then this input; no instructions) and the input items.
+    pub turn: Turn,
+}
+
+/// The conversation up to this request's answer, and the input items it added.
+#[derive(Debug, Default)]
+pub struct Turn {
+    pub conversation: Vec<Arc<v1::ChatMessage>>,
+    /// Messages of `conversation` that came from the previous response.
+    pub shared: usize,
+    pub input_items: Vec<Value>,
 }
 
 /// The largest `metadata` OpenAI accepts: 16 pairs, keys of 64 and values of 512 characters.
@@ -99,8 +119,21 @@ const METADATA_KEY_CHARS: usize = 64;
 const METADATA_VALUE_CHARS: usize = 512;
 
 impl ResponsesRequest {
-    /// Reads the request; `cap` is the router's `max_tokens` cap.
-    pub fn read(self, cap: u32) -> Result<Read, ApiError> {
+    /// The id of the stored response this request goes on from, if any.
+    pub fn previous_response_id(&self) -> Result<Option<String>, ApiError> {
+        match &self.previous_response_id {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(id)) if !id.is_empty() => Ok(Some(id.clone())),
+            Some(_) => Err(ApiError::invalid(
+                "previous_response_id",
+                "must be the id of a stored response (a non-empty string)",
+            )),
+        }
+    }
+
+    /// Reads the request; `cap` is the router's `max_tokens` cap, `history` the conversation
+    /// of the response named by `previous_response_id`.
+    pub fn read(self, cap: u32, history: &[Arc<v1::ChatMessage>]) -> Result<Read, ApiError> {
         self.refuse_what_is_not_done()?;
         let model = wire::required_model(self.model.clone())?;
         let mut fields = FieldNames::default();
@@ -113,7 +146,22 @@ impl ResponsesRequest {
                 ..Default::default()
             });
         }
+        let turn_start = messages.len();
+        for message in history {
+            fields.messages.push(Origin::whole("previous_response_id"));
+            messages.push((**message).clone());
+        }
+        let input_start = messages.len();
         read_input(self.input.as_ref(), &mut messages, &mut fields)?;
+        let turn = Turn {
+            conversation: history
+                .iter()
+                .cloned()
+                .chain(messages[input_start..].iter().cloned().map(Arc::new))
+                .collect(),
+            shared: input_start - turn_start,
+            input_items: input_items(self.input.as_ref()),
+        };
 
         let max_tokens = match self.max_output_tokens {
             // The router's default.
@@ -142,6 +190,7 @@ impl ResponsesRequest {
         )
         .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
         let metadata = metadata(self.metadata.clone())?;
+        let previous_response_id = self.previous_response_id()?;
 
         // The most specific affinity hint the client gave: OpenAI's prompt-cache key is what
         // it is for.
@@ -181,6 +230,8 @@ impl ResponsesRequest {
             user: self.user,
             prompt_cache_key: self.prompt_cache_key,
             safety_identifier: self.safety_identifier,
+            store: self.store.unwrap_or(true),
+            previous_response_id,
         };
         let mode = Mode {
             stream: self.stream.unwrap_or(false),
@@ -197,20 +248,20 @@ impl ResponsesRequest {
             echo,
             mode,
             fields,
+            turn,
         })
     }
 
     /// Refuses, by name, fields asking for what Switchyard does not do; their "off" values
     /// are accepted, as SDKs send them.
     fn refuse_what_is_not_done(&self) -> Result<(), ApiError> {
-        let stateless = "Switchyard keeps no responses or conversations: send the whole \
-                         conversation in input";
         let set = |value: &Option<Value>| value.as_ref().is_some_and(|v| !v.is_null());
-        if set(&self.previous_response_id) {
-            return Err(ApiError::invalid("previous_response_id", stateless));
-        }
         if set(&self.conversation) {
-            return Err(ApiError::invalid("conversation", stateless));
+            return Err(ApiError::invalid(
+                "conversation",
+                "conversation objects are not supported: go on from a stored response with \
+                 previous_response_id, or send the whole conversation in input",
+            ));
         }
         if self.background == Some(true) {
             return Err(ApiError::invalid(
@@ -407,6 +458,8 @@ fn read_input(
             ));
         }
     };
+    // Calls join an assistant turn of this input only, not the previous response's answer.
+    let first = messages.len();
     for (i, item) in items.iter().enumerate() {
         let field = format!("input[{i}]");
         if !item.is_object() {
@@ -452,8 +505,9 @@ fn read_input(
                 };
                 // Calls join the assistant turn that made them (a message with text, or the
                 // calls before them); a call after anything else starts a turn.
+                let in_input = messages.len() > first;
                 match messages.last_mut() {
-                    Some(last) if last.role == "assistant" => {
+                    Some(last) if in_input && last.role == "assistant" => {
                         last.tool_calls.push(call);
                     }
                     _ => {
@@ -482,8 +536,8 @@ fn read_input(
             "item_reference" => {
                 return Err(ApiError::invalid(
                     format!("{field}.type"),
-                    "item references are not supported (Switchyard stores no items): send \
-                     the item itself",
+                    "item references are not supported: send the item itself, or go on from \
+                     its response with previous_response_id",
                 ));
             }
             other => {
@@ -504,6 +558,40 @@ fn read_input(
         ));
     }
     Ok(())
+}
+
+/// The input as the list of items a stored response lists (`input_items`), each with an id:
+/// a string input is one user message.
+fn input_items(input: Option<&Value>) -> Vec<Value> {
+    let items = match input {
+        Some(Value::String(text)) => vec![json!({
+            "type": "message",
+            "role": "user",
+            "content": [{"type": "input_text", "text": text}],
+        })],
+        Some(Value::Array(items)) => items.clone(),
+        _ => Vec::new(),
+    };
+    items
+        .into_iter()
+        .map(|mut item| {
+            if let Value::Object(fields) = &mut item
+                && !fields.get("id").is_some_and(Value::is_string)
+            {
+                let prefix = match fields.get("type").and_then(Value::as_str) {
+                    Some("function_call") => "fc",
+                    Some("function_call_output") => "fco",
+                    Some("reasoning") => "rs",
+                    _ => "msg",
+                };
+                fields.insert(
+                    "id".into(),
+                    format!("{prefix}_{}", uuid::Uuid::new_v4().simple()).into(),
+                );
+            }
+            item
+        })
+        .collect()
 }
 
 fn required_string(item: &Value, key: &str, field: &str) -> Result<String, ApiError> {
@@ -653,6 +741,9 @@ impl FieldNames {
     fn message_field(&self, field: &str) -> Option<String> {
         let field = message_field(field)?;
         let origin = self.messages.get(field.message)?;
+        if let Some(whole) = origin.whole {
+            return Some(whole.to_string());
+        }
         if let Some(call) = field.call {
             let item = origin.calls.get(call)?;
             let rest = match field.rest {
@@ -660,9 +751,6 @@ impl FieldNames {
                 other => other,
             };
             return Some(format!("input[{item}]{rest}"));
-        }
-        if let Some(whole) = origin.whole {
-            return Some(whole.to_string());
         }
         let item = origin.item.or_else(|| origin.calls.first().copied())?;
         let rest = match field.rest {
@@ -681,7 +769,7 @@ mod tests {
     fn read(body: Value) -> Result<Read, ApiError> {
         serde_json::from_value::<ResponsesRequest>(body)
             .expect("typed")
-            .read(4096)
+            .read(4096, &[])
     }
 
     #[test]
@@ -703,6 +791,77 @@ mod tests {
         assert_eq!(read.request.class, v1::RequestClass::LatencyCritical as i32);
         assert_eq!(read.request.affinity_key, "k");
         assert!(read.mode.bounded && !read.mode.stream);
+    }
+
+    #[test]
+    fn a_request_going_on_from_a_stored_response_runs_its_conversation_then_the_input() {
+        let message = |role: &str, content: &str| {
+            Arc::new(v1::ChatMessage {
+                role: role.into(),
+                content: content.into(),
+                ..Default::default()
+            })
+        };
+        let history = [message("user", "Call f."), {
+            let mut answer = (*message("assistant", "")).clone();
+            answer.tool_calls.push(v1::ToolCall {
+                id: "c1".into(),
+                name: "f".into(),
+                arguments: "{}".into(),
+            });
+            Arc::new(answer)
+        }];
+        let read = serde_json::from_value::<ResponsesRequest>(json!({
+            "model": "m", "instructions": "Be brief.", "previous_response_id": "resp_x",
+            "input": [
+                {"type": "function_call_output", "call_id": "c1", "output": "42"},
+                {"type": "function_call", "call_id": "c2", "name": "g", "arguments": "{}"},
+            ],
+        }))
+        .expect("typed")
+        .read(4096, &history)
+        .expect("read");
+        let roles: Vec<_> = read
+            .request
+            .messages
+            .iter()
+            .map(|m| (m.role.as_str(), m.tool_calls.len()))
+            .collect();
+        // The input's call is a turn of its own, not one more call of the stored answer.
+        assert_eq!(
+            roles,
+            [
+                ("system", 0),
+                ("user", 0),
+                ("assistant", 1),
+                ("tool", 0),
+                ("assistant", 1)
+            ]
+        );
+        assert_eq!(read.echo.previous_response_id.as_deref(), Some("resp_x"));
+        // What a response going on from this one continues: no instructions.
+        assert_eq!(read.turn.shared, 2);
+        assert_eq!(
+            read.turn.conversation[..],
+            read.request.messages[1..]
+                .iter()
+                .cloned()
+                .map(Arc::new)
+                .collect::<Vec<_>>()[..]
+        );
+        assert!(Arc::ptr_eq(&read.turn.conversation[0], &history[0]));
+        let ids: Vec<_> = read
+            .turn
+            .input_items
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().split('_').next().unwrap())
+            .collect();
+        assert_eq!(ids, ["fco", "fc"]);
+        // A fault the dispatcher finds in the stored part names previous_response_id.
+        assert_eq!(
+            read.fields.rename("messages[2].tool_calls[0]").as_deref(),
+            Some("previous_response_id")
+        );
     }
 
     #[test]
@@ -742,10 +901,9 @@ mod tests {
     #[test]
     fn stateful_and_unsupported_asks_are_refused_by_name() {
         for (body, field) in [
-            (
-                json!({"previous_response_id": "resp_1"}),
-                "previous_response_id",
-            ),
+            (json!({"previous_response_id": 7}), "previous_response_id"),
+            (json!({"previous_response_id": ""}), "previous_response_id"),
+            (json!({"conversation": "conv_1"}), "conversation"),
             (json!({"background": true}), "background"),
             (json!({"truncation": "auto"}), "truncation"),
             (

@@ -1,0 +1,278 @@
+//! Stored responses over HTTP: `GET /v1/responses/{id}`, `DELETE /v1/responses/{id}` and
+//! `GET /v1/responses/{id}/input_items`, and the conversation a request with
+//! `previous_response_id` goes on from. A response another router replica stored is asked of
+//! that replica (see [`crate::response_store::peers`]).
+
+use std::sync::Arc;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse as _, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use switchyard_proto::v1;
+
+use super::super::error::ApiError;
+use crate::auth::Tenant;
+use crate::dispatch::Dispatcher;
+use crate::response_store::{Lookup, StoredResponse, peers};
+
+/// The stored-response routes.
+pub const RESPONSE_ROUTE: &str = "/v1/responses/{id}";
+pub const INPUT_ITEMS_ROUTE: &str = "/v1/responses/{id}/input_items";
+
+/// Why a response id finds nothing, for the client to act on.
+const NOT_STORED: &str = "is not stored here: responses are kept for a limited time and size \
+     (the router's --response-store-max-age and --response-store-bytes), only for the API key \
+     that made them, and not at all with store: false; send the whole conversation in input";
+
+/// A stored response, wherever in the cluster it is kept; `None` when it is not.
+async fn find(
+    dispatcher: &Dispatcher,
+    id: &str,
+    tenant: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Option<Arc<StoredResponse>>, ApiError> {
+    match dispatcher.responses.get(id, tenant) {
+        Lookup::Found(response) => Ok(Some(response)),
+        Lookup::Missing => Ok(None),
+        Lookup::Elsewhere(owner) => peers::fetch(dispatcher, &owner, id, headers)
+            .await
+            .map_err(|e| e.into_api_error(id)),
+    }
+}
+
+/// The conversation of stored response `id` (a request's `previous_response_id`).
+pub async fn conversation_of(
+    dispatcher: &Dispatcher,
+    id: &str,
+    tenant: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Vec<Arc<v1::ChatMessage>>, ApiError> {
+    match find(dispatcher, id, tenant, headers).await {
+        Ok(Some(response)) => Ok(response.conversation.clone()),
+        Ok(None) => Err(previous_not_found(id)),
+        Err(error) => Err(ApiError {
+            param: Some("previous_response_id".into()),
+            ..error
+        }),
+    }
+}
+
+fn previous_not_found(id: &str) -> ApiError {
+    let mut error = ApiError::not_found(
+        Some("previous_response_id"),
+        format!("previous_response_id: response {id:?} {NOT_STORED}"),
+    );
+    error.code = Some("previous_response_not_found");
+    error
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::not_found(None, format!("response {id:?} {NOT_STORED}"))
+}
+
+fn tenant_of(tenant: &Option<Extension<Tenant>>) -> Option<&str> {
+    tenant.as_ref().map(|t| t.0.0.as_str())
+}
+
+/// `GET /v1/responses/{id}`: the response object as it was answered.
+pub async fn get(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    tenant: Option<Extension<Tenant>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    match find(&dispatcher, &id, tenant_of(&tenant), &headers).await {
+        Ok(Some(response)) => Json(&response.object).into_response(),
+        Ok(None) => not_found(&id).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// `DELETE /v1/responses/{id}`.
+pub async fn delete(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    tenant: Option<Extension<Tenant>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let deleted = match dispatcher.responses.get(&id, tenant_of(&tenant)) {
+        Lookup::Found(_) => Ok(dispatcher.responses.delete(&id, tenant_of(&tenant))),
+        Lookup::Missing => Ok(false),
+        Lookup::Elsewhere(owner) => peers::delete(&dispatcher, &owner, &id, &headers)
+            .await
+            .map_err(|e| e.into_api_error(&id)),
+    };
+    match deleted {
+        Ok(true) => Json(json!({"id": id, "object": "response", "deleted": true})).into_response(),
+        Ok(false) => not_found(&id).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// `input_items`' paging, as OpenAI's: newest first by default, 20 at a time.
+#[derive(Debug, Deserialize)]
+pub struct Paging {
+    after: Option<String>,
+    limit: Option<String>,
+    order: Option<String>,
+}
+
+/// `GET /v1/responses/{id}/input_items`: the items the request that made it sent.
+pub async fn input_items(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    tenant: Option<Extension<Tenant>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Query(paging): Query<Paging>,
+) -> Response {
+    let page = match page_of(&paging) {
+        Ok(page) => page,
+        Err(error) => return error.into_response(),
+    };
+    match find(&dispatcher, &id, tenant_of(&tenant), &headers).await {
+        Ok(Some(response)) => match page.of(&response.input_items) {
+            Ok(body) => Json(body).into_response(),
+            Err(error) => error.into_response(),
+        },
+        Ok(None) => not_found(&id).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct Page {
+    after: Option<String>,
+    limit: usize,
+    newest_first: bool,
+}
+
+fn page_of(paging: &Paging) -> Result<Page, ApiError> {
+    let limit = match paging.limit.as_deref() {
+        None => 20,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n @ 1..=100) => n,
+            _ => {
+                return Err(ApiError::invalid(
+                    "limit",
+                    format!("is {text:?}, must be a whole number from 1 to 100"),
+                ));
+            }
+        },
+    };
+    let newest_first = match paging.order.as_deref() {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "order",
+                format!("is {other:?}, must be \"asc\" or \"desc\""),
+            ));
+        }
+    };
+    Ok(Page {
+        after: paging.after.clone(),
+        limit,
+        newest_first,
+    })
+}
+
+impl Page {
+    /// The list object of this page of `items` (stored oldest first).
+    fn of(&self, items: &[Value]) -> Result<Value, ApiError> {
+        let mut ordered: Vec<&Value> = items.iter().collect();
+        if self.newest_first {
+            ordered.reverse();
+        }
+        let start = match &self.after {
+            None => 0,
+            Some(after) => {
+                ordered
+                    .iter()
+                    .position(|item| item.get("id").and_then(Value::as_str) == Some(after))
+                    .ok_or_else(|| {
+                        ApiError::invalid("after", format!("{after:?} is no item of this list"))
+                    })?
+                    + 1
+            }
+        };
+        let page: Vec<&Value> = ordered
+            .iter()
+            .skip(start)
+            .take(self.limit)
+            .copied()
+            .collect();
+        let id = |item: Option<&&Value>| item.and_then(|i| i.get("id")).cloned();
+        Ok(json!({
+            "object": "list",
+            "data": page,
+            "first_id": id(page.first()),
+            "last_id": id(page.last()),
+            "has_more": start + page.len() < ordered.len(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn paging(after: Option<&str>, limit: Option<&str>, order: Option<&str>) -> Paging {
+        Paging {
+            after: after.map(Into::into),
+            limit: limit.map(Into::into),
+            order: order.map(Into::into),
+        }
+    }
+
+    fn items(n: usize) -> Vec<Value> {
+        (0..n).map(|i| json!({"id": format!("msg_{i}")})).collect()
+    }
+
+    fn ids(list: &Value) -> Vec<&str> {
+        list["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["id"].as_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn input_items_page_newest_first_by_default() {
+        let page = page_of(&paging(None, Some("2"), None)).unwrap();
+        let list = page.of(&items(3)).unwrap();
+        assert_eq!(ids(&list), ["msg_2", "msg_1"]);
+        assert_eq!(list["has_more"], true);
+        assert_eq!(list["first_id"], "msg_2");
+        assert_eq!(list["last_id"], "msg_1");
+        let next = page_of(&paging(Some("msg_1"), Some("2"), None)).unwrap();
+        let list = next.of(&items(3)).unwrap();
+        assert_eq!(ids(&list), ["msg_0"]);
+        assert_eq!(list["has_more"], false);
+        let oldest = page_of(&paging(None, None, Some("asc"))).unwrap();
+        assert_eq!(
+            ids(&oldest.of(&items(3)).unwrap()),
+            ["msg_0", "msg_1", "msg_2"]
+        );
+    }
+
+    #[test]
+    fn bad_paging_names_its_parameter() {
+        for (paging, param) in [
+            (paging(None, Some("0"), None), "limit"),
+            (paging(None, Some("lots"), None), "limit"),
+            (paging(None, None, Some("newest")), "order"),
+        ] {
+            assert_eq!(page_of(&paging).unwrap_err().param.as_deref(), Some(param));
+        }
+        let unknown = page_of(&paging(Some("msg_9"), None, None)).unwrap();
+        assert_eq!(
+            unknown.of(&items(2)).unwrap_err().param.as_deref(),
+            Some("after")
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! Asking the router replica that stored a response about it: the replica is found by the
+//! owner tag its ids carry (it announces itself in the cluster registry under that tag, see
+//! [`announce`]), and asked over its `StoredResponses` gRPC service with the client's own
+//! `Authorization`, so it answers only what the client's key may read.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use axum::http::HeaderMap;
+use switchyard_cluster::tls::ClientTls;
+use switchyard_cluster::{Registry, RouterRecord};
+use switchyard_proto::v1::{self, stored_responses_client::StoredResponsesClient};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use super::StoredResponse;
+use crate::dispatch::Dispatcher;
+use crate::openai::ApiError;
+
+/// How long a replica waits for another to answer about a response.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why another replica could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    /// No replica with that tag is running: the one that stored the response has stopped
+    /// (a restart starts a new tag), so its responses are gone.
+    #[error("the router replica that stored it ({owner}) is no longer running")]
+    Gone { owner: String },
+    #[error("the router replica that stored it ({owner}) cannot be reached: {why}")]
+    Unreachable { owner: String, why: String },
+    /// The replica refused the client's credentials, or the registry is not there yet.
+    #[error("{0}")]
+    Refused(ApiError),
+}
+
+impl PeerError {
+    /// The HTTP answer about response `id`.
+    pub fn into_api_error(self, id: &str) -> ApiError {
+        match self {
+            PeerError::Gone { .. } => ApiError::not_found(
+                None,
+                format!("response {id:?} is not stored any more: {self}"),
+            ),
+            PeerError::Unreachable { .. } => ApiError::from_code(
+                tonic::Code::Unavailable,
+                &format!("response {id:?}: {self}"),
+            ),
+            PeerError::Refused(error) => error,
+        }
+    }
+}
+
+/// The other replicas, as this one reaches them.
+#[derive(Default)]
+pub struct Peers {
+    /// Set once the router has its registry.
+    registry: OnceLock<Arc<dyn Registry>>,
+    tls: OnceLock<ClientTls>,
+    /// One channel per replica asked, by owner tag (a channel reconnects by itself).
+    channels: Mutex<HashMap<String, Channel>>,
+}
+
+impl std::fmt::Debug for Peers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peers")
+            .field("registry", &self.registry.get().map(|r| r.describe()))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Peers {
+    pub fn set_registry(&self, registry: Arc<dyn Registry>) {
+        let _ = self.registry.set(registry);
+    }
+
+    pub fn set_tls(&self, tls: ClientTls) {
+        let _ = self.tls.set(tls);
+    }
+
+    async fn client(&self, owner: &str) -> Result<StoredResponsesClient<Channel>, PeerError> {
+        if let Some(channel) = self.channels.lock().expect("peer channels").get(owner) {
+            return Ok(StoredResponsesClient::new(channel.clone()));
+        }
+        let unreachable = |why: String| PeerError::Unreachable {
+            owner: owner.to_string(),
+            why,
+        };
+        let registry = self.registry.get().ok_or_else(|| {
+            unreachable("this replica has not reached the cluster registry yet".into())
+        })?;
+        let record = registry
+            .find_router(owner)
+            .await
+            .map_err(|e| unreachable(format!("the cluster registry did not answer: {e}")))?
+            .ok_or_else(|| PeerError::Gone {
+                owner: owner.to_string(),
+            })?;
+        // With TLS the peer must hold a router certificate: its pod IP is in none.
+        let endpoint = switchyard_cluster::identity::dial(
+            &record.grpc_address,
+            self.tls.get(),
+            switchyard_cluster::identity::router_uri(),
+        )
+        .map_err(|e| unreachable(e.to_string()))?
+        .connect_timeout(ASK_TIMEOUT)
+        .timeout(ASK_TIMEOUT);
+        let channel = endpoint.connect_lazy();
+        self.channels
+            .lock()
+            .expect("peer channels")
+            .insert(owner.to_string(), channel.clone());
+        Ok(StoredResponsesClient::new(channel))
+    }
+
+    /// Forgets the channel to `owner` (its address may have changed).
+    fn forget(&self, owner: &str) {
+        self.channels.lock().expect("peer channels").remove(owner);
+    }
+}
+
+/// A request carrying the client's credentials.
+fn ask<T>(message: T, headers: &HeaderMap) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = headers.get(crate::auth::AUTHORIZATION)
+        && let Ok(value) = tonic::metadata::MetadataValue::try_from(value.as_bytes())
+    {
+        request
+            .metadata_mut()
+            .insert(crate::auth::AUTHORIZATION, value);
+    }
+    request
+}
+
+/// What an answer's status means here: `None` for "not kept there".
+async fn failure(owner: &str, peers: &Peers, status: tonic::Status) -> Option<PeerError> {
+    match status.code() {
+        tonic::Code::NotFound => None,
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Some(PeerError::Refused(
+            ApiError::from_code(status.code(), status.message()),
+        )),
+        _ => {
+            peers.forget(owner);
+            // A replica that stopped a moment ago has withdrawn its announcement: its
+            // responses are gone, which is not worth a retry.
+            let gone = match peers.registry.get() {
+                Some(registry) => matches!(registry.find_router(owner).await, Ok(None)),
+                None => false,
+            };
+            Some(if gone {
+                PeerError::Gone {
+                    owner: owner.to_string(),
+                }
+            } else {
+                PeerError::Unreachable {
+                    owner: owner.to_string(),
+                    why: format!("{}: {}", status.code(), status.message()),
+                }
+            })
+        }
+    }
+}
+
+/// Response `id` from replica `owner`; `None` when it keeps no such response for this client.
+pub async fn fetch(
+    dispatcher: &Dispatcher,
+    owner: &str,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<Option<Arc<StoredResponse>>, PeerError> {
+    let peers = &dispatcher.peers;
+    let mut client = peers.client(owner).await?;
+    let asked = ask(v1::StoredResponseRequest { id: id.into() }, headers);
+    match client.get(asked).await {
+        Ok(answer) => Ok(Some(Arc::new(from_proto(answer.into_inner(), owner)?))),
+        Err(status) => failure(owner, peers, status).await.map_or(Ok(None), Err),
+    }
+}
+
+/// Deletes response `id` on replica `owner`; whether it was kept there for this client.
+pub async fn delete(
+    dispatcher: &Dispatcher,
+    owner: &str,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<bool, PeerError> {
+    let peers = &dispatcher.peers;
+    let mut client = peers.client(owner).await?;
+    let asked = ask(v1::StoredResponseRequest { id: id.into() }, headers);
+    match client.delete(asked).await {
+        Ok(answer) => Ok(answer.into_inner().deleted),
+        Err(status) => failure(owner, peers, status).await.map_or(Ok(false), Err),
+    }
+}
+
+/// A stored response as the gRPC service sends it.
+pub fn to_proto(response: &StoredResponse) -> v1::StoredResponse {
+    v1::StoredResponse {
+        id: response.id.clone(),
+        object_json: response.object.to_string(),
+        input_items_json: response.input_items.iter().map(|i| i.to_string()).collect(),
+        conversation: response.messages().collect(),
+    }
+}
+
+fn from_proto(response: v1::StoredResponse, owner: &str) -> Result<StoredResponse, PeerError> {
+    let garbled = |e: serde_json::Error| PeerError::Unreachable {
+        owner: owner.to_string(),
+        why: format!("its answer is not a stored response: {e}"),
+    };
+    Ok(StoredResponse {
+        id: response.id,
+        // Not kept here: whose it is was checked by the replica that keeps it.
+        tenant: None,
+        object: serde_json::from_str(&response.object_json).map_err(garbled)?,
+        input_items: response
+            .input_items_json
+            .iter()
+            .map(|item| serde_json::from_str(item))
+            .collect::<Result<_, _>>()
+            .map_err(garbled)?,
+        conversation: response.conversation.into_iter().map(Arc::new).collect(),
+    })
+}
+
+/// Announces this replica (its owner tag, and the address of its gRPC door) in the cluster
+/// registry until `stop`, retrying while the registry is unreachable.
+pub async fn announce(
+    registry: Arc<dyn Registry>,
+    record: RouterRecord,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let mut backoff = switchyard_cluster::backoff::Backoff::new(
+        Duration::from_millis(200),
+        Duration::from_secs(5),
+    );
+    let presence = loop {
+        let announced = tokio::select! {
+            announced = registry.announce_router(record.clone(), ttl) => announced,
+            _ = stop.cancelled() => return,
+        };
+        match announced {
+            Ok(presence) => break presence,
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    "cannot announce this router's stored responses in the registry: {error} \
+                     (next try in {delay:.1?})"
+                );
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return,
+                }
+            }
+        }
+    };
+    tracing::info!(tag = %record.id, address = %record.grpc_address, "stored responses announced");
+    stop.cancelled().await;
+    if let Err(error) = presence.withdraw().await {
+        tracing::debug!("withdrawing the router's announcement: {error}");
+    }
+}

@@ -1,0 +1,58 @@
+//! The `StoredResponses` gRPC service: this replica's stored responses, for the other replicas
+//! (and gRPC clients), under the same API keys as `Inference`.
+
+use std::sync::Arc;
+
+use switchyard_proto::v1;
+use tonic::{Request, Response, Status};
+
+use super::{Lookup, ResponseStore, peers};
+use crate::auth::Tenant;
+
+pub struct StoredResponsesService {
+    store: Arc<ResponseStore>,
+}
+
+impl StoredResponsesService {
+    pub fn new(store: Arc<ResponseStore>) -> Self {
+        Self { store }
+    }
+}
+
+fn tenant_of<T>(request: &Request<T>) -> Option<String> {
+    request.extensions().get::<Tenant>().map(|t| t.0.clone())
+}
+
+fn not_kept(id: &str) -> Status {
+    Status::not_found(format!(
+        "response {id:?} is not kept by this router replica (expired, deleted, another API \
+         key's, or never stored)"
+    ))
+}
+
+#[tonic::async_trait]
+impl v1::stored_responses_server::StoredResponses for StoredResponsesService {
+    async fn get(
+        &self,
+        request: Request<v1::StoredResponseRequest>,
+    ) -> Result<Response<v1::StoredResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let id = request.into_inner().id;
+        // Only what this replica keeps: a replica never asks on another's behalf.
+        match self.store.get(&id, tenant.as_deref()) {
+            Lookup::Found(response) => Ok(Response::new(peers::to_proto(&response))),
+            Lookup::Missing | Lookup::Elsewhere(_) => Err(not_kept(&id)),
+        }
+    }
+
+    async fn delete(
+        &self,
+        request: Request<v1::StoredResponseRequest>,
+    ) -> Result<Response<v1::DeleteStoredResponseResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let id = request.into_inner().id;
+        Ok(Response::new(v1::DeleteStoredResponseResponse {
+            deleted: self.store.delete(&id, tenant.as_deref()),
+        }))
+    }
+}
