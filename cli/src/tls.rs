@@ -64,7 +64,12 @@ impl LocalPki {
             ca: Issuer::new(ca_params, ca_key),
         };
         for component in components {
-            let identity = (*component == "control-plane").then(identity::control_plane_uri);
+            // Reached at addresses no certificate names: checked by these identities.
+            let identity = match *component {
+                "control-plane" => Some(identity::control_plane_uri()),
+                "router" => Some(identity::router_uri()),
+                _ => None,
+            };
             pki.issue(component, identity)?;
         }
         Ok(pki)
@@ -186,6 +191,10 @@ mod tests {
             identity::uri_sans(&cert[0]),
             [identity::control_plane_uri()]
         );
+        let cert =
+            switchyard_cluster::tls::read_certificates(&pki.files("router").cert_file.unwrap())
+                .unwrap();
+        assert_eq!(identity::uri_sans(&cert[0]), [identity::router_uri()]);
         let path = pki.dir.path().to_path_buf();
         drop(pki);
         assert!(!path.exists(), "removed with the PKI");

@@ -251,6 +251,10 @@ pub struct RouterMetrics {
     pub tokens_out: Family<StreamLabels, Counter>,
     pub shed: Family<LaneLabels, Counter>,
     pub active_sessions: Gauge,
+    /// Responses-API responses this replica keeps, and their bytes (see
+    /// [`crate::response_store`]).
+    pub stored_responses: Gauge,
+    pub stored_response_bytes: Gauge,
     /// Requests moved to another worker after theirs failed or left (`pool`: the lost worker's).
     pub failovers: Family<LanePoolLabels, Counter>,
     /// Prompt tokens placement expected the worker to find in its prefix cache.
@@ -321,6 +325,8 @@ impl RouterMetrics {
             tokens_out: Family::default(),
             shed: Family::default(),
             active_sessions: Gauge::default(),
+            stored_responses: Gauge::default(),
+            stored_response_bytes: Gauge::default(),
             failovers: Family::default(),
             prefix_predicted: Family::default(),
             prefix_reused: Family::default(),
@@ -419,6 +425,18 @@ impl RouterMetrics {
                 "switchyard_router_active_sessions",
                 "Open gRPC Session streams",
                 this.active_sessions.clone(),
+            );
+            r.register(
+                "switchyard_router_stored_responses",
+                "Responses-API responses this replica keeps (store: true) for previous_response_id \
+                 and GET /v1/responses/{id}",
+                this.stored_responses.clone(),
+            );
+            r.register(
+                "switchyard_router_stored_response_bytes",
+                "Memory the stored responses take, against --response-store-bytes (when full, \
+                 the oldest go)",
+                this.stored_response_bytes.clone(),
             );
             r.register(
                 "switchyard_router_failovers",

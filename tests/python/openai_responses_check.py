@@ -134,6 +134,20 @@ def a_stored_response_is_retrieved_listed_and_deleted():
         raise AssertionError("a deleted response was still there")
 
 
+def a_streamed_response_is_stored_too():
+    with client.responses.stream(model=MODEL, input="Say hi.", max_output_tokens=8) as stream:
+        for event in stream:
+            pass
+        # `completed`, or `incomplete` when the bound cut it.
+        final = event.response
+    kept = client.responses.retrieve(final.id)
+    assert (kept.output_text, kept.status) == (final.output_text, final.status), kept
+    going_on = client.responses.create(
+        model=MODEL, previous_response_id=final.id, input="Again.", max_output_tokens=4
+    )
+    assert going_on.previous_response_id == final.id, going_on
+
+
 def a_conversation_goes_on_from_a_stored_response():
     first = client.responses.create(
         model=MODEL,
@@ -290,6 +304,7 @@ CHECKS = [
     raw_events_are_numbered_in_order,
     a_conversation_in_input_items,
     a_stored_response_is_retrieved_listed_and_deleted,
+    a_streamed_response_is_stored_too,
     a_conversation_goes_on_from_a_stored_response,
     what_is_not_stored_is_a_404_naming_it,
     a_missing_input_is_a_400_naming_it,

@@ -652,3 +652,82 @@ async fn a_session_at_its_request_limit_refuses_more_and_stays_open() -> anyhow:
     ));
     Ok(())
 }
+
+/// A stored response belongs to the API key's tenant that made it: another tenant's key finds
+/// nothing, on the replica that keeps it or on another (which asks the keeper with the
+/// client's own key), and no key is a 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_response_is_only_its_tenants() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys_file = write_api_keys(dir.path(), &[(ACME_KEY, "acme"), (GLOBEX_KEY, "globex")])?;
+    let keys_flag = keys_file.display().to_string();
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: vec!["--api-keys-file".into(), keys_flag.clone()],
+        api_key: Some(ACME_KEY.into()),
+        ..Default::default()
+    })
+    .await?;
+    let other = switchyard_tests::start_router(
+        &cluster.etcd.url,
+        "other-replica",
+        &["--api-keys-file", &keys_flag],
+    )
+    .await?;
+    let keeper = cluster.router_openai_url();
+    let elsewhere = format!("http://{}/v1", other.addr("http"));
+    let http = reqwest::Client::new();
+    let created: Value = http
+        .post(format!("{keeper}/responses"))
+        .bearer_auth(ACME_KEY)
+        .json(&json!({"model": "synthetic", "input": "secret plans", "max_output_tokens": 4}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = created["id"].as_str().unwrap_or_default().to_string();
+    let read = |base: String, key: Option<&'static str>| {
+        let (http, id) = (http.clone(), id.clone());
+        async move {
+            let mut get = http.get(format!("{base}/responses/{id}"));
+            if let Some(key) = key {
+                get = get.bearer_auth(key);
+            }
+            anyhow::Ok(get.send().await?.status().as_u16())
+        }
+    };
+    // The other replica links no worker of its own to read a stored response: it answers as
+    // soon as it has reached etcd.
+    wait_until(
+        Duration::from_secs(20),
+        "the other replica to find the keeper",
+        || async {
+            read(elsewhere.clone(), Some(ACME_KEY))
+                .await
+                .is_ok_and(|s| s == 200)
+        },
+    )
+    .await?;
+    assert_eq!(read(keeper.clone(), Some(ACME_KEY)).await?, 200);
+    assert_eq!(read(keeper.clone(), Some(GLOBEX_KEY)).await?, 404);
+    assert_eq!(read(elsewhere.clone(), Some(GLOBEX_KEY)).await?, 404);
+    assert_eq!(read(elsewhere.clone(), None).await?, 401);
+    // Nor can another tenant go on from it, or delete it.
+    let answer = http
+        .post(format!("{elsewhere}/responses"))
+        .bearer_auth(GLOBEX_KEY)
+        .json(&json!({"model": "synthetic", "input": "and?", "previous_response_id": id}))
+        .send()
+        .await?;
+    assert_eq!(answer.status().as_u16(), 404);
+    let deleted = http
+        .delete(format!("{keeper}/responses/{id}"))
+        .bearer_auth(GLOBEX_KEY)
+        .send()
+        .await?;
+    assert_eq!(deleted.status().as_u16(), 404);
+    assert_eq!(read(keeper, Some(ACME_KEY)).await?, 200);
+    Ok(())
+}

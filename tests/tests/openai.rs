@@ -71,7 +71,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     )
     .await?;
     assert!(
-        out.contains("openai-responses: 9 passed, 0 failed"),
+        out.contains("openai-responses: 10 passed, 0 failed"),
         "{out}"
     );
     // Anthropic's Messages API on the same port, with Anthropic's SDK, text only.
@@ -376,6 +376,23 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
     assert_eq!(status, 200, "{first}");
     let id = first["id"].as_str().context("an id")?.to_string();
     assert_eq!(first["store"], true, "{first}");
+    // On-call sees what a replica keeps.
+    let metrics = reqwest::get(format!("http://{}/metrics", keeper.addr("http")))
+        .await?
+        .text()
+        .await?;
+    let gauge = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} "))?.parse::<f64>().ok())
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        gauge("switchyard_router_stored_responses"),
+        1.0,
+        "{metrics}"
+    );
+    assert!(gauge("switchyard_router_stored_response_bytes") > 0.0);
 
     // Read on the other replica: the keeper's object, as it was answered.
     let (status, read) = get(format!("{other_url}/responses/{id}")).await?;

@@ -843,3 +843,98 @@ async fn router_wse_hosted_worker_takes_worker_calls_only_from_client_certificat
     assert_eq!(text, "alpha beta gamma alpha beta gamma");
     Ok(())
 }
+
+/// With TLS, router replicas read each other's stored responses at their advertised pod-like
+/// addresses (here 127.0.0.1, which the router certificate does not name as a replica): the
+/// reader checks the keeper's certificate carries the router identity instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_replicas_read_each_others_stored_responses_over_tls() -> anyhow::Result<()> {
+    let pki = switchyard::tls::LocalPki::generate(&["router"])?;
+    let ca = pki.ca_file();
+    let ca_arg = ca.display().to_string();
+    let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
+    let etcd = Etcd::start().await?;
+    let worker_files = pki.worker(Pool::Gpu, "gpu-0")?;
+    let _worker = Component::start(
+        "stored-worker",
+        &switchyard_tests::strings(&[
+            "worker-gpu",
+            "--listen",
+            "127.0.0.1:0",
+            "--etcd",
+            &etcd.url,
+            "--id",
+            "gpu-0",
+            "--tls-cert-file",
+            &path(&worker_files.cert_file),
+            "--tls-key-file",
+            &path(&worker_files.key_file),
+            "--tls-ca-file",
+            &ca_arg,
+            "--tls-client-ca-file",
+            &ca_arg,
+        ]),
+        1,
+    )
+    .await?;
+    let router_files = pki.files("router");
+    let tls_flags = [
+        "--tls-cert-file".to_string(),
+        path(&router_files.cert_file),
+        "--tls-key-file".to_string(),
+        path(&router_files.key_file),
+        "--tls-ca-file".to_string(),
+        ca_arg.clone(),
+    ];
+    let flags: Vec<&str> = tls_flags.iter().map(String::as_str).collect();
+    let keeper = start_router(&etcd.url, "stored-keeper", &flags).await?;
+    let reader = start_router(&etcd.url, "stored-reader", &flags).await?;
+    for router in [&keeper, &reader] {
+        let channel = tls_channel(&router.addr("grpc").to_string(), &ca).await?;
+        let inference = v1::inference_client::InferenceClient::new(channel);
+        wait_until(
+            Duration::from_secs(30),
+            "the router to link the worker",
+            || {
+                let mut inference = inference.clone();
+                async move {
+                    inference
+                        .list_models(v1::ListModelsRequest {})
+                        .await
+                        .is_ok_and(|m| !m.into_inner().models.is_empty())
+                }
+            },
+        )
+        .await?;
+    }
+    let created = program_output(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            &ca_arg,
+            "-H",
+            "content-type: application/json",
+            "-d",
+            r#"{"model": "synthetic", "input": "Hi", "max_output_tokens": 4}"#,
+            &format!("https://{}/v1/responses", keeper.addr("http")),
+        ],
+    )
+    .await?;
+    let created: Value = serde_json::from_str(&created).context("a response object")?;
+    let id = created["id"].as_str().context("an id")?;
+    let read = program_output(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            &ca_arg,
+            &format!("https://{}/v1/responses/{id}", reader.addr("http")),
+        ],
+    )
+    .await?;
+    let read: Value = serde_json::from_str(&read).context("a response object")?;
+    assert_eq!(read["id"], id, "{read}");
+    assert_eq!(read["output"], created["output"]);
+    Ok(())
+}

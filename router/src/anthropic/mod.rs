@@ -324,16 +324,16 @@ impl Events {
                                        "content_block": block});
                     self.push("content_block_start", &start);
                 }
-                Change::Text { block, from } => {
+                Change::Text { block, from, to } => {
                     let delta = match &self.message.blocks.get(block).body {
-                        BlockBody::Text(text) => text[from..].to_string(),
+                        BlockBody::Text(text) => text[from..to].to_string(),
                         BlockBody::Call { .. } => continue,
                     };
                     self.push_delta(block, Delta::TextDelta { text: &delta });
                 }
-                Change::Arguments { block, from } => {
+                Change::Arguments { block, from, to } => {
                     let delta = match &self.message.blocks.get(block).body {
-                        BlockBody::Call { arguments, .. } => arguments[from..].to_string(),
+                        BlockBody::Call { arguments, .. } => arguments[from..to].to_string(),
                         BlockBody::Text(_) => continue,
                     };
                     self.push_delta(

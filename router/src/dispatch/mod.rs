@@ -225,9 +225,12 @@ impl Dispatcher {
         reports.set_queue_depths(placer.queue_depth_probe());
         Self {
             tenant_quota: TenantQuota::new(config.max_tenant_requests),
-            responses: Arc::new(crate::response_store::ResponseStore::new(
-                config.response_store,
-            )),
+            responses: Arc::new(
+                crate::response_store::ResponseStore::new(config.response_store).with_gauges(
+                    metrics.stored_responses.clone(),
+                    metrics.stored_response_bytes.clone(),
+                ),
+            ),
             peers: Default::default(),
             links,
             config,

@@ -37,15 +37,19 @@ pub struct Block {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
     Opened(usize),
-    /// Text appended to a text block, from byte `from` of it on.
+    /// Text appended to a text block: its bytes `from..to`.
     Text {
         block: usize,
         from: usize,
+        to: usize,
     },
-    /// Arguments appended to a call block, from byte `from` of them on.
+    /// Arguments appended to a call block: their bytes `from..to`. A range, not "from `from`
+    /// on": pieces of one call that come in one frame are changes of their own, and each must
+    /// be told once (found from outside: a streamed call's deltas repeated a piece).
     Arguments {
         block: usize,
         from: usize,
+        to: usize,
     },
     Closed(usize),
 }
@@ -77,7 +81,11 @@ impl Blocks {
         if let Body::Text(all) = &mut self.blocks[block].body {
             let from = all.len();
             all.push_str(text);
-            changes.push(Change::Text { block, from });
+            changes.push(Change::Text {
+                block,
+                from,
+                to: all.len(),
+            });
         }
     }
 
@@ -105,7 +113,11 @@ impl Blocks {
             {
                 let from = arguments.len();
                 arguments.push_str(&piece.arguments);
-                changes.push(Change::Arguments { block, from });
+                changes.push(Change::Arguments {
+                    block,
+                    from,
+                    to: arguments.len(),
+                });
             }
         }
     }
@@ -162,12 +174,28 @@ mod tests {
             changes,
             [
                 Opened(0),
-                Text { block: 0, from: 0 },
-                Text { block: 0, from: 7 },
+                Text {
+                    block: 0,
+                    from: 0,
+                    to: 7
+                },
+                Text {
+                    block: 0,
+                    from: 7,
+                    to: 12
+                },
                 Closed(0),
                 Opened(1),
-                Arguments { block: 1, from: 0 },
-                Arguments { block: 1, from: 5 },
+                Arguments {
+                    block: 1,
+                    from: 0,
+                    to: 5
+                },
+                Arguments {
+                    block: 1,
+                    from: 5,
+                    to: 7
+                },
                 Closed(1),
                 Opened(2),
                 Closed(2),

@@ -18,6 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::metrics::gauge::Gauge;
 use serde_json::Value;
 use switchyard_proto::v1;
 use tokio::time::Instant;
@@ -124,6 +125,8 @@ pub struct ResponseStore {
     owner: String,
     limits: StoreLimits,
     inner: Mutex<Inner>,
+    /// What it holds, for Prometheus: responses and bytes.
+    gauges: Option<(Gauge, Gauge)>,
 }
 
 impl ResponseStore {
@@ -133,6 +136,20 @@ impl ResponseStore {
             owner,
             limits,
             inner: Mutex::default(),
+            gauges: None,
+        }
+    }
+
+    /// Keeps `responses` and `bytes` at what the store holds.
+    pub fn with_gauges(mut self, responses: Gauge, bytes: Gauge) -> Self {
+        self.gauges = Some((responses, bytes));
+        self
+    }
+
+    fn publish(&self, inner: &Inner) {
+        if let Some((responses, bytes)) = &self.gauges {
+            responses.set(inner.by_id.len() as i64);
+            bytes.set(inner.bytes as i64);
         }
     }
 
@@ -175,6 +192,7 @@ impl ResponseStore {
                 bytes,
             },
         );
+        self.publish(&inner);
         true
     }
 
@@ -187,6 +205,7 @@ impl ResponseStore {
         }
         let mut inner = self.inner.lock().expect("response store lock");
         inner.expire(Instant::now(), self.limits.max_age);
+        self.publish(&inner);
         match inner.by_id.get(id) {
             Some(entry) if entry.response.tenant.as_deref() == tenant => {
                 Lookup::Found(entry.response.clone())
@@ -204,6 +223,7 @@ impl ResponseStore {
             .is_some_and(|e| e.response.tenant.as_deref() == tenant);
         if mine && let Some(entry) = inner.by_id.remove(id) {
             inner.bytes -= entry.bytes;
+            self.publish(&inner);
         }
         mine
     }
@@ -303,6 +323,20 @@ mod tests {
         assert!(store.delete(&id, Some("acme")));
         assert!(matches!(store.get(&id, Some("acme")), Lookup::Missing));
         assert_eq!(store.usage(), (0, 0));
+    }
+
+    #[test]
+    fn the_gauges_follow_what_is_kept() {
+        let (count, bytes) = (Gauge::default(), Gauge::default());
+        let store = ResponseStore::new(limits(1 << 20)).with_gauges(count.clone(), bytes.clone());
+        let kept = response(&store, None, "hi");
+        let id = kept.id.clone();
+        store.insert(kept, 0);
+        assert_eq!(count.get(), 1);
+        assert_eq!(bytes.get() as usize, store.usage().1);
+        assert!(bytes.get() > 0);
+        store.delete(&id, None);
+        assert_eq!((count.get(), bytes.get()), (0, 0));
     }
 
     #[test]

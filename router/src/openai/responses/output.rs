@@ -286,7 +286,7 @@ impl Output {
                     ));
                 }
             }
-            Change::Text { block, from } => {
+            Change::Text { block, from, to } => {
                 let Item { id, block: b } = item(block);
                 if let Body::Text(text) = &b.body {
                     events.push(event(
@@ -295,14 +295,14 @@ impl Output {
                             item_id: id,
                             output_index: block,
                             content_index: 0,
-                            delta: Some(&text[from..]),
+                            delta: Some(&text[from..to]),
                             text: None,
                             logprobs: [],
                         },
                     ));
                 }
             }
-            Change::Arguments { block, from } => {
+            Change::Arguments { block, from, to } => {
                 let Item { id, block: b } = item(block);
                 if let Body::Call { arguments, .. } = &b.body {
                     events.push(event(
@@ -310,7 +310,7 @@ impl Output {
                         &ArgumentsEvent {
                             item_id: id,
                             output_index: block,
-                            delta: Some(&arguments[from..]),
+                            delta: Some(&arguments[from..to]),
                             name: None,
                             arguments: None,
                         },
@@ -443,6 +443,11 @@ mod tests {
             let id = event.get("item_id").or(event["item"].get("id"));
             assert_eq!(id, items[index as usize].get("id"), "{event:?}");
         }
+        // Two pieces of a call in one frame are two deltas, each told once.
+        assert_eq!(
+            [&fields[8]["delta"], &fields[9]["delta"]],
+            ["{\"q\":", "1}"]
+        );
         // What the done events carry is what the items hold.
         assert_eq!(fields[6]["item"], items[0]);
         assert_eq!(fields[10]["arguments"], "{\"q\":1}");
