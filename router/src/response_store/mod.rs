@@ -15,6 +15,7 @@ pub mod peers;
 pub mod service;
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +27,45 @@ use tokio::time::Instant;
 /// Hex digits of the owner tag at the start of an id (after `resp_`).
 const OWNER_CHARS: usize = 12;
 const ID_PREFIX: &str = "resp_";
+
+/// Bytes the store counts for a piece it made, given back when the piece is freed (wherever
+/// it was held last: the store, a request going on from it, an answer being written).
+#[derive(Debug)]
+struct Charge {
+    bytes: usize,
+    alive: Arc<AtomicUsize>,
+}
+
+impl Charge {
+    fn new(bytes: usize, alive: &Arc<AtomicUsize>) -> Self {
+        alive.fetch_add(bytes, Ordering::Relaxed);
+        Self {
+            bytes,
+            alive: alive.clone(),
+        }
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.alive.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+/// One message of a stored conversation, shared by every response that goes on from it.
+#[derive(Debug)]
+pub struct StoredMessage {
+    message: v1::ChatMessage,
+    charge: Charge,
+}
+
+impl std::ops::Deref for StoredMessage {
+    type Target = v1::ChatMessage;
+
+    fn deref(&self) -> &v1::ChatMessage {
+        &self.message
+    }
+}
 
 /// One stored response.
 #[derive(Debug)]
@@ -39,29 +79,25 @@ pub struct StoredResponse {
     pub input_items: Vec<Value>,
     /// The conversation a request going on from this response continues: the earlier
     /// responses' conversation, this request's input, and the model's answer. Instructions
-    /// are not in it: they hold for one request, as OpenAI's do. Messages are shared with
-    /// the responses that go on from it.
-    pub conversation: Vec<Arc<v1::ChatMessage>>,
+    /// are not in it: they hold for one request, as OpenAI's do.
+    pub conversation: Vec<Arc<StoredMessage>>,
+    charge: Charge,
 }
 
 impl StoredResponse {
-    /// Bytes it holds of its own (messages shared with its predecessor count there).
-    fn bytes(&self, shared: usize) -> usize {
-        let json = |v: &Value| v.to_string().len();
-        let own: usize = self.conversation[shared.min(self.conversation.len())..]
-            .iter()
-            .map(|m| message_bytes(m))
-            .sum();
-        256 + self.id.len()
-            + json(&self.object)
-            + self.input_items.iter().map(json).sum::<usize>()
-            + own
-            + self.conversation.len() * std::mem::size_of::<usize>()
-    }
-
     /// The conversation as the messages of a request.
     pub fn messages(&self) -> impl Iterator<Item = v1::ChatMessage> + '_ {
-        self.conversation.iter().map(|m| (**m).clone())
+        self.conversation.iter().map(|m| m.message.clone())
+    }
+
+    /// What it would hold on its own, shared messages included.
+    fn whole_bytes(&self) -> usize {
+        self.charge.bytes
+            + self
+                .conversation
+                .iter()
+                .map(|m| m.charge.bytes)
+                .sum::<usize>()
     }
 }
 
@@ -105,26 +141,26 @@ impl Default for StoreLimits {
     }
 }
 
-#[derive(Debug)]
-struct Entry {
-    response: Arc<StoredResponse>,
-    bytes: usize,
-}
-
 #[derive(Debug, Default)]
 struct Inner {
-    by_id: HashMap<String, Entry>,
+    by_id: HashMap<String, Arc<StoredResponse>>,
     /// Ids by age, oldest first (deleted ones stay until they reach the front).
     order: VecDeque<(Instant, String)>,
-    bytes: usize,
 }
 
 /// This replica's stored responses.
+///
+/// Memory is counted exactly: every message and response the store makes adds its bytes to
+/// one count and takes them back when it is freed, however it is shared. So a long
+/// conversation whose early responses went still counts the messages its later ones hold, and
+/// the oldest responses go until what is alive fits.
 #[derive(Debug)]
 pub struct ResponseStore {
     owner: String,
     limits: StoreLimits,
     inner: Mutex<Inner>,
+    /// Bytes of every message and response the store made that is still alive.
+    alive: Arc<AtomicUsize>,
     /// What it holds, for Prometheus: responses and bytes.
     gauges: Option<(Gauge, Gauge)>,
 }
@@ -136,6 +172,7 @@ impl ResponseStore {
             owner,
             limits,
             inner: Mutex::default(),
+            alive: Arc::default(),
             gauges: None,
         }
     }
@@ -149,7 +186,7 @@ impl ResponseStore {
     fn publish(&self, inner: &Inner) {
         if let Some((responses, bytes)) = &self.gauges {
             responses.set(inner.by_id.len() as i64);
-            bytes.set(inner.bytes as i64);
+            bytes.set(self.alive.load(Ordering::Relaxed) as i64);
         }
     }
 
@@ -167,31 +204,53 @@ impl ResponseStore {
         format!("{ID_PREFIX}{}{}", self.owner, uuid::Uuid::new_v4().simple())
     }
 
-    /// Keeps `response`; `shared` of its conversation's messages are its predecessor's.
-    /// Older responses go to make room; one larger than the whole store is not kept.
-    pub fn insert(&self, response: StoredResponse, shared: usize) -> bool {
-        let bytes = response.bytes(shared);
-        if bytes > self.limits.max_bytes {
+    /// A message of a conversation that may be stored, counted while it lives.
+    pub fn message(&self, message: v1::ChatMessage) -> Arc<StoredMessage> {
+        let charge = Charge::new(message_bytes(&message), &self.alive);
+        Arc::new(StoredMessage { message, charge })
+    }
+
+    /// A response that may be stored, counted while it lives.
+    pub fn response(
+        &self,
+        id: String,
+        tenant: Option<String>,
+        object: Value,
+        input_items: Vec<Value>,
+        conversation: Vec<Arc<StoredMessage>>,
+    ) -> StoredResponse {
+        let json = |v: &Value| v.to_string().len();
+        let bytes = 256
+            + id.len()
+            + json(&object)
+            + input_items.iter().map(json).sum::<usize>()
+            + conversation.len() * std::mem::size_of::<usize>();
+        StoredResponse {
+            id,
+            tenant,
+            object,
+            input_items,
+            conversation,
+            charge: Charge::new(bytes, &self.alive),
+        }
+    }
+
+    /// Keeps `response`; older responses go until what is alive fits. One larger than the
+    /// whole store is not kept.
+    pub fn insert(&self, response: StoredResponse) -> bool {
+        if response.whole_bytes() > self.limits.max_bytes {
             return false;
         }
         let now = Instant::now();
         let mut inner = self.inner.lock().expect("response store lock");
         inner.expire(now, self.limits.max_age);
-        while inner.bytes + bytes > self.limits.max_bytes {
-            if !inner.evict_oldest() {
-                break;
-            }
-        }
         let id = response.id.clone();
-        inner.bytes += bytes;
         inner.order.push_back((now, id.clone()));
-        inner.by_id.insert(
-            id,
-            Entry {
-                response: Arc::new(response),
-                bytes,
-            },
-        );
+        inner.by_id.insert(id, Arc::new(response));
+        // The new response is last in the order: everything else may go before it.
+        while self.alive.load(Ordering::Relaxed) > self.limits.max_bytes && inner.order.len() > 1 {
+            inner.evict_oldest();
+        }
         self.publish(&inner);
         true
     }
@@ -207,8 +266,8 @@ impl ResponseStore {
         inner.expire(Instant::now(), self.limits.max_age);
         self.publish(&inner);
         match inner.by_id.get(id) {
-            Some(entry) if entry.response.tenant.as_deref() == tenant => {
-                Lookup::Found(entry.response.clone())
+            Some(response) if response.tenant.as_deref() == tenant => {
+                Lookup::Found(response.clone())
             }
             _ => Lookup::Missing,
         }
@@ -220,18 +279,18 @@ impl ResponseStore {
         let mine = inner
             .by_id
             .get(id)
-            .is_some_and(|e| e.response.tenant.as_deref() == tenant);
-        if mine && let Some(entry) = inner.by_id.remove(id) {
-            inner.bytes -= entry.bytes;
+            .is_some_and(|r| r.tenant.as_deref() == tenant);
+        if mine {
+            inner.by_id.remove(id);
             self.publish(&inner);
         }
         mine
     }
 
-    /// Responses kept and their bytes.
+    /// Responses kept, and the bytes of everything the store made that is alive.
     pub fn usage(&self) -> (usize, usize) {
         let inner = self.inner.lock().expect("response store lock");
-        (inner.by_id.len(), inner.bytes)
+        (inner.by_id.len(), self.alive.load(Ordering::Relaxed))
     }
 }
 
@@ -245,14 +304,13 @@ impl Inner {
         }
     }
 
-    /// Drops the oldest entry still in the order; false when there is none.
+    /// Drops the oldest entry still in the order (its memory goes when nothing else holds
+    /// it); false when there is none.
     fn evict_oldest(&mut self) -> bool {
         let Some((_, id)) = self.order.pop_front() else {
             return false;
         };
-        if let Some(entry) = self.by_id.remove(&id) {
-            self.bytes -= entry.bytes;
-        }
+        self.by_id.remove(&id);
         true
     }
 }
@@ -269,22 +327,30 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn message(content: &str) -> Arc<v1::ChatMessage> {
-        Arc::new(v1::ChatMessage {
+    fn user(content: &str) -> v1::ChatMessage {
+        v1::ChatMessage {
             role: "user".into(),
             content: content.into(),
             ..Default::default()
-        })
+        }
     }
 
-    fn response(store: &ResponseStore, tenant: Option<&str>, text: &str) -> StoredResponse {
-        StoredResponse {
-            id: store.new_id(),
-            tenant: tenant.map(Into::into),
-            object: json!({"output_text": text}),
-            input_items: vec![json!({"type": "message", "content": text})],
-            conversation: vec![message(text)],
-        }
+    /// A response whose conversation is `before` and one message of `text`.
+    fn response(
+        store: &ResponseStore,
+        tenant: Option<&str>,
+        before: &[Arc<StoredMessage>],
+        text: &str,
+    ) -> StoredResponse {
+        let mut conversation = before.to_vec();
+        conversation.push(store.message(user(text)));
+        store.response(
+            store.new_id(),
+            tenant.map(Into::into),
+            json!({"output_text": "ok"}),
+            vec![json!({"type": "message"})],
+            conversation,
+        )
     }
 
     fn limits(max_bytes: usize) -> StoreLimits {
@@ -292,6 +358,10 @@ mod tests {
             max_bytes,
             max_age: Duration::from_secs(60),
         }
+    }
+
+    fn kept(store: &ResponseStore, id: &str) -> bool {
+        matches!(store.get(id, None), Lookup::Found(_))
     }
 
     #[test]
@@ -313,9 +383,9 @@ mod tests {
     #[test]
     fn a_response_is_read_and_deleted_by_its_tenant_only() {
         let store = ResponseStore::new(limits(1 << 20));
-        let kept = response(&store, Some("acme"), "hi");
+        let kept = response(&store, Some("acme"), &[], "hi");
         let id = kept.id.clone();
-        assert!(store.insert(kept, 0));
+        assert!(store.insert(kept));
         assert!(matches!(store.get(&id, Some("acme")), Lookup::Found(r) if r.id == id));
         assert!(matches!(store.get(&id, Some("other")), Lookup::Missing));
         assert!(matches!(store.get(&id, None), Lookup::Missing));
@@ -326,66 +396,96 @@ mod tests {
     }
 
     #[test]
-    fn the_gauges_follow_what_is_kept() {
-        let (count, bytes) = (Gauge::default(), Gauge::default());
-        let store = ResponseStore::new(limits(1 << 20)).with_gauges(count.clone(), bytes.clone());
-        let kept = response(&store, None, "hi");
-        let id = kept.id.clone();
-        store.insert(kept, 0);
-        assert_eq!(count.get(), 1);
-        assert_eq!(bytes.get() as usize, store.usage().1);
-        assert!(bytes.get() > 0);
-        store.delete(&id, None);
-        assert_eq!((count.get(), bytes.get()), (0, 0));
-    }
-
-    #[test]
     fn the_oldest_go_when_the_bytes_run_out() {
         let probe = ResponseStore::new(limits(1 << 20));
-        let one = response(&probe, None, &"x".repeat(1000)).bytes(0);
+        let one = response(&probe, None, &[], &"x".repeat(1000)).whole_bytes();
         let store = ResponseStore::new(limits(one * 3));
         let ids: Vec<String> = (0..5)
             .map(|_| {
-                let r = response(&store, None, &"x".repeat(1000));
+                let r = response(&store, None, &[], &"x".repeat(1000));
                 let id = r.id.clone();
-                assert!(store.insert(r, 0));
+                assert!(store.insert(r));
                 id
             })
             .collect();
-        let kept: Vec<bool> = ids
-            .iter()
-            .map(|id| matches!(store.get(id, None), Lookup::Found(_)))
-            .collect();
+        let kept: Vec<bool> = ids.iter().map(|id| kept(&store, id)).collect();
         assert_eq!(kept, [false, false, true, true, true]);
         assert!(store.usage().1 <= one * 3);
-        // Larger than the whole store: refused, nothing evicted for it.
-        assert!(!store.insert(response(&store, None, &"x".repeat(one * 4)), 0));
-        assert_eq!(store.usage().0, 3);
+        // Larger than the whole store: refused, nothing evicted for it, nothing left counted.
+        assert!(!store.insert(response(&store, None, &[], &"x".repeat(one * 4))));
+        assert_eq!(store.usage(), (3, one * 3));
+    }
+
+    /// Each response of a conversation holds every message before it. When an early response
+    /// goes, the messages its successors hold stay alive and still count, so the store goes on
+    /// evicting until what is alive fits, whatever holds what.
+    #[test]
+    fn memory_shared_along_conversations_is_counted_until_it_is_freed() {
+        let turn = 10_000;
+        let probe = ResponseStore::new(limits(1 << 20));
+        let one = response(&probe, None, &[], &"x".repeat(turn)).whole_bytes();
+        let store = ResponseStore::new(limits(one * 9 / 2));
+        // Goes on from `last` (as a client naming it does) with one more turn.
+        let go_on = |last: Option<&str>| {
+            let history = match last.map(|id| store.get(id, None)) {
+                Some(Lookup::Found(previous)) => previous.conversation.clone(),
+                _ => Vec::new(),
+            };
+            let next = response(&store, None, &history, &"x".repeat(turn));
+            let id = next.id.clone();
+            assert!(store.insert(next));
+            assert!(store.usage().1 <= one * 9 / 2, "{:?}", store.usage());
+            id
+        };
+        let a0 = go_on(None);
+        let b0 = go_on(None);
+        let a1 = go_on(Some(&a0));
+        let b1 = go_on(Some(&b0));
+        // Four turns alive; a third turn of A does not fit. Evicting a0 frees nothing (a1
+        // holds its message), nor b0, nor a1: only b1 frees B's two turns.
+        let a2 = go_on(Some(&a1));
+        let kept: Vec<bool> = [&a0, &b0, &a1, &b1, &a2]
+            .iter()
+            .map(|id| kept(&store, id))
+            .collect();
+        assert_eq!(kept, [false, false, false, false, true]);
+        // Sharing is counted once: a response going on from a2 adds only its own turn.
+        let before = store.usage().1;
+        let a3 = go_on(Some(&a2));
+        assert!(store.usage().1 - before < one + 1000, "{:?}", store.usage());
+        // Deleting what is kept frees everything.
+        store.delete(&a2, None);
+        store.delete(&a3, None);
+        assert_eq!(store.usage(), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
     async fn responses_older_than_max_age_are_gone() {
         let store = ResponseStore::new(limits(1 << 20));
-        let old = response(&store, None, "old");
+        let old = response(&store, None, &[], "old");
         let old_id = old.id.clone();
-        store.insert(old, 0);
+        store.insert(old);
         tokio::time::advance(Duration::from_secs(45)).await;
-        let new = response(&store, None, "new");
+        let new = response(&store, None, &[], "new");
         let new_id = new.id.clone();
-        store.insert(new, 0);
+        store.insert(new);
         tokio::time::advance(Duration::from_secs(20)).await;
-        assert!(matches!(store.get(&old_id, None), Lookup::Missing));
-        assert!(matches!(store.get(&new_id, None), Lookup::Found(_)));
+        assert!(!kept(&store, &old_id));
+        assert!(kept(&store, &new_id));
         assert_eq!(store.usage().0, 1);
     }
 
     #[test]
-    fn shared_messages_count_once() {
-        let store = ResponseStore::new(limits(1 << 20));
-        let first = response(&store, None, &"x".repeat(10_000));
-        let mut second = response(&store, None, "next");
-        second.conversation = [first.conversation.clone(), second.conversation].concat();
-        let (alone, shared) = (second.bytes(0), second.bytes(1));
-        assert!(alone - shared >= 10_000, "{alone} vs {shared}");
+    fn the_gauges_follow_what_is_kept() {
+        let (count, bytes) = (Gauge::default(), Gauge::default());
+        let store = ResponseStore::new(limits(1 << 20)).with_gauges(count.clone(), bytes.clone());
+        let kept = response(&store, None, &[], "hi");
+        let id = kept.id.clone();
+        store.insert(kept);
+        assert_eq!(count.get(), 1);
+        assert_eq!(bytes.get() as usize, store.usage().1);
+        assert!(bytes.get() > 0);
+        store.delete(&id, None);
+        assert_eq!((count.get(), bytes.get()), (0, 0));
     }
 }

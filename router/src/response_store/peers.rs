@@ -14,7 +14,7 @@ use switchyard_proto::v1::{self, stored_responses_client::StoredResponsesClient}
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::StoredResponse;
+use super::{ResponseStore, StoredResponse};
 use crate::dispatch::Dispatcher;
 use crate::openai::ApiError;
 
@@ -173,7 +173,11 @@ pub async fn fetch(
     let mut client = peers.client(owner).await?;
     let asked = ask(v1::StoredResponseRequest { id: id.into() }, headers);
     match client.get(asked).await {
-        Ok(answer) => Ok(Some(Arc::new(from_proto(answer.into_inner(), owner)?))),
+        Ok(answer) => Ok(Some(Arc::new(from_proto(
+            &dispatcher.responses,
+            answer.into_inner(),
+            owner,
+        )?))),
         Err(status) => failure(owner, peers, status).await.map_or(Ok(None), Err),
     }
 }
@@ -204,24 +208,31 @@ pub fn to_proto(response: &StoredResponse) -> v1::StoredResponse {
     }
 }
 
-fn from_proto(response: v1::StoredResponse, owner: &str) -> Result<StoredResponse, PeerError> {
+/// A response another replica sent, counted in this replica's store while it lives (a
+/// request going on from it holds its conversation until its own answer is stored).
+fn from_proto(
+    store: &ResponseStore,
+    response: v1::StoredResponse,
+    owner: &str,
+) -> Result<StoredResponse, PeerError> {
     let garbled = |e: serde_json::Error| PeerError::Unreachable {
         owner: owner.to_string(),
         why: format!("its answer is not a stored response: {e}"),
     };
-    Ok(StoredResponse {
-        id: response.id,
-        // Not kept here: whose it is was checked by the replica that keeps it.
-        tenant: None,
-        object: serde_json::from_str(&response.object_json).map_err(garbled)?,
-        input_items: response
-            .input_items_json
-            .iter()
-            .map(|item| serde_json::from_str(item))
-            .collect::<Result<_, _>>()
-            .map_err(garbled)?,
-        conversation: response.conversation.into_iter().map(Arc::new).collect(),
-    })
+    let object = serde_json::from_str(&response.object_json).map_err(garbled)?;
+    let input_items = response
+        .input_items_json
+        .iter()
+        .map(|item| serde_json::from_str(item))
+        .collect::<Result<_, _>>()
+        .map_err(garbled)?;
+    let conversation = response
+        .conversation
+        .into_iter()
+        .map(|m| store.message(m))
+        .collect();
+    // Not kept here: whose it is was checked by the replica that keeps it.
+    Ok(store.response(response.id, None, object, input_items, conversation))
 }
 
 /// Announces this replica (its owner tag, and the address of its gRPC door) in the cluster

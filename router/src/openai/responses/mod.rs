@@ -30,10 +30,11 @@ use super::handlers::{self, RESPONSES_ROUTE};
 use super::wire;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
-use crate::response_store::{ResponseStore, StoredResponse};
+use crate::response_store::{ResponseStore, StoredMessage};
 use object::{Lifecycle, Snapshot};
 use output::{Event, Output, Status};
 use request::{ResponsesRequest, Turn};
+use serde_json::Value;
 
 pub async fn responses(
     State(dispatcher): State<Arc<Dispatcher>>,
@@ -72,11 +73,21 @@ async fn respond(
     let store = &dispatcher.responses;
     // Asked to store, with a store to keep it in.
     read.echo.store &= store.limits().max_bytes > 0;
-    let keep = read.echo.store.then(|| Keep {
-        store: store.clone(),
-        id: store.new_id(),
-        tenant: tenant_name,
-        turn: std::mem::take(&mut read.turn),
+    let keep = read.echo.store.then(|| {
+        let Turn {
+            history,
+            input,
+            input_items,
+        } = std::mem::take(&mut read.turn);
+        let mut conversation = history;
+        conversation.extend(input.into_iter().map(|m| store.message(m)));
+        Keep {
+            store: store.clone(),
+            id: store.new_id(),
+            tenant: tenant_name,
+            conversation,
+            input_items,
+        }
     });
     let fields = read.fields;
     let (placed, mut frames) = handlers::place_one(
@@ -133,28 +144,25 @@ struct Keep {
     store: Arc<ResponseStore>,
     id: String,
     tenant: Option<String>,
-    turn: Turn,
+    /// The conversation up to the answer (the previous response's, then the input).
+    conversation: Vec<Arc<StoredMessage>>,
+    input_items: Vec<Value>,
 }
 
 impl Keep {
     /// Stores the finished response `object` with its `output`.
-    fn finish(self, object: &object::ResponseObject<'_>, output: &Output) {
-        let Turn {
-            mut conversation,
-            shared,
-            input_items,
-        } = self.turn;
-        conversation.push(Arc::new(output.as_message()));
-        let kept = self.store.insert(
-            StoredResponse {
-                id: self.id,
-                tenant: self.tenant,
-                object: serde_json::to_value(object).expect("serializing to memory cannot fail"),
-                input_items,
-                conversation,
-            },
-            shared,
+    fn finish(mut self, object: &object::ResponseObject<'_>, output: &Output) {
+        self.conversation
+            .push(self.store.message(output.as_message()));
+        let object = serde_json::to_value(object).expect("serializing to memory cannot fail");
+        let response = self.store.response(
+            self.id,
+            self.tenant,
+            object,
+            self.input_items,
+            self.conversation,
         );
+        let kept = self.store.insert(response);
         if !kept {
             tracing::warn!("a response larger than the whole response store was not stored");
         }

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use crate::response_store::StoredMessage;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use switchyard_proto::v1;
@@ -107,9 +108,10 @@ pub struct Read {
 /// The conversation up to this request's answer, and the input items it added.
 #[derive(Debug, Default)]
 pub struct Turn {
-    pub conversation: Vec<Arc<v1::ChatMessage>>,
-    /// Messages of `conversation` that came from the previous response.
-    pub shared: usize,
+    /// The previous response's conversation.
+    pub history: Vec<Arc<StoredMessage>>,
+    /// This request's input, as messages.
+    pub input: Vec<v1::ChatMessage>,
     pub input_items: Vec<Value>,
 }
 
@@ -133,7 +135,7 @@ impl ResponsesRequest {
 
     /// Reads the request; `cap` is the router's `max_tokens` cap, `history` the conversation
     /// of the response named by `previous_response_id`.
-    pub fn read(self, cap: u32, history: &[Arc<v1::ChatMessage>]) -> Result<Read, ApiError> {
+    pub fn read(self, cap: u32, history: &[Arc<StoredMessage>]) -> Result<Read, ApiError> {
         self.refuse_what_is_not_done()?;
         let model = wire::required_model(self.model.clone())?;
         let mut fields = FieldNames::default();
@@ -146,7 +148,6 @@ impl ResponsesRequest {
                 ..Default::default()
             });
         }
-        let turn_start = messages.len();
         for message in history {
             fields.messages.push(Origin::whole("previous_response_id"));
             messages.push((**message).clone());
@@ -154,12 +155,8 @@ impl ResponsesRequest {
         let input_start = messages.len();
         read_input(self.input.as_ref(), &mut messages, &mut fields)?;
         let turn = Turn {
-            conversation: history
-                .iter()
-                .cloned()
-                .chain(messages[input_start..].iter().cloned().map(Arc::new))
-                .collect(),
-            shared: input_start - turn_start,
+            history: history.to_vec(),
+            input: messages[input_start..].to_vec(),
             input_items: input_items(self.input.as_ref()),
         };
 
@@ -795,22 +792,23 @@ mod tests {
 
     #[test]
     fn a_request_going_on_from_a_stored_response_runs_its_conversation_then_the_input() {
-        let message = |role: &str, content: &str| {
-            Arc::new(v1::ChatMessage {
-                role: role.into(),
-                content: content.into(),
+        let store = crate::response_store::ResponseStore::new(Default::default());
+        let history = [
+            store.message(v1::ChatMessage {
+                role: "user".into(),
+                content: "Call f.".into(),
                 ..Default::default()
-            })
-        };
-        let history = [message("user", "Call f."), {
-            let mut answer = (*message("assistant", "")).clone();
-            answer.tool_calls.push(v1::ToolCall {
-                id: "c1".into(),
-                name: "f".into(),
-                arguments: "{}".into(),
-            });
-            Arc::new(answer)
-        }];
+            }),
+            store.message(v1::ChatMessage {
+                role: "assistant".into(),
+                tool_calls: vec![v1::ToolCall {
+                    id: "c1".into(),
+                    name: "f".into(),
+                    arguments: "{}".into(),
+                }],
+                ..Default::default()
+            }),
+        ];
         let read = serde_json::from_value::<ResponsesRequest>(json!({
             "model": "m", "instructions": "Be brief.", "previous_response_id": "resp_x",
             "input": [
@@ -840,16 +838,8 @@ mod tests {
         );
         assert_eq!(read.echo.previous_response_id.as_deref(), Some("resp_x"));
         // What a response going on from this one continues: no instructions.
-        assert_eq!(read.turn.shared, 2);
-        assert_eq!(
-            read.turn.conversation[..],
-            read.request.messages[1..]
-                .iter()
-                .cloned()
-                .map(Arc::new)
-                .collect::<Vec<_>>()[..]
-        );
-        assert!(Arc::ptr_eq(&read.turn.conversation[0], &history[0]));
+        assert!(Arc::ptr_eq(&read.turn.history[1], &history[1]));
+        assert_eq!(read.turn.input, read.request.messages[3..]);
         let ids: Vec<_> = read
             .turn
             .input_items

@@ -12,12 +12,11 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse as _, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use switchyard_proto::v1;
 
 use super::super::error::ApiError;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
-use crate::response_store::{Lookup, StoredResponse, peers};
+use crate::response_store::{Lookup, StoredMessage, StoredResponse, peers};
 
 /// The stored-response routes.
 pub const RESPONSE_ROUTE: &str = "/v1/responses/{id}";
@@ -50,7 +49,7 @@ pub async fn conversation_of(
     id: &str,
     tenant: Option<&str>,
     headers: &HeaderMap,
-) -> Result<Vec<Arc<v1::ChatMessage>>, ApiError> {
+) -> Result<Vec<Arc<StoredMessage>>, ApiError> {
     match find(dispatcher, id, tenant, headers).await {
         Ok(Some(response)) => Ok(response.conversation.clone()),
         Ok(None) => Err(previous_not_found(id)),
