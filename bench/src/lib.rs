@@ -20,4 +20,5 @@ pub mod relay;
 pub mod router;
 pub mod sessions;
 pub mod simulate;
+pub mod stored_responses;
 pub mod streams;

@@ -244,6 +244,35 @@ pub(crate) struct Cluster {
 }
 
 impl Cluster {
+    /// Starts one more router on the cluster's registry, as another replica, and waits until
+    /// it can route.
+    pub(crate) async fn start_router(
+        &mut self,
+        config: RouterConfig,
+    ) -> anyhow::Result<switchyard_router::RouterEndpoints> {
+        let (tx, rx) = oneshot::channel();
+        spawn_component(
+            &mut self.tasks,
+            "second router",
+            switchyard_router::run_router_with_endpoints(
+                config,
+                self.registry.clone(),
+                self.shutdown.clone(),
+                |endpoints| {
+                    let _ = tx.send(endpoints);
+                },
+            ),
+        );
+        let endpoints = rx
+            .await
+            .context("the second router stopped before serving")?;
+        let channel = Channel::from_shared(format!("http://{}", endpoints.grpc))?
+            .connect()
+            .await?;
+        wait_until_routable(channel).await?;
+        Ok(endpoints)
+    }
+
     /// Stops the components and waits until they have shut down (the worker deregistered), so
     /// that the runtime ending does not cut them off halfway (a warning each).
     pub(crate) async fn stop(mut self) {

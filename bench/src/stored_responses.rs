@@ -1,0 +1,358 @@
+//! `switchyard-bench stored-responses`: what going on from a stored response costs, next to
+//! sending the whole conversation every turn — the same multi-turn conversations three ways,
+//! side by side in one run:
+//!
+//! - `inline`: each turn sends the whole conversation so far in `input` (`store: false`);
+//! - `same replica`: each turn sends only its new message and names the previous response
+//!   (`previous_response_id`), on the router replica that stored it;
+//! - `other replica`: the same, each turn on the other of two replicas, which reads the
+//!   previous response from its keeper over gRPC (found in the shared registry).
+//!
+//! One worker serving the unpaced synthetic engine and two routers with HTTP doors run in this
+//! process on loopback ports. Every turn's prompt must come out the same whichever way it was
+//! sent (its `input_tokens` are compared per conversation and turn), or the run fails. Each
+//! round runs every way once, the one that starts alternating. Reported per way: turns/s,
+//! latency of a whole (non-streamed) turn p50 / p99, bytes sent per turn, CPU time of this
+//! process per turn, and throughput as a ratio of `inline`'s; then the bytes the replicas'
+//! stores hold.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use crate::router::{bench_router_config, process_cpu, start_cluster, unthrottled_engine};
+
+const MODEL: &str = "synthetic";
+
+/// Options of `switchyard-bench stored-responses`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StoredResponsesArgs {
+    /// Conversations per way and round.
+    #[arg(long, default_value_t = 64)]
+    pub conversations: usize,
+    /// Turns per conversation.
+    #[arg(long, default_value_t = 8)]
+    pub turns: usize,
+    /// Conversations going on at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// Tokens generated per turn.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: u32,
+    /// Words of each turn's user message.
+    #[arg(long, default_value_t = 200)]
+    pub message_words: usize,
+    /// Rounds; each runs every way once.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Inline,
+    SameReplica,
+    OtherReplica,
+}
+
+impl Way {
+    fn name(self) -> &'static str {
+        match self {
+            Way::Inline => "inline",
+            Way::SameReplica => "same replica",
+            Way::OtherReplica => "other replica",
+        }
+    }
+}
+
+/// One turn's measurement.
+struct Turn {
+    latency: Duration,
+    sent_bytes: usize,
+}
+
+/// The prompt size of each (conversation, turn), as the engine counted it.
+type PromptSizes = HashMap<(usize, usize), u64>;
+
+fn user_message(conversation: usize, turn: usize, words: usize) -> String {
+    let mut text = format!("Conversation {conversation}, turn {turn}:");
+    for i in 0..words {
+        text.push_str(&format!(" word{}", (conversation * 31 + turn * 7 + i) % 97));
+    }
+    text
+}
+
+async fn post(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Result<(Value, usize)> {
+    let body = body.to_string();
+    let sent = body.len();
+    let response = client
+        .post(url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body)
+        .send()
+        .await
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status();
+    let answer: Value = response.json().await.context("the answer is not JSON")?;
+    if !status.is_success() {
+        bail!("POST {url} answered {status}: {answer}");
+    }
+    Ok((answer, sent))
+}
+
+/// One conversation of `args.turns` turns, sent `way`; its turns' measurements and prompt
+/// sizes.
+async fn conversation(
+    client: &reqwest::Client,
+    bases: &[String; 2],
+    way: Way,
+    index: usize,
+    args: &StoredResponsesArgs,
+) -> anyhow::Result<(Vec<Turn>, PromptSizes)> {
+    let mut turns = Vec::with_capacity(args.turns);
+    let mut sizes = PromptSizes::new();
+    let mut history: Vec<Value> = Vec::new();
+    let mut previous: Option<String> = None;
+    for turn in 0..args.turns {
+        let message = user_message(index, turn, args.message_words);
+        let mut body = json!({"model": MODEL, "max_output_tokens": args.max_tokens});
+        let base = match way {
+            Way::Inline => {
+                history.push(json!({"role": "user", "content": message}));
+                body["input"] = Value::from(history.clone());
+                body["store"] = Value::from(false);
+                &bases[0]
+            }
+            Way::SameReplica | Way::OtherReplica => {
+                body["input"] = Value::from(message);
+                if let Some(previous) = &previous {
+                    body["previous_response_id"] = Value::from(previous.as_str());
+                }
+                let other = way == Way::OtherReplica && turn % 2 == 1;
+                &bases[usize::from(other)]
+            }
+        };
+        let start = Instant::now();
+        let (answer, sent_bytes) = post(client, &format!("{base}/v1/responses"), &body).await?;
+        turns.push(Turn {
+            latency: start.elapsed(),
+            sent_bytes,
+        });
+        let text = answer["output"][0]["content"][0]["text"]
+            .as_str()
+            .with_context(|| format!("no text in {answer}"))?;
+        if way == Way::Inline {
+            history.push(json!({"role": "assistant", "content": text}));
+        } else {
+            let id = answer["id"]
+                .as_str()
+                .context("a stored response has an id")?;
+            previous = Some(id.to_string());
+        }
+        let input_tokens = answer["usage"]["input_tokens"]
+            .as_u64()
+            .context("usage.input_tokens")?;
+        sizes.insert((index, turn), input_tokens);
+    }
+    Ok((turns, sizes))
+}
+
+/// One way's run: every conversation, `concurrency` at once.
+async fn run_way(
+    client: &reqwest::Client,
+    bases: &[String; 2],
+    way: Way,
+    args: &StoredResponsesArgs,
+) -> anyhow::Result<(Vec<Turn>, PromptSizes, Duration)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = JoinSet::new();
+    for _ in 0..args.concurrency {
+        let (client, bases, next, args) =
+            (client.clone(), bases.clone(), next.clone(), args.clone());
+        tasks.spawn(async move {
+            let (mut turns, mut sizes) = (Vec::new(), PromptSizes::new());
+            loop {
+                let index = next.fetch_add(1, Ordering::Relaxed);
+                if index >= args.conversations {
+                    return anyhow::Ok((turns, sizes));
+                }
+                let (t, s) = conversation(&client, &bases, way, index, &args).await?;
+                turns.extend(t);
+                sizes.extend(s);
+            }
+        });
+    }
+    let (mut turns, mut sizes) = (Vec::new(), PromptSizes::new());
+    while let Some(joined) = tasks.join_next().await {
+        let (t, s) = joined??;
+        turns.extend(t);
+        sizes.extend(s);
+    }
+    Ok((turns, sizes, start.elapsed()))
+}
+
+#[derive(Default)]
+struct Totals {
+    latency: Vec<u64>,
+    sent_bytes: usize,
+    turns: usize,
+    wall: Duration,
+    cpu: Duration,
+}
+
+fn quantile_ms(values: &[u64], q: f64) -> anyhow::Result<f64> {
+    let mut histogram = Histogram::<u64>::new(3)?;
+    for v in values {
+        histogram.record(*v)?;
+    }
+    Ok(histogram.value_at_quantile(q) as f64 / 1000.0)
+}
+
+/// A gauge's value in a router's `/metrics`.
+async fn gauge(client: &reqwest::Client, base: &str, name: &str) -> anyhow::Result<f64> {
+    let text = client
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} "))?.parse().ok())
+        .with_context(|| format!("no {name} in the router's metrics"))
+}
+
+pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
+    if args.conversations == 0 || args.turns == 0 || args.concurrency == 0 || args.rounds == 0 {
+        bail!("--conversations, --turns, --concurrency and --rounds must be at least 1");
+    }
+    let mut config = bench_router_config(
+        switchyard_router::RouterConfig::default().decision_reports_per_s,
+        switchyard_router::RouterConfig::default().stream_credit_tokens,
+        args.max_tokens.max(1),
+    )?;
+    config.http_listen = Some("127.0.0.1:0".parse()?);
+    config.limits.max_message_bytes = config.limits.max_message_bytes.max(1 << 20);
+    let mut cluster = start_cluster(unthrottled_engine(4096), false, config.clone()).await?;
+    let first = cluster
+        .router_http
+        .context("the router opened no HTTP door")?;
+    let second = cluster
+        .start_router(config)
+        .await?
+        .http
+        .context("the second router opened no HTTP door")?;
+    let bases = [format!("http://{first}"), format!("http://{second}")];
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency * 2)
+        .build()?;
+    let ways = [Way::Inline, Way::SameReplica, Way::OtherReplica];
+    let mut totals: Vec<Totals> = ways.iter().map(|_| Totals::default()).collect();
+    // Warm-up: connections open, the routers' tokenizers fetched, the second router linked.
+    let warm = StoredResponsesArgs {
+        conversations: args.concurrency,
+        ..args.clone()
+    };
+    for way in ways {
+        run_way(&client, &bases, way, &warm).await?;
+    }
+    for round in 0..args.rounds {
+        let mut prompts: Option<PromptSizes> = None;
+        for k in 0..ways.len() {
+            let i = (round + k) % ways.len();
+            let cpu_before = process_cpu()?;
+            let (turns, sizes, wall) = run_way(&client, &bases, ways[i], &args).await?;
+            let t = &mut totals[i];
+            t.cpu += process_cpu()? - cpu_before;
+            t.wall += wall;
+            t.turns += turns.len();
+            t.sent_bytes += turns.iter().map(|x| x.sent_bytes).sum::<usize>();
+            t.latency
+                .extend(turns.iter().map(|x| x.latency.as_micros() as u64));
+            match &prompts {
+                None => prompts = Some(sizes),
+                Some(expected) if *expected != sizes => bail!(
+                    "the {} turns' prompts differ from the other ways': a stored conversation \
+                     was not the one sent inline",
+                    ways[i].name()
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+    let stored = [
+        gauge(
+            &client,
+            &bases[0],
+            "switchyard_router_stored_response_bytes",
+        )
+        .await?,
+        gauge(
+            &client,
+            &bases[1],
+            "switchyard_router_stored_response_bytes",
+        )
+        .await?,
+    ];
+    cluster.stop().await;
+
+    println!(
+        "Stored responses: {} conversations × {} turns per way and round ({}-word messages, {} \
+         tokens per answer), {} rounds, {} conversations at once (unpaced synthetic engine, two \
+         routers, loopback)",
+        args.conversations,
+        args.turns,
+        args.message_words,
+        args.max_tokens,
+        args.rounds,
+        args.concurrency
+    );
+    println!(
+        "{:>14} {:>8} {:>9} {:>9} {:>10} {:>8} {:>9}",
+        "way", "turns/s", "p50", "p99", "sent/turn", "cpu/turn", "vs inline"
+    );
+    let rate = |t: &Totals| t.turns as f64 / t.wall.as_secs_f64();
+    let inline_rate = rate(&totals[0]);
+    for (way, t) in ways.iter().zip(&totals) {
+        println!(
+            "{:>14} {:>8.0} {:>7.2}ms {:>7.2}ms {:>8.1}KB {:>6.0}µs {:>8.2}×",
+            way.name(),
+            rate(t),
+            quantile_ms(&t.latency, 0.5)?,
+            quantile_ms(&t.latency, 0.99)?,
+            t.sent_bytes as f64 / t.turns as f64 / 1024.0,
+            t.cpu.as_micros() as f64 / t.turns as f64,
+            rate(t) / inline_rate,
+        );
+    }
+    println!(
+        "stores hold {:.1} MiB and {:.1} MiB (switchyard_router_stored_response_bytes)",
+        stored[0] / f64::from(1 << 20),
+        stored[1] / f64::from(1 << 20)
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_way_sends_the_same_conversations() {
+        run(StoredResponsesArgs {
+            conversations: 4,
+            turns: 3,
+            concurrency: 2,
+            max_tokens: 8,
+            message_words: 20,
+            rounds: 1,
+        })
+        .await
+        .expect("every way runs every conversation with the same prompts");
+    }
+}
