@@ -201,7 +201,8 @@ struct Totals {
     cpu: Duration,
 }
 
-fn quantile_ms(values: &[u64], q: f64) -> anyhow::Result<f64> {
+/// The `q` quantile of `values` (microseconds), in milliseconds.
+pub(crate) fn quantile_ms(values: &[u64], q: f64) -> anyhow::Result<f64> {
     let mut histogram = Histogram::<u64>::new(3)?;
     for v in values {
         histogram.record(*v)?;

@@ -22,10 +22,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
+use crate::doors::quantile_ms;
 use crate::router::{bench_router_config, process_cpu, start_cluster, unthrottled_engine};
 
 const MODEL: &str = "synthetic";
@@ -204,14 +204,6 @@ struct Totals {
     turns: usize,
     wall: Duration,
     cpu: Duration,
-}
-
-fn quantile_ms(values: &[u64], q: f64) -> anyhow::Result<f64> {
-    let mut histogram = Histogram::<u64>::new(3)?;
-    for v in values {
-        histogram.record(*v)?;
-    }
-    Ok(histogram.value_at_quantile(q) as f64 / 1000.0)
 }
 
 /// A gauge's value in a router's `/metrics`.
