@@ -102,6 +102,35 @@ async fn first_bytes_served(
     Ok(buf)
 }
 
+/// `switchyard worker-gpu` `id` on `etcd`, serving TLS with a certificate naming it and taking
+/// `Worker` calls only from client certificates of `pki`'s CA.
+fn tls_worker_args(
+    pki: &switchyard::tls::LocalPki,
+    etcd: &str,
+    id: &str,
+) -> anyhow::Result<Vec<String>> {
+    let files = pki.worker(Pool::Gpu, id)?;
+    let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
+    let ca = pki.ca_file().display().to_string();
+    Ok(switchyard_tests::strings(&[
+        "worker-gpu",
+        "--listen",
+        "127.0.0.1:0",
+        "--etcd",
+        etcd,
+        "--id",
+        id,
+        "--tls-cert-file",
+        &path(&files.cert_file),
+        "--tls-key-file",
+        &path(&files.key_file),
+        "--tls-ca-file",
+        &ca,
+        "--tls-client-ca-file",
+        &ca,
+    ]))
+}
+
 /// A TLS channel to `addr` trusting `ca` (and presenting no client certificate).
 async fn tls_channel(addr: &str, ca: &Path) -> anyhow::Result<tonic::transport::Channel> {
     let tls = ClientTls::new(ca.to_path_buf());
@@ -487,29 +516,7 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
     let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
     let etcd = Etcd::start().await?;
 
-    let worker_args = |id: &str| -> anyhow::Result<Vec<String>> {
-        let files = pki.worker(Pool::Gpu, id)?;
-        Ok([
-            "worker-gpu",
-            "--listen",
-            "127.0.0.1:0",
-            "--etcd",
-            &etcd.url,
-            "--id",
-            id,
-            "--tls-cert-file",
-            &path(&files.cert_file),
-            "--tls-key-file",
-            &path(&files.key_file),
-            "--tls-ca-file",
-            &ca_arg,
-            "--tls-client-ca-file",
-            &ca_arg,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect())
-    };
+    let worker_args = |id: &str| tls_worker_args(&pki, &etcd.url, id);
     let worker = Component::start("identity-worker", &worker_args("gpu-genuine")?, 1).await?;
     let _second = Component::start("identity-second", &worker_args("gpu-second")?, 1).await?;
     let router_files = pki.files("router");
@@ -854,26 +861,9 @@ async fn router_replicas_read_each_others_stored_responses_over_tls() -> anyhow:
     let ca_arg = ca.display().to_string();
     let path = |p: &Option<PathBuf>| p.as_ref().expect("generated").display().to_string();
     let etcd = Etcd::start().await?;
-    let worker_files = pki.worker(Pool::Gpu, "gpu-0")?;
     let _worker = Component::start(
         "stored-worker",
-        &switchyard_tests::strings(&[
-            "worker-gpu",
-            "--listen",
-            "127.0.0.1:0",
-            "--etcd",
-            &etcd.url,
-            "--id",
-            "gpu-0",
-            "--tls-cert-file",
-            &path(&worker_files.cert_file),
-            "--tls-key-file",
-            &path(&worker_files.key_file),
-            "--tls-ca-file",
-            &ca_arg,
-            "--tls-client-ca-file",
-            &ca_arg,
-        ]),
+        &tls_worker_args(&pki, &etcd.url, "gpu-0")?,
         1,
     )
     .await?;
