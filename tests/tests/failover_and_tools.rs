@@ -641,19 +641,19 @@ async fn grpcurl_lists_services_and_streams_a_generation_without_proto_files() -
         services.sort();
         services
     };
-    let expected = |own: &str| -> Vec<String> {
-        let mut services = vec![
-            own.to_string(),
+    let expected = |own: &[&str]| -> Vec<String> {
+        let mut services: Vec<String> = own.iter().map(|s| s.to_string()).collect();
+        services.extend([
             "grpc.health.v1.Health".into(),
             "grpc.reflection.v1.ServerReflection".into(),
             "grpc.reflection.v1alpha.ServerReflection".into(),
-        ];
+        ]);
         services.sort();
         services
     };
     assert_eq!(
         listed(grpcurl(&["-plaintext", &router, "list"]).await?),
-        expected("switchyard.v1.Inference")
+        expected(&["switchyard.v1.Inference", "switchyard.v1.StoredResponses"])
     );
     for reflection in [
         "grpc.reflection.v1.ServerReflection",
@@ -693,9 +693,32 @@ async fn grpcurl_lists_services_and_streams_a_generation_without_proto_files() -
         Some("FINISH_REASON_LENGTH")
     );
 
+    // A response stored over HTTP is readable with grpcurl, as another replica reads it.
+    let stored: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/responses", cluster.router_openai_url()))
+        .json(&serde_json::json!({"model": "synthetic", "input": "kept", "max_output_tokens": 3}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = stored["id"].as_str().unwrap_or_default();
+    let out = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &format!(r#"{{"id": "{id}"}}"#),
+        &router,
+        "switchyard.v1.StoredResponses/Get",
+    ])
+    .await?;
+    let read: serde_json::Value = serde_json::from_str(&out)?;
+    let object: serde_json::Value =
+        serde_json::from_str(read["objectJson"].as_str().unwrap_or_default())?;
+    assert_eq!(object["output"], stored["output"], "{out}");
+    assert_eq!(read["conversation"][0]["content"], "kept", "{out}");
+
     for worker in [&cluster.gpu[0], &cluster.wse[0]] {
         let services = grpcurl(&["-plaintext", &worker.addr("grpc").to_string(), "list"]).await?;
-        assert_eq!(listed(services), expected("switchyard.v1.Worker"));
+        assert_eq!(listed(services), expected(&["switchyard.v1.Worker"]));
     }
     let services = grpcurl(&[
         "-plaintext",
@@ -703,7 +726,7 @@ async fn grpcurl_lists_services_and_streams_a_generation_without_proto_files() -
         "list",
     ])
     .await?;
-    assert_eq!(listed(services), expected("switchyard.v1.Admin"));
+    assert_eq!(listed(services), expected(&["switchyard.v1.Admin"]));
     Ok(())
 }
 
