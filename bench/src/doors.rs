@@ -1,7 +1,8 @@
 //! `switchyard-bench doors`: what each HTTP door costs, side by side on one router — the same
 //! streamed generations asked for as a chat completion (`/v1/chat/completions`), as a response
 //! (`/v1/responses`, whose stream sends typed events with the whole response object at each
-//! end) and as an Anthropic message (`/v1/messages`).
+//! end; stored, as by default, and with `store: false`) and as an Anthropic message
+//! (`/v1/messages`).
 //!
 //! One worker serving the unpaced synthetic engine and one router with its HTTP door run in
 //! this process on loopback ports. Each round runs every door once, the door that starts
@@ -46,7 +47,10 @@ pub struct DoorsArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Door {
     Chat,
+    /// Stored (`store` left to its default, as OpenAI's SDKs leave it).
     Responses,
+    /// `store: false`: the door without keeping the response.
+    ResponsesUnstored,
     Messages,
 }
 
@@ -55,6 +59,7 @@ impl Door {
         match self {
             Door::Chat => "chat",
             Door::Responses => "responses",
+            Door::ResponsesUnstored => "unstored",
             Door::Messages => "messages",
         }
     }
@@ -62,7 +67,7 @@ impl Door {
     fn path(self) -> &'static str {
         match self {
             Door::Chat => "/v1/chat/completions",
-            Door::Responses => "/v1/responses",
+            Door::Responses | Door::ResponsesUnstored => "/v1/responses",
             Door::Messages => "/v1/messages",
         }
     }
@@ -77,6 +82,10 @@ impl Door {
             Door::Responses => json!({
                 "model": MODEL, "stream": true, "max_output_tokens": max_tokens,
                 "input": question,
+            }),
+            Door::ResponsesUnstored => json!({
+                "model": MODEL, "stream": true, "max_output_tokens": max_tokens,
+                "input": question, "store": false,
             }),
             Door::Messages => json!({
                 "model": MODEL, "stream": true, "max_tokens": max_tokens,
@@ -129,19 +138,23 @@ async fn one(
                 .with_context(|| format!("event is not JSON: {}", event.data))?;
             let text = match door {
                 Door::Chat => data["choices"][0]["delta"]["content"].as_str(),
-                Door::Responses => data["delta"].as_str(),
+                Door::Responses | Door::ResponsesUnstored => data["delta"].as_str(),
                 Door::Messages => data["delta"]["text"].as_str(),
             };
             if text.is_some_and(|t| !t.is_empty()) {
                 ttft.get_or_insert_with(|| start.elapsed());
             }
             match (door, data["type"].as_str()) {
-                (Door::Responses, Some("response.completed" | "response.incomplete"))
+                (
+                    Door::Responses | Door::ResponsesUnstored,
+                    Some("response.completed" | "response.incomplete"),
+                )
                 | (Door::Messages, Some("message_stop")) => {
                     ended = true;
                     break 'read;
                 }
-                (Door::Responses, Some("response.failed")) | (Door::Messages, Some("error")) => {
+                (Door::Responses | Door::ResponsesUnstored, Some("response.failed"))
+                | (Door::Messages, Some("error")) => {
                     bail!("the {} stream failed: {data}", door.name())
                 }
                 _ => {}
@@ -228,7 +241,12 @@ pub async fn run(args: DoorsArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency)
         .build()?;
-    let doors = [Door::Chat, Door::Responses, Door::Messages];
+    let doors = [
+        Door::Chat,
+        Door::Responses,
+        Door::ResponsesUnstored,
+        Door::Messages,
+    ];
     let mut totals: Vec<Totals> = doors.iter().map(|_| Totals::default()).collect();
     // A warm-up run per door: connections open, the router's tokenizer fetched.
     for door in doors {

@@ -234,6 +234,8 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
     let first = cluster
         .router_http
         .context("the router opened no HTTP door")?;
+    // Its own metrics registry: each replica's `/metrics` tells its own store.
+    config.metrics = switchyard_cluster::telemetry::metrics::Metrics::new();
     let second = cluster
         .start_router(config)
         .await?

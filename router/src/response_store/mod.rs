@@ -73,8 +73,8 @@ pub struct StoredResponse {
     pub id: String,
     /// The tenant that made it; `None` without API keys.
     pub tenant: Option<String>,
-    /// The response object, as it was answered.
-    pub object: Value,
+    /// The response object as it was answered (its JSON text).
+    pub object: String,
     /// This request's input items (each with an `id`), for `input_items`.
     pub input_items: Vec<Value>,
     /// The conversation a request going on from this response continues: the earlier
@@ -215,14 +215,14 @@ impl ResponseStore {
         &self,
         id: String,
         tenant: Option<String>,
-        object: Value,
+        object: String,
         input_items: Vec<Value>,
         conversation: Vec<Arc<StoredMessage>>,
     ) -> StoredResponse {
         let json = |v: &Value| v.to_string().len();
         let bytes = 256
             + id.len()
-            + json(&object)
+            + object.len()
             + input_items.iter().map(json).sum::<usize>()
             + conversation.len() * std::mem::size_of::<usize>();
         StoredResponse {
@@ -347,7 +347,7 @@ mod tests {
         store.response(
             store.new_id(),
             tenant.map(Into::into),
-            json!({"output_text": "ok"}),
+            json!({"output_text": "ok"}).to_string(),
             vec![json!({"type": "message"})],
             conversation,
         )

@@ -202,7 +202,7 @@ pub async fn delete(
 pub fn to_proto(response: &StoredResponse) -> v1::StoredResponse {
     v1::StoredResponse {
         id: response.id.clone(),
-        object_json: response.object.to_string(),
+        object_json: response.object.clone(),
         input_items_json: response.input_items.iter().map(|i| i.to_string()).collect(),
         conversation: response.messages().collect(),
     }
@@ -219,7 +219,8 @@ fn from_proto(
         owner: owner.to_string(),
         why: format!("its answer is not a stored response: {e}"),
     };
-    let object = serde_json::from_str(&response.object_json).map_err(garbled)?;
+    // Checked here: a client reading it expects JSON.
+    serde_json::from_str::<serde::de::IgnoredAny>(&response.object_json).map_err(garbled)?;
     let input_items = response
         .input_items_json
         .iter()
@@ -232,7 +233,13 @@ fn from_proto(
         .map(|m| store.message(m))
         .collect();
     // Not kept here: whose it is was checked by the replica that keeps it.
-    Ok(store.response(response.id, None, object, input_items, conversation))
+    Ok(store.response(
+        response.id,
+        None,
+        response.object_json,
+        input_items,
+        conversation,
+    ))
 }
 
 /// Announces this replica (its owner tag, and the address of its gRPC door) in the cluster

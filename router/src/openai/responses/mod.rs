@@ -150,11 +150,10 @@ struct Keep {
 }
 
 impl Keep {
-    /// Stores the finished response `object` with its `output`.
-    fn finish(mut self, object: &object::ResponseObject<'_>, output: &Output) {
+    /// Stores the finished response (`object`, its JSON) with its `output`.
+    fn finish(mut self, object: String, output: &Output) {
         self.conversation
             .push(self.store.message(output.as_message()));
-        let object = serde_json::to_value(object).expect("serializing to memory cannot fail");
         let response = self.store.response(
             self.id,
             self.tenant,
@@ -172,6 +171,18 @@ impl Keep {
 /// An event's fields, serialized.
 fn serialized(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).expect("serializing to memory cannot fail")
+}
+
+/// A 200 whose body is the JSON text `body`.
+pub(super) fn json_response(body: String) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// How a finished generation's items end and the response's status.
@@ -202,11 +213,12 @@ async fn whole(
             Frame::Finished(finished) => {
                 let (items, status) = ending(&finished);
                 output.close(items);
-                let body = snapshot.object(status, &output, Some(&finished), None);
+                // Serialized once: the answer and what is stored are the same text.
+                let body = serialized(&snapshot.object(status, &output, Some(&finished), None));
                 if let Some(keep) = keep {
-                    keep.finish(&body, &output);
+                    keep.finish(body.clone(), &output);
                 }
-                return Ok(axum::Json(&body).into_response());
+                return Ok(json_response(body));
             }
             Frame::Failed(failed) => {
                 return Err(snapshot.name_fields(ApiError::from_failed(&failed)));
@@ -329,14 +341,19 @@ impl Events {
                 } else {
                     "response.incomplete"
                 };
-                self.push_lifecycle(kind, status, Some(&finished), None);
+                let response = serialized(&self.snapshot.object(
+                    status,
+                    &self.output,
+                    Some(&finished),
+                    None,
+                ));
+                // The last event carries the response as stored.
+                self.push(&Event {
+                    kind,
+                    fields: format!("{{\"response\":{response}}}"),
+                });
                 if let Some(keep) = self.keep.take() {
-                    keep.finish(
-                        &self
-                            .snapshot
-                            .object(status, &self.output, Some(&finished), None),
-                        &self.output,
-                    );
+                    keep.finish(response, &self.output);
                 }
                 self.done = true;
             }

@@ -85,7 +85,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Response {
     match find(&dispatcher, &id, tenant_of(&tenant), &headers).await {
-        Ok(Some(response)) => Json(&response.object).into_response(),
+        Ok(Some(response)) => super::json_response(response.object.clone()),
         Ok(None) => not_found(&id).into_response(),
         Err(error) => error.into_response(),
     }
