@@ -14,7 +14,7 @@ use switchyard_proto::v1::{self, stored_responses_client::StoredResponsesClient}
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use super::{ResponseStore, StoredResponse};
+use super::{Lookup, ResponseStore, StoredResponse};
 use crate::dispatch::Dispatcher;
 use crate::openai::ApiError;
 
@@ -167,6 +167,7 @@ pub async fn fetch(
     dispatcher: &Dispatcher,
     owner: &str,
     id: &str,
+    tenant: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Option<Arc<StoredResponse>>, PeerError> {
     let peers = &dispatcher.peers;
@@ -177,6 +178,7 @@ pub async fn fetch(
             &dispatcher.responses,
             answer.into_inner(),
             owner,
+            tenant,
         )?))),
         Err(status) => failure(owner, peers, status).await.map_or(Ok(None), Err),
     }
@@ -210,27 +212,51 @@ pub fn to_proto(response: &StoredResponse) -> v1::StoredResponse {
 
 /// A response another replica sent, counted in this replica's store while it lives (a
 /// request going on from it holds its conversation until its own answer is stored).
+///
+/// When the response went on from one this replica keeps (a conversation whose turns land on
+/// both replicas, as a load balancer spreads them), the messages they have in common are
+/// shared with it rather than copied: otherwise every turn that crossed over would hold a
+/// copy of the whole conversation.
 fn from_proto(
     store: &ResponseStore,
     response: v1::StoredResponse,
     owner: &str,
+    tenant: Option<&str>,
 ) -> Result<StoredResponse, PeerError> {
     let garbled = |e: serde_json::Error| PeerError::Unreachable {
         owner: owner.to_string(),
         why: format!("its answer is not a stored response: {e}"),
     };
-    // Checked here: a client reading it expects JSON.
-    serde_json::from_str::<serde::de::IgnoredAny>(&response.object_json).map_err(garbled)?;
+    #[derive(serde::Deserialize)]
+    struct Object {
+        previous_response_id: Option<String>,
+    }
+    let object: Object = serde_json::from_str(&response.object_json).map_err(garbled)?;
     let input_items = response
         .input_items_json
         .iter()
         .map(|item| serde_json::from_str(item))
         .collect::<Result<_, _>>()
         .map_err(garbled)?;
-    let conversation = response
-        .conversation
+    let ancestor = match object.previous_response_id.map(|id| store.get(&id, tenant)) {
+        Some(Lookup::Found(previous)) => previous.conversation.clone(),
+        _ => Vec::new(),
+    };
+    let shared = ancestor
+        .iter()
+        .zip(&response.conversation)
+        .take_while(|(mine, theirs)| ****mine == **theirs)
+        .count();
+    let conversation = ancestor
         .into_iter()
-        .map(|m| store.message(m))
+        .take(shared)
+        .chain(
+            response
+                .conversation
+                .into_iter()
+                .skip(shared)
+                .map(|m| store.message(m)),
+        )
         .collect();
     // Not kept here: whose it is was checked by the replica that keeps it.
     Ok(store.response(
@@ -278,5 +304,90 @@ pub async fn announce(
     stop.cancelled().await;
     if let Err(error) = presence.withdraw().await {
         tracing::debug!("withdrawing the router's announcement: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(content: &str) -> v1::ChatMessage {
+        v1::ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+            ..Default::default()
+        }
+    }
+
+    /// `conversation` as another replica sends it, going on from `previous`.
+    fn sent(previous: &str, conversation: &[&str]) -> v1::StoredResponse {
+        v1::StoredResponse {
+            id: "resp_other".into(),
+            object_json: serde_json::json!({"previous_response_id": previous}).to_string(),
+            input_items_json: vec![r#"{"id":"msg_1"}"#.into()],
+            conversation: conversation.iter().map(|c| message(c)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_fetched_conversation_shares_what_it_has_in_common_with_one_kept_here() {
+        let store = ResponseStore::new(Default::default());
+        let mine = store.response(
+            store.new_id(),
+            Some("acme".into()),
+            "{}".into(),
+            vec![],
+            vec![store.message(message("one")), store.message(message("two"))],
+        );
+        let id = mine.id.clone();
+        assert!(store.insert(mine));
+        let Lookup::Found(mine) = store.get(&id, Some("acme")) else {
+            panic!("kept");
+        };
+        let before = store.usage().1;
+
+        let theirs = from_proto(
+            &store,
+            sent(&id, &["one", "two", "three"]),
+            "other",
+            Some("acme"),
+        )
+        .expect("a stored response");
+        let texts: Vec<&str> = theirs
+            .conversation
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect();
+        assert_eq!(texts, ["one", "two", "three"]);
+        assert!(Arc::ptr_eq(&theirs.conversation[0], &mine.conversation[0]));
+        assert!(Arc::ptr_eq(&theirs.conversation[1], &mine.conversation[1]));
+        let added = store.usage().1 - before;
+        assert!(
+            added < 1024,
+            "only the new message and the response: {added} bytes"
+        );
+
+        // Another tenant's, or a conversation that differs: copied, nothing shared.
+        for (tenant, conversation) in [
+            (Some("globex"), ["one", "two", "three"]),
+            (Some("acme"), ["one", "TWO", "three"]),
+        ] {
+            let copied = from_proto(&store, sent(&id, &conversation), "other", tenant)
+                .expect("a stored response");
+            assert!(!Arc::ptr_eq(&copied.conversation[1], &mine.conversation[1]));
+            assert_eq!(copied.conversation[1].content, conversation[1]);
+        }
+    }
+
+    #[test]
+    fn an_answer_that_is_not_a_stored_response_says_so() {
+        let store = ResponseStore::new(Default::default());
+        let mut garbled = sent("resp_x", &["one"]);
+        garbled.object_json = "not json".into();
+        let error = from_proto(&store, garbled, "other", None).unwrap_err();
+        assert!(
+            error.to_string().contains("not a stored response"),
+            "{error}"
+        );
     }
 }

@@ -37,7 +37,7 @@ async fn find(
     match dispatcher.responses.get(id, tenant) {
         Lookup::Found(response) => Ok(Some(response)),
         Lookup::Missing => Ok(None),
-        Lookup::Elsewhere(owner) => peers::fetch(dispatcher, &owner, id, headers)
+        Lookup::Elsewhere(owner) => peers::fetch(dispatcher, &owner, id, tenant, headers)
             .await
             .map_err(|e| e.into_api_error(id)),
     }
