@@ -463,6 +463,45 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
     Ok(())
 }
 
+/// An operator who turns the store off (`--response-store-bytes 0`) gets responses that say
+/// `store: false`, and a request naming one is told it is not stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_without_a_response_store_stores_nothing() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: strings(&["--response-store-bytes", "0"]),
+        ..Default::default()
+    })
+    .await?;
+    let base = cluster.router_openai_url();
+    let client = http();
+    let answer: Value = client
+        .post(format!("{base}/responses"))
+        .json(&json!({"model": "synthetic", "input": "Hi", "max_output_tokens": 3}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(answer["store"], false, "{answer}");
+    let id = answer["id"].as_str().context("an id")?;
+    let read = client.get(format!("{base}/responses/{id}")).send().await?;
+    assert_eq!(read.status().as_u16(), 404);
+    let going_on = client
+        .post(format!("{base}/responses"))
+        .json(&json!({"model": "synthetic", "input": "And?", "previous_response_id": id}))
+        .send()
+        .await?;
+    assert_eq!(going_on.status().as_u16(), 404);
+    let error: Value = going_on.json().await?;
+    assert_eq!(
+        error["error"]["code"], "previous_response_not_found",
+        "{error}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_disconnect_cancels_the_generation() -> anyhow::Result<()> {
     // One slot at 20 tokens/s: a 2000-token generation would hold it for 100 s.
