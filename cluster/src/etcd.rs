@@ -27,8 +27,8 @@ use crate::registry::{
     Command, Fence, Registration, Registry, RegistryError, RouterPresence, check_router_id,
 };
 use crate::schema::{
-    DRAIN_PREFIX, LEADER_KEY, POLICY_KEY, RouterRecord, WORKERS_PREFIX, WorkerRecord, drain_key,
-    parse_drain_key, parse_worker_key, router_key,
+    DRAIN_PREFIX, LEADER_KEY, POLICY_KEY, ROUTERS_PREFIX, RouterRecord, WORKERS_PREFIX,
+    WorkerRecord, drain_key, parse_drain_key, parse_worker_key, router_key,
 };
 use crate::telemetry::ErrorChain;
 use crate::telemetry::metrics::Metrics;
@@ -359,6 +359,24 @@ impl Registry for EtcdRegistry {
                 Ok(None)
             }
         }
+    }
+
+    async fn list_routers(&self) -> Result<Vec<RouterRecord>, RegistryError> {
+        let response = self
+            .client
+            .clone()
+            .get(ROUTERS_PREFIX, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let mut records: Vec<RouterRecord> = response
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let record = serde_json::from_slice::<RouterRecord>(kv.value()).ok()?;
+                (kv.key() == router_key(&record.id).as_bytes()).then_some(record)
+            })
+            .collect();
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(records)
     }
 
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>, RegistryError> {

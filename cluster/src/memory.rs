@@ -228,6 +228,17 @@ impl Registry for MemoryRegistry {
             .get(router_id)
             .map(|(_, record)| record.clone()))
     }
+
+    async fn list_routers(&self) -> Result<Vec<RouterRecord>, RegistryError> {
+        let mut records: Vec<RouterRecord> = self
+            .routers
+            .borrow()
+            .values()
+            .map(|(_, record)| record.clone())
+            .collect();
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(records)
+    }
 }
 
 #[cfg(test)]
@@ -363,9 +374,20 @@ mod tests {
             registry.find_router("router-b").await.unwrap(),
             Some(router("router-b", "10.0.0.2:8080"))
         );
+        assert_eq!(
+            registry.list_routers().await.unwrap(),
+            [
+                router("router-a", "10.0.0.1:8080"),
+                router("router-b", "10.0.0.2:8080")
+            ]
+        );
         presence.withdraw().await.unwrap();
         assert_eq!(registry.find_router("router-a").await.unwrap(), None);
         assert!(registry.find_router("router-b").await.unwrap().is_some());
+        assert_eq!(
+            registry.list_routers().await.unwrap(),
+            [router("router-b", "10.0.0.2:8080")]
+        );
     }
 
     #[tokio::test]

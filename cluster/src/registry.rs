@@ -187,6 +187,9 @@ pub trait Registry: Send + Sync + 'static {
     /// alive). Read from the store at each call: an unreachable store is an error.
     async fn find_router(&self, router_id: &str) -> Result<Option<RouterRecord>, RegistryError>;
 
+    /// Every router replica announced now, by id.
+    async fn list_routers(&self) -> Result<Vec<RouterRecord>, RegistryError>;
+
     /// Announces a control plane that runs without an election (a single in-process replica)
     /// the way an elected leader is announced by its leader key. Stores whose control planes
     /// are elected (etcd) ignore it.

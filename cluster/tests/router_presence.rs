@@ -72,9 +72,13 @@ async fn a_replica_finds_another_by_id_until_it_withdraws() {
     // Found through another client, as another replica finds it.
     assert_eq!(
         finder.find_router("router-7d9f-a").await.unwrap(),
-        Some(record)
+        Some(record.clone())
     );
     assert_eq!(finder.find_router("router-other").await.unwrap(), None);
+    assert_eq!(
+        finder.list_routers().await.unwrap(),
+        std::slice::from_ref(&record)
+    );
     // Ids no replica can announce are not running (a client's made-up response id).
     assert_eq!(finder.find_router("").await.unwrap(), None);
     assert_eq!(finder.find_router("a/b").await.unwrap(), None);
@@ -84,6 +88,7 @@ async fn a_replica_finds_another_by_id_until_it_withdraws() {
 
     presence.withdraw().await.unwrap();
     assert_eq!(finder.find_router("router-7d9f-a").await.unwrap(), None);
+    assert_eq!(finder.list_routers().await.unwrap(), []);
     assert_eq!(lease_of(&mut client, "router-7d9f-a").await, None);
 }
 

@@ -962,6 +962,13 @@ mod tests {
             self.read().await?;
             self.inner.find_router(router_id).await
         }
+        async fn list_routers(
+            &self,
+        ) -> Result<Vec<switchyard_cluster::RouterRecord>, switchyard_cluster::RegistryError>
+        {
+            self.read().await?;
+            self.inner.list_routers().await
+        }
     }
 
     /// etcd frozen or down: `/api/workers` and `/api/stats` answer within the read bound from

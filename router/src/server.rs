@@ -11,6 +11,7 @@ use switchyard_cluster::backoff::Backoff;
 use switchyard_cluster::tls::Alpn;
 use switchyard_cluster::{Registry, RegistryError};
 use switchyard_proto::v1::inference_server::InferenceServer;
+use switchyard_proto::v1::router_peers_server::RouterPeersServer;
 use switchyard_proto::v1::stored_responses_server::StoredResponsesServer;
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -25,6 +26,7 @@ use crate::links::Links;
 use crate::policy::document::PolicyDocument;
 use crate::policy_watch::{PolicyHandle, PolicyStatus};
 use crate::readiness::Gate;
+use crate::response_store::handover::RouterPeersService;
 use crate::response_store::service::StoredResponsesService;
 use crate::service::{AuthInterceptor, InferenceService};
 
@@ -78,9 +80,6 @@ const LAST_FRAMES_GRACE: Duration = Duration::from_secs(1);
 /// Pauses between attempts to reach the cluster registry at start-up (exponential, jittered).
 const JOIN_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Lease of the router's announcement in the registry: a replica that stopped without
-/// withdrawing it (killed) is found gone this long after.
-const PRESENCE_TTL: Duration = Duration::from_secs(10);
 
 /// Like [`run_router`], and `on_ready` gets every bound address (gRPC and HTTP).
 ///
@@ -176,15 +175,19 @@ pub async fn run_router_with_endpoints(
     if let Some(tls) = client_tls {
         dispatcher.peers.set_tls(tls);
     }
+    let advertised = advertise.unwrap_or_else(|| bound.to_string());
+    dispatcher
+        .peers
+        .set_self(advertised.clone(), cluster_stop.clone());
     if dispatcher.responses.limits().max_bytes > 0 {
         let record = switchyard_cluster::RouterRecord {
             id: dispatcher.responses.owner().to_string(),
-            grpc_address: advertise.unwrap_or_else(|| bound.to_string()),
+            grpc_address: advertised,
         };
         tokio::spawn(crate::response_store::peers::announce(
             registry.clone(),
             record,
-            PRESENCE_TTL,
+            crate::response_store::peers::PRESENCE_TTL,
             cluster_stop.clone(),
         ));
     }
@@ -216,7 +219,7 @@ pub async fn run_router_with_endpoints(
         },
         first_contact,
     ));
-    tokio::spawn(finish_in_flight(
+    let finishing = tokio::spawn(finish_in_flight(
         shutdown.clone(),
         dispatcher.clone(),
         health.clone(),
@@ -228,6 +231,7 @@ pub async fn run_router_with_endpoints(
         switchyard_proto::introspection::reflection_services(&[
             <InferenceServer<()> as tonic::server::NamedService>::NAME,
             <StoredResponsesServer<()> as tonic::server::NamedService>::NAME,
+            <RouterPeersServer<()> as tonic::server::NamedService>::NAME,
         ]);
     let mut grpc = switchyard_cluster::grpc_server::builder(max_connection_streams);
     if let Some(age) = connections.max_age {
@@ -250,7 +254,11 @@ pub async fn run_router_with_endpoints(
         .add_service(tonic::service::interceptor::InterceptedService::new(
             StoredResponsesServer::new(StoredResponsesService::new(dispatcher.responses.clone())),
             AuthInterceptor::new(api_keys.clone(), dispatcher.metrics.clone()),
-        ));
+        ))
+        // Between routers: it checks the cluster token itself.
+        .add_service(RouterPeersServer::new(RouterPeersService::new(
+            dispatcher.clone(),
+        )));
     let bind_error = |source| RouterError::Bind {
         addr: config_listen,
         source,
@@ -308,6 +316,11 @@ pub async fn run_router_with_endpoints(
             tokio::time::sleep(LAST_FRAMES_GRACE).await;
         } => Ok(()),
     };
+    // Servers with no connection left end at once: the drain's last step (handing the stored
+    // responses over) still runs.
+    if shutdown.is_cancelled() {
+        let _ = finishing.await;
+    }
     cluster_stop.cancel();
     stopped?;
     info!("router stopped");
@@ -348,6 +361,8 @@ async fn finish_in_flight(
             "drain timeout: closing with requests in flight"
         );
     }
+    // Nothing more is stored now: another replica answers for the stored responses from here.
+    crate::response_store::handover::hand_over_on_stop(&dispatcher).await;
     cluster_stop.cancel();
 }
 

@@ -653,7 +653,11 @@ async fn grpcurl_lists_services_and_streams_a_generation_without_proto_files() -
     };
     assert_eq!(
         listed(grpcurl(&["-plaintext", &router, "list"]).await?),
-        expected(&["switchyard.v1.Inference", "switchyard.v1.StoredResponses"])
+        expected(&[
+            "switchyard.v1.Inference",
+            "switchyard.v1.RouterPeers",
+            "switchyard.v1.StoredResponses"
+        ])
     );
     for reflection in [
         "grpc.reflection.v1.ServerReflection",

@@ -463,6 +463,105 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
     Ok(())
 }
 
+/// A rollout replaces every router: a stopping one hands its stored responses to another
+/// replica (routers only: the cluster token), which answers for their ids from then on, to
+/// clients on any replica, so the conversations go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("cluster-token");
+    std::fs::write(&token, "handover-test-token-0123456789\n")?;
+    let token = token.display().to_string();
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: strings(&["--cluster-token-file", &token]),
+        ..Default::default()
+    })
+    .await?;
+    let flags = ["--cluster-token-file", token.as_str()];
+    let mut leaving = switchyard_tests::start_router(&cluster.etcd.url, "leaving", &flags).await?;
+    wait_until(
+        Duration::from_secs(20),
+        "the leaving router to link the worker",
+        || async {
+            list_router_workers(&leaving.addr("grpc").to_string())
+                .await
+                .is_ok_and(|ids| ids.len() == 1)
+        },
+    )
+    .await?;
+    let client = http();
+    let post = |base: String, body: Value| {
+        let client = client.clone();
+        async move {
+            let answer = client
+                .post(format!("{base}/responses"))
+                .json(&body)
+                .send()
+                .await?;
+            let status = answer.status().as_u16();
+            anyhow::Ok((status, answer.json::<Value>().await?))
+        }
+    };
+    let leaving_url = format!("http://{}/v1", leaving.addr("http"));
+    let (_, first) = post(
+        leaving_url.clone(),
+        json!({"model": "synthetic", "input": "First turn.", "max_output_tokens": 4}),
+    )
+    .await?;
+    let first_id = first["id"].as_str().context("an id")?.to_string();
+    let (_, second) = post(
+        leaving_url,
+        json!({"model": "synthetic", "input": "Second turn.", "max_output_tokens": 4,
+               "previous_response_id": first_id}),
+    )
+    .await?;
+    let second_id = second["id"].as_str().context("an id")?.to_string();
+
+    leaving.terminate(Duration::from_secs(30)).await?;
+
+    // The replica that stayed answers for them, and the conversation goes on there.
+    let staying = cluster.router_openai_url();
+    let read = client
+        .get(format!("{staying}/responses/{second_id}"))
+        .send()
+        .await?;
+    assert_eq!(read.status().as_u16(), 200);
+    assert_eq!(read.json::<Value>().await?["output"], second["output"]);
+    let (status, third) = post(
+        staying.clone(),
+        json!({"model": "synthetic", "input": "Third turn.", "max_output_tokens": 4,
+               "previous_response_id": second_id}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{third}");
+    let tokens = |r: &Value| r["usage"]["input_tokens"].as_u64().unwrap_or_default();
+    assert!(
+        tokens(&third) > tokens(&second),
+        "the third turn read the first two"
+    );
+    // A replica started afterwards finds them at the replica that took them.
+    let newcomer = switchyard_tests::start_router(&cluster.etcd.url, "newcomer", &flags).await?;
+    let newcomer_url = format!("http://{}/v1/responses/{first_id}", newcomer.addr("http"));
+    wait_until(
+        Duration::from_secs(30),
+        "the newcomer to read a handed-over response",
+        || {
+            let (client, url) = (client.clone(), newcomer_url.clone());
+            async move {
+                client
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == 200)
+            }
+        },
+    )
+    .await?;
+    Ok(())
+}
+
 /// An operator who turns the store off (`--response-store-bytes 0`) gets responses that say
 /// `store: false`, and a request naming one is told it is not stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,7 @@
 //! Each response is readable only by the tenant that made it (requests without an API key
 //! are one tenant).
 
+pub mod handover;
 pub mod peers;
 pub mod service;
 
@@ -157,6 +158,9 @@ struct Inner {
 #[derive(Debug)]
 pub struct ResponseStore {
     owner: String,
+    /// Tags of replicas that handed their responses to this one on stopping: this replica
+    /// answers for their ids now.
+    adopted: Mutex<Vec<String>>,
     limits: StoreLimits,
     inner: Mutex<Inner>,
     /// Bytes of every message and response the store made that is still alive.
@@ -170,6 +174,7 @@ impl ResponseStore {
         let owner = uuid::Uuid::new_v4().simple().to_string()[..OWNER_CHARS].to_string();
         Self {
             owner,
+            adopted: Mutex::default(),
             limits,
             inner: Mutex::default(),
             alive: Arc::default(),
@@ -255,10 +260,45 @@ impl ResponseStore {
         true
     }
 
+    /// Every tag this replica answers for: its own, then those handed to it.
+    pub fn tags(&self) -> Vec<String> {
+        let mut tags = vec![self.owner.clone()];
+        tags.extend(self.adopted.lock().expect("adopted tags").iter().cloned());
+        tags
+    }
+
+    /// Answers for `tag`'s ids from now on (its replica handed its responses over).
+    pub fn adopt_tag(&self, tag: &str) {
+        let mut adopted = self.adopted.lock().expect("adopted tags");
+        if tag != self.owner && !adopted.iter().any(|t| t == tag) {
+            adopted.push(tag.to_string());
+        }
+    }
+
+    fn answers_for(&self, tag: &str) -> bool {
+        tag == self.owner
+            || self
+                .adopted
+                .lock()
+                .expect("adopted tags")
+                .iter()
+                .any(|t| t == tag)
+    }
+
+    /// Every response kept, oldest first (to hand them over).
+    pub fn export(&self) -> Vec<Arc<StoredResponse>> {
+        let inner = self.inner.lock().expect("response store lock");
+        inner
+            .order
+            .iter()
+            .filter_map(|(_, id)| inner.by_id.get(id).cloned())
+            .collect()
+    }
+
     /// The response `id`, if `tenant` may read it.
     pub fn get(&self, id: &str, tenant: Option<&str>) -> Lookup {
         match owner_of(id) {
-            Some(owner) if owner == self.owner => {}
+            Some(owner) if self.answers_for(owner) => {}
             Some(owner) => return Lookup::Elsewhere(owner.to_string()),
             None => return Lookup::Missing,
         }

@@ -20,6 +20,9 @@ use crate::openai::ApiError;
 
 /// How long a replica waits for another to answer about a response.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lease of a router's announcement in the registry: a replica that stopped without
+/// withdrawing it (killed) is found gone this long after.
+pub const PRESENCE_TTL: Duration = Duration::from_secs(10);
 
 /// Why another replica could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,8 @@ pub struct Peers {
     tls: OnceLock<ClientTls>,
     /// One channel per replica asked, by owner tag (a channel reconnects by itself).
     channels: Mutex<HashMap<String, Channel>>,
+    /// This replica's gRPC address as the others dial it, and when it stops announcing.
+    me: OnceLock<(String, CancellationToken)>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -77,6 +82,46 @@ impl Peers {
 
     pub fn set_tls(&self, tls: ClientTls) {
         let _ = self.tls.set(tls);
+    }
+
+    /// Where the other replicas reach this one, and the token that ends its announcements.
+    pub fn set_self(&self, address: String, stop: CancellationToken) {
+        let _ = self.me.set((address, stop));
+    }
+
+    pub fn registry(&self) -> Option<Arc<dyn Registry>> {
+        self.registry.get().cloned()
+    }
+
+    /// Announces `tag` (handed over by a stopping replica) at this replica's address, until
+    /// this replica stops.
+    pub fn announce_adopted(&self, tag: String) {
+        let (Some(registry), Some((address, stop))) = (self.registry.get(), self.me.get()) else {
+            return;
+        };
+        super::handover::announce(
+            registry.clone(),
+            RouterRecord {
+                id: tag,
+                grpc_address: address.clone(),
+            },
+            PRESENCE_TTL,
+            stop.clone(),
+        );
+    }
+
+    /// A channel to `peer` (checking it is a router, with TLS).
+    pub fn channel_to(
+        &self,
+        peer: &RouterRecord,
+    ) -> Result<Channel, Box<dyn std::error::Error + Send + Sync>> {
+        Ok(switchyard_cluster::identity::dial(
+            &peer.grpc_address,
+            self.tls.get(),
+            switchyard_cluster::identity::router_uri(),
+        )?
+        .connect_timeout(ASK_TIMEOUT)
+        .connect_lazy())
     }
 
     async fn client(&self, owner: &str) -> Result<StoredResponsesClient<Channel>, PeerError> {

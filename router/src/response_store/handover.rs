@@ -1,0 +1,352 @@
+//! A stopping router hands its stored responses to another replica, which answers for their
+//! ids from then on: a rollout replaces every router, and without this it would end every
+//! conversation a client continues with `previous_response_id`.
+//!
+//! At the end of its drain (its requests in flight have ended, so nothing more is stored) the
+//! router picks another announced replica and streams it `RouterPeers.Handover`: the tags its
+//! ids carry (its own and any handed to it before), each message once, then each response
+//! naming its messages by number, oldest first — so the receiver shares messages between
+//! responses as the sender did. The receiver keeps what fits its store, answers for the tags,
+//! and announces itself under them once the stopping replica has withdrawn.
+//!
+//! Only routers may hand responses over: the call needs the cluster token
+//! (`--cluster-token-file`). Without one, a stopping router's responses go with it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_cluster::RouterRecord;
+use switchyard_proto::v1::{self, handover::Item};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{ResponseStore, StoredMessage, StoredResponse, peers};
+use crate::dispatch::Dispatcher;
+
+/// Longest a stopping router spends handing its responses over.
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The hand-over of `responses` (oldest first) answering for `tags`: each message once, in
+/// the order first used, and each response naming its messages by number.
+pub fn frames(tags: &[String], responses: &[Arc<StoredResponse>]) -> Vec<v1::Handover> {
+    let frame = |item| v1::Handover { item: Some(item) };
+    let mut out: Vec<v1::Handover> = tags.iter().map(|t| frame(Item::Tag(t.clone()))).collect();
+    let mut numbers: HashMap<*const StoredMessage, u32> = HashMap::new();
+    for response in responses {
+        let mut conversation = Vec::with_capacity(response.conversation.len());
+        for message in &response.conversation {
+            let next = numbers.len() as u32;
+            let number = *numbers.entry(Arc::as_ptr(message)).or_insert_with(|| {
+                out.push(frame(Item::Message(message.message.clone())));
+                next
+            });
+            conversation.push(number);
+        }
+        out.push(frame(Item::Response(v1::HandedResponse {
+            id: response.id.clone(),
+            tenant: response.tenant.clone(),
+            object_json: response.object.clone(),
+            input_items_json: response.input_items.iter().map(|i| i.to_string()).collect(),
+            conversation,
+        })));
+    }
+    out
+}
+
+/// A hand-over being received into a store.
+pub struct Adoption<'a> {
+    store: &'a ResponseStore,
+    tags: Vec<String>,
+    messages: Vec<Arc<StoredMessage>>,
+    kept: u32,
+}
+
+impl<'a> Adoption<'a> {
+    pub fn new(store: &'a ResponseStore) -> Self {
+        Self {
+            store,
+            tags: Vec::new(),
+            messages: Vec::new(),
+            kept: 0,
+        }
+    }
+
+    pub fn push(&mut self, frame: v1::Handover) -> Result<(), Status> {
+        match frame.item {
+            Some(Item::Tag(tag)) => {
+                if super::owner_of(&format!("{}{tag}{}", super::ID_PREFIX, "0".repeat(32)))
+                    .is_none()
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "tag {tag:?} is not a router's tag"
+                    )));
+                }
+                // From now on, ids of this tag are looked up here.
+                self.store.adopt_tag(&tag);
+                self.tags.push(tag);
+            }
+            Some(Item::Message(message)) => self.messages.push(self.store.message(message)),
+            Some(Item::Response(response)) => {
+                let conversation = response
+                    .conversation
+                    .iter()
+                    .map(|&n| self.messages.get(n as usize).cloned())
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "response {:?} names a message not sent before it",
+                            response.id
+                        ))
+                    })?;
+                let input_items = response
+                    .input_items_json
+                    .iter()
+                    .map(|item| serde_json::from_str(item))
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| Status::invalid_argument(format!("an input item: {e}")))?;
+                let kept = self.store.insert(self.store.response(
+                    response.id,
+                    response.tenant,
+                    response.object_json,
+                    input_items,
+                    conversation,
+                ));
+                self.kept += u32::from(kept);
+            }
+            None => return Err(Status::invalid_argument("an empty hand-over item")),
+        }
+        Ok(())
+    }
+}
+
+/// The `RouterPeers` service: takes other replicas' stored responses when they stop.
+pub struct RouterPeersService {
+    dispatcher: Arc<Dispatcher>,
+}
+
+impl RouterPeersService {
+    pub fn new(dispatcher: Arc<Dispatcher>) -> Self {
+        Self { dispatcher }
+    }
+}
+
+#[tonic::async_trait]
+impl v1::router_peers_server::RouterPeers for RouterPeersService {
+    async fn handover(
+        &self,
+        request: Request<Streaming<v1::Handover>>,
+    ) -> Result<Response<v1::HandoverResult>, Status> {
+        let Some(token) = &self.dispatcher.config.cluster_token else {
+            return Err(Status::permission_denied(
+                "handing stored responses over between routers needs a cluster token \
+                 (--cluster-token-file) on every router",
+            ));
+        };
+        token.check(&request)?;
+        let mut frames = request.into_inner();
+        let store = &self.dispatcher.responses;
+        let mut adoption = Adoption::new(store);
+        while let Some(frame) = frames.message().await? {
+            adoption.push(frame)?;
+        }
+        let kept = adoption.kept;
+        tracing::info!(
+            tags = ?adoption.tags,
+            kept,
+            "stored responses handed over by a stopping router"
+        );
+        for tag in adoption.tags {
+            self.dispatcher.peers.announce_adopted(tag);
+        }
+        Ok(Response::new(v1::HandoverResult { kept }))
+    }
+}
+
+/// Why a stopping router kept its responses.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("no cluster token (--cluster-token-file): the other replicas would refuse them")]
+    NoToken,
+    #[error("no other router replica is running")]
+    NoPeer,
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Hands this replica's stored responses to another replica; the one it chose and how many
+/// it kept.
+pub async fn hand_over(dispatcher: &Dispatcher) -> Result<(RouterRecord, u32), HandoverError> {
+    let store = &dispatcher.responses;
+    let token = dispatcher
+        .config
+        .cluster_token
+        .clone()
+        .ok_or(HandoverError::NoToken)?;
+    let tags = store.tags();
+    let failed = |e: &dyn std::fmt::Display| HandoverError::Failed(e.to_string());
+    let routers = dispatcher
+        .peers
+        .registry()
+        .ok_or(HandoverError::NoPeer)?
+        .list_routers()
+        .await
+        .map_err(|e| failed(&e))?;
+    let mut others: Vec<RouterRecord> = routers
+        .into_iter()
+        .filter(|r| !tags.contains(&r.id))
+        .collect();
+    if others.is_empty() {
+        return Err(HandoverError::NoPeer);
+    }
+    // In a rollout another replica may be stopping too (it takes no new connections): the
+    // next one is tried.
+    fastrand::shuffle(&mut others);
+    let frames = frames(&tags, &store.export());
+    let mut last = HandoverError::NoPeer;
+    for peer in others {
+        let channel = match dispatcher.peers.channel_to(&peer) {
+            Ok(channel) => channel,
+            Err(error) => {
+                last = failed(&error);
+                continue;
+            }
+        };
+        let mut request = Request::new(futures::stream::iter(frames.clone()));
+        token.apply(&mut request);
+        match v1::router_peers_client::RouterPeersClient::new(channel)
+            .handover(request)
+            .await
+        {
+            Ok(answer) => return Ok((peer, answer.into_inner().kept)),
+            Err(status) => {
+                last = failed(&format!(
+                    "{}: {}: {}",
+                    peer.grpc_address,
+                    status.code(),
+                    status.message()
+                ));
+            }
+        }
+    }
+    Err(last)
+}
+
+/// Hands the responses over at the end of a drain, saying what happened.
+pub async fn hand_over_on_stop(dispatcher: &Dispatcher) {
+    let count = dispatcher.responses.usage().0;
+    if count == 0 {
+        return;
+    }
+    match tokio::time::timeout(HANDOVER_TIMEOUT, hand_over(dispatcher)).await {
+        Ok(Ok((peer, kept))) => tracing::info!(
+            to = %peer.grpc_address,
+            kept,
+            of = count,
+            "stored responses handed over to another router replica"
+        ),
+        Ok(Err(error)) => tracing::warn!(
+            responses = count,
+            "stored responses not handed over, they go with this replica: {error}"
+        ),
+        Err(_) => tracing::warn!(
+            responses = count,
+            "stored responses not handed over within {HANDOVER_TIMEOUT:?}, they go with this \
+             replica"
+        ),
+    }
+}
+
+/// Announces `record` (an adopted tag at this replica's address) until `stop`.
+pub(super) fn announce(
+    registry: Arc<dyn switchyard_cluster::Registry>,
+    record: RouterRecord,
+    ttl: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    tokio::spawn(peers::announce(registry, record, ttl, stop));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::response_store::Lookup;
+
+    fn user(content: &str) -> v1::ChatMessage {
+        v1::ChatMessage {
+            role: "user".into(),
+            content: content.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_handed_over_store_answers_for_the_ids_and_shares_messages_as_the_sender_did() {
+        let sender = ResponseStore::new(Default::default());
+        let first_turn = sender.message(user("one"));
+        let first = sender.response(
+            sender.new_id(),
+            Some("acme".into()),
+            r#"{"id":"a"}"#.into(),
+            vec![serde_json::json!({"id": "msg_1"})],
+            vec![first_turn.clone()],
+        );
+        let second = sender.response(
+            sender.new_id(),
+            Some("acme".into()),
+            r#"{"id":"b"}"#.into(),
+            vec![],
+            vec![first_turn, sender.message(user("two"))],
+        );
+        let ids = [first.id.clone(), second.id.clone()];
+        sender.insert(first);
+        sender.insert(second);
+        let frames = frames(&sender.tags(), &sender.export());
+        // The tag, each message once, each response.
+        assert_eq!(frames.len(), 1 + 2 + 2);
+
+        let receiver = ResponseStore::new(Default::default());
+        assert!(matches!(
+            receiver.get(&ids[0], Some("acme")),
+            Lookup::Elsewhere(_)
+        ));
+        let mut adoption = Adoption::new(&receiver);
+        for frame in frames {
+            adoption.push(frame).expect("a valid hand-over");
+        }
+        assert_eq!(adoption.kept, 2);
+        let Lookup::Found(a) = receiver.get(&ids[0], Some("acme")) else {
+            panic!("kept");
+        };
+        let Lookup::Found(b) = receiver.get(&ids[1], Some("acme")) else {
+            panic!("kept");
+        };
+        assert!(Arc::ptr_eq(&a.conversation[0], &b.conversation[0]));
+        assert_eq!(b.conversation[1].content, "two");
+        assert_eq!(a.input_items, [serde_json::json!({"id": "msg_1"})]);
+        // Still each tenant's own.
+        assert!(matches!(
+            receiver.get(&ids[0], Some("other")),
+            Lookup::Missing
+        ));
+        // The receiver hands them on with the tag it adopted.
+        assert_eq!(receiver.tags()[1], sender.owner());
+    }
+
+    #[test]
+    fn a_response_naming_a_message_not_sent_is_refused() {
+        let receiver = ResponseStore::new(Default::default());
+        let mut adoption = Adoption::new(&receiver);
+        let refused = adoption.push(v1::Handover {
+            item: Some(Item::Response(v1::HandedResponse {
+                id: "resp_x".into(),
+                conversation: vec![3],
+                ..Default::default()
+            })),
+        });
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
+        let bad_tag = adoption.push(v1::Handover {
+            item: Some(Item::Tag("not/a tag".into())),
+        });
+        assert_eq!(bad_tag.unwrap_err().code(), tonic::Code::InvalidArgument);
+    }
+}
