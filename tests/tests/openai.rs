@@ -320,6 +320,42 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One more router replica on `cluster`'s etcd, once it has linked the cluster's worker.
+async fn another_router(
+    cluster: &Cluster,
+    name: &str,
+    flags: &[&str],
+) -> anyhow::Result<Component> {
+    let router = switchyard_tests::start_router(&cluster.etcd.url, name, flags).await?;
+    let grpc = router.addr("grpc").to_string();
+    wait_until(
+        Duration::from_secs(20),
+        "the router to link the worker",
+        || async {
+            list_router_workers(&grpc)
+                .await
+                .is_ok_and(|ids| ids.len() == cluster.gpu.len() + cluster.wse.len())
+        },
+    )
+    .await?;
+    Ok(router)
+}
+
+/// `POST {base}/responses` with `body`: the status and the JSON answer.
+async fn create_response(
+    client: &reqwest::Client,
+    base: String,
+    body: Value,
+) -> anyhow::Result<(u16, Value)> {
+    let answer = client
+        .post(format!("{base}/responses"))
+        .json(&body)
+        .send()
+        .await?;
+    let status = answer.status().as_u16();
+    Ok((status, answer.json::<Value>().await?))
+}
+
 /// A stored response is one conversation's state, kept by the router replica that answered it;
 /// the next turn may land on any replica (a load balancer spreads them): that replica reads
 /// the response from its keeper, found through etcd. A replica that stopped took its responses
@@ -333,32 +369,11 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
         ..Default::default()
     })
     .await?;
-    let mut keeper = switchyard_tests::start_router(&cluster.etcd.url, "keeper", &[]).await?;
+    let mut keeper = another_router(&cluster, "keeper", &[]).await?;
     let keeper_url = format!("http://{}/v1", keeper.addr("http"));
     let other_url = cluster.router_openai_url();
-    wait_until(
-        Duration::from_secs(20),
-        "the second router to link the worker",
-        || async {
-            list_router_workers(&keeper.addr("grpc").to_string())
-                .await
-                .is_ok_and(|ids| ids.len() == 1)
-        },
-    )
-    .await?;
     let client = http();
-    let create = |base: String, body: Value| {
-        let client = client.clone();
-        async move {
-            let answer = client
-                .post(format!("{base}/responses"))
-                .json(&body)
-                .send()
-                .await?;
-            let status = answer.status().as_u16();
-            anyhow::Ok((status, answer.json::<Value>().await?))
-        }
-    };
+    let create = |base: String, body: Value| create_response(&client, base, body);
     let get = |url: String| {
         let client = client.clone();
         async move {
@@ -480,30 +495,9 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     })
     .await?;
     let flags = ["--cluster-token-file", token.as_str()];
-    let mut leaving = switchyard_tests::start_router(&cluster.etcd.url, "leaving", &flags).await?;
-    wait_until(
-        Duration::from_secs(20),
-        "the leaving router to link the worker",
-        || async {
-            list_router_workers(&leaving.addr("grpc").to_string())
-                .await
-                .is_ok_and(|ids| ids.len() == 1)
-        },
-    )
-    .await?;
+    let mut leaving = another_router(&cluster, "leaving", &flags).await?;
     let client = http();
-    let post = |base: String, body: Value| {
-        let client = client.clone();
-        async move {
-            let answer = client
-                .post(format!("{base}/responses"))
-                .json(&body)
-                .send()
-                .await?;
-            let status = answer.status().as_u16();
-            anyhow::Ok((status, answer.json::<Value>().await?))
-        }
-    };
+    let post = |base: String, body: Value| create_response(&client, base, body);
     let leaving_url = format!("http://{}/v1", leaving.addr("http"));
     let (_, first) = post(
         leaving_url.clone(),

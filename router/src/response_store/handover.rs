@@ -270,14 +270,7 @@ pub(super) fn announce(
 mod tests {
     use super::*;
     use crate::response_store::Lookup;
-
-    fn user(content: &str) -> v1::ChatMessage {
-        v1::ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-            ..Default::default()
-        }
-    }
+    use crate::response_store::tests::user;
 
     #[test]
     fn a_handed_over_store_answers_for_the_ids_and_shares_messages_as_the_sender_did() {

@@ -367,7 +367,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn user(content: &str) -> v1::ChatMessage {
+    /// A user message saying `content` (the store's tests and its submodules').
+    pub(super) fn user(content: &str) -> v1::ChatMessage {
         v1::ChatMessage {
             role: "user".into(),
             content: content.into(),

@@ -355,14 +355,7 @@ pub async fn announce(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn message(content: &str) -> v1::ChatMessage {
-        v1::ChatMessage {
-            role: "user".into(),
-            content: content.into(),
-            ..Default::default()
-        }
-    }
+    use crate::response_store::tests::user as message;
 
     /// `conversation` as another replica sends it, going on from `previous`.
     fn sent(previous: &str, conversation: &[&str]) -> v1::StoredResponse {
