@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_cluster::RouterRecord;
-use switchyard_proto::v1::{self, handover::Item};
+use switchyard_proto::v1::{self, handover_item::Item};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ResponseStore, StoredMessage, StoredResponse, peers};
@@ -28,9 +28,9 @@ pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The hand-over of `responses` (oldest first) answering for `tags`: each message once, in
 /// the order first used, and each response naming its messages by number.
-pub fn frames(tags: &[String], responses: &[Arc<StoredResponse>]) -> Vec<v1::Handover> {
-    let frame = |item| v1::Handover { item: Some(item) };
-    let mut out: Vec<v1::Handover> = tags.iter().map(|t| frame(Item::Tag(t.clone()))).collect();
+pub fn frames(tags: &[String], responses: &[Arc<StoredResponse>]) -> Vec<v1::HandoverItem> {
+    let frame = |item| v1::HandoverItem { item: Some(item) };
+    let mut out: Vec<v1::HandoverItem> = tags.iter().map(|t| frame(Item::Tag(t.clone()))).collect();
     let mut numbers: HashMap<*const StoredMessage, u32> = HashMap::new();
     for response in responses {
         let mut conversation = Vec::with_capacity(response.conversation.len());
@@ -71,7 +71,7 @@ impl<'a> Adoption<'a> {
         }
     }
 
-    pub fn push(&mut self, frame: v1::Handover) -> Result<(), Status> {
+    pub fn push(&mut self, frame: v1::HandoverItem) -> Result<(), Status> {
         match frame.item {
             Some(Item::Tag(tag)) => {
                 if super::owner_of(&format!("{}{tag}{}", super::ID_PREFIX, "0".repeat(32)))
@@ -134,7 +134,7 @@ impl RouterPeersService {
 impl v1::router_peers_server::RouterPeers for RouterPeersService {
     async fn handover(
         &self,
-        request: Request<Streaming<v1::Handover>>,
+        request: Request<Streaming<v1::HandoverItem>>,
     ) -> Result<Response<v1::HandoverResult>, Status> {
         let Some(token) = &self.dispatcher.config.cluster_token else {
             return Err(Status::permission_denied(
@@ -329,7 +329,7 @@ mod tests {
     fn a_response_naming_a_message_not_sent_is_refused() {
         let receiver = ResponseStore::new(Default::default());
         let mut adoption = Adoption::new(&receiver);
-        let refused = adoption.push(v1::Handover {
+        let refused = adoption.push(v1::HandoverItem {
             item: Some(Item::Response(v1::HandedResponse {
                 id: "resp_x".into(),
                 conversation: vec![3],
@@ -337,7 +337,7 @@ mod tests {
             })),
         });
         assert_eq!(refused.unwrap_err().code(), tonic::Code::InvalidArgument);
-        let bad_tag = adoption.push(v1::Handover {
+        let bad_tag = adoption.push(v1::HandoverItem {
             item: Some(Item::Tag("not/a tag".into())),
         });
         assert_eq!(bad_tag.unwrap_err().code(), tonic::Code::InvalidArgument);
