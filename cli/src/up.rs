@@ -301,12 +301,20 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 /// flight finish for up to the drain timeout, which someone at a terminal may not want to wait.
 async fn second_interrupt(shutdown: tokio_util::sync::CancellationToken) {
     shutdown.cancelled().await;
+    // A listener made now hears only signals after the one that began the shutdown. Made
+    // before the message that invites the second Ctrl-C, so none sent after it is missed
+    // (`ctrl_c()` would listen only once polled).
+    let interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
     eprintln!(
         "switchyard: stopping; requests in flight get up to {DRAIN_TIMEOUT:?} to finish (Ctrl-C \
          again stops at once)"
     );
-    // A listener made now hears only signals after the one that began the shutdown.
-    let _ = tokio::signal::ctrl_c().await;
+    match interrupt {
+        Ok(mut interrupt) => {
+            interrupt.recv().await;
+        }
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// How long the workers let generations in flight finish when `up` stops.
