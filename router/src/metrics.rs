@@ -255,6 +255,9 @@ pub struct RouterMetrics {
     /// [`crate::response_store`]).
     pub stored_responses: Gauge,
     pub stored_response_bytes: Gauge,
+    /// Responses this replica holds as standby copies of other replicas' (see
+    /// [`crate::response_store::mirror`]).
+    pub standby_responses: Gauge,
     /// Requests moved to another worker after theirs failed or left (`pool`: the lost worker's).
     pub failovers: Family<LanePoolLabels, Counter>,
     /// Prompt tokens placement expected the worker to find in its prefix cache.
@@ -327,6 +330,7 @@ impl RouterMetrics {
             active_sessions: Gauge::default(),
             stored_responses: Gauge::default(),
             stored_response_bytes: Gauge::default(),
+            standby_responses: Gauge::default(),
             failovers: Family::default(),
             prefix_predicted: Family::default(),
             prefix_reused: Family::default(),
@@ -437,6 +441,12 @@ impl RouterMetrics {
                 "Memory the stored responses take, against --response-store-bytes (when full, \
                  the oldest go)",
                 this.stored_response_bytes.clone(),
+            );
+            r.register(
+                "switchyard_router_standby_responses",
+                "Other replicas' stored responses this replica keeps a copy of, to answer for \
+                 them if their replica dies",
+                this.standby_responses.clone(),
             );
             r.register(
                 "switchyard_router_failovers",

@@ -197,6 +197,11 @@ pub async fn run_router_with_endpoints(
         .readiness
         .set_waiting(Gate::Registry, "connecting to the cluster registry (etcd)");
     let dispatcher = Arc::new(dispatcher);
+    if dispatcher.responses.limits().max_bytes > 0 {
+        dispatcher
+            .peers
+            .start_mirror(dispatcher.clone(), &cluster_stop);
+    }
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

@@ -556,6 +556,115 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     Ok(())
 }
 
+/// A router killed without its drain (OOM, node loss) has no time to hand its stored
+/// responses over: another replica has kept a copy all along (its standby, told of each
+/// response as it is stored), and answers for them once the dead replica's announcement
+/// expires, so the conversations go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("cluster-token");
+    std::fs::write(&token, "mirror-test-token-0123456789ab\n")?;
+    let token = token.display().to_string();
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: strings(&["--cluster-token-file", &token]),
+        metrics: true,
+        ..Default::default()
+    })
+    .await?;
+    let mut dying = another_router(&cluster, "dying", &["--cluster-token-file", &token]).await?;
+    let client = http();
+    let post = |base: String, body: Value| create_response(&client, base, body);
+    let dying_url = format!("http://{}/v1", dying.addr("http"));
+    let (_, first) = post(
+        dying_url.clone(),
+        json!({"model": "synthetic", "input": "First turn.", "max_output_tokens": 4}),
+    )
+    .await?;
+    let first_id = first["id"].as_str().context("an id")?.to_string();
+    let (_, second) = post(
+        dying_url,
+        json!({"model": "synthetic", "input": "Second turn.", "max_output_tokens": 4,
+               "previous_response_id": first_id}),
+    )
+    .await?;
+    let second_id = second["id"].as_str().context("an id")?.to_string();
+    // The other replica holds both as the standby copy.
+    let staying_metrics = cluster.router.metrics_url();
+    wait_until(
+        Duration::from_secs(20),
+        "the other replica to hold a standby copy of both responses",
+        || standby_responses_are(&staying_metrics, 2.0),
+    )
+    .await?;
+
+    dying.kill().await?;
+
+    let staying = cluster.router_openai_url();
+    let read_url = format!("{staying}/responses/{second_id}");
+    wait_until(
+        Duration::from_secs(40),
+        "the standby to answer for the killed replica's responses",
+        || {
+            let (client, url) = (client.clone(), read_url.clone());
+            async move {
+                client
+                    .get(url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == 200)
+            }
+        },
+    )
+    .await?;
+    let read: Value = client.get(&read_url).send().await?.json().await?;
+    assert_eq!(read["output"], second["output"]);
+    let items: Value = client
+        .get(format!("{staying}/responses/{first_id}/input_items"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        items["data"][0]["content"][0]["text"], "First turn.",
+        "{items}"
+    );
+    let (status, third) = post(
+        staying,
+        json!({"model": "synthetic", "input": "Third turn.", "max_output_tokens": 4,
+               "previous_response_id": second_id}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{third}");
+    let tokens = |r: &Value| r["usage"]["input_tokens"].as_u64().unwrap_or_default();
+    assert!(
+        tokens(&third) > tokens(&second),
+        "the third turn read the first two"
+    );
+    // The copy became the replica's own: none is held as standby any more.
+    assert!(standby_responses_are(&staying_metrics, 0.0).await);
+    Ok(())
+}
+
+/// Whether the router at `metrics` holds `count` standby copies of other replicas' responses.
+async fn standby_responses_are(metrics: &str, count: f64) -> bool {
+    let Ok(text) = reqwest::get(metrics)
+        .await
+        .and_then(|r| r.error_for_status())
+    else {
+        return false;
+    };
+    let Ok(text) = text.text().await else {
+        return false;
+    };
+    text.lines()
+        .find_map(|line| line.strip_prefix("switchyard_router_standby_responses "))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        == Some(count)
+}
+
 /// An operator who turns the store off (`--response-store-bytes 0`) gets responses that say
 /// `store: false`, and a request naming one is told it is not stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

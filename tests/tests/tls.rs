@@ -868,6 +868,8 @@ async fn router_replicas_read_each_others_stored_responses_over_tls() -> anyhow:
     )
     .await?;
     let router_files = pki.files("router");
+    let token = tempfile::NamedTempFile::new()?;
+    std::fs::write(token.path(), "tls-mirror-token-0123456789abcdef\n")?;
     let tls_flags = [
         "--tls-cert-file".to_string(),
         path(&router_files.cert_file),
@@ -875,9 +877,11 @@ async fn router_replicas_read_each_others_stored_responses_over_tls() -> anyhow:
         path(&router_files.key_file),
         "--tls-ca-file".to_string(),
         ca_arg.clone(),
+        "--cluster-token-file".to_string(),
+        token.path().display().to_string(),
     ];
     let flags: Vec<&str> = tls_flags.iter().map(String::as_str).collect();
-    let keeper = start_router(&etcd.url, "stored-keeper", &flags).await?;
+    let mut keeper = start_router(&etcd.url, "stored-keeper", &flags).await?;
     let reader = start_router(&etcd.url, "stored-reader", &flags).await?;
     for router in [&keeper, &reader] {
         let channel = tls_channel(&router.addr("grpc").to_string(), &ca).await?;
@@ -926,5 +930,32 @@ async fn router_replicas_read_each_others_stored_responses_over_tls() -> anyhow:
     let read: Value = serde_json::from_str(&read).context("a response object")?;
     assert_eq!(read["id"], id, "{read}");
     assert_eq!(read["output"], created["output"]);
+
+    // The reader is the keeper's standby, over TLS too: killed, the keeper's responses are
+    // the reader's to answer for.
+    wait_until(
+        Duration::from_secs(20),
+        "the reader to hold a standby copy",
+        || async {
+            router_metrics(&reader, &ca)
+                .await
+                .is_ok_and(|m| m.contains("switchyard_router_standby_responses 1\n"))
+        },
+    )
+    .await?;
+    keeper.kill().await?;
+    let read_url = format!("https://{}/v1/responses/{id}", reader.addr("http"));
+    wait_until(
+        Duration::from_secs(40),
+        "the reader to answer for the killed keeper's response",
+        || async {
+            program_output("curl", &["-sS", "--cacert", &ca_arg, &read_url])
+                .await
+                .ok()
+                .and_then(|body| serde_json::from_str::<Value>(&body).ok())
+                .is_some_and(|read| read["output"] == created["output"])
+        },
+    )
+    .await?;
     Ok(())
 }

@@ -31,26 +31,77 @@ pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 pub fn frames(tags: &[String], responses: &[Arc<StoredResponse>]) -> Vec<v1::HandoverItem> {
     let frame = |item| v1::HandoverItem { item: Some(item) };
     let mut out: Vec<v1::HandoverItem> = tags.iter().map(|t| frame(Item::Tag(t.clone()))).collect();
-    let mut numbers: HashMap<*const StoredMessage, u32> = HashMap::new();
+    let mut numbers: HashMap<*const StoredMessage, u64> = HashMap::new();
     for response in responses {
         let mut conversation = Vec::with_capacity(response.conversation.len());
         for message in &response.conversation {
-            let next = numbers.len() as u32;
+            let next = numbers.len() as u64;
             let number = *numbers.entry(Arc::as_ptr(message)).or_insert_with(|| {
                 out.push(frame(Item::Message(message.message.clone())));
                 next
             });
             conversation.push(number);
         }
-        out.push(frame(Item::Response(v1::HandedResponse {
-            id: response.id.clone(),
-            tenant: response.tenant.clone(),
-            object_json: response.object.clone(),
-            input_items_json: response.input_items.iter().map(|i| i.to_string()).collect(),
-            conversation,
-        })));
+        out.push(frame(Item::Response(handed(response, conversation))));
     }
     out
+}
+
+/// `response` as sent to another replica, its messages named by `conversation`'s numbers.
+pub(super) fn handed(response: &StoredResponse, conversation: Vec<u64>) -> v1::HandedResponse {
+    v1::HandedResponse {
+        id: response.id.clone(),
+        tenant: response.tenant.clone(),
+        object_json: response.object.clone(),
+        input_items_json: response.input_items.iter().map(|i| i.to_string()).collect(),
+        conversation,
+        age_ms: response.age().as_millis() as u64,
+    }
+}
+
+/// A response another replica sent, made in `store`, its messages found by `message`.
+pub(super) fn received(
+    store: &ResponseStore,
+    response: v1::HandedResponse,
+    message: impl Fn(u64) -> Option<Arc<StoredMessage>>,
+) -> Result<StoredResponse, Status> {
+    let conversation = response
+        .conversation
+        .iter()
+        .map(|&n| message(n))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "response {:?} names a message not sent before it",
+                response.id
+            ))
+        })?;
+    let input_items = response
+        .input_items_json
+        .iter()
+        .map(|item| serde_json::from_str(item))
+        .collect::<Result<_, _>>()
+        .map_err(|e| Status::invalid_argument(format!("an input item: {e}")))?;
+    Ok(store
+        .response(
+            response.id,
+            response.tenant,
+            response.object_json,
+            input_items,
+            conversation,
+        )
+        .aged(Duration::from_millis(response.age_ms)))
+}
+
+/// Refuses `tag` unless it can be a router's tag.
+pub(super) fn check_tag(tag: &str) -> Result<(), Status> {
+    let id = format!("{}{tag}{}", super::ID_PREFIX, "0".repeat(32));
+    match super::owner_of(&id) {
+        Some(_) => Ok(()),
+        None => Err(Status::invalid_argument(format!(
+            "tag {tag:?} is not a router's tag"
+        ))),
+    }
 }
 
 /// A hand-over being received into a store.
@@ -71,47 +122,25 @@ impl<'a> Adoption<'a> {
         }
     }
 
+    /// Responses kept so far.
+    pub fn kept(&self) -> u32 {
+        self.kept
+    }
+
     pub fn push(&mut self, frame: v1::HandoverItem) -> Result<(), Status> {
         match frame.item {
             Some(Item::Tag(tag)) => {
-                if super::owner_of(&format!("{}{tag}{}", super::ID_PREFIX, "0".repeat(32)))
-                    .is_none()
-                {
-                    return Err(Status::invalid_argument(format!(
-                        "tag {tag:?} is not a router's tag"
-                    )));
-                }
+                check_tag(&tag)?;
                 // From now on, ids of this tag are looked up here.
                 self.store.adopt_tag(&tag);
                 self.tags.push(tag);
             }
             Some(Item::Message(message)) => self.messages.push(self.store.message(message)),
             Some(Item::Response(response)) => {
-                let conversation = response
-                    .conversation
-                    .iter()
-                    .map(|&n| self.messages.get(n as usize).cloned())
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| {
-                        Status::invalid_argument(format!(
-                            "response {:?} names a message not sent before it",
-                            response.id
-                        ))
-                    })?;
-                let input_items = response
-                    .input_items_json
-                    .iter()
-                    .map(|item| serde_json::from_str(item))
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| Status::invalid_argument(format!("an input item: {e}")))?;
-                let kept = self.store.insert(self.store.response(
-                    response.id,
-                    response.tenant,
-                    response.object_json,
-                    input_items,
-                    conversation,
-                ));
-                self.kept += u32::from(kept);
+                let response = received(self.store, response, |n| {
+                    self.messages.get(usize::try_from(n).ok()?).cloned()
+                })?;
+                self.kept += u32::from(self.store.insert(response));
             }
             None => return Err(Status::invalid_argument("an empty hand-over item")),
         }
@@ -136,13 +165,7 @@ impl v1::router_peers_server::RouterPeers for RouterPeersService {
         &self,
         request: Request<Streaming<v1::HandoverItem>>,
     ) -> Result<Response<v1::HandoverResult>, Status> {
-        let Some(token) = &self.dispatcher.config.cluster_token else {
-            return Err(Status::permission_denied(
-                "handing stored responses over between routers needs a cluster token \
-                 (--cluster-token-file) on every router",
-            ));
-        };
-        token.check(&request)?;
+        self.check_peer(&request)?;
         let mut frames = request.into_inner();
         let store = &self.dispatcher.responses;
         let mut adoption = Adoption::new(store);
@@ -159,6 +182,28 @@ impl v1::router_peers_server::RouterPeers for RouterPeersService {
             self.dispatcher.peers.announce_adopted(tag);
         }
         Ok(Response::new(v1::HandoverResult { kept }))
+    }
+
+    async fn mirror(
+        &self,
+        request: Request<Streaming<v1::MirrorItem>>,
+    ) -> Result<Response<v1::MirrorResult>, Status> {
+        self.check_peer(&request)?;
+        let result = super::mirror::receive(self.dispatcher.clone(), request.into_inner()).await?;
+        Ok(Response::new(result))
+    }
+}
+
+impl RouterPeersService {
+    /// Refuses a caller without the cluster token: only routers.
+    fn check_peer<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let Some(token) = &self.dispatcher.config.cluster_token else {
+            return Err(Status::permission_denied(
+                "stored responses go between routers only with a cluster token \
+                 (--cluster-token-file) on every router",
+            ));
+        };
+        token.check(request)
     }
 }
 
@@ -233,6 +278,8 @@ pub async fn hand_over(dispatcher: &Dispatcher) -> Result<(RouterRecord, u32), H
 
 /// Hands the responses over at the end of a drain, saying what happened.
 pub async fn hand_over_on_stop(dispatcher: &Dispatcher) {
+    // The standby drops its copy first: the replica handed to answers for the ids instead.
+    dispatcher.peers.stop_mirror().await;
     let count = dispatcher.responses.usage().0;
     if count == 0 {
         return;
@@ -323,6 +370,36 @@ mod tests {
         ));
         // The receiver hands them on with the tag it adopted.
         assert_eq!(receiver.tags()[1], sender.owner());
+    }
+
+    /// A handed-over response is as old at the receiver as it was at the sender, so it does
+    /// not outlive the maximum age by being handed over.
+    #[tokio::test(start_paused = true)]
+    async fn a_handed_over_response_keeps_its_age() {
+        let limits = crate::response_store::StoreLimits {
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+        };
+        let sender = ResponseStore::new(limits);
+        let old = sender.response(sender.new_id(), None, "{}".into(), vec![], vec![]);
+        let id = old.id.clone();
+        sender.insert(old);
+        tokio::time::advance(Duration::from_secs(40)).await;
+        let receiver = ResponseStore::new(limits);
+        let newer = receiver.response(receiver.new_id(), None, "{}".into(), vec![], vec![]);
+        let newer_id = newer.id.clone();
+        receiver.insert(newer);
+        let mut adoption = Adoption::new(&receiver);
+        for frame in frames(&sender.tags(), &sender.export()) {
+            adoption.push(frame).expect("a valid hand-over");
+        }
+        let Lookup::Found(taken) = receiver.get(&id, None) else {
+            panic!("kept");
+        };
+        assert!(taken.age() >= Duration::from_secs(40), "{:?}", taken.age());
+        tokio::time::advance(Duration::from_secs(21)).await;
+        assert!(matches!(receiver.get(&id, None), Lookup::Missing));
+        assert!(matches!(receiver.get(&newer_id, None), Lookup::Found(_)));
     }
 
     #[test]

@@ -10,46 +10,112 @@
 //!
 //! Each response is readable only by the tenant that made it (requests without an API key
 //! are one tenant).
+//!
+//! What a store keeps and drops can be followed as it happens ([`ResponseStore::begin_mirror`]):
+//! that is how another replica keeps a standby copy (see [`mirror`]).
 
 pub mod handover;
+pub mod mirror;
 pub mod peers;
 pub mod service;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use serde_json::Value;
 use switchyard_proto::v1;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// Hex digits of the owner tag at the start of an id (after `resp_`).
 const OWNER_CHARS: usize = 12;
 const ID_PREFIX: &str = "resp_";
 
+/// What a store and every piece it made share: the count of bytes alive, and the mirror
+/// following the store, if any.
+#[derive(Debug, Default)]
+struct Ledger {
+    /// Bytes of every message and response the store made that is still alive.
+    alive: AtomicUsize,
+    /// Numbers of the messages made, so a mirror names each once.
+    messages_made: AtomicU64,
+    /// Mirrors started; 0 is none.
+    mirrors_started: AtomicU64,
+    mirror: Mutex<Option<Tap>>,
+}
+
+/// Where a store's changes go while a mirror follows it.
+#[derive(Debug)]
+struct Tap {
+    epoch: u64,
+    events: mpsc::Sender<MirrorEvent>,
+}
+
+/// A change to a store, as its mirror is told of it.
+#[derive(Debug)]
+pub enum MirrorEvent {
+    /// The store answers for this tag's ids too.
+    Tag(String),
+    Kept(Arc<StoredResponse>),
+    /// A response the store no longer keeps.
+    Forgotten(String),
+    /// A message the mirror was sent that no response can hold any more (its number).
+    MessageGone(u64),
+}
+
+impl Ledger {
+    /// Tells the mirror (if one follows) of `event`.
+    fn tell(&self, event: MirrorEvent) {
+        self.tell_mirror(event, None);
+    }
+
+    fn message_gone(&self, number: u64, sent_in: u64) {
+        self.tell_mirror(MirrorEvent::MessageGone(number), Some(sent_in));
+    }
+
+    /// Tells the mirror following the store (only if it is mirror `epoch`, when given) of
+    /// `event`. A mirror that cannot keep up is let go: its stream ends, and it starts afresh.
+    fn tell_mirror(&self, event: MirrorEvent, epoch: Option<u64>) {
+        let mut mirror = self.mirror.lock().expect("mirror tap");
+        let Some(tap) = mirror
+            .as_ref()
+            .filter(|tap| epoch.is_none_or(|e| e == tap.epoch))
+        else {
+            return;
+        };
+        if let Err(refused) = tap.events.try_send(event) {
+            let gone = mirror.take();
+            drop(mirror);
+            // What the refused event holds may free messages, which tell the mirror too.
+            drop((refused, gone));
+        }
+    }
+}
+
 /// Bytes the store counts for a piece it made, given back when the piece is freed (wherever
 /// it was held last: the store, a request going on from it, an answer being written).
 #[derive(Debug)]
 struct Charge {
     bytes: usize,
-    alive: Arc<AtomicUsize>,
+    ledger: Arc<Ledger>,
 }
 
 impl Charge {
-    fn new(bytes: usize, alive: &Arc<AtomicUsize>) -> Self {
-        alive.fetch_add(bytes, Ordering::Relaxed);
+    fn new(bytes: usize, ledger: &Arc<Ledger>) -> Self {
+        ledger.alive.fetch_add(bytes, Ordering::Relaxed);
         Self {
             bytes,
-            alive: alive.clone(),
+            ledger: ledger.clone(),
         }
     }
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
-        self.alive.fetch_sub(self.bytes, Ordering::Relaxed);
+        self.ledger.alive.fetch_sub(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -57,7 +123,28 @@ impl Drop for Charge {
 #[derive(Debug)]
 pub struct StoredMessage {
     message: v1::ChatMessage,
+    /// Its number, unique in its store.
+    number: u64,
+    /// The mirror that was last sent it (0: none), so each mirror is sent it once.
+    mirrored_in: AtomicU64,
     charge: Charge,
+}
+
+impl StoredMessage {
+    /// Whether the mirror `epoch` has not been sent this message yet (it counts as sent from
+    /// now on).
+    fn first_sent_in(&self, epoch: u64) -> bool {
+        self.mirrored_in.swap(epoch, Ordering::Relaxed) != epoch
+    }
+}
+
+impl Drop for StoredMessage {
+    fn drop(&mut self) {
+        let sent_in = *self.mirrored_in.get_mut();
+        if sent_in != 0 {
+            self.charge.ledger.message_gone(self.number, sent_in);
+        }
+    }
 }
 
 impl std::ops::Deref for StoredMessage {
@@ -82,6 +169,8 @@ pub struct StoredResponse {
     /// responses' conversation, this request's input, and the model's answer. Instructions
     /// are not in it: they hold for one request, as OpenAI's do.
     pub conversation: Vec<Arc<StoredMessage>>,
+    /// When it was first stored (by whichever replica): its age counts from then.
+    pub stored_at: Instant,
     charge: Charge,
 }
 
@@ -89,6 +178,17 @@ impl StoredResponse {
     /// The conversation as the messages of a request.
     pub fn messages(&self) -> impl Iterator<Item = v1::ChatMessage> + '_ {
         self.conversation.iter().map(|m| m.message.clone())
+    }
+
+    /// How long ago it was first stored.
+    pub fn age(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.stored_at)
+    }
+
+    /// The same response, first stored `age` ago.
+    pub fn aged(mut self, age: Duration) -> Self {
+        self.stored_at = Instant::now().checked_sub(age).unwrap_or(self.stored_at);
+        self
     }
 
     /// What it would hold on its own, shared messages included.
@@ -163,8 +263,7 @@ pub struct ResponseStore {
     adopted: Mutex<Vec<String>>,
     limits: StoreLimits,
     inner: Mutex<Inner>,
-    /// Bytes of every message and response the store made that is still alive.
-    alive: Arc<AtomicUsize>,
+    ledger: Arc<Ledger>,
     /// What it holds, for Prometheus: responses and bytes.
     gauges: Option<(Gauge, Gauge)>,
 }
@@ -177,7 +276,7 @@ impl ResponseStore {
             adopted: Mutex::default(),
             limits,
             inner: Mutex::default(),
-            alive: Arc::default(),
+            ledger: Arc::default(),
             gauges: None,
         }
     }
@@ -191,8 +290,12 @@ impl ResponseStore {
     fn publish(&self, inner: &Inner) {
         if let Some((responses, bytes)) = &self.gauges {
             responses.set(inner.by_id.len() as i64);
-            bytes.set(self.alive.load(Ordering::Relaxed) as i64);
+            bytes.set(self.alive() as i64);
         }
+    }
+
+    fn alive(&self) -> usize {
+        self.ledger.alive.load(Ordering::Relaxed)
     }
 
     /// The tag this replica's ids carry (what it announces itself under).
@@ -211,8 +314,13 @@ impl ResponseStore {
 
     /// A message of a conversation that may be stored, counted while it lives.
     pub fn message(&self, message: v1::ChatMessage) -> Arc<StoredMessage> {
-        let charge = Charge::new(message_bytes(&message), &self.alive);
-        Arc::new(StoredMessage { message, charge })
+        let charge = Charge::new(message_bytes(&message), &self.ledger);
+        Arc::new(StoredMessage {
+            message,
+            number: self.ledger.messages_made.fetch_add(1, Ordering::Relaxed),
+            mirrored_in: AtomicU64::new(0),
+            charge,
+        })
     }
 
     /// A response that may be stored, counted while it lives.
@@ -236,28 +344,43 @@ impl ResponseStore {
             object,
             input_items,
             conversation,
-            charge: Charge::new(bytes, &self.alive),
+            stored_at: Instant::now(),
+            charge: Charge::new(bytes, &self.ledger),
         }
     }
 
     /// Keeps `response`; older responses go until what is alive fits. One larger than the
-    /// whole store is not kept.
+    /// whole store, or older than its maximum age, is not kept.
     pub fn insert(&self, response: StoredResponse) -> bool {
         if response.whole_bytes() > self.limits.max_bytes {
             return false;
         }
-        let now = Instant::now();
         let mut inner = self.inner.lock().expect("response store lock");
-        inner.expire(now, self.limits.max_age);
         let id = response.id.clone();
-        inner.order.push_back((now, id.clone()));
-        inner.by_id.insert(id, Arc::new(response));
-        // The new response is last in the order: everything else may go before it.
-        while self.alive.load(Ordering::Relaxed) > self.limits.max_bytes && inner.order.len() > 1 {
-            inner.evict_oldest();
+        let at = response.stored_at;
+        // Handed over responses keep their age, so may belong before the newest.
+        let place = inner.order.partition_point(|(t, _)| *t <= at);
+        inner.order.insert(place, (at, id.clone()));
+        let response = Arc::new(response);
+        inner.by_id.insert(id.clone(), response.clone());
+        self.ledger.tell(MirrorEvent::Kept(response));
+        inner.expire(Instant::now(), self.limits.max_age, &self.ledger);
+        while self.alive() > self.limits.max_bytes {
+            let Some((_, oldest)) = inner.order.front() else {
+                break;
+            };
+            if *oldest == id {
+                // Kept though what requests in flight hold runs over, unless older ones
+                // (handed over) are newer than it.
+                if inner.order.len() > 1 {
+                    inner.evict_oldest(&self.ledger);
+                }
+                break;
+            }
+            inner.evict_oldest(&self.ledger);
         }
         self.publish(&inner);
-        true
+        inner.by_id.contains_key(&id)
     }
 
     /// Every tag this replica answers for: its own, then those handed to it.
@@ -272,6 +395,7 @@ impl ResponseStore {
         let mut adopted = self.adopted.lock().expect("adopted tags");
         if tag != self.owner && !adopted.iter().any(|t| t == tag) {
             adopted.push(tag.to_string());
+            self.ledger.tell(MirrorEvent::Tag(tag.to_string()));
         }
     }
 
@@ -303,7 +427,7 @@ impl ResponseStore {
             None => return Lookup::Missing,
         }
         let mut inner = self.inner.lock().expect("response store lock");
-        inner.expire(Instant::now(), self.limits.max_age);
+        inner.expire(Instant::now(), self.limits.max_age, &self.ledger);
         self.publish(&inner);
         match inner.by_id.get(id) {
             Some(response) if response.tenant.as_deref() == tenant => {
@@ -321,37 +445,96 @@ impl ResponseStore {
             .get(id)
             .is_some_and(|r| r.tenant.as_deref() == tenant);
         if mine {
-            inner.by_id.remove(id);
+            inner.forget(id, &self.ledger);
             self.publish(&inner);
         }
         mine
     }
 
+    /// Drops the response `id` whoever made it (a mirror told it went).
+    pub fn remove(&self, id: &str) {
+        let mut inner = self.inner.lock().expect("response store lock");
+        inner.forget(id, &self.ledger);
+        self.publish(&inner);
+    }
+
     /// Responses kept, and the bytes of everything the store made that is alive.
     pub fn usage(&self) -> (usize, usize) {
         let inner = self.inner.lock().expect("response store lock");
-        (inner.by_id.len(), self.alive.load(Ordering::Relaxed))
+        (inner.by_id.len(), self.alive())
+    }
+
+    /// Starts following the store, for a mirror: what it keeps now (oldest first) and the
+    /// tags it answers for, then every change from here on, in order, on the receiver (at
+    /// most `backlog` waiting: a mirror that falls further behind is let go, its receiver
+    /// ends). A mirror started later replaces this one; [`Self::end_mirror`] ends it.
+    pub fn begin_mirror(&self, backlog: usize) -> MirrorStart {
+        let inner = self.inner.lock().expect("response store lock");
+        let mut mirror = self.ledger.mirror.lock().expect("mirror tap");
+        let epoch = self.ledger.mirrors_started.fetch_add(1, Ordering::Relaxed) + 1;
+        let (events_tx, events) = mpsc::channel(backlog);
+        *mirror = Some(Tap {
+            epoch,
+            events: events_tx,
+        });
+        MirrorStart {
+            epoch,
+            tags: self.tags(),
+            kept: inner
+                .order
+                .iter()
+                .filter_map(|(_, id)| inner.by_id.get(id).cloned())
+                .collect(),
+            events,
+        }
+    }
+
+    /// Ends the mirror `epoch`, if it still follows the store: its receiver ends.
+    pub fn end_mirror(&self, epoch: u64) {
+        let mut mirror = self.ledger.mirror.lock().expect("mirror tap");
+        if mirror.as_ref().is_some_and(|tap| tap.epoch == epoch) {
+            let gone = mirror.take();
+            drop(mirror);
+            drop(gone);
+        }
     }
 }
 
+/// A mirror's start ([`ResponseStore::begin_mirror`]).
+#[derive(Debug)]
+pub struct MirrorStart {
+    /// Names this mirror: a message counts as sent to it once marked with it.
+    pub epoch: u64,
+    pub tags: Vec<String>,
+    /// What the store kept when the mirror began, oldest first.
+    pub kept: Vec<Arc<StoredResponse>>,
+    pub events: mpsc::Receiver<MirrorEvent>,
+}
+
 impl Inner {
-    fn expire(&mut self, now: Instant, max_age: Duration) {
+    fn expire(&mut self, now: Instant, max_age: Duration, ledger: &Ledger) {
         while let Some((at, _)) = self.order.front() {
-            if now.duration_since(*at) < max_age {
+            if now.saturating_duration_since(*at) < max_age {
                 break;
             }
-            self.evict_oldest();
+            self.evict_oldest(ledger);
         }
     }
 
     /// Drops the oldest entry still in the order (its memory goes when nothing else holds
     /// it); false when there is none.
-    fn evict_oldest(&mut self) -> bool {
+    fn evict_oldest(&mut self, ledger: &Ledger) -> bool {
         let Some((_, id)) = self.order.pop_front() else {
             return false;
         };
-        self.by_id.remove(&id);
+        self.forget(&id, ledger);
         true
+    }
+
+    fn forget(&mut self, id: &str, ledger: &Ledger) {
+        if self.by_id.remove(id).is_some() {
+            ledger.tell(MirrorEvent::Forgotten(id.to_string()));
+        }
     }
 }
 

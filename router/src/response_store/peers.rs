@@ -65,6 +65,10 @@ pub struct Peers {
     channels: Mutex<HashMap<String, Channel>>,
     /// This replica's gRPC address as the others dial it, and when it stops announcing.
     me: OnceLock<(String, CancellationToken)>,
+    /// The mirror of this replica's responses to its standby: how to end it, and its task.
+    mirror: Mutex<Option<(CancellationToken, tokio::task::JoinHandle<()>)>>,
+    /// Copies broken mirrors left here, by their sender's tag: how to drop each.
+    orphans: Mutex<HashMap<String, CancellationToken>>,
 }
 
 impl std::fmt::Debug for Peers {
@@ -91,6 +95,52 @@ impl Peers {
 
     pub fn registry(&self) -> Option<Arc<dyn Registry>> {
         self.registry.get().cloned()
+    }
+
+    /// Mirrors `dispatcher`'s stored responses to a standby replica until
+    /// [`Self::stop_mirror`] or `stop` (routers with a cluster token only).
+    pub fn start_mirror(&self, dispatcher: Arc<Dispatcher>, stop: &CancellationToken) {
+        let Some((address, _)) = self.me.get() else {
+            return;
+        };
+        let stop = stop.child_token();
+        let task = tokio::spawn(super::mirror::run(
+            dispatcher,
+            address.clone(),
+            stop.clone(),
+        ));
+        *self.mirror.lock().expect("mirror task") = Some((stop, task));
+    }
+
+    /// Ends the mirror cleanly (its standby drops the copy) and waits for it.
+    pub async fn stop_mirror(&self) {
+        let mirror = self.mirror.lock().expect("mirror task").take();
+        if let Some((stop, task)) = mirror {
+            stop.cancel();
+            let _ = task.await;
+        }
+    }
+
+    /// A copy a broken mirror from `source` left here: the token that drops it (replacing
+    /// any copy it left before).
+    pub fn begin_orphan(&self, source: &str) -> CancellationToken {
+        let ended = CancellationToken::new();
+        let before = self
+            .orphans
+            .lock()
+            .expect("orphaned copies")
+            .insert(source.to_string(), ended.clone());
+        if let Some(before) = before {
+            before.cancel();
+        }
+        ended
+    }
+
+    /// Drops the copy a broken mirror from `source` left here, if any.
+    pub fn end_orphan(&self, source: &str) {
+        if let Some(ended) = self.orphans.lock().expect("orphaned copies").remove(source) {
+            ended.cancel();
+        }
     }
 
     /// Announces `tag` (handed over by a stopping replica) at this replica's address, until
