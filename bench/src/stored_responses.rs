@@ -6,10 +6,14 @@
 //! - `same replica`: each turn sends only its new message and names the previous response
 //!   (`previous_response_id`), on the router replica that stored it;
 //! - `other replica`: the same, each turn on the other of two replicas, which reads the
-//!   previous response from its keeper over gRPC (found in the shared registry).
+//!   previous response from its keeper over gRPC (found in the shared registry);
+//! - `mirrored`: as `same replica`, on a pair of replicas with a cluster token, so each
+//!   mirrors every response it stores to the other (its standby, which would take them over
+//!   if it died): what that insurance costs.
 //!
-//! One worker serving the unpaced synthetic engine and two routers with HTTP doors run in this
-//! process on loopback ports. Every turn's prompt must come out the same whichever way it was
+//! Two clusters run in this process on loopback ports, each one worker serving the unpaced
+//! synthetic engine and two routers with HTTP doors: the first without a cluster token (no
+//! mirrors), the second with one. Every turn's prompt must come out the same whichever way it was
 //! sent (its `input_tokens` are compared per conversation and turn), or the run fails. Each
 //! round runs every way once, the one that starts alternating. Reported per way: turns/s,
 //! latency of a whole (non-streamed) turn p50 / p99, bytes sent per turn, CPU time of this
@@ -58,6 +62,7 @@ enum Way {
     Inline,
     SameReplica,
     OtherReplica,
+    Mirrored,
 }
 
 impl Way {
@@ -66,6 +71,7 @@ impl Way {
             Way::Inline => "inline",
             Way::SameReplica => "same replica",
             Way::OtherReplica => "other replica",
+            Way::Mirrored => "mirrored",
         }
     }
 }
@@ -109,7 +115,7 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Resu
 /// sizes.
 async fn conversation(
     client: &reqwest::Client,
-    bases: &[String; 2],
+    bases: &[String; 4],
     way: Way,
     index: usize,
     args: &StoredResponsesArgs,
@@ -128,13 +134,14 @@ async fn conversation(
                 body["store"] = Value::from(false);
                 &bases[0]
             }
-            Way::SameReplica | Way::OtherReplica => {
+            Way::SameReplica | Way::OtherReplica | Way::Mirrored => {
                 body["input"] = Value::from(message);
                 if let Some(previous) = &previous {
                     body["previous_response_id"] = Value::from(previous.as_str());
                 }
                 let other = way == Way::OtherReplica && turn % 2 == 1;
-                &bases[usize::from(other)]
+                let mirrored = 2 * usize::from(way == Way::Mirrored);
+                &bases[mirrored + usize::from(other)]
             }
         };
         let start = Instant::now();
@@ -165,7 +172,7 @@ async fn conversation(
 /// One way's run: every conversation, `concurrency` at once.
 async fn run_way(
     client: &reqwest::Client,
-    bases: &[String; 2],
+    bases: &[String; 4],
     way: Way,
     args: &StoredResponsesArgs,
 ) -> anyhow::Result<(Vec<Turn>, PromptSizes, Duration)> {
@@ -219,17 +226,11 @@ async fn gauge(client: &reqwest::Client, base: &str, name: &str) -> anyhow::Resu
         .with_context(|| format!("no {name} in the router's metrics"))
 }
 
-pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
-    if args.conversations == 0 || args.turns == 0 || args.concurrency == 0 || args.rounds == 0 {
-        bail!("--conversations, --turns, --concurrency and --rounds must be at least 1");
-    }
-    let mut config = bench_router_config(
-        switchyard_router::RouterConfig::default().decision_reports_per_s,
-        switchyard_router::RouterConfig::default().stream_credit_tokens,
-        args.max_tokens.max(1),
-    )?;
-    config.http_listen = Some("127.0.0.1:0".parse()?);
-    config.limits.max_message_bytes = config.limits.max_message_bytes.max(1 << 20);
+/// A cluster of one worker and two routers of `config`, and the routers' HTTP doors.
+async fn start_pair(
+    mut config: switchyard_router::RouterConfig,
+) -> anyhow::Result<(crate::router::Cluster, [String; 2])> {
+    config.metrics = switchyard_cluster::telemetry::metrics::Metrics::new();
     let mut cluster = start_cluster(unthrottled_engine(4096), false, config.clone()).await?;
     let first = cluster
         .router_http
@@ -241,11 +242,36 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         .await?
         .http
         .context("the second router opened no HTTP door")?;
-    let bases = [format!("http://{first}"), format!("http://{second}")];
+    Ok((cluster, [format!("http://{first}"), format!("http://{second}")]))
+}
+
+pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
+    if args.conversations == 0 || args.turns == 0 || args.concurrency == 0 || args.rounds == 0 {
+        bail!("--conversations, --turns, --concurrency and --rounds must be at least 1");
+    }
+    let mut config = bench_router_config(
+        switchyard_router::RouterConfig::default().decision_reports_per_s,
+        switchyard_router::RouterConfig::default().stream_credit_tokens,
+        args.max_tokens.max(1),
+    )?;
+    config.http_listen = Some("127.0.0.1:0".parse()?);
+    config.limits.max_message_bytes = config.limits.max_message_bytes.max(1 << 20);
+    let (plain, plain_doors) = start_pair(config.clone()).await?;
+    config.cluster_token = Some(
+        switchyard_cluster::credential::ClusterToken::new("stored-responses-bench-token")
+            .map_err(anyhow::Error::msg)?,
+    );
+    let (mirrored, mirrored_doors) = start_pair(config).await?;
+    let bases = [
+        plain_doors[0].clone(),
+        plain_doors[1].clone(),
+        mirrored_doors[0].clone(),
+        mirrored_doors[1].clone(),
+    ];
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;
-    let ways = [Way::Inline, Way::SameReplica, Way::OtherReplica];
+    let ways = [Way::Inline, Way::SameReplica, Way::OtherReplica, Way::Mirrored];
     let mut totals: Vec<Totals> = ways.iter().map(|_| Totals::default()).collect();
     // Warm-up: connections open, the routers' tokenizers fetched, the second router linked.
     let warm = StoredResponsesArgs {
@@ -254,6 +280,14 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
     };
     for way in ways {
         run_way(&client, &bases, way, &warm).await?;
+    }
+    // The mirrored replica found its standby (a replica looks for one every few seconds).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while gauge(&client, &bases[3], "switchyard_router_standby_responses").await? == 0.0 {
+        if Instant::now() > deadline {
+            bail!("the mirrored replica found no standby in 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for round in 0..args.rounds {
         let mut prompts: Option<PromptSizes> = None;
@@ -279,21 +313,14 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let stored = [
-        gauge(
-            &client,
-            &bases[0],
-            "switchyard_router_stored_response_bytes",
-        )
-        .await?,
-        gauge(
-            &client,
-            &bases[1],
-            "switchyard_router_stored_response_bytes",
-        )
-        .await?,
-    ];
-    cluster.stop().await;
+    let mut stored = Vec::new();
+    for base in &bases {
+        stored.push(gauge(&client, base, "switchyard_router_stored_response_bytes").await?);
+    }
+    let kept = gauge(&client, &bases[2], "switchyard_router_stored_responses").await?;
+    let standby = gauge(&client, &bases[3], "switchyard_router_standby_responses").await?;
+    plain.stop().await;
+    mirrored.stop().await;
 
     println!(
         "Stored responses: {} conversations × {} turns per way and round ({}-word messages, {} \
@@ -325,9 +352,17 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "stores hold {:.1} MiB and {:.1} MiB (switchyard_router_stored_response_bytes)",
-        stored[0] / f64::from(1 << 20),
-        stored[1] / f64::from(1 << 20)
+        "the mirrored replica keeps {kept} responses, its standby a copy of {standby} \
+         (switchyard_router_standby_responses)"
+    );
+    let mib = |bytes: f64| bytes / f64::from(1 << 20);
+    println!(
+        "stores hold {:.1} MiB and {:.1} MiB; the mirrored pair's {:.1} MiB and {:.1} MiB \
+         (switchyard_router_stored_response_bytes)",
+        mib(stored[0]),
+        mib(stored[1]),
+        mib(stored[2]),
+        mib(stored[3])
     );
     Ok(())
 }
