@@ -242,7 +242,10 @@ async fn start_pair(
         .await?
         .http
         .context("the second router opened no HTTP door")?;
-    Ok((cluster, [format!("http://{first}"), format!("http://{second}")]))
+    Ok((
+        cluster,
+        [format!("http://{first}"), format!("http://{second}")],
+    ))
 }
 
 pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
@@ -271,7 +274,12 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency * 2)
         .build()?;
-    let ways = [Way::Inline, Way::SameReplica, Way::OtherReplica, Way::Mirrored];
+    let ways = [
+        Way::Inline,
+        Way::SameReplica,
+        Way::OtherReplica,
+        Way::Mirrored,
+    ];
     let mut totals: Vec<Totals> = ways.iter().map(|_| Totals::default()).collect();
     // Warm-up: connections open, the routers' tokenizers fetched, the second router linked.
     let warm = StoredResponsesArgs {

@@ -30,8 +30,9 @@ use super::peers::PRESENCE_TTL;
 use super::{MirrorEvent, MirrorStart, ResponseStore, StoreLimits, StoredMessage, StoredResponse};
 use crate::dispatch::Dispatcher;
 
-/// Changes a mirror may fall behind by before it is let go and started afresh.
-const BACKLOG: usize = 1 << 16;
+/// Changes a mirror may fall behind by before it is let go and started afresh. Responses
+/// waiting to be sent stay alive and count against the store's bytes, so this stays small.
+const BACKLOG: usize = 4096;
 /// How often a router without a standby looks for another replica.
 const LOOK_AGAIN: Duration = Duration::from_secs(5);
 /// How often a receiver whose mirror broke asks whether its sender is still announced.

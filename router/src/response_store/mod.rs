@@ -370,8 +370,8 @@ impl ResponseStore {
                 break;
             };
             if *oldest == id {
-                // Kept though what requests in flight hold runs over, unless older ones
-                // (handed over) are newer than it.
+                // The newest is kept though what requests in flight hold runs over; one handed
+                // over older than others kept is the oldest, and goes.
                 if inner.order.len() > 1 {
                     inner.evict_oldest(&self.ledger);
                 }
