@@ -119,6 +119,24 @@ pub fn validate_generate_request(
         }
         None => {}
     }
+    match crate::v1::Truncation::try_from(request.truncation) {
+        Err(_) => {
+            return Err(FieldViolation::new(
+                "truncation",
+                format!(
+                    "is {}, must be 0 (disabled) or 1 (auto)",
+                    request.truncation
+                ),
+            ));
+        }
+        Ok(crate::v1::Truncation::Auto) if request.messages.is_empty() => {
+            return Err(FieldViolation::new(
+                "truncation",
+                "auto drops the oldest chat messages: it needs messages, not a prompt",
+            ));
+        }
+        Ok(_) => {}
+    }
     if request.prompt_token_ids.len() > MAX_PROMPT_TOKEN_IDS {
         return Err(FieldViolation::new(
             "prompt_token_ids",
@@ -714,6 +732,29 @@ mod tests {
         assert!(validate_generate_request(&with(true, false), &limits).is_ok());
         assert!(validate_generate_request(&with(false, true), &limits).is_ok());
         assert_eq!(field_of(with(false, false)), "sampling.top_logprobs");
+    }
+
+    #[test]
+    fn truncation_is_disabled_or_auto_and_auto_drops_chat_messages_only() {
+        let limits = RequestLimits::default();
+        let auto = GenerateRequest {
+            truncation: crate::v1::Truncation::Auto as i32,
+            ..valid()
+        };
+        assert!(validate_generate_request(&auto, &limits).is_ok());
+        let prompt = GenerateRequest {
+            messages: Vec::new(),
+            prompt: "text".into(),
+            ..auto.clone()
+        };
+        assert_eq!(field_of(prompt), "truncation");
+        assert_eq!(
+            field_of(GenerateRequest {
+                truncation: 7,
+                ..valid()
+            }),
+            "truncation"
+        );
     }
 
     #[test]

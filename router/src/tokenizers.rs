@@ -204,7 +204,7 @@ pub fn tokenizes_long(request: &v1::GenerateRequest) -> bool {
     text > ENCODE_INLINE_BYTES
 }
 
-fn encode(tokenizer: &GgufTokenizer, request: &v1::GenerateRequest) -> Option<Vec<u32>> {
+pub(crate) fn encode(tokenizer: &GgufTokenizer, request: &v1::GenerateRequest) -> Option<Vec<u32>> {
     let ids = if request.messages.is_empty() {
         tokenizer.encode(&request.prompt)
     } else if switchyard_tokenizer::uses_tools(

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use serde_json::{Value, json};
 use switchyard_client::{Completion, SessionClient};
 use switchyard_proto::v1::{self, admin_client::AdminClient, server_frame};
@@ -1435,5 +1436,89 @@ asyncio.run(main())
     );
     let out = switchyard_tests::program_output("python3", &["-c", &program]).await?;
     assert!(out.contains("python-grpc-tools: ok"), "{out}");
+    Ok(())
+}
+
+/// A conversation that outgrows the context (here 256 tokens, the workers'
+/// `--max-model-len`) is refused as `context_length_exceeded` unless the Responses request
+/// says `truncation: "auto"`: then its oldest turns are dropped until the prompt leaves the
+/// answer its room, and a stored conversation going on past the context goes on too, while
+/// the store keeps every turn.
+#[tokio::test]
+async fn truncation_auto_drops_the_oldest_turns_of_a_conversation_longer_than_the_context()
+-> anyhow::Result<()> {
+    const CONTEXT: u64 = 256;
+    let cluster = real_model_cluster_with(1, &["--max-model-len", "256"]).await?;
+    router_has_the_tokenizer(&cluster).await?;
+    let client = reqwest::Client::new();
+    let url = format!("{}/responses", cluster.router_openai_url());
+    // Six turns of about 50 tokens each, then the question.
+    let mut input = Vec::new();
+    for turn in 0..6 {
+        input.push(json!({"role": "user", "content": format!("Turn {turn}: {}", "tell me more about the sea ".repeat(8))}));
+        input.push(json!({"role": "assistant", "content": format!("Answer {turn}: {}", "the sea is wide and deep ".repeat(8))}));
+    }
+    input.push(json!({"role": "user", "content": "What is the capital of France?"}));
+    let body = |truncation: &str| {
+        json!({"model": MODEL, "input": input, "max_output_tokens": 16,
+               "truncation": truncation, "instructions": "Answer briefly."})
+    };
+
+    let refused = client.post(&url).json(&body("disabled")).send().await?;
+    assert_eq!(refused.status(), 400);
+    let refused: Value = refused.json().await?;
+    assert_eq!(
+        refused["error"]["code"], "context_length_exceeded",
+        "{refused}"
+    );
+    // "... the prompt is N tokens ...": six turns and a little more.
+    let whole: u64 = refused["error"]["message"]
+        .as_str()
+        .and_then(|m| m.split("the prompt is ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .context("the refusal names the prompt's length")?;
+    let turn_at_most = whole / 6;
+
+    let answered = client.post(&url).json(&body("auto")).send().await?;
+    assert_eq!(answered.status(), 200);
+    let answered: Value = answered.json().await?;
+    assert_eq!(answered["truncation"], "auto");
+    assert_eq!(answered["status"], "completed", "{answered}");
+    let prompt = answered["usage"]["input_tokens"]
+        .as_u64()
+        .unwrap_or_default();
+    // The room asked for is left, and no more turns went than needed: one more would not
+    // have fit.
+    assert!(prompt + 16 <= CONTEXT, "{prompt} prompt tokens");
+    assert!(
+        prompt + 16 + turn_at_most > CONTEXT,
+        "{prompt} of {whole} prompt tokens kept: too much went"
+    );
+    // The store keeps the whole input.
+    let id = answered["id"].as_str().unwrap_or_default();
+    let items: Value = client
+        .get(format!("{url}/{id}/input_items?limit=100"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(items["data"].as_array().map(Vec::len), Some(input.len()));
+
+    // Going on from it, past the context again: truncated again, it is answered.
+    let next = client
+        .post(&url)
+        .json(
+            &json!({"model": MODEL, "previous_response_id": id, "max_output_tokens": 16,
+                      "truncation": "auto",
+                      "input": format!("And Spain? {}", "tell me more ".repeat(10))}),
+        )
+        .send()
+        .await?;
+    assert_eq!(next.status(), 200);
+    let next: Value = next.json().await?;
+    assert_eq!(next["status"], "completed", "{next}");
+    let prompt = next["usage"]["input_tokens"].as_u64().unwrap_or_default();
+    assert!(prompt + 16 <= CONTEXT, "{prompt} prompt tokens");
     Ok(())
 }

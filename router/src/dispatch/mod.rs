@@ -13,6 +13,7 @@ mod finish;
 mod place;
 mod run;
 mod span;
+mod truncate;
 mod validate;
 
 use std::collections::BTreeSet;
@@ -299,14 +300,18 @@ impl Dispatcher {
         canonicalize_roles(&mut request.messages);
         // Before anything reads `max_tokens` (validation, the classifier's rules).
         let bound = bound_output(&mut request, self.config.limits.max_tokens_cap);
-        let tokenized = self.tokenize_long(&request).await;
+        let tokenized = match self.truncate_to_context(&mut request, bound).await {
+            Some(ids) => Some(ids),
+            None => self.tokenize_long(&request).await,
+        };
         self.prepare_tokenized(request, parent, arrived, tokenized, bound)
     }
 
     /// Whether [`Dispatcher::prepare`] waits for `request` (to tokenize its long prompt):
     /// a caller reading many requests in turn prepares such a one on a task of its own.
     pub fn waits_to_prepare(&self, request: &v1::GenerateRequest) -> bool {
-        tokenizes_long(request) && self.links.tokenizers().has(&request.model)
+        (tokenizes_long(request) || request.truncation == v1::Truncation::Auto as i32)
+            && self.links.tokenizers().has(&request.model)
     }
 
     fn prepare_tokenized(

@@ -76,7 +76,10 @@ impl Snapshot {
             tools: &e.tools,
             top_logprobs: 0,
             top_p: e.top_p,
-            truncation: "disabled",
+            truncation: match e.truncation {
+                v1::Truncation::Auto => "auto",
+                v1::Truncation::Disabled => "disabled",
+            },
             usage: finished.map(|f| Usage::from(f.usage.unwrap_or_default())),
             user: e.user.as_deref(),
         }

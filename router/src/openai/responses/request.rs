@@ -83,6 +83,8 @@ pub struct Echo {
     pub safety_identifier: Option<String>,
     pub store: bool,
     pub previous_response_id: Option<String>,
+    /// What happens to an input longer than the context.
+    pub truncation: v1::Truncation,
 }
 
 /// How the handler runs the request.
@@ -188,6 +190,19 @@ impl ResponsesRequest {
         .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
         let metadata = metadata(self.metadata.clone())?;
         let previous_response_id = self.previous_response_id()?;
+        let truncation = match self.truncation.as_deref() {
+            None | Some("disabled") => v1::Truncation::Disabled,
+            Some("auto") => v1::Truncation::Auto,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "truncation",
+                    format!(
+                        "is {other:?}, must be \"disabled\" (an input longer than the context is \
+                         refused) or \"auto\" (its oldest items are dropped until it fits)"
+                    ),
+                ));
+            }
+        };
 
         // The most specific affinity hint the client gave: OpenAI's prompt-cache key is what
         // it is for.
@@ -209,6 +224,7 @@ impl ResponsesRequest {
             tools: proto_tools,
             tool_choice,
             affinity_key,
+            truncation: truncation as i32,
             ..Default::default()
         };
         let echo = Echo {
@@ -229,6 +245,7 @@ impl ResponsesRequest {
             safety_identifier: self.safety_identifier,
             store: self.store.unwrap_or(true),
             previous_response_id,
+            truncation,
         };
         let mode = Mode {
             stream: self.stream.unwrap_or(false),
@@ -277,12 +294,6 @@ impl ResponsesRequest {
                 "max_tool_calls",
                 "is not supported (it bounds built-in tools, which Switchyard has none of); \
                  parallel_tool_calls: false allows one call",
-            ));
-        }
-        if self.truncation.as_deref().is_some_and(|t| t != "disabled") {
-            return Err(ApiError::invalid(
-                "truncation",
-                "only \"disabled\" is supported: an input longer than the context is refused",
             ));
         }
         if let Some(item) = self.include.iter().flatten().next() {
@@ -895,7 +906,7 @@ mod tests {
             (json!({"previous_response_id": ""}), "previous_response_id"),
             (json!({"conversation": "conv_1"}), "conversation"),
             (json!({"background": true}), "background"),
-            (json!({"truncation": "auto"}), "truncation"),
+            (json!({"truncation": "middle"}), "truncation"),
             (
                 json!({"include": ["reasoning.encrypted_content"]}),
                 "include",
