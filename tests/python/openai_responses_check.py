@@ -160,8 +160,11 @@ def a_conversation_goes_on_from_a_stored_response():
         previous_response_id=first.id,
         input="What is my name?",
         max_output_tokens=16,
+        # A long session would outgrow the context: its oldest turns would then go.
+        truncation="auto",
     )
     assert second.previous_response_id == first.id, second
+    assert second.truncation == "auto" and first.truncation == "disabled", second
     assert second.output_text.strip(), second
     # The model read the first turn and its answer again (its instructions hold for one
     # request only, as OpenAI's do).
