@@ -223,16 +223,22 @@ pub(crate) fn quantile_ms(values: &[u64], q: f64) -> anyhow::Result<f64> {
     Ok(histogram.value_at_quantile(q) as f64 / 1000.0)
 }
 
+/// The bench router's configuration with an HTTP door on a free loopback port.
+pub(crate) fn with_http_door(max_tokens: u32) -> anyhow::Result<switchyard_router::RouterConfig> {
+    let mut config = bench_router_config(
+        switchyard_router::RouterConfig::default().decision_reports_per_s,
+        switchyard_router::RouterConfig::default().stream_credit_tokens,
+        max_tokens.max(1),
+    )?;
+    config.http_listen = Some("127.0.0.1:0".parse()?);
+    Ok(config)
+}
+
 pub async fn run(args: DoorsArgs) -> anyhow::Result<()> {
     if args.requests == 0 || args.concurrency == 0 || args.rounds == 0 {
         bail!("--requests, --concurrency and --rounds must be at least 1");
     }
-    let mut config = bench_router_config(
-        switchyard_router::RouterConfig::default().decision_reports_per_s,
-        switchyard_router::RouterConfig::default().stream_credit_tokens,
-        args.max_tokens.max(1),
-    )?;
-    config.http_listen = Some("127.0.0.1:0".parse()?);
+    let config = with_http_door(args.max_tokens)?;
     let cluster = start_cluster(unthrottled_engine(4096), false, config).await?;
     let http = cluster
         .router_http

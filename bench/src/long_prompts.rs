@@ -12,6 +12,11 @@
 //! before it has a model's tokenizer: text without prompt ids, which the engine encodes. Each
 //! trial times a short start's first token alone, then right behind a start carrying the long
 //! text (cancelled once the short one has its token).
+//!
+//! Last, what truncation costs the router: a conversation of `--prompt-kib` in 2 KiB turns,
+//! longer than the context, asked with `truncation: auto` (the router tokenizes it a few times
+//! to find the fewest oldest turns to drop) is timed until its `Accepted`, next to the same
+//! conversation without truncation, refused after one tokenization.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -244,7 +249,63 @@ pub async fn run(args: LongPromptsArgs) -> anyhow::Result<()> {
         let long = long.map(|text| (format!("long-{id}"), text));
         short_first_token(&mut worker, id, long).await
     })
-    .await
+    .await?;
+    println!(
+        "\na conversation in 2 KiB turns: time until accepted with truncation auto, next to \
+         refused whole without it (one tokenization), {} trials per size (ms)",
+        args.trials
+    );
+    println!("conversation  turns  auto p50    max  refused p50  auto / refused");
+    for kib in &args.prompt_kib {
+        let messages = conversation(*kib);
+        let (mut auto, mut refused) = (Vec::new(), Vec::new());
+        for trial in 0..args.trials {
+            for (truncation, times) in [
+                (v1::Truncation::Auto, &mut auto),
+                (v1::Truncation::Disabled, &mut refused),
+            ] {
+                let mut asked = request(&format!("turns-{kib}-{trial}-{truncation:?}"), "");
+                asked.messages = messages.clone();
+                asked.truncation = truncation as i32;
+                let id = asked.request_id.clone();
+                let sent = Instant::now();
+                let mut stream = session.start(asked)?;
+                let first = stream.next().await;
+                times.push(sent.elapsed());
+                let accepted = matches!(first, Some(Frame::Accepted(_)));
+                if accepted != (truncation == v1::Truncation::Auto) {
+                    bail!("{id}: {truncation:?} answered {first:?} first");
+                }
+                let _ = session.cancel(&id);
+                stream.collect().await;
+            }
+        }
+        auto.sort();
+        refused.sort();
+        let median = |v: &[Duration]| ms(v[v.len() / 2]);
+        println!(
+            "{kib:>8} KiB  {:>5}  {:>8.2}  {:>5.2}  {:>11.2}  {:>13.2}×",
+            messages.len(),
+            median(&auto),
+            ms(auto[auto.len() - 1]),
+            median(&refused),
+            median(&auto) / median(&refused),
+        );
+    }
+    Ok(())
+}
+
+/// About `kib` KiB of conversation in 2 KiB turns, user and assistant in turn, ending with
+/// the user's.
+fn conversation(kib: usize) -> Vec<v1::ChatMessage> {
+    let turns = (kib / 2).max(1) | 1;
+    (0..turns)
+        .map(|turn| v1::ChatMessage {
+            role: if turn % 2 == 0 { "user" } else { "assistant" }.into(),
+            content: long_text(2),
+            ..Default::default()
+        })
+        .collect()
 }
 
 /// For each size, `args.trials` times: a short request timed by `short` alone, then right

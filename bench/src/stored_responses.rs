@@ -30,7 +30,7 @@ use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
 use crate::doors::quantile_ms;
-use crate::router::{bench_router_config, process_cpu, start_cluster, unthrottled_engine};
+use crate::router::{process_cpu, start_cluster, unthrottled_engine};
 
 const MODEL: &str = "synthetic";
 
@@ -252,12 +252,7 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
     if args.conversations == 0 || args.turns == 0 || args.concurrency == 0 || args.rounds == 0 {
         bail!("--conversations, --turns, --concurrency and --rounds must be at least 1");
     }
-    let mut config = bench_router_config(
-        switchyard_router::RouterConfig::default().decision_reports_per_s,
-        switchyard_router::RouterConfig::default().stream_credit_tokens,
-        args.max_tokens.max(1),
-    )?;
-    config.http_listen = Some("127.0.0.1:0".parse()?);
+    let mut config = crate::doors::with_http_door(args.max_tokens)?;
     config.limits.max_message_bytes = config.limits.max_message_bytes.max(1 << 20);
     let (plain, plain_doors) = start_pair(config.clone()).await?;
     config.cluster_token = Some(

@@ -478,39 +478,75 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
     Ok(())
 }
 
-/// A rollout replaces every router: a stopping one hands its stored responses to another
-/// replica (routers only: the cluster token), which answers for their ids from then on, to
-/// clients on any replica, so the conversations go on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Result<()> {
+/// A cluster whose routers share a cluster token, another router replica with it, and a
+/// conversation of two stored turns made on that replica.
+struct TwoTurns {
+    cluster: Cluster,
+    other: switchyard_tests::Component,
+    /// The cluster token's file (in `_dir`, which a caller keeps while its routers run).
+    token: String,
+    first: Value,
+    second: Value,
+    _dir: tempfile::TempDir,
+}
+
+/// [`TwoTurns`] with the other replica named `name`; `metrics`: every component serves them.
+async fn two_turns_on_another_replica(name: &str, metrics: bool) -> anyhow::Result<TwoTurns> {
     let dir = tempfile::tempdir()?;
     let token = dir.path().join("cluster-token");
-    std::fs::write(&token, "handover-test-token-0123456789\n")?;
+    std::fs::write(&token, "stored-responses-test-token-0123456789\n")?;
     let token = token.display().to_string();
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 1,
         wse_workers: 0,
         router_flags: strings(&["--cluster-token-file", &token]),
+        metrics,
         ..Default::default()
     })
     .await?;
-    let flags = ["--cluster-token-file", token.as_str()];
-    let mut leaving = another_router(&cluster, "leaving", &flags).await?;
+    let other = another_router(&cluster, name, &["--cluster-token-file", &token]).await?;
     let client = http();
-    let post = |base: String, body: Value| create_response(&client, base, body);
-    let leaving_url = format!("http://{}/v1", leaving.addr("http"));
-    let (_, first) = post(
-        leaving_url.clone(),
+    let url = format!("http://{}/v1", other.addr("http"));
+    let (_, first) = create_response(
+        &client,
+        url.clone(),
         json!({"model": "synthetic", "input": "First turn.", "max_output_tokens": 4}),
     )
     .await?;
-    let first_id = first["id"].as_str().context("an id")?.to_string();
-    let (_, second) = post(
-        leaving_url,
+    let (_, second) = create_response(
+        &client,
+        url,
         json!({"model": "synthetic", "input": "Second turn.", "max_output_tokens": 4,
-               "previous_response_id": first_id}),
+               "previous_response_id": first["id"]}),
     )
     .await?;
+    Ok(TwoTurns {
+        cluster,
+        other,
+        token,
+        first,
+        second,
+        _dir: dir,
+    })
+}
+
+/// A rollout replaces every router: a stopping one hands its stored responses to another
+/// replica (routers only: the cluster token), which answers for their ids from then on, to
+/// clients on any replica, so the conversations go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Result<()> {
+    let TwoTurns {
+        cluster,
+        other: mut leaving,
+        token,
+        first,
+        second,
+        _dir: _token_dir,
+    } = two_turns_on_another_replica("leaving", false).await?;
+    let flags = ["--cluster-token-file", token.as_str()];
+    let client = http();
+    let post = |base: String, body: Value| create_response(&client, base, body);
+    let first_id = first["id"].as_str().context("an id")?.to_string();
     let second_id = second["id"].as_str().context("an id")?.to_string();
 
     leaving.terminate(Duration::from_secs(30)).await?;
@@ -562,34 +598,17 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
 /// expires, so the conversations go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let token = dir.path().join("cluster-token");
-    std::fs::write(&token, "mirror-test-token-0123456789ab\n")?;
-    let token = token.display().to_string();
-    let cluster = Cluster::start(ClusterSpec {
-        gpu_workers: 1,
-        wse_workers: 0,
-        router_flags: strings(&["--cluster-token-file", &token]),
-        metrics: true,
-        ..Default::default()
-    })
-    .await?;
-    let mut dying = another_router(&cluster, "dying", &["--cluster-token-file", &token]).await?;
+    let TwoTurns {
+        cluster,
+        other: mut dying,
+        first,
+        second,
+        _dir: _token_dir,
+        ..
+    } = two_turns_on_another_replica("dying", true).await?;
     let client = http();
     let post = |base: String, body: Value| create_response(&client, base, body);
-    let dying_url = format!("http://{}/v1", dying.addr("http"));
-    let (_, first) = post(
-        dying_url.clone(),
-        json!({"model": "synthetic", "input": "First turn.", "max_output_tokens": 4}),
-    )
-    .await?;
     let first_id = first["id"].as_str().context("an id")?.to_string();
-    let (_, second) = post(
-        dying_url,
-        json!({"model": "synthetic", "input": "Second turn.", "max_output_tokens": 4,
-               "previous_response_id": first_id}),
-    )
-    .await?;
     let second_id = second["id"].as_str().context("an id")?.to_string();
     // The other replica holds both as the standby copy.
     let staying_metrics = cluster.router.metrics_url();
