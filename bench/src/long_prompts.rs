@@ -13,7 +13,7 @@
 //! trial times a short start's first token alone, then right behind a start carrying the long
 //! text (cancelled once the short one has its token).
 //!
-//! Last, what truncation costs the router: a conversation of `--prompt-kib` in 2 KiB turns,
+//! Last, what truncation costs the router: a conversation of `--conversation-kib` in 2 KiB turns,
 //! longer than the context, asked with `truncation: auto` (the router tokenizes it a few times
 //! to find the fewest oldest turns to drop) is timed until its `Accepted`, next to the same
 //! conversation without truncation, refused after one tokenization.
@@ -44,6 +44,10 @@ pub struct LongPromptsArgs {
     /// Trials per size.
     #[arg(long, default_value_t = 8)]
     pub trials: usize,
+    /// Text of the conversations asked with truncation, KiB (one run per size; each longer
+    /// than the model's context).
+    #[arg(long, value_delimiter = ',', default_value = "80,400")]
+    pub conversation_kib: Vec<usize>,
 }
 
 fn request(id: &str, content: &str) -> v1::GenerateRequest {
@@ -256,7 +260,7 @@ pub async fn run(args: LongPromptsArgs) -> anyhow::Result<()> {
         args.trials
     );
     println!("conversation  turns  auto p50    max  refused p50  auto / refused");
-    for kib in &args.prompt_kib {
+    for kib in &args.conversation_kib {
         let messages = conversation(*kib);
         let (mut auto, mut refused) = (Vec::new(), Vec::new());
         for trial in 0..args.trials {

@@ -39,6 +39,16 @@ fn cut_points(messages: &[v1::ChatMessage]) -> Vec<usize> {
     cuts
 }
 
+/// What a message weighs in the prompt's text.
+fn message_bytes(message: &v1::ChatMessage) -> usize {
+    message.content.len()
+        + message
+            .tool_calls
+            .iter()
+            .map(|c| c.name.len() + c.arguments.len())
+            .sum::<usize>()
+}
+
 /// `messages` without the conversation before `cut`: system messages stay.
 fn cut_at(messages: &[v1::ChatMessage], cut: usize) -> Vec<v1::ChatMessage> {
     messages
@@ -60,26 +70,54 @@ fn truncate(
     encode: impl Fn(&v1::GenerateRequest) -> Option<Vec<u32>>,
 ) -> Option<(Vec<v1::ChatMessage>, Vec<u32>, usize)> {
     let cuts = cut_points(&request.messages);
-    let fits = |cut: usize| {
+    let room = context_length.checked_sub(reserve)?;
+    let cut_request = |cut: usize| {
         let mut cut_request = request.clone();
         cut_request.messages = cut_at(&request.messages, cut);
-        let ids = encode(&cut_request)?;
-        (ids.len() + reserve <= context_length).then_some((cut_request.messages, ids))
+        cut_request
     };
-    if cuts.is_empty() || fits(cuts[0]).is_some() {
+    let fits = |cut: usize| {
+        let cut_request = cut_request(cut);
+        let ids = encode(&cut_request)?;
+        (ids.len() <= room).then_some((cut_request.messages, ids))
+    };
+    let whole = encode(request)?.len();
+    if cuts.is_empty() || whole <= room {
         return None;
     }
-    // The cut is the first that fits: dropping more only shortens the prompt.
+    // The cut is the first that fits: dropping more only shortens the prompt. A guess from
+    // the whole prompt's tokens per byte is tried first, then the one before it (usually
+    // settling it in two tokenizations); bisection finds it otherwise.
+    let weights: Vec<usize> = request.messages.iter().map(message_bytes).collect();
+    let kept_bytes = |cut: usize| {
+        (0..weights.len())
+            .filter(|&i| i >= cut || request.messages[i].role == "system")
+            .map(|i| weights[i])
+            .sum::<usize>()
+    };
+    let tokens_per_byte = whole as f64 / kept_bytes(0).max(1) as f64;
+    let guess = (1..cuts.len())
+        .find(|&i| (kept_bytes(cuts[i]) as f64 * tokens_per_byte) as usize <= room)
+        .unwrap_or(cuts.len() - 1);
     let (mut too_long, mut fitting) = (0, None);
     let mut high = cuts.len();
+    let mut next = Some(guess);
     while too_long + 1 < high {
-        let middle = (too_long + high) / 2;
+        let middle = next
+            .take()
+            .filter(|m| (too_long + 1..high).contains(m))
+            .unwrap_or((too_long + high) / 2);
+        let first = fitting.is_none() && too_long == 0;
         match fits(cuts[middle]) {
             Some(found) => {
                 fitting = Some((middle, found));
                 high = middle;
+                next = first.then(|| middle - 1);
             }
-            None => too_long = middle,
+            None => {
+                too_long = middle;
+                next = first.then_some(middle + 1);
+            }
         }
     }
     let (at, (messages, ids)) = fitting?;
@@ -196,6 +234,28 @@ mod tests {
         assert_eq!((roles(&kept), dropped), (vec!["system", "user"], 8));
         // Not even that: refused as without truncation.
         assert!(truncate(&whole, 30, 19, words).is_none());
+    }
+
+    /// The cut is guessed from the whole prompt's tokens per byte and checked: a long
+    /// conversation of even turns is tokenized three times (whole, the guess, one turn
+    /// fewer dropped), not once per bisection step.
+    #[test]
+    fn a_good_guess_settles_the_cut_in_three_tokenizations() {
+        let mut messages = vec![message("system", 9)];
+        for _ in 0..200 {
+            messages.push(message("user", 9));
+            messages.push(message("assistant", 9));
+        }
+        messages.push(message("user", 9));
+        let calls = std::cell::Cell::new(0);
+        let counted = |r: &v1::GenerateRequest| {
+            calls.set(calls.get() + 1);
+            words(r)
+        };
+        let (_, ids, dropped) = truncate(&request(messages), 1000, 100, counted).expect("cut");
+        // 10 system + 10 question + 44 turns of 20 = 900: 156 turns go.
+        assert_eq!((ids.len(), dropped), (900, 312));
+        assert_eq!(calls.get(), 3);
     }
 
     #[test]
