@@ -3,8 +3,9 @@
 `openai` SDK, as an agent uses it: text answers whole and streamed (through the SDK's own
 stream accumulator, which checks every event's order and identity), the output bound, stored
 responses (retrieved, their input items listed, deleted, and gone on from with
-`previous_response_id`), a function call, its result sent back as input items or after the
-stored call and answered, a JSON schema answer, and refusals that name their field.
+`previous_response_id`), the output text's log probabilities, a function call, its result
+sent back as input items or after the stored call and answered, a JSON schema answer, and
+refusals that name their field.
 
 Usage: openai_responses_check.py BASE_URL MODEL [text-only]
 With `text-only` (a load-test engine, which refuses tools and schemas) only the text checks
@@ -84,6 +85,35 @@ def a_streamed_answer_matches_its_events():
     assert kinds[:2] == ["response.created", "response.in_progress"], kinds
     assert kinds[-1] in ("response.completed", "response.incomplete"), kinds
     assert "".join(deltas) == final.output_text != "", (deltas, final.output_text)
+
+
+def the_output_texts_log_probabilities():
+    asked = dict(
+        model=MODEL,
+        input="Say hello.",
+        max_output_tokens=8,
+        include=["message.output_text.logprobs"],
+        top_logprobs=2,
+    )
+    response = client.responses.create(**asked)
+    assert response.top_logprobs == 2, response
+    part = response.output[0].content[0]
+    assert part.logprobs, part
+    # The tokens spell the text, each with its two likeliest alternatives (a load-test
+    # engine is certain of each token: it has one).
+    assert "".join(lp.token for lp in part.logprobs) == part.text, (part.logprobs, part.text)
+    alternatives = (1, 2) if TEXT_ONLY else (2,)
+    for lp in part.logprobs:
+        assert lp.logprob <= 0 and len(lp.top_logprobs) in alternatives, lp
+    # Streamed, each delta carries its tokens', and together they are the text's.
+    streamed = []
+    with client.responses.stream(**asked) as stream:
+        for event in stream:
+            if event.type == "response.output_text.delta":
+                streamed += event.logprobs
+        final = event.response
+    tokens = final.output[0].content[0].logprobs
+    assert [lp.token for lp in streamed] == [lp.token for lp in tokens], (streamed, tokens)
 
 
 def raw_events_are_numbered_in_order():
@@ -304,6 +334,7 @@ CHECKS = [
     a_text_answer_whole,
     the_output_bound_makes_it_incomplete,
     a_streamed_answer_matches_its_events,
+    the_output_texts_log_probabilities,
     raw_events_are_numbered_in_order,
     a_conversation_in_input_items,
     a_stored_response_is_retrieved_listed_and_deleted,

@@ -71,7 +71,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     )
     .await?;
     assert!(
-        out.contains("openai-responses: 10 passed, 0 failed"),
+        out.contains("openai-responses: 11 passed, 0 failed"),
         "{out}"
     );
     // Anthropic's Messages API on the same port, with Anthropic's SDK, text only.

@@ -1270,7 +1270,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     )
     .await?;
     assert!(
-        straight.contains("openai-responses: 15 passed, 0 failed"),
+        straight.contains("openai-responses: 16 passed, 0 failed"),
         "{straight}"
     );
     let anthropic = concat!(
@@ -1318,7 +1318,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     )
     .await?;
     assert!(
-        through.contains("openai-responses: 15 passed, 0 failed"),
+        through.contains("openai-responses: 16 passed, 0 failed"),
         "{through}"
     );
     let through = switchyard_tests::program_output(

@@ -117,7 +117,9 @@ fn entry(token: &v1::TokenLogprob) -> Map<String, Value> {
     entry
 }
 
-fn chat_entry(token: &v1::TokenLogprobs) -> Value {
+/// One token's entry in a chat completion's `logprobs.content` and a Responses
+/// `output_text`'s `logprobs`: its text, log probability and bytes, and its alternatives'.
+pub fn chat_entry(token: &v1::TokenLogprobs) -> Value {
     let mut chosen = entry(&token.chosen.clone().unwrap_or_default());
     let top: Vec<Value> = token.top.iter().map(|t| Value::Object(entry(t))).collect();
     chosen.insert("top_logprobs".into(), Value::Array(top));

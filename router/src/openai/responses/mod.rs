@@ -207,7 +207,7 @@ async fn whole(
             .map_err(|e| snapshot.name_fields(e))?
         {
             Frame::Tokens(tokens) => {
-                output.text(&tokens.text);
+                output.text(&tokens.text, &tokens.logprobs);
                 output.calls(&tokens.tool_calls);
             }
             Frame::Finished(finished) => {
@@ -328,7 +328,7 @@ impl Events {
     fn on_frame(&mut self, frame: Frame) {
         match frame {
             Frame::Tokens(tokens) => {
-                self.output.text(&tokens.text);
+                self.output.text(&tokens.text, &tokens.logprobs);
                 self.output.calls(&tokens.tool_calls);
                 self.push_output_events();
             }

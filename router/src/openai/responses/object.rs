@@ -74,7 +74,7 @@ impl Snapshot {
             text: &e.text,
             tool_choice: &e.tool_choice,
             tools: &e.tools,
-            top_logprobs: 0,
+            top_logprobs: e.top_logprobs,
             top_p: e.top_p,
             truncation: match e.truncation {
                 v1::Truncation::Auto => "auto",

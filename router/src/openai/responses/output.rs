@@ -5,6 +5,7 @@
 //! events), so the streamed events and the whole response always agree.
 
 use serde::Serialize;
+use serde_json::Value;
 use switchyard_proto::v1;
 
 pub use super::super::blocks::Status;
@@ -32,10 +33,12 @@ impl Event {
     }
 }
 
-/// An output item: a block and the id the API gives it.
+/// An output item: a block, the id the API gives it and, for text, its tokens' log
+/// probabilities (when asked for).
 pub struct Item<'a> {
     id: &'a str,
     block: &'a Block,
+    logprobs: &'a [Value],
 }
 
 /// An `output_text` content part.
@@ -45,15 +48,15 @@ struct TextPart<'a> {
     kind: &'static str,
     text: &'a str,
     annotations: [(); 0],
-    logprobs: [(); 0],
+    logprobs: &'a [Value],
 }
 
-fn text_part(text: &str) -> TextPart<'_> {
+fn text_part<'a>(text: &'a str, logprobs: &'a [Value]) -> TextPart<'a> {
     TextPart {
         kind: "output_text",
         text,
         annotations: [],
-        logprobs: [],
+        logprobs,
     }
 }
 
@@ -84,7 +87,7 @@ impl Serialize for Item<'_> {
         match &self.block.body {
             Body::Text(text) => {
                 // An item just opened has no content part yet, as OpenAI's stream shows it.
-                let part = [text_part(text)];
+                let part = [text_part(text, self.logprobs)];
                 let content: &[TextPart] = if status == Status::InProgress && text.is_empty() {
                     &[]
                 } else {
@@ -143,7 +146,7 @@ struct TextEvent<'a> {
     delta: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     text: Option<&'a str>,
-    logprobs: [(); 0],
+    logprobs: &'a [Value],
 }
 
 /// `response.function_call_arguments.delta` (`delta`) / `.done` (`name`, `arguments`).
@@ -165,6 +168,10 @@ pub struct Output {
     blocks: Blocks,
     /// The items' ids, by position.
     ids: Vec<String>,
+    /// Each item's tokens' log probabilities (text items, when asked for), by position.
+    logprobs: Vec<Vec<Value>>,
+    /// Those of the text being added, until it lands in an item.
+    unplaced_logprobs: Vec<Value>,
     /// Events not yet taken; kept only when the response streams.
     events: Vec<Event>,
     emit: bool,
@@ -190,7 +197,12 @@ impl Output {
         self.ids
             .iter()
             .zip(self.blocks.all())
-            .map(|(id, block)| Item { id, block })
+            .zip(&self.logprobs)
+            .map(|((id, block), logprobs)| Item {
+                id,
+                block,
+                logprobs,
+            })
             .collect()
     }
 
@@ -219,11 +231,17 @@ impl Output {
         message
     }
 
-    /// Text the model wrote.
-    pub fn text(&mut self, text: &str) {
+    /// Text the model wrote, and the log probabilities of the tokens that wrote it (when
+    /// asked for; those of tokens that wrote no text, such as a tool call's, are not shown).
+    pub fn text(&mut self, text: &str, logprobs: &[v1::TokenLogprobs]) {
         let mut changes = std::mem::take(&mut self.changes);
         self.blocks.text(text, &mut changes);
+        self.unplaced_logprobs = logprobs
+            .iter()
+            .map(super::super::logprobs::chat_entry)
+            .collect();
         self.render(&mut changes);
+        self.unplaced_logprobs.clear();
     }
 
     /// Pieces of tool calls the model wrote.
@@ -250,18 +268,28 @@ impl Output {
                 };
                 self.ids
                     .push(format!("{prefix}_{}", uuid::Uuid::new_v4().simple()));
+                self.logprobs.push(Vec::new());
+            }
+            let mut added = 0..0;
+            if let Change::Text { block, .. } = change {
+                let entries = &mut self.logprobs[block];
+                added = entries.len()..entries.len() + self.unplaced_logprobs.len();
+                entries.append(&mut self.unplaced_logprobs);
             }
             if self.emit {
-                self.events_of(change);
+                self.events_of(change, added);
             }
         }
         self.changes = std::mem::take(changes);
     }
 
-    fn events_of(&mut self, change: Change) {
+    /// The events of `change`; `added`: the log probabilities a text change added (their
+    /// range in its item's).
+    fn events_of(&mut self, change: Change, added: std::ops::Range<usize>) {
         let item = |index: usize| Item {
             id: &self.ids[index],
             block: self.blocks.get(index),
+            logprobs: &self.logprobs[index],
         };
         let events = &mut self.events;
         match change {
@@ -281,13 +309,17 @@ impl Output {
                             item_id: opened.id,
                             output_index: index,
                             content_index: 0,
-                            part: text_part(""),
+                            part: text_part("", &[]),
                         },
                     ));
                 }
             }
             Change::Text { block, from, to } => {
-                let Item { id, block: b } = item(block);
+                let Item {
+                    id,
+                    block: b,
+                    logprobs,
+                } = item(block);
                 if let Body::Text(text) = &b.body {
                     events.push(event(
                         "response.output_text.delta",
@@ -297,13 +329,13 @@ impl Output {
                             content_index: 0,
                             delta: Some(&text[from..to]),
                             text: None,
-                            logprobs: [],
+                            logprobs: &logprobs[added],
                         },
                     ));
                 }
             }
             Change::Arguments { block, from, to } => {
-                let Item { id, block: b } = item(block);
+                let Item { id, block: b, .. } = item(block);
                 if let Body::Call { arguments, .. } = &b.body {
                     events.push(event(
                         "response.function_call_arguments.delta",
@@ -329,7 +361,7 @@ impl Output {
                                 content_index: 0,
                                 delta: None,
                                 text: Some(text),
-                                logprobs: [],
+                                logprobs: closed.logprobs,
                             },
                         ));
                         events.push(event(
@@ -338,7 +370,7 @@ impl Output {
                                 item_id: closed.id,
                                 output_index: index,
                                 content_index: 0,
-                                part: text_part(text),
+                                part: text_part(text, closed.logprobs),
                             },
                         ));
                     }
@@ -390,7 +422,7 @@ pub fn items_json(output: &Output) -> Vec<serde_json::Value> {
 mod tests {
     use super::*;
     use crate::openai::test_support::piece;
-    use serde_json::Value;
+    use serde_json::json;
 
     fn kinds(events: &[Event]) -> Vec<&'static str> {
         events.iter().map(|e| e.kind).collect()
@@ -399,8 +431,8 @@ mod tests {
     #[test]
     fn text_then_calls_are_items_in_order_with_their_events() {
         let mut output = Output::new(true);
-        output.text("Let me ");
-        output.text("look.");
+        output.text("Let me ", &[]);
+        output.text("look.", &[]);
         output.calls(&[piece(0, "call_a", "get", "{\"q\":"), piece(0, "", "", "1}")]);
         output.calls(&[piece(1, "call_b", "put", "{}")]);
         output.close(Status::Completed);
@@ -460,10 +492,53 @@ mod tests {
         assert_eq!(written["delta"], "Let me ");
     }
 
+    fn scored(text: &str, logprob: f32) -> v1::TokenLogprobs {
+        let token = |t: &str, logprob| v1::TokenLogprob {
+            token_id: 1,
+            token: t.as_bytes().to_vec(),
+            logprob,
+        };
+        v1::TokenLogprobs {
+            chosen: Some(token(text, logprob)),
+            top: vec![token(text, logprob), token("x", -9.0)],
+        }
+    }
+
+    /// Each delta carries the log probabilities of the tokens that wrote it; the text part,
+    /// its done events and the item carry them all. Tokens that wrote a call show none.
+    #[test]
+    fn text_carries_its_tokens_log_probabilities() {
+        let mut output = Output::new(true);
+        output.text("Hel", &[scored("Hel", -0.5)]);
+        output.text("lo", &[scored("lo", -0.25)]);
+        output.calls(&[piece(0, "call_a", "get", "{}")]);
+        output.text("", &[scored("<call>", -1.0)]);
+        output.close(Status::Completed);
+        let fields: Vec<Value> = output
+            .take_events()
+            .iter()
+            .map(|e| serde_json::from_str(&e.fields).expect("JSON"))
+            .collect();
+        let deltas: Vec<&Value> = fields.iter().filter(|f| f.get("delta").is_some()).collect();
+        assert_eq!(deltas[0]["logprobs"][0]["token"], "Hel");
+        assert_eq!(deltas[0]["logprobs"][0]["logprob"], -0.5);
+        assert_eq!(deltas[0]["logprobs"][0]["top_logprobs"][1]["token"], "x");
+        assert_eq!(deltas[1]["logprobs"][0]["bytes"], json!(b"lo".to_vec()));
+        let items = items_json(&output);
+        let all = &items[0]["content"][0]["logprobs"];
+        assert_eq!(all.as_array().map(Vec::len), Some(2), "{all}");
+        let done = fields
+            .iter()
+            .find(|f| f.get("text").is_some_and(|t| t == "Hello"))
+            .expect("output_text.done");
+        assert_eq!(&done["logprobs"], all);
+        assert!(items[1].get("logprobs").is_none());
+    }
+
     #[test]
     fn a_cut_short_item_ends_incomplete_and_a_whole_response_keeps_no_events() {
         let mut output = Output::new(false);
-        output.text("Once upon");
+        output.text("Once upon", &[]);
         output.close(Status::Incomplete);
         output.close(Status::Completed);
         assert!(output.take_events().is_empty());
@@ -475,7 +550,7 @@ mod tests {
     #[test]
     fn an_answer_with_nothing_in_it_has_no_items() {
         let mut output = Output::new(true);
-        output.text("");
+        output.text("", &[]);
         output.close(Status::Completed);
         assert!(output.items().is_empty());
         assert!(output.take_events().is_empty());

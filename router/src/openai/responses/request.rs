@@ -85,6 +85,8 @@ pub struct Echo {
     pub previous_response_id: Option<String>,
     /// What happens to an input longer than the context.
     pub truncation: v1::Truncation,
+    /// Alternatives given with each output token's log probability.
+    pub top_logprobs: u32,
 }
 
 /// How the handler runs the request.
@@ -190,6 +192,15 @@ impl ResponsesRequest {
         .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
         let metadata = metadata(self.metadata.clone())?;
         let previous_response_id = self.previous_response_id()?;
+        // Log probabilities of the output text: asked for by `include`, or by asking for
+        // alternatives (checked to be 0 to 20 above).
+        let top_logprobs = self.top_logprobs.unwrap_or(0) as u32;
+        let logprobs = top_logprobs > 0
+            || self
+                .include
+                .iter()
+                .flatten()
+                .any(|item| item == LOGPROBS_INCLUDE);
         let truncation = match self.truncation.as_deref() {
             None | Some("disabled") => v1::Truncation::Disabled,
             Some("auto") => v1::Truncation::Auto,
@@ -219,6 +230,8 @@ impl ResponsesRequest {
                 temperature: self.temperature.map(|t| t as f32),
                 top_p: self.top_p.map(|p| p as f32),
                 response_format,
+                logprobs,
+                top_logprobs,
                 ..Default::default()
             }),
             tools: proto_tools,
@@ -246,6 +259,7 @@ impl ResponsesRequest {
             store: self.store.unwrap_or(true),
             previous_response_id,
             truncation,
+            top_logprobs,
         };
         let mode = Mode {
             stream: self.stream.unwrap_or(false),
@@ -296,17 +310,21 @@ impl ResponsesRequest {
                  parallel_tool_calls: false allows one call",
             ));
         }
-        if let Some(item) = self.include.iter().flatten().next() {
-            return Err(ApiError::invalid(
-                "include",
-                format!("{item:?} cannot be included (nothing extra is available)"),
-            ));
+        for (i, item) in self.include.iter().flatten().enumerate() {
+            if !INCLUDABLE.contains(&item.as_str()) {
+                return Err(ApiError::invalid(
+                    format!("include[{i}]"),
+                    format!(
+                        "{item:?} is not something a response can include: one of {}",
+                        INCLUDABLE.join(", ")
+                    ),
+                ));
+            }
         }
-        if self.top_logprobs.is_some_and(|n| n != 0) {
+        if let Some(n) = self.top_logprobs.filter(|n| !(0..=20).contains(n)) {
             return Err(ApiError::invalid(
                 "top_logprobs",
-                "log probabilities are not supported on /v1/responses; /v1/chat/completions \
-                 has them",
+                format!("is {n}, must be 0 to 20"),
             ));
         }
         let reasons = self
@@ -570,6 +588,22 @@ fn read_input(
 
 /// The input as the list of items a stored response lists (`input_items`), each with an id:
 /// a string input is one user message.
+/// What `include` may name. Only the first adds anything here (log probabilities of the
+/// output text); the others name items Switchyard's models never produce (reasoning, images,
+/// built-in tools), so asking for them includes nothing, as OpenAI's API does for a response
+/// without such items.
+const INCLUDABLE: [&str; 8] = [
+    LOGPROBS_INCLUDE,
+    "reasoning.encrypted_content",
+    "message.input_image.image_url",
+    "computer_call_output.output.image_url",
+    "file_search_call.results",
+    "web_search_call.results",
+    "web_search_call.action.sources",
+    "code_interpreter_call.outputs",
+];
+const LOGPROBS_INCLUDE: &str = "message.output_text.logprobs";
+
 fn input_items(input: Option<&Value>) -> Vec<Value> {
     let items = match input {
         Some(Value::String(text)) => vec![json!({
@@ -908,9 +942,10 @@ mod tests {
             (json!({"background": true}), "background"),
             (json!({"truncation": "middle"}), "truncation"),
             (
-                json!({"include": ["reasoning.encrypted_content"]}),
-                "include",
+                json!({"include": ["message.output_text.logprobs", "everything"]}),
+                "include[1]",
             ),
+            (json!({"top_logprobs": 21}), "top_logprobs"),
             (json!({"reasoning": {"effort": "high"}}), "reasoning"),
             (json!({"tools": [{"type": "web_search"}]}), "tools[0].type"),
             (
@@ -944,7 +979,8 @@ mod tests {
         }
         // Their off values are what SDKs send by default.
         read(json!({
-            "model": "m", "input": "hi", "store": true, "truncation": "disabled", "include": [],
+            "model": "m", "input": "hi", "store": true, "truncation": "disabled",
+            "include": ["reasoning.encrypted_content"], "top_logprobs": 0,
             "reasoning": {"effort": null}, "previous_response_id": null, "background": false,
         }))
         .expect("accepted");
