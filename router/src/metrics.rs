@@ -58,8 +58,9 @@ pub struct StreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PolicyStateLabels {
-    /// `current`, `kept` or `missing` (see [`RouterMetrics::policy_state`]).
+pub struct StateLabels {
+    /// One of the states of a gauge family that is 1 for the state things are in (see
+    /// [`RouterMetrics::policy_state`], [`RouterMetrics::response_mirror`]).
     pub state: &'static str,
 }
 
@@ -295,7 +296,12 @@ pub struct RouterMetrics {
     /// stored document, or the built-in default when none is stored), `kept` (the stored
     /// document is invalid; the last valid one stays in force), `missing` (the stored document
     /// is invalid and the router has had no valid one since it started: it is not ready).
-    pub policy_state: Family<PolicyStateLabels, Gauge>,
+    pub policy_state: Family<StateLabels, Gauge>,
+    /// 1 for the state of this replica's mirror of its stored responses (see
+    /// [`crate::response_store::mirror`]): `off` (no cluster token, or no store), `alone` (no
+    /// other replica to mirror to), `mirrored` (a standby keeps a copy), `failing` (there is a
+    /// replica to mirror to, but the mirror does not hold: a killed replica would lose them).
+    pub response_mirror: Family<StateLabels, Gauge>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -306,15 +312,28 @@ impl std::fmt::Debug for RouterMetrics {
 
 /// The values of [`RouterMetrics::policy_state`]'s `state` label.
 const POLICY_STATES: [&str; 3] = ["current", "kept", "missing"];
+/// The values of [`RouterMetrics::response_mirror`]'s `state` label.
+const MIRROR_STATES: [&str; 4] = ["off", "alone", "mirrored", "failing"];
+
+/// Sets `family` to 1 for `state` and 0 for the other `states`.
+fn set_state(family: &Family<StateLabels, Gauge>, states: &[&'static str], state: &'static str) {
+    for &each in states {
+        family
+            .get_or_create(&StateLabels { state: each })
+            .set(i64::from(each == state));
+    }
+}
 
 impl RouterMetrics {
     /// Sets [`Self::policy_state`]: 1 for `state` (one of `current`, `kept`, `missing`).
     pub fn set_policy_state(&self, state: &'static str) {
-        for each in POLICY_STATES {
-            self.policy_state
-                .get_or_create(&PolicyStateLabels { state: each })
-                .set(i64::from(each == state));
-        }
+        set_state(&self.policy_state, &POLICY_STATES, state);
+    }
+
+    /// Sets [`Self::response_mirror`]: 1 for `state` (one of `off`, `alone`, `mirrored`,
+    /// `failing`).
+    pub fn set_response_mirror(&self, state: &'static str) {
+        set_state(&self.response_mirror, &MIRROR_STATES, state);
     }
 
     pub fn register(metrics: &Metrics) -> Self {
@@ -346,13 +365,15 @@ impl RouterMetrics {
             hedge_wasted: Family::default(),
             hedge_budget: Family::default(),
             policy_state: Family::default(),
+            response_mirror: Family::default(),
         };
         // Every state is a series from the start, so an alert on `kept` or `missing` has one.
         for state in POLICY_STATES {
             this.policy_state
-                .get_or_create(&PolicyStateLabels { state })
+                .get_or_create(&StateLabels { state })
                 .set(0);
         }
+        this.set_response_mirror("off");
         metrics.register(|r| {
             r.register(
                 "switchyard_router_requests",
@@ -424,6 +445,13 @@ impl RouterMetrics {
                  document is invalid and the last valid one stays in force, missing: the stored \
                  document is invalid and the router has none: not ready)",
                 this.policy_state.clone(),
+            );
+            r.register(
+                "switchyard_router_response_mirror",
+                "State of this replica's mirror of its stored responses to a standby replica (1 \
+                 for the current state): off, alone (no other replica), mirrored, failing (a \
+                 killed replica would lose its stored responses)",
+                this.response_mirror.clone(),
             );
             r.register(
                 "switchyard_router_active_sessions",

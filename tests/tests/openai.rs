@@ -618,6 +618,13 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
         || standby_responses_are(&staying_metrics, 2.0),
     )
     .await?;
+    // Each mirrors to the other (a replica looks for a standby every few seconds).
+    wait_until(
+        Duration::from_secs(20),
+        "the first replica to mirror to the second",
+        || mirror_state_is(&staying_metrics, "mirrored"),
+    )
+    .await?;
 
     dying.kill().await?;
 
@@ -662,9 +669,28 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
         tokens(&third) > tokens(&second),
         "the third turn read the first two"
     );
-    // The copy became the replica's own: none is held as standby any more.
+    // The copy became the replica's own: none is held as standby any more. With no other
+    // replica left, it has no standby itself.
     assert!(standby_responses_are(&staying_metrics, 0.0).await);
+    wait_until(
+        Duration::from_secs(20),
+        "the replica left alone to say it has no standby",
+        || mirror_state_is(&staying_metrics, "alone"),
+    )
+    .await?;
     Ok(())
+}
+
+/// Whether the router at `metrics` says its mirror is in `state`.
+async fn mirror_state_is(metrics: &str, state: &str) -> bool {
+    let series = format!("switchyard_router_response_mirror{{state=\"{state}\"}} 1");
+    match reqwest::get(metrics).await {
+        Ok(answer) => answer
+            .text()
+            .await
+            .is_ok_and(|text| text.lines().any(|line| line == series)),
+        Err(_) => false,
+    }
 }
 
 /// Whether the router at `metrics` holds `count` standby copies of other replicas' responses.

@@ -317,6 +317,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
         return;
     };
     let store = &dispatcher.responses;
+    let state = |state| dispatcher.metrics.set_response_mirror(state);
     let mut backoff = switchyard_cluster::backoff::Backoff::new(
         Duration::from_millis(200),
         Duration::from_secs(5),
@@ -333,6 +334,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
             }
         };
         let Some(standby) = standby else {
+            state("alone");
             tokio::select! {
                 () = tokio::time::sleep(LOOK_AGAIN) => continue,
                 () = stop.cancelled() => return,
@@ -341,6 +343,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
         let channel = match dispatcher.peers.channel_to(&standby) {
             Ok(channel) => channel,
             Err(error) => {
+                state("failing");
                 tracing::warn!(to = %standby.grpc_address, "cannot mirror stored responses: {error}");
                 tokio::select! {
                     () = tokio::time::sleep(backoff.next_delay()) => continue,
@@ -360,6 +363,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
             told = Some(standby.grpc_address.clone());
         }
         let began = tokio::time::Instant::now();
+        state("mirrored");
         let call = client.mirror(request);
         tokio::pin!(call);
         let ended = tokio::select! {
@@ -368,6 +372,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
                 // The writer ends with the mirror: the stream ends cleanly.
                 store.end_mirror(epoch);
                 let _ = tokio::time::timeout(Duration::from_secs(5), call).await;
+                state("off");
                 return;
             }
         };
@@ -386,6 +391,7 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
             }
             Err(status) if !failing => {
                 failing = true;
+                state("failing");
                 tracing::warn!(
                     to = %standby.grpc_address,
                     "the mirror of stored responses ended, trying again: {}: {}",
@@ -393,11 +399,14 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
                     status.message()
                 );
             }
-            Err(status) => tracing::debug!(
+            Err(status) => {
+                state("failing");
+                tracing::debug!(
                 to = %standby.grpc_address,
-                "the mirror of stored responses failed again: {}",
-                status.message()
-            ),
+                    "the mirror of stored responses failed again: {}",
+                    status.message()
+                );
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(backoff.next_delay()) => {}
