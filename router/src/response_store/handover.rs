@@ -53,7 +53,11 @@ pub(super) fn handed(response: &StoredResponse, conversation: Vec<u64>) -> v1::H
         id: response.id.clone(),
         tenant: response.tenant.clone(),
         object_json: response.object.clone(),
-        input_items_json: response.input_items.iter().map(|i| i.to_string()).collect(),
+        input_items_json: response
+            .input_items
+            .iter()
+            .map(|i| i.get().to_string())
+            .collect(),
         conversation,
         age_ms: response.age().as_millis() as u64,
     }
@@ -78,8 +82,8 @@ pub(super) fn received(
         })?;
     let input_items = response
         .input_items_json
-        .iter()
-        .map(|item| serde_json::from_str(item))
+        .into_iter()
+        .map(serde_json::value::RawValue::from_string)
         .collect::<Result<_, _>>()
         .map_err(|e| Status::invalid_argument(format!("an input item: {e}")))?;
     Ok(store
@@ -327,7 +331,9 @@ mod tests {
             sender.new_id(),
             Some("acme".into()),
             r#"{"id":"a"}"#.into(),
-            vec![serde_json::json!({"id": "msg_1"})],
+            vec![crate::response_store::tests::raw(
+                serde_json::json!({"id": "msg_1"}),
+            )],
             vec![first_turn.clone()],
         );
         let second = sender.response(
@@ -362,7 +368,7 @@ mod tests {
         };
         assert!(Arc::ptr_eq(&a.conversation[0], &b.conversation[0]));
         assert_eq!(b.conversation[1].content, "two");
-        assert_eq!(a.input_items, [serde_json::json!({"id": "msg_1"})]);
+        assert_eq!(a.input_items[0].get(), r#"{"id":"msg_1"}"#);
         // Still each tenant's own.
         assert!(matches!(
             receiver.get(&ids[0], Some("other")),

@@ -432,7 +432,9 @@ mod tests {
             store.new_id(),
             Some("acme".into()),
             format!(r#"{{"said":"{text}"}}"#),
-            vec![serde_json::json!({"id": text})],
+            vec![crate::response_store::tests::raw(
+                serde_json::json!({"id": text}),
+            )],
             conversation,
         );
         let id = response.id.clone();
@@ -522,7 +524,7 @@ mod tests {
         let Lookup::Found(taken) = survivor.get(&third.id, Some("acme")) else {
             panic!("taken over");
         };
-        assert_eq!(taken.input_items, third.input_items);
+        assert_eq!(taken.input_items[0].get(), third.input_items[0].get());
         assert_eq!(
             taken.messages().map(|m| m.content).collect::<Vec<_>>(),
             ["one", "two", "three"]

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
-use serde_json::Value;
+use serde_json::value::RawValue;
 use switchyard_proto::v1;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -163,8 +163,9 @@ pub struct StoredResponse {
     pub tenant: Option<String>,
     /// The response object as it was answered (its JSON text).
     pub object: String,
-    /// This request's input items (each with an `id`), for `input_items`.
-    pub input_items: Vec<Value>,
+    /// This request's input items (each a JSON object with an `id`), for `input_items`: kept
+    /// as text, which is what they are read as, sent to other replicas as, and counted by.
+    pub input_items: Vec<Box<RawValue>>,
     /// The conversation a request going on from this response continues: the earlier
     /// responses' conversation, this request's input, and the model's answer. Instructions
     /// are not in it: they hold for one request, as OpenAI's do.
@@ -329,14 +330,13 @@ impl ResponseStore {
         id: String,
         tenant: Option<String>,
         object: String,
-        input_items: Vec<Value>,
+        input_items: Vec<Box<RawValue>>,
         conversation: Vec<Arc<StoredMessage>>,
     ) -> StoredResponse {
-        let json = |v: &Value| v.to_string().len();
         let bytes = 256
             + id.len()
             + object.len()
-            + input_items.iter().map(json).sum::<usize>()
+            + input_items.iter().map(|i| i.get().len()).sum::<usize>()
             + conversation.len() * std::mem::size_of::<usize>();
         StoredResponse {
             id,
@@ -550,6 +550,11 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// `value` as stored JSON text (the store's tests and its submodules').
+    pub(super) fn raw(value: serde_json::Value) -> Box<RawValue> {
+        serde_json::value::to_raw_value(&value).expect("serializes")
+    }
+
     /// A user message saying `content` (the store's tests and its submodules').
     pub(super) fn user(content: &str) -> v1::ChatMessage {
         v1::ChatMessage {
@@ -572,7 +577,7 @@ mod tests {
             store.new_id(),
             tenant.map(Into::into),
             json!({"output_text": "ok"}).to_string(),
-            vec![json!({"type": "message"})],
+            vec![raw(json!({"type": "message"}))],
             conversation,
         )
     }

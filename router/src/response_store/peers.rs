@@ -300,7 +300,11 @@ pub fn to_proto(response: &StoredResponse) -> v1::StoredResponse {
     v1::StoredResponse {
         id: response.id.clone(),
         object_json: response.object.clone(),
-        input_items_json: response.input_items.iter().map(|i| i.to_string()).collect(),
+        input_items_json: response
+            .input_items
+            .iter()
+            .map(|i| i.get().to_string())
+            .collect(),
         conversation: response.messages().collect(),
     }
 }
@@ -329,8 +333,8 @@ fn from_proto(
     let object: Object = serde_json::from_str(&response.object_json).map_err(garbled)?;
     let input_items = response
         .input_items_json
-        .iter()
-        .map(|item| serde_json::from_str(item))
+        .into_iter()
+        .map(serde_json::value::RawValue::from_string)
         .collect::<Result<_, _>>()
         .map_err(garbled)?;
     let ancestor = match object.previous_response_id.map(|id| store.get(&id, tenant)) {

@@ -34,7 +34,6 @@ use crate::response_store::{ResponseStore, StoredMessage};
 use object::{Lifecycle, Snapshot};
 use output::{Event, Output, Status};
 use request::{ResponsesRequest, Turn};
-use serde_json::Value;
 
 pub async fn responses(
     State(dispatcher): State<Arc<Dispatcher>>,
@@ -146,7 +145,7 @@ struct Keep {
     tenant: Option<String>,
     /// The conversation up to the answer (the previous response's, then the input).
     conversation: Vec<Arc<StoredMessage>>,
-    input_items: Vec<Value>,
+    input_items: Vec<Box<serde_json::value::RawValue>>,
 }
 
 impl Keep {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use crate::response_store::StoredMessage;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use switchyard_proto::v1;
 
@@ -116,7 +117,7 @@ pub struct Turn {
     pub history: Vec<Arc<StoredMessage>>,
     /// This request's input, as messages.
     pub input: Vec<v1::ChatMessage>,
-    pub input_items: Vec<Value>,
+    pub input_items: Vec<Box<RawValue>>,
 }
 
 /// The largest `metadata` OpenAI accepts: 16 pairs, keys of 64 and values of 512 characters.
@@ -586,8 +587,6 @@ fn read_input(
     Ok(())
 }
 
-/// The input as the list of items a stored response lists (`input_items`), each with an id:
-/// a string input is one user message.
 /// What `include` may name. Only the first adds anything here (log probabilities of the
 /// output text); the others name items Switchyard's models never produce (reasoning, images,
 /// built-in tools), so asking for them includes nothing, as OpenAI's API does for a response
@@ -604,7 +603,9 @@ const INCLUDABLE: [&str; 8] = [
 ];
 const LOGPROBS_INCLUDE: &str = "message.output_text.logprobs";
 
-fn input_items(input: Option<&Value>) -> Vec<Value> {
+/// The input as the list of items a stored response lists (`input_items`), each with an id
+/// and as JSON text: a string input is one user message.
+fn input_items(input: Option<&Value>) -> Vec<Box<RawValue>> {
     let items = match input {
         Some(Value::String(text)) => vec![json!({
             "type": "message",
@@ -631,7 +632,7 @@ fn input_items(input: Option<&Value>) -> Vec<Value> {
                     format!("{prefix}_{}", uuid::Uuid::new_v4().simple()).into(),
                 );
             }
-            item
+            serde_json::value::to_raw_value(&item).expect("a JSON value serializes")
         })
         .collect()
 }
@@ -889,7 +890,11 @@ mod tests {
             .turn
             .input_items
             .iter()
-            .map(|i| i["id"].as_str().unwrap().split('_').next().unwrap())
+            .map(|i| serde_json::from_str::<Value>(i.get()).unwrap()["id"].clone())
+            .collect();
+        let ids: Vec<_> = ids
+            .iter()
+            .map(|id| id.as_str().unwrap().split('_').next().unwrap())
             .collect();
         assert_eq!(ids, ["fco", "fc"]);
         // A fault the dispatcher finds in the stored part names previous_response_id.

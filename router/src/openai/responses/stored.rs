@@ -11,6 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse as _, Response};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::super::error::ApiError;
@@ -180,9 +181,18 @@ fn page_of(paging: &Paging) -> Result<Page, ApiError> {
 }
 
 impl Page {
-    /// The list object of this page of `items` (stored oldest first).
-    fn of(&self, items: &[Value]) -> Result<Value, ApiError> {
-        let mut ordered: Vec<&Value> = items.iter().collect();
+    /// The list object of this page of `items` (stored oldest first, as JSON text).
+    fn of(&self, items: &[Box<RawValue>]) -> Result<Value, ApiError> {
+        /// What paging reads of an item.
+        #[derive(serde::Deserialize)]
+        struct Id<'a> {
+            #[serde(borrow)]
+            id: Option<&'a str>,
+        }
+        fn id_of(item: &RawValue) -> Option<&str> {
+            serde_json::from_str::<Id>(item.get()).ok()?.id
+        }
+        let mut ordered: Vec<&RawValue> = items.iter().map(AsRef::as_ref).collect();
         if self.newest_first {
             ordered.reverse();
         }
@@ -191,20 +201,20 @@ impl Page {
             Some(after) => {
                 ordered
                     .iter()
-                    .position(|item| item.get("id").and_then(Value::as_str) == Some(after))
+                    .position(|item| id_of(item) == Some(after.as_str()))
                     .ok_or_else(|| {
                         ApiError::invalid("after", format!("{after:?} is no item of this list"))
                     })?
                     + 1
             }
         };
-        let page: Vec<&Value> = ordered
+        let page: Vec<&RawValue> = ordered
             .iter()
             .skip(start)
             .take(self.limit)
             .copied()
             .collect();
-        let id = |item: Option<&&Value>| item.and_then(|i| i.get("id")).cloned();
+        let id = |item: Option<&&RawValue>| item.and_then(|i| id_of(i)).map(str::to_string);
         Ok(json!({
             "object": "list",
             "data": page,
@@ -227,8 +237,10 @@ mod tests {
         }
     }
 
-    fn items(n: usize) -> Vec<Value> {
-        (0..n).map(|i| json!({"id": format!("msg_{i}")})).collect()
+    fn items(n: usize) -> Vec<Box<RawValue>> {
+        (0..n)
+            .map(|i| serde_json::value::to_raw_value(&json!({"id": format!("msg_{i}")})).unwrap())
+            .collect()
     }
 
     fn ids(list: &Value) -> Vec<&str> {
