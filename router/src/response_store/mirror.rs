@@ -264,7 +264,12 @@ async fn keep_orphan(dispatcher: Arc<Dispatcher>, standby: Standby, ended: Cance
             () = ended.cancelled() => return,
             () = dispatcher.stopping.cancelled() => return,
         }
-        match registry.find_router(&source).await {
+        let found = registry.find_router(&source).await;
+        if ended.is_cancelled() {
+            // A new mirror from the sender replaced this copy meanwhile.
+            return;
+        }
+        match found {
             Ok(None) => break,
             Ok(Some(_)) if tokio::time::Instant::now() >= give_up => {
                 tracing::info!(from = %source, "its sender still runs: standby copy dropped");
