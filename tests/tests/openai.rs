@@ -577,16 +577,7 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     wait_until(
         Duration::from_secs(30),
         "the newcomer to read a handed-over response",
-        || {
-            let (client, url) = (client.clone(), newcomer_url.clone());
-            async move {
-                client
-                    .get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().as_u16() == 200)
-            }
-        },
+        || answers_ok(&client, &newcomer_url),
     )
     .await?;
     Ok(())
@@ -633,16 +624,7 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
     wait_until(
         Duration::from_secs(40),
         "the standby to answer for the killed replica's responses",
-        || {
-            let (client, url) = (client.clone(), read_url.clone());
-            async move {
-                client
-                    .get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status().as_u16() == 200)
-            }
-        },
+        || answers_ok(&client, &read_url),
     )
     .await?;
     let read: Value = client.get(&read_url).send().await?.json().await?;
@@ -679,6 +661,15 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
     )
     .await?;
     Ok(())
+}
+
+/// Whether `GET url` answers 200.
+async fn answers_ok(client: &reqwest::Client, url: &str) -> bool {
+    client
+        .get(url)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().as_u16() == 200)
 }
 
 /// Whether the router at `metrics` says its mirror is in `state`.

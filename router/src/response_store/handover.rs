@@ -53,11 +53,7 @@ pub(super) fn handed(response: &StoredResponse, conversation: Vec<u64>) -> v1::H
         id: response.id.clone(),
         tenant: response.tenant.clone(),
         object_json: response.object.clone(),
-        input_items_json: response
-            .input_items
-            .iter()
-            .map(|i| i.get().to_string())
-            .collect(),
+        input_items_json: response.input_items_json(),
         conversation,
         age_ms: response.age().as_millis() as u64,
     }

@@ -181,6 +181,14 @@ impl StoredResponse {
         self.conversation.iter().map(|m| m.message.clone())
     }
 
+    /// Its input items' JSON texts, as sent to another replica.
+    pub fn input_items_json(&self) -> Vec<String> {
+        self.input_items
+            .iter()
+            .map(|i| i.get().to_string())
+            .collect()
+    }
+
     /// How long ago it was first stored.
     pub fn age(&self) -> Duration {
         Instant::now().saturating_duration_since(self.stored_at)

@@ -300,11 +300,7 @@ pub fn to_proto(response: &StoredResponse) -> v1::StoredResponse {
     v1::StoredResponse {
         id: response.id.clone(),
         object_json: response.object.clone(),
-        input_items_json: response
-            .input_items
-            .iter()
-            .map(|i| i.get().to_string())
-            .collect(),
+        input_items_json: response.input_items_json(),
         conversation: response.messages().collect(),
     }
 }
