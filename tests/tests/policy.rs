@@ -137,19 +137,14 @@ async fn overload_sheds_with_retry_after_and_every_request_ends_once() -> anyhow
         ..Default::default()
     })
     .await?;
-    let control = cluster.control_plane.addr("grpc");
-    let mut admin = AdminClient::connect(format!("http://{control}")).await?;
-    admin
-        .set_policy(v1::SetPolicyRequest {
-            merge: false,
-            document: r#"{"cost_sensitive": {"max_queue": 1, "max_queue_wait_ms": 30000,
-                          "retry_after_ms": 1500}}"#
-                .into(),
-        })
-        .await?;
+    // Applied once the router logs a policy applied after its start's (a wait for the first
+    // such line returned at once, and under load the requests then ran under the default).
     cluster
-        .router
-        .wait_for_log("routing policy applied", PATIENCE)
+        .set_policy(
+            &serde_json::json!({"cost_sensitive": {"max_queue": 1, "max_queue_wait_ms": 30000,
+                                                   "retry_after_ms": 1500}}),
+            PATIENCE,
+        )
         .await?;
     cluster.wait_for_router_workers(1, PATIENCE).await?;
 
