@@ -545,7 +545,6 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     } = two_turns_on_another_replica("leaving", false).await?;
     let flags = ["--cluster-token-file", token.as_str()];
     let client = http();
-    let post = |base: String, body: Value| create_response(&client, base, body);
     let first_id = first["id"].as_str().context("an id")?.to_string();
     let second_id = second["id"].as_str().context("an id")?.to_string();
 
@@ -559,18 +558,7 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
         .await?;
     assert_eq!(read.status().as_u16(), 200);
     assert_eq!(read.json::<Value>().await?["output"], second["output"]);
-    let (status, third) = post(
-        staying.clone(),
-        json!({"model": "synthetic", "input": "Third turn.", "max_output_tokens": 4,
-               "previous_response_id": second_id}),
-    )
-    .await?;
-    assert_eq!(status, 200, "{third}");
-    let tokens = |r: &Value| r["usage"]["input_tokens"].as_u64().unwrap_or_default();
-    assert!(
-        tokens(&third) > tokens(&second),
-        "the third turn read the first two"
-    );
+    a_third_turn_reads_the_first_two(&client, &staying, &second).await?;
     // A replica started afterwards finds them at the replica that took them.
     let newcomer = switchyard_tests::start_router(&cluster.etcd.url, "newcomer", &flags).await?;
     let newcomer_url = format!("http://{}/v1/responses/{first_id}", newcomer.addr("http"));
@@ -598,7 +586,6 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
         ..
     } = two_turns_on_another_replica("dying", true).await?;
     let client = http();
-    let post = |base: String, body: Value| create_response(&client, base, body);
     let first_id = first["id"].as_str().context("an id")?.to_string();
     let second_id = second["id"].as_str().context("an id")?.to_string();
     // The other replica holds both as the standby copy.
@@ -639,18 +626,7 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
         items["data"][0]["content"][0]["text"], "First turn.",
         "{items}"
     );
-    let (status, third) = post(
-        staying,
-        json!({"model": "synthetic", "input": "Third turn.", "max_output_tokens": 4,
-               "previous_response_id": second_id}),
-    )
-    .await?;
-    assert_eq!(status, 200, "{third}");
-    let tokens = |r: &Value| r["usage"]["input_tokens"].as_u64().unwrap_or_default();
-    assert!(
-        tokens(&third) > tokens(&second),
-        "the third turn read the first two"
-    );
+    a_third_turn_reads_the_first_two(&client, &staying, &second).await?;
     // The copy became the replica's own: none is held as standby any more. With no other
     // replica left, it has no standby itself.
     assert!(standby_responses_are(&staying_metrics, 0.0).await);
@@ -660,6 +636,29 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
         || mirror_state_is(&staying_metrics, "alone"),
     )
     .await?;
+    Ok(())
+}
+
+/// Goes on from `second` (the second turn of a [`TwoTurns`] conversation) at `base`: it is
+/// answered, and its prompt holds the first two turns.
+async fn a_third_turn_reads_the_first_two(
+    client: &reqwest::Client,
+    base: &str,
+    second: &Value,
+) -> anyhow::Result<()> {
+    let (status, third) = create_response(
+        client,
+        base.to_string(),
+        json!({"model": "synthetic", "input": "Third turn.", "max_output_tokens": 4,
+               "previous_response_id": second["id"]}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{third}");
+    let tokens = |r: &Value| r["usage"]["input_tokens"].as_u64().unwrap_or_default();
+    assert!(
+        tokens(&third) > tokens(second),
+        "the third turn read the first two"
+    );
     Ok(())
 }
 
