@@ -10,8 +10,8 @@
 //!
 //! The stream ends cleanly when the sender stops (its drain hands the responses over instead)
 //! or falls behind and starts afresh: the receiver then drops its copy. When the stream breaks
-//! instead, the receiver keeps the copy while the sender's announcement lasts: gone within a
-//! lease, the sender died and the copy is taken over (as a hand-over is); still there, the
+//! instead, the receiver keeps the copy and watches the sender's announcement: gone within two
+//! leases, the sender died and the copy is taken over (as a hand-over is); still there, the
 //! sender lives and mirrors anew, so the copy is dropped.
 
 use std::collections::{BTreeMap, HashMap};
