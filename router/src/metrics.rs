@@ -256,6 +256,7 @@ pub struct RouterMetrics {
     /// [`crate::response_store`]).
     pub stored_responses: Gauge,
     pub stored_response_bytes: Gauge,
+    pub stored_conversations: Gauge,
     /// Responses this replica holds as standby copies of other replicas' (see
     /// [`crate::response_store::mirror`]).
     pub standby_responses: Gauge,
@@ -349,6 +350,7 @@ impl RouterMetrics {
             active_sessions: Gauge::default(),
             stored_responses: Gauge::default(),
             stored_response_bytes: Gauge::default(),
+            stored_conversations: Gauge::default(),
             standby_responses: Gauge::default(),
             failovers: Family::default(),
             prefix_predicted: Family::default(),
@@ -465,9 +467,15 @@ impl RouterMetrics {
                 this.stored_responses.clone(),
             );
             r.register(
+                "switchyard_router_stored_conversations",
+                "Conversations-API conversations this replica keeps (POST /v1/conversations), \
+                 in the same memory as its stored responses",
+                this.stored_conversations.clone(),
+            );
+            r.register(
                 "switchyard_router_stored_response_bytes",
-                "Memory the stored responses take, against --response-store-bytes (when full, \
-                 the oldest go)",
+                "Memory the stored responses and conversations take, against \
+                 --response-store-bytes (when full, the oldest go)",
                 this.stored_response_bytes.clone(),
             );
             r.register(

@@ -229,6 +229,7 @@ impl Dispatcher {
             responses: Arc::new(
                 crate::response_store::ResponseStore::new(config.response_store).with_gauges(
                     metrics.stored_responses.clone(),
+                    metrics.stored_conversations.clone(),
                     metrics.stored_response_bytes.clone(),
                 ),
             ),

@@ -12,6 +12,7 @@
 
 pub(crate) mod blocks;
 pub(crate) mod choices;
+mod conversations;
 mod cors;
 mod error;
 pub(crate) mod fields;
@@ -67,6 +68,24 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .route(
             responses::stored::INPUT_ITEMS_ROUTE,
             get(responses::stored::input_items),
+        )
+        .route(
+            conversations::CONVERSATIONS_ROUTE,
+            post(conversations::create),
+        )
+        .route(
+            conversations::CONVERSATION_ROUTE,
+            get(conversations::get)
+                .post(conversations::update)
+                .delete(conversations::delete),
+        )
+        .route(
+            conversations::ITEMS_ROUTE,
+            get(conversations::list_items).post(conversations::add_items),
+        )
+        .route(
+            conversations::ITEM_ROUTE,
+            get(conversations::get_item).delete(conversations::delete_item),
         )
         .route(handlers::MESSAGES_ROUTE, post(crate::anthropic::messages))
         .route(
@@ -151,6 +170,7 @@ fn api_of(path: &str) -> &'static str {
         "/metrics" => "metrics",
         path if path == "/v1/models" || path.starts_with("/v1/models/") => "models",
         path if path.starts_with("/v1/responses/") => "stored_responses",
+        path if path.starts_with(conversations::CONVERSATIONS_ROUTE) => "conversations",
         _ => "unknown",
     }
 }

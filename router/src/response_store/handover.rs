@@ -20,15 +20,22 @@ use switchyard_cluster::RouterRecord;
 use switchyard_proto::v1::{self, handover_item::Item};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{ResponseStore, StoredMessage, StoredResponse, peers};
+use serde_json::value::RawValue;
+
+use super::{ResponseStore, StoredConversation, StoredMessage, StoredResponse, peers};
 use crate::dispatch::Dispatcher;
 
 /// Longest a stopping router spends handing its responses over.
 pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The hand-over of `responses` (oldest first) answering for `tags`: each message once, in
-/// the order first used, and each response naming its messages by number.
-pub fn frames(tags: &[String], responses: &[Arc<StoredResponse>]) -> Vec<v1::HandoverItem> {
+/// The hand-over of `responses` (oldest first) and `conversations` answering for `tags`:
+/// each message once, in the order first used, and each response naming its messages by
+/// number; then the conversations, whole.
+pub fn frames(
+    tags: &[String],
+    responses: &[Arc<StoredResponse>],
+    conversations: &[Arc<StoredConversation>],
+) -> Vec<v1::HandoverItem> {
     let frame = |item| v1::HandoverItem { item: Some(item) };
     let mut out: Vec<v1::HandoverItem> = tags.iter().map(|t| frame(Item::Tag(t.clone()))).collect();
     let mut numbers: HashMap<*const StoredMessage, u64> = HashMap::new();
@@ -44,7 +51,60 @@ pub fn frames(tags: &[String], responses: &[Arc<StoredResponse>]) -> Vec<v1::Han
         }
         out.push(frame(Item::Response(handed(response, conversation))));
     }
+    out.extend(
+        conversations
+            .iter()
+            .map(|c| frame(Item::Conversation(handed_conversation(c)))),
+    );
     out
+}
+
+/// `conversation` as sent to another replica.
+pub(super) fn handed_conversation(conversation: &StoredConversation) -> v1::HandedConversation {
+    v1::HandedConversation {
+        id: conversation.id.clone(),
+        tenant: conversation.tenant.clone(),
+        created_at: conversation.created_at,
+        metadata_json: conversation.metadata.get().to_string(),
+        items_json: conversation.items_json(),
+        age_ms: conversation.age().as_millis() as u64,
+    }
+}
+
+/// A conversation another replica sent, made in `store` (its items as new ones).
+pub(super) fn received_conversation(
+    store: &ResponseStore,
+    conversation: v1::HandedConversation,
+) -> Result<StoredConversation, Status> {
+    let invalid = |what: &str, e: serde_json::Error| {
+        Status::invalid_argument(format!("conversation {:?}: {what}: {e}", conversation.id))
+    };
+    let metadata = RawValue::from_string(conversation.metadata_json.clone())
+        .map_err(|e| invalid("metadata", e))?;
+    let mut items = Vec::with_capacity(conversation.items_json.len());
+    for text in &conversation.items_json {
+        let json = RawValue::from_string(text.clone()).map_err(|e| invalid("an item", e))?;
+        let id = super::conversation::item_id(&json)
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "conversation {:?}: an item has no id",
+                    conversation.id
+                ))
+            })?
+            .to_string();
+        items.push(store.item(id, json));
+    }
+    let mut made = store.conversation(
+        conversation.id,
+        conversation.tenant,
+        conversation.created_at,
+        metadata,
+        items,
+    );
+    made.stored_at = tokio::time::Instant::now()
+        .checked_sub(Duration::from_millis(conversation.age_ms))
+        .unwrap_or(made.stored_at);
+    Ok(made)
 }
 
 /// `response` as sent to another replica, its messages named by `conversation`'s numbers.
@@ -141,6 +201,10 @@ impl<'a> Adoption<'a> {
                     self.messages.get(usize::try_from(n).ok()?).cloned()
                 })?;
                 self.kept += u32::from(self.store.insert(response));
+            }
+            Some(Item::Conversation(conversation)) => {
+                let conversation = received_conversation(self.store, conversation)?;
+                self.kept += u32::from(self.store.put_conversation(conversation));
             }
             None => return Err(Status::invalid_argument("an empty hand-over item")),
         }
@@ -246,7 +310,7 @@ pub async fn hand_over(dispatcher: &Dispatcher) -> Result<(RouterRecord, u32), H
     // In a rollout another replica may be stopping too (it takes no new connections): the
     // next one is tried.
     fastrand::shuffle(&mut others);
-    let frames = frames(&tags, &store.export());
+    let frames = frames(&tags, &store.export(), &store.export_conversations());
     let mut last = HandoverError::NoPeer;
     for peer in others {
         let channel = match dispatcher.peers.channel_to(&peer) {
@@ -280,7 +344,7 @@ pub async fn hand_over(dispatcher: &Dispatcher) -> Result<(RouterRecord, u32), H
 pub async fn hand_over_on_stop(dispatcher: &Dispatcher) {
     // The standby drops its copy first: the replica handed to answers for the ids instead.
     dispatcher.peers.stop_mirror().await;
-    let count = dispatcher.responses.usage().0;
+    let count = dispatcher.responses.usage().0 + dispatcher.responses.conversation_count();
     if count == 0 {
         return;
     }
@@ -342,7 +406,7 @@ mod tests {
         let ids = [first.id.clone(), second.id.clone()];
         sender.insert(first);
         sender.insert(second);
-        let frames = frames(&sender.tags(), &sender.export());
+        let frames = frames(&sender.tags(), &sender.export(), &[]);
         // The tag, each message once, each response.
         assert_eq!(frames.len(), 1 + 2 + 2);
 
@@ -392,7 +456,7 @@ mod tests {
         let newer_id = newer.id.clone();
         receiver.insert(newer);
         let mut adoption = Adoption::new(&receiver);
-        for frame in frames(&sender.tags(), &sender.export()) {
+        for frame in frames(&sender.tags(), &sender.export(), &[]) {
             adoption.push(frame).expect("a valid hand-over");
         }
         let Lookup::Found(taken) = receiver.get(&id, None) else {

@@ -67,6 +67,9 @@ impl MirrorWriter {
                 out.push(item(Item::Response(handover::handed(&response, numbers))));
                 out
             }
+            MirrorEvent::Conversation(conversation) => vec![item(Item::Conversation(
+                handover::handed_conversation(&conversation),
+            ))],
             MirrorEvent::Forgotten(id) => vec![item(Item::Forget(id))],
             MirrorEvent::MessageGone(number) => vec![item(Item::MessageGone(number))],
         }
@@ -80,11 +83,17 @@ async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
     let MirrorStart {
         tags,
         kept,
+        conversations,
         mut events,
         ..
     } = start;
     let kept = kept.into_iter().map(MirrorEvent::Kept);
-    let now = tags.into_iter().map(MirrorEvent::Tag).chain(kept);
+    let conversations = conversations.into_iter().map(MirrorEvent::Conversation);
+    let now = tags
+        .into_iter()
+        .map(MirrorEvent::Tag)
+        .chain(kept)
+        .chain(conversations);
     for event in now {
         for item in writer.items(event) {
             if out.send(item).await.is_err() {
@@ -171,6 +180,15 @@ impl Standby {
                 self.store.insert(response);
                 self.count();
             }
+            Some(Item::Conversation(conversation)) => {
+                if self.tags.is_empty() {
+                    return Err(Status::invalid_argument(
+                        "a mirror sends its tags before its conversations",
+                    ));
+                }
+                let conversation = handover::received_conversation(&self.store, conversation)?;
+                self.store.put_conversation(conversation);
+            }
             Some(Item::Forget(id)) => {
                 self.store.remove(&id);
                 self.count();
@@ -187,8 +205,9 @@ impl Standby {
     /// the tags and how many responses it kept.
     pub fn take_over(self, store: &ResponseStore) -> (Vec<String>, u32) {
         let kept: Vec<Arc<StoredResponse>> = self.store.export();
+        let conversations = self.store.export_conversations();
         let mut adoption = Adoption::new(store);
-        for frame in handover::frames(&self.tags, &kept) {
+        for frame in handover::frames(&self.tags, &kept, &conversations) {
             // Made from a checked copy: it cannot be refused.
             if let Err(status) = adoption.push(frame) {
                 tracing::warn!("taking a standby copy over: {}", status.message());

@@ -11,9 +11,14 @@
 //! Each response is readable only by the tenant that made it (requests without an API key
 //! are one tenant).
 //!
+//! The same store keeps conversations (`conv_…`, the Conversations API, see [`conversation`]):
+//! their ids name their replica too, they count against the same bytes, and they go (oldest
+//! change first) as responses do.
+//!
 //! What a store keeps and drops can be followed as it happens ([`ResponseStore::begin_mirror`]):
 //! that is how another replica keeps a standby copy (see [`mirror`]).
 
+pub mod conversation;
 pub mod handover;
 pub mod mirror;
 pub mod peers;
@@ -30,9 +35,12 @@ use switchyard_proto::v1;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+pub use conversation::{StoredConversation, StoredItem};
+
 /// Hex digits of the owner tag at the start of an id (after `resp_`).
 const OWNER_CHARS: usize = 12;
 const ID_PREFIX: &str = "resp_";
+const CONVERSATION_PREFIX: &str = "conv_";
 
 /// What a store and every piece it made share: the count of bytes alive, and the mirror
 /// following the store, if any.
@@ -60,7 +68,9 @@ pub enum MirrorEvent {
     /// The store answers for this tag's ids too.
     Tag(String),
     Kept(Arc<StoredResponse>),
-    /// A response the store no longer keeps.
+    /// A conversation as it now stands (new or changed).
+    Conversation(Arc<StoredConversation>),
+    /// A response or conversation the store no longer keeps.
     Forgotten(String),
     /// A message the mirror was sent that no response can hold any more (its number).
     MessageGone(u64),
@@ -224,8 +234,8 @@ fn message_bytes(message: &v1::ChatMessage) -> usize {
 
 /// What a lookup found.
 #[derive(Debug)]
-pub enum Lookup {
-    Found(Arc<StoredResponse>),
+pub enum Lookup<T = Arc<StoredResponse>> {
+    Found(T),
     /// Not here, and this replica stored it (or the id is not one of ours): expired, deleted,
     /// never stored, or another tenant's.
     Missing,
@@ -254,8 +264,12 @@ impl Default for StoreLimits {
 #[derive(Debug, Default)]
 struct Inner {
     by_id: HashMap<String, Arc<StoredResponse>>,
-    /// Ids by age, oldest first (deleted ones stay until they reach the front).
+    conversations: HashMap<String, Arc<StoredConversation>>,
+    /// Ids by when they were stored (a conversation: last changed), oldest first. An entry
+    /// whose time is not its object's any more (deleted, or a conversation changed since) is
+    /// stale: skipped when it reaches the front, and swept out when stale ones are many.
     order: VecDeque<(Instant, String)>,
+    stale: usize,
 }
 
 /// This replica's stored responses.
@@ -275,6 +289,7 @@ pub struct ResponseStore {
     ledger: Arc<Ledger>,
     /// What it holds, for Prometheus: responses and bytes.
     gauges: Option<(Gauge, Gauge)>,
+    conversation_gauge: Option<Gauge>,
 }
 
 impl ResponseStore {
@@ -287,12 +302,14 @@ impl ResponseStore {
             inner: Mutex::default(),
             ledger: Arc::default(),
             gauges: None,
+            conversation_gauge: None,
         }
     }
 
-    /// Keeps `responses` and `bytes` at what the store holds.
-    pub fn with_gauges(mut self, responses: Gauge, bytes: Gauge) -> Self {
+    /// Keeps `responses`, `conversations` and `bytes` at what the store holds.
+    pub fn with_gauges(mut self, responses: Gauge, conversations: Gauge, bytes: Gauge) -> Self {
         self.gauges = Some((responses, bytes));
+        self.conversation_gauge = Some(conversations);
         self
     }
 
@@ -300,6 +317,9 @@ impl ResponseStore {
         if let Some((responses, bytes)) = &self.gauges {
             responses.set(inner.by_id.len() as i64);
             bytes.set(self.alive() as i64);
+        }
+        if let Some(conversations) = &self.conversation_gauge {
+            conversations.set(inner.conversations.len() as i64);
         }
     }
 
@@ -365,30 +385,36 @@ impl ResponseStore {
         }
         let mut inner = self.inner.lock().expect("response store lock");
         let id = response.id.clone();
-        let at = response.stored_at;
-        // Handed over responses keep their age, so may belong before the newest.
-        let place = inner.order.partition_point(|(t, _)| *t <= at);
-        inner.order.insert(place, (at, id.clone()));
+        inner.place(response.stored_at, &id);
         let response = Arc::new(response);
-        inner.by_id.insert(id.clone(), response.clone());
+        if inner.by_id.insert(id.clone(), response.clone()).is_some() {
+            inner.stale += 1;
+        }
         self.ledger.tell(MirrorEvent::Kept(response));
+        self.settle(&mut inner, &id);
+        inner.by_id.contains_key(&id)
+    }
+
+    /// After `kept` was placed: drops what expired, then the oldest until what is alive fits
+    /// (never `kept` when it is the newest).
+    fn settle(&self, inner: &mut Inner, kept: &str) {
         inner.expire(Instant::now(), self.limits.max_age, &self.ledger);
         while self.alive() > self.limits.max_bytes {
-            let Some((_, oldest)) = inner.order.front() else {
+            let Some((at, oldest)) = inner.order.front() else {
                 break;
             };
-            if *oldest == id {
+            if oldest == kept && inner.is_current(*at, oldest) {
                 // The newest is kept though what requests in flight hold runs over; one handed
                 // over older than others kept is the oldest, and goes.
-                if inner.order.len() > 1 {
+                if inner.live() > 1 {
                     inner.evict_oldest(&self.ledger);
                 }
                 break;
             }
             inner.evict_oldest(&self.ledger);
         }
-        self.publish(&inner);
-        inner.by_id.contains_key(&id)
+        inner.sweep();
+        self.publish(inner);
     }
 
     /// Every tag this replica answers for: its own, then those handed to it.
@@ -453,16 +479,16 @@ impl ResponseStore {
             .get(id)
             .is_some_and(|r| r.tenant.as_deref() == tenant);
         if mine {
-            inner.forget(id, &self.ledger);
+            inner.drop_kept(id, &self.ledger);
             self.publish(&inner);
         }
         mine
     }
 
-    /// Drops the response `id` whoever made it (a mirror told it went).
+    /// Drops the response or conversation `id` whoever made it (a mirror told it went).
     pub fn remove(&self, id: &str) {
         let mut inner = self.inner.lock().expect("response store lock");
-        inner.forget(id, &self.ledger);
+        inner.drop_kept(id, &self.ledger);
         self.publish(&inner);
     }
 
@@ -493,6 +519,7 @@ impl ResponseStore {
                 .iter()
                 .filter_map(|(_, id)| inner.by_id.get(id).cloned())
                 .collect(),
+            conversations: inner.conversations_by_age(),
             events,
         }
     }
@@ -516,10 +543,49 @@ pub struct MirrorStart {
     pub tags: Vec<String>,
     /// What the store kept when the mirror began, oldest first.
     pub kept: Vec<Arc<StoredResponse>>,
+    pub conversations: Vec<Arc<StoredConversation>>,
     pub events: mpsc::Receiver<MirrorEvent>,
 }
 
 impl Inner {
+    /// Responses and conversations kept.
+    fn live(&self) -> usize {
+        self.by_id.len() + self.conversations.len()
+    }
+
+    /// Whether the order's entry (`at`, `id`) is its object's (not stale).
+    fn is_current(&self, at: Instant, id: &str) -> bool {
+        if id.starts_with(CONVERSATION_PREFIX) {
+            self.conversations.get(id).is_some_and(|c| c.stored_at == at)
+        } else {
+            self.by_id.get(id).is_some_and(|r| r.stored_at == at)
+        }
+    }
+
+    /// Enters `id`, stored at `at`, in the order: handed over objects keep their age, so may
+    /// belong before the newest.
+    fn place(&mut self, at: Instant, id: &str) {
+        let place = self.order.partition_point(|(t, _)| *t <= at);
+        self.order.insert(place, (at, id.to_string()));
+    }
+
+    /// Sweeps stale entries out of the order once they outnumber the live ones.
+    fn sweep(&mut self) {
+        if self.stale > 64 && self.stale > self.live() {
+            let mut order = std::mem::take(&mut self.order);
+            order.retain(|(at, id)| self.is_current(*at, id));
+            self.order = order;
+            self.stale = 0;
+        }
+    }
+
+    /// Every conversation kept, oldest change first.
+    fn conversations_by_age(&self) -> Vec<Arc<StoredConversation>> {
+        let mut all: Vec<_> = self.conversations.values().cloned().collect();
+        all.sort_by_key(|c| c.stored_at);
+        all
+    }
+
     fn expire(&mut self, now: Instant, max_age: Duration, ledger: &Ledger) {
         while let Some((at, _)) = self.order.front() {
             if now.saturating_duration_since(*at) < max_age {
@@ -532,23 +598,40 @@ impl Inner {
     /// Drops the oldest entry still in the order (its memory goes when nothing else holds
     /// it); false when there is none.
     fn evict_oldest(&mut self, ledger: &Ledger) -> bool {
-        let Some((_, id)) = self.order.pop_front() else {
+        let Some((at, id)) = self.order.pop_front() else {
             return false;
         };
-        self.forget(&id, ledger);
+        if self.is_current(at, &id) {
+            self.forget(&id, ledger);
+        } else {
+            self.stale = self.stale.saturating_sub(1);
+        }
         true
     }
 
-    fn forget(&mut self, id: &str, ledger: &Ledger) {
-        if self.by_id.remove(id).is_some() {
+    /// Drops `id` before its order entry reaches the front (which is stale from now on).
+    fn drop_kept(&mut self, id: &str, ledger: &Ledger) {
+        if self.forget(id, ledger) {
+            self.stale += 1;
+        }
+    }
+
+    /// Drops the response or conversation `id`; whether it was kept.
+    fn forget(&mut self, id: &str, ledger: &Ledger) -> bool {
+        let gone = self.by_id.remove(id).is_some() || self.conversations.remove(id).is_some();
+        if gone {
             ledger.tell(MirrorEvent::Forgotten(id.to_string()));
         }
+        gone
     }
 }
 
-/// The owner tag of a response id of this store's shape; `None` for any other id.
+/// The owner tag of a response or conversation id of this store's shape; `None` for any
+/// other id.
 pub fn owner_of(id: &str) -> Option<&str> {
-    let rest = id.strip_prefix(ID_PREFIX)?;
+    let rest = id
+        .strip_prefix(ID_PREFIX)
+        .or_else(|| id.strip_prefix(CONVERSATION_PREFIX))?;
     let valid = rest.len() == OWNER_CHARS + 32 && rest.bytes().all(|b| b.is_ascii_hexdigit());
     valid.then(|| &rest[..OWNER_CHARS])
 }
@@ -715,7 +798,11 @@ mod tests {
     #[test]
     fn the_gauges_follow_what_is_kept() {
         let (count, bytes) = (Gauge::default(), Gauge::default());
-        let store = ResponseStore::new(limits(1 << 20)).with_gauges(count.clone(), bytes.clone());
+        let store = ResponseStore::new(limits(1 << 20)).with_gauges(
+            count.clone(),
+            Gauge::default(),
+            bytes.clone(),
+        );
         let kept = response(&store, None, &[], "hi");
         let id = kept.id.clone();
         store.insert(kept);

@@ -41,15 +41,18 @@ pub enum PeerError {
 impl PeerError {
     /// The HTTP answer about response `id`.
     pub fn into_api_error(self, id: &str) -> ApiError {
+        self.into_api_error_about(&format!("response {id:?}"))
+    }
+
+    /// The HTTP answer about `subject` (what was asked for, e.g. `conversation "conv_…"`).
+    pub fn into_api_error_about(self, subject: &str) -> ApiError {
         match self {
-            PeerError::Gone { .. } => ApiError::not_found(
-                None,
-                format!("response {id:?} is not stored any more: {self}"),
-            ),
-            PeerError::Unreachable { .. } => ApiError::from_code(
-                tonic::Code::Unavailable,
-                &format!("response {id:?}: {self}"),
-            ),
+            PeerError::Gone { .. } => {
+                ApiError::not_found(None, format!("{subject} is not stored any more: {self}"))
+            }
+            PeerError::Unreachable { .. } => {
+                ApiError::from_code(tonic::Code::Unavailable, &format!("{subject}: {self}"))
+            }
             PeerError::Refused(error) => error,
         }
     }
@@ -292,6 +295,32 @@ pub async fn delete(
     match client.delete(asked).await {
         Ok(answer) => Ok(answer.into_inner().deleted),
         Err(status) => failure(owner, peers, status).await.map_or(Ok(false), Err),
+    }
+}
+
+/// What replica `owner` answered to a conversation `call`: its JSON body, or its refusal
+/// (not kept there, a bad page, too large) as the status it sent.
+pub async fn call_conversation(
+    dispatcher: &Dispatcher,
+    owner: &str,
+    call: v1::ConversationCall,
+    headers: &HeaderMap,
+) -> Result<Result<String, tonic::Status>, PeerError> {
+    let peers = &dispatcher.peers;
+    let mut client = peers.client(owner).await?;
+    match client.call_conversation(ask(call, headers)).await {
+        Ok(answer) => Ok(Ok(answer.into_inner().body_json)),
+        Err(status) => match status.code() {
+            tonic::Code::NotFound
+            | tonic::Code::InvalidArgument
+            | tonic::Code::FailedPrecondition => Ok(Err(status)),
+            code => Err(failure(owner, peers, status).await.unwrap_or_else(|| {
+                PeerError::Unreachable {
+                    owner: owner.to_string(),
+                    why: code.to_string(),
+                }
+            })),
+        },
     }
 }
 

@@ -1,12 +1,12 @@
-//! The `StoredResponses` gRPC service: this replica's stored responses, for the other replicas
-//! (and gRPC clients), under the same API keys as `Inference`.
+//! The `StoredResponses` gRPC service: this replica's stored responses and conversations, for
+//! the other replicas (and gRPC clients), under the same API keys as `Inference`.
 
 use std::sync::Arc;
 
 use switchyard_proto::v1;
 use tonic::{Request, Response, Status};
 
-use super::{Lookup, ResponseStore, peers};
+use super::{Lookup, ResponseStore, conversation, peers};
 use crate::auth::Tenant;
 
 pub struct StoredResponsesService {
@@ -54,5 +54,15 @@ impl v1::stored_responses_server::StoredResponses for StoredResponsesService {
         Ok(Response::new(v1::DeleteStoredResponseResponse {
             deleted: self.store.delete(&id, tenant.as_deref()),
         }))
+    }
+
+    async fn call_conversation(
+        &self,
+        request: Request<v1::ConversationCall>,
+    ) -> Result<Response<v1::ConversationAnswer>, Status> {
+        let tenant = tenant_of(&request);
+        // Only what this replica keeps: a replica never asks on another's behalf.
+        let body_json = conversation::answer(&self.store, tenant.as_deref(), request.into_inner())?;
+        Ok(Response::new(v1::ConversationAnswer { body_json }))
     }
 }

@@ -10,7 +10,7 @@
 
 mod object;
 mod output;
-mod request;
+pub(super) mod request;
 pub(super) mod stored;
 
 use std::collections::VecDeque;
@@ -27,6 +27,7 @@ use switchyard_proto::v1::{self, server_frame::Frame};
 use super::choices::ChoiceFrames;
 use super::error::ApiError;
 use super::handlers::{self, RESPONSES_ROUTE};
+use super::conversations;
 use super::wire;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
@@ -61,15 +62,36 @@ async fn respond(
     }
     let request = parse_body(&body)?;
     let tenant_name = tenant.as_ref().map(|t| t.0.clone());
-    let history = match request.previous_response_id()? {
-        Some(previous) => {
-            stored::conversation_of(&dispatcher, &previous, tenant_name.as_deref(), &headers)
-                .await?
-        }
-        None => Vec::new(),
-    };
-    let mut read = request.read(dispatcher.limits().max_tokens_cap, &history)?;
     let store = &dispatcher.responses;
+    let conversation = request.conversation_id()?;
+    let (history, history_field) = match (request.previous_response_id()?, &conversation) {
+        (Some(previous), _) => (
+            stored::conversation_of(&dispatcher, &previous, tenant_name.as_deref(), &headers)
+                .await?,
+            "previous_response_id",
+        ),
+        (None, Some(id)) => {
+            let messages =
+                conversations::history(&dispatcher, id, tenant_name.as_deref(), &headers).await?;
+            let messages = messages.into_iter().map(|m| store.message(m)).collect();
+            (messages, "conversation")
+        }
+        (None, None) => (Vec::new(), "previous_response_id"),
+    };
+    let mut read = request.read(dispatcher.limits().max_tokens_cap, &history, history_field)?;
+    // What the response adds to its conversation: its input items now, its output at the end.
+    let add_to = conversation.map(|id| AddTo {
+        dispatcher: dispatcher.clone(),
+        id,
+        tenant: tenant_name.clone(),
+        headers: headers.clone(),
+        input_items: read
+            .turn
+            .input_items
+            .iter()
+            .map(|i| i.get().to_string())
+            .collect(),
+    });
     // Asked to store, with a store to keep it in.
     read.echo.store &= store.limits().max_bytes > 0;
     let keep = read.echo.store.then(|| {
@@ -119,9 +141,9 @@ async fn respond(
         if let Frame::Failed(failed) = &first {
             return Err(response.name_fields(ApiError::from_failed(failed)));
         }
-        stream(response, first, frames, keep)
+        stream(response, first, frames, keep, add_to)
     } else {
-        whole(&mut response, frames, keep).await?
+        whole(&mut response, frames, keep, add_to).await?
     };
     placed.tag(&mut http);
     Ok(http)
@@ -135,7 +157,7 @@ fn parse_body(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
 /// `max_tokens` cap.
 #[cfg(test)]
 pub(super) fn read_body(body: &[u8], cap: u32) -> Result<request::Read, ApiError> {
-    parse_body(body)?.read(cap, &[])
+    parse_body(body)?.read(cap, &[], "previous_response_id")
 }
 
 /// What storing a response needs, until it has finished.
@@ -163,6 +185,40 @@ impl Keep {
         let kept = self.store.insert(response);
         if !kept {
             tracing::warn!("a response larger than the whole response store was not stored");
+        }
+    }
+}
+
+/// What adding a finished response to its conversation needs.
+struct AddTo {
+    dispatcher: Arc<Dispatcher>,
+    id: String,
+    tenant: Option<String>,
+    /// The client's, to ask another replica with its own key.
+    headers: HeaderMap,
+    input_items: Vec<String>,
+}
+
+impl AddTo {
+    /// Adds the request's input items and the response's output items. A failure is logged:
+    /// the client has its answer, and the conversation lacks this turn.
+    async fn finish(mut self, output: &Output) {
+        self.input_items
+            .extend(output.items().iter().map(|item| serialized(item)));
+        let added = conversations::add_turn(
+            &self.dispatcher,
+            &self.id,
+            self.tenant.as_deref(),
+            &self.headers,
+            self.input_items,
+        )
+        .await;
+        if let Err(error) = added {
+            tracing::warn!(
+                conversation = %self.id,
+                "a response's turn was not added to its conversation: {}",
+                error.message
+            );
         }
     }
 }
@@ -198,6 +254,7 @@ async fn whole(
     snapshot: &mut Snapshot,
     mut frames: ChoiceFrames,
     keep: Option<Keep>,
+    add_to: Option<AddTo>,
 ) -> Result<Response, ApiError> {
     let mut output = Output::new(false);
     loop {
@@ -217,6 +274,9 @@ async fn whole(
                 if let Some(keep) = keep {
                     keep.finish(body.clone(), &output);
                 }
+                if let Some(add_to) = add_to {
+                    add_to.finish(&output).await;
+                }
                 return Ok(json_response(body));
             }
             Frame::Failed(failed) => {
@@ -232,7 +292,13 @@ async fn whole(
 /// as the tokens come, then `response.completed` (or `.incomplete`, or `.failed` with the
 /// error). The body owns the dispatcher's receiver: a client that goes away cancels the
 /// generation.
-fn stream(snapshot: Snapshot, first: Frame, frames: ChoiceFrames, keep: Option<Keep>) -> Response {
+fn stream(
+    snapshot: Snapshot,
+    first: Frame,
+    frames: ChoiceFrames,
+    keep: Option<Keep>,
+    add_to: Option<AddTo>,
+) -> Response {
     let mut events = Events {
         snapshot,
         frames,
@@ -241,6 +307,8 @@ fn stream(snapshot: Snapshot, first: Frame, frames: ChoiceFrames, keep: Option<K
         pending: VecDeque::new(),
         done: false,
         keep,
+        add_to,
+        adding: false,
     };
     // The same object opens the stream twice; serialized once.
     let opening = Event {
@@ -272,11 +340,21 @@ struct Events {
     done: bool,
     /// Stores the response when it has finished (not when it failed).
     keep: Option<Keep>,
+    /// Adds the finished response to its conversation (not when it failed)...
+    add_to: Option<AddTo>,
+    /// ...before the event saying it finished goes out, so a client that reads the
+    /// conversation then finds the turn.
+    adding: bool,
 }
 
 impl Events {
     async fn next(&mut self) -> Option<Bytes> {
         loop {
+            if std::mem::take(&mut self.adding)
+                && let Some(add_to) = self.add_to.take()
+            {
+                add_to.finish(&self.output).await;
+            }
             if let Some(bytes) = self.pending.pop_front() {
                 return Some(bytes);
             }
@@ -354,6 +432,7 @@ impl Events {
                 if let Some(keep) = self.keep.take() {
                     keep.finish(response, &self.output);
                 }
+                self.adding = self.add_to.is_some();
                 self.done = true;
             }
             Frame::Failed(failed) => self.fail(ApiError::from_failed(&failed)),
@@ -390,7 +469,7 @@ mod tests {
             ],
         }))
         .expect("typed")
-        .read(64, &[])
+        .read(64, &[], "previous_response_id")
         .expect("read");
         Snapshot {
             id: "resp_1".into(),
@@ -404,7 +483,7 @@ mod tests {
 
     /// Every event of a streamed response that starts with `first` and gets `rest`.
     async fn events(first: Frame, rest: Vec<Frame>) -> Vec<(String, Value)> {
-        named_events(stream(snapshot(), first, frames(rest), None)).await
+        named_events(stream(snapshot(), first, frames(rest), None, None)).await
     }
 
     #[tokio::test]

@@ -42,6 +42,7 @@ impl Snapshot {
             completed_at: finished.map(|_| handlers::unix_now()),
             status,
             background: false,
+            conversation: e.conversation.as_deref().map(|id| ConversationRef { id }),
             error: error.map(|e| ResponseError {
                 code: e.code.unwrap_or("server_error"),
                 message: &e.message,
@@ -95,6 +96,7 @@ pub struct ResponseObject<'a> {
     completed_at: Option<u64>,
     status: &'static str,
     background: bool,
+    conversation: Option<ConversationRef<'a>>,
     error: Option<ResponseError<'a>>,
     incomplete_details: Option<IncompleteDetails>,
     instructions: Option<&'a str>,
@@ -119,6 +121,12 @@ pub struct ResponseObject<'a> {
     truncation: &'static str,
     usage: Option<Usage>,
     user: Option<&'a str>,
+}
+
+/// The conversation a response went on from and added to.
+#[derive(Serialize)]
+struct ConversationRef<'a> {
+    id: &'a str,
 }
 
 #[derive(Serialize)]

@@ -5,8 +5,8 @@
 //! A conversation comes whole in `input` (its messages, the model's earlier `function_call`
 //! items and the client's `function_call_output` items), or goes on from a stored response
 //! (`previous_response_id`, see [`crate::response_store`]): that response's conversation,
-//! then `input`. What needs other server-side state (`conversation` objects, item references,
-//! background runs) is refused by name.
+//! then `input`; or from a stored conversation (`conversation`): its items, then `input`.
+//! What needs other server-side state (item references, background runs) is refused by name.
 
 use std::sync::Arc;
 
@@ -51,8 +51,9 @@ pub struct ResponsesRequest {
     pub previous_response_id: Option<Value>,
     /// Whether to store the response (OpenAI's default: yes).
     pub store: Option<bool>,
-    /// Asks for state Switchyard does not keep, or work it does not do: refused by name.
+    /// The stored conversation this one goes on from (and adds to): its id, or `{"id"}`.
     pub conversation: Option<Value>,
+    /// Asks for state Switchyard does not keep, or work it does not do: refused by name.
     pub background: Option<bool>,
     pub prompt: Option<Value>,
     pub max_tool_calls: Option<Value>,
@@ -84,6 +85,7 @@ pub struct Echo {
     pub safety_identifier: Option<String>,
     pub store: bool,
     pub previous_response_id: Option<String>,
+    pub conversation: Option<String>,
     /// What happens to an input longer than the context.
     pub truncation: v1::Truncation,
     /// Alternatives given with each output token's log probability.
@@ -138,9 +140,41 @@ impl ResponsesRequest {
         }
     }
 
+    /// The id of the stored conversation this request goes on from, if any.
+    pub fn conversation_id(&self) -> Result<Option<String>, ApiError> {
+        let id = match &self.conversation {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(id)) => Some(id.as_str()),
+            Some(Value::Object(fields)) => fields.get("id").and_then(Value::as_str),
+            Some(_) => None,
+        };
+        match id {
+            Some(id) if !id.is_empty() => {
+                if self.previous_response_id()?.is_some() {
+                    return Err(ApiError::invalid(
+                        "conversation",
+                        "cannot go with previous_response_id: a request goes on from a stored \
+                         conversation or from a stored response, not both",
+                    ));
+                }
+                Ok(Some(id.to_string()))
+            }
+            _ => Err(ApiError::invalid(
+                "conversation",
+                "must be the id of a stored conversation (a non-empty string, or an object \
+                 with it as \"id\")",
+            )),
+        }
+    }
+
     /// Reads the request; `cap` is the router's `max_tokens` cap, `history` the conversation
-    /// of the response named by `previous_response_id`.
-    pub fn read(self, cap: u32, history: &[Arc<StoredMessage>]) -> Result<Read, ApiError> {
+    /// it goes on from (named by `history_field`: `previous_response_id` or `conversation`).
+    pub fn read(
+        self,
+        cap: u32,
+        history: &[Arc<StoredMessage>],
+        history_field: &'static str,
+    ) -> Result<Read, ApiError> {
         self.refuse_what_is_not_done()?;
         let model = wire::required_model(self.model.clone())?;
         let mut fields = FieldNames::default();
@@ -154,7 +188,7 @@ impl ResponsesRequest {
             });
         }
         for message in history {
-            fields.messages.push(Origin::whole("previous_response_id"));
+            fields.messages.push(Origin::whole(history_field));
             messages.push((**message).clone());
         }
         let input_start = messages.len();
@@ -193,6 +227,7 @@ impl ResponsesRequest {
         .map_err(|e| e.renaming_param(|f| fields.rename(f)))?;
         let metadata = metadata(self.metadata.clone())?;
         let previous_response_id = self.previous_response_id()?;
+        let conversation = self.conversation_id()?;
         // Log probabilities of the output text: asked for by `include`, or by asking for
         // alternatives (checked to be 0 to 20 above).
         let top_logprobs = self.top_logprobs.unwrap_or(0) as u32;
@@ -259,6 +294,7 @@ impl ResponsesRequest {
             safety_identifier: self.safety_identifier,
             store: self.store.unwrap_or(true),
             previous_response_id,
+            conversation,
             truncation,
             top_logprobs,
         };
@@ -285,13 +321,6 @@ impl ResponsesRequest {
     /// are accepted, as SDKs send them.
     fn refuse_what_is_not_done(&self) -> Result<(), ApiError> {
         let set = |value: &Option<Value>| value.as_ref().is_some_and(|v| !v.is_null());
-        if set(&self.conversation) {
-            return Err(ApiError::invalid(
-                "conversation",
-                "conversation objects are not supported: go on from a stored response with \
-                 previous_response_id, or send the whole conversation in input",
-            ));
-        }
         if self.background == Some(true) {
             return Err(ApiError::invalid(
                 "background",
@@ -362,7 +391,8 @@ fn service_tier_class(tier: Option<&str>) -> Result<v1::RequestClass, ApiError> 
     }
 }
 
-fn metadata(metadata: Option<Map<String, Value>>) -> Result<Value, ApiError> {
+/// Checks `metadata` against OpenAI's bounds; `null` when there is none.
+pub fn metadata(metadata: Option<Map<String, Value>>) -> Result<Value, ApiError> {
     let Some(metadata) = metadata else {
         return Ok(Value::Null);
     };
@@ -485,7 +515,23 @@ fn read_input(
             ));
         }
     };
-    // Calls join an assistant turn of this input only, not the previous response's answer.
+    read_items(items, messages, fields)?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "input",
+            "has no message or function call output to answer",
+        ));
+    }
+    Ok(())
+}
+
+/// Reads input items (`input[i]` in errors) into `messages`.
+fn read_items(
+    items: &[Value],
+    messages: &mut Vec<v1::ChatMessage>,
+    fields: &mut FieldNames,
+) -> Result<(), ApiError> {
+    // Calls join an assistant turn of these items only, not the previous response's answer.
     let first = messages.len();
     for (i, item) in items.iter().enumerate() {
         let field = format!("input[{i}]");
@@ -578,13 +624,28 @@ fn read_input(
             }
         }
     }
-    if messages.is_empty() {
-        return Err(ApiError::invalid(
-            "input",
-            "has no message or function call output to answer",
-        ));
-    }
     Ok(())
+}
+
+/// Checks items a client adds to a conversation (`field`, e.g. `items`), as input items are.
+pub fn check_items(items: &[Value], field: &str) -> Result<(), ApiError> {
+    read_items(items, &mut Vec::new(), &mut FieldNames::default()).map_err(|e| {
+        e.renaming_param(|param| {
+            param
+                .strip_prefix("input")
+                .map(|rest| format!("{field}{rest}"))
+        })
+    })
+}
+
+/// A stored conversation's items (checked when added) as the messages a request runs.
+pub fn conversation_messages(items: &[Value]) -> Result<Vec<v1::ChatMessage>, ApiError> {
+    let mut messages = Vec::new();
+    read_items(items, &mut messages, &mut FieldNames::default()).map_err(|e| ApiError {
+        param: Some("conversation".into()),
+        ..e
+    })?;
+    Ok(messages)
 }
 
 /// What `include` may name. Only the first adds anything here (log probabilities of the
@@ -615,9 +676,20 @@ fn input_items(input: Option<&Value>) -> Vec<Box<RawValue>> {
         Some(Value::Array(items)) => items.clone(),
         _ => Vec::new(),
     };
+    with_ids(items)
+}
+
+/// Items as stored, as JSON text: each with its `type` (a message when it names none) and an
+/// `id` (a new one when it has none).
+pub fn with_ids(items: Vec<Value>) -> Vec<Box<RawValue>> {
     items
         .into_iter()
         .map(|mut item| {
+            if let Value::Object(fields) = &mut item
+                && fields.get("type").is_none_or(Value::is_null)
+            {
+                fields.insert("type".into(), "message".into());
+            }
             if let Value::Object(fields) = &mut item
                 && !fields.get("id").is_some_and(Value::is_string)
             {
@@ -812,7 +884,7 @@ mod tests {
     fn read(body: Value) -> Result<Read, ApiError> {
         serde_json::from_value::<ResponsesRequest>(body)
             .expect("typed")
-            .read(4096, &[])
+            .read(4096, &[], "previous_response_id")
     }
 
     #[test]
@@ -863,7 +935,7 @@ mod tests {
             ],
         }))
         .expect("typed")
-        .read(4096, &history)
+        .read(4096, &history, "previous_response_id")
         .expect("read");
         let roles: Vec<_> = read
             .request
@@ -943,7 +1015,12 @@ mod tests {
         for (body, field) in [
             (json!({"previous_response_id": 7}), "previous_response_id"),
             (json!({"previous_response_id": ""}), "previous_response_id"),
-            (json!({"conversation": "conv_1"}), "conversation"),
+            (json!({"conversation": ""}), "conversation"),
+            (json!({"conversation": {"id": 7}}), "conversation"),
+            (
+                json!({"conversation": "conv_1", "previous_response_id": "resp_1"}),
+                "conversation",
+            ),
             (json!({"background": true}), "background"),
             (json!({"truncation": "middle"}), "truncation"),
             (

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::super::error::ApiError;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
-use crate::response_store::{Lookup, StoredMessage, StoredResponse, peers};
+use crate::response_store::{Lookup, StoredMessage, StoredResponse, conversation, peers};
 
 /// The stored-response routes.
 pub const RESPONSE_ROUTE: &str = "/v1/responses/{id}";
@@ -144,13 +144,13 @@ pub async fn input_items(
 }
 
 #[derive(Debug, PartialEq)]
-struct Page {
-    after: Option<String>,
-    limit: usize,
-    newest_first: bool,
+pub struct Page {
+    pub after: Option<String>,
+    pub limit: usize,
+    pub newest_first: bool,
 }
 
-fn page_of(paging: &Paging) -> Result<Page, ApiError> {
+pub fn page_of(paging: &Paging) -> Result<Page, ApiError> {
     let limit = match paging.limit.as_deref() {
         None => 20,
         Some(text) => match text.parse::<usize>() {
@@ -183,45 +183,14 @@ fn page_of(paging: &Paging) -> Result<Page, ApiError> {
 impl Page {
     /// The list object of this page of `items` (stored oldest first, as JSON text).
     fn of(&self, items: &[Box<RawValue>]) -> Result<Value, ApiError> {
-        /// What paging reads of an item.
-        #[derive(serde::Deserialize)]
-        struct Id<'a> {
-            #[serde(borrow)]
-            id: Option<&'a str>,
-        }
-        fn id_of(item: &RawValue) -> Option<&str> {
-            serde_json::from_str::<Id>(item.get()).ok()?.id
-        }
-        let mut ordered: Vec<&RawValue> = items.iter().map(AsRef::as_ref).collect();
-        if self.newest_first {
-            ordered.reverse();
-        }
-        let start = match &self.after {
-            None => 0,
-            Some(after) => {
-                ordered
-                    .iter()
-                    .position(|item| id_of(item) == Some(after.as_str()))
-                    .ok_or_else(|| {
-                        ApiError::invalid("after", format!("{after:?} is no item of this list"))
-                    })?
-                    + 1
-            }
-        };
-        let page: Vec<&RawValue> = ordered
-            .iter()
-            .skip(start)
-            .take(self.limit)
-            .copied()
-            .collect();
-        let id = |item: Option<&&RawValue>| item.and_then(|i| id_of(i)).map(str::to_string);
-        Ok(json!({
-            "object": "list",
-            "data": page,
-            "first_id": id(page.first()),
-            "last_id": id(page.last()),
-            "has_more": start + page.len() < ordered.len(),
-        }))
+        let items: Vec<&RawValue> = items.iter().map(AsRef::as_ref).collect();
+        conversation::page(
+            &items,
+            self.after.as_deref(),
+            self.limit,
+            self.newest_first,
+        )
+        .map_err(|(field, why)| ApiError::invalid(field, why))
     }
 }
 
