@@ -74,6 +74,16 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
         out.contains("openai-responses: 11 passed, 0 failed"),
         "{out}"
     );
+    // The Conversations API, and responses going on from its conversations.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/openai_conversations_check.py"
+    );
+    let out = program_output("python3", &strings(&[script, &base, "synthetic"])).await?;
+    assert!(
+        out.contains("openai-conversations: 6 passed, 0 failed"),
+        "{out}"
+    );
     // Anthropic's Messages API on the same port, with Anthropic's SDK, text only.
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -109,6 +119,8 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
         ("messages", 200),
         ("messages", 400),
         ("messages", 404),
+        ("conversations", 200),
+        ("conversations", 404),
     ] {
         assert!(answered(api, status) >= 1.0, "{api} {status}:\n{metrics}");
     }

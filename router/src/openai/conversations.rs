@@ -81,10 +81,34 @@ fn items_to_add(items: Vec<Value>, field: &str) -> Result<Vec<String>, ApiError>
         ));
     }
     request::check_items(&items, field)?;
-    Ok(request::with_ids(items)
+    Ok(request::with_ids(items.into_iter().map(as_listed).collect())
         .into_iter()
         .map(|item| item.get().to_string())
         .collect())
+}
+
+/// A message item as a conversation lists it (as OpenAI's API does): its text as a content
+/// part (`output_text` for the assistant's, else `input_text`) and a `status`.
+fn as_listed(mut item: Value) -> Value {
+    let Value::Object(fields) = &mut item else {
+        return item;
+    };
+    if fields.get("type").is_some_and(|t| t != "message") {
+        return item;
+    }
+    if let Some(Value::String(text)) = fields.get("content") {
+        let kind = if fields.get("role").is_some_and(|r| r == "assistant") {
+            "output_text"
+        } else {
+            "input_text"
+        };
+        let part = serde_json::json!([{"type": kind, "text": text}]);
+        fields.insert("content".into(), part);
+    }
+    fields
+        .entry("status")
+        .or_insert_with(|| Value::from("completed"));
+    item
 }
 
 /// Metadata as stored: a checked JSON object (`{}` when none).
