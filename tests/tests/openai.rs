@@ -460,6 +460,52 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
     let (status, _) = get(format!("{keeper_url}/responses/{second_id}")).await?;
     assert_eq!(status, 200);
 
+    // A conversation the keeper keeps is gone on from, read and changed through the other.
+    let conversation: Value = client
+        .post(format!("{keeper_url}/conversations"))
+        .json(&json!({"items": [{"role": "user", "content": "Remember the word kiwi."}]}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let conversation_id = conversation["id"].as_str().context("an id")?.to_string();
+    let (status, turn) = create(
+        other_url.clone(),
+        json!({
+            "model": "synthetic", "input": "Which word?", "conversation": conversation_id,
+            "max_output_tokens": 6,
+        }),
+    )
+    .await?;
+    assert_eq!(status, 200, "{turn}");
+    assert!(
+        tokens(&turn, "input_tokens") > tokens(&alone, "input_tokens"),
+        "the turn read the conversation kept elsewhere: {turn} vs {alone}"
+    );
+    let items_url = format!("{other_url}/conversations/{conversation_id}/items?order=asc");
+    let (status, items) = get(items_url.clone()).await?;
+    assert_eq!(status, 200, "{items}");
+    let roles: Vec<&str> = items["data"]
+        .as_array()
+        .context("a list")?
+        .iter()
+        .filter_map(|i| i["role"].as_str())
+        .collect();
+    assert_eq!(roles, ["user", "user", "assistant"], "{items}");
+    let first_item = items["data"][0]["id"].as_str().context("an item id")?;
+    let deleted = client
+        .delete(format!(
+            "{other_url}/conversations/{conversation_id}/items/{first_item}"
+        ))
+        .send()
+        .await?;
+    assert_eq!(deleted.status().as_u16(), 200);
+    let (_, items) = get(format!(
+        "{keeper_url}/conversations/{conversation_id}/items"
+    ))
+    .await?;
+    assert_eq!(items["data"].as_array().map(Vec::len), Some(2), "{items}");
+
     // Deleted through the other replica: gone on its keeper too.
     let deleted = client
         .delete(format!("{other_url}/responses/{id}"))
@@ -490,13 +536,15 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
     Ok(())
 }
 
-/// A cluster whose routers share a cluster token, another router replica with it, and a
-/// conversation of two stored turns made on that replica.
+/// A cluster whose routers share a cluster token, another router replica with it, and on that
+/// replica a stored conversation with one turn, then a conversation of two stored turns.
 struct TwoTurns {
     cluster: Cluster,
     other: switchyard_tests::Component,
     /// The cluster token's file (in `_dir`, which a caller keeps while its routers run).
     token: String,
+    /// The stored conversation's id.
+    conversation: String,
     first: Value,
     second: Value,
     _dir: tempfile::TempDir,
@@ -519,6 +567,21 @@ async fn two_turns_on_another_replica(name: &str, metrics: bool) -> anyhow::Resu
     let other = another_router(&cluster, name, &["--cluster-token-file", &token]).await?;
     let client = http();
     let url = format!("http://{}/v1", other.addr("http"));
+    let conversation: Value = client
+        .post(format!("{url}/conversations"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let conversation = conversation["id"].as_str().context("an id")?.to_string();
+    let (status, turn) = create_response(
+        &client,
+        url.clone(),
+        json!({"model": "synthetic", "input": "Conversation turn.", "max_output_tokens": 4,
+               "conversation": conversation, "store": false}),
+    )
+    .await?;
+    anyhow::ensure!(status == 200, "{turn}");
     let (_, first) = create_response(
         &client,
         url.clone(),
@@ -536,6 +599,7 @@ async fn two_turns_on_another_replica(name: &str, metrics: bool) -> anyhow::Resu
         cluster,
         other,
         token,
+        conversation,
         first,
         second,
         _dir: dir,
@@ -551,6 +615,7 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
         cluster,
         other: mut leaving,
         token,
+        conversation,
         first,
         second,
         _dir: _token_dir,
@@ -571,6 +636,7 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     assert_eq!(read.status().as_u16(), 200);
     assert_eq!(read.json::<Value>().await?["output"], second["output"]);
     a_third_turn_reads_the_first_two(&client, &staying, &second).await?;
+    the_conversation_goes_on(&client, &staying, &conversation).await?;
     // A replica started afterwards finds them at the replica that took them.
     let newcomer = switchyard_tests::start_router(&cluster.etcd.url, "newcomer", &flags).await?;
     let newcomer_url = format!("http://{}/v1/responses/{first_id}", newcomer.addr("http"));
@@ -592,6 +658,7 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
     let TwoTurns {
         cluster,
         other: mut dying,
+        conversation,
         first,
         second,
         _dir: _token_dir,
@@ -639,6 +706,7 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
         "{items}"
     );
     a_third_turn_reads_the_first_two(&client, &staying, &second).await?;
+    the_conversation_goes_on(&client, &staying, &conversation).await?;
     // The copy became the replica's own: none is held as standby any more. With no other
     // replica left, it has no standby itself.
     assert!(standby_responses_are(&staying_metrics, 0.0).await);
@@ -671,6 +739,38 @@ async fn a_third_turn_reads_the_first_two(
         tokens(&third) > tokens(second),
         "the third turn read the first two"
     );
+    Ok(())
+}
+
+/// Goes on from the stored `conversation` of a [`TwoTurns`] at `base`: its first turn is
+/// there, and the new one is added after it.
+async fn the_conversation_goes_on(
+    client: &reqwest::Client,
+    base: &str,
+    conversation: &str,
+) -> anyhow::Result<()> {
+    let (status, turn) = create_response(
+        client,
+        base.to_string(),
+        json!({"model": "synthetic", "input": "Next turn.", "max_output_tokens": 4,
+               "conversation": conversation}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{turn}");
+    let items: Value = client
+        .get(format!("{base}/conversations/{conversation}/items?order=asc"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let texts: Vec<&str> = items["data"]
+        .as_array()
+        .context("a list")?
+        .iter()
+        .filter(|i| i["role"] == "user")
+        .filter_map(|i| i["content"][0]["text"].as_str())
+        .collect();
+    assert_eq!(texts, ["Conversation turn.", "Next turn."], "{items}");
     Ok(())
 }
 

@@ -29,8 +29,8 @@ use crate::dispatch::Dispatcher;
 pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The hand-over of `responses` (oldest first) and `conversations` answering for `tags`:
-/// each message once, in the order first used, and each response naming its messages by
-/// number; then the conversations, whole.
+/// the conversations, whole; then each message once, in the order first used, and each
+/// response naming its messages by number.
 pub fn frames(
     tags: &[String],
     responses: &[Arc<StoredResponse>],
@@ -38,6 +38,11 @@ pub fn frames(
 ) -> Vec<v1::HandoverItem> {
     let frame = |item| v1::HandoverItem { item: Some(item) };
     let mut out: Vec<v1::HandoverItem> = tags.iter().map(|t| frame(Item::Tag(t.clone()))).collect();
+    out.extend(
+        conversations
+            .iter()
+            .map(|c| frame(Item::Conversation(handed_conversation(c)))),
+    );
     let mut numbers: HashMap<*const StoredMessage, u64> = HashMap::new();
     for response in responses {
         let mut conversation = Vec::with_capacity(response.conversation.len());
@@ -51,11 +56,6 @@ pub fn frames(
         }
         out.push(frame(Item::Response(handed(response, conversation))));
     }
-    out.extend(
-        conversations
-            .iter()
-            .map(|c| frame(Item::Conversation(handed_conversation(c)))),
-    );
     out
 }
 

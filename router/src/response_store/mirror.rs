@@ -92,8 +92,8 @@ async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
     let now = tags
         .into_iter()
         .map(MirrorEvent::Tag)
-        .chain(kept)
-        .chain(conversations);
+        .chain(conversations)
+        .chain(kept);
     for event in now {
         for item in writer.items(event) {
             if out.send(item).await.is_err() {
