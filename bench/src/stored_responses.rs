@@ -1,6 +1,6 @@
-//! `switchyard-bench stored-responses`: what going on from a stored response costs, next to
-//! sending the whole conversation every turn — the same multi-turn conversations three ways,
-//! side by side in one run:
+//! `switchyard-bench stored-responses`: what going on from a stored response or a stored
+//! conversation costs, next to sending the whole conversation every turn — the same
+//! multi-turn conversations six ways, side by side in one run:
 //!
 //! - `inline`: each turn sends the whole conversation so far in `input` (`store: false`);
 //! - `same replica`: each turn sends only its new message and names the previous response
@@ -9,7 +9,12 @@
 //!   previous response from its keeper over gRPC (found in the shared registry);
 //! - `mirrored`: as `same replica`, on a pair of replicas with a cluster token, so each
 //!   mirrors every response it stores to the other (its standby, which would take them over
-//!   if it died): what that insurance costs.
+//!   if it died): what that insurance costs;
+//! - `conversation`: each turn sends only its new message and names a stored conversation
+//!   (`conversation`, made by `POST /v1/conversations` before the first turn, inside the
+//!   way's wall time) that the turn adds itself to, on the replica that keeps it;
+//! - `conv. other`: the same, each turn on the other of two replicas, which reads the
+//!   conversation from its keeper and adds the turn there, over gRPC.
 //!
 //! Two clusters run in this process on loopback ports, each one worker serving the unpaced
 //! synthetic engine and two routers with HTTP doors: the first without a cluster token (no
@@ -63,6 +68,8 @@ enum Way {
     SameReplica,
     OtherReplica,
     Mirrored,
+    Conversation,
+    ConversationOtherReplica,
 }
 
 impl Way {
@@ -72,6 +79,8 @@ impl Way {
             Way::SameReplica => "same replica",
             Way::OtherReplica => "other replica",
             Way::Mirrored => "mirrored",
+            Way::Conversation => "conversation",
+            Way::ConversationOtherReplica => "conv. other",
         }
     }
 }
@@ -124,6 +133,14 @@ async fn conversation(
     let mut sizes = PromptSizes::new();
     let mut history: Vec<Value> = Vec::new();
     let mut previous: Option<String> = None;
+    let stored_conversation = match way {
+        Way::Conversation | Way::ConversationOtherReplica => {
+            let (made, _) = post(client, &format!("{}/v1/conversations", bases[0]), &json!({}))
+                .await?;
+            Some(made["id"].as_str().context("a conversation id")?.to_string())
+        }
+        _ => None,
+    };
     for turn in 0..args.turns {
         let message = user_message(index, turn, args.message_words);
         let mut body = json!({"model": MODEL, "max_output_tokens": args.max_tokens});
@@ -143,6 +160,13 @@ async fn conversation(
                 let mirrored = 2 * usize::from(way == Way::Mirrored);
                 &bases[mirrored + usize::from(other)]
             }
+            Way::Conversation | Way::ConversationOtherReplica => {
+                body["input"] = Value::from(message);
+                body["conversation"] = Value::from(stored_conversation.clone());
+                body["store"] = Value::from(false);
+                let other = way == Way::ConversationOtherReplica && turn % 2 == 1;
+                &bases[usize::from(other)]
+            }
         };
         let start = Instant::now();
         let (answer, sent_bytes) = post(client, &format!("{base}/v1/responses"), &body).await?;
@@ -155,7 +179,7 @@ async fn conversation(
             .with_context(|| format!("no text in {answer}"))?;
         if way == Way::Inline {
             history.push(json!({"role": "assistant", "content": text}));
-        } else {
+        } else if stored_conversation.is_none() {
             let id = answer["id"]
                 .as_str()
                 .context("a stored response has an id")?;
@@ -274,6 +298,8 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         Way::SameReplica,
         Way::OtherReplica,
         Way::Mirrored,
+        Way::Conversation,
+        Way::ConversationOtherReplica,
     ];
     let mut totals: Vec<Totals> = ways.iter().map(|_| Totals::default()).collect();
     // Warm-up: connections open, the routers' tokenizers fetched, the second router linked.
@@ -320,6 +346,7 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
     for base in &bases {
         stored.push(gauge(&client, base, "switchyard_router_stored_response_bytes").await?);
     }
+    let conversations = gauge(&client, &bases[0], "switchyard_router_stored_conversations").await?;
     let kept = gauge(&client, &bases[2], "switchyard_router_stored_responses").await?;
     let standby = gauge(&client, &bases[3], "switchyard_router_standby_responses").await?;
     plain.stop().await;
@@ -356,7 +383,7 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
     }
     println!(
         "the mirrored replica keeps {kept} responses, its standby a copy of {standby} \
-         (switchyard_router_standby_responses)"
+         (switchyard_router_standby_responses); the first replica {conversations} conversations"
     );
     let mib = |bytes: f64| bytes / f64::from(1 << 20);
     println!(
