@@ -62,6 +62,26 @@ impl StoredConversation {
         })
     }
 
+    /// Its items as one JSON array, oldest first.
+    pub fn items_array(&self) -> String {
+        let mut array = String::with_capacity(
+            2 + self
+                .items
+                .iter()
+                .map(|i| i.json.get().len() + 1)
+                .sum::<usize>(),
+        );
+        array.push('[');
+        for (n, item) in self.items.iter().enumerate() {
+            if n > 0 {
+                array.push(',');
+            }
+            array.push_str(item.json.get());
+        }
+        array.push(']');
+        array
+    }
+
     /// Its items' JSON texts, oldest first.
     pub fn items_json(&self) -> Vec<String> {
         self.items.iter().map(|i| i.json.get().to_string()).collect()
@@ -387,10 +407,8 @@ pub fn answer(
                 Ok(store.next_version(c, c.metadata.clone(), items))
             })?
             .object(),
-        Call::History(_) => {
-            let items: Vec<&RawValue> = current.items.iter().map(|i| i.json.as_ref()).collect();
-            json!(items)
-        }
+        // Joined as they are kept: no item is read.
+        Call::History(_) => return Ok(current.items_array()),
     };
     Ok(body.to_string())
 }
