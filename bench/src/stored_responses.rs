@@ -135,9 +135,18 @@ async fn conversation(
     let mut previous: Option<String> = None;
     let stored_conversation = match way {
         Way::Conversation | Way::ConversationOtherReplica => {
-            let (made, _) = post(client, &format!("{}/v1/conversations", bases[0]), &json!({}))
-                .await?;
-            Some(made["id"].as_str().context("a conversation id")?.to_string())
+            let (made, _) = post(
+                client,
+                &format!("{}/v1/conversations", bases[0]),
+                &json!({}),
+            )
+            .await?;
+            Some(
+                made["id"]
+                    .as_str()
+                    .context("a conversation id")?
+                    .to_string(),
+            )
         }
         _ => None,
     };

@@ -239,6 +239,44 @@ function renderWorkers(workers) {
   $("no-workers").hidden = workers.length > 0;
 }
 
+// Bytes as on-call reads them: KiB, MiB, GiB.
+function bytes(n) {
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let i = 0;
+  while (n >= 1024 && i < units.length - 1) {
+    n /= 1024;
+    i++;
+  }
+  return `${i && !Number.isInteger(n) ? n.toFixed(1) : n} ${units[i]}`;
+}
+
+function renderRouters(routers) {
+  const rows = routers.map((r) => {
+    const tr = document.createElement("tr");
+    tr.dataset.routerId = r.router;
+    tr.dataset.mirror = r.response_mirror;
+    tr.dataset.trouble = String(r.trouble);
+    if (r.trouble) tr.className = "trouble";
+    const store = r.store_limit_bytes
+      ? `${bytes(r.store_bytes)} of ${bytes(r.store_limit_bytes)}`
+      : "none kept";
+    tr.append(
+      cell(r.router, "mono long"),
+      cell(num(r.stored_responses), "num"),
+      cell(num(r.stored_conversations), "num"),
+      cell(store, "num nowrap"),
+      cell(num(r.standby_responses), "num"),
+      cell(r.response_mirror, `state state-mirror-${r.response_mirror}`),
+      cell(num(r.sessions), "num"),
+      cell(r.verdict, r.trouble ? "why bad" : "why"),
+    );
+    return tr;
+  });
+  $("routers").querySelector("tbody").replaceChildren(...rows);
+  $("router-count").textContent = `(${routers.length})`;
+  $("no-routers").hidden = routers.length > 0;
+}
+
 function renderEvents(events) {
   const list = $("events");
   list.replaceChildren();
@@ -304,12 +342,14 @@ async function refresh() {
   if (polling) return;
   polling = true;
   try {
-    const [workers, stats, events] = await Promise.all([
+    const [workers, stats, events, routers] = await Promise.all([
       getJson("/api/workers"),
       getJson("/api/stats"),
       getJson("/api/events"),
+      getJson("/api/routers"),
     ]);
     renderWorkers(workers.workers);
+    renderRouters(routers.routers);
     renderTotals(stats);
     lastStats = stats;
     // Either answer's read may be the one etcd did not answer: the page says so if one did not.

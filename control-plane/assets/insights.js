@@ -30,6 +30,8 @@
     chat_completions: "POST /v1/chat/completions",
     completions: "POST /v1/completions",
     responses: "POST /v1/responses",
+    stored_responses: "/v1/responses/{id} (stored)",
+    conversations: "/v1/conversations",
     messages: "POST /v1/messages (Anthropic)",
     count_tokens: "POST /v1/messages/count_tokens",
     tokenize: "POST /tokenize",

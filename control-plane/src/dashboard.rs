@@ -97,6 +97,7 @@ pub fn router(plane: ControlPlane, security: SecurityConfig, revoked: Revocation
         .route("/api/policy", get(policy))
         .route("/api/events", get(events))
         .route("/api/history", get(history))
+        .route("/api/routers", get(routers))
         .route("/api/decisions", get(decisions))
         .route("/api/ledger", get(ledger))
         .route("/api/workers/{id}/drain", post(drain))
@@ -399,6 +400,20 @@ async fn history(
         "kept_by": keeper(plane),
         "points": points,
     })))
+}
+
+/// Each router's last reported state: what it holds, whether a standby keeps a copy, and
+/// what that means.
+async fn routers(State(state): State<AppState>, headers: HeaderMap, uri: Uri) -> Json<Value> {
+    if let Some(body) = from_leader(&state, &headers, &uri).await {
+        return Json(body);
+    }
+    let plane = &state.plane;
+    Json(json!({
+        "kept_by": keeper(plane),
+        "silent_after_s": crate::routers::SILENT_AFTER.as_secs(),
+        "routers": plane.insights().routers.rows(),
+    }))
 }
 
 /// Most entries one `/api/decisions` answer carries.

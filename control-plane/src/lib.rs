@@ -15,6 +15,7 @@ pub mod leader;
 pub mod loads;
 pub mod plane;
 pub mod reports;
+pub mod routers;
 pub mod session;
 mod spans;
 pub mod waiting;

@@ -52,6 +52,8 @@ const LATE_FOR: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Default)]
 pub struct Insights {
     pub history: Arc<History>,
+    /// Each router's last reported state.
+    pub routers: Arc<crate::routers::Routers>,
     pub decisions: Arc<Decisions>,
     /// Report entries dropped as malformed, by entry
     /// (`switchyard_control_plane_report_entries_dropped_total`).
@@ -250,6 +252,20 @@ pub fn screen(report: v1::RouterReport) -> (Option<v1::RouterReport>, Vec<Droppe
                         limits::APIS,
                         |row| too_long("stats.apis.api", &row.api, limits::ID_BYTES),
                     ));
+                    if let Some(state) = &s.state
+                        && !crate::routers::MIRROR_STATES.contains(&state.response_mirror.as_str())
+                    {
+                        dropped.push(drop(
+                            "stats.state",
+                            1,
+                            format!(
+                                "stats.state.response_mirror: {:?} is none of {:?}",
+                                state.response_mirror.chars().take(64).collect::<String>(),
+                                crate::routers::MIRROR_STATES
+                            ),
+                        ));
+                        s.state = None;
+                    }
                     Some(Report::Stats(s))
                 }
             }
@@ -538,6 +554,7 @@ impl Insights {
             Some(Report::Stats(stats)) => {
                 router_id.clone_from(&stats.router_id);
                 self.history.add(&stats);
+                self.routers.add(&stats);
             }
             None => {}
         }

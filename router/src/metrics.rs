@@ -337,6 +337,19 @@ impl RouterMetrics {
         set_state(&self.response_mirror, &MIRROR_STATES, state);
     }
 
+    /// The state [`Self::set_response_mirror`] set last.
+    pub fn response_mirror_state(&self) -> &'static str {
+        MIRROR_STATES
+            .into_iter()
+            .find(|&state| {
+                self.response_mirror
+                    .get_or_create(&StateLabels { state })
+                    .get()
+                    == 1
+            })
+            .unwrap_or("off")
+    }
+
     pub fn register(metrics: &Metrics) -> Self {
         let this = Self {
             requests: Family::default(),

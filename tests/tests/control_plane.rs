@@ -463,6 +463,112 @@ async fn the_dashboard_counts_each_front_doors_answers() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The routers as the page's Routers table shows them: address → (mirror, trouble, stored
+/// responses, conversations, verdict).
+async fn page_routers(browser: &Browser) -> Value {
+    browser
+        .execute(
+            "return Object.fromEntries([...document.querySelectorAll('#routers tbody tr')]
+               .map(r => [r.dataset.routerId.split('@')[1], {
+                 mirror: r.dataset.mirror, trouble: r.dataset.trouble,
+                 responses: r.children[1].textContent, conversations: r.children[2].textContent,
+                 verdict: r.children[7].textContent}]));",
+            vec![],
+        )
+        .await
+        .unwrap_or_default()
+}
+
+/// On-call sees which router replica holds stored responses and conversations a kill would
+/// lose: with a cluster token each keeps a standby copy of the other's (the table says
+/// "protected"); a replica that stopped goes silent (red, saying so), and the one left holds
+/// what was handed to it, alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_says_which_routers_stored_state_is_protected() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("cluster-token");
+    std::fs::write(&token, "dashboard-routers-test-token-0123456789\n")?;
+    let token = token.display().to_string();
+    let flags = ["--cluster-token-file", token.as_str()];
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: switchyard_tests::strings(&flags),
+        ..Default::default()
+    })
+    .await?;
+    let mut other =
+        switchyard_tests::start_router(&cluster.etcd.url, "other-router", &flags).await?;
+    let other_url = format!("http://{}/v1", other.addr("http"));
+    let http = reqwest::Client::new();
+    let stored = wait_until(PATIENCE, "the other router to answer and store", || async {
+        http.post(format!("{other_url}/responses"))
+            .json(&serde_json::json!({"model": "synthetic", "input": "Keep me.", "max_output_tokens": 2}))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    });
+    stored.await?;
+    let made = http
+        .post(format!("{other_url}/conversations"))
+        .send()
+        .await?;
+    assert_eq!(made.status(), 200);
+
+    let browser = Browser::start().await?;
+    browser
+        .goto(&format!("http://{}/", cluster.control_plane.addr("http")))
+        .await?;
+    let (first, second) = (
+        cluster.router.addr("grpc").to_string(),
+        other.addr("grpc").to_string(),
+    );
+    let both_protected = wait_until(PATIENCE, "both routers to show mirrored", || async {
+        let shown = page_routers(&browser).await;
+        [&first, &second]
+            .iter()
+            .all(|r| shown[r.as_str()]["mirror"] == "mirrored")
+            && shown[second.as_str()]["responses"] == "1"
+            && shown[second.as_str()]["conversations"] == "1"
+    })
+    .await;
+    if let Err(error) = both_protected {
+        anyhow::bail!("{error}: the table shows {}", page_routers(&browser).await);
+    }
+    let shown = page_routers(&browser).await;
+    assert_eq!(shown[second.as_str()]["trouble"], "false", "{shown}");
+    assert!(
+        shown[second.as_str()]["verdict"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("protected")),
+        "{shown}"
+    );
+
+    // The other replica stops: it hands its store over and goes silent.
+    other.terminate(Duration::from_secs(30)).await?;
+    let after = wait_until(PATIENCE, "the stopped router to show silent", || async {
+        let shown = page_routers(&browser).await;
+        shown[second.as_str()]["trouble"] == "true"
+            && shown[second.as_str()]["verdict"]
+                .as_str()
+                .is_some_and(|v| v.starts_with("silent for"))
+            && shown[first.as_str()]["responses"] == "1"
+            && shown[first.as_str()]["conversations"] == "1"
+            && shown[first.as_str()]["mirror"] == "alone"
+    })
+    .await;
+    if let Err(error) = after {
+        anyhow::bail!("{error}: the table shows {}", page_routers(&browser).await);
+    }
+    let shown = page_routers(&browser).await;
+    assert_eq!(shown[first.as_str()]["trouble"], "false", "{shown}");
+    assert!(
+        browser.text("#routers").await?.contains("the only router"),
+        "{shown}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_in_a_real_browser_lists_workers_and_drains_on_click() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterSpec::default()).await?;

@@ -758,7 +758,9 @@ async fn the_conversation_goes_on(
     .await?;
     assert_eq!(status, 200, "{turn}");
     let items: Value = client
-        .get(format!("{base}/conversations/{conversation}/items?order=asc"))
+        .get(format!(
+            "{base}/conversations/{conversation}/items?order=asc"
+        ))
         .send()
         .await?
         .json()

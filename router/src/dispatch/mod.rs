@@ -224,15 +224,31 @@ impl Dispatcher {
             reports.clone(),
         );
         reports.set_queue_depths(placer.queue_depth_probe());
+        let responses = Arc::new(
+            crate::response_store::ResponseStore::new(config.response_store).with_gauges(
+                metrics.stored_responses.clone(),
+                metrics.stored_conversations.clone(),
+                metrics.stored_response_bytes.clone(),
+            ),
+        );
+        reports.set_state({
+            let (store, metrics) = (responses.clone(), metrics.clone());
+            move || {
+                let (stored_responses, store_bytes) = store.usage();
+                v1::RouterState {
+                    stored_responses: stored_responses as u32,
+                    stored_conversations: store.conversation_count() as u32,
+                    store_bytes: store_bytes as u64,
+                    store_limit_bytes: store.limits().max_bytes as u64,
+                    standby_responses: metrics.standby_responses.get().max(0) as u32,
+                    response_mirror: metrics.response_mirror_state().to_string(),
+                    sessions: metrics.active_sessions.get().max(0) as u32,
+                }
+            }
+        });
         Self {
             tenant_quota: TenantQuota::new(config.max_tenant_requests),
-            responses: Arc::new(
-                crate::response_store::ResponseStore::new(config.response_store).with_gauges(
-                    metrics.stored_responses.clone(),
-                    metrics.stored_conversations.clone(),
-                    metrics.stored_response_bytes.clone(),
-                ),
-            ),
+            responses,
             peers: Default::default(),
             links,
             config,

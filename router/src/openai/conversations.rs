@@ -81,10 +81,12 @@ fn items_to_add(items: Vec<Value>, field: &str) -> Result<Vec<String>, ApiError>
         ));
     }
     request::check_items(&items, field)?;
-    Ok(request::with_ids(items.into_iter().map(as_listed).collect())
-        .into_iter()
-        .map(|item| item.get().to_string())
-        .collect())
+    Ok(
+        request::with_ids(items.into_iter().map(as_listed).collect())
+            .into_iter()
+            .map(|item| item.get().to_string())
+            .collect(),
+    )
 }
 
 /// A message item as a conversation lists it (as OpenAI's API does): its text as a content
@@ -134,12 +136,10 @@ pub async fn call(
 ) -> Result<String, ApiError> {
     let id = call.conversation_id.clone();
     match dispatcher.responses.get_conversation(&id, tenant) {
-        Lookup::Elsewhere(owner) => {
-            peers::call_conversation(dispatcher, &owner, call, headers)
-                .await
-                .map_err(|e| e.into_api_error_about(&format!("conversation {id:?}")))?
-                .map_err(refused)
-        }
+        Lookup::Elsewhere(owner) => peers::call_conversation(dispatcher, &owner, call, headers)
+            .await
+            .map_err(|e| e.into_api_error_about(&format!("conversation {id:?}")))?
+            .map_err(refused),
         Lookup::Found(_) | Lookup::Missing => {
             conversation::answer(&dispatcher.responses, tenant, call).map_err(refused)
         }
@@ -339,7 +339,13 @@ pub async fn delete_item(
     headers: HeaderMap,
     Path((id, item)): Path<(String, String)>,
 ) -> Response {
-    answer(&dispatcher, &tenant, &headers, on(id, Call::DeleteItem(item))).await
+    answer(
+        &dispatcher,
+        &tenant,
+        &headers,
+        on(id, Call::DeleteItem(item)),
+    )
+    .await
 }
 
 /// The messages of conversation `id` a response goes on from.
@@ -374,6 +380,11 @@ pub async fn add_turn(
     headers: &HeaderMap,
     items_json: Vec<String>,
 ) -> Result<(), ApiError> {
-    let call = on(id.to_string(), Call::AddItems(v1::AddedItems { items_json }));
-    self::call(dispatcher, tenant, headers, call).await.map(drop)
+    let call = on(
+        id.to_string(),
+        Call::AddItems(v1::AddedItems { items_json }),
+    );
+    self::call(dispatcher, tenant, headers, call)
+        .await
+        .map(drop)
 }

@@ -194,6 +194,7 @@ struct Shared {
     pool_tokens: [AtomicU64; 2],
     /// Requests waiting at the router per lane, read when the stats go out.
     queue_depths: OnceLock<Box<dyn Fn() -> [u32; 2] + Send + Sync>>,
+    state: OnceLock<Box<dyn Fn() -> v1::RouterState + Send + Sync>>,
 }
 
 fn pool_index(pool: Pool) -> usize {
@@ -262,6 +263,7 @@ impl Reporter {
             window: Mutex::default(),
             pool_tokens: Default::default(),
             queue_depths: OnceLock::new(),
+            state: OnceLock::new(),
         };
         (
             Self {
@@ -298,6 +300,13 @@ impl Reporter {
     pub fn set_queue_depths(&self, probe: impl Fn() -> [u32; 2] + Send + Sync + 'static) {
         if let Some(shared) = &self.shared {
             let _ = shared.queue_depths.set(Box::new(probe));
+        }
+    }
+
+    /// Lets the stats read what the router holds (its stores, its mirror, its sessions).
+    pub fn set_state(&self, probe: impl Fn() -> v1::RouterState + Send + Sync + 'static) {
+        if let Some(shared) = &self.shared {
+            let _ = shared.state.set(Box::new(probe));
         }
     }
 
@@ -540,6 +549,7 @@ impl Shared {
                 .map(|r| (r.as_str().to_string(), window.moves[r.index()]))
                 .collect(),
             apis: window.apis.to_proto(),
+            state: self.state.get().map(|probe| probe()),
         }
     }
 }

@@ -84,7 +84,10 @@ impl StoredConversation {
 
     /// Its items' JSON texts, oldest first.
     pub fn items_json(&self) -> Vec<String> {
-        self.items.iter().map(|i| i.json.get().to_string()).collect()
+        self.items
+            .iter()
+            .map(|i| i.json.get().to_string())
+            .collect()
     }
 
     pub fn age(&self) -> std::time::Duration {
@@ -138,10 +141,8 @@ impl ResponseStore {
         metadata: Box<RawValue>,
         items: Vec<Arc<StoredItem>>,
     ) -> StoredConversation {
-        let bytes = 256
-            + id.len()
-            + metadata.get().len()
-            + items.len() * std::mem::size_of::<usize>();
+        let bytes =
+            256 + id.len() + metadata.get().len() + items.len() * std::mem::size_of::<usize>();
         StoredConversation {
             id,
             tenant,
@@ -163,7 +164,11 @@ impl ResponseStore {
         self.keep_conversation(&mut inner, conversation)
     }
 
-    fn keep_conversation(&self, inner: &mut super::Inner, conversation: StoredConversation) -> bool {
+    fn keep_conversation(
+        &self,
+        inner: &mut super::Inner,
+        conversation: StoredConversation,
+    ) -> bool {
         let id = conversation.id.clone();
         inner.place(conversation.stored_at, &id);
         let conversation = Arc::new(conversation);
@@ -382,8 +387,13 @@ pub fn answer(
             newest_first,
         }) => {
             let items: Vec<&RawValue> = current.items.iter().map(|i| i.json.as_ref()).collect();
-            page(&items, after.as_deref(), limit.clamp(1, 100) as usize, newest_first)
-                .map_err(|(field, why)| Status::invalid_argument(format!("{field}: {why}")))?
+            page(
+                &items,
+                after.as_deref(),
+                limit.clamp(1, 100) as usize,
+                newest_first,
+            )
+            .map_err(|(field, why)| Status::invalid_argument(format!("{field}: {why}")))?
         }
         Call::AddItems(v1::AddedItems { items_json }) => {
             let added = stored_items(store, items_json)?;
@@ -453,7 +463,12 @@ mod tests {
         id
     }
 
-    fn call(store: &ResponseStore, tenant: Option<&str>, id: &str, call: Call) -> Result<Value, Status> {
+    fn call(
+        store: &ResponseStore,
+        tenant: Option<&str>,
+        id: &str,
+        call: Call,
+    ) -> Result<Value, Status> {
         let body = answer(
             store,
             tenant,
@@ -525,7 +540,10 @@ mod tests {
         let after_delete = call(&store, None, &id, Call::DeleteItem("msg_b".into())).unwrap();
         assert_eq!(after_delete["object"], "conversation");
         assert_eq!(item_ids(&store, &id), ["msg_a", "msg_c"]);
-        for gone in [Call::GetItem("msg_b".into()), Call::DeleteItem("msg_b".into())] {
+        for gone in [
+            Call::GetItem("msg_b".into()),
+            Call::DeleteItem("msg_b".into()),
+        ] {
             let refused = call(&store, None, &id, gone).unwrap_err();
             assert_eq!(refused.code(), tonic::Code::NotFound);
         }
@@ -538,7 +556,10 @@ mod tests {
         let store = store(1 << 20);
         let id = create(&store, Some("acme"), &["msg_a"]);
         let get = || Call::Get(v1::ConversationWhole {});
-        assert_eq!(call(&store, Some("acme"), &id, get()).unwrap()["id"], id.as_str());
+        assert_eq!(
+            call(&store, Some("acme"), &id, get()).unwrap()["id"],
+            id.as_str()
+        );
         for other in [None, Some("other")] {
             assert_eq!(
                 call(&store, other, &id, get()).unwrap_err().code(),
@@ -554,7 +575,12 @@ mod tests {
         .unwrap();
         assert_eq!(updated["metadata"]["topic"], "x");
         assert_eq!(updated["created_at"], 7);
-        let deleted = call(&store, Some("acme"), &id, Call::Delete(v1::ConversationWhole {}));
+        let deleted = call(
+            &store,
+            Some("acme"),
+            &id,
+            Call::Delete(v1::ConversationWhole {}),
+        );
         assert_eq!(deleted.unwrap()["deleted"], true);
         assert_eq!(store.conversation_count(), 0);
         assert_eq!(store.usage(), (0, 0));
@@ -579,11 +605,18 @@ mod tests {
             )
             .unwrap();
             let now = store.usage().1;
-            assert!(now - last < text.len() + 1000, "turn {turn}: {last} -> {now}");
+            assert!(
+                now - last < text.len() + 1000,
+                "turn {turn}: {last} -> {now}"
+            );
             last = now;
         }
         let inner = store.inner.lock().unwrap();
-        assert!(inner.order.len() < 100, "{} order entries", inner.order.len());
+        assert!(
+            inner.order.len() < 100,
+            "{} order entries",
+            inner.order.len()
+        );
     }
 
     #[test]

@@ -556,7 +556,9 @@ impl Inner {
     /// Whether the order's entry (`at`, `id`) is its object's (not stale).
     fn is_current(&self, at: Instant, id: &str) -> bool {
         if id.starts_with(CONVERSATION_PREFIX) {
-            self.conversations.get(id).is_some_and(|c| c.stored_at == at)
+            self.conversations
+                .get(id)
+                .is_some_and(|c| c.stored_at == at)
         } else {
             self.by_id.get(id).is_some_and(|r| r.stored_at == at)
         }

@@ -310,17 +310,19 @@ pub async fn call_conversation(
     let mut client = peers.client(owner).await?;
     match client.call_conversation(ask(call, headers)).await {
         Ok(answer) => Ok(Ok(answer.into_inner().body_json)),
-        Err(status) => match status.code() {
-            tonic::Code::NotFound
-            | tonic::Code::InvalidArgument
-            | tonic::Code::FailedPrecondition => Ok(Err(status)),
-            code => Err(failure(owner, peers, status).await.unwrap_or_else(|| {
-                PeerError::Unreachable {
-                    owner: owner.to_string(),
-                    why: code.to_string(),
-                }
-            })),
-        },
+        Err(status) => {
+            match status.code() {
+                tonic::Code::NotFound
+                | tonic::Code::InvalidArgument
+                | tonic::Code::FailedPrecondition => Ok(Err(status)),
+                code => Err(failure(owner, peers, status).await.unwrap_or_else(|| {
+                    PeerError::Unreachable {
+                        owner: owner.to_string(),
+                        why: code.to_string(),
+                    }
+                })),
+            }
+        }
     }
 }
 

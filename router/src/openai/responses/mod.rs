@@ -25,9 +25,9 @@ use axum::response::{IntoResponse as _, Response};
 use switchyard_proto::v1::{self, server_frame::Frame};
 
 use super::choices::ChoiceFrames;
+use super::conversations;
 use super::error::ApiError;
 use super::handlers::{self, RESPONSES_ROUTE};
-use super::conversations;
 use super::wire;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
@@ -204,7 +204,7 @@ impl AddTo {
     /// the client has its answer, and the conversation lacks this turn.
     async fn finish(mut self, output: &Output) {
         self.input_items
-            .extend(output.items().iter().map(|item| serialized(item)));
+            .extend(output.items().iter().map(serialized));
         let added = conversations::add_turn(
             &self.dispatcher,
             &self.id,

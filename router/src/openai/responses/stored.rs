@@ -184,13 +184,8 @@ impl Page {
     /// The list object of this page of `items` (stored oldest first, as JSON text).
     fn of(&self, items: &[Box<RawValue>]) -> Result<Value, ApiError> {
         let items: Vec<&RawValue> = items.iter().map(AsRef::as_ref).collect();
-        conversation::page(
-            &items,
-            self.after.as_deref(),
-            self.limit,
-            self.newest_first,
-        )
-        .map_err(|(field, why)| ApiError::invalid(field, why))
+        conversation::page(&items, self.after.as_deref(), self.limit, self.newest_first)
+            .map_err(|(field, why)| ApiError::invalid(field, why))
     }
 }
 
