@@ -1244,7 +1244,9 @@ async fn log_probabilities_describe_the_real_models_greedy_choices() -> anyhow::
 /// Tool calling and structured output on the real model, as an agent uses them through the
 /// official `openai` SDK — chat completions and the Responses API — and Anthropic's
 /// Messages API through the official `anthropic` SDK: calls whole and streamed, a named function, one call only, the result
-/// sent back and answered, JSON mode and a JSON schema, bad tools and schemas refused by name. Straight to the GPU pool, and through a wafer-scale gateway worker
+/// sent back and answered, JSON mode and a JSON schema, bad tools and schemas refused by name;
+/// stored conversations (the Conversations API) the model's turns are added to. Straight to
+/// the GPU pool, and through a wafer-scale gateway worker
 /// whose endpoint is that same cluster's OpenAI API (the gateway passes the tools on and the
 /// calls back). Then over gRPC with the Rust client: the calls' pieces put together.
 #[tokio::test]
@@ -1271,6 +1273,19 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     .await?;
     assert!(
         straight.contains("openai-responses: 16 passed, 0 failed"),
+        "{straight}"
+    );
+    let conversations = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/openai_conversations_check.py"
+    );
+    let straight = switchyard_tests::program_output(
+        "python3",
+        &[conversations, &cluster.router_openai_url(), MODEL],
+    )
+    .await?;
+    assert!(
+        straight.contains("openai-conversations: 6 passed, 0 failed"),
         "{straight}"
     );
     let anthropic = concat!(
