@@ -1,6 +1,6 @@
 //! `switchyard-bench stored-responses`: what going on from a stored response or a stored
 //! conversation costs, next to sending the whole conversation every turn — the same
-//! multi-turn conversations six ways, side by side in one run:
+//! multi-turn conversations seven ways, side by side in one run:
 //!
 //! - `inline`: each turn sends the whole conversation so far in `input` (`store: false`);
 //! - `same replica`: each turn sends only its new message and names the previous response
@@ -14,7 +14,9 @@
 //!   (`conversation`, made by `POST /v1/conversations` before the first turn, inside the
 //!   way's wall time) that the turn adds itself to, on the replica that keeps it;
 //! - `conv. other`: the same, each turn on the other of two replicas, which reads the
-//!   conversation from its keeper and adds the turn there, over gRPC.
+//!   conversation from its keeper and adds the turn there, over gRPC;
+//! - `conv. mirrored`: as `conversation`, on the pair with a cluster token: each change of the
+//!   conversation goes to the standby too.
 //!
 //! Two clusters run in this process on loopback ports, each one worker serving the unpaced
 //! synthetic engine and two routers with HTTP doors: the first without a cluster token (no
@@ -70,6 +72,7 @@ enum Way {
     Mirrored,
     Conversation,
     ConversationOtherReplica,
+    ConversationMirrored,
 }
 
 impl Way {
@@ -81,6 +84,7 @@ impl Way {
             Way::Mirrored => "mirrored",
             Way::Conversation => "conversation",
             Way::ConversationOtherReplica => "conv. other",
+            Way::ConversationMirrored => "conv. mirrored",
         }
     }
 }
@@ -134,13 +138,9 @@ async fn conversation(
     let mut history: Vec<Value> = Vec::new();
     let mut previous: Option<String> = None;
     let stored_conversation = match way {
-        Way::Conversation | Way::ConversationOtherReplica => {
-            let (made, _) = post(
-                client,
-                &format!("{}/v1/conversations", bases[0]),
-                &json!({}),
-            )
-            .await?;
+        Way::Conversation | Way::ConversationOtherReplica | Way::ConversationMirrored => {
+            let keeper = &bases[2 * usize::from(way == Way::ConversationMirrored)];
+            let (made, _) = post(client, &format!("{keeper}/v1/conversations"), &json!({})).await?;
             Some(
                 made["id"]
                     .as_str()
@@ -169,12 +169,13 @@ async fn conversation(
                 let mirrored = 2 * usize::from(way == Way::Mirrored);
                 &bases[mirrored + usize::from(other)]
             }
-            Way::Conversation | Way::ConversationOtherReplica => {
+            Way::Conversation | Way::ConversationOtherReplica | Way::ConversationMirrored => {
                 body["input"] = Value::from(message);
                 body["conversation"] = Value::from(stored_conversation.clone());
                 body["store"] = Value::from(false);
                 let other = way == Way::ConversationOtherReplica && turn % 2 == 1;
-                &bases[usize::from(other)]
+                let mirrored = 2 * usize::from(way == Way::ConversationMirrored);
+                &bases[mirrored + usize::from(other)]
             }
         };
         let start = Instant::now();
@@ -309,6 +310,7 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         Way::Mirrored,
         Way::Conversation,
         Way::ConversationOtherReplica,
+        Way::ConversationMirrored,
     ];
     let mut totals: Vec<Totals> = ways.iter().map(|_| Totals::default()).collect();
     // Warm-up: connections open, the routers' tokenizers fetched, the second router linked.

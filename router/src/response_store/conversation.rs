@@ -94,6 +94,12 @@ impl StoredConversation {
         Instant::now().saturating_duration_since(self.stored_at)
     }
 
+    /// The same version, made `age` ago (its age goes on from another replica's).
+    pub fn aged(mut self, age: std::time::Duration) -> Self {
+        self.stored_at = Instant::now().checked_sub(age).unwrap_or(self.stored_at);
+        self
+    }
+
     /// What it would hold on its own, its items included.
     pub(super) fn whole_bytes(&self) -> usize {
         self.charge.bytes + self.items.iter().map(|i| i.charge.bytes).sum::<usize>()
@@ -245,6 +251,30 @@ impl ResponseStore {
             metadata,
             items,
         )
+    }
+
+    /// Adds `items` to conversation `id` whoever made it, with `metadata`, changed `age` ago
+    /// (a mirror told of it); whether it was here to add to.
+    pub fn extend_conversation(
+        &self,
+        id: &str,
+        items: Vec<Arc<StoredItem>>,
+        metadata: Box<RawValue>,
+        age: std::time::Duration,
+    ) -> bool {
+        let mut inner = self.inner.lock().expect("response store lock");
+        let Some(current) = inner.conversations.get(id).cloned() else {
+            return false;
+        };
+        let mut all = current.items.clone();
+        all.extend(items);
+        let next = self.next_version(&current, metadata, all).aged(age);
+        if next.whole_bytes() > self.limits.max_bytes {
+            inner.drop_kept(id, &self.ledger);
+            self.publish(&inner);
+            return false;
+        }
+        self.keep_conversation(&mut inner, next)
     }
 
     /// Deletes conversation `id` if `tenant` may; whether it was here.

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use serde_json::value::RawValue;
 
-use super::{ResponseStore, StoredConversation, StoredMessage, StoredResponse, peers};
+use super::{ResponseStore, StoredConversation, StoredItem, StoredMessage, StoredResponse, peers};
 use crate::dispatch::Dispatcher;
 
 /// Longest a stopping router spends handing its responses over.
@@ -76,35 +76,43 @@ pub(super) fn received_conversation(
     store: &ResponseStore,
     conversation: v1::HandedConversation,
 ) -> Result<StoredConversation, Status> {
-    let invalid = |what: &str, e: serde_json::Error| {
-        Status::invalid_argument(format!("conversation {:?}: {what}: {e}", conversation.id))
+    let (items, metadata) = received_items(
+        store,
+        &conversation.id,
+        conversation.items_json,
+        conversation.metadata_json,
+    )?;
+    Ok(store
+        .conversation(
+            conversation.id,
+            conversation.tenant,
+            conversation.created_at,
+            metadata,
+            items,
+        )
+        .aged(Duration::from_millis(conversation.age_ms)))
+}
+
+/// Items and metadata of conversation `id` another replica sent, made in `store`.
+pub(super) fn received_items(
+    store: &ResponseStore,
+    id: &str,
+    items_json: Vec<String>,
+    metadata_json: String,
+) -> Result<(Vec<Arc<StoredItem>>, Box<RawValue>), Status> {
+    let invalid = |what: &str, why: &dyn std::fmt::Display| {
+        Status::invalid_argument(format!("conversation {id:?}: {what}: {why}"))
     };
-    let metadata = RawValue::from_string(conversation.metadata_json.clone())
-        .map_err(|e| invalid("metadata", e))?;
-    let mut items = Vec::with_capacity(conversation.items_json.len());
-    for text in &conversation.items_json {
-        let json = RawValue::from_string(text.clone()).map_err(|e| invalid("an item", e))?;
-        let id = super::conversation::item_id(&json)
-            .ok_or_else(|| {
-                Status::invalid_argument(format!(
-                    "conversation {:?}: an item has no id",
-                    conversation.id
-                ))
-            })?
+    let metadata = RawValue::from_string(metadata_json).map_err(|e| invalid("metadata", &e))?;
+    let mut items = Vec::with_capacity(items_json.len());
+    for text in items_json {
+        let json = RawValue::from_string(text).map_err(|e| invalid("an item", &e))?;
+        let item_id = super::conversation::item_id(&json)
+            .ok_or_else(|| invalid("an item", &"it has no id"))?
             .to_string();
-        items.push(store.item(id, json));
+        items.push(store.item(item_id, json));
     }
-    let mut made = store.conversation(
-        conversation.id,
-        conversation.tenant,
-        conversation.created_at,
-        metadata,
-        items,
-    );
-    made.stored_at = tokio::time::Instant::now()
-        .checked_sub(Duration::from_millis(conversation.age_ms))
-        .unwrap_or(made.stored_at);
-    Ok(made)
+    Ok((items, metadata))
 }
 
 /// `response` as sent to another replica, its messages named by `conversation`'s numbers.

@@ -15,7 +15,7 @@
 //! sender lives and mirrors anew, so the copy is dropped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
@@ -27,7 +27,10 @@ use tonic::{Request, Status, Streaming};
 
 use super::handover::{self, Adoption};
 use super::peers::PRESENCE_TTL;
-use super::{MirrorEvent, MirrorStart, ResponseStore, StoreLimits, StoredMessage, StoredResponse};
+use super::{
+    MirrorEvent, MirrorStart, ResponseStore, StoreLimits, StoredConversation, StoredItem,
+    StoredMessage, StoredResponse,
+};
 use crate::dispatch::Dispatcher;
 
 /// Changes a mirror may fall behind by before it is let go and started afresh. Responses
@@ -41,15 +44,58 @@ const ORPHAN_CHECK: Duration = Duration::from_secs(1);
 /// Turns a store's changes into a mirror's items.
 pub struct MirrorWriter {
     epoch: u64,
+    /// Each conversation sent: how many items, and the last of them. A version that still
+    /// has that item at that place only added items after it (items are never reordered),
+    /// so only those are sent.
+    conversations: HashMap<String, (usize, Weak<StoredItem>)>,
 }
 
 impl MirrorWriter {
     pub fn new(epoch: u64) -> Self {
-        Self { epoch }
+        Self {
+            epoch,
+            conversations: HashMap::new(),
+        }
+    }
+
+    /// The item telling of `conversation`'s new version: only what it added, when it only
+    /// added items to the version sent before.
+    fn conversation(&mut self, conversation: &StoredConversation) -> Item {
+        let items = &conversation.items;
+        let appended = self
+            .conversations
+            .get(&conversation.id)
+            .and_then(|(count, last)| {
+                let only_added = *count == 0
+                    || (items.len() >= *count
+                        && last
+                            .upgrade()
+                            .is_some_and(|last| Arc::ptr_eq(&last, &items[count - 1])));
+                only_added.then_some(*count)
+            });
+        self.conversations.insert(
+            conversation.id.clone(),
+            (
+                items.len(),
+                items.last().map(Arc::downgrade).unwrap_or_default(),
+            ),
+        );
+        match appended {
+            Some(sent) => Item::ConversationAppend(v1::ConversationAppend {
+                id: conversation.id.clone(),
+                items_json: items[sent..]
+                    .iter()
+                    .map(|i| i.json.get().to_string())
+                    .collect(),
+                metadata_json: conversation.metadata.get().to_string(),
+                age_ms: conversation.age().as_millis() as u64,
+            }),
+            None => Item::Conversation(handover::handed_conversation(conversation)),
+        }
     }
 
     /// The items telling of `event`, in order.
-    pub fn items(&self, event: MirrorEvent) -> Vec<v1::MirrorItem> {
+    pub fn items(&mut self, event: MirrorEvent) -> Vec<v1::MirrorItem> {
         let item = |item| v1::MirrorItem { item: Some(item) };
         match event {
             MirrorEvent::Tag(tag) => vec![item(Item::Tag(tag))],
@@ -67,10 +113,13 @@ impl MirrorWriter {
                 out.push(item(Item::Response(handover::handed(&response, numbers))));
                 out
             }
-            MirrorEvent::Conversation(conversation) => vec![item(Item::Conversation(
-                handover::handed_conversation(&conversation),
-            ))],
-            MirrorEvent::Forgotten(id) => vec![item(Item::Forget(id))],
+            MirrorEvent::Conversation(conversation) => {
+                vec![item(self.conversation(&conversation))]
+            }
+            MirrorEvent::Forgotten(id) => {
+                self.conversations.remove(&id);
+                vec![item(Item::Forget(id))]
+            }
             MirrorEvent::MessageGone(number) => vec![item(Item::MessageGone(number))],
         }
     }
@@ -79,7 +128,7 @@ impl MirrorWriter {
 /// Writes mirror `start` to `out`: its tags, what the store kept, then its changes until the
 /// mirror ends.
 async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
-    let writer = MirrorWriter::new(start.epoch);
+    let mut writer = MirrorWriter::new(start.epoch);
     let MirrorStart {
         tags,
         kept,
@@ -188,6 +237,22 @@ impl Standby {
                 }
                 let conversation = handover::received_conversation(&self.store, conversation)?;
                 self.store.put_conversation(conversation);
+            }
+            Some(Item::ConversationAppend(added)) => {
+                let id = added.id.clone();
+                let (items, metadata) = handover::received_items(
+                    &self.store,
+                    &id,
+                    added.items_json,
+                    added.metadata_json,
+                )?;
+                // One the standby let go (its store was full) stays gone.
+                self.store.extend_conversation(
+                    &id,
+                    items,
+                    metadata,
+                    Duration::from_millis(added.age_ms),
+                );
             }
             Some(Item::Forget(id)) => {
                 self.store.remove(&id);
@@ -470,7 +535,7 @@ mod tests {
     }
 
     /// Feeds `events` to `standby`.
-    fn follow(writer: &MirrorWriter, events: Vec<MirrorEvent>, standby: &mut Standby) {
+    fn follow(writer: &mut MirrorWriter, events: Vec<MirrorEvent>, standby: &mut Standby) {
         for event in events {
             for item in writer.items(event) {
                 standby.apply(item).expect("a valid mirror");
@@ -481,7 +546,7 @@ mod tests {
     /// Feeds `standby` the changes waiting, until none are left (sending one may free
     /// messages, which are changes too).
     fn catch_up(
-        writer: &MirrorWriter,
+        writer: &mut MirrorWriter,
         events: &mut mpsc::Receiver<MirrorEvent>,
         standby: &mut Standby,
     ) {
@@ -494,12 +559,95 @@ mod tests {
         std::iter::from_fn(|| events.try_recv().ok()).collect()
     }
 
+    /// A conversation that grows turn by turn is sent whole once, then only what each turn
+    /// adds; one changed otherwise (an item deleted) is sent whole again. The standby's copy
+    /// is the sender's either way.
+    #[test]
+    fn a_growing_conversation_is_mirrored_by_what_it_adds() {
+        use crate::response_store::conversation::answer;
+        use switchyard_proto::v1::conversation_call::Call;
+        let sender = ResponseStore::new(StoreLimits::default());
+        let start = sender.begin_mirror(1024);
+        let mut writer = MirrorWriter::new(start.epoch);
+        let mut standby = Standby::new(StoreLimits::default(), Gauge::default());
+        let MirrorStart {
+            tags, mut events, ..
+        } = start;
+        follow(
+            &mut writer,
+            tags.into_iter().map(MirrorEvent::Tag).collect(),
+            &mut standby,
+        );
+        let id = sender.new_conversation_id();
+        let made = sender.conversation(
+            id.clone(),
+            Some("acme".into()),
+            7,
+            crate::response_store::tests::raw(serde_json::json!({"k": "v"})),
+            Vec::new(),
+        );
+        assert!(sender.put_conversation(made));
+        let call = |call: Call| {
+            let call = v1::ConversationCall {
+                conversation_id: id.clone(),
+                call: Some(call),
+            };
+            answer(&sender, Some("acme"), call).expect("answered");
+        };
+        let add = |n: usize| {
+            let item = serde_json::json!({"id": format!("msg_{n}"), "type": "message",
+                                          "role": "user", "content": "x".repeat(1000)});
+            call(Call::AddItems(v1::AddedItems {
+                items_json: vec![item.to_string()],
+            }));
+        };
+        // (whole sends, appends, item bytes sent) for what is waiting.
+        let mut sent = |standby: &mut Standby| {
+            let (mut whole, mut appends, mut bytes) = (0, 0, 0);
+            while let Ok(event) = events.try_recv() {
+                for item in writer.items(event) {
+                    match &item.item {
+                        Some(Item::Conversation(c)) => {
+                            whole += 1;
+                            bytes += c.items_json.iter().map(String::len).sum::<usize>();
+                        }
+                        Some(Item::ConversationAppend(a)) => {
+                            appends += 1;
+                            bytes += a.items_json.iter().map(String::len).sum::<usize>();
+                        }
+                        _ => {}
+                    }
+                    standby.apply(item).expect("a valid mirror");
+                }
+            }
+            (whole, appends, bytes)
+        };
+        let ids = |store: &ResponseStore| match store.get_conversation(&id, Some("acme")) {
+            Lookup::Found(c) => c.items.iter().map(|i| i.id.clone()).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        for n in 0..10 {
+            add(n);
+        }
+        let (whole, appends, bytes) = sent(&mut standby);
+        assert_eq!((whole, appends), (1, 10));
+        assert!(bytes < 11 * 1100, "each item sent once: {bytes} bytes");
+        assert_eq!(ids(&standby.store), ids(&sender));
+
+        call(Call::DeleteItem("msg_3".into()));
+        add(10);
+        let (whole, appends, _) = sent(&mut standby);
+        assert_eq!((whole, appends), (1, 1));
+        assert_eq!(ids(&standby.store), ids(&sender));
+        assert_eq!(ids(&sender).len(), 10);
+    }
+
     #[test]
     fn a_standby_holds_what_its_sender_keeps_sharing_messages_as_it_does() {
         let sender = ResponseStore::new(StoreLimits::default());
         let first = keep(&sender, &[], "one");
         let start = sender.begin_mirror(1024);
-        let writer = MirrorWriter::new(start.epoch);
+        let mut writer = MirrorWriter::new(start.epoch);
         let gauge = Gauge::default();
         let mut standby = Standby::new(StoreLimits::default(), gauge.clone());
         let MirrorStart {
@@ -513,7 +661,7 @@ mod tests {
             .map(MirrorEvent::Tag)
             .chain(kept.into_iter().map(MirrorEvent::Kept))
             .collect();
-        follow(&writer, now, &mut standby);
+        follow(&mut writer, now, &mut standby);
         // A conversation going on, one that goes, and a deleted response.
         let second = keep(&sender, &first.conversation, "two");
         let third = keep(&sender, &second.conversation, "three");
@@ -521,7 +669,7 @@ mod tests {
         assert!(sender.delete(&first.id, Some("acme")));
         assert!(sender.delete(&other.id, Some("acme")));
         drop((first, other));
-        catch_up(&writer, &mut events, &mut standby);
+        catch_up(&mut writer, &mut events, &mut standby);
 
         assert_eq!(standby.source(), Some(sender.owner()));
         assert_eq!(standby.usage().0, 2);
@@ -562,25 +710,25 @@ mod tests {
     fn a_message_outliving_its_responses_is_still_named_by_later_ones() {
         let sender = ResponseStore::new(StoreLimits::default());
         let start = sender.begin_mirror(1024);
-        let writer = MirrorWriter::new(start.epoch);
+        let mut writer = MirrorWriter::new(start.epoch);
         let mut events = start.events;
         let mut standby = Standby::new(StoreLimits::default(), Gauge::default());
         follow(
-            &writer,
+            &mut writer,
             start.tags.into_iter().map(MirrorEvent::Tag).collect(),
             &mut standby,
         );
         let first = keep(&sender, &[], "one");
-        catch_up(&writer, &mut events, &mut standby);
+        catch_up(&mut writer, &mut events, &mut standby);
         // A request going on from it holds its conversation while the response is deleted.
         let history = first.conversation.clone();
         sender.delete(&first.id, Some("acme"));
         drop(first);
-        catch_up(&writer, &mut events, &mut standby);
+        catch_up(&mut writer, &mut events, &mut standby);
         assert_eq!(standby.usage().0, 0);
         let next = keep(&sender, &history, "two");
         drop(history);
-        catch_up(&writer, &mut events, &mut standby);
+        catch_up(&mut writer, &mut events, &mut standby);
         assert!(matches!(
             standby.store.get(&next.id, Some("acme")),
             Lookup::Found(r) if r.conversation.len() == 2
@@ -588,7 +736,7 @@ mod tests {
         // Deleted, everything it held goes on both sides.
         sender.delete(&next.id, Some("acme"));
         drop(next);
-        catch_up(&writer, &mut events, &mut standby);
+        catch_up(&mut writer, &mut events, &mut standby);
         assert_eq!(standby.usage(), (0, 0));
         assert!(standby.messages.is_empty());
     }
@@ -605,7 +753,7 @@ mod tests {
         let again = sender.begin_mirror(1024);
         assert!(again.epoch > start.epoch);
         assert_eq!(again.kept.len(), kept.len());
-        let writer = MirrorWriter::new(again.epoch);
+        let mut writer = MirrorWriter::new(again.epoch);
         // Messages already sent to the first mirror are sent to this one too.
         let items = writer.items(MirrorEvent::Kept(kept[0].clone()));
         assert!(matches!(items[0].item, Some(Item::Message(_))));
