@@ -5,7 +5,8 @@ stream accumulator, which checks every event's order and identity), the output b
 responses (retrieved, their input items listed, deleted, and gone on from with
 `previous_response_id`), the output text's log probabilities, a function call, its result
 sent back as input items or after the stored call and answered, a JSON schema answer, and
-refusals that name their field.
+refusals that name their field; background responses polled until they end, and one
+cancelled midway.
 
 Usage: openai_responses_check.py BASE_URL MODEL [text-only]
 With `text-only` (a load-test engine, which refuses tools and schemas) only the text checks
@@ -16,6 +17,7 @@ text only) and `tests/tests/real_model.rs` (the real model) run it.
 
 import json
 import sys
+import time
 
 import openai
 from openai import OpenAI
@@ -217,6 +219,59 @@ def what_is_not_stored_is_a_404_naming_it():
             raise AssertionError(f"previous_response_id {previous} was accepted")
 
 
+def poll(response_id, until, deadline_s=60):
+    """Reads the response until `until(response)` holds (the API's own way: polling)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        response = client.responses.retrieve(response_id)
+        if until(response):
+            return response
+        assert time.monotonic() < deadline, f"still {response.status}: {response}"
+        time.sleep(0.05)
+
+
+def a_background_response_is_polled_until_it_ends():
+    started = client.responses.create(
+        model=MODEL, input="Name a colour.", max_output_tokens=8, background=True
+    )
+    assert started.background is True and started.status == "in_progress", started
+    ended = poll(started.id, lambda r: r.status not in ("queued", "in_progress"))
+    assert ended.status in ("completed", "incomplete"), ended
+    assert ended.background is True and ended.output_text.strip(), ended
+    going_on = client.responses.create(
+        model=MODEL, previous_response_id=ended.id, input="Another.", max_output_tokens=4
+    )
+    assert going_on.previous_response_id == ended.id, going_on
+
+
+def a_background_response_is_cancelled_midway():
+    started = client.responses.create(
+        model=MODEL, input="Write a very long story.", max_output_tokens=4000, background=True
+    )
+    # It runs without the client: its output grows as the client polls.
+    running = poll(started.id, lambda r: r.output_text)
+    assert running.status == "in_progress", running
+    try:
+        client.responses.create(model=MODEL, input="And?", previous_response_id=started.id)
+        raise AssertionError("a response went on from one still running")
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "previous_response_id", error.body
+    cancelled = client.responses.cancel(started.id)
+    assert cancelled.status == "cancelled", cancelled
+    assert cancelled.output_text.startswith(running.output_text), (cancelled, running)
+    assert cancelled.usage is None, cancelled
+    kept = client.responses.retrieve(started.id)
+    assert (kept.status, kept.output_text) == ("cancelled", cancelled.output_text), kept
+    # Cancelling again answers the same; a response that was not a background one is refused.
+    assert client.responses.cancel(started.id).status == "cancelled"
+    plain = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2)
+    try:
+        client.responses.cancel(plain.id)
+        raise AssertionError("a response that was not a background one was cancelled")
+    except openai.BadRequestError as error:
+        assert "not a background response" in error.body["message"], error.body
+
+
 def a_missing_input_is_a_400_naming_it():
     try:
         client.responses.create(model=MODEL, input=[])
@@ -341,6 +396,8 @@ CHECKS = [
     a_streamed_response_is_stored_too,
     a_conversation_goes_on_from_a_stored_response,
     what_is_not_stored_is_a_404_naming_it,
+    a_background_response_is_polled_until_it_ends,
+    a_background_response_is_cancelled_midway,
     a_missing_input_is_a_400_naming_it,
 ]
 if not TEXT_ONLY:

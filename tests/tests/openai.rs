@@ -71,7 +71,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     )
     .await?;
     assert!(
-        out.contains("openai-responses: 11 passed, 0 failed"),
+        out.contains("openai-responses: 13 passed, 0 failed"),
         "{out}"
     );
     // The Conversations API, and responses going on from its conversations.
@@ -505,6 +505,33 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
     ))
     .await?;
     assert_eq!(items["data"].as_array().map(Vec::len), Some(2), "{items}");
+
+    // A background response running on the keeper is read and cancelled through the other.
+    let (status, started) = create(
+        keeper_url.clone(),
+        json!({"model": "synthetic", "input": "A long story.", "max_output_tokens": 4000,
+               "background": true}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{started}");
+    assert_eq!(started["status"], "in_progress", "{started}");
+    let running_id = started["id"].as_str().context("an id")?.to_string();
+    let (status, running) = get(format!("{other_url}/responses/{running_id}")).await?;
+    assert_eq!(
+        (status, &running["status"]),
+        (200, &json!("in_progress")),
+        "{running}"
+    );
+    let cancelled: Value = client
+        .post(format!("{other_url}/responses/{running_id}/cancel"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let (_, kept) = get(format!("{keeper_url}/responses/{running_id}")).await?;
+    assert_eq!(kept["status"], "cancelled", "{kept}");
+    assert_eq!(kept["output"], cancelled["output"]);
 
     // Deleted through the other replica: gone on its keeper too.
     let deleted = client

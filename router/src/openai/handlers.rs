@@ -786,9 +786,9 @@ fn unknown_route_message(path: &str) -> String {
     if path.starts_with(RESPONSES_ROUTE) {
         return format!(
             "no such endpoint: {path}: a stored response is read at GET \
-             {RESPONSES_ROUTE}/{{id}} and GET {RESPONSES_ROUTE}/{{id}}/input_items and deleted \
-             at DELETE {RESPONSES_ROUTE}/{{id}}; responses are not listed, and background \
-             responses (which /cancel stops) are not supported"
+             {RESPONSES_ROUTE}/{{id}} and GET {RESPONSES_ROUTE}/{{id}}/input_items, deleted at \
+             DELETE {RESPONSES_ROUTE}/{{id}}, and a background one cancelled at POST \
+             {RESPONSES_ROUTE}/{{id}}/cancel; responses are not listed"
         );
     }
     format!(

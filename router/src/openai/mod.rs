@@ -70,6 +70,10 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
             get(responses::stored::input_items),
         )
         .route(
+            responses::stored::CANCEL_ROUTE,
+            post(responses::stored::cancel),
+        )
+        .route(
             conversations::CONVERSATIONS_ROUTE,
             post(conversations::create),
         )
@@ -375,11 +379,11 @@ mod tests {
                 && embeddings.contains("/tokenize"),
             "{embeddings}"
         );
-        let cancel = message("/v1/responses/resp_1/cancel").await;
+        let steps = message("/v1/responses/resp_1/steps").await;
         assert!(
-            cancel.contains("GET /v1/responses/{id}/input_items")
-                && cancel.contains("background responses"),
-            "{cancel}"
+            steps.contains("GET /v1/responses/{id}/input_items")
+                && steps.contains("POST /v1/responses/{id}/cancel"),
+            "{steps}"
         );
     }
 

@@ -18,6 +18,7 @@
 //! What a store keeps and drops can be followed as it happens ([`ResponseStore::begin_mirror`]):
 //! that is how another replica keeps a standby copy (see [`mirror`]).
 
+pub mod background;
 pub mod conversation;
 pub mod handover;
 pub mod mirror;
@@ -182,6 +183,9 @@ pub struct StoredResponse {
     pub conversation: Vec<Arc<StoredMessage>>,
     /// When it was first stored (by whichever replica): its age counts from then.
     pub stored_at: Instant,
+    /// A background response still running (see [`background`]), as it stands: not stored,
+    /// not to be gone on from yet.
+    pub running: bool,
     charge: Charge,
 }
 
@@ -290,6 +294,8 @@ pub struct ResponseStore {
     /// What it holds, for Prometheus: responses and bytes.
     gauges: Option<(Gauge, Gauge)>,
     conversation_gauge: Option<Gauge>,
+    /// Background responses running on this replica.
+    runs: background::Runs,
 }
 
 impl ResponseStore {
@@ -303,6 +309,7 @@ impl ResponseStore {
             ledger: Arc::default(),
             gauges: None,
             conversation_gauge: None,
+            runs: background::Runs::default(),
         }
     }
 
@@ -373,6 +380,7 @@ impl ResponseStore {
             input_items,
             conversation,
             stored_at: Instant::now(),
+            running: false,
             charge: Charge::new(bytes, &self.ledger),
         }
     }
@@ -453,7 +461,8 @@ impl ResponseStore {
             .collect()
     }
 
-    /// The response `id`, if `tenant` may read it.
+    /// The response `id`, if `tenant` may read it: stored, or a background response still
+    /// running (marked `running`).
     pub fn get(&self, id: &str, tenant: Option<&str>) -> Lookup {
         match owner_of(id) {
             Some(owner) if self.answers_for(owner) => {}
@@ -467,7 +476,13 @@ impl ResponseStore {
             Some(response) if response.tenant.as_deref() == tenant => {
                 Lookup::Found(response.clone())
             }
-            _ => Lookup::Missing,
+            _ => {
+                drop(inner);
+                match self.running_response(id, tenant) {
+                    Some(running) => Lookup::Found(Arc::new(running)),
+                    None => Lookup::Missing,
+                }
+            }
         }
     }
 

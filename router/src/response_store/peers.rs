@@ -326,6 +326,33 @@ pub async fn call_conversation(
     }
 }
 
+/// Cancels background response `id` on replica `owner`: the object it was stored with, or
+/// that replica's refusal (not kept there, not a background response) as the status it sent.
+pub async fn cancel(
+    dispatcher: &Dispatcher,
+    owner: &str,
+    id: &str,
+    headers: &HeaderMap,
+) -> Result<Result<String, tonic::Status>, PeerError> {
+    let peers = &dispatcher.peers;
+    let mut client = peers.client(owner).await?;
+    let asked = ask(v1::StoredResponseRequest { id: id.into() }, headers);
+    match client.cancel(asked).await {
+        Ok(answer) => Ok(Ok(answer.into_inner().object_json)),
+        Err(status) => {
+            match status.code() {
+                tonic::Code::NotFound | tonic::Code::FailedPrecondition => Ok(Err(status)),
+                code => Err(failure(owner, peers, status).await.unwrap_or_else(|| {
+                    PeerError::Unreachable {
+                        owner: owner.to_string(),
+                        why: code.to_string(),
+                    }
+                })),
+            }
+        }
+    }
+}
+
 /// A stored response as the gRPC service sends it.
 pub fn to_proto(response: &StoredResponse) -> v1::StoredResponse {
     v1::StoredResponse {
@@ -333,6 +360,7 @@ pub fn to_proto(response: &StoredResponse) -> v1::StoredResponse {
         object_json: response.object.clone(),
         input_items_json: response.input_items_json(),
         conversation: response.messages().collect(),
+        running: response.running,
     }
 }
 
@@ -385,13 +413,15 @@ fn from_proto(
         )
         .collect();
     // Not kept here: whose it is was checked by the replica that keeps it.
-    Ok(store.response(
+    let mut made = store.response(
         response.id,
         None,
         response.object_json,
         input_items,
         conversation,
-    ))
+    );
+    made.running = response.running;
+    Ok(made)
 }
 
 /// Announces this replica (its owner tag, and the address of its gRPC door) in the cluster
@@ -445,6 +475,7 @@ mod tests {
             object_json: serde_json::json!({"previous_response_id": previous}).to_string(),
             input_items_json: vec![r#"{"id":"msg_1"}"#.into()],
             conversation: conversation.iter().map(|c| message(c)).collect(),
+            running: false,
         }
     }
 

@@ -56,6 +56,20 @@ impl v1::stored_responses_server::StoredResponses for StoredResponsesService {
         }))
     }
 
+    async fn cancel(
+        &self,
+        request: Request<v1::StoredResponseRequest>,
+    ) -> Result<Response<v1::StoredResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let id = request.into_inner().id;
+        let object_json = self.store.cancel(&id, tenant.as_deref()).await?;
+        Ok(Response::new(v1::StoredResponse {
+            id,
+            object_json,
+            ..Default::default()
+        }))
+    }
+
     async fn call_conversation(
         &self,
         request: Request<v1::ConversationCall>,

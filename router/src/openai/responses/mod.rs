@@ -14,7 +14,7 @@ pub(super) mod request;
 pub(super) mod stored;
 
 use std::collections::VecDeque;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::Extension;
 use axum::body::Bytes;
@@ -94,7 +94,14 @@ async fn respond(
     });
     // Asked to store, with a store to keep it in.
     read.echo.store &= store.limits().max_bytes > 0;
-    let keep = read.echo.store.then(|| {
+    if read.echo.background && !read.echo.store {
+        return Err(ApiError::invalid(
+            "background",
+            "this router stores no responses (its --response-store-bytes is 0), so none can \
+             run in the background to be polled",
+        ));
+    }
+    let mut keep = read.echo.store.then(|| {
         let Turn {
             history,
             input,
@@ -132,7 +139,10 @@ async fn respond(
         echo: read.echo,
         fields,
     };
-    let mut http = if read.mode.stream {
+    let background = response.echo.background;
+    let mut http = if let Some(keep) = keep.take_if(|_| background) {
+        json_response(in_background(response, frames, keep, add_to))
+    } else if read.mode.stream {
         // The headers wait for the first frame, so a request that fails before producing
         // anything gets its HTTP status.
         let first = handlers::next_frame_of_one(&mut frames)
@@ -249,6 +259,30 @@ fn ending(finished: &v1::Finished) -> (Status, &'static str) {
     }
 }
 
+/// How a generation collected whole ended.
+enum Ended {
+    Finished(v1::Finished),
+    Failed(ApiError),
+}
+
+/// Collects the generation into `output` until it ends.
+async fn collect(frames: &mut ChoiceFrames, output: &Mutex<Output>) -> Ended {
+    loop {
+        match handlers::next_frame_of_one(frames).await {
+            Ok(Frame::Tokens(tokens)) => {
+                let mut output = output.lock().expect("output lock");
+                output.text(&tokens.text, &tokens.logprobs);
+                output.calls(&tokens.tool_calls);
+            }
+            Ok(Frame::Finished(finished)) => return Ended::Finished(finished),
+            Ok(Frame::Failed(failed)) => return Ended::Failed(ApiError::from_failed(&failed)),
+            Err(error) => return Ended::Failed(error),
+            // HTTP sends no client frames, so none is rejected.
+            Ok(Frame::Accepted(_) | Frame::Moved(_) | Frame::Rejected(_)) => {}
+        }
+    }
+}
+
 /// Collects the whole generation into one response object.
 async fn whole(
     snapshot: &mut Snapshot,
@@ -256,36 +290,89 @@ async fn whole(
     keep: Option<Keep>,
     add_to: Option<AddTo>,
 ) -> Result<Response, ApiError> {
-    let mut output = Output::new(false);
-    loop {
-        match handlers::next_frame_of_one(&mut frames)
-            .await
-            .map_err(|e| snapshot.name_fields(e))?
-        {
-            Frame::Tokens(tokens) => {
-                output.text(&tokens.text, &tokens.logprobs);
-                output.calls(&tokens.tool_calls);
-            }
-            Frame::Finished(finished) => {
-                let (items, status) = ending(&finished);
-                output.close(items);
-                // Serialized once: the answer and what is stored are the same text.
-                let body = serialized(&snapshot.object(status, &output, Some(&finished), None));
-                if let Some(keep) = keep {
-                    keep.finish(body.clone(), &output);
-                }
-                if let Some(add_to) = add_to {
-                    add_to.finish(&output).await;
-                }
-                return Ok(json_response(body));
-            }
-            Frame::Failed(failed) => {
-                return Err(snapshot.name_fields(ApiError::from_failed(&failed)));
-            }
-            // HTTP sends no client frames, so none is rejected.
-            Frame::Accepted(_) | Frame::Moved(_) | Frame::Rejected(_) => {}
-        }
+    let output = Mutex::new(Output::new(false));
+    let finished = match collect(&mut frames, &output).await {
+        Ended::Finished(finished) => finished,
+        Ended::Failed(error) => return Err(snapshot.name_fields(error)),
+    };
+    let mut output = output.into_inner().expect("output lock");
+    let (items, status) = ending(&finished);
+    output.close(items);
+    // Serialized once: the answer and what is stored are the same text.
+    let body = serialized(&snapshot.object(status, &output, Some(&finished), None));
+    if let Some(keep) = keep {
+        keep.finish(body.clone(), &output);
     }
+    if let Some(add_to) = add_to {
+        add_to.finish(&output).await;
+    }
+    Ok(json_response(body))
+}
+
+/// Runs the generation without the client (`background: true`): the response object as it
+/// starts, `in_progress`. While it runs it is read by its id (as it stands) and cancelled;
+/// when it ends it is stored, and added to its conversation unless it failed or was
+/// cancelled.
+fn in_background(
+    snapshot: Snapshot,
+    mut frames: ChoiceFrames,
+    keep: Keep,
+    add_to: Option<AddTo>,
+) -> String {
+    let snapshot = Arc::new(snapshot);
+    let output = Arc::new(Mutex::new(Output::new(false)));
+    let describe = {
+        let (snapshot, output) = (snapshot.clone(), output.clone());
+        move || {
+            let output = output.lock().expect("output lock");
+            serialized(&snapshot.object("in_progress", &output, None, None))
+        }
+    };
+    let started = describe();
+    let store = keep.store.clone();
+    let run = store.begin_run(
+        keep.id.clone(),
+        keep.tenant.clone(),
+        keep.input_items.clone(),
+        Box::new(describe),
+    );
+    tokio::spawn(async move {
+        let ended = tokio::select! {
+            ended = collect(&mut frames, &output) => Some(ended),
+            () = run.cancel.cancelled() => None,
+        };
+        // Dropping the frames stops a generation still running on its worker.
+        drop(frames);
+        let (body, finished, output) = {
+            let mut output = output.lock().expect("output lock");
+            let (status, finished, error) = match ended {
+                Some(Ended::Finished(finished)) => {
+                    let (items, status) = ending(&finished);
+                    output.close(items);
+                    (status, Some(finished), None)
+                }
+                Some(Ended::Failed(error)) => {
+                    output.close(Status::Incomplete);
+                    ("failed", None, Some(snapshot.name_fields(error)))
+                }
+                None => {
+                    output.close(Status::Incomplete);
+                    ("cancelled", None, None)
+                }
+            };
+            let body =
+                serialized(&snapshot.object(status, &output, finished.as_ref(), error.as_ref()));
+            // Stored while the run still shows it: a reader finds one or the other.
+            keep.finish(body.clone(), &output);
+            let output = std::mem::replace(&mut *output, Output::new(false));
+            (body, finished, output)
+        };
+        if let Some(add_to) = add_to.filter(|_| finished.is_some()) {
+            add_to.finish(&output).await;
+        }
+        run.ended(&store, body);
+    });
+    started
 }
 
 /// The streamed response: `response.created` and `response.in_progress`, the output's events

@@ -41,7 +41,7 @@ impl Snapshot {
             created_at: self.created_at,
             completed_at: finished.map(|_| handlers::unix_now()),
             status,
-            background: false,
+            background: e.background,
             conversation: e.conversation.as_deref().map(|id| ConversationRef { id }),
             error: error.map(|e| ResponseError {
                 code: e.code.unwrap_or("server_error"),

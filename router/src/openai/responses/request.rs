@@ -86,6 +86,8 @@ pub struct Echo {
     pub store: bool,
     pub previous_response_id: Option<String>,
     pub conversation: Option<String>,
+    /// Answered at once and run without the client (polled, cancelled by id).
+    pub background: bool,
     /// What happens to an input longer than the context.
     pub truncation: v1::Truncation,
     /// Alternatives given with each output token's log probability.
@@ -295,6 +297,7 @@ impl ResponsesRequest {
             store: self.store.unwrap_or(true),
             previous_response_id,
             conversation,
+            background: self.background.unwrap_or(false),
             truncation,
             top_logprobs,
         };
@@ -322,10 +325,19 @@ impl ResponsesRequest {
     fn refuse_what_is_not_done(&self) -> Result<(), ApiError> {
         let set = |value: &Option<Value>| value.as_ref().is_some_and(|v| !v.is_null());
         if self.background == Some(true) {
-            return Err(ApiError::invalid(
-                "background",
-                "background responses are not supported (they are stored to be polled)",
-            ));
+            if self.store == Some(false) {
+                return Err(ApiError::invalid(
+                    "store",
+                    "must be true for a background response: it is stored to be polled",
+                ));
+            }
+            if self.stream == Some(true) {
+                return Err(ApiError::invalid(
+                    "stream",
+                    "a background response is polled here (GET /v1/responses/{id}), not \
+                     streamed: send stream: false, or background: false to stream it",
+                ));
+            }
         }
         if set(&self.prompt) {
             return Err(ApiError::invalid(
@@ -1021,7 +1033,8 @@ mod tests {
                 json!({"conversation": "conv_1", "previous_response_id": "resp_1"}),
                 "conversation",
             ),
-            (json!({"background": true}), "background"),
+            (json!({"background": true, "store": false}), "store"),
+            (json!({"background": true, "stream": true}), "stream"),
             (json!({"truncation": "middle"}), "truncation"),
             (
                 json!({"include": ["message.output_text.logprobs", "everything"]}),

@@ -22,6 +22,7 @@ use crate::response_store::{Lookup, StoredMessage, StoredResponse, conversation,
 /// The stored-response routes.
 pub const RESPONSE_ROUTE: &str = "/v1/responses/{id}";
 pub const INPUT_ITEMS_ROUTE: &str = "/v1/responses/{id}/input_items";
+pub const CANCEL_ROUTE: &str = "/v1/responses/{id}/cancel";
 
 /// Why a response id finds nothing, for the client to act on.
 const NOT_STORED: &str = "is not stored here: responses are kept for a limited time and size \
@@ -52,6 +53,14 @@ pub async fn conversation_of(
     headers: &HeaderMap,
 ) -> Result<Vec<Arc<StoredMessage>>, ApiError> {
     match find(dispatcher, id, tenant, headers).await {
+        Ok(Some(response)) if response.running => Err(ApiError::invalid(
+            "previous_response_id",
+            format!(
+                "response {id:?} is a background response still running: go on from it once \
+                 it has ended (poll GET /v1/responses/{{id}} until its status is no longer \
+                 in_progress)"
+            ),
+        )),
         Ok(Some(response)) => Ok(response.conversation.clone()),
         Ok(None) => Err(previous_not_found(id)),
         Err(error) => Err(ApiError {
@@ -100,6 +109,16 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Response {
     let deleted = match dispatcher.responses.get(&id, tenant_of(&tenant)) {
+        Lookup::Found(running) if running.running => {
+            return ApiError::invalid(
+                "id",
+                format!(
+                    "response {id:?} is a background response still running: cancel it \
+                     (POST /v1/responses/{{id}}/cancel), then delete it"
+                ),
+            )
+            .into_response();
+        }
         Lookup::Found(_) => Ok(dispatcher.responses.delete(&id, tenant_of(&tenant))),
         Lookup::Missing => Ok(false),
         Lookup::Elsewhere(owner) => peers::delete(&dispatcher, &owner, &id, &headers)
@@ -110,6 +129,31 @@ pub async fn delete(
         Ok(true) => Json(json!({"id": id, "object": "response", "deleted": true})).into_response(),
         Ok(false) => not_found(&id).into_response(),
         Err(error) => error.into_response(),
+    }
+}
+
+/// `POST /v1/responses/{id}/cancel`: stops a background response; answers the response as
+/// it was stored (one that has ended already: as it is).
+pub async fn cancel(
+    State(dispatcher): State<Arc<Dispatcher>>,
+    tenant: Option<Extension<Tenant>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let tenant = tenant_of(&tenant);
+    let answer = match crate::response_store::owner_of(&id) {
+        Some(owner) if !dispatcher.responses.tags().iter().any(|t| t == owner) => {
+            match peers::cancel(&dispatcher, owner, &id, &headers).await {
+                Ok(answer) => answer,
+                Err(error) => return error.into_api_error(&id).into_response(),
+            }
+        }
+        _ => dispatcher.responses.cancel(&id, tenant).await,
+    };
+    match answer {
+        Ok(object) => super::json_response(object),
+        Err(status) if status.code() == tonic::Code::NotFound => not_found(&id).into_response(),
+        Err(status) => ApiError::from_code(status.code(), status.message()).into_response(),
     }
 }
 

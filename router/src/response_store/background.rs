@@ -1,0 +1,244 @@
+//! Background responses (`background: true`) while they run: the request is answered at once,
+//! the generation goes on without the client, and the client polls the response by its id
+//! (`GET /v1/responses/{id}`, which shows it `in_progress` with what it has written so far)
+//! or cancels it (`POST /v1/responses/{id}/cancel`). When it ends (completed, incomplete,
+//! failed or cancelled) it is stored as any response is, and stops being a run.
+//!
+//! A run lives on the replica that placed it; the others reach it as they reach a stored
+//! response (the id names the replica). A replica killed mid-run loses the run: its standby
+//! copy knows only responses that have ended.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::{Lookup, ResponseStore, StoredResponse};
+
+/// Longest a cancel waits for the run to store how it ended.
+const CANCEL_WAIT: Duration = Duration::from_secs(10);
+
+/// The response object of a run as it stands now (JSON).
+pub type Describe = Box<dyn Fn() -> String + Send + Sync>;
+
+/// A background response while it runs.
+pub struct Running {
+    tenant: Option<String>,
+    input_items: Vec<Box<RawValue>>,
+    describe: Describe,
+    cancel: CancellationToken,
+    /// The stored object once it has ended.
+    ended: watch::Receiver<Option<String>>,
+}
+
+/// Runs in progress on this replica, by response id.
+#[derive(Default)]
+pub struct Runs {
+    by_id: std::sync::Mutex<HashMap<String, Arc<Running>>>,
+}
+
+impl std::fmt::Debug for Runs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = self.by_id.lock().map(|runs| runs.len()).unwrap_or_default();
+        f.debug_struct("Runs").field("running", &count).finish()
+    }
+}
+
+/// What a run's task holds: the token that cancels it, and the way to say it ended.
+pub struct RunHandle {
+    pub cancel: CancellationToken,
+    id: String,
+    ended: watch::Sender<Option<String>>,
+}
+
+impl RunHandle {
+    /// The run ended and `object` (JSON) was stored: it is a stored response from now on.
+    pub fn ended(self, store: &ResponseStore, object: String) {
+        store.runs.by_id.lock().expect("runs lock").remove(&self.id);
+        self.ended.send_replace(Some(object));
+    }
+}
+
+impl ResponseStore {
+    /// Registers background response `id` of `tenant`, whose object `describe` tells.
+    pub fn begin_run(
+        &self,
+        id: String,
+        tenant: Option<String>,
+        input_items: Vec<Box<RawValue>>,
+        describe: Describe,
+    ) -> RunHandle {
+        let cancel = CancellationToken::new();
+        let (ended_tx, ended) = watch::channel(None);
+        let running = Running {
+            tenant,
+            input_items,
+            describe,
+            cancel: cancel.clone(),
+            ended,
+        };
+        self.runs
+            .by_id
+            .lock()
+            .expect("runs lock")
+            .insert(id.clone(), Arc::new(running));
+        RunHandle {
+            cancel,
+            id,
+            ended: ended_tx,
+        }
+    }
+
+    /// Background responses running on this replica.
+    pub fn running(&self) -> usize {
+        self.runs.by_id.lock().expect("runs lock").len()
+    }
+
+    fn run(&self, id: &str, tenant: Option<&str>) -> Option<Arc<Running>> {
+        self.runs
+            .by_id
+            .lock()
+            .expect("runs lock")
+            .get(id)
+            .filter(|run| run.tenant.as_deref() == tenant)
+            .cloned()
+    }
+
+    /// Background response `id` while it runs, as a response not stored (`running`).
+    pub(super) fn running_response(
+        &self,
+        id: &str,
+        tenant: Option<&str>,
+    ) -> Option<StoredResponse> {
+        let run = self.run(id, tenant)?;
+        let mut response = self.response(
+            id.to_string(),
+            run.tenant.clone(),
+            (run.describe)(),
+            run.input_items.clone(),
+            Vec::new(),
+        );
+        response.running = true;
+        Some(response)
+    }
+
+    /// Cancels background response `id` (this replica's) for `tenant`: the object it was
+    /// stored with. One that has ended is answered as it was stored; a response that was not
+    /// a background one is refused, as there is nothing to cancel.
+    pub async fn cancel(&self, id: &str, tenant: Option<&str>) -> Result<String, Status> {
+        if let Some(run) = self.run(id, tenant) {
+            run.cancel.cancel();
+            let mut ended = run.ended.clone();
+            let stored = tokio::time::timeout(CANCEL_WAIT, ended.wait_for(Option::is_some)).await;
+            return match stored {
+                Ok(Ok(object)) => Ok(object.clone().unwrap_or_default()),
+                _ => Err(Status::unavailable(format!(
+                    "response {id:?} was told to stop but has not said how it ended within \
+                     {CANCEL_WAIT:?}; read it with GET /v1/responses/{{id}}"
+                ))),
+            };
+        }
+        match self.get(id, tenant) {
+            Lookup::Found(response) if was_background(&response.object) => {
+                Ok(response.object.clone())
+            }
+            Lookup::Found(_) => Err(Status::failed_precondition(format!(
+                "response {id:?} is not a background response: it ended when it was answered, \
+                 and only background responses can be cancelled"
+            ))),
+            Lookup::Missing | Lookup::Elsewhere(_) => Err(Status::not_found(format!(
+                "response {id:?} is not stored here (expired, deleted, another API key's, or \
+                 never stored)"
+            ))),
+        }
+    }
+}
+
+/// Whether a response object (JSON) says it ran in the background.
+fn was_background(object: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Flag {
+        #[serde(default)]
+        background: bool,
+    }
+    serde_json::from_str::<Flag>(object).is_ok_and(|f| f.background)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::response_store::StoreLimits;
+
+    fn store() -> Arc<ResponseStore> {
+        Arc::new(ResponseStore::new(StoreLimits::default()))
+    }
+
+    #[tokio::test]
+    async fn a_run_is_read_while_it_runs_and_cancelled_into_what_it_stored() {
+        let store = store();
+        let id = store.new_id();
+        let handle = store.begin_run(
+            id.clone(),
+            Some("acme".into()),
+            Vec::new(),
+            Box::new(|| r#"{"status":"in_progress","background":true}"#.into()),
+        );
+        match store.get(&id, Some("acme")) {
+            Lookup::Found(running) => {
+                assert!(running.running);
+                assert!(running.object.contains("in_progress"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(store.get(&id, Some("other")), Lookup::Missing));
+        // The run's task: it stops when told and stores how it ended.
+        let task = {
+            let store = store.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                handle.cancel.cancelled().await;
+                let object = r#"{"status":"cancelled","background":true}"#.to_string();
+                let response = store.response(
+                    id,
+                    Some("acme".into()),
+                    object.clone(),
+                    Vec::new(),
+                    Vec::new(),
+                );
+                store.insert(response);
+                handle.ended(&store, object);
+            })
+        };
+        let cancelled = store.cancel(&id, Some("acme")).await.expect("cancelled");
+        assert!(cancelled.contains("cancelled"), "{cancelled}");
+        task.await.expect("the run ended");
+        assert_eq!(store.running(), 0);
+        // Cancelling again answers what was stored.
+        assert_eq!(
+            store.cancel(&id, Some("acme")).await.expect("stored"),
+            cancelled
+        );
+    }
+
+    #[tokio::test]
+    async fn only_background_responses_are_cancelled() {
+        let store = store();
+        let id = store.new_id();
+        let response = store.response(
+            id.clone(),
+            None,
+            r#"{"status":"completed","background":false}"#.into(),
+            Vec::new(),
+            Vec::new(),
+        );
+        store.insert(response);
+        let refused = store.cancel(&id, None).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        let missing = store.cancel(&store.new_id(), None).await.unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+    }
+}
