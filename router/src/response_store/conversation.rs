@@ -279,16 +279,7 @@ impl ResponseStore {
 
     /// Deletes conversation `id` if `tenant` may; whether it was here.
     pub fn delete_conversation(&self, id: &str, tenant: Option<&str>) -> bool {
-        let mut inner = self.inner.lock().expect("response store lock");
-        let mine = inner
-            .conversations
-            .get(id)
-            .is_some_and(|c| c.tenant.as_deref() == tenant);
-        if mine {
-            inner.drop_kept(id, &self.ledger);
-            self.publish(&inner);
-        }
-        mine
+        id.starts_with(CONVERSATION_PREFIX) && self.delete_kept(id, tenant)
     }
 
     /// Every conversation kept, oldest change first (to hand them over).

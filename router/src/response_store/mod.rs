@@ -488,11 +488,17 @@ impl ResponseStore {
 
     /// Deletes the response `id` if `tenant` may; whether it was here.
     pub fn delete(&self, id: &str, tenant: Option<&str>) -> bool {
+        id.starts_with(ID_PREFIX) && self.delete_kept(id, tenant)
+    }
+
+    /// Deletes the response or conversation `id` if `tenant` may; whether it was here.
+    fn delete_kept(&self, id: &str, tenant: Option<&str>) -> bool {
         let mut inner = self.inner.lock().expect("response store lock");
-        let mine = inner
-            .by_id
-            .get(id)
-            .is_some_and(|r| r.tenant.as_deref() == tenant);
+        let made_by = match inner.by_id.get(id) {
+            Some(response) => Some(response.tenant.as_deref()),
+            None => inner.conversations.get(id).map(|c| c.tenant.as_deref()),
+        };
+        let mine = made_by == Some(tenant);
         if mine {
             inner.drop_kept(id, &self.ledger);
             self.publish(&inner);
