@@ -196,20 +196,13 @@ impl ResponseStore {
         id: &str,
         tenant: Option<&str>,
     ) -> Lookup<Arc<StoredConversation>> {
-        match super::owner_of(id) {
-            Some(owner) if self.answers_for(owner) => {}
-            Some(owner) => return Lookup::Elsewhere(owner.to_string()),
-            None => return Lookup::Missing,
-        }
-        let mut inner = self.inner.lock().expect("response store lock");
-        inner.expire(Instant::now(), self.limits.max_age, &self.ledger);
-        self.publish(&inner);
-        match inner.conversations.get(id) {
-            Some(conversation) if conversation.tenant.as_deref() == tenant => {
-                Lookup::Found(conversation.clone())
-            }
-            _ => Lookup::Missing,
-        }
+        self.look_up(id, |inner| {
+            inner
+                .conversations
+                .get(id)
+                .filter(|c| c.tenant.as_deref() == tenant)
+                .cloned()
+        })
     }
 
     /// Changes conversation `id` (if `tenant` may) to the version `change` makes of it,

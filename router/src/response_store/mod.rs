@@ -464,6 +464,25 @@ impl ResponseStore {
     /// The response `id`, if `tenant` may read it: stored, or a background response still
     /// running (marked `running`).
     pub fn get(&self, id: &str, tenant: Option<&str>) -> Lookup {
+        let kept = self.look_up(id, |inner| {
+            inner
+                .by_id
+                .get(id)
+                .filter(|r| r.tenant.as_deref() == tenant)
+                .cloned()
+        });
+        match kept {
+            Lookup::Missing => match self.running_response(id, tenant) {
+                Some(running) => Lookup::Found(Arc::new(running)),
+                None => Lookup::Missing,
+            },
+            kept => kept,
+        }
+    }
+
+    /// What `find` finds of `id` in what is kept (once what is too old has gone); an id of
+    /// another replica is [`Lookup::Elsewhere`].
+    fn look_up<T>(&self, id: &str, find: impl FnOnce(&Inner) -> Option<T>) -> Lookup<T> {
         match owner_of(id) {
             Some(owner) if self.answers_for(owner) => {}
             Some(owner) => return Lookup::Elsewhere(owner.to_string()),
@@ -472,17 +491,9 @@ impl ResponseStore {
         let mut inner = self.inner.lock().expect("response store lock");
         inner.expire(Instant::now(), self.limits.max_age, &self.ledger);
         self.publish(&inner);
-        match inner.by_id.get(id) {
-            Some(response) if response.tenant.as_deref() == tenant => {
-                Lookup::Found(response.clone())
-            }
-            _ => {
-                drop(inner);
-                match self.running_response(id, tenant) {
-                    Some(running) => Lookup::Found(Arc::new(running)),
-                    None => Lookup::Missing,
-                }
-            }
+        match find(&inner) {
+            Some(found) => Lookup::Found(found),
+            None => Lookup::Missing,
         }
     }
 
