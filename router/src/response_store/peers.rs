@@ -310,18 +310,28 @@ pub async fn call_conversation(
     let mut client = peers.client(owner).await?;
     match client.call_conversation(ask(call, headers)).await {
         Ok(answer) => Ok(Ok(answer.into_inner().body_json)),
-        Err(status) => {
-            match status.code() {
-                tonic::Code::NotFound
-                | tonic::Code::InvalidArgument
-                | tonic::Code::FailedPrecondition => Ok(Err(status)),
-                code => Err(failure(owner, peers, status).await.unwrap_or_else(|| {
-                    PeerError::Unreachable {
-                        owner: owner.to_string(),
-                        why: code.to_string(),
-                    }
-                })),
-            }
+        Err(status) => refused_or_failed(owner, peers, status).await,
+    }
+}
+
+/// A replica's answer that refuses what was asked (not kept there, a bad argument, a
+/// precondition): that status; any other is a failure to reach it.
+async fn refused_or_failed<T>(
+    owner: &str,
+    peers: &Peers,
+    status: tonic::Status,
+) -> Result<Result<T, tonic::Status>, PeerError> {
+    match status.code() {
+        tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => {
+            Ok(Err(status))
+        }
+        code => {
+            Err(failure(owner, peers, status)
+                .await
+                .unwrap_or_else(|| PeerError::Unreachable {
+                    owner: owner.to_string(),
+                    why: code.to_string(),
+                }))
         }
     }
 }
@@ -339,17 +349,7 @@ pub async fn cancel(
     let asked = ask(v1::StoredResponseRequest { id: id.into() }, headers);
     match client.cancel(asked).await {
         Ok(answer) => Ok(Ok(answer.into_inner().object_json)),
-        Err(status) => {
-            match status.code() {
-                tonic::Code::NotFound | tonic::Code::FailedPrecondition => Ok(Err(status)),
-                code => Err(failure(owner, peers, status).await.unwrap_or_else(|| {
-                    PeerError::Unreachable {
-                        owner: owner.to_string(),
-                        why: code.to_string(),
-                    }
-                })),
-            }
-        }
+        Err(status) => refused_or_failed(owner, peers, status).await,
     }
 }
 
