@@ -56,8 +56,8 @@ def responses_go_on_from_a_conversation_and_add_their_turns():
     )
     assert first.conversation.id == conversation.id, first
     second = client.responses.create(
-        model=MODEL, input="Which word?", conversation={"id": conversation.id},
-        max_output_tokens=8,
+        model=MODEL, input=[{"role": "user", "content": "Which word?"}],
+        conversation={"id": conversation.id}, max_output_tokens=8,
     )
     alone = client.responses.create(
         model=MODEL, input="Which word?", max_output_tokens=8, store=False
@@ -71,6 +71,9 @@ def responses_go_on_from_a_conversation_and_add_their_turns():
     assert kinds == [("message", "user"), ("message", "assistant")] * 2, kinds
     assert items[0].content[0].text == "Remember the word kiwi.", items[0]
     assert items[1].id == first.output[0].id, (items[1], first.output)
+    # Listed as OpenAI lists them: text in parts, whatever shape the input had.
+    assert items[2].content[0].type == "input_text", items[2]
+    assert items[2].content[0].text == "Which word?" and items[2].status == "completed", items[2]
     assert items[3].content[0].text == second.output_text, (items[3], second.output_text)
 
 

@@ -89,6 +89,14 @@ fn items_to_add(items: Vec<Value>, field: &str) -> Result<Vec<String>, ApiError>
     )
 }
 
+/// An input item (JSON text) as a conversation lists it (see [`as_listed`]).
+pub(super) fn as_listed_text(item: &RawValue) -> String {
+    match serde_json::from_str::<Value>(item.get()) {
+        Ok(value) => as_listed(value).to_string(),
+        Err(_) => item.get().to_string(),
+    }
+}
+
 /// A message item as a conversation lists it (as OpenAI's API does): its text as a content
 /// part (`output_text` for the assistant's, else `input_text`) and a `status`.
 fn as_listed(mut item: Value) -> Value {

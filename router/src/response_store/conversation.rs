@@ -381,6 +381,12 @@ pub fn answer(
     {
         Call::Get(_) => current.object(),
         Call::UpdateMetadataJson(metadata) => {
+            let object = serde_json::from_str::<serde_json::Map<String, Value>>(&metadata);
+            if let Err(e) = object {
+                return Err(Status::invalid_argument(format!(
+                    "metadata: must be a JSON object: {e}"
+                )));
+            }
             let metadata = RawValue::from_string(metadata)
                 .map_err(|e| Status::invalid_argument(format!("metadata: {e}")))?;
             store

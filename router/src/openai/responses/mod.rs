@@ -89,7 +89,7 @@ async fn respond(
             .turn
             .input_items
             .iter()
-            .map(|i| i.get().to_string())
+            .map(|item| conversations::as_listed_text(item))
             .collect(),
     });
     // Asked to store, with a store to keep it in.
