@@ -633,9 +633,10 @@ async fn two_turns_on_another_replica(name: &str, metrics: bool) -> anyhow::Resu
     })
 }
 
-/// A rollout replaces every router: a stopping one hands its stored responses to another
-/// replica (routers only: the cluster token), which answers for their ids from then on, to
-/// clients on any replica, so the conversations go on.
+/// A rollout replaces every router: a stopping one hands its stored responses and
+/// conversations to another replica (routers only: the cluster token), which answers for
+/// their ids from then on, to clients on any replica, so the conversations go on. A
+/// background response still running when it is told to stop ends first and goes along.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Result<()> {
     let TwoTurns {
@@ -651,6 +652,21 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     let client = http();
     let first_id = first["id"].as_str().context("an id")?.to_string();
     let second_id = second["id"].as_str().context("an id")?.to_string();
+    // A background response still running when the replica is told to stop: the drain lets
+    // it end, and it is handed over with the rest.
+    let leaving_url = format!("http://{}/v1", leaving.addr("http"));
+    let (status, running) = create_response(
+        &client,
+        leaving_url,
+        json!({"model": "synthetic", "input": "Keep going.", "max_output_tokens": 150,
+               "background": true}),
+    )
+    .await?;
+    assert_eq!(
+        (status, &running["status"]),
+        (200, &json!("in_progress")),
+        "{running}"
+    );
 
     leaving.terminate(Duration::from_secs(30)).await?;
 
@@ -664,6 +680,17 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     assert_eq!(read.json::<Value>().await?["output"], second["output"]);
     a_third_turn_reads_the_first_two(&client, &staying, &second).await?;
     the_conversation_goes_on(&client, &staying, &conversation).await?;
+    let ran = client
+        .get(format!(
+            "{staying}/responses/{}",
+            running["id"].as_str().unwrap_or_default()
+        ))
+        .send()
+        .await?;
+    assert_eq!(ran.status().as_u16(), 200);
+    let ran: Value = ran.json().await?;
+    assert_eq!(ran["status"], "incomplete", "ran to its bound: {ran}");
+    assert_eq!(ran["usage"]["output_tokens"], 150, "{ran}");
     // A replica started afterwards finds them at the replica that took them.
     let newcomer = switchyard_tests::start_router(&cluster.etcd.url, "newcomer", &flags).await?;
     let newcomer_url = format!("http://{}/v1/responses/{first_id}", newcomer.addr("http"));
