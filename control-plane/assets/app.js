@@ -268,6 +268,7 @@ function renderRouters(routers) {
       cell(num(r.standby_responses), "num"),
       cell(r.response_mirror, `state state-mirror-${r.response_mirror}`),
       cell(num(r.sessions), "num"),
+      cell(num(r.background_responses), "num"),
       cell(r.verdict, r.trouble ? "why bad" : "why"),
     );
     return tr;

@@ -45,6 +45,7 @@ pub struct RouterRow {
     pub standby_responses: u32,
     pub response_mirror: String,
     pub sessions: u32,
+    pub background_responses: u32,
     /// Whether on-call should look at it.
     pub trouble: bool,
     /// What its state means, in words.
@@ -109,13 +110,26 @@ fn row(id: &str, silent: Duration, state: &v1::RouterState, reporting: usize) ->
         standby_responses: state.standby_responses,
         response_mirror: state.response_mirror.clone(),
         sessions: state.sessions,
+        background_responses: state.background_responses,
         trouble,
         verdict,
     }
 }
 
-/// Whether `state` needs a look, and why, in the words on-call reads.
+/// Whether `state` needs a look, and why, in the words on-call reads: what its store's
+/// protection means, and the background responses a kill would end whatever it is.
 fn verdict(silent: Duration, state: &v1::RouterState, reporting: usize) -> (bool, String) {
+    let (trouble, mut verdict) = store_verdict(silent, state, reporting);
+    if state.background_responses > 0 && silent < SILENT_AFTER {
+        verdict.push_str(&format!(
+            "; {} running here would end with a kill (a drain lets them finish)",
+            counted(state.background_responses, "background response")
+        ));
+    }
+    (trouble, verdict)
+}
+
+fn store_verdict(silent: Duration, state: &v1::RouterState, reporting: usize) -> (bool, String) {
     if silent >= SILENT_AFTER {
         return (
             true,
@@ -249,6 +263,12 @@ mod tests {
             verdict(live, &nothing, 2),
             (false, "holds no stored responses or conversations".into())
         );
+        let running = v1::RouterState {
+            background_responses: 2,
+            ..state(3, "mirrored")
+        };
+        let (trouble, said) = verdict(live, &running, 2);
+        assert!(!trouble && said.ends_with("2 background responses running here would end with a kill (a drain lets them finish)"), "{said}");
         let silent = verdict(SILENT_AFTER, &state(3, "mirrored"), 2);
         assert!(
             silent.0 && silent.1.starts_with("silent for 5 s"),

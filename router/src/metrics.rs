@@ -257,6 +257,7 @@ pub struct RouterMetrics {
     pub stored_responses: Gauge,
     pub stored_response_bytes: Gauge,
     pub stored_conversations: Gauge,
+    pub background_responses: Gauge,
     /// Responses this replica holds as standby copies of other replicas' (see
     /// [`crate::response_store::mirror`]).
     pub standby_responses: Gauge,
@@ -364,6 +365,7 @@ impl RouterMetrics {
             stored_responses: Gauge::default(),
             stored_response_bytes: Gauge::default(),
             stored_conversations: Gauge::default(),
+            background_responses: Gauge::default(),
             standby_responses: Gauge::default(),
             failovers: Family::default(),
             prefix_predicted: Family::default(),
@@ -484,6 +486,12 @@ impl RouterMetrics {
                 "Conversations-API conversations this replica keeps (POST /v1/conversations), \
                  in the same memory as its stored responses",
                 this.stored_conversations.clone(),
+            );
+            r.register(
+                "switchyard_router_background_responses",
+                "Background responses (background: true) running on this replica: a kill \
+                 loses them, a drain lets them end",
+                this.background_responses.clone(),
             );
             r.register(
                 "switchyard_router_stored_response_bytes",

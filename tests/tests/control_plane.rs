@@ -472,7 +472,7 @@ async fn page_routers(browser: &Browser) -> Value {
                .map(r => [r.dataset.routerId.split('@')[1], {
                  mirror: r.dataset.mirror, trouble: r.dataset.trouble,
                  responses: r.children[1].textContent, conversations: r.children[2].textContent,
-                 verdict: r.children[7].textContent}]));",
+                 background: r.children[7].textContent, verdict: r.children[8].textContent}]));",
             vec![],
         )
         .await
@@ -544,6 +544,35 @@ async fn the_dashboard_says_which_routers_stored_state_is_protected() -> anyhow:
         "{shown}"
     );
 
+    // A background response running there is counted, and said to end with a kill.
+    let started: Value = http
+        .post(format!("{other_url}/responses"))
+        .json(&serde_json::json!({"model": "synthetic", "input": "Go on.",
+                                  "max_output_tokens": 4000, "background": true}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let shows_run = wait_until(PATIENCE, "the background run to show", || async {
+        let shown = page_routers(&browser).await;
+        shown[second.as_str()]["background"] == "1"
+            && shown[second.as_str()]["verdict"]
+                .as_str()
+                .is_some_and(|v| v.contains("1 background response running here"))
+    })
+    .await;
+    if let Err(error) = shows_run {
+        anyhow::bail!("{error}: the table shows {}", page_routers(&browser).await);
+    }
+    let cancelled = http
+        .post(format!(
+            "{other_url}/responses/{}/cancel",
+            started["id"].as_str().unwrap_or_default()
+        ))
+        .send()
+        .await?;
+    assert_eq!(cancelled.status(), 200);
+
     // The other replica stops: it hands its store over and goes silent.
     other.terminate(Duration::from_secs(30)).await?;
     let after = wait_until(PATIENCE, "the stopped router to show silent", || async {
@@ -552,7 +581,7 @@ async fn the_dashboard_says_which_routers_stored_state_is_protected() -> anyhow:
             && shown[second.as_str()]["verdict"]
                 .as_str()
                 .is_some_and(|v| v.starts_with("silent for"))
-            && shown[first.as_str()]["responses"] == "1"
+            && shown[first.as_str()]["responses"] == "2"
             && shown[first.as_str()]["conversations"] == "1"
             && shown[first.as_str()]["mirror"] == "alone"
     })

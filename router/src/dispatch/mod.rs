@@ -225,11 +225,13 @@ impl Dispatcher {
         );
         reports.set_queue_depths(placer.queue_depth_probe());
         let responses = Arc::new(
-            crate::response_store::ResponseStore::new(config.response_store).with_gauges(
-                metrics.stored_responses.clone(),
-                metrics.stored_conversations.clone(),
-                metrics.stored_response_bytes.clone(),
-            ),
+            crate::response_store::ResponseStore::new(config.response_store)
+                .with_gauges(
+                    metrics.stored_responses.clone(),
+                    metrics.stored_conversations.clone(),
+                    metrics.stored_response_bytes.clone(),
+                )
+                .with_run_gauge(metrics.background_responses.clone()),
         );
         reports.set_state({
             let (store, metrics) = (responses.clone(), metrics.clone());
@@ -243,6 +245,7 @@ impl Dispatcher {
                     standby_responses: metrics.standby_responses.get().max(0) as u32,
                     response_mirror: metrics.response_mirror_state().to_string(),
                     sessions: metrics.active_sessions.get().max(0) as u32,
+                    background_responses: store.running() as u32,
                 }
             }
         });

@@ -39,6 +39,16 @@ pub struct Running {
 #[derive(Default)]
 pub struct Runs {
     by_id: std::sync::Mutex<HashMap<String, Arc<Running>>>,
+    /// Counts them, for Prometheus.
+    gauge: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
+}
+
+impl Runs {
+    fn count(&self, runs: &HashMap<String, Arc<Running>>) {
+        if let Some(gauge) = self.gauge.get() {
+            gauge.set(runs.len() as i64);
+        }
+    }
 }
 
 impl std::fmt::Debug for Runs {
@@ -58,7 +68,10 @@ pub struct RunHandle {
 impl RunHandle {
     /// The run ended and `object` (JSON) was stored: it is a stored response from now on.
     pub fn ended(self, store: &ResponseStore, object: String) {
-        store.runs.by_id.lock().expect("runs lock").remove(&self.id);
+        let mut runs = store.runs.by_id.lock().expect("runs lock");
+        runs.remove(&self.id);
+        store.runs.count(&runs);
+        drop(runs);
         self.ended.send_replace(Some(object));
     }
 }
@@ -81,16 +94,21 @@ impl ResponseStore {
             cancel: cancel.clone(),
             ended,
         };
-        self.runs
-            .by_id
-            .lock()
-            .expect("runs lock")
-            .insert(id.clone(), Arc::new(running));
+        let mut runs = self.runs.by_id.lock().expect("runs lock");
+        runs.insert(id.clone(), Arc::new(running));
+        self.runs.count(&runs);
+        drop(runs);
         RunHandle {
             cancel,
             id,
             ended: ended_tx,
         }
+    }
+
+    /// Keeps `gauge` at the number of background responses running here.
+    pub fn with_run_gauge(self, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        let _ = self.runs.gauge.set(gauge);
+        self
     }
 
     /// Background responses running on this replica.
