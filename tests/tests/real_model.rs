@@ -1245,7 +1245,8 @@ async fn log_probabilities_describe_the_real_models_greedy_choices() -> anyhow::
 /// official `openai` SDK — chat completions and the Responses API — and Anthropic's
 /// Messages API through the official `anthropic` SDK: calls whole and streamed, a named function, one call only, the result
 /// sent back and answered, JSON mode and a JSON schema, bad tools and schemas refused by name;
-/// stored conversations (the Conversations API) the model's turns are added to. Straight to
+/// stored conversations (the Conversations API) the model's turns are added to, and the OpenAI
+/// Agents SDK's conversation-backed session. Straight to
 /// the GPU pool, and through a wafer-scale gateway worker
 /// whose endpoint is that same cluster's OpenAI API (the gateway passes the tools on and the
 /// calls back). Then over gRPC with the Rust client: the calls' pieces put together.
@@ -1286,6 +1287,15 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     .await?;
     assert!(
         straight.contains("openai-conversations: 6 passed, 0 failed"),
+        "{straight}"
+    );
+    // The OpenAI Agents SDK keeping an agent's session in a stored conversation.
+    let agents = concat!(env!("CARGO_MANIFEST_DIR"), "/python/agents_sdk_check.py");
+    let straight =
+        switchyard_tests::program_output("python3", &[agents, &cluster.router_openai_url(), MODEL])
+            .await?;
+    assert!(
+        straight.contains("agents-sdk: 1 passed, 0 failed"),
         "{straight}"
     );
     let anthropic = concat!(
