@@ -26,6 +26,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         // Smaller first buffers per call (see src/codec.rs).
         .codec_path("crate::codec::SwitchyardCodec")
+        // A stream event is relayed as the router keeps it, without a copy.
+        .bytes(".switchyard.v1.ResponseStreamEvent.sse")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -4,6 +4,10 @@
 //! or cancels it (`POST /v1/responses/{id}/cancel`). When it ends (completed, incomplete,
 //! failed or cancelled) it is stored as any response is, and stops being a run.
 //!
+//! A run made with `stream: true` also keeps its events (see [`super::events`]): the client
+//! that made it follows them, and one whose stream broke picks it up again after the last
+//! event it saw.
+//!
 //! A run lives on the replica that placed it; the others reach it as they reach a stored
 //! response (the id names the replica). A replica killed mid-run loses the run: its standby
 //! copy knows only responses that have ended.
@@ -17,6 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use super::events::EventLog;
 use super::{Lookup, ResponseStore, StoredResponse};
 
 /// Longest a cancel waits for the run to store how it ended.
@@ -33,6 +38,8 @@ pub struct Running {
     cancel: CancellationToken,
     /// The stored object once it has ended.
     ended: watch::Receiver<Option<String>>,
+    /// Its events, when it streams them.
+    events: Option<Arc<EventLog>>,
 }
 
 /// Runs in progress on this replica, by response id.
@@ -77,13 +84,15 @@ impl RunHandle {
 }
 
 impl ResponseStore {
-    /// Registers background response `id` of `tenant`, whose object `describe` tells.
+    /// Registers background response `id` of `tenant`, whose object `describe` tells and
+    /// whose stream (if it streams) `events` keeps.
     pub fn begin_run(
         &self,
         id: String,
         tenant: Option<String>,
         input_items: Vec<Box<RawValue>>,
         describe: Describe,
+        events: Option<Arc<EventLog>>,
     ) -> RunHandle {
         let cancel = CancellationToken::new();
         let (ended_tx, ended) = watch::channel(None);
@@ -93,6 +102,7 @@ impl ResponseStore {
             describe,
             cancel: cancel.clone(),
             ended,
+            events,
         };
         let mut runs = self.runs.by_id.lock().expect("runs lock");
         runs.insert(id.clone(), Arc::new(running));
@@ -141,12 +151,14 @@ impl ResponseStore {
             Vec::new(),
         );
         response.running = true;
+        response.events = run.events.clone();
         Some(response)
     }
 
     /// Cancels background response `id` (this replica's) for `tenant`: the object it was
-    /// stored with. One that has ended is answered as it was stored; a response that was not
-    /// a background one is refused, as there is nothing to cancel.
+    /// stored with. One cancelled already is answered as it was stored (cancelling is
+    /// idempotent); one that ended otherwise, or a response that was not a background one,
+    /// is refused, as there is nothing to cancel.
     pub async fn cancel(&self, id: &str, tenant: Option<&str>) -> Result<String, Status> {
         if let Some(run) = self.run(id, tenant) {
             run.cancel.cancel();
@@ -161,13 +173,17 @@ impl ResponseStore {
             };
         }
         match self.get(id, tenant) {
-            Lookup::Found(response) if was_background(&response.object) => {
-                Ok(response.object.clone())
-            }
-            Lookup::Found(_) => Err(Status::failed_precondition(format!(
-                "response {id:?} is not a background response: it ended when it was answered, \
-                 and only background responses can be cancelled"
-            ))),
+            Lookup::Found(response) => match background_status(&response.object) {
+                Some(status) if status == "cancelled" => Ok(response.object.clone()),
+                Some(status) => Err(Status::failed_precondition(format!(
+                    "response {id:?} has ended ({status}) and cannot be cancelled; only a \
+                     background response still running can be"
+                ))),
+                None => Err(Status::failed_precondition(format!(
+                    "response {id:?} is not a background response: it ended when it was \
+                     answered, and only background responses can be cancelled"
+                ))),
+            },
             Lookup::Missing | Lookup::Elsewhere(_) => Err(Status::not_found(format!(
                 "response {id:?} is not stored here (expired, deleted, another API key's, or \
                  never stored)"
@@ -176,14 +192,20 @@ impl ResponseStore {
     }
 }
 
-/// Whether a response object (JSON) says it ran in the background.
-fn was_background(object: &str) -> bool {
+/// How a response object (JSON) that ran in the background ended; `None` for one that did
+/// not run in the background.
+fn background_status(object: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
-    struct Flag {
+    struct Ended {
         #[serde(default)]
         background: bool,
+        #[serde(default)]
+        status: String,
     }
-    serde_json::from_str::<Flag>(object).is_ok_and(|f| f.background)
+    serde_json::from_str::<Ended>(object)
+        .ok()
+        .filter(|e| e.background)
+        .map(|e| e.status)
 }
 
 #[cfg(test)]
@@ -204,6 +226,7 @@ mod tests {
             Some("acme".into()),
             Vec::new(),
             Box::new(|| r#"{"status":"in_progress","background":true}"#.into()),
+            None,
         );
         match store.get(&id, Some("acme")) {
             Lookup::Found(running) => {
@@ -258,5 +281,17 @@ mod tests {
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
         let missing = store.cancel(&store.new_id(), None).await.unwrap_err();
         assert_eq!(missing.code(), tonic::Code::NotFound);
+        // A background response that completed has nothing left to cancel either.
+        let completed = store.new_id();
+        store.insert(store.response(
+            completed.clone(),
+            None,
+            r#"{"status":"completed","background":true}"#.into(),
+            Vec::new(),
+            Vec::new(),
+        ));
+        let refused = store.cancel(&completed, None).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().contains("has ended (completed)"), "{refused:?}");
     }
 }

@@ -20,6 +20,7 @@
 
 pub mod background;
 pub mod conversation;
+pub mod events;
 pub mod handover;
 pub mod mirror;
 pub mod peers;
@@ -186,6 +187,9 @@ pub struct StoredResponse {
     /// A background response still running (see [`background`]), as it stands: not stored,
     /// not to be gone on from yet.
     pub running: bool,
+    /// The events of a streamed background response, for a client resuming its stream (this
+    /// replica's only: they are not handed over or mirrored).
+    pub events: Option<Arc<events::EventLog>>,
     charge: Charge,
 }
 
@@ -381,6 +385,7 @@ impl ResponseStore {
             conversation,
             stored_at: Instant::now(),
             running: false,
+            events: None,
             charge: Charge::new(bytes, &self.ledger),
         }
     }

@@ -353,6 +353,32 @@ pub async fn cancel(
     }
 }
 
+/// The events of streamed background response `id` on replica `owner`, after
+/// `starting_after`: the stream of them, or that replica's refusal (not kept there, no events
+/// kept, past the end) as the status it sent.
+pub async fn follow_events(
+    dispatcher: &Dispatcher,
+    owner: &str,
+    id: &str,
+    starting_after: Option<u64>,
+    headers: &HeaderMap,
+) -> Result<Result<tonic::Streaming<v1::ResponseStreamEvent>, tonic::Status>, PeerError> {
+    let peers = &dispatcher.peers;
+    let mut client = peers.client(owner).await?;
+    let asked = ask(
+        v1::FollowEventsRequest {
+            id: id.into(),
+            starting_after,
+        },
+        headers,
+    );
+    match client.follow_events(asked).await {
+        Ok(answer) => Ok(Ok(answer.into_inner())),
+        Err(status) if status.code() == tonic::Code::OutOfRange => Ok(Err(status)),
+        Err(status) => refused_or_failed(owner, peers, status).await,
+    }
+}
+
 /// A stored response as the gRPC service sends it.
 pub fn to_proto(response: &StoredResponse) -> v1::StoredResponse {
     v1::StoredResponse {

@@ -1,12 +1,15 @@
 //! The `StoredResponses` gRPC service: this replica's stored responses and conversations, for
 //! the other replicas (and gRPC clients), under the same API keys as `Inference`.
 
+use std::pin::Pin;
 use std::sync::Arc;
+
+use futures::{Stream, StreamExt as _};
 
 use switchyard_proto::v1;
 use tonic::{Request, Response, Status};
 
-use super::{Lookup, ResponseStore, conversation, peers};
+use super::{Lookup, ResponseStore, conversation, events, peers};
 use crate::auth::Tenant;
 
 pub struct StoredResponsesService {
@@ -32,6 +35,28 @@ fn not_kept(id: &str) -> Status {
 
 #[tonic::async_trait]
 impl v1::stored_responses_server::StoredResponses for StoredResponsesService {
+    type FollowEventsStream =
+        Pin<Box<dyn Stream<Item = Result<v1::ResponseStreamEvent, Status>> + Send + 'static>>;
+
+    async fn follow_events(
+        &self,
+        request: Request<v1::FollowEventsRequest>,
+    ) -> Result<Response<Self::FollowEventsStream>, Status> {
+        let tenant = tenant_of(&request);
+        let v1::FollowEventsRequest { id, starting_after } = request.into_inner();
+        // Only what this replica keeps: a replica never asks on another's behalf.
+        let log = match self.store.events_of(&id, tenant.as_deref()) {
+            Lookup::Found(log) => events::followable(&id, log)?,
+            Lookup::Missing | Lookup::Elsewhere(_) => return Err(not_kept(&id)),
+        };
+        let events = log
+            .follow(starting_after)
+            .map_err(|past| Status::out_of_range(past.to_string()))?;
+        Ok(Response::new(Box::pin(
+            events.map(|sse| Ok(v1::ResponseStreamEvent { sse })),
+        )))
+    }
+
     async fn get(
         &self,
         request: Request<v1::StoredResponseRequest>,

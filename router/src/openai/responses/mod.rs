@@ -31,6 +31,8 @@ use super::handlers::{self, RESPONSES_ROUTE};
 use super::wire;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
+use crate::response_store::events::{EventLog, LogWriter};
+use crate::response_store::background::Describe;
 use crate::response_store::{ResponseStore, StoredMessage};
 use object::{Lifecycle, Snapshot};
 use output::{Event, Output, Status};
@@ -115,6 +117,7 @@ async fn respond(
             tenant: tenant_name,
             conversation,
             input_items,
+            events: None,
         }
     });
     let fields = read.fields;
@@ -140,7 +143,7 @@ async fn respond(
         fields,
     };
     let background = response.echo.background;
-    let mut http = if let Some(keep) = keep.take_if(|_| background) {
+    let mut http = if let Some(keep) = keep.take_if(|_| background && !read.mode.stream) {
         json_response(in_background(response, frames, keep, add_to))
     } else if read.mode.stream {
         // The headers wait for the first frame, so a request that fails before producing
@@ -151,7 +154,10 @@ async fn respond(
         if let Frame::Failed(failed) = &first {
             return Err(response.name_fields(ApiError::from_failed(failed)));
         }
-        stream(response, first, frames, keep, add_to)
+        match keep.take_if(|_| background) {
+            Some(keep) => streamed_in_background(response, first, frames, keep, add_to),
+            None => stream(response, first, frames, keep, add_to),
+        }
     } else {
         whole(&mut response, frames, keep, add_to).await?
     };
@@ -178,6 +184,8 @@ struct Keep {
     /// The conversation up to the answer (the previous response's, then the input).
     conversation: Vec<Arc<StoredMessage>>,
     input_items: Vec<Box<serde_json::value::RawValue>>,
+    /// The events of a streamed background response, kept with it for resuming.
+    events: Option<Arc<EventLog>>,
 }
 
 impl Keep {
@@ -185,13 +193,14 @@ impl Keep {
     fn finish(mut self, object: String, output: &Output) {
         self.conversation
             .push(self.store.message(output.as_message()));
-        let response = self.store.response(
+        let mut response = self.store.response(
             self.id,
             self.tenant,
             object,
             self.input_items,
             self.conversation,
         );
+        response.events = self.events;
         let kept = self.store.insert(response);
         if !kept {
             tracing::warn!("a response larger than the whole response store was not stored");
@@ -211,24 +220,27 @@ struct AddTo {
 
 impl AddTo {
     /// Adds the request's input items and the response's output items. A failure is logged:
-    /// the client has its answer, and the conversation lacks this turn.
-    async fn finish(mut self, output: &Output) {
+    /// the client has its answer, and the conversation lacks this turn. (The output is read
+    /// before the returned future is first polled: nothing is held across its await.)
+    fn finish(mut self, output: &Output) -> impl Future<Output = ()> + Send + use<> {
         self.input_items
             .extend(output.items().iter().map(serialized));
-        let added = conversations::add_turn(
-            &self.dispatcher,
-            &self.id,
-            self.tenant.as_deref(),
-            &self.headers,
-            self.input_items,
-        )
-        .await;
-        if let Err(error) = added {
-            tracing::warn!(
-                conversation = %self.id,
-                "a response's turn was not added to its conversation: {}",
-                error.message
-            );
+        async move {
+            let added = conversations::add_turn(
+                &self.dispatcher,
+                &self.id,
+                self.tenant.as_deref(),
+                &self.headers,
+                self.input_items,
+            )
+            .await;
+            if let Err(error) = added {
+                tracing::warn!(
+                    conversation = %self.id,
+                    "a response's turn was not added to its conversation: {}",
+                    error.message
+                );
+            }
         }
     }
 }
@@ -309,6 +321,16 @@ async fn whole(
     Ok(json_response(body))
 }
 
+/// The response object a running background response shows when it is read: `in_progress`,
+/// with what it has written so far.
+fn describe_running(snapshot: &Arc<Snapshot>, output: &Arc<Mutex<Output>>) -> Describe {
+    let (snapshot, output) = (snapshot.clone(), output.clone());
+    Box::new(move || {
+        let output = output.lock().expect("output lock");
+        serialized(&snapshot.object("in_progress", &output, None, None))
+    })
+}
+
 /// Runs the generation without the client (`background: true`): the response object as it
 /// starts, `in_progress`. While it runs it is read by its id (as it stands) and cancelled;
 /// when it ends it is stored, and added to its conversation unless it failed or was
@@ -321,20 +343,15 @@ fn in_background(
 ) -> String {
     let snapshot = Arc::new(snapshot);
     let output = Arc::new(Mutex::new(Output::new(false)));
-    let describe = {
-        let (snapshot, output) = (snapshot.clone(), output.clone());
-        move || {
-            let output = output.lock().expect("output lock");
-            serialized(&snapshot.object("in_progress", &output, None, None))
-        }
-    };
+    let describe = describe_running(&snapshot, &output);
     let started = describe();
     let store = keep.store.clone();
     let run = store.begin_run(
         keep.id.clone(),
         keep.tenant.clone(),
         keep.input_items.clone(),
-        Box::new(describe),
+        describe,
+        None,
     );
     tokio::spawn(async move {
         let ended = tokio::select! {
@@ -375,6 +392,62 @@ fn in_background(
     started
 }
 
+/// Streams a background response (`background: true, stream: true`): the generation's
+/// events go to a log the run keeps, and the client follows the log. A client that goes away
+/// leaves the run going (it reads the rest with `GET /v1/responses/{id}?stream=true
+/// &starting_after=N`, or polls it, or cancels it); a cancelled run's stream ends with
+/// `response.cancelled`.
+fn streamed_in_background(
+    snapshot: Snapshot,
+    first: Frame,
+    frames: ChoiceFrames,
+    mut keep: Keep,
+    add_to: Option<AddTo>,
+) -> Response {
+    let store = keep.store.clone();
+    let log = store.event_log();
+    keep.events = Some(log.clone());
+    let (id, tenant, input_items) = (keep.id.clone(), keep.tenant.clone(), keep.input_items.clone());
+    let mut events = Events::new(snapshot, first, frames, Some(keep), add_to);
+    events.keep_failed = true;
+    let run = store.begin_run(
+        id,
+        tenant,
+        input_items,
+        describe_running(&events.snapshot, &events.output),
+        Some(log.clone()),
+    );
+    let writer = LogWriter(log.clone());
+    tokio::spawn(async move {
+        let cancel = run.cancel.clone();
+        let mut run = Some(run);
+        loop {
+            let next = tokio::select! {
+                biased;
+                () = cancel.cancelled(), if !events.done => {
+                    events.cancel();
+                    continue;
+                }
+                next = events.next() => next,
+            };
+            let Some(event) = next else { break };
+            // Stored before its last event is written: a client that saw the stream end
+            // reads the response as it ended.
+            if let Some(object) = events.ended.take()
+                && let Some(run) = run.take()
+            {
+                run.ended(&store, object);
+            }
+            writer.push(event);
+        }
+        // Dropping the frames stops a generation still running on its worker; dropping the
+        // writer ends the followers.
+        drop(events);
+    });
+    let follow = log.follow(None).expect("a new log is followed from its start");
+    crate::openai::stream::event_stream(follow)
+}
+
 /// The streamed response: `response.created` and `response.in_progress`, the output's events
 /// as the tokens come, then `response.completed` (or `.incomplete`, or `.failed` with the
 /// error). The body owns the dispatcher's receiver: a client that goes away cancels the
@@ -386,61 +459,88 @@ fn stream(
     keep: Option<Keep>,
     add_to: Option<AddTo>,
 ) -> Response {
-    let mut events = Events {
-        snapshot,
-        frames,
-        output: Output::new(true),
-        sequence: 0,
-        pending: VecDeque::new(),
-        done: false,
-        keep,
-        add_to,
-        adding: false,
-    };
-    // The same object opens the stream twice; serialized once.
-    let opening = Event {
-        kind: "response.created",
-        fields: serialized(&Lifecycle {
-            response: events
-                .snapshot
-                .object("in_progress", &events.output, None, None),
-        }),
-    };
-    let in_progress = Event {
-        kind: "response.in_progress",
-        fields: opening.fields.clone(),
-    };
-    events.push(&opening);
-    events.push(&in_progress);
-    events.on_frame(first);
+    let events = Events::new(snapshot, first, frames, keep, add_to);
     crate::openai::stream::event_stream(futures::stream::unfold(events, |mut events| async move {
         Some((events.next().await?, events))
     }))
 }
 
+/// A response's stream of events, made from the generation's frames.
 struct Events {
-    snapshot: Snapshot,
+    snapshot: Arc<Snapshot>,
     frames: ChoiceFrames,
-    output: Output,
+    /// Shared with what reads a background response while it runs.
+    output: Arc<Mutex<Output>>,
     sequence: u64,
     pending: VecDeque<Bytes>,
     done: bool,
-    /// Stores the response when it has finished (not when it failed).
+    /// Stores the response when it has finished...
     keep: Option<Keep>,
+    /// ...and when it failed too (a background response, whose failure is what a reader
+    /// finds).
+    keep_failed: bool,
     /// Adds the finished response to its conversation (not when it failed)...
     add_to: Option<AddTo>,
     /// ...before the event saying it finished goes out, so a client that reads the
     /// conversation then finds the turn.
     adding: bool,
+    /// The response object as it ended (its JSON), until taken.
+    ended: Option<String>,
 }
 
 impl Events {
+    /// The events of a response whose generation's first frame is `first`: it opens with
+    /// `response.created` and `response.in_progress`.
+    fn new(
+        snapshot: Snapshot,
+        first: Frame,
+        frames: ChoiceFrames,
+        keep: Option<Keep>,
+        add_to: Option<AddTo>,
+    ) -> Self {
+        let mut events = Events {
+            snapshot: Arc::new(snapshot),
+            frames,
+            output: Arc::new(Mutex::new(Output::new(true))),
+            sequence: 0,
+            pending: VecDeque::new(),
+            done: false,
+            keep,
+            keep_failed: false,
+            add_to,
+            adding: false,
+            ended: None,
+        };
+        // The same object opens the stream twice; serialized once.
+        let opening = Event {
+            kind: "response.created",
+            fields: serialized(&Lifecycle {
+                response: events
+                    .snapshot
+                    .object("in_progress", &events.output(), None, None),
+            }),
+        };
+        let in_progress = Event {
+            kind: "response.in_progress",
+            fields: opening.fields.clone(),
+        };
+        events.push(&opening);
+        events.push(&in_progress);
+        events.on_frame(first);
+        events
+    }
+
+    fn output(&self) -> std::sync::MutexGuard<'_, Output> {
+        self.output.lock().expect("output lock")
+    }
+
     async fn next(&mut self) -> Option<Bytes> {
         loop {
             if std::mem::take(&mut self.adding)
                 && let Some(add_to) = self.add_to.take()
             {
-                add_to.finish(&self.output).await;
+                let adding = add_to.finish(&self.output());
+                adding.await;
             }
             if let Some(bytes) = self.pending.pop_front() {
                 return Some(bytes);
@@ -468,59 +568,58 @@ impl Events {
     }
 
     fn push_output_events(&mut self) {
-        for event in self.output.take_events() {
+        let events = self.output().take_events();
+        for event in events {
             self.push(&event);
         }
     }
 
-    /// Queues the lifecycle event `kind`: the response as it stands, with `status`.
-    fn push_lifecycle(
+    /// Ends the stream with the lifecycle event `kind`: the response as it ended, with
+    /// `status`, which is stored (a failed one only when failures are) and kept in `ended`.
+    fn end(
         &mut self,
         kind: &'static str,
         status: &'static str,
         finished: Option<&v1::Finished>,
         error: Option<&ApiError>,
     ) {
-        let response = self.snapshot.object(status, &self.output, finished, error);
-        let event = Event {
-            kind,
-            fields: serialized(&Lifecycle { response }),
+        let response = {
+            let output = self.output();
+            serialized(&self.snapshot.object(status, &output, finished, error))
         };
-        self.push(&event);
+        // The last event carries the response as stored.
+        self.push(&Event {
+            kind,
+            fields: format!("{{\"response\":{response}}}"),
+        });
+        if let Some(keep) = self.keep.take().filter(|_| error.is_none() || self.keep_failed) {
+            keep.finish(response.clone(), &self.output());
+        }
+        self.ended = Some(response);
+        self.done = true;
     }
 
     fn on_frame(&mut self, frame: Frame) {
         match frame {
             Frame::Tokens(tokens) => {
-                self.output.text(&tokens.text, &tokens.logprobs);
-                self.output.calls(&tokens.tool_calls);
+                {
+                    let mut output = self.output();
+                    output.text(&tokens.text, &tokens.logprobs);
+                    output.calls(&tokens.tool_calls);
+                }
                 self.push_output_events();
             }
             Frame::Finished(finished) => {
                 let (items, status) = ending(&finished);
-                self.output.close(items);
+                self.output().close(items);
                 self.push_output_events();
                 let kind = if status == "completed" {
                     "response.completed"
                 } else {
                     "response.incomplete"
                 };
-                let response = serialized(&self.snapshot.object(
-                    status,
-                    &self.output,
-                    Some(&finished),
-                    None,
-                ));
-                // The last event carries the response as stored.
-                self.push(&Event {
-                    kind,
-                    fields: format!("{{\"response\":{response}}}"),
-                });
-                if let Some(keep) = self.keep.take() {
-                    keep.finish(response, &self.output);
-                }
+                self.end(kind, status, Some(&finished), None);
                 self.adding = self.add_to.is_some();
-                self.done = true;
             }
             Frame::Failed(failed) => self.fail(ApiError::from_failed(&failed)),
             Frame::Moved(moved) => self
@@ -533,10 +632,18 @@ impl Events {
     /// Ends the stream with `response.failed`, what was written so far marked incomplete.
     fn fail(&mut self, error: ApiError) {
         let error = self.snapshot.name_fields(error);
-        self.output.close(Status::Incomplete);
+        self.output().close(Status::Incomplete);
         self.push_output_events();
-        self.push_lifecycle("response.failed", "failed", None, Some(&error));
-        self.done = true;
+        self.end("response.failed", "failed", None, Some(&error));
+    }
+
+    /// Ends the stream of a background response cancelled midway with `response.cancelled`
+    /// (an event OpenAI's SDKs do not name: a cancelled run's stream has no defined end),
+    /// what was written so far marked incomplete.
+    fn cancel(&mut self) {
+        self.output().close(Status::Incomplete);
+        self.push_output_events();
+        self.end("response.cancelled", "cancelled", None, None);
     }
 }
 
@@ -626,6 +733,87 @@ mod tests {
             4
         );
         assert_eq!(response["usage"]["total_tokens"], 8);
+    }
+
+    /// What storing response `id` of the test snapshot needs, in `store`.
+    fn keep(store: &Arc<ResponseStore>, id: &str) -> Keep {
+        Keep {
+            store: store.clone(),
+            id: id.into(),
+            tenant: None,
+            conversation: Vec::new(),
+            input_items: Vec::new(),
+            events: None,
+        }
+    }
+
+    fn stored_status(store: &ResponseStore, id: &str) -> Option<String> {
+        match store.get(id, None) {
+            crate::response_store::Lookup::Found(found) if !found.running => {
+                let object: Value = serde_json::from_str(&found.object).expect("JSON");
+                Some(object["status"].as_str().expect("a status").to_string())
+            }
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_streamed_background_response_is_stored_with_its_events_to_resume_from() {
+        let store = Arc::new(ResponseStore::new(Default::default()));
+        let id = store.new_id();
+        let finished = Frame::Finished(v1::Finished {
+            reason: v1::FinishReason::Stop as i32,
+            ..Default::default()
+        });
+        let mut snapshot = snapshot();
+        snapshot.id = id.clone();
+        let response = streamed_in_background(
+            snapshot,
+            tokens("Hel", vec![]),
+            frames(vec![tokens("lo", vec![]), finished]),
+            keep(&store, &id),
+            None,
+        );
+        let streamed = named_events(response).await;
+        assert_eq!(streamed.last().unwrap().0, "response.completed");
+        assert_eq!(stored_status(&store, &id).as_deref(), Some("completed"));
+        // Resumed after event 3: the same events from the fifth on, then the end.
+        let crate::response_store::Lookup::Found(Some(log)) = store.events_of(&id, None) else {
+            panic!("the events are kept with the response");
+        };
+        let resumed = named_events(crate::openai::stream::event_stream(
+            log.follow(Some(3)).expect("within the stream"),
+        ))
+        .await;
+        assert_eq!(resumed, streamed[4..]);
+        assert_eq!(store.running(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_streamed_background_response_ends_its_stream_cancelled() {
+        let store = Arc::new(ResponseStore::new(Default::default()));
+        let id = store.new_id();
+        let mut snapshot = snapshot();
+        snapshot.id = id.clone();
+        // A generation that goes on until it is dropped.
+        let (more, generation) = futures::channel::mpsc::unbounded();
+        let endless: ChoiceFrames = Box::pin(generation);
+        let response =
+            streamed_in_background(snapshot, tokens("Hel", vec![]), endless, keep(&store, &id), None);
+        let mut body = response.into_body().into_data_stream();
+        use futures::StreamExt as _;
+        let opened = body.next().await.expect("the first event").expect("bytes");
+        assert!(opened.starts_with(b"event: response.created"));
+        let cancelled = store.cancel(&id, None).await.expect("cancelled");
+        assert!(cancelled.contains("\"status\":\"cancelled\""), "{cancelled}");
+        let mut rest = Vec::new();
+        while let Some(event) = body.next().await {
+            rest.extend_from_slice(&event.expect("bytes"));
+        }
+        let rest = String::from_utf8(rest).expect("utf-8");
+        assert!(rest.contains("event: response.cancelled"), "{rest}");
+        assert!(more.is_closed(), "the generation was dropped");
+        assert_eq!(stored_status(&store, &id).as_deref(), Some("cancelled"));
     }
 
     #[tokio::test]

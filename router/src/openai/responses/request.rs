@@ -6,7 +6,7 @@
 //! items and the client's `function_call_output` items), or goes on from a stored response
 //! (`previous_response_id`, see [`crate::response_store`]): that response's conversation,
 //! then `input`; or from a stored conversation (`conversation`): its items, then `input`.
-//! What needs other server-side state (item references, background runs) is refused by name.
+//! What needs server-side state Switchyard does not keep (item references) is refused by name.
 
 use std::sync::Arc;
 
@@ -329,13 +329,6 @@ impl ResponsesRequest {
                 return Err(ApiError::invalid(
                     "store",
                     "must be true for a background response: it is stored to be polled",
-                ));
-            }
-            if self.stream == Some(true) {
-                return Err(ApiError::invalid(
-                    "stream",
-                    "a background response is polled here (GET /v1/responses/{id}), not \
-                     streamed: send stream: false, or background: false to stream it",
                 ));
             }
         }
@@ -1034,7 +1027,6 @@ mod tests {
                 "conversation",
             ),
             (json!({"background": true, "store": false}), "store"),
-            (json!({"background": true, "stream": true}), "stream"),
             (json!({"truncation": "middle"}), "truncation"),
             (
                 json!({"include": ["message.output_text.logprobs", "everything"]}),

@@ -17,7 +17,11 @@ use serde_json::{Value, json};
 use super::super::error::ApiError;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
-use crate::response_store::{Lookup, StoredMessage, StoredResponse, conversation, peers};
+use crate::openai::stream::event_stream;
+use crate::response_store::{
+    Lookup, StoredMessage, StoredResponse, conversation, events, peers,
+};
+use futures::StreamExt as _;
 
 /// The stored-response routes.
 pub const RESPONSE_ROUTE: &str = "/v1/responses/{id}";
@@ -87,17 +91,109 @@ fn tenant_of(tenant: &Option<Extension<Tenant>>) -> Option<&str> {
     tenant.as_ref().map(|t| t.0.0.as_str())
 }
 
-/// `GET /v1/responses/{id}`: the response object as it was answered.
+/// `GET /v1/responses/{id}`'s query: `stream=true` follows a streamed background response's
+/// events (after `starting_after`) instead of answering the object.
+#[derive(Debug, Deserialize)]
+pub struct Retrieve {
+    stream: Option<String>,
+    starting_after: Option<String>,
+}
+
+impl Retrieve {
+    /// `Some(starting_after)` when the events are asked for.
+    fn events(&self) -> Result<Option<Option<u64>>, ApiError> {
+        let stream = match self.stream.as_deref() {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    "stream",
+                    format!("is {other:?}, must be true or false"),
+                ));
+            }
+        };
+        let starting_after = match self.starting_after.as_deref() {
+            None => None,
+            Some(text) => Some(text.parse::<u64>().map_err(|_| {
+                ApiError::invalid(
+                    "starting_after",
+                    format!("is {text:?}, must be an event's sequence_number (a whole number)"),
+                )
+            })?),
+        };
+        match (stream, starting_after) {
+            (false, Some(_)) => Err(ApiError::invalid(
+                "starting_after",
+                "resumes a stream: send it with stream=true",
+            )),
+            (false, None) => Ok(None),
+            (true, after) => Ok(Some(after)),
+        }
+    }
+}
+
+/// `GET /v1/responses/{id}`: the response object as it was answered (as it stands, for a
+/// background response running), or with `stream=true` its events.
 pub async fn get(
     State(dispatcher): State<Arc<Dispatcher>>,
     tenant: Option<Extension<Tenant>>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    Query(retrieve): Query<Retrieve>,
 ) -> Response {
+    let asked = match retrieve.events() {
+        Ok(asked) => asked,
+        Err(error) => return error.into_response(),
+    };
+    if let Some(starting_after) = asked {
+        return follow(&dispatcher, &id, tenant_of(&tenant), starting_after, &headers)
+            .await
+            .unwrap_or_else(|error| error.into_response());
+    }
     match find(&dispatcher, &id, tenant_of(&tenant), &headers).await {
         Ok(Some(response)) => super::json_response(response.object.clone()),
         Ok(None) => not_found(&id).into_response(),
         Err(error) => error.into_response(),
+    }
+}
+
+/// The events of streamed background response `id` after `starting_after`, as a stream,
+/// wherever in the cluster it ran.
+async fn follow(
+    dispatcher: &Dispatcher,
+    id: &str,
+    tenant: Option<&str>,
+    starting_after: Option<u64>,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let refused = |status: tonic::Status| match status.code() {
+        tonic::Code::NotFound => not_found(id),
+        tonic::Code::OutOfRange => ApiError::invalid("starting_after", status.message()),
+        tonic::Code::FailedPrecondition => ApiError::invalid("stream", status.message()),
+        code => ApiError::from_code(code, status.message()),
+    };
+    match dispatcher.responses.events_of(id, tenant) {
+        Lookup::Found(log) => {
+            let log = events::followable(id, log).map_err(refused)?;
+            let events = log
+                .follow(starting_after)
+                .map_err(|past| ApiError::invalid("starting_after", past.to_string()))?;
+            Ok(event_stream(events))
+        }
+        Lookup::Missing => Err(not_found(id)),
+        Lookup::Elsewhere(owner) => {
+            match peers::follow_events(dispatcher, &owner, id, starting_after, headers).await {
+                // A relay that breaks (its replica stopped) ends the stream: the client
+                // resumes after the last event it got, or reads the response whole.
+                Ok(Ok(events)) => Ok(event_stream(
+                    events
+                        .take_while(|event| std::future::ready(event.is_ok()))
+                        .filter_map(|event| std::future::ready(event.ok().map(|e| e.sse))),
+                )),
+                Ok(Err(status)) => Err(refused(status)),
+                Err(error) => Err(error.into_api_error(id)),
+            }
+        }
     }
 }
 
