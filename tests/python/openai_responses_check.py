@@ -5,8 +5,9 @@ stream accumulator, which checks every event's order and identity), the output b
 responses (retrieved, their input items listed, deleted, and gone on from with
 `previous_response_id`), the output text's log probabilities, a function call, its result
 sent back as input items or after the stored call and answered, a JSON schema answer, and
-refusals that name their field; background responses polled until they end, and one
-cancelled midway.
+refusals that name their field; background responses polled until they end, one
+cancelled midway, and one streamed whose client goes away and picks the stream up again
+(`retrieve(stream=True, starting_after=N)`).
 
 Usage: openai_responses_check.py BASE_URL MODEL [text-only]
 With `text-only` (a load-test engine, which refuses tools and schemas) only the text checks
@@ -272,6 +273,45 @@ def a_background_response_is_cancelled_midway():
         assert "not a background response" in error.body["message"], error.body
 
 
+def a_background_stream_is_picked_up_where_it_broke():
+    stream = client.responses.create(
+        model=MODEL, input="Tell a story.", max_output_tokens=48, background=True, stream=True
+    )
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if len(seen) == 5:
+            break
+    # The client goes away; the response goes on without it.
+    stream.close()
+    response_id = seen[0].response.id
+    assert seen[0].type == "response.created" and seen[0].response.background, seen[0]
+    last = seen[-1].sequence_number
+    rest = list(client.responses.retrieve(response_id, stream=True, starting_after=last))
+    events = seen + rest
+    numbers = [event.sequence_number for event in events]
+    assert numbers == list(range(len(numbers))), numbers
+    ended = events[-1]
+    assert ended.type in ("response.completed", "response.incomplete"), ended
+    streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert streamed and streamed == ended.response.output_text, (streamed, ended.response)
+    # The whole stream again from its start, and the stored response the same.
+    again = [event.sequence_number for event in client.responses.retrieve(response_id, stream=True)]
+    assert again == numbers, again
+    kept = client.responses.retrieve(response_id)
+    assert (kept.status, kept.output_text) == (ended.response.status, streamed), kept
+    try:
+        list(client.responses.retrieve(response_id, stream=True, starting_after=numbers[-1] + 1))
+        raise AssertionError("a stream was resumed past its end")
+    except openai.BadRequestError as error:
+        assert error.body["param"] == "starting_after", error.body
+    try:
+        client.responses.cancel(response_id)
+        raise AssertionError("a completed response was cancelled")
+    except openai.BadRequestError as error:
+        assert "cannot be cancelled" in error.body["message"], error.body
+
+
 def a_missing_input_is_a_400_naming_it():
     try:
         client.responses.create(model=MODEL, input=[])
@@ -398,6 +438,7 @@ CHECKS = [
     what_is_not_stored_is_a_404_naming_it,
     a_background_response_is_polled_until_it_ends,
     a_background_response_is_cancelled_midway,
+    a_background_stream_is_picked_up_where_it_broke,
     a_missing_input_is_a_400_naming_it,
 ]
 if not TEXT_ONLY:

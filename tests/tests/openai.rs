@@ -71,7 +71,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     )
     .await?;
     assert!(
-        out.contains("openai-responses: 13 passed, 0 failed"),
+        out.contains("openai-responses: 14 passed, 0 failed"),
         "{out}"
     );
     // The Conversations API, and responses going on from its conversations.
@@ -533,6 +533,70 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
     assert_eq!(kept["status"], "cancelled", "{kept}");
     assert_eq!(kept["output"], cancelled["output"]);
 
+    // A streamed background response on the keeper: its client goes away after a few events,
+    // it is picked up through the other replica after the last one seen, and cancelled there;
+    // the resumed stream ends with the cancellation.
+    let streamed = client
+        .post(format!("{keeper_url}/responses"))
+        .json(
+            &json!({"model": "synthetic", "input": "A long story.", "max_output_tokens": 4000,
+                      "background": true, "stream": true}),
+        )
+        .send()
+        .await?;
+    assert_eq!(streamed.status(), 200);
+    let mut first = SseEvents::new(streamed);
+    let created = first.next().await?.context("response.created")?;
+    let streamed_id = created["response"]["id"]
+        .as_str()
+        .context("an id")?
+        .to_string();
+    while first.seen < 4 {
+        first.next().await?.context("the stream went on")?;
+    }
+    drop(first);
+    let resumed = client
+        .get(format!(
+            "{other_url}/responses/{streamed_id}?stream=true&starting_after=3"
+        ))
+        .send()
+        .await?;
+    assert_eq!(resumed.status(), 200);
+    let mut resumed = SseEvents::new(resumed);
+    let fifth = resumed.next().await?.context("the stream resumed")?;
+    assert_eq!(fifth["sequence_number"], 4, "{fifth}");
+    let cancelled: Value = client
+        .post(format!("{other_url}/responses/{streamed_id}/cancel"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    let mut last = fifth;
+    while let Some(event) = resumed.next().await? {
+        assert_eq!(
+            event["sequence_number"].as_u64(),
+            last["sequence_number"].as_u64().map(|n| n + 1),
+            "numbered in order: {event}"
+        );
+        last = event;
+    }
+    assert_eq!(last["type"], "response.cancelled", "{last}");
+    assert_eq!(last["response"]["output"], cancelled["output"]);
+    let past = last["sequence_number"].as_u64().context("a number")? + 5;
+    let (status, refused) = get(format!(
+        "{other_url}/responses/{streamed_id}?stream=true&starting_after={past}"
+    ))
+    .await?;
+    assert_eq!(status, 400, "{refused}");
+    assert_eq!(refused["error"]["param"], "starting_after", "{refused}");
+    let (status, refused) = get(format!("{other_url}/responses/{id}?stream=true")).await?;
+    assert_eq!(
+        status, 400,
+        "a response not streamed in the background: {refused}"
+    );
+    assert_eq!(refused["error"]["param"], "stream", "{refused}");
+
     // Deleted through the other replica: gone on its keeper too.
     let deleted = client
         .delete(format!("{other_url}/responses/{id}"))
@@ -952,6 +1016,43 @@ async fn client_disconnect_cancels_the_generation() -> anyhow::Result<()> {
     let body: Value = response.json().await?;
     assert_eq!(body["choices"][0]["message"]["content"], "quick one quick");
     Ok(())
+}
+
+/// The events of a Responses API stream (`event:` and `data:` lines), one JSON `data` at a
+/// time, as they arrive.
+struct SseEvents {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffered: String,
+    /// How many have been read.
+    seen: usize,
+}
+
+impl SseEvents {
+    fn new(response: reqwest::Response) -> Self {
+        Self {
+            body: Box::pin(response.bytes_stream()),
+            buffered: String::new(),
+            seen: 0,
+        }
+    }
+
+    /// The next event's data; `None` once the stream has ended.
+    async fn next(&mut self) -> anyhow::Result<Option<Value>> {
+        loop {
+            if let Some(end) = self.buffered.find("\n\n") {
+                let event: String = self.buffered.drain(..end + 2).collect();
+                let Some(data) = event.lines().find_map(|l| l.strip_prefix("data: ")) else {
+                    continue; // a comment
+                };
+                self.seen += 1;
+                return Ok(Some(serde_json::from_str(data)?));
+            }
+            match tokio::time::timeout(Duration::from_secs(30), self.body.next()).await? {
+                Some(chunk) => self.buffered.push_str(std::str::from_utf8(&chunk?)?),
+                None => return Ok(None),
+            }
+        }
+    }
 }
 
 /// A raw `Worker.Serve` stream to one worker, as a router holds it.

@@ -292,6 +292,9 @@ mod tests {
         ));
         let refused = store.cancel(&completed, None).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
-        assert!(refused.message().contains("has ended (completed)"), "{refused:?}");
+        assert!(
+            refused.message().contains("has ended (completed)"),
+            "{refused:?}"
+        );
     }
 }

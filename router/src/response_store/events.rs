@@ -148,17 +148,22 @@ impl EventLog {
                 last: (written.count as u64).saturating_sub(1),
             });
         }
-        let next = after.map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX).saturating_add(1));
+        let next = after.map_or(0, |n| {
+            usize::try_from(n).unwrap_or(usize::MAX).saturating_add(1)
+        });
         let follower = Follower {
             log: self.clone(),
             written: self.written.subscribe(),
             next,
             ready: std::collections::VecDeque::new(),
         };
-        Ok(futures::stream::unfold(follower, |mut follower| async move {
-            let event = follower.next().await?;
-            Some((event, follower))
-        }))
+        Ok(futures::stream::unfold(
+            follower,
+            |mut follower| async move {
+                let event = follower.next().await?;
+                Some((event, follower))
+            },
+        ))
     }
 }
 

@@ -31,8 +31,8 @@ use super::handlers::{self, RESPONSES_ROUTE};
 use super::wire;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
-use crate::response_store::events::{EventLog, LogWriter};
 use crate::response_store::background::Describe;
+use crate::response_store::events::{EventLog, LogWriter};
 use crate::response_store::{ResponseStore, StoredMessage};
 use object::{Lifecycle, Snapshot};
 use output::{Event, Output, Status};
@@ -407,7 +407,11 @@ fn streamed_in_background(
     let store = keep.store.clone();
     let log = store.event_log();
     keep.events = Some(log.clone());
-    let (id, tenant, input_items) = (keep.id.clone(), keep.tenant.clone(), keep.input_items.clone());
+    let (id, tenant, input_items) = (
+        keep.id.clone(),
+        keep.tenant.clone(),
+        keep.input_items.clone(),
+    );
     let mut events = Events::new(snapshot, first, frames, Some(keep), add_to);
     events.keep_failed = true;
     let run = store.begin_run(
@@ -444,7 +448,9 @@ fn streamed_in_background(
         // writer ends the followers.
         drop(events);
     });
-    let follow = log.follow(None).expect("a new log is followed from its start");
+    let follow = log
+        .follow(None)
+        .expect("a new log is followed from its start");
     crate::openai::stream::event_stream(follow)
 }
 
@@ -592,7 +598,11 @@ impl Events {
             kind,
             fields: format!("{{\"response\":{response}}}"),
         });
-        if let Some(keep) = self.keep.take().filter(|_| error.is_none() || self.keep_failed) {
+        if let Some(keep) = self
+            .keep
+            .take()
+            .filter(|_| error.is_none() || self.keep_failed)
+        {
             keep.finish(response.clone(), &self.output());
         }
         self.ended = Some(response);
@@ -798,14 +808,22 @@ mod tests {
         // A generation that goes on until it is dropped.
         let (more, generation) = futures::channel::mpsc::unbounded();
         let endless: ChoiceFrames = Box::pin(generation);
-        let response =
-            streamed_in_background(snapshot, tokens("Hel", vec![]), endless, keep(&store, &id), None);
+        let response = streamed_in_background(
+            snapshot,
+            tokens("Hel", vec![]),
+            endless,
+            keep(&store, &id),
+            None,
+        );
         let mut body = response.into_body().into_data_stream();
         use futures::StreamExt as _;
         let opened = body.next().await.expect("the first event").expect("bytes");
         assert!(opened.starts_with(b"event: response.created"));
         let cancelled = store.cancel(&id, None).await.expect("cancelled");
-        assert!(cancelled.contains("\"status\":\"cancelled\""), "{cancelled}");
+        assert!(
+            cancelled.contains("\"status\":\"cancelled\""),
+            "{cancelled}"
+        );
         let mut rest = Vec::new();
         while let Some(event) = body.next().await {
             rest.extend_from_slice(&event.expect("bytes"));

@@ -324,13 +324,11 @@ impl ResponsesRequest {
     /// are accepted, as SDKs send them.
     fn refuse_what_is_not_done(&self) -> Result<(), ApiError> {
         let set = |value: &Option<Value>| value.as_ref().is_some_and(|v| !v.is_null());
-        if self.background == Some(true) {
-            if self.store == Some(false) {
-                return Err(ApiError::invalid(
-                    "store",
-                    "must be true for a background response: it is stored to be polled",
-                ));
-            }
+        if self.background == Some(true) && self.store == Some(false) {
+            return Err(ApiError::invalid(
+                "store",
+                "must be true for a background response: it is stored to be polled",
+            ));
         }
         if set(&self.prompt) {
             return Err(ApiError::invalid(

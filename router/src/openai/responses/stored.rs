@@ -18,9 +18,7 @@ use super::super::error::ApiError;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 use crate::openai::stream::event_stream;
-use crate::response_store::{
-    Lookup, StoredMessage, StoredResponse, conversation, events, peers,
-};
+use crate::response_store::{Lookup, StoredMessage, StoredResponse, conversation, events, peers};
 use futures::StreamExt as _;
 
 /// The stored-response routes.
@@ -146,9 +144,15 @@ pub async fn get(
         Err(error) => return error.into_response(),
     };
     if let Some(starting_after) = asked {
-        return follow(&dispatcher, &id, tenant_of(&tenant), starting_after, &headers)
-            .await
-            .unwrap_or_else(|error| error.into_response());
+        return follow(
+            &dispatcher,
+            &id,
+            tenant_of(&tenant),
+            starting_after,
+            &headers,
+        )
+        .await
+        .unwrap_or_else(|error| error.into_response());
     }
     match find(&dispatcher, &id, tenant_of(&tenant), &headers).await {
         Ok(Some(response)) => super::json_response(response.object.clone()),
