@@ -800,6 +800,24 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
         || mirror_state_is(&staying_metrics, "mirrored"),
     )
     .await?;
+    // A background response running there when it is killed: the standby is sent it as it
+    // would stand cut off, and answers that after the kill instead of "not found".
+    let dying_url = format!("http://{}/v1", dying.addr("http"));
+    let (status, running) = create_response(
+        &client,
+        dying_url,
+        json!({"model": "synthetic", "input": "A long story.", "max_output_tokens": 4000,
+               "background": true}),
+    )
+    .await?;
+    assert_eq!(status, 200, "{running}");
+    let running_id = running["id"].as_str().context("an id")?.to_string();
+    wait_until(
+        Duration::from_secs(20),
+        "the standby to hold the running response too",
+        || standby_responses_are(&staying_metrics, 3.0),
+    )
+    .await?;
 
     dying.kill().await?;
 
@@ -813,6 +831,19 @@ async fn a_killed_routers_stored_responses_are_answered_by_its_standby() -> anyh
     .await?;
     let read: Value = client.get(&read_url).send().await?.json().await?;
     assert_eq!(read["output"], second["output"]);
+    let cut_off: Value = client
+        .get(format!("{staying}/responses/{running_id}"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(cut_off["status"], "failed", "{cut_off}");
+    assert!(
+        cut_off["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped before it ended")),
+        "{cut_off}"
+    );
     let items: Value = client
         .get(format!("{staying}/responses/{first_id}/input_items"))
         .send()

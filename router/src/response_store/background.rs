@@ -9,20 +9,21 @@
 //! event it saw.
 //!
 //! A run lives on the replica that placed it; the others reach it as they reach a stored
-//! response (the id names the replica). A replica killed mid-run loses the run: its standby
-//! copy knows only responses that have ended.
+//! response (the id names the replica). A replica killed mid-run loses the run, but not
+//! silently: its mirror sends the standby, as the run starts, the response as it would stand
+//! were the run cut off (`failed`, saying why), which the response as it ends replaces. A
+//! standby that takes over answers that.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::value::RawValue;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
 use super::events::EventLog;
-use super::{Lookup, ResponseStore, StoredResponse};
+use super::{Lookup, MirrorEvent, ResponseStore, StoredResponse};
 
 /// Longest a cancel waits for the run to store how it ended.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
@@ -32,8 +33,9 @@ pub type Describe = Box<dyn Fn() -> String + Send + Sync>;
 
 /// A background response while it runs.
 pub struct Running {
-    tenant: Option<String>,
-    input_items: Vec<Box<RawValue>>,
+    /// The response as it would stand were the run cut off: what the mirror's standby holds
+    /// until the run ends.
+    interrupted: Arc<StoredResponse>,
     describe: Describe,
     cancel: CancellationToken,
     /// The stored object once it has ended.
@@ -79,26 +81,30 @@ impl RunHandle {
         runs.remove(&self.id);
         store.runs.count(&runs);
         drop(runs);
+        if !store.holds(&self.id) {
+            // Not stored after all (larger than the store): the standby drops what it holds.
+            store.ledger.tell(MirrorEvent::Forgotten(self.id.clone()));
+        }
         self.ended.send_replace(Some(object));
     }
 }
 
 impl ResponseStore {
-    /// Registers background response `id` of `tenant`, whose object `describe` tells and
-    /// whose stream (if it streams) `events` keeps.
+    /// Registers a background response, whose object as it runs `describe` tells, whose
+    /// stream (if it streams) `events` keeps, and that `interrupted` stands for were the run
+    /// cut off (the mirror's standby is sent it now).
     pub fn begin_run(
         &self,
-        id: String,
-        tenant: Option<String>,
-        input_items: Vec<Box<RawValue>>,
+        interrupted: StoredResponse,
         describe: Describe,
         events: Option<Arc<EventLog>>,
     ) -> RunHandle {
         let cancel = CancellationToken::new();
         let (ended_tx, ended) = watch::channel(None);
+        let id = interrupted.id.clone();
+        let interrupted = Arc::new(interrupted);
         let running = Running {
-            tenant,
-            input_items,
+            interrupted: interrupted.clone(),
             describe,
             cancel: cancel.clone(),
             ended,
@@ -108,6 +114,7 @@ impl ResponseStore {
         runs.insert(id.clone(), Arc::new(running));
         self.runs.count(&runs);
         drop(runs);
+        self.ledger.tell(MirrorEvent::Kept(interrupted));
         RunHandle {
             cancel,
             id,
@@ -132,8 +139,24 @@ impl ResponseStore {
             .lock()
             .expect("runs lock")
             .get(id)
-            .filter(|run| run.tenant.as_deref() == tenant)
+            .filter(|run| run.interrupted.tenant.as_deref() == tenant)
             .cloned()
+    }
+
+    /// What the runs going on would be were they cut off, but those `stored` already (for a
+    /// mirror starting: it is sent these after what is stored).
+    pub(super) fn interrupted_runs(
+        &self,
+        stored: impl Fn(&str) -> bool,
+    ) -> Vec<Arc<StoredResponse>> {
+        self.runs
+            .by_id
+            .lock()
+            .expect("runs lock")
+            .values()
+            .filter(|run| !stored(&run.interrupted.id))
+            .map(|run| run.interrupted.clone())
+            .collect()
     }
 
     /// Background response `id` while it runs, as a response not stored (`running`).
@@ -145,9 +168,9 @@ impl ResponseStore {
         let run = self.run(id, tenant)?;
         let mut response = self.response(
             id.to_string(),
-            run.tenant.clone(),
+            run.interrupted.tenant.clone(),
             (run.describe)(),
-            run.input_items.clone(),
+            run.interrupted.input_items.clone(),
             Vec::new(),
         );
         response.running = true;
@@ -221,10 +244,15 @@ mod tests {
     async fn a_run_is_read_while_it_runs_and_cancelled_into_what_it_stored() {
         let store = store();
         let id = store.new_id();
-        let handle = store.begin_run(
+        let interrupted = store.response(
             id.clone(),
             Some("acme".into()),
+            r#"{"status":"failed","background":true}"#.into(),
             Vec::new(),
+            Vec::new(),
+        );
+        let handle = store.begin_run(
+            interrupted,
             Box::new(|| r#"{"status":"in_progress","background":true}"#.into()),
             None,
         );
@@ -263,6 +291,53 @@ mod tests {
             store.cancel(&id, Some("acme")).await.expect("stored"),
             cancelled
         );
+    }
+
+    /// The object of a `Kept` a mirror was told of.
+    fn kept_object(event: MirrorEvent) -> String {
+        match event {
+            MirrorEvent::Kept(response) => response.object.clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_mirror_holds_a_run_as_cut_off_until_it_ends() {
+        let store = store();
+        let begin = |id: &str| {
+            store.begin_run(
+                store.response(id.into(), None, "cut off".into(), Vec::new(), Vec::new()),
+                Box::new(|| "running".into()),
+                None,
+            )
+        };
+        let before = store.new_id();
+        let first = begin(&before);
+        // A mirror starting now is sent the run as cut off, after what is stored...
+        let mut mirror = store.begin_mirror(16);
+        let sent: Vec<_> = mirror.kept.iter().map(|r| r.object.as_str()).collect();
+        assert_eq!(sent, ["cut off"]);
+        // ...and one running already is told of a run as it starts...
+        let after = store.new_id();
+        let second = begin(&after);
+        assert_eq!(
+            kept_object(mirror.events.try_recv().expect("told")),
+            "cut off"
+        );
+        // ...then of the response as it ended, which replaces it.
+        store.insert(store.response(before.clone(), None, "ended".into(), Vec::new(), Vec::new()));
+        first.ended(&store, "ended".into());
+        assert_eq!(
+            kept_object(mirror.events.try_recv().expect("told")),
+            "ended"
+        );
+        // A run whose response was not stored after all is forgotten by the mirror.
+        second.ended(&store, "too large".into());
+        match mirror.events.try_recv().expect("told") {
+            MirrorEvent::Forgotten(id) => assert_eq!(id, after),
+            other => panic!("{other:?}"),
+        }
+        assert!(mirror.events.try_recv().is_err());
     }
 
     #[tokio::test]

@@ -502,6 +502,12 @@ impl ResponseStore {
         }
     }
 
+    /// Whether response `id` is stored here (whoever made it).
+    fn holds(&self, id: &str) -> bool {
+        let inner = self.inner.lock().expect("response store lock");
+        inner.by_id.contains_key(id)
+    }
+
     /// Deletes the response `id` if `tenant` may; whether it was here.
     pub fn delete(&self, id: &str, tenant: Option<&str>) -> bool {
         id.starts_with(ID_PREFIX) && self.delete_kept(id, tenant)
@@ -555,6 +561,7 @@ impl ResponseStore {
                 .order
                 .iter()
                 .filter_map(|(_, id)| inner.by_id.get(id).cloned())
+                .chain(self.interrupted_runs(|id| inner.by_id.contains_key(id)))
                 .collect(),
             conversations: inner.conversations_by_age(),
             events,
@@ -578,7 +585,8 @@ pub struct MirrorStart {
     /// Names this mirror: a message counts as sent to it once marked with it.
     pub epoch: u64,
     pub tags: Vec<String>,
-    /// What the store kept when the mirror began, oldest first.
+    /// What the store kept when the mirror began, oldest first, then the background
+    /// responses running as they would stand were they cut off.
     pub kept: Vec<Arc<StoredResponse>>,
     pub conversations: Vec<Arc<StoredConversation>>,
     pub events: mpsc::Receiver<MirrorEvent>,

@@ -189,6 +189,26 @@ struct Keep {
 }
 
 impl Keep {
+    /// The background response `snapshot` as it would stand were its run cut off with its
+    /// router: failed, nothing written, saying why (what the router's standby holds while
+    /// it runs).
+    fn interrupted(&self, snapshot: &Snapshot) -> crate::response_store::StoredResponse {
+        let error = ApiError::from_code(
+            tonic::Code::Unavailable,
+            "the router replica running this background response stopped before it ended, \
+             and what it had written went with it: run it again",
+        );
+        let object =
+            serialized(&snapshot.object("failed", &Output::new(false), None, Some(&error)));
+        self.store.response(
+            self.id.clone(),
+            self.tenant.clone(),
+            object,
+            self.input_items.clone(),
+            self.conversation.clone(),
+        )
+    }
+
     /// Stores the finished response (`object`, its JSON) with its `output`.
     fn finish(mut self, object: String, output: &Output) {
         self.conversation
@@ -346,13 +366,7 @@ fn in_background(
     let describe = describe_running(&snapshot, &output);
     let started = describe();
     let store = keep.store.clone();
-    let run = store.begin_run(
-        keep.id.clone(),
-        keep.tenant.clone(),
-        keep.input_items.clone(),
-        describe,
-        None,
-    );
+    let run = store.begin_run(keep.interrupted(&snapshot), describe, None);
     tokio::spawn(async move {
         let ended = tokio::select! {
             ended = collect(&mut frames, &output) => Some(ended),
@@ -407,17 +421,11 @@ fn streamed_in_background(
     let store = keep.store.clone();
     let log = store.event_log();
     keep.events = Some(log.clone());
-    let (id, tenant, input_items) = (
-        keep.id.clone(),
-        keep.tenant.clone(),
-        keep.input_items.clone(),
-    );
+    let interrupted = keep.interrupted(&snapshot);
     let mut events = Events::new(snapshot, first, frames, Some(keep), add_to);
     events.keep_failed = true;
     let run = store.begin_run(
-        id,
-        tenant,
-        input_items,
+        interrupted,
         describe_running(&events.snapshot, &events.output),
         Some(log.clone()),
     );
