@@ -1,8 +1,8 @@
 //! `switchyard-bench doors`: what each HTTP door costs, side by side on one router — the same
 //! streamed generations asked for as a chat completion (`/v1/chat/completions`), as a response
 //! (`/v1/responses`, whose stream sends typed events with the whole response object at each
-//! end; stored, as by default, and with `store: false`) and as an Anthropic message
-//! (`/v1/messages`).
+//! end; stored, as by default, with `store: false`, and in the background, whose events the
+//! router keeps for a client to resume from) and as an Anthropic message (`/v1/messages`).
 //!
 //! One worker serving the unpaced synthetic engine and one router with its HTTP door run in
 //! this process on loopback ports. Each round runs every door once, the door that starts
@@ -51,6 +51,8 @@ enum Door {
     Responses,
     /// `store: false`: the door without keeping the response.
     ResponsesUnstored,
+    /// `background: true`: the run keeps its events and the client follows them.
+    ResponsesBackground,
     Messages,
 }
 
@@ -60,6 +62,7 @@ impl Door {
             Door::Chat => "chat",
             Door::Responses => "responses",
             Door::ResponsesUnstored => "unstored",
+            Door::ResponsesBackground => "background",
             Door::Messages => "messages",
         }
     }
@@ -67,7 +70,9 @@ impl Door {
     fn path(self) -> &'static str {
         match self {
             Door::Chat => "/v1/chat/completions",
-            Door::Responses | Door::ResponsesUnstored => "/v1/responses",
+            Door::Responses | Door::ResponsesUnstored | Door::ResponsesBackground => {
+                "/v1/responses"
+            }
             Door::Messages => "/v1/messages",
         }
     }
@@ -86,6 +91,10 @@ impl Door {
             Door::ResponsesUnstored => json!({
                 "model": MODEL, "stream": true, "max_output_tokens": max_tokens,
                 "input": question, "store": false,
+            }),
+            Door::ResponsesBackground => json!({
+                "model": MODEL, "stream": true, "max_output_tokens": max_tokens,
+                "input": question, "background": true,
             }),
             Door::Messages => json!({
                 "model": MODEL, "stream": true, "max_tokens": max_tokens,
@@ -138,7 +147,9 @@ async fn one(
                 .with_context(|| format!("event is not JSON: {}", event.data))?;
             let text = match door {
                 Door::Chat => data["choices"][0]["delta"]["content"].as_str(),
-                Door::Responses | Door::ResponsesUnstored => data["delta"].as_str(),
+                Door::Responses | Door::ResponsesUnstored | Door::ResponsesBackground => {
+                    data["delta"].as_str()
+                }
                 Door::Messages => data["delta"]["text"].as_str(),
             };
             if text.is_some_and(|t| !t.is_empty()) {
@@ -146,14 +157,17 @@ async fn one(
             }
             match (door, data["type"].as_str()) {
                 (
-                    Door::Responses | Door::ResponsesUnstored,
+                    Door::Responses | Door::ResponsesUnstored | Door::ResponsesBackground,
                     Some("response.completed" | "response.incomplete"),
                 )
                 | (Door::Messages, Some("message_stop")) => {
                     ended = true;
                     break 'read;
                 }
-                (Door::Responses | Door::ResponsesUnstored, Some("response.failed"))
+                (
+                    Door::Responses | Door::ResponsesUnstored | Door::ResponsesBackground,
+                    Some("response.failed"),
+                )
                 | (Door::Messages, Some("error")) => {
                     bail!("the {} stream failed: {data}", door.name())
                 }
@@ -251,6 +265,7 @@ pub async fn run(args: DoorsArgs) -> anyhow::Result<()> {
         Door::Chat,
         Door::Responses,
         Door::ResponsesUnstored,
+        Door::ResponsesBackground,
         Door::Messages,
     ];
     let mut totals: Vec<Totals> = doors.iter().map(|_| Totals::default()).collect();
