@@ -89,6 +89,37 @@ fn items_to_add(items: Vec<Value>, field: &str) -> Result<Vec<String>, ApiError>
     )
 }
 
+/// Checks items a `StoredResponses.CallConversation` caller adds (JSON texts, each with the
+/// `id` it is kept under) as the HTTP door checks those it is sent: at most
+/// [`MAX_ADDED_ITEMS`], each an input item a response can run.
+pub fn check_added_items(items_json: &[String]) -> Result<(), ApiError> {
+    if items_json.len() > MAX_ADDED_ITEMS {
+        return Err(ApiError::invalid(
+            "items_json",
+            format!(
+                "has {} items, at most {MAX_ADDED_ITEMS} may be added at once",
+                items_json.len()
+            ),
+        ));
+    }
+    let items = items_json
+        .iter()
+        .enumerate()
+        .map(|(i, text)| match serde_json::from_str::<Value>(text) {
+            Ok(item) if item.get("id").is_some_and(Value::is_string) => Ok(item),
+            Ok(_) => Err(ApiError::invalid(
+                format!("items_json[{i}].id"),
+                "is required: a string the item is kept under",
+            )),
+            Err(e) => Err(ApiError::invalid(
+                format!("items_json[{i}]"),
+                format!("is not JSON: {e}"),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    request::check_items(&items, "items_json")
+}
+
 /// An input item (JSON text) as a conversation lists it (see [`as_listed`]).
 pub(super) fn as_listed_text(item: &RawValue) -> String {
     match serde_json::from_str::<Value>(item.get()) {

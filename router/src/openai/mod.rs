@@ -45,6 +45,7 @@ use crate::metrics::RouterMetrics;
 use crate::report::Reporter;
 use crate::report::answers::Answer;
 
+pub use conversations::check_added_items;
 pub use cors::CorsOrigins;
 pub use error::ApiError;
 

@@ -100,8 +100,60 @@ impl v1::stored_responses_server::StoredResponses for StoredResponsesService {
         request: Request<v1::ConversationCall>,
     ) -> Result<Response<v1::ConversationAnswer>, Status> {
         let tenant = tenant_of(&request);
+        let call = request.into_inner();
+        // Items are checked where they are kept, whoever sends them: a gRPC client as the HTTP
+        // door is, and another replica relaying what its door checked.
+        if let Some(v1::conversation_call::Call::AddItems(added)) = &call.call {
+            crate::openai::check_added_items(&added.items_json)
+                .map_err(|e| Status::invalid_argument(e.message))?;
+        }
         // Only what this replica keeps: a replica never asks on another's behalf.
-        let body_json = conversation::answer(&self.store, tenant.as_deref(), request.into_inner())?;
+        let body_json = conversation::answer(&self.store, tenant.as_deref(), call)?;
         Ok(Response::new(v1::ConversationAnswer { body_json }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::response_store::StoreLimits;
+    use v1::stored_responses_server::StoredResponses as _;
+
+    #[tokio::test]
+    async fn items_a_grpc_caller_adds_are_checked_as_the_http_doors_are() {
+        let store = Arc::new(ResponseStore::new(StoreLimits::default()));
+        let conversation = store.conversation(
+            store.new_conversation_id(),
+            None,
+            0,
+            serde_json::value::RawValue::from_string("{}".into()).expect("JSON"),
+            Vec::new(),
+        );
+        let id = conversation.id.clone();
+        assert!(store.put_conversation(conversation));
+        let service = StoredResponsesService::new(store);
+        let add = |items: &[&str]| {
+            Request::new(v1::ConversationCall {
+                conversation_id: id.clone(),
+                call: Some(v1::conversation_call::Call::AddItems(v1::AddedItems {
+                    items_json: items.iter().map(|i| i.to_string()).collect(),
+                })),
+            })
+        };
+        for (bad, why) in [
+            (r#"{"id":"msg_1","role":"wizard","content":"hi"}"#, "role"),
+            (r#"{"id":"msg_1","type":"item_reference"}"#, "type"),
+            (r#"{"role":"user","content":"hi"}"#, "items_json[0].id"),
+            ("not json", "is not JSON"),
+        ] {
+            let refused = service.call_conversation(add(&[bad])).await.unwrap_err();
+            assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(refused.message().contains(why), "{bad}: {refused:?}");
+        }
+        let added = service
+            .call_conversation(add(&[r#"{"id":"msg_1","role":"user","content":"hi"}"#]))
+            .await
+            .expect("a good item is added");
+        assert!(added.into_inner().body_json.contains("msg_1"));
     }
 }
