@@ -295,9 +295,14 @@ def a_background_stream_is_picked_up_where_it_broke():
     assert ended.type in ("response.completed", "response.incomplete"), ended
     streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert streamed and streamed == ended.response.output_text, (streamed, ended.response)
-    # The whole stream again from its start, and the stored response the same.
-    again = [event.sequence_number for event in client.responses.retrieve(response_id, stream=True)]
-    assert again == numbers, again
+    # The whole stream again from its start, through the SDK's own stream accumulator (which
+    # checks every event's order and identity), and the stored response the same.
+    with client.responses.stream(response_id=response_id) as again:
+        replayed = [event.sequence_number for event in again]
+        # The accumulator's final response is one that completed (not one cut at the bound).
+        if ended.type == "response.completed":
+            assert again.get_final_response().output_text == streamed
+    assert replayed == numbers, replayed
     kept = client.responses.retrieve(response_id)
     assert (kept.status, kept.output_text) == (ended.response.status, streamed), kept
     try:
