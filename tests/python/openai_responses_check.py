@@ -7,7 +7,8 @@ responses (retrieved, their input items listed, deleted, and gone on from with
 sent back as input items or after the stored call and answered, a JSON schema answer, and
 refusals that name their field; background responses polled until they end, one
 cancelled midway, and one streamed whose client goes away and picks the stream up again
-(`retrieve(stream=True, starting_after=N)`).
+(`retrieve(stream=True, starting_after=N)`); item references to stored responses' and
+conversations' items, and a function call referred to by its id.
 
 Usage: openai_responses_check.py BASE_URL MODEL [text-only]
 With `text-only` (a load-test engine, which refuses tools and schemas) only the text checks
@@ -317,6 +318,53 @@ def a_background_stream_is_picked_up_where_it_broke():
         assert "cannot be cancelled" in error.body["message"], error.body
 
 
+def item_references_bring_stored_items():
+    first = client.responses.create(model=MODEL, input="Remember the word kiwi.", max_output_tokens=8)
+    (asked,) = client.responses.input_items.list(first.id).data
+    said = first.output[0]
+    referred = client.responses.create(
+        model=MODEL,
+        input=[
+            {"type": "item_reference", "id": asked.id},
+            {"type": "item_reference", "id": said.id},
+            {"role": "user", "content": "Which word?"},
+        ],
+        max_output_tokens=4,
+    )
+    inline = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "Remember the word kiwi."},
+            {"role": "assistant", "content": first.output_text},
+            {"role": "user", "content": "Which word?"},
+        ],
+        max_output_tokens=4,
+        store=False,
+    )
+    # The model read the referenced items as if they had been sent.
+    assert referred.usage.input_tokens == inline.usage.input_tokens, (referred.usage, inline.usage)
+    listed = [item.id for item in client.responses.input_items.list(referred.id, order="asc").data]
+    assert listed[:2] == [asked.id, said.id], listed
+    # An item of a stored conversation too.
+    conversation = client.conversations.create(items=[{"role": "user", "content": "Hi there."}])
+    (kept,) = client.conversations.items.list(conversation.id).data
+    from_conversation = client.responses.create(
+        model=MODEL, input=[{"type": "item_reference", "id": kept.id}], max_output_tokens=2
+    )
+    alone = client.responses.create(model=MODEL, input="Hi there.", max_output_tokens=2, store=False)
+    assert from_conversation.usage.input_tokens == alone.usage.input_tokens, from_conversation
+    # An id naming nothing kept is a 404 naming the reference.
+    unsaved = client.responses.create(model=MODEL, input="Hi", max_output_tokens=2, store=False)
+    for unknown in (unsaved.output[0].id, "msg_mine"):
+        try:
+            client.responses.create(
+                model=MODEL, input=[{"type": "item_reference", "id": unknown}], max_output_tokens=2
+            )
+            raise AssertionError(f"a reference to {unknown} was resolved")
+        except openai.NotFoundError as error:
+            assert error.body["param"] == "input[0].id", error.body
+
+
 def a_missing_input_is_a_400_naming_it():
     try:
         client.responses.create(model=MODEL, input=[])
@@ -384,6 +432,37 @@ def a_stored_call_answered_with_its_result_only():
     assert all(item.type == "message" for item in second.output), second.output
 
 
+def a_call_referenced_answered_with_its_result():
+    """A stateless agent loop that refers to the model's call by its id instead of sending it
+    back whole."""
+    first = client.responses.create(
+        model=MODEL,
+        input="What is the weather like in Oslo?",
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_output_tokens=64,
+    )
+    (call,) = [item for item in first.output if item.type == "function_call"]
+    second = client.responses.create(
+        model=MODEL,
+        input=[
+            {"role": "user", "content": "What is the weather like in Oslo?"},
+            {"type": "item_reference", "id": call.id},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Snow, -3 C"},
+        ],
+        tools=[WEATHER],
+        tool_choice="none",
+        max_output_tokens=48,
+    )
+    assert second.output_text.strip(), second
+    (listed,) = [
+        item for item in client.responses.input_items.list(second.id).data
+        if item.type == "function_call"
+    ]
+    assert (listed.id, listed.arguments) == (call.id, call.arguments), listed
+
+
 def a_streamed_call_matches_its_events():
     with client.responses.stream(
         model=MODEL,
@@ -444,12 +523,14 @@ CHECKS = [
     a_background_response_is_polled_until_it_ends,
     a_background_response_is_cancelled_midway,
     a_background_stream_is_picked_up_where_it_broke,
+    item_references_bring_stored_items,
     a_missing_input_is_a_400_naming_it,
 ]
 if not TEXT_ONLY:
     CHECKS += [
         a_function_call_then_its_result_answered,
         a_stored_call_answered_with_its_result_only,
+        a_call_referenced_answered_with_its_result,
         a_streamed_call_matches_its_events,
         a_json_schema_answer,
         a_bad_tool_is_a_400_naming_it,

@@ -71,7 +71,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     )
     .await?;
     assert!(
-        out.contains("openai-responses: 14 passed, 0 failed"),
+        out.contains("openai-responses: 15 passed, 0 failed"),
         "{out}"
     );
     // The Conversations API, and responses going on from its conversations.
@@ -454,6 +454,34 @@ async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() 
         tokens(&second, "input_tokens")
             >= tokens(&alone, "input_tokens") + tokens(&first, "output_tokens"),
         "the second turn read the first: {second} vs {alone}"
+    );
+    // An item of the keeper's response, referred to on the other replica: read as if sent.
+    let said = first["output"][0]["id"]
+        .as_str()
+        .context("an output item id")?;
+    let (status, referred) = create(
+        other_url.clone(),
+        json!({
+            "model": "synthetic", "max_output_tokens": 2, "store": false,
+            "input": [{"type": "item_reference", "id": said}, {"role": "user", "content": "Hi"}],
+        }),
+    )
+    .await?;
+    assert_eq!(status, 200, "{referred}");
+    let said_text = first["output"][0]["content"][0]["text"].clone();
+    let (_, inline) = create(
+        other_url.clone(),
+        json!({
+            "model": "synthetic", "max_output_tokens": 2, "store": false,
+            "input": [{"role": "assistant", "content": said_text},
+                      {"role": "user", "content": "Hi"}],
+        }),
+    )
+    .await?;
+    assert_eq!(
+        tokens(&referred, "input_tokens"),
+        tokens(&inline, "input_tokens"),
+        "{referred} vs {inline}"
     );
     // Stored by the replica that answered it, and readable from the first.
     let second_id = second["id"].as_str().context("an id")?;

@@ -1273,7 +1273,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     )
     .await?;
     assert!(
-        straight.contains("openai-responses: 19 passed, 0 failed"),
+        straight.contains("openai-responses: 21 passed, 0 failed"),
         "{straight}"
     );
     let conversations = concat!(
@@ -1343,7 +1343,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     )
     .await?;
     assert!(
-        through.contains("openai-responses: 19 passed, 0 failed"),
+        through.contains("openai-responses: 21 passed, 0 failed"),
         "{through}"
     );
     let through = switchyard_tests::program_output(

@@ -69,8 +69,9 @@ fn body_of<T: serde::de::DeserializeOwned + Default>(
     wire::typed(&wire::json_object(&body)?)
 }
 
-/// Checked items to add (`field`: how the request names them), as stored JSON with ids.
-fn items_to_add(items: Vec<Value>, field: &str) -> Result<Vec<String>, ApiError> {
+/// Checked items to add to conversation `holder` (`field`: how the request names them), as
+/// stored JSON with ids (new ones naming `holder`).
+fn items_to_add(items: Vec<Value>, field: &str, holder: &str) -> Result<Vec<String>, ApiError> {
     if items.len() > MAX_ADDED_ITEMS {
         return Err(ApiError::invalid(
             field,
@@ -82,7 +83,7 @@ fn items_to_add(items: Vec<Value>, field: &str) -> Result<Vec<String>, ApiError>
     }
     request::check_items(&items, field)?;
     Ok(
-        request::with_ids(items.into_iter().map(as_listed).collect())
+        request::with_ids(items.into_iter().map(as_listed).collect(), Some(holder))
             .into_iter()
             .map(|item| item.get().to_string())
             .collect(),
@@ -231,7 +232,8 @@ fn make(
         ));
     }
     let metadata = metadata_json(body.metadata)?;
-    let items = items_to_add(body.items.unwrap_or_default(), "items")?;
+    let id = store.new_conversation_id();
+    let items = items_to_add(body.items.unwrap_or_default(), "items", &id)?;
     let items = items
         .into_iter()
         .map(|text| {
@@ -240,13 +242,7 @@ fn make(
             store.item(id, json)
         })
         .collect();
-    let made = store.conversation(
-        store.new_conversation_id(),
-        tenant,
-        handlers::unix_now(),
-        metadata,
-        items,
-    );
+    let made = store.conversation(id, tenant, handlers::unix_now(), metadata, items);
     let object = made.object();
     if !store.put_conversation(made) {
         return Err(ApiError::invalid(
@@ -349,7 +345,7 @@ pub async fn add_items(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let items = body_of::<ItemsBody>(body, false).and_then(|body| match body.items {
-        Some(items) if !items.is_empty() => items_to_add(items, "items"),
+        Some(items) if !items.is_empty() => items_to_add(items, "items", &id),
         _ => Err(ApiError::invalid("items", "must list at least one item")),
     });
     match items {

@@ -22,6 +22,7 @@ pub mod background;
 pub mod conversation;
 pub mod events;
 pub mod handover;
+pub mod item_ids;
 pub mod mirror;
 pub mod peers;
 pub mod service;

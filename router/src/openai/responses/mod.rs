@@ -10,6 +10,7 @@
 
 mod object;
 mod output;
+mod references;
 pub(super) mod request;
 pub(super) mod stored;
 
@@ -62,8 +63,15 @@ async fn respond(
     if body.is_empty() {
         return Err(ApiError::bad_body("is empty; send a JSON object"));
     }
-    let request = parse_body(&body)?;
+    let mut request = parse_body(&body)?;
     let tenant_name = tenant.as_ref().map(|t| t.0.clone());
+    references::resolve(
+        request.input.as_mut(),
+        &dispatcher,
+        tenant_name.as_deref(),
+        &headers,
+    )
+    .await?;
     let store = &dispatcher.responses;
     let conversation = request.conversation_id()?;
     let (history, history_field) = match (request.previous_response_id()?, &conversation) {
@@ -80,7 +88,14 @@ async fn respond(
         }
         (None, None) => (Vec::new(), "previous_response_id"),
     };
-    let mut read = request.read(dispatcher.limits().max_tokens_cap, &history, history_field)?;
+    // The id it is stored under, if it is: its items' ids name it.
+    let stored_as = store.new_id();
+    let mut read = request.read(
+        dispatcher.limits().max_tokens_cap,
+        &history,
+        history_field,
+        Some(&stored_as),
+    )?;
     // What the response adds to its conversation: its input items now, its output at the end.
     let add_to = conversation.map(|id| AddTo {
         dispatcher: dispatcher.clone(),
@@ -113,7 +128,7 @@ async fn respond(
         conversation.extend(input.into_iter().map(|m| store.message(m)));
         Keep {
             store: store.clone(),
-            id: store.new_id(),
+            id: stored_as,
             tenant: tenant_name,
             conversation,
             input_items,
@@ -173,7 +188,7 @@ fn parse_body(body: &[u8]) -> Result<ResponsesRequest, ApiError> {
 /// `max_tokens` cap.
 #[cfg(test)]
 pub(super) fn read_body(body: &[u8], cap: u32) -> Result<request::Read, ApiError> {
-    parse_body(body)?.read(cap, &[], "previous_response_id")
+    parse_body(body)?.read(cap, &[], "previous_response_id", None)
 }
 
 /// What storing a response needs, until it has finished.
@@ -322,7 +337,7 @@ async fn whole(
     keep: Option<Keep>,
     add_to: Option<AddTo>,
 ) -> Result<Response, ApiError> {
-    let output = Mutex::new(Output::new(false));
+    let output = Mutex::new(Output::new(false).held_by(keep.as_ref().map(|k| k.id.as_str())));
     let finished = match collect(&mut frames, &output).await {
         Ended::Finished(finished) => finished,
         Ended::Failed(error) => return Err(snapshot.name_fields(error)),
@@ -362,7 +377,7 @@ fn in_background(
     add_to: Option<AddTo>,
 ) -> String {
     let snapshot = Arc::new(snapshot);
-    let output = Arc::new(Mutex::new(Output::new(false)));
+    let output = Arc::new(Mutex::new(Output::new(false).held_by(Some(&keep.id))));
     let describe = describe_running(&snapshot, &output);
     let started = describe();
     let store = keep.store.clone();
@@ -515,7 +530,9 @@ impl Events {
         let mut events = Events {
             snapshot: Arc::new(snapshot),
             frames,
-            output: Arc::new(Mutex::new(Output::new(true))),
+            output: Arc::new(Mutex::new(
+                Output::new(true).held_by(keep.as_ref().map(|k| k.id.as_str())),
+            )),
             sequence: 0,
             pending: VecDeque::new(),
             done: false,
@@ -681,7 +698,7 @@ mod tests {
             ],
         }))
         .expect("typed")
-        .read(64, &[], "previous_response_id")
+        .read(64, &[], "previous_response_id", None)
         .expect("read");
         Snapshot {
             id: "resp_1".into(),

@@ -176,6 +176,8 @@ pub struct Output {
     events: Vec<Event>,
     emit: bool,
     changes: Vec<Change>,
+    /// The stored response the items are kept with, whose id their ids carry.
+    holder: Option<String>,
 }
 
 impl Output {
@@ -185,6 +187,13 @@ impl Output {
             emit,
             ..Default::default()
         }
+    }
+
+    /// The output of stored response `holder` (`None`: not stored): its items' ids name it,
+    /// for an `item_reference` to find them.
+    pub fn held_by(mut self, holder: Option<&str>) -> Self {
+        self.holder = holder.map(str::to_string);
+        self
     }
 
     /// The events since the last call.
@@ -266,8 +275,10 @@ impl Output {
                     Body::Text(_) => "msg",
                     Body::Call { .. } => "fc",
                 };
-                self.ids
-                    .push(format!("{prefix}_{}", uuid::Uuid::new_v4().simple()));
+                self.ids.push(crate::response_store::item_ids::mint(
+                    prefix,
+                    self.holder.as_deref(),
+                ));
                 self.logprobs.push(Vec::new());
             }
             let mut added = 0..0;

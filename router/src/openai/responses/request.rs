@@ -6,11 +6,12 @@
 //! items and the client's `function_call_output` items), or goes on from a stored response
 //! (`previous_response_id`, see [`crate::response_store`]): that response's conversation,
 //! then `input`; or from a stored conversation (`conversation`): its items, then `input`.
-//! What needs server-side state Switchyard does not keep (item references) is refused by name.
+//! Item references are replaced by their items before the request is read (see
+//! `references`).
 
 use std::sync::Arc;
 
-use crate::response_store::StoredMessage;
+use crate::response_store::{StoredMessage, item_ids};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
@@ -170,12 +171,15 @@ impl ResponsesRequest {
     }
 
     /// Reads the request; `cap` is the router's `max_tokens` cap, `history` the conversation
-    /// it goes on from (named by `history_field`: `previous_response_id` or `conversation`).
+    /// it goes on from (named by `history_field`: `previous_response_id` or `conversation`),
+    /// `stored_as` the id the response is stored under if it is (its input items' ids name
+    /// it).
     pub fn read(
         self,
         cap: u32,
         history: &[Arc<StoredMessage>],
         history_field: &'static str,
+        stored_as: Option<&str>,
     ) -> Result<Read, ApiError> {
         self.refuse_what_is_not_done()?;
         let model = wire::required_model(self.model.clone())?;
@@ -198,7 +202,10 @@ impl ResponsesRequest {
         let turn = Turn {
             history: history.to_vec(),
             input: messages[input_start..].to_vec(),
-            input_items: input_items(self.input.as_ref()),
+            input_items: input_items(
+                self.input.as_ref(),
+                stored_as.filter(|_| self.store != Some(false)),
+            ),
         };
 
         let max_tokens = match self.max_output_tokens {
@@ -609,11 +616,13 @@ fn read_items(
             // The reasoning of the model that answered before, meaningful to that model only
             // (often encrypted for it); the models served here do not read it.
             "reasoning" => {}
+            // A request's own are resolved before it is read (see `references`); one left is
+            // where none is looked up: among a conversation's items.
             "item_reference" => {
                 return Err(ApiError::invalid(
                     format!("{field}.type"),
-                    "item references are not supported: send the item itself, or go on from \
-                     its response with previous_response_id",
+                    "an item reference is resolved in a response's input only: send the item \
+                     itself",
                 ));
             }
             other => {
@@ -669,7 +678,7 @@ const LOGPROBS_INCLUDE: &str = "message.output_text.logprobs";
 
 /// The input as the list of items a stored response lists (`input_items`), each with an id
 /// and as JSON text: a string input is one user message.
-fn input_items(input: Option<&Value>) -> Vec<Box<RawValue>> {
+fn input_items(input: Option<&Value>, holder: Option<&str>) -> Vec<Box<RawValue>> {
     let items = match input {
         Some(Value::String(text)) => vec![json!({
             "type": "message",
@@ -679,12 +688,13 @@ fn input_items(input: Option<&Value>) -> Vec<Box<RawValue>> {
         Some(Value::Array(items)) => items.clone(),
         _ => Vec::new(),
     };
-    with_ids(items)
+    with_ids(items, holder)
 }
 
-/// Items as stored, as JSON text: each with its `type` (a message when it names none) and an
-/// `id` (a new one when it has none).
-pub fn with_ids(items: Vec<Value>) -> Vec<Box<RawValue>> {
+/// Items as stored by `holder` (a response or conversation id), as JSON text: each with its
+/// `type` (a message when it names none) and an `id` (a new one, naming `holder`, when it has
+/// none).
+pub fn with_ids(items: Vec<Value>, holder: Option<&str>) -> Vec<Box<RawValue>> {
     items
         .into_iter()
         .map(|mut item| {
@@ -702,10 +712,7 @@ pub fn with_ids(items: Vec<Value>) -> Vec<Box<RawValue>> {
                     Some("reasoning") => "rs",
                     _ => "msg",
                 };
-                fields.insert(
-                    "id".into(),
-                    format!("{prefix}_{}", uuid::Uuid::new_v4().simple()).into(),
-                );
+                fields.insert("id".into(), item_ids::mint(prefix, holder).into());
             }
             serde_json::value::to_raw_value(&item).expect("a JSON value serializes")
         })
@@ -887,7 +894,7 @@ mod tests {
     fn read(body: Value) -> Result<Read, ApiError> {
         serde_json::from_value::<ResponsesRequest>(body)
             .expect("typed")
-            .read(4096, &[], "previous_response_id")
+            .read(4096, &[], "previous_response_id", None)
     }
 
     #[test]
@@ -938,7 +945,7 @@ mod tests {
             ],
         }))
         .expect("typed")
-        .read(4096, &history, "previous_response_id")
+        .read(4096, &history, "previous_response_id", None)
         .expect("read");
         let roles: Vec<_> = read
             .request
