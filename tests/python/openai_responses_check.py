@@ -408,18 +408,24 @@ def a_function_call_then_its_result_answered():
     assert all(item.type == "message" for item in second.output), second.output
 
 
-def a_stored_call_answered_with_its_result_only():
-    """The agent loop of the OpenAI Agents SDK: the next request sends the call's output
-    alone and names the response that made the call."""
+def one_weather_call(city):
+    """A stored response asking about `city`'s weather that calls the tool once, and the call."""
     first = client.responses.create(
         model=MODEL,
-        input="What is the weather like in Rome?",
+        input=f"What is the weather like in {city}?",
         tools=[WEATHER],
         tool_choice="required",
         parallel_tool_calls=False,
         max_output_tokens=64,
     )
     (call,) = [item for item in first.output if item.type == "function_call"]
+    return first, call
+
+
+def a_stored_call_answered_with_its_result_only():
+    """The agent loop of the OpenAI Agents SDK: the next request sends the call's output
+    alone and names the response that made the call."""
+    first, call = one_weather_call("Rome")
     second = client.responses.create(
         model=MODEL,
         previous_response_id=first.id,
@@ -435,15 +441,7 @@ def a_stored_call_answered_with_its_result_only():
 def a_call_referenced_answered_with_its_result():
     """A stateless agent loop that refers to the model's call by its id instead of sending it
     back whole."""
-    first = client.responses.create(
-        model=MODEL,
-        input="What is the weather like in Oslo?",
-        tools=[WEATHER],
-        tool_choice="required",
-        parallel_tool_calls=False,
-        max_output_tokens=64,
-    )
-    (call,) = [item for item in first.output if item.type == "function_call"]
+    _, call = one_weather_call("Oslo")
     second = client.responses.create(
         model=MODEL,
         input=[
