@@ -28,6 +28,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .codec_path("crate::codec::SwitchyardCodec")
         // A stream event is relayed as the router keeps it, without a copy.
         .bytes(".switchyard.v1.ResponseStreamEvent.sse")
+        .bytes(".switchyard.v1.HandedResponse.events")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -749,7 +749,7 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     let leaving_url = format!("http://{}/v1", leaving.addr("http"));
     let (status, running) = create_response(
         &client,
-        leaving_url,
+        leaving_url.clone(),
         json!({"model": "synthetic", "input": "Keep going.", "max_output_tokens": 150,
                "background": true}),
     )
@@ -759,6 +759,22 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
         (200, &json!("in_progress")),
         "{running}"
     );
+    // And a streamed one whose client went away after its first event: its events go along.
+    let streamed = client
+        .post(format!("{leaving_url}/responses"))
+        .json(
+            &json!({"model": "synthetic", "input": "Go on.", "max_output_tokens": 30,
+                      "background": true, "stream": true}),
+        )
+        .send()
+        .await?;
+    let mut events = SseEvents::new(streamed);
+    let created = events.next().await?.context("response.created")?;
+    let streamed_id = created["response"]["id"]
+        .as_str()
+        .context("an id")?
+        .to_string();
+    drop(events);
 
     leaving.terminate(Duration::from_secs(30)).await?;
 
@@ -783,6 +799,27 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     let ran: Value = ran.json().await?;
     assert_eq!(ran["status"], "incomplete", "ran to its bound: {ran}");
     assert_eq!(ran["usage"]["output_tokens"], 150, "{ran}");
+    let resumed = client
+        .get(format!(
+            "{staying}/responses/{streamed_id}?stream=true&starting_after=0"
+        ))
+        .send()
+        .await?;
+    assert_eq!(
+        resumed.status().as_u16(),
+        200,
+        "resumed where it was handed"
+    );
+    let mut resumed = SseEvents::new(resumed);
+    let mut numbers = Vec::new();
+    let mut last = Value::Null;
+    while let Some(event) = resumed.next().await? {
+        numbers.push(event["sequence_number"].as_u64().context("a number")?);
+        last = event;
+    }
+    assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
+    assert_eq!(last["type"], "response.incomplete", "{last}");
+    assert_eq!(last["response"]["usage"]["output_tokens"], 30, "{last}");
     // A replica started afterwards finds them at the replica that took them.
     let newcomer = switchyard_tests::start_router(&cluster.etcd.url, "newcomer", &flags).await?;
     let newcomer_url = format!("http://{}/v1/responses/{first_id}", newcomer.addr("http"));

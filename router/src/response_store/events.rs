@@ -5,7 +5,8 @@
 //!
 //! A log is written by its run's task only, and read by any number of followers. Its bytes
 //! count against the response store's, for as long as it lives (with its stored response,
-//! once the run has ended).
+//! once the run has ended). A drain hands it over with its response; a mirror does not send
+//! it (a standby's copy is read whole).
 
 use std::sync::{Arc, Mutex};
 
@@ -130,6 +131,11 @@ impl EventLog {
 
     pub fn is_closed(&self) -> bool {
         self.written.borrow().closed
+    }
+
+    /// Every event written so far.
+    pub fn events(&self) -> Vec<Bytes> {
+        self.events.lock().expect("event log").clone()
     }
 
     /// The events after sequence number `after` (all of them without), those written then

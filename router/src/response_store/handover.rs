@@ -54,7 +54,15 @@ pub fn frames(
             });
             conversation.push(number);
         }
-        out.push(frame(Item::Response(handed(response, conversation))));
+        let mut handed = handed(response, conversation);
+        // Its events go along, for a client resuming its stream at the receiver.
+        handed.events = response
+            .events
+            .as_ref()
+            .filter(|log| log.is_closed())
+            .map(|log| log.events())
+            .unwrap_or_default();
+        out.push(frame(Item::Response(handed)));
     }
     out
 }
@@ -124,6 +132,7 @@ pub(super) fn handed(response: &StoredResponse, conversation: Vec<u64>) -> v1::H
         input_items_json: response.input_items_json(),
         conversation,
         age_ms: response.age().as_millis() as u64,
+        events: Vec::new(),
     }
 }
 
@@ -150,7 +159,7 @@ pub(super) fn received(
         .map(serde_json::value::RawValue::from_string)
         .collect::<Result<_, _>>()
         .map_err(|e| Status::invalid_argument(format!("an input item: {e}")))?;
-    Ok(store
+    let mut received = store
         .response(
             response.id,
             response.tenant,
@@ -158,7 +167,16 @@ pub(super) fn received(
             input_items,
             conversation,
         )
-        .aged(Duration::from_millis(response.age_ms)))
+        .aged(Duration::from_millis(response.age_ms));
+    if !response.events.is_empty() {
+        let log = store.event_log();
+        for event in response.events {
+            log.push(event);
+        }
+        log.close();
+        received.events = Some(log);
+    }
+    Ok(received)
 }
 
 /// Refuses `tag` unless it can be a router's tag.
