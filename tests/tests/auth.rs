@@ -722,6 +722,29 @@ async fn a_stored_response_is_only_its_tenants() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(answer.status().as_u16(), 404);
+    // Nor refer to one of its items, on either replica; its own tenant can.
+    let item = created["output"][0]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let refer = |base: String, key: &'static str| {
+        let (http, item) = (http.clone(), item.clone());
+        async move {
+            let answer = http
+                .post(format!("{base}/responses"))
+                .bearer_auth(key)
+                .json(
+                    &json!({"model": "synthetic", "max_output_tokens": 2, "store": false,
+                              "input": [{"type": "item_reference", "id": item}]}),
+                )
+                .send()
+                .await?;
+            anyhow::Ok(answer.status().as_u16())
+        }
+    };
+    assert_eq!(refer(keeper.clone(), GLOBEX_KEY).await?, 404);
+    assert_eq!(refer(elsewhere.clone(), GLOBEX_KEY).await?, 404);
+    assert_eq!(refer(elsewhere.clone(), ACME_KEY).await?, 200);
     let deleted = http
         .delete(format!("{keeper}/responses/{id}"))
         .bearer_auth(GLOBEX_KEY)
