@@ -3,8 +3,8 @@
 official `openai` SDK, as the OpenAI Agents SDK's `OpenAIConversationsSession` and an app
 keeping its chats server-side use it: a conversation made with items and metadata, read and
 its metadata replaced; responses that go on from it (whole and streamed) and add their turn to
-it; its items listed page by page, added, read and deleted; and refusals that name what is
-wrong.
+it; its items listed page by page, added, read and deleted; items added by reference to a
+stored response's; and refusals that name what is wrong.
 
 Usage: openai_conversations_check.py BASE_URL MODEL
 Prints one line per check and, at the end, "openai-conversations: N passed, M failed"; exits
@@ -116,6 +116,29 @@ def items_are_added_read_paged_and_deleted():
     assert after.id == conversation.id and after.object == "conversation", after
     left = [i.content[0].text for i in every_item(conversation.id)]
     assert left == ["Line 0.", "Line 1.", "Line 3.", "Line 4."], left
+
+
+@check
+def referred_items_are_added_as_the_items_they_name():
+    answered = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=4)
+    (asked,) = client.responses.input_items.list(answered.id).data
+    said = answered.output[0]
+    conversation = client.conversations.create(
+        items=[{"type": "item_reference", "id": asked.id}]
+    )
+    client.conversations.items.create(
+        conversation.id, items=[{"type": "item_reference", "id": said.id}]
+    )
+    kept = every_item(conversation.id)
+    assert [item.id for item in kept] == [asked.id, said.id], kept
+    assert kept[1].content[0].text == answered.output_text, kept[1]
+    try:
+        client.conversations.items.create(
+            conversation.id, items=[{"type": "item_reference", "id": "msg_unknown"}]
+        )
+        raise AssertionError("a reference to nothing was added")
+    except openai.NotFoundError as error:
+        assert error.body["param"] == "items[0].id", error.body
 
 
 @check

@@ -81,7 +81,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     );
     let out = program_output("python3", &strings(&[script, &base, "synthetic"])).await?;
     assert!(
-        out.contains("openai-conversations: 6 passed, 0 failed"),
+        out.contains("openai-conversations: 7 passed, 0 failed"),
         "{out}"
     );
     // Anthropic's Messages API on the same port, with Anthropic's SDK, text only.

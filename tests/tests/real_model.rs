@@ -1286,7 +1286,7 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     )
     .await?;
     assert!(
-        straight.contains("openai-conversations: 6 passed, 0 failed"),
+        straight.contains("openai-conversations: 7 passed, 0 failed"),
         "{straight}"
     );
     // The OpenAI Agents SDK keeping an agent's session in a stored conversation.

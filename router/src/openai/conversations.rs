@@ -24,6 +24,7 @@ use tonic::Code;
 
 use super::error::ApiError;
 use super::handlers;
+use super::responses::references;
 use super::responses::request;
 use super::responses::stored::{Paging, page_of};
 use super::wire;
@@ -210,20 +211,25 @@ fn on(id: String, call: Call) -> v1::ConversationCall {
 pub async fn create(
     State(dispatcher): State<Arc<Dispatcher>>,
     tenant: Option<Extension<Tenant>>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match make(&dispatcher, tenant_of(&tenant), body) {
+    match make(&dispatcher, tenant_of(&tenant), &headers, body).await {
         Ok(object) => Json(object).into_response(),
         Err(error) => error.into_response(),
     }
 }
 
-fn make(
+async fn make(
     dispatcher: &Dispatcher,
     tenant: Option<String>,
+    headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Value, ApiError> {
-    let body: ConversationBody = body_of(body, true)?;
+    let mut body: ConversationBody = body_of(body, true)?;
+    if let Some(items) = body.items.as_mut() {
+        references::resolve(items, "items", dispatcher, tenant.as_deref(), headers).await?;
+    }
     let store = &dispatcher.responses;
     if store.limits().max_bytes == 0 {
         return Err(ApiError::from_code(
@@ -344,10 +350,24 @@ pub async fn add_items(
     Path(id): Path<String>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let items = body_of::<ItemsBody>(body, false).and_then(|body| match body.items {
-        Some(items) if !items.is_empty() => items_to_add(items, "items", &id),
-        _ => Err(ApiError::invalid("items", "must list at least one item")),
-    });
+    let items = match body_of::<ItemsBody>(body, false) {
+        Ok(ItemsBody {
+            items: Some(mut items),
+        }) if !items.is_empty() => {
+            let tenant = tenant_of(&tenant);
+            references::resolve(
+                &mut items,
+                "items",
+                &dispatcher,
+                tenant.as_deref(),
+                &headers,
+            )
+            .await
+            .and_then(|()| items_to_add(items, "items", &id))
+        }
+        Ok(_) => Err(ApiError::invalid("items", "must list at least one item")),
+        Err(error) => Err(error),
+    };
     match items {
         Ok(items_json) => {
             let call = on(id, Call::AddItems(v1::AddedItems { items_json }));

@@ -10,7 +10,7 @@
 
 mod object;
 mod output;
-mod references;
+pub(in crate::openai) mod references;
 pub(super) mod request;
 pub(super) mod stored;
 
@@ -23,6 +23,7 @@ use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse as _, Response};
+use serde_json::Value;
 use switchyard_proto::v1::{self, server_frame::Frame};
 
 use super::choices::ChoiceFrames;
@@ -65,13 +66,16 @@ async fn respond(
     }
     let mut request = parse_body(&body)?;
     let tenant_name = tenant.as_ref().map(|t| t.0.clone());
-    references::resolve(
-        request.input.as_mut(),
-        &dispatcher,
-        tenant_name.as_deref(),
-        &headers,
-    )
-    .await?;
+    if let Some(Value::Array(items)) = request.input.as_mut() {
+        references::resolve(
+            items,
+            "input",
+            &dispatcher,
+            tenant_name.as_deref(),
+            &headers,
+        )
+        .await?;
+    }
     let store = &dispatcher.responses;
     let conversation = request.conversation_id()?;
     let (history, history_field) = match (request.previous_response_id()?, &conversation) {

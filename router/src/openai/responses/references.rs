@@ -1,5 +1,6 @@
-//! `item_reference` input items (`{"type": "item_reference", "id": "…"}`): each is replaced by
-//! the item it names before the request is read, as if the client had sent the item itself.
+//! `item_reference` items (`{"type": "item_reference", "id": "…"}`) in a response's `input` or
+//! in items added to a conversation: each is replaced by the item it names before the request
+//! is read, as if the client had sent the item itself.
 //!
 //! The items found are those the cluster keeps: the input and output items of stored responses
 //! and the items of stored conversations. Their ids name their holder (see
@@ -21,23 +22,22 @@ use super::stored;
 use crate::dispatch::Dispatcher;
 use crate::response_store::{StoredResponse, conversation, item_ids};
 
-/// Replaces every `item_reference` in `input` with the item it names.
+/// Replaces every `item_reference` in `items` (named `field` in the request: `input`,
+/// `items`) with the item it names.
 pub async fn resolve(
-    input: Option<&mut Value>,
+    items: &mut [Value],
+    field: &str,
     dispatcher: &Dispatcher,
     tenant: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
-    let Some(Value::Array(items)) = input else {
-        return Ok(());
-    };
     // Each stored response read once, however many of its items are named.
     let mut responses: HashMap<String, Arc<StoredResponse>> = HashMap::new();
     for (i, item) in items.iter_mut().enumerate() {
         if item.get("type").and_then(Value::as_str) != Some("item_reference") {
             continue;
         }
-        let field = format!("input[{i}].id");
+        let field = format!("{field}[{i}].id");
         let Some(id) = item.get("id").and_then(Value::as_str).map(str::to_string) else {
             return Err(ApiError::invalid(
                 field,
