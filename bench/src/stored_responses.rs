@@ -1,6 +1,6 @@
 //! `switchyard-bench stored-responses`: what going on from a stored response or a stored
 //! conversation costs, next to sending the whole conversation every turn — the same
-//! multi-turn conversations seven ways, side by side in one run:
+//! multi-turn conversations nine ways, side by side in one run:
 //!
 //! - `inline`: each turn sends the whole conversation so far in `input` (`store: false`);
 //! - `same replica`: each turn sends only its new message and names the previous response
@@ -16,7 +16,12 @@
 //! - `conv. other`: the same, each turn on the other of two replicas, which reads the
 //!   conversation from its keeper and adds the turn there, over gRPC;
 //! - `conv. mirrored`: as `conversation`, on the pair with a cluster token: each change of the
-//!   conversation goes to the standby too.
+//!   conversation goes to the standby too;
+//! - `referenced`: each turn sends the whole conversation in `input`, but the model's earlier
+//!   answers as `item_reference`s to the stored responses' output items (the client keeps
+//!   its own messages, the router the model's), on the replica that stored them;
+//! - `ref. other`: the same, each turn on the other of two replicas, which fetches each
+//!   referenced response from its keeper over gRPC.
 //!
 //! Two clusters run in this process on loopback ports, each one worker serving the unpaced
 //! synthetic engine and two routers with HTTP doors: the first without a cluster token (no
@@ -73,6 +78,8 @@ enum Way {
     Conversation,
     ConversationOtherReplica,
     ConversationMirrored,
+    Referenced,
+    ReferencedOtherReplica,
 }
 
 impl Way {
@@ -85,6 +92,8 @@ impl Way {
             Way::Conversation => "conversation",
             Way::ConversationOtherReplica => "conv. other",
             Way::ConversationMirrored => "conv. mirrored",
+            Way::Referenced => "referenced",
+            Way::ReferencedOtherReplica => "ref. other",
         }
     }
 }
@@ -177,6 +186,12 @@ async fn conversation(
                 let mirrored = 2 * usize::from(way == Way::ConversationMirrored);
                 &bases[mirrored + usize::from(other)]
             }
+            Way::Referenced | Way::ReferencedOtherReplica => {
+                history.push(json!({"role": "user", "content": message}));
+                body["input"] = Value::from(history.clone());
+                let other = way == Way::ReferencedOtherReplica && turn % 2 == 1;
+                &bases[usize::from(other)]
+            }
         };
         let start = Instant::now();
         let (answer, sent_bytes) = post(client, &format!("{base}/v1/responses"), &body).await?;
@@ -189,6 +204,11 @@ async fn conversation(
             .with_context(|| format!("no text in {answer}"))?;
         if way == Way::Inline {
             history.push(json!({"role": "assistant", "content": text}));
+        } else if matches!(way, Way::Referenced | Way::ReferencedOtherReplica) {
+            let said = answer["output"][0]["id"]
+                .as_str()
+                .context("an output item id")?;
+            history.push(json!({"type": "item_reference", "id": said}));
         } else if stored_conversation.is_none() {
             let id = answer["id"]
                 .as_str()
@@ -311,6 +331,8 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         Way::Conversation,
         Way::ConversationOtherReplica,
         Way::ConversationMirrored,
+        Way::Referenced,
+        Way::ReferencedOtherReplica,
     ];
     let mut totals: Vec<Totals> = ways.iter().map(|_| Totals::default()).collect();
     // Warm-up: connections open, the routers' tokenizers fetched, the second router linked.

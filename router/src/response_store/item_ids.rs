@@ -5,7 +5,10 @@
 //! one of conversation `conv_<holder>` — and the holder's id names the replica that keeps it.
 //! An item kept nowhere (`store: false`) gets a plain random id.
 
-use super::{CONVERSATION_PREFIX, ID_PREFIX, OWNER_CHARS};
+use serde_json::value::RawValue;
+use tonic::Status;
+
+use super::{CONVERSATION_PREFIX, ID_PREFIX, Lookup, OWNER_CHARS, ResponseStore, StoredResponse};
 
 /// Hex digits after a holder id's prefix: the owner tag, then a UUID.
 const HOLDER_CHARS: usize = OWNER_CHARS + 32;
@@ -45,6 +48,73 @@ pub fn holder_of(id: &str) -> Option<String> {
     }
 }
 
+impl ResponseStore {
+    /// The items named by `ids` that this replica keeps for `tenant` (with their holder), as
+    /// JSON text by id; ids naming nothing kept here are left out. An item of a background
+    /// response still running is refused: it has no output to refer to yet.
+    pub fn find_items(
+        &self,
+        ids: &[String],
+        tenant: Option<&str>,
+    ) -> Result<Vec<(String, String)>, Status> {
+        let mut found = Vec::new();
+        for id in ids {
+            let Some(holder) = holder_of(id) else {
+                continue;
+            };
+            let item = if holder.starts_with(CONVERSATION_PREFIX) {
+                match self.get_conversation(&holder, tenant) {
+                    Lookup::Found(conversation) => conversation
+                        .items
+                        .iter()
+                        .find(|item| item.id == *id)
+                        .map(|item| item.json.get().to_string()),
+                    Lookup::Missing | Lookup::Elsewhere(_) => None,
+                }
+            } else {
+                match self.get(&holder, tenant) {
+                    Lookup::Found(response) if response.running => {
+                        return Err(Status::failed_precondition(format!(
+                            "item {id:?} is one of background response {holder:?}, still \
+                             running: refer to it once the response has ended"
+                        )));
+                    }
+                    Lookup::Found(response) => item_of(&response, id),
+                    Lookup::Missing | Lookup::Elsewhere(_) => None,
+                }
+            };
+            if let Some(item) = item {
+                found.push((id.clone(), item));
+            }
+        }
+        Ok(found)
+    }
+}
+
+/// Item `id` of stored response `response` (one of its input items, or of its output), as
+/// JSON text.
+fn item_of(response: &StoredResponse, id: &str) -> Option<String> {
+    if let Some(item) = response
+        .input_items
+        .iter()
+        .find(|item| super::conversation::item_id(item) == Some(id))
+    {
+        return Some(item.get().to_string());
+    }
+    // Read as text, not built into a tree: only the output's items are looked at.
+    #[derive(serde::Deserialize)]
+    struct Output<'a> {
+        #[serde(borrow)]
+        output: Vec<&'a RawValue>,
+    }
+    let object: Output = serde_json::from_str(&response.object).ok()?;
+    object
+        .output
+        .into_iter()
+        .find(|item| super::conversation::item_id(item) == Some(id))
+        .map(|item| item.get().to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,5 +142,42 @@ mod tests {
         ] {
             assert_eq!(holder_of(&id), None, "{id}");
         }
+    }
+
+    #[test]
+    fn kept_items_are_found_by_id_for_their_tenant_only() {
+        let store = ResponseStore::new(StoreLimits::default());
+        let response = store.new_id();
+        let (asked, said) = (mint("msg", Some(&response)), mint("msg", Some(&response)));
+        let raw = |value: serde_json::Value| serde_json::value::to_raw_value(&value).unwrap();
+        store.insert(store.response(
+            response.clone(),
+            Some("acme".into()),
+            serde_json::json!({"output": [{"id": said, "role": "assistant"}]}).to_string(),
+            vec![raw(serde_json::json!({"id": asked, "role": "user"}))],
+            Vec::new(),
+        ));
+        let gone = mint("msg", Some(&store.new_id()));
+        let ids = [asked.clone(), said.clone(), gone, "msg_mine".to_string()];
+        let found = store.find_items(&ids, Some("acme")).expect("found");
+        let found: Vec<&str> = found.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(found, [asked.as_str(), said.as_str()]);
+        assert!(
+            store
+                .find_items(&ids, Some("globex"))
+                .expect("none")
+                .is_empty()
+        );
+        // An item of a run still going is refused.
+        let running = store.new_id();
+        let _run = store.begin_run(
+            store.response(running.clone(), None, "{}".into(), Vec::new(), Vec::new()),
+            Box::new(|| "{}".into()),
+            None,
+        );
+        let refused = store
+            .find_items(&[mint("msg", Some(&running))], None)
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     }
 }

@@ -353,6 +353,30 @@ pub async fn cancel(
     }
 }
 
+/// The items named by `ids` that replica `owner` keeps for this client, as JSON text by id,
+/// or that replica's refusal (an item of a response still running) as the status it sent.
+pub async fn get_items(
+    dispatcher: &Dispatcher,
+    owner: &str,
+    ids: Vec<String>,
+    headers: &HeaderMap,
+) -> Result<Result<Vec<(String, String)>, tonic::Status>, PeerError> {
+    let peers = &dispatcher.peers;
+    let mut client = peers.client(owner).await?;
+    match client
+        .get_items(ask(v1::GetItemsRequest { ids }, headers))
+        .await
+    {
+        Ok(answer) => Ok(Ok(answer
+            .into_inner()
+            .items
+            .into_iter()
+            .map(|item| (item.id, item.item_json))
+            .collect())),
+        Err(status) => refused_or_failed(owner, peers, status).await,
+    }
+}
+
 /// The events of streamed background response `id` on replica `owner`, after
 /// `starting_after`: the stream of them, or that replica's refusal (not kept there, no events
 /// kept, past the end) as the status it sent.

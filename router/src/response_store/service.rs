@@ -38,6 +38,22 @@ impl v1::stored_responses_server::StoredResponses for StoredResponsesService {
     type FollowEventsStream =
         Pin<Box<dyn Stream<Item = Result<v1::ResponseStreamEvent, Status>> + Send + 'static>>;
 
+    async fn get_items(
+        &self,
+        request: Request<v1::GetItemsRequest>,
+    ) -> Result<Response<v1::GetItemsResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let ids = request.into_inner().ids;
+        // Only what this replica keeps: a replica never asks on another's behalf.
+        let items = self
+            .store
+            .find_items(&ids, tenant.as_deref())?
+            .into_iter()
+            .map(|(id, item_json)| v1::KeptItem { id, item_json })
+            .collect();
+        Ok(Response::new(v1::GetItemsResponse { items }))
+    }
+
     async fn follow_events(
         &self,
         request: Request<v1::FollowEventsRequest>,

@@ -4,23 +4,20 @@
 //!
 //! The items found are those the cluster keeps: the input and output items of stored responses
 //! and the items of stored conversations. Their ids name their holder (see
-//! [`crate::response_store::item_ids`]), so any replica finds one by asking the replica that
-//! keeps its holder, with the client's own key. An id that names nothing kept — a client's
-//! own, an item of a response made with `store: false`, or one gone with its holder — is a
-//! 404 naming the reference.
+//! [`crate::response_store::item_ids`]), whose id names the replica that keeps it: the items a
+//! request names are asked of each such replica at once (`StoredResponses.GetItems`, with the
+//! client's own key), only the items travelling. An id that names nothing kept — a client's
+//! own, an item of a response made with `store: false`, or one gone with its holder — is a 404
+//! naming the reference.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use axum::http::HeaderMap;
 use serde_json::Value;
-use switchyard_proto::v1::conversation_call::Call;
 
-use super::super::conversations;
 use super::super::error::ApiError;
-use super::stored;
 use crate::dispatch::Dispatcher;
-use crate::response_store::{StoredResponse, conversation, item_ids};
+use crate::response_store::{item_ids, owner_of, peers};
 
 /// Replaces every `item_reference` in `items` (named `field` in the request: `input`,
 /// `items`) with the item it names.
@@ -31,51 +28,51 @@ pub async fn resolve(
     tenant: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<(), ApiError> {
-    // Each stored response read once, however many of its items are named.
-    let mut responses: HashMap<String, Arc<StoredResponse>> = HashMap::new();
-    for (i, item) in items.iter_mut().enumerate() {
+    // The references, by the replica keeping what they name.
+    let mut wanted: HashMap<String, Vec<String>> = HashMap::new();
+    let mut references = Vec::new();
+    for (i, item) in items.iter().enumerate() {
         if item.get("type").and_then(Value::as_str) != Some("item_reference") {
             continue;
         }
-        let field = format!("{field}[{i}].id");
-        let Some(id) = item.get("id").and_then(Value::as_str).map(str::to_string) else {
+        let Some(id) = item.get("id").and_then(Value::as_str) else {
             return Err(ApiError::invalid(
-                field,
+                format!("{field}[{i}].id"),
                 "is required: the id of the item to put here",
             ));
         };
-        let found = match item_ids::holder_of(&id) {
-            Some(holder) if holder.starts_with("conv_") => {
-                in_conversation(dispatcher, &holder, &id, tenant, headers).await
-            }
-            Some(holder) => {
-                let response = match responses.get(&holder) {
-                    Some(response) => Some(response.clone()),
-                    None => stored::find(dispatcher, &holder, tenant, headers).await?,
-                };
-                let found = response.as_ref().and_then(|r| in_response(r, &id));
-                if let Some(response) = response {
-                    if response.running {
-                        return Err(ApiError::invalid(
-                            field,
-                            format!(
-                                "item {id:?} is one of background response {holder:?}, still \
-                                 running: refer to it once the response has ended"
-                            ),
-                        ));
-                    }
-                    responses.insert(holder, response);
-                }
-                Ok(found)
-            }
-            None => Ok(None),
+        let owner = item_ids::holder_of(id)
+            .and_then(|holder| owner_of(&holder).map(str::to_string))
+            .ok_or_else(|| not_found(&format!("{field}[{i}].id"), id))?;
+        wanted.entry(owner).or_default().push(id.to_string());
+        references.push((i, id.to_string()));
+    }
+    if references.is_empty() {
+        return Ok(());
+    }
+    let store = &dispatcher.responses;
+    let mut found: HashMap<String, String> = HashMap::new();
+    for (owner, ids) in wanted {
+        let answer = if store.tags().contains(&owner) {
+            store.find_items(&ids, tenant)
+        } else {
+            peers::get_items(dispatcher, &owner, ids, headers)
+                .await
+                .map_err(|e| ApiError {
+                    param: Some(field.to_string()),
+                    ..e.into_api_error_about("a referenced item")
+                })?
         };
-        *item = found
-            .map_err(|e| ApiError {
-                param: Some(field.clone()),
-                ..e
-            })?
-            .ok_or_else(|| not_found(&field, &id))?;
+        let items = answer
+            .map_err(|status| ApiError::invalid(field.to_string(), status.message().to_string()))?;
+        found.extend(items);
+    }
+    for (i, id) in references {
+        let item = found
+            .get(&id)
+            .and_then(|text| serde_json::from_str(text).ok())
+            .ok_or_else(|| not_found(&format!("{field}[{i}].id"), &id))?;
+        items[i] = item;
     }
     Ok(())
 }
@@ -89,41 +86,4 @@ fn not_found(field: &str, id: &str) -> ApiError {
              for the API key that made them; send the item itself instead"
         ),
     )
-}
-
-/// Item `id` of stored response `response`: one of its input items, or of its output.
-fn in_response(response: &StoredResponse, id: &str) -> Option<Value> {
-    if let Some(item) = response
-        .input_items
-        .iter()
-        .find(|item| conversation::item_id(item) == Some(id))
-    {
-        return serde_json::from_str(item.get()).ok();
-    }
-    let mut object: Value = serde_json::from_str(&response.object).ok()?;
-    let Value::Array(output) = object.get_mut("output")?.take() else {
-        return None;
-    };
-    output
-        .into_iter()
-        .find(|item| item.get("id").and_then(Value::as_str) == Some(id))
-}
-
-/// Item `id` of stored conversation `conversation`, wherever it is kept.
-async fn in_conversation(
-    dispatcher: &Dispatcher,
-    conversation: &str,
-    id: &str,
-    tenant: Option<&str>,
-    headers: &HeaderMap,
-) -> Result<Option<Value>, ApiError> {
-    let call = switchyard_proto::v1::ConversationCall {
-        conversation_id: conversation.to_string(),
-        call: Some(Call::GetItem(id.to_string())),
-    };
-    match conversations::call(dispatcher, tenant, headers, call).await {
-        Ok(item) => Ok(serde_json::from_str(&item).ok()),
-        Err(error) if error.status == axum::http::StatusCode::NOT_FOUND => Ok(None),
-        Err(error) => Err(error),
-    }
 }

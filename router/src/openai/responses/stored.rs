@@ -32,7 +32,7 @@ const NOT_STORED: &str = "is not stored here: responses are kept for a limited t
      that made them, and not at all with store: false; send the whole conversation in input";
 
 /// A stored response, wherever in the cluster it is kept; `None` when it is not.
-pub(super) async fn find(
+async fn find(
     dispatcher: &Dispatcher,
     id: &str,
     tenant: Option<&str>,
