@@ -132,6 +132,21 @@ def referred_items_are_added_as_the_items_they_name():
     kept = every_item(conversation.id)
     assert [item.id for item in kept] == [asked.id, said.id], kept
     assert kept[1].content[0].text == answered.output_text, kept[1]
+    # A turn's items are kept by the conversation (even a turn not stored as a response), and
+    # referred to from there.
+    turn = client.responses.create(
+        model=MODEL, input="And again.", conversation=conversation.id, store=False,
+        max_output_tokens=4,
+    )
+    again = client.responses.create(
+        model=MODEL, input=[{"type": "item_reference", "id": turn.output[0].id}],
+        max_output_tokens=2, store=False,
+    )
+    inline = client.responses.create(
+        model=MODEL, input=[{"role": "assistant", "content": turn.output_text}],
+        max_output_tokens=2, store=False,
+    )
+    assert again.usage.input_tokens == inline.usage.input_tokens, (again.usage, inline.usage)
     try:
         client.conversations.items.create(
             conversation.id, items=[{"type": "item_reference", "id": "msg_unknown"}]

@@ -3,7 +3,9 @@
 //! stored response or conversation carries that holder's id in its own —
 //! `msg_r<holder>_<random>` for one of response `resp_<holder>`, `msg_c<holder>_<random>` for
 //! one of conversation `conv_<holder>` — and the holder's id names the replica that keeps it.
-//! An item kept nowhere (`store: false`) gets a plain random id.
+//! A response's items that join a conversation name the conversation (which keeps them longest,
+//! and keeps them even when the response is not stored); an item kept nowhere (`store: false`,
+//! no conversation) gets a plain random id.
 
 use serde_json::value::RawValue;
 use tonic::Status;

@@ -92,13 +92,18 @@ async fn respond(
         }
         (None, None) => (Vec::new(), "previous_response_id"),
     };
-    // The id it is stored under, if it is: its items' ids name it.
+    // The id it is stored under, if it is. Its items' ids name where they are kept longest:
+    // the conversation they join, else the stored response (see `item_ids`).
     let stored_as = store.new_id();
+    let holder = match &conversation {
+        Some(id) => Some(id.clone()),
+        None => (request.store != Some(false)).then(|| stored_as.clone()),
+    };
     let mut read = request.read(
         dispatcher.limits().max_tokens_cap,
         &history,
         history_field,
-        Some(&stored_as),
+        holder.as_deref(),
     )?;
     // What the response adds to its conversation: its input items now, its output at the end.
     let add_to = conversation.map(|id| AddTo {
@@ -247,6 +252,14 @@ impl Keep {
     }
 }
 
+/// What the ids of a response's output items name: the conversation they join, else the
+/// stored response (none: kept nowhere).
+fn items_holder<'a>(keep: Option<&'a Keep>, add_to: Option<&'a AddTo>) -> Option<&'a str> {
+    add_to
+        .map(|a| a.id.as_str())
+        .or(keep.map(|k| k.id.as_str()))
+}
+
 /// What adding a finished response to its conversation needs.
 struct AddTo {
     dispatcher: Arc<Dispatcher>,
@@ -341,7 +354,8 @@ async fn whole(
     keep: Option<Keep>,
     add_to: Option<AddTo>,
 ) -> Result<Response, ApiError> {
-    let output = Mutex::new(Output::new(false).held_by(keep.as_ref().map(|k| k.id.as_str())));
+    let output =
+        Mutex::new(Output::new(false).held_by(items_holder(keep.as_ref(), add_to.as_ref())));
     let finished = match collect(&mut frames, &output).await {
         Ended::Finished(finished) => finished,
         Ended::Failed(error) => return Err(snapshot.name_fields(error)),
@@ -381,7 +395,9 @@ fn in_background(
     add_to: Option<AddTo>,
 ) -> String {
     let snapshot = Arc::new(snapshot);
-    let output = Arc::new(Mutex::new(Output::new(false).held_by(Some(&keep.id))));
+    let output = Arc::new(Mutex::new(
+        Output::new(false).held_by(items_holder(Some(&keep), add_to.as_ref())),
+    ));
     let describe = describe_running(&snapshot, &output);
     let started = describe();
     let store = keep.store.clone();
@@ -535,7 +551,7 @@ impl Events {
             snapshot: Arc::new(snapshot),
             frames,
             output: Arc::new(Mutex::new(
-                Output::new(true).held_by(keep.as_ref().map(|k| k.id.as_str())),
+                Output::new(true).held_by(items_holder(keep.as_ref(), add_to.as_ref())),
             )),
             sequence: 0,
             pending: VecDeque::new(),

@@ -172,14 +172,14 @@ impl ResponsesRequest {
 
     /// Reads the request; `cap` is the router's `max_tokens` cap, `history` the conversation
     /// it goes on from (named by `history_field`: `previous_response_id` or `conversation`),
-    /// `stored_as` the id the response is stored under if it is (its input items' ids name
-    /// it).
+    /// `holder` the conversation or stored response its input items are kept by (their ids
+    /// name it).
     pub fn read(
         self,
         cap: u32,
         history: &[Arc<StoredMessage>],
         history_field: &'static str,
-        stored_as: Option<&str>,
+        holder: Option<&str>,
     ) -> Result<Read, ApiError> {
         self.refuse_what_is_not_done()?;
         let model = wire::required_model(self.model.clone())?;
@@ -202,10 +202,7 @@ impl ResponsesRequest {
         let turn = Turn {
             history: history.to_vec(),
             input: messages[input_start..].to_vec(),
-            input_items: input_items(
-                self.input.as_ref(),
-                stored_as.filter(|_| self.store != Some(false)),
-            ),
+            input_items: input_items(self.input.as_ref(), holder),
         };
 
         let max_tokens = match self.max_output_tokens {
