@@ -77,6 +77,8 @@ const FIRST_CONTACT_GRACE: Duration = Duration::from_secs(1);
 /// After the drain, how long the servers get to send the last frames of requests that ended
 /// as the links closed.
 const LAST_FRAMES_GRACE: Duration = Duration::from_secs(1);
+/// Longest a stopping router waits for the registry to take its announcement back.
+const WITHDRAW_WAIT: Duration = Duration::from_secs(2);
 /// Pauses between attempts to reach the cluster registry at start-up (exponential, jittered).
 const JOIN_BACKOFF_INITIAL: Duration = Duration::from_millis(200);
 const JOIN_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -179,7 +181,7 @@ pub async fn run_router_with_endpoints(
     dispatcher
         .peers
         .set_self(advertised.clone(), cluster_stop.clone());
-    if dispatcher.responses.limits().max_bytes > 0 {
+    let announcing = (dispatcher.responses.limits().max_bytes > 0).then(|| {
         let record = switchyard_cluster::RouterRecord {
             id: dispatcher.responses.owner().to_string(),
             grpc_address: advertised,
@@ -189,8 +191,8 @@ pub async fn run_router_with_endpoints(
             record,
             crate::response_store::peers::PRESENCE_TTL,
             cluster_stop.clone(),
-        ));
-    }
+        ))
+    });
     // Readiness reasons reach clients and the public `/health`: they name the registry's
     // kind, never its addresses or the client library's error (those are logged).
     dispatcher
@@ -327,6 +329,12 @@ pub async fn run_router_with_endpoints(
         let _ = finishing.await;
     }
     cluster_stop.cancel();
+    // The announcement is withdrawn before the process exits: a replica asked about this
+    // one's responses from now on is told they are gone, not that it cannot be reached (which
+    // a lingering announcement would say until its lease ran out).
+    if let Some(announcing) = announcing {
+        let _ = tokio::time::timeout(WITHDRAW_WAIT, announcing).await;
+    }
     stopped?;
     info!("router stopped");
     Ok(())
