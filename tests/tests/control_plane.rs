@@ -3063,7 +3063,25 @@ async fn a_leader_frozen_past_its_lease_folds_no_reports_into_its_history() -> a
             .is_ok_and(|(_, s)| s["role"] == "follower")
     })
     .await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Seconds sealed since the freeze: the stats that waited in its socket, then more.
+    let sealed_since = |history: &Value| {
+        history["points"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["t"].as_i64().is_some_and(|t| t > frozen_at))
+            .count()
+    };
+    wait_until(
+        PATIENCE,
+        "the old leader to seal three seconds since",
+        || async {
+            own_history(http)
+                .await
+                .is_ok_and(|history| sealed_since(&history) >= 3)
+        },
+    )
+    .await?;
     sender.abort();
     stream.abort();
 
