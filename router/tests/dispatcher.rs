@@ -1182,6 +1182,23 @@ async fn failover_after_a_worker_dies_loses_and_repeats_no_token() {
     );
 }
 
+/// A worker that passes on several tokens as one piece (a gateway whose upstream sent a
+/// character spelt by two byte tokens in one chunk) is believed on how many it made: the
+/// usage counts tokens, not the pieces the client received.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counts_the_tokens_a_worker_made_not_the_pieces_it_sent() {
+    let cluster = Cluster::start(1, 4, RouterConfig::default(), None).await;
+    cluster.script.set("pairs", [Plan::fault(Fault::Packed(2))]);
+    let mut session = cluster.session().await;
+    session.start(request("p", "pairs", 7, RequestClass::Auto));
+    let end = session.end("p").await;
+    assert_eq!(end.reason(), FinishReason::Length, "{end:?}");
+    assert_eq!(end.text, fault_text("pairs", 0, 7));
+    assert_eq!(end.ids.len(), 4, "seven tokens in four pieces: {end:?}");
+    let usage = end.finished.as_ref().and_then(|f| f.usage).expect("usage");
+    assert_eq!(usage.completion_tokens, 7, "{usage:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_worker_dies_the_client_gets_unavailable_after_what_it_saw() {
     let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;

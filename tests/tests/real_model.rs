@@ -1373,6 +1373,28 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
     assert_eq!(counted.status(), 501);
     let body: Value = counted.json().await?;
     assert_eq!(body["error"]["type"], "api_error", "{body}");
+    // SmolLM2 spells a Japanese character in two byte tokens, which the upstream sends as one
+    // chunk: the usage through the gateway counts the upstream's tokens, not the chunks.
+    let japanese = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say 日本語 three times."}],
+        "max_tokens": 6, "temperature": 0,
+    });
+    let (straight, through) = futures::future::try_join(
+        chat_completion(&cluster.router_openai_url(), &japanese),
+        chat_completion(&gateway.router_openai_url(), &japanese),
+    )
+    .await?;
+    assert_eq!(
+        straight["choices"][0]["finish_reason"], "length",
+        "{straight}"
+    );
+    assert_eq!(straight["usage"]["completion_tokens"], 6, "{straight}");
+    assert_eq!(
+        through["choices"][0]["message"]["content"], straight["choices"][0]["message"]["content"],
+        "{through}"
+    );
+    assert_eq!(through["usage"]["completion_tokens"], 6, "{through}");
 
     let session = SessionClient::connect(&cluster.router_addr()).await?;
     let request = v1::GenerateRequest {
@@ -1546,4 +1568,15 @@ async fn truncation_auto_drops_the_oldest_turns_of_a_conversation_longer_than_th
     let prompt = next["usage"]["input_tokens"].as_u64().unwrap_or_default();
     assert!(prompt + 16 <= CONTEXT, "{prompt} prompt tokens");
     Ok(())
+}
+
+/// A Chat Completions answer from the router whose OpenAI base URL is `base`, which must be 200.
+async fn chat_completion(base: &str, request: &Value) -> anyhow::Result<Value> {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/chat/completions"))
+        .json(request)
+        .send()
+        .await?;
+    anyhow::ensure!(response.status() == 200, "{}", response.text().await?);
+    Ok(response.json().await?)
 }

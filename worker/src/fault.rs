@@ -50,6 +50,10 @@ pub enum Fault {
     /// A cancel is recorded but never confirmed: the tokens keep coming to `max_tokens`, and
     /// no `Done` ever follows.
     IgnoreCancel,
+    /// Tokens come this many to an event, as a gateway passes on an upstream chunk that holds
+    /// several (a character spelt by two byte tokens): one event with their text and the
+    /// last one's id, while `Done` counts every token.
+    Packed(usize),
 }
 
 /// How one generation runs.
@@ -375,6 +379,8 @@ impl Generation {
             })
         };
         let mut sent = 0;
+        // Text of tokens made but not yet sent (a [`Fault::Packed`] event's first tokens).
+        let mut packed = String::new();
         let reason = 'generate: {
             for index in self.start..self.max_tokens {
                 let paused = match self.plan.fault {
@@ -432,9 +438,17 @@ impl Generation {
                     _ = cancel.cancelled(), if !ignores_cancel => break 'generate StopReason::Cancelled,
                 }
                 let (id, text) = fault_token(&self.instructions, index);
+                if let Fault::Packed(per_event) = self.plan.fault {
+                    let made = index + 1 - self.start;
+                    if made % per_event.max(1) != 0 && index + 1 < self.max_tokens {
+                        packed.push_str(&text);
+                        sent += 1;
+                        continue;
+                    }
+                }
                 let token = EngineEvent::Token {
                     id,
-                    text,
+                    text: std::mem::take(&mut packed) + &text,
                     logprobs: None,
                 };
                 if !self.deliver(token, &tx).await {

@@ -174,7 +174,7 @@ impl Run<'_> {
         } else {
             token_count(&self.prompt_ids)
         };
-        let tokens = f64::from(prompt_tokens) + f64::from(self.delivered);
+        let tokens = f64::from(prompt_tokens) + f64::from(self.completion_tokens());
         let cost_usd = tokens * self.cost_per_mtok / 1e6;
         let slo_met = answered.is_some() && ttft_ms <= self.class.ttft_slo_ms;
         let placed_ttft_ms = answered.map_or(0.0, |t| ms(t - self.placed));
@@ -206,7 +206,7 @@ impl Run<'_> {
                 itl_ms,
                 total_ms,
                 prompt_tokens,
-                completion_tokens: self.delivered,
+                completion_tokens: self.completion_tokens(),
                 cached_prompt_tokens: self.cached_prompt_tokens,
                 slo_met,
                 failovers: self.attempts - 1,
@@ -252,7 +252,7 @@ impl Run<'_> {
             reason,
             usage: Some(v1::Usage {
                 prompt_tokens: self.prompt_tokens,
-                completion_tokens: self.delivered,
+                completion_tokens: self.completion_tokens(),
                 cached_prompt_tokens: self.cached_prompt_tokens,
             }),
             timings: Some(v1::Timings {

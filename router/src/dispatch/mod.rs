@@ -518,7 +518,7 @@ impl Dispatcher {
             .request(run.class.lane, Some(run.pool), &run.request.model, outcome);
         let usage = v1::Usage {
             prompt_tokens: run.prompt_tokens,
-            completion_tokens: run.delivered,
+            completion_tokens: run.completion_tokens(),
             cached_prompt_tokens: run.cached_prompt_tokens,
         };
         self.metrics

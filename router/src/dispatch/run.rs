@@ -61,6 +61,9 @@ pub(super) struct Run<'d> {
     pub(super) segment_calls: Vec<v1::ToolCall>,
     /// Tokens sent to the client across all segments.
     pub(super) delivered: u32,
+    /// Tokens the last segment's worker made beyond the pieces it sent: a gateway passes on
+    /// an upstream chunk of several tokens (a character spelt by two byte tokens) as one.
+    pub(super) unsent_tokens: u32,
     pub(super) prompt_tokens: u32,
     /// Prompt tokens the worker reused from its prefix cache (from its `Finished` usage).
     pub(super) cached_prompt_tokens: u32,
@@ -326,6 +329,7 @@ impl<'d> Run<'d> {
             segment_text: String::with_capacity(reply_tokens * BYTES_PER_TOKEN),
             segment_calls: Vec::new(),
             delivered: 0,
+            unsent_tokens: 0,
             prompt_tokens: 0,
             cached_prompt_tokens: 0,
             attempts: 1,
@@ -410,6 +414,11 @@ impl<'d> Run<'d> {
                     if let Some(usage) = finished.usage {
                         self.prompt_tokens = usage.prompt_tokens;
                         self.cached_prompt_tokens = usage.cached_prompt_tokens;
+                        // The worker's count covers the segment, the tokens it resumed after
+                        // included.
+                        self.unsent_tokens = usage
+                            .completion_tokens
+                            .saturating_sub(self.segment_ids.len() as u32);
                     }
                     self.span.record("cached_tokens", self.cached_prompt_tokens);
                     self.dispatcher.metrics.prefix_reuse(
@@ -937,6 +946,12 @@ impl<'d> Run<'d> {
             });
         }
         Ok(end)
+    }
+
+    /// The request's completion tokens, as its usage reports them: every token made, whether
+    /// or not it reached the client as a piece of its own.
+    pub(super) fn completion_tokens(&self) -> u32 {
+        self.delivered + self.unsent_tokens
     }
 
     fn max_tokens(&self) -> u32 {
