@@ -751,6 +751,57 @@ async fn a_stored_response_is_only_its_tenants() -> anyhow::Result<()> {
         .send()
         .await?;
     assert_eq!(deleted.status().as_u16(), 404);
-    assert_eq!(read(keeper, Some(ACME_KEY)).await?, 200);
+    assert_eq!(read(keeper.clone(), Some(ACME_KEY)).await?, 200);
+
+    // A stored chat completion too: another tenant neither reads, lists, changes nor deletes
+    // it, on either replica.
+    let stored: Value = http
+        .post(format!("{keeper}/chat/completions"))
+        .bearer_auth(ACME_KEY)
+        .json(
+            &json!({"model": "synthetic", "max_tokens": 2, "store": true,
+                      "metadata": {"plan": "secret"},
+                      "messages": [{"role": "user", "content": "secret plans"}]}),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let completion = stored["id"].as_str().unwrap_or_default().to_string();
+    let call = |method: reqwest::Method, url: String, key: &'static str| {
+        let http = http.clone();
+        async move {
+            let answer = http
+                .request(method.clone(), url)
+                .bearer_auth(key)
+                .json(&json!({"metadata": {"plan": "mine now"}}));
+            let answer = match method {
+                reqwest::Method::POST => answer,
+                _ => answer.body(Vec::new()),
+            }
+            .send()
+            .await?;
+            let status = answer.status().as_u16();
+            anyhow::Ok((status, answer.json::<Value>().await.unwrap_or_default()))
+        }
+    };
+    for base in [&keeper, &elsewhere] {
+        let at = format!("{base}/chat/completions/{completion}");
+        for (method, url) in [
+            (reqwest::Method::GET, at.clone()),
+            (reqwest::Method::GET, format!("{at}/messages")),
+            (reqwest::Method::POST, at.clone()),
+            (reqwest::Method::DELETE, at.clone()),
+        ] {
+            let (status, body) = call(method.clone(), url.clone(), GLOBEX_KEY).await?;
+            assert_eq!(status, 404, "{method} {url}: {body}");
+        }
+        let listing = format!("{base}/chat/completions?metadata[plan]=secret");
+        let (_, theirs) = call(reqwest::Method::GET, listing.clone(), GLOBEX_KEY).await?;
+        assert_eq!(theirs["data"], json!([]), "{theirs}");
+        let (_, ours) = call(reqwest::Method::GET, listing, ACME_KEY).await?;
+        assert_eq!(ours["data"][0]["id"], completion.as_str(), "{ours}");
+    }
     Ok(())
 }

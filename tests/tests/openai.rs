@@ -84,6 +84,16 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
         out.contains("openai-conversations: 7 passed, 0 failed"),
         "{out}"
     );
+    // Stored chat completions: kept, read back, listed, changed and deleted.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/openai_chat_store_check.py"
+    );
+    let out = program_output("python3", &strings(&[script, &base, "synthetic"])).await?;
+    assert!(
+        out.contains("openai-chat-store: 6 passed, 0 failed"),
+        "{out}"
+    );
     // Anthropic's Messages API on the same port, with Anthropic's SDK, text only.
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -267,11 +277,11 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     }
     // The wrong method and an oversized body get OpenAI-shaped errors that say what to do.
     let response = client
-        .get(format!("{base}/chat/completions"))
+        .put(format!("{base}/chat/completions"))
         .send()
         .await?;
     assert_eq!(response.status(), 405);
-    assert_eq!(response.headers()["allow"], "POST");
+    assert_eq!(response.headers()["allow"], "GET, HEAD, POST");
     assert!(
         response.headers()["x-request-id"]
             .to_str()
@@ -283,7 +293,7 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
     assert!(
         body["error"]["message"]
             .as_str()
-            .is_some_and(|m| m.contains("use POST")),
+            .is_some_and(|m| m.contains("use GET, HEAD, POST")),
         "{body}"
     );
     let metrics = format!("{}/metrics", base.trim_end_matches("/v1"));
@@ -372,6 +382,77 @@ async fn create_response(
 /// the next turn may land on any replica (a load balancer spreads them): that replica reads
 /// the response from its keeper, found through etcd. A replica that stopped took its responses
 /// with it, and a client is told so.
+/// Stored chat completions are one store across the router's replicas: made on one, they are
+/// read, listed, changed and deleted through another (the SDK checks, split across two doors),
+/// and a listing on either merges what every replica keeps, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_chat_completions_are_read_and_listed_across_router_replicas() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let keeper = another_router(&cluster, "keeper", &[]).await?;
+    let keeper_url = format!("http://{}/v1", keeper.addr("http"));
+    let other_url = cluster.router_openai_url();
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/openai_chat_store_check.py"
+    );
+    let out = program_output(
+        "python3",
+        &strings(&[script, &keeper_url, "synthetic", &other_url]),
+    )
+    .await?;
+    assert!(
+        out.contains("openai-chat-store: 6 passed, 0 failed"),
+        "{out}"
+    );
+
+    // Completions kept by each replica, in turn: either lists them all, oldest first.
+    let client = http();
+    let mut made = Vec::new();
+    for base in [&keeper_url, &other_url, &keeper_url] {
+        let body: Value = client
+            .post(format!("{base}/chat/completions"))
+            .json(&json!({
+                "model": "synthetic", "max_tokens": 2, "store": true,
+                "metadata": {"case": "merged"},
+                "messages": [{"role": "user", "content": "Hi"}],
+            }))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let id = body["id"].as_str().context("an id")?.to_string();
+        made.push((body["created"].as_u64().context("created")?, id));
+    }
+    // Oldest first; completions made in the same second by then by id (each replica's are
+    // time-ordered, and replicas' tie by their tags).
+    made.sort();
+    let made: Vec<String> = made.into_iter().map(|(_, id)| id).collect();
+    for base in [&keeper_url, &other_url] {
+        let listed: Value = client
+            .get(format!("{base}/chat/completions?metadata[case]=merged"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let ids: Vec<&str> = listed["data"]
+            .as_array()
+            .context("a list")?
+            .iter()
+            .filter_map(|c| c["id"].as_str())
+            .collect();
+        assert_eq!(ids, made, "{listed}");
+        assert_eq!(listed["has_more"], false);
+        assert_eq!(listed["last_id"], made[2].as_str());
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() -> anyhow::Result<()>
 {

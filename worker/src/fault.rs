@@ -440,7 +440,7 @@ impl Generation {
                 let (id, text) = fault_token(&self.instructions, index);
                 if let Fault::Packed(per_event) = self.plan.fault {
                     let made = index + 1 - self.start;
-                    if made % per_event.max(1) != 0 && index + 1 < self.max_tokens {
+                    if !made.is_multiple_of(per_event.max(1)) && index + 1 < self.max_tokens {
                         packed.push_str(&text);
                         sent += 1;
                         continue;

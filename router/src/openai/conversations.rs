@@ -318,7 +318,7 @@ pub async fn list_items(
     Path(id): Path<String>,
     Query(paging): Query<Paging>,
 ) -> Response {
-    let page = match page_of(&paging) {
+    let page = match page_of(&paging, true) {
         Ok(page) => page,
         Err(error) => return error.into_response(),
     };

@@ -331,12 +331,18 @@ async fn generate(
     id: String,
 ) -> Result<Response, ApiError> {
     let cap = dispatcher.limits().max_tokens_cap;
-    let (requests, mode) = match endpoint {
+    let tenant_name = tenant.as_ref().map(|t| t.0.clone());
+    let (requests, mode, keep) = match endpoint {
         Endpoint::Chat => {
-            let (request, mode) = parse::<ChatCompletionRequest>(body)?.into_proto(cap)?;
-            (vec![request], mode)
+            let request = parse::<ChatCompletionRequest>(body)?;
+            let keep = super::stored_chat::Keep::asked(&request, &dispatcher, tenant_name)?;
+            let (request, mode) = request.into_proto(cap)?;
+            (vec![request], mode, keep)
         }
-        Endpoint::Completion => parse::<CompletionRequest>(body)?.into_proto(cap)?,
+        Endpoint::Completion => {
+            let (requests, mode) = parse::<CompletionRequest>(body)?.into_proto(cap)?;
+            (requests, mode, None)
+        }
     };
     let (placed, frames) = place(
         &dispatcher,
@@ -357,7 +363,8 @@ async fn generate(
     };
     let meta = Meta {
         endpoint,
-        id: placed.id,
+        // A stored completion's id names the replica that keeps it.
+        id: keep.as_ref().map_or(placed.id, |keep| keep.id.clone()),
         created: unix_now(),
         model: placed.model,
         lane: placed.lane,
@@ -372,9 +379,13 @@ async fn generate(
         if let Frame::Failed(f) = &first {
             return Err(failed(f));
         }
+        let frames = match keep {
+            Some(keep) => keep.stream_through(meta.clone(), mode, (index, &first), frames),
+            None => frames,
+        };
         Ok(stream::sse_response(meta, mode, (index, first), frames))
     } else {
-        complete(meta, mode, frames).await
+        complete(meta, mode, frames, keep).await
     }
 }
 
@@ -584,16 +595,54 @@ fn message(text: String, calls: &super::tools::CollectedCalls) -> Value {
 
 /// Collects every choice's whole generation into one JSON response.
 async fn complete(
-    mut meta: Meta,
+    meta: Meta,
     mode: wire::StreamMode,
     mut frames: ChoiceFrames,
+    keep: Option<super::stored_chat::Keep>,
 ) -> Result<Response, ApiError> {
-    let mut collected: Vec<Collected> = (0..mode.choices).map(|_| Collected::default()).collect();
-    let mut open = collected.len();
-    while open > 0 {
+    let mut whole = Whole::new(mode);
+    while !whole.ended() {
         let (index, frame) = next_choice_frame(&mut frames).await?;
-        let Some(choice) = collected.get_mut(index as usize) else {
-            continue;
+        if let Frame::Failed(f) = &frame {
+            return Err(failed(f));
+        }
+        whole.push(index, frame);
+    }
+    let (meta, mut body) = whole.answer(meta);
+    if let Some(keep) = keep {
+        keep.store(&mut body);
+    }
+    let mut response = Json(body).into_response();
+    meta.decorate(&mut response);
+    Ok(response)
+}
+
+/// A whole (not streamed) answer, as its choices' frames come.
+pub(crate) struct Whole {
+    mode: wire::StreamMode,
+    collected: Vec<Collected>,
+    open: usize,
+}
+
+impl Whole {
+    pub(crate) fn new(mode: wire::StreamMode) -> Self {
+        let collected: Vec<Collected> = (0..mode.choices).map(|_| Collected::default()).collect();
+        Self {
+            mode,
+            open: collected.len(),
+            collected,
+        }
+    }
+
+    /// Whether every choice has finished.
+    pub(crate) fn ended(&self) -> bool {
+        self.open == 0
+    }
+
+    /// Takes in choice `index`'s next frame (a failure is the caller's to answer).
+    pub(crate) fn push(&mut self, index: u32, frame: Frame) {
+        let Some(choice) = self.collected.get_mut(index as usize) else {
+            return;
         };
         match frame {
             Frame::Tokens(tokens) => {
@@ -607,75 +656,84 @@ async fn complete(
                 }
             }
             Frame::Finished(finished) => {
-                choice.finished = Some(finished);
-                open -= 1;
+                if choice.finished.replace(finished).is_none() {
+                    self.open -= 1;
+                }
             }
-            Frame::Failed(f) => return Err(failed(&f)),
             // HTTP sends no client frames, so none is rejected.
-            Frame::Accepted(_) | Frame::Moved(_) | Frame::Rejected(_) => {}
+            Frame::Failed(_) | Frame::Accepted(_) | Frame::Moved(_) | Frame::Rejected(_) => {}
         }
     }
-    let finished: Vec<v1::Finished> = collected
-        .iter_mut()
-        .map(|c| c.finished.take().unwrap_or_default())
-        .collect();
-    // The headers name the workers that finished it (others than `Accepted`'s after a
-    // failover or a move).
-    if finished.iter().all(|f| !f.worker_id.is_empty()) {
-        meta.worker = distinct(finished.iter().map(|f| f.worker_id.as_str()));
-        meta.pool = distinct(finished.iter().map(|f| f.pool.as_str()));
-    }
-    let usages: Vec<_> = finished.iter().map(|f| f.usage).collect();
-    let usage = choices::usage(&usages, mode.per_prompt);
-    let choices: Vec<Value> = collected
-        .into_iter()
-        .zip(&finished)
-        .zip(0u32..)
-        .map(|((choice, finished), index)| {
-            let end = super::stream::Ending::of(finished);
-            let logprobs = match (mode.logprobs, meta.endpoint) {
-                (false, _) => Value::Null,
-                (true, Endpoint::Completion) => {
-                    Logprobs::default().completion(&choice.prompt, &choice.token_logprobs)
+
+    /// The answer's object, and `meta` naming the workers that finished it.
+    pub(crate) fn answer(self, mut meta: Meta) -> (Meta, Value) {
+        let Self {
+            mode,
+            mut collected,
+            ..
+        } = self;
+        let finished: Vec<v1::Finished> = collected
+            .iter_mut()
+            .map(|c| c.finished.take().unwrap_or_default())
+            .collect();
+        // The headers name the workers that finished it (others than `Accepted`'s after a
+        // failover or a move).
+        if finished.iter().all(|f| !f.worker_id.is_empty()) {
+            meta.worker = distinct(finished.iter().map(|f| f.worker_id.as_str()));
+            meta.pool = distinct(finished.iter().map(|f| f.pool.as_str()));
+        }
+        let usages: Vec<_> = finished.iter().map(|f| f.usage).collect();
+        let usage = choices::usage(&usages, mode.per_prompt);
+        let choices: Vec<Value> = collected
+            .into_iter()
+            .zip(&finished)
+            .zip(0u32..)
+            .map(|((choice, finished), index)| {
+                let end = super::stream::Ending::of(finished);
+                let logprobs = match (mode.logprobs, meta.endpoint) {
+                    (false, _) => Value::Null,
+                    (true, Endpoint::Completion) => {
+                        Logprobs::default().completion(&choice.prompt, &choice.token_logprobs)
+                    }
+                    (true, endpoint) => {
+                        Logprobs::default().render(endpoint, &choice.token_logprobs)
+                    }
+                };
+                let mut body = match meta.endpoint {
+                    Endpoint::Chat => json!({
+                        "index": index,
+                        "message": message(choice.text, &choice.tool_calls),
+                        "logprobs": logprobs,
+                        "finish_reason": end.reason,
+                    }),
+                    Endpoint::Completion => json!({
+                        "index": index,
+                        "text": super::logprobs::prompt_text(&choice.prompt) + &choice.text,
+                        "logprobs": logprobs,
+                        "finish_reason": end.reason,
+                    }),
+                };
+                if let (Some(stop), Value::Object(body)) = (end.stop_sequence, &mut body) {
+                    body.insert("stop_reason".into(), Value::from(stop));
                 }
-                (true, endpoint) => Logprobs::default().render(endpoint, &choice.token_logprobs),
-            };
-            let mut body = match meta.endpoint {
-                Endpoint::Chat => json!({
-                    "index": index,
-                    "message": message(choice.text, &choice.tool_calls),
-                    "logprobs": logprobs,
-                    "finish_reason": end.reason,
-                }),
-                Endpoint::Completion => json!({
-                    "index": index,
-                    "text": super::logprobs::prompt_text(&choice.prompt) + &choice.text,
-                    "logprobs": logprobs,
-                    "finish_reason": end.reason,
-                }),
-            };
-            if let (Some(stop), Value::Object(body)) = (end.stop_sequence, &mut body) {
-                body.insert("stop_reason".into(), Value::from(stop));
-            }
-            body
-        })
-        .collect();
-    let object = match meta.endpoint {
-        Endpoint::Chat => "chat.completion",
-        Endpoint::Completion => "text_completion",
-    };
-    let body = json!({
-        "id": meta.id,
-        "object": object,
-        "created": meta.created,
-        "model": meta.model,
-        "system_fingerprint": Value::Null,
-        "choices": choices,
-        "usage": usage,
-    });
-    let mut response = Json(body).into_response();
-    meta.decorate(&mut response);
-    Ok(response)
+                body
+            })
+            .collect();
+        let object = match meta.endpoint {
+            Endpoint::Chat => "chat.completion",
+            Endpoint::Completion => "text_completion",
+        };
+        let body = json!({
+            "id": meta.id,
+            "object": object,
+            "created": meta.created,
+            "model": meta.model,
+            "system_fingerprint": Value::Null,
+            "choices": choices,
+            "usage": usage,
+        });
+        (meta, body)
+    }
 }
 
 /// Model ids and whether a ready worker serves each.
@@ -754,16 +812,10 @@ pub async fn wrong_method(
     uri: axum::http::Uri,
     headers: HeaderMap,
 ) -> Response {
-    // GET routes answer HEAD too.
-    let (allowed, usable) =
-        if uri.path().starts_with("/v1/models") || ["/health", "/metrics"].contains(&uri.path()) {
-            ("GET, HEAD", "GET")
-        } else {
-            ("POST", "POST")
-        };
+    let allowed = allowed_methods(uri.path());
     let error = ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
-        message: format!("{method} is not allowed on {}: use {usable}", uri.path()),
+        message: format!("{method} is not allowed on {}: use {allowed}", uri.path()),
         kind: "invalid_request_error",
         param: None,
         code: None,
@@ -774,6 +826,20 @@ pub async fn wrong_method(
         .headers_mut()
         .insert(axum::http::header::ALLOW, HeaderValue::from_static(allowed));
     response
+}
+
+/// The methods a route answers (GET routes answer HEAD too), as an `Allow` header lists them.
+fn allowed_methods(path: &str) -> &'static str {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
+    match segments.as_slice() {
+        ["models", ..] => "GET, HEAD",
+        ["chat", "completions"] | ["conversations", _, "items"] => "GET, HEAD, POST",
+        ["chat", "completions", _] | ["conversations", _] => "GET, HEAD, POST, DELETE",
+        ["chat", "completions", _, "messages"] | ["responses", _, "input_items"] => "GET, HEAD",
+        ["responses", _] | ["conversations", _, "items", _] => "GET, HEAD, DELETE",
+        _ if ["/health", "/metrics"].contains(&path) => "GET, HEAD",
+        _ => "POST",
+    }
 }
 
 pub async fn unknown_route(uri: axum::http::Uri) -> Response {
@@ -791,9 +857,40 @@ fn unknown_route_message(path: &str) -> String {
              {RESPONSES_ROUTE}/{{id}}/cancel; responses are not listed"
         );
     }
+    if path.starts_with(CHAT_ROUTE) {
+        return format!(
+            "no such endpoint: {path}: stored chat completions (store: true) are listed at GET \
+             {CHAT_ROUTE}, read at GET {CHAT_ROUTE}/{{id}} and GET {CHAT_ROUTE}/{{id}}/messages, \
+             their metadata replaced at POST {CHAT_ROUTE}/{{id}}, deleted at DELETE \
+             {CHAT_ROUTE}/{{id}}"
+        );
+    }
     format!(
         "no such endpoint: {path}; this router serves POST {CHAT_ROUTE}, {COMPLETIONS_ROUTE}, \
          {RESPONSES_ROUTE}, {MESSAGES_ROUTE}, {COUNT_TOKENS_ROUTE}, {TOKENIZE_ROUTE}, \
          {DETOKENIZE_ROUTE} and GET /v1/models, /health, /metrics"
     )
+}
+
+#[cfg(test)]
+mod allowed_tests {
+    use super::allowed_methods;
+
+    #[test]
+    fn a_wrong_method_is_told_the_routes_methods() {
+        for (path, allowed) in [
+            ("/v1/chat/completions", "GET, HEAD, POST"),
+            ("/v1/chat/completions/chatcmpl-1", "GET, HEAD, POST, DELETE"),
+            ("/v1/chat/completions/chatcmpl-1/messages", "GET, HEAD"),
+            ("/v1/completions", "POST"),
+            ("/v1/responses", "POST"),
+            ("/v1/responses/resp_1", "GET, HEAD, DELETE"),
+            ("/v1/responses/resp_1/cancel", "POST"),
+            ("/v1/conversations/conv_1/items/msg_1", "GET, HEAD, DELETE"),
+            ("/v1/models/org/name", "GET, HEAD"),
+            ("/metrics", "GET, HEAD"),
+        ] {
+            assert_eq!(allowed_methods(path), allowed, "{path}");
+        }
+    }
 }

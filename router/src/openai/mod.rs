@@ -21,6 +21,7 @@ mod fuzz;
 pub(crate) mod handlers;
 mod logprobs;
 mod responses;
+pub(crate) mod stored_chat;
 pub(crate) mod stream;
 #[cfg(test)]
 pub(crate) mod test_support;
@@ -48,6 +49,7 @@ use crate::report::answers::Answer;
 pub use conversations::check_added_items;
 pub use cors::CorsOrigins;
 pub use error::ApiError;
+pub use responses::request::metadata as check_metadata;
 
 /// One model: the rest of the path, slashes included, as Hugging Face-style ids have them
 /// (`org/name`; found from outside: `GET /v1/models/acme/llama-3` was a 404 "no such
@@ -59,7 +61,17 @@ const MODEL_ROUTE: &str = "/v1/models/{*model}";
 /// authenticate first (401 in OpenAI's shape) and hand the key's tenant to the handlers.
 pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router {
     let api = Router::new()
-        .route(handlers::CHAT_ROUTE, post(handlers::chat_completions))
+        .route(
+            handlers::CHAT_ROUTE,
+            post(handlers::chat_completions).get(stored_chat::list),
+        )
+        .route(
+            stored_chat::COMPLETION_ROUTE,
+            get(stored_chat::get)
+                .post(stored_chat::update)
+                .delete(stored_chat::delete),
+        )
+        .route(stored_chat::MESSAGES_ROUTE, get(stored_chat::messages))
         .route(handlers::COMPLETIONS_ROUTE, post(handlers::completions))
         .route(handlers::RESPONSES_ROUTE, post(responses::responses))
         .route(

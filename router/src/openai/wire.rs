@@ -231,6 +231,10 @@ impl Unsupported {
 pub struct ChatCompletionRequest {
     pub model: Option<String>,
     pub messages: Option<Vec<Value>>,
+    /// `true` keeps the completion to read back (see [`crate::openai::stored_chat`]).
+    pub store: Option<Value>,
+    /// Pairs kept with a stored completion, to list it by.
+    pub metadata: Option<Value>,
     pub tools: Option<Value>,
     pub tool_choice: Option<Value>,
     pub parallel_tool_calls: Option<Value>,

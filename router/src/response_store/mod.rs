@@ -15,10 +15,14 @@
 //! their ids name their replica too, they count against the same bytes, and they go (oldest
 //! change first) as responses do.
 //!
+//! Chat completions a request asked to keep (`store: true`, `chatcmpl-…`) are kept as
+//! responses are (see [`chat`]).
+//!
 //! What a store keeps and drops can be followed as it happens ([`ResponseStore::begin_mirror`]):
 //! that is how another replica keeps a standby copy (see [`mirror`]).
 
 pub mod background;
+pub mod chat;
 pub mod conversation;
 pub mod events;
 pub mod handover;
@@ -509,9 +513,11 @@ impl ResponseStore {
         inner.by_id.contains_key(id)
     }
 
-    /// Deletes the response `id` if `tenant` may; whether it was here.
+    /// Deletes the response or stored chat completion `id` if `tenant` may; whether it was
+    /// here.
     pub fn delete(&self, id: &str, tenant: Option<&str>) -> bool {
-        id.starts_with(ID_PREFIX) && self.delete_kept(id, tenant)
+        (id.starts_with(ID_PREFIX) || id.starts_with(chat::CHAT_PREFIX))
+            && self.delete_kept(id, tenant)
     }
 
     /// Deletes the response or conversation `id` if `tenant` may; whether it was here.
@@ -674,12 +680,19 @@ impl Inner {
     }
 }
 
-/// The owner tag of a response or conversation id of this store's shape; `None` for any
-/// other id.
+/// Whether `id` is a Responses-API response's (not a conversation's or a chat completion's,
+/// which the same store keeps).
+pub fn is_response_id(id: &str) -> bool {
+    id.starts_with(ID_PREFIX)
+}
+
+/// The owner tag of a response, conversation or stored chat completion id of this store's
+/// shape; `None` for any other id.
 pub fn owner_of(id: &str) -> Option<&str> {
     let rest = id
         .strip_prefix(ID_PREFIX)
-        .or_else(|| id.strip_prefix(CONVERSATION_PREFIX))?;
+        .or_else(|| id.strip_prefix(CONVERSATION_PREFIX))
+        .or_else(|| id.strip_prefix(chat::CHAT_PREFIX))?;
     let valid = rest.len() == OWNER_CHARS + 32 && rest.bytes().all(|b| b.is_ascii_hexdigit());
     valid.then(|| &rest[..OWNER_CHARS])
 }

@@ -314,6 +314,99 @@ pub async fn call_conversation(
     }
 }
 
+/// Replaces the metadata of chat completion `id` on replica `owner`: its object as it is now,
+/// or the replica's refusal (NOT_FOUND: not kept there for this client).
+pub async fn update_chat_completion(
+    dispatcher: &Dispatcher,
+    owner: &str,
+    id: &str,
+    metadata_json: String,
+    headers: &HeaderMap,
+) -> Result<Result<String, tonic::Status>, PeerError> {
+    let peers = &dispatcher.peers;
+    let mut client = peers.client(owner).await?;
+    let asked = ask(
+        v1::UpdateChatCompletionRequest {
+            id: id.into(),
+            metadata_json,
+        },
+        headers,
+    );
+    match client.update_chat_completion(asked).await {
+        Ok(answer) => Ok(Ok(answer.into_inner().object_json)),
+        Err(status) => refused_or_failed(owner, peers, status).await,
+    }
+}
+
+/// What every other running replica keeps of the chat completions `listing` asks for (each
+/// replica once, whatever tags it answers for). A replica that cannot be asked fails the
+/// listing: a page missing some would look whole.
+pub async fn list_chat_completions(
+    dispatcher: &Dispatcher,
+    listing: &super::chat::Listing,
+    headers: &HeaderMap,
+) -> Result<Vec<(super::chat::Cursor, Arc<str>)>, ApiError> {
+    let peers = &dispatcher.peers;
+    let Some(registry) = peers.registry.get() else {
+        // Not in a cluster (yet): this replica's are all there are to know of.
+        return Ok(Vec::new());
+    };
+    let routers = registry.list_routers().await.map_err(|e| {
+        ApiError::from_code(
+            tonic::Code::Unavailable,
+            &format!("listing needs the cluster registry, which did not answer: {e}"),
+        )
+    })?;
+    let own = dispatcher.responses.tags();
+    let mut asked = std::collections::HashSet::new();
+    if let Some((address, _)) = peers.me.get() {
+        asked.insert(address.clone());
+    }
+    let others: Vec<&RouterRecord> = routers
+        .iter()
+        .filter(|r| !own.contains(&r.id) && asked.insert(r.grpc_address.clone()))
+        .collect();
+    let asks = others.into_iter().map(|router| async move {
+        let unreachable = |why: String| {
+            ApiError::from_code(
+                tonic::Code::Unavailable,
+                &format!(
+                    "router replica {} ({}) cannot be reached to list what it keeps: {why}",
+                    router.id, router.grpc_address
+                ),
+            )
+        };
+        let mut client = peers
+            .client(&router.id)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let request = ask(super::chat::listing_to_proto(listing), headers);
+        match client.list_chat_completions(request).await {
+            Ok(answer) => Ok(answer
+                .into_inner()
+                .completions
+                .into_iter()
+                .filter_map(super::chat::listed_from_proto)
+                .collect::<Vec<_>>()),
+            Err(status) => match status.code() {
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+                    Err(ApiError::from_code(status.code(), status.message()))
+                }
+                _ => {
+                    peers.forget(&router.id);
+                    Err(unreachable(format!(
+                        "{}: {}",
+                        status.code(),
+                        status.message()
+                    )))
+                }
+            },
+        }
+    });
+    let answers = futures::future::try_join_all(asks).await?;
+    Ok(answers.into_iter().flatten().collect())
+}
+
 /// A replica's answer that refuses what was asked (not kept there, a bad argument, a
 /// precondition): that status; any other is a failure to reach it.
 async fn refused_or_failed<T>(

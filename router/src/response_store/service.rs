@@ -9,7 +9,7 @@ use futures::{Stream, StreamExt as _};
 use switchyard_proto::v1;
 use tonic::{Request, Response, Status};
 
-use super::{Lookup, ResponseStore, conversation, events, peers};
+use super::{Lookup, ResponseStore, chat, conversation, events, peers};
 use crate::auth::Tenant;
 
 pub struct StoredResponsesService {
@@ -108,6 +108,52 @@ impl v1::stored_responses_server::StoredResponses for StoredResponsesService {
             id,
             object_json,
             ..Default::default()
+        }))
+    }
+
+    async fn update_chat_completion(
+        &self,
+        request: Request<v1::UpdateChatCompletionRequest>,
+    ) -> Result<Response<v1::StoredResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let v1::UpdateChatCompletionRequest { id, metadata_json } = request.into_inner();
+        // Checked where it is kept, whoever sends it.
+        let metadata = serde_json::from_str(&metadata_json)
+            .ok()
+            .and_then(|m| match m {
+                serde_json::Value::Object(m) => Some(m),
+                _ => None,
+            })
+            .ok_or_else(|| Status::invalid_argument("metadata_json: must be a JSON object"))
+            .and_then(|m| {
+                crate::openai::check_metadata(Some(m))
+                    .map_err(|e| Status::invalid_argument(e.message))
+            })?;
+        let object_json = self
+            .store
+            .update_chat_metadata(&id, tenant.as_deref(), metadata)
+            .ok_or_else(|| not_kept(&id))?;
+        Ok(Response::new(v1::StoredResponse {
+            id,
+            object_json,
+            ..Default::default()
+        }))
+    }
+
+    async fn list_chat_completions(
+        &self,
+        request: Request<v1::ListChatCompletionsRequest>,
+    ) -> Result<Response<v1::ListChatCompletionsResponse>, Status> {
+        let tenant = tenant_of(&request);
+        let listing = chat::listing_from_proto(request.into_inner());
+        let completions = self
+            .store
+            .list_chat_completions(tenant.as_deref(), &listing)
+            .into_iter()
+            .map(|(cursor, object)| chat::listed_to_proto(cursor, &object))
+            .collect();
+        Ok(Response::new(v1::ListChatCompletionsResponse {
+            completions,
         }))
     }
 

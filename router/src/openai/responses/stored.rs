@@ -18,7 +18,9 @@ use super::super::error::ApiError;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 use crate::openai::stream::event_stream;
-use crate::response_store::{Lookup, StoredMessage, StoredResponse, conversation, events, peers};
+use crate::response_store::{
+    Lookup, StoredMessage, StoredResponse, conversation, events, is_response_id, peers,
+};
 use futures::StreamExt as _;
 
 /// The stored-response routes.
@@ -38,6 +40,9 @@ async fn find(
     tenant: Option<&str>,
     headers: &HeaderMap,
 ) -> Result<Option<Arc<StoredResponse>>, ApiError> {
+    if !is_response_id(id) {
+        return Ok(None);
+    }
     match dispatcher.responses.get(id, tenant) {
         Lookup::Found(response) => Ok(Some(response)),
         Lookup::Missing => Ok(None),
@@ -176,6 +181,9 @@ async fn follow(
         tonic::Code::FailedPrecondition => ApiError::invalid("stream", status.message()),
         code => ApiError::from_code(code, status.message()),
     };
+    if !is_response_id(id) {
+        return Err(not_found(id));
+    }
     match dispatcher.responses.events_of(id, tenant) {
         Lookup::Found(log) => {
             let log = events::followable(id, log).map_err(refused)?;
@@ -209,6 +217,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Response {
     let deleted = match dispatcher.responses.get(&id, tenant_of(&tenant)) {
+        _ if !is_response_id(&id) => Ok(false),
         Lookup::Found(running) if running.running => {
             return ApiError::invalid(
                 "id",
@@ -241,6 +250,9 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Response {
     let tenant = tenant_of(&tenant);
+    if !is_response_id(&id) {
+        return not_found(&id).into_response();
+    }
     let answer = match crate::response_store::owner_of(&id) {
         Some(owner) if !dispatcher.responses.tags().iter().any(|t| t == owner) => {
             match peers::cancel(&dispatcher, owner, &id, &headers).await {
@@ -257,12 +269,12 @@ pub async fn cancel(
     }
 }
 
-/// `input_items`' paging, as OpenAI's: newest first by default, 20 at a time.
-#[derive(Debug, Deserialize)]
+/// A list's paging, as OpenAI's: 20 at a time by default.
+#[derive(Debug, Default, Deserialize)]
 pub struct Paging {
-    after: Option<String>,
-    limit: Option<String>,
-    order: Option<String>,
+    pub after: Option<String>,
+    pub limit: Option<String>,
+    pub order: Option<String>,
 }
 
 /// `GET /v1/responses/{id}/input_items`: the items the request that made it sent.
@@ -273,7 +285,7 @@ pub async fn input_items(
     Path(id): Path<String>,
     Query(paging): Query<Paging>,
 ) -> Response {
-    let page = match page_of(&paging) {
+    let page = match page_of(&paging, true) {
         Ok(page) => page,
         Err(error) => return error.into_response(),
     };
@@ -294,7 +306,9 @@ pub struct Page {
     pub newest_first: bool,
 }
 
-pub fn page_of(paging: &Paging) -> Result<Page, ApiError> {
+/// The page `paging` asks for; without an `order`, newest first when `newest_first_by_default`
+/// (OpenAI's lists differ).
+pub fn page_of(paging: &Paging, newest_first_by_default: bool) -> Result<Page, ApiError> {
     let limit = match paging.limit.as_deref() {
         None => 20,
         Some(text) => match text.parse::<usize>() {
@@ -308,7 +322,8 @@ pub fn page_of(paging: &Paging) -> Result<Page, ApiError> {
         },
     };
     let newest_first = match paging.order.as_deref() {
-        None | Some("desc") => true,
+        None => newest_first_by_default,
+        Some("desc") => true,
         Some("asc") => false,
         Some(other) => {
             return Err(ApiError::invalid(
@@ -362,17 +377,17 @@ mod tests {
 
     #[test]
     fn input_items_page_newest_first_by_default() {
-        let page = page_of(&paging(None, Some("2"), None)).unwrap();
+        let page = page_of(&paging(None, Some("2"), None), true).unwrap();
         let list = page.of(&items(3)).unwrap();
         assert_eq!(ids(&list), ["msg_2", "msg_1"]);
         assert_eq!(list["has_more"], true);
         assert_eq!(list["first_id"], "msg_2");
         assert_eq!(list["last_id"], "msg_1");
-        let next = page_of(&paging(Some("msg_1"), Some("2"), None)).unwrap();
+        let next = page_of(&paging(Some("msg_1"), Some("2"), None), true).unwrap();
         let list = next.of(&items(3)).unwrap();
         assert_eq!(ids(&list), ["msg_0"]);
         assert_eq!(list["has_more"], false);
-        let oldest = page_of(&paging(None, None, Some("asc"))).unwrap();
+        let oldest = page_of(&paging(None, None, Some("asc")), true).unwrap();
         assert_eq!(
             ids(&oldest.of(&items(3)).unwrap()),
             ["msg_0", "msg_1", "msg_2"]
@@ -386,9 +401,12 @@ mod tests {
             (paging(None, Some("lots"), None), "limit"),
             (paging(None, None, Some("newest")), "order"),
         ] {
-            assert_eq!(page_of(&paging).unwrap_err().param.as_deref(), Some(param));
+            assert_eq!(
+                page_of(&paging, true).unwrap_err().param.as_deref(),
+                Some(param)
+            );
         }
-        let unknown = page_of(&paging(Some("msg_9"), None, None)).unwrap();
+        let unknown = page_of(&paging(Some("msg_9"), None, None), true).unwrap();
         assert_eq!(
             unknown.of(&items(2)).unwrap_err().param.as_deref(),
             Some("after")
