@@ -1,5 +1,6 @@
 //! `switchyard-bench doors`: what each HTTP door costs, side by side on one router — the same
-//! streamed generations asked for as a chat completion (`/v1/chat/completions`), as a response
+//! streamed generations asked for as a chat completion (`/v1/chat/completions`, and kept with
+//! `store: true`), as a response
 //! (`/v1/responses`, whose stream sends typed events with the whole response object at each
 //! end; stored, as by default, with `store: false`, and in the background, whose events the
 //! router keeps for a client to resume from) and as an Anthropic message (`/v1/messages`).
@@ -47,6 +48,8 @@ pub struct DoorsArgs {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Door {
     Chat,
+    /// `store: true`: the chat answer is also put together whole and kept.
+    ChatStored,
     /// Stored (`store` left to its default, as OpenAI's SDKs leave it).
     Responses,
     /// `store: false`: the door without keeping the response.
@@ -60,6 +63,7 @@ impl Door {
     fn name(self) -> &'static str {
         match self {
             Door::Chat => "chat",
+            Door::ChatStored => "chat kept",
             Door::Responses => "responses",
             Door::ResponsesUnstored => "unstored",
             Door::ResponsesBackground => "background",
@@ -69,7 +73,7 @@ impl Door {
 
     fn path(self) -> &'static str {
         match self {
-            Door::Chat => "/v1/chat/completions",
+            Door::Chat | Door::ChatStored => "/v1/chat/completions",
             Door::Responses | Door::ResponsesUnstored | Door::ResponsesBackground => {
                 "/v1/responses"
             }
@@ -82,6 +86,10 @@ impl Door {
         match self {
             Door::Chat => json!({
                 "model": MODEL, "stream": true, "max_tokens": max_tokens,
+                "messages": [{"role": "user", "content": question}],
+            }),
+            Door::ChatStored => json!({
+                "model": MODEL, "stream": true, "max_tokens": max_tokens, "store": true,
                 "messages": [{"role": "user", "content": question}],
             }),
             Door::Responses => json!({
@@ -139,14 +147,14 @@ async fn one(
     let mut ended = false;
     'read: while let Some(bytes) = stream.next().await {
         for event in parser.push(&bytes.context("reading the event stream")?)? {
-            if door == Door::Chat && event.data == "[DONE]" {
+            if matches!(door, Door::Chat | Door::ChatStored) && event.data == "[DONE]" {
                 ended = true;
                 break 'read;
             }
             let data: Value = serde_json::from_str(&event.data)
                 .with_context(|| format!("event is not JSON: {}", event.data))?;
             let text = match door {
-                Door::Chat => data["choices"][0]["delta"]["content"].as_str(),
+                Door::Chat | Door::ChatStored => data["choices"][0]["delta"]["content"].as_str(),
                 Door::Responses | Door::ResponsesUnstored | Door::ResponsesBackground => {
                     data["delta"].as_str()
                 }
@@ -263,6 +271,7 @@ pub async fn run(args: DoorsArgs) -> anyhow::Result<()> {
         .build()?;
     let doors = [
         Door::Chat,
+        Door::ChatStored,
         Door::Responses,
         Door::ResponsesUnstored,
         Door::ResponsesBackground,

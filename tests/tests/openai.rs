@@ -856,6 +856,19 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
         .context("an id")?
         .to_string();
     drop(events);
+    // And a stored chat completion.
+    let kept: Value = client
+        .post(format!("{leaving_url}/chat/completions"))
+        .json(
+            &json!({"model": "synthetic", "max_tokens": 3, "store": true,
+                      "metadata": {"case": "handed"},
+                      "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .send()
+        .await?
+        .json()
+        .await?;
+    let kept_id = kept["id"].as_str().context("an id")?.to_string();
 
     leaving.terminate(Duration::from_secs(30)).await?;
 
@@ -901,6 +914,14 @@ async fn a_stopping_router_hands_its_stored_responses_to_another() -> anyhow::Re
     assert_eq!(numbers, (1..=numbers.len() as u64).collect::<Vec<_>>());
     assert_eq!(last["type"], "response.incomplete", "{last}");
     assert_eq!(last["response"]["usage"]["output_tokens"], 30, "{last}");
+    let handed: Value = client
+        .get(format!("{staying}/chat/completions?metadata[case]=handed"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(handed["data"][0]["id"], kept_id.as_str(), "{handed}");
+    assert_eq!(handed["data"][0]["choices"], kept["choices"], "{handed}");
     // A replica started afterwards finds them at the replica that took them.
     let newcomer = switchyard_tests::start_router(&cluster.etcd.url, "newcomer", &flags).await?;
     let newcomer_url = format!("http://{}/v1/responses/{first_id}", newcomer.addr("http"));

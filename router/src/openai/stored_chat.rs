@@ -224,9 +224,11 @@ pub async fn update(
         .and_then(|body| wire::typed::<Update>(&body))
         .and_then(|update| match update.metadata {
             Some(Value::Object(pairs)) => checked_metadata(Some(pairs)),
-            Some(Value::Null) | None => Err(ApiError::invalid(
+            // The SDK sends `null` for `metadata=None`: no pairs left.
+            Some(Value::Null) => Ok(Value::Object(Map::new())),
+            None => Err(ApiError::invalid(
                 "metadata",
-                "is required: the pairs that replace the completion's",
+                "is required: the pairs that replace the completion's (null or {} for none)",
             )),
             Some(other) => Err(ApiError::invalid(
                 "metadata",

@@ -41,7 +41,7 @@ pub struct Running {
     /// The stored object once it has ended.
     ended: watch::Receiver<Option<String>>,
     /// Its events, when it streams them.
-    events: Option<Arc<EventLog>>,
+    pub(super) events: Option<Arc<EventLog>>,
 }
 
 /// Runs in progress on this replica, by response id.
@@ -133,7 +133,7 @@ impl ResponseStore {
         self.runs.by_id.lock().expect("runs lock").len()
     }
 
-    fn run(&self, id: &str, tenant: Option<&str>) -> Option<Arc<Running>> {
+    pub(super) fn run(&self, id: &str, tenant: Option<&str>) -> Option<Arc<Running>> {
         self.runs
             .by_id
             .lock()

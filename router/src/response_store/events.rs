@@ -72,10 +72,21 @@ impl ResponseStore {
     /// response whose events this replica does not keep (not a streamed background one, or
     /// handed to this replica without them).
     pub fn events_of(&self, id: &str, tenant: Option<&str>) -> Lookup<Option<Arc<EventLog>>> {
-        match self.get(id, tenant) {
-            Lookup::Found(response) => Lookup::Found(response.events.clone()),
-            Lookup::Missing => Lookup::Missing,
-            Lookup::Elsewhere(owner) => Lookup::Elsewhere(owner),
+        // Looked up directly: a running response is not described (its object made) only to
+        // be dropped.
+        let kept = self.look_up(id, |inner| {
+            inner
+                .by_id
+                .get(id)
+                .filter(|r| r.tenant.as_deref() == tenant)
+                .map(|r| r.events.clone())
+        });
+        match kept {
+            Lookup::Missing => match self.run(id, tenant) {
+                Some(run) => Lookup::Found(run.events.clone()),
+                None => Lookup::Missing,
+            },
+            kept => kept,
         }
     }
 }
