@@ -378,10 +378,6 @@ async fn create_response(
     Ok((status, answer.json::<Value>().await?))
 }
 
-/// A stored response is one conversation's state, kept by the router replica that answered it;
-/// the next turn may land on any replica (a load balancer spreads them): that replica reads
-/// the response from its keeper, found through etcd. A replica that stopped took its responses
-/// with it, and a client is told so.
 /// Stored chat completions are one store across the router's replicas: made on one, they are
 /// read, listed, changed and deleted through another (the SDK checks, split across two doors),
 /// and a listing on either merges what every replica keeps, in order.
@@ -411,8 +407,44 @@ async fn stored_chat_completions_are_read_and_listed_across_router_replicas() ->
         "{out}"
     );
 
-    // Completions kept by each replica, in turn: either lists them all, oldest first.
+    // The answer's id is the request's (`x-request-id`, the decision feed's), unless the client
+    // named its own: that is echoed, and the completion is kept under an id of the store's.
     let client = http();
+    for named in [None, Some("my-trace-7")] {
+        let mut ask = client.post(format!("{other_url}/chat/completions"));
+        if let Some(named) = named {
+            ask = ask.header("x-request-id", named);
+        }
+        let answer = ask
+            .json(
+                &json!({"model": "synthetic", "max_tokens": 2, "store": true,
+                          "messages": [{"role": "user", "content": "Hi"}]}),
+            )
+            .send()
+            .await?;
+        let header = answer.headers()["x-request-id"].to_str()?.to_string();
+        let body: Value = answer.json().await?;
+        let id = body["id"].as_str().context("an id")?;
+        match named {
+            None => assert_eq!(header, id),
+            Some(named) => assert_eq!(header, named),
+        }
+        let read = client
+            .get(format!("{keeper_url}/chat/completions/{id}"))
+            .send()
+            .await?;
+        assert_eq!(read.status(), 200, "{id}");
+    }
+    // A stored response's id is its request's too.
+    let answer = client
+        .post(format!("{other_url}/responses"))
+        .json(&json!({"model": "synthetic", "input": "Hi", "max_output_tokens": 2}))
+        .send()
+        .await?;
+    let header = answer.headers()["x-request-id"].to_str()?.to_string();
+    let body: Value = answer.json().await?;
+    assert_eq!(body["id"].as_str(), Some(header.as_str()), "{body}");
+    // Completions kept by each replica, in turn: either lists them all, oldest first.
     let mut made = Vec::new();
     for base in [&keeper_url, &other_url, &keeper_url] {
         let body: Value = client
@@ -453,6 +485,10 @@ async fn stored_chat_completions_are_read_and_listed_across_router_replicas() ->
     Ok(())
 }
 
+/// A stored response is one conversation's state, kept by the router replica that answered it;
+/// the next turn may land on any replica (a load balancer spreads them): that replica reads
+/// the response from its keeper, found through etcd. A replica that stopped took its responses
+/// with it, and a client is told so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_conversation_goes_on_from_a_response_another_router_replica_stored() -> anyhow::Result<()>
 {

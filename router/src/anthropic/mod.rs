@@ -37,7 +37,7 @@ pub async fn messages(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let limits = dispatcher.limits().clone();
-    handlers::answer(&headers.clone(), &limits, MESSAGES_ROUTE, |id| {
+    handlers::answer(&headers.clone(), &limits, MESSAGES_ROUTE, None, |id| {
         respond(dispatcher, tenant.map(|t| t.0), headers, body, id)
     })
     .await

@@ -35,7 +35,7 @@ pub const CLASS_HEADER: &str = "x-switchyard-class";
 /// Largest request body accepted (a 413 names it).
 pub const MAX_BODY_BYTES: usize = 2 << 20;
 /// The request's id, in a request (the client's, optional) and in every answer.
-const REQUEST_ID_HEADER: &str = "x-request-id";
+pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
 /// Which OpenAI endpoint a generation came through; decides the response shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,11 @@ pub enum Endpoint {
 #[derive(Debug, Clone)]
 pub struct Meta {
     pub endpoint: Endpoint,
+    /// The answer's `id`.
     pub id: String,
+    /// The id the request ran under (`x-request-id`): the answer's `id`, but for one stored
+    /// under an id of the store's while the client named its own.
+    pub request_id: String,
     pub created: u64,
     pub model: String,
     pub lane: String,
@@ -59,7 +63,13 @@ pub struct Meta {
 impl Meta {
     /// Adds the `x-switchyard-*` headers to `response`.
     pub fn decorate(&self, response: &mut Response) {
-        tag(response, &self.lane, &self.pool, &self.worker, &self.id);
+        tag(
+            response,
+            &self.lane,
+            &self.pool,
+            &self.worker,
+            &self.request_id,
+        );
     }
 }
 
@@ -85,7 +95,8 @@ pub async fn chat_completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let limits = dispatcher.limits().clone();
-    answer(&headers.clone(), &limits, CHAT_ROUTE, |id| {
+    let mint = dispatcher.responses.new_chat_completion_id();
+    answer(&headers.clone(), &limits, CHAT_ROUTE, Some(mint), |id| {
         generate(
             dispatcher,
             tenant.map(|t| t.0),
@@ -105,7 +116,7 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let limits = dispatcher.limits().clone();
-    answer(&headers.clone(), &limits, COMPLETIONS_ROUTE, |id| {
+    answer(&headers.clone(), &limits, COMPLETIONS_ROUTE, None, |id| {
         generate(
             dispatcher,
             tenant.map(|t| t.0),
@@ -142,17 +153,22 @@ fn id_prefix(route: &str) -> Option<&'static str> {
 /// Runs the generation `run` under the request's id; every answer, an error included,
 /// carries that id in `x-request-id`, so a user can quote it to whoever reads the decision
 /// feed.
+///
+/// `mint` is the id for a request that names none (`None`: a new one of the route's shape): a
+/// door that may store the answer mints it as its store's id, so that a stored answer's `id` is
+/// the request's.
 pub(crate) async fn answer<F, Fut>(
     headers: &HeaderMap,
     limits: &switchyard_proto::RequestLimits,
     route: &str,
+    mint: Option<String>,
     run: F,
 ) -> Response
 where
     F: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = Result<Response, ApiError>>,
 {
-    let (id, outcome) = match request_id(headers, route, limits) {
+    let (id, outcome) = match request_id(headers, route, limits, mint) {
         Ok(id) => {
             let outcome = run(id.clone()).await;
             (id, outcome)
@@ -174,9 +190,10 @@ fn request_id(
     headers: &HeaderMap,
     route: &str,
     limits: &switchyard_proto::RequestLimits,
+    mint: Option<String>,
 ) -> Result<String, ApiError> {
     let Some(value) = headers.get(REQUEST_ID_HEADER) else {
-        return Ok(new_request_id(route));
+        return Ok(mint.unwrap_or_else(|| new_request_id(route)));
     };
     match value.to_str() {
         Ok(id)
@@ -222,7 +239,7 @@ pub(super) fn tag_with_request_id(response: &mut Response, headers: &HeaderMap, 
         return;
     }
     let limits = switchyard_proto::RequestLimits::default();
-    let id = request_id(headers, path, &limits).unwrap_or_else(|_| new_request_id(path));
+    let id = request_id(headers, path, &limits, None).unwrap_or_else(|_| new_request_id(path));
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID_HEADER, value);
     }
@@ -335,7 +352,11 @@ async fn generate(
     let (requests, mode, keep) = match endpoint {
         Endpoint::Chat => {
             let request = parse::<ChatCompletionRequest>(body)?;
-            let keep = super::stored_chat::Keep::asked(&request, &dispatcher, tenant_name)?;
+            // The id minted for it is its store's shape; one the client named is not ours to
+            // store under (it could name another's).
+            let store_as = (!headers.contains_key(REQUEST_ID_HEADER)).then(|| id.clone());
+            let keep =
+                super::stored_chat::Keep::asked(&request, &dispatcher, tenant_name, store_as)?;
             let (request, mode) = request.into_proto(cap)?;
             (vec![request], mode, keep)
         }
@@ -364,7 +385,10 @@ async fn generate(
     let meta = Meta {
         endpoint,
         // A stored completion's id names the replica that keeps it.
-        id: keep.as_ref().map_or(placed.id, |keep| keep.id.clone()),
+        id: keep
+            .as_ref()
+            .map_or_else(|| placed.id.clone(), |keep| keep.id.clone()),
+        request_id: placed.id,
         created: unix_now(),
         model: placed.model,
         lane: placed.lane,

@@ -62,10 +62,13 @@ pub(crate) struct Keep {
 
 impl Keep {
     /// What `request` asks to keep; `None` when it does not say `store: true`.
+    /// `store_as`: the id the request runs under when the router minted it (as
+    /// [`ResponseStore::new_chat_completion_id`] does), the stored completion's id too.
     pub(crate) fn asked(
         request: &ChatCompletionRequest,
         dispatcher: &Dispatcher,
         tenant: Option<String>,
+        store_as: Option<String>,
     ) -> Result<Option<Self>, ApiError> {
         let store = match &request.store {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -99,7 +102,7 @@ impl Keep {
             ));
         }
         Ok(Some(Self {
-            id: responses.new_chat_completion_id(),
+            id: store_as.unwrap_or_else(|| responses.new_chat_completion_id()),
             store: responses.clone(),
             tenant,
             metadata,

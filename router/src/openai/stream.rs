@@ -367,6 +367,7 @@ mod tests {
         Meta {
             endpoint,
             id: "chatcmpl-1".into(),
+            request_id: "chatcmpl-1".into(),
             created: 7,
             model: "m".into(),
             lane: "cost-sensitive".into(),

@@ -47,9 +47,14 @@ pub async fn responses(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let limits = dispatcher.limits().clone();
-    handlers::answer(&headers.clone(), &limits, RESPONSES_ROUTE, |id| {
-        respond(dispatcher, tenant.map(|t| t.0), headers, body, id)
-    })
+    let mint = dispatcher.responses.new_id();
+    handlers::answer(
+        &headers.clone(),
+        &limits,
+        RESPONSES_ROUTE,
+        Some(mint),
+        |id| respond(dispatcher, tenant.map(|t| t.0), headers, body, id),
+    )
     .await
 }
 
@@ -94,7 +99,12 @@ async fn respond(
     };
     // The id it is stored under, if it is. Its items' ids name where they are kept longest:
     // the conversation they join, else the stored response (see `item_ids`).
-    let stored_as = store.new_id();
+    // The id minted for the request is its store's shape; one the client named is not ours to
+    // store under (it could name another's).
+    let stored_as = match headers.contains_key(handlers::REQUEST_ID_HEADER) {
+        false => id.clone(),
+        true => store.new_id(),
+    };
     let holder = match &conversation {
         Some(id) => Some(id.clone()),
         None => (request.store != Some(false)).then(|| stored_as.clone()),
