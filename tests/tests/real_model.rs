@@ -1289,6 +1289,19 @@ async fn an_agent_calls_tools_on_the_real_model_straight_and_through_a_gateway()
         straight.contains("openai-conversations: 7 passed, 0 failed"),
         "{straight}"
     );
+    let chat_store = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/openai_chat_store_check.py"
+    );
+    let straight = switchyard_tests::program_output(
+        "python3",
+        &[chat_store, &cluster.router_openai_url(), MODEL],
+    )
+    .await?;
+    assert!(
+        straight.contains("openai-chat-store: 6 passed, 0 failed"),
+        "{straight}"
+    );
     // The OpenAI Agents SDK keeping an agent's session in a stored conversation.
     let agents = concat!(env!("CARGO_MANIFEST_DIR"), "/python/agents_sdk_check.py");
     let straight =
