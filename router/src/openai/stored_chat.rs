@@ -30,7 +30,7 @@ use super::wire::{self, ChatCompletionRequest, StreamMode};
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 use crate::response_store::chat::{self, CHAT_PREFIX, Cursor, Listing};
-use crate::response_store::{Lookup, ResponseStore, StoredResponse, peers};
+use crate::response_store::{ResponseStore, StoredResponse, peers};
 
 pub const COMPLETION_ROUTE: &str = "/v1/chat/completions/{id}";
 pub const MESSAGES_ROUTE: &str = "/v1/chat/completions/{id}/messages";
@@ -184,13 +184,9 @@ async fn find(
     if !id.starts_with(CHAT_PREFIX) {
         return Ok(None);
     }
-    match dispatcher.responses.get(id, tenant) {
-        Lookup::Found(kept) => Ok(Some(kept)),
-        Lookup::Missing => Ok(None),
-        Lookup::Elsewhere(owner) => peers::fetch(dispatcher, &owner, id, tenant, headers)
-            .await
-            .map_err(|e| e.into_api_error_about(&format!("chat completion {id:?}"))),
-    }
+    peers::find(dispatcher, id, tenant, headers)
+        .await
+        .map_err(|e| e.into_api_error_about(&format!("chat completion {id:?}")))
 }
 
 /// `GET /v1/chat/completions/{id}`: the completion as it was answered, with its metadata.
@@ -279,13 +275,11 @@ pub async fn delete(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let deleted = match dispatcher.responses.get(&id, tenant_of(&tenant)) {
-        _ if !id.starts_with(CHAT_PREFIX) => Ok(false),
-        Lookup::Found(_) => Ok(dispatcher.responses.delete(&id, tenant_of(&tenant))),
-        Lookup::Missing => Ok(false),
-        Lookup::Elsewhere(owner) => peers::delete(&dispatcher, &owner, &id, &headers)
+    let deleted = match id.starts_with(CHAT_PREFIX) {
+        true => peers::delete_anywhere(&dispatcher, &id, tenant_of(&tenant), &headers)
             .await
             .map_err(|e| e.into_api_error_about(&format!("chat completion {id:?}"))),
+        false => Ok(false),
     };
     match deleted {
         Ok(true) => Json(json!({"id": id, "object": "chat.completion.deleted", "deleted": true}))

@@ -282,6 +282,37 @@ pub async fn fetch(
     }
 }
 
+/// Stored response or chat completion `id` for `tenant`, wherever in the cluster it is kept
+/// (asking its keeper with the client's credentials); `None` when it is not kept.
+pub async fn find(
+    dispatcher: &Dispatcher,
+    id: &str,
+    tenant: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Option<Arc<StoredResponse>>, PeerError> {
+    match dispatcher.responses.get(id, tenant) {
+        Lookup::Found(kept) => Ok(Some(kept)),
+        Lookup::Missing => Ok(None),
+        Lookup::Elsewhere(owner) => fetch(dispatcher, &owner, id, tenant, headers).await,
+    }
+}
+
+/// Deletes stored response or chat completion `id` for `tenant`, wherever in the cluster it
+/// is kept; whether it was kept.
+pub async fn delete_anywhere(
+    dispatcher: &Dispatcher,
+    id: &str,
+    tenant: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<bool, PeerError> {
+    match crate::response_store::owner_of(id) {
+        Some(owner) if !dispatcher.responses.tags().iter().any(|t| t == owner) => {
+            delete(dispatcher, owner, id, headers).await
+        }
+        _ => Ok(dispatcher.responses.delete(id, tenant)),
+    }
+}
+
 /// Deletes response `id` on replica `owner`; whether it was kept there for this client.
 pub async fn delete(
     dispatcher: &Dispatcher,

@@ -43,13 +43,9 @@ async fn find(
     if !is_response_id(id) {
         return Ok(None);
     }
-    match dispatcher.responses.get(id, tenant) {
-        Lookup::Found(response) => Ok(Some(response)),
-        Lookup::Missing => Ok(None),
-        Lookup::Elsewhere(owner) => peers::fetch(dispatcher, &owner, id, tenant, headers)
-            .await
-            .map_err(|e| e.into_api_error(id)),
-    }
+    peers::find(dispatcher, id, tenant, headers)
+        .await
+        .map_err(|e| e.into_api_error(id))
 }
 
 /// The conversation of stored response `id` (a request's `previous_response_id`).
@@ -216,23 +212,24 @@ pub async fn delete(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let deleted = match dispatcher.responses.get(&id, tenant_of(&tenant)) {
-        _ if !is_response_id(&id) => Ok(false),
-        Lookup::Found(running) if running.running => {
-            return ApiError::invalid(
-                "id",
-                format!(
-                    "response {id:?} is a background response still running: cancel it \
-                     (POST /v1/responses/{{id}}/cancel), then delete it"
-                ),
-            )
-            .into_response();
-        }
-        Lookup::Found(_) => Ok(dispatcher.responses.delete(&id, tenant_of(&tenant))),
-        Lookup::Missing => Ok(false),
-        Lookup::Elsewhere(owner) => peers::delete(&dispatcher, &owner, &id, &headers)
+    let tenant = tenant_of(&tenant);
+    if let Lookup::Found(running) = dispatcher.responses.get(&id, tenant)
+        && running.running
+    {
+        return ApiError::invalid(
+            "id",
+            format!(
+                "response {id:?} is a background response still running: cancel it \
+                 (POST /v1/responses/{{id}}/cancel), then delete it"
+            ),
+        )
+        .into_response();
+    }
+    let deleted = match is_response_id(&id) {
+        true => peers::delete_anywhere(&dispatcher, &id, tenant, &headers)
             .await
             .map_err(|e| e.into_api_error(&id)),
+        false => Ok(false),
     };
     match deleted {
         Ok(true) => Json(json!({"id": id, "object": "response", "deleted": true})).into_response(),
