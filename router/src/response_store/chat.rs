@@ -7,6 +7,8 @@
 //! messages, each given an id, as its items.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -42,7 +44,7 @@ pub struct Listing {
 
 /// What a listing reads of a completion object.
 #[derive(Debug, Deserialize)]
-struct Listed {
+pub(super) struct Listed {
     created: u64,
     #[serde(default)]
     model: String,
@@ -90,6 +92,41 @@ impl Listing {
     }
 }
 
+/// What a listing reads of stored chat completion `r`, read from its object once.
+fn listed_of(r: &StoredResponse) -> Option<&Listed> {
+    r.listed
+        .get_or_init(|| serde_json::from_str(&r.object).ok())
+        .as_ref()
+}
+
+/// The stored chat completions of a store, by `created`, then id: a listing walks them in
+/// order and stops once it has a page.
+#[derive(Debug, Default)]
+pub(super) struct Index(BTreeMap<(u64, String), Arc<StoredResponse>>);
+
+impl Index {
+    /// Enters `r` if it is a stored chat completion.
+    pub(super) fn add(&mut self, r: &Arc<StoredResponse>) {
+        if let Some(key) = Self::key(r) {
+            self.0.insert(key, r.clone());
+        }
+    }
+
+    /// Takes `r` out, if it was entered.
+    pub(super) fn remove(&mut self, r: &StoredResponse) {
+        if let Some(key) = Self::key(r) {
+            self.0.remove(&key);
+        }
+    }
+
+    fn key(r: &StoredResponse) -> Option<(u64, String)> {
+        if !r.id.starts_with(CHAT_PREFIX) {
+            return None;
+        }
+        listed_of(r).map(|listed| (listed.created, r.id.clone()))
+    }
+}
+
 /// The cursor of a completion object (its `created` and `id`), if it has them.
 pub fn cursor_of(id: &str, object: &str) -> Option<Cursor> {
     let listed: Listed = serde_json::from_str(object).ok()?;
@@ -112,27 +149,38 @@ impl ResponseStore {
     }
 
     /// The chat completions `tenant` stored here that `listing` asks for, in its order, at
-    /// most `limit + 1`.
+    /// most `limit + 1`: walked in order from its cursor, until that many are found.
     pub fn list_chat_completions(
         &self,
         tenant: Option<&str>,
         listing: &Listing,
     ) -> Vec<(Cursor, Arc<str>)> {
-        let kept: Vec<Arc<StoredResponse>> = {
-            let inner = self.inner.lock().expect("response store lock");
-            inner
-                .by_id
-                .iter()
-                .filter(|(id, r)| id.starts_with(CHAT_PREFIX) && r.tenant.as_deref() == tenant)
-                .map(|(_, r)| r.clone())
-                .collect()
-        };
-        let found = kept
-            .iter()
-            .filter(|r| r.age() < self.limits.max_age)
+        let mut inner = self.inner.lock().expect("response store lock");
+        inner.expire(
+            tokio::time::Instant::now(),
+            self.limits.max_age,
+            &self.ledger,
+        );
+        self.publish(&inner);
+        let key = |c: &Cursor| (c.created, c.id.clone());
+        let after = listing.after.as_ref().map(key);
+        let walk: Box<dyn Iterator<Item = &Arc<StoredResponse>>> =
+            match (listing.newest_first, after) {
+                (false, None) => Box::new(inner.chats.0.values()),
+                (false, Some(after)) => Box::new(
+                    inner
+                        .chats
+                        .0
+                        .range((Bound::Excluded(after), Bound::Unbounded))
+                        .map(|(_, r)| r),
+                ),
+                (true, None) => Box::new(inner.chats.0.values().rev()),
+                (true, Some(after)) => Box::new(inner.chats.0.range(..after).rev().map(|(_, r)| r)),
+            };
+        walk.filter(|r| r.tenant.as_deref() == tenant)
             .filter_map(|r| {
-                let listed: Listed = serde_json::from_str(&r.object).ok()?;
-                listing.takes(&r.id, &listed).then(|| {
+                let listed = listed_of(r)?;
+                listing.takes(&r.id, listed).then(|| {
                     let cursor = Cursor {
                         created: listed.created,
                         id: r.id.clone(),
@@ -140,8 +188,8 @@ impl ResponseStore {
                     (cursor, Arc::from(r.object.as_str()))
                 })
             })
-            .collect();
-        listing.order(found)
+            .take(listing.limit + 1)
+            .collect()
     }
 
     /// Replaces the metadata of chat completion `id` if `tenant` stored it here: its object

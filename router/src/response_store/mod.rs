@@ -195,6 +195,8 @@ pub struct StoredResponse {
     /// The events of a streamed background response, for a client resuming its stream (this
     /// replica's only: they are not handed over or mirrored).
     pub events: Option<Arc<events::EventLog>>,
+    /// What a listing reads of a stored chat completion's object, read once when first listed.
+    listed: std::sync::OnceLock<Option<chat::Listed>>,
     charge: Charge,
 }
 
@@ -283,6 +285,8 @@ struct Inner {
     /// stale: skipped when it reaches the front, and swept out when stale ones are many.
     order: VecDeque<(Instant, String)>,
     stale: usize,
+    /// The stored chat completions among `by_id`, in their listing's order.
+    chats: chat::Index,
 }
 
 /// This replica's stored responses.
@@ -391,6 +395,7 @@ impl ResponseStore {
             stored_at: Instant::now(),
             running: false,
             events: None,
+            listed: std::sync::OnceLock::new(),
             charge: Charge::new(bytes, &self.ledger),
         }
     }
@@ -405,9 +410,11 @@ impl ResponseStore {
         let id = response.id.clone();
         inner.place(response.stored_at, &id);
         let response = Arc::new(response);
-        if inner.by_id.insert(id.clone(), response.clone()).is_some() {
+        if let Some(replaced) = inner.by_id.insert(id.clone(), response.clone()) {
             inner.stale += 1;
+            inner.chats.remove(&replaced);
         }
+        inner.chats.add(&response);
         self.ledger.tell(MirrorEvent::Kept(response));
         self.settle(&mut inner, &id);
         inner.by_id.contains_key(&id)
@@ -672,7 +679,13 @@ impl Inner {
 
     /// Drops the response or conversation `id`; whether it was kept.
     fn forget(&mut self, id: &str, ledger: &Ledger) -> bool {
-        let gone = self.by_id.remove(id).is_some() || self.conversations.remove(id).is_some();
+        let gone = match self.by_id.remove(id) {
+            Some(response) => {
+                self.chats.remove(&response);
+                true
+            }
+            None => self.conversations.remove(id).is_some(),
+        };
         if gone {
             ledger.tell(MirrorEvent::Forgotten(id.to_string()));
         }
