@@ -96,6 +96,30 @@ def chat_raw_response_headers():
 
 
 @check
+def service_tier_chooses_the_lane():
+    # OpenAI's own field picks the lane, whole and streamed; the answer names the lane it ran in.
+    for tier, lane in (("priority", "latency-critical"), ("flex", "cost-sensitive")):
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2, service_tier=tier
+        )
+        assert raw.headers["x-switchyard-lane"] == lane, (tier, dict(raw.headers))
+        assert raw.parse().service_tier == tier, raw.parse()
+        chunks = list(
+            client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, max_tokens=2, service_tier=tier, stream=True
+            )
+        )
+        assert {c.service_tier for c in chunks} == {tier}, chunks
+    try:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=2, service_tier="scale"
+        )
+        raise AssertionError("an unknown tier was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "service_tier", e.body
+
+
+@check
 def completions_both_ways():
     whole = client.completions.create(model=MODEL, prompt="one two three", max_tokens=5)
     assert whole.object == "text_completion", whole

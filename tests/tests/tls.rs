@@ -261,7 +261,7 @@ async fn switchyard_up_with_tls_serves_real_clients_over_tls_only() -> anyhow::R
         &[script, &format!("https://{http}/v1"), "synthetic", ca_arg],
     )
     .await?;
-    assert!(out.contains("openai-sdk: 14 passed, 0 failed"), "{out}");
+    assert!(out.contains("openai-sdk: 15 passed, 0 failed"), "{out}");
 
     // The dashboard over HTTPS: reads, and its own page's origin is now https://.
     let dashboard = up.addr_of("control-plane", "http");

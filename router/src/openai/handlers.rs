@@ -747,7 +747,7 @@ impl Whole {
             Endpoint::Chat => "chat.completion",
             Endpoint::Completion => "text_completion",
         };
-        let body = json!({
+        let mut body = json!({
             "id": meta.id,
             "object": object,
             "created": meta.created,
@@ -756,6 +756,10 @@ impl Whole {
             "choices": choices,
             "usage": usage,
         });
+        if meta.endpoint == Endpoint::Chat {
+            // The lane it ran in, in OpenAI's words.
+            body["service_tier"] = Value::from(wire::service_tier_of(&meta.lane));
+        }
         (meta, body)
     }
 }

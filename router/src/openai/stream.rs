@@ -121,6 +121,9 @@ struct Chunk<'a> {
     created: u64,
     model: &'a str,
     system_fingerprint: Option<&'a str>,
+    /// A chat completion's: the lane it runs in, in OpenAI's words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    service_tier: Option<&'static str>,
     choices: &'a [Choice<'a>],
     #[serde(skip_serializing_if = "Option::is_none")]
     usage: Option<Option<wire::Usage>>,
@@ -281,6 +284,7 @@ impl Events {
             created: m.created,
             model: &m.model,
             system_fingerprint: None,
+            service_tier: (m.endpoint == Endpoint::Chat).then(|| wire::service_tier_of(&m.lane)),
             choices,
             usage,
         }
@@ -565,7 +569,7 @@ mod tests {
         let chunk = |delta: Value, finish_reason: Value| {
             json!({
                 "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m",
-                "system_fingerprint": null, "usage": null,
+                "system_fingerprint": null, "service_tier": "flex", "usage": null,
                 "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
             })
         };
@@ -577,7 +581,7 @@ mod tests {
                 chunk(json!({}), json!("length")),
                 json!({
                     "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7,
-                    "model": "m", "system_fingerprint": null, "choices": [],
+                    "model": "m", "system_fingerprint": null, "service_tier": "flex", "choices": [],
                     "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
                               "prompt_tokens_details": {"cached_tokens": 3}},
                 }),

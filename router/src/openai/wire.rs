@@ -96,6 +96,8 @@ pub struct SamplingFields {
     pub prompt_cache_key: Option<String>,
     /// OpenAI's newer name for the end user.
     pub safety_identifier: Option<String>,
+    /// OpenAI's processing tier, as a lane ([`service_tier_class`]).
+    pub service_tier: Option<String>,
     /// Not in OpenAI's API; vLLM's and llama.cpp's: generate `max_tokens` whatever the model
     /// says (load tests send it for answers of a known length).
     #[serde(default, deserialize_with = "null_is_false")]
@@ -399,6 +401,30 @@ pub(super) fn affinity_hint(
     .into_iter()
     .find_map(|(field, value)| value.clone().map(|v| (v, field)))
     .unwrap_or_default()
+}
+
+/// OpenAI's `service_tier` as a lane: `priority` is latency-critical, `flex` cost-sensitive,
+/// `auto` and `default` leave it to the router's classifier (the `x-switchyard-class` header
+/// wins over it).
+pub fn service_tier_class(tier: Option<&str>) -> Result<v1::RequestClass, ApiError> {
+    match tier {
+        None | Some("auto" | "default") => Ok(v1::RequestClass::Auto),
+        Some("priority") => Ok(v1::RequestClass::LatencyCritical),
+        Some("flex") => Ok(v1::RequestClass::CostSensitive),
+        Some(other) => Err(ApiError::invalid(
+            "service_tier",
+            format!("is {other:?}, must be \"auto\", \"default\", \"flex\" or \"priority\""),
+        )),
+    }
+}
+
+/// The lane a request ran in, as OpenAI's `service_tier` names it.
+pub fn service_tier_of(lane: &str) -> &'static str {
+    if lane == "latency-critical" {
+        "priority"
+    } else {
+        "flex"
+    }
 }
 
 /// Which endpoint's form `logprobs` takes.
@@ -719,6 +745,7 @@ impl ChatCompletionRequest {
                 tools,
                 tool_choice,
                 affinity_key: self.sampling.affinity_key(),
+                class: service_tier_class(self.sampling.service_tier.as_deref())? as i32,
                 ..Default::default()
             },
             mode,
@@ -748,6 +775,7 @@ impl CompletionRequest {
         }
         mode.choices = generations as u32;
         let affinity_key = self.sampling.affinity_key();
+        let class = service_tier_class(self.sampling.service_tier.as_deref())? as i32;
         let requests = prompts
             .into_iter()
             .map(|prompt| {
@@ -755,6 +783,7 @@ impl CompletionRequest {
                     model: model.clone(),
                     sampling: Some(sampling.clone()),
                     affinity_key: affinity_key.clone(),
+                    class,
                     ..Default::default()
                 };
                 prompt.put_in(&mut request);
@@ -1335,6 +1364,21 @@ mod tests {
 
     /// OpenAI's prompt-cache key is the affinity key when given, then `safety_identifier`,
     /// then `user`; the mode says which, so an error about the key names the client's field.
+    #[test]
+    fn service_tier_chooses_the_lane_and_a_bad_one_is_named() {
+        for (tier, class) in [
+            (r#""priority""#, v1::RequestClass::LatencyCritical),
+            (r#""flex""#, v1::RequestClass::CostSensitive),
+            (r#""auto""#, v1::RequestClass::Auto),
+            ("null", v1::RequestClass::Auto),
+        ] {
+            let (request, _) = chat_with(&format!(r#""service_tier":{tier}"#)).expect("valid");
+            assert_eq!(request.class, class as i32, "{tier}");
+        }
+        let bad = chat_with(r#""service_tier":"scale""#).unwrap_err();
+        assert_eq!(bad.param.as_deref(), Some("service_tier"));
+    }
+
     #[test]
     fn the_prompt_cache_key_is_the_affinity_key() {
         let key = |extra: &str| {

@@ -65,11 +65,7 @@ impl Snapshot {
             },
             safety_identifier: e.safety_identifier.as_deref(),
             // The lane it ran in, in OpenAI's words.
-            service_tier: if self.lane == "latency-critical" {
-                "priority"
-            } else {
-                "flex"
-            },
+            service_tier: crate::openai::wire::service_tier_of(&self.lane),
             store: e.store,
             temperature: e.temperature,
             text: &e.text,

@@ -266,7 +266,7 @@ impl ResponsesRequest {
         let request = v1::GenerateRequest {
             model,
             messages,
-            class: service_tier_class(self.service_tier.as_deref())? as i32,
+            class: crate::openai::wire::service_tier_class(self.service_tier.as_deref())? as i32,
             sampling: Some(v1::SamplingParams {
                 max_tokens,
                 temperature: self.temperature.map(|t| t as f32),
@@ -381,20 +381,6 @@ impl ResponsesRequest {
             ));
         }
         Ok(())
-    }
-}
-
-/// OpenAI's `service_tier` as a lane: `priority` is latency-critical, `flex` cost-sensitive,
-/// `auto` and `default` leave it to the router's classifier.
-fn service_tier_class(tier: Option<&str>) -> Result<v1::RequestClass, ApiError> {
-    match tier {
-        None | Some("auto" | "default") => Ok(v1::RequestClass::Auto),
-        Some("priority") => Ok(v1::RequestClass::LatencyCritical),
-        Some("flex") => Ok(v1::RequestClass::CostSensitive),
-        Some(other) => Err(ApiError::invalid(
-            "service_tier",
-            format!("is {other:?}, must be \"auto\", \"default\", \"flex\" or \"priority\""),
-        )),
     }
 }
 
