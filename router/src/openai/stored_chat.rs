@@ -62,6 +62,7 @@ pub(crate) struct Keep {
 
 impl Keep {
     /// What `request` asks to keep; `None` when it does not say `store: true`.
+    ///
     /// `store_as`: the id the request runs under when the router minted it (as
     /// [`ResponseStore::new_chat_completion_id`] does), the stored completion's id too.
     pub(crate) fn asked(
