@@ -136,6 +136,9 @@ pub struct Unsupported {
     audio: Option<Value>,
     /// vLLM's: a length the answer may not end before. A client sending it counts on the length.
     min_tokens: Option<Value>,
+    /// OpenAI's reasoning models': how hard to think (`none` is off, as the Responses door's
+    /// `reasoning.effort`).
+    reasoning_effort: Option<Value>,
 }
 
 impl Unsupported {
@@ -218,6 +221,11 @@ impl Unsupported {
                 "min_tokens",
                 off(&self.min_tokens),
                 "a minimum answer length is not supported (ignore_eos is: it generates max_tokens)",
+            ),
+            (
+                "reasoning_effort",
+                off(&self.reasoning_effort) || self.reasoning_effort == Some(Value::from("none")),
+                "the models Switchyard serves do not reason: leave reasoning_effort out",
             ),
         ];
         match refusals.into_iter().find(|(_, off, _)| !off) {
@@ -1164,6 +1172,7 @@ mod tests {
             (r#""modalities":["text","audio"]"#, "modalities"),
             (r#""audio":{"voice":"alloy","format":"wav"}"#, "audio"),
             (r#""min_tokens":10"#, "min_tokens"),
+            (r#""reasoning_effort":"high""#, "reasoning_effort"),
         ] {
             assert_eq!(
                 outcome(extra),
@@ -1190,6 +1199,8 @@ mod tests {
             r#""modalities":["text"]"#,
             r#""audio":null"#,
             r#""min_tokens":0"#,
+            r#""reasoning_effort":"none""#,
+            r#""reasoning_effort":null"#,
         ] {
             assert_eq!(outcome(extra), Ok(()), "{extra}");
         }
