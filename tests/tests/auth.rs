@@ -152,13 +152,29 @@ async fn api_keys_choose_the_tenant_on_grpc_and_http() -> anyhow::Result<()> {
     // Usage is counted by the keys' tenants, named by the policy or not (these requests end
     // when dropped after `Accepted`: cancelled).
     accepted(&mut client, Some(INITECH_KEY), None).await?;
-    let metrics = reqwest::get(format!("http://{}/metrics", cluster.router.addr("http")))
-        .await?
-        .text()
-        .await?;
-    for tenant in ["acme", "globex", "initech"] {
-        let series = format!("switchyard_router_tenant_requests_total{{tenant=\"{tenant}\",");
-        assert!(metrics.contains(&series), "no {series}…:\n{metrics}");
+    // Counted as the request ends, which the client dropping it only begins.
+    let metrics_url = format!("http://{}/metrics", cluster.router.addr("http"));
+    let counted = |metrics: &str| {
+        ["acme", "globex", "initech"].iter().all(|tenant| {
+            metrics.contains(&format!(
+                "switchyard_router_tenant_requests_total{{tenant=\"{tenant}\","
+            ))
+        })
+    };
+    let every_tenant_counted = wait_until(
+        Duration::from_secs(10),
+        "every tenant's requests to be counted",
+        || async {
+            match reqwest::get(&metrics_url).await {
+                Ok(answer) => answer.text().await.is_ok_and(|m| counted(&m)),
+                Err(_) => false,
+            }
+        },
+    )
+    .await;
+    if every_tenant_counted.is_err() {
+        let metrics = reqwest::get(&metrics_url).await?.text().await?;
+        panic!("not every tenant's requests counted:\n{metrics}");
     }
 
     // The same holds on a persistent session: every Start is stamped with the key's tenant.
