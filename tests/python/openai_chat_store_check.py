@@ -56,6 +56,14 @@ def a_stored_completion_is_read_back_with_its_messages():
     assert [m.id for m in messages] == [f"{made.id}-0", f"{made.id}-1"], messages
     newest = reader.chat.completions.messages.list(made.id, order="desc")
     assert [m.role for m in newest.data] == ["user", "system"], newest
+    # A message sent as parts is kept as OpenAI keeps it: its text, and the parts.
+    parts = [{"type": "text", "text": "Name"}, {"type": "text", "text": "a colour."}]
+    made = maker.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=4, store=True
+    )
+    (kept,) = reader.chat.completions.messages.list(made.id).data
+    assert kept.content == "Name\na colour.", kept
+    assert [p.text for p in kept.content_parts] == ["Name", "a colour."], kept
 
 
 @check

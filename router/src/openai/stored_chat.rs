@@ -124,6 +124,17 @@ impl Keep {
                 let Value::Object(mut fields) = message else {
                     return None;
                 };
+                // OpenAI's stored form of a message sent as parts: their text as `content`,
+                // the parts as `content_parts`.
+                if let Some(Value::Array(parts)) = fields.get("content") {
+                    let text: Vec<&str> = parts
+                        .iter()
+                        .filter_map(|p| p.get("text").and_then(Value::as_str))
+                        .collect();
+                    let text = Value::from(text.join("\n"));
+                    let parts = fields.insert("content".into(), text);
+                    fields.insert("content_parts".into(), parts.unwrap_or_default());
+                }
                 fields.insert("id".into(), Value::from(format!("{}-{index}", self.id)));
                 serde_json::value::to_raw_value(&fields).ok()
             })
