@@ -27,3 +27,15 @@ def finish(name):
     failed = len(_results) - passed
     print(f"{name}: {passed} passed, {failed} failed", flush=True)
     sys.exit(1 if failed else 0)
+
+
+def refused_naming(cases, error):
+    """Each `(call, param)` of `cases` fails with `error` (an SDK's error for a 400) whose body
+    names `param`."""
+    for call, param in cases:
+        try:
+            call()
+        except error as refused:
+            assert refused.body["param"] == param, (param, refused.body)
+        else:
+            raise AssertionError(f"accepted: {param}")

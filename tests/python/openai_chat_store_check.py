@@ -19,7 +19,7 @@ import uuid
 import openai
 from openai import OpenAI
 
-from checklist import check, finish
+from checklist import check, finish, refused_naming
 
 BASE_URL, MODEL = sys.argv[1], sys.argv[2]
 READ_URL = sys.argv[3] if len(sys.argv) > 3 else BASE_URL
@@ -141,12 +141,7 @@ def bad_input_is_a_400_naming_it():
             "metadata.k",
         ),
     ]
-    for call, param in cases:
-        try:
-            call()
-            raise AssertionError(f"accepted: {param}")
-        except openai.BadRequestError as error:
-            assert error.body["param"] == param, (param, error.body)
+    refused_naming(cases, openai.BadRequestError)
 
 
 finish("openai-chat-store")

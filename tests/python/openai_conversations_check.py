@@ -16,7 +16,7 @@ import sys
 import openai
 from openai import OpenAI
 
-from checklist import check, finish
+from checklist import check, finish, refused_naming
 
 BASE_URL, MODEL = sys.argv[1], sys.argv[2]
 client = OpenAI(base_url=BASE_URL, api_key="unused", max_retries=0, timeout=120)
@@ -206,12 +206,7 @@ def bad_asks_are_refused_by_name():
             "conversation",
         ),
     ]
-    for call, param in cases:
-        try:
-            call()
-            raise AssertionError(f"accepted: {param}")
-        except openai.BadRequestError as error:
-            assert error.body["param"] == param, (param, error.body)
+    refused_naming(cases, openai.BadRequestError)
     try:
         client.conversations.items.retrieve("msg_nothing", conversation_id=conversation.id)
         raise AssertionError("a missing item was read")
