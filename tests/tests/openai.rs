@@ -444,6 +444,35 @@ async fn stored_chat_completions_are_read_and_listed_across_router_replicas() ->
     let header = answer.headers()["x-request-id"].to_str()?.to_string();
     let body: Value = answer.json().await?;
     assert_eq!(body["id"].as_str(), Some(header.as_str()), "{body}");
+    // One store, two kinds: a chat route does not reach a response, nor the other way round.
+    let completion = made_on(&client, &keeper_url).await?;
+    for (method, url) in [
+        (
+            reqwest::Method::GET,
+            format!("{other_url}/chat/completions/{header}"),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("{other_url}/chat/completions/{header}"),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("{other_url}/responses/{completion}"),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("{other_url}/responses/{completion}"),
+        ),
+    ] {
+        let answer = client.request(method.clone(), &url).send().await?;
+        assert_eq!(answer.status(), 404, "{method} {url}");
+    }
+    for url in [
+        format!("{other_url}/chat/completions/{completion}"),
+        format!("{other_url}/responses/{header}"),
+    ] {
+        assert_eq!(client.get(&url).send().await?.status(), 200, "{url}");
+    }
     // Completions kept by each replica, in turn: either lists them all, oldest first.
     let mut made = Vec::new();
     for base in [&keeper_url, &other_url, &keeper_url] {
@@ -483,6 +512,21 @@ async fn stored_chat_completions_are_read_and_listed_across_router_replicas() ->
         assert_eq!(listed["last_id"], made[2].as_str());
     }
     Ok(())
+}
+
+/// A chat completion stored at `base`: its id.
+async fn made_on(client: &reqwest::Client, base: &str) -> anyhow::Result<String> {
+    let body: Value = client
+        .post(format!("{base}/chat/completions"))
+        .json(
+            &json!({"model": "synthetic", "max_tokens": 2, "store": true,
+                      "messages": [{"role": "user", "content": "Hi"}]}),
+        )
+        .send()
+        .await?
+        .json()
+        .await?;
+    Ok(body["id"].as_str().context("an id")?.to_string())
 }
 
 /// A stored response is one conversation's state, kept by the router replica that answered it;
