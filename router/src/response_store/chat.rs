@@ -6,7 +6,6 @@
 //! standby copy): the completion object as answered (with its `metadata`) and the request's
 //! messages, each given an id, as its items.
 
-use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::sync::Arc;
@@ -53,8 +52,8 @@ pub(super) struct Listed {
 }
 
 impl Listing {
-    /// Whether `listed` (completion `id`) is one asked for.
-    fn takes(&self, id: &str, listed: &Listed) -> bool {
+    /// Whether `listed` is one asked for (where the listing starts is the walk's to keep).
+    fn takes(&self, listed: &Listed) -> bool {
         let model = self.model.as_ref().is_none_or(|m| *m == listed.model);
         let metadata = self.metadata.iter().all(|(key, value)| {
             listed
@@ -64,16 +63,7 @@ impl Listing {
                 .and_then(Value::as_str)
                 == Some(value.as_str())
         });
-        let after = self.after.as_ref().is_none_or(|cursor| {
-            let order = (listed.created, id).cmp(&(cursor.created, cursor.id.as_str()));
-            order
-                == if self.newest_first {
-                    Ordering::Less
-                } else {
-                    Ordering::Greater
-                }
-        });
-        model && metadata && after
+        model && metadata
     }
 
     /// `found` (with their cursors) in the listing's order, at most `limit + 1` of them (the
@@ -180,7 +170,7 @@ impl ResponseStore {
         walk.filter(|r| r.tenant.as_deref() == tenant)
             .filter_map(|r| {
                 let listed = listed_of(r)?;
-                listing.takes(&r.id, listed).then(|| {
+                listing.takes(listed).then(|| {
                     let cursor = Cursor {
                         created: listed.created,
                         id: r.id.clone(),
