@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // A stream event is relayed as the router keeps it, without a copy.
         .bytes(".switchyard.v1.ResponseStreamEvent.sse")
         .bytes(".switchyard.v1.HandedResponse.events")
+        .bytes(".switchyard.v1.BatchAnswer.body")
         .compile_fds(fds)?;
     Ok(())
 }

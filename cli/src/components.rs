@@ -313,6 +313,20 @@ pub struct RouterArgs {
     /// How long a stored response is kept.
     #[arg(long, env = "SWITCHYARD_RESPONSE_STORE_MAX_AGE", value_parser = humantime::parse_duration, default_value = "24h")]
     pub response_store_max_age: Duration,
+    /// Largest file a client may upload for a batch (`POST /v1/files`).
+    #[arg(long, env = "SWITCHYARD_BATCH_MAX_FILE_BYTES", default_value_t = 100 << 20)]
+    pub batch_max_file_bytes: usize,
+    /// Bytes of batch files (uploads and batch outputs) this replica keeps in memory; uploads
+    /// past it are refused with 507 until files are deleted (outputs are always written).
+    #[arg(long, env = "SWITCHYARD_BATCH_STORE_BYTES", default_value_t = 1 << 30)]
+    pub batch_store_bytes: usize,
+    /// Batch requests this replica runs at once, all batches together (in the cost-sensitive
+    /// lane, so interactive requests keep their workers).
+    #[arg(long, env = "SWITCHYARD_BATCH_CONCURRENCY", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_concurrency: u32,
+    /// Requests one batch may hold.
+    #[arg(long, env = "SWITCHYARD_BATCH_MAX_REQUESTS", default_value_t = 50_000)]
+    pub batch_max_requests: usize,
     /// `host:port` where the other router replicas reach this one's gRPC door, to read the
     /// responses it stored (default: the listen address; in Kubernetes, `$(POD_IP):50051`).
     #[arg(long, env = "SWITCHYARD_ADVERTISE")]
@@ -340,6 +354,12 @@ impl RouterArgs {
             response_store: switchyard_router::response_store::StoreLimits {
                 max_bytes: self.response_store_bytes,
                 max_age: self.response_store_max_age,
+            },
+            batches: switchyard_router::batches::BatchLimits {
+                max_file_bytes: self.batch_max_file_bytes,
+                store_bytes: self.batch_store_bytes,
+                concurrency: self.batch_concurrency as usize,
+                max_requests: self.batch_max_requests,
             },
             advertise: self.advertise.clone(),
             tls: self.tls.files(),

@@ -69,6 +69,9 @@ pub struct RouterConfig {
     pub hosted_workers: Vec<HostedWorker>,
     /// How many stored Responses-API responses this replica keeps, and how long.
     pub response_store: crate::response_store::StoreLimits,
+    /// How large the Batch API's files may be, how many a replica keeps, and how many batch
+    /// requests it runs at once.
+    pub batches: crate::batches::BatchLimits,
     /// `host:port` where the other router replicas reach this one's gRPC door (to read the
     /// responses it stored); default: the bound listen address.
     pub advertise: Option<String>,
@@ -109,6 +112,7 @@ impl Default for RouterConfig {
             drain_timeout: Duration::from_secs(30),
             hosted_workers: Vec::new(),
             response_store: Default::default(),
+            batches: Default::default(),
             advertise: None,
         }
     }

@@ -6,6 +6,7 @@
 pub mod affinity;
 pub mod anthropic;
 pub mod auth;
+pub mod batches;
 pub mod changes;
 pub mod config;
 pub mod dispatch;

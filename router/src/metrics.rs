@@ -258,6 +258,10 @@ pub struct RouterMetrics {
     pub stored_response_bytes: Gauge,
     pub stored_conversations: Gauge,
     pub background_responses: Gauge,
+    /// Batches (the Batch API) not yet ended on this replica.
+    pub batches_running: Gauge,
+    /// Bytes of the Batch API's files this replica keeps.
+    pub batch_file_bytes: Gauge,
     /// Responses this replica holds as standby copies of other replicas' (see
     /// [`crate::response_store::mirror`]).
     pub standby_responses: Gauge,
@@ -366,6 +370,8 @@ impl RouterMetrics {
             stored_response_bytes: Gauge::default(),
             stored_conversations: Gauge::default(),
             background_responses: Gauge::default(),
+            batches_running: Gauge::default(),
+            batch_file_bytes: Gauge::default(),
             standby_responses: Gauge::default(),
             failovers: Family::default(),
             prefix_predicted: Family::default(),
@@ -492,6 +498,18 @@ impl RouterMetrics {
                 "Background responses (background: true) running on this replica: a kill \
                  loses them, a drain lets them end",
                 this.background_responses.clone(),
+            );
+            r.register(
+                "switchyard_router_batches_running",
+                "Batches (POST /v1/batches) not yet ended on this replica: validating, in \
+                 progress, finalizing or being cancelled",
+                this.batches_running.clone(),
+            );
+            r.register(
+                "switchyard_router_batch_file_bytes",
+                "Memory the Batch API's files (uploads and batch outputs) take on this \
+                 replica, against --batch-store-bytes (uploads past it are refused)",
+                this.batch_file_bytes.clone(),
             );
             r.register(
                 "switchyard_router_stored_response_bytes",

@@ -259,7 +259,7 @@ pub async fn run_router_with_endpoints(
             AuthInterceptor::new(api_keys.clone(), dispatcher.metrics.clone()),
         ))
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            StoredResponsesServer::new(StoredResponsesService::new(dispatcher.responses.clone())),
+            StoredResponsesServer::new(StoredResponsesService::of(dispatcher.clone())),
             AuthInterceptor::new(api_keys.clone(), dispatcher.metrics.clone()),
         ))
         // Between routers: it checks the cluster token itself.

@@ -126,6 +126,8 @@ pub struct Dispatcher {
     pub responses: Arc<crate::response_store::ResponseStore>,
     /// The other router replicas, which keep their own stored responses.
     pub peers: crate::response_store::peers::Peers,
+    /// The Batch API's files and batches kept on this replica.
+    pub batches: crate::batches::BatchStore,
     /// The placer (the cluster view and the router queues).
     placer: Placer,
     tenant_quota: TenantQuota,
@@ -249,9 +251,15 @@ impl Dispatcher {
                 }
             }
         });
+        let batches = crate::batches::BatchStore::new(responses.owner(), config.batches)
+            .with_gauges(crate::batches::BatchGauges {
+                running: metrics.batches_running.clone(),
+                file_bytes: metrics.batch_file_bytes.clone(),
+            });
         Self {
             tenant_quota: TenantQuota::new(config.max_tenant_requests),
             responses,
+            batches,
             peers: Default::default(),
             links,
             config,

@@ -861,10 +861,15 @@ fn allowed_methods(path: &str) -> &'static str {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(2).collect();
     match segments.as_slice() {
         ["models", ..] => "GET, HEAD",
-        ["chat", "completions"] | ["conversations", _, "items"] => "GET, HEAD, POST",
+        ["chat", "completions"] | ["conversations", _, "items"] | ["files"] | ["batches"] => {
+            "GET, HEAD, POST"
+        }
         ["chat", "completions", _] | ["conversations", _] => "GET, HEAD, POST, DELETE",
-        ["chat", "completions", _, "messages"] | ["responses", _, "input_items"] => "GET, HEAD",
-        ["responses", _] | ["conversations", _, "items", _] => "GET, HEAD, DELETE",
+        ["chat", "completions", _, "messages"]
+        | ["responses", _, "input_items"]
+        | ["files", _, "content"]
+        | ["batches", _] => "GET, HEAD",
+        ["responses", _] | ["conversations", _, "items", _] | ["files", _] => "GET, HEAD, DELETE",
         _ if ["/health", "/metrics"].contains(&path) => "GET, HEAD",
         _ => "POST",
     }
@@ -896,7 +901,8 @@ fn unknown_route_message(path: &str) -> String {
     format!(
         "no such endpoint: {path}; this router serves POST {CHAT_ROUTE}, {COMPLETIONS_ROUTE}, \
          {RESPONSES_ROUTE}, {MESSAGES_ROUTE}, {COUNT_TOKENS_ROUTE}, {TOKENIZE_ROUTE}, \
-         {DETOKENIZE_ROUTE} and GET /v1/models, /health, /metrics"
+         {DETOKENIZE_ROUTE}, the Files and Batches APIs (/v1/files, /v1/batches) and GET \
+         /v1/models, /health, /metrics"
     )
 }
 
@@ -916,6 +922,12 @@ mod allowed_tests {
             ("/v1/responses/resp_1/cancel", "POST"),
             ("/v1/conversations/conv_1/items/msg_1", "GET, HEAD, DELETE"),
             ("/v1/models/org/name", "GET, HEAD"),
+            ("/v1/files", "GET, HEAD, POST"),
+            ("/v1/files/file-1", "GET, HEAD, DELETE"),
+            ("/v1/files/file-1/content", "GET, HEAD"),
+            ("/v1/batches", "GET, HEAD, POST"),
+            ("/v1/batches/batch_1", "GET, HEAD"),
+            ("/v1/batches/batch_1/cancel", "POST"),
             ("/metrics", "GET, HEAD"),
         ] {
             assert_eq!(allowed_methods(path), allowed, "{path}");

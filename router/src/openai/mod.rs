@@ -10,6 +10,7 @@
 //! `x-switchyard-pool` and `x-switchyard-worker`. Dropping a response body (the client went
 //! away) drops the dispatcher's output channel, which cancels the generation on the worker.
 
+mod batches;
 pub(crate) mod blocks;
 pub(crate) mod choices;
 mod conversations;
@@ -60,7 +61,73 @@ const MODEL_ROUTE: &str = "/v1/models/{*model}";
 /// The HTTP routes, sharing the gRPC server's dispatcher. With `keys`, the `/v1` routes
 /// authenticate first (401 in OpenAI's shape) and hand the key's tenant to the handlers.
 pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router {
-    let api = Router::new()
+    let upload_limit = dispatcher.batches.limits().max_file_bytes + batches::UPLOAD_FRAMING_BYTES;
+    let api = api()
+        .route(
+            batches::FILES_ROUTE,
+            post(batches::upload)
+                .layer(DefaultBodyLimit::max(upload_limit))
+                .get(batches::list_files),
+        )
+        .route(
+            batches::FILE_ROUTE,
+            get(batches::get_file).delete(batches::delete_file),
+        )
+        .route(batches::FILE_CONTENT_ROUTE, get(batches::file_content))
+        .route(
+            batches::BATCHES_ROUTE,
+            post(batches::create).get(batches::list_batches),
+        )
+        .route(batches::BATCH_ROUTE, get(batches::get_batch))
+        .route(batches::CANCEL_ROUTE, post(batches::cancel))
+        .route_layer(middleware::from_fn(refuse_unreadable_body));
+    let api = match keys {
+        Some(keys) => {
+            let gate = Gate {
+                keys,
+                metrics: dispatcher.metrics.clone(),
+            };
+            api.route_layer(middleware::from_fn_with_state(gate, authenticate))
+        }
+        None => api,
+    };
+    let counter = AnswerCounter {
+        metrics: dispatcher.metrics.clone(),
+        reports: dispatcher.reports.clone(),
+    };
+    let metrics = dispatcher.config.metrics.router();
+    let cors = dispatcher.config.http_cors.layer();
+    let app = api
+        .route("/health", get(handlers::health))
+        .layer(DefaultBodyLimit::max(handlers::MAX_BODY_BYTES))
+        .with_state(dispatcher)
+        // Prometheus scrapes without an API key, like `/health`.
+        .merge(metrics)
+        // After the merge, so that `/metrics` answers a wrong method in OpenAI's shape too.
+        .fallback(handlers::unknown_route)
+        .method_not_allowed_fallback(handlers::wrong_method);
+    // Around every route and refusal: a preflight is answered before authentication and
+    // the method check, and a refusal a page gets is one it can read.
+    let app = match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    };
+    // Outermost: every answer is counted, refusals before a handler included.
+    app.layer(middleware::from_fn_with_state(counter, count_answer))
+}
+
+/// The router's own API as a batch's requests reach it: the generation endpoints a batch may
+/// call, checked and answered as a client's are (the caller attaches the batch's tenant).
+pub fn door(dispatcher: Arc<Dispatcher>) -> Router {
+    api()
+        .route_layer(middleware::from_fn(refuse_unreadable_body))
+        .layer(DefaultBodyLimit::max(handlers::MAX_BODY_BYTES))
+        .with_state(dispatcher)
+}
+
+/// The API's routes, without authentication, limits or the Files and Batches APIs.
+fn api() -> Router<Arc<Dispatcher>> {
+    Router::new()
         .route(
             handlers::CHAT_ROUTE,
             post(handlers::chat_completions).get(stored_chat::list),
@@ -113,40 +180,6 @@ pub fn routes(dispatcher: Arc<Dispatcher>, keys: Option<Arc<ApiKeys>>) -> Router
         .route(tokenize::DETOKENIZE_ROUTE, post(tokenize::detokenize))
         .route("/v1/models", get(handlers::list_models))
         .route(MODEL_ROUTE, get(handlers::get_model))
-        .route_layer(middleware::from_fn(refuse_unreadable_body));
-    let api = match keys {
-        Some(keys) => {
-            let gate = Gate {
-                keys,
-                metrics: dispatcher.metrics.clone(),
-            };
-            api.route_layer(middleware::from_fn_with_state(gate, authenticate))
-        }
-        None => api,
-    };
-    let counter = AnswerCounter {
-        metrics: dispatcher.metrics.clone(),
-        reports: dispatcher.reports.clone(),
-    };
-    let metrics = dispatcher.config.metrics.router();
-    let cors = dispatcher.config.http_cors.layer();
-    let app = api
-        .route("/health", get(handlers::health))
-        .layer(DefaultBodyLimit::max(handlers::MAX_BODY_BYTES))
-        .with_state(dispatcher)
-        // Prometheus scrapes without an API key, like `/health`.
-        .merge(metrics)
-        // After the merge, so that `/metrics` answers a wrong method in OpenAI's shape too.
-        .fallback(handlers::unknown_route)
-        .method_not_allowed_fallback(handlers::wrong_method);
-    // Around every route and refusal: a preflight is answered before authentication and
-    // the method check, and a refusal a page gets is one it can read.
-    let app = match cors {
-        Some(cors) => app.layer(cors),
-        None => app,
-    };
-    // Outermost: every answer is counted, refusals before a handler included.
-    app.layer(middleware::from_fn_with_state(counter, count_answer))
 }
 
 /// Where the HTTP answers are counted: Prometheus, and the dashboard's front-door table.
@@ -188,6 +221,8 @@ fn api_of(path: &str) -> &'static str {
         path if path == "/v1/models" || path.starts_with("/v1/models/") => "models",
         path if path.starts_with("/v1/responses/") => "stored_responses",
         path if path.starts_with(conversations::CONVERSATIONS_ROUTE) => "conversations",
+        path if path.starts_with(batches::FILES_ROUTE) => "files",
+        path if path.starts_with(batches::BATCHES_ROUTE) => "batches",
         _ => "unknown",
     }
 }
@@ -228,10 +263,12 @@ async fn refuse_unreadable_body(request: Request, next: Next) -> Response {
         .get_all(header::CONTENT_ENCODING)
         .iter()
         .any(|encoding| !encoding.as_bytes().eq_ignore_ascii_case(b"identity"));
+    // An upload's limit is the file store's (its handler's body limit says it).
+    let upload = request.uri().path() == batches::FILES_ROUTE;
     let too_long = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|length| length.to_str().ok()?.parse::<u64>().ok())
-        .is_some_and(|length| length > handlers::MAX_BODY_BYTES as u64);
+        .is_some_and(|length| !upload && length > handlers::MAX_BODY_BYTES as u64);
     let error = if encoded {
         let mut error =
             ApiError::bad_body("content-encoding is not supported; send the JSON uncompressed");

@@ -706,6 +706,11 @@ pub fn owner_of(id: &str) -> Option<&str> {
         .strip_prefix(ID_PREFIX)
         .or_else(|| id.strip_prefix(CONVERSATION_PREFIX))
         .or_else(|| id.strip_prefix(chat::CHAT_PREFIX))?;
+    owner_in(rest)
+}
+
+/// The owner tag of an id of this shape once its prefix is off (`<tag><32 hex digits>`).
+pub fn owner_in(rest: &str) -> Option<&str> {
     let valid = rest.len() == OWNER_CHARS + 32 && rest.bytes().all(|b| b.is_ascii_hexdigit());
     valid.then(|| &rest[..OWNER_CHARS])
 }

@@ -377,6 +377,48 @@ pub async fn list_chat_completions(
     listing: &super::chat::Listing,
     headers: &HeaderMap,
 ) -> Result<Vec<(super::chat::Cursor, Arc<str>)>, ApiError> {
+    let request = super::chat::listing_to_proto(listing);
+    ask_every_other(dispatcher, "list what it keeps", |mut client| {
+        let request = ask(request.clone(), headers);
+        async move {
+            let answer = client.list_chat_completions(request).await?;
+            Ok(answer
+                .into_inner()
+                .completions
+                .into_iter()
+                .filter_map(super::chat::listed_from_proto)
+                .collect())
+        }
+    })
+    .await
+}
+
+/// What every other running replica answers to a Files or Batches API listing `call`: the
+/// objects it lists, each with its place.
+pub async fn list_batch_objects(
+    dispatcher: &Dispatcher,
+    call: v1::BatchCall,
+    headers: &HeaderMap,
+) -> Result<Vec<v1::ListedObject>, ApiError> {
+    ask_every_other(dispatcher, "list its files and batches", |mut client| {
+        let request = ask(call.clone(), headers);
+        async move { Ok(client.call_batches(request).await?.into_inner().listed) }
+    })
+    .await
+}
+
+/// Asks every other running replica (each once, whatever tags it answers for) with `call`,
+/// and gathers their answers. A replica that cannot be asked fails the whole (`doing` says
+/// what for): an answer missing some replica's part would look whole.
+async fn ask_every_other<T, F, Fut>(
+    dispatcher: &Dispatcher,
+    doing: &str,
+    call: F,
+) -> Result<Vec<T>, ApiError>
+where
+    F: Fn(StoredResponsesClient<Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, tonic::Status>>,
+{
     let peers = &dispatcher.peers;
     let Some(registry) = peers.registry.get() else {
         // Not in a cluster (yet): this replica's are all there are to know of.
@@ -397,28 +439,23 @@ pub async fn list_chat_completions(
         .iter()
         .filter(|r| !own.contains(&r.id) && asked.insert(r.grpc_address.clone()))
         .collect();
+    let call = &call;
     let asks = others.into_iter().map(|router| async move {
         let unreachable = |why: String| {
             ApiError::from_code(
                 tonic::Code::Unavailable,
                 &format!(
-                    "router replica {} ({}) cannot be reached to list what it keeps: {why}",
+                    "router replica {} ({}) cannot be reached to {doing}: {why}",
                     router.id, router.grpc_address
                 ),
             )
         };
-        let mut client = peers
+        let client = peers
             .client(&router.id)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        let request = ask(super::chat::listing_to_proto(listing), headers);
-        match client.list_chat_completions(request).await {
-            Ok(answer) => Ok(answer
-                .into_inner()
-                .completions
-                .into_iter()
-                .filter_map(super::chat::listed_from_proto)
-                .collect::<Vec<_>>()),
+        match call(client).await {
+            Ok(answer) => Ok(answer),
             Err(status) => match status.code() {
                 tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
                     Err(ApiError::from_code(status.code(), status.message()))
@@ -436,6 +473,22 @@ pub async fn list_chat_completions(
     });
     let answers = futures::future::try_join_all(asks).await?;
     Ok(answers.into_iter().flatten().collect())
+}
+
+/// What replica `owner` answered to a Files or Batches API `call`, or its refusal (not kept
+/// there, a bad argument, a batch that cannot be cancelled) as the status it sent.
+pub async fn call_batches(
+    dispatcher: &Dispatcher,
+    owner: &str,
+    call: v1::BatchCall,
+    headers: &HeaderMap,
+) -> Result<Result<v1::BatchAnswer, tonic::Status>, PeerError> {
+    let peers = &dispatcher.peers;
+    let mut client = peers.client(owner).await?;
+    match client.call_batches(ask(call, headers)).await {
+        Ok(answer) => Ok(Ok(answer.into_inner())),
+        Err(status) => refused_or_failed(owner, peers, status).await,
+    }
 }
 
 /// A replica's answer that refuses what was asked (not kept there, a bad argument, a

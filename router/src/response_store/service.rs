@@ -14,11 +14,24 @@ use crate::auth::Tenant;
 
 pub struct StoredResponsesService {
     store: Arc<ResponseStore>,
+    /// Where the Files and Batches API calls go; without it they are UNIMPLEMENTED.
+    dispatcher: Option<Arc<crate::dispatch::Dispatcher>>,
 }
 
 impl StoredResponsesService {
     pub fn new(store: Arc<ResponseStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            dispatcher: None,
+        }
+    }
+
+    /// The service of `dispatcher`'s replica: its stored responses, files and batches.
+    pub fn of(dispatcher: Arc<crate::dispatch::Dispatcher>) -> Self {
+        Self {
+            store: dispatcher.responses.clone(),
+            dispatcher: Some(dispatcher),
+        }
     }
 }
 
@@ -138,6 +151,24 @@ impl v1::stored_responses_server::StoredResponses for StoredResponsesService {
             object_json,
             ..Default::default()
         }))
+    }
+
+    async fn call_batches(
+        &self,
+        request: Request<v1::BatchCall>,
+    ) -> Result<Response<v1::BatchAnswer>, Status> {
+        let Some(dispatcher) = &self.dispatcher else {
+            return Err(Status::unimplemented(
+                "this service keeps no files or batches",
+            ));
+        };
+        let tenant = tenant_of(&request);
+        let call = request
+            .into_inner()
+            .call
+            .ok_or_else(|| Status::invalid_argument("call: say which call to make"))?;
+        // Only what this replica keeps: a replica never asks on another's behalf.
+        crate::batches::calls::answer(dispatcher, tenant.as_deref(), call).map(Response::new)
     }
 
     async fn list_chat_completions(

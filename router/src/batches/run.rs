@@ -1,0 +1,391 @@
+//! Runs a batch: reads its input, sends each request through the router's own HTTP API (the
+//! same handlers, checks and answers a client gets) in the cost-sensitive lane, a bounded
+//! number at a time, and writes the answers in input order: those that succeeded to the
+//! output file, the others to the error file.
+//!
+//! A request refused for want of room (429 Too Many Requests, 503 Service Unavailable: a full
+//! queue, no worker up yet) is not an answer: it waits and is tried again, with backoff, until
+//! the completion window closes. A cancel (or the window closing) stops what runs and writes
+//! what has been answered; the requests not answered go to the error file, saying why.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode, header};
+use bytes::Bytes;
+use futures::StreamExt as _;
+use futures::stream::FuturesUnordered;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tower::ServiceExt as _;
+
+use super::input::{self, Line};
+use super::{Batch, Status, Usage};
+use crate::auth::Tenant;
+use crate::dispatch::Dispatcher;
+
+/// First wait before trying a refused request again; it doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// Largest answer a batch request may have (a whole answer is kept in the output file).
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+/// One request's line of the output or error file.
+#[derive(Debug)]
+struct Outcome {
+    succeeded: bool,
+    line: String,
+    usage: Usage,
+}
+
+/// How the run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Done,
+    Cancelled,
+    Expired,
+    /// The router is stopping: what was not answered is not written.
+    Stopping,
+}
+
+/// Starts running `batch` of `input` on this replica.
+pub fn start(dispatcher: Arc<Dispatcher>, batch: Arc<Batch>, input: Bytes) {
+    tokio::spawn(async move {
+        run(&dispatcher, &batch, input).await;
+        dispatcher.batches.batch_changed();
+    });
+}
+
+async fn run(dispatcher: &Arc<Dispatcher>, batch: &Arc<Batch>, input: Bytes) {
+    let limits = dispatcher.batches.limits();
+    let elapsed = super::unix_now().saturating_sub(batch.created_at);
+    let deadline = Instant::now() + batch.window.saturating_sub(Duration::from_secs(elapsed));
+    let endpoint = batch.endpoint.clone();
+    let read =
+        tokio::task::spawn_blocking(move || input::read(&input, &endpoint, limits.max_requests))
+            .await;
+    let lines = match read {
+        Ok(Ok(lines)) => lines,
+        Ok(Err(errors)) => {
+            batch.progress.lock().expect("batch progress").errors = errors;
+            batch.reach(Status::Failed);
+            return;
+        }
+        Err(panicked) => {
+            tracing::error!(batch = %batch.id, %panicked, "reading a batch's input failed");
+            let message = "reading the input file failed inside the router; see its log";
+            batch.progress.lock().expect("batch progress").errors =
+                vec![json!({"code": "internal_error", "message": message})];
+            batch.reach(Status::Failed);
+            return;
+        }
+    };
+    batch.progress.lock().expect("batch progress").total = lines.len();
+    batch.reach(Status::InProgress);
+    dispatcher.batches.batch_changed();
+    let mut outcomes: Vec<Option<Outcome>> = (0..lines.len()).map(|_| None).collect();
+    let ending = send_all(dispatcher, batch, &lines, deadline, &mut outcomes).await;
+    if ending == Ending::Stopping {
+        tracing::warn!(
+            batch = %batch.id,
+            answered = outcomes.iter().flatten().count(),
+            total = lines.len(),
+            "router stopping with a batch running: it ends with this replica"
+        );
+        return;
+    }
+    finish(dispatcher, batch, &lines, outcomes, ending);
+}
+
+/// Sends `lines` until all are answered, or the batch is cancelled or expires, or the router
+/// stops; each answer lands in `outcomes` at its line's place.
+async fn send_all(
+    dispatcher: &Arc<Dispatcher>,
+    batch: &Batch,
+    lines: &[Line],
+    deadline: Instant,
+    outcomes: &mut [Option<Outcome>],
+) -> Ending {
+    let door = crate::openai::door(dispatcher.clone());
+    let slots = dispatcher.batches.slots.clone();
+    let mut running = FuturesUnordered::new();
+    let mut next = 0;
+    loop {
+        if next == lines.len() && running.is_empty() {
+            return Ending::Done;
+        }
+        tokio::select! {
+            biased;
+            _ = batch.cancel.cancelled() => return Ending::Cancelled,
+            _ = tokio::time::sleep_until(deadline) => return Ending::Expired,
+            _ = dispatcher.stopping.cancelled() => return Ending::Stopping,
+            Some((index, outcome)) = running.next(), if !running.is_empty() => {
+                let outcome: Outcome = outcome;
+                let mut progress = batch.progress.lock().expect("batch progress");
+                if outcome.succeeded {
+                    progress.completed += 1;
+                } else {
+                    progress.failed += 1;
+                }
+                add_usage(&mut progress.usage, outcome.usage);
+                outcomes[index] = Some(outcome);
+            }
+            slot = slots.clone().acquire_owned(), if next < lines.len() => {
+                let slot = slot.expect("the batch slots are never closed");
+                let (door, index) = (door.clone(), next);
+                let line = lines[index].clone();
+                let (endpoint, tenant) = (batch.endpoint.clone(), batch.tenant.clone());
+                let backoff_ends = dispatcher.stopping.clone();
+                running.push(async move {
+                    let outcome = send(door, &endpoint, tenant, &line, backoff_ends).await;
+                    drop(slot);
+                    (index, outcome)
+                });
+                next += 1;
+            }
+        }
+    }
+}
+
+/// Sends one request until it is answered (a refusal for want of room is tried again).
+async fn send(
+    door: axum::Router,
+    endpoint: &str,
+    tenant: Option<String>,
+    line: &Line,
+    stopping: tokio_util::sync::CancellationToken,
+) -> Outcome {
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let mut request = Request::post(endpoint)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(crate::openai::handlers::CLASS_HEADER, "cost-sensitive")
+            .body(Body::from(line.body.clone()))
+            .expect("a valid request");
+        if let Some(tenant) = &tenant {
+            request.extensions_mut().insert(Tenant(tenant.clone()));
+        }
+        let response = match door.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        let status = response.status();
+        let waits = matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        );
+        if waits && !stopping.is_cancelled() {
+            let jitter = 0.5 + fastrand::f64() / 2.0;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = stopping.cancelled() => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            continue;
+        }
+        let request_id = response
+            .headers()
+            .get(crate::openai::handlers::REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let body = match axum::body::to_bytes(response.into_body(), MAX_ANSWER_BYTES).await {
+            Ok(body) => serde_json::from_slice(&body)
+                .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&body).into_owned())),
+            Err(error) => json!({"error": {"message": format!("the answer could not be read: {error}")}}),
+        };
+        return answered(&line.custom_id, status, request_id, body);
+    }
+}
+
+/// The outcome of a request the endpoint answered with `status` and `body`.
+fn answered(custom_id: &str, status: StatusCode, request_id: Option<String>, body: Value) -> Outcome {
+    let succeeded = status.is_success();
+    let usage = if succeeded {
+        usage_of(&body)
+    } else {
+        Usage::default()
+    };
+    let error = if succeeded {
+        Value::Null
+    } else {
+        let error = &body["error"];
+        let code = error["code"]
+            .as_str()
+            .or(error["type"].as_str())
+            .unwrap_or("request_failed");
+        json!({"code": code, "message": error["message"].as_str().unwrap_or("the request failed")})
+    };
+    let line = json!({
+        "id": request_line_id(),
+        "custom_id": custom_id,
+        "response": {"status_code": status.as_u16(), "request_id": request_id, "body": body},
+        "error": error,
+    });
+    Outcome {
+        succeeded,
+        line: line.to_string(),
+        usage,
+    }
+}
+
+/// The line of a request the batch ended before it was answered.
+fn unanswered(custom_id: &str, ending: Ending) -> String {
+    let (code, message) = match ending {
+        Ending::Expired => (
+            "batch_expired",
+            "the batch's completion window closed before this request was answered",
+        ),
+        _ => (
+            "batch_cancelled",
+            "the batch was cancelled before this request was answered",
+        ),
+    };
+    json!({
+        "id": request_line_id(),
+        "custom_id": custom_id,
+        "response": null,
+        "error": {"code": code, "message": message},
+    })
+    .to_string()
+}
+
+fn request_line_id() -> String {
+    format!("batch_req_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Tokens an answer says it used (Chat Completions' and Completions' names, or Responses').
+fn usage_of(body: &Value) -> Usage {
+    let usage = &body["usage"];
+    let count = |names: [&str; 2]| {
+        names
+            .iter()
+            .find_map(|name| usage[*name].as_u64())
+            .unwrap_or_default()
+    };
+    let cached = usage["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .or(usage["input_tokens_details"]["cached_tokens"].as_u64())
+        .unwrap_or_default();
+    Usage {
+        input_tokens: count(["prompt_tokens", "input_tokens"]),
+        cached_tokens: cached,
+        output_tokens: count(["completion_tokens", "output_tokens"]),
+    }
+}
+
+fn add_usage(total: &mut Usage, more: Usage) {
+    total.input_tokens += more.input_tokens;
+    total.cached_tokens += more.cached_tokens;
+    total.output_tokens += more.output_tokens;
+}
+
+/// Writes the output and error files of a run that ended with `ending`, and its last status.
+fn finish(
+    dispatcher: &Dispatcher,
+    batch: &Batch,
+    lines: &[Line],
+    outcomes: Vec<Option<Outcome>>,
+    ending: Ending,
+) {
+    if ending == Ending::Done {
+        batch.reach(Status::Finalizing);
+    }
+    let (mut output, mut errors) = (String::new(), String::new());
+    let mut unanswered_count = 0;
+    for (line, outcome) in lines.iter().zip(outcomes) {
+        let (file, text) = match outcome {
+            Some(outcome) if outcome.succeeded => (&mut output, outcome.line),
+            Some(outcome) => (&mut errors, outcome.line),
+            None => {
+                unanswered_count += 1;
+                (&mut errors, unanswered(&line.custom_id, ending))
+            }
+        };
+        file.push_str(&text);
+        file.push('\n');
+    }
+    let store = &dispatcher.batches;
+    let write = |text: String, kind: &str| {
+        (!text.is_empty()).then(|| {
+            let name = format!("{}_{kind}.jsonl", batch.id);
+            store
+                .write_output(batch.tenant.clone(), name, Bytes::from(text))
+                .id
+                .clone()
+        })
+    };
+    let (output_file_id, error_file_id) = (write(output, "output"), write(errors, "error"));
+    {
+        let mut progress = batch.progress.lock().expect("batch progress");
+        progress.failed += unanswered_count;
+        progress.output_file_id = output_file_id;
+        progress.error_file_id = error_file_id;
+    }
+    batch.reach(match ending {
+        Ending::Done => Status::Completed,
+        Ending::Expired => Status::Expired,
+        Ending::Cancelled | Ending::Stopping => Status::Cancelled,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_is_an_output_line_or_an_error_line_with_the_reason() {
+        let body = json!({"id": "chatcmpl-1", "usage": {"prompt_tokens": 7, "completion_tokens": 3,
+                          "prompt_tokens_details": {"cached_tokens": 4}}});
+        let ok = answered("a", StatusCode::OK, Some("req-1".into()), body.clone());
+        assert!(ok.succeeded);
+        assert_eq!(
+            ok.usage,
+            Usage {
+                input_tokens: 7,
+                cached_tokens: 4,
+                output_tokens: 3
+            }
+        );
+        let line: Value = serde_json::from_str(&ok.line).unwrap();
+        assert_eq!(line["custom_id"], "a");
+        assert_eq!(line["response"]["status_code"], 200);
+        assert_eq!(line["response"]["request_id"], "req-1");
+        assert_eq!(line["response"]["body"], body);
+        assert_eq!(line["error"], Value::Null);
+        assert!(line["id"].as_str().unwrap().starts_with("batch_req_"));
+
+        let refusal = json!({"error": {"message": "max_tokens is -1", "type": "invalid_request_error",
+                             "param": "max_tokens", "code": null}});
+        let bad = answered("b", StatusCode::BAD_REQUEST, None, refusal);
+        assert!(!bad.succeeded);
+        assert_eq!(bad.usage, Usage::default());
+        let line: Value = serde_json::from_str(&bad.line).unwrap();
+        assert_eq!(line["response"]["status_code"], 400);
+        assert_eq!(line["error"]["code"], "invalid_request_error");
+        assert_eq!(line["error"]["message"], "max_tokens is -1");
+    }
+
+    #[test]
+    fn responses_usage_counts_too() {
+        let body = json!({"usage": {"input_tokens": 5, "output_tokens": 2,
+                          "input_tokens_details": {"cached_tokens": 1}}});
+        assert_eq!(
+            usage_of(&body),
+            Usage {
+                input_tokens: 5,
+                cached_tokens: 1,
+                output_tokens: 2
+            }
+        );
+    }
+
+    #[test]
+    fn an_unanswered_request_says_why() {
+        let expired: Value = serde_json::from_str(&unanswered("x", Ending::Expired)).unwrap();
+        assert_eq!(expired["error"]["code"], "batch_expired");
+        assert_eq!(expired["response"], Value::Null);
+        let cancelled: Value = serde_json::from_str(&unanswered("x", Ending::Cancelled)).unwrap();
+        assert_eq!(cancelled["error"]["code"], "batch_cancelled");
+    }
+}
