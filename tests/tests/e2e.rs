@@ -3,6 +3,7 @@
 //! switchyard-tests -E 'test(/^tls::/)'` runs one file's tests.
 
 mod auth;
+mod batches;
 mod burst;
 mod cluster;
 mod control_plane;

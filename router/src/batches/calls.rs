@@ -12,7 +12,9 @@ use switchyard_proto::v1::{self, batch_call::Call};
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::{BATCH_PREFIX, BATCH_PURPOSE, Batch, Cursor, ENDPOINTS, Page, Progress, Status as BatchStatus};
+use super::{
+    BATCH_PREFIX, BATCH_PURPOSE, Batch, Cursor, ENDPOINTS, Page, Progress, Status as BatchStatus,
+};
 use crate::dispatch::Dispatcher;
 
 /// Longest completion window a batch may ask for.
@@ -161,7 +163,9 @@ pub fn answer(
             if !store.delete_file(&id, tenant) {
                 return Err(file_missing(&id));
             }
-            Ok(answer_json(json!({"id": id, "object": "file", "deleted": true})))
+            Ok(answer_json(
+                json!({"id": id, "object": "file", "deleted": true}),
+            ))
         }
         Call::GetBatch(id) => {
             let batch = store.batch(&id, tenant).ok_or_else(|| batch_missing(&id))?;
@@ -308,8 +312,14 @@ mod tests {
             creation(body).unwrap_err().param
         };
         assert_eq!(param(json!({"endpoint": "/v1/embeddings"})), "endpoint");
-        assert_eq!(param(json!({"completion_window": "2d"})), "completion_window");
-        assert_eq!(param(json!({"completion_window": "0s"})), "completion_window");
+        assert_eq!(
+            param(json!({"completion_window": "2d"})),
+            "completion_window"
+        );
+        assert_eq!(
+            param(json!({"completion_window": "0s"})),
+            "completion_window"
+        );
         assert_eq!(param(json!({"input_file_id": "file-abc"})), "input_file_id");
         assert_eq!(param(json!({"input_file_id": 7})), "input_file_id");
         assert_eq!(

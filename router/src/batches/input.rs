@@ -16,8 +16,15 @@ pub struct Line {
 /// Errors reported at most: a file of 50 000 bad lines need not answer 50 000 of them.
 const MAX_ERRORS: usize = 100;
 
-/// The file's requests, or why it cannot run (each an OpenAI batch error object).
-pub fn read(file: &[u8], endpoint: &str, max_requests: usize) -> Result<Vec<Line>, Vec<Value>> {
+/// The file's requests, or why it cannot run (each an OpenAI batch error object). `served`
+/// says whether a model is served by the cluster now: a request naming one that is not fails
+/// the batch here, so that one whose workers go away later waits for them rather than failing.
+pub fn read(
+    file: &[u8],
+    endpoint: &str,
+    max_requests: usize,
+    served: &dyn Fn(&str) -> bool,
+) -> Result<Vec<Line>, Vec<Value>> {
     let Ok(text) = std::str::from_utf8(file) else {
         return Err(vec![error(
             "invalid_file_encoding",
@@ -34,7 +41,7 @@ pub fn read(file: &[u8], endpoint: &str, max_requests: usize) -> Result<Vec<Line
         if text.trim().is_empty() {
             continue;
         }
-        match line(text, endpoint) {
+        match line(text, endpoint, served) {
             Ok(line) if !seen.insert(line.custom_id.clone()) => errors.push(error(
                 "duplicate_custom_id",
                 &format!(
@@ -81,7 +88,7 @@ pub fn read(file: &[u8], endpoint: &str, max_requests: usize) -> Result<Vec<Line
 
 type LineError = (&'static str, Option<&'static str>, String);
 
-fn line(text: &str, endpoint: &str) -> Result<Line, LineError> {
+fn line(text: &str, endpoint: &str, served: &dyn Fn(&str) -> bool) -> Result<Line, LineError> {
     let value: Value = serde_json::from_str(text).map_err(|e| {
         (
             "invalid_json_line",
@@ -154,17 +161,29 @@ fn line(text: &str, endpoint: &str) -> Result<Line, LineError> {
             return Err((
                 "invalid_body",
                 Some("body"),
-                format!("body.{field} is true; a batch request's answer is kept whole, send {field}: false"),
+                format!(
+                    "body.{field} is true; a batch request's answer is kept whole, send {field}: false"
+                ),
             ));
         }
+    }
+    if let Some(Value::String(model)) = body.get("model")
+        && !served(model)
+    {
+        return Err((
+            "model_not_found",
+            Some("body.model"),
+            format!(
+                "model {model:?} is not served by any worker of this cluster (GET /v1/models \
+                 lists those that are)"
+            ),
+        ));
     }
     if let Some(field) = fields.keys().next() {
         return Err((
             "invalid_line",
             None,
-            format!(
-                "the line has a field {field:?}; a line holds custom_id, method, url and body"
-            ),
+            format!("the line has a field {field:?}; a line holds custom_id, method, url and body"),
         ));
     }
     Ok(Line {
@@ -187,6 +206,10 @@ mod tests {
 
     const CHAT: &str = "/v1/chat/completions";
 
+    fn served(model: &str) -> bool {
+        model == "m"
+    }
+
     fn request(id: &str) -> String {
         json!({"custom_id": id, "method": "POST", "url": CHAT,
                "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}]}})
@@ -196,9 +219,12 @@ mod tests {
     #[test]
     fn a_good_file_is_its_requests_in_order() {
         let file = format!("{}\n\n{}\n", request("a"), request("b"));
-        let lines = read(file.as_bytes(), CHAT, 10).unwrap();
+        let lines = read(file.as_bytes(), CHAT, 10, &served).unwrap();
         assert_eq!(
-            lines.iter().map(|l| l.custom_id.as_str()).collect::<Vec<_>>(),
+            lines
+                .iter()
+                .map(|l| l.custom_id.as_str())
+                .collect::<Vec<_>>(),
             ["a", "b"]
         );
         let body: Value = serde_json::from_str(&lines[0].body).unwrap();
@@ -220,9 +246,10 @@ mod tests {
             streaming,
             r#"{"custom_id": "e", "method": "GET", "url": "/v1/chat/completions", "body": {}}"#
                 .into(),
+            request("f").replace(r#""model":"m""#, r#""model":"gone""#),
         ]
         .join("\n");
-        let errors = read(file.as_bytes(), CHAT, 10).unwrap_err();
+        let errors = read(file.as_bytes(), CHAT, 10, &served).unwrap_err();
         let found: Vec<(String, u64)> = errors
             .iter()
             .map(|e| {
@@ -239,6 +266,7 @@ mod tests {
             ("missing_custom_id", 5),
             ("invalid_body", 6),
             ("invalid_method", 7),
+            ("model_not_found", 8),
         ];
         assert_eq!(
             found,
@@ -249,7 +277,8 @@ mod tests {
 
     #[test]
     fn an_empty_or_oversized_or_binary_file_is_refused_whole() {
-        let code = |file: &[u8], max| read(file, CHAT, max).unwrap_err()[0]["code"].clone();
+        let code =
+            |file: &[u8], max| read(file, CHAT, max, &served).unwrap_err()[0]["code"].clone();
         assert_eq!(code(b"\n\n", 10), "empty_file");
         let two = format!("{}\n{}", request("a"), request("b"));
         assert_eq!(code(two.as_bytes(), 1), "too_many_requests");

@@ -553,7 +553,10 @@ mod tests {
         let id = store.new_id(FILE_PREFIX);
         assert_eq!(owner_of(&id), Some("0123456789ab"));
         let made = made_ms(&id).expect("a time");
-        assert!(made >= before && made < before + 60_000, "{made} vs {before}");
+        assert!(
+            made >= before && made < before + 60_000,
+            "{made} vs {before}"
+        );
         assert_eq!(owner_of(&store.new_id(BATCH_PREFIX)), Some("0123456789ab"));
         assert_eq!(owner_of("file-abc"), None);
         assert_eq!(owner_of("resp_0123456789ab0123"), None);

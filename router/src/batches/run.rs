@@ -62,9 +62,12 @@ async fn run(dispatcher: &Arc<Dispatcher>, batch: &Arc<Batch>, input: Bytes) {
     let elapsed = super::unix_now().saturating_sub(batch.created_at);
     let deadline = Instant::now() + batch.window.saturating_sub(Duration::from_secs(elapsed));
     let endpoint = batch.endpoint.clone();
-    let read =
-        tokio::task::spawn_blocking(move || input::read(&input, &endpoint, limits.max_requests))
-            .await;
+    let served = crate::openai::handlers::models(dispatcher);
+    let read = tokio::task::spawn_blocking(move || {
+        let served = |model: &str| served.contains_key(model);
+        input::read(&input, &endpoint, limits.max_requests, &served)
+    })
+    .await;
     let lines = match read {
         Ok(Ok(lines)) => lines,
         Ok(Err(errors)) => {
@@ -171,19 +174,6 @@ async fn send(
             Err(never) => match never {},
         };
         let status = response.status();
-        let waits = matches!(
-            status,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
-        );
-        if waits && !stopping.is_cancelled() {
-            let jitter = 0.5 + fastrand::f64() / 2.0;
-            tokio::select! {
-                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
-                _ = stopping.cancelled() => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-            continue;
-        }
         let request_id = response
             .headers()
             .get(crate::openai::handlers::REQUEST_ID_HEADER)
@@ -192,14 +182,42 @@ async fn send(
         let body = match axum::body::to_bytes(response.into_body(), MAX_ANSWER_BYTES).await {
             Ok(body) => serde_json::from_slice(&body)
                 .unwrap_or_else(|_| Value::from(String::from_utf8_lossy(&body).into_owned())),
-            Err(error) => json!({"error": {"message": format!("the answer could not be read: {error}")}}),
+            Err(error) => {
+                json!({"error": {"message": format!("the answer could not be read: {error}")}})
+            }
         };
+        if waits_for_room(status, &body) && !stopping.is_cancelled() {
+            let jitter = 0.5 + fastrand::f64() / 2.0;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = stopping.cancelled() => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            continue;
+        }
         return answered(&line.custom_id, status, request_id, body);
     }
 }
 
+/// Whether an answer is a refusal for want of room that a batch waits out: too many requests
+/// (429), no worker free or reachable (503), or no worker of the model at all (404 naming the
+/// model: the batch checked it was served when it started, so its workers are away, not gone
+/// for good).
+fn waits_for_room(status: StatusCode, body: &Value) -> bool {
+    match status {
+        StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE => true,
+        StatusCode::NOT_FOUND => body["error"]["param"] == "model",
+        _ => false,
+    }
+}
+
 /// The outcome of a request the endpoint answered with `status` and `body`.
-fn answered(custom_id: &str, status: StatusCode, request_id: Option<String>, body: Value) -> Outcome {
+fn answered(
+    custom_id: &str,
+    status: StatusCode,
+    request_id: Option<String>,
+    body: Value,
+) -> Outcome {
     let succeeded = status.is_success();
     let usage = if succeeded {
         usage_of(&body)
@@ -364,6 +382,21 @@ mod tests {
         assert_eq!(line["response"]["status_code"], 400);
         assert_eq!(line["error"]["code"], "invalid_request_error");
         assert_eq!(line["error"]["message"], "max_tokens is -1");
+    }
+
+    #[test]
+    fn refusals_for_want_of_room_are_waited_out_and_others_are_answers() {
+        let model_gone = json!({"error": {"param": "model", "message": "not served"}});
+        let no_route = json!({"error": {"param": null, "message": "no such endpoint"}});
+        assert!(waits_for_room(StatusCode::TOO_MANY_REQUESTS, &Value::Null));
+        assert!(waits_for_room(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &Value::Null
+        ));
+        assert!(waits_for_room(StatusCode::NOT_FOUND, &model_gone));
+        assert!(!waits_for_room(StatusCode::NOT_FOUND, &no_route));
+        assert!(!waits_for_room(StatusCode::BAD_REQUEST, &model_gone));
+        assert!(!waits_for_room(StatusCode::OK, &Value::Null));
     }
 
     #[test]

@@ -121,7 +121,10 @@ pub async fn upload(
 /// The upload's file name and bytes, its purpose checked.
 async fn read_form(mut multipart: Multipart) -> Result<(String, Bytes), ApiError> {
     let unreadable = |error: axum::extract::multipart::MultipartError| {
-        let mut refusal = ApiError::bad_body(format!("the upload could not be read: {}", error.body_text()));
+        let mut refusal = ApiError::bad_body(format!(
+            "the upload could not be read: {}",
+            error.body_text()
+        ));
         refusal.status = error.status();
         refusal
     };
@@ -154,7 +157,10 @@ async fn read_form(mut multipart: Multipart) -> Result<(String, Bytes), ApiError
     let (name, bytes) =
         file.ok_or_else(|| ApiError::invalid("file", "is required: the JSONL file of requests"))?;
     if bytes.is_empty() {
-        return Err(ApiError::invalid("file", "is empty: send the JSONL file of requests"));
+        return Err(ApiError::invalid(
+            "file",
+            "is empty: send the JSONL file of requests",
+        ));
     }
     Ok((name, bytes))
 }
@@ -176,9 +182,8 @@ fn listing(
     max_limit: u32,
     files: bool,
 ) -> Result<v1::BatchListing, ApiError> {
-    let Query(query) = query.map_err(|rejection| {
-        ApiError::invalid("query", rejection.body_text())
-    })?;
+    let Query(query) =
+        query.map_err(|rejection| ApiError::invalid("query", rejection.body_text()))?;
     let limit = match query.limit.as_deref() {
         None => default_limit,
         Some(text) => text
@@ -186,7 +191,10 @@ fn listing(
             .ok()
             .filter(|limit| (1..=max_limit).contains(limit))
             .ok_or_else(|| {
-                ApiError::invalid("limit", format!("is {text:?}, must be from 1 to {max_limit}"))
+                ApiError::invalid(
+                    "limit",
+                    format!("is {text:?}, must be from 1 to {max_limit}"),
+                )
             })?,
     };
     let oldest_first = match query.order.as_deref() {
@@ -200,14 +208,19 @@ fn listing(
         }
     };
     if query.purpose.is_some() && !files {
-        return Err(ApiError::invalid("purpose", "batches are not listed by purpose"));
+        return Err(ApiError::invalid(
+            "purpose",
+            "batches are not listed by purpose",
+        ));
     }
     let after = match query.after {
         None => None,
         Some(id) => Some(v1::ListedCursor {
-            made_ms: made_ms(&id).filter(|_| batches::owner_of(&id).is_some()).ok_or_else(|| {
-                ApiError::invalid("after", format!("{id:?} is not an id this listing gave"))
-            })?,
+            made_ms: made_ms(&id)
+                .filter(|_| batches::owner_of(&id).is_some())
+                .ok_or_else(|| {
+                    ApiError::invalid("after", format!("{id:?} is not an id this listing gave"))
+                })?,
             id,
         }),
     };
@@ -267,7 +280,14 @@ pub async fn list_files(
 ) -> Response {
     let listed = match listing(query, 10_000, 10_000, true) {
         Ok(listing) => {
-            list_everywhere(&dispatcher, tenant_of(&tenant), &headers, listing, Call::ListFiles).await
+            list_everywhere(
+                &dispatcher,
+                tenant_of(&tenant),
+                &headers,
+                listing,
+                Call::ListFiles,
+            )
+            .await
         }
         Err(error) => Err(error),
     };
@@ -286,8 +306,14 @@ pub async fn list_batches(
 ) -> Response {
     let listed = match listing(query, 20, 100, false) {
         Ok(listing) => {
-            list_everywhere(&dispatcher, tenant_of(&tenant), &headers, listing, Call::ListBatches)
-                .await
+            list_everywhere(
+                &dispatcher,
+                tenant_of(&tenant),
+                &headers,
+                listing,
+                Call::ListBatches,
+            )
+            .await
         }
         Err(error) => Err(error),
     };
@@ -314,7 +340,15 @@ pub async fn delete_file(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    answer_json(call(&dispatcher, tenant_of(&tenant), &headers, Call::DeleteFile(id)).await)
+    answer_json(
+        call(
+            &dispatcher,
+            tenant_of(&tenant),
+            &headers,
+            Call::DeleteFile(id),
+        )
+        .await,
+    )
 }
 
 /// `GET /v1/files/{id}/content`: the file's bytes.
@@ -324,7 +358,14 @@ pub async fn file_content(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    match call(&dispatcher, tenant_of(&tenant), &headers, Call::FileContent(id)).await {
+    match call(
+        &dispatcher,
+        tenant_of(&tenant),
+        &headers,
+        Call::FileContent(id),
+    )
+    .await
+    {
         Ok(answer) => {
             let mut response = answer.body.into_response();
             response.headers_mut().insert(
@@ -344,19 +385,25 @@ pub async fn create(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let checked = body
-        .map_err(super::handlers::body_unread)
-        .and_then(|body| {
-            let (create, _) = CreateBatch::parse(&body)
-                .map_err(|bad| ApiError::invalid(bad.param, bad.message))?;
-            super::check_metadata(create.metadata)?;
-            Ok(String::from_utf8_lossy(&body).into_owned())
-        });
+    let checked = body.map_err(super::handlers::body_unread).and_then(|body| {
+        let (create, _) =
+            CreateBatch::parse(&body).map_err(|bad| ApiError::invalid(bad.param, bad.message))?;
+        super::check_metadata(create.metadata)?;
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    });
     let body = match checked {
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
-    answer_json(call(&dispatcher, tenant_of(&tenant), &headers, Call::CreateBatchJson(body)).await)
+    answer_json(
+        call(
+            &dispatcher,
+            tenant_of(&tenant),
+            &headers,
+            Call::CreateBatchJson(body),
+        )
+        .await,
+    )
 }
 
 /// `GET /v1/batches/{id}`.
@@ -366,7 +413,15 @@ pub async fn get_batch(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    answer_json(call(&dispatcher, tenant_of(&tenant), &headers, Call::GetBatch(id)).await)
+    answer_json(
+        call(
+            &dispatcher,
+            tenant_of(&tenant),
+            &headers,
+            Call::GetBatch(id),
+        )
+        .await,
+    )
 }
 
 /// `POST /v1/batches/{id}/cancel`: stops the batch; it writes what was answered.
@@ -376,5 +431,13 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    answer_json(call(&dispatcher, tenant_of(&tenant), &headers, Call::CancelBatch(id)).await)
+    answer_json(
+        call(
+            &dispatcher,
+            tenant_of(&tenant),
+            &headers,
+            Call::CancelBatch(id),
+        )
+        .await,
+    )
 }

@@ -1,0 +1,278 @@
+//! End-to-end tests of the Batch API (`/v1/files`, `/v1/batches`) against real processes:
+//! etcd, two router replicas, synthetic-engine workers, and the official `openai` Python SDK.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde_json::{Value, json};
+use switchyard_tests::{
+    Cluster, ClusterSpec, list_router_workers, program_output, start_gpu_worker, strings,
+    wait_until,
+};
+
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// The SDK's batch checks, files uploaded to one replica and batches made, followed and read
+/// on the other (which asks the first: a batch runs where its file is kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_runs_batches_across_router_replicas() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let keeper = switchyard_tests::start_router(&cluster.etcd.url, "keeper", &[]).await?;
+    let keeper_grpc = keeper.addr("grpc").to_string();
+    wait_until(PATIENCE, "the keeper to link the worker", || async {
+        list_router_workers(&keeper_grpc)
+            .await
+            .is_ok_and(|ids| ids.len() == 1)
+    })
+    .await?;
+    let keeper_url = format!("http://{}/v1", keeper.addr("http"));
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_batch_check.py");
+    let out = program_output(
+        "python3",
+        &strings(&[
+            script,
+            &keeper_url,
+            "synthetic",
+            &cluster.router_openai_url(),
+        ]),
+    )
+    .await?;
+    assert!(out.contains("openai-batch: 8 passed, 0 failed"), "{out}");
+    Ok(())
+}
+
+/// `POST {base}/files` of `lines` as a batch file: its id.
+async fn upload(http: &reqwest::Client, base: &str, lines: &[Value]) -> anyhow::Result<String> {
+    let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(text.into_bytes()).file_name("batch.jsonl"),
+        );
+    let file: Value = http
+        .post(format!("{base}/files"))
+        .multipart(form)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(file["id"].as_str().context("a file id")?.to_string())
+}
+
+async fn batch(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<Value> {
+    Ok(http
+        .get(format!("{base}/batches/{id}"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// A batch whose workers all go away mid-run (killed) waits for workers to come back, and
+/// runs every request once they do: none fails for the outage, none is answered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_rides_out_its_workers_going_away() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 0,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    // 40 tokens at 20 a second: each request runs for 2 s.
+    let slow = ["--lease-ttl", "2s", "--synthetic-tokens-per-s", "20"];
+    let mut first = start_gpu_worker(&cluster.etcd.url, "first", &slow, 1).await?;
+    cluster.wait_for_router_workers(1, PATIENCE).await?;
+    let base = cluster.router_openai_url();
+    let http = reqwest::Client::new();
+    let lines: Vec<Value> = (0..4)
+        .map(|i| {
+            json!({"custom_id": format!("q{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "synthetic", "max_tokens": 40, "ignore_eos": true,
+                            "messages": [{"role": "user", "content": format!("hi {i}")}]}})
+        })
+        .collect();
+    let file = upload(&http, &base, &lines).await?;
+    let made: Value = http
+        .post(format!("{base}/batches"))
+        .json(
+            &json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
+                      "completion_window": "24h"}),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = made["id"].as_str().context("a batch id")?.to_string();
+    wait_until(PATIENCE, "the batch to run", || async {
+        batch(&http, &base, &id)
+            .await
+            .is_ok_and(|b| b["status"] == "in_progress")
+    })
+    .await?;
+    first.kill().await?;
+    cluster.wait_for_router_workers(0, PATIENCE).await?;
+    // Meanwhile a client's request is refused (no worker serves the model now)...
+    let refused = http
+        .post(format!("{base}/chat/completions"))
+        .json(&lines[0]["body"])
+        .send()
+        .await?;
+    assert!(refused.status().is_client_error() || refused.status().is_server_error());
+    // ...and the batch's are neither answered nor failed.
+    let running = batch(&http, &base, &id).await?;
+    assert_eq!(running["status"], "in_progress", "{running}");
+    assert_eq!(running["request_counts"]["failed"], 0, "{running}");
+    let answered_before = running["request_counts"]["completed"].as_u64().unwrap_or(4);
+    assert!(answered_before < 4, "{running}");
+
+    let _second = start_gpu_worker(&cluster.etcd.url, "second", &slow, 1).await?;
+    wait_until(PATIENCE, "the batch to end", || async {
+        batch(&http, &base, &id)
+            .await
+            .is_ok_and(|b| b["status"] == "completed")
+    })
+    .await?;
+    let done = batch(&http, &base, &id).await?;
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 4, "completed": 4, "failed": 0}),
+        "{done}"
+    );
+    assert_eq!(done["error_file_id"], Value::Null, "{done}");
+    let output: String = http
+        .get(format!(
+            "{base}/files/{}/content",
+            done["output_file_id"].as_str().unwrap_or_default()
+        ))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let ids: Vec<String> = output
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).map(|l| l["custom_id"].to_string()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(ids, ["\"q0\"", "\"q1\"", "\"q2\"", "\"q3\""]);
+    Ok(())
+}
+
+const ACME_KEY: &str = "sk-acme-batch-0001";
+const GLOBEX_KEY: &str = "sk-globex-batch-0002";
+
+/// A tenant's files and batches are its own, on the replica that keeps them and on any other:
+/// another API key finds nothing (404, not 403: it learns nothing of them) and lists nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_and_batches_are_only_their_tenants() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys_file = switchyard_tests::write_api_keys(
+        dir.path(),
+        &[(ACME_KEY, "acme"), (GLOBEX_KEY, "globex")],
+    )?;
+    let keys_flag = keys_file.display().to_string();
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: vec!["--api-keys-file".into(), keys_flag.clone()],
+        api_key: Some(ACME_KEY.into()),
+        ..Default::default()
+    })
+    .await?;
+    let other = switchyard_tests::start_router(
+        &cluster.etcd.url,
+        "other",
+        &["--api-keys-file", &keys_flag],
+    )
+    .await?;
+    let keeper = cluster.router_openai_url();
+    let elsewhere = format!("http://{}/v1", other.addr("http"));
+    let acme = client_with(ACME_KEY)?;
+    let line = json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                      "body": {"model": "synthetic", "max_tokens": 2,
+                               "messages": [{"role": "user", "content": "secret plans"}]}});
+    let file = upload(&acme, &keeper, &[line]).await?;
+    let create = json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
+                        "completion_window": "24h"});
+    // The other replica finds the keeper once it has reached etcd.
+    wait_until(PATIENCE, "the other replica to find the keeper", || async {
+        let read = acme.get(format!("{elsewhere}/files/{file}")).send().await;
+        read.is_ok_and(|r| r.status() == 200)
+    })
+    .await?;
+    let made: Value = acme
+        .post(format!("{elsewhere}/batches"))
+        .json(&create)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = made["id"].as_str().context("a batch id")?.to_string();
+    wait_until(PATIENCE, "the batch to end", || async {
+        batch(&acme, &keeper, &id)
+            .await
+            .is_ok_and(|b| b["status"] == "completed")
+    })
+    .await?;
+
+    let globex = client_with(GLOBEX_KEY)?;
+    let nobody = reqwest::Client::new();
+    for base in [&keeper, &elsewhere] {
+        for (method, path) in [
+            (reqwest::Method::GET, format!("files/{file}")),
+            (reqwest::Method::GET, format!("files/{file}/content")),
+            (reqwest::Method::DELETE, format!("files/{file}")),
+            (reqwest::Method::GET, format!("batches/{id}")),
+            (reqwest::Method::POST, format!("batches/{id}/cancel")),
+        ] {
+            let url = format!("{base}/{path}");
+            let status = |client: &reqwest::Client| {
+                let request = client.request(method.clone(), &url);
+                async move { anyhow::Ok(request.send().await?.status().as_u16()) }
+            };
+            assert_eq!(status(&globex).await?, 404, "{method} {url}");
+            assert_eq!(status(&nobody).await?, 401, "{method} {url}");
+        }
+        let refused = globex
+            .post(format!("{base}/batches"))
+            .json(&create)
+            .send()
+            .await?;
+        assert_eq!(refused.status(), 404, "{}", refused.text().await?);
+        for listing in ["files", "batches"] {
+            let list = |client: &reqwest::Client| {
+                let request = client.get(format!("{base}/{listing}"));
+                async move { anyhow::Ok(request.send().await?.json::<Value>().await?) }
+            };
+            assert_eq!(list(&globex).await?["data"], json!([]), "{base}/{listing}");
+            let own = list(&acme).await?;
+            assert!(
+                !own["data"].as_array().context("a list")?.is_empty(),
+                "{own}"
+            );
+        }
+    }
+    assert_eq!(batch(&acme, &elsewhere, &id).await?["status"], "completed");
+    Ok(())
+}
+
+/// A client sending `key` with every request.
+fn client_with(key: &str) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {key}").parse()?,
+    );
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
+}
