@@ -1187,3 +1187,27 @@ mod tests {
         );
     }
 }
+
+/// `POST {base}/files` of `lines` (one JSON request each) as a batch file: its id.
+pub async fn upload_batch_file(
+    http: &reqwest::Client,
+    base: &str,
+    lines: &[serde_json::Value],
+) -> anyhow::Result<String> {
+    let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
+    let form = reqwest::multipart::Form::new()
+        .text("purpose", "batch")
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(text.into_bytes()).file_name("batch.jsonl"),
+        );
+    let file: serde_json::Value = http
+        .post(format!("{base}/files"))
+        .multipart(form)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(file["id"].as_str().context("a file id")?.to_string())
+}

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use serde_json::{Value, json};
 use switchyard_tests::{
     Cluster, ClusterSpec, list_router_workers, program_output, start_gpu_worker, strings,
-    wait_until,
+    upload_batch_file as upload, wait_until,
 };
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -44,26 +44,6 @@ async fn the_openai_sdk_runs_batches_across_router_replicas() -> anyhow::Result<
     .await?;
     assert!(out.contains("openai-batch: 8 passed, 0 failed"), "{out}");
     Ok(())
-}
-
-/// `POST {base}/files` of `lines` as a batch file: its id.
-async fn upload(http: &reqwest::Client, base: &str, lines: &[Value]) -> anyhow::Result<String> {
-    let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", "batch")
-        .part(
-            "file",
-            reqwest::multipart::Part::bytes(text.into_bytes()).file_name("batch.jsonl"),
-        );
-    let file: Value = http
-        .post(format!("{base}/files"))
-        .multipart(form)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    Ok(file["id"].as_str().context("a file id")?.to_string())
 }
 
 async fn batch(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<Value> {

@@ -1593,3 +1593,85 @@ async fn chat_completion(base: &str, request: &Value) -> anyhow::Result<Value> {
     anyhow::ensure!(response.status() == 200, "{}", response.text().await?);
     Ok(response.json().await?)
 }
+
+/// A batch's answers on the real model are the ones its requests get sent straight: greedy,
+/// the same words, in the input's order (the batch only changes when and in which lane).
+#[tokio::test]
+async fn a_batch_answers_as_the_same_requests_sent_straight() -> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    let base = cluster.router_openai_url();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()?;
+    let questions = [
+        "What is the capital of France? Answer in one word.",
+        "Name a primary colour.",
+    ];
+    let body = |question: &str| {
+        json!({"model": MODEL, "max_tokens": 12, "temperature": 0,
+               "messages": [{"role": "user", "content": question}]})
+    };
+    let lines: Vec<Value> = questions
+        .iter()
+        .enumerate()
+        .map(|(i, q)| {
+            json!({"custom_id": format!("q{i}"), "method": "POST",
+                   "url": "/v1/chat/completions", "body": body(q)})
+        })
+        .collect();
+    let file = switchyard_tests::upload_batch_file(&http, &base, &lines).await?;
+    let made: Value = http
+        .post(format!("{base}/batches"))
+        .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
+                      "completion_window": "24h"}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = made["id"].as_str().context("a batch id")?.to_string();
+    let read = || async {
+        let batch: Value = http
+            .get(format!("{base}/batches/{id}"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        anyhow::Ok(batch)
+    };
+    switchyard_tests::wait_until(Duration::from_secs(240), "the batch to end", || async {
+        read().await.is_ok_and(|b| b["status"] == "completed")
+    })
+    .await?;
+    let batch = read().await?;
+    assert_eq!(batch["request_counts"]["completed"], 2, "{batch}");
+    let output = http
+        .get(format!(
+            "{base}/files/{}/content",
+            batch["output_file_id"].as_str().unwrap_or_default()
+        ))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let answers: Vec<Value> = output
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(answers.len(), 2, "{output}");
+    let content = |answer: &Value| answer["choices"][0]["message"]["content"].clone();
+    for (question, line) in questions.iter().zip(&answers) {
+        let straight = chat_completion(&base, &body(question)).await?;
+        assert_eq!(content(&line["response"]["body"]), content(&straight), "{line}");
+    }
+    let paris = content(&answers[0]["response"]["body"]);
+    assert!(paris.as_str().unwrap_or_default().contains("Paris"), "{paris}");
+    assert_eq!(
+        batch["usage"]["input_tokens"],
+        answers
+            .iter()
+            .map(|a| a["response"]["body"]["usage"]["prompt_tokens"].as_u64().unwrap_or(0))
+            .sum::<u64>()
+    );
+    Ok(())
+}
