@@ -41,6 +41,9 @@ enum Command {
     /// The OpenAI doors side by side on one router: the same streamed generations as chat
     /// completions and as Responses API responses.
     Doors(switchyard_bench::doors::DoorsArgs),
+    /// The same chat completions sent straight and as one batch (upload to output read back),
+    /// side by side on one router.
+    Batch(switchyard_bench::batch::BatchArgs),
     /// Multi-turn conversations sent whole every turn, and going on from stored responses on
     /// the replica that stored them and on another one, side by side.
     StoredResponses(switchyard_bench::stored_responses::StoredResponsesArgs),
@@ -70,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         Command::StalledReaders(args) => switchyard_bench::router::stalled_readers(args).await,
         Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,
         Command::Doors(args) => switchyard_bench::doors::run(args).await,
+        Command::Batch(args) => switchyard_bench::batch::run(args).await,
         Command::StoredResponses(args) => switchyard_bench::stored_responses::run(args).await,
         Command::HttpOverhead(args) => switchyard_bench::http_overhead::run(args).await,
         Command::OpenaiBackend(args) => switchyard_bench::openai_backend::run(args).await,

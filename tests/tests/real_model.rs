@@ -1622,8 +1622,10 @@ async fn a_batch_answers_as_the_same_requests_sent_straight() -> anyhow::Result<
     let file = switchyard_tests::upload_batch_file(&http, &base, &lines).await?;
     let made: Value = http
         .post(format!("{base}/batches"))
-        .json(&json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
-                      "completion_window": "24h"}))
+        .json(
+            &json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
+                      "completion_window": "24h"}),
+        )
         .send()
         .await?
         .error_for_status()?
@@ -1662,15 +1664,24 @@ async fn a_batch_answers_as_the_same_requests_sent_straight() -> anyhow::Result<
     let content = |answer: &Value| answer["choices"][0]["message"]["content"].clone();
     for (question, line) in questions.iter().zip(&answers) {
         let straight = chat_completion(&base, &body(question)).await?;
-        assert_eq!(content(&line["response"]["body"]), content(&straight), "{line}");
+        assert_eq!(
+            content(&line["response"]["body"]),
+            content(&straight),
+            "{line}"
+        );
     }
     let paris = content(&answers[0]["response"]["body"]);
-    assert!(paris.as_str().unwrap_or_default().contains("Paris"), "{paris}");
+    assert!(
+        paris.as_str().unwrap_or_default().contains("Paris"),
+        "{paris}"
+    );
     assert_eq!(
         batch["usage"]["input_tokens"],
         answers
             .iter()
-            .map(|a| a["response"]["body"]["usage"]["prompt_tokens"].as_u64().unwrap_or(0))
+            .map(|a| a["response"]["body"]["usage"]["prompt_tokens"]
+                .as_u64()
+                .unwrap_or(0))
             .sum::<u64>()
     );
     Ok(())
