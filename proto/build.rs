@@ -30,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".switchyard.v1.ResponseStreamEvent.sse")
         .bytes(".switchyard.v1.HandedResponse.events")
         .bytes(".switchyard.v1.BatchAnswer.body")
+        .bytes(".switchyard.v1.BytesPiece.bytes")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -31,7 +31,7 @@ enum Command {
     /// --worker-listen.
     RouterWse {
         #[command(flatten)]
-        router: components::RouterArgs,
+        router: Box<components::RouterArgs>,
         #[command(flatten)]
         worker: components::HostedWorkerArgs,
         #[command(flatten)]
@@ -108,7 +108,8 @@ impl Command {
             Command::Chat(_) | Command::Admin(_) => {
                 return switchyard_cluster::telemetry::LogFormat::Text;
             }
-            Command::Router(args) | Command::RouterWse { router: args, .. } => &args.log,
+            Command::Router(args) => &args.log,
+            Command::RouterWse { router, .. } => &router.log,
             Command::WorkerGpu { worker, .. } | Command::WorkerWse { worker, .. } => &worker.log,
             Command::ControlPlane(args) => &args.log,
         };
@@ -142,7 +143,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             engine,
         } => {
             let engine = switchyard_worker_wse::build_engine(&engine)?;
-            components::router_hosting_wse(router, worker, engine).await
+            components::router_hosting_wse(*router, worker, engine).await
         }
         Command::WorkerGpu {
             worker,

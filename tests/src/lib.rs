@@ -1167,27 +1167,6 @@ pub fn admin_tokens_file(dir: &tempfile::TempDir) -> anyhow::Result<String> {
     Ok(path.display().to_string())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A port taken between `free_port` and etcd's bind makes etcd exit at once; the harness
-    /// must see that (and start it elsewhere), not wait out its 20 s readiness timeout.
-    #[tokio::test]
-    async fn an_etcd_that_cannot_bind_its_port_is_reported_as_exited() {
-        let taken = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
-        let port = taken.local_addr().expect("bound").port();
-        let error = match Etcd::start_on(port).await {
-            Ok(_) => panic!("etcd started on a port another socket holds"),
-            Err(error) => error.to_string(),
-        };
-        assert!(
-            error.contains("etcd exited before answering"),
-            "unexpected error: {error}"
-        );
-    }
-}
-
 /// `POST {base}/files` of `lines` (one JSON request each) as a batch file: its id.
 pub async fn upload_batch_file(
     http: &reqwest::Client,
@@ -1210,4 +1189,25 @@ pub async fn upload_batch_file(
         .json()
         .await?;
     Ok(file["id"].as_str().context("a file id")?.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A port taken between `free_port` and etcd's bind makes etcd exit at once; the harness
+    /// must see that (and start it elsewhere), not wait out its 20 s readiness timeout.
+    #[tokio::test]
+    async fn an_etcd_that_cannot_bind_its_port_is_reported_as_exited() {
+        let taken = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let port = taken.local_addr().expect("bound").port();
+        let error = match Etcd::start_on(port).await {
+            Ok(_) => panic!("etcd started on a port another socket holds"),
+            Err(error) => error.to_string(),
+        };
+        assert!(
+            error.contains("etcd exited before answering"),
+            "unexpected error: {error}"
+        );
+    }
 }

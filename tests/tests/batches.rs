@@ -256,3 +256,129 @@ fn client_with(key: &str) -> anyhow::Result<reqwest::Client> {
         .default_headers(headers)
         .build()?)
 }
+
+/// A rollout replaces every router: a stopping one hands its files and batches to another
+/// replica with its stored responses. A batch still running goes on there from where it got
+/// to: the requests answered before the stop are kept (not sent again), the requests running
+/// then are let end, the rest run on the other replica, and the output holds each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_router_hands_its_running_batch_to_another() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("cluster-token");
+    std::fs::write(&token, "batch-handover-test-token-0123456789\n")?;
+    let token = token.display().to_string();
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: strings(&["--cluster-token-file", &token]),
+        ..Default::default()
+    })
+    .await?;
+    let flags = ["--cluster-token-file", &token, "--batch-concurrency", "2"];
+    let mut leaving = switchyard_tests::start_router(&cluster.etcd.url, "leaving", &flags).await?;
+    let leaving_grpc = leaving.addr("grpc").to_string();
+    wait_until(
+        PATIENCE,
+        "the leaving replica to link the worker",
+        || async {
+            list_router_workers(&leaving_grpc)
+                .await
+                .is_ok_and(|ids| ids.len() == 1)
+        },
+    )
+    .await?;
+    let leaving_url = format!("http://{}/v1", leaving.addr("http"));
+    let http = reqwest::Client::new();
+    // 60 tokens at the synthetic engine's 60 a second: a second each, two at a time.
+    let lines: Vec<Value> = (0..8)
+        .map(|i| {
+            json!({"custom_id": format!("q{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "synthetic", "max_tokens": 60, "ignore_eos": true,
+                            "messages": [{"role": "user", "content": format!("hi {i}")}]}})
+        })
+        .collect();
+    let file = upload(&http, &leaving_url, &lines).await?;
+    let made: Value = http
+        .post(format!("{leaving_url}/batches"))
+        .json(
+            &json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
+                      "completion_window": "24h", "metadata": {"job": "rollout"}}),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = made["id"].as_str().context("a batch id")?.to_string();
+    let leaving_tag = id.strip_prefix("batch_").context("a batch id")?[..12].to_string();
+    wait_until(PATIENCE, "two requests to be answered", || async {
+        batch(&http, &leaving_url, &id)
+            .await
+            .is_ok_and(|b| b["request_counts"]["completed"].as_u64() >= Some(2))
+    })
+    .await?;
+    let before_stop = batch(&http, &leaving_url, &id).await?["request_counts"]["completed"]
+        .as_u64()
+        .context("a count")?;
+    assert!(before_stop < 8, "the batch ended before the stop");
+
+    leaving.terminate(Duration::from_secs(30)).await?;
+
+    let staying = cluster.router_openai_url();
+    let handed = batch(&http, &staying, &id).await?;
+    assert_eq!(handed["metadata"], json!({"job": "rollout"}), "{handed}");
+    wait_until(PATIENCE, "the batch to end where it was handed", || async {
+        batch(&http, &staying, &id)
+            .await
+            .is_ok_and(|b| b["status"] == "completed")
+    })
+    .await?;
+    let done = batch(&http, &staying, &id).await?;
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 8, "completed": 8, "failed": 0}),
+        "{done}"
+    );
+    let output: String = http
+        .get(format!(
+            "{staying}/files/{}/content",
+            done["output_file_id"].as_str().unwrap_or_default()
+        ))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    let answers: Vec<Value> = output
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let ids: Vec<&str> = answers
+        .iter()
+        .filter_map(|a| a["custom_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["q0", "q1", "q2", "q3", "q4", "q5", "q6", "q7"]);
+    // Each answer names the replica that made it: those made before the stop were kept.
+    let made_by_leaving = answers
+        .iter()
+        .filter(|a| {
+            a["response"]["body"]["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with(&format!("chatcmpl-{leaving_tag}")))
+        })
+        .count() as u64;
+    assert!(
+        (before_stop..8).contains(&made_by_leaving),
+        "{made_by_leaving} made by the leaving replica, {before_stop} before its stop"
+    );
+    // The input file went along too.
+    let input = http
+        .get(format!("{staying}/files/{file}/content"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    assert_eq!(input.lines().count(), 8);
+    Ok(())
+}

@@ -34,63 +34,71 @@ pub struct CreateBatch {
 /// Why a creation cannot be taken, naming the field to fix.
 #[derive(Debug, PartialEq, Eq)]
 pub struct BadCreation {
-    pub param: &'static str,
+    pub param: String,
     pub message: String,
+}
+
+fn bad(param: &str, message: String) -> BadCreation {
+    BadCreation {
+        param: param.to_string(),
+        message,
+    }
 }
 
 impl CreateBatch {
     /// Reads and checks a creation's JSON body.
     pub fn parse(body: &[u8]) -> Result<(Self, Duration), BadCreation> {
-        let create: Self = serde_json::from_slice(body).map_err(|e| BadCreation {
-            param: field_of(&e.to_string()),
-            message: format!("the body is not a batch creation: {e}"),
+        let mut json = serde_json::Deserializer::from_slice(body);
+        let create: Self = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+            let path = e.path().to_string();
+            let error = e.into_inner().to_string();
+            let param = match path.as_str() {
+                "." => backquoted(&error).unwrap_or("body").to_string(),
+                field => field.to_string(),
+            };
+            bad(&param, format!("the body is not a batch creation: {error}"))
         })?;
         if !ENDPOINTS.contains(&create.endpoint.as_str()) {
-            return Err(BadCreation {
-                param: "endpoint",
-                message: format!(
+            return Err(bad(
+                "endpoint",
+                format!(
                     "is {:?}; this router runs batches of {}",
                     create.endpoint,
                     ENDPOINTS.join(", ")
                 ),
-            });
+            ));
         }
-        let window = window(&create.completion_window).ok_or_else(|| BadCreation {
-            param: "completion_window",
-            message: format!(
-                "is {:?}, must be \"24h\" (or a shorter window such as \"90m\" or \"30s\")",
-                create.completion_window
-            ),
+        let window = window(&create.completion_window).ok_or_else(|| {
+            bad(
+                "completion_window",
+                format!(
+                    "is {:?}, must be \"24h\" (or a shorter window such as \"90m\" or \"30s\")",
+                    create.completion_window
+                ),
+            )
         })?;
         if super::owner_of(&create.input_file_id).is_none() {
-            return Err(BadCreation {
-                param: "input_file_id",
-                message: format!(
+            return Err(bad(
+                "input_file_id",
+                format!(
                     "{:?} is not a file id of this cluster (upload the file with POST /v1/files, \
                      purpose \"batch\", and pass the id it answers)",
                     create.input_file_id
                 ),
-            });
+            ));
         }
         Ok((create, window))
     }
 }
 
-/// The field a serde error names (`missing field `x``, `unknown field `x``), as a param.
-fn field_of(error: &str) -> &'static str {
-    for field in ["input_file_id", "endpoint", "completion_window", "metadata"] {
-        if error.contains(&format!("`{field}`")) {
-            return field;
-        }
-    }
-    if error.contains("unknown field") {
-        return "body";
-    }
-    "body"
+/// The first name a serde error quotes (`missing field `x``, `unknown field `x``).
+fn backquoted(error: &str) -> Option<&str> {
+    let (_, rest) = error.split_once('`')?;
+    Some(rest.split_once('`')?.0)
 }
 
 /// A completion window, `<n>h`, `<n>m` or `<n>s`, from a second to a day.
-fn window(text: &str) -> Option<Duration> {
+pub(crate) fn window(text: &str) -> Option<Duration> {
     let split = text.len().checked_sub(1)?;
     let (count, unit) = text.split_at(split);
     let count: u64 = count.parse().ok()?;
@@ -195,7 +203,7 @@ fn cancel(batch: &Batch) -> Result<(), Status> {
                 progress.status = BatchStatus::Cancelling;
                 progress
                     .reached
-                    .insert(BatchStatus::Cancelling.as_str(), super::unix_now());
+                    .insert(BatchStatus::Cancelling.as_str().into(), super::unix_now());
             }
             BatchStatus::Cancelling | BatchStatus::Cancelled => {}
             ended => {
@@ -244,22 +252,14 @@ fn create(
         window,
         metadata,
         created_at: super::unix_now(),
-        progress: std::sync::Mutex::new(Progress {
-            status: BatchStatus::Validating,
-            reached: Default::default(),
-            total: 0,
-            completed: 0,
-            failed: 0,
-            errors: Vec::new(),
-            output_file_id: None,
-            error_file_id: None,
-            usage: Default::default(),
-        }),
+        progress: std::sync::Mutex::new(Progress::new()),
         cancel: CancellationToken::new(),
+        input: file.bytes.clone(),
+        answers: Default::default(),
     });
     store.add_batch(batch.clone());
     let object = batch.object();
-    super::run::start(dispatcher.clone(), batch, file.bytes.clone());
+    super::run::start(dispatcher.clone(), batch);
     Ok(answer_json(object))
 }
 
@@ -328,7 +328,10 @@ mod tests {
                 .param,
             "input_file_id"
         );
-        assert_eq!(param(json!({"output_expires_after": {}})), "body");
+        assert_eq!(
+            param(json!({"output_expires_after": {}})),
+            "output_expires_after"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! [`calls`]). A batch runs where its input file is kept.
 
 pub mod calls;
+pub mod handover;
 pub mod input;
 pub mod run;
 
@@ -105,7 +106,8 @@ impl StoredFile {
 }
 
 /// Where a batch is in its life, as OpenAI names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Status {
     Validating,
     Failed,
@@ -141,19 +143,19 @@ impl Status {
 }
 
 /// Tokens a batch's answers used, as their `usage` told.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Usage {
     pub input_tokens: u64,
     pub cached_tokens: u64,
     pub output_tokens: u64,
 }
 
-/// What changes as a batch runs.
-#[derive(Debug, Clone)]
+/// What changes as a batch runs (as JSON, what a hand-over sends of it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub status: Status,
     /// When it reached each status (Unix seconds), by status name.
-    pub reached: BTreeMap<&'static str, u64>,
+    pub reached: BTreeMap<String, u64>,
     pub total: usize,
     pub completed: usize,
     pub failed: usize,
@@ -162,6 +164,36 @@ pub struct Progress {
     pub output_file_id: Option<String>,
     pub error_file_id: Option<String>,
     pub usage: Usage,
+}
+
+impl Progress {
+    /// A batch's progress as it is made.
+    pub fn new() -> Self {
+        Self {
+            status: Status::Validating,
+            reached: BTreeMap::new(),
+            total: 0,
+            completed: 0,
+            failed: 0,
+            errors: Vec::new(),
+            output_file_id: None,
+            error_file_id: None,
+            usage: Usage::default(),
+        }
+    }
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A request's line of the output file (it succeeded) or the error file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub succeeded: bool,
+    pub line: String,
 }
 
 /// A batch: its request, and how far it has got.
@@ -179,6 +211,10 @@ pub struct Batch {
     pub progress: Mutex<Progress>,
     /// Fires when a client cancels it.
     pub cancel: CancellationToken,
+    /// Its input file's bytes (kept if the file is deleted).
+    pub input: Bytes,
+    /// The answers so far, by the request's place in the input.
+    pub answers: Mutex<BTreeMap<usize, Answer>>,
 }
 
 impl Batch {
@@ -235,7 +271,7 @@ impl Batch {
             return;
         }
         progress.status = status;
-        progress.reached.insert(status.as_str(), unix_now());
+        progress.reached.insert(status.as_str().into(), unix_now());
     }
 
     pub fn status(&self) -> Status {
@@ -282,6 +318,9 @@ pub struct BatchStore {
     inner: Mutex<Inner>,
     /// Batch requests this replica may run at once, all batches together.
     pub(crate) slots: Arc<Semaphore>,
+    /// The runs of its batches: a stopping router waits for them to settle before it hands
+    /// the batches over.
+    pub(crate) runs: tokio_util::task::TaskTracker,
     gauges: Option<BatchGauges>,
 }
 
@@ -300,6 +339,7 @@ impl BatchStore {
             limits,
             inner: Mutex::default(),
             slots: Arc::new(Semaphore::new(limits.concurrency.max(1))),
+            runs: tokio_util::task::TaskTracker::new(),
             gauges: None,
         }
     }
@@ -371,18 +411,47 @@ impl BatchStore {
         purpose: &str,
         bytes: Bytes,
     ) -> Arc<StoredFile> {
-        let file = Arc::new(StoredFile {
+        let file = StoredFile {
             id: self.new_id(FILE_PREFIX),
             tenant,
             filename,
             purpose: purpose.to_string(),
             created_at: unix_now(),
             bytes,
-        });
+        };
+        self.put_file(inner, file)
+    }
+
+    fn put_file(&self, inner: &mut Inner, file: StoredFile) -> Arc<StoredFile> {
+        let file = Arc::new(file);
         inner.bytes += file.bytes.len();
-        inner.files.insert(file.id.clone(), file.clone());
+        if let Some(replaced) = inner.files.insert(file.id.clone(), file.clone()) {
+            inner.bytes -= replaced.bytes.len();
+        }
         self.publish(inner);
         file
+    }
+
+    /// Keeps a file another replica handed over, under its id (whatever room is left: it
+    /// may be a batch's answers).
+    pub fn adopt_file(&self, file: StoredFile) {
+        let mut inner = self.inner.lock().expect("batch store");
+        self.put_file(&mut inner, file);
+    }
+
+    /// Every file and batch kept here, for a hand-over.
+    pub fn export(&self) -> (Vec<Arc<StoredFile>>, Vec<Arc<Batch>>) {
+        let inner = self.inner.lock().expect("batch store");
+        (
+            inner.files.values().cloned().collect(),
+            inner.batches.values().cloned().collect(),
+        )
+    }
+
+    /// Whether it keeps nothing.
+    pub fn is_empty(&self) -> bool {
+        let inner = self.inner.lock().expect("batch store");
+        inner.files.is_empty() && inner.batches.is_empty()
     }
 
     /// File `id` if it is kept here for `tenant`.
@@ -638,8 +707,11 @@ mod tests {
         };
         assert_eq!(listed(page(None, true)), ids[..2]);
         assert_eq!(listed(page(Some(&ids[1]), true)), ids[2..4]);
-        assert_eq!(listed(page(None, false)), [&ids[4], &ids[3]]);
-        assert_eq!(listed(page(Some(&ids[3]), false)), [&ids[2], &ids[1]]);
+        assert_eq!(listed(page(None, false)), [ids[4].clone(), ids[3].clone()]);
+        assert_eq!(
+            listed(page(Some(&ids[3]), false)),
+            [ids[2].clone(), ids[1].clone()]
+        );
         assert_eq!(
             store.list_files(None, Some(OUTPUT_PURPOSE), &page(None, true)),
             []

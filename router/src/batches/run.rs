@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tower::ServiceExt as _;
 
 use super::input::{self, Line};
-use super::{Batch, Status, Usage};
+use super::{Answer, Batch, Status, Usage};
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 
@@ -45,103 +45,124 @@ enum Ending {
     Done,
     Cancelled,
     Expired,
-    /// The router is stopping: what was not answered is not written.
+    /// The router is stopping: the requests running were let end, the others are left for the
+    /// replica the batch is handed to.
     Stopping,
 }
 
-/// Starts running `batch` of `input` on this replica.
-pub fn start(dispatcher: Arc<Dispatcher>, batch: Arc<Batch>, input: Bytes) {
-    tokio::spawn(async move {
-        run(&dispatcher, &batch, input).await;
+/// Runs `batch` on this replica: from its start, or (handed over by a stopping replica) from
+/// where it got to.
+pub fn start(dispatcher: Arc<Dispatcher>, batch: Arc<Batch>) {
+    let runs = dispatcher.batches.runs.clone();
+    runs.spawn(async move {
+        run(&dispatcher, &batch).await;
         dispatcher.batches.batch_changed();
     });
 }
 
-async fn run(dispatcher: &Arc<Dispatcher>, batch: &Arc<Batch>, input: Bytes) {
-    let limits = dispatcher.batches.limits();
+async fn run(dispatcher: &Arc<Dispatcher>, batch: &Arc<Batch>) {
     let elapsed = super::unix_now().saturating_sub(batch.created_at);
     let deadline = Instant::now() + batch.window.saturating_sub(Duration::from_secs(elapsed));
-    let endpoint = batch.endpoint.clone();
-    let served = crate::openai::handlers::models(dispatcher);
-    let read = tokio::task::spawn_blocking(move || {
-        let served = |model: &str| served.contains_key(model);
-        input::read(&input, &endpoint, limits.max_requests, &served)
-    })
-    .await;
-    let lines = match read {
-        Ok(Ok(lines)) => lines,
-        Ok(Err(errors)) => {
-            batch.progress.lock().expect("batch progress").errors = errors;
-            batch.reach(Status::Failed);
-            return;
-        }
-        Err(panicked) => {
-            tracing::error!(batch = %batch.id, %panicked, "reading a batch's input failed");
-            let message = "reading the input file failed inside the router; see its log";
-            batch.progress.lock().expect("batch progress").errors =
-                vec![json!({"code": "internal_error", "message": message})];
-            batch.reach(Status::Failed);
-            return;
-        }
+    let status = batch.status();
+    if status.ended() {
+        return;
+    }
+    let Some(lines) = read(dispatcher, batch, status == Status::Validating).await else {
+        return;
     };
-    batch.progress.lock().expect("batch progress").total = lines.len();
-    batch.reach(Status::InProgress);
-    dispatcher.batches.batch_changed();
-    let mut outcomes: Vec<Option<Outcome>> = (0..lines.len()).map(|_| None).collect();
-    let ending = send_all(dispatcher, batch, &lines, deadline, &mut outcomes).await;
+    if status == Status::Validating {
+        batch.progress.lock().expect("batch progress").total = lines.len();
+        batch.reach(Status::InProgress);
+        dispatcher.batches.batch_changed();
+    }
+    let ending = send_all(dispatcher, batch, &lines, deadline).await;
     if ending == Ending::Stopping {
-        tracing::warn!(
+        tracing::info!(
             batch = %batch.id,
-            answered = outcomes.iter().flatten().count(),
+            answered = batch.answers.lock().expect("batch answers").len(),
             total = lines.len(),
-            "router stopping with a batch running: it ends with this replica"
+            "router stopping with a batch running: it goes on where it is handed over"
         );
         return;
     }
-    finish(dispatcher, batch, &lines, outcomes, ending);
+    finish(dispatcher, batch, &lines, ending);
 }
 
-/// Sends `lines` until all are answered, or the batch is cancelled or expires, or the router
-/// stops; each answer lands in `outcomes` at its line's place.
+/// The batch's requests. A new batch's input is checked (a bad one fails the batch, `None`),
+/// the models it names too; one handed over was checked where it began.
+async fn read(dispatcher: &Dispatcher, batch: &Batch, new: bool) -> Option<Vec<Line>> {
+    let (input, endpoint) = (batch.input.clone(), batch.endpoint.clone());
+    let max_requests = match new {
+        true => dispatcher.batches.limits().max_requests,
+        false => usize::MAX,
+    };
+    let served = crate::openai::handlers::models(dispatcher);
+    let read = tokio::task::spawn_blocking(move || {
+        let served = |model: &str| !new || served.contains_key(model);
+        input::read(&input, &endpoint, max_requests, &served)
+    })
+    .await;
+    let errors = match read {
+        Ok(Ok(lines)) => return Some(lines),
+        Ok(Err(errors)) => errors,
+        Err(panicked) => {
+            tracing::error!(batch = %batch.id, %panicked, "reading a batch's input failed");
+            let message = "reading the input file failed inside the router; see its log";
+            vec![json!({"code": "internal_error", "message": message})]
+        }
+    };
+    batch.progress.lock().expect("batch progress").errors = errors;
+    batch.reach(Status::Failed);
+    None
+}
+
+/// Sends the requests of `lines` not yet answered until all are, or the batch is cancelled
+/// or expires, or the router stops (then the requests running are let end); each answer lands
+/// in the batch's answers at its line's place.
 async fn send_all(
     dispatcher: &Arc<Dispatcher>,
     batch: &Batch,
     lines: &[Line],
     deadline: Instant,
-    outcomes: &mut [Option<Outcome>],
 ) -> Ending {
     let door = crate::openai::door(dispatcher.clone());
     let slots = dispatcher.batches.slots.clone();
+    let pending: Vec<usize> = {
+        let answers = batch.answers.lock().expect("batch answers");
+        (0..lines.len())
+            .filter(|i| !answers.contains_key(i))
+            .collect()
+    };
     let mut running = FuturesUnordered::new();
-    let mut next = 0;
+    let (mut next, mut stopping) = (0, false);
     loop {
-        if next == lines.len() && running.is_empty() {
-            return Ending::Done;
+        if running.is_empty() {
+            if next == pending.len() {
+                return Ending::Done;
+            }
+            if stopping {
+                return Ending::Stopping;
+            }
         }
         tokio::select! {
             biased;
             _ = batch.cancel.cancelled() => return Ending::Cancelled,
             _ = tokio::time::sleep_until(deadline) => return Ending::Expired,
-            _ = dispatcher.stopping.cancelled() => return Ending::Stopping,
+            _ = dispatcher.stopping.cancelled(), if !stopping => stopping = true,
             Some((index, outcome)) = running.next(), if !running.is_empty() => {
-                let outcome: Outcome = outcome;
-                let mut progress = batch.progress.lock().expect("batch progress");
-                if outcome.succeeded {
-                    progress.completed += 1;
-                } else {
-                    progress.failed += 1;
+                let outcome: Option<Outcome> = outcome;
+                if let Some(outcome) = outcome {
+                    record(batch, index, outcome);
                 }
-                add_usage(&mut progress.usage, outcome.usage);
-                outcomes[index] = Some(outcome);
             }
-            slot = slots.clone().acquire_owned(), if next < lines.len() => {
+            slot = slots.clone().acquire_owned(), if next < pending.len() && !stopping => {
                 let slot = slot.expect("the batch slots are never closed");
-                let (door, index) = (door.clone(), next);
-                let line = lines[index].clone();
+                let index = pending[next];
+                let (door, line) = (door.clone(), lines[index].clone());
                 let (endpoint, tenant) = (batch.endpoint.clone(), batch.tenant.clone());
-                let backoff_ends = dispatcher.stopping.clone();
+                let stopping = dispatcher.stopping.clone();
                 running.push(async move {
-                    let outcome = send(door, &endpoint, tenant, &line, backoff_ends).await;
+                    let outcome = send(door, &endpoint, tenant, &line, stopping).await;
                     drop(slot);
                     (index, outcome)
                 });
@@ -151,14 +172,34 @@ async fn send_all(
     }
 }
 
-/// Sends one request until it is answered (a refusal for want of room is tried again).
+fn record(batch: &Batch, index: usize, outcome: Outcome) {
+    let mut progress = batch.progress.lock().expect("batch progress");
+    if outcome.succeeded {
+        progress.completed += 1;
+    } else {
+        progress.failed += 1;
+    }
+    add_usage(&mut progress.usage, outcome.usage);
+    let answer = Answer {
+        succeeded: outcome.succeeded,
+        line: outcome.line,
+    };
+    batch
+        .answers
+        .lock()
+        .expect("batch answers")
+        .insert(index, answer);
+}
+
+/// Sends one request until it is answered (a refusal for want of room is tried again);
+/// `None` when the router began to stop before it was.
 async fn send(
     door: axum::Router,
     endpoint: &str,
     tenant: Option<String>,
     line: &Line,
     stopping: tokio_util::sync::CancellationToken,
-) -> Outcome {
+) -> Option<Outcome> {
     let mut backoff = FIRST_BACKOFF;
     loop {
         let mut request = Request::post(endpoint)
@@ -186,7 +227,10 @@ async fn send(
                 json!({"error": {"message": format!("the answer could not be read: {error}")}})
             }
         };
-        if waits_for_room(status, &body) && !stopping.is_cancelled() {
+        if waits_for_room(status, &body) {
+            if stopping.is_cancelled() {
+                return None;
+            }
             let jitter = 0.5 + fastrand::f64() / 2.0;
             tokio::select! {
                 _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
@@ -195,7 +239,7 @@ async fn send(
             backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         }
-        return answered(&line.custom_id, status, request_id, body);
+        return Some(answered(&line.custom_id, status, request_id, body));
     }
 }
 
@@ -299,29 +343,26 @@ fn add_usage(total: &mut Usage, more: Usage) {
 }
 
 /// Writes the output and error files of a run that ended with `ending`, and its last status.
-fn finish(
-    dispatcher: &Dispatcher,
-    batch: &Batch,
-    lines: &[Line],
-    outcomes: Vec<Option<Outcome>>,
-    ending: Ending,
-) {
+fn finish(dispatcher: &Dispatcher, batch: &Batch, lines: &[Line], ending: Ending) {
     if ending == Ending::Done {
         batch.reach(Status::Finalizing);
     }
     let (mut output, mut errors) = (String::new(), String::new());
     let mut unanswered_count = 0;
-    for (line, outcome) in lines.iter().zip(outcomes) {
-        let (file, text) = match outcome {
-            Some(outcome) if outcome.succeeded => (&mut output, outcome.line),
-            Some(outcome) => (&mut errors, outcome.line),
-            None => {
-                unanswered_count += 1;
-                (&mut errors, unanswered(&line.custom_id, ending))
-            }
-        };
-        file.push_str(&text);
-        file.push('\n');
+    {
+        let answers = batch.answers.lock().expect("batch answers");
+        for (index, line) in lines.iter().enumerate() {
+            let (file, text) = match answers.get(&index) {
+                Some(answer) if answer.succeeded => (&mut output, answer.line.clone()),
+                Some(answer) => (&mut errors, answer.line.clone()),
+                None => {
+                    unanswered_count += 1;
+                    (&mut errors, unanswered(&line.custom_id, ending))
+                }
+            };
+            file.push_str(&text);
+            file.push('\n');
+        }
     }
     let store = &dispatcher.batches;
     let write = |text: String, kind: &str| {

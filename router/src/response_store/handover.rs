@@ -9,6 +9,8 @@
 //! responses as the sender did. The receiver keeps what fits its store, answers for the tags,
 //! and announces itself under them once the stopping replica has withdrawn.
 //!
+//! The Batch API's files and batches go along (see [`crate::batches::handover`]).
+//!
 //! Only routers may hand responses over: the call needs the cluster token
 //! (`--cluster-token-file`). Without one, a stopping router's responses go with it.
 
@@ -233,6 +235,11 @@ impl<'a> Adoption<'a> {
                 self.kept += u32::from(self.store.put_conversation(conversation));
             }
             None => return Err(Status::invalid_argument("an empty hand-over item")),
+            Some(Item::File(_) | Item::Batch(_) | Item::Bytes(_) | Item::Answers(_)) => {
+                return Err(Status::invalid_argument(
+                    "files and batches are received by the batch store, not this one",
+                ));
+            }
         }
         Ok(())
     }
@@ -259,14 +266,23 @@ impl v1::router_peers_server::RouterPeers for RouterPeersService {
         let mut frames = request.into_inner();
         let store = &self.dispatcher.responses;
         let mut adoption = Adoption::new(store);
+        let mut batches = crate::batches::handover::Receiving::default();
         while let Some(frame) = frames.message().await? {
-            adoption.push(frame)?;
+            let item = frame
+                .item
+                .ok_or_else(|| Status::invalid_argument("an empty hand-over item"))?;
+            if let Some(item) = batches.push(item)? {
+                adoption.push(v1::HandoverItem { item: Some(item) })?;
+            }
         }
         let kept = adoption.kept;
+        let (files, batches) = batches.finish(&self.dispatcher)?;
         tracing::info!(
             tags = ?adoption.tags,
             kept,
-            "stored responses handed over by a stopping router"
+            files,
+            batches,
+            "stored responses, files and batches handed over by a stopping router"
         );
         for tag in adoption.tags {
             self.dispatcher.peers.announce_adopted(tag);
@@ -336,7 +352,8 @@ pub async fn hand_over(dispatcher: &Dispatcher) -> Result<(RouterRecord, u32), H
     // In a rollout another replica may be stopping too (it takes no new connections): the
     // next one is tried.
     fastrand::shuffle(&mut others);
-    let frames = frames(&tags, &store.export(), &store.export_conversations());
+    let mut frames = frames(&tags, &store.export(), &store.export_conversations());
+    frames.extend(crate::batches::handover::frames(&dispatcher.batches));
     let mut last = HandoverError::NoPeer;
     for peer in others {
         let channel = match dispatcher.peers.channel_to(&peer) {
@@ -370,8 +387,18 @@ pub async fn hand_over(dispatcher: &Dispatcher) -> Result<(RouterRecord, u32), H
 pub async fn hand_over_on_stop(dispatcher: &Dispatcher) {
     // The standby drops its copy first: the replica handed to answers for the ids instead.
     dispatcher.peers.stop_mirror().await;
+    // The batches' runs let their running requests end (the drain waited for those) and stop:
+    // what they answered goes over with them.
+    let runs = &dispatcher.batches.runs;
+    runs.close();
+    if tokio::time::timeout(HANDOVER_TIMEOUT, runs.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("batch runs still going: their requests running now are sent again");
+    }
     let count = dispatcher.responses.usage().0 + dispatcher.responses.conversation_count();
-    if count == 0 {
+    if count == 0 && dispatcher.batches.is_empty() {
         return;
     }
     match tokio::time::timeout(HANDOVER_TIMEOUT, hand_over(dispatcher)).await {
