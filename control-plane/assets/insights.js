@@ -32,6 +32,8 @@
     responses: "POST /v1/responses",
     stored_responses: "/v1/responses/{id} (stored)",
     conversations: "/v1/conversations",
+    files: "/v1/files (Batch API)",
+    batches: "/v1/batches",
     messages: "POST /v1/messages (Anthropic)",
     count_tokens: "POST /v1/messages/count_tokens",
     tokenize: "POST /tokenize",
