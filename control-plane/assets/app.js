@@ -269,6 +269,7 @@ function renderRouters(routers) {
       cell(r.response_mirror, `state state-mirror-${r.response_mirror}`),
       cell(num(r.sessions), "num"),
       cell(num(r.background_responses), "num"),
+      cell(num(r.batches_running), "num"),
       cell(r.verdict, r.trouble ? "why bad" : "why"),
     );
     return tr;

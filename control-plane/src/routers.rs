@@ -46,6 +46,7 @@ pub struct RouterRow {
     pub response_mirror: String,
     pub sessions: u32,
     pub background_responses: u32,
+    pub batches_running: u32,
     /// Whether on-call should look at it.
     pub trouble: bool,
     /// What its state means, in words.
@@ -111,6 +112,7 @@ fn row(id: &str, silent: Duration, state: &v1::RouterState, reporting: usize) ->
         response_mirror: state.response_mirror.clone(),
         sessions: state.sessions,
         background_responses: state.background_responses,
+        batches_running: state.batches_running,
         trouble,
         verdict,
     }
@@ -124,6 +126,12 @@ fn verdict(silent: Duration, state: &v1::RouterState, reporting: usize) -> (bool
         verdict.push_str(&format!(
             "; {} running here would end with a kill (a drain lets them finish)",
             counted(state.background_responses, "background response")
+        ));
+    }
+    if state.batches_running > 0 && silent < SILENT_AFTER {
+        verdict.push_str(&format!(
+            "; {} running here: a drain hands them to another replica, a kill ends them",
+            counted(state.batches_running, "batch")
         ));
     }
     (trouble, verdict)
@@ -203,10 +211,10 @@ fn store_verdict(silent: Duration, state: &v1::RouterState, reporting: usize) ->
 
 /// `n` `thing`s, in words: "1 conversation", "2 conversations".
 fn counted(n: u32, thing: &str) -> String {
-    if n == 1 {
-        format!("1 {thing}")
-    } else {
-        format!("{n} {thing}s")
+    match n {
+        1 => format!("1 {thing}"),
+        _ if thing.ends_with("ch") => format!("{n} {thing}es"),
+        _ => format!("{n} {thing}s"),
     }
 }
 
@@ -269,6 +277,18 @@ mod tests {
         };
         let (trouble, said) = verdict(live, &running, 2);
         assert!(!trouble && said.ends_with("2 background responses running here would end with a kill (a drain lets them finish)"), "{said}");
+        let batching = v1::RouterState {
+            batches_running: 1,
+            ..state(3, "mirrored")
+        };
+        let (trouble, said) = verdict(live, &batching, 2);
+        assert!(
+            !trouble
+                && said.ends_with(
+                    "1 batch running here: a drain hands them to another replica, a kill ends them"
+                ),
+            "{said}"
+        );
         let silent = verdict(SILENT_AFTER, &state(3, "mirrored"), 2);
         assert!(
             silent.0 && silent.1.starts_with("silent for 5 s"),

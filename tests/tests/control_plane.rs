@@ -472,7 +472,8 @@ async fn page_routers(browser: &Browser) -> Value {
                .map(r => [r.dataset.routerId.split('@')[1], {
                  mirror: r.dataset.mirror, trouble: r.dataset.trouble,
                  responses: r.children[1].textContent, conversations: r.children[2].textContent,
-                 background: r.children[7].textContent, verdict: r.children[8].textContent}]));",
+                 background: r.children[7].textContent, batches: r.children[8].textContent,
+                 verdict: r.children[9].textContent}]));",
             vec![],
         )
         .await

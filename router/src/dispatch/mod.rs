@@ -248,6 +248,7 @@ impl Dispatcher {
                     response_mirror: metrics.response_mirror_state().to_string(),
                     sessions: metrics.active_sessions.get().max(0) as u32,
                     background_responses: store.running() as u32,
+                    batches_running: metrics.batches_running.get().max(0) as u32,
                 }
             }
         });
