@@ -1191,6 +1191,81 @@ pub async fn upload_batch_file(
     Ok(file["id"].as_str().context("a file id")?.to_string())
 }
 
+/// `POST {base}/batches` of chat completions from file `file`, within 24 hours, with the
+/// fields of `extra` added: the batch's id.
+pub async fn create_batch(
+    http: &reqwest::Client,
+    base: &str,
+    file: &str,
+    extra: serde_json::Value,
+) -> anyhow::Result<String> {
+    let mut create = serde_json::json!({"input_file_id": file, "completion_window": "24h",
+                                        "endpoint": "/v1/chat/completions"});
+    for (field, value) in extra.as_object().into_iter().flatten() {
+        create[field] = value.clone();
+    }
+    let made: serde_json::Value = http
+        .post(format!("{base}/batches"))
+        .json(&create)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    Ok(made["id"].as_str().context("a batch id")?.to_string())
+}
+
+/// `GET {base}/batches/{id}`.
+pub async fn get_batch(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+) -> anyhow::Result<serde_json::Value> {
+    Ok(http
+        .get(format!("{base}/batches/{id}"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
+/// Batch `id` once `until` holds of it (within `timeout`, saying `what` if not).
+pub async fn wait_for_batch(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+    timeout: Duration,
+    what: &str,
+    until: impl Fn(&serde_json::Value) -> bool,
+) -> anyhow::Result<serde_json::Value> {
+    wait_until(timeout, what, || async {
+        get_batch(http, base, id).await.is_ok_and(|b| until(&b))
+    })
+    .await?;
+    get_batch(http, base, id).await
+}
+
+/// The lines of `batch`'s output file, read at `base`.
+pub async fn batch_output(
+    http: &reqwest::Client,
+    base: &str,
+    batch: &serde_json::Value,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let file = batch["output_file_id"].as_str().context("an output file")?;
+    let text = http
+        .get(format!("{base}/files/{file}/content"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    Ok(text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,8 +6,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use serde_json::{Value, json};
 use switchyard_tests::{
-    Cluster, ClusterSpec, list_router_workers, program_output, start_gpu_worker, strings,
-    upload_batch_file as upload, wait_until,
+    Cluster, ClusterSpec, batch_output, create_batch, get_batch as batch, list_router_workers,
+    program_output, start_gpu_worker, strings, upload_batch_file as upload, wait_for_batch,
+    wait_until,
 };
 
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -46,16 +47,6 @@ async fn the_openai_sdk_runs_batches_across_router_replicas() -> anyhow::Result<
     Ok(())
 }
 
-async fn batch(http: &reqwest::Client, base: &str, id: &str) -> anyhow::Result<Value> {
-    Ok(http
-        .get(format!("{base}/batches/{id}"))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?)
-}
-
 /// A batch whose workers all go away mid-run (killed) waits for workers to come back, and
 /// runs every request once they do: none fails for the outage, none is answered twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,22 +71,9 @@ async fn a_batch_rides_out_its_workers_going_away() -> anyhow::Result<()> {
         })
         .collect();
     let file = upload(&http, &base, &lines).await?;
-    let made: Value = http
-        .post(format!("{base}/batches"))
-        .json(
-            &json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
-                      "completion_window": "24h"}),
-        )
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let id = made["id"].as_str().context("a batch id")?.to_string();
-    wait_until(PATIENCE, "the batch to run", || async {
-        batch(&http, &base, &id)
-            .await
-            .is_ok_and(|b| b["status"] == "in_progress")
+    let id = create_batch(&http, &base, &file, json!({})).await?;
+    wait_for_batch(&http, &base, &id, PATIENCE, "the batch to run", |b| {
+        b["status"] == "in_progress"
     })
     .await?;
     first.kill().await?;
@@ -115,34 +93,22 @@ async fn a_batch_rides_out_its_workers_going_away() -> anyhow::Result<()> {
     assert!(answered_before < 4, "{running}");
 
     let _second = start_gpu_worker(&cluster.etcd.url, "second", &slow, 1).await?;
-    wait_until(PATIENCE, "the batch to end", || async {
-        batch(&http, &base, &id)
-            .await
-            .is_ok_and(|b| b["status"] == "completed")
+    let done = wait_for_batch(&http, &base, &id, PATIENCE, "the batch to end", |b| {
+        b["status"] == "completed"
     })
     .await?;
-    let done = batch(&http, &base, &id).await?;
     assert_eq!(
         done["request_counts"],
         json!({"total": 4, "completed": 4, "failed": 0}),
         "{done}"
     );
     assert_eq!(done["error_file_id"], Value::Null, "{done}");
-    let output: String = http
-        .get(format!(
-            "{base}/files/{}/content",
-            done["output_file_id"].as_str().unwrap_or_default()
-        ))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    let ids: Vec<String> = output
-        .lines()
-        .map(|line| serde_json::from_str::<Value>(line).map(|l| l["custom_id"].to_string()))
-        .collect::<Result<_, _>>()?;
-    assert_eq!(ids, ["\"q0\"", "\"q1\"", "\"q2\"", "\"q3\""]);
+    let answers = batch_output(&http, &base, &done).await?;
+    let ids: Vec<&str> = answers
+        .iter()
+        .filter_map(|a| a["custom_id"].as_str())
+        .collect();
+    assert_eq!(ids, ["q0", "q1", "q2", "q3"]);
     Ok(())
 }
 
@@ -180,27 +146,15 @@ async fn files_and_batches_are_only_their_tenants() -> anyhow::Result<()> {
                       "body": {"model": "synthetic", "max_tokens": 2,
                                "messages": [{"role": "user", "content": "secret plans"}]}});
     let file = upload(&acme, &keeper, &[line]).await?;
-    let create = json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
-                        "completion_window": "24h"});
     // The other replica finds the keeper once it has reached etcd.
     wait_until(PATIENCE, "the other replica to find the keeper", || async {
         let read = acme.get(format!("{elsewhere}/files/{file}")).send().await;
         read.is_ok_and(|r| r.status() == 200)
     })
     .await?;
-    let made: Value = acme
-        .post(format!("{elsewhere}/batches"))
-        .json(&create)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let id = made["id"].as_str().context("a batch id")?.to_string();
-    wait_until(PATIENCE, "the batch to end", || async {
-        batch(&acme, &keeper, &id)
-            .await
-            .is_ok_and(|b| b["status"] == "completed")
+    let id = create_batch(&acme, &elsewhere, &file, json!({})).await?;
+    wait_for_batch(&acme, &keeper, &id, PATIENCE, "the batch to end", |b| {
+        b["status"] == "completed"
     })
     .await?;
 
@@ -222,12 +176,10 @@ async fn files_and_batches_are_only_their_tenants() -> anyhow::Result<()> {
             assert_eq!(status(&globex).await?, 404, "{method} {url}");
             assert_eq!(status(&nobody).await?, 401, "{method} {url}");
         }
-        let refused = globex
-            .post(format!("{base}/batches"))
-            .json(&create)
-            .send()
-            .await?;
-        assert_eq!(refused.status(), 404, "{}", refused.text().await?);
+        // Nor can it make a batch of the file.
+        let refused = create_batch(&globex, base, &file, json!({})).await;
+        let refused = refused.expect_err("another tenant made a batch of the file");
+        assert!(refused.to_string().contains("404"), "{refused}");
         for listing in ["files", "batches"] {
             let list = |client: &reqwest::Client| {
                 let request = client.get(format!("{base}/{listing}"));
@@ -298,24 +250,22 @@ async fn a_stopping_router_hands_its_running_batch_to_another() -> anyhow::Resul
         })
         .collect();
     let file = upload(&http, &leaving_url, &lines).await?;
-    let made: Value = http
-        .post(format!("{leaving_url}/batches"))
-        .json(
-            &json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
-                      "completion_window": "24h", "metadata": {"job": "rollout"}}),
-        )
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let id = made["id"].as_str().context("a batch id")?.to_string();
+    let id = create_batch(
+        &http,
+        &leaving_url,
+        &file,
+        json!({"metadata": {"job": "rollout"}}),
+    )
+    .await?;
     let leaving_tag = id.strip_prefix("batch_").context("a batch id")?[..12].to_string();
-    wait_until(PATIENCE, "two requests to be answered", || async {
-        batch(&http, &leaving_url, &id)
-            .await
-            .is_ok_and(|b| b["request_counts"]["completed"].as_u64() >= Some(2))
-    })
+    wait_for_batch(
+        &http,
+        &leaving_url,
+        &id,
+        PATIENCE,
+        "two requests to be answered",
+        |b| b["request_counts"]["completed"].as_u64() >= Some(2),
+    )
     .await?;
     let before_stop = batch(&http, &leaving_url, &id).await?["request_counts"]["completed"]
         .as_u64()
@@ -327,32 +277,21 @@ async fn a_stopping_router_hands_its_running_batch_to_another() -> anyhow::Resul
     let staying = cluster.router_openai_url();
     let handed = batch(&http, &staying, &id).await?;
     assert_eq!(handed["metadata"], json!({"job": "rollout"}), "{handed}");
-    wait_until(PATIENCE, "the batch to end where it was handed", || async {
-        batch(&http, &staying, &id)
-            .await
-            .is_ok_and(|b| b["status"] == "completed")
-    })
+    let done = wait_for_batch(
+        &http,
+        &staying,
+        &id,
+        PATIENCE,
+        "the batch to end where it was handed",
+        |b| b["status"] == "completed",
+    )
     .await?;
-    let done = batch(&http, &staying, &id).await?;
     assert_eq!(
         done["request_counts"],
         json!({"total": 8, "completed": 8, "failed": 0}),
         "{done}"
     );
-    let output: String = http
-        .get(format!(
-            "{staying}/files/{}/content",
-            done["output_file_id"].as_str().unwrap_or_default()
-        ))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    let answers: Vec<Value> = output
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
+    let answers = batch_output(&http, &staying, &done).await?;
     let ids: Vec<&str> = answers
         .iter()
         .filter_map(|a| a["custom_id"].as_str())

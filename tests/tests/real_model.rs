@@ -1620,47 +1620,19 @@ async fn a_batch_answers_as_the_same_requests_sent_straight() -> anyhow::Result<
         })
         .collect();
     let file = switchyard_tests::upload_batch_file(&http, &base, &lines).await?;
-    let made: Value = http
-        .post(format!("{base}/batches"))
-        .json(
-            &json!({"input_file_id": file, "endpoint": "/v1/chat/completions",
-                      "completion_window": "24h"}),
-        )
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
-    let id = made["id"].as_str().context("a batch id")?.to_string();
-    let read = || async {
-        let batch: Value = http
-            .get(format!("{base}/batches/{id}"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        anyhow::Ok(batch)
-    };
-    switchyard_tests::wait_until(Duration::from_secs(240), "the batch to end", || async {
-        read().await.is_ok_and(|b| b["status"] == "completed")
-    })
+    let id = switchyard_tests::create_batch(&http, &base, &file, json!({})).await?;
+    let batch = switchyard_tests::wait_for_batch(
+        &http,
+        &base,
+        &id,
+        Duration::from_secs(240),
+        "the batch to end",
+        |b| b["status"] == "completed",
+    )
     .await?;
-    let batch = read().await?;
     assert_eq!(batch["request_counts"]["completed"], 2, "{batch}");
-    let output = http
-        .get(format!(
-            "{base}/files/{}/content",
-            batch["output_file_id"].as_str().unwrap_or_default()
-        ))
-        .send()
-        .await?
-        .text()
-        .await?;
-    let answers: Vec<Value> = output
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
-    assert_eq!(answers.len(), 2, "{output}");
+    let answers = switchyard_tests::batch_output(&http, &base, &batch).await?;
+    assert_eq!(answers.len(), 2, "{answers:?}");
     let content = |answer: &Value| answer["choices"][0]["message"]["content"].clone();
     for (question, line) in questions.iter().zip(&answers) {
         let straight = chat_completion(&base, &body(question)).await?;

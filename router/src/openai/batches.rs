@@ -175,13 +175,13 @@ pub struct ListQuery {
     purpose: Option<String>,
 }
 
-/// The page a listing's query asks for; `max_limit` and `default_limit` are the API's.
+/// The page a listing's query asks for.
 fn listing(
     query: Result<Query<ListQuery>, QueryRejection>,
-    default_limit: u32,
-    max_limit: u32,
-    files: bool,
+    listed: Listed,
 ) -> Result<v1::BatchListing, ApiError> {
+    let (default_limit, max_limit) = listed.limits();
+    let files = listed == Listed::Files;
     let Query(query) =
         query.map_err(|rejection| ApiError::invalid("query", rejection.body_text()))?;
     let limit = match query.limit.as_deref() {
@@ -232,23 +232,23 @@ fn listing(
     })
 }
 
-/// Lists what every replica keeps for the client: `list` makes the call of a listing.
+/// Lists what every replica keeps for the client.
 async fn list_everywhere(
     dispatcher: &Arc<Dispatcher>,
     tenant: Option<&str>,
     headers: &HeaderMap,
     listing: v1::BatchListing,
-    list: fn(v1::BatchListing) -> Call,
+    listed: Listed,
 ) -> Result<Value, ApiError> {
     let page = batches::Page {
         after: listing.after.as_ref().map(|c| (c.made_ms, c.id.clone())),
         limit: listing.limit as usize,
         oldest_first: listing.oldest_first,
     };
-    let here = calls::answer(dispatcher, tenant, list(listing.clone()))
+    let here = calls::answer(dispatcher, tenant, listed.call(listing.clone()))
         .map_err(|status| refused(status, None))?;
     let call = v1::BatchCall {
-        call: Some(list(listing)),
+        call: Some(listed.call(listing)),
     };
     let elsewhere = peers::list_batch_objects(dispatcher, call, headers).await?;
     let mut placed: Vec<(batches::Cursor, String)> = here
@@ -271,6 +271,50 @@ async fn list_everywhere(
     Ok(batches::list_object(objects, page.limit))
 }
 
+/// What a listing lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listed {
+    Files,
+    Batches,
+}
+
+impl Listed {
+    /// Its default and largest `limit`, as OpenAI's API has them.
+    fn limits(self) -> (u32, u32) {
+        match self {
+            Listed::Files => (10_000, 10_000),
+            Listed::Batches => (20, 100),
+        }
+    }
+
+    fn call(self, listing: v1::BatchListing) -> Call {
+        match self {
+            Listed::Files => Call::ListFiles(listing),
+            Listed::Batches => Call::ListBatches(listing),
+        }
+    }
+}
+
+/// `GET /v1/files` and `GET /v1/batches`.
+async fn list(
+    dispatcher: &Arc<Dispatcher>,
+    tenant: &Option<Extension<Tenant>>,
+    headers: &HeaderMap,
+    query: Result<Query<ListQuery>, QueryRejection>,
+    listed: Listed,
+) -> Response {
+    let answer = match listing(query, listed) {
+        Ok(listing) => {
+            list_everywhere(dispatcher, tenant_of(tenant), headers, listing, listed).await
+        }
+        Err(error) => Err(error),
+    };
+    match answer {
+        Ok(list) => axum::Json(list).into_response(),
+        Err(error) => error.into_response(),
+    }
+}
+
 /// `GET /v1/files`.
 pub async fn list_files(
     State(dispatcher): State<Arc<Dispatcher>>,
@@ -278,23 +322,7 @@ pub async fn list_files(
     headers: HeaderMap,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
-    let listed = match listing(query, 10_000, 10_000, true) {
-        Ok(listing) => {
-            list_everywhere(
-                &dispatcher,
-                tenant_of(&tenant),
-                &headers,
-                listing,
-                Call::ListFiles,
-            )
-            .await
-        }
-        Err(error) => Err(error),
-    };
-    match listed {
-        Ok(list) => axum::Json(list).into_response(),
-        Err(error) => error.into_response(),
-    }
+    list(&dispatcher, &tenant, &headers, query, Listed::Files).await
 }
 
 /// `GET /v1/batches`.
@@ -304,23 +332,7 @@ pub async fn list_batches(
     headers: HeaderMap,
     query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Response {
-    let listed = match listing(query, 20, 100, false) {
-        Ok(listing) => {
-            list_everywhere(
-                &dispatcher,
-                tenant_of(&tenant),
-                &headers,
-                listing,
-                Call::ListBatches,
-            )
-            .await
-        }
-        Err(error) => Err(error),
-    };
-    match listed {
-        Ok(list) => axum::Json(list).into_response(),
-        Err(error) => error.into_response(),
-    }
+    list(&dispatcher, &tenant, &headers, query, Listed::Batches).await
 }
 
 /// `GET /v1/files/{id}`.
