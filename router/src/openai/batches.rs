@@ -79,8 +79,14 @@ fn json_answer(answer: v1::BatchAnswer) -> Response {
     response
 }
 
-fn answer_json(result: Result<v1::BatchAnswer, ApiError>) -> Response {
-    match result {
+/// Answers `call` (see [`call`]) as JSON.
+async fn answer(
+    dispatcher: &Arc<Dispatcher>,
+    tenant: &Option<Extension<Tenant>>,
+    headers: &HeaderMap,
+    call: Call,
+) -> Response {
+    match self::call(dispatcher, tenant_of(tenant), headers, call).await {
         Ok(answer) => json_answer(answer),
         Err(error) => error.into_response(),
     }
@@ -342,7 +348,7 @@ pub async fn get_file(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    answer_json(call(&dispatcher, tenant_of(&tenant), &headers, Call::GetFile(id)).await)
+    answer(&dispatcher, &tenant, &headers, Call::GetFile(id)).await
 }
 
 /// `DELETE /v1/files/{id}`.
@@ -352,15 +358,7 @@ pub async fn delete_file(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    answer_json(
-        call(
-            &dispatcher,
-            tenant_of(&tenant),
-            &headers,
-            Call::DeleteFile(id),
-        )
-        .await,
-    )
+    answer(&dispatcher, &tenant, &headers, Call::DeleteFile(id)).await
 }
 
 /// `GET /v1/files/{id}/content`: the file's bytes.
@@ -407,15 +405,7 @@ pub async fn create(
         Ok(body) => body,
         Err(error) => return error.into_response(),
     };
-    answer_json(
-        call(
-            &dispatcher,
-            tenant_of(&tenant),
-            &headers,
-            Call::CreateBatchJson(body),
-        )
-        .await,
-    )
+    answer(&dispatcher, &tenant, &headers, Call::CreateBatchJson(body)).await
 }
 
 /// `GET /v1/batches/{id}`.
@@ -425,15 +415,7 @@ pub async fn get_batch(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    answer_json(
-        call(
-            &dispatcher,
-            tenant_of(&tenant),
-            &headers,
-            Call::GetBatch(id),
-        )
-        .await,
-    )
+    answer(&dispatcher, &tenant, &headers, Call::GetBatch(id)).await
 }
 
 /// `POST /v1/batches/{id}/cancel`: stops the batch; it writes what was answered.
@@ -443,13 +425,5 @@ pub async fn cancel(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    answer_json(
-        call(
-            &dispatcher,
-            tenant_of(&tenant),
-            &headers,
-            Call::CancelBatch(id),
-        )
-        .await,
-    )
+    answer(&dispatcher, &tenant, &headers, Call::CancelBatch(id)).await
 }
