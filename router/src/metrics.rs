@@ -265,6 +265,8 @@ pub struct RouterMetrics {
     /// Responses this replica holds as standby copies of other replicas' (see
     /// [`crate::response_store::mirror`]).
     pub standby_responses: Gauge,
+    /// Other replicas' batches this replica keeps a standby copy of.
+    pub standby_batches: Gauge,
     /// Requests moved to another worker after theirs failed or left (`pool`: the lost worker's).
     pub failovers: Family<LanePoolLabels, Counter>,
     /// Prompt tokens placement expected the worker to find in its prefix cache.
@@ -373,6 +375,7 @@ impl RouterMetrics {
             batches_running: Gauge::default(),
             batch_file_bytes: Gauge::default(),
             standby_responses: Gauge::default(),
+            standby_batches: Gauge::default(),
             failovers: Family::default(),
             prefix_predicted: Family::default(),
             prefix_reused: Family::default(),
@@ -522,6 +525,12 @@ impl RouterMetrics {
                 "Other replicas' stored responses this replica keeps a copy of, to answer for \
                  them if their replica dies",
                 this.standby_responses.clone(),
+            );
+            r.register(
+                "switchyard_router_standby_batches",
+                "Other router replicas' batches this replica keeps a standby copy of (taken \
+                 over, and run on, if their replica is killed)",
+                this.standby_batches.clone(),
             );
             r.register(
                 "switchyard_router_failovers",

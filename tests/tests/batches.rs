@@ -321,3 +321,98 @@ async fn a_stopping_router_hands_its_running_batch_to_another() -> anyhow::Resul
     assert_eq!(input.lines().count(), 8);
     Ok(())
 }
+
+/// A router killed without its drain (OOM, node loss) has no time to hand its batches over:
+/// its standby replica has kept a copy all along (the batch as it moved on, each answer as it
+/// came), takes it over once the killed replica's announcement expires, and runs it to its
+/// end: every request answered once in the output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_routers_running_batch_goes_on_at_its_standby() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("cluster-token");
+    std::fs::write(&token, "batch-standby-test-token-0123456789\n")?;
+    let token = token.display().to_string();
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: strings(&["--cluster-token-file", &token]),
+        metrics: true,
+        ..Default::default()
+    })
+    .await?;
+    let flags = ["--cluster-token-file", &token, "--batch-concurrency", "2"];
+    let mut dying = switchyard_tests::start_router(&cluster.etcd.url, "dying", &flags).await?;
+    let dying_grpc = dying.addr("grpc").to_string();
+    wait_until(PATIENCE, "the dying replica to link the worker", || async {
+        list_router_workers(&dying_grpc)
+            .await
+            .is_ok_and(|ids| ids.len() == 1)
+    })
+    .await?;
+    let dying_url = format!("http://{}/v1", dying.addr("http"));
+    let http = reqwest::Client::new();
+    // Sixteen requests of a second each, two at a time: still running once its mirror is up.
+    let lines: Vec<Value> = (0..16)
+        .map(|i| {
+            json!({"custom_id": format!("q{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "synthetic", "max_tokens": 60, "ignore_eos": true,
+                            "messages": [{"role": "user", "content": format!("hi {i}")}]}})
+        })
+        .collect();
+    let file = upload(&http, &dying_url, &lines).await?;
+    let id = create_batch(&http, &dying_url, &file, json!({})).await?;
+    // The other replica holds a standby copy of the batch (it is the only one to mirror to).
+    let staying_metrics = cluster.router.metrics_url();
+    wait_until(PATIENCE, "the other replica to hold the batch", || async {
+        gauge(&staying_metrics, "switchyard_router_standby_batches").await == Some(1.0)
+    })
+    .await?;
+    wait_for_batch(
+        &http,
+        &dying_url,
+        &id,
+        PATIENCE,
+        "two requests answered",
+        |b| b["request_counts"]["completed"].as_u64() >= Some(2),
+    )
+    .await?;
+
+    dying.kill().await?;
+
+    let staying = cluster.router_openai_url();
+    let done = wait_for_batch(
+        &http,
+        &staying,
+        &id,
+        PATIENCE,
+        "the standby to end it",
+        |b| b["status"] == "completed",
+    )
+    .await?;
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 16, "completed": 16, "failed": 0}),
+        "{done}"
+    );
+    let answers = batch_output(&http, &staying, &done).await?;
+    let ids: Vec<&str> = answers
+        .iter()
+        .filter_map(|a| a["custom_id"].as_str())
+        .collect();
+    let expected: Vec<String> = (0..16).map(|i| format!("q{i}")).collect();
+    assert_eq!(ids, expected);
+    assert_eq!(
+        gauge(&staying_metrics, "switchyard_router_standby_batches").await,
+        Some(0.0),
+        "the copy became the replica's own"
+    );
+    Ok(())
+}
+
+/// The value of the unlabelled gauge `name` at `metrics`.
+async fn gauge(metrics: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(metrics).await.ok()?.text().await.ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}

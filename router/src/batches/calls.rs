@@ -182,7 +182,7 @@ pub fn answer(
         Call::CancelBatch(id) => {
             let batch = store.batch(&id, tenant).ok_or_else(|| batch_missing(&id))?;
             cancel(&batch)?;
-            store.batch_changed();
+            store.changed(&batch);
             Ok(answer_json(batch.object()))
         }
         Call::CreateBatchJson(body) => create(dispatcher, tenant, &body),

@@ -3,6 +3,10 @@
 //! where it got to (the requests answered are not sent again), and the files and batches are
 //! read at the same ids, the receiver answering for the stopping replica's tag.
 //!
+//! The mirror of the stored responses to a standby replica carries the files and batches too,
+//! in the same parts (see [`crate::response_store::mirror`]): a batch each time it moves on,
+//! each answer as it comes, so the standby of a replica killed mid-batch goes on with it.
+//!
 //! Bytes go in pieces of at most [`PIECE_BYTES`], so no message nears gRPC's size limit
 //! however large a file is.
 
@@ -21,75 +25,130 @@ pub const PIECE_BYTES: usize = 1 << 20;
 /// Most answers one hand-over item carries.
 const ANSWERS_PER_ITEM: usize = 256;
 
-fn item(item: Item) -> v1::HandoverItem {
-    v1::HandoverItem { item: Some(item) }
+/// One piece of what goes to another replica, in a hand-over or a mirror.
+#[derive(Debug, Clone)]
+pub enum Part {
+    File(v1::HandedFile),
+    Batch(v1::HandedBatch),
+    Bytes(v1::BytesPiece),
+    Answers(v1::BatchAnswers),
 }
 
-fn pieces(id: &str, bytes: &Bytes, out: &mut Vec<v1::HandoverItem>) {
+impl Part {
+    /// As a hand-over item.
+    pub fn handed(self) -> v1::HandoverItem {
+        let item = match self {
+            Part::File(file) => Item::File(file),
+            Part::Batch(batch) => Item::Batch(batch),
+            Part::Bytes(piece) => Item::Bytes(piece),
+            Part::Answers(answers) => Item::Answers(answers),
+        };
+        v1::HandoverItem { item: Some(item) }
+    }
+
+    /// As a mirror item.
+    pub fn mirrored(self) -> v1::MirrorItem {
+        use v1::mirror_item::Item as Mirrored;
+        let item = match self {
+            Part::File(file) => Mirrored::File(file),
+            Part::Batch(batch) => Mirrored::Batch(batch),
+            Part::Bytes(piece) => Mirrored::Bytes(piece),
+            Part::Answers(answers) => Mirrored::Answers(answers),
+        };
+        v1::MirrorItem { item: Some(item) }
+    }
+}
+
+fn pieces(id: &str, bytes: &Bytes, out: &mut Vec<Part>) {
     let mut start = 0;
     while start < bytes.len() {
         let end = (start + PIECE_BYTES).min(bytes.len());
-        out.push(item(Item::Bytes(v1::BytesPiece {
+        out.push(Part::Bytes(v1::BytesPiece {
             id: id.to_string(),
             bytes: bytes.slice(start..end),
-        })));
+        }));
         start = end;
+    }
+}
+
+/// `file`, then its bytes.
+pub fn file_parts(file: &StoredFile, out: &mut Vec<Part>) {
+    out.push(Part::File(v1::HandedFile {
+        id: file.id.clone(),
+        tenant: file.tenant.clone(),
+        filename: file.filename.clone(),
+        purpose: file.purpose.clone(),
+        created_at: file.created_at,
+    }));
+    pieces(&file.id, &file.bytes, out);
+}
+
+/// `batch` as it now stands; `whole`: then, unless it has ended (its answers are in its
+/// files), its input and its answers so far.
+pub fn batch_parts(batch: &Batch, whole: bool, out: &mut Vec<Part>) {
+    let progress = batch.progress.lock().expect("batch progress").clone();
+    out.push(Part::Batch(v1::HandedBatch {
+        id: batch.id.clone(),
+        tenant: batch.tenant.clone(),
+        endpoint: batch.endpoint.clone(),
+        input_file_id: batch.input_file_id.clone(),
+        completion_window: batch.window_text.clone(),
+        metadata_json: batch.metadata.to_string(),
+        created_at: batch.created_at,
+        progress_json: serde_json::to_string(&progress).expect("progress serializes"),
+    }));
+    if !whole || progress.status.ended() {
+        return;
+    }
+    pieces(&batch.id, &batch.input, out);
+    let answers: Vec<v1::AnsweredRequest> = batch
+        .answers
+        .lock()
+        .expect("batch answers")
+        .iter()
+        .map(|(index, answer)| answered(*index, answer))
+        .collect();
+    for chunk in answers.chunks(ANSWERS_PER_ITEM) {
+        out.push(Part::Answers(v1::BatchAnswers {
+            batch_id: batch.id.clone(),
+            answered: chunk.to_vec(),
+        }));
+    }
+}
+
+/// The answer to `batch`'s request `index`, if it has one.
+pub fn answer_part(batch: &Batch, index: usize) -> Option<Part> {
+    let answers = batch.answers.lock().expect("batch answers");
+    let answer = answers.get(&index)?;
+    Some(Part::Answers(v1::BatchAnswers {
+        batch_id: batch.id.clone(),
+        answered: vec![answered(index, answer)],
+    }))
+}
+
+fn answered(index: usize, answer: &Answer) -> v1::AnsweredRequest {
+    v1::AnsweredRequest {
+        index: index as u64,
+        succeeded: answer.succeeded,
+        line_json: answer.line.clone(),
     }
 }
 
 /// The hand-over of every file and batch `store` keeps.
 pub fn frames(store: &BatchStore) -> Vec<v1::HandoverItem> {
     let (files, batches) = store.export();
-    let mut out = Vec::new();
+    let mut parts = Vec::new();
     for file in files {
-        out.push(item(Item::File(v1::HandedFile {
-            id: file.id.clone(),
-            tenant: file.tenant.clone(),
-            filename: file.filename.clone(),
-            purpose: file.purpose.clone(),
-            created_at: file.created_at,
-        })));
-        pieces(&file.id, &file.bytes, &mut out);
+        file_parts(&file, &mut parts);
     }
     for batch in batches {
-        let progress = batch.progress.lock().expect("batch progress").clone();
-        out.push(item(Item::Batch(v1::HandedBatch {
-            id: batch.id.clone(),
-            tenant: batch.tenant.clone(),
-            endpoint: batch.endpoint.clone(),
-            input_file_id: batch.input_file_id.clone(),
-            completion_window: batch.window_text.clone(),
-            metadata_json: batch.metadata.to_string(),
-            created_at: batch.created_at,
-            progress_json: serde_json::to_string(&progress).expect("progress serializes"),
-        })));
-        // An ended batch's answers are in its files already.
-        if progress.status.ended() {
-            continue;
-        }
-        pieces(&batch.id, &batch.input, &mut out);
-        let answers: Vec<v1::AnsweredRequest> = batch
-            .answers
-            .lock()
-            .expect("batch answers")
-            .iter()
-            .map(|(index, answer)| v1::AnsweredRequest {
-                index: *index as u64,
-                succeeded: answer.succeeded,
-                line_json: answer.line.clone(),
-            })
-            .collect();
-        for chunk in answers.chunks(ANSWERS_PER_ITEM) {
-            out.push(item(Item::Answers(v1::BatchAnswers {
-                batch_id: batch.id.clone(),
-                answered: chunk.to_vec(),
-            })));
-        }
+        batch_parts(&batch, true, &mut parts);
     }
-    out
+    parts.into_iter().map(Part::handed).collect()
 }
 
-/// Files and batches being received from a stopping replica.
+/// Files and batches being received from another replica: its hand-over, or its mirror
+/// (where a batch comes again each time it changes).
 #[derive(Default)]
 pub struct Receiving {
     files: HashMap<String, (v1::HandedFile, BytesMut)>,
@@ -100,39 +159,76 @@ impl Receiving {
     /// Takes `item` if it is a file's or batch's; gives it back otherwise.
     pub fn push(&mut self, item: Item) -> Result<Option<Item>, Status> {
         match item {
-            Item::File(file) => {
-                self.files.insert(file.id.clone(), (file, BytesMut::new()));
-            }
-            Item::Batch(batch) => {
-                self.batches
-                    .insert(batch.id.clone(), (batch, BytesMut::new(), BTreeMap::new()));
-            }
-            Item::Bytes(piece) => {
-                let bytes = match (
-                    self.files.get_mut(&piece.id),
-                    self.batches.get_mut(&piece.id),
-                ) {
-                    (Some((_, bytes)), _) | (None, Some((_, bytes, _))) => bytes,
-                    (None, None) => return Err(not_sent(&piece.id)),
-                };
-                bytes.extend_from_slice(&piece.bytes);
-            }
-            Item::Answers(answers) => {
-                let (_, _, kept) = self
-                    .batches
-                    .get_mut(&answers.batch_id)
-                    .ok_or_else(|| not_sent(&answers.batch_id))?;
-                for answered in answers.answered {
-                    let answer = Answer {
-                        succeeded: answered.succeeded,
-                        line: answered.line_json,
-                    };
-                    kept.insert(answered.index as usize, answer);
-                }
-            }
+            Item::File(file) => self.file(file),
+            Item::Batch(batch) => self.batch(batch),
+            Item::Bytes(piece) => self.bytes(piece)?,
+            Item::Answers(answers) => self.answers(answers)?,
             other => return Ok(Some(other)),
         }
         Ok(None)
+    }
+
+    pub fn file(&mut self, file: v1::HandedFile) {
+        self.files.insert(file.id.clone(), (file, BytesMut::new()));
+    }
+
+    /// A batch new, or as it now stands (its input and answers so far stay).
+    pub fn batch(&mut self, batch: v1::HandedBatch) {
+        match self.batches.get_mut(&batch.id) {
+            Some((kept, _, _)) => *kept = batch,
+            None => {
+                let id = batch.id.clone();
+                self.batches
+                    .insert(id, (batch, BytesMut::new(), BTreeMap::new()));
+            }
+        }
+    }
+
+    pub fn bytes(&mut self, piece: v1::BytesPiece) -> Result<(), Status> {
+        let bytes = match (
+            self.files.get_mut(&piece.id),
+            self.batches.get_mut(&piece.id),
+        ) {
+            (Some((_, bytes)), _) | (None, Some((_, bytes, _))) => bytes,
+            (None, None) => return Err(not_sent(&piece.id)),
+        };
+        bytes.extend_from_slice(&piece.bytes);
+        Ok(())
+    }
+
+    pub fn answers(&mut self, answers: v1::BatchAnswers) -> Result<(), Status> {
+        let (_, _, kept) = self
+            .batches
+            .get_mut(&answers.batch_id)
+            .ok_or_else(|| not_sent(&answers.batch_id))?;
+        for answered in answers.answered {
+            let answer = Answer {
+                succeeded: answered.succeeded,
+                line: answered.line_json,
+            };
+            kept.insert(answered.index as usize, answer);
+        }
+        Ok(())
+    }
+
+    /// Drops file `id`; whether it was one.
+    pub fn forget(&mut self, id: &str) -> bool {
+        self.files.remove(id).is_some()
+    }
+
+    /// Batches held.
+    pub fn batch_count(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Whether file `id` is held.
+    pub fn holds_file(&self, id: &str) -> bool {
+        self.files.contains_key(id)
+    }
+
+    /// The answers held of batch `id`.
+    pub fn answers_of(&self, id: &str) -> Option<&BTreeMap<usize, Answer>> {
+        self.batches.get(id).map(|(_, _, answers)| answers)
     }
 
     /// Keeps what was received in `dispatcher`'s store and goes on with the batches still
@@ -183,8 +279,11 @@ fn received_batch(
     let invalid = |what: &str, why: &dyn std::fmt::Display| {
         Status::invalid_argument(format!("batch {:?}: {what}: {why}", handed.id))
     };
-    let progress: Progress =
+    let mut progress: Progress =
         serde_json::from_str(&handed.progress_json).map_err(|e| invalid("progress", &e))?;
+    if !progress.status.ended() {
+        super::run::recount(&mut progress, &answers);
+    }
     let metadata =
         serde_json::from_str(&handed.metadata_json).map_err(|e| invalid("metadata", &e))?;
     let window = super::calls::window(&handed.completion_window)
@@ -208,7 +307,7 @@ fn received_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batches::{BatchLimits, Usage};
+    use crate::batches::BatchLimits;
     use serde_json::json;
 
     #[test]
@@ -218,15 +317,12 @@ mod tests {
         let file = store
             .upload(Some("acme".into()), "in.jsonl".into(), big.clone())
             .unwrap();
-        let mut progress = Progress::new();
-        progress.status = BatchStatus::InProgress;
-        progress.total = 300;
-        progress.completed = 300;
-        progress.usage = Usage {
-            input_tokens: 9,
-            cached_tokens: 0,
-            output_tokens: 4,
-        };
+        let batch = crate::batches::batch_in_progress(&store, big.clone());
+        {
+            let mut progress = batch.progress.lock().unwrap();
+            progress.total = 300;
+            progress.completed = 290;
+        }
         let answers: BTreeMap<usize, Answer> = (0..300)
             .map(|i| {
                 let answer = Answer {
@@ -236,20 +332,7 @@ mod tests {
                 (i, answer)
             })
             .collect();
-        let batch = Batch {
-            id: store.new_id(super::super::BATCH_PREFIX),
-            tenant: Some("acme".into()),
-            endpoint: "/v1/chat/completions".into(),
-            input_file_id: file.id.clone(),
-            window_text: "24h".into(),
-            window: std::time::Duration::from_secs(86_400),
-            metadata: json!({"job": "x"}),
-            created_at: 7,
-            progress: std::sync::Mutex::new(progress),
-            cancel: Default::default(),
-            input: big.clone(),
-            answers: std::sync::Mutex::new(answers.clone()),
-        };
+        *batch.answers.lock().unwrap() = answers.clone();
         store.add_batch(Arc::new(batch));
         let frames = frames(&store);
         assert!(frames.iter().all(|f| match &f.item {
@@ -271,9 +354,12 @@ mod tests {
             received_batch(handed.clone(), input.clone().freeze(), kept.clone()).unwrap();
         assert_eq!(received.status(), BatchStatus::InProgress);
         assert_eq!(received.metadata, json!({"job": "x"}));
+        // Its counts are what the answers hold (a mirror may send answers after counts).
         let progress = received.progress.lock().unwrap().clone();
-        assert_eq!((progress.total, progress.completed), (300, 300));
-        assert_eq!(progress.usage.input_tokens, 9);
+        assert_eq!(
+            (progress.total, progress.completed, progress.failed),
+            (300, 150, 150)
+        );
     }
 
     #[test]

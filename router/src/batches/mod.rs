@@ -23,6 +23,8 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::response_store::MirrorEvent;
+
 /// How a file id begins (OpenAI's form), then the owner tag and a UUIDv7.
 pub const FILE_PREFIX: &str = "file-";
 /// How a batch id begins.
@@ -322,6 +324,9 @@ pub struct BatchStore {
     /// the batches over.
     pub(crate) runs: tokio_util::task::TaskTracker,
     gauges: Option<BatchGauges>,
+    /// The stored responses' store, whose mirror to a standby replica carries the files and
+    /// batches too.
+    mirror: Option<Arc<crate::response_store::ResponseStore>>,
 }
 
 /// What the store tells Prometheus.
@@ -341,12 +346,35 @@ impl BatchStore {
             slots: Arc::new(Semaphore::new(limits.concurrency.max(1))),
             runs: tokio_util::task::TaskTracker::new(),
             gauges: None,
+            mirror: None,
         }
     }
 
     pub fn with_gauges(mut self, gauges: BatchGauges) -> Self {
         self.gauges = Some(gauges);
         self
+    }
+
+    /// Mirrors the files and batches with `store`'s stored responses.
+    pub fn mirrored_with(mut self, store: Arc<crate::response_store::ResponseStore>) -> Self {
+        self.mirror = Some(store);
+        self
+    }
+
+    fn tell(&self, event: MirrorEvent) {
+        if let Some(store) = &self.mirror {
+            store.tell_mirror(event);
+        }
+    }
+
+    /// What a mirror starting now is sent of the files and batches.
+    pub fn mirror_events(&self) -> Vec<MirrorEvent> {
+        let (files, batches) = self.export();
+        files
+            .into_iter()
+            .map(MirrorEvent::BatchFile)
+            .chain(batches.into_iter().map(MirrorEvent::Batch))
+            .collect()
     }
 
     pub fn limits(&self) -> BatchLimits {
@@ -429,6 +457,7 @@ impl BatchStore {
             inner.bytes -= replaced.bytes.len();
         }
         self.publish(inner);
+        self.tell(MirrorEvent::BatchFile(file.clone()));
         file
     }
 
@@ -474,19 +503,29 @@ impl BatchStore {
         };
         inner.bytes -= file.bytes.len();
         self.publish(&inner);
+        drop(inner);
+        self.tell(MirrorEvent::Forgotten(id.to_string()));
         true
     }
 
     /// Keeps a new batch.
     pub fn add_batch(&self, batch: Arc<Batch>) {
         let mut inner = self.inner.lock().expect("batch store");
-        inner.batches.insert(batch.id.clone(), batch);
+        inner.batches.insert(batch.id.clone(), batch.clone());
         self.publish(&inner);
+        drop(inner);
+        self.tell(MirrorEvent::Batch(batch));
     }
 
-    /// A batch changed status: the gauges follow.
-    pub fn batch_changed(&self) {
+    /// `batch` moved on (its status, its counts): the gauges and the mirror follow.
+    pub fn changed(&self, batch: &Arc<Batch>) {
         self.publish(&self.inner.lock().expect("batch store"));
+        self.tell(MirrorEvent::Batch(batch.clone()));
+    }
+
+    /// `batch`'s request `index` was answered: the mirror follows.
+    pub fn answered(&self, batch: &Arc<Batch>, index: usize) {
+        self.tell(MirrorEvent::BatchAnswered(batch.clone(), index));
     }
 
     /// Batch `id` if it is kept here for `tenant`.
@@ -602,6 +641,27 @@ pub(crate) fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
+}
+
+/// A batch of `input` in progress, for tests.
+#[cfg(test)]
+pub(crate) fn batch_in_progress(store: &BatchStore, input: Bytes) -> Batch {
+    let mut progress = Progress::new();
+    progress.status = Status::InProgress;
+    Batch {
+        id: store.new_id(BATCH_PREFIX),
+        tenant: Some("acme".into()),
+        endpoint: "/v1/chat/completions".into(),
+        input_file_id: store.new_id(FILE_PREFIX),
+        window_text: "24h".into(),
+        window: Duration::from_secs(86_400),
+        metadata: json!({"job": "x"}),
+        created_at: 7,
+        progress: Mutex::new(progress),
+        cancel: CancellationToken::new(),
+        input,
+        answers: Mutex::default(),
+    }
 }
 
 #[cfg(test)]

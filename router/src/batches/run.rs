@@ -3,10 +3,12 @@
 //! number at a time, and writes the answers in input order: those that succeeded to the
 //! output file, the others to the error file.
 //!
-//! A request refused for want of room (429 Too Many Requests, 503 Service Unavailable: a full
-//! queue, no worker up yet) is not an answer: it waits and is tried again, with backoff, until
-//! the completion window closes. A cancel (or the window closing) stops what runs and writes
-//! what has been answered; the requests not answered go to the error file, saying why.
+//! A request refused for want of room (429 Too Many Requests; 503 Service Unavailable: a full
+//! queue, no worker reachable; 404 for a model whose workers are all gone for now) is not an
+//! answer: it waits and is tried again, with backoff, until the completion window closes. A
+//! cancel (or the window closing) stops what runs and writes what has been answered; the
+//! requests not answered go to the error file, saying why. When the router stops, the requests
+//! running are let end and the batch stays as it is, for the replica it is handed to.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,7 +58,7 @@ pub fn start(dispatcher: Arc<Dispatcher>, batch: Arc<Batch>) {
     let runs = dispatcher.batches.runs.clone();
     runs.spawn(async move {
         run(&dispatcher, &batch).await;
-        dispatcher.batches.batch_changed();
+        dispatcher.batches.changed(&batch);
     });
 }
 
@@ -73,7 +75,7 @@ async fn run(dispatcher: &Arc<Dispatcher>, batch: &Arc<Batch>) {
     if status == Status::Validating {
         batch.progress.lock().expect("batch progress").total = lines.len();
         batch.reach(Status::InProgress);
-        dispatcher.batches.batch_changed();
+        dispatcher.batches.changed(batch);
     }
     let ending = send_all(dispatcher, batch, &lines, deadline).await;
     if ending == Ending::Stopping {
@@ -121,7 +123,7 @@ async fn read(dispatcher: &Dispatcher, batch: &Batch, new: bool) -> Option<Vec<L
 /// in the batch's answers at its line's place.
 async fn send_all(
     dispatcher: &Arc<Dispatcher>,
-    batch: &Batch,
+    batch: &Arc<Batch>,
     lines: &[Line],
     deadline: Instant,
 ) -> Ending {
@@ -153,6 +155,7 @@ async fn send_all(
                 let outcome: Option<Outcome> = outcome;
                 if let Some(outcome) = outcome {
                     record(batch, index, outcome);
+                    dispatcher.batches.answered(batch, index);
                 }
             }
             slot = slots.clone().acquire_owned(), if next < pending.len() && !stopping => {
@@ -336,6 +339,23 @@ fn usage_of(body: &Value) -> Usage {
     }
 }
 
+/// Sets `progress`'s counts and usage to what `answers` hold: a batch received from another
+/// replica's mirror may have been sent answers after its counts last were.
+pub(super) fn recount(
+    progress: &mut super::Progress,
+    answers: &std::collections::BTreeMap<usize, Answer>,
+) {
+    let (mut completed, mut usage) = (0, Usage::default());
+    for answer in answers.values().filter(|a| a.succeeded) {
+        completed += 1;
+        let line: Value = serde_json::from_str(&answer.line).unwrap_or_default();
+        add_usage(&mut usage, usage_of(&line["response"]["body"]));
+    }
+    progress.completed = completed;
+    progress.failed = answers.len() - completed;
+    progress.usage = usage;
+}
+
 fn add_usage(total: &mut Usage, more: Usage) {
     total.input_tokens += more.input_tokens;
     total.cached_tokens += more.cached_tokens;
@@ -438,6 +458,47 @@ mod tests {
         assert!(!waits_for_room(StatusCode::NOT_FOUND, &no_route));
         assert!(!waits_for_room(StatusCode::BAD_REQUEST, &model_gone));
         assert!(!waits_for_room(StatusCode::OK, &Value::Null));
+    }
+
+    #[test]
+    fn counts_are_what_the_answers_hold() {
+        let ok = answered(
+            "a",
+            StatusCode::OK,
+            None,
+            json!({"usage": {"prompt_tokens": 3, "completion_tokens": 2}}),
+        );
+        let bad = answered(
+            "b",
+            StatusCode::BAD_REQUEST,
+            None,
+            json!({"error": {"message": "no"}}),
+        );
+        let answers = [ok, bad]
+            .into_iter()
+            .enumerate()
+            .map(|(i, o)| {
+                (
+                    i,
+                    Answer {
+                        succeeded: o.succeeded,
+                        line: o.line,
+                    },
+                )
+            })
+            .collect();
+        let mut progress = super::super::Progress::new();
+        progress.completed = 7;
+        recount(&mut progress, &answers);
+        assert_eq!((progress.completed, progress.failed), (1, 1));
+        assert_eq!(
+            progress.usage,
+            Usage {
+                input_tokens: 3,
+                cached_tokens: 0,
+                output_tokens: 2
+            }
+        );
     }
 
     #[test]

@@ -256,7 +256,8 @@ impl Dispatcher {
             .with_gauges(crate::batches::BatchGauges {
                 running: metrics.batches_running.clone(),
                 file_bytes: metrics.batch_file_bytes.clone(),
-            });
+            })
+            .mirrored_with(responses.clone());
         Self {
             tenant_quota: TenantQuota::new(config.max_tenant_requests),
             responses,

@@ -8,6 +8,9 @@
 //! once per stream, numbered, and the receiver holds each until the sender says no response can
 //! name it again, so conversations stay shared on the standby as on the sender.
 //!
+//! The Batch API's files and batches ride along (see [`crate::batches::handover`]): taken
+//! over, a batch still running goes on at the standby.
+//!
 //! The stream ends cleanly when the sender stops (its drain hands the responses over instead)
 //! or falls behind and starts afresh: the receiver then drops its copy. When the stream breaks
 //! instead, the receiver keeps the copy and watches the sender's announcement: gone within two
@@ -31,6 +34,7 @@ use super::{
     MirrorEvent, MirrorStart, ResponseStore, StoreLimits, StoredConversation, StoredItem,
     StoredMessage, StoredResponse,
 };
+use crate::batches::handover::{self as batch_handover, Part, Receiving};
 use crate::dispatch::Dispatcher;
 
 /// Changes a mirror may fall behind by before it is let go and started afresh. Responses
@@ -48,6 +52,8 @@ pub struct MirrorWriter {
     /// has that item at that place only added items after it (items are never reordered),
     /// so only those are sent.
     conversations: HashMap<String, (usize, Weak<StoredItem>)>,
+    /// Batches sent whole (input and answers): from then on, only what changes.
+    batches: std::collections::HashSet<String>,
 }
 
 impl MirrorWriter {
@@ -55,6 +61,7 @@ impl MirrorWriter {
         Self {
             epoch,
             conversations: HashMap::new(),
+            batches: Default::default(),
         }
     }
 
@@ -121,6 +128,23 @@ impl MirrorWriter {
                 vec![item(Item::Forget(id))]
             }
             MirrorEvent::MessageGone(number) => vec![item(Item::MessageGone(number))],
+            MirrorEvent::BatchFile(file) => {
+                let mut parts = Vec::new();
+                batch_handover::file_parts(&file, &mut parts);
+                parts.into_iter().map(Part::mirrored).collect()
+            }
+            MirrorEvent::BatchAnswered(batch, index) if self.batches.contains(&batch.id) => {
+                batch_handover::answer_part(&batch, index)
+                    .map(Part::mirrored)
+                    .into_iter()
+                    .collect()
+            }
+            MirrorEvent::Batch(batch) | MirrorEvent::BatchAnswered(batch, _) => {
+                let whole = self.batches.insert(batch.id.clone());
+                let mut parts = Vec::new();
+                batch_handover::batch_parts(&batch, whole, &mut parts);
+                parts.into_iter().map(Part::mirrored).collect()
+            }
         }
     }
 }
@@ -133,6 +157,7 @@ async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
         tags,
         kept,
         conversations,
+        beside,
         mut events,
         ..
     } = start;
@@ -142,7 +167,8 @@ async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
         .into_iter()
         .map(MirrorEvent::Tag)
         .chain(conversations)
-        .chain(kept);
+        .chain(kept)
+        .chain(beside);
     for event in now {
         for item in writer.items(event) {
             if out.send(item).await.is_err() {
@@ -163,6 +189,10 @@ async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
 pub struct Standby {
     tags: Vec<String>,
     store: ResponseStore,
+    /// The sender's Batch API files and batches, and the gauge counting the batches.
+    batches: Receiving,
+    batch_gauge: Gauge,
+    batches_counted: i64,
     /// The sender's messages by number, held until it says they are gone.
     messages: HashMap<u64, Arc<StoredMessage>>,
     /// Counts the responses held, with every other standby copy of this replica.
@@ -173,6 +203,7 @@ pub struct Standby {
 impl Drop for Standby {
     fn drop(&mut self) {
         self.gauge.dec_by(self.counted);
+        self.batch_gauge.dec_by(self.batches_counted);
     }
 }
 
@@ -181,6 +212,9 @@ impl Standby {
         Self {
             tags: Vec::new(),
             store: ResponseStore::new(limits),
+            batches: Receiving::default(),
+            batch_gauge: Gauge::default(),
+            batches_counted: 0,
             messages: HashMap::new(),
             gauge,
             counted: 0,
@@ -255,9 +289,18 @@ impl Standby {
                 );
             }
             Some(Item::Forget(id)) => {
-                self.store.remove(&id);
-                self.count();
+                if !self.batches.forget(&id) {
+                    self.store.remove(&id);
+                    self.count();
+                }
             }
+            Some(Item::File(file)) => self.batches.file(file),
+            Some(Item::Batch(batch)) => {
+                self.batches.batch(batch);
+                self.count_batches();
+            }
+            Some(Item::Bytes(piece)) => self.batches.bytes(piece)?,
+            Some(Item::Answers(answers)) => self.batches.answers(answers)?,
             Some(Item::MessageGone(number)) => {
                 self.messages.remove(&number);
             }
@@ -266,9 +309,22 @@ impl Standby {
         Ok(())
     }
 
+    /// Counts the batches it holds in `gauge`, with every other standby copy's.
+    pub fn with_batch_gauge(mut self, gauge: Gauge) -> Self {
+        self.batch_gauge = gauge;
+        self
+    }
+
+    fn count_batches(&mut self) {
+        let now = self.batches.batch_count() as i64;
+        self.batch_gauge.inc_by(now - self.batches_counted);
+        self.batches_counted = now;
+    }
+
     /// Takes the copy over into `store`, which answers for the sender's tags from now on;
-    /// the tags and how many responses it kept.
-    pub fn take_over(self, store: &ResponseStore) -> (Vec<String>, u32) {
+    /// the tags, how many responses it kept, and the sender's files and batches (for the
+    /// batch store to take).
+    pub fn take_over(mut self, store: &ResponseStore) -> (Vec<String>, u32, Receiving) {
         let kept: Vec<Arc<StoredResponse>> = self.store.export();
         let conversations = self.store.export_conversations();
         let mut adoption = Adoption::new(store);
@@ -278,7 +334,9 @@ impl Standby {
                 tracing::warn!("taking a standby copy over: {}", status.message());
             }
         }
-        (self.tags.clone(), adoption.kept())
+        let batches = std::mem::take(&mut self.batches);
+        self.count_batches();
+        (self.tags.clone(), adoption.kept(), batches)
     }
 }
 
@@ -290,7 +348,8 @@ pub async fn receive(
     let mut standby = Standby::new(
         dispatcher.responses.limits(),
         dispatcher.metrics.standby_responses.clone(),
-    );
+    )
+    .with_batch_gauge(dispatcher.metrics.standby_batches.clone());
     let mut replaced = None;
     loop {
         let item = tokio::select! {
@@ -364,7 +423,17 @@ async fn keep_orphan(dispatcher: Arc<Dispatcher>, standby: Standby, ended: Cance
         }
     }
     dispatcher.peers.end_orphan(&source);
-    let (tags, kept) = standby.take_over(&dispatcher.responses);
+    let (tags, kept, batches) = standby.take_over(&dispatcher.responses);
+    match batches.finish(&dispatcher) {
+        Ok((0, 0)) => {}
+        Ok((files, batches)) => tracing::warn!(
+            from = %source,
+            files,
+            batches,
+            "its Batch API files and batches are this replica's now (running ones go on here)"
+        ),
+        Err(status) => tracing::warn!("taking a standby copy's batches over: {}", status.message()),
+    }
     tracing::warn!(
         from = %source,
         ?tags,
@@ -440,7 +509,8 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
                 }
             }
         };
-        let start = store.begin_mirror(BACKLOG);
+        let mut start = store.begin_mirror(BACKLOG);
+        start.beside = dispatcher.batches.mirror_events();
         let epoch = start.epoch;
         let (items_tx, items_rx) = mpsc::channel(1024);
         let writer = tokio::spawn(write(start, items_tx));
@@ -557,6 +627,64 @@ mod tests {
 
     fn waiting(events: &mut mpsc::Receiver<MirrorEvent>) -> Vec<MirrorEvent> {
         std::iter::from_fn(|| events.try_recv().ok()).collect()
+    }
+
+    /// A replica's Batch API files and batches go to its standby with its responses: a file
+    /// as it is kept or deleted, a batch whole once, then as it moves on and each answer as it
+    /// comes; taken over, they are the batch store's to take.
+    #[test]
+    fn files_and_batches_are_mirrored_as_they_change() {
+        use crate::batches::{Answer, BatchLimits, BatchStore};
+        let sender = Arc::new(ResponseStore::new(StoreLimits::default()));
+        let batches =
+            BatchStore::new(sender.owner(), BatchLimits::default()).mirrored_with(sender.clone());
+        let kept = batches
+            .upload(None, "in.jsonl".into(), bytes::Bytes::from_static(b"{}"))
+            .unwrap();
+        let mut start = sender.begin_mirror(1024);
+        start.beside = batches.mirror_events();
+        let mut writer = MirrorWriter::new(start.epoch);
+        let mut events = start.events;
+        let gauge = Gauge::default();
+        let mut standby =
+            Standby::new(StoreLimits::default(), Gauge::default()).with_batch_gauge(gauge.clone());
+        let now = start
+            .tags
+            .into_iter()
+            .map(MirrorEvent::Tag)
+            .chain(start.beside);
+        follow(&mut writer, now.collect(), &mut standby);
+
+        let deleted = batches
+            .upload(None, "gone.jsonl".into(), bytes::Bytes::from_static(b"{}"))
+            .unwrap();
+        assert!(batches.delete_file(&deleted.id, None));
+        let batch = Arc::new(crate::batches::batch_in_progress(
+            &batches,
+            bytes::Bytes::from_static(b"input"),
+        ));
+        batches.add_batch(batch.clone());
+        for index in [0, 2] {
+            let answer = Answer {
+                succeeded: true,
+                line: format!("line {index}"),
+            };
+            batch.answers.lock().unwrap().insert(index, answer);
+            batches.answered(&batch, index);
+        }
+        batch.progress.lock().unwrap().completed = 2;
+        batches.changed(&batch);
+        catch_up(&mut writer, &mut events, &mut standby);
+        assert_eq!(gauge.get(), 1);
+
+        let (tags, _, received) = standby.take_over(&ResponseStore::new(StoreLimits::default()));
+        assert_eq!(tags, [sender.owner().to_string()]);
+        assert_eq!(gauge.get(), 0, "the copy is gone");
+        assert!(received.holds_file(&kept.id));
+        assert!(!received.holds_file(&deleted.id));
+        let answers = received.answers_of(&batch.id).expect("the batch");
+        assert_eq!(answers.keys().copied().collect::<Vec<_>>(), [0, 2]);
+        assert_eq!(answers[&2].line, "line 2");
     }
 
     /// A conversation that grows turn by turn is sent whole once, then only what each turn
@@ -690,7 +818,7 @@ mod tests {
 
         // Taken over, it answers for the sender's ids, with the same sharing.
         let survivor = ResponseStore::new(StoreLimits::default());
-        let (tags, kept) = standby.take_over(&survivor);
+        let (tags, kept, _) = standby.take_over(&survivor);
         assert_eq!((tags, kept), (vec![sender.owner().to_string()], 2));
         assert_eq!(gauge.get(), 0, "the copy is gone");
         let Lookup::Found(taken) = survivor.get(&third.id, Some("acme")) else {

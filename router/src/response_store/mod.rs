@@ -81,6 +81,13 @@ pub enum MirrorEvent {
     Forgotten(String),
     /// A message the mirror was sent that no response can hold any more (its number).
     MessageGone(u64),
+    /// A Batch API file the replica keeps (its files and batches are kept beside the store,
+    /// and mirrored with it; `Forgotten` names a file deleted).
+    BatchFile(Arc<crate::batches::StoredFile>),
+    /// A batch, new or moved on.
+    Batch(Arc<crate::batches::Batch>),
+    /// A batch's request answered (its place in the input).
+    BatchAnswered(Arc<crate::batches::Batch>, usize),
 }
 
 impl Ledger {
@@ -578,8 +585,15 @@ impl ResponseStore {
                 .chain(self.interrupted_runs(|id| inner.by_id.contains_key(id)))
                 .collect(),
             conversations: inner.conversations_by_age(),
+            beside: Vec::new(),
             events,
         }
+    }
+
+    /// Tells the mirror following the store (if any) of `event`: what is kept beside the
+    /// store (the Batch API's files and batches) goes with it.
+    pub fn tell_mirror(&self, event: MirrorEvent) {
+        self.ledger.tell(event);
     }
 
     /// Ends the mirror `epoch`, if it still follows the store: its receiver ends.
@@ -603,6 +617,9 @@ pub struct MirrorStart {
     /// responses running as they would stand were they cut off.
     pub kept: Vec<Arc<StoredResponse>>,
     pub conversations: Vec<Arc<StoredConversation>>,
+    /// What is kept beside the store when the mirror began (files and batches), sent after
+    /// the rest.
+    pub beside: Vec<MirrorEvent>,
     pub events: mpsc::Receiver<MirrorEvent>,
 }
 
