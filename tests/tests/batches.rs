@@ -215,40 +215,10 @@ fn client_with(key: &str) -> anyhow::Result<reqwest::Client> {
 /// then are let end, the rest run on the other replica, and the output holds each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_router_hands_its_running_batch_to_another() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let token = dir.path().join("cluster-token");
-    std::fs::write(&token, "batch-handover-test-token-0123456789\n")?;
-    let token = token.display().to_string();
-    let cluster = Cluster::start(ClusterSpec {
-        gpu_workers: 1,
-        wse_workers: 0,
-        router_flags: strings(&["--cluster-token-file", &token]),
-        ..Default::default()
-    })
-    .await?;
-    let flags = ["--cluster-token-file", &token, "--batch-concurrency", "2"];
-    let mut leaving = switchyard_tests::start_router(&cluster.etcd.url, "leaving", &flags).await?;
-    let leaving_grpc = leaving.addr("grpc").to_string();
-    wait_until(
-        PATIENCE,
-        "the leaving replica to link the worker",
-        || async {
-            list_router_workers(&leaving_grpc)
-                .await
-                .is_ok_and(|ids| ids.len() == 1)
-        },
-    )
-    .await?;
+    let (cluster, mut leaving, _token) = two_replicas("leaving", false).await?;
     let leaving_url = format!("http://{}/v1", leaving.addr("http"));
     let http = reqwest::Client::new();
-    // 60 tokens at the synthetic engine's 60 a second: a second each, two at a time.
-    let lines: Vec<Value> = (0..8)
-        .map(|i| {
-            json!({"custom_id": format!("q{i}"), "method": "POST", "url": "/v1/chat/completions",
-                   "body": {"model": "synthetic", "max_tokens": 60, "ignore_eos": true,
-                            "messages": [{"role": "user", "content": format!("hi {i}")}]}})
-        })
-        .collect();
+    let lines = second_long_requests(8);
     let file = upload(&http, &leaving_url, &lines).await?;
     let id = create_batch(
         &http,
@@ -328,37 +298,11 @@ async fn a_stopping_router_hands_its_running_batch_to_another() -> anyhow::Resul
 /// end: every request answered once in the output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_routers_running_batch_goes_on_at_its_standby() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let token = dir.path().join("cluster-token");
-    std::fs::write(&token, "batch-standby-test-token-0123456789\n")?;
-    let token = token.display().to_string();
-    let cluster = Cluster::start(ClusterSpec {
-        gpu_workers: 1,
-        wse_workers: 0,
-        router_flags: strings(&["--cluster-token-file", &token]),
-        metrics: true,
-        ..Default::default()
-    })
-    .await?;
-    let flags = ["--cluster-token-file", &token, "--batch-concurrency", "2"];
-    let mut dying = switchyard_tests::start_router(&cluster.etcd.url, "dying", &flags).await?;
-    let dying_grpc = dying.addr("grpc").to_string();
-    wait_until(PATIENCE, "the dying replica to link the worker", || async {
-        list_router_workers(&dying_grpc)
-            .await
-            .is_ok_and(|ids| ids.len() == 1)
-    })
-    .await?;
+    let (cluster, mut dying, _token) = two_replicas("dying", true).await?;
     let dying_url = format!("http://{}/v1", dying.addr("http"));
     let http = reqwest::Client::new();
     // Sixteen requests of a second each, two at a time: still running once its mirror is up.
-    let lines: Vec<Value> = (0..16)
-        .map(|i| {
-            json!({"custom_id": format!("q{i}"), "method": "POST", "url": "/v1/chat/completions",
-                   "body": {"model": "synthetic", "max_tokens": 60, "ignore_eos": true,
-                            "messages": [{"role": "user", "content": format!("hi {i}")}]}})
-        })
-        .collect();
+    let lines = second_long_requests(16);
     let file = upload(&http, &dying_url, &lines).await?;
     let id = create_batch(&http, &dying_url, &file, json!({})).await?;
     // The other replica holds a standby copy of the batch (it is the only one to mirror to).
@@ -415,4 +359,51 @@ async fn gauge(metrics: &str, name: &str) -> Option<f64> {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
+}
+
+/// A cluster of one worker whose routers share a cluster token (with `metrics`), and a second
+/// router replica `name`, linked to the worker, running at most two batch requests at once:
+/// the cluster, the replica, and the token's directory (to keep while they run).
+async fn two_replicas(
+    name: &str,
+    metrics: bool,
+) -> anyhow::Result<(Cluster, switchyard_tests::Component, tempfile::TempDir)> {
+    let dir = tempfile::tempdir()?;
+    let token = dir.path().join("cluster-token");
+    std::fs::write(&token, "batch-replicas-test-token-0123456789\n")?;
+    let token = token.display().to_string();
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        router_flags: strings(&["--cluster-token-file", &token]),
+        metrics,
+        ..Default::default()
+    })
+    .await?;
+    let flags = ["--cluster-token-file", &token, "--batch-concurrency", "2"];
+    let replica = switchyard_tests::start_router(&cluster.etcd.url, name, &flags).await?;
+    let grpc = replica.addr("grpc").to_string();
+    wait_until(
+        PATIENCE,
+        "the second replica to link the worker",
+        || async {
+            list_router_workers(&grpc)
+                .await
+                .is_ok_and(|ids| ids.len() == 1)
+        },
+    )
+    .await?;
+    Ok((cluster, replica, dir))
+}
+
+/// `count` chat requests of a second each on the synthetic engine (60 tokens at its 60 a
+/// second), `q0`, `q1`, ….
+fn second_long_requests(count: usize) -> Vec<Value> {
+    (0..count)
+        .map(|i| {
+            json!({"custom_id": format!("q{i}"), "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "synthetic", "max_tokens": 60, "ignore_eos": true,
+                            "messages": [{"role": "user", "content": format!("hi {i}")}]}})
+        })
+        .collect()
 }
