@@ -407,3 +407,59 @@ fn second_long_requests(count: usize) -> Vec<Value> {
         })
         .collect()
 }
+
+/// Uploads past the router's bounds are refused saying which bound and what to do: a file
+/// over `--batch-max-file-bytes` is a 413, one that would take the replica past
+/// `--batch-store-bytes` a 507 until a file is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_past_the_bounds_are_refused_saying_which() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 0,
+        wse_workers: 0,
+        router_flags: strings(&[
+            "--batch-max-file-bytes",
+            "1000",
+            "--batch-store-bytes",
+            "2000",
+        ]),
+        ..Default::default()
+    })
+    .await?;
+    let base = cluster.router_openai_url();
+    let http = reqwest::Client::new();
+    let sized = |bytes: usize| {
+        let line = json!({"custom_id": "x".repeat(bytes - 80), "method": "POST",
+                          "url": "/v1/chat/completions", "body": {}});
+        vec![line]
+    };
+    let refusal = |lines: Vec<Value>| {
+        let http = http.clone();
+        let base = base.clone();
+        async move {
+            let error = upload(&http, &base, &lines).await.expect_err("refused");
+            anyhow::Ok(error.to_string())
+        }
+    };
+    let too_large = refusal(sized(1500)).await?;
+    assert!(too_large.contains("413"), "{too_large}");
+    let first = upload(&http, &base, &sized(900)).await?;
+    upload(&http, &base, &sized(900)).await?;
+    let full = http
+        .post(format!("{base}/files"))
+        .multipart(
+            reqwest::multipart::Form::new()
+                .text("purpose", "batch")
+                .part("file", reqwest::multipart::Part::bytes(vec![b'{'; 900])),
+        )
+        .send()
+        .await?;
+    assert_eq!(full.status(), 507);
+    let said: Value = full.json().await?;
+    let message = said["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("--batch-store-bytes"), "{said}");
+    assert!(message.contains("DELETE /v1/files"), "{said}");
+    let deleted = http.delete(format!("{base}/files/{first}")).send().await?;
+    assert_eq!(deleted.status(), 200);
+    upload(&http, &base, &sized(900)).await?;
+    Ok(())
+}
