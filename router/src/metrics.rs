@@ -65,6 +65,13 @@ pub struct StateLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BatchRequestLabels {
+    /// `completed` (answered 2xx), `failed` (answered otherwise) or `waited` (refused for want
+    /// of room, to be tried again).
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LaneLabels {
     pub lane: &'static str,
 }
@@ -267,6 +274,8 @@ pub struct RouterMetrics {
     pub standby_responses: Gauge,
     /// Other replicas' batches this replica keeps a standby copy of.
     pub standby_batches: Gauge,
+    /// Batch requests sent, by how each try ended.
+    pub batch_requests: Family<BatchRequestLabels, Counter>,
     /// Requests moved to another worker after theirs failed or left (`pool`: the lost worker's).
     pub failovers: Family<LanePoolLabels, Counter>,
     /// Prompt tokens placement expected the worker to find in its prefix cache.
@@ -376,6 +385,7 @@ impl RouterMetrics {
             batch_file_bytes: Gauge::default(),
             standby_responses: Gauge::default(),
             standby_batches: Gauge::default(),
+            batch_requests: Family::default(),
             failovers: Family::default(),
             prefix_predicted: Family::default(),
             prefix_reused: Family::default(),
@@ -525,6 +535,13 @@ impl RouterMetrics {
                 "Other replicas' stored responses this replica keeps a copy of, to answer for \
                  them if their replica dies",
                 this.standby_responses.clone(),
+            );
+            r.register(
+                "switchyard_router_batch_requests",
+                "Batch requests tried on this replica, by outcome: completed, failed (the \
+                 answer is in the error file), waited (refused for want of room: 429, 503, no \
+                 worker of the model; tried again after a backoff)",
+                this.batch_requests.clone(),
             );
             r.register(
                 "switchyard_router_standby_batches",
@@ -696,6 +713,13 @@ impl RouterMetrics {
     pub fn http_answered(&self, api: &'static str, status: u16) {
         self.http_requests
             .get_or_create(&HttpRequestLabels { api, status })
+            .inc();
+    }
+
+    /// A batch request's try ended with `outcome` (see [`BatchRequestLabels`]).
+    pub fn batch_request(&self, outcome: &'static str) {
+        self.batch_requests
+            .get_or_create(&BatchRequestLabels { outcome })
             .inc();
     }
 

@@ -54,6 +54,7 @@ async fn a_batch_rides_out_its_workers_going_away() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 0,
         wse_workers: 0,
+        metrics: true,
         ..Default::default()
     })
     .await?;
@@ -85,7 +86,15 @@ async fn a_batch_rides_out_its_workers_going_away() -> anyhow::Result<()> {
         .send()
         .await?;
     assert!(refused.status().is_client_error() || refused.status().is_server_error());
-    // ...and the batch's are neither answered nor failed.
+    // ...and the batch's, refused too, wait: neither answered nor failed.
+    let metrics = cluster.router.metrics_url();
+    let waited = r#"switchyard_router_batch_requests_total{outcome="waited"}"#;
+    wait_until(
+        PATIENCE,
+        "a batch request to be refused and wait",
+        || async { metric(&metrics, waited).await.is_some_and(|n| n > 0.0) },
+    )
+    .await?;
     let running = batch(&http, &base, &id).await?;
     assert_eq!(running["status"], "in_progress", "{running}");
     assert_eq!(running["request_counts"]["failed"], 0, "{running}");
@@ -109,6 +118,8 @@ async fn a_batch_rides_out_its_workers_going_away() -> anyhow::Result<()> {
         .filter_map(|a| a["custom_id"].as_str())
         .collect();
     assert_eq!(ids, ["q0", "q1", "q2", "q3"]);
+    let completed = r#"switchyard_router_batch_requests_total{outcome="completed"}"#;
+    assert_eq!(metric(&metrics, completed).await, Some(4.0));
     Ok(())
 }
 
@@ -308,7 +319,7 @@ async fn a_killed_routers_running_batch_goes_on_at_its_standby() -> anyhow::Resu
     // The other replica holds a standby copy of the batch (it is the only one to mirror to).
     let staying_metrics = cluster.router.metrics_url();
     wait_until(PATIENCE, "the other replica to hold the batch", || async {
-        gauge(&staying_metrics, "switchyard_router_standby_batches").await == Some(1.0)
+        metric(&staying_metrics, "switchyard_router_standby_batches").await == Some(1.0)
     })
     .await?;
     wait_for_batch(
@@ -346,15 +357,15 @@ async fn a_killed_routers_running_batch_goes_on_at_its_standby() -> anyhow::Resu
     let expected: Vec<String> = (0..16).map(|i| format!("q{i}")).collect();
     assert_eq!(ids, expected);
     assert_eq!(
-        gauge(&staying_metrics, "switchyard_router_standby_batches").await,
+        metric(&staying_metrics, "switchyard_router_standby_batches").await,
         Some(0.0),
         "the copy became the replica's own"
     );
     Ok(())
 }
 
-/// The value of the unlabelled gauge `name` at `metrics`.
-async fn gauge(metrics: &str, name: &str) -> Option<f64> {
+/// The value of series `name` (with its labels, if any) at `metrics`.
+async fn metric(metrics: &str, name: &str) -> Option<f64> {
     let text = reqwest::get(metrics).await.ok()?.text().await.ok()?;
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))

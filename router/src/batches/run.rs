@@ -163,9 +163,9 @@ async fn send_all(
                 let index = pending[next];
                 let (door, line) = (door.clone(), lines[index].clone());
                 let (endpoint, tenant) = (batch.endpoint.clone(), batch.tenant.clone());
-                let stopping = dispatcher.stopping.clone();
+                let (stopping, metrics) = (dispatcher.stopping.clone(), dispatcher.metrics.clone());
                 running.push(async move {
-                    let outcome = send(door, &endpoint, tenant, &line, stopping).await;
+                    let outcome = send(door, &endpoint, tenant, &line, stopping, &metrics).await;
                     drop(slot);
                     (index, outcome)
                 });
@@ -202,6 +202,7 @@ async fn send(
     tenant: Option<String>,
     line: &Line,
     stopping: tokio_util::sync::CancellationToken,
+    metrics: &crate::metrics::RouterMetrics,
 ) -> Option<Outcome> {
     let mut backoff = FIRST_BACKOFF;
     loop {
@@ -231,6 +232,7 @@ async fn send(
             }
         };
         if waits_for_room(status, &body) {
+            metrics.batch_request("waited");
             if stopping.is_cancelled() {
                 return None;
             }
@@ -242,7 +244,13 @@ async fn send(
             backoff = (backoff * 2).min(MAX_BACKOFF);
             continue;
         }
-        return Some(answered(&line.custom_id, status, request_id, body));
+        let outcome = answered(&line.custom_id, status, request_id, body);
+        metrics.batch_request(if outcome.succeeded {
+            "completed"
+        } else {
+            "failed"
+        });
+        return Some(outcome);
     }
 }
 
