@@ -111,6 +111,7 @@ fn sampled_request(
         min_tokens_per_s: 0.0,
         prompt_ids: None,
         tools: Default::default(),
+        embed: false,
     }
 }
 
@@ -133,7 +134,8 @@ async fn run_one(
             }
             EngineEvent::ToolCall(_)
             | EngineEvent::StopSequence(_)
-            | EngineEvent::PromptLogprobs(_) => {}
+            | EngineEvent::PromptLogprobs(_)
+            | EngineEvent::Embedding(_) => {}
             EngineEvent::Done { reason, .. } => {
                 anyhow::ensure!(reason != StopReason::Cancelled, "generation cancelled");
                 break;
@@ -415,7 +417,8 @@ async fn head_of_line(
                 EngineEvent::Done { .. }
                 | EngineEvent::ToolCall(_)
                 | EngineEvent::StopSequence(_)
-                | EngineEvent::PromptLogprobs(_),
+                | EngineEvent::PromptLogprobs(_)
+                | EngineEvent::Embedding(_),
             ))
             | None => {
                 anyhow::bail!("a prompt ended without a token")
@@ -477,7 +480,8 @@ async fn paced_pair(engine: &CandleEngine, promised: f64, prompt: Prompt) -> any
                 EngineEvent::Done { .. }
                 | EngineEvent::ToolCall(_)
                 | EngineEvent::StopSequence(_)
-                | EngineEvent::PromptLogprobs(_),
+                | EngineEvent::PromptLogprobs(_)
+            | EngineEvent::Embedding(_),
             ))
             | None => anyhow::bail!("the prompt ended without a token"),
                 Some(Err(e)) => return Err(e.into()),
@@ -488,7 +492,8 @@ async fn paced_pair(engine: &CandleEngine, promised: f64, prompt: Prompt) -> any
                 EngineEvent::Done { .. }
                 | EngineEvent::ToolCall(_)
                 | EngineEvent::StopSequence(_)
-                | EngineEvent::PromptLogprobs(_),
+                | EngineEvent::PromptLogprobs(_)
+            | EngineEvent::Embedding(_),
             ))
             | None => stream_end = Some(Instant::now()),
                 Some(Err(e)) => return Err(e.into()),

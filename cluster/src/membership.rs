@@ -111,6 +111,7 @@ mod tests {
             version: String::new(),
             state: WorkerState::Ready,
             scores_prompts: false,
+            embeds: false,
         }
     }
 

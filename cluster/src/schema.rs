@@ -143,6 +143,10 @@ pub struct WorkerRecord {
     /// place such requests only on workers that can. Absent (older workers): cannot.
     #[serde(default)]
     pub scores_prompts: bool,
+    /// Whether the engine can embed a prompt (`GenerateRequest.embed`): routers place such
+    /// requests only on workers that can. Absent (older workers): cannot.
+    #[serde(default)]
+    pub embeds: bool,
 }
 
 impl WorkerRecord {
@@ -232,6 +236,7 @@ mod tests {
             version: "0.1.0".into(),
             state: WorkerState::Draining,
             scores_prompts: false,
+            embeds: false,
         };
         let json = serde_json::to_string(&record).unwrap();
         assert!(json.contains(r#""pool":"gpu""#) && json.contains(r#""state":"draining""#));

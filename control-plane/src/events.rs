@@ -284,6 +284,7 @@ mod tests {
             version: String::new(),
             state,
             scores_prompts: false,
+            embeds: false,
         }
     }
 

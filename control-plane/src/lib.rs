@@ -429,6 +429,7 @@ pub(crate) mod tests {
             version: "0".into(),
             state: WorkerState::Ready,
             scores_prompts: false,
+            embeds: false,
         }
     }
 

@@ -158,6 +158,9 @@ pub fn validate_generate_request(
     }
     validate_messages("messages", &request.messages, limits, History::Whole)?;
     validate_tools(request, limits)?;
+    if request.embed {
+        validate_embedding(request)?;
+    }
     let sampling = request.sampling.clone().unwrap_or_default();
     if sampling.max_tokens == 0 {
         return Err(FieldViolation::new(
@@ -213,6 +216,43 @@ pub fn validate_generate_request(
             format!("sampling.stop[{i}]"),
             "must be 1 to 256 bytes",
         ));
+    }
+    Ok(())
+}
+
+/// An embedding request (`embed`) asks for a vector of its prompt: nothing that shapes or
+/// scores generated text applies, so asking for any of it is a mistake worth naming.
+fn validate_embedding(request: &GenerateRequest) -> Result<(), FieldViolation> {
+    let refuse = |field: &str, why: &str| Err(FieldViolation::new(field, why));
+    if !request.messages.is_empty() {
+        return refuse(
+            "messages",
+            "an embedding request embeds a prompt: send `prompt` or `prompt_token_ids`",
+        );
+    }
+    if !request.tools.is_empty() {
+        return refuse("tools", "an embedding request calls no tools");
+    }
+    let Some(sampling) = &request.sampling else {
+        return Ok(());
+    };
+    if sampling.max_tokens > 1 {
+        return refuse(
+            "sampling.max_tokens",
+            "an embedding request generates nothing: leave it 0 (or 1)",
+        );
+    }
+    if sampling.logprobs || sampling.prompt_logprobs {
+        return refuse(
+            "sampling.logprobs",
+            "an embedding request has no tokens to score",
+        );
+    }
+    if sampling.response_format.is_some() {
+        return refuse(
+            "sampling.response_format",
+            "an embedding request answers a vector, not text",
+        );
     }
     Ok(())
 }
@@ -732,6 +772,63 @@ mod tests {
         assert!(validate_generate_request(&with(true, false), &limits).is_ok());
         assert!(validate_generate_request(&with(false, true), &limits).is_ok());
         assert_eq!(field_of(with(false, false)), "sampling.top_logprobs");
+    }
+
+    #[test]
+    fn an_embedding_request_embeds_a_prompt_and_asks_for_nothing_generated() {
+        let limits = RequestLimits::default();
+        let embed = GenerateRequest {
+            embed: true,
+            messages: Vec::new(),
+            prompt: "text".into(),
+            sampling: Some(SamplingParams {
+                max_tokens: 1,
+                ..Default::default()
+            }),
+            ..valid()
+        };
+        assert!(validate_generate_request(&embed, &limits).is_ok());
+        let ids = GenerateRequest {
+            prompt: String::new(),
+            prompt_token_ids: vec![1, 2],
+            ..embed.clone()
+        };
+        assert!(validate_generate_request(&ids, &limits).is_ok());
+        assert_eq!(
+            field_of(GenerateRequest {
+                embed: true,
+                ..valid()
+            }),
+            "messages"
+        );
+        let asking = |sampling: SamplingParams| GenerateRequest {
+            sampling: Some(SamplingParams {
+                max_tokens: sampling.max_tokens.max(1),
+                ..sampling
+            }),
+            ..embed.clone()
+        };
+        assert_eq!(
+            field_of(asking(SamplingParams {
+                max_tokens: 16,
+                ..Default::default()
+            })),
+            "sampling.max_tokens"
+        );
+        assert_eq!(
+            field_of(asking(SamplingParams {
+                logprobs: true,
+                ..Default::default()
+            })),
+            "sampling.logprobs"
+        );
+        assert_eq!(
+            field_of(asking(SamplingParams {
+                response_format: Some(Default::default()),
+                ..Default::default()
+            })),
+            "sampling.response_format"
+        );
     }
 
     #[test]

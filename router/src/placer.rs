@@ -829,7 +829,9 @@ impl PlacementState {
     /// A second worker for `ask`, placed on `primary`, when the policy would hedge it and the
     /// budget allows; the budget is charged here, before the next decision.
     fn hedge(&mut self, ask: &Ask, primary: &Placement, policy: &PolicyDocument) -> Option<Hedge> {
-        if !policy.hedging.enabled {
+        // A first placement excludes workers only when some cannot serve the request (a prompt
+        // to score, an embedding): the second worker must not be one of those.
+        if !policy.hedging.enabled || !ask.excluded.is_empty() {
             return None;
         }
         let view = &self.view;

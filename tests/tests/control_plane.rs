@@ -2799,6 +2799,7 @@ async fn a_long_worker_id_keeps_every_rows_drain_button_in_view() -> anyhow::Res
         version: "0".into(),
         state: WorkerState::Ready,
         scores_prompts: false,
+        embeds: false,
     };
     let long = format!("gpu-{}", "7f3a".repeat(30));
     let mut registrations = Vec::new();

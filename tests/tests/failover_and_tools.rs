@@ -260,6 +260,7 @@ fn record(id: &str) -> WorkerRecord {
         version: "0".into(),
         state: WorkerState::Ready,
         scores_prompts: false,
+        embeds: false,
     }
 }
 

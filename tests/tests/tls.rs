@@ -608,6 +608,7 @@ async fn forged_worker_records_get_no_traffic_and_the_router_counts_them() -> an
             version: "0.1.0".into(),
             state: WorkerState::Ready,
             scores_prompts: false,
+            embeds: false,
         };
         etcd_client
             .put(record.key(), serde_json::to_vec(&record)?, None)

@@ -702,17 +702,18 @@ impl Llama {
         cache.len = total;
         let rows = match logits {
             Logits::LastToken => x.narrow(0, t - 1, 1)?,
-            Logits::EveryToken => x,
+            Logits::EveryToken | Logits::HiddenSum => x,
         };
         let rows = candle_nn::ops::rms_norm(&rows, &self.norm, c.rms_eps as f32)?;
         // One row is the quantized kernel's; a chunk's worth, like the layers', may be dense.
         let dense_from_rows = match logits {
             Logits::LastToken => usize::MAX,
             Logits::EveryToken => self.dense_from_rows,
+            Logits::HiddenSum => return Ok(rows.to_dtype(DType::F32)?.sum(0)?),
         };
         let out = self.lm_head.forward(&rows, dense_from_rows)?;
         Ok(match logits {
-            Logits::LastToken => out.squeeze(0)?,
+            Logits::LastToken | Logits::HiddenSum => out.squeeze(0)?,
             Logits::EveryToken => out,
         })
     }
@@ -845,6 +846,9 @@ pub enum Logits {
     LastToken,
     /// Every token's, `(tokens, vocab)`: what scoring a prompt needs.
     EveryToken,
+    /// No logits: the sum of the tokens' final hidden states (after the output norm, before
+    /// the output head), `(hidden,)` — what a mean-pooled embedding adds up chunk by chunk.
+    HiddenSum,
 }
 
 /// Argmax of a logits row.

@@ -52,6 +52,7 @@ use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
 use crate::tokenizer::tools::ToolSet;
 use crate::tokenizer::{ChatMessage, Detokenizer, ENCODE_INLINE_BYTES, GgufTokenizer};
 use crate::tools::{Constraint, Grammars};
+use candle_core::Tensor;
 
 /// Limits of one engine.
 #[derive(Debug, Clone, PartialEq)]
@@ -132,6 +133,9 @@ struct Job {
     prompt_logprobs: Option<u32>,
     /// The prompt's scores so far, sent once prefill is done.
     scored: Vec<v1::TokenLogprobs>,
+    /// An embedding request's sum of its prompt's final hidden states so far (see
+    /// [`Logits::HiddenSum`]); `None` for a generation.
+    pooled: Option<Vec<f32>>,
     stops: Vec<String>,
     tx: mpsc::Sender<Result<EngineEvent, EngineError>>,
     cancel: CancellationToken,
@@ -548,6 +552,10 @@ impl Engine for CandleEngine {
         self.hardware.clone()
     }
 
+    fn embeds(&self) -> bool {
+        true
+    }
+
     fn scores_prompts(&self) -> bool {
         true
     }
@@ -623,6 +631,12 @@ impl Engine for CandleEngine {
             ));
         }
         let resumed = request.resume_tokens.len();
+        if request.embed && (resumed > 0 || !request.tools.tools.is_empty()) {
+            return Err(EngineError::invalid_field(
+                "embed",
+                "an embedding request embeds its prompt alone: no resume_tokens, no tools",
+            ));
+        }
         if resumed >= s.max_tokens as usize {
             return Err(EngineError::InvalidArgument(format!(
                 "resume_tokens: {resumed} tokens already reach sampling.max_tokens {}",
@@ -734,6 +748,7 @@ impl Engine for CandleEngine {
             logprobs: s.logprobs.map(|top| top.min(MAX_TOP_LOGPROBS)),
             prompt_logprobs: s.prompt_logprobs.map(|top| top.min(MAX_TOP_LOGPROBS)),
             scored: Vec::new(),
+            pooled: request.embed.then(Vec::new),
             stops: s.stop.clone(),
             tx,
             cancel,
@@ -786,6 +801,18 @@ fn token_logprobs(
         chosen: Some(entry(id, chosen)),
         top: best.into_iter().map(|(t, l)| entry(t, l)).collect(),
     })
+}
+
+/// The mean of `tokens` hidden states whose sum is `sum`, scaled to length 1 (a vector of no
+/// length stays as it is).
+fn unit_mean(mut sum: Vec<f32>, tokens: usize) -> Vec<f32> {
+    let scale = 1.0 / tokens.max(1) as f32;
+    sum.iter_mut().for_each(|x| *x *= scale);
+    let norm = sum.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm > 0.0 {
+        sum.iter_mut().for_each(|x| *x /= norm);
+    }
+    sum
 }
 
 /// Longest prefill chunk of a prompt being scored (see [`Scheduler::prefill_one`]).
@@ -1024,10 +1051,11 @@ impl Scheduler {
                 break;
             };
             let total = job.context.len() + job.remaining;
-            // A prompt being scored needs every position's logits: none come from the cache.
-            let reuse = match job.prompt_logprobs {
-                Some(_) => Reuse::None,
-                None => Reuse::Cached,
+            // A prompt being scored needs every position's logits, one being embedded every
+            // position's hidden state: none come from the cache.
+            let reuse = match job.prompt_logprobs.is_some() || job.pooled.is_some() {
+                true => Reuse::None,
+                false => Reuse::Cached,
             };
             let Some(admission) = self.prefix.admit(&job.context, total, reuse) else {
                 break;
@@ -1128,9 +1156,10 @@ impl Scheduler {
         let end = (from + chunk).min(seq.job.context.len());
         let started = Instant::now();
         let job = &seq.job;
-        let logits = match job.prompt_logprobs {
-            Some(_) => Logits::EveryToken,
-            None => Logits::LastToken,
+        let logits = match (job.prompt_logprobs, &job.pooled) {
+            (_, Some(_)) => Logits::HiddenSum,
+            (Some(_), None) => Logits::EveryToken,
+            (None, None) => Logits::LastToken,
         };
         let result = self.model.prefill_unless(
             &job.context[from..end],
@@ -1157,6 +1186,10 @@ impl Scheduler {
                 .record((end - from) as f64, elapsed);
             self.prefix
                 .commit(&mut seq.blocks, &seq.tokens, seq.cache.len());
+        }
+        if seq.job.pooled.is_some() {
+            self.pool_embedding(i, result, end);
+            return;
         }
         match result.and_then(|l| crate::model::logits_rows(&l)) {
             Ok(mut rows) => {
@@ -1195,6 +1228,36 @@ impl Scheduler {
                 self.retire(seq);
             }
         }
+    }
+
+    /// Adds a prefill chunk's hidden states (`sum`) to sequence `i`'s embedding; once its
+    /// prompt is done (`end`), sends the mean scaled to unit length (as llama.cpp's mean
+    /// pooling with its default Euclidean normalisation) and ends it.
+    fn pool_embedding(&mut self, i: usize, sum: Result<Tensor, ModelError>, end: usize) {
+        let seq = &mut self.active[i];
+        let added = sum.and_then(|sum| Ok(sum.to_vec1::<f32>()?));
+        let pooled = seq.job.pooled.get_or_insert_default();
+        match added {
+            Ok(sum) if pooled.is_empty() => *pooled = sum,
+            Ok(sum) => pooled.iter_mut().zip(sum).for_each(|(p, s)| *p += s),
+            Err(e) => {
+                let seq = self.active.remove(i);
+                let _ = seq
+                    .job
+                    .tx
+                    .try_send(Err(EngineError::Internal(format!("embedding: {e}"))));
+                self.retire(seq);
+                return;
+            }
+        }
+        if end < seq.job.context.len() {
+            return;
+        }
+        let mut seq = self.active.remove(i);
+        let vector = unit_mean(seq.job.pooled.take().unwrap_or_default(), end);
+        let _ = seq.job.tx.try_send(Ok(EngineEvent::Embedding(vector)));
+        seq.ended = Some(StopReason::Stop);
+        self.retire(seq);
     }
 
     fn decode_step(&mut self) {

@@ -248,6 +248,7 @@ fn request(text: &str, max_tokens: u32) -> EngineRequest {
         min_tokens_per_s: 0.0,
         prompt_ids: None,
         tools: Default::default(),
+        embed: false,
     }
 }
 
@@ -271,7 +272,7 @@ async fn collect_with_stop(
             }
             EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
             EngineEvent::StopSequence(matched) => stop = Some(matched),
-            EngineEvent::PromptLogprobs(_) => {}
+            EngineEvent::PromptLogprobs(_) | EngineEvent::Embedding(_) => {}
             EngineEvent::Done {
                 reason,
                 completion_tokens,
@@ -714,7 +715,9 @@ async fn run_ids(e: &CandleEngine, name: &str, ids: Vec<u32>, max_tokens: u32) -
         match ev.unwrap() {
             EngineEvent::Token { id, .. } => out.push(id),
             EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
-            EngineEvent::StopSequence(_) | EngineEvent::PromptLogprobs(_) => {}
+            EngineEvent::StopSequence(_)
+            | EngineEvent::PromptLogprobs(_)
+            | EngineEvent::Embedding(_) => {}
             EngineEvent::Done {
                 cached_prompt_tokens,
                 ..
@@ -1235,7 +1238,8 @@ async fn scored(
                 cached_prompt_tokens,
                 ..
             } => return (prompt, first, cached_prompt_tokens),
-            EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_) => {}
+            EngineEvent::ToolCall(_) | EngineEvent::StopSequence(_) | EngineEvent::Embedding(_) => {
+            }
         }
     }
     panic!("stream ended without Done");

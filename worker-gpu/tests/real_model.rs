@@ -444,6 +444,7 @@ fn ids_request(ids: Vec<u32>, max_tokens: u32) -> switchyard_worker::EngineReque
         min_tokens_per_s: 0.0,
         prompt_ids: Some(ids),
         tools: Default::default(),
+        embed: false,
     }
 }
 
@@ -457,7 +458,8 @@ async fn generated(mut rx: switchyard_worker::EngineStream) -> Vec<u32> {
                 panic!("no tools were offered: {call:?}")
             }
             switchyard_worker::EngineEvent::StopSequence(_)
-            | switchyard_worker::EngineEvent::PromptLogprobs(_) => {}
+            | switchyard_worker::EngineEvent::PromptLogprobs(_)
+            | switchyard_worker::EngineEvent::Embedding(_) => {}
             switchyard_worker::EngineEvent::Done { .. } => break,
         }
     }
@@ -542,7 +544,9 @@ async fn ignore_eos_generates_max_tokens_past_the_answers_end() {
                 match rx.recv().await.expect("a Done event").unwrap() {
                     EngineEvent::Token { id, .. } => ids.push(id),
                     EngineEvent::ToolCall(call) => panic!("no tools were offered: {call:?}"),
-                    EngineEvent::StopSequence(_) | EngineEvent::PromptLogprobs(_) => {}
+                    EngineEvent::StopSequence(_)
+                    | EngineEvent::PromptLogprobs(_)
+                    | EngineEvent::Embedding(_) => {}
                     EngineEvent::Done { reason, .. } => return (ids, reason),
                 }
             }
@@ -664,6 +668,7 @@ mod tools {
             min_tokens_per_s: 0.0,
             prompt_ids: None,
             tools: Tools { tools, choice },
+            embed: false,
         }
     }
 
@@ -695,7 +700,8 @@ mod tools {
                 EngineEvent::Done { reason, .. } => out.reason = Some(*reason),
                 EngineEvent::ToolCall(_)
                 | EngineEvent::StopSequence(_)
-                | EngineEvent::PromptLogprobs(_) => {}
+                | EngineEvent::PromptLogprobs(_)
+                | EngineEvent::Embedding(_) => {}
             }
             out.events.push(event);
         }
@@ -719,7 +725,8 @@ mod tools {
                 }
                 EngineEvent::Done { .. }
                 | EngineEvent::StopSequence(_)
-                | EngineEvent::PromptLogprobs(_) => {}
+                | EngineEvent::PromptLogprobs(_)
+                | EngineEvent::Embedding(_) => {}
             }
         }
         (text, calls)
@@ -1089,4 +1096,101 @@ mod tools {
             "{refused:?}"
         );
     }
+}
+
+/// The vector an embedding request answers with, and its `Done` usage's prompt tokens.
+async fn embedding_of(engine: &switchyard_worker_gpu::CandleEngine, text: &str) -> (Vec<f32>, u32) {
+    use switchyard_worker::{Engine, EngineEvent};
+    let request = switchyard_worker::EngineRequest {
+        request_id: format!("embed-{text}"),
+        prompt: switchyard_worker::Prompt::Text(text.into()),
+        prompt_ids: None,
+        embed: true,
+        ..ids_request(Vec::new(), 1)
+    };
+    let mut rx = engine
+        .submit(request, tokio_util::sync::CancellationToken::new())
+        .unwrap();
+    let mut vector = None;
+    while let Some(event) = rx.recv().await {
+        match event.unwrap() {
+            EngineEvent::Embedding(v) => vector = Some(v),
+            EngineEvent::Done {
+                prompt_tokens,
+                completion_tokens,
+                ..
+            } => {
+                assert_eq!(completion_tokens, 0, "an embedding generates nothing");
+                return (vector.expect("the vector comes before Done"), prompt_tokens);
+            }
+            other => panic!("an embedding request sent {other:?}"),
+        }
+    }
+    panic!("the embedding request ended without Done")
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>();
+    dot(a, b) / (dot(a, a).sqrt() * dot(b, b).sqrt())
+}
+
+/// An embedding is the prompt's final hidden states mean-pooled and scaled to length 1: as
+/// wide as the model, the same however the prompt is split into prefill chunks (and whether a
+/// generation cached the same prompt's blocks first: none are reused), and it places a
+/// paraphrase nearer than an unrelated sentence.
+#[tokio::test]
+async fn an_embedding_is_a_unit_mean_of_hidden_states_whatever_the_chunking() {
+    use switchyard_worker::Engine;
+    let Some(path) = model_path() else { return };
+    let limits = |prefill_chunk| switchyard_worker_gpu::SchedulerLimits {
+        kv_budget_bytes: 64 * 1024 * 1024,
+        max_seqs: 4,
+        max_queue: 8,
+        prefill_chunk,
+        step_target: None,
+        prefix_cache: true,
+        compute_threads: 0,
+    };
+    let whole = engine_with(&path, limits(512), usize::MAX);
+    let chunked = engine_with(&path, limits(4), usize::MAX);
+    let text = "The cat sat on the mat and watched the birds outside the window.";
+    // A generation first, so the prompt's blocks are cached: the embedding must not use them.
+    let ids = tokenizer(&path).encode(text).unwrap();
+    generated(
+        whole
+            .submit(ids_request(ids.clone(), 2), Default::default())
+            .unwrap(),
+    )
+    .await;
+    let (a, prompt_tokens) = embedding_of(&whole, text).await;
+    let (b, _) = embedding_of(&chunked, text).await;
+    assert_eq!(prompt_tokens as usize, ids.len());
+    assert_eq!(a.len(), 576, "SmolLM2-135M's hidden size");
+    let norm = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    assert!((norm - 1.0).abs() < 1e-4, "norm {norm}");
+    assert!(
+        cosine(&a, &b) > 0.9999,
+        "chunked: cosine {}",
+        cosine(&a, &b)
+    );
+
+    let near = embedding_of(
+        &whole,
+        "A cat was sitting on the rug, watching birds through the window.",
+    )
+    .await
+    .0;
+    let far = embedding_of(
+        &whole,
+        "Quarterly revenue rose five percent on strong bond trading.",
+    )
+    .await
+    .0;
+    assert!(
+        cosine(&a, &near) > cosine(&a, &far),
+        "paraphrase {} vs unrelated {}",
+        cosine(&a, &near),
+        cosine(&a, &far)
+    );
+    assert!(whole.embeds());
 }

@@ -1583,6 +1583,7 @@ mod tests {
             min_tokens_per_s: 0.0,
             prompt_ids: None,
             tools: Default::default(),
+            embed: false,
         };
         let mut events = engine
             .submit(request.clone(), CancellationToken::new())

@@ -116,6 +116,7 @@ fn chat_request() -> EngineRequest {
         min_tokens_per_s: 0.0,
         prompt_ids: None,
         tools: Default::default(),
+        embed: false,
     }
 }
 
@@ -770,6 +771,7 @@ async fn text_then_a_call_ends_with_tool_calls_whatever_the_finish_is_called() {
                 Ok(EngineEvent::ToolCall(_)) => "call",
                 Ok(EngineEvent::StopSequence(_)) => "stop",
                 Ok(EngineEvent::PromptLogprobs(_)) => "prompt",
+                Ok(EngineEvent::Embedding(_)) => "embedding",
                 Ok(EngineEvent::Done { .. }) => "done",
                 Err(_) => "error",
             })

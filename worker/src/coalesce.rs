@@ -62,6 +62,7 @@ pub async fn forward_generation(
     let mut forwarded = Forwarded { tokens: 0 };
     let mut deadline: Option<Instant> = None;
     let mut stop_sequence = String::new();
+    let mut embedding = Vec::new();
     // One timer for the whole generation, re-armed once per chunk: a timer made afresh for
     // every event registers and clears a timer-wheel entry each time (most of a fast engine's
     // per-token cost in the worker).
@@ -127,6 +128,7 @@ pub async fn forward_generation(
                 }
             }
             Some(Ok(EngineEvent::StopSequence(stop))) => stop_sequence = stop,
+            Some(Ok(EngineEvent::Embedding(vector))) => embedding = vector,
             // It rides with the first token, which comes next and goes out at once.
             Some(Ok(EngineEvent::PromptLogprobs(entries))) => chunk.prompt_logprobs = entries,
             Some(Ok(EngineEvent::Done {
@@ -161,6 +163,7 @@ pub async fn forward_generation(
                         queue_ms: 0.0,
                     }),
                     stop_sequence: std::mem::take(&mut stop_sequence),
+                    embedding: std::mem::take(&mut embedding),
                     // A router names the worker; the worker itself leaves it out.
                     ..Default::default()
                 });
@@ -329,6 +332,25 @@ mod tests {
             }
             other => panic!("expected Finished, got {other:?}"),
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_embedding_is_one_finished_frame_with_its_vector() {
+        let events = vec![
+            EngineEvent::Embedding(vec![0.6, 0.8]),
+            EngineEvent::Done {
+                reason: StopReason::Stop,
+                prompt_tokens: 3,
+                completion_tokens: 0,
+                cached_prompt_tokens: 0,
+            },
+        ];
+        let frames = run(events, CoalesceConfig::default()).await;
+        let [Frame::Finished(f)] = frames.as_slice() else {
+            panic!("expected one Finished, got {frames:?}");
+        };
+        assert_eq!(f.embedding, vec![0.6, 0.8]);
+        assert_eq!(f.usage.map(|u| u.prompt_tokens), Some(3));
     }
 
     #[tokio::test(start_paused = true)]

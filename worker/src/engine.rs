@@ -126,6 +126,9 @@ pub struct EngineRequest {
     pub prompt_ids: Option<Vec<u32>>,
     /// Functions the model may call; empty for a text generation.
     pub tools: Tools,
+    /// Embed the prompt instead of generating (`WorkerStart.embed`): the engine sends one
+    /// [`EngineEvent::Embedding`] and then `Done` (reason `Stop`, no tokens).
+    pub embed: bool,
 }
 
 /// Why a generation ended.
@@ -158,6 +161,8 @@ pub enum EngineEvent {
     /// predicts it), sent once, just before the first `Token`, when the request asked
     /// ([`Sampling::prompt_logprobs`]).
     PromptLogprobs(Vec<v1::TokenLogprobs>),
+    /// An embedding request's vector, unit length (sent just before its `Done`).
+    Embedding(Vec<f32>),
     /// The stop sequence that is ending the generation (sent just before its `Done`), for
     /// clients that tell it from the end of the model's turn.
     StopSequence(String),
@@ -373,6 +378,11 @@ pub trait Engine: Send + Sync + 'static {
     /// Whether the engine can score a prompt ([`Sampling::prompt_logprobs`]); a request asking
     /// one that cannot is refused.
     fn scores_prompts(&self) -> bool {
+        false
+    }
+    /// Whether the engine can embed a prompt ([`EngineRequest::embed`]); a request asking one
+    /// that cannot is refused.
+    fn embeds(&self) -> bool {
         false
     }
     /// The tokenizer of `model` (format and bytes, see `TokenizerSpec`) for routers to tokenize

@@ -545,6 +545,7 @@ mod tests {
             min_tokens_per_s: 0.0,
             prompt_ids: None,
             tools: Default::default(),
+            embed: false,
         }
     }
 

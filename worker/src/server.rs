@@ -390,6 +390,7 @@ async fn serve(
         hardware: engine.hardware(),
         engine: engine.kind().to_string(),
         scores_prompts: engine.scores_prompts(),
+        embeds: engine.embeds(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         state: if drain_requested {
             WorkerState::Draining

@@ -290,6 +290,16 @@ impl WorkerService {
                 ),
             ));
         }
+        if request.embed && !self.engine.embeds() {
+            return Err(EngineError::invalid_field(
+                "embed",
+                format!(
+                    "this worker's engine ({}) cannot embed a prompt; a GPU worker running the \
+                     model can",
+                    self.engine.kind()
+                ),
+            ));
+        }
         let request_id = request.request_id.clone();
         let cancel = CancellationToken::new();
         let credit = Credit::new(credit_tokens, cancel.clone());
@@ -425,6 +435,7 @@ fn engine_request(start: v1::WorkerStart) -> Result<EngineRequest, EngineError> 
             tools: start.tools,
             choice: start.tool_choice.unwrap_or_default(),
         },
+        embed: start.embed,
     })
 }
 

@@ -381,6 +381,31 @@ fn token_of(words: &[&str], index: usize) -> (u32, String) {
     (word_id(word), text)
 }
 
+/// Dimensions of a synthetic embedding.
+pub const SYNTHETIC_EMBEDDING_DIMENSIONS: usize = 64;
+
+/// The synthetic engine's embedding of `text`: each word adds ±1 to a dimension its hash picks,
+/// scaled to length 1 — deterministic, and texts sharing words point the same way, so
+/// similarity searches behave plausibly in load tests. Not a model's embedding.
+pub fn synthetic_embedding(text: &str) -> Vec<f32> {
+    let mut vector = vec![0.0f32; SYNTHETIC_EMBEDDING_DIMENSIONS];
+    for word in text.split_whitespace() {
+        let hash = word.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let sign = if hash >> 63 == 0 { 1.0 } else { -1.0 };
+        vector[(hash % SYNTHETIC_EMBEDDING_DIMENSIONS as u64) as usize] += sign;
+    }
+    let norm = vector.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if norm == 0.0 {
+        // No words: a fixed direction rather than a vector of no length.
+        vector[0] = 1.0;
+    } else {
+        vector.iter_mut().for_each(|x| *x /= norm);
+    }
+    vector
+}
+
 /// Text of synthetic tokens `start..start + count` for `instructions`.
 pub fn synthetic_text(instructions: &str, start: usize, count: usize) -> String {
     (start..start + count)
@@ -411,6 +436,10 @@ impl Engine for SyntheticEngine {
 
     fn prefix_cache(&self) -> Option<Arc<KvPublisher>> {
         self.cache.as_ref().map(|c| c.publisher.clone())
+    }
+
+    fn embeds(&self) -> bool {
+        true
     }
 
     fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
@@ -500,6 +529,7 @@ impl Engine for SyntheticEngine {
             interval: Duration::from_secs_f64(1.0 / self.config.tokens_per_s.max(1e-3)),
             latency_critical: request.latency_critical,
             logprobs: request.sampling.logprobs,
+            embed: request.embed,
         };
         let wait = match permit {
             Some(slot) => Ok(slot),
@@ -561,6 +591,8 @@ struct Generation {
     latency_critical: bool,
     /// `top_logprobs` when the request asked for log probabilities.
     logprobs: Option<u32>,
+    /// An embedding request: [`synthetic_embedding`] of the instructions, no tokens.
+    embed: bool,
 }
 
 impl Generation {
@@ -612,6 +644,13 @@ impl Generation {
                 }
             }
             drop(unprefilled);
+            if self.embed {
+                let vector = synthetic_embedding(&self.instructions);
+                if tx.send(Ok(EngineEvent::Embedding(vector))).await.is_err() {
+                    return;
+                }
+                break 'generate StopReason::Stop;
+            }
             // Token `k` of this generation is due `k` intervals after its first; one that is
             // due already goes at once (a reader that fell behind catches up in a burst), and
             // only one that is early waits, so an unpaced engine (a tiny interval) never
@@ -678,6 +717,7 @@ mod tests {
             min_tokens_per_s: 0.0,
             prompt_ids: None,
             tools: Default::default(),
+            embed: false,
         }
     }
 
@@ -689,6 +729,41 @@ mod tests {
                 done => return (text, done),
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_embedding_is_one_vector_of_the_prompt_and_no_tokens() {
+        let engine = SyntheticEngine::new(SyntheticConfig::default());
+        let request = EngineRequest {
+            prompt: Prompt::Text("the cat sat".into()),
+            embed: true,
+            ..request(1, 0)
+        };
+        let mut rx = engine.submit(request, CancellationToken::new()).unwrap();
+        let Some(Ok(EngineEvent::Embedding(vector))) = rx.recv().await else {
+            panic!("expected the embedding first");
+        };
+        assert_eq!(vector, synthetic_embedding("the cat sat"));
+        assert!(matches!(
+            rx.recv().await,
+            Some(Ok(EngineEvent::Done {
+                reason: StopReason::Stop,
+                completion_tokens: 0,
+                ..
+            }))
+        ));
+    }
+
+    #[test]
+    fn synthetic_embeddings_are_unit_length_and_closer_for_shared_words() {
+        let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let cat = synthetic_embedding("the cat sat on the mat");
+        let norm = dot(&cat, &cat).sqrt();
+        assert!((norm - 1.0).abs() < 1e-5, "{norm}");
+        let near = synthetic_embedding("the cat sat on a rug");
+        let far = synthetic_embedding("quarterly revenue grew sharply");
+        assert!(dot(&cat, &near) > dot(&cat, &far));
+        assert_eq!(synthetic_embedding("   ")[0], 1.0);
     }
 
     #[test]

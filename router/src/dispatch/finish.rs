@@ -266,6 +266,7 @@ impl Run<'_> {
             worker_id: self.worker.clone(),
             pool: self.pool.to_string(),
             stop_sequence,
+            embedding: std::mem::take(&mut self.embedding),
         });
         self.release();
         send(out, finished).await

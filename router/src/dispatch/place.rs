@@ -14,6 +14,7 @@ use crate::classify::{Classification, RequestFeatures, TENANT_KEY};
 use crate::error::DispatchError;
 use crate::placer::{Answer, Ask, Chosen, IfFull};
 use crate::policy::stable_hash;
+use switchyard_cluster::WorkerRecord;
 
 /// What the next segment of a request needs of its worker's engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,14 +23,32 @@ pub(super) enum Needs {
     Generation,
     /// One that can score the prompt (`sampling.prompt_logprobs`), until the client has it.
     PromptScored,
+    /// One that can embed the prompt (`embed`).
+    Embedding,
 }
 
 impl Needs {
     /// What a request's first segment needs.
     pub(super) fn of(request: &v1::GenerateRequest) -> Self {
-        match request.sampling.as_ref().is_some_and(|s| s.prompt_logprobs) {
-            true => Needs::PromptScored,
-            false => Needs::Generation,
+        if request.embed {
+            Needs::Embedding
+        } else if request.sampling.as_ref().is_some_and(|s| s.prompt_logprobs) {
+            Needs::PromptScored
+        } else {
+            Needs::Generation
+        }
+    }
+
+    /// The field that asks for it, the capability in a worker's record, and who has it.
+    fn capability(self) -> Option<(&'static str, fn(&WorkerRecord) -> bool, &'static str)> {
+        match self {
+            Needs::Generation => None,
+            Needs::PromptScored => Some((
+                "sampling.prompt_logprobs",
+                |record| record.scores_prompts,
+                "score a prompt",
+            )),
+            Needs::Embedding => Some(("embed", |record| record.embeds, "embed a prompt")),
         }
     }
 }
@@ -70,7 +89,7 @@ impl Dispatcher {
 
     /// What the placer needs to know of a request. The prefix index is looked up here,
     /// before the placer's lock is taken, so the lock is held only to decide. A prompt to
-    /// score goes only to workers that can score one; when none serving its model can, it is
+    /// score or embed goes only to workers that can; when none serving its model can, it is
     /// refused naming the field.
     fn ask(
         &self,
@@ -81,14 +100,14 @@ impl Dispatcher {
         needs: Needs,
         trace: bool,
     ) -> Result<Ask, DispatchError> {
-        if needs == Needs::PromptScored {
-            let (cannot, can) = self.links.prompt_scorers(&request.model);
+        if let Some((field, has, what)) = needs.capability() {
+            let (cannot, can) = self.links.capable(&request.model, has);
             if can == 0 && !cannot.is_empty() {
                 return Err(DispatchError::invalid(
-                    "sampling.prompt_logprobs",
+                    field,
                     format!(
-                        "no worker serving model {:?} can score a prompt (GPU workers running \
-                         the model can; wafer-scale gateways and the synthetic engine cannot)",
+                        "no worker serving model {:?} can {what} (GPU workers running the \
+                         model can; wafer-scale gateways cannot)",
                         request.model
                     ),
                 ));

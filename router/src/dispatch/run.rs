@@ -96,6 +96,8 @@ pub(super) struct Run<'d> {
     hedge: Option<Hedge>,
     /// The first placement's reason label (`home`, `borrow_wse`, …).
     placement_label: &'static str,
+    /// An embedding request's vector, from its worker's `Finished`.
+    pub(super) embedding: Vec<f32>,
 }
 
 /// A generation started on a worker. Dropping it stops routing its frames and, unless the
@@ -342,6 +344,7 @@ impl<'d> Run<'d> {
             moves: 0,
             hedge: chosen.hedge,
             placement_label: label,
+            embedding: Vec::new(),
             pace: None,
             moved: Vec::new(),
         };
@@ -421,6 +424,7 @@ impl<'d> Run<'d> {
                             .saturating_sub(self.segment_ids.len() as u32);
                     }
                     self.span.record("cached_tokens", self.cached_prompt_tokens);
+                    self.embedding = finished.embedding;
                     self.dispatcher.metrics.prefix_reuse(
                         self.pool,
                         self.predicted_cached_tokens,
@@ -481,11 +485,11 @@ impl<'d> Run<'d> {
     fn list(&mut self, label: &str, link: &Link) {
         let policy = self.dispatcher.policy.current();
         let migration = &policy.migration;
-        // A generation scoring its prompt stays where it is: a move's target need not be able
-        // to score one (such requests are one token long, as harnesses send them, anyway).
-        let scoring = super::place::Needs::of(&self.request) == super::place::Needs::PromptScored;
+        // A generation scoring or embedding its prompt stays where it is: a move's target need
+        // not be able to (such requests are one token long anyway).
+        let special = super::place::Needs::of(&self.request) != super::place::Needs::Generation;
         let movable = migration.enabled
-            && !scoring
+            && !special
             && self.moves < migration.max_moves_per_generation
             && ((migration.preempt_borrowed_wse && label == "borrow_wse")
                 || migration.drain_handoff
@@ -985,6 +989,7 @@ impl<'d> Run<'d> {
             client_request_id: self.request.request_id.clone(),
             tools: self.request.tools.clone(),
             tool_choice: self.request.tool_choice.clone(),
+            embed: self.request.embed,
         }
     }
 

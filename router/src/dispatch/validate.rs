@@ -24,8 +24,13 @@ pub(super) enum OutputBound {
 /// Fills in [`DEFAULT_MAX_TOKENS`] (at most `cap`) when `request` names no `max_tokens`, and
 /// says who bounded its output.
 pub(super) fn bound_output(request: &mut v1::GenerateRequest, cap: u32) -> OutputBound {
+    let embed = request.embed;
     let sampling = request.sampling.get_or_insert_default();
-    if sampling.max_tokens == 0 {
+    if embed && sampling.max_tokens == 0 {
+        // An embedding generates nothing; its one "token" is the slot and KV its prompt needs.
+        sampling.max_tokens = 1;
+        OutputBound::Default
+    } else if sampling.max_tokens == 0 {
         sampling.max_tokens = DEFAULT_MAX_TOKENS.min(cap);
         OutputBound::Default
     } else {
@@ -160,6 +165,16 @@ fn fits_context(
 ) -> Result<(), DispatchError> {
     let limit = context_length as usize;
     let max_tokens = request.sampling.as_ref().map_or(0, |s| s.max_tokens) as usize;
+    if request.embed && prompt_tokens >= limit {
+        return Err(DispatchError::exceeds_context(
+            "prompt",
+            format!(
+                "the input is {prompt_tokens} tokens, the model embeds at most {} tokens: \
+                 shorten it",
+                limit - 1
+            ),
+        ));
+    }
     if prompt_tokens >= limit {
         let field = if request.messages.is_empty() {
             "prompt"

@@ -301,14 +301,14 @@ impl Links {
             .collect()
     }
 
-    /// The workers serving `model` whose engines cannot score a prompt (their records say),
-    /// and how many serving it can.
-    pub fn prompt_scorers(&self, model: &str) -> (Vec<String>, usize) {
+    /// The workers serving `model` whose records say they lack a capability (`has`: scoring a
+    /// prompt, embedding one), and how many serving it have it.
+    pub fn capable(&self, model: &str, has: fn(&WorkerRecord) -> bool) -> (Vec<String>, usize) {
         let links = self.links.read().expect("links lock");
         let (mut cannot, mut can) = (Vec::new(), 0);
         for link in links.values() {
             let record = link.record();
-            match (record.serves(model), record.scores_prompts) {
+            match (record.serves(model), has(&record)) {
                 (false, _) => {}
                 (true, true) => can += 1,
                 (true, false) => cannot.push(record.id.clone()),

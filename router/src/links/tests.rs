@@ -108,6 +108,7 @@ fn record() -> WorkerRecord {
         version: String::new(),
         state: RecordState::Ready,
         scores_prompts: false,
+        embeds: false,
     }
 }
 
