@@ -27,6 +27,8 @@ pub struct RequestFeatures<'a> {
     pub streaming: bool,
     /// The request's own TTFT target; 0 = none.
     pub ttft_slo_ms: u32,
+    /// It asks for an embedding, not a generation (`GenerateRequest.embed`).
+    pub embed: bool,
     pub metadata: Option<&'a HashMap<String, String>>,
 }
 
@@ -49,6 +51,7 @@ impl<'a> RequestFeatures<'a> {
                 .get(STREAM_KEY)
                 .is_none_or(|v| v != "false"),
             ttft_slo_ms: request.ttft_slo_ms,
+            embed: request.embed,
             metadata: Some(&request.metadata),
         }
     }
@@ -73,7 +76,9 @@ impl Classification {
     }
 }
 
-/// Classifies a request under `policy`.
+/// Classifies a request under `policy`: the client's class, else its tenant's lane, else (an
+/// embedding) cost-sensitive — the rules describe generations, nobody watches an embedding
+/// stream, and only engines on GPUs embed — else the first matching rule, else the default.
 pub fn classify(features: &RequestFeatures<'_>, policy: &PolicyDocument) -> Classification {
     let (lane, rule_slo, reason) = match features.class {
         RequestClass::LatencyCritical => (
@@ -92,6 +97,8 @@ pub fn classify(features: &RequestFeatures<'_>, policy: &PolicyDocument) -> Clas
                 .and_then(|t| policy.tenants.get(t).map(|lane| (t, *lane)));
             if let Some((tenant, lane)) = tenant {
                 (lane, None, format!("tenant={tenant}"))
+            } else if features.embed {
+                (LaneName::CostSensitive, None, "embedding".to_string())
             } else if let Some(rule) = policy.rules.iter().find(|r| matches(&r.when, features)) {
                 (rule.lane, rule.ttft_slo_ms, format!("rule={}", rule.name))
             } else {
@@ -231,6 +238,24 @@ mod tests {
         let mut r = request(RequestClass::Auto, 500);
         r.class = 42;
         assert_eq!(lane_of(&r, &p).reason, "default lane=cost-sensitive");
+    }
+
+    #[test]
+    fn an_embedding_left_to_the_router_is_cost_sensitive_unless_its_tenant_says() {
+        let p = policy();
+        // Short, so the `short` rule would make a generation latency-critical.
+        let mut r = request(RequestClass::Auto, 1);
+        r.embed = true;
+        let c = lane_of(&r, &p);
+        assert_eq!(
+            (c.lane, c.reason.as_str()),
+            (LaneName::CostSensitive, "embedding lane=cost-sensitive")
+        );
+        r.metadata.insert("tenant".into(), "acme".into());
+        assert_eq!(lane_of(&r, &p).lane, LaneName::LatencyCritical);
+        r.class = RequestClass::LatencyCritical as i32;
+        r.metadata.clear();
+        assert_eq!(lane_of(&r, &p).lane, LaneName::LatencyCritical);
     }
 
     #[test]

@@ -320,6 +320,7 @@ pub fn classify_all(
                 prompt_tokens: row.prompt_tokens,
                 streaming: true,
                 ttft_slo_ms: 0,
+                embed: false,
                 metadata: None,
             };
             let c = classify(&features, policy);

@@ -34,7 +34,12 @@ pub const BATCH_PURPOSE: &str = "batch";
 /// The purpose of the files a batch writes.
 pub const OUTPUT_PURPOSE: &str = "batch_output";
 /// The endpoints a batch may call.
-pub const ENDPOINTS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/responses"];
+pub const ENDPOINTS: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/responses",
+    "/v1/embeddings",
+];
 
 /// Bounds of a replica's batches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

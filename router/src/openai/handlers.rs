@@ -146,6 +146,7 @@ fn id_prefix(route: &str) -> Option<&'static str> {
         COMPLETIONS_ROUTE => Some("cmpl-"),
         RESPONSES_ROUTE => Some("resp_"),
         MESSAGES_ROUTE => Some("msg_"),
+        super::embeddings::EMBEDDINGS_ROUTE => Some("embd-"),
         _ => None,
     }
 }
@@ -558,7 +559,7 @@ pub(crate) async fn place(
 
 /// `values` without repeats, in order, comma-separated: the pools or workers of a request's
 /// choices for its headers.
-fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> String {
+pub(crate) fn distinct<'a>(values: impl Iterator<Item = &'a str>) -> String {
     let mut seen: Vec<&str> = Vec::new();
     for value in values {
         if !seen.contains(&value) {
@@ -898,9 +899,10 @@ fn unknown_route_message(path: &str) -> String {
              {CHAT_ROUTE}/{{id}}"
         );
     }
+    let embeddings = super::embeddings::EMBEDDINGS_ROUTE;
     format!(
         "no such endpoint: {path}; this router serves POST {CHAT_ROUTE}, {COMPLETIONS_ROUTE}, \
-         {RESPONSES_ROUTE}, {MESSAGES_ROUTE}, {COUNT_TOKENS_ROUTE}, {TOKENIZE_ROUTE}, \
+         {RESPONSES_ROUTE}, {embeddings}, {MESSAGES_ROUTE}, {COUNT_TOKENS_ROUTE}, {TOKENIZE_ROUTE}, \
          {DETOKENIZE_ROUTE}, the Files and Batches APIs (/v1/files, /v1/batches) and GET \
          /v1/models, /health, /metrics"
     )

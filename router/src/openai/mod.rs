@@ -15,6 +15,7 @@ pub(crate) mod blocks;
 pub(crate) mod choices;
 mod conversations;
 mod cors;
+mod embeddings;
 mod error;
 pub(crate) mod fields;
 #[cfg(test)]
@@ -176,6 +177,7 @@ fn api() -> Router<Arc<Dispatcher>> {
             handlers::COUNT_TOKENS_ROUTE,
             post(crate::anthropic::count_tokens),
         )
+        .route(embeddings::EMBEDDINGS_ROUTE, post(embeddings::embeddings))
         .route(tokenize::TOKENIZE_ROUTE, post(tokenize::tokenize))
         .route(tokenize::DETOKENIZE_ROUTE, post(tokenize::detokenize))
         .route("/v1/models", get(handlers::list_models))
@@ -213,6 +215,7 @@ fn api_of(path: &str) -> &'static str {
         handlers::COMPLETIONS_ROUTE => "completions",
         handlers::RESPONSES_ROUTE => "responses",
         handlers::MESSAGES_ROUTE => "messages",
+        embeddings::EMBEDDINGS_ROUTE => "embeddings",
         handlers::COUNT_TOKENS_ROUTE => "count_tokens",
         tokenize::TOKENIZE_ROUTE => "tokenize",
         tokenize::DETOKENIZE_ROUTE => "detokenize",
@@ -422,12 +425,13 @@ mod tests {
                     .to_string()
             }
         };
-        let embeddings = message("/v1/embeddings").await;
+        let speech = message("/v1/audio/speech").await;
         assert!(
-            embeddings.starts_with("no such endpoint: /v1/embeddings;")
-                && embeddings.contains("POST /v1/chat/completions")
-                && embeddings.contains("/tokenize"),
-            "{embeddings}"
+            speech.starts_with("no such endpoint: /v1/audio/speech;")
+                && speech.contains("POST /v1/chat/completions")
+                && speech.contains("/v1/embeddings")
+                && speech.contains("/tokenize"),
+            "{speech}"
         );
         let steps = message("/v1/responses/resp_1/steps").await;
         assert!(

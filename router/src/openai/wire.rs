@@ -766,7 +766,7 @@ impl CompletionRequest {
     /// answer's form: `n` choices for each prompt, in the prompts' order.
     pub fn into_proto(self, cap: u32) -> Result<(Vec<v1::GenerateRequest>, StreamMode), ApiError> {
         let model = required_model(self.model)?;
-        let prompts = prompts(self.prompt)?;
+        let prompts = prompts("prompt", self.prompt)?;
         let (sampling, mut mode) = sampling(&self.sampling, cap, LogprobsForm::Completion)?;
         let generations = prompts.len() as u64 * u64::from(mode.per_prompt);
         let most = super::choices::MAX_GENERATIONS;
@@ -802,16 +802,17 @@ impl CompletionRequest {
     }
 }
 
-/// One prompt of a completions request: text, or ids of the model's tokenizer.
+/// One prompt of a completions request (or input of an embeddings one): text, or ids of the
+/// model's tokenizer.
 #[derive(Debug, Clone, PartialEq)]
-enum Prompt {
+pub(super) enum Prompt {
     Text(String),
     TokenIds(Vec<u32>),
 }
 
 impl Prompt {
     /// Puts the prompt in `request`, which holds none.
-    fn put_in(self, request: &mut v1::GenerateRequest) {
+    pub(super) fn put_in(self, request: &mut v1::GenerateRequest) {
         match self {
             Prompt::Text(text) => request.prompt = text,
             Prompt::TokenIds(ids) => request.prompt_token_ids = ids,
@@ -819,31 +820,31 @@ impl Prompt {
     }
 }
 
-/// A completions request's `prompt`, in any of OpenAI's forms: a string, a list of token ids,
-/// or a batch of either.
-fn prompts(prompt: Option<Value>) -> Result<Vec<Prompt>, ApiError> {
+/// A completions request's `prompt` (an embeddings request's `input`, named by `name`), in any
+/// of OpenAI's forms: a string, a list of token ids, or a batch of either.
+pub(super) fn prompts(name: &str, prompt: Option<Value>) -> Result<Vec<Prompt>, ApiError> {
     let items = match prompt {
-        None | Some(Value::Null) => return Err(ApiError::invalid("prompt", "is required")),
-        Some(Value::String(text)) => return text_prompt("prompt", text).map(|p| vec![p]),
+        None | Some(Value::Null) => return Err(ApiError::invalid(name, "is required")),
+        Some(Value::String(text)) => return text_prompt(name, text).map(|p| vec![p]),
         Some(Value::Array(items)) => items,
         Some(_) => {
             return Err(ApiError::invalid(
-                "prompt",
+                name,
                 "must be a string, a list of token ids, or a list of either",
             ));
         }
     };
     if items.is_empty() {
-        return Err(ApiError::invalid("prompt", "must not be an empty list"));
+        return Err(ApiError::invalid(name, "must not be an empty list"));
     }
     if items.iter().all(Value::is_number) {
-        return token_ids("prompt", &items).map(|p| vec![p]);
+        return token_ids(name, &items).map(|p| vec![p]);
     }
     items
         .into_iter()
         .enumerate()
         .map(|(i, item)| {
-            let field = format!("prompt[{i}]");
+            let field = format!("{name}[{i}]");
             match item {
                 Value::String(text) => text_prompt(&field, text),
                 Value::Array(ids) if !ids.is_empty() => token_ids(&field, &ids),
