@@ -94,6 +94,16 @@ async fn openai_python_sdk_and_curl_against_the_router() -> anyhow::Result<()> {
         out.contains("openai-chat-store: 6 passed, 0 failed"),
         "{out}"
     );
+    // Embeddings, one text and a batch, floats and base64, refusals naming the input.
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/openai_embeddings_check.py"
+    );
+    let out = program_output("python3", &strings(&[script, &base, "synthetic"])).await?;
+    assert!(
+        out.contains("openai-embeddings: 7 passed, 0 failed"),
+        "{out}"
+    );
     // Anthropic's Messages API on the same port, with Anthropic's SDK, text only.
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -1495,6 +1505,21 @@ async fn wse_gateway_against_a_real_upstream() -> anyhow::Result<()> {
         .await?;
     assert_eq!(body["choices"][0]["text"], "one two one two");
     assert_eq!(body["usage"]["prompt_tokens"], 2, "{body}");
+    // A gateway embeds nothing: with no other worker of the model, the refusal names it.
+    let refused = client
+        .post(format!("http://{}/v1/embeddings", router.addr("http")))
+        .json(&json!({"model": "fast", "input": "one two"}))
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await?;
+    assert_eq!(body["error"]["param"], "model", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("can embed a prompt")),
+        "{body}"
+    );
     // Log probabilities asked of the wse pool come from its endpoint, one per token, for
     // both endpoint forms (the upstream's synthetic engine is certain of every token).
     let body: Value = client

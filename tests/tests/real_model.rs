@@ -1658,3 +1658,79 @@ async fn a_batch_answers_as_the_same_requests_sent_straight() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// Embeddings on the real model through the router's OpenAI door: the official SDK's checks
+/// (unit vectors, a paraphrase nearer than an unrelated sentence, token ids embedding as their
+/// text does); and beside a wafer-scale gateway serving the same model, which cannot embed,
+/// every embedding lands on the GPU worker — even one asked latency-critical — while a model
+/// only the gateway serves is refused naming `model`.
+#[tokio::test]
+async fn embeddings_are_placed_on_workers_that_embed_and_answer_as_the_sdk_expects()
+-> anyhow::Result<()> {
+    let cluster = real_model_cluster(1).await?;
+    router_has_the_tokenizer(&cluster).await?;
+    let base = cluster.router_openai_url();
+    let _gateway = switchyard_tests::Component::start(
+        "wse-gateway",
+        &switchyard_tests::strings(&[
+            "worker-wse",
+            "--etcd",
+            &cluster.etcd.url,
+            "--listen",
+            "127.0.0.1:0",
+            "--id",
+            "wse-gateway",
+            "--engine",
+            "gateway",
+            "--gateway-url",
+            &base,
+            "--model",
+            MODEL,
+            "--model",
+            "wse-only",
+            "--gateway-model-map",
+            &format!("wse-only={MODEL}"),
+            "--max-concurrent",
+            "4",
+        ]),
+        1,
+    )
+    .await?;
+    cluster
+        .wait_for_router_workers(2, Duration::from_secs(60))
+        .await?;
+
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/python/openai_embeddings_check.py"
+    );
+    let out = switchyard_tests::program_output(
+        "python3",
+        &switchyard_tests::strings(&[script, &base, MODEL, "real"]),
+    )
+    .await?;
+    assert!(
+        out.contains("openai-embeddings: 7 passed, 0 failed"),
+        "{out}"
+    );
+
+    let http = reqwest::Client::new();
+    let embed = |model: &str, class: &str| {
+        http.post(format!("{base}/embeddings"))
+            .header("x-switchyard-class", class)
+            .json(&json!({"model": model, "input": ["one", "two", "three", "four"]}))
+            .send()
+    };
+    for class in ["latency-critical", "cost-sensitive", "auto"] {
+        let answer = embed(MODEL, class).await?;
+        assert_eq!(answer.status(), 200, "{class}");
+        assert_eq!(answer.headers()["x-switchyard-worker"], "gpu-0", "{class}");
+        let body: Value = answer.json().await?;
+        assert_eq!(body["data"].as_array().map(Vec::len), Some(4), "{body}");
+    }
+    let refused = embed("wse-only", "auto").await?;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await?;
+    assert_eq!(body["error"]["param"], "model", "{body}");
+    Ok(())
+}
