@@ -1732,5 +1732,85 @@ async fn embeddings_are_placed_on_workers_that_embed_and_answer_as_the_sdk_expec
     assert_eq!(refused.status(), 400);
     let body: Value = refused.json().await?;
     assert_eq!(body["error"]["param"], "model", "{body}");
+
+    // A batch of embeddings answers each line as the same request sent straight.
+    let texts = ["The cat sat on the mat.", "fn main() {}"];
+    let body = |text: &str| json!({"model": MODEL, "input": text, "encoding_format": "float"});
+    let lines: Vec<Value> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, text)| {
+            json!({"custom_id": format!("e{i}"), "method": "POST",
+                   "url": "/v1/embeddings", "body": body(text)})
+        })
+        .collect();
+    let file = switchyard_tests::upload_batch_file(&http, &base, &lines).await?;
+    let id = switchyard_tests::create_batch(
+        &http,
+        &base,
+        &file,
+        json!({"endpoint": "/v1/embeddings"}),
+    )
+    .await?;
+    let batch = switchyard_tests::wait_for_batch(
+        &http,
+        &base,
+        &id,
+        Duration::from_secs(120),
+        "the embeddings batch to end",
+        |b| b["status"] == "completed",
+    )
+    .await?;
+    let answers = switchyard_tests::batch_output(&http, &base, &batch).await?;
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    for (text, line) in texts.iter().zip(&answers) {
+        let straight: Value = http
+            .post(format!("{base}/embeddings"))
+            .json(&body(text))
+            .send()
+            .await?
+            .json()
+            .await?;
+        let vector = |answer: &Value| -> Vec<f64> {
+            answer["data"][0]["embedding"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_f64)
+                .collect()
+        };
+        let (batched, straight) = (vector(&line["response"]["body"]), vector(&straight));
+        assert_eq!(batched.len(), 576, "{line}");
+        let dot: f64 = batched.iter().zip(&straight).map(|(a, b)| a * b).sum();
+        assert!(dot > 0.9999, "{text:?}: cosine {dot}");
+
+        // A gRPC client asks `Generate` with `embed` (grpcurl, by the router's reflection):
+        // `Accepted`, then `Finished` carrying the same vector.
+        let asked = json!({"model": MODEL, "prompt": text, "embed": true}).to_string();
+        let out = switchyard_tests::program_output(
+            "grpcurl",
+            &switchyard_tests::strings(&[
+                "-plaintext",
+                "-d",
+                &asked,
+                &cluster.router_addr().to_string(),
+                "switchyard.v1.Inference/Generate",
+            ]),
+        )
+        .await?;
+        let frames: Vec<Value> = serde_json::Deserializer::from_str(&out)
+            .into_iter::<Value>()
+            .collect::<Result<_, _>>()?;
+        assert!(frames.first().is_some_and(|f| f.get("accepted").is_some()), "{out}");
+        let finished = frames.last().map(|f| f["finished"].clone()).unwrap_or_default();
+        let grpc: Vec<f64> = finished["embedding"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_f64)
+            .collect();
+        let dot: f64 = grpc.iter().zip(&straight).map(|(a, b)| a * b).sum();
+        assert!(grpc.len() == 576 && dot > 0.9999, "{text:?}: {finished}");
+    }
     Ok(())
 }
