@@ -6,12 +6,14 @@
 //! flooding another without and with tenant quotas; `streams`, many concurrent streams through one
 //! router process;
 //! `multiturn`, multi-turn conversations against any OpenAI-compatible endpoint (prefix reuse);
-//! `batch`, a batch next to the same requests sent straight;
+//! `batch`, a batch next to the same requests sent straight; `embeddings`, `/v1/embeddings`
+//! throughput next to llama.cpp's;
 //! `http_overhead`, what Switchyard and SMG add to time to first token in front of one
 //! OpenAI-compatible backend, and `openai_backend`, the load-test backend it uses.
 
 pub mod batch;
 pub mod doors;
+pub mod embeddings;
 pub mod engine;
 pub mod http_overhead;
 pub mod long_prompts;

@@ -44,6 +44,10 @@ enum Command {
     /// The same chat completions sent straight and as one batch (upload to output read back),
     /// side by side on one router.
     Batch(switchyard_bench::batch::BatchArgs),
+    /// Embedding throughput of OpenAI-compatible `/v1/embeddings` endpoints side by side
+    /// (Switchyard's router and llama.cpp's llama-server on the same model): code-search
+    /// indexing of this repository's sources.
+    Embeddings(switchyard_bench::embeddings::EmbeddingsArgs),
     /// Multi-turn conversations sent whole every turn, and going on from stored responses on
     /// the replica that stored them and on another one, side by side.
     StoredResponses(switchyard_bench::stored_responses::StoredResponsesArgs),
@@ -74,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Multiturn(args) => switchyard_bench::multiturn::run(args).await,
         Command::Doors(args) => switchyard_bench::doors::run(args).await,
         Command::Batch(args) => switchyard_bench::batch::run(args).await,
+        Command::Embeddings(args) => switchyard_bench::embeddings::run(args).await,
         Command::StoredResponses(args) => switchyard_bench::stored_responses::run(args).await,
         Command::HttpOverhead(args) => switchyard_bench::http_overhead::run(args).await,
         Command::OpenaiBackend(args) => switchyard_bench::openai_backend::run(args).await,

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Embedding throughput side by side, one run, one machine (`switchyard-bench embeddings`):
+#   switchyard    switchyard up --engine candle (1 GPU worker, no wse worker), /v1/embeddings
+#   llama-server  llama.cpp's llama-server --embeddings --pooling mean on the same GGUF
+# both up at once, measured in alternating rounds (only one is loaded at a time). The workload
+# is code-search indexing of this repository's own Rust sources. Every process gets free
+# loopback ports and is stopped on exit.
+#
+#   bench/embeddings.sh [extra switchyard-bench embeddings flags, e.g. --inputs-per-request 16]
+# Env: THREADS (2: the machine's cores, given to each system), SLOTS (llama-server parallel
+# slots, 4), MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf), LLAMA_SERVER (a llama-server
+# binary; default: built by bench/anchors/setup.sh), OUT (target/embeddings/<UTC time>).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+THREADS="${THREADS:-2}"
+SLOTS="${SLOTS:-4}"
+MODEL="${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+OUT="${OUT:-target/embeddings/$(date -u +%Y%m%dT%H%M%SZ)}"
+MODEL_NAME="$(basename "$MODEL" .gguf)"
+mkdir -p "$OUT"
+
+scripts/fetch-model.sh >/dev/null
+. scripts/protoc.sh
+ensure_protoc
+cargo build --release -q -p switchyard -p switchyard-bench
+if [ -z "${LLAMA_SERVER:-}" ]; then
+  bench/anchors/setup.sh >/dev/null
+  LLAMA_SERVER="$ROOT/target/anchors/bin/llama-server"
+fi
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+SWITCHYARD="$TARGET_DIR/release/switchyard"
+BENCH="$TARGET_DIR/release/switchyard-bench"
+
+STARTED=()
+stop_all() {
+  for g in "${STARTED[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+  for g in "${STARTED[@]}"; do
+    for _ in $(seq 50); do kill -0 -- "-$g" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL -- "-$g" 2>/dev/null || true
+  done
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+start() {  # start LOG CMD...: CMD in its own session (process group = its pid)
+  local log="$1"; shift
+  setsid "$@" >"$log" 2>&1 &
+  STARTED+=("$!")
+}
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_http() {  # wait_http URL SECONDS LOG: until URL answers 2xx
+  for _ in $(seq $(($2 * 5))); do
+    if curl -sf -o /dev/null "$1"; then return 0; fi
+    sleep 0.2
+  done
+  echo "timed out waiting for $1; log $3:" >&2
+  tail -20 "$3" >&2
+  return 1
+}
+
+grpc=$(free_port); http=$(free_port); cp=$(free_port); dash=$(free_port); llama=$(free_port)
+start "$OUT/switchyard.log" env RAYON_NUM_THREADS="$THREADS" "$SWITCHYARD" up --engine candle \
+  --model-path "$MODEL" --gpu-workers 1 --wse-workers 0 \
+  --router-listen "127.0.0.1:$grpc" --http-listen "127.0.0.1:$http" \
+  --control-plane-listen "127.0.0.1:$cp" --dashboard-listen "127.0.0.1:$dash"
+# A physical batch as large as the context: llama.cpp refuses an embedding input longer than it.
+start "$OUT/llama-server.log" "$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$llama" \
+  -t "$THREADS" -tb "$THREADS" -np "$SLOTS" -c $((SLOTS * 2048)) -b 2048 -ub 2048 \
+  --embeddings --pooling mean --alias "$MODEL_NAME" --no-webui
+wait_http "http://127.0.0.1:$llama/health" 120 "$OUT/llama-server.log"
+for _ in $(seq 600); do
+  if curl -sf "http://127.0.0.1:$http/v1/models" 2>/dev/null | grep -q '"ready_workers":[1-9]'; then
+    break
+  fi
+  sleep 0.2
+done
+"$BENCH" embeddings --model "$MODEL_NAME" \
+  --target "switchyard=http://127.0.0.1:$http" --target "llama-server=http://127.0.0.1:$llama" \
+  "$@" | tee "$OUT/result.txt"
