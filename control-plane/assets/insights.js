@@ -30,6 +30,7 @@
     chat_completions: "POST /v1/chat/completions",
     completions: "POST /v1/completions",
     responses: "POST /v1/responses",
+    embeddings: "POST /v1/embeddings",
     stored_responses: "/v1/responses/{id} (stored)",
     conversations: "/v1/conversations",
     files: "/v1/files (Batch API)",
