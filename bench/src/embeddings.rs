@@ -56,7 +56,10 @@ fn corpus(root: &Path, lines: usize) -> anyhow::Result<Vec<String>> {
     while let Some(dir) = dirs.pop() {
         for entry in std::fs::read_dir(&dir)? {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if path.is_dir() && !name.starts_with('.') && name != "target" {
                 dirs.push(path);
             } else if name.ends_with(".rs") {
@@ -76,7 +79,11 @@ fn corpus(root: &Path, lines: usize) -> anyhow::Result<Vec<String>> {
             }
         }
     }
-    ensure!(!chunks.is_empty(), "no Rust sources under {}", root.display());
+    ensure!(
+        !chunks.is_empty(),
+        "no Rust sources under {}",
+        root.display()
+    );
     Ok(chunks)
 }
 
@@ -92,12 +99,8 @@ async fn round(
     let start = Instant::now();
     let mut tasks = JoinSet::new();
     for _ in 0..args.concurrency {
-        let (client, next, chunks, args) = (
-            client.clone(),
-            next.clone(),
-            chunks.clone(),
-            args.clone(),
-        );
+        let (client, next, chunks, args) =
+            (client.clone(), next.clone(), chunks.clone(), args.clone());
         let url = format!("{url}/v1/embeddings");
         tasks.spawn(async move {
             let (mut tokens, mut latencies, mut width) = (0u64, Vec::new(), None);
@@ -141,7 +144,9 @@ async fn round(
 fn quantile_ms(latencies: &mut [Duration], q: f64) -> f64 {
     latencies.sort();
     let rank = ((q * latencies.len() as f64).ceil() as usize).clamp(1, latencies.len().max(1));
-    latencies.get(rank - 1).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    latencies
+        .get(rank - 1)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3)
 }
 
 pub async fn run(args: EmbeddingsArgs) -> anyhow::Result<()> {
@@ -156,14 +161,8 @@ pub async fn run(args: EmbeddingsArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let corpus = corpus(&root, args.lines_per_chunk)?;
-    let chunks: Arc<Vec<String>> = Arc::new(
-        corpus
-            .iter()
-            .cycle()
-            .take(args.chunks)
-            .cloned()
-            .collect(),
-    );
+    let chunks: Arc<Vec<String>> =
+        Arc::new(corpus.iter().cycle().take(args.chunks).cloned().collect());
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()?;

@@ -20,7 +20,8 @@ use switchyard_proto::v1::{
 use switchyard_router::RouterConfig;
 use switchyard_worker::WorkerConfig;
 use switchyard_worker::fault::{
-    FAULT_TOOL, Fault, FaultEngine, FaultEvent, Plan, Script, fault_call, fault_ids, fault_text,
+    FAULT_TOOL, Fault, FaultEngine, FaultEvent, Plan, Script, fault_call, fault_embedding,
+    fault_ids, fault_text,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -1240,6 +1241,38 @@ async fn failover_before_the_first_token_starts_over_elsewhere() {
     assert!(
         starts.iter().all(|(_, s)| s.resume_tokens.is_empty()),
         "nothing to resume: {starts:?}"
+    );
+}
+
+/// An embedding whose worker dies before answering is embedded again on another worker: the
+/// client gets one `Finished` with the vector, and no tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedding_whose_worker_dies_is_answered_by_another() {
+    let cluster = Cluster::start(2, 4, RouterConfig::default(), None).await;
+    cluster.script.set(
+        "index me",
+        [Plan::fault(Fault::DieAfter(0)), Plan::default()],
+    );
+    let mut session = cluster.session().await;
+    session.start(GenerateRequest {
+        request_id: "v".into(),
+        model: MODEL.into(),
+        prompt: "index me".into(),
+        embed: true,
+        ..Default::default()
+    });
+    let end = session.end("v").await;
+    assert_eq!(end.reason(), FinishReason::Stop, "{end:?}");
+    assert!(end.ids.is_empty() && end.text.is_empty(), "{end:?}");
+    let finished = end.finished.as_ref().expect("finished");
+    assert_eq!(finished.embedding, fault_embedding("index me"));
+    let starts = cluster.starts();
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    assert_ne!(starts[0].0, starts[1].0, "failed over to another worker");
+    assert_eq!(
+        end.accepted.first().map(|a| a.lane),
+        Some(v1::Lane::CostSensitive as i32),
+        "an embedding left to the router is cost-sensitive"
     );
 }
 

@@ -1745,13 +1745,9 @@ async fn embeddings_are_placed_on_workers_that_embed_and_answer_as_the_sdk_expec
         })
         .collect();
     let file = switchyard_tests::upload_batch_file(&http, &base, &lines).await?;
-    let id = switchyard_tests::create_batch(
-        &http,
-        &base,
-        &file,
-        json!({"endpoint": "/v1/embeddings"}),
-    )
-    .await?;
+    let id =
+        switchyard_tests::create_batch(&http, &base, &file, json!({"endpoint": "/v1/embeddings"}))
+            .await?;
     let batch = switchyard_tests::wait_for_batch(
         &http,
         &base,
@@ -1801,8 +1797,14 @@ async fn embeddings_are_placed_on_workers_that_embed_and_answer_as_the_sdk_expec
         let frames: Vec<Value> = serde_json::Deserializer::from_str(&out)
             .into_iter::<Value>()
             .collect::<Result<_, _>>()?;
-        assert!(frames.first().is_some_and(|f| f.get("accepted").is_some()), "{out}");
-        let finished = frames.last().map(|f| f["finished"].clone()).unwrap_or_default();
+        assert!(
+            frames.first().is_some_and(|f| f.get("accepted").is_some()),
+            "{out}"
+        );
+        let finished = frames
+            .last()
+            .map(|f| f["finished"].clone())
+            .unwrap_or_default();
         let grpc: Vec<f64> = finished["embedding"]
             .as_array()
             .into_iter()

@@ -139,6 +139,12 @@ pub fn fault_token(instructions: &str, index: usize) -> (u32, String) {
     (id, format!(" t{index}"))
 }
 
+/// The vector an embedding request for `instructions` answers with: the synthetic engine's
+/// word hash, so a test can predict it.
+pub fn fault_embedding(instructions: &str) -> Vec<f32> {
+    crate::synthetic::synthetic_embedding(instructions)
+}
+
 /// The tool a [`Fault::CallThenHold`] generation calls.
 pub const FAULT_TOOL: &str = "lookup";
 
@@ -276,6 +282,10 @@ impl Engine for FaultEngine {
         self.models.clone()
     }
 
+    fn embeds(&self) -> bool {
+        true
+    }
+
     fn max_concurrent(&self) -> u32 {
         self.max_concurrent
     }
@@ -344,6 +354,7 @@ impl Engine for FaultEngine {
             instructions,
             start: request.resume_tokens.len(),
             max_tokens: request.sampling.max_tokens as usize,
+            embed: request.embed,
             plan,
             events: self.events.clone(),
             released: self.released.subscribe(),
@@ -359,6 +370,9 @@ struct Generation {
     instructions: String,
     start: usize,
     max_tokens: usize,
+    /// An embedding request: [`fault_embedding`] of the instructions instead of tokens (a
+    /// [`Fault::DieAfter`]`(0)` dies before it).
+    embed: bool,
     plan: Plan,
     events: Arc<watch::Sender<Vec<FaultEvent>>>,
     released: watch::Receiver<bool>,
@@ -382,20 +396,19 @@ impl Generation {
         // Text of tokens made but not yet sent (a [`Fault::Packed`] event's first tokens).
         let mut packed = String::new();
         let reason = 'generate: {
+            if self.embed {
+                if self.plan.fault == Fault::DieAfter(0) {
+                    return self.die(sent).await;
+                }
+                let vector = fault_embedding(&self.instructions);
+                if !self.deliver(EngineEvent::Embedding(vector), &tx).await {
+                    return;
+                }
+                break 'generate StopReason::Stop;
+            }
             for index in self.start..self.max_tokens {
                 let paused = match self.plan.fault {
-                    Fault::DieAfter(n) if sent == n => {
-                        record(
-                            &self.events,
-                            FaultEvent::Died {
-                                request_id: self.request_id.clone(),
-                                tokens: sent,
-                            },
-                        );
-                        self.died.cancel();
-                        // The worker is going away with this generation unfinished.
-                        return std::future::pending().await;
-                    }
+                    Fault::DieAfter(n) if sent == n => return self.die(sent).await,
                     Fault::StallAfter(n, stall) if sent == n => Some(tokio::time::sleep(stall)),
                     Fault::CallThenHold(n) if sent == n => {
                         // The call takes token `index`'s place.
@@ -488,6 +501,19 @@ impl Generation {
 }
 
 impl Generation {
+    /// The worker goes away with this generation unfinished, after it sent `tokens`.
+    async fn die(&self, tokens: usize) {
+        record(
+            &self.events,
+            FaultEvent::Died {
+                request_id: self.request_id.clone(),
+                tokens,
+            },
+        );
+        self.died.cancel();
+        std::future::pending().await
+    }
+
     /// Sends [`fault_call`] of token `index` as call `call_index`, as an engine that generates
     /// calls as tokens does: the call, and the token that spelt it (no text). `false`: the
     /// worker stopped listening.

@@ -39,18 +39,30 @@ impl Needs {
         }
     }
 
-    /// The field that asks for it, the capability in a worker's record, and who has it.
-    fn capability(self) -> Option<(&'static str, fn(&WorkerRecord) -> bool, &'static str)> {
+    /// What it takes beyond serving the model; `None` for a generation.
+    fn capability(self) -> Option<Capability> {
         match self {
             Needs::Generation => None,
-            Needs::PromptScored => Some((
-                "sampling.prompt_logprobs",
-                |record| record.scores_prompts,
-                "score a prompt",
-            )),
-            Needs::Embedding => Some(("embed", |record| record.embeds, "embed a prompt")),
+            Needs::PromptScored => Some(Capability {
+                field: "sampling.prompt_logprobs",
+                has: |record| record.scores_prompts,
+                what: "score a prompt",
+            }),
+            Needs::Embedding => Some(Capability {
+                field: "embed",
+                has: |record| record.embeds,
+                what: "embed a prompt",
+            }),
         }
     }
+}
+
+/// An engine capability a request needs: the request field that asks for it, whether a
+/// worker's record says it has it, and what it does (for the refusal).
+struct Capability {
+    field: &'static str,
+    has: fn(&WorkerRecord) -> bool,
+    what: &'static str,
 }
 
 impl Dispatcher {
@@ -100,7 +112,7 @@ impl Dispatcher {
         needs: Needs,
         trace: bool,
     ) -> Result<Ask, DispatchError> {
-        if let Some((field, has, what)) = needs.capability() {
+        if let Some(Capability { field, has, what }) = needs.capability() {
             let (cannot, can) = self.links.capable(&request.model, has);
             if can == 0 && !cannot.is_empty() {
                 return Err(DispatchError::invalid(

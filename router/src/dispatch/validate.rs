@@ -255,6 +255,21 @@ mod tests {
     }
 
     #[test]
+    fn an_embedding_bounds_its_output_to_one_and_its_input_to_the_context() {
+        let mut embed = request("p", 0);
+        embed.embed = true;
+        bound_output(&mut embed, 4096);
+        assert_eq!(embed.sampling.as_ref().map(|s| s.max_tokens), Some(1));
+        assert!(fits_context(&embed, 63, 64).is_ok());
+        let long = fits_context(&embed, 64, 64).unwrap_err();
+        assert_eq!(long.field(), Some("prompt"));
+        assert!(
+            long.to_string().contains("embeds at most 63 tokens"),
+            "{long}"
+        );
+    }
+
+    #[test]
     fn a_request_naming_no_max_tokens_gets_the_default_within_the_cap() {
         let mut unbounded = request("p", 0);
         assert_eq!(bound_output(&mut unbounded, 4096), OutputBound::Default);
