@@ -199,6 +199,8 @@ class Completion:
     moved: list = field(default_factory=list)
     # Frames for this request the router refused (a bad interrupt): the request went on.
     rejected: list = field(default_factory=list)
+    # An embedding request's vector (`embed=True`), unit length; empty otherwise.
+    embedding: list = field(default_factory=list)
 
 
 def chat_messages(messages: Iterable[Message]) -> list:
@@ -280,6 +282,7 @@ def generate_request(
     tools: Iterable = (),
     tool_choice: Optional[str] = None,
     single_call: bool = False,
+    embed: bool = False,
     **sampling,
 ):
     """A `GenerateRequest`: `messages`, a text `prompt` or `prompt_token_ids` (ids of the
@@ -287,7 +290,9 @@ def generate_request(
     `sampling` takes `SamplingParams`' other fields by name
     (temperature, top_p, top_k, min_p, seed, presence_penalty, ..., logit_bias, logprobs).
     `tools` and `tool_choice` ("auto", "none", "required" or a tool's name) offer functions
-    the model may call; `single_call` allows at most one call."""
+    the model may call; `single_call` allows at most one call. `embed` asks for the prompt's
+    embedding instead of a generation (`Completion.embedding`; GPU workers running the model
+    embed)."""
     if request_class not in _CLASSES:
         raise ValueError(
             f"request_class must be one of {', '.join(_CLASSES)}, not {request_class!r}"
@@ -308,6 +313,7 @@ def generate_request(
         ttft_slo_ms=ttft_slo_ms,
         affinity_key=affinity_key,
         metadata=metadata or {},
+        embed=embed,
     )
 
 
@@ -374,6 +380,7 @@ class Request:
                 completion.rejected.append(message)
         completion.accepted = self.accepted
         completion.finished = self.finished
+        completion.embedding = list(self.finished.embedding) if self.finished else []
         return completion
 
 

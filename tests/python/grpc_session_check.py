@@ -198,6 +198,26 @@ async def generate_answers_one_request():
         raise AssertionError("an empty model did not fail")
 
 
+async def embeddings_share_the_session_with_generations():
+    async with await sy.Session.open(TARGET) as session:
+        vector = await session.start(model=MODEL, prompt="the cat sat", embed=True)
+        text = await session.start(model=MODEL, messages=[("user", "beside it")], max_tokens=3)
+        embedded = await vector.collect()
+        generated = await text.collect()
+    norm = sum(x * x for x in embedded.embedding) ** 0.5
+    expect(len(embedded.embedding) > 0 and abs(norm - 1) < 1e-4, f"{embedded.embedding}")
+    expect(embedded.text == "" and embedded.token_ids == [], "an embedding has no tokens")
+    expect(embedded.finished.usage.completion_tokens == 0, f"{embedded.finished.usage}")
+    expect(generated.text == synthetic("beside it", 3), f"{generated.text!r}")
+    try:
+        await sy.generate(TARGET, model=MODEL, messages=[("user", "x")], embed=True, timeout=30)
+    except sy.RequestFailed as failed:
+        expect(failed.code == grpc.StatusCode.INVALID_ARGUMENT, f"{failed}")
+        expect("messages" in failed.message, f"{failed}")
+    else:
+        raise AssertionError("an embedding of messages was not refused")
+
+
 CHECKS = [
     models_are_listed_with_their_workers,
     two_requests_share_one_session,
@@ -209,6 +229,7 @@ CHECKS = [
     closing_the_session_ends_what_is_open_on_it,
     an_unused_session_outlives_the_idle_timeout,
     generate_answers_one_request,
+    embeddings_share_the_session_with_generations,
 ]
 
 

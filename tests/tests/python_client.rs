@@ -37,7 +37,7 @@ async fn the_python_client_streams_steers_and_cancels_on_one_session() -> anyhow
     )
     .await
     .context("the Python client checks (pip install -r scripts/test-requirements.txt)")?;
-    assert!(out.contains("grpc-python: 10 passed, 0 failed"), "{out}");
+    assert!(out.contains("grpc-python: 11 passed, 0 failed"), "{out}");
 
     // The README's command: the answer on stdout, the routing and usage on stderr.
     let out = program_output(
