@@ -256,7 +256,7 @@ def refusals_name_what_is_wrong():
         [
             (lambda: uploader.files.create(file=("x.jsonl", b"{}"), purpose="fine-tune"),
              "purpose"),
-            (lambda: client.batches.create(input_file_id=made.id, endpoint="/v1/embeddings",
+            (lambda: client.batches.create(input_file_id=made.id, endpoint="/v1/moderations",
                                            completion_window="24h"), "endpoint"),
             (lambda: client.batches.create(input_file_id=made.id,
                                            endpoint="/v1/chat/completions",

@@ -311,7 +311,7 @@ mod tests {
             }
             creation(body).unwrap_err().param
         };
-        assert_eq!(param(json!({"endpoint": "/v1/embeddings"})), "endpoint");
+        assert_eq!(param(json!({"endpoint": "/v1/moderations"})), "endpoint");
         assert_eq!(
             param(json!({"completion_window": "2d"})),
             "completion_window"
