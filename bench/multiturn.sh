@@ -38,55 +38,7 @@ BENCH="$ROOT/target/release/switchyard-bench"
 LLAMA_SERVER="$ROOT/target/anchors/bin/llama-server"
 SMG="$ROOT/target/anchors/venv/bin/smg"
 
-# Process groups started here; each is stopped by its own id.
-GROUPS_STARTED=()
-stop_all() {
-  for g in "${GROUPS_STARTED[@]}"; do
-    kill -TERM -- "-$g" 2>/dev/null || true
-  done
-  for g in "${GROUPS_STARTED[@]}"; do
-    for _ in $(seq 50); do kill -0 -- "-$g" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$g" 2>/dev/null || true
-  done
-  GROUPS_STARTED=()
-}
-trap stop_all EXIT
-trap 'exit 130' INT TERM
-
-# start LOG CMD...: runs CMD in its own session (process group = its pid).
-start() {
-  local log="$1"; shift
-  setsid "$@" >"$log" 2>&1 &
-  GROUPS_STARTED+=("$!")
-}
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
-# wait_http URL SECONDS LOG: until URL answers 2xx.
-wait_http() {
-  local url="$1" secs="$2" log="$3"
-  for _ in $(seq $((secs * 5))); do
-    if curl -sf -o /dev/null "$url"; then return 0; fi
-    sleep 0.2
-  done
-  echo "timed out waiting for $url; log $log:" >&2
-  tail -20 "$log" >&2
-  return 1
-}
-
-# wait_line LOG PATTERN SECONDS: until PATTERN appears in LOG.
-wait_line() {
-  local log="$1" pattern="$2" secs="$3"
-  for _ in $(seq $((secs * 5))); do
-    if grep -q "$pattern" "$log" 2>/dev/null; then return 0; fi
-    sleep 0.2
-  done
-  echo "timed out waiting for '$pattern' in $log:" >&2
-  tail -20 "$log" >&2
-  return 1
-}
+. bench/processes.sh
 
 # `up` passes --prefix-cache to its GPU workers; a build without it can only run one variant.
 HAS_PREFIX_FLAG=0

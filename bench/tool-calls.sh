@@ -29,33 +29,7 @@ fi
 bench/anchors/setup.sh >/dev/null
 LLAMA_SERVER="$ROOT/target/anchors/bin/llama-server"
 
-GROUPS_STARTED=()
-stop_all() {
-  for g in "${GROUPS_STARTED[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-  for g in "${GROUPS_STARTED[@]}"; do
-    for _ in $(seq 50); do kill -0 -- "-$g" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$g" 2>/dev/null || true
-  done
-}
-trap stop_all EXIT
-trap 'exit 130' INT TERM
-start() {  # start LOG CMD...: CMD in its own process group
-  local log="$1"; shift
-  setsid "$@" >"$log" 2>&1 &
-  GROUPS_STARTED+=("$!")
-}
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-wait_http() {  # wait_http URL SECONDS LOG: until URL answers 2xx
-  for _ in $(seq $(($2 * 5))); do
-    if curl -sf -o /dev/null "$1"; then return 0; fi
-    sleep 0.2
-  done
-  echo "timed out waiting for $1; log $3:" >&2
-  tail -20 "$3" >&2
-  return 1
-}
+. bench/processes.sh
 
 grpc=$(free_port); http=$(free_port); cp=$(free_port); dash=$(free_port); llama=$(free_port)
 start "$OUT/switchyard.log" env RAYON_NUM_THREADS="$THREADS" "$SWITCHYARD" up --engine candle \

@@ -11,36 +11,25 @@ mod request;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse as _, Response};
 use serde::Serialize;
 use serde_json::{Value, json};
 use switchyard_proto::v1::{self, server_frame::Frame};
 
-use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 use crate::openai::blocks::{Block, Blocks, Body as BlockBody, Change, Status};
 use crate::openai::choices::ChoiceFrames;
-use crate::openai::handlers::{self, MESSAGES_ROUTE};
+use crate::openai::handlers::{self, Call, MESSAGES_ROUTE};
 use crate::openai::tokenize;
 use crate::openai::{ApiError, wire};
 use request::{FieldNames, MessagesRequest};
 
-pub async fn messages(
-    State(dispatcher): State<Arc<Dispatcher>>,
-    tenant: Option<Extension<Tenant>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let limits = dispatcher.limits().clone();
-    handlers::answer(&headers.clone(), &limits, MESSAGES_ROUTE, None, |id| {
-        respond(dispatcher, tenant.map(|t| t.0), headers, body, id)
-    })
-    .await
+pub async fn messages(call: Call) -> Response {
+    call.answer(MESSAGES_ROUTE, None, respond).await
 }
 
 /// Reads a request body.
@@ -66,10 +55,7 @@ async fn count(
     dispatcher: &Dispatcher,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<usize, ApiError> {
-    let body = body.map_err(handlers::body_unread)?;
-    if body.is_empty() {
-        return Err(ApiError::bad_body("is empty; send a JSON object"));
-    }
+    let body = handlers::read_body(body)?;
     let mut request = wire::typed::<MessagesRequest>(&wire::json_object(&body)?)?;
     request.max_tokens.get_or_insert(1);
     let mut read = request.read()?;
@@ -89,17 +75,14 @@ async fn count(
         .ok_or_else(|| tokenize::no_tokenizer(model))
 }
 
-async fn respond(
-    dispatcher: Arc<Dispatcher>,
-    tenant: Option<Tenant>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    id: String,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(handlers::body_unread)?;
-    if body.is_empty() {
-        return Err(ApiError::bad_body("is empty; send a JSON object"));
-    }
+async fn respond(call: Call, id: String) -> Result<Response, ApiError> {
+    let Call {
+        dispatcher,
+        tenant,
+        headers,
+        body,
+    } = call;
+    let body = handlers::read_body(body)?;
     let read = read_body(&body)?;
     let fields = read.fields;
     let name_fields = |e: ApiError| e.renaming_param(|f| fields.rename(f));

@@ -59,15 +59,10 @@ fn body_of<T: serde::de::DeserializeOwned + Default>(
     body: Result<Bytes, BytesRejection>,
     empty_ok: bool,
 ) -> Result<T, ApiError> {
-    let body = body.map_err(handlers::body_unread)?;
-    if body.is_empty() {
-        return if empty_ok {
-            Ok(T::default())
-        } else {
-            Err(ApiError::bad_body("is empty; send a JSON object"))
-        };
+    match body {
+        Ok(body) if body.is_empty() && empty_ok => Ok(T::default()),
+        body => wire::typed(&wire::json_object(&handlers::read_body(body)?)?),
     }
-    wire::typed(&wire::json_object(&body)?)
 }
 
 /// Checked items to add to conversation `holder` (`field`: how the request names them), as

@@ -6,9 +6,6 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse as _, Response};
 use axum::{Json, http::StatusCode};
@@ -21,7 +18,7 @@ use switchyard_proto::v1::server_frame::Frame;
 use tonic::Code;
 
 use super::ApiError;
-use super::handlers::{self, Placement};
+use super::handlers::{self, Call, Placement};
 use super::wire;
 use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
@@ -107,30 +104,18 @@ struct EmbeddingUsage {
     total_tokens: u32,
 }
 
-pub async fn embeddings(
-    State(dispatcher): State<Arc<Dispatcher>>,
-    tenant: Option<Extension<Tenant>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let limits = dispatcher.limits().clone();
-    handlers::answer(&headers.clone(), &limits, EMBEDDINGS_ROUTE, None, |id| {
-        embed(dispatcher, tenant.map(|t| t.0), headers, body, id)
-    })
-    .await
+pub async fn embeddings(call: Call) -> Response {
+    call.answer(EMBEDDINGS_ROUTE, None, embed).await
 }
 
-async fn embed(
-    dispatcher: Arc<Dispatcher>,
-    tenant: Option<Tenant>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    id: String,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(handlers::body_unread)?;
-    if body.is_empty() {
-        return Err(ApiError::bad_body("is empty; send a JSON object"));
-    }
+async fn embed(call: Call, id: String) -> Result<Response, ApiError> {
+    let Call {
+        dispatcher,
+        tenant,
+        headers,
+        body,
+    } = call;
+    let body = handlers::read_body(body)?;
     let fields: EmbeddingFields = wire::typed(&wire::json_object(&body)?)?;
     let model = wire::required_model(fields.model)?;
     let encoding = Encoding::parse(fields.encoding_format.as_deref())?;

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use switchyard_cluster::telemetry::propagation::RemoteContext;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::{Extension, Json};
 use futures::StreamExt as _;
 use serde_json::{Value, json};
 use switchyard_proto::v1::{self, server_frame::Frame};
@@ -88,45 +88,65 @@ pub(crate) fn tag(response: &mut Response, lane: &str, pool: &str, worker: &str,
     }
 }
 
-pub async fn chat_completions(
-    State(dispatcher): State<Arc<Dispatcher>>,
-    tenant: Option<Extension<Tenant>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let limits = dispatcher.limits().clone();
-    let mint = dispatcher.responses.new_chat_completion_id();
-    answer(&headers.clone(), &limits, CHAT_ROUTE, Some(mint), |id| {
-        generate(
-            dispatcher,
-            tenant.map(|t| t.0),
-            headers,
-            body,
-            Endpoint::Chat,
-            id,
-        )
+pub async fn chat_completions(call: Call) -> Response {
+    let mint = call.dispatcher.responses.new_chat_completion_id();
+    call.answer(CHAT_ROUTE, Some(mint), |call, id| {
+        generate(call, Endpoint::Chat, id)
     })
     .await
 }
 
-pub async fn completions(
-    State(dispatcher): State<Arc<Dispatcher>>,
-    tenant: Option<Extension<Tenant>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let limits = dispatcher.limits().clone();
-    answer(&headers.clone(), &limits, COMPLETIONS_ROUTE, None, |id| {
-        generate(
-            dispatcher,
-            tenant.map(|t| t.0),
-            headers,
-            body,
-            Endpoint::Completion,
-            id,
-        )
+pub async fn completions(call: Call) -> Response {
+    call.answer(COMPLETIONS_ROUTE, None, |call, id| {
+        generate(call, Endpoint::Completion, id)
     })
     .await
+}
+
+/// What a door's handler is given: the router, the caller's tenant (its API key's), the
+/// request's headers and its body (or why it could not be read, which the door answers in its
+/// API's words).
+pub struct Call {
+    pub(crate) dispatcher: Arc<Dispatcher>,
+    pub(crate) tenant: Option<Tenant>,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Result<Bytes, BytesRejection>,
+}
+
+impl FromRequest<Arc<Dispatcher>> for Call {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request(
+        request: axum::extract::Request,
+        dispatcher: &Arc<Dispatcher>,
+    ) -> Result<Self, Self::Rejection> {
+        let tenant = request.extensions().get::<Tenant>().cloned();
+        let headers = request.headers().clone();
+        Ok(Call {
+            dispatcher: dispatcher.clone(),
+            tenant,
+            headers,
+            body: Bytes::from_request(request, dispatcher).await,
+        })
+    }
+}
+
+impl Call {
+    /// Answers the call with `respond`, under its request id (see [`answer`]).
+    pub(crate) async fn answer<F, Fut>(
+        self,
+        route: &str,
+        mint: Option<String>,
+        respond: F,
+    ) -> Response
+    where
+        F: FnOnce(Call, String) -> Fut,
+        Fut: std::future::Future<Output = Result<Response, ApiError>>,
+    {
+        let limits = self.dispatcher.limits().clone();
+        let headers = self.headers.clone();
+        answer(&headers, &limits, route, mint, |id| respond(self, id)).await
+    }
 }
 
 /// The generation routes.
@@ -290,11 +310,16 @@ pub(crate) fn body_unread(rejection: BytesRejection) -> ApiError {
 }
 
 fn parse<T: WithSampling>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    wire::parse_body(&read_body(body)?)
+}
+
+/// A request body that must hold a JSON object: read whole, and not empty.
+pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     let body = body.map_err(body_unread)?;
     if body.is_empty() {
         return Err(ApiError::bad_body("is empty; send a JSON object"));
     }
-    wire::parse_body(&body)
+    Ok(body)
 }
 
 /// The request class from `x-switchyard-class`, `None` when absent.
@@ -340,14 +365,13 @@ fn failed(failed: &v1::Failed) -> ApiError {
     ApiError::from_failed(failed)
 }
 
-async fn generate(
-    dispatcher: Arc<Dispatcher>,
-    tenant: Option<Tenant>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    endpoint: Endpoint,
-    id: String,
-) -> Result<Response, ApiError> {
+async fn generate(call: Call, endpoint: Endpoint, id: String) -> Result<Response, ApiError> {
+    let Call {
+        dispatcher,
+        tenant,
+        headers,
+        body,
+    } = call;
     let cap = dispatcher.limits().max_tokens_cap;
     let tenant_name = tenant.as_ref().map(|t| t.0.clone());
     let (requests, mode, keep) = match endpoint {

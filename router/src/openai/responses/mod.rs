@@ -17,10 +17,7 @@ pub(super) mod stored;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use axum::Extension;
 use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse as _, Response};
 use serde_json::Value;
@@ -29,9 +26,8 @@ use switchyard_proto::v1::{self, server_frame::Frame};
 use super::choices::ChoiceFrames;
 use super::conversations;
 use super::error::ApiError;
-use super::handlers::{self, RESPONSES_ROUTE};
+use super::handlers::{self, Call, RESPONSES_ROUTE};
 use super::wire;
-use crate::auth::Tenant;
 use crate::dispatch::Dispatcher;
 use crate::response_store::background::Describe;
 use crate::response_store::events::{EventLog, LogWriter};
@@ -40,35 +36,19 @@ use object::{Lifecycle, Snapshot};
 use output::{Event, Output, Status};
 use request::{ResponsesRequest, Turn};
 
-pub async fn responses(
-    State(dispatcher): State<Arc<Dispatcher>>,
-    tenant: Option<Extension<Tenant>>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    let limits = dispatcher.limits().clone();
-    let mint = dispatcher.responses.new_id();
-    handlers::answer(
-        &headers.clone(),
-        &limits,
-        RESPONSES_ROUTE,
-        Some(mint),
-        |id| respond(dispatcher, tenant.map(|t| t.0), headers, body, id),
-    )
-    .await
+pub async fn responses(call: Call) -> Response {
+    let mint = call.dispatcher.responses.new_id();
+    call.answer(RESPONSES_ROUTE, Some(mint), respond).await
 }
 
-async fn respond(
-    dispatcher: Arc<Dispatcher>,
-    tenant: Option<Tenant>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    id: String,
-) -> Result<Response, ApiError> {
-    let body = body.map_err(handlers::body_unread)?;
-    if body.is_empty() {
-        return Err(ApiError::bad_body("is empty; send a JSON object"));
-    }
+async fn respond(call: Call, id: String) -> Result<Response, ApiError> {
+    let Call {
+        dispatcher,
+        tenant,
+        headers,
+        body,
+    } = call;
+    let body = handlers::read_body(body)?;
     let mut request = parse_body(&body)?;
     let tenant_name = tenant.as_ref().map(|t| t.0.clone());
     if let Some(Value::Array(items)) = request.input.as_mut() {
