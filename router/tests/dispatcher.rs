@@ -1266,6 +1266,11 @@ async fn an_embedding_whose_worker_dies_is_answered_by_another() {
     assert!(end.ids.is_empty() && end.text.is_empty(), "{end:?}");
     let finished = end.finished.as_ref().expect("finished");
     assert_eq!(finished.embedding, fault_embedding("index me"));
+    let timings = finished.timings.expect("timings");
+    assert!(
+        timings.ttft_ms > 0.0 && timings.ttft_ms <= timings.total_ms,
+        "the vector is the first answer: {timings:?}"
+    );
     let starts = cluster.starts();
     assert_eq!(starts.len(), 2, "{starts:?}");
     assert_ne!(starts[0].0, starts[1].0, "failed over to another worker");

@@ -128,7 +128,11 @@ pub async fn forward_generation(
                 }
             }
             Some(Ok(EngineEvent::StopSequence(stop))) => stop_sequence = stop,
-            Some(Ok(EngineEvent::Embedding(vector))) => embedding = vector,
+            Some(Ok(EngineEvent::Embedding(vector))) => {
+                // The vector is the answer: its time is the request's time to first output.
+                first_token_at.get_or_insert_with(Instant::now);
+                embedding = vector;
+            }
             // It rides with the first token, which comes next and goes out at once.
             Some(Ok(EngineEvent::PromptLogprobs(entries))) => chunk.prompt_logprobs = entries,
             Some(Ok(EngineEvent::Done {

@@ -247,6 +247,10 @@ impl Run<'_> {
         out: &FrameSink,
     ) -> Result<(), DispatchError> {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        // An embedding's first (and only) answer is its vector, now.
+        let answered = self
+            .first_token
+            .or((!self.embedding.is_empty()).then(Instant::now));
         let finished = Frame::Finished(v1::Finished {
             request_id: self.request.request_id.clone(),
             reason,
@@ -256,10 +260,7 @@ impl Run<'_> {
                 cached_prompt_tokens: self.cached_prompt_tokens,
             }),
             timings: Some(v1::Timings {
-                ttft_ms: self
-                    .first_token
-                    .map(|t| ms(t - self.arrived))
-                    .unwrap_or_default(),
+                ttft_ms: answered.map(|t| ms(t - self.arrived)).unwrap_or_default(),
                 total_ms: ms(self.arrived.elapsed()),
                 queue_ms: ms(self.waited),
             }),
