@@ -258,26 +258,7 @@ async fn a_stopping_router_hands_its_running_batch_to_another() -> anyhow::Resul
     let staying = cluster.router_openai_url();
     let handed = batch(&http, &staying, &id).await?;
     assert_eq!(handed["metadata"], json!({"job": "rollout"}), "{handed}");
-    let done = wait_for_batch(
-        &http,
-        &staying,
-        &id,
-        PATIENCE,
-        "the batch to end where it was handed",
-        |b| b["status"] == "completed",
-    )
-    .await?;
-    assert_eq!(
-        done["request_counts"],
-        json!({"total": 8, "completed": 8, "failed": 0}),
-        "{done}"
-    );
-    let answers = batch_output(&http, &staying, &done).await?;
-    let ids: Vec<&str> = answers
-        .iter()
-        .filter_map(|a| a["custom_id"].as_str())
-        .collect();
-    assert_eq!(ids, ["q0", "q1", "q2", "q3", "q4", "q5", "q6", "q7"]);
+    let answers = all_answered_once(&http, &staying, &id, 8, "where it was handed").await?;
     // Each answer names the replica that made it: those made before the stop were kept.
     let made_by_leaving = answers
         .iter()
@@ -335,27 +316,7 @@ async fn a_killed_routers_running_batch_goes_on_at_its_standby() -> anyhow::Resu
     dying.kill().await?;
 
     let staying = cluster.router_openai_url();
-    let done = wait_for_batch(
-        &http,
-        &staying,
-        &id,
-        PATIENCE,
-        "the standby to end it",
-        |b| b["status"] == "completed",
-    )
-    .await?;
-    assert_eq!(
-        done["request_counts"],
-        json!({"total": 16, "completed": 16, "failed": 0}),
-        "{done}"
-    );
-    let answers = batch_output(&http, &staying, &done).await?;
-    let ids: Vec<&str> = answers
-        .iter()
-        .filter_map(|a| a["custom_id"].as_str())
-        .collect();
-    let expected: Vec<String> = (0..16).map(|i| format!("q{i}")).collect();
-    assert_eq!(ids, expected);
+    all_answered_once(&http, &staying, &id, 16, "at the standby").await?;
     assert_eq!(
         metric(&staying_metrics, "switchyard_router_standby_batches").await,
         Some(0.0),
@@ -473,4 +434,37 @@ async fn uploads_past_the_bounds_are_refused_saying_which() -> anyhow::Result<()
     assert_eq!(deleted.status(), 200);
     upload(&http, &base, &sized(900)).await?;
     Ok(())
+}
+
+/// Waits at `base` until batch `id` of `count` requests (`q0`, `q1`, …) completes `where_`,
+/// checks every request was answered once, in input order, and returns the answers.
+async fn all_answered_once(
+    http: &reqwest::Client,
+    base: &str,
+    id: &str,
+    count: usize,
+    where_: &str,
+) -> anyhow::Result<Vec<Value>> {
+    let done = wait_for_batch(
+        http,
+        base,
+        id,
+        PATIENCE,
+        &format!("the batch to end {where_}"),
+        |b| b["status"] == "completed",
+    )
+    .await?;
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": count, "completed": count, "failed": 0}),
+        "{done}"
+    );
+    let answers = batch_output(http, base, &done).await?;
+    let ids: Vec<&str> = answers
+        .iter()
+        .filter_map(|a| a["custom_id"].as_str())
+        .collect();
+    let expected: Vec<String> = (0..count).map(|i| format!("q{i}")).collect();
+    assert_eq!(ids, expected);
+    Ok(answers)
 }
