@@ -4,7 +4,8 @@
 //! dozen small tensor operations per sequence and layer, each with its own allocation and
 //! dispatch: measured on SmolLM2, 7 ms of a 19 ms single-stream step and 80 ms of a
 //! 160 ms step at 16 streams. Here it is one pass per (sequence, KV head) over the cached rows,
-//! spread over the engine's compute pool; prompts attend the same way, two tokens at a time.
+//! spread over the engine's compute pool; prompt chunks attend the same way, two tokens at a
+//! time, and one pass may mix several sequences' decode tokens and prompt chunks.
 //! Within a pass, the query heads that share the KV head (and, in a prompt, both tokens' heads)
 //! are scored and weighted together, so each key and value vector is loaded once for all of
 //! them: a 2 048-token prompt spent 40 % of its prefill here when each head read the cache on
@@ -116,7 +117,7 @@ impl HostBlocks {
     }
 
     /// Stores `t` positions from `pos0` on of the sequence whose blocks are `table`; `k` and
-    /// `v` are `(n_kv, t, head_dim)`.
+    /// `v` are `(t, n_kv, head_dim)`, as a forward pass makes them.
     pub(crate) fn write(
         &mut self,
         table: &[u32],
@@ -126,13 +127,13 @@ impl HostBlocks {
         k: &[f32],
         v: &[f32],
     ) {
-        let hd = self.head_dim;
-        for h in 0..self.n_kv {
+        let (n_kv, hd) = (self.n_kv, self.head_dim);
+        for h in 0..n_kv {
             for i in 0..t {
                 let p = pos0 + i;
                 let (block, off) = (table[p / BLOCK_TOKENS], p % BLOCK_TOKENS);
                 let seg = self.segment_mut(block, layer, h);
-                let src = (h * t + i) * hd;
+                let src = (i * n_kv + h) * hd;
                 for (d, &x) in k[src..src + hd].iter().enumerate() {
                     seg[key_index(hd, d, off)] = x;
                 }
@@ -448,74 +449,31 @@ mod avx2 {
     }
 }
 
-/// Decode attention for a batch: sequence `i` has query heads `q[i]` (`n_head × head_dim`,
-/// heads sharing a KV head adjacent) and attends over the first `lens[i]` positions of its
-/// blocks `tables[i]` at `layer` (its new token already written). Returns
-/// `(batch, n_head × head_dim)`.
-pub(crate) fn decode_attention(
-    store: &HostBlocks,
-    tables: &[&[u32]],
-    layer: usize,
-    q: &[f32],
-    lens: &[usize],
-    n_head: usize,
-    scale: f32,
-) -> Vec<f32> {
-    let (n_kv, hd) = (store.n_kv, store.head_dim);
-    let group = n_head / n_kv;
-    let width = group * hd;
-    // Work items are (sequence, KV head) pairs; each owns its slice of the output.
-    let segments: Vec<Vec<&[f32]>> = (0..tables.len() * n_kv)
-        .map(|item| {
-            let (i, h) = (item / n_kv, item % n_kv);
-            store.segments(tables[i], layer, h, lens[i])
-        })
-        .collect();
-    let out = SharedOutput::zeros(tables.len() * n_head * hd);
-    for_each_range(segments.len(), |items| {
-        let (mut scores, mut buf, mut row_lens) = (Vec::new(), vec![0f32; width], Vec::new());
-        for item in items {
-            let (i, h) = (item / n_kv, item % n_kv);
-            let head = CachedHead {
-                segments: &segments[item],
-                len: lens[i],
-                head_dim: hd,
-            };
-            row_lens.clear();
-            row_lens.resize(group, lens[i]);
-            let at = i * n_head * hd + h * width;
-            attend_rows(
-                &q[at..at + width],
-                &row_lens,
-                head,
-                scale,
-                &mut scores,
-                &mut buf,
-            );
-            out.write(at, &buf);
-        }
-    });
-    out.into_vec()
+/// One sequence's rows of a forward pass: `t` new tokens at positions `pos0..pos0 + t`,
+/// whose keys and values are already in its blocks `table`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Span<'a> {
+    pub table: &'a [u32],
+    pub pos0: usize,
+    pub t: usize,
 }
 
-/// Causal attention for `t` new tokens of one sequence at positions `pos0..pos0 + t`, whose
-/// keys and values are already in its blocks `table`: token `r` attends to positions
-/// `0..=pos0 + r` (a cached prefix included). `q` is `(n_head, t, head_dim)`; returns
-/// `(t, n_head × head_dim)`.
+/// Causal attention for the new tokens of several sequences at once (a decode step is one
+/// token each, a prompt chunk many; a pass may mix them). The spans' rows are packed in
+/// order: `q` is `(rows, n_head, head_dim)` with heads sharing a KV head adjacent, and row
+/// `r` of span `s` attends to positions `0..=pos0 + r` of its own blocks (a cached prefix
+/// included). Returns `(rows, n_head × head_dim)`.
 ///
-/// Fused per (KV head, a few consecutive tokens): their query heads are attended together, so
-/// each cached key and value is read once for all of them; no `t × len` score matrix, no
-/// mask, and the masked half of a causal prompt is never computed (with candle ops a
-/// 2 048-token prompt spent a quarter of its prefill allocating, masking and exponentiating
-/// that matrix).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn prompt_attention(
+/// Work items are (sequence, KV head, a few consecutive tokens): their query heads are
+/// attended together, so each cached key and value is read once for all of them; no
+/// `t × len` score matrix, no mask, and the masked half of a causal prompt is never computed
+/// (with candle ops a 2 048-token prompt spent a quarter of its prefill allocating, masking
+/// and exponentiating that matrix).
+pub(crate) fn attention(
     store: &HostBlocks,
-    table: &[u32],
+    spans: &[Span<'_>],
     layer: usize,
     q: &[f32],
-    pos0: usize,
-    t: usize,
     n_head: usize,
     scale: f32,
 ) -> Vec<f32> {
@@ -523,40 +481,51 @@ pub(crate) fn prompt_attention(
     let group = n_head / n_kv;
     let width = group * hd;
     let tokens_per_item = (ROWS_TOGETHER / group).max(1);
-    let items_per_head = t.div_ceil(tokens_per_item);
-    let segments: Vec<Vec<&[f32]>> = (0..n_kv)
-        .map(|h| store.segments(table, layer, h, pos0 + t))
+    // (span, KV head, first token, first row of the span); items run through a span's tokens
+    // in order within a KV head, so neighbouring items share cached rows.
+    let mut items = Vec::new();
+    let mut row0 = 0;
+    for (s, span) in spans.iter().enumerate() {
+        for h in 0..n_kv {
+            for first in (0..span.t).step_by(tokens_per_item) {
+                items.push((s, h, first, row0));
+            }
+        }
+        row0 += span.t;
+    }
+    let segments: Vec<Vec<&[f32]>> = spans
+        .iter()
+        .flat_map(|span| {
+            (0..n_kv).map(move |h| store.segments(span.table, layer, h, span.pos0 + span.t))
+        })
         .collect();
-    let out = SharedOutput::zeros(t * n_head * hd);
-    // Items run through the tokens in order within a KV head, so neighbouring items share
-    // cached rows.
-    for_each_range(n_kv * items_per_head, |items| {
+    let out = SharedOutput::zeros(row0 * n_head * hd);
+    for_each_range(items.len(), |range| {
         let (mut scores, mut rows, mut lens, mut buf) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for item in items {
-            let (h, first) = (
-                item / items_per_head,
-                item % items_per_head * tokens_per_item,
-            );
-            let tokens = first..t.min(first + tokens_per_item);
+        for &(s, h, first, row0) in &items[range] {
+            let span = spans[s];
+            let tokens = first..span.t.min(first + tokens_per_item);
             rows.clear();
             lens.clear();
             // Each token's query heads of KV head `h`, side by side, token after token.
             for r in tokens.clone() {
-                for qh in h * group..(h + 1) * group {
-                    rows.extend_from_slice(&q[(qh * t + r) * hd..][..hd]);
-                    lens.push(pos0 + r + 1);
-                }
+                let at = ((row0 + r) * n_head + h * group) * hd;
+                rows.extend_from_slice(&q[at..at + width]);
+                lens.extend(std::iter::repeat_n(span.pos0 + r + 1, group));
             }
             let head = CachedHead {
-                segments: &segments[h],
-                len: pos0 + tokens.end,
+                segments: &segments[s * n_kv + h],
+                len: span.pos0 + tokens.end,
                 head_dim: hd,
             };
             buf.resize(rows.len(), 0.0);
             attend_rows(&rows, &lens, head, scale, &mut scores, &mut buf);
             for (k, r) in tokens.enumerate() {
-                out.write((r * n_head + h * group) * hd, &buf[k * width..][..width]);
+                out.write(
+                    ((row0 + r) * n_head + h * group) * hd,
+                    &buf[k * width..][..width],
+                );
             }
         }
     });
@@ -592,16 +561,15 @@ mod tests {
         ((s * 2654435761) % 1000) as f32 / 500.0 - 1.0
     }
 
-    /// Positions `0..n` of KV head `h` from a `(n_kv, n, head_dim)` buffer, one row each.
-    fn rows_of(flat: &[f32], h: usize, n: usize, hd: usize) -> Vec<Vec<f32>> {
-        flat[h * n * hd..][..n * hd]
-            .chunks(hd)
-            .map(<[f32]>::to_vec)
+    /// Positions `0..n` of KV head `h` from a `(n, n_kv, head_dim)` buffer, one row each.
+    fn rows_of(flat: &[f32], h: usize, n: usize, n_kv: usize, hd: usize) -> Vec<Vec<f32>> {
+        (0..n)
+            .map(|i| flat[(i * n_kv + h) * hd..][..hd].to_vec())
             .collect()
     }
 
     #[test]
-    fn decode_attention_reads_each_sequence_through_its_block_table() {
+    fn a_decode_step_reads_each_sequence_through_its_block_table() {
         // Two sequences sharing their first block (a common prefix), each with its own tail,
         // the tails deliberately out of order in the store.
         let (layers, n_kv, n_head, hd) = (2, 2, 4, 16);
@@ -620,17 +588,22 @@ mod tests {
             store.write(table, 1, prefix, t, &k, &v);
             let per_head: Vec<(Rows, Rows)> = (0..n_kv)
                 .map(|h| {
-                    let mut keys = rows_of(&k_prefix, h, prefix, hd);
-                    keys.extend(rows_of(&k, h, t, hd));
-                    let mut values = rows_of(&v_prefix, h, prefix, hd);
-                    values.extend(rows_of(&v, h, t, hd));
+                    let mut keys = rows_of(&k_prefix, h, prefix, n_kv, hd);
+                    keys.extend(rows_of(&k, h, t, n_kv, hd));
+                    let mut values = rows_of(&v_prefix, h, prefix, n_kv, hd);
+                    values.extend(rows_of(&v, h, t, n_kv, hd));
                     (keys, values)
                 })
                 .collect();
             want_rows.push(per_head);
         }
         let q: Vec<f32> = (0..2 * n_head * hd).map(|j| val(j + 5003)).collect();
-        let got = decode_attention(&store, &tables, 1, &q, &lens, n_head, 0.25);
+        let spans = [0, 1].map(|i| Span {
+            table: tables[i],
+            pos0: lens[i] - 1,
+            t: 1,
+        });
+        let got = attention(&store, &spans, 1, &q, n_head, 0.25);
         for (i, per_head) in want_rows.iter().enumerate() {
             for head in 0..n_head {
                 let (keys, values) = &per_head[head / (n_head / n_kv)];
@@ -642,7 +615,7 @@ mod tests {
             }
         }
         // Layer 0 was never written: zeros attend to zeros.
-        let zero = decode_attention(&store, &tables, 0, &q, &lens, n_head, 0.25);
+        let zero = attention(&store, &spans, 0, &q, n_head, 0.25);
         assert!(zero.iter().all(|&x| x == 0.0));
     }
 
@@ -665,8 +638,8 @@ mod tests {
                     len,
                     head_dim: hd,
                 };
-                let keys = rows_of(&k, 0, len, hd);
-                let values = rows_of(&v, 0, len, hd);
+                let keys = rows_of(&k, 0, len, 1, hd);
+                let values = rows_of(&v, 0, len, 1, hd);
                 for rows in 1..=8 {
                     let q: Vec<f32> = (0..rows * hd).map(|j| val(j + 31)).collect();
                     let lens: Vec<usize> = (0..rows)
@@ -696,7 +669,7 @@ mod tests {
     }
 
     #[test]
-    fn prompt_attention_is_causal_over_cached_and_new_positions() {
+    fn a_prompt_chunk_is_causal_over_cached_and_new_positions() {
         // Small heads (portable value path), then SmolLM2's shape (3 heads per KV head, 64
         // wide) with an odd token count: pairs of tokens attended together, and one alone.
         for (n_kv, n_head, hd, t) in [(2, 6, 8, 4), (3, 9, 64, 5)] {
@@ -709,17 +682,22 @@ mod tests {
             let (k1, v1): (Vec<f32>, Vec<f32>) = (rows(t, 37), rows(t, 41));
             store.write(&table, 0, 0, pos0, &k0, &v0);
             store.write(&table, 0, pos0, t, &k1, &v1);
-            let q: Vec<f32> = (0..n_head * t * hd).map(|j| val(j + 5003)).collect();
-            let got = prompt_attention(&store, &table, 0, &q, pos0, t, n_head, 0.3);
+            let q: Vec<f32> = (0..t * n_head * hd).map(|j| val(j + 5003)).collect();
+            let span = Span {
+                table: &table,
+                pos0,
+                t,
+            };
+            let got = attention(&store, &[span], 0, &q, n_head, 0.3);
             assert_eq!(got.len(), t * n_head * hd);
             for r in 0..t {
                 for qh in 0..n_head {
                     let h = qh / (n_head / n_kv);
-                    let mut keys = rows_of(&k0, h, pos0, hd);
-                    keys.extend(rows_of(&k1, h, t, hd).into_iter().take(r + 1));
-                    let mut values = rows_of(&v0, h, pos0, hd);
-                    values.extend(rows_of(&v1, h, t, hd).into_iter().take(r + 1));
-                    let want = reference(&q[(qh * t + r) * hd..][..hd], &keys, &values, 0.3);
+                    let mut keys = rows_of(&k0, h, pos0, n_kv, hd);
+                    keys.extend(rows_of(&k1, h, t, n_kv, hd).into_iter().take(r + 1));
+                    let mut values = rows_of(&v0, h, pos0, n_kv, hd);
+                    values.extend(rows_of(&v1, h, t, n_kv, hd).into_iter().take(r + 1));
+                    let want = reference(&q[(r * n_head + qh) * hd..][..hd], &keys, &values, 0.3);
                     let got = &got[(r * n_head + qh) * hd..][..hd];
                     for (a, b) in got.iter().zip(&want) {
                         assert!(
@@ -729,6 +707,48 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn sequences_packed_into_one_pass_get_exactly_what_they_get_alone() {
+        // SmolLM2's shape: a prompt chunk after a cached block, a decoded token, and a short
+        // prompt from position 0, each in its own blocks.
+        let (n_kv, n_head, hd) = (3, 9, 64);
+        let mut store = HostBlocks::new(1, n_kv, hd, 6);
+        let tables: [&[u32]; 3] = [&[4, 1], &[0, 5], &[3]];
+        let spans = [
+            Span {
+                table: tables[0],
+                pos0: BLOCK_TOKENS + 2,
+                t: 7,
+            },
+            Span {
+                table: tables[1],
+                pos0: BLOCK_TOKENS + 9,
+                t: 1,
+            },
+            Span {
+                table: tables[2],
+                pos0: 0,
+                t: 5,
+            },
+        ];
+        for (i, span) in spans.iter().enumerate() {
+            let n = span.pos0 + span.t;
+            let k: Vec<f32> = (0..n * n_kv * hd).map(|j| val(j + 100 * i + 3)).collect();
+            let v: Vec<f32> = (0..n * n_kv * hd).map(|j| val(j + 100 * i + 51)).collect();
+            store.write(span.table, 0, 0, n, &k, &v);
+        }
+        let rows: usize = spans.iter().map(|s| s.t).sum();
+        let q: Vec<f32> = (0..rows * n_head * hd).map(|j| val(j + 7001)).collect();
+        let packed = attention(&store, &spans, 0, &q, n_head, 0.125);
+        let mut row0 = 0;
+        for span in spans {
+            let at = row0 * n_head * hd..(row0 + span.t) * n_head * hd;
+            let alone = attention(&store, &[span], 0, &q[at.clone()], n_head, 0.125);
+            assert_eq!(packed[at], alone[..], "span at row {row0}");
+            row0 += span.t;
         }
     }
 }

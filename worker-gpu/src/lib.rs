@@ -91,8 +91,8 @@ pub struct GpuEngineArgs {
     /// Candle engine: where the model runs.
     #[arg(long, env = "SWITCHYARD_DEVICE", value_enum, default_value = "auto")]
     pub device: DeviceChoice,
-    /// Candle engine: prompt tokens prefilled per scheduler step (bounds how long one joining
-    /// prompt delays the running streams).
+    /// Candle engine: prompt tokens prefilled per scheduler step, shared among the joining
+    /// prompts (bounds how long prefill delays the running streams).
     #[arg(long, env = "SWITCHYARD_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: u32,
     /// Candle engine: how long one scheduler step should take at most (`0s`: no target). A

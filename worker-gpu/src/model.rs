@@ -16,7 +16,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{D, DType, Device, Module, Tensor};
 
 use crate::gguf::{GgufError, GgufFile, LlamaConfig, Repack};
-use crate::host_attention::{BLOCK_TOKENS, HostBlocks, decode_attention, prompt_attention};
+use crate::host_attention::{BLOCK_TOKENS, HostBlocks, Span, attention};
 use crate::qmatrix::{QMatrix, QMatrixError};
 
 /// Errors of a forward pass.
@@ -346,17 +346,6 @@ impl KvStore {
         Ok((k, v))
     }
 
-    fn host(&self) -> Option<&HostBlocks> {
-        match &self.memory {
-            BlockMemory::Host(h) => Some(h),
-            BlockMemory::Device { .. } => None,
-        }
-    }
-
-    fn is_host(&self) -> bool {
-        self.host().is_some()
-    }
-
     /// Bytes of block memory allocated so far (blocks are allocated on first write).
     pub fn allocated_bytes(&self) -> u64 {
         match &self.memory {
@@ -588,11 +577,8 @@ impl Llama {
         self.prefill_unless(tokens, cache, store, || false, Logits::LastToken)
     }
 
-    /// [`Llama::prefill`], given up between two layers once `abandoned` says so
-    /// ([`ModelError::Abandoned`], `cache` as it was): a prompt chunk deep in a long context
-    /// takes seconds on a CPU, and a cancel must not wait for all of it. With
-    /// [`Logits::EveryToken`] it returns every token's logits, `(tokens, vocab)`: row `i`
-    /// predicts the token after `tokens[i]`.
+    /// [`Llama::prefill`] with the chosen [`Logits`], given up between two layers once
+    /// `abandoned` says so (see [`Llama::forward`]).
     pub fn prefill_unless(
         &self,
         tokens: &[u32],
@@ -601,163 +587,13 @@ impl Llama {
         abandoned: impl Fn() -> bool,
         logits: Logits,
     ) -> Result<Tensor, ModelError> {
-        let t = tokens.len();
-        if t == 0 {
-            return Err(ModelError::Invalid("prefill: no tokens".into()));
-        }
-        if cache.len + t > cache.capacity() {
-            return Err(ModelError::Invalid(format!(
-                "prefill: {} tokens exceed the sequence's kv capacity {}",
-                cache.len + t,
-                cache.capacity()
-            )));
-        }
-        let c = &self.config;
-        let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim);
-        let g = nh / nkv;
-        let pos0 = cache.len;
-        let total = pos0 + t;
-        let mut x = self.embed.lookup(tokens, &self.device)?;
-        let cos = self.cos.narrow(0, pos0, t)?;
-        let sin = self.sin.narrow(0, pos0, t)?;
-        // Causal mask over (new token i, cached position j) for the device cache: j may not
-        // exceed pos0 + i. (Host attention applies causality itself.)
-        let mask = if t > 1 && !store.is_host() {
-            let m: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..total).map(move |j| if j > pos0 + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            Some(Tensor::from_vec(m, (t, total), &self.device)?)
-        } else {
-            None
+        let chunk = Chunk {
+            tokens,
+            cache,
+            logits,
         };
-        let scale = 1.0 / (hd as f64).sqrt();
-        for (l, layer) in self.layers.iter().enumerate() {
-            // What this chunk wrote to the cache so far lies past `cache.len`, which is only
-            // advanced at the end: giving up leaves the sequence as it was.
-            if abandoned() {
-                return Err(ModelError::Abandoned);
-            }
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
-            let [q, k, v] = layer.qkv.forward(&h, self.dense_from_rows)?;
-            let heads = |x: Tensor, n: usize| -> Result<Tensor, ModelError> {
-                Ok(x.reshape((1, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let (q, k, v) = (heads(q, nh)?, heads(k, nkv)?, heads(v, nkv)?);
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            if t == 1 && store.is_host() {
-                // Exactly the decode step's arithmetic, so a decode equals a 1-token prefill.
-                let o = self.host_decode_attention(l, &q, &k, &v, &mut [&mut *cache], store)?;
-                x = (x + layer.wo.forward(&o, self.dense_from_rows)?)?;
-                x = self.ffn(layer, x)?;
-                continue;
-            }
-            let o = match &mut store.memory {
-                BlockMemory::Device { .. } => {
-                    let n_layer = c.n_layer;
-                    store.device_write(
-                        &cache.table,
-                        l,
-                        n_layer,
-                        pos0,
-                        &k.squeeze(0)?,
-                        &v.squeeze(0)?,
-                    )?;
-                    let (keys, values) = store.device_read(&cache.table, l, total)?;
-                    // Grouped-query attention without repeating KV: the g query heads of one
-                    // KV head form one (g·t)-row matmul against that head's keys.
-                    let q = q.reshape((nkv, g * t, hd))?;
-                    let att = (q.matmul(&keys.t()?)? * scale)?;
-                    let att = match &mask {
-                        Some(m) => att.reshape((nkv, g, t, total))?.broadcast_add(m)?,
-                        None => att,
-                    };
-                    let att =
-                        candle_nn::ops::softmax_last_dim(&att)?.reshape((nkv, g * t, total))?;
-                    att.matmul(&values)?
-                        .reshape((nh, t, hd))?
-                        .transpose(0, 1)?
-                        .reshape((t, nh * hd))?
-                }
-                BlockMemory::Host(kv) => {
-                    kv.write(&cache.table, l, pos0, t, &host(&k)?, &host(&v)?);
-                    let o = prompt_attention(
-                        kv,
-                        &cache.table,
-                        l,
-                        &host(&q)?,
-                        pos0,
-                        t,
-                        nh,
-                        scale as f32,
-                    );
-                    Tensor::from_vec(o, (t, nh * hd), &self.device)?
-                }
-            };
-            x = (x + layer.wo.forward(&o, self.dense_from_rows)?)?;
-            x = self.ffn(layer, x)?;
-        }
-        cache.len = total;
-        let rows = match logits {
-            Logits::LastToken => x.narrow(0, t - 1, 1)?,
-            Logits::EveryToken | Logits::HiddenSum => x,
-        };
-        let rows = candle_nn::ops::rms_norm(&rows, &self.norm, c.rms_eps as f32)?;
-        // One row is the quantized kernel's; a chunk's worth, like the layers', may be dense.
-        let dense_from_rows = match logits {
-            Logits::LastToken => usize::MAX,
-            Logits::EveryToken => self.dense_from_rows,
-            Logits::HiddenSum => return Ok(rows.to_dtype(DType::F32)?.sum(0)?),
-        };
-        let out = self.lm_head.forward(&rows, dense_from_rows)?;
-        Ok(match logits {
-            Logits::LastToken | Logits::HiddenSum => out.squeeze(0)?,
-            Logits::EveryToken => out,
-        })
-    }
-
-    /// Writes each sequence's new key and value (`k`, `v`: `(batch, n_kv, 1, head_dim)`) to
-    /// its blocks and attends query heads `q` (`(batch, n_head, 1, head_dim)`) over them.
-    fn host_decode_attention(
-        &self,
-        layer: usize,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        caches: &mut [&mut SeqCache],
-        store: &mut KvStore,
-    ) -> Result<Tensor, ModelError> {
-        let c = &self.config;
-        let BlockMemory::Host(kv) = &mut store.memory else {
-            return Err(ModelError::Invalid(
-                "host attention over a device kv store".into(),
-            ));
-        };
-        let (q, k, v) = (host(q)?, host(k)?, host(v)?);
-        let step = c.n_head_kv * c.head_dim;
-        let mut lens = Vec::with_capacity(caches.len());
-        for (i, cache) in caches.iter().enumerate() {
-            let row = i * step..(i + 1) * step;
-            kv.write(&cache.table, layer, cache.len, 1, &k[row.clone()], &v[row]);
-            lens.push(cache.len + 1);
-        }
-        let tables: Vec<&[u32]> = caches.iter().map(|c| c.table.as_slice()).collect();
-        let scale = 1.0 / (c.head_dim as f32).sqrt();
-        let out = decode_attention(kv, &tables, layer, &q, &lens, c.n_head, scale);
-        Ok(Tensor::from_vec(
-            out,
-            (caches.len(), c.n_head * c.head_dim),
-            &self.device,
-        )?)
-    }
-
-    fn ffn(&self, layer: &Layer, x: Tensor) -> Result<Tensor, ModelError> {
-        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
-        let [gate, up] = layer.gate_up.forward(&h, self.dense_from_rows)?;
-        let gate = candle_nn::ops::silu(&gate)?;
-        Ok((x + layer.w_down.forward(&(gate * up)?, self.dense_from_rows)?)?)
+        let mut out = self.forward(&mut [chunk], store, abandoned)?;
+        Ok(out.remove(0))
     }
 
     /// One decode step for several sequences at once: `tokens[i]` is the next input of the
@@ -768,70 +604,276 @@ impl Llama {
         caches: &mut [&mut SeqCache],
         store: &mut KvStore,
     ) -> Result<Tensor, ModelError> {
-        let b = tokens.len();
-        if b == 0 || b != caches.len() {
+        if tokens.len() != caches.len() {
             return Err(ModelError::Invalid(format!(
-                "decode: {b} tokens for {} caches",
+                "decode: {} tokens for {} caches",
+                tokens.len(),
                 caches.len()
             )));
         }
-        for cache in caches.iter() {
-            if cache.len >= cache.capacity() {
+        let mut chunks: Vec<Chunk<'_>> = tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(token, cache)| Chunk {
+                tokens: std::slice::from_ref(token),
+                cache,
+                logits: Logits::LastToken,
+            })
+            .collect();
+        Ok(Tensor::stack(
+            &self.forward(&mut chunks, store, || false)?,
+            0,
+        )?)
+    }
+
+    /// One forward pass over several sequences' new tokens at once — a decode step (one token
+    /// each), prompt chunks, or both — appending each chunk to its sequence's cache. Every
+    /// weight multiplies all the rows in one matmul; only attention, which reads each
+    /// sequence's own blocks, is per sequence, so short prompts packed together cost about
+    /// what one prompt of their total length costs, not one pass each.
+    ///
+    /// Returns one output per chunk, as its [`Logits`] asks. Once `abandoned` says so between
+    /// two layers it gives up ([`ModelError::Abandoned`], every cache as it was): a chunk deep
+    /// in a long context takes seconds on a CPU, and a cancel must not wait for all of it.
+    pub fn forward(
+        &self,
+        chunks: &mut [Chunk<'_>],
+        store: &mut KvStore,
+        abandoned: impl Fn() -> bool,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        if chunks.is_empty() {
+            return Err(ModelError::Invalid("forward: no sequences".into()));
+        }
+        for chunk in chunks.iter() {
+            let end = chunk.cache.len + chunk.tokens.len();
+            if chunk.tokens.is_empty() {
+                return Err(ModelError::Invalid(
+                    "forward: a sequence with no tokens".into(),
+                ));
+            }
+            if end > chunk.cache.capacity() {
                 return Err(ModelError::Invalid(format!(
-                    "decode: sequence kv cache full at {} tokens",
-                    cache.capacity()
+                    "forward: {end} tokens exceed the sequence's kv capacity {}",
+                    chunk.cache.capacity()
                 )));
             }
         }
         let c = &self.config;
         let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim);
-        let g = nh / nkv;
-        let mut x = self.embed.lookup(tokens, &self.device)?;
-        let positions: Vec<u32> = caches.iter().map(|c| c.len as u32).collect();
+        let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens).copied().collect();
+        let rows = ids.len();
+        let positions: Vec<u32> = chunks
+            .iter()
+            .flat_map(|c| (c.cache.len..c.cache.len + c.tokens.len()).map(|p| p as u32))
+            .collect();
         let positions = Tensor::new(positions.as_slice(), &self.device)?;
+        // Every row is its own rotary "batch" at its own position.
         let cos = self
             .cos
             .index_select(&positions, 0)?
-            .reshape((b, 1, hd / 2))?;
+            .reshape((rows, 1, hd / 2))?;
         let sin = self
             .sin
             .index_select(&positions, 0)?
-            .reshape((b, 1, hd / 2))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut outs = Vec::with_capacity(b);
+            .reshape((rows, 1, hd / 2))?;
+        let mut x = self.embed.lookup(&ids, &self.device)?;
         for (l, layer) in self.layers.iter().enumerate() {
+            // What this pass wrote to the caches so far lies past each `cache.len`, which is
+            // only advanced at the end: giving up leaves every sequence as it was.
+            if abandoned() {
+                return Err(ModelError::Abandoned);
+            }
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, c.rms_eps as f32)?;
             let [q, k, v] = layer.qkv.forward(&h, self.dense_from_rows)?;
-            let q = q.reshape((b, nh, 1, hd))?;
-            let k = k.reshape((b, nkv, 1, hd))?;
-            let v = v.reshape((b, nkv, 1, hd))?;
-            let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-            let o = if store.is_host() {
-                self.host_decode_attention(l, &q, &k, &v, caches, store)?
-            } else {
-                outs.clear();
-                for (i, cache) in caches.iter().enumerate() {
-                    let pos = cache.len;
-                    let total = pos + 1;
-                    store.device_write(&cache.table, l, c.n_layer, pos, &k.get(i)?, &v.get(i)?)?;
-                    let (keys, values) = store.device_read(&cache.table, l, total)?;
-                    let qi = q.get(i)?.reshape((nkv, g, hd))?;
-                    let att = (qi.matmul(&keys.t()?)? * scale)?;
-                    let att = candle_nn::ops::softmax_last_dim(&att)?;
-                    outs.push(att.matmul(&values)?.reshape((1, nh * hd))?);
+            let q = candle_nn::rotary_emb::rope_i(&q.reshape((rows, nh, 1, hd))?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope_i(&k.reshape((rows, nkv, 1, hd))?, &cos, &sin)?;
+            let v = v.reshape((rows, nkv, 1, hd))?;
+            let o = match &mut store.memory {
+                BlockMemory::Host(kv) => {
+                    let (k, v) = (host(&k)?, host(&v)?);
+                    let step = nkv * hd;
+                    let mut row0 = 0;
+                    for chunk in chunks.iter() {
+                        let t = chunk.tokens.len();
+                        let at = row0 * step..(row0 + t) * step;
+                        kv.write(
+                            &chunk.cache.table,
+                            l,
+                            chunk.cache.len,
+                            t,
+                            &k[at.clone()],
+                            &v[at],
+                        );
+                        row0 += t;
+                    }
+                    let spans: Vec<Span<'_>> = chunks
+                        .iter()
+                        .map(|c| Span {
+                            table: &c.cache.table,
+                            pos0: c.cache.len,
+                            t: c.tokens.len(),
+                        })
+                        .collect();
+                    let scale = 1.0 / (hd as f32).sqrt();
+                    let o = attention(kv, &spans, l, &host(&q)?, nh, scale);
+                    Tensor::from_vec(o, (rows, nh * hd), &self.device)?
                 }
-                Tensor::cat(&outs, 0)?
+                BlockMemory::Device { .. } => {
+                    self.device_attention(l, chunks, &q, &k, &v, store)?
+                }
             };
             x = (x + layer.wo.forward(&o, self.dense_from_rows)?)?;
             x = self.ffn(layer, x)?;
         }
-        for cache in caches.iter_mut() {
-            cache.len += 1;
+        let mut row0 = 0;
+        for chunk in chunks.iter_mut() {
+            chunk.cache.len += chunk.tokens.len();
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, c.rms_eps as f32)?;
-        self.lm_head.forward(&x, usize::MAX)
+        // Rows for the output head: each chunk's last, or all of a scored chunk's.
+        let mut head_rows = Vec::new();
+        let mut outputs = Vec::with_capacity(chunks.len());
+        for chunk in chunks.iter() {
+            let t = chunk.tokens.len();
+            outputs.push(match chunk.logits {
+                Logits::LastToken => {
+                    head_rows.push(x.narrow(0, row0 + t - 1, 1)?);
+                    None
+                }
+                Logits::EveryToken => {
+                    head_rows.push(x.narrow(0, row0, t)?);
+                    None
+                }
+                Logits::HiddenSum => {
+                    let rows = x.narrow(0, row0, t)?;
+                    let rows = candle_nn::ops::rms_norm(&rows, &self.norm, c.rms_eps as f32)?;
+                    Some(rows.to_dtype(DType::F32)?.sum(0)?)
+                }
+            });
+            row0 += t;
+        }
+        let mut logits = match head_rows.len() {
+            0 => None,
+            _ => {
+                let rows = Tensor::cat(&head_rows, 0)?;
+                let rows = candle_nn::ops::rms_norm(&rows, &self.norm, c.rms_eps as f32)?;
+                // Last tokens are the quantized kernel's; a scored chunk's rows, like the
+                // layers', may be dense.
+                let scored = chunks.iter().any(|c| c.logits == Logits::EveryToken);
+                let dense_from_rows = if scored {
+                    self.dense_from_rows
+                } else {
+                    usize::MAX
+                };
+                Some(self.lm_head.forward(&rows, dense_from_rows)?)
+            }
+        };
+        let mut row = 0;
+        chunks
+            .iter()
+            .zip(outputs)
+            .map(|(chunk, pooled)| {
+                if let Some(pooled) = pooled {
+                    return Ok(pooled);
+                }
+                let logits = logits
+                    .as_mut()
+                    .expect("a head row for every chunk without one");
+                Ok(match chunk.logits {
+                    Logits::EveryToken => {
+                        let t = chunk.tokens.len();
+                        row += t;
+                        logits.narrow(0, row - t, t)?
+                    }
+                    _ => {
+                        row += 1;
+                        logits.get(row - 1)?
+                    }
+                })
+            })
+            .collect()
     }
+
+    /// Attention over KV blocks on the device: each chunk's keys and values (`k`, `v`:
+    /// `(rows, n_kv, 1, head_dim)`, rows packed chunk after chunk) written to its blocks, its
+    /// query heads `q` (`(rows, n_head, 1, head_dim)`) attended over them, causally within the
+    /// chunk. Returns `(rows, n_head × head_dim)`.
+    fn device_attention(
+        &self,
+        layer: usize,
+        chunks: &[Chunk<'_>],
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        store: &mut KvStore,
+    ) -> Result<Tensor, ModelError> {
+        let c = &self.config;
+        let (nh, nkv, hd) = (c.n_head, c.n_head_kv, c.head_dim);
+        let g = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        // (t, heads, 1, hd) rows of one chunk → (heads, t, hd).
+        let heads = |x: &Tensor, row0: usize, t: usize, n: usize| -> Result<Tensor, ModelError> {
+            Ok(x.narrow(0, row0, t)?
+                .reshape((t, n, hd))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let mut outs = Vec::with_capacity(chunks.len());
+        let mut row0 = 0;
+        for chunk in chunks {
+            let (t, pos0) = (chunk.tokens.len(), chunk.cache.len);
+            let total = pos0 + t;
+            let table = &chunk.cache.table;
+            store.device_write(
+                table,
+                layer,
+                c.n_layer,
+                pos0,
+                &heads(k, row0, t, nkv)?,
+                &heads(v, row0, t, nkv)?,
+            )?;
+            let (keys, values) = store.device_read(table, layer, total)?;
+            // Grouped-query attention without repeating KV: the g query heads of one KV head
+            // form one (g·t)-row matmul against that head's keys.
+            let qc = heads(q, row0, t, nh)?.reshape((nkv, g * t, hd))?;
+            let att = (qc.matmul(&keys.t()?)? * scale)?;
+            let att = if t > 1 {
+                // Causal: new token i sees cached positions up to pos0 + i.
+                let mask: Vec<f32> = (0..t)
+                    .flat_map(|i| {
+                        (0..total).map(move |j| if j > pos0 + i { f32::NEG_INFINITY } else { 0.0 })
+                    })
+                    .collect();
+                let mask = Tensor::from_vec(mask, (t, total), &self.device)?;
+                att.reshape((nkv, g, t, total))?.broadcast_add(&mask)?
+            } else {
+                att
+            };
+            let att = candle_nn::ops::softmax_last_dim(&att)?.reshape((nkv, g * t, total))?;
+            outs.push(
+                att.matmul(&values)?
+                    .reshape((nh, t, hd))?
+                    .transpose(0, 1)?
+                    .reshape((t, nh * hd))?,
+            );
+            row0 += t;
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    fn ffn(&self, layer: &Layer, x: Tensor) -> Result<Tensor, ModelError> {
+        let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
+        let [gate, up] = layer.gate_up.forward(&h, self.dense_from_rows)?;
+        let gate = candle_nn::ops::silu(&gate)?;
+        Ok((x + layer.w_down.forward(&(gate * up)?, self.dense_from_rows)?)?)
+    }
+}
+
+/// One sequence's part of a [`Llama::forward`] pass: its new `tokens`, appended to `cache`,
+/// and the output wanted for them.
+pub struct Chunk<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut SeqCache,
+    pub logits: Logits,
 }
 
 /// A tensor's values, row-major.

@@ -2,10 +2,10 @@
 //! prefill without slowing the sequences decoding meanwhile below the rate their lane
 //! promises.
 //!
-//! An iteration prefills one chunk and then decodes one token for every running sequence, so
-//! each decoding stream gets one token per iteration: a full chunk on a busy engine can push
-//! the iteration past `1 / min_tokens_per_s` and every latency-critical stream there misses its
-//! decode rate (chunked-prefill engines such as Sarathi-Serve size the step's token budget from
+//! An iteration prefills one chunk (of one prompt, or of several packed together) and then
+//! decodes one token for every running sequence, so each decoding stream gets one token per
+//! iteration: a full chunk on a busy engine can push the iteration past `1 / min_tokens_per_s`
+//! and every latency-critical stream there misses its decode rate (chunked-prefill engines such as Sarathi-Serve size the step's token budget from
 //! the decode-latency target for the same reason). The simulator sizes its GPU steps with the
 //! same function.
 //!

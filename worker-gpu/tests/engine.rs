@@ -188,6 +188,93 @@ fn an_abandoned_prefill_chunk_leaves_the_sequence_as_it_was() {
     assert!(max_abs_diff(&a, &b[0]) < 1e-3);
 }
 
+/// A pass packing several sequences' chunks — fresh prompts, the next chunk of a started one,
+/// a decode token — gives each what it gets in a pass of its own, whatever output it asks for,
+/// on host and device blocks; given up, it leaves every sequence as it was.
+#[test]
+fn sequences_packed_into_one_pass_get_what_each_gets_alone() {
+    use switchyard_worker_gpu::model::{Chunk, KvMemory};
+    let dir = tempfile::tempdir().unwrap();
+    let (model, _) = load(&tiny_file(&dir), Repack::Q8_0);
+    let model = model.with_dense_from_rows(usize::MAX);
+    let started = prompt(10, 3);
+    let decoding = prompt(33, 4);
+    // (tokens already in the cache, this pass's tokens, output)
+    let parts: [(&[u32], Vec<u32>, Logits); 4] = [
+        (&[], prompt(20, 1), Logits::LastToken),
+        (&started, prompt(13, 2), Logits::EveryToken),
+        (&[], prompt(7, 5), Logits::HiddenSum),
+        (&decoding, vec![17], Logits::LastToken),
+    ];
+    let blocks_each = 2;
+    for memory in [KvMemory::Host, KvMemory::Device] {
+        let fresh = |store: &mut _, i: usize, before: &[u32]| {
+            let table = (0..blocks_each).map(|b| (b * 4 + i) as u32).collect();
+            let mut cache = SeqCache::new(table, 0);
+            if !before.is_empty() {
+                model.prefill(before, &mut cache, store).unwrap();
+            }
+            cache
+        };
+        let alone: Vec<Vec<Vec<f32>>> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (before, tokens, logits))| {
+                let mut store = model.kv_store_in(4 * blocks_each, memory);
+                let mut cache = fresh(&mut store, i, before);
+                let out = model
+                    .prefill_unless(tokens, &mut cache, &mut store, || false, *logits)
+                    .unwrap();
+                logits_rows(&out).unwrap()
+            })
+            .collect();
+        let mut store = model.kv_store_in(4 * blocks_each, memory);
+        let mut caches: Vec<SeqCache> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (before, ..))| fresh(&mut store, i, before))
+            .collect();
+        fn chunks<'a>(
+            caches: &'a mut [SeqCache],
+            parts: &'a [(&[u32], Vec<u32>, Logits)],
+        ) -> Vec<Chunk<'a>> {
+            caches
+                .iter_mut()
+                .zip(parts)
+                .map(|(cache, (_, tokens, logits))| Chunk {
+                    tokens,
+                    cache,
+                    logits: *logits,
+                })
+                .collect()
+        }
+        let given_up = model.forward(&mut chunks(&mut caches, &parts), &mut store, || true);
+        assert!(matches!(given_up, Err(ModelError::Abandoned)), "{memory:?}");
+        let lens: Vec<usize> = caches.iter().map(SeqCache::len).collect();
+        assert_eq!(
+            lens,
+            [0, 10, 0, 33],
+            "{memory:?}: given up, nothing is added"
+        );
+        let packed = model
+            .forward(&mut chunks(&mut caches, &parts), &mut store, || false)
+            .unwrap();
+        for (i, (out, want)) in packed.iter().zip(&alone).enumerate() {
+            let got = logits_rows(out).unwrap();
+            assert_eq!(got.len(), want.len(), "{memory:?} sequence {i}");
+            for (row, (g, w)) in got.iter().zip(want).enumerate() {
+                let d = max_abs_diff(g, w);
+                assert!(
+                    d < 1e-3,
+                    "{memory:?} sequence {i} row {row}: differs by {d}"
+                );
+            }
+            let len = parts[i].0.len() + parts[i].1.len();
+            assert_eq!(caches[i].len(), len, "{memory:?} sequence {i}");
+        }
+    }
+}
+
 /// Long prompt chunks multiply against dequantized weights; they must agree with the quantized
 /// path up to activation rounding, on the same prediction.
 #[test]
@@ -441,6 +528,58 @@ async fn a_reader_that_stops_pauses_its_own_sequence_only() {
     let resumed = collect(unread).await;
     assert_eq!(resumed.0, alone.0);
     assert_eq!(resumed.2, alone.2);
+}
+
+/// Prompts admitted together share a step's prefill chunk, in one forward pass: four 10-token
+/// prompts take one pass under a 64-token chunk and three under a 16-token one (10 + 6, 4 +
+/// 10 + 2, 8), and each is answered as it is alone.
+#[tokio::test]
+async fn prompts_admitted_together_share_each_prefill_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = tiny_file(&dir);
+    let prompts: Vec<Vec<u32>> = (0..4).map(|i| prompt(10, 7 + i)).collect();
+    let ids_request = |i: usize| EngineRequest {
+        request_id: format!("r-{i}"),
+        prompt_ids: Some(prompts[i].clone()),
+        ..request("ids", 3)
+    };
+    let alone = engine(&path, limits());
+    let mut want = Vec::new();
+    for i in 0..4 {
+        let stream = alone.submit(ids_request(i), CancellationToken::new());
+        want.push(collect(stream.unwrap()).await.0);
+    }
+    for (chunk, passes) in [(64, 1), (16, 3)] {
+        let e = engine(
+            &path,
+            SchedulerLimits {
+                prefill_chunk: chunk,
+                ..limits()
+            },
+        );
+        // Four running generations hold every slot; the four prompts queue behind them and
+        // are all admitted in the iteration that reaps the runners (one cancel for all).
+        let runners = CancellationToken::new();
+        let held: Vec<_> = (0..4)
+            .map(|i| e.submit(request(&format!("run {i}"), 200), runners.clone()))
+            .collect();
+        assert!(wait_until(|| e.active() == 4).await);
+        let queued: Vec<_> = (0..4)
+            .map(|i| e.submit(ids_request(i), CancellationToken::new()).unwrap())
+            .collect();
+        assert!(
+            wait_until(|| e.load().queued_prompt_tokens == 40).await,
+            "{:?}",
+            e.load()
+        );
+        let before = e.prefill_passes();
+        runners.cancel();
+        for (i, stream) in queued.into_iter().enumerate() {
+            assert_eq!(collect(stream).await.0, want[i], "chunk {chunk} prompt {i}");
+        }
+        assert_eq!(e.prefill_passes() - before, passes, "chunk {chunk}");
+        drop(held);
+    }
 }
 
 async fn wait_until(mut cond: impl FnMut() -> bool) -> bool {
