@@ -5,14 +5,18 @@
 //! Then decode pacing side by side: a stream that was promised a decode rate, decoding while a
 //! long prompt is prefilled beside it, with the promise and without. Last, head-of-line
 //! blocking: a short prompt sent while a long one is being prefilled, on an engine without a
-//! step target (only `--prefill-chunk` bounds the chunk) and on one with, alternated.
+//! step target (only `--prefill-chunk` bounds the chunk) and on one with, alternated. Then a
+//! burst: many short prompts at once (optionally while streams decode), on engines packing
+//! them differently into shared prefill passes (`--prefill-pack`), alternated.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use switchyard_worker::{Engine, EngineEvent, EngineRequest, Prompt, Sampling, StopReason};
-use switchyard_worker_gpu::{CandleEngine, DeviceChoice, GpuEngineArgs, GpuEngineKind};
+use switchyard_worker_gpu::{
+    CandleEngine, DeviceChoice, GpuEngineArgs, GpuEngineKind, PrefillPack,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Options of `switchyard-bench engine`.
@@ -61,6 +65,22 @@ pub struct EngineBenchArgs {
     /// Trials per engine of the head-of-line run.
     #[arg(long, default_value_t = 3)]
     pub hol_trials: usize,
+    /// Prompts sent at once in the burst run (0 skips the run).
+    #[arg(long, default_value_t = 16)]
+    pub burst_prompts: usize,
+    /// Tokens of each burst prompt.
+    #[arg(long, default_value_t = 48)]
+    pub burst_prompt_tokens: usize,
+    /// Trials per engine of the burst run.
+    #[arg(long, default_value_t = 3)]
+    pub burst_trials: usize,
+    /// The engines of the burst run, by how many prompts one prefill pass packs (as the
+    /// worker's `--prefill-pack`: `auto` or at most N).
+    #[arg(long, value_delimiter = ',', default_value = "auto,1,16")]
+    pub burst_pack: Vec<PrefillPack>,
+    /// Streams decoding while the burst arrives (started first, ended after it).
+    #[arg(long, default_value_t = 0)]
+    pub burst_decoding: usize,
     /// Sampling temperature of the decode and aggregate runs (0: greedy). Above 0 every token
     /// is drawn from the softmax of its row, as for a client that sets a temperature; the runs
     /// are seeded, so they generate the same text every time.
@@ -267,6 +287,11 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let bursts = if args.burst_prompts > 0 && args.burst_trials > 0 {
+        burst_runs(&gpu, &args).await?
+    } else {
+        Vec::new()
+    };
 
     if args.json {
         let agg: Vec<String> = aggregate
@@ -278,7 +303,7 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
             .map(|(n, d)| format!("\"{n}\": {:.4}", d.as_secs_f64()))
             .collect();
         println!(
-            "{{\"engine\": \"candle\", \"hardware\": {:?}, \"load_s\": {:.3}, \"decode_tok_s\": {decode_tps:.2}, \"aggregate_tok_s\": {{{}}}, \"ttft_s\": {{{}}}, \"pacing\": [{}], \"head_of_line\": [{}], \"peak_rss_bytes\": {rss}}}",
+            "{{\"engine\": \"candle\", \"hardware\": {:?}, \"load_s\": {:.3}, \"decode_tok_s\": {decode_tps:.2}, \"aggregate_tok_s\": {{{}}}, \"ttft_s\": {{{}}}, \"pacing\": [{}], \"head_of_line\": [{}], \"burst\": [{}], \"peak_rss_bytes\": {rss}}}",
             engine.hardware(),
             load.as_secs_f64(),
             agg.join(", "),
@@ -299,6 +324,17 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
                     h.short_p50.as_secs_f64(),
                     h.short_max.as_secs_f64(),
                     h.long_p50.as_secs_f64()
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            bursts
+                .iter()
+                .map(|(label, b)| format!(
+                    "{{\"engine\": {label:?}, \"prompts\": {}, \"prompt_tokens\": {}, \"ttft_s_p50\": {:.4}, \"ttft_s_last\": {:.4}}}",
+                    args.burst_prompts,
+                    args.burst_prompt_tokens,
+                    b.p50.as_secs_f64(),
+                    b.last.as_secs_f64()
                 ))
                 .collect::<Vec<_>>()
                 .join(", ")
@@ -336,8 +372,137 @@ pub async fn run(args: EngineBenchArgs) -> anyhow::Result<()> {
                 args.hol_trials,
             );
         }
+        for (label, b) in &bursts {
+            println!(
+                "burst, {label}: {} prompts of {} tokens at once: first tokens after {:.3} s p50, the last after {:.3} s (medians of {} trials)",
+                args.burst_prompts,
+                args.burst_prompt_tokens,
+                b.p50.as_secs_f64(),
+                b.last.as_secs_f64(),
+                args.burst_trials,
+            );
+        }
+        if let Some((first, base)) = bursts.first() {
+            for (label, b) in &bursts[1..] {
+                println!(
+                    "burst, {label} / {first}: p50 {:.2}x, last {:.2}x",
+                    b.p50.as_secs_f64() / base.p50.as_secs_f64(),
+                    b.last.as_secs_f64() / base.last.as_secs_f64(),
+                );
+            }
+        }
     }
     Ok(())
+}
+
+/// A burst run's trials on one engine: the median over trials of the prompts' median first
+/// token, and of the last prompt's.
+struct BurstSummary {
+    p50: Duration,
+    last: Duration,
+}
+
+/// The burst run on two fresh engines, one packing prompts into shared prefill passes and
+/// one prefilling one prompt per pass, trials alternated between the two.
+async fn burst_runs(
+    gpu: &GpuEngineArgs,
+    args: &EngineBenchArgs,
+) -> anyhow::Result<Vec<(String, BurstSummary)>> {
+    let mut compared = Vec::new();
+    let slots = (args.burst_prompts + args.burst_decoding) as u32;
+    for &pack in &args.burst_pack {
+        let engine = switchyard_worker_gpu::build_candle(&GpuEngineArgs {
+            prefill_pack: pack,
+            max_concurrent: gpu.max_concurrent.max(slots),
+            max_queue: gpu.max_queue.max(slots),
+            ..gpu.clone()
+        })?;
+        let label = match pack {
+            PrefillPack::Auto => "packed as measured (auto)".to_string(),
+            PrefillPack::AtMost(1) => "one prompt per pass".to_string(),
+            PrefillPack::AtMost(n) => format!("at most {n} prompts a pass"),
+        };
+        compared.push((label, engine, Vec::new(), Vec::new()));
+    }
+    for trial in 0..args.burst_trials {
+        for (which, (_, engine, p50s, lasts)) in compared.iter_mut().enumerate() {
+            let prompts = (0..args.burst_prompts)
+                .map(|i| {
+                    prompt_of(
+                        engine,
+                        args.burst_prompt_tokens,
+                        &format!(" burst {which}-{trial}-{i}"),
+                    )
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            // Streams decoding meanwhile, each past its first token before the burst is sent.
+            let decoding = CancellationToken::new();
+            for i in 0..args.burst_decoding {
+                let prompt = Prompt::Text(format!("Story {i} ({which}-{trial}): once upon a time"));
+                let mut stream =
+                    engine.submit(engine_request(engine, prompt, 256), decoding.clone())?;
+                tokio::spawn(async move { while stream.recv().await.is_some() {} });
+            }
+            while (engine.active() as usize) < args.burst_decoding
+                || engine.load().queued_prompt_tokens > 0
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let sent = Instant::now();
+            let streams = prompts
+                .into_iter()
+                .map(|p| engine.submit(engine_request(engine, p, 1), CancellationToken::new()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut ttfts = Vec::with_capacity(streams.len());
+            for ttft in
+                futures::future::join_all(streams.into_iter().map(|s| first_token(s, sent))).await
+            {
+                ttfts.push(ttft?);
+            }
+            decoding.cancel();
+            while engine.active() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            ttfts.sort();
+            p50s.push(ttfts[ttfts.len() / 2]);
+            lasts.push(ttfts[ttfts.len() - 1]);
+        }
+    }
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    Ok(compared
+        .into_iter()
+        .map(|(label, _, p50s, lasts)| {
+            let summary = BurstSummary {
+                p50: median(p50s),
+                last: median(lasts),
+            };
+            (label, summary)
+        })
+        .collect())
+}
+
+/// Time from `from` to the first event of a one-token request, which must be its token.
+async fn first_token(
+    mut events: switchyard_worker::EngineStream,
+    from: Instant,
+) -> anyhow::Result<Duration> {
+    match events.recv().await {
+        Some(Ok(EngineEvent::Token { .. })) => Ok(from.elapsed()),
+        Some(Ok(
+            EngineEvent::Done { .. }
+            | EngineEvent::ToolCall(_)
+            | EngineEvent::StopSequence(_)
+            | EngineEvent::PromptLogprobs(_)
+            | EngineEvent::Embedding(_),
+        ))
+        | None => {
+            anyhow::bail!("a prompt ended without a token")
+        }
+        Some(Err(e)) => Err(anyhow::Error::from(e)),
+    }
 }
 
 /// The head-of-line trials of one engine, summarized.
@@ -410,22 +575,6 @@ async fn head_of_line(
     arrival: Duration,
 ) -> anyhow::Result<HeadOfLine> {
     // Each asks for one token: its first event is that token, or why there is none.
-    let first_token = |mut events: switchyard_worker::EngineStream, from: Instant| async move {
-        match events.recv().await {
-            Some(Ok(EngineEvent::Token { .. })) => Ok(from.elapsed()),
-            Some(Ok(
-                EngineEvent::Done { .. }
-                | EngineEvent::ToolCall(_)
-                | EngineEvent::StopSequence(_)
-                | EngineEvent::PromptLogprobs(_)
-                | EngineEvent::Embedding(_),
-            ))
-            | None => {
-                anyhow::bail!("a prompt ended without a token")
-            }
-            Some(Err(e)) => Err(anyhow::Error::from(e)),
-        }
-    };
     let long_sent = Instant::now();
     let long = engine.submit(engine_request(engine, long, 1), CancellationToken::new())?;
     let long = tokio::spawn(first_token(long, long_sent));

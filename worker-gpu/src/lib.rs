@@ -31,6 +31,7 @@ use std::time::Duration;
 use switchyard_worker::{Engine, SyntheticConfig, SyntheticEngine};
 
 pub use device::DeviceChoice;
+pub use pacing::PrefillPack;
 pub use scheduler::{CandleEngine, SchedulerLimits};
 
 /// Which engine a GPU worker runs.
@@ -95,6 +96,11 @@ pub struct GpuEngineArgs {
     /// prompts (bounds how long prefill delays the running streams).
     #[arg(long, env = "SWITCHYARD_PREFILL_CHUNK", default_value_t = 512)]
     pub prefill_chunk: u32,
+    /// Candle engine: how many joining prompts one prefill pass packs: `auto` (as many as get
+    /// them their first tokens soonest on average, from the measured prefill rate and step
+    /// time), or at most N (1: one prompt per pass).
+    #[arg(long, env = "SWITCHYARD_PREFILL_PACK", default_value = "auto")]
+    pub prefill_pack: PrefillPack,
     /// Candle engine: how long one scheduler step should take at most (`0s`: no target). A
     /// request arriving while a prompt is prefilled waits for the chunk in progress, so with a
     /// target the chunk is cut to what the measured prefill rate gets done in it (at least 32
@@ -162,6 +168,7 @@ impl Default for GpuEngineArgs {
             max_queue: 64,
             device: DeviceChoice::Auto,
             prefill_chunk: 512,
+            prefill_pack: PrefillPack::Auto,
             step_target: Duration::ZERO,
             compute_threads: 0,
             no_repack: false,
@@ -382,6 +389,7 @@ pub fn build_candle(args: &GpuEngineArgs) -> Result<CandleEngine, GpuEngineError
             max_seqs: args.max_concurrent as usize,
             max_queue: args.max_queue as usize,
             prefill_chunk: args.prefill_chunk as usize,
+            prefill_pack: args.prefill_pack,
             step_target: (!args.step_target.is_zero()).then_some(args.step_target),
             prefix_cache: args.prefix_cache == Toggle::On,
             compute_threads: args.compute_threads as usize,
@@ -429,6 +437,7 @@ mod tests {
         let default = GpuEngineArgs::default();
         assert_eq!(parsed.step_target, default.step_target);
         assert_eq!(parsed.prefill_chunk, default.prefill_chunk);
+        assert_eq!(parsed.prefill_pack, default.prefill_pack);
         assert_eq!(parsed.kv_budget_bytes, default.kv_budget_bytes);
         let set = Flags::parse_from(["worker", "--step-target", "250ms"]).engine;
         assert_eq!(set.step_target, Duration::from_millis(250));

@@ -49,7 +49,7 @@ use switchyard_worker::{
 
 use crate::kv_cache::{PrefixCache, Reuse, SeqBlocks};
 use crate::model::{Chunk, KvStore, Llama, Logits, ModelError, SeqCache};
-use crate::pacing::paced_chunk;
+use crate::pacing::{PrefillPack, paced_chunk, pack_size};
 use crate::penalties::Penalties;
 use crate::sampling::{Sampler, SamplingParams, StopMatcher, StopOutcome};
 use crate::tokenizer::tools::ToolSet;
@@ -68,6 +68,8 @@ pub struct SchedulerLimits {
     pub max_queue: usize,
     /// Prompt tokens prefilled per scheduler iteration, shared among the joining sequences.
     pub prefill_chunk: usize,
+    /// How many joining sequences one prefill pass packs.
+    pub prefill_pack: PrefillPack,
     /// How long one scheduler iteration should take at most: the prefill chunk is cut to what
     /// fits beside the decode step at the measured rates (never below one KV block), because
     /// a request that arrives mid-chunk waits for the chunk to end — and on a CPU a 512-token
@@ -115,6 +117,9 @@ impl SchedulerLimits {
         }
         if self.prefill_chunk == 0 {
             return Err("prefill_chunk: must be at least 1".into());
+        }
+        if self.prefill_pack == PrefillPack::AtMost(0) {
+            return Err("prefill_pack: must be at least 1".into());
         }
         Ok(())
     }
@@ -431,6 +436,7 @@ impl CandleEngine {
             waiting: VecDeque::new(),
             active: Vec::new(),
             decode_rate,
+            pass_overhead_s: step,
         };
         std::thread::Builder::new()
             .name("candle-scheduler".into())
@@ -882,6 +888,8 @@ struct Scheduler {
     active: Vec<Seq>,
     /// Decode steps per second, averaged: what a decode step costs, for pacing prefill.
     decode_rate: RateMeter,
+    /// A one-token step's time at warm-up: what a pass costs beyond its tokens, for packing.
+    pass_overhead_s: f64,
 }
 
 fn done(job: &Job, reason: StopReason, completion: usize) {
@@ -1249,13 +1257,37 @@ impl Scheduler {
     }
 
     /// Shares a step's prefill `budget` (prompt tokens) among the joining sequences, most
-    /// urgent first. Scored prompts together take at most [`SCORED_CHUNK`]: each of their
-    /// tokens returns a row of logits over the whole vocabulary.
+    /// urgent first, as many of them as `prefill_pack` says. Scored prompts together take at
+    /// most [`SCORED_CHUNK`]: each of their tokens returns a row of logits over the whole
+    /// vocabulary.
     fn plan_prefill(&self, budget: usize) -> Vec<PrefillPart> {
+        let order = self.prefill_order();
+        let most = match self.limits.prefill_pack {
+            PrefillPack::AtMost(n) => n,
+            PrefillPack::Auto => {
+                let remaining: usize = order
+                    .iter()
+                    .map(|&i| self.active[i].job.context.len() - self.active[i].cache.len())
+                    .sum();
+                // What a pass costs besides its prompts: the decode step after it, or alone
+                // its fixed cost (a one-token step's).
+                let decoding = self.active.iter().any(|s| s.next.is_some());
+                let pass_cost_s = match self.decode_rate.get() {
+                    rate if decoding && rate > 0.0 => 1.0 / rate,
+                    _ => self.pass_overhead_s,
+                };
+                pack_size(
+                    order.len(),
+                    remaining as f64 / order.len().max(1) as f64,
+                    self.counters.prefill_rate.get(),
+                    pass_cost_s,
+                )
+            }
+        };
         let (mut left, mut scored_left) = (budget, SCORED_CHUNK);
         let mut plan = Vec::new();
-        for i in self.prefill_order() {
-            if left == 0 {
+        for i in order {
+            if left == 0 || plan.len() >= most.max(1) {
                 break;
             }
             let job = &self.active[i].job;

@@ -17,7 +17,7 @@ const BLOCK: usize = 32;
 use switchyard_proto::v1;
 use switchyard_worker_gpu::testing::{TinySpec, write_tiny_llama};
 use switchyard_worker_gpu::tokenizer::GgufTokenizer;
-use switchyard_worker_gpu::{CandleEngine, SchedulerLimits};
+use switchyard_worker_gpu::{CandleEngine, PrefillPack, SchedulerLimits};
 use tokio_util::sync::CancellationToken;
 
 fn tiny_file(dir: &tempfile::TempDir) -> PathBuf {
@@ -315,6 +315,7 @@ fn limits() -> SchedulerLimits {
         max_seqs: 4,
         max_queue: 8,
         prefill_chunk: 16,
+        prefill_pack: PrefillPack::AtMost(usize::MAX),
         step_target: None,
         prefix_cache: true,
         compute_threads: 0,
@@ -532,7 +533,7 @@ async fn a_reader_that_stops_pauses_its_own_sequence_only() {
 
 /// Prompts admitted together share a step's prefill chunk, in one forward pass: four 10-token
 /// prompts take one pass under a 64-token chunk and three under a 16-token one (10 + 6, 4 +
-/// 10 + 2, 8), and each is answered as it is alone.
+/// 10 + 2, 8) — four when a pass may hold one prompt — and each is answered as it is alone.
 #[tokio::test]
 async fn prompts_admitted_together_share_each_prefill_pass() {
     let dir = tempfile::tempdir().unwrap();
@@ -549,11 +550,13 @@ async fn prompts_admitted_together_share_each_prefill_pass() {
         let stream = alone.submit(ids_request(i), CancellationToken::new());
         want.push(collect(stream.unwrap()).await.0);
     }
-    for (chunk, passes) in [(64, 1), (16, 3)] {
+    // (chunk, most prompts a pass packs, passes)
+    for (chunk, most, passes) in [(64, usize::MAX, 1), (16, usize::MAX, 3), (64, 1, 4)] {
         let e = engine(
             &path,
             SchedulerLimits {
                 prefill_chunk: chunk,
+                prefill_pack: PrefillPack::AtMost(most),
                 ..limits()
             },
         );
@@ -577,7 +580,8 @@ async fn prompts_admitted_together_share_each_prefill_pass() {
         for (i, stream) in queued.into_iter().enumerate() {
             assert_eq!(collect(stream).await.0, want[i], "chunk {chunk} prompt {i}");
         }
-        assert_eq!(e.prefill_passes() - before, passes, "chunk {chunk}");
+        let case = format!("chunk {chunk}, at most {most} a pass");
+        assert_eq!(e.prefill_passes() - before, passes, "{case}");
         drop(held);
     }
 }
@@ -620,6 +624,7 @@ async fn admission_limits() {
         max_seqs: 1,
         max_queue: 1,
         prefill_chunk: 16,
+        prefill_pack: PrefillPack::AtMost(usize::MAX),
         step_target: None,
         prefix_cache: true,
         compute_threads: 0,
@@ -642,6 +647,7 @@ async fn admission_limits() {
             max_seqs: 1,
             max_queue: 1,
             prefill_chunk: 16,
+            prefill_pack: PrefillPack::AtMost(usize::MAX),
             step_target: None,
             prefix_cache: true,
             compute_threads: 0,
