@@ -3,6 +3,7 @@
 #   on     switchyard up --engine candle (2 GPU workers, no wse worker), engine prefix cache on
 #   off    the same with --prefix-cache off
 #   step   the same as on with --step-target STEP_TARGET (250ms; not run by default)
+#   pack1  the same as on with --prefill-pack 1: one prompt per prefill pass (not run by default)
 #   anchor SMG (--policy cache_aware) in front of two llama.cpp llama-server processes
 # in alternating rounds (on, off, anchor, on, off, anchor, ...), each system started fresh
 # (cold caches) for its round and stopped after it. Every process gets free loopback ports and
@@ -13,9 +14,10 @@
 # Env: ROUNDS (2), THREADS (2: the machine's cores, shared by both Switchyard workers, split
 # between the two llama-servers), SLOTS (llama-server parallel slots each, 4),
 # MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf), OUT (target/multiturn/<UTC time>),
-# SYSTEMS ("on off anchor"; "step" too on request), STEP_TARGET (250ms), LLAMA_SERVER_ARGS (extra llama-server flags, e.g. "--no-repack"
+# SYSTEMS ("on off anchor"; "step" and "pack1" too on request), STEP_TARGET (250ms), LLAMA_SERVER_ARGS (extra llama-server flags, e.g. "--no-repack"
 # on a host where llama.cpp's weight repacking crashes at start-up, as its AMX kernel did on one
-# of our VMs; note it in the results, repacking is faster where it works).
+# of our VMs; note it in the results, repacking is faster where it works), LLAMA_SERVER and SMG
+# (binaries to use instead of building the anchors with bench/anchors/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -32,11 +34,14 @@ scripts/fetch-model.sh >/dev/null
 . scripts/protoc.sh
 ensure_protoc
 cargo build --release -q -p switchyard -p switchyard-bench
-if [[ " $SYSTEMS " == *" anchor "* ]]; then bench/anchors/setup.sh >/dev/null; fi
-SWITCHYARD="$ROOT/target/release/switchyard"
-BENCH="$ROOT/target/release/switchyard-bench"
-LLAMA_SERVER="$ROOT/target/anchors/bin/llama-server"
-SMG="$ROOT/target/anchors/venv/bin/smg"
+if [[ " $SYSTEMS " == *" anchor "* ]] && [ -z "${LLAMA_SERVER:-}${SMG:-}" ]; then
+  bench/anchors/setup.sh >/dev/null
+fi
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+SWITCHYARD="$TARGET_DIR/release/switchyard"
+BENCH="$TARGET_DIR/release/switchyard-bench"
+LLAMA_SERVER="${LLAMA_SERVER:-$ROOT/target/anchors/bin/llama-server}"
+SMG="${SMG:-$ROOT/target/anchors/venv/bin/smg}"
 
 . bench/processes.sh
 
@@ -44,12 +49,13 @@ SMG="$ROOT/target/anchors/venv/bin/smg"
 HAS_PREFIX_FLAG=0
 if "$SWITCHYARD" up --help | grep -q -- '--prefix-cache'; then HAS_PREFIX_FLAG=1; fi
 
-run_switchyard() {  # run_switchyard on|off|step ROUND [multiturn flags]
+run_switchyard() {  # run_switchyard on|off|step|pack1 ROUND [multiturn flags]
   local mode="$1" round="$2" log="$OUT/switchyard-$1-$2.log"
   shift 2
   local grpc http cp dash flag=()
   grpc=$(free_port); http=$(free_port); cp=$(free_port); dash=$(free_port)
   if [ "$mode" = step ]; then flag=(--step-target "${STEP_TARGET:-250ms}")
+  elif [ "$mode" = pack1 ]; then flag=(--prefill-pack 1)
   elif [ "$HAS_PREFIX_FLAG" = 1 ]; then flag=(--prefix-cache "$mode"); fi
   start "$log" env RAYON_NUM_THREADS="$THREADS" "$SWITCHYARD" up --engine candle \
     --model-path "$MODEL" --gpu-workers 2 --wse-workers 0 "${flag[@]}" \
@@ -86,14 +92,14 @@ run_anchor() {  # run_anchor ROUND [multiturn flags]
 for round in $(seq "$ROUNDS"); do
   for system in $SYSTEMS; do
     case "$system" in
-      on|off|step)
+      on|off|step|pack1)
         if [ "$HAS_PREFIX_FLAG" = 0 ] && [ "$system" = off ]; then continue; fi
         echo "round $round: switchyard $system" >&2
         run_switchyard "$system" "$round" "$@" ;;
       anchor)
         echo "round $round: smg cache_aware + 2 llama-server" >&2
         run_anchor "$round" "$@" ;;
-      *) echo "unknown system $system (on, off, step, anchor)" >&2; exit 2 ;;
+      *) echo "unknown system $system (on, off, step, pack1, anchor)" >&2; exit 2 ;;
     esac
   done
 done
@@ -104,6 +110,7 @@ out, has_flag = sys.argv[1], sys.argv[2] == "1"
 names = {"on": "switchyard, prefix cache on" if has_flag else "switchyard (no --prefix-cache flag)",
          "off": "switchyard, prefix cache off",
          "step": "switchyard, cache on, step target",
+         "pack1": "switchyard, one prompt per pass",
          "anchor": "SMG cache_aware + 2x llama-server"}
 runs = {}
 for path in sorted(glob.glob(os.path.join(out, "*.json"))):
@@ -131,7 +138,7 @@ print(f"\n{r0['conversations']} conversations x {r0['turns']} turns, {r0['concur
       f"max_tokens {r0['max_tokens']}, seed {r0['seed']}; medians over rounds; results in {out}")
 head = f"{'system':<36}{'rounds':>7}{'turn>=2 TTFT p50':>18}{'p90':>9}{'turn 1 p50':>12}{'tok/s':>8}{'hit (usage)':>13}{'hit (engine)':>14}{'same worker':>13}"
 print(head)
-for system in ("on", "off", "step", "anchor"):
+for system in ("on", "off", "step", "pack1", "anchor"):
     if system not in rows:
         continue
     r = rows[system]
@@ -140,7 +147,7 @@ for system in ("on", "off", "step", "anchor"):
           f"{fmt(r['first'], '.0f') + ' ms':>12}{fmt(r['tps'], '.1f'):>8}{pct(r['hit']):>13}{pct(r['engine_hit']):>14}{pct(r['same']):>13}")
 on = rows.get("on", {}).get("later")
 if on:
-    for system, label in (("off", "off/on"), ("step", "step/on"), ("anchor", "anchor/on")):
+    for system, label in (("off", "off/on"), ("step", "step/on"), ("pack1", "pack1/on"), ("anchor", "anchor/on")):
         v = rows.get(system, {}).get("later")
         if v is not None:
             print(f"turn>=2 TTFT p50 ratio {label}: {v / on:.2f}x")

@@ -402,79 +402,40 @@ struct BurstSummary {
     last: Duration,
 }
 
-/// The burst run on two fresh engines, one packing prompts into shared prefill passes and
-/// one prefilling one prompt per pass, trials alternated between the two.
+/// The burst run on fresh engines, one per `--burst-pack` value, trials alternated.
 async fn burst_runs(
     gpu: &GpuEngineArgs,
     args: &EngineBenchArgs,
 ) -> anyhow::Result<Vec<(String, BurstSummary)>> {
-    let mut compared = Vec::new();
     let slots = (args.burst_prompts + args.burst_decoding) as u32;
-    for &pack in &args.burst_pack {
-        let engine = switchyard_worker_gpu::build_candle(&GpuEngineArgs {
-            prefill_pack: pack,
-            max_concurrent: gpu.max_concurrent.max(slots),
-            max_queue: gpu.max_queue.max(slots),
-            ..gpu.clone()
-        })?;
+    let variants = args.burst_pack.iter().map(|&pack| {
         let label = match pack {
             PrefillPack::Auto => "packed as measured (auto)".to_string(),
             PrefillPack::AtMost(1) => "one prompt per pass".to_string(),
             PrefillPack::AtMost(n) => format!("at most {n} prompts a pass"),
         };
-        compared.push((label, engine, Vec::new(), Vec::new()));
-    }
-    for trial in 0..args.burst_trials {
-        for (which, (_, engine, p50s, lasts)) in compared.iter_mut().enumerate() {
-            let prompts = (0..args.burst_prompts)
-                .map(|i| {
-                    prompt_of(
-                        engine,
-                        args.burst_prompt_tokens,
-                        &format!(" burst {which}-{trial}-{i}"),
-                    )
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            // Streams decoding meanwhile, each past its first token before the burst is sent.
-            let decoding = CancellationToken::new();
-            for i in 0..args.burst_decoding {
-                let prompt = Prompt::Text(format!("Story {i} ({which}-{trial}): once upon a time"));
-                let mut stream =
-                    engine.submit(engine_request(engine, prompt, 256), decoding.clone())?;
-                tokio::spawn(async move { while stream.recv().await.is_some() {} });
-            }
-            while (engine.active() as usize) < args.burst_decoding
-                || engine.load().queued_prompt_tokens > 0
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            let sent = Instant::now();
-            let streams = prompts
-                .into_iter()
-                .map(|p| engine.submit(engine_request(engine, p, 1), CancellationToken::new()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut ttfts = Vec::with_capacity(streams.len());
-            for ttft in
-                futures::future::join_all(streams.into_iter().map(|s| first_token(s, sent))).await
-            {
-                ttfts.push(ttft?);
-            }
-            decoding.cancel();
-            while engine.active() > 0 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            ttfts.sort();
-            p50s.push(ttfts[ttfts.len() / 2]);
-            lasts.push(ttfts[ttfts.len() - 1]);
-        }
-    }
+        let engine = GpuEngineArgs {
+            prefill_pack: pack,
+            max_concurrent: gpu.max_concurrent.max(slots),
+            max_queue: gpu.max_queue.max(slots),
+            ..gpu.clone()
+        };
+        (label, engine)
+    });
+    let engines = build_engines(variants)?;
+    let runs = alternated(&engines, args.burst_trials, |engine, tag| {
+        burst(engine, args, tag)
+    })
+    .await?;
     let median = |mut v: Vec<Duration>| {
         v.sort();
         v[v.len() / 2]
     };
-    Ok(compared
+    Ok(engines
         .into_iter()
-        .map(|(label, _, p50s, lasts)| {
+        .zip(runs)
+        .map(|((label, _), runs)| {
+            let (p50s, lasts) = runs.into_iter().unzip();
             let summary = BurstSummary {
                 p50: median(p50s),
                 last: median(lasts),
@@ -484,6 +445,80 @@ async fn burst_runs(
         .collect())
 }
 
+/// One burst trial: `--burst-prompts` prompts sent at once (beside `--burst-decoding` streams
+/// decoding); the prompts' median and last first token.
+async fn burst(
+    engine: &CandleEngine,
+    args: &EngineBenchArgs,
+    tag: String,
+) -> anyhow::Result<(Duration, Duration)> {
+    let prompts = (0..args.burst_prompts)
+        .map(|i| {
+            prompt_of(
+                engine,
+                args.burst_prompt_tokens,
+                &format!(" burst {tag}-{i}"),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // Streams decoding meanwhile, each past its prefill before the burst is sent.
+    let decoding = CancellationToken::new();
+    for i in 0..args.burst_decoding {
+        let prompt = Prompt::Text(format!("Story {i} ({tag}): once upon a time"));
+        let mut stream = engine.submit(engine_request(engine, prompt, 256), decoding.clone())?;
+        tokio::spawn(async move { while stream.recv().await.is_some() {} });
+    }
+    while (engine.active() as usize) < args.burst_decoding || engine.load().queued_prompt_tokens > 0
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let sent = Instant::now();
+    let streams = prompts
+        .into_iter()
+        .map(|p| engine.submit(engine_request(engine, p, 1), CancellationToken::new()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut ttfts = Vec::with_capacity(streams.len());
+    for ttft in futures::future::join_all(streams.into_iter().map(|s| first_token(s, sent))).await {
+        ttfts.push(ttft?);
+    }
+    decoding.cancel();
+    while engine.active() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    ttfts.sort();
+    Ok((ttfts[ttfts.len() / 2], ttfts[ttfts.len() - 1]))
+}
+
+/// Fresh engines, one per labelled variant of the worker's arguments.
+fn build_engines(
+    variants: impl IntoIterator<Item = (String, GpuEngineArgs)>,
+) -> anyhow::Result<Vec<(String, CandleEngine)>> {
+    variants
+        .into_iter()
+        .map(|(label, args)| Ok((label, switchyard_worker_gpu::build_candle(&args)?)))
+        .collect()
+}
+
+/// `trials` rounds of `trial` on each engine in turn — alternated, so a change in the
+/// machine's load falls on every engine alike; each engine's results in order. A trial gets a
+/// tag unique to the engine and round (for prompts no other trial has cached).
+async fn alternated<'e, T, Trial>(
+    engines: &'e [(String, CandleEngine)],
+    trials: usize,
+    mut trial: impl FnMut(&'e CandleEngine, String) -> Trial,
+) -> anyhow::Result<Vec<Vec<T>>>
+where
+    Trial: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let mut results: Vec<Vec<T>> = engines.iter().map(|_| Vec::new()).collect();
+    for round in 0..trials {
+        for (which, (_, engine)) in engines.iter().enumerate() {
+            results[which].push(trial(engine, format!("{which}-{round}")).await?);
+        }
+    }
+    Ok(results)
+}
+
 /// Time from `from` to the first event of a one-token request, which must be its token.
 async fn first_token(
     mut events: switchyard_worker::EngineStream,
@@ -491,17 +526,8 @@ async fn first_token(
 ) -> anyhow::Result<Duration> {
     match events.recv().await {
         Some(Ok(EngineEvent::Token { .. })) => Ok(from.elapsed()),
-        Some(Ok(
-            EngineEvent::Done { .. }
-            | EngineEvent::ToolCall(_)
-            | EngineEvent::StopSequence(_)
-            | EngineEvent::PromptLogprobs(_)
-            | EngineEvent::Embedding(_),
-        ))
-        | None => {
-            anyhow::bail!("a prompt ended without a token")
-        }
         Some(Err(e)) => Err(anyhow::Error::from(e)),
+        Some(Ok(_)) | None => anyhow::bail!("a prompt ended without a token"),
     }
 }
 
@@ -540,30 +566,29 @@ async fn head_of_line_runs(
     gpu: &GpuEngineArgs,
     args: &EngineBenchArgs,
 ) -> anyhow::Result<Vec<(String, HeadOfLineSummary)>> {
-    let mut compared = Vec::new();
-    for target in [Duration::ZERO, args.hol_step_target] {
-        let engine = switchyard_worker_gpu::build_candle(&GpuEngineArgs {
-            step_target: target,
-            ..gpu.clone()
-        })?;
+    let variants = [Duration::ZERO, args.hol_step_target].map(|target| {
         let label = if target.is_zero() {
             "no step target".to_string()
         } else {
             format!("step target {} ms", target.as_millis())
         };
-        compared.push((label, engine, Vec::new()));
-    }
-    for trial in 0..args.hol_trials {
-        for (which, (_, engine, runs)) in compared.iter_mut().enumerate() {
-            let tag = format!(" hol {which}-{trial}");
-            let long = prompt_of(engine, args.hol_prompt, &tag)?;
-            let short = Prompt::Text(format!("Say hello ({which}-{trial})."));
-            runs.push(head_of_line(engine, long, short, args.hol_arrival).await?);
-        }
-    }
-    Ok(compared
+        let engine = GpuEngineArgs {
+            step_target: target,
+            ..gpu.clone()
+        };
+        (label, engine)
+    });
+    let engines = build_engines(variants)?;
+    let runs = alternated(&engines, args.hol_trials, |engine, tag| async move {
+        let long = prompt_of(engine, args.hol_prompt, &format!(" hol {tag}"))?;
+        let short = Prompt::Text(format!("Say hello ({tag})."));
+        head_of_line(engine, long, short, args.hol_arrival).await
+    })
+    .await?;
+    Ok(engines
         .into_iter()
-        .map(|(label, _, runs)| (label, HeadOfLineSummary::of(&runs)))
+        .zip(runs)
+        .map(|((label, _), runs)| (label, HeadOfLineSummary::of(&runs)))
         .collect())
 }
 
