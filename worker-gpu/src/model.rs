@@ -744,9 +744,9 @@ impl Llama {
                     None
                 }
                 Logits::HiddenSum => {
-                    let rows = x.narrow(0, row0, t)?;
-                    let rows = candle_nn::ops::rms_norm(&rows, &self.norm, c.rms_eps as f32)?;
-                    Some(rows.to_dtype(DType::F32)?.sum(0)?)
+                    let hidden = x.narrow(0, row0, t)?;
+                    let hidden = candle_nn::ops::rms_norm(&hidden, &self.norm, c.rms_eps as f32)?;
+                    Some(hidden.to_dtype(DType::F32)?.sum(0)?)
                 }
             });
             row0 += t;

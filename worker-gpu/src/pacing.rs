@@ -86,8 +86,7 @@ impl std::fmt::Display for PrefillPack {
 ///
 /// Passes of `g` prompts each cost `c + g·p`: `p` a prompt's own prefill
 /// (`mean_remaining_tokens / prefill_tokens_per_s`), `c` what every pass costs besides
-/// (`pass_cost_s`: the decode step that follows it, or with nothing decoding the pass's fixed
-/// cost). The `j`-th pass's prompts get their first token at `j·(c + g·p)`, so over `n` prompts
+/// (`pass_cost_s`: its fixed cost, and the decode step that follows it while streams decode). The `j`-th pass's prompts get their first token at `j·(c + g·p)`, so over `n` prompts
 /// the mean is `(n/g + 1)·(c + g·p)/2`, least at `g = √(n·c/p)`. Where prefill is
 /// compute-bound and a pass costs little more than its tokens (a CPU) that is one or two
 /// prompts a pass, and packing more only makes every prompt wait for the slowest; where a pass

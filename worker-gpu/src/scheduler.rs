@@ -5,11 +5,11 @@
 //! admit queued requests while the KV budget and the sequence limit allow, run one prefill
 //! pass, then one batched decode step over every decoding sequence. A prefill pass is one
 //! forward over up to a chunk of prompt tokens, shared among the joining sequences: a long
-//! prompt's next chunk, or several short prompts packed together (one pass each would cost
-//! about half as much again, measured on SmolLM2 on a CPU). Chunked prefill keeps a long
-//! prompt from stalling the streams already running; while sequences with a promised decode
-//! rate decode (`WorkerStart.min_tokens_per_s`), the chunk is cut so the iteration keeps the
-//! fastest such rate (see [`crate::pacing`]).
+//! prompt's next chunk, or several short prompts packed together, as many as get them their
+//! first tokens soonest on average (see [`crate::pacing::pack_size`]). Chunked prefill keeps
+//! a long prompt from stalling the streams already running; while sequences with a promised
+//! decode rate decode (`WorkerStart.min_tokens_per_s`), the chunk is cut so the iteration keeps
+//! the fastest such rate (see [`crate::pacing`]).
 //! Latency-critical requests (the router's lane) are admitted before queued cost-sensitive
 //! ones and their prompts are prefilled first; among equals the shortest remaining prefill
 //! goes first, so a follow-up turn with a cached history is not stuck behind a cold prompt.
@@ -1269,18 +1269,18 @@ impl Scheduler {
                     .iter()
                     .map(|&i| self.active[i].job.context.len() - self.active[i].cache.len())
                     .sum();
-                // What a pass costs besides its prompts: the decode step after it, or alone
-                // its fixed cost (a one-token step's).
+                // What a pass costs besides its prompts: its fixed cost (a one-token step's),
+                // and the decode step after it while anything decodes.
                 let decoding = self.active.iter().any(|s| s.next.is_some());
-                let pass_cost_s = match self.decode_rate.get() {
+                let step_s = match self.decode_rate.get() {
                     rate if decoding && rate > 0.0 => 1.0 / rate,
-                    _ => self.pass_overhead_s,
+                    _ => 0.0,
                 };
                 pack_size(
                     order.len(),
                     remaining as f64 / order.len().max(1) as f64,
                     self.counters.prefill_rate.get(),
-                    pass_cost_s,
+                    self.pass_overhead_s + step_s,
                 )
             }
         };
