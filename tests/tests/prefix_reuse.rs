@@ -187,18 +187,18 @@ async fn the_next_turn_lands_where_its_prefix_is_cached_and_a_new_router_knows_i
         turn2.accepted.reason
     );
 
-    // The worker counts the reuse, and so does the router.
+    // The worker counts the reuse and computes only the rest, and the router counts the reuse.
     let worker = cluster
         .gpu
         .iter()
         .find(|w| w.name == first_worker)
         .context("the worker that served turn 1")?;
-    let expect_sample = move |url: String, series: &'static str| async move {
+    let expect_sample = move |url: String, series: &'static str, value: u32| async move {
         switchyard_tests::wait_until(PATIENCE, series, || {
             let url = url.clone();
             async move {
                 let page = scrape(&url).await.unwrap_or_default();
-                sample(&page, series) == Some(f64::from(reused))
+                sample(&page, series) == Some(f64::from(value))
             }
         })
         .await
@@ -206,11 +206,19 @@ async fn the_next_turn_lands_where_its_prefix_is_cached_and_a_new_router_knows_i
     expect_sample(
         worker.metrics_url(),
         "switchyard_engine_prefix_hit_tokens_total{pool=\"gpu\"}",
+        reused,
+    )
+    .await?;
+    expect_sample(
+        worker.metrics_url(),
+        "switchyard_engine_prefill_tokens_total{pool=\"gpu\"}",
+        prompt1 + turn2.usage.prompt_tokens - reused,
     )
     .await?;
     expect_sample(
         cluster.router.metrics_url(),
         "switchyard_router_prefix_reused_tokens_total{pool=\"gpu\"}",
+        reused,
     )
     .await?;
 

@@ -39,7 +39,7 @@ use std::sync::{Mutex, OnceLock};
 use switchyard_proto::v1;
 use switchyard_proto::validate::MAX_TOP_LOGPROBS;
 use switchyard_worker::engine::EngineLoad;
-use switchyard_worker::{KvPublisher, PrefixCacheStats, RateMeter};
+use switchyard_worker::{KvPublisher, PrefillStats, PrefixCacheStats, RateMeter};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -218,7 +218,10 @@ struct Counters {
     active: AtomicU32,
     kv_used: AtomicU64,
     steps: AtomicU64,
+    /// Prefill passes run, the sequences' chunks and the tokens they held.
     prefill_passes: AtomicU64,
+    prefill_sequences: AtomicU64,
+    prefill_tokens: AtomicU64,
     /// Prompt tokens admitted but not yet prefilled.
     unprefilled: AtomicU64,
     /// Of `unprefilled`, those of latency-critical jobs (admitted and prefilled first).
@@ -461,14 +464,6 @@ impl CandleEngine {
         self.admission.counters.steps.load(Ordering::Relaxed)
     }
 
-    /// Prefill passes run so far, each one forward over one or more prompts' chunks.
-    pub fn prefill_passes(&self) -> u64 {
-        self.admission
-            .counters
-            .prefill_passes
-            .load(Ordering::Relaxed)
-    }
-
     /// Sequences currently holding KV.
     pub fn active(&self) -> u32 {
         self.admission.counters.active.load(Ordering::Relaxed)
@@ -605,6 +600,15 @@ impl Engine for CandleEngine {
 
     fn prefix_cache(&self) -> Option<Arc<KvPublisher>> {
         self.publisher.clone()
+    }
+
+    fn prefill_stats(&self) -> Option<PrefillStats> {
+        let counters = &self.admission.counters;
+        Some(PrefillStats {
+            passes: counters.prefill_passes.load(Ordering::Relaxed),
+            sequences: counters.prefill_sequences.load(Ordering::Relaxed),
+            tokens: counters.prefill_tokens.load(Ordering::Relaxed),
+        })
     }
 
     fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
@@ -1240,7 +1244,14 @@ impl Scheduler {
             }
         };
         self.counters.prefill_rate.record(tokens as f64, elapsed);
-        self.counters.prefill_passes.fetch_add(1, Ordering::Relaxed);
+        let counters = &self.counters;
+        counters.prefill_passes.fetch_add(1, Ordering::Relaxed);
+        counters
+            .prefill_sequences
+            .fetch_add(plan.len() as u64, Ordering::Relaxed);
+        counters
+            .prefill_tokens
+            .fetch_add(tokens as u64, Ordering::Relaxed);
         let mut ended = Vec::new();
         for (part, output) in plan.iter().zip(outputs) {
             let seq = &mut self.active[part.seq];

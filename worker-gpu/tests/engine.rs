@@ -575,13 +575,18 @@ async fn prompts_admitted_together_share_each_prefill_pass() {
             "{:?}",
             e.load()
         );
-        let before = e.prefill_passes();
+        let before = e.prefill_stats().unwrap();
         runners.cancel();
         for (i, stream) in queued.into_iter().enumerate() {
             assert_eq!(collect(stream).await.0, want[i], "chunk {chunk} prompt {i}");
         }
+        let after = e.prefill_stats().unwrap();
         let case = format!("chunk {chunk}, at most {most} a pass");
-        assert_eq!(e.prefill_passes() - before, passes, "{case}");
+        assert_eq!(after.passes - before.passes, passes, "{case}");
+        // Every prompt's chunks, and its 10 tokens, counted once (16: 2 + 3 + 1 chunks).
+        let chunks = if chunk == 16 { 6 } else { 4 };
+        assert_eq!(after.sequences - before.sequences, chunks, "{case}");
+        assert_eq!(after.tokens - before.tokens, 40, "{case}");
         drop(held);
     }
 }

@@ -347,6 +347,17 @@ pub struct PrefixCacheStats {
     pub evictions: u64,
 }
 
+/// How an engine has prefilled prompts so far: passes (forwards over prompt tokens) and what
+/// they held. `sequences / passes` is how many prompts a pass packs on average.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefillStats {
+    pub passes: u64,
+    /// Prompts' chunks prefilled, summed over passes.
+    pub sequences: u64,
+    /// Prompt tokens prefilled (computed, not found cached).
+    pub tokens: u64,
+}
+
 /// A model backend. `submit` must return quickly: generation runs on the engine's own tasks
 /// and reports through the returned stream; firing `cancel` ends it with
 /// `Done { reason: Cancelled }` within one step.
@@ -373,6 +384,11 @@ pub trait Engine: Send + Sync + 'static {
     }
     /// The prefix cache's counters; `None` for engines without one.
     fn prefix_cache_stats(&self) -> Option<PrefixCacheStats> {
+        None
+    }
+    /// How the engine's prefill passes went so far; `None` for engines that do not run them
+    /// (a gateway, the synthetic engine).
+    fn prefill_stats(&self) -> Option<PrefillStats> {
         None
     }
     /// Whether the engine can score a prompt ([`Sampling::prompt_logprobs`]); a request asking

@@ -20,8 +20,8 @@ pub mod synthetic;
 
 pub use coalesce::CoalesceConfig;
 pub use engine::{
-    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, PrefixCacheStats,
-    Prompt, Sampling, StopReason, Tools,
+    Engine, EngineError, EngineEvent, EngineRequest, EngineStream, Message, PrefillStats,
+    PrefixCacheStats, Prompt, Sampling, StopReason, Tools,
 };
 pub use kv_events::{KvBatch, KvPublisher};
 pub use load::RateMeter;

@@ -56,6 +56,9 @@ pub struct WorkerMetrics {
     pub prefix_hit_tokens: Family<PoolLabels, Counter>,
     pub kv_blocks: Family<BlockLabels, Gauge>,
     pub kv_evictions: Family<PoolLabels, Counter>,
+    pub prefill_passes: Family<PoolLabels, Counter>,
+    pub prefill_sequences: Family<PoolLabels, Counter>,
+    pub prefill_tokens: Family<PoolLabels, Counter>,
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -98,6 +101,9 @@ impl WorkerMetrics {
             prefix_hit_tokens: Family::default(),
             kv_blocks: Family::default(),
             kv_evictions: Family::default(),
+            prefill_passes: Family::default(),
+            prefill_sequences: Family::default(),
+            prefill_tokens: Family::default(),
         };
         metrics.register(|r| {
             r.register(
@@ -155,6 +161,21 @@ impl WorkerMetrics {
                 "Cached KV blocks dropped to make room",
                 this.kv_evictions.clone(),
             );
+            r.register(
+                "switchyard_engine_prefill_passes",
+                "Prefill passes (forwards over prompt tokens) the engine ran",
+                this.prefill_passes.clone(),
+            );
+            r.register(
+                "switchyard_engine_prefill_pass_sequences",
+                "Prompts' chunks prefilled, summed over passes (over passes: prompts a pass packs)",
+                this.prefill_sequences.clone(),
+            );
+            r.register(
+                "switchyard_engine_prefill_tokens",
+                "Prompt tokens prefilled (computed, not found cached)",
+                this.prefill_tokens.clone(),
+            );
         });
         // Show the gauges at zero before the first load report.
         this.observe_load(&v1::Load::default());
@@ -173,6 +194,19 @@ impl WorkerMetrics {
         self.kv_used_bytes
             .get_or_create(&labels)
             .set(i64::try_from(load.kv_used_bytes).unwrap_or(i64::MAX));
+    }
+
+    /// Sets the prefill metrics from the engine's counters (monotonic, as the prefix cache's).
+    pub fn observe_prefill(&self, stats: &crate::engine::PrefillStats) {
+        let labels = PoolLabels { pool: self.pool };
+        for (family, total) in [
+            (&self.prefill_passes, stats.passes),
+            (&self.prefill_sequences, stats.sequences),
+            (&self.prefill_tokens, stats.tokens),
+        ] {
+            let counter = family.get_or_create(&labels);
+            counter.inc_by(total.saturating_sub(counter.get()));
+        }
     }
 
     /// Sets the prefix-cache metrics from the engine's counters (monotonic: each counter
@@ -300,8 +334,21 @@ mod tests {
             evictions: 3,
             ..Default::default()
         });
+        worker.observe_prefill(&crate::engine::PrefillStats {
+            passes: 2,
+            sequences: 5,
+            tokens: 120,
+        });
+        worker.observe_prefill(&crate::engine::PrefillStats {
+            passes: 3,
+            sequences: 6,
+            tokens: 150,
+        });
         let text = metrics.encode();
         for expected in [
+            "switchyard_engine_prefill_passes_total{pool=\"wse\"} 3",
+            "switchyard_engine_prefill_pass_sequences_total{pool=\"wse\"} 6",
+            "switchyard_engine_prefill_tokens_total{pool=\"wse\"} 150",
             "switchyard_engine_prefix_lookups_total{pool=\"wse\"} 3",
             "switchyard_engine_prefix_lookup_tokens_total{pool=\"wse\"} 900",
             "switchyard_engine_prefix_hit_tokens_total{pool=\"wse\"} 480",

@@ -540,13 +540,16 @@ fn watch_forever() -> tokio::sync::watch::Receiver<bool> {
 }
 
 /// Keeps the load gauges equal to the load the worker reports to routers, and the prefix-cache
-/// metrics up to date (at every load change and every sampler tick, once a second).
+/// and prefill metrics up to date (at every load change and every sampler tick, once a second).
 async fn follow_load(load: Arc<LoadTracker>, engine: Arc<dyn Engine>, metrics: WorkerMetrics) {
     let mut changes = load.subscribe();
     loop {
         metrics.observe_load(&changes.borrow_and_update());
         if let Some(stats) = engine.prefix_cache_stats() {
             metrics.observe_prefix_cache(&stats);
+        }
+        if let Some(stats) = engine.prefill_stats() {
+            metrics.observe_prefill(&stats);
         }
         if changes.changed().await.is_err() {
             return;
