@@ -9,7 +9,9 @@
 #   bench/embeddings.sh [extra switchyard-bench embeddings flags, e.g. --inputs-per-request 16]
 # Env: THREADS (2: the machine's cores, given to each system), SLOTS (llama-server parallel
 # slots, 4), MODEL (models/SmolLM2-135M-Instruct.Q4_1.gguf), LLAMA_SERVER (a llama-server
-# binary; default: built by bench/anchors/setup.sh), OUT (target/embeddings/<UTC time>).
+# binary; default: built by bench/anchors/setup.sh), OUT (target/embeddings/<UTC time>),
+# PACKS (`--prefill-pack` values, one Switchyard each: "auto"; e.g. "auto 1" adds one that
+# prefills one input per pass, named switchyard-pack1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
@@ -34,22 +36,32 @@ BENCH="$TARGET_DIR/release/switchyard-bench"
 
 . bench/processes.sh
 
-grpc=$(free_port); http=$(free_port); cp=$(free_port); dash=$(free_port); llama=$(free_port)
-start "$OUT/switchyard.log" env RAYON_NUM_THREADS="$THREADS" "$SWITCHYARD" up --engine candle \
-  --model-path "$MODEL" --gpu-workers 1 --wse-workers 0 \
-  --router-listen "127.0.0.1:$grpc" --http-listen "127.0.0.1:$http" \
-  --control-plane-listen "127.0.0.1:$cp" --dashboard-listen "127.0.0.1:$dash"
+targets=()
+for pack in ${PACKS:-auto}; do
+  name=switchyard; [ "$pack" = auto ] || name="switchyard-pack$pack"
+  grpc=$(free_port); http=$(free_port); cp=$(free_port); dash=$(free_port)
+  start "$OUT/$name.log" env RAYON_NUM_THREADS="$THREADS" "$SWITCHYARD" up --engine candle \
+    --model-path "$MODEL" --gpu-workers 1 --wse-workers 0 --prefill-pack "$pack" \
+    --router-listen "127.0.0.1:$grpc" --http-listen "127.0.0.1:$http" \
+    --control-plane-listen "127.0.0.1:$cp" --dashboard-listen "127.0.0.1:$dash"
+  targets+=(--target "$name=http://127.0.0.1:$http")
+done
+llama=$(free_port)
 # A physical batch as large as the context: llama.cpp refuses an embedding input longer than it.
 start "$OUT/llama-server.log" "$LLAMA_SERVER" -m "$MODEL" --host 127.0.0.1 --port "$llama" \
   -t "$THREADS" -tb "$THREADS" -np "$SLOTS" -c $((SLOTS * 2048)) -b 2048 -ub 2048 \
   --embeddings --pooling mean --alias "$MODEL_NAME" --no-webui
 wait_http "http://127.0.0.1:$llama/health" 120 "$OUT/llama-server.log"
-for _ in $(seq 600); do
-  if curl -sf "http://127.0.0.1:$http/v1/models" 2>/dev/null | grep -q '"ready_workers":[1-9]'; then
-    break
-  fi
-  sleep 0.2
+for target in "${targets[@]}"; do
+  [ "$target" = --target ] && continue
+  url="${target#*=}"
+  for _ in $(seq 600); do
+    if curl -sf "$url/v1/models" 2>/dev/null | grep -q '"ready_workers":[1-9]'; then
+      break
+    fi
+    sleep 0.2
+  done
 done
 "$BENCH" embeddings --model "$MODEL_NAME" \
-  --target "switchyard=http://127.0.0.1:$http" --target "llama-server=http://127.0.0.1:$llama" \
+  "${targets[@]}" --target "llama-server=http://127.0.0.1:$llama" \
   "$@" | tee "$OUT/result.txt"

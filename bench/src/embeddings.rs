@@ -1,7 +1,7 @@
 //! `switchyard-bench embeddings`: embedding throughput of OpenAI-compatible `/v1/embeddings`
 //! endpoints side by side — Switchyard's router in front of a worker running the real model,
 //! and llama.cpp's `llama-server --embeddings --pooling mean` on the same GGUF
-//! (`scripts/bench-embeddings.sh` starts both). The workload is code-search indexing: the
+//! (`bench/embeddings.sh` starts both). The workload is code-search indexing: the
 //! repository's own Rust sources cut into chunks of `--lines-per-chunk` lines, sent
 //! `--inputs-per-request` chunks a request, `--concurrency` requests in flight. Rounds alternate
 //! which endpoint goes first; every answer must carry one vector per input, all of one width.
