@@ -629,8 +629,8 @@ impl Llama {
     /// One forward pass over several sequences' new tokens at once — a decode step (one token
     /// each), prompt chunks, or both — appending each chunk to its sequence's cache. Every
     /// weight multiplies all the rows in one matmul; only attention, which reads each
-    /// sequence's own blocks, is per sequence, so short prompts packed together cost about
-    /// what one prompt of their total length costs, not one pass each.
+    /// sequence's own blocks, is per sequence, so sequences packed into one pass share its
+    /// fixed cost (every weight read once, one output head call).
     ///
     /// Returns one output per chunk, as its [`Logits`] asks. Once `abandoned` says so between
     /// two layers it gives up ([`ModelError::Abandoned`], every cache as it was): a chunk deep
@@ -751,7 +751,7 @@ impl Llama {
             });
             row0 += t;
         }
-        let mut logits = match head_rows.len() {
+        let logits = match head_rows.len() {
             0 => None,
             _ => {
                 let rows = Tensor::cat(&head_rows, 0)?;
@@ -776,7 +776,7 @@ impl Llama {
                     return Ok(pooled);
                 }
                 let logits = logits
-                    .as_mut()
+                    .as_ref()
                     .expect("a head row for every chunk without one");
                 Ok(match chunk.logits {
                     Logits::EveryToken => {
