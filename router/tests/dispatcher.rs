@@ -6,6 +6,8 @@
 //! A worker that "dies" runs on its own runtime, which is dropped: its sockets close at once,
 //! as when a process is killed (its registry record stays, as a lease would until it expired).
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -202,22 +204,21 @@ impl Cluster {
     /// Waits until the router can place on `n` workers. The router tells no event for that, so
     /// this asks again until it says so.
     async fn wait_until_routable(&self, n: usize) {
-        let mut client = InferenceClient::new(self.channel().await);
-        within("workers routable", async {
-            loop {
-                if let Ok(models) = client.list_models(v1::ListModelsRequest {}).await {
-                    let workers: usize = models
-                        .into_inner()
-                        .models
-                        .iter()
-                        .filter(|m| m.id == MODEL)
-                        .map(|m| m.workers.len())
-                        .sum();
-                    if workers == n {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
+        let client = InferenceClient::new(self.channel().await);
+        common::eventually("workers routable", PATIENCE, || {
+            let mut client = client.clone();
+            async move {
+                let Ok(models) = client.list_models(v1::ListModelsRequest {}).await else {
+                    return false;
+                };
+                let workers: usize = models
+                    .into_inner()
+                    .models
+                    .iter()
+                    .filter(|m| m.id == MODEL)
+                    .map(|m| m.workers.len())
+                    .sum();
+                workers == n
             }
         })
         .await;

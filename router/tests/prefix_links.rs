@@ -3,6 +3,8 @@
 //! what a worker caches, a router that connects later rebuilds it from the worker's snapshot,
 //! and a worker that stops is forgotten.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,11 +51,7 @@ async fn start_worker(registry: Arc<dyn Registry>, id: &str) -> CancellationToke
 
 /// Polls `check` until it holds (the index follows frames asynchronously).
 async fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !check() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually(what, PATIENCE, || std::future::ready(check())).await
 }
 
 fn cached(links: &Links, prompt: &[u32]) -> Vec<(String, u32)> {

@@ -3007,7 +3007,9 @@ async fn a_leader_frozen_past_its_lease_folds_no_reports_into_its_history() -> a
             .await
     });
     let sender = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_millis(250));
         loop {
+            every.tick().await;
             let stats = v1::RouterReport {
                 report: Some(v1::router_report::Report::Stats(v1::RouterStats {
                     router_id: "router-0".into(),
@@ -3023,7 +3025,6 @@ async fn a_leader_frozen_past_its_lease_folds_no_reports_into_its_history() -> a
             if tx.send(stats).await.is_err() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
     // This replica's own history (a follower would forward the read to the leader).
