@@ -331,6 +331,12 @@ pub struct RouterArgs {
     /// responses it stored (default: the listen address; in Kubernetes, `$(POD_IP):50051`).
     #[arg(long, env = "SWITCHYARD_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Directory where a stopping router keeps its stored responses, files and batches for its
+    /// next start when no other replica takes them (a single replica restarted); taken back
+    /// when it starts. One replica per directory (it is locked while the router runs). Unset:
+    /// they go with the stopped router.
+    #[arg(long, env = "SWITCHYARD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 impl RouterArgs {
@@ -362,6 +368,7 @@ impl RouterArgs {
                 max_requests: self.batch_max_requests,
             },
             advertise: self.advertise.clone(),
+            state_dir: self.state_dir.clone(),
             tls: self.tls.files(),
             connections: ConnectionTimeouts {
                 max_age: self.max_connection_age,

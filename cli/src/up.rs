@@ -31,6 +31,11 @@ pub struct UpArgs {
     /// `authorization: Bearer <key>`.
     #[arg(long, env = "SWITCHYARD_API_KEYS_FILE")]
     pub api_keys_file: Option<std::path::PathBuf>,
+    /// Directory where the router keeps its stored responses, files and batches when the
+    /// cluster stops, and takes them back from at the next `up` (see the router's
+    /// `--state-dir`). Unset: they go when it stops.
+    #[arg(long, env = "SWITCHYARD_STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
     /// An origin whose browser pages may call the router's HTTP API (CORS), e.g.
     /// `http://localhost:3000` for a chat page in development; repeat it for more, or `*`.
     #[arg(
@@ -210,6 +215,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         listen: args.router_listen,
         http_listen: Some(args.http_listen),
         api_keys_file: args.api_keys_file.clone(),
+        state_dir: args.state_dir.clone(),
         http_cors,
         cluster_token: Some(cluster_token.clone()),
         tls: tls_files("router"),

@@ -75,6 +75,10 @@ pub struct RouterConfig {
     /// `host:port` where the other router replicas reach this one's gRPC door (to read the
     /// responses it stored); default: the bound listen address.
     pub advertise: Option<String>,
+    /// Where a stopping router with nobody to hand its stored responses, files and batches to
+    /// keeps them for its next start (see [`crate::response_store::saved`]); `None`: they go
+    /// with it.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// A worker running in the router's own process, and how its link reaches it.
@@ -114,6 +118,7 @@ impl Default for RouterConfig {
             response_store: Default::default(),
             batches: Default::default(),
             advertise: None,
+            state_dir: None,
         }
     }
 }

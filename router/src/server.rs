@@ -47,6 +47,8 @@ pub enum RouterError {
     Transport(#[from] tonic::transport::Error),
     #[error("http server: {0}")]
     Http(std::io::Error),
+    #[error(transparent)]
+    StateDir(#[from] crate::response_store::saved::StateDirError),
 }
 
 /// The addresses a running router serves on.
@@ -118,6 +120,11 @@ pub async fn run_router_with_endpoints(
         .server(Alpn::Http)
         .map_err(|e| RouterError::Config(e.to_string()))?;
     let client_tls = config.tls.client();
+    let state_dir = config
+        .state_dir
+        .as_deref()
+        .map(crate::response_store::saved::StateDir::open)
+        .transpose()?;
     let config_listen = config.listen;
     let advertise = config.advertise.clone();
     let max_connection_streams = config.max_connection_streams;
@@ -172,7 +179,8 @@ pub async fn run_router_with_endpoints(
         cluster_stop.clone(),
     );
     let dispatcher = Dispatcher::new(links.clone(), config, policy, metrics, reports)
-        .with_key_tenants(api_keys.iter().flat_map(|keys| keys.tenants()));
+        .with_key_tenants(api_keys.iter().flat_map(|keys| keys.tenants()))
+        .with_state_dir(state_dir);
     dispatcher.peers.set_registry(registry.clone());
     if let Some(tls) = client_tls {
         dispatcher.peers.set_tls(tls);
@@ -199,6 +207,8 @@ pub async fn run_router_with_endpoints(
         .readiness
         .set_waiting(Gate::Registry, "connecting to the cluster registry (etcd)");
     let dispatcher = Arc::new(dispatcher);
+    // Before the mirror starts, so the standby's copy holds what is taken back too.
+    crate::response_store::saved::restore(&dispatcher);
     if dispatcher.responses.limits().max_bytes > 0 {
         dispatcher
             .peers

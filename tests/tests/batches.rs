@@ -468,3 +468,128 @@ async fn all_answered_once(
     assert_eq!(ids, expected);
     Ok(answers)
 }
+
+/// A single router restarted with its `--state-dir` keeps what it had: stopping with no other
+/// replica to hand them to, it writes its stored responses, files and batches there, and the
+/// next run takes them back before it serves — a response is found and continued, the input
+/// file read, and the batch that was running goes on from where it got to, every request
+/// answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_restarted_with_its_state_dir_keeps_its_responses_and_batches()
+-> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterSpec {
+        gpu_workers: 1,
+        wse_workers: 0,
+        ..Default::default()
+    })
+    .await?;
+    let state = tempfile::tempdir()?;
+    let state_dir = state.path().display().to_string();
+    let flags = ["--state-dir", &state_dir, "--batch-concurrency", "2"];
+    let start = |name: &'static str| {
+        let etcd = cluster.etcd.url.clone();
+        async move {
+            let router = switchyard_tests::start_router(&etcd, name, &flags).await?;
+            let grpc = router.addr("grpc").to_string();
+            wait_until(PATIENCE, "the router to link the worker", || async {
+                list_router_workers(&grpc)
+                    .await
+                    .is_ok_and(|ids| ids.len() == 1)
+            })
+            .await?;
+            anyhow::Ok(router)
+        }
+    };
+    let mut first = start("first-run").await?;
+    let first_url = format!("http://{}/v1", first.addr("http"));
+    let http = reqwest::Client::new();
+    let respond = |body: Value| {
+        let http = http.clone();
+        let url = first_url.clone();
+        async move {
+            let answer: Value = http
+                .post(format!("{url}/responses"))
+                .json(&body)
+                .send()
+                .await?
+                .error_for_status()?
+                .json()
+                .await?;
+            anyhow::Ok(answer)
+        }
+    };
+    let stored = respond(json!({"model": "synthetic", "input": "one two three four",
+                                "max_output_tokens": 4}))
+    .await?;
+    let response_id = stored["id"].as_str().context("a response id")?.to_string();
+    let file = upload(&http, &first_url, &second_long_requests(8)).await?;
+    let id = create_batch(
+        &http,
+        &first_url,
+        &file,
+        json!({"metadata": {"job": "restart"}}),
+    )
+    .await?;
+    wait_for_batch(
+        &http,
+        &first_url,
+        &id,
+        PATIENCE,
+        "two requests to be answered",
+        |b| b["request_counts"]["completed"].as_u64() >= Some(2),
+    )
+    .await?;
+    let first_tag = id.strip_prefix("batch_").context("a batch id")?[..12].to_string();
+    let before_stop = batch(&http, &first_url, &id).await?["request_counts"]["completed"]
+        .as_u64()
+        .context("a count")?;
+
+    first.terminate(Duration::from_secs(30)).await?;
+    let log = std::fs::read_to_string(&first.log)?;
+    assert!(log.contains("kept for this router's next start"), "{log}");
+
+    let second = start("second-run").await?;
+    let second_url = format!("http://{}/v1", second.addr("http"));
+    let found: Value = http
+        .get(format!("{second_url}/responses/{response_id}"))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(found["output"], stored["output"], "{found}");
+    let continued = http
+        .post(format!("{second_url}/responses"))
+        .json(&json!({"model": "synthetic", "input": "and then",
+                      "previous_response_id": response_id, "max_output_tokens": 4}))
+        .send()
+        .await?;
+    assert_eq!(continued.status(), 200, "{}", continued.text().await?);
+    let resumed = batch(&http, &second_url, &id).await?;
+    assert_eq!(resumed["metadata"], json!({"job": "restart"}), "{resumed}");
+    let answers = all_answered_once(&http, &second_url, &id, 8, "after the restart").await?;
+    // What the first run answered was kept, not asked again.
+    let made_by_first = answers
+        .iter()
+        .filter(|a| {
+            a["response"]["body"]["id"]
+                .as_str()
+                .is_some_and(|id| id.starts_with(&format!("chatcmpl-{first_tag}")))
+        })
+        .count() as u64;
+    assert!(
+        made_by_first >= before_stop,
+        "{made_by_first} answers made by the first run, {before_stop} kept at its stop"
+    );
+    let input = http
+        .get(format!("{second_url}/files/{file}/content"))
+        .send()
+        .await?
+        .error_for_status()?
+        .text()
+        .await?;
+    assert_eq!(input.lines().count(), 8);
+    // Taken back once: nothing is left to take at the next start.
+    assert!(!state.path().join("stored-responses.pb").exists());
+    Ok(())
+}

@@ -128,6 +128,9 @@ pub struct Dispatcher {
     pub peers: crate::response_store::peers::Peers,
     /// The Batch API's files and batches kept on this replica.
     pub batches: crate::batches::BatchStore,
+    /// Where the stored responses, files and batches wait for the next start when no other
+    /// replica takes them at the stop (`--state-dir`), locked for this replica.
+    pub state_dir: Option<crate::response_store::saved::StateDir>,
     /// The placer (the cluster view and the router queues).
     placer: Placer,
     tenant_quota: TenantQuota,
@@ -262,6 +265,7 @@ impl Dispatcher {
             tenant_quota: TenantQuota::new(config.max_tenant_requests),
             responses,
             batches,
+            state_dir: None,
             peers: Default::default(),
             links,
             config,
@@ -275,6 +279,13 @@ impl Dispatcher {
             next_seed: AtomicU64::new(0),
             key_tenants: BTreeSet::new(),
         }
+    }
+
+    /// Keeps the stored responses, files and batches in `dir` for the next start when no other
+    /// replica takes them at the stop.
+    pub fn with_state_dir(mut self, dir: Option<crate::response_store::saved::StateDir>) -> Self {
+        self.state_dir = dir;
+        self
     }
 
     /// Names `tenants` (the API keys' tenants) in the usage metrics.

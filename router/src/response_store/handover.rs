@@ -245,6 +245,60 @@ impl<'a> Adoption<'a> {
     }
 }
 
+/// A whole hand-over being taken: responses and conversations into the store as they come,
+/// files and batches into the batch store at its end. A peer's hand-over and one saved on
+/// disk (see [`super::saved`]) are taken alike.
+pub struct Taking<'a> {
+    adoption: Adoption<'a>,
+    batches: crate::batches::handover::Receiving,
+}
+
+/// What a hand-over left here.
+#[derive(Debug)]
+pub struct Taken {
+    /// The tags this replica answers for because of it.
+    pub tags: Vec<String>,
+    /// Responses and conversations kept.
+    pub kept: u32,
+    pub files: usize,
+    pub batches: usize,
+}
+
+impl<'a> Taking<'a> {
+    pub fn new(store: &'a ResponseStore) -> Self {
+        Self {
+            adoption: Adoption::new(store),
+            batches: Default::default(),
+        }
+    }
+
+    pub fn push(&mut self, frame: v1::HandoverItem) -> Result<(), Status> {
+        let item = frame
+            .item
+            .ok_or_else(|| Status::invalid_argument("an empty hand-over item"))?;
+        if let Some(item) = self.batches.push(item)? {
+            self.adoption.push(v1::HandoverItem { item: Some(item) })?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the files and batches (running ones go on here) and announces this replica
+    /// under the tags taken, so other replicas asking for their ids find it.
+    pub fn finish(self, dispatcher: &Arc<Dispatcher>) -> Result<Taken, Status> {
+        let (files, batches) = self.batches.finish(dispatcher)?;
+        let taken = Taken {
+            tags: self.adoption.tags,
+            kept: self.adoption.kept,
+            files,
+            batches,
+        };
+        for tag in &taken.tags {
+            dispatcher.peers.announce_adopted(tag.clone());
+        }
+        Ok(taken)
+    }
+}
+
 /// The `RouterPeers` service: takes other replicas' stored responses when they stop.
 pub struct RouterPeersService {
     dispatcher: Arc<Dispatcher>,
@@ -264,30 +318,19 @@ impl v1::router_peers_server::RouterPeers for RouterPeersService {
     ) -> Result<Response<v1::HandoverResult>, Status> {
         self.check_peer(&request)?;
         let mut frames = request.into_inner();
-        let store = &self.dispatcher.responses;
-        let mut adoption = Adoption::new(store);
-        let mut batches = crate::batches::handover::Receiving::default();
+        let mut taking = Taking::new(&self.dispatcher.responses);
         while let Some(frame) = frames.message().await? {
-            let item = frame
-                .item
-                .ok_or_else(|| Status::invalid_argument("an empty hand-over item"))?;
-            if let Some(item) = batches.push(item)? {
-                adoption.push(v1::HandoverItem { item: Some(item) })?;
-            }
+            taking.push(frame)?;
         }
-        let kept = adoption.kept;
-        let (files, batches) = batches.finish(&self.dispatcher)?;
+        let taken = taking.finish(&self.dispatcher)?;
         tracing::info!(
-            tags = ?adoption.tags,
-            kept,
-            files,
-            batches,
+            tags = ?taken.tags,
+            kept = taken.kept,
+            files = taken.files,
+            batches = taken.batches,
             "stored responses, files and batches handed over by a stopping router"
         );
-        for tag in adoption.tags {
-            self.dispatcher.peers.announce_adopted(tag);
-        }
-        Ok(Response::new(v1::HandoverResult { kept }))
+        Ok(Response::new(v1::HandoverResult { kept: taken.kept }))
     }
 
     async fn mirror(
@@ -324,9 +367,25 @@ pub enum HandoverError {
     Failed(String),
 }
 
-/// Hands this replica's stored responses to another replica; the one it chose and how many
-/// it kept.
-pub async fn hand_over(dispatcher: &Dispatcher) -> Result<(RouterRecord, u32), HandoverError> {
+/// Everything a stopping replica hands over: its stored responses and conversations, its
+/// files and batches.
+pub fn everything(dispatcher: &Dispatcher) -> Vec<v1::HandoverItem> {
+    let store = &dispatcher.responses;
+    let mut frames = frames(
+        &store.tags(),
+        &store.export(),
+        &store.export_conversations(),
+    );
+    frames.extend(crate::batches::handover::frames(&dispatcher.batches));
+    frames
+}
+
+/// Hands `frames` (see [`everything`]) to another replica; the one it chose and how many it
+/// kept.
+pub async fn hand_over(
+    dispatcher: &Dispatcher,
+    frames: &[v1::HandoverItem],
+) -> Result<(RouterRecord, u32), HandoverError> {
     let store = &dispatcher.responses;
     let token = dispatcher
         .config
@@ -352,8 +411,6 @@ pub async fn hand_over(dispatcher: &Dispatcher) -> Result<(RouterRecord, u32), H
     // In a rollout another replica may be stopping too (it takes no new connections): the
     // next one is tried.
     fastrand::shuffle(&mut others);
-    let mut frames = frames(&tags, &store.export(), &store.export_conversations());
-    frames.extend(crate::batches::handover::frames(&dispatcher.batches));
     let mut last = HandoverError::NoPeer;
     for peer in others {
         let channel = match dispatcher.peers.channel_to(&peer) {
@@ -363,7 +420,7 @@ pub async fn hand_over(dispatcher: &Dispatcher) -> Result<(RouterRecord, u32), H
                 continue;
             }
         };
-        let mut request = Request::new(futures::stream::iter(frames.clone()));
+        let mut request = Request::new(futures::stream::iter(frames.to_vec()));
         token.apply(&mut request);
         match v1::router_peers_client::RouterPeersClient::new(channel)
             .handover(request)
@@ -401,21 +458,38 @@ pub async fn hand_over_on_stop(dispatcher: &Dispatcher) {
     if count == 0 && dispatcher.batches.is_empty() {
         return;
     }
-    match tokio::time::timeout(HANDOVER_TIMEOUT, hand_over(dispatcher)).await {
-        Ok(Ok((peer, kept))) => tracing::info!(
-            to = %peer.grpc_address,
-            kept,
-            of = count,
-            "stored responses handed over to another router replica"
-        ),
-        Ok(Err(error)) => tracing::warn!(
+    let frames = everything(dispatcher);
+    let why = match tokio::time::timeout(HANDOVER_TIMEOUT, hand_over(dispatcher, &frames)).await {
+        Ok(Ok((peer, kept))) => {
+            tracing::info!(
+                to = %peer.grpc_address,
+                kept,
+                of = count,
+                "stored responses handed over to another router replica"
+            );
+            return;
+        }
+        Ok(Err(error)) => error.to_string(),
+        Err(_) => format!("none took them within {HANDOVER_TIMEOUT:?}"),
+    };
+    let Some(dir) = &dispatcher.state_dir else {
+        tracing::warn!(
             responses = count,
-            "stored responses not handed over, they go with this replica: {error}"
-        ),
-        Err(_) => tracing::warn!(
+            "stored responses not handed over, they go with this replica: {why}"
+        );
+        return;
+    };
+    match dir.save(&frames) {
+        Ok(bytes) => tracing::info!(
             responses = count,
-            "stored responses not handed over within {HANDOVER_TIMEOUT:?}, they go with this \
-             replica"
+            bytes,
+            dir = %dir.path().display(),
+            "stored responses, files and batches kept for this router's next start \
+             (not handed over: {why})"
+        ),
+        Err(error) => tracing::error!(
+            responses = count,
+            "stored responses neither handed over ({why}) nor kept: {error}"
         ),
     }
 }

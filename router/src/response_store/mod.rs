@@ -29,6 +29,7 @@ pub mod handover;
 pub mod item_ids;
 pub mod mirror;
 pub mod peers;
+pub mod saved;
 pub mod service;
 
 use std::collections::{HashMap, VecDeque};
