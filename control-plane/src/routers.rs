@@ -18,7 +18,7 @@ pub const SILENT_AFTER: Duration = Duration::from_secs(5);
 pub const FORGET_AFTER: Duration = Duration::from_secs(300);
 
 /// The mirror states a router reports (see [`v1::RouterState::response_mirror`]).
-pub const MIRROR_STATES: [&str; 4] = ["off", "alone", "mirrored", "failing"];
+pub const MIRROR_STATES: [&str; 5] = ["off", "alone", "journaled", "mirrored", "failing"];
 
 #[derive(Debug)]
 struct Seen {
@@ -180,6 +180,20 @@ fn store_verdict(silent: Duration, state: &v1::RouterState, reporting: usize) ->
             true,
             "its mirror to a standby fails (see its log); it holds nothing yet".into(),
         ),
+        ("journaled", Some(held)) if reporting > 1 => (
+            true,
+            format!(
+                "kept on disk only (--state-dir): it has found no standby though other routers \
+                 report; a kill keeps its {held} for its restart, unreadable until then"
+            ),
+        ),
+        ("journaled", Some(held)) => (
+            false,
+            format!(
+                "the only router; its {held} are journaled on disk (--state-dir): a kill or a \
+                 restart keeps them for its next start, unreadable while it is down"
+            ),
+        ),
         ("alone", Some(held)) if reporting > 1 => (
             true,
             format!(
@@ -254,6 +268,8 @@ mod tests {
             ),
             (state(3, "alone"), 2, true, "found no standby"),
             (state(3, "alone"), 1, false, "the only router"),
+            (state(3, "journaled"), 1, false, "journaled on disk"),
+            (state(3, "journaled"), 2, true, "found no standby"),
             (state(3, "off"), 2, true, "no cluster token"),
             (state(0, "off"), 2, true, "no cluster token"),
         ];

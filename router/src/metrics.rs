@@ -330,7 +330,7 @@ impl std::fmt::Debug for RouterMetrics {
 /// The values of [`RouterMetrics::policy_state`]'s `state` label.
 const POLICY_STATES: [&str; 3] = ["current", "kept", "missing"];
 /// The values of [`RouterMetrics::response_mirror`]'s `state` label.
-const MIRROR_STATES: [&str; 4] = ["off", "alone", "mirrored", "failing"];
+const MIRROR_STATES: [&str; 5] = ["off", "alone", "journaled", "mirrored", "failing"];
 
 /// Sets `family` to 1 for `state` and 0 for the other `states`.
 fn set_state(family: &Family<StateLabels, Gauge>, states: &[&'static str], state: &'static str) {

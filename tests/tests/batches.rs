@@ -477,119 +477,187 @@ async fn all_answered_once(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_restarted_with_its_state_dir_keeps_its_responses_and_batches()
 -> anyhow::Result<()> {
-    let cluster = Cluster::start(ClusterSpec {
-        gpu_workers: 1,
-        wse_workers: 0,
-        ..Default::default()
-    })
-    .await?;
-    let state = tempfile::tempdir()?;
-    let state_dir = state.path().display().to_string();
-    let flags = ["--state-dir", &state_dir, "--batch-concurrency", "2"];
-    let start = |name: &'static str| {
-        let etcd = cluster.etcd.url.clone();
-        async move {
-            let router = switchyard_tests::start_router(&etcd, name, &flags).await?;
-            let grpc = router.addr("grpc").to_string();
-            wait_until(PATIENCE, "the router to link the worker", || async {
-                list_router_workers(&grpc)
-                    .await
-                    .is_ok_and(|ids| ids.len() == 1)
-            })
-            .await?;
-            anyhow::Ok(router)
-        }
-    };
-    let mut first = start("first-run").await?;
-    let first_url = format!("http://{}/v1", first.addr("http"));
-    let http = reqwest::Client::new();
-    let respond = |body: Value| {
-        let http = http.clone();
-        let url = first_url.clone();
-        async move {
-            let answer: Value = http
-                .post(format!("{url}/responses"))
-                .json(&body)
-                .send()
-                .await?
-                .error_for_status()?
-                .json()
-                .await?;
-            anyhow::Ok(answer)
-        }
-    };
-    let stored = respond(json!({"model": "synthetic", "input": "one two three four",
-                                "max_output_tokens": 4}))
-    .await?;
-    let response_id = stored["id"].as_str().context("a response id")?.to_string();
-    let file = upload(&http, &first_url, &second_long_requests(8)).await?;
-    let id = create_batch(
-        &http,
-        &first_url,
-        &file,
-        json!({"metadata": {"job": "restart"}}),
-    )
-    .await?;
-    wait_for_batch(
-        &http,
-        &first_url,
-        &id,
-        PATIENCE,
-        "two requests to be answered",
-        |b| b["request_counts"]["completed"].as_u64() >= Some(2),
-    )
-    .await?;
-    let first_tag = id.strip_prefix("batch_").context("a batch id")?[..12].to_string();
-    let before_stop = batch(&http, &first_url, &id).await?["request_counts"]["completed"]
-        .as_u64()
-        .context("a count")?;
-
+    let run = StateDirRun::start().await?;
+    let mut first = run.router("first-run").await?;
+    let held = Held::make(&run.http, &first).await?;
     first.terminate(Duration::from_secs(30)).await?;
     let log = std::fs::read_to_string(&first.log)?;
     assert!(log.contains("kept for this router's next start"), "{log}");
 
-    let second = start("second-run").await?;
-    let second_url = format!("http://{}/v1", second.addr("http"));
-    let found: Value = http
-        .get(format!("{second_url}/responses/{response_id}"))
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
+    let second = run.router("second-run").await?;
+    held.all_there(&run.http, &second, held.answered_at_stop)
         .await?;
-    assert_eq!(found["output"], stored["output"], "{found}");
-    let continued = http
-        .post(format!("{second_url}/responses"))
-        .json(&json!({"model": "synthetic", "input": "and then",
-                      "previous_response_id": response_id, "max_output_tokens": 4}))
-        .send()
-        .await?;
-    assert_eq!(continued.status(), 200, "{}", continued.text().await?);
-    let resumed = batch(&http, &second_url, &id).await?;
-    assert_eq!(resumed["metadata"], json!({"job": "restart"}), "{resumed}");
-    let answers = all_answered_once(&http, &second_url, &id, 8, "after the restart").await?;
-    // What the first run answered was kept, not asked again.
-    let made_by_first = answers
-        .iter()
-        .filter(|a| {
-            a["response"]["body"]["id"]
-                .as_str()
-                .is_some_and(|id| id.starts_with(&format!("chatcmpl-{first_tag}")))
-        })
-        .count() as u64;
-    assert!(
-        made_by_first >= before_stop,
-        "{made_by_first} answers made by the first run, {before_stop} kept at its stop"
-    );
-    let input = http
-        .get(format!("{second_url}/files/{file}/content"))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
-        .await?;
-    assert_eq!(input.lines().count(), 8);
     // Taken back once: nothing is left to take at the next start.
-    assert!(!state.path().join("stored-responses.pb").exists());
+    assert!(!run.state.path().join("stored-responses.pb").exists());
     Ok(())
+}
+
+/// A single router killed without its drain (OOM, a crash) loses nothing either: with no
+/// standby replica it journals its store's changes in its `--state-dir` as they happen, and
+/// the next run replays the journal — the response, the file and the running batch are
+/// there, the batch's answers made before the kill kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_with_its_state_dir_keeps_its_responses_and_batches() -> anyhow::Result<()>
+{
+    let run = StateDirRun::start().await?;
+    let mut first = run.router("killed-run").await?;
+    let held = Held::make(&run.http, &first).await?;
+    first.kill().await?;
+
+    let second = run.router("after-the-kill").await?;
+    // An answer made as the kill came may not have reached the journal: it is asked again.
+    held.all_there(&run.http, &second, held.answered_at_stop.saturating_sub(1))
+        .await?;
+    let log = std::fs::read_to_string(&second.log)?;
+    assert!(
+        log.contains("taken back from the last run's journal"),
+        "{log}"
+    );
+    Ok(())
+}
+
+/// A cluster of one worker, and a state directory for the routers started on it one after
+/// another.
+struct StateDirRun {
+    cluster: Cluster,
+    state: tempfile::TempDir,
+    http: reqwest::Client,
+}
+
+impl StateDirRun {
+    async fn start() -> anyhow::Result<Self> {
+        let cluster = Cluster::start(ClusterSpec {
+            gpu_workers: 1,
+            wse_workers: 0,
+            ..Default::default()
+        })
+        .await?;
+        Ok(Self {
+            cluster,
+            state: tempfile::tempdir()?,
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// A router on the state directory, once it has linked the worker.
+    async fn router(&self, name: &str) -> anyhow::Result<switchyard_tests::Component> {
+        let dir = self.state.path().display().to_string();
+        let flags = ["--state-dir", &dir, "--batch-concurrency", "2"];
+        let router = switchyard_tests::start_router(&self.cluster.etcd.url, name, &flags).await?;
+        let grpc = router.addr("grpc").to_string();
+        wait_until(PATIENCE, "the router to link the worker", || async {
+            list_router_workers(&grpc)
+                .await
+                .is_ok_and(|ids| ids.len() == 1)
+        })
+        .await?;
+        Ok(router)
+    }
+}
+
+/// What a router held when it went: a stored response, a batch's input file, and the batch,
+/// running.
+struct Held {
+    response: Value,
+    file: String,
+    batch: String,
+    /// The tag of the ids the router made.
+    tag: String,
+    /// Batch requests answered when it went, at least.
+    answered_at_stop: u64,
+}
+
+impl Held {
+    /// Stores a response on `router` and starts a batch of eight second-long requests there,
+    /// two at a time; returns once two are answered.
+    async fn make(
+        http: &reqwest::Client,
+        router: &switchyard_tests::Component,
+    ) -> anyhow::Result<Self> {
+        let url = format!("http://{}/v1", router.addr("http"));
+        let response: Value = http
+            .post(format!("{url}/responses"))
+            .json(&json!({"model": "synthetic", "input": "one two three four",
+                          "max_output_tokens": 4}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let file = upload(http, &url, &second_long_requests(8)).await?;
+        let batch_id =
+            create_batch(http, &url, &file, json!({"metadata": {"job": "restart"}})).await?;
+        wait_for_batch(
+            http,
+            &url,
+            &batch_id,
+            PATIENCE,
+            "two requests to be answered",
+            |b| b["request_counts"]["completed"].as_u64() >= Some(2),
+        )
+        .await?;
+        let answered_at_stop = batch(http, &url, &batch_id).await?["request_counts"]["completed"]
+            .as_u64()
+            .context("a count")?;
+        let tag = batch_id.strip_prefix("batch_").context("a batch id")?[..12].to_string();
+        Ok(Self {
+            response,
+            file,
+            batch: batch_id,
+            tag,
+            answered_at_stop,
+        })
+    }
+
+    /// Checks `router` (the next run) holds it all: the response found and continued, the
+    /// file read, the batch run to its end with every request answered once and at least
+    /// `kept` of the answers made before the stop kept.
+    async fn all_there(
+        &self,
+        http: &reqwest::Client,
+        router: &switchyard_tests::Component,
+        kept: u64,
+    ) -> anyhow::Result<()> {
+        let url = format!("http://{}/v1", router.addr("http"));
+        let id = self.response["id"].as_str().context("a response id")?;
+        let found: Value = http
+            .get(format!("{url}/responses/{id}"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        assert_eq!(found["output"], self.response["output"], "{found}");
+        let continued = http
+            .post(format!("{url}/responses"))
+            .json(&json!({"model": "synthetic", "input": "and then",
+                          "previous_response_id": id, "max_output_tokens": 4}))
+            .send()
+            .await?;
+        assert_eq!(continued.status(), 200, "{}", continued.text().await?);
+        let resumed = batch(http, &url, &self.batch).await?;
+        assert_eq!(resumed["metadata"], json!({"job": "restart"}), "{resumed}");
+        let answers = all_answered_once(http, &url, &self.batch, 8, "in the next run").await?;
+        let made_before = answers
+            .iter()
+            .filter(|a| {
+                a["response"]["body"]["id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with(&format!("chatcmpl-{}", self.tag)))
+            })
+            .count() as u64;
+        assert!(
+            made_before >= kept,
+            "{made_before} answers made before the stop kept, {kept} expected"
+        );
+        let input = http
+            .get(format!("{url}/files/{}/content", self.file))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        assert_eq!(input.lines().count(), 8);
+        Ok(())
+    }
 }

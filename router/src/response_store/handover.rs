@@ -455,7 +455,17 @@ pub async fn hand_over_on_stop(dispatcher: &Dispatcher) {
         tracing::warn!("batch runs still going: their requests running now are sent again");
     }
     let count = dispatcher.responses.usage().0 + dispatcher.responses.conversation_count();
+    // Whatever happens below supersedes the journal kept while the replica ran: another
+    // replica takes the responses, or the hand-over saved beside it does, or nothing is left.
+    let discard_journal = || {
+        if let Some(dir) = &dispatcher.state_dir
+            && let Err(error) = dir.discard_journal()
+        {
+            tracing::error!("{error}");
+        }
+    };
     if count == 0 && dispatcher.batches.is_empty() {
+        discard_journal();
         return;
     }
     let frames = everything(dispatcher);
@@ -467,6 +477,7 @@ pub async fn hand_over_on_stop(dispatcher: &Dispatcher) {
                 of = count,
                 "stored responses handed over to another router replica"
             );
+            discard_journal();
             return;
         }
         Ok(Err(error)) => error.to_string(),
@@ -480,13 +491,16 @@ pub async fn hand_over_on_stop(dispatcher: &Dispatcher) {
         return;
     };
     match dir.save(&frames) {
-        Ok(bytes) => tracing::info!(
+        Ok(bytes) => {
+            discard_journal();
+            tracing::info!(
             responses = count,
             bytes,
             dir = %dir.path().display(),
-            "stored responses, files and batches kept for this router's next start \
-             (not handed over: {why})"
-        ),
+                "stored responses, files and batches kept for this router's next start \
+                 (not handed over: {why})"
+            );
+        }
         Err(error) => tracing::error!(
             responses = count,
             "stored responses neither handed over ({why}) nor kept: {error}"

@@ -22,7 +22,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
-use switchyard_cluster::RouterRecord;
+use switchyard_cluster::{Registry, RouterRecord};
 use switchyard_proto::v1::{self, mirror_item::Item};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ use tonic::{Request, Status, Streaming};
 
 use super::handover::{self, Adoption};
 use super::peers::PRESENCE_TTL;
+use super::saved::{Journal, StateDir, StateDirError};
 use super::{
     MirrorEvent, MirrorStart, ResponseStore, StoreLimits, StoredConversation, StoredItem,
     StoredMessage, StoredResponse,
@@ -149,16 +150,20 @@ impl MirrorWriter {
     }
 }
 
-/// Writes mirror `start` to `out`: its tags, what the store kept, then its changes until the
-/// mirror ends.
-async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
-    let mut writer = MirrorWriter::new(start.epoch);
+/// A mirror's start as events: its tags, what the store kept, what is kept beside it; and
+/// the changes that follow.
+fn opening(
+    start: MirrorStart,
+) -> (
+    impl Iterator<Item = MirrorEvent>,
+    mpsc::Receiver<MirrorEvent>,
+) {
     let MirrorStart {
         tags,
         kept,
         conversations,
         beside,
-        mut events,
+        events,
         ..
     } = start;
     let kept = kept.into_iter().map(MirrorEvent::Kept);
@@ -169,6 +174,14 @@ async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
         .chain(conversations)
         .chain(kept)
         .chain(beside);
+    (now, events)
+}
+
+/// Writes mirror `start` to `out`: its tags, what the store kept, then its changes until the
+/// mirror ends.
+async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
+    let mut writer = MirrorWriter::new(start.epoch);
+    let (now, mut events) = opening(start);
     for event in now {
         for item in writer.items(event) {
             if out.send(item).await.is_err() {
@@ -182,6 +195,136 @@ async fn write(start: MirrorStart, out: mpsc::Sender<v1::MirrorItem>) {
                 return;
             }
         }
+    }
+}
+
+/// How a journal of the mirror ended.
+#[derive(Debug, PartialEq, Eq)]
+enum JournalEnd {
+    /// The mirror was ended (or let go, having fallen behind).
+    Ended,
+    /// It grew well past its snapshot: start afresh.
+    Compact,
+}
+
+/// Writes mirror `start` to a journal in `dir` (see [`super::saved`]): the snapshot, committed
+/// once whole, then each change as it comes, until the mirror ends or the journal wants
+/// compacting. Blocking: runs on a thread of its own.
+fn write_journal(start: MirrorStart, dir: &StateDir) -> Result<JournalEnd, StateDirError> {
+    let mut writer = MirrorWriter::new(start.epoch);
+    let mut journal = dir.begin_journal()?;
+    let (now, mut events) = opening(start);
+    for event in now {
+        for item in writer.items(event) {
+            journal.append(&item)?;
+        }
+    }
+    journal.commit()?;
+    while let Some(event) = events.blocking_recv() {
+        for item in writer.items(event) {
+            journal.append(&item)?;
+        }
+        if journal.wants_compaction() {
+            return Ok(JournalEnd::Compact);
+        }
+    }
+    Ok(JournalEnd::Ended)
+}
+
+/// Journals the store's mirror in the state directory until `stop`, or until a replica that
+/// could keep a standby copy appears (looked for in `registry`, when there are peers). False
+/// when the journal could not be written.
+async fn journal(
+    dispatcher: &Arc<Dispatcher>,
+    me: &str,
+    registry: Option<&Arc<dyn Registry>>,
+    stop: &CancellationToken,
+) -> bool {
+    let store = &dispatcher.responses;
+    let mut start = store.begin_mirror(BACKLOG);
+    start.beside = dispatcher.batches.mirror_events();
+    let epoch = start.epoch;
+    let writing = {
+        let dispatcher = dispatcher.clone();
+        tokio::task::spawn_blocking(move || {
+            let dir = dispatcher
+                .state_dir
+                .as_ref()
+                .expect("journaled with a state dir");
+            write_journal(start, dir)
+        })
+    };
+    tokio::pin!(writing);
+    let ended = loop {
+        tokio::select! {
+            ended = &mut writing => break ended,
+            () = stop.cancelled() => {
+                store.end_mirror(epoch);
+                break (&mut writing).await;
+            }
+            () = tokio::time::sleep(LOOK_AGAIN), if registry.is_some() => {
+                let Some(registry) = registry else { continue };
+                let found = match registry.list_routers().await {
+                    Ok(routers) => choose_standby(me, &store.tags(), routers).is_some(),
+                    Err(_) => false,
+                };
+                if found {
+                    store.end_mirror(epoch);
+                    break (&mut writing).await;
+                }
+            }
+        }
+    };
+    store.end_mirror(epoch);
+    match ended {
+        Ok(Ok(JournalEnd::Ended)) => true,
+        Ok(Ok(JournalEnd::Compact)) => {
+            tracing::debug!("the journal of stored responses starts afresh");
+            true
+        }
+        Ok(Err(error)) => {
+            tracing::warn!("cannot journal stored responses: {error}");
+            false
+        }
+        Err(error) => {
+            tracing::warn!("the journal of stored responses stopped: {error}");
+            false
+        }
+    }
+}
+
+/// Takes over the copy `journal` (the last run's, replayed into a standby copy) into
+/// `dispatcher`'s store, as a standby takes over a replica that died.
+pub fn take_journal_over(dispatcher: &Arc<Dispatcher>, journal: Journal) {
+    let mut standby = Standby::new(dispatcher.responses.limits(), Gauge::default());
+    let mut replayed = 0usize;
+    let mut stopped = journal.torn;
+    for item in journal.items {
+        if let Err(status) = standby.apply(item) {
+            stopped = Some(format!("item {replayed}: {}", status.message()));
+            break;
+        }
+        replayed += 1;
+    }
+    if let Some(why) = stopped {
+        // A last item cut short is what a kill mid-write leaves: all before it stands.
+        tracing::info!("the journal of the last run ends early: {why}");
+    }
+    let (tags, kept, batches) = standby.take_over(&dispatcher.responses);
+    let (files, batches) = batches.finish(dispatcher).unwrap_or_else(|status| {
+        tracing::error!("the last run's batches: {}", status.message());
+        (0, 0)
+    });
+    tracing::info!(
+        ?tags,
+        kept,
+        files,
+        batches,
+        replayed,
+        "stored responses, files and batches taken back from the last run's journal"
+    );
+    for tag in tags {
+        dispatcher.peers.announce_adopted(tag);
     }
 }
 
@@ -467,13 +610,21 @@ pub fn choose_standby(
 
 /// Keeps this replica's stored responses mirrored on a standby until `stop`, then ends the
 /// mirror cleanly (the standby drops its copy: a stopping router hands its responses over).
+///
+/// While no replica can keep a standby copy, a router with a state directory journals the
+/// mirror there instead (see [`super::saved`]).
 pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToken) {
-    let (Some(token), Some(registry)) = (
+    let peers = match (
         dispatcher.config.cluster_token.clone(),
         dispatcher.peers.registry(),
-    ) else {
-        return;
+    ) {
+        (Some(token), Some(registry)) => Some((token, registry)),
+        _ => None,
     };
+    let journaled = dispatcher.state_dir.is_some();
+    if peers.is_none() && !journaled {
+        return;
+    }
     let store = &dispatcher.responses;
     let state = |state| dispatcher.metrics.set_response_mirror(state);
     let mut backoff = switchyard_cluster::backoff::Backoff::new(
@@ -484,14 +635,29 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
     let mut told: Option<String> = None;
     let mut failing = false;
     while !stop.is_cancelled() {
-        let standby = match registry.list_routers().await {
-            Ok(routers) => choose_standby(&me, &store.tags(), routers),
-            Err(error) => {
-                tracing::debug!("listing router replicas for a standby: {error}");
-                None
-            }
+        let standby = match &peers {
+            Some((_, registry)) => match registry.list_routers().await {
+                Ok(routers) => choose_standby(&me, &store.tags(), routers),
+                Err(error) => {
+                    tracing::debug!("listing router replicas for a standby: {error}");
+                    None
+                }
+            },
+            None => None,
         };
-        let Some(standby) = standby else {
+        let (Some(standby), Some((token, _))) = (standby, &peers) else {
+            if journaled {
+                state("journaled");
+                let registry = peers.as_ref().map(|(_, registry)| registry);
+                if !journal(&dispatcher, &me, registry, &stop).await {
+                    state("failing");
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                        () = stop.cancelled() => return,
+                    }
+                }
+                continue;
+            }
             state("alone");
             tokio::select! {
                 () = tokio::time::sleep(LOOK_AGAIN) => continue,
@@ -509,6 +675,12 @@ pub async fn run(dispatcher: Arc<Dispatcher>, me: String, stop: CancellationToke
                 }
             }
         };
+        // The standby keeps the copy from now on: a journal left would be taken back too.
+        if let Some(dir) = &dispatcher.state_dir
+            && let Err(error) = dir.discard_journal()
+        {
+            tracing::warn!("{error}");
+        }
         let mut start = store.begin_mirror(BACKLOG);
         start.beside = dispatcher.batches.mirror_events();
         let epoch = start.epoch;
@@ -829,6 +1001,54 @@ mod tests {
             taken.messages().map(|m| m.content).collect::<Vec<_>>(),
             ["one", "two", "three"]
         );
+    }
+
+    /// The journal a router keeps with no standby is the mirror a standby would be sent:
+    /// replayed after the router is gone, it is the same copy, taken over the same way — what
+    /// was kept at the start (the snapshot) and what changed after it.
+    #[test]
+    fn a_journal_replayed_is_the_copy_a_standby_would_keep() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let sender = ResponseStore::new(StoreLimits::default());
+        let first = keep(&sender, &[], "one");
+        let start = sender.begin_mirror(1024);
+        let epoch = start.epoch;
+        let (second, gone) = std::thread::scope(|scope| {
+            let writing = scope.spawn(|| write_journal(start, &state));
+            let second = keep(&sender, &first.conversation, "two");
+            let gone = keep(&sender, &[], "gone");
+            assert!(sender.delete(&gone.id, Some("acme")));
+            sender.end_mirror(epoch);
+            let ended = writing.join().expect("the writer");
+            assert_eq!(ended.expect("journaled"), JournalEnd::Ended);
+            (second, gone)
+        });
+
+        let journal = state.journal().unwrap().expect("a journal");
+        assert_eq!(journal.torn, None);
+        let mut standby = Standby::new(StoreLimits::default(), Gauge::default());
+        for item in journal.items {
+            standby.apply(item).expect("a valid mirror");
+        }
+        let survivor = ResponseStore::new(StoreLimits::default());
+        let (tags, kept, _) = standby.take_over(&survivor);
+        assert_eq!((tags, kept), (vec![sender.owner().to_string()], 2));
+        let Lookup::Found(taken) = survivor.get(&second.id, Some("acme")) else {
+            panic!("taken over");
+        };
+        assert_eq!(
+            taken.messages().map(|m| m.content).collect::<Vec<_>>(),
+            ["one", "two"]
+        );
+        assert!(matches!(
+            survivor.get(&first.id, Some("acme")),
+            Lookup::Found(_)
+        ));
+        assert!(!matches!(
+            survivor.get(&gone.id, Some("acme")),
+            Lookup::Found(_)
+        ));
     }
 
     /// A message a standby was sent is named again by a later response as long as the sender

@@ -3,13 +3,24 @@
 //! reboot — still answers for the conversations, files and batches it had, and a batch that was
 //! running goes on from where it got to.
 //!
-//! What is saved is exactly what a stopping replica streams to another (its hand-over, see
-//! [`super::handover`]), and it is taken back the same way, so a replica restored from disk
-//! holds what one handed the responses over would. The file is written only at the end of a
-//! drain, when no other replica took them; a replica killed without its drain keeps nothing
-//! here (its standby mirror, with two replicas or more, is what covers a kill).
+//! Two files, each in a format the replicas already speak to each other:
 //!
-//! The directory belongs to one replica at a time: it holds a lock on it while it runs.
+//! - **the hand-over** (`stored-responses.pb`), written at the end of a drain when no other
+//!   replica took them: exactly what a stopping replica streams to another (see
+//!   [`super::handover`]), taken back the same way;
+//! - **the journal** (`journal.pb`), kept while no standby replica mirrors this one, so that a
+//!   router *killed* without its drain (OOM, a crash) loses nothing either: the mirror a standby
+//!   would be sent (see [`super::mirror`]) — what the store keeps, then every change as it
+//!   happens — appended as it goes. Each journal starts with a snapshot and replaces the last
+//!   once that is on disk; it starts afresh (compacted) when it has grown well past its
+//!   snapshot. Every change is written (not buffered) as it happens, so a killed process loses
+//!   none; a host that crashes keeps what its kernel had flushed. While a standby mirrors the
+//!   replica there is no journal: the standby answers for a killed replica's ids at once.
+//!
+//! At start the hand-over is taken back if there is one (it is newer than any journal), else
+//! the journal is replayed into a standby copy, which is taken over as a standby takes over
+//! the copy of a replica that died. The directory belongs to one replica at a time: it holds
+//! a lock on it while it runs.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -30,6 +41,12 @@ const SAVED: &str = "stored-responses.pb";
 const MAGIC: &[u8] = b"switchyard stored responses v1\n";
 /// Held locked while a replica runs on the directory.
 const LOCK: &str = "lock";
+/// The journal of the store's mirror while no standby keeps one.
+const JOURNAL: &str = "journal.pb";
+/// What a journal starts with.
+const JOURNAL_MAGIC: &[u8] = b"switchyard journal of stored responses v1\n";
+/// A journal starts afresh once it holds this much more than its snapshot, or twice it.
+const JOURNAL_SLACK: u64 = 64 << 20;
 
 /// A replica's state directory, locked for it.
 #[derive(Debug)]
@@ -156,21 +173,34 @@ impl StateDir {
     }
 }
 
-/// Takes back what the last run saved in `dispatcher`'s state directory, as a hand-over from
-/// another replica is taken; run before the router serves. What cannot be taken is set aside
+/// Takes back what the last run left in `dispatcher`'s state directory — its hand-over if it
+/// drained, else its journal — before the router serves. What cannot be taken is set aside
 /// and logged: the router starts without it.
 pub fn restore(dispatcher: &Arc<Dispatcher>) {
     let Some(dir) = &dispatcher.state_dir else {
         return;
     };
-    let frames = match dir.saved() {
-        Ok(Some(frames)) => frames,
-        Ok(None) => return,
-        Err(error) => {
-            tracing::error!("starting without the last run's stored responses: {error}");
+    match dir.saved() {
+        Ok(Some(frames)) => {
+            take_back(dispatcher, dir, frames);
+            // The hand-over is newer than any journal the last run left.
+            if let Err(error) = dir.discard_journal() {
+                tracing::error!("{error}");
+            }
             return;
         }
-    };
+        Ok(None) => {}
+        Err(error) => tracing::error!("the last run's hand-over: {error}"),
+    }
+    match dir.journal() {
+        Ok(Some(journal)) => super::mirror::take_journal_over(dispatcher, journal),
+        Ok(None) => {}
+        Err(error) => tracing::error!("starting without the last run's journal: {error}"),
+    }
+}
+
+/// Takes back the hand-over the last run saved, as one from another replica is taken.
+fn take_back(dispatcher: &Arc<Dispatcher>, dir: &StateDir, frames: Vec<v1::HandoverItem>) {
     let mut taking = Taking::new(&dispatcher.responses);
     let taken = frames
         .into_iter()
@@ -200,6 +230,131 @@ pub fn restore(dispatcher: &Arc<Dispatcher>) {
                 "the last run's stored responses taken back only in part: {}",
                 status.message()
             );
+        }
+    }
+}
+
+/// A journal being written (see [`StateDir::begin_journal`]).
+#[derive(Debug)]
+pub struct JournalWriter {
+    file: File,
+    partial: PathBuf,
+    dir: PathBuf,
+    bytes: u64,
+    /// Its snapshot's size, once committed.
+    snapshot: Option<u64>,
+    buf: Vec<u8>,
+}
+
+impl JournalWriter {
+    /// Appends `item`, written through to the file at once (so a process killed right after
+    /// loses none of it).
+    pub fn append(&mut self, item: &v1::MirrorItem) -> Result<(), StateDirError> {
+        self.buf.clear();
+        item.encode_length_delimited(&mut self.buf)
+            .map_err(|e| self.error(io::Error::other(e)))?;
+        self.file.write_all(&self.buf).map_err(|e| self.error(e))?;
+        self.bytes += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Its snapshot is written: on disk, it replaces the journal before it.
+    pub fn commit(&mut self) -> Result<(), StateDirError> {
+        self.file.sync_data().map_err(|e| self.error(e))?;
+        std::fs::rename(&self.partial, self.dir.join(JOURNAL)).map_err(|e| self.error(e))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| self.error(e))?;
+        self.snapshot = Some(self.bytes);
+        Ok(())
+    }
+
+    /// Whether it has grown enough past its snapshot to start afresh.
+    pub fn wants_compaction(&self) -> bool {
+        self.snapshot
+            .is_some_and(|snapshot| self.bytes > (2 * snapshot).max(snapshot + JOURNAL_SLACK))
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn error(&self, source: io::Error) -> StateDirError {
+        StateDirError::Io {
+            path: self.partial.with_file_name(JOURNAL),
+            source,
+        }
+    }
+}
+
+/// A journal read back: its items, and why it ended early, when it did.
+#[derive(Debug)]
+pub struct Journal {
+    pub items: Vec<v1::MirrorItem>,
+    /// A last item cut short (the process was killed while writing it) or unreadable.
+    pub torn: Option<String>,
+}
+
+impl StateDir {
+    /// Starts a journal beside the current one, which it replaces once [committed]
+    /// (JournalWriter::commit).
+    pub fn begin_journal(&self) -> Result<JournalWriter, StateDirError> {
+        let partial = self.path.join(format!("{JOURNAL}.partial"));
+        let io = |source| StateDirError::Io {
+            path: partial.clone(),
+            source,
+        };
+        let mut file = File::create(&partial).map_err(io)?;
+        file.write_all(JOURNAL_MAGIC).map_err(io)?;
+        Ok(JournalWriter {
+            file,
+            partial: partial.clone(),
+            dir: self.path.clone(),
+            bytes: JOURNAL_MAGIC.len() as u64,
+            snapshot: None,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The journal of the last run, if there is one. One of another format is set aside
+    /// (`….unreadable`) and the error says so.
+    pub fn journal(&self) -> Result<Option<Journal>, StateDirError> {
+        let path = self.path.join(JOURNAL);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateDirError::Io { path, source }),
+        };
+        let Some(mut rest) = bytes.strip_prefix(JOURNAL_MAGIC) else {
+            let aside = self.path.join(format!("{JOURNAL}.unreadable"));
+            std::fs::rename(&path, &aside).map_err(|source| StateDirError::Io { path, source })?;
+            return Err(StateDirError::Unreadable {
+                path: aside,
+                why: "it does not start with the journal's header".into(),
+            });
+        };
+        let mut items = Vec::new();
+        let mut torn = None;
+        while rest.has_remaining() {
+            match v1::MirrorItem::decode_length_delimited(&mut rest) {
+                Ok(item) => items.push(item),
+                Err(e) => {
+                    torn = Some(format!("item {} of the journal: {e}", items.len()));
+                    break;
+                }
+            }
+        }
+        Ok(Some(Journal { items, torn }))
+    }
+
+    /// Removes the journal: a standby holds the copy now, or a hand-over supersedes it.
+    pub fn discard_journal(&self) -> Result<(), StateDirError> {
+        let path = self.path.join(JOURNAL);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(StateDirError::Io { path, source: e })
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -246,6 +401,68 @@ mod tests {
         assert_eq!(state.saved().unwrap(), Some(frames));
         state.taken().unwrap();
         assert_eq!(state.saved().unwrap(), None);
+    }
+
+    fn item(tag: &str) -> v1::MirrorItem {
+        v1::MirrorItem {
+            item: Some(v1::mirror_item::Item::Tag(tag.into())),
+        }
+    }
+
+    /// A journal replaces the last only once its snapshot is committed, and a last item cut
+    /// short (a kill mid-write) costs that item alone.
+    #[test]
+    fn a_journal_replaces_the_last_once_committed_and_survives_a_torn_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        assert!(state.journal().unwrap().is_none());
+        let mut first = state.begin_journal().unwrap();
+        first.append(&item("000000000001")).unwrap();
+        assert!(state.journal().unwrap().is_none(), "not committed yet");
+        first.commit().unwrap();
+        first.append(&item("000000000002")).unwrap();
+        let mut second = state.begin_journal().unwrap();
+        second.append(&item("000000000003")).unwrap();
+        let read = state.journal().unwrap().unwrap();
+        assert_eq!(read.items, [item("000000000001"), item("000000000002")]);
+        second.commit().unwrap();
+        second.append(&item("000000000004")).unwrap();
+        assert_eq!(
+            state.journal().unwrap().unwrap().items,
+            [item("000000000003"), item("000000000004")]
+        );
+
+        let path = dir.path().join(JOURNAL);
+        let len = std::fs::metadata(&path).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 2)
+            .unwrap();
+        let torn = state.journal().unwrap().unwrap();
+        assert_eq!(torn.items, [item("000000000003")]);
+        assert!(torn.torn.unwrap().contains("item 1"));
+
+        state.discard_journal().unwrap();
+        assert!(state.journal().unwrap().is_none());
+        state.discard_journal().unwrap();
+    }
+
+    #[test]
+    fn a_journal_wants_compacting_once_well_past_its_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let mut journal = state.begin_journal().unwrap();
+        assert!(!journal.wants_compaction(), "no snapshot yet");
+        journal.commit().unwrap();
+        let snapshot = journal.bytes();
+        let big = item(&"x".repeat(1 << 20));
+        while journal.bytes() < snapshot + JOURNAL_SLACK {
+            assert!(!journal.wants_compaction(), "{}", journal.bytes());
+            journal.append(&big).unwrap();
+        }
+        assert!(journal.wants_compaction());
     }
 
     #[test]
