@@ -17,15 +17,21 @@
 //!   conversation from its keeper and adds the turn there, over gRPC;
 //! - `conv. mirrored`: as `conversation`, on the pair with a cluster token: each change of the
 //!   conversation goes to the standby too;
+//! - `journaled`: as `same replica`, on a single router with a state directory
+//!   (`--state-dir`) and no standby, which journals every response it stores on disk as it
+//!   goes (so a kill loses none): what that insurance costs;
+//! - `conv. journaled`: as `conversation`, on that router: each change of the conversation is
+//!   journaled;
 //! - `referenced`: each turn sends the whole conversation in `input`, but the model's earlier
 //!   answers as `item_reference`s to the stored responses' output items (the client keeps
 //!   its own messages, the router the model's), on the replica that stored them;
 //! - `ref. other`: the same, each turn on the other of two replicas, which fetches each
 //!   referenced response from its keeper over gRPC.
 //!
-//! Two clusters run in this process on loopback ports, each one worker serving the unpaced
-//! synthetic engine and two routers with HTTP doors: the first without a cluster token (no
-//! mirrors), the second with one. Every turn's prompt must come out the same whichever way it was
+//! Three clusters run in this process on loopback ports, each one worker serving the unpaced
+//! synthetic engine: two with two routers with HTTP doors, the first without a cluster token
+//! (no mirrors), the second with one; the third with one router journaling to a state
+//! directory in a temporary directory (on whatever disk that is). Every turn's prompt must come out the same whichever way it was
 //! sent (its `input_tokens` are compared per conversation and turn), or the run fails. Each
 //! round runs every way once, the one that starts alternating. Reported per way: turns/s,
 //! latency of a whole (non-streamed) turn p50 / p99, bytes sent per turn, CPU time of this
@@ -78,6 +84,8 @@ enum Way {
     Conversation,
     ConversationOtherReplica,
     ConversationMirrored,
+    Journaled,
+    ConversationJournaled,
     Referenced,
     ReferencedOtherReplica,
 }
@@ -92,6 +100,8 @@ impl Way {
             Way::Conversation => "conversation",
             Way::ConversationOtherReplica => "conv. other",
             Way::ConversationMirrored => "conv. mirrored",
+            Way::Journaled => "journaled",
+            Way::ConversationJournaled => "conv. journaled",
             Way::Referenced => "referenced",
             Way::ReferencedOtherReplica => "ref. other",
         }
@@ -133,11 +143,21 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Resu
     Ok((answer, sent))
 }
 
+/// The router (index in the bases) that keeps what `way` stores: the plain pair's first, the
+/// mirrored pair's first, or the journaling router.
+fn keeper(way: Way) -> usize {
+    match way {
+        Way::Mirrored | Way::ConversationMirrored => 2,
+        Way::Journaled | Way::ConversationJournaled => 4,
+        _ => 0,
+    }
+}
+
 /// One conversation of `args.turns` turns, sent `way`; its turns' measurements and prompt
 /// sizes.
 async fn conversation(
     client: &reqwest::Client,
-    bases: &[String; 4],
+    bases: &[String; 5],
     way: Way,
     index: usize,
     args: &StoredResponsesArgs,
@@ -147,8 +167,11 @@ async fn conversation(
     let mut history: Vec<Value> = Vec::new();
     let mut previous: Option<String> = None;
     let stored_conversation = match way {
-        Way::Conversation | Way::ConversationOtherReplica | Way::ConversationMirrored => {
-            let keeper = &bases[2 * usize::from(way == Way::ConversationMirrored)];
+        Way::Conversation
+        | Way::ConversationOtherReplica
+        | Way::ConversationMirrored
+        | Way::ConversationJournaled => {
+            let keeper = &bases[keeper(way)];
             let (made, _) = post(client, &format!("{keeper}/v1/conversations"), &json!({})).await?;
             Some(
                 made["id"]
@@ -169,22 +192,23 @@ async fn conversation(
                 body["store"] = Value::from(false);
                 &bases[0]
             }
-            Way::SameReplica | Way::OtherReplica | Way::Mirrored => {
+            Way::SameReplica | Way::OtherReplica | Way::Mirrored | Way::Journaled => {
                 body["input"] = Value::from(message);
                 if let Some(previous) = &previous {
                     body["previous_response_id"] = Value::from(previous.as_str());
                 }
                 let other = way == Way::OtherReplica && turn % 2 == 1;
-                let mirrored = 2 * usize::from(way == Way::Mirrored);
-                &bases[mirrored + usize::from(other)]
+                &bases[keeper(way) + usize::from(other)]
             }
-            Way::Conversation | Way::ConversationOtherReplica | Way::ConversationMirrored => {
+            Way::Conversation
+            | Way::ConversationOtherReplica
+            | Way::ConversationMirrored
+            | Way::ConversationJournaled => {
                 body["input"] = Value::from(message);
                 body["conversation"] = Value::from(stored_conversation.clone());
                 body["store"] = Value::from(false);
                 let other = way == Way::ConversationOtherReplica && turn % 2 == 1;
-                let mirrored = 2 * usize::from(way == Way::ConversationMirrored);
-                &bases[mirrored + usize::from(other)]
+                &bases[keeper(way) + usize::from(other)]
             }
             Way::Referenced | Way::ReferencedOtherReplica => {
                 history.push(json!({"role": "user", "content": message}));
@@ -226,7 +250,7 @@ async fn conversation(
 /// One way's run: every conversation, `concurrency` at once.
 async fn run_way(
     client: &reqwest::Client,
-    bases: &[String; 4],
+    bases: &[String; 5],
     way: Way,
     args: &StoredResponsesArgs,
 ) -> anyhow::Result<(Vec<Turn>, PromptSizes, Duration)> {
@@ -313,12 +337,21 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         switchyard_cluster::credential::ClusterToken::new("stored-responses-bench-token")
             .map_err(anyhow::Error::msg)?,
     );
-    let (mirrored, mirrored_doors) = start_pair(config).await?;
+    let (mirrored, mirrored_doors) = start_pair(config.clone()).await?;
+    let state = tempfile::tempdir()?;
+    config.cluster_token = None;
+    config.state_dir = Some(state.path().to_path_buf());
+    config.metrics = switchyard_cluster::telemetry::metrics::Metrics::new();
+    let journaled = start_cluster(unthrottled_engine(4096), false, config).await?;
+    let journaled_door = journaled
+        .router_http
+        .context("the journaling router opened no HTTP door")?;
     let bases = [
         plain_doors[0].clone(),
         plain_doors[1].clone(),
         mirrored_doors[0].clone(),
         mirrored_doors[1].clone(),
+        format!("http://{journaled_door}"),
     ];
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency * 2)
@@ -331,6 +364,8 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         Way::Conversation,
         Way::ConversationOtherReplica,
         Way::ConversationMirrored,
+        Way::Journaled,
+        Way::ConversationJournaled,
         Way::Referenced,
         Way::ReferencedOtherReplica,
     ];
@@ -382,8 +417,18 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
     let conversations = gauge(&client, &bases[0], "switchyard_router_stored_conversations").await?;
     let kept = gauge(&client, &bases[2], "switchyard_router_stored_responses").await?;
     let standby = gauge(&client, &bases[3], "switchyard_router_standby_responses").await?;
+    let journal = std::fs::metadata(state.path().join("journal.pb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    let journaled_kept = gauge(
+        &client,
+        &bases[4],
+        "switchyard_router_stored_response_bytes",
+    )
+    .await?;
     plain.stop().await;
     mirrored.stop().await;
+    journaled.stop().await;
 
     println!(
         "Stored responses: {} conversations × {} turns per way and round ({}-word messages, {} \
@@ -426,6 +471,11 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         mib(stored[1]),
         mib(stored[2]),
         mib(stored[3])
+    );
+    println!(
+        "the journaling router's store holds {:.1} MiB, its journal on disk {:.1} MiB",
+        mib(journaled_kept),
+        mib(journal as f64)
     );
     Ok(())
 }

@@ -30,7 +30,7 @@ use tonic::{Request, Status, Streaming};
 
 use super::handover::{self, Adoption};
 use super::peers::PRESENCE_TTL;
-use super::saved::{Journal, StateDir, StateDirError};
+use super::saved::{Journal, JournalWriter, StateDir, StateDirError};
 use super::{
     MirrorEvent, MirrorStart, ResponseStore, StoreLimits, StoredConversation, StoredItem,
     StoredMessage, StoredResponse,
@@ -207,23 +207,65 @@ enum JournalEnd {
     Compact,
 }
 
-/// Writes mirror `start` to a journal in `dir` (see [`super::saved`]): the snapshot, committed
-/// once whole, then each change as it comes, until the mirror ends or the journal wants
-/// compacting. Blocking: runs on a thread of its own.
-fn write_journal(start: MirrorStart, dir: &StateDir) -> Result<JournalEnd, StateDirError> {
-    let mut writer = MirrorWriter::new(start.epoch);
+/// Writes a journal's snapshot in `dir` (see [`super::saved`]): the events of a mirror's
+/// opening, committed once whole. Blocking (it may hold every batch file): run on a thread
+/// that may block.
+fn write_snapshot(
+    epoch: u64,
+    now: Vec<MirrorEvent>,
+    dir: &StateDir,
+) -> Result<(MirrorWriter, JournalWriter), StateDirError> {
+    let mut writer = MirrorWriter::new(epoch);
     let mut journal = dir.begin_journal()?;
-    let (now, mut events) = opening(start);
     for event in now {
         for item in writer.items(event) {
             journal.append(&item)?;
         }
     }
     journal.commit()?;
-    while let Some(event) = events.blocking_recv() {
+    Ok((writer, journal))
+}
+
+/// Journals `first` and every change waiting behind it, in one write: under load a write per
+/// change would cost the most.
+fn journal_changes(
+    writer: &mut MirrorWriter,
+    journal: &mut JournalWriter,
+    first: MirrorEvent,
+    events: &mut mpsc::Receiver<MirrorEvent>,
+) -> Result<(), StateDirError> {
+    let waiting = std::iter::from_fn(|| events.try_recv().ok());
+    for event in std::iter::once(first).chain(waiting) {
         for item in writer.items(event) {
             journal.append(&item)?;
         }
+    }
+    journal.flush()
+}
+
+/// Writes mirror `start` to a journal in `dispatcher`'s state directory: the snapshot, then
+/// each change as it comes, until the mirror ends or the journal wants compacting.
+async fn write_journal(
+    start: MirrorStart,
+    dispatcher: Arc<Dispatcher>,
+) -> Result<JournalEnd, StateDirError> {
+    let epoch = start.epoch;
+    let (now, mut events) = opening(start);
+    let now: Vec<MirrorEvent> = now.collect();
+    let snapshot = tokio::task::spawn_blocking(move || {
+        let dir = dispatcher
+            .state_dir
+            .as_ref()
+            .expect("journaled with a state dir");
+        write_snapshot(epoch, now, dir)
+    });
+    let (mut writer, mut journal) = match snapshot.await {
+        Ok(written) => written?,
+        Err(stopped) => return Err(StateDirError::Stopped(stopped.to_string())),
+    };
+    // Changes are small: written from here, like any write to a socket.
+    while let Some(event) = events.recv().await {
+        journal_changes(&mut writer, &mut journal, event, &mut events)?;
         if journal.wants_compaction() {
             return Ok(JournalEnd::Compact);
         }
@@ -244,16 +286,7 @@ async fn journal(
     let mut start = store.begin_mirror(BACKLOG);
     start.beside = dispatcher.batches.mirror_events();
     let epoch = start.epoch;
-    let writing = {
-        let dispatcher = dispatcher.clone();
-        tokio::task::spawn_blocking(move || {
-            let dir = dispatcher
-                .state_dir
-                .as_ref()
-                .expect("journaled with a state dir");
-            write_journal(start, dir)
-        })
-    };
+    let writing = tokio::spawn(write_journal(start, dispatcher.clone()));
     tokio::pin!(writing);
     let ended = loop {
         tokio::select! {
@@ -1014,16 +1047,15 @@ mod tests {
         let first = keep(&sender, &[], "one");
         let start = sender.begin_mirror(1024);
         let epoch = start.epoch;
-        let (second, gone) = std::thread::scope(|scope| {
-            let writing = scope.spawn(|| write_journal(start, &state));
-            let second = keep(&sender, &first.conversation, "two");
-            let gone = keep(&sender, &[], "gone");
-            assert!(sender.delete(&gone.id, Some("acme")));
-            sender.end_mirror(epoch);
-            let ended = writing.join().expect("the writer");
-            assert_eq!(ended.expect("journaled"), JournalEnd::Ended);
-            (second, gone)
-        });
+        let (now, mut events) = opening(start);
+        let (mut writer, mut journal) = write_snapshot(epoch, now.collect(), &state).unwrap();
+        let second = keep(&sender, &first.conversation, "two");
+        let gone = keep(&sender, &[], "gone");
+        assert!(sender.delete(&gone.id, Some("acme")));
+        sender.end_mirror(epoch);
+        while let Ok(event) = events.try_recv() {
+            journal_changes(&mut writer, &mut journal, event, &mut events).unwrap();
+        }
 
         let journal = state.journal().unwrap().expect("a journal");
         assert_eq!(journal.torn, None);

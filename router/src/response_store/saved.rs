@@ -13,8 +13,9 @@
 //!   would be sent (see [`super::mirror`]) — what the store keeps, then every change as it
 //!   happens — appended as it goes. Each journal starts with a snapshot and replaces the last
 //!   once that is on disk; it starts afresh (compacted) when it has grown well past its
-//!   snapshot. Every change is written (not buffered) as it happens, so a killed process loses
-//!   none; a host that crashes keeps what its kernel had flushed. While a standby mirrors the
+//!   snapshot. Each change is written to the file as soon as no other is waiting (changes
+//!   arriving together are written together), so a killed process loses none it had time to
+//!   write; a host that crashes keeps what its kernel had flushed. While a standby mirrors the
 //!   replica there is no journal: the standby answers for a killed replica's ids at once.
 //!
 //! At start the hand-over is taken back if there is one (it is newer than any journal), else
@@ -70,7 +71,9 @@ pub enum StateDirError {
          --state-dir)"
     )]
     InUse(PathBuf),
-    #[error("{path} is not a saved hand-over of this version: {why}")]
+    #[error("writing the journal stopped: {0}")]
+    Stopped(String),
+    #[error("{path} cannot be taken back: {why}")]
     Unreadable { path: PathBuf, why: String },
 }
 
@@ -237,7 +240,7 @@ fn take_back(dispatcher: &Arc<Dispatcher>, dir: &StateDir, frames: Vec<v1::Hando
 /// A journal being written (see [`StateDir::begin_journal`]).
 #[derive(Debug)]
 pub struct JournalWriter {
-    file: File,
+    file: BufWriter<File>,
     partial: PathBuf,
     dir: PathBuf,
     bytes: u64,
@@ -247,8 +250,7 @@ pub struct JournalWriter {
 }
 
 impl JournalWriter {
-    /// Appends `item`, written through to the file at once (so a process killed right after
-    /// loses none of it).
+    /// Appends `item`; it reaches the file at the next [`Self::flush`].
     pub fn append(&mut self, item: &v1::MirrorItem) -> Result<(), StateDirError> {
         self.buf.clear();
         item.encode_length_delimited(&mut self.buf)
@@ -258,9 +260,16 @@ impl JournalWriter {
         Ok(())
     }
 
+    /// Writes what was appended to the file (so a process killed after this loses none of
+    /// it; the kernel has it).
+    pub fn flush(&mut self) -> Result<(), StateDirError> {
+        self.file.flush().map_err(|e| self.error(e))
+    }
+
     /// Its snapshot is written: on disk, it replaces the journal before it.
     pub fn commit(&mut self) -> Result<(), StateDirError> {
-        self.file.sync_data().map_err(|e| self.error(e))?;
+        self.flush()?;
+        self.file.get_ref().sync_data().map_err(|e| self.error(e))?;
         std::fs::rename(&self.partial, self.dir.join(JOURNAL)).map_err(|e| self.error(e))?;
         File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
@@ -307,7 +316,7 @@ impl StateDir {
         let mut file = File::create(&partial).map_err(io)?;
         file.write_all(JOURNAL_MAGIC).map_err(io)?;
         Ok(JournalWriter {
-            file,
+            file: BufWriter::new(file),
             partial: partial.clone(),
             dir: self.path.clone(),
             bytes: JOURNAL_MAGIC.len() as u64,
@@ -421,12 +430,14 @@ mod tests {
         assert!(state.journal().unwrap().is_none(), "not committed yet");
         first.commit().unwrap();
         first.append(&item("000000000002")).unwrap();
+        first.flush().unwrap();
         let mut second = state.begin_journal().unwrap();
         second.append(&item("000000000003")).unwrap();
         let read = state.journal().unwrap().unwrap();
         assert_eq!(read.items, [item("000000000001"), item("000000000002")]);
         second.commit().unwrap();
         second.append(&item("000000000004")).unwrap();
+        second.flush().unwrap();
         assert_eq!(
             state.journal().unwrap().unwrap().items,
             [item("000000000003"), item("000000000004")]
