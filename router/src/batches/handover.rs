@@ -216,6 +216,14 @@ impl Receiving {
         self.files.remove(id).is_some()
     }
 
+    /// The ids of the files and batches held.
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.files
+            .keys()
+            .chain(self.batches.keys())
+            .map(String::as_str)
+    }
+
     /// Batches held.
     pub fn batch_count(&self) -> usize {
         self.batches.len()

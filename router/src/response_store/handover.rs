@@ -69,6 +69,35 @@ pub fn frames(
     out
 }
 
+/// `frames` without the tags that name nothing in them, nor any of the ids `beside` (handed
+/// apart from them): a tag is adopted for what it names, and a replica restarted or rolled
+/// out again and again would otherwise answer for — and keep announcing — every tag it ever
+/// took. An id of a dropped tag is not found either way.
+pub fn without_idle_tags<'a>(
+    mut frames: Vec<v1::HandoverItem>,
+    beside: impl IntoIterator<Item = &'a str>,
+) -> Vec<v1::HandoverItem> {
+    let owner = |id: &str| {
+        super::owner_of(id)
+            .or_else(|| crate::batches::owner_of(id))
+            .map(str::to_string)
+    };
+    let mut named: std::collections::HashSet<String> =
+        beside.into_iter().filter_map(owner).collect();
+    for frame in &frames {
+        let id = match &frame.item {
+            Some(Item::Response(r)) => &r.id,
+            Some(Item::Conversation(c)) => &c.id,
+            Some(Item::File(f)) => &f.id,
+            Some(Item::Batch(b)) => &b.id,
+            _ => continue,
+        };
+        named.extend(owner(id));
+    }
+    frames.retain(|frame| !matches!(&frame.item, Some(Item::Tag(tag)) if !named.contains(tag)));
+    frames
+}
+
 /// `conversation` as sent to another replica.
 pub(super) fn handed_conversation(conversation: &StoredConversation) -> v1::HandedConversation {
     v1::HandedConversation {
@@ -377,7 +406,7 @@ pub fn everything(dispatcher: &Dispatcher) -> Vec<v1::HandoverItem> {
         &store.export_conversations(),
     );
     frames.extend(crate::batches::handover::frames(&dispatcher.batches));
-    frames
+    without_idle_tags(frames, [])
 }
 
 /// Hands `frames` (see [`everything`]) to another replica; the one it chose and how many it
@@ -523,6 +552,43 @@ mod tests {
     use super::*;
     use crate::response_store::Lookup;
     use crate::response_store::tests::user;
+
+    /// Tags that name nothing handed over are left out: each restart or rollout would
+    /// otherwise add one that is answered for, and announced, for ever.
+    #[test]
+    fn only_the_tags_that_name_something_handed_over_go_along() {
+        let hex = "0123456789abcdef0123456789abcdef";
+        let tag = |t: &str| v1::HandoverItem {
+            item: Some(Item::Tag(t.into())),
+        };
+        let frames = vec![
+            tag("aaaaaaaaaaaa"),
+            tag("bbbbbbbbbbbb"),
+            tag("cccccccccccc"),
+            tag("dddddddddddd"),
+            v1::HandoverItem {
+                item: Some(Item::Response(v1::HandedResponse {
+                    id: format!("resp_aaaaaaaaaaaa{hex}"),
+                    ..Default::default()
+                })),
+            },
+            v1::HandoverItem {
+                item: Some(Item::Batch(v1::HandedBatch {
+                    id: format!("batch_dddddddddddd{hex}"),
+                    ..Default::default()
+                })),
+            },
+        ];
+        let file = format!("file-cccccccccccc{hex}");
+        let kept: Vec<String> = without_idle_tags(frames, [file.as_str()])
+            .into_iter()
+            .filter_map(|f| match f.item {
+                Some(Item::Tag(t)) => Some(t),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(kept, ["aaaaaaaaaaaa", "cccccccccccc", "dddddddddddd"]);
+    }
 
     #[test]
     fn a_handed_over_store_answers_for_the_ids_and_shares_messages_as_the_sender_did() {

@@ -504,7 +504,8 @@ impl Standby {
         let kept: Vec<Arc<StoredResponse>> = self.store.export();
         let conversations = self.store.export_conversations();
         let mut adoption = Adoption::new(store);
-        for frame in handover::frames(&self.tags, &kept, &conversations) {
+        let frames = handover::frames(&self.tags, &kept, &conversations);
+        for frame in handover::without_idle_tags(frames, self.batches.ids()) {
             // Made from a checked copy: it cannot be refused.
             if let Err(status) = adoption.push(frame) {
                 tracing::warn!("taking a standby copy over: {}", status.message());
