@@ -23,14 +23,7 @@ async fn the_openai_sdk_runs_batches_across_router_replicas() -> anyhow::Result<
         ..Default::default()
     })
     .await?;
-    let keeper = switchyard_tests::start_router(&cluster.etcd.url, "keeper", &[]).await?;
-    let keeper_grpc = keeper.addr("grpc").to_string();
-    wait_until(PATIENCE, "the keeper to link the worker", || async {
-        list_router_workers(&keeper_grpc)
-            .await
-            .is_ok_and(|ids| ids.len() == 1)
-    })
-    .await?;
+    let keeper = linked_router(&cluster, "keeper", &[]).await?;
     let keeper_url = format!("http://{}/v1", keeper.addr("http"));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/openai_batch_check.py");
     let out = program_output(
@@ -353,11 +346,21 @@ async fn two_replicas(
     })
     .await?;
     let flags = ["--cluster-token-file", &token, "--batch-concurrency", "2"];
-    let replica = switchyard_tests::start_router(&cluster.etcd.url, name, &flags).await?;
-    let grpc = replica.addr("grpc").to_string();
+    let replica = linked_router(&cluster, name, &flags).await?;
+    Ok((cluster, replica, dir))
+}
+
+/// Another router `name` on `cluster` (of one worker), once it has linked the worker.
+async fn linked_router(
+    cluster: &Cluster,
+    name: &str,
+    flags: &[&str],
+) -> anyhow::Result<switchyard_tests::Component> {
+    let router = switchyard_tests::start_router(&cluster.etcd.url, name, flags).await?;
+    let grpc = router.addr("grpc").to_string();
     wait_until(
         PATIENCE,
-        "the second replica to link the worker",
+        &format!("router {name} to link the worker"),
         || async {
             list_router_workers(&grpc)
                 .await
@@ -365,7 +368,7 @@ async fn two_replicas(
         },
     )
     .await?;
-    Ok((cluster, replica, dir))
+    Ok(router)
 }
 
 /// `count` chat requests of a second each on the synthetic engine (60 tokens at its 60 a
@@ -543,15 +546,7 @@ impl StateDirRun {
     async fn router(&self, name: &str) -> anyhow::Result<switchyard_tests::Component> {
         let dir = self.state.path().display().to_string();
         let flags = ["--state-dir", &dir, "--batch-concurrency", "2"];
-        let router = switchyard_tests::start_router(&self.cluster.etcd.url, name, &flags).await?;
-        let grpc = router.addr("grpc").to_string();
-        wait_until(PATIENCE, "the router to link the worker", || async {
-            list_router_workers(&grpc)
-                .await
-                .is_ok_and(|ids| ids.len() == 1)
-        })
-        .await?;
-        Ok(router)
+        linked_router(&self.cluster, name, &flags).await
     }
 }
 
