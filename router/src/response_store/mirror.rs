@@ -30,7 +30,7 @@ use tonic::{Request, Status, Streaming};
 
 use super::handover::{self, Adoption};
 use super::peers::PRESENCE_TTL;
-use super::saved::{Journal, JournalWriter, StateDir, StateDirError};
+use super::saved::{FrameWriter, Journal, StateDir, StateDirError};
 use super::{
     MirrorEvent, MirrorStart, ResponseStore, StoreLimits, StoredConversation, StoredItem,
     StoredMessage, StoredResponse,
@@ -214,7 +214,7 @@ fn write_snapshot(
     epoch: u64,
     now: Vec<MirrorEvent>,
     dir: &StateDir,
-) -> Result<(MirrorWriter, JournalWriter), StateDirError> {
+) -> Result<(MirrorWriter, FrameWriter), StateDirError> {
     let mut writer = MirrorWriter::new(epoch);
     let mut journal = dir.begin_journal()?;
     for event in now {
@@ -230,7 +230,7 @@ fn write_snapshot(
 /// change would cost the most.
 fn journal_changes(
     writer: &mut MirrorWriter,
-    journal: &mut JournalWriter,
+    journal: &mut FrameWriter,
     first: MirrorEvent,
     events: &mut mpsc::Receiver<MirrorEvent>,
 ) -> Result<(), StateDirError> {

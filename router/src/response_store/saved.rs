@@ -35,17 +35,26 @@ use switchyard_proto::v1;
 use super::handover::Taking;
 use crate::dispatch::Dispatcher;
 
-/// The saved hand-over's file in the state directory.
-const SAVED: &str = "stored-responses.pb";
-/// What a saved hand-over's file starts with: its format, so a file of another kind or version
-/// is refused rather than misread.
-const MAGIC: &[u8] = b"switchyard stored responses v1\n";
+/// One of the directory's files: its name, and the header it starts with (its format, so a
+/// file of another kind or version is refused rather than misread).
+#[derive(Debug, Clone, Copy)]
+struct Kind {
+    name: &'static str,
+    header: &'static [u8],
+}
+
+/// The hand-over saved at the end of a drain.
+const SAVED: Kind = Kind {
+    name: "stored-responses.pb",
+    header: b"switchyard stored responses v1\n",
+};
+/// The journal of the store's mirror while no standby keeps one.
+const JOURNAL: Kind = Kind {
+    name: "journal.pb",
+    header: b"switchyard journal of stored responses v1\n",
+};
 /// Held locked while a replica runs on the directory.
 const LOCK: &str = "lock";
-/// The journal of the store's mirror while no standby keeps one.
-const JOURNAL: &str = "journal.pb";
-/// What a journal starts with.
-const JOURNAL_MAGIC: &[u8] = b"switchyard journal of stored responses v1\n";
 /// A journal starts afresh once it holds this much more than its snapshot, or twice it.
 const JOURNAL_SLACK: u64 = 64 << 20;
 
@@ -75,6 +84,83 @@ pub enum StateDirError {
     Stopped(String),
     #[error("{path} cannot be taken back: {why}")]
     Unreadable { path: PathBuf, why: String },
+}
+
+/// A file of frames read back: its frames, and why it ended early, when it did.
+#[derive(Debug)]
+pub struct Frames<M> {
+    pub items: Vec<M>,
+    /// A last frame cut short (the process was killed while writing it) or unreadable.
+    pub torn: Option<String>,
+}
+
+/// A journal read back.
+pub type Journal = Frames<v1::MirrorItem>;
+
+/// A file of frames being written beside the one it replaces once committed (see
+/// [`FrameWriter::commit`]).
+#[derive(Debug)]
+pub struct FrameWriter {
+    file: BufWriter<File>,
+    partial: PathBuf,
+    path: PathBuf,
+    bytes: u64,
+    /// Its size when committed.
+    committed: Option<u64>,
+    buf: Vec<u8>,
+}
+
+impl FrameWriter {
+    /// Appends `frame`; it reaches the file at the next [`Self::flush`] or [`Self::commit`].
+    pub fn append(&mut self, frame: &impl Message) -> Result<(), StateDirError> {
+        self.buf.clear();
+        frame
+            .encode_length_delimited(&mut self.buf)
+            .map_err(|e| self.error(io::Error::other(e)))?;
+        self.file.write_all(&self.buf).map_err(|e| self.error(e))?;
+        self.bytes += self.buf.len() as u64;
+        Ok(())
+    }
+
+    /// Writes what was appended to the file (so a process killed after this loses none of
+    /// it; the kernel has it).
+    pub fn flush(&mut self) -> Result<(), StateDirError> {
+        self.file.flush().map_err(|e| self.error(e))
+    }
+
+    /// What was written is synced to disk and replaces the file before it: a crash before
+    /// this leaves the previous file, never half of this one. What is appended afterwards
+    /// goes on in the same file.
+    pub fn commit(&mut self) -> Result<(), StateDirError> {
+        self.flush()?;
+        self.file.get_ref().sync_data().map_err(|e| self.error(e))?;
+        std::fs::rename(&self.partial, &self.path).map_err(|e| self.error(e))?;
+        // The rename itself is durable once the directory is.
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| self.error(e))?;
+        self.committed = Some(self.bytes);
+        Ok(())
+    }
+
+    /// Whether a journal has grown enough past its snapshot (what it held when committed)
+    /// to start afresh.
+    pub fn wants_compaction(&self) -> bool {
+        self.committed
+            .is_some_and(|snapshot| self.bytes > (2 * snapshot).max(snapshot + JOURNAL_SLACK))
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    fn error(&self, source: io::Error) -> StateDirError {
+        StateDirError::Io {
+            path: self.path.clone(),
+            source,
+        }
+    }
 }
 
 impl StateDir {
@@ -108,53 +194,100 @@ impl StateDir {
         &self.path
     }
 
-    /// Writes `frames` (a hand-over) for the next start, replacing what was saved before:
-    /// written aside, flushed to disk, then renamed into place, so a crash mid-write leaves the
-    /// previous file or none, never half of one. Returns the bytes written.
-    pub fn save(&self, frames: &[v1::HandoverItem]) -> Result<u64, StateDirError> {
-        let io = |source| StateDirError::Io {
-            path: self.path.clone(),
+    /// Starts writing a file of `kind` beside the current one.
+    fn begin(&self, kind: Kind) -> Result<FrameWriter, StateDirError> {
+        let path = self.path.join(kind.name);
+        let partial = self.path.join(format!("{}.partial", kind.name));
+        let mut file = File::create(&partial).map_err(|source| StateDirError::Io {
+            path: partial.clone(),
             source,
-        };
-        let partial = self.path.join(format!("{SAVED}.partial"));
-        let mut out = BufWriter::new(File::create(&partial).map_err(io)?);
-        out.write_all(MAGIC).map_err(io)?;
-        let mut written = MAGIC.len() as u64;
-        let mut buf = Vec::new();
-        for frame in frames {
-            buf.clear();
-            frame
-                .encode_length_delimited(&mut buf)
-                .map_err(|e| io(io::Error::other(e)))?;
-            out.write_all(&buf).map_err(io)?;
-            written += buf.len() as u64;
-        }
-        let file = out.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        std::fs::rename(&partial, self.path.join(SAVED)).map_err(io)?;
-        // The rename itself is durable once the directory is.
-        File::open(&self.path)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io)?;
-        Ok(written)
+        })?;
+        file.write_all(kind.header)
+            .map_err(|source| StateDirError::Io {
+                path: partial.clone(),
+                source,
+            })?;
+        Ok(FrameWriter {
+            file: BufWriter::new(file),
+            partial,
+            path,
+            bytes: kind.header.len() as u64,
+            committed: None,
+            buf: Vec::new(),
+        })
     }
 
-    /// The hand-over saved by the last run, if any. It stays on disk until [`Self::taken`]
-    /// (it was taken back whole) or [`Self::set_aside`] (it could not be). A file that cannot
-    /// even be read is set aside here, and the error says where and why; the router then
-    /// starts without it rather than not at all.
-    pub fn saved(&self) -> Result<Option<Vec<v1::HandoverItem>>, StateDirError> {
-        let path = self.path.join(SAVED);
+    /// The file of `kind`, if there is one. One that is not of its format is set aside
+    /// (`….unreadable`, for an operator to look at) and the error says so.
+    fn read<M: Message + Default>(&self, kind: Kind) -> Result<Option<Frames<M>>, StateDirError> {
+        let path = self.path.join(kind.name);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateDirError::Io { path, source }),
         };
-        match decode(&bytes) {
-            Ok(frames) => Ok(Some(frames)),
-            Err(why) => Err(StateDirError::Unreadable {
-                path: self.set_aside()?,
+        let Some(mut rest) = bytes.strip_prefix(kind.header) else {
+            return Err(StateDirError::Unreadable {
+                path: self.set_aside(kind)?,
+                why: "it does not start with its format's header".into(),
+            });
+        };
+        let mut items = Vec::new();
+        let mut torn = None;
+        while rest.has_remaining() {
+            match M::decode_length_delimited(&mut rest) {
+                Ok(item) => items.push(item),
+                Err(e) => {
+                    torn = Some(format!("frame {}: {e}", items.len()));
+                    break;
+                }
+            }
+        }
+        Ok(Some(Frames { items, torn }))
+    }
+
+    /// Moves the file of `kind` aside (replacing one set aside before); where it went.
+    fn set_aside(&self, kind: Kind) -> Result<PathBuf, StateDirError> {
+        let path = self.path.join(kind.name);
+        let aside = self.path.join(format!("{}.unreadable", kind.name));
+        std::fs::rename(&path, &aside).map_err(|source| StateDirError::Io { path, source })?;
+        Ok(aside)
+    }
+
+    /// Removes the file of `kind`, if there is one.
+    fn remove(&self, kind: Kind) -> Result<(), StateDirError> {
+        let path = self.path.join(kind.name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(StateDirError::Io { path, source: e })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes `frames` (a hand-over) for the next start, replacing what was saved before
+    /// (see [`FrameWriter::commit`]). Returns the bytes written.
+    pub fn save(&self, frames: &[v1::HandoverItem]) -> Result<u64, StateDirError> {
+        let mut file = self.begin(SAVED)?;
+        for frame in frames {
+            file.append(frame)?;
+        }
+        file.commit()?;
+        Ok(file.bytes())
+    }
+
+    /// The hand-over saved by the last run, if any. It stays on disk until [`Self::taken`]
+    /// (it was taken back whole) or [`Self::set_aside_saved`] (it could not be). One that
+    /// cannot even be read whole is set aside here, and the error says where and why; the
+    /// router then starts without it rather than not at all.
+    pub fn saved(&self) -> Result<Option<Vec<v1::HandoverItem>>, StateDirError> {
+        match self.read(SAVED)? {
+            None => Ok(None),
+            Some(Frames { items, torn: None }) => Ok(Some(items)),
+            Some(Frames {
+                torn: Some(why), ..
+            }) => Err(StateDirError::Unreadable {
+                path: self.set_aside(SAVED)?,
                 why,
             }),
         }
@@ -162,17 +295,28 @@ impl StateDir {
 
     /// The saved hand-over was taken back: it is removed, so it is taken once.
     pub fn taken(&self) -> Result<(), StateDirError> {
-        let path = self.path.join(SAVED);
-        std::fs::remove_file(&path).map_err(|source| StateDirError::Io { path, source })
+        self.remove(SAVED)
     }
 
-    /// Moves the saved hand-over aside (`….unreadable`, for an operator to look at, replacing
-    /// one set aside before); where it went.
-    pub fn set_aside(&self) -> Result<PathBuf, StateDirError> {
-        let path = self.path.join(SAVED);
-        let aside = self.path.join(format!("{SAVED}.unreadable"));
-        std::fs::rename(&path, &aside).map_err(|source| StateDirError::Io { path, source })?;
-        Ok(aside)
+    /// Moves the saved hand-over aside (`….unreadable`); where it went.
+    pub fn set_aside_saved(&self) -> Result<PathBuf, StateDirError> {
+        self.set_aside(SAVED)
+    }
+
+    /// Starts a journal beside the current one, which it replaces once committed.
+    pub fn begin_journal(&self) -> Result<FrameWriter, StateDirError> {
+        self.begin(JOURNAL)
+    }
+
+    /// The journal of the last run, if there is one; a last frame cut short (a kill while
+    /// writing it) is left out and said in `torn`.
+    pub fn journal(&self) -> Result<Option<Journal>, StateDirError> {
+        self.read(JOURNAL)
+    }
+
+    /// Removes the journal: a standby holds the copy now, or a hand-over supersedes it.
+    pub fn discard_journal(&self) -> Result<(), StateDirError> {
+        self.remove(JOURNAL)
     }
 }
 
@@ -225,7 +369,7 @@ fn take_back(dispatcher: &Arc<Dispatcher>, dir: &StateDir, frames: Vec<v1::Hando
         }
         Err(status) => {
             let aside = dir
-                .set_aside()
+                .set_aside_saved()
                 .map(|path| path.display().to_string())
                 .unwrap_or_else(|e| e.to_string());
             tracing::error!(
@@ -235,151 +379,6 @@ fn take_back(dispatcher: &Arc<Dispatcher>, dir: &StateDir, frames: Vec<v1::Hando
             );
         }
     }
-}
-
-/// A journal being written (see [`StateDir::begin_journal`]).
-#[derive(Debug)]
-pub struct JournalWriter {
-    file: BufWriter<File>,
-    partial: PathBuf,
-    dir: PathBuf,
-    bytes: u64,
-    /// Its snapshot's size, once committed.
-    snapshot: Option<u64>,
-    buf: Vec<u8>,
-}
-
-impl JournalWriter {
-    /// Appends `item`; it reaches the file at the next [`Self::flush`].
-    pub fn append(&mut self, item: &v1::MirrorItem) -> Result<(), StateDirError> {
-        self.buf.clear();
-        item.encode_length_delimited(&mut self.buf)
-            .map_err(|e| self.error(io::Error::other(e)))?;
-        self.file.write_all(&self.buf).map_err(|e| self.error(e))?;
-        self.bytes += self.buf.len() as u64;
-        Ok(())
-    }
-
-    /// Writes what was appended to the file (so a process killed after this loses none of
-    /// it; the kernel has it).
-    pub fn flush(&mut self) -> Result<(), StateDirError> {
-        self.file.flush().map_err(|e| self.error(e))
-    }
-
-    /// Its snapshot is written: on disk, it replaces the journal before it.
-    pub fn commit(&mut self) -> Result<(), StateDirError> {
-        self.flush()?;
-        self.file.get_ref().sync_data().map_err(|e| self.error(e))?;
-        std::fs::rename(&self.partial, self.dir.join(JOURNAL)).map_err(|e| self.error(e))?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(|e| self.error(e))?;
-        self.snapshot = Some(self.bytes);
-        Ok(())
-    }
-
-    /// Whether it has grown enough past its snapshot to start afresh.
-    pub fn wants_compaction(&self) -> bool {
-        self.snapshot
-            .is_some_and(|snapshot| self.bytes > (2 * snapshot).max(snapshot + JOURNAL_SLACK))
-    }
-
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-
-    fn error(&self, source: io::Error) -> StateDirError {
-        StateDirError::Io {
-            path: self.partial.with_file_name(JOURNAL),
-            source,
-        }
-    }
-}
-
-/// A journal read back: its items, and why it ended early, when it did.
-#[derive(Debug)]
-pub struct Journal {
-    pub items: Vec<v1::MirrorItem>,
-    /// A last item cut short (the process was killed while writing it) or unreadable.
-    pub torn: Option<String>,
-}
-
-impl StateDir {
-    /// Starts a journal beside the current one, which it replaces once [committed]
-    /// (JournalWriter::commit).
-    pub fn begin_journal(&self) -> Result<JournalWriter, StateDirError> {
-        let partial = self.path.join(format!("{JOURNAL}.partial"));
-        let io = |source| StateDirError::Io {
-            path: partial.clone(),
-            source,
-        };
-        let mut file = File::create(&partial).map_err(io)?;
-        file.write_all(JOURNAL_MAGIC).map_err(io)?;
-        Ok(JournalWriter {
-            file: BufWriter::new(file),
-            partial: partial.clone(),
-            dir: self.path.clone(),
-            bytes: JOURNAL_MAGIC.len() as u64,
-            snapshot: None,
-            buf: Vec::new(),
-        })
-    }
-
-    /// The journal of the last run, if there is one. One of another format is set aside
-    /// (`….unreadable`) and the error says so.
-    pub fn journal(&self) -> Result<Option<Journal>, StateDirError> {
-        let path = self.path.join(JOURNAL);
-        let bytes = match std::fs::read(&path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => return Err(StateDirError::Io { path, source }),
-        };
-        let Some(mut rest) = bytes.strip_prefix(JOURNAL_MAGIC) else {
-            let aside = self.path.join(format!("{JOURNAL}.unreadable"));
-            std::fs::rename(&path, &aside).map_err(|source| StateDirError::Io { path, source })?;
-            return Err(StateDirError::Unreadable {
-                path: aside,
-                why: "it does not start with the journal's header".into(),
-            });
-        };
-        let mut items = Vec::new();
-        let mut torn = None;
-        while rest.has_remaining() {
-            match v1::MirrorItem::decode_length_delimited(&mut rest) {
-                Ok(item) => items.push(item),
-                Err(e) => {
-                    torn = Some(format!("item {} of the journal: {e}", items.len()));
-                    break;
-                }
-            }
-        }
-        Ok(Some(Journal { items, torn }))
-    }
-
-    /// Removes the journal: a standby holds the copy now, or a hand-over supersedes it.
-    pub fn discard_journal(&self) -> Result<(), StateDirError> {
-        let path = self.path.join(JOURNAL);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                Err(StateDirError::Io { path, source: e })
-            }
-            _ => Ok(()),
-        }
-    }
-}
-
-/// The hand-over frames of a saved file's `bytes`.
-fn decode(bytes: &[u8]) -> Result<Vec<v1::HandoverItem>, String> {
-    let mut rest = bytes
-        .strip_prefix(MAGIC)
-        .ok_or("it does not start with this format's header")?;
-    let mut frames = Vec::new();
-    while rest.has_remaining() {
-        let frame = v1::HandoverItem::decode_length_delimited(&mut rest)
-            .map_err(|e| format!("frame {}: {e}", frames.len()))?;
-        frames.push(frame);
-    }
-    Ok(frames)
 }
 
 #[cfg(test)]
@@ -403,7 +402,9 @@ mod tests {
         let written = state.save(&frames).unwrap();
         assert_eq!(
             written,
-            std::fs::metadata(dir.path().join(SAVED)).unwrap().len()
+            std::fs::metadata(dir.path().join(SAVED.name))
+                .unwrap()
+                .len()
         );
         // The last save replaced the first, and stays until it is taken.
         assert_eq!(state.saved().unwrap(), Some(frames.clone()));
@@ -443,7 +444,7 @@ mod tests {
             [item("000000000003"), item("000000000004")]
         );
 
-        let path = dir.path().join(JOURNAL);
+        let path = dir.path().join(JOURNAL.name);
         let len = std::fs::metadata(&path).unwrap().len();
         File::options()
             .write(true)
@@ -453,7 +454,7 @@ mod tests {
             .unwrap();
         let torn = state.journal().unwrap().unwrap();
         assert_eq!(torn.items, [item("000000000003")]);
-        assert!(torn.torn.unwrap().contains("item 1"));
+        assert!(torn.torn.unwrap().contains("frame 1"));
 
         state.discard_journal().unwrap();
         assert!(state.journal().unwrap().is_none());
@@ -491,7 +492,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         state.save(&[tag("0123456789ab")]).unwrap();
-        let path = dir.path().join(SAVED);
+        let path = dir.path().join(SAVED.name);
         let mut bytes = std::fs::read(&path).unwrap();
         // Cut in the middle of its frame.
         bytes.truncate(bytes.len() - 3);
@@ -499,7 +500,11 @@ mod tests {
         let error = state.saved().unwrap_err();
         assert!(error.to_string().contains("frame 0"), "{error}");
         assert!(!path.exists());
-        assert!(dir.path().join(format!("{SAVED}.unreadable")).exists());
+        assert!(
+            dir.path()
+                .join(format!("{}.unreadable", SAVED.name))
+                .exists()
+        );
         assert_eq!(state.saved().unwrap(), None);
 
         std::fs::write(&path, b"{\"not\": \"ours\"}").unwrap();
