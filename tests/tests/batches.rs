@@ -220,60 +220,19 @@ fn client_with(key: &str) -> anyhow::Result<reqwest::Client> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopping_router_hands_its_running_batch_to_another() -> anyhow::Result<()> {
     let (cluster, mut leaving, _token) = two_replicas("leaving", false).await?;
-    let leaving_url = format!("http://{}/v1", leaving.addr("http"));
     let http = reqwest::Client::new();
-    let lines = second_long_requests(8);
-    let file = upload(&http, &leaving_url, &lines).await?;
-    let id = create_batch(
-        &http,
-        &leaving_url,
-        &file,
-        json!({"metadata": {"job": "rollout"}}),
-    )
-    .await?;
-    let leaving_tag = id.strip_prefix("batch_").context("a batch id")?[..12].to_string();
-    wait_for_batch(
-        &http,
-        &leaving_url,
-        &id,
-        PATIENCE,
-        "two requests to be answered",
-        |b| b["request_counts"]["completed"].as_u64() >= Some(2),
-    )
-    .await?;
-    let before_stop = batch(&http, &leaving_url, &id).await?["request_counts"]["completed"]
-        .as_u64()
-        .context("a count")?;
-    assert!(before_stop < 8, "the batch ended before the stop");
+    let held = Held::make(&http, &leaving).await?;
+    assert!(held.answered_at_stop < 8, "the batch ended before the stop");
 
     leaving.terminate(Duration::from_secs(30)).await?;
 
-    let staying = cluster.router_openai_url();
-    let handed = batch(&http, &staying, &id).await?;
-    assert_eq!(handed["metadata"], json!({"job": "rollout"}), "{handed}");
-    let answers = all_answered_once(&http, &staying, &id, 8, "where it was handed").await?;
-    // Each answer names the replica that made it: those made before the stop were kept.
-    let made_by_leaving = answers
-        .iter()
-        .filter(|a| {
-            a["response"]["body"]["id"]
-                .as_str()
-                .is_some_and(|id| id.starts_with(&format!("chatcmpl-{leaving_tag}")))
-        })
-        .count() as u64;
-    assert!(
-        (before_stop..8).contains(&made_by_leaving),
-        "{made_by_leaving} made by the leaving replica, {before_stop} before its stop"
-    );
-    // The input file went along too.
-    let input = http
-        .get(format!("{staying}/files/{file}/content"))
-        .send()
-        .await?
-        .error_for_status()?
-        .text()
+    let made_by_leaving = held
+        .all_there(&http, &cluster.router, held.answered_at_stop)
         .await?;
-    assert_eq!(input.lines().count(), 8);
+    assert!(
+        made_by_leaving < 8,
+        "the leaving replica made all {made_by_leaving} answers: nothing ran where it was handed"
+    );
     Ok(())
 }
 
@@ -604,15 +563,16 @@ impl Held {
         })
     }
 
-    /// Checks `router` (the next run) holds it all: the response found and continued, the
-    /// file read, the batch run to its end with every request answered once and at least
-    /// `kept` of the answers made before the stop kept.
+    /// Checks `router` (the next run, or the replica it was handed to) holds it all: the
+    /// response found and continued, the file read, the batch run to its end with every
+    /// request answered once and at least `kept` of the answers made before the stop kept.
+    /// Returns how many answers were made before the stop.
     async fn all_there(
         &self,
         http: &reqwest::Client,
         router: &switchyard_tests::Component,
         kept: u64,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<u64> {
         let url = format!("http://{}/v1", router.addr("http"));
         let id = self.response["id"].as_str().context("a response id")?;
         let found: Value = http
@@ -653,6 +613,6 @@ impl Held {
             .text()
             .await?;
         assert_eq!(input.lines().count(), 8);
-        Ok(())
+        Ok(made_before)
     }
 }
