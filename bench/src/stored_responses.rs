@@ -22,16 +22,20 @@
 //!   goes (so a kill loses none): what that insurance costs;
 //! - `conv. journaled`: as `conversation`, on that router: each change of the conversation is
 //!   journaled;
+//! - `journaled, sync`: as `journaled`, on a router that syncs its journal to disk after each
+//!   write (`--state-sync-interval 0s`: a host crash loses nothing written) instead of at most
+//!   a second later (the default, which the two ways above run with);
 //! - `referenced`: each turn sends the whole conversation in `input`, but the model's earlier
 //!   answers as `item_reference`s to the stored responses' output items (the client keeps
 //!   its own messages, the router the model's), on the replica that stored them;
 //! - `ref. other`: the same, each turn on the other of two replicas, which fetches each
 //!   referenced response from its keeper over gRPC.
 //!
-//! Three clusters run in this process on loopback ports, each one worker serving the unpaced
+//! Four clusters run in this process on loopback ports, each one worker serving the unpaced
 //! synthetic engine: two with two routers with HTTP doors, the first without a cluster token
-//! (no mirrors), the second with one; the third with one router journaling to a state
-//! directory in a temporary directory (on whatever disk that is). Every turn's prompt must come out the same whichever way it was
+//! (no mirrors), the second with one; the third and fourth with one router journaling to a
+//! state directory in a temporary directory (on whatever disk that is), the fourth syncing
+//! each write. Every turn's prompt must come out the same whichever way it was
 //! sent (its `input_tokens` are compared per conversation and turn), or the run fails. Each
 //! round runs every way once, the one that starts alternating. Reported per way: turns/s,
 //! latency of a whole (non-streamed) turn p50 / p99, bytes sent per turn, CPU time of this
@@ -86,6 +90,7 @@ enum Way {
     ConversationMirrored,
     Journaled,
     ConversationJournaled,
+    JournaledSynced,
     Referenced,
     ReferencedOtherReplica,
 }
@@ -102,6 +107,7 @@ impl Way {
             Way::ConversationMirrored => "conv. mirrored",
             Way::Journaled => "journaled",
             Way::ConversationJournaled => "conv. journaled",
+            Way::JournaledSynced => "journaled, sync",
             Way::Referenced => "referenced",
             Way::ReferencedOtherReplica => "ref. other",
         }
@@ -144,11 +150,12 @@ async fn post(client: &reqwest::Client, url: &str, body: &Value) -> anyhow::Resu
 }
 
 /// The router (index in the bases) that keeps what `way` stores: the plain pair's first, the
-/// mirrored pair's first, or the journaling router.
+/// mirrored pair's first, or a journaling router.
 fn keeper(way: Way) -> usize {
     match way {
         Way::Mirrored | Way::ConversationMirrored => 2,
         Way::Journaled | Way::ConversationJournaled => 4,
+        Way::JournaledSynced => 5,
         _ => 0,
     }
 }
@@ -157,7 +164,7 @@ fn keeper(way: Way) -> usize {
 /// sizes.
 async fn conversation(
     client: &reqwest::Client,
-    bases: &[String; 5],
+    bases: &[String; 6],
     way: Way,
     index: usize,
     args: &StoredResponsesArgs,
@@ -192,7 +199,11 @@ async fn conversation(
                 body["store"] = Value::from(false);
                 &bases[0]
             }
-            Way::SameReplica | Way::OtherReplica | Way::Mirrored | Way::Journaled => {
+            Way::SameReplica
+            | Way::OtherReplica
+            | Way::Mirrored
+            | Way::Journaled
+            | Way::JournaledSynced => {
                 body["input"] = Value::from(message);
                 if let Some(previous) = &previous {
                     body["previous_response_id"] = Value::from(previous.as_str());
@@ -250,7 +261,7 @@ async fn conversation(
 /// One way's run: every conversation, `concurrency` at once.
 async fn run_way(
     client: &reqwest::Client,
-    bases: &[String; 5],
+    bases: &[String; 6],
     way: Way,
     args: &StoredResponsesArgs,
 ) -> anyhow::Result<(Vec<Turn>, PromptSizes, Duration)> {
@@ -342,16 +353,25 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
     config.cluster_token = None;
     config.state_dir = Some(state.path().to_path_buf());
     config.metrics = switchyard_cluster::telemetry::metrics::Metrics::new();
-    let journaled = start_cluster(unthrottled_engine(4096), false, config).await?;
+    let journaled = start_cluster(unthrottled_engine(4096), false, config.clone()).await?;
     let journaled_door = journaled
         .router_http
         .context("the journaling router opened no HTTP door")?;
+    let synced_state = tempfile::tempdir()?;
+    config.state_dir = Some(synced_state.path().to_path_buf());
+    config.state_sync_interval = Duration::ZERO;
+    config.metrics = switchyard_cluster::telemetry::metrics::Metrics::new();
+    let synced = start_cluster(unthrottled_engine(4096), false, config).await?;
+    let synced_door = synced
+        .router_http
+        .context("the syncing router opened no HTTP door")?;
     let bases = [
         plain_doors[0].clone(),
         plain_doors[1].clone(),
         mirrored_doors[0].clone(),
         mirrored_doors[1].clone(),
         format!("http://{journaled_door}"),
+        format!("http://{synced_door}"),
     ];
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(args.concurrency * 2)
@@ -366,6 +386,7 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         Way::ConversationMirrored,
         Way::Journaled,
         Way::ConversationJournaled,
+        Way::JournaledSynced,
         Way::Referenced,
         Way::ReferencedOtherReplica,
     ];
@@ -429,6 +450,7 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
     plain.stop().await;
     mirrored.stop().await;
     journaled.stop().await;
+    synced.stop().await;
 
     println!(
         "Stored responses: {} conversations × {} turns per way and round ({}-word messages, {} \

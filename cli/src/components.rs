@@ -337,6 +337,11 @@ pub struct RouterArgs {
     /// they go with the stopped router.
     #[arg(long, env = "SWITCHYARD_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Longest the journal in `--state-dir` keeps changes written but not synced to disk: a
+    /// host crash (not a process kill, which loses nothing written) loses at most this much.
+    /// `0s`: synced after each write.
+    #[arg(long, env = "SWITCHYARD_STATE_SYNC_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub state_sync_interval: Duration,
 }
 
 impl RouterArgs {
@@ -369,6 +374,7 @@ impl RouterArgs {
             },
             advertise: self.advertise.clone(),
             state_dir: self.state_dir.clone(),
+            state_sync_interval: self.state_sync_interval,
             tls: self.tls.files(),
             connections: ConnectionTimeouts {
                 max_age: self.max_connection_age,

@@ -79,6 +79,8 @@ pub struct RouterConfig {
     /// keeps them for its next start (see [`crate::response_store::saved`]); `None`: they go
     /// with it.
     pub state_dir: Option<PathBuf>,
+    /// Longest the state directory's journal keeps changes written but not synced to disk.
+    pub state_sync_interval: Duration,
 }
 
 /// A worker running in the router's own process, and how its link reaches it.
@@ -119,6 +121,7 @@ impl Default for RouterConfig {
             batches: Default::default(),
             advertise: None,
             state_dir: None,
+            state_sync_interval: crate::response_store::saved::DEFAULT_SYNC_INTERVAL,
         }
     }
 }

@@ -316,9 +316,13 @@ pub struct RouterMetrics {
     pub policy_state: Family<StateLabels, Gauge>,
     /// 1 for the state of this replica's mirror of its stored responses (see
     /// [`crate::response_store::mirror`]): `off` (no cluster token, or no store), `alone` (no
-    /// other replica to mirror to), `mirrored` (a standby keeps a copy), `failing` (there is a
+    /// other replica to mirror to), `journaled` (no standby, but a journal in the state
+    /// directory), `mirrored` (a standby keeps a copy), `failing` (there is a
     /// replica to mirror to, but the mirror does not hold: a killed replica would lose them).
     pub response_mirror: Family<StateLabels, Gauge>,
+    /// The journal of stored responses in the state directory (mirror state `journaled`):
+    /// bytes `written` to it, and of those the `unsynced` ones a host crash could lose.
+    pub journal_bytes: Family<StateLabels, Gauge>,
 }
 
 impl std::fmt::Debug for RouterMetrics {
@@ -347,10 +351,19 @@ impl RouterMetrics {
         set_state(&self.policy_state, &POLICY_STATES, state);
     }
 
-    /// Sets [`Self::response_mirror`]: 1 for `state` (one of `off`, `alone`, `mirrored`,
-    /// `failing`).
+    /// Sets [`Self::response_mirror`]: 1 for `state` (one of `off`, `alone`, `journaled`,
+    /// `mirrored`, `failing`).
     pub fn set_response_mirror(&self, state: &'static str) {
         set_state(&self.response_mirror, &MIRROR_STATES, state);
+    }
+
+    /// Sets [`Self::journal_bytes`].
+    pub fn set_journal_bytes(&self, written: u64, unsynced: u64) {
+        for (state, bytes) in [("written", written), ("unsynced", unsynced)] {
+            self.journal_bytes
+                .get_or_create(&StateLabels { state })
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
     }
 
     /// The state [`Self::set_response_mirror`] set last.
@@ -402,6 +415,7 @@ impl RouterMetrics {
             hedge_budget: Family::default(),
             policy_state: Family::default(),
             response_mirror: Family::default(),
+            journal_bytes: Family::default(),
         };
         // Every state is a series from the start, so an alert on `kept` or `missing` has one.
         for state in POLICY_STATES {
@@ -485,8 +499,9 @@ impl RouterMetrics {
             r.register(
                 "switchyard_router_response_mirror",
                 "State of this replica's mirror of its stored responses to a standby replica (1 \
-                 for the current state): off, alone (no other replica), mirrored, failing (a \
-                 killed replica would lose its stored responses)",
+                 for the current state): off, alone (no other replica), journaled (to its \
+                 --state-dir), mirrored, failing (a killed replica would lose its stored \
+                 responses)",
                 this.response_mirror.clone(),
             );
             r.register(
@@ -593,6 +608,11 @@ impl RouterMetrics {
                 "switchyard_router_hedge_budget_tokens",
                 "The hedge budget per lane: prefill tokens spent on hedges and allowed (budget_fraction x the lane's prompt tokens)",
                 this.hedge_budget.clone(),
+            );
+            r.register(
+                "switchyard_router_journal_bytes",
+                "The journal of stored responses in --state-dir (mirror state journaled): bytes written, and of those unsynced (a host crash could lose them)",
+                this.journal_bytes.clone(),
             );
             r.register(
                 "switchyard_router_worker_identity_rejections",

@@ -123,7 +123,10 @@ pub async fn run_router_with_endpoints(
     let state_dir = config
         .state_dir
         .as_deref()
-        .map(crate::response_store::saved::StateDir::open)
+        .map(|path| {
+            crate::response_store::saved::StateDir::open(path)
+                .map(|dir| dir.with_sync_interval(config.state_sync_interval))
+        })
         .transpose()?;
     let config_listen = config.listen;
     let advertise = config.advertise.clone();

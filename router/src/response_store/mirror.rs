@@ -244,33 +244,80 @@ fn journal_changes(
 }
 
 /// Writes mirror `start` to a journal in `dispatcher`'s state directory: the snapshot, then
-/// each change as it comes, until the mirror ends or the journal wants compacting.
+/// each change as it comes (see [`journal_changes_as_they_come`]), until the mirror ends or
+/// the journal wants compacting.
 async fn write_journal(
     start: MirrorStart,
     dispatcher: Arc<Dispatcher>,
 ) -> Result<JournalEnd, StateDirError> {
     let epoch = start.epoch;
-    let (now, mut events) = opening(start);
+    let (now, events) = opening(start);
     let now: Vec<MirrorEvent> = now.collect();
-    let snapshot = tokio::task::spawn_blocking(move || {
-        let dir = dispatcher
-            .state_dir
-            .as_ref()
-            .expect("journaled with a state dir");
-        write_snapshot(epoch, now, dir)
-    });
-    let (mut writer, mut journal) = match snapshot.await {
+    let dir = dispatcher.clone();
+    let snapshot = tokio::task::spawn_blocking(move || write_snapshot(epoch, now, state_dir(&dir)));
+    let (writer, journal) = match snapshot.await {
         Ok(written) => written?,
         Err(stopped) => return Err(StateDirError::Stopped(stopped.to_string())),
     };
-    // Changes are small: written from here, like any write to a socket.
-    while let Some(event) = events.recv().await {
-        journal_changes(&mut writer, &mut journal, event, &mut events)?;
-        if journal.wants_compaction() {
-            return Ok(JournalEnd::Compact);
+    let interval = state_dir(&dispatcher).sync_interval();
+    let progress = |journal: &FrameWriter| {
+        dispatcher
+            .metrics
+            .set_journal_bytes(journal.bytes(), journal.unsynced());
+    };
+    journal_changes_as_they_come(writer, journal, events, interval, progress).await
+}
+
+/// Journals each change of a mirror as it comes, until the mirror ends or the journal wants
+/// compacting. What is written is synced to disk on a blocking thread at most `interval`
+/// later, while changes go on being written; `progress` is told after each write and sync.
+async fn journal_changes_as_they_come(
+    mut writer: MirrorWriter,
+    mut journal: FrameWriter,
+    mut events: mpsc::Receiver<MirrorEvent>,
+    interval: Duration,
+    progress: impl Fn(&FrameWriter),
+) -> Result<JournalEnd, StateDirError> {
+    progress(&journal);
+    // When what is written but not yet synced must be synced by, and the sync under way.
+    let mut sync_by: Option<tokio::time::Instant> = None;
+    let mut syncing: Option<tokio::task::JoinHandle<Result<u64, StateDirError>>> = None;
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let Some(event) = event else { return Ok(JournalEnd::Ended) };
+                // Changes are small: written from here, like any write to a socket.
+                journal_changes(&mut writer, &mut journal, event, &mut events)?;
+                sync_by.get_or_insert_with(|| tokio::time::Instant::now() + interval);
+                if journal.wants_compaction() {
+                    // The next journal starts with a synced snapshot.
+                    return Ok(JournalEnd::Compact);
+                }
+            }
+            () = async { tokio::time::sleep_until(sync_by.expect("due")).await },
+                if sync_by.is_some() && syncing.is_none() =>
+            {
+                sync_by = None;
+                let sync = journal.begin_sync()?;
+                syncing = Some(tokio::task::spawn_blocking(move || sync.run()));
+            }
+            done = async { syncing.as_mut().expect("syncing").await }, if syncing.is_some() => {
+                syncing = None;
+                match done {
+                    Ok(synced) => journal.synced_to(synced?),
+                    Err(stopped) => return Err(StateDirError::Stopped(stopped.to_string())),
+                }
+            }
         }
+        progress(&journal);
     }
-    Ok(JournalEnd::Ended)
+}
+
+fn state_dir(dispatcher: &Dispatcher) -> &StateDir {
+    dispatcher
+        .state_dir
+        .as_ref()
+        .expect("journaled with a state dir")
 }
 
 /// Journals the store's mirror in the state directory until `stop`, or until a replica that
@@ -309,6 +356,7 @@ async fn journal(
         }
     };
     store.end_mirror(epoch);
+    dispatcher.metrics.set_journal_bytes(0, 0);
     match ended {
         Ok(Ok(JournalEnd::Ended)) => true,
         Ok(Ok(JournalEnd::Compact)) => {
@@ -1035,6 +1083,74 @@ mod tests {
             taken.messages().map(|m| m.content).collect::<Vec<_>>(),
             ["one", "two", "three"]
         );
+    }
+
+    /// Journals `sender`'s changes into a fresh journal in `dir`, syncing at most `interval`
+    /// after a write; the journal's (written, unsynced) bytes after each write and sync.
+    fn journaling(
+        sender: &ResponseStore,
+        dir: &StateDir,
+        interval: Duration,
+    ) -> tokio::sync::watch::Receiver<(u64, u64)> {
+        let start = sender.begin_mirror(1024);
+        let epoch = start.epoch;
+        let (now, events) = opening(start);
+        let (writer, journal) = write_snapshot(epoch, now.collect(), dir).unwrap();
+        let (tx, rx) = tokio::sync::watch::channel((journal.bytes(), journal.unsynced()));
+        tokio::spawn(journal_changes_as_they_come(
+            writer,
+            journal,
+            events,
+            interval,
+            move |journal| {
+                tx.send_replace((journal.bytes(), journal.unsynced()));
+            },
+        ));
+        rx
+    }
+
+    /// A host crash loses at most the sync interval's changes: what is written is synced
+    /// once the interval is up, not before (the disk is not asked at every change).
+    #[tokio::test(start_paused = true)]
+    async fn a_journal_syncs_what_it_wrote_once_its_interval_is_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let sender = ResponseStore::new(StoreLimits::default());
+        let mut progress = journaling(&sender, &state, Duration::from_secs(10));
+        let (snapshot, unsynced) = *progress.borrow();
+        assert_eq!(unsynced, 0, "a snapshot is committed synced");
+
+        let began = tokio::time::Instant::now();
+        keep(&sender, &[], "one");
+        let (written, unsynced) = *progress.wait_for(|&(w, _)| w > snapshot).await.unwrap();
+        assert_eq!(unsynced, written - snapshot, "written, not yet synced");
+        let synced = progress.wait_for(|&(_, u)| u == 0);
+        tokio::time::timeout(Duration::from_secs(60), synced)
+            .await
+            .expect("synced")
+            .unwrap();
+        assert_eq!(began.elapsed(), Duration::from_secs(10));
+    }
+
+    /// With no interval, each write is synced as soon as it is written; changes made while a
+    /// sync runs are synced by the next.
+    #[tokio::test(start_paused = true)]
+    async fn a_journal_with_no_sync_interval_syncs_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let sender = ResponseStore::new(StoreLimits::default());
+        let mut progress = journaling(&sender, &state, Duration::ZERO);
+        let began = tokio::time::Instant::now();
+        for turn in ["one", "two", "three"] {
+            let (before, _) = *progress.borrow();
+            keep(&sender, &[], turn);
+            let synced = progress.wait_for(|&(w, u)| w > before && u == 0);
+            tokio::time::timeout(Duration::from_secs(60), synced)
+                .await
+                .expect("synced")
+                .unwrap();
+        }
+        assert_eq!(began.elapsed(), Duration::ZERO);
     }
 
     /// The journal a router keeps with no standby is the mirror a standby would be sent:

@@ -27,6 +27,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Buf;
 use prost::Message;
@@ -57,11 +58,15 @@ const JOURNAL: Kind = Kind {
 const LOCK: &str = "lock";
 /// A journal starts afresh once it holds this much more than its snapshot, or twice it.
 const JOURNAL_SLACK: u64 = 64 << 20;
+/// How long a journal's changes may stay written but not synced, unless configured.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A replica's state directory, locked for it.
 #[derive(Debug)]
 pub struct StateDir {
     path: PathBuf,
+    /// Longest a journal's written changes wait to be synced to disk.
+    sync_interval: Duration,
     /// Its lock is held as long as this is open.
     _lock: File,
 }
@@ -107,7 +112,32 @@ pub struct FrameWriter {
     bytes: u64,
     /// Its size when committed.
     committed: Option<u64>,
+    /// How much of it is known to be on disk.
+    synced: u64,
     buf: Vec<u8>,
+}
+
+/// A sync of a [`FrameWriter`]'s file, to run on a thread that may block (see
+/// [`FrameWriter::begin_sync`]) while the writer goes on appending.
+#[derive(Debug)]
+pub struct PendingSync {
+    file: File,
+    path: PathBuf,
+    /// The bytes written when it began: on disk once it is done.
+    bytes: u64,
+}
+
+impl PendingSync {
+    /// Syncs the file's data to disk; the bytes it covered.
+    pub fn run(self) -> Result<u64, StateDirError> {
+        self.file
+            .sync_data()
+            .map(|()| self.bytes)
+            .map_err(|source| StateDirError::Io {
+                path: self.path,
+                source,
+            })
+    }
 }
 
 impl FrameWriter {
@@ -141,7 +171,30 @@ impl FrameWriter {
             .and_then(|dir| dir.sync_all())
             .map_err(|e| self.error(e))?;
         self.committed = Some(self.bytes);
+        self.synced = self.bytes;
         Ok(())
+    }
+
+    /// Flushes what was appended and returns a sync of it to run elsewhere: a sync can take
+    /// as long as the disk likes, and appending need not wait for it.
+    pub fn begin_sync(&mut self) -> Result<PendingSync, StateDirError> {
+        self.flush()?;
+        let file = self.file.get_ref().try_clone().map_err(|e| self.error(e))?;
+        Ok(PendingSync {
+            file,
+            path: self.path.clone(),
+            bytes: self.bytes,
+        })
+    }
+
+    /// A [`PendingSync`] of this file finished: its `bytes` are on disk.
+    pub fn synced_to(&mut self, bytes: u64) {
+        self.synced = self.synced.max(bytes);
+    }
+
+    /// How much was written that a host crash could still lose.
+    pub fn unsynced(&self) -> u64 {
+        self.bytes - self.synced
     }
 
     /// Whether a journal has grown enough past its snapshot (what it held when committed)
@@ -186,12 +239,24 @@ impl StateDir {
         }
         Ok(Self {
             path: path.to_path_buf(),
+            sync_interval: DEFAULT_SYNC_INTERVAL,
             _lock: lock,
         })
     }
 
+    /// Syncs a journal's changes to disk at most `interval` after they are written (zero:
+    /// after each write).
+    pub fn with_sync_interval(mut self, interval: Duration) -> Self {
+        self.sync_interval = interval;
+        self
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    pub fn sync_interval(&self) -> Duration {
+        self.sync_interval
     }
 
     /// Starts writing a file of `kind` beside the current one.
@@ -213,6 +278,7 @@ impl StateDir {
             path,
             bytes: kind.header.len() as u64,
             committed: None,
+            synced: 0,
             buf: Vec::new(),
         })
     }
