@@ -1,6 +1,6 @@
 //! `switchyard-bench stored-responses`: what going on from a stored response or a stored
 //! conversation costs, next to sending the whole conversation every turn — the same
-//! multi-turn conversations nine ways, side by side in one run:
+//! multi-turn conversations twelve ways, side by side in one run:
 //!
 //! - `inline`: each turn sends the whole conversation so far in `input` (`store: false`);
 //! - `same replica`: each turn sends only its new message and names the previous response
