@@ -27,6 +27,7 @@ pub mod conversation;
 pub mod events;
 pub mod handover;
 pub mod item_ids;
+pub mod journal;
 pub mod mirror;
 pub mod peers;
 pub mod saved;

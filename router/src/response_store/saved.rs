@@ -10,8 +10,8 @@
 //!   [`super::handover`]), taken back the same way;
 //! - **the journal** (`journal.pb`), kept while no standby replica mirrors this one, so that a
 //!   router *killed* without its drain (OOM, a crash) loses nothing either: the mirror a standby
-//!   would be sent (see [`super::mirror`]) — what the store keeps, then every change as it
-//!   happens — appended as it goes. Each journal starts with a snapshot and replaces the last
+//!   would be sent (see [`super::mirror`]; written by [`super::journal`]) — what the store
+//!   keeps, then every change as it happens — appended as it goes. Each journal starts with a snapshot and replaces the last
 //!   once that is on disk; it starts afresh (compacted) when it has grown well past its
 //!   snapshot. Each change is written to the file as soon as no other is waiting (changes
 //!   arriving together are written together), so a killed process loses none it had time to
@@ -406,7 +406,7 @@ pub fn restore(dispatcher: &Arc<Dispatcher>) {
         Err(error) => tracing::error!("the last run's hand-over: {error}"),
     }
     match dir.journal() {
-        Ok(Some(journal)) => super::mirror::take_journal_over(dispatcher, journal),
+        Ok(Some(journal)) => super::journal::take_journal_over(dispatcher, journal),
         Ok(None) => {}
         Err(error) => tracing::error!("starting without the last run's journal: {error}"),
     }
