@@ -36,6 +36,10 @@ pub struct UpArgs {
     /// `--state-dir`). Unset: they go when it stops.
     #[arg(long, env = "SWITCHYARD_STATE_DIR")]
     pub state_dir: Option<std::path::PathBuf>,
+    /// Longest the router's journal in `--state-dir` keeps changes written but not synced to
+    /// disk (see the router's `--state-sync-interval`).
+    #[arg(long, env = "SWITCHYARD_STATE_SYNC_INTERVAL", value_parser = humantime::parse_duration, default_value = "1s")]
+    pub state_sync_interval: std::time::Duration,
     /// An origin whose browser pages may call the router's HTTP API (CORS), e.g.
     /// `http://localhost:3000` for a chat page in development; repeat it for more, or `*`.
     #[arg(
@@ -216,6 +220,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         http_listen: Some(args.http_listen),
         api_keys_file: args.api_keys_file.clone(),
         state_dir: args.state_dir.clone(),
+        state_sync_interval: args.state_sync_interval,
         http_cors,
         cluster_token: Some(cluster_token.clone()),
         tls: tls_files("router"),
