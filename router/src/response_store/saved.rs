@@ -11,12 +11,15 @@
 //! - **the journal** (`journal.pb`), kept while no standby replica mirrors this one, so that a
 //!   router *killed* without its drain (OOM, a crash) loses nothing either: the mirror a standby
 //!   would be sent (see [`super::mirror`]; written by [`super::journal`]) — what the store
-//!   keeps, then every change as it happens — appended as it goes. Each journal starts with a snapshot and replaces the last
-//!   once that is on disk; it starts afresh (compacted) when it has grown well past its
-//!   snapshot. Each change is written to the file as soon as no other is waiting (changes
-//!   arriving together are written together), so a killed process loses none it had time to
-//!   write; a host that crashes keeps what its kernel had flushed. While a standby mirrors the
-//!   replica there is no journal: the standby answers for a killed replica's ids at once.
+//!   keeps, then every change as it happens — appended as it goes. Each journal starts with
+//!   a snapshot and replaces the last once that is on disk; it starts afresh (compacted) when
+//!   it has grown well past its snapshot. Each change is written to the file as soon as no
+//!   other is waiting (changes arriving together are written together), so a killed process
+//!   loses none it had time to write; what was written is synced to disk in the background
+//!   at most `--state-sync-interval` later (1 s by default; zero: after each write), so a host
+//!   that crashes loses at most that interval's changes and what one sync takes. While a
+//!   standby mirrors the replica there is no journal: the standby answers for a killed
+//!   replica's ids at once.
 //!
 //! At start the hand-over is taken back if there is one (it is newer than any journal), else
 //! the journal is replayed into a standby copy, which is taken over as a standby takes over
