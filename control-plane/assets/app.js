@@ -250,6 +250,13 @@ function bytes(n) {
   return `${i && !Number.isInteger(n) ? n.toFixed(1) : n} ${units[i]}`;
 }
 
+// A journaling router's state says how large its journal is (its verdict, what is unsynced).
+function mirrorState(r) {
+  return r.response_mirror === "journaled" && r.journal_bytes
+    ? `journaled, ${bytes(r.journal_bytes)}`
+    : r.response_mirror;
+}
+
 function renderRouters(routers) {
   const rows = routers.map((r) => {
     const tr = document.createElement("tr");
@@ -266,7 +273,7 @@ function renderRouters(routers) {
       cell(num(r.stored_conversations), "num"),
       cell(store, "num nowrap"),
       cell(num(r.standby_responses), "num"),
-      cell(r.response_mirror, `state state-mirror-${r.response_mirror}`),
+      cell(mirrorState(r), `state state-mirror-${r.response_mirror}`),
       cell(num(r.sessions), "num"),
       cell(num(r.background_responses), "num"),
       cell(num(r.batches_running), "num"),

@@ -47,6 +47,9 @@ pub struct RouterRow {
     pub sessions: u32,
     pub background_responses: u32,
     pub batches_running: u32,
+    /// Its journal on disk while `journaled`, and how much of it is not yet synced.
+    pub journal_bytes: u64,
+    pub journal_unsynced_bytes: u64,
     /// Whether on-call should look at it.
     pub trouble: bool,
     /// What its state means, in words.
@@ -113,6 +116,8 @@ fn row(id: &str, silent: Duration, state: &v1::RouterState, reporting: usize) ->
         sessions: state.sessions,
         background_responses: state.background_responses,
         batches_running: state.batches_running,
+        journal_bytes: state.journal_bytes,
+        journal_unsynced_bytes: state.journal_unsynced_bytes,
         trouble,
         verdict,
     }
@@ -184,14 +189,16 @@ fn store_verdict(silent: Duration, state: &v1::RouterState, reporting: usize) ->
             true,
             format!(
                 "kept on disk only (--state-dir): it has found no standby though other routers \
-                 report; a kill keeps its {held} for its restart, unreadable until then"
+                 report; a kill keeps its {held} for its restart, unreadable until then{}",
+                journal(state)
             ),
         ),
         ("journaled", Some(held)) => (
             false,
             format!(
                 "the only router; its {held} are journaled on disk (--state-dir): a kill or a \
-                 restart keeps them for its next start, unreadable while it is down"
+                 restart keeps them for its next start, unreadable while it is down{}",
+                journal(state)
             ),
         ),
         ("alone", Some(held)) if reporting > 1 => (
@@ -220,6 +227,34 @@ fn store_verdict(silent: Duration, state: &v1::RouterState, reporting: usize) ->
             true,
             format!("reports mirror state {other:?}, unknown here; it holds {held}"),
         ),
+    }
+}
+
+/// What a journaling router's journal holds, and what of it a host crash could lose.
+fn journal(state: &v1::RouterState) -> String {
+    match (state.journal_bytes, state.journal_unsynced_bytes) {
+        (0, _) => String::new(),
+        (written, 0) => format!(" (journal {}, all synced)", size(written)),
+        (written, unsynced) => format!(
+            " (journal {}, {} not yet synced: a host crash would lose that)",
+            size(written),
+            size(unsynced)
+        ),
+    }
+}
+
+/// `bytes` for people: "812 B", "3.1 KiB", "10.2 MiB".
+fn size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut n = bytes as f64;
+    let mut unit = 0;
+    while n >= 1024.0 && unit < UNITS.len() - 1 {
+        n /= 1024.0;
+        unit += 1;
+    }
+    match unit {
+        0 => format!("{bytes} B"),
+        _ => format!("{n:.1} {}", UNITS[unit]),
     }
 }
 
@@ -269,6 +304,25 @@ mod tests {
             (state(3, "alone"), 2, true, "found no standby"),
             (state(3, "alone"), 1, false, "the only router"),
             (state(3, "journaled"), 1, false, "journaled on disk"),
+            (
+                v1::RouterState {
+                    journal_bytes: 10_700_000,
+                    ..state(3, "journaled")
+                },
+                1,
+                false,
+                "(journal 10.2 MiB, all synced)",
+            ),
+            (
+                v1::RouterState {
+                    journal_bytes: 10_700_000,
+                    journal_unsynced_bytes: 3_200,
+                    ..state(3, "journaled")
+                },
+                1,
+                false,
+                "3.1 KiB not yet synced",
+            ),
             (state(3, "journaled"), 2, true, "found no standby"),
             (state(3, "off"), 2, true, "no cluster token"),
             (state(0, "off"), 2, true, "no cluster token"),

@@ -366,6 +366,18 @@ impl RouterMetrics {
         }
     }
 
+    /// What [`Self::set_journal_bytes`] set last: (written, unsynced).
+    pub fn journal_bytes(&self) -> (u64, u64) {
+        let get = |state| {
+            let bytes = self
+                .journal_bytes
+                .get_or_create(&StateLabels { state })
+                .get();
+            u64::try_from(bytes).unwrap_or(0)
+        };
+        (get("written"), get("unsynced"))
+    }
+
     /// The state [`Self::set_response_mirror`] set last.
     pub fn response_mirror_state(&self) -> &'static str {
         MIRROR_STATES

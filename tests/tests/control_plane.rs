@@ -470,7 +470,8 @@ async fn page_routers(browser: &Browser) -> Value {
         .execute(
             "return Object.fromEntries([...document.querySelectorAll('#routers tbody tr')]
                .map(r => [r.dataset.routerId.split('@')[1], {
-                 mirror: r.dataset.mirror, trouble: r.dataset.trouble,
+                 mirror: r.dataset.mirror, state: r.children[5].textContent,
+                 trouble: r.dataset.trouble,
                  responses: r.children[1].textContent, conversations: r.children[2].textContent,
                  background: r.children[7].textContent, batches: r.children[8].textContent,
                  verdict: r.children[9].textContent}]));",
@@ -480,10 +481,25 @@ async fn page_routers(browser: &Browser) -> Value {
         .unwrap_or_default()
 }
 
+/// `n` bytes as the dashboard writes them: "812 B", "10.2 MiB", "3 KiB".
+fn bytes_as_shown(n: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB"];
+    let (mut value, mut unit) = (n as f64, 0);
+    while value >= 1024.0 && unit < units.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    match unit > 0 && value.fract() != 0.0 {
+        true => format!("{value:.1} {}", units[unit]),
+        false => format!("{value} {}", units[unit]),
+    }
+}
+
 /// On-call sees which router replica holds stored responses and conversations a kill would
 /// lose: with a cluster token each keeps a standby copy of the other's (the table says
 /// "protected"); a replica that stopped goes silent (red, saying so), and the one left holds
-/// what was handed to it, alone.
+/// what was handed to it, alone — journaled in its state directory, the journal's size shown
+/// and said synced.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_says_which_routers_stored_state_is_protected() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
@@ -491,10 +507,16 @@ async fn the_dashboard_says_which_routers_stored_state_is_protected() -> anyhow:
     std::fs::write(&token, "dashboard-routers-test-token-0123456789\n")?;
     let token = token.display().to_string();
     let flags = ["--cluster-token-file", token.as_str()];
+    let state = dir.path().join("state").display().to_string();
     let cluster = Cluster::start(ClusterSpec {
         gpu_workers: 1,
         wse_workers: 0,
-        router_flags: switchyard_tests::strings(&flags),
+        router_flags: switchyard_tests::strings(&[
+            "--cluster-token-file",
+            token.as_str(),
+            "--state-dir",
+            state.as_str(),
+        ]),
         ..Default::default()
     })
     .await?;
@@ -584,7 +606,10 @@ async fn the_dashboard_says_which_routers_stored_state_is_protected() -> anyhow:
                 .is_some_and(|v| v.starts_with("silent for"))
             && shown[first.as_str()]["responses"] == "2"
             && shown[first.as_str()]["conversations"] == "1"
-            && shown[first.as_str()]["mirror"] == "alone"
+            && shown[first.as_str()]["mirror"] == "journaled"
+            && shown[first.as_str()]["verdict"]
+                .as_str()
+                .is_some_and(|v| v.contains("all synced)"))
     })
     .await;
     if let Err(error) = after {
@@ -596,6 +621,24 @@ async fn the_dashboard_says_which_routers_stored_state_is_protected() -> anyhow:
         browser.text("#routers").await?.contains("the only router"),
         "{shown}"
     );
+    // The journal's size on the page comes to the file's in the state directory.
+    let journal = dir.path().join("state/journal.pb");
+    let sized = wait_until(PATIENCE, "the page to show the journal's size", || async {
+        let shown = page_routers(&browser).await;
+        let on_disk = std::fs::metadata(&journal).map_or(0, |m| m.len());
+        shown[first.as_str()]["state"]
+            .as_str()
+            .and_then(|state| state.strip_prefix("journaled, "))
+            .is_some_and(|size| size == bytes_as_shown(on_disk))
+    })
+    .await;
+    if let Err(error) = sized {
+        let on_disk = std::fs::metadata(&journal).map(|m| m.len());
+        anyhow::bail!(
+            "{error}: {on_disk:?} bytes on disk, the table shows {}",
+            page_routers(&browser).await
+        );
+    }
     Ok(())
 }
 

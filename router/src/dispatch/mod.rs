@@ -242,6 +242,7 @@ impl Dispatcher {
             let (store, metrics) = (responses.clone(), metrics.clone());
             move || {
                 let (stored_responses, store_bytes) = store.usage();
+                let (journal_bytes, journal_unsynced_bytes) = metrics.journal_bytes();
                 v1::RouterState {
                     stored_responses: stored_responses as u32,
                     stored_conversations: store.conversation_count() as u32,
@@ -252,6 +253,8 @@ impl Dispatcher {
                     sessions: metrics.active_sessions.get().max(0) as u32,
                     background_responses: store.running() as u32,
                     batches_running: metrics.batches_running.get().max(0) as u32,
+                    journal_bytes,
+                    journal_unsynced_bytes,
                 }
             }
         });
