@@ -394,7 +394,11 @@ fn localise(
             *value = format!("{host}:{local}");
         }
         // Rewritten once: the local directories themselves lie under /tmp, a mount path too.
+        // A value may name a file on a volume or the volume itself (a state directory).
         let local = mounts.iter().find_map(|(mount, dir)| {
+            if value == mount {
+                return Some(dir.display().to_string());
+            }
             value
                 .strip_prefix(&format!("{mount}/"))
                 .map(|rest| dir.join(rest).display().to_string())
@@ -738,7 +742,7 @@ async fn dev_overlay_runs_as_rendered() -> anyhow::Result<()> {
         start(&rendered, "control-plane", &etcd.url, 2).await?;
     let (mut gpu, gpu_local) = start(&rendered, "worker-gpu", &etcd.url, 1).await?;
     let (_wse, wse_local) = start(&rendered, "worker-wse", &etcd.url, 1).await?;
-    let (router, router_local) = start(&rendered, "router", &etcd.url, 2).await?;
+    let (mut router, router_local) = start(&rendered, "router", &etcd.url, 2).await?;
     let grpc = router.addr("grpc").to_string();
     let base = format!("http://{}/v1", router.addr("http"));
 
@@ -807,6 +811,49 @@ async fn dev_overlay_runs_as_rendered() -> anyhow::Result<()> {
         body["usage"]["completion_tokens"].as_u64().unwrap_or(0) >= 1,
         "{body}"
     );
+
+    // The one router has no standby: it journals what it stores in its state volume, and its
+    // container restarted after a kill (an OOM) takes that back before it serves.
+    let stored: Value = http
+        .post(format!("{base}/responses"))
+        .bearer_auth(DEV_KEY)
+        .json(&json!({"model": MODEL, "input": "Remember me.", "max_output_tokens": 2}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = stored["id"].as_str().context("a stored response id")?;
+    let state = router_local
+        .env
+        .iter()
+        .find(|(name, _)| name == "SWITCHYARD_STATE_DIR")
+        .map(|(_, dir)| PathBuf::from(dir).join("journal.pb"))
+        .context("the router has a state directory")?;
+    wait_until(
+        Duration::from_secs(10),
+        "the response journaled",
+        || async {
+            std::fs::read(&state).is_ok_and(|journal| {
+                journal
+                    .windows(id.len())
+                    .any(|bytes| bytes == id.as_bytes())
+            })
+        },
+    )
+    .await?;
+    router.kill().await?;
+    let restarted =
+        Component::start_with_env("router-0", &router_local.args, &router_local.env, 2).await?;
+    let again = http
+        .get(format!(
+            "http://{}/v1/responses/{id}",
+            restarted.addr("http")
+        ))
+        .bearer_auth(DEV_KEY)
+        .send()
+        .await?;
+    assert_eq!(again.status(), 200, "the restarted router answers {id}");
 
     // SIGTERM (what the kubelet sends) drains and exits cleanly within the grace period.
     let status = gpu.terminate(gpu_local.grace).await?;

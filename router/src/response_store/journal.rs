@@ -81,28 +81,29 @@ async fn write_journal(
         Err(stopped) => return Err(StateDirError::Stopped(stopped.to_string())),
     };
     let interval = state_dir(&dispatcher).sync_interval();
-    let progress = |journal: &FrameWriter| {
-        dispatcher
-            .metrics
-            .set_journal_bytes(journal.bytes(), journal.unsynced());
-    };
-    journal_changes_as_they_come(writer, journal, events, interval, progress).await
+    let metrics = &dispatcher.metrics;
+    let progress =
+        |journal: &FrameWriter| metrics.set_journal_bytes(journal.bytes(), journal.unsynced());
+    let synced = |took: Duration| metrics.journal_sync.observe(took.as_secs_f64());
+    journal_changes_as_they_come(writer, journal, events, interval, progress, synced).await
 }
 
 /// Journals each change of a mirror as it comes, until the mirror ends or the journal wants
 /// compacting. What is written is synced to disk on a blocking thread at most `interval`
-/// later, while changes go on being written; `progress` is told after each write and sync.
+/// later, while changes go on being written; `progress` is told after each write and sync,
+/// `synced` how long each sync took.
 async fn journal_changes_as_they_come(
     mut writer: MirrorWriter,
     mut journal: FrameWriter,
     mut events: mpsc::Receiver<MirrorEvent>,
     interval: Duration,
     progress: impl Fn(&FrameWriter),
+    synced: impl Fn(Duration),
 ) -> Result<JournalEnd, StateDirError> {
     progress(&journal);
     // When what is written but not yet synced must be synced by, and the sync under way.
     let mut sync_by: Option<tokio::time::Instant> = None;
-    let mut syncing: Option<tokio::task::JoinHandle<Result<u64, StateDirError>>> = None;
+    let mut syncing: Option<tokio::task::JoinHandle<Result<(u64, Duration), StateDirError>>> = None;
     loop {
         tokio::select! {
             event = events.recv() => {
@@ -124,10 +125,12 @@ async fn journal_changes_as_they_come(
             }
             done = async { syncing.as_mut().expect("syncing").await }, if syncing.is_some() => {
                 syncing = None;
-                match done {
-                    Ok(synced) => journal.synced_to(synced?),
+                let (bytes, took) = match done {
+                    Ok(done) => done?,
                     Err(stopped) => return Err(StateDirError::Stopped(stopped.to_string())),
-                }
+                };
+                journal.synced_to(bytes);
+                synced(took);
             }
         }
         progress(&journal);
@@ -232,22 +235,27 @@ pub fn take_journal_over(dispatcher: &Arc<Dispatcher>, journal: Journal) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
     use crate::response_store::mirror::tests::keep;
     use crate::response_store::{Lookup, ResponseStore, StoreLimits};
 
     /// Journals `sender`'s changes into a fresh journal in `dir`, syncing at most `interval`
-    /// after a write; the journal's (written, unsynced) bytes after each write and sync.
+    /// after a write; the journal's (written, unsynced) bytes after each write and sync, and
+    /// the syncs done.
     fn journaling(
         sender: &ResponseStore,
         dir: &StateDir,
         interval: Duration,
-    ) -> tokio::sync::watch::Receiver<(u64, u64)> {
+    ) -> (tokio::sync::watch::Receiver<(u64, u64)>, Arc<AtomicUsize>) {
         let start = sender.begin_mirror(1024);
         let epoch = start.epoch;
         let (now, events) = opening(start);
         let (writer, journal) = write_snapshot(epoch, now.collect(), dir).unwrap();
         let (tx, rx) = tokio::sync::watch::channel((journal.bytes(), journal.unsynced()));
+        let syncs = Arc::new(AtomicUsize::new(0));
+        let counted = syncs.clone();
         tokio::spawn(journal_changes_as_they_come(
             writer,
             journal,
@@ -256,8 +264,11 @@ mod tests {
             move |journal| {
                 tx.send_replace((journal.bytes(), journal.unsynced()));
             },
+            move |_| {
+                counted.fetch_add(1, Ordering::Relaxed);
+            },
         ));
-        rx
+        (rx, syncs)
     }
 
     /// A host crash loses at most the sync interval's changes: what is written is synced
@@ -267,7 +278,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         let sender = ResponseStore::new(StoreLimits::default());
-        let mut progress = journaling(&sender, &state, Duration::from_secs(10));
+        let (mut progress, syncs) = journaling(&sender, &state, Duration::from_secs(10));
         let (snapshot, unsynced) = *progress.borrow();
         assert_eq!(unsynced, 0, "a snapshot is committed synced");
 
@@ -281,6 +292,11 @@ mod tests {
             .expect("synced")
             .unwrap();
         assert_eq!(began.elapsed(), Duration::from_secs(10));
+        assert_eq!(
+            syncs.load(Ordering::Relaxed),
+            1,
+            "one sync for what was written"
+        );
     }
 
     /// With no interval, each write is synced as soon as it is written; changes made while a
@@ -290,7 +306,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = StateDir::open(dir.path()).unwrap();
         let sender = ResponseStore::new(StoreLimits::default());
-        let mut progress = journaling(&sender, &state, Duration::ZERO);
+        let (mut progress, syncs) = journaling(&sender, &state, Duration::ZERO);
         let began = tokio::time::Instant::now();
         for turn in ["one", "two", "three"] {
             let (before, _) = *progress.borrow();
@@ -302,6 +318,7 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(began.elapsed(), Duration::ZERO);
+        assert_eq!(syncs.load(Ordering::Relaxed), 3, "a sync for each write");
     }
 
     /// The journal a router keeps with no standby is the mirror a standby would be sent:

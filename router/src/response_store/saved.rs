@@ -131,11 +131,12 @@ pub struct PendingSync {
 }
 
 impl PendingSync {
-    /// Syncs the file's data to disk; the bytes it covered.
-    pub fn run(self) -> Result<u64, StateDirError> {
+    /// Syncs the file's data to disk; the bytes it covered, and how long it took.
+    pub fn run(self) -> Result<(u64, Duration), StateDirError> {
+        let began = std::time::Instant::now();
         self.file
             .sync_data()
-            .map(|()| self.bytes)
+            .map(|()| (self.bytes, began.elapsed()))
             .map_err(|source| StateDirError::Io {
                 path: self.path,
                 source,
