@@ -447,6 +447,18 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         "switchyard_router_stored_response_bytes",
     )
     .await?;
+    // Each journaling router's syncs: how many, and their mean time.
+    let mut syncs = Vec::new();
+    for base in &bases[4..] {
+        let count = gauge(
+            &client,
+            base,
+            "switchyard_router_journal_sync_seconds_count",
+        )
+        .await?;
+        let sum = gauge(&client, base, "switchyard_router_journal_sync_seconds_sum").await?;
+        syncs.push((count, if count > 0.0 { sum / count } else { 0.0 }));
+    }
     plain.stop().await;
     mirrored.stop().await;
     journaled.stop().await;
@@ -498,6 +510,14 @@ pub async fn run(args: StoredResponsesArgs) -> anyhow::Result<()> {
         "the journaling router's store holds {:.1} MiB, its journal on disk {:.1} MiB",
         mib(journaled_kept),
         mib(journal as f64)
+    );
+    println!(
+        "journal syncs (switchyard_router_journal_sync_seconds): {:.0} at most 1 s apart, \
+         {:.2} ms each on average; {:.0} after each write, {:.2} ms each",
+        syncs[0].0,
+        syncs[0].1 * 1e3,
+        syncs[1].0,
+        syncs[1].1 * 1e3
     );
     Ok(())
 }
