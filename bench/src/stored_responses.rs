@@ -40,7 +40,7 @@
 //! round runs every way once, the one that starts alternating. Reported per way: turns/s,
 //! latency of a whole (non-streamed) turn p50 / p99, bytes sent per turn, CPU time of this
 //! process per turn, and throughput as a ratio of `inline`'s; then the bytes the replicas'
-//! stores hold.
+//! stores hold, and how many syncs the journaling routers made and how long they took.
 
 use std::collections::HashMap;
 use std::sync::Arc;
