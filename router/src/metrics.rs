@@ -444,6 +444,7 @@ impl RouterMetrics {
                 .set(0);
         }
         this.set_response_mirror("off");
+        this.set_journal_bytes(0, 0);
         metrics.register(|r| {
             r.register(
                 "switchyard_router_requests",
